@@ -1,0 +1,21 @@
+// Checks at the public boundary: each failure says what was expected and what was given.
+#pragma once
+
+#include "tilt/core/error.h"
+#include "tilt/core/tensor.h"
+
+#include <string>
+
+namespace tilt {
+
+/// Throws tilt::Error("<what> must be [B, dim] = [*, <dim>], got [...]") unless x is a 2-D tensor
+/// whose second dimension is dim.
+void check_batch(const Tensor& x, int64_t dim, const std::string& what);
+
+/// Throws unless t is a 0-dim tensor or a 1-D tensor with `batch` entries.
+void check_time(const Tensor& t, int64_t batch, const std::string& what);
+
+/// Shape as text, e.g. "[64, 2]".
+std::string shape_string(const Tensor& x);
+
+}  // namespace tilt

@@ -1,0 +1,54 @@
+// The fine-tuned velocity field v_theta: a full trainable copy of a base network, or the frozen
+// base plus a zero-initialised residual network (so that v_theta = v_base at the start).
+#pragma once
+
+#include "tilt/model/mlp.h"
+#include "tilt/model/velocity.h"
+
+#include <memory>
+#include <string>
+
+namespace tilt {
+
+enum class FineTuneMode {
+  residual,  ///< v_theta = v_base + r_theta, r_theta an MLP whose last layer starts at zero
+  copy,      ///< v_theta = a trainable copy of the base network (needs an MLP base)
+};
+
+FineTuneMode parse_finetune_mode(const std::string& name);  // "residual" | "copy"
+std::string to_string(FineTuneMode mode);
+
+class FineTunedVelocity : public VelocityField {
+ public:
+  /// The base is frozen here (its parameters stop requiring gradients). `trainable` is the residual
+  /// r_theta (residual mode) or the full network v_theta (copy mode).
+  FineTunedVelocity(VelocityFieldPtr base, VelocityFieldPtr trainable, FineTuneMode mode);
+
+  std::string kind() const override { return "finetuned"; }
+  int64_t dim() const override { return base_->dim(); }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  std::vector<Tensor> parameters() const override { return trainable_->parameters(); }
+  void set_trainable(bool trainable) override { trainable_->set_trainable(trainable); }
+
+  /// v_theta(x, t) - v_base(x, t), given v_base(x, t) already computed (the residual mode does
+  /// not need it: the difference is the residual network itself).
+  Tensor delta(const Tensor& x, const Tensor& t, const Tensor& v_base) const;
+
+  const VelocityFieldPtr& base() const { return base_; }
+  const VelocityFieldPtr& trainable() const { return trainable_; }
+  FineTuneMode mode() const { return mode_; }
+
+ private:
+  VelocityFieldPtr base_;
+  VelocityFieldPtr trainable_;
+  FineTuneMode mode_;
+};
+
+/// Builds the fine-tuned field from a base: in residual mode a new residual MLP with the given
+/// hidden widths (zero last layer) seeded by `seed`; in copy mode a clone of the base MLP.
+std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
+                                                  const std::vector<int64_t>& hidden,
+                                                  int64_t time_features, uint64_t seed);
+
+}  // namespace tilt

@@ -1,0 +1,224 @@
+#include "tilt/model/gmm.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace tilt {
+namespace {
+
+constexpr double kLog2Pi = 1.8378770664093454836;
+
+Tensor as_double(const Tensor& x, const char* what) {
+  if (!x.defined()) throw Error(std::string("Gaussian mixture: ") + what + " is undefined");
+  return x.to(at::kDouble).contiguous();
+}
+
+// Reshapes a schedule quantity (0-dim or [B]) to broadcast against [K, B, d].
+Tensor bcast(const Tensor& s) { return s.dim() == 0 ? s : s.reshape({1, -1, 1}); }
+
+Tensor symmetrise(const Tensor& m) { return 0.5 * (m + m.transpose(-1, -2)); }
+
+}  // namespace
+
+// Components first ([K, B, d]): one batched product over the K components instead of B * K tiny ones.
+struct GaussianMixture::Parts {
+  Tensor y;        // U_k^T (x - alpha mu_k), [K, B, d]
+  Tensor var;      // alpha^2 lambda_k + beta^2, [K, B or 1, d]
+  Tensor log_post; // log gamma_k(x), [K, B]
+  Tensor log_p;    // log p_t(x), [B]
+  Tensor U;        // eigenvectors in x's dtype, [K, d, d]; undefined when every Sigma_k is diagonal
+  Tensor mu;       // means in x's dtype, [K, d]
+};
+
+GaussianMixture::GaussianMixture(Tensor weights, Tensor means, Tensor covariances) {
+  weights_ = as_double(weights, "weights");
+  means_ = as_double(means, "means");
+  covariances_ = as_double(covariances, "covariances");
+  if (weights_.dim() != 1) throw Error("Gaussian mixture: weights must be [K], got " + shape_string(weights_));
+  const int64_t K = weights_.size(0);
+  if (K < 1) throw Error("Gaussian mixture: needs at least one component");
+  if (means_.dim() != 2 || means_.size(0) != K) {
+    throw Error("Gaussian mixture: means must be [K, d] with K = " + std::to_string(K) + ", got " +
+                shape_string(means_));
+  }
+  const int64_t d = means_.size(1);
+  if (covariances_.dim() != 3 || covariances_.size(0) != K || covariances_.size(1) != d ||
+      covariances_.size(2) != d) {
+    throw Error("Gaussian mixture: covariances must be [K, d, d] = [" + std::to_string(K) + ", " +
+                std::to_string(d) + ", " + std::to_string(d) + "], got " + shape_string(covariances_));
+  }
+  if (!weights_.isfinite().all().item<bool>() || !(weights_ > 0).all().item<bool>()) {
+    throw Error("Gaussian mixture: weights must be finite and positive");
+  }
+  if (!means_.isfinite().all().item<bool>() || !covariances_.isfinite().all().item<bool>()) {
+    throw Error("Gaussian mixture: means and covariances must be finite");
+  }
+  if ((covariances_ - covariances_.transpose(1, 2)).abs().max().item<double>() >
+      1e-9 * (1.0 + covariances_.abs().max().item<double>())) {
+    throw Error("Gaussian mixture: covariances must be symmetric");
+  }
+  weights_ = weights_ / weights_.sum();
+  auto eig = at::linalg_eigh(covariances_);
+  eigenvalues_ = std::get<0>(eig);
+  eigenvectors_ = std::get<1>(eig);
+  if (!(eigenvalues_ > 0).all().item<bool>()) {
+    throw Error("Gaussian mixture: covariances must be positive definite (smallest eigenvalue " +
+                std::to_string(eigenvalues_.min().item<double>()) + ")");
+  }
+  cholesky_ = at::linalg_cholesky(covariances_);
+  // Diagonal covariances (isotropic ones included): the eigenbasis is the standard one, so the
+  // rotations can be skipped.
+  diagonal_ = at::equal(covariances_, at::diag_embed(at::diagonal(covariances_, 0, 1, 2)));
+  if (diagonal_) eigenvalues_ = at::diagonal(covariances_, 0, 1, 2).contiguous();
+}
+
+GaussianMixture::Parts GaussianMixture::evaluate(const Tensor& x, const Tensor& alpha,
+                                                 const Tensor& beta) const {
+  check_batch(x, dim(), "x");
+  const auto opts = x.options();
+  Parts p;
+  p.mu = means_.to(opts.dtype());
+  const Tensor lam = eigenvalues_.to(opts.dtype());
+  const Tensor a = bcast(alpha.to(opts.dtype()));
+  const Tensor b = bcast(beta.to(opts.dtype()));
+  const Tensor diff = x.unsqueeze(0) - a * p.mu.unsqueeze(1);               // [K, B, d]
+  if (diagonal_) {
+    p.y = diff;
+  } else {
+    p.U = eigenvectors_.to(opts.dtype());
+    p.y = at::bmm(diff, p.U);                                               // [K, B, d]
+  }
+  p.var = a * a * lam.unsqueeze(1) + b * b;                                 // [K, ., d]
+  const Tensor log_n = -0.5 * (p.y * p.y / p.var + at::log(p.var)).sum(-1) -
+                       0.5 * static_cast<double>(dim()) * kLog2Pi;         // [K, B]
+  const Tensor joint = log_n + at::log(weights_.to(opts.dtype())).unsqueeze(1);
+  p.log_p = at::logsumexp(joint, {0});
+  p.log_post = joint - p.log_p.unsqueeze(0);
+  return p;
+}
+
+Tensor GaussianMixture::sample(int64_t n, Generator& gen, at::ScalarType dtype) const {
+  const Tensor idx = at::multinomial(weights_, n, /*replacement=*/true, gen);
+  const Tensor z = at::randn({n, dim(), 1}, gen, at::TensorOptions().dtype(at::kDouble));
+  const Tensor x = means_.index_select(0, idx) + at::matmul(cholesky_.index_select(0, idx), z).squeeze(-1);
+  return x.to(dtype);
+}
+
+Tensor GaussianMixture::log_prob(const Tensor& x) const {
+  const auto one = at::ones({}, x.options());
+  return evaluate(x, one, one * 0.0).log_p;
+}
+
+Tensor GaussianMixture::score(const Tensor& x) const {
+  const auto one = at::ones({}, x.options());
+  return marginal_score(x, {one, one * 0.0, one * 0.0, one * 0.0});
+}
+
+Tensor GaussianMixture::mean() const { return (weights_.unsqueeze(1) * means_).sum(0); }
+
+Tensor GaussianMixture::covariance() const {
+  const Tensor m = mean();
+  const Tensor centred = means_ - m;
+  return (weights_.reshape({-1, 1, 1}) *
+          (covariances_ + centred.unsqueeze(2) * centred.unsqueeze(1))).sum(0);
+}
+
+Tensor GaussianMixture::velocity(const Tensor& x, const ScheduleTensors& s) const {
+  const Parts p = evaluate(x, s.alpha, s.beta);
+  const auto dt = x.scalar_type();
+  const Tensor a = bcast(s.alpha.to(dt)), b = bcast(s.beta.to(dt));
+  const Tensor da = bcast(s.d_alpha.to(dt)), db = bcast(s.d_beta.to(dt));
+  const Tensor lam = eigenvalues_.to(dt).unsqueeze(1);
+  // (alpha' alpha Sigma + beta' beta I) C^{-1} in the eigenbasis of Sigma_k.
+  const Tensor coef = (da * a * lam + db * b) / p.var;                      // [K, B, d]
+  const Tensor lin = diagonal_ ? coef * p.y : at::bmm(coef * p.y, p.U.transpose(1, 2));
+  const Tensor v_k = da * p.mu.unsqueeze(1) + lin;                          // [K, B, d]
+  return (at::exp(p.log_post).unsqueeze(-1) * v_k).sum(0);
+}
+
+Tensor GaussianMixture::marginal_score(const Tensor& x, const ScheduleTensors& s) const {
+  const Parts p = evaluate(x, s.alpha, s.beta);
+  const Tensor z = p.y / p.var;
+  const Tensor s_k = diagonal_ ? -z : -at::bmm(z, p.U.transpose(1, 2));      // [K, B, d]
+  return (at::exp(p.log_post).unsqueeze(-1) * s_k).sum(0);
+}
+
+GaussianMixture GaussianMixture::tilt_linear(const Tensor& a_in, double* log_z) const {
+  const Tensor a = as_double(a_in, "linear tilt a");
+  if (a.dim() != 1 || a.size(0) != dim()) {
+    throw Error("linear tilt: a must be [" + std::to_string(dim()) + "], got " + shape_string(a));
+  }
+  const Tensor Sa = at::matmul(covariances_, a);                              // [K, d]
+  const Tensor log_c = at::matmul(means_, a) + 0.5 * (Sa * a).sum(-1);         // [K]
+  const Tensor log_w = at::log(weights_) + log_c;
+  if (log_z) *log_z = at::logsumexp(log_w, {0}).item<double>();
+  return GaussianMixture(at::softmax(log_w, 0), means_ + Sa, covariances_);
+}
+
+GaussianMixture GaussianMixture::tilt_quadratic(const Tensor& c_in, const Tensor& A_in,
+                                                double* log_z) const {
+  const Tensor c = as_double(c_in, "quadratic tilt centre");
+  const Tensor A = symmetrise(as_double(A_in, "quadratic tilt matrix"));
+  const int64_t d = dim();
+  if (c.dim() != 1 || c.size(0) != d) {
+    throw Error("quadratic tilt: centre must be [" + std::to_string(d) + "], got " + shape_string(c));
+  }
+  if (A.dim() != 2 || A.size(0) != d || A.size(1) != d) {
+    throw Error("quadratic tilt: matrix must be [" + std::to_string(d) + ", " + std::to_string(d) +
+                "], got " + shape_string(A));
+  }
+  const Tensor eye = at::eye(d, at::kDouble);
+  const Tensor M = eye.unsqueeze(0) + at::matmul(covariances_, A);             // I + Sigma A, [K, d, d]
+  const Tensor cov = symmetrise(at::linalg_solve(M, covariances_));
+  const Tensor rhs = means_ + at::matmul(at::matmul(covariances_, A), c);      // mu + Sigma A c
+  const Tensor mean = at::linalg_solve(M, rhs.unsqueeze(-1)).squeeze(-1);
+  const Tensor r = means_ - c;
+  const Tensor Minv_r = at::linalg_solve(M, r.unsqueeze(-1)).squeeze(-1);
+  const Tensor quad = (r * at::matmul(Minv_r, A)).sum(-1);                     // r^T A M^{-1} r
+  const Tensor log_c = -0.5 * std::get<1>(at::linalg_slogdet(M)) - 0.5 * quad;
+  const Tensor log_w = at::log(weights_) + log_c;
+  if (log_z) *log_z = at::logsumexp(log_w, {0}).item<double>();
+  return GaussianMixture(at::softmax(log_w, 0), mean, cov);
+}
+
+GaussianMixture GaussianMixture::product(const GaussianMixture& q, double* log_z) const {
+  if (q.dim() != dim()) {
+    throw Error("mixture product: dimensions differ (" + std::to_string(dim()) + " vs " +
+                std::to_string(q.dim()) + ")");
+  }
+  const int64_t K1 = components(), K2 = q.components(), d = dim();
+  // All pairs (i, j): S = Sigma1_i + Sigma2_j.
+  const Tensor S1 = covariances_.unsqueeze(1).expand({K1, K2, d, d});
+  const Tensor S2 = q.covariances_.unsqueeze(0).expand({K1, K2, d, d});
+  const Tensor m1 = means_.unsqueeze(1).expand({K1, K2, d});
+  const Tensor m2 = q.means_.unsqueeze(0).expand({K1, K2, d});
+  const Tensor S = S1 + S2;
+  // Sigma_c = Sigma1 S^{-1} Sigma2, mu_c = Sigma2 S^{-1} mu1 + Sigma1 S^{-1} mu2.
+  const Tensor cov = symmetrise(at::matmul(S1, at::linalg_solve(S, S2)));
+  const Tensor mean = at::matmul(S2, at::linalg_solve(S, m1.unsqueeze(-1))).squeeze(-1) +
+                      at::matmul(S1, at::linalg_solve(S, m2.unsqueeze(-1))).squeeze(-1);
+  const Tensor r = m1 - m2;
+  const Tensor quad = (r * at::linalg_solve(S, r.unsqueeze(-1)).squeeze(-1)).sum(-1);
+  const Tensor log_n = -0.5 * quad - 0.5 * std::get<1>(at::linalg_slogdet(S)) -
+                       0.5 * static_cast<double>(d) * kLog2Pi;               // log N(mu1; mu2, S)
+  const Tensor log_w = (at::log(weights_).unsqueeze(1) + at::log(q.weights_).unsqueeze(0) + log_n).reshape({-1});
+  if (log_z) *log_z = at::logsumexp(log_w, {0}).item<double>();
+  return GaussianMixture(at::softmax(log_w, 0), mean.reshape({K1 * K2, d}), cov.reshape({K1 * K2, d, d}));
+}
+
+GmmVelocity::GmmVelocity(std::shared_ptr<const GaussianMixture> mixture, SchedulePtr schedule)
+    : VelocityField(std::move(schedule)), mixture_(std::move(mixture)) {
+  if (!mixture_) throw Error("GmmVelocity: no mixture given");
+}
+
+Tensor GmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
+  check_batch(x, dim(), "x");
+  check_time(t, x.size(0), "t");
+  return mixture_->velocity(x, schedule()->at(t.to(x.scalar_type())));
+}
+
+}  // namespace tilt

@@ -1,0 +1,80 @@
+#include "tilt/model/reward.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+
+namespace tilt {
+
+LinearReward::LinearReward(Tensor a) : a_(a.defined() ? a.to(at::kDouble).contiguous() : a) {
+  if (!a_.defined() || a_.dim() != 1 || a_.size(0) < 1) {
+    throw Error("linear reward: a must be a vector [d], got " + shape_string(a_));
+  }
+}
+
+Tensor LinearReward::value(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  return at::matmul(x, a_.to(x.scalar_type()));
+}
+
+Tensor LinearReward::grad(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  return a_.to(x.scalar_type()).unsqueeze(0).expand_as(x).clone();
+}
+
+std::optional<GaussianMixture> LinearReward::tilt(const GaussianMixture& base, double lambda,
+                                                  double* log_z) const {
+  return base.tilt_linear(lambda * a_, log_z);
+}
+
+QuadraticReward::QuadraticReward(Tensor center, Tensor A) {
+  if (!center.defined() || center.dim() != 1) {
+    throw Error("quadratic reward: center must be a vector [d], got " + shape_string(center));
+  }
+  c_ = center.to(at::kDouble).contiguous();
+  const int64_t d = c_.size(0);
+  if (!A.defined() || A.dim() != 2 || A.size(0) != d || A.size(1) != d) {
+    throw Error("quadratic reward: precision matrix must be [" + std::to_string(d) + ", " +
+                std::to_string(d) + "], got " + shape_string(A));
+  }
+  A_ = A.to(at::kDouble).contiguous();
+  if ((A_ - A_.t()).abs().max().item<double>() > 1e-9 * (1.0 + A_.abs().max().item<double>())) {
+    throw Error("quadratic reward: precision matrix must be symmetric");
+  }
+  if (at::linalg_eigvalsh(A_).min().item<double>() < -1e-9) {
+    throw Error("quadratic reward: precision matrix must be positive semi-definite");
+  }
+}
+
+Tensor QuadraticReward::value(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  const Tensor r = x - c_.to(x.scalar_type());
+  return -0.5 * (r * at::matmul(r, A_.to(x.scalar_type()))).sum(1);
+}
+
+Tensor QuadraticReward::grad(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  return -at::matmul(x - c_.to(x.scalar_type()), A_.to(x.scalar_type()));
+}
+
+std::optional<GaussianMixture> QuadraticReward::tilt(const GaussianMixture& base, double lambda,
+                                                     double* log_z) const {
+  return base.tilt_quadratic(c_, lambda * A_, log_z);
+}
+
+GmmLogDensityReward::GmmLogDensityReward(std::shared_ptr<const GaussianMixture> q) : q_(std::move(q)) {
+  if (!q_) throw Error("gmm reward: no mixture given");
+}
+
+Tensor GmmLogDensityReward::value(const Tensor& x) const { return q_->log_prob(x); }
+
+Tensor GmmLogDensityReward::grad(const Tensor& x) const { return q_->score(x); }
+
+std::optional<GaussianMixture> GmmLogDensityReward::tilt(const GaussianMixture& base, double lambda,
+                                                         double* log_z) const {
+  if (lambda != 1.0) return std::nullopt;
+  return base.product(*q_, log_z);
+}
+
+}  // namespace tilt

@@ -1,0 +1,74 @@
+#include "tilt/model/finetuned.h"
+#include "tilt/model/velocity.h"
+
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+
+namespace tilt {
+
+Tensor VelocityField::velocity(const Tensor& x, double t) const {
+  return velocity(x, at::scalar_tensor(t, x.options()));
+}
+
+FineTuneMode parse_finetune_mode(const std::string& name) {
+  if (name == "residual") return FineTuneMode::residual;
+  if (name == "copy") return FineTuneMode::copy;
+  throw Error("unknown fine-tuning model '" + name + "' (valid: residual, copy)");
+}
+
+std::string to_string(FineTuneMode mode) { return mode == FineTuneMode::residual ? "residual" : "copy"; }
+
+FineTunedVelocity::FineTunedVelocity(VelocityFieldPtr base, VelocityFieldPtr trainable,
+                                     FineTuneMode mode)
+    : VelocityField(base ? base->schedule() : nullptr),
+      base_(std::move(base)),
+      trainable_(std::move(trainable)),
+      mode_(mode) {
+  if (!base_ || !trainable_) throw Error("fine-tuned model: base and trainable network are required");
+  if (trainable_->dim() != base_->dim()) {
+    throw Error("fine-tuned model: trainable network has dim " + std::to_string(trainable_->dim()) +
+                " but the base has dim " + std::to_string(base_->dim()));
+  }
+  if (trainable_->schedule() != base_->schedule() &&
+      trainable_->schedule()->name() != base_->schedule()->name()) {
+    throw Error("fine-tuned model: the trainable network uses the " + trainable_->schedule()->name() +
+                " schedule but the base uses " + base_->schedule()->name());
+  }
+  base_->set_trainable(false);
+}
+
+Tensor FineTunedVelocity::velocity(const Tensor& x, const Tensor& t) const {
+  if (mode_ == FineTuneMode::copy) return trainable_->velocity(x, t);
+  return base_->velocity(x, t) + trainable_->velocity(x, t);
+}
+
+Tensor FineTunedVelocity::delta(const Tensor& x, const Tensor& t, const Tensor& v_base) const {
+  if (mode_ == FineTuneMode::residual) return trainable_->velocity(x, t);
+  return trainable_->velocity(x, t) - v_base;
+}
+
+std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
+                                                  const std::vector<int64_t>& hidden,
+                                                  int64_t time_features, uint64_t seed) {
+  if (!base) throw Error("fine-tuned model: no base model");
+  if (mode == FineTuneMode::copy) {
+    auto mlp = std::dynamic_pointer_cast<MlpVelocity>(base);
+    if (!mlp) {
+      throw Error("fine-tuning model 'copy' needs a network base, but the base is '" + base->kind() +
+                  "' (use model = \"residual\")");
+    }
+    auto copy = mlp->clone();
+    copy->set_trainable(true);
+    return std::make_shared<FineTunedVelocity>(base, copy, mode);
+  }
+  MlpOptions options;
+  options.dim = base->dim();
+  options.hidden = hidden;
+  options.time_features = time_features;
+  options.zero_output = true;
+  auto residual = std::make_shared<MlpVelocity>(options, base->schedule(), seed);
+  return std::make_shared<FineTunedVelocity>(base, residual, mode);
+}
+
+}  // namespace tilt

@@ -1,0 +1,35 @@
+// Shared problems and numerical helpers for the tests.
+#pragma once
+
+#include "tilt/model/gmm.h"
+#include "tilt/model/velocity.h"
+
+#include <ATen/ATen.h>
+
+#include <functional>
+#include <memory>
+#include <vector>
+
+namespace tilt::test {
+
+/// The 2-D demo mixture: six components on a ring of radius 2.5, plus one at the centre.
+std::shared_ptr<GaussianMixture> ring_mixture_2d();
+/// A random d-dimensional mixture with `components` anisotropic components (fixed seed).
+std::shared_ptr<GaussianMixture> random_mixture(int64_t d, int64_t components, uint64_t seed);
+/// One isotropic Gaussian N(mu, s^2 I).
+std::shared_ptr<GaussianMixture> isotropic_gaussian(const std::vector<double>& mu, double s);
+
+/// Jacobian of f: R^d -> R^d at each row of x ([B, d] -> [B, d, d]) by central differences.
+at::Tensor fd_jacobian(const std::function<at::Tensor(const at::Tensor&)>& f, const at::Tensor& x,
+                       double eps = 1e-6);
+/// Jacobian by reverse-mode autograd (one VJP per output coordinate).
+at::Tensor autograd_jacobian(const std::function<at::Tensor(const at::Tensor&)>& f, const at::Tensor& x);
+
+/// Least-squares slope of log(err) against log(h).
+double fitted_order(const std::vector<double>& h, const std::vector<double>& err);
+
+/// Mean energy distance between `pairs` pairs of independent exact sample sets of size n:
+/// the noise floor that a perfect sampler reaches at this n.
+double energy_noise_floor(const GaussianMixture& p, int64_t n, int pairs, uint64_t seed);
+
+}  // namespace tilt::test

@@ -1,0 +1,171 @@
+// The exact Gaussian-mixture model: velocity, score, Jacobian, sampling and tilts (spec section 5).
+#include "tilt/core/error.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
+
+#include "../support/helpers.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace tilt {
+namespace {
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+TEST(GaussianMixture, VelocityJacobianMatchesFiniteDifferences) {
+  for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule(), make_vp_schedule()}) {
+    for (auto mixture : {test::ring_mixture_2d(), test::random_mixture(5, 3, 7)}) {
+      GmmVelocity field(mixture, schedule);
+      Generator gen = make_generator(1);
+      const at::Tensor x = 2.0 * at::randn({6, mixture->dim()}, gen, kDouble);
+      for (double t : {0.0, 0.1, 0.5, 0.9, 0.99}) {
+        const auto f = [&](const at::Tensor& y) { return field.velocity(y, t); };
+        const at::Tensor J = test::autograd_jacobian(f, x);
+        const at::Tensor J_fd = test::fd_jacobian(f, x);
+        EXPECT_LT((J - J_fd).abs().max().item<double>(), 1e-6 * (1 + J.abs().max().item<double>()))
+            << schedule->name() << " d=" << mixture->dim() << " t=" << t;
+      }
+    }
+  }
+}
+
+TEST(GaussianMixture, VelocityIsKappaXPlusEtaScore) {
+  // v = kappa x + eta s (spec section 1) at interior times, where both are finite.
+  for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule(), make_vp_schedule()}) {
+    const auto mixture = test::random_mixture(3, 4, 11);
+    Generator gen = make_generator(2);
+    const at::Tensor x = at::randn({50, 3}, gen, kDouble);
+    for (double t : {0.05, 0.5, 0.95}) {
+      const ScheduleTensors s = schedule->at(at::scalar_tensor(t, kDouble));
+      const at::Tensor v = mixture->velocity(x, s);
+      const at::Tensor score = mixture->marginal_score(x, s);
+      const at::Tensor expected = schedule->kappa(t) * x + schedule->eta(t) * score;
+      EXPECT_LT((v - expected).abs().max().item<double>(), 1e-9 * (1 + v.abs().max().item<double>()))
+          << schedule->name() << " t=" << t;
+    }
+  }
+}
+
+TEST(GaussianMixture, VelocityAtTimeZeroIsFinite) {
+  // Linear schedule: v(x, 0) = E[X1] - x.
+  const auto mixture = test::ring_mixture_2d();
+  GmmVelocity field(mixture, make_linear_schedule());
+  const at::Tensor x = at::tensor({0.3, -1.2, 2.0, 0.5}, kDouble).reshape({2, 2});
+  const at::Tensor v = field.velocity(x, 0.0);
+  EXPECT_LT((v - (mixture->mean().unsqueeze(0) - x)).abs().max().item<double>(), 1e-12);
+}
+
+TEST(GaussianMixture, ScoreIsGradientOfLogDensity) {
+  const auto mixture = test::random_mixture(4, 3, 5);
+  Generator gen = make_generator(3);
+  const at::Tensor x = at::randn({10, 4}, gen, kDouble);
+  const at::Tensor score = mixture->score(x);
+  for (int64_t j = 0; j < 4; ++j) {
+    at::Tensor e = at::zeros_like(x);
+    e.select(1, j).fill_(1e-6);
+    const at::Tensor fd = (mixture->log_prob(x + e) - mixture->log_prob(x - e)) / 2e-6;
+    EXPECT_LT((fd - score.select(1, j)).abs().max().item<double>(), 1e-6);
+  }
+  // The marginal at t = 1 is the mixture itself.
+  const at::Tensor one = at::ones({}, kDouble);
+  EXPECT_LT((mixture->marginal_score(x, {one, one * 0, one, one * -1}) - score).abs().max().item<double>(), 1e-12);
+}
+
+TEST(GaussianMixture, SampleMomentsMatch) {
+  const auto mixture = test::random_mixture(3, 4, 9);
+  Generator gen = make_generator(4);
+  const at::Tensor x = mixture->sample(200000, gen, at::kDouble);
+  const at::Tensor cov = mixture->covariance();
+  const at::Tensor se = (at::diagonal(cov) / 200000.0).sqrt();
+  EXPECT_LT(((x.mean(0) - mixture->mean()).abs() / se).max().item<double>(), 4.5);
+  const at::Tensor c = x - x.mean(0);
+  const at::Tensor emp = at::matmul(c.t(), c) / 200000.0;
+  EXPECT_LT((emp - cov).abs().max().item<double>(), 0.03 * cov.abs().max().item<double>());
+}
+
+// Self-normalised importance sampling of E_{p*}[x], E_{p*}[x x^T] and log Z with base samples.
+struct IsEstimate {
+  at::Tensor mean, second;
+  double log_z;
+};
+IsEstimate importance(const GaussianMixture& base, const Reward& reward, double lambda, int64_t n, uint64_t seed) {
+  Generator gen = make_generator(seed);
+  const at::Tensor x = base.sample(n, gen, at::kDouble);
+  const at::Tensor logw = lambda * reward.value(x);
+  const at::Tensor w = at::softmax(logw, 0).unsqueeze(1);
+  IsEstimate e;
+  e.mean = (w * x).sum(0);
+  e.second = at::matmul((w * x).t(), x);
+  e.log_z = (at::logsumexp(logw, {0}) - std::log(static_cast<double>(n))).item<double>();
+  return e;
+}
+
+void expect_matches(const GaussianMixture& tilted, double log_z, const IsEstimate& is, double tol) {
+  const at::Tensor second = tilted.covariance() + at::outer(tilted.mean(), tilted.mean());
+  EXPECT_LT((tilted.mean() - is.mean).abs().max().item<double>(), tol);
+  EXPECT_LT((second - is.second).abs().max().item<double>(), 2 * tol);
+  EXPECT_NEAR(log_z, is.log_z, tol);
+}
+
+TEST(GaussianMixture, LinearTiltMatchesImportanceSampling) {
+  const auto base = test::ring_mixture_2d();
+  LinearReward reward(at::tensor({0.6, -0.3}, kDouble));
+  double log_z = 0;
+  const GaussianMixture tilted = *reward.tilt(*base, 1.5, &log_z);
+  expect_matches(tilted, log_z, importance(*base, reward, 1.5, 1000000, 21), 0.03);
+}
+
+TEST(GaussianMixture, QuadraticTiltMatchesImportanceSampling) {
+  const auto base = test::ring_mixture_2d();
+  QuadraticReward reward(at::tensor({1.5, 1.0}, kDouble), at::tensor({1.0, 0.3, 0.3, 0.5}, kDouble).reshape({2, 2}));
+  double log_z = 0;
+  const GaussianMixture tilted = *reward.tilt(*base, 0.8, &log_z);
+  expect_matches(tilted, log_z, importance(*base, reward, 0.8, 1000000, 22), 0.03);
+  // The spec's formula for invertible A: Sigma' = (Sigma^-1 + A)^-1, mu' = Sigma'(Sigma^-1 mu + A c).
+  const at::Tensor A = 0.8 * reward.matrix();
+  const at::Tensor S = base->covariances()[0];
+  const at::Tensor S_new = at::inverse(at::inverse(S) + A);
+  const at::Tensor mu_new = at::matmul(S_new, at::matmul(at::inverse(S), base->means()[0]) + at::matmul(A, reward.center()));
+  // Component order is kept by the tilt.
+  EXPECT_LT((tilted.covariances()[0] - S_new).abs().max().item<double>(), 1e-12);
+  EXPECT_LT((tilted.means()[0] - mu_new).abs().max().item<double>(), 1e-12);
+}
+
+TEST(GaussianMixture, QuadraticTiltWithSingularMatrix) {
+  // A reward on one coordinate only: A = diag(1, 0) is not invertible.
+  const auto base = test::ring_mixture_2d();
+  QuadraticReward reward(at::tensor({2.0, 0.0}, kDouble), at::tensor({1.0, 0.0, 0.0, 0.0}, kDouble).reshape({2, 2}));
+  double log_z = 0;
+  const GaussianMixture tilted = *reward.tilt(*base, 2.0, &log_z);
+  expect_matches(tilted, log_z, importance(*base, reward, 2.0, 1000000, 23), 0.03);
+}
+
+TEST(GaussianMixture, ProductMatchesImportanceSampling) {
+  const auto base = test::ring_mixture_2d();
+  auto q = test::random_mixture(2, 2, 3);
+  GmmLogDensityReward reward(q);
+  double log_z = 0;
+  const GaussianMixture tilted = *reward.tilt(*base, 1.0, &log_z);
+  EXPECT_EQ(tilted.components(), base->components() * q->components());
+  expect_matches(tilted, log_z, importance(*base, reward, 1.0, 1000000, 24), 0.03);
+  EXPECT_FALSE(reward.tilt(*base, 2.0).has_value());
+}
+
+TEST(GaussianMixture, RejectsBadParameters) {
+  const at::Tensor w = at::ones({2}, kDouble), mu = at::zeros({2, 2}, kDouble);
+  const at::Tensor cov = at::eye(2, kDouble).expand({2, 2, 2}).clone();
+  EXPECT_THROW(GaussianMixture(w, mu, cov.slice(0, 0, 1)), Error);
+  EXPECT_THROW(GaussianMixture(-w, mu, cov), Error);
+  at::Tensor bad = cov.clone();
+  bad[0][0][0] = -1.0;
+  EXPECT_THROW(GaussianMixture(w, mu, bad), Error);
+  at::Tensor asym = cov.clone();
+  asym[0][0][1] = 0.5;
+  EXPECT_THROW(GaussianMixture(w, mu, asym), Error);
+}
+
+}  // namespace
+}  // namespace tilt

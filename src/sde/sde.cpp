@@ -1,0 +1,104 @@
+#include "tilt/sde/sampler.h"
+#include "tilt/sde/sde.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+
+namespace tilt {
+
+TimeGrid TimeGrid::uniform(int64_t steps, double t0, double t1) {
+  if (steps < 1) throw Error("time grid: number of steps must be >= 1, got " + std::to_string(steps));
+  std::vector<double> t(static_cast<size_t>(steps) + 1);
+  for (int64_t k = 0; k <= steps; ++k) t[k] = t0 + (t1 - t0) * static_cast<double>(k) / static_cast<double>(steps);
+  t.back() = t1;
+  return TimeGrid(std::move(t));
+}
+
+TimeGrid::TimeGrid(std::vector<double> times) : t_(std::move(times)) {
+  if (t_.size() < 2) throw Error("time grid: needs at least two times");
+  for (size_t k = 0; k + 1 < t_.size(); ++k) {
+    if (!(t_[k + 1] > t_[k])) throw Error("time grid: times must be strictly increasing");
+  }
+}
+
+GenerativeSDE::GenerativeSDE(VelocityFieldPtr velocity, NoiseSchedulePtr noise)
+    : velocity_(std::move(velocity)), noise_(std::move(noise)) {
+  if (!velocity_) throw Error("generative SDE: no velocity field");
+  if (!noise_) throw Error("generative SDE: no noise schedule");
+  if (!velocity_->schedule()) throw Error("generative SDE: the velocity field has no schedule");
+}
+
+Tensor GenerativeSDE::drift_from_velocity(const Tensor& v, const Tensor& x, double t) const {
+  const DriftCoefficients c = coefficients(t);
+  if (c.c_x == 0.0) return c.c_v == 1.0 ? v : c.c_v * v;
+  return c.c_v * v - c.c_x * x;
+}
+
+Tensor GenerativeSDE::drift(const Tensor& x, double t) const {
+  return drift_from_velocity(velocity_->velocity(x, t), x, t);
+}
+
+Tensor velocity_vjp(const VelocityField& field, const Tensor& x, double t, const Tensor& a,
+                    Tensor* v_out) {
+  check_batch(a, field.dim(), "adjoint");
+  at::AutoGradMode enable_grad(true);
+  const Tensor xg = x.detach().requires_grad_(true);
+  const Tensor v = field.velocity(xg, t);
+  Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
+  if (v_out) *v_out = v.detach();
+  return g;
+}
+
+Tensor GenerativeSDE::drift_vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
+  const DriftCoefficients c = coefficients(t);
+  return c.c_v * velocity_vjp(*velocity_, x, t, a, v_out) - c.c_x * a;
+}
+
+Integrator parse_integrator(const std::string& name) {
+  if (name == "euler") return Integrator::euler;
+  if (name == "heun") return Integrator::heun;
+  throw Error("unknown integrator '" + name + "' (valid: euler, heun)");
+}
+
+Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& grid, Generator& gen,
+                    const SampleOptions& options) {
+  check_batch(x0, sde.dim(), "initial state X0");
+  if (options.integrator == Integrator::heun && !sde.noise().is_zero()) {
+    throw Error("the heun integrator is for the ODE only; noise schedule is " + sde.noise().describe());
+  }
+  Trajectory out;
+  out.t = grid.times();
+  out.x.reserve(options.record ? grid.times().size() : 2);
+  out.x.push_back(x0);
+  Tensor x = x0;
+  for (int64_t k = 0; k < grid.steps(); ++k) {
+    const double t = grid[k], h = grid.step(k);
+    const Tensor b = sde.drift(x, t);
+    if (options.integrator == Integrator::heun) {
+      const Tensor x_pred = x + h * b;
+      x = x + (0.5 * h) * (b + sde.drift(x_pred, grid[k + 1]));
+    } else {
+      const double sigma = sde.sigma(t);
+      x = x + h * b;
+      if (sigma != 0.0) x = x + (std::sqrt(h) * sigma) * at::randn(x.sizes(), gen, x.options());
+    }
+    if (options.record || k + 1 == grid.steps()) out.x.push_back(x);
+  }
+  return out;
+}
+
+Tensor sample(const GenerativeSDE& sde, int64_t n, const TimeGrid& grid, Generator& gen,
+              const SampleOptions& options, at::ScalarType dtype) {
+  at::NoGradGuard no_grad;
+  const Tensor x0 = at::randn({n, sde.dim()}, gen, at::TensorOptions().dtype(dtype));
+  SampleOptions opts = options;
+  opts.record = false;
+  return simulate(sde, x0, grid, gen, opts).final();
+}
+
+}  // namespace tilt

@@ -1,0 +1,123 @@
+// Rewards, the drift's vector-Jacobian product, and the sampler (orders and marginals).
+#include "tilt/core/error.h"
+#include "tilt/eval/metrics.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
+#include "tilt/sde/sampler.h"
+
+#include "../support/helpers.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+namespace tilt {
+namespace {
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+void expect_gradient_matches_fd(const Reward& reward, int64_t d) {
+  Generator gen = make_generator(5);
+  const at::Tensor x = 1.5 * at::randn({8, d}, gen, kDouble);
+  const at::Tensor g = reward.grad(x);
+  for (int64_t j = 0; j < d; ++j) {
+    at::Tensor e = at::zeros_like(x);
+    e.select(1, j).fill_(1e-6);
+    const at::Tensor fd = (reward.value(x + e) - reward.value(x - e)) / 2e-6;
+    EXPECT_LT((fd - g.select(1, j)).abs().max().item<double>(), 1e-6 * (1 + g.abs().max().item<double>()))
+        << reward.kind();
+  }
+}
+
+TEST(Reward, GradientsMatchFiniteDifferences) {
+  expect_gradient_matches_fd(LinearReward(at::tensor({0.5, -1.0, 2.0}, kDouble)), 3);
+  Generator gen = make_generator(1);
+  const at::Tensor L = at::randn({3, 3}, gen, kDouble);
+  expect_gradient_matches_fd(QuadraticReward(at::tensor({1.0, 0.0, -1.0}, kDouble), at::matmul(L, L.t())), 3);
+  expect_gradient_matches_fd(GmmLogDensityReward(test::random_mixture(3, 3, 2)), 3);
+}
+
+TEST(Reward, QuadraticValue) {
+  QuadraticReward r(at::tensor({1.0, 2.0}, kDouble), at::tensor({2.0, 0.0, 0.0, 1.0}, kDouble).reshape({2, 2}));
+  const at::Tensor x = at::tensor({0.0, 0.0}, kDouble).reshape({1, 2});
+  EXPECT_NEAR(r.value(x).item<double>(), -0.5 * (2.0 * 1 + 1.0 * 4), 1e-14);
+  EXPECT_THROW(QuadraticReward(at::zeros({2}), at::tensor({1.0, 0.0, 0.0, -1.0}).reshape({2, 2})), Error);
+}
+
+TEST(GenerativeSDE, DriftVjpMatchesFiniteDifferences) {
+  const auto mixture = test::random_mixture(3, 3, 4);
+  auto field = std::make_shared<GmmVelocity>(mixture, make_linear_schedule());
+  for (const auto& noise : {make_memoryless_noise(), make_constant_noise(0.7), make_zero_noise()}) {
+    GenerativeSDE sde(field, noise);
+    Generator gen = make_generator(6);
+    const at::Tensor x = at::randn({5, 3}, gen, kDouble);
+    const at::Tensor a = at::randn({5, 3}, gen, kDouble);
+    for (double t : {0.0, 0.3, 0.9}) {
+      at::Tensor v;
+      const at::Tensor vjp = sde.drift_vjp(x, t, a, &v);
+      EXPECT_LT((v - field->velocity(x, t)).abs().max().item<double>(), 1e-14);
+      const at::Tensor J = test::fd_jacobian([&](const at::Tensor& y) { return sde.drift(y, t); }, x);
+      const at::Tensor expected = at::matmul(a.unsqueeze(1), J).squeeze(1);  // a^T (db/dx)
+      EXPECT_LT((vjp - expected).abs().max().item<double>(), 1e-6 * (1 + expected.abs().max().item<double>()))
+          << noise->describe() << " t=" << t;
+    }
+  }
+}
+
+TEST(Sampler, OdeSolversHaveTheirOrders) {
+  // Gaussian data N(mu, s^2 I): the flow ODE maps X0 to X1 = mu + s X0 exactly.
+  const double s = 0.6;
+  const auto mixture = test::isotropic_gaussian({1.0, -0.5}, s);
+  GenerativeSDE ode(std::make_shared<GmmVelocity>(mixture, make_cosine_schedule()), make_zero_noise());
+  Generator gen = make_generator(7);
+  const at::Tensor x0 = at::randn({64, 2}, gen, kDouble);
+  const at::Tensor exact = mixture->means()[0] + s * x0;
+  for (Integrator integrator : {Integrator::euler, Integrator::heun}) {
+    std::vector<double> h, err;
+    for (int64_t K : {10, 20, 40, 80, 160}) {
+      SampleOptions opts;
+      opts.integrator = integrator;
+      const at::Tensor x1 = simulate(ode, x0, TimeGrid::uniform(K), gen, opts).final();
+      h.push_back(1.0 / K);
+      err.push_back((x1 - exact).abs().max().item<double>());
+    }
+    const double order = test::fitted_order(h, err);
+    EXPECT_NEAR(order, integrator == Integrator::euler ? 1.0 : 2.0, 0.25) << "fitted order " << order;
+  }
+}
+
+TEST(Sampler, HeunIsOnlyForTheOde) {
+  GenerativeSDE sde(std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule()),
+                    make_memoryless_noise());
+  Generator gen = make_generator(0);
+  SampleOptions opts;
+  opts.integrator = Integrator::heun;
+  EXPECT_THROW(simulate(sde, at::zeros({2, 2}), TimeGrid::uniform(4), gen, opts), Error);
+}
+
+TEST(Sampler, EveryNoiseScheduleKeepsTheMarginals) {
+  // For every sigma(t) the generative SDE has the data distribution at t = 1 (spec section 2).
+  const auto mixture = test::ring_mixture_2d();
+  auto field = std::make_shared<GmmVelocity>(mixture, make_linear_schedule());
+  // Energy distances between finite samples of a multimodal law are heavy-tailed (mode counts
+  // fluctuate), so both sides are averaged: 8 replicates, and 16 pairs for the floor.
+  const int64_t n = 2000;
+  const int replicates = 8;
+  const double floor = test::energy_noise_floor(*mixture, n, 16, 100);
+  Generator gen = make_generator(8);
+  for (const auto& noise : {make_memoryless_noise(0.002), make_constant_noise(0.2), make_constant_noise(1.0),
+                            make_scaled_memoryless_noise(0.5, 0.002), make_zero_noise()}) {
+    SampleOptions opts;
+    opts.integrator = noise->is_zero() ? Integrator::heun : Integrator::euler;
+    double ed = 0;
+    for (int r = 0; r < replicates; ++r) {
+      const at::Tensor x = sample(GenerativeSDE(field, noise), n, TimeGrid::uniform(200), gen, opts);
+      ed += energy_distance(x, mixture->sample(n, gen)) / replicates;
+    }
+    EXPECT_LT(ed, 2.0 * floor) << noise->describe() << ": energy distance " << ed << ", floor " << floor;
+  }
+}
+
+}  // namespace
+}  // namespace tilt

@@ -1,0 +1,38 @@
+// Distances between sample sets, and reward statistics.
+#pragma once
+
+#include "tilt/core/tensor.h"
+#include "tilt/model/reward.h"
+
+#include <vector>
+
+namespace tilt {
+
+/// Energy distance (Szekely and Rizzo's E-statistic, V-statistic form):
+///   2 mean_ij |x_i - y_j| - mean_ij |x_i - x_j| - mean_ij |y_i - y_j|.
+/// Non-negative; for two independent sets of n samples from one law its expectation is
+/// (2/n) E|X - X'| (the noise floor), and it grows with any difference in law.
+double energy_distance(const Tensor& x, const Tensor& y);
+
+/// Squared maximum mean discrepancy (V-statistic) with a sum of Gaussian kernels
+/// exp(-|x-y|^2 / (2 s^2)) over the given bandwidths s; empty: median_bandwidths of the pooled samples.
+double mmd(const Tensor& x, const Tensor& y, std::vector<double> bandwidths = {});
+
+/// Bandwidths m/4, m/2, m, 2m from the median pairwise distance m of (up to 2000 of) the samples:
+/// compute them once from the target so that MMDs of different sample sets are comparable.
+std::vector<double> median_bandwidths(const Tensor& reference);
+
+/// Energy distance and MMD (with the given bandwidths) from one computation of the pairwise
+/// distances.
+struct SampleDistances {
+  double energy, mmd;
+};
+SampleDistances sample_distances(const Tensor& x, const Tensor& y, const std::vector<double>& bandwidths);
+
+/// Mean and standard error of r(x).
+struct RewardStats {
+  double mean, standard_error;
+};
+RewardStats reward_stats(const Reward& reward, const Tensor& x);
+
+}  // namespace tilt

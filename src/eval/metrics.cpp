@@ -1,0 +1,102 @@
+#include "tilt/eval/metrics.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace tilt {
+namespace {
+
+void check_pair(const Tensor& x, const Tensor& y, const char* what) {
+  if (!x.defined() || !y.defined() || x.dim() != 2 || y.dim() != 2 || x.size(1) != y.size(1) ||
+      x.size(0) < 1 || y.size(0) < 1) {
+    throw Error(std::string(what) + ": sample sets must be [n, d] and [m, d] with the same d, got " +
+                shape_string(x) + " and " + shape_string(y));
+  }
+}
+
+// Sum over all pairs of f(|a_i - b_j|), in row blocks to bound memory.
+template <class F>
+double pair_sum(const Tensor& a, const Tensor& b, F f) {
+  const int64_t block = 1024;
+  double total = 0.0;
+  for (int64_t i = 0; i < a.size(0); i += block) {
+    const Tensor d = at::cdist(a.slice(0, i, std::min(i + block, a.size(0))), b);
+    total += f(d).sum().template item<double>();
+  }
+  return total;
+}
+
+}  // namespace
+
+double energy_distance(const Tensor& x_in, const Tensor& y_in) {
+  check_pair(x_in, y_in, "energy distance");
+  at::NoGradGuard no_grad;
+  const Tensor x = x_in.to(at::kDouble), y = y_in.to(at::kDouble);
+  const double n = static_cast<double>(x.size(0)), m = static_cast<double>(y.size(0));
+  const auto id = [](const Tensor& d) { return d; };
+  return 2.0 * pair_sum(x, y, id) / (n * m) - pair_sum(x, x, id) / (n * n) - pair_sum(y, y, id) / (m * m);
+}
+
+std::vector<double> median_bandwidths(const Tensor& reference) {
+  at::NoGradGuard no_grad;
+  const Tensor r = reference.to(at::kDouble).slice(0, 0, 2000);
+  const Tensor d = at::cdist(r, r);
+  const Tensor off = d.masked_select(~at::eye(d.size(0), at::kBool));
+  const double median = off.numel() ? off.median().item<double>() : 1.0;
+  const double m = median > 0 ? median : 1.0;
+  return {m / 4, m / 2, m, 2 * m};
+}
+
+SampleDistances sample_distances(const Tensor& x_in, const Tensor& y_in, const std::vector<double>& bandwidths) {
+  check_pair(x_in, y_in, "sample distances");
+  for (double s : bandwidths) {
+    if (!(s > 0)) throw Error("MMD: bandwidths must be positive");
+  }
+  at::NoGradGuard no_grad;
+  const Tensor x = x_in.to(at::kDouble), y = y_in.to(at::kDouble);
+  const double n = static_cast<double>(x.size(0)), m = static_cast<double>(y.size(0));
+  // Each block of pairwise distances serves the energy distance and every kernel.
+  struct Sums {
+    double dist = 0;
+    std::vector<double> kernel;
+  };
+  const auto sums = [&](const Tensor& a, const Tensor& b) {
+    Sums out;
+    out.kernel.assign(bandwidths.size(), 0.0);
+    const int64_t block = 1024;
+    for (int64_t i = 0; i < a.size(0); i += block) {
+      const Tensor d = at::cdist(a.slice(0, i, std::min(i + block, a.size(0))), b);
+      out.dist += d.sum().item<double>();
+      const Tensor d2 = d.pow(2);
+      for (size_t k = 0; k < bandwidths.size(); ++k) {
+        out.kernel[k] += at::exp(d2 / (-2.0 * bandwidths[k] * bandwidths[k])).sum().item<double>();
+      }
+    }
+    return out;
+  };
+  const Sums xy = sums(x, y), xx = sums(x, x), yy = sums(y, y);
+  SampleDistances r{2.0 * xy.dist / (n * m) - xx.dist / (n * n) - yy.dist / (m * m), 0.0};
+  for (size_t k = 0; k < bandwidths.size(); ++k) {
+    r.mmd += xx.kernel[k] / (n * n) + yy.kernel[k] / (m * m) - 2.0 * xy.kernel[k] / (n * m);
+  }
+  return r;
+}
+
+double mmd(const Tensor& x, const Tensor& y, std::vector<double> bandwidths) {
+  if (bandwidths.empty()) bandwidths = median_bandwidths(at::cat({x.slice(0, 0, 1000), y.slice(0, 0, 1000)}));
+  return sample_distances(x, y, bandwidths).mmd;
+}
+
+RewardStats reward_stats(const Reward& reward, const Tensor& x) {
+  at::NoGradGuard no_grad;
+  const Tensor r = reward.value(x).to(at::kDouble);
+  const double n = static_cast<double>(r.numel());
+  const double se = n > 1 ? r.std().item<double>() / std::sqrt(n) : 0.0;
+  return {r.mean().item<double>(), se};
+}
+
+}  // namespace tilt

@@ -1,0 +1,165 @@
+// The lean adjoint and the Adjoint Matching loss against ground truth.
+#include "tilt/model/finetuned.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
+#include "tilt/train/adjoint_matching.h"
+
+#include "../support/helpers.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+
+namespace tilt {
+namespace {
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+std::shared_ptr<QuadraticReward> quadratic_reward(std::vector<double> c, double precision) {
+  const int64_t d = static_cast<int64_t>(c.size());
+  return std::make_shared<QuadraticReward>(at::tensor(c, kDouble), precision * at::eye(d, kDouble));
+}
+
+// The slow reference path: simulate the base SDE with autograd from X0, then backpropagate
+// g(X^_1) = -lambda r(X^_1) through the whole trajectory.
+TEST(LeanAdjoint, EqualsBackpropagationThroughTheTrajectory) {
+  const double lambda = 1.7;
+  const int64_t K = 16;
+  const TimeGrid grid = TimeGrid::uniform(K);
+  for (auto mixture : {test::isotropic_gaussian({0.5, -1.0}, 0.7), test::ring_mixture_2d()}) {
+    auto base = std::make_shared<GmmVelocity>(mixture, make_linear_schedule());
+    const auto reward = quadratic_reward({1.0, 2.0}, 0.8);
+    for (const auto& noise : {make_memoryless_noise(), make_constant_noise(0.5)}) {
+      GenerativeSDE sde(base, noise);
+      for (bool noiseless : {true, false}) {
+        Generator gen = make_generator(3);
+        const at::Tensor x0 = at::randn({7, 2}, gen, kDouble).requires_grad_(true);
+        std::vector<double> times = grid.times();
+        if (noiseless) times.pop_back();
+        SampleOptions opts;
+        opts.record = true;
+        Trajectory traj = simulate(sde, x0, TimeGrid(times), gen, opts);
+        at::Tensor x1 = traj.x.back();
+        if (noiseless) x1 = traj.x[K - 1] + grid.step(K - 1) * base->velocity(traj.x[K - 1], grid[K - 1]);
+        const at::Tensor cost = -lambda * reward->value(x1).sum();
+        std::vector<at::Tensor> states(traj.x.begin(), traj.x.begin() + K);
+        const auto grads = torch::autograd::grad({cost}, states);
+
+        std::vector<at::Tensor> detached;
+        for (const auto& x : traj.x) detached.push_back(x.detach());
+        const LeanAdjoint adj = lean_adjoint(sde, detached, grid, *reward, lambda, noiseless);
+        for (int64_t k = 0; k < K; ++k) {
+          EXPECT_LT((adj.a[k] - grads[k]).abs().max().item<double>(), 1e-10 * (1 + grads[k].abs().max().item<double>()))
+              << noise->describe() << " noiseless=" << noiseless << " k=" << k;
+        }
+        EXPECT_LT((adj.a[K] + lambda * reward->grad(x1.detach())).abs().max().item<double>(), 1e-12);
+      }
+    }
+  }
+}
+
+TEST(LeanAdjoint, LinearGaussianClosedForm) {
+  // Data N(mu, s^2 I): v = alpha' mu + m_t (x - alpha mu), m_t = (alpha' alpha s^2 + beta' beta) / (alpha^2 s^2 + beta^2),
+  // so grad b = (c_v m_t - c_x) I and a_k = prod_{j >= k} (1 + h g_j) a_K, the last factor 1 + h m_t
+  // for the noiseless final step.
+  const double s = 1.3, lambda = 2.0;
+  const int64_t K = 40;
+  const TimeGrid grid = TimeGrid::uniform(K);
+  auto base = std::make_shared<GmmVelocity>(test::isotropic_gaussian({0.2, 0.4, -0.3}, s), make_linear_schedule());
+  const auto noise = make_memoryless_noise();
+  GenerativeSDE sde(base, noise);
+  const auto reward = quadratic_reward({1.0, 0.0, 1.0}, 1.0);
+  Generator gen = make_generator(9);
+  std::vector<at::Tensor> x;
+  for (int64_t k = 0; k <= K; ++k) x.push_back(at::randn({5, 3}, gen, kDouble));  // any states: the VJP is constant in x
+  const LeanAdjoint adj = lean_adjoint(sde, x, grid, *reward, lambda, true);
+  double factor = 1.0;
+  for (int64_t k = K - 1; k >= 0; --k) {
+    const ScheduleValues v = sde.schedule().at(grid[k]);
+    const double m = (v.d_alpha * v.alpha * s * s + v.d_beta * v.beta) / (v.alpha * v.alpha * s * s + v.beta * v.beta);
+    const DriftCoefficients c = sde.coefficients(grid[k]);
+    factor *= k == K - 1 ? 1.0 + grid.step(k) * m : 1.0 + grid.step(k) * (c.c_v * m - c.c_x);
+    EXPECT_LT((adj.a[k] - factor * adj.a[K]).abs().max().item<double>(), 1e-11 * (1 + factor * adj.a[K].abs().max().item<double>()))
+        << "k=" << k;
+  }
+}
+
+// v_theta - v_base = theta (v* - v_base): a one-parameter family through the exact optimum v*.
+class ScaledDifference : public VelocityField {
+ public:
+  ScaledDifference(VelocityFieldPtr target, VelocityFieldPtr base)
+      : VelocityField(base->schedule()), target_(std::move(target)), base_(std::move(base)),
+        theta_(at::ones({}, kDouble).requires_grad_(true)) {}
+  std::string kind() const override { return "scaled_difference"; }
+  int64_t dim() const override { return base_->dim(); }
+  using VelocityField::velocity;
+  at::Tensor velocity(const at::Tensor& x, const at::Tensor& t) const override {
+    return theta_ * (target_->velocity(x, t) - base_->velocity(x, t)).detach();
+  }
+  std::vector<at::Tensor> parameters() const override { return {theta_}; }
+  at::Tensor theta_;
+
+ private:
+  VelocityFieldPtr target_, base_;
+};
+
+// Fits theta^ = argmin_theta E sum_k |(c_v/sigma)(theta D*_k + rho_k a_k)|^2 on trajectories of the
+// optimal model (theta = 1), D* = v* - v_base, over every step with a finite target. The loss's
+// only critical point is u* (Adjoint Matching, Prop. 7), so theta^ -> 1 as the grid is refined.
+struct Fit {
+  double theta;            // theta^
+  double grad_check_error; // |d loss / d theta from AdjointMatching::compute - the same by hand|, relative
+};
+Fit fit_theta(int64_t K, const NoiseSchedulePtr& noise) {
+  const double lambda = 1.0;
+  const auto mixture = test::ring_mixture_2d();
+  const auto schedule = make_linear_schedule();
+  auto base = std::make_shared<GmmVelocity>(mixture, schedule);
+  const auto reward = quadratic_reward({2.0, 1.0}, 1.0);
+  auto optimum = std::make_shared<GmmVelocity>(
+      std::make_shared<GaussianMixture>(*reward->tilt(*mixture, lambda)), schedule);
+  auto residual = std::make_shared<ScaledDifference>(optimum, base);
+  auto model = std::make_shared<FineTunedVelocity>(base, residual, FineTuneMode::residual);
+  AdjointMatchingOptions opts;
+  opts.num_steps = K;
+  opts.batch_size = 10000;
+  opts.lambda = lambda;
+  opts.loss_late_steps = 10;
+  opts.loss_early_steps = K - 1 - 10;  // every step but t = 0, whose target is infinite
+  opts.clip_factor = 0;
+  AdjointMatching am(model, reward, noise, opts);
+  EXPECT_FALSE(std::isfinite(am.target_coefficient(0)));
+
+  Generator gen = make_generator(12);
+  const Trajectory traj = am.rollout(gen);
+  const LeanAdjoint adj = lean_adjoint(am.base_sde(), traj.x, am.grid(), *reward, lambda, true);
+  double aa = 0, ab = 0;
+  for (int64_t k = 1; k < K; ++k) {
+    const double t = am.grid()[k], w = std::pow(am.residual_scale(k), 2);
+    const at::Tensor d = optimum->velocity(traj.x[k], t) - adj.v_base[k];
+    aa += w * (d * d).sum(1).mean().item<double>();
+    ab += w * (d * (am.target_coefficient(k) * adj.a[k])).sum(1).mean().item<double>();
+  }
+  // The loss that the trainer differentiates gives d/dtheta = 2 (aa + ab) at theta = 1.
+  Generator same = make_generator(12);
+  const LossOutput out = am.compute(same);
+  const at::Tensor g = torch::autograd::grad({out.loss}, {residual->theta_})[0];
+  return {-ab / aa, std::abs(g.item<double>() - 2 * (aa + ab)) / (2 * aa)};
+}
+
+TEST(AdjointMatching, CriticalPointConvergesToTheTiltedVelocity) {
+  // K = 40 (the paper's grid) leaves an O(h) bias on this sharply multimodal problem; it must
+  // shrink with the grid, and be small at K = 160.
+  const Fit coarse = fit_theta(40, make_memoryless_noise(1.0 / 40));
+  const Fit fine = fit_theta(160, make_memoryless_noise(1.0 / 160));
+  EXPECT_LT(coarse.grad_check_error, 1e-6);
+  EXPECT_LT(fine.grad_check_error, 1e-6);
+  EXPECT_NEAR(fine.theta, 1.0, 0.03) << "K=160: " << fine.theta;
+  EXPECT_LT(std::abs(fine.theta - 1.0), 0.5 * std::abs(coarse.theta - 1.0))
+      << "K=40: " << coarse.theta << ", K=160: " << fine.theta;
+}
+
+}  // namespace
+}  // namespace tilt

@@ -1,0 +1,87 @@
+// Configuration files (TOML or JSON) with command-line overrides, read strictly: an unknown key,
+// a value of the wrong type or a missing required key ends with a message that names the key and
+// the file. Every value read (defaults included) is recorded, so a run can save exactly the
+// configuration it used.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include <memory>
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace tilt {
+
+using Json = nlohmann::json;
+
+/// Reads a .toml or .json file into JSON (TOML tables become objects). Throws tilt::Error with
+/// the file name and, for syntax errors, the line.
+Json load_config_file(const std::string& path);
+
+/// Applies "a.b.c=value" overrides. The value is parsed as JSON when it is valid JSON (numbers,
+/// true/false, arrays, quoted strings), otherwise taken as a string.
+void apply_override(Json& config, const std::string& assignment);
+
+/// A view of one table of the configuration. Accessors mark keys as used; finish() rejects
+/// any key that was never read.
+class ConfigSection {
+ public:
+  /// `origin` names the source in messages (e.g. "configs/demo.toml").
+  ConfigSection(const Json& node, std::string path, std::string origin, std::shared_ptr<Json> resolved);
+
+  bool has(const std::string& key) const;
+  double number(const std::string& key, std::optional<double> fallback = std::nullopt);
+  int64_t integer(const std::string& key, std::optional<int64_t> fallback = std::nullopt);
+  bool boolean(const std::string& key, std::optional<bool> fallback = std::nullopt);
+  std::string string(const std::string& key, std::optional<std::string> fallback = std::nullopt);
+  /// One of the allowed strings.
+  std::string choice(const std::string& key, const std::vector<std::string>& allowed,
+                     std::optional<std::string> fallback = std::nullopt);
+  std::vector<double> numbers(const std::string& key, std::optional<std::vector<double>> fallback = std::nullopt);
+  std::vector<int64_t> integers(const std::string& key, std::optional<std::vector<int64_t>> fallback = std::nullopt);
+  /// The raw JSON value (marked used; recorded as is).
+  Json value(const std::string& key);
+  /// A nested table; it is an error if it is missing unless optional, in which case it is empty.
+  ConfigSection section(const std::string& key, bool optional = false);
+
+  /// Marks keys as known without reading them (tables that another command uses).
+  void allow(const std::vector<std::string>& keys) const;
+  /// Throws tilt::Error for the first key that was present but never read, with a suggestion.
+  void finish() const;
+
+  /// "finetune.lr" for key "lr" of section "finetune".
+  std::string where(const std::string& key) const;
+  const std::string& origin() const { return origin_; }
+  [[noreturn]] void fail(const std::string& key, const std::string& message) const;
+
+ private:
+  const Json* find(const std::string& key) const;
+  void record(const std::string& key, const Json& value);
+  Json node_;
+  std::string path_, origin_;
+  std::shared_ptr<Json> resolved_;
+  mutable std::set<std::string> used_;
+};
+
+/// The whole configuration: the file, the overrides, and the resolved record.
+class Config {
+ public:
+  /// Loads the file (if path is not empty) and applies the overrides.
+  Config(const std::string& path, const std::vector<std::string>& overrides);
+  /// From JSON already in memory (tests).
+  Config(Json root, std::string origin);
+
+  ConfigSection root();
+  /// Everything that was read, with defaults filled in.
+  const Json& resolved() const { return *resolved_; }
+  const Json& raw() const { return root_; }
+
+ private:
+  Json root_;
+  std::string origin_;
+  std::shared_ptr<Json> resolved_;
+};
+
+}  // namespace tilt

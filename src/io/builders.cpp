@@ -1,0 +1,210 @@
+#include "tilt/io/builders.h"
+
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace tilt {
+namespace {
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+Tensor matrix_from(ConfigSection& s, const std::string& key, const Json& v, int64_t rows, int64_t cols) {
+  if (!v.is_array() || static_cast<int64_t>(v.size()) != rows) {
+    s.fail(key, "must be " + std::to_string(rows) + " rows of " + std::to_string(cols) + " numbers");
+  }
+  std::vector<double> flat;
+  for (const auto& row : v) {
+    if (!row.is_array() || static_cast<int64_t>(row.size()) != cols) {
+      s.fail(key, "must be " + std::to_string(rows) + " rows of " + std::to_string(cols) + " numbers");
+    }
+    for (const auto& e : row) {
+      if (!e.is_number()) s.fail(key, "must hold numbers only");
+      flat.push_back(e.get<double>());
+    }
+  }
+  return at::tensor(flat, kDouble).reshape({rows, cols});
+}
+
+// A d x d matrix given as a number (times I), a vector (diagonal) or a matrix.
+Tensor square_matrix(ConfigSection& s, const std::string& key, int64_t d, std::optional<double> fallback) {
+  if (!s.has(key)) {
+    if (!fallback) s.fail(key, "is required but missing");
+    s.number(key, fallback);
+    return *fallback * at::eye(d, kDouble);
+  }
+  const Json v = s.value(key);
+  if (v.is_number()) return v.get<double>() * at::eye(d, kDouble);
+  if (v.is_array() && !v.empty() && v[0].is_number()) {
+    if (static_cast<int64_t>(v.size()) != d) s.fail(key, "must have " + std::to_string(d) + " diagonal entries");
+    std::vector<double> diag;
+    for (const auto& e : v) {
+      if (!e.is_number()) s.fail(key, "must hold numbers only");
+      diag.push_back(e.get<double>());
+    }
+    return at::diag(at::tensor(diag, kDouble));
+  }
+  return matrix_from(s, key, v, d, d);
+}
+
+}  // namespace
+
+SchedulePtr read_schedule(ConfigSection s) {
+  const std::string type = s.choice("type", {"linear", "cosine", "vp"}, "linear");
+  std::vector<std::pair<std::string, double>> params;
+  if (type == "vp") {
+    params = {{"beta_min", s.number("beta_min", 0.1)}, {"beta_max", s.number("beta_max", 20.0)}};
+  }
+  s.finish();
+  return make_schedule(type, params);
+}
+
+std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
+  const std::string type = s.choice("type", {"gmm", "ring"});
+  Tensor weights, means, covs;
+  int64_t K = 0, d = 0;
+  if (type == "ring") {
+    K = s.integer("components");
+    if (K < 1) s.fail("components", "must be >= 1");
+    const double radius = s.number("radius", 3.0);
+    d = 2;
+    std::vector<double> mu;
+    for (int64_t k = 0; k < K; ++k) {
+      const double a = 2.0 * M_PI * static_cast<double>(k) / static_cast<double>(K);
+      mu.push_back(radius * std::cos(a));
+      mu.push_back(radius * std::sin(a));
+    }
+    means = at::tensor(mu, kDouble).reshape({K, 2});
+  } else {
+    const Json m = s.value("means");
+    if (!m.is_array() || m.empty() || !m[0].is_array() || m[0].empty()) {
+      s.fail("means", "must be a non-empty array of points, e.g. [[0, 0], [1, 1]]");
+    }
+    K = static_cast<int64_t>(m.size());
+    d = static_cast<int64_t>(m[0].size());
+    means = matrix_from(s, "means", m, K, d);
+  }
+  const std::vector<double> w = s.numbers("weights", std::vector<double>(static_cast<size_t>(K), 1.0));
+  if (static_cast<int64_t>(w.size()) != K) s.fail("weights", "must have one entry per component (" + std::to_string(K) + ")");
+  weights = at::tensor(w, kDouble);
+  if (s.has("covariances")) {
+    if (s.has("std")) s.fail("std", "and 'covariances' are exclusive; give one");
+    const Json c = s.value("covariances");
+    if (!c.is_array() || static_cast<int64_t>(c.size()) != K) s.fail("covariances", "must hold one d x d matrix per component");
+    std::vector<Tensor> mats;
+    for (const auto& m : c) mats.push_back(matrix_from(s, "covariances", m, d, d));
+    covs = at::stack(mats);
+  } else {
+    const Json sd = s.has("std") ? s.value("std") : Json(1.0);
+    std::vector<double> stds;
+    if (sd.is_number()) {
+      stds.assign(static_cast<size_t>(K), sd.get<double>());
+    } else if (sd.is_array() && static_cast<int64_t>(sd.size()) == K &&
+               std::all_of(sd.begin(), sd.end(), [](const Json& e) { return e.is_number(); })) {
+      stds = sd.get<std::vector<double>>();
+    } else {
+      s.fail("std", "must be a number or one number per component");
+    }
+    for (double v : stds) {
+      if (!(v > 0)) s.fail("std", "must be positive");
+    }
+    const Tensor var = at::tensor(stds, kDouble).pow(2);
+    covs = var.reshape({K, 1, 1}) * at::eye(d, kDouble).unsqueeze(0);
+  }
+  s.finish();
+  try {
+    return std::make_shared<GaussianMixture>(weights, means, covs);
+  } catch (const Error& e) {
+    throw Error("in " + s.origin() + ", [" + s.where("").substr(0, s.where("").size() - 1) + "]: " + e.what());
+  }
+}
+
+RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
+  const std::string type = s.choice("type", {"linear", "quadratic", "gmm"});
+  const double l = s.number("lambda", 1.0);
+  if (!std::isfinite(l)) s.fail("lambda", "must be finite");
+  if (lambda) *lambda = l;
+  RewardPtr reward;
+  if (type == "linear") {
+    const std::vector<double> a = s.numbers("a");
+    if (static_cast<int64_t>(a.size()) != dim) s.fail("a", "must have " + std::to_string(dim) + " entries (the data dimension)");
+    reward = std::make_shared<LinearReward>(at::tensor(a, kDouble));
+  } else if (type == "quadratic") {
+    const std::vector<double> c = s.numbers("center");
+    if (static_cast<int64_t>(c.size()) != dim) s.fail("center", "must have " + std::to_string(dim) + " entries (the data dimension)");
+    const Tensor A = square_matrix(s, "precision", dim, 1.0);
+    try {
+      reward = std::make_shared<QuadraticReward>(at::tensor(c, kDouble), A);
+    } catch (const Error& e) {
+      s.fail("precision", std::string("is invalid: ") + e.what());
+    }
+  } else {
+    // The mixture keys sit in the same table as type and lambda.
+    Json copy = Json::object();
+    for (const char* key : {"weights", "means", "std", "covariances", "components", "radius"}) {
+      if (s.has(key)) copy[key] = s.value(key);
+    }
+    copy["type"] = s.has("mixture") ? s.string("mixture") : std::string("gmm");
+    auto q = read_mixture(ConfigSection(copy, s.where("").substr(0, s.where("").size() - 1), s.origin(), nullptr));
+    if (q->dim() != dim) s.fail("means", "must have dimension " + std::to_string(dim));
+    reward = std::make_shared<GmmLogDensityReward>(q);
+  }
+  s.finish();
+  return reward;
+}
+
+MlpOptions read_mlp(ConfigSection& s, int64_t dim, std::vector<int64_t> default_hidden) {
+  MlpOptions o;
+  o.dim = dim;
+  o.hidden = s.integers("hidden", std::move(default_hidden));
+  if (o.hidden.empty()) s.fail("hidden", "must list at least one layer width");
+  for (int64_t w : o.hidden) {
+    if (w < 1) s.fail("hidden", "widths must be >= 1");
+  }
+  o.time_features = s.integer("time_features", 16);
+  if (o.time_features < 0 || o.time_features % 2) s.fail("time_features", "must be an even number >= 0");
+  return o;
+}
+
+AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
+  AdjointMatchingOptions o;
+  o.num_steps = s.integer("num_steps", o.num_steps);
+  if (o.num_steps < 2) s.fail("num_steps", "must be >= 2");
+  o.batch_size = s.integer("batch_size", o.batch_size);
+  if (o.batch_size < 1) s.fail("batch_size", "must be >= 1");
+  o.loss_early_steps = s.integer("loss_early_steps", o.loss_early_steps);
+  o.loss_late_steps = s.integer("loss_late_steps", o.loss_late_steps);
+  if (o.loss_early_steps < 0) s.fail("loss_early_steps", "must be >= 0");
+  if (o.loss_late_steps < 0) s.fail("loss_late_steps", "must be >= 0");
+  o.clip_factor = s.number("clip_factor", o.clip_factor);
+  o.final_noiseless_step = s.boolean("final_noiseless_step", o.final_noiseless_step);
+  return o;
+}
+
+TrainerOptions read_trainer(ConfigSection& s, const TrainerOptions& defaults) {
+  TrainerOptions o = defaults;
+  o.iterations = s.integer("iterations", o.iterations);
+  if (o.iterations < 0) s.fail("iterations", "must be >= 0");
+  o.adam.lr = s.number("lr", o.adam.lr);
+  if (!(o.adam.lr > 0)) s.fail("lr", "must be > 0");
+  o.adam.beta1 = s.number("beta1", o.adam.beta1);
+  o.adam.beta2 = s.number("beta2", o.adam.beta2);
+  if (!(o.adam.beta1 >= 0 && o.adam.beta1 < 1)) s.fail("beta1", "must be in [0, 1)");
+  if (!(o.adam.beta2 >= 0 && o.adam.beta2 < 1)) s.fail("beta2", "must be in [0, 1)");
+  o.adam.eps = s.number("eps", o.adam.eps);
+  if (!(o.adam.eps > 0)) s.fail("eps", "must be > 0");
+  o.adam.weight_decay = s.number("weight_decay", o.adam.weight_decay);
+  if (!(o.adam.weight_decay >= 0)) s.fail("weight_decay", "must be >= 0");
+  o.grad_clip = s.number("grad_clip", o.grad_clip);
+  o.lr_schedule = parse_lr_schedule(s.choice("lr_schedule", {"constant", "cosine"},
+                                             o.lr_schedule == LrSchedule::cosine ? "cosine" : "constant"));
+  o.lr_final_factor = s.number("lr_final_factor", o.lr_final_factor);
+  if (!(o.lr_final_factor > 0 && o.lr_final_factor <= 1)) s.fail("lr_final_factor", "must be in (0, 1]");
+  o.checkpoint_every = s.integer("checkpoint_every", o.checkpoint_every);
+  if (o.checkpoint_every < 0) s.fail("checkpoint_every", "must be >= 0");
+  return o;
+}
+
+}  // namespace tilt

@@ -1,0 +1,250 @@
+#include "tilt/io/config.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+
+#include <toml++/toml.h>
+
+#include <algorithm>
+#include <sstream>
+
+namespace tilt {
+namespace {
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+Json from_toml(const toml::node& node) {
+  if (auto t = node.as_table()) {
+    Json out = Json::object();
+    for (const auto& [k, v] : *t) out[std::string(k.str())] = from_toml(v);
+    return out;
+  }
+  if (auto a = node.as_array()) {
+    Json out = Json::array();
+    for (const auto& v : *a) out.push_back(from_toml(v));
+    return out;
+  }
+  if (auto v = node.as_string()) return v->get();
+  if (auto v = node.as_integer()) return v->get();
+  if (auto v = node.as_floating_point()) return v->get();
+  if (auto v = node.as_boolean()) return v->get();
+  return Json();  // dates and times: tilt has no use for them; a reader reports the type
+}
+
+const char* type_name(const Json& v) {
+  switch (v.type()) {
+    case Json::value_t::null: return "null";
+    case Json::value_t::boolean: return "a boolean";
+    case Json::value_t::number_integer:
+    case Json::value_t::number_unsigned: return "an integer";
+    case Json::value_t::number_float: return "a number";
+    case Json::value_t::string: return "a string";
+    case Json::value_t::array: return "an array";
+    case Json::value_t::object: return "a table";
+    default: return "something else";
+  }
+}
+
+std::string show(const Json& v) {
+  std::string s = v.dump();
+  return s.size() > 60 ? s.substr(0, 57) + "..." : s;
+}
+
+size_t edit_distance(const std::string& a, const std::string& b) {
+  std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
+  for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
+  for (size_t i = 1; i <= a.size(); ++i) {
+    cur[0] = i;
+    for (size_t j = 1; j <= b.size(); ++j) {
+      cur[j] = std::min({prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (a[i - 1] == b[j - 1] ? 0 : 1)});
+    }
+    std::swap(prev, cur);
+  }
+  return prev[b.size()];
+}
+
+}  // namespace
+
+Json load_config_file(const std::string& path) {
+  const std::string text = read_file(path, "config file");
+  if (ends_with(path, ".json")) {
+    try {
+      return Json::parse(text);
+    } catch (const Json::parse_error& e) {
+      throw Error("config file '" + path + "' is not valid JSON: " + e.what());
+    }
+  }
+  try {
+    const toml::table table = toml::parse(text, path);
+    return from_toml(table);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << "config file '" << path << "' is not valid TOML (line " << e.source().begin.line << ", column "
+       << e.source().begin.column << "): " << e.description();
+    throw Error(os.str());
+  }
+}
+
+void apply_override(Json& config, const std::string& assignment) {
+  const auto eq = assignment.find('=');
+  if (eq == std::string::npos || eq == 0) {
+    throw Error("override '" + assignment + "' must look like key=value, e.g. finetune.lr=1e-3");
+  }
+  const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
+  Json value = Json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (value.is_discarded()) value = text;
+  Json* node = &config;
+  std::istringstream parts(key);
+  std::string part;
+  std::vector<std::string> names;
+  while (std::getline(parts, part, '.')) names.push_back(part);
+  for (size_t i = 0; i < names.size(); ++i) {
+    if (names[i].empty()) throw Error("override '" + assignment + "': empty key part");
+    if (!node->is_object()) throw Error("override '" + assignment + "': '" + names[i - 1] + "' is not a table");
+    if (i + 1 == names.size()) {
+      (*node)[names[i]] = value;
+    } else {
+      node = &(*node)[names[i]];
+      if (node->is_null()) *node = Json::object();
+    }
+  }
+}
+
+ConfigSection::ConfigSection(const Json& node, std::string path, std::string origin, std::shared_ptr<Json> resolved)
+    : node_(node.is_null() ? Json::object() : node), path_(std::move(path)), origin_(std::move(origin)),
+      resolved_(std::move(resolved)) {
+  if (!node_.is_object()) {
+    throw Error("in " + origin_ + ": '" + (path_.empty() ? std::string("<root>") : path_) + "' must be a table, got " +
+                type_name(node_));
+  }
+}
+
+std::string ConfigSection::where(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
+
+void ConfigSection::fail(const std::string& key, const std::string& message) const {
+  throw Error("in " + origin_ + ": '" + where(key) + "' " + message);
+}
+
+bool ConfigSection::has(const std::string& key) const { return node_.contains(key); }
+
+const Json* ConfigSection::find(const std::string& key) const {
+  used_.insert(key);
+  auto it = node_.find(key);
+  return it == node_.end() ? nullptr : &*it;
+}
+
+void ConfigSection::record(const std::string& key, const Json& value) {
+  if (!resolved_) return;
+  Json* node = resolved_.get();
+  std::istringstream parts(path_);
+  std::string part;
+  while (std::getline(parts, part, '.')) {
+    if (!part.empty()) node = &(*node)[part];
+  }
+  (*node)[key] = value;
+}
+
+#define TILT_CONFIG_GET(check, expected, convert)                                        \
+  const Json* v = find(key);                                                             \
+  if (!v) {                                                                              \
+    if (!fallback) fail(key, "is required but missing");                                 \
+    record(key, *fallback);                                                              \
+    return *fallback;                                                                    \
+  }                                                                                      \
+  if (!(check)) fail(key, std::string("must be ") + expected + ", got " + type_name(*v) + " " + show(*v)); \
+  auto result = convert;                                                                 \
+  record(key, result);                                                                   \
+  return result;
+
+double ConfigSection::number(const std::string& key, std::optional<double> fallback) {
+  TILT_CONFIG_GET(v->is_number(), "a number", v->get<double>())
+}
+
+int64_t ConfigSection::integer(const std::string& key, std::optional<int64_t> fallback) {
+  TILT_CONFIG_GET(v->is_number_integer() || (v->is_number_float() && v->get<double>() == static_cast<double>(static_cast<int64_t>(v->get<double>()))),
+                  "an integer", static_cast<int64_t>(v->get<double>()))
+}
+
+bool ConfigSection::boolean(const std::string& key, std::optional<bool> fallback) {
+  TILT_CONFIG_GET(v->is_boolean(), "true or false", v->get<bool>())
+}
+
+std::string ConfigSection::string(const std::string& key, std::optional<std::string> fallback) {
+  TILT_CONFIG_GET(v->is_string(), "a string", v->get<std::string>())
+}
+
+std::vector<double> ConfigSection::numbers(const std::string& key, std::optional<std::vector<double>> fallback) {
+  TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) { return e.is_number(); }),
+                  "an array of numbers", v->get<std::vector<double>>())
+}
+
+std::vector<int64_t> ConfigSection::integers(const std::string& key, std::optional<std::vector<int64_t>> fallback) {
+  TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) { return e.is_number_integer(); }),
+                  "an array of integers", v->get<std::vector<int64_t>>())
+}
+
+#undef TILT_CONFIG_GET
+
+std::string ConfigSection::choice(const std::string& key, const std::vector<std::string>& allowed,
+                                  std::optional<std::string> fallback) {
+  const std::string s = string(key, std::move(fallback));
+  if (std::find(allowed.begin(), allowed.end(), s) == allowed.end()) {
+    std::string list;
+    for (const auto& a : allowed) list += (list.empty() ? "" : ", ") + a;
+    fail(key, "is '" + s + "', which is not one of: " + list);
+  }
+  return s;
+}
+
+Json ConfigSection::value(const std::string& key) {
+  const Json* v = find(key);
+  if (!v) fail(key, "is required but missing");
+  record(key, *v);
+  return *v;
+}
+
+ConfigSection ConfigSection::section(const std::string& key, bool optional) {
+  const Json* v = find(key);
+  if (!v && !optional) fail(key, "is required but missing (a table [" + where(key) + "])");
+  if (v && !v->is_object()) fail(key, std::string("must be a table, got ") + type_name(*v));
+  return ConfigSection(v ? *v : Json::object(), where(key), origin_, resolved_);
+}
+
+void ConfigSection::allow(const std::vector<std::string>& keys) const {
+  for (const auto& k : keys) used_.insert(k);
+}
+
+void ConfigSection::finish() const {
+  for (auto it = node_.begin(); it != node_.end(); ++it) {
+    if (used_.count(it.key())) continue;
+    std::string best;
+    size_t best_d = 3;
+    for (const auto& u : used_) {
+      const size_t d = edit_distance(it.key(), u);
+      if (d < best_d) best_d = d, best = u;
+    }
+    std::string known;
+    for (const auto& u : used_) known += (known.empty() ? "" : ", ") + u;
+    throw Error("in " + origin_ + ": unknown key '" + where(it.key()) + "'" +
+                (best.empty() ? "" : " (did you mean '" + where(best) + "'?)") +
+                (known.empty() ? "" : "; known keys here: " + known));
+  }
+}
+
+Config::Config(const std::string& path, const std::vector<std::string>& overrides)
+    : root_(path.empty() ? Json::object() : load_config_file(path)),
+      origin_(path.empty() ? std::string("the command line") : "'" + path + "'"),
+      resolved_(std::make_shared<Json>(Json::object())) {
+  if (!root_.is_object()) throw Error("config file '" + path + "' must hold a table at the top level");
+  for (const auto& o : overrides) apply_override(root_, o);
+  if (!overrides.empty()) origin_ += " (with --set overrides)";
+}
+
+Config::Config(Json root, std::string origin)
+    : root_(std::move(root)), origin_(std::move(origin)), resolved_(std::make_shared<Json>(Json::object())) {}
+
+ConfigSection Config::root() { return ConfigSection(root_, "", origin_, resolved_); }
+
+}  // namespace tilt

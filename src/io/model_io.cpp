@@ -1,0 +1,153 @@
+#include "tilt/io/model_io.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/model/finetuned.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/mlp.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/Dict.h>
+#include <torch/csrc/jit/serialization/pickle.h>
+
+#include <cstring>
+#include <map>
+
+namespace tilt {
+namespace {
+
+constexpr const char* kMetaKey = "__tilt_meta__";
+constexpr const char* kFormat = "tilt-velocity";
+constexpr int kVersion = 1;
+
+using TensorMap = std::map<std::string, Tensor>;
+
+Json describe(const VelocityField& field, const std::string& prefix, TensorMap& tensors) {
+  if (auto gmm = dynamic_cast<const GmmVelocity*>(&field)) {
+    tensors[prefix + "weights"] = gmm->mixture().weights();
+    tensors[prefix + "means"] = gmm->mixture().means();
+    tensors[prefix + "covariances"] = gmm->mixture().covariances();
+    return {{"kind", "gmm"}};
+  }
+  if (auto mlp = dynamic_cast<const MlpVelocity*>(&field)) {
+    for (const auto& [name, value] : mlp->named_parameters()) tensors[prefix + name] = value.detach();
+    const MlpOptions& o = mlp->options();
+    return {{"kind", "mlp"}, {"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+  }
+  if (auto ft = dynamic_cast<const FineTunedVelocity*>(&field)) {
+    return {{"kind", "finetuned"},
+            {"mode", to_string(ft->mode())},
+            {"base", describe(*ft->base(), prefix + "base.", tensors)},
+            {"trainable", describe(*ft->trainable(), prefix + "trainable.", tensors)}};
+  }
+  throw Error("cannot save a velocity field of kind '" + field.kind() + "'");
+}
+
+struct Reader {
+  const std::string& path;
+  TensorMap& tensors;
+  SchedulePtr schedule;
+
+  Tensor take(const std::string& name) const {
+    auto it = tensors.find(name);
+    if (it == tensors.end()) throw Error("model file '" + path + "' is missing tensor '" + name + "'");
+    return it->second;
+  }
+
+  VelocityFieldPtr build(const Json& node, const std::string& prefix) const {
+    const std::string kind = node.value("kind", "");
+    if (kind == "gmm") {
+      auto mixture = std::make_shared<GaussianMixture>(take(prefix + "weights"), take(prefix + "means"),
+                                                       take(prefix + "covariances"));
+      return std::make_shared<GmmVelocity>(mixture, schedule);
+    }
+    if (kind == "mlp") {
+      MlpOptions o;
+      o.dim = node.at("dim").get<int64_t>();
+      o.hidden = node.at("hidden").get<std::vector<int64_t>>();
+      o.time_features = node.at("time_features").get<int64_t>();
+      auto mlp = std::make_shared<MlpVelocity>(o, schedule, 0);
+      NamedTensors values;
+      for (const auto& [name, value] : mlp->named_parameters()) values.emplace_back(name, take(prefix + name));
+      mlp->load_parameters(values);
+      return mlp;
+    }
+    if (kind == "finetuned") {
+      auto base = build(node.at("base"), prefix + "base.");
+      auto trainable = build(node.at("trainable"), prefix + "trainable.");
+      return std::make_shared<FineTunedVelocity>(base, trainable, parse_finetune_mode(node.at("mode").get<std::string>()));
+    }
+    throw Error("model file '" + path + "' has a model of unknown kind '" + kind + "'");
+  }
+};
+
+}  // namespace
+
+void save_velocity(const VelocityField& field, const std::string& path, const Json& extra) {
+  TensorMap tensors;
+  Json meta;
+  meta["format"] = kFormat;
+  meta["version"] = kVersion;
+  meta["model"] = describe(field, "", tensors);
+  meta["schedule"]["type"] = field.schedule()->name();
+  for (const auto& [k, v] : field.schedule()->parameters()) meta["schedule"][k] = v;
+  meta["info"] = extra;
+  const std::string text = meta.dump();
+  c10::Dict<std::string, Tensor> dict;
+  dict.insert(kMetaKey, at::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, at::kByte).clone());
+  for (const auto& [name, value] : tensors) dict.insert(name, value.detach().contiguous());
+  const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
+  atomic_write(path, std::string(bytes.begin(), bytes.end()));
+}
+
+LoadedModel load_velocity(const std::string& path) {
+  if (!file_exists(path)) throw Error("cannot read model file '" + path + "': no such file");
+  const std::string bytes = read_file(path, "model file");
+  c10::IValue value;
+  try {
+    value = torch::jit::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
+  } catch (const std::exception& e) {
+    throw Error("cannot read model file '" + path + "': not a tilt model file, or corrupt");
+  }
+  if (!value.isGenericDict()) throw Error("model file '" + path + "' does not hold a dict of tensors");
+  TensorMap tensors;
+  std::string meta_text;
+  for (const auto& item : value.toGenericDict()) {
+    if (!item.key().isString() || !item.value().isTensor()) {
+      throw Error("model file '" + path + "' holds an entry that is not a named tensor");
+    }
+    const std::string name = item.key().toStringRef();
+    const Tensor t = item.value().toTensor();
+    if (name == kMetaKey) {
+      meta_text.assign(static_cast<const char*>(t.contiguous().data_ptr()), static_cast<size_t>(t.numel()));
+    } else {
+      tensors[name] = t;
+    }
+  }
+  if (meta_text.empty()) throw Error("model file '" + path + "' has no tilt metadata (not a tilt model)");
+  const Json meta = Json::parse(meta_text, nullptr, false);
+  if (meta.is_discarded() || meta.value("format", "") != kFormat) {
+    throw Error("model file '" + path + "' has unreadable metadata (not a tilt model)");
+  }
+  if (meta.value("version", 0) != kVersion) {
+    throw Error("model file '" + path + "' has format version " + std::to_string(meta.value("version", 0)) +
+                "; this tilt reads version " + std::to_string(kVersion));
+  }
+  try {
+    std::vector<std::pair<std::string, double>> params;
+    for (auto it = meta.at("schedule").begin(); it != meta.at("schedule").end(); ++it) {
+      if (it.key() != "type") params.emplace_back(it.key(), it.value().get<double>());
+    }
+    Reader reader{path, tensors, make_schedule(meta.at("schedule").at("type").get<std::string>(), params)};
+    LoadedModel out;
+    out.field = reader.build(meta.at("model"), "");
+    out.info = meta.value("info", Json::object());
+    return out;
+  } catch (const Json::exception& e) {
+    throw Error("model file '" + path + "' has malformed metadata: " + e.what());
+  } catch (const c10::Error& e) {
+    throw Error("model file '" + path + "' is corrupt: " + e.what_without_backtrace());
+  }
+}
+
+}  // namespace tilt

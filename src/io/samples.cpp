@@ -1,0 +1,70 @@
+#include "tilt/io/samples.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdlib>
+#include <sstream>
+#include <vector>
+
+namespace tilt {
+
+void write_samples_csv(const std::string& path, const Tensor& x_in) {
+  if (!x_in.defined() || x_in.dim() != 2) throw Error("samples must be [n, d], got " + shape_string(x_in));
+  const Tensor x = x_in.detach().to(at::kDouble).contiguous();
+  const int64_t n = x.size(0), d = x.size(1);
+  const double* p = x.data_ptr<double>();
+  std::string out;
+  out.reserve(static_cast<size_t>(n * d * 14 + 32));
+  for (int64_t j = 0; j < d; ++j) out += (j ? ",x" : "x") + std::to_string(j);
+  out += '\n';
+  char buf[32];
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < d; ++j) {
+      std::snprintf(buf, sizeof buf, "%s%.7g", j ? "," : "", p[i * d + j]);
+      out += buf;
+    }
+    out += '\n';
+  }
+  atomic_write(path, out);
+}
+
+Tensor read_samples_csv(const std::string& path) {
+  std::istringstream in(read_file(path, "samples file"));
+  std::string line;
+  std::vector<float> values;
+  int64_t d = -1, n = 0, line_no = 0;
+  while (std::getline(in, line)) {
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty() || line[0] == '#') continue;
+    if (line_no == 1 && (std::isalpha(static_cast<unsigned char>(line[0])) || line[0] == '"')) continue;  // header
+    std::istringstream fields(line);
+    std::string field;
+    int64_t count = 0;
+    while (std::getline(fields, field, ',')) {
+      char* end = nullptr;
+      const double v = std::strtod(field.c_str(), &end);
+      if (field.empty() || *end != '\0' || !std::isfinite(v)) {
+        throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": '" + field +
+                    "' is not a finite number");
+      }
+      values.push_back(static_cast<float>(v));
+      ++count;
+    }
+    if (d < 0) d = count;
+    if (count != d) {
+      throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": " + std::to_string(count) +
+                  " values, but the first row has " + std::to_string(d));
+    }
+    ++n;
+  }
+  if (n == 0) throw Error("samples file '" + path + "' holds no samples");
+  return at::from_blob(values.data(), {n, d}, at::kFloat).clone();
+}
+
+}  // namespace tilt

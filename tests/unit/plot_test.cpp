@@ -1,0 +1,219 @@
+// PNG plots: written atomically, the documented size, and the data drawn where it belongs.
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/plot.h"
+
+#include <gtest/gtest.h>
+#include <unistd.h>
+
+#define STB_IMAGE_STATIC
+#define STB_IMAGE_IMPLEMENTATION
+#include <stb/stb_image.h>
+
+#include <cmath>
+#include <filesystem>
+#include <memory>
+#include <random>
+
+namespace tilt {
+namespace {
+
+namespace fs = std::filesystem;
+
+// A fresh directory under the system temporary directory, removed with its contents at the end.
+class TempDir {
+ public:
+  TempDir() {
+    static int counter = 0;
+    path_ = fs::temp_directory_path() / ("tilt_plot_test_" + std::to_string(getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(path_);
+    fs::create_directories(path_);
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path_, ec);
+  }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+  size_t entries() const { return size_t(std::distance(fs::directory_iterator(path_), fs::directory_iterator())); }
+
+ private:
+  fs::path path_;
+};
+
+// An RGB image read back from a PNG file.
+struct Image {
+  int width = 0, height = 0;
+  std::unique_ptr<unsigned char, void (*)(void*)> data{nullptr, stbi_image_free};
+  const unsigned char* at(int x, int y) const { return data.get() + (size_t(y) * width + x) * 3; }
+  int brightness(int x, int y) const { return at(x, y)[0] + at(x, y)[1] + at(x, y)[2]; }
+  bool white(int x, int y) const { return brightness(x, y) == 3 * 255; }
+  // A colour that is neither white nor a shade of grey (frame, grid and text are grey or black).
+  bool coloured(int x, int y) const {
+    const unsigned char* p = at(x, y);
+    return std::max({p[0], p[1], p[2]}) - std::min({p[0], p[1], p[2]}) > 40;
+  }
+};
+
+Image load(const std::string& path) {
+  Image im;
+  int channels = 0;
+  im.data.reset(stbi_load(path.c_str(), &im.width, &im.height, &channels, 3));
+  EXPECT_NE(im.data, nullptr) << "cannot decode " << path << ": " << stbi_failure_reason();
+  return im;
+}
+
+// n samples of a round Gaussian blob.
+std::vector<plot::Point> blob(int n, float cx, float cy, float sd, unsigned seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> normal(0.0f, sd);
+  std::vector<plot::Point> points;
+  for (int i = 0; i < n; ++i) points.push_back({cx + normal(rng), cy + normal(rng)});
+  return points;
+}
+
+TEST(Plot, ScatterHasDocumentedSizeAndDrawsPointsWhereTheyAre) {
+  TempDir dir;
+  const std::string path = dir.file("scatter.png");
+  plot::ScatterOptions options;
+  options.panel_size = 200;
+  options.title = "two panels";
+  options.x_min = -2, options.x_max = 2, options.y_min = -2, options.y_max = 2;
+  // Many points in one panel, few in the other: both must show up.
+  const std::vector<plot::Panel> panels = {{"dense", blob(20000, 1.0f, 1.0f, 0.1f, 1)}, {"sparse", blob(500, 1.0f, 1.0f, 0.1f, 2)}};
+  plot::write_scatter_png(path, panels, options);
+
+  const Image im = load(path);
+  ASSERT_NE(im.data.get(), nullptr);
+  EXPECT_EQ(im.width, 2 * (200 + plot::kScatterExtraWidth));
+  EXPECT_EQ(im.height, 200 + plot::kScatterExtraHeight + plot::kScatterTitleHeight);
+  EXPECT_TRUE(im.white(im.width - 1, im.height - 1));
+  for (int k = 0; k < 2; ++k) {
+    const int x0 = k * (200 + plot::kScatterExtraWidth) + plot::kScatterPanelLeft, y0 = plot::kScatterTitleHeight + plot::kScatterPanelTop;
+    // (1, 1) in [-2, 2]^2 is at 3/4 of the width and 1/4 of the height (y grows upwards).
+    const int cx = x0 + 150, cy = y0 + 50;
+    int darkest = 3 * 255;
+    for (int dy = -3; dy <= 3; ++dy)
+      for (int dx = -3; dx <= 3; ++dx) darkest = std::min(darkest, im.brightness(cx + dx, cy + dy));
+    EXPECT_LT(darkest, 3 * 160) << "panel " << k;
+    // The opposite corner of the plotting area is empty.
+    for (int dy = 0; dy < 20; ++dy)
+      for (int dx = 0; dx < 20; ++dx) ASSERT_TRUE(im.white(x0 + 5 + dx, y0 + 175 + dy)) << "panel " << k;
+  }
+}
+
+TEST(Plot, ScatterAutomaticRangeCentresTheData) {
+  TempDir dir;
+  const std::string path = dir.file("auto.png");
+  plot::ScatterOptions options;
+  options.panel_size = 120;
+  options.columns = 1;
+  // An elongated blob far from the origin, plus a few far outliers that must not squash it.
+  std::vector<plot::Point> points = blob(3000, 50.0f, -20.0f, 1.0f, 3);
+  for (auto& p : points) p.x = 50.0f + (p.x - 50.0f) * 3.0f;
+  points.push_back({1e6f, 1e6f});
+  points.push_back({NAN, 0.0f});
+  plot::write_scatter_png(path, {{"a", points}, {"b", blob(100, 50.0f, -20.0f, 1.0f, 4)}}, options);
+
+  const Image im = load(path);
+  ASSERT_NE(im.data.get(), nullptr);
+  EXPECT_EQ(im.width, 120 + plot::kScatterExtraWidth);
+  EXPECT_EQ(im.height, 2 * (120 + plot::kScatterExtraHeight));
+  const int x0 = plot::kScatterPanelLeft, y0 = plot::kScatterPanelTop;
+  EXPECT_LT(im.brightness(x0 + 60, y0 + 60), 3 * 160);
+  // Same span on both axes: the blob is three times wider than high, so the top and bottom are empty.
+  EXPECT_TRUE(im.white(x0 + 60, y0 + 3));
+  EXPECT_TRUE(im.white(x0 + 60, y0 + 116));
+  EXPECT_FALSE(im.white(x0 + 30, y0 + 60));
+}
+
+TEST(Plot, LinePlotHasRequestedSizeAndDrawsTheSeries) {
+  TempDir dir;
+  const std::string path = dir.file("lines.png");
+  plot::Series flat{"", {}, {}}, rising{"rising", {}, {}};
+  for (int i = 0; i <= 100; ++i) {
+    flat.x.push_back(i), flat.y.push_back(5.0);
+    rising.x.push_back(i), rising.y.push_back(100.0 + i);  // far above: flat stays in the lower part
+  }
+  plot::LineOptions options;
+  options.width = 500, options.height = 300;
+  options.x_label = "step";
+  options.y_label = "value";
+  plot::write_line_png(path, {flat}, options);
+
+  Image im = load(path);
+  ASSERT_NE(im.data.get(), nullptr);
+  EXPECT_EQ(im.width, 500);
+  EXPECT_EQ(im.height, 300);
+  EXPECT_TRUE(im.white(0, 0));
+  EXPECT_TRUE(im.white(im.width - 1, 0));
+  // The constant series is a horizontal coloured line a few pixels thick across the middle.
+  std::vector<int> rows;
+  for (int y = 0; y < im.height; ++y)
+    if (im.coloured(im.width / 2, y)) rows.push_back(y);
+  ASSERT_FALSE(rows.empty());
+  EXPECT_LE(rows.size(), 5u);
+  EXPECT_GT(rows.front(), im.height / 4);
+  EXPECT_LT(rows.back(), im.height * 3 / 4);
+
+  // Two series on a log axis, with values that must be skipped.
+  flat.y[10] = 0.0, flat.y[11] = -1.0, flat.y[12] = NAN, rising.x[3] = INFINITY;
+  options.log_y = true;
+  options.title = "log";
+  plot::write_line_png(path, {flat, rising}, options);
+  im = load(path);
+  ASSERT_NE(im.data.get(), nullptr);
+  EXPECT_EQ(im.width, 500);
+  EXPECT_EQ(im.height, 300);
+  int coloured = 0;
+  for (int y = 0; y < im.height; ++y) coloured += im.coloured(im.width / 2, y);
+  EXPECT_GE(coloured, 2);  // both lines cross the middle column
+}
+
+TEST(Plot, BadInputThrowsAndWritesNothing) {
+  TempDir dir;
+  const std::string path = dir.file("bad.png");
+  const std::vector<plot::Panel> panels = {{"p", blob(10, 0, 0, 1, 5)}};
+  EXPECT_THROW(plot::write_scatter_png(path, {}), Error);
+  EXPECT_THROW(plot::write_scatter_png("", panels), Error);
+  plot::ScatterOptions small;
+  small.panel_size = 10;
+  EXPECT_THROW(plot::write_scatter_png(path, panels, small), Error);
+  plot::ScatterOptions negative;
+  negative.columns = -1;
+  EXPECT_THROW(plot::write_scatter_png(path, panels, negative), Error);
+
+  const plot::Series good{"ok", {0, 1}, {1, 2}}, mismatched{"bad", {0, 1, 2}, {1, 2}};
+  EXPECT_THROW(plot::write_line_png(path, {}), Error);
+  EXPECT_THROW(plot::write_line_png("", {good}), Error);
+  EXPECT_THROW(plot::write_line_png(path, {good, mismatched}), Error);
+  plot::LineOptions tiny;
+  tiny.width = 10;
+  EXPECT_THROW(plot::write_line_png(path, {good}, tiny), Error);
+  try {
+    plot::write_line_png(path, {mismatched});
+    ADD_FAILURE() << "mismatched sizes did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("bad"), std::string::npos) << e.what();
+  }
+  EXPECT_EQ(dir.entries(), 0u);
+}
+
+TEST(Plot, WritingOverAnExistingFileReplacesIt) {
+  TempDir dir;
+  const std::string path = dir.file("out.png");
+  atomic_write(path, "not a png");
+  plot::write_scatter_png(path, {{"p", blob(100, 0, 0, 1, 6)}});
+  Image im = load(path);
+  ASSERT_NE(im.data.get(), nullptr);
+  EXPECT_EQ(im.width, 300 + plot::kScatterExtraWidth);
+
+  plot::write_line_png(path, {{"s", {0, 1, 2}, {3, 1, 2}}});
+  im = load(path);
+  ASSERT_NE(im.data.get(), nullptr);
+  EXPECT_EQ(im.width, 640);
+  EXPECT_EQ(im.height, 400);
+  EXPECT_EQ(dir.entries(), 1u);  // no temporary file left behind
+}
+
+}  // namespace
+}  // namespace tilt

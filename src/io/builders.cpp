@@ -179,6 +179,7 @@ AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
   if (o.loss_early_steps < 0) s.fail("loss_early_steps", "must be >= 0");
   if (o.loss_late_steps < 0) s.fail("loss_late_steps", "must be >= 0");
   o.clip_factor = s.number("clip_factor", o.clip_factor);
+  o.loss_weighting = s.choice("loss_weighting", {"control", "velocity"}, o.loss_weighting);
   o.final_noiseless_step = s.boolean("final_noiseless_step", o.final_noiseless_step);
   return o;
 }

@@ -69,6 +69,9 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
                 std::to_string(options_.loss_early_steps) + " + " + std::to_string(options_.loss_late_steps));
   }
   if (!std::isfinite(options_.lambda)) throw Error("adjoint matching: lambda must be finite");
+  if (options_.loss_weighting != "control" && options_.loss_weighting != "velocity") {
+    throw Error("adjoint matching: loss_weighting must be 'control' or 'velocity', got '" + options_.loss_weighting + "'");
+  }
   const NoiseSchedulePtr exact = noise->with_offset(0.0);
   for (int64_t k = 0; k < grid_.steps(); ++k) {
     const double t = grid_[k];
@@ -78,7 +81,7 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
                   noise->describe() + " gives sigma(" + std::to_string(t) + ") = " +
                   std::to_string(sigma) + "; fine-tune with the memoryless schedule");
     }
-    scale_.push_back(finetuned_sde_.coefficients(t).c_v / sigma);
+    scale_.push_back(options_.loss_weighting == "velocity" ? 1.0 : finetuned_sde_.coefficients(t).c_v / sigma);
     // rho = sigma^2 / c_v with h = 0; the memoryless schedule gives eta_t (infinite at t = 0).
     const double sigma0 = exact->sigma(*model_->schedule(), t);
     const double rho = sigma0 * sigma0 / exact->drift(*model_->schedule(), t).c_v;

@@ -38,6 +38,10 @@ struct AdjointMatchingOptions {
   int64_t loss_early_steps = 10; ///< drawn without replacement from the steps before the last ones
   int64_t loss_late_steps = 10;  ///< the last steps, always in the loss
   double clip_factor = 1.6;      ///< per-term clip LCT = clip_factor lambda^2; <= 0 disables
+  /// Weight of each step's squared residual: "control" = (c_v / sigma)^2, the paper's |u + sigma a|^2;
+  /// "velocity" = 1, the plain regression of v_theta - v_base. Both have the same minimiser (the
+  /// conditional mean at each step); "velocity" does not let late steps (sigma -> 0) dominate.
+  std::string loss_weighting = "control";
   /// Evaluate the reward at X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), a noiseless last step with
   /// the base velocity, instead of the noisy X_K (App. G.1).
   bool final_noiseless_step = true;

@@ -1,0 +1,189 @@
+// tilt pretrain and tilt finetune: training runs with checkpoints, metrics and a final model.
+#include "commands.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/model_io.h"
+#include "tilt/io/plot.h"
+#include "tilt/io/samples.h"
+#include "tilt/model/finetuned.h"
+#include "tilt/schedule/noise_schedule.h"
+#include "tilt/train/adjoint_matching.h"
+#include "tilt/train/flow_matching.h"
+#include "tilt/train/trainer.h"
+
+#include <ATen/ATen.h>
+
+#include <fstream>
+#include <sstream>
+
+namespace tilt::cli {
+namespace {
+
+// Training curves from the metrics file, one panel per key.
+void plot_curves(const std::string& metrics_path, const std::vector<std::string>& keys, const std::string& out,
+                 const std::string& title) {
+  std::istringstream in(read_file(metrics_path, "metrics file"));
+  std::vector<plot::Series> series(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) series[i].label = keys[i];
+  std::string line;
+  while (std::getline(in, line)) {
+    const Json j = Json::parse(line, nullptr, false);
+    if (!j.is_object()) continue;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (j.contains(keys[i]) && j[keys[i]].is_number()) {
+        series[i].x.push_back(j["iteration"].get<double>());
+        series[i].y.push_back(j[keys[i]].get<double>());
+      }
+    }
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    plot::LineOptions o;
+    o.title = title + ": " + keys[i];
+    o.x_label = "iteration";
+    o.y_label = keys[i];
+    o.log_y = keys[i] == "loss";
+    const std::string path = keys.size() == 1 ? out : out.substr(0, out.size() - 4) + "_" + keys[i] + ".png";
+    plot::write_line_png(path, {series[i]}, o);
+  }
+}
+
+void report_failure_context(const RunDirectory& run) {
+  if (file_exists(run.path("checkpoint.pt"))) {
+    warn("the last checkpoint, " + run.path("checkpoint.pt") + ", is intact; continue with --resume once fixed");
+  }
+}
+
+}  // namespace
+
+int run_pretrain(const TrainArgs& args) {
+  Config config(args.config.config, args.config.set);
+  ConfigSection root = config.root();
+  const RunSettings settings = read_run_settings(root);
+  const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
+  ConfigSection data = root.section("data");
+  DataSampler sampler;
+  int64_t dim = 0;
+  if (data.has("type") && data.string("type") == "csv") {
+    const std::string path = data.string("path");
+    data.finish();
+    const Tensor x = read_samples_csv(path);
+    dim = x.size(1);
+    sampler = dataset_sampler(x);
+    info("data: " + std::to_string(x.size(0)) + " samples of dimension " + std::to_string(dim) + " from " + path);
+  } else {
+    auto mixture = read_mixture(data);
+    dim = mixture->dim();
+    sampler = [mixture](int64_t n, Generator& gen) { return mixture->sample(n, gen); };
+  }
+  ConfigSection section = root.section("pretrain");
+  const MlpOptions mlp = read_mlp(section, dim, {256, 256, 256});
+  FlowMatchingOptions fm;
+  fm.batch_size = section.integer("batch_size", 256);
+  if (fm.batch_size < 1) section.fail("batch_size", "must be >= 1");
+  TrainerOptions defaults;
+  defaults.iterations = 5000;
+  defaults.adam = {1e-3, 0.9, 0.999, 1e-8, 0.0};
+  defaults.lr_schedule = LrSchedule::cosine;
+  defaults.checkpoint_every = 500;
+  TrainerOptions topt = read_trainer(section, defaults);
+  section.finish();
+  finish_root(root);
+
+  const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
+  auto model = std::make_shared<MlpVelocity>(mlp, schedule, mix_seed(settings.seed, 1));
+  FlowMatching loss(model, sampler, fm);
+  topt.seed = mix_seed(settings.seed, 2);
+  topt.checkpoint_path = run.path("checkpoint.pt");
+  topt.metrics_path = run.path("metrics.jsonl");
+  topt.progress = !args.quiet;
+  topt.label = "pretrain";
+  Trainer trainer(loss, topt);
+  if (args.resume && file_exists(topt.checkpoint_path)) {
+    trainer.load_checkpoint(topt.checkpoint_path);
+    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
+  }
+  try {
+    trainer.run();
+  } catch (const Error&) {
+    report_failure_context(run);
+    throw;
+  }
+  save_velocity(*model, run.path("model.pt"), Json{{"trained_by", "tilt pretrain"}, {"iterations", trainer.iteration()}});
+  plot_curves(topt.metrics_path, {"loss"}, run.path("training.png"), "flow matching");
+  info("wrote " + run.path("model.pt"));
+  return 0;
+}
+
+int run_finetune(const TrainArgs& args) {
+  Config config(args.config.config, args.config.set);
+  ConfigSection root = config.root();
+  const RunSettings settings = read_run_settings(root);
+  const VelocityFieldPtr base = read_base(root);
+  double lambda = 1.0;
+  const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
+  ConfigSection section = root.section("finetune");
+  const std::string noise_spec = section.string("noise", "memoryless");
+  const NoiseSchedulePtr noise = parse_noise_schedule(noise_spec);
+  const FineTuneMode mode = parse_finetune_mode(section.choice("model", {"residual", "copy"}, "residual"));
+  const MlpOptions mlp = read_mlp(section, base->dim(), {128, 128, 128});
+  AdjointMatchingOptions am = read_adjoint_matching(section);
+  am.lambda = lambda;
+  TrainerOptions defaults;  // the paper's Adam settings (App. G)
+  defaults.checkpoint_every = 100;
+  TrainerOptions topt = read_trainer(section, defaults);
+  section.finish();
+  finish_root(root);
+
+  if (!noise->is_memoryless()) {
+    warn("fine-tuning with the " + noise->describe() +
+         " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run will be biased "
+         "(the value-function bias, Adjoint Matching Sec. 4)");
+  }
+  const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
+  auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
+  AdjointMatching loss(model, reward, noise, am);
+  topt.seed = mix_seed(settings.seed, 2);
+  topt.checkpoint_path = run.path("checkpoint.pt");
+  topt.metrics_path = run.path("metrics.jsonl");
+  topt.progress = !args.quiet;
+  topt.label = "finetune";
+  Trainer trainer(loss, topt);
+  if (args.resume && file_exists(topt.checkpoint_path)) {
+    trainer.load_checkpoint(topt.checkpoint_path);
+    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
+  }
+  double clipped = 0.0;
+  int64_t counted = 0;
+  try {
+    trainer.run([&](const StepResult& r) {
+      for (const auto& [key, value] : r.output.metrics) {
+        if (key == "clipped_fraction" && counted < 20) clipped += value, ++counted;
+      }
+      if (counted == 20) {
+        if (clipped / counted > 0.5) {
+          warn("over half of the loss terms are clipped (clip_factor = " + std::to_string(am.clip_factor) +
+               ", so LCT = clip_factor lambda^2 = " + std::to_string(am.clip_factor * lambda * lambda) +
+               "); clipped terms give no gradient. Raise finetune.clip_factor or set it to 0");
+        }
+        ++counted;
+      }
+    });
+  } catch (const Error&) {
+    report_failure_context(run);
+    throw;
+  }
+  const Json info_json = {{"trained_by", "tilt finetune"},
+                          {"noise", noise_spec},
+                          {"lambda", lambda},
+                          {"reward", reward->kind()},
+                          {"num_steps", am.num_steps},
+                          {"iterations", trainer.iteration()}};
+  save_velocity(*model, run.path("model.pt"), info_json);
+  plot_curves(topt.metrics_path, {"loss", "reward"}, run.path("training.png"), "adjoint matching");
+  info("wrote " + run.path("model.pt"));
+  return 0;
+}
+
+}  // namespace tilt::cli

@@ -1,0 +1,54 @@
+// The sub-commands of the tilt tool. Each returns the process exit code.
+#pragma once
+
+#include "common.h"
+
+#include <string>
+#include <vector>
+
+namespace tilt::cli {
+
+struct TrainArgs {
+  ConfigArgs config;
+  std::string out;
+  bool resume = false;
+  bool quiet = false;
+};
+int run_pretrain(const TrainArgs& args);
+int run_finetune(const TrainArgs& args);
+
+struct SampleArgs {
+  ConfigArgs config;
+  std::string model;   ///< a model file; or exact samples of the config's base or target:
+  std::string exact;   ///< "base" | "target"
+  int64_t n = 2000;
+  std::string noise;   ///< noise schedule spec; empty: the one the model was fine-tuned with
+  int64_t steps = 0;   ///< 0: the model's fine-tuning steps, else 100
+  std::string integrator = "auto";
+  int64_t seed = 0;
+  int threads = 0;
+  std::string out;
+  std::string png;
+};
+int run_sample(const SampleArgs& args);
+
+struct EvalArgs {
+  ConfigArgs config;
+  std::vector<std::string> samples;
+  std::string reference;  ///< compare with these samples when the config has no exact target
+  int64_t replicates = 8;
+  int64_t seed = 0;
+  bool json = false;
+};
+int run_eval(const EvalArgs& args);
+
+struct PlotArgs {
+  std::vector<std::string> panels;  ///< FILE or FILE:TITLE
+  std::string out;
+  std::string title;
+  int columns = 0;
+  int size = 300;
+};
+int run_plot(const PlotArgs& args);
+
+}  // namespace tilt::cli

@@ -1,0 +1,130 @@
+#include "common.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/model_io.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdio>
+#include <thread>
+
+namespace tilt::cli {
+
+void info(const std::string& message) { std::fprintf(stderr, "tilt: %s\n", message.c_str()); }
+void warn(const std::string& message) { std::fprintf(stderr, "tilt: warning: %s\n", message.c_str()); }
+
+void set_threads(int threads) {
+  const int n = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  at::set_num_threads(n);
+}
+
+void finish_root(ConfigSection& root) {
+  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune"});
+  root.finish();
+}
+
+RunSettings read_run_settings(ConfigSection& root) {
+  RunSettings s;
+  const int64_t seed = root.integer("seed", 0);
+  if (seed < 0) root.fail("seed", "must be >= 0");
+  s.seed = static_cast<uint64_t>(seed);
+  s.threads = static_cast<int>(root.integer("threads", 0));
+  if (s.threads < 0) root.fail("threads", "must be >= 0 (0: all cores)");
+  set_threads(s.threads);
+  return s;
+}
+
+std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root) {
+  ConfigSection data = root.section("data");
+  if (data.has("type") && data.string("type") == "csv") return nullptr;
+  return read_mixture(data);
+}
+
+VelocityFieldPtr read_base(ConfigSection& root) {
+  ConfigSection base = root.section("base");
+  const std::string type = base.choice("type", {"exact", "model"});
+  if (type == "model") {
+    const std::string path = base.string("path");
+    base.finish();
+    LoadedModel loaded = load_velocity(path);
+    if (root.has("schedule")) {
+      const SchedulePtr schedule = read_schedule(root.section("schedule"));
+      if (schedule->name() != loaded.field->schedule()->name()) {
+        throw Error("the base model '" + path + "' uses the " + loaded.field->schedule()->name() +
+                    " schedule but the config's [schedule] says " + schedule->name() + " (remove [schedule] or fix it)");
+      }
+    }
+    return loaded.field;
+  }
+  base.finish();
+  const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
+  auto mixture = read_data_mixture(root);
+  if (!mixture) throw Error("[base] type = \"exact\" needs [data] to be a Gaussian mixture (type gmm or ring)");
+  return std::make_shared<GmmVelocity>(mixture, schedule);
+}
+
+std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why) {
+  ExactProblem p;
+  p.base = read_data_mixture(root);
+  if (!p.base) {
+    if (why) *why = "[data] is not a Gaussian mixture";
+    return std::nullopt;
+  }
+  p.reward = read_reward(root.section("reward"), p.base->dim(), &p.lambda);
+  auto tilted = p.reward->tilt(*p.base, p.lambda, &p.log_z);
+  if (!tilted) {
+    if (why) *why = "the " + p.reward->kind() + " reward with lambda = " + std::to_string(p.lambda) + " has no closed-form tilt";
+    return std::nullopt;
+  }
+  p.target = std::make_shared<GaussianMixture>(*tilted);
+  return p;
+}
+
+RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume) {
+  if (dir.empty()) throw Error("--out is required: the directory for this run's files");
+  RunDirectory run{dir};
+  const std::string config_path = run.path("config.resolved.json");
+  if (resume) {
+    if (!file_exists(config_path)) {
+      throw Error("--resume: '" + dir + "' holds no run to resume (no config.resolved.json)");
+    }
+    Json before = Json::parse(read_file(config_path, "resolved config"), nullptr, false);
+    if (before.is_discarded()) throw Error("--resume: '" + config_path + "' is corrupt");
+    // Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
+    // everything that defines the model and the problem must stay as it was.
+    static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
+                                     "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor"};
+    Json a = before, b = resolved;
+    std::string changed;
+    for (const char* section : {"finetune", "pretrain"}) {
+      for (const char* key : kMutable) {
+        const bool in_a = a.contains(section) && a[section].contains(key);
+        const bool in_b = b.contains(section) && b[section].contains(key);
+        if (in_a && in_b && a[section][key] != b[section][key]) {
+          changed += std::string(changed.empty() ? "" : ", ") + section + "." + key + " " + a[section][key].dump() +
+                     " -> " + b[section][key].dump();
+        }
+        if (in_a) a[section].erase(key);
+        if (in_b) b[section].erase(key);
+      }
+    }
+    if (a != b) {
+      std::string keys;
+      for (auto it = b.begin(); it != b.end(); ++it) {
+        if (!a.contains(it.key()) || a[it.key()] != it.value()) keys += (keys.empty() ? "" : ", ") + it.key();
+      }
+      throw Error("--resume: the configuration differs from the one '" + dir + "' was started with (in: " + keys +
+                  "); only optimisation settings may change. Compare with " + config_path);
+    }
+    if (!changed.empty()) info("resuming with changed settings: " + changed);
+  } else if (file_exists(config_path) || file_exists(run.path("checkpoint.pt")) || file_exists(run.path("model.pt"))) {
+    throw Error("'" + dir + "' already holds a run; use --resume to continue it, or choose another --out");
+  }
+  make_directories(dir);
+  atomic_write(config_path, resolved.dump(2) + "\n");
+  return run;
+}
+
+}  // namespace tilt::cli

@@ -1,0 +1,62 @@
+// Shared pieces of the tilt command-line tool.
+#pragma once
+
+#include "tilt/io/config.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
+#include "tilt/model/velocity.h"
+
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tilt::cli {
+
+/// Options every command reading a config file takes.
+struct ConfigArgs {
+  std::string config;
+  std::vector<std::string> set;
+};
+
+/// seed and threads from the top level of the config; sets LibTorch's thread count.
+struct RunSettings {
+  uint64_t seed = 0;
+  int threads = 0;
+};
+RunSettings read_run_settings(ConfigSection& root);
+void set_threads(int threads);  // 0: all cores
+
+/// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set).
+std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);
+
+/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]) or "model" (a file).
+VelocityFieldPtr read_base(ConfigSection& root);
+
+/// The exact ground truth of a config whose data is a Gaussian mixture and whose reward has a
+/// closed-form tilt: p_base and p* (spec section 5).
+struct ExactProblem {
+  std::shared_ptr<GaussianMixture> base, target;
+  RewardPtr reward;
+  double lambda = 1.0;
+  double log_z = 0.0;
+};
+/// nullopt (with the reason in *why) if there is no exact target.
+std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why = nullptr);
+
+/// A run directory for training: refuses to overwrite an earlier run unless resuming, and on
+/// resume checks that the configuration is the one the run was started with.
+struct RunDirectory {
+  std::string dir;
+  std::string path(const std::string& name) const { return dir + "/" + name; }
+};
+RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume);
+
+/// Checks the top level for unknown keys; the tables of other commands are allowed.
+void finish_root(ConfigSection& root);
+
+/// Messages on stderr, prefixed "tilt: ".
+void info(const std::string& message);
+void warn(const std::string& message);
+
+}  // namespace tilt::cli

@@ -1,0 +1,88 @@
+// tilt: reward fine-tuning of flow and diffusion models by Adjoint Matching (command-line tool).
+#include "commands.h"
+
+#include "tilt/core/error.h"
+
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+
+namespace {
+
+void add_config(CLI::App* app, tilt::cli::ConfigArgs& args, bool required) {
+  auto* opt = app->add_option("-c,--config", args.config, "Configuration file (.toml or .json)");
+  if (required) opt->required();
+  app->add_option("--set", args.set, "Override a config key, e.g. --set finetune.lr=1e-3 (repeatable)");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"tilt: fine-tune flow and diffusion models towards a reward with Adjoint Matching.\n"
+               "Samples p*(x) ∝ p_base(x) exp(lambda r(x)) by memoryless stochastic optimal control."};
+  app.set_version_flag("--version", "tilt 0.1.0");
+  app.require_subcommand(1);
+
+  tilt::cli::TrainArgs pretrain, finetune;
+  for (auto [name, args, help] : {std::tuple{"pretrain", &pretrain, "Pretrain a velocity network by flow matching on [data]"},
+                                  std::tuple{"finetune", &finetune, "Fine-tune [base] towards [reward] with Adjoint Matching"}}) {
+    auto* cmd = app.add_subcommand(name, help);
+    add_config(cmd, args->config, true);
+    cmd->add_option("-o,--out", args->out, "Run directory (model.pt, checkpoint.pt, metrics.jsonl, ...)")->required();
+    cmd->add_flag("--resume", args->resume, "Continue the run in --out from its last checkpoint");
+    cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
+  }
+
+  tilt::cli::SampleArgs sample;
+  auto* sample_cmd = app.add_subcommand("sample", "Draw samples from a model file, or exact samples of a config's base or target");
+  sample_cmd->add_option("-m,--model", sample.model, "Model file (model.pt of a run)");
+  sample_cmd->add_option("--exact", sample.exact, "Exact samples instead: 'base' or 'target' (needs --config)");
+  add_config(sample_cmd, sample.config, false);
+  sample_cmd->add_option("-n,--n", sample.n, "Number of samples")->capture_default_str();
+  sample_cmd->add_option("--noise", sample.noise,
+                         "Noise schedule: memoryless[:h], constant:<sigma>, scaled_memoryless:<s>, ode "
+                         "(default: the one the model was fine-tuned with)");
+  sample_cmd->add_option("--steps", sample.steps, "Time steps (default 100)");
+  sample_cmd->add_option("--integrator", sample.integrator, "euler, heun (ODE only), or auto")->capture_default_str();
+  sample_cmd->add_option("--seed", sample.seed, "Random seed")->capture_default_str();
+  sample_cmd->add_option("--threads", sample.threads, "Threads (0: all cores)")->capture_default_str();
+  sample_cmd->add_option("-o,--out", sample.out, "CSV file for the samples")->required();
+  sample_cmd->add_option("--png", sample.png, "Also draw the samples (first two coordinates) to this PNG");
+
+  tilt::cli::EvalArgs eval;
+  auto* eval_cmd = app.add_subcommand("eval", "Measure sample sets against the exact target p* of a config");
+  add_config(eval_cmd, eval.config, true);
+  eval_cmd->add_option("-s,--samples", eval.samples, "Samples file(s) to evaluate (repeatable)")->required();
+  eval_cmd->add_option("--reference", eval.reference, "Reference samples, when the config has no exact target");
+  eval_cmd->add_option("--replicates", eval.replicates, "Fresh target sets per distance")->capture_default_str();
+  eval_cmd->add_option("--seed", eval.seed, "Random seed")->capture_default_str();
+  eval_cmd->add_flag("--json", eval.json, "Print the metrics as one JSON object");
+
+  tilt::cli::PlotArgs plot;
+  auto* plot_cmd = app.add_subcommand("plot", "Draw sample sets side by side (first two coordinates) to a PNG");
+  plot_cmd->add_option("panels", plot.panels, "Samples files, each FILE or FILE:TITLE")->required();
+  plot_cmd->add_option("-o,--out", plot.out, "PNG file")->required();
+  plot_cmd->add_option("--title", plot.title, "Figure title");
+  plot_cmd->add_option("--columns", plot.columns, "Panels per row (0: one row)");
+  plot_cmd->add_option("--size", plot.size, "Panel size in pixels")->capture_default_str();
+
+  CLI11_PARSE(app, argc, argv);
+  try {
+    if (app.got_subcommand("pretrain")) return tilt::cli::run_pretrain(pretrain);
+    if (app.got_subcommand("finetune")) return tilt::cli::run_finetune(finetune);
+    if (app.got_subcommand("sample")) return tilt::cli::run_sample(sample);
+    if (app.got_subcommand("eval")) return tilt::cli::run_eval(eval);
+    if (app.got_subcommand("plot")) return tilt::cli::run_plot(plot);
+  } catch (const tilt::Error& e) {
+    std::fprintf(stderr, "tilt: error: %s\n", e.what());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "tilt: error (LibTorch): %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tilt: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The tilt command line: a short run end to end, resume, eval --json, and the errors users meet
+# (each must name the problem and leave earlier files intact). Usage: cli_test.sh path/to/tilt configs/
+set -uo pipefail
+tilt=$(realpath "$1")
+configs=$(realpath "$2")
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+failures=0
+
+pass() { echo "ok   $1"; }
+fail() { echo "FAIL $1"; failures=$((failures + 1)); }
+
+# expect_error NAME "text the message must contain" command...
+expect_error() {
+  local name=$1 text=$2; shift 2
+  local out
+  out=$("$@" 2>&1); local rc=$?
+  if [ $rc -ne 0 ] && grep -qF -- "$text" <<<"$out"; then pass "$name"; else fail "$name (rc=$rc): $out"; fi
+}
+
+# A small, fast version of the demo.
+cat > tiny.toml <<'TOML'
+seed = 1
+threads = 2
+[data]
+type = "ring"
+components = 4
+radius = 2.0
+std = 0.5
+[base]
+type = "exact"
+[reward]
+type = "quadratic"
+center = [2.0, 0.0]
+precision = 0.5
+[finetune]
+hidden = [32, 32]
+num_steps = 20
+batch_size = 32
+iterations = 20
+loss_early_steps = 5
+loss_late_steps = 5
+clip_factor = 0.0
+lr = 1e-3
+checkpoint_every = 5
+TOML
+
+# 1. A run end to end.
+if "$tilt" finetune -q -c tiny.toml -o run > log.txt 2>&1 && [ -f run/model.pt ] && [ -f run/checkpoint.pt ] &&
+   [ "$(wc -l < run/metrics.jsonl)" -eq 20 ] && [ -f run/config.resolved.json ] && [ -f run/training_loss.png ]; then
+  pass "finetune writes model, checkpoint, 20 metrics lines, resolved config, curves"
+else
+  fail "finetune run: $(cat log.txt)"
+fi
+
+# 2. Resume with more iterations continues from the checkpoint.
+if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=30 -o run --resume > log.txt 2>&1 &&
+   grep -q "resumed run at iteration 20" log.txt && [ "$(wc -l < run/metrics.jsonl)" -eq 30 ]; then
+  pass "resume continues at iteration 20 and appends metrics up to 30"
+else
+  fail "resume: $(cat log.txt)"
+fi
+
+# 3. Sampling, exact target samples, eval --json.
+"$tilt" sample -m run/model.pt -n 500 --steps 50 -o s.csv --png s.png > /dev/null 2>&1 &&
+  "$tilt" sample -m run/model.pt -n 500 --noise ode --steps 50 -o ode.csv > /dev/null 2>&1 &&
+  "$tilt" sample --exact target -c tiny.toml -n 500 -o target.csv > /dev/null 2>&1 &&
+  [ -f s.png ] && pass "sample (SDE, ODE, exact target) and --png" || fail "sample"
+if "$tilt" eval -c tiny.toml -s s.csv -s target.csv --json --replicates 2 > eval.json 2> log.txt &&
+   python3 - eval.json <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["target"]["kind"] == "exact"
+for path, s in r["samples"].items():
+    for key in ("energy_distance", "energy_distance_noise_floor", "energy_distance_ratio", "mmd", "mean_reward"):
+        assert key in s, key
+assert r["samples"]["target.csv"]["energy_distance_ratio"] < 3.0
+PY
+then pass "eval --json prints one JSON object with the distances"; else fail "eval --json: $(cat log.txt eval.json)"; fi
+"$tilt" plot -o fig.png s.csv:model target.csv:target > /dev/null 2>&1 && [ -f fig.png ] && pass "plot" || fail "plot"
+
+# 4. Errors that name the problem.
+cp tiny.toml typo.toml && sed -i 's/^lr = 1e-3/lrr = 1e-3/' typo.toml
+expect_error "unknown key is named, with a suggestion" "unknown key 'finetune.lrr' (did you mean 'finetune.lr'?)" \
+  "$tilt" finetune -c typo.toml -o typo
+expect_error "wrong type is named" "'finetune.iterations' must be an integer, got a string" \
+  "$tilt" finetune -c tiny.toml --set finetune.iterations=many -o wrongtype
+expect_error "unknown noise schedule" "unknown noise schedule 'brownian'" \
+  "$tilt" finetune -c tiny.toml --set finetune.noise=brownian -o badnoise
+expect_error "missing config file" "cannot read config file 'absent.toml'" \
+  "$tilt" finetune -c absent.toml -o x
+expect_error "missing model file" "cannot read model file 'absent.pt': no such file" \
+  "$tilt" sample -m absent.pt -o x.csv
+echo "garbage" > corrupt.pt
+expect_error "corrupt model file" "cannot read model file 'corrupt.pt': not a tilt model file, or corrupt" \
+  "$tilt" sample -m corrupt.pt -o x.csv
+expect_error "dimension mismatch in reward" "'reward.center' must have 2 entries" \
+  "$tilt" finetune -c tiny.toml --set 'reward.center=[1,2,3]' -o dims
+[ ! -e typo ] && [ ! -e wrongtype ] && [ ! -e dims ] && pass "failed configs create no run directory" || fail "stray run directory"
+
+# 5. A finished run is never overwritten.
+before=$(md5sum run/model.pt run/checkpoint.pt)
+expect_error "refuses to overwrite a run" "already holds a run; use --resume" "$tilt" finetune -c tiny.toml -o run
+[ "$before" = "$(md5sum run/model.pt run/checkpoint.pt)" ] && pass "earlier run untouched" || fail "earlier run changed"
+expect_error "resume with a different model" "the configuration differs" \
+  "$tilt" finetune -q -c tiny.toml --set 'finetune.hidden=[16]' -o run --resume
+
+# 6. Divergence: a NaN stops training with a message; the last checkpoint stays loadable.
+"$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=1 --set finetune.iterations=3 -o nan > /dev/null 2>&1
+out=$("$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=1 --set finetune.iterations=3 \
+      --set finetune.lr=1e30 --set finetune.grad_clip=0.0 -o nan2 2>&1); rc=$?
+if [ $rc -ne 0 ] && grep -qE "not finite|is (nan|inf|-inf)" <<<"$out" && grep -q "is intact" <<<"$out" &&
+   [ -f nan2/checkpoint.pt ] && [ ! -f nan2/model.pt ]; then
+  pass "a NaN stops the run with a message; checkpoint kept, no model written"
+  # The checkpoint is usable: resume with a sane learning rate.
+  if "$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=1 --set finetune.iterations=3 \
+       --set finetune.grad_clip=0.0 -o nan2 --resume > log.txt 2>&1 && [ -f nan2/model.pt ]; then
+    pass "resume after the NaN with a lower lr finishes the run"
+  else
+    fail "resume after NaN: $(cat log.txt)"
+  fi
+else
+  fail "NaN handling (rc=$rc): $out"
+fi
+
+if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
+echo "all CLI tests passed"

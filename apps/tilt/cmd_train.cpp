@@ -125,10 +125,14 @@ int run_finetune(const TrainArgs& args) {
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
   const std::string noise_spec = section.string("noise", "memoryless");
-  const NoiseSchedulePtr noise = parse_noise_schedule(noise_spec);
   const FineTuneMode mode = parse_finetune_mode(section.choice("model", {"residual", "copy"}, "residual"));
   const MlpOptions mlp = read_mlp(section, base->dim(), {128, 128, 128});
   AdjointMatchingOptions am = read_adjoint_matching(section);
+  // The paper's offset is one step, h = 1/K: on a uniform grid the memoryless drift's -x/t part is
+  // then integrated exactly (docs/method.md, choice 1).
+  const NoiseSchedulePtr noise = noise_spec == "memoryless"
+                                     ? make_memoryless_noise(1.0 / static_cast<double>(am.num_steps))
+                                     : parse_noise_schedule(noise_spec);
   am.lambda = lambda;
   TrainerOptions defaults;  // the paper's Adam settings (App. G)
   defaults.checkpoint_every = 100;

@@ -22,6 +22,7 @@ namespace {
 constexpr int64_t kCheckpointVersion = 1;
 
 std::string sci(double x) {
+  if (std::isnan(x)) return "nan";  // printf's sign of a NaN ("-nan") means nothing to a user
   char buf[32];
   std::snprintf(buf, sizeof buf, "%.4g", x);
   return buf;

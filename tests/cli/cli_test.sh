@@ -107,17 +107,20 @@ expect_error "refuses to overwrite a run" "already holds a run; use --resume" "$
 expect_error "resume with a different model" "the configuration differs" \
   "$tilt" finetune -q -c tiny.toml --set 'finetune.hidden=[16]' -o run --resume
 
-# 6. Divergence: a NaN stops training with a message; the last checkpoint stays loadable.
-"$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=1 --set finetune.iterations=3 -o nan > /dev/null 2>&1
-out=$("$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=1 --set finetune.iterations=3 \
-      --set finetune.lr=1e30 --set finetune.grad_clip=0.0 -o nan2 2>&1); rc=$?
+# 6. Divergence: a NaN stops training with a message, and what was written before survives. A healthy
+# run writes a checkpoint and a model; resuming it with an absurd learning rate diverges; a resume with
+# a sane one continues from the healthy checkpoint.
+"$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=2 --set finetune.iterations=2 -o nan > /dev/null 2>&1
+before=$(md5sum nan/model.pt nan/checkpoint.pt)
+out=$("$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=100 --set finetune.iterations=6 \
+      --set finetune.lr=1e30 --set finetune.grad_clip=0.0 -o nan --resume 2>&1); rc=$?
 if [ $rc -ne 0 ] && grep -qE "not finite|is (nan|inf|-inf)" <<<"$out" && grep -q "is intact" <<<"$out" &&
-   [ -f nan2/checkpoint.pt ] && [ ! -f nan2/model.pt ]; then
-  pass "a NaN stops the run with a message; checkpoint kept, no model written"
-  # The checkpoint is usable: resume with a sane learning rate.
-  if "$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=1 --set finetune.iterations=3 \
-       --set finetune.grad_clip=0.0 -o nan2 --resume > log.txt 2>&1 && [ -f nan2/model.pt ]; then
-    pass "resume after the NaN with a lower lr finishes the run"
+   [ "$before" = "$(md5sum nan/model.pt nan/checkpoint.pt)" ]; then
+  pass "a NaN stops the run with a message; the earlier checkpoint and model are untouched"
+  if "$tilt" finetune -q -c tiny.toml --set finetune.checkpoint_every=100 --set finetune.iterations=6 \
+       --set finetune.grad_clip=0.0 -o nan --resume > log.txt 2>&1 && grep -q "resumed nan at iteration 2" log.txt &&
+     [ "$(wc -l < nan/metrics.jsonl)" -eq 6 ]; then
+    pass "resume after the NaN with a sane lr continues from the healthy checkpoint"
   else
     fail "resume after NaN: $(cat log.txt)"
   fi

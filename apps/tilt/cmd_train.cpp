@@ -55,6 +55,24 @@ void report_failure_context(const RunDirectory& run) {
   }
 }
 
+// Points a training run at its directory (checkpoint, metrics), seeds it from the config's seed.
+void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, const TrainArgs& args,
+                   const std::string& label) {
+  topt.seed = mix_seed(settings.seed, 2);
+  topt.checkpoint_path = run.path("checkpoint.pt");
+  topt.metrics_path = run.path("metrics.jsonl");
+  topt.progress = !args.quiet;
+  topt.label = label;
+}
+
+// With --resume, continues from the run's checkpoint when there is one.
+void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, const TrainArgs& args) {
+  if (args.resume && file_exists(topt.checkpoint_path)) {
+    trainer.load_checkpoint(topt.checkpoint_path);
+    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
+  }
+}
+
 }  // namespace
 
 int run_pretrain(const TrainArgs& args) {
@@ -94,16 +112,9 @@ int run_pretrain(const TrainArgs& args) {
   const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
   auto model = std::make_shared<MlpVelocity>(mlp, schedule, mix_seed(settings.seed, 1));
   FlowMatching loss(model, sampler, fm);
-  topt.seed = mix_seed(settings.seed, 2);
-  topt.checkpoint_path = run.path("checkpoint.pt");
-  topt.metrics_path = run.path("metrics.jsonl");
-  topt.progress = !args.quiet;
-  topt.label = "pretrain";
+  attach_to_run(topt, run, settings, args, "pretrain");
   Trainer trainer(loss, topt);
-  if (args.resume && file_exists(topt.checkpoint_path)) {
-    trainer.load_checkpoint(topt.checkpoint_path);
-    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
-  }
+  resume_if_asked(trainer, topt, run, args);
   try {
     trainer.run();
   } catch (const Error&) {
@@ -148,16 +159,9 @@ int run_finetune(const TrainArgs& args) {
   const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
   auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
   AdjointMatching loss(model, reward, noise, am);
-  topt.seed = mix_seed(settings.seed, 2);
-  topt.checkpoint_path = run.path("checkpoint.pt");
-  topt.metrics_path = run.path("metrics.jsonl");
-  topt.progress = !args.quiet;
-  topt.label = "finetune";
+  attach_to_run(topt, run, settings, args, "finetune");
   Trainer trainer(loss, topt);
-  if (args.resume && file_exists(topt.checkpoint_path)) {
-    trainer.load_checkpoint(topt.checkpoint_path);
-    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
-  }
+  resume_if_asked(trainer, topt, run, args);
   double clipped = 0.0;
   int64_t counted = 0;
   try {

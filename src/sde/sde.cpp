@@ -5,6 +5,7 @@
 #include "tilt/core/error.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>

@@ -11,6 +11,7 @@
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <gtest/gtest.h>
 
 #include <filesystem>

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-scripts/build.sh -DTILT_BUILD_TESTS=ON -DTILT_BUILD_APPS=ON
+scripts/build.sh -DTILT_BUILD_TESTS=ON -DTILT_BUILD_APPS=ON -DTILT_BUILD_BENCH=ON
 cd build
 if [ "${TILT_SLOW:-0}" = 1 ]; then
   ctest --output-on-failure "$@"

@@ -83,6 +83,7 @@ class AdjointMatching : public Loss {
 
   const GenerativeSDE& finetuned_sde() const { return finetuned_sde_; }
   const GenerativeSDE& base_sde() const { return base_sde_; }
+  const RewardPtr& reward() const { return reward_; }
   const TimeGrid& grid() const { return grid_; }
   const AdjointMatchingOptions& options() const { return options_; }
 

@@ -1,0 +1,61 @@
+// SOC losses behind the common Loss interface (train/loss.h).
+//
+// AdjointMatchingSoc: Adjoint Matching for a general SOC problem (Domingo-Enrich et al., ICLR 2025,
+// Sec. 5.2 and Eq. 38-42; SOCM-dq's "work_adjoint"). Paths are simulated with the current control and
+// no gradient; the lean adjoint runs backwards through the problem's drift and state cost,
+//   a_K = grad g(X_K),   a_k = a_{k+1} + h [ (grad_x b(X_k, t_k))^T a_{k+1} + grad_x f(X_k, t_k) ],
+// and the control is regressed onto -sigma^T a:
+//   loss = (1/K) sum_k mean_b | u_theta(X_k, t_k) + sigma^T a_k |^2.
+// Its only critical point is u*: E[-sigma^T a_k | X_k = x] = u*(x, t_k) (up to the time step).
+#pragma once
+
+#include "tilt/soc/control.h"
+#include "tilt/soc/problem.h"
+#include "tilt/train/loss.h"
+
+#include <memory>
+
+namespace tilt::soc {
+
+struct SocLossOptions {
+  int64_t batch_size = 128;
+  int64_t num_steps = 0;  ///< 0: the problem's default
+};
+
+/// The lean adjoint a_k, k = 0..K, along recorded states x_0..x_K on a uniform grid of [0, T].
+std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tensor>& x, double T);
+
+class AdjointMatchingSoc : public Loss {
+ public:
+  AdjointMatchingSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control, const SocLossOptions& options);
+
+  std::string name() const override { return "adjoint_matching"; }
+  std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  /// Metrics: the batch's control objective and, where the problem knows u*, the control L2 error.
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  ProblemPtr problem_;
+  std::shared_ptr<ControlNetwork> control_;
+  SocLossOptions options_;
+};
+
+/// The discrete adjoint (SOCM's "rel_entropy"): the control objective itself,
+///   loss = mean_b [ sum_k (1/2 |u_theta(X_k, t_k)|^2 + f(X_k, t_k)) h + g(X_K) ],
+/// backpropagated through the whole simulated trajectory (the control's effect on later states
+/// included). Its gradient is that of J(u_theta) for the discretised problem; the memory grows with K.
+class DiscreteAdjointSoc : public Loss {
+ public:
+  DiscreteAdjointSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control, const SocLossOptions& options);
+
+  std::string name() const override { return "discrete_adjoint"; }
+  std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  ProblemPtr problem_;
+  std::shared_ptr<ControlNetwork> control_;
+  SocLossOptions options_;
+};
+
+}  // namespace tilt::soc

@@ -1,0 +1,48 @@
+// Simulating a controlled SOC problem, importance weights, and the metrics of mission-anchors
+// section 2.4 (as the SOCM code defines them).
+#pragma once
+
+#include "tilt/soc/problem.h"
+
+#include <functional>
+#include <vector>
+
+namespace tilt::soc {
+
+/// A control u(x, t): [B, d] -> [B, d].
+using Control = std::function<Tensor(const Tensor& x, double t)>;
+
+/// The zero control and a problem's optimal control as Controls.
+Control zero_control(int64_t dim);
+Control optimal_control_of(ProblemPtr problem);
+
+struct ControlledPaths {
+  std::vector<double> t;        ///< t_0 = 0 < ... < t_K = T (uniform)
+  std::vector<Tensor> x;        ///< X_{t_k}, k = 0..K, each [B, d] (double)
+  std::vector<Tensor> u;        ///< u(X_{t_k}, t_k), k = 0..K-1
+  std::vector<Tensor> dW;       ///< the Brownian increments B_{t_{k+1}} - B_{t_k}, k = 0..K-1
+  Tensor running_cost;          ///< sum_k (f(X_k, t_k) + 1/2 |u_k|^2) h, [B]
+  Tensor state_cost;            ///< sum_k f(X_k, t_k) h, [B]
+  Tensor terminal_cost;         ///< g(X_K), [B]
+  Tensor noise_integral;        ///< sum_k u_k . dW_k, [B]
+};
+
+/// Euler-Maruyama on `steps` uniform steps of [0, T] (steps <= 0: the problem's default), in double
+/// precision and without gradients.
+ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch, int64_t steps, Generator& gen);
+
+/// log w = -[sum (f + 1/2 |u|^2) h + g] - sum u . dW, so that w ∝ dP^{u*}/dP^u along each path
+/// (Girsanov; mission-anchors section 2.1 with lambda = 1). [B]
+Tensor log_importance_weights(const ControlledPaths& paths);
+
+/// The control objective estimate: mean over paths of running cost + terminal cost.
+double control_objective(const ControlledPaths& paths);
+
+/// std(w) / mean(w) over the paths: 0 exactly when u = u* (up to discretisation).
+double normalised_weight_std(const ControlledPaths& paths);
+
+/// Control L2 error under the optimal path law: sum_k sum_b w_b |u(X_k,t_k) - u*(X_k,t_k)|^2 / (K sum_b w_b),
+/// self-normalised over the batch (SOCM's norm_sqd_diff). `u` is evaluated on the paths' states.
+double control_l2_error(const Problem& problem, const ControlledPaths& paths, const Control& u);
+
+}  // namespace tilt::soc

@@ -1,0 +1,129 @@
+// The control network and the SOC losses.
+#include "tilt/soc/control.h"
+#include "tilt/soc/losses.h"
+
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
+
+#include <cmath>
+
+namespace tilt::soc {
+
+ControlNetwork::ControlNetwork(int64_t dim, double horizon, std::vector<int64_t> hidden, uint64_t seed,
+                               bool zero_output)
+    : horizon_(horizon) {
+  if (!(horizon > 0)) throw Error("control network: the horizon must be > 0");
+  MlpOptions o;
+  o.dim = dim;
+  o.hidden = std::move(hidden);
+  o.zero_output = zero_output;
+  // The MLP is a velocity field only in form: it maps (x, s) with s = t / T in [0, 1] to R^d.
+  mlp_ = std::make_shared<MlpVelocity>(o, make_linear_schedule(), seed);
+}
+
+Tensor ControlNetwork::operator()(const Tensor& x, double t) const {
+  return mlp_->velocity(x.to(at::kFloat), t / horizon_).to(at::kDouble);
+}
+
+Tensor ControlNetwork::evaluate(const Tensor& x, const Tensor& t) const {
+  return mlp_->velocity(x.to(at::kFloat), (t / horizon_).to(at::kFloat)).to(at::kDouble);
+}
+
+Control ControlNetwork::as_control() const {
+  return [this](const Tensor& x, double t) { return (*this)(x, t); };
+}
+
+std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tensor>& x, double T) {
+  const int64_t K = static_cast<int64_t>(x.size()) - 1;
+  if (K < 1) throw Error("lean adjoint: needs at least two recorded states");
+  at::NoGradGuard no_grad;
+  const double h = T / static_cast<double>(K);
+  std::vector<Tensor> a(static_cast<size_t>(K) + 1);
+  a[K] = problem.terminal_cost_grad(x[K]).to(at::kDouble);
+  for (int64_t k = K - 1; k >= 0; --k) {
+    // Exact gradient of the Euler-Maruyama cost sum_k f(X_k) h + g(X_K) with respect to X_k, with the
+    // control's own dependence on X left out (Adjoint Matching, Eq. 38: the "lean" adjoint).
+    const double t = static_cast<double>(k) * h;
+    a[k] = a[k + 1] + h * (problem.drift_vjp(x[k], t, a[k + 1]).to(at::kDouble) +
+                           problem.state_cost_grad(x[k], t).to(at::kDouble));
+  }
+  return a;
+}
+
+namespace {
+void check_loss_setup(const std::string& loss, const ProblemPtr& problem, const std::shared_ptr<ControlNetwork>& control,
+                      const SocLossOptions& options) {
+  if (!problem) throw Error(loss + ": no SOC problem");
+  if (!control) throw Error(loss + ": no control network");
+  if (control->dim() != problem->dim()) {
+    throw Error(loss + ": the control network has dimension " + std::to_string(control->dim()) + " but the problem '" +
+                problem->name() + "' has dimension " + std::to_string(problem->dim()));
+  }
+  if (options.batch_size < 1) throw Error(loss + ": batch_size must be >= 1");
+}
+}  // namespace
+
+AdjointMatchingSoc::AdjointMatchingSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control,
+                                       const SocLossOptions& options)
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+  check_loss_setup("adjoint matching", problem_, control_, options_);
+}
+
+LossOutput AdjointMatchingSoc::compute(Generator& gen) {
+  const int64_t K = options_.num_steps > 0 ? options_.num_steps : problem_->default_steps();
+  const int64_t B = options_.batch_size;
+  const double T = problem_->horizon(), h = T / static_cast<double>(K);
+  const Control u = control_->as_control();
+  ControlledPaths paths;
+  {
+    at::NoGradGuard no_grad;
+    paths = simulate(*problem_, u, B, K, gen);
+  }
+  const std::vector<Tensor> a = lean_adjoint(*problem_, paths.x, T);
+  const Tensor sigma = problem_->sigma().to(at::kDouble);
+  std::vector<Tensor> xs, ts, targets;
+  for (int64_t k = 0; k < K; ++k) {
+    xs.push_back(paths.x[k]);
+    ts.push_back(at::full({B}, static_cast<double>(k) * h, at::kDouble));
+    targets.push_back(-at::matmul(a[k], sigma));  // rows of -(sigma^T a)^T
+  }
+  const Tensor residual = control_->evaluate(at::cat(xs), at::cat(ts)) - at::cat(targets);
+  LossOutput out;
+  out.loss = residual.pow(2).sum(1).mean();  // = (1/K) sum_k mean_b |u + sigma^T a|^2
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(paths));
+  if (problem_->has_ground_truth()) out.metrics.emplace_back("control_l2_error", control_l2_error(*problem_, paths, u));
+  return out;
+}
+
+DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control,
+                                       const SocLossOptions& options)
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+  check_loss_setup("discrete adjoint", problem_, control_, options_);
+}
+
+LossOutput DiscreteAdjointSoc::compute(Generator& gen) {
+  const int64_t K = options_.num_steps > 0 ? options_.num_steps : problem_->default_steps();
+  const int64_t B = options_.batch_size, d = problem_->dim();
+  const double h = problem_->horizon() / static_cast<double>(K), sqrt_h = std::sqrt(h);
+  const Tensor sigma_t = problem_->sigma().to(at::kDouble).t();
+  // The same Euler-Maruyama scheme as simulate(), with the graph kept.
+  Tensor x = problem_->initial_state(B, gen).to(at::kDouble);
+  Tensor cost = at::zeros({B}, at::kDouble);
+  for (int64_t k = 0; k < K; ++k) {
+    const double t = static_cast<double>(k) * h;
+    const Tensor u = (*control_)(x, t);
+    const Tensor dW = sqrt_h * at::randn({B, d}, gen, at::kDouble);
+    cost = cost + (problem_->state_cost(x, t) + 0.5 * u.pow(2).sum(1)) * h;
+    x = x + (problem_->drift(x, t) + at::matmul(u, sigma_t)) * h + at::matmul(dW, sigma_t);
+  }
+  cost = cost + problem_->terminal_cost(x);
+  LossOutput out;
+  out.loss = cost.mean();
+  out.metrics.emplace_back("control_objective", out.loss.item<double>());
+  return out;
+}
+
+}  // namespace tilt::soc

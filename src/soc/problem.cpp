@@ -1,0 +1,126 @@
+// The SOC problem's autograd defaults, the controlled simulation, importance weights and metrics.
+#include "tilt/soc/problem.h"
+#include "tilt/soc/simulate.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+
+namespace tilt::soc {
+
+namespace {
+// grad_x of sum_b (fn(x) . a) for a [B, d] -> [B, d] or [B] function.
+Tensor autograd_vjp(const std::function<Tensor(const Tensor&)>& fn, const Tensor& x, const Tensor& a) {
+  at::AutoGradMode enable_grad(true);
+  const Tensor xg = x.detach().to(at::kDouble).requires_grad_(true);
+  const Tensor y = fn(xg);
+  if (!y.requires_grad()) return at::zeros_like(xg).detach();  // fn does not depend on x
+  return torch::autograd::grad({y}, {xg}, {a.to(y.scalar_type())}, false, false)[0];
+}
+}  // namespace
+
+Tensor Problem::drift_vjp(const Tensor& x, double t, const Tensor& a) const {
+  return autograd_vjp([&](const Tensor& z) { return drift(z, t); }, x, a);
+}
+
+Tensor Problem::state_cost_grad(const Tensor& x, double t) const {
+  return autograd_vjp([&](const Tensor& z) { return state_cost(z, t); }, x, at::ones({x.size(0)}, at::kDouble));
+}
+
+Tensor Problem::terminal_cost_grad(const Tensor& x) const {
+  return autograd_vjp([&](const Tensor& z) { return terminal_cost(z); }, x, at::ones({x.size(0)}, at::kDouble));
+}
+
+Tensor Problem::optimal_control(const Tensor&, double) const {
+  throw Error("SOC problem '" + name() + "' has no known optimal control");
+}
+
+Tensor Problem::value(const Tensor&, double) const {
+  throw Error("SOC problem '" + name() + "' has no known value function");
+}
+
+Control zero_control(int64_t dim) {
+  return [dim](const Tensor& x, double) { return at::zeros({x.size(0), dim}, x.options()); };
+}
+
+Control optimal_control_of(ProblemPtr problem) {
+  if (!problem->has_ground_truth()) throw Error("SOC problem '" + problem->name() + "' has no known optimal control");
+  return [problem](const Tensor& x, double t) { return problem->optimal_control(x, t); };
+}
+
+ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch, int64_t steps, Generator& gen) {
+  if (batch < 1) throw Error("SOC simulation: batch must be >= 1, got " + std::to_string(batch));
+  if (steps <= 0) steps = problem.default_steps();
+  at::NoGradGuard no_grad;
+  const int64_t d = problem.dim();
+  const double T = problem.horizon(), h = T / static_cast<double>(steps), sqrt_h = std::sqrt(h);
+  const Tensor sigma_t = problem.sigma().to(at::kDouble).t();
+  ControlledPaths p;
+  Tensor x = problem.initial_state(batch, gen).to(at::kDouble);
+  check_batch(x, d, "initial state of " + problem.name());
+  p.running_cost = at::zeros({batch}, at::kDouble);
+  p.state_cost = at::zeros({batch}, at::kDouble);
+  p.noise_integral = at::zeros({batch}, at::kDouble);
+  p.x.push_back(x);
+  for (int64_t k = 0; k < steps; ++k) {
+    const double t = static_cast<double>(k) * h;
+    const Tensor uk = u(x, t).to(at::kDouble);
+    if (!uk.sizes().equals(x.sizes())) {
+      throw Error("SOC simulation: the control returned shape " + std::string(c10::str(uk.sizes())) +
+                  ", expected " + std::string(c10::str(x.sizes())));
+    }
+    const Tensor f = problem.state_cost(x, t).to(at::kDouble);
+    const Tensor dW = sqrt_h * at::randn({batch, d}, gen, at::kDouble);
+    // Euler-Maruyama: X_{k+1} = X_k + (b + sigma u) h + sigma dW.
+    x = x + (problem.drift(x, t).to(at::kDouble) + at::matmul(uk, sigma_t)) * h + at::matmul(dW, sigma_t);
+    p.running_cost += (f + 0.5 * uk.pow(2).sum(1)) * h;
+    p.state_cost += f * h;
+    p.noise_integral += (uk * dW).sum(1);
+    p.t.push_back(t);
+    p.u.push_back(uk);
+    p.dW.push_back(dW);
+    p.x.push_back(x);
+  }
+  p.t.push_back(T);
+  p.terminal_cost = problem.terminal_cost(x).to(at::kDouble);
+  return p;
+}
+
+Tensor log_importance_weights(const ControlledPaths& p) {
+  // Girsanov: dP^{u*}/dP^u ∝ exp(-int (f + |u|^2/2) dt - g - int u . dB) (lambda = 1).
+  return -(p.running_cost + p.terminal_cost) - p.noise_integral;
+}
+
+double control_objective(const ControlledPaths& p) { return (p.running_cost + p.terminal_cost).mean().item<double>(); }
+
+namespace {
+Tensor normalised_weights(const ControlledPaths& p) {
+  const Tensor lw = log_importance_weights(p);
+  const Tensor w = at::exp(lw - lw.max());
+  return w / w.sum();
+}
+}  // namespace
+
+double normalised_weight_std(const ControlledPaths& p) {
+  const Tensor w = normalised_weights(p);
+  return (w.std(/*unbiased=*/false) / w.mean()).item<double>();
+}
+
+double control_l2_error(const Problem& problem, const ControlledPaths& p, const Control& u) {
+  at::NoGradGuard no_grad;
+  const Tensor w = normalised_weights(p);
+  const int64_t K = static_cast<int64_t>(p.u.size());
+  double total = 0.0;
+  for (int64_t k = 0; k < K; ++k) {
+    const Tensor diff = u(p.x[k], p.t[k]).to(at::kDouble) - problem.optimal_control(p.x[k], p.t[k]).to(at::kDouble);
+    total += (w * diff.pow(2).sum(1)).sum().item<double>();
+  }
+  return total / static_cast<double>(K);
+}
+
+}  // namespace tilt::soc

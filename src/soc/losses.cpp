@@ -23,16 +23,16 @@ ControlNetwork::ControlNetwork(int64_t dim, double horizon, std::vector<int64_t>
   mlp_ = std::make_shared<MlpVelocity>(o, make_linear_schedule(), seed);
 }
 
-Tensor ControlNetwork::operator()(const Tensor& x, double t) const {
-  return mlp_->velocity(x.to(at::kFloat), t / horizon_).to(at::kDouble);
+Tensor ParametricControl::operator()(const Tensor& x, double t) const {
+  return evaluate(x, at::full({x.size(0)}, t, x.options().dtype(at::kDouble)));
+}
+
+Control ParametricControl::as_control() const {
+  return [this](const Tensor& x, double t) { return (*this)(x, t); };
 }
 
 Tensor ControlNetwork::evaluate(const Tensor& x, const Tensor& t) const {
   return mlp_->velocity(x.to(at::kFloat), (t / horizon_).to(at::kFloat)).to(at::kDouble);
-}
-
-Control ControlNetwork::as_control() const {
-  return [this](const Tensor& x, double t) { return (*this)(x, t); };
 }
 
 std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tensor>& x, double T) {
@@ -53,7 +53,7 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
 }
 
 namespace {
-void check_loss_setup(const std::string& loss, const ProblemPtr& problem, const std::shared_ptr<ControlNetwork>& control,
+void check_loss_setup(const std::string& loss, const ProblemPtr& problem, const ParametricControlPtr& control,
                       const SocLossOptions& options) {
   if (!problem) throw Error(loss + ": no SOC problem");
   if (!control) throw Error(loss + ": no control network");
@@ -65,7 +65,7 @@ void check_loss_setup(const std::string& loss, const ProblemPtr& problem, const 
 }
 }  // namespace
 
-AdjointMatchingSoc::AdjointMatchingSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control,
+AdjointMatchingSoc::AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control,
                                        const SocLossOptions& options)
     : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
   check_loss_setup("adjoint matching", problem_, control_, options_);
@@ -98,7 +98,7 @@ LossOutput AdjointMatchingSoc::compute(Generator& gen) {
   return out;
 }
 
-DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control,
+DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr control,
                                        const SocLossOptions& options)
     : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
   check_loss_setup("discrete adjoint", problem_, control_, options_);
@@ -123,6 +123,73 @@ LossOutput DiscreteAdjointSoc::compute(Generator& gen) {
   LossOutput out;
   out.loss = cost.mean();
   out.metrics.emplace_back("control_objective", out.loss.item<double>());
+  return out;
+}
+
+namespace {
+// Paths of the current control (no gradients), and u_theta on their states, differentiable: [K, B, d].
+struct OnPolicy {
+  ControlledPaths paths;
+  Tensor u_theta, u_s, dW;
+  double h;
+};
+
+OnPolicy on_policy(const Problem& problem, const ParametricControl& control, const SocLossOptions& options,
+                   Generator& gen) {
+  const int64_t K = options.num_steps > 0 ? options.num_steps : problem.default_steps();
+  const int64_t B = options.batch_size;
+  OnPolicy o;
+  o.h = problem.horizon() / static_cast<double>(K);
+  {
+    at::NoGradGuard no_grad;
+    o.paths = simulate(problem, control.as_control(), B, K, gen);
+  }
+  std::vector<Tensor> ts;
+  for (int64_t k = 0; k < K; ++k) ts.push_back(at::full({B}, o.paths.t[k], at::kDouble));
+  const std::vector<Tensor> xs(o.paths.x.begin(), o.paths.x.end() - 1);
+  o.u_theta = control.evaluate(at::cat(xs), at::cat(ts)).view({K, B, -1});
+  o.u_s = at::stack(o.paths.u);
+  o.dW = at::stack(o.paths.dW);
+  return o;
+}
+}  // namespace
+
+CrossEntropySoc::CrossEntropySoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+  check_loss_setup("cross-entropy", problem_, control_, options_);
+}
+
+LossOutput CrossEntropySoc::compute(Generator& gen) {
+  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  Tensor w;
+  {
+    at::NoGradGuard no_grad;
+    const Tensor lw = log_importance_weights(o.paths);
+    w = at::softmax(lw, 0);  // self-normalised weights, sum 1
+  }
+  const Tensor per_path = ((0.5 * o.u_theta.pow(2) - o.u_theta * o.u_s).sum(2) * o.h - (o.u_theta * o.dW).sum(2)).sum(0);
+  LossOutput out;
+  out.loss = (w * per_path).sum();
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(o.paths));
+  out.metrics.emplace_back("normalised_weight_std", normalised_weight_std(o.paths));
+  return out;
+}
+
+LogVarianceSoc::LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+  check_loss_setup("log-variance", problem_, control_, options_);
+  if (options_.batch_size < 2) throw Error("log-variance: batch_size must be >= 2 (it is a variance)");
+}
+
+LossOutput LogVarianceSoc::compute(Generator& gen) {
+  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const Tensor Y = ((0.5 * o.u_theta.pow(2) - o.u_theta * o.u_s).sum(2) * o.h - (o.u_theta * o.dW).sum(2)).sum(0) -
+                   o.paths.state_cost - o.paths.terminal_cost;
+  LossOutput out;
+  out.loss = Y.var(/*unbiased=*/true);
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(o.paths));
   return out;
 }
 

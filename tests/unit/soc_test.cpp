@@ -169,24 +169,61 @@ TEST(SocAdjointMatching, LeanAdjointOfLinearOUIsTheExactAdjoint) {
   EXPECT_LT(previous, 0.02);
 }
 
-// The Adjoint Matching gradient with respect to a linear perturbation u = u* + Theta x, at Theta = 0:
-// G = 2 mean_{k,b} (u*(X_k) + sigma^T a_k) X_k^T, with paths drawn under u*. Returns |G| / its
-// Monte Carlo standard error (estimated over 16 independent batches).
-double fixed_point_gradient_z(const ProblemPtr& p, const Control& u, int64_t K) {
+// u(x, t) = u*(x, t) + shift x + x Theta^T, with Theta [d, d] the only parameter (0 at the start):
+// a control family that contains u* exactly, for fixed-point tests of the losses.
+class PerturbedOptimal : public ParametricControl {
+ public:
+  PerturbedOptimal(ProblemPtr p, double shift)
+      : p_(std::move(p)), shift_(shift), theta_(at::zeros({p_->dim(), p_->dim()}, kDouble).requires_grad_(true)) {}
+  int64_t dim() const override { return p_->dim(); }
+  std::vector<Tensor> parameters() const override { return {theta_}; }
+  Tensor evaluate(const Tensor& x, const Tensor& t) const override {
+    // Rows come in blocks of one time each.
+    std::vector<Tensor> parts;
+    const auto [values, counts] = [&] {
+      auto r = at::unique_consecutive(t, false, true);
+      return std::make_pair(std::get<0>(r), std::get<2>(r));
+    }();
+    int64_t row = 0;
+    for (int64_t i = 0; i < values.size(0); ++i) {
+      const int64_t n = counts[i].item<int64_t>();
+      const Tensor xi = x.slice(0, row, row + n).to(at::kDouble);
+      parts.push_back(p_->optimal_control(xi, values[i].item<double>()) + shift_ * xi);
+      row += n;
+    }
+    return at::cat(parts) + at::matmul(x.to(at::kDouble), theta_.t());
+  }
+
+ private:
+  ProblemPtr p_;
+  double shift_;
+  Tensor theta_;
+};
+
+// The loss's gradient with respect to Theta at Theta = 0, over 16 independent batches: returns
+// |mean| / its standard error (a z-score), and the mean's norm in *norm.
+template <class L>
+double gradient_z(const ProblemPtr& p, double shift, double* norm = nullptr, double* loss_value = nullptr) {
+  auto control = std::make_shared<PerturbedOptimal>(p, shift);
+  SocLossOptions so;
+  so.batch_size = 512;
+  so.num_steps = 200;
+  L loss(p, control, so);
   Generator gen = make_generator(8);
   std::vector<Tensor> grads;
+  double value = 0;
   for (int r = 0; r < 16; ++r) {
-    const ControlledPaths paths = simulate(*p, u, 512, K, gen);
-    const auto a = lean_adjoint(*p, paths.x, p->horizon());
-    Tensor G = at::zeros({p->dim(), p->dim()}, kDouble);
-    for (int64_t k = 0; k < K; ++k) {
-      const Tensor residual = u(paths.x[k], paths.t[k]) + at::matmul(a[k], p->sigma());
-      G += 2.0 * at::matmul(residual.t(), paths.x[k]) / static_cast<double>(512 * K);
-    }
-    grads.push_back(G);
+    Tensor theta = control->parameters()[0];
+    theta.mutable_grad() = Tensor();
+    const LossOutput out = loss.compute(gen);
+    out.loss.backward();
+    value += out.loss.item<double>() / 16;
+    grads.push_back(theta.grad().clone());
   }
   const Tensor all = at::stack(grads);
   const Tensor mean = all.mean(0), se = all.std(0) / 4.0;
+  if (norm) *norm = mean.norm().item<double>();
+  if (loss_value) *loss_value = value;
   return (mean.norm() / se.pow(2).sum().sqrt()).item<double>();
 }
 
@@ -194,12 +231,29 @@ TEST(SocAdjointMatching, OptimalControlIsAFixedPoint) {
   // At u* the expected gradient vanishes (|G| within ~1 standard error, up to the O(h) bias); at
   // u* + 0.3 x it does not.
   const ProblemPtr p = quadratic_ou_easy(4, 0);
-  const Control opt = optimal_control_of(p);
-  const Control off = [&](const Tensor& x, double t) { return opt(x, t) + 0.3 * x; };
-  const double z_opt = fixed_point_gradient_z(p, opt, 200), z_off = fixed_point_gradient_z(p, off, 200);
-  std::printf("[ fixed point ] |G| / se: at u* %.2f, at u* + 0.3 x %.1f\n", z_opt, z_off);
+  const double z_opt = gradient_z<AdjointMatchingSoc>(p, 0.0), z_off = gradient_z<AdjointMatchingSoc>(p, 0.3);
+  std::printf("[ adjoint matching ] |grad| / se: at u* %.2f, at u* + 0.3 x %.1f\n", z_opt, z_off);
   EXPECT_LT(z_opt, 3.0);
   EXPECT_GT(z_off, 20.0);
+}
+
+TEST(SocCrossEntropy, OptimalControlIsAFixedPoint) {
+  const ProblemPtr p = quadratic_ou_easy(4, 0);
+  const double z_opt = gradient_z<CrossEntropySoc>(p, 0.0), z_off = gradient_z<CrossEntropySoc>(p, 0.3);
+  std::printf("[ cross-entropy ] |grad| / se: at u* %.2f, at u* + 0.3 x %.1f\n", z_opt, z_off);
+  EXPECT_LT(z_opt, 3.0);
+  EXPECT_GT(z_off, 10.0);
+}
+
+TEST(SocLogVariance, VanishesAtTheOptimalControl) {
+  // Y = -V(x0) on every path at u*: the loss and its gradient are zero up to the time step.
+  const ProblemPtr p = quadratic_ou_easy(4, 0);
+  double g_opt = 0, g_off = 0, l_opt = 0, l_off = 0;
+  gradient_z<LogVarianceSoc>(p, 0.0, &g_opt, &l_opt);
+  gradient_z<LogVarianceSoc>(p, 0.3, &g_off, &l_off);
+  std::printf("[ log-variance ] loss: at u* %.3g, at u* + 0.3 x %.3g; |grad|: %.3g, %.3g\n", l_opt, l_off, g_opt, g_off);
+  EXPECT_LT(l_opt, 0.05 * l_off);
+  EXPECT_LT(g_opt, 0.05 * g_off);
 }
 
 TEST(SocAdjointMatching, LearnsTheOptimalControlOfQuadraticOUEasy) {

@@ -1,5 +1,5 @@
-// An explicit control network u_theta(x, t) for SOC problems: an MLP of (x, t / T) (the same MLP and
-// time embedding as the velocity networks), evaluated in float32 and returned in double.
+// Controls with trainable parameters, for the SOC losses. u_theta(x, t) is returned in double and is
+// differentiable in parameters() (and in x, where a loss needs it).
 #pragma once
 
 #include "tilt/model/mlp.h"
@@ -10,19 +10,31 @@
 
 namespace tilt::soc {
 
-class ControlNetwork {
+class ParametricControl {
+ public:
+  virtual ~ParametricControl() = default;
+  virtual int64_t dim() const = 0;
+  /// u_theta(x, t) at one time per row: x [B, d], t [B] -> [B, d] (double).
+  virtual Tensor evaluate(const Tensor& x, const Tensor& t) const = 0;
+  virtual std::vector<Tensor> parameters() const = 0;
+  /// u_theta(x, t) at one time for the whole batch.
+  Tensor operator()(const Tensor& x, double t) const;
+  /// A Control that evaluates this one (the object must outlive it).
+  Control as_control() const;
+};
+
+using ParametricControlPtr = std::shared_ptr<ParametricControl>;
+
+/// An MLP of (x, t / T) (the same MLP and time embedding as the velocity networks), evaluated in
+/// float32.
+class ControlNetwork : public ParametricControl {
  public:
   /// hidden: widths of the hidden layers; zero_output: start at u = 0 (the last layer zeroed).
   ControlNetwork(int64_t dim, double horizon, std::vector<int64_t> hidden, uint64_t seed, bool zero_output = true);
 
-  int64_t dim() const { return mlp_->dim(); }
-  /// u_theta(x, t) [B, d] (double), differentiable in the parameters.
-  Tensor operator()(const Tensor& x, double t) const;
-  /// The same at one time per row: t [B].
-  Tensor evaluate(const Tensor& x, const Tensor& t) const;
-  std::vector<Tensor> parameters() const { return mlp_->parameters(); }
-  /// A Control that evaluates the network (without gradients when called under a NoGradGuard).
-  Control as_control() const;
+  int64_t dim() const override { return mlp_->dim(); }
+  Tensor evaluate(const Tensor& x, const Tensor& t) const override;
+  std::vector<Tensor> parameters() const override { return mlp_->parameters(); }
   const MlpVelocity& mlp() const { return *mlp_; }
 
  private:

@@ -27,7 +27,7 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
 
 class AdjointMatchingSoc : public Loss {
  public:
-  AdjointMatchingSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control, const SocLossOptions& options);
+  AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
 
   std::string name() const override { return "adjoint_matching"; }
   std::vector<Tensor> parameters() const override { return control_->parameters(); }
@@ -36,7 +36,7 @@ class AdjointMatchingSoc : public Loss {
 
  private:
   ProblemPtr problem_;
-  std::shared_ptr<ControlNetwork> control_;
+  ParametricControlPtr control_;
   SocLossOptions options_;
 };
 
@@ -46,7 +46,7 @@ class AdjointMatchingSoc : public Loss {
 /// included). Its gradient is that of J(u_theta) for the discretised problem; the memory grows with K.
 class DiscreteAdjointSoc : public Loss {
  public:
-  DiscreteAdjointSoc(ProblemPtr problem, std::shared_ptr<ControlNetwork> control, const SocLossOptions& options);
+  DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
 
   std::string name() const override { return "discrete_adjoint"; }
   std::vector<Tensor> parameters() const override { return control_->parameters(); }
@@ -54,7 +54,40 @@ class DiscreteAdjointSoc : public Loss {
 
  private:
   ProblemPtr problem_;
-  std::shared_ptr<ControlNetwork> control_;
+  ParametricControlPtr control_;
+  SocLossOptions options_;
+};
+
+/// Cross-entropy (SOCM's "cross_entropy"): KL(P* || P^{u_theta}) up to a constant, estimated on paths
+/// of the current control u_s (detached) with self-normalised importance weights w ∝ dP*/dP^{u_s}:
+///   loss = sum_b w_b [ sum_k (1/2 |u_theta|^2 - u_theta . u_s) h - sum_k u_theta . dW_k ].
+class CrossEntropySoc : public Loss {
+ public:
+  CrossEntropySoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "cross_entropy"; }
+  std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  ProblemPtr problem_;
+  ParametricControlPtr control_;
+  SocLossOptions options_;
+};
+
+/// Log-variance (SOCM's "log-variance"): the batch variance of
+///   Y = sum_k (1/2 |u_theta|^2 - u_theta . u_s - f) h - sum_k u_theta . dW_k - g,
+/// on paths of the current control u_s (detached), no weights. Y = -V(x0) on every path when
+/// u_theta = u*, whatever u_s, so the loss is 0 there.
+class LogVarianceSoc : public Loss {
+ public:
+  LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "log_variance"; }
+  std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  ProblemPtr problem_;
+  ParametricControlPtr control_;
   SocLossOptions options_;
 };
 

@@ -182,14 +182,85 @@ LogVarianceSoc::LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control,
   if (options_.batch_size < 2) throw Error("log-variance: batch_size must be >= 2 (it is a variance)");
 }
 
+namespace {
+// Y = sum_k (1/2 |u_theta|^2 - u_theta . u_s - f) h - sum_k u_theta . dW_k - g: the log-variance family's
+// statistic; -V(x0) on every path when u_theta = u* (SOCM, Nusken & Richter 2021).
+Tensor log_ratio_statistic(const OnPolicy& o) {
+  return ((0.5 * o.u_theta.pow(2) - o.u_theta * o.u_s).sum(2) * o.h - (o.u_theta * o.dW).sum(2)).sum(0) -
+         o.paths.state_cost - o.paths.terminal_cost;
+}
+}  // namespace
+
 LossOutput LogVarianceSoc::compute(Generator& gen) {
   const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
-  const Tensor Y = ((0.5 * o.u_theta.pow(2) - o.u_theta * o.u_s).sum(2) * o.h - (o.u_theta * o.dW).sum(2)).sum(0) -
-                   o.paths.state_cost - o.paths.terminal_cost;
+  const Tensor Y = log_ratio_statistic(o);
   LossOutput out;
   out.loss = Y.var(/*unbiased=*/true);
   at::NoGradGuard no_grad;
   out.metrics.emplace_back("control_objective", control_objective(o.paths));
+  return out;
+}
+
+VarianceSoc::VarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+  check_loss_setup("variance", problem_, control_, options_);
+  if (options_.batch_size < 2) throw Error("variance: batch_size must be >= 2 (it is a variance)");
+}
+
+LossOutput VarianceSoc::compute(Generator& gen) {
+  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const Tensor Y = log_ratio_statistic(o);
+  // exp(Y - shift) with a detached shift: the ratio var / mean^2 does not depend on it.
+  const Tensor shift = Y.detach().max();
+  const Tensor e = at::exp(Y - shift);
+  LossOutput out;
+  out.loss = e.var(/*unbiased=*/true) / e.detach().mean().pow(2);
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(o.paths));
+  return out;
+}
+
+MomentSoc::MomentSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, double y0)
+    : problem_(std::move(problem)),
+      control_(std::move(control)),
+      options_(options),
+      y0_(at::full({}, y0, at::kDouble).requires_grad_(true)) {
+  check_loss_setup("moment", problem_, control_, options_);
+}
+
+std::vector<Tensor> MomentSoc::parameters() const {
+  std::vector<Tensor> p = control_->parameters();
+  p.push_back(y0_);
+  return p;
+}
+
+double MomentSoc::y0() const { return y0_.item<double>(); }
+
+LossOutput MomentSoc::compute(Generator& gen) {
+  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  LossOutput out;
+  out.loss = (log_ratio_statistic(o) + y0_).pow(2).mean();
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(o.paths));
+  out.metrics.emplace_back("y0", y0());
+  return out;
+}
+
+ReinforceSoc::ReinforceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+  check_loss_setup("reinforce", problem_, control_, options_);
+}
+
+LossOutput ReinforceSoc::compute(Generator& gen) {
+  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  // grad log p(path) = sum_k (d u_theta(X_k))^T dW_k for the Euler-Maruyama kernel with control u_theta.
+  const Tensor cost = (o.paths.running_cost + o.paths.terminal_cost).detach();
+  const Tensor score = (o.u_theta * o.dW).sum(2).sum(0);
+  const Tensor explicit_cost = 0.5 * o.u_theta.pow(2).sum(2).sum(0) * o.h;
+  LossOutput out;
+  out.loss = (cost * score + explicit_cost).mean();
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", cost.mean().item<double>());
   return out;
 }
 

@@ -200,31 +200,43 @@ class PerturbedOptimal : public ParametricControl {
   Tensor theta_;
 };
 
-// The loss's gradient with respect to Theta at Theta = 0, over 16 independent batches: returns
-// |mean| / its standard error (a z-score), and the mean's norm in *norm.
+struct GradientStats {
+  Tensor mean, se;  // of the gradient in Theta at Theta = 0, over independent batches
+  double loss = 0;  // mean loss value
+  double z() const { return (mean.norm() / se.pow(2).sum().sqrt()).item<double>(); }
+};
+
+// The loss's gradient with respect to Theta at Theta = 0 on the control u* + shift x + x Theta^T.
 template <class L>
-double gradient_z(const ProblemPtr& p, double shift, double* norm = nullptr, double* loss_value = nullptr) {
+GradientStats gradient_stats(const ProblemPtr& p, double shift, int batches = 16, int64_t steps = 200) {
   auto control = std::make_shared<PerturbedOptimal>(p, shift);
   SocLossOptions so;
   so.batch_size = 512;
-  so.num_steps = 200;
+  so.num_steps = steps;
   L loss(p, control, so);
   Generator gen = make_generator(8);
   std::vector<Tensor> grads;
-  double value = 0;
-  for (int r = 0; r < 16; ++r) {
+  GradientStats g;
+  for (int r = 0; r < batches; ++r) {
     Tensor theta = control->parameters()[0];
     theta.mutable_grad() = Tensor();
     const LossOutput out = loss.compute(gen);
     out.loss.backward();
-    value += out.loss.item<double>() / 16;
+    g.loss += out.loss.item<double>() / batches;
     grads.push_back(theta.grad().clone());
   }
   const Tensor all = at::stack(grads);
-  const Tensor mean = all.mean(0), se = all.std(0) / 4.0;
-  if (norm) *norm = mean.norm().item<double>();
-  if (loss_value) *loss_value = value;
-  return (mean.norm() / se.pow(2).sum().sqrt()).item<double>();
+  g.mean = all.mean(0);
+  g.se = all.std(0) / std::sqrt(static_cast<double>(batches));
+  return g;
+}
+
+template <class L>
+double gradient_z(const ProblemPtr& p, double shift, double* norm = nullptr, double* loss_value = nullptr) {
+  const GradientStats g = gradient_stats<L>(p, shift);
+  if (norm) *norm = g.mean.norm().item<double>();
+  if (loss_value) *loss_value = g.loss;
+  return g.z();
 }
 
 TEST(SocAdjointMatching, OptimalControlIsAFixedPoint) {
@@ -280,6 +292,55 @@ TEST(SocAdjointMatching, LearnsTheOptimalControlOfQuadraticOUEasy) {
   const double final_error = error_now();
   std::printf("[ quadratic OU easy ] control L2 error %.4g -> %.4g (%.0fx)\n", initial, final_error, initial / final_error);
   EXPECT_LT(final_error, initial / 100);
+}
+
+TEST(SocVariance, VanishesAtTheOptimalControl) {
+  const ProblemPtr p = quadratic_ou_easy(4, 0);
+  double g_opt = 0, g_off = 0, l_opt = 0, l_off = 0;
+  gradient_z<VarianceSoc>(p, 0.0, &g_opt, &l_opt);
+  gradient_z<VarianceSoc>(p, 0.3, &g_off, &l_off);
+  std::printf("[ variance ] loss: at u* %.3g, at u* + 0.3 x %.3g; |grad|: %.3g, %.3g\n", l_opt, l_off, g_opt, g_off);
+  EXPECT_LT(l_opt, 0.05 * l_off);
+  EXPECT_LT(g_opt, 0.05 * g_off);
+}
+
+TEST(SocMoment, VanishesAtTheOptimalControlWithY0EqualToTheValue) {
+  // (Y + y0)^2 with Y = -V(x0) on every path at u*: zero at y0 = V(x0), and y0's gradient points to it.
+  const ProblemPtr p = quadratic_ou_easy(4, 0);
+  Generator gen = make_generator(12);
+  const double V = p->value(p->initial_state(1, gen), 0.0).item<double>();
+  SocLossOptions so;
+  so.batch_size = 512;
+  so.num_steps = 200;
+  const auto moment = [&](double shift, double y0) {
+    MomentSoc loss(p, std::make_shared<PerturbedOptimal>(p, shift), so, y0);
+    const LossOutput out = loss.compute(gen);
+    out.loss.backward();
+    return std::make_pair(out.loss.item<double>(), loss.parameters().back().grad().item<double>());
+  };
+  const auto [at_opt, dy_opt] = moment(0.0, V);
+  const auto [off, dy_off] = moment(0.3, V);
+  const auto [low_y0, dy_low] = moment(0.0, V - 1.0);
+  std::printf("[ moment ] loss at u*, y0 = V: %.3g; at u* + 0.3 x: %.3g; at u*, y0 = V - 1: %.3g (d/dy0 %.3g)\n", at_opt,
+              off, low_y0, dy_low);
+  EXPECT_LT(at_opt, 0.05 * off);
+  EXPECT_NEAR(low_y0, 1.0, 0.1);  // (Y + V - 1)^2 = 1
+  EXPECT_NEAR(dy_low, -2.0, 0.2);
+  EXPECT_NEAR(dy_opt, 0.0, 0.1);
+}
+
+TEST(SocReinforce, ExpectedGradientEqualsTheDiscreteAdjoints) {
+  // Both estimate grad J of the discretised problem (score function vs pathwise): their means over
+  // independent batches must agree, at a control where that gradient is far from zero.
+  const ProblemPtr p = quadratic_ou_easy(4, 0);
+  const GradientStats reinforce = gradient_stats<ReinforceSoc>(p, 0.3, 32, 50);
+  const GradientStats pathwise = gradient_stats<DiscreteAdjointSoc>(p, 0.3, 32, 50);
+  const double gap = (reinforce.mean - pathwise.mean).norm().item<double>();
+  const double se = (reinforce.se.pow(2) + pathwise.se.pow(2)).sum().sqrt().item<double>();
+  std::printf("[ reinforce ] |grad| %.3f (pathwise %.3f), gap %.3f, se %.3f\n", reinforce.mean.norm().item<double>(),
+              pathwise.mean.norm().item<double>(), gap, se);
+  EXPECT_GT(pathwise.mean.norm().item<double>(), 5 * se);  // the comparison has power
+  EXPECT_LT(gap, 4 * se);
 }
 
 TEST(SocDiscreteAdjoint, GradientMatchesFiniteDifferencesOfTheObjective) {

@@ -91,4 +91,53 @@ class LogVarianceSoc : public Loss {
   SocLossOptions options_;
 };
 
+/// Variance (SOCM's "variance"): the batch variance of exp(Y) (Y as in LogVarianceSoc), divided by
+/// the squared batch mean of exp(Y) (detached) so that its scale does not depend on V(x0).
+class VarianceSoc : public Loss {
+ public:
+  VarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "variance"; }
+  std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  ProblemPtr problem_;
+  ParametricControlPtr control_;
+  SocLossOptions options_;
+};
+
+/// Moment (SOCM's "moment"): mean_b (Y + y0)^2 with a learnt scalar y0 (Y as in LogVarianceSoc); at
+/// u* it is 0 with y0 = V(x0). parameters() = the control's, then y0.
+class MomentSoc : public Loss {
+ public:
+  MomentSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, double y0 = 0.0);
+  std::string name() const override { return "moment"; }
+  std::vector<Tensor> parameters() const override;
+  LossOutput compute(Generator& gen) override;
+  double y0() const;
+
+ private:
+  ProblemPtr problem_;
+  ParametricControlPtr control_;
+  SocLossOptions options_;
+  Tensor y0_;
+};
+
+/// REINFORCE: the score-function estimator of grad J(u_theta) on detached paths of the current control,
+///   loss = mean_b [ C_b sum_k u_theta(X_k) . dW_k + sum_k 1/2 |u_theta(X_k)|^2 h ],
+/// C_b the path's cost (detached). Its expected gradient is that of the discretised J, the same as the
+/// discrete adjoint's; its value is not J.
+class ReinforceSoc : public Loss {
+ public:
+  ReinforceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "reinforce"; }
+  std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  ProblemPtr problem_;
+  ParametricControlPtr control_;
+  SocLossOptions options_;
+};
+
 }  // namespace tilt::soc

@@ -51,4 +51,22 @@ struct PlotArgs {
 };
 int run_plot(const PlotArgs& args);
 
+struct SocArgs {
+  std::string problem = "quadratic_ou_easy";
+  std::vector<std::string> losses;
+  int64_t iterations = 1000;
+  int64_t batch = 128;
+  int64_t steps = 0;  ///< 0: the problem's default
+  double lr = 1e-3;
+  std::vector<int64_t> hidden{128, 128};
+  int64_t seed = 0;
+  int threads = 0;
+  int64_t eval_every = 50;
+  int64_t eval_batch = 1024;
+  std::string out;
+  bool quiet = false;
+  bool json = false;
+};
+int run_soc(const SocArgs& args);
+
 }  // namespace tilt::cli

@@ -67,6 +67,25 @@ int main(int argc, char** argv) {
   plot_cmd->add_option("--columns", plot.columns, "Panels per row (0: one row)");
   plot_cmd->add_option("--size", plot.size, "Panel size in pixels")->capture_default_str();
 
+  tilt::cli::SocArgs soc;
+  auto* soc_cmd = app.add_subcommand("soc", "Solve an SOC benchmark problem with one or several losses and compare them");
+  soc_cmd->add_option("-p,--problem", soc.problem, "quadratic_ou_easy, quadratic_ou_hard or linear_ou")->capture_default_str();
+  soc_cmd->add_option("-l,--loss", soc.losses,
+                      "Loss (repeatable): adjoint_matching, discrete_adjoint, cross_entropy, log_variance, variance, "
+                      "moment, reinforce")->required();
+  soc_cmd->add_option("--iterations", soc.iterations, "Training iterations per loss")->capture_default_str();
+  soc_cmd->add_option("--batch", soc.batch, "Paths per iteration")->capture_default_str();
+  soc_cmd->add_option("--steps", soc.steps, "Euler-Maruyama steps (0: the problem's default)")->capture_default_str();
+  soc_cmd->add_option("--lr", soc.lr, "Adam learning rate (constant)")->capture_default_str();
+  soc_cmd->add_option("--hidden", soc.hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
+  soc_cmd->add_option("--seed", soc.seed, "Random seed (also draws the problem's x0 / matrices)")->capture_default_str();
+  soc_cmd->add_option("--threads", soc.threads, "Threads (0: all cores)")->capture_default_str();
+  soc_cmd->add_option("--eval-every", soc.eval_every, "Evaluate the control every this many iterations")->capture_default_str();
+  soc_cmd->add_option("--eval-batch", soc.eval_batch, "Paths per evaluation")->capture_default_str();
+  soc_cmd->add_option("-o,--out", soc.out, "Directory for the curves, metrics and summary")->required();
+  soc_cmd->add_flag("-q,--quiet", soc.quiet, "No progress bar");
+  soc_cmd->add_flag("--json", soc.json, "Print the summary as one JSON object instead of a Markdown table");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (app.got_subcommand("pretrain")) return tilt::cli::run_pretrain(pretrain);
@@ -74,6 +93,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("sample")) return tilt::cli::run_sample(sample);
     if (app.got_subcommand("eval")) return tilt::cli::run_eval(eval);
     if (app.got_subcommand("plot")) return tilt::cli::run_plot(plot);
+    if (app.got_subcommand("soc")) return tilt::cli::run_soc(soc);
   } catch (const tilt::Error& e) {
     std::fprintf(stderr, "tilt: error: %s\n", e.what());
     return 1;

@@ -94,7 +94,6 @@ LossOutput AdjointMatchingSoc::compute(Generator& gen) {
   out.loss = residual.pow(2).sum(1).mean();  // = (1/K) sum_k mean_b |u + sigma^T a|^2
   at::NoGradGuard no_grad;
   out.metrics.emplace_back("control_objective", control_objective(paths));
-  if (problem_->has_ground_truth()) out.metrics.emplace_back("control_l2_error", control_l2_error(*problem_, paths, u));
   return out;
 }
 
@@ -262,6 +261,26 @@ LossOutput ReinforceSoc::compute(Generator& gen) {
   at::NoGradGuard no_grad;
   out.metrics.emplace_back("control_objective", cost.mean().item<double>());
   return out;
+}
+
+const std::vector<std::string>& soc_loss_names() {
+  static const std::vector<std::string> names{"adjoint_matching", "discrete_adjoint", "cross_entropy", "log_variance",
+                                              "variance",         "moment",           "reinforce"};
+  return names;
+}
+
+std::unique_ptr<Loss> make_soc_loss(const std::string& name, ProblemPtr problem, ParametricControlPtr control,
+                                    const SocLossOptions& options) {
+  if (name == "adjoint_matching") return std::make_unique<AdjointMatchingSoc>(problem, control, options);
+  if (name == "discrete_adjoint") return std::make_unique<DiscreteAdjointSoc>(problem, control, options);
+  if (name == "cross_entropy") return std::make_unique<CrossEntropySoc>(problem, control, options);
+  if (name == "log_variance") return std::make_unique<LogVarianceSoc>(problem, control, options);
+  if (name == "variance") return std::make_unique<VarianceSoc>(problem, control, options);
+  if (name == "moment") return std::make_unique<MomentSoc>(problem, control, options);
+  if (name == "reinforce") return std::make_unique<ReinforceSoc>(problem, control, options);
+  std::string valid;
+  for (const auto& n : soc_loss_names()) valid += (valid.empty() ? "" : ", ") + n;
+  throw Error("unknown SOC loss '" + name + "' (valid: " + valid + ")");
 }
 
 }  // namespace tilt::soc

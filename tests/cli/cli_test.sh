@@ -128,5 +128,27 @@ else
   fail "NaN handling (rc=$rc): $out"
 fi
 
+# tilt soc: a short comparison of two losses on an SOC benchmark problem.
+if "$tilt" soc -q --problem linear_ou -l adjoint_matching -l cross_entropy --iterations 10 --eval-every 5 \
+     --eval-batch 64 --batch 32 --hidden 16 --threads 2 --json -o soc > soc.json 2> soc.log &&
+   python3 -c "
+import json, sys
+s = json.load(open('soc.json'))
+assert s['problem'] == 'linear_ou' and set(s['losses']) == {'adjoint_matching', 'cross_entropy'}, s
+for name, row in s['losses'].items():
+    assert row['control_l2_error'] > 0 and row['initial_control_l2_error'] > 0, row
+    assert len(open('soc/' + name + '.eval.jsonl').read().splitlines()) == 3
+assert 'optimal_value' in s
+" && [ -s soc/curves.png ] && [ -s soc/summary.md ]; then
+  pass "soc: two losses, JSON summary, eval curves and PNG"
+else
+  fail "soc run: $(cat soc.log soc.json)"
+fi
+expect_error "soc: unknown loss lists the valid ones" "unknown SOC loss 'adjoint' (valid: adjoint_matching," \
+  "$tilt" soc -l adjoint -o soc2
+expect_error "soc: unknown problem lists the valid ones" "unknown SOC problem 'double_well' (valid:" \
+  "$tilt" soc -p double_well -l moment -o soc2
+expect_error "soc: refuses to overwrite a run" "already holds an SOC run" "$tilt" soc -q -l moment --iterations 1 -o soc
+
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

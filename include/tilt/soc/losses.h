@@ -14,6 +14,8 @@
 #include "tilt/train/loss.h"
 
 #include <memory>
+#include <string>
+#include <vector>
 
 namespace tilt::soc {
 
@@ -31,7 +33,7 @@ class AdjointMatchingSoc : public Loss {
 
   std::string name() const override { return "adjoint_matching"; }
   std::vector<Tensor> parameters() const override { return control_->parameters(); }
-  /// Metrics: the batch's control objective and, where the problem knows u*, the control L2 error.
+  /// Metrics: the batch's control objective.
   LossOutput compute(Generator& gen) override;
 
  private:
@@ -139,5 +141,12 @@ class ReinforceSoc : public Loss {
   ParametricControlPtr control_;
   SocLossOptions options_;
 };
+
+/// The loss called `name`: adjoint_matching, discrete_adjoint, cross_entropy, log_variance, variance,
+/// moment, reinforce. Throws tilt::Error listing them otherwise.
+std::unique_ptr<Loss> make_soc_loss(const std::string& name, ProblemPtr problem, ParametricControlPtr control,
+                                    const SocLossOptions& options);
+/// The names make_soc_loss accepts.
+const std::vector<std::string>& soc_loss_names();
 
 }  // namespace tilt::soc

@@ -1,0 +1,165 @@
+// tilt soc: train a control network on an SOC benchmark problem with one or several losses, and
+// compare them on the control L2 error under the optimal path law (mission-anchors section 2.4).
+#include "commands.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/plot.h"
+#include "tilt/soc/losses.h"
+#include "tilt/soc/problems.h"
+#include "tilt/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
+
+#include <cmath>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+
+namespace tilt::cli {
+
+namespace {
+
+struct Evaluation {
+  int64_t iteration = 0;
+  double l2_error = NAN, objective = NAN, weight_std = NAN;
+};
+
+// The metrics on a fixed set of fresh paths of the current control (the same noise every time, so
+// that the curves compare iterates rather than noise).
+Evaluation evaluate(const soc::Problem& problem, const soc::ParametricControl& control, int64_t batch, int64_t steps,
+                    uint64_t seed, int64_t iteration) {
+  at::NoGradGuard no_grad;
+  Generator gen = make_generator(seed);
+  const soc::ControlledPaths paths = soc::simulate(problem, control.as_control(), batch, steps, gen);
+  Evaluation e;
+  e.iteration = iteration;
+  e.objective = soc::control_objective(paths);
+  e.weight_std = soc::normalised_weight_std(paths);
+  if (problem.has_ground_truth()) e.l2_error = soc::control_l2_error(problem, paths, control.as_control());
+  return e;
+}
+
+Json to_json(const Evaluation& e) {
+  Json j{{"iteration", e.iteration}, {"control_objective", e.objective}, {"normalised_weight_std", e.weight_std}};
+  if (std::isfinite(e.l2_error)) j["control_l2_error"] = e.l2_error;
+  return j;
+}
+
+std::string fmt(double x, const char* spec = "%.4g") {
+  if (!std::isfinite(x)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, spec, x);
+  return buf;
+}
+
+}  // namespace
+
+int run_soc(const SocArgs& args) {
+  set_threads(args.threads);
+  if (args.losses.empty()) throw Error("give at least one --loss");
+  if (args.iterations < 1 || args.batch < 1 || args.eval_every < 1 || args.eval_batch < 2) {
+    throw Error("--iterations, --batch and --eval-every must be >= 1, --eval-batch >= 2");
+  }
+  const soc::ProblemPtr problem = soc::make_problem(args.problem, static_cast<uint64_t>(args.seed));
+  for (const auto& name : args.losses) {
+    bool known = false;
+    for (const auto& n : soc::soc_loss_names()) known = known || n == name;
+    if (!known) soc::make_soc_loss(name, problem, nullptr, {});  // throws the error that lists the losses
+  }
+  if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
+  if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
+    throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
+  }
+  make_directories(args.out);
+  const Json resolved{{"problem", args.problem}, {"losses", args.losses},    {"iterations", args.iterations},
+                      {"batch", args.batch},     {"steps", args.steps},      {"lr", args.lr},
+                      {"hidden", args.hidden},   {"seed", args.seed},        {"eval_every", args.eval_every},
+                      {"eval_batch", args.eval_batch}};
+  atomic_write(args.out + "/soc.resolved.json", resolved.dump(2) + "\n");
+  const int64_t steps = args.steps > 0 ? args.steps : problem->default_steps();
+  const uint64_t eval_seed = mix_seed(static_cast<uint64_t>(args.seed), 3);
+
+  Json summary{{"problem", problem->name()}, {"dim", problem->dim()}, {"iterations", args.iterations}, {"losses", Json::object()}};
+  if (problem->has_ground_truth()) {
+    Generator gen = make_generator(0);
+    summary["optimal_value"] = problem->value(problem->initial_state(1, gen), 0.0).item<double>();
+  }
+  std::vector<plot::Series> curves;
+  for (const auto& name : args.losses) {
+    // Every loss starts from the same network.
+    auto control = std::make_shared<soc::ControlNetwork>(problem->dim(), problem->horizon(), args.hidden,
+                                                         mix_seed(static_cast<uint64_t>(args.seed), 1));
+    soc::SocLossOptions so;
+    so.batch_size = args.batch;
+    so.num_steps = steps;
+    auto loss = soc::make_soc_loss(name, problem, control, so);
+    TrainerOptions topt;
+    topt.iterations = args.iterations;
+    topt.adam = {args.lr, 0.9, 0.999, 1e-8, 0.0};
+    topt.grad_clip = 0;
+    topt.seed = mix_seed(static_cast<uint64_t>(args.seed), 2);
+    topt.metrics_path = args.out + "/" + name + ".jsonl";
+    topt.progress = !args.quiet;
+    topt.label = name;
+    std::vector<Evaluation> evals{evaluate(*problem, *control, args.eval_batch, steps, eval_seed, 0)};
+    double train_seconds = 0;
+    Trainer trainer(*loss, topt);
+    trainer.run([&](const StepResult& r) {
+      train_seconds += r.seconds;
+      if (r.iteration % args.eval_every == 0 || r.iteration == args.iterations) {
+        evals.push_back(evaluate(*problem, *control, args.eval_batch, steps, eval_seed, r.iteration));
+      }
+    });
+    std::ostringstream lines;
+    plot::Series curve{name, {}, {}};
+    for (const auto& e : evals) {
+      lines << to_json(e).dump() << '\n';
+      curve.x.push_back(static_cast<double>(e.iteration));
+      curve.y.push_back(problem->has_ground_truth() ? e.l2_error : e.objective);
+    }
+    atomic_write(args.out + "/" + name + ".eval.jsonl", lines.str());
+    curves.push_back(curve);
+    const Evaluation& first = evals.front();
+    const Evaluation& last = evals.back();
+    Json row = to_json(last);
+    row.erase("iteration");
+    row["initial_control_l2_error"] = std::isfinite(first.l2_error) ? Json(first.l2_error) : Json();
+    row["ms_per_iteration"] = 1e3 * train_seconds / static_cast<double>(args.iterations);
+    summary["losses"][name] = row;
+  }
+  atomic_write(args.out + "/summary.json", summary.dump(2) + "\n");
+
+  plot::LineOptions po;
+  po.title = problem->name() + " (d = " + std::to_string(problem->dim()) + ")";
+  po.x_label = "iteration";
+  po.y_label = problem->has_ground_truth() ? "control L2 error" : "control objective";
+  po.log_y = problem->has_ground_truth();
+  plot::write_line_png(args.out + "/curves.png", curves, po);
+
+  std::ostringstream md;
+  md << "| loss | control L2 error: initial | final | reduction | control objective | weight std | ms / iteration |\n"
+     << "|---|---|---|---|---|---|---|\n";
+  for (const auto& name : args.losses) {
+    const Json& r = summary["losses"][name];
+    const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
+    const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
+    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
+       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
+       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
+  }
+  if (summary.contains("optimal_value")) {
+    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
+  }
+  atomic_write(args.out + "/summary.md", md.str());
+  if (args.json) {
+    std::printf("%s\n", summary.dump().c_str());
+  } else {
+    std::printf("%s", md.str().c_str());
+  }
+  info("wrote " + args.out + "/{summary.md, summary.json, curves.png, <loss>.jsonl, <loss>.eval.jsonl}");
+  return 0;
+}
+
+}  // namespace tilt::cli

@@ -43,8 +43,9 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
   std::vector<Tensor> a(static_cast<size_t>(K) + 1);
   a[K] = problem.terminal_cost_grad(x[K]).to(at::kDouble);
   for (int64_t k = K - 1; k >= 0; --k) {
-    // Exact gradient of the Euler-Maruyama cost sum_k f(X_k) h + g(X_K) with respect to X_k, with the
-    // control's own dependence on X left out (Adjoint Matching, Eq. 38: the "lean" adjoint).
+    // a_k = d/dX_k of sum_{j >= k} f(X_j) h + g(X_K) through the uncontrolled Euler step
+    // X_{j+1} = X_j + h b(X_j): the control's dependence on X and its cost are left out, which is what
+    // makes the adjoint "lean" (Adjoint Matching, Eq. 38-39; spec section 4).
     const double t = static_cast<double>(k) * h;
     a[k] = a[k + 1] + h * (problem.drift_vjp(x[k], t, a[k + 1]).to(at::kDouble) +
                            problem.state_cost_grad(x[k], t).to(at::kDouble));
@@ -53,6 +54,10 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
 }
 
 namespace {
+int64_t steps_of(const Problem& problem, const SocLossOptions& options) {
+  return options.num_steps > 0 ? options.num_steps : problem.default_steps();
+}
+
 void check_loss_setup(const std::string& loss, const ProblemPtr& problem, const ParametricControlPtr& control,
                       const SocLossOptions& options) {
   if (!problem) throw Error(loss + ": no SOC problem");
@@ -72,7 +77,7 @@ AdjointMatchingSoc::AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr 
 }
 
 LossOutput AdjointMatchingSoc::compute(Generator& gen) {
-  const int64_t K = options_.num_steps > 0 ? options_.num_steps : problem_->default_steps();
+  const int64_t K = steps_of(*problem_, options_);
   const int64_t B = options_.batch_size;
   const double T = problem_->horizon(), h = T / static_cast<double>(K);
   const Control u = control_->as_control();
@@ -104,7 +109,7 @@ DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr 
 }
 
 LossOutput DiscreteAdjointSoc::compute(Generator& gen) {
-  const int64_t K = options_.num_steps > 0 ? options_.num_steps : problem_->default_steps();
+  const int64_t K = steps_of(*problem_, options_);
   const int64_t B = options_.batch_size, d = problem_->dim();
   const double h = problem_->horizon() / static_cast<double>(K), sqrt_h = std::sqrt(h);
   const Tensor sigma_t = problem_->sigma().to(at::kDouble).t();
@@ -135,7 +140,7 @@ struct OnPolicy {
 
 OnPolicy on_policy(const Problem& problem, const ParametricControl& control, const SocLossOptions& options,
                    Generator& gen) {
-  const int64_t K = options.num_steps > 0 ? options.num_steps : problem.default_steps();
+  const int64_t K = steps_of(problem, options);
   const int64_t B = options.batch_size;
   OnPolicy o;
   o.h = problem.horizon() / static_cast<double>(K);

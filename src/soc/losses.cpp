@@ -53,31 +53,25 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
   return a;
 }
 
-namespace {
-int64_t steps_of(const Problem& problem, const SocLossOptions& options) {
-  return options.num_steps > 0 ? options.num_steps : problem.default_steps();
-}
-
-void check_loss_setup(const std::string& loss, const ProblemPtr& problem, const ParametricControlPtr& control,
-                      const SocLossOptions& options) {
-  if (!problem) throw Error(loss + ": no SOC problem");
-  if (!control) throw Error(loss + ": no control network");
-  if (control->dim() != problem->dim()) {
-    throw Error(loss + ": the control network has dimension " + std::to_string(control->dim()) + " but the problem '" +
-                problem->name() + "' has dimension " + std::to_string(problem->dim()));
-  }
-  if (options.batch_size < 1) throw Error(loss + ": batch_size must be >= 1");
-}
-}  // namespace
-
-AdjointMatchingSoc::AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control,
-                                       const SocLossOptions& options)
+SocLoss::SocLoss(const std::string& label, ProblemPtr problem, ParametricControlPtr control,
+                 const SocLossOptions& options)
     : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
-  check_loss_setup("adjoint matching", problem_, control_, options_);
+  if (!problem_) throw Error(label + ": no SOC problem");
+  if (!control_) throw Error(label + ": no control network");
+  if (control_->dim() != problem_->dim()) {
+    throw Error(label + ": the control network has dimension " + std::to_string(control_->dim()) +
+                " but the problem '" + problem_->name() + "' has dimension " + std::to_string(problem_->dim()));
+  }
+  if (options_.batch_size < 1) throw Error(label + ": batch_size must be >= 1");
 }
+
+int64_t SocLoss::steps() const { return options_.num_steps > 0 ? options_.num_steps : problem_->default_steps(); }
+
+AdjointMatchingSoc::AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
+    : SocLoss("adjoint matching", std::move(problem), std::move(control), options) {}
 
 LossOutput AdjointMatchingSoc::compute(Generator& gen) {
-  const int64_t K = steps_of(*problem_, options_);
+  const int64_t K = steps();
   const int64_t B = options_.batch_size;
   const double T = problem_->horizon(), h = T / static_cast<double>(K);
   const Control u = control_->as_control();
@@ -102,14 +96,11 @@ LossOutput AdjointMatchingSoc::compute(Generator& gen) {
   return out;
 }
 
-DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr control,
-                                       const SocLossOptions& options)
-    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
-  check_loss_setup("discrete adjoint", problem_, control_, options_);
-}
+DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
+    : SocLoss("discrete adjoint", std::move(problem), std::move(control), options) {}
 
 LossOutput DiscreteAdjointSoc::compute(Generator& gen) {
-  const int64_t K = steps_of(*problem_, options_);
+  const int64_t K = steps();
   const int64_t B = options_.batch_size, d = problem_->dim();
   const double h = problem_->horizon() / static_cast<double>(K), sqrt_h = std::sqrt(h);
   const Tensor sigma_t = problem_->sigma().to(at::kDouble).t();
@@ -138,10 +129,7 @@ struct OnPolicy {
   double h;
 };
 
-OnPolicy on_policy(const Problem& problem, const ParametricControl& control, const SocLossOptions& options,
-                   Generator& gen) {
-  const int64_t K = steps_of(problem, options);
-  const int64_t B = options.batch_size;
+OnPolicy on_policy(const Problem& problem, const ParametricControl& control, int64_t K, int64_t B, Generator& gen) {
   OnPolicy o;
   o.h = problem.horizon() / static_cast<double>(K);
   {
@@ -159,12 +147,10 @@ OnPolicy on_policy(const Problem& problem, const ParametricControl& control, con
 }  // namespace
 
 CrossEntropySoc::CrossEntropySoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
-  check_loss_setup("cross-entropy", problem_, control_, options_);
-}
+    : SocLoss("cross-entropy", std::move(problem), std::move(control), options) {}
 
 LossOutput CrossEntropySoc::compute(Generator& gen) {
-  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
   Tensor w;
   {
     at::NoGradGuard no_grad;
@@ -181,8 +167,7 @@ LossOutput CrossEntropySoc::compute(Generator& gen) {
 }
 
 LogVarianceSoc::LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
-  check_loss_setup("log-variance", problem_, control_, options_);
+    : SocLoss("log-variance", std::move(problem), std::move(control), options) {
   if (options_.batch_size < 2) throw Error("log-variance: batch_size must be >= 2 (it is a variance)");
 }
 
@@ -196,7 +181,7 @@ Tensor log_ratio_statistic(const OnPolicy& o) {
 }  // namespace
 
 LossOutput LogVarianceSoc::compute(Generator& gen) {
-  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
   const Tensor Y = log_ratio_statistic(o);
   LossOutput out;
   out.loss = Y.var(/*unbiased=*/true);
@@ -206,13 +191,12 @@ LossOutput LogVarianceSoc::compute(Generator& gen) {
 }
 
 VarianceSoc::VarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
-  check_loss_setup("variance", problem_, control_, options_);
+    : SocLoss("variance", std::move(problem), std::move(control), options) {
   if (options_.batch_size < 2) throw Error("variance: batch_size must be >= 2 (it is a variance)");
 }
 
 LossOutput VarianceSoc::compute(Generator& gen) {
-  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
   const Tensor Y = log_ratio_statistic(o);
   // exp(Y - shift) with a detached shift: the ratio var / mean^2 does not depend on it.
   const Tensor shift = Y.detach().max();
@@ -225,12 +209,8 @@ LossOutput VarianceSoc::compute(Generator& gen) {
 }
 
 MomentSoc::MomentSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, double y0)
-    : problem_(std::move(problem)),
-      control_(std::move(control)),
-      options_(options),
-      y0_(at::full({}, y0, at::kDouble).requires_grad_(true)) {
-  check_loss_setup("moment", problem_, control_, options_);
-}
+    : SocLoss("moment", std::move(problem), std::move(control), options),
+      y0_(at::full({}, y0, at::kDouble).requires_grad_(true)) {}
 
 std::vector<Tensor> MomentSoc::parameters() const {
   std::vector<Tensor> p = control_->parameters();
@@ -241,7 +221,7 @@ std::vector<Tensor> MomentSoc::parameters() const {
 double MomentSoc::y0() const { return y0_.item<double>(); }
 
 LossOutput MomentSoc::compute(Generator& gen) {
-  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
   LossOutput out;
   out.loss = (log_ratio_statistic(o) + y0_).pow(2).mean();
   at::NoGradGuard no_grad;
@@ -251,12 +231,10 @@ LossOutput MomentSoc::compute(Generator& gen) {
 }
 
 ReinforceSoc::ReinforceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
-  check_loss_setup("reinforce", problem_, control_, options_);
-}
+    : SocLoss("reinforce", std::move(problem), std::move(control), options) {}
 
 LossOutput ReinforceSoc::compute(Generator& gen) {
-  const OnPolicy o = on_policy(*problem_, *control_, options_, gen);
+  const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
   // grad log p(path) = sum_k (d u_theta(X_k))^T dW_k for the Euler-Maruyama kernel with control u_theta.
   const Tensor cost = (o.paths.running_cost + o.paths.terminal_cost).detach();
   const Tensor score = (o.u_theta * o.dW).sum(2).sum(0);

@@ -27,90 +27,85 @@ struct SocLossOptions {
 /// The lean adjoint a_k, k = 0..K, along recorded states x_0..x_K on a uniform grid of [0, T].
 std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tensor>& x, double T);
 
-class AdjointMatchingSoc : public Loss {
+/// What every SOC loss holds: the problem, the control it trains, the batch and grid. The
+/// constructor checks them (names the loss in its errors); parameters() are the control's.
+class SocLoss : public Loss {
  public:
-  AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
-
-  std::string name() const override { return "adjoint_matching"; }
   std::vector<Tensor> parameters() const override { return control_->parameters(); }
-  /// Metrics: the batch's control objective.
-  LossOutput compute(Generator& gen) override;
 
- private:
+ protected:
+  SocLoss(const std::string& label, ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  /// K: options.num_steps, or the problem's default.
+  int64_t steps() const;
+
   ProblemPtr problem_;
   ParametricControlPtr control_;
   SocLossOptions options_;
+};
+
+/// Adjoint Matching (above). Metrics: the batch's control objective.
+class AdjointMatchingSoc : public SocLoss {
+ public:
+  AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "adjoint_matching"; }
+  LossOutput compute(Generator& gen) override;
 };
 
 /// The discrete adjoint (SOCM's "rel_entropy"): the control objective itself,
 ///   loss = mean_b [ sum_k (1/2 |u_theta(X_k, t_k)|^2 + f(X_k, t_k)) h + g(X_K) ],
 /// backpropagated through the whole simulated trajectory (the control's effect on later states
 /// included). Its gradient is that of J(u_theta) for the discretised problem; the memory grows with K.
-class DiscreteAdjointSoc : public Loss {
+class DiscreteAdjointSoc : public SocLoss {
  public:
   DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
-
   std::string name() const override { return "discrete_adjoint"; }
-  std::vector<Tensor> parameters() const override { return control_->parameters(); }
   LossOutput compute(Generator& gen) override;
-
- private:
-  ProblemPtr problem_;
-  ParametricControlPtr control_;
-  SocLossOptions options_;
 };
 
 /// Cross-entropy (SOCM's "cross_entropy"): KL(P* || P^{u_theta}) up to a constant, estimated on paths
 /// of the current control u_s (detached) with self-normalised importance weights w ∝ dP*/dP^{u_s}:
 ///   loss = sum_b w_b [ sum_k (1/2 |u_theta|^2 - u_theta . u_s) h - sum_k u_theta . dW_k ].
-class CrossEntropySoc : public Loss {
+class CrossEntropySoc : public SocLoss {
  public:
   CrossEntropySoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
   std::string name() const override { return "cross_entropy"; }
-  std::vector<Tensor> parameters() const override { return control_->parameters(); }
   LossOutput compute(Generator& gen) override;
-
- private:
-  ProblemPtr problem_;
-  ParametricControlPtr control_;
-  SocLossOptions options_;
 };
 
 /// Log-variance (SOCM's "log-variance"): the batch variance of
 ///   Y = sum_k (1/2 |u_theta|^2 - u_theta . u_s - f) h - sum_k u_theta . dW_k - g,
 /// on paths of the current control u_s (detached), no weights. Y = -V(x0) on every path when
 /// u_theta = u*, whatever u_s, so the loss is 0 there.
-class LogVarianceSoc : public Loss {
+class LogVarianceSoc : public SocLoss {
  public:
   LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
   std::string name() const override { return "log_variance"; }
-  std::vector<Tensor> parameters() const override { return control_->parameters(); }
   LossOutput compute(Generator& gen) override;
-
- private:
-  ProblemPtr problem_;
-  ParametricControlPtr control_;
-  SocLossOptions options_;
 };
 
 /// Variance (SOCM's "variance"): the batch variance of exp(Y) (Y as in LogVarianceSoc), divided by
 /// the squared batch mean of exp(Y) (detached) so that its scale does not depend on V(x0).
-class VarianceSoc : public Loss {
+class VarianceSoc : public SocLoss {
  public:
   VarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
   std::string name() const override { return "variance"; }
-  std::vector<Tensor> parameters() const override { return control_->parameters(); }
   LossOutput compute(Generator& gen) override;
+};
 
- private:
-  ProblemPtr problem_;
-  ParametricControlPtr control_;
-  SocLossOptions options_;
+/// REINFORCE: the score-function estimator of grad J(u_theta) on detached paths of the current control,
+///   loss = mean_b [ C_b sum_k u_theta(X_k) . dW_k + sum_k 1/2 |u_theta(X_k)|^2 h ],
+/// C_b the path's cost (detached). Its expected gradient is that of the discretised J, the same as the
+/// discrete adjoint's; its value is not J.
+class ReinforceSoc : public SocLoss {
+ public:
+  ReinforceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "reinforce"; }
+  LossOutput compute(Generator& gen) override;
 };
 
 /// Moment (SOCM's "moment"): mean_b (Y + y0)^2 with a learnt scalar y0 (Y as in LogVarianceSoc); at
 /// u* it is 0 with y0 = V(x0). parameters() = the control's, then y0.
-class MomentSoc : public Loss {
+class MomentSoc : public SocLoss {
  public:
   MomentSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, double y0 = 0.0);
   std::string name() const override { return "moment"; }
@@ -119,27 +114,7 @@ class MomentSoc : public Loss {
   double y0() const;
 
  private:
-  ProblemPtr problem_;
-  ParametricControlPtr control_;
-  SocLossOptions options_;
   Tensor y0_;
-};
-
-/// REINFORCE: the score-function estimator of grad J(u_theta) on detached paths of the current control,
-///   loss = mean_b [ C_b sum_k u_theta(X_k) . dW_k + sum_k 1/2 |u_theta(X_k)|^2 h ],
-/// C_b the path's cost (detached). Its expected gradient is that of the discretised J, the same as the
-/// discrete adjoint's; its value is not J.
-class ReinforceSoc : public Loss {
- public:
-  ReinforceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
-  std::string name() const override { return "reinforce"; }
-  std::vector<Tensor> parameters() const override { return control_->parameters(); }
-  LossOutput compute(Generator& gen) override;
-
- private:
-  ProblemPtr problem_;
-  ParametricControlPtr control_;
-  SocLossOptions options_;
 };
 
 /// The loss called `name`: adjoint_matching, discrete_adjoint, cross_entropy, log_variance, variance,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs the tests: unit and CLI tests (~1 min after the build).
-# TILT_SLOW=1 also runs the end-to-end fine-tuning claims (ctest label "slow", ~13 min on 2 cores).
+# TILT_SLOW=1 also runs the end-to-end fine-tuning claims (ctest label "slow", ~23 min on 2 cores).
 # Extra arguments go to ctest, e.g. scripts/test.sh -R unit.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -37,7 +37,7 @@ Evaluation evaluate(const soc::Problem& problem, const soc::ParametricControl& c
   e.iteration = iteration;
   e.objective = soc::control_objective(paths);
   e.weight_std = soc::normalised_weight_std(paths);
-  if (problem.has_ground_truth()) e.l2_error = soc::control_l2_error(problem, paths, control.as_control());
+  if (problem.has_ground_truth()) e.l2_error = soc::control_l2_error(problem, paths);
   return e;
 }
 
@@ -63,11 +63,7 @@ int run_soc(const SocArgs& args) {
     throw Error("--iterations, --batch and --eval-every must be >= 1, --eval-batch >= 2");
   }
   const soc::ProblemPtr problem = soc::make_problem(args.problem, static_cast<uint64_t>(args.seed));
-  for (const auto& name : args.losses) {
-    bool known = false;
-    for (const auto& n : soc::soc_loss_names()) known = known || n == name;
-    if (!known) soc::make_soc_loss(name, problem, nullptr, {});  // throws the error that lists the losses
-  }
+  for (const auto& name : args.losses) soc::check_soc_loss_name(name);
   if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
   if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
     throw Error("'" + args.out + "' already holds an SOC run; choose another --out");

@@ -111,16 +111,28 @@ double normalised_weight_std(const ControlledPaths& p) {
   return (w.std(/*unbiased=*/false) / w.mean()).item<double>();
 }
 
-double control_l2_error(const Problem& problem, const ControlledPaths& p, const Control& u) {
+namespace {
+// sum_k sum_b w_b |u_k - u*(X_k, t_k)|^2 / K with self-normalised weights, u_k given by `control_at(k)`.
+double weighted_control_error(const Problem& problem, const ControlledPaths& p,
+                              const std::function<Tensor(int64_t)>& control_at) {
   at::NoGradGuard no_grad;
   const Tensor w = normalised_weights(p);
   const int64_t K = static_cast<int64_t>(p.u.size());
   double total = 0.0;
   for (int64_t k = 0; k < K; ++k) {
-    const Tensor diff = u(p.x[k], p.t[k]).to(at::kDouble) - problem.optimal_control(p.x[k], p.t[k]).to(at::kDouble);
+    const Tensor diff = control_at(k).to(at::kDouble) - problem.optimal_control(p.x[k], p.t[k]).to(at::kDouble);
     total += (w * diff.pow(2).sum(1)).sum().item<double>();
   }
   return total / static_cast<double>(K);
+}
+}  // namespace
+
+double control_l2_error(const Problem& problem, const ControlledPaths& p, const Control& u) {
+  return weighted_control_error(problem, p, [&](int64_t k) { return u(p.x[k], p.t[k]); });
+}
+
+double control_l2_error(const Problem& problem, const ControlledPaths& p) {
+  return weighted_control_error(problem, p, [&](int64_t k) { return p.u[k]; });
 }
 
 }  // namespace tilt::soc

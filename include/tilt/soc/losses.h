@@ -123,5 +123,7 @@ std::unique_ptr<Loss> make_soc_loss(const std::string& name, ProblemPtr problem,
                                     const SocLossOptions& options);
 /// The names make_soc_loss accepts.
 const std::vector<std::string>& soc_loss_names();
+/// Throws make_soc_loss's error (which lists the names) unless `name` is one of them.
+void check_soc_loss_name(const std::string& name);
 
 }  // namespace tilt::soc

@@ -44,5 +44,7 @@ double normalised_weight_std(const ControlledPaths& paths);
 /// Control L2 error under the optimal path law: sum_k sum_b w_b |u(X_k,t_k) - u*(X_k,t_k)|^2 / (K sum_b w_b),
 /// self-normalised over the batch (SOCM's norm_sqd_diff). `u` is evaluated on the paths' states.
 double control_l2_error(const Problem& problem, const ControlledPaths& paths, const Control& u);
+/// The same for the control that drew the paths, from the values recorded in paths.u (no new evaluation).
+double control_l2_error(const Problem& problem, const ControlledPaths& paths);
 
 }  // namespace tilt::soc

@@ -140,6 +140,34 @@ Tensor GaussianMixture::velocity(const Tensor& x, const ScheduleTensors& s) cons
   return (at::exp(p.log_post).unsqueeze(-1) * v_k).sum(0);
 }
 
+Tensor GaussianMixture::velocity_vjp(const Tensor& x, const ScheduleTensors& s, const Tensor& a,
+                                     Tensor* v_out) const {
+  // With gamma_k the posterior weights, N_k = N(x; alpha mu_k, C_k), z_k = C_k^{-1} (x - alpha mu_k)
+  // (so grad log N_k = -z_k) and M_k = dv_k/dx = (alpha' alpha Sigma_k + beta' beta I) C_k^{-1}
+  // (symmetric), differentiating v = sum_k gamma_k v_k with grad gamma_k = gamma_k (zbar - z_k) gives
+  //   (dv/dx)^T a = sum_k gamma_k [ M_k a - (a.v_k - a.v) z_k ],
+  // evaluated in each component's eigenbasis and rotated back once.
+  check_batch(a, dim(), "adjoint");
+  const Parts p = evaluate(x, s.alpha, s.beta);
+  const auto dt = x.scalar_type();
+  const Tensor al = bcast(s.alpha.to(dt)), be = bcast(s.beta.to(dt));
+  const Tensor da = bcast(s.d_alpha.to(dt)), db = bcast(s.d_beta.to(dt));
+  const Tensor lam = eigenvalues_.to(dt).unsqueeze(1);
+  const Tensor coef = (da * al * lam + db * be) / p.var;                    // M_k's eigenvalues, [K, B, d]
+  const Tensor a_rot = diagonal_ ? a.to(dt).unsqueeze(0) : at::matmul(a.to(dt).unsqueeze(0), p.U);  // U_k^T a
+  const Tensor gamma = at::exp(p.log_post);                                 // [K, B]
+  const Tensor cy = coef * p.y;
+  // a . v_k = a . (alpha' mu_k) + (U_k^T a) . (coef_k y_k): no rotation of v_k needed.
+  const Tensor a_vk = (da * p.mu.unsqueeze(1) * a.to(dt).unsqueeze(0) + a_rot * cy).sum(-1);  // [K, B]
+  const Tensor a_v = (gamma * a_vk).sum(0, /*keepdim=*/true);                                   // [1, B]
+  const Tensor inner = gamma.unsqueeze(-1) * (coef * a_rot - (a_vk - a_v).unsqueeze(-1) * (p.y / p.var));
+  if (v_out) {
+    const Tensor lin = diagonal_ ? cy : at::bmm(cy, p.U.transpose(1, 2));
+    *v_out = (gamma.unsqueeze(-1) * (da * p.mu.unsqueeze(1) + lin)).sum(0).detach();
+  }
+  return diagonal_ ? inner.sum(0) : at::bmm(inner, p.U.transpose(1, 2)).sum(0);
+}
+
 Tensor GaussianMixture::marginal_score(const Tensor& x, const ScheduleTensors& s) const {
   const Parts p = evaluate(x, s.alpha, s.beta);
   const Tensor z = p.y / p.var;
@@ -219,6 +247,11 @@ Tensor GmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
   check_batch(x, dim(), "x");
   check_time(t, x.size(0), "t");
   return mixture_->velocity(x, schedule()->at(t.to(x.scalar_type())));
+}
+
+Tensor GmmVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
+  check_batch(x, dim(), "x");
+  return mixture_->velocity_vjp(x, schedule()->at(at::scalar_tensor(t, x.options())), a, v_out);
 }
 
 }  // namespace tilt

@@ -3,12 +3,26 @@
 
 #include "tilt/core/error.h"
 
+#include "tilt/core/check.h"
+
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 namespace tilt {
 
 Tensor VelocityField::velocity(const Tensor& x, double t) const {
   return velocity(x, at::scalar_tensor(t, x.options()));
+}
+
+Tensor VelocityField::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
+  check_batch(a, dim(), "adjoint");
+  at::AutoGradMode enable_grad(true);
+  const Tensor xg = x.detach().requires_grad_(true);
+  const Tensor v = velocity(xg, t);
+  Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
+  if (v_out) *v_out = v.detach();
+  return g;
 }
 
 FineTuneMode parse_finetune_mode(const std::string& name) {

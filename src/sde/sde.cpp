@@ -6,7 +6,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
-#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 
@@ -44,20 +43,9 @@ Tensor GenerativeSDE::drift(const Tensor& x, double t) const {
   return drift_from_velocity(velocity_->velocity(x, t), x, t);
 }
 
-Tensor velocity_vjp(const VelocityField& field, const Tensor& x, double t, const Tensor& a,
-                    Tensor* v_out) {
-  check_batch(a, field.dim(), "adjoint");
-  at::AutoGradMode enable_grad(true);
-  const Tensor xg = x.detach().requires_grad_(true);
-  const Tensor v = field.velocity(xg, t);
-  Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
-  if (v_out) *v_out = v.detach();
-  return g;
-}
-
 Tensor GenerativeSDE::drift_vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
   const DriftCoefficients c = coefficients(t);
-  return c.c_v * velocity_vjp(*velocity_, x, t, a, v_out) - c.c_x * a;
+  return c.c_v * velocity_->vjp(x, t, a, v_out) - c.c_x * a;
 }
 
 Integrator parse_integrator(const std::string& name) {

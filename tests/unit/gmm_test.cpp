@@ -32,6 +32,34 @@ TEST(GaussianMixture, VelocityJacobianMatchesFiniteDifferences) {
   }
 }
 
+TEST(GaussianMixture, ClosedFormVjpMatchesAutogradAndFiniteDifferences) {
+  // GmmVelocity::vjp (closed form) against the autograd default and against central differences of
+  // v, for rotated and diagonal covariances, in double and in float32.
+  for (const auto& schedule : {make_linear_schedule(), make_vp_schedule()}) {
+    for (auto mixture : {test::ring_mixture_2d(), test::random_mixture(5, 3, 7)}) {
+      GmmVelocity field(mixture, schedule);
+      Generator gen = make_generator(3);
+      const at::Tensor x = 2.0 * at::randn({7, mixture->dim()}, gen, kDouble);
+      const at::Tensor a = at::randn({7, mixture->dim()}, gen, kDouble);
+      for (double t : {0.0, 0.05, 0.5, 0.97}) {
+        at::Tensor v;
+        const at::Tensor closed = field.vjp(x, t, a, &v);
+        const at::Tensor reference = field.VelocityField::vjp(x, t, a);
+        const double scale = 1 + reference.abs().max().item<double>();
+        EXPECT_LT((closed - reference).abs().max().item<double>(), 1e-10 * scale)
+            << schedule->name() << " d=" << mixture->dim() << " t=" << t;
+        EXPECT_LT((v - field.velocity(x, t)).abs().max().item<double>(), 1e-12);
+        const at::Tensor J_fd = test::fd_jacobian([&](const at::Tensor& y) { return field.velocity(y, t); }, x);
+        const at::Tensor fd = at::matmul(J_fd.transpose(1, 2), a.unsqueeze(-1)).squeeze(-1);  // J^T a
+        EXPECT_LT((closed - fd).abs().max().item<double>(), 1e-6 * scale) << "finite differences, t=" << t;
+        const at::Tensor closed32 = field.vjp(x.to(at::kFloat), t, a.to(at::kFloat));
+        EXPECT_EQ(closed32.scalar_type(), at::kFloat);
+        EXPECT_LT((closed32.to(at::kDouble) - reference).abs().max().item<double>(), 1e-4 * scale);
+      }
+    }
+  }
+}
+
 TEST(GaussianMixture, VelocityIsKappaXPlusEtaScore) {
   // v = kappa x + eta s (spec section 1) at interior times, where both are finite.
   for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule(), make_vp_schedule()}) {

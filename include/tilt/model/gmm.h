@@ -42,6 +42,8 @@ class GaussianMixture {
   /// s holds alpha, beta, alpha', beta' as 0-dim tensors or [B].
   Tensor velocity(const Tensor& x, const ScheduleTensors& s) const;
   Tensor marginal_score(const Tensor& x, const ScheduleTensors& s) const;
+  /// (dv/dx)^T a in closed form (no autograd), v(x) in *v_out if given; s as for velocity().
+  Tensor velocity_vjp(const Tensor& x, const ScheduleTensors& s, const Tensor& a, Tensor* v_out = nullptr) const;
 
   /// p(x) exp(a.x) / Z: component N(mu + Sigma a, Sigma), weight ∝ w exp(a.mu + a.Sigma a / 2).
   /// If log_z is given it receives log Z = log E_p[exp(a.x)].
@@ -73,6 +75,8 @@ class GmmVelocity : public VelocityField {
   int64_t dim() const override { return mixture_->dim(); }
   using VelocityField::velocity;
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  /// Closed form (GaussianMixture::velocity_vjp): about 2x faster than autograd in the lean adjoint.
+  Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const override;
   const GaussianMixture& mixture() const { return *mixture_; }
 
  private:

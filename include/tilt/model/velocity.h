@@ -27,6 +27,11 @@ class VelocityField {
   /// v(x, t) at one time for the whole batch.
   Tensor velocity(const Tensor& x, double t) const;
 
+  /// The vector-Jacobian product (dv/dx)^T a at one time t for the whole batch (a: [B, d]); if
+  /// v_out is given it receives v(x, t), detached. The default runs one reverse pass of autograd
+  /// (with gradients enabled even under a NoGradGuard); closed-form fields override it.
+  virtual Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const;
+
   /// Trainable parameters; empty for closed-form fields and frozen models.
   virtual std::vector<Tensor> parameters() const { return {}; }
   /// Freezes (false) or unfreezes (true) the parameters; no-op for closed-form fields.

@@ -25,18 +25,14 @@ class GenerativeSDE {
   Tensor drift(const Tensor& x, double t) const;
   /// b(x, t) from an already computed v(x, t).
   Tensor drift_from_velocity(const Tensor& v, const Tensor& x, double t) const;
-  /// The vector-Jacobian product (grad_x b(x,t))^T a = c_v (dv/dx)^T a - c_x a, by one reverse
-  /// pass through the velocity field (x is not modified). If v_out is given it receives v(x, t),
-  /// detached. Runs with gradients enabled even under a NoGradGuard.
+  /// The vector-Jacobian product (grad_x b(x,t))^T a = c_v (dv/dx)^T a - c_x a, by the velocity
+  /// field's vjp (one reverse pass of autograd, or a closed form; x is not modified). If v_out is
+  /// given it receives v(x, t), detached. Works under a NoGradGuard.
   Tensor drift_vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const;
 
  private:
   VelocityFieldPtr velocity_;
   NoiseSchedulePtr noise_;
 };
-
-/// (dv/dx)^T a for a velocity field at one time; v(x, t) in *v_out if given.
-Tensor velocity_vjp(const VelocityField& field, const Tensor& x, double t, const Tensor& a,
-                    Tensor* v_out = nullptr);
 
 }  // namespace tilt

@@ -63,7 +63,13 @@ int run_soc(const SocArgs& args) {
     throw Error("--iterations, --batch and --eval-every must be >= 1, --eval-batch >= 2");
   }
   const soc::ProblemPtr problem = soc::make_problem(args.problem, static_cast<uint64_t>(args.seed));
-  for (const auto& name : args.losses) soc::check_soc_loss_name(name);
+  for (const auto& name : args.losses) {
+    soc::check_soc_loss_name(name);
+    // Fails here, before any file is written, where a loss cannot take the problem (a stopping time).
+    soc::make_soc_loss(name, problem, std::make_shared<soc::ControlNetwork>(problem->dim(), problem->horizon(),
+                                                                            std::vector<int64_t>{1}, 0),
+                       soc::SocLossOptions{});
+  }
   if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
   if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
     throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
@@ -90,6 +96,7 @@ int run_soc(const SocArgs& args) {
     soc::SocLossOptions so;
     so.batch_size = args.batch;
     so.num_steps = steps;
+    so.seed = mix_seed(static_cast<uint64_t>(args.seed), 4);  // SOCM's M network
     auto loss = soc::make_soc_loss(name, problem, control, so);
     TrainerOptions topt;
     topt.iterations = args.iterations;
@@ -147,6 +154,9 @@ int run_soc(const SocArgs& args) {
   }
   if (summary.contains("optimal_value")) {
     md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
+  } else {
+    md << "\n" << problem->name() << " has no known optimal control: no control L2 error; compare the control "
+       << "objectives (lower is better).\n";
   }
   atomic_write(args.out + "/summary.md", md.str());
   if (args.json) {

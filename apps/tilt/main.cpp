@@ -69,10 +69,10 @@ int main(int argc, char** argv) {
 
   tilt::cli::SocArgs soc;
   auto* soc_cmd = app.add_subcommand("soc", "Solve an SOC benchmark problem with one or several losses and compare them");
-  soc_cmd->add_option("-p,--problem", soc.problem, "quadratic_ou_easy, quadratic_ou_hard or linear_ou")->capture_default_str();
+  soc_cmd->add_option("-p,--problem", soc.problem, "quadratic_ou_easy, quadratic_ou_hard, linear_ou, double_well or molecular_dynamics")->capture_default_str();
   soc_cmd->add_option("-l,--loss", soc.losses,
-                      "Loss (repeatable): adjoint_matching, discrete_adjoint, cross_entropy, log_variance, variance, "
-                      "moment, reinforce")->required();
+                      "Loss (repeatable): adjoint_matching, continuous_adjoint, discrete_adjoint, socm, socm_const_M, "
+                      "cross_entropy, log_variance, variance, moment, reinforce")->required();
   soc_cmd->add_option("--iterations", soc.iterations, "Training iterations per loss")->capture_default_str();
   soc_cmd->add_option("--batch", soc.batch, "Paths per iteration")->capture_default_str();
   soc_cmd->add_option("--steps", soc.steps, "Euler-Maruyama steps (0: the problem's default)")->capture_default_str();

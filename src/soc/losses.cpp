@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 
@@ -53,10 +54,43 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
   return a;
 }
 
+std::vector<Tensor> full_adjoint(const Problem& problem, const ParametricControl& control, const std::vector<Tensor>& x,
+                                 double T) {
+  const int64_t K = static_cast<int64_t>(x.size()) - 1;
+  if (K < 1) throw Error("full adjoint: needs at least two recorded states");
+  const double h = T / static_cast<double>(K);
+  const Tensor sigma = problem.sigma().to(at::kDouble);
+  std::vector<Tensor> a(static_cast<size_t>(K) + 1);
+  a[K] = problem.terminal_cost_grad(x[K]).to(at::kDouble).detach();
+  for (int64_t k = K - 1; k >= 0; --k) {
+    const double t = static_cast<double>(k) * h;
+    // The control's terms, (grad_x u)^T (sigma^T a_{k+1} + u), by one vector-Jacobian product in x only:
+    // grad_x (sigma u)^T a = (grad_x u)^T sigma^T a and grad_x 1/2 |u|^2 = (grad_x u)^T u.
+    Tensor control_term;
+    {
+      at::AutoGradMode enable_grad(true);
+      const Tensor xg = x[k].detach().to(at::kDouble).requires_grad_(true);
+      const Tensor u = control(xg, t);
+      const Tensor weight = (at::matmul(a[k + 1], sigma) + u).detach();  // rows of (sigma^T a + u)^T
+      control_term = torch::autograd::grad({(u * weight).sum()}, {xg}, {}, false, false)[0].detach();
+    }
+    at::NoGradGuard no_grad;
+    a[k] = a[k + 1] + h * (problem.drift_vjp(x[k], t, a[k + 1]).to(at::kDouble) +
+                           problem.state_cost_grad(x[k], t).to(at::kDouble) + control_term);
+  }
+  return a;
+}
+
 SocLoss::SocLoss(const std::string& label, ProblemPtr problem, ParametricControlPtr control,
-                 const SocLossOptions& options)
+                 const SocLossOptions& options, bool stopping_time)
     : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
   if (!problem_) throw Error(label + ": no SOC problem");
+  if (problem_->has_stopping_time() && !stopping_time) {
+    // Its target differentiates the path, and the stopping time's dependence on the path is not in it.
+    throw Error(label + ": the SOC problem '" + problem_->name() +
+                "' has a stopping time, which this loss does not handle (use cross_entropy, log_variance, "
+                "variance, moment or reinforce)");
+  }
   if (!control_) throw Error(label + ": no control network");
   if (control_->dim() != problem_->dim()) {
     throw Error(label + ": the control network has dimension " + std::to_string(control_->dim()) +
@@ -96,6 +130,179 @@ LossOutput AdjointMatchingSoc::compute(Generator& gen) {
   return out;
 }
 
+namespace {
+// (1/K) sum_k mean_b |u_theta(X_k, t_k) - target_k|^2 (optionally sum_b weight_b instead of the mean).
+Tensor regression_loss(const ParametricControl& control, const ControlledPaths& paths, const std::vector<Tensor>& target,
+                       const Tensor& weight = Tensor()) {
+  const int64_t K = static_cast<int64_t>(paths.u.size());
+  const int64_t B = paths.x[0].size(0);
+  std::vector<Tensor> xs, ts;
+  for (int64_t k = 0; k < K; ++k) {
+    xs.push_back(paths.x[k]);
+    ts.push_back(at::full({B}, paths.t[k], at::kDouble));
+  }
+  std::vector<Tensor> targets(target.begin(), target.begin() + K);
+  const Tensor sq = (control.evaluate(at::cat(xs), at::cat(ts)) - at::cat(targets)).pow(2).sum(1).view({K, B});
+  if (!weight.defined()) return sq.mean();
+  return (sq * weight.unsqueeze(0)).sum() / static_cast<double>(K);
+}
+}  // namespace
+
+ContinuousAdjointSoc::ContinuousAdjointSoc(ProblemPtr problem, ParametricControlPtr control,
+                                           const SocLossOptions& options)
+    : SocLoss("continuous adjoint", std::move(problem), std::move(control), options) {}
+
+LossOutput ContinuousAdjointSoc::compute(Generator& gen) {
+  const int64_t K = steps();
+  ControlledPaths paths;
+  {
+    at::NoGradGuard no_grad;
+    paths = simulate(*problem_, control_->as_control(), options_.batch_size, K, gen);
+  }
+  const std::vector<Tensor> a = full_adjoint(*problem_, *control_, paths.x, problem_->horizon());
+  const Tensor sigma = problem_->sigma().to(at::kDouble);
+  std::vector<Tensor> target;
+  for (const Tensor& ak : a) target.push_back(-at::matmul(ak, sigma));  // rows of -(sigma^T a)^T
+  LossOutput out;
+  out.loss = regression_loss(*control_, paths, target);
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(paths));
+  return out;
+}
+
+ReparametrisationMatrix::ReparametrisationMatrix(int64_t dim, std::vector<int64_t> hidden, double gamma, uint64_t seed,
+                                                 double init_scale)
+    : dim_(dim) {
+  if (dim < 1) throw Error("SOCM's M: the dimension must be >= 1");
+  if (!std::isfinite(gamma) || !std::isfinite(init_scale)) throw Error("SOCM's M: gamma and init_scale must be finite");
+  Generator gen = make_generator(seed);
+  std::vector<int64_t> widths{2};
+  widths.insert(widths.end(), hidden.begin(), hidden.end());
+  widths.push_back(dim * dim);
+  for (size_t l = 0; l + 1 < widths.size(); ++l) {
+    // PyTorch's nn.Linear initialisation, U(-1/sqrt(fan_in), 1/sqrt(fan_in)), times init_scale (SOCM's 0.1).
+    const double bound = init_scale / std::sqrt(static_cast<double>(widths[l]));
+    weights_.push_back(((at::rand({widths[l + 1], widths[l]}, gen, at::kDouble) * 2 - 1) * bound).requires_grad_(true));
+    biases_.push_back(((at::rand({widths[l + 1]}, gen, at::kDouble) * 2 - 1) * bound).requires_grad_(true));
+  }
+  gamma_ = at::full({}, gamma, at::kDouble).requires_grad_(true);
+}
+
+std::pair<Tensor, Tensor> ReparametrisationMatrix::operator()(const Tensor& t, const Tensor& s) const {
+  const int64_t P = t.size(0);
+  // N(t, s) and its tangent dN/ds, pushed forward through the layers together (forward mode).
+  Tensor z = at::stack({t.to(at::kDouble), s.to(at::kDouble)}, 1);
+  Tensor dz = at::stack({at::zeros({P}, at::kDouble), at::ones({P}, at::kDouble)}, 1);
+  for (size_t l = 0; l < weights_.size(); ++l) {
+    if (l > 0) {
+      const Tensor active = (z > 0).to(at::kDouble);
+      z = at::relu(z);
+      dz = dz * active;
+    }
+    z = at::matmul(z, weights_[l].t()) + biases_[l];
+    dz = at::matmul(dz, weights_[l].t());
+  }
+  const Tensor N = z.view({P, dim_, dim_}), dN = dz.view({P, dim_, dim_});
+  const Tensor e = at::exp(-gamma_ * (s.to(at::kDouble) - t.to(at::kDouble))).view({P, 1, 1});
+  const Tensor I = at::eye(dim_, at::kDouble).unsqueeze(0);
+  const Tensor M = e * I + (1 - e) * N;
+  // d/ds: -gamma e I + gamma e N + (1 - e) dN/ds.
+  const Tensor dM = gamma_ * e * (N - I) + (1 - e) * dN;
+  return {M, dM};
+}
+
+std::vector<Tensor> ReparametrisationMatrix::parameters() const {
+  std::vector<Tensor> p;
+  for (size_t l = 0; l < weights_.size(); ++l) {
+    p.push_back(weights_[l]);
+    p.push_back(biases_[l]);
+  }
+  p.push_back(gamma_);
+  return p;
+}
+
+SocmSoc::SocmSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, bool learnt_M)
+    : SocLoss(learnt_M ? "SOCM" : "SOCM (constant M)", std::move(problem), std::move(control), options) {
+  if (learnt_M) {
+    M_ = std::make_shared<ReparametrisationMatrix>(problem_->dim(), std::vector<int64_t>{128, 128}, options.socm_gamma,
+                                                   options.seed);
+  }
+}
+
+std::vector<Tensor> SocmSoc::parameters() const {
+  std::vector<Tensor> p = control_->parameters();
+  if (M_) {
+    const std::vector<Tensor> m = M_->parameters();
+    p.insert(p.end(), m.begin(), m.end());
+  }
+  return p;
+}
+
+std::vector<ParameterGroup> SocmSoc::parameter_groups() const {
+  std::vector<ParameterGroup> g{{control_->parameters(), 0.0}};
+  if (M_) g.push_back({M_->parameters(), options_.M_lr});
+  return g;
+}
+
+LossOutput SocmSoc::compute(Generator& gen) {
+  const int64_t K = steps();
+  const int64_t B = options_.batch_size, d = problem_->dim();
+  const double h = problem_->horizon() / static_cast<double>(K);
+  ControlledPaths paths;
+  Tensor weight;
+  std::vector<Tensor> e(static_cast<size_t>(K) + 1), z(static_cast<size_t>(K) + 1);
+  const Tensor sigma = problem_->sigma().to(at::kDouble);
+  {
+    at::NoGradGuard no_grad;
+    paths = simulate(*problem_, control_->as_control(), B, K, gen);
+    weight = at::softmax(log_importance_weights(paths), 0);  // self-normalised dP*/dP^{u_s}
+    const Tensor sigma_inv = at::linalg_inv(sigma);
+    for (int64_t j = 0; j < K; ++j) {
+      // z_j = sigma^{-1 T} (dW_j + u_s h): as rows, (dW_j + u_s h)^T sigma^{-1}.
+      z[j] = at::matmul(paths.dW[j] + paths.u[j] * h, sigma_inv);
+      e[j] = problem_->state_cost_grad(paths.x[j], paths.t[j]).to(at::kDouble) * h -
+             problem_->drift_vjp(paths.x[j], paths.t[j], z[j]).to(at::kDouble);
+    }
+    e[K] = problem_->terminal_cost_grad(paths.x[K]).to(at::kDouble);  // M_{t_k}(T) grad g(X_K)
+    z[K] = at::zeros({B, d}, at::kDouble);
+  }
+  std::vector<Tensor> target(static_cast<size_t>(K));
+  if (!M_) {
+    // M = I: w_k = grad g(X_K) + sum_{j >= k} e_j, backwards.
+    Tensor w = e[K];
+    for (int64_t k = K - 1; k >= 0; --k) {
+      w = w + e[k];
+      target[k] = -at::matmul(w, sigma);  // rows of -(sigma^T w)^T
+    }
+  } else {
+    // All pairs (t_k, t_j), k <= j <= K, in one batch, ordered by k then j.
+    std::vector<double> tk, tj;
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t j = k; j <= K; ++j) {
+        tk.push_back(paths.t[k]);
+        tj.push_back(paths.t[j]);
+      }
+    }
+    const auto [M, dM] = (*M_)(at::tensor(at::ArrayRef<double>(tk), at::kDouble), at::tensor(at::ArrayRef<double>(tj), at::kDouble));
+    const Tensor E = at::stack(e), Z = at::stack(z);  // [K + 1, B, d]
+    int64_t offset = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const int64_t n = K + 1 - k;
+      // w_k = sum_{j = k}^{K} M_{t_k}(t_j) e_j + dM_{t_k}(t_j) z_j  (z_K = 0; e_K = grad g)
+      const Tensor w = at::einsum("jpq,jbq->bp", {M.narrow(0, offset, n), E.narrow(0, k, n)}) +
+                       at::einsum("jpq,jbq->bp", {dM.narrow(0, offset, n), Z.narrow(0, k, n)});
+      target[k] = -at::matmul(w, sigma);
+      offset += n;
+    }
+  }
+  LossOutput out;
+  out.loss = regression_loss(*control_, paths, target, weight);
+  at::NoGradGuard no_grad;
+  out.metrics.emplace_back("control_objective", control_objective(paths));
+  out.metrics.emplace_back("normalised_weight_std", normalised_weight_std(paths));
+  return out;
+}
+
 DiscreteAdjointSoc::DiscreteAdjointSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
     : SocLoss("discrete adjoint", std::move(problem), std::move(control), options) {}
 
@@ -126,12 +333,12 @@ namespace {
 struct OnPolicy {
   ControlledPaths paths;
   Tensor u_theta, u_s, dW;
-  double h;
+  Tensor h;  ///< [K, B]: the time step where the path runs, 0 once it has stopped
 };
 
 OnPolicy on_policy(const Problem& problem, const ParametricControl& control, int64_t K, int64_t B, Generator& gen) {
   OnPolicy o;
-  o.h = problem.horizon() / static_cast<double>(K);
+
   {
     at::NoGradGuard no_grad;
     o.paths = simulate(problem, control.as_control(), B, K, gen);
@@ -142,12 +349,13 @@ OnPolicy on_policy(const Problem& problem, const ParametricControl& control, int
   o.u_theta = control.evaluate(at::cat(xs), at::cat(ts)).view({K, B, -1});
   o.u_s = at::stack(o.paths.u);
   o.dW = at::stack(o.paths.dW);
+  o.h = problem.horizon() / static_cast<double>(K) * at::stack(o.paths.alive);
   return o;
 }
 }  // namespace
 
 CrossEntropySoc::CrossEntropySoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : SocLoss("cross-entropy", std::move(problem), std::move(control), options) {}
+    : SocLoss("cross-entropy", std::move(problem), std::move(control), options, /*stopping_time=*/true) {}
 
 LossOutput CrossEntropySoc::compute(Generator& gen) {
   const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
@@ -167,7 +375,7 @@ LossOutput CrossEntropySoc::compute(Generator& gen) {
 }
 
 LogVarianceSoc::LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : SocLoss("log-variance", std::move(problem), std::move(control), options) {
+    : SocLoss("log-variance", std::move(problem), std::move(control), options, /*stopping_time=*/true) {
   if (options_.batch_size < 2) throw Error("log-variance: batch_size must be >= 2 (it is a variance)");
 }
 
@@ -191,7 +399,7 @@ LossOutput LogVarianceSoc::compute(Generator& gen) {
 }
 
 VarianceSoc::VarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : SocLoss("variance", std::move(problem), std::move(control), options) {
+    : SocLoss("variance", std::move(problem), std::move(control), options, /*stopping_time=*/true) {
   if (options_.batch_size < 2) throw Error("variance: batch_size must be >= 2 (it is a variance)");
 }
 
@@ -209,13 +417,17 @@ LossOutput VarianceSoc::compute(Generator& gen) {
 }
 
 MomentSoc::MomentSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, double y0)
-    : SocLoss("moment", std::move(problem), std::move(control), options),
+    : SocLoss("moment", std::move(problem), std::move(control), options, /*stopping_time=*/true),
       y0_(at::full({}, y0, at::kDouble).requires_grad_(true)) {}
 
 std::vector<Tensor> MomentSoc::parameters() const {
   std::vector<Tensor> p = control_->parameters();
   p.push_back(y0_);
   return p;
+}
+
+std::vector<ParameterGroup> MomentSoc::parameter_groups() const {
+  return {{control_->parameters(), 0.0}, {{y0_}, options_.y0_lr}};
 }
 
 double MomentSoc::y0() const { return y0_.item<double>(); }
@@ -231,14 +443,14 @@ LossOutput MomentSoc::compute(Generator& gen) {
 }
 
 ReinforceSoc::ReinforceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
-    : SocLoss("reinforce", std::move(problem), std::move(control), options) {}
+    : SocLoss("reinforce", std::move(problem), std::move(control), options, /*stopping_time=*/true) {}
 
 LossOutput ReinforceSoc::compute(Generator& gen) {
   const OnPolicy o = on_policy(*problem_, *control_, steps(), options_.batch_size, gen);
   // grad log p(path) = sum_k (d u_theta(X_k))^T dW_k for the Euler-Maruyama kernel with control u_theta.
   const Tensor cost = (o.paths.running_cost + o.paths.terminal_cost).detach();
   const Tensor score = (o.u_theta * o.dW).sum(2).sum(0);
-  const Tensor explicit_cost = 0.5 * o.u_theta.pow(2).sum(2).sum(0) * o.h;
+  const Tensor explicit_cost = (0.5 * o.u_theta.pow(2).sum(2) * o.h).sum(0);
   LossOutput out;
   out.loss = (cost * score + explicit_cost).mean();
   at::NoGradGuard no_grad;
@@ -247,8 +459,9 @@ LossOutput ReinforceSoc::compute(Generator& gen) {
 }
 
 const std::vector<std::string>& soc_loss_names() {
-  static const std::vector<std::string> names{"adjoint_matching", "discrete_adjoint", "cross_entropy", "log_variance",
-                                              "variance",         "moment",           "reinforce"};
+  static const std::vector<std::string> names{"adjoint_matching", "continuous_adjoint", "discrete_adjoint", "socm",
+                                              "socm_const_M",     "cross_entropy",      "log_variance",     "variance",
+                                              "moment",           "reinforce"};
   return names;
 }
 
@@ -265,7 +478,10 @@ std::unique_ptr<Loss> make_soc_loss(const std::string& name, ProblemPtr problem,
                                     const SocLossOptions& options) {
   check_soc_loss_name(name);
   if (name == "adjoint_matching") return std::make_unique<AdjointMatchingSoc>(problem, control, options);
+  if (name == "continuous_adjoint") return std::make_unique<ContinuousAdjointSoc>(problem, control, options);
   if (name == "discrete_adjoint") return std::make_unique<DiscreteAdjointSoc>(problem, control, options);
+  if (name == "socm") return std::make_unique<SocmSoc>(problem, control, options, /*learnt_M=*/true);
+  if (name == "socm_const_M") return std::make_unique<SocmSoc>(problem, control, options, /*learnt_M=*/false);
   if (name == "cross_entropy") return std::make_unique<CrossEntropySoc>(problem, control, options);
   if (name == "log_variance") return std::make_unique<LogVarianceSoc>(problem, control, options);
   if (name == "variance") return std::make_unique<VarianceSoc>(problem, control, options);

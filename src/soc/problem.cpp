@@ -36,6 +36,8 @@ Tensor Problem::terminal_cost_grad(const Tensor& x) const {
   return autograd_vjp([&](const Tensor& z) { return terminal_cost(z); }, x, at::ones({x.size(0)}, at::kDouble));
 }
 
+Tensor Problem::stopped(const Tensor& x) const { return at::zeros({x.size(0)}, at::kBool); }
+
 Tensor Problem::optimal_control(const Tensor&, double) const {
   throw Error("SOC problem '" + name() + "' has no known optimal control");
 }
@@ -67,6 +69,9 @@ ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch
   p.state_cost = at::zeros({batch}, at::kDouble);
   p.noise_integral = at::zeros({batch}, at::kDouble);
   p.x.push_back(x);
+  const bool stopping = problem.has_stopping_time();
+  Tensor alive = at::ones({batch}, at::kDouble);
+  if (stopping) alive = alive * at::logical_not(problem.stopped(x)).to(at::kDouble);
   for (int64_t k = 0; k < steps; ++k) {
     const double t = static_cast<double>(k) * h;
     const Tensor uk = u(x, t).to(at::kDouble);
@@ -75,16 +80,21 @@ ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch
                   ", expected " + std::string(c10::str(x.sizes())));
     }
     const Tensor f = problem.state_cost(x, t).to(at::kDouble);
-    const Tensor dW = sqrt_h * at::randn({batch, d}, gen, at::kDouble);
-    // Euler-Maruyama: X_{k+1} = X_k + (b + sigma u) h + sigma dW.
-    x = x + (problem.drift(x, t).to(at::kDouble) + at::matmul(uk, sigma_t)) * h + at::matmul(dW, sigma_t);
-    p.running_cost += (f + 0.5 * uk.pow(2).sum(1)) * h;
-    p.state_cost += f * h;
+    Tensor dW = sqrt_h * at::randn({batch, d}, gen, at::kDouble);
+    if (stopping) dW = dW * alive.unsqueeze(1);
+    // Euler-Maruyama: X_{k+1} = X_k + (b + sigma u) h + sigma dW (no move once stopped).
+    const Tensor drift = problem.drift(x, t).to(at::kDouble) + at::matmul(uk, sigma_t);
+    x = x + (stopping ? alive.unsqueeze(1) * drift : drift) * h + at::matmul(dW, sigma_t);
+    const Tensor h_alive = stopping ? h * alive : at::full({batch}, h, at::kDouble);
+    p.running_cost += (f + 0.5 * uk.pow(2).sum(1)) * h_alive;
+    p.state_cost += f * h_alive;
     p.noise_integral += (uk * dW).sum(1);
     p.t.push_back(t);
     p.u.push_back(uk);
     p.dW.push_back(dW);
+    p.alive.push_back(alive);
     p.x.push_back(x);
+    if (stopping) alive = alive * at::logical_not(problem.stopped(x)).to(at::kDouble);
   }
   p.t.push_back(T);
   p.terminal_cost = problem.terminal_cost(x).to(at::kDouble);

@@ -189,11 +189,46 @@ std::shared_ptr<LinearOU> linear_ou(int64_t d, uint64_t seed) {
   return std::make_shared<LinearOU>("linear_ou", -I + xi, I + xi, at::ones({d}, kDouble), 1.0, 100);
 }
 
+const std::vector<std::string>& problem_names() {
+  static const std::vector<std::string> names{"quadratic_ou_easy", "quadratic_ou_hard", "linear_ou", "double_well",
+                                              "molecular_dynamics"};
+  return names;
+}
+
 ProblemPtr make_problem(const std::string& name, uint64_t seed) {
   if (name == "quadratic_ou_easy") return quadratic_ou_easy(20, seed);
   if (name == "quadratic_ou_hard") return quadratic_ou_hard(20, seed);
   if (name == "linear_ou") return linear_ou(10, seed);
-  throw Error("unknown SOC problem '" + name + "' (valid: quadratic_ou_easy, quadratic_ou_hard, linear_ou)");
+  if (name == "double_well") return double_well(10);  // no random draws
+  if (name == "molecular_dynamics") return std::make_shared<MolecularDynamics>();
+  std::string valid;
+  for (const auto& n : problem_names()) valid += (valid.empty() ? "" : ", ") + n;
+  throw Error("unknown SOC problem '" + name + "' (valid: " + valid + ")");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Molecular dynamics
+
+MolecularDynamics::MolecularDynamics(double kappa, double x0, double T, int64_t steps)
+    : kappa_(kappa), x0_(x0), T_(T), steps_(steps) {
+  if (!(kappa >= 0) || !(T > 0) || steps < 1 || !std::isfinite(x0)) {
+    throw Error("SOC problem 'molecular_dynamics': needs kappa >= 0, T > 0, steps >= 1 and a finite x0");
+  }
+}
+
+Tensor MolecularDynamics::drift(const Tensor& x, double) const {
+  const Tensor xd = x.to(at::kDouble);
+  return -4.0 * kappa_ * xd * (xd.pow(2) - 1.0);
+}
+Tensor MolecularDynamics::drift_vjp(const Tensor& x, double, const Tensor& a) const {
+  return -4.0 * kappa_ * (3.0 * x.to(at::kDouble).pow(2) - 1.0) * a.to(at::kDouble);
+}
+Tensor MolecularDynamics::sigma() const { return at::eye(1, kDouble); }
+Tensor MolecularDynamics::state_cost(const Tensor& x, double) const { return at::ones({x.size(0)}, kDouble); }
+Tensor MolecularDynamics::state_cost_grad(const Tensor& x, double) const { return at::zeros({x.size(0), 1}, kDouble); }
+Tensor MolecularDynamics::terminal_cost(const Tensor& x) const { return at::zeros({x.size(0)}, kDouble); }
+Tensor MolecularDynamics::terminal_cost_grad(const Tensor& x) const { return at::zeros({x.size(0), 1}, kDouble); }
+Tensor MolecularDynamics::initial_state(int64_t batch, Generator&) const { return at::full({batch, 1}, x0_, kDouble); }
+Tensor MolecularDynamics::stopped(const Tensor& x) const { return x.select(1, 0) > 0; }  // Phi(x) = -x < 0
 
 }  // namespace tilt::soc

@@ -37,7 +37,14 @@ struct Trainer::Impl {
   std::unique_ptr<torch::optim::Adam> optimizer;
   int64_t iteration = 0;
 
-  Impl(Loss& l, const TrainerOptions& o) : loss(l), options(o), params(l.parameters()) {
+  std::vector<double> group_lr;  // each parameter group's base learning rate
+
+  Impl(Loss& l, const TrainerOptions& o) : loss(l), options(o) {
+    const std::vector<ParameterGroup> groups = l.parameter_groups();
+    for (const auto& g : groups) {
+      if (g.lr < 0 || !std::isfinite(g.lr)) throw Error("trainer: a parameter group of the " + loss.name() + " loss has lr < 0");
+      params.insert(params.end(), g.params.begin(), g.params.end());
+    }
     if (params.empty()) throw Error("trainer: the " + loss.name() + " loss has no trainable parameters");
     const AdamOptions& a = options.adam;
     if (!(a.lr > 0) || !(a.beta1 >= 0 && a.beta1 < 1) || !(a.beta2 >= 0 && a.beta2 < 1) || !(a.eps > 0) ||
@@ -48,8 +55,16 @@ struct Trainer::Impl {
     if (!(options.lr_final_factor > 0) || options.lr_final_factor > 1) {
       throw Error("trainer: lr_final_factor must be in (0, 1]");
     }
-    optimizer = std::make_unique<torch::optim::Adam>(
-        params, torch::optim::AdamOptions(a.lr).betas({a.beta1, a.beta2}).eps(a.eps).weight_decay(a.weight_decay));
+    const auto adam = torch::optim::AdamOptions(a.lr).betas({a.beta1, a.beta2}).eps(a.eps).weight_decay(a.weight_decay);
+    std::vector<torch::optim::OptimizerParamGroup> param_groups;
+    for (const auto& g : groups) {
+      if (g.params.empty()) continue;
+      group_lr.push_back(g.lr > 0 ? g.lr : a.lr);
+      auto options_g = std::make_unique<torch::optim::AdamOptions>(adam);
+      options_g->lr(group_lr.back());
+      param_groups.emplace_back(g.params, std::move(options_g));
+    }
+    optimizer = std::make_unique<torch::optim::Adam>(param_groups, adam);
   }
 };
 
@@ -103,8 +118,10 @@ StepResult Trainer::step() {
     }
   }
   r.lr = learning_rate(m.iteration);
-  for (auto& group : m.optimizer->param_groups()) {
-    static_cast<torch::optim::AdamOptions&>(group.options()).lr(r.lr);
+  // Every group follows the schedule, scaled to its own base learning rate.
+  auto& groups = m.optimizer->param_groups();
+  for (size_t g = 0; g < groups.size(); ++g) {
+    static_cast<torch::optim::AdamOptions&>(groups[g].options()).lr(m.group_lr[g] == m.options.adam.lr ? r.lr : r.lr * m.group_lr[g] / m.options.adam.lr);
   }
   m.optimizer->step();
   r.output.loss = r.output.loss.detach();

@@ -144,10 +144,26 @@ assert 'optimal_value' in s
 else
   fail "soc run: $(cat soc.log soc.json)"
 fi
+# A problem without ground truth: the control objective only.
+if "$tilt" soc -q --problem molecular_dynamics -l log_variance -l moment --iterations 4 --eval-every 2 \
+     --eval-batch 64 --batch 16 --hidden 8 --threads 2 --json -o soc_md > soc_md.json 2> soc_md.log &&
+   python3 -c "
+import json
+s = json.load(open('soc_md.json'))
+for name, row in s['losses'].items():
+    assert 'control_l2_error' not in row and row['control_objective'] > 0, row
+assert 'optimal_value' not in s
+" && grep -q "no known optimal control" soc_md/summary.md; then
+  pass "soc: molecular dynamics (stopping time) reports the control objective"
+else
+  fail "soc molecular dynamics: $(cat soc_md.log soc_md.json)"
+fi
 expect_error "soc: unknown loss lists the valid ones" "unknown SOC loss 'adjoint' (valid: adjoint_matching," \
   "$tilt" soc -l adjoint -o soc2
-expect_error "soc: unknown problem lists the valid ones" "unknown SOC problem 'double_well' (valid:" \
-  "$tilt" soc -p double_well -l moment -o soc2
+expect_error "soc: unknown problem lists the valid ones" "unknown SOC problem 'triple_well' (valid:" \
+  "$tilt" soc -p triple_well -l moment -o soc2
+expect_error "soc: a loss that cannot handle the stopping time says so" "has a stopping time" \
+  "$tilt" soc -p molecular_dynamics -l adjoint_matching -o soc3
 expect_error "soc: refuses to overwrite a run" "already holds an SOC run" "$tilt" soc -q -l moment --iterations 1 -o soc
 
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi

@@ -14,6 +14,7 @@
 #include "tilt/train/loss.h"
 
 #include <memory>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -22,10 +23,22 @@ namespace tilt::soc {
 struct SocLossOptions {
   int64_t batch_size = 128;
   int64_t num_steps = 0;  ///< 0: the problem's default
+  double y0_lr = 1e-2;    ///< moment: y0's own learning rate (SOCM's; mission-anchors 2.5); 0: the control's
+  double M_lr = 1e-3;     ///< socm: the learning rate of M's network and gamma (SOCM's); 0: the control's
+  double socm_gamma = 2;  ///< socm: gamma's initial value (SOCM: 2, 6 for the double well)
+  uint64_t seed = 0;      ///< socm: initialises M's network
 };
 
 /// The lean adjoint a_k, k = 0..K, along recorded states x_0..x_K on a uniform grid of [0, T].
 std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tensor>& x, double T);
+
+/// The full adjoint of the continuous-adjoint loss along recorded states, for the control u (its
+/// parameters held fixed): a_K = grad g(X_K),
+///   a_k = a_{k+1} + h [ (grad_x (b + sigma u)(X_k, t_k))^T a_{k+1} + grad_x (f + 1/2 |u|^2)(X_k, t_k) ]
+/// (spec section 4: the adjoint ODE of "basic adjoint matching" in Adjoint Matching, Domingo-Enrich et
+/// al., ICLR 2025, before the lean simplification; SOCM-dq's continuous_adjoint, mission-anchors 2.5).
+std::vector<Tensor> full_adjoint(const Problem& problem, const ParametricControl& control,
+                                 const std::vector<Tensor>& x, double T);
 
 /// What every SOC loss holds: the problem, the control it trains, the batch and grid. The
 /// constructor checks them (names the loss in its errors); parameters() are the control's.
@@ -34,7 +47,9 @@ class SocLoss : public Loss {
   std::vector<Tensor> parameters() const override { return control_->parameters(); }
 
  protected:
-  SocLoss(const std::string& label, ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  /// stopping_time: whether the loss handles problems with a stopping time (else it refuses them).
+  SocLoss(const std::string& label, ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options,
+          bool stopping_time = false);
   /// K: options.num_steps, or the problem's default.
   int64_t steps() const;
 
@@ -49,6 +64,62 @@ class AdjointMatchingSoc : public SocLoss {
   AdjointMatchingSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
   std::string name() const override { return "adjoint_matching"; }
   LossOutput compute(Generator& gen) override;
+};
+
+/// Continuous adjoint ("basic adjoint matching" of the Adjoint Matching paper; SOCM-dq's
+/// "continuous_adjoint"): the same regression as AdjointMatchingSoc, unweighted, onto -sigma^T a with
+/// the full adjoint a of full_adjoint(): the control's own Jacobian and cost enter, with its
+/// parameters detached. E[a_k | X_k = x] is grad_x of the cost-to-go of the current control, which is
+/// grad V only at u = u*: so u* is a fixed point, but the target moves with the control.
+class ContinuousAdjointSoc : public SocLoss {
+ public:
+  ContinuousAdjointSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options);
+  std::string name() const override { return "continuous_adjoint"; }
+  LossOutput compute(Generator& gen) override;
+};
+
+/// SOCM's reparametrisation matrix (SOCM, Domingo-Enrich et al. 2024; the code's SigmoidMLP, models.py):
+///   M_t(s) = e^{-gamma (s - t)} I + (1 - e^{-gamma (s - t)}) N(t, s),
+/// N an MLP (t, s) -> 128 -> 128 -> d^2 with ReLU (initial weights scaled by init_scale; SOCM: 0.1) and
+/// gamma learnt. M_t(t) = I. Computed in double, with d/ds M by forward-mode differentiation.
+class ReparametrisationMatrix {
+ public:
+  ReparametrisationMatrix(int64_t dim, std::vector<int64_t> hidden, double gamma, uint64_t seed, double init_scale = 0.1);
+  /// M_t(s) and d/ds M_t(s) at pairs (t_p, s_p), t and s [P] -> [P, d, d] each.
+  std::pair<Tensor, Tensor> operator()(const Tensor& t, const Tensor& s) const;
+  /// The weights and biases of N, then gamma.
+  std::vector<Tensor> parameters() const;
+  int64_t dim() const { return dim_; }
+
+ private:
+  int64_t dim_;
+  std::vector<Tensor> weights_, biases_;
+  Tensor gamma_;
+};
+
+/// SOCM (Domingo-Enrich et al. 2024, the SOCM loss with reparametrisation matrices; the code's
+/// method.py, algorithms "SOCM" and "SOCM_const_M"; mission-anchors 2.5): the importance-weighted regression
+///   loss = (1/K) sum_k sum_b wbar_b |u_theta(X_k, t_k) + sigma^T w_k|^2,
+/// wbar ∝ dP*/dP^{u_s} self-normalised over the batch (u_s the current control, detached), onto
+///   w_k = sum_{j>=k} [ M_{t_k}(t_j) (grad f(X_j) h - (grad_x b(X_j))^T z_j) + d/ds M_{t_k}(t_j) z_j ]
+///         + M_{t_k}(T) grad g(X_K),      z_j = sigma^{-T} (dW_j + u_s(X_j) h)
+/// (the pathwise reparametrisation of grad V). For every M, E_{P*}[-sigma^T w_k | X_k = x] = u*(x, t_k),
+/// so u* is a fixed point of the control whatever M; M (and gamma) are trained jointly on the same loss,
+/// which lowers the target's variance. With learnt_M false, M = I ("socm_const_M"):
+///   w_k = grad g(X_K) + sum_{j>=k} (grad f(X_j) h - (grad_x b(X_j))^T z_j).
+class SocmSoc : public SocLoss {
+ public:
+  SocmSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, bool learnt_M);
+  std::string name() const override { return M_ ? "socm" : "socm_const_M"; }
+  std::vector<Tensor> parameters() const override;
+  std::vector<ParameterGroup> parameter_groups() const override;
+  LossOutput compute(Generator& gen) override;
+  /// The learnt M (null for M = I).
+  std::shared_ptr<ReparametrisationMatrix> M() const { return M_; }
+  void set_M(std::shared_ptr<ReparametrisationMatrix> M) { M_ = std::move(M); }
+
+ private:
+  std::shared_ptr<ReparametrisationMatrix> M_;
 };
 
 /// The discrete adjoint (SOCM's "rel_entropy"): the control objective itself,
@@ -104,12 +175,13 @@ class ReinforceSoc : public SocLoss {
 };
 
 /// Moment (SOCM's "moment"): mean_b (Y + y0)^2 with a learnt scalar y0 (Y as in LogVarianceSoc); at
-/// u* it is 0 with y0 = V(x0). parameters() = the control's, then y0.
+/// u* it is 0 with y0 = V(x0). parameters() = the control's, then y0, which trains at options.y0_lr.
 class MomentSoc : public SocLoss {
  public:
   MomentSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, double y0 = 0.0);
   std::string name() const override { return "moment"; }
   std::vector<Tensor> parameters() const override;
+  std::vector<ParameterGroup> parameter_groups() const override;
   LossOutput compute(Generator& gen) override;
   double y0() const;
 
@@ -117,8 +189,7 @@ class MomentSoc : public SocLoss {
   Tensor y0_;
 };
 
-/// The loss called `name`: adjoint_matching, discrete_adjoint, cross_entropy, log_variance, variance,
-/// moment, reinforce. Throws tilt::Error listing them otherwise.
+/// The loss called `name`: one of soc_loss_names(). Throws tilt::Error listing them otherwise.
 std::unique_ptr<Loss> make_soc_loss(const std::string& name, ProblemPtr problem, ParametricControlPtr control,
                                     const SocLossOptions& options);
 /// The names make_soc_loss accepts.

@@ -40,6 +40,13 @@ class Problem {
   /// `batch` initial states, [batch, d].
   virtual Tensor initial_state(int64_t batch, Generator& gen) const = 0;
 
+  /// A stopping time (mission-anchors section 2.2, molecular dynamics): a path stops at the first grid
+  /// time t_k with stopped(X_k) true, and from then on neither moves nor accrues cost; the cost is
+  /// integral_0^{tau ^ T} (1/2 |u|^2 + f) dt + g(X_{tau ^ T}). Problems without one never stop.
+  virtual bool has_stopping_time() const { return false; }
+  /// [B] bool: whether each x is in the stopping set (all false unless overridden).
+  virtual Tensor stopped(const Tensor& x) const;
+
   /// Ground truth, where known: u*(x, t) [B, d] and V(x, t) [B].
   virtual bool has_ground_truth() const { return false; }
   virtual Tensor optimal_control(const Tensor& x, double t) const;

@@ -79,15 +79,106 @@ class LinearOU : public Problem {
   int64_t steps_;
 };
 
+/// Double well (SOCM; mission-anchors section 2.2): U(x) = sum_i kappa_i (x_i^2 - 1)^2, b = -grad U,
+/// sigma = I, f = 0, g(x) = sum_i nu_i (x_i^2 - 1)^2, fixed X_0 = x0.
+///
+/// Ground truth (mission-anchors section 2.3): b, f and g separate by coordinate, so
+/// psi = exp(-V) = prod_i psi_i with psi_i(x, t) = E[exp(-nu_i (X_T^2 - 1)^2) | X_t = x] for the 1-D
+/// diffusion dX = -U_i'(X) dt + dB (Feynman-Kac), the solution of the backward Kolmogorov equation
+///   d psi_i/dt + b_i(x) d psi_i/dx + 1/2 d^2 psi_i/dx^2 = 0,   psi_i(x, T) = exp(-nu_i (x^2 - 1)^2).
+/// V = sum_i V_i with V_i = -log psi_i, and u*_i = -dV_i/dx_i (sigma = I).
+///
+/// Each distinct (kappa_i, nu_i) is solved once, by finite differences on [-L, L] (SOCM: L = 2.75):
+/// the symmetric ("square-root approximation") generator of the reversible diffusion,
+///   (G psi)_j = (1 / (2 dx^2)) [ e^{-(U_{j+1} - U_j)} (psi_{j+1} - psi_j) + e^{-(U_{j-1} - U_j)} (psi_{j-1} - psi_j) ],
+/// which is (1/2) psi'' - U' psi' + O(dx^2) and has reflecting (Neumann) ends; Crank-Nicolson in
+/// time (the first step as two implicit-Euler half steps, to damp the stiff modes) with a tridiagonal
+/// solve. V_i and dV_i/dx (central differences of V_i) are stored on the x grid at `stored_times` + 1
+/// equally spaced times and interpolated linearly in x and t; x outside [-L, L] is clamped to it.
+struct DoubleWellGrid {
+  double half_width = 2.75;    ///< L
+  double dx = 0.0025;
+  int64_t time_steps = 2000;   ///< Crank-Nicolson steps on [0, T]
+  int64_t stored_times = 200;  ///< the tables' time resolution; must divide time_steps
+};
+
+class DoubleWell : public Problem {
+ public:
+  DoubleWell(std::string name, std::vector<double> kappa, std::vector<double> nu, Tensor x0, double T, int64_t steps,
+             const DoubleWellGrid& grid = {});
+
+  std::string name() const override { return name_; }
+  int64_t dim() const override { return static_cast<int64_t>(kappa_.size()); }
+  double horizon() const override { return T_; }
+  int64_t default_steps() const override { return steps_; }
+  Tensor drift(const Tensor& x, double t) const override;
+  Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const override;
+  Tensor sigma() const override;
+  Tensor state_cost(const Tensor& x, double t) const override;
+  Tensor state_cost_grad(const Tensor& x, double t) const override;
+  Tensor terminal_cost(const Tensor& x) const override;
+  Tensor terminal_cost_grad(const Tensor& x) const override;
+  Tensor initial_state(int64_t batch, Generator& gen) const override;
+
+  bool has_ground_truth() const override { return true; }
+  Tensor optimal_control(const Tensor& x, double t) const override;
+  Tensor value(const Tensor& x, double t) const override;
+
+ private:
+  /// Per coordinate, V_i(x_i, t) (derivative = false) or dV_i/dx_i (true), interpolated: [B, d].
+  Tensor lookup(const Tensor& x, double t, bool derivative) const;
+
+  std::string name_;
+  std::vector<double> kappa_, nu_;
+  Tensor kappa_t_, nu_t_, x0_;
+  double T_;
+  int64_t steps_;
+  DoubleWellGrid grid_;
+  int64_t nodes_ = 0;
+  Tensor V_, dV_;      // [tables, stored_times + 1, nodes]
+  Tensor table_of_;    // [d] long: the table of coordinate i
+};
+
+/// Molecular dynamics (SOCM; mission-anchors section 2.2): 1-D, b = -d/dx kappa (x^2 - 1)^2, sigma = 1,
+/// f = 1 (a time cost), g = 0, X_0 = -1, T = 1, 150 steps, stopped when X > 0 (Phi(x) = -x < 0): the
+/// control pays 1/2 |u|^2 to push the particle over the barrier at 0 sooner. No known optimal control:
+/// report the control objective E[tau ^ T + integral_0^{tau ^ T} 1/2 |u|^2 dt].
+class MolecularDynamics : public Problem {
+ public:
+  MolecularDynamics(double kappa = 1.0, double x0 = -1.0, double T = 1.0, int64_t steps = 150);
+
+  std::string name() const override { return "molecular_dynamics"; }
+  int64_t dim() const override { return 1; }
+  double horizon() const override { return T_; }
+  int64_t default_steps() const override { return steps_; }
+  Tensor drift(const Tensor& x, double t) const override;
+  Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const override;
+  Tensor sigma() const override;
+  Tensor state_cost(const Tensor& x, double t) const override;
+  Tensor state_cost_grad(const Tensor& x, double t) const override;
+  Tensor terminal_cost(const Tensor& x) const override;
+  Tensor terminal_cost_grad(const Tensor& x) const override;
+  Tensor initial_state(int64_t batch, Generator& gen) const override;
+  bool has_stopping_time() const override { return true; }
+  Tensor stopped(const Tensor& x) const override;
+
+ private:
+  double kappa_, x0_, T_;
+  int64_t steps_;
+};
+
 /// SOCM's settings (mission-anchors section 2.2). The random draws (x0 ~ 0.5 N(0, I) for the
 /// quadratic problems, xi_ij ~ 0.1 N(0, 1) for the linear one) come from tilt's own generator with
 /// `seed`, so they are not SOCM's numbers, only its distribution.
 std::shared_ptr<QuadraticOU> quadratic_ou_easy(int64_t d = 20, uint64_t seed = 0);  // A = 0.2 I, P = 0.2 I, Q = 0.1 I
 std::shared_ptr<QuadraticOU> quadratic_ou_hard(int64_t d = 20, uint64_t seed = 0);  // A = I, P = I, Q = 0.5 I
 std::shared_ptr<LinearOU> linear_ou(int64_t d = 10, uint64_t seed = 0);             // A = -I + xi, sigma = I + xi
+/// kappa_i = 5, nu_i = 3 for the first 3 coordinates, 1 and 1 for the rest; X_0 = 0, T = 1, 200 steps.
+std::shared_ptr<DoubleWell> double_well(int64_t d = 10, const DoubleWellGrid& grid = {});
 
-/// One of "quadratic_ou_easy", "quadratic_ou_hard", "linear_ou" with its default dimension; throws
-/// tilt::Error listing the names otherwise.
+/// One of problem_names() with its default dimension; throws tilt::Error listing the names otherwise.
 ProblemPtr make_problem(const std::string& name, uint64_t seed = 0);
+/// quadratic_ou_easy, quadratic_ou_hard, linear_ou, double_well, molecular_dynamics.
+const std::vector<std::string>& problem_names();
 
 }  // namespace tilt::soc

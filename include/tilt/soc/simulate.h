@@ -20,15 +20,17 @@ struct ControlledPaths {
   std::vector<double> t;        ///< t_0 = 0 < ... < t_K = T (uniform)
   std::vector<Tensor> x;        ///< X_{t_k}, k = 0..K, each [B, d] (double)
   std::vector<Tensor> u;        ///< u(X_{t_k}, t_k), k = 0..K-1
-  std::vector<Tensor> dW;       ///< the Brownian increments B_{t_{k+1}} - B_{t_k}, k = 0..K-1
-  Tensor running_cost;          ///< sum_k (f(X_k, t_k) + 1/2 |u_k|^2) h, [B]
-  Tensor state_cost;            ///< sum_k f(X_k, t_k) h, [B]
-  Tensor terminal_cost;         ///< g(X_K), [B]
+  std::vector<Tensor> dW;       ///< the Brownian increments B_{t_{k+1}} - B_{t_k} that drove step k (0 once stopped)
+  std::vector<Tensor> alive;    ///< [B] (double) 1 where the path runs during step k, 0 once it has stopped
+  Tensor running_cost;          ///< sum_k alive_k (f(X_k, t_k) + 1/2 |u_k|^2) h, [B]
+  Tensor state_cost;            ///< sum_k alive_k f(X_k, t_k) h, [B]
+  Tensor terminal_cost;         ///< g(X_K) (the stopped state where a path stopped), [B]
   Tensor noise_integral;        ///< sum_k u_k . dW_k, [B]
 };
 
 /// Euler-Maruyama on `steps` uniform steps of [0, T] (steps <= 0: the problem's default), in double
-/// precision and without gradients.
+/// precision and without gradients. With a stopping time (Problem::has_stopping_time), a path whose
+/// state X_{k+1} is in the stopping set is frozen there: later steps add no drift, noise or cost.
 ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch, int64_t steps, Generator& gen);
 
 /// log w = -[sum (f + 1/2 |u|^2) h + g] - sum u . dW, so that w ∝ dP^{u*}/dP^u along each path

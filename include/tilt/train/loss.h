@@ -15,12 +15,21 @@ struct LossOutput {
   std::vector<std::pair<std::string, double>> metrics; ///< logged with each iteration
 };
 
+/// Parameters the optimiser updates with their own learning rate.
+struct ParameterGroup {
+  std::vector<Tensor> params;
+  double lr = 0;  ///< 0: the trainer's learning rate; else this one, scaled by the trainer's lr schedule alike
+};
+
 class Loss {
  public:
   virtual ~Loss() = default;
   virtual std::string name() const = 0;
   /// The parameters the optimiser updates.
   virtual std::vector<Tensor> parameters() const = 0;
+  /// parameters() in groups (concatenated in order, they must be parameters()); by default one group
+  /// at the trainer's learning rate.
+  virtual std::vector<ParameterGroup> parameter_groups() const { return {{parameters(), 0.0}}; }
   /// One stochastic estimate, with all randomness drawn from gen.
   virtual LossOutput compute(Generator& gen) = 0;
 };

@@ -9,6 +9,20 @@ backward, Adam. Same problems, networks, dtype (float32), batch, K, loss steps, 
 optimiser and thread count; with the same seeds it draws the same random numbers as the C++ code
 (same generator, same order), so the two agree iteration by iteration up to float rounding.
 
+Where it still differs from the C++ iteration (none changes the result beyond float rounding):
+- Constants are cast to float32 once (the mixture's means, eigenvalues and log-weights, the reward's
+  centre and matrix, the time-embedding frequencies); the C++ code casts or builds them on every call.
+- Schedule values (alpha, beta, ...) of the exact mixture velocity are Python floats; the C++
+  GmmVelocity computes them as 0-dim float32 tensors. Hence the 2-D numbers differ from C++'s in the
+  6th-7th digit; the 64-D ones come out bit-identical.
+- The regression skips what residual mode and "velocity" weighting make unnecessary: the C++ code also
+  concatenates v_base of the chosen steps (unused there) and multiplies by a weight of ones.
+- The gradient norm takes one .item() instead of one per parameter tensor.
+- Timing: rollout and lean adjoint are timed inside each iteration; am_bench times them as separate
+  benchmarks (BM_Rollout, BM_LeanAdjoint).
+Only what am_bench uses is implemented: linear schedule, memoryless noise with offset h = 1/K, residual
+fine-tuning, lambda = 1, no loss clipping, no gradient clipping, constant lr.
+
 Only a baseline for scripts/bench_compare.sh; not part of tilt or of its tests.
 Needs Debian's python3-torch (PyTorch 1.13) and runs with /usr/bin/python3.
 

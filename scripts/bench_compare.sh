@@ -84,10 +84,15 @@ names = {"2d": "2-D demo: exact 8-Gaussian base, residual MLP 3x128, K = 60, bat
 scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 rows = {}
 for name in ("2d", "64d"):
-    cpp = {}
+    cpp, single = {}, {}
     for b in json.load(open(os.path.join(out, f"cpp_{name}.json")))["benchmarks"]:
+        key = b["run_name"].split("/")[0][3:]
+        ms = b["real_time"] * scale[b["time_unit"]]
         if b.get("aggregate_name") == "median":
-            cpp[b["run_name"].split("/")[0][3:]] = b["real_time"] * scale[b["time_unit"]]
+            cpp[key] = ms
+        elif b.get("run_type") == "iteration":
+            single[key] = ms  # --repetitions 1: no aggregates
+    cpp = cpp or single
     py = json.load(open(os.path.join(out, f"pytorch_{name}.json")))
     rows[name] = (cpp, py)
 

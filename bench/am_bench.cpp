@@ -6,6 +6,9 @@
 //   0  the 2-D demo (configs/demo_2d.toml): exact Gaussian-mixture base, residual MLP 3x128, K = 60, batch 256
 //   1  a 64-D MLP base (3x256, untrained: only its cost matters), residual MLP 3x256, K = 40, batch 256
 // Threads: 2, or TILT_THREADS. Run: build/bench/tilt_bench (see scripts/bench.sh).
+// tilt_bench --tilt_trace=P,N[,LR] runs no benchmark: it prints the metrics of N Trainer steps of problem P
+// (BM_Iteration's iteration, Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
+// (bench/reference/am_reference.py --check) can be compared with it number by number.
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -21,8 +24,11 @@
 #include <benchmark/benchmark.h>
 
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
+#include <string>
 
 namespace tilt {
 namespace {
@@ -147,6 +153,34 @@ void BM_Iteration(benchmark::State& state) {
   label(state, s);
 }
 
+// --tilt_trace=P,N[,LR]: see the file comment.
+int trace(const char* spec) {
+  int problem = -1;
+  long iterations = 0;
+  double lr = 2e-5;
+  if (std::sscanf(spec, "%d,%ld,%lf", &problem, &iterations, &lr) < 2 || (problem != 0 && problem != 1) ||
+      iterations < 1 || !(lr > 0)) {
+    std::fprintf(stderr, "--tilt_trace=P,N[,LR]: problem P 0 or 1, N >= 1 iterations, lr > 0; got '%s'\n", spec);
+    return 2;
+  }
+  set_threads();
+  Setup s = make_setup(problem);
+  TrainerOptions to;
+  to.iterations = iterations;
+  to.progress = false;
+  to.grad_clip = 0;
+  to.adam.lr = lr;
+  Trainer trainer(*s.loss, to);
+  for (long i = 0; i < iterations; ++i) {
+    const StepResult r = trainer.step();
+    std::printf("{\"iteration\": %ld, \"loss\": %.17g, \"grad_norm\": %.17g", static_cast<long>(r.iteration),
+                r.loss, r.grad_norm);
+    for (const auto& [key, value] : r.output.metrics) std::printf(", \"%s\": %.17g", key.c_str(), value);
+    std::printf("}\n");
+  }
+  return 0;
+}
+
 BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Rollout)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond);
@@ -156,4 +190,13 @@ BENCHMARK(BM_Iteration)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond);
 }  // namespace
 }  // namespace tilt
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    if (std::strncmp(argv[i], "--tilt_trace=", 13) == 0) return tilt::trace(argv[i] + 13);
+  }
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

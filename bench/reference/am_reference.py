@@ -1,0 +1,606 @@
+#!/usr/bin/python3
+"""PyTorch reference of one tilt Adjoint Matching iteration: the comparison baseline of issue 5.
+
+The same iteration as bench/am_bench.cpp's BM_Iteration (the C++ Trainer::step on AdjointMatching),
+written as idiomatic, efficient PyTorch: rollout under no_grad, the lean adjoint backwards through the
+frozen base by torch.autograd.grad (or, for the exact mixture base, the same closed-form VJP as
+GaussianMixture::velocity_vjp), one batched forward of the residual network on all chosen steps,
+backward, Adam. Same problems, networks, dtype (float32), batch, K, loss steps, loss weighting,
+optimiser and thread count; with the same seeds it draws the same random numbers as the C++ code
+(same generator, same order), so the two agree iteration by iteration up to float rounding.
+
+Where it still differs from the C++ iteration (none changes the result beyond float rounding):
+- Constants are cast to float32 once (the mixture's means, eigenvalues and log-weights, the reward's
+  centre and matrix, the time-embedding frequencies); the C++ code casts or builds them on every call.
+- Schedule values (alpha, beta, ...) of the exact mixture velocity are Python floats; the C++
+  GmmVelocity computes them as 0-dim float32 tensors. Hence the 2-D numbers differ from C++'s in the
+  6th-7th digit; the 64-D ones come out bit-identical.
+- The regression skips what residual mode and "velocity" weighting make unnecessary: the C++ code also
+  concatenates v_base of the chosen steps (unused there) and multiplies by a weight of ones.
+- The gradient norm takes one .item() instead of one per parameter tensor.
+- Timing: rollout and lean adjoint are timed inside each iteration; am_bench times them as separate
+  benchmarks (BM_Rollout, BM_LeanAdjoint).
+Only what am_bench uses is implemented: linear schedule, memoryless noise with offset h = 1/K, residual
+fine-tuning, lambda = 1, no loss clipping, no gradient clipping, constant lr.
+
+Only a baseline for scripts/bench_compare.sh; not part of tilt or of its tests.
+Needs Debian's python3-torch (PyTorch 1.13) and runs with /usr/bin/python3.
+
+  am_reference.py --problem 2d --threads 2          # timing: JSON with median ms per iteration
+  am_reference.py --check [--cpp-bench build/bench/tilt_bench]   # correctness checks, exit 1 on failure
+  am_reference.py --trace 20 --problem 2d            # loss / reward / grad norm per iteration (JSON lines)
+"""
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch import nn
+
+MASK64 = (1 << 64) - 1
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def mix_seed(seed, stream):
+    """splitmix64 of (seed, stream), as tilt::mix_seed: iteration i draws from its own generator."""
+    z = (seed + 0x9E3779B97F4A7C15 * (stream + 1)) & MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & MASK64
+    return z ^ (z >> 31)
+
+
+def make_generator(seed):
+    g = torch.Generator()
+    g.manual_seed(seed)
+    return g
+
+
+# ---------------------------------------------------------------------------------------------------
+# Linear schedule (alpha = t, beta = 1 - t) and the memoryless noise schedule with offset h
+# (src/schedule/*.cpp): sigma^2 = 2 eta_h, drift b = c_v v - c_x x with c_v = 2, c_x = kappa_h.
+
+def schedule(t):
+    """alpha, beta, alpha', beta' of the linear schedule."""
+    return t, 1.0 - t, 1.0, -1.0
+
+
+def eta_h(t, h):
+    al, be, dal, dbe = schedule(t)
+    wronskian = dal * be - al * dbe
+    inverse = (al + h * dal) / (wronskian * (be + h * abs(dbe)))
+    return math.inf if inverse == 0.0 else 1.0 / inverse
+
+
+def kappa_h(t, h):
+    al, _, dal, _ = schedule(t)
+    return dal / (al + h * dal)
+
+
+class MemorylessNoise:
+    def __init__(self, h):
+        self.h = h
+
+    def sigma(self, t):
+        return math.sqrt(2.0 * eta_h(t, self.h))
+
+    def coefficients(self, t):
+        """(c_v, c_x) of the drift b = c_v v - c_x x."""
+        return 2.0, kappa_h(t, self.h)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Velocity fields. velocity(x, t) with t a Python float (one time for the whole batch) or a [N, 1]
+# tensor (one time per row); vjp(x, t, a) returns ((dv/dx)^T a, v).
+
+class MlpVelocity(nn.Module):
+    """src/model/mlp.cpp: input [x, t, sin(pi f t), cos(pi f t) for f = 1..n/2], Linear + SiLU layers,
+    weights uniform(+-1/sqrt(fan_in)) drawn from a generator seeded with `seed` (weight, then bias, per
+    layer); the last layer zero for a residual network."""
+
+    def __init__(self, dim, hidden, time_features=16, zero_output=False, seed=0):
+        super().__init__()
+        self.dim = dim
+        gen = make_generator(seed)
+        layers = []
+        fan_in = dim + 1 + time_features
+        widths = list(hidden) + [dim]
+        with torch.no_grad():
+            for i, width in enumerate(widths):
+                layer = nn.Linear(fan_in, width)
+                bound = 1.0 / math.sqrt(fan_in)
+                last = i + 1 == len(widths)
+                if last and zero_output:
+                    layer.weight.zero_()
+                    layer.bias.zero_()
+                else:
+                    layer.weight.uniform_(-bound, bound, generator=gen)
+                    layer.bias.uniform_(-bound, bound, generator=gen)
+                layers.append(layer)
+                if not last:
+                    layers.append(nn.SiLU())
+                fan_in = width
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("freqs", torch.arange(1, time_features // 2 + 1, dtype=torch.float32) * math.pi)
+
+    def forward(self, x, t):
+        if not torch.is_tensor(t):
+            t = torch.full((x.shape[0], 1), t, dtype=x.dtype)
+        arg = t * self.freqs
+        return self.net(torch.cat([x, t, torch.sin(arg), torch.cos(arg)], 1))
+
+    velocity = forward
+
+    def vjp(self, x, t, a):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = self(xg, t)
+            (g,) = torch.autograd.grad(v, xg, a)
+        return g, v.detach()
+
+
+class GmmVelocity:
+    """src/model/gmm.cpp: the exact velocity of the linear-schedule marginal of a Gaussian mixture
+    sum_k w_k N(mu_k, Sigma_k), with components first ([K, B, d]) and Sigma_k = U_k diag(lam_k) U_k^T;
+    rotations skipped when every Sigma_k is diagonal. Constants are cast to x's dtype once, here."""
+
+    def __init__(self, weights, means, covariances, dtype=torch.float32):
+        w = weights.double() / weights.double().sum()
+        covariances = covariances.double()
+        self.dim = means.shape[1]
+        self.diagonal = bool(torch.equal(covariances, torch.diag_embed(torch.diagonal(covariances, 0, 1, 2))))
+        if self.diagonal:
+            lam, U = torch.diagonal(covariances, 0, 1, 2), None
+        else:
+            lam, U = torch.linalg.eigh(covariances)
+        self.log_w = torch.log(w).to(dtype).unsqueeze(1)           # [K, 1]
+        self.mu = means.to(dtype).unsqueeze(1)                      # [K, 1, d]
+        self.lam = lam.to(dtype).unsqueeze(1)                       # [K, 1, d]
+        self.U = None if U is None else U.to(dtype)                 # [K, d, d]
+        self.Ut = None if U is None else self.U.transpose(1, 2).contiguous()
+
+    def _parts(self, x, t):
+        al, be, _, _ = schedule(t)
+        diff = x.unsqueeze(0) - al * self.mu                        # [K, B, d]
+        y = diff if self.diagonal else torch.bmm(diff, self.U)      # U_k^T (x - alpha mu_k)
+        var = (al * al) * self.lam + be * be                        # [K, 1, d]
+        log_n = -0.5 * (y * y / var + torch.log(var)).sum(-1) - 0.5 * self.dim * LOG_2PI
+        joint = log_n + self.log_w                                  # [K, B]
+        log_p = torch.logsumexp(joint, 0)
+        return y, var, joint - log_p, log_p
+
+    def log_prob(self, x, t):
+        """log p_t(x); only for the checks."""
+        return self._parts(x, t)[3]
+
+    def velocity(self, x, t):
+        al, be, dal, dbe = schedule(t)
+        y, var, log_post, _ = self._parts(x, t)
+        coef = (dal * al * self.lam + dbe * be) / var               # [K, 1, d]
+        lin = coef * y if self.diagonal else torch.bmm(coef * y, self.Ut)
+        v_k = dal * self.mu + lin
+        return (torch.exp(log_post).unsqueeze(-1) * v_k).sum(0)
+
+    def vjp(self, x, t, a):
+        """Closed form, as GaussianMixture::velocity_vjp:
+        (dv/dx)^T a = sum_k gamma_k [M_k a - (a.v_k - a.v) C_k^{-1} (x - alpha mu_k)]."""
+        al, be, dal, dbe = schedule(t)
+        y, var, log_post, _ = self._parts(x, t)
+        coef = (dal * al * self.lam + dbe * be) / var
+        a_rot = a.unsqueeze(0) if self.diagonal else torch.matmul(a.unsqueeze(0), self.U)
+        gamma = torch.exp(log_post)                                 # [K, B]
+        cy = coef * y
+        a_vk = (dal * self.mu * a.unsqueeze(0) + a_rot * cy).sum(-1)  # [K, B]
+        a_v = (gamma * a_vk).sum(0, keepdim=True)
+        inner = gamma.unsqueeze(-1) * (coef * a_rot - (a_vk - a_v).unsqueeze(-1) * (y / var))
+        lin = cy if self.diagonal else torch.bmm(cy, self.Ut)
+        v = (gamma.unsqueeze(-1) * (dal * self.mu + lin)).sum(0)
+        g = inner.sum(0) if self.diagonal else torch.bmm(inner, self.Ut).sum(0)
+        return g, v
+
+
+class Residual(nn.Module):
+    """v_theta = v_base + r_theta (src/model/velocity.cpp, residual mode); the base is frozen."""
+
+    def __init__(self, base, net):
+        super().__init__()
+        self.base = base
+        self.net = net
+        if isinstance(base, nn.Module):
+            base.requires_grad_(False)
+
+    def velocity(self, x, t):
+        return self.base.velocity(x, t) + self.net(x, t)
+
+
+class QuadraticReward:
+    """r(x) = -1/2 (x - c)^T A (x - c)."""
+
+    def __init__(self, center, A, dtype=torch.float32):
+        self.c = center.to(dtype)
+        self.A = A.to(dtype)
+
+    def value(self, x):
+        r = x - self.c
+        return -0.5 * (r * (r @ self.A)).sum(1)
+
+    def grad(self, x):
+        return -((x - self.c) @ self.A)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The two problems of bench/am_bench.cpp (make_setup).
+
+def make_problem(name, batch=256, dtype=torch.float32):
+    d2 = torch.float64
+    if name == "2d":
+        angles = [2 * math.pi * k / 8 for k in range(8)]
+        means = torch.tensor([[3.0 * math.cos(a), 3.0 * math.sin(a)] for a in angles], dtype=d2)
+        base = GmmVelocity(torch.ones(8, dtype=d2), means, 0.25 * torch.eye(2, dtype=d2).expand(8, 2, 2).clone(), dtype)
+        reward = QuadraticReward(torch.tensor([2.5, 0.0], dtype=d2), 0.25 * torch.eye(2, dtype=d2), dtype)
+        K, early, late, hidden = 60, 20, 10, [128, 128, 128]
+        dim = 2
+    elif name == "64d":
+        dim = 64
+        base = MlpVelocity(dim, [256, 256, 256], 16, zero_output=False, seed=1).to(dtype)
+        reward = QuadraticReward(torch.ones(dim, dtype=d2), 0.25 * torch.eye(dim, dtype=d2), dtype)
+        K, early, late, hidden = 40, 10, 10, [256, 256, 256]
+    else:
+        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d)")
+    net = MlpVelocity(dim, hidden, 16, zero_output=True, seed=2).to(dtype)
+    model = Residual(base, net)
+    return AdjointMatching(model, reward, MemorylessNoise(1.0 / K), K, batch, early, late, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Adjoint Matching (src/train/adjoint_matching.cpp), with the options am_bench sets:
+# lambda = 1, no clipping, loss_weighting = "velocity", final noiseless step.
+
+class AdjointMatching:
+    def __init__(self, model, reward, noise, K, batch, early, late, lam=1.0, weighting="velocity",
+                 dtype=torch.float32):
+        self.model, self.reward, self.noise = model, reward, noise
+        self.K, self.batch, self.early, self.late, self.lam = K, batch, early, late, lam
+        self.dtype = dtype
+        self.t = [k / K for k in range(K)] + [1.0]
+        self.h = [self.t[k + 1] - self.t[k] for k in range(K)]
+        self.coef = [noise.coefficients(t) for t in self.t[:K]]
+        self.sigma = [noise.sigma(t) for t in self.t[:K]]
+        exact = MemorylessNoise(0.0)
+        # v_theta - v_base is regressed onto -rho_k a_k, rho = sigma^2 / c_v of the exact schedule (= eta_t);
+        # steps with an infinite rho (t = 0) are left out.
+        self.rho = [exact.sigma(t) ** 2 / 2.0 for t in self.t[:K]]  # c_v = 2 (memoryless)
+        self.candidates = [k for k in range(K) if math.isfinite(self.rho[k])]
+        assert early + late <= len(self.candidates)
+        assert weighting == "velocity", "only the weighting am_bench uses (every term weighted 1)"
+
+    def parameters(self):
+        return list(self.model.net.parameters())
+
+    @torch.no_grad()
+    def rollout(self, gen):
+        """X_0..X_{K-1} of the fine-tuned SDE (X_K is not needed with the noiseless final step)."""
+        x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
+        xs = [x]
+        for k in range(self.K - 1):
+            c_v, c_x = self.coef[k]
+            b = c_v * self.model.velocity(x, self.t[k]) - c_x * x
+            x = x + self.h[k] * b
+            x = x + (math.sqrt(self.h[k]) * self.sigma[k]) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            xs.append(x)
+        return xs
+
+    @torch.no_grad()
+    def lean_adjoint(self, xs):
+        """a_K = -lambda grad r(X^_1), X^_1 = X_{K-1} + h v_base(X_{K-1}); then backwards
+        a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1}. Returns a[0..K], v_base[0..K-1], X^_1."""
+        K, base = self.K, self.model.base
+        a = [None] * (K + 1)
+        v_base = [None] * K
+        k = K - 1
+        h = self.h[k]
+        with torch.enable_grad():   # the last step by autograd, as lean_adjoint() in C++
+            xg = xs[k].detach().requires_grad_(True)
+            v = base.velocity(xg, self.t[k])
+            x1 = (xs[k] + h * v).detach()
+            a[K] = -self.lam * self.reward.grad(x1)
+            (vjp,) = torch.autograd.grad(v, xg, a[K])
+        a[k] = a[K] + h * vjp
+        v_base[k] = v.detach()
+        for k in range(K - 2, -1, -1):
+            c_v, c_x = self.coef[k]
+            vjp, v_base[k] = base.vjp(xs[k], self.t[k], a[k + 1])
+            a[k] = a[k + 1] + self.h[k] * (c_v * vjp - c_x * a[k + 1])
+        return a, v_base, x1
+
+    def loss_steps(self, gen):
+        """The last `late` candidate steps always, `early` drawn without replacement from the others."""
+        first_late = len(self.candidates) - self.late
+        steps = self.candidates[first_late:]
+        if self.early > 0 and first_late > 0:
+            perm = torch.randperm(first_late, generator=gen).tolist()
+            steps += [self.candidates[i] for i in perm[:min(self.early, first_late)]]
+        return sorted(steps)
+
+    def regression(self, xs, a, x1, gen):
+        """Loss sum over the chosen steps of |v_theta - v_base + rho_k a_k|^2, batch mean, all
+        (step, sample) pairs in one forward pass of the residual network."""
+        steps = self.loss_steps(gen)
+        B = self.batch
+        x = torch.cat([xs[k] for k in steps])
+        t = torch.tensor([self.t[k] for k in steps], dtype=self.dtype).repeat_interleave(B).unsqueeze(1)
+        target = torch.cat([self.rho[k] * a[k] for k in steps])
+        residual = self.model.net(x, t) + target
+        terms = residual.pow(2).sum(1)
+        loss = terms.sum() / B
+        with torch.no_grad():
+            metrics = {
+                "reward": self.reward.value(x1).mean().item(),
+                "loss_unclipped": terms.sum().item() / B,
+                "clipped_fraction": 0.0,
+                "adjoint_norm_t0": a[0].norm(dim=1).mean().item(),
+            }
+        return loss, metrics
+
+
+class Trainer:
+    """src/train/trainer.cpp with am_bench's options: Adam (lr 2e-5, betas (0.95, 0.999), eps 1e-8,
+    weight decay 1e-2 as L2), constant lr, no gradient clipping, seed 0, the NaN guards and grad norm."""
+
+    def __init__(self, am, lr=2e-5, betas=(0.95, 0.999), eps=1e-8, weight_decay=1e-2, seed=0):
+        self.am = am
+        self.params = am.parameters()
+        self.opt = torch.optim.Adam(self.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        self.seed = seed
+        self.iteration = 0
+
+    def step(self, times=None):
+        t0 = time.perf_counter()
+        gen = make_generator(mix_seed(self.seed, self.iteration))
+        xs = self.am.rollout(gen)
+        t1 = time.perf_counter()
+        a, _, x1 = self.am.lean_adjoint(xs)
+        t2 = time.perf_counter()
+        loss, metrics = self.am.regression(xs, a, x1, gen)
+        value = loss.item()
+        if not math.isfinite(value):
+            raise FloatingPointError(f"iteration {self.iteration + 1}: loss is {value}")
+        self.opt.zero_grad()
+        loss.backward()
+        grad_norm = torch.stack([p.grad.pow(2).sum() for p in self.params]).sum().sqrt().item()
+        if not math.isfinite(grad_norm):
+            raise FloatingPointError(f"iteration {self.iteration + 1}: gradient is not finite")
+        self.opt.step()
+        self.iteration += 1
+        t3 = time.perf_counter()
+        if times is not None:
+            times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+        return {"iteration": self.iteration, "loss": value, "grad_norm": grad_norm, **metrics}
+
+
+# ---------------------------------------------------------------------------------------------------
+
+def bench(args):
+    am = make_problem(args.problem, args.batch)
+    trainer = Trainer(am)
+    for _ in range(args.warmup):
+        trainer.step()
+    times = []
+    start = time.perf_counter()
+    while len(times) < args.min_iters or time.perf_counter() - start < args.min_time:
+        trainer.step(times)
+    ms = lambda i: 1e3 * statistics.median(t[i] for t in times)  # noqa: E731
+    out = {
+        "problem": args.problem,
+        "label": "2-D demo, K=60" if args.problem == "2d" else "64-D MLP, K=40",
+        "implementation": "pytorch",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "batch": am.batch,
+        "K": am.K,
+        "loss_steps": am.early + am.late,
+        "iterations_timed": len(times),
+        "iteration_ms": ms(3),
+        "iteration_ms_mean": 1e3 * statistics.mean(t[3] for t in times),
+        "rollout_ms": ms(0),
+        "lean_adjoint_ms": ms(1),
+        "regression_ms": ms(2),
+    }
+    print(json.dumps(out))
+
+
+def trace(args, lr, out=sys.stdout):
+    am = make_problem(args.problem, args.batch)
+    trainer = Trainer(am, lr=lr)
+    rows = []
+    for _ in range(args.trace):
+        row = trainer.step()
+        rows.append(row)
+        if out:
+            print(json.dumps(row), file=out, flush=True)
+    return rows
+
+
+# --- checks -----------------------------------------------------------------------------------------
+
+class Checks:
+    def __init__(self):
+        self.failed = 0
+
+    def report(self, name, value, tol, detail=""):
+        ok = value <= tol
+        self.failed += not ok
+        print(f"[{'ok' if ok else 'FAIL'}] {name}: {value:.3g} (tolerance {tol:g}){detail}", flush=True)
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def check_gmm(c):
+    """The closed-form VJP against autograd through the velocity, and the velocity against
+    v = (x + (1 - t) grad log p_t(x)) / t (linear schedule) from autograd of log p_t: both in float64,
+    for the ring mixture of the demo (diagonal path) and a random full-covariance one."""
+    d2 = torch.float64
+    g = make_generator(7)
+    ring = make_problem("2d", dtype=d2).model.base
+    L = torch.randn(5, 3, 3, generator=g, dtype=d2)
+    full = GmmVelocity(torch.rand(5, generator=g, dtype=d2) + 0.1, 2 * torch.randn(5, 3, generator=g, dtype=d2),
+                       L @ L.transpose(1, 2) + 0.1 * torch.eye(3, dtype=d2), d2)
+    assert ring.diagonal and not full.diagonal
+    for name, gmm in (("ring (diagonal)", ring), ("full covariances", full)):
+        worst_vjp = worst_v = 0.0
+        for t in (0.0, 0.05, 0.3, 0.7, 0.97, 1.0):
+            x = 3 * torch.randn(64, gmm.dim, generator=g, dtype=d2)
+            a = torch.randn(64, gmm.dim, generator=g, dtype=d2)
+            vjp, v = gmm.vjp(x, t, a)
+            xg = x.clone().requires_grad_(True)
+            v_ag = gmm.velocity(xg, t)
+            (vjp_ag,) = torch.autograd.grad(v_ag, xg, a)
+            worst_vjp = max(worst_vjp, rel_err(vjp, vjp_ag), rel_err(v, v_ag.detach()))
+            if 0.0 < t < 1.0:
+                xg = x.clone().requires_grad_(True)
+                (score,) = torch.autograd.grad(gmm.log_prob(xg, t).sum(), xg)
+                worst_v = max(worst_v, rel_err(v, (x + (1 - t) * score) / t))
+        c.report(f"GMM {name}: closed-form VJP vs autograd, max rel. error", worst_vjp, 1e-12)
+        c.report(f"GMM {name}: velocity vs (x + (1-t) score)/t, max rel. error", worst_v, 1e-12)
+
+
+def check_adjoint(c, problem):
+    """The lean adjoint a_k equals d g(X^_1) / d X_k, g = -lambda r, by autograd through the whole
+    discretised trajectory whose steps follow the base drift, X_{k+1} = X_k + h b_base(X_k) + (rest),
+    with 'rest' (noise, and the residual network's part of the drift) held fixed. The residual network
+    is given random non-zero weights first, so the fine-tuned and base drifts differ. float64."""
+    d2 = torch.float64
+    am = make_problem(problem, batch=16, dtype=d2)
+    g = make_generator(11)
+    with torch.no_grad():
+        for p in am.model.net.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=d2))
+    xs = am.rollout(g)
+    a, v_base, x1 = am.lean_adjoint(xs)
+
+    def base_drift(x, k):
+        c_v, c_x = am.coef[k]
+        return c_v * am.model.base.velocity(x, am.t[k]) - c_x * x
+
+    states = [xs[0].clone().requires_grad_(True)]
+    for k in range(am.K - 1):
+        x = states[-1]
+        with torch.no_grad():
+            rest = xs[k + 1] - xs[k] - am.h[k] * base_drift(xs[k], k)
+        x_next = x + am.h[k] * base_drift(x, k) + rest
+        x_next.retain_grad()
+        states.append(x_next)
+    last = am.K - 1
+    x1_ag = states[last] + am.h[last] * am.model.base.velocity(states[last], am.t[last])
+    (-am.lam * am.reward.value(x1_ag)).sum().backward()
+    replay = max(rel_err(s.detach(), x) for s, x in zip(states, xs))
+    worst = max(rel_err(a[k], states[k].grad) for k in range(am.K))
+    worst = max(worst, rel_err(a[am.K], -am.lam * am.reward.grad(x1_ag.detach())))
+    c.report(f"{problem}: replayed trajectory vs rollout states, max rel. error", replay, 1e-12)
+    c.report(f"{problem}: lean adjoint a_0..a_K vs autograd through the trajectory, max rel. error", worst, 1e-9,
+             f"; |a_0| = {a[0].norm().item():.3g}, |a_K| = {a[am.K].norm().item():.3g}")
+
+
+def run_cpp_trace(binary, problem, iterations, lr):
+    p = "0" if problem == "2d" else "1"
+    out = subprocess.run([binary, f"--tilt_trace={p},{iterations},{lr}"], check=True,
+                         capture_output=True, text=True).stdout
+    return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+
+
+def expected_rewards_2d():
+    """E[r] under the 2-D demo's base and under p* ∝ p_base exp(r), in closed form: the quadratic reward
+    maps N(mu, s2 I) to N(mu', s2' I), s2' = 1 / (1/s2 + a), mu' = s2' (mu / s2 + a c), with weight
+    ∝ w N(mu; c, (s2 + 1/a) I), and E_N(m, S I)[r] = -a/2 (d S + |m - c|^2)."""
+    s2, a = 0.25, 0.25
+    c = torch.tensor([2.5, 0.0], dtype=torch.float64)
+    mu = torch.tensor([[3.0 * math.cos(2 * math.pi * k / 8), 3.0 * math.sin(2 * math.pi * k / 8)] for k in range(8)],
+                      dtype=torch.float64)
+    e_base = (-0.5 * a * (2 * s2 + ((mu - c) ** 2).sum(1))).mean().item()
+    s2t = 1.0 / (1.0 / s2 + a)
+    mut = s2t * (mu / s2 + a * c)
+    w = torch.softmax(-0.5 * ((mu - c) ** 2).sum(1) / (s2 + 1.0 / a), 0)
+    e_tilt = (w * (-0.5 * a * (2 * s2t + ((mut - c) ** 2).sum(1)))).sum().item()
+    return e_base, e_tilt
+
+
+def check_training(c, args):
+    """A few hundred iterations on the 2-D demo with a demo-sized learning rate: the mean reward must
+    close most of the gap from the base's E[r] to p*'s; and, given the C++ bench binary, the same run of
+    the C++ Trainer (same seeds) must give the same numbers."""
+    lr, n = 4e-3, args.check_iterations
+    ns = argparse.Namespace(problem="2d", batch=256, trace=n)
+    t0 = time.perf_counter()
+    py = trace(ns, lr, out=None)
+    print(f"  (PyTorch: {n} iterations on the 2-D demo in {time.perf_counter() - t0:.1f} s)", flush=True)
+    w = max(1, n // 10)
+    first = statistics.mean(r["reward"] for r in py[:w])
+    last = statistics.mean(r["reward"] for r in py[-w:])
+    e_base, e_tilt = expected_rewards_2d()
+    print(f"  mean reward: E_base[r] = {e_base:.3f}, E_p*[r] = {e_tilt:.3f}; iteration 1 {py[0]['reward']:.3f}, "
+          f"first {w} iterations {first:.3f}, last {w} {last:.3f}", flush=True)
+    c.report("2d training: share of the gap E_base[r] -> E_p*[r] left after training",
+             (e_tilt - last) / (e_tilt - e_base), 0.3)
+    if not args.cpp_bench:
+        print("  (no --cpp-bench: the comparison with the C++ Trainer was skipped)")
+        return
+    cpp = run_cpp_trace(args.cpp_bench, "2d", n, lr)
+    assert len(cpp) == n, f"C++ trace has {len(cpp)} rows, expected {n}"
+    for key in ("loss", "reward", "grad_norm", "adjoint_norm_t0"):
+        e1 = abs(cpp[0][key] - py[0][key]) / abs(cpp[0][key])
+        e5 = max(abs(cpp[i][key] - py[i][key]) / abs(cpp[i][key]) for i in range(min(5, n)))
+        c.report(f"2d vs C++ Trainer, {key}: rel. difference, iteration 1 (max over 1-5: {e5:.2g})", e1, 1e-4)
+    cfirst = statistics.mean(r["reward"] for r in cpp[:w])
+    clast = statistics.mean(r["reward"] for r in cpp[-w:])
+    print(f"  C++ mean reward: first {w} iterations {cfirst:.3f}, last {w} {clast:.3f}", flush=True)
+    c.report("2d vs C++ Trainer: |difference| of the last tenth's mean reward", abs(clast - last), 0.1)
+    # The 64-D problem: same initial weights (same generator draws) and the same first iterations.
+    ns = argparse.Namespace(problem="64d", batch=256, trace=3)
+    py = trace(ns, 2e-5, out=None)
+    cpp = run_cpp_trace(args.cpp_bench, "64d", 3, 2e-5)
+    for key in ("loss", "reward", "grad_norm", "adjoint_norm_t0"):
+        e = max(abs(cpp[i][key] - py[i][key]) / abs(cpp[i][key]) for i in range(3))
+        c.report(f"64d vs C++ Trainer, {key}: max rel. difference over 3 iterations", e, 1e-3)
+
+
+def check(args):
+    c = Checks()
+    check_gmm(c)
+    check_adjoint(c, "2d")
+    check_adjoint(c, "64d")
+    check_training(c, args)
+    print("all checks passed" if c.failed == 0 else f"{c.failed} check(s) FAILED")
+    return 1 if c.failed else 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--problem", choices=["2d", "64d"], default="2d")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
+    ap.add_argument("--min-time", type=float, default=3.0, help="time at least this many seconds (default 3)")
+    ap.add_argument("--min-iters", type=int, default=10, help="and at least this many iterations (default 10)")
+    ap.add_argument("--check", action="store_true", help="run the correctness checks instead of timing")
+    ap.add_argument("--check-iterations", type=int, default=300)
+    ap.add_argument("--cpp-bench", help="with --check: tilt_bench binary to compare the Trainer's numbers with")
+    ap.add_argument("--trace", type=int, default=0, help="print N iterations' metrics as JSON lines")
+    ap.add_argument("--lr", type=float, default=2e-5, help="with --trace: Adam's learning rate")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.check:
+        sys.exit(check(args))
+    if args.trace:
+        trace(args, args.lr)
+        return
+    bench(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ packages=(
   libtorch-dev            # LibTorch 1.13 (CPU)
   libopenblas0-openmp     # without it matrix work is ~20x slower; the OpenMP build follows torch's thread count
   libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libstb-dev
+  zlib1g-dev              # reads data/digits/digits.csv.gz
   libgtest-dev libbenchmark-dev
   python3                 # the CLI tests parse `tilt eval --json`
 )

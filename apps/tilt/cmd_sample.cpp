@@ -196,6 +196,35 @@ int run_plot(const PlotArgs& args) {
     const std::string title = colon == std::string::npos ? path : spec.substr(colon + 1);
     panels.push_back({title, first_two_coordinates(read_samples_csv(path))});
   }
+  if (!args.images.empty()) {
+    int h = 0, w = 0;
+    char extra = 0;
+    if (std::sscanf(args.images.c_str(), "%dx%d%c", &h, &w, &extra) != 2 || h < 1 || w < 1) {
+      throw Error("--images must be HxW, e.g. 8x8; got '" + args.images + "'");
+    }
+    std::vector<plot::ImagePanel> grids;
+    for (const std::string& spec : args.panels) {
+      const auto colon = spec.find(':');
+      const std::string path = spec.substr(0, colon);
+      const Tensor x = read_samples_csv(path).to(at::kFloat).contiguous();
+      if (x.size(1) != static_cast<int64_t>(h) * w) {
+        throw Error("'" + path + "' has dimension " + std::to_string(x.size(1)) + ", not " + args.images + " = " +
+                    std::to_string(h * w) + " pixels");
+      }
+      const float* p = x.data_ptr<float>();
+      grids.push_back({colon == std::string::npos ? path : spec.substr(colon + 1),
+                       std::vector<float>(p, p + x.numel())});
+    }
+    plot::ImageGridOptions o;
+    o.height = h;
+    o.width = w;
+    o.title = args.title;
+    o.panel_columns = args.columns;
+    o.max_images = args.max_images;
+    plot::write_image_grid_png(args.out, grids, o);
+    info("wrote " + args.out);
+    return 0;
+  }
   plot::ScatterOptions o;
   o.title = args.title;
   o.columns = args.columns;

@@ -11,6 +11,7 @@
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
+#include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
 
 #include <ATen/ATen.h>
@@ -83,7 +84,13 @@ int run_pretrain(const TrainArgs& args) {
   ConfigSection data = root.section("data");
   DataSampler sampler;
   int64_t dim = 0;
-  if (data.has("type") && data.string("type") == "csv") {
+  if (data.has("type") && data.string("type") == "digits") {
+    const ImageDataset images = *read_image_data(root);
+    dim = images.dim();
+    sampler = dataset_sampler(images.images);
+    info("data: " + std::to_string(images.size()) + " digit images of " + std::to_string(images.height) + " x " +
+         std::to_string(images.width) + " pixels");
+  } else if (data.has("type") && data.string("type") == "csv") {
     const std::string path = data.string("path");
     data.finish();
     const Tensor x = read_samples_csv(path);
@@ -135,10 +142,32 @@ int run_finetune(const TrainArgs& args) {
   double lambda = 1.0;
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
+  const std::string method =
+      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint"}, "adjoint_matching");
+  const bool is_am = method == "adjoint_matching";
+  const bool uses_noise = is_am || method == "discrete_adjoint";
+  for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step"}) {
+    if (!is_am && section.has(key)) warn(section.where(key) + " is ignored by method = \"" + method + "\"");
+  }
+  if (!uses_noise && section.has("noise")) {
+    warn(section.where("noise") + " is ignored by method = \"" + method + "\" (it samples with the flow ODE)");
+  }
   const std::string noise_spec = section.string("noise", "memoryless");
   const FineTuneMode mode = parse_finetune_mode(section.choice("model", {"residual", "copy"}, "residual"));
   const MlpOptions mlp = read_mlp(section, base->dim(), {128, 128, 128});
   AdjointMatchingOptions am = read_adjoint_matching(section);
+  RewardBaselineOptions baseline;
+  baseline.num_steps = am.num_steps;
+  baseline.batch_size = am.batch_size;
+  baseline.lambda = lambda;
+  if (method == "draft") {
+    baseline.draft_k = section.integer("draft_k", baseline.draft_k);
+    if (baseline.draft_k < 1 || baseline.draft_k > am.num_steps) section.fail("draft_k", "must be in 1..num_steps");
+  }
+  if (method == "refl") {
+    baseline.refl_t_min = section.number("refl_t_min", baseline.refl_t_min);
+    if (!(baseline.refl_t_min >= 0.0 && baseline.refl_t_min < 1.0)) section.fail("refl_t_min", "must be in [0, 1)");
+  }
   // The paper's offset is one step, h = 1/K: on a uniform grid the memoryless drift's -x/t part is
   // then integrated exactly (docs/method.md, choice 1).
   const NoiseSchedulePtr noise = noise_spec == "memoryless"
@@ -151,16 +180,29 @@ int run_finetune(const TrainArgs& args) {
   section.finish();
   finish_root(root);
 
-  if (!noise->is_memoryless()) {
+  if (uses_noise && !noise->is_memoryless()) {
     warn("fine-tuning with the " + noise->describe() +
          " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run will be biased "
          "(the value-function bias, Adjoint Matching Sec. 4)");
   }
+  if (method == "draft" || method == "refl") {
+    warn("method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
+         "and loses diversity as it trains (a baseline, for comparison)");
+  }
   const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
   auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
-  AdjointMatching loss(model, reward, noise, am);
+  std::unique_ptr<Loss> loss;
+  if (is_am) {
+    loss = std::make_unique<AdjointMatching>(model, reward, noise, am);
+  } else if (method == "draft") {
+    loss = std::make_unique<DraftK>(model, reward, baseline);
+  } else if (method == "refl") {
+    loss = std::make_unique<Refl>(model, reward, baseline);
+  } else {
+    loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
+  }
   attach_to_run(topt, run, settings, args, "finetune");
-  Trainer trainer(loss, topt);
+  Trainer trainer(*loss, topt);
   resume_if_asked(trainer, topt, run, args);
   double clipped = 0.0;
   int64_t counted = 0;
@@ -182,14 +224,18 @@ int run_finetune(const TrainArgs& args) {
     report_failure_context(run);
     throw;
   }
+  // The schedule `tilt sample` uses by default: the one fine-tuned with, or the ODE for the
+  // baselines that sample with it.
   const Json info_json = {{"trained_by", "tilt finetune"},
-                          {"noise", noise_spec},
+                          {"method", method},
+                          {"noise", uses_noise ? noise_spec : std::string("ode")},
                           {"lambda", lambda},
                           {"reward", reward->kind()},
                           {"num_steps", am.num_steps},
                           {"iterations", trainer.iteration()}};
   save_velocity(*model, run.path("model.pt"), info_json);
-  plot_curves(topt.metrics_path, {"loss", "reward"}, run.path("training.png"), "adjoint matching");
+  plot_curves(topt.metrics_path, {"loss", method == "refl" ? "reward_prediction" : "reward"}, run.path("training.png"),
+              method == "adjoint_matching" ? "adjoint matching" : method);
   info("wrote " + run.path("model.pt"));
   return 0;
 }

@@ -15,6 +15,7 @@ struct TrainArgs {
   bool quiet = false;
 };
 int run_pretrain(const TrainArgs& args);
+int run_classifier(const TrainArgs& args);
 int run_finetune(const TrainArgs& args);
 
 struct SampleArgs {
@@ -42,12 +43,21 @@ struct EvalArgs {
 };
 int run_eval(const EvalArgs& args);
 
+struct EvalImagesArgs {
+  ConfigArgs config;
+  std::vector<std::string> samples;
+  bool json = false;
+};
+int run_eval_images(const EvalImagesArgs& args);
+
 struct PlotArgs {
   std::vector<std::string> panels;  ///< FILE or FILE:TITLE
   std::string out;
   std::string title;
   int columns = 0;
   int size = 300;
+  std::string images;  ///< "HxW": draw the samples as images of H x W pixels instead of points
+  int max_images = 100;
 };
 int run_plot(const PlotArgs& args);
 

@@ -21,7 +21,7 @@ void set_threads(int threads) {
 }
 
 void finish_root(ConfigSection& root) {
-  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune"});
+  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier"});
   root.finish();
 }
 
@@ -38,8 +38,23 @@ RunSettings read_run_settings(ConfigSection& root) {
 
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root) {
   ConfigSection data = root.section("data");
-  if (data.has("type") && data.string("type") == "csv") return nullptr;
+  if (data.has("type") && (data.string("type") == "csv" || data.string("type") == "digits")) {
+    data.allow({"path", "holdout"});
+    return nullptr;
+  }
   return read_mixture(data);
+}
+
+std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout) {
+  if (!root.has("data")) return std::nullopt;
+  ConfigSection data = root.section("data");
+  if (!data.has("type") || data.string("type") != "digits") return std::nullopt;
+  const std::string path = data.string("path", "data/digits/digits.csv.gz");
+  const double h = data.number("holdout", 0.2);
+  if (!(h > 0.0 && h < 1.0)) data.fail("holdout", "must be in (0, 1)");
+  if (holdout) *holdout = h;
+  data.finish();
+  return load_digits(path);
 }
 
 VelocityFieldPtr read_base(ConfigSection& root) {

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "tilt/io/config.h"
+#include "tilt/io/datasets.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/velocity.h"
@@ -29,6 +30,11 @@ void set_threads(int threads);  // 0: all cores
 
 /// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set).
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);
+
+/// The labelled images of [data] when it is an image data set (type = "digits"; path, default
+/// data/digits/digits.csv.gz); nullopt for mixtures and CSV samples.
+/// *holdout receives the share of each class that `tilt classifier` holds out for testing.
+std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout = nullptr);
 
 /// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]) or "model" (a file).
 VelocityFieldPtr read_base(ConfigSection& root);

@@ -24,9 +24,11 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "tilt 0.1.0");
   app.require_subcommand(1);
 
-  tilt::cli::TrainArgs pretrain, finetune;
-  for (auto [name, args, help] : {std::tuple{"pretrain", &pretrain, "Pretrain a velocity network by flow matching on [data]"},
-                                  std::tuple{"finetune", &finetune, "Fine-tune [base] towards [reward] with Adjoint Matching"}}) {
+  tilt::cli::TrainArgs pretrain, finetune, classifier;
+  for (auto [name, args, help] :
+       {std::tuple{"pretrain", &pretrain, "Pretrain a velocity network by flow matching on [data]"},
+        std::tuple{"finetune", &finetune, "Fine-tune [base] towards [reward] with Adjoint Matching (or a baseline)"},
+        std::tuple{"classifier", &classifier, "Train an image classifier on [data] (for [reward] type = \"classifier\")"}}) {
     auto* cmd = app.add_subcommand(name, help);
     add_config(cmd, args->config, true);
     cmd->add_option("-o,--out", args->out, "Run directory (model.pt, checkpoint.pt, metrics.jsonl, ...)")->required();
@@ -59,6 +61,13 @@ int main(int argc, char** argv) {
   eval_cmd->add_option("--seed", eval.seed, "Random seed")->capture_default_str();
   eval_cmd->add_flag("--json", eval.json, "Print the metrics as one JSON object");
 
+  tilt::cli::EvalImagesArgs eval_images;
+  auto* eval_images_cmd = app.add_subcommand(
+      "eval-images", "Measure generated images against the classifier of [reward]: class share, diversity, Frechet distance");
+  add_config(eval_images_cmd, eval_images.config, true);
+  eval_images_cmd->add_option("-s,--samples", eval_images.samples, "Samples file(s) to evaluate (repeatable)")->required();
+  eval_images_cmd->add_flag("--json", eval_images.json, "Print the metrics as one JSON object");
+
   tilt::cli::PlotArgs plot;
   auto* plot_cmd = app.add_subcommand("plot", "Draw sample sets side by side (first two coordinates) to a PNG");
   plot_cmd->add_option("panels", plot.panels, "Samples files, each FILE or FILE:TITLE")->required();
@@ -66,6 +75,8 @@ int main(int argc, char** argv) {
   plot_cmd->add_option("--title", plot.title, "Figure title");
   plot_cmd->add_option("--columns", plot.columns, "Panels per row (0: one row)");
   plot_cmd->add_option("--size", plot.size, "Panel size in pixels")->capture_default_str();
+  plot_cmd->add_option("--images", plot.images, "Draw each sample as an image of HxW pixels (e.g. 8x8) instead of a point");
+  plot_cmd->add_option("--max-images", plot.max_images, "Images per panel with --images")->capture_default_str();
 
   tilt::cli::SocArgs soc;
   auto* soc_cmd = app.add_subcommand("soc", "Solve an SOC benchmark problem with one or several losses and compare them");
@@ -90,6 +101,8 @@ int main(int argc, char** argv) {
   try {
     if (app.got_subcommand("pretrain")) return tilt::cli::run_pretrain(pretrain);
     if (app.got_subcommand("finetune")) return tilt::cli::run_finetune(finetune);
+    if (app.got_subcommand("classifier")) return tilt::cli::run_classifier(classifier);
+    if (app.got_subcommand("eval-images")) return tilt::cli::run_eval_images(eval_images);
     if (app.got_subcommand("sample")) return tilt::cli::run_sample(sample);
     if (app.got_subcommand("eval")) return tilt::cli::run_eval(eval);
     if (app.got_subcommand("plot")) return tilt::cli::run_plot(plot);

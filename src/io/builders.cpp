@@ -1,6 +1,8 @@
 #include "tilt/io/builders.h"
 
 #include "tilt/core/error.h"
+#include "tilt/io/classifier_io.h"
+#include "tilt/model/classifier.h"
 
 #include <ATen/ATen.h>
 
@@ -122,7 +124,7 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
 }
 
 RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
-  const std::string type = s.choice("type", {"linear", "quadratic", "gmm"});
+  const std::string type = s.choice("type", {"linear", "quadratic", "gmm", "classifier", "ink"});
   const double l = s.number("lambda", 1.0);
   if (!std::isfinite(l)) s.fail("lambda", "must be finite");
   if (lambda) *lambda = l;
@@ -140,6 +142,21 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     } catch (const Error& e) {
       s.fail("precision", std::string("is invalid: ") + e.what());
     }
+  } else if (type == "classifier") {
+    const std::string path = s.string("path");
+    const int64_t c = s.integer("class");
+    const LoadedClassifier loaded = load_classifier(path);
+    if (loaded.classifier->options().dim != dim) {
+      s.fail("path", "'" + path + "' classifies inputs of dimension " + std::to_string(loaded.classifier->options().dim) +
+                         ", the data has dimension " + std::to_string(dim));
+    }
+    if (c < 0 || c >= loaded.classifier->options().classes) {
+      s.fail("class", "must be in 0.." + std::to_string(loaded.classifier->options().classes - 1));
+    }
+    reward = std::make_shared<ClassifierReward>(loaded.classifier, c);
+  } else if (type == "ink") {
+    // r(x) = mean_i x_i: for images, how much ink (pixels in [-1, 1], ink = 1).
+    reward = std::make_shared<LinearReward>(at::full({dim}, 1.0 / static_cast<double>(dim), kDouble));
   } else {
     // The mixture keys sit in the same table as type and lambda.
     Json copy = Json::object();

@@ -422,3 +422,64 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
 }
 
 }  // namespace tilt::plot
+
+namespace tilt::plot {
+
+void write_image_grid_png(const std::string& path, const std::vector<ImagePanel>& panels, const ImageGridOptions& o) {
+  check_path(path);
+  if (panels.empty()) throw Error("plot: write_image_grid_png needs at least one panel ('" + path + "')");
+  if (o.height < 1 || o.width < 1) throw Error("plot: image height and width must be >= 1");
+  if (o.columns < 1 || o.max_images < 1) throw Error("plot: columns and max_images must be >= 1");
+  if (o.scale < 1 || o.scale > 32) throw Error("plot: scale must be in [1, 32], got " + std::to_string(o.scale));
+  if (!(o.hi > o.lo)) throw Error("plot: the value range needs hi > lo");
+  if (o.panel_columns < 0) throw Error("plot: panel_columns must be >= 0");
+  const size_t image_size = size_t(o.height) * size_t(o.width);
+  int most = 0;
+  for (const ImagePanel& p : panels) {
+    if (p.pixels.size() % image_size != 0) {
+      throw Error("plot: panel '" + p.title + "' has " + std::to_string(p.pixels.size()) + " values, not a multiple of " +
+                  std::to_string(o.height) + " x " + std::to_string(o.width));
+    }
+    most = std::max(most, std::min(o.max_images, int(p.pixels.size() / image_size)));
+  }
+  const int cols = std::min(o.columns, std::max(1, most)), rows = std::max(1, (most + cols - 1) / cols);
+  const int iw = o.width * o.scale + 1, ih = o.height * o.scale + 1;  // an image and its gap
+  const int grid_w = cols * iw + 1, grid_h = rows * ih + 1;
+  const int title_h = 36, margin = 16;
+  const int n = int(panels.size());
+  const int pcols = o.panel_columns == 0 ? n : std::min(o.panel_columns, n), prows = (n + pcols - 1) / pcols;
+  const int cell_w = grid_w + 2 * margin, cell_h = grid_h + title_h + margin;
+  const int head = o.title.empty() ? 0 : kScatterTitleHeight;
+  if (double(pcols) * cell_w * (double(prows) * cell_h + head) > 1e8) throw Error("plot: image grid too large");
+  Canvas cv(pcols * cell_w, prows * cell_h + head);
+  if (!o.title.empty()) {
+    const auto [text, scale] = fit_text(o.title, cv.width() - 16, 3);
+    cv.text_aligned(cv.width() / 2, (head - kFontHeight * scale) / 2, text, scale, kBlack, Align::Center);
+  }
+  for (int k = 0; k < n; ++k) {
+    const ImagePanel& p = panels[size_t(k)];
+    const int x0 = (k % pcols) * cell_w + margin, y0 = head + (k / pcols) * cell_h + title_h;
+    const auto [text, scale] = fit_text(p.title, grid_w + margin, 2);
+    cv.text_aligned(x0 + grid_w / 2, y0 - 8 - kFontHeight * scale, text, scale, kBlack, Align::Center);
+    cv.fill_rect(x0, y0, x0 + grid_w, y0 + grid_h, Rgb{200, 200, 200});  // the gaps
+    const int count = std::min(o.max_images, int(p.pixels.size() / image_size));
+    for (int m = 0; m < count; ++m) {
+      const int ix = x0 + 1 + (m % cols) * iw, iy = y0 + 1 + (m / cols) * ih;
+      for (int r = 0; r < o.height; ++r) {
+        for (int c = 0; c < o.width; ++c) {
+          const float v = p.pixels[size_t(m) * image_size + size_t(r) * size_t(o.width) + size_t(c)];
+          Rgb colour{220, 30, 30};
+          if (std::isfinite(v)) {
+            const float u = std::clamp((v - o.lo) / (o.hi - o.lo), 0.0f, 1.0f);
+            const auto g = uint8_t(std::lround(255.0f * (1.0f - u)));
+            colour = {g, g, g};
+          }
+          cv.fill_rect(ix + c * o.scale, iy + r * o.scale, ix + (c + 1) * o.scale, iy + (r + 1) * o.scale, colour);
+        }
+      }
+    }
+  }
+  atomic_write(path, cv.encode_png());
+}
+
+}  // namespace tilt::plot

@@ -64,4 +64,21 @@ struct LineOptions {
 /// line is broken there. The image is exactly width x height pixels.
 void write_line_png(const std::string& path, const std::vector<Series>& series, const LineOptions& options = {});
 
+struct ImagePanel {
+  std::string title;          // drawn above the panel
+  std::vector<float> pixels;  // count images of height x width pixels each, row-major, one after another
+};
+struct ImageGridOptions {
+  int height = 8, width = 8;  // pixels of one image
+  int columns = 10;           // images per row within a panel
+  int max_images = 100;       // images drawn per panel (the first ones)
+  int scale = 4;              // screen pixels per image pixel (1..32)
+  float lo = -1, hi = 1;      // value range: lo is drawn white, hi black (ink)
+  int panel_columns = 0;      // panels per row; 0 = all in one row
+  std::string title;          // figure title on top (optional)
+};
+/// Renders each panel's images as a grid of grey-level pictures (1-pixel gaps), panels side by side
+/// with their titles. Values outside [lo, hi] are clamped; non-finite pixels are drawn red.
+void write_image_grid_png(const std::string& path, const std::vector<ImagePanel>& panels, const ImageGridOptions& options = {});
+
 }  // namespace tilt::plot

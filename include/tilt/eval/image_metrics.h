@@ -1,0 +1,36 @@
+// Metrics of generated images against a classifier: how often the target class comes out, how
+// diverse the samples of that class are, and how close their classifier features are to real
+// images of the class (a Frechet distance, as FID computes it in Inception features).
+#pragma once
+
+#include "tilt/core/tensor.h"
+#include "tilt/model/classifier.h"
+
+namespace tilt {
+
+/// Frechet distance between N(mu1, S1) and N(mu2, S2):
+///   |mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1^{1/2} S2 S1^{1/2})^{1/2})
+/// (Dowson and Landau 1982; Heusel et al., "GANs trained by a two time-scale update rule", NeurIPS
+/// 2017, the FID). Symmetric PSD square roots by eigendecomposition, in double precision.
+double frechet_distance_gaussians(const Tensor& mu1, const Tensor& S1, const Tensor& mu2, const Tensor& S2);
+/// The same between the Gaussians fitted (mean, unbiased covariance) to two sets of features [n, f].
+double frechet_distance(const Tensor& features1, const Tensor& features2);
+
+/// Mean Euclidean distance between two different rows of x [n, d]; 0 for n < 2.
+double mean_pairwise_distance(const Tensor& x);
+
+struct ClassSampleMetrics {
+  int64_t n = 0;                ///< samples
+  double mean_reward = 0;       ///< mean log p(c | x)
+  double reward_se = 0;         ///< its standard error
+  double class_share = 0;       ///< share of samples the classifier assigns to c (argmax)
+  int64_t in_class = 0;         ///< how many that is
+  double diversity = 0;         ///< mean pairwise distance among the samples assigned to c
+  double frechet = 0;           ///< Frechet distance in classifier features, all samples vs real images of c
+};
+
+/// Metrics of samples x [n, d] for the target class c; `real_of_class` are real images of c.
+ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
+                                        const Tensor& real_of_class);
+
+}  // namespace tilt

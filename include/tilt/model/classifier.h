@@ -1,0 +1,71 @@
+// An image classifier p(c | x) (a multilayer perceptron with SiLU activations), and the reward
+// built from it: r(x) = log p(c | x) for a chosen class c. With lambda = 1 the tilted target
+// p_base(x) p(c | x)^lambda / Z is then the base model's class-conditional law p_base(x | c): reward
+// fine-tuning as conditional sampling (issue 4; Adjoint Matching, Sec. 6 uses classifier-free
+// rewards, the tilt is the same).
+#pragma once
+
+#include "tilt/model/reward.h"
+#include "tilt/model/velocity.h"
+
+#include <memory>
+#include <vector>
+
+namespace tilt {
+
+struct ClassifierOptions {
+  int64_t dim = 64;                       ///< input dimension
+  std::vector<int64_t> hidden{256, 256};  ///< hidden widths (SiLU between)
+  int64_t classes = 10;
+};
+
+class MlpClassifier {
+ public:
+  /// Initialises the weights from `seed` (PyTorch's default uniform(+-1/sqrt(fan_in)) law).
+  MlpClassifier(const ClassifierOptions& options, uint64_t seed);
+  ~MlpClassifier();
+
+  /// Logits [B, classes] for x [B, dim]; differentiable in x and the parameters.
+  Tensor logits(const Tensor& x) const;
+  /// log p(c | x) for every class, [B, classes].
+  Tensor log_probs(const Tensor& x) const;
+  /// The last hidden layer's activations, [B, hidden.back()]: the feature space of the Frechet
+  /// distance (eval/image_metrics.h).
+  Tensor features(const Tensor& x) const;
+
+  std::vector<Tensor> parameters() const;
+  NamedTensors named_parameters() const;
+  /// Copies values in; throws tilt::Error naming a missing, unexpected or mis-shaped tensor.
+  void load_parameters(const NamedTensors& values);
+  void set_trainable(bool trainable);
+  const ClassifierOptions& options() const { return options_; }
+
+ private:
+  struct Impl;
+  ClassifierOptions options_;
+  std::unique_ptr<Impl> impl_;
+};
+
+using ClassifierPtr = std::shared_ptr<const MlpClassifier>;
+
+/// r(x) = log p(c | x) (the classifier is frozen). No closed-form tilt.
+class ClassifierReward : public Reward {
+ public:
+  /// Throws tilt::Error if the class does not exist.
+  ClassifierReward(ClassifierPtr classifier, int64_t target_class);
+  std::string kind() const override { return "classifier"; }
+  int64_t dim() const override { return classifier_->options().dim; }
+  Tensor value(const Tensor& x) const override;
+  Tensor grad(const Tensor& x) const override;
+  std::optional<GaussianMixture> tilt(const GaussianMixture&, double, double* = nullptr) const override {
+    return std::nullopt;
+  }
+  const MlpClassifier& classifier() const { return *classifier_; }
+  int64_t target_class() const { return class_; }
+
+ private:
+  ClassifierPtr classifier_;
+  int64_t class_;
+};
+
+}  // namespace tilt

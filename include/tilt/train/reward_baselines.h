@@ -1,0 +1,90 @@
+// Reward fine-tuning baselines that Adjoint Matching is compared with (Adjoint Matching, Sec. 7 and
+// App. F; mission-anchors section 1.8), each a Loss on the same fine-tuned velocity field v_theta:
+//
+//   DraftK          DRaFT-K (Clark et al., ICLR 2024, arXiv 2309.17400): sample with the flow ODE
+//                   (Euler, K_total steps), backpropagate -lambda r(X_1) through the last K steps only.
+//   Refl            ReFL (Xu et al., "ImageReward", NeurIPS 2023, arXiv 2304.05977): run the ODE without
+//                   gradients to a random step t_k, predict X^_1 = (beta v - beta' x) / (beta alpha' - beta' alpha)
+//                   from one evaluation of v_theta (Adjoint Matching, App. F.1), maximise r(X^_1).
+//   DiscreteAdjoint The memoryless SOC objective of Adjoint Matching, J = E[sum_k 1/2 |u_k|^2 h_k
+//                   - lambda r(X^_1)], differentiated by backpropagation through the whole simulated
+//                   trajectory (spec section 4, "discrete adjoint"): the same fixed point as Adjoint
+//                   Matching, at the memory cost of the whole graph.
+//
+// DRaFT and ReFL maximise the reward with no KL term: they do not target p* and collapse diversity
+// as they train; that is the point of the comparison. The reward's gradient enters through the
+// surrogate <stop_grad(grad r(X_1)), X_1>, so any Reward works (r need not be differentiable by
+// autograd); the logged "reward" is r itself.
+#pragma once
+
+#include "tilt/model/finetuned.h"
+#include "tilt/model/reward.h"
+#include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/sde.h"
+#include "tilt/sde/time_grid.h"
+#include "tilt/train/loss.h"
+
+#include <memory>
+
+namespace tilt {
+
+struct RewardBaselineOptions {
+  int64_t num_steps = 40;     ///< K_total uniform steps on [0, 1]
+  int64_t batch_size = 40;
+  double lambda = 1.0;        ///< reward multiplier (the loss is -lambda r)
+  int64_t draft_k = 1;        ///< DRaFT-K: the last K steps carry gradients (1 <= K <= num_steps)
+  double refl_t_min = 0.5;    ///< ReFL: the prediction step is drawn uniformly from the steps with t_k >= this
+};
+
+/// Shared checks and the Euler ODE of v_theta.
+class RewardBaseline : public Loss {
+ public:
+  RewardBaseline(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const RewardBaselineOptions& options,
+                 const std::string& name);
+  std::vector<Tensor> parameters() const override { return model_->parameters(); }
+  const RewardBaselineOptions& options() const { return options_; }
+
+ protected:
+  /// X_{k+1} = X_k + h v_theta(X_k, t_k) for k in [from, to), with gradients only if enabled by the caller.
+  Tensor ode_steps(Tensor x, int64_t from, int64_t to) const;
+  /// -lambda mean <stop_grad(grad r(x1)), x1>: its gradient is that of -lambda mean r(x1).
+  Tensor reward_surrogate(const Tensor& x1) const;
+
+  std::shared_ptr<FineTunedVelocity> model_;
+  RewardPtr reward_;
+  RewardBaselineOptions options_;
+  TimeGrid grid_;
+};
+
+class DraftK : public RewardBaseline {
+ public:
+  DraftK(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const RewardBaselineOptions& options);
+  std::string name() const override { return "draft"; }
+  LossOutput compute(Generator& gen) override;
+};
+
+class Refl : public RewardBaseline {
+ public:
+  Refl(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const RewardBaselineOptions& options);
+  std::string name() const override { return "refl"; }
+  LossOutput compute(Generator& gen) override;
+  /// X^_1(x, t) from the velocity v at (x, t): the flow-matching denoiser E[X_1 | X_t = x].
+  Tensor predict_x1(const Tensor& x, double t, const Tensor& v) const;
+
+ private:
+  std::vector<int64_t> candidates_;
+};
+
+class DiscreteAdjoint : public RewardBaseline {
+ public:
+  /// `noise` is the schedule of the controlled SDE (memoryless for an unbiased result).
+  DiscreteAdjoint(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, NoiseSchedulePtr noise,
+                  const RewardBaselineOptions& options);
+  std::string name() const override { return "discrete_adjoint"; }
+  LossOutput compute(Generator& gen) override;
+
+ private:
+  GenerativeSDE finetuned_sde_;
+};
+
+}  // namespace tilt

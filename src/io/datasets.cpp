@@ -1,0 +1,125 @@
+#include "tilt/io/datasets.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+
+#include <ATen/ATen.h>
+#include <zlib.h>
+
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+namespace tilt {
+namespace {
+
+// The whole file, decompressed if it is gzip (zlib reads plain files unchanged).
+std::string read_maybe_gzip(const std::string& path) {
+  if (!file_exists(path)) throw Error("cannot read data file '" + path + "': no such file");
+  gzFile f = gzopen(path.c_str(), "rb");
+  if (!f) throw Error("cannot open data file '" + path + "'");
+  std::string out;
+  char buf[1 << 15];
+  int n = 0;
+  while ((n = gzread(f, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  int err = Z_OK;
+  const char* message = gzerror(f, &err);
+  const std::string why = n < 0 && message ? message : "";
+  gzclose(f);
+  if (n < 0) throw Error("data file '" + path + "' is corrupt (" + why + ")");
+  return out;
+}
+
+}  // namespace
+
+int64_t ImageDataset::size() const { return images.defined() ? images.size(0) : 0; }
+
+ImageDataset load_digits(const std::string& path) {
+  constexpr int64_t kSide = 8, kPixels = kSide * kSide, kClasses = 10;
+  const std::string text = read_maybe_gzip(path);
+  std::vector<float> pixels;
+  std::vector<int64_t> labels;
+  size_t pos = 0;
+  int64_t line_no = 0;
+  while (pos < text.size()) {
+    size_t end = text.find('\n', pos);
+    if (end == std::string::npos) end = text.size();
+    std::string line = text.substr(pos, end - pos);
+    pos = end + 1;
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;
+    const auto fail = [&](const std::string& why) -> Error {
+      return Error("data file '" + path + "', line " + std::to_string(line_no) + ": " + why);
+    };
+    std::vector<long> values;
+    const char* p = line.c_str();
+    while (true) {
+      char* next = nullptr;
+      const long v = std::strtol(p, &next, 10);
+      if (next == p) throw fail("expected an integer at column " + std::to_string(values.size() + 1));
+      values.push_back(v);
+      p = next;
+      while (*p == ' ') ++p;
+      if (*p == '\0') break;
+      if (*p != ',') throw fail("expected ',' after column " + std::to_string(values.size()));
+      ++p;
+    }
+    if (static_cast<int64_t>(values.size()) != kPixels + 1) {
+      throw fail("expected 65 values (64 pixels and a label), got " + std::to_string(values.size()));
+    }
+    for (int64_t j = 0; j < kPixels; ++j) {
+      if (values[j] < 0 || values[j] > 16) throw fail("pixel " + std::to_string(j) + " is outside 0..16");
+      pixels.push_back(static_cast<float>(values[j]) / 8.0f - 1.0f);
+    }
+    if (values[kPixels] < 0 || values[kPixels] >= kClasses) throw fail("the label is outside 0..9");
+    labels.push_back(values[kPixels]);
+  }
+  if (labels.empty()) throw Error("data file '" + path + "' holds no images");
+  ImageDataset d;
+  const auto n = static_cast<int64_t>(labels.size());
+  d.images = at::from_blob(pixels.data(), {n, kPixels}, at::kFloat).clone();
+  d.labels = at::from_blob(labels.data(), {n}, at::kLong).clone();
+  d.height = d.width = kSide;
+  d.classes = kClasses;
+  return d;
+}
+
+ImageDataset select_class(const ImageDataset& data, int64_t label) {
+  if (label < 0 || label >= data.classes) {
+    throw Error("class " + std::to_string(label) + " does not exist (the data set has classes 0.." +
+                std::to_string(data.classes - 1) + ")");
+  }
+  ImageDataset out = data;
+  const Tensor idx = at::nonzero(data.labels == label).squeeze(1);
+  out.images = data.images.index_select(0, idx);
+  out.labels = data.labels.index_select(0, idx);
+  return out;
+}
+
+DatasetSplit split_dataset(const ImageDataset& data, double test_fraction, uint64_t seed) {
+  if (!(test_fraction > 0.0 && test_fraction < 1.0)) {
+    throw Error("the held-out fraction must be in (0, 1), got " + std::to_string(test_fraction));
+  }
+  Generator gen = make_generator(seed);
+  std::vector<Tensor> train_idx, test_idx;
+  for (int64_t c = 0; c < data.classes; ++c) {
+    const Tensor idx = at::nonzero(data.labels == c).squeeze(1);
+    const int64_t n = idx.size(0);
+    if (n == 0) continue;
+    const Tensor perm = idx.index_select(0, at::randperm(n, gen, at::TensorOptions().dtype(at::kLong)));
+    const auto n_test = std::max<int64_t>(1, static_cast<int64_t>(test_fraction * static_cast<double>(n) + 0.5));
+    test_idx.push_back(perm.slice(0, 0, n_test));
+    train_idx.push_back(perm.slice(0, n_test));
+  }
+  const auto take = [&](const std::vector<Tensor>& parts) {
+    ImageDataset out = data;
+    const Tensor idx = std::get<0>(at::sort(at::cat(parts)));
+    out.images = data.images.index_select(0, idx);
+    out.labels = data.labels.index_select(0, idx);
+    return out;
+  };
+  return {take(train_idx), take(test_idx)};
+}
+
+}  // namespace tilt

@@ -166,5 +166,73 @@ expect_error "soc: a loss that cannot handle the stopping time says so" "has a s
   "$tilt" soc -p molecular_dynamics -l adjoint_matching -o soc3
 expect_error "soc: refuses to overwrite a run" "already holds an SOC run" "$tilt" soc -q -l moment --iterations 1 -o soc
 
+# Images: the digits pipeline in miniature (pretrain, classifier, every fine-tuning method,
+# eval-images, image grids) and its errors.
+digits_data="$(dirname "$configs")/data/digits/digits.csv.gz"
+cat > digits.toml <<TOML
+seed = 2
+threads = 2
+[data]
+type = "digits"
+path = "$digits_data"
+[pretrain]
+hidden = [32]
+iterations = 20
+[classifier]
+hidden = [32, 16]
+iterations = 30
+[base]
+type = "model"
+path = "dbase/model.pt"
+[reward]
+type = "classifier"
+path = "dcls/classifier.pt"
+class = 3
+[finetune]
+hidden = [16]
+num_steps = 8
+batch_size = 8
+iterations = 3
+loss_early_steps = 2
+loss_late_steps = 2
+clip_factor = 0.0
+lr = 1e-3
+TOML
+if "$tilt" pretrain -q -c digits.toml -o dbase > dlog.txt 2>&1 && "$tilt" classifier -q -c digits.toml -o dcls >> dlog.txt 2>&1 &&
+   grep -q "held-out images" dlog.txt && [ -f dcls/classifier.pt ]; then
+  pass "digits: pretrain and classifier"
+else
+  fail "digits pretrain/classifier: $(cat dlog.txt)"
+fi
+ok=1
+for m in adjoint_matching discrete_adjoint draft refl; do
+  "$tilt" finetune -q -c digits.toml --set finetune.method=\"$m\" -o "d_$m" > dlog.txt 2>&1 && [ -f "d_$m/model.pt" ] &&
+    [ "$(wc -l < "d_$m/metrics.jsonl")" -eq 3 ] || { ok=0; fail "digits finetune method=$m: $(cat dlog.txt)"; }
+done
+[ $ok = 1 ] && pass "digits: finetune with each method"
+if grep -q "is ignored by method = \"draft\"" <("$tilt" finetune -q -c digits.toml --set finetune.method=\"draft\" -o d_draft2 2>&1); then
+  pass "digits: Adjoint Matching keys a baseline ignores are named"
+else
+  fail "digits: no warning for keys draft ignores"
+fi
+if "$tilt" sample -m d_refl/model.pt -n 40 --steps 8 -o d.csv > dlog.txt 2>&1 && grep -q "zero (ODE)" dlog.txt &&
+   "$tilt" eval-images -c digits.toml -s d.csv --json > d.json 2>> dlog.txt && python3 -c "
+import json
+s = json.load(open('d.json'))['samples']['d.csv']
+assert s['n'] == 40 and 0 <= s['class_share'] <= 1 and s['frechet'] >= 0 and s['diversity'] >= 0, s
+" && "$tilt" plot --images 8x8 d.csv:refl -o d.png >> dlog.txt 2>&1 && [ -s d.png ]; then
+  pass "digits: baselines sample with the ODE; eval-images --json; plot --images"
+else
+  fail "digits sample/eval/plot: $(cat dlog.txt d.json)"
+fi
+expect_error "plot: --images must match the dimension" "not 4x4 = 16 pixels" "$tilt" plot --images 4x4 d.csv -o e.png
+expect_error "eval-images needs a classifier reward" "needs [reward] type = \"classifier\"" \
+  "$tilt" eval-images -c digits.toml --set reward.type=\"ink\" -s d.csv
+expect_error "a missing classifier file is named" "cannot read classifier file 'nope.pt'" \
+  "$tilt" finetune -c digits.toml --set reward.path=\"nope.pt\" -o d_x
+expect_error "a class the classifier lacks" "reward.class" "$tilt" finetune -c digits.toml --set reward.class=10 -o d_y
+expect_error "draft_k beyond the steps" "finetune.draft_k" \
+  "$tilt" finetune -c digits.toml --set finetune.method=\"draft\" --set finetune.draft_k=9 -o d_z
+
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

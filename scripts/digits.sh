@@ -5,7 +5,8 @@
 # Frechet distance) with sample grids.
 #   scripts/digits.sh                 # ~25 min on 2 cores; runs in runs/digits, skips finished runs
 #   UPDATE_DOCS=1 scripts/digits.sh   # also refreshes docs/digits_eval.txt and docs/images/digits.png
-# Environment: OUT (runs/digits), THREADS (0: all cores), CLASS (3), ITERATIONS (1000), N (1000).
+# Environment: OUT (runs/digits), THREADS (0: all cores), CLASS (3), ITERATIONS (1000), N (1000);
+# ONLY="am refl" trains just those runs and stops (to train runs in parallel, one thread each).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -33,11 +34,12 @@ runs=(
   "draft40|finetune.method=\"draft\" finetune.draft_k=40"
   "refl|finetune.method=\"refl\""
 )
-$tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/base/samples_ode.csv"
+[ -n "${ONLY:-}" ] || $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/base/samples_ode.csv"
 samples=("$OUT/base/samples_ode.csv")
 panels=("$OUT/base/samples_ode.csv:base")
 for spec in "${runs[@]}"; do
   name=${spec%%|*}
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
   sets=()
   for s in ${spec#*|}; do sets+=(--set "$s"); done
   if [ ! -f "$OUT/$name/model.pt" ]; then
@@ -48,6 +50,7 @@ for spec in "${runs[@]}"; do
   samples+=("$OUT/$name/samples_ode.csv")
   panels+=("$OUT/$name/samples_ode.csv:$name")
 done
+if [ -n "${ONLY:-}" ]; then exit 0; fi
 # Adjoint Matching's model sampled with the memoryless SDE as well: the same law, any schedule.
 $tilt sample -m "$OUT/am/model.pt" -n "$N" --threads "$THREADS" -o "$OUT/am/samples_sde.csv"
 samples+=("$OUT/am/samples_sde.csv")

@@ -84,7 +84,7 @@ int run_eval_images(const EvalImagesArgs& args) {
   }
   const std::string path = reward.string("path");
   const int64_t target = reward.integer("class");
-  reward.number("lambda", 1.0);
+  const double lambda = reward.number("lambda", 1.0);
   reward.finish();
   finish_root(root);
   const LoadedClassifier loaded = load_classifier(path);
@@ -100,6 +100,13 @@ int run_eval_images(const EvalImagesArgs& args) {
                 {"frechet", m.frechet}};
   };
   out["real"] = to_json(real_m);
+  if (!args.base.empty()) {
+    const Tensor xb = read_samples_csv(args.base);
+    if (xb.size(1) != data->dim()) throw Error("--base file '" + args.base + "' does not hold images of this data set");
+    out["target"] = to_json(tilted_target_metrics(xb, *loaded.classifier, target, lambda, real));
+    out["target"]["lambda"] = lambda;
+    out["target"]["from"] = args.base;
+  }
   for (const std::string& file : args.samples) {
     const Tensor x = read_samples_csv(file);
     if (x.size(1) != data->dim()) {
@@ -122,8 +129,16 @@ int run_eval_images(const EvalImagesArgs& args) {
                 s["mean_reward_se"].get<double>(), 100.0 * s["class_share"].get<double>(), s["diversity"].get<double>(),
                 s["frechet"].get<double>());
   }
+  if (out.contains("target")) {
+    const Json& s = out["target"];
+    std::printf("%-44s %6lld %8.3f±%-7.3f %8.1f%% %10.3f %9.3f\n", "target p* (reweighted base samples)",
+                static_cast<long long>(s["n"].get<int64_t>()), s["mean_reward"].get<double>(),
+                s["mean_reward_se"].get<double>(), 100.0 * s["class_share"].get<double>(), s["diversity"].get<double>(),
+                s["frechet"].get<double>());
+  }
   std::printf("(class %%: samples the classifier assigns to the class; diversity: mean pairwise distance among "
-              "those; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer)\n");
+              "those; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer%s)\n",
+              out.contains("target") ? "; target p*: base samples weighted by p(c | x)^lambda, n = effective sample size" : "");
   return 0;
 }
 

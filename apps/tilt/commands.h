@@ -46,6 +46,7 @@ int run_eval(const EvalArgs& args);
 struct EvalImagesArgs {
   ConfigArgs config;
   std::vector<std::string> samples;
+  std::string base;  ///< base-model samples: the tilted target's metrics by importance weighting
   bool json = false;
 };
 int run_eval_images(const EvalImagesArgs& args);

@@ -66,6 +66,8 @@ int main(int argc, char** argv) {
       "eval-images", "Measure generated images against the classifier of [reward]: class share, diversity, Frechet distance");
   add_config(eval_images_cmd, eval_images.config, true);
   eval_images_cmd->add_option("-s,--samples", eval_images.samples, "Samples file(s) to evaluate (repeatable)")->required();
+  eval_images_cmd->add_option("--base", eval_images.base,
+                              "Samples of the base model: also estimate the target p* ∝ p_base exp(lambda r) by reweighting them");
   eval_images_cmd->add_flag("--json", eval_images.json, "Print the metrics as one JSON object");
 
   tilt::cli::PlotArgs plot;

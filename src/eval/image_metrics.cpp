@@ -58,7 +58,7 @@ double mean_pairwise_distance(const Tensor& x) {
 }
 
 ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
-                                        const Tensor& real_of_class) {
+                                        const Tensor& real_of_class, const Tensor& weights) {
   at::NoGradGuard no_grad;
   if (x.dim() != 2 || x.size(1) != classifier.options().dim) {
     throw Error("image metrics: samples must be [n, " + std::to_string(classifier.options().dim) + "]");
@@ -66,19 +66,48 @@ ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& cl
   if (target_class < 0 || target_class >= classifier.options().classes) {
     throw Error("image metrics: class " + std::to_string(target_class) + " does not exist");
   }
+  const int64_t n = x.size(0);
+  Tensor w = weights.defined() ? weights.to(at::kDouble).reshape({-1}) : at::ones({n}, at::kDouble);
+  if (w.size(0) != n) throw Error("image metrics: " + std::to_string(w.size(0)) + " weights for " + std::to_string(n) + " samples");
+  if (!(w.min().item<double>() >= 0.0) || !(w.sum().item<double>() > 0.0)) {
+    throw Error("image metrics: weights must be non-negative and not all zero");
+  }
+  w = w / w.sum();
   ClassSampleMetrics m;
-  m.n = x.size(0);
+  m.n = weights.defined() ? static_cast<int64_t>(1.0 / w.pow(2).sum().item<double>() + 1e-9) : n;
   const Tensor xf = x.to(at::kFloat);
   const Tensor log_p = classifier.log_probs(xf);
   const Tensor r = log_p.select(1, target_class).to(at::kDouble);
-  m.mean_reward = r.mean().item<double>();
-  m.reward_se = m.n > 1 ? r.std().item<double>() / std::sqrt(static_cast<double>(m.n)) : 0.0;
+  m.mean_reward = (w * r).sum().item<double>();
+  const double var = (w * (r - m.mean_reward).pow(2)).sum().item<double>();
+  m.reward_se = m.n > 1 ? std::sqrt(var / static_cast<double>(m.n)) : 0.0;
   const Tensor in_class = log_p.argmax(1) == target_class;
   m.in_class = in_class.sum().item<int64_t>();
-  m.class_share = static_cast<double>(m.in_class) / static_cast<double>(m.n);
-  m.diversity = mean_pairwise_distance(xf.index_select(0, at::nonzero(in_class).squeeze(1)));
-  m.frechet = frechet_distance(classifier.features(xf), classifier.features(real_of_class.to(at::kFloat)));
+  m.class_share = (w * in_class.to(at::kDouble)).sum().item<double>();
+  // Diversity: the (weighted) mean distance over pairs i != j of samples assigned to c.
+  const Tensor idx = at::nonzero(in_class).squeeze(1);
+  if (idx.size(0) >= 2) {
+    const Tensor xc = xf.index_select(0, idx).to(at::kDouble), wc = w.index_select(0, idx);
+    const Tensor ww = wc.unsqueeze(1) * wc.unsqueeze(0);
+    const double pair_weight = ww.sum().item<double>() - wc.pow(2).sum().item<double>();  // the diagonal has d = 0
+    if (pair_weight > 0) m.diversity = (ww * at::cdist(xc, xc)).sum().item<double>() / pair_weight;
+  }
+  // Frechet distance with the weighted feature mean and covariance (unbiased for equal weights).
+  const Tensor f = classifier.features(xf).to(at::kDouble), fr = classifier.features(real_of_class.to(at::kFloat)).to(at::kDouble);
+  if (fr.size(0) < 2) throw Error("image metrics: needs at least 2 real images of the class");
+  const Tensor mu = (w.unsqueeze(1) * f).sum(0);
+  const Tensor c = f - mu;
+  const Tensor S = (w.unsqueeze(1) * c).t().matmul(c) / (1.0 - w.pow(2).sum());
+  const Tensor cr = fr - fr.mean(0, true);
+  m.frechet = frechet_distance_gaussians(mu, S, fr.mean(0), cr.t().matmul(cr) / static_cast<double>(fr.size(0) - 1));
   return m;
+}
+
+ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
+                                         int64_t target_class, double lambda, const Tensor& real_of_class) {
+  at::NoGradGuard no_grad;
+  const Tensor log_w = lambda * classifier.log_probs(base_samples.to(at::kFloat)).select(1, target_class).to(at::kDouble);
+  return class_sample_metrics(base_samples, classifier, target_class, real_of_class, at::softmax(log_w, 0));
 }
 
 }  // namespace tilt

@@ -182,11 +182,31 @@ TEST(ImageMetrics, MeanPairwiseDistanceAndClassMetrics) {
   auto classifier = std::make_shared<MlpClassifier>(o, 0);
   Generator gen = make_generator(5);
   const Tensor samples = at::randn({50, 2}, gen);
-  const ClassSampleMetrics m = class_sample_metrics(samples, *classifier, 1, at::randn({40, 2}, gen));
+  const Tensor real = at::randn({40, 2}, gen);
   const Tensor pred = classifier->logits(samples).argmax(1);
-  EXPECT_EQ(m.in_class, (pred == 1).sum().item<int64_t>());
+  const int64_t c = (pred == 1).sum().item<int64_t>() >= 25 ? 1 : 0;  // the more frequent class
+  const ClassSampleMetrics m = class_sample_metrics(samples, *classifier, c, real);
+  EXPECT_EQ(m.in_class, (pred == c).sum().item<int64_t>());
   EXPECT_NEAR(m.class_share, static_cast<double>(m.in_class) / 50.0, 1e-12);
-  EXPECT_NEAR(m.mean_reward, classifier->log_probs(samples).select(1, 1).mean().item<double>(), 1e-6);
+  EXPECT_NEAR(m.mean_reward, classifier->log_probs(samples).select(1, c).mean().item<double>(), 1e-6);
+
+  // Weights that select a subset give that subset's metrics, every one of them.
+  const Tensor subset = at::arange(0, 50, 2);
+  Tensor w = at::zeros({50}, kDouble);
+  w.index_fill_(0, subset, 3.0);
+  const ClassSampleMetrics a = class_sample_metrics(samples, *classifier, c, real, w);
+  const ClassSampleMetrics b = class_sample_metrics(samples.index_select(0, subset), *classifier, c, real);
+  ASSERT_GT(b.diversity, 0.0);
+  EXPECT_EQ(a.n, 25);
+  EXPECT_NEAR(a.mean_reward, b.mean_reward, 1e-6);
+  EXPECT_NEAR(a.class_share, b.class_share, 1e-12);
+  EXPECT_NEAR(a.diversity, b.diversity, 1e-9);
+  EXPECT_NEAR(a.frechet, b.frechet, 1e-6 * (1 + b.frechet));
+  // The tilted target with lambda = 0 is the base itself.
+  const ClassSampleMetrics t0 = tilted_target_metrics(samples, *classifier, c, 0.0, real);
+  EXPECT_NEAR(t0.class_share, m.class_share, 1e-12);
+  EXPECT_NEAR(t0.frechet, m.frechet, 1e-6 * (1 + m.frechet));
+  EXPECT_THROW(class_sample_metrics(samples, *classifier, c, real, -w), Error);
 }
 
 TEST(ImageGrid, WritesAPngOfTheExpectedSize) {

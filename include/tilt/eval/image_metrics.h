@@ -30,7 +30,17 @@ struct ClassSampleMetrics {
 };
 
 /// Metrics of samples x [n, d] for the target class c; `real_of_class` are real images of c.
+/// With `weights` ([n], non-negative, not all zero) every statistic is the weighted one (weighted
+/// means, weighted pairs, weighted feature mean and covariance), and n is the effective sample size
+/// (sum w)^2 / sum w^2 rounded down.
 ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
-                                        const Tensor& real_of_class);
+                                        const Tensor& real_of_class, const Tensor& weights = Tensor());
+
+/// The metrics of the tilted target p* ∝ p_base exp(lambda r), r = log p(c | x), estimated from
+/// samples of the base model by self-normalised importance weights w_i ∝ p(c | x_i)^lambda: a
+/// ground truth for what fine-tuning should reach (consistent as the number of base samples grows;
+/// its reliability is the effective sample size, ClassSampleMetrics::n).
+ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
+                                         int64_t target_class, double lambda, const Tensor& real_of_class);
 
 }  // namespace tilt

@@ -55,9 +55,12 @@ if [ -n "${ONLY:-}" ]; then exit 0; fi
 $tilt sample -m "$OUT/am/model.pt" -n "$N" --threads "$THREADS" -o "$OUT/am/samples_sde.csv"
 samples+=("$OUT/am/samples_sde.csv")
 
+# The target p* itself, for reference: 20000 base samples reweighted by p(c | x)^lambda.
+[ -f "$OUT/base/samples_20k.csv" ] ||
+  $tilt sample -m "$OUT/base/model.pt" --noise ode -n 20000 --seed 1 --threads "$THREADS" -o "$OUT/base/samples_20k.csv"
 args=()
 for s in "${samples[@]}"; do args+=(--samples "$s"); done
-$tilt eval-images -c $config "${common[@]}" "${args[@]}" | tee "$OUT/eval.txt"
+$tilt eval-images -c $config "${common[@]}" "${args[@]}" --base "$OUT/base/samples_20k.csv" | tee "$OUT/eval.txt"
 $tilt plot --images 8x8 --max-images 50 --columns 4 "${panels[@]}" -o "$OUT/grid.png" \
   --title "digits: fine-tuned towards log p($CLASS | x), sampled with the ODE"
 if [ "${UPDATE_DOCS:-0}" = 1 ]; then

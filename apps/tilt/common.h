@@ -30,7 +30,8 @@ void set_threads(int threads);  // 0: all cores
 /// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set).
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);
 
-/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]) or "model" (a file).
+/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]), "model" (a file),
+/// or "torchscript" (a module exported from PyTorch, frozen).
 VelocityFieldPtr read_base(ConfigSection& root);
 
 /// The exact ground truth of a config whose data is a Gaussian mixture and whose reward has a

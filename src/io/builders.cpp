@@ -1,6 +1,7 @@
 #include "tilt/io/builders.h"
 
 #include "tilt/core/error.h"
+#include "tilt/model/torchscript.h"
 
 #include <ATen/ATen.h>
 
@@ -122,7 +123,7 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
 }
 
 RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
-  const std::string type = s.choice("type", {"linear", "quadratic", "gmm"});
+  const std::string type = s.choice("type", {"linear", "quadratic", "gmm", "torchscript"});
   const double l = s.number("lambda", 1.0);
   if (!std::isfinite(l)) s.fail("lambda", "must be finite");
   if (lambda) *lambda = l;
@@ -140,6 +141,8 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     } catch (const Error& e) {
       s.fail("precision", std::string("is invalid: ") + e.what());
     }
+  } else if (type == "torchscript") {
+    reward = std::make_shared<TorchScriptReward>(s.string("path"), dim);  // a module from PyTorch
   } else {
     // The mixture keys sit in the same table as type and lambda.
     Json copy = Json::object();

@@ -194,21 +194,21 @@ Tensor TorchScriptVelocity::velocity(const Tensor& x, const Tensor& t) const {
   const Tensor x_in = x.to(impl_->dtype);
   Tensor t_in = (t.dim() == 0 ? t.expand({batch}) : t).to(impl_->dtype);
   if (options_.prediction != Prediction::velocity) t_in = t_in.clamp(options_.t_min, 1.0 - options_.t_min);
-  const Tensor y = call_tensor(impl_->module, {x_in, t_in}, impl_->origin, "model").to(x.scalar_type());
+  const Tensor y = call_tensor(impl_->module, {x_in, t_in}, impl_->origin, "model");
   if (!y.sizes().equals(x.sizes())) {
     throw Error("TorchScript model " + impl_->origin + ": forward(x " + shape_string(x) + ", t) returned " +
                 shape_string(y));
   }
-  if (options_.prediction == Prediction::velocity) return y;
+  if (options_.prediction == Prediction::velocity) return y.to(x.scalar_type());
   // Spec section 1: v = kappa_t x + eta_t s. For a noise prediction, Tweedie's formula for
   // Xbar_t = beta_t X0 + alpha_t X1 gives s = -E[X0 | x] / beta_t = -eps / beta_t, and since
   // eta_t / beta_t = kappa_t beta_t - beta'_t, v = kappa_t x + (beta'_t - kappa_t beta_t) eps.
-  // Coefficients in float64, then in x's precision.
+  // In float64, then in x's precision: near t = 0 both terms are ~1/t and cancel.
   const ScheduleTensors s = schedule()->at(t_in.to(at::kDouble));
   const Tensor kappa = s.d_alpha / s.alpha;
   const Tensor coef = options_.prediction == Prediction::score ? s.beta * (kappa * s.beta - s.d_beta)
                                                                : s.d_beta - kappa * s.beta;
-  return kappa.to(x.scalar_type()).unsqueeze(1) * x + coef.to(x.scalar_type()).unsqueeze(1) * y;
+  return (kappa.unsqueeze(1) * x.to(at::kDouble) + coef.unsqueeze(1) * y.to(at::kDouble)).to(x.scalar_type());
 }
 
 std::vector<Tensor> TorchScriptVelocity::parameters() const {
@@ -321,29 +321,29 @@ std::string dtype_code(at::ScalarType t) {
 std::string schedule_source(const Schedule& schedule) {
   const std::string name = schedule.name();
   if (name == "linear") {
-    return "        alpha = s_t\n"
-           "        beta = 1.0 - s_t\n"
-           "        d_alpha = torch.ones_like(s_t)\n"
-           "        d_beta = -torch.ones_like(s_t)\n";
+    return "    alpha = s_t\n"
+           "    beta = 1.0 - s_t\n"
+           "    d_alpha = torch.ones_like(s_t)\n"
+           "    d_beta = -torch.ones_like(s_t)\n";
   }
   if (name == "cosine") {
-    return "        theta = s_t * " + num(kPi / 2.0) + "\n" +
-           "        alpha = torch.sin(theta)\n"
-           "        beta = torch.cos(theta)\n"
-           "        d_alpha = torch.cos(theta) * " + num(kPi / 2.0) + "\n" +
-           "        d_beta = torch.sin(theta) * " + num(-kPi / 2.0) + "\n";
+    return "    theta = s_t * " + num(kPi / 2.0) + "\n" +
+           "    alpha = torch.sin(theta)\n"
+           "    beta = torch.cos(theta)\n"
+           "    d_alpha = torch.cos(theta) * " + num(kPi / 2.0) + "\n" +
+           "    d_beta = torch.sin(theta) * " + num(-kPi / 2.0) + "\n";
   }
   if (name == "vp") {
     double beta_min = 0.1, beta_max = 20.0;
     for (const auto& [k, v] : schedule.parameters()) (k == "beta_min" ? beta_min : beta_max) = v;
-    return "        u = 1.0 - s_t\n"
-           "        abar = torch.exp((u * " + num(beta_min) + " + u * u * " + num(0.5 * (beta_max - beta_min)) +
+    return "    u = 1.0 - s_t\n"
+           "    abar = torch.exp((u * " + num(beta_min) + " + u * u * " + num(0.5 * (beta_max - beta_min)) +
            ") * -1.0)\n" +
-           "        d_abar = abar * (u * " + num(beta_max - beta_min) + " + " + num(beta_min) + ")\n" +
-           "        alpha = torch.sqrt(abar)\n"
-           "        beta = torch.sqrt(1.0 - abar)\n"
-           "        d_alpha = d_abar / (alpha * 2.0)\n"
-           "        d_beta = d_abar / (beta * -2.0)\n";
+           "    d_abar = abar * (u * " + num(beta_max - beta_min) + " + " + num(beta_min) + ")\n" +
+           "    alpha = torch.sqrt(abar)\n"
+           "    beta = torch.sqrt(1.0 - abar)\n"
+           "    d_alpha = d_abar / (alpha * 2.0)\n"
+           "    d_beta = d_abar / (beta * -2.0)\n";
   }
   throw Error("export: no TorchScript form of the '" + name + "' schedule");
 }
@@ -435,22 +435,17 @@ class Exporter {
     if (pred != Prediction::velocity) {
       src += "    t_in = torch.clamp(t_in, " + num(ts.options().t_min) + ", " + num(1.0 - ts.options().t_min) + ")\n";
     }
-    src += "    y = self.model.forward(x.to(" + dt + "), t_in).to(x.dtype)\n";
+    src += "    y = self.model.forward(x.to(" + dt + "), t_in)\n";
     if (pred == Prediction::velocity) {
-      src += "    return y\n";
+      src += "    return y.to(x.dtype)\n";
     } else {
-      // Spec section 1: v = kappa x + eta s; epsilon: v = kappa x + (beta' - kappa beta) eps.
-      src += "    s_t = t_in.to(" + dtype_code(at::kDouble) + ")\n";
-      std::string sched = schedule_source(*ts.schedule());
-      // schedule_source is indented for a nested block; one level suffices here.
-      std::string lines;
-      std::istringstream in(sched);
-      for (std::string line; std::getline(in, line);) lines += "    " + line.substr(8) + "\n";
-      src += lines;
-      src += "    kappa = d_alpha / alpha\n";
+      // Spec section 1: v = kappa x + eta s; epsilon: v = kappa x + (beta' - kappa beta) eps; in float64.
+      const std::string f64 = dtype_code(at::kDouble);
+      src += "    s_t = t_in.to(" + f64 + ")\n" + schedule_source(*ts.schedule()) + "    kappa = d_alpha / alpha\n";
       src += pred == Prediction::score ? "    coef = beta * (kappa * beta - d_beta)\n"
                                        : "    coef = d_beta - kappa * beta\n";
-      src += "    return kappa.to(x.dtype).unsqueeze(1) * x + coef.to(x.dtype).unsqueeze(1) * y\n";
+      src += "    v = kappa.unsqueeze(1) * x.to(" + f64 + ") + coef.unsqueeze(1) * y.to(" + f64 + ")\n";
+      src += "    return v.to(x.dtype)\n";
     }
     m.define(src);
     return m;

@@ -8,7 +8,7 @@
 set -uo pipefail
 tilt=$(realpath "$1")
 src=$(realpath "$2")
-py=/usr/bin/python3
+py=${TILT_PYTHON:-/usr/bin/python3}  # Debian's python3-torch; the pyenv python3 on PATH does not see it
 if ! "$py" -c "import torch" > /dev/null 2>&1; then
   echo "SKIP: Debian's python3-torch is not installed for $py (scripts/setup.sh installs it)"
   exit 77

@@ -10,6 +10,7 @@ packages=(
   zlib1g-dev              # reads data/digits/digits.csv.gz
   libgtest-dev libbenchmark-dev
   python3                 # the CLI tests parse `tilt eval --json`
+  python3-torch           # PyTorch 1.13 for /usr/bin/python3: the TorchScript round-trip test (~17 s to install)
 )
 
 missing=()

@@ -33,6 +33,15 @@ struct SampleArgs {
 };
 int run_sample(const SampleArgs& args);
 
+struct ExportArgs {
+  std::string model;      ///< a tilt model file
+  std::string out;        ///< the TorchScript file to write
+  std::string reference;  ///< optionally: points x, times t and tilt's velocity v there (torch.load-able)
+  int64_t points = 64;
+  int64_t seed = 0;
+};
+int run_export(const ExportArgs& args);
+
 struct EvalArgs {
   ConfigArgs config;
   std::vector<std::string> samples;

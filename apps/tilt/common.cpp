@@ -4,6 +4,7 @@
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/model_io.h"
+#include "tilt/model/torchscript.h"
 
 #include <ATen/Parallel.h>
 
@@ -59,7 +60,22 @@ std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout
 
 VelocityFieldPtr read_base(ConfigSection& root) {
   ConfigSection base = root.section("base");
-  const std::string type = base.choice("type", {"exact", "model"});
+  const std::string type = base.choice("type", {"exact", "model", "torchscript"});
+  if (type == "torchscript") {
+    // A module exported from PyTorch; it was trained with the reference flow of [schedule].
+    TorchScriptOptions o;
+    const std::string path = base.string("path");
+    o.prediction = parse_prediction(base.choice("prediction", {"velocity", "epsilon", "score"}, "velocity"));
+    o.dim = base.integer("dim", 0);
+    if (o.dim < 0) base.fail("dim", "must be >= 1 (or 0: the module's attribute dim)");
+    o.t_min = base.number("t_min", o.t_min);
+    if (!(o.t_min >= 0 && o.t_min < 0.5)) base.fail("t_min", "must be in [0, 0.5)");
+    base.finish();
+    const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
+    auto field = TorchScriptVelocity::load(path, schedule, o);
+    field->set_trainable(false);
+    return field;
+  }
   if (type == "model") {
     const std::string path = base.string("path");
     base.finish();

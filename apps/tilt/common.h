@@ -36,7 +36,8 @@ std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);
 /// *holdout receives the share of each class that `tilt classifier` holds out for testing.
 std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout = nullptr);
 
-/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]) or "model" (a file).
+/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]), "model" (a file),
+/// or "torchscript" (a module exported from PyTorch, frozen).
 VelocityFieldPtr read_base(ConfigSection& root);
 
 /// The exact ground truth of a config whose data is a Gaussian mixture and whose reward has a

@@ -52,6 +52,16 @@ int main(int argc, char** argv) {
   sample_cmd->add_option("-o,--out", sample.out, "CSV file for the samples")->required();
   sample_cmd->add_option("--png", sample.png, "Also draw the samples (first two coordinates) to this PNG");
 
+  tilt::cli::ExportArgs exp;
+  auto* export_cmd = app.add_subcommand("export", "Write a model file as a TorchScript module that PyTorch's torch.jit.load runs");
+  export_cmd->add_option("-m,--model", exp.model, "Model file (model.pt of a run)")->required();
+  export_cmd->add_option("-o,--out", exp.out, "TorchScript file to write (forward(x [B, d], t [B]) -> velocity [B, d])")->required();
+  export_cmd->add_option("--reference", exp.reference,
+                         "Also write points x, times t and tilt's velocity v there to this file (a dict torch.load reads), "
+                         "to check the module against in Python");
+  export_cmd->add_option("--points", exp.points, "Number of points in --reference")->capture_default_str();
+  export_cmd->add_option("--seed", exp.seed, "Random seed of the points")->capture_default_str();
+
   tilt::cli::EvalArgs eval;
   auto* eval_cmd = app.add_subcommand("eval", "Measure sample sets against the exact target p* of a config");
   add_config(eval_cmd, eval.config, true);
@@ -106,6 +116,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("classifier")) return tilt::cli::run_classifier(classifier);
     if (app.got_subcommand("eval-images")) return tilt::cli::run_eval_images(eval_images);
     if (app.got_subcommand("sample")) return tilt::cli::run_sample(sample);
+    if (app.got_subcommand("export")) return tilt::cli::run_export(exp);
     if (app.got_subcommand("eval")) return tilt::cli::run_eval(eval);
     if (app.got_subcommand("plot")) return tilt::cli::run_plot(plot);
     if (app.got_subcommand("soc")) return tilt::cli::run_soc(soc);

@@ -3,6 +3,7 @@
 #include "tilt/core/error.h"
 #include "tilt/io/classifier_io.h"
 #include "tilt/model/classifier.h"
+#include "tilt/model/torchscript.h"
 
 #include <ATen/ATen.h>
 
@@ -124,7 +125,7 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
 }
 
 RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
-  const std::string type = s.choice("type", {"linear", "quadratic", "gmm", "classifier", "ink"});
+  const std::string type = s.choice("type", {"linear", "quadratic", "gmm", "classifier", "ink", "torchscript"});
   const double l = s.number("lambda", 1.0);
   if (!std::isfinite(l)) s.fail("lambda", "must be finite");
   if (lambda) *lambda = l;
@@ -157,6 +158,8 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
   } else if (type == "ink") {
     // r(x) = mean_i x_i: for images, how much ink (pixels in [-1, 1], ink = 1).
     reward = std::make_shared<LinearReward>(at::full({dim}, 1.0 / static_cast<double>(dim), kDouble));
+  } else if (type == "torchscript") {
+    reward = std::make_shared<TorchScriptReward>(s.string("path"), dim);  // a module from PyTorch
   } else {
     // The mixture keys sit in the same table as type and lambda.
     Json copy = Json::object();

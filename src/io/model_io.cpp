@@ -5,6 +5,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
+#include "tilt/model/torchscript.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/Dict.h>
@@ -33,6 +34,15 @@ Json describe(const VelocityField& field, const std::string& prefix, TensorMap& 
     for (const auto& [name, value] : mlp->named_parameters()) tensors[prefix + name] = value.detach();
     const MlpOptions& o = mlp->options();
     return {{"kind", "mlp"}, {"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+  }
+  if (auto ts = dynamic_cast<const TorchScriptVelocity*>(&field)) {
+    // The TorchScript archive's bytes, so that the model file is self-contained. In Python:
+    // torch.jit.load(io.BytesIO(torch.load(path)["base.archive"].numpy().tobytes())).
+    const std::string bytes = ts->archive();
+    tensors[prefix + "archive"] =
+        at::from_blob(const_cast<char*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone();
+    const TorchScriptOptions& o = ts->options();
+    return {{"kind", "torchscript"}, {"dim", o.dim}, {"prediction", to_string(o.prediction)}, {"t_min", o.t_min}};
   }
   if (auto ft = dynamic_cast<const FineTunedVelocity*>(&field)) {
     return {{"kind", "finetuned"},
@@ -72,9 +82,20 @@ struct Reader {
       mlp->load_parameters(values);
       return mlp;
     }
+    if (kind == "torchscript") {
+      const Tensor archive = take(prefix + "archive").contiguous();
+      TorchScriptOptions o;
+      o.dim = node.at("dim").get<int64_t>();
+      o.prediction = parse_prediction(node.at("prediction").get<std::string>());
+      o.t_min = node.at("t_min").get<double>();
+      return TorchScriptVelocity::from_bytes(
+          std::string(static_cast<const char*>(archive.data_ptr()), static_cast<size_t>(archive.numel())),
+          "in model file '" + path + "' (" + prefix + "archive)", schedule, o);
+    }
     if (kind == "finetuned") {
       auto base = build(node.at("base"), prefix + "base.");
       auto trainable = build(node.at("trainable"), prefix + "trainable.");
+      trainable->set_trainable(true);  // a TorchScript module is loaded frozen
       return std::make_shared<FineTunedVelocity>(base, trainable, parse_finetune_mode(node.at("mode").get<std::string>()));
     }
     throw Error("model file '" + path + "' has a model of unknown kind '" + kind + "'");

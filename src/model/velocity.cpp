@@ -1,5 +1,6 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/velocity.h"
+#include "tilt/model/torchscript.h"
 
 #include "tilt/core/error.h"
 
@@ -67,6 +68,11 @@ std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTun
                                                   int64_t time_features, uint64_t seed) {
   if (!base) throw Error("fine-tuned model: no base model");
   if (mode == FineTuneMode::copy) {
+    if (auto ts = std::dynamic_pointer_cast<TorchScriptVelocity>(base)) {
+      auto copy = ts->clone();
+      copy->set_trainable(true);
+      return std::make_shared<FineTunedVelocity>(base, copy, mode);
+    }
     auto mlp = std::dynamic_pointer_cast<MlpVelocity>(base);
     if (!mlp) {
       throw Error("fine-tuning model 'copy' needs a network base, but the base is '" + base->kind() +

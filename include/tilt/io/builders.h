@@ -22,7 +22,8 @@ SchedulePtr read_schedule(ConfigSection section);
 /// radius, std, weights).
 std::shared_ptr<GaussianMixture> read_mixture(ConfigSection section);
 
-/// [reward]: type = "linear" (a) | "quadratic" (center, precision) | "gmm" (a mixture); and
+/// [reward]: type = "linear" (a) | "quadratic" (center, precision) | "gmm" (a mixture) |
+/// "torchscript" (path: a module from PyTorch, forward(x) -> r [B]); and
 /// lambda, the reward multiplier, returned in *lambda.
 RewardPtr read_reward(ConfigSection section, int64_t dim, double* lambda);
 

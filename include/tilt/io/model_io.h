@@ -1,7 +1,8 @@
 // Model files: a velocity field (closed-form mixture, network, or fine-tuned pair) with its
 // schedule, saved as one pickled dict of tensors that Python's torch.load reads as well:
 //   "__tilt_meta__"  uint8 tensor holding JSON: format, version, schedule, the model's structure
-//   "<prefix>.<name>" the tensors (mixture parameters, network weights)
+//   "<prefix>.<name>" the tensors (mixture parameters, network weights; for a TorchScript model,
+//                     "<prefix>.archive": the bytes of its TorchScript archive as a uint8 tensor)
 #pragma once
 
 #include "tilt/io/config.h"

@@ -12,7 +12,7 @@ namespace tilt {
 
 enum class FineTuneMode {
   residual,  ///< v_theta = v_base + r_theta, r_theta an MLP whose last layer starts at zero
-  copy,      ///< v_theta = a trainable copy of the base network (needs an MLP base)
+  copy,      ///< v_theta = a trainable copy of the base network (an MLP or TorchScript base)
 };
 
 FineTuneMode parse_finetune_mode(const std::string& name);  // "residual" | "copy"
@@ -46,7 +46,8 @@ class FineTunedVelocity : public VelocityField {
 };
 
 /// Builds the fine-tuned field from a base: in residual mode a new residual MLP with the given
-/// hidden widths (zero last layer) seeded by `seed`; in copy mode a clone of the base MLP.
+/// hidden widths (zero last layer) seeded by `seed`; in copy mode a clone of the base network
+/// (an MLP, or a TorchScript module: a deep copy of it).
 std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
                                                   const std::vector<int64_t>& hidden,
                                                   int64_t time_features, uint64_t seed);

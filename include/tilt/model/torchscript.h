@@ -1,0 +1,112 @@
+// Interop with PyTorch through TorchScript: base models and rewards exported from Python
+// (torch.jit.script / torch.jit.trace, then .save), and the export of tilt's models as TorchScript
+// modules that Python's torch.jit.load runs.
+//
+// LibTorch's jit headers stay in src/model/torchscript.cpp (pimpl), as <torch/torch.h> does
+// elsewhere (tilt/core/tensor.h).
+#pragma once
+
+#include "tilt/core/tensor.h"
+#include "tilt/model/reward.h"
+#include "tilt/model/velocity.h"
+
+#include <memory>
+#include <string>
+
+namespace tilt {
+
+/// What a scripted base model's forward(x, t) returns.
+enum class Prediction {
+  velocity,  ///< v(x, t) itself
+  epsilon,   ///< eps(x, t) = E[X0 | Xbar_t = x], the noise a diffusion model predicts
+  score,     ///< s(x, t) = grad_x log p_t(x)
+};
+
+Prediction parse_prediction(const std::string& name);  // "velocity" | "epsilon" | "score"
+std::string to_string(Prediction prediction);
+
+struct TorchScriptOptions {
+  Prediction prediction = Prediction::velocity;
+  /// The data dimension d; 0: the module's integer attribute `dim` (an error if it has none).
+  int64_t dim = 0;
+  /// epsilon and score only: the conversion to a velocity is evaluated at t clamped to
+  /// [t_min, 1 - t_min], since kappa_t = alpha'_t / alpha_t is infinite at t = 0 (alpha_0 = 0)
+  /// and beta'_t at t = 1 (vp).
+  double t_min = 1e-3;
+};
+
+/// A velocity field computed by a TorchScript module whose forward(x, t) takes x [B, d] and t [B]
+/// in tilt's time (t = 0 noise, t = 1 data) and returns a tensor [B, d]: the velocity, or the noise
+/// or score prediction of a diffusion model, converted with the schedule (spec section 1):
+///   score:   v = kappa_t x + eta_t s
+///   epsilon: s = -eps / beta_t (Tweedie), so v = kappa_t x + (beta'_t - kappa_t beta_t) eps.
+/// The schedule must be the one the model was trained with.  x and t are cast to the dtype of the
+/// module's parameters (or buffers; float32 if it has neither) and the result back to x's dtype.
+class TorchScriptVelocity : public VelocityField {
+ public:
+  /// Loads and checks a module: throws tilt::Error naming `origin` (the file) if the archive is
+  /// missing or corrupt, forward has the wrong signature, or a forward on [2, d] fails or does
+  /// not return [2, d]. The module's parameters stay as they are (call set_trainable).
+  static std::shared_ptr<TorchScriptVelocity> load(const std::string& path, SchedulePtr schedule,
+                                                   const TorchScriptOptions& options = {});
+  /// The same from the bytes of a TorchScript archive; `origin` names them in error messages.
+  static std::shared_ptr<TorchScriptVelocity> from_bytes(const std::string& bytes, const std::string& origin,
+                                                         SchedulePtr schedule,
+                                                         const TorchScriptOptions& options = {});
+  ~TorchScriptVelocity() override;
+
+  std::string kind() const override { return "torchscript"; }
+  int64_t dim() const override { return options_.dim; }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  /// The module's parameters that require gradients.
+  std::vector<Tensor> parameters() const override;
+  void set_trainable(bool trainable) override;
+
+  /// A deep copy (its own parameters), for fine-tuning the whole module ("copy" mode).
+  std::shared_ptr<TorchScriptVelocity> clone() const;
+  /// The module, with its current parameters, as TorchScript archive bytes.
+  std::string archive() const;
+  const TorchScriptOptions& options() const { return options_; }
+
+  struct Impl;
+  /// For the export (src/model/torchscript.cpp).
+  const Impl& impl() const { return *impl_; }
+
+ private:
+  TorchScriptVelocity(std::unique_ptr<Impl> impl, SchedulePtr schedule, const TorchScriptOptions& options);
+  std::unique_ptr<Impl> impl_;
+  TorchScriptOptions options_;
+};
+
+/// A reward r(x) computed by a TorchScript module whose forward(x) takes x [B, d] and returns r
+/// [B]; its gradient by autograd. No closed-form tilt.
+class TorchScriptReward : public Reward {
+ public:
+  /// Loads and checks the module (a forward on [2, dim] must return [2]); throws tilt::Error
+  /// naming the file otherwise.
+  TorchScriptReward(const std::string& path, int64_t dim);
+  ~TorchScriptReward() override;
+  std::string kind() const override { return "torchscript"; }
+  int64_t dim() const override { return dim_; }
+  Tensor value(const Tensor& x) const override;
+  Tensor grad(const Tensor& x) const override;
+  std::optional<GaussianMixture> tilt(const GaussianMixture&, double, double* = nullptr) const override {
+    return std::nullopt;
+  }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  int64_t dim_;
+};
+
+/// The velocity field as TorchScript archive bytes: a module whose forward(x, t) takes x [B, d]
+/// and t [B] (or a 0-dim t) and returns v [B, d], the same velocity as field.velocity. Networks
+/// are written as TorchScript source with their weights; a TorchScript base is embedded as a
+/// submodule (with its epsilon/score conversion, for its schedule); a fine-tuned model is base
+/// plus residual, or the trained copy. Throws tilt::Error for the closed-form Gaussian-mixture
+/// field, which has no TorchScript form here.
+std::string export_torchscript(const VelocityField& field);
+
+}  // namespace tilt

@@ -1,0 +1,370 @@
+// TorchScript interop: scripted bases (velocity, and epsilon / score converted against the exact
+// mixture velocity), scripted rewards, fine-tuning copies, model files and the export. The modules
+// are written here in TorchScript source (no Python needed); tests/cli/torchscript_test.sh does the
+// round trip with Python's torch.jit.
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/model_io.h"
+#include "tilt/model/finetuned.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/mlp.h"
+#include "tilt/model/reward.h"
+#include "tilt/model/torchscript.h"
+
+#include "../support/helpers.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/serialization/import.h>
+
+#include <filesystem>
+#include <sstream>
+
+namespace tilt {
+namespace {
+
+namespace fs = std::filesystem;
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+class TempDir {
+ public:
+  TempDir() : path_(fs::temp_directory_path() / ("tilt_ts_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
+    fs::create_directories(path_);
+  }
+  ~TempDir() { fs::remove_all(path_); }
+  std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  static inline int counter_ = 0;
+  fs::path path_;
+};
+
+template <class F>
+std::string error_of(F f) {
+  try {
+    f();
+  } catch (const Error& e) {
+    return e.what();
+  }
+  ADD_FAILURE() << "expected a tilt::Error";
+  return "";
+}
+
+void expect_contains(const std::string& text, const std::string& part) {
+  EXPECT_NE(text.find(part), std::string::npos) << "'" << part << "' not in: " << text;
+}
+
+torch::jit::Module make_module(const std::string& source, int64_t dim = 0) {
+  torch::jit::Module m("__torch__.TestModule");
+  if (dim > 0) m.register_attribute("dim", c10::IntType::get(), dim);
+  m.define(source);
+  return m;
+}
+
+std::string save(torch::jit::Module& m, const std::string& path) {
+  m.save(path);
+  return path;
+}
+
+// alpha, beta of each schedule written out independently of src/ (spec section 1), as TorchScript.
+std::string schedule_lines(const std::string& name) {
+  if (name == "linear") return "        alpha = t\n        beta = 1.0 - t\n";
+  if (name == "cosine") return "        alpha = torch.sin(t * 1.5707963267948966)\n        beta = torch.cos(t * 1.5707963267948966)\n";
+  // vp with beta_min = 0.1, beta_max = 20: abar = exp(-(0.1 s + 9.95 s^2)), s = 1 - t.
+  return "        s = 1.0 - t\n        abar = torch.exp(-(0.1 * s + 9.95 * s * s))\n"
+         "        alpha = torch.sqrt(abar)\n        beta = torch.sqrt(1.0 - abar)\n";
+}
+
+// A module computing the exact score (or noise prediction eps = -beta s) of the reference-flow
+// marginal of an isotropic Gaussian mixture: p_t = sum_k w_k N(alpha mu_k, (alpha^2 s_k^2 + beta^2) I).
+torch::jit::Module exact_mixture_module(const GaussianMixture& q, const std::string& schedule, bool epsilon) {
+  torch::jit::Module m("__torch__.ExactMixture");
+  m.register_attribute("dim", c10::IntType::get(), q.dim());
+  m.register_buffer("log_w", q.weights().log());
+  m.register_buffer("mu", q.means());
+  m.register_buffer("var", q.covariances().diagonal(0, 1, 2).select(1, 0).contiguous());  // s_k^2
+  m.define("def forward(self, x, t):\n"
+           "        t = t.unsqueeze(1)\n" +
+           schedule_lines(schedule) +
+           "        c = alpha * alpha * self.var.unsqueeze(0) + beta * beta\n"   // [B, K]
+           "        diff = x.unsqueeze(1) - alpha.unsqueeze(2) * self.mu.unsqueeze(0)\n"  // [B, K, d]
+           "        d = x.size(1)\n"
+           "        logp = self.log_w.unsqueeze(0) - 0.5 * (diff * diff).sum(2) / c - 0.5 * d * torch.log(c)\n"
+           "        gamma = torch.softmax(logp, 1)\n"
+           "        score = -(gamma.unsqueeze(2) * diff / c.unsqueeze(2)).sum(1)\n" +
+           (epsilon ? "        return -beta * score\n" : "        return score\n"));
+  return m;
+}
+
+std::shared_ptr<GaussianMixture> isotropic_mixture() {
+  return std::make_shared<GaussianMixture>(at::tensor({1.0, 2.0, 1.5}, kDouble),
+                                           at::tensor({2.0, 0.0, -1.0, 1.5, 0.5, -2.0}, kDouble).reshape({3, 2}),
+                                           at::tensor({0.25, 0.64, 0.36}, kDouble).reshape({3, 1, 1}) *
+                                               at::eye(2, kDouble).unsqueeze(0));
+}
+
+TEST(TorchScript, LoadsVelocityModuleAndChecksIt) {
+  TempDir dir;
+  auto m = make_module("def forward(self, x, t):\n    return x * (1.0 - t.unsqueeze(1)) + 2.0\n", 3);
+  const std::string path = save(m, dir.file("v.ts"));
+  auto field = TorchScriptVelocity::load(path, make_linear_schedule());
+  EXPECT_EQ(field->dim(), 3);
+  EXPECT_EQ(field->kind(), "torchscript");
+  Generator gen = make_generator(0);
+  const Tensor x = at::randn({5, 3}, gen);
+  const Tensor t = at::rand({5}, gen);
+  EXPECT_TRUE(field->velocity(x, t).allclose(x * (1 - t.unsqueeze(1)) + 2.0));
+  // A 0-dim time and a float64 x (cast to the module's float32 and back).
+  EXPECT_TRUE(field->velocity(x.to(at::kDouble), 0.5).allclose((x * 0.5 + 2.0).to(at::kDouble), 1e-6, 1e-6));
+  EXPECT_EQ(field->velocity(x.to(at::kDouble), 0.5).scalar_type(), at::kDouble);
+  // Gradients flow through the module (autograd VJP = the exact (1 - t) a).
+  const Tensor a = at::randn({5, 3}, gen);
+  EXPECT_TRUE(field->vjp(x, 0.25, a).allclose(0.75 * a, 1e-6, 1e-6));
+  // dim given and agreeing; disagreeing.
+  TorchScriptOptions o;
+  o.dim = 3;
+  EXPECT_EQ(TorchScriptVelocity::load(path, make_linear_schedule(), o)->dim(), 3);
+  o.dim = 4;
+  expect_contains(error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule(), o); }),
+                  "has dim = 3 but dimension 4 was given");
+}
+
+TEST(TorchScript, LoadErrorsNameTheFileAndTheProblem) {
+  TempDir dir;
+  const auto load = [&](const std::string& path, int64_t dim = 0) {
+    TorchScriptOptions o;
+    o.dim = dim;
+    return error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule(), o); });
+  };
+  expect_contains(load(dir.file("absent.ts")), "cannot read TorchScript model '" + dir.file("absent.ts") + "': no such file");
+  atomic_write(dir.file("junk.ts"), "not a zip archive");
+  expect_contains(load(dir.file("junk.ts")), "cannot read TorchScript model '" + dir.file("junk.ts") + "': not a TorchScript archive");
+  auto one_arg = make_module("def forward(self, x):\n    return x\n", 2);
+  expect_contains(load(save(one_arg, dir.file("one.ts"))), "must have forward(x, t) taking tensors, but its signature is forward(");
+  auto int_t = make_module("def forward(self, x, t: int):\n    return x\n", 2);
+  expect_contains(load(save(int_t, dir.file("int.ts"))), "must have forward(x, t) taking tensors");
+  auto no_dim = make_module("def forward(self, x, t):\n    return x\n");
+  expect_contains(load(save(no_dim, dir.file("nodim.ts"))), "the data dimension is unknown; give it ([base] dim = d)");
+  EXPECT_EQ(TorchScriptVelocity::load(dir.file("nodim.ts"), make_linear_schedule(), {Prediction::velocity, 2})->dim(), 2);
+  auto wrong = make_module("def forward(self, x, t):\n    return x[:, :1]\n", 2);
+  expect_contains(load(save(wrong, dir.file("wrong.ts"))),
+                  "'" + dir.file("wrong.ts") + "': forward(x [2, 2], t [2]) must return [2, 2] (the velocity), got [2, 1]");
+  auto tuple = make_module("def forward(self, x, t):\n    return (x, t)\n", 2);
+  expect_contains(load(save(tuple, dir.file("tuple.ts"))), "forward must return a tensor, got Tuple");
+  // x @ x works for [2, 2] but fails for [2, 3]: the probe forward names the failure.
+  auto mm = make_module("def forward(self, x, t):\n    return torch.mm(x, x)\n");
+  save(mm, dir.file("mm.ts"));
+  EXPECT_EQ(TorchScriptVelocity::load(dir.file("mm.ts"), make_linear_schedule(), {Prediction::velocity, 2})->dim(), 2);
+  expect_contains(load(dir.file("mm.ts"), 3), "'" + dir.file("mm.ts") + "': forward failed");
+}
+
+TEST(TorchScript, EpsilonAndScoreConvertToTheExactMixtureVelocity) {
+  // A module computing the exact score / noise of a mixture's marginal p_t, converted by tilt
+  // (v = kappa x + eta s, eps = -beta s), against the closed-form mixture velocity of gmm.cpp.
+  auto q = isotropic_mixture();
+  TempDir dir;
+  for (const std::string schedule_name : {"linear", "cosine", "vp"}) {
+    const SchedulePtr schedule = make_schedule(schedule_name);
+    const GmmVelocity exact(q, schedule);
+    for (const bool epsilon : {true, false}) {
+      auto m = exact_mixture_module(*q, schedule_name, epsilon);
+      TorchScriptOptions o;
+      o.prediction = epsilon ? Prediction::epsilon : Prediction::score;
+      auto field = TorchScriptVelocity::load(save(m, dir.file("m.ts")), schedule, o);
+      Generator gen = make_generator(3);
+      const Tensor x = 2.0 * at::randn({64, 2}, gen, kDouble);
+      for (double t : {0.01, 0.1, 0.4, 0.7, 0.95}) {
+        const Tensor v = field->velocity(x, t);
+        const Tensor v_exact = exact.velocity(x, t);
+        EXPECT_LT((v - v_exact).abs().max().item<double>(), 1e-8 * (1.0 + v_exact.abs().max().item<double>()))
+            << schedule_name << (epsilon ? " epsilon" : " score") << " t=" << t;
+      }
+      // t = 0, where kappa is infinite for linear and cosine, gives the (finite) value at t_min.
+      const Tensor v0 = field->velocity(x, 0.0);
+      EXPECT_TRUE(v0.isfinite().all().item<bool>()) << schedule_name;
+      EXPECT_LT((v0 - exact.velocity(x, 1e-3)).abs().max().item<double>(), 1e-8) << schedule_name;
+    }
+  }
+}
+
+TEST(TorchScript, RewardValueAndAutogradGradient) {
+  TempDir dir;
+  auto m = make_module("def forward(self, x):\n    d = x - torch.tensor([1.0, -0.5])\n    return -0.5 * (d * d * torch.tensor([1.0, 3.0])).sum(1)\n");
+  const std::string path = save(m, dir.file("r.ts"));
+  TorchScriptReward reward(path, 2);
+  QuadraticReward exact(at::tensor({1.0, -0.5}, kDouble), at::diag(at::tensor({1.0, 3.0}, kDouble)));
+  Generator gen = make_generator(4);
+  const Tensor x = at::randn({7, 2}, gen);
+  EXPECT_TRUE(reward.value(x).allclose(exact.value(x.to(at::kDouble)).to(at::kFloat), 1e-5, 1e-5));
+  EXPECT_TRUE(reward.grad(x).allclose(exact.grad(x.to(at::kDouble)).to(at::kFloat), 1e-5, 1e-5));
+  {
+    at::NoGradGuard no_grad;  // the gradient is taken even where gradients are off
+    EXPECT_TRUE(reward.grad(x).allclose(exact.grad(x.to(at::kDouble)).to(at::kFloat), 1e-5, 1e-5));
+  }
+  EXPECT_FALSE(reward.tilt(*isotropic_mixture(), 1.0).has_value());
+  auto column = make_module("def forward(self, x):\n    return x.sum(1, keepdim=True)\n");
+  expect_contains(error_of([&] { TorchScriptReward(save(column, dir.file("c.ts")), 2); }),
+                  "forward(x [2, 2]) must return r of shape [2], got [2, 1]");
+  expect_contains(error_of([&] { TorchScriptReward(dir.file("absent.ts"), 2); }), "cannot read TorchScript reward");
+  auto two_args = make_module("def forward(self, x, t):\n    return x.sum(1)\n");
+  expect_contains(error_of([&] { TorchScriptReward(save(two_args, dir.file("t.ts")), 2); }), "must have forward(x)");
+}
+
+// A small scripted network v(x, t) = W2 silu(W1 [x, t] + b1) + b2 with trainable parameters.
+torch::jit::Module scripted_network(int64_t dim, uint64_t seed) {
+  Generator gen = make_generator(seed);
+  torch::jit::Module m("__torch__.Net");
+  m.register_attribute("dim", c10::IntType::get(), dim);
+  m.register_parameter("w1", 0.5 * at::randn({16, dim + 1}, gen), false);
+  m.register_parameter("b1", 0.1 * at::randn({16}, gen), false);
+  m.register_parameter("w2", 0.5 * at::randn({dim, 16}, gen), false);
+  m.register_parameter("b2", at::zeros({dim}), false);
+  m.define("def forward(self, x, t):\n"
+           "    h = torch.silu(torch.linear(torch.cat([x, t.unsqueeze(1)], 1), self.w1, self.b1))\n"
+           "    return torch.linear(h, self.w2, self.b2)\n");
+  return m;
+}
+
+TEST(TorchScript, CopyModeTrainsADeepCopyAndLeavesTheBase) {
+  TempDir dir;
+  auto net = scripted_network(2, 5);
+  auto base = TorchScriptVelocity::load(save(net, dir.file("n.ts")), make_linear_schedule());
+  EXPECT_TRUE(base->parameters().empty());  // loaded frozen
+  auto ft = make_finetuned(base, FineTuneMode::copy, {8}, 4, 0);
+  const auto params = ft->parameters();
+  ASSERT_EQ(params.size(), 4u);
+  Generator gen = make_generator(6);
+  const Tensor x = at::randn({9, 2}, gen);
+  const Tensor t = at::rand({9}, gen);
+  const Tensor before = base->velocity(x, t).detach();
+  EXPECT_TRUE(ft->velocity(x, t).allclose(before));
+  // One gradient step on the copy: every parameter is a leaf that gets a gradient.
+  const Tensor loss = ft->velocity(x, t).pow(2).sum();
+  const auto grads = torch::autograd::grad({loss}, params);
+  {
+    at::NoGradGuard no_grad;
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_TRUE(params[i].is_leaf());
+      ASSERT_TRUE(grads[i].defined());
+      params[i].sub_(0.1 * grads[i]);
+    }
+  }
+  EXPECT_GT((ft->velocity(x, t) - before).abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(base->velocity(x, t).equal(before));  // the base did not move
+  EXPECT_TRUE(ft->delta(x, t, before).allclose(ft->velocity(x, t) - before));
+}
+
+TEST(TorchScript, ModelFilesEmbedTheArchiveAndLoadBack) {
+  TempDir dir;
+  auto q = isotropic_mixture();
+  auto m = exact_mixture_module(*q, "cosine", /*epsilon=*/true);
+  TorchScriptOptions o;
+  o.prediction = Prediction::epsilon;
+  o.t_min = 0.01;
+  auto base = TorchScriptVelocity::load(save(m, dir.file("eps.ts")), make_cosine_schedule(), o);
+  Generator gen = make_generator(8);
+  const Tensor x = at::randn({6, 2}, gen, kDouble);
+  const Tensor t = at::rand({6}, gen, kDouble);
+  auto net = scripted_network(2, 9);
+  auto net_field = TorchScriptVelocity::load(save(net, dir.file("n.ts")), make_cosine_schedule());
+  for (FineTuneMode mode : {FineTuneMode::residual, FineTuneMode::copy}) {
+    // residual: over the epsilon-predicting base; copy: of the scripted network.
+    const VelocityFieldPtr net_base = mode == FineTuneMode::residual ? VelocityFieldPtr(base) : VelocityFieldPtr(net_field);
+    auto ft = make_finetuned(net_base, mode, {8, 8}, 4, 1);
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : ft->parameters()) p.add_(0.05 * at::randn(p.sizes(), gen));  // "trained"
+    }
+    const Tensor xf = x.to(at::kFloat), tf = t.to(at::kFloat);
+    const Tensor v = ft->velocity(xf, tf).detach();
+    EXPECT_GT((v - net_base->velocity(xf, tf)).abs().max().item<double>(), 1e-3);
+    save_velocity(*ft, dir.file("ft.pt"));
+    // The original .ts file is not needed any more.
+    fs::remove(dir.file("eps.ts"));
+    fs::remove(dir.file("n.ts"));
+    const LoadedModel loaded = load_velocity(dir.file("ft.pt"));
+    EXPECT_EQ(loaded.field->schedule()->name(), "cosine");
+    EXPECT_TRUE(loaded.field->velocity(xf, tf).allclose(v, 1e-6, 1e-6)) << to_string(mode);
+    auto lft = std::dynamic_pointer_cast<FineTunedVelocity>(loaded.field);
+    ASSERT_TRUE(lft);
+    EXPECT_EQ(lft->base()->kind(), "torchscript");
+    EXPECT_TRUE(lft->base()->parameters().empty());
+    EXPECT_EQ(lft->parameters().size(), ft->parameters().size());
+    if (mode == FineTuneMode::residual) {
+      auto b = std::dynamic_pointer_cast<TorchScriptVelocity>(lft->base());
+      EXPECT_EQ(b->options().prediction, Prediction::epsilon);
+      EXPECT_DOUBLE_EQ(b->options().t_min, 0.01);
+    }
+  }
+}
+
+// Runs the exported archive in LibTorch's TorchScript interpreter (Python does the same in
+// tests/cli/torchscript_test.sh).
+Tensor run_export(const VelocityField& field, const Tensor& x, const Tensor& t) {
+  std::istringstream in(export_torchscript(field));
+  torch::jit::Module m = torch::jit::load(in);
+  EXPECT_EQ(m.attr("dim").toInt(), field.dim());
+  at::NoGradGuard no_grad;
+  return m.forward({x, t}).toTensor();
+}
+
+TEST(TorchScript, ExportReproducesTheVelocity) {
+  Generator gen = make_generator(10);
+  const Tensor x = at::randn({12, 3}, gen);
+  const Tensor t = at::rand({12}, gen);
+  MlpOptions mo;
+  mo.dim = 3;
+  mo.hidden = {16, 8};
+  mo.time_features = 6;
+  for (const auto& schedule : {make_linear_schedule(), make_vp_schedule(0.2, 15.0)}) {
+    auto mlp = std::make_shared<MlpVelocity>(mo, schedule, 11);
+    EXPECT_TRUE(run_export(*mlp, x, t).allclose(mlp->velocity(x, t), 1e-6, 1e-6));
+    mo.time_features = 0;
+    auto mlp0 = std::make_shared<MlpVelocity>(mo, schedule, 12);
+    EXPECT_TRUE(run_export(*mlp0, x, t).allclose(mlp0->velocity(x, t), 1e-6, 1e-6));
+    mo.time_features = 6;
+    // A fine-tuned pretrained network, residual (with a non-zero residual) and copy.
+    for (FineTuneMode mode : {FineTuneMode::residual, FineTuneMode::copy}) {
+      auto ft = make_finetuned(mlp, mode, {8}, 4, 13);
+      {
+        at::NoGradGuard no_grad;
+        for (auto& p : ft->parameters()) p.add_(0.1 * at::randn(p.sizes(), gen));
+      }
+      const Tensor v = ft->velocity(x, t).detach();
+      EXPECT_TRUE(run_export(*ft, x, t).allclose(v, 1e-5, 1e-5)) << to_string(mode);
+      EXPECT_TRUE(run_export(*ft, x, at::scalar_tensor(0.3)).allclose(ft->velocity(x, 0.3).detach(), 1e-5, 1e-5));
+    }
+  }
+  // Scripted bases with each prediction and schedule, fine-tuned with a residual.
+  TempDir dir;
+  auto q = isotropic_mixture();
+  const Tensor x2 = at::randn({12, 2}, gen);
+  const Tensor t2 = at::cat({at::zeros({1}), at::rand({11}, gen)});  // t = 0 (the clamp) included
+  for (const std::string schedule_name : {"linear", "cosine", "vp"}) {
+    for (const Prediction p : {Prediction::epsilon, Prediction::score}) {
+      auto m = exact_mixture_module(*q, schedule_name, p == Prediction::epsilon);
+      TorchScriptOptions o;
+      o.prediction = p;
+      auto base = TorchScriptVelocity::load(save(m, dir.file("m.ts")), make_schedule(schedule_name), o);
+      auto ft = make_finetuned(base, FineTuneMode::residual, {8}, 4, 14);
+      {
+        at::NoGradGuard no_grad;
+        for (auto& param : ft->parameters()) param.add_(0.1 * at::randn(param.sizes(), gen));
+      }
+      const Tensor v = ft->velocity(x2, t2).detach();
+      const Tensor got = run_export(*ft, x2, t2);
+      EXPECT_LT((got - v).abs().max().item<double>(), 1e-5 * (1 + v.abs().max().item<double>()))
+          << schedule_name << " " << to_string(p);
+    }
+  }
+  // The exact mixture velocity is refused with a clear message.
+  GmmVelocity gmm(q, make_linear_schedule());
+  expect_contains(error_of([&] { export_torchscript(gmm); }),
+                  "export: the exact Gaussian-mixture velocity has no TorchScript form in tilt (not supported)");
+}
+
+}  // namespace
+}  // namespace tilt

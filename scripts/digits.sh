@@ -33,6 +33,11 @@ runs=(
   "draft1|finetune.method=\"draft\" finetune.draft_k=1"
   "draft40|finetune.method=\"draft\" finetune.draft_k=40"
   "refl|finetune.method=\"refl\""
+  # The baselines have no KL term: at Adjoint Matching's lr they hack the reward; lower lrs trade
+  # reward for staying near the base.
+  "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-4"
+  "draft1_lr1e-5|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-5"
+  "refl_lr1e-4|finetune.method=\"refl\" finetune.lr=1e-4"
 )
 [ -n "${ONLY:-}" ] || $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/base/samples_ode.csv"
 samples=("$OUT/base/samples_ode.csv")
@@ -48,7 +53,7 @@ for spec in "${runs[@]}"; do
   fi
   $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/$name/samples_ode.csv"
   samples+=("$OUT/$name/samples_ode.csv")
-  panels+=("$OUT/$name/samples_ode.csv:$name")
+  [[ $name == *_lr* ]] || panels+=("$OUT/$name/samples_ode.csv:$name")
 done
 if [ -n "${ONLY:-}" ]; then exit 0; fi
 # Adjoint Matching's model sampled with the memoryless SDE as well: the same law, any schedule.

@@ -28,7 +28,7 @@ Contents read(const std::string& path, const std::string& what, const std::strin
   try {
     value = torch::jit::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
   } catch (const std::exception&) {
-    throw Error("cannot read " + what + " '" + path + "': not a tilt file, or corrupt");
+    throw Error("cannot read " + what + " '" + path + "': not a tilt " + what + ", or corrupt");
   }
   if (!value.isGenericDict()) throw Error(what + " '" + path + "' does not hold a dict of tensors");
   Contents out;

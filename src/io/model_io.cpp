@@ -1,5 +1,7 @@
 #include "tilt/io/model_io.h"
 
+#include "archive.h"
+
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/model/finetuned.h"
@@ -9,7 +11,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/Dict.h>
-#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <cstring>
 #include <map>
@@ -17,11 +18,10 @@
 namespace tilt {
 namespace {
 
-constexpr const char* kMetaKey = "__tilt_meta__";
 constexpr const char* kFormat = "tilt-velocity";
 constexpr int kVersion = 1;
 
-using TensorMap = std::map<std::string, Tensor>;
+using TensorMap = archive::TensorMap;
 
 Json describe(const VelocityField& field, const std::string& prefix, TensorMap& tensors) {
   if (auto gmm = dynamic_cast<const GmmVelocity*>(&field)) {
@@ -113,47 +113,13 @@ void save_velocity(const VelocityField& field, const std::string& path, const Js
   meta["schedule"]["type"] = field.schedule()->name();
   for (const auto& [k, v] : field.schedule()->parameters()) meta["schedule"][k] = v;
   meta["info"] = extra;
-  const std::string text = meta.dump();
-  c10::Dict<std::string, Tensor> dict;
-  dict.insert(kMetaKey, at::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, at::kByte).clone());
-  for (const auto& [name, value] : tensors) dict.insert(name, value.detach().contiguous());
-  const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
-  atomic_write(path, std::string(bytes.begin(), bytes.end()));
+  archive::write(path, meta, tensors);
 }
 
 LoadedModel load_velocity(const std::string& path) {
-  if (!file_exists(path)) throw Error("cannot read model file '" + path + "': no such file");
-  const std::string bytes = read_file(path, "model file");
-  c10::IValue value;
-  try {
-    value = torch::jit::pickle_load(std::vector<char>(bytes.begin(), bytes.end()));
-  } catch (const std::exception& e) {
-    throw Error("cannot read model file '" + path + "': not a tilt model file, or corrupt");
-  }
-  if (!value.isGenericDict()) throw Error("model file '" + path + "' does not hold a dict of tensors");
-  TensorMap tensors;
-  std::string meta_text;
-  for (const auto& item : value.toGenericDict()) {
-    if (!item.key().isString() || !item.value().isTensor()) {
-      throw Error("model file '" + path + "' holds an entry that is not a named tensor");
-    }
-    const std::string name = item.key().toStringRef();
-    const Tensor t = item.value().toTensor();
-    if (name == kMetaKey) {
-      meta_text.assign(static_cast<const char*>(t.contiguous().data_ptr()), static_cast<size_t>(t.numel()));
-    } else {
-      tensors[name] = t;
-    }
-  }
-  if (meta_text.empty()) throw Error("model file '" + path + "' has no tilt metadata (not a tilt model)");
-  const Json meta = Json::parse(meta_text, nullptr, false);
-  if (meta.is_discarded() || meta.value("format", "") != kFormat) {
-    throw Error("model file '" + path + "' has unreadable metadata (not a tilt model)");
-  }
-  if (meta.value("version", 0) != kVersion) {
-    throw Error("model file '" + path + "' has format version " + std::to_string(meta.value("version", 0)) +
-                "; this tilt reads version " + std::to_string(kVersion));
-  }
+  archive::Contents contents = archive::read(path, "model file", kFormat, kVersion);
+  const Json& meta = contents.meta;
+  TensorMap& tensors = contents.tensors;
   try {
     std::vector<std::pair<std::string, double>> params;
     for (auto it = meta.at("schedule").begin(); it != meta.at("schedule").end(); ++it) {

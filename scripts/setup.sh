@@ -8,6 +8,7 @@ packages=(
   libopenblas0-openmp     # without it matrix work is ~20x slower; the OpenMP build follows torch's thread count
   libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libstb-dev
   libgtest-dev libbenchmark-dev
+  libgloo-dev             # headers of torch's c10d Gloo backend (distributed training; libtorch has the code)
   python3                 # the CLI tests parse `tilt eval --json`
 )
 

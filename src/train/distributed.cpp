@@ -1,6 +1,7 @@
 // The distributed engine: c10d's TCPStore and ProcessGroupGloo, as PyTorch's own
 // torch.distributed.init_process_group("gloo", init_method="env://") uses them
-// (torch/distributed/rendezvous.py: rank 0 hosts the TCPStore, every rank waits for the others;
+// (torch/distributed/rendezvous.py: rank 0 hosts the TCPStore, or torchrun's agent does, and every
+// rank waits for the others;
 // torch/distributed/distributed_c10d.py: ProcessGroupGloo over that store, Options.timeout).
 // Every c10d and gloo header stays in this file.
 #include "tilt/train/distributed.h"
@@ -10,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #if TILT_HAVE_GLOO
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 #endif
@@ -79,6 +81,12 @@ std::optional<DistributedOptions> distributed_options_from_env(const std::functi
   if (port.empty()) throw Error("distributed training: WORLD_SIZE=" + world + " but MASTER_PORT is not set");
   o.master_port = static_cast<int>(parse_env_integer("MASTER_PORT", port, 1, 65535));
   o.interface = env_or_empty(getenv, "GLOO_SOCKET_IFNAME");
+  // torch/distributed/rendezvous.py, _create_c10d_store: under torchrun's agent ("True", exactly).
+  o.agent_store = env_or_empty(getenv, "TORCHELASTIC_USE_AGENT_STORE") == "True";
+  if (o.agent_store) {
+    const std::string restart = env_or_empty(getenv, "TORCHELASTIC_RESTART_COUNT");
+    o.restart_count = restart.empty() ? 0 : static_cast<int>(parse_env_integer("TORCHELASTIC_RESTART_COUNT", restart, 0, 1 << 20));
+  }
   return o;
 }
 
@@ -163,17 +171,23 @@ std::shared_ptr<ProcessGroup> ProcessGroup::connect(const DistributedOptions& op
   try {
     c10d::TCPStoreOptions so;
     so.port = static_cast<std::uint16_t>(options.master_port);
-    so.isServer = options.rank == 0;
+    so.isServer = options.rank == 0 && !options.agent_store;
     so.numWorkers = static_cast<std::size_t>(options.world_size);
     so.waitWorkers = false;  // counted below, with a message that says how many came
     so.timeout = timeout;
-    impl->store = c10::make_intrusive<c10d::TCPStore>(options.master_addr, so);
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(options.master_addr, so);
+    if (options.agent_store) {
+      impl->store = c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + std::to_string(options.restart_count), tcp);
+    } else {
+      impl->store = tcp;
+    }
   } catch (const std::exception& e) {
     const std::string detail = dynamic_cast<const c10::Error*>(&e) ? static_cast<const c10::Error&>(e).what_without_backtrace()
                                                                     : std::string(e.what());
     throw Error("distributed training, rank " + std::to_string(options.rank) + " of " +
                 std::to_string(options.world_size) + ": the rendezvous at " + where + " failed" +
-                (options.rank == 0 ? " (rank 0 serves it there: is the port taken, or the address not this machine's?)"
+                (options.rank == 0 && !options.agent_store
+                     ? " (rank 0 serves it there: is the port taken, or the address not this machine's?)"
                                    : " (is rank 0 running, and " + where + " reachable from here?)") +
                 "; it waits at most " + std::to_string(static_cast<int64_t>(options.timeout_seconds)) +
                 " s for all " + std::to_string(options.world_size) + " processes [c10d: " + detail + "]");

@@ -53,6 +53,17 @@ TEST(DistributedEnv, ReadsTheVariablesTorchrunSets) {
   EXPECT_EQ(o->master_addr, "10.0.0.2");
   EXPECT_EQ(o->master_port, 29400);
   EXPECT_EQ(o->interface, "eth1");
+  EXPECT_FALSE(o->agent_store);
+  // Under torchrun its agent serves the store; the workers are clients under a per-restart prefix.
+  const auto t = distributed_options_from_env(fake_env({{"WORLD_SIZE", "2"},
+                                                        {"RANK", "0"},
+                                                        {"MASTER_ADDR", "127.0.0.1"},
+                                                        {"MASTER_PORT", "29400"},
+                                                        {"TORCHELASTIC_USE_AGENT_STORE", "True"},
+                                                        {"TORCHELASTIC_RESTART_COUNT", "2"}}));
+  ASSERT_TRUE(t);
+  EXPECT_TRUE(t->agent_store);
+  EXPECT_EQ(t->restart_count, 2);
 }
 
 TEST(DistributedEnv, MissingOrMalformedVariablesAreNamed) {

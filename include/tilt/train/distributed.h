@@ -27,13 +27,18 @@ struct DistributedOptions {
   /// The network interface Gloo uses (GLOO_SOCKET_IFNAME, as in PyTorch); empty: the address of
   /// this machine's hostname, or 127.0.0.1 when MASTER_ADDR is a loopback address.
   std::string interface;
+  /// Under torchrun (TORCHELASTIC_USE_AGENT_STORE=True) its agent already serves the store at
+  /// MASTER_ADDR:MASTER_PORT: every rank is a client, under the prefix /worker/attempt_<restart>.
+  bool agent_store = false;
+  int restart_count = 0;  ///< TORCHELASTIC_RESTART_COUNT
 };
 
 /// Whether this tilt was built with the distributed engine (c10d Gloo headers found at build time).
 bool distributed_available();
 
 /// The group torchrun (or a user) describes in the environment: WORLD_SIZE, RANK, MASTER_ADDR,
-/// MASTER_PORT, GLOO_SOCKET_IFNAME. nullopt when WORLD_SIZE is unset or 1 (one process). Throws
+/// MASTER_PORT, GLOO_SOCKET_IFNAME, TORCHELASTIC_USE_AGENT_STORE and TORCHELASTIC_RESTART_COUNT.
+/// nullopt when WORLD_SIZE is unset or 1 (one process). Throws
 /// tilt::Error naming the variable if one is missing or malformed. `getenv` is for tests.
 std::optional<DistributedOptions> distributed_options_from_env(
     const std::function<const char*(const char*)>& getenv = {});

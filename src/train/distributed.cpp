@@ -44,12 +44,12 @@ int64_t parse_env_integer(const std::string& name, const std::string& value, int
   return v;
 }
 
-bool is_loopback(const std::string& host) {
+[[maybe_unused]] bool is_loopback(const std::string& host) {  // unused without Gloo
   return host == "localhost" || host.rfind("127.", 0) == 0 || host == "::1";
 }
 
 // FNV-1a, 64 bits: the same on every machine (std::hash need not be).
-int64_t fnv1a(const std::string& s) {
+[[maybe_unused]] int64_t fnv1a(const std::string& s) {
   uint64_t h = 1469598103934665603ULL;
   for (unsigned char c : s) {
     h ^= c;

@@ -9,6 +9,7 @@ packages=(
   libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libstb-dev
   zlib1g-dev              # reads data/digits/digits.csv.gz
   libgtest-dev libbenchmark-dev
+  libgloo-dev             # headers of torch's c10d Gloo backend (distributed training; libtorch has the code)
   python3                 # the CLI tests parse `tilt eval --json`
   python3-torch           # PyTorch 1.13 for /usr/bin/python3: the TorchScript round-trip test (~17 s to install)
 )

@@ -7,6 +7,7 @@
 #include "tilt/io/plot.h"
 #include "tilt/soc/losses.h"
 #include "tilt/soc/problems.h"
+#include "tilt/train/distributed.h"
 #include "tilt/train/trainer.h"
 
 #include <ATen/ATen.h>
@@ -71,15 +72,23 @@ int run_soc(const SocArgs& args) {
                        soc::SocLossOptions{});
   }
   if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
-  if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
-    throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
-  }
-  make_directories(args.out);
+  if (args.shards < 0) throw Error("--shards must be >= 0 (0: one per process)");
+  // Several processes: rank 0 writes every file and prints the summary; all train together.
+  const ProcessGroupPtr group = join_group(args.dist_timeout);
+  const bool writer = is_writer(group);
+  const int64_t shards = effective_shards(args.shards, group);
   const Json resolved{{"problem", args.problem}, {"losses", args.losses},    {"iterations", args.iterations},
                       {"batch", args.batch},     {"steps", args.steps},      {"lr", args.lr},
                       {"hidden", args.hidden},   {"seed", args.seed},        {"eval_every", args.eval_every},
-                      {"eval_batch", args.eval_batch}};
-  atomic_write(args.out + "/soc.resolved.json", resolved.dump(2) + "\n");
+                      {"eval_batch", args.eval_batch}, {"shards", shards}};
+  if (group) group->check_same(resolved.dump(), "command line");
+  run_on_rank0(group.get(), [&] {
+    if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
+      throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
+    }
+    make_directories(args.out);
+    atomic_write(args.out + "/soc.resolved.json", resolved.dump(2) + "\n");
+  });
   const int64_t steps = args.steps > 0 ? args.steps : problem->default_steps();
   const uint64_t eval_seed = mix_seed(static_cast<uint64_t>(args.seed), 3);
 
@@ -106,15 +115,20 @@ int run_soc(const SocArgs& args) {
     topt.metrics_path = args.out + "/" + name + ".jsonl";
     topt.progress = !args.quiet;
     topt.label = name;
-    std::vector<Evaluation> evals{evaluate(*problem, *control, args.eval_batch, steps, eval_seed, 0)};
-    double train_seconds = 0;
+    topt.shards = shards;
+    topt.group = group;
     Trainer trainer(*loss, topt);
+    // Rank 0 evaluates (every rank holds the same control); the others go on to the next step's all-reduce.
+    std::vector<Evaluation> evals;
+    if (writer) evals.push_back(evaluate(*problem, *control, args.eval_batch, steps, eval_seed, 0));
+    double train_seconds = 0;
     trainer.run([&](const StepResult& r) {
       train_seconds += r.seconds;
-      if (r.iteration % args.eval_every == 0 || r.iteration == args.iterations) {
+      if (writer && (r.iteration % args.eval_every == 0 || r.iteration == args.iterations)) {
         evals.push_back(evaluate(*problem, *control, args.eval_batch, steps, eval_seed, r.iteration));
       }
     });
+    if (!writer) continue;
     std::ostringstream lines;
     plot::Series curve{name, {}, {}};
     for (const auto& e : evals) {
@@ -132,6 +146,7 @@ int run_soc(const SocArgs& args) {
     row["ms_per_iteration"] = 1e3 * train_seconds / static_cast<double>(args.iterations);
     summary["losses"][name] = row;
   }
+  if (!writer) return 0;
   atomic_write(args.out + "/summary.json", summary.dump(2) + "\n");
 
   plot::LineOptions po;

@@ -51,25 +51,39 @@ void plot_curves(const std::string& metrics_path, const std::vector<std::string>
 }
 
 void report_failure_context(const RunDirectory& run) {
-  if (file_exists(run.path("checkpoint.pt"))) {
+  if (file_exists(run.path("checkpoint.pt"))) {  // warn() prints on rank 0 only, which writes it
     warn("the last checkpoint, " + run.path("checkpoint.pt") + ", is intact; continue with --resume once fixed");
   }
 }
 
+// Joins the process group of the environment (if any) and prepares the run directory on rank 0
+// (the other ranks write nothing). The resolved config records the shards actually used, and every
+// rank must have resolved the same config.
+RunDirectory start_run(const Config& config, const std::string& section, int64_t shards, const TrainArgs& args,
+                       ProcessGroupPtr& group) {
+  group = join_group(args.dist_timeout);
+  Json resolved = config.resolved();
+  resolved[section]["shards"] = effective_shards(shards, group);
+  if (group) group->check_same(resolved.dump(), "configuration (config file and --set)");
+  RunDirectory run{args.out};
+  run_on_rank0(group.get(), [&] { run = prepare_run_directory(args.out, resolved, args.resume); });
+  return run;
+}
+
 // Points a training run at its directory (checkpoint, metrics), seeds it from the config's seed.
 void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, const TrainArgs& args,
-                   const std::string& label) {
+                   const std::string& label, const ProcessGroupPtr& group) {
   topt.seed = mix_seed(settings.seed, 2);
   topt.checkpoint_path = run.path("checkpoint.pt");
   topt.metrics_path = run.path("metrics.jsonl");
   topt.progress = !args.quiet;
   topt.label = label;
+  topt.group = group;
 }
 
-// With --resume, continues from the run's checkpoint when there is one.
+// With --resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others).
 void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, const TrainArgs& args) {
-  if (args.resume && file_exists(topt.checkpoint_path)) {
-    trainer.load_checkpoint(topt.checkpoint_path);
+  if (args.resume && trainer.resume(topt.checkpoint_path)) {
     info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
   }
 }
@@ -116,10 +130,11 @@ int run_pretrain(const TrainArgs& args) {
   section.finish();
   finish_root(root);
 
-  const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
+  ProcessGroupPtr group;
+  const RunDirectory run = start_run(config, "pretrain", topt.shards, args, group);
   auto model = std::make_shared<MlpVelocity>(mlp, schedule, mix_seed(settings.seed, 1));
   FlowMatching loss(model, sampler, fm);
-  attach_to_run(topt, run, settings, args, "pretrain");
+  attach_to_run(topt, run, settings, args, "pretrain", group);
   Trainer trainer(loss, topt);
   resume_if_asked(trainer, topt, run, args);
   try {
@@ -128,6 +143,7 @@ int run_pretrain(const TrainArgs& args) {
     report_failure_context(run);
     throw;
   }
+  if (!is_writer(group)) return 0;
   save_velocity(*model, run.path("model.pt"), Json{{"trained_by", "tilt pretrain"}, {"iterations", trainer.iteration()}});
   plot_curves(topt.metrics_path, {"loss"}, run.path("training.png"), "flow matching");
   info("wrote " + run.path("model.pt"));
@@ -180,6 +196,8 @@ int run_finetune(const TrainArgs& args) {
   section.finish();
   finish_root(root);
 
+  ProcessGroupPtr group;
+  const RunDirectory run = start_run(config, "finetune", topt.shards, args, group);
   if (uses_noise && !noise->is_memoryless()) {
     warn("fine-tuning with the " + noise->describe() +
          " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run will be biased "
@@ -189,7 +207,6 @@ int run_finetune(const TrainArgs& args) {
     warn("method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
          "and loses diversity as it trains (a baseline, for comparison)");
   }
-  const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
   auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
   std::unique_ptr<Loss> loss;
   if (is_am) {
@@ -201,7 +218,7 @@ int run_finetune(const TrainArgs& args) {
   } else {
     loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
   }
-  attach_to_run(topt, run, settings, args, "finetune");
+  attach_to_run(topt, run, settings, args, "finetune", group);
   Trainer trainer(*loss, topt);
   resume_if_asked(trainer, topt, run, args);
   double clipped = 0.0;
@@ -233,6 +250,7 @@ int run_finetune(const TrainArgs& args) {
                           {"reward", reward->kind()},
                           {"num_steps", am.num_steps},
                           {"iterations", trainer.iteration()}};
+  if (!is_writer(group)) return 0;
   save_velocity(*model, run.path("model.pt"), info_json);
   plot_curves(topt.metrics_path, {"loss", method == "refl" ? "reward_prediction" : "reward"}, run.path("training.png"),
               method == "adjoint_matching" ? "adjoint matching" : method);

@@ -13,6 +13,7 @@ struct TrainArgs {
   std::string out;
   bool resume = false;
   bool quiet = false;
+  double dist_timeout = 300;  ///< several processes: the longest wait for the others, seconds
 };
 int run_pretrain(const TrainArgs& args);
 int run_classifier(const TrainArgs& args);
@@ -81,6 +82,8 @@ struct SocArgs {
   std::vector<int64_t> hidden{128, 128};
   int64_t seed = 0;
   int threads = 0;
+  int64_t shards = 0;  ///< 0: one per process
+  double dist_timeout = 300;
   int64_t eval_every = 50;
   int64_t eval_batch = 1024;
   std::string out;

@@ -8,17 +8,52 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <thread>
 
 namespace tilt::cli {
 
-void info(const std::string& message) { std::fprintf(stderr, "tilt: %s\n", message.c_str()); }
-void warn(const std::string& message) { std::fprintf(stderr, "tilt: warning: %s\n", message.c_str()); }
+namespace {
+bool g_silent = false;  // a rank other than 0: its messages would repeat rank 0's
+}  // namespace
+
+void info(const std::string& message) {
+  if (!g_silent) std::fprintf(stderr, "tilt: %s\n", message.c_str());
+}
+void warn(const std::string& message) {
+  if (!g_silent) std::fprintf(stderr, "tilt: warning: %s\n", message.c_str());
+}
 
 void set_threads(int threads) {
-  const int n = threads > 0 ? threads : static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  int n = threads;
+  if (n <= 0) {
+    n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    // Several processes on one machine share its cores (torchrun sets LOCAL_WORLD_SIZE).
+    if (const char* local = std::getenv("LOCAL_WORLD_SIZE")) {
+      const int processes = std::atoi(local);
+      if (processes > 1) n = std::max(1, n / processes);
+    }
+  }
   at::set_num_threads(n);
+}
+
+ProcessGroupPtr join_group(double timeout_seconds) {
+  std::optional<DistributedOptions> options = distributed_options_from_env();
+  if (!options) return nullptr;
+  options->timeout_seconds = timeout_seconds;
+  ProcessGroupPtr group = ProcessGroup::connect(*options);
+  g_silent = group->rank() != 0;
+  info("distributed: " + std::to_string(group->world_size()) + " processes (Gloo), rendezvous at " +
+       options->master_addr + ":" + std::to_string(options->master_port) + "; rank 0 writes the files");
+  return group;
+}
+
+bool is_writer(const ProcessGroupPtr& group) { return !group || group->rank() == 0; }
+
+int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group) {
+  return shards > 0 ? shards : (group ? group->world_size() : 1);
 }
 
 void finish_root(ConfigSection& root) {
@@ -126,7 +161,8 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
     // Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
     // everything that defines the model and the problem must stay as it was.
     static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
-                                     "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor"};
+                                     "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
+                                     "shards"};
     Json a = before, b = resolved;
     std::string changed;
     for (const char* section : {"finetune", "pretrain"}) {

@@ -6,6 +6,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/velocity.h"
+#include "tilt/train/distributed.h"
 
 #include <memory>
 #include <optional>
@@ -26,7 +27,17 @@ struct RunSettings {
   int threads = 0;
 };
 RunSettings read_run_settings(ConfigSection& root);
-void set_threads(int threads);  // 0: all cores
+/// 0: all cores, shared among the processes of a group on this machine (LOCAL_WORLD_SIZE, as torchrun sets it).
+void set_threads(int threads);
+
+/// Joins the group of processes that the environment describes (WORLD_SIZE, RANK, MASTER_ADDR,
+/// MASTER_PORT, as torchrun sets them), each collective waiting at most timeout_seconds; null for
+/// one process. From then on info() and warn() print on rank 0 only.
+ProcessGroupPtr join_group(double timeout_seconds);
+/// Whether this process writes the run's files: rank 0, or the only process.
+bool is_writer(const ProcessGroupPtr& group);
+/// The shards a run uses: `shards`, or one per process when it is 0.
+int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group);
 
 /// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set).
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);

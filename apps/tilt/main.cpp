@@ -34,6 +34,9 @@ int main(int argc, char** argv) {
     cmd->add_option("-o,--out", args->out, "Run directory (model.pt, checkpoint.pt, metrics.jsonl, ...)")->required();
     cmd->add_flag("--resume", args->resume, "Continue the run in --out from its last checkpoint");
     cmd->add_flag("-q,--quiet", args->quiet, "No progress bar");
+    cmd->add_option("--dist-timeout", args->dist_timeout,
+                    "Several processes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, as by torchrun): the longest "
+                    "wait for the others, in seconds, before a clear error")->capture_default_str();
   }
 
   tilt::cli::SampleArgs sample;
@@ -103,6 +106,12 @@ int main(int argc, char** argv) {
   soc_cmd->add_option("--hidden", soc.hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
   soc_cmd->add_option("--seed", soc.seed, "Random seed (also draws the problem's x0 / matrices)")->capture_default_str();
   soc_cmd->add_option("--threads", soc.threads, "Threads (0: all cores)")->capture_default_str();
+  soc_cmd->add_option("--shards", soc.shards,
+                      "Draw each batch in this many shards, each with its own seed (0: one per process); the result "
+                      "depends on the seed and the shards, not on the number of processes")->capture_default_str();
+  soc_cmd->add_option("--dist-timeout", soc.dist_timeout,
+                      "Several processes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, as by torchrun): the longest "
+                      "wait for the others, in seconds, before a clear error")->capture_default_str();
   soc_cmd->add_option("--eval-every", soc.eval_every, "Evaluate the control every this many iterations")->capture_default_str();
   soc_cmd->add_option("--eval-batch", soc.eval_batch, "Paths per evaluation")->capture_default_str();
   soc_cmd->add_option("-o,--out", soc.out, "Directory for the curves, metrics and summary")->required();

@@ -83,7 +83,7 @@ std::vector<Tensor> full_adjoint(const Problem& problem, const ParametricControl
 
 SocLoss::SocLoss(const std::string& label, ProblemPtr problem, ParametricControlPtr control,
                  const SocLossOptions& options, bool stopping_time)
-    : problem_(std::move(problem)), control_(std::move(control)), options_(options) {
+    : problem_(std::move(problem)), control_(std::move(control)), options_(options), label_(label) {
   if (!problem_) throw Error(label + ": no SOC problem");
   if (problem_->has_stopping_time() && !stopping_time) {
     // Its target differentiates the path, and the stopping time's dependence on the path is not in it.
@@ -97,6 +97,14 @@ SocLoss::SocLoss(const std::string& label, ProblemPtr problem, ParametricControl
                 " but the problem '" + problem_->name() + "' has dimension " + std::to_string(problem_->dim()));
   }
   if (options_.batch_size < 1) throw Error(label + ": batch_size must be >= 1");
+}
+
+void SocLoss::set_batch_size(int64_t n) {
+  if (n < min_batch_) {
+    throw Error(label_ + ": " + std::to_string(n) + " path(s) per batch (or per shard of it) are too few; it needs " +
+                std::to_string(min_batch_) + (min_batch_ > 1 ? " (it is a variance): use fewer shards or a larger batch" : ""));
+  }
+  options_.batch_size = n;
 }
 
 int64_t SocLoss::steps() const { return options_.num_steps > 0 ? options_.num_steps : problem_->default_steps(); }
@@ -377,6 +385,7 @@ LossOutput CrossEntropySoc::compute(Generator& gen) {
 LogVarianceSoc::LogVarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
     : SocLoss("log-variance", std::move(problem), std::move(control), options, /*stopping_time=*/true) {
   if (options_.batch_size < 2) throw Error("log-variance: batch_size must be >= 2 (it is a variance)");
+  min_batch_ = 2;
 }
 
 namespace {
@@ -401,6 +410,7 @@ LossOutput LogVarianceSoc::compute(Generator& gen) {
 VarianceSoc::VarianceSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options)
     : SocLoss("variance", std::move(problem), std::move(control), options, /*stopping_time=*/true) {
   if (options_.batch_size < 2) throw Error("variance: batch_size must be >= 2 (it is a variance)");
+  min_batch_ = 2;
 }
 
 LossOutput VarianceSoc::compute(Generator& gen) {

@@ -98,6 +98,11 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
   }
 }
 
+void AdjointMatching::set_batch_size(int64_t n) {
+  if (n < 1) throw Error("adjoint matching: batch_size must be >= 1, got " + std::to_string(n));
+  options_.batch_size = n;
+}
+
 Trajectory AdjointMatching::rollout(Generator& gen) const {
   at::NoGradGuard no_grad;
   const Tensor x0 = at::randn({options_.batch_size, model_->dim()}, gen);

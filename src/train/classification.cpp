@@ -24,6 +24,11 @@ ClassifierTraining::ClassifierTraining(std::shared_ptr<MlpClassifier> classifier
   if (options_.input_noise < 0) throw Error("classifier training: input_noise must be >= 0");
 }
 
+void ClassifierTraining::set_batch_size(int64_t n) {
+  if (n < 1) throw Error("classifier training: batch_size must be >= 1, got " + std::to_string(n));
+  options_.batch_size = n;
+}
+
 LossOutput ClassifierTraining::compute(Generator& gen) {
   const Tensor idx = at::randint(train_.size(), {options_.batch_size}, gen, at::TensorOptions().dtype(at::kLong));
   Tensor x = train_.images.index_select(0, idx);

@@ -25,6 +25,11 @@ FlowMatching::FlowMatching(std::shared_ptr<MlpVelocity> model, DataSampler data,
   if (options_.batch_size < 1) throw Error("flow matching: batch_size must be >= 1");
 }
 
+void FlowMatching::set_batch_size(int64_t n) {
+  if (n < 1) throw Error("flow matching: batch_size must be >= 1, got " + std::to_string(n));
+  options_.batch_size = n;
+}
+
 LossOutput FlowMatching::compute(Generator& gen) {
   const int64_t B = options_.batch_size;
   const Tensor x1 = data_(B, gen).to(at::kFloat);

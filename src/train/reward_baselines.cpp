@@ -23,6 +23,11 @@ RewardBaseline::RewardBaseline(std::shared_ptr<FineTunedVelocity> model, RewardP
   if (!std::isfinite(options_.lambda)) throw Error(name + ": lambda must be finite");
 }
 
+void RewardBaseline::set_batch_size(int64_t n) {
+  if (n < 1) throw Error(name() + ": batch_size must be >= 1, got " + std::to_string(n));
+  options_.batch_size = n;
+}
+
 Tensor RewardBaseline::ode_steps(Tensor x, int64_t from, int64_t to) const {
   for (int64_t k = from; k < to; ++k) x = x + grid_.step(k) * model_->velocity(x, grid_[k]);
   return x;

@@ -3,6 +3,7 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/core/progress.h"
+#include "tilt/train/distributed.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
@@ -11,6 +12,7 @@
 #include <torch/serialize/output-archive.h>
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -39,6 +41,14 @@ struct Trainer::Impl {
 
   std::vector<double> group_lr;  // each parameter group's base learning rate
 
+  int64_t batch = 0;                  // the loss's whole batch (shards > 1)
+  std::vector<int64_t> shard_batch;   // samples in each shard
+  std::vector<int64_t> my_shards;     // the shards this process computes
+  bool synchronised = false;          // parameters broadcast from rank 0 (distributed)
+
+  int rank() const { return options.group ? options.group->rank() : 0; }
+  int world() const { return options.group ? options.group->world_size() : 1; }
+
   Impl(Loss& l, const TrainerOptions& o) : loss(l), options(o) {
     const std::vector<ParameterGroup> groups = l.parameter_groups();
     for (const auto& g : groups) {
@@ -65,8 +75,114 @@ struct Trainer::Impl {
       param_groups.emplace_back(g.params, std::move(options_g));
     }
     optimizer = std::make_unique<torch::optim::Adam>(param_groups, adam);
+    plan_shards();
+  }
+
+  void plan_shards() {
+    if (options.shards == 0) options.shards = world();
+    const int64_t S = options.shards, W = world();
+    if (S < 1) throw Error("trainer: shards must be >= 1 (or 0: one per process), got " + std::to_string(S));
+    if (S < W) {
+      throw Error("trainer: " + std::to_string(S) + " shard(s) of the batch for " + std::to_string(W) +
+                  " processes: every process needs at least one shard (set shards to a multiple of " +
+                  std::to_string(W) + ")");
+    }
+    for (int64_t s = rank(); s < S; s += W) my_shards.push_back(s);
+    if (S == 1) return;
+    batch = loss.batch_size();
+    if (batch < 1) throw Error("trainer: the " + loss.name() + " loss has no batch to split into shards");
+    if (S > batch) {
+      throw Error("trainer: " + std::to_string(S) + " shards of a batch of " + std::to_string(batch) +
+                  ": each shard needs at least one sample");
+    }
+    for (int64_t s = 0; s < S; ++s) shard_batch.push_back(batch / S + (s < batch % S ? 1 : 0));
+    // Let the loss refuse a shard size now (a variance needs two samples), not at the first step;
+    // it keeps its whole batch either way.
+    try {
+      for (int64_t s : my_shards) loss.set_batch_size(shard_batch[s]);
+    } catch (...) {
+      loss.set_batch_size(batch);
+      throw;
+    }
+    loss.set_batch_size(batch);
+  }
+
+  // Draws shard s of the batch with its own generator; the loss's batch is restored afterwards.
+  LossOutput compute_shard(uint64_t stream, int64_t s) {
+    if (options.shards == 1) {
+      Generator gen = make_generator(stream);
+      return loss.compute(gen);
+    }
+    Generator gen = make_generator(s == 0 ? stream : mix_seed(stream, static_cast<uint64_t>(s)));
+    struct Restore {
+      Loss& loss;
+      int64_t batch;
+      ~Restore() {
+        try {
+          loss.set_batch_size(batch);
+        } catch (...) {  // the whole batch was accepted when the trainer was built
+        }
+      }
+    } restore{loss, batch};
+    loss.set_batch_size(shard_batch[s]);
+    return loss.compute(gen);
+  }
+
+  // Sums the gradients over the ranks, one flat buffer per dtype. A parameter's gradient stays
+  // undefined (Adam skips it) only if it is undefined on every rank, as with accumulation in one process.
+  void all_reduce_gradients(int64_t it) {
+    const std::string what = "summing the gradients of iteration " + std::to_string(it);
+    std::vector<Tensor> defined{at::zeros({static_cast<int64_t>(params.size())}, at::kLong)};
+    std::vector<at::ScalarType> dtypes;
+    for (size_t i = 0; i < params.size(); ++i) {
+      if (params[i].grad().defined()) defined[0][static_cast<int64_t>(i)] = 1;
+      if (std::find(dtypes.begin(), dtypes.end(), params[i].scalar_type()) == dtypes.end()) {
+        dtypes.push_back(params[i].scalar_type());
+      }
+    }
+    options.group->all_reduce_sum(defined, what);
+    at::NoGradGuard no_grad;
+    for (at::ScalarType dtype : dtypes) {
+      std::vector<size_t> index;
+      std::vector<Tensor> pieces;
+      for (size_t i = 0; i < params.size(); ++i) {
+        if (params[i].scalar_type() != dtype) continue;
+        index.push_back(i);
+        const Tensor& g = params[i].grad();
+        pieces.push_back(g.defined() ? g.reshape({-1}) : at::zeros({params[i].numel()}, params[i].options()));
+      }
+      std::vector<Tensor> flat{at::cat(pieces)};
+      options.group->all_reduce_sum(flat, what);
+      int64_t offset = 0;
+      for (size_t i : index) {
+        const int64_t n = params[i].numel();
+        if (defined[0][static_cast<int64_t>(i)].item<int64_t>() > 0) {
+          const Tensor sum = flat[0].narrow(0, offset, n).view(params[i].sizes());
+          if (params[i].grad().defined()) {
+            params[i].mutable_grad().copy_(sum);
+          } else {
+            params[i].mutable_grad() = sum.clone();
+          }
+        }
+        offset += n;
+      }
+    }
+  }
+
+  // The first step of a distributed run starts every rank from rank 0's parameters.
+  void synchronise() {
+    if (synchronised || world() == 1) return;
+    at::NoGradGuard no_grad;
+    std::vector<Tensor> values;
+    for (const Tensor& p : params) values.push_back(p.detach());
+    options.group->broadcast(values, 0, "sending rank 0's initial parameters");
+    synchronised = true;
   }
 };
+
+void Loss::set_batch_size(int64_t) {
+  throw Error("the " + name() + " loss cannot draw its batch in shards");
+}
 
 Trainer::Trainer(Loss& loss, const TrainerOptions& options) : impl_(std::make_unique<Impl>(loss, options)) {}
 Trainer::~Trainer() = default;
@@ -90,17 +206,52 @@ double Trainer::learning_rate(int64_t i) const {
 StepResult Trainer::step() {
   Impl& m = *impl_;
   const auto t0 = std::chrono::steady_clock::now();
-  Generator gen = make_generator(mix_seed(m.options.seed, static_cast<uint64_t>(m.iteration)));
+  m.synchronise();
+  const uint64_t stream = mix_seed(m.options.seed, static_cast<uint64_t>(m.iteration));
   StepResult r;
   r.iteration = m.iteration + 1;
-  r.output = m.loss.compute(gen);
-  r.loss = r.output.loss.item<double>();
+  m.optimizer->zero_grad();
+  if (m.options.shards == 1 && m.world() == 1) {
+    r.output = m.compute_shard(stream, 0);
+    r.loss = r.output.loss.item<double>();
+    if (std::isfinite(r.loss)) r.output.loss.backward();
+  } else {
+    // Each shard's loss and gradient, weighted by its share of the batch; the gradients accumulate in
+    // .grad(). The loss and the metrics are weighted alike, then everything is summed over the ranks.
+    std::vector<double> sums;  // loss, then each metric
+    std::vector<std::string> names;
+    at::ScalarType loss_dtype = at::kFloat;
+    for (int64_t s : m.my_shards) {
+      LossOutput out = m.compute_shard(stream, s);
+      const double w = static_cast<double>(m.shard_batch[s]) / static_cast<double>(m.batch);
+      if (sums.empty()) {
+        sums.assign(1 + out.metrics.size(), 0.0);
+        for (const auto& kv : out.metrics) names.push_back(kv.first);
+        loss_dtype = out.loss.scalar_type();
+      }
+      if (out.metrics.size() + 1 != sums.size()) {
+        throw Error("trainer: the " + m.loss.name() + " loss returned different metrics for different shards");
+      }
+      const double value = out.loss.item<double>();
+      sums[0] += w * value;
+      for (size_t k = 0; k < out.metrics.size(); ++k) sums[k + 1] += w * out.metrics[k].second;
+      if (std::isfinite(value)) (out.loss * w).backward();
+    }
+    if (m.world() > 1) {
+      std::vector<Tensor> stats{at::tensor(sums, at::kDouble)};
+      m.options.group->all_reduce_sum(stats, "summing the losses of iteration " + std::to_string(r.iteration));
+      for (size_t k = 0; k < sums.size(); ++k) sums[k] = stats[0][static_cast<int64_t>(k)].item<double>();
+      // Summed even where the loss is not finite, so that every rank stops at the same iteration.
+      m.all_reduce_gradients(r.iteration);
+    }
+    r.loss = sums[0];
+    r.output.loss = at::scalar_tensor(r.loss, loss_dtype);
+    for (size_t k = 0; k < names.size(); ++k) r.output.metrics.emplace_back(names[k], sums[k + 1]);
+  }
   if (!std::isfinite(r.loss)) {
     throw NonFiniteError("iteration " + std::to_string(r.iteration) + ": the " + m.loss.name() +
                          " loss is " + sci(r.loss) + "; stopped before updating the parameters");
   }
-  m.optimizer->zero_grad();
-  r.output.loss.backward();
   double norm2 = 0.0;
   for (const Tensor& p : m.params) {
     if (p.grad().defined()) norm2 += p.grad().pow(2).sum().item<double>();
@@ -132,8 +283,9 @@ StepResult Trainer::step() {
 
 void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
   Impl& m = *impl_;
+  const bool writer = m.rank() == 0;  // in a group, only rank 0 writes files and shows progress
   std::ofstream metrics;
-  if (!m.options.metrics_path.empty()) {
+  if (writer && !m.options.metrics_path.empty()) {
     // Keep the lines up to the current iteration (a resumed run rewrites what came after).
     std::ostringstream kept;
     if (m.iteration > 0 && file_exists(m.options.metrics_path)) {
@@ -151,7 +303,7 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
     metrics.open(m.options.metrics_path, std::ios::app);
     if (!metrics) throw Error("cannot write metrics file '" + m.options.metrics_path + "'");
   }
-  ProgressBar bar(m.options.label, m.options.iterations, m.iteration, m.options.progress);
+  ProgressBar bar(m.options.label, m.options.iterations, m.iteration, writer && m.options.progress);
   while (m.iteration < m.options.iterations) {
     const StepResult r = step();
     if (metrics.is_open()) {
@@ -172,7 +324,7 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
     bar.update(m.iteration, status);
     if (on_step) on_step(r);
     const bool last = m.iteration == m.options.iterations;
-    if (!m.options.checkpoint_path.empty() &&
+    if (writer && !m.options.checkpoint_path.empty() &&
         (last || (m.options.checkpoint_every > 0 && m.iteration % m.options.checkpoint_every == 0))) {
       save_checkpoint(m.options.checkpoint_path);
     }
@@ -198,12 +350,27 @@ void Trainer::save_checkpoint(const std::string& path) const {
   });
 }
 
+namespace {
+// The bytes of a checkpoint file; throws naming the file if it is missing.
+std::string read_checkpoint_bytes(const std::string& path) {
+  if (!file_exists(path)) throw Error("cannot read checkpoint '" + path + "': no such file");
+  return read_file(path, "checkpoint");
+}
+}  // namespace
+
 void Trainer::load_checkpoint(const std::string& path) {
   Impl& m = *impl_;
-  if (!file_exists(path)) throw Error("cannot read checkpoint '" + path + "': no such file");
+  std::string bytes;
+  if (m.world() == 1) {
+    bytes = read_checkpoint_bytes(path);
+  } else {
+    // Rank 0 reads the file (the others need no copy of it) and sends it to every rank.
+    run_on_rank0(m.options.group.get(), [&] { bytes = read_checkpoint_bytes(path); });
+    bytes = m.options.group->broadcast_bytes(bytes, "sending the checkpoint '" + path + "'");
+  }
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(path);
+    archive.load_from(bytes.data(), bytes.size());
   } catch (const c10::Error& e) {
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" +
                 std::string(e.what_without_backtrace()) + ")");
@@ -246,6 +413,16 @@ void Trainer::load_checkpoint(const std::string& path) {
   } catch (const c10::Error& e) {
     throw Error("cannot read checkpoint '" + path + "': " + std::string(e.what_without_backtrace()));
   }
+}
+
+bool Trainer::resume(const std::string& path) {
+  Impl& m = *impl_;
+  bool present = file_exists(path);
+  if (m.world() > 1) {
+    present = !m.options.group->broadcast_bytes(present ? "1" : "", "asking rank 0 for a checkpoint").empty();
+  }
+  if (present) load_checkpoint(path);
+  return present;
 }
 
 }  // namespace tilt

@@ -34,7 +34,8 @@ MlpOptions read_mlp(ConfigSection& section, int64_t dim, std::vector<int64_t> de
 AdjointMatchingOptions read_adjoint_matching(ConfigSection& section);
 
 /// iterations, lr, beta1, beta2, eps, weight_decay, grad_clip, lr_schedule, lr_final_factor,
-/// checkpoint_every; defaults are the Adjoint Matching paper's unless given.
+/// checkpoint_every, shards (0, the default: one per process); defaults are the Adjoint Matching
+/// paper's unless given.
 TrainerOptions read_trainer(ConfigSection& section, const TrainerOptions& defaults);
 
 }  // namespace tilt

@@ -45,6 +45,9 @@ std::vector<Tensor> full_adjoint(const Problem& problem, const ParametricControl
 class SocLoss : public Loss {
  public:
   std::vector<Tensor> parameters() const override { return control_->parameters(); }
+  int64_t batch_size() const override { return options_.batch_size; }
+  /// Paths per compute(); at least 2 for the losses that take a batch variance.
+  void set_batch_size(int64_t n) override;
 
  protected:
   /// stopping_time: whether the loss handles problems with a stopping time (else it refuses them).
@@ -56,6 +59,8 @@ class SocLoss : public Loss {
   ProblemPtr problem_;
   ParametricControlPtr control_;
   SocLossOptions options_;
+  std::string label_;
+  int64_t min_batch_ = 1;  ///< 2 for a batch variance
 };
 
 /// Adjoint Matching (above). Metrics: the batch's control objective.

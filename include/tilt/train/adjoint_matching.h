@@ -71,6 +71,8 @@ class AdjointMatching : public Loss {
   std::string name() const override { return "adjoint_matching"; }
   std::vector<Tensor> parameters() const override { return model_->parameters(); }
   LossOutput compute(Generator& gen) override;
+  int64_t batch_size() const override { return options_.batch_size; }
+  void set_batch_size(int64_t n) override;
 
   /// Trajectory of the current fine-tuned model from X0 ~ N(0, I), without gradients.
   Trajectory rollout(Generator& gen) const;

@@ -23,6 +23,8 @@ class ClassifierTraining : public Loss {
                      const ClassifierTrainingOptions& options);
   std::string name() const override { return "cross_entropy"; }
   std::vector<Tensor> parameters() const override { return classifier_->parameters(); }
+  int64_t batch_size() const override { return options_.batch_size; }
+  void set_batch_size(int64_t n) override;
   LossOutput compute(Generator& gen) override;
 
  private:

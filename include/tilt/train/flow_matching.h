@@ -28,6 +28,8 @@ class FlowMatching : public Loss {
   std::string name() const override { return "flow_matching"; }
   std::vector<Tensor> parameters() const override { return model_->parameters(); }
   LossOutput compute(Generator& gen) override;
+  int64_t batch_size() const override { return options_.batch_size; }
+  void set_batch_size(int64_t n) override;
 
  private:
   std::shared_ptr<MlpVelocity> model_;

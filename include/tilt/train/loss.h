@@ -32,6 +32,14 @@ class Loss {
   virtual std::vector<ParameterGroup> parameter_groups() const { return {{parameters(), 0.0}}; }
   /// One stochastic estimate, with all randomness drawn from gen.
   virtual LossOutput compute(Generator& gen) = 0;
+
+  /// The number of samples (trajectories, paths, data points) compute() draws; 0 if the loss has
+  /// no batch it can split.
+  virtual int64_t batch_size() const { return 0; }
+  /// Makes compute() draw n samples. The trainer uses it to compute a shard of the batch (gradient
+  /// accumulation, data-parallel training) and restores batch_size() afterwards. Throws tilt::Error
+  /// if the loss cannot work with n samples (a batch variance needs n >= 2) or has no batch.
+  virtual void set_batch_size(int64_t n);
 };
 
 }  // namespace tilt

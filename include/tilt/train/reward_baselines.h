@@ -42,6 +42,8 @@ class RewardBaseline : public Loss {
   RewardBaseline(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const RewardBaselineOptions& options,
                  const std::string& name);
   std::vector<Tensor> parameters() const override { return model_->parameters(); }
+  int64_t batch_size() const override { return options_.batch_size; }
+  void set_batch_size(int64_t n) override;
   const RewardBaselineOptions& options() const { return options_; }
 
  protected:

@@ -3,6 +3,10 @@
 //
 // Iteration i draws all its randomness from its own generator, seeded by mix_seed(seed, i), so a
 // run resumed from a checkpoint at iteration i continues bit for bit as if never interrupted.
+//
+// The batch may be drawn in shards (gradient accumulation), and the shards may be spread over
+// several processes (data-parallel training, train/distributed.h). Each shard has its own generator,
+// so what a run computes depends on (seed, shards), not on the number of processes.
 #pragma once
 
 #include "tilt/train/loss.h"
@@ -12,6 +16,8 @@
 #include <string>
 
 namespace tilt {
+
+class ProcessGroup;
 
 struct AdamOptions {
   // Adjoint Matching, App. G: Adam, lr 2e-5, betas (0.95, 0.999), eps 1e-8, weight decay 1e-2.
@@ -38,6 +44,18 @@ struct TrainerOptions {
   std::string metrics_path;        ///< JSON lines, one per iteration; empty: none
   bool progress = true;            ///< progress bar on stderr
   std::string label = "train";     ///< progress-bar label
+  /// The loss's batch is drawn as this many shards of batch / shards samples (the first batch % shards
+  /// shards one more), shard s of iteration i from its own generator: mix_seed(seed, i) for shard 0
+  /// (so one shard is the plain batch), mix_seed(mix_seed(seed, i), s) for s > 0. The loss and its
+  /// gradient are the shards' weighted by their share of the batch. Needs a loss with a batch_size().
+  /// 0: one shard per process of the group.
+  int64_t shards = 1;
+  /// Data-parallel training: the processes sharing the shards (rank r computes shards r, r + W, ...,
+  /// W the world size; shards >= W). The gradient, the loss and the metrics are summed over the ranks
+  /// before the NaN guard, clipping and Adam, so every rank takes the same step from the same
+  /// parameters (rank 0's, broadcast at the first step). Only rank 0 writes the metrics file,
+  /// checkpoints and progress. Null: this process alone.
+  std::shared_ptr<ProcessGroup> group;
 };
 
 struct StepResult {
@@ -69,8 +87,11 @@ class Trainer {
   /// Writes parameters, optimiser state and the iteration counter, atomically.
   void save_checkpoint(const std::string& path) const;
   /// Restores a checkpoint written by save_checkpoint for the same loss and model. Throws
-  /// tilt::Error naming the file if it is missing, corrupt or does not match the model.
+  /// tilt::Error naming the file if it is missing, corrupt or does not match the model. With a
+  /// group, rank 0 reads the file and sends it to the others (only rank 0 needs it).
   void load_checkpoint(const std::string& path);
+  /// load_checkpoint(path) if the file exists (on rank 0); returns whether it did.
+  bool resume(const std::string& path);
 
  private:
   struct Impl;

@@ -109,35 +109,6 @@ TEST(ExactStep, StochasticityOfTheNoiseSchedules) {
   EXPECT_THROW(simulate(sde, at::zeros({2, 2}), TimeGrid::uniform(4), gen, opts), Error);
 }
 
-// The exact law N(m_K, V_K) of the sampler's chain for Gaussian data, whose velocity is affine in x:
-// each step maps N(m, V) to N(J m + c, J V J^T + std^2 I) with J the step's Jacobian (exact by
-// differences, v being affine). Euler-Maruyama (sigma = gamma sqrt(2 eta_h), h = 1/K) for comparison.
-std::pair<at::Tensor, at::Tensor> chain_law(const GmmVelocity& field, double gamma, int64_t K, bool exact) {
-  const int64_t d = field.dim();
-  const auto noise = make_scaled_memoryless_noise(gamma, 1.0 / static_cast<double>(K));
-  GenerativeSDE sde(std::make_shared<GmmVelocity>(field), noise);
-  const TimeGrid grid = TimeGrid::uniform(K);
-  at::Tensor m = at::zeros({1, d}, kDouble), V = at::eye(d, kDouble);
-  const at::Tensor points = at::cat({at::zeros({1, d}, kDouble), at::eye(d, kDouble)});  // 0, e_1, ..., e_d
-  for (int64_t k = 0; k < K; ++k) {
-    const double t = grid[k], s = grid[k + 1];
-    auto step_mean = [&](const at::Tensor& x) {
-      if (exact) {
-        const ExponentialStep e = exponential_step(*field.schedule(), t, s, gamma);
-        return e.c_x * x + e.c_v * field.velocity(x, t);
-      }
-      return x + (s - t) * sde.drift(x, t);
-    };
-    const at::Tensor y = step_mean(at::cat({points, m}));  // one evaluation: 0, e_1, ..., e_d, m
-    const at::Tensor J = (y.slice(0, 1, d + 1) - y.slice(0, 0, 1)).t();  // column j: image of e_j
-    m = y.slice(0, d + 1);
-    const double var = exact ? std::pow(exponential_step(*field.schedule(), t, s, gamma).std, 2)
-                             : (s - t) * std::pow(sde.sigma(t), 2);
-    V = at::matmul(at::matmul(J, V), J.t()) + var * at::eye(d, kDouble);
-  }
-  return {m.squeeze(0), V};
-}
-
 TEST(ExactStep, EveryStochasticityKeepsTheGaussianMarginalWithFirstOrderError) {
   // Anisotropic Gaussian data, so that the step's error is not hidden by symmetry.
   const auto data = std::make_shared<GaussianMixture>(
@@ -154,7 +125,7 @@ TEST(ExactStep, EveryStochasticityKeepsTheGaussianMarginalWithFirstOrderError) {
       if (!exact && gamma > 2.0) continue;  // Euler-Maruyama is unstable there at K = 10 (c_x h > 2)
       std::vector<double> h, err;
       for (int64_t K : Ks) {
-        const auto [m, V] = chain_law(field, gamma, K, exact);
+        const auto [m, V] = test::chain_law(field, gamma, K, exact);
         h.push_back(1.0 / static_cast<double>(K));
         err.push_back((m - mu).norm().item<double>() + (V - S).norm().item<double>());
       }

@@ -61,6 +61,23 @@ struct EvalImagesArgs {
 };
 int run_eval_images(const EvalImagesArgs& args);
 
+struct LogzArgs {
+  ConfigArgs config;
+  std::string model;    ///< a proposal model file; or
+  std::string control;  ///< "zero" | "optimal" | "optimal:<scale>" (needs the exact target)
+  std::string method = "girsanov";  ///< girsanov | noising | jarzynski
+  std::string noise;    ///< empty: memoryless (girsanov, noising), constant:1 (jarzynski)
+  std::string integrator = "euler";
+  int64_t steps = 100;
+  int64_t n = 10000;
+  int64_t batch = 4096;
+  int64_t seed = -1;    ///< -1: the config's seed
+  int threads = 0;
+  bool json = false;
+  bool quiet = false;
+};
+int run_logz(const LogzArgs& args);
+
 struct PlotArgs {
   std::vector<std::string> panels;  ///< FILE or FILE:TITLE
   std::string out;

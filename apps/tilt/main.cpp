@@ -49,7 +49,9 @@ int main(int argc, char** argv) {
                          "Noise schedule: memoryless[:h], constant:<sigma>, scaled_memoryless:<s>, ode "
                          "(default: the one the model was fine-tuned with)");
   sample_cmd->add_option("--steps", sample.steps, "Time steps (default 100)");
-  sample_cmd->add_option("--integrator", sample.integrator, "euler, heun (ODE only), or auto")->capture_default_str();
+  sample_cmd->add_option("--integrator", sample.integrator,
+                         "euler, heun (ODE only), exact (the gDDIM step; noise memoryless, scaled_memoryless:<gamma> or ode), "
+                         "or auto")->capture_default_str();
   sample_cmd->add_option("--seed", sample.seed, "Random seed")->capture_default_str();
   sample_cmd->add_option("--threads", sample.threads, "Threads (0: all cores)")->capture_default_str();
   sample_cmd->add_option("-o,--out", sample.out, "CSV file for the samples")->required();
@@ -82,6 +84,23 @@ int main(int argc, char** argv) {
   eval_images_cmd->add_option("--base", eval_images.base,
                               "Samples of the base model: also estimate the target p* ∝ p_base exp(lambda r) by reweighting them");
   eval_images_cmd->add_flag("--json", eval_images.json, "Print the metrics as one JSON object");
+
+  tilt::cli::LogzArgs logz;
+  auto* logz_cmd = app.add_subcommand("logz", "Importance weights, ESS and log Z = log E_base[exp(lambda r)] for a proposal");
+  add_config(logz_cmd, logz.config, true);
+  logz_cmd->add_option("-m,--model", logz.model, "Proposal: a model file (e.g. a fine-tuned model.pt)");
+  logz_cmd->add_option("--control", logz.control, "Proposal: zero, optimal or optimal:<scale> (needs the exact target)");
+  logz_cmd->add_option("--method", logz.method, "girsanov (against the base chain), noising (against the exact noising "
+                                                "chain; needs a mixture base), jarzynski (escorted)")->capture_default_str();
+  logz_cmd->add_option("--noise", logz.noise, "Noise schedule (default memoryless; constant:1 for jarzynski)");
+  logz_cmd->add_option("--integrator", logz.integrator, "euler or exact")->capture_default_str();
+  logz_cmd->add_option("--steps", logz.steps, "Time steps")->capture_default_str();
+  logz_cmd->add_option("-n,--n", logz.n, "Paths")->capture_default_str();
+  logz_cmd->add_option("--batch", logz.batch, "Paths simulated at once")->capture_default_str();
+  logz_cmd->add_option("--seed", logz.seed, "Random seed (-1: the config's)")->capture_default_str();
+  logz_cmd->add_option("--threads", logz.threads, "Threads (0: the config's)")->capture_default_str();
+  logz_cmd->add_flag("--json", logz.json, "Print the result as one JSON object");
+  logz_cmd->add_flag("-q,--quiet", logz.quiet, "No progress bar");
 
   tilt::cli::PlotArgs plot;
   auto* plot_cmd = app.add_subcommand("plot", "Draw sample sets side by side (first two coordinates) to a PNG");
@@ -128,6 +147,7 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("export")) return tilt::cli::run_export(exp);
     if (app.got_subcommand("eval")) return tilt::cli::run_eval(eval);
     if (app.got_subcommand("plot")) return tilt::cli::run_plot(plot);
+    if (app.got_subcommand("logz")) return tilt::cli::run_logz(logz);
     if (app.got_subcommand("soc")) return tilt::cli::run_soc(soc);
   } catch (const tilt::Error& e) {
     std::fprintf(stderr, "tilt: error: %s\n", e.what());

@@ -22,6 +22,7 @@ class Memoryless : public NoiseSchedule {
   std::string describe() const override { return "memoryless(h=" + fmt(h()) + ")"; }
   double sigma(const Schedule& s, double t) const override { return std::sqrt(2.0 * s.eta_h(t, h())); }
   bool is_memoryless() const override { return true; }
+  std::optional<double> stochasticity() const override { return 1.0; }
   NoiseSchedulePtr with_offset(double h) const override { return std::make_shared<Memoryless>(h); }
   // sigma^2 = 2 eta_h exactly, so c_v = 2 and c_x = kappa_h (Adjoint Matching, Eq. 27).
   DriftCoefficients drift(const Schedule& s, double t) const override {
@@ -39,6 +40,7 @@ class ScaledMemoryless : public NoiseSchedule {
   double sigma(const Schedule& s, double t) const override {
     return scale_ * std::sqrt(2.0 * s.eta_h(t, h()));
   }
+  std::optional<double> stochasticity() const override { return scale_; }
   NoiseSchedulePtr with_offset(double h) const override {
     return std::make_shared<ScaledMemoryless>(scale_, h);
   }
@@ -71,6 +73,7 @@ class Zero : public NoiseSchedule {
   std::string name() const override { return "zero"; }
   std::string describe() const override { return "zero (ODE)"; }
   double sigma(const Schedule&, double) const override { return 0.0; }
+  std::optional<double> stochasticity() const override { return 0.0; }
   DriftCoefficients drift(const Schedule&, double) const override { return {1.0, 0.0}; }
   NoiseSchedulePtr with_offset(double) const override { return std::make_shared<Zero>(); }
 };

@@ -1,3 +1,4 @@
+#include "tilt/sde/gddim.h"
 #include "tilt/sde/sampler.h"
 #include "tilt/sde/sde.h"
 
@@ -51,7 +52,8 @@ Tensor GenerativeSDE::drift_vjp(const Tensor& x, double t, const Tensor& a, Tens
 Integrator parse_integrator(const std::string& name) {
   if (name == "euler") return Integrator::euler;
   if (name == "heun") return Integrator::heun;
-  throw Error("unknown integrator '" + name + "' (valid: euler, heun)");
+  if (name == "exact") return Integrator::exact;
+  throw Error("unknown integrator '" + name + "' (valid: euler, heun, exact)");
 }
 
 Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& grid, Generator& gen,
@@ -60,6 +62,7 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
   if (options.integrator == Integrator::heun && !sde.noise().is_zero()) {
     throw Error("the heun integrator is for the ODE only; noise schedule is " + sde.noise().describe());
   }
+  const double gamma = options.integrator == Integrator::exact ? stochasticity_of(sde.noise()) : 0.0;
   Trajectory out;
   out.t = grid.times();
   out.x.reserve(options.record ? grid.times().size() : 2);
@@ -68,7 +71,11 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
   for (int64_t k = 0; k < grid.steps(); ++k) {
     const double t = grid[k], h = grid.step(k);
     const Tensor b = sde.drift(x, t);
-    if (options.integrator == Integrator::heun) {
+    if (options.integrator == Integrator::exact) {
+      const ExponentialStep step = exponential_step(sde.schedule(), t, grid[k + 1], gamma);
+      x = step.c_x * x + step.c_v * sde.velocity().velocity(x, t);
+      if (step.std != 0.0) x = x + step.std * at::randn(x.sizes(), gen, x.options());
+    } else if (options.integrator == Integrator::heun) {
       const Tensor x_pred = x + h * b;
       x = x + (0.5 * h) * (b + sde.drift(x_pred, grid[k + 1]));
     } else {

@@ -233,6 +233,26 @@ expect_error "a missing classifier file is named" "cannot read classifier file '
 expect_error "a class the classifier lacks" "reward.class" "$tilt" finetune -c digits.toml --set reward.class=10 -o d_y
 expect_error "draft_k beyond the steps" "finetune.draft_k" \
   "$tilt" finetune -c digits.toml --set finetune.method=\"draft\" --set finetune.draft_k=9 -o d_z
+# 6. Sampling with tunable stochasticity (exact gDDIM step) and log Z (issue 6).
+"$tilt" sample -m run/model.pt -n 200 --noise scaled_memoryless:2 --integrator exact --steps 20 -o g2.csv > /dev/null 2>&1 &&
+  [ "$(wc -l < g2.csv)" -ge 200 ] && pass "sample --integrator exact at gamma = 2" || fail "sample --integrator exact"
+expect_error "sample: the exact step refuses a schedule outside sigma = gamma sqrt(2 eta)" "sigma = gamma sqrt(2 eta)" \
+  "$tilt" sample -m run/model.pt -n 10 --noise constant:0.5 --integrator exact -o x.csv
+if "$tilt" logz -c tiny.toml --control optimal --method noising -n 2000 --steps 30 --json -q > logz.json 2> logz.log &&
+   python3 - logz.json <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["n"] == 2000 and 0 < r["ess_fraction"] <= 1, r
+assert abs(r["log_z"] - r["exact_log_z"]) < 4 * r["log_z_standard_error"], r
+PY
+then pass "logz --json: noising weights of the optimal control hit the exact log Z"; else fail "logz: $(cat logz.log logz.json)"; fi
+"$tilt" logz -c tiny.toml -m run/model.pt -n 300 --steps 20 --batch 100 > logz.txt 2> logz.err &&
+  grep -q "ESS" logz.txt && grep -q "logz" logz.err && pass "logz of a model file, with progress on stderr" ||
+  fail "logz -m: $(cat logz.txt logz.err)"
+expect_error "logz: the ODE has no path density" "no path density" \
+  "$tilt" logz -c tiny.toml --noise ode -n 10 --steps 5
+expect_error "logz: unknown method" "--method must be girsanov, noising or jarzynski" \
+  "$tilt" logz -c tiny.toml --method ais -n 10
 
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

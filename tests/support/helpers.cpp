@@ -1,6 +1,9 @@
 #include "helpers.h"
 
 #include "tilt/eval/metrics.h"
+#include "tilt/sde/gddim.h"
+#include "tilt/sde/sde.h"
+#include "tilt/sde/time_grid.h"
 
 #include <torch/csrc/autograd/autograd.h>
 
@@ -65,6 +68,33 @@ at::Tensor autograd_jacobian(const std::function<at::Tensor(const at::Tensor&)>&
     J.select(1, i).copy_(torch::autograd::grad({y}, {xg}, {e})[0]);
   }
   return J;
+}
+
+std::pair<at::Tensor, at::Tensor> chain_law(const GmmVelocity& field, double gamma, int64_t K, bool exact) {
+  const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+  const int64_t d = field.dim();
+  const auto noise = make_scaled_memoryless_noise(gamma, 1.0 / static_cast<double>(K));
+  GenerativeSDE sde(std::make_shared<GmmVelocity>(field), noise);
+  const TimeGrid grid = TimeGrid::uniform(K);
+  at::Tensor m = at::zeros({1, d}, kDouble), V = at::eye(d, kDouble);
+  const at::Tensor points = at::cat({at::zeros({1, d}, kDouble), at::eye(d, kDouble)});  // 0, e_1, ..., e_d
+  for (int64_t k = 0; k < K; ++k) {
+    const double t = grid[k], s = grid[k + 1];
+    auto step_mean = [&](const at::Tensor& x) {
+      if (exact) {
+        const ExponentialStep e = exponential_step(*field.schedule(), t, s, gamma);
+        return e.c_x * x + e.c_v * field.velocity(x, t);
+      }
+      return x + (s - t) * sde.drift(x, t);
+    };
+    const at::Tensor y = step_mean(at::cat({points, m}));  // one evaluation: 0, e_1, ..., e_d, m
+    const at::Tensor J = (y.slice(0, 1, d + 1) - y.slice(0, 0, 1)).t();  // column j: image of e_j
+    m = y.slice(0, d + 1);
+    const double var = exact ? std::pow(exponential_step(*field.schedule(), t, s, gamma).std, 2)
+                             : (s - t) * std::pow(sde.sigma(t), 2);
+    V = at::matmul(at::matmul(J, V), J.t()) + var * at::eye(d, kDouble);
+  }
+  return {m.squeeze(0), V};
 }
 
 double fitted_order(const std::vector<double>& h, const std::vector<double>& err) {

@@ -8,6 +8,7 @@
 
 #include <functional>
 #include <memory>
+#include <utility>
 #include <vector>
 
 namespace tilt::test {
@@ -24,6 +25,11 @@ at::Tensor fd_jacobian(const std::function<at::Tensor(const at::Tensor&)>& f, co
                        double eps = 1e-6);
 /// Jacobian by reverse-mode autograd (one VJP per output coordinate).
 at::Tensor autograd_jacobian(const std::function<at::Tensor(const at::Tensor&)>& f, const at::Tensor& x);
+
+/// The exact law N(m_K, V_K) of the sampler's chain from X_0 ~ N(0, I) for Gaussian data (affine
+/// velocity), on K uniform steps with sigma = gamma sqrt(2 eta): the exact gDDIM step (exact = true)
+/// or Euler-Maruyama with offset h = 1/K. m_K: [d], V_K: [d, d].
+std::pair<at::Tensor, at::Tensor> chain_law(const GmmVelocity& field, double gamma, int64_t K, bool exact);
 
 /// Least-squares slope of log(err) against log(h).
 double fitted_order(const std::vector<double>& h, const std::vector<double>& err);

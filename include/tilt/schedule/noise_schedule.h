@@ -12,6 +12,7 @@
 #include "tilt/schedule/schedule.h"
 
 #include <memory>
+#include <optional>
 #include <string>
 
 namespace tilt {
@@ -33,6 +34,9 @@ class NoiseSchedule {
   virtual std::string describe() const = 0;
   virtual double sigma(const Schedule& schedule, double t) const = 0;
   virtual bool is_memoryless() const { return false; }
+  /// gamma when sigma(t) = gamma sqrt(2 eta_h(t)) (memoryless: 1, scaled_memoryless: its scale,
+  /// zero: 0); nullopt for schedules outside that family (constant). See tilt/sde/gddim.h.
+  virtual std::optional<double> stochasticity() const { return std::nullopt; }
   bool is_zero() const { return name() == "zero"; }
 
   /// Drift coefficients c_v = 1 + sigma^2/(2 eta_h), c_x = sigma^2 kappa_h / (2 eta_h), written so

@@ -1,4 +1,5 @@
-// Euler-Maruyama for the generative SDE on a time grid, with any noise schedule; Heun for the ODE.
+// Euler-Maruyama for the generative SDE on a time grid, with any noise schedule; Heun for the ODE;
+// the exact gDDIM step (tilt/sde/gddim.h) for the family sigma = gamma sqrt(2 eta).
 #pragma once
 
 #include "tilt/sde/sde.h"
@@ -12,9 +13,11 @@ namespace tilt {
 enum class Integrator {
   euler,  ///< Euler-Maruyama: X_{k+1} = X_k + h_k b(X_k, t_k) + sqrt(h_k) sigma(t_k) eps_k (strong order 1/2, weak 1)
   heun,   ///< Heun's method (order 2); only for the ODE (zero noise schedule)
+  exact,  ///< the exact gDDIM step of sigma = gamma sqrt(2 eta) with v frozen over the step (gddim.h):
+          ///< memoryless, scaled_memoryless:<gamma> or the ODE; the schedule's offset h is not used
 };
 
-Integrator parse_integrator(const std::string& name);  // "euler" | "heun"
+Integrator parse_integrator(const std::string& name);  // "euler" | "heun" | "exact"
 
 struct SampleOptions {
   Integrator integrator = Integrator::euler;

@@ -8,6 +8,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 
+#include "../support/checks.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -19,36 +20,9 @@
 namespace tilt {
 namespace {
 
-namespace fs = std::filesystem;
-
-class TempDir {
- public:
-  TempDir() : path_(fs::temp_directory_path() / ("tilt_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  static inline int counter_ = 0;
-  fs::path path_;
-};
-
-// Runs f and returns the tilt::Error message it throws (fails the test if none).
-template <class F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a tilt::Error";
-  return "";
-}
-
-void expect_contains(const std::string& text, const std::string& part) {
-  EXPECT_NE(text.find(part), std::string::npos) << "'" << part << "' not in: " << text;
-}
+using test::TempDir;
+using test::error_of;
+using test::expect_contains;
 
 TEST(Config, ReadsTomlAndRecordsDefaults) {
   TempDir dir;

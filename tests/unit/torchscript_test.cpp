@@ -11,6 +11,7 @@
 #include "tilt/model/reward.h"
 #include "tilt/model/torchscript.h"
 
+#include "../support/checks.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -29,33 +30,9 @@ namespace {
 namespace fs = std::filesystem;
 const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
-class TempDir {
- public:
-  TempDir() : path_(fs::temp_directory_path() / ("tilt_ts_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter_++))) {
-    fs::create_directories(path_);
-  }
-  ~TempDir() { fs::remove_all(path_); }
-  std::string file(const std::string& name) const { return (path_ / name).string(); }
-
- private:
-  static inline int counter_ = 0;
-  fs::path path_;
-};
-
-template <class F>
-std::string error_of(F f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected a tilt::Error";
-  return "";
-}
-
-void expect_contains(const std::string& text, const std::string& part) {
-  EXPECT_NE(text.find(part), std::string::npos) << "'" << part << "' not in: " << text;
-}
+using test::TempDir;
+using test::error_of;
+using test::expect_contains;
 
 torch::jit::Module make_module(const std::string& source, int64_t dim = 0) {
   torch::jit::Module m("__torch__.TestModule");

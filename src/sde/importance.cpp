@@ -56,6 +56,17 @@ ControlFn control_of(const GenerativeSDE& base, VelocityFieldPtr v_q, double sca
 
 namespace {
 
+// The batches of endpoints and log path weights joined, with r(X1) and log w = lambda r + log path.
+WeightedPaths assemble_paths(const Reward& reward, double lambda, const std::vector<Tensor>& xs,
+                             const std::vector<Tensor>& log_paths) {
+  WeightedPaths out;
+  out.x = at::cat(xs);
+  out.reward = reward.value(out.x.to(at::kDouble));
+  out.log_path = at::cat(log_paths);
+  out.log_w = lambda * out.reward + out.log_path;
+  return out;
+}
+
 // One step's Gaussian kernel: mean = a_x x + a_v v, std; the same for P and Q.
 struct Kernel {
   double a_x, a_v, std;
@@ -126,12 +137,7 @@ WeightedPaths girsanov_weights(const GenerativeSDE& base, const VelocityField& p
     done += B;
     if (options.progress) options.progress(done, n);
   }
-  WeightedPaths out;
-  out.x = at::cat(xs);
-  out.reward = reward.value(out.x.to(at::kDouble));
-  out.log_path = at::cat(log_paths);
-  out.log_w = lambda * out.reward + out.log_path;
-  return out;
+  return assemble_paths(reward, lambda, xs, log_paths);
 }
 
 namespace {
@@ -199,12 +205,7 @@ WeightedPaths noising_weights(const GenerativeSDE& proposal, const LogDensityFn&
     done += B;
     if (options.progress) options.progress(done, n);
   }
-  WeightedPaths out;
-  out.x = at::cat(xs);
-  out.reward = reward.value(out.x.to(at::kDouble));
-  out.log_path = at::cat(log_paths);
-  out.log_w = lambda * out.reward + out.log_path;
-  return out;
+  return assemble_paths(reward, lambda, xs, log_paths);
 }
 
 WeightedPaths jarzynski_weights(const GenerativeSDE& base, const Reward& reward, double lambda, int64_t n,

@@ -189,12 +189,15 @@ int run_eval(const EvalArgs& args) {
 int run_plot(const PlotArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the PNG file to write");
   if (args.panels.empty()) throw Error("give at least one samples file (FILE or FILE:TITLE)");
-  std::vector<plot::Panel> panels;
+  struct Input {
+    std::string path, title;
+    Tensor x;
+  };
+  std::vector<Input> inputs;
   for (const std::string& spec : args.panels) {
     const auto colon = spec.find(':');
     const std::string path = spec.substr(0, colon);
-    const std::string title = colon == std::string::npos ? path : spec.substr(colon + 1);
-    panels.push_back({title, first_two_coordinates(read_samples_csv(path))});
+    inputs.push_back({path, colon == std::string::npos ? path : spec.substr(colon + 1), read_samples_csv(path)});
   }
   if (!args.images.empty()) {
     int h = 0, w = 0;
@@ -203,17 +206,14 @@ int run_plot(const PlotArgs& args) {
       throw Error("--images must be HxW, e.g. 8x8; got '" + args.images + "'");
     }
     std::vector<plot::ImagePanel> grids;
-    for (const std::string& spec : args.panels) {
-      const auto colon = spec.find(':');
-      const std::string path = spec.substr(0, colon);
-      const Tensor x = read_samples_csv(path).to(at::kFloat).contiguous();
+    for (const Input& in : inputs) {
+      const Tensor x = in.x.to(at::kFloat).contiguous();
       if (x.size(1) != static_cast<int64_t>(h) * w) {
-        throw Error("'" + path + "' has dimension " + std::to_string(x.size(1)) + ", not " + args.images + " = " +
+        throw Error("'" + in.path + "' has dimension " + std::to_string(x.size(1)) + ", not " + args.images + " = " +
                     std::to_string(h * w) + " pixels");
       }
       const float* p = x.data_ptr<float>();
-      grids.push_back({colon == std::string::npos ? path : spec.substr(colon + 1),
-                       std::vector<float>(p, p + x.numel())});
+      grids.push_back({in.title, std::vector<float>(p, p + x.numel())});
     }
     plot::ImageGridOptions o;
     o.height = h;
@@ -225,6 +225,8 @@ int run_plot(const PlotArgs& args) {
     info("wrote " + args.out);
     return 0;
   }
+  std::vector<plot::Panel> panels;
+  for (const Input& in : inputs) panels.push_back({in.title, first_two_coordinates(in.x)});
   plot::ScatterOptions o;
   o.title = args.title;
   o.columns = args.columns;

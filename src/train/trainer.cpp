@@ -346,6 +346,13 @@ void Trainer::save_checkpoint(const std::string& path) const {
     torch::serialize::OutputArchive opt_archive;
     m.optimizer->save(opt_archive);
     archive.write("optimizer", opt_archive);
+    // The loss's own state (e.g. a replay buffer), for losses that keep one.
+    const auto state = m.loss.state();
+    if (!state.empty()) {
+      torch::serialize::OutputArchive state_archive;
+      for (const auto& [key, value] : state) state_archive.write(key, value);
+      archive.write("loss_state", state_archive);
+    }
     archive.save_to(tmp);
   });
 }
@@ -406,7 +413,17 @@ void Trainer::load_checkpoint(const std::string& path) {
     archive.read("iteration", iteration);
     torch::serialize::InputArchive opt_archive;
     archive.read("optimizer", opt_archive);
+    std::vector<std::pair<std::string, Tensor>> state = m.loss.state();
+    if (!state.empty()) {
+      torch::serialize::InputArchive state_archive;
+      archive.read("loss_state", state_archive);
+      for (auto& [key, value] : state) {
+        value = Tensor();  // read a fresh tensor, not into the loss's own (which state() may alias)
+        state_archive.read(key, value);
+      }
+    }
     m.optimizer->load(opt_archive);
+    if (!state.empty()) m.loss.load_state(state);
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < m.params.size(); ++i) m.params[i].copy_(values[i]);
     m.iteration = iteration.item<int64_t>();

@@ -40,6 +40,12 @@ class Loss {
   /// accumulation, data-parallel training) and restores batch_size() afterwards. Throws tilt::Error
   /// if the loss cannot work with n samples (a batch variance needs n >= 2) or has no batch.
   virtual void set_batch_size(int64_t n);
+
+  /// State besides the parameters that a checkpoint must keep to resume exactly (a replay buffer,
+  /// counters); empty for losses that keep none. The trainer saves it with each checkpoint and hands
+  /// it back to load_state() on resume.
+  virtual std::vector<std::pair<std::string, Tensor>> state() const { return {}; }
+  virtual void load_state(const std::vector<std::pair<std::string, Tensor>>& /*state*/) {}
 };
 
 }  // namespace tilt

@@ -109,4 +109,22 @@ struct SocArgs {
 };
 int run_soc(const SocArgs& args);
 
+struct AdjointSamplingArgs {
+  ConfigArgs config;
+  std::string out;
+  std::string reference;  ///< reference samples (CSV, e.g. from tilt mcmc); overrides [evaluation] reference
+  bool resume = false;
+  bool quiet = false;
+  bool json = false;
+};
+int run_adjoint_sampling(const AdjointSamplingArgs& args);
+
+struct McmcArgs {
+  ConfigArgs config;
+  std::string out;
+  int64_t seed = -1;  ///< -1: derived from the config's seed
+  bool quiet = false;
+};
+int run_mcmc(const McmcArgs& args);
+
 }  // namespace tilt::cli

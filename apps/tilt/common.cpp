@@ -165,7 +165,7 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
                                      "shards"};
     Json a = before, b = resolved;
     std::string changed;
-    for (const char* section : {"finetune", "pretrain"}) {
+    for (const char* section : {"finetune", "pretrain", "adjoint_sampling"}) {
       for (const char* key : kMutable) {
         const bool in_a = a.contains(section) && a[section].contains(key);
         const bool in_b = b.contains(section) && b[section].contains(key);

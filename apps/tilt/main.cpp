@@ -137,6 +137,24 @@ int main(int argc, char** argv) {
   soc_cmd->add_flag("-q,--quiet", soc.quiet, "No progress bar");
   soc_cmd->add_flag("--json", soc.json, "Print the summary as one JSON object instead of a Markdown table");
 
+  tilt::cli::AdjointSamplingArgs as;
+  auto* as_cmd = app.add_subcommand("adjoint-sampling",
+                                    "Train a sampler of exp(-E / tau) by Adjoint Sampling ([energy], [brownian], "
+                                    "[adjoint_sampling]) and evaluate it ([evaluation])");
+  add_config(as_cmd, as.config, true);
+  as_cmd->add_option("-o,--out", as.out, "Run directory (model.pt, checkpoint.pt, metrics.jsonl, samples.csv, eval.json)")->required();
+  as_cmd->add_option("--reference", as.reference, "Reference samples (CSV, e.g. from tilt mcmc) to evaluate against");
+  as_cmd->add_flag("--resume", as.resume, "Continue the run in --out from its last checkpoint");
+  as_cmd->add_flag("-q,--quiet", as.quiet, "No progress bar");
+  as_cmd->add_flag("--json", as.json, "Print the evaluation as one JSON object");
+
+  tilt::cli::McmcArgs mcmc;
+  auto* mcmc_cmd = app.add_subcommand("mcmc", "Reference samples of exp(-E / tau) ([energy]) by MALA with parallel tempering ([mcmc])");
+  add_config(mcmc_cmd, mcmc.config, true);
+  mcmc_cmd->add_option("-o,--out", mcmc.out, "CSV file for the samples (diagnostics go to <out>.json)")->required();
+  mcmc_cmd->add_option("--seed", mcmc.seed, "Random seed (-1: from the config's seed)")->capture_default_str();
+  mcmc_cmd->add_flag("-q,--quiet", mcmc.quiet, "No progress bar");
+
   CLI11_PARSE(app, argc, argv);
   try {
     if (app.got_subcommand("pretrain")) return tilt::cli::run_pretrain(pretrain);
@@ -149,6 +167,8 @@ int main(int argc, char** argv) {
     if (app.got_subcommand("plot")) return tilt::cli::run_plot(plot);
     if (app.got_subcommand("logz")) return tilt::cli::run_logz(logz);
     if (app.got_subcommand("soc")) return tilt::cli::run_soc(soc);
+    if (app.got_subcommand("adjoint-sampling")) return tilt::cli::run_adjoint_sampling(as);
+    if (app.got_subcommand("mcmc")) return tilt::cli::run_mcmc(mcmc);
   } catch (const tilt::Error& e) {
     std::fprintf(stderr, "tilt: error: %s\n", e.what());
     return 1;

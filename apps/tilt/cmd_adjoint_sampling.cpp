@@ -174,6 +174,7 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
     Generator egen = make_generator(mix_seed(settings.seed, 8));
     exact_a = energy->sample_exact(n_eval, tau, egen);
     exact_b = energy->sample_exact(n_eval, tau, egen);
+    write_samples_csv(run.path("exact.csv"), exact_a);
     Json e = compare(*energy, paths.x1, exact_a, exact_b);
     // The energy distance in the state space, against its floor: two independent exact sets.
     e["energy_distance"] = energy_distance(paths.x1.to(at::kFloat), exact_a.to(at::kFloat));
@@ -234,7 +235,7 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
   } else {
     std::printf("%s", txt.str().c_str());
   }
-  info("wrote " + run.dir + "/{model.pt, checkpoint.pt, metrics.jsonl, samples.csv, eval.json, eval.txt}");
+  info("wrote " + run.dir + "/{model.pt, checkpoint.pt, metrics.jsonl, samples.csv, [exact.csv,] eval.json, eval.txt}");
   return 0;
 }
 

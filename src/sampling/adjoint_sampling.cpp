@@ -314,6 +314,7 @@ ReciprocalAdjointMatching::ReciprocalAdjointMatching(EnergyPtr energy, BrownianB
     throw Error("adjoint sampling: batch_size, steps, initial_samples, samples_per_refresh, refresh_every and "
                 "buffer_size must be >= 1");
   }
+  if (o.time_sampling == SamplerGrid::nu) nu_times_ = at::tensor(sampler_times(*base_, 4096, SamplerGrid::nu), at::kDouble);
 }
 
 void ReciprocalAdjointMatching::refresh(Generator& gen, bool initial) {
@@ -341,7 +342,15 @@ LossOutput ReciprocalAdjointMatching::compute(Generator& gen) {
   ++calls_;
   const int64_t B = options_.batch_size;
   auto [x1, adjoint] = buffer_.sample(B, gen);
-  const Tensor t = at::rand({B}, gen, at::kDouble);
+  Tensor t = at::rand({B}, gen, at::kDouble);
+  if (nu_times_.defined()) {
+    // nu_t uniform: t = nu^{-1}(U nu_1), linear between the 4097 tabulated points.
+    const int64_t G = nu_times_.size(0) - 1;
+    const Tensor pos = t * static_cast<double>(G);
+    const Tensor i = at::clamp(pos.floor().to(at::kLong), 0, G - 1);
+    const Tensor t0 = nu_times_.index_select(0, i), t1 = nu_times_.index_select(0, i + 1);
+    t = t0 + (pos - i.to(at::kDouble)) * (t1 - t0);
+  }
   const Tensor xt = base_->bridge(x1, t, gen);
   // RAM (D.1): | u(X_t, t) + grad g(X_1) |^2, the control's centre-of-mass part projected out.
   const Tensor u = base_->project(control_->evaluate(xt, t));
@@ -387,6 +396,7 @@ AdjointSamplingOptions read_adjoint_sampling(ConfigSection& s) {
   o.buffer_size = s.integer("buffer_size", o.buffer_size);
   o.max_adjoint_norm = s.number("max_adjoint_norm", o.max_adjoint_norm);
   o.grid = parse_sampler_grid(s.choice("grid", {"nu", "uniform"}, "nu"));
+  o.time_sampling = parse_sampler_grid(s.choice("time_sampling", {"uniform", "nu"}, "uniform"));
   for (const char* key : {"batch_size", "steps", "initial_samples", "samples_per_refresh", "refresh_every", "buffer_size"}) {
     if (s.integer(key) < 1) s.fail(key, "must be >= 1");
   }

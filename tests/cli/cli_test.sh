@@ -254,5 +254,27 @@ expect_error "logz: the ODE has no path density" "no path density" \
 expect_error "logz: unknown method" "--method must be girsanov, noising or jarzynski" \
   "$tilt" logz -c tiny.toml --method ais -n 10
 
+# 7. Adjoint Sampling of unnormalised densities and MCMC references (issue 6; docs/adjoint_sampling.md).
+as_small=(--set threads=1 --set adjoint_sampling.iterations=40 --set adjoint_sampling.batch_size=64
+          --set adjoint_sampling.steps=10 --set adjoint_sampling.initial_samples=64 --set adjoint_sampling.samples_per_refresh=32
+          --set adjoint_sampling.refresh_every=10 --set adjoint_sampling.hidden=[16] --set evaluation.samples=200)
+"$tilt" mcmc -c "$configs/as_dw4.toml" --set mcmc.steps=200 --set mcmc.burn_in=50 --set mcmc.chains=8 --set mcmc.thin=10 \
+  -o dw4_ref.csv -q > /dev/null 2>&1 && [ -f dw4_ref.csv.json ] && pass "mcmc: a DW-4 reference with diagnostics" ||
+  fail "mcmc"
+if "$tilt" adjoint-sampling -c "$configs/as_dw4.toml" "${as_small[@]}" --reference dw4_ref.csv -o as_run -q --json > as.json 2> as.log &&
+   python3 - as.json <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["gradient_steps"] == 40 and r["energy_evaluations"] == 64 + 3 * 32, r
+assert r["vs_reference"]["distance_w2"] >= 0 and 0 < r["ess_fraction"] <= 1, r
+PY
+then pass "adjoint-sampling --json: DW-4 trained and evaluated against the MCMC reference"; else fail "adjoint-sampling: $(cat as.log as.json)"; fi
+expect_error "adjoint-sampling refuses to overwrite a run" "already" \
+  "$tilt" adjoint-sampling -c "$configs/as_dw4.toml" "${as_small[@]}" -o as_run -q
+expect_error "adjoint-sampling: an unknown [adjoint_sampling] key" "adjoint_sampling.buffer" \
+  "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --set adjoint_sampling.buffer=5 -o as_bad -q
+expect_error "adjoint-sampling: a missing reference file" "tilt mcmc" \
+  "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --reference nowhere.csv -o as_bad2 -q
+
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

@@ -87,6 +87,9 @@ struct AdjointSamplingOptions {
   int64_t refresh_every = 50;        ///< gradient steps between refreshes
   int64_t buffer_size = 5000;        ///< FIFO capacity (items)
   double max_adjoint_norm = 0;       ///< clip grad E / tau per particle (or per sample); <= 0: none
+  /// The loss's times: t ~ U[0, 1] (adjoint_samplers' choice, the AM loss weighted by 1/g^2), or
+  /// nu_t ~ U[0, nu_1] (the AM loss's own weight g(t)^2 dt = dnu). Both have the same minimiser.
+  SamplerGrid time_sampling = SamplerGrid::uniform;
 };
 
 /// Reciprocal Adjoint Matching with a replay buffer (file comment), behind the Loss interface so that
@@ -117,6 +120,7 @@ class ReciprocalAdjointMatching : public Loss {
   ReplayBuffer buffer_;
   int64_t calls_ = 0, energy_evaluations_ = 0;
   double refresh_energy_ = NAN;
+  Tensor nu_times_;  // t on a fine grid uniform in nu (time_sampling = nu), for inverse-CDF draws
 };
 
 /// [adjoint_sampling] keys of AdjointSamplingOptions (tau comes from [energy]).

@@ -162,7 +162,8 @@ int run_finetune(const TrainArgs& args) {
       section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint"}, "adjoint_matching");
   const bool is_am = method == "adjoint_matching";
   const bool uses_noise = is_am || method == "discrete_adjoint";
-  for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step"}) {
+  for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step",
+                          "tape_activations"}) {
     if (!is_am && section.has(key)) warn(section.where(key) + " is ignored by method = \"" + method + "\"");
   }
   if (!uses_noise && section.has("noise")) {

@@ -38,6 +38,11 @@ runs=(
   "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-4"
   "draft1_lr1e-5|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-5"
   "refl_lr1e-4|finetune.method=\"refl\" finetune.lr=1e-4"
+  # Policy-gradient baselines (docs/policy_gradient.md), with DDPO's gradient-norm clip of 1.
+  "ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0"
+  "ddpo_epochs4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.inner_epochs=4"
+  "grpo|finetune.method=\"grpo\" finetune.grad_clip=1.0"
+  "mixgrpo|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.window=4"
 )
 [ -n "${ONLY:-}" ] || $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/base/samples_ode.csv"
 samples=("$OUT/base/samples_ode.csv")

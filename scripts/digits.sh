@@ -43,6 +43,8 @@ runs=(
   "ddpo_epochs4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.inner_epochs=4"
   "grpo|finetune.method=\"grpo\" finetune.grad_clip=1.0"
   "mixgrpo|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.window=4"
+  "ddpo_lr1e-4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.lr=1e-4"
+  "grpo_lr1e-4|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.lr=1e-4"
 )
 [ -n "${ONLY:-}" ] || $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/base/samples_ode.csv"
 samples=("$OUT/base/samples_ode.csv")

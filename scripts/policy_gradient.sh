@@ -14,7 +14,7 @@ OUT=${OUT:-runs/digits}
 THREADS=${THREADS:-1}
 N=${N:-1000}
 export OUT THREADS N
-names="ddpo ddpo_epochs4 grpo mixgrpo"
+names="ddpo ddpo_epochs4 grpo mixgrpo ddpo_lr1e-4 grpo_lr1e-4"
 ONLY="$names" scripts/digits.sh   # pretrains if needed, trains and samples (with the ODE) only these runs
 tilt=build/bin/tilt
 config=configs/digits.toml
@@ -27,7 +27,7 @@ args=(--samples "$OUT/base/samples_ode.csv")
 panels=("$OUT/base/samples_ode.csv:base")
 for name in $names; do
   args+=(--samples "$OUT/$name/samples_ode.csv")
-  panels+=("$OUT/$name/samples_ode.csv:$name")
+  [[ $name == *_lr* ]] || panels+=("$OUT/$name/samples_ode.csv:$name")
 done
 $tilt eval-images -c $config "${common[@]}" "${args[@]}" --base "$OUT/base/samples_20k.csv" | tee "$OUT/eval_policy_gradient.txt"
 $tilt plot --images 8x8 --max-images 50 --columns 5 "${panels[@]}" -o "$OUT/grid_policy_gradient.png" \

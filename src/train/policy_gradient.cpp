@@ -105,7 +105,7 @@ PolicyGradient::PolicyGradient(std::shared_ptr<FineTunedVelocity> model, RewardP
     throw Error(n + ": the policy's stochasticity gamma must be finite and > 0 (gamma = 0 is the ODE, which has no "
                 "log-probability), got " + fmt(o.gamma));
   }
-  if (!std::isfinite(o.lambda) || o.lambda <= 0.0) throw Error(n + ": lambda must be finite and > 0, got " + fmt(o.lambda));
+  if (!std::isfinite(o.lambda) || o.lambda == 0.0) throw Error(n + ": lambda must be finite and nonzero, got " + fmt(o.lambda));
   if (!(o.clip_range > 0.0) || !std::isfinite(o.clip_range)) throw Error(n + ": clip_range must be > 0, got " + fmt(o.clip_range));
   if (!(o.adv_clip_max > 0.0)) throw Error(n + ": adv_clip_max must be > 0, got " + fmt(o.adv_clip_max));
   if (!(o.std_eps >= 0.0)) throw Error(n + ": std_eps must be >= 0, got " + fmt(o.std_eps));

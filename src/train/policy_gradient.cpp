@@ -192,11 +192,11 @@ Tensor PolicyGradient::log_prob(const PolicyBatch& batch) const {
   const Schedule& schedule = *model_->schedule();
   const int64_t S = batch.states.size(0), B = batch.states.size(1), d = batch.states.size(2);
   // All steps in one evaluation of v_theta on S B rows, each at its own time.
-  std::vector<double> t(static_cast<size_t>(S)), c_x(t.size()), c_v(t.size()), std(t.size());
+  std::vector<double> t(static_cast<size_t>(S)), c_x(t.size()), c_v(t.size()), sd(t.size());
   for (int64_t j = 0; j < S; ++j) {
     const int64_t k = batch.sde_steps[static_cast<size_t>(j)];
     const ExponentialStep e = exponential_step(schedule, grid_[k], grid_[k + 1], options_.gamma);
-    t[j] = grid_[k], c_x[j] = e.c_x, c_v[j] = e.c_v, std[j] = e.std;
+    t[j] = grid_[k], c_x[j] = e.c_x, c_v[j] = e.c_v, sd[j] = e.std;
   }
   const auto options = batch.states.options();
   auto per_row = [&](const std::vector<double>& values) {
@@ -207,7 +207,7 @@ Tensor PolicyGradient::log_prob(const PolicyBatch& batch) const {
   const Tensor mean = (per_row(c_x).unsqueeze(1) * x + per_row(c_v).unsqueeze(1) * v).view({S, B, d});
   std::vector<Tensor> rows;
   for (int64_t j = 0; j < S; ++j) {
-    rows.push_back(gaussian_log_prob(batch.next_states[j], mean[j], std[j], options_.reduction));
+    rows.push_back(gaussian_log_prob(batch.next_states[j], mean[j], sd[j], options_.reduction));
   }
   return at::stack(rows);
 }

@@ -2,13 +2,21 @@
 //   rollout     K Euler-Maruyama steps of the fine-tuned SDE, no gradients
 //   adjoint     K vector-Jacobian products of the frozen base drift (the lean adjoint)
 //   iteration   rollout + adjoint + the regression loss, its backward pass and the Adam step
-// and the single steps inside them. Each benchmark runs for two problems:
+// and the single steps inside them. Problems:
 //   0  the 2-D demo (configs/demo_2d.toml): exact Gaussian-mixture base, residual MLP 3x128, K = 60, batch 256
 //   1  a 64-D MLP base (3x256, untrained: only its cost matters), residual MLP 3x256, K = 40, batch 256
+//   2  the digits model (configs/digits.toml): 64-D MLP base 3x256, residual MLP 2x256, classifier reward
+//      (MLP [256, 64], log p(3 | x)), K = 40, batch 64 (untrained weights: only the cost matters)
+// BM_Iteration/P/T runs the taped path (T = 1, tape_activations = true: the default) or the autograd path
+// (T = 0: the networks run again under autograd, as the PyTorch reference does); its counters: the phases
+// (ms), the matrix work actually done (GFLOP/s) and the peak of live tensor memory during an iteration
+// above what was live before it (peak_MB, counted by an allocator wrapper). BM_Scaling/d/B/K/T: the
+// 64-D problem's family at other sizes. BM_PeakGemm: the machine's float32 matrix-multiply peak.
 // Threads: 2, or TILT_THREADS. Run: build/bench/tilt_bench (see scripts/bench.sh).
 // tilt_bench --tilt_trace=P,N[,LR] runs no benchmark: it prints the metrics of N Trainer steps of problem P
 // (BM_Iteration's iteration, Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
 // (bench/reference/am_reference.py --check) can be compared with it number by number.
+#include "tilt/model/classifier.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -21,8 +29,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
+#include <c10/core/CPUAllocator.h>
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -35,21 +46,114 @@ namespace {
 
 const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
+// Live and peak bytes of CPU tensor storage: every allocation goes through this wrapper of LibTorch's
+// CPU allocator (installed once in main; one extra small object per tensor storage).
+class CountingAllocator final : public c10::Allocator {
+ public:
+  explicit CountingAllocator(c10::Allocator* inner) : inner_(inner) {}
+  c10::DataPtr allocate(size_t n) const override {
+    auto* ctx = new Context{inner_->allocate(n), static_cast<int64_t>(n), this};
+    const int64_t live = live_ += ctx->bytes;
+    int64_t peak = peak_.load();
+    while (live > peak && !peak_.compare_exchange_weak(peak, live)) {
+    }
+    return {ctx->inner.get(), ctx, &CountingAllocator::release, c10::Device(c10::DeviceType::CPU)};
+  }
+  c10::DeleterFnPtr raw_deleter() const override { return nullptr; }
+  /// Starts a new peak from what is live now; returns the live bytes.
+  int64_t reset_peak() const {
+    peak_ = live_.load();
+    return live_;
+  }
+  int64_t peak() const { return peak_; }
+
+ private:
+  struct Context {
+    c10::DataPtr inner;
+    int64_t bytes;
+    const CountingAllocator* owner;
+  };
+  static void release(void* p) {
+    auto* ctx = static_cast<Context*>(p);
+    ctx->owner->live_ -= ctx->bytes;
+    delete ctx;
+  }
+  c10::Allocator* inner_;
+  mutable std::atomic<int64_t> live_{0}, peak_{0};
+};
+
+CountingAllocator* counting_allocator = nullptr;
+
+// Matrix work (flops = 2 m n k per product) of the MLPs, per row.
+struct MlpShape {
+  int64_t d = 0, time_in = 0;  // data dimension, time-embedding inputs (1 + time_features)
+  std::vector<int64_t> hidden;
+  bool defined() const { return d > 0; }
+  // Forward. The taped path folds the time embedding into one row per call (time_in columns saved).
+  double forward(bool taped) const {
+    double f = 0;
+    int64_t in = d + (taped ? 0 : time_in);
+    for (int64_t w : hidden) f += 2.0 * in * w, in = w;
+    return f + 2.0 * in * d;
+  }
+  // Input VJP: the transposed chain; autograd's reaches the time-embedding inputs too.
+  double vjp(bool taped) const { return forward(taped); }
+  // Weight gradients of every layer, plus the input-side products of all layers but the first.
+  double param_grads() const {
+    double f = forward(false);
+    int64_t in = hidden.front();
+    for (size_t l = 1; l < hidden.size(); ++l) f += 2.0 * in * hidden[l], in = hidden[l];
+    return f + 2.0 * in * d;
+  }
+};
+
 struct Setup {
   std::shared_ptr<FineTunedVelocity> model;
   std::unique_ptr<AdjointMatching> loss;
   int64_t batch;
+  std::string label;
+  MlpShape base, residual;
+  double reward_flops = 0;  // per row: one forward and one VJP of the classifier
 };
 
-Setup make_setup(int problem) {
-  const auto schedule = make_linear_schedule();
-  VelocityFieldPtr base;
-  RewardPtr reward;
+AdjointMatchingOptions bench_options(int64_t batch, int64_t K, int64_t early, int64_t late, bool taped) {
   AdjointMatchingOptions am;
-  am.batch_size = 256;
+  am.batch_size = batch;
   am.clip_factor = 0;
   am.loss_weighting = "velocity";
-  std::vector<int64_t> hidden;
+  am.num_steps = K;
+  am.loss_early_steps = early;
+  am.loss_late_steps = late;
+  am.tape_activations = taped;
+  return am;
+}
+
+// The 64-D problem's family: MLP base 3x256 and residual 3x256 in dimension d, a quadratic reward.
+Setup mlp_setup(int64_t d, int64_t batch, int64_t K, bool taped) {
+  const auto schedule = make_linear_schedule();
+  MlpOptions mo;
+  mo.dim = d;
+  mo.hidden = {256, 256, 256};
+  auto base = std::make_shared<MlpVelocity>(mo, schedule, 1);
+  auto reward = std::make_shared<QuadraticReward>(at::ones({d}, kDouble), 0.25 * at::eye(d, kDouble));
+  const AdjointMatchingOptions am = bench_options(batch, K, std::min<int64_t>(10, K / 4), std::min<int64_t>(10, K / 4), taped);
+  Setup s;
+  s.model = make_finetuned(base, FineTuneMode::residual, {256, 256, 256}, 16, 2);
+  s.loss = std::make_unique<AdjointMatching>(s.model, reward, make_memoryless_noise(1.0 / K), am);
+  s.batch = batch;
+  s.base = {d, 17, {256, 256, 256}};
+  s.residual = {d, 17, {256, 256, 256}};
+  return s;
+}
+
+Setup make_setup(int problem, bool taped = true) {
+  const auto schedule = make_linear_schedule();
+  if (problem == 1) {
+    Setup s = mlp_setup(64, 256, 40, taped);
+    s.label = "64-D MLP, K=40";
+    return s;
+  }
+  Setup s;
   if (problem == 0) {
     std::vector<double> mu;
     for (int k = 0; k < 8; ++k) {
@@ -58,29 +162,52 @@ Setup make_setup(int problem) {
     }
     auto gmm = std::make_shared<GaussianMixture>(at::ones({8}, kDouble), at::tensor(mu, kDouble).reshape({8, 2}),
                                                  0.25 * at::eye(2, kDouble).expand({8, 2, 2}).clone());
-    base = std::make_shared<GmmVelocity>(gmm, schedule);
-    reward = std::make_shared<QuadraticReward>(at::tensor({2.5, 0.0}, kDouble), 0.25 * at::eye(2, kDouble));
-    am.num_steps = 60;
-    am.loss_early_steps = 20;
-    am.loss_late_steps = 10;
-    hidden = {128, 128, 128};
+    auto base = std::make_shared<GmmVelocity>(gmm, schedule);
+    auto reward = std::make_shared<QuadraticReward>(at::tensor({2.5, 0.0}, kDouble), 0.25 * at::eye(2, kDouble));
+    s.model = make_finetuned(base, FineTuneMode::residual, {128, 128, 128}, 16, 2);
+    s.loss = std::make_unique<AdjointMatching>(s.model, reward, make_memoryless_noise(1.0 / 60),
+                                               bench_options(256, 60, 20, 10, taped));
+    s.batch = 256;
+    s.label = "2-D demo, K=60";
+    s.residual = {2, 17, {128, 128, 128}};
   } else {
     const int64_t d = 64;
     MlpOptions mo;
     mo.dim = d;
     mo.hidden = {256, 256, 256};
-    base = std::make_shared<MlpVelocity>(mo, schedule, 1);
-    reward = std::make_shared<QuadraticReward>(at::ones({d}, kDouble), 0.25 * at::eye(d, kDouble));
-    am.num_steps = 40;
-    am.loss_early_steps = 10;
-    am.loss_late_steps = 10;
-    hidden = {256, 256, 256};
+    auto base = std::make_shared<MlpVelocity>(mo, schedule, 1);
+    ClassifierOptions co;
+    co.dim = d;
+    co.hidden = {256, 64};
+    co.classes = 10;
+    auto reward = std::make_shared<ClassifierReward>(std::make_shared<MlpClassifier>(co, 3), 3);
+    s.model = make_finetuned(base, FineTuneMode::residual, {256, 256}, 16, 2);
+    s.loss = std::make_unique<AdjointMatching>(s.model, reward, make_memoryless_noise(1.0 / 40),
+                                               bench_options(64, 40, 10, 10, taped));
+    s.batch = 64;
+    s.label = "digits model, K=40";
+    s.base = {d, 17, {256, 256, 256}};
+    s.residual = {d, 17, {256, 256}};
+    s.reward_flops = 2 * 2.0 * (64 * 256 + 256 * 64 + 64 * 10);
   }
-  Setup s;
-  s.model = make_finetuned(base, FineTuneMode::residual, hidden, 16, 2);
-  s.loss = std::make_unique<AdjointMatching>(s.model, reward, make_memoryless_noise(1.0 / am.num_steps), am);
-  s.batch = am.batch_size;
   return s;
+}
+
+// The matrix work of one iteration of either path (see the file comment of src/train/adjoint_matching.cpp).
+double iteration_flops(const Setup& s) {
+  const AdjointMatchingOptions& o = s.loss->options();
+  const bool taped = s.loss->taped();
+  const double B = static_cast<double>(s.batch), K = static_cast<double>(o.num_steps);
+  const double S = static_cast<double>(o.loss_early_steps + o.loss_late_steps);
+  const double base_fwd = s.base.defined() ? s.base.forward(taped) : 0.0;
+  const double base_vjp = s.base.defined() ? s.base.vjp(taped) : 0.0;
+  const double res_fwd = s.residual.forward(taped);
+  double rows = (K - 1) * (base_fwd + res_fwd);  // the rollout (the final noiseless step is not simulated)
+  rows += K * (taped ? base_vjp : base_fwd + base_vjp) + (taped ? base_fwd : 0.0);  // the lean adjoint
+  rows += S * ((taped ? 0.0 : res_fwd) + s.residual.param_grads());  // the regression
+  if (taped && o.final_noiseless_step) rows += res_fwd;  // the last step's residual is not taped by the rollout
+  rows += s.reward_flops;
+  return B * rows;
 }
 
 void set_threads() {
@@ -93,7 +220,7 @@ void set_threads() {
 }
 
 void label(benchmark::State& state, const Setup& s) {
-  state.SetLabel(state.range(0) == 0 ? "2-D demo, K=60" : "64-D MLP, K=40");
+  state.SetLabel(s.label);
   state.counters["batch"] = static_cast<double>(s.batch);
 }
 
@@ -108,49 +235,81 @@ void BM_SamplerStep(benchmark::State& state) {
   label(state, s);
 }
 
-// One step of the lean adjoint: a vector-Jacobian product through the frozen base drift.
+// One step of the lean adjoint: a vector-Jacobian product through the frozen base drift (autograd for an
+// MLP base: VelocityField::vjp; the closed form for the mixture).
 void BM_AdjointStep(benchmark::State& state) {
   set_threads();
   Setup s = make_setup(static_cast<int>(state.range(0)));
   Generator gen = make_generator(1);
   const Tensor x = at::randn({s.batch, s.model->dim()}, gen);
   const Tensor a = at::randn({s.batch, s.model->dim()}, gen);
-  for (auto _ : state) benchmark::DoNotOptimize(s.loss->base_sde().drift_vjp(x, 0.5, a));
+  const VelocityField& base = *s.model->base();
+  for (auto _ : state) benchmark::DoNotOptimize(base.VelocityField::vjp(x, 0.5, a));
   label(state, s);
 }
 
-void BM_Rollout(benchmark::State& state) {
+// The same step by hand (MlpVelocity::vjp: one forward, the transposed chain), MLP bases only.
+void BM_AdjointStepByHand(benchmark::State& state) {
   set_threads();
   Setup s = make_setup(static_cast<int>(state.range(0)));
   Generator gen = make_generator(1);
-  for (auto _ : state) benchmark::DoNotOptimize(s.loss->rollout(gen).x.back());
+  const Tensor x = at::randn({s.batch, s.model->dim()}, gen);
+  const Tensor a = at::randn({s.batch, s.model->dim()}, gen);
+  for (auto _ : state) benchmark::DoNotOptimize(s.model->base()->vjp(x, 0.5, a));
   label(state, s);
 }
 
-void BM_LeanAdjoint(benchmark::State& state) {
-  set_threads();
-  Setup s = make_setup(static_cast<int>(state.range(0)));
-  Generator gen = make_generator(1);
-  const Trajectory traj = s.loss->rollout(gen);
-  const AdjointMatchingOptions& o = s.loss->options();
-  for (auto _ : state) {
-    benchmark::DoNotOptimize(
-        lean_adjoint(s.loss->base_sde(), traj.x, s.loss->grid(), *s.loss->reward(), o.lambda, o.final_noiseless_step).a[0]);
-  }
-  label(state, s);
-}
-
-// A whole training iteration: rollout, lean adjoint, loss, backward, Adam.
-void BM_Iteration(benchmark::State& state) {
-  set_threads();
-  Setup s = make_setup(static_cast<int>(state.range(0)));
+// A whole training iteration: rollout, lean adjoint, loss, backward, Adam; range(1) = 1 for the taped path.
+void run_iteration(benchmark::State& state, Setup& s) {
   TrainerOptions to;
   to.iterations = 1 << 30;
   to.progress = false;
   to.grad_clip = 0;
   Trainer trainer(*s.loss, to);
-  for (auto _ : state) benchmark::DoNotOptimize(trainer.step().loss);
+  for (int i = 0; i < 2; ++i) trainer.step();  // warm-up
+  AdjointMatchingTimes times;
+  s.loss->set_timer(&times);
+  double peak_bytes = 0;
+  for (auto _ : state) {
+    const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
+    benchmark::DoNotOptimize(trainer.step().loss);
+    if (counting_allocator) peak_bytes = std::max(peak_bytes, static_cast<double>(counting_allocator->peak() - before));
+  }
+  s.loss->set_timer(nullptr);
+  const double n = static_cast<double>(state.iterations());
+  state.counters["rollout_ms"] = 1e3 * times.rollout_s / n;
+  state.counters["adjoint_ms"] = 1e3 * times.adjoint_s / n;
+  state.counters["regression_ms"] = 1e3 * times.regression_s / n;
+  state.counters["GFLOP/s"] = benchmark::Counter(iteration_flops(s) / 1e9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["GFLOP"] = iteration_flops(s) / 1e9;
+  state.counters["peak_MB"] = peak_bytes / 1e6;
   label(state, s);
+}
+
+void BM_Iteration(benchmark::State& state) {
+  set_threads();
+  Setup s = make_setup(static_cast<int>(state.range(0)), state.range(1) != 0);
+  run_iteration(state, s);
+  state.SetLabel(s.label + (s.loss->taped() ? ", taped" : ", autograd"));
+}
+
+// How time and memory grow: the 64-D problem's family at dimension d, batch B and K steps.
+void BM_Scaling(benchmark::State& state) {
+  set_threads();
+  Setup s = mlp_setup(state.range(0), state.range(1), state.range(2), state.range(3) != 0);
+  s.label = "d=" + std::to_string(state.range(0)) + " B=" + std::to_string(state.range(1)) +
+            " K=" + std::to_string(state.range(2)) + (state.range(3) ? ", taped" : ", autograd");
+  run_iteration(state, s);
+}
+
+// The machine's float32 matrix-multiply peak: a 2048^3 product, and the iteration's typical shape.
+void BM_PeakGemm(benchmark::State& state) {
+  set_threads();
+  const int64_t m = state.range(0), k = state.range(1);
+  Generator gen = make_generator(1);
+  const Tensor a = at::randn({m, k}, gen, at::kFloat), b = at::randn({k, k}, gen, at::kFloat);
+  for (auto _ : state) benchmark::DoNotOptimize(at::mm(a, b));
+  state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * k * k / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 // --tilt_trace=P,N[,LR]: see the file comment.
@@ -158,9 +317,9 @@ int trace(const char* spec) {
   int problem = -1;
   long iterations = 0;
   double lr = 2e-5;
-  if (std::sscanf(spec, "%d,%ld,%lf", &problem, &iterations, &lr) < 2 || (problem != 0 && problem != 1) ||
+  if (std::sscanf(spec, "%d,%ld,%lf", &problem, &iterations, &lr) < 2 || problem < 0 || problem > 2 ||
       iterations < 1 || !(lr > 0)) {
-    std::fprintf(stderr, "--tilt_trace=P,N[,LR]: problem P 0 or 1, N >= 1 iterations, lr > 0; got '%s'\n", spec);
+    std::fprintf(stderr, "--tilt_trace=P,N[,LR]: problem P 0, 1 or 2, N >= 1 iterations, lr > 0; got '%s'\n", spec);
     return 2;
   }
   set_threads();
@@ -181,11 +340,16 @@ int trace(const char* spec) {
   return 0;
 }
 
-BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond);
-BENCHMARK(BM_Rollout)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_LeanAdjoint)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_Iteration)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_AdjointStepByHand)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_Iteration)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_Scaling)
+    ->Args({64, 64, 40, 0})->Args({64, 64, 40, 1})->Args({64, 1024, 40, 0})->Args({64, 1024, 40, 1})
+    ->Args({16, 256, 40, 0})->Args({16, 256, 40, 1})->Args({256, 256, 40, 0})->Args({256, 256, 40, 1})
+    ->Args({64, 256, 20, 0})->Args({64, 256, 20, 1})->Args({64, 256, 80, 0})->Args({64, 256, 80, 1})
+    ->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PeakGemm)->Args({2048, 2048})->Args({256, 256})->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace tilt
@@ -194,6 +358,9 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--tilt_trace=", 13) == 0) return tilt::trace(argv[i] + 13);
   }
+  static tilt::CountingAllocator counting(c10::GetCPUAllocator());
+  c10::SetCPUAllocator(&counting, /*priority=*/1);
+  tilt::counting_allocator = &counting;
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The C++ Adjoint Matching iteration against its PyTorch reference (issue 5), in one go: builds the
 # benchmarks if needed (as scripts/bench.sh does), then for each problem runs the C++ iteration
-# (build/bench/tilt_bench: BM_Iteration, BM_Rollout, BM_LeanAdjoint) and the PyTorch reference
+# (build/bench/tilt_bench: BM_Iteration/P/T, BM_PeakGemm) and the PyTorch reference
 # (bench/reference/am_reference.py: the same iteration, networks, batch, K, loss steps, Adam) on the
-# same number of threads, and prints Markdown tables: ms per iteration and the ratio, and where the
-# time goes. Raw results go to build/bench_compare/. Run nothing else meanwhile: two OpenMP jobs on
-# the same cores slow each other down by up to 10x.
+# same number of threads, and prints Markdown tables: ms per iteration and the ratios (tilt's default
+# taped path, and its autograd path, which computes the iteration the way the reference does), where
+# the time goes, the matrix work's share of the machine's measured peak, and peak memory. Raw results
+# go to build/bench_compare/. Run nothing else meanwhile: two OpenMP jobs on the same cores slow each
+# other down by up to 10x.
 #
 #   scripts/bench_compare.sh [--threads N] [--repetitions R] [--min-time S] [--check] [--no-build]
 #
@@ -65,10 +67,13 @@ if [ "$check" = 1 ]; then
 fi
 
 py_time=$(awk -v r="$reps" -v s="$min_time" 'BEGIN { print r * s }')
-for p in 0 1; do
-  name=$([ "$p" = 0 ] && echo 2d || echo 64d)
+echo "bench_compare: matrix-multiply peak, C++ ($threads threads)" >&2
+TILT_THREADS=$threads "$bench" --benchmark_filter='^BM_PeakGemm' --benchmark_min_time="$min_time" \
+  --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true --benchmark_format=json > "$out/cpp_peak.json"
+for p in 0 1 2; do
+  name=$(echo "2d 64d digits" | cut -d' ' -f$((p + 1)))
   echo "bench_compare: $name, C++ ($threads threads)" >&2
-  TILT_THREADS=$threads "$bench" --benchmark_filter="^BM_(Rollout|LeanAdjoint|Iteration)/$p\$" \
+  TILT_THREADS=$threads "$bench" --benchmark_filter="^BM_Iteration/$p/" \
     --benchmark_min_time="$min_time" --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true \
     --benchmark_format=json > "$out/cpp_$name.json"
   echo "bench_compare: $name, PyTorch $torch_version ($threads threads)" >&2
@@ -76,57 +81,89 @@ for p in 0 1; do
 done
 
 "$python" - "$out" "$threads" "$reps" "$min_time" <<'EOF'
-import json, os, platform, sys
+import json, os, sys
 
 out, threads, reps, min_time = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 names = {"2d": "2-D demo: exact 8-Gaussian base, residual MLP 3x128, K = 60, batch 256",
-         "64d": "64-D: MLP base 3x256, residual MLP 3x256, K = 40, batch 256"}
+         "64d": "64-D: MLP base 3x256, residual MLP 3x256, K = 40, batch 256",
+         "digits": "digits model: MLP base 3x256, residual MLP 2x256, classifier reward, K = 40, batch 64"}
 scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
-rows = {}
-for name in ("2d", "64d"):
-    cpp, single = {}, {}
-    for b in json.load(open(os.path.join(out, f"cpp_{name}.json")))["benchmarks"]:
-        key = b["run_name"].split("/")[0][3:]
-        ms = b["real_time"] * scale[b["time_unit"]]
+
+
+def load(path):
+    """{run name: benchmark} from Google Benchmark's JSON: the medians, or the single runs."""
+    rows, single = {}, {}
+    for b in json.load(open(path))["benchmarks"]:
+        key = b["run_name"]
         if b.get("aggregate_name") == "median":
-            cpp[key] = ms
+            rows[key] = b
         elif b.get("run_type") == "iteration":
-            single[key] = ms  # --repetitions 1: no aggregates
-    cpp = cpp or single
-    py = json.load(open(os.path.join(out, f"pytorch_{name}.json")))
-    rows[name] = (cpp, py)
+            single[key] = b
+    return rows or single
+
+
+def ms(b):
+    return b["real_time"] * scale[b["time_unit"]]
+
+
+peak = {k: v["GFLOP/s"] / 1e9 for k, v in load(os.path.join(out, "cpp_peak.json")).items()}
+peak_big = peak["BM_PeakGemm/2048/2048/real_time"]
+rows = {}
+for name, p in (("2d", 0), ("64d", 1), ("digits", 2)):
+    cpp = load(os.path.join(out, f"cpp_{name}.json"))
+    rows[name] = (cpp[f"BM_Iteration/{p}/1/real_time"], cpp[f"BM_Iteration/{p}/0/real_time"],
+                  json.load(open(os.path.join(out, f"pytorch_{name}.json"))))
 
 cpu = "?"
 try:
     cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
 except (OSError, StopIteration):
     pass
-torch_version = rows["2d"][1]["torch"]
+torch_version = rows["2d"][2]["torch"]
 print(f"\nOne Adjoint Matching iteration (rollout, lean adjoint, regression, backward, Adam), {threads} threads,"
-      f" {cpu}, {os.cpu_count()} CPUs; PyTorch {torch_version}.\n")
-print("| problem | C++ ms/iter | PyTorch ms/iter | ratio (PyTorch / C++) |")
-print("|---|---|---|---|")
-for name, (cpp, py) in rows.items():
-    c, p = cpp["Iteration"], py["iteration_ms"]
-    print(f"| {names[name]} | {c:.1f} | {p:.1f} | {p / c:.2f}x |")
-print("| digits model | TODO | TODO | TODO: the digits model does not exist yet (its own issue); "
-      "add it here when it does |")
-print("\nWhere the time goes, ms per iteration (C++: the separate Rollout and LeanAdjoint benchmarks, "
-      "the rest is Iteration minus both; PyTorch: timed inside each iteration):\n")
-print("| part | 2-D C++ | 2-D PyTorch | ratio | 64-D C++ | 64-D PyTorch | ratio |")
-print("|---|---|---|---|---|---|---|")
-parts = [("rollout (K steps, no gradients)", "Rollout", "rollout_ms"),
-         ("lean adjoint (K VJPs through the base)", "LeanAdjoint", "lean_adjoint_ms"),
-         ("regression, backward, Adam", None, "regression_ms"),
-         ("whole iteration", "Iteration", "iteration_ms")]
+      f" {cpu}, {os.cpu_count()} CPUs; PyTorch {torch_version}. tilt's default (taped) path runs each network"
+      f" once per state and computes the VJPs and gradients from the recorded activations; its autograd path"
+      f" computes the iteration the way the reference does.\n")
+print("| problem | tilt ms/iter | PyTorch ms/iter | ratio (PyTorch / tilt) | tilt autograd path ms/iter | ratio |")
+print("|---|---|---|---|---|---|")
+for name, (taped, auto, py) in rows.items():
+    t, a, p = ms(taped), ms(auto), py["iteration_ms"]
+    print(f"| {names[name]} | {t:.1f} | {p:.1f} | **{p / t:.2f}x** | {a:.1f} | {p / a:.2f}x |")
+
+print("\nWhere the time goes, ms per iteration (tilt, taped path: timed inside compute(), its regression"
+      " includes the hand-written gradients, 'backward, Adam' is the rest of the iteration; PyTorch: timed"
+      " inside each iteration, its regression includes backward and Adam):\n")
+print("| part | " + " | ".join(f"{n} tilt | {n} PyTorch" for n in rows) + " |")
+print("|---|" + "---|---|" * len(rows))
+parts = [("rollout (K steps, no gradients)", "rollout_ms", "rollout_ms"),
+         ("lean adjoint (K VJPs through the base)", "adjoint_ms", "lean_adjoint_ms"),
+         ("regression (and gradients)", "regression_ms", "regression_ms"),
+         ("backward, Adam", None, None),
+         ("whole iteration", "iteration", "iteration_ms")]
 for label, ck, pk in parts:
     cells = []
-    for name in ("2d", "64d"):
-        cpp, py = rows[name]
-        c = cpp[ck] if ck else cpp["Iteration"] - cpp["Rollout"] - cpp["LeanAdjoint"]
-        cells += [f"{c:.1f}", f"{py[pk]:.1f}", f"{py[pk] / c:.2f}x"]
+    for name, (taped, auto, py) in rows.items():
+        whole = ms(taped)
+        if ck == "iteration":
+            c = whole
+        elif ck:
+            c = taped[ck]
+        else:
+            c = whole - taped["rollout_ms"] - taped["adjoint_ms"] - taped["regression_ms"]
+        cells += [f"{c:.1f}", f"{py[pk]:.1f}" if pk else "(above)"]
     print(f"| {label} | " + " | ".join(cells) + " |")
+
+print(f"\nMatrix work and memory (tilt). Measured float32 matrix-multiply peak: {peak_big:.0f} GFLOP/s"
+      f" (2048^3); {peak['BM_PeakGemm/256/256/real_time']:.0f} GFLOP/s for 256 x 256 by 256 x 256, the iteration's"
+      f" typical product. GFLOP: the matrix products each path performs (the taped path does fewer). Peak"
+      f" memory: the most live tensor storage during an iteration above what was live before it.\n")
+print("| problem | path | GFLOP per iteration | GFLOP/s | share of peak | peak memory (MB) |")
+print("|---|---|---|---|---|---|")
+for name, (taped, auto, py) in rows.items():
+    for path, b in (("taped", taped), ("autograd", auto)):
+        gflops = b["GFLOP/s"] / 1e9
+        print(f"| {name} | {path} | {b['GFLOP']:.2f} | {gflops:.0f} | {100 * gflops / peak_big:.0f}% |"
+              f" {b['peak_MB']:.0f} |")
 print(f"\nC++: Google Benchmark, median of {reps} repetitions of at least {min_time} s each, wall time. "
-      f"PyTorch: median wall time per iteration over {rows['2d'][1]['iterations_timed']} (2-D) and "
-      f"{rows['64d'][1]['iterations_timed']} (64-D) iterations after 5 warm-up ones.")
+      f"PyTorch: median wall time per iteration over at least {reps} x {min_time} s after 5 warm-up iterations.")
 EOF

@@ -3,7 +3,8 @@
 # fine-tunes towards r(x) = log p(c | x) with Adjoint Matching and with each baseline under the
 # same budget, samples each model with the flow ODE, and evaluates them (class share, diversity,
 # Frechet distance) with sample grids.
-#   scripts/digits.sh                 # ~25 min on 2 cores; runs in runs/digits, skips finished runs
+#   scripts/digits.sh                 # ~25 min on 2 cores (+ ~10 min for the policy-gradient runs);
+#                                     # runs in runs/digits, skips finished runs
 #   UPDATE_DOCS=1 scripts/digits.sh   # also refreshes docs/digits_eval.txt and docs/images/digits.png
 # Environment: OUT (runs/digits), THREADS (0: all cores), CLASS (3), ITERATIONS (1000), N (1000);
 # ONLY="am refl" trains just those runs and stops (to train runs in parallel, one thread each).
@@ -38,6 +39,13 @@ runs=(
   "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-4"
   "draft1_lr1e-5|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-5"
   "refl_lr1e-4|finetune.method=\"refl\" finetune.lr=1e-4"
+  # Policy-gradient baselines (docs/policy_gradient.md), with DDPO's gradient-norm clip of 1.
+  "ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0"
+  "ddpo_epochs4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.inner_epochs=4"
+  "grpo|finetune.method=\"grpo\" finetune.grad_clip=1.0"
+  "mixgrpo|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.window=4"
+  "ddpo_lr1e-4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.lr=1e-4"
+  "grpo_lr1e-4|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.lr=1e-4"
 )
 [ -n "${ONLY:-}" ] || $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/base/samples_ode.csv"
 samples=("$OUT/base/samples_ode.csv")
@@ -53,7 +61,8 @@ for spec in "${runs[@]}"; do
   fi
   $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --threads "$THREADS" -o "$OUT/$name/samples_ode.csv"
   samples+=("$OUT/$name/samples_ode.csv")
-  [[ $name == *_lr* ]] || panels+=("$OUT/$name/samples_ode.csv:$name")
+  # The policy-gradient runs have their own grid (scripts/policy_gradient.sh).
+  [[ $name == *_lr* || $name == *ddpo* || $name == *grpo* ]] || panels+=("$OUT/$name/samples_ode.csv:$name")
 done
 if [ -n "${ONLY:-}" ]; then exit 0; fi
 # Adjoint Matching's model sampled with the memoryless SDE as well: the same law, any schedule.

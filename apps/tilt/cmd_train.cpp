@@ -9,8 +9,10 @@
 #include "tilt/io/samples.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/gddim.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
+#include "tilt/train/policy_gradient.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
 
@@ -54,6 +56,31 @@ void report_failure_context(const RunDirectory& run) {
   if (file_exists(run.path("checkpoint.pt"))) {  // warn() prints on rank 0 only, which writes it
     warn("the last checkpoint, " + run.path("checkpoint.pt") + ", is intact; continue with --resume once fixed");
   }
+}
+
+// [finetune] keys of the policy-gradient baselines (docs/policy_gradient.md); the window keys are GRPO's.
+PolicyGradientOptions read_policy_gradient(ConfigSection& section, bool grouped) {
+  PolicyGradientOptions o;
+  o.reduction = parse_log_prob_reduction(section.choice("log_prob", {"mean", "sum"}, "mean"));
+  o.clip_range = section.number("clip_range", o.clip_range);
+  if (!(o.clip_range > 0.0)) section.fail("clip_range", "must be > 0");
+  o.adv_clip_max = section.number("adv_clip_max", o.adv_clip_max);
+  if (!(o.adv_clip_max > 0.0)) section.fail("adv_clip_max", "must be > 0");
+  o.scale_advantages = section.boolean("scale_advantages", o.scale_advantages);
+  o.inner_epochs = section.integer("inner_epochs", o.inner_epochs);
+  if (o.inner_epochs < 1) section.fail("inner_epochs", "must be >= 1");
+  if (grouped) {
+    o.group_size = section.integer("group_size", o.group_size);
+    if (o.group_size < 2) section.fail("group_size", "must be >= 2");
+    o.window = section.integer("window", o.window);
+    if (o.window < 0) section.fail("window", "must be >= 0 (0: every step)");
+    o.window_strategy = parse_window_strategy(section.choice("window_strategy", {"progressive", "random"}, "progressive"));
+    o.window_iters = section.integer("window_iters", o.window_iters);
+    if (o.window_iters < 1) section.fail("window_iters", "must be >= 1");
+    o.window_shift = section.integer("window_shift", o.window_shift);
+    if (o.window_shift < 1) section.fail("window_shift", "must be >= 1");
+  }
+  return o;
 }
 
 // Joins the process group of the environment (if any) and prepares the run directory on rank 0
@@ -159,10 +186,13 @@ int run_finetune(const TrainArgs& args) {
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
   const std::string method =
-      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint"}, "adjoint_matching");
+      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint", "ddpo", "grpo"},
+                     "adjoint_matching");
   const bool is_am = method == "adjoint_matching";
-  const bool uses_noise = is_am || method == "discrete_adjoint";
-  for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step"}) {
+  const bool is_pg = method == "ddpo" || method == "grpo";  // policy gradient: the policy's gamma is noise's
+  const bool uses_noise = is_am || method == "discrete_adjoint" || is_pg;
+  for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step",
+                          "tape_activations"}) {
     if (!is_am && section.has(key)) warn(section.where(key) + " is ignored by method = \"" + method + "\"");
   }
   if (!uses_noise && section.has("noise")) {
@@ -184,12 +214,26 @@ int run_finetune(const TrainArgs& args) {
     baseline.refl_t_min = section.number("refl_t_min", baseline.refl_t_min);
     if (!(baseline.refl_t_min >= 0.0 && baseline.refl_t_min < 1.0)) section.fail("refl_t_min", "must be in [0, 1)");
   }
+  PolicyGradientOptions pg;
+  if (is_pg) pg = read_policy_gradient(section, method == "grpo");
   // The paper's offset is one step, h = 1/K: on a uniform grid the memoryless drift's -x/t part is
   // then integrated exactly (docs/method.md, choice 1).
   const NoiseSchedulePtr noise = noise_spec == "memoryless"
                                      ? make_memoryless_noise(1.0 / static_cast<double>(am.num_steps))
                                      : parse_noise_schedule(noise_spec);
   am.lambda = lambda;
+  if (is_pg) {
+    pg.num_steps = am.num_steps;
+    pg.batch_size = am.batch_size;
+    pg.lambda = lambda;
+    // The policy is the exact gDDIM step of the noise schedule's stochasticity gamma (> 0).
+    pg.gamma = stochasticity_of(*noise);
+    if (!(pg.gamma > 0.0)) section.fail("noise", "the policy needs gamma > 0 (memoryless or scaled_memoryless:<gamma>): the ODE has no log-probability");
+    if (method == "grpo" && am.batch_size % pg.group_size != 0) {
+      section.fail("group_size", "must divide batch_size = " + std::to_string(am.batch_size));
+    }
+    if (pg.window > am.num_steps - 1) section.fail("window", "must be <= num_steps - 1 = " + std::to_string(am.num_steps - 1));
+  }
   TrainerOptions defaults;  // the paper's Adam settings (App. G)
   defaults.checkpoint_every = 100;
   TrainerOptions topt = read_trainer(section, defaults);
@@ -198,12 +242,12 @@ int run_finetune(const TrainArgs& args) {
 
   ProcessGroupPtr group;
   const RunDirectory run = start_run(config, "finetune", topt.shards, args, group);
-  if (uses_noise && !noise->is_memoryless()) {
+  if (uses_noise && !is_pg && !noise->is_memoryless()) {
     warn("fine-tuning with the " + noise->describe() +
          " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run will be biased "
          "(the value-function bias, Adjoint Matching Sec. 4)");
   }
-  if (method == "draft" || method == "refl") {
+  if (method == "draft" || method == "refl" || is_pg) {
     warn("method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
          "and loses diversity as it trains (a baseline, for comparison)");
   }
@@ -215,6 +259,10 @@ int run_finetune(const TrainArgs& args) {
     loss = std::make_unique<DraftK>(model, reward, baseline);
   } else if (method == "refl") {
     loss = std::make_unique<Refl>(model, reward, baseline);
+  } else if (method == "ddpo") {
+    loss = std::make_unique<Ddpo>(model, reward, pg);
+  } else if (method == "grpo") {
+    loss = std::make_unique<Grpo>(model, reward, pg);
   } else {
     loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
   }

@@ -1,7 +1,8 @@
 #!/usr/bin/python3
 """PyTorch reference of one tilt Adjoint Matching iteration: the comparison baseline of issue 5.
 
-The same iteration as bench/am_bench.cpp's BM_Iteration (the C++ Trainer::step on AdjointMatching),
+The same iteration as bench/am_bench.cpp's BM_Iteration (the C++ Trainer::step on AdjointMatching; its
+autograd path computes it the same way, its default taped path with the networks run once),
 written as idiomatic, efficient PyTorch: rollout under no_grad, the lean adjoint backwards through the
 frozen base by torch.autograd.grad (or, for the exact mixture base, the same closed-form VJP as
 GaussianMixture::velocity_vjp), one batched forward of the residual network on all chosen steps,
@@ -232,11 +233,46 @@ class QuadraticReward:
         return -((x - self.c) @ self.A)
 
 
-# ---------------------------------------------------------------------------------------------------
-# The two problems of bench/am_bench.cpp (make_setup).
+class ClassifierReward:
+    """src/model/classifier.cpp: r(x) = log p(c | x) of an MLP classifier (Linear + SiLU body, linear
+    head), weights uniform(+-1/sqrt(fan_in)) from a generator seeded with `seed` (weight, then bias, per
+    layer, body first); the gradient by autograd, as ClassifierReward::grad."""
 
-def make_problem(name, batch=256, dtype=torch.float32):
+    def __init__(self, dim, hidden, classes, target, seed, dtype=torch.float32):
+        gen = make_generator(seed)
+        layers, fan_in = [], dim
+        with torch.no_grad():
+            for width in list(hidden) + [classes]:
+                layer = nn.Linear(fan_in, width)
+                bound = 1.0 / math.sqrt(fan_in)
+                layer.weight.uniform_(-bound, bound, generator=gen)
+                layer.bias.uniform_(-bound, bound, generator=gen)
+                layers += [layer, nn.SiLU()]
+                fan_in = width
+        self.net = nn.Sequential(*layers[:-1]).to(dtype).requires_grad_(False)
+        self.target = target
+
+    def value(self, x):
+        return torch.log_softmax(self.net(x), 1)[:, self.target]
+
+    def grad(self, x):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.value(xg).sum(), xg)
+        return g
+
+
+# ---------------------------------------------------------------------------------------------------
+# The three problems of bench/am_bench.cpp (make_setup).
+
+DEFAULT_BATCH = {"2d": 256, "64d": 256, "digits": 64}
+LABELS = {"2d": "2-D demo, K=60", "64d": "64-D MLP, K=40", "digits": "digits model, K=40"}
+
+
+def make_problem(name, batch=None, dtype=torch.float32):
+    batch = batch or DEFAULT_BATCH.get(name, 256)
     d2 = torch.float64
+    residual_hidden = None
     if name == "2d":
         angles = [2 * math.pi * k / 8 for k in range(8)]
         means = torch.tensor([[3.0 * math.cos(a), 3.0 * math.sin(a)] for a in angles], dtype=d2)
@@ -249,8 +285,13 @@ def make_problem(name, batch=256, dtype=torch.float32):
         base = MlpVelocity(dim, [256, 256, 256], 16, zero_output=False, seed=1).to(dtype)
         reward = QuadraticReward(torch.ones(dim, dtype=d2), 0.25 * torch.eye(dim, dtype=d2), dtype)
         K, early, late, hidden = 40, 10, 10, [256, 256, 256]
+    elif name == "digits":
+        dim = 64
+        base = MlpVelocity(dim, [256, 256, 256], 16, zero_output=False, seed=1).to(dtype)
+        reward = ClassifierReward(dim, [256, 64], 10, 3, seed=3, dtype=dtype)
+        K, early, late, hidden = 40, 10, 10, [256, 256]
     else:
-        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d)")
+        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits)")
     net = MlpVelocity(dim, hidden, 16, zero_output=True, seed=2).to(dtype)
     model = Residual(base, net)
     return AdjointMatching(model, reward, MemorylessNoise(1.0 / K), K, batch, early, late, dtype=dtype)
@@ -396,7 +437,7 @@ def bench(args):
     ms = lambda i: 1e3 * statistics.median(t[i] for t in times)  # noqa: E731
     out = {
         "problem": args.problem,
-        "label": "2-D demo, K=60" if args.problem == "2d" else "64-D MLP, K=40",
+        "label": LABELS[args.problem],
         "implementation": "pytorch",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -508,7 +549,7 @@ def check_adjoint(c, problem):
 
 
 def run_cpp_trace(binary, problem, iterations, lr):
-    p = "0" if problem == "2d" else "1"
+    p = {"2d": "0", "64d": "1", "digits": "2"}[problem]
     out = subprocess.run([binary, f"--tilt_trace={p},{iterations},{lr}"], check=True,
                          capture_output=True, text=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -560,13 +601,14 @@ def check_training(c, args):
     clast = statistics.mean(r["reward"] for r in cpp[-w:])
     print(f"  C++ mean reward: first {w} iterations {cfirst:.3f}, last {w} {clast:.3f}", flush=True)
     c.report("2d vs C++ Trainer: |difference| of the last tenth's mean reward", abs(clast - last), 0.1)
-    # The 64-D problem: same initial weights (same generator draws) and the same first iterations.
-    ns = argparse.Namespace(problem="64d", batch=256, trace=3)
-    py = trace(ns, 2e-5, out=None)
-    cpp = run_cpp_trace(args.cpp_bench, "64d", 3, 2e-5)
-    for key in ("loss", "reward", "grad_norm", "adjoint_norm_t0"):
-        e = max(abs(cpp[i][key] - py[i][key]) / abs(cpp[i][key]) for i in range(3))
-        c.report(f"64d vs C++ Trainer, {key}: max rel. difference over 3 iterations", e, 1e-3)
+    # The 64-D and digits problems: same initial weights (same generator draws), same first iterations.
+    for problem in ("64d", "digits"):
+        ns = argparse.Namespace(problem=problem, batch=None, trace=3)
+        py = trace(ns, 2e-5, out=None)
+        cpp = run_cpp_trace(args.cpp_bench, problem, 3, 2e-5)
+        for key in ("loss", "reward", "grad_norm", "adjoint_norm_t0"):
+            e = max(abs(cpp[i][key] - py[i][key]) / abs(cpp[i][key]) for i in range(3))
+            c.report(f"{problem} vs C++ Trainer, {key}: max rel. difference over 3 iterations", e, 1e-3)
 
 
 def check(args):
@@ -574,6 +616,7 @@ def check(args):
     check_gmm(c)
     check_adjoint(c, "2d")
     check_adjoint(c, "64d")
+    check_adjoint(c, "digits")
     check_training(c, args)
     print("all checks passed" if c.failed == 0 else f"{c.failed} check(s) FAILED")
     return 1 if c.failed else 0
@@ -581,9 +624,9 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problem", choices=["2d", "64d"], default="2d")
+    ap.add_argument("--problem", choices=["2d", "64d", "digits"], default="2d")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=None, help="default: the problem's (256; digits 64)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
     ap.add_argument("--min-time", type=float, default=3.0, help="time at least this many seconds (default 3)")
     ap.add_argument("--min-iters", type=int, default=10, help="and at least this many iterations (default 10)")

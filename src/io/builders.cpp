@@ -201,6 +201,7 @@ AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
   o.clip_factor = s.number("clip_factor", o.clip_factor);
   o.loss_weighting = s.choice("loss_weighting", {"control", "velocity"}, o.loss_weighting);
   o.final_noiseless_step = s.boolean("final_noiseless_step", o.final_noiseless_step);
+  o.tape_activations = s.boolean("tape_activations", o.tape_activations);
   return o;
 }
 

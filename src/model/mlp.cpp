@@ -15,7 +15,8 @@
 namespace tilt {
 
 struct MlpVelocity::Impl {
-  torch::nn::Sequential net;
+  torch::nn::Sequential net;             // names the parameters ("0.weight", ...) in files
+  std::vector<torch::nn::Linear> layers; // the same layers, for the hand-written passes
 };
 
 namespace {
@@ -64,6 +65,7 @@ MlpVelocity::MlpVelocity(const MlpOptions& options, SchedulePtr schedule, uint64
       layer->bias.uniform_(-bound, bound, gen);
     }
     impl_->net->push_back(layer);
+    impl_->layers.push_back(layer);
     if (!last) impl_->net->push_back(torch::nn::SiLU());
     in = widths[i];
   }
@@ -76,6 +78,97 @@ Tensor MlpVelocity::velocity(const Tensor& x, const Tensor& t) const {
   check_time(t, x.size(0), "t");
   const Tensor input = at::cat({x, embed_time(t, x.size(0), options_.time_features, x.options())}, 1);
   return impl_->net->forward(input);
+}
+
+// The layers are z_1 = W_1 [x, e(t)] + b_1, z_{l+1} = W_{l+1} silu(z_l) + b_{l+1}, v = z_L. Splitting
+// W_1 = [W_1x | W_1t] gives z_1 = x W_1x^T + (b_1 + e(t) W_1t^T): at one time t the second term is a
+// single row, broadcast over the batch.
+Tensor MlpVelocity::forward_taped(const Tensor& x, double t, MlpTape* tape, bool keep_activations) const {
+  check_batch(x, options_.dim, "x");
+  at::NoGradGuard no_grad;
+  const auto& L = impl_->layers;
+  const int64_t d = options_.dim;
+  const Tensor& W1 = L[0]->weight;
+  const Tensor e = embed_time(at::scalar_tensor(t, x.options()), 1, options_.time_features, x.options());
+  const Tensor row = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, W1.size(1) - d).t());
+  Tensor z = at::addmm(row, x, W1.narrow(1, 0, d).t());
+  if (tape) {
+    tape->t = t;
+    tape->x = x;
+    tape->z.clear();
+    tape->h.clear();
+  }
+  for (size_t l = 1; l < L.size(); ++l) {
+    Tensor h = at::silu(z);
+    if (tape) {
+      tape->z.push_back(z);
+      if (keep_activations) tape->h.push_back(h);
+    }
+    z = at::addmm(L[l]->bias, h, L[l]->weight.t());
+  }
+  return z;
+}
+
+// (dv/dx)^T a = W_1x^T D_1 W_2^T D_2 ... W_L^T a with D_l = diag(silu'(z_l)), applied right to left.
+Tensor MlpVelocity::vjp_taped(const MlpTape& tape, const Tensor& a) const {
+  check_batch(a, options_.dim, "adjoint");
+  at::NoGradGuard no_grad;
+  const auto& L = impl_->layers;
+  if (tape.z.size() + 1 != L.size()) throw Error("mlp: the tape has no activations of this network");
+  Tensor g = a;
+  for (size_t l = L.size() - 1; l >= 1; --l) g = at::silu_backward(at::mm(g, L[l]->weight), tape.z[l - 1]);
+  return at::mm(g, L[0]->weight.narrow(1, 0, options_.dim));
+}
+
+Tensor MlpVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
+  MlpTape tape;
+  const Tensor v = forward_taped(x.detach(), t, &tape);
+  if (v_out) *v_out = v;
+  return vjp_taped(tape, a);
+}
+
+// Backpropagation by hand through the taped layers, one tape (one time) at a time, the gradients of
+// the weights accumulated over tapes: dW_l += g_l^T silu(z_{l-1}), db_l += sum_rows g_l,
+// g_{l-1} = (g_l W_l) silu'(z_{l-1}); and for the first layer dW_1x += g_1^T x, dW_1t += (sum_rows g_1)^T e(t).
+std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const MlpTape*>& tapes,
+                                                 const std::vector<Tensor>& g) const {
+  if (tapes.size() != g.size()) throw Error("mlp: parameter_grads needs one output gradient per tape");
+  at::NoGradGuard no_grad;
+  const auto& L = impl_->layers;
+  const int64_t d = options_.dim;
+  std::vector<Tensor> dW(L.size()), db(L.size());
+  for (size_t l = 0; l < L.size(); ++l) {
+    dW[l] = at::zeros_like(L[l]->weight);
+    db[l] = at::zeros_like(L[l]->bias);
+  }
+  const int64_t in_t = L[0]->weight.size(1) - d;
+  Tensor g_sums = at::empty({static_cast<int64_t>(tapes.size()), L[0]->weight.size(0)}, L[0]->weight.options());
+  Tensor embeddings = at::empty({static_cast<int64_t>(tapes.size()), in_t}, L[0]->weight.options());
+  for (size_t i = 0; i < tapes.size(); ++i) {
+    const MlpTape& tape = *tapes[i];
+    if (tape.h.size() + 1 != L.size() || tape.z.size() + 1 != L.size()) {
+      throw Error("mlp: parameter_grads needs tapes recorded with keep_activations");
+    }
+    check_batch(g[i], d, "output gradient");
+    Tensor gl = g[i];
+    for (size_t l = L.size() - 1; l >= 1; --l) {
+      dW[l].addmm_(gl.t(), tape.h[l - 1]);
+      db[l].add_(gl.sum(0));
+      gl = at::silu_backward(at::mm(gl, L[l]->weight), tape.z[l - 1]);
+    }
+    dW[0].narrow(1, 0, d).addmm_(gl.t(), tape.x);
+    g_sums[static_cast<int64_t>(i)].copy_(gl.sum(0));
+    embeddings[static_cast<int64_t>(i)].copy_(
+        embed_time(at::scalar_tensor(tape.t, tape.x.options()), 1, options_.time_features, tape.x.options())[0]);
+  }
+  dW[0].narrow(1, d, in_t).addmm_(g_sums.t(), embeddings);
+  db[0].add_(g_sums.sum(0));
+  std::vector<Tensor> out;
+  for (size_t l = 0; l < L.size(); ++l) {
+    out.push_back(dW[l]);
+    out.push_back(db[l]);
+  }
+  return out;
 }
 
 std::vector<Tensor> MlpVelocity::parameters() const {

@@ -2,19 +2,47 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/model/mlp.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <functional>
 #include <cmath>
 #include <numeric>
 
 namespace tilt {
 
-LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
-                         const Reward& reward, double lambda, bool final_noiseless_step) {
+namespace {
+
+// Adds the time since the last lap to *slot (if timing is on).
+class PhaseClock {
+ public:
+  explicit PhaseClock(bool on) : on_(on), last_(now()) {}
+  void lap(double* slot) {
+    if (!on_) return;
+    const double t = now();
+    *slot += t - last_;
+    last_ = t;
+  }
+
+ private:
+  static double now() {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  bool on_;
+  double last_;
+};
+
+// (grad_x b_base(X_k, t_k))^T a and v_base(X_k, t_k): by the base field's own VJP, or from a tape.
+using DriftVjp = std::function<Tensor(int64_t k, const Tensor& a, Tensor* v_base)>;
+
+LeanAdjoint lean_adjoint_impl(const std::vector<Tensor>& x, const TimeGrid& grid, const Reward& reward,
+                              double lambda, bool final_noiseless_step, const DriftVjp& drift_vjp,
+                              const std::function<Tensor(int64_t k, const Tensor& a, Tensor* v)>& velocity_vjp) {
   const int64_t K = grid.steps();
   const size_t needed = static_cast<size_t>(final_noiseless_step ? K : K + 1);
   if (x.size() < needed) {
@@ -28,16 +56,15 @@ LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor
   int64_t k = K - 1;
   if (final_noiseless_step) {
     // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}); a_K = -lambda grad r(X^_1);
-    // a_{K-1} = a_K + h (dv_base/dx)^T a_K, the adjoint of that step.
+    // a_{K-1} = a_K + h (dv_base/dx)^T a_K, the adjoint of that step. The reward's gradient is needed
+    // before the VJP, so the velocity comes from a first call with a = 0 when it is not taped.
     const double h = grid.step(k);
-    at::AutoGradMode enable_grad(true);
-    const Tensor xg = x[k].detach().requires_grad_(true);
-    const Tensor v = base_sde.velocity().velocity(xg, grid[k]);
+    Tensor v;
+    velocity_vjp(k, Tensor(), &v);
     out.x1 = (x[k] + h * v).detach();
     out.a[K] = -lambda * reward.grad(out.x1);
-    const Tensor vjp = torch::autograd::grad({v}, {xg}, {out.a[K]})[0];
-    out.a[k] = out.a[K] + h * vjp;
-    out.v_base[k] = v.detach();
+    out.a[k] = out.a[K] + h * velocity_vjp(k, out.a[K], nullptr);
+    out.v_base[k] = v;
     --k;
   } else {
     out.x1 = x[K];
@@ -45,9 +72,32 @@ LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor
   }
   for (; k >= 0; --k) {
     // a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1}  (Adjoint Matching, Eq. 41; spec sec. 4)
-    out.a[k] = out.a[k + 1] + grid.step(k) * base_sde.drift_vjp(x[k], grid[k], out.a[k + 1], &out.v_base[k]);
+    out.a[k] = out.a[k + 1] + grid.step(k) * drift_vjp(k, out.a[k + 1], &out.v_base[k]);
   }
   return out;
+}
+
+}  // namespace
+
+LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
+                         const Reward& reward, double lambda, bool final_noiseless_step) {
+  // The last noiseless step through autograd, keeping the graph between the two calls.
+  Tensor xg, v;
+  auto velocity_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) -> Tensor {
+    if (!a.defined()) {
+      at::AutoGradMode enable_grad(true);
+      xg = x[k].detach().requires_grad_(true);
+      v = base_sde.velocity().velocity(xg, grid[k]);
+      *v_out = v.detach();
+      return Tensor();
+    }
+    at::AutoGradMode enable_grad(true);
+    return torch::autograd::grad({v}, {xg}, {a})[0];
+  };
+  auto drift_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) {
+    return base_sde.drift_vjp(x[k], grid[k], a, v_out);
+  };
+  return lean_adjoint_impl(x, grid, reward, lambda, final_noiseless_step, drift_vjp, velocity_vjp);
 }
 
 AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward,
@@ -135,10 +185,20 @@ std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
   return steps;
 }
 
+bool AdjointMatching::taped() const {
+  return options_.tape_activations && std::dynamic_pointer_cast<MlpVelocity>(model_->trainable()) != nullptr;
+}
+
 LossOutput AdjointMatching::compute(Generator& gen) {
+  if (taped()) return compute_taped(gen);
+  PhaseClock clock(times_ != nullptr);
+  AdjointMatchingTimes unused;
+  AdjointMatchingTimes& times = times_ ? *times_ : unused;
   const Trajectory traj = rollout(gen);
+  clock.lap(&times.rollout_s);
   const LeanAdjoint adj = lean_adjoint(base_sde_, traj.x, grid_, *reward_, options_.lambda,
                                        options_.final_noiseless_step);
+  clock.lap(&times.adjoint_s);
   const std::vector<int64_t> steps = loss_steps(gen);
 
   // All chosen (k, sample) pairs in one batch through the trainable network.
@@ -172,6 +232,130 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   out.metrics.emplace_back("loss_unclipped", raw.sum().item<double>() / static_cast<double>(B));
   out.metrics.emplace_back("clipped_fraction", clipped_fraction);
   out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());
+  clock.lap(&times.regression_s);
+  return out;
+}
+
+}  // namespace tilt
+
+namespace tilt {
+
+// The same iteration as compute()'s autograd path, with the networks run once. The rollout records the
+// activations of the trainable MLP (and of an MLP base) at every step; the lean adjoint takes the base's
+// VJPs from the tapes; the regression's residuals come from the taped outputs, and the gradient of the
+// loss with respect to them,
+//   dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k)   (0 for clipped terms),
+// is backpropagated through the taped layers by hand (MlpVelocity::parameter_grads). The loss returned
+// is the value plus sum_p <p - stop_grad(p), dL/dp>, which is the value itself and whose gradient is dL/dp.
+LossOutput AdjointMatching::compute_taped(Generator& gen) {
+  const auto trainable = std::dynamic_pointer_cast<MlpVelocity>(model_->trainable());
+  const auto base_mlp = std::dynamic_pointer_cast<MlpVelocity>(model_->base());
+  const bool residual_mode = model_->mode() == FineTuneMode::residual;
+  const int64_t B = options_.batch_size, K = grid_.steps();
+  PhaseClock clock(times_ != nullptr);
+  AdjointMatchingTimes unused;
+  AdjointMatchingTimes& times = times_ ? *times_ : unused;
+  LossOutput out;
+  std::vector<Tensor> grads;
+  {
+    at::NoGradGuard no_grad;
+    // Rollout: the Euler-Maruyama steps of simulate(), with the same random draws.
+    const Tensor x0 = at::randn({B, model_->dim()}, gen);
+    const int64_t steps = options_.final_noiseless_step ? K - 1 : K;
+    std::vector<Tensor> x{x0};
+    std::vector<MlpTape> base_tapes(static_cast<size_t>(K)), tapes(static_cast<size_t>(K));
+    std::vector<Tensor> v_base(static_cast<size_t>(K)), net_out(static_cast<size_t>(K));
+    for (int64_t k = 0; k < steps; ++k) {
+      const double t = grid_[k], h = grid_.step(k);
+      const Tensor& xk = x.back();
+      v_base[k] = base_mlp ? base_mlp->forward_taped(xk, t, &base_tapes[k]) : model_->base()->velocity(xk, t);
+      net_out[k] = trainable->forward_taped(xk, t, &tapes[k], true);
+      const Tensor v = residual_mode ? v_base[k] + net_out[k] : net_out[k];
+      Tensor next = xk + h * finetuned_sde_.drift_from_velocity(v, xk, t);
+      const double sigma = finetuned_sde_.sigma(t);
+      if (sigma != 0.0) next = next + (std::sqrt(h) * sigma) * at::randn(next.sizes(), gen, next.options());
+      x.push_back(next);
+    }
+    if (options_.final_noiseless_step && base_mlp) {
+      v_base[K - 1] = base_mlp->forward_taped(x[K - 1], grid_[K - 1], &base_tapes[K - 1]);
+    }
+    clock.lap(&times.rollout_s);
+
+    // Lean adjoint from the tapes (or the base's own VJP when it is not an MLP).
+    auto drift_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) -> Tensor {
+      if (!base_mlp) return base_sde_.drift_vjp(x[k], grid_[k], a, v_out);
+      const DriftCoefficients c = base_sde_.coefficients(grid_[k]);
+      *v_out = v_base[k];
+      return c.c_v * base_mlp->vjp_taped(base_tapes[k], a) - c.c_x * a;
+    };
+    Tensor xg, vg;  // the noiseless last step of a non-MLP base, through autograd as in lean_adjoint()
+    auto velocity_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) -> Tensor {
+      if (base_mlp) {
+        if (!a.defined()) {
+          *v_out = v_base[k];
+          return Tensor();
+        }
+        return base_mlp->vjp_taped(base_tapes[k], a);
+      }
+      at::AutoGradMode enable_grad(true);
+      if (!a.defined()) {
+        xg = x[k].detach().requires_grad_(true);
+        vg = model_->base()->velocity(xg, grid_[k]);
+        *v_out = vg.detach();
+        return Tensor();
+      }
+      return torch::autograd::grad({vg}, {xg}, {a})[0];
+    };
+    const LeanAdjoint adj = lean_adjoint_impl(x, grid_, *reward_, options_.lambda, options_.final_noiseless_step,
+                                              drift_vjp, velocity_vjp);
+    clock.lap(&times.adjoint_s);
+    const std::vector<int64_t> loss_k = loss_steps(gen);
+
+    // Regression terms |s_k (delta_k + rho_k a_k)|^2 per sample, as in the autograd path.
+    std::vector<const MlpTape*> used;
+    std::vector<Tensor> residual;  // s_k (delta_k + rho_k a_k), [B, d] per loss step
+    for (int64_t k : loss_k) {
+      if (!net_out[k].defined()) net_out[k] = trainable->forward_taped(x[k], grid_[k], &tapes[k], true);
+      const Tensor delta = residual_mode ? net_out[k] : net_out[k] - adj.v_base[k];
+      residual.push_back(scale_[k] * (delta + rho_[k] * adj.a[k]));
+      used.push_back(&tapes[k]);
+    }
+    const Tensor terms = at::cat(residual).pow(2).sum(1);  // [S * B]
+    Tensor kept = at::ones_like(terms);
+    double clipped_fraction = 0.0;
+    Tensor loss = terms.sum();
+    if (options_.clip_factor > 0) {
+      // clamp_max(terms, LCT) passes the gradient where terms <= LCT.
+      const double lct = options_.clip_factor * options_.lambda * options_.lambda;
+      kept = (terms <= lct).to(terms.scalar_type());
+      clipped_fraction = (terms > lct).to(at::kDouble).mean().item<double>();
+      loss = at::clamp_max(terms, lct).sum();
+    }
+    loss = loss / static_cast<double>(B);
+    // dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k) on kept terms = (2 / B) s_k residual_k kept.
+    std::vector<Tensor> g_out;
+    for (size_t i = 0; i < loss_k.size(); ++i) {
+      const Tensor kept_i = kept.narrow(0, static_cast<int64_t>(i) * B, B).unsqueeze(1);
+      g_out.push_back((2.0 * scale_[loss_k[i]] / static_cast<double>(B)) * residual[i] * kept_i);
+    }
+    grads = trainable->parameter_grads(used, g_out);
+
+    out.loss = loss;
+    out.metrics.emplace_back("reward", reward_->value(adj.x1).mean().item<double>());
+    out.metrics.emplace_back("loss_unclipped", terms.sum().item<double>() / static_cast<double>(B));
+    out.metrics.emplace_back("clipped_fraction", clipped_fraction);
+    out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());
+  }
+  // A loss whose value is the loss and whose gradient with respect to the parameters is `grads`.
+  const std::vector<Tensor> params = trainable->parameters();
+  if (params.size() != grads.size()) throw Error("adjoint matching: the trainable network has frozen parameters");
+  Tensor zero;
+  for (size_t i = 0; i < params.size(); ++i) {
+    const Tensor term = (params[i] - params[i].detach()).mul(grads[i]).sum();
+    zero = zero.defined() ? zero + term : term;
+  }
+  out.loss = out.loss + zero;
+  clock.lap(&times.regression_s);
   return out;
 }
 

@@ -211,6 +211,7 @@ StepResult Trainer::step() {
   StepResult r;
   r.iteration = m.iteration + 1;
   m.optimizer->zero_grad();
+  m.loss.begin_iteration(m.iteration);
   if (m.options.shards == 1 && m.world() == 1) {
     r.output = m.compute_shard(stream, 0);
     r.loss = r.output.loss.item<double>();

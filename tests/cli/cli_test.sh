@@ -233,6 +233,20 @@ expect_error "a missing classifier file is named" "cannot read classifier file '
 expect_error "a class the classifier lacks" "reward.class" "$tilt" finetune -c digits.toml --set reward.class=10 -o d_y
 expect_error "draft_k beyond the steps" "finetune.draft_k" \
   "$tilt" finetune -c digits.toml --set finetune.method=\"draft\" --set finetune.draft_k=9 -o d_z
+# Policy-gradient baselines (docs/policy_gradient.md): DDPO with inner epochs, GRPO with a MixGRPO window.
+ok=1
+for spec in "ddpo|finetune.inner_epochs=2" "grpo|finetune.window=3 finetune.group_size=4"; do
+  m=${spec%%|*}
+  sets=()
+  for s in ${spec#*|}; do sets+=(--set "$s"); done
+  "$tilt" finetune -q -c digits.toml --set finetune.method=\"$m\" "${sets[@]}" -o "d_$m" > dlog.txt 2>&1 && [ -f "d_$m/model.pt" ] && [ "$(wc -l < "d_$m/metrics.jsonl")" -eq 3 ] &&
+    grep -q ratio_clipped_fraction "d_$m/metrics.jsonl" || { ok=0; fail "digits finetune method=$m: $(cat dlog.txt)"; }
+done
+[ $ok = 1 ] && pass "digits: finetune with ddpo and grpo"
+expect_error "grpo: groups must divide the batch" "finetune.group_size" \
+  "$tilt" finetune -c digits.toml --set finetune.method=\"grpo\" --set finetune.group_size=3 -o d_g
+expect_error "ddpo: the ODE is no policy" "gamma > 0" \
+  "$tilt" finetune -c digits.toml --set finetune.method=\"ddpo\" --set finetune.noise=\"zero\" -o d_h
 # 6. Sampling with tunable stochasticity (exact gDDIM step) and log Z (issue 6).
 "$tilt" sample -m run/model.pt -n 200 --noise scaled_memoryless:2 --integrator exact --steps 20 -o g2.csv > /dev/null 2>&1 &&
   [ "$(wc -l < g2.csv)" -ge 200 ] && pass "sample --integrator exact at gamma = 2" || fail "sample --integrator exact"

@@ -1,6 +1,8 @@
 // The lean adjoint and the Adjoint Matching loss against ground truth.
+#include "tilt/core/error.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
+#include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
 #include "tilt/train/adjoint_matching.h"
 
@@ -11,6 +13,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
+#include <string>
 
 namespace tilt {
 namespace {
@@ -159,6 +162,140 @@ TEST(AdjointMatching, CriticalPointConvergesToTheTiltedVelocity) {
   EXPECT_NEAR(fine.theta, 1.0, 0.03) << "K=160: " << fine.theta;
   EXPECT_LT(std::abs(fine.theta - 1.0), 0.5 * std::abs(coarse.theta - 1.0))
       << "K=40: " << coarse.theta << ", K=160: " << fine.theta;
+}
+
+
+// ---- The taped path (tape_activations): hand-written passes through tilt's MLP against autograd. ----
+
+std::shared_ptr<MlpVelocity> random_mlp(int64_t d, std::vector<int64_t> hidden, int64_t time_features, uint64_t seed) {
+  MlpOptions o;
+  o.dim = d;
+  o.hidden = std::move(hidden);
+  o.time_features = time_features;
+  return std::make_shared<MlpVelocity>(o, make_linear_schedule(), seed);
+}
+
+double relative_error(const at::Tensor& a, const at::Tensor& b) {
+  return (a - b).norm().item<double>() / std::max(b.norm().item<double>(), 1e-30);
+}
+
+TEST(MlpTape, ForwardVjpAndParameterGradientsEqualAutograd) {
+  for (int64_t time_features : {0, 6}) {
+    auto net = random_mlp(3, {16, 12}, time_features, 5);
+    Generator gen = make_generator(2);
+    const at::Tensor x = at::randn({7, 3}, gen);
+    const at::Tensor a = at::randn({7, 3}, gen);
+    const double t = 0.37;
+    MlpTape tape;
+    const at::Tensor v = net->forward_taped(x, t, &tape, true);
+    EXPECT_LT(relative_error(v, net->velocity(x, t).detach()), 1e-6);
+    // The hand-written VJP against the base class's autograd VJP.
+    const at::Tensor vjp = net->vjp_taped(tape, a);
+    const at::Tensor reference = net->VelocityField::vjp(x, t, a);
+    EXPECT_LT(relative_error(vjp, reference), 1e-6) << "time_features " << time_features;
+    EXPECT_LT(relative_error(net->vjp(x, t, a), reference), 1e-6);
+
+    // Parameter gradients of sum_i <g_i, v(x_i, t_i)> over tapes at different times and batch sizes.
+    const std::vector<double> times{0.1, 0.55, 0.9};
+    std::vector<MlpTape> tapes(times.size());
+    std::vector<const MlpTape*> used;
+    std::vector<at::Tensor> g;
+    at::Tensor objective = at::zeros({});
+    for (size_t i = 0; i < times.size(); ++i) {
+      const at::Tensor xi = at::randn({4 + static_cast<int64_t>(i), 3}, gen);
+      g.push_back(at::randn({4 + static_cast<int64_t>(i), 3}, gen));
+      net->forward_taped(xi, times[i], &tapes[i], true);
+      used.push_back(&tapes[i]);
+      objective = objective + (net->velocity(xi, times[i]) * g.back()).sum();
+    }
+    const std::vector<at::Tensor> params = net->parameters();
+    const auto expected = torch::autograd::grad({objective}, params);
+    const std::vector<at::Tensor> got = net->parameter_grads(used, g);
+    ASSERT_EQ(got.size(), expected.size());
+    for (size_t p = 0; p < got.size(); ++p) {
+      EXPECT_LT(relative_error(got[p], expected[p]), 1e-5) << "parameter " << p << ", time_features " << time_features;
+    }
+  }
+}
+
+TEST(MlpTape, RejectsATapeWithoutActivations) {
+  auto net = random_mlp(2, {8}, 4, 1);
+  MlpTape tape;
+  net->forward_taped(at::zeros({3, 2}), 0.5, &tape);
+  EXPECT_THROW(net->parameter_grads({&tape}, {at::zeros({3, 2})}), Error);
+}
+
+// The taped iteration must give the autograd iteration's loss, metrics and gradients (same seed), for
+// an exact-mixture base and an MLP base, residual and copy modes, with clipping active and the final
+// noiseless step on and off.
+struct TapedCase {
+  std::string name;
+  bool mlp_base;
+  FineTuneMode mode;
+  bool final_noiseless_step;
+  double clip_factor;
+};
+
+TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
+  const std::vector<TapedCase> cases{
+      {"mixture base, residual", false, FineTuneMode::residual, true, 0.3},
+      {"mixture base, residual, noisy X_K", false, FineTuneMode::residual, false, 0},
+      {"MLP base, residual", true, FineTuneMode::residual, true, 0.3},
+      {"MLP base, copy", true, FineTuneMode::copy, true, 0},
+      {"MLP base, copy, noisy X_K", true, FineTuneMode::copy, false, 1.0},
+  };
+  for (const TapedCase& c : cases) {
+    const int64_t d = 2;
+    VelocityFieldPtr base;
+    if (c.mlp_base) {
+      base = random_mlp(d, {24, 24}, 4, 3);
+    } else {
+      base = std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule());
+    }
+    auto model = make_finetuned(base, c.mode, {20, 20}, 4, 9);
+    {
+      // Move the fine-tuned field away from the base so that delta != 0.
+      at::NoGradGuard no_grad;
+      Generator g = make_generator(4);
+      for (auto& p : model->parameters()) p.add_(0.2 * at::randn(p.sizes(), g, p.options()));
+    }
+    AdjointMatchingOptions o;
+    o.num_steps = 12;
+    o.batch_size = 16;
+    o.lambda = 1.3;
+    o.loss_early_steps = 3;
+    o.loss_late_steps = 3;
+    o.clip_factor = c.clip_factor;
+    o.final_noiseless_step = c.final_noiseless_step;
+    auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+    AdjointMatchingOptions slow_o = o;
+    slow_o.tape_activations = false;
+    AdjointMatching fast(model, reward, make_memoryless_noise(1.0 / o.num_steps), o);
+    AdjointMatching slow(model, reward, make_memoryless_noise(1.0 / o.num_steps), slow_o);
+    ASSERT_TRUE(fast.taped());
+    ASSERT_FALSE(slow.taped());
+    Generator g1 = make_generator(11), g2 = make_generator(11);
+    const LossOutput a = fast.compute(g1);
+    const std::vector<at::Tensor> params = model->parameters();
+    const auto grad_fast = torch::autograd::grad({a.loss}, params);
+    const LossOutput b = slow.compute(g2);
+    const auto grad_slow = torch::autograd::grad({b.loss}, params);
+    EXPECT_NEAR(a.loss.item<double>(), b.loss.item<double>(), 1e-5 * std::abs(b.loss.item<double>())) << c.name;
+    ASSERT_EQ(a.metrics.size(), b.metrics.size());
+    for (size_t m = 0; m < a.metrics.size(); ++m) {
+      EXPECT_EQ(a.metrics[m].first, b.metrics[m].first);
+      EXPECT_NEAR(a.metrics[m].second, b.metrics[m].second, 1e-5 * (1 + std::abs(b.metrics[m].second)))
+          << c.name << ": " << a.metrics[m].first;
+    }
+    if (c.clip_factor > 0) {
+      const double clipped = a.metrics[2].second;
+      EXPECT_GT(clipped, 0.0) << c.name << ": the case must exercise clipping";
+      EXPECT_LT(clipped, 1.0) << c.name;
+    }
+    for (size_t p = 0; p < params.size(); ++p) {
+      EXPECT_LT(relative_error(grad_fast[p], grad_slow[p]), 1e-4) << c.name << ", parameter " << p;
+    }
+  }
 }
 
 }  // namespace

@@ -63,6 +63,7 @@ class GaussianMixture {
   Tensor weights_, means_, covariances_;   // float64
   Tensor eigenvalues_, eigenvectors_;      // Sigma_k = U_k diag(lambda_k) U_k^T
   Tensor cholesky_;                        // for sampling
+  Tensor log_weights_;                     // log w_k, [K], double
   bool diagonal_ = false;                  // every Sigma_k diagonal: no rotations needed
 };
 

@@ -45,6 +45,18 @@ struct AdjointMatchingOptions {
   /// Evaluate the reward at X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), a noiseless last step with
   /// the base velocity, instead of the noisy X_K (App. G.1).
   bool final_noiseless_step = true;
+  /// Trade memory for time: when the trainable network is tilt's MLP, record its activations (and the
+  /// base's, if the base is an MLP) during the rollout and compute the lean adjoint's VJPs and the
+  /// regression's gradients from them by hand, instead of running the networks again under autograd.
+  /// The same loss and gradients up to float rounding; memory grows by the activations of K steps.
+  bool tape_activations = true;
+};
+
+/// Wall time spent in each phase of compute(), summed over calls (for benchmarks: AdjointMatching::set_timer).
+struct AdjointMatchingTimes {
+  double rollout_s = 0;     ///< the K sampler steps (with the taped path: and the taping)
+  double adjoint_s = 0;     ///< the lean adjoint's K VJPs and the reward's gradient
+  double regression_s = 0;  ///< the regression loss (with the taped path: and its parameter gradients)
 };
 
 /// The backward pass of the lean adjoint, shared by the trainer and the tests.
@@ -78,6 +90,11 @@ class AdjointMatching : public Loss {
   Trajectory rollout(Generator& gen) const;
   /// The time indices that enter the loss: loss_early_steps random early ones + the last ones.
   std::vector<int64_t> loss_steps(Generator& gen) const;
+  /// Whether compute() takes the taped path (tape_activations and an MLP trainable network).
+  bool taped() const;
+  /// Accumulate the wall time of compute()'s phases into `times` (null: stop).
+  void set_timer(AdjointMatchingTimes* times) { times_ = times; }
+
   /// Per step k: the weight c_v / sigma of the residual and the target coefficient rho_k
   /// (v_theta - v_base is regressed onto -rho_k a_k); rho_k is infinite where no target exists.
   double residual_scale(int64_t k) const { return scale_[k]; }
@@ -90,6 +107,8 @@ class AdjointMatching : public Loss {
   const AdjointMatchingOptions& options() const { return options_; }
 
  private:
+  LossOutput compute_taped(Generator& gen);
+
   std::shared_ptr<FineTunedVelocity> model_;
   RewardPtr reward_;
   AdjointMatchingOptions options_;
@@ -98,6 +117,7 @@ class AdjointMatching : public Loss {
   TimeGrid grid_;
   std::vector<double> scale_, rho_;
   std::vector<int64_t> candidates_;  // steps with a finite target, in increasing order
+  AdjointMatchingTimes* times_ = nullptr;
 };
 
 }  // namespace tilt

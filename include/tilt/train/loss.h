@@ -32,6 +32,9 @@ class Loss {
   virtual std::vector<ParameterGroup> parameter_groups() const { return {{parameters(), 0.0}}; }
   /// One stochastic estimate, with all randomness drawn from gen.
   virtual LossOutput compute(Generator& gen) = 0;
+  /// Called by the trainer before the compute() calls of iteration `iteration` (0-based; after a
+  /// resume, the checkpoint's), for losses whose work depends on it (an update schedule).
+  virtual void begin_iteration(int64_t /*iteration*/) {}
 
   /// The number of samples (trajectories, paths, data points) compute() draws; 0 if the loss has
   /// no batch it can split.

@@ -11,6 +11,7 @@
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
+#include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
 
@@ -159,7 +160,8 @@ int run_finetune(const TrainArgs& args) {
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
   const std::string method =
-      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint"}, "adjoint_matching");
+      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint", "ode_adjoint_matching"},
+                     "adjoint_matching");
   const bool is_am = method == "adjoint_matching";
   const bool uses_noise = is_am || method == "discrete_adjoint";
   for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step"}) {
@@ -190,6 +192,12 @@ int run_finetune(const TrainArgs& args) {
                                      ? make_memoryless_noise(1.0 / static_cast<double>(am.num_steps))
                                      : parse_noise_schedule(noise_spec);
   am.lambda = lambda;
+  OdeAdjointMatchingOptions ode_am;
+  RegulariserPtr regulariser;
+  if (method == "ode_adjoint_matching") {
+    ode_am = read_ode_adjoint_matching(section, am);
+    regulariser = read_regulariser(section);
+  }
   TrainerOptions defaults;  // the paper's Adam settings (App. G)
   defaults.checkpoint_every = 100;
   TrainerOptions topt = read_trainer(section, defaults);
@@ -207,6 +215,11 @@ int run_finetune(const TrainArgs& args) {
     warn("method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
          "and loses diversity as it trains (a baseline, for comparison)");
   }
+  if (method == "ode_adjoint_matching") {
+    warn("method = \"ode_adjoint_matching\" solves a deterministic control problem (" + regulariser->describe() +
+         "): its optimum steers each noise seed on its own and is NOT p* ∝ p_base exp(lambda r) "
+         "(docs/ode_adjoint_matching.md)");
+  }
   auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
   std::unique_ptr<Loss> loss;
   if (is_am) {
@@ -215,6 +228,8 @@ int run_finetune(const TrainArgs& args) {
     loss = std::make_unique<DraftK>(model, reward, baseline);
   } else if (method == "refl") {
     loss = std::make_unique<Refl>(model, reward, baseline);
+  } else if (method == "ode_adjoint_matching") {
+    loss = std::make_unique<OdeAdjointMatching>(model, reward, regulariser, ode_am);
   } else {
     loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
   }

@@ -44,17 +44,41 @@ train kadj_10 --set finetune.adjoint_steps=10
 train kadj_4 --set finetune.adjoint_steps=4
 train kadj_1 --set finetune.adjoint_steps=1
 train kadj_10_zero --set finetune.adjoint_steps=10 --set finetune.truncated_control=zero
+# At equal regularisation a truncated run solves a harder problem (the same displacement in less time
+# costs more), so it settles at a lower reward. For an equal-reward comparison, mu is scaled by the
+# fraction of the time the adjoint covers, K_adj / K.
+train kadj_20_mu_0.5 --set finetune.adjoint_steps=20 --set finetune.reg_weight=0.5
+train kadj_10_mu_0.25 --set finetune.adjoint_steps=10 --set finetune.reg_weight=0.25
+train kadj_4_mu_0.1 --set finetune.adjoint_steps=4 --set finetune.reg_weight=0.1
+runs_trunc+=(kadj_20_mu_0.5 kadj_10_mu_0.25 kadj_4_mu_0.1)
 runs_reg=(kadj_40 mu_3 mu_4_to_1 clipped_1.5 pnorm_1.5)
 train mu_3 --set finetune.reg_weight=3
 train mu_4_to_1 --set finetune.reg_weight=1 --set finetune.reg_weight_start=4
 train clipped_1.5 --set finetune.regulariser=clipped --set finetune.reg_clip=1.5
 train pnorm_1.5 --set finetune.regulariser=pnorm --set finetune.reg_power=1.5
 
-"$tilt" sample --exact target -c "$config" -n 20000 --seed 2 -o "$out/target.csv" 2>/dev/null
-"$tilt" sample --exact base -c "$config" -n 20000 --seed 2 -o "$out/base.csv" 2>/dev/null
+# Time per iteration, measured apart: on a shared machine the load drifts during the long runs, so short
+# runs of each K_adj are interleaved (ROUNDS rounds of TIMING_ITERATIONS iterations) and the median taken.
+rounds=${ROUNDS:-4}
+timing_iterations=${TIMING_ITERATIONS:-30}
+rm -rf "$out/timing"
+for round in $(seq "$rounds"); do
+  for spec in 40:keep 20:keep 10:keep 4:keep 1:keep 10:zero; do
+    kadj=${spec%%:*} mode=${spec##*:}
+    "$tilt" finetune -q -c "$config" --set threads="$threads" --set finetune.iterations="$timing_iterations" \
+      --set finetune.adjoint_steps="$kadj" --set finetune.truncated_control="$mode" --set finetune.checkpoint_every=0 \
+      --set seed="$round" -o "$out/timing/kadj_${kadj}_${mode}_$round" 2>/dev/null
+  done
+done
+
+# Exact sets of the same size for the distances (eval's cost grows as n^2), and larger ones for the mode shares.
+"$tilt" sample --exact target -c "$config" -n "$n" --seed 2 -o "$out/target.csv" 2>/dev/null
+"$tilt" sample --exact base -c "$config" -n "$n" --seed 2 -o "$out/base.csv" 2>/dev/null
+"$tilt" sample --exact target -c "$config" -n 20000 --seed 3 -o "$out/target_20000.csv" 2>/dev/null
+"$tilt" sample --exact base -c "$config" -n 20000 --seed 3 -o "$out/base_20000.csv" 2>/dev/null
 samples=(-s "$out/base.csv" -s "$out/target.csv")
 for r in "${runs_trunc[@]}" "${runs_reg[@]:1}"; do samples+=(-s "$out/$r.csv"); done
-"$tilt" eval -c "$config" --set threads="$threads" "${samples[@]}" --json > "$out/eval.json"
+"$tilt" eval -c "$config" --set threads="$threads" --replicates 4 "${samples[@]}" --json > "$out/eval.json"
 
 "$tilt" plot -o "$out/ode_am.png" --columns 4 --size 240 \
   --title "ODE Adjoint Matching (Euler ODE, 40 steps) against the tilted target p*" \
@@ -62,9 +86,9 @@ for r in "${runs_trunc[@]}" "${runs_reg[@]:1}"; do samples+=(-s "$out/$r.csv"); 
   "$out/target.csv:exact p* (KL tilt)" "$out/mu_4_to_1.csv:ODE-AM, mu 4 -> 1" "$out/clipped_1.5.csv:ODE-AM, clipped at 1.5" \
   "$out/pnorm_1.5.csv:ODE-AM, 1.5-norm" "$out/kadj_1.csv:ODE-AM, K_adj = 1 of 40" 2>/dev/null
 
-python3 - "$out" "$iterations" > "$out/study.md" <<'PY'
-import json, math, sys, statistics
-out, iterations = sys.argv[1], int(sys.argv[2])
+python3 - "$out" "$iterations" "$rounds" > "$out/study.md" <<'PY'
+import glob, json, math, sys, statistics
+out, iterations, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 ev = json.load(open(f"{out}/eval.json"))
 
 def metrics(name):
@@ -81,21 +105,30 @@ def running(rows, key, w=25):
 full = metrics("kadj_40")
 r0 = statistics.fmean(r["reward"] for r in full[:5])
 goal = r0 + 0.95 * (tail_mean(full, "reward") - r0)
-labels = {"kadj_40": "40 (full)", "kadj_20": "20", "kadj_10": "10", "kadj_4": "4", "kadj_1": "1",
-          "kadj_10_zero": "10, control before t_c regressed to 0"}
+labels = {"kadj_40": "40 (full), mu = 1", "kadj_20": "20, mu = 1", "kadj_10": "10, mu = 1", "kadj_4": "4, mu = 1",
+          "kadj_1": "1, mu = 1", "kadj_10_zero": "10, mu = 1, control before t_c regressed to 0",
+          "kadj_20_mu_0.5": "20, mu = 0.5", "kadj_10_mu_0.25": "10, mu = 0.25", "kadj_4_mu_0.1": "4, mu = 0.1"}
+def timing(kadj, mode="keep"):
+    secs = []
+    for d in glob.glob(f"{out}/timing/kadj_{kadj}_{mode}_*"):
+        secs += [json.loads(l)["seconds"] for l in open(f"{d}/metrics.jsonl") if l.strip()][2:]  # skip warm-up
+    return 1000 * statistics.median(secs), len(secs)
+
 print(f"Truncated adjoint, K = 40 Euler steps, {iterations} iterations each (batch 256, 1 thread). "
+      f"Time per iteration: the median over {rounds} interleaved short runs of each ({timing(40)[1]} timed iterations per K_adj). "
       f"'To 95%': the first iteration where the 25-iteration running mean of the batch reward reaches "
-      f"{goal:.3f}, 95% of the full run's gain from the base ({r0:.3f}).\n")
-print("| K_adj | t_c | ms / iteration (median) | vs full | to 95%: iterations / seconds | reward (ODE samples) | objective J (last 50 it.) | control cost |")
+      f"{goal:.3f}, 95% of the full run's gain from the base ({r0:.3f}), and that many iterations times the median time.\n")
+print("| K_adj | t_c | ms / iteration | vs full | to 95%: iterations / seconds | reward (ODE samples) | objective J (last 50 it.) | control cost |")
 print("|---|---|---|---|---|---|---|---|")
 base_ms = None
-for name in ["kadj_40", "kadj_20", "kadj_10", "kadj_4", "kadj_1", "kadj_10_zero"]:
+for name in ["kadj_40", "kadj_20", "kadj_10", "kadj_4", "kadj_1", "kadj_10_zero", "kadj_20_mu_0.5", "kadj_10_mu_0.25",
+             "kadj_4_mu_0.1"]:
     rows = metrics(name)
-    ms = 1000 * statistics.median(r["seconds"] for r in rows)
+    ms = timing(int(name.split("_")[1]), "zero" if name.endswith("zero") else "keep")[0]
     base_ms = base_ms or ms
     run = running(rows, "reward")
     hit = next((i for i, v in enumerate(run) if v >= goal), None)
-    secs = sum(r["seconds"] for r in rows[:hit + 1]) if hit is not None else None
+    secs = (hit + 1) * ms / 1000 if hit is not None else None
     reach = f"{hit + 1} / {secs:.1f}" if hit is not None else "not reached"
     kadj = int(name.split("_")[1])
     s = ev["samples"][f"{out}/{name}.csv"]
@@ -125,16 +158,17 @@ def modes(path):
 
 print("\nIts optimum is not p*. Each model sampled with its own Euler ODE (40 steps, "
       f"{json.load(open(f'{out}/kadj_40/config.resolved.json'))['finetune']['batch_size']} paths per batch in training); "
-      "mode shares: the fraction of samples nearest each ring component, grouped by angle from the reward's side.\n")
+      "mode shares: the fraction of samples nearest each ring component, grouped by angle from the reward's side "
+      "(exact rows: from 20000 fresh samples).\n")
 print("| samples | mean reward | energy distance to p* (/ floor) | mode 0 | modes ±45° | ±90° | ±135° | 180° | spread of mode 0 |")
 print("|---|---|---|---|---|---|---|---|---|")
-rows = [("base p_base (exact, n = 20000)", "base.csv"), ("**exact p*** (KL tilt, n = 20000)", "target.csv"),
+rows = [("base p_base (exact)", "base.csv"), ("**exact p*** (KL tilt)", "target.csv"),
         ("ODE-AM, quadratic mu = 1", "kadj_40.csv"), ("ODE-AM, quadratic mu = 3", "mu_3.csv"),
         ("ODE-AM, quadratic mu_t = 4 -> 1", "mu_4_to_1.csv"), ("ODE-AM, clipped quadratic (delta = 1.5)", "clipped_1.5.csv"),
         ("ODE-AM, 1.5-norm (mu = 1)", "pnorm_1.5.csv"), ("ODE-AM, mu = 1, K_adj = 1", "kadj_1.csv")]
 for label, f in rows:
     s = ev["samples"][f"{out}/{f}"]
-    g, spread = modes(f"{out}/{f}")
+    g, spread = modes(f"{out}/{f}".replace(".csv", "_20000.csv") if f in ("base.csv", "target.csv") else f"{out}/{f}")
     shares = " | ".join(f"{100 * v:.1f}%" for v in g)
     print(f"| {label} | {s['mean_reward']:.3f} | {s['energy_distance']:.4f} ({s['energy_distance_ratio']:.0f}x) | "
           f"{shares} | {spread:.3f} |")

@@ -84,7 +84,7 @@ for r in "${runs_trunc[@]}" "${runs_reg[@]:1}"; do samples+=(-s "$out/$r.csv"); 
   --title "ODE Adjoint Matching (Euler ODE, 40 steps) against the tilted target p*" \
   "$out/base.csv:base p_base" "$out/kadj_40.csv:ODE-AM, quadratic mu = 1" "$out/mu_3.csv:ODE-AM, quadratic mu = 3" \
   "$out/target.csv:exact p* (KL tilt)" "$out/mu_4_to_1.csv:ODE-AM, mu 4 -> 1" "$out/clipped_1.5.csv:ODE-AM, clipped at 1.5" \
-  "$out/pnorm_1.5.csv:ODE-AM, 1.5-norm" "$out/kadj_1.csv:ODE-AM, K_adj = 1 of 40" 2>/dev/null
+  "$out/pnorm_1.5.csv:ODE-AM, 1.5-norm" "$out/kadj_10_mu_0.25.csv:K_adj = 10 of 40, mu 0.25" 2>/dev/null
 
 python3 - "$out" "$iterations" "$rounds" > "$out/study.md" <<'PY'
 import glob, json, math, sys, statistics
@@ -165,7 +165,8 @@ print("|---|---|---|---|---|---|---|---|---|")
 rows = [("base p_base (exact)", "base.csv"), ("**exact p*** (KL tilt)", "target.csv"),
         ("ODE-AM, quadratic mu = 1", "kadj_40.csv"), ("ODE-AM, quadratic mu = 3", "mu_3.csv"),
         ("ODE-AM, quadratic mu_t = 4 -> 1", "mu_4_to_1.csv"), ("ODE-AM, clipped quadratic (delta = 1.5)", "clipped_1.5.csv"),
-        ("ODE-AM, 1.5-norm (mu = 1)", "pnorm_1.5.csv"), ("ODE-AM, mu = 1, K_adj = 1", "kadj_1.csv")]
+        ("ODE-AM, 1.5-norm (mu = 1)", "pnorm_1.5.csv"), ("ODE-AM, mu = 1, K_adj = 1", "kadj_1.csv"),
+        ("ODE-AM, mu = 0.5, K_adj = 20", "kadj_20_mu_0.5.csv"), ("ODE-AM, mu = 0.25, K_adj = 10", "kadj_10_mu_0.25.csv")]
 for label, f in rows:
     s = ev["samples"][f"{out}/{f}"]
     g, spread = modes(f"{out}/{f}".replace(".csv", "_20000.csv") if f in ("base.csv", "target.csv") else f"{out}/{f}")

@@ -13,6 +13,7 @@
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
 #include "tilt/train/policy_gradient.h"
+#include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
 
@@ -186,7 +187,8 @@ int run_finetune(const TrainArgs& args) {
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
   const std::string method =
-      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint", "ddpo", "grpo"},
+      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint", "ddpo", "grpo",
+                                "ode_adjoint_matching"},
                      "adjoint_matching");
   const bool is_am = method == "adjoint_matching";
   const bool is_pg = method == "ddpo" || method == "grpo";  // policy gradient: the policy's gamma is noise's
@@ -234,6 +236,12 @@ int run_finetune(const TrainArgs& args) {
     }
     if (pg.window > am.num_steps - 1) section.fail("window", "must be <= num_steps - 1 = " + std::to_string(am.num_steps - 1));
   }
+  OdeAdjointMatchingOptions ode_am;
+  RegulariserPtr regulariser;
+  if (method == "ode_adjoint_matching") {
+    ode_am = read_ode_adjoint_matching(section, am);
+    regulariser = read_regulariser(section);
+  }
   TrainerOptions defaults;  // the paper's Adam settings (App. G)
   defaults.checkpoint_every = 100;
   TrainerOptions topt = read_trainer(section, defaults);
@@ -251,6 +259,11 @@ int run_finetune(const TrainArgs& args) {
     warn("method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
          "and loses diversity as it trains (a baseline, for comparison)");
   }
+  if (method == "ode_adjoint_matching") {
+    warn("method = \"ode_adjoint_matching\" solves a deterministic control problem (" + regulariser->describe() +
+         "): its optimum steers each noise seed on its own and is NOT p* ∝ p_base exp(lambda r) "
+         "(docs/ode_adjoint_matching.md)");
+  }
   auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
   std::unique_ptr<Loss> loss;
   if (is_am) {
@@ -263,6 +276,8 @@ int run_finetune(const TrainArgs& args) {
     loss = std::make_unique<Ddpo>(model, reward, pg);
   } else if (method == "grpo") {
     loss = std::make_unique<Grpo>(model, reward, pg);
+  } else if (method == "ode_adjoint_matching") {
+    loss = std::make_unique<OdeAdjointMatching>(model, reward, regulariser, ode_am);
   } else {
     loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
   }

@@ -205,6 +205,41 @@ AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
   return o;
 }
 
+OdeAdjointMatchingOptions read_ode_adjoint_matching(ConfigSection& s, const AdjointMatchingOptions& am) {
+  OdeAdjointMatchingOptions o;
+  o.num_steps = am.num_steps;
+  o.batch_size = am.batch_size;
+  o.lambda = am.lambda;
+  o.adjoint_steps = s.integer("adjoint_steps", o.adjoint_steps);
+  if (o.adjoint_steps < 0 || o.adjoint_steps > o.num_steps) {
+    s.fail("adjoint_steps", "must be in 0..num_steps = " + std::to_string(o.num_steps) + " (0: all steps)");
+  }
+  o.truncated_control = s.choice("truncated_control", {"keep", "zero"}, o.truncated_control);
+  o.loss_steps = s.integer("loss_steps", o.loss_steps);
+  if (o.loss_steps < 0) s.fail("loss_steps", "must be >= 0 (0: every trained step)");
+  return o;
+}
+
+RegulariserPtr read_regulariser(ConfigSection& s) {
+  const std::string name = s.choice("regulariser", {"quadratic", "clipped", "pnorm"}, "quadratic");
+  const double mu = s.number("reg_weight", 1.0);
+  if (!(mu > 0) || !std::isfinite(mu)) s.fail("reg_weight", "must be > 0");
+  const double mu_start = s.number("reg_weight_start", mu);
+  if (!(mu_start > 0) || !std::isfinite(mu_start)) s.fail("reg_weight_start", "must be > 0");
+  double delta = 0.0, p = 0.0;
+  if (name == "clipped") {
+    if (!s.has("reg_clip")) s.fail("reg_clip", "is required with regulariser = \"clipped\" (the largest control norm)");
+    delta = s.number("reg_clip");
+    if (!(delta > 0) || !std::isfinite(delta)) s.fail("reg_clip", "must be > 0");
+  }
+  if (name == "pnorm") {
+    if (!s.has("reg_power")) s.fail("reg_power", "is required with regulariser = \"pnorm\" (the power p > 1)");
+    p = s.number("reg_power");
+    if (!(p > 1) || !std::isfinite(p)) s.fail("reg_power", "must be > 1");
+  }
+  return make_regulariser(name, mu, mu_start, delta, p);
+}
+
 TrainerOptions read_trainer(ConfigSection& s, const TrainerOptions& defaults) {
   TrainerOptions o = defaults;
   o.iterations = s.integer("iterations", o.iterations);

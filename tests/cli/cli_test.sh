@@ -290,5 +290,19 @@ expect_error "adjoint-sampling: an unknown [adjoint_sampling] key" "adjoint_samp
 expect_error "adjoint-sampling: a missing reference file" "tilt mcmc" \
   "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --reference nowhere.csv -o as_bad2 -q
 
+# 8. ODE Adjoint Matching (issue 6): a truncated run, its warning, model info, and its regulariser keys.
+if "$tilt" finetune -q -c tiny.toml --set finetune.method=\"ode_adjoint_matching\" --set finetune.adjoint_steps=5 \
+     --set finetune.regulariser=\"pnorm\" --set finetune.reg_power=1.5 --set finetune.iterations=5 -o ode_am > ode_am.log 2>&1 &&
+   grep -q "is NOT p\*" ode_am.log && [ "$(wc -l < ode_am/metrics.jsonl)" -eq 5 ] && grep -q '"objective"' ode_am/metrics.jsonl &&
+   "$tilt" sample -m ode_am/model.pt -n 50 -o ode_am.csv 2>&1 | grep -q "zero (ODE)"; then
+  pass "finetune method = ode_adjoint_matching (truncated, p-norm), sampled with the ODE by default"
+else
+  fail "ode_adjoint_matching: $(cat ode_am.log)"
+fi
+expect_error "ode_adjoint_matching: clipped needs reg_clip" "finetune.reg_clip" \
+  "$tilt" finetune -c tiny.toml --set finetune.method=\"ode_adjoint_matching\" --set finetune.regulariser=\"clipped\" -o ode_x
+expect_error "ode_adjoint_matching: adjoint_steps beyond the steps" "must be in 0..num_steps = 20" \
+  "$tilt" finetune -c tiny.toml --set finetune.method=\"ode_adjoint_matching\" --set finetune.adjoint_steps=21 -o ode_y
+
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

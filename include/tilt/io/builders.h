@@ -9,6 +9,8 @@
 #include "tilt/schedule/schedule.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
+#include "tilt/train/ode_adjoint_matching.h"
+#include "tilt/train/regulariser.h"
 #include "tilt/train/trainer.h"
 
 #include <memory>
@@ -32,6 +34,13 @@ MlpOptions read_mlp(ConfigSection& section, int64_t dim, std::vector<int64_t> de
 
 /// The Adjoint Matching keys of [finetune].
 AdjointMatchingOptions read_adjoint_matching(ConfigSection& section);
+
+/// The ODE Adjoint Matching keys of [finetune] (adjoint_steps, truncated_control, loss_steps), with
+/// num_steps, batch_size and lambda taken from the Adjoint Matching options already read.
+OdeAdjointMatchingOptions read_ode_adjoint_matching(ConfigSection& section, const AdjointMatchingOptions& am);
+
+/// regulariser = "quadratic" | "clipped" (reg_clip) | "pnorm" (reg_power); reg_weight, reg_weight_start.
+RegulariserPtr read_regulariser(ConfigSection& section);
 
 /// iterations, lr, beta1, beta2, eps, weight_decay, grad_clip, lr_schedule, lr_final_factor,
 /// checkpoint_every, shards (0, the default: one per process); defaults are the Adjoint Matching

@@ -106,7 +106,7 @@ def ms(b):
     return b["real_time"] * scale[b["time_unit"]]
 
 
-peak = {k: v["GFLOP/s"] / 1e9 for k, v in load(os.path.join(out, "cpp_peak.json")).items()}
+peak = {k: v["GFLOP/s"] for k, v in load(os.path.join(out, "cpp_peak.json")).items()}
 peak_big = peak["BM_PeakGemm/2048/2048/real_time"]
 rows = {}
 for name, p in (("2d", 0), ("64d", 1), ("digits", 2)):
@@ -161,7 +161,7 @@ print("| problem | path | GFLOP per iteration | GFLOP/s | share of peak | peak m
 print("|---|---|---|---|---|---|")
 for name, (taped, auto, py) in rows.items():
     for path, b in (("taped", taped), ("autograd", auto)):
-        gflops = b["GFLOP/s"] / 1e9
+        gflops = b["GFLOP/s"]
         print(f"| {name} | {path} | {b['GFLOP']:.2f} | {gflops:.0f} | {100 * gflops / peak_big:.0f}% |"
               f" {b['peak_MB']:.0f} |")
 print(f"\nC++: Google Benchmark, median of {reps} repetitions of at least {min_time} s each, wall time. "

@@ -17,6 +17,12 @@ uint64_t mix_seed(uint64_t seed, uint64_t stream) {
   return z ^ (z >> 31);
 }
 
+std::string number_string(double x) {
+  std::ostringstream os;
+  os << x;
+  return os.str();
+}
+
 std::string shape_string(const Tensor& x) {
   if (!x.defined()) return "<undefined>";
   std::ostringstream os;

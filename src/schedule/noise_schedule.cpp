@@ -1,25 +1,19 @@
 #include "tilt/schedule/noise_schedule.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 
 #include <cmath>
 #include <cstdlib>
-#include <sstream>
 
 namespace tilt {
 namespace {
-
-std::string fmt(double x) {
-  std::ostringstream os;
-  os << x;
-  return os.str();
-}
 
 class Memoryless : public NoiseSchedule {
  public:
   explicit Memoryless(double h) : NoiseSchedule(h) {}
   std::string name() const override { return "memoryless"; }
-  std::string describe() const override { return "memoryless(h=" + fmt(h()) + ")"; }
+  std::string describe() const override { return "memoryless(h=" + number_string(h()) + ")"; }
   double sigma(const Schedule& s, double t) const override { return std::sqrt(2.0 * s.eta_h(t, h())); }
   bool is_memoryless() const override { return true; }
   std::optional<double> stochasticity() const override { return 1.0; }
@@ -35,7 +29,7 @@ class ScaledMemoryless : public NoiseSchedule {
   ScaledMemoryless(double scale, double h) : NoiseSchedule(h), scale_(scale) {}
   std::string name() const override { return "scaled_memoryless"; }
   std::string describe() const override {
-    return "scaled_memoryless(scale=" + fmt(scale_) + ", h=" + fmt(h()) + ")";
+    return "scaled_memoryless(scale=" + number_string(scale_) + ", h=" + number_string(h()) + ")";
   }
   double sigma(const Schedule& s, double t) const override {
     return scale_ * std::sqrt(2.0 * s.eta_h(t, h()));
@@ -58,7 +52,7 @@ class Constant : public NoiseSchedule {
   Constant(double sigma, double h) : NoiseSchedule(h), sigma_(sigma) {}
   std::string name() const override { return "constant"; }
   std::string describe() const override {
-    return "constant(sigma=" + fmt(sigma_) + (h() > 0 ? ", h=" + fmt(h()) : std::string()) + ")";
+    return "constant(sigma=" + number_string(sigma_) + (h() > 0 ? ", h=" + number_string(h()) : std::string()) + ")";
   }
   double sigma(const Schedule&, double) const override { return sigma_; }
   NoiseSchedulePtr with_offset(double h) const override { return std::make_shared<Constant>(sigma_, h); }
@@ -80,7 +74,7 @@ class Zero : public NoiseSchedule {
 
 void check_offset(double h, const char* what) {
   if (!(h >= 0.0) || !std::isfinite(h)) {
-    throw Error(std::string(what) + ": offset h must be finite and >= 0, got " + fmt(h));
+    throw Error(std::string(what) + ": offset h must be finite and >= 0, got " + number_string(h));
   }
 }
 
@@ -102,7 +96,7 @@ NoiseSchedulePtr make_memoryless_noise(double h) {
 NoiseSchedulePtr make_scaled_memoryless_noise(double scale, double h) {
   check_offset(h, "scaled_memoryless noise schedule");
   if (!(scale >= 0.0) || !std::isfinite(scale)) {
-    throw Error("scaled_memoryless noise schedule: scale must be finite and >= 0, got " + fmt(scale));
+    throw Error("scaled_memoryless noise schedule: scale must be finite and >= 0, got " + number_string(scale));
   }
   return std::make_shared<ScaledMemoryless>(scale, h);
 }
@@ -110,7 +104,7 @@ NoiseSchedulePtr make_scaled_memoryless_noise(double scale, double h) {
 NoiseSchedulePtr make_constant_noise(double sigma, double h) {
   check_offset(h, "constant noise schedule");
   if (!(sigma >= 0.0) || !std::isfinite(sigma)) {
-    throw Error("constant noise schedule: sigma must be finite and >= 0, got " + fmt(sigma));
+    throw Error("constant noise schedule: sigma must be finite and >= 0, got " + number_string(sigma));
   }
   return std::make_shared<Constant>(sigma, h);
 }

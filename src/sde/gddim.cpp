@@ -1,21 +1,15 @@
 #include "tilt/sde/gddim.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 namespace tilt {
 namespace {
-
-std::string fmt(double x) {
-  std::ostringstream os;
-  os << x;
-  return os.str();
-}
 
 // W_t = alpha'_t beta_t - alpha_t beta'_t > 0: the determinant of the map (x1, eps) -> (x, v).
 double wronskian(const ScheduleValues& a) { return a.d_alpha * a.beta - a.alpha * a.d_beta; }
@@ -24,15 +18,15 @@ double wronskian(const ScheduleValues& a) { return a.d_alpha * a.beta - a.alpha 
 
 ExponentialStep exponential_step(const Schedule& schedule, double t, double s, double gamma) {
   if (!(t >= 0.0 && t < s && s <= 1.0)) {
-    throw Error("exact gDDIM step: needs 0 <= t < s <= 1, got t = " + fmt(t) + ", s = " + fmt(s));
+    throw Error("exact gDDIM step: needs 0 <= t < s <= 1, got t = " + number_string(t) + ", s = " + number_string(s));
   }
   if (!(gamma >= 0.0) || !std::isfinite(gamma)) {
-    throw Error("exact gDDIM step: stochasticity gamma must be finite and >= 0, got " + fmt(gamma));
+    throw Error("exact gDDIM step: stochasticity gamma must be finite and >= 0, got " + number_string(gamma));
   }
   const ScheduleValues a = schedule.at(t), b = schedule.at(s);
   const double W = wronskian(a);
   if (!(W > 0.0) || !std::isfinite(W)) {
-    throw Error("exact gDDIM step: the " + schedule.name() + " schedule has no finite, positive alpha' beta - alpha beta' at t = " + fmt(t));
+    throw Error("exact gDDIM step: the " + schedule.name() + " schedule has no finite, positive alpha' beta - alpha beta' at t = " + number_string(t));
   }
   // rho = (SNR_t / SNR_s)^{gamma^2 / 2} = (alpha_t beta_s / (alpha_s beta_t))^{gamma^2}.
   double rho = 1.0;

@@ -10,7 +10,6 @@
 #include <ATen/core/grad_mode.h>
 
 #include <cmath>
-#include <sstream>
 
 namespace tilt {
 
@@ -19,14 +18,8 @@ namespace tilt {
 
 namespace {
 
-std::string number(double v) {
-  std::ostringstream s;
-  s << v;
-  return s.str();
-}
-
 void check_mu(double mu, const std::string& what) {
-  if (!(mu > 0.0) || !std::isfinite(mu)) throw Error("regulariser: " + what + " must be > 0 and finite, got " + number(mu));
+  if (!(mu > 0.0) || !std::isfinite(mu)) throw Error("regulariser: " + what + " must be > 0 and finite, got " + number_string(mu));
 }
 
 Tensor norms(const Tensor& a) { return a.norm(2, {1}, /*keepdim=*/true); }  // [B, 1]
@@ -50,11 +43,11 @@ class ClippedRegulariser : public Regulariser {
  public:
   ClippedRegulariser(double delta, double mu, double mu_start) : Regulariser(mu, mu_start), delta_(delta) {
     if (!(delta > 0.0) || !std::isfinite(delta)) {
-      throw Error("regulariser: clipped needs a norm bound delta > 0 and finite, got " + number(delta));
+      throw Error("regulariser: clipped needs a norm bound delta > 0 and finite, got " + number_string(delta));
     }
   }
   std::string name() const override { return "clipped"; }
-  std::string describe() const override { return "clipped(delta=" + number(delta_) + ", " + weight_string() + ")"; }
+  std::string describe() const override { return "clipped(delta=" + number_string(delta_) + ", " + weight_string() + ")"; }
   Tensor psi(const Tensor& u, double t) const override { return 0.5 * weight(t) * u.pow(2).sum(1); }
   Tensor grad_psi(const Tensor& u, double t) const override { return weight(t) * u; }
   Tensor conjugate(const Tensor& a, double t) const override {
@@ -77,10 +70,10 @@ class ClippedRegulariser : public Regulariser {
 class PnormRegulariser : public Regulariser {
  public:
   PnormRegulariser(double p, double mu, double mu_start) : Regulariser(mu, mu_start), p_(p) {
-    if (!(p > 1.0) || !std::isfinite(p)) throw Error("regulariser: pnorm needs a power p > 1, got " + number(p));
+    if (!(p > 1.0) || !std::isfinite(p)) throw Error("regulariser: pnorm needs a power p > 1, got " + number_string(p));
   }
   std::string name() const override { return "pnorm"; }
-  std::string describe() const override { return "pnorm(p=" + number(p_) + ", " + weight_string() + ")"; }
+  std::string describe() const override { return "pnorm(p=" + number_string(p_) + ", " + weight_string() + ")"; }
   Tensor psi(const Tensor& u, double t) const override { return (weight(t) / p_) * u.norm(2, {1}).pow(p_); }
   Tensor grad_psi(const Tensor& u, double t) const override {
     const Tensor n = norms(u);
@@ -108,7 +101,7 @@ Regulariser::Regulariser(double mu, double mu_start) : mu_(mu), mu_start_(mu_sta
 }
 
 std::string Regulariser::weight_string() const {
-  return mu_start_ == mu_ ? "mu=" + number(mu_) : "mu=" + number(mu_start_) + ".." + number(mu_);
+  return mu_start_ == mu_ ? "mu=" + number_string(mu_) : "mu=" + number_string(mu_start_) + ".." + number_string(mu_);
 }
 
 RegulariserPtr make_quadratic_regulariser(double mu, double mu_start) {

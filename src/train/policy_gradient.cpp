@@ -1,5 +1,6 @@
 #include "tilt/train/policy_gradient.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/sde/gddim.h"
 
@@ -8,18 +9,8 @@
 
 #include <algorithm>
 #include <cmath>
-#include <sstream>
 
 namespace tilt {
-namespace {
-
-std::string fmt(double x) {
-  std::ostringstream os;
-  os << x;
-  return os.str();
-}
-
-}  // namespace
 
 LogProbReduction parse_log_prob_reduction(const std::string& name) {
   if (name == "sum") return LogProbReduction::sum;
@@ -34,7 +25,7 @@ WindowStrategy parse_window_strategy(const std::string& name) {
 }
 
 Tensor gaussian_log_prob(const Tensor& x_next, const Tensor& mean, double std, LogProbReduction reduction) {
-  if (!(std > 0.0) || !std::isfinite(std)) throw Error("gaussian_log_prob: std must be finite and > 0, got " + fmt(std));
+  if (!(std > 0.0) || !std::isfinite(std)) throw Error("gaussian_log_prob: std must be finite and > 0, got " + number_string(std));
   if (x_next.sizes() != mean.sizes()) throw Error("gaussian_log_prob: x_next and mean differ in shape");
   // log N(x; m, std^2 I) = sum_j [-(x_j - m_j)^2 / (2 std^2) - log std - log(2 pi) / 2], in double so that
   // the log-ratios of the clipped loss (differences of terms of size ~ d log std) keep their precision.
@@ -46,7 +37,7 @@ Tensor gaussian_log_prob(const Tensor& x_next, const Tensor& mean, double std, L
 Tensor clipped_ratio_loss(const Tensor& log_prob, const Tensor& old_log_prob, const Tensor& advantage,
                           double clip_range) {
   if (!(clip_range > 0.0) || !std::isfinite(clip_range)) {
-    throw Error("clipped_ratio_loss: clip_range must be finite and > 0, got " + fmt(clip_range));
+    throw Error("clipped_ratio_loss: clip_range must be finite and > 0, got " + number_string(clip_range));
   }
   // PPO's pessimistic surrogate (Schulman et al. 2017, eq. 7) as DDPO writes it (seed-extensions.md B.3).
   const Tensor ratio = at::exp(log_prob - old_log_prob);
@@ -103,12 +94,12 @@ PolicyGradient::PolicyGradient(std::shared_ptr<FineTunedVelocity> model, RewardP
   if (o.batch_size < 2) throw Error(n + ": batch_size must be >= 2 (advantages are batch statistics)");
   if (!(o.gamma > 0.0) || !std::isfinite(o.gamma)) {
     throw Error(n + ": the policy's stochasticity gamma must be finite and > 0 (gamma = 0 is the ODE, which has no "
-                "log-probability), got " + fmt(o.gamma));
+                "log-probability), got " + number_string(o.gamma));
   }
-  if (!std::isfinite(o.lambda) || o.lambda == 0.0) throw Error(n + ": lambda must be finite and nonzero, got " + fmt(o.lambda));
-  if (!(o.clip_range > 0.0) || !std::isfinite(o.clip_range)) throw Error(n + ": clip_range must be > 0, got " + fmt(o.clip_range));
-  if (!(o.adv_clip_max > 0.0)) throw Error(n + ": adv_clip_max must be > 0, got " + fmt(o.adv_clip_max));
-  if (!(o.std_eps >= 0.0)) throw Error(n + ": std_eps must be >= 0, got " + fmt(o.std_eps));
+  if (!std::isfinite(o.lambda) || o.lambda == 0.0) throw Error(n + ": lambda must be finite and nonzero, got " + number_string(o.lambda));
+  if (!(o.clip_range > 0.0) || !std::isfinite(o.clip_range)) throw Error(n + ": clip_range must be > 0, got " + number_string(o.clip_range));
+  if (!(o.adv_clip_max > 0.0)) throw Error(n + ": adv_clip_max must be > 0, got " + number_string(o.adv_clip_max));
+  if (!(o.std_eps >= 0.0)) throw Error(n + ": std_eps must be >= 0, got " + number_string(o.std_eps));
   if (o.inner_epochs < 1) throw Error(n + ": inner_epochs must be >= 1, got " + std::to_string(o.inner_epochs));
   if (grouped_) {
     if (o.group_size < 2) throw Error(n + ": group_size must be >= 2, got " + std::to_string(o.group_size));

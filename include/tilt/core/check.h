@@ -18,4 +18,7 @@ void check_time(const Tensor& t, int64_t batch, const std::string& what);
 /// Shape as text, e.g. "[64, 2]".
 std::string shape_string(const Tensor& x);
 
+/// A number as text the way a stream writes it (6 significant digits, e.g. "0.25", "1e-05"), for messages.
+std::string number_string(double x);
+
 }  // namespace tilt

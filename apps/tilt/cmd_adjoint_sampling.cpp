@@ -110,15 +110,9 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
   auto control = std::make_shared<soc::ControlNetwork>(energy->dim(), 1.0, hidden, mix_seed(settings.seed, 1),
                                                         /*zero_output=*/true);
   ReciprocalAdjointMatching loss(energy, base, control, opts);
-  topt.seed = mix_seed(settings.seed, 2);
-  topt.checkpoint_path = run.path("checkpoint.pt");
-  topt.metrics_path = run.path("metrics.jsonl");
-  topt.progress = !args.quiet;
-  topt.label = "adjoint sampling";
+  attach_to_run(topt, run, settings, args.quiet, "adjoint sampling");
   Trainer trainer(loss, topt);
-  if (args.resume && trainer.resume(topt.checkpoint_path)) {
-    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
-  }
+  resume_if_asked(trainer, topt, run, args.resume);
   double train_seconds = 0;
   trainer.run([&](const StepResult& r) { train_seconds += r.seconds; });
   const Json model_info = {{"trained_by", "tilt adjoint-sampling"}, {"energy", energy->name()},

@@ -51,13 +51,9 @@ int run_classifier(const TrainArgs& args) {
   const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
   auto classifier = std::make_shared<MlpClassifier>(copt, mix_seed(settings.seed, 1));
   ClassifierTraining loss(classifier, split.train, topt_loss);
-  topt.seed = mix_seed(settings.seed, 2);
-  topt.checkpoint_path = run.path("checkpoint.pt");
-  topt.metrics_path = run.path("metrics.jsonl");
-  topt.progress = !args.quiet;
-  topt.label = "classifier";
+  attach_to_run(topt, run, settings, args.quiet, "classifier");
   Trainer trainer(loss, topt);
-  if (args.resume && file_exists(topt.checkpoint_path)) trainer.load_checkpoint(topt.checkpoint_path);
+  resume_if_asked(trainer, topt, run, args.resume);
   trainer.run();
   const double train_acc = classifier_accuracy(*classifier, split.train.images, split.train.labels);
   const double test_acc = classifier_accuracy(*classifier, split.test.images, split.test.labels);

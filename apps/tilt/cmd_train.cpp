@@ -98,24 +98,6 @@ RunDirectory start_run(const Config& config, const std::string& section, int64_t
   return run;
 }
 
-// Points a training run at its directory (checkpoint, metrics), seeds it from the config's seed.
-void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, const TrainArgs& args,
-                   const std::string& label, const ProcessGroupPtr& group) {
-  topt.seed = mix_seed(settings.seed, 2);
-  topt.checkpoint_path = run.path("checkpoint.pt");
-  topt.metrics_path = run.path("metrics.jsonl");
-  topt.progress = !args.quiet;
-  topt.label = label;
-  topt.group = group;
-}
-
-// With --resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others).
-void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, const TrainArgs& args) {
-  if (args.resume && trainer.resume(topt.checkpoint_path)) {
-    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
-  }
-}
-
 }  // namespace
 
 int run_pretrain(const TrainArgs& args) {
@@ -162,9 +144,9 @@ int run_pretrain(const TrainArgs& args) {
   const RunDirectory run = start_run(config, "pretrain", topt.shards, args, group);
   auto model = std::make_shared<MlpVelocity>(mlp, schedule, mix_seed(settings.seed, 1));
   FlowMatching loss(model, sampler, fm);
-  attach_to_run(topt, run, settings, args, "pretrain", group);
+  attach_to_run(topt, run, settings, args.quiet, "pretrain", group);
   Trainer trainer(loss, topt);
-  resume_if_asked(trainer, topt, run, args);
+  resume_if_asked(trainer, topt, run, args.resume);
   try {
     trainer.run();
   } catch (const Error&) {
@@ -281,9 +263,9 @@ int run_finetune(const TrainArgs& args) {
   } else {
     loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
   }
-  attach_to_run(topt, run, settings, args, "finetune", group);
+  attach_to_run(topt, run, settings, args.quiet, "finetune", group);
   Trainer trainer(*loss, topt);
-  resume_if_asked(trainer, topt, run, args);
+  resume_if_asked(trainer, topt, run, args.resume);
   double clipped = 0.0;
   int64_t counted = 0;
   try {

@@ -194,4 +194,20 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
   return run;
 }
 
+void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, bool quiet,
+                   const std::string& label, const ProcessGroupPtr& group) {
+  topt.seed = mix_seed(settings.seed, 2);
+  topt.checkpoint_path = run.path("checkpoint.pt");
+  topt.metrics_path = run.path("metrics.jsonl");
+  topt.progress = !quiet;
+  topt.label = label;
+  topt.group = group;
+}
+
+void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume) {
+  if (resume && trainer.resume(topt.checkpoint_path)) {
+    info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
+  }
+}
+
 }  // namespace tilt::cli

@@ -7,6 +7,7 @@
 #include "tilt/model/reward.h"
 #include "tilt/model/velocity.h"
 #include "tilt/train/distributed.h"
+#include "tilt/train/trainer.h"
 
 #include <memory>
 #include <optional>
@@ -69,6 +70,13 @@ struct RunDirectory {
   std::string path(const std::string& name) const { return dir + "/" + name; }
 };
 RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume);
+
+/// Points a training run at its directory (checkpoint.pt, metrics.jsonl), seeds it from the config's seed,
+/// and labels its progress bar (none if quiet).
+void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, bool quiet,
+                   const std::string& label, const ProcessGroupPtr& group = nullptr);
+/// With resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others) and says so.
+void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume);
 
 /// Checks the top level for unknown keys; the tables of other commands are allowed.
 void finish_root(ConfigSection& root);

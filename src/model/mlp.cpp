@@ -80,33 +80,56 @@ Tensor MlpVelocity::velocity(const Tensor& x, const Tensor& t) const {
   return impl_->net->forward(input);
 }
 
+namespace {
+
+// The tensor in *slot if it already has these sizes and options and nothing else refers to it or to its
+// storage; otherwise a new one, stored in *slot. A tape reused from one iteration to the next thus
+// allocates nothing: fresh memory costs a page fault per 4 KB on first touch (measured ~1.6 us each on
+// a VM, a third of the time of the 256 x 256 product that fills it).
+Tensor reuse(Tensor* slot, at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  if (slot->defined() && slot->sizes().equals(sizes) && slot->dtype() == opts.dtype() &&
+      slot->device() == opts.device() && slot->is_contiguous() && slot->use_count() == 1 &&
+      slot->storage().use_count() == 1) {
+    return *slot;
+  }
+  *slot = at::empty(sizes, opts);
+  return *slot;
+}
+
+}  // namespace
+
 // The layers are z_1 = W_1 [x, e(t)] + b_1, z_{l+1} = W_{l+1} silu(z_l) + b_{l+1}, v = z_L. Splitting
 // W_1 = [W_1x | W_1t] gives z_1 = x W_1x^T + (b_1 + e(t) W_1t^T): at one time t the second term is a
-// single row, broadcast over the batch.
+// single row, broadcast over the batch. The tape's tensors are overwritten in place when they can be
+// (see reuse()).
 Tensor MlpVelocity::forward_taped(const Tensor& x, double t, MlpTape* tape, bool keep_activations) const {
   check_batch(x, options_.dim, "x");
   at::NoGradGuard no_grad;
   const auto& L = impl_->layers;
-  const int64_t d = options_.dim;
+  const int64_t d = options_.dim, B = x.size(0);
+  const size_t hidden = L.size() - 1;
   const Tensor& W1 = L[0]->weight;
   const Tensor e = embed_time(at::scalar_tensor(t, x.options()), 1, options_.time_features, x.options());
   const Tensor row = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, W1.size(1) - d).t());
-  Tensor z = at::addmm(row, x, W1.narrow(1, 0, d).t());
   if (tape) {
     tape->t = t;
     tape->x = x;
-    tape->z.clear();
-    tape->h.clear();
+    tape->z.resize(hidden);
+    tape->h.resize(keep_activations ? hidden : 0);
   }
+  Tensor scratch;
+  Tensor z = tape ? reuse(&tape->z[0], {B, W1.size(0)}, x.options()) : at::empty({B, W1.size(0)}, x.options());
+  at::addmm_out(z, row, x, W1.narrow(1, 0, d).t());
   for (size_t l = 1; l < L.size(); ++l) {
-    Tensor h = at::silu(z);
-    if (tape) {
-      tape->z.push_back(z);
-      if (keep_activations) tape->h.push_back(h);
-    }
-    z = at::addmm(L[l]->bias, h, L[l]->weight.t());
+    Tensor h = keep_activations && tape ? reuse(&tape->h[l - 1], z.sizes(), z.options())
+                                              : reuse(&scratch, z.sizes(), z.options());
+    at::silu_out(h, z);
+    if (l == hidden) return at::addmm(L[l]->bias, h, L[l]->weight.t());
+    z = tape ? reuse(&tape->z[l], {B, L[l]->weight.size(0)}, x.options())
+             : at::empty({B, L[l]->weight.size(0)}, x.options());
+    at::addmm_out(z, L[l]->bias, h, L[l]->weight.t());
   }
-  return z;
+  return z;  // not reached: there is at least one hidden layer
 }
 
 // (dv/dx)^T a = W_1x^T D_1 W_2^T D_2 ... W_L^T a with D_l = diag(silu'(z_l)), applied right to left.

@@ -2,9 +2,11 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <torch/csrc/autograd/autograd.h>
 
@@ -240,6 +242,27 @@ LossOutput AdjointMatching::compute(Generator& gen) {
 
 namespace tilt {
 
+// One block of rows [r0, r0 + n) of the batch, with everything the taped iteration keeps for them. The
+// tapes stay from one iteration to the next (forward_taped overwrites their tensors instead of
+// allocating); the rest is rebuilt each iteration.
+struct AdjointMatching::Tapes {
+  struct Block {
+    int64_t r0 = 0, n = 0;
+    std::vector<MlpTape> base, trainable;
+    std::vector<Tensor> x, v_base, net_out, a;  // X_k, v_base(X_k), the trainable net's output, a_k
+    std::vector<Tensor> residual;               // s_k (delta_k + rho_k a_k) per loss step, [n, d]
+    std::vector<Tensor> terms;                  // |residual|^2 per loss step, [n]
+    std::vector<Tensor> grads;                  // this block's share of dL/dtheta
+  };
+  std::vector<Block> blocks;
+};
+
+AdjointMatching::~AdjointMatching() = default;
+
+int64_t AdjointMatching::taped_blocks() const {
+  return tapes_ ? std::max<int64_t>(1, static_cast<int64_t>(tapes_->blocks.size())) : 1;
+}
+
 // The same iteration as compute()'s autograd path, with the networks run once. The rollout records the
 // activations of the trainable MLP (and of an MLP base) at every step; the lean adjoint takes the base's
 // VJPs from the tapes; the regression's residuals come from the taped outputs, and the gradient of the
@@ -247,11 +270,21 @@ namespace tilt {
 //   dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k)   (0 for clipped terms),
 // is backpropagated through the taped layers by hand (MlpVelocity::parameter_grads). The loss returned
 // is the value plus sum_p <p - stop_grad(p), dL/dp>, which is the value itself and whose gradient is dL/dp.
+//
+// Every row of the batch is independent until the sums of the loss and of the gradients, so on the CPU
+// the batch is cut into one block of rows per thread and each thread runs the rollout, the adjoint and
+// the regression of its block with single-threaded kernels: two parallel regions per phase instead of
+// one per tensor operation (on the small matrices of these problems, the threads of a per-operation
+// region spend more time meeting than multiplying). The random draws are made up front, in the order of
+// simulate(), so the blocks see exactly the numbers the whole batch would.
 LossOutput AdjointMatching::compute_taped(Generator& gen) {
   const auto trainable = std::dynamic_pointer_cast<MlpVelocity>(model_->trainable());
   const auto base_mlp = std::dynamic_pointer_cast<MlpVelocity>(model_->base());
+  const VelocityField& base = *model_->base();
   const bool residual_mode = model_->mode() == FineTuneMode::residual;
-  const int64_t B = options_.batch_size, K = grid_.steps();
+  const int64_t B = options_.batch_size, K = grid_.steps(), d = model_->dim();
+  const bool final_noiseless = options_.final_noiseless_step;
+  const int64_t steps = final_noiseless ? K - 1 : K;  // Euler-Maruyama steps simulated
   PhaseClock clock(times_ != nullptr);
   AdjointMatchingTimes unused;
   AdjointMatchingTimes& times = times_ ? *times_ : unused;
@@ -259,92 +292,132 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
   std::vector<Tensor> grads;
   {
     at::NoGradGuard no_grad;
-    // Rollout: the Euler-Maruyama steps of simulate(), with the same random draws.
-    const Tensor x0 = at::randn({B, model_->dim()}, gen);
-    const int64_t steps = options_.final_noiseless_step ? K - 1 : K;
-    std::vector<Tensor> x{x0};
-    std::vector<MlpTape> base_tapes(static_cast<size_t>(K)), tapes(static_cast<size_t>(K));
-    std::vector<Tensor> v_base(static_cast<size_t>(K)), net_out(static_cast<size_t>(K));
+    // The random draws of simulate(): X_0, then one N(0, I) per noisy step.
+    const Tensor x0 = at::randn({B, d}, gen);
+    std::vector<Tensor> noise(static_cast<size_t>(steps));
     for (int64_t k = 0; k < steps; ++k) {
-      const double t = grid_[k], h = grid_.step(k);
-      const Tensor& xk = x.back();
-      v_base[k] = base_mlp ? base_mlp->forward_taped(xk, t, &base_tapes[k]) : model_->base()->velocity(xk, t);
-      net_out[k] = trainable->forward_taped(xk, t, &tapes[k], true);
-      const Tensor v = residual_mode ? v_base[k] + net_out[k] : net_out[k];
-      Tensor next = xk + h * finetuned_sde_.drift_from_velocity(v, xk, t);
-      const double sigma = finetuned_sde_.sigma(t);
-      if (sigma != 0.0) next = next + (std::sqrt(h) * sigma) * at::randn(next.sizes(), gen, next.options());
-      x.push_back(next);
+      if (finetuned_sde_.sigma(grid_[k]) != 0.0) noise[k] = at::randn(x0.sizes(), gen, x0.options());
     }
-    if (options_.final_noiseless_step && base_mlp) {
-      v_base[K - 1] = base_mlp->forward_taped(x[K - 1], grid_[K - 1], &base_tapes[K - 1]);
+
+    // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (an MLP or an
+    // exact mixture); at least 16 rows each.
+    const bool split = x0.device().is_cpu() &&
+                       (base_mlp || dynamic_cast<const GmmVelocity*>(&base) != nullptr);
+    const int64_t n_blocks = split ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16)) : 1;
+    if (!tapes_) tapes_ = std::make_unique<Tapes>();
+    auto& blocks = tapes_->blocks;
+    blocks.resize(static_cast<size_t>(n_blocks));
+    for (int64_t i = 0; i < n_blocks; ++i) {
+      Tapes::Block& b = blocks[i];
+      b.r0 = B * i / n_blocks;
+      b.n = B * (i + 1) / n_blocks - b.r0;
+      b.base.resize(static_cast<size_t>(K));
+      b.trainable.resize(static_cast<size_t>(K));
+      b.x.assign(1, x0.narrow(0, b.r0, b.n));
+      b.v_base.assign(static_cast<size_t>(K), Tensor());
+      b.net_out.assign(static_cast<size_t>(K), Tensor());
+      b.a.assign(static_cast<size_t>(K) + 1, Tensor());
+      b.residual.clear();
+      b.terms.clear();
+      b.grads.clear();
     }
+    // Runs f on every block, each on its own thread (nested tensor operations run single-threaded).
+    auto each_block = [&](const std::function<void(Tapes::Block&)>& f) {
+      at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+        at::NoGradGuard no_grad_here;  // grad mode is per thread
+        for (int64_t i = begin; i < end; ++i) f(blocks[i]);
+      });
+    };
+
+    // Rollout: the Euler-Maruyama steps of simulate(), recording the activations.
+    each_block([&](Tapes::Block& b) {
+      for (int64_t k = 0; k < steps; ++k) {
+        const double t = grid_[k], h = grid_.step(k);
+        const Tensor& xk = b.x.back();
+        b.v_base[k] = base_mlp ? base_mlp->forward_taped(xk, t, &b.base[k]) : base.velocity(xk, t);
+        b.net_out[k] = trainable->forward_taped(xk, t, &b.trainable[k], true);
+        const Tensor v = residual_mode ? b.v_base[k] + b.net_out[k] : b.net_out[k];
+        Tensor next = xk + h * finetuned_sde_.drift_from_velocity(v, xk, t);
+        if (noise[k].defined()) next.add_(noise[k].narrow(0, b.r0, b.n), std::sqrt(h) * finetuned_sde_.sigma(t));
+        b.x.push_back(next);
+      }
+      if (final_noiseless) {
+        const double t = grid_[K - 1];
+        b.v_base[K - 1] = base_mlp ? base_mlp->forward_taped(b.x[K - 1], t, &b.base[K - 1]) : base.velocity(b.x[K - 1], t);
+      }
+    });
     clock.lap(&times.rollout_s);
 
-    // Lean adjoint from the tapes (or the base's own VJP when it is not an MLP).
-    auto drift_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) -> Tensor {
-      if (!base_mlp) return base_sde_.drift_vjp(x[k], grid_[k], a, v_out);
-      const DriftCoefficients c = base_sde_.coefficients(grid_[k]);
-      *v_out = v_base[k];
-      return c.c_v * base_mlp->vjp_taped(base_tapes[k], a) - c.c_x * a;
-    };
-    Tensor xg, vg;  // the noiseless last step of a non-MLP base, through autograd as in lean_adjoint()
-    auto velocity_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) -> Tensor {
-      if (base_mlp) {
-        if (!a.defined()) {
-          *v_out = v_base[k];
-          return Tensor();
-        }
-        return base_mlp->vjp_taped(base_tapes[k], a);
+    // Lean adjoint (Adjoint Matching, Eq. 41; spec sec. 4). With the noiseless final step
+    // X^_1 = X_{K-1} + h v_base(X_{K-1}) and a_{K-1} = a_K + h (dv_base/dx)^T a_K, the adjoint of that step.
+    std::vector<Tensor> x1_parts;
+    for (const auto& b : blocks) {
+      x1_parts.push_back(final_noiseless ? b.x[K - 1] + grid_.step(K - 1) * b.v_base[K - 1] : b.x[K]);
+    }
+    const Tensor x1 = at::cat(x1_parts);
+    const Tensor a_K = -options_.lambda * reward_->grad(x1);
+    each_block([&](Tapes::Block& b) {
+      b.a[K] = a_K.narrow(0, b.r0, b.n);
+      int64_t k = K - 1;
+      if (final_noiseless) {
+        const Tensor vjp = base_mlp ? base_mlp->vjp_taped(b.base[k], b.a[K]) : base.vjp(b.x[k], grid_[k], b.a[K]);
+        b.a[k] = at::add(b.a[K], vjp, grid_.step(k));
+        --k;
       }
-      at::AutoGradMode enable_grad(true);
-      if (!a.defined()) {
-        xg = x[k].detach().requires_grad_(true);
-        vg = model_->base()->velocity(xg, grid_[k]);
-        *v_out = vg.detach();
-        return Tensor();
+      for (; k >= 0; --k) {
+        // a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1}, b_base = c_v v_base - c_x x.
+        const DriftCoefficients c = base_sde_.coefficients(grid_[k]);
+        const double h = grid_.step(k);
+        const Tensor vjp = base_mlp ? base_mlp->vjp_taped(b.base[k], b.a[k + 1]) : base.vjp(b.x[k], grid_[k], b.a[k + 1]);
+        b.a[k] = at::add(b.a[k + 1] * (1.0 - h * c.c_x), vjp, h * c.c_v);
       }
-      return torch::autograd::grad({vg}, {xg}, {a})[0];
-    };
-    const LeanAdjoint adj = lean_adjoint_impl(x, grid_, *reward_, options_.lambda, options_.final_noiseless_step,
-                                              drift_vjp, velocity_vjp);
+    });
     clock.lap(&times.adjoint_s);
     const std::vector<int64_t> loss_k = loss_steps(gen);
 
-    // Regression terms |s_k (delta_k + rho_k a_k)|^2 per sample, as in the autograd path.
-    std::vector<const MlpTape*> used;
-    std::vector<Tensor> residual;  // s_k (delta_k + rho_k a_k), [B, d] per loss step
-    for (int64_t k : loss_k) {
-      if (!net_out[k].defined()) net_out[k] = trainable->forward_taped(x[k], grid_[k], &tapes[k], true);
-      const Tensor delta = residual_mode ? net_out[k] : net_out[k] - adj.v_base[k];
-      residual.push_back(scale_[k] * (delta + rho_[k] * adj.a[k]));
-      used.push_back(&tapes[k]);
-    }
-    const Tensor terms = at::cat(residual).pow(2).sum(1);  // [S * B]
-    Tensor kept = at::ones_like(terms);
+    // Regression terms |s_k (delta_k + rho_k a_k)|^2 per sample, as in the autograd path, and their
+    // gradient dL/d delta_k = (2 / B) s_k residual_k on kept terms (clamp_max passes it where terms <= LCT).
+    const bool clip = options_.clip_factor > 0;
+    const double lct = options_.clip_factor * options_.lambda * options_.lambda;
+    each_block([&](Tapes::Block& b) {
+      std::vector<const MlpTape*> used;
+      std::vector<Tensor> g_out;
+      for (int64_t k : loss_k) {
+        if (!b.net_out[k].defined()) b.net_out[k] = trainable->forward_taped(b.x[k], grid_[k], &b.trainable[k], true);
+        const Tensor delta = residual_mode ? b.net_out[k] : b.net_out[k] - b.v_base[k];
+        const Tensor residual = scale_[k] * at::add(delta, b.a[k], rho_[k]);
+        const Tensor terms = residual.pow(2).sum(1);
+        Tensor g = (2.0 * scale_[k] / static_cast<double>(B)) * residual;
+        if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
+        b.residual.push_back(residual);
+        b.terms.push_back(terms);
+        g_out.push_back(g);
+        used.push_back(&b.trainable[k]);
+      }
+      b.grads = trainable->parameter_grads(used, g_out);
+    });
+    std::vector<Tensor> all_terms;
+    for (const auto& b : blocks) all_terms.insert(all_terms.end(), b.terms.begin(), b.terms.end());
+    const Tensor terms = at::cat(all_terms);  // [S * B], block-major
     double clipped_fraction = 0.0;
     Tensor loss = terms.sum();
-    if (options_.clip_factor > 0) {
-      // clamp_max(terms, LCT) passes the gradient where terms <= LCT.
-      const double lct = options_.clip_factor * options_.lambda * options_.lambda;
-      kept = (terms <= lct).to(terms.scalar_type());
+    if (clip) {
       clipped_fraction = (terms > lct).to(at::kDouble).mean().item<double>();
       loss = at::clamp_max(terms, lct).sum();
     }
     loss = loss / static_cast<double>(B);
-    // dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k) on kept terms = (2 / B) s_k residual_k kept.
-    std::vector<Tensor> g_out;
-    for (size_t i = 0; i < loss_k.size(); ++i) {
-      const Tensor kept_i = kept.narrow(0, static_cast<int64_t>(i) * B, B).unsqueeze(1);
-      g_out.push_back((2.0 * scale_[loss_k[i]] / static_cast<double>(B)) * residual[i] * kept_i);
+    grads = blocks[0].grads;
+    for (size_t i = 1; i < blocks.size(); ++i) {
+      for (size_t j = 0; j < grads.size(); ++j) grads[j].add_(blocks[i].grads[j]);
     }
-    grads = trainable->parameter_grads(used, g_out);
 
+    std::vector<Tensor> a0_parts;
+    for (const auto& b : blocks) a0_parts.push_back(b.a[0]);
     out.loss = loss;
-    out.metrics.emplace_back("reward", reward_->value(adj.x1).mean().item<double>());
+    out.metrics.emplace_back("reward", reward_->value(x1).mean().item<double>());
     out.metrics.emplace_back("loss_unclipped", terms.sum().item<double>() / static_cast<double>(B));
     out.metrics.emplace_back("clipped_fraction", clipped_fraction);
-    out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());
+    out.metrics.emplace_back("adjoint_norm_t0", at::cat(a0_parts).norm(2, {1}).mean().item<double>());
   }
   // A loss whose value is the loss and whose gradient with respect to the parameters is `grads`.
   const std::vector<Tensor> params = trainable->parameters();

@@ -9,6 +9,7 @@
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 
@@ -244,7 +245,11 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
       {"MLP base, copy", true, FineTuneMode::copy, true, 0},
       {"MLP base, copy, noisy X_K", true, FineTuneMode::copy, false, 1.0},
   };
+  // With 3 threads the taped path cuts the batch of 50 into blocks of 16, 17 and 17 rows, one per thread.
+  const int threads_before = at::get_num_threads();
+  for (const int threads : {1, 3})
   for (const TapedCase& c : cases) {
+    at::set_num_threads(threads);
     const int64_t d = 2;
     VelocityFieldPtr base;
     if (c.mlp_base) {
@@ -261,7 +266,7 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
     }
     AdjointMatchingOptions o;
     o.num_steps = 12;
-    o.batch_size = 16;
+    o.batch_size = 50;
     o.lambda = 1.3;
     o.loss_early_steps = 3;
     o.loss_late_steps = 3;
@@ -278,6 +283,7 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
     const LossOutput a = fast.compute(g1);
     const std::vector<at::Tensor> params = model->parameters();
     const auto grad_fast = torch::autograd::grad({a.loss}, params);
+    EXPECT_EQ(fast.taped_blocks(), threads) << c.name;
     const LossOutput b = slow.compute(g2);
     const auto grad_slow = torch::autograd::grad({b.loss}, params);
     EXPECT_NEAR(a.loss.item<double>(), b.loss.item<double>(), 1e-5 * std::abs(b.loss.item<double>())) << c.name;
@@ -285,7 +291,7 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
     for (size_t m = 0; m < a.metrics.size(); ++m) {
       EXPECT_EQ(a.metrics[m].first, b.metrics[m].first);
       EXPECT_NEAR(a.metrics[m].second, b.metrics[m].second, 1e-5 * (1 + std::abs(b.metrics[m].second)))
-          << c.name << ": " << a.metrics[m].first;
+          << c.name << ", " << threads << " threads: " << a.metrics[m].first;
     }
     if (c.clip_factor > 0) {
       const double clipped = a.metrics[2].second;
@@ -293,9 +299,10 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
       EXPECT_LT(clipped, 1.0) << c.name;
     }
     for (size_t p = 0; p < params.size(); ++p) {
-      EXPECT_LT(relative_error(grad_fast[p], grad_slow[p]), 1e-4) << c.name << ", parameter " << p;
+      EXPECT_LT(relative_error(grad_fast[p], grad_slow[p]), 1e-4) << c.name << ", " << threads << " threads, parameter " << p;
     }
   }
+  at::set_num_threads(threads_before);
 }
 
 }  // namespace

@@ -79,6 +79,7 @@ class AdjointMatching : public Loss {
   /// or if the reward's dimension differs from the model's.
   AdjointMatching(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, NoiseSchedulePtr noise,
                   const AdjointMatchingOptions& options);
+  ~AdjointMatching() override;
 
   std::string name() const override { return "adjoint_matching"; }
   std::vector<Tensor> parameters() const override { return model_->parameters(); }
@@ -92,6 +93,9 @@ class AdjointMatching : public Loss {
   std::vector<int64_t> loss_steps(Generator& gen) const;
   /// Whether compute() takes the taped path (tape_activations and an MLP trainable network).
   bool taped() const;
+  /// The blocks of rows the last taped iteration ran, one per thread (1 when it ran none, on one
+  /// thread, on a GPU, or with a base whose VJP needs autograd).
+  int64_t taped_blocks() const;
   /// Accumulate the wall time of compute()'s phases into `times` (null: stop).
   void set_timer(AdjointMatchingTimes* times) { times_ = times; }
 
@@ -118,6 +122,9 @@ class AdjointMatching : public Loss {
   std::vector<double> scale_, rho_;
   std::vector<int64_t> candidates_;  // steps with a finite target, in increasing order
   AdjointMatchingTimes* times_ = nullptr;
+  // The taped path's activations, kept from one iteration to the next so that their memory is reused.
+  struct Tapes;
+  std::unique_ptr<Tapes> tapes_;
 };
 
 }  // namespace tilt

@@ -156,7 +156,7 @@ for label, ck, pk in parts:
 print(f"\nMatrix work and memory (tilt). Measured float32 matrix-multiply peak: {peak_big:.0f} GFLOP/s"
       f" (2048^3); {peak['BM_PeakGemm/256/256/real_time']:.0f} GFLOP/s for 256 x 256 by 256 x 256, the iteration's"
       f" typical product. GFLOP: the matrix products each path performs (the taped path does fewer). Peak"
-      f" memory: the most live tensor storage during an iteration above what was live before it.\n")
+      f" memory: the most live tensor storage during an iteration above what was live before the first one (it includes the tapes kept between iterations).\n")
 print("| problem | path | GFLOP per iteration | GFLOP/s | share of peak | peak memory (MB) |")
 print("|---|---|---|---|---|---|")
 for name, (taped, auto, py) in rows.items():

@@ -43,6 +43,14 @@ Tensor embed_time(const Tensor& t, int64_t batch, int64_t n, const at::TensorOpt
   return at::cat({tt, at::sin(arg), at::cos(arg)}, 1);
 }
 
+// The same embedding at a single time, [1, 1 + n], from scalars: one tensor instead of ten operations.
+Tensor embed_time_row(double t, int64_t n, const at::TensorOptions& opts) {
+  std::vector<double> e{t};
+  for (int64_t f = 1; f <= n / 2; ++f) e.push_back(std::sin(kPi * f * t));
+  for (int64_t f = 1; f <= n / 2; ++f) e.push_back(std::cos(kPi * f * t));
+  return at::tensor(e, opts.dtype(at::kDouble)).to(opts).reshape({1, -1});
+}
+
 }  // namespace
 
 MlpVelocity::MlpVelocity(const MlpOptions& options, SchedulePtr schedule, uint64_t seed)
@@ -109,7 +117,7 @@ Tensor MlpVelocity::forward_taped(const Tensor& x, double t, MlpTape* tape, bool
   const int64_t d = options_.dim, B = x.size(0);
   const size_t hidden = L.size() - 1;
   const Tensor& W1 = L[0]->weight;
-  const Tensor e = embed_time(at::scalar_tensor(t, x.options()), 1, options_.time_features, x.options());
+  const Tensor e = embed_time_row(t, options_.time_features, x.options());
   const Tensor row = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, W1.size(1) - d).t());
   if (tape) {
     tape->t = t;
@@ -181,8 +189,7 @@ std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const MlpTape
     }
     dW[0].narrow(1, 0, d).addmm_(gl.t(), tape.x);
     g_sums[static_cast<int64_t>(i)].copy_(gl.sum(0));
-    embeddings[static_cast<int64_t>(i)].copy_(
-        embed_time(at::scalar_tensor(tape.t, tape.x.options()), 1, options_.time_features, tape.x.options())[0]);
+    embeddings[static_cast<int64_t>(i)].copy_(embed_time_row(tape.t, options_.time_features, tape.x.options())[0]);
   }
   dW[0].narrow(1, d, in_t).addmm_(g_sums.t(), embeddings);
   db[0].add_(g_sums.sum(0));

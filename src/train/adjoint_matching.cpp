@@ -336,8 +336,10 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
         const Tensor& xk = b.x.back();
         b.v_base[k] = base_mlp ? base_mlp->forward_taped(xk, t, &b.base[k]) : base.velocity(xk, t);
         b.net_out[k] = trainable->forward_taped(xk, t, &b.trainable[k], true);
-        const Tensor v = residual_mode ? b.v_base[k] + b.net_out[k] : b.net_out[k];
-        Tensor next = xk + h * finetuned_sde_.drift_from_velocity(v, xk, t);
+        // X_{k+1} = X_k + h (c_v v - c_x X_k) + sqrt(h) sigma eps = (1 - h c_x) X_k + h c_v v + sqrt(h) sigma eps.
+        const DriftCoefficients c = finetuned_sde_.coefficients(t);
+        Tensor next = at::add(c.c_x == 0.0 ? xk : xk * (1.0 - h * c.c_x), b.net_out[k], h * c.c_v);
+        if (residual_mode) next.add_(b.v_base[k], h * c.c_v);
         if (noise[k].defined()) next.add_(noise[k].narrow(0, b.r0, b.n), std::sqrt(h) * finetuned_sde_.sigma(t));
         b.x.push_back(next);
       }

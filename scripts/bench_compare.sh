@@ -12,7 +12,7 @@
 #   scripts/bench_compare.sh [--threads N] [--repetitions R] [--min-time S] [--check] [--no-build]
 #
 #   --threads N      torch threads on both sides (default 2, or TILT_THREADS)
-#   --repetitions R  C++: Google Benchmark repetitions, the median is reported (default 5)
+#   --repetitions R  C++: Google Benchmark repetitions, the one of median time is reported (default 5)
 #   --min-time S     C++: seconds per repetition (default 1); PyTorch: times R * S seconds of iterations
 #   --check          first run the reference's correctness checks, against this C++ build too (~2-5 min)
 #   --no-build       use the existing build/bench/tilt_bench
@@ -69,12 +69,12 @@ fi
 py_time=$(awk -v r="$reps" -v s="$min_time" 'BEGIN { print r * s }')
 echo "bench_compare: matrix-multiply peak, C++ ($threads threads)" >&2
 TILT_THREADS=$threads "$bench" --benchmark_filter='^BM_PeakGemm' --benchmark_min_time="$min_time" \
-  --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true --benchmark_format=json > "$out/cpp_peak.json"
+  --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false --benchmark_format=json > "$out/cpp_peak.json"
 for p in 0 1 2; do
   name=$(echo "2d 64d digits" | cut -d' ' -f$((p + 1)))
   echo "bench_compare: $name, C++ ($threads threads)" >&2
   TILT_THREADS=$threads "$bench" --benchmark_filter="^BM_Iteration/$p/" \
-    --benchmark_min_time="$min_time" --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=true \
+    --benchmark_min_time="$min_time" --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false \
     --benchmark_format=json > "$out/cpp_$name.json"
   echo "bench_compare: $name, PyTorch $torch_version ($threads threads)" >&2
   "$python" "$reference" --problem "$name" --threads "$threads" --min-time "$py_time" > "$out/pytorch_$name.json"
@@ -91,15 +91,13 @@ scale = {"ns": 1e-6, "us": 1e-3, "ms": 1.0, "s": 1e3}
 
 
 def load(path):
-    """{run name: benchmark} from Google Benchmark's JSON: the medians, or the single runs."""
-    rows, single = {}, {}
+    """{run name: benchmark} from Google Benchmark's JSON: of each benchmark's repetitions, the one with the
+    median wall time, so that its counters (the phases) add up to its time."""
+    runs = {}
     for b in json.load(open(path))["benchmarks"]:
-        key = b["run_name"]
-        if b.get("aggregate_name") == "median":
-            rows[key] = b
-        elif b.get("run_type") == "iteration":
-            single[key] = b
-    return rows or single
+        if b.get("run_type") == "iteration":
+            runs.setdefault(b["run_name"], []).append(b)
+    return {k: sorted(v, key=lambda b: b["real_time"])[(len(v) - 1) // 2] for k, v in runs.items()}
 
 
 def ms(b):
@@ -164,6 +162,6 @@ for name, (taped, auto, py) in rows.items():
         gflops = b["GFLOP/s"]
         print(f"| {name} | {path} | {b['GFLOP']:.2f} | {gflops:.0f} | {100 * gflops / peak_big:.0f}% |"
               f" {b['peak_MB']:.0f} |")
-print(f"\nC++: Google Benchmark, median of {reps} repetitions of at least {min_time} s each, wall time. "
+print(f"\nC++: Google Benchmark, the repetition of median time of {reps} of at least {min_time} s each, wall time. "
       f"PyTorch: median wall time per iteration over at least {reps} x {min_time} s after 5 warm-up iterations.")
 EOF

@@ -250,7 +250,6 @@ struct AdjointMatching::Tapes {
     int64_t r0 = 0, n = 0;
     std::vector<MlpTape> base, trainable;
     std::vector<Tensor> x, v_base, net_out, a;  // X_k, v_base(X_k), the trainable net's output, a_k
-    std::vector<Tensor> residual;               // s_k (delta_k + rho_k a_k) per loss step, [n, d]
     std::vector<Tensor> terms;                  // |residual|^2 per loss step, [n]
     std::vector<Tensor> grads;                  // this block's share of dL/dtheta
   };
@@ -317,7 +316,6 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
       b.v_base.assign(static_cast<size_t>(K), Tensor());
       b.net_out.assign(static_cast<size_t>(K), Tensor());
       b.a.assign(static_cast<size_t>(K) + 1, Tensor());
-      b.residual.clear();
       b.terms.clear();
       b.grads.clear();
     }
@@ -391,7 +389,6 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
         const Tensor terms = residual.pow(2).sum(1);
         Tensor g = (2.0 * scale_[k] / static_cast<double>(B)) * residual;
         if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
-        b.residual.push_back(residual);
         b.terms.push_back(terms);
         g_out.push_back(g);
         used.push_back(&b.trainable[k]);

@@ -8,7 +8,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
-#include <torch/csrc/autograd/autograd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -39,12 +38,29 @@ class PhaseClock {
   double last_;
 };
 
-// (grad_x b_base(X_k, t_k))^T a and v_base(X_k, t_k): by the base field's own VJP, or from a tape.
-using DriftVjp = std::function<Tensor(int64_t k, const Tensor& a, Tensor* v_base)>;
+// The lean adjoint's backward recursion from a[K] (Adjoint Matching, Eq. 41; spec sec. 4):
+//   a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1},   b_base = c_v v_base - c_x x,
+// with vjp(k, a) = (dv_base/dx (X_k, t_k))^T a. With the noiseless final step, the last backward step is
+// the adjoint of the step actually taken, X^_1 = X_{K-1} + h v_base(X_{K-1}): a_{K-1} = a_K + h vjp(K-1, a_K),
+// so that a_k is exactly the gradient of g(X^_1) with respect to X_k through the discretised base dynamics.
+void lean_adjoint_steps(std::vector<Tensor>& a, const TimeGrid& grid, const GenerativeSDE& base_sde,
+                        bool final_noiseless_step, const std::function<Tensor(int64_t k, const Tensor& a)>& vjp) {
+  int64_t k = grid.steps() - 1;
+  if (final_noiseless_step) {
+    a[k] = at::add(a[k + 1], vjp(k, a[k + 1]), grid.step(k));
+    --k;
+  }
+  for (; k >= 0; --k) {
+    const DriftCoefficients c = base_sde.coefficients(grid[k]);
+    const double h = grid.step(k);
+    a[k] = at::add(a[k + 1] * (1.0 - h * c.c_x), vjp(k, a[k + 1]), h * c.c_v);
+  }
+}
 
-LeanAdjoint lean_adjoint_impl(const std::vector<Tensor>& x, const TimeGrid& grid, const Reward& reward,
-                              double lambda, bool final_noiseless_step, const DriftVjp& drift_vjp,
-                              const std::function<Tensor(int64_t k, const Tensor& a, Tensor* v)>& velocity_vjp) {
+}  // namespace
+
+LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
+                         const Reward& reward, double lambda, bool final_noiseless_step) {
   const int64_t K = grid.steps();
   const size_t needed = static_cast<size_t>(final_noiseless_step ? K : K + 1);
   if (x.size() < needed) {
@@ -52,54 +68,21 @@ LeanAdjoint lean_adjoint_impl(const std::vector<Tensor>& x, const TimeGrid& grid
                 std::to_string(x.size()));
   }
   at::NoGradGuard no_grad;
+  const VelocityField& base = base_sde.velocity();
   LeanAdjoint out;
   out.a.resize(static_cast<size_t>(K) + 1);
   out.v_base.resize(static_cast<size_t>(K));
-  int64_t k = K - 1;
   if (final_noiseless_step) {
-    // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}); a_K = -lambda grad r(X^_1);
-    // a_{K-1} = a_K + h (dv_base/dx)^T a_K, the adjoint of that step. The reward's gradient is needed
-    // before the VJP, so the velocity comes from a first call with a = 0 when it is not taped.
-    const double h = grid.step(k);
-    Tensor v;
-    velocity_vjp(k, Tensor(), &v);
-    out.x1 = (x[k] + h * v).detach();
-    out.a[K] = -lambda * reward.grad(out.x1);
-    out.a[k] = out.a[K] + h * velocity_vjp(k, out.a[K], nullptr);
-    out.v_base[k] = v;
-    --k;
+    // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), the noiseless last step (App. G.1).
+    out.v_base[K - 1] = base.velocity(x[K - 1], grid[K - 1]);
+    out.x1 = x[K - 1] + grid.step(K - 1) * out.v_base[K - 1];
   } else {
     out.x1 = x[K];
-    out.a[K] = -lambda * reward.grad(out.x1);
   }
-  for (; k >= 0; --k) {
-    // a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1}  (Adjoint Matching, Eq. 41; spec sec. 4)
-    out.a[k] = out.a[k + 1] + grid.step(k) * drift_vjp(k, out.a[k + 1], &out.v_base[k]);
-  }
+  out.a[K] = -lambda * reward.grad(out.x1);
+  lean_adjoint_steps(out.a, grid, base_sde, final_noiseless_step,
+                     [&](int64_t k, const Tensor& a) { return base.vjp(x[k], grid[k], a, &out.v_base[k]); });
   return out;
-}
-
-}  // namespace
-
-LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
-                         const Reward& reward, double lambda, bool final_noiseless_step) {
-  // The last noiseless step through autograd, keeping the graph between the two calls.
-  Tensor xg, v;
-  auto velocity_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) -> Tensor {
-    if (!a.defined()) {
-      at::AutoGradMode enable_grad(true);
-      xg = x[k].detach().requires_grad_(true);
-      v = base_sde.velocity().velocity(xg, grid[k]);
-      *v_out = v.detach();
-      return Tensor();
-    }
-    at::AutoGradMode enable_grad(true);
-    return torch::autograd::grad({v}, {xg}, {a})[0];
-  };
-  auto drift_vjp = [&](int64_t k, const Tensor& a, Tensor* v_out) {
-    return base_sde.drift_vjp(x[k], grid[k], a, v_out);
-  };
-  return lean_adjoint_impl(x, grid, reward, lambda, final_noiseless_step, drift_vjp, velocity_vjp);
 }
 
 AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward,
@@ -348,8 +331,8 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     });
     clock.lap(&times.rollout_s);
 
-    // Lean adjoint (Adjoint Matching, Eq. 41; spec sec. 4). With the noiseless final step
-    // X^_1 = X_{K-1} + h v_base(X_{K-1}) and a_{K-1} = a_K + h (dv_base/dx)^T a_K, the adjoint of that step.
+    // Lean adjoint from the tapes (or the base's own VJP when it is not an MLP); with the noiseless
+    // final step, X^_1 = X_{K-1} + h v_base(X_{K-1}).
     std::vector<Tensor> x1_parts;
     for (const auto& b : blocks) {
       x1_parts.push_back(final_noiseless ? b.x[K - 1] + grid_.step(K - 1) * b.v_base[K - 1] : b.x[K]);
@@ -358,19 +341,9 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     const Tensor a_K = -options_.lambda * reward_->grad(x1);
     each_block([&](Tapes::Block& b) {
       b.a[K] = a_K.narrow(0, b.r0, b.n);
-      int64_t k = K - 1;
-      if (final_noiseless) {
-        const Tensor vjp = base_mlp ? base_mlp->vjp_taped(b.base[k], b.a[K]) : base.vjp(b.x[k], grid_[k], b.a[K]);
-        b.a[k] = at::add(b.a[K], vjp, grid_.step(k));
-        --k;
-      }
-      for (; k >= 0; --k) {
-        // a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1}, b_base = c_v v_base - c_x x.
-        const DriftCoefficients c = base_sde_.coefficients(grid_[k]);
-        const double h = grid_.step(k);
-        const Tensor vjp = base_mlp ? base_mlp->vjp_taped(b.base[k], b.a[k + 1]) : base.vjp(b.x[k], grid_[k], b.a[k + 1]);
-        b.a[k] = at::add(b.a[k + 1] * (1.0 - h * c.c_x), vjp, h * c.c_v);
-      }
+      lean_adjoint_steps(b.a, grid_, base_sde_, final_noiseless, [&](int64_t k, const Tensor& a) {
+        return base_mlp ? base_mlp->vjp_taped(b.base[k], a) : base.vjp(b.x[k], grid_[k], a);
+      });
     });
     clock.lap(&times.adjoint_s);
     const std::vector<int64_t> loss_k = loss_steps(gen);

@@ -2,6 +2,8 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "gemm.h"
+#include "silu_kernel.h"
 
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>
@@ -108,8 +110,9 @@ Tensor reuse(Tensor* slot, at::IntArrayRef sizes, const at::TensorOptions& opts)
 
 // The layers are z_1 = W_1 [x, e(t)] + b_1, z_{l+1} = W_{l+1} silu(z_l) + b_{l+1}, v = z_L. Splitting
 // W_1 = [W_1x | W_1t] gives z_1 = x W_1x^T + (b_1 + e(t) W_1t^T): at one time t the second term is a
-// single row, broadcast over the batch. The tape's tensors are overwritten in place when they can be
-// (see reuse()).
+// single row, broadcast over the batch. Each hidden layer is one matrix product without bias and one
+// fused pass (detail::bias_silu) that adds the bias, applies SiLU and, for a tape, leaves silu'(z_l) in
+// the product's buffer. The tape's tensors are overwritten in place when they can be (see reuse()).
 Tensor MlpVelocity::forward_taped(const Tensor& x, double t, MlpTape* tape, bool keep_activations) const {
   check_batch(x, options_.dim, "x");
   at::NoGradGuard no_grad;
@@ -118,37 +121,60 @@ Tensor MlpVelocity::forward_taped(const Tensor& x, double t, MlpTape* tape, bool
   const size_t hidden = L.size() - 1;
   const Tensor& W1 = L[0]->weight;
   const Tensor e = embed_time_row(t, options_.time_features, x.options());
-  const Tensor row = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, W1.size(1) - d).t());
+  Tensor bias = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, W1.size(1) - d).t());
   if (tape) {
     tape->t = t;
     tape->x = x;
-    tape->z.resize(hidden);
+    tape->slope.resize(hidden);
     tape->h.resize(keep_activations ? hidden : 0);
   }
-  Tensor scratch;
-  Tensor z = tape ? reuse(&tape->z[0], {B, W1.size(0)}, x.options()) : at::empty({B, W1.size(0)}, x.options());
-  at::addmm_out(z, row, x, W1.narrow(1, 0, d).t());
+  Tensor scratch_z, scratch_h;
+  auto product_buffer = [&](size_t l) {
+    const int64_t H = L[l]->weight.size(0);
+    return tape ? reuse(&tape->slope[l], {B, H}, x.options()) : reuse(&scratch_z, {B, H}, x.options());
+  };
+  Tensor z = product_buffer(0);
+  detail::gemm(z, x, false, W1.narrow(1, 0, d), true, 0.0);
   for (size_t l = 1; l < L.size(); ++l) {
     Tensor h = keep_activations && tape ? reuse(&tape->h[l - 1], z.sizes(), z.options())
-                                              : reuse(&scratch, z.sizes(), z.options());
-    at::silu_out(h, z);
-    if (l == hidden) return at::addmm(L[l]->bias, h, L[l]->weight.t());
-    z = tape ? reuse(&tape->z[l], {B, L[l]->weight.size(0)}, x.options())
-             : at::empty({B, L[l]->weight.size(0)}, x.options());
-    at::addmm_out(z, L[l]->bias, h, L[l]->weight.t());
+                                              : reuse(&scratch_h, z.sizes(), z.options());
+    detail::bias_silu(z, bias, h, /*keep_slope=*/tape != nullptr);
+    if (l == hidden) {
+      Tensor v = L[l]->bias.unsqueeze(0).repeat({B, 1});
+      detail::gemm(v, h, false, L[l]->weight, true, 1.0);
+      return v;
+    }
+    z = Tensor();  // let the scratch buffer be reused
+    z = product_buffer(l);
+    detail::gemm(z, h, false, L[l]->weight, true, 0.0);
+    bias = L[l]->bias;
   }
   return z;  // not reached: there is at least one hidden layer
 }
+
+namespace {
+
+// The gradient with respect to a hidden layer's activation input, from the gradient g with respect to
+// its output: (g W) * silu'(z) of the layer below.
+Tensor backward_layer(const Tensor& g, const Tensor& W, const Tensor& slope) {
+  Tensor out = at::empty({g.size(0), W.size(1)}, g.options());
+  detail::gemm(out, g, false, W, false, 0.0);
+  return out.mul_(slope);
+}
+
+}  // namespace
 
 // (dv/dx)^T a = W_1x^T D_1 W_2^T D_2 ... W_L^T a with D_l = diag(silu'(z_l)), applied right to left.
 Tensor MlpVelocity::vjp_taped(const MlpTape& tape, const Tensor& a) const {
   check_batch(a, options_.dim, "adjoint");
   at::NoGradGuard no_grad;
   const auto& L = impl_->layers;
-  if (tape.z.size() + 1 != L.size()) throw Error("mlp: the tape has no activations of this network");
+  if (tape.slope.size() + 1 != L.size()) throw Error("mlp: the tape has no activations of this network");
   Tensor g = a;
-  for (size_t l = L.size() - 1; l >= 1; --l) g = at::silu_backward(at::mm(g, L[l]->weight), tape.z[l - 1]);
-  return at::mm(g, L[0]->weight.narrow(1, 0, options_.dim));
+  for (size_t l = L.size() - 1; l >= 1; --l) g = backward_layer(g, L[l]->weight, tape.slope[l - 1]);
+  Tensor out = at::empty({a.size(0), options_.dim}, a.options());
+  detail::gemm(out, g, false, L[0]->weight.narrow(1, 0, options_.dim), false, 0.0);
+  return out;
 }
 
 Tensor MlpVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
@@ -177,17 +203,17 @@ std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const MlpTape
   Tensor embeddings = at::empty({static_cast<int64_t>(tapes.size()), in_t}, L[0]->weight.options());
   for (size_t i = 0; i < tapes.size(); ++i) {
     const MlpTape& tape = *tapes[i];
-    if (tape.h.size() + 1 != L.size() || tape.z.size() + 1 != L.size()) {
+    if (tape.h.size() + 1 != L.size() || tape.slope.size() + 1 != L.size()) {
       throw Error("mlp: parameter_grads needs tapes recorded with keep_activations");
     }
     check_batch(g[i], d, "output gradient");
     Tensor gl = g[i];
     for (size_t l = L.size() - 1; l >= 1; --l) {
-      dW[l].addmm_(gl.t(), tape.h[l - 1]);
+      detail::gemm(dW[l], gl, true, tape.h[l - 1], false, 1.0);
       db[l].add_(gl.sum(0));
-      gl = at::silu_backward(at::mm(gl, L[l]->weight), tape.z[l - 1]);
+      gl = backward_layer(gl, L[l]->weight, tape.slope[l - 1]);
     }
-    dW[0].narrow(1, 0, d).addmm_(gl.t(), tape.x);
+    detail::gemm(dW[0].narrow(1, 0, d), gl, true, tape.x, false, 1.0);
     g_sums[static_cast<int64_t>(i)].copy_(gl.sum(0));
     embeddings[static_cast<int64_t>(i)].copy_(embed_time_row(tape.t, options_.time_features, tape.x.options())[0]);
   }

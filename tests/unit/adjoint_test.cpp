@@ -7,6 +7,8 @@
 #include "tilt/train/adjoint_matching.h"
 
 #include "../support/helpers.h"
+#include "model/gemm.h"  // internal headers: the kernels of the hand-written passes
+#include "model/silu_kernel.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -217,6 +219,79 @@ TEST(MlpTape, ForwardVjpAndParameterGradientsEqualAutograd) {
       EXPECT_LT(relative_error(got[p], expected[p]), 1e-5) << "parameter " << p << ", time_features " << time_features;
     }
   }
+}
+
+// tilt's matrix product (oneDNN where it loads, else ATen) against a double-precision product, for every
+// transposition, operands with a row stride larger than their width (column slices, as of W_1x), beta 0
+// over a C full of NaN (ignored) and beta 1 (accumulated); double operands take the ATen fallback.
+TEST(Kernels, GemmEqualsTheDoublePrecisionProduct) {
+  Generator gen = make_generator(4);
+  for (auto dtype : {at::kFloat, at::kDouble}) {
+    for (bool ta : {false, true}) {
+      for (bool tb : {false, true}) {
+        const int64_t M = 37, N = 70, K = 19;
+        // Stored matrices with 5 extra columns, of which the first columns are the operand.
+        const at::Tensor A_store = at::randn({ta ? K : M, (ta ? M : K) + 5}, gen).to(dtype);
+        const at::Tensor B_store = at::randn({tb ? N : K, (tb ? K : N) + 5}, gen).to(dtype);
+        const at::Tensor A = A_store.narrow(1, 0, ta ? M : K), B = B_store.narrow(1, 0, tb ? K : N);
+        const at::Tensor expected = at::mm((ta ? A.t() : A).to(at::kDouble), (tb ? B.t() : B).to(at::kDouble));
+        const at::Tensor C_store = at::full({M, N + 3}, std::nan(""), at::TensorOptions().dtype(dtype));
+        const at::Tensor C = C_store.narrow(1, 0, N);
+        detail::gemm(C, A, ta, B, tb, 0.0);
+        const double tol = dtype == at::kFloat ? 1e-5 : 1e-12;
+        EXPECT_LT(relative_error(C.to(at::kDouble), expected), tol) << "ta " << ta << " tb " << tb;
+        EXPECT_TRUE(at::isnan(C_store.narrow(1, N, 3)).all().item<bool>()) << "wrote outside C";
+        detail::gemm(C, A, ta, B, tb, 1.0);
+        EXPECT_LT(relative_error(C.to(at::kDouble), 2 * expected), tol) << "beta 1, ta " << ta << " tb " << tb;
+      }
+    }
+  }
+  EXPECT_THROW(detail::gemm(at::zeros({3, 4}), at::zeros({3, 5}), false, at::zeros({6, 4}), false, 0.0), Error);
+  const std::string library = detail::gemm_library();
+  EXPECT_TRUE(library == "oneDNN" || library == "ATen") << library;
+  EXPECT_EQ(detail::gemm_library_for("aten"), "ATen");
+  EXPECT_EQ(detail::gemm_library_for(nullptr), detail::gemm_library_for("auto"));
+  EXPECT_THROW(detail::gemm_library_for("openblas"), Error);
+}
+
+// The fused bias + SiLU (+ derivative) pass against double-precision SiLU and autograd's derivative: the
+// float32 loop (widths that are not a multiple of the vector width, pre-activations out to +-100 where
+// the exponential is clamped) and the ATen fallback (double); NaN propagates.
+TEST(Kernels, BiasSiluEqualsSiluAndItsDerivative) {
+  Generator gen = make_generator(6);
+  for (int64_t H : {1, 13, 64, 259}) {
+    for (auto dtype : {at::kFloat, at::kDouble}) {
+      at::Tensor z = (at::randn({9, H}, gen) * 12).to(dtype);
+      z[0].fill_(-100.0);
+      z[1].fill_(100.0);
+      z[2].fill_(0.0);
+      const at::Tensor bias = at::randn({H}, gen).to(dtype);
+      const at::Tensor v = (z + bias).to(at::kDouble).requires_grad_(true);
+      const at::Tensor silu = at::silu(v);
+      const at::Tensor slope = torch::autograd::grad({silu.sum()}, {v})[0];
+      EXPECT_EQ(detail::bias_silu_is_fused(z, bias, at::empty_like(z)), dtype == at::kFloat);
+      at::Tensor h = at::empty_like(z), z_copy = z.clone();
+      detail::bias_silu(z_copy, bias, h, /*keep_slope=*/false);
+      EXPECT_TRUE(at::equal(z_copy, z)) << "z changed without keep_slope";
+      // float32: within a few ulp of |silu| (z + b is itself rounded to float), or 1e-25 in absolute
+      // terms far left, where the exponential is clamped (silu(-100) ~ -4e-42, tilt's ~ -2e-33).
+      const double tol = dtype == at::kFloat ? 1e-6 : 1e-14;
+      EXPECT_LT(((h.to(at::kDouble) - silu.detach()).abs() / (silu.detach().abs() + 1e-25)).max().item<double>(), tol)
+          << "H " << H;
+      at::Tensor h2 = at::empty_like(z);
+      detail::bias_silu(z_copy, bias, h2, /*keep_slope=*/true);
+      EXPECT_TRUE(at::allclose(h2, h, 1e-6, 1e-30));
+      EXPECT_LT((z_copy.to(at::kDouble) - slope).abs().max().item<double>(), tol) << "H " << H;
+    }
+  }
+  at::Tensor z = at::zeros({2, 20});
+  z[1][7] = std::nan("");
+  at::Tensor h = at::empty_like(z);
+  detail::bias_silu(z, at::zeros({20}), h, true);
+  EXPECT_TRUE(std::isnan(h[1][7].item<float>()) && std::isnan(z[1][7].item<float>()));
+  EXPECT_EQ(at::isnan(h).sum().item<int64_t>(), 1);
+  EXPECT_THROW(detail::bias_silu(z, at::zeros({20}), z, false), Error);
+  EXPECT_THROW(detail::bias_silu(z, at::zeros({19}), h, false), Error);
 }
 
 TEST(MlpTape, RejectsATapeWithoutActivations) {

@@ -14,8 +14,9 @@ namespace tilt {
 struct MlpTape {
   double t = 0;
   Tensor x;               ///< the input [B, d]
-  std::vector<Tensor> z;  ///< pre-activations of the hidden layers, [B, H_l]
-  std::vector<Tensor> h;  ///< their activations silu(z_l) (kept only if asked for: parameter gradients need them)
+  std::vector<Tensor> slope;  ///< silu'(z_l) at the hidden layers' pre-activations z_l, [B, H_l]: all a
+                             ///< backward pass needs of them
+  std::vector<Tensor> h;      ///< the activations silu(z_l) (kept only if asked for: parameter gradients need them)
 };
 
 struct MlpOptions {

@@ -12,7 +12,9 @@
 // (ms), the matrix work actually done (GFLOP/s) and the peak of live tensor memory during an iteration
 // above what was live before the first one (peak_MB, counted by an allocator wrapper; it includes what
 // is kept between iterations: the taped path's tapes, Adam's moments). BM_Scaling/d/B/K/T: the
-// 64-D problem's family at other sizes. BM_PeakGemm: the machine's float32 matrix-multiply peak.
+// 64-D problem's family at other sizes. BM_PeakGemm/M/K/L: the machine's float32 matrix-multiply peak,
+// through ATen (L = 0: OpenBLAS with Debian's LibTorch, as PyTorch) and through tilt's own products
+// (L = 1: oneDNN where it loads; TILT_GEMM=aten makes them ATen's; the context line "tilt_gemm" says which).
 // Threads: 2, or TILT_THREADS. Run: build/bench/tilt_bench (see scripts/bench.sh).
 // tilt_bench --tilt_trace=P,N[,LR] runs no benchmark: it prints the metrics of N Trainer steps of problem P
 // (BM_Iteration's iteration, Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
@@ -26,6 +28,7 @@
 #include "tilt/sde/sampler.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/trainer.h"
+#include "model/gemm.h"  // internal: tilt's matrix products
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -306,13 +309,24 @@ void BM_Scaling(benchmark::State& state) {
   run_iteration(state, s);
 }
 
-// The machine's float32 matrix-multiply peak: a 2048^3 product, and the iteration's typical shape.
+// The machine's float32 matrix-multiply peak: a 2048^3 product, and the iteration's typical shape, with
+// ATen's at::mm or with tilt's products (detail::gemm) on all threads.
 void BM_PeakGemm(benchmark::State& state) {
   set_threads();
   const int64_t m = state.range(0), k = state.range(1);
+  const bool tilt_gemm = state.range(2) != 0;
   Generator gen = make_generator(1);
   const Tensor a = at::randn({m, k}, gen, at::kFloat), b = at::randn({k, k}, gen, at::kFloat);
-  for (auto _ : state) benchmark::DoNotOptimize(at::mm(a, b));
+  const Tensor c = at::empty({m, k}, at::kFloat);
+  for (auto _ : state) {
+    if (tilt_gemm) {
+      detail::gemm(c, a, false, b, false, 0.0);
+      benchmark::DoNotOptimize(c.data_ptr());
+    } else {
+      benchmark::DoNotOptimize(at::mm(a, b));
+    }
+  }
+  state.SetLabel(tilt_gemm ? "tilt: " + detail::gemm_library() : "ATen");
   state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * k * k / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -353,7 +367,9 @@ BENCHMARK(BM_Scaling)
     ->Args({16, 256, 40, 0})->Args({16, 256, 40, 1})->Args({256, 256, 40, 0})->Args({256, 256, 40, 1})
     ->Args({64, 256, 20, 0})->Args({64, 256, 20, 1})->Args({64, 256, 80, 0})->Args({64, 256, 80, 1})
     ->UseRealTime()->Unit(benchmark::kMillisecond);
-BENCHMARK(BM_PeakGemm)->Args({2048, 2048})->Args({256, 256})->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_PeakGemm)
+    ->Args({2048, 2048, 0})->Args({2048, 2048, 1})->Args({256, 256, 0})->Args({256, 256, 1})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
 }  // namespace tilt
@@ -365,6 +381,7 @@ int main(int argc, char** argv) {
   static tilt::CountingAllocator counting(c10::GetCPUAllocator());
   c10::SetCPUAllocator(&counting, /*priority=*/1);
   tilt::counting_allocator = &counting;
+  benchmark::AddCustomContext("tilt_gemm", tilt::detail::gemm_library());
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

@@ -76,6 +76,10 @@ for p in 0 1 2; do
   TILT_THREADS=$threads "$bench" --benchmark_filter="^BM_Iteration/$p/" \
     --benchmark_min_time="$min_time" --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false \
     --benchmark_format=json > "$out/cpp_$name.json"
+  echo "bench_compare: $name, C++ taped path with ATen's products (TILT_GEMM=aten)" >&2
+  TILT_GEMM=aten TILT_THREADS=$threads "$bench" --benchmark_filter="^BM_Iteration/$p/1/" \
+    --benchmark_min_time="$min_time" --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false \
+    --benchmark_format=json > "$out/cpp_${name}_aten.json"
   echo "bench_compare: $name, PyTorch $torch_version ($threads threads)" >&2
   "$python" "$reference" --problem "$name" --threads "$threads" --min-time "$py_time" > "$out/pytorch_$name.json"
 done
@@ -105,12 +109,15 @@ def ms(b):
 
 
 peak = {k: v["GFLOP/s"] for k, v in load(os.path.join(out, "cpp_peak.json")).items()}
-peak_big = peak["BM_PeakGemm/2048/2048/real_time"]
-rows = {}
+gemm = json.load(open(os.path.join(out, "cpp_peak.json")))["context"].get("tilt_gemm", "ATen")
+# The machine's peak: the faster of ATen's and tilt's products on a 2048^3 product.
+peak_big = max(peak["BM_PeakGemm/2048/2048/0/real_time"], peak["BM_PeakGemm/2048/2048/1/real_time"])
+rows, aten = {}, {}
 for name, p in (("2d", 0), ("64d", 1), ("digits", 2)):
     cpp = load(os.path.join(out, f"cpp_{name}.json"))
     rows[name] = (cpp[f"BM_Iteration/{p}/1/real_time"], cpp[f"BM_Iteration/{p}/0/real_time"],
                   json.load(open(os.path.join(out, f"pytorch_{name}.json"))))
+    aten[name] = load(os.path.join(out, f"cpp_{name}_aten.json"))[f"BM_Iteration/{p}/1/real_time"]
 
 cpu = "?"
 try:
@@ -120,13 +127,15 @@ except (OSError, StopIteration):
 torch_version = rows["2d"][2]["torch"]
 print(f"\nOne Adjoint Matching iteration (rollout, lean adjoint, regression, backward, Adam), {threads} threads,"
       f" {cpu}, {os.cpu_count()} CPUs; PyTorch {torch_version}. tilt's default (taped) path runs each network"
-      f" once per state and computes the VJPs and gradients from the recorded activations; its autograd path"
-      f" computes the iteration the way the reference does.\n")
-print("| problem | tilt ms/iter | PyTorch ms/iter | ratio (PyTorch / tilt) | tilt autograd path ms/iter | ratio |")
-print("|---|---|---|---|---|---|")
+      f" once per state and computes the VJPs and gradients from the recorded activations, its matrix products"
+      f" with {gemm} (TILT_GEMM=aten: ATen's, the reference's OpenBLAS); its autograd path computes the iteration"
+      f" the way the reference does.\n")
+print("| problem | tilt ms/iter | PyTorch ms/iter | ratio (PyTorch / tilt) | tilt, ATen products | ratio |"
+      " tilt autograd path ms/iter | ratio |")
+print("|---|---|---|---|---|---|---|---|")
 for name, (taped, auto, py) in rows.items():
-    t, a, p = ms(taped), ms(auto), py["iteration_ms"]
-    print(f"| {names[name]} | {t:.1f} | {p:.1f} | **{p / t:.2f}x** | {a:.1f} | {p / a:.2f}x |")
+    t, a, p, ta = ms(taped), ms(auto), py["iteration_ms"], ms(aten[name])
+    print(f"| {names[name]} | {t:.1f} | {p:.1f} | **{p / t:.2f}x** | {ta:.1f} | {p / ta:.2f}x | {a:.1f} | {p / a:.2f}x |")
 
 print("\nWhere the time goes, ms per iteration (tilt, taped path: timed inside compute(), its regression"
       " includes the hand-written gradients, 'backward, Adam' is the rest of the iteration; PyTorch: timed"
@@ -152,8 +161,10 @@ for label, ck, pk in parts:
     print(f"| {label} | " + " | ".join(cells) + " |")
 
 print(f"\nMatrix work and memory (tilt). Measured float32 matrix-multiply peak: {peak_big:.0f} GFLOP/s"
-      f" (2048^3); {peak['BM_PeakGemm/256/256/real_time']:.0f} GFLOP/s for 256 x 256 by 256 x 256, the iteration's"
-      f" typical product. GFLOP: the matrix products each path performs (the taped path does fewer). Peak"
+      f" (2048^3; ATen {peak['BM_PeakGemm/2048/2048/0/real_time']:.0f}, {gemm}"
+      f" {peak['BM_PeakGemm/2048/2048/1/real_time']:.0f}); for 256 x 256 by 256 x 256, the iteration's typical"
+      f" product: ATen {peak['BM_PeakGemm/256/256/0/real_time']:.0f}, {gemm} {peak['BM_PeakGemm/256/256/1/real_time']:.0f}"
+      f" GFLOP/s. GFLOP: the matrix products each path performs (the taped path does fewer). Peak"
       f" memory: the most live tensor storage during an iteration above what was live before the first one (it includes the tapes kept between iterations).\n")
 print("| problem | path | GFLOP per iteration | GFLOP/s | share of peak | peak memory (MB) |")
 print("|---|---|---|---|---|---|")

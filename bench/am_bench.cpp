@@ -19,6 +19,7 @@
 // tilt_bench --tilt_trace=P,N[,LR] runs no benchmark: it prints the metrics of N Trainer steps of problem P
 // (BM_Iteration's iteration, Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
 // (bench/reference/am_reference.py --check) can be compared with it number by number.
+#include "tilt/core/error.h"
 #include "tilt/model/classifier.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
@@ -381,7 +382,12 @@ int main(int argc, char** argv) {
   static tilt::CountingAllocator counting(c10::GetCPUAllocator());
   c10::SetCPUAllocator(&counting, /*priority=*/1);
   tilt::counting_allocator = &counting;
-  benchmark::AddCustomContext("tilt_gemm", tilt::detail::gemm_library());
+  try {
+    benchmark::AddCustomContext("tilt_gemm", tilt::matrix_library());
+  } catch (const tilt::Error& e) {
+    std::fprintf(stderr, "tilt_bench: %s\n", e.what());
+    return 2;
+  }
   benchmark::Initialize(&argc, argv);
   if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
   benchmark::RunSpecifiedBenchmarks();

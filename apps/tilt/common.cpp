@@ -4,6 +4,7 @@
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/model_io.h"
+#include "tilt/model/mlp.h"
 #include "tilt/model/torchscript.h"
 
 #include <ATen/Parallel.h>
@@ -37,6 +38,7 @@ void set_threads(int threads) {
     }
   }
   at::set_num_threads(n);
+  matrix_library();  // a TILT_GEMM that cannot be honoured stops here, before anything is written
 }
 
 ProcessGroupPtr join_group(double timeout_seconds) {

@@ -261,6 +261,8 @@ void MlpVelocity::set_trainable(bool trainable) {
   for (auto& p : impl_->net->parameters()) p.set_requires_grad(trainable);
 }
 
+std::string matrix_library() { return detail::gemm_library(); }
+
 std::shared_ptr<MlpVelocity> MlpVelocity::clone() const {
   auto copy = std::make_shared<MlpVelocity>(options_, schedule(), 0);
   copy->load_parameters(named_parameters());

@@ -55,6 +55,17 @@ else
   fail "finetune run: $(cat log.txt)"
 fi
 
+# A TILT_GEMM that cannot be honoured stops the run before anything is written; aten gives a run.
+expect_error "TILT_GEMM=bogus is an error naming it" "TILT_GEMM must be 'auto', 'onednn' or 'aten', got 'bogus'" \
+  env TILT_GEMM=bogus "$tilt" finetune -q -c tiny.toml -o run_gemm
+[ ! -e run_gemm ] && pass "TILT_GEMM=bogus writes nothing" || fail "TILT_GEMM=bogus left run_gemm behind"
+if env TILT_GEMM=aten "$tilt" finetune -q -c tiny.toml --set finetune.iterations=3 -o run_aten > log.txt 2>&1 &&
+   [ -f run_aten/model.pt ]; then
+  pass "TILT_GEMM=aten trains"
+else
+  fail "TILT_GEMM=aten: $(cat log.txt)"
+fi
+
 # 2. Resume with more iterations continues from the checkpoint.
 if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=30 -o run --resume > log.txt 2>&1 &&
    grep -q "resumed run at iteration 20" log.txt && [ "$(wc -l < run/metrics.jsonl)" -eq 30 ]; then

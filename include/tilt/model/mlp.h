@@ -4,6 +4,7 @@
 #include "tilt/model/velocity.h"
 
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace tilt {
@@ -66,5 +67,11 @@ class MlpVelocity : public VelocityField {
   MlpOptions options_;
   std::unique_ptr<Impl> impl_;
 };
+
+/// The library that the taped passes' float32 CPU matrix products go to: "oneDNN" (its dnnl_sgemm, where
+/// libdnnl.so.2 loads) or "ATen", as the environment variable TILT_GEMM (auto, onednn, aten) chooses.
+/// Throws tilt::Error naming the problem for a value it cannot honour; the CLI asks before it writes
+/// anything, so that a typo stops a run at once.
+std::string matrix_library();
 
 }  // namespace tilt

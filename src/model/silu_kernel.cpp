@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 
 // One copy of each loop per instruction set, chosen once at load time (GCC's ifunc resolver).

@@ -66,9 +66,12 @@ std::string gemm_library_for(const char* tilt_gemm) {
 }
 
 void gemm(const Tensor& C, const Tensor& A, bool transpose_a, const Tensor& B, bool transpose_b, double beta) {
+  if (A.dim() != 2 || B.dim() != 2 || C.dim() != 2) {
+    throw Error("gemm: needs matrices, got " + std::to_string(A.dim()) + "-D, " + std::to_string(B.dim()) +
+                "-D and " + std::to_string(C.dim()) + "-D tensors");
+  }
   const Tensor opA = transpose_a ? A.t() : A, opB = transpose_b ? B.t() : B;
-  if (C.dim() != 2 || opA.dim() != 2 || opB.dim() != 2 || opA.size(1) != opB.size(0) ||
-      C.size(0) != opA.size(0) || C.size(1) != opB.size(1)) {
+  if (opA.size(1) != opB.size(0) || C.size(0) != opA.size(0) || C.size(1) != opB.size(1)) {
     throw Error("gemm: cannot multiply " + std::to_string(opA.size(0)) + " x " + std::to_string(opA.size(1)) +
                 " by " + std::to_string(opB.size(0)) + " x " + std::to_string(opB.size(1)) + " into " +
                 std::to_string(C.size(0)) + " x " + std::to_string(C.size(1)));

@@ -247,6 +247,7 @@ TEST(Kernels, GemmEqualsTheDoublePrecisionProduct) {
     }
   }
   EXPECT_THROW(detail::gemm(at::zeros({3, 4}), at::zeros({3, 5}), false, at::zeros({6, 4}), false, 0.0), Error);
+  EXPECT_THROW(detail::gemm(at::zeros({3, 4}), at::zeros({3}), false, at::zeros({3, 4}), false, 0.0), Error);
   const std::string library = detail::gemm_library();
   EXPECT_TRUE(library == "oneDNN" || library == "ATen") << library;
   EXPECT_EQ(detail::gemm_library_for("aten"), "ATen");

@@ -4,7 +4,8 @@
 # (build/bench/tilt_bench: BM_Iteration/P/T, BM_PeakGemm) and the PyTorch reference
 # (bench/reference/am_reference.py: the same iteration, networks, batch, K, loss steps, Adam) on the
 # same number of threads, and prints Markdown tables: ms per iteration and the ratios (tilt's default
-# taped path, and its autograd path, which computes the iteration the way the reference does), where
+# taped path; the same with ATen's matrix products, TILT_GEMM=aten, the reference's OpenBLAS; and its
+# autograd path, which computes the iteration the way the reference does), where
 # the time goes, the matrix work's share of the machine's measured peak, and peak memory. Raw results
 # go to build/bench_compare/. Run nothing else meanwhile: two OpenMP jobs on the same cores slow each
 # other down by up to 10x.

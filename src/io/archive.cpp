@@ -3,6 +3,8 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 
+#include "../core/checksum.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/Dict.h>
 #include <torch/csrc/jit/serialization/pickle.h>
@@ -10,13 +12,30 @@
 namespace tilt::archive {
 namespace {
 constexpr const char* kMetaKey = "__tilt_meta__";
+constexpr const char* kChecksumKey = "__tilt_checksum__";
+
+// CRC-32 over the metadata's text and every tensor (name, type, shape and bytes), in name order.
+uint32_t checksum(const std::string& meta_text, const TensorMap& tensors) {
+  uint32_t crc = crc32_bytes(meta_text);
+  for (const auto& [name, value] : tensors) {
+    const Tensor t = value.detach().contiguous().cpu();
+    std::string header = name + "|" + std::string(c10::toString(t.scalar_type()));
+    for (const int64_t s : t.sizes()) header += "|" + std::to_string(s);
+    crc = crc32_bytes(header, crc);
+    crc = crc32_bytes(t.data_ptr(), static_cast<size_t>(t.numel()) * t.element_size(), crc);
+  }
+  return crc;
 }
+}  // namespace
 
 void write(const std::string& path, const Json& meta, const TensorMap& tensors) {
-  const std::string text = meta.dump();
+  Json marked = meta;
+  marked["checksum"] = "crc32";  // so that a file whose checksum entry was lost is not taken for an old one
+  const std::string text = marked.dump();
   c10::Dict<std::string, Tensor> dict;
   dict.insert(kMetaKey, at::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, at::kByte).clone());
   for (const auto& [name, value] : tensors) dict.insert(name, value.detach().contiguous());
+  dict.insert(kChecksumKey, at::scalar_tensor(static_cast<int64_t>(checksum(text, tensors)), at::kLong));
   const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
   atomic_write(path, std::string(bytes.begin(), bytes.end()));
 }
@@ -33,6 +52,7 @@ Contents read(const std::string& path, const std::string& what, const std::strin
   if (!value.isGenericDict()) throw Error(what + " '" + path + "' does not hold a dict of tensors");
   Contents out;
   std::string meta_text;
+  Tensor stored_checksum;
   for (const auto& item : value.toGenericDict()) {
     if (!item.key().isString() || !item.value().isTensor()) {
       throw Error(what + " '" + path + "' holds an entry that is not a named tensor");
@@ -40,12 +60,28 @@ Contents read(const std::string& path, const std::string& what, const std::strin
     const std::string name = item.key().toStringRef();
     const Tensor t = item.value().toTensor();
     if (name == kMetaKey) {
+      if (t.scalar_type() != at::kByte || t.dim() != 1) throw Error(what + " '" + path + "' has unreadable metadata");
       meta_text.assign(static_cast<const char*>(t.contiguous().data_ptr()), static_cast<size_t>(t.numel()));
+    } else if (name == kChecksumKey) {
+      stored_checksum = t;
+    } else if (name.rfind("__tilt_", 0) == 0) {
+      throw Error(what + " '" + path + "' is damaged: it holds an unknown entry '" + name + "'");
     } else {
       out.tensors[name] = t;
     }
   }
   if (meta_text.empty()) throw Error(what + " '" + path + "' has no tilt metadata");
+  // Files written before checksums existed have neither the entry nor the mark in the metadata;
+  // any other file must match its checksum.
+  const bool marked = meta_text.find("\"checksum\":\"crc32\"") != std::string::npos;
+  if (marked && !stored_checksum.defined()) {
+    throw Error(what + " '" + path + "' is damaged: its checksum entry is missing");
+  }
+  if (stored_checksum.defined() &&
+      (stored_checksum.numel() != 1 || stored_checksum.scalar_type() != at::kLong ||
+       stored_checksum.item<int64_t>() != static_cast<int64_t>(checksum(meta_text, out.tensors)))) {
+    throw Error(what + " '" + path + "' is damaged: its checksum does not match its contents (a changed or corrupt file)");
+  }
   out.meta = Json::parse(meta_text, nullptr, false);
   if (out.meta.is_discarded() || !out.meta.is_object()) throw Error(what + " '" + path + "' has unreadable metadata");
   const std::string found = out.meta.value("format", "");

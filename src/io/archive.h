@@ -1,5 +1,7 @@
 // (Private to src/io.) Files holding named tensors and a JSON header, as one pickled dict that
-// Python's torch.load reads as well: "__tilt_meta__" is a uint8 tensor holding the JSON.
+// Python's torch.load reads as well: "__tilt_meta__" is a uint8 tensor holding the JSON, and
+// "__tilt_checksum__" an int64 holding the CRC-32 of that JSON and of every tensor (name, type,
+// shape, bytes), checked on read so that a flipped bit is an error, not a silently different model.
 #pragma once
 
 #include "tilt/core/tensor.h"
@@ -12,7 +14,7 @@ namespace tilt::archive {
 
 using TensorMap = std::map<std::string, Tensor>;
 
-/// Writes atomically; meta must hold "format" and "version".
+/// Writes atomically; meta must hold "format" and "version" (write adds "checksum": "crc32").
 void write(const std::string& path, const Json& meta, const TensorMap& tensors);
 
 struct Contents {
@@ -20,7 +22,8 @@ struct Contents {
   TensorMap tensors;
 };
 /// Reads a file written by write() and checks its format and version. `what` names the kind of
-/// file in messages ("classifier file"). Throws tilt::Error for a missing, foreign or corrupt file.
+/// file in messages ("classifier file"). Throws tilt::Error for a missing, foreign or corrupt file,
+/// or one whose checksum does not match (files written before checksums have none, and are read).
 Contents read(const std::string& path, const std::string& what, const std::string& format, int version);
 
 /// The named tensor, or an error naming the file.

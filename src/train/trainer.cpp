@@ -5,6 +5,8 @@
 #include "tilt/core/progress.h"
 #include "tilt/train/distributed.h"
 
+#include "../core/checksum.h"
+
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <torch/optim/adam.h>
@@ -15,14 +17,26 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cerrno>
 #include <cstdio>
-#include <fstream>
+#include <cstring>
 #include <sstream>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace tilt {
 
 namespace {
-constexpr int64_t kCheckpointVersion = 1;
+// Version 2: the checkpoint's archive is stored whole as a byte payload beside its CRC-32, so a
+// damaged file is refused instead of resumed from. Version 1 files (no checksum) are still read.
+constexpr int64_t kCheckpointVersion = 2;
+
+// The first line of an exception's message (TorchScript's carry a source excerpt after it).
+std::string first_line(const std::string& text) {
+  const size_t start = std::min(text.size(), text.find_first_not_of(" \n"));
+  return text.substr(start, text.find('\n', start) - start);
+}
 
 std::string sci(double x) {
   if (std::isnan(x)) return "nan";  // printf's sign of a NaN ("-nan") means nothing to a user
@@ -30,6 +44,50 @@ std::string sci(double x) {
   std::snprintf(buf, sizeof buf, "%.4g", x);
   return buf;
 }
+// The metrics stream (one JSON line per iteration). Every write is checked: a line that cannot be
+// written whole (a full disk) is cut off again, so the file never holds half a record, and the
+// run stops with an error naming the file.
+class MetricsFile {
+ public:
+  explicit MetricsFile(std::string path) : path_(std::move(path)) {
+    fd_ = ::open(path_.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd_ < 0) fail(errno);
+    const off_t end = ::lseek(fd_, 0, SEEK_END);
+    if (end < 0) fail(errno);
+    size_ = end;
+  }
+  ~MetricsFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  MetricsFile(const MetricsFile&) = delete;
+  MetricsFile& operator=(const MetricsFile&) = delete;
+
+  void append(const std::string& line) {
+    size_t done = 0;
+    while (done < line.size()) {
+      const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const int err = n < 0 ? errno : ENOSPC;
+        if (::ftruncate(fd_, size_) != 0) {
+          // The partial line stays; a resumed run keeps only whole records (Trainer::run).
+        }
+        fail(err);
+      }
+      done += static_cast<size_t>(n);
+    }
+    size_ += static_cast<off_t>(line.size());
+  }
+
+ private:
+  [[noreturn]] void fail(int err) const {
+    throw Error("cannot write metrics file '" + path_ + "': " + std::strerror(err));
+  }
+  std::string path_;
+  int fd_ = -1;
+  off_t size_ = 0;
+};
+
 }  // namespace
 
 struct Trainer::Impl {
@@ -285,7 +343,7 @@ StepResult Trainer::step() {
 void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
   Impl& m = *impl_;
   const bool writer = m.rank() == 0;  // in a group, only rank 0 writes files and shows progress
-  std::ofstream metrics;
+  std::unique_ptr<MetricsFile> metrics;
   if (writer && !m.options.metrics_path.empty()) {
     // Keep the lines up to the current iteration (a resumed run rewrites what came after).
     std::ostringstream kept;
@@ -301,13 +359,12 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
       }
     }
     atomic_write(m.options.metrics_path, kept.str());
-    metrics.open(m.options.metrics_path, std::ios::app);
-    if (!metrics) throw Error("cannot write metrics file '" + m.options.metrics_path + "'");
+    metrics = std::make_unique<MetricsFile>(m.options.metrics_path);
   }
   ProgressBar bar(m.options.label, m.options.iterations, m.iteration, writer && m.options.progress);
   while (m.iteration < m.options.iterations) {
     const StepResult r = step();
-    if (metrics.is_open()) {
+    if (metrics) {
       nlohmann::json j;
       j["iteration"] = r.iteration;
       j["loss"] = r.loss;
@@ -315,8 +372,7 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
       j["lr"] = r.lr;
       j["seconds"] = r.seconds;
       for (const auto& [key, value] : r.output.metrics) j[key] = value;
-      metrics << j.dump() << '\n';
-      metrics.flush();
+      metrics->append(j.dump() + '\n');
     }
     std::string status = "loss " + sci(r.loss);
     for (const auto& [key, value] : r.output.metrics) {
@@ -335,7 +391,10 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
 
 void Trainer::save_checkpoint(const std::string& path) const {
   const Impl& m = *impl_;
-  atomic_write_with(path, [&](const std::string& tmp) {
+  // Serialised in memory, then written by atomic_write, which checks every write: LibTorch's zip
+  // writer, given a file, reports a full disk by throwing from a destructor (an abort).
+  std::string payload;
+  {
     torch::serialize::OutputArchive archive;
     archive.write("tilt_checkpoint_version", at::scalar_tensor(kCheckpointVersion, at::kLong));
     archive.write("loss", c10::IValue(m.loss.name()));
@@ -354,8 +413,17 @@ void Trainer::save_checkpoint(const std::string& path) const {
       for (const auto& [key, value] : state) state_archive.write(key, value);
       archive.write("loss_state", state_archive);
     }
-    archive.save_to(tmp);
-  });
+    std::ostringstream bytes;
+    archive.save_to(bytes);
+    payload = bytes.str();
+  }
+  torch::serialize::OutputArchive file;
+  file.write("tilt_checkpoint_version", at::scalar_tensor(kCheckpointVersion, at::kLong));
+  file.write("payload", at::from_blob(payload.data(), {static_cast<int64_t>(payload.size())}, at::kByte));
+  file.write("payload_crc32", at::scalar_tensor(static_cast<int64_t>(crc32_bytes(payload)), at::kLong));
+  std::ostringstream bytes;
+  file.save_to(bytes);
+  atomic_write(path, bytes.str());
 }
 
 namespace {
@@ -376,20 +444,40 @@ void Trainer::load_checkpoint(const std::string& path) {
     run_on_rank0(m.options.group.get(), [&] { bytes = read_checkpoint_bytes(path); });
     bytes = m.options.group->broadcast_bytes(bytes, "sending the checkpoint '" + path + "'");
   }
-  torch::serialize::InputArchive archive;
+  torch::serialize::InputArchive file, inner;
+  Tensor payload;  // version 2: the archive's bytes, which must outlive `inner`
   try {
-    archive.load_from(bytes.data(), bytes.size());
+    file.load_from(bytes.data(), bytes.size());
+    Tensor version;
+    file.read("tilt_checkpoint_version", version);
+    const int64_t v = version.numel() == 1 ? version.item<int64_t>() : -1;
+    if (v != 1 && v != kCheckpointVersion) {
+      throw Error("checkpoint '" + path + "' has version " + std::to_string(v) + ", this tilt reads versions 1 and " +
+                  std::to_string(kCheckpointVersion));
+    }
+    if (v == kCheckpointVersion) {
+      Tensor crc;
+      file.read("payload", payload);
+      file.read("payload_crc32", crc);
+      payload = payload.contiguous();
+      if (payload.scalar_type() != at::kByte || payload.dim() != 1 || crc.numel() != 1 ||
+          crc32_bytes(payload.data_ptr(), static_cast<size_t>(payload.numel())) != crc.item<int64_t>()) {
+        throw Error("checkpoint '" + path + "' is damaged: its checksum does not match its contents; it cannot be "
+                    "resumed from (restore a copy, or remove it to start the run over)");
+      }
+      inner.load_from(static_cast<const char*>(payload.data_ptr()), static_cast<size_t>(payload.numel()));
+    }
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" +
                 std::string(e.what_without_backtrace()) + ")");
+  } catch (const std::exception& e) {  // e.g. TorchScript's parser, on a damaged legacy file
+    throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" + first_line(e.what()) + ")");
   }
+  torch::serialize::InputArchive& archive = payload.defined() ? inner : file;
   try {
-    Tensor version, iteration, num_params;
-    archive.read("tilt_checkpoint_version", version);
-    if (version.item<int64_t>() != kCheckpointVersion) {
-      throw Error("checkpoint '" + path + "' has version " + std::to_string(version.item<int64_t>()) +
-                  ", this tilt reads version " + std::to_string(kCheckpointVersion));
-    }
+    Tensor iteration, num_params;
     c10::IValue loss_name;
     archive.read("loss", loss_name);
     if (!loss_name.isString() || loss_name.toStringRef() != m.loss.name()) {
@@ -428,8 +516,12 @@ void Trainer::load_checkpoint(const std::string& path) {
     at::NoGradGuard no_grad;
     for (size_t i = 0; i < m.params.size(); ++i) m.params[i].copy_(values[i]);
     m.iteration = iteration.item<int64_t>();
+  } catch (const Error&) {
+    throw;
   } catch (const c10::Error& e) {
     throw Error("cannot read checkpoint '" + path + "': " + std::string(e.what_without_backtrace()));
+  } catch (const std::exception& e) {
+    throw Error("cannot read checkpoint '" + path + "': " + first_line(e.what()));
   }
 }
 

@@ -105,6 +105,11 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
   }
   if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
 
+  if (!reference.empty()) {
+    for (const char* name : {"samples.csv", "eval.json", "eval.txt", "model.pt", "checkpoint.pt"}) {
+      refuse_output_over_input("--out", args.out + "/" + name, {{"--reference", reference}});
+    }
+  }
   const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);
   auto base = std::make_shared<BrownianBase>(brownian, energy->dim(), energy->particles());
   auto control = std::make_shared<soc::ControlNetwork>(energy->dim(), 1.0, hidden, mix_seed(settings.seed, 1),
@@ -243,6 +248,8 @@ int run_mcmc(const McmcArgs& args) {
   root.allow({"brownian", "adjoint_sampling", "evaluation"});
   root.finish();
   if (args.out.empty()) throw Error("--out is required: the CSV file for the samples");
+  refuse_output_over_input("--out", args.out, {{"--config", args.config.config}});
+  refuse_output_over_input("--out", args.out + ".json", {{"--config", args.config.config}});
   const uint64_t seed = args.seed >= 0 ? static_cast<uint64_t>(args.seed) : mix_seed(settings.seed, 9);
   Generator gen = make_generator(seed);
   const auto t0 = std::chrono::steady_clock::now();

@@ -15,6 +15,10 @@ namespace tilt::cli {
 
 int run_export(const ExportArgs& args) {
   if (args.points < 1) throw Error("--points must be >= 1");
+  refuse_output_over_input("--out", args.out, {{"--model", args.model}});
+  if (!args.reference.empty()) {
+    refuse_output_over_input("--reference", args.reference, {{"--model", args.model}, {"--out", args.out}});
+  }
   set_threads(1);
   const LoadedModel m = load_velocity(args.model);
   atomic_write(args.out, export_torchscript(*m.field));

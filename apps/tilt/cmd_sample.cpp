@@ -32,6 +32,8 @@ std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
 int run_sample(const SampleArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the CSV file for the samples");
   if (args.n < 1) throw Error("--n must be >= 1");
+  refuse_output_over_input("--out", args.out, {{"--model", args.model}, {"--config", args.config.config}, {"--png", args.png}});
+  if (!args.png.empty()) refuse_output_over_input("--png", args.png, {{"--model", args.model}, {"--config", args.config.config}});
   if (args.model.empty() == args.exact.empty()) {
     throw Error("give either --model FILE, or --exact base|target with --config");
   }
@@ -189,6 +191,9 @@ int run_eval(const EvalArgs& args) {
 int run_plot(const PlotArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the PNG file to write");
   if (args.panels.empty()) throw Error("give at least one samples file (FILE or FILE:TITLE)");
+  for (const std::string& spec : args.panels) {
+    refuse_output_over_input("--out", args.out, {{"the samples file", spec.substr(0, spec.find(':'))}});
+  }
   struct Input {
     std::string path, title;
     Tensor x;

@@ -82,11 +82,17 @@ int run_soc(const SocArgs& args) {
                       {"hidden", args.hidden},   {"seed", args.seed},        {"eval_every", args.eval_every},
                       {"eval_batch", args.eval_batch}, {"shards", shards}};
   if (group) group->check_same(resolved.dump(), "command line");
+  std::unique_ptr<DirectoryLock> lock;  // rank 0 writes the directory; a second writer is refused
   run_on_rank0(group.get(), [&] {
-    if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
-      throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
-    }
-    make_directories(args.out);
+    const auto check = [&] {
+      if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
+        throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
+      }
+    };
+    check();
+    lock = std::make_unique<DirectoryLock>(args.out);
+    check();
+    remove_stale_temporaries_in(args.out);
     atomic_write(args.out + "/soc.resolved.json", resolved.dump(2) + "\n");
   });
   const int64_t steps = args.steps > 0 ? args.steps : problem->default_steps();

@@ -93,7 +93,7 @@ RunDirectory start_run(const Config& config, const std::string& section, int64_t
   Json resolved = config.resolved();
   resolved[section]["shards"] = effective_shards(shards, group);
   if (group) group->check_same(resolved.dump(), "configuration (config file and --set)");
-  RunDirectory run{args.out};
+  RunDirectory run{args.out, nullptr, ""};
   run_on_rank0(group.get(), [&] { run = prepare_run_directory(args.out, resolved, args.resume); });
   return run;
 }

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <thread>
 
 namespace tilt::cli {
@@ -150,49 +151,104 @@ std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string*
   return p;
 }
 
+namespace {
+
+// The files a training run writes in its directory (plots aside).
+const char* const kRunOutputs[] = {"config.resolved.json", "checkpoint.pt", "model.pt", "metrics.jsonl",
+                                   "samples.csv", "eval.json", "eval.txt"};
+
+// A file the configuration reads (a base model, a reward module, a data set) must not be one the
+// run will overwrite: `-o` pointed at the directory of its own base would destroy the base.
+void refuse_inputs_among_outputs(const RunDirectory& run, const Json& node, const std::string& key) {
+  if (node.is_object()) {
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      refuse_inputs_among_outputs(run, it.value(), key.empty() ? it.key() : key + "." + it.key());
+    }
+  } else if (node.is_string() && file_exists(node.get<std::string>())) {
+    for (const char* name : kRunOutputs) {
+      if (same_file(node.get<std::string>(), run.path(name))) {
+        throw Error("'" + key + "' = '" + node.get<std::string>() + "' is a file this run writes in '" + run.dir +
+                    "': it would be overwritten; copy it elsewhere or choose another --out");
+      }
+    }
+  }
+}
+
+// Whether the directory holds a run that got as far as a checkpoint or a model. A run that stopped
+// before its first checkpoint (a NaN at iteration 3, a bad value) holds nothing worth keeping.
+bool holds_trained_run(const RunDirectory& run) {
+  return file_exists(run.path("checkpoint.pt")) || file_exists(run.path("model.pt"));
+}
+
+// Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
+// everything that defines the model and the problem must stay as it was.
+void check_same_problem(const RunDirectory& run, const Json& resolved) {
+  const std::string config_path = run.path("config.resolved.json");
+  Json before = Json::parse(read_file(config_path, "resolved config"), nullptr, false);
+  if (before.is_discarded()) throw Error("--resume: '" + config_path + "' is corrupt");
+  static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
+                                   "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
+                                   "shards"};
+  Json a = before, b = resolved;
+  std::string changed;
+  for (const char* section : {"finetune", "pretrain", "adjoint_sampling"}) {
+    for (const char* key : kMutable) {
+      const bool in_a = a.contains(section) && a[section].is_object() && a[section].contains(key);
+      const bool in_b = b.contains(section) && b[section].is_object() && b[section].contains(key);
+      if (in_a && in_b && a[section][key] != b[section][key]) {
+        changed += std::string(changed.empty() ? "" : ", ") + section + "." + key + " " + a[section][key].dump() +
+                   " -> " + b[section][key].dump();
+      }
+      if (in_a) a[section].erase(key);
+      if (in_b) b[section].erase(key);
+    }
+  }
+  if (a != b) {
+    std::string keys;
+    for (auto it = b.begin(); it != b.end(); ++it) {
+      if (!a.contains(it.key()) || a[it.key()] != it.value()) keys += (keys.empty() ? "" : ", ") + it.key();
+    }
+    throw Error("--resume: the configuration differs from the one '" + run.dir + "' was started with (in: " + keys +
+                "); only optimisation settings may change. Compare with " + config_path);
+  }
+  if (!changed.empty()) info("resuming with changed settings: " + changed);
+}
+
+}  // namespace
+
 RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume) {
   if (dir.empty()) throw Error("--out is required: the directory for this run's files");
-  RunDirectory run{dir};
+  RunDirectory run{dir, nullptr, ""};
   const std::string config_path = run.path("config.resolved.json");
-  if (resume) {
-    if (!file_exists(config_path)) {
+  if (file_exists(dir) && !std::filesystem::is_directory(dir)) {
+    throw Error("--out '" + dir + "' is a file, not a directory");
+  }
+  refuse_inputs_among_outputs(run, resolved, "");
+  // Checked once before anything is written (so that a refused command creates nothing) and again
+  // under the lock (so that two processes cannot both pass).
+  const auto check = [&] {
+    if (resume && !file_exists(config_path)) {
       throw Error("--resume: '" + dir + "' holds no run to resume (no config.resolved.json)");
     }
-    Json before = Json::parse(read_file(config_path, "resolved config"), nullptr, false);
-    if (before.is_discarded()) throw Error("--resume: '" + config_path + "' is corrupt");
-    // Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
-    // everything that defines the model and the problem must stay as it was.
-    static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
-                                     "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
-                                     "shards"};
-    Json a = before, b = resolved;
-    std::string changed;
-    for (const char* section : {"finetune", "pretrain", "adjoint_sampling"}) {
-      for (const char* key : kMutable) {
-        const bool in_a = a.contains(section) && a[section].contains(key);
-        const bool in_b = b.contains(section) && b[section].contains(key);
-        if (in_a && in_b && a[section][key] != b[section][key]) {
-          changed += std::string(changed.empty() ? "" : ", ") + section + "." + key + " " + a[section][key].dump() +
-                     " -> " + b[section][key].dump();
-        }
-        if (in_a) a[section].erase(key);
-        if (in_b) b[section].erase(key);
-      }
+    if (!resume && holds_trained_run(run)) {
+      throw Error("'" + dir + "' already holds a run; use --resume to continue it, or choose another --out");
     }
-    if (a != b) {
-      std::string keys;
-      for (auto it = b.begin(); it != b.end(); ++it) {
-        if (!a.contains(it.key()) || a[it.key()] != it.value()) keys += (keys.empty() ? "" : ", ") + it.key();
-      }
-      throw Error("--resume: the configuration differs from the one '" + dir + "' was started with (in: " + keys +
-                  "); only optimisation settings may change. Compare with " + config_path);
-    }
-    if (!changed.empty()) info("resuming with changed settings: " + changed);
-  } else if (file_exists(config_path) || file_exists(run.path("checkpoint.pt")) || file_exists(run.path("model.pt"))) {
-    throw Error("'" + dir + "' already holds a run; use --resume to continue it, or choose another --out");
+  };
+  check();
+  run.lock = std::make_shared<DirectoryLock>(dir);  // a second writer is refused, naming this process
+  check();
+  remove_stale_temporaries_in(dir);  // left by a process killed while writing
+  const std::string text = resolved.dump(2) + "\n";
+  if (resume && holds_trained_run(run)) {
+    check_same_problem(run, resolved);
+    // Written once the checkpoint has been read (resume_if_asked): a failed resume changes nothing.
+    run.pending_config = text;
+    return run;
   }
-  make_directories(dir);
-  atomic_write(config_path, resolved.dump(2) + "\n");
+  if (file_exists(config_path)) {
+    info("'" + dir + "' holds a run that stopped before its first checkpoint; starting it afresh");
+  }
+  atomic_write(config_path, text);
   return run;
 }
 
@@ -210,6 +266,7 @@ void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDire
   if (resume && trainer.resume(topt.checkpoint_path)) {
     info("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
   }
+  if (!run.pending_config.empty()) atomic_write(run.path("config.resolved.json"), run.pending_config);
 }
 
 }  // namespace tilt::cli

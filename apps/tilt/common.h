@@ -1,6 +1,7 @@
 // Shared pieces of the tilt command-line tool.
 #pragma once
 
+#include "tilt/core/fs.h"
 #include "tilt/io/config.h"
 #include "tilt/io/datasets.h"
 #include "tilt/model/gmm.h"
@@ -63,10 +64,15 @@ struct ExactProblem {
 /// nullopt (with the reason in *why) if there is no exact target.
 std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why = nullptr);
 
-/// A run directory for training: refuses to overwrite an earlier run unless resuming, and on
-/// resume checks that the configuration is the one the run was started with.
+/// A run directory for training, locked while this process writes it (a second writer is refused,
+/// naming this PID). Refuses to overwrite a run that has a checkpoint or a model unless resuming;
+/// on resume checks that the configuration is the one the run was started with. A run that stopped
+/// before its first checkpoint is started afresh. Refuses a config whose input files are among the
+/// run's outputs, and removes temporary files a killed process left behind.
 struct RunDirectory {
   std::string dir;
+  std::shared_ptr<DirectoryLock> lock;  ///< rank 0's (the writer's); null on the other ranks
+  std::string pending_config;           ///< on resume: written once the checkpoint was read
   std::string path(const std::string& name) const { return dir + "/" + name; }
 };
 RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume);
@@ -75,7 +81,8 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
 /// and labels its progress bar (none if quiet).
 void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, bool quiet,
                    const std::string& label, const ProcessGroupPtr& group = nullptr);
-/// With resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others) and says so.
+/// With resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others) and says so;
+/// then writes the resolved config that prepare_run_directory held back.
 void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume);
 
 /// Checks the top level for unknown keys; the tables of other commands are allowed.

@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# What survives: a run directory and the files a command reads, against a second writer, kill -9,
+# a full disk (as root, on a small tmpfs; skipped with a message otherwise), a failed resume and an
+# output path that names an input. Usage: run_files_test.sh path/to/tilt
+set -uo pipefail
+tilt=$(realpath "$1")
+work=$(mktemp -d)
+disk="$work/disk"
+cleanup() {
+  mountpoint -q "$disk" 2>/dev/null && umount -l "$disk"
+  rm -rf "$work"
+}
+trap cleanup EXIT
+cd "$work"
+passed=0
+failures=0
+
+pass() { echo "ok   $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failures=$((failures + 1)); }
+# expect_error NAME "text the message must contain" command...
+expect_error() {
+  local name=$1 text=$2; shift 2
+  local out
+  out=$("$@" 2>&1); local rc=$?
+  if [ $rc -eq 1 ] && grep -qF -- "$text" <<<"$out"; then pass "$name"; else fail "$name (rc=$rc): $out"; fi
+}
+hashes() { find "$@" -type f ! -name run.lock -print0 | sort -z | xargs -0 md5sum; }
+
+cat > tiny.toml <<'TOML'
+seed = 1
+threads = 1
+[data]
+type = "ring"
+components = 4
+radius = 2.0
+std = 0.5
+[base]
+type = "exact"
+[reward]
+type = "quadratic"
+center = [2.0, 0.0]
+precision = 0.5
+[finetune]
+hidden = [32, 32]
+num_steps = 10
+batch_size = 16
+iterations = 6
+loss_early_steps = 3
+loss_late_steps = 3
+clip_factor = 0.0
+checkpoint_every = 2
+TOML
+"$tilt" finetune -q -c tiny.toml -o run > log.txt 2>&1 || fail "the setup run: $(cat log.txt)"
+
+# 1. An output that names an input is refused before anything is written.
+before=$(hashes run)
+expect_error "sample -o over its --model" "--out 'run/model.pt' is also --model 'run/model.pt'" \
+  "$tilt" sample -m run/model.pt -n 10 -o run/model.pt
+expect_error "sample --png over --out" "is also --png" "$tilt" sample -m run/model.pt -n 10 -o s.csv --png s.csv
+expect_error "export -o over its --model (another spelling)" "is also --model" \
+  "$tilt" export -m run/model.pt -o ./run/../run/model.pt
+expect_error "export --reference over --model" "--reference 'run/model.pt' is also --model" \
+  "$tilt" export -m run/model.pt -o m.ts --reference run/model.pt
+"$tilt" sample -m run/model.pt -n 10 -o s.csv > /dev/null 2>&1
+cp s.csv s_copy.csv
+expect_error "plot -o over a panel" "is also the samples file 's.csv'" "$tilt" plot -o s.csv s.csv:one
+cmp -s s.csv s_copy.csv && pass "the samples survive" || fail "plot overwrote its input"
+expect_error "a config whose base is among the run's outputs" "'base.path' = 'run2/model.pt' is a file this run writes" \
+  bash -c "mkdir -p run2 && cp run/model.pt run2/model.pt && \"$tilt\" finetune -q -c tiny.toml --set base.type=model --set base.path=run2/model.pt -o run2"
+expect_error "sample -o a directory" "cannot write 'run': it is a directory" "$tilt" sample -m run/model.pt -n 10 -o run
+[ "$before" = "$(hashes run)" ] && pass "run directory untouched by refused commands" || fail "run directory changed"
+
+# 2. A second writer is refused, naming the first's PID; kill -9 releases the lock and the temporary
+# files it leaves are removed by the next start.
+"$tilt" finetune -q -c tiny.toml --set finetune.iterations=100000 --set finetune.checkpoint_every=1 -o long > long.log 2>&1 &
+pid=$!
+for _ in $(seq 100); do [ -f long/checkpoint.pt ] && break; sleep 0.1; done
+expect_error "a second writer is refused, naming the first" "is in use by another tilt process (PID $pid)" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.iterations=100000 -o long --resume
+kill -9 $pid; wait $pid 2>/dev/null
+echo "half a checkpoint" > "long/checkpoint.pt.tmp.$pid"
+echo "half a model" > "long/model.pt.tmp.$pid"
+if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=3 -o long --resume > log.txt 2>&1 &&
+   [ -z "$(ls long | grep '\.tmp\.')" ]; then
+  pass "after kill -9 the run resumes and its stale temporary files are gone"
+else
+  fail "resume after kill -9: $(cat log.txt; ls long)"
+fi
+
+# 3. A failed resume changes nothing; a run that stopped before its first checkpoint can be rerun.
+cp -r run damaged
+printf 'x' | dd of=damaged/checkpoint.pt bs=1 seek=2000 conv=notrunc 2>/dev/null
+before=$(hashes damaged)
+expect_error "a damaged checkpoint is refused" "checkpoint 'damaged/checkpoint.pt' is damaged" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.iterations=8 --set finetune.lr=1e-4 -o damaged --resume
+[ "$before" = "$(hashes damaged)" ] && pass "the failed resume rewrote nothing (config.resolved.json included)" ||
+  fail "the failed resume changed the run directory"
+mkdir -p early && cp run/config.resolved.json early/ && echo '{"iteration": 1}' > early/metrics.jsonl
+if "$tilt" finetune -q -c tiny.toml --set finetune.lr=1e-4 -o early > log.txt 2>&1 && [ -f early/model.pt ] &&
+   grep -q "stopped before its first checkpoint; starting it afresh" log.txt &&
+   grep -q '"lr": 0.0001' early/config.resolved.json; then
+  pass "a run with no checkpoint is started afresh with the fixed config"
+else
+  fail "rerun of a run without a checkpoint: $(cat log.txt)"
+fi
+
+# 4. A full disk (needs root for a small tmpfs).
+if [ "$(id -u)" -ne 0 ] || ! { mkdir -p "$disk" && mount -t tmpfs -o size=1m tmpfs "$disk"; } 2>/dev/null; then
+  echo "skip full-disk tests: they need root to mount a small tmpfs"
+else
+  ckpt=$(stat -c %s run/checkpoint.pt)
+  # Room for the config, the metrics and one checkpoint but not for the second (written beside it).
+  fill_leaving() {
+    rm -f "$disk/filler"
+    dd if=/dev/zero of="$disk/filler" bs=4k 2>/dev/null
+    truncate -s -"$1" "$disk/filler"
+  }
+  fill_leaving $((ckpt * 3 / 2 + 16384))
+  out=$("$tilt" finetune -q -c tiny.toml --set finetune.iterations=20 -o "$disk/run" 2>&1); rc=$?
+  if [ $rc -eq 1 ] && grep -q "No space left on device" <<<"$out" && ! grep -q "terminate called" <<<"$out" &&
+     [ -z "$(ls "$disk/run" | grep '\.tmp\.')" ] && grep -q "is intact" <<<"$out"; then
+    pass "a full disk while checkpointing: exit 1, a message, no temporary file, the last checkpoint kept"
+  else
+    fail "checkpoint on a full disk (rc=$rc): $out"
+  fi
+  rm -f "$disk/filler"
+  if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=20 -o "$disk/run" --resume > log.txt 2>&1 &&
+     [ -f "$disk/run/model.pt" ] && [ "$(wc -l < "$disk/run/metrics.jsonl")" -eq 20 ]; then
+    pass "once space is freed, --resume finishes the run"
+  else
+    fail "resume after a full disk: $(cat log.txt)"
+  fi
+  rm -rf "$disk/run2"
+  fill_leaving 12000
+  out=$("$tilt" finetune -q -c tiny.toml --set finetune.iterations=2000 --set finetune.checkpoint_every=0 \
+        -o "$disk/run2" 2>&1); rc=$?
+  if [ $rc -eq 1 ] && grep -q "cannot write metrics file '$disk/run2/metrics.jsonl': No space left on device" <<<"$out" &&
+     /usr/bin/env python3 -c "
+import json, sys
+lines = open(sys.argv[1]).read().split('\n')
+assert lines[-1] == '', 'no newline at the end'
+for i, line in enumerate(lines[:-1]): assert json.loads(line)['iteration'] == i + 1
+" "$disk/run2/metrics.jsonl"; then
+    pass "a full disk while writing metrics: exit 1, a message, only whole records"
+  else
+    fail "metrics on a full disk (rc=$rc): $out"
+  fi
+  rm -f "$disk/filler"
+fi
+
+echo "$passed passed, $failures failed"
+[ "$failures" -eq 0 ]

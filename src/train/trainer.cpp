@@ -28,9 +28,11 @@
 namespace tilt {
 
 namespace {
-// Version 2: the checkpoint's archive is stored whole as a byte payload beside its CRC-32, so a
-// damaged file is refused instead of resumed from. Version 1 files (no checksum) are still read.
+// Version 2: a frame around LibTorch's archive, checked before LibTorch parses a byte of it (a
+// damaged zip can crash LibTorch's reader): the line "tilt-checkpoint 2 <bytes> <crc32>\n", then the
+// archive. Version 1 files (the bare archive, which starts "PK") are still read, unchecked.
 constexpr int64_t kCheckpointVersion = 2;
+const std::string kCheckpointMagic = "tilt-checkpoint";
 
 // The first line of an exception's message (TorchScript's carry a source excerpt after it).
 std::string first_line(const std::string& text) {
@@ -417,13 +419,9 @@ void Trainer::save_checkpoint(const std::string& path) const {
     archive.save_to(bytes);
     payload = bytes.str();
   }
-  torch::serialize::OutputArchive file;
-  file.write("tilt_checkpoint_version", at::scalar_tensor(kCheckpointVersion, at::kLong));
-  file.write("payload", at::from_blob(payload.data(), {static_cast<int64_t>(payload.size())}, at::kByte));
-  file.write("payload_crc32", at::scalar_tensor(static_cast<int64_t>(crc32_bytes(payload)), at::kLong));
-  std::ostringstream bytes;
-  file.save_to(bytes);
-  atomic_write(path, bytes.str());
+  const std::string frame = kCheckpointMagic + " " + std::to_string(kCheckpointVersion) + " " +
+                            std::to_string(payload.size()) + " " + std::to_string(crc32_bytes(payload)) + "\n";
+  atomic_write(path, frame + payload);
 }
 
 namespace {
@@ -444,38 +442,36 @@ void Trainer::load_checkpoint(const std::string& path) {
     run_on_rank0(m.options.group.get(), [&] { bytes = read_checkpoint_bytes(path); });
     bytes = m.options.group->broadcast_bytes(bytes, "sending the checkpoint '" + path + "'");
   }
-  torch::serialize::InputArchive file, inner;
-  Tensor payload;  // version 2: the archive's bytes, which must outlive `inner`
-  try {
-    file.load_from(bytes.data(), bytes.size());
-    Tensor version;
-    file.read("tilt_checkpoint_version", version);
-    const int64_t v = version.numel() == 1 ? version.item<int64_t>() : -1;
-    if (v != 1 && v != kCheckpointVersion) {
-      throw Error("checkpoint '" + path + "' has version " + std::to_string(v) + ", this tilt reads versions 1 and " +
+  const std::string damaged = "checkpoint '" + path + "' is damaged: its checksum does not match its contents; it "
+                              "cannot be resumed from (restore a copy, or remove it to start the run over)";
+  size_t start = 0, length = bytes.size();  // the archive within the file
+  if (bytes.compare(0, kCheckpointMagic.size(), kCheckpointMagic) == 0) {
+    const size_t eol = bytes.find('\n');
+    if (eol == std::string::npos || eol > 100) throw Error(damaged);
+    std::istringstream header(bytes.substr(0, eol));
+    std::string magic, extra;
+    int64_t version = 0;
+    unsigned long long size = 0, crc = 0;
+    if (!(header >> magic >> version >> size >> crc) || (header >> extra) || magic != kCheckpointMagic) throw Error(damaged);
+    if (version != kCheckpointVersion) {
+      throw Error("checkpoint '" + path + "' has version " + std::to_string(version) + ", this tilt reads versions 1 and " +
                   std::to_string(kCheckpointVersion));
     }
-    if (v == kCheckpointVersion) {
-      Tensor crc;
-      file.read("payload", payload);
-      file.read("payload_crc32", crc);
-      payload = payload.contiguous();
-      if (payload.scalar_type() != at::kByte || payload.dim() != 1 || crc.numel() != 1 ||
-          crc32_bytes(payload.data_ptr(), static_cast<size_t>(payload.numel())) != crc.item<int64_t>()) {
-        throw Error("checkpoint '" + path + "' is damaged: its checksum does not match its contents; it cannot be "
-                    "resumed from (restore a copy, or remove it to start the run over)");
-      }
-      inner.load_from(static_cast<const char*>(payload.data_ptr()), static_cast<size_t>(payload.numel()));
-    }
-  } catch (const Error&) {
-    throw;
+    start = eol + 1;
+    length = bytes.size() - start;
+    if (size != length || crc != crc32_bytes(bytes.data() + start, length)) throw Error(damaged);
+  } else if (bytes.compare(0, 2, "PK") != 0) {
+    throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint");
+  }
+  torch::serialize::InputArchive archive;
+  try {
+    archive.load_from(bytes.data() + start, length);
   } catch (const c10::Error& e) {
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" +
                 std::string(e.what_without_backtrace()) + ")");
-  } catch (const std::exception& e) {  // e.g. TorchScript's parser, on a damaged legacy file
+  } catch (const std::exception& e) {  // e.g. TorchScript's parser, on a damaged version 1 file
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" + first_line(e.what()) + ")");
   }
-  torch::serialize::InputArchive& archive = payload.defined() ? inner : file;
   try {
     Tensor iteration, num_params;
     c10::IValue loss_name;

@@ -15,9 +15,11 @@
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
+#include <vector>
 
 namespace tilt {
 
@@ -35,9 +37,46 @@ std::string first_line(const std::string& message) {
   return end == std::string::npos ? message : message.substr(0, end);
 }
 
+// Whether `line` opens an exception report, "Type: message" (RuntimeError, builtins.ValueError, ...).
+bool is_exception_line(const std::string& line) {
+  const size_t colon = line.find(": ");
+  if (colon == std::string::npos || colon == 0) return false;
+  const std::string type = line.substr(0, colon);
+  if (type.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.") != std::string::npos) {
+    return false;
+  }
+  for (const char* suffix : {"Error", "Exception", "Interrupt", "Exit"}) {
+    const std::string s(suffix);
+    if (type.size() >= s.size() && type.compare(type.size() - s.size(), s.size(), s) == 0) return true;
+  }
+  return false;
+}
+
+// What the module raised, without the TorchScript traceback. The interpreter reports an exception
+// as "The following operation failed in the TorchScript interpreter.", then the traceback (file
+// lines and source lines, indented or not), then "Type: message" (RuntimeError: ..., or
+// builtins.ValueError: ... for a Python raise) to the end. Other errors: their first line.
 std::string describe_error(const std::exception& e) {
-  if (auto c10 = dynamic_cast<const c10::Error*>(&e)) return first_line(c10->what_without_backtrace());
-  return first_line(e.what());
+  auto c10 = dynamic_cast<const c10::Error*>(&e);
+  const std::string message = c10 ? c10->what_without_backtrace() : std::string(e.what());
+  const size_t traceback = message.rfind("Traceback of TorchScript");
+  if (traceback == std::string::npos) return first_line(message);
+  // The last line after the traceback that opens an exception report.
+  std::vector<size_t> starts;
+  for (size_t pos = message.find('\n', traceback); pos != std::string::npos; pos = message.find('\n', pos + 1)) {
+    starts.push_back(pos + 1);
+  }
+  for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
+    const size_t end = message.find('\n', *it);
+    if (!is_exception_line(message.substr(*it, end == std::string::npos ? std::string::npos : end - *it))) continue;
+    std::string report = message.substr(*it);
+    while (!report.empty() && std::isspace(static_cast<unsigned char>(report.back()))) report.pop_back();
+    if (report.rfind("builtins.", 0) == 0) report.erase(0, 9);  // builtins.ValueError -> ValueError
+    constexpr size_t kMax = 2000;
+    if (report.size() > kMax) report = report.substr(0, kMax) + " [...]";
+    return report;
+  }
+  return first_line(message);
 }
 
 torch::jit::Module load_module(const std::string& bytes, const std::string& origin, const std::string& what) {
@@ -270,6 +309,10 @@ TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim) : imp
     throw Error("TorchScript reward " + impl_->origin + ": forward(x [2, " + std::to_string(dim) +
                 "]) must return r of shape [2], got " + shape_string(r));
   }
+  // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
+  // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail
+  // later inside autograd.
+  grad(probe_points(dim, impl_->dtype));
 }
 
 TorchScriptReward::~TorchScriptReward() = default;
@@ -289,7 +332,22 @@ Tensor TorchScriptReward::grad(const Tensor& x) const {
   at::AutoGradMode enable_grad(true);
   const Tensor xg = x.detach().to(impl_->dtype).requires_grad_(true);
   const Tensor r = value(xg);
-  return torch::autograd::grad({r.sum()}, {xg})[0].to(x.scalar_type());
+  const std::string not_differentiable =
+      "TorchScript reward " + impl_->origin +
+      ": its output has no gradient with respect to x (does forward detach x, go through .item() or "
+      "numpy, or return a constant?); the reward must be differentiable in x, since fine-tuning follows "
+      "its gradient";
+  if (!r.requires_grad()) throw Error(not_differentiable);
+  std::vector<Tensor> g;
+  try {
+    g = torch::autograd::grad({r.sum()}, {xg}, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                              /*create_graph=*/false, /*allow_unused=*/true);
+  } catch (const std::exception& e) {
+    throw Error("TorchScript reward " + impl_->origin + ": its gradient with respect to x failed: " +
+                describe_error(e));
+  }
+  if (g.empty() || !g[0].defined()) throw Error(not_differentiable);
+  return g[0].to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -39,6 +39,99 @@ using test::expect_contains;
 
 const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
+std::string digits_path() { return std::string(TILT_SOURCE_DIR) + "/data/digits/digits.csv.gz"; }
+
+std::string gunzip(const std::string& bytes) {
+  z_stream z{};
+  EXPECT_EQ(inflateInit2(&z, 16 + MAX_WBITS), Z_OK);
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(bytes.data()));
+  z.avail_in = static_cast<uInt>(bytes.size());
+  std::string out;
+  char buf[1 << 15];
+  int rc = Z_OK;
+  do {
+    z.next_out = reinterpret_cast<Bytef*>(buf);
+    z.avail_out = sizeof buf;
+    rc = inflate(&z, Z_NO_FLUSH);
+    out.append(buf, sizeof buf - z.avail_out);
+  } while (rc == Z_OK);
+  EXPECT_EQ(rc, Z_STREAM_END);
+  inflateEnd(&z);
+  return out;
+}
+
+// gzip of `text`; with finish = false the stream is flushed to a byte boundary but never ended (no
+// last block, no CRC and length trailer): what a writer that was stopped half-way leaves.
+std::string gzip(const std::string& text, bool finish) {
+  z_stream z{};
+  EXPECT_EQ(deflateInit2(&z, 6, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY), Z_OK);
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(text.data()));
+  z.avail_in = static_cast<uInt>(text.size());
+  std::string out;
+  char buf[1 << 15];
+  int rc = Z_OK;
+  do {
+    z.next_out = reinterpret_cast<Bytef*>(buf);
+    z.avail_out = sizeof buf;
+    rc = deflate(&z, finish ? Z_FINISH : Z_SYNC_FLUSH);
+    out.append(buf, sizeof buf - z.avail_out);
+  } while (finish ? rc != Z_STREAM_END : z.avail_out == 0);
+  deflateEnd(&z);
+  return out;
+}
+
+// The first `lines` lines of `text`, each with its newline.
+std::string first_lines(const std::string& text, int lines) {
+  size_t pos = 0;
+  for (int i = 0; i < lines; ++i) pos = text.find('\n', pos) + 1;
+  return text.substr(0, pos);
+}
+
+TEST(GzipData, TruncatedCopiesAreErrorsNamingTheFile) {
+  TempDir dir;
+  const std::string bytes = read_file(digits_path(), "data file");
+  ASSERT_GT(bytes.size(), 1000u);
+  const size_t size = bytes.size();
+  for (size_t cut : {size_t{11}, size_t{100}, size / 3, size / 2, size - 9, size - 8, size - 4, size - 1}) {
+    const std::string path = dir.file("cut" + std::to_string(cut) + ".csv.gz");
+    atomic_write(path, bytes.substr(0, cut));
+    const std::string msg = error_of([&] { load_digits(path); });
+    expect_contains(msg, "data file '" + path + "'");
+    expect_contains(msg, "is truncated");
+  }
+  // Cut at a line boundary of the decompressed text: 1000 whole lines, but no end of the stream.
+  const std::string text = gunzip(bytes);
+  const std::string prefix = first_lines(text, 1000);
+  const std::string open = dir.file("open.csv.gz");
+  atomic_write(open, gzip(prefix, /*finish=*/false));
+  expect_contains(error_of([&] { load_digits(open); }), "data file '" + open + "' is truncated");
+  // A finished stream without its 8-byte trailer (CRC-32 and length).
+  const std::string finished = gzip(prefix, /*finish=*/true);
+  const std::string no_trailer = dir.file("notrailer.csv.gz");
+  atomic_write(no_trailer, finished.substr(0, finished.size() - 8));
+  expect_contains(error_of([&] { load_digits(no_trailer); }), "data file '" + no_trailer + "' is truncated");
+  // The same 1000 lines, properly ended, load.
+  const std::string whole = dir.file("whole.csv.gz");
+  atomic_write(whole, finished);
+  EXPECT_EQ(load_digits(whole).size(), 1000);
+}
+
+TEST(GzipData, AFlippedByteIsAnErrorNamingTheFile) {
+  TempDir dir;
+  const std::string bytes = read_file(digits_path(), "data file");
+  const size_t size = bytes.size();
+  // In the compressed data, in the CRC-32 and in the length of the trailer.
+  for (size_t at : {size / 4, size / 2, size - 6, size - 2}) {
+    std::string flipped = bytes;
+    flipped[at] = static_cast<char>(flipped[at] ^ 0x5a);
+    const std::string path = dir.file("flip" + std::to_string(at) + ".csv.gz");
+    atomic_write(path, flipped);
+    const std::string msg = error_of([&] { load_digits(path); });
+    expect_contains(msg, "data file '" + path + "' is corrupt");
+  }
+  EXPECT_EQ(load_digits(digits_path()).size(), 1797);
+}
+
 // ---------------------------------------------------------------------------------------------
 // TorchScript modules
 

@@ -78,10 +78,12 @@ ImageDataset load_digits(const std::string& path) {
       throw fail("expected 65 values (64 pixels and a label), got " + std::to_string(values.size()));
     }
     for (int64_t j = 0; j < kPixels; ++j) {
-      if (values[j] < 0 || values[j] > 16) throw fail("pixel " + std::to_string(j) + " is outside 0..16");
+      if (values[j] < 0 || values[j] > 16) {
+        throw fail("pixel " + std::to_string(j) + " (column " + std::to_string(j + 1) + ") is outside 0..16");
+      }
       pixels.push_back(static_cast<float>(values[j]) / 8.0f - 1.0f);
     }
-    if (values[kPixels] < 0 || values[kPixels] >= kClasses) throw fail("the label is outside 0..9");
+    if (values[kPixels] < 0 || values[kPixels] >= kClasses) throw fail("the label (column 65) is outside 0..9");
     labels.push_back(values[kPixels]);
   }
   if (labels.empty()) throw Error("data file '" + path + "' holds no images");

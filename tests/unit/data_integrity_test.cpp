@@ -132,6 +132,37 @@ TEST(GzipData, AFlippedByteIsAnErrorNamingTheFile) {
   EXPECT_EQ(load_digits(digits_path()).size(), 1797);
 }
 
+TEST(CsvValues, OutsideFloat32AreErrorsNamingTheFileLineAndColumn) {
+  TempDir dir;
+  const std::string path = dir.file("s.csv");
+  atomic_write(path, "x0,x1\n1.5,2\n3,1e39\n");
+  const std::string msg = error_of([&] { read_samples_csv(path); });
+  expect_contains(msg, "samples file '" + path + "', line 3, column 2: '1e39'");
+  expect_contains(msg, "float32");
+  atomic_write(path, "x0,x1\n-1e39,2\n");
+  expect_contains(error_of([&] { read_samples_csv(path); }), "samples file '" + path + "', line 2, column 1: '-1e39'");
+  atomic_write(path, "x0,x1\n1,nan\n");
+  expect_contains(error_of([&] { read_samples_csv(path); }),
+                  "samples file '" + path + "', line 2, column 2: 'nan' is not a finite number");
+  // The largest float32 (3.4028235e38) is a value; numbers below float32's smallest are zero.
+  atomic_write(path, "x0,x1\n3.4e38,-3.4e38\n1e-50,0\n");
+  const Tensor x = read_samples_csv(path);
+  EXPECT_TRUE(x.isfinite().all().item<bool>());
+  EXPECT_EQ(x[1][0].item<float>(), 0.0f);
+
+  // The digits loader reads integers: a float or an integer beyond any pixel value is named.
+  const std::string text = first_lines(gunzip(read_file(digits_path(), "data file")), 3);
+  const std::string digits = dir.file("d.csv");
+  atomic_write(digits, text + "1e39" + text.substr(text.find(',')));
+  std::string m = error_of([&] { load_digits(digits); });
+  expect_contains(m, "data file '" + digits + "', line 4");
+  expect_contains(m, "column 1");
+  atomic_write(digits, text + "99999999999999999999999" + text.substr(text.find(',')));
+  m = error_of([&] { load_digits(digits); });
+  expect_contains(m, "data file '" + digits + "', line 4");
+  expect_contains(m, "column 1");
+}
+
 // ---------------------------------------------------------------------------------------------
 // TorchScript modules
 

@@ -164,6 +164,151 @@ TEST(CsvValues, OutsideFloat32AreErrorsNamingTheFileLineAndColumn) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Model files
+
+Json model_meta(const Json& model) {
+  return {{"format", "tilt-velocity"}, {"version", 1}, {"model", model}, {"schedule", {{"type", "linear"}}},
+          {"info", Json::object()}};
+}
+
+MlpOptions small_mlp() {
+  MlpOptions o;
+  o.dim = 2;
+  o.hidden = {8, 8};
+  o.time_features = 4;
+  return o;
+}
+
+archive::TensorMap deep_copy(const archive::TensorMap& tensors) {
+  archive::TensorMap out;
+  for (const auto& [name, value] : tensors) out[name] = value.clone();
+  return out;
+}
+
+archive::TensorMap mlp_tensors(const MlpVelocity& mlp, const std::string& prefix = "") {
+  archive::TensorMap t;
+  for (const auto& [name, value] : mlp.named_parameters()) t[prefix + name] = value.detach().clone();
+  return t;
+}
+
+Json mlp_node(const MlpOptions& o) {
+  return {{"kind", "mlp"}, {"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+}
+
+TEST(ModelFiles, NonFiniteTensorsAreRefusedNamingTheFileAndTheTensor) {
+  TempDir dir;
+  const MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
+  const std::string good = dir.file("good.pt");
+  save_velocity(mlp, good);
+  EXPECT_EQ(load_velocity(good).field->dim(), 2);
+  for (const double bad : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+    archive::TensorMap t = mlp_tensors(mlp);
+    t["2.weight"][3][1] = bad;
+    const std::string path = dir.file("bad.pt");
+    archive::write(path, model_meta(mlp_node(small_mlp())), t);
+    const std::string msg = error_of([&] { load_velocity(path); });
+    expect_contains(msg, "model file '" + path + "'");
+    expect_contains(msg, "tensor '2.weight'");
+    expect_contains(msg, "non-finite");
+  }
+  // Inside a fine-tuned model, and in a mixture.
+  auto mixture = test::isotropic_gaussian({0.0, 1.0}, 0.5);
+  archive::TensorMap t = mlp_tensors(mlp, "trainable.");
+  t["trainable.0.bias"][0] = std::nan("");
+  t["base.weights"] = mixture->weights();
+  t["base.means"] = mixture->means();
+  t["base.covariances"] = mixture->covariances();
+  const std::string ft = dir.file("ft.pt");
+  archive::write(ft, model_meta({{"kind", "finetuned"}, {"mode", "residual"}, {"base", {{"kind", "gmm"}}},
+                                 {"trainable", mlp_node(small_mlp())}}),
+                 t);
+  expect_contains(error_of([&] { load_velocity(ft); }), "model file '" + ft + "': tensor 'trainable.0.bias'");
+  const std::string gmm = dir.file("gmm.pt");
+  archive::write(gmm, model_meta({{"kind", "gmm"}}),
+                 {{"weights", mixture->weights()},
+                  {"means", at::full({1, 2}, std::nan(""), kDouble)},
+                  {"covariances", mixture->covariances()}});
+  expect_contains(error_of([&] { load_velocity(gmm); }), "model file '" + gmm + "': tensor 'means'");
+}
+
+TEST(ModelFiles, StructurallyBadValuesAreRefusedNamingTheFile) {
+  TempDir dir;
+  const MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
+  const std::string path = dir.file("m.pt");
+  const auto expect_refused = [&](const Json& model, const archive::TensorMap& tensors, const std::string& why) {
+    archive::write(path, model_meta(model), tensors);
+    const std::string msg = error_of([&] { load_velocity(path); });
+    expect_contains(msg, "model file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  const archive::TensorMap t = mlp_tensors(mlp);
+  MlpOptions o = small_mlp();
+  Json node = mlp_node(o);
+  node["dim"] = 0;
+  expect_refused(node, t, "dim must be >= 1");
+  node["dim"] = -2;
+  expect_refused(node, t, "dim must be >= 1");
+  node["dim"] = 3;  // the tensors are those of dimension 2
+  expect_refused(node, t, "tensor '0.weight' must be [8, 8], got [8, 7]");
+  node = mlp_node(o);
+  node["hidden"] = {8, 0};
+  expect_refused(node, t, "hidden widths must be >= 1");
+  node["hidden"] = {8, -8};
+  expect_refused(node, t, "hidden widths must be >= 1");
+  node["hidden"] = Json::array();
+  expect_refused(node, t, "at least one hidden layer");
+  // A width the tensors do not have is caught before anything that size is allocated.
+  node["hidden"] = {8, 4000000000000LL};
+  expect_refused(node, t, "tensor '2.weight' must be [4000000000000, 8], got [8, 8]");
+  node = mlp_node(o);
+  node["time_features"] = 3;
+  expect_refused(node, t, "time_features");
+  node["dim"] = 2.5;
+  expect_refused(node, t, "'dim' must be a whole number");
+  archive::TensorMap extra = t;
+  extra["6.weight"] = at::zeros({2, 2});
+  expect_refused(mlp_node(o), extra, "unexpected tensor '6.weight'");
+  archive::TensorMap missing = t;
+  missing.erase("2.bias");
+  expect_refused(mlp_node(o), missing, "missing tensor '2.bias'");
+
+  // Mixtures: negative weights, covariances that are not positive definite, ragged shapes, d = 0.
+  auto q = test::isotropic_gaussian({0.0, 1.0}, 0.5);
+  const Tensor w2 = at::tensor({0.5, 0.5}, kDouble), mu2 = at::zeros({2, 2}, kDouble);
+  const Tensor cov2 = at::eye(2, kDouble).unsqueeze(0).repeat({2, 1, 1});
+  const Json gmm{{"kind", "gmm"}};
+  expect_refused(gmm, {{"weights", at::tensor({0.5, -0.5}, kDouble)}, {"means", mu2}, {"covariances", cov2}},
+                 "weights must be finite and positive");
+  Tensor singular = cov2.clone();
+  singular[1][1][1] = -1.0;
+  expect_refused(gmm, {{"weights", w2}, {"means", mu2}, {"covariances", singular}}, "positive definite");
+  expect_refused(gmm, {{"weights", w2}, {"means", mu2}, {"covariances", at::eye(3, kDouble).unsqueeze(0)}},
+                 "covariances must be [K, d, d]");
+  expect_refused(gmm, {{"weights", w2}, {"means", at::zeros({2, 0}, kDouble)}, {"covariances", at::zeros({2, 0, 0}, kDouble)}},
+                 "dimension must be >= 1");
+  // A fine-tuned pair whose parts disagree on the dimension, an unknown mode.
+  archive::TensorMap pair = mlp_tensors(mlp, "trainable.");
+  pair["base.weights"] = q->weights();
+  pair["base.means"] = at::zeros({1, 3}, kDouble);
+  pair["base.covariances"] = at::eye(3, kDouble).unsqueeze(0);
+  expect_refused({{"kind", "finetuned"}, {"mode", "residual"}, {"base", gmm}, {"trainable", mlp_node(o)}}, pair,
+                 "trainable network has dim 2 but the base has dim 3");
+}
+
+TEST(ModelFiles, WeightsThatOverflowFloat32AreRefusedByAProbe) {
+  TempDir dir;
+  MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, p] : mlp.named_parameters()) p.fill_(1e38);
+  }
+  const std::string path = dir.file("huge.pt");
+  save_velocity(mlp, path);
+  const std::string msg = error_of([&] { load_velocity(path); });
+  expect_contains(msg, "model file '" + path + "' produces non-finite velocities");
+}
+
+// ---------------------------------------------------------------------------------------------
 // TorchScript modules
 
 torch::jit::Module make_module(const std::string& source, int64_t dim = 0) {

@@ -309,6 +309,49 @@ TEST(ModelFiles, WeightsThatOverflowFloat32AreRefusedByAProbe) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Classifier files
+
+Json classifier_meta(const ClassifierOptions& o) {
+  return {{"format", "tilt-classifier"}, {"version", 1}, {"dim", o.dim}, {"hidden", o.hidden},
+          {"classes", o.classes}, {"info", Json::object()}};
+}
+
+TEST(ClassifierFiles, BadValuesAreRefusedNamingTheFile) {
+  TempDir dir;
+  ClassifierOptions o;
+  o.dim = 4;
+  o.hidden = {6};
+  o.classes = 3;
+  MlpClassifier c(o, 2);
+  archive::TensorMap t;
+  for (const auto& [name, value] : c.named_parameters()) t[name] = value.detach().clone();
+  const std::string path = dir.file("c.pt");
+  archive::write(path, classifier_meta(o), t);
+  EXPECT_EQ(load_classifier(path).classifier->options().classes, 3);
+  const auto expect_refused = [&](const Json& meta, const archive::TensorMap& tensors, const std::string& why) {
+    archive::write(path, meta, tensors);
+    const std::string msg = error_of([&] { load_classifier(path); });
+    expect_contains(msg, "classifier file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  archive::TensorMap bad = deep_copy(t);
+  bad["head.weight"][0][0] = std::nan("");
+  expect_refused(classifier_meta(o), bad, "tensor 'head.weight' holds non-finite values");
+  Json meta = classifier_meta(o);
+  meta["hidden"] = {0};
+  expect_refused(meta, t, "hidden widths must be >= 1");
+  meta = classifier_meta(o);
+  meta["hidden"] = {3000000000000LL};
+  expect_refused(meta, t, "tensor 'body.0.weight' must be [3000000000000, 4], got [6, 4]");
+  meta = classifier_meta(o);
+  meta["dim"] = -4;
+  expect_refused(meta, t, "dim must be >= 1");
+  archive::TensorMap huge = deep_copy(t);
+  for (auto& [name, value] : huge) value.fill_(1e38);
+  expect_refused(classifier_meta(o), huge, "produces non-finite logits");
+}
+
+// ---------------------------------------------------------------------------------------------
 // TorchScript modules
 
 torch::jit::Module make_module(const std::string& source, int64_t dim = 0) {

@@ -140,6 +140,18 @@ Tensor call_tensor(torch::jit::Module& module, std::vector<c10::IValue> inputs, 
   return out.toTensor();
 }
 
+// Every floating parameter and buffer must be finite: a NaN weight gives NaN samples.
+void check_finite_tensors(const torch::jit::Module& module, const std::string& origin, const std::string& what) {
+  const auto check = [&](const std::string& kind, const std::string& name, const Tensor& t) {
+    if (at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) {
+      throw Error("TorchScript " + what + " " + origin + ": " + kind + " '" + name +
+                  "' holds non-finite values (NaN or Inf): the file is damaged, or was saved from a run that diverged");
+    }
+  };
+  for (const auto& p : module.named_parameters()) check("parameter", p.name, p.value);
+  for (const auto& b : module.named_buffers()) check("buffer", b.name, b.value);
+}
+
 // A tiny deterministic batch of 2 points, for the checks on load.
 Tensor probe_points(int64_t dim, at::ScalarType dtype) {
   return at::linspace(-1.0, 1.0, 2 * dim, at::TensorOptions().dtype(dtype)).reshape({2, dim});
@@ -211,6 +223,7 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::
                 " but dimension " + std::to_string(options.dim) + " was given");
   }
   if (options.dim < 1) throw Error("TorchScript model " + origin + ": dim must be >= 1");
+  check_finite_tensors(impl->module, origin, "model");
   for (auto p : impl->module.parameters()) p.set_requires_grad(false);
   std::shared_ptr<TorchScriptVelocity> field(new TorchScriptVelocity(std::move(impl), std::move(schedule), options));
   // One tiny forward: the module must map [2, d] and [2] to [2, d].
@@ -222,6 +235,10 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::
     throw Error("TorchScript model " + origin + ": forward(x [2, " + std::to_string(options.dim) +
                 "], t [2]) must return [2, " + std::to_string(options.dim) + "] (the " + to_string(options.prediction) +
                 "), got " + shape_string(y) + "; is the dimension right?");
+  }
+  if (!y.isfinite().all().item<bool>()) {
+    throw Error("TorchScript model " + origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
+                std::to_string(options.dim) + "], t = [0.25, 0.75]): its weights are damaged, or too large");
   }
   return field;
 }
@@ -302,12 +319,17 @@ TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim) : imp
   impl_->module = load_module(bytes, impl_->origin, "reward");
   check_signature(impl_->module, {"x"}, impl_->origin, "reward");
   impl_->dtype = parameter_dtype(impl_->module);
+  check_finite_tensors(impl_->module, impl_->origin, "reward");
   for (auto p : impl_->module.parameters()) p.set_requires_grad(false);
   at::NoGradGuard no_grad;
   const Tensor r = call_tensor(impl_->module, {probe_points(dim, impl_->dtype)}, impl_->origin, "reward");
   if (!r.sizes().equals({2})) {
     throw Error("TorchScript reward " + impl_->origin + ": forward(x [2, " + std::to_string(dim) +
                 "]) must return r of shape [2], got " + shape_string(r));
+  }
+  if (!r.isfinite().all().item<bool>()) {
+    throw Error("TorchScript reward " + impl_->origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
+                std::to_string(dim) + "]): its weights are damaged, or too large");
   }
   // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
   // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail

@@ -404,5 +404,38 @@ TEST(TorchScriptFiles, ARewardWithoutAGradientIsAnErrorNamingTheFile) {
   EXPECT_EQ(r.grad(at::ones({3, 2})).abs().sum().item<double>(), 0.0);
 }
 
+// A module holding `value` as the parameter (or buffer) `name`, then `source`.
+torch::jit::Module module_with(const std::string& name, const Tensor& value, bool buffer, const std::string& source,
+                               int64_t dim = 0) {
+  torch::jit::Module m("__torch__.TestModule");
+  if (dim > 0) m.register_attribute("dim", c10::IntType::get(), dim);
+  if (buffer) {
+    m.register_buffer(name, value);
+  } else {
+    m.register_parameter(name, value, false);
+  }
+  m.define(source);
+  return m;
+}
+
+TEST(TorchScriptFiles, NonFiniteWeightsAreRefusedNamingTheFileAndTheParameter) {
+  TempDir dir;
+  const std::string path = dir.file("nan.ts");
+  auto m = module_with("scale", at::full({2}, std::nan("")), false, "def forward(self, x, t):\n    return x * self.scale\n", 2);
+  m.save(path);
+  expect_contains(error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); }),
+                  "TorchScript model '" + path + "': parameter 'scale' holds non-finite values");
+  // Finite weights whose output overflows.
+  auto big = module_with("scale", at::full({2}, 1e38f), false,
+                         "def forward(self, x, t):\n    return (x + 1.0) * self.scale * self.scale\n", 2);
+  big.save(path);
+  expect_contains(error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); }),
+                  "TorchScript model '" + path + "' produces non-finite values");
+  auto r = module_with("w", at::full({2}, -HUGE_VALF), true, "def forward(self, x):\n    return (x * self.w).sum(1)\n");
+  r.save(path);
+  expect_contains(error_of([&] { TorchScriptReward(path, 2); }),
+                  "TorchScript reward '" + path + "': buffer 'w' holds non-finite values");
+}
+
 }  // namespace
 }  // namespace tilt

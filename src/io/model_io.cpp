@@ -117,6 +117,7 @@ struct Reader {
       in = widths[i];
     }
     for (const auto& [name, t] : tensors) {
+      if (name.rfind("__", 0) == 0) continue;  // the archive's own entries (like "__tilt_meta__"), not weights
       if (name.rfind(prefix, 0) == 0 && std::find(expected.begin(), expected.end(), name) == expected.end()) {
         throw fail("unexpected tensor '" + name + "': the network's metadata has " + std::to_string(o.hidden.size()) +
                    " hidden layers");

@@ -19,7 +19,6 @@
 #include <cmath>
 #include <cstdio>
 #include <sstream>
-#include <vector>
 
 namespace tilt {
 
@@ -61,15 +60,14 @@ std::string describe_error(const std::exception& e) {
   const std::string message = c10 ? c10->what_without_backtrace() : std::string(e.what());
   const size_t traceback = message.rfind("Traceback of TorchScript");
   if (traceback == std::string::npos) return first_line(message);
-  // The last line after the traceback that opens an exception report.
-  std::vector<size_t> starts;
-  for (size_t pos = message.find('\n', traceback); pos != std::string::npos; pos = message.find('\n', pos + 1)) {
-    starts.push_back(pos + 1);
-  }
-  for (auto it = starts.rbegin(); it != starts.rend(); ++it) {
-    const size_t end = message.find('\n', *it);
-    if (!is_exception_line(message.substr(*it, end == std::string::npos ? std::string::npos : end - *it))) continue;
-    std::string report = message.substr(*it);
+  // The first line that opens an exception report after the traceback's last frame (its last
+  // "<--- HERE" marker; a few source lines of context follow the marker).
+  const size_t here = message.rfind("<--- HERE");
+  for (size_t pos = message.find('\n', here != std::string::npos && here > traceback ? here : traceback);
+       pos != std::string::npos; pos = message.find('\n', pos + 1)) {
+    const size_t start = pos + 1, end = message.find('\n', start);
+    if (!is_exception_line(message.substr(start, end == std::string::npos ? std::string::npos : end - start))) continue;
+    std::string report = message.substr(start);
     while (!report.empty() && std::isspace(static_cast<unsigned char>(report.back()))) report.pop_back();
     if (report.rfind("builtins.", 0) == 0) report.erase(0, 9);  // builtins.ValueError -> ValueError
     constexpr size_t kMax = 2000;

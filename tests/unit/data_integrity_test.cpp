@@ -268,6 +268,10 @@ TEST(ModelFiles, StructurallyBadValuesAreRefusedNamingTheFile) {
   archive::TensorMap extra = t;
   extra["6.weight"] = at::zeros({2, 2});
   expect_refused(mlp_node(o), extra, "unexpected tensor '6.weight'");
+  archive::TensorMap reserved = t;  // names starting with "__" are the archive's own, not weights
+  reserved["__tilt_extra__"] = at::zeros({4}, at::kByte);
+  archive::write(path, model_meta(mlp_node(o)), reserved);
+  EXPECT_EQ(load_velocity(path).field->dim(), 2);
   archive::TensorMap missing = t;
   missing.erase("2.bias");
   expect_refused(mlp_node(o), missing, "missing tensor '2.bias'");
@@ -374,6 +378,15 @@ TEST(TorchScriptFiles, AForwardThatRaisesKeepsTheModulesMessageAndNamesTheFile) 
   expect_contains(msg, "TorchScript model '" + path + "'");
   expect_contains(msg, "this model needs t <= 0.5");
   EXPECT_EQ(msg.find("Traceback"), std::string::npos) << msg;
+  // A message of several lines is kept whole, even where a later line looks like "Type: text".
+  auto two = make_module(
+      "def forward(self, x, t):\n"
+      "    assert bool(t.max() <= 0.5), 'needs t <= 0.5\\nValueError: see the model card'\n"
+      "    return x\n",
+      2);
+  two.save(path);
+  const std::string lines = error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); });
+  expect_contains(lines, "needs t <= 0.5\nValueError: see the model card");
 
   auto r = make_module(
       "def forward(self, x):\n"

@@ -63,6 +63,15 @@ int run_sample(const SampleArgs& args) {
     x = sample(GenerativeSDE(m.field, noise), args.n, TimeGrid::uniform(steps), gen, opts);
     what = "samples of " + args.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps";
   }
+  // A NaN row is never written with success: a model whose velocity is finite at the points
+  // load_velocity probes can still be non-finite elsewhere on the path.
+  const int64_t bad = (~x.isfinite()).any(1).sum().item<int64_t>();
+  if (bad > 0) {
+    throw Error((args.model.empty() ? what : "model file '" + args.model + "'") + " gave " + std::to_string(bad) +
+                " of " + std::to_string(args.n) + " samples with NaN or Inf values; nothing was written to " +
+                args.out + " (the model's velocity is not finite somewhere on the sampling path: its weights are "
+                "damaged, or too large)");
+  }
   write_samples_csv(args.out, x);
   info("wrote " + std::to_string(args.n) + " " + what + " to " + args.out);
   if (!args.png.empty()) {

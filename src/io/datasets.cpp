@@ -22,11 +22,20 @@ std::string read_maybe_gzip(const std::string& path) {
   char buf[1 << 15];
   int n = 0;
   while ((n = gzread(f, buf, sizeof buf)) > 0) out.append(buf, static_cast<size_t>(n));
+  // At the end gzread returns 0, and gzerror tells a whole stream (Z_OK) from a file that ends in
+  // the middle of one (Z_BUF_ERROR, "unexpected end of file": zlib.h, gzread). A truncated copy,
+  // even one cut at a line boundary, would otherwise pass for a shorter data set.
   int err = Z_OK;
   const char* message = gzerror(f, &err);
-  const std::string why = n < 0 && message ? message : "";
-  gzclose(f);
-  if (n < 0) throw Error("data file '" + path + "' is corrupt (" + why + ")");
+  const std::string why = message && *message ? message : "error " + std::to_string(err);
+  const int closed = gzclose(f);
+  if (err == Z_BUF_ERROR || (n >= 0 && closed == Z_BUF_ERROR)) {
+    throw Error("data file '" + path + "' is truncated: its gzip stream ends early (" + why +
+                "); download or copy it again");
+  }
+  if (n < 0 || err != Z_OK || closed != Z_OK) {
+    throw Error("data file '" + path + "' is corrupt: gzip reports " + why + "; download or copy it again");
+  }
   return out;
 }
 
@@ -69,10 +78,12 @@ ImageDataset load_digits(const std::string& path) {
       throw fail("expected 65 values (64 pixels and a label), got " + std::to_string(values.size()));
     }
     for (int64_t j = 0; j < kPixels; ++j) {
-      if (values[j] < 0 || values[j] > 16) throw fail("pixel " + std::to_string(j) + " is outside 0..16");
+      if (values[j] < 0 || values[j] > 16) {
+        throw fail("pixel " + std::to_string(j) + " (column " + std::to_string(j + 1) + ") is outside 0..16");
+      }
       pixels.push_back(static_cast<float>(values[j]) / 8.0f - 1.0f);
     }
-    if (values[kPixels] < 0 || values[kPixels] >= kClasses) throw fail("the label is outside 0..9");
+    if (values[kPixels] < 0 || values[kPixels] >= kClasses) throw fail("the label (column 65) is outside 0..9");
     labels.push_back(values[kPixels]);
   }
   if (labels.empty()) throw Error("data file '" + path + "' holds no images");

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdlib>
+#include <limits>
 #include <sstream>
 #include <vector>
 
@@ -49,9 +50,14 @@ Tensor read_samples_csv(const std::string& path) {
     while (std::getline(fields, field, ',')) {
       char* end = nullptr;
       const double v = std::strtod(field.c_str(), &end);
+      const std::string where =
+          "samples file '" + path + "', line " + std::to_string(line_no) + ", column " + std::to_string(count + 1);
       if (field.empty() || *end != '\0' || !std::isfinite(v)) {
-        throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": '" + field +
-                    "' is not a finite number");
+        throw Error(where + ": '" + field + "' is not a finite number");
+      }
+      // Samples are float32 tensors: a larger double would become inf there (and NaN downstream).
+      if (std::abs(v) > static_cast<double>(std::numeric_limits<float>::max())) {
+        throw Error(where + ": '" + field + "' is outside the range of float32 (largest magnitude 3.4028235e38)");
       }
       values.push_back(static_cast<float>(v));
       ++count;

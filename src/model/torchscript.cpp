@@ -15,6 +15,7 @@
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
@@ -35,9 +36,45 @@ std::string first_line(const std::string& message) {
   return end == std::string::npos ? message : message.substr(0, end);
 }
 
+// Whether `line` opens an exception report, "Type: message" (RuntimeError, builtins.ValueError, ...).
+bool is_exception_line(const std::string& line) {
+  const size_t colon = line.find(": ");
+  if (colon == std::string::npos || colon == 0) return false;
+  const std::string type = line.substr(0, colon);
+  if (type.find_first_not_of("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_.") != std::string::npos) {
+    return false;
+  }
+  for (const char* suffix : {"Error", "Exception", "Interrupt", "Exit"}) {
+    const std::string s(suffix);
+    if (type.size() >= s.size() && type.compare(type.size() - s.size(), s.size(), s) == 0) return true;
+  }
+  return false;
+}
+
+// What the module raised, without the TorchScript traceback. The interpreter reports an exception
+// as "The following operation failed in the TorchScript interpreter.", then the traceback (file
+// lines and source lines, indented or not), then "Type: message" (RuntimeError: ..., or
+// builtins.ValueError: ... for a Python raise) to the end. Other errors: their first line.
 std::string describe_error(const std::exception& e) {
-  if (auto c10 = dynamic_cast<const c10::Error*>(&e)) return first_line(c10->what_without_backtrace());
-  return first_line(e.what());
+  auto c10 = dynamic_cast<const c10::Error*>(&e);
+  const std::string message = c10 ? c10->what_without_backtrace() : std::string(e.what());
+  const size_t traceback = message.rfind("Traceback of TorchScript");
+  if (traceback == std::string::npos) return first_line(message);
+  // The first line that opens an exception report after the traceback's last frame (its last
+  // "<--- HERE" marker; a few source lines of context follow the marker).
+  const size_t here = message.rfind("<--- HERE");
+  for (size_t pos = message.find('\n', here != std::string::npos && here > traceback ? here : traceback);
+       pos != std::string::npos; pos = message.find('\n', pos + 1)) {
+    const size_t start = pos + 1, end = message.find('\n', start);
+    if (!is_exception_line(message.substr(start, end == std::string::npos ? std::string::npos : end - start))) continue;
+    std::string report = message.substr(start);
+    while (!report.empty() && std::isspace(static_cast<unsigned char>(report.back()))) report.pop_back();
+    if (report.rfind("builtins.", 0) == 0) report.erase(0, 9);  // builtins.ValueError -> ValueError
+    constexpr size_t kMax = 2000;
+    if (report.size() > kMax) report = report.substr(0, kMax) + " [...]";
+    return report;
+  }
+  return first_line(message);
 }
 
 torch::jit::Module load_module(const std::string& bytes, const std::string& origin, const std::string& what) {
@@ -99,6 +136,18 @@ Tensor call_tensor(torch::jit::Module& module, std::vector<c10::IValue> inputs, 
     throw Error("TorchScript " + what + " " + origin + ": forward must return a tensor, got " + out.tagKind());
   }
   return out.toTensor();
+}
+
+// Every floating parameter and buffer must be finite: a NaN weight gives NaN samples.
+void check_finite_tensors(const torch::jit::Module& module, const std::string& origin, const std::string& what) {
+  const auto check = [&](const std::string& kind, const std::string& name, const Tensor& t) {
+    if (at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) {
+      throw Error("TorchScript " + what + " " + origin + ": " + kind + " '" + name +
+                  "' holds non-finite values (NaN or Inf): the file is damaged, or was saved from a run that diverged");
+    }
+  };
+  for (const auto& p : module.named_parameters()) check("parameter", p.name, p.value);
+  for (const auto& b : module.named_buffers()) check("buffer", b.name, b.value);
 }
 
 // A tiny deterministic batch of 2 points, for the checks on load.
@@ -172,6 +221,7 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::
                 " but dimension " + std::to_string(options.dim) + " was given");
   }
   if (options.dim < 1) throw Error("TorchScript model " + origin + ": dim must be >= 1");
+  check_finite_tensors(impl->module, origin, "model");
   for (auto p : impl->module.parameters()) p.set_requires_grad(false);
   std::shared_ptr<TorchScriptVelocity> field(new TorchScriptVelocity(std::move(impl), std::move(schedule), options));
   // One tiny forward: the module must map [2, d] and [2] to [2, d].
@@ -183,6 +233,10 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::
     throw Error("TorchScript model " + origin + ": forward(x [2, " + std::to_string(options.dim) +
                 "], t [2]) must return [2, " + std::to_string(options.dim) + "] (the " + to_string(options.prediction) +
                 "), got " + shape_string(y) + "; is the dimension right?");
+  }
+  if (!y.isfinite().all().item<bool>()) {
+    throw Error("TorchScript model " + origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
+                std::to_string(options.dim) + "], t = [0.25, 0.75]): its weights are damaged, or too large");
   }
   return field;
 }
@@ -263,6 +317,7 @@ TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim) : imp
   impl_->module = load_module(bytes, impl_->origin, "reward");
   check_signature(impl_->module, {"x"}, impl_->origin, "reward");
   impl_->dtype = parameter_dtype(impl_->module);
+  check_finite_tensors(impl_->module, impl_->origin, "reward");
   for (auto p : impl_->module.parameters()) p.set_requires_grad(false);
   at::NoGradGuard no_grad;
   const Tensor r = call_tensor(impl_->module, {probe_points(dim, impl_->dtype)}, impl_->origin, "reward");
@@ -270,6 +325,14 @@ TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim) : imp
     throw Error("TorchScript reward " + impl_->origin + ": forward(x [2, " + std::to_string(dim) +
                 "]) must return r of shape [2], got " + shape_string(r));
   }
+  if (!r.isfinite().all().item<bool>()) {
+    throw Error("TorchScript reward " + impl_->origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
+                std::to_string(dim) + "]): its weights are damaged, or too large");
+  }
+  // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
+  // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail
+  // later inside autograd.
+  grad(probe_points(dim, impl_->dtype));
 }
 
 TorchScriptReward::~TorchScriptReward() = default;
@@ -289,7 +352,22 @@ Tensor TorchScriptReward::grad(const Tensor& x) const {
   at::AutoGradMode enable_grad(true);
   const Tensor xg = x.detach().to(impl_->dtype).requires_grad_(true);
   const Tensor r = value(xg);
-  return torch::autograd::grad({r.sum()}, {xg})[0].to(x.scalar_type());
+  const std::string not_differentiable =
+      "TorchScript reward " + impl_->origin +
+      ": its output has no gradient with respect to x (does forward detach x, go through .item() or "
+      "numpy, or return a constant?); the reward must be differentiable in x, since fine-tuning follows "
+      "its gradient";
+  if (!r.requires_grad()) throw Error(not_differentiable);
+  std::vector<Tensor> g;
+  try {
+    g = torch::autograd::grad({r.sum()}, {xg}, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                              /*create_graph=*/false, /*allow_unused=*/true);
+  } catch (const std::exception& e) {
+    throw Error("TorchScript reward " + impl_->origin + ": its gradient with respect to x failed: " +
+                describe_error(e));
+  }
+  if (g.empty() || !g[0].defined()) throw Error(not_differentiable);
+  return g[0].to(x.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------

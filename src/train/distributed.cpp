@@ -18,8 +18,11 @@
 
 #include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdlib>
+#include <exception>
 #include <limits>
+#include <mutex>
 #include <thread>
 
 namespace tilt {
@@ -153,6 +156,59 @@ struct ProcessGroup::Impl {
 ProcessGroup::ProcessGroup(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 ProcessGroup::~ProcessGroup() = default;
 
+namespace {
+
+// rank 0 hosts the TCPStore (unless torchrun's agent does); the others connect to it.
+c10::intrusive_ptr<c10d::Store> open_store(const DistributedOptions& options, std::chrono::milliseconds timeout,
+                                           const std::string& where, const std::string& who,
+                                           const std::string& seconds) {
+  try {
+    c10d::TCPStoreOptions so;
+    so.port = static_cast<std::uint16_t>(options.master_port);
+    so.isServer = options.rank == 0 && !options.agent_store;
+    so.numWorkers = static_cast<std::size_t>(options.world_size);
+    so.waitWorkers = false;  // counted in count_in, with a message that says how many came
+    so.timeout = timeout;
+    auto tcp = c10::make_intrusive<c10d::TCPStore>(options.master_addr, so);
+    if (options.agent_store) {
+      return c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + std::to_string(options.restart_count), tcp);
+    }
+    return tcp;
+  } catch (const std::exception& e) {
+    const std::string detail = dynamic_cast<const c10::Error*>(&e) ? static_cast<const c10::Error&>(e).what_without_backtrace()
+                                                                    : std::string(e.what());
+    throw Error(who + ": the rendezvous at " + where + " failed" +
+                (options.rank == 0 && !options.agent_store
+                     ? " (rank 0 serves it there: is the port taken, or the address not this machine's?)"
+                     : " (is rank 0 running, and " + where + " reachable from here?)") +
+                "; it waits at most " + seconds + " s for all " + std::to_string(options.world_size) +
+                " processes [c10d: " + detail + "]");
+  }
+}
+
+// Every rank counts itself in, then waits for the others until the deadline.
+void count_in(c10d::Store& store, const DistributedOptions& options, std::chrono::steady_clock::time_point deadline,
+              const std::string& where, const std::string& who, const std::string& seconds) {
+  int64_t joined = 0;
+  try {
+    joined = store.add("tilt/joined", 1);
+    while (joined < options.world_size && std::chrono::steady_clock::now() < deadline) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      joined = store.add("tilt/joined", 0);
+    }
+  } catch (const std::exception& e) {
+    throw Error(who + ": lost the rendezvous store at " + where +
+                " while waiting for the other processes (has rank 0 stopped?) [c10d: " + e.what() + "]");
+  }
+  if (joined < options.world_size) {
+    throw Error(who + ": only " + std::to_string(joined) + " of the " + std::to_string(options.world_size) +
+                " processes joined the rendezvous at " + where + " within " + seconds +
+                " s (start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT)");
+  }
+}
+
+}  // namespace
+
 std::shared_ptr<ProcessGroup> ProcessGroup::connect(const DistributedOptions& options) {
   if (options.world_size < 1 || options.rank < 0 || options.rank >= options.world_size) {
     throw Error("distributed training: rank " + std::to_string(options.rank) + " is not in 0.." +
@@ -168,52 +224,49 @@ std::shared_ptr<ProcessGroup> ProcessGroup::connect(const DistributedOptions& op
   impl->options = options;
   const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(std::ceil(options.timeout_seconds * 1000)));
   const std::string where = options.master_addr + ":" + std::to_string(options.master_port);
-  try {
-    c10d::TCPStoreOptions so;
-    so.port = static_cast<std::uint16_t>(options.master_port);
-    so.isServer = options.rank == 0 && !options.agent_store;
-    so.numWorkers = static_cast<std::size_t>(options.world_size);
-    so.waitWorkers = false;  // counted below, with a message that says how many came
-    so.timeout = timeout;
-    auto tcp = c10::make_intrusive<c10d::TCPStore>(options.master_addr, so);
-    if (options.agent_store) {
-      impl->store = c10::make_intrusive<c10d::PrefixStore>("/worker/attempt_" + std::to_string(options.restart_count), tcp);
-    } else {
-      impl->store = tcp;
-    }
-  } catch (const std::exception& e) {
-    const std::string detail = dynamic_cast<const c10::Error*>(&e) ? static_cast<const c10::Error&>(e).what_without_backtrace()
-                                                                    : std::string(e.what());
-    throw Error("distributed training, rank " + std::to_string(options.rank) + " of " +
-                std::to_string(options.world_size) + ": the rendezvous at " + where + " failed" +
-                (options.rank == 0 && !options.agent_store
-                     ? " (rank 0 serves it there: is the port taken, or the address not this machine's?)"
-                                   : " (is rank 0 running, and " + where + " reachable from here?)") +
-                "; it waits at most " + std::to_string(static_cast<int64_t>(options.timeout_seconds)) +
-                " s for all " + std::to_string(options.world_size) + " processes [c10d: " + detail + "]");
-  }
-  // Every rank counts itself in, then waits for the others (at most the time-out).
-  {
-    int64_t joined = 0;
-    const auto deadline = std::chrono::steady_clock::now() + timeout;
+  const std::string who = "distributed training, rank " + std::to_string(options.rank) + " of " +
+                          std::to_string(options.world_size);
+  const std::string seconds = std::to_string(static_cast<int64_t>(options.timeout_seconds));
+  // The whole rendezvous (connecting to the store, every process counting itself in) ends by one
+  // deadline. c10d's TCPStore bounds its connect and its get/wait by the time-out, but not add():
+  // against a program that holds MASTER_PORT, accepts and never answers, add() waits for ever. So
+  // the store is opened and the count taken on a thread of its own, and this one stops waiting at
+  // the deadline (plus a little, for the thread's own time-out to be reported first). A thread left
+  // waiting then holds only its own store and socket, until the process exits on the error.
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  struct Join {
+    std::mutex mutex;
+    std::condition_variable finished;
+    bool done = false;
+    c10::intrusive_ptr<c10d::Store> store;
+    std::exception_ptr error;
+  };
+  auto join = std::make_shared<Join>();
+  std::thread([join, options, timeout, deadline, where, who, seconds] {
+    c10::intrusive_ptr<c10d::Store> store;
+    std::exception_ptr error;
     try {
-      joined = impl->store->add("tilt/joined", 1);
-      while (joined < options.world_size && std::chrono::steady_clock::now() < deadline) {
-        std::this_thread::sleep_for(std::chrono::milliseconds(10));
-        joined = impl->store->add("tilt/joined", 0);
-      }
-    } catch (const std::exception& e) {
-      throw Error("distributed training, rank " + std::to_string(options.rank) + " of " +
-                  std::to_string(options.world_size) + ": lost the rendezvous store at " + where +
-                  " while waiting for the other processes (has rank 0 stopped?) [c10d: " + e.what() + "]");
+      store = open_store(options, timeout, where, who, seconds);
+      count_in(*store, options, deadline, where, who, seconds);
+    } catch (...) {
+      error = std::current_exception();
     }
-    if (joined < options.world_size) {
-      throw Error("distributed training, rank " + std::to_string(options.rank) + " of " +
-                  std::to_string(options.world_size) + ": only " + std::to_string(joined) + " of the " +
-                  std::to_string(options.world_size) + " processes joined the rendezvous at " + where + " within " +
-                  std::to_string(static_cast<int64_t>(options.timeout_seconds)) +
-                  " s (start every rank with the same WORLD_SIZE, MASTER_ADDR and MASTER_PORT)");
+    std::lock_guard<std::mutex> lock(join->mutex);
+    join->store = std::move(store);
+    join->error = error;
+    join->done = true;
+    join->finished.notify_all();
+  }).detach();
+  {
+    std::unique_lock<std::mutex> lock(join->mutex);
+    const auto grace = std::chrono::milliseconds(1000) + timeout / 10;
+    if (!join->finished.wait_until(lock, deadline + grace, [&] { return join->done; })) {
+      throw Error(who + ": no answer from the rendezvous store at " + where + " within the time-out of " + seconds +
+                  " s: something accepts connections there but does not answer like rank 0's c10d TCPStore (is "
+                  "MASTER_PORT used by another program? or has rank 0 stalled?)");
     }
+    if (join->error) std::rethrow_exception(join->error);
+    impl->store = join->store;
   }
   try {
     auto go = c10d::ProcessGroupGloo::Options::create(timeout);

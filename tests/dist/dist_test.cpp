@@ -12,11 +12,13 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -379,6 +381,78 @@ TEST_F(TwoProcesses, MismatchedConfigurationsAndMissingRanksAreClearErrors) {
   EXPECT_EQ(wait_for(lone, 30, &seconds), 1);
   EXPECT_NE(slurp(lone.log).find("only 1 of the 2 processes joined the rendezvous"), std::string::npos) << slurp(lone.log);
   EXPECT_LT(seconds, 10);
+}
+
+// A program that holds a TCP port on 127.0.0.1, accepts every connection and never answers: not a
+// c10d TCPStore, so a rank that takes it for rank 0's store gets no reply to its first request.
+class MuteServer {
+ public:
+  MuteServer() {
+    fd_ = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    socklen_t len = sizeof a;
+    if (fd_ < 0 || ::bind(fd_, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0 || ::listen(fd_, 16) != 0 ||
+        ::getsockname(fd_, reinterpret_cast<sockaddr*>(&a), &len) != 0) {
+      return;
+    }
+    port_ = ntohs(a.sin_port);
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        pollfd p{fd_, POLLIN, 0};
+        if (::poll(&p, 1, 50) > 0) {
+          const int c = ::accept4(fd_, nullptr, nullptr, SOCK_CLOEXEC);
+          if (c >= 0) {
+            connections_.push_back(c);  // held open, never read or written
+            ++accepted_;
+          }
+        }
+      }
+    });
+  }
+  ~MuteServer() {
+    stop_ = true;
+    if (thread_.joinable()) thread_.join();
+    for (int c : connections_) ::close(c);
+    if (fd_ >= 0) ::close(fd_);
+  }
+  int port() const { return port_; }
+  int connections() const { return accepted_; }
+
+ private:
+  int fd_ = -1, port_ = -1;
+  std::atomic<bool> stop_{false};
+  std::atomic<int> accepted_{0};
+  std::vector<int> connections_;  // only the thread touches it until it is joined
+  std::thread thread_;
+};
+
+// MASTER_PORT held by a program that accepts connections and never answers: rank 1 (a client of
+// rank 0's store), and rank 0 under torchrun's agent store (a client too), stop within their
+// time-out with an error naming the address and the time-out, instead of waiting for ever.
+TEST_F(TwoProcesses, AMasterPortHeldByAProgramThatNeverAnswersIsAClearErrorWithinTheTimeOut) {
+  MuteServer mute;
+  ASSERT_GT(mute.port(), 0);
+  const std::vector<std::string> args{"finetune", "-q", "-c", "tiny.toml", "--dist-timeout", "2", "-o", "mute"};
+  auto agent = rank_env(0, mute.port());
+  agent["TORCHELASTIC_USE_AGENT_STORE"] = "True";
+  const Process r1 = start(args, rank_env(1, mute.port()), "mute.rank1.log");
+  const Process r0 = start(args, agent, "mute.agent0.log");
+  const std::string where = "127.0.0.1:" + std::to_string(mute.port());
+  for (const Process& p : {r1, r0}) {
+    double seconds = 0;
+    const int code = wait_for(p, 30, &seconds);
+    const std::string log = slurp(p.log);
+    std::printf("%s stopped after %.2f s (time-out 2 s):\n%s", p.log.filename().c_str(), seconds, log.c_str());
+    EXPECT_EQ(code, 1) << log;
+    EXPECT_LT(seconds, 10) << log;
+    EXPECT_NE(log.find("tilt: error: "), std::string::npos) << log;
+    EXPECT_NE(log.find(where), std::string::npos) << log;
+    EXPECT_NE(log.find("within the time-out of 2 s"), std::string::npos) << log;
+  }
+  EXPECT_GE(mute.connections(), 2);
+  EXPECT_FALSE(fs::exists(g_work / "mute"));
 }
 
 }  // namespace

@@ -1,0 +1,454 @@
+// Damaged files and files holding bad values: truncated or corrupt gzip data, CSV values outside
+// float32's range, model and classifier files with non-finite, overflowing or mis-shaped tensors,
+// TorchScript modules whose forward raises, and TorchScript rewards without a gradient. Each must be a
+// tilt::Error that names the file (include/tilt/core/error.h), never a NaN result with success.
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/classifier_io.h"
+#include "tilt/io/datasets.h"
+#include "tilt/io/model_io.h"
+#include "tilt/io/samples.h"
+#include "tilt/model/classifier.h"
+#include "tilt/model/finetuned.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/mlp.h"
+#include "tilt/model/reward.h"
+#include "tilt/model/torchscript.h"
+
+#include "io/archive.h"  // writes model files with chosen metadata and tensors
+
+#include "../support/checks.h"
+#include "../support/helpers.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/jit/api/module.h>
+#include <zlib.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+namespace tilt {
+namespace {
+
+using test::TempDir;
+using test::error_of;
+using test::expect_contains;
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+std::string digits_path() { return std::string(TILT_SOURCE_DIR) + "/data/digits/digits.csv.gz"; }
+
+std::string gunzip(const std::string& bytes) {
+  z_stream z{};
+  EXPECT_EQ(inflateInit2(&z, 16 + MAX_WBITS), Z_OK);
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(bytes.data()));
+  z.avail_in = static_cast<uInt>(bytes.size());
+  std::string out;
+  char buf[1 << 15];
+  int rc = Z_OK;
+  do {
+    z.next_out = reinterpret_cast<Bytef*>(buf);
+    z.avail_out = sizeof buf;
+    rc = inflate(&z, Z_NO_FLUSH);
+    out.append(buf, sizeof buf - z.avail_out);
+  } while (rc == Z_OK);
+  EXPECT_EQ(rc, Z_STREAM_END);
+  inflateEnd(&z);
+  return out;
+}
+
+// gzip of `text`; with finish = false the stream is flushed to a byte boundary but never ended (no
+// last block, no CRC and length trailer): what a writer that was stopped half-way leaves.
+std::string gzip(const std::string& text, bool finish) {
+  z_stream z{};
+  EXPECT_EQ(deflateInit2(&z, 6, Z_DEFLATED, 16 + MAX_WBITS, 8, Z_DEFAULT_STRATEGY), Z_OK);
+  z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(text.data()));
+  z.avail_in = static_cast<uInt>(text.size());
+  std::string out;
+  char buf[1 << 15];
+  int rc = Z_OK;
+  do {
+    z.next_out = reinterpret_cast<Bytef*>(buf);
+    z.avail_out = sizeof buf;
+    rc = deflate(&z, finish ? Z_FINISH : Z_SYNC_FLUSH);
+    out.append(buf, sizeof buf - z.avail_out);
+  } while (finish ? rc != Z_STREAM_END : z.avail_out == 0);
+  deflateEnd(&z);
+  return out;
+}
+
+// The first `lines` lines of `text`, each with its newline.
+std::string first_lines(const std::string& text, int lines) {
+  size_t pos = 0;
+  for (int i = 0; i < lines; ++i) pos = text.find('\n', pos) + 1;
+  return text.substr(0, pos);
+}
+
+TEST(GzipData, TruncatedCopiesAreErrorsNamingTheFile) {
+  TempDir dir;
+  const std::string bytes = read_file(digits_path(), "data file");
+  ASSERT_GT(bytes.size(), 1000u);
+  const size_t size = bytes.size();
+  for (size_t cut : {size_t{11}, size_t{100}, size / 3, size / 2, size - 9, size - 8, size - 4, size - 1}) {
+    const std::string path = dir.file("cut" + std::to_string(cut) + ".csv.gz");
+    atomic_write(path, bytes.substr(0, cut));
+    const std::string msg = error_of([&] { load_digits(path); });
+    expect_contains(msg, "data file '" + path + "'");
+    expect_contains(msg, "is truncated");
+  }
+  // Cut at a line boundary of the decompressed text: 1000 whole lines, but no end of the stream.
+  const std::string text = gunzip(bytes);
+  const std::string prefix = first_lines(text, 1000);
+  const std::string open = dir.file("open.csv.gz");
+  atomic_write(open, gzip(prefix, /*finish=*/false));
+  expect_contains(error_of([&] { load_digits(open); }), "data file '" + open + "' is truncated");
+  // A finished stream without its 8-byte trailer (CRC-32 and length).
+  const std::string finished = gzip(prefix, /*finish=*/true);
+  const std::string no_trailer = dir.file("notrailer.csv.gz");
+  atomic_write(no_trailer, finished.substr(0, finished.size() - 8));
+  expect_contains(error_of([&] { load_digits(no_trailer); }), "data file '" + no_trailer + "' is truncated");
+  // The same 1000 lines, properly ended, load.
+  const std::string whole = dir.file("whole.csv.gz");
+  atomic_write(whole, finished);
+  EXPECT_EQ(load_digits(whole).size(), 1000);
+}
+
+TEST(GzipData, AFlippedByteIsAnErrorNamingTheFile) {
+  TempDir dir;
+  const std::string bytes = read_file(digits_path(), "data file");
+  const size_t size = bytes.size();
+  // In the compressed data, in the CRC-32 and in the length of the trailer.
+  for (size_t at : {size / 4, size / 2, size - 6, size - 2}) {
+    std::string flipped = bytes;
+    flipped[at] = static_cast<char>(flipped[at] ^ 0x5a);
+    const std::string path = dir.file("flip" + std::to_string(at) + ".csv.gz");
+    atomic_write(path, flipped);
+    const std::string msg = error_of([&] { load_digits(path); });
+    expect_contains(msg, "data file '" + path + "' is corrupt");
+  }
+  EXPECT_EQ(load_digits(digits_path()).size(), 1797);
+}
+
+TEST(CsvValues, OutsideFloat32AreErrorsNamingTheFileLineAndColumn) {
+  TempDir dir;
+  const std::string path = dir.file("s.csv");
+  atomic_write(path, "x0,x1\n1.5,2\n3,1e39\n");
+  const std::string msg = error_of([&] { read_samples_csv(path); });
+  expect_contains(msg, "samples file '" + path + "', line 3, column 2: '1e39'");
+  expect_contains(msg, "float32");
+  atomic_write(path, "x0,x1\n-1e39,2\n");
+  expect_contains(error_of([&] { read_samples_csv(path); }), "samples file '" + path + "', line 2, column 1: '-1e39'");
+  atomic_write(path, "x0,x1\n1,nan\n");
+  expect_contains(error_of([&] { read_samples_csv(path); }),
+                  "samples file '" + path + "', line 2, column 2: 'nan' is not a finite number");
+  // The largest float32 (3.4028235e38) is a value; numbers below float32's smallest are zero.
+  atomic_write(path, "x0,x1\n3.4e38,-3.4e38\n1e-50,0\n");
+  const Tensor x = read_samples_csv(path);
+  EXPECT_TRUE(x.isfinite().all().item<bool>());
+  EXPECT_EQ(x[1][0].item<float>(), 0.0f);
+
+  // The digits loader reads integers: a float or an integer beyond any pixel value is named.
+  const std::string text = first_lines(gunzip(read_file(digits_path(), "data file")), 3);
+  const std::string digits = dir.file("d.csv");
+  atomic_write(digits, text + "1e39" + text.substr(text.find(',')));
+  std::string m = error_of([&] { load_digits(digits); });
+  expect_contains(m, "data file '" + digits + "', line 4");
+  expect_contains(m, "column 1");
+  atomic_write(digits, text + "99999999999999999999999" + text.substr(text.find(',')));
+  m = error_of([&] { load_digits(digits); });
+  expect_contains(m, "data file '" + digits + "', line 4");
+  expect_contains(m, "column 1");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Model files
+
+Json model_meta(const Json& model) {
+  return {{"format", "tilt-velocity"}, {"version", 1}, {"model", model}, {"schedule", {{"type", "linear"}}},
+          {"info", Json::object()}};
+}
+
+MlpOptions small_mlp() {
+  MlpOptions o;
+  o.dim = 2;
+  o.hidden = {8, 8};
+  o.time_features = 4;
+  return o;
+}
+
+archive::TensorMap deep_copy(const archive::TensorMap& tensors) {
+  archive::TensorMap out;
+  for (const auto& [name, value] : tensors) out[name] = value.clone();
+  return out;
+}
+
+archive::TensorMap mlp_tensors(const MlpVelocity& mlp, const std::string& prefix = "") {
+  archive::TensorMap t;
+  for (const auto& [name, value] : mlp.named_parameters()) t[prefix + name] = value.detach().clone();
+  return t;
+}
+
+Json mlp_node(const MlpOptions& o) {
+  return {{"kind", "mlp"}, {"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+}
+
+TEST(ModelFiles, NonFiniteTensorsAreRefusedNamingTheFileAndTheTensor) {
+  TempDir dir;
+  const MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
+  const std::string good = dir.file("good.pt");
+  save_velocity(mlp, good);
+  EXPECT_EQ(load_velocity(good).field->dim(), 2);
+  for (const double bad : {std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+    archive::TensorMap t = mlp_tensors(mlp);
+    t["2.weight"][3][1] = bad;
+    const std::string path = dir.file("bad.pt");
+    archive::write(path, model_meta(mlp_node(small_mlp())), t);
+    const std::string msg = error_of([&] { load_velocity(path); });
+    expect_contains(msg, "model file '" + path + "'");
+    expect_contains(msg, "tensor '2.weight'");
+    expect_contains(msg, "non-finite");
+  }
+  // Inside a fine-tuned model, and in a mixture.
+  auto mixture = test::isotropic_gaussian({0.0, 1.0}, 0.5);
+  archive::TensorMap t = mlp_tensors(mlp, "trainable.");
+  t["trainable.0.bias"][0] = std::nan("");
+  t["base.weights"] = mixture->weights();
+  t["base.means"] = mixture->means();
+  t["base.covariances"] = mixture->covariances();
+  const std::string ft = dir.file("ft.pt");
+  archive::write(ft, model_meta({{"kind", "finetuned"}, {"mode", "residual"}, {"base", {{"kind", "gmm"}}},
+                                 {"trainable", mlp_node(small_mlp())}}),
+                 t);
+  expect_contains(error_of([&] { load_velocity(ft); }), "model file '" + ft + "': tensor 'trainable.0.bias'");
+  const std::string gmm = dir.file("gmm.pt");
+  archive::write(gmm, model_meta({{"kind", "gmm"}}),
+                 {{"weights", mixture->weights()},
+                  {"means", at::full({1, 2}, std::nan(""), kDouble)},
+                  {"covariances", mixture->covariances()}});
+  expect_contains(error_of([&] { load_velocity(gmm); }), "model file '" + gmm + "': tensor 'means'");
+}
+
+TEST(ModelFiles, StructurallyBadValuesAreRefusedNamingTheFile) {
+  TempDir dir;
+  const MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
+  const std::string path = dir.file("m.pt");
+  const auto expect_refused = [&](const Json& model, const archive::TensorMap& tensors, const std::string& why) {
+    archive::write(path, model_meta(model), tensors);
+    const std::string msg = error_of([&] { load_velocity(path); });
+    expect_contains(msg, "model file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  const archive::TensorMap t = mlp_tensors(mlp);
+  MlpOptions o = small_mlp();
+  Json node = mlp_node(o);
+  node["dim"] = 0;
+  expect_refused(node, t, "dim must be >= 1");
+  node["dim"] = -2;
+  expect_refused(node, t, "dim must be >= 1");
+  node["dim"] = 3;  // the tensors are those of dimension 2
+  expect_refused(node, t, "tensor '0.weight' must be [8, 8], got [8, 7]");
+  node = mlp_node(o);
+  node["hidden"] = {8, 0};
+  expect_refused(node, t, "hidden widths must be >= 1");
+  node["hidden"] = {8, -8};
+  expect_refused(node, t, "hidden widths must be >= 1");
+  node["hidden"] = Json::array();
+  expect_refused(node, t, "at least one hidden layer");
+  // A width the tensors do not have is caught before anything that size is allocated.
+  node["hidden"] = {8, 4000000000000LL};
+  expect_refused(node, t, "tensor '2.weight' must be [4000000000000, 8], got [8, 8]");
+  node = mlp_node(o);
+  node["time_features"] = 3;
+  expect_refused(node, t, "time_features");
+  node["dim"] = 2.5;
+  expect_refused(node, t, "'dim' must be a whole number");
+  archive::TensorMap extra = t;
+  extra["6.weight"] = at::zeros({2, 2});
+  expect_refused(mlp_node(o), extra, "unexpected tensor '6.weight'");
+  archive::TensorMap reserved = t;  // names starting with "__" are the archive's own, not weights
+  reserved["__extra__"] = at::zeros({4}, at::kByte);
+  archive::write(path, model_meta(mlp_node(o)), reserved);
+  EXPECT_EQ(load_velocity(path).field->dim(), 2);
+  archive::TensorMap missing = t;
+  missing.erase("2.bias");
+  expect_refused(mlp_node(o), missing, "missing tensor '2.bias'");
+
+  // Mixtures: negative weights, covariances that are not positive definite, ragged shapes, d = 0.
+  auto q = test::isotropic_gaussian({0.0, 1.0}, 0.5);
+  const Tensor w2 = at::tensor({0.5, 0.5}, kDouble), mu2 = at::zeros({2, 2}, kDouble);
+  const Tensor cov2 = at::eye(2, kDouble).unsqueeze(0).repeat({2, 1, 1});
+  const Json gmm{{"kind", "gmm"}};
+  expect_refused(gmm, {{"weights", at::tensor({0.5, -0.5}, kDouble)}, {"means", mu2}, {"covariances", cov2}},
+                 "weights must be finite and positive");
+  Tensor singular = cov2.clone();
+  singular[1][1][1] = -1.0;
+  expect_refused(gmm, {{"weights", w2}, {"means", mu2}, {"covariances", singular}}, "positive definite");
+  expect_refused(gmm, {{"weights", w2}, {"means", mu2}, {"covariances", at::eye(3, kDouble).unsqueeze(0)}},
+                 "covariances must be [K, d, d]");
+  expect_refused(gmm, {{"weights", w2}, {"means", at::zeros({2, 0}, kDouble)}, {"covariances", at::zeros({2, 0, 0}, kDouble)}},
+                 "dimension must be >= 1");
+  // A fine-tuned pair whose parts disagree on the dimension, an unknown mode.
+  archive::TensorMap pair = mlp_tensors(mlp, "trainable.");
+  pair["base.weights"] = q->weights();
+  pair["base.means"] = at::zeros({1, 3}, kDouble);
+  pair["base.covariances"] = at::eye(3, kDouble).unsqueeze(0);
+  expect_refused({{"kind", "finetuned"}, {"mode", "residual"}, {"base", gmm}, {"trainable", mlp_node(o)}}, pair,
+                 "trainable network has dim 2 but the base has dim 3");
+}
+
+TEST(ModelFiles, WeightsThatOverflowFloat32AreRefusedByAProbe) {
+  TempDir dir;
+  MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
+  {
+    at::NoGradGuard no_grad;
+    for (auto& [name, p] : mlp.named_parameters()) p.fill_(1e38);
+  }
+  const std::string path = dir.file("huge.pt");
+  save_velocity(mlp, path);
+  const std::string msg = error_of([&] { load_velocity(path); });
+  expect_contains(msg, "model file '" + path + "' produces non-finite velocities");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Classifier files
+
+Json classifier_meta(const ClassifierOptions& o) {
+  return {{"format", "tilt-classifier"}, {"version", 1}, {"dim", o.dim}, {"hidden", o.hidden},
+          {"classes", o.classes}, {"info", Json::object()}};
+}
+
+TEST(ClassifierFiles, BadValuesAreRefusedNamingTheFile) {
+  TempDir dir;
+  ClassifierOptions o;
+  o.dim = 4;
+  o.hidden = {6};
+  o.classes = 3;
+  MlpClassifier c(o, 2);
+  archive::TensorMap t;
+  for (const auto& [name, value] : c.named_parameters()) t[name] = value.detach().clone();
+  const std::string path = dir.file("c.pt");
+  archive::write(path, classifier_meta(o), t);
+  EXPECT_EQ(load_classifier(path).classifier->options().classes, 3);
+  const auto expect_refused = [&](const Json& meta, const archive::TensorMap& tensors, const std::string& why) {
+    archive::write(path, meta, tensors);
+    const std::string msg = error_of([&] { load_classifier(path); });
+    expect_contains(msg, "classifier file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  archive::TensorMap bad = deep_copy(t);
+  bad["head.weight"][0][0] = std::nan("");
+  expect_refused(classifier_meta(o), bad, "tensor 'head.weight' holds non-finite values");
+  Json meta = classifier_meta(o);
+  meta["hidden"] = {0};
+  expect_refused(meta, t, "hidden widths must be >= 1");
+  meta = classifier_meta(o);
+  meta["hidden"] = {3000000000000LL};
+  expect_refused(meta, t, "tensor 'body.0.weight' must be [3000000000000, 4], got [6, 4]");
+  meta = classifier_meta(o);
+  meta["dim"] = -4;
+  expect_refused(meta, t, "dim must be >= 1");
+  archive::TensorMap huge = deep_copy(t);
+  for (auto& [name, value] : huge) value.fill_(1e38);
+  expect_refused(classifier_meta(o), huge, "produces non-finite logits");
+}
+
+// ---------------------------------------------------------------------------------------------
+// TorchScript modules
+
+torch::jit::Module make_module(const std::string& source, int64_t dim = 0) {
+  torch::jit::Module m("__torch__.TestModule");
+  if (dim > 0) m.register_attribute("dim", c10::IntType::get(), dim);
+  m.define(source);
+  return m;
+}
+
+TEST(TorchScriptFiles, AForwardThatRaisesKeepsTheModulesMessageAndNamesTheFile) {
+  TempDir dir;
+  auto m = make_module(
+      "def forward(self, x, t):\n"
+      "    assert bool(t.max() <= 0.5), 'this model needs t <= 0.5'\n"
+      "    return x\n",
+      2);
+  const std::string path = dir.file("raises.ts");
+  m.save(path);
+  const std::string msg = error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); });
+  expect_contains(msg, "TorchScript model '" + path + "'");
+  expect_contains(msg, "this model needs t <= 0.5");
+  EXPECT_EQ(msg.find("Traceback"), std::string::npos) << msg;
+  // A message of several lines is kept whole, even where a later line looks like "Type: text".
+  auto two = make_module(
+      "def forward(self, x, t):\n"
+      "    assert bool(t.max() <= 0.5), 'needs t <= 0.5\\nValueError: see the model card'\n"
+      "    return x\n",
+      2);
+  two.save(path);
+  const std::string lines = error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); });
+  expect_contains(lines, "needs t <= 0.5\nValueError: see the model card");
+
+  auto r = make_module(
+      "def forward(self, x):\n"
+      "    assert bool(x.abs().max() == 0.0), 'reward undefined away from 0'\n"
+      "    return x.sum(1)\n");
+  const std::string reward = dir.file("raises_reward.ts");
+  r.save(reward);
+  const std::string rmsg = error_of([&] { TorchScriptReward(reward, 2); });
+  expect_contains(rmsg, "TorchScript reward '" + reward + "'");
+  expect_contains(rmsg, "reward undefined away from 0");
+}
+
+TEST(TorchScriptFiles, ARewardWithoutAGradientIsAnErrorNamingTheFile) {
+  TempDir dir;
+  for (const std::string body : {"    return x.detach().sum(1)\n", "    return torch.zeros([x.size(0)])\n"}) {
+    auto m = make_module("def forward(self, x):\n" + body);
+    const std::string path = dir.file("flat.ts");
+    m.save(path);
+    const std::string msg = error_of([&] { TorchScriptReward(path, 2); });
+    expect_contains(msg, "TorchScript reward '" + path + "'");
+    expect_contains(msg, "differentiable");
+  }
+  // x * 0 has a gradient (zero): a valid, if useless, reward.
+  auto zero = make_module("def forward(self, x):\n    return (x * 0.0).sum(1)\n");
+  const std::string path = dir.file("zero.ts");
+  zero.save(path);
+  TorchScriptReward r(path, 2);
+  EXPECT_EQ(r.grad(at::ones({3, 2})).abs().sum().item<double>(), 0.0);
+}
+
+// A module holding `value` as the parameter (or buffer) `name`, then `source`.
+torch::jit::Module module_with(const std::string& name, const Tensor& value, bool buffer, const std::string& source,
+                               int64_t dim = 0) {
+  torch::jit::Module m("__torch__.TestModule");
+  if (dim > 0) m.register_attribute("dim", c10::IntType::get(), dim);
+  if (buffer) {
+    m.register_buffer(name, value);
+  } else {
+    m.register_parameter(name, value, false);
+  }
+  m.define(source);
+  return m;
+}
+
+TEST(TorchScriptFiles, NonFiniteWeightsAreRefusedNamingTheFileAndTheParameter) {
+  TempDir dir;
+  const std::string path = dir.file("nan.ts");
+  auto m = module_with("scale", at::full({2}, std::nan("")), false, "def forward(self, x, t):\n    return x * self.scale\n", 2);
+  m.save(path);
+  expect_contains(error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); }),
+                  "TorchScript model '" + path + "': parameter 'scale' holds non-finite values");
+  // Finite weights whose output overflows.
+  auto big = module_with("scale", at::full({2}, 1e38f), false,
+                         "def forward(self, x, t):\n    return (x + 1.0) * self.scale * self.scale\n", 2);
+  big.save(path);
+  expect_contains(error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); }),
+                  "TorchScript model '" + path + "' produces non-finite values");
+  auto r = module_with("w", at::full({2}, -HUGE_VALF), true, "def forward(self, x):\n    return (x * self.w).sum(1)\n");
+  r.save(path);
+  expect_contains(error_of([&] { TorchScriptReward(path, 2); }),
+                  "TorchScript reward '" + path + "': buffer 'w' holds non-finite values");
+}
+
+}  // namespace
+}  // namespace tilt

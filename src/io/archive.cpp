@@ -14,6 +14,14 @@ namespace {
 constexpr const char* kMetaKey = "__tilt_meta__";
 constexpr const char* kChecksumKey = "__tilt_checksum__";
 
+// Whether a differs from b in exactly one character (what one flipped bit does to a name).
+bool one_flip_from(const std::string& a, const std::string& b) {
+  if (a.size() != b.size()) return false;
+  size_t differ = 0;
+  for (size_t i = 0; i < a.size(); ++i) differ += a[i] != b[i];
+  return differ == 1;
+}
+
 uint64_t little_endian(const std::string& b, size_t at, int n) {
   uint64_t v = 0;
   for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[at + static_cast<size_t>(i)]);
@@ -91,9 +99,7 @@ uint32_t checksum(const std::string& meta_text, const TensorMap& tensors) {
 }  // namespace
 
 void write(const std::string& path, const Json& meta, const TensorMap& tensors) {
-  Json marked = meta;
-  marked["checksum"] = "crc32";  // so that a file whose checksum entry was lost is not taken for an old one
-  const std::string text = marked.dump();
+  const std::string text = meta.dump();
   c10::Dict<std::string, Tensor> dict;
   dict.insert(kMetaKey, at::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, at::kByte).clone());
   for (const auto& [name, value] : tensors) dict.insert(name, value.detach().contiguous());
@@ -128,23 +134,20 @@ Contents read(const std::string& path, const std::string& what, const std::strin
       meta_text.assign(static_cast<const char*>(t.contiguous().data_ptr()), static_cast<size_t>(t.numel()));
     } else if (name == kChecksumKey) {
       stored_checksum = t;
-    } else if (name.rfind("__tilt_", 0) == 0) {
+    } else if (name.rfind("__tilt_", 0) == 0 || one_flip_from(name, kChecksumKey) || one_flip_from(name, kMetaKey)) {
+      // A flipped bit in the name of tilt's own entries must not pass for a missing checksum.
       throw Error(what + " '" + path + "' is damaged: it holds an unknown entry '" + name + "'");
     } else {
       out.tensors[name] = t;
     }
   }
   if (meta_text.empty()) throw Error(what + " '" + path + "' has no tilt metadata");
-  // Files written before checksums existed have neither the entry nor the mark in the metadata;
-  // any other file must match its checksum.
-  const bool marked = meta_text.find("\"checksum\":\"crc32\"") != std::string::npos;
-  if (marked && !stored_checksum.defined()) {
-    throw Error(what + " '" + path + "' is damaged: its checksum entry is missing");
-  }
+  // Files written before checksums existed have none, nor have files edited on purpose in Python
+  // (which must drop the entry, as docs/config.md says); any other file must match its checksum.
   if (stored_checksum.defined() &&
       (stored_checksum.numel() != 1 || stored_checksum.scalar_type() != at::kLong ||
        stored_checksum.item<int64_t>() != static_cast<int64_t>(checksum(meta_text, out.tensors)))) {
-    throw Error(what + " '" + path + "' is damaged: its checksum does not match its contents (a changed or corrupt file)");
+    throw Error(what + " '" + path + "' is damaged: its checksum does not match its contents (a corrupt file; one edited on purpose, e.g. in Python, must drop its '__tilt_checksum__' entry)");
   }
   out.meta = Json::parse(meta_text, nullptr, false);
   if (out.meta.is_discarded() || !out.meta.is_object()) throw Error(what + " '" + path + "' has unreadable metadata");

@@ -14,7 +14,7 @@ namespace tilt::archive {
 
 using TensorMap = std::map<std::string, Tensor>;
 
-/// Writes atomically; meta must hold "format" and "version" (write adds "checksum": "crc32").
+/// Writes atomically; meta must hold "format" and "version".
 void write(const std::string& path, const Json& meta, const TensorMap& tensors);
 
 struct Contents {
@@ -23,7 +23,8 @@ struct Contents {
 };
 /// Reads a file written by write() and checks its format and version. `what` names the kind of
 /// file in messages ("classifier file"). Throws tilt::Error for a missing, foreign or corrupt file,
-/// or one whose checksum does not match (files written before checksums have none, and are read).
+/// or one whose checksum does not match (files written before checksums, or edited in Python with
+/// the "__tilt_checksum__" entry dropped, have none, and are read).
 Contents read(const std::string& path, const std::string& what, const std::string& format, int version);
 
 /// The named tensor, or an error naming the file.

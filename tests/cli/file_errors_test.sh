@@ -132,18 +132,25 @@ if "$tilt" pretrain -q -c tiny.toml -o pre > log.txt 2>&1 && "$py" - > log.txt 2
 import torch
 d = torch.load("pre/model.pt")
 d["0.weight"][0, 0] = float("nan")
+del d["__tilt_checksum__"]  # an edited file drops its checksum (docs/config.md)
 torch.save(d, "nan.pt")
 d = torch.load("pre/model.pt")
 for k, v in d.items():
     if v.is_floating_point():
         v.fill_(1e38)
+del d["__tilt_checksum__"]
 torch.save(d, "huge.pt")
+d = torch.load("pre/model.pt")
+d["0.weight"][0, 0] += 1
+torch.save(d, "edited.pt")
 PY
 then
   expect_error "sample: a NaN weight" "model file 'nan.pt'" "$tilt" sample -m nan.pt -n 20 --steps 5 -o nan.csv
   expect_error "sample: the NaN weight's tensor is named" "'0.weight'" "$tilt" sample -m nan.pt -n 20 --steps 5 -o nan.csv
   expect_error "sample: weights of 1e38" "model file 'huge.pt'" "$tilt" sample -m huge.pt -n 20 --steps 5 -o huge.csv
-  expect_absent "no samples written from a bad model" nan.csv huge.csv
+  expect_error "sample: a model edited without dropping its checksum" "model file 'edited.pt' is damaged: its checksum does not match" \
+    "$tilt" sample -m edited.pt -n 20 --steps 5 -o edited.csv
+  expect_absent "no samples written from a bad model" nan.csv huge.csv edited.csv
 else
   fail "pretrain / edit a model file in Python: $(cat log.txt)"
 fi

@@ -6,6 +6,7 @@
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <set>
 #include <sstream>
 
 namespace tilt {
@@ -52,6 +53,89 @@ std::string show(const Json& v) {
   return s.size() > 60 ? s.substr(0, 57) + "..." : s;
 }
 
+// The deepest nesting of arrays and tables a configuration may have (docs/config.md). nlohmann's
+// parser, copies and destructor recurse, so 100,000 nested arrays crashed the process; the
+// configurations tilt reads nest 4 levels at most.
+constexpr size_t kMaxNesting = 256;
+
+std::string nesting_message() {
+  return "values are nested deeper than " + std::to_string(kMaxNesting) + " levels (arrays and tables)";
+}
+
+// The line on which brackets first nest deeper than kMaxNesting, outside strings (and, in TOML,
+// outside comments); 0 if they never do. Run before parsing, so that nothing deep is ever built.
+// A text the parser will refuse anyway (an unterminated string) may be scanned loosely.
+size_t too_deep_line(const std::string& text, bool toml) {
+  size_t depth = 0, line = 1;
+  const size_t n = text.size();
+  for (size_t i = 0; i < n; ++i) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++line;
+    } else if (c == '"' || (toml && c == '\'')) {
+      const bool triple = toml && text.compare(i, 3, std::string(3, c)) == 0;
+      const bool escapes = c == '"';  // TOML's '...' literal strings have none
+      for (i += triple ? 3 : 1; i < n; ++i) {
+        if (text[i] == '\n') {
+          ++line;
+          if (!triple) break;  // a one-line string cannot span lines: the parser reports it
+        } else if (escapes && text[i] == '\\') {
+          if (++i < n && text[i] == '\n') ++line;
+        } else if (triple ? text.compare(i, 3, std::string(3, c)) == 0 : text[i] == c) {
+          if (triple) i += 2;
+          break;
+        }
+      }
+    } else if (toml && c == '#') {
+      while (i + 1 < n && text[i + 1] != '\n') ++i;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxNesting) return line;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return 0;
+}
+
+// Parses JSON, refusing a key given twice in one object (TOML refuses it too; nlohmann would keep
+// the last value). `where` names the source in the message.
+Json parse_json_strictly(const std::string& text, const std::string& where) {
+  std::vector<std::pair<std::set<std::string>, std::string>> objects;  // keys seen, current key
+  std::vector<bool> in_object;                                           // per open container
+  const Json::parser_callback_t check = [&](int, Json::parse_event_t event, Json& parsed) {
+    switch (event) {
+      case Json::parse_event_t::object_start:
+        objects.emplace_back();
+        in_object.push_back(true);
+        break;
+      case Json::parse_event_t::array_start:
+        in_object.push_back(false);
+        break;
+      case Json::parse_event_t::object_end:
+        objects.pop_back();
+        in_object.pop_back();
+        break;
+      case Json::parse_event_t::array_end:
+        in_object.pop_back();
+        break;
+      case Json::parse_event_t::key: {
+        const std::string key = parsed.get<std::string>();
+        if (!objects.back().first.insert(key).second) {
+          std::string path;
+          for (size_t i = 0; i + 1 < objects.size(); ++i) path += objects[i].second + ".";
+          throw Error(where + ": the key '" + path + key + "' is given more than once");
+        }
+        objects.back().second = key;
+        break;
+      }
+      default:
+        break;
+    }
+    return true;
+  };
+  return Json::parse(text, check);
+}
+
 size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
@@ -69,11 +153,17 @@ size_t edit_distance(const std::string& a, const std::string& b) {
 
 Json load_config_file(const std::string& path) {
   const std::string text = read_file(path, "config file");
-  if (ends_with(path, ".json")) {
+  const bool json = ends_with(path, ".json");
+  if (const size_t line = too_deep_line(text, !json)) {
+    throw Error("config file '" + path + "' (line " + std::to_string(line) + "): " + nesting_message());
+  }
+  if (json) {
     try {
-      return Json::parse(text);
+      return parse_json_strictly(text, "config file '" + path + "'");
     } catch (const Json::parse_error& e) {
       throw Error("config file '" + path + "' is not valid JSON: " + e.what());
+    } catch (const Json::exception& e) {  // e.g. 1e999: "number overflow" (out_of_range)
+      throw Error("config file '" + path + "' is not valid JSON: " + e.what() + " (numbers must be finite)");
     }
   }
   try {
@@ -93,13 +183,23 @@ void apply_override(Json& config, const std::string& assignment) {
     throw Error("override '" + assignment + "' must look like key=value, e.g. finetune.lr=1e-3");
   }
   const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
-  Json value = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) value = text;
+  const std::string shown = assignment.size() > 40 ? assignment.substr(0, 37) + "..." : assignment;
+  if (too_deep_line(text, false)) throw Error("override '" + shown + "': " + nesting_message());
+  Json value;
+  try {
+    value = parse_json_strictly(text, "override '" + shown + "'");
+  } catch (const Json::exception&) {
+    value = text;  // not JSON: a string
+  }
   Json* node = &config;
   std::istringstream parts(key);
   std::string part;
   std::vector<std::string> names;
   while (std::getline(parts, part, '.')) names.push_back(part);
+  // Each key part is one level of tables (a.a.a...=1 nests as deep as [[[...]]]).
+  if (names.size() > kMaxNesting) {
+    throw Error("override '" + shown + "': " + nesting_message());
+  }
   for (size_t i = 0; i < names.size(); ++i) {
     if (names[i].empty()) throw Error("override '" + assignment + "': empty key part");
     if (!node->is_object()) throw Error("override '" + assignment + "': '" + names[i - 1] + "' is not a table");

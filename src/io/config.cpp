@@ -1,11 +1,14 @@
 #include "tilt/io/config.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
 #include <set>
 #include <sstream>
 
@@ -258,13 +261,33 @@ void ConfigSection::record(const std::string& key, const Json& value) {
   record(key, result);                                                                   \
   return result;
 
+// TOML's inf and nan, and JSON numbers that overflow, are no settings: every number a
+// configuration gives must be finite (docs/config.md). nlohmann would also write them as null.
 double ConfigSection::number(const std::string& key, std::optional<double> fallback) {
+  if (const Json* w = find(key); w && w->is_number() && !std::isfinite(w->get<double>())) {
+    fail(key, "must be a finite number, got " + number_string(w->get<double>()));
+  }
   TILT_CONFIG_GET(v->is_number(), "a number", v->get<double>())
 }
 
+// An integer that int64_t holds exactly: JSON's unsigned numbers above 2^63 - 1 and floats such as
+// 1e300 are not (converting them would be undefined).
+static std::optional<int64_t> as_int64(const Json& v) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return static_cast<int64_t>(u);
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (std::isfinite(d) && d >= -0x1p63 && d < 0x1p63 && d == std::trunc(d)) return static_cast<int64_t>(d);
+  }
+  return std::nullopt;
+}
+
 int64_t ConfigSection::integer(const std::string& key, std::optional<int64_t> fallback) {
-  TILT_CONFIG_GET(v->is_number_integer() || (v->is_number_float() && v->get<double>() == static_cast<double>(static_cast<int64_t>(v->get<double>()))),
-                  "an integer", static_cast<int64_t>(v->get<double>()))
+  TILT_CONFIG_GET(as_int64(*v).has_value(), "an integer", *as_int64(*v))
 }
 
 bool ConfigSection::boolean(const std::string& key, std::optional<bool> fallback) {
@@ -276,12 +299,21 @@ std::string ConfigSection::string(const std::string& key, std::optional<std::str
 }
 
 std::vector<double> ConfigSection::numbers(const std::string& key, std::optional<std::vector<double>> fallback) {
+  if (const Json* w = find(key); w && w->is_array()) {
+    for (const Json& e : *w) {
+      if (e.is_number() && !std::isfinite(e.get<double>())) {
+        fail(key, "must hold finite numbers, got " + number_string(e.get<double>()));
+      }
+    }
+  }
   TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) { return e.is_number(); }),
                   "an array of numbers", v->get<std::vector<double>>())
 }
 
 std::vector<int64_t> ConfigSection::integers(const std::string& key, std::optional<std::vector<int64_t>> fallback) {
-  TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) { return e.is_number_integer(); }),
+  TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) {
+                    return e.is_number_integer() && as_int64(e).has_value();
+                  }),
                   "an array of integers", v->get<std::vector<int64_t>>())
 }
 

@@ -74,5 +74,30 @@ TEST(ConfigValidation, JsonDuplicateKeysAreErrors) {
   EXPECT_EQ(load_config_file(dir.file("ok.json"))["b"]["lr"], 2);
 }
 
+// inf and nan (TOML literals, JSON 1e999) trained nothing or were written as null.
+TEST(ConfigValidation, NonFiniteNumbersAreRefused) {
+  TempDir dir;
+  atomic_write(dir.file("c.toml"), "[finetune]\neps = inf\nlr = nan\nhidden = [1.0, -inf]\n");
+  Config config(dir.file("c.toml"), {});
+  ConfigSection ft = config.root().section("finetune");
+  expect_contains(error_of([&] { ft.number("eps", 1e-8); }), "'finetune.eps' must be a finite number, got inf");
+  expect_contains(error_of([&] { ft.number("lr", 1e-3); }), "'finetune.lr' must be a finite number, got nan");
+  expect_contains(error_of([&] { ft.numbers("hidden"); }), "'finetune.hidden' must hold finite numbers, got -inf");
+  expect_contains(error_of([&] { ft.integer("lr"); }), "'finetune.lr' must be an integer");
+
+  // nlohmann refuses 1e999 while parsing (out_of_range, not parse_error): the file is named.
+  atomic_write(dir.file("c.json"), "{\"finetune\": {\"lr\": 1e999}}");
+  const std::string msg = error_of([&] { Config json(dir.file("c.json"), {}); });
+  expect_contains(msg, "c.json");
+  expect_contains(msg, "1e999");
+
+  // Integers beyond int64 (as floats or unsigned) are errors, not undefined conversions.
+  Config big(Json{{"a", 1e300}, {"b", std::numeric_limits<uint64_t>::max()}, {"c", Json::array({1, 1e300})}}, "test");
+  ConfigSection root = big.root();
+  expect_contains(error_of([&] { root.integer("a"); }), "'a' must be an integer");
+  expect_contains(error_of([&] { root.integer("b"); }), "'b' must be an integer");
+  expect_contains(error_of([&] { root.integers("c"); }), "'c' must be an array of integers");
+}
+
 }  // namespace
 }  // namespace tilt

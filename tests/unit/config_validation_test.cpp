@@ -99,5 +99,72 @@ TEST(ConfigValidation, NonFiniteNumbersAreRefused) {
   expect_contains(error_of([&] { root.integers("c"); }), "'c' must be an array of integers");
 }
 
+TEST(ConfigValidation, NonFiniteMatricesAndMixturesAreRefused) {
+  const double inf = std::numeric_limits<double>::infinity(), nan = std::nan("");
+  double lambda = 0;
+  Config precision(Json{{"reward", {{"type", "quadratic"}, {"center", {0.0, 0.0}}, {"precision", inf}}}}, "test");
+  expect_contains(error_of([&] { read_reward(precision.root().section("reward"), 2, &lambda); }),
+                  "'reward.precision' must be a finite number");
+  Config diag(Json{{"reward", {{"type", "quadratic"}, {"center", {0.0, 0.0}}, {"precision", {1.0, nan}}}}}, "test");
+  expect_contains(error_of([&] { read_reward(diag.root().section("reward"), 2, &lambda); }),
+                  "'reward.precision' must hold finite numbers");
+  Config center(Json{{"reward", {{"type", "quadratic"}, {"center", {nan, 0.0}}}}}, "test");
+  expect_contains(error_of([&] { read_reward(center.root().section("reward"), 2, &lambda); }), "'reward.center'");
+  Config covs(Json{{"data", {{"type", "gmm"}, {"means", {{0.0, 0.0}}}, {"covariances", {{{1.0, 0.0}, {0.0, inf}}}}}}},
+              "test");
+  expect_contains(error_of([&] { read_mixture(covs.root().section("data")); }), "'data.covariances' must hold finite numbers");
+  Config means(Json{{"data", {{"type", "gmm"}, {"means", {{0.0, nan}}}}}}, "test");
+  expect_contains(error_of([&] { read_mixture(means.root().section("data")); }), "'data.means' must hold finite numbers");
+  Config stds(Json{{"data", {{"type", "gmm"}, {"means", {{0.0, 0.0}, {1.0, 1.0}}}, {"std", {1.0, inf}}}}}, "test");
+  expect_contains(error_of([&] { read_mixture(stds.root().section("data")); }), "'data.std'");
+}
+
+// Nonsense that only the NaN guard of training stopped, refused while reading.
+TEST(ConfigValidation, OutOfRangeValuesNameTheKeyAndTheLimit) {
+  double lambda = 0;
+  Config l(Json{{"reward", {{"type", "linear"}, {"a", {1.0, 0.0}}, {"lambda", 1e300}}}}, "test");
+  expect_contains(error_of([&] { read_reward(l.root().section("reward"), 2, &lambda); }),
+                  "'reward.lambda' must be in [-10000, 10000]");
+  Config a(Json{{"reward", {{"type", "linear"}, {"a", {1e300, 0.0}}}}}, "test");
+  expect_contains(error_of([&] { read_reward(a.root().section("reward"), 2, &lambda); }), "'reward.a'");
+  Config w(Json{{"data", {{"type", "ring"}, {"components", 2}, {"weights", {1.0, -1.0}}}}}, "test");
+  expect_contains(error_of([&] { read_mixture(w.root().section("data")); }), "'data.weights'");
+  Config w0(Json{{"data", {{"type", "ring"}, {"components", 2}, {"weights", {0.0, 0.0}}}}}, "test");
+  expect_contains(error_of([&] { read_mixture(w0.root().section("data")); }), "'data.weights'");
+  Config k(Json{{"data", {{"type", "ring"}, {"components", 1000000000000}}}}, "test");
+  expect_contains(error_of([&] { read_mixture(k.root().section("data")); }), "'data.components' must be in 1..");
+  Config vp(Json{{"schedule", {{"type", "vp"}, {"beta_max", 1e300}}}}, "test");
+  expect_contains(error_of([&] { read_schedule(vp.root().section("schedule")); }), "'schedule.beta_max'");
+
+  auto trainer_error = [](const Json& finetune) {
+    Config c(Json{{"finetune", finetune}}, "test");
+    ConfigSection s = c.root().section("finetune");
+    return error_of([&] { read_trainer(s, TrainerOptions{}); });
+  };
+  expect_contains(trainer_error({{"lr", 1e300}}), "'finetune.lr' must be in [1e-12, 1]");
+  expect_contains(trainer_error({{"lr", 0.0}}), "'finetune.lr' must be in [1e-12, 1]");
+  expect_contains(trainer_error({{"eps", 1e300}}), "'finetune.eps' must be in [1e-30, 1]");
+  expect_contains(trainer_error({{"weight_decay", 1e300}}), "'finetune.weight_decay' must be in [0, 1]");
+  expect_contains(trainer_error({{"grad_clip", -1.0}}), "'finetune.grad_clip' must be >= 0");
+
+  auto am_error = [](const Json& finetune) {
+    Config c(Json{{"finetune", finetune}}, "test");
+    ConfigSection s = c.root().section("finetune");
+    return error_of([&] { read_adjoint_matching(s); });
+  };
+  expect_contains(am_error({{"clip_factor", -1.0}}), "'finetune.clip_factor' must be >= 0");
+  // 10^12 steps or trajectories reached std::bad_alloc after half a minute.
+  expect_contains(am_error({{"num_steps", 1000000000000}}), "'finetune.num_steps' must be in 2..100000");
+  expect_contains(am_error({{"batch_size", 1000000000000}}), "'finetune.batch_size' must be in 1..1000000");
+  expect_contains(am_error({{"num_steps", 100000}, {"batch_size", 1000000}}), "num_steps x batch_size");
+
+  Config mlp(Json{{"finetune", {{"hidden", {1000000000}}}}}, "test");
+  ConfigSection ms = mlp.root().section("finetune");
+  expect_contains(error_of([&] { read_mlp(ms, 2, {8}); }), "'finetune.hidden' widths must be in 1..16384");
+  Config tf(Json{{"finetune", {{"time_features", 1000000000}}}}, "test");
+  ConfigSection ts = tf.root().section("finetune");
+  expect_contains(error_of([&] { read_mlp(ts, 2, {8}); }), "'finetune.time_features'");
+}
+
 }  // namespace
 }  // namespace tilt

@@ -166,5 +166,18 @@ TEST(ConfigValidation, OutOfRangeValuesNameTheKeyAndTheLimit) {
   expect_contains(error_of([&] { read_mlp(ts, 2, {8}); }), "'finetune.time_features'");
 }
 
+// memoryless:5 was accepted and landed 115x the noise floor from p*.
+TEST(ConfigValidation, NoiseScheduleParametersAreBounded) {
+  expect_contains(error_of([&] { parse_noise_schedule("memoryless:5"); }), "offset h must be in (0, 1)");
+  expect_contains(error_of([&] { parse_noise_schedule("memoryless:1"); }), "offset h must be in (0, 1)");
+  expect_contains(error_of([&] { parse_noise_schedule("memoryless:0"); }), "offset h must be in (0, 1)");
+  expect_contains(error_of([&] { parse_noise_schedule("memoryless:nan"); }), "offset h must be in (0, 1)");
+  EXPECT_NEAR(parse_noise_schedule("memoryless:0.5")->h(), 0.5, 0);
+  expect_contains(error_of([&] { parse_noise_schedule("constant:inf"); }), "sigma");
+  expect_contains(error_of([&] { parse_noise_schedule("constant:1e300"); }), "sigma must be in [0, 1000]");
+  expect_contains(error_of([&] { parse_noise_schedule("scaled_memoryless:1e300"); }), "scale must be in [0, 1000]");
+  expect_contains(error_of([&] { parse_noise_schedule("scaled_memoryless:-1"); }), "scale");
+}
+
 }  // namespace
 }  // namespace tilt

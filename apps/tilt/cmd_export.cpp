@@ -14,7 +14,8 @@
 namespace tilt::cli {
 
 int run_export(const ExportArgs& args) {
-  if (args.points < 1) throw Error("--points must be >= 1");
+  check_flag("--points", args.points, 1, 1000000);
+  if (args.seed < 0) throw Error("--seed must be >= 0");
   set_threads(1);
   const LoadedModel m = load_velocity(args.model);
   atomic_write(args.out, export_torchscript(*m.field));

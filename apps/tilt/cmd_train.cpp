@@ -69,7 +69,9 @@ PolicyGradientOptions read_policy_gradient(ConfigSection& section, bool grouped)
   if (!(o.adv_clip_max > 0.0)) section.fail("adv_clip_max", "must be > 0");
   o.scale_advantages = section.boolean("scale_advantages", o.scale_advantages);
   o.inner_epochs = section.integer("inner_epochs", o.inner_epochs);
-  if (o.inner_epochs < 1) section.fail("inner_epochs", "must be >= 1");
+  if (o.inner_epochs < 1 || o.inner_epochs > 1000) {  // Adam steps per sampled batch (docs/config.md)
+    section.fail("inner_epochs", "must be in 1..1000, got " + std::to_string(o.inner_epochs));
+  }
   if (grouped) {
     o.group_size = section.integer("group_size", o.group_size);
     if (o.group_size < 2) section.fail("group_size", "must be >= 2");

@@ -260,20 +260,25 @@ OdeAdjointMatchingOptions read_ode_adjoint_matching(ConfigSection& s, const Adjo
 
 RegulariserPtr read_regulariser(ConfigSection& s) {
   const std::string name = s.choice("regulariser", {"quadratic", "clipped", "pnorm"}, "quadratic");
-  const double mu = s.number("reg_weight", 1.0);
-  if (!(mu > 0) || !std::isfinite(mu)) s.fail("reg_weight", "must be > 0");
-  const double mu_start = s.number("reg_weight_start", mu);
-  if (!(mu_start > 0) || !std::isfinite(mu_start)) s.fail("reg_weight_start", "must be > 0");
+  // mu, mu_start and delta in (0, limits::kMagnitude], p in (1, 100] (docs/config.md): mu = 1e300 made
+  // the regression target grad psi*(a) = a / mu vanish in float32, and |u|^p overflows for large p.
+  auto positive = [&](const std::string& key, double x) {
+    if (!(x > 0 && x <= limits::kMagnitude)) {
+      s.fail(key, "must be in (0, " + number_string(limits::kMagnitude) + "], got " + number_string(x));
+    }
+    return x;
+  };
+  const double mu = positive("reg_weight", s.number("reg_weight", 1.0));
+  const double mu_start = positive("reg_weight_start", s.number("reg_weight_start", mu));
   double delta = 0.0, p = 0.0;
   if (name == "clipped") {
     if (!s.has("reg_clip")) s.fail("reg_clip", "is required with regulariser = \"clipped\" (the largest control norm)");
-    delta = s.number("reg_clip");
-    if (!(delta > 0) || !std::isfinite(delta)) s.fail("reg_clip", "must be > 0");
+    delta = positive("reg_clip", s.number("reg_clip"));
   }
   if (name == "pnorm") {
     if (!s.has("reg_power")) s.fail("reg_power", "is required with regulariser = \"pnorm\" (the power p > 1)");
     p = s.number("reg_power");
-    if (!(p > 1) || !std::isfinite(p)) s.fail("reg_power", "must be > 1");
+    if (!(p > 1 && p <= 100)) s.fail("reg_power", "must be in (1, 100], got " + number_string(p));
   }
   return make_regulariser(name, mu, mu_start, delta, p);
 }

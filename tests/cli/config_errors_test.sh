@@ -105,6 +105,9 @@ expect_error "pretrain batch_size = 10^12" "'pretrain.batch_size' must be in 1..
 expect_error "a hidden width of 10^9" "'finetune.hidden' widths must be in 1..16384" \
   "$tilt" finetune -q -c tiny.toml --set 'finetune.hidden=[1000000000]' -o run_hidden
 
+expect_error "ddpo inner_epochs = 10^12" "'finetune.inner_epochs' must be in 1..1000" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.method=\"ddpo\" --set finetune.inner_epochs=1000000000000 -o run_ie
+
 # Threads: 100000 blocked in futex_wait with no output.
 expect_error "threads = 100000 names the key and the limit" "'threads' must be in 0..1024" \
   "$tilt" finetune -q -c tiny.toml --set threads=100000 -o run_threads

@@ -166,6 +166,19 @@ TEST(ConfigValidation, OutOfRangeValuesNameTheKeyAndTheLimit) {
   expect_contains(error_of([&] { read_mlp(ts, 2, {8}); }), "'finetune.time_features'");
 }
 
+// The regulariser of ODE Adjoint Matching: mu = 1e300 made grad psi*(a) = a / mu vanish in float32.
+TEST(ConfigValidation, RegulariserParametersAreBounded) {
+  auto regulariser_error = [](const Json& finetune) {
+    Config c(Json{{"finetune", finetune}}, "test");
+    ConfigSection s = c.root().section("finetune");
+    return error_of([&] { read_regulariser(s); });
+  };
+  expect_contains(regulariser_error({{"reg_weight", 1e300}}), "'finetune.reg_weight' must be in (0, 1e+06]");
+  expect_contains(regulariser_error({{"reg_weight_start", 1e300}}), "'finetune.reg_weight_start' must be in (0, 1e+06]");
+  expect_contains(regulariser_error({{"regulariser", "clipped"}, {"reg_clip", 1e300}}), "'finetune.reg_clip' must be in (0, 1e+06]");
+  expect_contains(regulariser_error({{"regulariser", "pnorm"}, {"reg_power", 1e300}}), "'finetune.reg_power' must be in (1, 100]");
+}
+
 // memoryless:5 was accepted and landed 115x the noise floor from p*.
 TEST(ConfigValidation, NoiseScheduleParametersAreBounded) {
   expect_contains(error_of([&] { parse_noise_schedule("memoryless:5"); }), "offset h must be in (0, 1)");

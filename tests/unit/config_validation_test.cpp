@@ -5,6 +5,8 @@
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/config.h"
+#include "tilt/sampling/adjoint_sampling.h"
+#include "tilt/sampling/mcmc.h"
 #include "tilt/schedule/noise_schedule.h"
 
 #include "../support/checks.h"
@@ -177,6 +179,26 @@ TEST(ConfigValidation, RegulariserParametersAreBounded) {
   expect_contains(regulariser_error({{"reg_weight_start", 1e300}}), "'finetune.reg_weight_start' must be in (0, 1e+06]");
   expect_contains(regulariser_error({{"regulariser", "clipped"}, {"reg_clip", 1e300}}), "'finetune.reg_clip' must be in (0, 1e+06]");
   expect_contains(regulariser_error({{"regulariser", "pnorm"}, {"reg_power", 1e300}}), "'finetune.reg_power' must be in (1, 100]");
+}
+
+// Sizes of tilt adjoint-sampling and tilt mcmc: 10^12 reached std::bad_alloc like the others.
+TEST(ConfigValidation, SamplerSizesAreBounded) {
+  auto as_error = [](const Json& table) {
+    Config c(Json{{"adjoint_sampling", table}}, "test");
+    ConfigSection s = c.root().section("adjoint_sampling");
+    return error_of([&] { sampling::read_adjoint_sampling(s); });
+  };
+  // Every key has a documented default (docs/adjoint_sampling.md); an empty table must be enough.
+  Config empty(Json{{"adjoint_sampling", Json::object()}}, "test");
+  ConfigSection es = empty.root().section("adjoint_sampling");
+  EXPECT_NO_THROW(sampling::read_adjoint_sampling(es));
+  expect_contains(as_error({{"batch_size", 1000000000000}}), "'adjoint_sampling.batch_size' must be in 1..1000000");
+  expect_contains(as_error({{"steps", 1000000000000}}), "'adjoint_sampling.steps' must be in 1..100000");
+  expect_contains(as_error({{"buffer_size", 1000000000000}}), "'adjoint_sampling.buffer_size' must be in 1..10000000");
+  Config chains(Json{{"mcmc", {{"chains", 1000000000000}}}}, "test");
+  expect_contains(error_of([&] { sampling::read_mala(chains.root().section("mcmc")); }), "'mcmc.chains' must be in 1..1000000");
+  Config kept(Json{{"mcmc", {{"chains", 1000}, {"steps", 1000000000}, {"thin", 1}}}}, "test");
+  expect_contains(error_of([&] { sampling::read_mala(kept.root().section("mcmc")); }), "samples kept");
 }
 
 // memoryless:5 was accepted and landed 115x the noise floor from p*.

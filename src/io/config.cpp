@@ -103,23 +103,14 @@ size_t too_deep_line(const std::string& text, bool toml) {
 // Parses JSON, refusing a key given twice in one object (TOML refuses it too; nlohmann would keep
 // the last value). `where` names the source in the message.
 Json parse_json_strictly(const std::string& text, const std::string& where) {
-  std::vector<std::pair<std::set<std::string>, std::string>> objects;  // keys seen, current key
-  std::vector<bool> in_object;                                           // per open container
+  std::vector<std::pair<std::set<std::string>, std::string>> objects;  // per open object: keys seen, current key
   const Json::parser_callback_t check = [&](int, Json::parse_event_t event, Json& parsed) {
     switch (event) {
       case Json::parse_event_t::object_start:
         objects.emplace_back();
-        in_object.push_back(true);
-        break;
-      case Json::parse_event_t::array_start:
-        in_object.push_back(false);
         break;
       case Json::parse_event_t::object_end:
         objects.pop_back();
-        in_object.pop_back();
-        break;
-      case Json::parse_event_t::array_end:
-        in_object.pop_back();
         break;
       case Json::parse_event_t::key: {
         const std::string key = parsed.get<std::string>();

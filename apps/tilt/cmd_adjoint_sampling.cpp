@@ -79,7 +79,7 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
   const std::vector<int64_t> hidden = as.integers("hidden", std::vector<int64_t>{128, 128, 128});
   if (hidden.empty()) as.fail("hidden", "must list at least one layer width");
   for (int64_t w : hidden) {
-    if (w < 1) as.fail("hidden", "widths must be >= 1");
+    if (w < 1 || w > limits::kWidth) as.fail("hidden", "widths must be in 1.." + std::to_string(limits::kWidth) + ", got " + std::to_string(w));
   }
   TrainerOptions defaults;
   defaults.iterations = 2000;
@@ -91,9 +91,13 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
   as.finish();
   ConfigSection ev = root.section("evaluation", /*optional=*/true);
   const int64_t n_eval = ev.integer("samples", 4000);
-  if (n_eval < 2) ev.fail("samples", "must be >= 2");
+  if (n_eval < 2 || n_eval > limits::kSamples) {
+    ev.fail("samples", "must be in 2.." + std::to_string(limits::kSamples) + ", got " + std::to_string(n_eval));
+  }
   const int64_t eval_steps = ev.integer("steps", opts.steps);
-  if (eval_steps < 1) ev.fail("steps", "must be >= 1");
+  if (eval_steps < 1 || eval_steps > limits::kSteps) {
+    ev.fail("steps", "must be in 1.." + std::to_string(limits::kSteps) + ", got " + std::to_string(eval_steps));
+  }
   const SamplerGrid eval_grid = parse_sampler_grid(ev.choice("grid", {"nu", "uniform"}, "nu"));
   std::string reference = args.reference.empty() ? ev.string("reference", "") : args.reference;
   ev.finish();
@@ -250,6 +254,7 @@ int run_mcmc(const McmcArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the CSV file for the samples");
   refuse_output_over_input("--out", args.out, {{"--config", args.config.config}});
   refuse_output_over_input("--out", args.out + ".json", {{"--config", args.config.config}});
+  if (args.seed < -1) throw Error("--seed must be >= 0 (or -1: from the config's seed)");
   const uint64_t seed = args.seed >= 0 ? static_cast<uint64_t>(args.seed) : mix_seed(settings.seed, 9);
   Generator gen = make_generator(seed);
   const auto t0 = std::chrono::steady_clock::now();

@@ -14,11 +14,12 @@
 namespace tilt::cli {
 
 int run_export(const ExportArgs& args) {
-  if (args.points < 1) throw Error("--points must be >= 1");
   refuse_output_over_input("--out", args.out, {{"--model", args.model}});
   if (!args.reference.empty()) {
     refuse_output_over_input("--reference", args.reference, {{"--model", args.model}, {"--out", args.out}});
   }
+  check_flag("--points", args.points, 1, 1000000);
+  if (args.seed < 0) throw Error("--seed must be >= 0");
   set_threads(1);
   const LoadedModel m = load_velocity(args.model);
   atomic_write(args.out, export_torchscript(*m.field));

@@ -13,6 +13,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cmath>
 #include <cstdio>
 #include <iostream>
 
@@ -31,11 +32,18 @@ int run_classifier(const TrainArgs& args) {
   copt.classes = data->classes;
   copt.hidden = section.integers("hidden", copt.hidden);
   if (copt.hidden.empty()) section.fail("hidden", "must list at least one layer width");
+  for (int64_t w : copt.hidden) {
+    if (w < 1 || w > limits::kWidth) section.fail("hidden", "widths must be in 1.." + std::to_string(limits::kWidth) + ", got " + std::to_string(w));
+  }
   ClassifierTrainingOptions topt_loss;
   topt_loss.batch_size = section.integer("batch_size", topt_loss.batch_size);
-  if (topt_loss.batch_size < 1) section.fail("batch_size", "must be >= 1");
+  if (topt_loss.batch_size < 1 || topt_loss.batch_size > limits::kBatch) {
+    section.fail("batch_size", "must be in 1.." + std::to_string(limits::kBatch) + ", got " + std::to_string(topt_loss.batch_size));
+  }
   topt_loss.input_noise = section.number("input_noise", topt_loss.input_noise);
-  if (topt_loss.input_noise < 0) section.fail("input_noise", "must be >= 0");
+  if (!(topt_loss.input_noise >= 0 && topt_loss.input_noise <= limits::kMagnitude)) {
+    section.fail("input_noise", "must be in [0, " + number_string(limits::kMagnitude) + "]");
+  }
   TrainerOptions defaults;
   defaults.iterations = 3000;
   defaults.adam = {1e-3, 0.9, 0.999, 1e-8, 0.0};
@@ -81,6 +89,9 @@ int run_eval_images(const EvalImagesArgs& args) {
   const std::string path = reward.string("path");
   const int64_t target = reward.integer("class");
   const double lambda = reward.number("lambda", 1.0);
+  if (!(std::abs(lambda) <= limits::kLambda)) {
+    reward.fail("lambda", "must be in [" + number_string(-limits::kLambda) + ", " + number_string(limits::kLambda) + "]");
+  }
   reward.finish();
   finish_root(root);
   const LoadedClassifier loaded = load_classifier(path);

@@ -19,8 +19,11 @@
 namespace tilt::cli {
 
 int run_logz(const LogzArgs& args) {
-  if (args.n < 2) throw Error("--n must be >= 2");
-  if (args.steps < 1) throw Error("--steps must be >= 1");
+  check_flag("--n", args.n, 2, limits::kSamples);
+  check_flag("--steps", args.steps, 1, limits::kSteps);
+  check_flag("--batch", args.batch, 1, limits::kBatch);
+  check_flag("--threads", args.threads, 0, kMaxThreads);  // before the config is read (0: the config's)
+  if (args.seed < -1) throw Error("--seed must be >= 0 (or -1: the config's)");
   if (args.method != "girsanov" && args.method != "noising" && args.method != "jarzynski") {
     throw Error("--method must be girsanov, noising or jarzynski, got '" + args.method + "'");
   }
@@ -28,7 +31,7 @@ int run_logz(const LogzArgs& args) {
   Config config(args.config.config, args.config.set);
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);
-  if (args.threads > 0) set_threads(args.threads);
+  if (args.threads != 0) set_threads(args.threads);
   const VelocityFieldPtr v_base = read_base(root);
   std::string why;
   const auto exact = read_exact_problem(root, &why);
@@ -53,6 +56,7 @@ int run_logz(const LogzArgs& args) {
       char* end = nullptr;
       scale = std::strtod(args.control.c_str() + 8, &end);
       if (*end != '\0' || end == args.control.c_str() + 8) throw Error("--control: '" + args.control.substr(8) + "' is not a number");
+      if (!std::isfinite(scale)) throw Error("--control: the scale must be finite, got " + args.control.substr(8));
     }
     if (!exact) throw Error("--control optimal needs the exact target p*, and this config has none: " + why);
     if (v_base->kind() != "gmm") throw Error("--control optimal needs [base] type = \"exact\" (the control is v* - v_base of the exact fields)");
@@ -67,7 +71,16 @@ int run_logz(const LogzArgs& args) {
   std::string spec = args.noise;
   if (spec.empty()) spec = args.method == "jarzynski" ? "constant:1" : "memoryless";
   if (spec == "memoryless") spec += ":" + std::to_string(1.0 / static_cast<double>(args.steps));
-  const NoiseSchedulePtr noise = parse_noise_schedule(spec);
+  NoiseSchedulePtr noise;
+  try {
+    noise = parse_noise_schedule(spec);
+  } catch (const Error& e) {
+    throw Error(std::string("--noise: ") + e.what());
+  }
+  if (noise->is_memoryless() && noise->h() > kLargeMemorylessOffset) {
+    warn("--noise " + spec + ": an offset h above " + number_string(kLargeMemorylessOffset) +
+         " is far from memoryless near t = 0 (the default is one step, h = 1/steps)");
+  }
   ImportanceOptions opts;
   opts.integrator = parse_integrator(args.integrator);
   opts.batch = args.batch;

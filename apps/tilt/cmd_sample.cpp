@@ -31,9 +31,11 @@ std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
 
 int run_sample(const SampleArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the CSV file for the samples");
-  if (args.n < 1) throw Error("--n must be >= 1");
   refuse_output_over_input("--out", args.out, {{"--model", args.model}, {"--config", args.config.config}, {"--png", args.png}});
   if (!args.png.empty()) refuse_output_over_input("--png", args.png, {{"--model", args.model}, {"--config", args.config.config}});
+  check_flag("--n", args.n, 1, limits::kSamples);
+  if (args.steps) check_flag("--steps", *args.steps, 1, limits::kSteps);  // -7 silently meant 100
+  if (args.seed < 0) throw Error("--seed must be >= 0");
   if (args.model.empty() == args.exact.empty()) {
     throw Error("give either --model FILE, or --exact base|target with --config");
   }
@@ -52,11 +54,21 @@ int run_sample(const SampleArgs& args) {
     what = "exact " + args.exact + " samples";
   } else {
     const LoadedModel m = load_velocity(args.model);
-    const int64_t steps = args.steps > 0 ? args.steps : 100;
+    const int64_t steps = args.steps.value_or(100);
     std::string spec = args.noise.empty() ? m.info.value("noise", std::string("memoryless")) : args.noise;
     // The paper's offset h = 1/K goes with the number of steps.
     if (spec == "memoryless") spec += ":" + std::to_string(1.0 / static_cast<double>(steps));
-    const NoiseSchedulePtr noise = parse_noise_schedule(spec);
+    NoiseSchedulePtr noise;
+    try {
+      noise = parse_noise_schedule(spec);
+    } catch (const Error& e) {
+      throw Error(args.noise.empty() ? "the noise schedule " + args.model + " was fine-tuned with: " + e.what() + "; give --noise"
+                                     : std::string("--noise: ") + e.what());
+    }
+    if (noise->is_memoryless() && noise->h() > kLargeMemorylessOffset) {
+      warn((args.noise.empty() ? "the model's noise schedule " : "--noise ") + spec + ": an offset h above " + number_string(kLargeMemorylessOffset) +
+           " is far from memoryless near t = 0 (the default is one step, h = 1/steps)");
+    }
     SampleOptions opts;
     opts.integrator = args.integrator == "auto" ? (noise->is_zero() ? Integrator::heun : Integrator::euler)
                                                 : parse_integrator(args.integrator);
@@ -83,7 +95,8 @@ int run_sample(const SampleArgs& args) {
 
 int run_eval(const EvalArgs& args) {
   if (args.samples.empty()) throw Error("give at least one --samples FILE");
-  if (args.replicates < 1) throw Error("--replicates must be >= 1");
+  check_flag("--replicates", args.replicates, 1, 1000);
+  if (args.seed < 0) throw Error("--seed must be >= 0");
   Config config(args.config.config, args.config.set);
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);

@@ -4,6 +4,7 @@
 
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/io/builders.h"
 #include "tilt/io/plot.h"
 #include "tilt/soc/losses.h"
 #include "tilt/soc/problems.h"
@@ -60,9 +61,17 @@ std::string fmt(double x, const char* spec = "%.4g") {
 int run_soc(const SocArgs& args) {
   set_threads(args.threads);
   if (args.losses.empty()) throw Error("give at least one --loss");
-  if (args.iterations < 1 || args.batch < 1 || args.eval_every < 1 || args.eval_batch < 2) {
-    throw Error("--iterations, --batch and --eval-every must be >= 1, --eval-batch >= 2");
-  }
+  // Bounds of docs/config.md, Limits: --steps -3 silently meant the default, --lr 1e300 reached LibTorch.
+  if (args.iterations < 1) throw Error("--iterations must be >= 1");
+  check_flag("--batch", args.batch, 1, limits::kBatch);
+  check_flag("--steps", args.steps, 0, limits::kSteps);
+  if (args.eval_every < 1) throw Error("--eval-every must be >= 1");
+  check_flag("--eval-batch", args.eval_batch, 2, limits::kBatch);
+  check_flag_number("--lr", args.lr, limits::kLrMin, limits::kLrMax);
+  if (args.hidden.empty()) throw Error("--hidden must list at least one layer width");
+  for (int64_t w : args.hidden) check_flag("--hidden widths", w, 1, limits::kWidth);
+  if (args.seed < 0) throw Error("--seed must be >= 0");
+  check_flag_number("--dist-timeout", args.dist_timeout, 1e-3, 86400);
   const soc::ProblemPtr problem = soc::make_problem(args.problem, static_cast<uint64_t>(args.seed));
   for (const auto& name : args.losses) {
     soc::check_soc_loss_name(name);

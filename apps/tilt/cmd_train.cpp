@@ -69,7 +69,9 @@ PolicyGradientOptions read_policy_gradient(ConfigSection& section, bool grouped)
   if (!(o.adv_clip_max > 0.0)) section.fail("adv_clip_max", "must be > 0");
   o.scale_advantages = section.boolean("scale_advantages", o.scale_advantages);
   o.inner_epochs = section.integer("inner_epochs", o.inner_epochs);
-  if (o.inner_epochs < 1) section.fail("inner_epochs", "must be >= 1");
+  if (o.inner_epochs < 1 || o.inner_epochs > 1000) {  // Adam steps per sampled batch (docs/config.md)
+    section.fail("inner_epochs", "must be in 1..1000, got " + std::to_string(o.inner_epochs));
+  }
   if (grouped) {
     o.group_size = section.integer("group_size", o.group_size);
     if (o.group_size < 2) section.fail("group_size", "must be >= 2");
@@ -89,6 +91,7 @@ PolicyGradientOptions read_policy_gradient(ConfigSection& section, bool grouped)
 // rank must have resolved the same config.
 RunDirectory start_run(const Config& config, const std::string& section, int64_t shards, const TrainArgs& args,
                        ProcessGroupPtr& group) {
+  check_flag_number("--dist-timeout", args.dist_timeout, 1e-3, 86400);  // seconds; at most a day
   group = join_group(args.dist_timeout);
   Json resolved = config.resolved();
   resolved[section]["shards"] = effective_shards(shards, group);
@@ -130,7 +133,9 @@ int run_pretrain(const TrainArgs& args) {
   const MlpOptions mlp = read_mlp(section, dim, {256, 256, 256});
   FlowMatchingOptions fm;
   fm.batch_size = section.integer("batch_size", 256);
-  if (fm.batch_size < 1) section.fail("batch_size", "must be >= 1");
+  if (fm.batch_size < 1 || fm.batch_size > limits::kBatch) {
+    section.fail("batch_size", "must be in 1.." + std::to_string(limits::kBatch) + ", got " + std::to_string(fm.batch_size));
+  }
   TrainerOptions defaults;
   defaults.iterations = 5000;
   defaults.adam = {1e-3, 0.9, 0.999, 1e-8, 0.0};
@@ -202,9 +207,13 @@ int run_finetune(const TrainArgs& args) {
   if (is_pg) pg = read_policy_gradient(section, method == "grpo");
   // The paper's offset is one step, h = 1/K: on a uniform grid the memoryless drift's -x/t part is
   // then integrated exactly (docs/method.md, choice 1).
-  const NoiseSchedulePtr noise = noise_spec == "memoryless"
-                                     ? make_memoryless_noise(1.0 / static_cast<double>(am.num_steps))
-                                     : parse_noise_schedule(noise_spec);
+  NoiseSchedulePtr noise;
+  try {
+    noise = noise_spec == "memoryless" ? make_memoryless_noise(1.0 / static_cast<double>(am.num_steps))
+                                       : parse_noise_schedule(noise_spec);
+  } catch (const Error& e) {
+    section.fail("noise", std::string("is invalid: ") + e.what());
+  }
   am.lambda = lambda;
   if (is_pg) {
     pg.num_steps = am.num_steps;
@@ -232,6 +241,10 @@ int run_finetune(const TrainArgs& args) {
 
   ProcessGroupPtr group;
   const RunDirectory run = start_run(config, "finetune", topt.shards, args, group);
+  if (uses_noise && noise->is_memoryless() && noise->h() > kLargeMemorylessOffset) {
+    warn(section.where("noise") + " = \"" + noise_spec + "\": an offset h above " + number_string(kLargeMemorylessOffset) +
+         " is far from memoryless near t = 0, and the run will miss p* by more (the default is one step, h = 1/num_steps)");
+  }
   if (uses_noise && !is_pg && !noise->is_memoryless()) {
     warn("fine-tuning with the " + noise->describe() +
          " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run will be biased "

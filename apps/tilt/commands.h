@@ -3,6 +3,7 @@
 
 #include "common.h"
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -25,7 +26,7 @@ struct SampleArgs {
   std::string exact;   ///< "base" | "target"
   int64_t n = 2000;
   std::string noise;   ///< noise schedule spec; empty: the one the model was fine-tuned with
-  int64_t steps = 0;   ///< 0: the model's fine-tuning steps, else 100
+  std::optional<int64_t> steps;  ///< not given: 100
   std::string integrator = "auto";
   int64_t seed = 0;
   int threads = 0;

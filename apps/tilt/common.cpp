@@ -29,6 +29,10 @@ void warn(const std::string& message) {
 }
 
 void set_threads(int threads) {
+  // read_run_settings has already named the config key; the other callers pass --threads.
+  if (threads < 0 || threads > kMaxThreads) {
+    throw Error("--threads must be in 0.." + std::to_string(kMaxThreads) + " (0: all cores), got " + std::to_string(threads));
+  }
   int n = threads;
   if (n <= 0) {
     n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
@@ -69,8 +73,12 @@ RunSettings read_run_settings(ConfigSection& root) {
   const int64_t seed = root.integer("seed", 0);
   if (seed < 0) root.fail("seed", "must be >= 0");
   s.seed = static_cast<uint64_t>(seed);
-  s.threads = static_cast<int>(root.integer("threads", 0));
-  if (s.threads < 0) root.fail("threads", "must be >= 0 (0: all cores)");
+  // Checked before the narrowing to int, which read 2^32 + 1 as 1.
+  const int64_t threads = root.integer("threads", 0);
+  if (threads < 0 || threads > kMaxThreads) {
+    root.fail("threads", "must be in 0.." + std::to_string(kMaxThreads) + " (0: all cores), got " + std::to_string(threads));
+  }
+  s.threads = static_cast<int>(threads);
   set_threads(s.threads);
   return s;
 }

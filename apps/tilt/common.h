@@ -2,6 +2,8 @@
 #pragma once
 
 #include "tilt/core/fs.h"
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
 #include "tilt/io/config.h"
 #include "tilt/io/datasets.h"
 #include "tilt/model/gmm.h"
@@ -29,8 +31,24 @@ struct RunSettings {
   int threads = 0;
 };
 RunSettings read_run_settings(ConfigSection& root);
+/// The most threads a config or --threads may ask for (docs/config.md, Limits): a fixed bound, so
+/// that a config valid on one machine is valid on every other. 100000 blocked in futex_wait.
+constexpr int kMaxThreads = 1024;
 /// 0: all cores, shared among the processes of a group on this machine (LOCAL_WORLD_SIZE, as torchrun sets it).
+/// Throws tilt::Error naming --threads outside 0..kMaxThreads.
 void set_threads(int threads);
+
+/// Flag checks (docs/config.md, Limits): tilt::Error("<flag> must be in lo..hi, got value").
+inline void check_flag(const std::string& flag, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi) {
+    throw Error(flag + " must be in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + std::to_string(value));
+  }
+}
+inline void check_flag_number(const std::string& flag, double value, double lo, double hi) {
+  if (!(value >= lo && value <= hi)) {
+    throw Error(flag + " must be in [" + number_string(lo) + ", " + number_string(hi) + "], got " + number_string(value));
+  }
+}
 
 /// Joins the group of processes that the environment describes (WORLD_SIZE, RANK, MASTER_ADDR,
 /// MASTER_PORT, as torchrun sets them), each collective waiting at most timeout_seconds; null for

@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
                          "euler, heun (ODE only), exact (the gDDIM step; noise memoryless, scaled_memoryless:<gamma> or ode), "
                          "or auto")->capture_default_str();
   sample_cmd->add_option("--seed", sample.seed, "Random seed")->capture_default_str();
-  sample_cmd->add_option("--threads", sample.threads, "Threads (0: all cores)")->capture_default_str();
+  sample_cmd->add_option("--threads", sample.threads, "Threads (0: all cores; at most 1024)")->capture_default_str();
   sample_cmd->add_option("-o,--out", sample.out, "CSV file for the samples")->required();
   sample_cmd->add_option("--png", sample.png, "Also draw the samples (first two coordinates) to this PNG");
 
@@ -98,7 +98,7 @@ int main(int argc, char** argv) {
   logz_cmd->add_option("-n,--n", logz.n, "Paths")->capture_default_str();
   logz_cmd->add_option("--batch", logz.batch, "Paths simulated at once")->capture_default_str();
   logz_cmd->add_option("--seed", logz.seed, "Random seed (-1: the config's)")->capture_default_str();
-  logz_cmd->add_option("--threads", logz.threads, "Threads (0: the config's)")->capture_default_str();
+  logz_cmd->add_option("--threads", logz.threads, "Threads (0: the config's; at most 1024)")->capture_default_str();
   logz_cmd->add_flag("--json", logz.json, "Print the result as one JSON object");
   logz_cmd->add_flag("-q,--quiet", logz.quiet, "No progress bar");
 
@@ -124,7 +124,7 @@ int main(int argc, char** argv) {
   soc_cmd->add_option("--lr", soc.lr, "Adam learning rate (constant)")->capture_default_str();
   soc_cmd->add_option("--hidden", soc.hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
   soc_cmd->add_option("--seed", soc.seed, "Random seed (also draws the problem's x0 / matrices)")->capture_default_str();
-  soc_cmd->add_option("--threads", soc.threads, "Threads (0: all cores)")->capture_default_str();
+  soc_cmd->add_option("--threads", soc.threads, "Threads (0: all cores; at most 1024)")->capture_default_str();
   soc_cmd->add_option("--shards", soc.shards,
                       "Draw each batch in this many shards, each with its own seed (0: one per process); the result "
                       "depends on the seed and the shards, not on the number of processes")->capture_default_str();

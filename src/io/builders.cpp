@@ -1,5 +1,6 @@
 #include "tilt/io/builders.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/io/classifier_io.h"
 #include "tilt/model/classifier.h"
@@ -14,6 +15,33 @@ namespace {
 
 const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
+// One entry of an array or matrix of data-space numbers: finite and of magnitude at most
+// limits::kMagnitude (docs/config.md, "Limits"), so that squares and products stay far inside float32.
+double entry(ConfigSection& s, const std::string& key, const Json& e) {
+  if (!e.is_number()) s.fail(key, "must hold numbers only");
+  const double x = e.get<double>();
+  if (!std::isfinite(x)) s.fail(key, "must hold finite numbers, got " + number_string(x));
+  if (std::abs(x) > limits::kMagnitude) {
+    s.fail(key, "must hold numbers of magnitude at most " + number_string(limits::kMagnitude) + ", got " + number_string(x));
+  }
+  return x;
+}
+
+void check_entries(ConfigSection& s, const std::string& key, const std::vector<double>& xs) {
+  for (double x : xs) entry(s, key, Json(x));
+}
+
+// A number read from the config in [lo, hi]; the message gives the range.
+double in_range(ConfigSection& s, const std::string& key, double x, double lo, double hi) {
+  if (!(x >= lo && x <= hi)) s.fail(key, "must be in [" + number_string(lo) + ", " + number_string(hi) + "], got " + number_string(x));
+  return x;
+}
+
+int64_t in_range(ConfigSection& s, const std::string& key, int64_t x, int64_t lo, int64_t hi) {
+  if (x < lo || x > hi) s.fail(key, "must be in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + std::to_string(x));
+  return x;
+}
+
 Tensor matrix_from(ConfigSection& s, const std::string& key, const Json& v, int64_t rows, int64_t cols) {
   if (!v.is_array() || static_cast<int64_t>(v.size()) != rows) {
     s.fail(key, "must be " + std::to_string(rows) + " rows of " + std::to_string(cols) + " numbers");
@@ -23,10 +51,7 @@ Tensor matrix_from(ConfigSection& s, const std::string& key, const Json& v, int6
     if (!row.is_array() || static_cast<int64_t>(row.size()) != cols) {
       s.fail(key, "must be " + std::to_string(rows) + " rows of " + std::to_string(cols) + " numbers");
     }
-    for (const auto& e : row) {
-      if (!e.is_number()) s.fail(key, "must hold numbers only");
-      flat.push_back(e.get<double>());
-    }
+    for (const auto& e : row) flat.push_back(entry(s, key, e));
   }
   return at::tensor(flat, kDouble).reshape({rows, cols});
 }
@@ -39,14 +64,11 @@ Tensor square_matrix(ConfigSection& s, const std::string& key, int64_t d, std::o
     return *fallback * at::eye(d, kDouble);
   }
   const Json v = s.value(key);
-  if (v.is_number()) return v.get<double>() * at::eye(d, kDouble);
+  if (v.is_number()) return entry(s, key, Json(s.number(key))) * at::eye(d, kDouble);
   if (v.is_array() && !v.empty() && v[0].is_number()) {
     if (static_cast<int64_t>(v.size()) != d) s.fail(key, "must have " + std::to_string(d) + " diagonal entries");
     std::vector<double> diag;
-    for (const auto& e : v) {
-      if (!e.is_number()) s.fail(key, "must hold numbers only");
-      diag.push_back(e.get<double>());
-    }
+    for (const auto& e : v) diag.push_back(entry(s, key, e));
     return at::diag(at::tensor(diag, kDouble));
   }
   return matrix_from(s, key, v, d, d);
@@ -58,7 +80,13 @@ SchedulePtr read_schedule(ConfigSection s) {
   const std::string type = s.choice("type", {"linear", "cosine", "vp"}, "linear");
   std::vector<std::pair<std::string, double>> params;
   if (type == "vp") {
-    params = {{"beta_min", s.number("beta_min", 0.1)}, {"beta_max", s.number("beta_max", 20.0)}};
+    // alpha_0 = exp(-(beta_min + beta_max) / 4): beta_max <= 100 keeps it far from float32's underflow.
+    const double beta_min = s.number("beta_min", 0.1), beta_max = s.number("beta_max", 20.0);
+    if (!(beta_min > 0 && beta_min < 100)) s.fail("beta_min", "must be in (0, 100), got " + number_string(beta_min));
+    if (!(beta_max > beta_min && beta_max <= 100)) {
+      s.fail("beta_max", "must be in (beta_min, 100], got " + number_string(beta_max));
+    }
+    params = {{"beta_min", beta_min}, {"beta_max", beta_max}};
   }
   s.finish();
   return make_schedule(type, params);
@@ -69,9 +97,9 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
   Tensor weights, means, covs;
   int64_t K = 0, d = 0;
   if (type == "ring") {
-    K = s.integer("components");
-    if (K < 1) s.fail("components", "must be >= 1");
+    K = in_range(s, "components", s.integer("components"), int64_t{1}, limits::kComponents);
     const double radius = s.number("radius", 3.0);
+    entry(s, "radius", Json(radius));
     d = 2;
     std::vector<double> mu;
     for (int64_t k = 0; k < K; ++k) {
@@ -91,6 +119,9 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
   }
   const std::vector<double> w = s.numbers("weights", std::vector<double>(static_cast<size_t>(K), 1.0));
   if (static_cast<int64_t>(w.size()) != K) s.fail("weights", "must have one entry per component (" + std::to_string(K) + ")");
+  for (double x : w) {
+    if (!(x > 0)) s.fail("weights", "must all be > 0 (they are normalised), got " + number_string(x));
+  }
   weights = at::tensor(w, kDouble);
   if (s.has("covariances")) {
     if (s.has("std")) s.fail("std", "and 'covariances' are exclusive; give one");
@@ -103,10 +134,10 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
     const Json sd = s.has("std") ? s.value("std") : Json(1.0);
     std::vector<double> stds;
     if (sd.is_number()) {
-      stds.assign(static_cast<size_t>(K), sd.get<double>());
+      stds.assign(static_cast<size_t>(K), entry(s, "std", sd));
     } else if (sd.is_array() && static_cast<int64_t>(sd.size()) == K &&
                std::all_of(sd.begin(), sd.end(), [](const Json& e) { return e.is_number(); })) {
-      stds = sd.get<std::vector<double>>();
+      for (const auto& e : sd) stds.push_back(entry(s, "std", e));
     } else {
       s.fail("std", "must be a number or one number per component");
     }
@@ -126,17 +157,18 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
 
 RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
   const std::string type = s.choice("type", {"linear", "quadratic", "gmm", "classifier", "ink", "torchscript"});
-  const double l = s.number("lambda", 1.0);
-  if (!std::isfinite(l)) s.fail("lambda", "must be finite");
+  const double l = in_range(s, "lambda", s.number("lambda", 1.0), -limits::kLambda, limits::kLambda);
   if (lambda) *lambda = l;
   RewardPtr reward;
   if (type == "linear") {
     const std::vector<double> a = s.numbers("a");
     if (static_cast<int64_t>(a.size()) != dim) s.fail("a", "must have " + std::to_string(dim) + " entries (the data dimension)");
+    check_entries(s, "a", a);
     reward = std::make_shared<LinearReward>(at::tensor(a, kDouble));
   } else if (type == "quadratic") {
     const std::vector<double> c = s.numbers("center");
     if (static_cast<int64_t>(c.size()) != dim) s.fail("center", "must have " + std::to_string(dim) + " entries (the data dimension)");
+    check_entries(s, "center", c);
     const Tensor A = square_matrix(s, "precision", dim, 1.0);
     try {
       reward = std::make_shared<QuadraticReward>(at::tensor(c, kDouble), A);
@@ -181,24 +213,30 @@ MlpOptions read_mlp(ConfigSection& s, int64_t dim, std::vector<int64_t> default_
   o.hidden = s.integers("hidden", std::move(default_hidden));
   if (o.hidden.empty()) s.fail("hidden", "must list at least one layer width");
   for (int64_t w : o.hidden) {
-    if (w < 1) s.fail("hidden", "widths must be >= 1");
+    if (w < 1 || w > limits::kWidth) s.fail("hidden", "widths must be in 1.." + std::to_string(limits::kWidth) + ", got " + std::to_string(w));
   }
   o.time_features = s.integer("time_features", 16);
-  if (o.time_features < 0 || o.time_features % 2) s.fail("time_features", "must be an even number >= 0");
+  if (o.time_features < 0 || o.time_features > limits::kTimeFeatures || o.time_features % 2) {
+    s.fail("time_features", "must be an even number in 0.." + std::to_string(limits::kTimeFeatures));
+  }
   return o;
 }
 
 AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
   AdjointMatchingOptions o;
-  o.num_steps = s.integer("num_steps", o.num_steps);
-  if (o.num_steps < 2) s.fail("num_steps", "must be >= 2");
-  o.batch_size = s.integer("batch_size", o.batch_size);
-  if (o.batch_size < 1) s.fail("batch_size", "must be >= 1");
+  o.num_steps = in_range(s, "num_steps", s.integer("num_steps", o.num_steps), int64_t{2}, limits::kSteps);
+  o.batch_size = in_range(s, "batch_size", s.integer("batch_size", o.batch_size), int64_t{1}, limits::kBatch);
+  if (o.num_steps * o.batch_size > limits::kStepsTimesBatch) {
+    s.fail("batch_size", "with num_steps = " + std::to_string(o.num_steps) + ": num_steps x batch_size = " +
+                             std::to_string(o.num_steps * o.batch_size) + " states per simulated batch, over the limit of " +
+                             std::to_string(limits::kStepsTimesBatch));
+  }
   o.loss_early_steps = s.integer("loss_early_steps", o.loss_early_steps);
   o.loss_late_steps = s.integer("loss_late_steps", o.loss_late_steps);
   if (o.loss_early_steps < 0) s.fail("loss_early_steps", "must be >= 0");
   if (o.loss_late_steps < 0) s.fail("loss_late_steps", "must be >= 0");
   o.clip_factor = s.number("clip_factor", o.clip_factor);
+  if (!(o.clip_factor >= 0)) s.fail("clip_factor", "must be >= 0 (0: no clipping)");
   o.loss_weighting = s.choice("loss_weighting", {"control", "velocity"}, o.loss_weighting);
   o.final_noiseless_step = s.boolean("final_noiseless_step", o.final_noiseless_step);
   o.tape_activations = s.boolean("tape_activations", o.tape_activations);
@@ -222,20 +260,25 @@ OdeAdjointMatchingOptions read_ode_adjoint_matching(ConfigSection& s, const Adjo
 
 RegulariserPtr read_regulariser(ConfigSection& s) {
   const std::string name = s.choice("regulariser", {"quadratic", "clipped", "pnorm"}, "quadratic");
-  const double mu = s.number("reg_weight", 1.0);
-  if (!(mu > 0) || !std::isfinite(mu)) s.fail("reg_weight", "must be > 0");
-  const double mu_start = s.number("reg_weight_start", mu);
-  if (!(mu_start > 0) || !std::isfinite(mu_start)) s.fail("reg_weight_start", "must be > 0");
+  // mu, mu_start and delta in (0, limits::kMagnitude], p in (1, 100] (docs/config.md): mu = 1e300 made
+  // the regression target grad psi*(a) = a / mu vanish in float32, and |u|^p overflows for large p.
+  auto positive = [&](const std::string& key, double x) {
+    if (!(x > 0 && x <= limits::kMagnitude)) {
+      s.fail(key, "must be in (0, " + number_string(limits::kMagnitude) + "], got " + number_string(x));
+    }
+    return x;
+  };
+  const double mu = positive("reg_weight", s.number("reg_weight", 1.0));
+  const double mu_start = positive("reg_weight_start", s.number("reg_weight_start", mu));
   double delta = 0.0, p = 0.0;
   if (name == "clipped") {
     if (!s.has("reg_clip")) s.fail("reg_clip", "is required with regulariser = \"clipped\" (the largest control norm)");
-    delta = s.number("reg_clip");
-    if (!(delta > 0) || !std::isfinite(delta)) s.fail("reg_clip", "must be > 0");
+    delta = positive("reg_clip", s.number("reg_clip"));
   }
   if (name == "pnorm") {
     if (!s.has("reg_power")) s.fail("reg_power", "is required with regulariser = \"pnorm\" (the power p > 1)");
     p = s.number("reg_power");
-    if (!(p > 1) || !std::isfinite(p)) s.fail("reg_power", "must be > 1");
+    if (!(p > 1 && p <= 100)) s.fail("reg_power", "must be in (1, 100], got " + number_string(p));
   }
   return make_regulariser(name, mu, mu_start, delta, p);
 }
@@ -244,17 +287,16 @@ TrainerOptions read_trainer(ConfigSection& s, const TrainerOptions& defaults) {
   TrainerOptions o = defaults;
   o.iterations = s.integer("iterations", o.iterations);
   if (o.iterations < 0) s.fail("iterations", "must be >= 0");
-  o.adam.lr = s.number("lr", o.adam.lr);
-  if (!(o.adam.lr > 0)) s.fail("lr", "must be > 0");
+  // Adam's settings reach float32 tensors; the bounds are far outside any useful value (docs/config.md).
+  o.adam.lr = in_range(s, "lr", s.number("lr", o.adam.lr), limits::kLrMin, limits::kLrMax);
   o.adam.beta1 = s.number("beta1", o.adam.beta1);
   o.adam.beta2 = s.number("beta2", o.adam.beta2);
   if (!(o.adam.beta1 >= 0 && o.adam.beta1 < 1)) s.fail("beta1", "must be in [0, 1)");
   if (!(o.adam.beta2 >= 0 && o.adam.beta2 < 1)) s.fail("beta2", "must be in [0, 1)");
-  o.adam.eps = s.number("eps", o.adam.eps);
-  if (!(o.adam.eps > 0)) s.fail("eps", "must be > 0");
-  o.adam.weight_decay = s.number("weight_decay", o.adam.weight_decay);
-  if (!(o.adam.weight_decay >= 0)) s.fail("weight_decay", "must be >= 0");
+  o.adam.eps = in_range(s, "eps", s.number("eps", o.adam.eps), limits::kEpsMin, limits::kEpsMax);
+  o.adam.weight_decay = in_range(s, "weight_decay", s.number("weight_decay", o.adam.weight_decay), 0.0, limits::kWeightDecayMax);
   o.grad_clip = s.number("grad_clip", o.grad_clip);
+  if (!(o.grad_clip >= 0)) s.fail("grad_clip", "must be >= 0 (the largest gradient norm; 0: no clipping)");
   o.lr_schedule = parse_lr_schedule(s.choice("lr_schedule", {"constant", "cosine"},
                                              o.lr_schedule == LrSchedule::cosine ? "cosine" : "constant"));
   o.lr_final_factor = s.number("lr_final_factor", o.lr_final_factor);

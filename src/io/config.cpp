@@ -1,11 +1,15 @@
 #include "tilt/io/config.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 
 #include <toml++/toml.h>
 
 #include <algorithm>
+#include <cmath>
+#include <limits>
+#include <set>
 #include <sstream>
 
 namespace tilt {
@@ -52,6 +56,80 @@ std::string show(const Json& v) {
   return s.size() > 60 ? s.substr(0, 57) + "..." : s;
 }
 
+// The deepest nesting of arrays and tables a configuration may have (docs/config.md). nlohmann's
+// parser, copies and destructor recurse, so 100,000 nested arrays crashed the process; the
+// configurations tilt reads nest 4 levels at most.
+constexpr size_t kMaxNesting = 256;
+
+std::string nesting_message() {
+  return "values are nested deeper than " + std::to_string(kMaxNesting) + " levels (arrays and tables)";
+}
+
+// The line on which brackets first nest deeper than kMaxNesting, outside strings (and, in TOML,
+// outside comments); 0 if they never do. Run before parsing, so that nothing deep is ever built.
+// A text the parser will refuse anyway (an unterminated string) may be scanned loosely.
+size_t too_deep_line(const std::string& text, bool toml) {
+  size_t depth = 0, line = 1;
+  const size_t n = text.size();
+  for (size_t i = 0; i < n; ++i) {
+    const char c = text[i];
+    if (c == '\n') {
+      ++line;
+    } else if (c == '"' || (toml && c == '\'')) {
+      const bool triple = toml && text.compare(i, 3, std::string(3, c)) == 0;
+      const bool escapes = c == '"';  // TOML's '...' literal strings have none
+      for (i += triple ? 3 : 1; i < n; ++i) {
+        if (text[i] == '\n') {
+          ++line;
+          if (!triple) break;  // a one-line string cannot span lines: the parser reports it
+        } else if (escapes && text[i] == '\\') {
+          if (++i < n && text[i] == '\n') ++line;
+        } else if (triple ? text.compare(i, 3, std::string(3, c)) == 0 : text[i] == c) {
+          if (triple) i += 2;
+          break;
+        }
+      }
+    } else if (toml && c == '#') {
+      while (i + 1 < n && text[i + 1] != '\n') ++i;
+    } else if (c == '[' || c == '{') {
+      if (++depth > kMaxNesting) return line;
+    } else if ((c == ']' || c == '}') && depth > 0) {
+      --depth;
+    }
+  }
+  return 0;
+}
+
+// Parses JSON, refusing a key given twice in one object (TOML refuses it too; nlohmann would keep
+// the last value). `where` names the source in the message.
+Json parse_json_strictly(const std::string& text, const std::string& where) {
+  std::vector<std::pair<std::set<std::string>, std::string>> objects;  // per open object: keys seen, current key
+  const Json::parser_callback_t check = [&](int, Json::parse_event_t event, Json& parsed) {
+    switch (event) {
+      case Json::parse_event_t::object_start:
+        objects.emplace_back();
+        break;
+      case Json::parse_event_t::object_end:
+        objects.pop_back();
+        break;
+      case Json::parse_event_t::key: {
+        const std::string key = parsed.get<std::string>();
+        if (!objects.back().first.insert(key).second) {
+          std::string path;
+          for (size_t i = 0; i + 1 < objects.size(); ++i) path += objects[i].second + ".";
+          throw Error(where + ": the key '" + path + key + "' is given more than once");
+        }
+        objects.back().second = key;
+        break;
+      }
+      default:
+        break;
+    }
+    return true;
+  };
+  return Json::parse(text, check);
+}
+
 size_t edit_distance(const std::string& a, const std::string& b) {
   std::vector<size_t> prev(b.size() + 1), cur(b.size() + 1);
   for (size_t j = 0; j <= b.size(); ++j) prev[j] = j;
@@ -69,11 +147,17 @@ size_t edit_distance(const std::string& a, const std::string& b) {
 
 Json load_config_file(const std::string& path) {
   const std::string text = read_file(path, "config file");
-  if (ends_with(path, ".json")) {
+  const bool json = ends_with(path, ".json");
+  if (const size_t line = too_deep_line(text, !json)) {
+    throw Error("config file '" + path + "' (line " + std::to_string(line) + "): " + nesting_message());
+  }
+  if (json) {
     try {
-      return Json::parse(text);
+      return parse_json_strictly(text, "config file '" + path + "'");
     } catch (const Json::parse_error& e) {
       throw Error("config file '" + path + "' is not valid JSON: " + e.what());
+    } catch (const Json::exception& e) {  // e.g. 1e999: "number overflow" (out_of_range)
+      throw Error("config file '" + path + "' is not valid JSON: " + e.what() + " (numbers must be finite)");
     }
   }
   try {
@@ -93,13 +177,23 @@ void apply_override(Json& config, const std::string& assignment) {
     throw Error("override '" + assignment + "' must look like key=value, e.g. finetune.lr=1e-3");
   }
   const std::string key = assignment.substr(0, eq), text = assignment.substr(eq + 1);
-  Json value = Json::parse(text, nullptr, /*allow_exceptions=*/false);
-  if (value.is_discarded()) value = text;
+  const std::string shown = assignment.size() > 40 ? assignment.substr(0, 37) + "..." : assignment;
+  if (too_deep_line(text, false)) throw Error("override '" + shown + "': " + nesting_message());
+  Json value;
+  try {
+    value = parse_json_strictly(text, "override '" + shown + "'");
+  } catch (const Json::exception&) {
+    value = text;  // not JSON: a string
+  }
   Json* node = &config;
   std::istringstream parts(key);
   std::string part;
   std::vector<std::string> names;
   while (std::getline(parts, part, '.')) names.push_back(part);
+  // Each key part is one level of tables (a.a.a...=1 nests as deep as [[[...]]]).
+  if (names.size() > kMaxNesting) {
+    throw Error("override '" + shown + "': " + nesting_message());
+  }
   for (size_t i = 0; i < names.size(); ++i) {
     if (names[i].empty()) throw Error("override '" + assignment + "': empty key part");
     if (!node->is_object()) throw Error("override '" + assignment + "': '" + names[i - 1] + "' is not a table");
@@ -158,13 +252,33 @@ void ConfigSection::record(const std::string& key, const Json& value) {
   record(key, result);                                                                   \
   return result;
 
+// TOML's inf and nan, and JSON numbers that overflow, are no settings: every number a
+// configuration gives must be finite (docs/config.md). nlohmann would also write them as null.
 double ConfigSection::number(const std::string& key, std::optional<double> fallback) {
+  if (const Json* w = find(key); w && w->is_number() && !std::isfinite(w->get<double>())) {
+    fail(key, "must be a finite number, got " + number_string(w->get<double>()));
+  }
   TILT_CONFIG_GET(v->is_number(), "a number", v->get<double>())
 }
 
+// An integer that int64_t holds exactly: JSON's unsigned numbers above 2^63 - 1 and floats such as
+// 1e300 are not (converting them would be undefined).
+static std::optional<int64_t> as_int64(const Json& v) {
+  if (v.is_number_unsigned()) {
+    const uint64_t u = v.get<uint64_t>();
+    if (u > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) return std::nullopt;
+    return static_cast<int64_t>(u);
+  }
+  if (v.is_number_integer()) return v.get<int64_t>();
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (std::isfinite(d) && d >= -0x1p63 && d < 0x1p63 && d == std::trunc(d)) return static_cast<int64_t>(d);
+  }
+  return std::nullopt;
+}
+
 int64_t ConfigSection::integer(const std::string& key, std::optional<int64_t> fallback) {
-  TILT_CONFIG_GET(v->is_number_integer() || (v->is_number_float() && v->get<double>() == static_cast<double>(static_cast<int64_t>(v->get<double>()))),
-                  "an integer", static_cast<int64_t>(v->get<double>()))
+  TILT_CONFIG_GET(as_int64(*v).has_value(), "an integer", *as_int64(*v))
 }
 
 bool ConfigSection::boolean(const std::string& key, std::optional<bool> fallback) {
@@ -176,12 +290,21 @@ std::string ConfigSection::string(const std::string& key, std::optional<std::str
 }
 
 std::vector<double> ConfigSection::numbers(const std::string& key, std::optional<std::vector<double>> fallback) {
+  if (const Json* w = find(key); w && w->is_array()) {
+    for (const Json& e : *w) {
+      if (e.is_number() && !std::isfinite(e.get<double>())) {
+        fail(key, "must hold finite numbers, got " + number_string(e.get<double>()));
+      }
+    }
+  }
   TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) { return e.is_number(); }),
                   "an array of numbers", v->get<std::vector<double>>())
 }
 
 std::vector<int64_t> ConfigSection::integers(const std::string& key, std::optional<std::vector<int64_t>> fallback) {
-  TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) { return e.is_number_integer(); }),
+  TILT_CONFIG_GET(v->is_array() && std::all_of(v->begin(), v->end(), [](const Json& e) {
+                    return e.is_number_integer() && as_int64(e).has_value();
+                  }),
                   "an array of integers", v->get<std::vector<int64_t>>())
 }
 

@@ -6,13 +6,16 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/io/builders.h"
 #include "tilt/io/config.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 
 #include <cmath>
+#include <limits>
 #include <sstream>
+#include <utility>
 
 namespace tilt::sampling {
 
@@ -397,8 +400,19 @@ AdjointSamplingOptions read_adjoint_sampling(ConfigSection& s) {
   o.max_adjoint_norm = s.number("max_adjoint_norm", o.max_adjoint_norm);
   o.grid = parse_sampler_grid(s.choice("grid", {"nu", "uniform"}, "nu"));
   o.time_sampling = parse_sampler_grid(s.choice("time_sampling", {"uniform", "nu"}, "uniform"));
-  for (const char* key : {"batch_size", "steps", "initial_samples", "samples_per_refresh", "refresh_every", "buffer_size"}) {
-    if (s.integer(key) < 1) s.fail(key, "must be >= 1");
+  // The values read above, defaults included (reading a key again without its default made every
+  // documented default a required key). The bounds are docs/config.md's Limits.
+  const std::pair<const char*, std::pair<int64_t, int64_t>> sizes[] = {
+      {"batch_size", {o.batch_size, limits::kBatch}},
+      {"steps", {o.steps, limits::kSteps}},
+      {"initial_samples", {o.initial_samples, limits::kSamples}},
+      {"samples_per_refresh", {o.samples_per_refresh, limits::kSamples}},
+      {"refresh_every", {o.refresh_every, std::numeric_limits<int64_t>::max()}},
+      {"buffer_size", {o.buffer_size, limits::kSamples}}};
+  for (const auto& [key, value_max] : sizes) {
+    const auto [value, max] = value_max;
+    if (value < 1) s.fail(key, "must be >= 1");
+    if (value > max) s.fail(key, "must be in 1.." + std::to_string(max) + ", got " + std::to_string(value));
   }
   if (!(o.max_adjoint_norm >= 0)) s.fail("max_adjoint_norm", "must be >= 0 (0: no clipping)");
   return o;

@@ -418,10 +418,17 @@ MalaOptions read_mala(ConfigSection s) {
   o.step_size = s.number("step_size", o.step_size);
   o.temperatures = s.numbers("temperatures", std::vector<double>{1.0});
   o.init_std = s.number("init_std", o.init_std);
-  if (o.chains < 1) s.fail("chains", "must be >= 1");
+  if (o.chains < 1 || o.chains > limits::kBatch) {
+    s.fail("chains", "must be in 1.." + std::to_string(limits::kBatch) + ", got " + std::to_string(o.chains));
+  }
   if (o.steps < 1) s.fail("steps", "must be >= 1");
   if (o.burn_in < 0) s.fail("burn_in", "must be >= 0");
   if (o.thin < 1) s.fail("thin", "must be >= 1");
+  // The samples kept, chains x (steps / thin), are held in memory (docs/config.md, Limits).
+  if (o.steps / o.thin > limits::kSamples / o.chains) {
+    s.fail("steps", "with chains = " + std::to_string(o.chains) + " and thin = " + std::to_string(o.thin) +
+                        ": chains x (steps / thin) samples kept would exceed the limit of " + std::to_string(limits::kSamples));
+  }
   if (!(o.step_size > 0)) s.fail("step_size", "must be > 0");
   if (!(o.init_std > 0)) s.fail("init_std", "must be > 0");
   if (o.temperatures.empty() || o.temperatures[0] != 1.0) s.fail("temperatures", "must start with 1 (the target)");

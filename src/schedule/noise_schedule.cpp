@@ -124,13 +124,33 @@ NoiseSchedulePtr parse_noise_schedule(const std::string& spec) {
       throw Error("noise schedule '" + spec + "': '" + text + "' is not a number");
     }
   }
-  if (kind == "memoryless") return make_memoryless_noise(has_arg ? arg : kDefaultMemorylessOffset);
+  if (kind == "memoryless") {
+    // h only regularises sigma(t)^2 = 2 eta_h(t) near t = 0 (docs/method.md, choice 1; the default
+    // is one step, h = 1/K). From h = 1 on, sigma^2 = 2 (1 - t + h) / (t + h) is nearly constant:
+    // X0 and X1 are no longer independent and fine-tuning misses p* (memoryless:5 landed 115x the
+    // noise floor away). h = 0 makes sigma infinite at t = 0.
+    if (has_arg && !(arg > 0.0 && arg < 1.0)) {
+      throw Error("noise schedule '" + spec + "': the offset h must be in (0, 1), got " + number_string(arg) +
+                  " (a small h such as 1/num_steps, the default, keeps the schedule memoryless)");
+    }
+    return make_memoryless_noise(has_arg ? arg : kDefaultMemorylessOffset);
+  }
+  // Bounds of the user-facing parameters (docs/config.md): more noise than that drives any state to overflow.
+  constexpr double kMaxNoise = 1000.0;
   if (kind == "scaled_memoryless") {
     if (!has_arg) throw Error("noise schedule 'scaled_memoryless' needs a scale, e.g. scaled_memoryless:0.5");
+    if (!(arg >= 0.0 && arg <= kMaxNoise)) {
+      throw Error("noise schedule '" + spec + "': the scale must be in [0, " + number_string(kMaxNoise) + "], got " +
+                  number_string(arg));
+    }
     return make_scaled_memoryless_noise(arg);
   }
   if (kind == "constant") {
     if (!has_arg) throw Error("noise schedule 'constant' needs a value, e.g. constant:0.2");
+    if (!(arg >= 0.0 && arg <= kMaxNoise)) {
+      throw Error("noise schedule '" + spec + "': sigma must be in [0, " + number_string(kMaxNoise) + "], got " +
+                  number_string(arg));
+    }
     return make_constant_noise(arg);
   }
   if ((kind == "zero" || kind == "ode") && !has_arg) return make_zero_noise();

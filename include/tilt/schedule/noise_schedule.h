@@ -67,6 +67,11 @@ NoiseSchedulePtr make_constant_noise(double sigma, double h = 0.0);
 NoiseSchedulePtr make_zero_noise();
 
 /// Parses "memoryless", "memoryless:h", "constant:0.2", "scaled_memoryless:0.5", "zero"/"ode".
+/// A user's h must be in (0, 1) and sigma and scale in [0, 1000] (docs/config.md, [finetune] noise).
 NoiseSchedulePtr parse_noise_schedule(const std::string& spec);
+
+/// Above this offset the memoryless schedule is still accepted, but the commands warn: h only
+/// regularises t = 0 (docs/method.md, choice 1), and the default is one step, h = 1/K.
+constexpr double kLargeMemorylessOffset = 0.1;
 
 }  // namespace tilt

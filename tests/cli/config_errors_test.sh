@@ -1,0 +1,170 @@
+#!/usr/bin/env bash
+# Configuration values and flags that are nonsense (too deep, duplicated, non-finite, out of range,
+# absurdly large): each must stop the command at once with "tilt: error:", exit status 1, a message
+# naming the key or flag (docs/config.md, "Limits"), and nothing written.
+# Usage: config_errors_test.sh path/to/tilt configs/
+set -uo pipefail
+tilt=$(realpath "$1")
+configs=$(realpath "$2")
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+passed=0
+failed=0
+
+pass() { echo "ok   $1"; passed=$((passed + 1)); }
+fail() { echo "FAIL $1"; failed=$((failed + 1)); }
+
+# expect_error NAME "text the message must contain" command...
+# The command must exit with status 1 within 60 s and print "tilt: error: ... text ...".
+expect_error() {
+  local name=$1 text=$2; shift 2
+  local out
+  out=$(timeout 60 "$@" 2>&1); local rc=$?
+  if [ $rc -eq 1 ] && grep -qF -- "tilt: error:" <<<"$out" && grep -qF -- "$text" <<<"$out"; then
+    pass "$name"
+  else
+    fail "$name (rc=$rc): ${out:0:400}"
+  fi
+}
+
+# expect_nothing_written NAME PATH: the refused command left no run behind.
+expect_nothing_written() {
+  if [ ! -e "$2" ]; then pass "$1 writes nothing"; else fail "$1 left $2 behind"; fi
+}
+
+cat > tiny.toml <<'TOML'
+seed = 1
+threads = 1
+[data]
+type = "ring"
+components = 4
+radius = 2.0
+std = 0.5
+[base]
+type = "exact"
+[reward]
+type = "quadratic"
+center = [2.0, 0.0]
+precision = 0.5
+[finetune]
+hidden = [16]
+num_steps = 10
+batch_size = 16
+iterations = 2
+loss_early_steps = 3
+loss_late_steps = 3
+clip_factor = 0.0
+lr = 1e-3
+checkpoint_every = 2
+TOML
+
+# Nesting: 100,000 arrays deep crashed nlohmann's recursive parser and destructor.
+python3 -c "print('{\n\"seed\": 1,\n\"x\": ' + '[' * 100000 + ']' * 100000 + '\n}')" > deep.json
+expect_error "a JSON file nested 100,000 deep names the file and line" "'deep.json' (line 3): values are nested deeper than 256" \
+  "$tilt" finetune -c deep.json -o run_deep
+expect_nothing_written "deep JSON" run_deep
+python3 -c "print('seed = 1\nx = ' + '[' * 100000 + ']' * 100000)" > deep.toml
+expect_error "a TOML file nested 100,000 deep names the file and line" "'deep.toml' (line 2): values are nested deeper than 256" \
+  "$tilt" finetune -c deep.toml -o run_deep
+expect_error "a --set value nested 60,000 deep" "values are nested deeper than 256" \
+  "$tilt" finetune -c tiny.toml --set "finetune.x=$(python3 -c "print('[' * 60000 + ']' * 60000)")" -o run_deep
+
+# A JSON key given twice (TOML refuses it; JSON kept the last value).
+cat > dup.json <<'JSON'
+{"seed": 1, "threads": 1, "seed": 2}
+JSON
+expect_error "a JSON key given twice is named" "'dup.json': the key 'seed' is given more than once" \
+  "$tilt" sample --exact base -c dup.json -n 10 -o dup.csv
+
+# Non-finite numbers: eps = inf trained nothing and exited 0; nan was written as null.
+cp tiny.toml inf.toml && sed -i 's/^lr = 1e-3/lr = 1e-3\neps = inf/' inf.toml
+expect_error "eps = inf is refused" "'finetune.eps' must be a finite number, got inf" "$tilt" finetune -q -c inf.toml -o run_inf
+expect_nothing_written "eps = inf" run_inf
+cp tiny.toml nan.toml && sed -i 's/^center = .*/center = [nan, 0.0]/' nan.toml
+expect_error "nan in reward.center is refused" "'reward.center' must hold finite numbers, got nan" \
+  "$tilt" finetune -q -c nan.toml -o run_nan
+printf '{"seed": 1, "reward": {"lambda": 1e999}}\n' > overflow.json
+expect_error "JSON 1e999 names the file" "'overflow.json' is not valid JSON" "$tilt" eval -c overflow.json -s x.csv
+
+# Out-of-range values, refused before anything is written.
+expect_error "lr = 1e300 names the key and the range" "'finetune.lr' must be in [1e-12, 1], got 1e+300" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.lr=1e300 -o run_lr
+expect_nothing_written "lr = 1e300" run_lr
+expect_error "lambda = 1e300" "'reward.lambda' must be in [-10000, 10000]" \
+  "$tilt" finetune -q -c tiny.toml --set reward.lambda=1e300 -o run_lambda
+expect_error "a negative std" "'data.std'" "$tilt" finetune -q -c tiny.toml --set data.std=-1 -o run_std
+expect_error "a negative grad_clip" "'finetune.grad_clip' must be >= 0" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.grad_clip=-1 -o run_gc
+expect_error "num_steps = 10^12 says the limit" "'finetune.num_steps' must be in 2..100000" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.num_steps=1000000000000 -o run_steps
+expect_error "batch_size = 10^12 says the limit" "'finetune.batch_size' must be in 1..1000000" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.batch_size=1000000000000 -o run_batch
+expect_error "pretrain batch_size = 10^12" "'pretrain.batch_size' must be in 1..1000000" \
+  "$tilt" pretrain -q -c tiny.toml --set pretrain.batch_size=1000000000000 -o run_pb
+expect_error "a hidden width of 10^9" "'finetune.hidden' widths must be in 1..16384" \
+  "$tilt" finetune -q -c tiny.toml --set 'finetune.hidden=[1000000000]' -o run_hidden
+
+expect_error "ddpo inner_epochs = 10^12" "'finetune.inner_epochs' must be in 1..1000" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.method=\"ddpo\" --set finetune.inner_epochs=1000000000000 -o run_ie
+
+# Threads: 100000 blocked in futex_wait with no output.
+expect_error "threads = 100000 names the key and the limit" "'threads' must be in 0..1024" \
+  "$tilt" finetune -q -c tiny.toml --set threads=100000 -o run_threads
+expect_error "threads = 2^32 + 1 is not read as 1" "'threads' must be in 0..1024" \
+  "$tilt" finetune -q -c tiny.toml --set threads=4294967297 -o run_threads
+expect_nothing_written "threads = 100000" run_threads
+expect_error "sample --threads 100000" "--threads must be in 0..1024" \
+  "$tilt" sample --exact base -c tiny.toml -n 10 --threads 100000 -o t.csv
+expect_error "logz --threads 100000" "--threads must be in 0..1024" \
+  "$tilt" logz -c tiny.toml --threads 100000 -n 10 -q
+expect_error "logz --threads -3" "--threads must be in 0..1024" "$tilt" logz -c tiny.toml --threads -3 -n 10 -q
+expect_error "soc --threads 100000" "--threads must be in 0..1024" \
+  "$tilt" soc -q -l adjoint_matching --threads 100000 --iterations 1 -o soc_threads
+expect_nothing_written "soc --threads 100000" soc_threads
+
+# The memoryless schedule's offset h: memoryless:5 landed 115x the noise floor from p*.
+expect_error "finetune.noise = memoryless:5 names the key" "'finetune.noise'" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.noise=memoryless:5 -o run_noise
+expect_error "finetune.noise = memoryless:5 says the range" "offset h must be in (0, 1)" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.noise=memoryless:5 -o run_noise
+expect_nothing_written "finetune.noise = memoryless:5" run_noise
+expect_error "finetune.noise = constant:inf" "'finetune.noise'" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.noise=constant:inf -o run_noise
+
+# Flags of the commands that take a model: a two-iteration model to sample from.
+if "$tilt" finetune -q -c tiny.toml -o run > log.txt 2>&1 && [ -f run/model.pt ]; then
+  pass "a tiny model to sample from"
+else
+  fail "tiny finetune: $(cat log.txt)"
+fi
+expect_error "sample --noise memoryless:5 names the flag" "--noise" \
+  "$tilt" sample -m run/model.pt --noise memoryless:5 -n 10 -o s.csv
+expect_error "sample --noise memoryless:5 says the range" "offset h must be in (0, 1)" \
+  "$tilt" sample -m run/model.pt --noise memoryless:5 -n 10 -o s.csv
+expect_error "sample --steps -7 (was 100)" "--steps must be in 1..100000" \
+  "$tilt" sample -m run/model.pt --steps -7 -n 10 -o s.csv
+expect_error "sample --steps 0" "--steps must be in 1..100000" "$tilt" sample -m run/model.pt --steps 0 -n 10 -o s.csv
+expect_error "sample -n -5" "--n must be in 1..10000000" "$tilt" sample -m run/model.pt -n -5 -o s.csv
+expect_error "sample -n 10^12" "--n must be in 1..10000000" "$tilt" sample -m run/model.pt -n 1000000000000 -o s.csv
+expect_nothing_written "sample with nonsense flags" s.csv
+expect_error "export --points -1" "--points must be in 1..1000000" \
+  "$tilt" export -m run/model.pt -o m.ts --reference r.pt --points -1
+expect_error "eval --replicates 10^9" "--replicates must be in 1..1000" \
+  "$tilt" eval -c tiny.toml -s x.csv --replicates 1000000000
+expect_error "logz --batch 0" "--batch must be in 1..1000000" "$tilt" logz -c tiny.toml --batch 0 -n 10 -q
+expect_error "logz --steps -1" "--steps must be in 1..100000" "$tilt" logz -c tiny.toml --steps -1 -n 10 -q
+expect_error "logz --noise memoryless:5 names the flag" "--noise" "$tilt" logz -c tiny.toml --noise memoryless:5 -n 10 -q
+expect_error "soc --batch 10^12" "--batch must be in 1..1000000" \
+  "$tilt" soc -q -l adjoint_matching --batch 1000000000000 --iterations 1 -o soc_bad
+expect_error "soc --steps -3 (was the default)" "--steps must be in 0..100000" \
+  "$tilt" soc -q -l adjoint_matching --steps -3 --iterations 1 -o soc_bad
+expect_error "soc --lr 1e300" "--lr must be in [1e-12, 1]" "$tilt" soc -q -l adjoint_matching --lr 1e300 --iterations 1 -o soc_bad
+expect_error "soc --hidden 0" "--hidden" "$tilt" soc -q -l adjoint_matching --hidden 0 --iterations 1 -o soc_bad
+expect_nothing_written "soc with nonsense flags" soc_bad
+expect_error "adjoint-sampling: evaluation.samples = 10^12" "'evaluation.samples' must be in 2..10000000" \
+  "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --set evaluation.samples=1000000000000 -o as_bad -q
+expect_nothing_written "adjoint-sampling with nonsense" as_bad
+
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

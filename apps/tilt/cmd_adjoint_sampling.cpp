@@ -111,7 +111,10 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
 
   if (!reference.empty()) {
     for (const char* name : {"samples.csv", "eval.json", "eval.txt", "model.pt", "checkpoint.pt"}) {
-      refuse_output_over_input("--out", args.out + "/" + name, {{"--reference", reference}});
+      if (same_file(args.out + "/" + name, reference)) {
+        throw Error("--reference '" + reference + "' is " + name + " of the run in --out '" + args.out +
+                    "', which this run writes; copy it elsewhere first");
+      }
     }
   }
   const RunDirectory run = prepare_run_directory(args.out, config.resolved(), args.resume);

@@ -22,7 +22,13 @@ int run_export(const ExportArgs& args) {
   if (args.seed < 0) throw Error("--seed must be >= 0");
   set_threads(1);
   const LoadedModel m = load_velocity(args.model);
-  atomic_write(args.out, export_torchscript(*m.field));
+  std::string module;
+  try {
+    module = export_torchscript(*m.field);
+  } catch (const Error& e) {
+    throw Error("model file '" + args.model + "': " + e.what());
+  }
+  atomic_write(args.out, module);
   info("wrote " + args.out + " (TorchScript: forward(x [B, " + std::to_string(m.field->dim()) +
        "], t [B]) -> velocity, schedule " + m.field->schedule()->name() + ")");
   if (!args.reference.empty()) {

@@ -25,7 +25,7 @@ int run_classifier(const TrainArgs& args) {
   const RunSettings settings = read_run_settings(root);
   double holdout = 0.2;
   const auto data = read_image_data(root, &holdout);
-  if (!data) throw Error("tilt classifier needs labelled images: [data] type = \"digits\"");
+  if (!data) throw Error("tilt classifier needs labelled images: 'data.type' must be \"digits\"");
   ConfigSection section = root.section("classifier");
   ClassifierOptions copt;
   copt.dim = data->dim();
@@ -81,13 +81,16 @@ int run_eval_images(const EvalImagesArgs& args) {
   const RunSettings settings = read_run_settings(root);
   (void)settings;
   const auto data = read_image_data(root);
-  if (!data) throw Error("tilt eval-images needs [data] type = \"digits\" (the real images of the target class)");
+  if (!data) throw Error("tilt eval-images needs 'data.type' = \"digits\" (the real images of the target class)");
   ConfigSection reward = root.section("reward");
   if (!reward.has("type") || reward.string("type") != "classifier") {
-    throw Error("tilt eval-images needs [reward] type = \"classifier\" (path, class)");
+    throw Error("tilt eval-images needs 'reward.type' = \"classifier\" (path, class)");
   }
   const std::string path = reward.string("path");
   const int64_t target = reward.integer("class");
+  if (target < 0 || target >= data->classes) {
+    reward.fail("class", "must be in 0.." + std::to_string(data->classes - 1) + " (the data set's classes)");
+  }
   const double lambda = reward.number("lambda", 1.0);
   if (!(std::abs(lambda) <= limits::kLambda)) {
     reward.fail("lambda", "must be in [" + number_string(-limits::kLambda) + ", " + number_string(limits::kLambda) + "]");

@@ -65,7 +65,8 @@ int run_logz(const LogzArgs& args) {
     proposal_name = scale == 1.0 ? "exact optimal control u*" : "u* x " + args.control.substr(8);
   }
   if (proposal->dim() != v_base->dim()) {
-    throw Error("the proposal has dimension " + std::to_string(proposal->dim()) + ", the base " + std::to_string(v_base->dim()));
+    throw Error((args.model.empty() ? std::string("the proposal") : "--model '" + args.model + "'") + " has dimension " +
+                std::to_string(proposal->dim()) + ", the base " + std::to_string(v_base->dim()));
   }
 
   std::string spec = args.noise;
@@ -81,8 +82,16 @@ int run_logz(const LogzArgs& args) {
     warn("--noise " + spec + ": an offset h above " + number_string(kLargeMemorylessOffset) +
          " is far from memoryless near t = 0 (the default is one step, h = 1/steps)");
   }
+  if (noise->is_zero()) throw Error("--noise " + spec + ": the ODE has no path density; importance weights need a stochastic schedule");
   ImportanceOptions opts;
-  opts.integrator = parse_integrator(args.integrator);
+  try {
+    opts.integrator = parse_integrator(args.integrator);
+  } catch (const Error& e) {
+    throw Error(std::string("--integrator: ") + e.what());
+  }
+  if (opts.integrator == Integrator::heun) {
+    throw Error("--integrator heun: a deterministic step has no path density; use euler or exact");
+  }
   opts.batch = args.batch;
   ProgressBar bar("logz", args.n, 0, !args.quiet);
   opts.progress = [&bar](int64_t done, int64_t) { bar.update(done); };

@@ -45,15 +45,22 @@ int run_sample(const SampleArgs& args) {
   std::string what;
   if (!args.exact.empty()) {
     if (args.exact != "base" && args.exact != "target") throw Error("--exact must be 'base' or 'target'");
+    if (args.config.config.empty()) throw Error("--exact needs --config (-c): the config whose base and target to sample");
     Config config(args.config.config, args.config.set);
     ConfigSection root = config.root();
+    read_run_settings(root);
     std::string why;
     auto exact = read_exact_problem(root, &why);
     if (!exact) throw Error("no exact " + args.exact + " for this config: " + why);
+    finish_root(root);
     x = (args.exact == "base" ? exact->base : exact->target)->sample(args.n, gen);
     what = "exact " + args.exact + " samples";
   } else {
     const LoadedModel m = load_velocity(args.model);
+    if (m.info.value("trained_by", std::string()) == "tilt adjoint-sampling") {
+      throw Error("model file '" + args.model + "' is an Adjoint Sampling control, not a velocity field: its samples "
+                  "come from tilt adjoint-sampling (samples.csv of its run)");
+    }
     const int64_t steps = args.steps.value_or(100);
     std::string spec = args.noise.empty() ? m.info.value("noise", std::string("memoryless")) : args.noise;
     // The paper's offset h = 1/K goes with the number of steps.
@@ -70,8 +77,15 @@ int run_sample(const SampleArgs& args) {
            " is far from memoryless near t = 0 (the default is one step, h = 1/steps)");
     }
     SampleOptions opts;
-    opts.integrator = args.integrator == "auto" ? (noise->is_zero() ? Integrator::heun : Integrator::euler)
-                                                : parse_integrator(args.integrator);
+    try {
+      opts.integrator = args.integrator == "auto" ? (noise->is_zero() ? Integrator::heun : Integrator::euler)
+                                                  : parse_integrator(args.integrator);
+    } catch (const Error& e) {
+      throw Error(std::string("--integrator: ") + e.what());
+    }
+    if (opts.integrator == Integrator::heun && !noise->is_zero()) {
+      throw Error("--integrator heun is for the ODE only (--noise ode); the noise schedule is " + noise->describe());
+    }
     x = sample(GenerativeSDE(m.field, noise), args.n, TimeGrid::uniform(steps), gen, opts);
     what = "samples of " + args.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps";
   }
@@ -213,6 +227,9 @@ int run_eval(const EvalArgs& args) {
 int run_plot(const PlotArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the PNG file to write");
   if (args.panels.empty()) throw Error("give at least one samples file (FILE or FILE:TITLE)");
+  check_flag("--size", args.size, 64, 4096);
+  check_flag("--columns", args.columns, 0, 1000);
+  check_flag("--max-images", args.max_images, 1, 100000);
   for (const std::string& spec : args.panels) {
     refuse_output_over_input("--out", args.out, {{"the samples file", spec.substr(0, spec.find(':'))}});
   }

@@ -97,6 +97,10 @@ int run_soc(const SocArgs& args) {
       if (file_exists(args.out + "/summary.json") || file_exists(args.out + "/soc.resolved.json")) {
         throw Error("'" + args.out + "' already holds an SOC run; choose another --out");
       }
+      if (file_exists(args.out + "/config.resolved.json") || file_exists(args.out + "/checkpoint.pt") ||
+          file_exists(args.out + "/model.pt")) {
+        throw Error("'" + args.out + "' holds a training run; choose another --out");
+      }
     };
     check();
     lock = std::make_unique<DirectoryLock>(args.out);

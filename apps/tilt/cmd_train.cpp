@@ -142,6 +142,7 @@ int run_pretrain(const TrainArgs& args) {
   defaults.lr_schedule = LrSchedule::cosine;
   defaults.checkpoint_every = 500;
   TrainerOptions topt = read_trainer(section, defaults);
+  if (topt.shards > fm.batch_size) section.fail("shards", "must be at most batch_size = " + std::to_string(fm.batch_size));
   section.finish();
   finish_root(root);
 
@@ -236,6 +237,10 @@ int run_finetune(const TrainArgs& args) {
   TrainerOptions defaults;  // the paper's Adam settings (App. G)
   defaults.checkpoint_every = 100;
   TrainerOptions topt = read_trainer(section, defaults);
+  if (topt.shards > am.batch_size) section.fail("shards", "must be at most batch_size = " + std::to_string(am.batch_size));
+  if (mode == FineTuneMode::copy && base->kind() == "gmm") {
+    section.fail("model", "is \"copy\", which needs a network base, but [base] is the exact mixture (use \"residual\")");
+  }
   section.finish();
   finish_root(root);
 

@@ -97,6 +97,7 @@ std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout
   ConfigSection data = root.section("data");
   if (!data.has("type") || data.string("type") != "digits") return std::nullopt;
   const std::string path = data.string("path", "data/digits/digits.csv.gz");
+  if (path.empty()) data.fail("path", "must name a data file");
   const double h = data.number("holdout", 0.2);
   if (!(h > 0.0 && h < 1.0)) data.fail("holdout", "must be in (0, 1)");
   if (holdout) *holdout = h;
@@ -111,6 +112,7 @@ VelocityFieldPtr read_base(ConfigSection& root) {
     // A module exported from PyTorch; it was trained with the reference flow of [schedule].
     TorchScriptOptions o;
     const std::string path = base.string("path");
+    if (path.empty()) base.fail("path", "must name a TorchScript file");
     o.prediction = parse_prediction(base.choice("prediction", {"velocity", "epsilon", "score"}, "velocity"));
     o.dim = base.integer("dim", 0);
     if (o.dim < 0) base.fail("dim", "must be >= 1 (or 0: the module's attribute dim)");
@@ -118,19 +120,28 @@ VelocityFieldPtr read_base(ConfigSection& root) {
     if (!(o.t_min >= 0 && o.t_min < 0.5)) base.fail("t_min", "must be in [0, 0.5)");
     base.finish();
     const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
-    auto field = TorchScriptVelocity::load(path, schedule, o);
+    std::shared_ptr<TorchScriptVelocity> field;
+    try {
+      field = TorchScriptVelocity::load(path, schedule, o);
+    } catch (const Error& e) {  // the module's dimension against base.dim
+      const std::string msg = e.what();
+      if (msg.find("dim") == std::string::npos) throw;
+      throw Error("in " + base.origin() + ": '" + base.where("dim") + "'" +
+                  (o.dim > 0 ? " = " + std::to_string(o.dim) : std::string(" is not given")) + ": " + msg);
+    }
     field->set_trainable(false);
     return field;
   }
   if (type == "model") {
     const std::string path = base.string("path");
+    if (path.empty()) base.fail("path", "must name a model file");
     base.finish();
     LoadedModel loaded = load_velocity(path);
     if (root.has("schedule")) {
       const SchedulePtr schedule = read_schedule(root.section("schedule"));
       if (schedule->name() != loaded.field->schedule()->name()) {
         throw Error("the base model '" + path + "' uses the " + loaded.field->schedule()->name() +
-                    " schedule but the config's [schedule] says " + schedule->name() + " (remove [schedule] or fix it)");
+                    " schedule but the config's 'schedule.type' says " + schedule->name() + " (remove [schedule] or fix it)");
       }
     }
     return loaded.field;
@@ -188,6 +199,22 @@ bool holds_trained_run(const RunDirectory& run) {
   return file_exists(run.path("checkpoint.pt")) || file_exists(run.path("model.pt"));
 }
 
+// The dotted keys whose values differ between two configurations (e.g. "finetune.hidden").
+void differing_keys(const Json& a, const Json& b, const std::string& prefix, std::string& out) {
+  if (!a.is_object() || !b.is_object()) {
+    if (a != b) out += (out.empty() ? "" : ", ") + (prefix.empty() ? std::string("<root>") : prefix);
+    return;
+  }
+  for (auto it = b.begin(); it != b.end(); ++it) {
+    const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
+    if (!a.contains(it.key())) out += (out.empty() ? "" : ", ") + key;
+    else differing_keys(a[it.key()], it.value(), key, out);
+  }
+  for (auto it = a.begin(); it != a.end(); ++it) {
+    if (!b.contains(it.key())) out += (out.empty() ? "" : ", ") + (prefix.empty() ? it.key() : prefix + "." + it.key());
+  }
+}
+
 // Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
 // everything that defines the model and the problem must stay as it was.
 void check_same_problem(const RunDirectory& run, const Json& resolved) {
@@ -213,9 +240,7 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   }
   if (a != b) {
     std::string keys;
-    for (auto it = b.begin(); it != b.end(); ++it) {
-      if (!a.contains(it.key()) || a[it.key()] != it.value()) keys += (keys.empty() ? "" : ", ") + it.key();
-    }
+    differing_keys(a, b, "", keys);
     throw Error("--resume: the configuration differs from the one '" + run.dir + "' was started with (in: " + keys +
                 "); only optimisation settings may change. Compare with " + config_path);
   }

@@ -13,6 +13,7 @@ namespace {
 void add_config(CLI::App* app, tilt::cli::ConfigArgs& args, bool required) {
   auto* opt = app->add_option("-c,--config", args.config, "Configuration file (.toml or .json)");
   if (required) opt->required();
+  opt->check([](const std::string& path) { return path.empty() ? std::string("the config file name is empty") : std::string(); });
   app->add_option("--set", args.set, "Override a config key, e.g. --set finetune.lr=1e-3 (repeatable)");
 }
 
@@ -155,7 +156,18 @@ int main(int argc, char** argv) {
   mcmc_cmd->add_option("--seed", mcmc.seed, "Random seed (-1: from the config's seed)")->capture_default_str();
   mcmc_cmd->add_flag("-q,--quiet", mcmc.quiet, "No progress bar");
 
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {  // a bad flag: one line, exit 1, like every other error
+    std::fprintf(stderr, "tilt: error: %s (see --help)\n", e.what());
+    return 1;
+  }
   try {
     if (app.got_subcommand("pretrain")) return tilt::cli::run_pretrain(pretrain);
     if (app.got_subcommand("finetune")) return tilt::cli::run_finetune(finetune);

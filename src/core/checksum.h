@@ -13,4 +13,9 @@ uint32_t crc32_bytes(const void* data, size_t n, uint32_t crc = 0);
 
 inline uint32_t crc32_bytes(const std::string& s, uint32_t crc = 0) { return crc32_bytes(s.data(), s.size(), crc); }
 
+/// What is wrong with a zip archive as LibTorch writes them (model, classifier and TorchScript
+/// files): "" when every record matches the CRC-32 of the zip's central directory and nothing follows
+/// the archive. LibTorch's reader checks none of this, and a damaged archive can crash it.
+std::string zip_damage(const std::string& bytes);
+
 }  // namespace tilt

@@ -159,6 +159,14 @@ bool same_file(const std::string& a, const std::string& b) {
 
 void refuse_output_over_input(const std::string& flag, const std::string& out,
                               const std::vector<std::pair<std::string, std::string>>& inputs) {
+  // A file of a run directory (one a DirectoryLock marks) is the run's: a command writing one file
+  // never replaces it. New files beside them are allowed.
+  std::error_code ec;
+  const fs::path parent = fs::path(out).parent_path().empty() ? fs::path(".") : fs::path(out).parent_path();
+  if (fs::is_regular_file(out, ec) && fs::exists(parent / "run.lock", ec)) {
+    throw Error(flag + " '" + out + "' is a file of the run in '" + parent.string() +
+                "': writing it would replace the run's own file; choose another " + flag);
+  }
   for (const auto& [what, in] : inputs) {
     if (same_file(out, in)) {
       throw Error(flag + " '" + out + "' is also " + what + " '" + in + "': writing it would destroy what this command reads; choose another " + flag);

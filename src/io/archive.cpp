@@ -22,68 +22,6 @@ bool one_flip_from(const std::string& a, const std::string& b) {
   return differ == 1;
 }
 
-uint64_t little_endian(const std::string& b, size_t at, int n) {
-  uint64_t v = 0;
-  for (int i = n - 1; i >= 0; --i) v = (v << 8) | static_cast<unsigned char>(b[at + static_cast<size_t>(i)]);
-  return v;
-}
-
-// Checks every record of the zip archive that LibTorch writes (stored, not compressed) against the
-// CRC-32 in the zip's central directory, before LibTorch parses a byte: its reader does not check
-// them, and a damaged archive can crash it. Returns what is wrong, or "" for a sound archive.
-std::string zip_damage(const std::string& b) {
-  constexpr uint64_t kMax32 = 0xFFFFFFFFu;
-  if (b.size() < 22) return "too short to be a tilt file";
-  // The end-of-central-directory record: the last "PK\5\6" within the final 64 KiB + 22 bytes.
-  const size_t lo = b.size() > 65557 ? b.size() - 65557 : 0;
-  size_t eocd = std::string::npos;
-  for (size_t i = b.size() - 22 + 1; i-- > lo;) {
-    if (b.compare(i, 4, "PK\x05\x06") == 0) {
-      eocd = i;
-      break;
-    }
-  }
-  if (eocd == std::string::npos) return "not a zip archive";
-  uint64_t entries = little_endian(b, eocd + 10, 2), dir_size = little_endian(b, eocd + 12, 4),
-           dir_offset = little_endian(b, eocd + 16, 4);
-  if (entries == 0xFFFF || dir_size == kMax32 || dir_offset == kMax32) {  // zip64: its locator precedes
-    if (eocd < 20 || b.compare(eocd - 20, 4, "PK\x06\x07") != 0) return "a damaged zip64 locator";
-    const uint64_t at = little_endian(b, eocd - 12, 8);
-    if (at + 56 > b.size() || b.compare(at, 4, "PK\x06\x06") != 0) return "a damaged zip64 directory record";
-    entries = little_endian(b, at + 32, 8);
-    dir_size = little_endian(b, at + 40, 8);
-    dir_offset = little_endian(b, at + 48, 8);
-  }
-  if (dir_offset > b.size() || dir_size > b.size() - dir_offset) return "a central directory outside the file";
-  size_t p = dir_offset;
-  for (uint64_t k = 0; k < entries; ++k) {
-    if (p + 46 > b.size() || b.compare(p, 4, "PK\x01\x02") != 0) return "a damaged central directory";
-    const uint64_t method = little_endian(b, p + 10, 2), crc = little_endian(b, p + 16, 4);
-    uint64_t size = little_endian(b, p + 20, 4), offset = little_endian(b, p + 42, 4);
-    const uint64_t name = little_endian(b, p + 28, 2), extra = little_endian(b, p + 30, 2),
-                   comment = little_endian(b, p + 32, 2);
-    if (p + 46 + name + extra + comment > b.size()) return "a damaged central directory";
-    // zip64 sizes and offsets live in the extra field (id 1), in this order, when the 32-bit ones are full.
-    for (size_t e = p + 46 + name; e + 4 <= p + 46 + name + extra;) {
-      const uint64_t id = little_endian(b, e, 2), len = little_endian(b, e + 2, 2);
-      size_t f = e + 4;
-      if (id == 1) {
-        if (size == kMax32 && f + 8 <= e + 4 + len) size = little_endian(b, f, 8), f += 8;  // uncompressed
-        if (little_endian(b, p + 20, 4) == kMax32 && f + 8 <= e + 4 + len) f += 8;          // compressed
-        if (offset == kMax32 && f + 8 <= e + 4 + len) offset = little_endian(b, f, 8);
-      }
-      e += 4 + len;
-    }
-    if (method != 0) return "a compressed record (tilt writes none)";
-    if (offset + 30 > b.size() || b.compare(offset, 4, "PK\x03\x04") != 0) return "a damaged record header";
-    const uint64_t data = offset + 30 + little_endian(b, offset + 26, 2) + little_endian(b, offset + 28, 2);
-    if (data > b.size() || size > b.size() - data) return "a record outside the file";
-    if (crc32_bytes(b.data() + data, size) != crc) return "a record whose checksum does not match";
-    p += 46 + name + extra + comment;
-  }
-  return "";
-}
-
 // CRC-32 over the metadata's text and every tensor (name, type, shape and bytes), in name order.
 uint32_t checksum(const std::string& meta_text, const TensorMap& tensors) {
   uint32_t crc = crc32_bytes(meta_text);

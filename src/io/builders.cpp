@@ -151,7 +151,13 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
   try {
     return std::make_shared<GaussianMixture>(weights, means, covs);
   } catch (const Error& e) {
-    throw Error("in " + s.origin() + ", [" + s.where("").substr(0, s.where("").size() - 1) + "]: " + e.what());
+    const std::string msg = e.what();
+    const char* key = msg.find("covariances") != std::string::npos ? "covariances"
+                      : msg.find("means") != std::string::npos   ? "means"
+                      : msg.find("weights") != std::string::npos ? "weights"
+                                                                 : "";
+    throw Error("in " + s.origin() + ", " + (*key ? "'" + s.where(key) + "'" : "[" + s.where("").substr(0, s.where("").size() - 1) + "]") +
+                ": " + msg);
   }
 }
 
@@ -235,6 +241,10 @@ AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
   o.loss_late_steps = s.integer("loss_late_steps", o.loss_late_steps);
   if (o.loss_early_steps < 0) s.fail("loss_early_steps", "must be >= 0");
   if (o.loss_late_steps < 0) s.fail("loss_late_steps", "must be >= 0");
+  if (o.loss_early_steps > o.num_steps) s.fail("loss_early_steps", "must be at most num_steps = " + std::to_string(o.num_steps));
+  if (o.loss_late_steps > o.num_steps - o.loss_early_steps) {
+    s.fail("loss_late_steps", "must be at most num_steps - loss_early_steps = " + std::to_string(o.num_steps - o.loss_early_steps));
+  }
   o.clip_factor = s.number("clip_factor", o.clip_factor);
   if (!(o.clip_factor >= 0)) s.fail("clip_factor", "must be >= 0 (0: no clipping)");
   o.loss_weighting = s.choice("loss_weighting", {"control", "velocity"}, o.loss_weighting);

@@ -13,6 +13,35 @@
 namespace tilt {
 namespace {
 
+// zlib's gzread ignores bytes after the last gzip member that are not another member: such a file
+// was damaged (or two files were glued), so it is an error. Walks the members with inflate.
+void check_nothing_after_gzip(const std::string& path) {
+  const std::string raw = read_file(path, "data file");
+  if (raw.size() < 2 || static_cast<unsigned char>(raw[0]) != 0x1f || static_cast<unsigned char>(raw[1]) != 0x8b) return;
+  size_t at = 0;
+  std::vector<unsigned char> sink(1 << 15);
+  while (at < raw.size()) {
+    if (raw.size() - at < 2 || static_cast<unsigned char>(raw[at]) != 0x1f || static_cast<unsigned char>(raw[at + 1]) != 0x8b) {
+      throw Error("data file '" + path + "' is corrupt: " + std::to_string(raw.size() - at) +
+                  " bytes follow its gzip data; download or copy it again");
+    }
+    z_stream z{};
+    if (inflateInit2(&z, 16 + MAX_WBITS) != Z_OK) throw Error("data file '" + path + "': zlib failed to start");
+    z.next_in = reinterpret_cast<Bytef*>(const_cast<char*>(raw.data() + at));
+    z.avail_in = static_cast<uInt>(raw.size() - at);
+    int rc = Z_OK;
+    while (rc == Z_OK) {
+      z.next_out = sink.data();
+      z.avail_out = static_cast<uInt>(sink.size());
+      rc = inflate(&z, Z_NO_FLUSH);
+    }
+    const size_t used = raw.size() - at - z.avail_in;
+    inflateEnd(&z);
+    if (rc != Z_STREAM_END) return;  // truncated or corrupt: read_maybe_gzip says which
+    at += used;
+  }
+}
+
 // The whole file, decompressed if it is gzip (zlib reads plain files unchanged).
 std::string read_maybe_gzip(const std::string& path) {
   if (!file_exists(path)) throw Error("cannot read data file '" + path + "': no such file");
@@ -36,6 +65,7 @@ std::string read_maybe_gzip(const std::string& path) {
   if (n < 0 || err != Z_OK || closed != Z_OK) {
     throw Error("data file '" + path + "' is corrupt: gzip reports " + why + "; download or copy it again");
   }
+  check_nothing_after_gzip(path);
   return out;
 }
 

@@ -44,6 +44,12 @@ Tensor read_samples_csv(const std::string& path) {
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty() || line[0] == '#') continue;
     if (line_no == 1 && (std::isalpha(static_cast<unsigned char>(line[0])) || line[0] == '"')) continue;  // header
+    if (line.find('\0') != std::string::npos) {
+      throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": holds NUL bytes (a damaged file?)");
+    }
+    if (line.back() == ',') {
+      throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": ends with a comma (an empty value)");
+    }
     std::istringstream fields(line);
     std::string field;
     int64_t count = 0;

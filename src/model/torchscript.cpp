@@ -4,6 +4,8 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+
+#include "../core/checksum.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -78,6 +80,11 @@ std::string describe_error(const std::exception& e) {
 }
 
 torch::jit::Module load_module(const std::string& bytes, const std::string& origin, const std::string& what) {
+  const std::string damage = zip_damage(bytes);
+  if (!damage.empty()) {
+    throw Error("cannot read TorchScript " + what + " " + origin + ": not a TorchScript archive (torch.jit.save), or corrupt (" +
+                damage + ")");
+  }
   std::istringstream in(bytes);
   torch::jit::Module module;
   try {

@@ -103,7 +103,7 @@ NoiseSchedulePtr make_scaled_memoryless_noise(double scale, double h) {
 
 NoiseSchedulePtr make_constant_noise(double sigma, double h) {
   check_offset(h, "constant noise schedule");
-  if (!(sigma >= 0.0) || !std::isfinite(sigma)) {
+  if (!(sigma >= 0.0) || std::signbit(sigma) || !std::isfinite(sigma)) {  // -0 too: it prints as -0
     throw Error("constant noise schedule: sigma must be finite and >= 0, got " + number_string(sigma));
   }
   return std::make_shared<Constant>(sigma, h);

@@ -71,9 +71,11 @@ rm -rf mk
 cd "$work" || exit 1
 fixture_seconds=$((SECONDS - start))
 
-# Every file and directory under runs/ and fx/ of a case, with the files' hashes.
+# Every file and directory under runs/ and fx/ of a case, with the files' hashes. A run's lock file
+# (run.lock) holds the PID of the last process that locked the run, so only its presence counts.
 snapshot() {
-  (cd "$1" && find runs fx -type d -printf 'dir %p\n' && find runs fx ! -type d -print0 | sort -z | xargs -0 sha256sum) |
+  (cd "$1" && find runs fx -type d -printf 'dir %p\n' && find runs fx -name run.lock -printf 'lock %p\n' &&
+    find runs fx ! -type d ! -name run.lock -print0 | sort -z | xargs -0 sha256sum) |
     sort
 }
 

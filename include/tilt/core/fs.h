@@ -39,7 +39,8 @@ bool file_exists(const std::string& path);
 bool same_file(const std::string& a, const std::string& b);
 
 /// Throws tilt::Error("<flag> '<out>' is also <input description> ...") if an output path names
-/// one of the inputs, so that a command never destroys what it reads. inputs: (description, path).
+/// one of the inputs, so that a command never destroys what it reads, or an existing file of a run
+/// directory (one holding a run.lock), so that it never replaces a run's file. inputs: (description, path).
 void refuse_output_over_input(const std::string& flag, const std::string& out,
                               const std::vector<std::pair<std::string, std::string>>& inputs);
 

@@ -59,6 +59,18 @@ void sync_directory(const fs::path& dir) {
 
 }  // namespace
 
+int write_all(int fd, const void* data, size_t size) {
+  const char* p = static_cast<const char*>(data);
+  size_t done = 0;
+  while (done < size) {
+    const ssize_t n = ::write(fd, p + done, size - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return n < 0 ? errno : ENOSPC;
+    done += static_cast<size_t>(n);
+  }
+  return 0;
+}
+
 void remove_stale_temporaries(const std::string& path) {
   const fs::path p(path);
   const fs::path dir = p.parent_path().empty() ? fs::path(".") : p.parent_path();
@@ -102,16 +114,9 @@ void atomic_write(const std::string& path, const std::string& content) {
   atomic_write_with(path, [&](const std::string& tmp) {
     const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
     if (fd < 0) fail_write(path, errno);
-    size_t done = 0;
-    while (done < content.size()) {
-      const ssize_t n = ::write(fd, content.data() + done, content.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        const int err = n < 0 ? errno : ENOSPC;
-        ::close(fd);
-        fail_write(path, err);
-      }
-      done += static_cast<size_t>(n);
+    if (const int err = write_all(fd, content.data(), content.size())) {
+      ::close(fd);
+      fail_write(path, err);
     }
     if (::fsync(fd) != 0) {
       const int err = errno;
@@ -159,6 +164,11 @@ bool same_file(const std::string& a, const std::string& b) {
 
 void refuse_output_over_input(const std::string& flag, const std::string& out,
                               const std::vector<std::pair<std::string, std::string>>& inputs) {
+  for (const auto& [what, in] : inputs) {
+    if (same_file(out, in)) {
+      throw Error(flag + " '" + out + "' is also " + what + " '" + in + "': writing it would destroy what this command reads; choose another " + flag);
+    }
+  }
   // A file of a run directory (one a DirectoryLock marks) is the run's: a command writing one file
   // never replaces it. New files beside them are allowed.
   std::error_code ec;
@@ -166,11 +176,6 @@ void refuse_output_over_input(const std::string& flag, const std::string& out,
   if (fs::is_regular_file(out, ec) && fs::exists(parent / "run.lock", ec)) {
     throw Error(flag + " '" + out + "' is a file of the run in '" + parent.string() +
                 "': writing it would replace the run's own file; choose another " + flag);
-  }
-  for (const auto& [what, in] : inputs) {
-    if (same_file(out, in)) {
-      throw Error(flag + " '" + out + "' is also " + what + " '" + in + "': writing it would destroy what this command reads; choose another " + flag);
-    }
   }
 }
 

@@ -65,18 +65,11 @@ class MetricsFile {
   MetricsFile& operator=(const MetricsFile&) = delete;
 
   void append(const std::string& line) {
-    size_t done = 0;
-    while (done < line.size()) {
-      const ssize_t n = ::write(fd_, line.data() + done, line.size() - done);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) {
-        const int err = n < 0 ? errno : ENOSPC;
-        if (::ftruncate(fd_, size_) != 0) {
-          // The partial line stays; a resumed run keeps only whole records (Trainer::run).
-        }
-        fail(err);
+    if (const int err = write_all(fd_, line.data(), line.size())) {
+      if (::ftruncate(fd_, size_) != 0) {
+        // The partial line stays; a resumed run keeps only whole records (Trainer::run).
       }
-      done += static_cast<size_t>(n);
+      fail(err);
     }
     size_ += static_cast<off_t>(line.size());
   }

@@ -238,7 +238,7 @@ else
   fail "digits sample/eval/plot: $(cat dlog.txt d.json)"
 fi
 expect_error "plot: --images must match the dimension" "not 4x4 = 16 pixels" "$tilt" plot --images 4x4 d.csv -o e.png
-expect_error "eval-images needs a classifier reward" "needs [reward] type = \"classifier\"" \
+expect_error "eval-images needs a classifier reward" "needs 'reward.type' = \"classifier\"" \
   "$tilt" eval-images -c digits.toml --set reward.type=\"ink\" -s d.csv
 expect_error "a missing classifier file is named" "cannot read classifier file 'nope.pt'" \
   "$tilt" finetune -c digits.toml --set reward.path=\"nope.pt\" -o d_x

@@ -237,12 +237,12 @@ TEST_F(TwoProcesses, FinetuneMatchesOneProcessWithTwoShardsAlsoAfterResume) {
   ASSERT_EQ(run_one({"finetune", "-q", "-c", "tiny.toml", "--set", "finetune.shards=2", "-o", "one"}, "one", &log), 0) << log;
   ASSERT_EQ(run_one({"finetune", "-q", "-c", "tiny.toml", "-o", "plain"}, "plain", &log), 0) << log;
 
-  // Rank 0 wrote the run's files, no temporaries are left, and the config records 2 shards.
+  // Rank 0 wrote the run's files (and holds its lock), no temporaries are left, and the config records 2 shards.
   std::vector<std::string> files;
   for (const auto& e : fs::directory_iterator(g_work / "two")) files.push_back(e.path().filename().string());
   std::sort(files.begin(), files.end());
   EXPECT_EQ(files, (std::vector<std::string>{"checkpoint.pt", "config.resolved.json", "metrics.jsonl", "model.pt",
-                                             "training_loss.png", "training_reward.png"}));
+                                             "run.lock", "training_loss.png", "training_reward.png"}));
   EXPECT_EQ(Json::parse(slurp(g_work / "two/config.resolved.json"))["finetune"]["shards"], 2);
 
   const auto one = parameters_of(g_work / "one/model.pt");

@@ -3,6 +3,7 @@
 // writes them.
 #pragma once
 
+#include <cstddef>
 #include <functional>
 #include <memory>
 #include <string>
@@ -19,6 +20,10 @@ void atomic_write(const std::string& path, const std::string& content);
 /// the temporary file is removed and path is left as it was. write_to must report its own write
 /// errors by throwing (prefer atomic_write with the bytes built in memory: it checks every write).
 void atomic_write_with(const std::string& path, const std::function<void(const std::string&)>& write_to);
+
+/// Writes all `size` bytes to the file descriptor (retrying short writes and EINTR); returns 0, or
+/// the errno of the failure (ENOSPC for a write that made no progress).
+int write_all(int fd, const void* data, size_t size);
 
 /// Removes the temporary files path.tmp.<pid> that a killed process left behind (those whose
 /// process no longer runs). atomic_write calls it before each write.

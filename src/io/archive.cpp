@@ -87,6 +87,13 @@ Contents read(const std::string& path, const std::string& what, const std::strin
        stored_checksum.item<int64_t>() != static_cast<int64_t>(checksum(meta_text, out.tensors)))) {
     throw Error(what + " '" + path + "' is damaged: its checksum does not match its contents (a corrupt file; one edited on purpose, e.g. in Python, must drop its '__tilt_checksum__' entry)");
   }
+  // A NaN weight samples NaN rows: every floating tensor must be finite, for every kind of file.
+  for (const auto& [name, t] : out.tensors) {
+    if (at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) {
+      throw Error(what + " '" + path + "': tensor '" + name + "' holds non-finite values (NaN or Inf): the file is "
+                  "damaged, or was saved from a run that diverged");
+    }
+  }
   out.meta = Json::parse(meta_text, nullptr, false);
   if (out.meta.is_discarded() || !out.meta.is_object()) throw Error(what + " '" + path + "' has unreadable metadata");
   const std::string found = out.meta.value("format", "");

@@ -4,29 +4,12 @@
 # naming the key or flag (docs/config.md, "Limits"), and nothing written.
 # Usage: config_errors_test.sh path/to/tilt configs/
 set -uo pipefail
+source "$(dirname "$(realpath "$0")")/lib.sh"
 tilt=$(realpath "$1")
 configs=$(realpath "$2")
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-passed=0
-failed=0
-
-pass() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
-
-# expect_error NAME "text the message must contain" command...
-# The command must exit with status 1 within 60 s and print "tilt: error: ... text ...".
-expect_error() {
-  local name=$1 text=$2; shift 2
-  local out
-  out=$(timeout 60 "$@" 2>&1); local rc=$?
-  if [ $rc -eq 1 ] && grep -qF -- "tilt: error:" <<<"$out" && grep -qF -- "$text" <<<"$out"; then
-    pass "$name"
-  else
-    fail "$name (rc=$rc): ${out:0:400}"
-  fi
-}
 
 # expect_nothing_written NAME PATH: the refused command left no run behind.
 expect_nothing_written() {
@@ -166,5 +149,4 @@ expect_error "adjoint-sampling: evaluation.samples = 10^12" "'evaluation.samples
   "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --set evaluation.samples=1000000000000 -o as_bad -q
 expect_nothing_written "adjoint-sampling with nonsense" as_bad
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

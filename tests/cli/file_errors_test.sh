@@ -6,6 +6,7 @@
 # python3-torch (/usr/bin/python3) and are skipped without it.
 # Usage: file_errors_test.sh path/to/tilt configs/
 set -uo pipefail
+source "$(dirname "$(realpath "$0")")/lib.sh"
 tilt=$(realpath "$1")
 configs=$(realpath "$2")
 digits_data="$(dirname "$configs")/data/digits/digits.csv.gz"
@@ -14,29 +15,6 @@ export OMP_NUM_THREADS=1
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
-passed=0
-failed=0
-
-pass() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failed=$((failed + 1)); }
-skip() { echo "skip $1"; }
-
-# expect_error NAME "text the message must contain" command...
-expect_error() {
-  local name=$1 text=$2; shift 2
-  local out
-  out=$("$@" 2>&1); local rc=$?
-  if [ $rc -eq 1 ] && grep -qF -- "$text" <<<"$out"; then pass "$name"; else fail "$name (rc=$rc): $out"; fi
-}
-# expect_absent NAME PATH...: a failed command left none of these behind.
-expect_absent() {
-  local name=$1; shift
-  local p
-  for p in "$@"; do
-    if [ -e "$p" ]; then fail "$name: $p was written"; return; fi
-  done
-  pass "$name"
-}
 
 cat > tiny.toml <<'TOML'
 seed = 1
@@ -122,8 +100,7 @@ expect_absent "pretrain on bad CSV data creates no run directory" e_csv
 
 if ! "$py" -c "import torch" > /dev/null 2>&1; then
   skip "model files and TorchScript modules: Debian's python3-torch is not installed for $py"
-  echo "$passed passed, $failed failed"
-  [ "$failed" -eq 0 ]
+  finish
   exit
 fi
 
@@ -238,5 +215,4 @@ else
   fail "writing the TorchScript modules in Python: $(cat log.txt)"
 fi
 
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+finish

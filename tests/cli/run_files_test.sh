@@ -3,6 +3,7 @@
 # a full disk (as root, on a small tmpfs; skipped with a message otherwise), a failed resume and an
 # output path that names an input. Usage: run_files_test.sh path/to/tilt
 set -uo pipefail
+source "$(dirname "$(realpath "$0")")/lib.sh"
 tilt=$(realpath "$1")
 work=$(mktemp -d)
 disk="$work/disk"
@@ -12,18 +13,6 @@ cleanup() {
 }
 trap cleanup EXIT
 cd "$work"
-passed=0
-failures=0
-
-pass() { echo "ok   $1"; passed=$((passed + 1)); }
-fail() { echo "FAIL $1"; failures=$((failures + 1)); }
-# expect_error NAME "text the message must contain" command...
-expect_error() {
-  local name=$1 text=$2; shift 2
-  local out
-  out=$("$@" 2>&1); local rc=$?
-  if [ $rc -eq 1 ] && grep -qF -- "$text" <<<"$out"; then pass "$name"; else fail "$name (rc=$rc): $out"; fi
-}
 hashes() { find "$@" -type f ! -name run.lock -print0 | sort -z | xargs -0 md5sum; }
 
 cat > tiny.toml <<'TOML'
@@ -148,5 +137,4 @@ for i, line in enumerate(lines[:-1]): assert json.loads(line)['iteration'] == i 
   rm -f "$disk/filler"
 fi
 
-echo "$passed passed, $failures failed"
-[ "$failures" -eq 0 ]
+finish

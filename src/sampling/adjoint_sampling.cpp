@@ -7,6 +7,7 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/io/builders.h"
+#include "tilt/sde/engine.h"
 #include "tilt/io/config.h"
 
 #include <ATen/ATen.h>
@@ -250,23 +251,25 @@ SamplerPaths simulate(const BrownianBase& base, const soc::ParametricControl* co
   for (int64_t done = 0; done < n;) {
     const int64_t B = std::min(batch, n - done);
     Tensor x = at::zeros({B, d}, at::kDouble);
-    Tensor log_path = at::zeros({B}, at::kDouble);
+    PathWeight weight(B);
     for (int64_t k = 0; k < steps; ++k) {
       // X_{k+1} = X_k + dnu_k u_k + sqrt(dnu_k) xi_k: the base's exact transition plus the control's
-      // drift int g^2 u dt ~ dnu_k u(X_k, t_k) (Euler-Maruyama in the control, exact in the noise).
+      // drift int g^2 u dt ~ dnu_k u(X_k, t_k) (Euler-Maruyama in the control, exact in the noise): the
+      // kernel {1, dnu_k, sqrt(dnu_k)} applied to u, whose mean differs from the base's by dnu_k u.
       const double t = times[static_cast<size_t>(k)];
       const double dnu = nus[static_cast<size_t>(k) + 1] - nus[static_cast<size_t>(k)];
+      const StepKernel q{1.0, dnu, std::sqrt(dnu)};
       const Tensor xi = base.noise(B, gen);
       if (control) {
         const Tensor u = base.project((*control)(x, t).to(at::kDouble));
-        // log dP/dQ of one step: Gaussian kernels of equal covariance dnu I, means apart by dnu u (D.3).
-        log_path = log_path - std::sqrt(dnu) * (u * xi).sum(1) - 0.5 * dnu * u.pow(2).sum(1);
-        x = x + dnu * u;
+        weight.add_step(dnu * u, xi, q.std);  // log dP/dQ of one step (D.3)
+        x = q.next(x, u, xi);
+      } else {
+        x = at::add(x, xi, q.std);
       }
-      x = x + std::sqrt(dnu) * xi;
     }
     xs.push_back(base.project(x));
-    logs.push_back(log_path);
+    logs.push_back(weight.log_weight());
     done += B;
     if (progress) progress(done, n);
   }

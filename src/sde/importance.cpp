@@ -2,6 +2,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/sde/engine.h"
 #include "tilt/sde/gddim.h"
 
 #include <ATen/ATen.h>
@@ -67,21 +68,6 @@ WeightedPaths assemble_paths(const Reward& reward, double lambda, const std::vec
   return out;
 }
 
-// One step's Gaussian kernel: mean = a_x x + a_v v, std; the same for P and Q.
-struct Kernel {
-  double a_x, a_v, std;
-};
-
-Kernel kernel(const GenerativeSDE& sde, Integrator integrator, double gamma, double t, double s) {
-  if (integrator == Integrator::exact) {
-    const ExponentialStep e = exponential_step(sde.schedule(), t, s, gamma);
-    return {e.c_x, e.c_v, e.std};
-  }
-  const double h = s - t;
-  const DriftCoefficients c = sde.coefficients(t);
-  return {1.0 - h * c.c_x, h * c.c_v, std::sqrt(h) * sde.sigma(t)};
-}
-
 void check_integrator(const ImportanceOptions& options, const char* what) {
   if (options.integrator == Integrator::heun) {
     throw Error(std::string(what) + ": the heun integrator is deterministic and has no path density; use euler or exact");
@@ -100,12 +86,10 @@ WeightedPaths girsanov_weights(const GenerativeSDE& base, const VelocityField& p
     throw Error("importance weights: the base has dimension " + std::to_string(base.dim()) + ", the proposal " +
                 std::to_string(proposal.dim()) + " and the reward " + std::to_string(reward.dim()));
   }
-  const double gamma = options.integrator == Integrator::exact ? stochasticity_of(base.noise()) : 0.0;
   const int64_t K = grid.steps();
-  std::vector<Kernel> kernels;
+  const std::vector<StepKernel> kernels = step_kernels(base, grid, options.integrator);
   for (int64_t k = 0; k < K; ++k) {
-    kernels.push_back(kernel(base, options.integrator, gamma, grid[k], grid[k + 1]));
-    if (kernels.back().std == 0.0 && k + 1 < K) {
+    if (kernels[k].deterministic() && k + 1 < K) {
       throw Error("importance weights need noise on every step but a final deterministic one; step " + std::to_string(k) +
                   " (t = " + std::to_string(grid[k]) + ") has none with " + base.noise().describe() +
                   " (the ODE has no path density: use a stochastic schedule)");
@@ -117,23 +101,22 @@ WeightedPaths girsanov_weights(const GenerativeSDE& base, const VelocityField& p
   for (int64_t done = 0; done < n;) {
     const int64_t B = std::min(options.batch, n - done);
     Tensor x = at::randn({B, base.dim()}, gen, opts);
-    Tensor log_path = at::zeros({B}, at::kDouble);
+    PathWeight weight(B);
     for (int64_t k = 0; k < K; ++k) {
-      const Kernel& q = kernels[static_cast<size_t>(k)];
+      const StepKernel& q = kernels[static_cast<size_t>(k)];
       const Tensor v_p = base.velocity().velocity(x, grid[k]);
-      const Tensor m_p = q.a_x * x + q.a_v * v_p;
-      if (q.std == 0.0) {  // the final deterministic step: the base's, for both chains
-        x = m_p;
+      if (q.deterministic()) {  // the final deterministic step: the base's, for both chains
+        x = q.mean(x, v_p);
         continue;
       }
-      const Tensor delta = q.a_v * (proposal.velocity(x, grid[k]) - v_p);  // m_q - m_p
+      // Q's step is P's kernel applied to the proposal's velocity: the means differ by c_v (v_q - v_p).
+      const Tensor v_q = proposal.velocity(x, grid[k]);
       const Tensor xi = at::randn({B, base.dim()}, gen, opts);
-      x = m_p + delta + q.std * xi;
-      const Tensor d = delta.to(at::kDouble) / q.std;
-      log_path = log_path - (d * xi.to(at::kDouble)).sum(1) - 0.5 * (d * d).sum(1);
+      x = q.next(x, v_q, xi);
+      weight.add_step(q.c_v * (v_q - v_p), xi, q.std);
     }
     xs.push_back(x);
-    log_paths.push_back(log_path);
+    log_paths.push_back(weight.log_weight());
     done += B;
     if (options.progress) options.progress(done, n);
   }
@@ -162,12 +145,11 @@ WeightedPaths noising_weights(const GenerativeSDE& proposal, const LogDensityFn&
   }
   if (grid[0] != 0.0 || grid[grid.steps()] != 1.0) throw Error("importance weights: the grid must run from 0 to 1");
   const Schedule& sch = proposal.schedule();
-  const double gamma = options.integrator == Integrator::exact ? stochasticity_of(proposal.noise()) : 0.0;
   const int64_t K = grid.steps();
-  std::vector<Kernel> kernels;
+  std::vector<StepKernel> kernels = step_kernels(proposal, grid, options.integrator);
   std::vector<double> back_mean, back_std;  // noising kernel n_k: mean (alpha_k / alpha_{k+1}) x_{k+1}, std
   for (int64_t k = 0; k < K; ++k) {
-    Kernel q = kernel(proposal, options.integrator, gamma, grid[k], grid[k + 1]);
+    StepKernel& q = kernels[static_cast<size_t>(k)];
     const ScheduleValues a = sch.at(grid[k]), b = sch.at(grid[k + 1]);
     if (q.std == 0.0) {
       if (k + 1 < K || !(a.alpha > 0.0)) {
@@ -176,7 +158,6 @@ WeightedPaths noising_weights(const GenerativeSDE& proposal, const LogDensityFn&
       }
       q.std = a.beta / a.alpha;  // x_K ~ N(x1^, (beta/alpha)^2 I): the flat-prior reversal of n_{K-1}
     }
-    kernels.push_back(q);
     const double ratio = a.alpha / b.alpha;
     back_mean.push_back(ratio);
     back_std.push_back(std::sqrt(std::max(0.0, a.beta * a.beta - std::pow(ratio * b.beta, 2))));
@@ -193,8 +174,8 @@ WeightedPaths noising_weights(const GenerativeSDE& proposal, const LogDensityFn&
     Tensor x = at::randn({B, proposal.dim()}, gen, opts);
     Tensor log_path = -gaussian_log_density(x, at::zeros_like(x), 1.0);  // - log N(X_0; 0, I)
     for (int64_t k = 0; k < K; ++k) {
-      const Kernel& q = kernels[static_cast<size_t>(k)];
-      const Tensor m = q.a_x * x + q.a_v * proposal.velocity().velocity(x, grid[k]);
+      const StepKernel& q = kernels[static_cast<size_t>(k)];
+      const Tensor m = q.mean(x, proposal.velocity().velocity(x, grid[k]));
       const Tensor x_next = m + q.std * at::randn({B, proposal.dim()}, gen, opts);
       log_path = log_path - gaussian_log_density(x_next, m, q.std) +
                  gaussian_log_density(x, back_mean[static_cast<size_t>(k)] * x_next.to(at::kDouble), back_std[static_cast<size_t>(k)]);
@@ -236,8 +217,8 @@ WeightedPaths jarzynski_weights(const GenerativeSDE& base, const Reward& reward,
       const Tensor grad_r = reward.grad(xd);
       work = work + h * lambda * (reward.value(xd) + t * (v.to(at::kDouble) * grad_r).sum(1));
       const Tensor escort = (0.5 * sigma * sigma * t * lambda) * grad_r.to(options.dtype);
-      x = x + h * (base.drift_from_velocity(v, x, t) + escort);
-      if (sigma != 0.0) x = x + (std::sqrt(h) * sigma) * at::randn({B, base.dim()}, gen, opts);
+      const StepKernel q = euler_kernel(base, t, grid[k + 1]);
+      x = q.next(x, v, q.deterministic() ? Tensor() : at::randn({B, base.dim()}, gen, opts)) + h * escort;
     }
     xs.push_back(x);
     works.push_back(work);

@@ -1,4 +1,4 @@
-#include "tilt/sde/gddim.h"
+#include "tilt/sde/engine.h"
 #include "tilt/sde/sampler.h"
 #include "tilt/sde/sde.h"
 
@@ -59,30 +59,29 @@ Integrator parse_integrator(const std::string& name) {
 Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& grid, Generator& gen,
                     const SampleOptions& options) {
   check_batch(x0, sde.dim(), "initial state X0");
-  if (options.integrator == Integrator::heun && !sde.noise().is_zero()) {
-    throw Error("the heun integrator is for the ODE only; noise schedule is " + sde.noise().describe());
-  }
-  const double gamma = options.integrator == Integrator::exact ? stochasticity_of(sde.noise()) : 0.0;
   Trajectory out;
   out.t = grid.times();
+  if (options.integrator != Integrator::heun) {
+    // Euler-Maruyama and the exact step are Gaussian kernels: one velocity evaluation per step.
+    const VelocityField& v = sde.velocity();
+    RolloutRecord record;
+    record.states = options.record;
+    out.x = rollout(step_kernels(sde, grid, options.integrator),
+                    [&](int64_t k, const Tensor& x) { return v.velocity(x, grid[k]); }, x0, gen, record)
+                .x;
+    return out;
+  }
+  if (!sde.noise().is_zero()) {
+    throw Error("the heun integrator is for the ODE only; noise schedule is " + sde.noise().describe());
+  }
   out.x.reserve(options.record ? grid.times().size() : 2);
   out.x.push_back(x0);
   Tensor x = x0;
   for (int64_t k = 0; k < grid.steps(); ++k) {
-    const double t = grid[k], h = grid.step(k);
-    const Tensor b = sde.drift(x, t);
-    if (options.integrator == Integrator::exact) {
-      const ExponentialStep step = exponential_step(sde.schedule(), t, grid[k + 1], gamma);
-      x = step.c_x * x + step.c_v * sde.velocity().velocity(x, t);
-      if (step.std != 0.0) x = x + step.std * at::randn(x.sizes(), gen, x.options());
-    } else if (options.integrator == Integrator::heun) {
-      const Tensor x_pred = x + h * b;
-      x = x + (0.5 * h) * (b + sde.drift(x_pred, grid[k + 1]));
-    } else {
-      const double sigma = sde.sigma(t);
-      x = x + h * b;
-      if (sigma != 0.0) x = x + (std::sqrt(h) * sigma) * at::randn(x.sizes(), gen, x.options());
-    }
+    const double h = grid.step(k);
+    const Tensor b = sde.drift(x, grid[k]);
+    const Tensor x_pred = x + h * b;
+    x = x + (0.5 * h) * (b + sde.drift(x_pred, grid[k + 1]));
     if (options.record || k + 1 == grid.steps()) out.x.push_back(x);
   }
   return out;

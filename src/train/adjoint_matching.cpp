@@ -4,6 +4,7 @@
 #include "tilt/core/error.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
+#include "tilt/sde/engine.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -38,23 +39,14 @@ class PhaseClock {
   double last_;
 };
 
-// The lean adjoint's backward recursion from a[K] (Adjoint Matching, Eq. 41; spec sec. 4):
-//   a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1},   b_base = c_v v_base - c_x x,
-// with vjp(k, a) = (dv_base/dx (X_k, t_k))^T a. With the noiseless final step, the last backward step is
-// the adjoint of the step actually taken, X^_1 = X_{K-1} + h v_base(X_{K-1}): a_{K-1} = a_K + h vjp(K-1, a_K),
-// so that a_k is exactly the gradient of g(X^_1) with respect to X_k through the discretised base dynamics.
-void lean_adjoint_steps(std::vector<Tensor>& a, const TimeGrid& grid, const GenerativeSDE& base_sde,
-                        bool final_noiseless_step, const std::function<Tensor(int64_t k, const Tensor& a)>& vjp) {
-  int64_t k = grid.steps() - 1;
-  if (final_noiseless_step) {
-    a[k] = at::add(a[k + 1], vjp(k, a[k + 1]), grid.step(k));
-    --k;
-  }
-  for (; k >= 0; --k) {
-    const DriftCoefficients c = base_sde.coefficients(grid[k]);
-    const double h = grid.step(k);
-    a[k] = at::add(a[k + 1] * (1.0 - h * c.c_x), vjp(k, a[k + 1]), h * c.c_v);
-  }
+// The kernels the lean adjoint runs back through (Adjoint Matching, Eq. 41): the Euler steps of the
+// frozen base drift, a_k = (1 - h c_x) a_{k+1} + h c_v (dv_base/dx)^T a_{k+1}. With the noiseless final
+// step, the last kernel is the step actually taken, X^_1 = X_{K-1} + h v_base(X_{K-1}), so that a_k is
+// exactly the gradient of g(X^_1) with respect to X_k through the discretised base dynamics.
+std::vector<StepKernel> adjoint_kernels(const GenerativeSDE& base_sde, const TimeGrid& grid, bool final_noiseless_step) {
+  std::vector<StepKernel> kernels = step_kernels(base_sde, grid, Integrator::euler);
+  if (final_noiseless_step) kernels.back() = {1.0, grid.step(grid.steps() - 1), 0.0};
+  return kernels;
 }
 
 }  // namespace
@@ -75,13 +67,13 @@ LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor
   if (final_noiseless_step) {
     // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), the noiseless last step (App. G.1).
     out.v_base[K - 1] = base.velocity(x[K - 1], grid[K - 1]);
-    out.x1 = x[K - 1] + grid.step(K - 1) * out.v_base[K - 1];
+    out.x1 = StepKernel{1.0, grid.step(K - 1), 0.0}.mean(x[K - 1], out.v_base[K - 1]);
   } else {
     out.x1 = x[K];
   }
   out.a[K] = -lambda * reward.grad(out.x1);
-  lean_adjoint_steps(out.a, grid, base_sde, final_noiseless_step,
-                     [&](int64_t k, const Tensor& a) { return base.vjp(x[k], grid[k], a, &out.v_base[k]); });
+  lean_adjoint_recursion(out.a, adjoint_kernels(base_sde, grid, final_noiseless_step),
+                         [&](int64_t k, const Tensor& a) { return base.vjp(x[k], grid[k], a, &out.v_base[k]); });
   return out;
 }
 
@@ -276,9 +268,10 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     at::NoGradGuard no_grad;
     // The random draws of simulate(): X_0, then one N(0, I) per noisy step.
     const Tensor x0 = at::randn({B, d}, gen);
+    const std::vector<StepKernel> kernels = step_kernels(finetuned_sde_, grid_, Integrator::euler);
     std::vector<Tensor> noise(static_cast<size_t>(steps));
     for (int64_t k = 0; k < steps; ++k) {
-      if (finetuned_sde_.sigma(grid_[k]) != 0.0) noise[k] = at::randn(x0.sizes(), gen, x0.options());
+      if (!kernels[k].deterministic()) noise[k] = at::randn(x0.sizes(), gen, x0.options());
     }
 
     // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (an MLP or an
@@ -310,19 +303,15 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
       });
     };
 
-    // Rollout: the Euler-Maruyama steps of simulate(), recording the activations.
+    // Rollout: the Euler-Maruyama kernels of simulate(), recording the activations.
     each_block([&](Tapes::Block& b) {
       for (int64_t k = 0; k < steps; ++k) {
-        const double t = grid_[k], h = grid_.step(k);
+        const double t = grid_[k];
         const Tensor& xk = b.x.back();
         b.v_base[k] = base_mlp ? base_mlp->forward_taped(xk, t, &b.base[k]) : base.velocity(xk, t);
         b.net_out[k] = trainable->forward_taped(xk, t, &b.trainable[k], true);
-        // X_{k+1} = X_k + h (c_v v - c_x X_k) + sqrt(h) sigma eps = (1 - h c_x) X_k + h c_v v + sqrt(h) sigma eps.
-        const DriftCoefficients c = finetuned_sde_.coefficients(t);
-        Tensor next = at::add(c.c_x == 0.0 ? xk : xk * (1.0 - h * c.c_x), b.net_out[k], h * c.c_v);
-        if (residual_mode) next.add_(b.v_base[k], h * c.c_v);
-        if (noise[k].defined()) next.add_(noise[k].narrow(0, b.r0, b.n), std::sqrt(h) * finetuned_sde_.sigma(t));
-        b.x.push_back(next);
+        const Tensor v = residual_mode ? b.v_base[k] + b.net_out[k] : b.net_out[k];
+        b.x.push_back(kernels[k].next(xk, v, noise[k].defined() ? noise[k].narrow(0, b.r0, b.n) : Tensor()));
       }
       if (final_noiseless) {
         const double t = grid_[K - 1];
@@ -333,15 +322,14 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
 
     // Lean adjoint from the tapes (or the base's own VJP when it is not an MLP); with the noiseless
     // final step, X^_1 = X_{K-1} + h v_base(X_{K-1}).
+    const std::vector<StepKernel> back = adjoint_kernels(base_sde_, grid_, final_noiseless);
     std::vector<Tensor> x1_parts;
-    for (const auto& b : blocks) {
-      x1_parts.push_back(final_noiseless ? b.x[K - 1] + grid_.step(K - 1) * b.v_base[K - 1] : b.x[K]);
-    }
+    for (const auto& b : blocks) x1_parts.push_back(final_noiseless ? back[K - 1].mean(b.x[K - 1], b.v_base[K - 1]) : b.x[K]);
     const Tensor x1 = at::cat(x1_parts);
     const Tensor a_K = -options_.lambda * reward_->grad(x1);
     each_block([&](Tapes::Block& b) {
       b.a[K] = a_K.narrow(0, b.r0, b.n);
-      lean_adjoint_steps(b.a, grid_, base_sde_, final_noiseless, [&](int64_t k, const Tensor& a) {
+      lean_adjoint_recursion(b.a, back, [&](int64_t k, const Tensor& a) {
         return base_mlp ? base_mlp->vjp_taped(b.base[k], a) : base.vjp(b.x[k], grid_[k], a);
       });
     });

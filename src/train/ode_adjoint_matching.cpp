@@ -5,6 +5,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/sde/engine.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -132,12 +133,12 @@ std::vector<Tensor> ode_lean_adjoint(const VelocityField& base, const std::vecto
   if (n > K) throw Error("ODE lean adjoint: " + std::to_string(n) + " states for " + std::to_string(K) + " steps");
   check_batch(a_final, base.dim(), "ODE lean adjoint: a_K");
   at::NoGradGuard no_grad;
+  // The adjoint of the last n Euler steps of the base ODE, X_{k+1} = X_k + h_k v_base(X_k, t_k).
+  std::vector<StepKernel> kernels;
+  for (int64_t j = 0; j < n; ++j) kernels.push_back({1.0, grid.step(K - n + j), 0.0});
   std::vector<Tensor> a(static_cast<size_t>(n) + 1);
   a[n] = a_final;
-  for (int64_t j = n - 1; j >= 0; --j) {
-    const int64_t k = K - n + j;
-    a[j] = a[j + 1] + grid.step(k) * base.vjp(x[j], grid[k], a[j + 1]);
-  }
+  lean_adjoint_recursion(a, kernels, [&](int64_t j, const Tensor& aj) { return base.vjp(x[j], grid[K - n + j], aj); });
   return a;
 }
 
@@ -210,7 +211,7 @@ OdeRegressionBatch OdeAdjointMatching::regression_batch(Generator& gen) const {
     out.control_cost += h * regulariser_->psi(u, t);
     if (k > k0 || in_loss[k]) xs[k] = x;
     if (in_loss[k]) vbs[k] = v_base;
-    x = x + h * (v_base + u);
+    x = StepKernel{1.0, h, 0.0}.mean(x, v_base + u);
   }
   out.x1 = x;
 

@@ -2,6 +2,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/sde/engine.h"
 #include "tilt/sde/gddim.h"
 
 #include <ATen/ATen.h>
@@ -152,13 +153,13 @@ PolicyBatch PolicyGradient::sample(const Tensor& x0, const std::vector<int64_t>&
   for (int64_t k = 0; k < K; ++k) {
     const bool stochastic = next_sde < sde_steps.size() && sde_steps[next_sde] == k;
     // The exact gDDIM step (sde/gddim.h): at gamma = 0 (outside the window) and onto t = 1 it is deterministic.
-    const ExponentialStep e = exponential_step(schedule, grid_[k], grid_[k + 1], stochastic ? options_.gamma : 0.0);
+    const StepKernel e = exact_kernel(schedule, grid_[k], grid_[k + 1], stochastic ? options_.gamma : 0.0);
     // The last step onto t = 1 has no noise, hence no log-probability: taken with v_theta it would
     // carry a pathwise dependence on theta that the score-function gradient misses. It is taken
     // with the base velocity, as Adjoint Matching's final noiseless step (App. G.1), so that the
     // on-policy gradient is unbiased for E[r] of the sampled chain.
     const Tensor v = k == K - 1 ? model_->base()->velocity(x, grid_[k]) : model_->velocity(x, grid_[k]);
-    const Tensor mean = e.c_x * x + e.c_v * v;
+    const Tensor mean = e.mean(x, v);
     if (!stochastic) {
       x = mean;
       continue;
@@ -186,7 +187,7 @@ Tensor PolicyGradient::log_prob(const PolicyBatch& batch) const {
   std::vector<double> t(static_cast<size_t>(S)), c_x(t.size()), c_v(t.size()), sd(t.size());
   for (int64_t j = 0; j < S; ++j) {
     const int64_t k = batch.sde_steps[static_cast<size_t>(j)];
-    const ExponentialStep e = exponential_step(schedule, grid_[k], grid_[k + 1], options_.gamma);
+    const StepKernel e = exact_kernel(schedule, grid_[k], grid_[k + 1], options_.gamma);
     t[j] = grid_[k], c_x[j] = e.c_x, c_v[j] = e.c_v, sd[j] = e.std;
   }
   const auto options = batch.states.options();

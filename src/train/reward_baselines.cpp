@@ -1,6 +1,7 @@
 #include "tilt/train/reward_baselines.h"
 
 #include "tilt/core/error.h"
+#include "tilt/sde/engine.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -29,7 +30,8 @@ void RewardBaseline::set_batch_size(int64_t n) {
 }
 
 Tensor RewardBaseline::ode_steps(Tensor x, int64_t from, int64_t to) const {
-  for (int64_t k = from; k < to; ++k) x = x + grid_.step(k) * model_->velocity(x, grid_[k]);
+  // Euler's step of the ODE dX = v dt: the kernel {1, h, 0}.
+  for (int64_t k = from; k < to; ++k) x = StepKernel{1.0, grid_.step(k), 0.0}.mean(x, model_->velocity(x, grid_[k]));
   return x;
 }
 
@@ -128,15 +130,14 @@ LossOutput DiscreteAdjoint::compute(Generator& gen) {
   for (int64_t k = 0; k + 1 < K; ++k) {
     const double t = grid_[k], h = grid_.step(k);
     const double sigma = finetuned_sde_.sigma(t);
-    const DriftCoefficients c = finetuned_sde_.coefficients(t);
     const Tensor v_base = model_->base()->velocity(x, t);
     const Tensor delta = model_->delta(x, at::full({B}, t, x.options()), v_base);
-    const Tensor u = (c.c_v / sigma) * delta;
+    const Tensor u = (finetuned_sde_.coefficients(t).c_v / sigma) * delta;
     control_cost = control_cost + 0.5 * h * u.pow(2).sum(1);
     const Tensor eps = at::randn(x.sizes(), gen);
-    x = x + h * (c.c_v * (v_base + delta) - c.c_x * x) + std::sqrt(h) * sigma * eps;
+    x = euler_kernel(finetuned_sde_, t, grid_[k + 1]).next(x, v_base + delta, eps);
   }
-  const Tensor x1 = x + grid_.step(K - 1) * model_->base()->velocity(x, grid_[K - 1]);
+  const Tensor x1 = StepKernel{1.0, grid_.step(K - 1), 0.0}.mean(x, model_->base()->velocity(x, grid_[K - 1]));
   LossOutput out;
   out.loss = control_cost.mean() + reward_surrogate(x1);
   at::NoGradGuard no_grad;

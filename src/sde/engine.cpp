@@ -1,0 +1,100 @@
+#include "tilt/sde/engine.h"
+
+#include "tilt/core/error.h"
+#include "tilt/sde/gddim.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace tilt {
+
+Tensor StepKernel::mean(const Tensor& x, const Tensor& v) const {
+  return at::add(c_x == 1.0 ? x : x * c_x, v, c_v);
+}
+
+Tensor StepKernel::next(const Tensor& x, const Tensor& v, const Tensor& xi) const {
+  const Tensor m = mean(x, v);
+  return deterministic() ? m : at::add(m, xi, std);
+}
+
+Tensor StepKernel::adjoint(const Tensor& a, const Tensor& vjp) const {
+  return at::add(c_x == 1.0 ? a : a * c_x, vjp, c_v);
+}
+
+StepKernel euler_kernel(const GenerativeSDE& sde, double t, double s) {
+  const double h = s - t;
+  const DriftCoefficients c = sde.coefficients(t);
+  return {1.0 - h * c.c_x, h * c.c_v, std::sqrt(h) * sde.sigma(t)};
+}
+
+StepKernel exact_kernel(const Schedule& schedule, double t, double s, double gamma) {
+  const ExponentialStep e = exponential_step(schedule, t, s, gamma);
+  return {e.c_x, e.c_v, e.std};
+}
+
+StepKernel step_kernel(const GenerativeSDE& sde, Integrator integrator, double t, double s) {
+  if (integrator == Integrator::heun) throw Error("the heun integrator is not a Gaussian step (it has no step kernel)");
+  if (integrator == Integrator::exact) return exact_kernel(sde.schedule(), t, s, stochasticity_of(sde.noise()));
+  return euler_kernel(sde, t, s);
+}
+
+std::vector<StepKernel> step_kernels(const GenerativeSDE& sde, const TimeGrid& grid, Integrator integrator) {
+  if (integrator == Integrator::heun) throw Error("the heun integrator is not a Gaussian step (it has no step kernel)");
+  const double gamma = integrator == Integrator::exact ? stochasticity_of(sde.noise()) : 0.0;
+  std::vector<StepKernel> kernels;
+  kernels.reserve(static_cast<size_t>(grid.steps()));
+  for (int64_t k = 0; k < grid.steps(); ++k) {
+    kernels.push_back(integrator == Integrator::exact ? exact_kernel(sde.schedule(), grid[k], grid[k + 1], gamma)
+                                                      : euler_kernel(sde, grid[k], grid[k + 1]));
+  }
+  return kernels;
+}
+
+Rollout rollout(const std::vector<StepKernel>& kernels, const StepVelocity& velocity, const Tensor& x0, Generator& gen,
+                const RolloutRecord& record) {
+  const size_t K = kernels.size();
+  Rollout out;
+  out.x.reserve(record.states ? K + 1 : 2);
+  out.x.push_back(x0);
+  if (record.noise) out.xi.resize(K);
+  if (record.velocities) out.v.resize(K);
+  Tensor x = x0;
+  for (size_t k = 0; k < K; ++k) {
+    const StepKernel& q = kernels[k];
+    const Tensor v = velocity(static_cast<int64_t>(k), x);
+    Tensor xi;
+    if (!q.deterministic()) xi = at::randn(x.sizes(), gen, x.options());
+    x = q.next(x, v, xi);
+    if (record.noise) out.xi[k] = xi;
+    if (record.velocities) out.v[k] = v;
+    if (record.states || k + 1 == K) out.x.push_back(x);
+  }
+  return out;
+}
+
+void lean_adjoint_recursion(std::vector<Tensor>& a, const std::vector<StepKernel>& kernels, const StepVjp& vjp,
+                            const StepSource& source) {
+  const int64_t K = static_cast<int64_t>(kernels.size());
+  if (static_cast<int64_t>(a.size()) != K + 1 || !a[K].defined()) {
+    throw Error("lean adjoint: needs K + 1 = " + std::to_string(K + 1) + " entries with the terminal one set, got " +
+                std::to_string(a.size()));
+  }
+  for (int64_t k = K - 1; k >= 0; --k) {
+    Tensor g = vjp(k, a[k + 1]);
+    if (source) g = g + source(k);
+    a[k] = kernels[k].adjoint(a[k + 1], g);
+  }
+}
+
+PathWeight::PathWeight(int64_t batch) : log_w_(at::zeros({batch}, at::kDouble)) {}
+
+void PathWeight::add_step(const Tensor& shift, const Tensor& xi, double std) {
+  if (!(std > 0.0)) throw Error("path weight: a step without noise has no density ratio");
+  const Tensor d = shift.to(at::kDouble) / std;
+  log_w_ = log_w_ - (d * xi.to(at::kDouble)).sum(1) - 0.5 * (d * d).sum(1);
+}
+
+void PathWeight::add(const Tensor& log_ratio) { log_w_ = log_w_ + log_ratio.to(at::kDouble); }
+
+}  // namespace tilt

@@ -168,7 +168,7 @@ Tensor DoubleWell::drift_vjp(const Tensor& x, double, const Tensor& a) const {
   return -4.0 * kappa_t_ * (3.0 * xd.pow(2) - 1.0) * a.to(at::kDouble);  // the Jacobian is diagonal
 }
 
-Tensor DoubleWell::sigma() const { return at::eye(dim(), kDouble); }
+Tensor DoubleWell::sigma(double) const { return at::eye(dim(), kDouble); }
 Tensor DoubleWell::state_cost(const Tensor& x, double) const { return at::zeros({x.size(0)}, kDouble); }
 Tensor DoubleWell::state_cost_grad(const Tensor& x, double) const { return at::zeros({x.size(0), dim()}, kDouble); }
 

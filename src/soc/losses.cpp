@@ -3,6 +3,7 @@
 #include "tilt/soc/losses.h"
 
 #include "tilt/core/error.h"
+#include "tilt/sde/engine.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
@@ -43,14 +44,13 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
   const double h = T / static_cast<double>(K);
   std::vector<Tensor> a(static_cast<size_t>(K) + 1);
   a[K] = problem.terminal_cost_grad(x[K]).to(at::kDouble);
-  for (int64_t k = K - 1; k >= 0; --k) {
-    // a_k = d/dX_k of sum_{j >= k} f(X_j) h + g(X_K) through the uncontrolled Euler step
-    // X_{j+1} = X_j + h b(X_j): the control's dependence on X and its cost are left out, which is what
-    // makes the adjoint "lean" (Adjoint Matching, Eq. 38-39; spec section 4).
-    const double t = static_cast<double>(k) * h;
-    a[k] = a[k + 1] + h * (problem.drift_vjp(x[k], t, a[k + 1]).to(at::kDouble) +
-                           problem.state_cost_grad(x[k], t).to(at::kDouble));
-  }
+  // a_k = d/dX_k of sum_{j >= k} f(X_j) h + g(X_K) through the uncontrolled Euler step
+  // X_{j+1} = X_j + h b(X_j) (the kernel {1, h, 0} of the drift): the control's dependence on X and its
+  // cost are left out, which is what makes the adjoint "lean" (Adjoint Matching, Eq. 38-39).
+  lean_adjoint_recursion(
+      a, std::vector<StepKernel>(static_cast<size_t>(K), StepKernel{1.0, h, 0.0}),
+      [&](int64_t k, const Tensor& ak) { return problem.drift_vjp(x[k], static_cast<double>(k) * h, ak).to(at::kDouble); },
+      [&](int64_t k) { return problem.state_cost_grad(x[k], static_cast<double>(k) * h).to(at::kDouble); });
   return a;
 }
 
@@ -59,25 +59,27 @@ std::vector<Tensor> full_adjoint(const Problem& problem, const ParametricControl
   const int64_t K = static_cast<int64_t>(x.size()) - 1;
   if (K < 1) throw Error("full adjoint: needs at least two recorded states");
   const double h = T / static_cast<double>(K);
-  const Tensor sigma = problem.sigma().to(at::kDouble);
   std::vector<Tensor> a(static_cast<size_t>(K) + 1);
   a[K] = problem.terminal_cost_grad(x[K]).to(at::kDouble).detach();
-  for (int64_t k = K - 1; k >= 0; --k) {
-    const double t = static_cast<double>(k) * h;
-    // The control's terms, (grad_x u)^T (sigma^T a_{k+1} + u), by one vector-Jacobian product in x only:
-    // grad_x (sigma u)^T a = (grad_x u)^T sigma^T a and grad_x 1/2 |u|^2 = (grad_x u)^T u.
-    Tensor control_term;
-    {
-      at::AutoGradMode enable_grad(true);
-      const Tensor xg = x[k].detach().to(at::kDouble).requires_grad_(true);
-      const Tensor u = control(xg, t);
-      const Tensor weight = (at::matmul(a[k + 1], sigma) + u).detach();  // rows of (sigma^T a + u)^T
-      control_term = torch::autograd::grad({(u * weight).sum()}, {xg}, {}, false, false)[0].detach();
-    }
-    at::NoGradGuard no_grad;
-    a[k] = a[k + 1] + h * (problem.drift_vjp(x[k], t, a[k + 1]).to(at::kDouble) +
-                           problem.state_cost_grad(x[k], t).to(at::kDouble) + control_term);
-  }
+  // The lean recursion plus the control's terms, (grad_x u)^T (sigma^T a_{k+1} + u), by one
+  // vector-Jacobian product in x only: grad_x (sigma u)^T a = (grad_x u)^T sigma^T a and
+  // grad_x 1/2 |u|^2 = (grad_x u)^T u.
+  auto control_term = [&](int64_t k, const Tensor& a_next) {
+    at::AutoGradMode enable_grad(true);
+    const Tensor xg = x[k].detach().to(at::kDouble).requires_grad_(true);
+    const Tensor u = control(xg, static_cast<double>(k) * h);
+    const Tensor sigma = problem.sigma(static_cast<double>(k) * h).to(at::kDouble);
+    const Tensor weight = (at::matmul(a_next, sigma) + u).detach();  // rows of (sigma^T a + u)^T
+    return torch::autograd::grad({(u * weight).sum()}, {xg}, {}, false, false)[0].detach();
+  };
+  lean_adjoint_recursion(
+      a, std::vector<StepKernel>(static_cast<size_t>(K), StepKernel{1.0, h, 0.0}),
+      [&](int64_t k, const Tensor& ak) {
+        const Tensor c = control_term(k, ak);
+        at::NoGradGuard no_grad;
+        return problem.drift_vjp(x[k], static_cast<double>(k) * h, ak).to(at::kDouble) + c;
+      },
+      [&](int64_t k) { return problem.state_cost_grad(x[k], static_cast<double>(k) * h).to(at::kDouble); });
   return a;
 }
 
@@ -123,12 +125,12 @@ LossOutput AdjointMatchingSoc::compute(Generator& gen) {
     paths = simulate(*problem_, u, B, K, gen);
   }
   const std::vector<Tensor> a = lean_adjoint(*problem_, paths.x, T);
-  const Tensor sigma = problem_->sigma().to(at::kDouble);
   std::vector<Tensor> xs, ts, targets;
   for (int64_t k = 0; k < K; ++k) {
+    const double t = static_cast<double>(k) * h;
     xs.push_back(paths.x[k]);
-    ts.push_back(at::full({B}, static_cast<double>(k) * h, at::kDouble));
-    targets.push_back(-at::matmul(a[k], sigma));  // rows of -(sigma^T a)^T
+    ts.push_back(at::full({B}, t, at::kDouble));
+    targets.push_back(-at::matmul(a[k], problem_->sigma(t).to(at::kDouble)));  // rows of -(sigma^T a)^T
   }
   const Tensor residual = control_->evaluate(at::cat(xs), at::cat(ts)) - at::cat(targets);
   LossOutput out;
@@ -168,9 +170,10 @@ LossOutput ContinuousAdjointSoc::compute(Generator& gen) {
     paths = simulate(*problem_, control_->as_control(), options_.batch_size, K, gen);
   }
   const std::vector<Tensor> a = full_adjoint(*problem_, *control_, paths.x, problem_->horizon());
-  const Tensor sigma = problem_->sigma().to(at::kDouble);
   std::vector<Tensor> target;
-  for (const Tensor& ak : a) target.push_back(-at::matmul(ak, sigma));  // rows of -(sigma^T a)^T
+  for (size_t k = 0; k < a.size(); ++k) {
+    target.push_back(-at::matmul(a[k], problem_->sigma(paths.t[k]).to(at::kDouble)));  // rows of -(sigma^T a)^T
+  }
   LossOutput out;
   out.loss = regression_loss(*control_, paths, target);
   at::NoGradGuard no_grad;
@@ -231,6 +234,10 @@ std::vector<Tensor> ReparametrisationMatrix::parameters() const {
 
 SocmSoc::SocmSoc(ProblemPtr problem, ParametricControlPtr control, const SocLossOptions& options, bool learnt_M)
     : SocLoss(learnt_M ? "SOCM" : "SOCM (constant M)", std::move(problem), std::move(control), options) {
+  if (!problem_->constant_sigma()) {
+    throw Error(label_ + ": the SOC problem '" + problem_->name() +
+                "' has a time-dependent sigma(t), which SOCM's reparametrisation (z = sigma^{-1} ...) does not handle");
+  }
   if (learnt_M) {
     M_ = std::make_shared<ReparametrisationMatrix>(problem_->dim(), std::vector<int64_t>{128, 128}, options.socm_gamma,
                                                    options.seed);
@@ -259,7 +266,7 @@ LossOutput SocmSoc::compute(Generator& gen) {
   ControlledPaths paths;
   Tensor weight;
   std::vector<Tensor> e(static_cast<size_t>(K) + 1), z(static_cast<size_t>(K) + 1);
-  const Tensor sigma = problem_->sigma().to(at::kDouble);
+  const Tensor sigma = problem_->sigma(0.0).to(at::kDouble);  // constant (checked by the constructor)
   {
     at::NoGradGuard no_grad;
     paths = simulate(*problem_, control_->as_control(), B, K, gen);
@@ -318,12 +325,12 @@ LossOutput DiscreteAdjointSoc::compute(Generator& gen) {
   const int64_t K = steps();
   const int64_t B = options_.batch_size, d = problem_->dim();
   const double h = problem_->horizon() / static_cast<double>(K), sqrt_h = std::sqrt(h);
-  const Tensor sigma_t = problem_->sigma().to(at::kDouble).t();
   // The same Euler-Maruyama scheme as simulate(), with the graph kept.
   Tensor x = problem_->initial_state(B, gen).to(at::kDouble);
   Tensor cost = at::zeros({B}, at::kDouble);
   for (int64_t k = 0; k < K; ++k) {
     const double t = static_cast<double>(k) * h;
+    const Tensor sigma_t = problem_->sigma(t).to(at::kDouble).t();
     const Tensor u = (*control_)(x, t);
     const Tensor dW = sqrt_h * at::randn({B, d}, gen, at::kDouble);
     cost = cost + (problem_->state_cost(x, t) + 0.5 * u.pow(2).sum(1)) * h;

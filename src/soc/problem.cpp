@@ -61,7 +61,6 @@ ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch
   at::NoGradGuard no_grad;
   const int64_t d = problem.dim();
   const double T = problem.horizon(), h = T / static_cast<double>(steps), sqrt_h = std::sqrt(h);
-  const Tensor sigma_t = problem.sigma().to(at::kDouble).t();
   ControlledPaths p;
   Tensor x = problem.initial_state(batch, gen).to(at::kDouble);
   check_batch(x, d, "initial state of " + problem.name());
@@ -74,6 +73,7 @@ ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch
   if (stopping) alive = alive * at::logical_not(problem.stopped(x)).to(at::kDouble);
   for (int64_t k = 0; k < steps; ++k) {
     const double t = static_cast<double>(k) * h;
+    const Tensor sigma_t = problem.sigma(t).to(at::kDouble).t();
     const Tensor uk = u(x, t).to(at::kDouble);
     if (!uk.sizes().equals(x.sizes())) {
       throw Error("SOC simulation: the control returned shape " + std::string(c10::str(uk.sizes())) +

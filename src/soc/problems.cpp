@@ -223,7 +223,7 @@ Tensor MolecularDynamics::drift(const Tensor& x, double) const {
 Tensor MolecularDynamics::drift_vjp(const Tensor& x, double, const Tensor& a) const {
   return -4.0 * kappa_ * (3.0 * x.to(at::kDouble).pow(2) - 1.0) * a.to(at::kDouble);
 }
-Tensor MolecularDynamics::sigma() const { return at::eye(1, kDouble); }
+Tensor MolecularDynamics::sigma(double) const { return at::eye(1, kDouble); }
 Tensor MolecularDynamics::state_cost(const Tensor& x, double) const { return at::ones({x.size(0)}, kDouble); }
 Tensor MolecularDynamics::state_cost_grad(const Tensor& x, double) const { return at::zeros({x.size(0), 1}, kDouble); }
 Tensor MolecularDynamics::terminal_cost(const Tensor& x) const { return at::zeros({x.size(0)}, kDouble); }

@@ -43,7 +43,7 @@ std::pair<double, double> monte_carlo_value(const QuadraticOU& like, const Tenso
   const Tensor A = like.drift(I, 0.0).t();
   const Tensor P = 0.5 * like.state_cost_grad(I, 0.0);
   const Tensor Q = 0.5 * like.terminal_cost_grad(I);
-  QuadraticOU from_x("from_x", A, P, Q, like.sigma(), x, like.horizon(), steps);
+  QuadraticOU from_x("from_x", A, P, Q, like.sigma(0.0), x, like.horizon(), steps);
   Generator gen = make_generator(seed);
   const ControlledPaths paths = simulate(from_x, zero_control(d), n, steps, gen);
   const Tensor cost = paths.state_cost + paths.terminal_cost;
@@ -132,7 +132,7 @@ TEST(SocProblems, OptimalControlIsMinusSigmaTransposeGradV) {
       e[0][i] = eps;
       grad[0][i] = (p->value(x + e, t) - p->value(x - e, t)).item<double>() / (2 * eps);
     }
-    const Tensor expected = -at::matmul(grad, p->sigma());
+    const Tensor expected = -at::matmul(grad, p->sigma(0.0));
     EXPECT_TRUE(at::allclose(p->optimal_control(x, t), expected, 1e-6, 1e-7)) << p->name();
   }
 }
@@ -164,7 +164,7 @@ TEST(SocAdjointMatching, LeanAdjointOfLinearOUIsTheExactAdjoint) {
     const auto a = lean_adjoint(*p, paths.x, 1.0);
     double worst = 0;
     for (int64_t k = 0; k < K; k += K / 10) {
-      const Tensor target = -at::matmul(a[k], p->sigma());
+      const Tensor target = -at::matmul(a[k], p->sigma(0.0));
       worst = std::max(worst, (target - p->optimal_control(paths.x[k], paths.t[k])).abs().max().item<double>());
     }
     if (previous > 0) EXPECT_NEAR(previous / worst, 2.0, 0.2) << "K = " << K;  // first order
@@ -446,7 +446,7 @@ TEST(SocDoubleWell, OptimalControlIsMinusGradV) {
       e[0][i] = eps;
       grad.select(1, i).copy_((p->value(x + e, t) - p->value(x - e, t)) / (2 * eps));
     }
-    const Tensor expected = -at::matmul(grad, p->sigma());
+    const Tensor expected = -at::matmul(grad, p->sigma(0.0));
     const double gap = (p->optimal_control(x, t) - expected).abs().max().item<double>();
     EXPECT_LT(gap, 2e-3 * (1 + expected.abs().max().item<double>())) << "t = " << t;
   }
@@ -496,9 +496,9 @@ TEST(SocContinuousAdjoint, FullAdjointOfAStateIndependentControlIsTheLeanOne) {
   const double h = 1.0 / 20;
   const Tensor x = paths.x[19];
   const Tensor Fm = p->riccati(paths.t[19]);
-  const Tensor C = -2.0 * at::matmul(p->sigma().t(), Fm);  // u*(x) = C x as columns
+  const Tensor C = -2.0 * at::matmul(p->sigma(0.0).t(), Fm);  // u*(x) = C x as columns
   const Tensor u = p->optimal_control(x, paths.t[19]);
-  const Tensor extra = at::matmul(at::matmul(lean[20], p->sigma()) + u, C);  // rows of C^T (sigma^T a + u)
+  const Tensor extra = at::matmul(at::matmul(lean[20], p->sigma(0.0)) + u, C);  // rows of C^T (sigma^T a + u)
   EXPECT_TRUE(at::allclose(full[19] - lean[19], h * extra, 1e-10, 1e-12));
 }
 
@@ -654,6 +654,111 @@ TEST(SocLogVariance, StatisticIsMinusVWithAStoppingTimeAtAnyControl) {
   MomentSoc moment(p, control, so, 0.0);
   const double loss = moment.compute(g2).loss.item<double>();
   EXPECT_NEAR(loss, log_importance_weights(paths).pow(2).mean().item<double>(), 1e-4 * loss);
+}
+
+}  // namespace
+}  // namespace tilt::soc
+
+// ---- Fine-tuning as an SOC problem (tilt/soc/finetuning.h) ----
+
+#include "tilt/model/gmm.h"
+#include "tilt/soc/finetuning.h"
+#include "tilt/train/adjoint_matching.h"
+
+#include "../support/helpers.h"
+
+namespace tilt::soc {
+namespace {
+
+struct TiltedRing {
+  std::shared_ptr<GmmVelocity> base, optimum;
+  RewardPtr reward;
+  double lambda = 1.0, log_z = 0.0;
+};
+
+TiltedRing tilted_ring() {
+  TiltedRing c;
+  const auto mixture = test::ring_mixture_2d();
+  const auto schedule = make_linear_schedule();
+  c.base = std::make_shared<GmmVelocity>(mixture, schedule);
+  auto reward = std::make_shared<QuadraticReward>(at::tensor({2.0, 0.5}, kDouble), 0.5 * at::eye(2, kDouble));
+  c.reward = reward;
+  c.optimum = std::make_shared<GmmVelocity>(std::make_shared<GaussianMixture>(*reward->tilt(*mixture, c.lambda, &c.log_z)),
+                                            schedule);
+  return c;
+}
+
+TEST(FineTuningProblem, ItsLeanAdjointIsAdjointMatchings) {
+  // The SOC lean adjoint of the fine-tuning problem and Adjoint Matching's own lean adjoint, on the same
+  // states: one recursion, two derivations.
+  const TiltedRing c = tilted_ring();
+  const int64_t K = 20;
+  GenerativeSDE sde(c.base, make_memoryless_noise(1.0 / K));
+  FineTuningProblem problem(sde, c.reward, 1.3, K);
+  Generator gen = make_generator(3);
+  SampleOptions record;
+  record.record = true;
+  const Trajectory traj = simulate(sde, at::randn({8, 2}, gen, kDouble), TimeGrid::uniform(K), gen, record);
+  const std::vector<Tensor> soc_a = lean_adjoint(problem, traj.x, 1.0);
+  const LeanAdjoint am = tilt::lean_adjoint(sde, traj.x, TimeGrid::uniform(K), *c.reward, 1.3, false);
+  for (int64_t k = 0; k <= K; ++k) {
+    EXPECT_LT((soc_a[k] - am.a[k]).abs().max().item<double>(), 1e-12 * (1 + am.a[k].abs().max().item<double>())) << k;
+  }
+}
+
+TEST(FineTuningProblem, TheExactTiltIsItsOptimalControl) {
+  // With the control of the exact tilted velocity, J(u*) = V(x, 0) = -log Z for every x (memoryless:
+  // X_0 is independent of X_1) and the importance weights are constant; the zero control is far from both.
+  const TiltedRing c = tilted_ring();
+  const int64_t K = 200;
+  auto problem = std::make_shared<FineTuningProblem>(GenerativeSDE(c.base, make_memoryless_noise(1.0 / K)), c.reward,
+                                                     c.lambda, K, c.optimum);
+  ASSERT_TRUE(problem->has_ground_truth());
+  Generator g1 = make_generator(4), g2 = make_generator(4);
+  const ControlledPaths optimal = simulate(*problem, optimal_control_of(problem), 4000, K, g1);
+  const ControlledPaths zero = simulate(*problem, zero_control(2), 4000, K, g2);
+  EXPECT_NEAR(control_objective(optimal), -c.log_z, 0.05) << "log Z = " << c.log_z;
+  EXPECT_GT(control_objective(zero), -c.log_z + 0.3);
+  EXPECT_LT(normalised_weight_std(optimal), 0.2);
+  EXPECT_GT(normalised_weight_std(zero), 3 * normalised_weight_std(optimal));
+  EXPECT_LT(control_l2_error(*problem, optimal), 1e-20);
+}
+
+TEST(FineTuningProblem, SocLossesTrainItsControl) {
+  const TiltedRing c = tilted_ring();
+  auto problem = std::make_shared<FineTuningProblem>(GenerativeSDE(c.base, make_memoryless_noise(0.05)), c.reward, 1.0, 20);
+  for (const std::string& name : soc_loss_names()) {
+    auto control = std::make_shared<ControlNetwork>(2, 1.0, std::vector<int64_t>{16}, 1, false);
+    SocLossOptions o;
+    o.batch_size = 16;
+    if (name == "socm" || name == "socm_const_M") {
+      EXPECT_THROW(make_soc_loss(name, problem, control, o), Error) << name;
+      continue;
+    }
+    auto loss = make_soc_loss(name, problem, control, o);
+    Generator gen = make_generator(5);
+    const LossOutput out = loss->compute(gen);
+    EXPECT_TRUE(std::isfinite(out.loss.item<double>())) << name;
+  }
+  // The fine-tuned velocity of the optimal control is the tilted velocity.
+  struct Exact : ParametricControl {
+    std::shared_ptr<FineTuningProblem> p;
+    int64_t dim() const override { return 2; }
+    Tensor evaluate(const Tensor& x, const Tensor& t) const override {
+      std::vector<Tensor> rows;
+      for (int64_t i = 0; i < x.size(0); ++i) rows.push_back(p->optimal_control(x.narrow(0, i, 1), t[i].item<double>()));
+      return at::cat(rows);
+    }
+    std::vector<Tensor> parameters() const override { return {}; }
+  };
+  auto exact = std::make_shared<Exact>();
+  exact->p = problem;
+  const VelocityFieldPtr v = problem->controlled_velocity(exact);
+  Generator gen = make_generator(6);
+  const Tensor x = at::randn({5, 2}, gen, kDouble);
+  for (double t : {0.1, 0.5, 0.9}) {
+    EXPECT_LT((v->velocity(x, t) - c.optimum->velocity(x, t)).abs().max().item<double>(), 1e-10) << t;
+  }
 }
 
 }  // namespace

@@ -29,8 +29,10 @@ class Problem {
   virtual Tensor drift(const Tensor& x, double t) const = 0;
   /// (grad_x b(x,t))^T a, by autograd unless a problem knows better.
   virtual Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const;
-  /// sigma, [d, d] (double).
-  virtual Tensor sigma() const = 0;
+  /// sigma(t), [d, d] (double).
+  virtual Tensor sigma(double t) const = 0;
+  /// Whether sigma(t) is the same at every t (SOCM's reparametrisation matrices assume it).
+  virtual bool constant_sigma() const { return true; }
   /// f(x, t), [B]; and its gradient [B, d] (autograd unless overridden).
   virtual Tensor state_cost(const Tensor& x, double t) const = 0;
   virtual Tensor state_cost_grad(const Tensor& x, double t) const;

@@ -25,7 +25,7 @@ class QuadraticOU : public Problem {
   int64_t default_steps() const override { return steps_; }
   Tensor drift(const Tensor& x, double t) const override;
   Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const override;
-  Tensor sigma() const override { return sigma_; }
+  Tensor sigma(double) const override { return sigma_; }
   Tensor state_cost(const Tensor& x, double t) const override;
   Tensor state_cost_grad(const Tensor& x, double t) const override;
   Tensor terminal_cost(const Tensor& x) const override;
@@ -61,7 +61,7 @@ class LinearOU : public Problem {
   int64_t default_steps() const override { return steps_; }
   Tensor drift(const Tensor& x, double t) const override;
   Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const override;
-  Tensor sigma() const override { return sigma_; }
+  Tensor sigma(double) const override { return sigma_; }
   Tensor state_cost(const Tensor& x, double t) const override;
   Tensor state_cost_grad(const Tensor& x, double t) const override;
   Tensor terminal_cost(const Tensor& x) const override;
@@ -113,7 +113,7 @@ class DoubleWell : public Problem {
   int64_t default_steps() const override { return steps_; }
   Tensor drift(const Tensor& x, double t) const override;
   Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const override;
-  Tensor sigma() const override;
+  Tensor sigma(double t) const override;
   Tensor state_cost(const Tensor& x, double t) const override;
   Tensor state_cost_grad(const Tensor& x, double t) const override;
   Tensor terminal_cost(const Tensor& x) const override;
@@ -153,7 +153,7 @@ class MolecularDynamics : public Problem {
   int64_t default_steps() const override { return steps_; }
   Tensor drift(const Tensor& x, double t) const override;
   Tensor drift_vjp(const Tensor& x, double t, const Tensor& a) const override;
-  Tensor sigma() const override;
+  Tensor sigma(double t) const override;
   Tensor state_cost(const Tensor& x, double t) const override;
   Tensor state_cost_grad(const Tensor& x, double t) const override;
   Tensor terminal_cost(const Tensor& x) const override;

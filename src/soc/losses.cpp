@@ -46,7 +46,7 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
   for (int64_t k = K - 1; k >= 0; --k) {
     // a_k = d/dX_k of sum_{j >= k} f(X_j) h + g(X_K) through the uncontrolled Euler step
     // X_{j+1} = X_j + h b(X_j): the control's dependence on X and its cost are left out, which is what
-    // makes the adjoint "lean" (Adjoint Matching, Eq. 38-39; spec section 4).
+    // makes the adjoint "lean" (Adjoint Matching, Eq. 38-39; docs/equations.md, E34).
     const double t = static_cast<double>(k) * h;
     a[k] = a[k + 1] + h * (problem.drift_vjp(x[k], t, a[k + 1]).to(at::kDouble) +
                            problem.state_cost_grad(x[k], t).to(at::kDouble));

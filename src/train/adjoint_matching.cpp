@@ -38,7 +38,7 @@ class PhaseClock {
   double last_;
 };
 
-// The lean adjoint's backward recursion from a[K] (Adjoint Matching, Eq. 41; spec sec. 4):
+// The lean adjoint's backward recursion from a[K] (Adjoint Matching, Eq. 41; docs/equations.md, E23):
 //   a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1},   b_base = c_v v_base - c_x x,
 // with vjp(k, a) = (dv_base/dx (X_k, t_k))^T a. With the noiseless final step, the last backward step is
 // the adjoint of the step actually taken, X^_1 = X_{K-1} + h v_base(X_{K-1}): a_{K-1} = a_K + h vjp(K-1, a_K),

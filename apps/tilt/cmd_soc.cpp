@@ -1,5 +1,5 @@
 // tilt soc: train a control network on an SOC benchmark problem with one or several losses, and
-// compare them on the control L2 error under the optimal path law (mission-anchors section 2.4).
+// compare them on the control L2 error under the optimal path law (docs/equations.md, E33).
 #include "commands.h"
 
 #include "tilt/core/error.h"

@@ -72,7 +72,7 @@ std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout
 VelocityFieldPtr read_base(ConfigSection& root);
 
 /// The exact ground truth of a config whose data is a Gaussian mixture and whose reward has a
-/// closed-form tilt: p_base and p* (spec section 5).
+/// closed-form tilt: p_base and p* (docs/equations.md, E75-E77).
 struct ExactProblem {
   std::shared_ptr<GaussianMixture> base, target;
   RewardPtr reward;

@@ -261,7 +261,7 @@ Tensor TorchScriptVelocity::velocity(const Tensor& x, const Tensor& t) const {
                 shape_string(y));
   }
   if (options_.prediction == Prediction::velocity) return y.to(x.scalar_type());
-  // Spec section 1: v = kappa_t x + eta_t s. For a noise prediction, Tweedie's formula for
+  // docs/equations.md, E7: v = kappa_t x + eta_t s. For a noise prediction, Tweedie's formula for
   // Xbar_t = beta_t X0 + alpha_t X1 gives s = -E[X0 | x] / beta_t = -eps / beta_t, and since
   // eta_t / beta_t = kappa_t beta_t - beta'_t, v = kappa_t x + (beta'_t - kappa_t beta_t) eps.
   // In float64, then in x's precision: near t = 0 both terms are ~1/t and cancel.
@@ -524,7 +524,7 @@ class Exporter {
     if (pred == Prediction::velocity) {
       src += "    return y.to(x.dtype)\n";
     } else {
-      // Spec section 1: v = kappa x + eta s; epsilon: v = kappa x + (beta' - kappa beta) eps; in float64.
+      // docs/equations.md, E7: v = kappa x + eta s; epsilon: v = kappa x + (beta' - kappa beta) eps; in float64.
       const std::string f64 = dtype_code(at::kDouble);
       src += "    s_t = t_in.to(" + f64 + ")\n" + schedule_source(*ts.schedule()) + "    kappa = d_alpha / alpha\n";
       src += pred == Prediction::score ? "    coef = beta * (kappa * beta - d_beta)\n"

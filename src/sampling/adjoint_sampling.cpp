@@ -63,7 +63,7 @@ double BrownianBase::g(double t) const {
   const BrownianOptions& o = options_;
   switch (o.noise) {
     case BrownianNoise::geometric: {
-      // D.1: g(t) = s_min (s_max / s_min)^(1 - t) sqrt(2 ln(s_max / s_min)).
+      // docs/equations.md, E59: g(t) = s_min (s_max / s_min)^(1 - t) sqrt(2 ln(s_max / s_min)).
       const double r = o.sigma_max / o.sigma_min;
       return o.sigma_min * std::pow(r, 1.0 - t) * std::sqrt(2.0 * std::log(r));
     }
@@ -118,7 +118,7 @@ Tensor BrownianBase::noise(int64_t n, Generator& gen, at::ScalarType dtype) cons
 Tensor BrownianBase::bridge(const Tensor& x1, const Tensor& t, Generator& gen) const {
   check_batch(x1, dim_, "brownian bridge: x1");
   check_time(t, x1.size(0), "brownian bridge: t");
-  // X_t | X_0 = 0, X_1 ~ N((nu_t / nu_1) X_1, nu_t (nu_1 - nu_t) / nu_1 I) (D.1).
+  // X_t | X_0 = 0, X_1 ~ N((nu_t / nu_1) X_1, nu_t (nu_1 - nu_t) / nu_1 I) (docs/equations.md, E60).
   const Tensor nu_t = nu(t.to(at::kDouble).reshape({-1}).expand({x1.size(0)})).unsqueeze(1);
   const double n1 = nu1();
   const Tensor mean = (nu_t / n1) * x1.to(at::kDouble);
@@ -262,7 +262,7 @@ SamplerPaths simulate(const BrownianBase& base, const soc::ParametricControl* co
       const Tensor xi = base.noise(B, gen);
       if (control) {
         const Tensor u = base.project((*control)(x, t).to(at::kDouble));
-        weight.add_step(dnu * u, xi, q.std);  // log dP/dQ of one step (D.3)
+        weight.add_step(dnu * u, xi, q.std);  // log dP/dQ of one step (docs/equations.md, E63)
         x = q.next(x, u, xi);
       } else {
         x = at::add(x, xi, q.std);
@@ -278,7 +278,8 @@ SamplerPaths simulate(const BrownianBase& base, const soc::ParametricControl* co
 
 Tensor log_importance_weights(const Energy& energy, double tau, const BrownianBase& base, const SamplerPaths& paths) {
   if (!(tau > 0)) throw Error("importance weights: the temperature must be > 0");
-  // log w = -E / tau - log p_1^base + log dP/dQ (D.3): E_Q[w] = int exp(-E / tau) over the state space.
+  // log w = -E / tau - log p_1^base + log dP/dQ (docs/equations.md, E63): E_Q[w] = int exp(-E / tau)
+  // over the state space.
   return -energy.energy(paths.x1) / tau - base.log_p1(paths.x1) + paths.log_path;
 }
 
@@ -286,13 +287,14 @@ Tensor terminal_cost_grad(const Energy& energy, double tau, const BrownianBase& 
                           double max_norm) {
   Tensor ge = energy.grad(x1) / tau;
   if (max_norm > 0) {
-    // Clip grad E / tau to norm max_norm per particle (adjoint_samplers' clipper; D.2), or per sample.
+    // Clip grad E / tau to norm max_norm per particle (adjoint_samplers' clipper; docs/equations.md, E61),
+    // or per sample.
     const int64_t B = ge.size(0), P = std::max<int64_t>(energy.particles(), 1);
     const Tensor v = ge.reshape({B, P, -1});
     const Tensor scale = at::clamp_max(max_norm / at::clamp_min(v.norm(2, {2}, /*keepdim=*/true), 1e-300), 1.0);
     ge = (v * scale).reshape({B, -1});
   }
-  // grad g = grad E / tau + grad log p_1^base (D.1), centre-of-mass free.
+  // grad g = grad E / tau + grad log p_1^base (docs/equations.md, E61), centre-of-mass free.
   return base.project(ge + base.grad_log_p1(x1));
 }
 
@@ -325,7 +327,7 @@ ReciprocalAdjointMatching::ReciprocalAdjointMatching(EnergyPtr energy, BrownianB
 
 void ReciprocalAdjointMatching::refresh(Generator& gen, bool initial) {
   at::NoGradGuard no_grad;
-  // D.2: the first samples come straight from p_1^base (the zero control's law); later ones from the
+  // The buffer: the first samples come straight from p_1^base (the zero control's law); later ones from the
   // current control. One energy-gradient evaluation per new sample.
   const Tensor x1 = initial ? base_->sample_p1(options_.initial_samples, gen)
                             : simulate(*base_, control_.get(), options_.samples_per_refresh, options_.steps, gen, options_.grid).x1;
@@ -358,7 +360,7 @@ LossOutput ReciprocalAdjointMatching::compute(Generator& gen) {
     t = t0 + (pos - i.to(at::kDouble)) * (t1 - t0);
   }
   const Tensor xt = base_->bridge(x1, t, gen);
-  // RAM (D.1): | u(X_t, t) + grad g(X_1) |^2, the control's centre-of-mass part projected out.
+  // RAM (docs/equations.md, E62): | u(X_t, t) + grad g(X_1) |^2, the control's centre-of-mass part projected out.
   const Tensor u = base_->project(control_->evaluate(xt, t));
   LossOutput out;
   out.loss = (u + adjoint).pow(2).sum(1).mean();

@@ -1,4 +1,4 @@
-// Schedules (spec section 1). Each schedule's formulas are written once as a template over the
+// Schedules (docs/equations.md, E1-E4, E6, E11). Each schedule's formulas are written once as a template over the
 // time type, so the double and the tensor versions cannot drift apart.
 #include "tilt/schedule/schedule.h"
 

@@ -46,7 +46,8 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
   a[K] = problem.terminal_cost_grad(x[K]).to(at::kDouble);
   // a_k = d/dX_k of sum_{j >= k} f(X_j) h + g(X_K) through the uncontrolled Euler step
   // X_{j+1} = X_j + h b(X_j) (the kernel {1, h, 0} of the drift): the control's dependence on X and its
-  // cost are left out, which is what makes the adjoint "lean" (Adjoint Matching, Eq. 38-39).
+  // cost are left out, which is what makes the adjoint "lean" (Adjoint Matching, Eq. 38-39;
+  // docs/equations.md, E34).
   lean_adjoint_recursion(
       a, std::vector<StepKernel>(static_cast<size_t>(K), StepKernel{1.0, h, 0.0}),
       [&](int64_t k, const Tensor& ak) { return problem.drift_vjp(x[k], static_cast<double>(k) * h, ak).to(at::kDouble); },

@@ -39,7 +39,8 @@ class PhaseClock {
   double last_;
 };
 
-// The kernels the lean adjoint runs back through (Adjoint Matching, Eq. 41): the Euler steps of the
+// The kernels the lean adjoint runs back through (Adjoint Matching, Eq. 41;
+// docs/equations.md, E23): the Euler steps of the
 // frozen base drift, a_k = (1 - h c_x) a_{k+1} + h c_v (dv_base/dx)^T a_{k+1}. With the noiseless final
 // step, the last kernel is the step actually taken, X^_1 = X_{K-1} + h v_base(X_{K-1}), so that a_k is
 // exactly the gradient of g(X^_1) with respect to X_k through the discretised base dynamics.

@@ -1,6 +1,5 @@
 // ODE Adjoint Matching and its regularisers (one translation unit: each one that includes ATen costs
-// ~20 s of CI build time). Formulas: /work/shared/reference/seed-extensions.md A.2-A.4 [D] and
-// docs/ode_adjoint_matching.md.
+// ~20 s of CI build time). Formulas: docs/equations.md, E83-E88 [D], and docs/ode_adjoint_matching.md.
 #include "tilt/train/ode_adjoint_matching.h"
 
 #include "tilt/core/check.h"
@@ -15,7 +14,7 @@
 namespace tilt {
 
 // ---------------------------------------------------------------------------------------------
-// Regularisers (seed-extensions.md A.4 [D]).
+// Regularisers (docs/equations.md, E88 [D]).
 
 namespace {
 
@@ -39,7 +38,7 @@ class QuadraticRegulariser : public Regulariser {
 
 /// psi = (mu/2)|u|^2 + indicator(|u| <= delta). psi*(a) = |a|^2/(2 mu) for |a| <= mu delta, else
 /// delta |a| - mu delta^2 / 2; grad psi*(a) = a/mu norm-clipped at delta (the projection onto the
-/// ball of the unconstrained maximiser; A.4).
+/// ball of the unconstrained maximiser; docs/equations.md, E88).
 class ClippedRegulariser : public Regulariser {
  public:
   ClippedRegulariser(double delta, double mu, double mu_start) : Regulariser(mu, mu_start), delta_(delta) {
@@ -122,7 +121,7 @@ RegulariserPtr make_regulariser(const std::string& name, double mu, double mu_st
 }
 
 // ---------------------------------------------------------------------------------------------
-// The lean adjoint of the ODE (seed-extensions.md A.2 item 2 [D]): the exact adjoint of the Euler
+// The lean adjoint of the ODE (docs/equations.md, E85 [D]): the exact adjoint of the Euler
 // map of the frozen base, X_{k+1} = X_k + h v_base(X_k, t_k), so a_k = (dX_K / dX_k)^T a_K for the
 // base's own trajectory; along the fine-tuned one it drops the control's Jacobian.
 

@@ -40,7 +40,7 @@ Tensor clipped_ratio_loss(const Tensor& log_prob, const Tensor& old_log_prob, co
   if (!(clip_range > 0.0) || !std::isfinite(clip_range)) {
     throw Error("clipped_ratio_loss: clip_range must be finite and > 0, got " + number_string(clip_range));
   }
-  // PPO's pessimistic surrogate (Schulman et al. 2017, eq. 7) as DDPO writes it (seed-extensions.md B.3).
+  // PPO's pessimistic surrogate (Schulman et al. 2017, eq. 7) as DDPO writes it (docs/equations.md, E51).
   const Tensor ratio = at::exp(log_prob - old_log_prob);
   const Tensor A = advantage.to(ratio.scalar_type());
   return at::max(-A * ratio, -A * at::clamp(ratio, 1.0 - clip_range, 1.0 + clip_range));
@@ -49,7 +49,7 @@ Tensor clipped_ratio_loss(const Tensor& log_prob, const Tensor& old_log_prob, co
 Tensor batch_advantages(const Tensor& r, bool scale, double std_eps, double adv_clip_max) {
   if (r.dim() != 1 || r.size(0) < 2) throw Error("batch advantages need a batch of >= 2 rewards");
   Tensor A = r - r.mean();
-  // DDPO's stat tracker: np.std (population) + 1e-6 (seed-extensions.md B.3).
+  // DDPO's stat tracker: np.std (population) + 1e-6 (docs/equations.md, E52).
   if (scale) A = A / (r.std(/*unbiased=*/false) + std_eps);
   return at::clamp(A, -adv_clip_max, adv_clip_max);
 }
@@ -60,7 +60,7 @@ Tensor group_advantages(const Tensor& r, int64_t group_size, bool scale, double 
     throw Error("group advantages: " + std::to_string(r.numel()) + " rewards are not groups of " +
                 std::to_string(group_size));
   }
-  // (r - group mean) / (group std + eps) (seed-extensions.md B.4; torch's unbiased std).
+  // (r - group mean) / (group std + eps) (docs/equations.md, E53; torch's unbiased std).
   const Tensor g = r.view({-1, group_size});
   Tensor A = g - g.mean(1, /*keepdim=*/true);
   if (scale) A = A / (g.std(1, /*unbiased=*/true, /*keepdim=*/true) + std_eps);
@@ -71,7 +71,7 @@ int64_t progressive_window_start(int64_t iteration, int64_t iters, int64_t shift
   if (iteration < 0 || iters < 1 || shift < 1 || max_start < 0) {
     throw Error("progressive window: needs iteration >= 0, window_iters >= 1, window_shift >= 1, max start >= 0");
   }
-  // MixGRPO's "progressive" strategy (seed-extensions.md B.4): the start moves by `shift` every `iters`
+  // MixGRPO's "progressive" strategy (docs/equations.md, E54): the start moves by `shift` every `iters`
   // iterations while it stays <= max_start, then rolls back to 0.
   const int64_t positions = max_start / shift + 1;
   return ((iteration / iters) % positions) * shift;

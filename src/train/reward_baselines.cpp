@@ -125,7 +125,7 @@ LossOutput DiscreteAdjoint::compute(Generator& gen) {
   Tensor control_cost = at::zeros({B}, x.options());
   // Controlled memoryless SDE, Euler-Maruyama, with the whole graph kept:
   //   X_{k+1} = X_k + h (c_v v_theta - c_x X_k) + sqrt(h) sigma eps,  u_k = (c_v / sigma)(v_theta - v_base)
-  // (spec sections 2-3); then the noiseless final step with the base velocity, as Adjoint Matching
+  // (docs/equations.md, E49); then the noiseless final step with the base velocity, as Adjoint Matching
   // takes it (App. G.1), so that both losses solve the same discretised problem.
   for (int64_t k = 0; k + 1 < K; ++k) {
     const double t = grid_[k], h = grid_.step(k);

@@ -19,7 +19,7 @@ import torch
 
 
 def schedule(name: str, t: torch.Tensor):
-    """alpha_t, beta_t and their derivatives (spec section 1: t = 0 noise, t = 1 data)."""
+    """alpha_t, beta_t and their derivatives (docs/equations.md, E1-E4: t = 0 noise, t = 1 data)."""
     if name == "linear":
         return t, 1.0 - t, torch.ones_like(t), -torch.ones_like(t)
     if name == "cosine":

@@ -1,4 +1,4 @@
-// End-to-end claims of the core issue, on exact ground truth (spec section 5):
+// End-to-end claims of the core issue, on exact ground truth (docs/equations.md, E72-E77):
 //  * memoryless Adjoint Matching reaches p* ∝ p_base exp(lambda r): the energy distance of its samples
 //    to exact p* samples is within 2x the noise floor, for memoryless SDE sampling AND for ODE sampling;
 //  * fine-tuning with constant sigma = 1 stays biased: at least 5x the memoryless distance;

@@ -1,4 +1,4 @@
-// Adjoint Sampling (seed-extensions.md D.1-D.4): energies and their ground truths, the Brownian base
+// Adjoint Sampling (docs/equations.md, E59-E71): energies and their ground truths, the Brownian base
 // and bridge, the sampler's importance weights, the RAM fixed point on a Gaussian target, a short
 // training run, MALA references, metrics, and exact resume of the replay buffer.
 #include "tilt/sampling/adjoint_sampling.h"
@@ -44,7 +44,7 @@ std::vector<EnergyPtr> all_energies() {
           std::make_shared<MultiDoubleWellEnergy>(MultiDoubleWellOptions{})};
 }
 
-// The exact optimal control of D.1 for pi = N(m, s^2 I) (tau = 1) under a Brownian base, two ways:
+// The exact optimal control (docs/equations.md, E62) for pi = N(m, s^2 I) (tau = 1) under a Brownian base, two ways:
 // -E[grad g(X_1) | X_t = x] and (E[X_1 | X_t = x] - x) / (nu_1 - nu_t), with
 // E[X_1 | X_t = x] = m + c s^2 (x - c m) / (c^2 s^2 + nu_t (nu_1 - nu_t) / nu_1), c = nu_t / nu_1.
 Tensor posterior_mean(const BrownianBase& base, const GaussianEnergy& target, const Tensor& x, double t) {
@@ -265,7 +265,7 @@ TEST(AdjointSamplingBase, ImportanceWeightsAreUnbiasedForAnyControl) {
 }
 
 TEST(AdjointSamplingRam, GaussianFixedPoint) {
-  // The two forms of the optimal control (D.1) agree in closed form, and u* satisfies the RAM normal
+  // The two forms of the optimal control (docs/equations.md, E62) agree in closed form, and u* satisfies the RAM normal
   // equations E[(u*(X_t, t) + grad g(X_1)) phi(X_t, t)] = 0 for phi = 1 and phi = X_t under "X_1 ~ pi,
   // X_t ~ bridge" (Monte Carlo, 4 standard errors); a control 10% off does not.
   GaussianEnergy target({1.0, -0.5}, 0.5);

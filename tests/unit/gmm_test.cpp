@@ -1,4 +1,4 @@
-// The exact Gaussian-mixture model: velocity, score, Jacobian, sampling and tilts (spec section 5).
+// The exact Gaussian-mixture model: velocity, score, Jacobian, sampling and tilts (docs/equations.md, E72-E77).
 #include "tilt/core/error.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/reward.h"
@@ -79,7 +79,7 @@ TEST(GaussianMixture, FusedDiagonalVelocityEqualsTheTensorExpressions) {
 }
 
 TEST(GaussianMixture, VelocityIsKappaXPlusEtaScore) {
-  // v = kappa x + eta s (spec section 1) at interior times, where both are finite.
+  // v = kappa x + eta s (docs/equations.md, E7) at interior times, where both are finite.
   for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule(), make_vp_schedule()}) {
     const auto mixture = test::random_mixture(3, 4, 11);
     Generator gen = make_generator(2);
@@ -170,7 +170,7 @@ TEST(GaussianMixture, QuadraticTiltMatchesImportanceSampling) {
   double log_z = 0;
   const GaussianMixture tilted = *reward.tilt(*base, 0.8, &log_z);
   expect_matches(tilted, log_z, importance(*base, reward, 0.8, 1000000, 22), 0.03);
-  // The spec's formula for invertible A: Sigma' = (Sigma^-1 + A)^-1, mu' = Sigma'(Sigma^-1 mu + A c).
+  // The formula for invertible A (docs/equations.md, E76): Sigma' = (Sigma^-1 + A)^-1, mu' = Sigma'(Sigma^-1 mu + A c).
   const at::Tensor A = 0.8 * reward.matrix();
   const at::Tensor S = base->covariances()[0];
   const at::Tensor S_new = at::inverse(at::inverse(S) + A);

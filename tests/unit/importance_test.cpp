@@ -175,7 +175,7 @@ TEST(NoisingWeights, LogZOfTheMixtureTiltWithinTwoStandardErrors) {
 }
 
 TEST(Jarzynski, LogZOfTheMixtureTiltWithinTwoStandardErrors) {
-  // Escorted Jarzynski (seed-extensions C.4, derived there, not read): E exp(A) = Z up to the O(1/K)
+  // Escorted Jarzynski (docs/equations.md, E57, derived, not read): E exp(A) = Z up to the O(1/K)
   // error of Euler's step and of the work's quadrature (measured in docs/sampling.md).
   const DemoProblem p = demo_problem();
   auto v_base = std::make_shared<GmmVelocity>(p.base, make_linear_schedule());

@@ -1,13 +1,13 @@
-// Deterministic (ODE) Adjoint Matching against ground truth (seed-extensions.md A.5):
+// Deterministic (ODE) Adjoint Matching against ground truth (docs/equations.md, E83-E90):
 //  1. regularisers: grad psi*(grad psi(u)) = u, Fenchel-Young equality, grad psi* = autograd of psi*;
 //  2. the lean adjoint equals (dX_K/dX_k)^T lambda grad r by central differences through the frozen
 //     base's Euler ODE, and the product of the base's Jacobians along a controlled trajectory;
 //  3. truncation: the window's adjoints are the full run's, K_adj - 1 base VJPs per iteration, and for
-//     the rectified flow of N(0, I) the adjoint factor a(t)/a(1) = 1/sqrt(t^2 + (1-t)^2) (A.3 [D]);
+//     the rectified flow of N(0, I) the adjoint factor a(t)/a(1) = 1/sqrt(t^2 + (1-t)^2) (E90 [D]);
 //  4. linear-quadratic closed form (1-D and 3-D diagonal): the fixed-point iteration of the regression
 //     converges to the optimum of the discretised problem (to 1e-8) and, as h -> 0, to the continuous
-//     u* = -(k/mu) E (E x - y) / (1 + k G / mu) of A.2 item 4; Adam on the loss gets there too;
-//  5. that optimum's terminal law is N(0.775, 0.138), not the KL tilt N(0.845, 0.422) (A.2 item 5).
+//     u* = -(k/mu) E (E x - y) / (1 + k G / mu) of E89; Adam on the loss gets there too;
+//  5. that optimum's terminal law is N(0.775, 0.138), not the KL tilt N(0.845, 0.422) (E89).
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -33,7 +33,7 @@ const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
 double max_abs(const at::Tensor& x) { return x.abs().max().item<double>(); }
 
-// v(x, t) = A x with A diagonal: the linear-quadratic base of A.2 item 4 (any X_0 ~ N(0, I) flow).
+// v(x, t) = A x with A diagonal: the linear-quadratic base of docs/equations.md, E89 (any X_0 ~ N(0, I) flow).
 class LinearField : public VelocityField {
  public:
   explicit LinearField(std::vector<double> A) : VelocityField(make_linear_schedule()), A_(at::tensor(A, kDouble)) {}
@@ -273,7 +273,8 @@ TEST(OdeAmTruncation, LossIsTheWeightedRegressionOfTheBatch) {
 
 TEST(OdeAmTruncation, RectifiedFlowAdjointFactorIsOneOverSqrtD) {
   // Base: the exact velocity of data N(0, I) on the linear path, v = (2t - 1) x / D(t), D = t^2 + (1-t)^2.
-  // Its adjoint factor is exp(int_t^1 (2s-1)/D ds) = D(t)^{-1/2} (A.3 [D]): 1 at t = 0 and 1, sqrt(2) at 1/2.
+  // Its adjoint factor is exp(int_t^1 (2s-1)/D ds) = D(t)^{-1/2} (docs/equations.md, E90): 1 at t = 0 and 1,
+  // sqrt(2) at 1/2.
   auto base = std::make_shared<GmmVelocity>(test::isotropic_gaussian({0.0, 0.0}, 1.0), make_linear_schedule());
   std::vector<double> errors;
   for (int64_t K : {100, 400}) {
@@ -346,7 +347,7 @@ std::pair<at::Tensor, at::Tensor> discrete_lq_optimum(const LqProblem& p, const 
   return {gain, offset};
 }
 
-// The continuous optimum (A.2 item 4): u*(x,t) = -(lambda k/mu) E (E x - y)/(1 + lambda k G/mu),
+// The continuous optimum (docs/equations.md, E89): u*(x,t) = -(lambda k/mu) E (E x - y)/(1 + lambda k G/mu),
 // E = e^{A(1-t)}, G = (e^{2A(1-t)} - 1)/(2A); constant mu.
 std::pair<double, double> continuous_lq_optimum(double A, double lk, double y, double mu, double t) {
   const double E = std::exp(A * (1 - t)), G = (std::exp(2 * A * (1 - t)) - 1) / (2 * A);
@@ -391,7 +392,7 @@ void fixed_point_step(LqSetup& s, Generator& gen, double damping) {
 }
 
 TEST(OdeAmLinearQuadratic, FixedPointIsTheDiscreteOptimumAndConvergesToTheContinuousOne) {
-  // 1-D: the example of A.2 items 4-5 (A = 0.5, k = 2, y = 1, lambda = mu = 1); 3-D: diagonal A with a
+  // 1-D: the example of docs/equations.md, E89 (A = 0.5, k = 2, y = 1, lambda = mu = 1); 3-D: diagonal A with a
   // time-dependent weight mu_t from 2 (t = 0) to 0.5 (t = 1).
   const LqProblem one{{0.5}, {2.0}, {1.0}};
   LqProblem three{{0.5, -0.7, 1.2}, {2.0, 0.5, 1.0}, {1.0, -2.0, 0.3}};
@@ -423,7 +424,7 @@ TEST(OdeAmLinearQuadratic, FixedPointIsTheDiscreteOptimumAndConvergesToTheContin
 }
 
 TEST(OdeAmLinearQuadratic, TheDeterministicOptimumIsNotTheTilt) {
-  // A.2 item 5: A = 0.5, lambda = mu = 1, k = 2, y = 1, X_0 ~ N(0, 1). The optimally controlled ODE
+  // docs/equations.md, E89: A = 0.5, lambda = mu = 1, k = 2, y = 1, X_0 ~ N(0, 1). The optimally controlled ODE
   // maps x_0 to (E x_0 + k G y)/(1 + k G) (E = e^A, G = (e^{2A} - 1)/(2A)): N(0.775, 0.138), whereas the
   // tilt p_base exp(r) of p_base = N(0, e^{2A}) is N(0.845, 0.422).
   const double A = 0.5, k = 2.0, y = 1.0, E = std::exp(A), G = (std::exp(2 * A) - 1) / (2 * A);

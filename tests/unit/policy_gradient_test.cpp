@@ -1,4 +1,4 @@
-// Policy-gradient baselines (tilt/train/policy_gradient.h; seed-extensions.md B.3, B.4, B.6 items 5-7):
+// Policy-gradient baselines (tilt/train/policy_gradient.h; docs/equations.md, E50-E54):
 // the policy's log-density against the analytic Gaussian, the clipped-ratio gradient case by case,
 // the on-policy DDPO and GRPO gradients against the exact gradient of E[r] of a linear-Gaussian chain
 // (Monte Carlo, within standard errors), inner epochs, groups and MixGRPO's window schedule.
@@ -96,7 +96,7 @@ std::vector<double> param_grad(const Problem& p) {
 }
 
 TEST(PolicyGradient, LogProbOfASampledStepIsTheAnalyticGaussianDensity) {
-  // B.6 item 5. The density is rebuilt here from seed-extensions.md B.2's form on the linear schedule,
+  // The density is rebuilt here from the variance form of docs/equations.md, E16 on the linear schedule,
   // independently of exponential_step: x1^ = x + (1 - t) v, eps^ = x - t v,
   // sig^2 = beta_s^2 [1 - (SNR_t / SNR_s)^{gamma^2}], mean = alpha_s x1^ + sqrt(beta_s^2 - sig^2) eps^.
   const SchedulePtr schedule = make_linear_schedule();
@@ -144,7 +144,8 @@ TEST(PolicyGradient, LogProbOfASampledStepIsTheAnalyticGaussianDensity) {
 }
 
 TEST(PolicyGradient, ClippedRatioGradientIsMinusATimesRatioInsideTheTrustRegionAndZeroOutside) {
-  // B.6 item 6, for a wide and for DDPO's narrow trust region, both signs of A, ratios inside, below, above.
+  // docs/equations.md, E51, for a wide and for DDPO's narrow trust region, both signs of A, ratios inside,
+  // below, above.
   for (double eps : {0.2, 1e-4}) {
     const std::vector<double> ratios = {0.5, 1 - 2 * eps, 1 - eps / 2, 1.0, 1 + eps / 2, 1 + 2 * eps, 1.7};
     for (double A : {1.5, -2.5}) {
@@ -338,7 +339,7 @@ TEST(PolicyGradient, GroupsShareTheirInitialNoiseAndHaveStandardisedAdvantages) 
 }
 
 TEST(PolicyGradient, MixGrpoWindowSchedule) {
-  // B.6 item 7: a 25-step sampler, window start 0 for 25 iterations, then 1, ..., up to N - 2 = 23,
+  // docs/equations.md, E54: a 25-step sampler, window start 0 for 25 iterations, then 1, ..., up to N - 2 = 23,
   // then back to 0.
   for (int64_t i = 0; i < 25; ++i) EXPECT_EQ(progressive_window_start(i, 25, 1, 23), 0);
   for (int64_t i = 25; i < 50; ++i) EXPECT_EQ(progressive_window_start(i, 25, 1, 23), 1);

@@ -97,7 +97,7 @@ TEST(Sampler, HeunIsOnlyForTheOde) {
 }
 
 TEST(Sampler, EveryNoiseScheduleKeepsTheMarginals) {
-  // For every sigma(t) the generative SDE has the data distribution at t = 1 (spec section 2).
+  // For every sigma(t) the generative SDE has the data distribution at t = 1 (docs/equations.md, E9).
   const auto mixture = test::ring_mixture_2d();
   auto field = std::make_shared<GmmVelocity>(mixture, make_linear_schedule());
   // Energy distances between finite samples of a multimodal law are heavy-tailed (mode counts

@@ -1,4 +1,4 @@
-// Schedules and noise schedules against their definitions (spec sections 1-2).
+// Schedules and noise schedules against their definitions (docs/equations.md, E1-E12).
 #include "tilt/core/error.h"
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/schedule/schedule.h"

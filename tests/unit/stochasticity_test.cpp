@@ -49,7 +49,7 @@ std::pair<double, double> point_mass_moments(const Schedule& sch, double gamma, 
 }
 
 TEST(ExactStep, SolvesThePointMassSdeExactly) {
-  // seed-extensions.md B.2 is tagged [D]: check it against an independent integration of the SDE.
+  // docs/equations.md, E16 is derived [D]: check it against an independent integration of the SDE.
   for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule(), make_vp_schedule()}) {
     for (double gamma : {0.0, 0.5, 1.0, 2.0, 5.0}) {
       for (auto [t, s] : {std::pair{0.1, 0.3}, std::pair{0.4, 0.45}, std::pair{0.2, 0.9}}) {

@@ -46,7 +46,7 @@ std::string save(torch::jit::Module& m, const std::string& path) {
   return path;
 }
 
-// alpha, beta of each schedule written out independently of src/ (spec section 1), as TorchScript.
+// alpha, beta of each schedule written out independently of src/ (docs/equations.md, E2-E4), as TorchScript.
 std::string schedule_lines(const std::string& name) {
   if (name == "linear") return "        alpha = t\n        beta = 1.0 - t\n";
   if (name == "cosine") return "        alpha = torch.sin(t * 1.5707963267948966)\n        beta = torch.cos(t * 1.5707963267948966)\n";

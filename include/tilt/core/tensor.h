@@ -1,7 +1,7 @@
 // Tensor type used across tilt's public headers.
 //
 // Public headers include only <ATen/core/Tensor.h> (about 2 s to parse) and never <torch/torch.h>
-// (about 17 s per translation unit); see ../shared/reference/deps.md section 2.
+// (about 17 s per translation unit).
 #pragma once
 
 #include <ATen/core/Generator.h>

@@ -1,4 +1,4 @@
-// Gaussian mixtures: the exact ground truth of the core tests (spec section 5).
+// Gaussian mixtures: the exact ground truth of the core tests (docs/equations.md, E72-E77).
 //
 // With data X1 ~ sum_k w_k N(mu_k, Sigma_k) and noise X0 ~ N(0, I), the reference-flow marginal is
 //   p_t(x) = sum_k w_k N(x; alpha_t mu_k, C_k),   C_k = alpha_t^2 Sigma_k + beta_t^2 I,
@@ -51,7 +51,7 @@ class GaussianMixture {
   /// p(x) exp(-1/2 (x-c)^T A (x-c)) / Z for A symmetric positive semi-definite:
   /// Sigma' = (Sigma^-1 + A)^-1 = (I + Sigma A)^-1 Sigma, mu' = (I + Sigma A)^-1 (mu + Sigma A c),
   /// weight ∝ w |I + Sigma A|^{-1/2} exp(-1/2 (mu-c)^T A (I + Sigma A)^{-1} (mu-c))
-  /// (= w N(mu; c, Sigma + A^-1) up to a constant when A is invertible; spec section 5).
+  /// (= w N(mu; c, Sigma + A^-1) up to a constant when A is invertible; docs/equations.md, E76).
   GaussianMixture tilt_quadratic(const Tensor& c, const Tensor& A, double* log_z = nullptr) const;
   /// p(x) q(x) / Z: every pair of components multiplies into one Gaussian.
   GaussianMixture product(const GaussianMixture& q, double* log_z = nullptr) const;
@@ -68,7 +68,7 @@ class GaussianMixture {
 };
 
 /// The exact velocity field of a Gaussian-mixture data distribution: a base model that needs no
-/// training (spec section 5).
+/// training (docs/equations.md, E73).
 class GmmVelocity : public VelocityField {
  public:
   GmmVelocity(std::shared_ptr<const GaussianMixture> mixture, SchedulePtr schedule);

@@ -1,5 +1,5 @@
 // Rewards r(x) with their gradients. Fine-tuning targets p*(x) ∝ p_base(x) exp(lambda r(x))
-// (spec section 3); for a Gaussian-mixture base each reward here says whether p* is closed form.
+// (docs/equations.md, E18); for a Gaussian-mixture base each reward here says whether p* is closed form.
 #pragma once
 
 #include "tilt/core/tensor.h"

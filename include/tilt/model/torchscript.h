@@ -37,7 +37,7 @@ struct TorchScriptOptions {
 
 /// A velocity field computed by a TorchScript module whose forward(x, t) takes x [B, d] and t [B]
 /// in tilt's time (t = 0 noise, t = 1 data) and returns a tensor [B, d]: the velocity, or the noise
-/// or score prediction of a diffusion model, converted with the schedule (spec section 1):
+/// or score prediction of a diffusion model, converted with the schedule (docs/equations.md, E7):
 ///   score:   v = kappa_t x + eta_t s
 ///   epsilon: s = -eps / beta_t (Tweedie), so v = kappa_t x + (beta'_t - kappa_t beta_t) eps.
 /// The schedule must be the one the model was trained with.  x and t are cast to the dtype of the

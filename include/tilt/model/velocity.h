@@ -1,4 +1,4 @@
-// Velocity fields v(x, t) of the reference flow (spec section 1): the base model, the exact
+// Velocity fields v(x, t) of the reference flow (docs/equations.md, E5): the base model, the exact
 // Gaussian-mixture field, networks, and fine-tuned fields all honour this one interface.
 #pragma once
 

@@ -1,29 +1,29 @@
 // Adjoint Sampling (Havens, Miller, Yan, Domingo-Enrich, ..., Chen; ICML 2025, arXiv 2504.11713):
 // a diffusion sampler of pi ∝ exp(-E / tau) trained by Reciprocal Adjoint Matching (RAM) with a
-// replay buffer. seed-extensions.md D.1-D.3; docs/adjoint_sampling.md.
+// replay buffer. docs/equations.md, E59-E64; docs/adjoint_sampling.md.
 //
 // SOC problem. The Brownian base (sampling/brownian.h) from X_0 = 0 with terminal cost
 //   g(x) = E(x) / tau + log p_1^base(x),
 // so that the optimally controlled X_1 has law p_1^base exp(-g) / Z = pi. With no base drift the lean
 // adjoint is constant in time, a(t) = grad g(X_1), and the optimal control (drift g(t)^2 u*) is
 //   u*(t, x) = -E[grad g(X_1) | X_t = x]
-// under the reciprocal process "X_1 ~ pi, X_t | X_1 a Brownian bridge from 0" (D.1).
+// under the reciprocal process "X_1 ~ pi, X_t | X_1 a Brownian bridge from 0" (docs/equations.md, E62).
 //
-// RAM loss (D.1, the "VE" parametrisation of adjoint_samplers' AdjointVEMatcher):
+// RAM loss (docs/equations.md, E62; the "VE" parametrisation of adjoint_samplers' AdjointVEMatcher):
 //   L(u) = E_{t ~ U[0,1], X_1 ~ buffer, X_t ~ bridge(0, X_1)} | u(X_t, t) + grad g(X_1) |^2,
 // whose minimiser over u is the conditional expectation above once the buffer holds pi. The buffer is
 // filled with samples of the current control: initial_samples drawn directly from p_1^base (the zero
 // control's law, no simulation), then every refresh_every gradient steps samples_per_refresh new
 // X_1 from an Euler-Maruyama simulation without autograd, each with one energy-gradient evaluation
-// (D.2). So energy evaluations << gradient steps, the method's point.
+// (as in Adjoint Sampling's code). So energy evaluations << gradient steps, the method's point.
 //
-// Adjoint clipping (D.2): grad E / tau is clipped to norm max_adjoint_norm per particle (per sample
+// Adjoint clipping (docs/equations.md, E61): grad E / tau is clipped to norm max_adjoint_norm per particle (per sample
 // without particles) before grad log p_1^base is added. For particle systems the adjoint, the noise
 // and the states are kept centre-of-mass free.
 //
-// Importance weights (D.3, [D]): the Euler-Maruyama step X_{k+1} = X_k + dnu_k u_k + sqrt(dnu_k) xi_k,
-// dnu_k = nu_{t_{k+1}} - nu_{t_k}, has the base chain's exact transition (u = 0) with an equal
-// covariance, so for any control and any step count
+// Importance weights (docs/equations.md, E63, [D]): the Euler-Maruyama step
+// X_{k+1} = X_k + dnu_k u_k + sqrt(dnu_k) xi_k, dnu_k = nu_{t_{k+1}} - nu_{t_k}, has the base chain's
+// exact transition (u = 0) with an equal covariance, so for any control and any step count
 //   log w = -E(X_1) / tau - log p_1^base(X_1) - sum_k [ sqrt(dnu_k) u_k . xi_k + dnu_k |u_k|^2 / 2 ]
 // has E[w] = int exp(-E / tau) dx = Z exactly (the base chain's X_1 is exactly p_1^base). log Z =
 // log mean w, ESS = (sum w)^2 / sum w^2 (summarize_log_weights in sde/importance.h).

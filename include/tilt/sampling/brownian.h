@@ -1,4 +1,4 @@
-// The Brownian base process of Adjoint Sampling (Havens et al., ICML 2025; seed-extensions.md D.1):
+// The Brownian base process of Adjoint Sampling (Havens et al., ICML 2025; docs/equations.md, E59-E60):
 //
 //   dX_t = g(t)^2 u(X_t, t) dt + g(t) dW_t,   X_0 = 0,   t in [0, 1],
 //
@@ -8,7 +8,7 @@
 // control is g u), in which the optimal u stays bounded as t -> 1.
 //
 // Noise schedules g(t):
-// - geometric (D.1): g(t) = s_min (s_max/s_min)^(1-t) sqrt(2 ln(s_max/s_min)),
+// - geometric (AS):  g(t) = s_min (s_max/s_min)^(1-t) sqrt(2 ln(s_max/s_min)),
 //                    nu_t = s_max^2 (1 - (s_max/s_min)^(-2t)).
 // - linear [D]:      g(t) = s_max + (s_min - s_max) t,
 //                    nu_t = ((s_max + (s_min - s_max) t)^3 - s_max^3) / (3 (s_min - s_max)).

@@ -1,6 +1,6 @@
 // Unnormalised target densities pi(x) ∝ exp(-E(x) / tau) for sampling (Adjoint Sampling, MCMC): energies
 // E with analytic gradients, and the ground truth each one has (exact log Z, exact samples, modes).
-// ../shared/reference/seed-extensions.md D.3-D.4.
+// docs/equations.md, E68-E71.
 //
 // - GaussianEnergy:     E = |x - m|^2 / (2 s^2); Z = (2 pi s^2 tau)^(d/2), exact samples at any tau.
 // - MixtureEnergy:      E = -log p(x) for a Gaussian mixture p; at tau = 1, Z = 1 and exact samples;

@@ -1,7 +1,7 @@
 // Reference samples of pi ∝ exp(-E / tau) by MALA (Metropolis-adjusted Langevin; Roberts and Tweedie
 // 1996) with optional parallel tempering (swaps between neighbouring temperatures; Geyer 1991), many
 // chains at once. The references against which Adjoint Sampling is measured where no exact samples
-// exist (DW-4; seed-extensions.md D.4 item 3).
+// exist (DW-4; docs/equations.md, E65-E67).
 //
 // At temperature T the proposal is y = x - h grad E(x) / T + sqrt(2 h) xi, accepted with probability
 //   min(1, exp(-(E(y) - E(x)) / T) q(x | y) / q(y | x)),   q(y | x) = N(y; x - h grad E(x) / T, 2 h I).

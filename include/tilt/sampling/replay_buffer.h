@@ -1,5 +1,5 @@
 // A FIFO replay buffer of terminal samples X_1 and their adjoints grad g(X_1) (Adjoint Sampling,
-// seed-extensions.md D.2): new items push out the oldest once `capacity` is reached; batches are
+// docs/equations.md, E62): new items push out the oldest once `capacity` is reached; batches are
 // drawn uniformly with replacement.
 #pragma once
 

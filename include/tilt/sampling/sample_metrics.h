@@ -1,4 +1,4 @@
-// Sample-quality metrics for samplers of unnormalised densities (seed-extensions.md D.3): 1-D
+// Sample-quality metrics for samplers of unnormalised densities (docs/equations.md, E81): 1-D
 // Wasserstein-2 distances between the energies, and between the interparticle distances, of a
 // generated set and a reference set; mode weights.
 #pragma once

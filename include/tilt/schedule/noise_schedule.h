@@ -1,4 +1,4 @@
-// Noise schedules sigma(t): the diffusion coefficient of the generative SDE (spec section 2)
+// Noise schedules sigma(t): the diffusion coefficient of the generative SDE (docs/equations.md, E9-E12)
 //
 //   dX = b(X,t) dt + sigma(t) dB,   b = v + (sigma^2 / (2 eta)) (v - kappa x)  =  c_v v - c_x x.
 //

@@ -1,6 +1,6 @@
-// Reference-flow schedules: the path Xbar_t = beta_t X0 + alpha_t X1 (spec section 1).
+// Reference-flow schedules: the path Xbar_t = beta_t X0 + alpha_t X1 (docs/equations.md, E1).
 //
-// Notation (spec section 1): t in [0, 1], t = 0 noise, t = 1 data; alpha_0 = 0, alpha_1 = 1,
+// Notation (docs/equations.md, E1 and E6): t in [0, 1], t = 0 noise, t = 1 data; alpha_0 = 0, alpha_1 = 1,
 // beta_0 = 1, beta_1 = 0.  kappa_t = alpha'_t / alpha_t,  eta_t = beta_t (kappa_t beta_t - beta'_t).
 // Beware: other libraries call beta the "sigma_t" of the path. In tilt sigma(t) is ALWAYS the
 // diffusion coefficient of the generative SDE (noise_schedule.h).
@@ -41,7 +41,7 @@ class Schedule {
   /// W_t = alpha'_t beta_t - alpha_t beta'_t.  Linear schedule: kappa = 1/t, eta = (1-t)/t.
   double eta(double t) const;
 
-  /// kappa and eta with the singularity at t = 0 removed by an offset h >= 0 (spec section 2):
+  /// kappa and eta with the singularity at t = 0 removed by an offset h >= 0 (docs/equations.md, E11):
   /// alpha -> alpha + h alpha' and beta -> beta + h |beta'| inside the ratios, so that
   /// for the linear schedule kappa_h = 1/(t+h) and eta_h = (1-t+h)/(t+h), the paper's
   /// sigma(t)^2 = 2 eta_h (Adjoint Matching, arXiv 2409.08861, App. G.1). h = 0 gives kappa, eta.

@@ -2,7 +2,7 @@
 // passes need, the lean-adjoint recursion over a vector-Jacobian-product provider, and the path-weight
 // accumulator of two chains whose steps share one covariance. Sampling, Adjoint Matching (both paths),
 // the discrete adjoint, the policy gradients, importance weights, the SOC adjoints and Adjoint Sampling
-// are all written with these four pieces (docs/architecture.md, docs/equations.md "The engine").
+// are all written with these four pieces (docs/architecture.md; docs/equations.md, E91-E93).
 //
 // Every stochastic step of tilt is a Gaussian transition whose mean is linear in the state and in one
 // velocity evaluation,
@@ -74,13 +74,13 @@ using StepSource = std::function<Tensor(int64_t k)>;
 ///   a_k = c_x,k a_{k+1} + c_v,k [ vjp(k, a_{k+1}) + source(k) ],   k = K-1, ..., 0,
 /// given a[K] (the terminal cost's gradient). a must have K + 1 entries with a[K] set; a[0..K-1] are
 /// written. With Euler kernels and source = h-free grad f this is the discretised lean adjoint ODE
-/// da/dt = -(grad_x b)^T a - grad_x f (Adjoint Matching, Eq. 38-41; docs/equations.md).
+/// da/dt = -(grad_x b)^T a - grad_x f (Adjoint Matching, Eq. 38-41; docs/equations.md, E92).
 void lean_adjoint_recursion(std::vector<Tensor>& a, const std::vector<StepKernel>& kernels, const StepVjp& vjp,
                             const StepSource& source = nullptr);
 
 /// log dP/dQ along paths drawn from Q, where P and Q take Gaussian steps of the same covariance std^2 I
 /// whose means differ by shift = m_Q - m_P: each step adds -d . xi - |d|^2 / 2 with d = shift / std
-/// (the discrete Girsanov theorem; exact at every step size). Accumulated in double precision.
+/// (the discrete Girsanov theorem, docs/equations.md, E93; exact at every step size). Accumulated in double.
 class PathWeight {
  public:
   /// For a batch of `batch` paths (log weight 0 each).

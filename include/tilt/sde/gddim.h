@@ -1,11 +1,11 @@
 // The exact Gaussian step of the marginal-preserving SDE family of tunable stochasticity gamma
-// (gDDIM: Zhang, Tao, Chen, arXiv 2206.05564; flow form in ../shared/reference/seed-extensions.md B.2):
+// (gDDIM: Zhang, Tao, Chen, arXiv 2206.05564; flow form: Sheng et al., arXiv 2510.10767; docs/equations.md, E16-E17):
 //
 //   dX = [v + gamma^2 eta_t s_t(X)] dt + gamma sqrt(2 eta_t) dB,   s_t = (v - kappa_t x) / eta_t,
 //
 // i.e. sigma(t) = gamma sqrt(2 eta_t): gamma = 0 is the flow ODE (DDIM), gamma = 1 the memoryless SDE
 // (DDPM; Adjoint Matching's schedule), and every gamma >= 0 has the marginals of the reference flow.
-// (seed-extensions.md calls gamma "lambda"; tilt keeps lambda for the reward multiplier.)
+// (Sheng et al. call gamma "lambda"; tilt keeps lambda for the reward multiplier.)
 //
 // Freezing the network's data estimate x1^ over a step (the "Dirac approximation") makes the SDE
 // linear, and its exact solution from t to s > t is the Gaussian
@@ -17,7 +17,7 @@
 // v = alpha' x1^ + beta' eps^). Derivation: with e = (X - alpha_t x1^) / beta_t and tau = log SNR_t the
 // family reads de = -(gamma^2 / 2) e dtau + gamma dB_tau, an Ornstein-Uhlenbeck process with unit
 // stationary variance, whose correlation over a step is exp(-(gamma^2/2) (tau_s - tau_t)) = rho.
-// (In seed-extensions.md's form: sig^2 = beta_s^2 [1 - (SNR_t/SNR_s)^{gamma^2}].)
+// (Equivalently the step's variance: sig^2 = beta_s^2 [1 - (SNR_t/SNR_s)^{gamma^2}].)
 //
 // Unlike Euler-Maruyama the step is exact for point-mass data, stable for any gamma (gamma -> inf
 // re-noises x1^ completely), and needs no offset h at t = 0: at alpha_t = 0 (and gamma > 0) rho = 0.

@@ -1,6 +1,6 @@
 // Importance weights for any control (discrete Girsanov), the effective sample size, and estimators
 // of the normalising constant Z = E_{p_base}[exp(lambda r(X_1))] of the tilted target
-// p* = p_base exp(lambda r) / Z (spec section 3; ../shared/reference/seed-extensions.md C.4).
+// p* = p_base exp(lambda r) / Z (docs/equations.md, E18 and E55-E58).
 //
 // Girsanov. The base chain P draws X_0 ~ N(0, I) and steps X_{k+1} = m_p(X_k) + std_k xi_k with the
 // base velocity (Euler-Maruyama or the exact gDDIM step); the proposal Q is the same chain with a
@@ -30,7 +30,7 @@
 // A deterministic last step (exact step, gamma > 0) is replaced by N(x1^, (beta/alpha)^2 I) at
 // t_{K-1}, the reversal of the last noising kernel for a locally flat p_base.
 //
-// Escorted Jarzynski (C.4, b^ = 0; derived by Feynman-Kac, checked here by Monte Carlo): run
+// Escorted Jarzynski (docs/equations.md, E57, b^ = 0; derived by Feynman-Kac, checked here by Monte Carlo): run
 //   dX = [b + (sigma^2 / 2) grad r_t] dt + sigma dB,   r_t = t lambda r,
 // and accumulate the work A = int_0^1 [d_t r_t + v . grad r_t](X_t) dt with v the base velocity;
 // then E[exp(A)] = Z and exp(A) weights the paths towards p*. Needs a noise schedule that keeps the
@@ -50,7 +50,7 @@ using ControlFn = std::function<Tensor(const Tensor& x, double t)>;
 
 /// The velocity v_q = v_base + sigma u / c_v whose generative SDE under `noise` is the controlled
 /// one, dX = (b_base + sigma u) dt + sigma dB. Conversely u = c_v (v_q - v_base) / sigma (for the
-/// memoryless schedule u = (2 / sigma)(v_q - v_base), spec section 3).
+/// memoryless schedule u = (2 / sigma)(v_q - v_base); docs/equations.md, E21).
 class ControlledVelocity : public VelocityField {
  public:
   ControlledVelocity(VelocityFieldPtr base, NoiseSchedulePtr noise, ControlFn u);

@@ -1,4 +1,4 @@
-// The generative SDE of a velocity field under a noise schedule (spec section 2):
+// The generative SDE of a velocity field under a noise schedule (docs/equations.md, E9):
 //   dX = b(X,t) dt + sigma(t) dB,   b(x,t) = c_v(t) v(x,t) - c_x(t) x,   X0 ~ N(0, I).
 #pragma once
 

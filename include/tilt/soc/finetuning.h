@@ -1,5 +1,5 @@
 // Reward fine-tuning as a stochastic optimal control problem (Adjoint Matching, Sec. 3-4;
-// docs/equations.md, "Fine-tuning is an SOC problem"). The uncontrolled process is the base model's
+// docs/equations.md, E94). The uncontrolled process is the base model's
 // generative SDE under a noise schedule,
 //
 //   dX = b_base(X, t) dt + sigma(t) dB,   b_base = c_v(t) v_base - c_x(t) x,   X_0 ~ N(0, I),   T = 1,

@@ -1,8 +1,9 @@
 // SOC losses behind the common Loss interface (train/loss.h).
 //
 // AdjointMatchingSoc: Adjoint Matching for a general SOC problem (Domingo-Enrich et al., ICLR 2025,
-// Sec. 5.2 and Eq. 38-42; SOCM-dq's "work_adjoint"). Paths are simulated with the current control and
-// no gradient; the lean adjoint runs backwards through the problem's drift and state cost,
+// Sec. 5.2 and Eq. 38-42; SOCM's code calls it "work_adjoint"; docs/equations.md, E34). Paths are
+// simulated with the current control and no gradient; the lean adjoint runs backwards through the
+// problem's drift and state cost,
 //   a_K = grad g(X_K),   a_k = a_{k+1} + h [ (grad_x b(X_k, t_k))^T a_{k+1} + grad_x f(X_k, t_k) ],
 // and the control is regressed onto -sigma^T a:
 //   loss = (1/K) sum_k mean_b | u_theta(X_k, t_k) + sigma^T a_k |^2.
@@ -23,7 +24,7 @@ namespace tilt::soc {
 struct SocLossOptions {
   int64_t batch_size = 128;
   int64_t num_steps = 0;  ///< 0: the problem's default
-  double y0_lr = 1e-2;    ///< moment: y0's own learning rate (SOCM's; mission-anchors 2.5); 0: the control's
+  double y0_lr = 1e-2;    ///< moment: y0's own learning rate (SOCM's; docs/equations.md, E40); 0: the control's
   double M_lr = 1e-3;     ///< socm: the learning rate of M's network and gamma (SOCM's); 0: the control's
   double socm_gamma = 2;  ///< socm: gamma's initial value (SOCM: 2, 6 for the double well)
   uint64_t seed = 0;      ///< socm: initialises M's network
@@ -35,8 +36,8 @@ std::vector<Tensor> lean_adjoint(const Problem& problem, const std::vector<Tenso
 /// The full adjoint of the continuous-adjoint loss along recorded states, for the control u (its
 /// parameters held fixed): a_K = grad g(X_K),
 ///   a_k = a_{k+1} + h [ (grad_x (b + sigma u)(X_k, t_k))^T a_{k+1} + grad_x (f + 1/2 |u|^2)(X_k, t_k) ]
-/// (spec section 4: the adjoint ODE of "basic adjoint matching" in Adjoint Matching, Domingo-Enrich et
-/// al., ICLR 2025, before the lean simplification; SOCM-dq's continuous_adjoint, mission-anchors 2.5).
+/// (the adjoint ODE of "basic adjoint matching" in Adjoint Matching, Domingo-Enrich et al., ICLR 2025,
+/// before the lean simplification; SOCM's code calls it continuous_adjoint; docs/equations.md, E35).
 std::vector<Tensor> full_adjoint(const Problem& problem, const ParametricControl& control,
                                  const std::vector<Tensor>& x, double T);
 
@@ -71,7 +72,7 @@ class AdjointMatchingSoc : public SocLoss {
   LossOutput compute(Generator& gen) override;
 };
 
-/// Continuous adjoint ("basic adjoint matching" of the Adjoint Matching paper; SOCM-dq's
+/// Continuous adjoint ("basic adjoint matching" of the Adjoint Matching paper; SOCM's code's
 /// "continuous_adjoint"): the same regression as AdjointMatchingSoc, unweighted, onto -sigma^T a with
 /// the full adjoint a of full_adjoint(): the control's own Jacobian and cost enter, with its
 /// parameters detached. E[a_k | X_k = x] is grad_x of the cost-to-go of the current control, which is
@@ -103,7 +104,7 @@ class ReparametrisationMatrix {
 };
 
 /// SOCM (Domingo-Enrich et al. 2024, the SOCM loss with reparametrisation matrices; the code's
-/// method.py, algorithms "SOCM" and "SOCM_const_M"; mission-anchors 2.5): the importance-weighted regression
+/// method.py, algorithms "SOCM" and "SOCM_const_M"; docs/equations.md, E42): the importance-weighted regression
 ///   loss = (1/K) sum_k sum_b wbar_b |u_theta(X_k, t_k) + sigma^T w_k|^2,
 /// wbar ∝ dP*/dP^{u_s} self-normalised over the batch (u_s the current control, detached), onto
 ///   w_k = sum_{j>=k} [ M_{t_k}(t_j) (grad f(X_j) h - (grad_x b(X_j))^T z_j) + d/ds M_{t_k}(t_j) z_j ]

@@ -1,4 +1,4 @@
-// A stochastic optimal control (SOC) problem (spec section 3; mission-anchors section 2.1):
+// A stochastic optimal control (SOC) problem (docs/equations.md, E19-E20):
 //
 //   dX = (b(X,t) + sigma u(X,t)) dt + sigma dB,   X_0 ~ initial_state,   t in [0, T],
 //   minimise  J(u) = E[ integral_0^T (1/2 |u|^2 + f(X,t)) dt + g(X_T) ].
@@ -42,7 +42,7 @@ class Problem {
   /// `batch` initial states, [batch, d].
   virtual Tensor initial_state(int64_t batch, Generator& gen) const = 0;
 
-  /// A stopping time (mission-anchors section 2.2, molecular dynamics): a path stops at the first grid
+  /// A stopping time (SOCM's molecular dynamics; docs/equations.md, E30): a path stops at the first grid
   /// time t_k with stopped(X_k) true, and from then on neither moves nor accrues cost; the cost is
   /// integral_0^{tau ^ T} (1/2 |u|^2 + f) dt + g(X_{tau ^ T}). Problems without one never stop.
   virtual bool has_stopping_time() const { return false; }

@@ -1,5 +1,5 @@
 // The SOC benchmark problems with exact optimal controls (SOCM, Domingo-Enrich et al. 2024;
-// parameters in mission-anchors section 2.2). Each owns its ground truth.
+// parameters: docs/equations.md, E46). Each owns its ground truth.
 #pragma once
 
 #include "tilt/soc/problem.h"
@@ -9,7 +9,7 @@
 namespace tilt::soc {
 
 /// Linear dynamics, quadratic costs: b = A x, f = x^T P x, g = x^T Q x, fixed X_0 = x0.
-/// Ground truth from the Riccati equation (spec section 5)
+/// Ground truth from the Riccati equation (docs/equations.md, E43)
 ///   dF/dt = -A^T F - F A + 2 F sigma sigma^T F - P,  F(T) = Q,
 /// with V(x,t) = x^T F(t) x + c(t), c(t) = integral_t^T tr(sigma sigma^T F(s)) ds, u* = -2 sigma^T F(t) x.
 /// F is integrated backwards by RK4 on a grid of `riccati_steps` (far finer than any simulation
@@ -79,10 +79,10 @@ class LinearOU : public Problem {
   int64_t steps_;
 };
 
-/// Double well (SOCM; mission-anchors section 2.2): U(x) = sum_i kappa_i (x_i^2 - 1)^2, b = -grad U,
+/// Double well (SOCM; docs/equations.md, E45-E46): U(x) = sum_i kappa_i (x_i^2 - 1)^2, b = -grad U,
 /// sigma = I, f = 0, g(x) = sum_i nu_i (x_i^2 - 1)^2, fixed X_0 = x0.
 ///
-/// Ground truth (mission-anchors section 2.3): b, f and g separate by coordinate, so
+/// Ground truth (docs/equations.md, E45): b, f and g separate by coordinate, so
 /// psi = exp(-V) = prod_i psi_i with psi_i(x, t) = E[exp(-nu_i (X_T^2 - 1)^2) | X_t = x] for the 1-D
 /// diffusion dX = -U_i'(X) dt + dB (Feynman-Kac), the solution of the backward Kolmogorov equation
 ///   d psi_i/dt + b_i(x) d psi_i/dx + 1/2 d^2 psi_i/dx^2 = 0,   psi_i(x, T) = exp(-nu_i (x^2 - 1)^2).
@@ -139,7 +139,7 @@ class DoubleWell : public Problem {
   Tensor table_of_;    // [d] long: the table of coordinate i
 };
 
-/// Molecular dynamics (SOCM; mission-anchors section 2.2): 1-D, b = -d/dx kappa (x^2 - 1)^2, sigma = 1,
+/// Molecular dynamics (SOCM; docs/equations.md, E30, E46): 1-D, b = -d/dx kappa (x^2 - 1)^2, sigma = 1,
 /// f = 1 (a time cost), g = 0, X_0 = -1, T = 1, 150 steps, stopped when X > 0 (Phi(x) = -x < 0): the
 /// control pays 1/2 |u|^2 to push the particle over the barrier at 0 sooner. No known optimal control:
 /// report the control objective E[tau ^ T + integral_0^{tau ^ T} 1/2 |u|^2 dt].
@@ -167,7 +167,7 @@ class MolecularDynamics : public Problem {
   int64_t steps_;
 };
 
-/// SOCM's settings (mission-anchors section 2.2). The random draws (x0 ~ 0.5 N(0, I) for the
+/// SOCM's settings (docs/equations.md, E46). The random draws (x0 ~ 0.5 N(0, I) for the
 /// quadratic problems, xi_ij ~ 0.1 N(0, 1) for the linear one) come from tilt's own generator with
 /// `seed`, so they are not SOCM's numbers, only its distribution.
 std::shared_ptr<QuadraticOU> quadratic_ou_easy(int64_t d = 20, uint64_t seed = 0);  // A = 0.2 I, P = 0.2 I, Q = 0.1 I

@@ -1,5 +1,5 @@
-// Simulating a controlled SOC problem, importance weights, and the metrics of mission-anchors
-// section 2.4 (as the SOCM code defines them).
+// Simulating a controlled SOC problem, importance weights, and the metrics (as the SOCM code defines
+// them; docs/equations.md, E30-E33).
 #pragma once
 
 #include "tilt/soc/problem.h"
@@ -34,7 +34,7 @@ struct ControlledPaths {
 ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch, int64_t steps, Generator& gen);
 
 /// log w = -[sum (f + 1/2 |u|^2) h + g] - sum u . dW, so that w ∝ dP^{u*}/dP^u along each path
-/// (Girsanov; mission-anchors section 2.1 with lambda = 1). [B]
+/// (Girsanov; docs/equations.md, E31). [B]
 Tensor log_importance_weights(const ControlledPaths& paths);
 
 /// The control objective estimate: mean over paths of running cost + terminal cost.

@@ -1,15 +1,15 @@
 // Adjoint Matching: reward fine-tuning as memoryless stochastic optimal control.
 //
 // Implements Domingo-Enrich, Drozdzal, Karrer, Chen, "Adjoint Matching" (ICLR 2025,
-// arXiv 2409.08861), Algorithm 1 (Sec. 5.2, Eq. 40-42) with the practical recipe of App. G; spec
-// sections 3-4. Notation:
+// arXiv 2409.08861), Algorithm 1 (Sec. 5.2, Eq. 40-42) with the practical recipe of App. G;
+// docs/equations.md, E22-E28. Notation:
 //   X_k        state at t_k of the fine-tuned SDE  dX = (c_v v_theta - c_x X) dt + sigma dB
 //   a_k        lean adjoint a~(t_k); a_K = grad g(X^_1) = -lambda grad r(X^_1)
 //   u          control (c_v / sigma)(v_theta - v_base); memoryless: (2 / sigma)(v_theta - v_base)
 // Trajectories are sampled without gradients; the lean adjoint runs backwards through the FROZEN
 // base drift by vector-Jacobian products:  a_k = a_{k+1} + h_k (grad_x b_base(X_k, t_k))^T a_{k+1}.
 //
-// Loss: v_theta is regressed onto v_base - rho_k a_k (spec section 4: "v_base - eta_t a~"), with
+// Loss: v_theta is regressed onto v_base - rho_k a_k (docs/equations.md, E25: "v_base - eta_t a~"), with
 // rho = sigma^2 / c_v of the EXACT schedule (h = 0; memoryless: rho = eta_t), each term weighted
 // as in |u + sigma a|^2:
 //   loss = sum over chosen k of min(LCT, |(c_v / sigma)(v_theta - v_base + rho_k a_k)|^2), batch mean.

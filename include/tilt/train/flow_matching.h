@@ -1,4 +1,4 @@
-// Flow-matching pretraining of a velocity network on data samples (spec section 1):
+// Flow-matching pretraining of a velocity network on data samples (docs/equations.md, E5):
 // regress v_theta(Xbar_t, t) onto alpha'_t X1 + beta'_t X0 with Xbar_t = alpha_t X1 + beta_t X0,
 // X0 ~ N(0, I), X1 ~ data, t ~ U[0, 1]  (Lipman et al., "Flow Matching for Generative Modeling",
 // arXiv 2210.02747, Eq. 22 with the affine paths of arXiv 2412.06264).

@@ -3,7 +3,7 @@
 //
 // After Guo, Sheng, Yao, Tang, "Improved techniques for fine-tuning flow models via adjoint matching:
 // a deterministic control pipeline" (arXiv 2605.06583; only its abstract was readable), reconstructed
-// in /work/shared/reference/seed-extensions.md A.2-A.4 [D]. Notation (docs/ode_adjoint_matching.md):
+// in docs/equations.md, E83-E90 [D]. Notation (docs/ode_adjoint_matching.md):
 //
 //   dX/dt = v_base(X, t) + u(X, t),  X_0 ~ N(0, I),   u = v_theta - v_base  (model/finetuned.h)
 //   maximise  J(u) = E[ lambda r(X_1) - int_0^1 psi_t(u(X_t, t)) dt ]
@@ -12,7 +12,7 @@
 // iteration (no graph is kept anywhere):
 //   1. roll out the current model without gradients, storing the states of the last K_adj steps only
 //      (the window [t_c, 1], t_c = t_{K - K_adj});
-//   2. lean adjoint backwards through the FROZEN base (A.2 item 2; costate of the reward, so a > 0
+//   2. lean adjoint backwards through the FROZEN base (docs/equations.md, E85; costate of the reward, so a > 0
 //      points uphill, the opposite sign of tilt's Adjoint Matching):
 //        a_K = lambda grad r(X_K),   a_k = a_{k+1} + h (grad_x v_base(X_k, t_k))^T a_{k+1},
 //      K_adj - 1 vector-Jacobian products of the base (none of the fine-tuned field);
@@ -23,7 +23,7 @@
 // of it [D]. Steps before t_c keep the control they have ("keep"), or are regressed to 0 ("zero").
 //
 // The optimum is NOT p* ∝ p_base exp(lambda r): each noise seed is steered on its own (a transport
-// cost), e.g. N(0.775, 0.138) against the tilt's N(0.845, 0.422) in seed-extensions A.2 item 5.
+// cost), e.g. N(0.775, 0.138) against the tilt's N(0.845, 0.422) (docs/equations.md, E89).
 #pragma once
 
 #include "tilt/model/finetuned.h"

@@ -1,4 +1,4 @@
-// Policy-gradient reward fine-tuning baselines (seed-extensions.md B.3, B.4, B.6), each a Loss on
+// Policy-gradient reward fine-tuning baselines (docs/equations.md, E50-E54), each a Loss on
 // the fine-tuned velocity field v_theta:
 //
 //   Ddpo  DDPO (Black, Janner, Du, Kostrikov, Levine, ICLR 2024, arXiv 2305.13301; "DDPO_IS"):
@@ -10,7 +10,7 @@
 //         of consecutive steps, the exact ODE step elsewhere.
 //
 // The policy. Each step t_k -> t_{k+1} of the sampler is the exact gDDIM Gaussian step of
-// stochasticity gamma (sde/gddim.h, seed-extensions.md B.2):
+// stochasticity gamma (sde/gddim.h; docs/equations.md, E16-E17):
 //
 //   pi_theta(x_{k+1} | x_k) = N(x_{k+1}; mu_k, std_k^2 I),   mu_k = c_x x_k + c_v v_theta(x_k, t_k),
 //
@@ -23,7 +23,8 @@
 // coordinates; averaging divides every log-ratio by d, i.e. the ratio is a geometric mean over
 // coordinates and the on-policy gradient is the sum's divided by d.
 //
-// The loss (B.3; PPO, Schulman et al. 2017, eq. 7, as a loss to minimise), over sample i and SDE step k:
+// The loss (docs/equations.md, E51; PPO, Schulman et al. 2017, eq. 7, as a loss to minimise), over
+// sample i and SDE step k:
 //
 //   L = mean_{i,k} max( -A_i rho_ik, -A_i clip(rho_ik, 1 - eps, 1 + eps) ),
 //   rho_ik = exp(log pi_theta(x_{k+1} | x_k) - log pi_old(x_{k+1} | x_k)).
@@ -95,7 +96,7 @@ Tensor batch_advantages(const Tensor& r, bool scale, double std_eps, double adv_
 /// (unbiased std, as torch's default), clipped to [-adv_clip_max, adv_clip_max].
 Tensor group_advantages(const Tensor& r, int64_t group_size, bool scale, double std_eps, double adv_clip_max);
 
-/// MixGRPO's progressive window (B.4): the first SDE step of the window at iteration i (0-based) is
+/// MixGRPO's progressive window (docs/equations.md, E54): the first SDE step of the window at iteration i (0-based) is
 /// shift * (i / iters) while that is <= max_start, then it rolls back to 0 and repeats.
 int64_t progressive_window_start(int64_t iteration, int64_t iters, int64_t shift, int64_t max_start);
 

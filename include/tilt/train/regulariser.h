@@ -1,10 +1,10 @@
 // Convex running costs psi(u) of deterministic (ODE) control, "regularisers beyond KL", and the
 // gradient of their convex conjugate psi*(a) = sup_u <u, a> - psi(u), which maps a costate a to the
 // optimal control u = grad psi*(a) (Pontryagin / HJB: u*(x,t) = grad psi*(grad V(x,t));
-// /work/shared/reference/seed-extensions.md A.2 item 1 and A.4, [D]).
+// docs/equations.md, E84 and E88, [D]).
 //
 // Every regulariser carries a weight mu_t > 0, interpolated linearly in time between mu_start (t = 0)
-// and mu (t = 1) (A.4: "a time-dependent weight, stronger regularisation early"); constant by default.
+// and mu (t = 1) ("a time-dependent weight, stronger regularisation early"); constant by default.
 //
 //   quadratic   psi = (mu/2)|u|^2                        grad psi* (a) = a / mu
 //   clipped     psi = (mu/2)|u|^2 + indicator(|u| <= delta)  grad psi* (a) = a / mu, norm-clipped at delta

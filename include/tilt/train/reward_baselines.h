@@ -1,5 +1,5 @@
 // Reward fine-tuning baselines that Adjoint Matching is compared with (Adjoint Matching, Sec. 7 and
-// App. F; mission-anchors section 1.8), each a Loss on the same fine-tuned velocity field v_theta:
+// App. F; docs/equations.md, E47-E49), each a Loss on the same fine-tuned velocity field v_theta:
 //
 //   DraftK          DRaFT-K (Clark et al., ICLR 2024, arXiv 2309.17400): sample with the flow ODE
 //                   (Euler, K_total steps), backpropagate -lambda r(X_1) through the last K steps only.
@@ -8,8 +8,9 @@
 //                   from one evaluation of v_theta (Adjoint Matching, App. F.1), maximise r(X^_1).
 //   DiscreteAdjoint The memoryless SOC objective of Adjoint Matching, J = E[sum_k 1/2 |u_k|^2 h_k
 //                   - lambda r(X^_1)], differentiated by backpropagation through the whole simulated
-//                   trajectory (spec section 4, "discrete adjoint"): the same fixed point as Adjoint
-//                   Matching, at the memory cost of the whole graph.
+//                   trajectory (Adjoint Matching, Sec. 5.1.1): nearly the fixed point of Adjoint Matching
+//                   (its control cost uses the offset sigma_h; docs/equations.md, E49), at the memory
+//                   cost of the whole graph.
 //
 // DRaFT and ReFL maximise the reward with no KL term: they do not target p* and collapse diversity
 // as they train; that is the point of the comparison. The reward's gradient enters through the

@@ -33,7 +33,7 @@
 #include "tilt/sampling/energy.h"
 #include "tilt/sampling/replay_buffer.h"
 #include "tilt/soc/control.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <functional>
 #include <memory>

@@ -6,7 +6,7 @@
 
 #include "tilt/io/datasets.h"
 #include "tilt/model/classifier.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <memory>
 

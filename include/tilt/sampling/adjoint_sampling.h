@@ -40,10 +40,6 @@
 #include <string>
 #include <vector>
 
-namespace tilt {
-class ConfigSection;
-}
-
 namespace tilt::sampling {
 
 /// Terminal samples of the controlled base and log dP/dQ of their paths (Q: the controlled chain,
@@ -122,8 +118,5 @@ class ReciprocalAdjointMatching : public Loss {
   double refresh_energy_ = NAN;
   Tensor nu_times_;  // t on a fine grid uniform in nu (time_sampling = nu), for inverse-CDF draws
 };
-
-/// [adjoint_sampling] keys of AdjointSamplingOptions (tau comes from [energy]).
-AdjointSamplingOptions read_adjoint_sampling(ConfigSection& section);
 
 }  // namespace tilt::sampling

@@ -12,6 +12,7 @@
 #include "tilt/io/model_io.h"
 #include "tilt/io/plot.h"
 #include "tilt/io/samples.h"
+#include "tilt/io/sampling_config.h"
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/mcmc.h"
 #include "tilt/sampling/sample_metrics.h"

@@ -6,9 +6,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
-#include "tilt/io/builders.h"
 #include "tilt/sde/engine.h"
-#include "tilt/io/config.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
@@ -140,28 +138,6 @@ Tensor BrownianBase::log_p1(const Tensor& x) const {
 Tensor BrownianBase::grad_log_p1(const Tensor& x) const {
   check_batch(x, dim_, "grad log p_1^base: x");
   return -project(x.to(at::kDouble)) / nu1();
-}
-
-BrownianOptions read_brownian(ConfigSection s) {
-  BrownianOptions o;
-  const std::string noise = s.choice("noise", {"geometric", "linear", "constant"}, "geometric");
-  o.noise = noise == "geometric" ? BrownianNoise::geometric
-            : noise == "linear"  ? BrownianNoise::linear
-                                 : BrownianNoise::constant;
-  if (o.noise == BrownianNoise::constant) {
-    o.sigma = s.number("sigma", o.sigma);
-    if (!(o.sigma > 0)) s.fail("sigma", "must be > 0");
-  } else {
-    o.sigma_max = s.number("sigma_max", o.sigma_max);
-    o.sigma_min = s.number("sigma_min", o.sigma_min);
-    if (!(o.sigma_max > 0)) s.fail("sigma_max", "must be > 0");
-    if (o.noise == BrownianNoise::geometric && !(o.sigma_min > 0 && o.sigma_min < o.sigma_max)) {
-      s.fail("sigma_min", "must be in (0, sigma_max) for the geometric schedule");
-    }
-    if (!(o.sigma_min >= 0)) s.fail("sigma_min", "must be >= 0");
-  }
-  s.finish();
-  return o;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -392,35 +368,6 @@ void ReciprocalAdjointMatching::load_state(const std::vector<std::pair<std::stri
   calls_ = counters[0].item<int64_t>();
   energy_evaluations_ = counters[1].item<int64_t>();
   refresh_energy_ = energy.item<double>();
-}
-
-AdjointSamplingOptions read_adjoint_sampling(ConfigSection& s) {
-  AdjointSamplingOptions o;
-  o.batch_size = s.integer("batch_size", o.batch_size);
-  o.steps = s.integer("steps", o.steps);
-  o.initial_samples = s.integer("initial_samples", o.initial_samples);
-  o.samples_per_refresh = s.integer("samples_per_refresh", o.samples_per_refresh);
-  o.refresh_every = s.integer("refresh_every", o.refresh_every);
-  o.buffer_size = s.integer("buffer_size", o.buffer_size);
-  o.max_adjoint_norm = s.number("max_adjoint_norm", o.max_adjoint_norm);
-  o.grid = parse_sampler_grid(s.choice("grid", {"nu", "uniform"}, "nu"));
-  o.time_sampling = parse_sampler_grid(s.choice("time_sampling", {"uniform", "nu"}, "uniform"));
-  // The values read above, defaults included (reading a key again without its default made every
-  // documented default a required key). The bounds are docs/config.md's Limits.
-  const std::pair<const char*, std::pair<int64_t, int64_t>> sizes[] = {
-      {"batch_size", {o.batch_size, limits::kBatch}},
-      {"steps", {o.steps, limits::kSteps}},
-      {"initial_samples", {o.initial_samples, limits::kSamples}},
-      {"samples_per_refresh", {o.samples_per_refresh, limits::kSamples}},
-      {"refresh_every", {o.refresh_every, std::numeric_limits<int64_t>::max()}},
-      {"buffer_size", {o.buffer_size, limits::kSamples}}};
-  for (const auto& [key, value_max] : sizes) {
-    const auto [value, max] = value_max;
-    if (value < 1) s.fail(key, "must be >= 1");
-    if (value > max) s.fail(key, "must be in 1.." + std::to_string(max) + ", got " + std::to_string(value));
-  }
-  if (!(o.max_adjoint_norm >= 0)) s.fail("max_adjoint_norm", "must be >= 0 (0: no clipping)");
-  return o;
 }
 
 }  // namespace tilt::sampling

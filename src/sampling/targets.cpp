@@ -6,8 +6,6 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
-#include "tilt/io/builders.h"
-#include "tilt/io/config.h"
 #include "tilt/model/gmm.h"
 
 #include <ATen/ATen.h>
@@ -264,57 +262,6 @@ Tensor remove_center_of_mass(const Tensor& x, int64_t particles) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-
-EnergyPtr read_energy(ConfigSection s, double* tau) {
-  const std::string type = s.choice("type", {"gaussian", "gmm", "ring", "double_well", "dw4"});
-  const double temperature = s.number("temperature", 1.0);
-  if (!(temperature > 0)) s.fail("temperature", "must be > 0");
-  if (tau) *tau = temperature;
-  EnergyPtr e;
-  try {
-    if (type == "gaussian") {
-      const std::vector<double> mean = s.numbers("mean");
-      if (mean.empty()) s.fail("mean", "must have at least one coordinate");
-      const double std = s.number("std", 1.0);
-      if (!(std > 0)) s.fail("std", "must be > 0");
-      s.finish();
-      e = std::make_shared<GaussianEnergy>(mean, std);
-    } else if (type == "gmm" || type == "ring") {
-      if (temperature != 1.0) s.fail("temperature", "must be 1 for a mixture (its E = -log p is normalised at tau = 1)");
-      e = std::make_shared<MixtureEnergy>(read_mixture(s));  // reads and finishes the mixture keys
-    } else if (type == "double_well") {
-      DoubleWellOptions o;
-      o.dim = s.integer("dim", o.dim);
-      o.wells = s.integer("wells", o.wells);
-      o.a = s.number("a", o.a);
-      o.b = s.number("b", o.b);
-      o.c = s.number("c", o.c);
-      if (o.dim < 1) s.fail("dim", "must be >= 1");
-      if (o.wells < 1 || o.wells > o.dim) s.fail("wells", "must be in [1, dim]");
-      if (!(o.a > 0)) s.fail("a", "must be > 0");
-      s.finish();
-      e = std::make_shared<DoubleWellEnergy>(o);
-    } else {
-      MultiDoubleWellOptions o;
-      o.particles = s.integer("particles", o.particles);
-      o.spatial_dim = s.integer("spatial_dim", o.spatial_dim);
-      o.a = s.number("a", o.a);
-      o.b = s.number("b", o.b);
-      o.offset = s.number("offset", o.offset);
-      if (o.particles < 2) s.fail("particles", "must be >= 2");
-      if (o.spatial_dim < 1) s.fail("spatial_dim", "must be >= 1");
-      s.finish();
-      e = std::make_shared<MultiDoubleWellEnergy>(o);
-    }
-  } catch (const Error& err) {
-    const std::string msg = err.what();
-    if (msg.rfind("in ", 0) == 0) throw;
-    throw Error("in " + s.origin() + ", [energy]: " + msg);
-  }
-  return e;
-}
-
-// ---------------------------------------------------------------------------------------------------
 // MALA with parallel tempering (see mcmc.h).
 
 MalaResult run_mala(const Energy& energy, double tau, const MalaOptions& o, Generator& gen,
@@ -407,36 +354,6 @@ MalaResult run_mala(const Energy& energy, double tau, const MalaOptions& o, Gene
   }
   for (size_t k = 0; k < swaps.size(); ++k) out.swap_rates.push_back(swap_tries[k] > 0 ? swaps[k] / swap_tries[k] : 0.0);
   return out;
-}
-
-MalaOptions read_mala(ConfigSection s) {
-  MalaOptions o;
-  o.chains = s.integer("chains", o.chains);
-  o.steps = s.integer("steps", o.steps);
-  o.burn_in = s.integer("burn_in", o.burn_in);
-  o.thin = s.integer("thin", o.thin);
-  o.step_size = s.number("step_size", o.step_size);
-  o.temperatures = s.numbers("temperatures", std::vector<double>{1.0});
-  o.init_std = s.number("init_std", o.init_std);
-  if (o.chains < 1 || o.chains > limits::kBatch) {
-    s.fail("chains", "must be in 1.." + std::to_string(limits::kBatch) + ", got " + std::to_string(o.chains));
-  }
-  if (o.steps < 1) s.fail("steps", "must be >= 1");
-  if (o.burn_in < 0) s.fail("burn_in", "must be >= 0");
-  if (o.thin < 1) s.fail("thin", "must be >= 1");
-  // The samples kept, chains x (steps / thin), are held in memory (docs/config.md, Limits).
-  if (o.steps / o.thin > limits::kSamples / o.chains) {
-    s.fail("steps", "with chains = " + std::to_string(o.chains) + " and thin = " + std::to_string(o.thin) +
-                        ": chains x (steps / thin) samples kept would exceed the limit of " + std::to_string(limits::kSamples));
-  }
-  if (!(o.step_size > 0)) s.fail("step_size", "must be > 0");
-  if (!(o.init_std > 0)) s.fail("init_std", "must be > 0");
-  if (o.temperatures.empty() || o.temperatures[0] != 1.0) s.fail("temperatures", "must start with 1 (the target)");
-  for (size_t i = 1; i < o.temperatures.size(); ++i) {
-    if (!(o.temperatures[i] > o.temperatures[i - 1])) s.fail("temperatures", "must increase");
-  }
-  s.finish();
-  return o;
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -233,10 +233,6 @@ struct Trainer::Impl {
   }
 };
 
-void Loss::set_batch_size(int64_t) {
-  throw Error("the " + name() + " loss cannot draw its batch in shards");
-}
-
 Trainer::Trainer(Loss& loss, const TrainerOptions& options) : impl_(std::make_unique<Impl>(loss, options)) {}
 Trainer::~Trainer() = default;
 

@@ -8,6 +8,7 @@
 #include "tilt/sampling/sample_metrics.h"
 
 #include "tilt/io/config.h"
+#include "tilt/io/sampling_config.h"
 #include "tilt/model/gmm.h"
 #include "tilt/sde/importance.h"
 #include "tilt/train/trainer.h"

@@ -5,6 +5,7 @@
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/config.h"
+#include "tilt/io/sampling_config.h"
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/mcmc.h"
 #include "tilt/schedule/noise_schedule.h"

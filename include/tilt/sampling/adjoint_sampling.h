@@ -33,16 +33,12 @@
 #include "tilt/sampling/energy.h"
 #include "tilt/sampling/replay_buffer.h"
 #include "tilt/soc/control.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <functional>
 #include <memory>
 #include <string>
 #include <vector>
-
-namespace tilt {
-class ConfigSection;
-}
 
 namespace tilt::sampling {
 
@@ -122,8 +118,5 @@ class ReciprocalAdjointMatching : public Loss {
   double refresh_energy_ = NAN;
   Tensor nu_times_;  // t on a fine grid uniform in nu (time_sampling = nu), for inverse-CDF draws
 };
-
-/// [adjoint_sampling] keys of AdjointSamplingOptions (tau comes from [energy]).
-AdjointSamplingOptions read_adjoint_sampling(ConfigSection& section);
 
 }  // namespace tilt::sampling

@@ -24,10 +24,6 @@
 #include <memory>
 #include <string>
 
-namespace tilt {
-class ConfigSection;
-}
-
 namespace tilt::sampling {
 
 enum class BrownianNoise { geometric, linear, constant };
@@ -76,8 +72,5 @@ class BrownianBase {
 };
 
 using BrownianBasePtr = std::shared_ptr<const BrownianBase>;
-
-/// [brownian]: noise = "geometric" | "linear" | "constant", sigma_max, sigma_min, sigma.
-BrownianOptions read_brownian(ConfigSection section);
 
 }  // namespace tilt::sampling

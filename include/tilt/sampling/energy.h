@@ -25,7 +25,6 @@
 
 namespace tilt {
 class GaussianMixture;
-class ConfigSection;
 }  // namespace tilt
 
 namespace tilt::sampling {
@@ -157,10 +156,5 @@ Tensor interparticle_distances(const Tensor& x, int64_t particles);
 /// Removes each particle system's centre of mass: x [B, n D] -> the same with sum_i x_i = 0 (identity
 /// when particles = 0).
 Tensor remove_center_of_mass(const Tensor& x, int64_t particles);
-
-/// [energy]: type = "gaussian" (mean, std) | "gmm" / "ring" (a mixture, see read_mixture) |
-/// "double_well" (dim, wells, a, b, c) | "dw4" (particles, spatial_dim, a, b, offset); temperature
-/// (tau, default 1) in *tau.
-EnergyPtr read_energy(ConfigSection section, double* tau);
 
 }  // namespace tilt::sampling

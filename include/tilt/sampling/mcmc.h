@@ -17,10 +17,6 @@
 #include <functional>
 #include <vector>
 
-namespace tilt {
-class ConfigSection;
-}
-
 namespace tilt::sampling {
 
 struct MalaOptions {
@@ -43,8 +39,5 @@ struct MalaResult {
 /// Runs the chains; progress(done, total) every so often. Throws tilt::Error on bad options.
 MalaResult run_mala(const Energy& energy, double tau, const MalaOptions& options, Generator& gen,
                     const std::function<void(int64_t, int64_t)>& progress = {});
-
-/// [mcmc]: chains, steps, burn_in, thin, step_size, temperatures, init_std.
-MalaOptions read_mala(ConfigSection section);
 
 }  // namespace tilt::sampling

@@ -1,4 +1,4 @@
-// SOC losses behind the common Loss interface (train/loss.h).
+// SOC losses behind the common Loss interface (soc/loss.h).
 //
 // AdjointMatchingSoc: Adjoint Matching for a general SOC problem (Domingo-Enrich et al., ICLR 2025,
 // Sec. 5.2 and Eq. 38-42; SOCM's code calls it "work_adjoint"; docs/equations.md, E34). Paths are
@@ -12,7 +12,7 @@
 
 #include "tilt/soc/control.h"
 #include "tilt/soc/problem.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <memory>
 #include <utility>

@@ -24,7 +24,7 @@
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/sde/sampler.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <memory>
 #include <vector>

@@ -4,9 +4,9 @@
 // data (a classifier trained on clean images only has arbitrary gradients between them).
 #pragma once
 
-#include "tilt/io/datasets.h"
 #include "tilt/model/classifier.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
+#include "tilt/train/dataset.h"
 
 #include <memory>
 

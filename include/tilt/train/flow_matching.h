@@ -5,7 +5,7 @@
 #pragma once
 
 #include "tilt/model/mlp.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <functional>
 #include <memory>

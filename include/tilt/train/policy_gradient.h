@@ -43,7 +43,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/sde/time_grid.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <memory>
 #include <string>

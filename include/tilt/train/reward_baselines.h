@@ -23,7 +23,7 @@
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/sde/sde.h"
 #include "tilt/sde/time_grid.h"
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <memory>
 

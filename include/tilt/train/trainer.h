@@ -9,7 +9,7 @@
 // so what a run computes depends on (seed, shards), not on the number of processes.
 #pragma once
 
-#include "tilt/train/loss.h"
+#include "tilt/soc/loss.h"
 
 #include <functional>
 #include <memory>

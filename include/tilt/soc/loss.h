@@ -1,5 +1,6 @@
 // One interface for every training loss: a loss draws what it needs (data, trajectories) from the
-// generator it is given and returns a scalar to minimise, plus metrics to log.
+// generator it is given and returns a scalar to minimise, plus metrics to log. It sits in the soc layer,
+// below train: the SOC losses implement it, and the fine-tuning methods (train/) are SOC losses too.
 #pragma once
 
 #include "tilt/core/tensor.h"

@@ -16,8 +16,11 @@
 #include "tilt/schedule/schedule.h"
 
 #include <memory>
+#include <optional>
 
 namespace tilt {
+
+class Reward;
 
 class GaussianMixture {
  public:
@@ -83,5 +86,21 @@ class GmmVelocity : public VelocityField {
  private:
   std::shared_ptr<const GaussianMixture> mixture_;
 };
+
+/// The capability of a reward r whose tilt of a Gaussian mixture is a Gaussian mixture again
+/// (LinearReward, QuadraticReward, GmmLogDensityReward): a reward class implements it besides Reward.
+class MixtureTilt {
+ public:
+  virtual ~MixtureTilt() = default;
+  /// p_base exp(lambda r) / Z when it is a Gaussian mixture again, with log Z in *log_z; nullopt
+  /// when there is no closed form (e.g. for some lambda only).
+  virtual std::optional<GaussianMixture> tilt(const GaussianMixture& base, double lambda,
+                                              double* log_z = nullptr) const = 0;
+};
+
+/// The exact tilted target p_base exp(lambda r) / Z of a reward with the MixtureTilt capability (log Z
+/// in *log_z); nullopt for every other reward.
+std::optional<GaussianMixture> exact_tilt(const Reward& reward, const GaussianMixture& base, double lambda,
+                                          double* log_z = nullptr);
 
 }  // namespace tilt

@@ -91,9 +91,6 @@ class TorchScriptReward : public Reward {
   int64_t dim() const override { return dim_; }
   Tensor value(const Tensor& x) const override;
   Tensor grad(const Tensor& x) const override;
-  std::optional<GaussianMixture> tilt(const GaussianMixture&, double, double* = nullptr) const override {
-    return std::nullopt;
-  }
 
  private:
   struct Impl;

@@ -360,6 +360,8 @@ GmmVelocity::GmmVelocity(std::shared_ptr<const GaussianMixture> mixture, Schedul
   if (!mixture_) throw Error("GmmVelocity: no mixture given");
 }
 
+VelocityFieldPtr GmmVelocity::clone() const { return std::make_shared<GmmVelocity>(mixture_, schedule()); }
+
 Tensor GmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
   check_batch(x, dim(), "x");
   check_time(t, x.size(0), "t");

@@ -284,7 +284,7 @@ void TorchScriptVelocity::set_trainable(bool trainable) {
   for (auto p : impl_->module.parameters()) p.set_requires_grad(trainable);
 }
 
-std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::clone() const {
+VelocityFieldPtr TorchScriptVelocity::clone() const {
   auto impl = std::make_unique<Impl>();
   {
     // Without gradient recording the copies are leaves, not outputs of clone() with a history.

@@ -81,6 +81,9 @@ class GmmVelocity : public VelocityField {
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
   /// Closed form (GaussianMixture::velocity_vjp): about 2x faster than autograd in the lean adjoint.
   Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const override;
+  bool vjp_needs_autograd() const override { return false; }
+  /// The same field (the mixture is immutable and shared; there are no parameters).
+  VelocityFieldPtr clone() const override;
   const GaussianMixture& mixture() const { return *mixture_; }
 
  private:

@@ -64,7 +64,7 @@ class TorchScriptVelocity : public VelocityField {
   void set_trainable(bool trainable) override;
 
   /// A deep copy (its own parameters), for fine-tuning the whole module ("copy" mode).
-  std::shared_ptr<TorchScriptVelocity> clone() const;
+  VelocityFieldPtr clone() const override;
   /// The module, with its current parameters, as TorchScript archive bytes.
   std::string archive() const;
   const TorchScriptOptions& options() const { return options_; }

@@ -53,7 +53,7 @@ Study read_study(const std::string& path) {
   s.base_mixture = read_mixture(root.section("data"));
   s.base = std::make_shared<GmmVelocity>(s.base_mixture, schedule);
   s.reward = read_reward(root.section("reward"), s.base_mixture->dim(), &s.lambda);
-  const auto target = s.reward->tilt(*s.base_mixture, s.lambda);
+  const auto target = exact_tilt(*s.reward, *s.base_mixture, s.lambda);
   if (!target) throw Error(path + ": the reward has no closed-form tilt of the mixture; the study needs the exact p*");
   s.target = std::make_shared<GaussianMixture>(*target);
   ConfigSection ft = root.section("finetune");

@@ -161,7 +161,7 @@ std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string*
     return std::nullopt;
   }
   p.reward = read_reward(root.section("reward"), p.base->dim(), &p.lambda);
-  auto tilted = p.reward->tilt(*p.base, p.lambda, &p.log_z);
+  auto tilted = exact_tilt(*p.reward, *p.base, p.lambda, &p.log_z);
   if (!tilted) {
     if (why) *why = "the " + p.reward->kind() + " reward with lambda = " + std::to_string(p.lambda) + " has no closed-form tilt";
     return std::nullopt;

@@ -20,6 +20,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
+#include "tilt/model/taped.h"
 #include "tilt/model/torchscript.h"
 #include "tilt/model/velocity.h"
 

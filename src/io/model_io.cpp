@@ -16,6 +16,8 @@
 #include <algorithm>
 #include <cstring>
 #include <map>
+#include <mutex>
+#include <optional>
 #include <vector>
 
 namespace tilt {
@@ -26,146 +28,288 @@ constexpr int kVersion = 1;
 
 using TensorMap = archive::TensorMap;
 
-Json describe(const VelocityField& field, const std::string& prefix, TensorMap& tensors) {
-  if (auto gmm = dynamic_cast<const GmmVelocity*>(&field)) {
-    tensors[prefix + "weights"] = gmm->mixture().weights();
-    tensors[prefix + "means"] = gmm->mixture().means();
-    tensors[prefix + "covariances"] = gmm->mixture().covariances();
-    return {{"kind", "gmm"}};
-  }
-  if (auto mlp = dynamic_cast<const MlpVelocity*>(&field)) {
-    for (const auto& [name, value] : mlp->named_parameters()) tensors[prefix + name] = value.detach();
-    const MlpOptions& o = mlp->options();
-    return {{"kind", "mlp"}, {"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
-  }
-  if (auto ts = dynamic_cast<const TorchScriptVelocity*>(&field)) {
-    // The TorchScript archive's bytes, so that the model file is self-contained. In Python:
-    // torch.jit.load(io.BytesIO(torch.load(path)["base.archive"].numpy().tobytes())).
-    const std::string bytes = ts->archive();
-    tensors[prefix + "archive"] =
-        at::from_blob(const_cast<char*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone();
-    const TorchScriptOptions& o = ts->options();
-    return {{"kind", "torchscript"}, {"dim", o.dim}, {"prediction", to_string(o.prediction)}, {"t_min", o.t_min}};
-  }
-  if (auto ft = dynamic_cast<const FineTunedVelocity*>(&field)) {
-    return {{"kind", "finetuned"},
-            {"mode", to_string(ft->mode())},
-            {"base", describe(*ft->base(), prefix + "base.", tensors)},
-            {"trainable", describe(*ft->trainable(), prefix + "trainable.", tensors)}};
-  }
-  throw Error("cannot save a velocity field of kind '" + field.kind() + "'");
+// The field as its kind's own class: a field that calls itself "mlp" must be tilt's MlpVelocity.
+template <class T>
+const T& as(const VelocityField& field) {
+  const auto* typed = dynamic_cast<const T*>(&field);
+  if (!typed) throw Error("cannot save a velocity field of kind '" + field.kind() + "': it is not tilt's own '" +
+                          field.kind() + "' (a user's field needs a kind of its own)");
+  return *typed;
 }
 
-struct Reader {
-  const std::string& path;
-  TensorMap& tensors;
-  SchedulePtr schedule;
+Json save_gmm(const VelocityField& field, ModelWriter& out) {
+  const GaussianMixture& mixture = as<GmmVelocity>(field).mixture();
+  out.put("weights", mixture.weights());
+  out.put("means", mixture.means());
+  out.put("covariances", mixture.covariances());
+  return Json::object();
+}
 
-  // The named tensor (archive::read has checked that every floating tensor is finite).
-  Tensor take(const std::string& name) const {
-    auto it = tensors.find(name);
-    if (it == tensors.end()) throw Error("model file '" + path + "' is missing tensor '" + name + "'");
-    return it->second;
+VelocityFieldPtr load_gmm(const Json&, const ModelReader& in) {
+  const Tensor weights = in.take("weights"), means = in.take("means"), covariances = in.take("covariances");
+  if (means.dim() == 2 && means.size(1) < 1) {
+    throw Error("model file '" + in.path() + "': the mixture's dimension must be >= 1 (tensor '" +
+                in.full_name("means") + "' is " + shape_string(means) + ")");
   }
+  // GaussianMixture checks the shapes, positive weights and positive definite covariances.
+  auto mixture = std::make_shared<GaussianMixture>(weights, means, covariances);
+  return std::make_shared<GmmVelocity>(mixture, in.schedule());
+}
 
-  // A whole number in the metadata (nlohmann's get<int64_t> would truncate 2.5 to 2).
-  int64_t whole(const Json& value, const std::string& key) const {
-    if (!value.is_number_integer()) {
-      throw Error("model file '" + path + "': '" + key + "' must be a whole number, got " + value.dump());
-    }
-    return value.get<int64_t>();
+Json save_mlp(const VelocityField& field, ModelWriter& out) {
+  const MlpVelocity& mlp = as<MlpVelocity>(field);
+  for (const auto& [name, value] : mlp.named_parameters()) out.put(name, value);
+  const MlpOptions& o = mlp.options();
+  return {{"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+}
+
+// The network's tensors must have the shapes its metadata implies, checked before the network is
+// built: a width of 10^12 in the metadata must not allocate 10^12 weights first. The layers are
+// those of src/model/mlp.cpp: Linear (in -> width) at even positions of the Sequential, SiLU
+// between, the last Linear back to dim; in = dim + 1 + time_features.
+void check_mlp(const MlpOptions& o, const ModelReader& in) {
+  if (o.dim < 1) throw in.fail("the network's dim must be >= 1, got " + std::to_string(o.dim));
+  if (o.hidden.empty()) throw in.fail("the network needs at least one hidden layer ('hidden' is empty)");
+  for (int64_t w : o.hidden) {
+    if (w < 1) throw in.fail("the network's hidden widths must be >= 1, got " + std::to_string(w));
   }
-
-  // The network's tensors must have the shapes its metadata implies, checked before the network is
-  // built: a width of 10^12 in the metadata must not allocate 10^12 weights first. The layers are
-  // those of src/model/mlp.cpp: Linear (in -> width) at even positions of the Sequential, SiLU
-  // between, the last Linear back to dim; in = dim + 1 + time_features.
-  void check_mlp(const MlpOptions& o, const std::string& prefix) const {
-    const auto fail = [&](const std::string& why) { return Error("model file '" + path + "': " + why); };
-    if (o.dim < 1) throw fail("the network's dim must be >= 1, got " + std::to_string(o.dim));
-    if (o.hidden.empty()) throw fail("the network needs at least one hidden layer ('hidden' is empty)");
-    for (int64_t w : o.hidden) {
-      if (w < 1) throw fail("the network's hidden widths must be >= 1, got " + std::to_string(w));
-    }
-    if (o.time_features < 0 || o.time_features % 2 != 0) {
-      throw fail("the network's time_features must be an even number >= 0, got " + std::to_string(o.time_features));
-    }
-    std::vector<int64_t> widths = o.hidden;
-    widths.push_back(o.dim);
-    int64_t in = o.dim + 1 + o.time_features;
-    std::vector<std::string> expected;
-    for (size_t i = 0; i < widths.size(); ++i) {
-      const std::string layer = prefix + std::to_string(2 * i) + ".";
-      const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{{layer + "weight", {widths[i], in}},
-                                                                            {layer + "bias", {widths[i]}}};
-      for (const auto& [name, shape] : shapes) {
-        const Tensor t = take(name);
-        if (!t.sizes().equals(shape)) {
-          std::string want;
-          for (int64_t n : shape) want += (want.empty() ? "" : ", ") + std::to_string(n);
-          throw fail("tensor '" + name + "' must be [" + want + "], got " +
-                     shape_string(t) + " (the network's metadata says dim " + std::to_string(o.dim) +
-                     ", hidden widths and time_features that do not fit its tensors)");
-        }
-        expected.push_back(name);
+  if (o.time_features < 0 || o.time_features % 2 != 0) {
+    throw in.fail("the network's time_features must be an even number >= 0, got " + std::to_string(o.time_features));
+  }
+  std::vector<int64_t> widths = o.hidden;
+  widths.push_back(o.dim);
+  int64_t fan_in = o.dim + 1 + o.time_features;
+  std::vector<std::string> expected;
+  for (size_t i = 0; i < widths.size(); ++i) {
+    const std::string layer = std::to_string(2 * i) + ".";
+    const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{{layer + "weight", {widths[i], fan_in}},
+                                                                          {layer + "bias", {widths[i]}}};
+    for (const auto& [name, shape] : shapes) {
+      const Tensor t = in.take(name);
+      if (!t.sizes().equals(shape)) {
+        std::string want;
+        for (int64_t n : shape) want += (want.empty() ? "" : ", ") + std::to_string(n);
+        throw in.fail("tensor '" + in.full_name(name) + "' must be [" + want + "], got " + shape_string(t) +
+                      " (the network's metadata says dim " + std::to_string(o.dim) +
+                      ", hidden widths and time_features that do not fit its tensors)");
       }
-      in = widths[i];
+      expected.push_back(name);
     }
-    for (const auto& [name, t] : tensors) {
-      if (name.rfind("__", 0) == 0) continue;  // the archive's own entries (like "__tilt_meta__"), not weights
-      if (name.rfind(prefix, 0) == 0 && std::find(expected.begin(), expected.end(), name) == expected.end()) {
-        throw fail("unexpected tensor '" + name + "': the network's metadata has " + std::to_string(o.hidden.size()) +
-                   " hidden layers");
-      }
+    fan_in = widths[i];
+  }
+  for (const std::string& name : in.names()) {
+    if (std::find(expected.begin(), expected.end(), name) == expected.end()) {
+      throw in.fail("unexpected tensor '" + in.full_name(name) + "': the network's metadata has " +
+                    std::to_string(o.hidden.size()) + " hidden layers");
     }
   }
+}
 
-  VelocityFieldPtr build(const Json& node, const std::string& prefix) const {
-    const std::string kind = node.value("kind", "");
-    if (kind == "gmm") {
-      const Tensor weights = take(prefix + "weights"), means = take(prefix + "means");
-      const Tensor covariances = take(prefix + "covariances");
-      if (means.dim() == 2 && means.size(1) < 1) {
-        throw Error("model file '" + path + "': the mixture's dimension must be >= 1 (tensor '" + prefix +
-                    "means' is " + shape_string(means) + ")");
-      }
-      // GaussianMixture checks the shapes, positive weights and positive definite covariances.
-      auto mixture = std::make_shared<GaussianMixture>(weights, means, covariances);
-      return std::make_shared<GmmVelocity>(mixture, schedule);
-    }
-    if (kind == "mlp") {
-      MlpOptions o;
-      o.dim = whole(node.at("dim"), "dim");
-      o.hidden.clear();
-      if (!node.at("hidden").is_array()) throw Error("model file '" + path + "': 'hidden' must be a list of widths");
-      for (const Json& w : node.at("hidden")) o.hidden.push_back(whole(w, "hidden"));
-      o.time_features = whole(node.at("time_features"), "time_features");
-      check_mlp(o, prefix);
-      auto mlp = std::make_shared<MlpVelocity>(o, schedule, 0);
-      NamedTensors values;
-      for (const auto& [name, value] : mlp->named_parameters()) values.emplace_back(name, take(prefix + name));
-      mlp->load_parameters(values);
-      return mlp;
-    }
-    if (kind == "torchscript") {
-      const Tensor archive = take(prefix + "archive").contiguous();
-      TorchScriptOptions o;
-      o.dim = whole(node.at("dim"), "dim");
-      o.prediction = parse_prediction(node.at("prediction").get<std::string>());
-      o.t_min = node.at("t_min").get<double>();
-      return TorchScriptVelocity::from_bytes(
-          std::string(static_cast<const char*>(archive.data_ptr()), static_cast<size_t>(archive.numel())),
-          "in model file '" + path + "' (" + prefix + "archive)", schedule, o);
-    }
-    if (kind == "finetuned") {
-      auto base = build(node.at("base"), prefix + "base.");
-      auto trainable = build(node.at("trainable"), prefix + "trainable.");
-      trainable->set_trainable(true);  // a TorchScript module is loaded frozen
-      return std::make_shared<FineTunedVelocity>(base, trainable, parse_finetune_mode(node.at("mode").get<std::string>()));
-    }
-    throw Error("model file '" + path + "' has a model of unknown kind '" + kind + "'");
-  }
+VelocityFieldPtr load_mlp(const Json& node, const ModelReader& in) {
+  MlpOptions o;
+  o.dim = in.whole(node.at("dim"), "dim");
+  o.hidden.clear();
+  if (!node.at("hidden").is_array()) throw in.fail("'hidden' must be a list of widths");
+  for (const Json& w : node.at("hidden")) o.hidden.push_back(in.whole(w, "hidden"));
+  o.time_features = in.whole(node.at("time_features"), "time_features");
+  check_mlp(o, in);
+  auto mlp = std::make_shared<MlpVelocity>(o, in.schedule(), 0);
+  NamedTensors values;
+  for (const auto& [name, value] : mlp->named_parameters()) values.emplace_back(name, in.take(name));
+  mlp->load_parameters(values);
+  return mlp;
+}
+
+Json save_torchscript(const VelocityField& field, ModelWriter& out) {
+  const TorchScriptVelocity& ts = as<TorchScriptVelocity>(field);
+  // The TorchScript archive's bytes, so that the model file is self-contained. In Python:
+  // torch.jit.load(io.BytesIO(torch.load(path)["base.archive"].numpy().tobytes())).
+  const std::string bytes = ts.archive();
+  out.put("archive",
+          at::from_blob(const_cast<char*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone());
+  const TorchScriptOptions& o = ts.options();
+  return {{"dim", o.dim}, {"prediction", to_string(o.prediction)}, {"t_min", o.t_min}};
+}
+
+VelocityFieldPtr load_torchscript(const Json& node, const ModelReader& in) {
+  const Tensor archive = in.take("archive").contiguous();
+  TorchScriptOptions o;
+  o.dim = in.whole(node.at("dim"), "dim");
+  o.prediction = parse_prediction(node.at("prediction").get<std::string>());
+  o.t_min = node.at("t_min").get<double>();
+  return TorchScriptVelocity::from_bytes(
+      std::string(static_cast<const char*>(archive.data_ptr()), static_cast<size_t>(archive.numel())),
+      "in model file '" + in.path() + "' (" + in.full_name("archive") + ")", in.schedule(), o);
+}
+
+Json save_finetuned(const VelocityField& field, ModelWriter& out) {
+  const FineTunedVelocity& ft = as<FineTunedVelocity>(field);
+  return {{"mode", to_string(ft.mode())}, {"base", out.nested("base", *ft.base())},
+          {"trainable", out.nested("trainable", *ft.trainable())}};
+}
+
+VelocityFieldPtr load_finetuned(const Json& node, const ModelReader& in) {
+  auto base = in.nested(node.at("base"), "base");
+  auto trainable = in.nested(node.at("trainable"), "trainable");
+  trainable->set_trainable(true);  // a TorchScript module is loaded frozen
+  return std::make_shared<FineTunedVelocity>(base, trainable, parse_finetune_mode(node.at("mode").get<std::string>()));
+}
+
+bool is_builtin(const std::string& kind) {
+  return kind == "gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned";
+}
+
+struct Registry {
+  std::mutex mutex;
+  std::map<std::string, ModelSerialiser> kinds{{"gmm", {save_gmm, load_gmm}},
+                                              {"mlp", {save_mlp, load_mlp}},
+                                              {"torchscript", {save_torchscript, load_torchscript}},
+                                              {"finetuned", {save_finetuned, load_finetuned}}};
 };
+
+Registry& registry() {
+  static Registry r;
+  return r;
+}
+
+// The serialiser of a kind, or nullopt.
+std::optional<ModelSerialiser> find_serialiser(const std::string& kind) {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  const auto it = r.kinds.find(kind);
+  if (it == r.kinds.end()) return std::nullopt;
+  return it->second;
+}
+
+// The field's metadata node, {"kind": ..., <what its serialiser returns>}, its tensors stored in `out`.
+Json describe(const VelocityField& field, ModelWriter& out) {
+  const std::string kind = field.kind();
+  const auto serialiser = find_serialiser(kind);
+  if (!serialiser) {
+    throw Error("cannot save a velocity field of kind '" + kind +
+                "': no serialiser is registered for it (register_model_kind, tilt/io/model_io.h)");
+  }
+  Json node = serialiser->save(field, out);
+  if (node.is_null()) node = Json::object();
+  if (!node.is_object()) throw Error("cannot save a velocity field of kind '" + kind + "': its metadata is not an object");
+  node["kind"] = kind;
+  return node;
+}
+
+VelocityFieldPtr build(const Json& node, const ModelReader& in) {
+  const std::string kind = node.value("kind", "");
+  const auto serialiser = find_serialiser(kind);
+  if (!serialiser) throw Error("model file '" + in.path() + "' has a model of unknown kind '" + kind + "'");
+  VelocityFieldPtr field = serialiser->load(node, in);
+  if (!field) throw in.fail("the serialiser of kind '" + kind + "' built no model");
+  return field;
+}
+
+// Generic loading for register_model_kind: the created field's named parameters, copied from the file.
+void copy_parameters(const VelocityField& field, const ModelReader& in) {
+  const NamedTensors params = field.named_parameters();
+  std::vector<std::string> expected;
+  at::NoGradGuard no_grad;
+  for (const auto& [name, param] : params) {
+    const Tensor value = in.take(name);
+    if (!value.sizes().equals(param.sizes())) {
+      throw in.fail("tensor '" + in.full_name(name) + "' must be " + shape_string(param) + ", got " +
+                    shape_string(value) + " (the model's metadata does not fit its tensors)");
+    }
+    Tensor target = param;
+    target.copy_(value);
+    expected.push_back(name);
+  }
+  for (const std::string& name : in.names()) {
+    if (std::find(expected.begin(), expected.end(), name) == expected.end()) {
+      throw in.fail("unexpected tensor '" + in.full_name(name) + "' for a model of kind '" + field.kind() + "'");
+    }
+  }
+}
+
+}  // namespace
+
+ModelWriter::ModelWriter(std::map<std::string, Tensor>& tensors, std::string prefix)
+    : tensors_(tensors), prefix_(std::move(prefix)) {}
+
+void ModelWriter::put(const std::string& name, const Tensor& value) { tensors_[prefix_ + name] = value.detach(); }
+
+Json ModelWriter::nested(const std::string& name, const VelocityField& field) {
+  ModelWriter child(tensors_, prefix_ + name + ".");
+  return describe(field, child);
+}
+
+ModelReader::ModelReader(const std::string& path, const std::map<std::string, Tensor>& tensors, SchedulePtr schedule,
+                         std::string prefix)
+    : path_(path), tensors_(tensors), schedule_(std::move(schedule)), prefix_(std::move(prefix)) {}
+
+// The named tensor (archive::read has checked that every floating tensor is finite).
+Tensor ModelReader::take(const std::string& name) const {
+  auto it = tensors_.find(prefix_ + name);
+  if (it == tensors_.end()) throw Error("model file '" + path_ + "' is missing tensor '" + prefix_ + name + "'");
+  return it->second;
+}
+
+std::vector<std::string> ModelReader::names() const {
+  std::vector<std::string> out;
+  for (const auto& [name, t] : tensors_) {
+    if (name.rfind("__", 0) == 0) continue;  // the archive's own entries (like "__tilt_meta__"), not weights
+    if (name.rfind(prefix_, 0) == 0) out.push_back(name.substr(prefix_.size()));
+  }
+  return out;
+}
+
+// A whole number in the metadata (nlohmann's get<int64_t> would truncate 2.5 to 2).
+int64_t ModelReader::whole(const Json& value, const std::string& key) const {
+  if (!value.is_number_integer()) {
+    throw Error("model file '" + path_ + "': '" + key + "' must be a whole number, got " + value.dump());
+  }
+  return value.get<int64_t>();
+}
+
+VelocityFieldPtr ModelReader::nested(const Json& node, const std::string& name) const {
+  return build(node, ModelReader(path_, tensors_, schedule_, prefix_ + name + "."));
+}
+
+Error ModelReader::fail(const std::string& why) const { return Error("model file '" + path_ + "': " + why); }
+
+void register_model_serialiser(const std::string& kind, ModelSerialiser serialiser) {
+  if (kind.empty()) throw Error("register_model_serialiser: the kind must not be empty");
+  if (!serialiser.save || !serialiser.load) {
+    throw Error("register_model_serialiser: kind '" + kind + "' needs both a save and a load function");
+  }
+  if (is_builtin(kind)) throw Error("register_model_serialiser: '" + kind + "' is one of tilt's own model kinds");
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.kinds[kind] = std::move(serialiser);
+}
+
+void register_model_kind(const std::string& kind, std::function<Json(const VelocityField&)> describe_field,
+                         std::function<VelocityFieldPtr(const Json&, SchedulePtr)> create) {
+  if (!describe_field || !create) throw Error("register_model_kind: kind '" + kind + "' needs describe and create");
+  ModelSerialiser serialiser;
+  serialiser.save = [describe_field](const VelocityField& field, ModelWriter& out) {
+    for (const auto& [name, value] : field.named_parameters()) out.put(name, value);
+    return describe_field(field);
+  };
+  serialiser.load = [create, kind](const Json& meta, const ModelReader& in) {
+    VelocityFieldPtr field = create(meta, in.schedule());
+    if (!field) throw in.fail("creating the model of kind '" + kind + "' gave no model");
+    copy_parameters(*field, in);
+    return field;
+  };
+  register_model_serialiser(kind, std::move(serialiser));
+}
+
+std::vector<std::string> registered_model_kinds() {
+  Registry& r = registry();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  std::vector<std::string> out;
+  for (const auto& [kind, serialiser] : r.kinds) out.push_back(kind);
+  return out;
+}
+
+namespace {
 
 // Finite weights can still overflow float32 (weights of 1e38 give inf after one layer, then NaN):
 // the velocity at a few fixed points, at the start, middle and end of the time interval, must be
@@ -191,7 +335,8 @@ void save_velocity(const VelocityField& field, const std::string& path, const Js
   Json meta;
   meta["format"] = kFormat;
   meta["version"] = kVersion;
-  meta["model"] = describe(field, "", tensors);
+  ModelWriter writer(tensors, "");
+  meta["model"] = describe(field, writer);
   meta["schedule"]["type"] = field.schedule()->name();
   for (const auto& [k, v] : field.schedule()->parameters()) meta["schedule"][k] = v;
   meta["info"] = extra;
@@ -207,9 +352,9 @@ LoadedModel load_velocity(const std::string& path) {
     for (auto it = meta.at("schedule").begin(); it != meta.at("schedule").end(); ++it) {
       if (it.key() != "type") params.emplace_back(it.key(), it.value().get<double>());
     }
-    Reader reader{path, tensors, make_schedule(meta.at("schedule").at("type").get<std::string>(), params)};
+    const ModelReader reader(path, tensors, make_schedule(meta.at("schedule").at("type").get<std::string>(), params), "");
     LoadedModel out;
-    out.field = reader.build(meta.at("model"), "");
+    out.field = build(meta.at("model"), reader);
     out.info = meta.value("info", Json::object());
     check_velocity_is_finite(*out.field, path);
     return out;

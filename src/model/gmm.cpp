@@ -1,4 +1,5 @@
 #include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
@@ -359,6 +360,8 @@ GmmVelocity::GmmVelocity(std::shared_ptr<const GaussianMixture> mixture, Schedul
   if (!mixture_) throw Error("GmmVelocity: no mixture given");
 }
 
+VelocityFieldPtr GmmVelocity::clone() const { return std::make_shared<GmmVelocity>(mixture_, schedule()); }
+
 Tensor GmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
   check_batch(x, dim(), "x");
   check_time(t, x.size(0), "t");
@@ -368,6 +371,13 @@ Tensor GmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
 Tensor GmmVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
   check_batch(x, dim(), "x");
   return mixture_->velocity_vjp(x, schedule()->at(at::scalar_tensor(t, x.options())), a, v_out);
+}
+
+std::optional<GaussianMixture> exact_tilt(const Reward& reward, const GaussianMixture& base, double lambda,
+                                          double* log_z) {
+  const auto* closed_form = dynamic_cast<const MixtureTilt*>(&reward);
+  if (!closed_form) return std::nullopt;
+  return closed_form->tilt(base, lambda, log_z);
 }
 
 }  // namespace tilt

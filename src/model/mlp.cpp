@@ -3,6 +3,7 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "gemm.h"
+#include "mlp_tape.h"
 #include "silu_kernel.h"
 
 #include <torch/nn/modules/activation.h>
@@ -106,15 +107,26 @@ Tensor reuse(Tensor* slot, at::IntArrayRef sizes, const at::TensorOptions& opts)
   return *slot;
 }
 
+// The MLP's own tape behind the interface (a tape of another network is an error, not a crash).
+MlpTape& mlp_tape(Tape& tape) {
+  auto* mine = dynamic_cast<MlpTape*>(&tape);
+  if (!mine) throw Error("mlp: the tape was not made by MlpVelocity::new_tape");
+  return *mine;
+}
+const MlpTape& mlp_tape(const Tape& tape) { return mlp_tape(const_cast<Tape&>(tape)); }
+
 }  // namespace
+
+std::unique_ptr<Tape> MlpVelocity::new_tape() const { return std::make_unique<MlpTape>(); }
 
 // The layers are z_1 = W_1 [x, e(t)] + b_1, z_{l+1} = W_{l+1} silu(z_l) + b_{l+1}, v = z_L. Splitting
 // W_1 = [W_1x | W_1t] gives z_1 = x W_1x^T + (b_1 + e(t) W_1t^T): at one time t the second term is a
 // single row, broadcast over the batch. Each hidden layer is one matrix product without bias and one
 // fused pass (detail::bias_silu) that adds the bias, applies SiLU and, for a tape, leaves silu'(z_l) in
 // the product's buffer. The tape's tensors are overwritten in place when they can be (see reuse()).
-Tensor MlpVelocity::forward_taped(const Tensor& x, double t, MlpTape* tape, bool keep_activations) const {
+Tensor MlpVelocity::forward_taped(const Tensor& x, double t, Tape* any_tape, bool keep_activations) const {
   check_batch(x, options_.dim, "x");
+  MlpTape* tape = any_tape ? &mlp_tape(*any_tape) : nullptr;
   at::NoGradGuard no_grad;
   const auto& L = impl_->layers;
   const int64_t d = options_.dim, B = x.size(0);
@@ -165,8 +177,9 @@ Tensor backward_layer(const Tensor& g, const Tensor& W, const Tensor& slope) {
 }  // namespace
 
 // (dv/dx)^T a = W_1x^T D_1 W_2^T D_2 ... W_L^T a with D_l = diag(silu'(z_l)), applied right to left.
-Tensor MlpVelocity::vjp_taped(const MlpTape& tape, const Tensor& a) const {
+Tensor MlpVelocity::vjp_taped(const Tape& any_tape, const Tensor& a) const {
   check_batch(a, options_.dim, "adjoint");
+  const MlpTape& tape = mlp_tape(any_tape);
   at::NoGradGuard no_grad;
   const auto& L = impl_->layers;
   if (tape.slope.size() + 1 != L.size()) throw Error("mlp: the tape has no activations of this network");
@@ -187,7 +200,7 @@ Tensor MlpVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_ou
 // Backpropagation by hand through the taped layers, one tape (one time) at a time, the gradients of
 // the weights accumulated over tapes: dW_l += g_l^T silu(z_{l-1}), db_l += sum_rows g_l,
 // g_{l-1} = (g_l W_l) silu'(z_{l-1}); and for the first layer dW_1x += g_1^T x, dW_1t += (sum_rows g_1)^T e(t).
-std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const MlpTape*>& tapes,
+std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const Tape*>& tapes,
                                                  const std::vector<Tensor>& g) const {
   if (tapes.size() != g.size()) throw Error("mlp: parameter_grads needs one output gradient per tape");
   at::NoGradGuard no_grad;
@@ -202,7 +215,7 @@ std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const MlpTape
   Tensor g_sums = at::empty({static_cast<int64_t>(tapes.size()), L[0]->weight.size(0)}, L[0]->weight.options());
   Tensor embeddings = at::empty({static_cast<int64_t>(tapes.size()), in_t}, L[0]->weight.options());
   for (size_t i = 0; i < tapes.size(); ++i) {
-    const MlpTape& tape = *tapes[i];
+    const MlpTape& tape = mlp_tape(*tapes[i]);
     if (tape.h.size() + 1 != L.size() || tape.slope.size() + 1 != L.size()) {
       throw Error("mlp: parameter_grads needs tapes recorded with keep_activations");
     }
@@ -263,9 +276,11 @@ void MlpVelocity::set_trainable(bool trainable) {
 
 std::string matrix_library() { return detail::gemm_library(); }
 
-std::shared_ptr<MlpVelocity> MlpVelocity::clone() const {
+VelocityFieldPtr MlpVelocity::clone() const {
   auto copy = std::make_shared<MlpVelocity>(options_, schedule(), 0);
   copy->load_parameters(named_parameters());
+  const NamedTensors mine = named_parameters(), theirs = copy->named_parameters();
+  for (size_t i = 0; i < mine.size(); ++i) theirs[i].second.set_requires_grad(mine[i].second.requires_grad());
   return copy;
 }
 

@@ -4,8 +4,38 @@
 #include "tilt/core/error.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 namespace tilt {
+
+Tensor Reward::grad(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  at::AutoGradMode enable_grad(true);
+  const Tensor xg = x.detach().requires_grad_(true);
+  const Tensor r = value(xg);
+  // A reward that does not depend on x (or detaches it) has gradient 0.
+  if (!r.requires_grad()) return at::zeros_like(x);
+  Tensor g = torch::autograd::grad({r.sum()}, {xg}, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                                   /*create_graph=*/false, /*allow_unused=*/true)[0];
+  return g.defined() ? g : at::zeros_like(x);
+}
+
+FunctionReward::FunctionReward(int64_t dim, Function r, std::string kind)
+    : dim_(dim), r_(std::move(r)), kind_(std::move(kind)) {
+  if (dim_ < 1) throw Error("reward '" + kind_ + "': dim must be >= 1, got " + std::to_string(dim_));
+  if (!r_) throw Error("reward '" + kind_ + "': no function given");
+}
+
+Tensor FunctionReward::value(const Tensor& x) const {
+  check_batch(x, dim_, "x");
+  Tensor r = r_(x);
+  if (!r.defined() || r.dim() != 1 || r.size(0) != x.size(0)) {
+    throw Error("reward '" + kind_ + "': the function must return one value per row, [" +
+                std::to_string(x.size(0)) + "], got " + shape_string(r));
+  }
+  return r;
+}
 
 LinearReward::LinearReward(Tensor a) : a_(a.defined() ? a.to(at::kDouble).contiguous() : a) {
   if (!a_.defined() || a_.dim() != 1 || a_.size(0) < 1) {

@@ -20,6 +20,8 @@
 #include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <map>
+#include <mutex>
 #include <sstream>
 
 namespace tilt {
@@ -284,7 +286,7 @@ void TorchScriptVelocity::set_trainable(bool trainable) {
   for (auto p : impl_->module.parameters()) p.set_requires_grad(trainable);
 }
 
-std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::clone() const {
+VelocityFieldPtr TorchScriptVelocity::clone() const {
   auto impl = std::make_unique<Impl>();
   {
     // Without gradient recording the copies are leaves, not outputs of clone() with a history.
@@ -433,26 +435,52 @@ std::string schedule_source(const Schedule& schedule) {
   throw Error("export: no TorchScript form of the '" + name + "' schedule");
 }
 
+// The exporters of users' kinds (register_torchscript_export).
+struct UserExporters {
+  std::mutex mutex;
+  std::map<std::string, std::function<std::string(const VelocityField&)>> kinds;
+};
+
+UserExporters& user_exporters() {
+  static UserExporters r;
+  return r;
+}
+
+bool is_builtin_kind(const std::string& kind) {
+  return kind == "gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned";
+}
+
+// The field as its kind's own class: a field that calls itself "mlp" must be tilt's MlpVelocity.
+template <class T>
+const T& as(const VelocityField& field) {
+  const auto* typed = dynamic_cast<const T*>(&field);
+  if (!typed) throw Error("export: the velocity field of kind '" + field.kind() + "' is not tilt's own '" +
+                          field.kind() + "' (a user's field needs a kind of its own)");
+  return *typed;
+}
+
 class Exporter {
  public:
+  // The module of one field, by its kind: tilt's own kinds here, users' kinds by their exporters.
   torch::jit::Module module_of(const VelocityField& field) {
-    if (auto mlp = dynamic_cast<const MlpVelocity*>(&field)) return mlp_module(*mlp);
-    if (auto ts = dynamic_cast<const TorchScriptVelocity*>(&field)) return torchscript_module(*ts);
-    if (auto ft = dynamic_cast<const FineTunedVelocity*>(&field)) {
-      if (ft->mode() == FineTuneMode::copy) return module_of(*ft->trainable());
-      torch::jit::Module m = make("FineTunedVelocity");
-      m.register_module("base", module_of(*ft->base()));
-      m.register_module("residual", module_of(*ft->trainable()));
-      m.define(
-          "def forward(self, x, t):\n"
-          "    return self.base.forward(x, t) + self.residual.forward(x, t)\n");
-      return m;
+    using Method = torch::jit::Module (Exporter::*)(const VelocityField&);
+    static const std::map<std::string, Method> builtin{{"mlp", &Exporter::mlp_module},
+                                                       {"torchscript", &Exporter::torchscript_module},
+                                                       {"finetuned", &Exporter::finetuned_module},
+                                                       {"gmm", &Exporter::gmm_module}};
+    const std::string kind = field.kind();
+    if (const auto it = builtin.find(kind); it != builtin.end()) return (this->*(it->second))(field);
+    std::function<std::string(const VelocityField&)> exporter;
+    {
+      UserExporters& r = user_exporters();
+      std::lock_guard<std::mutex> lock(r.mutex);
+      if (const auto it = r.kinds.find(kind); it != r.kinds.end()) exporter = it->second;
     }
-    if (dynamic_cast<const GmmVelocity*>(&field)) {
-      throw Error("export: the exact Gaussian-mixture velocity has no TorchScript form in tilt (not supported); "
-                  "export a model whose base is a network (tilt pretrain) or a TorchScript module");
+    if (!exporter) {
+      throw Error("export: cannot export a velocity field of kind '" + kind +
+                  "' (no TorchScript exporter is registered for it: register_torchscript_export)");
     }
-    throw Error("export: cannot export a velocity field of kind '" + field.kind() + "'");
+    return user_module(kind, exporter(field));
   }
 
   // The outer module: accepts a 0-dim t as well as t [B].
@@ -472,9 +500,38 @@ class Exporter {
     return torch::jit::Module(c10::QualifiedName("__torch__.tilt." + name), cu_, /*shouldMangle=*/true);
   }
 
+  torch::jit::Module finetuned_module(const VelocityField& field) {
+    const FineTunedVelocity& ft = as<FineTunedVelocity>(field);
+    if (ft.mode() == FineTuneMode::copy) return module_of(*ft.trainable());
+    torch::jit::Module m = make("FineTunedVelocity");
+    m.register_module("base", module_of(*ft.base()));
+    m.register_module("residual", module_of(*ft.trainable()));
+    m.define(
+        "def forward(self, x, t):\n"
+        "    return self.base.forward(x, t) + self.residual.forward(x, t)\n");
+    return m;
+  }
+
+  torch::jit::Module gmm_module(const VelocityField&) {
+    throw Error("export: the exact Gaussian-mixture velocity has no TorchScript form in tilt (not supported); "
+                "export a model whose base is a network (tilt pretrain) or a TorchScript module");
+  }
+
+  // A user's exported archive, loaded back to become a submodule.
+  torch::jit::Module user_module(const std::string& kind, const std::string& bytes) {
+    try {
+      std::istringstream in(bytes);
+      return torch::jit::load(in);
+    } catch (const c10::Error& e) {
+      throw Error("export: the TorchScript exporter of kind '" + kind + "' returned no valid archive: " +
+                  first_line(e.what_without_backtrace()));
+    }
+  }
+
   // src/model/mlp.cpp as TorchScript: input [x, t, sin(pi f t), cos(pi f t) for f = 1..n/2],
   // Linear layers with SiLU between.
-  torch::jit::Module mlp_module(const MlpVelocity& mlp) {
+  torch::jit::Module mlp_module(const VelocityField& field) {
+    const MlpVelocity& mlp = as<MlpVelocity>(field);
     torch::jit::Module m = make("Mlp");
     const NamedTensors params = mlp.named_parameters();  // "0.weight", "0.bias", "2.weight", ...
     const int64_t n = mlp.options().time_features;
@@ -503,7 +560,8 @@ class Exporter {
 
   // The scripted module as a submodule, with the same casts, clamp and conversion as
   // TorchScriptVelocity::velocity.
-  torch::jit::Module torchscript_module(const TorchScriptVelocity& ts) {
+  torch::jit::Module torchscript_module(const VelocityField& field) {
+    const TorchScriptVelocity& ts = as<TorchScriptVelocity>(field);
     torch::jit::Module m = make("ConvertedVelocity");
     torch::jit::Module inner;
     {
@@ -540,6 +598,14 @@ class Exporter {
 };
 
 }  // namespace
+
+void register_torchscript_export(const std::string& kind, std::function<std::string(const VelocityField&)> exporter) {
+  if (kind.empty() || !exporter) throw Error("register_torchscript_export: needs a kind and an exporter");
+  if (is_builtin_kind(kind)) throw Error("register_torchscript_export: '" + kind + "' is one of tilt's own model kinds");
+  UserExporters& r = user_exporters();
+  std::lock_guard<std::mutex> lock(r.mutex);
+  r.kinds[kind] = std::move(exporter);
+}
 
 std::string export_torchscript(const VelocityField& field) {
   Exporter exporter;

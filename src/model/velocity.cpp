@@ -1,6 +1,5 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/velocity.h"
-#include "tilt/model/torchscript.h"
 
 #include "tilt/core/error.h"
 
@@ -24,6 +23,12 @@ Tensor VelocityField::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_
   Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
   if (v_out) *v_out = v.detach();
   return g;
+}
+
+VelocityFieldPtr VelocityField::clone() const {
+  throw Error("the velocity field of kind '" + kind() +
+              "' cannot be copied: it does not implement VelocityField::clone() (fine-tuning in copy mode "
+              "needs it; residual mode does not)");
 }
 
 FineTuneMode parse_finetune_mode(const std::string& name) {
@@ -58,6 +63,11 @@ Tensor FineTunedVelocity::velocity(const Tensor& x, const Tensor& t) const {
   return base_->velocity(x, t) + trainable_->velocity(x, t);
 }
 
+VelocityFieldPtr FineTunedVelocity::clone() const {
+  auto copy = std::make_shared<FineTunedVelocity>(base_->clone(), trainable_->clone(), mode_);
+  return copy;
+}
+
 Tensor FineTunedVelocity::delta(const Tensor& x, const Tensor& t, const Tensor& v_base) const {
   if (mode_ == FineTuneMode::residual) return trainable_->velocity(x, t);
   return trainable_->velocity(x, t) - v_base;
@@ -68,18 +78,12 @@ std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTun
                                                   int64_t time_features, uint64_t seed) {
   if (!base) throw Error("fine-tuned model: no base model");
   if (mode == FineTuneMode::copy) {
-    if (auto ts = std::dynamic_pointer_cast<TorchScriptVelocity>(base)) {
-      auto copy = ts->clone();
-      copy->set_trainable(true);
-      return std::make_shared<FineTunedVelocity>(base, copy, mode);
-    }
-    auto mlp = std::dynamic_pointer_cast<MlpVelocity>(base);
-    if (!mlp) {
+    VelocityFieldPtr copy = base->clone();
+    copy->set_trainable(true);
+    if (copy->parameters().empty()) {
       throw Error("fine-tuning model 'copy' needs a network base, but the base is '" + base->kind() +
                   "' (use model = \"residual\")");
     }
-    auto copy = mlp->clone();
-    copy->set_trainable(true);
     return std::make_shared<FineTunedVelocity>(base, copy, mode);
   }
   MlpOptions options;

@@ -2,8 +2,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
-#include "tilt/model/gmm.h"
-#include "tilt/model/mlp.h"
+#include "tilt/model/taped.h"
 #include "tilt/sde/engine.h"
 
 #include <ATen/ATen.h>
@@ -164,7 +163,7 @@ std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
 }
 
 bool AdjointMatching::taped() const {
-  return options_.tape_activations && std::dynamic_pointer_cast<MlpVelocity>(model_->trainable()) != nullptr;
+  return options_.tape_activations && model_->trainable()->taped_network() != nullptr;
 }
 
 LossOutput AdjointMatching::compute(Generator& gen) {
@@ -224,7 +223,7 @@ namespace tilt {
 struct AdjointMatching::Tapes {
   struct Block {
     int64_t r0 = 0, n = 0;
-    std::vector<MlpTape> base, trainable;
+    std::vector<std::unique_ptr<Tape>> base, trainable;
     std::vector<Tensor> x, v_base, net_out, a;  // X_k, v_base(X_k), the trainable net's output, a_k
     std::vector<Tensor> terms;                  // |residual|^2 per loss step, [n]
     std::vector<Tensor> grads;                  // this block's share of dL/dtheta
@@ -239,11 +238,11 @@ int64_t AdjointMatching::taped_blocks() const {
 }
 
 // The same iteration as compute()'s autograd path, with the networks run once. The rollout records the
-// activations of the trainable MLP (and of an MLP base) at every step; the lean adjoint takes the base's
+// activations of the trainable network (and of a taped base) at every step; the lean adjoint takes the base's
 // VJPs from the tapes; the regression's residuals come from the taped outputs, and the gradient of the
 // loss with respect to them,
 //   dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k)   (0 for clipped terms),
-// is backpropagated through the taped layers by hand (MlpVelocity::parameter_grads). The loss returned
+// is backpropagated through the taped layers by hand (TapedNetwork::parameter_grads). The loss returned
 // is the value plus sum_p <p - stop_grad(p), dL/dp>, which is the value itself and whose gradient is dL/dp.
 //
 // Every row of the batch is independent until the sums of the loss and of the gradients, so on the CPU
@@ -253,8 +252,8 @@ int64_t AdjointMatching::taped_blocks() const {
 // region spend more time meeting than multiplying). The random draws are made up front, in the order of
 // simulate(), so the blocks see exactly the numbers the whole batch would.
 LossOutput AdjointMatching::compute_taped(Generator& gen) {
-  const auto trainable = std::dynamic_pointer_cast<MlpVelocity>(model_->trainable());
-  const auto base_mlp = std::dynamic_pointer_cast<MlpVelocity>(model_->base());
+  const TapedNetwork* trainable = model_->trainable()->taped_network();
+  const TapedNetwork* base_taped = model_->base()->taped_network();
   const VelocityField& base = *model_->base();
   const bool residual_mode = model_->mode() == FineTuneMode::residual;
   const int64_t B = options_.batch_size, K = grid_.steps(), d = model_->dim();
@@ -275,10 +274,9 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
       if (!kernels[k].deterministic()) noise[k] = at::randn(x0.sizes(), gen, x0.options());
     }
 
-    // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (an MLP or an
-    // exact mixture); at least 16 rows each.
-    const bool split = x0.device().is_cpu() &&
-                       (base_mlp || dynamic_cast<const GmmVelocity*>(&base) != nullptr);
+    // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (a taped network
+    // or an exact mixture: VelocityField::vjp_needs_autograd); at least 16 rows each.
+    const bool split = x0.device().is_cpu() && (base_taped || !base.vjp_needs_autograd());
     const int64_t n_blocks = split ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16)) : 1;
     if (!tapes_) tapes_ = std::make_unique<Tapes>();
     auto& blocks = tapes_->blocks;
@@ -289,6 +287,10 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
       b.n = B * (i + 1) / n_blocks - b.r0;
       b.base.resize(static_cast<size_t>(K));
       b.trainable.resize(static_cast<size_t>(K));
+      for (size_t k = 0; k < b.base.size(); ++k) {
+        if (!b.trainable[k]) b.trainable[k] = trainable->new_tape();
+        if (base_taped && !b.base[k]) b.base[k] = base_taped->new_tape();
+      }
       b.x.assign(1, x0.narrow(0, b.r0, b.n));
       b.v_base.assign(static_cast<size_t>(K), Tensor());
       b.net_out.assign(static_cast<size_t>(K), Tensor());
@@ -309,19 +311,19 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
       for (int64_t k = 0; k < steps; ++k) {
         const double t = grid_[k];
         const Tensor& xk = b.x.back();
-        b.v_base[k] = base_mlp ? base_mlp->forward_taped(xk, t, &b.base[k]) : base.velocity(xk, t);
-        b.net_out[k] = trainable->forward_taped(xk, t, &b.trainable[k], true);
+        b.v_base[k] = base_taped ? base_taped->forward_taped(xk, t, b.base[k].get()) : base.velocity(xk, t);
+        b.net_out[k] = trainable->forward_taped(xk, t, b.trainable[k].get(), true);
         const Tensor v = residual_mode ? b.v_base[k] + b.net_out[k] : b.net_out[k];
         b.x.push_back(kernels[k].next(xk, v, noise[k].defined() ? noise[k].narrow(0, b.r0, b.n) : Tensor()));
       }
       if (final_noiseless) {
         const double t = grid_[K - 1];
-        b.v_base[K - 1] = base_mlp ? base_mlp->forward_taped(b.x[K - 1], t, &b.base[K - 1]) : base.velocity(b.x[K - 1], t);
+        b.v_base[K - 1] = base_taped ? base_taped->forward_taped(b.x[K - 1], t, b.base[K - 1].get()) : base.velocity(b.x[K - 1], t);
       }
     });
     clock.lap(&times.rollout_s);
 
-    // Lean adjoint from the tapes (or the base's own VJP when it is not an MLP); with the noiseless
+    // Lean adjoint from the tapes (or the base's own VJP when it is not taped); with the noiseless
     // final step, X^_1 = X_{K-1} + h v_base(X_{K-1}).
     const std::vector<StepKernel> back = adjoint_kernels(base_sde_, grid_, final_noiseless);
     std::vector<Tensor> x1_parts;
@@ -331,7 +333,7 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     each_block([&](Tapes::Block& b) {
       b.a[K] = a_K.narrow(0, b.r0, b.n);
       lean_adjoint_recursion(b.a, back, [&](int64_t k, const Tensor& a) {
-        return base_mlp ? base_mlp->vjp_taped(b.base[k], a) : base.vjp(b.x[k], grid_[k], a);
+        return base_taped ? base_taped->vjp_taped(*b.base[k], a) : base.vjp(b.x[k], grid_[k], a);
       });
     });
     clock.lap(&times.adjoint_s);
@@ -342,10 +344,10 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     const bool clip = options_.clip_factor > 0;
     const double lct = options_.clip_factor * options_.lambda * options_.lambda;
     each_block([&](Tapes::Block& b) {
-      std::vector<const MlpTape*> used;
+      std::vector<const Tape*> used;
       std::vector<Tensor> g_out;
       for (int64_t k : loss_k) {
-        if (!b.net_out[k].defined()) b.net_out[k] = trainable->forward_taped(b.x[k], grid_[k], &b.trainable[k], true);
+        if (!b.net_out[k].defined()) b.net_out[k] = trainable->forward_taped(b.x[k], grid_[k], b.trainable[k].get(), true);
         const Tensor delta = residual_mode ? b.net_out[k] : b.net_out[k] - b.v_base[k];
         const Tensor residual = scale_[k] * at::add(delta, b.a[k], rho_[k]);
         const Tensor terms = residual.pow(2).sum(1);
@@ -353,7 +355,7 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
         if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
         b.terms.push_back(terms);
         g_out.push_back(g);
-        used.push_back(&b.trainable[k]);
+        used.push_back(b.trainable[k].get());
       }
       b.grads = trainable->parameter_grads(used, g_out);
     });
@@ -381,7 +383,7 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     out.metrics.emplace_back("adjoint_norm_t0", at::cat(a0_parts).norm(2, {1}).mean().item<double>());
   }
   // A loss whose value is the loss and whose gradient with respect to the parameters is `grads`.
-  const std::vector<Tensor> params = trainable->parameters();
+  const std::vector<Tensor> params = model_->trainable()->parameters();
   if (params.size() != grads.size()) throw Error("adjoint matching: the trainable network has frozen parameters");
   Tensor zero;
   for (size_t i = 0; i < params.size(); ++i) {

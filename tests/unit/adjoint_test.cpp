@@ -8,6 +8,7 @@
 
 #include "../support/helpers.h"
 #include "model/gemm.h"  // internal headers: the kernels of the hand-written passes
+#include "model/mlp_tape.h"
 #include "model/silu_kernel.h"
 
 #include <ATen/ATen.h>
@@ -201,7 +202,7 @@ TEST(MlpTape, ForwardVjpAndParameterGradientsEqualAutograd) {
     // Parameter gradients of sum_i <g_i, v(x_i, t_i)> over tapes at different times and batch sizes.
     const std::vector<double> times{0.1, 0.55, 0.9};
     std::vector<MlpTape> tapes(times.size());
-    std::vector<const MlpTape*> used;
+    std::vector<const Tape*> used;
     std::vector<at::Tensor> g;
     at::Tensor objective = at::zeros({});
     for (size_t i = 0; i < times.size(); ++i) {

@@ -57,9 +57,6 @@ class ClassifierReward : public Reward {
   int64_t dim() const override { return classifier_->options().dim; }
   Tensor value(const Tensor& x) const override;
   Tensor grad(const Tensor& x) const override;
-  std::optional<GaussianMixture> tilt(const GaussianMixture&, double, double* = nullptr) const override {
-    return std::nullopt;
-  }
   const MlpClassifier& classifier() const { return *classifier_; }
   int64_t target_class() const { return class_; }
 

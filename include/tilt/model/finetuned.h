@@ -30,6 +30,8 @@ class FineTunedVelocity : public VelocityField {
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
   std::vector<Tensor> parameters() const override { return trainable_->parameters(); }
   void set_trainable(bool trainable) override { trainable_->set_trainable(trainable); }
+  /// Clones of the base (frozen) and of the trainable network.
+  VelocityFieldPtr clone() const override;
 
   /// v_theta(x, t) - v_base(x, t), given v_base(x, t) already computed (the residual mode does
   /// not need it: the difference is the residual network itself).
@@ -46,8 +48,8 @@ class FineTunedVelocity : public VelocityField {
 };
 
 /// Builds the fine-tuned field from a base: in residual mode a new residual MLP with the given
-/// hidden widths (zero last layer) seeded by `seed`; in copy mode a clone of the base network
-/// (an MLP, or a TorchScript module: a deep copy of it).
+/// hidden widths (zero last layer) seeded by `seed`; in copy mode base->clone(), made trainable (a
+/// network with parameters: an MLP, a TorchScript module or a user's field that implements clone()).
 std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
                                                   const std::vector<int64_t>& hidden,
                                                   int64_t time_features, uint64_t seed);

@@ -16,8 +16,11 @@
 #include "tilt/schedule/schedule.h"
 
 #include <memory>
+#include <optional>
 
 namespace tilt {
+
+class Reward;
 
 class GaussianMixture {
  public:
@@ -78,10 +81,29 @@ class GmmVelocity : public VelocityField {
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
   /// Closed form (GaussianMixture::velocity_vjp): about 2x faster than autograd in the lean adjoint.
   Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const override;
+  bool vjp_needs_autograd() const override { return false; }
+  /// The same field (the mixture is immutable and shared; there are no parameters).
+  VelocityFieldPtr clone() const override;
   const GaussianMixture& mixture() const { return *mixture_; }
 
  private:
   std::shared_ptr<const GaussianMixture> mixture_;
 };
+
+/// The capability of a reward r whose tilt of a Gaussian mixture is a Gaussian mixture again
+/// (LinearReward, QuadraticReward, GmmLogDensityReward): a reward class implements it besides Reward.
+class MixtureTilt {
+ public:
+  virtual ~MixtureTilt() = default;
+  /// p_base exp(lambda r) / Z when it is a Gaussian mixture again, with log Z in *log_z; nullopt
+  /// when there is no closed form (e.g. for some lambda only).
+  virtual std::optional<GaussianMixture> tilt(const GaussianMixture& base, double lambda,
+                                              double* log_z = nullptr) const = 0;
+};
+
+/// The exact tilted target p_base exp(lambda r) / Z of a reward with the MixtureTilt capability (log Z
+/// in *log_z); nullopt for every other reward.
+std::optional<GaussianMixture> exact_tilt(const Reward& reward, const GaussianMixture& base, double lambda,
+                                          double* log_z = nullptr);
 
 }  // namespace tilt

@@ -1,6 +1,7 @@
 // A multilayer perceptron velocity field v_theta(x, t) with a sinusoidal time embedding.
 #pragma once
 
+#include "tilt/model/taped.h"
 #include "tilt/model/velocity.h"
 
 #include <memory>
@@ -9,17 +10,6 @@
 
 namespace tilt {
 
-/// The activations of one forward pass at a single time t (MlpVelocity::forward_taped), kept so that
-/// the input VJP and the parameter gradients can be computed by hand, without an autograd graph:
-/// the fast path of Adjoint Matching tapes the rollout and never runs the networks forward again.
-struct MlpTape {
-  double t = 0;
-  Tensor x;               ///< the input [B, d]
-  std::vector<Tensor> slope;  ///< silu'(z_l) at the hidden layers' pre-activations z_l, [B, H_l]: all a
-                             ///< backward pass needs of them
-  std::vector<Tensor> h;      ///< the activations silu(z_l) (kept only if asked for: parameter gradients need them)
-};
-
 struct MlpOptions {
   int64_t dim = 2;                              ///< d, the data dimension
   std::vector<int64_t> hidden{256, 256, 256};   ///< widths of the hidden layers (SiLU between)
@@ -27,7 +17,8 @@ struct MlpOptions {
   bool zero_output = false;                     ///< initialise the last layer to 0 (residual nets)
 };
 
-class MlpVelocity : public VelocityField {
+/// A taped network (tilt/model/taped.h): Adjoint Matching's fast path runs it without autograd.
+class MlpVelocity : public VelocityField, public TapedNetwork {
  public:
   /// Initialises the weights from `seed` (PyTorch's default uniform(+-1/sqrt(fan_in)) law).
   MlpVelocity(const MlpOptions& options, SchedulePtr schedule, uint64_t seed);
@@ -42,25 +33,25 @@ class MlpVelocity : public VelocityField {
   /// The input VJP (dv/dx)^T a by hand: one taped forward pass and the transposed chain of layers,
   /// no autograd (checked against autograd in the tests).
   Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const override;
+  bool vjp_needs_autograd() const override { return false; }
 
-  /// v(x, t) at one time for the whole batch, without gradients, recording the activations in `tape`
-  /// (if not null; with keep_activations the silu outputs too). The time embedding enters the first
-  /// layer as one bias row per call, b_1 + W_1t e(t), instead of B identical rows.
-  Tensor forward_taped(const Tensor& x, double t, MlpTape* tape, bool keep_activations = false) const;
-  /// (dv/dx)^T a at the taped point.
-  Tensor vjp_taped(const MlpTape& tape, const Tensor& a) const;
-  /// The gradients of sum_i sum_rows <g_i, v(x_i, t_i)> with respect to every parameter (in the order of
-  /// named_parameters()), from tapes recorded with keep_activations; g[i] is [B_i, d]. Replaces a
-  /// forward and a backward pass of autograd when the activations are already known.
-  std::vector<Tensor> parameter_grads(const std::vector<const MlpTape*>& tapes, const std::vector<Tensor>& g) const;
+  const TapedNetwork* taped_network() const override { return this; }
+  std::unique_ptr<Tape> new_tape() const override;
+  /// The time embedding enters the first layer as one bias row per call, b_1 + W_1t e(t), instead of
+  /// B identical rows.
+  Tensor forward_taped(const Tensor& x, double t, Tape* tape, bool keep_activations = false) const override;
+  Tensor vjp_taped(const Tape& tape, const Tensor& a) const override;
+  /// Replaces a forward and a backward pass of autograd when the activations are already known.
+  std::vector<Tensor> parameter_grads(const std::vector<const Tape*>& tapes,
+                                      const std::vector<Tensor>& g) const override;
 
   const MlpOptions& options() const { return options_; }
-  NamedTensors named_parameters() const;
+  NamedTensors named_parameters() const override;
   /// Copies values in; throws tilt::Error naming a missing, unexpected or mis-shaped tensor.
   void load_parameters(const NamedTensors& values);
   void set_trainable(bool trainable) override;
-  /// A deep copy with its own parameters.
-  std::shared_ptr<MlpVelocity> clone() const;
+  /// A deep copy with its own parameters (trainable where these are).
+  VelocityFieldPtr clone() const override;
 
  private:
   struct Impl;

@@ -1,10 +1,13 @@
 // Rewards r(x) with their gradients. Fine-tuning targets p*(x) ∝ p_base(x) exp(lambda r(x))
-// (docs/equations.md, E18); for a Gaussian-mixture base each reward here says whether p* is closed form.
+// (docs/equations.md, E18). A reward needs only its value: the gradient defaults to autograd. The
+// closed-form rewards below also implement MixtureTilt (tilt/model/gmm.h): for a Gaussian-mixture
+// base they give p* exactly (exact_tilt).
 #pragma once
 
 #include "tilt/core/tensor.h"
 #include "tilt/model/gmm.h"
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -18,18 +21,33 @@ class Reward {
   virtual int64_t dim() const = 0;
   /// r(x), shape [B].
   virtual Tensor value(const Tensor& x) const = 0;
-  /// grad_x r(x), shape [B, d].
-  virtual Tensor grad(const Tensor& x) const = 0;
-  /// The exact tilted target p_base exp(lambda r) / Z when it is a Gaussian mixture again, with
-  /// log Z in *log_z; nullopt when there is no closed form.
-  virtual std::optional<GaussianMixture> tilt(const GaussianMixture& base, double lambda,
-                                              double* log_z = nullptr) const = 0;
+  /// grad_x r(x), shape [B, d]. The default differentiates value() by autograd (with gradients
+  /// enabled even under a NoGradGuard); rewards with a closed-form gradient override it.
+  virtual Tensor grad(const Tensor& x) const;
 };
 
 using RewardPtr = std::shared_ptr<const Reward>;
 
+/// A reward from a C++ callable: r(x) maps x [B, d] to [B] with differentiable tensor operations;
+/// the gradient is taken by autograd. No closed-form tilt.
+class FunctionReward : public Reward {
+ public:
+  using Function = std::function<Tensor(const Tensor& x)>;
+  /// Throws tilt::Error if dim < 1 or the function is empty.
+  FunctionReward(int64_t dim, Function r, std::string kind = "function");
+  std::string kind() const override { return kind_; }
+  int64_t dim() const override { return dim_; }
+  /// Throws tilt::Error naming the reward if r(x) is not of shape [B].
+  Tensor value(const Tensor& x) const override;
+
+ private:
+  int64_t dim_;
+  Function r_;
+  std::string kind_;
+};
+
 /// r(x) = a . x.
-class LinearReward : public Reward {
+class LinearReward : public Reward, public MixtureTilt {
  public:
   explicit LinearReward(Tensor a);
   std::string kind() const override { return "linear"; }
@@ -45,7 +63,7 @@ class LinearReward : public Reward {
 };
 
 /// r(x) = -1/2 (x - c)^T A (x - c), A symmetric positive semi-definite.
-class QuadraticReward : public Reward {
+class QuadraticReward : public Reward, public MixtureTilt {
  public:
   QuadraticReward(Tensor center, Tensor A);
   std::string kind() const override { return "quadratic"; }
@@ -62,7 +80,7 @@ class QuadraticReward : public Reward {
 };
 
 /// r(x) = log q(x) for a Gaussian mixture q; p* is closed form for lambda = 1 (a product).
-class GmmLogDensityReward : public Reward {
+class GmmLogDensityReward : public Reward, public MixtureTilt {
  public:
   explicit GmmLogDensityReward(std::shared_ptr<const GaussianMixture> q);
   std::string kind() const override { return "gmm"; }

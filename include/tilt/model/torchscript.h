@@ -10,6 +10,7 @@
 #include "tilt/model/reward.h"
 #include "tilt/model/velocity.h"
 
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -64,7 +65,7 @@ class TorchScriptVelocity : public VelocityField {
   void set_trainable(bool trainable) override;
 
   /// A deep copy (its own parameters), for fine-tuning the whole module ("copy" mode).
-  std::shared_ptr<TorchScriptVelocity> clone() const;
+  VelocityFieldPtr clone() const override;
   /// The module, with its current parameters, as TorchScript archive bytes.
   std::string archive() const;
   const TorchScriptOptions& options() const { return options_; }
@@ -91,9 +92,6 @@ class TorchScriptReward : public Reward {
   int64_t dim() const override { return dim_; }
   Tensor value(const Tensor& x) const override;
   Tensor grad(const Tensor& x) const override;
-  std::optional<GaussianMixture> tilt(const GaussianMixture&, double, double* = nullptr) const override {
-    return std::nullopt;
-  }
 
  private:
   struct Impl;
@@ -105,8 +103,16 @@ class TorchScriptReward : public Reward {
 /// and t [B] (or a 0-dim t) and returns v [B, d], the same velocity as field.velocity. Networks
 /// are written as TorchScript source with their weights; a TorchScript base is embedded as a
 /// submodule (with its epsilon/score conversion, for its schedule); a fine-tuned model is base
-/// plus residual, or the trained copy. Throws tilt::Error for the closed-form Gaussian-mixture
-/// field, which has no TorchScript form here.
+/// plus residual, or the trained copy; a field of a user's kind by its registered exporter
+/// (register_torchscript_export). Throws tilt::Error for the closed-form Gaussian-mixture field,
+/// which has no TorchScript form here, and for a kind without an exporter.
 std::string export_torchscript(const VelocityField& field);
+
+/// Registers (or replaces) how fields of a user's kind (VelocityField::kind()) are exported: `exporter`
+/// returns the field as the bytes of a TorchScript archive whose forward(x, t) takes x [B, d] and t [B]
+/// and returns v(x, t) [B, d] (from Python, torch.jit.save into a buffer). export_torchscript embeds it
+/// as a submodule (also as a fine-tuned model's base or trainable part) and checks it against
+/// field.velocity. Throws tilt::Error for an empty kind or exporter, or one of tilt's own kinds.
+void register_torchscript_export(const std::string& kind, std::function<std::string(const VelocityField&)> exporter);
 
 }  // namespace tilt

@@ -12,12 +12,24 @@
 
 namespace tilt {
 
+class VelocityField;
+class TapedNetwork;
+using VelocityFieldPtr = std::shared_ptr<VelocityField>;
+
+/// Named tensors, in a fixed order (state dicts, checkpoints).
+using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+
+/// A velocity field. A user's own field implements kind(), dim() and velocity() (differentiable in x
+/// and its parameters) and, as it needs them: parameters() and set_trainable() to be fine-tuned,
+/// clone() for copy-mode fine-tuning, named_parameters() to be saved (tilt/io/model_io.h:
+/// register_model_kind). docs/extending.md shows one.
 class VelocityField {
  public:
   explicit VelocityField(SchedulePtr schedule) : schedule_(std::move(schedule)) {}
   virtual ~VelocityField() = default;
 
-  /// "gmm", "mlp" or "finetuned".
+  /// What model files and TorchScript export know the field by: tilt's own are "gmm", "mlp",
+  /// "torchscript" and "finetuned".
   virtual std::string kind() const = 0;
   virtual int64_t dim() const = 0;
 
@@ -36,6 +48,20 @@ class VelocityField {
   virtual std::vector<Tensor> parameters() const { return {}; }
   /// Freezes (false) or unfreezes (true) the parameters; no-op for closed-form fields.
   virtual void set_trainable(bool /*trainable*/) {}
+  /// Every parameter (trainable or frozen) by name, in a fixed order; the tensors themselves, not
+  /// copies. Empty by default. Model files of kinds registered with register_model_kind store these.
+  virtual NamedTensors named_parameters() const { return {}; }
+
+  /// A deep copy with its own parameters (what copy-mode fine-tuning trains). The default throws
+  /// tilt::Error naming the kind: a field that is to be copied must implement it.
+  virtual VelocityFieldPtr clone() const;
+
+  /// The taped forward and backward passes of Adjoint Matching's fast path, if the field has them
+  /// (tilt/model/taped.h; MlpVelocity does); nullptr by default.
+  virtual const TapedNetwork* taped_network() const { return nullptr; }
+  /// Whether vjp() runs an autograd graph (true by default). A field whose vjp() is closed form or
+  /// by hand returns false: then the fast path may call it from several threads at once.
+  virtual bool vjp_needs_autograd() const { return true; }
 
   /// The reference flow this field belongs to: a velocity is only meaningful with its schedule.
   const SchedulePtr& schedule() const { return schedule_; }
@@ -43,10 +69,5 @@ class VelocityField {
  private:
   SchedulePtr schedule_;
 };
-
-using VelocityFieldPtr = std::shared_ptr<VelocityField>;
-
-/// Named tensors, in a fixed order (state dicts, checkpoints).
-using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
 
 }  // namespace tilt

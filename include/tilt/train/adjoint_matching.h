@@ -45,8 +45,8 @@ struct AdjointMatchingOptions {
   /// Evaluate the reward at X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), a noiseless last step with
   /// the base velocity, instead of the noisy X_K (App. G.1).
   bool final_noiseless_step = true;
-  /// Trade memory for time: when the trainable network is tilt's MLP, record its activations (and the
-  /// base's, if the base is an MLP) during the rollout and compute the lean adjoint's VJPs and the
+  /// Trade memory for time: when the trainable network is a TapedNetwork (tilt's MLP), record its
+  /// activations (and the base's, if the base is one too) during the rollout and compute the lean adjoint's VJPs and the
   /// regression's gradients from them by hand, instead of running the networks again under autograd.
   /// The same loss and gradients up to float rounding; memory grows by the activations of K steps.
   bool tape_activations = true;
@@ -91,7 +91,8 @@ class AdjointMatching : public Loss {
   Trajectory rollout(Generator& gen) const;
   /// The time indices that enter the loss: loss_early_steps random early ones + the last ones.
   std::vector<int64_t> loss_steps(Generator& gen) const;
-  /// Whether compute() takes the taped path (tape_activations and an MLP trainable network).
+  /// Whether compute() takes the taped path (tape_activations and a trainable network with
+  /// VelocityField::taped_network()).
   bool taped() const;
   /// The blocks of rows the last taped iteration ran, one per thread (1 when it ran none, on one
   /// thread, on a GPU, or with a base whose VJP needs autograd).

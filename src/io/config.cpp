@@ -217,6 +217,9 @@ ConfigSection::ConfigSection(const Json& node, std::string path, std::string ori
 
 std::string ConfigSection::where(const std::string& key) const {
   if (from_old_.count(key)) return old_->where(key);
+  // A file in the old layout (keys read from the parent, none given here): a key it lacks is named
+  // where that file would give it.
+  if (!from_old_.empty() && node_.empty() && !node_.contains(key)) return old_->where(key);
   return path_.empty() ? key : path_ + "." + key;
 }
 

@@ -4,7 +4,7 @@
 #include "tilt/io/methods.h"
 #include "tilt/model/gmm.h"
 #include "tilt/schedule/schedule.h"
-#include "support/helpers.h"
+#include "../support/helpers.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
@@ -14,13 +14,13 @@
 namespace tilt {
 namespace {
 
-struct Setup {
+struct Base2d {
   std::shared_ptr<GmmVelocity> base = std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule());
   RewardPtr reward = std::make_shared<LinearReward>(at::tensor({1.0, 0.0}, at::kDouble));
 };
 
 std::string error_of(const Json& finetune) {
-  Setup s;
+  Base2d s;
   try {
     make_finetune_plan(finetune, *s.base, s.reward, 1.0);
   } catch (const Error& e) {
@@ -35,8 +35,8 @@ bool mentions(const std::vector<std::string>& lines, const std::string& text) {
 
 // The library's memoryless offset is one step, h = 1/K, whatever K is (the CLI's rule, now the library's).
 TEST(Methods, MemorylessOffsetIsOneStep) {
-  Setup s;
-  for (int64_t K : {10, 25, 40, 64}) {
+  Base2d s;
+  for (int64_t K : {20, 25, 40, 64}) {  // the default loss steps, 10 + 10, need K >= 20
     const FinetunePlan plan = make_finetune_plan({{"num_steps", K}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
     ASSERT_TRUE(plan.noise_schedule->is_memoryless());
     EXPECT_DOUBLE_EQ(plan.noise_schedule->h(), 1.0 / static_cast<double>(K)) << "K = " << K;
@@ -47,10 +47,11 @@ TEST(Methods, MemorylessOffsetIsOneStep) {
 
 // Every method builds a loss that computes a finite value on a small problem.
 TEST(Methods, EveryMethodBuildsALoss) {
-  Setup s;
+  Base2d s;
   for (const auto& name : finetune_method_names()) {
     if (name.rfind("test_", 0) == 0) continue;  // UsersRegisterTheirOwn's
     Json table{{"method", name}, {"num_steps", 6}, {"batch_size", 4}, {"hidden", {8}}};
+    table["adjoint_matching"] = {{"loss_early_steps", 2}, {"loss_late_steps", 2}};  // a note for the others
     if (name == "grpo") table["grpo"] = {{"group_size", 2}};
     const FinetunePlan plan = make_finetune_plan(table, *s.base, s.reward, 1.0);
     ASSERT_TRUE(plan.make_loss) << name;
@@ -88,7 +89,7 @@ TEST(Methods, UnknownKeysInMethodTablesNameKeyAndTable) {
 
 // Old files: a method key flat in [finetune] is read there (and named there), with a note naming the table.
 TEST(Methods, FlatKeysStillWork) {
-  Setup s;
+  Base2d s;
   const FinetunePlan plan =
       make_finetune_plan({{"method", "draft"}, {"num_steps", 6}, {"draft_k", 3}}, *s.base, s.reward, 1.0);
   EXPECT_TRUE(mentions(plan.notes, "'finetune.draft_k' belongs in [finetune.draft]")) << plan.notes.size();
@@ -107,7 +108,7 @@ TEST(Methods, FlatKeysStillWork) {
 
 // The same settings give the same loss from the flat key and from the table: same first loss value.
 TEST(Methods, FlatAndTableKeysAgree) {
-  Setup s;
+  Base2d s;
   auto first_loss = [&](const Json& table) {
     const FinetunePlan plan = make_finetune_plan(table, *s.base, s.reward, 1.0);
     auto loss = plan.make_loss(plan.make_model(s.base, 1));
@@ -136,7 +137,7 @@ TEST(Methods, UsersRegisterTheirOwn) {
   };
   register_finetune_method(m);
   EXPECT_THROW(register_finetune_method(m), Error);
-  Setup s;
+  Base2d s;
   const FinetunePlan plan = make_finetune_plan({{"method", "test_constant"}, {"test_constant", {{"value", 3.0}}}}, *s.base,
                                                s.reward, 1.0);
   EXPECT_EQ(plan.model_info()["noise"], "ode");

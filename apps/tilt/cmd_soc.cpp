@@ -81,6 +81,44 @@ void check_soc_args(const SocArgs& args) {
   if (args.shards < 0) throw Error(n("--shards") + " must be >= 0 (0: one per process)");
 }
 
+// summary.json, curves.png and summary.md (a Markdown table, printed unless --json) of a finished run.
+void write_summary(const SocArgs& args, const soc::Problem& problem_ref, const Json& summary,
+                   const std::vector<plot::Series>& curves) {
+  const soc::Problem* problem = &problem_ref;
+  atomic_write(args.out + "/summary.json", summary.dump(2) + "\n");
+
+  plot::LineOptions po;
+  po.title = problem->name() + " (d = " + std::to_string(problem->dim()) + ")";
+  po.x_label = "iteration";
+  po.y_label = problem->has_ground_truth() ? "control L2 error" : "control objective";
+  po.log_y = problem->has_ground_truth();
+  plot::write_line_png(args.out + "/curves.png", curves, po);
+
+  std::ostringstream md;
+  md << "| loss | control L2 error: initial | final | reduction | control objective | weight std | ms / iteration |\n"
+     << "|---|---|---|---|---|---|---|\n";
+  for (const auto& name : args.losses) {
+    const Json& r = summary["losses"][name];
+    const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
+    const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
+    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
+       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
+       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
+  }
+  if (summary.contains("optimal_value")) {
+    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
+  } else {
+    md << "\n" << problem->name() << " has no known optimal control: no control L2 error; compare the control "
+       << "objectives (lower is better).\n";
+  }
+  atomic_write(args.out + "/summary.md", md.str());
+  if (common_options().json) {
+    report(summary);
+  } else {
+    std::printf("%s", md.str().c_str());
+  }
+}
+
 }  // namespace
 
 void read_soc_config(SocArgs& a, const std::function<bool(const std::string&)>& given) {
@@ -214,38 +252,7 @@ int run_soc(const SocArgs& args) {
     summary["losses"][name] = row;
   }
   if (!writer) return 0;
-  atomic_write(args.out + "/summary.json", summary.dump(2) + "\n");
-
-  plot::LineOptions po;
-  po.title = problem->name() + " (d = " + std::to_string(problem->dim()) + ")";
-  po.x_label = "iteration";
-  po.y_label = problem->has_ground_truth() ? "control L2 error" : "control objective";
-  po.log_y = problem->has_ground_truth();
-  plot::write_line_png(args.out + "/curves.png", curves, po);
-
-  std::ostringstream md;
-  md << "| loss | control L2 error: initial | final | reduction | control objective | weight std | ms / iteration |\n"
-     << "|---|---|---|---|---|---|---|\n";
-  for (const auto& name : args.losses) {
-    const Json& r = summary["losses"][name];
-    const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
-    const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
-    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
-       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
-       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
-  }
-  if (summary.contains("optimal_value")) {
-    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
-  } else {
-    md << "\n" << problem->name() << " has no known optimal control: no control L2 error; compare the control "
-       << "objectives (lower is better).\n";
-  }
-  atomic_write(args.out + "/summary.md", md.str());
-  if (common_options().json) {
-    report(summary);
-  } else {
-    std::printf("%s", md.str().c_str());
-  }
+  write_summary(args, *problem, summary, curves);
   info("wrote " + args.out + "/{summary.md, summary.json, curves.png, <loss>.jsonl, <loss>.eval.jsonl}");
   return 0;
 }

@@ -31,19 +31,19 @@ runs=(
   "am|finetune.method=\"adjoint_matching\""
   "am_sigma1|finetune.noise=\"constant:1\""
   "discrete_adjoint|finetune.method=\"discrete_adjoint\""
-  "draft1|finetune.method=\"draft\" finetune.draft_k=1"
-  "draft40|finetune.method=\"draft\" finetune.draft_k=40"
+  "draft1|finetune.method=\"draft\" finetune.draft.draft_k=1"
+  "draft40|finetune.method=\"draft\" finetune.draft.draft_k=40"
   "refl|finetune.method=\"refl\""
   # The baselines have no KL term: at Adjoint Matching's lr they hack the reward; lower lrs trade
   # reward for staying near the base.
-  "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-4"
-  "draft1_lr1e-5|finetune.method=\"draft\" finetune.draft_k=1 finetune.lr=1e-5"
+  "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft.draft_k=1 finetune.lr=1e-4"
+  "draft1_lr1e-5|finetune.method=\"draft\" finetune.draft.draft_k=1 finetune.lr=1e-5"
   "refl_lr1e-4|finetune.method=\"refl\" finetune.lr=1e-4"
   # Policy-gradient baselines (docs/policy_gradient.md), with DDPO's gradient-norm clip of 1.
   "ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0"
-  "ddpo_epochs4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.inner_epochs=4"
+  "ddpo_epochs4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.ddpo.inner_epochs=4"
   "grpo|finetune.method=\"grpo\" finetune.grad_clip=1.0"
-  "mixgrpo|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.window=4"
+  "mixgrpo|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.grpo.window=4"
   "ddpo_lr1e-4|finetune.method=\"ddpo\" finetune.grad_clip=1.0 finetune.lr=1e-4"
   "grpo_lr1e-4|finetune.method=\"grpo\" finetune.grad_clip=1.0 finetune.lr=1e-4"
 )

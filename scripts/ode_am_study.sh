@@ -38,24 +38,24 @@ train() {  # name, then --set overrides
 }
 
 runs_trunc=(kadj_40 kadj_20 kadj_10 kadj_4 kadj_1 kadj_10_zero)
-train kadj_40 --set finetune.adjoint_steps=0
-train kadj_20 --set finetune.adjoint_steps=20
-train kadj_10 --set finetune.adjoint_steps=10
-train kadj_4 --set finetune.adjoint_steps=4
-train kadj_1 --set finetune.adjoint_steps=1
-train kadj_10_zero --set finetune.adjoint_steps=10 --set finetune.truncated_control=zero
+train kadj_40 --set finetune.ode_adjoint_matching.adjoint_steps=0
+train kadj_20 --set finetune.ode_adjoint_matching.adjoint_steps=20
+train kadj_10 --set finetune.ode_adjoint_matching.adjoint_steps=10
+train kadj_4 --set finetune.ode_adjoint_matching.adjoint_steps=4
+train kadj_1 --set finetune.ode_adjoint_matching.adjoint_steps=1
+train kadj_10_zero --set finetune.ode_adjoint_matching.adjoint_steps=10 --set finetune.ode_adjoint_matching.truncated_control=zero
 # At equal regularisation a truncated run solves a harder problem (the same displacement in less time
 # costs more), so it settles at a lower reward. For an equal-reward comparison, mu is scaled by the
 # fraction of the time the adjoint covers, K_adj / K.
-train kadj_20_mu_0.5 --set finetune.adjoint_steps=20 --set finetune.reg_weight=0.5
-train kadj_10_mu_0.25 --set finetune.adjoint_steps=10 --set finetune.reg_weight=0.25
-train kadj_4_mu_0.1 --set finetune.adjoint_steps=4 --set finetune.reg_weight=0.1
+train kadj_20_mu_0.5 --set finetune.ode_adjoint_matching.adjoint_steps=20 --set finetune.ode_adjoint_matching.reg_weight=0.5
+train kadj_10_mu_0.25 --set finetune.ode_adjoint_matching.adjoint_steps=10 --set finetune.ode_adjoint_matching.reg_weight=0.25
+train kadj_4_mu_0.1 --set finetune.ode_adjoint_matching.adjoint_steps=4 --set finetune.ode_adjoint_matching.reg_weight=0.1
 runs_trunc+=(kadj_20_mu_0.5 kadj_10_mu_0.25 kadj_4_mu_0.1)
 runs_reg=(kadj_40 mu_3 mu_4_to_1 clipped_1.5 pnorm_1.5)
-train mu_3 --set finetune.reg_weight=3
-train mu_4_to_1 --set finetune.reg_weight=1 --set finetune.reg_weight_start=4
-train clipped_1.5 --set finetune.regulariser=clipped --set finetune.reg_clip=1.5
-train pnorm_1.5 --set finetune.regulariser=pnorm --set finetune.reg_power=1.5
+train mu_3 --set finetune.ode_adjoint_matching.reg_weight=3
+train mu_4_to_1 --set finetune.ode_adjoint_matching.reg_weight=1 --set finetune.ode_adjoint_matching.reg_weight_start=4
+train clipped_1.5 --set finetune.ode_adjoint_matching.regulariser=clipped --set finetune.ode_adjoint_matching.reg_clip=1.5
+train pnorm_1.5 --set finetune.ode_adjoint_matching.regulariser=pnorm --set finetune.ode_adjoint_matching.reg_power=1.5
 
 # Time per iteration, measured apart: on a shared machine the load drifts during the long runs, so short
 # runs of each K_adj are interleaved (ROUNDS rounds of TIMING_ITERATIONS iterations) and the median taken.
@@ -66,7 +66,7 @@ for round in $(seq "$rounds"); do
   for spec in 40:keep 20:keep 10:keep 4:keep 1:keep 10:zero; do
     kadj=${spec%%:*} mode=${spec##*:}
     "$tilt" finetune -q -c "$config" --set threads="$threads" --set finetune.iterations="$timing_iterations" \
-      --set finetune.adjoint_steps="$kadj" --set finetune.truncated_control="$mode" --set finetune.checkpoint_every=0 \
+      --set finetune.ode_adjoint_matching.adjoint_steps="$kadj" --set finetune.ode_adjoint_matching.truncated_control="$mode" --set finetune.checkpoint_every=0 \
       --set seed="$round" -o "$out/timing/kadj_${kadj}_${mode}_$round" 2>/dev/null
   done
 done

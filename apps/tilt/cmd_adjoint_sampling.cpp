@@ -237,8 +237,8 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
     txt << "\n";
   }
   atomic_write(run.path("eval.txt"), txt.str());
-  if (args.json) {
-    std::printf("%s\n", result.dump().c_str());
+  if (common_options().json) {
+    report(result);
   } else {
     std::printf("%s", txt.str().c_str());
   }
@@ -278,9 +278,36 @@ int run_mcmc(const McmcArgs& args) {
          {"seconds", seconds},             {"mean_energy", energy->energy(r.samples).mean().item<double>()}};
   if (energy->modes() > 0) j["mode_weights"] = mode_weights(*energy, r.samples);
   atomic_write(args.out + ".json", j.dump(2) + "\n");
-  std::printf("%s\n", j.dump().c_str());
+  std::printf("%s\n", j.dump().c_str());  // with or without --json: the diagnostics are its result
   info("wrote " + args.out + " (" + std::to_string(r.samples.size(0)) + " samples) and " + args.out + ".json");
   return 0;
 }
+
+namespace {
+const bool registered_as = add_command(
+    {"adjoint-sampling",
+     "Train a sampler of exp(-E / tau) by Adjoint Sampling ([energy], [brownian], [adjoint_sampling]) and evaluate it "
+     "([evaluation])",
+     110, [](CLI::App& app) {
+       auto args = std::make_shared<AdjointSamplingArgs>();
+       add_config(app, args->config, true);
+       app.add_option("-o,--out", args->out, "Directory: the run's (model.pt, checkpoint.pt, metrics.jsonl, samples.csv, eval.json)")
+           ->required();
+       app.add_option("--reference", args->reference, "Reference samples (CSV, e.g. from tilt mcmc) to evaluate against");
+       app.add_flag("--resume", args->resume, "Continue the run in --out from its last checkpoint");
+       app.add_flag("-q,--quiet", args->quiet, "No progress bar");
+       return [args] { return run_adjoint_sampling(*args); };
+     }});
+const bool registered_mcmc = add_command(
+    {"mcmc", "Reference samples of exp(-E / tau) ([energy]) by MALA with parallel tempering ([mcmc])", 120,
+     [](CLI::App& app) {
+       auto args = std::make_shared<McmcArgs>();
+       add_config(app, args->config, true);
+       app.add_option("-o,--out", args->out, "File: the samples (CSV; diagnostics go to <out>.json)")->required();
+       app.add_option("--seed", args->seed, "Random seed (-1: from the config's seed)")->capture_default_str();
+       app.add_flag("-q,--quiet", args->quiet, "No progress bar");
+       return [args] { return run_mcmc(*args); };
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

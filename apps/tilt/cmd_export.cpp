@@ -16,7 +16,7 @@ namespace tilt::cli {
 int run_export(const ExportArgs& args) {
   refuse_output_over_input("--out", args.out, {{"--model", args.model}});
   if (!args.reference.empty()) {
-    refuse_output_over_input("--reference", args.reference, {{"--model", args.model}, {"--out", args.out}});
+    refuse_output_over_input(args.reference_flag, args.reference, {{"--model", args.model}, {"--out", args.out}});
   }
   check_flag("--points", args.points, 1, 1000000);
   if (args.seed < 0) throw Error("--seed must be >= 0");
@@ -45,7 +45,32 @@ int run_export(const ExportArgs& args) {
     atomic_write(args.reference, std::string(bytes.begin(), bytes.end()));
     info("wrote " + args.reference + " (x, t and tilt's velocity v at " + std::to_string(args.points) + " points)");
   }
+  report({{"module", args.out}, {"check_file", args.reference.empty() ? Json() : Json(args.reference)}});
   return 0;
 }
+
+namespace {
+const bool registered = add_command(
+    {"export", "Write a model file as a TorchScript module that PyTorch's torch.jit.load runs", 50, [](CLI::App& app) {
+       auto args = std::make_shared<ExportArgs>();
+       app.add_option("-m,--model", args->model, "Model file (model.pt of a run)")->required();
+       app.add_option("-o,--out", args->out, "File: the TorchScript module (forward(x [B, d], t [B]) -> velocity [B, d])")->required();
+       app.add_option("--check-file", args->reference,
+                      "Also write points x, times t and tilt's velocity v there to this file (a dict torch.load reads), "
+                      "to check the module against in Python");
+       app.add_option("--reference", args->old_reference, "Deprecated spelling of --check-file")->group("");
+       app.add_option("--points", args->points, "Number of points in --check-file")->capture_default_str();
+       app.add_option("--seed", args->seed, "Random seed of the points")->capture_default_str();
+       return [args] {
+         if (!args->old_reference.empty()) {
+           warn("export --reference is deprecated (eval's --reference is an input): write --check-file");
+           if (!args->reference.empty()) throw Error("give --check-file or its old spelling --reference, not both");
+           args->reference = args->old_reference;
+           args->reference_flag = "--reference";
+         }
+         return run_export(*args);
+       };
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

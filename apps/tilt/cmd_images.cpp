@@ -71,6 +71,7 @@ int run_classifier(const TrainArgs& args) {
                   Json{{"trained_by", "tilt classifier"}, {"train_accuracy", train_acc}, {"test_accuracy", test_acc},
                        {"iterations", trainer.iteration()}, {"input_noise", topt_loss.input_noise}});
   info("wrote " + run.path("classifier.pt"));
+  report({{"classifier", run.path("classifier.pt")}, {"train_accuracy", train_acc}, {"test_accuracy", test_acc}});
   return 0;
 }
 
@@ -125,8 +126,8 @@ int run_eval_images(const EvalImagesArgs& args) {
     }
     out["samples"][file] = to_json(class_sample_metrics(x, *loaded.classifier, target, real));
   }
-  if (args.json) {
-    std::cout << out.dump(2) << std::endl;
+  if (common_options().json) {
+    report(out);
     return 0;
   }
   std::printf("target class %lld (classifier %s); real images of the class: n = %lld, diversity %.3f\n",
@@ -151,5 +152,20 @@ int run_eval_images(const EvalImagesArgs& args) {
               out.contains("target") ? "; target p*: base samples weighted by p(c | x)^lambda, n = effective sample size" : "");
   return 0;
 }
+
+namespace {
+const bool registered_classifier = add_command({"classifier", "Train an image classifier on [data] (for [reward] type = \"classifier\")",
+                                                30, train_setup(run_classifier)});
+const bool registered_eval_images = add_command(
+    {"eval-images", "Measure generated images against the classifier of [reward]: class share, diversity, Frechet distance", 70,
+     [](CLI::App& app) {
+       auto args = std::make_shared<EvalImagesArgs>();
+       add_config(app, args->config, true);
+       app.add_option("-s,--samples", args->samples, "Samples file(s) to evaluate (repeatable)")->required();
+       app.add_option("--base", args->base,
+                      "Samples of the base model: also estimate the target p* ∝ p_base exp(lambda r) by reweighting them");
+       return [args] { return run_eval_images(*args); };
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

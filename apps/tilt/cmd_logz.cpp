@@ -134,8 +134,8 @@ int run_logz(const LogzArgs& args) {
     out["exact_log_z"] = exact->log_z;
     out["z_score"] = s.standard_error > 0 ? (s.log_z - exact->log_z) / s.standard_error : 0.0;
   }
-  if (args.json) {
-    std::cout << out.dump(2) << std::endl;
+  if (common_options().json) {
+    report(out);
     return 0;
   }
   std::printf("%s weights of %s (%s, %s, %lld steps), n = %lld, lambda = %g\n", args.method.c_str(), proposal_name.c_str(),
@@ -153,5 +153,26 @@ int run_logz(const LogzArgs& args) {
   }
   return 0;
 }
+
+namespace {
+const bool registered = add_command(
+    {"logz", "Importance weights, ESS and log Z = log E_base[exp(lambda r)] for a proposal", 80, [](CLI::App& app) {
+       auto args = std::make_shared<LogzArgs>();
+       add_config(app, args->config, true);
+       app.add_option("-m,--model", args->model, "Proposal: a model file (e.g. a fine-tuned model.pt)");
+       app.add_option("--control", args->control, "Proposal: zero, optimal or optimal:<scale> (needs the exact target)");
+       app.add_option("--method", args->method, "girsanov (against the base chain), noising (against the exact noising "
+                                                "chain; needs a mixture base), jarzynski (escorted)")->capture_default_str();
+       app.add_option("--noise", args->noise, "Noise schedule (default memoryless; constant:1 for jarzynski)");
+       app.add_option("--integrator", args->integrator, "euler or exact")->capture_default_str();
+       app.add_option("--steps", args->steps, "Time steps")->capture_default_str();
+       app.add_option("-n,--n", args->n, "Paths")->capture_default_str();
+       app.add_option("--batch", args->batch, "Paths simulated at once")->capture_default_str();
+       app.add_option("--seed", args->seed, "Random seed (-1: the config's)")->capture_default_str();
+       app.add_option("--threads", args->threads, "Threads (0: the config's; at most 1024)")->capture_default_str();
+       app.add_flag("-q,--quiet", args->quiet, "No progress bar");
+       return [args] { return run_logz(*args); };
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

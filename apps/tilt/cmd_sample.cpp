@@ -104,6 +104,7 @@ int run_sample(const SampleArgs& args) {
     plot::write_scatter_png(args.png, {{what, first_two_coordinates(x)}});
     info("wrote " + args.png);
   }
+  report({{"samples", args.out}, {"n", args.n}, {"png", args.png.empty() ? Json() : Json(args.png)}});
   return 0;
 }
 
@@ -197,8 +198,8 @@ int run_eval(const EvalArgs& args) {
       s["mean_reward_se"] = rs.standard_error;
     }
   }
-  if (args.json) {
-    std::cout << out.dump(2) << std::endl;
+  if (common_options().json) {
+    report(out);
     return 0;
   }
   std::printf("target: %s", exact ? "exact p* ∝ p_base exp(lambda r)" : ("reference " + args.reference).c_str());
@@ -267,6 +268,7 @@ int run_plot(const PlotArgs& args) {
     o.max_images = args.max_images;
     plot::write_image_grid_png(args.out, grids, o);
     info("wrote " + args.out);
+    report({{"png", args.out}});
     return 0;
   }
   std::vector<plot::Panel> panels;
@@ -277,7 +279,53 @@ int run_plot(const PlotArgs& args) {
   o.panel_size = args.size;
   plot::write_scatter_png(args.out, panels, o);
   info("wrote " + args.out);
+  report({{"png", args.out}});
   return 0;
 }
+
+namespace {
+const bool registered_sample = add_command(
+    {"sample", "Draw samples from a model file, or exact samples of a config's base or target", 40, [](CLI::App& app) {
+       auto args = std::make_shared<SampleArgs>();
+       app.add_option("-m,--model", args->model, "Model file (model.pt of a run)");
+       app.add_option("--exact", args->exact, "Exact samples instead: 'base' or 'target' (needs --config)");
+       add_config(app, args->config, false);
+       app.add_option("-n,--n", args->n, "Number of samples")->capture_default_str();
+       app.add_option("--noise", args->noise,
+                      "Noise schedule: memoryless[:h], constant:<sigma>, scaled_memoryless:<s>, ode "
+                      "(default: the one the model was fine-tuned with)");
+       app.add_option("--steps", args->steps, "Time steps (default 100)");
+       app.add_option("--integrator", args->integrator,
+                      "euler, heun (ODE only), exact (the gDDIM step; noise memoryless, scaled_memoryless:<gamma> or ode), "
+                      "or auto")->capture_default_str();
+       app.add_option("--seed", args->seed, "Random seed")->capture_default_str();
+       app.add_option("--threads", args->threads, "Threads (0: all cores; at most 1024)")->capture_default_str();
+       app.add_option("-o,--out", args->out, "File: the samples (CSV)")->required();
+       app.add_option("--png", args->png, "Also draw the samples (first two coordinates) to this PNG");
+       return [args] { return run_sample(*args); };
+     }});
+const bool registered_eval = add_command(
+    {"eval", "Measure sample sets against the exact target p* of a config", 60, [](CLI::App& app) {
+       auto args = std::make_shared<EvalArgs>();
+       add_config(app, args->config, true);
+       app.add_option("-s,--samples", args->samples, "Samples file(s) to evaluate (repeatable)")->required();
+       app.add_option("--reference", args->reference, "Reference samples, when the config has no exact target");
+       app.add_option("--replicates", args->replicates, "Fresh target sets per distance")->capture_default_str();
+       app.add_option("--seed", args->seed, "Random seed")->capture_default_str();
+       return [args] { return run_eval(*args); };
+     }});
+const bool registered_plot = add_command(
+    {"plot", "Draw sample sets side by side (first two coordinates) to a PNG", 90, [](CLI::App& app) {
+       auto args = std::make_shared<PlotArgs>();
+       app.add_option("panels", args->panels, "Samples files, each FILE or FILE:TITLE")->required();
+       app.add_option("-o,--out", args->out, "File: the PNG")->required();
+       app.add_option("--title", args->title, "Figure title");
+       app.add_option("--columns", args->columns, "Panels per row (0: one row)");
+       app.add_option("--size", args->size, "Panel size in pixels")->capture_default_str();
+       app.add_option("--images", args->images, "Draw each sample as an image of HxW pixels (e.g. 8x8) instead of a point");
+       app.add_option("--max-images", args->max_images, "Images per panel with --images")->capture_default_str();
+       return [args] { return run_plot(*args); };
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

@@ -14,6 +14,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -56,22 +57,108 @@ std::string fmt(double x, const char* spec = "%.4g") {
   return buf;
 }
 
+// The name of a setting in messages: the flag, or the config key it came from.
+std::string name_of(const SocArgs& args, const std::string& flag) {
+  const auto it = args.from_config.find(flag);
+  return it == args.from_config.end() ? flag : it->second;
+}
+
+void check_soc_args(const SocArgs& args) {
+  auto n = [&](const std::string& flag) { return name_of(args, flag); };
+  set_threads(args.threads);
+  if (args.losses.empty()) throw Error("give at least one --loss (or [soc] losses in a config)");
+  // Bounds of docs/config.md, Limits: --steps -3 silently meant the default, --lr 1e300 reached LibTorch.
+  if (args.iterations < 1) throw Error(n("--iterations") + " must be >= 1");
+  check_flag(n("--batch"), args.batch, 1, limits::kBatch);
+  check_flag(n("--steps"), args.steps, 0, limits::kSteps);
+  if (args.eval_every < 1) throw Error(n("--eval-every") + " must be >= 1");
+  check_flag(n("--eval-batch"), args.eval_batch, 2, limits::kBatch);
+  check_flag_number(n("--lr"), args.lr, limits::kLrMin, limits::kLrMax);
+  if (args.hidden.empty()) throw Error(n("--hidden") + " must list at least one layer width");
+  for (int64_t w : args.hidden) check_flag(n("--hidden") + " widths", w, 1, limits::kWidth);
+  if (args.seed < 0) throw Error(n("--seed") + " must be >= 0");
+  check_flag_number("--dist-timeout", args.dist_timeout, 1e-3, 86400);
+  if (args.shards < 0) throw Error(n("--shards") + " must be >= 0 (0: one per process)");
+}
+
+// summary.json, curves.png and summary.md (a Markdown table, printed unless --json) of a finished run.
+void write_summary(const SocArgs& args, const soc::Problem& problem_ref, const Json& summary,
+                   const std::vector<plot::Series>& curves) {
+  const soc::Problem* problem = &problem_ref;
+  atomic_write(args.out + "/summary.json", summary.dump(2) + "\n");
+
+  plot::LineOptions po;
+  po.title = problem->name() + " (d = " + std::to_string(problem->dim()) + ")";
+  po.x_label = "iteration";
+  po.y_label = problem->has_ground_truth() ? "control L2 error" : "control objective";
+  po.log_y = problem->has_ground_truth();
+  plot::write_line_png(args.out + "/curves.png", curves, po);
+
+  std::ostringstream md;
+  md << "| loss | control L2 error: initial | final | reduction | control objective | weight std | ms / iteration |\n"
+     << "|---|---|---|---|---|---|---|\n";
+  for (const auto& name : args.losses) {
+    const Json& r = summary["losses"][name];
+    const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
+    const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
+    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
+       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
+       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
+  }
+  if (summary.contains("optimal_value")) {
+    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
+  } else {
+    md << "\n" << problem->name() << " has no known optimal control: no control L2 error; compare the control "
+       << "objectives (lower is better).\n";
+  }
+  atomic_write(args.out + "/summary.md", md.str());
+  if (common_options().json) {
+    report(summary);
+  } else {
+    std::printf("%s", md.str().c_str());
+  }
+}
+
 }  // namespace
 
+void read_soc_config(SocArgs& a, const std::function<bool(const std::string&)>& given) {
+  Config config(a.config.config, a.config.set);
+  ConfigSection root = config.root();
+  ConfigSection s = root.section("soc", /*optional=*/true);
+  auto take = [&](ConfigSection& t, const std::string& key, const std::string& flag, auto read) {
+    if (given(flag) || !t.has(key)) return t.allow({key});
+    read();
+    a.from_config[flag] = "in " + t.origin() + ": '" + t.where(key) + "'";
+  };
+  take(root, "seed", "--seed", [&] { a.seed = root.integer("seed"); });
+  take(root, "threads", "--threads", [&] {
+    const int64_t threads = root.integer("threads");  // checked before the narrowing to int
+    if (threads < 0 || threads > kMaxThreads) root.fail("threads", "must be in 0.." + std::to_string(kMaxThreads));
+    a.threads = static_cast<int>(threads);
+  });
+  take(s, "problem", "--problem", [&] { a.problem = s.choice("problem", soc::problem_names()); });
+  take(s, "losses", "--loss", [&] {
+    const Json v = s.value("losses");
+    if (!v.is_array() || v.empty() || !std::all_of(v.begin(), v.end(), [](const Json& e) { return e.is_string(); })) {
+      s.fail("losses", "must be a non-empty array of loss names (" + joined(soc::soc_loss_names()) + ")");
+    }
+    a.losses = v.get<std::vector<std::string>>();
+  });
+  take(s, "iterations", "--iterations", [&] { a.iterations = s.integer("iterations"); });
+  take(s, "batch", "--batch", [&] { a.batch = s.integer("batch"); });
+  take(s, "steps", "--steps", [&] { a.steps = s.integer("steps"); });
+  take(s, "lr", "--lr", [&] { a.lr = s.number("lr"); });
+  take(s, "hidden", "--hidden", [&] { a.hidden = s.integers("hidden"); });
+  take(s, "shards", "--shards", [&] { a.shards = s.integer("shards"); });
+  take(s, "eval_every", "--eval-every", [&] { a.eval_every = s.integer("eval_every"); });
+  take(s, "eval_batch", "--eval-batch", [&] { a.eval_batch = s.integer("eval_batch"); });
+  s.finish();
+  root.allow({"energy", "brownian", "adjoint_sampling", "evaluation", "mcmc", "soc"});
+  finish_root(root);
+}
+
 int run_soc(const SocArgs& args) {
-  set_threads(args.threads);
-  if (args.losses.empty()) throw Error("give at least one --loss");
-  // Bounds of docs/config.md, Limits: --steps -3 silently meant the default, --lr 1e300 reached LibTorch.
-  if (args.iterations < 1) throw Error("--iterations must be >= 1");
-  check_flag("--batch", args.batch, 1, limits::kBatch);
-  check_flag("--steps", args.steps, 0, limits::kSteps);
-  if (args.eval_every < 1) throw Error("--eval-every must be >= 1");
-  check_flag("--eval-batch", args.eval_batch, 2, limits::kBatch);
-  check_flag_number("--lr", args.lr, limits::kLrMin, limits::kLrMax);
-  if (args.hidden.empty()) throw Error("--hidden must list at least one layer width");
-  for (int64_t w : args.hidden) check_flag("--hidden widths", w, 1, limits::kWidth);
-  if (args.seed < 0) throw Error("--seed must be >= 0");
-  check_flag_number("--dist-timeout", args.dist_timeout, 1e-3, 86400);
+  check_soc_args(args);
   const soc::ProblemPtr problem = soc::make_problem(args.problem, static_cast<uint64_t>(args.seed));
   for (const auto& name : args.losses) {
     soc::check_soc_loss_name(name);
@@ -81,7 +168,6 @@ int run_soc(const SocArgs& args) {
                        soc::SocLossOptions{});
   }
   if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
-  if (args.shards < 0) throw Error("--shards must be >= 0 (0: one per process)");
   // Several processes: rank 0 writes every file and prints the summary; all train together.
   const ProcessGroupPtr group = join_group(args.dist_timeout);
   const bool writer = is_writer(group);
@@ -166,40 +252,43 @@ int run_soc(const SocArgs& args) {
     summary["losses"][name] = row;
   }
   if (!writer) return 0;
-  atomic_write(args.out + "/summary.json", summary.dump(2) + "\n");
-
-  plot::LineOptions po;
-  po.title = problem->name() + " (d = " + std::to_string(problem->dim()) + ")";
-  po.x_label = "iteration";
-  po.y_label = problem->has_ground_truth() ? "control L2 error" : "control objective";
-  po.log_y = problem->has_ground_truth();
-  plot::write_line_png(args.out + "/curves.png", curves, po);
-
-  std::ostringstream md;
-  md << "| loss | control L2 error: initial | final | reduction | control objective | weight std | ms / iteration |\n"
-     << "|---|---|---|---|---|---|---|\n";
-  for (const auto& name : args.losses) {
-    const Json& r = summary["losses"][name];
-    const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
-    const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
-    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
-       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
-       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
-  }
-  if (summary.contains("optimal_value")) {
-    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
-  } else {
-    md << "\n" << problem->name() << " has no known optimal control: no control L2 error; compare the control "
-       << "objectives (lower is better).\n";
-  }
-  atomic_write(args.out + "/summary.md", md.str());
-  if (args.json) {
-    std::printf("%s\n", summary.dump().c_str());
-  } else {
-    std::printf("%s", md.str().c_str());
-  }
+  write_summary(args, *problem, summary, curves);
   info("wrote " + args.out + "/{summary.md, summary.json, curves.png, <loss>.jsonl, <loss>.eval.jsonl}");
   return 0;
 }
+
+namespace {
+const bool registered = add_command(
+    {"soc", "Solve an SOC benchmark problem with one or several losses and compare them", 100, [](CLI::App& app) {
+       auto args = std::make_shared<SocArgs>();
+       add_config(app, args->config, false);
+       app.add_option("-p,--problem", args->problem, joined(soc::problem_names()))->capture_default_str();
+       app.add_option("-l,--loss", args->losses, "Loss (repeatable): " + joined(soc::soc_loss_names()));
+       app.add_option("--iterations", args->iterations, "Training iterations per loss")->capture_default_str();
+       app.add_option("--batch", args->batch, "Paths per iteration")->capture_default_str();
+       app.add_option("--steps", args->steps, "Euler-Maruyama steps (0: the problem's default)")->capture_default_str();
+       app.add_option("--lr", args->lr, "Adam learning rate (constant)")->capture_default_str();
+       app.add_option("--hidden", args->hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
+       app.add_option("--seed", args->seed, "Random seed (also draws the problem's x0 / matrices)")->capture_default_str();
+       app.add_option("--threads", args->threads, "Threads (0: all cores; at most 1024)")->capture_default_str();
+       app.add_option("--shards", args->shards,
+                      "Draw each batch in this many shards, each with its own seed (0: one per process); the result "
+                      "depends on the seed and the shards, not on the number of processes")->capture_default_str();
+       app.add_option("--dist-timeout", args->dist_timeout,
+                      "Several processes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, as by torchrun): the longest "
+                      "wait for the others, in seconds, before a clear error")->capture_default_str();
+       app.add_option("--eval-every", args->eval_every, "Evaluate the control every this many iterations")->capture_default_str();
+       app.add_option("--eval-batch", args->eval_batch, "Paths per evaluation")->capture_default_str();
+       app.add_option("-o,--out", args->out, "Directory: the curves, metrics and summary")->required();
+       app.add_flag("-q,--quiet", args->quiet, "No progress bar");
+       return [args, &app] {
+         // A config's top-level seed and threads and its [soc] table; the flags given win.
+         if (!args->config.config.empty() || !args->config.set.empty()) {
+           read_soc_config(*args, [&app](const std::string& flag) { return app.get_option(flag)->count() > 0; });
+         }
+         return run_soc(*args);
+       };
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

@@ -4,17 +4,12 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
+#include "tilt/io/methods.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/plot.h"
 #include "tilt/io/samples.h"
 #include "tilt/model/finetuned.h"
-#include "tilt/schedule/noise_schedule.h"
-#include "tilt/sde/gddim.h"
-#include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
-#include "tilt/train/policy_gradient.h"
-#include "tilt/train/ode_adjoint_matching.h"
-#include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
 
 #include <ATen/ATen.h>
@@ -57,33 +52,6 @@ void report_failure_context(const RunDirectory& run) {
   if (file_exists(run.path("checkpoint.pt"))) {  // warn() prints on rank 0 only, which writes it
     warn("the last checkpoint, " + run.path("checkpoint.pt") + ", is intact; continue with --resume once fixed");
   }
-}
-
-// [finetune] keys of the policy-gradient baselines (docs/policy_gradient.md); the window keys are GRPO's.
-PolicyGradientOptions read_policy_gradient(ConfigSection& section, bool grouped) {
-  PolicyGradientOptions o;
-  o.reduction = parse_log_prob_reduction(section.choice("log_prob", {"mean", "sum"}, "mean"));
-  o.clip_range = section.number("clip_range", o.clip_range);
-  if (!(o.clip_range > 0.0)) section.fail("clip_range", "must be > 0");
-  o.adv_clip_max = section.number("adv_clip_max", o.adv_clip_max);
-  if (!(o.adv_clip_max > 0.0)) section.fail("adv_clip_max", "must be > 0");
-  o.scale_advantages = section.boolean("scale_advantages", o.scale_advantages);
-  o.inner_epochs = section.integer("inner_epochs", o.inner_epochs);
-  if (o.inner_epochs < 1 || o.inner_epochs > 1000) {  // Adam steps per sampled batch (docs/config.md)
-    section.fail("inner_epochs", "must be in 1..1000, got " + std::to_string(o.inner_epochs));
-  }
-  if (grouped) {
-    o.group_size = section.integer("group_size", o.group_size);
-    if (o.group_size < 2) section.fail("group_size", "must be >= 2");
-    o.window = section.integer("window", o.window);
-    if (o.window < 0) section.fail("window", "must be >= 0 (0: every step)");
-    o.window_strategy = parse_window_strategy(section.choice("window_strategy", {"progressive", "random"}, "progressive"));
-    o.window_iters = section.integer("window_iters", o.window_iters);
-    if (o.window_iters < 1) section.fail("window_iters", "must be >= 1");
-    o.window_shift = section.integer("window_shift", o.window_shift);
-    if (o.window_shift < 1) section.fail("window_shift", "must be >= 1");
-  }
-  return o;
 }
 
 // Joins the process group of the environment (if any) and prepares the run directory on rank 0
@@ -163,6 +131,7 @@ int run_pretrain(const TrainArgs& args) {
   save_velocity(*model, run.path("model.pt"), Json{{"trained_by", "tilt pretrain"}, {"iterations", trainer.iteration()}});
   plot_curves(topt.metrics_path, {"loss"}, run.path("training.png"), "flow matching");
   info("wrote " + run.path("model.pt"));
+  report({{"model", run.path("model.pt")}, {"iterations", trainer.iteration()}});
   return 0;
 }
 
@@ -174,151 +143,63 @@ int run_finetune(const TrainArgs& args) {
   double lambda = 1.0;
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
-  const std::string method =
-      section.choice("method", {"adjoint_matching", "draft", "refl", "discrete_adjoint", "ddpo", "grpo",
-                                "ode_adjoint_matching"},
-                     "adjoint_matching");
-  const bool is_am = method == "adjoint_matching";
-  const bool is_pg = method == "ddpo" || method == "grpo";  // policy gradient: the policy's gamma is noise's
-  const bool uses_noise = is_am || method == "discrete_adjoint" || is_pg;
-  for (const char* key : {"loss_early_steps", "loss_late_steps", "clip_factor", "loss_weighting", "final_noiseless_step",
-                          "tape_activations"}) {
-    if (!is_am && section.has(key)) warn(section.where(key) + " is ignored by method = \"" + method + "\"");
-  }
-  if (!uses_noise && section.has("noise")) {
-    warn(section.where("noise") + " is ignored by method = \"" + method + "\" (it samples with the flow ODE)");
-  }
-  const std::string noise_spec = section.string("noise", "memoryless");
-  const FineTuneMode mode = parse_finetune_mode(section.choice("model", {"residual", "copy"}, "residual"));
-  const MlpOptions mlp = read_mlp(section, base->dim(), {128, 128, 128});
-  AdjointMatchingOptions am = read_adjoint_matching(section);
-  RewardBaselineOptions baseline;
-  baseline.num_steps = am.num_steps;
-  baseline.batch_size = am.batch_size;
-  baseline.lambda = lambda;
-  if (method == "draft") {
-    baseline.draft_k = section.integer("draft_k", baseline.draft_k);
-    if (baseline.draft_k < 1 || baseline.draft_k > am.num_steps) section.fail("draft_k", "must be in 1..num_steps");
-  }
-  if (method == "refl") {
-    baseline.refl_t_min = section.number("refl_t_min", baseline.refl_t_min);
-    if (!(baseline.refl_t_min >= 0.0 && baseline.refl_t_min < 1.0)) section.fail("refl_t_min", "must be in [0, 1)");
-  }
-  PolicyGradientOptions pg;
-  if (is_pg) pg = read_policy_gradient(section, method == "grpo");
-  // The paper's offset is one step, h = 1/K: on a uniform grid the memoryless drift's -x/t part is
-  // then integrated exactly (docs/method.md, choice 1).
-  NoiseSchedulePtr noise;
-  try {
-    noise = noise_spec == "memoryless" ? make_memoryless_noise(1.0 / static_cast<double>(am.num_steps))
-                                       : parse_noise_schedule(noise_spec);
-  } catch (const Error& e) {
-    section.fail("noise", std::string("is invalid: ") + e.what());
-  }
-  am.lambda = lambda;
-  if (is_pg) {
-    pg.num_steps = am.num_steps;
-    pg.batch_size = am.batch_size;
-    pg.lambda = lambda;
-    // The policy is the exact gDDIM step of the noise schedule's stochasticity gamma (> 0).
-    pg.gamma = stochasticity_of(*noise);
-    if (!(pg.gamma > 0.0)) section.fail("noise", "the policy needs gamma > 0 (memoryless or scaled_memoryless:<gamma>): the ODE has no log-probability");
-    if (method == "grpo" && am.batch_size % pg.group_size != 0) {
-      section.fail("group_size", "must divide batch_size = " + std::to_string(am.batch_size));
-    }
-    if (pg.window > am.num_steps - 1) section.fail("window", "must be <= num_steps - 1 = " + std::to_string(am.num_steps - 1));
-  }
-  OdeAdjointMatchingOptions ode_am;
-  RegulariserPtr regulariser;
-  if (method == "ode_adjoint_matching") {
-    ode_am = read_ode_adjoint_matching(section, am);
-    regulariser = read_regulariser(section);
-  }
-  TrainerOptions defaults;  // the paper's Adam settings (App. G)
-  defaults.checkpoint_every = 100;
-  TrainerOptions topt = read_trainer(section, defaults);
-  if (topt.shards > am.batch_size) section.fail("shards", "must be at most batch_size = " + std::to_string(am.batch_size));
-  if (mode == FineTuneMode::copy && base->kind() == "gmm") {
-    section.fail("model", "is \"copy\", which needs a network base, but [base] is the exact mixture (use \"residual\")");
-  }
-  section.finish();
+  FinetunePlan plan = read_finetune(section, *base, reward, lambda);
+  for (const auto& note : plan.notes) warn(note);
   finish_root(root);
 
   ProcessGroupPtr group;
-  const RunDirectory run = start_run(config, "finetune", topt.shards, args, group);
-  if (uses_noise && noise->is_memoryless() && noise->h() > kLargeMemorylessOffset) {
-    warn(section.where("noise") + " = \"" + noise_spec + "\": an offset h above " + number_string(kLargeMemorylessOffset) +
-         " is far from memoryless near t = 0, and the run will miss p* by more (the default is one step, h = 1/num_steps)");
-  }
-  if (uses_noise && !is_pg && !noise->is_memoryless()) {
-    warn("fine-tuning with the " + noise->describe() +
-         " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run will be biased "
-         "(the value-function bias, Adjoint Matching Sec. 4)");
-  }
-  if (method == "draft" || method == "refl" || is_pg) {
-    warn("method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
-         "and loses diversity as it trains (a baseline, for comparison)");
-  }
-  if (method == "ode_adjoint_matching") {
-    warn("method = \"ode_adjoint_matching\" solves a deterministic control problem (" + regulariser->describe() +
-         "): its optimum steers each noise seed on its own and is NOT p* ∝ p_base exp(lambda r) "
-         "(docs/ode_adjoint_matching.md)");
-  }
-  auto model = make_finetuned(base, mode, mlp.hidden, mlp.time_features, mix_seed(settings.seed, 1));
-  std::unique_ptr<Loss> loss;
-  if (is_am) {
-    loss = std::make_unique<AdjointMatching>(model, reward, noise, am);
-  } else if (method == "draft") {
-    loss = std::make_unique<DraftK>(model, reward, baseline);
-  } else if (method == "refl") {
-    loss = std::make_unique<Refl>(model, reward, baseline);
-  } else if (method == "ddpo") {
-    loss = std::make_unique<Ddpo>(model, reward, pg);
-  } else if (method == "grpo") {
-    loss = std::make_unique<Grpo>(model, reward, pg);
-  } else if (method == "ode_adjoint_matching") {
-    loss = std::make_unique<OdeAdjointMatching>(model, reward, regulariser, ode_am);
-  } else {
-    loss = std::make_unique<DiscreteAdjoint>(model, reward, noise, baseline);
-  }
+  const RunDirectory run = start_run(config, "finetune", plan.trainer.shards, args, group);
+  for (const auto& w : plan.warnings) warn(w);
+  auto model = plan.make_model(base, mix_seed(settings.seed, 1));
+  std::unique_ptr<Loss> loss = plan.make_loss(model);
+  TrainerOptions topt = plan.trainer;
   attach_to_run(topt, run, settings, args.quiet, "finetune", group);
   Trainer trainer(*loss, topt);
   resume_if_asked(trainer, topt, run, args.resume);
-  double clipped = 0.0;
-  int64_t counted = 0;
   try {
     trainer.run([&](const StepResult& r) {
-      for (const auto& [key, value] : r.output.metrics) {
-        if (key == "clipped_fraction" && counted < 20) clipped += value, ++counted;
-      }
-      if (counted == 20) {
-        if (clipped / counted > 0.5) {
-          warn("over half of the loss terms are clipped (clip_factor = " + std::to_string(am.clip_factor) +
-               ", so LCT = clip_factor lambda^2 = " + std::to_string(am.clip_factor * lambda * lambda) +
-               "); clipped terms give no gradient. Raise finetune.clip_factor or set it to 0");
-        }
-        ++counted;
-      }
+      if (!plan.monitor) return;
+      if (const std::string w = plan.monitor(r.output); !w.empty()) warn(w);
     });
   } catch (const Error&) {
     report_failure_context(run);
     throw;
   }
-  // The schedule `tilt sample` uses by default: the one fine-tuned with, or the ODE for the
-  // baselines that sample with it.
-  const Json info_json = {{"trained_by", "tilt finetune"},
-                          {"method", method},
-                          {"noise", uses_noise ? noise_spec : std::string("ode")},
-                          {"lambda", lambda},
-                          {"reward", reward->kind()},
-                          {"num_steps", am.num_steps},
-                          {"iterations", trainer.iteration()}};
+  Json info_json = plan.model_info();
+  info_json["trained_by"] = "tilt finetune";
+  info_json["iterations"] = trainer.iteration();
   if (!is_writer(group)) return 0;
   save_velocity(*model, run.path("model.pt"), info_json);
-  plot_curves(topt.metrics_path, {"loss", method == "refl" ? "reward_prediction" : "reward"}, run.path("training.png"),
-              method == "adjoint_matching" ? "adjoint matching" : method);
+  plot_curves(topt.metrics_path, {"loss", plan.method == "refl" ? "reward_prediction" : "reward"}, run.path("training.png"),
+              plan.method == "adjoint_matching" ? "adjoint matching" : plan.method);
   info("wrote " + run.path("model.pt"));
+  report({{"model", run.path("model.pt")}, {"iterations", trainer.iteration()}});
   return 0;
 }
+
+CommandSetup train_setup(int (*run)(const TrainArgs&)) {
+  return [run](CLI::App& app) {
+    auto args = std::make_shared<TrainArgs>();
+    add_config(app, args->config, true);
+    app.add_option("-o,--out", args->out, "Directory: the run's (model.pt, checkpoint.pt, metrics.jsonl, ...)")->required();
+    app.add_flag("--resume", args->resume, "Continue the run in --out from its last checkpoint");
+    app.add_flag("-q,--quiet", args->quiet, "No progress bar");
+    app.add_option("--dist-timeout", args->dist_timeout,
+                   "Several processes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, as by torchrun): the longest "
+                   "wait for the others, in seconds, before a clear error")->capture_default_str();
+    return [run, args] { return run(*args); };
+  };
+}
+
+namespace {
+const bool registered_pretrain = add_command({"pretrain", "Pretrain a velocity network by flow matching on [data]", 10,
+                                              train_setup(run_pretrain)});
+const bool registered_finetune = add_command(
+    {"finetune", "Fine-tune [base] towards [reward] with Adjoint Matching (or a baseline)", 20, [](CLI::App& app) {
+       app.description("Fine-tune [base] towards [reward]: [finetune] method = " + joined(finetune_method_names()) +
+                       " (each with its table [finetune.<method>])");
+       return train_setup(run_finetune)(app);
+     }});
+}  // namespace
 
 }  // namespace tilt::cli

@@ -2,7 +2,10 @@
 #pragma once
 
 #include "common.h"
+#include "registry.h"
 
+#include <functional>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
@@ -17,6 +20,8 @@ struct TrainArgs {
   double dist_timeout = 300;  ///< several processes: the longest wait for the others, seconds
 };
 int run_pretrain(const TrainArgs& args);
+/// The options of pretrain, finetune and classifier (a config, a run directory, --resume).
+CommandSetup train_setup(int (*run)(const TrainArgs&));
 int run_classifier(const TrainArgs& args);
 int run_finetune(const TrainArgs& args);
 
@@ -38,7 +43,9 @@ int run_sample(const SampleArgs& args);
 struct ExportArgs {
   std::string model;      ///< a tilt model file
   std::string out;        ///< the TorchScript file to write
-  std::string reference;  ///< optionally: points x, times t and tilt's velocity v there (torch.load-able)
+  std::string reference;  ///< --check-file: optionally, points x, times t and tilt's velocity v there (torch.load-able)
+  std::string old_reference;  ///< --reference, the deprecated spelling of --check-file
+  std::string reference_flag = "--check-file";  ///< the spelling given, for messages
   int64_t points = 64;
   int64_t seed = 0;
 };
@@ -50,7 +57,6 @@ struct EvalArgs {
   std::string reference;  ///< compare with these samples when the config has no exact target
   int64_t replicates = 8;
   int64_t seed = 0;
-  bool json = false;
 };
 int run_eval(const EvalArgs& args);
 
@@ -58,7 +64,6 @@ struct EvalImagesArgs {
   ConfigArgs config;
   std::vector<std::string> samples;
   std::string base;  ///< base-model samples: the tilted target's metrics by importance weighting
-  bool json = false;
 };
 int run_eval_images(const EvalImagesArgs& args);
 
@@ -74,7 +79,6 @@ struct LogzArgs {
   int64_t batch = 4096;
   int64_t seed = -1;    ///< -1: the config's seed
   int threads = 0;
-  bool json = false;
   bool quiet = false;
 };
 int run_logz(const LogzArgs& args);
@@ -91,6 +95,8 @@ struct PlotArgs {
 int run_plot(const PlotArgs& args);
 
 struct SocArgs {
+  ConfigArgs config;  ///< optional: top-level seed, threads and a [soc] table (flags given override it)
+  std::map<std::string, std::string> from_config;  ///< flag -> where the config gave it, for messages
   std::string problem = "quadratic_ou_easy";
   std::vector<std::string> losses;
   int64_t iterations = 1000;
@@ -106,9 +112,10 @@ struct SocArgs {
   int64_t eval_batch = 1024;
   std::string out;
   bool quiet = false;
-  bool json = false;
 };
 int run_soc(const SocArgs& args);
+/// Fills `args` from its config: each setting whose flag was not `given`.
+void read_soc_config(SocArgs& args, const std::function<bool(const std::string&)>& given);
 
 struct AdjointSamplingArgs {
   ConfigArgs config;
@@ -116,7 +123,6 @@ struct AdjointSamplingArgs {
   std::string reference;  ///< reference samples (CSV, e.g. from tilt mcmc); overrides [evaluation] reference
   bool resume = false;
   bool quiet = false;
-  bool json = false;
 };
 int run_adjoint_sampling(const AdjointSamplingArgs& args);
 

@@ -64,7 +64,7 @@ int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group) {
 }
 
 void finish_root(ConfigSection& root) {
-  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier"});
+  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc"});
   root.finish();
 }
 

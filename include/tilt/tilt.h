@@ -70,6 +70,7 @@
 #include "tilt/io/classifier_io.h"
 #include "tilt/io/config.h"
 #include "tilt/io/datasets.h"
+#include "tilt/io/methods.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/plot.h"
 #include "tilt/io/samples.h"

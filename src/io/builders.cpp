@@ -228,15 +228,17 @@ MlpOptions read_mlp(ConfigSection& s, int64_t dim, std::vector<int64_t> default_
   return o;
 }
 
-AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
-  AdjointMatchingOptions o;
-  o.num_steps = in_range(s, "num_steps", s.integer("num_steps", o.num_steps), int64_t{2}, limits::kSteps);
-  o.batch_size = in_range(s, "batch_size", s.integer("batch_size", o.batch_size), int64_t{1}, limits::kBatch);
-  if (o.num_steps * o.batch_size > limits::kStepsTimesBatch) {
-    s.fail("batch_size", "with num_steps = " + std::to_string(o.num_steps) + ": num_steps x batch_size = " +
-                             std::to_string(o.num_steps * o.batch_size) + " states per simulated batch, over the limit of " +
+void read_steps_and_batch(ConfigSection& s, int64_t& num_steps, int64_t& batch_size) {
+  num_steps = in_range(s, "num_steps", s.integer("num_steps", num_steps), int64_t{2}, limits::kSteps);
+  batch_size = in_range(s, "batch_size", s.integer("batch_size", batch_size), int64_t{1}, limits::kBatch);
+  if (num_steps * batch_size > limits::kStepsTimesBatch) {
+    s.fail("batch_size", "with num_steps = " + std::to_string(num_steps) + ": num_steps x batch_size = " +
+                             std::to_string(num_steps * batch_size) + " states per simulated batch, over the limit of " +
                              std::to_string(limits::kStepsTimesBatch));
   }
+}
+
+void read_adjoint_matching_keys(ConfigSection& s, AdjointMatchingOptions& o) {
   o.loss_early_steps = s.integer("loss_early_steps", o.loss_early_steps);
   o.loss_late_steps = s.integer("loss_late_steps", o.loss_late_steps);
   if (o.loss_early_steps < 0) s.fail("loss_early_steps", "must be >= 0");
@@ -250,6 +252,12 @@ AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
   o.loss_weighting = s.choice("loss_weighting", {"control", "velocity"}, o.loss_weighting);
   o.final_noiseless_step = s.boolean("final_noiseless_step", o.final_noiseless_step);
   o.tape_activations = s.boolean("tape_activations", o.tape_activations);
+}
+
+AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {
+  AdjointMatchingOptions o;
+  read_steps_and_batch(s, o.num_steps, o.batch_size);
+  read_adjoint_matching_keys(s, o);
   return o;
 }
 

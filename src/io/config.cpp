@@ -215,21 +215,43 @@ ConfigSection::ConfigSection(const Json& node, std::string path, std::string ori
   }
 }
 
-std::string ConfigSection::where(const std::string& key) const { return path_.empty() ? key : path_ + "." + key; }
+std::string ConfigSection::where(const std::string& key) const {
+  if (from_old_.count(key)) return old_->where(key);
+  // A file in the old layout (keys read from the parent, none given here): a key it lacks is named
+  // where that file would give it.
+  if (!from_old_.empty() && node_.empty() && !node_.contains(key)) return old_->where(key);
+  return path_.empty() ? key : path_ + "." + key;
+}
 
 void ConfigSection::fail(const std::string& key, const std::string& message) const {
   throw Error("in " + origin_ + ": '" + where(key) + "' " + message);
 }
 
-bool ConfigSection::has(const std::string& key) const { return node_.contains(key); }
+bool ConfigSection::has(const std::string& key) const { return node_.contains(key) || (old_ && old_->has(key)); }
 
 const Json* ConfigSection::find(const std::string& key) const {
   used_.insert(key);
   auto it = node_.find(key);
+  if (old_ && old_->node_.contains(key)) {
+    if (it != node_.end()) {
+      throw Error("in " + origin_ + ": '" + old_->where(key) + "' and '" + where(key) + "' are both given; keep '" +
+                  where(key) + "'");
+    }
+    if (from_old_.insert(key).second && note_) {
+      note_("'" + old_->where(key) + "' belongs in [" + path_ + "] now (as " + key + "); the old place still works");
+    }
+    return old_->find(key);
+  }
   return it == node_.end() ? nullptr : &*it;
 }
 
+void ConfigSection::accept_moved_keys(ConfigSection& old, std::function<void(const std::string&)> note) {
+  old_ = &old;
+  note_ = std::move(note);
+}
+
 void ConfigSection::record(const std::string& key, const Json& value) {
+  if (from_old_.count(key)) return old_->record(key, value);
   if (!resolved_) return;
   Json* node = resolved_.get();
   std::istringstream parts(path_);

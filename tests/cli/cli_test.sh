@@ -316,5 +316,81 @@ expect_error "ode_adjoint_matching: clipped needs reg_clip" "finetune.reg_clip" 
 expect_error "ode_adjoint_matching: adjoint_steps beyond the steps" "must be in 0..num_steps = 20" \
   "$tilt" finetune -c tiny.toml --set finetune.method=\"ode_adjoint_matching\" --set finetune.adjoint_steps=21 -o ode_y
 
+# 9. Method tables, and flags that mean the same in every command (issue 18).
+cat > tables.toml <<'TOML'
+seed = 1
+threads = 2
+[data]
+type = "ring"
+components = 4
+radius = 2.0
+std = 0.5
+[base]
+type = "exact"
+[reward]
+type = "quadratic"
+center = [2.0, 0.0]
+precision = 0.5
+[finetune]
+method = "draft"
+hidden = [8]
+num_steps = 10
+batch_size = 8
+iterations = 2
+[finetune.draft]
+draft_k = 3
+[finetune.adjoint_matching]
+loss_late_steps = 5
+TOML
+if "$tilt" finetune -q -c tables.toml --json -o tab > tab.json 2> tab.log && [ "$(wc -l < tab.json)" -eq 1 ] &&
+   python3 -c "import json; r = json.load(open('tab.json')); assert r['model'] == 'tab/model.pt' and r['iterations'] == 2, r" &&
+   python3 -c "import json; r = json.load(open('tab/config.resolved.json')); assert r['finetune']['draft']['draft_k'] == 3, r" &&
+   grep -q "\[finetune.adjoint_matching\] is ignored by method = \"draft\"" tab.log && ! grep -q "belongs in" tab.log; then
+  pass "finetune: [finetune.draft] read, another method's table noted, --json one line"
+else
+  fail "method tables: $(cat tab.log tab.json)"
+fi
+expect_error "an unknown key in the method's table names key and table" "unknown key 'finetune.draft.draft_kk'" \
+  "$tilt" finetune -q -c tables.toml --set finetune.draft.draft_kk=2 -o tab_x
+expect_error "an unknown key in another method's table too" "'finetune.ddpo.epochs' in [finetune.ddpo]" \
+  "$tilt" finetune -q -c tables.toml --set finetune.ddpo.epochs=2 -o tab_y
+expect_error "a key in its table and flat at once" "are both given" \
+  "$tilt" finetune -q -c tables.toml --set finetune.draft_k=2 -o tab_z
+if "$tilt" finetune -q -c tables.toml --set finetune.method=\"adjoint_matching\" --set finetune.loss_early_steps=2 -o tab_old \
+     > old.log 2>&1 && grep -q "'finetune.loss_early_steps' belongs in \[finetune.adjoint_matching\]" old.log; then
+  pass "an old flat key still works, with a warning naming its table"
+else
+  fail "flat key: $(cat old.log)"
+fi
+expect_error "export --check-file (the new name of its --reference) is checked like it" "--check-file 'run/model.pt' is also --model" \
+  "$tilt" export -m run/model.pt -o m.ts --check-file run/model.pt
+expect_error "export: --check-file and its old spelling at once" "not both" \
+  "$tilt" export -m run/model.pt -o m.ts --check-file a.pt --reference b.pt
+expect_error "--device other than cpu" "--device 'cuda' is not supported yet" "$tilt" eval -c tiny.toml -s x.csv --device cuda
+cat > soc.toml <<'TOML'
+seed = 2
+[soc]
+problem = "linear_ou"
+losses = ["adjoint_matching"]
+iterations = 4
+batch = 8
+eval_batch = 8
+eval_every = 2
+hidden = [4]
+TOML
+if "$tilt" soc -q -c soc.toml --iterations 2 --json -o soc_cfg > soc_cfg.json 2> soc_cfg.log && python3 -c "
+import json
+r = json.load(open('soc_cfg/soc.resolved.json'))
+assert r['problem'] == 'linear_ou' and r['iterations'] == 2 and r['batch'] == 8 and r['seed'] == 2, r
+assert json.load(open('soc_cfg.json'))['iterations'] == 2
+"; then
+  pass "soc reads [soc] and the top-level seed; a flag overrides the file"
+else
+  fail "soc -c: $(cat soc_cfg.log soc_cfg.json)"
+fi
+expect_error "soc: a bad value from the file names the key" "'soc.batch' must be in 1.." \
+  "$tilt" soc -q -c soc.toml --set soc.batch=0 -o soc_cfg2
+expect_error "soc: an unknown [soc] key" "unknown key 'soc.iteration'" "$tilt" soc -q -c soc.toml --set soc.iteration=3 -o soc_cfg3
+
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

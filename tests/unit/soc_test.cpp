@@ -726,7 +726,8 @@ TEST(FineTuningProblem, TheExactTiltIsItsOptimalControl) {
 
 TEST(FineTuningProblem, SocLossesTrainItsControl) {
   const TiltedRing c = tilted_ring();
-  auto problem = std::make_shared<FineTuningProblem>(GenerativeSDE(c.base, make_memoryless_noise(0.05)), c.reward, 1.0, 20);
+  auto problem = std::make_shared<FineTuningProblem>(GenerativeSDE(c.base, make_memoryless_noise(0.05)), c.reward, 1.0, 20,
+                                                     c.optimum);
   for (const std::string& name : soc_loss_names()) {
     auto control = std::make_shared<ControlNetwork>(2, 1.0, std::vector<int64_t>{16}, 1, false);
     SocLossOptions o;

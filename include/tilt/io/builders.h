@@ -49,10 +49,18 @@ RewardPtr read_reward(ConfigSection section, int64_t dim, double* lambda);
 /// A network: hidden (widths), time_features.
 MlpOptions read_mlp(ConfigSection& section, int64_t dim, std::vector<int64_t> default_hidden);
 
-/// The Adjoint Matching keys of [finetune].
+/// num_steps (2..limits::kSteps) and batch_size (1..limits::kBatch, with their product bounded);
+/// the values passed in are the defaults.
+void read_steps_and_batch(ConfigSection& section, int64_t& num_steps, int64_t& batch_size);
+
+/// The Adjoint Matching keys of [finetune.adjoint_matching] (loss_early_steps, loss_late_steps,
+/// clip_factor, loss_weighting, final_noiseless_step, tape_activations), checked against o.num_steps.
+void read_adjoint_matching_keys(ConfigSection& section, AdjointMatchingOptions& o);
+
+/// num_steps, batch_size and the Adjoint Matching keys from one table.
 AdjointMatchingOptions read_adjoint_matching(ConfigSection& section);
 
-/// The ODE Adjoint Matching keys of [finetune] (adjoint_steps, truncated_control, loss_steps), with
+/// The ODE Adjoint Matching keys (adjoint_steps, truncated_control, loss_steps), with
 /// num_steps, batch_size and lambda taken from the Adjoint Matching options already read.
 OdeAdjointMatchingOptions read_ode_adjoint_matching(ConfigSection& section, const AdjointMatchingOptions& am);
 

@@ -6,6 +6,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <set>
@@ -51,6 +52,12 @@ class ConfigSection {
   /// Throws tilt::Error for the first key that was present but never read, with a suggestion.
   void finish() const;
 
+  /// Keys that moved here from `old` (the table they sat in before, e.g. [finetune] for
+  /// [finetune.ddpo]): a key missing here but present in `old` is read from there, named there in
+  /// messages, and reported once through `note`, which is told the new place; a key in both is an
+  /// error. `old` must outlive this section.
+  void accept_moved_keys(ConfigSection& old, std::function<void(const std::string& message)> note);
+
   /// "finetune.lr" for key "lr" of section "finetune".
   std::string where(const std::string& key) const;
   const std::string& origin() const { return origin_; }
@@ -63,6 +70,9 @@ class ConfigSection {
   std::string path_, origin_;
   std::shared_ptr<Json> resolved_;
   mutable std::set<std::string> used_;
+  ConfigSection* old_ = nullptr;  ///< accept_moved_keys
+  std::function<void(const std::string&)> note_;
+  mutable std::set<std::string> from_old_;
 };
 
 /// The whole configuration: the file, the overrides, and the resolved record.

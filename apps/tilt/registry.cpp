@@ -1,0 +1,52 @@
+#include "registry.h"
+
+#include "common.h"
+
+#include <algorithm>
+#include <cstdio>
+
+namespace tilt::cli {
+namespace {
+
+std::vector<Command>& registry() {
+  static std::vector<Command> list;
+  return list;
+}
+
+}  // namespace
+
+bool add_command(Command command) {
+  registry().push_back(std::move(command));
+  return true;
+}
+
+std::vector<Command> commands() {
+  std::vector<Command> list = registry();
+  std::stable_sort(list.begin(), list.end(), [](const Command& a, const Command& b) { return a.order < b.order; });
+  return list;
+}
+
+CommonOptions& mutable_common_options() {
+  static CommonOptions options;
+  return options;
+}
+const CommonOptions& common_options() { return mutable_common_options(); }
+
+void report(const Json& result) {
+  if (common_options().json) std::printf("%s\n", result.dump().c_str());
+}
+
+void add_config(CLI::App& app, ConfigArgs& args, bool required) {
+  auto* opt = app.add_option("-c,--config", args.config, "Configuration file (.toml or .json)");
+  if (required) opt->required();
+  opt->check([](const std::string& path) { return path.empty() ? std::string("the config file name is empty") : std::string(); });
+  app.add_option("--set", args.set, "Override a config key, e.g. --set finetune.lr=1e-3 (repeatable)");
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string s;
+  for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
+  return s;
+}
+
+}  // namespace tilt::cli

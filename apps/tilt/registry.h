@@ -1,0 +1,52 @@
+// The subcommands of the tilt tool. Each cmd_*.cpp registers its own: a name, a one-line help, its
+// options and the function that runs it; main.cpp only builds the parser from this list and dispatches.
+//
+// Flags that mean the same everywhere: -o/--out (a run directory for the commands that train, a file
+// for the others: each command's help says which), --json (one line of JSON on stdout, the
+// command's result), --device (cpu only for now), -q/--quiet (no progress bar), -c/--config and --set.
+#pragma once
+
+#include "tilt/io/config.h"
+
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace tilt::cli {
+
+struct ConfigArgs;
+
+/// Declares a subcommand's options on `app` and returns the function that runs it (the exit code).
+using CommandSetup = std::function<std::function<int()>(CLI::App& app)>;
+
+struct Command {
+  std::string name;
+  std::string help;
+  int order = 0;  ///< place in `tilt --help`
+  CommandSetup setup;
+};
+
+/// Registers a subcommand (at static initialisation: `const bool registered = add_command({...});`).
+bool add_command(Command command);
+/// Every subcommand, by order.
+std::vector<Command> commands();
+
+/// The options every subcommand takes, set by main before the command runs.
+struct CommonOptions {
+  bool json = false;
+  std::string device = "cpu";
+};
+const CommonOptions& common_options();
+CommonOptions& mutable_common_options();
+
+/// With --json: `result` as one line on stdout. Every command's JSON goes through here.
+void report(const Json& result);
+
+/// -c/--config and --set.
+void add_config(CLI::App& app, ConfigArgs& args, bool required);
+/// Names joined by ", " (help texts list what the registries hold).
+std::string joined(const std::vector<std::string>& names);
+
+}  // namespace tilt::cli

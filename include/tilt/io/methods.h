@@ -1,0 +1,86 @@
+// The fine-tuning methods, by name: each registers its config table [finetune.<name>], reads its
+// keys with every default and every check, and builds its loss. `tilt finetune` and a C++ caller
+// go through read_finetune (or make_finetune_plan), so both get the same defaults; docs/config.md
+// documents each key.
+#pragma once
+
+#include "tilt/io/config.h"
+#include "tilt/model/finetuned.h"
+#include "tilt/model/mlp.h"
+#include "tilt/model/reward.h"
+#include "tilt/model/velocity.h"
+#include "tilt/schedule/noise_schedule.h"
+#include "tilt/soc/loss.h"
+#include "tilt/train/trainer.h"
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace tilt {
+
+/// A fine-tuning run as [finetune] and the method's table describe it.
+struct FinetunePlan {
+  std::string method;
+  std::string noise = "memoryless";  ///< [finetune] noise as given; "ode" when the method samples with the flow ODE
+  NoiseSchedulePtr noise_schedule;   ///< memoryless: offset h = 1/num_steps (the paper's one step)
+  int64_t num_steps = 40, batch_size = 40;
+  double lambda = 1.0;
+  RewardPtr reward;
+  FineTuneMode mode = FineTuneMode::residual;
+  MlpOptions mlp;          ///< the trainable network (hidden, time_features)
+  TrainerOptions trainer;  ///< Adam and the run's length (the Adjoint Matching paper's settings by default)
+  /// About the configuration, known once it is read: old flat keys, keys the method ignores.
+  std::vector<std::string> notes;
+  /// About the run: what its result will not be (biased, no KL term). Worth saying once it starts.
+  std::vector<std::string> warnings;
+  /// The method's loss for the model being trained (make_model's).
+  std::function<std::unique_ptr<Loss>(std::shared_ptr<FineTunedVelocity>)> make_loss;
+  /// Optional: called with each step's loss output; a non-empty return is a warning to show (once).
+  std::function<std::string(const LossOutput&)> monitor;
+
+  /// The model to fine-tune: the base plus a new trainable network (mode, mlp), seeded.
+  std::shared_ptr<FineTunedVelocity> make_model(VelocityFieldPtr base, uint64_t seed) const;
+  /// What a model file records about the run: method, noise (the schedule `tilt sample` uses by
+  /// default), lambda, reward, num_steps.
+  Json model_info() const;
+};
+
+/// What a method's reader gets besides its table: the plan so far (num_steps, batch_size, noise,
+/// lambda, reward), the [finetune] table (to name its keys in messages) and the base.
+struct MethodContext {
+  FinetunePlan& plan;
+  ConfigSection& finetune;
+  const VelocityField& base;
+};
+
+/// One fine-tuning method.
+struct FinetuneMethod {
+  std::string name;
+  std::string help;               ///< one line, for help texts
+  std::vector<std::string> keys;  ///< every key of [finetune.<name>]
+  bool uses_noise = true;         ///< simulates with [finetune] noise; false: with the flow ODE
+  bool policy = false;            ///< the noise is its policy's (any gamma > 0 is unbiased for it)
+  /// Reads [finetune.<name>] (old files: [finetune], through ConfigSection::accept_moved_keys) and
+  /// sets plan.make_loss (and plan.monitor, warnings) on ctx.plan.
+  std::function<void(ConfigSection& table, MethodContext& ctx)> read;
+};
+
+/// Adds a method; throws tilt::Error if the name is taken. The built-in ones are registered first.
+void register_finetune_method(FinetuneMethod method);
+/// Every method, in registration order.
+const std::vector<FinetuneMethod>& finetune_methods();
+std::vector<std::string> finetune_method_names();
+
+/// [finetune] (the keys common to all methods: method, noise, model, hidden, time_features,
+/// num_steps, batch_size, and the trainer's) and the method's table [finetune.<method>]. Checks
+/// every key; the tables of the other methods may be present (their keys are checked by name).
+/// The section is finished (unknown keys are errors).
+FinetunePlan read_finetune(ConfigSection& finetune, const VelocityField& base, RewardPtr reward, double lambda);
+
+/// For C++ callers: the same from a JSON table shaped like [finetune], e.g.
+/// {{"method", "draft"}, {"num_steps", 20}, {"draft", {{"draft_k", 2}}}}.
+FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda);
+
+}  // namespace tilt

@@ -1,0 +1,322 @@
+#include "tilt/io/methods.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+#include "tilt/io/builders.h"
+#include "tilt/sde/gddim.h"
+#include "tilt/train/adjoint_matching.h"
+#include "tilt/train/ode_adjoint_matching.h"
+#include "tilt/train/policy_gradient.h"
+#include "tilt/train/reward_baselines.h"
+
+#include <algorithm>
+
+namespace tilt {
+namespace {
+
+// The keys of [finetune.adjoint_matching]; old files have them in [finetune], where the other
+// methods ignore them (with a note).
+const std::vector<std::string> kAdjointMatchingKeys{"loss_early_steps", "loss_late_steps",      "clip_factor",
+                                                    "loss_weighting",   "final_noiseless_step", "tape_activations"};
+const std::vector<std::string> kPolicyKeys{"log_prob", "clip_range", "adv_clip_max", "scale_advantages", "inner_epochs"};
+const std::vector<std::string> kGroupKeys{"group_size", "window", "window_strategy", "window_iters", "window_shift"};
+
+std::string no_kl_warning(const std::string& method) {
+  return "method = \"" + method + "\" maximises the reward with no KL term: it does not target p* ∝ p_base exp(lambda r) "
+         "and loses diversity as it trains (a baseline, for comparison)";
+}
+
+// Over half of the first 20 steps' loss terms clipped: say so once (the clipped terms give no gradient).
+std::function<std::string(const LossOutput&)> clip_monitor(double clip_factor, double lambda) {
+  auto clipped = std::make_shared<double>(0.0);
+  auto counted = std::make_shared<int64_t>(0);
+  return [=](const LossOutput& out) -> std::string {
+    for (const auto& [key, value] : out.metrics) {
+      if (key == "clipped_fraction" && *counted < 20) *clipped += value, ++*counted;
+    }
+    if (*counted != 20) return "";
+    ++*counted;
+    if (*clipped / 20 <= 0.5) return "";
+    return "over half of the loss terms are clipped (clip_factor = " + std::to_string(clip_factor) +
+           ", so LCT = clip_factor lambda^2 = " + std::to_string(clip_factor * lambda * lambda) +
+           "); clipped terms give no gradient. Raise finetune.clip_factor or set it to 0";
+  };
+}
+
+void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  AdjointMatchingOptions am;
+  am.num_steps = plan.num_steps;
+  am.batch_size = plan.batch_size;
+  am.lambda = plan.lambda;
+  read_adjoint_matching_keys(table, am);
+  plan.monitor = clip_monitor(am.clip_factor, plan.lambda);
+  plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);
+  };
+}
+
+RewardBaselineOptions baseline_options(const FinetunePlan& plan) {
+  RewardBaselineOptions o;
+  o.num_steps = plan.num_steps;
+  o.batch_size = plan.batch_size;
+  o.lambda = plan.lambda;
+  return o;
+}
+
+void read_draft(ConfigSection& table, MethodContext& ctx) {
+  RewardBaselineOptions o = baseline_options(ctx.plan);
+  o.draft_k = table.integer("draft_k", o.draft_k);
+  if (o.draft_k < 1 || o.draft_k > o.num_steps) table.fail("draft_k", "must be in 1..num_steps");
+  ctx.plan.warnings.push_back(no_kl_warning("draft"));
+  ctx.plan.make_loss = [o, reward = ctx.plan.reward](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<DraftK>(std::move(model), reward, o);
+  };
+}
+
+void read_refl(ConfigSection& table, MethodContext& ctx) {
+  RewardBaselineOptions o = baseline_options(ctx.plan);
+  o.refl_t_min = table.number("refl_t_min", o.refl_t_min);
+  if (!(o.refl_t_min >= 0.0 && o.refl_t_min < 1.0)) table.fail("refl_t_min", "must be in [0, 1)");
+  ctx.plan.warnings.push_back(no_kl_warning("refl"));
+  ctx.plan.make_loss = [o, reward = ctx.plan.reward](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<Refl>(std::move(model), reward, o);
+  };
+}
+
+void read_discrete_adjoint(ConfigSection&, MethodContext& ctx) {
+  const RewardBaselineOptions o = baseline_options(ctx.plan);
+  ctx.plan.make_loss = [o, reward = ctx.plan.reward, noise = ctx.plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<DiscreteAdjoint>(std::move(model), reward, noise, o);
+  };
+}
+
+// The keys of the policy-gradient baselines (docs/policy_gradient.md); the window keys are GRPO's.
+PolicyGradientOptions read_policy_keys(ConfigSection& s, const FinetunePlan& plan, bool grouped) {
+  PolicyGradientOptions o;
+  o.num_steps = plan.num_steps;
+  o.batch_size = plan.batch_size;
+  o.lambda = plan.lambda;
+  o.reduction = parse_log_prob_reduction(s.choice("log_prob", {"mean", "sum"}, "mean"));
+  o.clip_range = s.number("clip_range", o.clip_range);
+  if (!(o.clip_range > 0.0)) s.fail("clip_range", "must be > 0");
+  o.adv_clip_max = s.number("adv_clip_max", o.adv_clip_max);
+  if (!(o.adv_clip_max > 0.0)) s.fail("adv_clip_max", "must be > 0");
+  o.scale_advantages = s.boolean("scale_advantages", o.scale_advantages);
+  o.inner_epochs = s.integer("inner_epochs", o.inner_epochs);
+  if (o.inner_epochs < 1 || o.inner_epochs > 1000) {  // Adam steps per sampled batch (docs/config.md)
+    s.fail("inner_epochs", "must be in 1..1000, got " + std::to_string(o.inner_epochs));
+  }
+  if (!grouped) return o;
+  o.group_size = s.integer("group_size", o.group_size);
+  if (o.group_size < 2) s.fail("group_size", "must be >= 2");
+  o.window = s.integer("window", o.window);
+  if (o.window < 0) s.fail("window", "must be >= 0 (0: every step)");
+  o.window_strategy = parse_window_strategy(s.choice("window_strategy", {"progressive", "random"}, "progressive"));
+  o.window_iters = s.integer("window_iters", o.window_iters);
+  if (o.window_iters < 1) s.fail("window_iters", "must be >= 1");
+  o.window_shift = s.integer("window_shift", o.window_shift);
+  if (o.window_shift < 1) s.fail("window_shift", "must be >= 1");
+  return o;
+}
+
+void read_policy_gradient(ConfigSection& table, MethodContext& ctx, bool grouped) {
+  FinetunePlan& plan = ctx.plan;
+  PolicyGradientOptions o = read_policy_keys(table, plan, grouped);
+  // The policy is the exact gDDIM step of the noise schedule's stochasticity gamma (> 0).
+  o.gamma = stochasticity_of(*plan.noise_schedule);
+  if (!(o.gamma > 0.0)) {
+    ctx.finetune.fail("noise", "the policy needs gamma > 0 (memoryless or scaled_memoryless:<gamma>): the ODE has no "
+                               "log-probability");
+  }
+  if (grouped && o.batch_size % o.group_size != 0) {
+    table.fail("group_size", "must divide batch_size = " + std::to_string(o.batch_size));
+  }
+  if (o.window > o.num_steps - 1) table.fail("window", "must be <= num_steps - 1 = " + std::to_string(o.num_steps - 1));
+  plan.warnings.push_back(no_kl_warning(plan.method));
+  plan.make_loss = [o, grouped, reward = plan.reward](std::shared_ptr<FineTunedVelocity> model) -> std::unique_ptr<Loss> {
+    if (grouped) return std::make_unique<Grpo>(std::move(model), reward, o);
+    return std::make_unique<Ddpo>(std::move(model), reward, o);
+  };
+}
+
+void read_ode_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  AdjointMatchingOptions am;
+  am.num_steps = plan.num_steps;
+  am.batch_size = plan.batch_size;
+  am.lambda = plan.lambda;
+  const OdeAdjointMatchingOptions o = read_ode_adjoint_matching(table, am);
+  const RegulariserPtr regulariser = read_regulariser(table);
+  plan.warnings.push_back("method = \"ode_adjoint_matching\" solves a deterministic control problem (" +
+                          regulariser->describe() +
+                          "): its optimum steers each noise seed on its own and is NOT p* ∝ p_base exp(lambda r) "
+                          "(docs/ode_adjoint_matching.md)");
+  plan.make_loss = [o, regulariser, reward = plan.reward](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<OdeAdjointMatching>(std::move(model), reward, regulariser, o);
+  };
+}
+
+std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+std::vector<FinetuneMethod>& registry() {
+  static std::vector<FinetuneMethod> methods{
+      {"adjoint_matching", "Adjoint Matching: regression onto the lean adjoint (targets p*)", kAdjointMatchingKeys, true,
+       false, read_adjoint_matching_method},
+      {"draft", "DRaFT-K: backpropagate the reward through the last K ODE steps (no KL term)", {"draft_k"}, false, false,
+       read_draft},
+      {"refl", "ReFL: the reward of a one-step prediction from a random late step (no KL term)", {"refl_t_min"}, false,
+       false, read_refl},
+      {"discrete_adjoint", "the discrete adjoint of the memoryless SDE (targets p*)", {}, true, false,
+       read_discrete_adjoint},
+      {"ddpo", "DDPO: clipped policy gradient of the gDDIM policy (no KL term)", kPolicyKeys, true, true,
+       [](ConfigSection& t, MethodContext& c) { read_policy_gradient(t, c, false); }},
+      {"grpo", "GRPO: group-relative policy gradient, with a MixGRPO window (no KL term)",
+       concat(kPolicyKeys, kGroupKeys), true, true,
+       [](ConfigSection& t, MethodContext& c) { read_policy_gradient(t, c, true); }},
+      {"ode_adjoint_matching", "ODE Adjoint Matching: a deterministic control problem (not p*)",
+       {"adjoint_steps", "truncated_control", "loss_steps", "regulariser", "reg_weight", "reg_weight_start", "reg_clip",
+        "reg_power"},
+       false, false, read_ode_adjoint_matching_method},
+  };
+  return methods;
+}
+
+const FinetuneMethod& find_method(const std::string& name) {
+  for (const auto& m : registry()) {
+    if (m.name == name) return m;
+  }
+  throw Error("no fine-tuning method '" + name + "'");
+}
+
+// The noise schedule: the paper's offset is one step, h = 1/K, for memoryless (on a uniform grid
+// the memoryless drift's -x/t part is then integrated exactly; docs/method.md, choice 1).
+void read_noise(ConfigSection& s, const FinetuneMethod& method, FinetunePlan& plan) {
+  if (!method.uses_noise && s.has("noise")) {
+    plan.notes.push_back(s.where("noise") + " is ignored by method = \"" + method.name +
+                         "\" (it samples with the flow ODE)");
+  }
+  plan.noise = s.string("noise", "memoryless");
+  try {
+    plan.noise_schedule = plan.noise == "memoryless" ? make_memoryless_noise(1.0 / static_cast<double>(plan.num_steps))
+                                                     : parse_noise_schedule(plan.noise);
+  } catch (const Error& e) {
+    s.fail("noise", std::string("is invalid: ") + e.what());
+  }
+  if (!method.uses_noise) return;
+  const NoiseSchedule& noise = *plan.noise_schedule;
+  if (noise.is_memoryless() && noise.h() > kLargeMemorylessOffset) {
+    plan.warnings.push_back(s.where("noise") + " = \"" + plan.noise + "\": an offset h above " +
+                            number_string(kLargeMemorylessOffset) +
+                            " is far from memoryless near t = 0, and the run will miss p* by more (the default is one "
+                            "step, h = 1/num_steps)");
+  }
+  if (!method.policy && !noise.is_memoryless()) {
+    plan.warnings.push_back("fine-tuning with the " + noise.describe() +
+                            " noise schedule: only the memoryless schedule reaches p* ∝ p_base exp(lambda r); this run "
+                            "will be biased (the value-function bias, Adjoint Matching Sec. 4)");
+  }
+}
+
+// The tables of the methods not chosen: their keys are checked by name; the Adjoint Matching keys
+// of old files, flat in [finetune], are noted as ignored.
+void check_other_tables(ConfigSection& s, const FinetuneMethod& chosen, FinetunePlan& plan) {
+  for (const auto& m : registry()) {
+    if (m.name == chosen.name) continue;
+    if (m.name == "adjoint_matching") {
+      for (const auto& key : m.keys) {
+        if (s.has(key)) plan.notes.push_back(s.where(key) + " is ignored by method = \"" + chosen.name + "\"");
+      }
+      s.allow(m.keys);
+    }
+    if (!s.has(m.name)) continue;
+    const Json table = s.value(m.name);
+    if (!table.is_object()) s.fail(m.name, "must be a table (the keys of method = \"" + m.name + "\")");
+    for (auto it = table.begin(); it != table.end(); ++it) {
+      if (std::find(m.keys.begin(), m.keys.end(), it.key()) == m.keys.end()) {
+        std::string known;
+        for (const auto& k : m.keys) known += (known.empty() ? "" : ", ") + k;
+        throw Error("in " + s.origin() + ": unknown key '" + s.where(m.name) + "." + it.key() + "' in [" + s.where(m.name) +
+                    "]" + (known.empty() ? " (the method has no keys)" : "; its keys: " + known));
+      }
+    }
+    plan.notes.push_back("[" + s.where(m.name) + "] is ignored by method = \"" + chosen.name + "\"");
+  }
+}
+
+void read_common(ConfigSection& s, const VelocityField& base, FinetunePlan& plan) {
+  plan.mode = parse_finetune_mode(s.choice("model", {"residual", "copy"}, "residual"));
+  plan.mlp = read_mlp(s, base.dim(), {128, 128, 128});
+  read_steps_and_batch(s, plan.num_steps, plan.batch_size);
+}
+
+void read_trainer_keys(ConfigSection& s, const VelocityField& base, FinetunePlan& plan) {
+  TrainerOptions defaults;  // the paper's Adam settings (App. G)
+  defaults.checkpoint_every = 100;
+  plan.trainer = read_trainer(s, defaults);
+  if (plan.trainer.shards > plan.batch_size) {
+    s.fail("shards", "must be at most batch_size = " + std::to_string(plan.batch_size));
+  }
+  if (plan.mode == FineTuneMode::copy && base.kind() == "gmm") {
+    s.fail("model", "is \"copy\", which needs a network base, but [base] is the exact mixture (use \"residual\")");
+  }
+}
+
+}  // namespace
+
+void register_finetune_method(FinetuneMethod method) {
+  for (const auto& m : registry()) {
+    if (m.name == method.name) throw Error("a fine-tuning method '" + method.name + "' is registered already");
+  }
+  if (!method.read) throw Error("fine-tuning method '" + method.name + "' has no reader");
+  registry().push_back(std::move(method));
+}
+
+const std::vector<FinetuneMethod>& finetune_methods() { return registry(); }
+
+std::vector<std::string> finetune_method_names() {
+  std::vector<std::string> names;
+  for (const auto& m : registry()) names.push_back(m.name);
+  return names;
+}
+
+FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPtr reward, double lambda) {
+  FinetunePlan plan;
+  plan.reward = std::move(reward);
+  plan.lambda = lambda;
+  plan.method = s.choice("method", finetune_method_names(), "adjoint_matching");
+  const FinetuneMethod& method = find_method(plan.method);
+  check_other_tables(s, method, plan);
+  read_common(s, base, plan);
+  read_noise(s, method, plan);
+  ConfigSection table = s.section(method.name, /*optional=*/true);
+  table.accept_moved_keys(s, [&plan](const std::string& note) { plan.notes.push_back(note); });
+  MethodContext ctx{plan, s, base};
+  method.read(table, ctx);
+  table.finish();
+  read_trainer_keys(s, base, plan);
+  s.finish();
+  if (!method.uses_noise) plan.noise = "ode";
+  return plan;
+}
+
+FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda) {
+  Config config(Json{{"finetune", finetune}}, "the finetune table");
+  ConfigSection root = config.root();
+  ConfigSection s = root.section("finetune");
+  return read_finetune(s, base, std::move(reward), lambda);
+}
+
+std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr base, uint64_t seed) const {
+  return make_finetuned(std::move(base), mode, mlp.hidden, mlp.time_features, seed);
+}
+
+Json FinetunePlan::model_info() const {
+  return Json{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
+              {"num_steps", num_steps}};
+}
+
+}  // namespace tilt

@@ -144,11 +144,12 @@ int run_finetune(const TrainArgs& args) {
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   ConfigSection section = root.section("finetune");
   FinetunePlan plan = read_finetune(section, *base, reward, lambda);
-  for (const auto& note : plan.notes) warn(note);
   finish_root(root);
 
   ProcessGroupPtr group;
   const RunDirectory run = start_run(config, "finetune", plan.trainer.shards, args, group);
+  // After start_run, which silences every rank but the first.
+  for (const auto& note : plan.notes) warn(note);
   for (const auto& w : plan.warnings) warn(w);
   auto model = plan.make_model(base, mix_seed(settings.seed, 1));
   std::unique_ptr<Loss> loss = plan.make_loss(model);

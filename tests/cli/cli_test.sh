@@ -2,6 +2,7 @@
 # The tilt command line: a short run end to end, resume, eval --json, and the errors users meet
 # (each must name the problem and leave earlier files intact). Usage: cli_test.sh path/to/tilt configs/
 set -uo pipefail
+source "$(dirname "$(realpath "$0")")/lib.sh"  # tiny_config (this script keeps its own checks below)
 tilt=$(realpath "$1")
 configs=$(realpath "$2")
 work=$(mktemp -d)
@@ -21,20 +22,7 @@ expect_error() {
 }
 
 # A small, fast version of the demo.
-cat > tiny.toml <<'TOML'
-seed = 1
-threads = 2
-[data]
-type = "ring"
-components = 4
-radius = 2.0
-std = 0.5
-[base]
-type = "exact"
-[reward]
-type = "quadratic"
-center = [2.0, 0.0]
-precision = 0.5
+{ tiny_config 1 2; cat <<'TOML'
 [finetune]
 hidden = [32, 32]
 num_steps = 20
@@ -46,6 +34,7 @@ clip_factor = 0.0
 lr = 1e-3
 checkpoint_every = 5
 TOML
+} > tiny.toml
 
 # 1. A run end to end.
 if "$tilt" finetune -q -c tiny.toml -o run > log.txt 2>&1 && [ -f run/model.pt ] && [ -f run/checkpoint.pt ] &&
@@ -317,20 +306,7 @@ expect_error "ode_adjoint_matching: adjoint_steps beyond the steps" "must be in 
   "$tilt" finetune -c tiny.toml --set finetune.method=\"ode_adjoint_matching\" --set finetune.adjoint_steps=21 -o ode_y
 
 # 9. Method tables, and flags that mean the same in every command (issue 18).
-cat > tables.toml <<'TOML'
-seed = 1
-threads = 2
-[data]
-type = "ring"
-components = 4
-radius = 2.0
-std = 0.5
-[base]
-type = "exact"
-[reward]
-type = "quadratic"
-center = [2.0, 0.0]
-precision = 0.5
+{ tiny_config 1 2; cat <<'TOML'
 [finetune]
 method = "draft"
 hidden = [8]
@@ -342,6 +318,7 @@ draft_k = 3
 [finetune.adjoint_matching]
 loss_late_steps = 5
 TOML
+} > tables.toml
 if "$tilt" finetune -q -c tables.toml --json -o tab > tab.json 2> tab.log && [ "$(wc -l < tab.json)" -eq 1 ] &&
    python3 -c "import json; r = json.load(open('tab.json')); assert r['model'] == 'tab/model.pt' and r['iterations'] == 2, r" &&
    python3 -c "import json; r = json.load(open('tab/config.resolved.json')); assert r['finetune']['draft']['draft_k'] == 3, r" &&

@@ -16,20 +16,7 @@ expect_nothing_written() {
   if [ ! -e "$2" ]; then pass "$1 writes nothing"; else fail "$1 left $2 behind"; fi
 }
 
-cat > tiny.toml <<'TOML'
-seed = 1
-threads = 1
-[data]
-type = "ring"
-components = 4
-radius = 2.0
-std = 0.5
-[base]
-type = "exact"
-[reward]
-type = "quadratic"
-center = [2.0, 0.0]
-precision = 0.5
+{ tiny_config 1 1; cat <<'TOML'
 [finetune]
 hidden = [16]
 num_steps = 10
@@ -41,6 +28,7 @@ clip_factor = 0.0
 lr = 1e-3
 checkpoint_every = 2
 TOML
+} > tiny.toml
 
 # Nesting: 100,000 arrays deep crashed nlohmann's recursive parser and destructor.
 python3 -c "print('{\n\"seed\": 1,\n\"x\": ' + '[' * 100000 + ']' * 100000 + '\n}')" > deep.json

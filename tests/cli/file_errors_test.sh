@@ -16,20 +16,7 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 cd "$work"
 
-cat > tiny.toml <<'TOML'
-seed = 1
-threads = 1
-[data]
-type = "ring"
-components = 4
-radius = 2.0
-std = 0.5
-[base]
-type = "exact"
-[reward]
-type = "quadratic"
-center = [2.0, 0.0]
-precision = 0.5
+{ tiny_config 1 1; cat <<'TOML'
 [pretrain]
 hidden = [16, 16]
 iterations = 5
@@ -42,6 +29,7 @@ iterations = 2
 loss_early_steps = 3
 loss_late_steps = 3
 TOML
+} > tiny.toml
 
 # 1. gzip data: the shipped digits cut in the middle, a stream of 1000 whole lines that never
 #    ends (cut at a line boundary of the text), a flipped byte.

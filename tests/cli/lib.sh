@@ -29,6 +29,25 @@ expect_absent() {
   pass "$name"
 }
 
+# tiny_config SEED THREADS: the head of the configs the CLI tests run, a tiny version of the 2-D demo (a ring
+# of 4 Gaussians, its exact velocity, a quadratic reward); the caller appends its own tables.
+tiny_config() {
+  printf 'seed = %s\nthreads = %s\n' "$1" "$2"
+  cat <<'TOML'
+[data]
+type = "ring"
+components = 4
+radius = 2.0
+std = 0.5
+[base]
+type = "exact"
+[reward]
+type = "quadratic"
+center = [2.0, 0.0]
+precision = 0.5
+TOML
+}
+
 # The closing line ctest's readers look for; the script's status: 0 only if nothing failed.
 finish() {
   echo "$passed passed, $failed failed"

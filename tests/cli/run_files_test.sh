@@ -15,20 +15,7 @@ trap cleanup EXIT
 cd "$work"
 hashes() { find "$@" -type f ! -name run.lock -print0 | sort -z | xargs -0 md5sum; }
 
-cat > tiny.toml <<'TOML'
-seed = 1
-threads = 1
-[data]
-type = "ring"
-components = 4
-radius = 2.0
-std = 0.5
-[base]
-type = "exact"
-[reward]
-type = "quadratic"
-center = [2.0, 0.0]
-precision = 0.5
+{ tiny_config 1 1; cat <<'TOML'
 [finetune]
 hidden = [32, 32]
 num_steps = 10
@@ -39,6 +26,7 @@ loss_late_steps = 3
 clip_factor = 0.0
 checkpoint_every = 2
 TOML
+} > tiny.toml
 "$tilt" finetune -q -c tiny.toml -o run > log.txt 2>&1 || fail "the setup run: $(cat log.txt)"
 
 # 1. An output that names an input is refused before anything is written.

@@ -229,67 +229,20 @@ struct AdjointMatching::Tapes {
     std::vector<Tensor> grads;                  // this block's share of dL/dtheta
   };
   std::vector<Block> blocks;
-};
 
-AdjointMatching::~AdjointMatching() = default;
-
-int64_t AdjointMatching::taped_blocks() const {
-  return tapes_ ? std::max<int64_t>(1, static_cast<int64_t>(tapes_->blocks.size())) : 1;
-}
-
-// The same iteration as compute()'s autograd path, with the networks run once. The rollout records the
-// activations of the trainable network (and of a taped base) at every step; the lean adjoint takes the base's
-// VJPs from the tapes; the regression's residuals come from the taped outputs, and the gradient of the
-// loss with respect to them,
-//   dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k)   (0 for clipped terms),
-// is backpropagated through the taped layers by hand (TapedNetwork::parameter_grads). The loss returned
-// is the value plus sum_p <p - stop_grad(p), dL/dp>, which is the value itself and whose gradient is dL/dp.
-//
-// Every row of the batch is independent until the sums of the loss and of the gradients, so on the CPU
-// the batch is cut into one block of rows per thread and each thread runs the rollout, the adjoint and
-// the regression of its block with single-threaded kernels: two parallel regions per phase instead of
-// one per tensor operation (on the small matrices of these problems, the threads of a per-operation
-// region spend more time meeting than multiplying). The random draws are made up front, in the order of
-// simulate(), so the blocks see exactly the numbers the whole batch would.
-LossOutput AdjointMatching::compute_taped(Generator& gen) {
-  const TapedNetwork* trainable = model_->trainable()->taped_network();
-  const TapedNetwork* base_taped = model_->base()->taped_network();
-  const VelocityField& base = *model_->base();
-  const bool residual_mode = model_->mode() == FineTuneMode::residual;
-  const int64_t B = options_.batch_size, K = grid_.steps(), d = model_->dim();
-  const bool final_noiseless = options_.final_noiseless_step;
-  const int64_t steps = final_noiseless ? K - 1 : K;  // Euler-Maruyama steps simulated
-  PhaseClock clock(times_ != nullptr);
-  AdjointMatchingTimes unused;
-  AdjointMatchingTimes& times = times_ ? *times_ : unused;
-  LossOutput out;
-  std::vector<Tensor> grads;
-  {
-    at::NoGradGuard no_grad;
-    // The random draws of simulate(): X_0, then one N(0, I) per noisy step.
-    const Tensor x0 = at::randn({B, d}, gen);
-    const std::vector<StepKernel> kernels = step_kernels(finetuned_sde_, grid_, Integrator::euler);
-    std::vector<Tensor> noise(static_cast<size_t>(steps));
-    for (int64_t k = 0; k < steps; ++k) {
-      if (!kernels[k].deterministic()) noise[k] = at::randn(x0.sizes(), gen, x0.options());
-    }
-
-    // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (a taped network
-    // or an exact mixture: VelocityField::vjp_needs_autograd); at least 16 rows each.
-    const bool split = x0.device().is_cpu() && (base_taped || !base.vjp_needs_autograd());
-    const int64_t n_blocks = split ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16)) : 1;
-    if (!tapes_) tapes_ = std::make_unique<Tapes>();
-    auto& blocks = tapes_->blocks;
+  // n_blocks blocks of the batch x0 (B rows), for K steps, keeping the tapes of the last iteration.
+  void prepare(int64_t n_blocks, int64_t K, const Tensor& x0, const TapedNetwork& trainable, const TapedNetwork* base) {
+    const int64_t B = x0.size(0);
     blocks.resize(static_cast<size_t>(n_blocks));
     for (int64_t i = 0; i < n_blocks; ++i) {
-      Tapes::Block& b = blocks[i];
+      Block& b = blocks[i];
       b.r0 = B * i / n_blocks;
       b.n = B * (i + 1) / n_blocks - b.r0;
       b.base.resize(static_cast<size_t>(K));
       b.trainable.resize(static_cast<size_t>(K));
       for (size_t k = 0; k < b.base.size(); ++k) {
-        if (!b.trainable[k]) b.trainable[k] = trainable->new_tape();
-        if (base_taped && !b.base[k]) b.base[k] = base_taped->new_tape();
+        if (!b.trainable[k]) b.trainable[k] = trainable.new_tape();
+        if (base && !b.base[k]) b.base[k] = base->new_tape();
       }
       b.x.assign(1, x0.narrow(0, b.r0, b.n));
       b.v_base.assign(static_cast<size_t>(K), Tensor());
@@ -298,100 +251,176 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
       b.terms.clear();
       b.grads.clear();
     }
-    // Runs f on every block, each on its own thread (nested tensor operations run single-threaded).
-    auto each_block = [&](const std::function<void(Tapes::Block&)>& f) {
-      at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-        at::NoGradGuard no_grad_here;  // grad mode is per thread
-        for (int64_t i = begin; i < end; ++i) f(blocks[i]);
-      });
-    };
-
-    // Rollout: the Euler-Maruyama kernels of simulate(), recording the activations.
-    each_block([&](Tapes::Block& b) {
-      for (int64_t k = 0; k < steps; ++k) {
-        const double t = grid_[k];
-        const Tensor& xk = b.x.back();
-        b.v_base[k] = base_taped ? base_taped->forward_taped(xk, t, b.base[k].get()) : base.velocity(xk, t);
-        b.net_out[k] = trainable->forward_taped(xk, t, b.trainable[k].get(), true);
-        const Tensor v = residual_mode ? b.v_base[k] + b.net_out[k] : b.net_out[k];
-        b.x.push_back(kernels[k].next(xk, v, noise[k].defined() ? noise[k].narrow(0, b.r0, b.n) : Tensor()));
-      }
-      if (final_noiseless) {
-        const double t = grid_[K - 1];
-        b.v_base[K - 1] = base_taped ? base_taped->forward_taped(b.x[K - 1], t, b.base[K - 1].get()) : base.velocity(b.x[K - 1], t);
-      }
-    });
-    clock.lap(&times.rollout_s);
-
-    // Lean adjoint from the tapes (or the base's own VJP when it is not taped); with the noiseless
-    // final step, X^_1 = X_{K-1} + h v_base(X_{K-1}).
-    const std::vector<StepKernel> back = adjoint_kernels(base_sde_, grid_, final_noiseless);
-    std::vector<Tensor> x1_parts;
-    for (const auto& b : blocks) x1_parts.push_back(final_noiseless ? back[K - 1].mean(b.x[K - 1], b.v_base[K - 1]) : b.x[K]);
-    const Tensor x1 = at::cat(x1_parts);
-    const Tensor a_K = -options_.lambda * reward_->grad(x1);
-    each_block([&](Tapes::Block& b) {
-      b.a[K] = a_K.narrow(0, b.r0, b.n);
-      lean_adjoint_recursion(b.a, back, [&](int64_t k, const Tensor& a) {
-        return base_taped ? base_taped->vjp_taped(*b.base[k], a) : base.vjp(b.x[k], grid_[k], a);
-      });
-    });
-    clock.lap(&times.adjoint_s);
-    const std::vector<int64_t> loss_k = loss_steps(gen);
-
-    // Regression terms |s_k (delta_k + rho_k a_k)|^2 per sample, as in the autograd path, and their
-    // gradient dL/d delta_k = (2 / B) s_k residual_k on kept terms (clamp_max passes it where terms <= LCT).
-    const bool clip = options_.clip_factor > 0;
-    const double lct = options_.clip_factor * options_.lambda * options_.lambda;
-    each_block([&](Tapes::Block& b) {
-      std::vector<const Tape*> used;
-      std::vector<Tensor> g_out;
-      for (int64_t k : loss_k) {
-        if (!b.net_out[k].defined()) b.net_out[k] = trainable->forward_taped(b.x[k], grid_[k], b.trainable[k].get(), true);
-        const Tensor delta = residual_mode ? b.net_out[k] : b.net_out[k] - b.v_base[k];
-        const Tensor residual = scale_[k] * at::add(delta, b.a[k], rho_[k]);
-        const Tensor terms = residual.pow(2).sum(1);
-        Tensor g = (2.0 * scale_[k] / static_cast<double>(B)) * residual;
-        if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
-        b.terms.push_back(terms);
-        g_out.push_back(g);
-        used.push_back(b.trainable[k].get());
-      }
-      b.grads = trainable->parameter_grads(used, g_out);
-    });
-    std::vector<Tensor> all_terms;
-    for (const auto& b : blocks) all_terms.insert(all_terms.end(), b.terms.begin(), b.terms.end());
-    const Tensor terms = at::cat(all_terms);  // [S * B], block-major
-    double clipped_fraction = 0.0;
-    Tensor loss = terms.sum();
-    if (clip) {
-      clipped_fraction = (terms > lct).to(at::kDouble).mean().item<double>();
-      loss = at::clamp_max(terms, lct).sum();
-    }
-    loss = loss / static_cast<double>(B);
-    grads = blocks[0].grads;
-    for (size_t i = 1; i < blocks.size(); ++i) {
-      for (size_t j = 0; j < grads.size(); ++j) grads[j].add_(blocks[i].grads[j]);
-    }
-
-    std::vector<Tensor> a0_parts;
-    for (const auto& b : blocks) a0_parts.push_back(b.a[0]);
-    out.loss = loss;
-    out.metrics.emplace_back("reward", reward_->value(x1).mean().item<double>());
-    out.metrics.emplace_back("loss_unclipped", terms.sum().item<double>() / static_cast<double>(B));
-    out.metrics.emplace_back("clipped_fraction", clipped_fraction);
-    out.metrics.emplace_back("adjoint_norm_t0", at::cat(a0_parts).norm(2, {1}).mean().item<double>());
   }
-  // A loss whose value is the loss and whose gradient with respect to the parameters is `grads`.
-  const std::vector<Tensor> params = model_->trainable()->parameters();
+
+  // Runs f on every block, each on its own thread (nested tensor operations run single-threaded).
+  void each(const std::function<void(Block&)>& f) {
+    at::parallel_for(0, static_cast<int64_t>(blocks.size()), 1, [&](int64_t begin, int64_t end) {
+      at::NoGradGuard no_grad_here;  // grad mode is per thread
+      for (int64_t i = begin; i < end; ++i) f(blocks[i]);
+    });
+  }
+
+  // The blocks' rows of one per-block tensor, joined (block-major).
+  Tensor join(const std::function<Tensor(const Block&)>& part) const {
+    std::vector<Tensor> parts;
+    for (const Block& b : blocks) parts.push_back(part(b));
+    return at::cat(parts);
+  }
+};
+
+AdjointMatching::~AdjointMatching() = default;
+
+int64_t AdjointMatching::taped_blocks() const {
+  return tapes_ ? std::max<int64_t>(1, static_cast<int64_t>(tapes_->blocks.size())) : 1;
+}
+
+namespace {
+
+// A loss whose value is `value` and whose gradient with respect to `params` is `grads`:
+// value + sum_p <p - stop_grad(p), dL/dp>.
+Tensor loss_with_gradient(const Tensor& value, const std::vector<Tensor>& params, const std::vector<Tensor>& grads) {
   if (params.size() != grads.size()) throw Error("adjoint matching: the trainable network has frozen parameters");
-  Tensor zero;
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor term = (params[i] - params[i].detach()).mul(grads[i]).sum();
-    zero = zero.defined() ? zero + term : term;
+  Tensor loss = value;
+  for (size_t i = 0; i < params.size(); ++i) loss = loss + (params[i] - params[i].detach()).mul(grads[i]).sum();
+  return loss;
+}
+
+}  // namespace
+
+// The same iteration as compute()'s autograd path, with the networks run once. The rollout records the
+// activations of the trainable network (and of a taped base) at every step; the lean adjoint takes the
+// base's VJPs from the tapes; the regression's residuals come from the taped outputs, and the gradient of
+// the loss with respect to them,
+//   dL/d delta_k = (2 / B) s_k^2 (delta_k + rho_k a_k)   (0 for clipped terms),
+// is backpropagated through the taped layers by hand (TapedNetwork::parameter_grads).
+//
+// Every row of the batch is independent until the sums of the loss and of the gradients, so on the CPU
+// the batch is cut into one block of rows per thread and each thread runs the rollout, the adjoint and
+// the regression of its block with single-threaded kernels: two parallel regions per phase instead of
+// one per tensor operation (on the small matrices of these problems, the threads of a per-operation
+// region spend more time meeting than multiplying). The random draws are made up front, in the order of
+// simulate(), so the blocks see exactly the numbers the whole batch would.
+LossOutput AdjointMatching::compute_taped(Generator& gen) {
+  const TapedNetwork& trainable = *model_->trainable()->taped_network();
+  const TapedNetwork* base_taped = model_->base()->taped_network();
+  const int64_t B = options_.batch_size, K = grid_.steps();
+  PhaseClock clock(times_ != nullptr);
+  AdjointMatchingTimes unused;
+  AdjointMatchingTimes& times = times_ ? *times_ : unused;
+  LossOutput out;
+  std::vector<Tensor> grads;
+  {
+    at::NoGradGuard no_grad;
+    // The random draws of simulate(): X_0, then one N(0, I) per noisy step.
+    const Tensor x0 = at::randn({B, model_->dim()}, gen);
+    const std::vector<StepKernel> kernels = step_kernels(finetuned_sde_, grid_, Integrator::euler);
+    std::vector<Tensor> noise(static_cast<size_t>(options_.final_noiseless_step ? K - 1 : K));
+    for (size_t k = 0; k < noise.size(); ++k) {
+      if (!kernels[k].deterministic()) noise[k] = at::randn(x0.sizes(), gen, x0.options());
+    }
+    // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (a taped network
+    // or an exact mixture: VelocityField::vjp_needs_autograd); at least 16 rows each.
+    const bool split = x0.device().is_cpu() && (base_taped || !model_->base()->vjp_needs_autograd());
+    if (!tapes_) tapes_ = std::make_unique<Tapes>();
+    tapes_->prepare(split ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16)) : 1, K, x0,
+                    trainable, base_taped);
+    taped_rollout(kernels, noise);
+    clock.lap(&times.rollout_s);
+    const Tensor x1 = taped_adjoint();
+    clock.lap(&times.adjoint_s);
+    out = taped_regression(loss_steps(gen), x1, grads);
   }
-  out.loss = out.loss + zero;
+  out.loss = loss_with_gradient(out.loss, model_->trainable()->parameters(), grads);
   clock.lap(&times.regression_s);
+  return out;
+}
+
+// Rollout: the Euler-Maruyama kernels of simulate(), recording the activations.
+void AdjointMatching::taped_rollout(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise) {
+  const TapedNetwork& trainable = *model_->trainable()->taped_network();
+  const TapedNetwork* base_taped = model_->base()->taped_network();
+  const VelocityField& base = *model_->base();
+  const bool residual_mode = model_->mode() == FineTuneMode::residual;
+  const int64_t K = grid_.steps(), steps = static_cast<int64_t>(noise.size());
+  auto v_base = [&](Tapes::Block& b, int64_t k) {
+    return base_taped ? base_taped->forward_taped(b.x[k], grid_[k], b.base[k].get()) : base.velocity(b.x[k], grid_[k]);
+  };
+  tapes_->each([&](Tapes::Block& b) {
+    for (int64_t k = 0; k < steps; ++k) {
+      b.v_base[k] = v_base(b, k);
+      b.net_out[k] = trainable.forward_taped(b.x[k], grid_[k], b.trainable[k].get(), true);
+      const Tensor v = residual_mode ? b.v_base[k] + b.net_out[k] : b.net_out[k];
+      b.x.push_back(kernels[k].next(b.x[k], v, noise[k].defined() ? noise[k].narrow(0, b.r0, b.n) : Tensor()));
+    }
+    if (steps < K) b.v_base[K - 1] = v_base(b, K - 1);  // the noiseless final step's base velocity
+  });
+}
+
+// Lean adjoint from the tapes (or the base's own VJP when it is not taped); with the noiseless final
+// step, X^_1 = X_{K-1} + h v_base(X_{K-1}). Returns the point where the reward gradient was taken.
+Tensor AdjointMatching::taped_adjoint() {
+  const TapedNetwork* base_taped = model_->base()->taped_network();
+  const VelocityField& base = *model_->base();
+  const int64_t K = grid_.steps();
+  const bool final_noiseless = options_.final_noiseless_step;
+  const std::vector<StepKernel> back = adjoint_kernels(base_sde_, grid_, final_noiseless);
+  const Tensor x1 = tapes_->join([&](const Tapes::Block& b) {
+    return final_noiseless ? back[K - 1].mean(b.x[K - 1], b.v_base[K - 1]) : b.x[K];
+  });
+  const Tensor a_K = -options_.lambda * reward_->grad(x1);
+  tapes_->each([&](Tapes::Block& b) {
+    b.a[K] = a_K.narrow(0, b.r0, b.n);
+    lean_adjoint_recursion(b.a, back, [&](int64_t k, const Tensor& a) {
+      return base_taped ? base_taped->vjp_taped(*b.base[k], a) : base.vjp(b.x[k], grid_[k], a);
+    });
+  });
+  return x1;
+}
+
+// Regression terms |s_k (delta_k + rho_k a_k)|^2 per sample, as in the autograd path, and their gradient
+// dL/d delta_k = (2 / B) s_k residual_k on kept terms (clamp_max passes it where terms <= LCT),
+// backpropagated through the tapes into *grads. Returns the loss's value and the metrics.
+LossOutput AdjointMatching::taped_regression(const std::vector<int64_t>& loss_k, const Tensor& x1,
+                                             std::vector<Tensor>& grads) {
+  const TapedNetwork& trainable = *model_->trainable()->taped_network();
+  const bool residual_mode = model_->mode() == FineTuneMode::residual;
+  const int64_t B = options_.batch_size;
+  const bool clip = options_.clip_factor > 0;
+  const double lct = options_.clip_factor * options_.lambda * options_.lambda;
+  tapes_->each([&](Tapes::Block& b) {
+    std::vector<const Tape*> used;
+    std::vector<Tensor> g_out;
+    for (int64_t k : loss_k) {
+      if (!b.net_out[k].defined()) b.net_out[k] = trainable.forward_taped(b.x[k], grid_[k], b.trainable[k].get(), true);
+      const Tensor delta = residual_mode ? b.net_out[k] : b.net_out[k] - b.v_base[k];
+      const Tensor residual = scale_[k] * at::add(delta, b.a[k], rho_[k]);
+      const Tensor terms = residual.pow(2).sum(1);
+      Tensor g = (2.0 * scale_[k] / static_cast<double>(B)) * residual;
+      if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
+      b.terms.push_back(terms);
+      g_out.push_back(g);
+      used.push_back(b.trainable[k].get());
+    }
+    b.grads = trainable.parameter_grads(used, g_out);
+  });
+  const Tensor terms = tapes_->join([](const Tapes::Block& b) { return at::cat(b.terms); });  // [S * B], block-major
+  grads = tapes_->blocks[0].grads;
+  for (size_t i = 1; i < tapes_->blocks.size(); ++i) {
+    for (size_t j = 0; j < grads.size(); ++j) grads[j].add_(tapes_->blocks[i].grads[j]);
+  }
+  LossOutput out;
+  double clipped_fraction = 0.0;
+  out.loss = terms.sum() / static_cast<double>(B);
+  if (clip) {
+    clipped_fraction = (terms > lct).to(at::kDouble).mean().item<double>();
+    out.loss = at::clamp_max(terms, lct).sum() / static_cast<double>(B);
+  }
+  out.metrics.emplace_back("reward", reward_->value(x1).mean().item<double>());
+  out.metrics.emplace_back("loss_unclipped", terms.sum().item<double>() / static_cast<double>(B));
+  out.metrics.emplace_back("clipped_fraction", clipped_fraction);
+  out.metrics.emplace_back("adjoint_norm_t0",
+                           tapes_->join([](const Tapes::Block& b) { return b.a[0]; }).norm(2, {1}).mean().item<double>());
   return out;
 }
 

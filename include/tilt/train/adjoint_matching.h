@@ -23,6 +23,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/engine.h"
 #include "tilt/sde/sampler.h"
 #include "tilt/soc/loss.h"
 
@@ -113,6 +114,10 @@ class AdjointMatching : public Loss {
 
  private:
   LossOutput compute_taped(Generator& gen);
+  // compute_taped's three phases, on the blocks of tapes_.
+  void taped_rollout(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise);
+  Tensor taped_adjoint();
+  LossOutput taped_regression(const std::vector<int64_t>& loss_steps, const Tensor& x1, std::vector<Tensor>& grads);
 
   std::shared_ptr<FineTunedVelocity> model_;
   RewardPtr reward_;

@@ -43,12 +43,18 @@ std::function<std::string(const LossOutput&)> clip_monitor(double clip_factor, d
   };
 }
 
-void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
-  FinetunePlan& plan = ctx.plan;
+// Adjoint Matching's options with the plan's grid, batch and lambda (the [finetune] keys both AM methods share).
+AdjointMatchingOptions plan_options(const FinetunePlan& plan) {
   AdjointMatchingOptions am;
   am.num_steps = plan.num_steps;
   am.batch_size = plan.batch_size;
   am.lambda = plan.lambda;
+  return am;
+}
+
+void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  AdjointMatchingOptions am = plan_options(plan);
   read_adjoint_matching_keys(table, am);
   plan.monitor = clip_monitor(am.clip_factor, plan.lambda);
   plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
@@ -142,10 +148,7 @@ void read_policy_gradient(ConfigSection& table, MethodContext& ctx, bool grouped
 
 void read_ode_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
-  AdjointMatchingOptions am;
-  am.num_steps = plan.num_steps;
-  am.batch_size = plan.batch_size;
-  am.lambda = plan.lambda;
+  AdjointMatchingOptions am = plan_options(plan);
   const OdeAdjointMatchingOptions o = read_ode_adjoint_matching(table, am);
   const RegulariserPtr regulariser = read_regulariser(table);
   plan.warnings.push_back("method = \"ode_adjoint_matching\" solves a deterministic control problem (" +

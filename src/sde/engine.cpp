@@ -40,14 +40,9 @@ StepKernel step_kernel(const GenerativeSDE& sde, Integrator integrator, double t
 }
 
 std::vector<StepKernel> step_kernels(const GenerativeSDE& sde, const TimeGrid& grid, Integrator integrator) {
-  if (integrator == Integrator::heun) throw Error("the heun integrator is not a Gaussian step (it has no step kernel)");
-  const double gamma = integrator == Integrator::exact ? stochasticity_of(sde.noise()) : 0.0;
   std::vector<StepKernel> kernels;
   kernels.reserve(static_cast<size_t>(grid.steps()));
-  for (int64_t k = 0; k < grid.steps(); ++k) {
-    kernels.push_back(integrator == Integrator::exact ? exact_kernel(sde.schedule(), grid[k], grid[k + 1], gamma)
-                                                      : euler_kernel(sde, grid[k], grid[k + 1]));
-  }
+  for (int64_t k = 0; k < grid.steps(); ++k) kernels.push_back(step_kernel(sde, integrator, grid[k], grid[k + 1]));
   return kernels;
 }
 

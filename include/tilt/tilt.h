@@ -7,6 +7,7 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/core/log.h"
 #include "tilt/core/progress.h"
 #include "tilt/core/tensor.h"
 
@@ -73,5 +74,6 @@
 #include "tilt/io/methods.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/plot.h"
+#include "tilt/io/run.h"
 #include "tilt/io/samples.h"
 #include "tilt/io/sampling_config.h"

@@ -1,8 +1,10 @@
 #include "tilt/core/check.h"
+#include "tilt/core/log.h"
 #include "tilt/core/tensor.h"
 
 #include <ATen/CPUGeneratorImpl.h>
 
+#include <cstdio>
 #include <sstream>
 
 namespace tilt {
@@ -46,4 +48,19 @@ void check_time(const Tensor& t, int64_t batch, const std::string& what) {
   }
 }
 
+}  // namespace tilt
+
+// ---- messages (tilt/core/log.h) ----
+namespace tilt {
+namespace {
+bool g_messages_silent = false;  // a rank other than 0: its messages would repeat rank 0's
+}  // namespace
+void note(const std::string& message) {
+  if (!g_messages_silent) std::fprintf(stderr, "tilt: %s\n", message.c_str());
+}
+void warning(const std::string& message) {
+  if (!g_messages_silent) std::fprintf(stderr, "tilt: warning: %s\n", message.c_str());
+}
+void set_messages_silent(bool silent) { g_messages_silent = silent; }
+bool messages_silent() { return g_messages_silent; }
 }  // namespace tilt

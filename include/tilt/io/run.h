@@ -1,0 +1,88 @@
+// What a command-line run of tilt does around the library: the run's settings (seed, threads), the
+// base, data and exact problem of a configuration, and the run directory a training run writes
+// (locked, resumable, never overwriting its own inputs). `tilt` uses these, and so can a C++
+// program that wants the same behaviour from the same config files (docs/config.md).
+#pragma once
+
+#include "tilt/core/fs.h"
+#include "tilt/io/config.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
+#include "tilt/model/velocity.h"
+#include "tilt/train/dataset.h"
+#include "tilt/train/distributed.h"
+#include "tilt/train/trainer.h"
+
+#include <memory>
+#include <optional>
+#include <string>
+
+namespace tilt {
+
+/// seed and threads from the top level of the config; sets LibTorch's thread count.
+struct RunSettings {
+  uint64_t seed = 0;
+  int threads = 0;
+};
+RunSettings read_run_settings(ConfigSection& root);
+/// The most threads a config or --threads may ask for (docs/config.md, Limits): a fixed bound, so
+/// that a config valid on one machine is valid on every other. 100000 blocked in futex_wait.
+constexpr int kMaxThreads = 1024;
+/// 0: all cores, shared among the processes of a group on this machine (LOCAL_WORLD_SIZE, as torchrun sets it).
+/// Throws tilt::Error naming --threads outside 0..kMaxThreads.
+void set_threads(int threads);
+
+/// Joins the group of processes that the environment describes (WORLD_SIZE, RANK, MASTER_ADDR,
+/// MASTER_PORT, as torchrun sets them), each collective waiting at most timeout_seconds; null for
+/// one process. From then on note() and warning() (tilt/core/log.h) print on rank 0 only.
+ProcessGroupPtr join_group(double timeout_seconds);
+/// Whether this process writes the run's files: rank 0, or the only process.
+bool is_writer(const ProcessGroupPtr& group);
+/// The shards a run uses: `shards`, or one per process when it is 0.
+int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group);
+
+/// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set).
+std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);
+
+/// The labelled images of [data] when it is an image data set (type = "digits"; path, default
+/// data/digits/digits.csv.gz); nullopt for mixtures and CSV samples.
+/// *holdout receives the share of each class that `tilt classifier` holds out for testing.
+std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout = nullptr);
+
+/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]), "model" (a file),
+/// or "torchscript" (a module exported from PyTorch, frozen).
+VelocityFieldPtr read_base(ConfigSection& root);
+
+/// The exact ground truth of a config whose data is a Gaussian mixture and whose reward has a
+/// closed-form tilt: p_base and p* (docs/equations.md, E75-E77).
+struct ExactProblem {
+  std::shared_ptr<GaussianMixture> base, target;
+  RewardPtr reward;
+  double lambda = 1.0;
+  double log_z = 0.0;
+};
+/// nullopt (with the reason in *why) if there is no exact target.
+std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why = nullptr);
+
+/// A run directory for training, locked while this process writes it (a second writer is refused,
+/// naming this PID). Refuses to overwrite a run that has a checkpoint or a model unless resuming;
+/// on resume checks that the configuration is the one the run was started with. A run that stopped
+/// before its first checkpoint is started afresh. Refuses a config whose input files are among the
+/// run's outputs, and removes temporary files a killed process left behind.
+struct RunDirectory {
+  std::string dir;
+  std::shared_ptr<DirectoryLock> lock;  ///< rank 0's (the writer's); null on the other ranks
+  std::string pending_config;           ///< on resume: written once the checkpoint was read
+  std::string path(const std::string& name) const { return dir + "/" + name; }
+};
+RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume);
+
+/// Points a training run at its directory (checkpoint.pt, metrics.jsonl), seeds it from the config's seed,
+/// and labels its progress bar (none if quiet).
+void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, bool quiet,
+                   const std::string& label, const ProcessGroupPtr& group = nullptr);
+/// With resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others) and says so;
+/// then writes the resolved config that prepare_run_directory held back.
+void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume);
+
+}  // namespace tilt

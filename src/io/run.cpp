@@ -1,0 +1,292 @@
+#include "tilt/io/run.h"
+
+#include "tilt/core/log.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/datasets.h"
+#include "tilt/io/model_io.h"
+#include "tilt/model/mlp.h"
+#include "tilt/model/torchscript.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <thread>
+
+namespace tilt {
+
+void set_threads(int threads) {
+  // read_run_settings has already named the config key; the other callers pass --threads.
+  if (threads < 0 || threads > kMaxThreads) {
+    throw Error("--threads must be in 0.." + std::to_string(kMaxThreads) + " (0: all cores), got " + std::to_string(threads));
+  }
+  int n = threads;
+  if (n <= 0) {
+    n = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+    // Several processes on one machine share its cores (torchrun sets LOCAL_WORLD_SIZE).
+    if (const char* local = std::getenv("LOCAL_WORLD_SIZE")) {
+      const int processes = std::atoi(local);
+      if (processes > 1) n = std::max(1, n / processes);
+    }
+  }
+  at::set_num_threads(n);
+  matrix_library();  // a TILT_GEMM that cannot be honoured stops here, before anything is written
+}
+
+ProcessGroupPtr join_group(double timeout_seconds) {
+  std::optional<DistributedOptions> options = distributed_options_from_env();
+  if (!options) return nullptr;
+  options->timeout_seconds = timeout_seconds;
+  ProcessGroupPtr group = ProcessGroup::connect(*options);
+  set_messages_silent(group->rank() != 0);
+  note("distributed: " + std::to_string(group->world_size()) + " processes (Gloo), rendezvous at " +
+       options->master_addr + ":" + std::to_string(options->master_port) + "; rank 0 writes the files");
+  return group;
+}
+
+bool is_writer(const ProcessGroupPtr& group) { return !group || group->rank() == 0; }
+
+int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group) {
+  return shards > 0 ? shards : (group ? group->world_size() : 1);
+}
+
+RunSettings read_run_settings(ConfigSection& root) {
+  RunSettings s;
+  const int64_t seed = root.integer("seed", 0);
+  if (seed < 0) root.fail("seed", "must be >= 0");
+  s.seed = static_cast<uint64_t>(seed);
+  // Checked before the narrowing to int, which read 2^32 + 1 as 1.
+  const int64_t threads = root.integer("threads", 0);
+  if (threads < 0 || threads > kMaxThreads) {
+    root.fail("threads", "must be in 0.." + std::to_string(kMaxThreads) + " (0: all cores), got " + std::to_string(threads));
+  }
+  s.threads = static_cast<int>(threads);
+  set_threads(s.threads);
+  return s;
+}
+
+std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root) {
+  ConfigSection data = root.section("data");
+  if (data.has("type") && (data.string("type") == "csv" || data.string("type") == "digits")) {
+    data.allow({"path", "holdout"});
+    return nullptr;
+  }
+  return read_mixture(data);
+}
+
+std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout) {
+  if (!root.has("data")) return std::nullopt;
+  ConfigSection data = root.section("data");
+  if (!data.has("type") || data.string("type") != "digits") return std::nullopt;
+  const std::string path = data.string("path", "data/digits/digits.csv.gz");
+  if (path.empty()) data.fail("path", "must name a data file");
+  const double h = data.number("holdout", 0.2);
+  if (!(h > 0.0 && h < 1.0)) data.fail("holdout", "must be in (0, 1)");
+  if (holdout) *holdout = h;
+  data.finish();
+  return load_digits(path);
+}
+
+VelocityFieldPtr read_base(ConfigSection& root) {
+  ConfigSection base = root.section("base");
+  const std::string type = base.choice("type", {"exact", "model", "torchscript"});
+  if (type == "torchscript") {
+    // A module exported from PyTorch; it was trained with the reference flow of [schedule].
+    TorchScriptOptions o;
+    const std::string path = base.string("path");
+    if (path.empty()) base.fail("path", "must name a TorchScript file");
+    o.prediction = parse_prediction(base.choice("prediction", {"velocity", "epsilon", "score"}, "velocity"));
+    o.dim = base.integer("dim", 0);
+    if (o.dim < 0) base.fail("dim", "must be >= 1 (or 0: the module's attribute dim)");
+    o.t_min = base.number("t_min", o.t_min);
+    if (!(o.t_min >= 0 && o.t_min < 0.5)) base.fail("t_min", "must be in [0, 0.5)");
+    base.finish();
+    const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
+    std::shared_ptr<TorchScriptVelocity> field;
+    try {
+      field = TorchScriptVelocity::load(path, schedule, o);
+    } catch (const Error& e) {  // the module's dimension against base.dim
+      const std::string msg = e.what();
+      if (msg.find("dim") == std::string::npos) throw;
+      throw Error("in " + base.origin() + ": '" + base.where("dim") + "'" +
+                  (o.dim > 0 ? " = " + std::to_string(o.dim) : std::string(" is not given")) + ": " + msg);
+    }
+    field->set_trainable(false);
+    return field;
+  }
+  if (type == "model") {
+    const std::string path = base.string("path");
+    if (path.empty()) base.fail("path", "must name a model file");
+    base.finish();
+    LoadedModel loaded = load_velocity(path);
+    if (root.has("schedule")) {
+      const SchedulePtr schedule = read_schedule(root.section("schedule"));
+      if (schedule->name() != loaded.field->schedule()->name()) {
+        throw Error("the base model '" + path + "' uses the " + loaded.field->schedule()->name() +
+                    " schedule but the config's 'schedule.type' says " + schedule->name() + " (remove [schedule] or fix it)");
+      }
+    }
+    return loaded.field;
+  }
+  base.finish();
+  const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
+  auto mixture = read_data_mixture(root);
+  if (!mixture) throw Error("[base] type = \"exact\" needs [data] to be a Gaussian mixture (type gmm or ring)");
+  return std::make_shared<GmmVelocity>(mixture, schedule);
+}
+
+std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why) {
+  ExactProblem p;
+  p.base = read_data_mixture(root);
+  if (!p.base) {
+    if (why) *why = "[data] is not a Gaussian mixture";
+    return std::nullopt;
+  }
+  p.reward = read_reward(root.section("reward"), p.base->dim(), &p.lambda);
+  auto tilted = exact_tilt(*p.reward, *p.base, p.lambda, &p.log_z);
+  if (!tilted) {
+    if (why) *why = "the " + p.reward->kind() + " reward with lambda = " + std::to_string(p.lambda) + " has no closed-form tilt";
+    return std::nullopt;
+  }
+  p.target = std::make_shared<GaussianMixture>(*tilted);
+  return p;
+}
+
+namespace {
+
+// The files a training run writes in its directory (plots aside).
+const char* const kRunOutputs[] = {"config.resolved.json", "checkpoint.pt", "model.pt", "metrics.jsonl",
+                                   "samples.csv", "eval.json", "eval.txt"};
+
+// A file the configuration reads (a base model, a reward module, a data set) must not be one the
+// run will overwrite: `-o` pointed at the directory of its own base would destroy the base.
+void refuse_inputs_among_outputs(const RunDirectory& run, const Json& node, const std::string& key) {
+  if (node.is_object()) {
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      refuse_inputs_among_outputs(run, it.value(), key.empty() ? it.key() : key + "." + it.key());
+    }
+  } else if (node.is_string() && file_exists(node.get<std::string>())) {
+    for (const char* name : kRunOutputs) {
+      if (same_file(node.get<std::string>(), run.path(name))) {
+        throw Error("'" + key + "' = '" + node.get<std::string>() + "' is a file this run writes in '" + run.dir +
+                    "': it would be overwritten; copy it elsewhere or choose another --out");
+      }
+    }
+  }
+}
+
+// Whether the directory holds a run that got as far as a checkpoint or a model. A run that stopped
+// before its first checkpoint (a NaN at iteration 3, a bad value) holds nothing worth keeping.
+bool holds_trained_run(const RunDirectory& run) {
+  return file_exists(run.path("checkpoint.pt")) || file_exists(run.path("model.pt"));
+}
+
+// The dotted keys whose values differ between two configurations (e.g. "finetune.hidden").
+void differing_keys(const Json& a, const Json& b, const std::string& prefix, std::string& out) {
+  if (!a.is_object() || !b.is_object()) {
+    if (a != b) out += (out.empty() ? "" : ", ") + (prefix.empty() ? std::string("<root>") : prefix);
+    return;
+  }
+  for (auto it = b.begin(); it != b.end(); ++it) {
+    const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
+    if (!a.contains(it.key())) out += (out.empty() ? "" : ", ") + key;
+    else differing_keys(a[it.key()], it.value(), key, out);
+  }
+  for (auto it = a.begin(); it != a.end(); ++it) {
+    if (!b.contains(it.key())) out += (out.empty() ? "" : ", ") + (prefix.empty() ? it.key() : prefix + "." + it.key());
+  }
+}
+
+// Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
+// everything that defines the model and the problem must stay as it was.
+void check_same_problem(const RunDirectory& run, const Json& resolved) {
+  const std::string config_path = run.path("config.resolved.json");
+  Json before = Json::parse(read_file(config_path, "resolved config"), nullptr, false);
+  if (before.is_discarded()) throw Error("--resume: '" + config_path + "' is corrupt");
+  static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
+                                   "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
+                                   "shards"};
+  Json a = before, b = resolved;
+  std::string changed;
+  for (const char* section : {"finetune", "pretrain", "adjoint_sampling"}) {
+    for (const char* key : kMutable) {
+      const bool in_a = a.contains(section) && a[section].is_object() && a[section].contains(key);
+      const bool in_b = b.contains(section) && b[section].is_object() && b[section].contains(key);
+      if (in_a && in_b && a[section][key] != b[section][key]) {
+        changed += std::string(changed.empty() ? "" : ", ") + section + "." + key + " " + a[section][key].dump() +
+                   " -> " + b[section][key].dump();
+      }
+      if (in_a) a[section].erase(key);
+      if (in_b) b[section].erase(key);
+    }
+  }
+  if (a != b) {
+    std::string keys;
+    differing_keys(a, b, "", keys);
+    throw Error("--resume: the configuration differs from the one '" + run.dir + "' was started with (in: " + keys +
+                "); only optimisation settings may change. Compare with " + config_path);
+  }
+  if (!changed.empty()) note("resuming with changed settings: " + changed);
+}
+
+}  // namespace
+
+RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume) {
+  if (dir.empty()) throw Error("--out is required: the directory for this run's files");
+  RunDirectory run{dir, nullptr, ""};
+  const std::string config_path = run.path("config.resolved.json");
+  if (file_exists(dir) && !std::filesystem::is_directory(dir)) {
+    throw Error("--out '" + dir + "' is a file, not a directory");
+  }
+  refuse_inputs_among_outputs(run, resolved, "");
+  // Checked once before anything is written (so that a refused command creates nothing) and again
+  // under the lock (so that two processes cannot both pass).
+  const auto check = [&] {
+    if (resume && !file_exists(config_path)) {
+      throw Error("--resume: '" + dir + "' holds no run to resume (no config.resolved.json)");
+    }
+    if (!resume && holds_trained_run(run)) {
+      throw Error("'" + dir + "' already holds a run; use --resume to continue it, or choose another --out");
+    }
+  };
+  check();
+  run.lock = std::make_shared<DirectoryLock>(dir);  // a second writer is refused, naming this process
+  check();
+  remove_stale_temporaries_in(dir);  // left by a process killed while writing
+  const std::string text = resolved.dump(2) + "\n";
+  if (resume && holds_trained_run(run)) {
+    check_same_problem(run, resolved);
+    // Written once the checkpoint has been read (resume_if_asked): a failed resume changes nothing.
+    run.pending_config = text;
+    return run;
+  }
+  if (file_exists(config_path)) {
+    note("'" + dir + "' holds a run that stopped before its first checkpoint; starting it afresh");
+  }
+  atomic_write(config_path, text);
+  return run;
+}
+
+void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, bool quiet,
+                   const std::string& label, const ProcessGroupPtr& group) {
+  topt.seed = mix_seed(settings.seed, 2);
+  topt.checkpoint_path = run.path("checkpoint.pt");
+  topt.metrics_path = run.path("metrics.jsonl");
+  topt.progress = !quiet;
+  topt.label = label;
+  topt.group = group;
+}
+
+void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume) {
+  if (resume && trainer.resume(topt.checkpoint_path)) {
+    note("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
+  }
+  if (!run.pending_config.empty()) atomic_write(run.path("config.resolved.json"), run.pending_config);
+}
+
+}  // namespace tilt

@@ -6,11 +6,6 @@
 #include "tilt/io/model_io.h"
 #include "tilt/model/torchscript.h"
 
-#include <ATen/ATen.h>
-#include <ATen/core/Dict.h>
-#include <ATen/core/grad_mode.h>
-#include <torch/csrc/jit/serialization/pickle.h>
-
 namespace tilt::cli {
 
 int run_export(const ExportArgs& args) {
@@ -32,17 +27,7 @@ int run_export(const ExportArgs& args) {
   info("wrote " + args.out + " (TorchScript: forward(x [B, " + std::to_string(m.field->dim()) +
        "], t [B]) -> velocity, schedule " + m.field->schedule()->name() + ")");
   if (!args.reference.empty()) {
-    // Points spread over the data scale and times on the sampler's uniform grid, t = 0 included.
-    at::NoGradGuard no_grad;
-    Generator gen = make_generator(mix_seed(static_cast<uint64_t>(args.seed), 23));
-    const Tensor x = 1.5 * at::randn({args.points, m.field->dim()}, gen, at::TensorOptions().dtype(at::kFloat));
-    const Tensor t = at::arange(args.points, at::TensorOptions().dtype(at::kFloat)) / static_cast<double>(args.points);
-    c10::Dict<std::string, Tensor> dict;
-    dict.insert("x", x);
-    dict.insert("t", t);
-    dict.insert("v", m.field->velocity(x, t).detach().contiguous());
-    const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
-    atomic_write(args.reference, std::string(bytes.begin(), bytes.end()));
+    write_velocity_check_file(*m.field, args.reference, args.points, static_cast<uint64_t>(args.seed));
     info("wrote " + args.reference + " (x, t and tilt's velocity v at " + std::to_string(args.points) + " points)");
   }
   report({{"module", args.out}, {"check_file", args.reference.empty() ? Json() : Json(args.reference)}});

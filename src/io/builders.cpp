@@ -213,14 +213,26 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
   return reward;
 }
 
+int64_t read_integer_in(ConfigSection& s, const std::string& key, int64_t default_value, int64_t lo, int64_t hi) {
+  return in_range(s, key, s.integer(key, default_value), lo, hi);
+}
+double read_number_in(ConfigSection& s, const std::string& key, double default_value, double lo, double hi) {
+  return in_range(s, key, s.number(key, default_value), lo, hi);
+}
+
+std::vector<int64_t> read_widths(ConfigSection& s, const std::string& key, std::vector<int64_t> default_widths) {
+  std::vector<int64_t> widths = s.integers(key, std::move(default_widths));
+  if (widths.empty()) s.fail(key, "must list at least one layer width");
+  for (int64_t w : widths) {
+    if (w < 1 || w > limits::kWidth) s.fail(key, "widths must be in 1.." + std::to_string(limits::kWidth) + ", got " + std::to_string(w));
+  }
+  return widths;
+}
+
 MlpOptions read_mlp(ConfigSection& s, int64_t dim, std::vector<int64_t> default_hidden) {
   MlpOptions o;
   o.dim = dim;
-  o.hidden = s.integers("hidden", std::move(default_hidden));
-  if (o.hidden.empty()) s.fail("hidden", "must list at least one layer width");
-  for (int64_t w : o.hidden) {
-    if (w < 1 || w > limits::kWidth) s.fail("hidden", "widths must be in 1.." + std::to_string(limits::kWidth) + ", got " + std::to_string(w));
-  }
+  o.hidden = read_widths(s, "hidden", std::move(default_hidden));
   o.time_features = s.integer("time_features", 16);
   if (o.time_features < 0 || o.time_features > limits::kTimeFeatures || o.time_features % 2) {
     s.fail("time_features", "must be an even number in 0.." + std::to_string(limits::kTimeFeatures));

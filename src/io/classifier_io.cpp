@@ -3,11 +3,17 @@
 #include "archive.h"
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/eval/image_metrics.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/run.h"
+#include "tilt/io/samples.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+#include <cstdio>
 #include <string>
 #include <utility>
 #include <vector>
@@ -93,6 +99,101 @@ LoadedClassifier load_classifier(const std::string& path) {
   } catch (const Error& e) {
     throw Error("classifier file '" + path + "': " + e.what());
   }
+}
+
+}  // namespace tilt
+
+// ---- evaluating images against a classifier ----
+namespace tilt {
+
+ImageEvaluation read_image_evaluation(ConfigSection& root) {
+  ImageEvaluation e;
+  auto data = read_image_data(root);
+  if (!data) throw Error("tilt eval-images needs 'data.type' = \"digits\" (the real images of the target class)");
+  e.data = std::move(*data);
+  ConfigSection reward = root.section("reward");
+  if (!reward.has("type") || reward.string("type") != "classifier") {
+    throw Error("tilt eval-images needs 'reward.type' = \"classifier\" (path, class)");
+  }
+  e.classifier_path = reward.string("path");
+  e.target_class = reward.integer("class");
+  if (e.target_class < 0 || e.target_class >= e.data.classes) {
+    reward.fail("class", "must be in 0.." + std::to_string(e.data.classes - 1) + " (the data set's classes)");
+  }
+  e.lambda = reward.number("lambda", 1.0);
+  if (!(std::abs(e.lambda) <= limits::kLambda)) {
+    reward.fail("lambda", "must be in [" + number_string(-limits::kLambda) + ", " + number_string(limits::kLambda) + "]");
+  }
+  reward.finish();
+  return e;
+}
+
+namespace {
+
+Json metrics_json(const ClassSampleMetrics& m) {
+  return Json{{"n", m.n},           {"mean_reward", m.mean_reward}, {"mean_reward_se", m.reward_se},
+              {"class_share", m.class_share}, {"in_class", m.in_class}, {"diversity", m.diversity},
+              {"frechet", m.frechet}};
+}
+
+Tensor read_images(const std::string& file, const std::string& what, int64_t dim) {
+  const Tensor x = read_samples_csv(file);
+  if (x.size(1) != dim) {
+    throw Error(what + " '" + file + "' has dimension " + std::to_string(x.size(1)) + ", the images have " +
+                std::to_string(dim) + " pixels");
+  }
+  return x;
+}
+
+std::string metrics_row(const std::string& name, const Json& s) {
+  char line[256];
+  std::snprintf(line, sizeof line, "%-44s %6lld %8.3f±%-7.3f %8.1f%% %10.3f %9.3f\n", name.c_str(),
+                static_cast<long long>(s["n"].get<int64_t>()), s["mean_reward"].get<double>(),
+                s["mean_reward_se"].get<double>(), 100.0 * s["class_share"].get<double>(), s["diversity"].get<double>(),
+                s["frechet"].get<double>());
+  return line;
+}
+
+}  // namespace
+
+Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string>& sample_files,
+                     const std::string& base_samples_file) {
+  if (sample_files.empty()) throw Error("give at least one --samples FILE");
+  const LoadedClassifier loaded = load_classifier(setup.classifier_path);
+  const Tensor real = select_class(setup.data, setup.target_class).images;
+  Json out;
+  out["class"] = setup.target_class;
+  out["classifier"] = setup.classifier_path;
+  out["real"] = metrics_json(class_sample_metrics(real, *loaded.classifier, setup.target_class, real));
+  if (!base_samples_file.empty()) {
+    const Tensor xb = read_images(base_samples_file, "--base file", setup.data.dim());
+    out["target"] = metrics_json(tilted_target_metrics(xb, *loaded.classifier, setup.target_class, setup.lambda, real));
+    out["target"]["lambda"] = setup.lambda;
+    out["target"]["from"] = base_samples_file;
+  }
+  for (const std::string& file : sample_files) {
+    const Tensor x = read_images(file, "samples file", setup.data.dim());
+    out["samples"][file] = metrics_json(class_sample_metrics(x, *loaded.classifier, setup.target_class, real));
+  }
+  return out;
+}
+
+std::string image_evaluation_text(const Json& out, const std::vector<std::string>& sample_files) {
+  char head[512];
+  std::snprintf(head, sizeof head,
+                "target class %lld (classifier %s); real images of the class: n = %lld, diversity %.3f\n"
+                "%-44s %6s %16s %9s %10s %9s\n",
+                static_cast<long long>(out["class"].get<int64_t>()), out["classifier"].get<std::string>().c_str(),
+                static_cast<long long>(out["real"]["n"].get<int64_t>()), out["real"]["diversity"].get<double>(),
+                "samples", "n", "log p(c|x)", "class %", "diversity", "Frechet");
+  std::string text = head;
+  for (const std::string& file : sample_files) text += metrics_row(file, out["samples"][file]);
+  if (out.contains("target")) text += metrics_row("target p* (reweighted base samples)", out["target"]);
+  text += std::string("(class %: samples the classifier assigns to the class; diversity: mean pairwise distance among "
+                      "those; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer") +
+          (out.contains("target") ? "; target p*: base samples weighted by p(c | x)^lambda, n = effective sample size" : "") +
+          ")\n";
+  return text;
 }
 
 }  // namespace tilt

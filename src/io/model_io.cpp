@@ -12,6 +12,8 @@
 
 #include <ATen/ATen.h>
 #include <ATen/core/Dict.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/jit/serialization/pickle.h>
 
 #include <algorithm>
 #include <cstring>
@@ -369,6 +371,19 @@ LoadedModel load_velocity(const std::string& path) {
     if (message.find("'" + path + "'") != std::string::npos) throw;
     throw Error("model file '" + path + "': " + message);
   }
+}
+
+void write_velocity_check_file(const VelocityField& field, const std::string& path, int64_t points, uint64_t seed) {
+  at::NoGradGuard no_grad;
+  Generator gen = make_generator(mix_seed(seed, 23));
+  const Tensor x = 1.5 * at::randn({points, field.dim()}, gen, at::TensorOptions().dtype(at::kFloat));
+  const Tensor t = at::arange(points, at::TensorOptions().dtype(at::kFloat)) / static_cast<double>(points);
+  c10::Dict<std::string, Tensor> dict;
+  dict.insert("x", x);
+  dict.insert("t", t);
+  dict.insert("v", field.velocity(x, t).detach().contiguous());
+  const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
+  atomic_write(path, std::string(bytes.begin(), bytes.end()));
 }
 
 }  // namespace tilt

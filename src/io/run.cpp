@@ -7,6 +7,7 @@
 #include "tilt/io/builders.h"
 #include "tilt/io/datasets.h"
 #include "tilt/io/model_io.h"
+#include "tilt/io/plot.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/torchscript.h"
 
@@ -16,6 +17,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
+#include <sstream>
 #include <thread>
 
 namespace tilt {
@@ -287,6 +289,33 @@ void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDire
     note("resumed " + run.dir + " at iteration " + std::to_string(trainer.iteration()));
   }
   if (!run.pending_config.empty()) atomic_write(run.path("config.resolved.json"), run.pending_config);
+}
+
+void plot_training_curves(const std::string& metrics_path, const std::vector<std::string>& keys, const std::string& out,
+                          const std::string& title) {
+  std::istringstream in(read_file(metrics_path, "metrics file"));
+  std::vector<plot::Series> series(keys.size());
+  for (size_t i = 0; i < keys.size(); ++i) series[i].label = keys[i];
+  std::string line;
+  while (std::getline(in, line)) {
+    const Json j = Json::parse(line, nullptr, false);
+    if (!j.is_object()) continue;
+    for (size_t i = 0; i < keys.size(); ++i) {
+      if (j.contains(keys[i]) && j[keys[i]].is_number()) {
+        series[i].x.push_back(j["iteration"].get<double>());
+        series[i].y.push_back(j[keys[i]].get<double>());
+      }
+    }
+  }
+  for (size_t i = 0; i < keys.size(); ++i) {
+    plot::LineOptions o;
+    o.title = title + ": " + keys[i];
+    o.x_label = "iteration";
+    o.y_label = keys[i];
+    o.log_y = keys[i] == "loss";
+    const std::string path = keys.size() == 1 ? out : out.substr(0, out.size() - 4) + "_" + keys[i] + ".png";
+    plot::write_line_png(path, {series[i]}, o);
+  }
 }
 
 }  // namespace tilt

@@ -46,6 +46,13 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection section);
 /// lambda, the reward multiplier, returned in *lambda.
 RewardPtr read_reward(ConfigSection section, int64_t dim, double* lambda);
 
+/// An integer key in lo..hi, or a number in [lo, hi]; the message names the key and gives the range.
+int64_t read_integer_in(ConfigSection& section, const std::string& key, int64_t default_value, int64_t lo, int64_t hi);
+double read_number_in(ConfigSection& section, const std::string& key, double default_value, double lo, double hi);
+
+/// Layer widths (at least one, each in 1..limits::kWidth) under `key`.
+std::vector<int64_t> read_widths(ConfigSection& section, const std::string& key, std::vector<int64_t> default_widths);
+
 /// A network: hidden (widths), time_features.
 MlpOptions read_mlp(ConfigSection& section, int64_t dim, std::vector<int64_t> default_hidden);
 

@@ -4,9 +4,11 @@
 
 #include "tilt/io/config.h"
 #include "tilt/model/classifier.h"
+#include "tilt/train/dataset.h"
 
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace tilt {
 
@@ -19,5 +21,25 @@ struct LoadedClassifier {
 };
 /// Throws tilt::Error naming the file if it is missing, not a classifier file, or corrupt.
 LoadedClassifier load_classifier(const std::string& path);
+
+/// What `tilt eval-images` measures generated images against: the real images of the target class of
+/// a classifier reward ([data] type "digits"; [reward] type "classifier": path, class, lambda).
+struct ImageEvaluation {
+  ImageDataset data;
+  std::string classifier_path;
+  int64_t target_class = 0;
+  double lambda = 1.0;
+};
+/// [data] and [reward], each finished.
+ImageEvaluation read_image_evaluation(ConfigSection& root);
+
+/// The metrics of the real images of the class ("real"), of each samples file ("samples": {file: ...}),
+/// and, given samples of the base model, of the tilted target p* by reweighting them ("target"); the
+/// keys of each are those of ClassSampleMetrics (n, mean_reward, mean_reward_se, class_share, in_class,
+/// diversity, frechet). Throws tilt::Error naming a file whose samples are not images of the data set.
+Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string>& sample_files,
+                     const std::string& base_samples_file = "");
+/// evaluate_images's result as a table, one row per samples file (in the order given).
+std::string image_evaluation_text(const Json& result, const std::vector<std::string>& sample_files);
 
 }  // namespace tilt

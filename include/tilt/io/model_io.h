@@ -99,4 +99,9 @@ void register_model_kind(const std::string& kind, std::function<Json(const Veloc
 /// The kinds that model files can hold, sorted.
 std::vector<std::string> registered_model_kinds();
 
+/// A file to check an exported module against in Python (`tilt export --check-file`): a dict of
+/// `points` points x (spread over the data scale, seeded), times t on the sampler's uniform grid
+/// (t = 0 included) and the field's velocity v there, pickled so that torch.load reads it. Atomic.
+void write_velocity_check_file(const VelocityField& field, const std::string& path, int64_t points, uint64_t seed);
+
 }  // namespace tilt

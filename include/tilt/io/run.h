@@ -16,6 +16,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 namespace tilt {
 
@@ -84,5 +85,10 @@ void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSetti
 /// With resume, continues from the run's checkpoint when there is one (rank 0's, sent to the others) and says so;
 /// then writes the resolved config that prepare_run_directory held back.
 void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume);
+
+/// Training curves from a run's metrics.jsonl, one PNG per key (the loss on a log scale): `out`
+/// itself for one key, `out` with "_<key>" before ".png" for several.
+void plot_training_curves(const std::string& metrics_path, const std::vector<std::string>& keys, const std::string& out,
+                          const std::string& title);
 
 }  // namespace tilt

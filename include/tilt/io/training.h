@@ -1,0 +1,44 @@
+// The configurations of the training runs other than fine-tuning (which is tilt/io/methods.h):
+// [pretrain] (flow matching on [data]) and [classifier] (the classifier behind the classifier reward),
+// read with every default and check in one place, for `tilt pretrain`, `tilt classifier` and C++
+// callers alike (docs/config.md).
+#pragma once
+
+#include "tilt/io/config.h"
+#include "tilt/model/classifier.h"
+#include "tilt/model/mlp.h"
+#include "tilt/schedule/schedule.h"
+#include "tilt/train/classification.h"
+#include "tilt/train/dataset.h"
+#include "tilt/train/flow_matching.h"
+#include "tilt/train/trainer.h"
+
+#include <string>
+
+namespace tilt {
+
+/// A pretraining run: the network, the data and flow matching's settings.
+struct PretrainPlan {
+  SchedulePtr schedule;
+  int64_t dim = 0;
+  DataSampler data;             ///< draws training samples of [data]
+  std::string data_note;        ///< what the data is ("1797 digit images of 8 x 8 pixels"); empty for a mixture
+  MlpOptions mlp;               ///< [pretrain] hidden, time_features (default 3 x 256)
+  FlowMatchingOptions flow_matching;
+  TrainerOptions trainer;       ///< 5000 iterations, lr 1e-3, cosine decay by default
+};
+/// [schedule], [data] (a mixture, "csv" samples or "digits" images) and [pretrain], each finished.
+PretrainPlan read_pretrain(ConfigSection& root);
+
+/// A classifier run: the labelled images, the share held out, the network and its training.
+struct ClassifierPlan {
+  ImageDataset data;
+  double holdout = 0.2;
+  ClassifierOptions classifier;
+  ClassifierTrainingOptions training;
+  TrainerOptions trainer;  ///< 3000 iterations, lr 1e-3, cosine decay by default
+};
+/// [data] (type "digits") and [classifier], each finished.
+ClassifierPlan read_classifier(ConfigSection& root);
+
+}  // namespace tilt

@@ -336,6 +336,26 @@ void write_scatter_png(const std::string& path, const std::vector<Panel>& panels
   atomic_write(path, cv.encode_png());
 }
 
+namespace {
+// The legend of the labelled series, in the top-right corner of the plot area (right, top).
+void draw_legend(Canvas& cv, const std::vector<Series>& series, int right, int top) {
+  std::vector<size_t> listed;
+  int legend_w = 0;
+  for (size_t k = 0; k < series.size(); ++k)
+    if (!series[k].label.empty()) listed.push_back(k), legend_w = std::max(legend_w, Canvas::text_width(series[k].label, 2));
+  if (!listed.empty()) {
+    const int bw = legend_w + 52, bh = int(listed.size()) * 22 + 10, lx = right - 8 - bw, ly = top + 8;
+    cv.fill_rect(lx, ly, lx + bw, ly + bh, kWhite);
+    cv.frame(lx, ly, lx + bw, ly + bh, kFrame);
+    for (size_t e = 0; e < listed.size(); ++e) {
+      const int cy = ly + 16 + int(e) * 22;
+      cv.polyline({{float(lx + 8), float(cy)}, {float(lx + 36), float(cy)}}, kPalette[listed[e] % 10], 3.0f);
+      cv.text(lx + 44, cy - kFontHeight, series[listed[e]].label, 2, kBlack);
+    }
+  }
+}
+}  // namespace
+
 void write_line_png(const std::string& path, const std::vector<Series>& series, const LineOptions& o) {
   check_path(path);
   if (series.empty()) throw Error("plot: write_line_png needs at least one series ('" + path + "')");
@@ -394,21 +414,7 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
   cv.reset_clip();
   cv.frame(left, top, right, bottom, kFrame);
 
-  // Legend in the top-right corner of the plot area.
-  std::vector<size_t> listed;
-  int legend_w = 0;
-  for (size_t k = 0; k < series.size(); ++k)
-    if (!series[k].label.empty()) listed.push_back(k), legend_w = std::max(legend_w, Canvas::text_width(series[k].label, 2));
-  if (!listed.empty()) {
-    const int bw = legend_w + 52, bh = int(listed.size()) * 22 + 10, lx = right - 8 - bw, ly = top + 8;
-    cv.fill_rect(lx, ly, lx + bw, ly + bh, kWhite);
-    cv.frame(lx, ly, lx + bw, ly + bh, kFrame);
-    for (size_t e = 0; e < listed.size(); ++e) {
-      const int cy = ly + 16 + int(e) * 22;
-      cv.polyline({{float(lx + 8), float(cy)}, {float(lx + 36), float(cy)}}, kPalette[listed[e] % 10], 3.0f);
-      cv.text(lx + 44, cy - kFontHeight, series[listed[e]].label, 2, kBlack);
-    }
-  }
+  draw_legend(cv, series, right, top);
   if (!o.title.empty()) {
     const auto [text, scale] = fit_text(o.title, o.width - 16, 3);
     cv.text_aligned(o.width / 2, (top - kFontHeight * scale) / 2, text, scale, kBlack, Align::Center);

@@ -419,21 +419,13 @@ std::string read_checkpoint_bytes(const std::string& path) {
   if (!file_exists(path)) throw Error("cannot read checkpoint '" + path + "': no such file");
   return read_file(path, "checkpoint");
 }
-}  // namespace
 
-void Trainer::load_checkpoint(const std::string& path) {
-  Impl& m = *impl_;
-  std::string bytes;
-  if (m.world() == 1) {
-    bytes = read_checkpoint_bytes(path);
-  } else {
-    // Rank 0 reads the file (the others need no copy of it) and sends it to every rank.
-    run_on_rank0(m.options.group.get(), [&] { bytes = read_checkpoint_bytes(path); });
-    bytes = m.options.group->broadcast_bytes(bytes, "sending the checkpoint '" + path + "'");
-  }
+// Where the archive starts within a checkpoint's bytes: after the header line of a version-2 file, whose size and
+// CRC-32 it checks; at 0 for a version-1 file (a bare archive). Throws naming the file if damaged or foreign.
+size_t archive_start(const std::string& bytes, const std::string& path) {
   const std::string damaged = "checkpoint '" + path + "' is damaged: its checksum does not match its contents; it "
                               "cannot be resumed from (restore a copy, or remove it to start the run over)";
-  size_t start = 0, length = bytes.size();  // the archive within the file
+  size_t start = 0;
   if (bytes.compare(0, kCheckpointMagic.size(), kCheckpointMagic) == 0) {
     const size_t eol = bytes.find('\n');
     if (eol == std::string::npos || eol > 100) throw Error(damaged);
@@ -447,11 +439,27 @@ void Trainer::load_checkpoint(const std::string& path) {
                   std::to_string(kCheckpointVersion));
     }
     start = eol + 1;
-    length = bytes.size() - start;
+    const size_t length = bytes.size() - start;
     if (size != length || crc != crc32_bytes(bytes.data() + start, length)) throw Error(damaged);
   } else if (bytes.compare(0, 2, "PK") != 0) {
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint");
   }
+  return start;
+}
+}  // namespace
+
+void Trainer::load_checkpoint(const std::string& path) {
+  Impl& m = *impl_;
+  std::string bytes;
+  if (m.world() == 1) {
+    bytes = read_checkpoint_bytes(path);
+  } else {
+    // Rank 0 reads the file (the others need no copy of it) and sends it to every rank.
+    run_on_rank0(m.options.group.get(), [&] { bytes = read_checkpoint_bytes(path); });
+    bytes = m.options.group->broadcast_bytes(bytes, "sending the checkpoint '" + path + "'");
+  }
+  const size_t start = archive_start(bytes, path);
+  const size_t length = bytes.size() - start;
   torch::serialize::InputArchive archive;
   try {
     archive.load_from(bytes.data() + start, length);

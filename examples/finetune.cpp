@@ -12,14 +12,12 @@ struct MyNet : VelocityField {  // v(x, t) = an MLP of [x, t]
   Tensor velocity(const Tensor& x, const Tensor& t) const override {
     return net->forward(torch::cat({x, t.to(x.dtype()).reshape({-1, 1}).expand({x.size(0), 1})}, 1));
   }
-  std::vector<Tensor> parameters() const override { return net->parameters(); }
-  void set_trainable(bool on) override { for (auto& p : net->parameters()) p.set_requires_grad(on); }
-  NamedTensors named_parameters() const override {
+  NamedTensors named_parameters() const override {  // what is trained and what model files store
     NamedTensors out;
     for (const auto& p : net->named_parameters()) out.emplace_back(p.key(), p.value());
     return out;
   }
-  VelocityFieldPtr clone() const override {
+  VelocityFieldPtr clone() const override {  // copy-mode fine-tuning trains a deep copy
     auto copy = std::make_shared<MyNet>(schedule());
     copy->net = std::dynamic_pointer_cast<torch::nn::SequentialImpl>(net->clone());
     return copy;
@@ -36,10 +34,8 @@ int main() {
   AdjointMatching loss(model, reward, make_memoryless_noise(), {});
   TrainerOptions options;
   options.iterations = 300, options.adam.lr = 1e-3, options.progress = false;
-  auto mean_reward = [&](VelocityFieldPtr v) {
-    Generator gen = make_generator(1);
-    const Tensor x = sample(GenerativeSDE(v, make_memoryless_noise()), 2000, TimeGrid::uniform(40), gen);
-    return reward->value(x).mean().item<double>();
+  auto mean_reward = [&](VelocityFieldPtr v, Generator gen = make_generator(1)) {
+    return reward->value(sample(GenerativeSDE(v, make_memoryless_noise()), 2000, TimeGrid::uniform(40), gen)).mean().item<double>();
   };
   const double before = mean_reward(base);
   Trainer(loss, options).run();

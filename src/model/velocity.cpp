@@ -25,6 +25,16 @@ Tensor VelocityField::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_
   return g;
 }
 
+std::vector<Tensor> VelocityField::parameters() const {
+  std::vector<Tensor> out;
+  for (const auto& named : named_parameters()) out.push_back(named.second);
+  return out;
+}
+
+void VelocityField::set_trainable(bool trainable) {
+  for (Tensor p : parameters()) p.set_requires_grad(trainable);
+}
+
 VelocityFieldPtr VelocityField::clone() const {
   throw Error("the velocity field of kind '" + kind() +
               "' cannot be copied: it does not implement VelocityField::clone() (fine-tuning in copy mode "

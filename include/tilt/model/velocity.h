@@ -44,10 +44,12 @@ class VelocityField {
   /// (with gradients enabled even under a NoGradGuard); closed-form fields override it.
   virtual Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out = nullptr) const;
 
-  /// Trainable parameters; empty for closed-form fields and frozen models.
-  virtual std::vector<Tensor> parameters() const { return {}; }
-  /// Freezes (false) or unfreezes (true) the parameters; no-op for closed-form fields.
-  virtual void set_trainable(bool /*trainable*/) {}
+  /// The parameters a trainer updates; empty for closed-form fields. By default the tensors of
+  /// named_parameters(), so that a field of one's own needs only that.
+  virtual std::vector<Tensor> parameters() const;
+  /// Freezes (false) or unfreezes (true) the parameters. By default sets requires_grad on each of
+  /// parameters(); no-op for closed-form fields.
+  virtual void set_trainable(bool trainable);
   /// Every parameter (trainable or frozen) by name, in a fixed order; the tensors themselves, not
   /// copies. Empty by default. Model files of kinds registered with register_model_kind store these.
   virtual NamedTensors named_parameters() const { return {}; }

@@ -5,6 +5,7 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
+#include "tilt/io/methods.h"
 #include "tilt/io/datasets.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/plot.h"
@@ -204,6 +205,39 @@ void differing_keys(const Json& a, const Json& b, const std::string& prefix, std
   }
 }
 
+// The keys of the method's table as [finetune.<method>] holds them. A run started before the per-method tables
+// has them all in [finetune] (config.resolved.json records every key read, default or given); the same config
+// read now puts the defaults in the table. Moving them makes the two compare equal.
+Json with_method_table(Json j) {
+  if (!j.contains("finetune") || !j["finetune"].is_object()) return j;
+  Json& f = j["finetune"];
+  if (!f.contains("method") || !f["method"].is_string()) return j;
+  const std::string method = f["method"].get<std::string>();
+  for (const FinetuneMethod& m : finetune_methods()) {
+    if (m.name != method) continue;
+    for (const std::string& key : m.keys) {
+      if (f.contains(key) && !f[key].is_object()) {
+        f[method][key] = f[key];
+        f.erase(key);
+      }
+    }
+  }
+  return j;
+}
+
+// The tables whose optimisation settings may change on resume: the training sections and their method tables.
+std::vector<std::string> mutable_tables(const Json& j) {
+  std::vector<std::string> tables;
+  for (const char* section : {"finetune", "pretrain", "adjoint_sampling"}) {
+    if (!j.contains(section) || !j[section].is_object()) continue;
+    tables.push_back(section);
+    for (auto it = j[section].begin(); it != j[section].end(); ++it) {
+      if (it.value().is_object()) tables.push_back(std::string(section) + "/" + it.key());
+    }
+  }
+  return tables;
+}
+
 // Optimisation settings may change on resume (e.g. a lower lr after a NaN, more iterations);
 // everything that defines the model and the problem must stay as it was.
 void check_same_problem(const RunDirectory& run, const Json& resolved) {
@@ -213,18 +247,20 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
                                    "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
                                    "shards"};
-  Json a = before, b = resolved;
+  Json a = with_method_table(before), b = with_method_table(resolved);
   std::string changed;
-  for (const char* section : {"finetune", "pretrain", "adjoint_sampling"}) {
+  for (const std::string& table : mutable_tables(b)) {
+    const Json::json_pointer at("/" + table);
+    if (!a.contains(at) || !a[at].is_object()) continue;
+    Json &ta = a[at], &tb = b[at];
+    std::string name = table;
+    std::replace(name.begin(), name.end(), '/', '.');
     for (const char* key : kMutable) {
-      const bool in_a = a.contains(section) && a[section].is_object() && a[section].contains(key);
-      const bool in_b = b.contains(section) && b[section].is_object() && b[section].contains(key);
-      if (in_a && in_b && a[section][key] != b[section][key]) {
-        changed += std::string(changed.empty() ? "" : ", ") + section + "." + key + " " + a[section][key].dump() +
-                   " -> " + b[section][key].dump();
+      if (ta.contains(key) && tb.contains(key) && ta[key] != tb[key]) {
+        changed += (changed.empty() ? "" : ", ") + name + "." + key + " " + ta[key].dump() + " -> " + tb[key].dump();
       }
-      if (in_a) a[section].erase(key);
-      if (in_b) b[section].erase(key);
+      ta.erase(key);
+      tb.erase(key);
     }
   }
   if (a != b) {

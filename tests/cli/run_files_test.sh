@@ -81,6 +81,27 @@ else
   fail "rerun of a run without a checkpoint: $(cat log.txt)"
 fi
 
+# A run started before the per-method tables (its config.resolved.json has the method's keys in [finetune])
+# resumes; a changed method key is still refused, a changed clip_factor (an optimisation setting) is not.
+cp -r run flat
+python3 - flat/config.resolved.json <<'PY'
+import json, sys
+path = sys.argv[1]
+j = json.load(open(path))
+f = j["finetune"]
+f.update(f.pop(f["method"]))
+json.dump(j, open(path, "w"), indent=2)
+PY
+if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=8 --set finetune.clip_factor=2 -o flat \
+     --resume > log.txt 2>&1 && grep -q "clip_factor" log.txt; then
+  pass "a run whose resolved config predates the method tables resumes (clip_factor may change)"
+else
+  fail "resume of a run with flat [finetune] keys: $(cat log.txt)"
+fi
+expect_error "a changed method key is refused on resume" "finetune.adjoint_matching.loss_weighting" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.iterations=9 --set finetune.adjoint_matching.loss_weighting=velocity \
+  -o flat --resume
+
 # 4. A full disk (needs root for a small tmpfs).
 if [ "$(id -u)" -ne 0 ] || ! { mkdir -p "$disk" && mount -t tmpfs -o size=1m tmpfs "$disk"; } 2>/dev/null; then
   echo "skip full-disk tests: they need root to mount a small tmpfs"

@@ -13,6 +13,7 @@
 #include "tilt/eval/metrics.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/config.h"
+#include "tilt/io/methods.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/soc/finetuning.h"
@@ -42,6 +43,7 @@ struct Study {
   int64_t steps = 60, batch = 256, iterations = 2400, samples = 2000;
   std::vector<int64_t> hidden{128, 128, 128};
   double lr = 4e-3;
+  FinetunePlan plan;  ///< what `tilt finetune` would run for this config (the first row)
 };
 
 Study read_study(const std::string& path) {
@@ -57,13 +59,12 @@ Study read_study(const std::string& path) {
   if (!target) throw Error(path + ": the reward has no closed-form tilt of the mixture; the study needs the exact p*");
   s.target = std::make_shared<GaussianMixture>(*target);
   ConfigSection ft = root.section("finetune");
-  ft.allow({"noise", "model", "loss_early_steps", "loss_late_steps", "loss_weighting", "clip_factor", "grad_clip",
-            "beta1", "weight_decay", "lr_schedule", "checkpoint_every", "method"});
-  s.steps = ft.integer("num_steps", s.steps);
-  s.batch = ft.integer("batch_size", s.batch);
-  s.iterations = ft.integer("iterations", s.iterations);
-  s.hidden = ft.integers("hidden", s.hidden);
-  s.lr = ft.number("lr", s.lr);
+  s.plan = read_finetune(ft, *s.base, s.reward, s.lambda);
+  s.steps = s.plan.num_steps;
+  s.batch = s.plan.batch_size;
+  s.iterations = s.plan.trainer.iterations;
+  s.hidden = s.plan.mlp.hidden;
+  s.lr = s.plan.trainer.adam.lr;
   return s;
 }
 
@@ -150,17 +151,10 @@ int main(int argc, char** argv) try {
     std::cout << line << std::flush;
   };
   {
-    // Adjoint Matching's fine-tuning path: a residual velocity network, tilt finetune's default loss.
-    auto model = make_finetuned(s.base, FineTuneMode::residual, s.hidden, 16, 1);
-    AdjointMatchingOptions o;
-    o.num_steps = s.steps;
-    o.batch_size = s.batch;
-    o.lambda = s.lambda;
-    o.loss_early_steps = s.steps / 3;
-    o.loss_weighting = "velocity";
-    o.clip_factor = 0;
-    AdjointMatching am(model, s.reward, noise, o);
-    const double seconds = train(am, trainer_options(s, "am"));
+    // Adjoint Matching's fine-tuning path: the model and loss `tilt finetune` builds from this config.
+    auto model = s.plan.make_model(s.base, 1);
+    const std::unique_ptr<Loss> am = s.plan.make_loss(model);
+    const double seconds = train(*am, trainer_options(s, "am"));
     Score r = score(s, model, floor);
     r.seconds = seconds;
     row("adjoint matching (tilt finetune, velocity network)", r);

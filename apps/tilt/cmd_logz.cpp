@@ -26,6 +26,7 @@ const bool registered = add_command(
        add_seed_threads(app, config);
        app.add_flag("-q,--quiet", o.quiet, "No progress bar");
        return [args] {
+         check_log_z_options(args->second);  // before the config is read, as the flags come first
          Config file(args->first.config, args->first.set);
          const Json result = estimate_log_z(file, args->second);
          if (common_options().json) report(result);

@@ -52,6 +52,7 @@ const bool registered_eval = add_command(
        add_seed_threads(app, config);
        return [args] {
          auto& [config, o] = *args;
+         check_eval_options(o);  // before the config is read, as the flags come first
          Config file(config.config, config.set);
          const Json result = evaluate_sample_files(file, o);
          if (common_options().json) report(result);

@@ -23,7 +23,7 @@ const bool registered = add_command(
        app.add_option("--steps", o.steps, "Euler-Maruyama steps (0: the problem's default)")->capture_default_str();
        app.add_option("--lr", o.lr, "Adam learning rate (constant)")->capture_default_str();
        app.add_option("--hidden", o.hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
-       add_seed_threads(app, config);  // the seed also draws the problem's x0 / matrices
+       add_seed_threads(app, config, "also draws the problem's x0 / matrices");
        app.add_option("--shards", o.shards,
                       "Draw each batch in this many shards, each with its own seed (0: one per process); the result "
                       "depends on the seed and the shards, not on the number of processes")->capture_default_str();

@@ -43,8 +43,9 @@ void add_config(CLI::App& app, ConfigArgs& args, bool required) {
   app.add_option("--set", args.set, "Override a config key, e.g. --set finetune.lr=1e-3 (repeatable)");
 }
 
-void add_seed_threads(CLI::App& app, ConfigArgs& args) {
-  app.add_option("--seed", args.seed, "Random seed, >= 0 (default: the config's seed, else 0)");
+void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use) {
+  app.add_option("--seed", args.seed,
+                 "Random seed, >= 0 (default: the config's seed, else 0)" + (seed_use.empty() ? "" : "; " + seed_use));
   app.add_option("--threads", args.threads, "Threads, 0..1024 (0: all cores; default: the config's threads, else 0)");
   app.final_callback([&args] {
     if (args.seed && *args.seed < 0) throw CLI::ValidationError("--seed must be >= 0, got " + std::to_string(*args.seed));

@@ -51,7 +51,8 @@ void add_config(CLI::App& app, ConfigArgs& args, bool required);
 /// they override its top-level seed and threads, as --set seed=N and --set threads=N would (they are
 /// appended to args.set once the command line is parsed); without one the command takes
 /// args.seed.value_or(0) and args.threads.value_or(0) (0: all cores). Bad values fail the parse, naming the flag.
-void add_seed_threads(CLI::App& app, ConfigArgs& args);
+/// `seed_use`, if given, ends --seed's help: what else the seed draws.
+void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use = "");
 /// Names joined by ", " (help texts list what the registries hold).
 std::string joined(const std::vector<std::string>& names);
 

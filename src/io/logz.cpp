@@ -108,7 +108,9 @@ Integrator read_integrator(const std::string& name) {
   return integrator;
 }
 
-void check_options(const LogzOptions& o) {
+}  // namespace
+
+void check_log_z_options(const LogzOptions& o) {
   check_in_range("--n", o.n, 2, limits::kSamples);
   check_in_range("--steps", o.steps, 1, limits::kSteps);
   check_in_range("--batch", o.batch, 1, limits::kBatch);
@@ -117,6 +119,8 @@ void check_options(const LogzOptions& o) {
   }
   if (!o.model.empty() && !o.control.empty()) throw Error("give --model or --control, not both");
 }
+
+namespace {
 
 Json summary_json(const LogzOptions& o, const std::string& proposal, const NoiseSchedule& noise, const Problem& p,
                   const WeightSummary& s) {
@@ -144,7 +148,7 @@ Json summary_json(const LogzOptions& o, const std::string& proposal, const Noise
 }  // namespace
 
 Json estimate_log_z(Config& config, const LogzOptions& o) {
-  check_options(o);
+  check_log_z_options(o);
   const Problem p = read_problem(config);
   std::string proposal_name;
   const VelocityFieldPtr proposal = read_proposal(o, p, proposal_name);

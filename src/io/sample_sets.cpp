@@ -198,9 +198,13 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
 
 }  // namespace
 
-Json evaluate_sample_files(Config& config, const EvalOptions& o) {
+void check_eval_options(const EvalOptions& o) {
   if (o.samples.empty()) throw Error("give at least one --samples FILE");
   check_in_range("--replicates", o.replicates, 1, 1000);
+}
+
+Json evaluate_sample_files(Config& config, const EvalOptions& o) {
+  check_eval_options(o);
   const Target t = read_target(config, o);
   Generator gen = make_generator(mix_seed(t.seed, 29));
   Json out;

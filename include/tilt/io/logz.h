@@ -25,6 +25,10 @@ struct LogzOptions {
   bool quiet = false;    ///< no progress bar
 };
 
+/// Throws tilt::Error naming the flag of an option out of bounds or unknown (what estimate_log_z
+/// checks first, before it reads the config).
+void check_log_z_options(const LogzOptions& options);
+
 /// Checks the options, reads the config (top-level seed and threads, [base], [reward], [data]), draws
 /// the weighted paths with the generator mix_seed(seed, 41), and returns the result: method, proposal,
 /// noise, integrator, steps, lambda, n, log_z, log_z_standard_error, ess, ess_fraction, mean_reward,

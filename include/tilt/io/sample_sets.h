@@ -47,6 +47,8 @@ struct EvalOptions {
   std::string reference;  ///< compare with these samples when the config has no exact target
   int64_t replicates = 8;  ///< fresh target sets per distance
 };
+/// Throws tilt::Error naming the flag of an option out of bounds (checked first by evaluate_sample_files).
+void check_eval_options(const EvalOptions& options);
 /// Energy distance and MMD of each samples file to the config's exact target p* (else to `reference`),
 /// each averaged over `replicates` fresh target sets, with the noise floor (the distance between two
 /// target sets of the same size) and the mean reward; generator mix_seed(seed, 29) from the config's

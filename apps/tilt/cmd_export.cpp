@@ -15,7 +15,7 @@ int run_export(const ExportArgs& args) {
   }
   check_flag("--points", args.points, 1, 1000000);
   if (args.seed < 0) throw Error("--seed must be >= 0");
-  set_threads(1);
+  set_threads(args.threads);
   const LoadedModel m = load_velocity(args.model);
   std::string module;
   try {
@@ -45,8 +45,10 @@ const bool registered = add_command(
                       "to check the module against in Python");
        app.add_option("--reference", args->old_reference, "Deprecated spelling of --check-file")->group("");
        app.add_option("--points", args->points, "Number of points in --check-file")->capture_default_str();
-       app.add_option("--seed", args->seed, "Random seed of the points")->capture_default_str();
+       add_seed_threads(app, args->flags, "draws the points of --check-file");
        return [args] {
+         args->seed = args->flags.seed.value_or(0);
+         args->threads = static_cast<int>(args->flags.threads.value_or(0));
          if (!args->old_reference.empty()) {
            warn("export --reference is deprecated (eval's --reference is an input): write --check-file");
            if (!args->reference.empty()) throw Error("give --check-file or its old spelling --reference, not both");

@@ -65,6 +65,7 @@ const bool registered_eval_images = add_command(
      [](CLI::App& app) {
        auto args = std::make_shared<EvalImagesArgs>();
        add_config(app, args->config, true);
+       add_seed_threads(app, args->config);
        app.add_option("-s,--samples", args->samples, "Samples file(s) to evaluate (repeatable)")->required();
        app.add_option("--base", args->base,
                       "Samples of the base model: also estimate the target p* ∝ p_base exp(lambda r) by reweighting them");

@@ -113,6 +113,7 @@ CommandSetup train_setup(int (*run)(const TrainArgs&)) {
   return [run](CLI::App& app) {
     auto args = std::make_shared<TrainArgs>();
     add_config(app, args->config, true);
+    add_seed_threads(app, args->config);
     app.add_option("-o,--out", args->out, "Directory: the run's (model.pt, checkpoint.pt, metrics.jsonl, ...)")->required();
     app.add_flag("--resume", args->resume, "Continue the run in --out from its last checkpoint");
     app.add_flag("-q,--quiet", args->quiet, "No progress bar");

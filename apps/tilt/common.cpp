@@ -8,8 +8,7 @@ void info(const std::string& message) { note(message); }
 void warn(const std::string& message) { warning(message); }
 
 void finish_root(ConfigSection& root) {
-  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc"});
-  root.finish();
+  finish_config_root(root);
 }
 
 }  // namespace tilt::cli

@@ -24,18 +24,16 @@ namespace tilt::cli {
 struct ConfigArgs {
   std::string config;
   std::vector<std::string> set;
+  std::optional<int64_t> seed;     ///< --seed (add_seed_threads); with a config, also in `set`
+  std::optional<int64_t> threads;  ///< --threads; likewise
 };
 
 /// Flag checks (docs/config.md, Limits): tilt::Error("<flag> must be in lo..hi, got value").
 inline void check_flag(const std::string& flag, int64_t value, int64_t lo, int64_t hi) {
-  if (value < lo || value > hi) {
-    throw Error(flag + " must be in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + std::to_string(value));
-  }
+  check_in_range(flag, value, lo, hi);
 }
 inline void check_flag_number(const std::string& flag, double value, double lo, double hi) {
-  if (!(value >= lo && value <= hi)) {
-    throw Error(flag + " must be in [" + number_string(lo) + ", " + number_string(hi) + "], got " + number_string(value));
-  }
+  check_number_in_range(flag, value, lo, hi);
 }
 
 /// Checks the top level for unknown keys; the tables of other commands are allowed.

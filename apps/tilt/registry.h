@@ -3,7 +3,8 @@
 //
 // Flags that mean the same everywhere: -o/--out (a run directory for the commands that train, a file
 // for the others: each command's help says which), --json (one line of JSON on stdout, the
-// command's result), --device (cpu only for now), -q/--quiet (no progress bar), -c/--config and --set.
+// command's result), --device (cpu only for now), -q/--quiet (no progress bar), -c/--config and --set,
+// --seed and --threads (add_seed_threads).
 #pragma once
 
 #include "tilt/io/config.h"
@@ -46,6 +47,12 @@ void report(const Json& result);
 
 /// -c/--config and --set.
 void add_config(CLI::App& app, ConfigArgs& args, bool required);
+/// --seed and --threads, one rule on every command (docs/config.md, "Seed and threads"): with a config
+/// they override its top-level seed and threads, as --set seed=N and --set threads=N would (they are
+/// appended to args.set once the command line is parsed); without one the command takes
+/// args.seed.value_or(0) and args.threads.value_or(0) (0: all cores). Bad values fail the parse, naming the flag.
+/// `seed_use`, if given, ends --seed's help: what else the seed draws.
+void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use = "");
 /// Names joined by ", " (help texts list what the registries hold).
 std::string joined(const std::vector<std::string>& names);
 

@@ -2,6 +2,7 @@
 
 #include "tilt/core/log.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
@@ -39,6 +40,23 @@ void set_threads(int threads) {
   }
   at::set_num_threads(n);
   matrix_library();  // a TILT_GEMM that cannot be honoured stops here, before anything is written
+}
+
+void check_in_range(const std::string& name, int64_t value, int64_t lo, int64_t hi) {
+  if (value < lo || value > hi) {
+    throw Error(name + " must be in " + std::to_string(lo) + ".." + std::to_string(hi) + ", got " + std::to_string(value));
+  }
+}
+
+void check_number_in_range(const std::string& name, double value, double lo, double hi) {
+  if (!(value >= lo && value <= hi)) {
+    throw Error(name + " must be in [" + number_string(lo) + ", " + number_string(hi) + "], got " + number_string(value));
+  }
+}
+
+void finish_config_root(ConfigSection& root) {
+  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc"});
+  root.finish();
 }
 
 ProcessGroupPtr join_group(double timeout_seconds) {

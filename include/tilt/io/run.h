@@ -33,6 +33,15 @@ constexpr int kMaxThreads = 1024;
 /// Throws tilt::Error naming --threads outside 0..kMaxThreads.
 void set_threads(int threads);
 
+/// Bounds of a flag or option (docs/config.md, Limits): tilt::Error("<name> must be in lo..hi, got value"),
+/// for numbers "<name> must be in [lo, hi], got value". `name` is the flag, or the key it came from.
+void check_in_range(const std::string& name, int64_t value, int64_t lo, int64_t hi);
+void check_number_in_range(const std::string& name, double value, double lo, double hi);
+
+/// Checks the top level of a config for unknown keys; the tables of the other commands (seed, threads,
+/// schedule, data, base, reward, pretrain, finetune, classifier, soc) are allowed.
+void finish_config_root(ConfigSection& root);
+
 /// Joins the group of processes that the environment describes (WORLD_SIZE, RANK, MASTER_ADDR,
 /// MASTER_PORT, as torchrun sets them), each collective waiting at most timeout_seconds; null for
 /// one process. From then on note() and warning() (tilt/core/log.h) print on rank 0 only.

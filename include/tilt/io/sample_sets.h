@@ -1,0 +1,75 @@
+// Sample sets as `tilt sample`, `tilt eval` and `tilt plot` make and use them: samples drawn from a
+// model file or exactly from a config's base or target, their distances to the exact target p* (or to
+// reference samples) against the noise floor, and pictures of them. A C++ program gets the same
+// numbers from the same options; messages name the options by their flags.
+#pragma once
+
+#include "tilt/core/tensor.h"
+#include "tilt/io/config.h"
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace tilt {
+
+/// The options of tilt sample, with its defaults.
+struct DrawOptions {
+  std::string model;   ///< a model file; or exact samples of the config's base or target:
+  std::string exact;   ///< "base" | "target" (needs a config)
+  std::string config;  ///< for exact: the config file, and
+  std::vector<std::string> set;  ///< its overrides (key=value)
+  int64_t n = 2000;
+  std::string noise;   ///< noise schedule spec; empty: the one the model was fine-tuned with
+  std::optional<int64_t> steps;  ///< not given: 100
+  std::string integrator = "auto";  ///< auto: heun for the ODE, else euler
+  int64_t seed = 0;    ///< for a model file (--exact takes the config's top-level seed)
+  int threads = 0;     ///< for a model file (--exact takes the config's); 0: all cores
+  std::string out;     ///< write_samples: the CSV file
+  std::string png;     ///< write_samples: also a scatter plot of the first two coordinates (optional)
+};
+struct DrawnSamples {
+  Tensor x;          ///< [n, d], every value finite
+  std::string what;  ///< "samples of <model> with <noise>, <steps> steps" or "exact <base|target> samples"
+};
+/// Draws with the generator mix_seed(seed, 17). The config is read for exact samples only, and then
+/// gives the seed and the threads. A model's samples may hold non-finite values (see write_samples).
+DrawnSamples draw_samples(const DrawOptions& options);
+/// tilt sample: checks that out and png overwrite no input, draws, refuses samples with NaN or Inf values
+/// (naming the model file: a model can be non-finite away from the points it was checked at), then writes
+/// out and png.
+DrawnSamples write_samples(const DrawOptions& options);
+
+/// The options of tilt eval, with its defaults.
+struct EvalOptions {
+  std::vector<std::string> samples;  ///< CSV files to evaluate
+  std::string reference;  ///< compare with these samples when the config has no exact target
+  int64_t replicates = 8;  ///< fresh target sets per distance
+};
+/// Throws tilt::Error naming the flag of an option out of bounds (checked first by evaluate_sample_files).
+void check_eval_options(const EvalOptions& options);
+/// Energy distance and MMD of each samples file to the config's exact target p* (else to `reference`),
+/// each averaged over `replicates` fresh target sets, with the noise floor (the distance between two
+/// target sets of the same size) and the mean reward; generator mix_seed(seed, 29) from the config's
+/// top-level seed. Returns target.{kind, log_z, lambda, mean_reward | path}, base.mean_reward,
+/// mmd_bandwidths and samples.<path>.{n, energy_distance(_noise_floor, _ratio), mmd(...),
+/// mean_reward, mean_reward_se}.
+Json evaluate_sample_files(Config& config, const EvalOptions& options);
+/// The result as tilt eval prints it: one line per samples file.
+std::string evaluation_text(const Json& result, const EvalOptions& options);
+
+/// The options of tilt plot.
+struct PlotOptions {
+  std::vector<std::string> panels;  ///< samples files, each FILE or FILE:TITLE
+  std::string out;                  ///< the PNG
+  std::string title;
+  int columns = 0;   ///< panels per row; 0: one row
+  int size = 300;    ///< panel size in pixels
+  std::string images;  ///< "HxW": draw each sample as an image of H x W pixels instead of a point
+  int max_images = 100;
+};
+/// Draws the samples files side by side (first two coordinates, or images) to options.out.
+void plot_sample_files(const PlotOptions& options);
+
+}  // namespace tilt

@@ -1,0 +1,58 @@
+// An SOC benchmark run, as `tilt soc` does it: a control network trained on one of the benchmark
+// problems (tilt/soc/problems.h) with one or several SOC losses, each from the same initial network,
+// evaluated on fixed fresh paths by the control L2 error under the optimal path law (docs/equations.md,
+// E33) when the problem knows its optimum, else by the control objective. The run writes, in its
+// directory: soc.resolved.json, <loss>.jsonl (training metrics), <loss>.eval.jsonl (the evaluations),
+// summary.json, summary.md and curves.png. A C++ program gets the same run from the same options.
+#pragma once
+
+#include "tilt/io/config.h"
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <string>
+#include <vector>
+
+namespace tilt {
+
+/// The options of an SOC benchmark run, with tilt soc's defaults. In messages a setting is named by
+/// its flag (--batch), or by where `names` says it came from (read_soc_benchmark fills it).
+struct SocBenchmarkOptions {
+  std::string problem = "quadratic_ou_easy";  ///< soc::problem_names()
+  std::vector<std::string> losses;            ///< soc::soc_loss_names(); at least one
+  int64_t iterations = 1000;
+  int64_t batch = 128;    ///< paths per iteration
+  int64_t steps = 0;      ///< Euler-Maruyama steps; 0: the problem's default
+  double lr = 1e-3;       ///< Adam, constant
+  std::vector<int64_t> hidden{128, 128};
+  int64_t seed = 0;       ///< also draws the problem's x0 / matrices
+  int threads = 0;        ///< 0: all cores
+  int64_t shards = 0;     ///< 0: one per process
+  double dist_timeout = 300;  ///< several processes: the longest wait for the others, seconds
+  int64_t eval_every = 50;
+  int64_t eval_batch = 1024;
+  std::string out;        ///< the run's directory
+  bool quiet = false;     ///< no progress bars
+  std::map<std::string, std::string> names;  ///< flag -> its name in messages (e.g. "in 'a.toml': 'soc.batch'")
+};
+
+/// Reads a config's top-level seed and threads and its [soc] table into `options`, each setting whose
+/// flag is not `given` (flags win), and checks the top level for unknown keys.
+void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& options,
+                        const std::function<bool(const std::string& flag)>& given);
+
+/// Throws tilt::Error naming the setting outside its bounds (docs/config.md, Limits), an unknown loss,
+/// or a loss that cannot take the problem; sets the threads.
+void check_soc_benchmark(const SocBenchmarkOptions& options);
+
+struct SocBenchmarkResult {
+  bool writer = true;    ///< this process wrote the files (rank 0, or the only process)
+  Json summary;          ///< summary.json: problem, dim, iterations, optimal_value, losses.<name>.{...}
+  std::string markdown;  ///< summary.md
+};
+/// Checks the options, then trains every loss in turn and writes the run's files (rank 0 of a group
+/// of processes writes; all train together). Refuses a directory that holds a run.
+SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& options);
+
+}  // namespace tilt

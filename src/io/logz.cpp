@@ -1,0 +1,209 @@
+#include "tilt/io/logz.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+#include "tilt/core/log.h"
+#include "tilt/core/progress.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/model_io.h"
+#include "tilt/io/run.h"
+#include "tilt/sde/importance.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+
+namespace tilt {
+namespace {
+
+// What the estimate reads from the config.
+struct Problem {
+  VelocityFieldPtr base;
+  RewardPtr reward;
+  double lambda = 1.0;
+  std::optional<ExactProblem> exact;
+  std::string why;  ///< why there is no exact target
+  uint64_t seed = 0;
+};
+
+Problem read_problem(Config& config) {
+  ConfigSection root = config.root();
+  Problem p;
+  p.seed = read_run_settings(root).seed;  // also sets the threads
+  p.base = read_base(root);
+  p.exact = read_exact_problem(root, &p.why);
+  p.reward = p.exact ? p.exact->reward : read_reward(root.section("reward"), p.base->dim(), &p.lambda);
+  if (p.exact) p.lambda = p.exact->lambda;
+  finish_config_root(root);
+  return p;
+}
+
+// The scale of --control optimal[:<scale>].
+double control_scale(const std::string& control) {
+  if (control.rfind("optimal", 0) != 0) {
+    throw Error("--control must be zero, optimal or optimal:<scale>, got '" + control + "'");
+  }
+  if (control.size() == 7) return 1.0;
+  if (control[7] != ':') throw Error("--control: expected optimal:<scale>, got '" + control + "'");
+  char* end = nullptr;
+  const double scale = std::strtod(control.c_str() + 8, &end);
+  if (*end != '\0' || end == control.c_str() + 8) throw Error("--control: '" + control.substr(8) + "' is not a number");
+  if (!std::isfinite(scale)) throw Error("--control: the scale must be finite, got " + control.substr(8));
+  return scale;
+}
+
+// The proposal: a model file, a multiple of the exact optimal control, or the base (zero control).
+VelocityFieldPtr read_proposal(const LogzOptions& o, const Problem& p, std::string& name) {
+  VelocityFieldPtr proposal = p.base;
+  name = "zero control (the base)";
+  if (!o.model.empty()) {
+    proposal = load_velocity(o.model).field;
+    name = o.model;
+  } else if (!o.control.empty() && o.control != "zero") {
+    const double scale = control_scale(o.control);
+    if (!p.exact) throw Error("--control optimal needs the exact target p*, and this config has none: " + p.why);
+    if (p.base->kind() != "gmm") throw Error("--control optimal needs [base] type = \"exact\" (the control is v* - v_base of the exact fields)");
+    auto v_star = std::make_shared<GmmVelocity>(p.exact->target, p.base->schedule());
+    proposal = std::make_shared<ScaledControlVelocity>(p.base, v_star, scale);
+    name = scale == 1.0 ? "exact optimal control u*" : "u* x " + o.control.substr(8);
+  }
+  if (proposal->dim() != p.base->dim()) {
+    throw Error((o.model.empty() ? std::string("the proposal") : "--model '" + o.model + "'") + " has dimension " +
+                std::to_string(proposal->dim()) + ", the base " + std::to_string(p.base->dim()));
+  }
+  return proposal;
+}
+
+NoiseSchedulePtr read_noise(const LogzOptions& o) {
+  std::string spec = o.noise;
+  if (spec.empty()) spec = o.method == "jarzynski" ? "constant:1" : "memoryless";
+  if (spec == "memoryless") spec += ":" + std::to_string(1.0 / static_cast<double>(o.steps));
+  NoiseSchedulePtr noise;
+  try {
+    noise = parse_noise_schedule(spec);
+  } catch (const Error& e) {
+    throw Error(std::string("--noise: ") + e.what());
+  }
+  if (noise->is_memoryless() && noise->h() > kLargeMemorylessOffset) {
+    warning("--noise " + spec + ": an offset h above " + number_string(kLargeMemorylessOffset) +
+            " is far from memoryless near t = 0 (the default is one step, h = 1/steps)");
+  }
+  if (noise->is_zero()) throw Error("--noise " + spec + ": the ODE has no path density; importance weights need a stochastic schedule");
+  return noise;
+}
+
+Integrator read_integrator(const std::string& name) {
+  Integrator integrator;
+  try {
+    integrator = parse_integrator(name);
+  } catch (const Error& e) {
+    throw Error(std::string("--integrator: ") + e.what());
+  }
+  if (integrator == Integrator::heun) {
+    throw Error("--integrator heun: a deterministic step has no path density; use euler or exact");
+  }
+  return integrator;
+}
+
+}  // namespace
+
+void check_log_z_options(const LogzOptions& o) {
+  check_in_range("--n", o.n, 2, limits::kSamples);
+  check_in_range("--steps", o.steps, 1, limits::kSteps);
+  check_in_range("--batch", o.batch, 1, limits::kBatch);
+  if (o.method != "girsanov" && o.method != "noising" && o.method != "jarzynski") {
+    throw Error("--method must be girsanov, noising or jarzynski, got '" + o.method + "'");
+  }
+  if (!o.model.empty() && !o.control.empty()) throw Error("give --model or --control, not both");
+}
+
+namespace {
+
+Json summary_json(const LogzOptions& o, const std::string& proposal, const NoiseSchedule& noise, const Problem& p,
+                  const WeightSummary& s) {
+  Json out;
+  out["method"] = o.method;
+  out["proposal"] = proposal;
+  out["noise"] = noise.describe();
+  out["integrator"] = o.integrator;
+  out["steps"] = o.steps;
+  out["lambda"] = p.lambda;
+  out["n"] = s.n;
+  out["log_z"] = s.log_z;
+  out["log_z_standard_error"] = s.standard_error;
+  out["ess"] = s.ess;
+  out["ess_fraction"] = s.ess_fraction;
+  out["mean_reward"] = s.mean_reward;
+  out["weighted_mean_reward"] = s.weighted_mean_reward;
+  if (p.exact) {
+    out["exact_log_z"] = p.exact->log_z;
+    out["z_score"] = s.standard_error > 0 ? (s.log_z - p.exact->log_z) / s.standard_error : 0.0;
+  }
+  return out;
+}
+
+}  // namespace
+
+Json estimate_log_z(Config& config, const LogzOptions& o) {
+  check_log_z_options(o);
+  const Problem p = read_problem(config);
+  std::string proposal_name;
+  const VelocityFieldPtr proposal = read_proposal(o, p, proposal_name);
+  const NoiseSchedulePtr noise = read_noise(o);
+  ImportanceOptions opts;
+  opts.integrator = read_integrator(o.integrator);
+  opts.batch = o.batch;
+  ProgressBar bar("logz", o.n, 0, !o.quiet);
+  opts.progress = [&bar](int64_t done, int64_t) { bar.update(done); };
+  Generator gen = make_generator(mix_seed(p.seed, 41));
+  const TimeGrid grid = TimeGrid::uniform(o.steps);
+  const GenerativeSDE base(p.base, noise);
+  WeightedPaths paths;
+  if (o.method == "girsanov") {
+    paths = girsanov_weights(base, *proposal, *p.reward, p.lambda, o.n, grid, gen, opts);
+  } else if (o.method == "noising") {
+    if (!p.exact) throw Error("--method noising needs the base's density: [data] must be a Gaussian mixture (" + p.why + ")");
+    const auto density = p.exact->base;
+    paths = noising_weights(GenerativeSDE(proposal, noise), [density](const Tensor& x) { return density->log_prob(x); },
+                            *p.reward, p.lambda, o.n, grid, gen, opts);
+  } else {
+    if (!o.model.empty() || (!o.control.empty() && o.control != "zero")) {
+      throw Error("--method jarzynski runs the escorted base dynamics; it takes no --model or --control");
+    }
+    proposal_name = "escorted base dynamics";
+    paths = jarzynski_weights(base, *p.reward, p.lambda, o.n, grid, gen, opts);
+  }
+  bar.finish();
+  return summary_json(o, proposal_name, *noise, p, summarize_weights(paths));
+}
+
+std::string log_z_text(const Json& r) {
+  std::string out;
+  char line[512];
+  const auto add = [&](int written) { out += std::string(line, static_cast<size_t>(std::min<int>(written, sizeof line - 1))); };
+  const std::string method = r["method"].get<std::string>();
+  add(std::snprintf(line, sizeof line, "%s weights of %s (%s, %s, %lld steps), n = %lld, lambda = %g\n", method.c_str(),
+                    r["proposal"].get<std::string>().c_str(), r["noise"].get<std::string>().c_str(),
+                    r["integrator"].get<std::string>().c_str(), static_cast<long long>(r["steps"].get<int64_t>()),
+                    static_cast<long long>(r["n"].get<int64_t>()), r["lambda"].get<double>()));
+  add(std::snprintf(line, sizeof line, "  log Z         %.4f ± %.4f (one standard error, delta method)\n",
+                    r["log_z"].get<double>(), r["log_z_standard_error"].get<double>()));
+  if (r.contains("exact_log_z")) {
+    add(std::snprintf(line, sizeof line, "  exact log Z   %.4f  (estimate off by %.2f standard errors)\n",
+                      r["exact_log_z"].get<double>(), r["z_score"].get<double>()));
+  }
+  add(std::snprintf(line, sizeof line, "  ESS           %.1f (%.1f%% of n)\n", r["ess"].get<double>(),
+                    100.0 * r["ess_fraction"].get<double>()));
+  add(std::snprintf(line, sizeof line, "  mean reward   %.4f as drawn, %.4f reweighted (an estimate of E_p*[r])\n",
+                    r["mean_reward"].get<double>(), r["weighted_mean_reward"].get<double>()));
+  if (method == "girsanov") {
+    out += "  (Girsanov weights are exact for the discretised base chain, whose law at t = 1 is p_base only up to "
+           "O(1/steps); --method noising is unbiased for the exact log Z at any step count)\n";
+  }
+  return out;
+}
+
+}  // namespace tilt

@@ -1,0 +1,320 @@
+#include "tilt/io/sample_sets.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/core/log.h"
+#include "tilt/eval/metrics.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/model_io.h"
+#include "tilt/io/plot.h"
+#include "tilt/io/run.h"
+#include "tilt/io/samples.h"
+#include "tilt/sde/sampler.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <map>
+
+namespace tilt {
+namespace {
+
+std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
+  const Tensor xy = x.to(at::kFloat).contiguous();
+  std::vector<plot::Point> out(static_cast<size_t>(xy.size(0)));
+  const float* p = xy.data_ptr<float>();
+  const int64_t d = xy.size(1);
+  for (int64_t i = 0; i < xy.size(0); ++i) out[i] = {p[i * d], d > 1 ? p[i * d + 1] : 0.0f};
+  return out;
+}
+
+DrawnSamples draw_exact(const DrawOptions& o) {
+  if (o.exact != "base" && o.exact != "target") throw Error("--exact must be 'base' or 'target'");
+  if (o.config.empty()) throw Error("--exact needs --config (-c): the config whose base and target to sample");
+  Config config(o.config, o.set);
+  ConfigSection root = config.root();
+  const RunSettings settings = read_run_settings(root);
+  std::string why;
+  auto exact = read_exact_problem(root, &why);
+  if (!exact) throw Error("no exact " + o.exact + " for this config: " + why);
+  finish_config_root(root);
+  Generator gen = make_generator(mix_seed(settings.seed, 17));
+  return {(o.exact == "base" ? exact->base : exact->target)->sample(o.n, gen), "exact " + o.exact + " samples"};
+}
+
+NoiseSchedulePtr model_noise(const DrawOptions& o, const LoadedModel& m, int64_t steps) {
+  std::string spec = o.noise.empty() ? m.info.value("noise", std::string("memoryless")) : o.noise;
+  // The paper's offset h = 1/K goes with the number of steps.
+  if (spec == "memoryless") spec += ":" + std::to_string(1.0 / static_cast<double>(steps));
+  NoiseSchedulePtr noise;
+  try {
+    noise = parse_noise_schedule(spec);
+  } catch (const Error& e) {
+    throw Error(o.noise.empty() ? "the noise schedule " + o.model + " was fine-tuned with: " + e.what() + "; give --noise"
+                                : std::string("--noise: ") + e.what());
+  }
+  if (noise->is_memoryless() && noise->h() > kLargeMemorylessOffset) {
+    warning((o.noise.empty() ? "the model's noise schedule " : "--noise ") + spec + ": an offset h above " +
+            number_string(kLargeMemorylessOffset) + " is far from memoryless near t = 0 (the default is one step, h = 1/steps)");
+  }
+  return noise;
+}
+
+DrawnSamples draw_from_model(const DrawOptions& o) {
+  set_threads(o.threads);
+  const LoadedModel m = load_velocity(o.model);
+  if (m.info.value("trained_by", std::string()) == "tilt adjoint-sampling") {
+    throw Error("model file '" + o.model + "' is an Adjoint Sampling control, not a velocity field: its samples "
+                "come from tilt adjoint-sampling (samples.csv of its run)");
+  }
+  const int64_t steps = o.steps.value_or(100);
+  const NoiseSchedulePtr noise = model_noise(o, m, steps);
+  SampleOptions opts;
+  try {
+    opts.integrator = o.integrator == "auto" ? (noise->is_zero() ? Integrator::heun : Integrator::euler)
+                                             : parse_integrator(o.integrator);
+  } catch (const Error& e) {
+    throw Error(std::string("--integrator: ") + e.what());
+  }
+  if (opts.integrator == Integrator::heun && !noise->is_zero()) {
+    throw Error("--integrator heun is for the ODE only (--noise ode); the noise schedule is " + noise->describe());
+  }
+  Generator gen = make_generator(mix_seed(static_cast<uint64_t>(o.seed), 17));
+  return {sample(GenerativeSDE(m.field, noise), o.n, TimeGrid::uniform(steps), gen, opts),
+          "samples of " + o.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps"};
+}
+
+}  // namespace
+
+DrawnSamples draw_samples(const DrawOptions& o) {
+  check_in_range("--n", o.n, 1, limits::kSamples);
+  if (o.steps) check_in_range("--steps", *o.steps, 1, limits::kSteps);  // -7 silently meant 100
+  if (o.seed < 0) throw Error("--seed must be >= 0");
+  if (o.model.empty() == o.exact.empty()) throw Error("give either --model FILE, or --exact base|target with --config");
+  return o.exact.empty() ? draw_from_model(o) : draw_exact(o);
+}
+
+DrawnSamples write_samples(const DrawOptions& o) {
+  if (o.out.empty()) throw Error("--out is required: the CSV file for the samples");
+  refuse_output_over_input("--out", o.out, {{"--model", o.model}, {"--config", o.config}, {"--png", o.png}});
+  if (!o.png.empty()) refuse_output_over_input("--png", o.png, {{"--model", o.model}, {"--config", o.config}});
+  DrawnSamples d = draw_samples(o);
+  // A NaN row is never written with success: a model whose velocity is finite at the points
+  // load_velocity probes can still be non-finite elsewhere on the path.
+  const int64_t bad = (~d.x.isfinite()).any(1).sum().item<int64_t>();
+  if (bad > 0) {
+    throw Error((o.model.empty() ? d.what : "model file '" + o.model + "'") + " gave " + std::to_string(bad) + " of " +
+                std::to_string(o.n) + " samples with NaN or Inf values; nothing was written to " + o.out +
+                " (the model's velocity is not finite somewhere on the sampling path: its weights are damaged, or too large)");
+  }
+  write_samples_csv(o.out, d.x);
+  if (!o.png.empty()) plot::write_scatter_png(o.png, {{d.what, first_two_coordinates(d.x)}});
+  return d;
+}
+
+namespace {
+
+// What tilt eval measures against: the exact target, or reference samples; and the reward.
+struct Target {
+  std::optional<ExactProblem> exact;
+  Tensor reference;
+  RewardPtr reward;
+  double lambda = 1.0;
+  uint64_t seed = 0;
+};
+
+Target read_target(Config& config, const EvalOptions& o) {
+  ConfigSection root = config.root();
+  Target t;
+  t.seed = read_run_settings(root).seed;
+  std::string why;
+  t.exact = read_exact_problem(root, &why);
+  if (t.exact) {
+    t.reward = t.exact->reward;
+    t.lambda = t.exact->lambda;
+  } else if (root.has("reward") && root.has("data")) {
+    auto mixture = read_data_mixture(root);
+    if (mixture) t.reward = read_reward(root.section("reward"), mixture->dim(), &t.lambda);
+  }
+  finish_config_root(root);
+  if (!t.exact) {
+    if (o.reference.empty()) throw Error("no exact target for this config (" + why + "); give --reference FILE");
+    t.reference = read_samples_csv(o.reference);
+  }
+  return t;
+}
+
+// Fresh target samples: from the exact target, or drawn without replacement from the reference.
+Tensor target_sample(const Target& t, int64_t n, Generator& gen) {
+  if (t.exact) return t.exact->target->sample(n, gen);
+  const Tensor idx = at::randperm(t.reference.size(0), gen, at::TensorOptions().dtype(at::kLong)).slice(0, 0, n);
+  return t.reference.index_select(0, idx);
+}
+
+// The distances of one samples file, each averaged over `replicates` fresh target sets (distances between
+// finite samples of a multimodal law are heavy-tailed); the noise floor (docs/equations.md, E78) depends
+// only on n and is estimated once per sample size, over 2 x replicates pairs.
+Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& o, const std::vector<double>& bandwidths,
+                   std::map<int64_t, std::pair<double, double>>& floors, Generator& gen) {
+  const Tensor x = read_samples_csv(path);
+  const int64_t n = x.size(0);
+  const int64_t dim = t.exact ? t.exact->target->dim() : t.reference.size(1);
+  if (x.size(1) != dim) {
+    throw Error("samples file '" + path + "' has dimension " + std::to_string(x.size(1)) + ", the target has " +
+                std::to_string(dim));
+  }
+  if (!t.exact && 2 * n > t.reference.size(0)) {
+    throw Error("--reference needs at least 2n = " + std::to_string(2 * n) + " samples to estimate the noise floor");
+  }
+  const double R = static_cast<double>(o.replicates);
+  if (!floors.count(n)) {
+    double ed = 0, mm = 0;
+    for (int64_t r = 0; r < 2 * o.replicates; ++r) {
+      // (in one call, as before: the order in which the two sets are drawn is the compiler's)
+      const SampleDistances d = sample_distances(target_sample(t, n, gen), target_sample(t, n, gen), bandwidths);
+      ed += d.energy / (2 * R);
+      mm += d.mmd / (2 * R);
+    }
+    floors[n] = {ed, mm};
+  }
+  double ed = 0, mm = 0;
+  for (int64_t r = 0; r < o.replicates; ++r) {
+    const SampleDistances d = sample_distances(x, target_sample(t, n, gen), bandwidths);
+    ed += d.energy / R;
+    mm += d.mmd / R;
+  }
+  Json s{{"n", n}, {"energy_distance", ed}, {"energy_distance_noise_floor", floors[n].first},
+         {"energy_distance_ratio", ed / floors[n].first}, {"mmd", mm}, {"mmd_noise_floor", floors[n].second},
+         {"mmd_ratio", mm / floors[n].second}};
+  if (t.reward) {
+    const RewardStats rs = reward_stats(*t.reward, x);
+    s["mean_reward"] = rs.mean;
+    s["mean_reward_se"] = rs.standard_error;
+  }
+  return s;
+}
+
+}  // namespace
+
+void check_eval_options(const EvalOptions& o) {
+  if (o.samples.empty()) throw Error("give at least one --samples FILE");
+  check_in_range("--replicates", o.replicates, 1, 1000);
+}
+
+Json evaluate_sample_files(Config& config, const EvalOptions& o) {
+  check_eval_options(o);
+  const Target t = read_target(config, o);
+  Generator gen = make_generator(mix_seed(t.seed, 29));
+  Json out;
+  out["target"]["kind"] = t.exact ? "exact" : "reference";
+  if (t.exact) {
+    out["target"]["log_z"] = t.exact->log_z;
+    out["target"]["lambda"] = t.lambda;
+    out["target"]["mean_reward"] = reward_stats(*t.reward, t.exact->target->sample(100000, gen)).mean;
+    out["base"]["mean_reward"] = reward_stats(*t.reward, t.exact->base->sample(100000, gen)).mean;
+  } else {
+    out["target"]["path"] = o.reference;
+  }
+  // Kernel bandwidths fixed once, from the target, so that every MMD below is comparable.
+  const std::vector<double> bandwidths = median_bandwidths(target_sample(t, 2000, gen));
+  out["mmd_bandwidths"] = bandwidths;
+  std::map<int64_t, std::pair<double, double>> floors;
+  for (const std::string& path : o.samples) out["samples"][path] = evaluate_file(t, path, o, bandwidths, floors, gen);
+  return out;
+}
+
+std::string evaluation_text(const Json& r, const EvalOptions& o) {
+  std::string out;
+  char line[1024];
+  const auto add = [&](int n) { out += std::string(line, static_cast<size_t>(std::min<int>(n, sizeof line - 1))); };
+  const bool exact = r["target"]["kind"] == "exact";
+  out += "target: " + (exact ? std::string("exact p* ∝ p_base exp(lambda r)") : "reference " + o.reference);
+  if (exact) {
+    add(std::snprintf(line, sizeof line, " (lambda = %g, log Z = %.4f, mean reward %.4f; base mean reward %.4f)",
+                      r["target"]["lambda"].get<double>(), r["target"]["log_z"].get<double>(),
+                      r["target"]["mean_reward"].get<double>(), r["base"]["mean_reward"].get<double>()));
+  }
+  add(std::snprintf(line, sizeof line, "\n%-40s %7s %12s %12s %8s %12s %14s\n", "samples", "n", "energy dist",
+                    "noise floor", "ratio", "MMD", "mean reward"));
+  for (const std::string& path : o.samples) {
+    const Json& s = r["samples"][path];
+    add(std::snprintf(line, sizeof line, "%-40s %7lld %12.3e %12.3e %8.2f %12.3e", path.c_str(),
+                      static_cast<long long>(s["n"].get<int64_t>()), s["energy_distance"].get<double>(),
+                      s["energy_distance_noise_floor"].get<double>(), s["energy_distance_ratio"].get<double>(),
+                      s["mmd"].get<double>()));
+    if (s.contains("mean_reward")) {
+      add(std::snprintf(line, sizeof line, " %8.4f±%.4f", s["mean_reward"].get<double>(), s["mean_reward_se"].get<double>()));
+    }
+    out += "\n";
+  }
+  add(std::snprintf(line, sizeof line,
+                    "(energy distance and MMD averaged over %lld fresh target sets of the same size; the noise floor is "
+                    "the mean distance between two independent target sets, over twice as many pairs)\n",
+                    static_cast<long long>(o.replicates)));
+  return out;
+}
+
+
+namespace {
+
+struct Panel {
+  std::string path, title;
+  Tensor x;
+};
+
+// Each sample as an image of h x w pixels, one grid per file.
+void plot_images(const PlotOptions& o, const std::vector<Panel>& inputs) {
+  int h = 0, w = 0;
+  char extra = 0;
+  if (std::sscanf(o.images.c_str(), "%dx%d%c", &h, &w, &extra) != 2 || h < 1 || w < 1) {
+    throw Error("--images must be HxW, e.g. 8x8; got '" + o.images + "'");
+  }
+  std::vector<plot::ImagePanel> grids;
+  for (const Panel& in : inputs) {
+    const Tensor x = in.x.to(at::kFloat).contiguous();
+    if (x.size(1) != static_cast<int64_t>(h) * w) {
+      throw Error("'" + in.path + "' has dimension " + std::to_string(x.size(1)) + ", not " + o.images + " = " +
+                  std::to_string(h * w) + " pixels");
+    }
+    const float* p = x.data_ptr<float>();
+    grids.push_back({in.title, std::vector<float>(p, p + x.numel())});
+  }
+  plot::ImageGridOptions g;
+  g.height = h;
+  g.width = w;
+  g.title = o.title;
+  g.panel_columns = o.columns;
+  g.max_images = o.max_images;
+  plot::write_image_grid_png(o.out, grids, g);
+}
+
+}  // namespace
+
+void plot_sample_files(const PlotOptions& o) {
+  if (o.out.empty()) throw Error("--out is required: the PNG file to write");
+  if (o.panels.empty()) throw Error("give at least one samples file (FILE or FILE:TITLE)");
+  check_in_range("--size", o.size, 64, 4096);
+  check_in_range("--columns", o.columns, 0, 1000);
+  check_in_range("--max-images", o.max_images, 1, 100000);
+  for (const std::string& spec : o.panels) {
+    refuse_output_over_input("--out", o.out, {{"the samples file", spec.substr(0, spec.find(':'))}});
+  }
+  std::vector<Panel> inputs;
+  for (const std::string& spec : o.panels) {
+    const auto colon = spec.find(':');
+    const std::string path = spec.substr(0, colon);
+    inputs.push_back({path, colon == std::string::npos ? path : spec.substr(colon + 1), read_samples_csv(path)});
+  }
+  if (!o.images.empty()) return plot_images(o, inputs);
+  std::vector<plot::Panel> panels;
+  for (const Panel& in : inputs) panels.push_back({in.title, first_two_coordinates(in.x)});
+  plot::ScatterOptions scatter;
+  scatter.title = o.title;
+  scatter.columns = o.columns;
+  scatter.panel_size = o.size;
+  plot::write_scatter_png(o.out, panels, scatter);
+}
+
+}  // namespace tilt

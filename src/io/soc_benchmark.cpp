@@ -1,0 +1,274 @@
+#include "tilt/io/soc_benchmark.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/plot.h"
+#include "tilt/io/run.h"
+#include "tilt/soc/losses.h"
+#include "tilt/soc/problems.h"
+#include "tilt/train/distributed.h"
+#include "tilt/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <sstream>
+
+namespace tilt {
+namespace {
+
+struct Evaluation {
+  int64_t iteration = 0;
+  double l2_error = NAN, objective = NAN, weight_std = NAN;
+};
+
+// The metrics on a fixed set of fresh paths of the current control (the same noise every time, so
+// that the curves compare iterates rather than noise).
+Evaluation evaluate(const soc::Problem& problem, const soc::ParametricControl& control, int64_t batch, int64_t steps,
+                    uint64_t seed, int64_t iteration) {
+  at::NoGradGuard no_grad;
+  Generator gen = make_generator(seed);
+  const soc::ControlledPaths paths = soc::simulate(problem, control.as_control(), batch, steps, gen);
+  Evaluation e;
+  e.iteration = iteration;
+  e.objective = soc::control_objective(paths);
+  e.weight_std = soc::normalised_weight_std(paths);
+  if (problem.has_ground_truth()) e.l2_error = soc::control_l2_error(problem, paths);
+  return e;
+}
+
+Json to_json(const Evaluation& e) {
+  Json j{{"iteration", e.iteration}, {"control_objective", e.objective}, {"normalised_weight_std", e.weight_std}};
+  if (std::isfinite(e.l2_error)) j["control_l2_error"] = e.l2_error;
+  return j;
+}
+
+std::string fmt(double x, const char* spec = "%.4g") {
+  if (!std::isfinite(x)) return "-";
+  char buf[32];
+  std::snprintf(buf, sizeof buf, spec, x);
+  return buf;
+}
+
+// The name of a setting in messages: the flag, or the config key it came from.
+std::string name_of(const SocBenchmarkOptions& o, const std::string& flag) {
+  const auto it = o.names.find(flag);
+  return it == o.names.end() ? flag : it->second;
+}
+
+// summary.md: one row per loss, and the optimal value when the problem knows it.
+std::string markdown_of(const SocBenchmarkOptions& o, const soc::Problem& problem, const Json& summary) {
+  std::ostringstream md;
+  md << "| loss | control L2 error: initial | final | reduction | control objective | weight std | ms / iteration |\n"
+     << "|---|---|---|---|---|---|---|\n";
+  for (const auto& name : o.losses) {
+    const Json& r = summary["losses"][name];
+    const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
+    const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
+    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
+       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
+       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
+  }
+  if (summary.contains("optimal_value")) {
+    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
+  } else {
+    md << "\n" << problem.name() << " has no known optimal control: no control L2 error; compare the control "
+       << "objectives (lower is better).\n";
+  }
+  return md.str();
+}
+
+// Rank 0 refuses a directory that holds a run, locks it and writes soc.resolved.json.
+std::unique_ptr<DirectoryLock> open_directory(const std::string& out, const Json& resolved) {
+  const auto check = [&] {
+    if (file_exists(out + "/summary.json") || file_exists(out + "/soc.resolved.json")) {
+      throw Error("'" + out + "' already holds an SOC run; choose another --out");
+    }
+    if (file_exists(out + "/config.resolved.json") || file_exists(out + "/checkpoint.pt") ||
+        file_exists(out + "/model.pt")) {
+      throw Error("'" + out + "' holds a training run; choose another --out");
+    }
+  };
+  check();
+  auto lock = std::make_unique<DirectoryLock>(out);
+  check();  // again under the lock, so that two processes cannot both pass
+  remove_stale_temporaries_in(out);
+  atomic_write(out + "/soc.resolved.json", resolved.dump(2) + "\n");
+  return lock;
+}
+
+struct Context {
+  const SocBenchmarkOptions& o;
+  soc::ProblemPtr problem;
+  ProcessGroupPtr group;
+  bool writer = true;
+  int64_t shards = 1, steps = 0;
+};
+
+// Trains one loss from the common initial network; on the writer, its evaluations go to
+// <loss>.eval.jsonl and its curve and summary row are returned.
+Json train_loss(const Context& c, const std::string& name, std::vector<plot::Series>& curves) {
+  const SocBenchmarkOptions& o = c.o;
+  const auto seed = static_cast<uint64_t>(o.seed);
+  auto control = std::make_shared<soc::ControlNetwork>(c.problem->dim(), c.problem->horizon(), o.hidden, mix_seed(seed, 1));
+  soc::SocLossOptions so;
+  so.batch_size = o.batch;
+  so.num_steps = c.steps;
+  so.seed = mix_seed(seed, 4);  // SOCM's M network
+  auto loss = soc::make_soc_loss(name, c.problem, control, so);
+  TrainerOptions topt;
+  topt.iterations = o.iterations;
+  topt.adam = {o.lr, 0.9, 0.999, 1e-8, 0.0};
+  topt.grad_clip = 0;
+  topt.seed = mix_seed(seed, 2);
+  topt.metrics_path = o.out + "/" + name + ".jsonl";
+  topt.progress = !o.quiet;
+  topt.label = name;
+  topt.shards = c.shards;
+  topt.group = c.group;
+  Trainer trainer(*loss, topt);
+  // Rank 0 evaluates (every rank holds the same control); the others go on to the next step's all-reduce.
+  const uint64_t eval_seed = mix_seed(seed, 3);
+  std::vector<Evaluation> evals;
+  if (c.writer) evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, 0));
+  double train_seconds = 0;
+  trainer.run([&](const StepResult& r) {
+    train_seconds += r.seconds;
+    if (c.writer && (r.iteration % o.eval_every == 0 || r.iteration == o.iterations)) {
+      evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, r.iteration));
+    }
+  });
+  if (!c.writer) return Json();
+  std::ostringstream lines;
+  plot::Series curve{name, {}, {}};
+  for (const auto& e : evals) {
+    lines << to_json(e).dump() << '\n';
+    curve.x.push_back(static_cast<double>(e.iteration));
+    curve.y.push_back(c.problem->has_ground_truth() ? e.l2_error : e.objective);
+  }
+  atomic_write(o.out + "/" + name + ".eval.jsonl", lines.str());
+  curves.push_back(curve);
+  Json row = to_json(evals.back());
+  row.erase("iteration");
+  row["initial_control_l2_error"] = std::isfinite(evals.front().l2_error) ? Json(evals.front().l2_error) : Json();
+  row["ms_per_iteration"] = 1e3 * train_seconds / static_cast<double>(o.iterations);
+  return row;
+}
+
+void write_curves(const SocBenchmarkOptions& o, const soc::Problem& problem, const std::vector<plot::Series>& curves) {
+  plot::LineOptions po;
+  po.title = problem.name() + " (d = " + std::to_string(problem.dim()) + ")";
+  po.x_label = "iteration";
+  po.y_label = problem.has_ground_truth() ? "control L2 error" : "control objective";
+  po.log_y = problem.has_ground_truth();
+  plot::write_line_png(o.out + "/curves.png", curves, po);
+}
+
+}  // namespace
+
+void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& a,
+                        const std::function<bool(const std::string&)>& given) {
+  ConfigSection s = root.section("soc", /*optional=*/true);
+  auto take = [&](ConfigSection& t, const std::string& key, const std::string& flag, auto read) {
+    if (given(flag) || !t.has(key)) return t.allow({key});
+    read();
+    a.names[flag] = "in " + t.origin() + ": '" + t.where(key) + "'";
+  };
+  take(root, "seed", "--seed", [&] { a.seed = root.integer("seed"); });
+  take(root, "threads", "--threads", [&] {
+    const int64_t threads = root.integer("threads");  // checked before the narrowing to int
+    if (threads < 0 || threads > kMaxThreads) root.fail("threads", "must be in 0.." + std::to_string(kMaxThreads));
+    a.threads = static_cast<int>(threads);
+  });
+  take(s, "problem", "--problem", [&] { a.problem = s.choice("problem", soc::problem_names()); });
+  take(s, "losses", "--loss", [&] {
+    const Json v = s.value("losses");
+    if (!v.is_array() || v.empty() || !std::all_of(v.begin(), v.end(), [](const Json& e) { return e.is_string(); })) {
+      std::string names;
+      for (const auto& n : soc::soc_loss_names()) names += (names.empty() ? "" : ", ") + n;
+      s.fail("losses", "must be a non-empty array of loss names (" + names + ")");
+    }
+    a.losses = v.get<std::vector<std::string>>();
+  });
+  take(s, "iterations", "--iterations", [&] { a.iterations = s.integer("iterations"); });
+  take(s, "batch", "--batch", [&] { a.batch = s.integer("batch"); });
+  take(s, "steps", "--steps", [&] { a.steps = s.integer("steps"); });
+  take(s, "lr", "--lr", [&] { a.lr = s.number("lr"); });
+  take(s, "hidden", "--hidden", [&] { a.hidden = s.integers("hidden"); });
+  take(s, "shards", "--shards", [&] { a.shards = s.integer("shards"); });
+  take(s, "eval_every", "--eval-every", [&] { a.eval_every = s.integer("eval_every"); });
+  take(s, "eval_batch", "--eval-batch", [&] { a.eval_batch = s.integer("eval_batch"); });
+  s.finish();
+  root.allow({"energy", "brownian", "adjoint_sampling", "evaluation", "mcmc", "soc"});
+  finish_config_root(root);
+}
+
+void check_soc_benchmark(const SocBenchmarkOptions& o) {
+  auto n = [&](const std::string& flag) { return name_of(o, flag); };
+  set_threads(o.threads);
+  if (o.losses.empty()) throw Error("give at least one --loss (or [soc] losses in a config)");
+  // Bounds of docs/config.md, Limits: --steps -3 silently meant the default, --lr 1e300 reached LibTorch.
+  if (o.iterations < 1) throw Error(n("--iterations") + " must be >= 1");
+  check_in_range(n("--batch"), o.batch, 1, limits::kBatch);
+  check_in_range(n("--steps"), o.steps, 0, limits::kSteps);
+  if (o.eval_every < 1) throw Error(n("--eval-every") + " must be >= 1");
+  check_in_range(n("--eval-batch"), o.eval_batch, 2, limits::kBatch);
+  check_number_in_range(n("--lr"), o.lr, limits::kLrMin, limits::kLrMax);
+  if (o.hidden.empty()) throw Error(n("--hidden") + " must list at least one layer width");
+  for (int64_t w : o.hidden) check_in_range(n("--hidden") + " widths", w, 1, limits::kWidth);
+  if (o.seed < 0) throw Error(n("--seed") + " must be >= 0");
+  check_number_in_range("--dist-timeout", o.dist_timeout, 1e-3, 86400);
+  if (o.shards < 0) throw Error(n("--shards") + " must be >= 0 (0: one per process)");
+}
+
+SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
+  check_soc_benchmark(o);
+  Context c{o, soc::make_problem(o.problem, static_cast<uint64_t>(o.seed)), nullptr};
+  for (const auto& name : o.losses) {
+    soc::check_soc_loss_name(name);
+    // Fails here, before any file is written, where a loss cannot take the problem (a stopping time).
+    soc::make_soc_loss(name, c.problem, std::make_shared<soc::ControlNetwork>(c.problem->dim(), c.problem->horizon(),
+                                                                              std::vector<int64_t>{1}, 0),
+                       soc::SocLossOptions{});
+  }
+  if (o.out.empty()) throw Error("--out is required: the directory for this run's files");
+  // Several processes: rank 0 writes every file; all train together.
+  c.group = join_group(o.dist_timeout);
+  c.writer = is_writer(c.group);
+  c.shards = effective_shards(o.shards, c.group);
+  c.steps = o.steps > 0 ? o.steps : c.problem->default_steps();
+  const Json resolved{{"problem", o.problem}, {"losses", o.losses},    {"iterations", o.iterations},
+                      {"batch", o.batch},     {"steps", o.steps},      {"lr", o.lr},
+                      {"hidden", o.hidden},   {"seed", o.seed},        {"eval_every", o.eval_every},
+                      {"eval_batch", o.eval_batch}, {"shards", c.shards}};
+  if (c.group) c.group->check_same(resolved.dump(), "command line");
+  std::unique_ptr<DirectoryLock> lock;  // rank 0 writes the directory; a second writer is refused
+  run_on_rank0(c.group.get(), [&] { lock = open_directory(o.out, resolved); });
+
+  SocBenchmarkResult result;
+  result.writer = c.writer;
+  Json& summary = result.summary;
+  summary = Json{{"problem", c.problem->name()}, {"dim", c.problem->dim()}, {"iterations", o.iterations}, {"losses", Json::object()}};
+  if (c.problem->has_ground_truth()) {
+    Generator gen = make_generator(0);
+    summary["optimal_value"] = c.problem->value(c.problem->initial_state(1, gen), 0.0).item<double>();
+  }
+  std::vector<plot::Series> curves;
+  for (const auto& name : o.losses) {
+    Json row = train_loss(c, name, curves);
+    if (c.writer) summary["losses"][name] = row;
+  }
+  if (!c.writer) return result;
+  atomic_write(o.out + "/summary.json", summary.dump(2) + "\n");
+  write_curves(o, *c.problem, curves);
+  result.markdown = markdown_of(o, *c.problem, summary);
+  atomic_write(o.out + "/summary.md", result.markdown);
+  return result;
+}
+
+}  // namespace tilt

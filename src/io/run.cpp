@@ -267,6 +267,12 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
                                    "shards"};
   Json a = with_method_table(before), b = with_method_table(resolved);
   std::string changed;
+  // The threads of this process (--threads, or the config's) are the machine's business, not the run's.
+  if (a.contains("threads") && b.contains("threads") && a["threads"] != b["threads"]) {
+    changed = "threads " + a["threads"].dump() + " -> " + b["threads"].dump();
+  }
+  a.erase("threads");
+  b.erase("threads");
   for (const std::string& table : mutable_tables(b)) {
     const Json::json_pointer at("/" + table);
     if (!a.contains(at) || !a[at].is_object()) continue;

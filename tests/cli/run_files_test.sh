@@ -92,9 +92,9 @@ f = j["finetune"]
 f.update(f.pop(f["method"]))
 json.dump(j, open(path, "w"), indent=2)
 PY
-if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=8 --set finetune.clip_factor=2 -o flat \
-     --resume > log.txt 2>&1 && grep -q "clip_factor" log.txt; then
-  pass "a run whose resolved config predates the method tables resumes (clip_factor may change)"
+if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=8 --set finetune.clip_factor=2 --threads 2 -o flat \
+     --resume > log.txt 2>&1 && grep -q "clip_factor" log.txt && grep -q "threads 1 -> 2" log.txt; then
+  pass "a run whose resolved config predates the method tables resumes (clip_factor and --threads may change)"
 else
   fail "resume of a run with flat [finetune] keys: $(cat log.txt)"
 fi

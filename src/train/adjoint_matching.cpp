@@ -2,6 +2,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/core/log.h"
 #include "tilt/model/taped.h"
 #include "tilt/sde/engine.h"
 
@@ -99,6 +100,14 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
   if (!std::isfinite(options_.lambda)) throw Error("adjoint matching: lambda must be finite");
   if (options_.loss_weighting != "control" && options_.loss_weighting != "velocity") {
     throw Error("adjoint matching: loss_weighting must be 'control' or 'velocity', got '" + options_.loss_weighting + "'");
+  }
+  // The paper's offset is one step of the grid, h = 1/K (as tilt finetune and make_finetune_plan set it);
+  // the library's default, 1/40, is that only for K = 40. Not an error: any h > 0 is a valid schedule.
+  const double one_step = 1.0 / static_cast<double>(options_.num_steps);
+  if (noise->is_memoryless() && std::abs(noise->h() - one_step) > 1e-9 * one_step) {
+    warning("adjoint matching: the memoryless offset h = " + number_string(noise->h()) + " is not one step 1/K = " +
+            number_string(one_step) + " of its K = " + std::to_string(options_.num_steps) +
+            " steps (the paper's and tilt finetune's choice); pass make_memoryless_noise(1.0 / K) to match them");
   }
   const NoiseSchedulePtr exact = noise->with_offset(0.0);
   for (int64_t k = 0; k < grid_.steps(); ++k) {

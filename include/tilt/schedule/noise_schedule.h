@@ -54,7 +54,8 @@ class NoiseSchedule {
 
 using NoiseSchedulePtr = std::shared_ptr<const NoiseSchedule>;
 
-/// The paper's default offset h = 1/K for K = 40 steps (Adjoint Matching, App. G.1).
+/// The paper's offset is one step, h = 1/K (Adjoint Matching, App. G.1); this default is that for K = 40.
+/// With another K pass make_memoryless_noise(1.0 / K), as tilt finetune does (AdjointMatching warns otherwise).
 constexpr double kDefaultMemorylessOffset = 1.0 / 40.0;
 
 /// sigma(t) = sqrt(2 eta_h(t)); linear schedule: sqrt(2 (1 - t + h) / (t + h)).  b = 2 v - kappa_h x.

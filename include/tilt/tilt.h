@@ -77,3 +77,4 @@
 #include "tilt/io/run.h"
 #include "tilt/io/samples.h"
 #include "tilt/io/sampling_config.h"
+#include "tilt/io/sampling_run.h"

@@ -8,7 +8,10 @@
 #include "tilt/sampling/sample_metrics.h"
 
 #include "tilt/io/config.h"
+#include "tilt/io/model_io.h"
 #include "tilt/io/sampling_config.h"
+#include "tilt/io/sampling_run.h"
+#include "tilt/model/mlp.h"
 #include "tilt/model/gmm.h"
 #include "tilt/sde/importance.h"
 #include "tilt/train/trainer.h"
@@ -426,3 +429,45 @@ TEST(AdjointSamplingConfig, ErrorsNameTheKey) {
                   }),
                   "centre-of-mass");
 }
+
+TEST(AdjointSamplingFiles, ControlRoundTripsAndIsRefusedAsAVelocity) {
+  // tilt adjoint-sampling's model.pt is a control of the Brownian base, not a velocity (issue 18): its file
+  // reproduces the control and the base exactly, and load_velocity refuses it, naming the file and the run's
+  // samples; load_adjoint_sampling_control refuses a velocity's file in turn.
+  test::TempDir dir;
+  AdjointSamplingRunOptions run;
+  run.energy = std::make_shared<MultiDoubleWellEnergy>(MultiDoubleWellOptions{});
+  run.brownian = BrownianOptions{BrownianNoise::linear, 1.5, 0.2, 1.0};
+  run.hidden = {8, 6};
+  run.tau = 0.7;
+  const AdjointSampler sampler = make_adjoint_sampler(run);
+  {
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(3);
+    for (Tensor p : sampler.control->parameters()) p.copy_(at::randn(p.sizes(), g, p.options()));
+  }
+  const std::string path = dir.file("model.pt");
+  save_adjoint_sampling_control(sampler, *run.energy, run.tau, path, {{"iterations", 5}});
+  const LoadedAdjointSampler back = load_adjoint_sampling_control(path);
+  EXPECT_EQ(back.energy, "dw4");
+  EXPECT_EQ(back.tau, 0.7);
+  EXPECT_EQ(back.info.at("iterations").get<int>(), 5);
+  EXPECT_EQ(back.sampler.base->describe(), sampler.base->describe());
+  EXPECT_EQ(back.sampler.base->particles(), 4);
+  Generator gen = make_generator(4);
+  const Tensor x = at::randn({16, 8}, gen, at::kDouble), t = at::rand({16}, gen, at::kDouble);
+  at::NoGradGuard no_grad;
+  const Tensor u = sampler.control->evaluate(x, t);
+  EXPECT_GT(u.abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(at::equal(back.sampler.control->evaluate(x, t), u));
+  const std::string refusal = test::error_of([&] { load_velocity(path); });
+  expect_contains(refusal, "model file '" + path + "': it is an Adjoint Sampling control");
+  expect_contains(refusal, dir.file("samples.csv"));
+  MlpOptions mo;
+  mo.dim = 2;
+  mo.hidden = {4};
+  save_velocity(MlpVelocity(mo, make_linear_schedule(), 0), dir.file("velocity.pt"));
+  expect_contains(test::error_of([&] { load_adjoint_sampling_control(dir.file("velocity.pt")); }),
+                  "holds a model of kind 'mlp', not an Adjoint Sampling control");
+}
+

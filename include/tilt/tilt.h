@@ -57,6 +57,7 @@
 // sampling
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/brownian.h"
+#include "tilt/sampling/brownian_problem.h"
 #include "tilt/sampling/energy.h"
 #include "tilt/sampling/mcmc.h"
 #include "tilt/sampling/replay_buffer.h"

@@ -3,6 +3,7 @@
 // training run, MALA references, metrics, and exact resume of the replay buffer.
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/brownian.h"
+#include "tilt/sampling/brownian_problem.h"
 #include "tilt/sampling/energy.h"
 #include "tilt/sampling/mcmc.h"
 #include "tilt/sampling/sample_metrics.h"
@@ -14,6 +15,8 @@
 #include "tilt/model/mlp.h"
 #include "tilt/model/gmm.h"
 #include "tilt/sde/importance.h"
+#include "tilt/soc/losses.h"
+#include "tilt/soc/simulate.h"
 #include "tilt/train/trainer.h"
 
 #include "../support/checks.h"
@@ -21,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <map>
@@ -471,3 +475,87 @@ TEST(AdjointSamplingFiles, ControlRoundTripsAndIsRefusedAsAVelocity) {
                   "holds a model of kind 'mlp', not an Adjoint Sampling control");
 }
 
+// Adjoint Sampling as an SOC problem (docs/equations.md, E95).
+
+TEST(AdjointSamplingProblem, TerminalCostGradientAndLeanAdjointAreAdjointSamplings) {
+  // The problem's grad g is what ReciprocalAdjointMatching regresses onto (terminal_cost_grad, unclipped) and the
+  // autograd gradient of its g; its SOC lean adjoint (E34) along controlled paths is that same vector at every
+  // step, the constant adjoint of Adjoint Sampling (E62). With particles the noise sigma(t) = g(t) P keeps the
+  // paths centre-of-mass free.
+  for (const EnergyPtr& energy : all_energies()) {
+    const double tau = energy->name() == "gmm" ? 1.0 : 1.3;
+    auto base = std::make_shared<BrownianBase>(BrownianOptions{BrownianNoise::linear, 1.8, 0.1, 1.0}, energy->dim(),
+                                               energy->particles());
+    auto problem = std::make_shared<BrownianProblem>(energy, tau, base, 20);
+    Generator gen = make_generator(21);
+    const Tensor x = base->project(at::randn({9, energy->dim()}, gen, at::kDouble));
+    const Tensor grad = problem->terminal_cost_grad(x);
+    EXPECT_TRUE(at::equal(grad, terminal_cost_grad(*energy, tau, *base, x, 0.0))) << energy->name();
+    EXPECT_LT((grad - problem->soc::Problem::terminal_cost_grad(x)).abs().max().item<double>(), 1e-9) << energy->name();
+    EXPECT_LT((problem->sigma(0.3) - base->g(0.3) * base->project(at::eye(energy->dim(), at::kDouble))).abs().max().item<double>(),
+              1e-15);
+    const soc::Control u = [](const Tensor& y, double t) { return 0.4 - 0.3 * y * (1.0 + t); };
+    const soc::ControlledPaths paths = soc::simulate(*problem, u, 9, 0, gen);
+    ASSERT_EQ(paths.x.size(), 21u);
+    const Tensor expected = terminal_cost_grad(*energy, tau, *base, paths.x.back(), 0.0);
+    for (const Tensor& a : soc::lean_adjoint(*problem, paths.x, 1.0)) {
+      EXPECT_LT((a - expected).abs().max().item<double>(), 1e-12) << energy->name();
+    }
+    if (energy->particles() > 0) {
+      EXPECT_LT(paths.x.back().reshape({9, energy->particles(), -1}).sum(1).abs().max().item<double>(), 1e-10);
+    }
+  }
+}
+
+TEST(AdjointSamplingProblem, GaussianValueAndOptimalControlInClosedForm) {
+  // E95 against independent facts: u* / g is E62's -E[grad g(X_1) | X_t = x] (the posterior-mean formula of a
+  // Gaussian pi = N(m, s^2 tau I)); u* = -g grad V (autograd of V); V(0, 0) = -log Z; V(x, 1) = g(x).
+  for (const double tau : {1.0, 1.7}) {
+    auto energy = std::make_shared<GaussianEnergy>(std::vector<double>{1.0, -0.5}, 0.5);
+    const GaussianEnergy at_tau_one({1.0, -0.5}, 0.5 * std::sqrt(tau));  // the same pi at tau = 1
+    for (const BrownianOptions& o : {BrownianOptions{}, BrownianOptions{BrownianNoise::constant, 2, 1e-3, 0.4},
+                                     BrownianOptions{BrownianNoise::linear, 1.5, 0.3, 1.0}}) {
+      auto base = std::make_shared<BrownianBase>(o, 2);
+      const BrownianProblem problem(energy, tau, base);
+      ASSERT_TRUE(problem.has_ground_truth());
+      Generator gen = make_generator(22);
+      const Tensor x = 2.0 * at::randn({6, 2}, gen, at::kDouble);
+      for (const double t : {0.0, 0.2, 0.7, 0.99}) {
+        const Tensor u = problem.optimal_control(x, t);
+        if (t > 0) EXPECT_LT((u / base->g(t) - optimal_control_adjoint(*base, at_tau_one, x, t)).abs().max().item<double>(), 1e-9)
+            << base->describe() << " t " << t;
+        at::AutoGradMode grad_mode(true);
+        const Tensor xg = x.clone().requires_grad_(true);
+        const Tensor dv = torch::autograd::grad({problem.value(xg, t).sum()}, {xg})[0];
+        EXPECT_LT((u + base->g(t) * dv).abs().max().item<double>(), 1e-9) << base->describe() << " t " << t;
+      }
+      EXPECT_NEAR(problem.value(at::zeros({1, 2}, at::kDouble), 0.0).item<double>(), -energy->exact_log_z(tau), 1e-12);
+      EXPECT_LT((problem.value(x, 1.0) - problem.terminal_cost(x)).abs().max().item<double>(), 1e-12);
+    }
+  }
+  EXPECT_FALSE(BrownianProblem(std::make_shared<MixtureEnergy>(three_mixture()), 1.0,
+                               std::make_shared<BrownianBase>(BrownianOptions{}, 2))
+                   .has_ground_truth());
+}
+
+TEST(AdjointSamplingProblem, OptimalControlCostsMinusLogZOnEveryPath) {
+  // Simulated as an SOC problem (soc::simulate, Euler-Maruyama), the optimal control of E95 drives X_1 to pi, and
+  // its cost plus noise integral, -log w, is V(0, 0) = -log Z on every path: the weights' spread is the time
+  // step's alone (it halves when the step is quartered, Euler-Maruyama's strong order 1/2), while the zero
+  // control's weights are far from constant.
+  auto energy = std::make_shared<GaussianEnergy>(std::vector<double>{1.0, -0.5}, 0.5);
+  auto base = std::make_shared<BrownianBase>(BrownianOptions{BrownianNoise::constant, 2, 1e-3, 1.5}, 2);
+  auto problem = std::make_shared<BrownianProblem>(energy, 1.0, base, 400);
+  Generator gen = make_generator(23);
+  const soc::ControlledPaths coarse = soc::simulate(*problem, soc::optimal_control_of(problem), 2000, 400, gen);
+  const soc::ControlledPaths paths = soc::simulate(*problem, soc::optimal_control_of(problem), 2000, 1600, gen);
+  const Tensor minus_log_w = -soc::log_importance_weights(paths);
+  EXPECT_NEAR(minus_log_w.mean().item<double>(), -energy->exact_log_z(1.0), 0.01);
+  EXPECT_LT(soc::normalised_weight_std(paths), 0.1);
+  EXPECT_LT(soc::normalised_weight_std(paths), 0.6 * soc::normalised_weight_std(coarse));
+  const Tensor x1 = paths.x.back();
+  EXPECT_LT((x1.mean(0) - at::tensor(energy->mean(), at::kDouble)).abs().max().item<double>(), 0.04);
+  EXPECT_LT((x1.std(0) - 0.5).abs().max().item<double>(), 0.03);
+  const soc::ControlledPaths zero = soc::simulate(*problem, soc::zero_control(2), 2000, 400, gen);
+  EXPECT_GT(soc::normalised_weight_std(zero), 1.0);
+}

@@ -11,7 +11,6 @@
 #include "tilt/io/sampling_config.h"
 #include "tilt/io/sampling_run.h"
 #include "tilt/sampling/mcmc.h"
-#include "tilt/sampling/sample_metrics.h"
 
 #include <chrono>
 #include <cstdio>
@@ -70,14 +69,7 @@ int run_mcmc(const McmcArgs& args) {
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   write_samples_csv(args.out, r.samples);
-  Json j{{"energy", energy->name()},       {"tau", tau},
-         {"samples", r.samples.size(0)},   {"chains", mala.chains},
-         {"steps", mala.steps},            {"burn_in", mala.burn_in},
-         {"thin", mala.thin},              {"temperatures", mala.temperatures.empty() ? std::vector<double>{1.0} : mala.temperatures},
-         {"acceptance", r.acceptance},     {"step_sizes", r.step_sizes},
-         {"swap_rates", r.swap_rates},     {"seed", seed},
-         {"seconds", seconds},             {"mean_energy", energy->energy(r.samples).mean().item<double>()}};
-  if (energy->modes() > 0) j["mode_weights"] = mode_weights(*energy, r.samples);
+  const Json j = mcmc_report(*energy, tau, mala, r, seed, seconds);
   atomic_write(args.out + ".json", j.dump(2) + "\n");
   std::printf("%s\n", j.dump().c_str());  // with or without --json: the diagnostics are its result
   info("wrote " + args.out + " (" + std::to_string(r.samples.size(0)) + " samples) and " + args.out + ".json");

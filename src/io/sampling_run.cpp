@@ -289,6 +289,19 @@ std::string evaluation_text(const Json& r) {
   return txt.str();
 }
 
+Json mcmc_report(const Energy& energy, double tau, const MalaOptions& mala, const MalaResult& r, uint64_t seed,
+                 double seconds) {
+  Json j{{"energy", energy.name()},       {"tau", tau},
+         {"samples", r.samples.size(0)},  {"chains", mala.chains},
+         {"steps", mala.steps},           {"burn_in", mala.burn_in},
+         {"thin", mala.thin},             {"temperatures", mala.temperatures.empty() ? std::vector<double>{1.0} : mala.temperatures},
+         {"acceptance", r.acceptance},    {"step_sizes", r.step_sizes},
+         {"swap_rates", r.swap_rates},    {"seed", seed},
+         {"seconds", seconds},            {"mean_energy", energy.energy(r.samples).mean().item<double>()}};
+  if (energy.modes() > 0) j["mode_weights"] = mode_weights(energy, r.samples);
+  return j;
+}
+
 void save_adjoint_sampling_control(const AdjointSampler& sampler, const Energy& energy, double tau,
                                    const std::string& path, const Json& info) {
   if (!sampler.base || !sampler.control) throw Error("save_adjoint_sampling_control: the sampler has no base or control");

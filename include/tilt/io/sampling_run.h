@@ -1,6 +1,6 @@
 // An Adjoint Sampling run as `tilt adjoint-sampling` does it, for the CLI and for C++ programs alike:
 // the whole configuration in one struct, the sampler it trains, the evaluation of that sampler
-// (eval.json's keys, eval.txt's text), and the file that holds the trained control.
+// (eval.json's keys, eval.txt's text), the file that holds the trained control, and `tilt mcmc`'s report.
 //
 // The control is not a velocity field: its file (a model file of kind "adjoint_sampling_control",
 // with the Brownian base, the energy and tau in its metadata) is refused by load_velocity, so that
@@ -13,6 +13,7 @@
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/brownian.h"
 #include "tilt/sampling/energy.h"
+#include "tilt/sampling/mcmc.h"
 #include "tilt/soc/control.h"
 #include "tilt/train/trainer.h"
 
@@ -80,6 +81,11 @@ SamplerEvaluation evaluate_adjoint_sampler(const AdjointSamplingRunOptions& run,
                                            const AdjointSamplingTraining& training, bool quiet);
 /// eval.txt: the evaluation in a few lines of text.
 std::string evaluation_text(const Json& result);
+
+/// `tilt mcmc`'s diagnostics (<out>.json): the chains' settings, acceptance, step sizes, swap rates, seed,
+/// seconds, the samples' mean energy and mode weights.
+Json mcmc_report(const Energy& energy, double tau, const MalaOptions& mala, const MalaResult& result, uint64_t seed,
+                 double seconds);
 
 /// The model kind of an Adjoint Sampling control's file.
 inline constexpr const char* kAdjointSamplingControlKind = "adjoint_sampling_control";

@@ -57,6 +57,7 @@
 // sampling
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/brownian.h"
+#include "tilt/sampling/brownian_problem.h"
 #include "tilt/sampling/energy.h"
 #include "tilt/sampling/mcmc.h"
 #include "tilt/sampling/replay_buffer.h"
@@ -79,5 +80,6 @@
 #include "tilt/io/sample_sets.h"
 #include "tilt/io/samples.h"
 #include "tilt/io/sampling_config.h"
+#include "tilt/io/sampling_run.h"
 #include "tilt/io/soc_benchmark.h"
 #include "tilt/io/training.h"

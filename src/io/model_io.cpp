@@ -1,10 +1,12 @@
 #include "tilt/io/model_io.h"
 
 #include "archive.h"
+#include "model_file.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/io/sampling_run.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -17,6 +19,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <map>
 #include <mutex>
 #include <optional>
@@ -25,8 +28,8 @@
 namespace tilt {
 namespace {
 
-constexpr const char* kFormat = "tilt-velocity";
-constexpr int kVersion = 1;
+constexpr const char* kFormat = model_file::kFormat;
+constexpr int kVersion = model_file::kVersion;
 
 using TensorMap = archive::TensorMap;
 
@@ -157,8 +160,23 @@ VelocityFieldPtr load_finetuned(const Json& node, const ModelReader& in) {
   return std::make_shared<FineTunedVelocity>(base, trainable, parse_finetune_mode(node.at("mode").get<std::string>()));
 }
 
+// An Adjoint Sampling control shares the model files' format but is no velocity field: it is written by
+// sampling::save_adjoint_sampling_control and read by sampling::load_adjoint_sampling_control only.
+Json save_control(const VelocityField& field, ModelWriter&) {
+  throw Error("cannot save a velocity field of kind '" + field.kind() + "': the kind is tilt's Adjoint Sampling control's");
+}
+
+VelocityFieldPtr load_control(const Json&, const ModelReader& in) {
+  const std::string dir = std::filesystem::path(in.path()).parent_path().string();
+  throw in.fail("it is an Adjoint Sampling control u(x, t) of a Brownian base (made by tilt adjoint-sampling), "
+                "not a velocity field: it cannot be sampled, exported, evaluated or fine-tuned as one. Its samples "
+                "are in " + (dir.empty() ? std::string(".") : dir) + "/samples.csv; for more, load it with "
+                "sampling::load_adjoint_sampling_control (tilt/io/sampling_run.h) and call sampling::simulate");
+}
+
 bool is_builtin(const std::string& kind) {
-  return kind == "gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned";
+  return kind == "gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned" ||
+         kind == sampling::kAdjointSamplingControlKind;
 }
 
 struct Registry {
@@ -166,7 +184,8 @@ struct Registry {
   std::map<std::string, ModelSerialiser> kinds{{"gmm", {save_gmm, load_gmm}},
                                               {"mlp", {save_mlp, load_mlp}},
                                               {"torchscript", {save_torchscript, load_torchscript}},
-                                              {"finetuned", {save_finetuned, load_finetuned}}};
+                                              {"finetuned", {save_finetuned, load_finetuned}},
+                                              {sampling::kAdjointSamplingControlKind, {save_control, load_control}}};
 };
 
 Registry& registry() {

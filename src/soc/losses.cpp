@@ -25,6 +25,11 @@ ControlNetwork::ControlNetwork(int64_t dim, double horizon, std::vector<int64_t>
   mlp_ = std::make_shared<MlpVelocity>(o, make_linear_schedule(), seed);
 }
 
+ControlNetwork::ControlNetwork(std::shared_ptr<MlpVelocity> mlp, double horizon) : mlp_(std::move(mlp)), horizon_(horizon) {
+  if (!mlp_) throw Error("control network: no network");
+  if (!(horizon > 0)) throw Error("control network: the horizon must be > 0");
+}
+
 Tensor ParametricControl::operator()(const Tensor& x, double t) const {
   return evaluate(x, at::full({x.size(0)}, t, x.options().dtype(at::kDouble)));
 }

@@ -286,6 +286,11 @@ PY
 then pass "adjoint-sampling --json: DW-4 trained and evaluated against the MCMC reference"; else fail "adjoint-sampling: $(cat as.log as.json)"; fi
 expect_error "adjoint-sampling refuses to overwrite a run" "already" \
   "$tilt" adjoint-sampling -c "$configs/as_dw4.toml" "${as_small[@]}" -o as_run -q
+# Its model.pt is a control u(x, t) of the Brownian base, not a velocity: sample and export refuse it (issue 18).
+expect_error "sample refuses an Adjoint Sampling control" "Its samples are in as_run/samples.csv" \
+  "$tilt" sample -m as_run/model.pt -n 10 -o as_control.csv
+expect_error "export refuses an Adjoint Sampling control" "model file 'as_run/model.pt': it is an Adjoint Sampling control" \
+  "$tilt" export -m as_run/model.pt -o as_control.ts
 expect_error "adjoint-sampling: an unknown [adjoint_sampling] key" "adjoint_sampling.buffer" \
   "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --set adjoint_sampling.buffer=5 -o as_bad -q
 expect_error "adjoint-sampling: a missing reference file" "tilt mcmc" \

@@ -3,14 +3,20 @@
 // training run, MALA references, metrics, and exact resume of the replay buffer.
 #include "tilt/sampling/adjoint_sampling.h"
 #include "tilt/sampling/brownian.h"
+#include "tilt/sampling/brownian_problem.h"
 #include "tilt/sampling/energy.h"
 #include "tilt/sampling/mcmc.h"
 #include "tilt/sampling/sample_metrics.h"
 
 #include "tilt/io/config.h"
+#include "tilt/io/model_io.h"
 #include "tilt/io/sampling_config.h"
+#include "tilt/io/sampling_run.h"
+#include "tilt/model/mlp.h"
 #include "tilt/model/gmm.h"
 #include "tilt/sde/importance.h"
+#include "tilt/soc/losses.h"
+#include "tilt/soc/simulate.h"
 #include "tilt/train/trainer.h"
 
 #include "../support/checks.h"
@@ -18,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <map>
@@ -425,4 +432,155 @@ TEST(AdjointSamplingConfig, ErrorsNameTheKey) {
                                               std::make_shared<BrownianBase>(base), control, AdjointSamplingOptions{});
                   }),
                   "centre-of-mass");
+}
+
+TEST(AdjointSamplingFiles, ControlRoundTripsAndIsRefusedAsAVelocity) {
+  // tilt adjoint-sampling's model.pt is a control of the Brownian base, not a velocity (issue 18): its file
+  // reproduces the control and the base exactly, and load_velocity refuses it, naming the file and the run's
+  // samples; load_adjoint_sampling_control refuses a velocity's file in turn.
+  test::TempDir dir;
+  AdjointSamplingRunOptions run;
+  run.energy = std::make_shared<MultiDoubleWellEnergy>(MultiDoubleWellOptions{});
+  run.brownian = BrownianOptions{BrownianNoise::linear, 1.5, 0.2, 1.0};
+  run.hidden = {8, 6};
+  run.tau = 0.7;
+  const AdjointSampler sampler = make_adjoint_sampler(run);
+  {
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(3);
+    for (Tensor p : sampler.control->parameters()) p.copy_(at::randn(p.sizes(), g, p.options()));
+  }
+  const std::string path = dir.file("model.pt");
+  save_adjoint_sampling_control(sampler, *run.energy, run.tau, path, {{"iterations", 5}});
+  const LoadedAdjointSampler back = load_adjoint_sampling_control(path);
+  EXPECT_EQ(back.energy, "dw4");
+  EXPECT_EQ(back.tau, 0.7);
+  EXPECT_EQ(back.info.at("iterations").get<int>(), 5);
+  EXPECT_EQ(back.sampler.base->describe(), sampler.base->describe());
+  EXPECT_EQ(back.sampler.base->particles(), 4);
+  Generator gen = make_generator(4);
+  const Tensor x = at::randn({16, 8}, gen, at::kDouble), t = at::rand({16}, gen, at::kDouble);
+  at::NoGradGuard no_grad;
+  const Tensor u = sampler.control->evaluate(x, t);
+  EXPECT_GT(u.abs().max().item<double>(), 0.0);
+  EXPECT_TRUE(at::equal(back.sampler.control->evaluate(x, t), u));
+  const std::string refusal = test::error_of([&] { load_velocity(path); });
+  expect_contains(refusal, "model file '" + path + "': it is an Adjoint Sampling control");
+  expect_contains(refusal, dir.file("samples.csv"));
+  MlpOptions mo;
+  mo.dim = 2;
+  mo.hidden = {4};
+  save_velocity(MlpVelocity(mo, make_linear_schedule(), 0), dir.file("velocity.pt"));
+  expect_contains(test::error_of([&] { load_adjoint_sampling_control(dir.file("velocity.pt")); }),
+                  "holds a model of kind 'mlp', not an Adjoint Sampling control");
+}
+
+// Adjoint Sampling as an SOC problem (docs/equations.md, E95).
+
+TEST(AdjointSamplingProblem, TerminalCostGradientAndLeanAdjointAreAdjointSamplings) {
+  // The problem's grad g is what ReciprocalAdjointMatching regresses onto (terminal_cost_grad, unclipped) and the
+  // autograd gradient of its g; its SOC lean adjoint (E34) along controlled paths is that same vector at every
+  // step, the constant adjoint of Adjoint Sampling (E62). With particles the noise sigma(t) = g(t) P keeps the
+  // paths centre-of-mass free.
+  for (const EnergyPtr& energy : all_energies()) {
+    const double tau = energy->name() == "gmm" ? 1.0 : 1.3;
+    auto base = std::make_shared<BrownianBase>(BrownianOptions{BrownianNoise::linear, 1.8, 0.1, 1.0}, energy->dim(),
+                                               energy->particles());
+    auto problem = std::make_shared<BrownianProblem>(energy, tau, base, 20);
+    Generator gen = make_generator(21);
+    const Tensor x = base->project(at::randn({9, energy->dim()}, gen, at::kDouble));
+    const Tensor grad = problem->terminal_cost_grad(x);
+    EXPECT_TRUE(at::equal(grad, terminal_cost_grad(*energy, tau, *base, x, 0.0))) << energy->name();
+    EXPECT_LT((grad - problem->soc::Problem::terminal_cost_grad(x)).abs().max().item<double>(), 1e-9) << energy->name();
+    EXPECT_LT((problem->sigma(0.3) - base->g(0.3) * base->project(at::eye(energy->dim(), at::kDouble))).abs().max().item<double>(),
+              1e-15);
+    const soc::Control u = [](const Tensor& y, double t) { return 0.4 - 0.3 * y * (1.0 + t); };
+    const soc::ControlledPaths paths = soc::simulate(*problem, u, 9, 0, gen);
+    ASSERT_EQ(paths.x.size(), 21u);
+    const Tensor expected = terminal_cost_grad(*energy, tau, *base, paths.x.back(), 0.0);
+    for (const Tensor& a : soc::lean_adjoint(*problem, paths.x, 1.0)) {
+      EXPECT_LT((a - expected).abs().max().item<double>(), 1e-12) << energy->name();
+    }
+    if (energy->particles() > 0) {
+      EXPECT_LT(paths.x.back().reshape({9, energy->particles(), -1}).sum(1).abs().max().item<double>(), 1e-10);
+    }
+  }
+}
+
+TEST(AdjointSamplingProblem, GaussianValueAndOptimalControlInClosedForm) {
+  // E95 against independent facts: u* / g is E62's -E[grad g(X_1) | X_t = x] (the posterior-mean formula of a
+  // Gaussian pi = N(m, s^2 tau I)); u* = -g grad V (autograd of V); V(0, 0) = -log Z; V(x, 1) = g(x).
+  for (const double tau : {1.0, 1.7}) {
+    auto energy = std::make_shared<GaussianEnergy>(std::vector<double>{1.0, -0.5}, 0.5);
+    const GaussianEnergy at_tau_one({1.0, -0.5}, 0.5 * std::sqrt(tau));  // the same pi at tau = 1
+    for (const BrownianOptions& o : {BrownianOptions{}, BrownianOptions{BrownianNoise::constant, 2, 1e-3, 0.4},
+                                     BrownianOptions{BrownianNoise::linear, 1.5, 0.3, 1.0}}) {
+      auto base = std::make_shared<BrownianBase>(o, 2);
+      const BrownianProblem problem(energy, tau, base);
+      ASSERT_TRUE(problem.has_ground_truth());
+      Generator gen = make_generator(22);
+      const Tensor x = 2.0 * at::randn({6, 2}, gen, at::kDouble);
+      for (const double t : {0.0, 0.2, 0.7, 0.99}) {
+        const Tensor u = problem.optimal_control(x, t);
+        if (t > 0) EXPECT_LT((u / base->g(t) - optimal_control_adjoint(*base, at_tau_one, x, t)).abs().max().item<double>(), 1e-9)
+            << base->describe() << " t " << t;
+        at::AutoGradMode grad_mode(true);
+        const Tensor xg = x.clone().requires_grad_(true);
+        const Tensor dv = torch::autograd::grad({problem.value(xg, t).sum()}, {xg})[0];
+        EXPECT_LT((u + base->g(t) * dv).abs().max().item<double>(), 1e-9) << base->describe() << " t " << t;
+      }
+      EXPECT_NEAR(problem.value(at::zeros({1, 2}, at::kDouble), 0.0).item<double>(), -energy->exact_log_z(tau), 1e-12);
+      EXPECT_LT((problem.value(x, 1.0) - problem.terminal_cost(x)).abs().max().item<double>(), 1e-12);
+    }
+  }
+  EXPECT_FALSE(BrownianProblem(std::make_shared<MixtureEnergy>(three_mixture()), 1.0,
+                               std::make_shared<BrownianBase>(BrownianOptions{}, 2))
+                   .has_ground_truth());
+}
+
+TEST(AdjointSamplingProblem, OptimalControlCostsMinusLogZOnEveryPath) {
+  // Simulated as an SOC problem (soc::simulate, Euler-Maruyama), the optimal control of E95 drives X_1 to pi, and
+  // its cost plus noise integral, -log w, is V(0, 0) = -log Z on every path: the weights' spread is the time
+  // step's alone (it halves when the step is quartered, Euler-Maruyama's strong order 1/2), while the zero
+  // control's weights are far from constant.
+  auto energy = std::make_shared<GaussianEnergy>(std::vector<double>{1.0, -0.5}, 0.5);
+  auto base = std::make_shared<BrownianBase>(BrownianOptions{BrownianNoise::constant, 2, 1e-3, 1.5}, 2);
+  auto problem = std::make_shared<BrownianProblem>(energy, 1.0, base, 400);
+  Generator gen = make_generator(23);
+  const soc::ControlledPaths coarse = soc::simulate(*problem, soc::optimal_control_of(problem), 2000, 400, gen);
+  const soc::ControlledPaths paths = soc::simulate(*problem, soc::optimal_control_of(problem), 2000, 1600, gen);
+  const Tensor minus_log_w = -soc::log_importance_weights(paths);
+  EXPECT_NEAR(minus_log_w.mean().item<double>(), -energy->exact_log_z(1.0), 0.01);
+  EXPECT_LT(soc::normalised_weight_std(paths), 0.1);
+  EXPECT_LT(soc::normalised_weight_std(paths), 0.6 * soc::normalised_weight_std(coarse));
+  const Tensor x1 = paths.x.back();
+  EXPECT_LT((x1.mean(0) - at::tensor(energy->mean(), at::kDouble)).abs().max().item<double>(), 0.04);
+  EXPECT_LT((x1.std(0) - 0.5).abs().max().item<double>(), 0.03);
+  const soc::ControlledPaths zero = soc::simulate(*problem, soc::zero_control(2), 2000, 400, gen);
+  EXPECT_GT(soc::normalised_weight_std(zero), 1.0);
+}
+
+TEST(AdjointSamplingProblem, AnSocLossTrainsItsOptimalControl) {
+  // SOC Adjoint Matching (the SOC layer's loss, not RAM) trained on the problem of a Gaussian energy reaches E95's
+  // u*: the control's L2 error under the optimal paths falls below a tenth of the zero control's (2.8 -> 0.09
+  // in 120 iterations).
+  auto energy = std::make_shared<GaussianEnergy>(std::vector<double>{1.0, -0.5}, 0.5);
+  auto base = std::make_shared<BrownianBase>(BrownianOptions{BrownianNoise::constant, 2, 1e-3, 1.5}, 2);
+  auto problem = std::make_shared<BrownianProblem>(energy, 1.0, base, 20);
+  auto control = std::make_shared<soc::ControlNetwork>(2, 1.0, std::vector<int64_t>{32}, 24);
+  soc::SocLossOptions o;
+  o.batch_size = 64;
+  auto loss = soc::make_soc_loss("adjoint_matching", problem, control, o);
+  Generator gen = make_generator(25);
+  const soc::ControlledPaths optimal = soc::simulate(*problem, soc::optimal_control_of(problem), 500, 0, gen);
+  const double before = soc::control_l2_error(*problem, optimal, control->as_control());
+  TrainerOptions to;
+  to.iterations = 120;
+  to.adam = {1e-2, 0.9, 0.999, 1e-8, 0.0};
+  to.grad_clip = 0;
+  to.progress = false;
+  Trainer trainer(*loss, to);
+  trainer.run();
+  const double after = soc::control_l2_error(*problem, optimal, control->as_control());
+  EXPECT_LT(after, 0.1 * before) << before << " -> " << after;
 }

@@ -31,11 +31,14 @@ class ControlNetwork : public ParametricControl {
  public:
   /// hidden: widths of the hidden layers; zero_output: start at u = 0 (the last layer zeroed).
   ControlNetwork(int64_t dim, double horizon, std::vector<int64_t> hidden, uint64_t seed, bool zero_output = true);
+  /// Around an existing network (e.g. one read back from a file), held, not copied.
+  ControlNetwork(std::shared_ptr<MlpVelocity> mlp, double horizon);
 
   int64_t dim() const override { return mlp_->dim(); }
   Tensor evaluate(const Tensor& x, const Tensor& t) const override;
   std::vector<Tensor> parameters() const override { return mlp_->parameters(); }
   const MlpVelocity& mlp() const { return *mlp_; }
+  double horizon() const { return horizon_; }
 
  private:
   std::shared_ptr<MlpVelocity> mlp_;

@@ -58,8 +58,7 @@ int run_mcmc(const McmcArgs& args) {
   if (args.out.empty()) throw Error("--out is required: the CSV file for the samples");
   refuse_output_over_input("--out", args.out, {{"--config", args.config.config}});
   refuse_output_over_input("--out", args.out + ".json", {{"--config", args.config.config}});
-  if (args.seed < -1) throw Error("--seed must be >= 0 (or -1: from the config's seed)");
-  const uint64_t seed = args.seed >= 0 ? static_cast<uint64_t>(args.seed) : mix_seed(settings.seed, 9);
+  const uint64_t seed = mix_seed(settings.seed, 9);
   Generator gen = make_generator(seed);
   const auto t0 = std::chrono::steady_clock::now();
   MalaResult r;
@@ -84,6 +83,7 @@ const bool registered_as = add_command(
      110, [](CLI::App& app) {
        auto args = std::make_shared<AdjointSamplingArgs>();
        add_config(app, args->config, true);
+       add_seed_threads(app, args->config);
        app.add_option("-o,--out", args->out, "Directory: the run's (model.pt, checkpoint.pt, metrics.jsonl, samples.csv, eval.json)")
            ->required();
        app.add_option("--reference", args->reference, "Reference samples (CSV, e.g. from tilt mcmc) to evaluate against");
@@ -97,7 +97,7 @@ const bool registered_mcmc = add_command(
        auto args = std::make_shared<McmcArgs>();
        add_config(app, args->config, true);
        app.add_option("-o,--out", args->out, "File: the samples (CSV; diagnostics go to <out>.json)")->required();
-       app.add_option("--seed", args->seed, "Random seed (-1: from the config's seed)")->capture_default_str();
+       add_seed_threads(app, args->config);
        app.add_flag("-q,--quiet", args->quiet, "No progress bar");
        return [args] { return run_mcmc(*args); };
      }});

@@ -57,7 +57,6 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args);
 struct McmcArgs {
   ConfigArgs config;
   std::string out;
-  int64_t seed = -1;  ///< -1: derived from the config's seed
   bool quiet = false;
 };
 int run_mcmc(const McmcArgs& args);

@@ -39,7 +39,7 @@ TOML
 sed 's/^seed = 1$/seed = 3/' tiny.toml > seed3.toml
 
 # 1. Every command that draws random numbers or runs LibTorch lists both flags.
-for command in pretrain finetune classifier sample export eval eval-images logz soc; do
+for command in pretrain finetune classifier sample export eval eval-images logz soc adjoint-sampling mcmc; do
   help=$("$tilt" "$command" --help 2>&1)
   if grep -q -- "--seed" <<<"$help" && grep -q -- "--threads" <<<"$help"; then
     pass "$command takes --seed and --threads"

@@ -231,6 +231,7 @@ Json with_method_table(Json j) {
   Json& f = j["finetune"];
   if (!f.contains("method") || !f["method"].is_string()) return j;
   const std::string method = f["method"].get<std::string>();
+  if (f.contains(method) && !f[method].is_object()) return j;  // damaged: it will differ, and be named
   for (const FinetuneMethod& m : finetune_methods()) {
     if (m.name != method) continue;
     for (const std::string& key : m.keys) {
@@ -261,7 +262,7 @@ std::vector<std::string> mutable_tables(const Json& j) {
 void check_same_problem(const RunDirectory& run, const Json& resolved) {
   const std::string config_path = run.path("config.resolved.json");
   Json before = Json::parse(read_file(config_path, "resolved config"), nullptr, false);
-  if (before.is_discarded()) throw Error("--resume: '" + config_path + "' is corrupt");
+  if (before.is_discarded() || !before.is_object()) throw Error("--resume: '" + config_path + "' is corrupt");
   static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
                                    "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
                                    "shards"};

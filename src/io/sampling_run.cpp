@@ -5,6 +5,7 @@
 #include "archive.h"
 #include "model_file.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/core/progress.h"
@@ -64,16 +65,9 @@ SamplerEvaluationOptions read_evaluation(ConfigSection ev, int64_t default_steps
   return o;
 }
 
-std::string fmt(double x, const char* spec = "%.4g") {
-  if (!std::isfinite(x)) return "-";
-  char buf[48];
-  std::snprintf(buf, sizeof buf, spec, x);
-  return buf;
-}
-
 std::string weights_text(const std::vector<double>& w) {
   std::string s;
-  for (double v : w) s += (s.empty() ? "" : " / ") + fmt(v, "%.3f");
+  for (double v : w) s += (s.empty() ? "" : " / ") + format_number(v, "%.3f");
   return s.empty() ? "-" : s;
 }
 
@@ -148,15 +142,15 @@ void describe_samples(const Energy& energy, double tau, const Tensor& x, const T
 // eval.txt's line of one comparison ("vs_exact" or "vs_reference").
 std::string comparison_text(const std::string& key, const Json& c) {
   std::ostringstream txt;
-  txt << key << ": energy W2 " << fmt(c["energy_w2"].get<double>()) << " (floor " << fmt(c["energy_w2_floor"].get<double>())
+  txt << key << ": energy W2 " << format_number(c["energy_w2"].get<double>()) << " (floor " << format_number(c["energy_w2_floor"].get<double>())
       << ")";
   if (c.contains("distance_w2")) {
-    txt << ", distance W2 " << fmt(c["distance_w2"].get<double>()) << " (floor " << fmt(c["distance_w2_floor"].get<double>()) << ")";
+    txt << ", distance W2 " << format_number(c["distance_w2"].get<double>()) << " (floor " << format_number(c["distance_w2_floor"].get<double>()) << ")";
   }
-  if (c.contains("x0_w2")) txt << ", x0 W2 " << fmt(c["x0_w2"].get<double>()) << " (floor " << fmt(c["x0_w2_floor"].get<double>()) << ")";
+  if (c.contains("x0_w2")) txt << ", x0 W2 " << format_number(c["x0_w2"].get<double>()) << " (floor " << format_number(c["x0_w2_floor"].get<double>()) << ")";
   if (c.contains("energy_distance")) {
-    txt << ", energy distance " << fmt(c["energy_distance"].get<double>()) << " (floor "
-        << fmt(c["energy_distance_floor"].get<double>()) << ")";
+    txt << ", energy distance " << format_number(c["energy_distance"].get<double>()) << " (floor "
+        << format_number(c["energy_distance_floor"].get<double>()) << ")";
   }
   if (c.contains("mode_weights")) txt << ", reference modes " << weights_text(c["mode_weights"]);
   txt << "\n";
@@ -268,15 +262,15 @@ std::string evaluation_text(const Json& r) {
   txt << r["energy"].get<std::string>() << " (d = " << r["dim"].get<int64_t>() << ", tau = " << r["tau"].get<double>()
       << "), Brownian base " << r["brownian"].get<std::string>() << "\n"
       << "gradient steps " << r["gradient_steps"].get<int64_t>() << ", energy evaluations "
-      << r["energy_evaluations"].get<int64_t>() << " (" << fmt(r["energy_evaluations_per_gradient_step"].get<double>(), "%.3f")
+      << r["energy_evaluations"].get<int64_t>() << " (" << format_number(r["energy_evaluations_per_gradient_step"].get<double>(), "%.3f")
       << " per step)\n"
       << r["samples"].get<int64_t>() << " samples, " << r["sample_steps"].get<int64_t>() << " steps: mean energy "
-      << fmt(r["mean_energy"].get<double>()) << ", log Z " << fmt(lz["estimate"].get<double>()) << " ± "
-      << fmt(lz["standard_error"].get<double>(), "%.2g");
+      << format_number(r["mean_energy"].get<double>()) << ", log Z " << format_number(lz["estimate"].get<double>()) << " ± "
+      << format_number(lz["standard_error"].get<double>(), "%.2g");
   if (lz.contains("exact")) {
-    txt << " (exact " << fmt(lz["exact"].get<double>()) << ", z = " << fmt(lz["z_score"].get<double>(), "%.2f") << ")";
+    txt << " (exact " << format_number(lz["exact"].get<double>()) << ", z = " << format_number(lz["z_score"].get<double>(), "%.2f") << ")";
   }
-  txt << ", ESS/n " << fmt(r["ess_fraction"].get<double>(), "%.3f") << "\n";
+  txt << ", ESS/n " << format_number(r["ess_fraction"].get<double>(), "%.3f") << "\n";
   if (r.contains("mode_weights")) {
     txt << "mode weights: samples " << weights_text(r["mode_weights"]) << ", reweighted "
         << weights_text(r["mode_weights_reweighted"]);

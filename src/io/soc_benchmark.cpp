@@ -1,5 +1,6 @@
 #include "tilt/io/soc_benchmark.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
@@ -48,13 +49,6 @@ Json to_json(const Evaluation& e) {
   return j;
 }
 
-std::string fmt(double x, const char* spec = "%.4g") {
-  if (!std::isfinite(x)) return "-";
-  char buf[32];
-  std::snprintf(buf, sizeof buf, spec, x);
-  return buf;
-}
-
 // The name of a setting in messages: the flag, or the config key it came from.
 std::string name_of(const SocBenchmarkOptions& o, const std::string& flag) {
   const auto it = o.names.find(flag);
@@ -70,12 +64,13 @@ std::string markdown_of(const SocBenchmarkOptions& o, const soc::Problem& proble
     const Json& r = summary["losses"][name];
     const double e0 = r["initial_control_l2_error"].is_number() ? r["initial_control_l2_error"].get<double>() : NAN;
     const double e1 = r.contains("control_l2_error") ? r["control_l2_error"].get<double>() : NAN;
-    md << "| " << name << " | " << fmt(e0) << " | " << fmt(e1) << " | " << fmt(e0 / e1, "%.0fx") << " | "
-       << fmt(r["control_objective"].get<double>()) << " | " << fmt(r["normalised_weight_std"].get<double>(), "%.3g")
-       << " | " << fmt(r["ms_per_iteration"].get<double>(), "%.1f") << " |\n";
+    const auto cell = [&](const char* key, const char* spec) { return format_number(r[key].get<double>(), spec); };
+    md << "| " << name << " | " << format_number(e0) << " | " << format_number(e1) << " | "
+       << format_number(e0 / e1, "%.0fx") << " | " << cell("control_objective", "%.4g") << " | "
+       << cell("normalised_weight_std", "%.3g") << " | " << cell("ms_per_iteration", "%.1f") << " |\n";
   }
   if (summary.contains("optimal_value")) {
-    md << "\nOptimal control objective V(x0, 0) = " << fmt(summary["optimal_value"].get<double>()) << ".\n";
+    md << "\nOptimal control objective V(x0, 0) = " << format_number(summary["optimal_value"].get<double>()) << ".\n";
   } else {
     md << "\n" << problem.name() << " has no known optimal control: no control L2 error; compare the control "
        << "objectives (lower is better).\n";

@@ -20,5 +20,7 @@ std::string shape_string(const Tensor& x);
 
 /// A number as text the way a stream writes it (6 significant digits, e.g. "0.25", "1e-05"), for messages.
 std::string number_string(double x);
+/// x printed with a printf format for one double (default "%.4g"), "-" if x is not finite: a table cell.
+std::string format_number(double x, const char* spec = "%.4g");
 
 }  // namespace tilt

@@ -6,7 +6,9 @@
 //
 // Each kind of field (VelocityField::kind()) is written and read by the serialiser registered for
 // it: tilt's own kinds ("gmm", "mlp", "torchscript", "finetuned") are built in, and a user's own
-// field registers its kind with register_model_kind (docs/extending.md).
+// field registers its kind with register_model_kind (docs/extending.md). The same file format holds
+// an Adjoint Sampling control (kind "adjoint_sampling_control", tilt/io/sampling_run.h), which is not a
+// velocity: load_velocity refuses it with a message that says what it is.
 #pragma once
 
 #include "tilt/core/error.h"

@@ -235,6 +235,7 @@ void read_problem_params(ConfigSection& s, SocBenchmarkOptions& a) {
   for (const auto& key : soc::problem_param_names(a.problem)) {
     if (t.has(key)) a.problem_params[key] = param_of(t, key);
   }
+  t.allow(soc::problem_param_names(a.problem));  // an unknown key's message lists them all
   t.finish();
   a.names["problem parameters"] = "in " + t.origin() + ": '" + s.where(a.problem) + "'";
 }

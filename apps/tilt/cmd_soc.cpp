@@ -17,6 +17,10 @@ const bool registered = add_command(
        auto& [config, o] = *args;
        add_config(app, config, false);
        app.add_option("-p,--problem", o.problem, joined(soc::problem_names()))->capture_default_str();
+       app.add_option("--instance", o.instance,
+                      "The problem's instance: tilt (tilt's draws from --seed) or socm (the SOC-matching paper's: x0 and "
+                      "matrices drawn as its code draws them from the seed); parameters: the config's [soc.<problem>]")
+           ->capture_default_str();
        app.add_option("-l,--loss", o.losses, "Loss (repeatable): " + joined(soc::soc_loss_names()));
        app.add_option("--iterations", o.iterations, "Training iterations per loss")->capture_default_str();
        app.add_option("--batch", o.batch, "Paths per iteration")->capture_default_str();
@@ -32,6 +36,10 @@ const bool registered = add_command(
                       "wait for the others, in seconds, before a clear error")->capture_default_str();
        app.add_option("--eval-every", o.eval_every, "Evaluate the control every this many iterations")->capture_default_str();
        app.add_option("--eval-batch", o.eval_batch, "Paths per evaluation")->capture_default_str();
+       app.add_option("--l2-error", o.l2_error,
+                      "Control L2 error: tilt (self-normalised weights, K times) or socm (SOC-matching's published "
+                      "definition: K + 1 times, weights over a normaliser E[w]; docs/soc.md, Metrics)")
+           ->capture_default_str();
        app.add_option("-o,--out", o.out, "Directory: the curves, metrics and summary")->required();
        app.add_flag("-q,--quiet", o.quiet, "No progress bar");
        return [args, &app] {

@@ -28,18 +28,34 @@ struct Evaluation {
   double l2_error = NAN, objective = NAN, weight_std = NAN;
 };
 
+// Which control L2 error a run reports: tilt's (self-normalised, K times), or SOC-matching's with
+// the log normaliser estimated once per run (docs/soc.md, "Metrics").
+struct L2Metric {
+  bool socm = false;
+  double log_normaliser = 0;
+};
+
+// The paths of u* that estimate SOC-matching's normaliser E[w]. Under u* the weights' std / mean is small
+// (0.09 on quadratic OU easy), so 16 384 paths give E[w] to ~0.1%; SOC-matching's initial estimate takes
+// 65 536 paths of the initial control, whose weights vary far more.
+constexpr int64_t kNormaliserPaths = 16384;
+
 // The metrics on a fixed set of fresh paths of the current control (the same noise every time, so
 // that the curves compare iterates rather than noise).
 Evaluation evaluate(const soc::Problem& problem, const soc::ParametricControl& control, int64_t batch, int64_t steps,
-                    uint64_t seed, int64_t iteration) {
+                    uint64_t seed, int64_t iteration, const L2Metric& metric) {
   at::NoGradGuard no_grad;
   Generator gen = make_generator(seed);
-  const soc::ControlledPaths paths = soc::simulate(problem, control.as_control(), batch, steps, gen);
+  const soc::Control u = control.as_control();
+  const soc::ControlledPaths paths = soc::simulate(problem, u, batch, steps, gen);
   Evaluation e;
   e.iteration = iteration;
   e.objective = soc::control_objective(paths);
   e.weight_std = soc::normalised_weight_std(paths);
-  if (problem.has_ground_truth()) e.l2_error = soc::control_l2_error(problem, paths);
+  if (problem.has_ground_truth()) {
+    e.l2_error = metric.socm ? soc::socm_control_l2_error(problem, paths, u, metric.log_normaliser)
+                             : soc::control_l2_error(problem, paths);
+  }
   return e;
 }
 
@@ -53,6 +69,12 @@ Json to_json(const Evaluation& e) {
 std::string name_of(const SocBenchmarkOptions& o, const std::string& flag) {
   const auto it = o.names.find(flag);
   return it == o.names.end() ? flag : it->second;
+}
+
+Json params_json(const std::map<std::string, soc::ProblemParam>& params) {
+  Json j = Json::object();
+  for (const auto& [key, p] : params) j[key] = Json{{"data", p.data}, {"shape", p.shape}};
+  return j;
 }
 
 // summary.md: one row per loss, and the optimal value when the problem knows it.
@@ -71,6 +93,7 @@ std::string markdown_of(const SocBenchmarkOptions& o, const soc::Problem& proble
   }
   if (summary.contains("optimal_value")) {
     md << "\nOptimal control objective V(x0, 0) = " << format_number(summary["optimal_value"].get<double>()) << ".\n";
+    if (o.l2_error == "socm") md << "Control L2 error: SOC-matching's definition (docs/soc.md, Metrics).\n";
   } else {
     md << "\n" << problem.name() << " has no known optimal control: no control L2 error; compare the control "
        << "objectives (lower is better).\n";
@@ -103,6 +126,7 @@ struct Context {
   ProcessGroupPtr group;
   bool writer = true;
   int64_t shards = 1, steps = 0;
+  L2Metric metric;
 };
 
 // Trains one loss from the common initial network; on the writer, its evaluations go to
@@ -130,12 +154,12 @@ Json train_loss(const Context& c, const std::string& name, std::vector<plot::Ser
   // Rank 0 evaluates (every rank holds the same control); the others go on to the next step's all-reduce.
   const uint64_t eval_seed = mix_seed(seed, 3);
   std::vector<Evaluation> evals;
-  if (c.writer) evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, 0));
+  if (c.writer) evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, 0, c.metric));
   double train_seconds = 0;
   trainer.run([&](const StepResult& r) {
     train_seconds += r.seconds;
     if (c.writer && (r.iteration % o.eval_every == 0 || r.iteration == o.iterations)) {
-      evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, r.iteration));
+      evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, r.iteration, c.metric));
     }
   });
   if (!c.writer) return Json();
@@ -164,7 +188,69 @@ void write_curves(const SocBenchmarkOptions& o, const soc::Problem& problem, con
   plot::write_line_png(o.out + "/curves.png", curves, po);
 }
 
+const std::vector<std::string>& l2_error_names() {
+  static const std::vector<std::string> names{"tilt", "socm"};
+  return names;
+}
+
+// A parameter's value: a number, an array of numbers or an array of equally long rows of numbers.
+soc::ProblemParam param_of(ConfigSection& t, const std::string& key) {
+  const Json v = t.value(key);
+  const auto numbers = [](const Json& a) {
+    return a.is_array() && std::all_of(a.begin(), a.end(), [](const Json& e) { return e.is_number(); });
+  };
+  soc::ProblemParam p;
+  if (v.is_number()) {
+    p.data = {v.get<double>()};
+  } else if (numbers(v) && !v.empty()) {
+    p.data = v.get<std::vector<double>>();
+    p.shape = {static_cast<int64_t>(v.size())};
+  } else if (v.is_array() && !v.empty() && std::all_of(v.begin(), v.end(), [&](const Json& r) {
+               return numbers(r) && r.size() == v[0].size() && !r.empty();
+             })) {
+    for (const auto& row : v) {
+      for (const auto& e : row) p.data.push_back(e.get<double>());
+    }
+    p.shape = {static_cast<int64_t>(v.size()), static_cast<int64_t>(v[0].size())};
+  } else {
+    t.fail(key, "must be a number, an array of numbers or an array of equally long rows of numbers");
+  }
+  return p;
+}
+
+// The sub-table [soc.<problem>]: the problem's parameters by name. A sub-table of another problem is an error.
+void read_problem_params(ConfigSection& s, SocBenchmarkOptions& a) {
+  for (const auto& name : soc::problem_names()) {
+    if (name != a.problem && s.has(name)) {
+      s.fail(name, "sets the parameters of " + name + ", but the problem is " + a.problem);
+    }
+  }
+  if (!s.has(a.problem)) return;
+  ConfigSection t = s.section(a.problem);
+  for (const auto& key : soc::problem_param_names(a.problem)) {
+    if (t.has(key)) a.problem_params[key] = param_of(t, key);
+  }
+  t.allow(soc::problem_param_names(a.problem));  // an unknown key's message lists them all
+  t.finish();
+  a.names["problem parameters"] = "in " + t.origin() + ": '" + s.where(a.problem) + "'";
+}
+
 }  // namespace
+
+soc::ProblemPtr make_soc_benchmark_problem(const SocBenchmarkOptions& o) {
+  soc::ProblemSpec spec;
+  spec.name = o.problem;
+  spec.instance = o.instance;
+  spec.seed = static_cast<uint64_t>(o.seed);
+  spec.params = o.problem_params;
+  try {
+    return soc::make_problem(spec);
+  } catch (const Error& e) {
+    const auto it = o.names.find("problem parameters");
+    if (it == o.names.end() || o.problem_params.empty()) throw;
+    throw Error(it->second + ": " + e.what());
+  }
+}
 
 void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& a,
                         const std::function<bool(const std::string&)>& given) {
@@ -181,6 +267,9 @@ void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& a,
     a.threads = static_cast<int>(threads);
   });
   take(s, "problem", "--problem", [&] { a.problem = s.choice("problem", soc::problem_names()); });
+  take(s, "instance", "--instance", [&] { a.instance = s.choice("instance", soc::instance_names()); });
+  take(s, "l2_error", "--l2-error", [&] { a.l2_error = s.choice("l2_error", l2_error_names()); });
+  read_problem_params(s, a);
   take(s, "losses", "--loss", [&] {
     const Json v = s.value("losses");
     if (!v.is_array() || v.empty() || !std::all_of(v.begin(), v.end(), [](const Json& e) { return e.is_string(); })) {
@@ -219,11 +308,20 @@ void check_soc_benchmark(const SocBenchmarkOptions& o) {
   if (o.seed < 0) throw Error(n("--seed") + " must be >= 0");
   check_number_in_range("--dist-timeout", o.dist_timeout, 1e-3, 86400);
   if (o.shards < 0) throw Error(n("--shards") + " must be >= 0 (0: one per process)");
+  const auto one_of = [&](const std::string& flag, const std::string& v, const std::vector<std::string>& names) {
+    if (std::find(names.begin(), names.end(), v) == names.end()) {
+      std::string valid;
+      for (const auto& x : names) valid += (valid.empty() ? "" : ", ") + x;
+      throw Error(n(flag) + " must be one of " + valid + ", got '" + v + "'");
+    }
+  };
+  one_of("--instance", o.instance, soc::instance_names());
+  one_of("--l2-error", o.l2_error, l2_error_names());
 }
 
 SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   check_soc_benchmark(o);
-  Context c{o, soc::make_problem(o.problem, static_cast<uint64_t>(o.seed)), nullptr};
+  Context c{o, make_soc_benchmark_problem(o), nullptr};
   for (const auto& name : o.losses) {
     soc::check_soc_loss_name(name);
     // Fails here, before any file is written, where a loss cannot take the problem (a stopping time).
@@ -240,7 +338,8 @@ SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   const Json resolved{{"problem", o.problem}, {"losses", o.losses},    {"iterations", o.iterations},
                       {"batch", o.batch},     {"steps", o.steps},      {"lr", o.lr},
                       {"hidden", o.hidden},   {"seed", o.seed},        {"eval_every", o.eval_every},
-                      {"eval_batch", o.eval_batch}, {"shards", c.shards}};
+                      {"eval_batch", o.eval_batch}, {"shards", c.shards}, {"instance", o.instance},
+                      {"l2_error", o.l2_error}, {"problem_params", params_json(o.problem_params)}};
   if (c.group) c.group->check_same(resolved.dump(), "command line");
   std::unique_ptr<DirectoryLock> lock;  // rank 0 writes the directory; a second writer is refused
   run_on_rank0(c.group.get(), [&] { lock = open_directory(o.out, resolved); });
@@ -252,6 +351,12 @@ SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   if (c.problem->has_ground_truth()) {
     Generator gen = make_generator(0);
     summary["optimal_value"] = c.problem->value(c.problem->initial_state(1, gen), 0.0).item<double>();
+    summary["l2_error"] = o.l2_error;
+    if (o.l2_error == "socm" && c.writer) {
+      Generator ngen = make_generator(mix_seed(static_cast<uint64_t>(o.seed), 5));
+      c.metric = {true, soc::socm_log_normaliser(*c.problem, kNormaliserPaths, c.steps, ngen)};
+      summary["log_weight_normaliser"] = c.metric.log_normaliser;
+    }
   }
   std::vector<plot::Series> curves;
   for (const auto& name : o.losses) {

@@ -9,6 +9,7 @@
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <torch/csrc/autograd/autograd.h>
 
+#include <algorithm>
 #include <cmath>
 
 namespace tilt::soc {
@@ -143,6 +144,44 @@ double control_l2_error(const Problem& problem, const ControlledPaths& p, const 
 
 double control_l2_error(const Problem& problem, const ControlledPaths& p) {
   return weighted_control_error(problem, p, [&](int64_t k) { return p.u[k]; });
+}
+
+Tensor socm_log_importance_weights(const Problem& problem, const ControlledPaths& p) {
+  at::NoGradGuard no_grad;
+  const int64_t K = static_cast<int64_t>(p.u.size());
+  Tensor running = at::zeros_like(p.terminal_cost);
+  for (int64_t k = 0; k < K; ++k) {
+    const double h = p.t[k + 1] - p.t[k];
+    const Tensor f_after = problem.state_cost(p.x[k + 1], p.t[k]).to(at::kDouble);  // SOCM: f(t_k, X_{k+1})
+    running += (f_after + 0.5 * p.u[k].pow(2).sum(1)) * h * p.alive[k];
+  }
+  return -(running + p.terminal_cost) - p.noise_integral;
+}
+
+double socm_control_l2_error(const Problem& problem, const ControlledPaths& p, const Control& u, double log_normaliser) {
+  at::NoGradGuard no_grad;
+  if (!std::isfinite(log_normaliser)) throw Error("socm_control_l2_error: the log normaliser must be finite");
+  const Tensor w = at::exp(socm_log_importance_weights(problem, p) - log_normaliser);
+  const int64_t points = static_cast<int64_t>(p.x.size());  // K + 1: t_K = T included
+  double total = 0.0;
+  for (int64_t k = 0; k < points; ++k) {
+    const Tensor diff = u(p.x[k], p.t[k]).to(at::kDouble) - problem.optimal_control(p.x[k], p.t[k]).to(at::kDouble);
+    total += (w * diff.pow(2).sum(1)).sum().item<double>();
+  }
+  return total / static_cast<double>(points * w.size(0));
+}
+
+double socm_log_normaliser(const Problem& problem, int64_t batch, int64_t steps, Generator& gen) {
+  if (batch < 1) throw Error("socm_log_normaliser: batch must be >= 1, got " + std::to_string(batch));
+  const Control optimal = [&problem](const Tensor& x, double t) { return problem.optimal_control(x, t); };
+  std::vector<Tensor> log_w;
+  for (int64_t done = 0; done < batch;) {
+    const int64_t n = std::min<int64_t>(4096, batch - done);
+    log_w.push_back(socm_log_importance_weights(problem, simulate(problem, optimal, n, steps, gen)));
+    done += n;
+  }
+  const Tensor all = at::cat(log_w);
+  return (at::logsumexp(all, 0) - std::log(static_cast<double>(all.size(0)))).item<double>();
 }
 
 }  // namespace tilt::soc

@@ -117,7 +117,7 @@ Tensor QuadraticOU::value(const Tensor& x, double t) const {
 // ---------------------------------------------------------------------------------------------
 // Linear OU
 
-LinearOU::LinearOU(std::string name, Tensor A, Tensor sigma, Tensor omega, double T, int64_t steps)
+LinearOU::LinearOU(std::string name, Tensor A, Tensor sigma, Tensor omega, double T, int64_t steps, Tensor x0)
     : name_(std::move(name)), T_(T), steps_(steps) {
   if (!A.defined() || A.dim() != 2) throw Error("SOC problem '" + name_ + "': A must be a square matrix");
   const int64_t d = A.size(0);
@@ -127,9 +127,13 @@ LinearOU::LinearOU(std::string name, Tensor A, Tensor sigma, Tensor omega, doubl
     throw Error("SOC problem '" + name_ + "': omega must be a vector of length " + std::to_string(d));
   }
   if (!(T > 0) || steps < 1) throw Error("SOC problem '" + name_ + "': needs T > 0 and steps >= 1");
+  if (x0.defined() && (x0.dim() != 1 || x0.size(0) != d)) {
+    throw Error("SOC problem '" + name_ + "': x0 must be a vector of length " + std::to_string(d));
+  }
   A_ = A.to(at::kDouble);
   sigma_ = sigma.to(at::kDouble);
   omega_ = omega.to(at::kDouble);
+  x0_ = x0.defined() ? x0.to(at::kDouble) : at::zeros({d}, kDouble);
 }
 
 Tensor LinearOU::drift(const Tensor& x, double) const { return at::matmul(x.to(at::kDouble), A_.t()); }
@@ -138,7 +142,7 @@ Tensor LinearOU::state_cost(const Tensor& x, double) const { return at::zeros({x
 Tensor LinearOU::state_cost_grad(const Tensor& x, double) const { return at::zeros({x.size(0), dim()}, kDouble); }
 Tensor LinearOU::terminal_cost(const Tensor& x) const { return at::matmul(x.to(at::kDouble), omega_); }
 Tensor LinearOU::terminal_cost_grad(const Tensor& x) const { return omega_.unsqueeze(0).expand({x.size(0), dim()}).clone(); }
-Tensor LinearOU::initial_state(int64_t batch, Generator&) const { return at::zeros({batch, dim()}, kDouble); }
+Tensor LinearOU::initial_state(int64_t batch, Generator&) const { return x0_.unsqueeze(0).expand({batch, dim()}).clone(); }
 
 Tensor LinearOU::optimal_control(const Tensor& x, double t) const {
   check_batch(x, dim(), "state");

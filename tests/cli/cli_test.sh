@@ -373,6 +373,43 @@ fi
 expect_error "soc: a bad value from the file names the key" "'soc.batch' must be in 1.." \
   "$tilt" soc -q -c soc.toml --set soc.batch=0 -o soc_cfg2
 expect_error "soc: an unknown [soc] key" "unknown key 'soc.iteration'" "$tilt" soc -q -c soc.toml --set soc.iteration=3 -o soc_cfg3
+# The SOC-matching paper's instance (its seed-0 x0: V(x0, 0) = 5.818) and its published L2 error; parameters by name.
+if "$tilt" soc -q --json -p quadratic_ou_easy -l adjoint_matching --iterations 2 --batch 8 --hidden 4 --eval-batch 8 \
+     --eval-every 2 --instance socm --l2-error socm -o soc_socm > soc_socm.json 2> soc_socm.log && python3 -c "
+import json
+s = json.load(open('soc_socm.json'))
+assert abs(s['optimal_value'] - 5.8182248) < 1e-6 and s['l2_error'] == 'socm', s
+assert abs(s['log_weight_normaliser'] + 5.82) < 0.1, s
+r = json.load(open('soc_socm/soc.resolved.json'))
+assert r['instance'] == 'socm' and r['l2_error'] == 'socm', r
+"; then
+  pass "soc --instance socm --l2-error socm: the paper's seed-0 instance and metric"
+else
+  fail "soc --instance socm: $(cat soc_socm.log soc_socm.json)"
+fi
+if "$tilt" soc -q --json -c soc.toml --set soc.linear_ou.dim=3 --set 'soc.linear_ou.x0=[1, 0, 0]' \
+     --set soc.linear_ou.A=-1 --set soc.linear_ou.sigma=1 --set soc.linear_ou.T=2 -o soc_params > soc_params.json \
+     2> soc_params.log && python3 -c "
+import json, math
+s = json.load(open('soc_params.json'))
+# A = -I, sigma = I, omega = 1, T = 2: beta(s) = e^{-(T - s)} 1, V = beta(0) . x0 - (3/2) int_0^2 e^{-2(2 - s)} ds.
+v = math.exp(-2) - 1.5 * (1 - math.exp(-4)) / 2
+assert s['dim'] == 3 and abs(s['optimal_value'] - v) < 1e-8, (s, v)
+"; then
+  pass "soc: a problem's parameters from [soc.<problem>]"
+else
+  fail "soc [soc.linear_ou]: $(cat soc_params.log soc_params.json)"
+fi
+expect_error "soc: a parameter of the wrong size names the key" \
+  "'soc.linear_ou': SOC problem 'linear_ou': 'x0' must be a number or a vector of 10 numbers" \
+  "$tilt" soc -q -c soc.toml --set 'soc.linear_ou.x0=[1, 2]' -o soc_bad1
+expect_error "soc: a parameter the problem does not take" "unknown key 'soc.linear_ou.P'" \
+  "$tilt" soc -q -c soc.toml --set soc.linear_ou.P=1 -o soc_bad2
+expect_error "soc: the parameters of another problem" "'soc.double_well' sets the parameters of double_well, but the problem is linear_ou" \
+  "$tilt" soc -q -c soc.toml --set soc.double_well.dim=2 -o soc_bad3
+expect_error "soc: a bad instance" "'soc.instance' is 'paper', which is not one of" "$tilt" soc -q -c soc.toml --set soc.instance=\"paper\" -o soc_bad4
+expect_error "soc: a matrix of ragged rows" "'soc.linear_ou.A' must be a number, an array of numbers or an array of equally long rows" \
+  "$tilt" soc -q -c soc.toml --set 'soc.linear_ou.A=[[1, 2], [3]]' -o soc_bad5
 
 if [ $failures -ne 0 ]; then echo "$failures CLI test(s) failed"; exit 1; fi
 echo "all CLI tests passed"

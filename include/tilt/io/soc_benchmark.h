@@ -7,6 +7,7 @@
 #pragma once
 
 #include "tilt/io/config.h"
+#include "tilt/soc/problems.h"
 
 #include <cstdint>
 #include <functional>
@@ -20,6 +21,9 @@ namespace tilt {
 /// its flag (--batch), or by where `names` says it came from (read_soc_benchmark fills it).
 struct SocBenchmarkOptions {
   std::string problem = "quadratic_ou_easy";  ///< soc::problem_names()
+  std::string instance = "tilt";  ///< soc::instance_names(): "socm" is the SOC-matching paper's instance for the seed
+  std::map<std::string, soc::ProblemParam> problem_params;  ///< soc::problem_param_names(problem), by name
+  std::string l2_error = "tilt";  ///< control L2 error: "tilt" (soc::control_l2_error) or "socm" (soc::socm_control_l2_error)
   std::vector<std::string> losses;            ///< soc::soc_loss_names(); at least one
   int64_t iterations = 1000;
   int64_t batch = 128;    ///< paths per iteration
@@ -38,13 +42,17 @@ struct SocBenchmarkOptions {
 };
 
 /// Reads a config's top-level seed and threads and its [soc] table into `options`, each setting whose
-/// flag is not `given` (flags win), and checks the top level for unknown keys.
+/// flag is not `given` (flags win), with the problem's parameters from the sub-table [soc.<problem>],
+/// and checks the top level for unknown keys.
 void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& options,
                         const std::function<bool(const std::string& flag)>& given);
 
 /// Throws tilt::Error naming the setting outside its bounds (docs/config.md, Limits), an unknown loss,
 /// or a loss that cannot take the problem; sets the threads.
 void check_soc_benchmark(const SocBenchmarkOptions& options);
+/// The run's problem: options.problem as options.instance draws it from options.seed, with
+/// options.problem_params; a bad parameter's message names where it came from.
+soc::ProblemPtr make_soc_benchmark_problem(const SocBenchmarkOptions& options);
 
 struct SocBenchmarkResult {
   bool writer = true;    ///< this process wrote the files (rank 0, or the only process)

@@ -4,6 +4,7 @@
 
 #include "tilt/soc/problem.h"
 
+#include <map>
 #include <vector>
 
 namespace tilt::soc {
@@ -53,7 +54,8 @@ class QuadraticOU : public Problem {
 /// c(t) = -1/2 integral_t^T |sigma^T beta(s)|^2 ds, and u*(t) = -sigma^T beta(t), the same for every x.
 class LinearOU : public Problem {
  public:
-  LinearOU(std::string name, Tensor A, Tensor sigma, Tensor omega, double T, int64_t steps);
+  /// x0: the fixed initial state; undefined means 0 (SOCM's).
+  LinearOU(std::string name, Tensor A, Tensor sigma, Tensor omega, double T, int64_t steps, Tensor x0 = Tensor());
 
   std::string name() const override { return name_; }
   int64_t dim() const override { return A_.size(0); }
@@ -74,7 +76,7 @@ class LinearOU : public Problem {
 
  private:
   std::string name_;
-  Tensor A_, sigma_, omega_;
+  Tensor A_, sigma_, omega_, x0_;
   double T_;
   int64_t steps_;
 };
@@ -178,6 +180,35 @@ std::shared_ptr<DoubleWell> double_well(int64_t d = 10, const DoubleWellGrid& gr
 
 /// One of problem_names() with its default dimension; throws tilt::Error listing the names otherwise.
 ProblemPtr make_problem(const std::string& name, uint64_t seed = 0);
+
+/// One parameter of a benchmark problem as a config gives it: a number, a vector or a matrix (row-major).
+struct ProblemParam {
+  std::vector<double> data;
+  std::vector<int64_t> shape;  ///< {}: a number; {n}: a vector; {rows, cols}: a matrix
+};
+
+/// A benchmark problem with its instance and parameters (docs/soc.md, "Instances").
+/// `instance` says how the random parameters not given in `params` are drawn from `seed`:
+///  - "tilt": tilt's generator in double precision (make_problem(name, seed); tilt's numbers);
+///  - "socm": as SOC-matching draws them after torch.manual_seed(seed), the first draws of a CPU
+///    generator in float32 (x0 = 0.5 N(0, I) for the quadratic problems, [0.4, 0.6] when d = 2;
+///    xi = 0.1 N(0, 1) for linear OU, A = -I + xi and sigma = I + xi formed in float32), which is the
+///    paper's instance for its seed (seed 0: |x0|^2 = 6.026, V(x0, 0) = 5.82 on quadratic OU easy).
+/// `params` overrides any parameter by name (problem_param_names(name)): a matrix may be given as a
+/// number s (s I), a vector as a number s (s in every entry). Throws tilt::Error naming the parameter
+/// for an unknown name, a wrong size or a bad value.
+struct ProblemSpec {
+  std::string name = "quadratic_ou_easy";
+  std::string instance = "tilt";
+  uint64_t seed = 0;
+  std::map<std::string, ProblemParam> params;
+};
+ProblemPtr make_problem(const ProblemSpec& spec);
+/// The parameters a problem takes: quadratic OU: dim, x0, A, P, Q, sigma, T; linear OU: dim, x0, A,
+/// sigma, omega, T; double well: dim, x0, kappa, nu, T; molecular dynamics: x0, kappa, T.
+const std::vector<std::string>& problem_param_names(const std::string& problem);
+/// tilt, socm.
+const std::vector<std::string>& instance_names();
 /// quadratic_ou_easy, quadratic_ou_hard, linear_ou, double_well, molecular_dynamics.
 const std::vector<std::string>& problem_names();
 

@@ -49,4 +49,20 @@ double control_l2_error(const Problem& problem, const ControlledPaths& paths, co
 /// The same for the control that drew the paths, from the values recorded in paths.u (no new evaluation).
 double control_l2_error(const Problem& problem, const ControlledPaths& paths);
 
+/// SOC-matching's published control L2 error (its norm_sqd_diff divided by its normaliser; docs/soc.md,
+/// "Metrics", which says how it differs from control_l2_error; docs/equations.md, E33):
+///   sum_{k=0}^{K} sum_b w_b |u(X_k, t_k) - u*(X_k, t_k)|^2 / ((K + 1) B Z),
+/// K + 1 times (t_K = T included), the weights w of socm_log_importance_weights, not self-normalised,
+/// and Z = exp(log_normaliser) an estimate of E[w] (which is the same for every control).
+double socm_control_l2_error(const Problem& problem, const ControlledPaths& paths, const Control& u,
+                             double log_normaliser);
+/// log w as SOC-matching forms it: -sum_k (f(X_{k+1}, t_k) + 1/2 |u_k|^2) h - g(X_K) - sum_k u_k . dW_k,
+/// the running cost at the post-step state (log_importance_weights takes f(X_k, t_k)). [B]
+Tensor socm_log_importance_weights(const Problem& problem, const ControlledPaths& paths);
+/// log E[w] for socm_control_l2_error: the log of the mean of exp(socm_log_importance_weights) over `batch`
+/// paths of the optimal control, simulated in chunks. E_{P^u}[w] = E_{P^0}[exp(-sum f h - g)] for every u
+/// (discrete Girsanov); under u* the weights are nearly constant, so few paths estimate it well.
+/// SOC-matching tracks it by a running average of its training batches' mean weights instead.
+double socm_log_normaliser(const Problem& problem, int64_t batch, int64_t steps, Generator& gen);
+
 }  // namespace tilt::soc

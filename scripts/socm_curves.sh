@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Issue 24, part 3: the SOCM paper's control-L2-error curves (Domingo-Enrich et al. 2024, its figures) at
+# its own budget and settings, for adjoint matching, SOCM, cross-entropy and log-variance, on the paper's
+# instances (`tilt soc --instance socm`, seed 0) and with its published error (`--l2-error socm`;
+# docs/soc.md, "Metrics"). Settings from the README commands of facebookresearch/SOC-matching and its
+# configs/soc.yaml defaults:
+#   quadratic_ou_easy  60 000 iterations, batch 128, 50 steps
+#   linear_ou          60 000 iterations, batch 64, 100 steps
+#   double_well        80 000 iterations, batch 128, 200 steps (DOUBLE_WELL=1; SOCM's gamma there is 6,
+#                      tilt's socm loss starts it at 2)
+# and, for all: control learning rate 1e-4 (its nabla_V_lr), M's learning rate 1e-3 and initial gamma 2
+# (tilt's socm defaults, as SOCM's), the control network's widths 256-128-64-128-256 (SOCM's
+# "FullyConnectedUNet" has these widths with skip connections; tilt's is a plain MLP of them).
+# Differences that remain: Adam's eps is tilt's 1e-8 (SOCM 1e-4), the network has no skips, and tilt
+# evaluates the current control on fixed fresh paths every EVAL_EVERY iterations where SOCM records its
+# training batches' error.
+#
+# Each (problem, loss) is one `tilt soc` run in $OUT/<problem>/<loss>/; a finished one (summary.json) is
+# skipped, an unfinished one is started again, so the script resumes where it was stopped. Its wall clock
+# goes to wall_seconds beside it. At the end: $OUT/<problem>.png (every loss's curve, tilt's plot code)
+# and $OUT/summary.md (final and best errors, wall clock per curve).
+#
+# Options (environment): OUT=runs/socm_curves  ITERATIONS=<the paper's>  EVAL_EVERY=500  EVAL_BATCH=1024
+#   PROBLEMS="quadratic_ou_easy linear_ou"  DOUBLE_WELL=0  LOSSES="adjoint_matching socm cross_entropy log_variance"
+#   SEED=0  THREADS=0 (all cores)  HIDDEN=256,128,64,128,256  NO_BUILD=0  BACKGROUND=0 (1: run detached, log in $OUT/log)
+# The full run takes many hours on 2 cores: BACKGROUND=1 scripts/socm_curves.sh, then look at $OUT/log.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-runs/socm_curves}
+mkdir -p "$out"
+if [ "${BACKGROUND:-0}" = 1 ]; then
+  BACKGROUND=0 nohup "$0" >> "$out/log" 2>&1 &
+  echo "running in the background (pid $!): $out/log"
+  exit 0
+fi
+[ "${NO_BUILD:-0}" = 1 ] || JOBS=${JOBS:-2} scripts/build.sh -DTILT_BUILD_APPS=ON -DTILT_BUILD_BENCH=ON >/dev/null
+tilt=build/bin/tilt
+curves=build/bench/tilt_soc_curves
+problems=${PROBLEMS:-quadratic_ou_easy linear_ou}
+[ "${DOUBLE_WELL:-0}" = 1 ] && problems="$problems double_well"
+losses=${LOSSES:-adjoint_matching socm cross_entropy log_variance}
+
+# The paper's budget per problem: iterations batch steps.
+settings() {
+  case $1 in
+    quadratic_ou_easy) echo "60000 128 50" ;;
+    linear_ou) echo "60000 64 100" ;;
+    double_well) echo "80000 128 200" ;;
+    *) echo "unknown problem '$1'" >&2; exit 1 ;;
+  esac
+}
+
+for p in $problems; do
+  read -r iterations batch steps <<<"$(settings "$p")"
+  iterations=${ITERATIONS:-$iterations}
+  for l in $losses; do
+    dir=$out/$p/$l
+    if [ -f "$dir/summary.json" ]; then echo "done already: $p / $l"; continue; fi
+    rm -rf "$dir"
+    mkdir -p "$(dirname "$dir")"
+    echo "$(date -u +%FT%TZ) start $p / $l: $iterations iterations, batch $batch, $steps steps"
+    start=$(date +%s)
+    "$tilt" soc -q -p "$p" -l "$l" --instance socm --l2-error socm --seed "${SEED:-0}" --threads "${THREADS:-0}" \
+      --iterations "$iterations" --batch "$batch" --steps "$steps" --lr 1e-4 --hidden "${HIDDEN:-256,128,64,128,256}" \
+      --eval-every "${EVAL_EVERY:-500}" --eval-batch "${EVAL_BATCH:-1024}" -o "$dir" > "$dir.log" 2>&1 \
+      || { echo "failed: $p / $l (see $dir.log)"; cat "$dir.log"; exit 1; }
+    echo $(( $(date +%s) - start )) > "$dir/wall_seconds"
+    echo "$(date -u +%FT%TZ) done $p / $l in $(cat "$dir/wall_seconds") s"
+  done
+done
+
+# The figures and the table, from whatever has finished.
+table=$out/summary.md
+{
+  echo "| problem | loss | iterations | final control L2 error (SOCM's) | best | wall clock (s, $(nproc) cores) | s / iteration |"
+  echo "|---|---|---|---|---|---|---|"
+} > "$table"
+for p in $problems; do
+  args=()
+  for l in $losses; do
+    dir=$out/$p/$l
+    [ -f "$dir/summary.json" ] || continue
+    args+=("$l=$dir/$l.eval.jsonl")
+    python3 - "$dir" "$p" "$l" >> "$table" <<'PY'
+import json, sys
+d, p, l = sys.argv[1:4]
+s = json.load(open(f"{d}/summary.json"))
+evals = [json.loads(x) for x in open(f"{d}/{l}.eval.jsonl") if x.strip()]
+best = min(e["control_l2_error"] for e in evals)
+wall = int(open(f"{d}/wall_seconds").read())
+it = s["iterations"]
+print(f"| {p} | {l} | {it} | {s['losses'][l]['control_l2_error']:.4g} | {best:.4g} | {wall} | {wall / it:.3f} |")
+PY
+  done
+  [ ${#args[@]} -gt 0 ] && "$curves" -o "$out/$p.png" --title "$p (SOCM instance, seed ${SEED:-0})" "${args[@]}"
+done
+echo "wrote $table and $out/<problem>.png"
+cat "$table"

@@ -65,6 +65,29 @@ TEST(GenerativeSDE, DriftVjpMatchesFiniteDifferences) {
   }
 }
 
+TEST(Metrics, BlockedDistancesEqualTheWholeMatrix) {
+  // Against the whole matrix of pairwise distances at once: the row blocks (here 131 rows for 4,000 columns, so
+  // three blocks of x with a partial last one) must not change the sums.
+  Generator gen = make_generator(41);
+  const Tensor x = at::randn({300, 3}, gen, at::kDouble);
+  const Tensor y = 0.5 + 1.3 * at::randn({4000, 3}, gen, at::kDouble);
+  const Tensor xy = at::cdist(x, y), xx = at::cdist(x, x), yy = at::cdist(y, y);
+  const double n = 300, m = 4000;
+  const double energy = 2 * xy.sum().item<double>() / (n * m) - xx.sum().item<double>() / (n * n) -
+                        yy.sum().item<double>() / (m * m);
+  const std::vector<double> bw{0.5, 2.0};
+  double mmd = 0;
+  for (double s : bw) {
+    const auto k = [&](const Tensor& d) { return at::exp(d.pow(2) / (-2 * s * s)).sum().item<double>(); };
+    mmd += k(xx) / (n * n) + k(yy) / (m * m) - 2 * k(xy) / (n * m);
+  }
+  EXPECT_NEAR(energy_distance(x, y), energy, 1e-12 * std::abs(energy) + 1e-14);
+  const SampleDistances d = sample_distances(x, y, bw);
+  EXPECT_NEAR(d.energy, energy, 1e-12 * std::abs(energy) + 1e-14);
+  EXPECT_NEAR(d.mmd, mmd, 1e-12 * std::abs(mmd) + 1e-14);
+  EXPECT_GT(energy, 0.1);  // the two laws differ: not a vacuous comparison of zeros
+}
+
 TEST(Sampler, OdeSolversHaveTheirOrders) {
   // Gaussian data N(mu, s^2 I): the flow ODE maps X0 to X1 = mu + s X0 exactly.
   const double s = 0.6;

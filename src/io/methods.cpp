@@ -43,18 +43,19 @@ std::function<std::string(const LossOutput&)> clip_monitor(double clip_factor, d
   };
 }
 
-// Adjoint Matching's options with the plan's grid, batch and lambda (the [finetune] keys both AM methods share).
-AdjointMatchingOptions plan_options(const FinetunePlan& plan) {
-  AdjointMatchingOptions am;
-  am.num_steps = plan.num_steps;
-  am.batch_size = plan.batch_size;
-  am.lambda = plan.lambda;
-  return am;
+// A method's options with the plan's grid, batch and lambda (the [finetune] keys every method shares).
+template <class Options>
+Options plan_options(const FinetunePlan& plan) {
+  Options o;
+  o.num_steps = plan.num_steps;
+  o.batch_size = plan.batch_size;
+  o.lambda = plan.lambda;
+  return o;
 }
 
 void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
-  AdjointMatchingOptions am = plan_options(plan);
+  AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
   read_adjoint_matching_keys(table, am);
   plan.monitor = clip_monitor(am.clip_factor, plan.lambda);
   plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
@@ -62,16 +63,8 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   };
 }
 
-RewardBaselineOptions baseline_options(const FinetunePlan& plan) {
-  RewardBaselineOptions o;
-  o.num_steps = plan.num_steps;
-  o.batch_size = plan.batch_size;
-  o.lambda = plan.lambda;
-  return o;
-}
-
 void read_draft(ConfigSection& table, MethodContext& ctx) {
-  RewardBaselineOptions o = baseline_options(ctx.plan);
+  RewardBaselineOptions o = plan_options<RewardBaselineOptions>(ctx.plan);
   o.draft_k = table.integer("draft_k", o.draft_k);
   if (o.draft_k < 1 || o.draft_k > o.num_steps) table.fail("draft_k", "must be in 1..num_steps");
   ctx.plan.warnings.push_back(no_kl_warning("draft"));
@@ -81,7 +74,7 @@ void read_draft(ConfigSection& table, MethodContext& ctx) {
 }
 
 void read_refl(ConfigSection& table, MethodContext& ctx) {
-  RewardBaselineOptions o = baseline_options(ctx.plan);
+  RewardBaselineOptions o = plan_options<RewardBaselineOptions>(ctx.plan);
   o.refl_t_min = table.number("refl_t_min", o.refl_t_min);
   if (!(o.refl_t_min >= 0.0 && o.refl_t_min < 1.0)) table.fail("refl_t_min", "must be in [0, 1)");
   ctx.plan.warnings.push_back(no_kl_warning("refl"));
@@ -91,7 +84,7 @@ void read_refl(ConfigSection& table, MethodContext& ctx) {
 }
 
 void read_discrete_adjoint(ConfigSection&, MethodContext& ctx) {
-  const RewardBaselineOptions o = baseline_options(ctx.plan);
+  const RewardBaselineOptions o = plan_options<RewardBaselineOptions>(ctx.plan);
   ctx.plan.make_loss = [o, reward = ctx.plan.reward, noise = ctx.plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
     return std::make_unique<DiscreteAdjoint>(std::move(model), reward, noise, o);
   };
@@ -99,10 +92,7 @@ void read_discrete_adjoint(ConfigSection&, MethodContext& ctx) {
 
 // The keys of the policy-gradient baselines (docs/policy_gradient.md); the window keys are GRPO's.
 PolicyGradientOptions read_policy_keys(ConfigSection& s, const FinetunePlan& plan, bool grouped) {
-  PolicyGradientOptions o;
-  o.num_steps = plan.num_steps;
-  o.batch_size = plan.batch_size;
-  o.lambda = plan.lambda;
+  PolicyGradientOptions o = plan_options<PolicyGradientOptions>(plan);
   o.reduction = parse_log_prob_reduction(s.choice("log_prob", {"mean", "sum"}, "mean"));
   o.clip_range = s.number("clip_range", o.clip_range);
   if (!(o.clip_range > 0.0)) s.fail("clip_range", "must be > 0");
@@ -148,7 +138,7 @@ void read_policy_gradient(ConfigSection& table, MethodContext& ctx, bool grouped
 
 void read_ode_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
-  AdjointMatchingOptions am = plan_options(plan);
+  AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
   const OdeAdjointMatchingOptions o = read_ode_adjoint_matching(table, am);
   const RegulariserPtr regulariser = read_regulariser(table);
   plan.warnings.push_back("method = \"ode_adjoint_matching\" solves a deterministic control problem (" +

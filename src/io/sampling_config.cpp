@@ -63,10 +63,7 @@ EnergyPtr read_energy(ConfigSection s, double* tau) {
 
 BrownianOptions read_brownian(ConfigSection s) {
   BrownianOptions o;
-  const std::string noise = s.choice("noise", {"geometric", "linear", "constant"}, "geometric");
-  o.noise = noise == "geometric" ? BrownianNoise::geometric
-            : noise == "linear"  ? BrownianNoise::linear
-                                 : BrownianNoise::constant;
+  o.noise = parse_brownian_noise(s.choice("noise", {"geometric", "linear", "constant"}, "geometric"));
   if (o.noise == BrownianNoise::constant) {
     o.sigma = s.number("sigma", o.sigma);
     if (!(o.sigma > 0)) s.fail("sigma", "must be > 0");

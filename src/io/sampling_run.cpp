@@ -157,15 +157,6 @@ std::string comparison_text(const std::string& key, const Json& c) {
   return txt.str();
 }
 
-std::string noise_name(BrownianNoise noise) {
-  switch (noise) {
-    case BrownianNoise::geometric: return "geometric";
-    case BrownianNoise::linear: return "linear";
-    case BrownianNoise::constant: return "constant";
-  }
-  return "geometric";
-}
-
 }  // namespace
 
 AdjointSamplingRunOptions read_adjoint_sampling_run(ConfigSection& root) {
@@ -305,7 +296,7 @@ void save_adjoint_sampling_control(const AdjointSampler& sampler, const Energy& 
   Json model{{"kind", kAdjointSamplingControlKind},
              {"control", writer.nested("control", sampler.control->mlp())},
              {"horizon", sampler.control->horizon()},
-             {"brownian", {{"noise", noise_name(b.noise)}, {"sigma_max", b.sigma_max}, {"sigma_min", b.sigma_min},
+             {"brownian", {{"noise", to_string(b.noise)}, {"sigma_max", b.sigma_max}, {"sigma_min", b.sigma_min},
                            {"sigma", b.sigma}, {"dim", sampler.base->dim()}, {"particles", sampler.base->particles()}}},
              {"energy", {{"name", energy.name()}, {"dim", energy.dim()}, {"particles", energy.particles()}, {"tau", tau}}}};
   Json meta{{"format", model_file::kFormat}, {"version", model_file::kVersion}, {"model", model}, {"info", info}};
@@ -330,9 +321,11 @@ LoadedAdjointSampler load_adjoint_sampling_control(const std::string& path) {
     if (!mlp) throw reader.fail("the control is not an MLP");
     const Json& b = node.at("brownian");
     BrownianOptions o;
-    const std::string noise = b.at("noise").get<std::string>();
-    if (noise != "geometric" && noise != "linear" && noise != "constant") throw reader.fail("unknown Brownian noise '" + noise + "'");
-    o.noise = noise == "geometric" ? BrownianNoise::geometric : noise == "linear" ? BrownianNoise::linear : BrownianNoise::constant;
+    try {
+      o.noise = parse_brownian_noise(b.at("noise").get<std::string>());
+    } catch (const Error& e) {
+      throw reader.fail(e.what());
+    }
     o.sigma_max = b.at("sigma_max").get<double>();
     o.sigma_min = b.at("sigma_min").get<double>();
     o.sigma = b.at("sigma").get<double>();

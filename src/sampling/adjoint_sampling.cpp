@@ -18,6 +18,22 @@
 
 namespace tilt::sampling {
 
+std::string to_string(BrownianNoise noise) {
+  switch (noise) {
+    case BrownianNoise::geometric: return "geometric";
+    case BrownianNoise::linear: return "linear";
+    case BrownianNoise::constant: return "constant";
+  }
+  return "geometric";
+}
+
+BrownianNoise parse_brownian_noise(const std::string& name) {
+  if (name == "geometric") return BrownianNoise::geometric;
+  if (name == "linear") return BrownianNoise::linear;
+  if (name == "constant") return BrownianNoise::constant;
+  throw Error("unknown Brownian noise '" + name + "' (valid: geometric, linear, constant)");
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Brownian base
 

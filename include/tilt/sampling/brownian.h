@@ -27,6 +27,9 @@
 namespace tilt::sampling {
 
 enum class BrownianNoise { geometric, linear, constant };
+/// "geometric", "linear", "constant"; parse_brownian_noise throws tilt::Error naming an unknown one.
+std::string to_string(BrownianNoise noise);
+BrownianNoise parse_brownian_noise(const std::string& name);
 
 struct BrownianOptions {
   BrownianNoise noise = BrownianNoise::geometric;

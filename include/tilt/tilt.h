@@ -17,6 +17,8 @@
 
 // model
 #include "tilt/model/classifier.h"
+#include "tilt/model/condition.h"
+#include "tilt/model/conditional_gmm.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -64,6 +66,7 @@
 #include "tilt/sampling/sample_metrics.h"
 
 // eval
+#include "tilt/eval/conditions.h"
 #include "tilt/eval/image_metrics.h"
 #include "tilt/eval/metrics.h"
 

@@ -1,4 +1,5 @@
 #include "tilt/model/mlp.h"
+#include "tilt/model/condition.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
@@ -35,6 +36,12 @@ void validate(const MlpOptions& o) {
   if (o.time_features < 0 || o.time_features % 2 != 0) {
     throw Error("mlp: time_features must be an even number >= 0, got " + std::to_string(o.time_features));
   }
+  if (o.condition_dim < 0) throw Error("mlp: condition_dim must be >= 0, got " + std::to_string(o.condition_dim));
+}
+
+// The first layer's inputs: x, the time embedding, and for a conditional network c and its flag.
+int64_t input_width(const MlpOptions& o) {
+  return o.dim + 1 + o.time_features + (o.condition_dim > 0 ? o.condition_dim + 1 : 0);
 }
 
 // [t, sin(pi f t), cos(pi f t) for f = 1..n/2], shape [B, 1 + n].
@@ -60,7 +67,7 @@ MlpVelocity::MlpVelocity(const MlpOptions& options, SchedulePtr schedule, uint64
     : VelocityField(std::move(schedule)), options_(options), impl_(std::make_unique<Impl>()) {
   validate(options_);
   Generator gen = make_generator(seed);
-  int64_t in = options_.dim + 1 + options_.time_features;
+  int64_t in = input_width(options_);
   std::vector<int64_t> widths = options_.hidden;
   widths.push_back(options_.dim);
   at::NoGradGuard no_grad;
@@ -84,11 +91,22 @@ MlpVelocity::MlpVelocity(const MlpOptions& options, SchedulePtr schedule, uint64
 
 MlpVelocity::~MlpVelocity() = default;
 
-Tensor MlpVelocity::velocity(const Tensor& x, const Tensor& t) const {
+Tensor MlpVelocity::velocity(const Tensor& x, const Tensor& t) const { return conditional_velocity(x, t, Tensor()); }
+
+Tensor MlpVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
   check_batch(x, options_.dim, "x");
   check_time(t, x.size(0), "t");
-  const Tensor input = at::cat({x, embed_time(t, x.size(0), options_.time_features, x.options())}, 1);
-  return impl_->net->forward(input);
+  std::vector<Tensor> inputs{x, embed_time(t, x.size(0), options_.time_features, x.options())};
+  const int64_t dc = options_.condition_dim;
+  if (dc > 0) {
+    const int64_t B = x.size(0);
+    const Tensor rows = condition_rows(c, B, dc, "mlp");
+    inputs.push_back(rows.defined() ? rows.to(x.options()) : at::zeros({B, dc}, x.options()));
+    inputs.push_back(at::full({B, 1}, rows.defined() ? 1.0 : 0.0, x.options()));
+  } else if (c.defined()) {
+    return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind
+  }
+  return impl_->net->forward(at::cat(inputs, 1));
 }
 
 namespace {
@@ -133,7 +151,7 @@ Tensor MlpVelocity::forward_taped(const Tensor& x, double t, Tape* any_tape, boo
   const size_t hidden = L.size() - 1;
   const Tensor& W1 = L[0]->weight;
   const Tensor e = embed_time_row(t, options_.time_features, x.options());
-  Tensor bias = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, W1.size(1) - d).t());
+  Tensor bias = at::addmm(L[0]->bias.unsqueeze(0), e, W1.narrow(1, d, e.size(1)).t());
   if (tape) {
     tape->t = t;
     tape->x = x;
@@ -211,7 +229,7 @@ std::vector<Tensor> MlpVelocity::parameter_grads(const std::vector<const Tape*>&
     dW[l] = at::zeros_like(L[l]->weight);
     db[l] = at::zeros_like(L[l]->bias);
   }
-  const int64_t in_t = L[0]->weight.size(1) - d;
+  const int64_t in_t = 1 + options_.time_features;  // a condition's columns (null: c = 0, flag 0) get no gradient
   Tensor g_sums = at::empty({static_cast<int64_t>(tapes.size()), L[0]->weight.size(0)}, L[0]->weight.options());
   Tensor embeddings = at::empty({static_cast<int64_t>(tapes.size()), in_t}, L[0]->weight.options());
   for (size_t i = 0; i < tapes.size(); ++i) {

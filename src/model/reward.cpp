@@ -21,6 +21,25 @@ Tensor Reward::grad(const Tensor& x) const {
   return g.defined() ? g : at::zeros_like(x);
 }
 
+Tensor Reward::conditional_value(const Tensor& x, const Tensor& c) const {
+  if (c.defined()) {
+    throw Error("the reward '" + kind() + "' takes no condition, but one was given (" + shape_string(c) + ")");
+  }
+  return value(x);
+}
+
+Tensor Reward::conditional_grad(const Tensor& x, const Tensor& c) const {
+  if (!c.defined()) return grad(x);
+  check_batch(x, dim(), "x");
+  at::AutoGradMode enable_grad(true);
+  const Tensor xg = x.detach().requires_grad_(true);
+  const Tensor r = conditional_value(xg, c.detach());
+  if (!r.requires_grad()) return at::zeros_like(x);
+  Tensor g = torch::autograd::grad({r.sum()}, {xg}, /*grad_outputs=*/{}, /*retain_graph=*/false,
+                                   /*create_graph=*/false, /*allow_unused=*/true)[0];
+  return g.defined() ? g : at::zeros_like(x);
+}
+
 FunctionReward::FunctionReward(int64_t dim, Function r, std::string kind)
     : dim_(dim), r_(std::move(r)), kind_(std::move(kind)) {
   if (dim_ < 1) throw Error("reward '" + kind_ + "': dim must be >= 1, got " + std::to_string(dim_));

@@ -25,6 +25,26 @@ Tensor VelocityField::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_
   return g;
 }
 
+Tensor VelocityField::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
+  if (c.defined()) {
+    throw Error("the velocity field of kind '" + kind() + "' takes no condition, but one was given (" +
+                shape_string(c) + ")");
+  }
+  return velocity(x, t);
+}
+
+Tensor VelocityField::conditional_vjp(const Tensor& x, double t, const Tensor& c, const Tensor& a,
+                                      Tensor* v_out) const {
+  if (!c.defined()) return vjp(x, t, a, v_out);
+  check_batch(a, dim(), "adjoint");
+  at::AutoGradMode enable_grad(true);
+  const Tensor xg = x.detach().requires_grad_(true);
+  const Tensor v = conditional_velocity(xg, at::scalar_tensor(t, x.options()), c.detach());
+  Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
+  if (v_out) *v_out = v.detach();
+  return g;
+}
+
 std::vector<Tensor> VelocityField::parameters() const {
   std::vector<Tensor> out;
   for (const auto& named : named_parameters()) out.push_back(named.second);
@@ -65,6 +85,11 @@ FineTunedVelocity::FineTunedVelocity(VelocityFieldPtr base, VelocityFieldPtr tra
     throw Error("fine-tuned model: the trainable network uses the " + trainable_->schedule()->name() +
                 " schedule but the base uses " + base_->schedule()->name());
   }
+  if (trainable_->condition_dim() != base_->condition_dim()) {
+    throw Error("fine-tuned model: the trainable network takes a condition of size " +
+                std::to_string(trainable_->condition_dim()) + " but the base takes " +
+                std::to_string(base_->condition_dim()));
+  }
   base_->set_trainable(false);
 }
 
@@ -73,14 +98,20 @@ Tensor FineTunedVelocity::velocity(const Tensor& x, const Tensor& t) const {
   return base_->velocity(x, t) + trainable_->velocity(x, t);
 }
 
+Tensor FineTunedVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
+  if (!c.defined()) return velocity(x, t);
+  if (mode_ == FineTuneMode::copy) return trainable_->conditional_velocity(x, t, c);
+  return base_->conditional_velocity(x, t, c) + trainable_->conditional_velocity(x, t, c);
+}
+
 VelocityFieldPtr FineTunedVelocity::clone() const {
   auto copy = std::make_shared<FineTunedVelocity>(base_->clone(), trainable_->clone(), mode_);
   return copy;
 }
 
-Tensor FineTunedVelocity::delta(const Tensor& x, const Tensor& t, const Tensor& v_base) const {
-  if (mode_ == FineTuneMode::residual) return trainable_->velocity(x, t);
-  return trainable_->velocity(x, t) - v_base;
+Tensor FineTunedVelocity::delta(const Tensor& x, const Tensor& t, const Tensor& v_base, const Tensor& c) const {
+  const Tensor v = trainable_->conditional_velocity(x, t, c);
+  return mode_ == FineTuneMode::residual ? v : v - v_base;
 }
 
 std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
@@ -100,6 +131,7 @@ std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTun
   options.dim = base->dim();
   options.hidden = hidden;
   options.time_features = time_features;
+  options.condition_dim = base->condition_dim();
   options.zero_output = true;
   auto residual = std::make_shared<MlpVelocity>(options, base->schedule(), seed);
   return std::make_shared<FineTunedVelocity>(base, residual, mode);

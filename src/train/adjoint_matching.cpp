@@ -92,6 +92,11 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
                 " but the model has dimension " + std::to_string(model_->dim()));
   }
   if (options_.batch_size < 1) throw Error("adjoint matching: batch_size must be >= 1");
+  check_conditions(options_.conditions, model_->condition_dim(), "adjoint matching");
+  if (reward_->condition_dim() != 0 && reward_->condition_dim() != model_->condition_dim()) {
+    throw Error("adjoint matching: the reward takes a condition of size " + std::to_string(reward_->condition_dim()) +
+                " but the model takes " + std::to_string(model_->condition_dim()));
+  }
   if (options_.loss_early_steps < 0 || options_.loss_late_steps < 0 ||
       options_.loss_early_steps + options_.loss_late_steps < 1) {
     throw Error("adjoint matching: need loss_early_steps, loss_late_steps >= 0 with a positive sum, got " +
@@ -139,7 +144,7 @@ void AdjointMatching::set_batch_size(int64_t n) {
   options_.batch_size = n;
 }
 
-Trajectory AdjointMatching::rollout(Generator& gen) const {
+Trajectory AdjointMatching::rollout(Generator& gen, const Tensor& c) const {
   at::NoGradGuard no_grad;
   const Tensor x0 = at::randn({options_.batch_size, model_->dim()}, gen);
   // With the noiseless final step, X_K is never used: stop at t_{K-1}.
@@ -153,7 +158,9 @@ Trajectory AdjointMatching::rollout(Generator& gen) const {
   }
   SampleOptions opts;
   opts.record = true;
-  return simulate(finetuned_sde_, x0, TimeGrid(times), gen, opts);
+  if (!c.defined()) return simulate(finetuned_sde_, x0, TimeGrid(times), gen, opts);
+  const GenerativeSDE bound(bind_condition(model_, c), finetuned_sde_.noise_ptr());
+  return simulate(bound, x0, TimeGrid(times), gen, opts);
 }
 
 std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
@@ -172,7 +179,7 @@ std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
 }
 
 bool AdjointMatching::taped() const {
-  return options_.tape_activations && model_->trainable()->taped_network() != nullptr;
+  return options_.tape_activations && !options_.conditions && model_->trainable()->taped_network() != nullptr;
 }
 
 LossOutput AdjointMatching::compute(Generator& gen) {
@@ -180,26 +187,32 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   PhaseClock clock(times_ != nullptr);
   AdjointMatchingTimes unused;
   AdjointMatchingTimes& times = times_ ? *times_ : unused;
-  const Trajectory traj = rollout(gen);
+  const int64_t B = options_.batch_size;
+  // Each trajectory's condition, drawn first (an unconditional run draws nothing: its numbers stay).
+  const Tensor c = options_.conditions ? options_.conditions->draw(B, gen) : Tensor();
+  const Trajectory traj = rollout(gen, c);
   clock.lap(&times.rollout_s);
-  const LeanAdjoint adj = lean_adjoint(base_sde_, traj.x, grid_, *reward_, options_.lambda,
-                                       options_.final_noiseless_step);
+  const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
+  const LeanAdjoint adj =
+      c.defined() ? lean_adjoint(GenerativeSDE(bind_condition(model_->base(), c), base_sde_.noise_ptr()), traj.x, grid_,
+                                 *reward, options_.lambda, options_.final_noiseless_step)
+                  : lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step);
   clock.lap(&times.adjoint_s);
   const std::vector<int64_t> steps = loss_steps(gen);
 
   // All chosen (k, sample) pairs in one batch through the trainable network.
-  std::vector<Tensor> xs, ts, vb, target, scale;
-  const int64_t B = options_.batch_size;
+  std::vector<Tensor> xs, ts, vb, target, scale, cs;
   for (int64_t k : steps) {
     const auto opts = traj.x[k].options();
     xs.push_back(traj.x[k]);
+    if (c.defined()) cs.push_back(c.to(opts));
     ts.push_back(at::full({B}, grid_[k], opts));
     vb.push_back(adj.v_base[k]);
     target.push_back(rho_[k] * adj.a[k]);
     scale.push_back(at::full({B, 1}, scale_[k], opts));
   }
   const Tensor x = at::cat(xs), t = at::cat(ts);
-  const Tensor delta = model_->delta(x, t, at::cat(vb));
+  const Tensor delta = model_->delta(x, t, at::cat(vb), c.defined() ? at::cat(cs) : Tensor());
   // (c_v / sigma)(v_theta - v_base + rho a); = u + sigma a when h = 0.
   const Tensor residual = at::cat(scale) * (delta + at::cat(target));
   Tensor terms = residual.pow(2).sum(1);  // [S * B]
@@ -214,7 +227,7 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   // Sum over the chosen times, mean over the batch (App. G.3).
   out.loss = terms.sum() / static_cast<double>(B);
   at::NoGradGuard no_grad;
-  out.metrics.emplace_back("reward", reward_->value(adj.x1).mean().item<double>());
+  out.metrics.emplace_back("reward", reward->value(adj.x1).mean().item<double>());
   out.metrics.emplace_back("loss_unclipped", raw.sum().item<double>() / static_cast<double>(B));
   out.metrics.emplace_back("clipped_fraction", clipped_fraction);
   out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());

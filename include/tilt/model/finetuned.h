@@ -28,14 +28,17 @@ class FineTunedVelocity : public VelocityField {
   int64_t dim() const override { return base_->dim(); }
   using VelocityField::velocity;
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  /// The base's condition (the trainable network takes the same one).
+  int64_t condition_dim() const override { return base_->condition_dim(); }
+  Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override;
   std::vector<Tensor> parameters() const override { return trainable_->parameters(); }
   void set_trainable(bool trainable) override { trainable_->set_trainable(trainable); }
   /// Clones of the base (frozen) and of the trainable network.
   VelocityFieldPtr clone() const override;
 
-  /// v_theta(x, t) - v_base(x, t), given v_base(x, t) already computed (the residual mode does
-  /// not need it: the difference is the residual network itself).
-  Tensor delta(const Tensor& x, const Tensor& t, const Tensor& v_base) const;
+  /// v_theta(x, t | c) - v_base(x, t | c), given v_base(x, t | c) already computed (the residual mode
+  /// does not need it: the difference is the residual network itself). c undefined: unconditional.
+  Tensor delta(const Tensor& x, const Tensor& t, const Tensor& v_base, const Tensor& c = Tensor()) const;
 
   const VelocityFieldPtr& base() const { return base_; }
   const VelocityFieldPtr& trainable() const { return trainable_; }
@@ -48,7 +51,7 @@ class FineTunedVelocity : public VelocityField {
 };
 
 /// Builds the fine-tuned field from a base: in residual mode a new residual MLP with the given
-/// hidden widths (zero last layer) seeded by `seed`; in copy mode base->clone(), made trainable (a
+/// hidden widths (zero last layer) seeded by `seed`, taking the base's condition; in copy mode base->clone(), made trainable (a
 /// network with parameters: an MLP, a TorchScript module or a user's field that implements clone()).
 std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
                                                   const std::vector<int64_t>& hidden,

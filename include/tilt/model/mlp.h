@@ -15,6 +15,10 @@ struct MlpOptions {
   std::vector<int64_t> hidden{256, 256, 256};   ///< widths of the hidden layers (SiLU between)
   int64_t time_features = 16;                   ///< t, then sin/cos(pi f t) for f = 1..time_features/2
   bool zero_output = false;                     ///< initialise the last layer to 0 (residual nets)
+  /// The size of a condition c (0: unconditional). A conditional network's first layer also reads c and
+  /// a flag that is 1 for a given condition and 0 for the null one (c = 0 then): the null condition is
+  /// an input of its own, what condition dropout trains for classifier-free guidance.
+  int64_t condition_dim = 0;
 };
 
 /// A taped network (tilt/model/taped.h): Adjoint Matching's fast path runs it without autograd.
@@ -28,6 +32,8 @@ class MlpVelocity : public VelocityField, public TapedNetwork {
   int64_t dim() const override { return options_.dim; }
   using VelocityField::velocity;
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  int64_t condition_dim() const override { return options_.condition_dim; }
+  Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override;
   std::vector<Tensor> parameters() const override;
 
   /// The input VJP (dv/dx)^T a by hand: one taped forward pass and the transposed chain of layers,
@@ -38,7 +44,7 @@ class MlpVelocity : public VelocityField, public TapedNetwork {
   const TapedNetwork* taped_network() const override { return this; }
   std::unique_ptr<Tape> new_tape() const override;
   /// The time embedding enters the first layer as one bias row per call, b_1 + W_1t e(t), instead of
-  /// B identical rows.
+  /// B identical rows. A conditional network runs here at the null condition.
   Tensor forward_taped(const Tensor& x, double t, Tape* tape, bool keep_activations = false) const override;
   Tensor vjp_taped(const Tape& tape, const Tensor& a) const override;
   /// Replaces a forward and a backward pass of autograd when the activations are already known.

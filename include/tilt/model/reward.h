@@ -24,6 +24,14 @@ class Reward {
   /// grad_x r(x), shape [B, d]. The default differentiates value() by autograd (with gradients
   /// enabled even under a NoGradGuard); rewards with a closed-form gradient override it.
   virtual Tensor grad(const Tensor& x) const;
+
+  /// The size of the condition c of r(x, c) (docs/conditions.md); 0 for an unconditional reward.
+  virtual int64_t condition_dim() const { return 0; }
+  /// r(x, c) for c [B, condition_dim()] or [1, ...]. The default accepts only an undefined c (an
+  /// unconditional reward: value(x)) and throws tilt::Error naming the kind otherwise.
+  virtual Tensor conditional_value(const Tensor& x, const Tensor& c) const;
+  /// grad_x r(x, c); by default grad(x) for an undefined c, else autograd of conditional_value().
+  virtual Tensor conditional_grad(const Tensor& x, const Tensor& c) const;
 };
 
 using RewardPtr = std::shared_ptr<const Reward>;

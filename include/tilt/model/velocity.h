@@ -39,6 +39,19 @@ class VelocityField {
   /// v(x, t) at one time for the whole batch.
   Tensor velocity(const Tensor& x, double t) const;
 
+  /// The size of the condition c the field takes (a class's one-hot vector, an embedding: the stand-in
+  /// for a prompt; docs/conditions.md); 0 for an unconditional field, the default.
+  virtual int64_t condition_dim() const { return 0; }
+  /// v(x, t | c) for conditions c of shape [B, condition_dim()], one per row of x, or [1, ...], one for
+  /// the whole batch. An undefined c is the null condition: the unconditional field that guidance
+  /// subtracts. For a conditional field velocity(x, t) is the null condition. The default accepts only
+  /// an undefined c (an unconditional field) and throws tilt::Error naming the kind otherwise.
+  virtual Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const;
+  /// (dv/dx)^T a at one time given c (as conditional_velocity); by default by autograd, or vjp() for an
+  /// undefined c.
+  virtual Tensor conditional_vjp(const Tensor& x, double t, const Tensor& c, const Tensor& a,
+                                 Tensor* v_out = nullptr) const;
+
   /// The vector-Jacobian product (dv/dx)^T a at one time t for the whole batch (a: [B, d]); if
   /// v_out is given it receives v(x, t), detached. The default runs one reverse pass of autograd
   /// (with gradients enabled even under a NoGradGuard); closed-form fields override it.

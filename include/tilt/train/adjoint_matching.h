@@ -20,6 +20,7 @@
 // (t = 0 for the memoryless schedule: eta_0 = inf, a_0 = 0) are left out of the loss.
 #pragma once
 
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
@@ -51,6 +52,10 @@ struct AdjointMatchingOptions {
   /// regression's gradients from them by hand, instead of running the networks again under autograd.
   /// The same loss and gradients up to float rounding; memory grows by the activations of K steps.
   bool tape_activations = true;
+  /// The training conditions (docs/conditions.md): each trajectory draws its own c from them, and the
+  /// base, the fine-tuned model and the reward are evaluated at it. Null for an unconditional model.
+  /// Conditional iterations take the autograd path (tape_activations applies to unconditional ones).
+  ConditionSetPtr conditions;
 };
 
 /// Wall time spent in each phase of compute(), summed over calls (for benchmarks: AdjointMatching::set_timer).
@@ -88,12 +93,13 @@ class AdjointMatching : public Loss {
   int64_t batch_size() const override { return options_.batch_size; }
   void set_batch_size(int64_t n) override;
 
-  /// Trajectory of the current fine-tuned model from X0 ~ N(0, I), without gradients.
-  Trajectory rollout(Generator& gen) const;
+  /// Trajectory of the current fine-tuned model from X0 ~ N(0, I), without gradients, at conditions c
+  /// ([B, dc], one per trajectory; undefined for an unconditional model).
+  Trajectory rollout(Generator& gen, const Tensor& c = Tensor()) const;
   /// The time indices that enter the loss: loss_early_steps random early ones + the last ones.
   std::vector<int64_t> loss_steps(Generator& gen) const;
-  /// Whether compute() takes the taped path (tape_activations and a trainable network with
-  /// VelocityField::taped_network()).
+  /// Whether compute() takes the taped path (tape_activations, no conditions, and a trainable network
+  /// with VelocityField::taped_network()).
   bool taped() const;
   /// The blocks of rows the last taped iteration ran, one per thread (1 when it ran none, on one
   /// thread, on a GPU, or with a base whose VJP needs autograd).

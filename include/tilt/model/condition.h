@@ -1,0 +1,59 @@
+// Conditions: the c of v(x, t | c) and r(x, c), the stand-in for a prompt (docs/conditions.md).
+//
+// A condition is a vector of condition_dim() numbers: a class label is its one-hot row, an embedding
+// is itself. Fields and rewards take one condition per row of x ([B, dc]) or one for the whole batch
+// ([1, dc]); an undefined tensor is the null condition (unconditional, what guidance subtracts).
+//
+// Samplers, the engine and the fine-tuning methods run ordinary fields: a conditional field is bound to
+// the batch's conditions (bind_condition) before it is stepped, so that nothing below needs to know.
+#pragma once
+
+#include "tilt/model/reward.h"
+#include "tilt/model/velocity.h"
+
+#include <memory>
+#include <string>
+
+namespace tilt {
+
+/// c for a batch of `batch` rows: [batch, dim] as is, [1, dim] expanded, undefined stays undefined.
+/// Throws tilt::Error naming `who` for any other shape, or for a defined c when dim is 0.
+Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::string& who);
+
+/// The field at fixed conditions c ([B, dc] for batches of B rows, or [1, dc] for any batch; undefined:
+/// the null condition), an unconditional field, with classifier-free guidance of weight w:
+///   v(x, t) = (1 + w) v(x, t | c) - w v(x, t | null)   (Adjoint Matching, Sec. 7; docs/equations.md, E100).
+/// Its parameters are the field's own (training the bound field trains the field). w = 0 is plain
+/// conditioning. Throws tilt::Error if the field takes no condition but c is given, or if w != 0 for a
+/// null c.
+VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidance = 0.0);
+
+/// The reward at fixed conditions c: r(x) = r(x, c). Throws tilt::Error as bind_condition above.
+RewardPtr bind_condition(RewardPtr reward, Tensor c);
+
+/// Where a fine-tuning method draws each trajectory's condition from: a finite set, drawn uniformly
+/// with replacement (the training prompts).
+class ConditionSet {
+ public:
+  /// values [N, dc], N >= 1, dc >= 1, finite. Throws tilt::Error naming the problem.
+  explicit ConditionSet(Tensor values);
+  /// The classes 0..n-1 as one-hot rows of size n.
+  static ConditionSet classes(int64_t n);
+
+  int64_t dim() const { return values_.size(1); }
+  int64_t size() const { return values_.size(0); }
+  const Tensor& values() const { return values_; }  // float64
+  /// n conditions drawn uniformly with replacement, [n, dc] in dtype.
+  Tensor draw(int64_t n, Generator& gen, at::ScalarType dtype = at::kFloat) const;
+
+ private:
+  Tensor values_;
+};
+
+using ConditionSetPtr = std::shared_ptr<const ConditionSet>;
+
+/// Throws tilt::Error naming `who` unless the conditions fit what takes them: a set for a conditional
+/// model (its dimension the model's), none for an unconditional one.
+void check_conditions(const ConditionSetPtr& conditions, int64_t condition_dim, const std::string& who);
+
+}  // namespace tilt

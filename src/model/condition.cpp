@@ -1,0 +1,133 @@
+#include "tilt/model/condition.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+
+namespace tilt {
+
+Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::string& who) {
+  if (!c.defined()) return c;
+  if (dim == 0) throw Error(who + " takes no condition, but one was given (" + shape_string(c) + ")");
+  if (c.dim() != 2 || c.size(1) != dim || (c.size(0) != batch && c.size(0) != 1)) {
+    throw Error(who + ": conditions must be [" + std::to_string(batch) + ", " + std::to_string(dim) + "] or [1, " +
+                std::to_string(dim) + "], got " + shape_string(c));
+  }
+  return c.size(0) == batch ? c : c.expand({batch, dim});
+}
+
+namespace {
+
+// v(x, t) = (1 + w) v(x, t | c) - w v(x, t | null), or v(x, t | c) for w = 0.
+class BoundVelocity : public VelocityField {
+ public:
+  BoundVelocity(VelocityFieldPtr field, Tensor c, double w)
+      : VelocityField(field->schedule()), field_(std::move(field)), c_(std::move(c)), w_(w) {}
+
+  std::string kind() const override { return field_->kind(); }
+  int64_t dim() const override { return field_->dim(); }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor& t) const override {
+    const Tensor v = field_->conditional_velocity(x, t, c_);
+    if (w_ == 0.0) return v;
+    return (1.0 + w_) * v - w_ * field_->conditional_velocity(x, t, Tensor());
+  }
+  Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const override {
+    if (w_ == 0.0) return field_->conditional_vjp(x, t, c_, a, v_out);
+    Tensor v_c, v_null;
+    const Tensor g_c = field_->conditional_vjp(x, t, c_, a, v_out ? &v_c : nullptr);
+    const Tensor g_null = field_->conditional_vjp(x, t, Tensor(), a, v_out ? &v_null : nullptr);
+    if (v_out) *v_out = (1.0 + w_) * v_c - w_ * v_null;
+    return (1.0 + w_) * g_c - w_ * g_null;
+  }
+  bool vjp_needs_autograd() const override { return c_.defined() || field_->vjp_needs_autograd(); }
+  std::vector<Tensor> parameters() const override { return field_->parameters(); }
+  void set_trainable(bool trainable) override { field_->set_trainable(trainable); }
+  NamedTensors named_parameters() const override { return field_->named_parameters(); }
+  VelocityFieldPtr clone() const override { return std::make_shared<BoundVelocity>(field_->clone(), c_, w_); }
+
+ private:
+  VelocityFieldPtr field_;
+  Tensor c_;
+  double w_;
+};
+
+class BoundReward : public Reward {
+ public:
+  BoundReward(RewardPtr reward, Tensor c) : reward_(std::move(reward)), c_(std::move(c)) {}
+  std::string kind() const override { return reward_->kind(); }
+  int64_t dim() const override { return reward_->dim(); }
+  Tensor value(const Tensor& x) const override { return reward_->conditional_value(x, c_); }
+  Tensor grad(const Tensor& x) const override { return reward_->conditional_grad(x, c_); }
+
+ private:
+  RewardPtr reward_;
+  Tensor c_;
+};
+
+void check_bindable(int64_t condition_dim, const Tensor& c, const std::string& what) {
+  if (!c.defined()) return;
+  if (condition_dim == 0) throw Error(what + " takes no condition, but one was given (" + shape_string(c) + ")");
+  if (c.dim() != 2 || c.size(1) != condition_dim) {
+    throw Error(what + ": conditions must be [B, " + std::to_string(condition_dim) + "], got " + shape_string(c));
+  }
+}
+
+}  // namespace
+
+VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidance) {
+  if (!field) throw Error("bind_condition: no velocity field");
+  const std::string what = "the velocity field of kind '" + field->kind() + "'";
+  check_bindable(field->condition_dim(), c, what);
+  if (!std::isfinite(guidance)) throw Error("guidance weight must be finite, got " + format_number(guidance));
+  if (guidance != 0.0 && !c.defined()) {
+    throw Error("guidance needs a condition: " + what + " was given the null condition and w = " +
+                format_number(guidance));
+  }
+  if (!c.defined() && guidance == 0.0 && field->condition_dim() == 0) return field;
+  return std::make_shared<BoundVelocity>(std::move(field), std::move(c), guidance);
+}
+
+RewardPtr bind_condition(RewardPtr reward, Tensor c) {
+  if (!reward) throw Error("bind_condition: no reward");
+  check_bindable(reward->condition_dim(), c, "the reward '" + reward->kind() + "'");
+  if (!c.defined() && reward->condition_dim() == 0) return reward;
+  return std::make_shared<BoundReward>(std::move(reward), std::move(c));
+}
+
+ConditionSet::ConditionSet(Tensor values) {
+  if (!values.defined() || values.dim() != 2 || values.size(0) < 1 || values.size(1) < 1) {
+    throw Error("conditions must be a non-empty table [N, dc] with dc >= 1, got " + shape_string(values));
+  }
+  values_ = values.to(at::kDouble).contiguous();
+  if (!at::isfinite(values_).all().item<bool>()) throw Error("conditions must be finite numbers");
+}
+
+ConditionSet ConditionSet::classes(int64_t n) {
+  if (n < 1) throw Error("conditions: the number of classes must be >= 1, got " + std::to_string(n));
+  return ConditionSet(at::eye(n, at::kDouble));
+}
+
+Tensor ConditionSet::draw(int64_t n, Generator& gen, at::ScalarType dtype) const {
+  const Tensor index = at::randint(size(), {n}, gen, at::TensorOptions().dtype(at::kLong));
+  return values_.index_select(0, index).to(dtype);
+}
+
+void check_conditions(const ConditionSetPtr& conditions, int64_t condition_dim, const std::string& who) {
+  if (condition_dim == 0 && conditions) {
+    throw Error(who + ": conditions were given, but the model is unconditional (it takes no condition)");
+  }
+  if (condition_dim > 0 && !conditions) {
+    throw Error(who + ": the model is conditional (a condition of size " + std::to_string(condition_dim) +
+                "), but no conditions to train on were given");
+  }
+  if (conditions && conditions->dim() != condition_dim) {
+    throw Error(who + ": the conditions have size " + std::to_string(conditions->dim()) + " but the model takes " +
+                std::to_string(condition_dim));
+  }
+}
+
+}  // namespace tilt

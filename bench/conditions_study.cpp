@@ -7,10 +7,12 @@
 // outside it), with the memoryless SDE and with the ODE; the base model is scored alike.
 //
 // Usage: tilt_conditions_study [--dim D] [--cdim DC] [--seed S] [--problems P] [--iterations N]
-//        [--batch B] [--steps K] [--samples N] [--threads T] [--json FILE] [--quiet]
+//        [--batch B] [--steps K] [--samples N] [--threads T] [--json FILE] [--png FILE] [--quiet]
+// --png (dc = 1): the ratio against c of the first problem, every set, for the base and AM (SDE, ODE).
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/eval/conditions.h"
+#include "tilt/io/plot.h"
 #include "tilt/io/run.h"
 #include "tilt/model/conditional_gmm.h"
 #include "tilt/model/finetuned.h"
@@ -20,6 +22,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <string>
@@ -30,7 +33,7 @@ namespace {
 struct Settings {
   int64_t dim = 2, cdim = 1, problems = 1, iterations = 2400, batch = 256, steps = 60, samples = 2000, threads = 0;
   uint64_t seed = 0;
-  std::string json;
+  std::string json, png;
   bool quiet = false;
 };
 
@@ -44,8 +47,8 @@ Settings parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) throw tilt::Error("option " + a + " needs a value");
     const std::string v = argv[++i];
-    if (a == "--json") {
-      s.json = v;
+    if (a == "--json" || a == "--png") {
+      (a == "--json" ? s.json : s.png) = v;
       continue;
     }
     int64_t n = 0;
@@ -125,6 +128,36 @@ nlohmann::json score_sets(const tilt::ConditionalProblem& p, const tilt::Velocit
   return out;
 }
 
+// The ratio against the (scalar) condition, all three sets in one line per model and sampler.
+void plot_ratios(const std::string& path, const nlohmann::json& problem) {
+  std::vector<tilt::plot::Series> series;
+  for (const char* model : {"finetuned", "base"}) {
+    for (const char* sampler : {"sde", "ode"}) {
+      std::vector<std::pair<double, double>> points;
+      for (const char* set : {"train", "held_out", "outside"}) {
+        for (const auto& row : problem[model][sampler][set]["conditions"]) {
+          points.emplace_back(row["condition"][0].get<double>(), row["ratio"].get<double>());
+        }
+      }
+      std::sort(points.begin(), points.end());
+      tilt::plot::Series line{std::string(model == std::string("base") ? "base" : "AM") + ", " + sampler, {}, {}};
+      for (const auto& [c, r] : points) {
+        line.x.push_back(c);
+        line.y.push_back(r);
+      }
+      series.push_back(line);
+    }
+  }
+  tilt::plot::LineOptions o;
+  o.width = 720;
+  o.height = 420;
+  o.title = "energy distance / noise floor at each condition (trained on [-1, 1])";
+  o.x_label = "condition c";
+  o.y_label = "ratio (1 = exact)";
+  o.log_y = true;
+  tilt::plot::write_line_png(path, series, o);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -147,6 +180,10 @@ int main(int argc, char** argv) {
       report["problems"].push_back(entry);
     }
     if (!s.json.empty()) tilt::atomic_write(s.json, report.dump(2) + "\n");
+    if (!s.png.empty()) {
+      if (s.cdim != 1) throw tilt::Error("--png needs --cdim 1 (the ratio is drawn against a scalar condition)");
+      plot_ratios(s.png, report["problems"][0]);
+    }
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tilt_conditions_study: %s\n", e.what());

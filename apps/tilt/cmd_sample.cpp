@@ -24,8 +24,12 @@ const bool registered_sample = add_command(
        app.add_option("--integrator", o.integrator,
                       "euler, heun (ODE only), exact (the gDDIM step; noise memoryless, scaled_memoryless:<gamma> or ode), "
                       "or auto")->capture_default_str();
+       app.add_option("--condition", o.condition, "A conditional model or config: the condition, comma-separated numbers");
+       app.add_option("--conditions", o.conditions, "... or a CSV file of conditions, one per line (-n samples at each)");
+       app.add_option("--guidance", o.guidance, "Classifier-free guidance weight w: (1 + w) v(x, t | c) - w v(x, t | null)")
+           ->capture_default_str();
        add_seed_threads(app, config);
-       app.add_option("-o,--out", o.out, "File: the samples (CSV)")->required();
+       app.add_option("-o,--out", o.out, "File: the samples (CSV; a conditional model's with columns c0, c1, ...)")->required();
        app.add_option("--png", o.png, "Also draw the samples (first two coordinates) to this PNG");
        return [args] {
          auto& [config, o] = *args;
@@ -34,9 +38,9 @@ const bool registered_sample = add_command(
          o.seed = config.seed.value_or(0);
          o.threads = static_cast<int>(config.threads.value_or(0));
          const DrawnSamples d = write_samples(o);
-         info("wrote " + std::to_string(o.n) + " " + d.what + " to " + o.out);
+         info("wrote " + std::to_string(d.x.size(0)) + " " + d.what + " to " + o.out);
          if (!o.png.empty()) info("wrote " + o.png);
-         report({{"samples", o.out}, {"n", o.n}, {"png", o.png.empty() ? Json() : Json(o.png)}});
+         report({{"samples", o.out}, {"n", d.x.size(0)}, {"png", o.png.empty() ? Json() : Json(o.png)}});
          return 0;
        };
      }});

@@ -87,8 +87,9 @@ int run_finetune(const TrainArgs& args) {
   const VelocityFieldPtr base = read_base(root);
   double lambda = 1.0;
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
+  const ConditionSetPtr conditions = read_training_conditions(root, *base);
   ConfigSection section = root.section("finetune");
-  FinetunePlan plan = read_finetune(section, *base, reward, lambda);
+  FinetunePlan plan = read_finetune(section, *base, reward, lambda, conditions);
   finish_root(root);
 
   ProcessGroupPtr group;

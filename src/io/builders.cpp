@@ -3,6 +3,8 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/io/classifier_io.h"
+#include "tilt/io/samples.h"
+#include "tilt/model/conditional_gmm.h"
 #include "tilt/model/classifier.h"
 #include "tilt/model/torchscript.h"
 
@@ -55,6 +57,59 @@ Tensor matrix_from(ConfigSection& s, const std::string& key, const Json& v, int6
   }
   return at::tensor(flat, kDouble).reshape({rows, cols});
 }
+
+}  // namespace
+
+Tensor read_table(ConfigSection& s, const std::string& key, int64_t rows, int64_t cols) {
+  const Json v = s.value(key);
+  const std::string shape = (rows > 0 ? std::to_string(rows) : std::string("one or more")) + " rows of " +
+                            (cols > 0 ? std::to_string(cols) : std::string("the same number of")) + " numbers";
+  if (!v.is_array() || v.empty() || (rows > 0 && static_cast<int64_t>(v.size()) != rows)) s.fail(key, "must be " + shape);
+  const int64_t n = static_cast<int64_t>(v.size());
+  const int64_t width = cols > 0 ? cols : (v[0].is_array() ? static_cast<int64_t>(v[0].size()) : 0);
+  if (width < 1) s.fail(key, "must be " + shape + " (a list of lists, e.g. [[0.5], [1.0]])");
+  for (const auto& row : v) {
+    if (!row.is_array() || static_cast<int64_t>(row.size()) != width) {
+      s.fail(key, "must be " + shape + " (every row " + std::to_string(width) + " numbers)");
+    }
+  }
+  return matrix_from(s, key, v, n, width);
+}
+
+ConditionsPlan read_conditions(ConfigSection s, int64_t dim) {
+  ConditionsPlan plan;
+  const int given = static_cast<int>(s.has("train")) + static_cast<int>(s.has("classes")) + static_cast<int>(s.has("file"));
+  if (given != 1) s.fail("train", "give exactly one of train (a table), classes (a number) or file (a CSV file)");
+  Tensor train;
+  if (s.has("classes")) {
+    const int64_t n = in_range(s, "classes", s.integer("classes"), int64_t{1}, int64_t{100000});
+    train = ConditionSet::classes(n).values();
+  } else if (s.has("file")) {
+    const std::string path = s.string("file");
+    try {
+      train = read_samples_csv(path).to(at::kDouble);
+    } catch (const Error& e) {
+      s.fail("file", std::string("cannot be read as conditions (one per line, comma-separated): ") + e.what());
+    }
+  } else {
+    train = read_table(s, "train", 0, dim);
+  }
+  const std::string key = s.has("train") ? "train" : s.has("classes") ? "classes" : "file";
+  if (train.size(1) != dim) {
+    s.fail(key, "gives conditions of size " + std::to_string(train.size(1)) + ", but the model takes " + std::to_string(dim));
+  }
+  try {
+    plan.train = std::make_shared<const ConditionSet>(train);
+  } catch (const Error& e) {
+    s.fail(key, e.what());
+  }
+  if (s.has("held_out")) plan.held_out = read_table(s, "held_out", 0, dim);
+  if (s.has("outside")) plan.outside = read_table(s, "outside", 0, dim);
+  s.finish();
+  return plan;
+}
+
+namespace {
 
 // A d x d matrix given as a number (times I), a vector (diagonal) or a matrix.
 Tensor square_matrix(ConfigSection& s, const std::string& key, int64_t d, std::optional<double> fallback) {
@@ -170,14 +225,23 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     const std::vector<double> a = s.numbers("a");
     if (static_cast<int64_t>(a.size()) != dim) s.fail("a", "must have " + std::to_string(dim) + " entries (the data dimension)");
     check_entries(s, "a", a);
-    reward = std::make_shared<LinearReward>(at::tensor(a, kDouble));
+    if (s.has("a_shift")) {
+      reward = std::make_shared<ConditionalLinearReward>(at::tensor(a, kDouble), read_table(s, "a_shift", dim, 0));
+    } else {
+      reward = std::make_shared<LinearReward>(at::tensor(a, kDouble));
+    }
   } else if (type == "quadratic") {
     const std::vector<double> c = s.numbers("center");
     if (static_cast<int64_t>(c.size()) != dim) s.fail("center", "must have " + std::to_string(dim) + " entries (the data dimension)");
     check_entries(s, "center", c);
     const Tensor A = square_matrix(s, "precision", dim, 1.0);
+    const Tensor N = s.has("center_shift") ? read_table(s, "center_shift", dim, 0) : Tensor();
     try {
-      reward = std::make_shared<QuadraticReward>(at::tensor(c, kDouble), A);
+      if (N.defined()) {
+        reward = std::make_shared<ConditionalQuadraticReward>(at::tensor(c, kDouble), N, A);
+      } else {
+        reward = std::make_shared<QuadraticReward>(at::tensor(c, kDouble), A);
+      }
     } catch (const Error& e) {
       s.fail("precision", std::string("is invalid: ") + e.what());
     }

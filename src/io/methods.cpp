@@ -56,6 +56,7 @@ Options plan_options(const FinetunePlan& plan) {
 void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
+  am.conditions = plan.conditions;
   read_adjoint_matching_keys(table, am);
   plan.monitor = clip_monitor(am.clip_factor, plan.lambda);
   plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
@@ -276,11 +277,17 @@ std::vector<std::string> finetune_method_names() {
   return names;
 }
 
-FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPtr reward, double lambda) {
+FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPtr reward, double lambda,
+                           ConditionSetPtr conditions) {
   FinetunePlan plan;
   plan.reward = std::move(reward);
   plan.lambda = lambda;
+  check_conditions(conditions, base.condition_dim(), "fine-tuning");
+  plan.conditions = std::move(conditions);
   plan.method = s.choice("method", finetune_method_names(), "adjoint_matching");
+  if (plan.conditions && plan.method != "adjoint_matching") {
+    s.fail("method", "is \"" + plan.method + "\", which does not take conditions yet (use adjoint_matching)");
+  }
   const FinetuneMethod& method = find_method(plan.method);
   check_other_tables(s, method, plan);
   read_common(s, base, plan);
@@ -296,11 +303,12 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
   return plan;
 }
 
-FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda) {
+FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda,
+                                ConditionSetPtr conditions) {
   Config config(Json{{"finetune", finetune}}, "the finetune table");
   ConfigSection root = config.root();
   ConfigSection s = root.section("finetune");
-  return read_finetune(s, base, std::move(reward), lambda);
+  return read_finetune(s, base, std::move(reward), lambda, std::move(conditions));
 }
 
 std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr base, uint64_t seed) const {
@@ -308,8 +316,18 @@ std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr bas
 }
 
 Json FinetunePlan::model_info() const {
-  return Json{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
-              {"num_steps", num_steps}};
+  Json info{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
+            {"num_steps", num_steps}};
+  if (conditions) {  // the training conditions, one row each (docs/conditions.md)
+    Json rows = Json::array();
+    const Tensor v = conditions->values().contiguous();
+    for (int64_t i = 0; i < v.size(0); ++i) {
+      const double* row = v[i].data_ptr<double>();
+      rows.push_back(std::vector<double>(row, row + v.size(1)));
+    }
+    info["conditions"] = rows;
+  }
+  return info;
 }
 
 }  // namespace tilt

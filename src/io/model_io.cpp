@@ -7,6 +7,7 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/sampling_run.h"
+#include "tilt/model/conditional_gmm.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -59,6 +60,26 @@ VelocityFieldPtr load_gmm(const Json&, const ModelReader& in) {
   // GaussianMixture checks the shapes, positive weights and positive definite covariances.
   auto mixture = std::make_shared<GaussianMixture>(weights, means, covariances);
   return std::make_shared<GmmVelocity>(mixture, in.schedule());
+}
+
+// A mixture whose means move with the condition (docs/equations.md, E98): p_0 and M.
+Json save_conditional_gmm(const VelocityField& field, ModelWriter& out) {
+  const auto& conditional = as<ConditionalGmmVelocity>(field);
+  if (conditional.has_null()) throw Error("cannot save a conditional mixture with a null-condition law (not supported yet)");
+  save_gmm(GmmVelocity(std::make_shared<GaussianMixture>(conditional.mixture()), conditional.schedule()), out);
+  out.put("shift", conditional.shift());
+  return Json::object();
+}
+
+VelocityFieldPtr load_conditional_gmm(const Json& meta, const ModelReader& in) {
+  const auto plain = std::dynamic_pointer_cast<GmmVelocity>(load_gmm(meta, in));
+  const Tensor shift = in.take("shift");
+  if (shift.dim() != 2 || shift.size(0) != plain->dim() || shift.size(1) < 1) {
+    throw Error("model file '" + in.path() + "': tensor '" + in.full_name("shift") + "' must be [" +
+                std::to_string(plain->dim()) + ", dc], got " + shape_string(shift));
+  }
+  return std::make_shared<ConditionalGmmVelocity>(std::make_shared<GaussianMixture>(plain->mixture()), shift,
+                                                  in.schedule());
 }
 
 Json save_mlp(const VelocityField& field, ModelWriter& out) {
@@ -175,13 +196,14 @@ VelocityFieldPtr load_control(const Json&, const ModelReader& in) {
 }
 
 bool is_builtin(const std::string& kind) {
-  return kind == "gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned" ||
+  return kind == "gmm" || kind == "conditional_gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned" ||
          kind == sampling::kAdjointSamplingControlKind;
 }
 
 struct Registry {
   std::mutex mutex;
   std::map<std::string, ModelSerialiser> kinds{{"gmm", {save_gmm, load_gmm}},
+                                              {"conditional_gmm", {save_conditional_gmm, load_conditional_gmm}},
                                               {"mlp", {save_mlp, load_mlp}},
                                               {"torchscript", {save_torchscript, load_torchscript}},
                                               {"finetuned", {save_finetuned, load_finetuned}},

@@ -1,4 +1,5 @@
 #include "tilt/io/run.h"
+#include "tilt/model/conditional_gmm.h"
 
 #include "tilt/core/log.h"
 
@@ -13,6 +14,7 @@
 #include "tilt/model/mlp.h"
 #include "tilt/model/torchscript.h"
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
@@ -55,7 +57,7 @@ void check_number_in_range(const std::string& name, double value, double lo, dou
 }
 
 void finish_config_root(ConfigSection& root) {
-  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc"});
+  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc", "conditions"});
   root.finish();
 }
 
@@ -91,13 +93,23 @@ RunSettings read_run_settings(ConfigSection& root) {
   return s;
 }
 
-std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root) {
+std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root, Tensor* shift) {
   ConfigSection data = root.section("data");
   if (data.has("type") && (data.string("type") == "csv" || data.string("type") == "digits")) {
     data.allow({"path", "holdout"});
     return nullptr;
   }
-  return read_mixture(data);
+  Tensor M;
+  if (data.has("shift")) {
+    if (!shift) data.fail("shift", "makes the data conditional, which only [base] type = \"exact\", tilt finetune and tilt eval use");
+    M = read_table(data, "shift", 0, 0);
+  }
+  auto mixture = read_mixture(data);
+  if (M.defined() && M.size(0) != mixture->dim()) {
+    data.fail("shift", "must have " + std::to_string(mixture->dim()) + " rows (the data dimension), got " + std::to_string(M.size(0)));
+  }
+  if (shift) *shift = M;
+  return mixture;
 }
 
 std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout) {
@@ -156,19 +168,67 @@ VelocityFieldPtr read_base(ConfigSection& root) {
   }
   base.finish();
   const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
-  auto mixture = read_data_mixture(root);
+  Tensor shift;
+  auto mixture = read_data_mixture(root, &shift);
   if (!mixture) throw Error("[base] type = \"exact\" needs [data] to be a Gaussian mixture (type gmm or ring)");
+  if (shift.defined()) return std::make_shared<ConditionalGmmVelocity>(mixture, shift, schedule);
   return std::make_shared<GmmVelocity>(mixture, schedule);
 }
 
-std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why) {
-  ExactProblem p;
-  p.base = read_data_mixture(root);
-  if (!p.base) {
+ConditionSetPtr read_training_conditions(ConfigSection& root, const VelocityField& base) {
+  const int64_t dc = base.condition_dim();
+  if (dc == 0 && !root.has("conditions")) return nullptr;
+  if (dc == 0) throw Error("[conditions] is given, but the base model of [base] is unconditional (it takes no condition)");
+  if (!root.has("conditions")) {
+    throw Error("the base model of [base] is conditional (a condition of " + std::to_string(dc) +
+                " numbers): fine-tuning needs [conditions] with train, classes or file (docs/conditions.md)");
+  }
+  return read_conditions(root.section("conditions"), dc).train;
+}
+
+std::optional<ConditionalExactProblem> read_conditional_exact_problem(ConfigSection& root, std::string* why) {
+  ConditionalExactProblem p;
+  p.mixture = read_data_mixture(root, &p.shift);
+  if (!p.mixture) {
     if (why) *why = "[data] is not a Gaussian mixture";
     return std::nullopt;
   }
-  p.reward = read_reward(root.section("reward"), p.base->dim(), &p.lambda);
+  p.reward = read_reward(root.section("reward"), p.mixture->dim(), &p.lambda);
+  if (p.shift.defined() && p.reward->condition_dim() > 0 && p.reward->condition_dim() != p.shift.size(1)) {
+    throw Error("[data] shift moves the data with a condition of " + std::to_string(p.shift.size(1)) +
+                " numbers, but [reward] takes " + std::to_string(p.reward->condition_dim()));
+  }
+  return p;
+}
+
+int64_t ConditionalExactProblem::condition_dim() const {
+  return shift.defined() ? shift.size(1) : reward->condition_dim();
+}
+
+std::optional<ExactProblem> ConditionalExactProblem::at(const Tensor& condition, std::string* why) const {
+  ExactProblem p;
+  p.base = mixture;
+  p.reward = reward;
+  p.lambda = lambda;
+  const int64_t dc = condition_dim();
+  if (dc > 0 && !condition.defined()) {
+    if (why) *why = "the problem is conditional: its target p*(. | c) needs a condition (--condition)";
+    return std::nullopt;
+  }
+  if (condition.defined()) {
+    if (dc == 0) throw Error("a condition was given, but the config's data and reward take none");
+    if (condition.numel() != dc) {
+      throw Error("the condition has " + std::to_string(condition.numel()) + " numbers, but the config's problem takes " +
+                  std::to_string(dc));
+    }
+    const Tensor c = condition.to(at::kDouble).reshape({1, dc});
+    if (shift.defined()) {  // p_base(. | c) = p_0(. - M c) (E98)
+      p.base = std::make_shared<GaussianMixture>(mixture->weights(), mixture->means() + at::matmul(c, shift.t()),
+                                                 mixture->covariances());
+    }
+    if (const auto* moving = dynamic_cast<const ConditionalMixtureTilt*>(reward.get())) p.reward = moving->at(c);
+    else if (reward->condition_dim() > 0) p.reward = bind_condition(reward, c);
+  }
   auto tilted = exact_tilt(*p.reward, *p.base, p.lambda, &p.log_z);
   if (!tilted) {
     if (why) *why = "the " + p.reward->kind() + " reward with lambda = " + std::to_string(p.lambda) + " has no closed-form tilt";
@@ -176,6 +236,12 @@ std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string*
   }
   p.target = std::make_shared<GaussianMixture>(*tilted);
   return p;
+}
+
+std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why, const Tensor& condition) {
+  const auto problem = read_conditional_exact_problem(root, why);
+  if (!problem) return std::nullopt;
+  return problem->at(condition, why);
 }
 
 namespace {

@@ -1,5 +1,7 @@
 #include "tilt/io/sample_sets.h"
 
+#include "conditional_eval.h"
+
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
@@ -10,13 +12,18 @@
 #include "tilt/io/plot.h"
 #include "tilt/io/run.h"
 #include "tilt/io/samples.h"
+#include "tilt/model/condition.h"
 #include "tilt/sde/sampler.h"
 
 #include <ATen/ATen.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <functional>
 #include <map>
+#include <sstream>
 
 namespace tilt {
 namespace {
@@ -30,18 +37,73 @@ std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
   return out;
 }
 
+// The conditions of --condition / --conditions ([N, dc] float64), undefined when neither is given.
+Tensor read_draw_conditions(const DrawOptions& o) {
+  if (!o.condition.empty() && !o.conditions.empty()) throw Error("give --condition or --conditions, not both");
+  if (!o.conditions.empty()) return read_samples_csv(o.conditions).to(at::kDouble);
+  if (o.condition.empty()) return Tensor();
+  std::vector<double> c;
+  std::string field;
+  std::istringstream fields(o.condition);
+  while (std::getline(fields, field, ',')) {
+    char* end = nullptr;
+    const double v = std::strtod(field.c_str(), &end);
+    if (field.empty() || *end != '\0' || !std::isfinite(v)) {
+      throw Error("--condition must be comma-separated finite numbers, got '" + o.condition + "'");
+    }
+    c.push_back(v);
+  }
+  return at::tensor(c, at::TensorOptions().dtype(at::kDouble)).reshape({1, -1});
+}
+
+// n samples at each condition (one draw with none), condition i from its own generator; draw(c, gen) draws
+// at one condition ([1, dc], undefined for none).
+DrawnSamples draw_per_condition(const Tensor& conditions, int64_t n, uint64_t stream,
+                                const std::function<Tensor(const Tensor&, Generator&)>& draw) {
+  DrawnSamples d;
+  if (!conditions.defined()) {
+    Generator gen = make_generator(stream);
+    d.x = draw(Tensor(), gen);
+    return d;
+  }
+  if (conditions.size(0) * n > limits::kSamples) {
+    throw Error("--n " + std::to_string(n) + " at each of " + std::to_string(conditions.size(0)) + " conditions is more than " +
+                std::to_string(limits::kSamples) + " samples");
+  }
+  std::vector<Tensor> xs, cs;
+  for (int64_t i = 0; i < conditions.size(0); ++i) {
+    Generator gen = make_generator(conditions.size(0) == 1 ? stream : mix_seed(stream, static_cast<uint64_t>(i)));
+    const Tensor c = conditions.narrow(0, i, 1);
+    xs.push_back(draw(c, gen));
+    cs.push_back(c.expand({n, c.size(1)}));
+  }
+  d.x = at::cat(xs);
+  d.c = at::cat(cs);
+  return d;
+}
+
 DrawnSamples draw_exact(const DrawOptions& o) {
   if (o.exact != "base" && o.exact != "target") throw Error("--exact must be 'base' or 'target'");
   if (o.config.empty()) throw Error("--exact needs --config (-c): the config whose base and target to sample");
+  if (o.guidance != 0.0) throw Error("--guidance applies to a model's samples, not to exact ones");
   Config config(o.config, o.set);
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);
   std::string why;
-  auto exact = read_exact_problem(root, &why);
-  if (!exact) throw Error("no exact " + o.exact + " for this config: " + why);
+  const auto problem = read_conditional_exact_problem(root, &why);
+  if (!problem) throw Error("no exact " + o.exact + " for this config: " + why);
   finish_config_root(root);
-  Generator gen = make_generator(mix_seed(settings.seed, 17));
-  return {(o.exact == "base" ? exact->base : exact->target)->sample(o.n, gen), "exact " + o.exact + " samples"};
+  const Tensor conditions = read_draw_conditions(o);
+  if (problem->condition_dim() > 0 && !conditions.defined()) {
+    throw Error("the config's problem is conditional: give --condition or --conditions (docs/conditions.md)");
+  }
+  DrawnSamples d = draw_per_condition(conditions, o.n, mix_seed(settings.seed, 17), [&](const Tensor& c, Generator& gen) {
+    auto exact = problem->at(c.defined() ? c[0] : c, &why);
+    if (!exact) throw Error("no exact " + o.exact + " for this config: " + why);
+    return (o.exact == "base" ? exact->base : exact->target)->sample(o.n, gen);
+  });
+  d.what = "exact " + o.exact + " samples";
+  return d;
 }
 
 NoiseSchedulePtr model_noise(const DrawOptions& o, const LoadedModel& m, int64_t steps) {
@@ -81,9 +143,26 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
   if (opts.integrator == Integrator::heun && !noise->is_zero()) {
     throw Error("--integrator heun is for the ODE only (--noise ode); the noise schedule is " + noise->describe());
   }
-  Generator gen = make_generator(mix_seed(static_cast<uint64_t>(o.seed), 17));
-  return {sample(GenerativeSDE(m.field, noise), o.n, TimeGrid::uniform(steps), gen, opts),
-          "samples of " + o.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps"};
+  const Tensor conditions = read_draw_conditions(o);
+  if (m.field->condition_dim() > 0 && !conditions.defined()) {
+    throw Error("model file '" + o.model + "' is conditional (a condition of " + std::to_string(m.field->condition_dim()) +
+                " numbers): give --condition or --conditions (docs/conditions.md)");
+  }
+  if (m.field->condition_dim() == 0 && (conditions.defined() || o.guidance != 0.0)) {
+    throw Error("model file '" + o.model + "' is unconditional: it takes no --condition, --conditions or --guidance");
+  }
+  if (conditions.defined() && conditions.size(1) != m.field->condition_dim()) {
+    throw Error(std::string(o.condition.empty() ? "--conditions" : "--condition") + " gives conditions of " +
+                std::to_string(conditions.size(1)) + " numbers, but model file '" + o.model + "' takes " +
+                std::to_string(m.field->condition_dim()));
+  }
+  DrawnSamples d = draw_per_condition(conditions, o.n, mix_seed(static_cast<uint64_t>(o.seed), 17), [&](const Tensor& c, Generator& gen) {
+    const VelocityFieldPtr field = bind_condition(m.field, c.defined() ? c.to(at::kFloat) : c, o.guidance);
+    return sample(GenerativeSDE(field, noise), o.n, TimeGrid::uniform(steps), gen, opts);
+  });
+  d.what = "samples of " + o.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps" +
+           (o.guidance != 0.0 ? ", guidance w = " + number_string(o.guidance) : std::string());
+  return d;
 }
 
 }  // namespace
@@ -109,7 +188,7 @@ DrawnSamples write_samples(const DrawOptions& o) {
                 std::to_string(o.n) + " samples with NaN or Inf values; nothing was written to " + o.out +
                 " (the model's velocity is not finite somewhere on the sampling path: its weights are damaged, or too large)");
   }
-  write_samples_csv(o.out, d.x);
+  write_samples_csv(o.out, d.x, d.c);
   if (!o.png.empty()) plot::write_scatter_png(o.png, {{d.what, first_two_coordinates(d.x)}});
   return d;
 }
@@ -205,6 +284,10 @@ void check_eval_options(const EvalOptions& o) {
 
 Json evaluate_sample_files(Config& config, const EvalOptions& o) {
   check_eval_options(o);
+  if (config_is_conditional(config)) {
+    if (!o.reference.empty()) throw Error("--reference: the config's problem is conditional and has an exact target at every condition");
+    return evaluate_conditional_sample_files(config, o.samples, o.replicates);
+  }
   const Target t = read_target(config, o);
   Generator gen = make_generator(mix_seed(t.seed, 29));
   Json out;
@@ -226,6 +309,7 @@ Json evaluate_sample_files(Config& config, const EvalOptions& o) {
 }
 
 std::string evaluation_text(const Json& r, const EvalOptions& o) {
+  if (r["target"]["kind"] == "exact_conditional") return conditional_evaluation_text(r, o.samples, o.replicates);
   std::string out;
   char line[1024];
   const auto add = [&](int n) { out += std::string(line, static_cast<size_t>(std::min<int>(n, sizeof line - 1))); };

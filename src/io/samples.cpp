@@ -14,19 +14,25 @@
 
 namespace tilt {
 
-void write_samples_csv(const std::string& path, const Tensor& x_in) {
+void write_samples_csv(const std::string& path, const Tensor& x_in, const Tensor& conditions) {
   if (!x_in.defined() || x_in.dim() != 2) throw Error("samples must be [n, d], got " + shape_string(x_in));
-  const Tensor x = x_in.detach().to(at::kDouble).contiguous();
-  const int64_t n = x.size(0), d = x.size(1);
+  if (conditions.defined() && (conditions.dim() != 2 || conditions.size(0) != x_in.size(0))) {
+    throw Error("conditions must be [n, dc] for samples " + shape_string(x_in) + ", got " + shape_string(conditions));
+  }
+  const int64_t d = x_in.size(1), dc = conditions.defined() ? conditions.size(1) : 0;
+  const Tensor x = (dc > 0 ? at::cat({x_in.detach().to(at::kDouble), conditions.to(at::kDouble)}, 1)
+                           : x_in.detach().to(at::kDouble)).contiguous();
+  const int64_t n = x.size(0), w = d + dc;
   const double* p = x.data_ptr<double>();
   std::string out;
-  out.reserve(static_cast<size_t>(n * d * 14 + 32));
+  out.reserve(static_cast<size_t>(n * w * 14 + 32));
   for (int64_t j = 0; j < d; ++j) out += (j ? ",x" : "x") + std::to_string(j);
+  for (int64_t j = 0; j < dc; ++j) out += ",c" + std::to_string(j);
   out += '\n';
   char buf[32];
   for (int64_t i = 0; i < n; ++i) {
-    for (int64_t j = 0; j < d; ++j) {
-      std::snprintf(buf, sizeof buf, "%s%.7g", j ? "," : "", p[i * d + j]);
+    for (int64_t j = 0; j < w; ++j) {
+      std::snprintf(buf, sizeof buf, "%s%.7g", j ? "," : "", p[i * w + j]);
       out += buf;
     }
     out += '\n';
@@ -34,16 +40,35 @@ void write_samples_csv(const std::string& path, const Tensor& x_in) {
   atomic_write(path, out);
 }
 
-Tensor read_samples_csv(const std::string& path) {
+namespace {
+
+// The number of columns the header names c0, c1, ... (at its end); 0 without them.
+int64_t condition_columns(const std::string& header) {
+  std::istringstream fields(header);
+  std::string field;
+  int64_t count = 0;
+  while (std::getline(fields, field, ',')) {
+    if (field == "c" + std::to_string(count)) ++count;
+    else if (count > 0) return 0;  // conditions are the last columns, or none
+  }
+  return count;
+}
+
+}  // namespace
+
+Tensor read_samples_csv(const std::string& path, Tensor* conditions) {
   std::istringstream in(read_file(path, "samples file"));
   std::string line;
   std::vector<float> values;
-  int64_t d = -1, n = 0, line_no = 0;
+  int64_t d = -1, n = 0, line_no = 0, dc = 0;
   while (std::getline(in, line)) {
     ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty() || line[0] == '#') continue;
-    if (line_no == 1 && (std::isalpha(static_cast<unsigned char>(line[0])) || line[0] == '"')) continue;  // header
+    if (line_no == 1 && (std::isalpha(static_cast<unsigned char>(line[0])) || line[0] == '"')) {  // header
+      dc = condition_columns(line);
+      continue;
+    }
     if (line.find('\0') != std::string::npos) {
       throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": holds NUL bytes (a damaged file?)");
     }
@@ -76,7 +101,10 @@ Tensor read_samples_csv(const std::string& path) {
     ++n;
   }
   if (n == 0) throw Error("samples file '" + path + "' holds no samples");
-  return at::from_blob(values.data(), {n, d}, at::kFloat).clone();
+  if (dc >= d) throw Error("samples file '" + path + "': its header names every column a condition (c0, c1, ...)");
+  const Tensor all = at::from_blob(values.data(), {n, d}, at::kFloat);
+  if (conditions) *conditions = dc > 0 ? all.narrow(1, d - dc, dc).to(at::kDouble) : Tensor();
+  return all.narrow(1, 0, d - dc).clone();
 }
 
 }  // namespace tilt

@@ -3,6 +3,7 @@
 #pragma once
 
 #include "tilt/io/config.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
@@ -43,8 +44,22 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection section);
 
 /// [reward]: type = "linear" (a) | "quadratic" (center, precision) | "gmm" (a mixture) |
 /// "torchscript" (path: a module from PyTorch, forward(x) -> r [B]); and
-/// lambda, the reward multiplier, returned in *lambda.
+/// lambda, the reward multiplier, returned in *lambda. A linear reward with a_shift, or a quadratic one
+/// with center_shift (N: d rows of dc numbers), moves with the condition c (docs/conditions.md).
 RewardPtr read_reward(ConfigSection section, int64_t dim, double* lambda);
+
+/// A table of data-space numbers under `key`: `rows` rows (0: any number >= 1) of `cols` numbers (0: any
+/// number >= 1, the same in every row), [rows, cols] in float64; the message names the key.
+Tensor read_table(ConfigSection& section, const std::string& key, int64_t rows, int64_t cols);
+
+/// [conditions] (docs/conditions.md): the training conditions (train = a table, classes = n for the
+/// one-hot rows of n classes, or file = a CSV of one condition per line) and, for evaluation only,
+/// held_out and outside (tables). dim: the model's condition size (every table must have it).
+struct ConditionsPlan {
+  ConditionSetPtr train;
+  Tensor held_out, outside;  ///< [N, dc] float64; undefined when not given
+};
+ConditionsPlan read_conditions(ConfigSection section, int64_t dim);
 
 /// An integer key in lo..hi, or a number in [lo, hi]; the message names the key and gives the range.
 int64_t read_integer_in(ConfigSection& section, const std::string& key, int64_t default_value, int64_t lo, int64_t hi);

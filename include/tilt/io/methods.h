@@ -5,6 +5,7 @@
 #pragma once
 
 #include "tilt/io/config.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
@@ -28,6 +29,8 @@ struct FinetunePlan {
   int64_t num_steps = 40, batch_size = 40;
   double lambda = 1.0;
   RewardPtr reward;
+  /// The training conditions of a conditional base ([conditions] train; docs/conditions.md); null otherwise.
+  ConditionSetPtr conditions;
   FineTuneMode mode = FineTuneMode::residual;
   MlpOptions mlp;          ///< the trainable network (hidden, time_features)
   TrainerOptions trainer;  ///< Adam and the run's length (the Adjoint Matching paper's settings by default)
@@ -76,11 +79,14 @@ std::vector<std::string> finetune_method_names();
 /// [finetune] (the keys common to all methods: method, noise, model, hidden, time_features,
 /// num_steps, batch_size, and the trainer's) and the method's table [finetune.<method>]. Checks
 /// every key; the tables of the other methods may be present (their keys are checked by name).
-/// The section is finished (unknown keys are errors).
-FinetunePlan read_finetune(ConfigSection& finetune, const VelocityField& base, RewardPtr reward, double lambda);
+/// The section is finished (unknown keys are errors). `conditions`: the training conditions of a
+/// conditional base (required for one, refused for an unconditional one).
+FinetunePlan read_finetune(ConfigSection& finetune, const VelocityField& base, RewardPtr reward, double lambda,
+                           ConditionSetPtr conditions = nullptr);
 
 /// For C++ callers: the same from a JSON table shaped like [finetune], e.g.
 /// {{"method", "draft"}, {"num_steps", 20}, {"draft", {{"draft_k", 2}}}}.
-FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda);
+FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda,
+                                ConditionSetPtr conditions = nullptr);
 
 }  // namespace tilt

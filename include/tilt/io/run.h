@@ -6,6 +6,7 @@
 
 #include "tilt/core/fs.h"
 #include "tilt/io/config.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/velocity.h"
@@ -51,17 +52,24 @@ bool is_writer(const ProcessGroupPtr& group);
 /// The shards a run uses: `shards`, or one per process when it is 0.
 int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group);
 
-/// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set).
-std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root);
+/// The data distribution of [data] when it is a Gaussian mixture (nullptr for a CSV data set). A mixture
+/// whose means move with a condition (shift = M, d rows of dc numbers; docs/conditions.md) puts M in
+/// *shift; with shift null such a [data] is refused, naming the key.
+std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root, Tensor* shift = nullptr);
 
 /// The labelled images of [data] when it is an image data set (type = "digits"; path, default
 /// data/digits/digits.csv.gz); nullopt for mixtures and CSV samples.
 /// *holdout receives the share of each class that `tilt classifier` holds out for testing.
 std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout = nullptr);
 
-/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data]), "model" (a file),
-/// or "torchscript" (a module exported from PyTorch, frozen).
+/// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data], conditional when [data]
+/// has a shift), "model" (a file), or "torchscript" (a module exported from PyTorch, frozen).
 VelocityFieldPtr read_base(ConfigSection& root);
+
+/// The training conditions of [conditions] for a conditional base (docs/conditions.md); null for an
+/// unconditional one. Throws tilt::Error when a conditional base has no [conditions], or an unconditional
+/// one has some.
+ConditionSetPtr read_training_conditions(ConfigSection& root, const VelocityField& base);
 
 /// The exact ground truth of a config whose data is a Gaussian mixture and whose reward has a
 /// closed-form tilt: p_base and p* (docs/equations.md, E75-E77).
@@ -71,8 +79,27 @@ struct ExactProblem {
   double lambda = 1.0;
   double log_z = 0.0;
 };
-/// nullopt (with the reason in *why) if there is no exact target.
-std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why = nullptr);
+/// The problem of a config whose data is a Gaussian mixture, conditional or not (docs/conditions.md):
+/// p_0 and M of [data] (shift undefined: the data do not move with c), the reward of [reward], lambda.
+struct ConditionalExactProblem {
+  std::shared_ptr<GaussianMixture> mixture;
+  Tensor shift;
+  RewardPtr reward;
+  double lambda = 1.0;
+  /// dc of the data (or of the reward, when only the reward moves); 0 for an unconditional problem.
+  int64_t condition_dim() const;
+  /// The exact problem at one condition ([dc]; undefined for an unconditional problem): p_base(. | c),
+  /// r(., c), p*(. | c) (E96-E99). nullopt, with the reason in *why, when there is no closed form.
+  std::optional<ExactProblem> at(const Tensor& condition, std::string* why = nullptr) const;
+};
+/// nullopt (with the reason in *why) if [data] is not a Gaussian mixture.
+std::optional<ConditionalExactProblem> read_conditional_exact_problem(ConfigSection& root, std::string* why = nullptr);
+
+/// nullopt (with the reason in *why) if there is no exact target. For conditional data or a conditional
+/// reward the problem is the one at `condition` ([dc]): p_base(. | c), r(., c), p*(. | c) (E96-E99);
+/// without a condition there is no single target (nullopt, saying so).
+std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string* why = nullptr,
+                                               const Tensor& condition = Tensor());
 
 /// A run directory for training, locked while this process writes it (a second writer is refused,
 /// naming this PID). Refuses to overwrite a run that has a checkpoint or a model unless resuming;

@@ -28,9 +28,14 @@ struct DrawOptions {
   int threads = 0;     ///< for a model file (--exact takes the config's); 0: all cores
   std::string out;     ///< write_samples: the CSV file
   std::string png;     ///< write_samples: also a scatter plot of the first two coordinates (optional)
+  /// A conditional model or config (docs/conditions.md): one condition, comma-separated numbers, or a CSV
+  /// file of conditions (one per line); n samples are drawn at each, condition i from mix_seed(stream, i).
+  std::string condition, conditions;
+  double guidance = 0.0;  ///< classifier-free guidance weight w (docs/equations.md, E97); 0: none
 };
 struct DrawnSamples {
-  Tensor x;          ///< [n, d], every value finite
+  Tensor x;          ///< [n, d] (n per condition), every value finite
+  Tensor c;          ///< [n, dc]: each sample's condition; undefined for an unconditional model
   std::string what;  ///< "samples of <model> with <noise>, <steps> steps" or "exact <base|target> samples"
 };
 /// Draws with the generator mix_seed(seed, 17). The config is read for exact samples only, and then

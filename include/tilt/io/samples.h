@@ -1,5 +1,6 @@
 // Sample sets as CSV: one sample per line, d comma-separated numbers, an optional header line
-// "x0,x1,...". Written atomically.
+// "x0,x1,...". Samples of a conditional model carry their condition in further columns, named by the
+// header "x0,...,x{d-1},c0,...,c{dc-1}" (docs/conditions.md). Written atomically.
 #pragma once
 
 #include "tilt/core/tensor.h"
@@ -8,8 +9,11 @@
 
 namespace tilt {
 
-void write_samples_csv(const std::string& path, const Tensor& x);
-/// [n, d] float32. Throws tilt::Error with the file and line for ragged rows or non-numbers.
-Tensor read_samples_csv(const std::string& path);
+/// conditions: [n, dc] written after the samples' columns, or undefined (none).
+void write_samples_csv(const std::string& path, const Tensor& x, const Tensor& conditions = Tensor());
+/// [n, d] float32. Throws tilt::Error with the file and line for ragged rows or non-numbers. The
+/// condition columns (those the header names c0, c1, ...) go to *conditions ([n, dc] float64; undefined
+/// when the file has none); without a pointer they are left out.
+Tensor read_samples_csv(const std::string& path, Tensor* conditions = nullptr);
 
 }  // namespace tilt

@@ -22,7 +22,7 @@ Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::st
 
 /// The field at fixed conditions c ([B, dc] for batches of B rows, or [1, dc] for any batch; undefined:
 /// the null condition), an unconditional field, with classifier-free guidance of weight w:
-///   v(x, t) = (1 + w) v(x, t | c) - w v(x, t | null)   (Adjoint Matching, Sec. 7; docs/equations.md, E100).
+///   v(x, t) = (1 + w) v(x, t | c) - w v(x, t | null)   (Adjoint Matching, Sec. 7; docs/equations.md, E97).
 /// Its parameters are the field's own (training the bound field trains the field). w = 0 is plain
 /// conditioning. Throws tilt::Error if the field takes no condition but c is given, or if w != 0 for a
 /// null c.

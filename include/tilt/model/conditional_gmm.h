@@ -1,4 +1,4 @@
-// Exact ground truth for conditions (docs/conditions.md; docs/equations.md, E101-E103): a Gaussian-mixture
+// Exact ground truth for conditions (docs/conditions.md; docs/equations.md, E98-E99): a Gaussian-mixture
 // base whose means move with c, and rewards whose centre or direction moves with c, so that
 // p*(x | c) ∝ p_base(x | c) exp(lambda r(x, c)) is a Gaussian mixture, in closed form, for every c.
 //

@@ -597,5 +597,38 @@ TEST(TorchScript, ExportOfConditionalModelsTakesC) {
   }
 }
 
+TEST(TorchScript, ConditionalModulesInModelFiles) {
+  // Residual over a scripted conditional base, saved with its training conditions: the archive, the
+  // condition size (given, the module has no attribute) and the null condition (or its absence) come back.
+  TempDir dir;
+  Generator gen = make_generator(28);
+  const Tensor A = at::randn({2, 3}, gen);
+  const Tensor x = at::randn({5, 3}, gen), t = at::rand({5}, gen), c = at::randn({5, 2}, gen);
+  const Tensor conditions = at::eye(2, kDouble);
+  for (const bool optional : {true, false}) {
+    auto m = conditional_module(A, optional, /*with_attribute=*/false);
+    TorchScriptOptions o;
+    o.condition_dim = 2;
+    auto base = TorchScriptVelocity::load(save(m, dir.file("c.ts")), make_linear_schedule(), o);
+    auto ft = make_finetuned(base, FineTuneMode::residual, {8}, 4, 29);
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : ft->parameters()) p.add_(0.1 * at::randn(p.sizes(), gen));
+    }
+    save_velocity(*ft, dir.file("ft.pt"), Json::object(), conditions);
+    fs::remove(dir.file("c.ts"));
+    const LoadedModel loaded = load_velocity(dir.file("ft.pt"));
+    EXPECT_EQ(loaded.field->condition_dim(), 2);
+    EXPECT_TRUE(loaded.conditions.equal(conditions));
+    EXPECT_TRUE(loaded.field->conditional_velocity(x, t, c).allclose(ft->conditional_velocity(x, t, c), 1e-6, 1e-6));
+    auto lft = std::dynamic_pointer_cast<FineTunedVelocity>(loaded.field);
+    ASSERT_TRUE(lft);
+    auto lbase = std::dynamic_pointer_cast<TorchScriptVelocity>(lft->base());
+    ASSERT_TRUE(lbase);
+    EXPECT_EQ(lbase->has_null_condition(), optional);
+    if (optional) EXPECT_TRUE(loaded.field->velocity(x, t).allclose(ft->velocity(x, t), 1e-6, 1e-6));
+  }
+}
+
 }  // namespace
 }  // namespace tilt

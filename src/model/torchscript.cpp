@@ -811,7 +811,14 @@ void check_export(torch::jit::Module& loaded, const VelocityField& field, const 
   std::vector<c10::IValue> inputs{x, t};
   if (field.condition_dim() > 0) inputs.push_back(c.defined() ? c10::IValue(c) : c10::IValue());
   const Tensor expected = c.defined() ? field.conditional_velocity(x, t, c) : field.velocity(x, t);
-  const Tensor got = loaded.forward(inputs).toTensor();
+  Tensor got;
+  try {
+    got = loaded.forward(inputs).toTensor();
+  } catch (const std::exception& e) {
+    throw Error("export: the TorchScript module fails where tilt's velocity does not" +
+                std::string(c.defined() ? " (at conditions c)" : field.condition_dim() > 0 ? " (at c = None)" : "") +
+                ": " + describe_error(e));
+  }
   const double err = (got - expected).abs().max().item<double>();
   const double scale = 1.0 + expected.abs().max().item<double>();
   if (!(err <= 1e-4 * scale)) {

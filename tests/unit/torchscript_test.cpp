@@ -630,5 +630,56 @@ TEST(TorchScript, ConditionalModulesInModelFiles) {
   }
 }
 
+// A user's conditional kind: v(x, t | c) = x (1 + sum c), and x at the null condition.
+class UserConditional : public VelocityField {
+ public:
+  explicit UserConditional(std::string kind) : VelocityField(make_linear_schedule()), kind_(std::move(kind)) {}
+  std::string kind() const override { return kind_; }
+  int64_t dim() const override { return 2; }
+  int64_t condition_dim() const override { return 2; }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor&) const override { return x; }
+  Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override {
+    if (!c.defined()) return velocity(x, t);
+    return x * (1.0 + condition_rows(c, x.size(0), 2, kind_).sum(1, true));
+  }
+
+ private:
+  std::string kind_;
+};
+
+std::string archive_of(torch::jit::Module m) {
+  std::ostringstream out;
+  m.save(out);
+  return out.str();
+}
+
+TEST(TorchScript, ExportOfAConditionalUserKindNeedsForwardXTC) {
+  register_torchscript_export("test_user_conditional", [](const VelocityField&) {
+    return archive_of(make_module("def forward(self, x, t, c: Optional[Tensor]):\n"
+                                  "    if c is None:\n        return x\n"
+                                  "    return x * (1.0 + c.sum(1, keepdim=True))\n"));
+  });
+  const UserConditional field("test_user_conditional");
+  Generator gen = make_generator(30);
+  const Tensor x = at::randn({6, 2}, gen), t = at::rand({6}, gen), c = at::randn({6, 2}, gen);
+  const std::string bytes = export_torchscript(field);
+  EXPECT_TRUE(run_conditional_export(bytes, x, t, c).allclose(field.conditional_velocity(x, t, c), 1e-6, 1e-6));
+  EXPECT_TRUE(run_conditional_export(bytes, x, t, Tensor()).allclose(x, 1e-6, 1e-6));
+  // An exporter that returns forward(x, t) for a conditional field, or one that gets c wrong.
+  register_torchscript_export("test_user_unconditional_module", [](const VelocityField&) {
+    return archive_of(make_module("def forward(self, x, t):\n    return x\n"));
+  });
+  expect_contains(error_of([&] { export_torchscript(UserConditional("test_user_unconditional_module")); }),
+                  "must have forward(x, t, c: Optional[Tensor]), as the field is conditional, but its signature is");
+  register_torchscript_export("test_user_wrong_c", [](const VelocityField&) {
+    return archive_of(make_module("def forward(self, x, t, c: Optional[Tensor]):\n"
+                                  "    if c is None:\n        return x\n"
+                                  "    return x * (1.0 - c.sum(1, keepdim=True))\n"));
+  });
+  expect_contains(error_of([&] { export_torchscript(UserConditional("test_user_wrong_c")); }),
+                  "export: the TorchScript module disagrees with tilt's velocity at conditions c");
+}
+
 }  // namespace
 }  // namespace tilt

@@ -21,6 +21,10 @@ What tilt expects (README, "Using models from PyTorch (TorchScript)"):
   Give the module an integer attribute `dim` (as below), or set [base] dim in the config.
 * reward model: a TorchScript module whose forward(x) takes x [B, d] and returns r [B]. tilt takes
   its gradient with autograd, so it must be differentiable in x.
+* conditional models (a condition c [B, dc], e.g. a class's one-hot row): forward(x, t, c) for a
+  base, forward(x, c) for a reward, with an integer attribute `condition_dim = dc`. Declare
+  c: Optional[torch.Tensor] and handle c = None to give the model a null condition (what guidance
+  subtracts); tilt's export of a conditional model has forward(x, t, c=None).
 
 Both are scripted with torch.jit.script (torch.jit.trace works too, but a traced module loses the
 `dim` attribute and bakes in Python control flow).

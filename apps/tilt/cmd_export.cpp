@@ -24,11 +24,14 @@ int run_export(const ExportArgs& args) {
     throw Error("model file '" + args.model + "': " + e.what());
   }
   atomic_write(args.out, module);
-  info("wrote " + args.out + " (TorchScript: forward(x [B, " + std::to_string(m.field->dim()) +
-       "], t [B]) -> velocity, schedule " + m.field->schedule()->name() + ")");
+  const int64_t dc = m.field->condition_dim();
+  info("wrote " + args.out + " (TorchScript: forward(x [B, " + std::to_string(m.field->dim()) + "], t [B]" +
+       (dc > 0 ? ", c [B, " + std::to_string(dc) + "] or None" : std::string()) + ") -> velocity, schedule " +
+       m.field->schedule()->name() + ")");
   if (!args.reference.empty()) {
     write_velocity_check_file(*m.field, args.reference, args.points, static_cast<uint64_t>(args.seed));
-    info("wrote " + args.reference + " (x, t and tilt's velocity v at " + std::to_string(args.points) + " points)");
+    info("wrote " + args.reference + " (x, t" + (dc > 0 ? std::string(", c") : std::string()) +
+         " and tilt's velocity v at " + std::to_string(args.points) + " points)");
   }
   report({{"module", args.out}, {"check_file", args.reference.empty() ? Json() : Json(args.reference)}});
   return 0;
@@ -39,7 +42,10 @@ const bool registered = add_command(
     {"export", "Write a model file as a TorchScript module that PyTorch's torch.jit.load runs", 50, [](CLI::App& app) {
        auto args = std::make_shared<ExportArgs>();
        app.add_option("-m,--model", args->model, "Model file (model.pt of a run)")->required();
-       app.add_option("-o,--out", args->out, "File: the TorchScript module (forward(x [B, d], t [B]) -> velocity [B, d])")->required();
+       app.add_option("-o,--out", args->out,
+                      "File: the TorchScript module (forward(x [B, d], t [B]) -> velocity [B, d]; a conditional "
+                      "model's forward(x, t, c [B, dc] or None))")
+           ->required();
        app.add_option("--check-file", args->reference,
                       "Also write points x, times t and tilt's velocity v there to this file (a dict torch.load reads), "
                       "to check the module against in Python");

@@ -7,6 +7,7 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/sampling_run.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/conditional_gmm.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
@@ -30,6 +31,9 @@ namespace tilt {
 namespace {
 
 constexpr const char* kFormat = model_file::kFormat;
+// The training conditions [N, dc] a conditional model's file records (float64); "__" keeps the entry out
+// of every field's tensors (ModelReader::names).
+constexpr const char* kConditionsKey = "__conditions__";
 constexpr int kVersion = model_file::kVersion;
 
 using TensorMap = archive::TensorMap;
@@ -86,13 +90,16 @@ Json save_mlp(const VelocityField& field, ModelWriter& out) {
   const MlpVelocity& mlp = as<MlpVelocity>(field);
   for (const auto& [name, value] : mlp.named_parameters()) out.put(name, value);
   const MlpOptions& o = mlp.options();
-  return {{"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+  Json node = {{"dim", o.dim}, {"hidden", o.hidden}, {"time_features", o.time_features}};
+  if (o.condition_dim > 0) node["condition_dim"] = o.condition_dim;  // absent: unconditional (and older files)
+  return node;
 }
 
 // The network's tensors must have the shapes its metadata implies, checked before the network is
 // built: a width of 10^12 in the metadata must not allocate 10^12 weights first. The layers are
 // those of src/model/mlp.cpp: Linear (in -> width) at even positions of the Sequential, SiLU
-// between, the last Linear back to dim; in = dim + 1 + time_features.
+// between, the last Linear back to dim; in = dim + 1 + time_features (+ condition_dim + 1, the
+// condition and its flag, for a conditional network).
 void check_mlp(const MlpOptions& o, const ModelReader& in) {
   if (o.dim < 1) throw in.fail("the network's dim must be >= 1, got " + std::to_string(o.dim));
   if (o.hidden.empty()) throw in.fail("the network needs at least one hidden layer ('hidden' is empty)");
@@ -102,9 +109,10 @@ void check_mlp(const MlpOptions& o, const ModelReader& in) {
   if (o.time_features < 0 || o.time_features % 2 != 0) {
     throw in.fail("the network's time_features must be an even number >= 0, got " + std::to_string(o.time_features));
   }
+  if (o.condition_dim < 0) throw in.fail("the network's condition_dim must be >= 0, got " + std::to_string(o.condition_dim));
   std::vector<int64_t> widths = o.hidden;
   widths.push_back(o.dim);
-  int64_t fan_in = o.dim + 1 + o.time_features;
+  int64_t fan_in = o.dim + 1 + o.time_features + (o.condition_dim > 0 ? o.condition_dim + 1 : 0);
   std::vector<std::string> expected;
   for (size_t i = 0; i < widths.size(); ++i) {
     const std::string layer = std::to_string(2 * i) + ".";
@@ -117,7 +125,7 @@ void check_mlp(const MlpOptions& o, const ModelReader& in) {
         for (int64_t n : shape) want += (want.empty() ? "" : ", ") + std::to_string(n);
         throw in.fail("tensor '" + in.full_name(name) + "' must be [" + want + "], got " + shape_string(t) +
                       " (the network's metadata says dim " + std::to_string(o.dim) +
-                      ", hidden widths and time_features that do not fit its tensors)");
+                      ", hidden widths, time_features and condition_dim that do not fit its tensors)");
       }
       expected.push_back(name);
     }
@@ -138,6 +146,7 @@ VelocityFieldPtr load_mlp(const Json& node, const ModelReader& in) {
   if (!node.at("hidden").is_array()) throw in.fail("'hidden' must be a list of widths");
   for (const Json& w : node.at("hidden")) o.hidden.push_back(in.whole(w, "hidden"));
   o.time_features = in.whole(node.at("time_features"), "time_features");
+  o.condition_dim = node.contains("condition_dim") ? in.whole(node.at("condition_dim"), "condition_dim") : 0;
   check_mlp(o, in);
   auto mlp = std::make_shared<MlpVelocity>(o, in.schedule(), 0);
   NamedTensors values;
@@ -154,7 +163,9 @@ Json save_torchscript(const VelocityField& field, ModelWriter& out) {
   out.put("archive",
           at::from_blob(const_cast<char*>(bytes.data()), {static_cast<int64_t>(bytes.size())}, at::kByte).clone());
   const TorchScriptOptions& o = ts.options();
-  return {{"dim", o.dim}, {"prediction", to_string(o.prediction)}, {"t_min", o.t_min}};
+  Json node = {{"dim", o.dim}, {"prediction", to_string(o.prediction)}, {"t_min", o.t_min}};
+  if (o.condition_dim > 0) node["condition_dim"] = o.condition_dim;  // checked against the module on load
+  return node;
 }
 
 VelocityFieldPtr load_torchscript(const Json& node, const ModelReader& in) {
@@ -163,6 +174,8 @@ VelocityFieldPtr load_torchscript(const Json& node, const ModelReader& in) {
   o.dim = in.whole(node.at("dim"), "dim");
   o.prediction = parse_prediction(node.at("prediction").get<std::string>());
   o.t_min = node.at("t_min").get<double>();
+  o.condition_dim = node.contains("condition_dim") ? in.whole(node.at("condition_dim"), "condition_dim") : 0;
+  if (o.condition_dim < 0) throw in.fail("'condition_dim' must be >= 0, got " + std::to_string(o.condition_dim));
   return TorchScriptVelocity::from_bytes(
       std::string(static_cast<const char*>(archive.data_ptr()), static_cast<size_t>(archive.numel())),
       "in model file '" + in.path() + "' (" + in.full_name("archive") + ")", in.schedule(), o);
@@ -356,14 +369,17 @@ namespace {
 
 // Finite weights can still overflow float32 (weights of 1e38 give inf after one layer, then NaN):
 // the velocity at a few fixed points, at the start, middle and end of the time interval, must be
-// finite. The points: zeros, and two rows of magnitude up to 3 (where noise and data lie).
+// finite. The points: zeros, and two rows of magnitude up to 3 (where noise and data lie); a
+// conditional model's at the condition c = 0 (which every conditional model takes; not all have a null
+// condition).
 void check_velocity_is_finite(const VelocityField& field, const std::string& path) {
   at::NoGradGuard no_grad;
-  const int64_t d = field.dim();
+  const int64_t d = field.dim(), dc = field.condition_dim();
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
   const Tensor x = at::stack({at::zeros({d}, f32), at::linspace(-1.0, 1.0, d, f32), at::linspace(3.0, -3.0, d, f32)});
   for (const double t : {0.0, 0.5, 1.0 - 1e-3}) {
-    const Tensor v = field.velocity(x, t);
+    const Tensor v = dc == 0 ? field.velocity(x, t)
+                             : field.conditional_velocity(x, at::scalar_tensor(t, f32), at::zeros({1, dc}, f32));
     if (!v.isfinite().all().item<bool>()) {
       throw Error("model file '" + path + "' produces non-finite velocities (NaN or Inf at t = " + std::to_string(t) +
                   "): its weights are damaged, or too large for float32");
@@ -371,13 +387,69 @@ void check_velocity_is_finite(const VelocityField& field, const std::string& pat
   }
 }
 
+// The training conditions to record with a model: [N, dc] of the model's condition size, finite.
+Tensor conditions_to_save(const Tensor& conditions, int64_t condition_dim, const std::string& path) {
+  if (condition_dim == 0) {
+    throw Error("cannot write model file '" + path + "' with conditions: the model is unconditional (it takes no condition)");
+  }
+  try {
+    const ConditionSet set(conditions);  // [N, dc], N >= 1, finite; float64
+    if (set.dim() != condition_dim) {
+      throw Error("the conditions have size " + std::to_string(set.dim()) + " but the model takes " +
+                  std::to_string(condition_dim));
+    }
+    return set.values();
+  } catch (const Error& e) {
+    throw Error("cannot write model file '" + path + "': " + e.what());
+  }
+}
+
+// The training conditions a file records, checked against its metadata and its model; undefined if none.
+Tensor read_conditions(const Json& meta, const TensorMap& tensors, const VelocityField& field, const std::string& path) {
+  const auto whole = [&](const char* key) {
+    if (!meta.contains(key)) return int64_t{0};
+    if (!meta.at(key).is_number_integer()) {
+      throw Error("model file '" + path + "': '" + key + "' must be a whole number, got " + meta.at(key).dump());
+    }
+    return meta.at(key).get<int64_t>();
+  };
+  const int64_t recorded = whole("condition_dim");
+  if (recorded != field.condition_dim()) {
+    throw Error("model file '" + path + "': its metadata records condition_dim = " + std::to_string(recorded) +
+                " but its model takes a condition of size " + std::to_string(field.condition_dim()));
+  }
+  const auto it = tensors.find(kConditionsKey);
+  if (!meta.contains("conditions")) {
+    if (it != tensors.end()) {
+      throw Error("model file '" + path + "' holds conditions ('" + std::string(kConditionsKey) +
+                  "') that its metadata does not record");
+    }
+    return Tensor();
+  }
+  const int64_t count = whole("conditions");
+  if (it == tensors.end()) throw Error("model file '" + path + "' is missing tensor '" + std::string(kConditionsKey) + "'");
+  const Tensor& c = it->second;
+  if (!at::isFloatingType(c.scalar_type()) || c.dim() != 2 || c.size(0) != count || count < 1 ||
+      c.size(1) != recorded) {
+    throw Error("model file '" + path + "': its conditions ('" + std::string(kConditionsKey) + "') must be [" +
+                std::to_string(count) + ", " + std::to_string(recorded) + "] floating-point numbers, got " +
+                shape_string(c) + " " + std::string(c10::toString(c.scalar_type())));
+  }
+  return c.to(at::kDouble).contiguous();
+}
+
 }  // namespace
 
-void save_velocity(const VelocityField& field, const std::string& path, const Json& extra) {
+void save_velocity(const VelocityField& field, const std::string& path, const Json& extra, const Tensor& conditions) {
   TensorMap tensors;
   Json meta;
   meta["format"] = kFormat;
   meta["version"] = kVersion;
+  if (field.condition_dim() > 0) meta["condition_dim"] = field.condition_dim();
+  if (conditions.defined()) {
+    tensors[kConditionsKey] = conditions_to_save(conditions, field.condition_dim(), path);
+    meta["conditions"] = conditions.size(0);
+  }
   ModelWriter writer(tensors, "");
   meta["model"] = describe(field, writer);
   meta["schedule"]["type"] = field.schedule()->name();
@@ -399,6 +471,7 @@ LoadedModel load_velocity(const std::string& path) {
     LoadedModel out;
     out.field = build(meta.at("model"), reader);
     out.info = meta.value("info", Json::object());
+    out.conditions = read_conditions(meta, tensors, *out.field, path);
     check_velocity_is_finite(*out.field, path);
     return out;
   } catch (const Json::exception& e) {
@@ -422,7 +495,14 @@ void write_velocity_check_file(const VelocityField& field, const std::string& pa
   c10::Dict<std::string, Tensor> dict;
   dict.insert("x", x);
   dict.insert("t", t);
-  dict.insert("v", field.velocity(x, t).detach().contiguous());
+  if (field.condition_dim() == 0) {
+    dict.insert("v", field.velocity(x, t).detach().contiguous());
+  } else {
+    // A conditional field's velocity at conditions c drawn like x, one per point.
+    const Tensor c = at::randn({points, field.condition_dim()}, gen, at::TensorOptions().dtype(at::kFloat));
+    dict.insert("c", c);
+    dict.insert("v", field.conditional_velocity(x, t, c).detach().contiguous());
+  }
   const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
   atomic_write(path, std::string(bytes.begin(), bytes.end()));
 }

@@ -6,6 +6,7 @@
 #include "tilt/core/error.h"
 
 #include "../core/checksum.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -30,6 +31,7 @@ struct TorchScriptVelocity::Impl {
   torch::jit::Module module;
   at::ScalarType dtype = at::kFloat;  // of the module's parameters: inputs are cast to it
   std::string origin;                 // the file, for error messages
+  bool nullable = false;              // a conditional forward whose c is Optional[Tensor]: None is the null condition
 };
 
 namespace {
@@ -99,27 +101,86 @@ torch::jit::Module load_module(const std::string& bytes, const std::string& orig
   return module;
 }
 
-// forward must take exactly `names` as tensors (after self).
-void check_signature(const torch::jit::Module& module, const std::vector<std::string>& names,
-                     const std::string& origin, const std::string& what) {
-  const std::string wanted = "forward(" + [&] {
-    std::string s;
-    for (const auto& n : names) s += (s.empty() ? "" : ", ") + n;
-    return s;
-  }() + ")";
+// What forward takes after self: its number of arguments, each a tensor, and whether the last one is
+// Optional[Tensor] (a condition that may be None). Throws tilt::Error saying `wanted` otherwise.
+struct ForwardArguments {
+  size_t count = 0;
+  bool optional_last = false;
+};
+
+// `wanted` may end with a note in parentheses, which goes after the signature.
+Error signature_error(const torch::jit::Module& module, const std::string& wanted, const std::string& origin,
+                      const std::string& what) {
+  std::ostringstream os;
+  os << module.get_method("forward").function().getSchema();
+  const size_t note = wanted.find(" (");
+  return Error("TorchScript " + what + " " + origin + " must have " + wanted.substr(0, note) + ", but its signature is " +
+               os.str() + (note == std::string::npos ? "" : wanted.substr(note)));
+}
+
+ForwardArguments forward_arguments(const torch::jit::Module& module, const std::string& wanted,
+                                   const std::string& origin, const std::string& what) {
   auto method = module.find_method("forward");
-  if (!method) throw Error("TorchScript " + what + " " + origin + " has no forward method; it must have " + wanted);
-  const c10::FunctionSchema& schema = method->function().getSchema();
-  bool ok = schema.arguments().size() == names.size() + 1;
-  for (size_t i = 1; ok && i < schema.arguments().size(); ++i) {
-    ok = schema.arguments()[i].type()->isSubtypeOf(*c10::TensorType::get());
+  if (!method) {
+    throw Error("TorchScript " + what + " " + origin + " has no forward method; it must have " +
+                wanted.substr(0, wanted.find(" (")));
   }
-  if (!ok) {
-    std::ostringstream os;
-    os << schema;
-    throw Error("TorchScript " + what + " " + origin + " must have " + wanted + " taking tensors, but its signature is " +
-                os.str());
+  const auto& args = method->function().getSchema().arguments();
+  ForwardArguments out;
+  out.count = args.empty() ? 0 : args.size() - 1;
+  for (size_t i = 1; i < args.size(); ++i) {
+    const c10::TypePtr& type = args[i].type();
+    if (type->isSubtypeOf(*c10::TensorType::get())) continue;
+    const auto optional = type->cast<c10::OptionalType>();
+    if (i + 1 == args.size() && optional && optional->getElementType()->isSubtypeOf(*c10::TensorType::get())) {
+      out.optional_last = true;
+      continue;
+    }
+    throw signature_error(module, wanted, origin, what);
   }
+  if (out.count == 0) throw signature_error(module, wanted, origin, what);
+  return out;
+}
+
+// The size of the condition a module takes: 0 if forward takes none (then neither a given size nor an
+// attribute `condition_dim` > 0 may say otherwise), else the given size or the module's integer
+// attribute `condition_dim`. Throws tilt::Error naming the file; `unknown` when neither says.
+int64_t resolve_condition_dim(const torch::jit::Module& module, bool takes_condition, int64_t given,
+                              const std::string& origin, const std::string& what, const Error& unknown) {
+  const bool has_attr = module.hasattr("condition_dim") && module.attr("condition_dim").isInt();
+  const int64_t attr = has_attr ? module.attr("condition_dim").toInt() : 0;
+  const std::string head = "TorchScript " + what + " " + origin;
+  if (given < 0) throw Error(head + ": condition_dim must be >= 0, got " + std::to_string(given));
+  if (!takes_condition) {
+    if (given > 0 || attr != 0) {
+      throw Error(head + (given > 0 ? ": condition_dim = " + std::to_string(given) + " was given"
+                                    : " has condition_dim = " + std::to_string(attr)) +
+                  ", but its forward takes no condition c");
+    }
+    return 0;
+  }
+  if (given == 0 && !has_attr) throw unknown;
+  if (given > 0 && has_attr && attr != given) {
+    throw Error(head + " has condition_dim = " + std::to_string(attr) + " but " + std::to_string(given) + " was given");
+  }
+  const int64_t dc = given > 0 ? given : attr;
+  if (dc < 1) throw Error(head + ": condition_dim must be >= 1 for a forward that takes c, got " + std::to_string(dc));
+  return dc;
+}
+
+// The condition argument of forward for a batch of `batch` rows: c as [batch, dc] rows in `dtype`, or None
+// for the null condition (an undefined c), which only an Optional[Tensor] c can take.
+c10::IValue condition_argument(const Tensor& c, int64_t batch, int64_t dc, bool nullable, at::ScalarType dtype,
+                               const std::string& origin, const std::string& what) {
+  const Tensor rows = condition_rows(c, batch, dc, "TorchScript " + what + " " + origin);
+  if (rows.defined()) return rows.to(dtype).contiguous();
+  if (!nullable) {
+    throw Error("TorchScript " + what + " " + origin +
+                " has no null condition: its forward takes c as a Tensor, so it cannot be called without one "
+                "(unconditionally, or for classifier-free guidance); declare c: Optional[torch.Tensor] and "
+                "handle c = None to give it one");
+  }
+  return c10::IValue();
 }
 
 // The floating dtype of the module's parameters, else of its buffers, else float32.
@@ -203,6 +264,44 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::load(const std::string
   return from_bytes(bytes, "'" + path + "'", std::move(schedule), options);
 }
 
+namespace {
+
+// One tiny forward on load: the module must map x [2, d], t [2] (and c [2, dc], and None for a nullable
+// c) to [2, d], finite.
+void probe_velocity(torch::jit::Module& module, const TorchScriptOptions& o, at::ScalarType dtype, bool nullable,
+                    const std::string& origin) {
+  at::NoGradGuard no_grad;
+  const Tensor x = probe_points(o.dim, dtype);
+  const Tensor t = at::tensor({0.25, 0.75}, at::TensorOptions().dtype(dtype));
+  const std::string d = std::to_string(o.dim), dc = std::to_string(o.condition_dim);
+  std::vector<std::pair<c10::IValue, std::string>> conditions;
+  if (o.condition_dim == 0) conditions.emplace_back(c10::IValue(), "");
+  if (o.condition_dim > 0) conditions.emplace_back(probe_points(o.condition_dim, dtype), ", c [2, " + dc + "]");
+  if (o.condition_dim > 0 && nullable) conditions.emplace_back(c10::IValue(), ", c = None");
+  for (const auto& [c, label] : conditions) {
+    std::vector<c10::IValue> inputs{x, t};
+    if (o.condition_dim > 0) inputs.push_back(c);
+    Tensor y;
+    try {
+      y = call_tensor(module, inputs, origin, "model");
+    } catch (const Error& e) {
+      if (label != ", c = None") throw;
+      throw Error(std::string(e.what()) + " (called with c = None, the null condition, since its c is Optional)");
+    }
+    const std::string call = "forward(x [2, " + d + "], t [2]" + label + ")";
+    if (!y.sizes().equals({2, o.dim})) {
+      throw Error("TorchScript model " + origin + ": " + call + " must return [2, " + d + "] (the " +
+                  to_string(o.prediction) + "), got " + shape_string(y) + "; is the dimension right?");
+    }
+    if (!y.isfinite().all().item<bool>()) {
+      throw Error("TorchScript model " + origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
+                  d + "], t = [0.25, 0.75]" + label + "): its weights are damaged, or too large");
+    }
+  }
+}
+
+}  // namespace
+
 std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::string& bytes,
                                                                      const std::string& origin, SchedulePtr schedule,
                                                                      const TorchScriptOptions& options_in) {
@@ -214,7 +313,17 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::
   auto impl = std::make_unique<Impl>();
   impl->origin = origin;
   impl->module = load_module(bytes, origin, "model");
-  check_signature(impl->module, {"x", "t"}, origin, "model");
+  const std::string wanted = "forward(x, t) taking tensors (a conditional model's is forward(x, t, c), c a Tensor "
+                             "or Optional[Tensor])";
+  const ForwardArguments args = forward_arguments(impl->module, wanted, origin, "model");
+  if (args.count < 2 || args.count > 3 || (args.count == 2 && args.optional_last)) {
+    throw signature_error(impl->module, wanted, origin, "model");
+  }
+  impl->nullable = args.count == 3 && args.optional_last;
+  options.condition_dim = resolve_condition_dim(
+      impl->module, args.count == 3, options.condition_dim, origin, "model",
+      Error("TorchScript model " + origin + ": its forward(x, t, c) takes a condition of unknown size; give the "
+            "module an integer attribute `condition_dim` (self.condition_dim = dc in a scripted module)"));
   impl->dtype = parameter_dtype(impl->module);
   // The dimension: given, or the module's integer attribute `dim`.
   const bool has_dim = impl->module.hasattr("dim") && impl->module.attr("dim").isInt();
@@ -232,41 +341,40 @@ std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::from_bytes(const std::
   if (options.dim < 1) throw Error("TorchScript model " + origin + ": dim must be >= 1");
   check_finite_tensors(impl->module, origin, "model");
   for (auto p : impl->module.parameters()) p.set_requires_grad(false);
-  std::shared_ptr<TorchScriptVelocity> field(new TorchScriptVelocity(std::move(impl), std::move(schedule), options));
-  // One tiny forward: the module must map [2, d] and [2] to [2, d].
-  at::NoGradGuard no_grad;
-  const Tensor x = probe_points(options.dim, field->impl_->dtype);
-  const Tensor t = at::tensor({0.25, 0.75}, at::TensorOptions().dtype(field->impl_->dtype));
-  const Tensor y = call_tensor(field->impl_->module, {x, t}, origin, "model");
-  if (!y.sizes().equals({2, options.dim})) {
-    throw Error("TorchScript model " + origin + ": forward(x [2, " + std::to_string(options.dim) +
-                "], t [2]) must return [2, " + std::to_string(options.dim) + "] (the " + to_string(options.prediction) +
-                "), got " + shape_string(y) + "; is the dimension right?");
-  }
-  if (!y.isfinite().all().item<bool>()) {
-    throw Error("TorchScript model " + origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
-                std::to_string(options.dim) + "], t = [0.25, 0.75]): its weights are damaged, or too large");
-  }
-  return field;
+  probe_velocity(impl->module, options, impl->dtype, impl->nullable, origin);
+  return std::shared_ptr<TorchScriptVelocity>(new TorchScriptVelocity(std::move(impl), std::move(schedule), options));
 }
 
 Tensor TorchScriptVelocity::velocity(const Tensor& x, const Tensor& t) const {
+  return conditional_velocity(x, t, Tensor());
+}
+
+bool TorchScriptVelocity::has_null_condition() const { return impl_->nullable; }
+
+Tensor TorchScriptVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
+  if (options_.condition_dim == 0 && c.defined()) return VelocityField::conditional_velocity(x, t, c);  // the error
   check_batch(x, options_.dim, "x");
   const int64_t batch = x.size(0);
   check_time(t, batch, "t");
   const Tensor x_in = x.to(impl_->dtype);
   Tensor t_in = (t.dim() == 0 ? t.expand({batch}) : t).to(impl_->dtype);
   if (options_.prediction != Prediction::velocity) t_in = t_in.clamp(options_.t_min, 1.0 - options_.t_min);
-  const Tensor y = call_tensor(impl_->module, {x_in, t_in}, impl_->origin, "model");
+  std::vector<c10::IValue> inputs{x_in, t_in};
+  if (options_.condition_dim > 0) {
+    inputs.push_back(condition_argument(c, batch, options_.condition_dim, impl_->nullable, impl_->dtype, impl_->origin,
+                                        "model"));
+  }
+  const Tensor y = call_tensor(impl_->module, std::move(inputs), impl_->origin, "model");
   if (!y.sizes().equals(x.sizes())) {
-    throw Error("TorchScript model " + impl_->origin + ": forward(x " + shape_string(x) + ", t) returned " +
-                shape_string(y));
+    throw Error("TorchScript model " + impl_->origin + ": forward(x " + shape_string(x) + ", t" +
+                (options_.condition_dim > 0 ? ", c" : "") + ") returned " + shape_string(y));
   }
   if (options_.prediction == Prediction::velocity) return y.to(x.scalar_type());
   // docs/equations.md, E7: v = kappa_t x + eta_t s. For a noise prediction, Tweedie's formula for
   // Xbar_t = beta_t X0 + alpha_t X1 gives s = -E[X0 | x] / beta_t = -eps / beta_t, and since
   // eta_t / beta_t = kappa_t beta_t - beta'_t, v = kappa_t x + (beta'_t - kappa_t beta_t) eps.
-  // In float64, then in x's precision: near t = 0 both terms are ~1/t and cancel.
+  // In float64, then in x's precision: near t = 0 both terms are ~1/t and cancel. A condition changes
+  // only the prediction, not the conversion.
   const ScheduleTensors s = schedule()->at(t_in.to(at::kDouble));
   const Tensor kappa = s.d_alpha / s.alpha;
   const Tensor coef = options_.prediction == Prediction::score ? s.beta * (kappa * s.beta - s.d_beta)
@@ -295,6 +403,7 @@ VelocityFieldPtr TorchScriptVelocity::clone() const {
   }
   impl->dtype = impl_->dtype;
   impl->origin = impl_->origin;
+  impl->nullable = impl_->nullable;
   for (auto p : impl->module.parameters()) p.set_requires_grad(false);
   return std::shared_ptr<TorchScriptVelocity>(new TorchScriptVelocity(std::move(impl), schedule(), options_));
 }
@@ -312,9 +421,11 @@ struct TorchScriptReward::Impl {
   torch::jit::Module module;
   at::ScalarType dtype = at::kFloat;
   std::string origin;
+  bool nullable = false;  // forward(x, c) with c Optional[Tensor]: None is the null condition
 };
 
-TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim) : impl_(std::make_unique<Impl>()), dim_(dim) {
+TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim, int64_t condition_dim)
+    : impl_(std::make_unique<Impl>()), dim_(dim) {
   impl_->origin = "'" + path + "'";
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error("cannot read TorchScript reward '" + path + "': no such file");
@@ -324,43 +435,80 @@ TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim) : imp
   while ((n = std::fread(buffer, 1, sizeof buffer, f)) > 0) bytes.append(buffer, n);
   std::fclose(f);
   impl_->module = load_module(bytes, impl_->origin, "reward");
-  check_signature(impl_->module, {"x"}, impl_->origin, "reward");
+  // forward(x), or forward(x, c) of a conditional reward: a second argument is a condition only where a
+  // condition size says so (a base's forward(x, t) given as the reward is refused here).
+  const std::string wanted = "forward(x) taking tensors (a conditional reward's is forward(x, c), with an integer "
+                             "attribute `condition_dim`)";
+  const ForwardArguments args = forward_arguments(impl_->module, wanted, impl_->origin, "reward");
+  if (args.count > 2 || (args.count == 1 && args.optional_last)) {
+    throw signature_error(impl_->module, wanted, impl_->origin, "reward");
+  }
+  impl_->nullable = args.count == 2 && args.optional_last;
+  condition_dim_ = resolve_condition_dim(impl_->module, args.count == 2, condition_dim, impl_->origin, "reward",
+                                         signature_error(impl_->module, wanted, impl_->origin, "reward"));
   impl_->dtype = parameter_dtype(impl_->module);
   check_finite_tensors(impl_->module, impl_->origin, "reward");
   for (auto p : impl_->module.parameters()) p.set_requires_grad(false);
-  at::NoGradGuard no_grad;
-  const Tensor r = call_tensor(impl_->module, {probe_points(dim, impl_->dtype)}, impl_->origin, "reward");
-  if (!r.sizes().equals({2})) {
-    throw Error("TorchScript reward " + impl_->origin + ": forward(x [2, " + std::to_string(dim) +
-                "]) must return r of shape [2], got " + shape_string(r));
+  probe();
+}
+
+// One forward on x [2, d] (with c [2, dc] for a conditional reward, and None for a nullable one) must
+// give r [2], finite, with a gradient in x.
+void TorchScriptReward::probe() const {
+  const Tensor x = probe_points(dim_, impl_->dtype);
+  std::vector<std::pair<Tensor, std::string>> conditions;
+  if (condition_dim_ == 0 || impl_->nullable) conditions.emplace_back(Tensor(), condition_dim_ > 0 ? ", c = None" : "");
+  if (condition_dim_ > 0) {
+    conditions.emplace_back(probe_points(condition_dim_, impl_->dtype), ", c [2, " + std::to_string(condition_dim_) + "]");
   }
-  if (!r.isfinite().all().item<bool>()) {
-    throw Error("TorchScript reward " + impl_->origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
-                std::to_string(dim) + "]): its weights are damaged, or too large");
+  for (const auto& [c, label] : conditions) {
+    at::NoGradGuard no_grad;
+    std::vector<c10::IValue> inputs{x};
+    if (condition_dim_ > 0) inputs.push_back(c.defined() ? c10::IValue(c) : c10::IValue());
+    const Tensor r = call_tensor(impl_->module, inputs, impl_->origin, "reward");
+    const std::string call = "forward(x [2, " + std::to_string(dim_) + "]" + label + ")";
+    if (!r.sizes().equals({2})) {
+      throw Error("TorchScript reward " + impl_->origin + ": " + call + " must return r of shape [2], got " +
+                  shape_string(r));
+    }
+    if (!r.isfinite().all().item<bool>()) {
+      throw Error("TorchScript reward " + impl_->origin + " produces non-finite values (NaN or Inf) on a probe " +
+                  call + ": its weights are damaged, or too large");
+    }
+    // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
+    // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail
+    // later inside autograd.
+    conditional_grad(x, c);
   }
-  // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
-  // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail
-  // later inside autograd.
-  grad(probe_points(dim, impl_->dtype));
 }
 
 TorchScriptReward::~TorchScriptReward() = default;
 
-Tensor TorchScriptReward::value(const Tensor& x) const {
+Tensor TorchScriptReward::value(const Tensor& x) const { return conditional_value(x, Tensor()); }
+
+Tensor TorchScriptReward::grad(const Tensor& x) const { return conditional_grad(x, Tensor()); }
+
+Tensor TorchScriptReward::conditional_value(const Tensor& x, const Tensor& c) const {
+  if (condition_dim_ == 0 && c.defined()) return Reward::conditional_value(x, c);  // the error naming the kind
   check_batch(x, dim_, "x");
-  const Tensor r = call_tensor(impl_->module, {x.to(impl_->dtype)}, impl_->origin, "reward");
+  std::vector<c10::IValue> inputs{x.to(impl_->dtype)};
+  if (condition_dim_ > 0) {
+    inputs.push_back(condition_argument(c, x.size(0), condition_dim_, impl_->nullable, impl_->dtype, impl_->origin,
+                                        "reward"));
+  }
+  const Tensor r = call_tensor(impl_->module, std::move(inputs), impl_->origin, "reward");
   if (!r.sizes().equals({x.size(0)})) {
-    throw Error("TorchScript reward " + impl_->origin + ": forward(x " + shape_string(x) + ") returned " +
-                shape_string(r));
+    throw Error("TorchScript reward " + impl_->origin + ": forward(x " + shape_string(x) +
+                (condition_dim_ > 0 ? ", c" : "") + ") returned " + shape_string(r));
   }
   return r.to(x.scalar_type());
 }
 
-Tensor TorchScriptReward::grad(const Tensor& x) const {
+Tensor TorchScriptReward::conditional_grad(const Tensor& x, const Tensor& c) const {
   check_batch(x, dim_, "x");
   at::AutoGradMode enable_grad(true);
   const Tensor xg = x.detach().to(impl_->dtype).requires_grad_(true);
-  const Tensor r = value(xg);
+  const Tensor r = conditional_value(xg, c.defined() ? c.detach() : c);
   const std::string not_differentiable =
       "TorchScript reward " + impl_->origin +
       ": its output has no gradient with respect to x (does forward detach x, go through .item() or "
@@ -480,18 +628,29 @@ class Exporter {
       throw Error("export: cannot export a velocity field of kind '" + kind +
                   "' (no TorchScript exporter is registered for it: register_torchscript_export)");
     }
-    return user_module(kind, exporter(field));
+    return user_module(field, exporter(field));
   }
 
-  // The outer module: accepts a 0-dim t as well as t [B].
+  // The outer module: accepts a 0-dim t as well as t [B]; for a conditional field c [B, dc] or [1, dc]
+  // (expanded to B rows), or None (the default: the null condition).
   torch::jit::Module top(const VelocityField& field) {
     torch::jit::Module m = make("Velocity");
     m.register_module("field", module_of(field));
     m.register_attribute("dim", c10::IntType::get(), field.dim());
     m.register_attribute("schedule", c10::StringType::get(), field.schedule()->name());
+    if (field.condition_dim() == 0) {
+      m.define(
+          "def forward(self, x, t):\n"
+          "    return self.field.forward(x, t.reshape(-1).expand(x.size(0)))\n");
+      return m;
+    }
+    m.register_attribute("condition_dim", c10::IntType::get(), field.condition_dim());
     m.define(
-        "def forward(self, x, t):\n"
-        "    return self.field.forward(x, t.reshape(-1).expand(x.size(0)))\n");
+        "def forward(self, x, t, c: Optional[Tensor] = None):\n"
+        "    tt = t.reshape(-1).expand(x.size(0))\n"
+        "    if c is None:\n"
+        "        return self.field.forward(x, tt, None)\n"
+        "    return self.field.forward(x, tt, c.expand(x.size(0), self.condition_dim))\n");
     return m;
   }
 
@@ -506,9 +665,11 @@ class Exporter {
     torch::jit::Module m = make("FineTunedVelocity");
     m.register_module("base", module_of(*ft.base()));
     m.register_module("residual", module_of(*ft.trainable()));
-    m.define(
-        "def forward(self, x, t):\n"
-        "    return self.base.forward(x, t) + self.residual.forward(x, t)\n");
+    m.define(ft.condition_dim() == 0
+                 ? "def forward(self, x, t):\n"
+                   "    return self.base.forward(x, t) + self.residual.forward(x, t)\n"
+                 : "def forward(self, x, t, c: Optional[Tensor]):\n"
+                   "    return self.base.forward(x, t, c) + self.residual.forward(x, t, c)\n");
     return m;
   }
 
@@ -517,34 +678,55 @@ class Exporter {
                 "export a model whose base is a network (tilt pretrain) or a TorchScript module");
   }
 
-  // A user's exported archive, loaded back to become a submodule.
-  torch::jit::Module user_module(const std::string& kind, const std::string& bytes) {
+  // A user's exported archive, loaded back to become a submodule; a conditional field's must take
+  // (x, t, c: Optional[Tensor]), as its parent calls it.
+  torch::jit::Module user_module(const VelocityField& field, const std::string& bytes) {
+    const std::string kind = field.kind();
+    torch::jit::Module m;
     try {
       std::istringstream in(bytes);
-      return torch::jit::load(in);
+      m = torch::jit::load(in);
     } catch (const c10::Error& e) {
       throw Error("export: the TorchScript exporter of kind '" + kind + "' returned no valid archive: " +
                   first_line(e.what_without_backtrace()));
     }
+    const bool conditional = field.condition_dim() > 0;
+    const std::string wanted = conditional ? "forward(x, t, c: Optional[Tensor]), as the field is conditional"
+                                           : "forward(x, t) taking tensors";
+    const std::string origin = "exported for kind '" + kind + "'";
+    const ForwardArguments args = forward_arguments(m, wanted, origin, "module");
+    if (args.count != (conditional ? 3u : 2u) || args.optional_last != conditional) {
+      throw signature_error(m, wanted, origin, "module");
+    }
+    return m;
   }
 
-  // src/model/mlp.cpp as TorchScript: input [x, t, sin(pi f t), cos(pi f t) for f = 1..n/2],
+  // src/model/mlp.cpp as TorchScript: input [x, t, sin(pi f t), cos(pi f t) for f = 1..n/2], and
+  // for a conditional network c and a flag (1; c = 0 and flag 0 for the null condition c = None),
   // Linear layers with SiLU between.
   torch::jit::Module mlp_module(const VelocityField& field) {
     const MlpVelocity& mlp = as<MlpVelocity>(field);
     torch::jit::Module m = make("Mlp");
     const NamedTensors params = mlp.named_parameters();  // "0.weight", "0.bias", "2.weight", ...
-    const int64_t n = mlp.options().time_features;
-    std::string src =
-        "def forward(self, x, t):\n"
-        "    tt = t.to(x.dtype).reshape(-1, 1).expand(x.size(0), 1)\n";
+    const int64_t n = mlp.options().time_features, dc = mlp.options().condition_dim;
+    std::string src = dc == 0 ? "def forward(self, x, t):\n" : "def forward(self, x, t, c: Optional[Tensor]):\n";
+    src += "    tt = t.to(x.dtype).reshape(-1, 1).expand(x.size(0), 1)\n";
+    std::string inputs = "x, tt";
     if (n > 0) {
       src += "    f = torch.arange(1, " + std::to_string(n / 2 + 1) + ", dtype=x.dtype) * " + num(kPi) + "\n" +
-             "    arg = tt * f.unsqueeze(0)\n"
-             "    h = torch.cat([x, tt, torch.sin(arg), torch.cos(arg)], 1)\n";
-    } else {
-      src += "    h = torch.cat([x, tt], 1)\n";
+             "    arg = tt * f.unsqueeze(0)\n";
+      inputs += ", torch.sin(arg), torch.cos(arg)";
     }
+    if (dc > 0) {
+      src += "    if c is None:\n"
+             "        cc = torch.zeros(x.size(0), " + std::to_string(dc) + ", dtype=x.dtype)\n"
+             "        flag = torch.zeros(x.size(0), 1, dtype=x.dtype)\n"
+             "    else:\n"
+             "        cc = c.to(x.dtype).expand(x.size(0), " + std::to_string(dc) + ")\n"
+             "        flag = torch.ones(x.size(0), 1, dtype=x.dtype)\n";
+      inputs += ", cc, flag";
+    }
+    src += "    h = torch.cat([" + inputs + "], 1)\n";
     const size_t layers = params.size() / 2;
     for (size_t i = 0; i < layers; ++i) {
       const std::string w = "layer" + std::to_string(i) + "_weight", b = "layer" + std::to_string(i) + "_bias";
@@ -572,13 +754,27 @@ class Exporter {
     m.register_module("model", inner);
     const std::string dt = dtype_code(ts.impl().dtype);
     const Prediction pred = ts.options().prediction;
-    std::string src =
-        "def forward(self, x, t):\n"
-        "    t_in = t.to(" + dt + ")\n";
+    const bool conditional = ts.condition_dim() > 0;
+    std::string src = conditional ? "def forward(self, x, t, c: Optional[Tensor]):\n" : "def forward(self, x, t):\n";
+    src += "    t_in = t.to(" + dt + ")\n";
     if (pred != Prediction::velocity) {
       src += "    t_in = torch.clamp(t_in, " + num(ts.options().t_min) + ", " + num(1.0 - ts.options().t_min) + ")\n";
     }
-    src += "    y = self.model.forward(x.to(" + dt + "), t_in)\n";
+    if (!conditional) {
+      src += "    y = self.model.forward(x.to(" + dt + "), t_in)\n";
+    } else {
+      // The null condition is the module's forward(x, t, None), where its c is Optional[Tensor]; where it
+      // is a plain Tensor, c = None fails as it does in tilt.
+      if (ts.has_null_condition()) {
+        src += "    if c is None:\n"
+               "        y = self.model.forward(x.to(" + dt + "), t_in, None)\n"
+               "    else:\n"
+               "        y = self.model.forward(x.to(" + dt + "), t_in, c.to(" + dt + "))\n";
+      } else {
+        src += "    assert c is not None, \"the TorchScript base takes c as a Tensor: it has no null condition (c = None)\"\n"
+               "    y = self.model.forward(x.to(" + dt + "), t_in, c.to(" + dt + "))\n";
+      }
+    }
     if (pred == Prediction::velocity) {
       src += "    return y.to(x.dtype)\n";
     } else {
@@ -607,26 +803,63 @@ void register_torchscript_export(const std::string& kind, std::function<std::str
   r.kinds[kind] = std::move(exporter);
 }
 
+namespace {
+
+// The exported module's velocity against tilt's, at c (undefined: the null condition); throws if they differ.
+void check_export(torch::jit::Module& loaded, const VelocityField& field, const Tensor& x, const Tensor& t,
+                  const Tensor& c) {
+  std::vector<c10::IValue> inputs{x, t};
+  if (field.condition_dim() > 0) inputs.push_back(c.defined() ? c10::IValue(c) : c10::IValue());
+  const Tensor expected = c.defined() ? field.conditional_velocity(x, t, c) : field.velocity(x, t);
+  Tensor got;
+  try {
+    got = loaded.forward(inputs).toTensor();
+  } catch (const std::exception& e) {
+    throw Error("export: the TorchScript module fails where tilt's velocity does not" +
+                std::string(c.defined() ? " (at conditions c)" : field.condition_dim() > 0 ? " (at c = None)" : "") +
+                ": " + describe_error(e));
+  }
+  const double err = (got - expected).abs().max().item<double>();
+  const double scale = 1.0 + expected.abs().max().item<double>();
+  if (!(err <= 1e-4 * scale)) {
+    throw Error("export: the TorchScript module disagrees with tilt's velocity" +
+                std::string(c.defined() ? " at conditions c" : field.condition_dim() > 0 ? " at the null condition" : "") +
+                " (max difference " + std::to_string(err) + "); please report this");
+  }
+}
+
+// Whether a conditional field has a null condition (a TorchScript base whose c is a plain Tensor has none).
+bool has_null_condition(const VelocityField& field) {
+  if (const auto* ts = dynamic_cast<const TorchScriptVelocity*>(&field)) return ts->has_null_condition();
+  if (const auto* ft = dynamic_cast<const FineTunedVelocity*>(&field)) {
+    return has_null_condition(*ft->trainable()) && (ft->mode() == FineTuneMode::copy || has_null_condition(*ft->base()));
+  }
+  return true;
+}
+
+}  // namespace
+
 std::string export_torchscript(const VelocityField& field) {
   Exporter exporter;
   torch::jit::Module m = exporter.top(field);
   std::ostringstream out;
   m.save(out);
   std::string bytes = out.str();
-  // Self-check: the archive, loaded back, gives tilt's velocity at a few points.
+  // Self-check: the archive, loaded back, gives tilt's velocity at a few points (a conditional field's
+  // at conditions one per row and one for the batch, and at the null condition where it has one).
   std::istringstream in(bytes);
   torch::jit::Module loaded = torch::jit::load(in);
   at::NoGradGuard no_grad;
   Generator gen = make_generator(12345);
-  const Tensor x = at::randn({16, field.dim()}, gen, at::TensorOptions().dtype(at::kFloat));
-  const Tensor t = at::linspace(0.0, 0.99, 16, at::TensorOptions().dtype(at::kFloat));
-  const Tensor expected = field.velocity(x, t);
-  const Tensor got = loaded.forward({x, t}).toTensor();
-  const double err = (got - expected).abs().max().item<double>();
-  const double scale = 1.0 + expected.abs().max().item<double>();
-  if (!(err <= 1e-4 * scale)) {
-    throw Error("export: the TorchScript module disagrees with tilt's velocity (max difference " + std::to_string(err) +
-                "); please report this");
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const Tensor x = at::randn({16, field.dim()}, gen, f32);
+  const Tensor t = at::linspace(0.0, 0.99, 16, f32);
+  const int64_t dc = field.condition_dim();
+  if (dc == 0 || has_null_condition(field)) check_export(loaded, field, x, t, Tensor());
+  if (dc > 0) {
+    const Tensor c = at::randn({16, dc}, gen, f32);
+    check_export(loaded, field, x, t, c);
+    check_export(loaded, field, x, t, c.narrow(0, 0, 1));
   }
   return bytes;
 }

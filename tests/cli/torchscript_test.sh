@@ -3,11 +3,14 @@
 # export a base and a reward from Python (examples/torchscript_export.py), fine-tune them with tilt
 # (residual and copy mode), export the result, and check in Python that the exported module computes
 # tilt's velocity and differs from the base; then epsilon and score models from Python against the
-# exact mixture velocity. Needs Debian's python3-torch for /usr/bin/python3; exits 77 (skipped)
-# without it. Usage: torchscript_test.sh path/to/tilt path/to/source
+# exact mixture velocity; then conditional models: forward(x, t, c) and forward(x, c) from Python in
+# tilt, and tilt's export of a conditional model in Python and back. Needs Debian's python3-torch for
+# /usr/bin/python3; exits 77 (skipped) without it.
+# Usage: torchscript_test.sh path/to/tilt path/to/source path/to/tilt_torchscript_conditions
 set -uo pipefail
 tilt=$(realpath "$1")
 src=$(realpath "$2")
+conditions=$(realpath "$3")  # tests/cli/torchscript_conditions.cpp
 py=${TILT_PYTHON:-/usr/bin/python3}  # Debian's python3-torch; the pyenv python3 on PATH does not see it
 if ! "$py" -c "import torch" > /dev/null 2>&1; then
   echo "SKIP: Debian's python3-torch is not installed for $py (scripts/setup.sh installs it)"
@@ -96,7 +99,33 @@ else
   fail "epsilon / score conversion: $(cat log.txt)"
 fi
 
-# 4. Errors that name the file and the problem.
+# 4. Conditional models. Python writes a base forward(x, t, c: Optional[Tensor]) and a reward
+#    forward(x, c) with its own values (autograd for the VJP and the gradient); tilt loads them and
+#    compares. Then tilt exports conditional model files (an MLP, a residual fine-tune of it), Python
+#    checks them against tilt's values and scripts them into modules of its own, and tilt loads those
+#    back as TorchScript bases.
+if "$py" "$src/tests/cli/torchscript_check.py" conditional . > log.txt 2>&1 &&
+   "$conditions" base cond_base.ts cond_ref.pt >> log.txt 2>&1 &&
+   "$conditions" reward cond_reward.ts cond_ref.pt >> log.txt 2>&1; then
+  pass "conditional base forward(x, t, c) and reward forward(x, c) from Python: tilt's v, null v, VJP, r and grad r equal Python's"
+else
+  fail "conditional modules from Python: $(cat log.txt)"
+fi
+ok=1
+"$conditions" models . > log.txt 2>&1 || ok=0
+for m in cond_mlp cond_ft; do
+  [ $ok = 1 ] || break
+  "$tilt" export -m $m.pt -o $m.ts --check-file $m.check.pt >> log.txt 2>&1 &&
+    "$py" "$src/tests/cli/torchscript_check.py" roundtrip $m.ts $m.check.pt $m.py.ts >> log.txt 2>&1 &&
+    "$conditions" back $m.pt $m.py.ts >> log.txt 2>&1 || ok=0
+done
+if [ $ok = 1 ] && grep -q "c \[B, 3\] or None" log.txt; then
+  pass "conditional MLP and fine-tuned model: tilt export -> Python (c, one c, None) -> re-scripted -> back in tilt"
+else
+  fail "conditional export round trip: $(cat log.txt)"
+fi
+
+# 5. Errors that name the file and the problem.
 expect_error() {
   local name=$1 text=$2; shift 2
   local out

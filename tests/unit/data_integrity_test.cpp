@@ -27,6 +27,7 @@
 #include <zlib.h>
 
 #include <cmath>
+#include <filesystem>
 #include <limits>
 #include <string>
 
@@ -448,6 +449,101 @@ TEST(TorchScriptFiles, NonFiniteWeightsAreRefusedNamingTheFileAndTheParameter) {
   r.save(path);
   expect_contains(error_of([&] { TorchScriptReward(path, 2); }),
                   "TorchScript reward '" + path + "': buffer 'w' holds non-finite values");
+}
+
+TEST(ModelFiles, ConditionalModelsRecordTheirConditionSizeAndTrainingConditions) {
+  TempDir dir;
+  MlpOptions o = small_mlp();
+  o.condition_dim = 3;
+  auto mlp = std::make_shared<MlpVelocity>(o, make_linear_schedule(), 2);
+  Generator gen = make_generator(3);
+  const Tensor conditions = at::randn({5, 3}, gen, kDouble);
+  const Tensor x = at::randn({4, 2}, gen), t = at::rand({4}, gen), c = at::randn({4, 3}, gen);
+  // An MLP, and a fine-tuned model over it (residual, copy): condition_dim and the conditions come back.
+  std::vector<VelocityFieldPtr> fields{mlp};
+  for (FineTuneMode mode : {FineTuneMode::residual, FineTuneMode::copy}) {
+    auto ft = make_finetuned(mlp, mode, {8}, 4, 4);
+    {
+      at::NoGradGuard no_grad;
+      for (auto& p : ft->parameters()) p.add_(0.1 * at::randn(p.sizes(), gen));
+    }
+    fields.push_back(ft);
+  }
+  for (const auto& field : fields) {
+    const std::string path = dir.file("c.pt");
+    save_velocity(*field, path, Json::object(), conditions);
+    const LoadedModel loaded = load_velocity(path);
+    EXPECT_EQ(loaded.field->condition_dim(), 3) << field->kind();
+    EXPECT_TRUE(loaded.field->conditional_velocity(x, t, c).allclose(field->conditional_velocity(x, t, c), 1e-6, 1e-6));
+    EXPECT_TRUE(loaded.field->velocity(x, t).allclose(field->velocity(x, t), 1e-6, 1e-6));
+    ASSERT_TRUE(loaded.conditions.defined());
+    EXPECT_TRUE(loaded.conditions.equal(conditions));
+    save_velocity(*field, path);  // without conditions: none are reported
+    EXPECT_FALSE(load_velocity(path).conditions.defined());
+    EXPECT_EQ(load_velocity(path).field->condition_dim(), 3);
+  }
+  // An unconditional model's file is as before (no condition keys: what older files are), and loads.
+  const MlpVelocity plain(small_mlp(), make_linear_schedule(), 1);
+  save_velocity(plain, dir.file("u.pt"));
+  const archive::Contents contents = archive::read(dir.file("u.pt"), "model file", "tilt-velocity", 1);
+  EXPECT_FALSE(contents.meta.contains("condition_dim"));
+  EXPECT_FALSE(contents.meta.at("model").contains("condition_dim"));
+  EXPECT_EQ(load_velocity(dir.file("u.pt")).field->condition_dim(), 0);
+  // The writer refuses conditions that do not fit the model.
+  expect_contains(error_of([&] { save_velocity(plain, dir.file("x.pt"), Json::object(), conditions); }),
+                  "cannot write model file '" + dir.file("x.pt") + "' with conditions: the model is unconditional");
+  expect_contains(error_of([&] { save_velocity(*mlp, dir.file("x.pt"), Json::object(), at::zeros({5, 2})); }),
+                  "cannot write model file '" + dir.file("x.pt") + "': the conditions have size 2 but the model takes 3");
+  Tensor nan = conditions.clone();
+  nan[1][1] = std::nan("");
+  expect_contains(error_of([&] { save_velocity(*mlp, dir.file("x.pt"), Json::object(), nan); }), "must be finite");
+  EXPECT_FALSE(std::filesystem::exists(dir.file("x.pt")));
+}
+
+TEST(ModelFiles, MismatchedConditionsAreRefusedNamingTheFile) {
+  TempDir dir;
+  MlpOptions o = small_mlp();
+  o.condition_dim = 3;
+  const MlpVelocity mlp(o, make_linear_schedule(), 2);
+  const std::string path = dir.file("m.pt");
+  Json node = mlp_node(o);
+  node["condition_dim"] = 3;
+  const auto expect_refused = [&](const Json& meta, const archive::TensorMap& tensors, const std::string& why) {
+    archive::write(path, meta, tensors);
+    const std::string msg = error_of([&] { load_velocity(path); });
+    expect_contains(msg, "model file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  const archive::TensorMap t = mlp_tensors(mlp);
+  Json meta = model_meta(node);
+  meta["condition_dim"] = 3;
+  archive::write(path, meta, t);
+  EXPECT_EQ(load_velocity(path).field->condition_dim(), 3);
+  // The network's metadata without its condition: its first layer is wider than it says.
+  expect_refused(model_meta(mlp_node(o)), t, "tensor '0.weight' must be [8, 7], got [8, 11]");
+  Json bad = node;
+  bad["condition_dim"] = -1;
+  expect_refused(model_meta(bad), t, "condition_dim must be >= 0");
+  // The file's condition size against its model's.
+  Json other = meta;
+  other["condition_dim"] = 2;
+  expect_refused(other, t, "its metadata records condition_dim = 2 but its model takes a condition of size 3");
+  expect_refused(model_meta(node), t, "its metadata records condition_dim = 0 but its model takes a condition of size 3");
+  // The conditions: recorded but missing, of the wrong shape or type, present but not recorded.
+  Json with = meta;
+  with["conditions"] = 4;
+  expect_refused(with, t, "is missing tensor '__conditions__'");
+  archive::TensorMap tc = t;
+  tc["__conditions__"] = at::zeros({4, 2}, kDouble);
+  expect_refused(with, tc, "its conditions ('__conditions__') must be [4, 3] floating-point numbers, got [4, 2]");
+  tc["__conditions__"] = at::zeros({4, 3}, at::kLong);
+  expect_refused(with, tc, "must be [4, 3] floating-point numbers");
+  tc["__conditions__"] = at::zeros({4, 3}, kDouble);
+  archive::write(path, with, tc);
+  EXPECT_TRUE(load_velocity(path).conditions.equal(at::zeros({4, 3}, kDouble)));
+  expect_refused(meta, tc, "holds conditions ('__conditions__') that its metadata does not record");
+  with["conditions"] = 2.5;
+  expect_refused(with, tc, "'conditions' must be a whole number");
 }
 
 }  // namespace

@@ -23,16 +23,24 @@
 namespace tilt {
 
 /// Writes atomically. `extra` is stored in the metadata under "info" (e.g. how the
-/// model was fine-tuned: lambda, noise schedule), for `tilt sample` and humans. Throws tilt::Error
-/// for a field whose kind has no registered serialiser.
-void save_velocity(const VelocityField& field, const std::string& path, const Json& extra = Json::object());
+/// model was fine-tuned: lambda, noise schedule), for `tilt sample` and humans. A conditional field's
+/// file records its condition_dim, and `conditions` (if given: the training conditions [N, dc], e.g.
+/// ConditionSet::values()) as the float64 tensor "__conditions__". Throws tilt::Error for a field whose
+/// kind has no registered serialiser, or for conditions that are not [N >= 1, condition_dim()] and
+/// finite (or given for an unconditional field).
+void save_velocity(const VelocityField& field, const std::string& path, const Json& extra = Json::object(),
+                   const Tensor& conditions = Tensor());
 
 struct LoadedModel {
   VelocityFieldPtr field;
   Json info;  ///< what save_velocity stored as `extra`
+  /// The training conditions [N, condition_dim] (float64) the file records; undefined if it records none
+  /// (an unconditional model, or none were given).
+  Tensor conditions;
 };
 
-/// Throws tilt::Error naming the file if it is missing, is not a tilt model, or is corrupt.
+/// Throws tilt::Error naming the file if it is missing, is not a tilt model, or is corrupt, or if its
+/// recorded condition_dim or conditions do not fit its model.
 LoadedModel load_velocity(const std::string& path);
 
 /// Where one field's tensors go while a model file is written: under the field's prefix ("" for the
@@ -103,7 +111,8 @@ std::vector<std::string> registered_model_kinds();
 
 /// A file to check an exported module against in Python (`tilt export --check-file`): a dict of
 /// `points` points x (spread over the data scale, seeded), times t on the sampler's uniform grid
-/// (t = 0 included) and the field's velocity v there, pickled so that torch.load reads it. Atomic.
+/// (t = 0 included) and the field's velocity v there, pickled so that torch.load reads it; for a
+/// conditional field also conditions c [points, dc] (seeded) and v = v(x, t | c). Atomic.
 void write_velocity_check_file(const VelocityField& field, const std::string& path, int64_t points, uint64_t seed);
 
 }  // namespace tilt

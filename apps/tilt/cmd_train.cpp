@@ -52,9 +52,10 @@ int64_t train_in_run(Loss& loss, TrainerOptions topt, const RunDirectory& run, c
 
 // Rank 0 writes the model, the training curves and the report.
 int finish_velocity_run(const VelocityField& model, const RunDirectory& run, const Json& model_info,
-                        const std::vector<std::string>& curves, const std::string& title, const ProcessGroupPtr& group) {
+                        const std::vector<std::string>& curves, const std::string& title, const ProcessGroupPtr& group,
+                        const ConditionSetPtr& conditions = nullptr) {
   if (!is_writer(group)) return 0;
-  save_velocity(model, run.path("model.pt"), model_info);
+  save_velocity(model, run.path("model.pt"), model_info, conditions ? conditions->values() : Tensor());
   plot_training_curves(run.path("metrics.jsonl"), curves, run.path("training.png"), title);
   info("wrote " + run.path("model.pt"));
   report({{"model", run.path("model.pt")}, {"iterations", model_info["iterations"]}});
@@ -107,7 +108,7 @@ int run_finetune(const TrainArgs& args) {
   model_info["trained_by"] = "tilt finetune";
   model_info["iterations"] = iterations;
   return finish_velocity_run(*model, run, model_info, {"loss", plan.method == "refl" ? "reward_prediction" : "reward"},
-                             plan.method == "adjoint_matching" ? "adjoint matching" : plan.method, group);
+                             plan.method == "adjoint_matching" ? "adjoint matching" : plan.method, group, plan.conditions);
 }
 
 CommandSetup train_setup(int (*run)(const TrainArgs&)) {

@@ -316,18 +316,8 @@ std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr bas
 }
 
 Json FinetunePlan::model_info() const {
-  Json info{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
-            {"num_steps", num_steps}};
-  if (conditions) {  // the training conditions, one row each (docs/conditions.md)
-    Json rows = Json::array();
-    const Tensor v = conditions->values().contiguous();
-    for (int64_t i = 0; i < v.size(0); ++i) {
-      const double* row = v[i].data_ptr<double>();
-      rows.push_back(std::vector<double>(row, row + v.size(1)));
-    }
-    info["conditions"] = rows;
-  }
-  return info;
+  return Json{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
+              {"num_steps", num_steps}};
 }
 
 }  // namespace tilt

@@ -143,10 +143,15 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
   if (opts.integrator == Integrator::heun && !noise->is_zero()) {
     throw Error("--integrator heun is for the ODE only (--noise ode); the noise schedule is " + noise->describe());
   }
-  const Tensor conditions = read_draw_conditions(o);
+  Tensor conditions = read_draw_conditions(o);
   if (m.field->condition_dim() > 0 && !conditions.defined()) {
-    throw Error("model file '" + o.model + "' is conditional (a condition of " + std::to_string(m.field->condition_dim()) +
-                " numbers): give --condition or --conditions (docs/conditions.md)");
+    if (!m.conditions.defined()) {
+      throw Error("model file '" + o.model + "' is conditional (a condition of " + std::to_string(m.field->condition_dim()) +
+                  " numbers) and records no training conditions: give --condition or --conditions (docs/conditions.md)");
+    }
+    conditions = m.conditions;  // its training conditions
+    note("no --condition given: drawing at each of the " + std::to_string(conditions.size(0)) +
+         " training conditions model file '" + o.model + "' records");
   }
   if (m.field->condition_dim() == 0 && (conditions.defined() || o.guidance != 0.0)) {
     throw Error("model file '" + o.model + "' is unconditional: it takes no --condition, --conditions or --guidance");

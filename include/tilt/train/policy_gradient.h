@@ -150,6 +150,8 @@ class PolicyGradient : public Loss {
   /// The SDE steps of iteration i: all of 0..K-2, or GRPO's window.
   std::vector<int64_t> sde_steps(int64_t iteration, Generator& gen) const;
   const PolicyGradientOptions& options() const { return options_; }
+  /// The stored batch of the last compute() (empty before the first).
+  const PolicyBatch& batch() const { return batch_; }
 
  private:
   std::shared_ptr<FineTunedVelocity> model_;

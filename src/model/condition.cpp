@@ -130,4 +130,11 @@ void check_conditions(const ConditionSetPtr& conditions, int64_t condition_dim, 
   }
 }
 
+void check_reward_condition(const Reward& reward, int64_t condition_dim, const std::string& who) {
+  if (reward.condition_dim() != 0 && reward.condition_dim() != condition_dim) {
+    throw Error(who + ": the reward takes a condition of size " + std::to_string(reward.condition_dim()) +
+                " but the model takes " + std::to_string(condition_dim));
+  }
+}
+
 }  // namespace tilt

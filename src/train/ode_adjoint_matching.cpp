@@ -169,6 +169,8 @@ OdeAdjointMatching::OdeAdjointMatching(std::shared_ptr<FineTunedVelocity> model,
     throw Error(me + "truncated_control must be 'keep' or 'zero', got '" + options_.truncated_control + "'");
   }
   if (options_.loss_steps < 0) throw Error(me + "loss_steps must be >= 0 (0: all), got " + std::to_string(options_.loss_steps));
+  check_conditions(options_.conditions, model_->condition_dim(), "ode adjoint matching");
+  check_reward_condition(*reward_, model_->condition_dim(), "ode adjoint matching");
   const int64_t K_adj = options_.adjoint_steps == 0 ? options_.num_steps : options_.adjoint_steps;
   window_start_ = options_.num_steps - K_adj;
 }
@@ -181,10 +183,15 @@ void OdeAdjointMatching::set_batch_size(int64_t n) {
 OdeRegressionBatch OdeAdjointMatching::regression_batch(Generator& gen) const {
   at::NoGradGuard no_grad;
   const int64_t K = grid_.steps(), B = options_.batch_size, k0 = window_start_;
-  const VelocityField& base = *model_->base();
-  // X_0 ~ N(0, I) in the trainable network's dtype (float for tilt's MLPs).
   const std::vector<Tensor> params = model_->parameters();
   const auto dtype = params.empty() ? at::typeMetaToScalarType(at::get_default_dtype()) : params.front().scalar_type();
+  OdeRegressionBatch out;
+  // Each trajectory's condition, first (an unconditional run draws nothing); the base is bound to them.
+  if (options_.conditions) out.conditions = options_.conditions->draw(B, gen, dtype);
+  const Tensor& c = out.conditions;
+  const VelocityFieldPtr base_at_c = bind_condition(model_->base(), c);
+  const VelocityField& base = *base_at_c;
+  // X_0 ~ N(0, I) in the trainable network's dtype (float for tilt's MLPs).
   Tensor x = at::randn({B, model_->dim()}, gen, at::TensorOptions().dtype(dtype));
 
   // The trained steps: the window [k0, K), or every step when the prefix is regressed to zero.
@@ -201,12 +208,11 @@ OdeRegressionBatch OdeAdjointMatching::regression_batch(Generator& gen) const {
 
   // 1. Forward Euler of v_theta = v_base + u_theta; states kept only where needed.
   std::vector<Tensor> xs(static_cast<size_t>(K)), vbs(static_cast<size_t>(K));
-  OdeRegressionBatch out;
   out.control_cost = at::zeros({B}, x.options());
   for (int64_t k = 0; k < K; ++k) {
     const double t = grid_[k], h = grid_.step(k);
     const Tensor v_base = base.velocity(x, t);
-    const Tensor u = model_->delta(x, at::full({B}, t, x.options()), v_base);
+    const Tensor u = model_->delta(x, at::full({B}, t, x.options()), v_base, c);
     out.control_cost += h * regulariser_->psi(u, t);
     if (k > k0 || in_loss[k]) xs[k] = x;
     if (in_loss[k]) vbs[k] = v_base;
@@ -217,7 +223,8 @@ OdeRegressionBatch OdeAdjointMatching::regression_batch(Generator& gen) const {
   // 2. Lean adjoint over the window: a_K = lambda grad r(X_K), then K_adj - 1 base VJPs (a_{k0} is
   //    not needed: step k's target uses a_{k+1}).
   std::vector<Tensor> window(xs.begin() + (k0 + 1), xs.end());
-  out.adjoint = ode_lean_adjoint(base, window, grid_, options_.lambda * reward_->grad(out.x1));
+  const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
+  out.adjoint = ode_lean_adjoint(base, window, grid_, options_.lambda * reward->grad(out.x1));
 
   // 3. Regression rows: target grad psi*_{t_k}(a_{k+1}) in the window, 0 before it.
   std::vector<Tensor> rx, rt, rv, target;
@@ -234,6 +241,8 @@ OdeRegressionBatch OdeAdjointMatching::regression_batch(Generator& gen) const {
   out.t = at::cat(rt);
   out.v_base = at::cat(rv);
   out.target = at::cat(target);
+  // Row j B + b is trajectory b at the j-th step: c repeated like X_k.
+  if (c.defined()) out.c = c.repeat({static_cast<int64_t>(out.steps.size()), 1});
   return out;
 }
 
@@ -245,12 +254,12 @@ LossOutput OdeAdjointMatching::compute(Generator& gen) {
   std::vector<Tensor> hs;
   for (int64_t k : batch.steps) hs.push_back(at::full({B}, grid_.step(k), batch.x.options()));
   const Tensor h = at::cat(hs);
-  const Tensor u = model_->delta(batch.x, batch.t, batch.v_base);
+  const Tensor u = model_->delta(batch.x, batch.t, batch.v_base, batch.c);
   const Tensor terms = h * (u - batch.target).pow(2).sum(1);  // [S B]
   LossOutput out;
   out.loss = terms.sum() * (static_cast<double>(n_trained) / static_cast<double>(S * B));
   at::NoGradGuard no_grad;
-  const Tensor r = reward_->value(batch.x1);
+  const Tensor r = bind_condition(reward_, reward_->condition_dim() > 0 ? batch.conditions : Tensor())->value(batch.x1);
   out.metrics.emplace_back("reward", r.mean().item<double>());
   out.metrics.emplace_back("control_cost", batch.control_cost.mean().item<double>());
   out.metrics.emplace_back("objective", (options_.lambda * r - batch.control_cost).mean().item<double>());

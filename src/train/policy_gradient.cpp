@@ -115,6 +115,8 @@ PolicyGradient::PolicyGradient(std::shared_ptr<FineTunedVelocity> model, RewardP
   }
   if (o.window_iters < 1) throw Error(n + ": window_iters must be >= 1");
   if (o.window_shift < 1) throw Error(n + ": window_shift must be >= 1");
+  check_conditions(o.conditions, model_->condition_dim(), n);
+  check_reward_condition(*reward_, model_->condition_dim(), n);
 }
 
 void PolicyGradient::set_batch_size(int64_t n) {
@@ -141,12 +143,17 @@ std::vector<int64_t> PolicyGradient::sde_steps(int64_t iteration, Generator& gen
   return steps;
 }
 
-PolicyBatch PolicyGradient::sample(const Tensor& x0, const std::vector<int64_t>& sde_steps, Generator& gen) const {
+PolicyBatch PolicyGradient::sample(const Tensor& x0, const std::vector<int64_t>& sde_steps, Generator& gen,
+                                   const Tensor& c) const {
   at::NoGradGuard no_grad;
   const Schedule& schedule = *model_->schedule();
   const int64_t K = options_.num_steps;
   PolicyBatch batch;
   batch.sde_steps = sde_steps;
+  batch.conditions = condition_rows(c, x0.size(0), model_->condition_dim(), name() + " sample");
+  // The policy and the base at the trajectories' conditions (themselves for an unconditional model).
+  const VelocityFieldPtr policy = bind_condition(model_, batch.conditions);
+  const VelocityFieldPtr base = bind_condition(model_->base(), batch.conditions);
   std::vector<Tensor> states, next_states, log_probs;
   Tensor x = x0;
   size_t next_sde = 0;
@@ -158,7 +165,7 @@ PolicyBatch PolicyGradient::sample(const Tensor& x0, const std::vector<int64_t>&
     // carry a pathwise dependence on theta that the score-function gradient misses. It is taken
     // with the base velocity, as Adjoint Matching's final noiseless step (App. G.1), so that the
     // on-policy gradient is unbiased for E[r] of the sampled chain.
-    const Tensor v = k == K - 1 ? model_->base()->velocity(x, grid_[k]) : model_->velocity(x, grid_[k]);
+    const Tensor v = k == K - 1 ? base->velocity(x, grid_[k]) : policy->velocity(x, grid_[k]);
     const Tensor mean = e.mean(x, v);
     if (!stochastic) {
       x = mean;
@@ -195,7 +202,9 @@ Tensor PolicyGradient::log_prob(const PolicyBatch& batch) const {
     return at::tensor(values, at::kDouble).to(options.dtype()).repeat_interleave(B);  // [S B]
   };
   const Tensor x = batch.states.reshape({S * B, d});
-  const Tensor v = model_->velocity(x, per_row(t));
+  // Row j B + b is trajectory b at step j: its condition is conditions[b] (undefined: unconditional).
+  const Tensor c = batch.conditions.defined() ? batch.conditions.repeat({S, 1}) : Tensor();
+  const Tensor v = model_->conditional_velocity(x, per_row(t), c);
   const Tensor mean = (per_row(c_x).unsqueeze(1) * x + per_row(c_v).unsqueeze(1) * v).view({S, B, d});
   std::vector<Tensor> rows;
   for (int64_t j = 0; j < S; ++j) {
@@ -213,6 +222,12 @@ LossOutput PolicyGradient::compute(Generator& gen) {
   double log_prob_mismatch = 0.0;
   if (fresh) {
     const int64_t B = o.batch_size, d = model_->dim();
+    // The prompts first (an unconditional run draws nothing); GRPO's group is one prompt.
+    Tensor c;
+    if (o.conditions) {
+      c = grouped_ ? o.conditions->draw(B / o.group_size, gen).repeat_interleave(o.group_size, 0)
+                   : o.conditions->draw(B, gen);
+    }
     Tensor x0;
     if (grouped_) {
       // G generations share each initial noise (MixGRPO's init_same_noise).
@@ -220,9 +235,10 @@ LossOutput PolicyGradient::compute(Generator& gen) {
     } else {
       x0 = at::randn({B, d}, gen);
     }
-    batch_ = sample(x0, sde_steps(iteration_, gen), gen);
+    batch_ = sample(x0, sde_steps(iteration_, gen), gen, c);
     at::NoGradGuard no_grad;
-    batch_.reward = o.lambda * reward_->value(batch_.x1).to(at::kDouble);
+    const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
+    batch_.reward = o.lambda * reward->value(batch_.x1).to(at::kDouble);
     batch_.advantage = grouped_ ? group_advantages(batch_.reward, o.group_size, o.scale_advantages, o.std_eps, o.adv_clip_max)
                                 : batch_advantages(batch_.reward, o.scale_advantages, o.std_eps, o.adv_clip_max);
     have_batch_ = true;

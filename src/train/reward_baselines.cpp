@@ -22,6 +22,8 @@ RewardBaseline::RewardBaseline(std::shared_ptr<FineTunedVelocity> model, RewardP
   if (options_.num_steps < 2) throw Error(name + ": num_steps must be >= 2");
   if (options_.batch_size < 1) throw Error(name + ": batch_size must be >= 1");
   if (!std::isfinite(options_.lambda)) throw Error(name + ": lambda must be finite");
+  check_conditions(options_.conditions, model_->condition_dim(), name);
+  check_reward_condition(*reward_, model_->condition_dim(), name);
 }
 
 void RewardBaseline::set_batch_size(int64_t n) {
@@ -29,14 +31,22 @@ void RewardBaseline::set_batch_size(int64_t n) {
   options_.batch_size = n;
 }
 
-Tensor RewardBaseline::ode_steps(Tensor x, int64_t from, int64_t to) const {
+Tensor RewardBaseline::draw_conditions(Generator& gen) const {
+  return options_.conditions ? options_.conditions->draw(options_.batch_size, gen) : Tensor();
+}
+
+Tensor RewardBaseline::ode_steps(const VelocityField& v, Tensor x, int64_t from, int64_t to) const {
   // Euler's step of the ODE dX = v dt: the kernel {1, h, 0}.
-  for (int64_t k = from; k < to; ++k) x = StepKernel{1.0, grid_.step(k), 0.0}.mean(x, model_->velocity(x, grid_[k]));
+  for (int64_t k = from; k < to; ++k) x = StepKernel{1.0, grid_.step(k), 0.0}.mean(x, v.velocity(x, grid_[k]));
   return x;
 }
 
-Tensor RewardBaseline::reward_surrogate(const Tensor& x1) const {
-  const Tensor g = reward_->grad(x1.detach()).detach();
+RewardPtr RewardBaseline::reward_at(const Tensor& c) const {
+  return bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
+}
+
+Tensor RewardBaseline::reward_surrogate(const Reward& reward, const Tensor& x1) const {
+  const Tensor g = reward.grad(x1.detach()).detach();
   return -options_.lambda * (g * x1).sum(1).mean();
 }
 
@@ -52,17 +62,20 @@ DraftK::DraftK(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const
 
 LossOutput DraftK::compute(Generator& gen) {
   const int64_t K = options_.num_steps;
+  const Tensor c = draw_conditions(gen);  // first: an unconditional run draws nothing
+  const VelocityFieldPtr v = bind_condition(model_, c);
+  const RewardPtr reward = reward_at(c);
   Tensor x = at::randn({options_.batch_size, model_->dim()}, gen);
   {
     at::NoGradGuard no_grad;
-    x = ode_steps(x, 0, K - options_.draft_k);
+    x = ode_steps(*v, x, 0, K - options_.draft_k);
   }
   // Gradients through the last draft_k steps only (DRaFT-K, Clark et al. 2024, Sec. 4.1).
-  const Tensor x1 = ode_steps(x.detach(), K - options_.draft_k, K);
+  const Tensor x1 = ode_steps(*v, x.detach(), K - options_.draft_k, K);
   LossOutput out;
-  out.loss = reward_surrogate(x1);
+  out.loss = reward_surrogate(*reward, x1);
   at::NoGradGuard no_grad;
-  out.metrics.emplace_back("reward", reward_->value(x1.detach()).mean().item<double>());
+  out.metrics.emplace_back("reward", reward->value(x1.detach()).mean().item<double>());
   return out;
 }
 
@@ -86,19 +99,22 @@ Tensor Refl::predict_x1(const Tensor& x, double t, const Tensor& v) const {
 }
 
 LossOutput Refl::compute(Generator& gen) {
+  const Tensor c = draw_conditions(gen);  // first: an unconditional run draws nothing
+  const VelocityFieldPtr v = bind_condition(model_, c);
+  const RewardPtr reward = reward_at(c);
   Tensor x = at::randn({options_.batch_size, model_->dim()}, gen);
   const auto n = static_cast<int64_t>(candidates_.size());
   const int64_t k = candidates_[at::randint(n, {1}, gen, at::TensorOptions().dtype(at::kLong)).item<int64_t>()];
   {
     at::NoGradGuard no_grad;
-    x = ode_steps(x, 0, k);
+    x = ode_steps(*v, x, 0, k);
   }
   const Tensor xk = x.detach();
-  const Tensor x1_hat = predict_x1(xk, grid_[k], model_->velocity(xk, grid_[k]));
+  const Tensor x1_hat = predict_x1(xk, grid_[k], v->velocity(xk, grid_[k]));
   LossOutput out;
-  out.loss = reward_surrogate(x1_hat);
+  out.loss = reward_surrogate(*reward, x1_hat);
   at::NoGradGuard no_grad;
-  out.metrics.emplace_back("reward_prediction", reward_->value(x1_hat.detach()).mean().item<double>());
+  out.metrics.emplace_back("reward_prediction", reward->value(x1_hat.detach()).mean().item<double>());
   out.metrics.emplace_back("t", grid_[k]);
   return out;
 }
@@ -121,6 +137,9 @@ DiscreteAdjoint::DiscreteAdjoint(std::shared_ptr<FineTunedVelocity> model, Rewar
 LossOutput DiscreteAdjoint::compute(Generator& gen) {
   const int64_t K = options_.num_steps;
   const int64_t B = options_.batch_size;
+  const Tensor c = draw_conditions(gen);  // first: an unconditional run draws nothing
+  const VelocityFieldPtr base = bind_condition(model_->base(), c);
+  const RewardPtr reward = reward_at(c);
   Tensor x = at::randn({B, model_->dim()}, gen);
   Tensor control_cost = at::zeros({B}, x.options());
   // Controlled memoryless SDE, Euler-Maruyama, with the whole graph kept:
@@ -130,18 +149,18 @@ LossOutput DiscreteAdjoint::compute(Generator& gen) {
   for (int64_t k = 0; k + 1 < K; ++k) {
     const double t = grid_[k], h = grid_.step(k);
     const double sigma = finetuned_sde_.sigma(t);
-    const Tensor v_base = model_->base()->velocity(x, t);
-    const Tensor delta = model_->delta(x, at::full({B}, t, x.options()), v_base);
+    const Tensor v_base = base->velocity(x, t);
+    const Tensor delta = model_->delta(x, at::full({B}, t, x.options()), v_base, c);
     const Tensor u = (finetuned_sde_.coefficients(t).c_v / sigma) * delta;
     control_cost = control_cost + 0.5 * h * u.pow(2).sum(1);
     const Tensor eps = at::randn(x.sizes(), gen);
     x = euler_kernel(finetuned_sde_, t, grid_[k + 1]).next(x, v_base + delta, eps);
   }
-  const Tensor x1 = StepKernel{1.0, grid_.step(K - 1), 0.0}.mean(x, model_->base()->velocity(x, grid_[K - 1]));
+  const Tensor x1 = StepKernel{1.0, grid_.step(K - 1), 0.0}.mean(x, base->velocity(x, grid_[K - 1]));
   LossOutput out;
-  out.loss = control_cost.mean() + reward_surrogate(x1);
+  out.loss = control_cost.mean() + reward_surrogate(*reward, x1);
   at::NoGradGuard no_grad;
-  const Tensor r = reward_->value(x1.detach());
+  const Tensor r = reward->value(x1.detach());
   out.metrics.emplace_back("reward", r.mean().item<double>());
   out.metrics.emplace_back("control_cost", control_cost.detach().mean().item<double>());
   out.metrics.emplace_back("objective", (control_cost.detach() - options_.lambda * r).mean().item<double>());

@@ -56,4 +56,7 @@ using ConditionSetPtr = std::shared_ptr<const ConditionSet>;
 /// model (its dimension the model's), none for an unconditional one.
 void check_conditions(const ConditionSetPtr& conditions, int64_t condition_dim, const std::string& who);
 
+/// Throws tilt::Error naming `who` unless the reward takes no condition or the model's (condition_dim).
+void check_reward_condition(const Reward& reward, int64_t condition_dim, const std::string& who);
+
 }  // namespace tilt

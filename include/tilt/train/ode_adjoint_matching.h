@@ -22,10 +22,15 @@
 // discrete adjoint cancel, so the fixed point is the discrete problem's optimum, not an O(h) neighbour
 // of it [D]. Steps before t_c keep the control they have ("keep"), or are regressed to 0 ("zero").
 //
+// Conditions (docs/conditions.md): with OdeAdjointMatchingOptions::conditions, each trajectory draws its
+// own c (first in the iteration); the rollout, the base's adjoint, the reward (when it takes a condition)
+// and the regression rows (c repeated over the steps like X_k) are all at it.
+//
 // The optimum is NOT p* ∝ p_base exp(lambda r): each noise seed is steered on its own (a transport
 // cost), e.g. N(0.775, 0.138) against the tilt's N(0.845, 0.422) (docs/equations.md, E89).
 #pragma once
 
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/sde/time_grid.h"
@@ -46,6 +51,9 @@ struct OdeAdjointMatchingOptions {
   /// Before t_c: "keep" (not trained) or "zero" (u_theta regressed onto 0 there).
   std::string truncated_control = "keep";
   int64_t loss_steps = 0;      ///< steps drawn per iteration from the trained ones; 0 = all of them
+  /// The training conditions: each trajectory draws its own c from them (docs/conditions.md). Null for
+  /// an unconditional model, required for a conditional one.
+  ConditionSetPtr conditions;
 };
 
 /// The lean adjoint of the ODE backwards through the frozen base, over the last n = x.size() steps:
@@ -59,6 +67,8 @@ struct OdeRegressionBatch {
   std::vector<int64_t> steps;  ///< the grid steps k in the loss, increasing
   Tensor x, t, v_base;         ///< X_k, t_k, v_base(X_k, t_k): [S B, d], [S B], [S B, d]
   Tensor target;               ///< grad psi*_{t_k}(a_{k+1}) in the window, 0 before it: [S B, d]
+  Tensor c;                    ///< the rows' conditions, [S B, dc] (undefined: unconditional)
+  Tensor conditions;           ///< the trajectories' conditions, [B, dc] (undefined: unconditional)
   Tensor x1;                   ///< X_K, [B, d]
   Tensor control_cost;         ///< sum_k h psi_{t_k}(u(X_k, t_k)) along the rollout, [B]
   std::vector<Tensor> adjoint; ///< a_{k0+1..K} (k0 = K - K_adj), each [B, d]
@@ -66,7 +76,8 @@ struct OdeRegressionBatch {
 
 class OdeAdjointMatching : public Loss {
  public:
-  /// Throws tilt::Error for a missing or mismatched reward, or options out of range.
+  /// Throws tilt::Error for a missing or mismatched reward, mismatched conditions (as check_conditions
+  /// and check_reward_condition), or options out of range.
   OdeAdjointMatching(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, RegulariserPtr regulariser,
                      const OdeAdjointMatchingOptions& options);
 

@@ -35,11 +35,19 @@
 // epoch, rho = 1) grad L = -(1 / (B S)) sum_i A_i sum_k grad log pi_theta: REINFORCE with a baseline,
 // 1/S of the score-function estimate of grad E[A] (S = SDE steps per trajectory).
 //
+// Conditions (docs/conditions.md): with PolicyGradientOptions::conditions, each trajectory draws its own
+// prompt c from the training set (first in the iteration), and the policy, the base's last step and the
+// reward (when it takes a condition) are evaluated at it; the stored batch keeps c, so that inner epochs
+// and log_prob() use the same conditions. GRPO draws one c per group: a group is one prompt with one
+// initial noise, as in Flow-GRPO, so its advantages are per prompt. DDPO standardises over the whole
+// batch (DDPO without its per-prompt statistics tracker, which keeps a history of rewards per prompt).
+//
 // These methods maximise E[r] with no KL term (lambda only scales r, which the standardised
 // advantages undo): they do not target p* ∝ p_base exp(lambda r). The trainer's gradient-norm clip
 // (TrainerOptions::grad_clip, 1.0 by default, as in DDPO) applies.
 #pragma once
 
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/sde/time_grid.h"
@@ -76,6 +84,9 @@ struct PolicyGradientOptions {
   WindowStrategy window_strategy = WindowStrategy::progressive;
   int64_t window_iters = 25;     ///< progressive: iterations per window position
   int64_t window_shift = 1;      ///< progressive: steps the window advances per move
+  /// The training prompts: each trajectory (GRPO: each group) draws its own c from them
+  /// (docs/conditions.md). Null for an unconditional model, required for a conditional one.
+  ConditionSetPtr conditions;
 };
 
 /// log N(x_next; mean, std^2 I) per row ([B, d] -> [B]), summed or averaged over the coordinates.
@@ -106,6 +117,7 @@ struct PolicyBatch {
   Tensor states;                   ///< [S, B, d]: x_k for each k in sde_steps
   Tensor next_states;              ///< [S, B, d]: x_{k+1}
   Tensor old_log_prob;             ///< [S, B]: log pi_old(x_{k+1} | x_k), from the sampling pass
+  Tensor conditions;               ///< [B, dc]: each trajectory's condition; undefined: unconditional
   Tensor x1;                       ///< [B, d]: the samples
   Tensor reward;                   ///< [B]: lambda r(x1)
   Tensor advantage;                ///< [B]
@@ -113,6 +125,8 @@ struct PolicyBatch {
 
 class PolicyGradient : public Loss {
  public:
+  /// Throws tilt::Error for a missing model or reward, mismatched dimensions or conditions (as
+  /// check_conditions and check_reward_condition), or options out of range.
   PolicyGradient(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const PolicyGradientOptions& options,
                  bool grouped);
   std::string name() const override { return grouped_ ? "grpo" : "ddpo"; }
@@ -125,13 +139,19 @@ class PolicyGradient : public Loss {
   LossOutput compute(Generator& gen) override;
 
   /// Samples B trajectories from x0 ([B, d]) with the current policy, without gradients; only the
-  /// steps in sde_steps are stochastic (the others are the exact gamma = 0 step).
-  PolicyBatch sample(const Tensor& x0, const std::vector<int64_t>& sde_steps, Generator& gen) const;
-  /// log pi_theta(next_states | states) per (step, sample), [S, B], with the graph to theta.
+  /// steps in sde_steps are stochastic (the others are the exact gamma = 0 step). c: the trajectories'
+  /// conditions, [B, dc] or [1, dc] (undefined: unconditional, or a conditional model's null condition),
+  /// kept in the batch as [B, dc].
+  PolicyBatch sample(const Tensor& x0, const std::vector<int64_t>& sde_steps, Generator& gen,
+                     const Tensor& c = Tensor()) const;
+  /// log pi_theta(next_states | states) per (step, sample), [S, B], with the graph to theta, at the
+  /// batch's conditions.
   Tensor log_prob(const PolicyBatch& batch) const;
   /// The SDE steps of iteration i: all of 0..K-2, or GRPO's window.
   std::vector<int64_t> sde_steps(int64_t iteration, Generator& gen) const;
   const PolicyGradientOptions& options() const { return options_; }
+  /// The stored batch of the last compute() (empty before the first).
+  const PolicyBatch& batch() const { return batch_; }
 
  private:
   std::shared_ptr<FineTunedVelocity> model_;

@@ -16,8 +16,14 @@
 // as they train; that is the point of the comparison. The reward's gradient enters through the
 // surrogate <stop_grad(grad r(X_1)), X_1>, so any Reward works (r need not be differentiable by
 // autograd); the logged "reward" is r itself.
+//
+// Conditions (docs/conditions.md): with RewardBaselineOptions::conditions, each trajectory draws its own
+// c from the training set (before anything else of the iteration), and the fine-tuned model, the base and
+// the reward (when it takes a condition) are evaluated at it: the same loss on the bound problem
+// v(x, t | c), r(x, c) with one c per row.
 #pragma once
 
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
@@ -35,11 +41,17 @@ struct RewardBaselineOptions {
   double lambda = 1.0;        ///< reward multiplier (the loss is -lambda r)
   int64_t draft_k = 1;        ///< DRaFT-K: the last K steps carry gradients (1 <= K <= num_steps)
   double refl_t_min = 0.5;    ///< ReFL: the prediction step is drawn uniformly from the steps with t_k >= this
+  /// The training conditions: each trajectory draws its own c from them (docs/conditions.md). Null for
+  /// an unconditional model, required for a conditional one.
+  ConditionSetPtr conditions;
 };
 
 /// Shared checks and the Euler ODE of v_theta.
 class RewardBaseline : public Loss {
  public:
+  /// Throws tilt::Error for a missing model or reward, mismatched dimensions or conditions (a set for a
+  /// conditional model, of its size; none for an unconditional one; a conditional reward takes the
+  /// model's condition), or options out of range.
   RewardBaseline(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, const RewardBaselineOptions& options,
                  const std::string& name);
   std::vector<Tensor> parameters() const override { return model_->parameters(); }
@@ -48,10 +60,16 @@ class RewardBaseline : public Loss {
   const RewardBaselineOptions& options() const { return options_; }
 
  protected:
-  /// X_{k+1} = X_k + h v_theta(X_k, t_k) for k in [from, to), with gradients only if enabled by the caller.
-  Tensor ode_steps(Tensor x, int64_t from, int64_t to) const;
+  /// Each of the batch's trajectories' condition, [batch, dc], drawn from options().conditions; undefined
+  /// (and nothing drawn) for an unconditional model.
+  Tensor draw_conditions(Generator& gen) const;
+  /// X_{k+1} = X_k + h v(X_k, t_k) for k in [from, to), with gradients only if enabled by the caller; v is
+  /// v_theta bound to the conditions c (one per row of x; undefined: unconditional).
+  Tensor ode_steps(const VelocityField& v, Tensor x, int64_t from, int64_t to) const;
+  /// The reward at the conditions c (the reward itself when it takes none).
+  RewardPtr reward_at(const Tensor& c) const;
   /// -lambda mean <stop_grad(grad r(x1)), x1>: its gradient is that of -lambda mean r(x1).
-  Tensor reward_surrogate(const Tensor& x1) const;
+  Tensor reward_surrogate(const Reward& reward, const Tensor& x1) const;
 
   std::shared_ptr<FineTunedVelocity> model_;
   RewardPtr reward_;

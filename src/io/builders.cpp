@@ -342,6 +342,7 @@ OdeAdjointMatchingOptions read_ode_adjoint_matching(ConfigSection& s, const Adjo
   o.num_steps = am.num_steps;
   o.batch_size = am.batch_size;
   o.lambda = am.lambda;
+  o.conditions = am.conditions;
   o.adjoint_steps = s.integer("adjoint_steps", o.adjoint_steps);
   if (o.adjoint_steps < 0 || o.adjoint_steps > o.num_steps) {
     s.fail("adjoint_steps", "must be in 0..num_steps = " + std::to_string(o.num_steps) + " (0: all steps)");

@@ -43,20 +43,20 @@ std::function<std::string(const LossOutput&)> clip_monitor(double clip_factor, d
   };
 }
 
-// A method's options with the plan's grid, batch and lambda (the [finetune] keys every method shares).
+// A method's options with the plan's grid, batch, lambda and training conditions (what every method shares).
 template <class Options>
 Options plan_options(const FinetunePlan& plan) {
   Options o;
   o.num_steps = plan.num_steps;
   o.batch_size = plan.batch_size;
   o.lambda = plan.lambda;
+  o.conditions = plan.conditions;
   return o;
 }
 
 void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
-  am.conditions = plan.conditions;
   read_adjoint_matching_keys(table, am);
   plan.monitor = clip_monitor(am.clip_factor, plan.lambda);
   plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
@@ -285,9 +285,7 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
   check_conditions(conditions, base.condition_dim(), "fine-tuning");
   plan.conditions = std::move(conditions);
   plan.method = s.choice("method", finetune_method_names(), "adjoint_matching");
-  if (plan.conditions && plan.method != "adjoint_matching") {
-    s.fail("method", "is \"" + plan.method + "\", which does not take conditions yet (use adjoint_matching)");
-  }
+
   const FinetuneMethod& method = find_method(plan.method);
   check_other_tables(s, method, plan);
   read_common(s, base, plan);

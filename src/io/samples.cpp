@@ -101,7 +101,7 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions) {
     ++n;
   }
   if (n == 0) throw Error("samples file '" + path + "' holds no samples");
-  if (dc >= d) throw Error("samples file '" + path + "': its header names every column a condition (c0, c1, ...)");
+  if (dc >= d) dc = 0;  // every column named c0, c1, ...: a table of conditions itself (tilt sample --conditions)
   const Tensor all = at::from_blob(values.data(), {n, d}, at::kFloat);
   if (conditions) *conditions = dc > 0 ? all.narrow(1, d - dc, dc).to(at::kDouble) : Tensor();
   return all.narrow(1, 0, d - dc).clone();

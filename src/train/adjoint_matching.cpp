@@ -93,10 +93,7 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
   }
   if (options_.batch_size < 1) throw Error("adjoint matching: batch_size must be >= 1");
   check_conditions(options_.conditions, model_->condition_dim(), "adjoint matching");
-  if (reward_->condition_dim() != 0 && reward_->condition_dim() != model_->condition_dim()) {
-    throw Error("adjoint matching: the reward takes a condition of size " + std::to_string(reward_->condition_dim()) +
-                " but the model takes " + std::to_string(model_->condition_dim()));
-  }
+  check_reward_condition(*reward_, model_->condition_dim(), "adjoint matching");
   if (options_.loss_early_steps < 0 || options_.loss_late_steps < 0 ||
       options_.loss_early_steps + options_.loss_late_steps < 1) {
     throw Error("adjoint matching: need loss_early_steps, loss_late_steps >= 0 with a positive sum, got " +

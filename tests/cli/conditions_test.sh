@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Conditional models on the command line (docs/conditions.md):
+#  1. the generalisation claim, cheaply: Adjoint Matching over the 5 training conditions of
+#     configs/conditions_2d.toml, then tilt sample (memoryless SDE and ODE) at the training, held-out and
+#     outside conditions and tilt eval against the exact p*(. | c): the training and held-out medians must be
+#     at most 2x the noise floor with both samplers, where the base is far off (the full claim, on random
+#     problems, is scripts/conditions_study.sh);
+#  2. every fine-tuning method takes the conditions from the config, and the model file records them;
+#  3. what is refused, naming the flag, key or file.
+# Usage: conditions_test.sh path/to/tilt path/to/configs   (~3-4 min on 2 cores)
+set -uo pipefail
+source "$(dirname "$(realpath "$0")")/lib.sh"
+tilt=$(realpath "$1")
+configs=$(realpath "$2")
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+cd "$work"
+
+# 1. Training, held-out and outside conditions against the exact target (SKIP_CLAIM=1: parts 2 and 3 only).
+if [ -z "${SKIP_CLAIM:-}" ]; then
+printf -- '-1\n-0.5\n0\n0.5\n1\n-0.75\n-0.25\n0.25\n0.75\n-2\n-1.5\n1.5\n2\n' > all.csv
+"$tilt" finetune -c "$configs/conditions_2d.toml" -o run -q --set finetune.iterations=1500 --set finetune.batch_size=128 \
+  --set finetune.num_steps=40 --set finetune.checkpoint_every=500 > /dev/null 2>&1 || fail "finetune conditions_2d"
+"$tilt" sample -m run/model.pt --conditions all.csv -n 1000 -o sde.csv > /dev/null 2>&1 || fail "sample sde"
+"$tilt" sample -m run/model.pt --conditions all.csv -n 1000 --noise ode -o ode.csv > /dev/null 2>&1 || fail "sample ode"
+"$tilt" sample --exact base -c "$configs/conditions_2d.toml" --conditions all.csv -n 1000 -o base.csv > /dev/null 2>&1 || fail "sample base"
+"$tilt" eval -c "$configs/conditions_2d.toml" -s sde.csv ode.csv base.csv --json > eval.json 2> eval.err || fail "eval: $(cat eval.err)"
+python3 - eval.json <<'PY' && pass "train and held-out medians <= 2x the floor (SDE and ODE); base > 10x" || fail "the generalisation claim"
+import json, sys
+r = json.load(open(sys.argv[1]))["samples"]
+ok = True
+for f in ("sde.csv", "ode.csv"):
+    for s in ("train", "held_out", "outside"):
+        v = r[f]["sets"][s]
+        print(f"  {f} {s}: median {v['median_ratio']:.2f}, worst {v['worst_ratio']:.2f} over {v['conditions']}")
+    for s in ("train", "held_out"):
+        ok &= r[f]["sets"][s]["median_ratio"] <= 2.0
+    ok &= len(r[f]["conditions"]) == 13 and all(row["n"] == 1000 for row in r[f]["conditions"])
+for s in ("train", "held_out"):
+    ok &= r["base.csv"]["sets"][s]["median_ratio"] > 10.0
+sys.exit(0 if ok else 1)
+PY
+fi
+
+# 2. Every method, from the config, on a tiny conditional problem; the file records the conditions.
+{ tiny_config 0 1; cat <<'TOML'
+[conditions]
+train = [[-1.0], [1.0]]
+[finetune]
+hidden = [8]
+num_steps = 6
+batch_size = 8
+iterations = 2
+checkpoint_every = 2
+[finetune.adjoint_matching]
+loss_early_steps = 2
+loss_late_steps = 2
+TOML
+} > tiny.toml
+sed -i 's/^radius = 2.0$/radius = 2.0\nshift = [[1.0], [0.0]]/' tiny.toml
+for m in adjoint_matching discrete_adjoint draft refl ddpo grpo ode_adjoint_matching; do
+  extra=()
+  [ "$m" = grpo ] && extra=(--set finetune.grpo.group_size=4)
+  if "$tilt" finetune -c tiny.toml -o "m_$m" -q --set "finetune.method=$m" "${extra[@]}" > /dev/null 2> "m_$m.err" &&
+     "$tilt" sample -m "m_$m/model.pt" -n 5 -o "m_$m.csv" > /dev/null 2>&1 &&
+     [ "$(head -1 "m_$m.csv")" = "x0,x1,c0" ] && [ "$(tail -n +2 "m_$m.csv" | wc -l)" -eq 10 ]; then
+    pass "$m takes [conditions]; sample draws 5 at each of the 2 recorded conditions"
+  else
+    fail "$m with conditions: $(head -c 400 "m_$m.err")"
+  fi
+done
+
+# 3. Refusals.
+{ tiny_config 0 1; printf '[finetune]\nhidden = [8]\nnum_steps = 6\nbatch_size = 8\niterations = 2\n'
+  printf '[finetune.adjoint_matching]\nloss_early_steps = 2\nloss_late_steps = 2\n'; } > plain.toml
+sed 's/^shift = .*$//' tiny.toml > no_shift.toml
+grep -v '^train = \|^\[conditions\]' tiny.toml > no_conditions.toml
+expect_error "a conditional base without [conditions]" "needs [conditions]" "$tilt" finetune -c no_conditions.toml -o bad1
+expect_error "[conditions] with an unconditional base" "[base] is unconditional" "$tilt" finetune -c no_shift.toml -o bad2
+expect_error "conditions of the wrong size" "conditions.train" "$tilt" finetune -c tiny.toml -o bad3 --set 'conditions.train=[[1.0, 2.0]]'
+expect_error "two kinds of conditions" "exactly one of" "$tilt" finetune -c tiny.toml -o bad4 --set conditions.classes=2
+expect_error "a non-finite condition file" "conditions.file" "$tilt" finetune -c no_conditions.toml -o bad5 \
+  --set conditions.file=missing.csv
+"$tilt" finetune -c plain.toml -o plain -q > /dev/null 2>&1
+expect_error "--condition for an unconditional model" "is unconditional" "$tilt" sample -m plain/model.pt --condition 1 -o bad.csv
+expect_error "--guidance for an unconditional model" "is unconditional" "$tilt" sample -m plain/model.pt --guidance 1 -o bad.csv
+expect_error "--condition of the wrong size" "takes 1" "$tilt" sample -m m_adjoint_matching/model.pt --condition 1,2 -o bad.csv
+expect_error "--condition that is not a number" "--condition must be" "$tilt" sample -m m_adjoint_matching/model.pt --condition x -o bad.csv
+expect_error "--guidance without a null condition" "no null condition" "$tilt" sample -m m_adjoint_matching/model.pt --condition 1 --guidance 2 -o bad.csv
+expect_error "exact samples of a conditional config need a condition" "--condition" "$tilt" sample --exact target -c tiny.toml -o bad.csv
+"$tilt" sample -m plain/model.pt -n 20 -o plain.csv > /dev/null 2>&1
+expect_error "unconditional samples against a conditional config" "no condition columns" "$tilt" eval -c tiny.toml -s plain.csv
+expect_absent "refusals write nothing" bad1 bad2 bad3 bad4 bad5 bad.csv
+
+finish

@@ -8,7 +8,8 @@
 //
 // Usage: tilt_conditions_study [--dim D] [--cdim DC] [--seed S] [--problems P] [--iterations N]
 //        [--batch B] [--steps K] [--samples N] [--threads T] [--json FILE] [--png FILE] [--quiet]
-// --png (dc = 1): the ratio against c of the first problem, every set, for the base and AM (SDE, ODE).
+// --png (dc = 1): the ratio against c of the first problem, every set, for the base and AM (SDE, ODE);
+// with --plot-from REPORT.json, only that figure, redrawn from an earlier run's --json report.
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/eval/conditions.h"
@@ -33,7 +34,7 @@ namespace {
 struct Settings {
   int64_t dim = 2, cdim = 1, problems = 1, iterations = 2400, batch = 256, steps = 60, samples = 2000, threads = 0;
   uint64_t seed = 0;
-  std::string json, png;
+  std::string json, png, plot_from;
   bool quiet = false;
 };
 
@@ -47,8 +48,8 @@ Settings parse(int argc, char** argv) {
     }
     if (i + 1 >= argc) throw tilt::Error("option " + a + " needs a value");
     const std::string v = argv[++i];
-    if (a == "--json" || a == "--png") {
-      (a == "--json" ? s.json : s.png) = v;
+    if (a == "--json" || a == "--png" || a == "--plot-from") {
+      (a == "--json" ? s.json : a == "--png" ? s.png : s.plot_from) = v;
       continue;
     }
     int64_t n = 0;
@@ -151,7 +152,7 @@ void plot_ratios(const std::string& path, const nlohmann::json& problem) {
   tilt::plot::LineOptions o;
   o.width = 720;
   o.height = 420;
-  o.title = "energy distance / noise floor at each condition (trained on [-1, 1])";
+  o.title = "distance / noise floor per condition (trained in [-1, 1])";
   o.x_label = "condition c";
   o.y_label = "ratio (1 = exact)";
   o.log_y = true;
@@ -163,6 +164,13 @@ void plot_ratios(const std::string& path, const nlohmann::json& problem) {
 int main(int argc, char** argv) {
   try {
     const Settings s = parse(argc, argv);
+    if (!s.plot_from.empty()) {
+      if (s.png.empty()) throw tilt::Error("--plot-from needs --png");
+      const nlohmann::json report = nlohmann::json::parse(tilt::read_file(s.plot_from));
+      // A report, or a list of them (scripts/conditions_study.sh's docs/conditions_study.json): the first.
+      plot_ratios(s.png, (report.is_array() ? report.at(0) : report).at("problems").at(0));
+      return 0;
+    }
     tilt::set_threads(static_cast<int>(s.threads));
     nlohmann::json report = {{"dim", s.dim}, {"cdim", s.cdim}, {"iterations", s.iterations}, {"batch", s.batch},
                              {"steps", s.steps}, {"samples", s.samples}, {"problems", nlohmann::json::array()}};

@@ -20,6 +20,7 @@ const bool registered = add_command(
                                              "chain; needs a mixture base), jarzynski (escorted)")->capture_default_str();
        app.add_option("--noise", o.noise, "Noise schedule (default memoryless; constant:1 for jarzynski)");
        app.add_option("--integrator", o.integrator, "euler or exact")->capture_default_str();
+       app.add_option("--condition", o.condition, "A conditional config: the condition, comma-separated numbers");
        app.add_option("--steps", o.steps, "Time steps")->capture_default_str();
        app.add_option("-n,--n", o.n, "Paths")->capture_default_str();
        app.add_option("--batch", o.batch, "Paths simulated at once")->capture_default_str();

@@ -7,6 +7,8 @@
 #include "tilt/io/builders.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/run.h"
+#include "tilt/io/samples.h"
+#include "tilt/model/condition.h"
 #include "tilt/sde/importance.h"
 
 #include <ATen/ATen.h>
@@ -29,14 +31,33 @@ struct Problem {
   uint64_t seed = 0;
 };
 
-Problem read_problem(Config& config) {
+Problem read_problem(Config& config, const Tensor& condition) {
   ConfigSection root = config.root();
   Problem p;
   p.seed = read_run_settings(root).seed;  // also sets the threads
   p.base = read_base(root);
-  p.exact = read_exact_problem(root, &p.why);
-  p.reward = p.exact ? p.exact->reward : read_reward(root.section("reward"), p.base->dim(), &p.lambda);
-  if (p.exact) p.lambda = p.exact->lambda;
+  const int64_t dc = p.base->condition_dim();
+  if (dc > 0 && !condition.defined()) {
+    throw Error("the base of [base] is conditional (a condition of " + std::to_string(dc) + " numbers): give --condition");
+  }
+  if (condition.defined() && condition.numel() != dc) {
+    throw Error("--condition has " + std::to_string(condition.numel()) + " numbers, but the base of [base] takes " +
+                std::to_string(dc));
+  }
+  p.exact = read_exact_problem(root, &p.why, condition);
+  if (p.exact) {
+    p.reward = p.exact->reward;
+    p.lambda = p.exact->lambda;
+  } else {
+    p.reward = read_reward(root.section("reward"), p.base->dim(), &p.lambda);
+    if (p.reward->condition_dim() > 0) p.reward = bind_condition(p.reward, condition.reshape({1, -1}));
+  }
+  if (condition.defined()) {
+    // At one condition the problem is an unconditional one: the exact mixture's field at c, or the bound model.
+    p.base = p.exact && p.base->kind() == "conditional_gmm"
+                 ? std::make_shared<GmmVelocity>(p.exact->base, p.base->schedule())
+                 : bind_condition(p.base, condition.reshape({1, -1}).to(at::kFloat));
+  }
   finish_config_root(root);
   return p;
 }
@@ -62,6 +83,10 @@ VelocityFieldPtr read_proposal(const LogzOptions& o, const Problem& p, std::stri
   if (!o.model.empty()) {
     proposal = load_velocity(o.model).field;
     name = o.model;
+    if (proposal->condition_dim() > 0) {
+      if (o.condition.empty()) throw Error("--model '" + o.model + "' is conditional: give --condition");
+      proposal = bind_condition(proposal, parse_condition(o.condition, "--condition").reshape({1, -1}).to(at::kFloat));
+    }
   } else if (!o.control.empty() && o.control != "zero") {
     const double scale = control_scale(o.control);
     if (!p.exact) throw Error("--control optimal needs the exact target p*, and this config has none: " + p.why);
@@ -149,7 +174,7 @@ Json summary_json(const LogzOptions& o, const std::string& proposal, const Noise
 
 Json estimate_log_z(Config& config, const LogzOptions& o) {
   check_log_z_options(o);
-  const Problem p = read_problem(config);
+  const Problem p = read_problem(config, o.condition.empty() ? Tensor() : parse_condition(o.condition, "--condition"));
   std::string proposal_name;
   const VelocityFieldPtr proposal = read_proposal(o, p, proposal_name);
   const NoiseSchedulePtr noise = read_noise(o);

@@ -42,18 +42,7 @@ Tensor read_draw_conditions(const DrawOptions& o) {
   if (!o.condition.empty() && !o.conditions.empty()) throw Error("give --condition or --conditions, not both");
   if (!o.conditions.empty()) return read_samples_csv(o.conditions).to(at::kDouble);
   if (o.condition.empty()) return Tensor();
-  std::vector<double> c;
-  std::string field;
-  std::istringstream fields(o.condition);
-  while (std::getline(fields, field, ',')) {
-    char* end = nullptr;
-    const double v = std::strtod(field.c_str(), &end);
-    if (field.empty() || *end != '\0' || !std::isfinite(v)) {
-      throw Error("--condition must be comma-separated finite numbers, got '" + o.condition + "'");
-    }
-    c.push_back(v);
-  }
-  return at::tensor(c, at::TensorOptions().dtype(at::kDouble)).reshape({1, -1});
+  return parse_condition(o.condition, "--condition").reshape({1, -1});
 }
 
 // n samples at each condition (one draw with none), condition i from its own generator; draw(c, gen) draws

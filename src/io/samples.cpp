@@ -107,4 +107,20 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions) {
   return all.narrow(1, 0, d - dc).clone();
 }
 
+Tensor parse_condition(const std::string& text, const std::string& flag) {
+  std::vector<double> c;
+  std::string field;
+  std::istringstream fields(text);
+  while (std::getline(fields, field, ',')) {
+    char* end = nullptr;
+    const double v = std::strtod(field.c_str(), &end);
+    if (field.empty() || *end != '\0' || !std::isfinite(v)) {
+      throw Error(flag + " must be comma-separated finite numbers, got '" + text + "'");
+    }
+    c.push_back(v);
+  }
+  if (c.empty() || text.back() == ',') throw Error(flag + " must be comma-separated finite numbers, got '" + text + "'");
+  return at::tensor(c, at::TensorOptions().dtype(at::kDouble));
+}
+
 }  // namespace tilt

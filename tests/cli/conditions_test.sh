@@ -90,6 +90,15 @@ expect_error "--guidance without a null condition" "no null condition" "$tilt" s
 expect_error "exact samples of a conditional config need a condition" "--condition" "$tilt" sample --exact target -c tiny.toml -o bad.csv
 "$tilt" sample -m plain/model.pt -n 20 -o plain.csv > /dev/null 2>&1
 expect_error "unconditional samples against a conditional config" "no condition columns" "$tilt" eval -c tiny.toml -s plain.csv
+# log Z at a condition, with the exact optimal control of that condition as the proposal: the weights are
+# nearly constant and the estimate agrees with the closed form (the problem at c is an unconditional one).
+"$tilt" logz -c tiny.toml --condition 0.5 --control optimal -n 2000 -q --json > logz.json 2> logz.err
+python3 - logz.json <<'PY' && pass "logz --condition: exact log Z within 4 standard errors, ESS > 90%" || fail "logz --condition: $(cat logz.err)"
+import json, sys
+r = json.load(open(sys.argv[1]))
+sys.exit(0 if abs(r["z_score"]) < 4 and r["ess_fraction"] > 0.9 else 1)
+PY
+expect_error "logz of a conditional config needs --condition" "give --condition" "$tilt" logz -c tiny.toml -n 100 -q
 expect_absent "refusals write nothing" bad1 bad2 bad3 bad4 bad5 bad.csv
 
 finish

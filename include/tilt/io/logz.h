@@ -23,6 +23,9 @@ struct LogzOptions {
   int64_t n = 10000;     ///< paths
   int64_t batch = 4096;  ///< paths simulated at once
   bool quiet = false;    ///< no progress bar
+  /// A conditional problem (docs/conditions.md): the condition, comma-separated numbers; the base, the reward,
+  /// the proposal model and the exact target are taken at it.
+  std::string condition;
 };
 
 /// Throws tilt::Error naming the flag of an option out of bounds or unknown (what estimate_log_z

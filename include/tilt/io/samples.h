@@ -16,4 +16,8 @@ void write_samples_csv(const std::string& path, const Tensor& x, const Tensor& c
 /// when the file has none); without a pointer they are left out.
 Tensor read_samples_csv(const std::string& path, Tensor* conditions = nullptr);
 
+/// One condition given as comma-separated numbers ("0.5" or "1,0,0"), [dc] float64. Throws tilt::Error
+/// naming `flag` for anything else.
+Tensor parse_condition(const std::string& text, const std::string& flag);
+
 }  // namespace tilt

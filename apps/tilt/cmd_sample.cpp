@@ -53,6 +53,7 @@ const bool registered_eval = add_command(
        app.add_option("-s,--samples", o.samples, "Samples file(s) to evaluate (repeatable)")->required();
        app.add_option("--reference", o.reference, "Reference samples, when the config has no exact target");
        app.add_option("--replicates", o.replicates, "Fresh target sets per distance")->capture_default_str();
+       app.add_option("--condition", o.condition, "A conditional config: the condition of files without columns c0, ...");
        add_seed_threads(app, config);
        return [args] {
          auto& [config, o] = *args;

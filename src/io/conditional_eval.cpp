@@ -62,12 +62,16 @@ Json summarise_sets(const Json& rows) {
 }
 
 Json evaluate_file(const ConditionalExactProblem& problem, const ConditionsPlan& sets, const std::string& path,
-                   int64_t replicates, Generator& gen) {
+                   int64_t replicates, const Tensor& condition, Generator& gen) {
   Tensor c;
   const Tensor x = read_samples_csv(path, &c);
+  if (c.defined() && condition.defined()) {
+    throw Error("--condition: samples file '" + path + "' has condition columns of its own (c0, ...)");
+  }
+  if (!c.defined() && condition.defined()) c = condition.to(at::kDouble).reshape({1, -1}).expand({x.size(0), condition.numel()});
   if (!c.defined()) {
     throw Error("samples file '" + path + "' has no condition columns (a header x0,...,c0,...): the config's problem is "
-                "conditional; draw the samples with tilt sample --condition or --conditions");
+                "conditional; draw the samples with tilt sample --condition or --conditions, or give eval --condition");
   }
   if (x.size(1) != problem.mixture->dim() || c.size(1) != problem.condition_dim()) {
     throw Error("samples file '" + path + "' has samples of dimension " + std::to_string(x.size(1)) + " with conditions of " +
@@ -101,7 +105,8 @@ bool config_is_conditional(const Config& config) {
   return has("data", "shift") || has("reward", "center_shift") || has("reward", "a_shift");
 }
 
-Json evaluate_conditional_sample_files(Config& config, const std::vector<std::string>& samples, int64_t replicates) {
+Json evaluate_conditional_sample_files(Config& config, const std::vector<std::string>& samples, int64_t replicates,
+                                       const Tensor& condition) {
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);
   std::string why;
@@ -113,7 +118,9 @@ Json evaluate_conditional_sample_files(Config& config, const std::vector<std::st
   Generator gen = make_generator(mix_seed(settings.seed, 29));
   Json out;
   out["target"] = {{"kind", "exact_conditional"}, {"lambda", problem->lambda}};
-  for (const std::string& path : samples) out["samples"][path] = evaluate_file(*problem, sets, path, replicates, gen);
+  for (const std::string& path : samples) {
+    out["samples"][path] = evaluate_file(*problem, sets, path, replicates, condition, gen);
+  }
   return out;
 }
 

@@ -278,9 +278,13 @@ void check_eval_options(const EvalOptions& o) {
 
 Json evaluate_sample_files(Config& config, const EvalOptions& o) {
   check_eval_options(o);
+  if (!o.condition.empty() && !config_is_conditional(config)) {
+    throw Error("--condition: the config's data and reward take no condition");
+  }
   if (config_is_conditional(config)) {
     if (!o.reference.empty()) throw Error("--reference: the config's problem is conditional and has an exact target at every condition");
-    return evaluate_conditional_sample_files(config, o.samples, o.replicates);
+    return evaluate_conditional_sample_files(config, o.samples, o.replicates,
+                                             o.condition.empty() ? Tensor() : parse_condition(o.condition, "--condition"));
   }
   const Target t = read_target(config, o);
   Generator gen = make_generator(mix_seed(t.seed, 29));

@@ -90,6 +90,15 @@ expect_error "--guidance without a null condition" "no null condition" "$tilt" s
 expect_error "exact samples of a conditional config need a condition" "--condition" "$tilt" sample --exact target -c tiny.toml -o bad.csv
 "$tilt" sample -m plain/model.pt -n 20 -o plain.csv > /dev/null 2>&1
 expect_error "unconditional samples against a conditional config" "no condition columns" "$tilt" eval -c tiny.toml -s plain.csv
+"$tilt" sample --exact target -c tiny.toml --condition 0.5 -n 200 -o at.csv > /dev/null 2>&1
+cut -d, -f1,2 at.csv > at_plain.csv
+if "$tilt" eval -c tiny.toml -s at_plain.csv --condition 0.5 --json 2>/dev/null | grep -q '"condition":\[0.5\]'; then
+  pass "eval --condition: a file without condition columns is measured at that condition"
+else
+  fail "eval --condition"
+fi
+expect_error "eval --condition on a file with its own conditions" "has condition columns" \
+  "$tilt" eval -c tiny.toml -s at.csv --condition 0.5
 # log Z at a condition, with the exact optimal control of that condition as the proposal: the weights are
 # nearly constant and the estimate agrees with the closed form (the problem at c is an unconditional one).
 "$tilt" logz -c tiny.toml --condition 0.5 --control optimal -n 2000 -q --json > logz.json 2> logz.err

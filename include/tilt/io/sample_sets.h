@@ -51,6 +51,9 @@ struct EvalOptions {
   std::vector<std::string> samples;  ///< CSV files to evaluate
   std::string reference;  ///< compare with these samples when the config has no exact target
   int64_t replicates = 8;  ///< fresh target sets per distance
+  /// A conditional config: the condition of every sample of files without condition columns (comma-separated
+  /// numbers); files with columns c0, c1, ... carry their own.
+  std::string condition;
 };
 /// Throws tilt::Error naming the flag of an option out of bounds (checked first by evaluate_sample_files).
 void check_eval_options(const EvalOptions& options);

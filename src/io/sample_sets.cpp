@@ -6,6 +6,7 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/core/log.h"
+#include "tilt/core/progress.h"
 #include "tilt/eval/metrics.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/model_io.h"
@@ -27,6 +28,9 @@
 
 namespace tilt {
 namespace {
+
+// tilt eval shows its progress on a file from this many samples on (a distance takes a second or more there).
+constexpr int64_t kProgressSamples = 4000;
 
 std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
   const Tensor xy = x.to(at::kFloat).contiguous();
@@ -242,13 +246,18 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
     throw Error("--reference needs at least 2n = " + std::to_string(2 * n) + " samples to estimate the noise floor");
   }
   const double R = static_cast<double>(o.replicates);
-  if (!floors.count(n)) {
+  // Each distance is O(n^2): from a few thousand samples on, one takes seconds, so the work shows its progress.
+  const bool new_floor = !floors.count(n);
+  ProgressBar bar("eval " + path, (new_floor ? 3 : 1) * o.replicates, 0, n >= kProgressSamples);
+  int64_t done = 0;
+  if (new_floor) {
     double ed = 0, mm = 0;
     for (int64_t r = 0; r < 2 * o.replicates; ++r) {
       // (in one call, as before: the order in which the two sets are drawn is the compiler's)
       const SampleDistances d = sample_distances(target_sample(t, n, gen), target_sample(t, n, gen), bandwidths);
       ed += d.energy / (2 * R);
       mm += d.mmd / (2 * R);
+      bar.update(++done, "noise floor");
     }
     floors[n] = {ed, mm};
   }
@@ -257,7 +266,9 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
     const SampleDistances d = sample_distances(x, target_sample(t, n, gen), bandwidths);
     ed += d.energy / R;
     mm += d.mmd / R;
+    bar.update(++done, "distances");
   }
+  bar.finish();
   Json s{{"n", n}, {"energy_distance", ed}, {"energy_distance_noise_floor", floors[n].first},
          {"energy_distance_ratio", ed / floors[n].first}, {"mmd", mm}, {"mmd_noise_floor", floors[n].second},
          {"mmd_ratio", mm / floors[n].second}};

@@ -7,6 +7,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/mlp.h"
 #include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/sampler.h"
 #include "tilt/train/adjoint_matching.h"
 
 #include "../support/helpers.h"
@@ -167,6 +168,32 @@ TEST(Conditions, BindingAndGuidance) {
   EXPECT_THROW(bind_condition(guided_base, at::Tensor(), 1.0), Error);
   EXPECT_THROW(bind_condition(guided_base, c, NAN), Error);
   EXPECT_THROW(bind_condition(guided_base, at::zeros({1, 2}, kDouble)), Error);
+}
+
+// Guided Gaussians with one covariance stay Gaussian: the velocity of N(mu, Sigma) is affine in mu, so
+// (1 + w) v(. | c) - w v(. | null) is the velocity of N((1 + w) mu_c - w mu_null, Sigma) (docs/equations.md,
+// E97). Samples of the guided field, by the ODE and by the memoryless SDE, must have that mean and covariance.
+TEST(Conditions, GuidedGaussiansSampleTheirClosedForm) {
+  const at::Tensor Sigma = at::tensor({0.5, 0.2, 0.2, 0.3}, kDouble).reshape({2, 2});
+  const auto p0 = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), at::zeros({1, 2}, kDouble), Sigma.unsqueeze(0));
+  const at::Tensor mu_null = at::tensor({0.5, -0.5}, kDouble);
+  const auto null = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), mu_null.reshape({1, 2}), Sigma.unsqueeze(0));
+  const at::Tensor M = at::tensor({1.0, 0.5}, kDouble).reshape({2, 1});
+  const auto field = std::make_shared<ConditionalGmmVelocity>(p0, M, make_linear_schedule(), null);
+  const double w = 1.5;
+  const at::Tensor c = at::full({1, 1}, 0.8);
+  const at::Tensor mu_w = (1 + w) * at::matmul(M, c.to(at::kDouble).reshape({1, 1})).reshape({2}) - w * mu_null;
+  for (const bool ode : {true, false}) {
+    const GenerativeSDE sde(bind_condition(field, c, w), ode ? make_zero_noise() : make_memoryless_noise(1.0 / 200));
+    SampleOptions opts;
+    opts.integrator = ode ? Integrator::heun : Integrator::euler;
+    Generator gen = make_generator(9);
+    const at::Tensor x = sample(sde, 40000, TimeGrid::uniform(200), gen, opts, at::kDouble);
+    const at::Tensor mean = x.mean(0), centred = x - mean;
+    const at::Tensor cov = at::matmul(centred.t(), centred) / static_cast<double>(x.size(0));
+    EXPECT_LT((mean - mu_w).abs().max().item<double>(), 0.03) << (ode ? "ODE" : "SDE") << " mean " << mean;
+    EXPECT_LT((cov - Sigma).abs().max().item<double>(), 0.03) << (ode ? "ODE" : "SDE") << " covariance " << cov;
+  }
 }
 
 TEST(Conditions, SetDrawsItsRowsAndRefusesBadTables) {

@@ -78,10 +78,20 @@ Tensor read_table(ConfigSection& s, const std::string& key, int64_t rows, int64_
 
 ConditionsPlan read_conditions(ConfigSection s, int64_t dim) {
   ConditionsPlan plan;
-  const int given = static_cast<int>(s.has("train")) + static_cast<int>(s.has("classes")) + static_cast<int>(s.has("file"));
-  if (given != 1) s.fail("train", "give exactly one of train (a table), classes (a number) or file (a CSV file)");
+  const int given = static_cast<int>(s.has("train")) + static_cast<int>(s.has("classes")) +
+                    static_cast<int>(s.has("file")) + static_cast<int>(s.has("uniform"));
+  if (given != 1) {
+    s.fail("train", "give exactly one of train (a table), classes (a number), file (a CSV file) or uniform (a box)");
+  }
   Tensor train;
-  if (s.has("classes")) {
+  if (s.has("uniform")) {
+    const Tensor box = read_table(s, "uniform", 2, dim);
+    try {
+      plan.train = std::make_shared<const ConditionSet>(ConditionSet::uniform(box[0], box[1]));
+    } catch (const Error& e) {
+      s.fail("uniform", std::string("must be [[lo, ...], [hi, ...]] with lo <= hi: ") + e.what());
+    }
+  } else if (s.has("classes")) {
     const int64_t n = in_range(s, "classes", s.integer("classes"), int64_t{1}, int64_t{100000});
     train = ConditionSet::classes(n).values();
   } else if (s.has("file")) {
@@ -95,11 +105,11 @@ ConditionsPlan read_conditions(ConfigSection s, int64_t dim) {
     train = read_table(s, "train", 0, dim);
   }
   const std::string key = s.has("train") ? "train" : s.has("classes") ? "classes" : "file";
-  if (train.size(1) != dim) {
+  if (!plan.train && train.size(1) != dim) {
     s.fail(key, "gives conditions of size " + std::to_string(train.size(1)) + ", but the model takes " + std::to_string(dim));
   }
   try {
-    plan.train = std::make_shared<const ConditionSet>(train);
+    if (!plan.train) plan.train = std::make_shared<const ConditionSet>(train);
   } catch (const Error& e) {
     s.fail(key, e.what());
   }

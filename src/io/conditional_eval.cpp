@@ -22,10 +22,10 @@ namespace tilt {
 namespace {
 
 // The set of [conditions] a condition belongs to ("" for none): float32 columns against the config's
-// float64 numbers, so equality is to float32's precision.
+// float64 numbers, so equality is to float32's precision; inside a uniform training box is "train".
 std::string set_of(const Tensor& c, const ConditionsPlan& plan) {
-  const std::vector<std::pair<std::string, Tensor>> sets{
-      {"train", plan.train ? plan.train->values() : Tensor()}, {"held_out", plan.held_out}, {"outside", plan.outside}};
+  if (plan.train && plan.train->contains(c)) return "train";
+  const std::vector<std::pair<std::string, Tensor>> sets{{"held_out", plan.held_out}, {"outside", plan.outside}};
   for (const auto& [name, values] : sets) {
     if (!values.defined()) continue;
     const Tensor close = ((values - c.unsqueeze(0)).abs() <= 1e-6 * (1.0 + c.abs().unsqueeze(0))).all(1);

@@ -314,8 +314,11 @@ std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr bas
 }
 
 Json FinetunePlan::model_info() const {
-  return Json{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
-              {"num_steps", num_steps}};
+  Json info{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
+            {"num_steps", num_steps}};
+  // The file's conditions table is then the box's corners [lo; hi], not conditions to draw at.
+  if (conditions && conditions->is_box()) info["conditions_law"] = "uniform";
+  return info;
 }
 
 }  // namespace tilt

@@ -138,9 +138,11 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
   }
   Tensor conditions = read_draw_conditions(o);
   if (m.field->condition_dim() > 0 && !conditions.defined()) {
-    if (!m.conditions.defined()) {
+    if (!m.conditions.defined() || m.info.value("conditions_law", std::string()) == "uniform") {
       throw Error("model file '" + o.model + "' is conditional (a condition of " + std::to_string(m.field->condition_dim()) +
-                  " numbers) and records no training conditions: give --condition or --conditions (docs/conditions.md)");
+                  " numbers) and records no training conditions to draw at" +
+                  (m.conditions.defined() ? std::string(" (it was trained on a uniform box)") : std::string()) +
+                  ": give --condition or --conditions (docs/conditions.md)");
     }
     conditions = m.conditions;  // its training conditions
     note("no --condition given: drawing at each of the " + std::to_string(conditions.size(0)) +

@@ -111,7 +111,30 @@ ConditionSet ConditionSet::classes(int64_t n) {
   return ConditionSet(at::eye(n, at::kDouble));
 }
 
+ConditionSet ConditionSet::uniform(const Tensor& lo, const Tensor& hi) {
+  if (!lo.defined() || !hi.defined() || lo.dim() != 1 || !lo.sizes().equals(hi.sizes())) {
+    throw Error("conditions: a uniform box needs lo and hi of one size [dc], got " + shape_string(lo) + " and " +
+                shape_string(hi));
+  }
+  ConditionSet box(at::stack({lo, hi}));
+  if ((box.values_[0] > box.values_[1]).any().item<bool>()) throw Error("conditions: a uniform box needs lo <= hi");
+  box.box_ = true;
+  return box;
+}
+
+bool ConditionSet::contains(const Tensor& c) const {
+  const Tensor v = c.to(at::kDouble).reshape({1, -1});
+  if (v.size(1) != dim()) return false;
+  const Tensor tol = 1e-6 * (1.0 + v.abs());
+  if (box_) return ((v >= values_[0] - tol) & (v <= values_[1] + tol)).all().item<bool>();
+  return ((values_ - v).abs() <= tol).all(1).any().item<bool>();
+}
+
 Tensor ConditionSet::draw(int64_t n, Generator& gen, at::ScalarType dtype) const {
+  if (box_) {
+    const Tensor u = at::rand({n, dim()}, gen, at::TensorOptions().dtype(at::kDouble));
+    return (values_[0] + u * (values_[1] - values_[0])).to(dtype);
+  }
   const Tensor index = at::randint(size(), {n}, gen, at::TensorOptions().dtype(at::kLong));
   return values_.index_select(0, index).to(dtype);
 }

@@ -82,6 +82,14 @@ expect_error "two kinds of conditions" "exactly one of" "$tilt" finetune -c tiny
 expect_error "a non-finite condition file" "conditions.file" "$tilt" finetune -c no_conditions.toml -o bad5 \
   --set conditions.file=missing.csv
 "$tilt" finetune -c plain.toml -o plain -q > /dev/null 2>&1
+# A distribution of conditions: the uniform law on a box; the file then has no conditions to draw at.
+sed 's/^train = \[\[-1.0\], \[1.0\]\]$/uniform = [[-1.0], [1.0]]/' tiny.toml > box.toml
+if "$tilt" finetune -c box.toml -o box -q > /dev/null 2> box.err; then
+  pass "[conditions] uniform: fine-tuning over a box of conditions"
+else
+  fail "[conditions] uniform: $(head -c 300 box.err)"
+fi
+expect_error "a model trained on a box needs --condition" "uniform box" "$tilt" sample -m box/model.pt -o bad.csv
 expect_error "--condition for an unconditional model" "is unconditional" "$tilt" sample -m plain/model.pt --condition 1 -o bad.csv
 expect_error "--guidance for an unconditional model" "is unconditional" "$tilt" sample -m plain/model.pt --guidance 1 -o bad.csv
 expect_error "--condition of the wrong size" "takes 1" "$tilt" sample -m m_adjoint_matching/model.pt --condition 1,2 -o bad.csv

@@ -209,6 +209,20 @@ TEST(Conditions, SetDrawsItsRowsAndRefusesBadTables) {
   EXPECT_THROW(ConditionSet(at::zeros({3}, kDouble)), Error);
   EXPECT_THROW(ConditionSet(at::full({2, 1}, NAN, kDouble)), Error);
   EXPECT_THROW(ConditionSet::classes(0), Error);
+  // A uniform box: draws inside it, spread over it; contains() by the box, not by its corners.
+  const ConditionSet box = ConditionSet::uniform(at::tensor({-1.0, 0.0}, kDouble), at::tensor({1.0, 0.5}, kDouble));
+  EXPECT_TRUE(box.is_box());
+  const at::Tensor u = box.draw(4000, gen, at::kDouble);
+  EXPECT_TRUE((u.select(1, 0) >= -1).all().item<bool>() && (u.select(1, 0) <= 1).all().item<bool>());
+  EXPECT_TRUE((u.select(1, 1) >= 0).all().item<bool>() && (u.select(1, 1) <= 0.5).all().item<bool>());
+  EXPECT_NEAR(u.select(1, 0).mean().item<double>(), 0.0, 0.05);
+  EXPECT_NEAR(u.select(1, 1).var().item<double>(), 0.25 / 12, 0.003);
+  EXPECT_TRUE(box.contains(at::tensor({0.3, 0.2}, kDouble)));
+  EXPECT_FALSE(box.contains(at::tensor({0.3, 0.7}, kDouble)));
+  EXPECT_TRUE(set.contains(at::tensor({2.0, 3.0}, kDouble)));
+  EXPECT_FALSE(set.contains(at::tensor({2.0, 3.5}, kDouble)));
+  EXPECT_THROW(ConditionSet::uniform(at::tensor({1.0}, kDouble), at::tensor({0.0}, kDouble)), Error);
+  EXPECT_THROW(ConditionSet::uniform(at::tensor({1.0}, kDouble), at::tensor({2.0, 3.0}, kDouble)), Error);
   const auto shared = std::make_shared<const ConditionSet>(set);
   EXPECT_THROW(check_conditions(shared, 0, "test"), Error);
   EXPECT_THROW(check_conditions(nullptr, 2, "test"), Error);

@@ -53,7 +53,8 @@ RewardPtr read_reward(ConfigSection section, int64_t dim, double* lambda);
 Tensor read_table(ConfigSection& section, const std::string& key, int64_t rows, int64_t cols);
 
 /// [conditions] (docs/conditions.md): the training conditions (train = a table, classes = n for the
-/// one-hot rows of n classes, or file = a CSV of one condition per line) and, for evaluation only,
+/// one-hot rows of n classes, file = a CSV of one condition per line, or uniform = [[lo..], [hi..]], the
+/// uniform law on a box) and, for evaluation only,
 /// held_out and outside (tables). dim: the model's condition size (every table must have it).
 struct ConditionsPlan {
   ConditionSetPtr train;

@@ -32,22 +32,29 @@ VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidanc
 RewardPtr bind_condition(RewardPtr reward, Tensor c);
 
 /// Where a fine-tuning method draws each trajectory's condition from: a finite set, drawn uniformly
-/// with replacement (the training prompts).
+/// with replacement (the training prompts), or a distribution, the uniform law on a box [lo, hi]^dc.
 class ConditionSet {
  public:
   /// values [N, dc], N >= 1, dc >= 1, finite. Throws tilt::Error naming the problem.
   explicit ConditionSet(Tensor values);
   /// The classes 0..n-1 as one-hot rows of size n.
   static ConditionSet classes(int64_t n);
+  /// The uniform law on the box lo <= c <= hi (each [dc], finite, lo <= hi). values() is then [lo; hi].
+  static ConditionSet uniform(const Tensor& lo, const Tensor& hi);
 
   int64_t dim() const { return values_.size(1); }
   int64_t size() const { return values_.size(0); }
-  const Tensor& values() const { return values_; }  // float64
-  /// n conditions drawn uniformly with replacement, [n, dc] in dtype.
+  /// The set's rows (float64), or for a box its two corners [lo; hi].
+  const Tensor& values() const { return values_; }
+  bool is_box() const { return box_; }
+  /// Whether c ([dc]) is one of the rows (to float32's precision), or inside the box.
+  bool contains(const Tensor& c) const;
+  /// n conditions drawn uniformly (with replacement, or in the box), [n, dc] in dtype.
   Tensor draw(int64_t n, Generator& gen, at::ScalarType dtype = at::kFloat) const;
 
  private:
   Tensor values_;
+  bool box_ = false;
 };
 
 using ConditionSetPtr = std::shared_ptr<const ConditionSet>;

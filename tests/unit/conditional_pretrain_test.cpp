@@ -5,6 +5,9 @@
 #include "tilt/core/error.h"
 #include "tilt/eval/conditions.h"
 #include "tilt/eval/metrics.h"
+#include "tilt/io/config.h"
+#include "tilt/io/datasets.h"
+#include "tilt/io/training.h"
 #include "tilt/model/condition.h"
 #include "tilt/model/conditional_gmm.h"
 #include "tilt/model/mlp.h"
@@ -232,6 +235,57 @@ TEST(ConditionalFlowMatching, ShortPretrainingLearnsEachConditionAndTheAverageAs
   const at::Tensor guided = sample(GenerativeSDE(bind_condition(model, c, 2.0), ode), 1000, grid, gen, heun);
   const GaussianMixture at_c = p.exact->mixture_at(c.to(at::kDouble));
   EXPECT_LT(5.0 * energy_distance(guided, at_c.sample(1000, gen)), energy_distance(guided, marginal.sample(1000, gen)));
+}
+
+// read_pretrain: the conditional mixture and the digits give conditional plans (the digits' c the one-hot
+// row of each image's label); a plain mixture's plan draws exactly E5's batch as before (data, X0, t).
+TEST(ConditionalFlowMatching, PretrainPlansFromTheConfig) {
+  const Json ring = {{"type", "ring"}, {"components", 4}, {"radius", 2.0}, {"std", 0.5}};
+  Json moving = ring;
+  moving["shift"] = {{1.0}, {0.0}};
+  Config mixture_config(Json{{"data", moving}, {"conditions", {{"train", {{-1.0}, {1.0}}}}},
+                             {"pretrain", {{"hidden", {8}}, {"condition_dropout", 0.25}}}}, "test");
+  ConfigSection root = mixture_config.root();
+  const PretrainPlan mixture = read_pretrain(root);
+  ASSERT_TRUE(mixture.conditions);
+  EXPECT_EQ(mixture.mlp.condition_dim, 1);
+  EXPECT_EQ(mixture.conditions->size(), 2);
+  EXPECT_EQ(mixture.flow_matching.condition_dropout, 0.25);
+
+  const std::string path = std::string(TILT_SOURCE_DIR) + "/data/digits/digits.csv.gz";
+  Config digits_config(Json{{"data", {{"type", "digits"}, {"path", path}}}, {"conditions", {{"classes", 10}}},
+                            {"pretrain", {{"hidden", {8}}}}}, "test");
+  ConfigSection droot = digits_config.root();
+  const PretrainPlan digits = read_pretrain(droot);
+  ASSERT_TRUE(digits.conditions);
+  EXPECT_EQ(digits.mlp.condition_dim, 10);
+  EXPECT_EQ(digits.flow_matching.condition_dropout, 0.1);
+  const ImageDataset images = load_digits(path);
+  Generator gen = make_generator(4);
+  const DataBatch b = digits.conditional_data(20, gen);
+  for (int64_t i = 0; i < 20; ++i) {
+    EXPECT_EQ(b.c[i].sum().item<double>(), 1.0);
+    const int64_t label = b.c[i].argmax().item<int64_t>();
+    const at::Tensor same = (images.images == b.x[i].unsqueeze(0)).all(1);  // the image(s) drawn
+    ASSERT_GT(same.sum().item<int64_t>(), 0);
+    EXPECT_TRUE(images.labels.index({same}).eq(label).all().item<bool>()) << "row " << i;
+  }
+
+  Config plain_config(Json{{"data", ring}, {"pretrain", {{"hidden", {8}}, {"batch_size", 32}}}}, "test");
+  ConfigSection proot = plain_config.root();
+  const PretrainPlan plain = read_pretrain(proot);
+  ASSERT_FALSE(plain.conditions);
+  EXPECT_EQ(plain.mlp.condition_dim, 0);
+  MlpOptions mo = plain.mlp;
+  const auto model = std::make_shared<MlpVelocity>(mo, plain.schedule, 1);
+  Generator g1 = make_generator(6), g2 = make_generator(6);
+  at::NoGradGuard no_grad;
+  const double got = make_flow_matching(plain, model)->compute(g1).loss.item<double>();
+  const at::Tensor x1 = plain.data(32, g2), x0 = at::randn({32, 2}, g2), t = at::rand({32}, g2);
+  const ScheduleTensors s = plain.schedule->at(t);
+  const at::Tensor xt = s.alpha.unsqueeze(1) * x1 + s.beta.unsqueeze(1) * x0;
+  const at::Tensor target = s.d_alpha.unsqueeze(1) * x1 + s.d_beta.unsqueeze(1) * x0;
+  EXPECT_EQ(got, (model->velocity(xt, t) - target).pow(2).sum(1).mean().item<double>());
 }
 
 TEST(ConditionalFlowMatching, RefusesMismatchesAndDropoutOutOfRange) {

@@ -75,10 +75,11 @@ int run_pretrain(const TrainArgs& args) {
   ProcessGroupPtr group;
   const RunDirectory run = start_run(config, "pretrain", plan.trainer.shards, args, group);
   auto model = std::make_shared<MlpVelocity>(plan.mlp, plan.schedule, mix_seed(settings.seed, 1));
-  FlowMatching loss(model, plan.data, plan.flow_matching);
-  const int64_t iterations = train_in_run(loss, plan.trainer, run, settings, args, "pretrain", group);
-  return finish_velocity_run(*model, run, Json{{"trained_by", "tilt pretrain"}, {"iterations", iterations}}, {"loss"},
-                             "flow matching", group);
+  std::unique_ptr<FlowMatching> loss = make_flow_matching(plan, model);
+  const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "pretrain", group);
+  Json model_info{{"trained_by", "tilt pretrain"}, {"iterations", iterations}};
+  if (plan.conditions) model_info["condition_dropout"] = plan.flow_matching.condition_dropout;
+  return finish_velocity_run(*model, run, model_info, {"loss"}, "flow matching", group, plan.conditions);
 }
 
 int run_finetune(const TrainArgs& args) {

@@ -22,17 +22,71 @@ TrainerOptions cosine_defaults(int64_t iterations) {
 
 }  // namespace
 
+namespace {
+
+// [data] type = "digits"; with [conditions] (classes = the data's number of classes) each image's
+// condition is the one-hot row of its label.
+void read_digits(ConfigSection& root, PretrainPlan& p) {
+  const ImageDataset images = *read_image_data(root);
+  p.dim = images.dim();
+  p.data_note = std::to_string(images.size()) + " digit images of " + std::to_string(images.height) + " x " +
+                std::to_string(images.width) + " pixels";
+  if (!root.has("conditions")) {
+    p.data = dataset_sampler(images.images);
+    return;
+  }
+  ConfigSection s = root.section("conditions");
+  const std::string classes = std::to_string(images.classes);
+  if (!s.has("classes")) {
+    s.fail(s.has("train") ? "train" : s.has("file") ? "file" : "classes",
+           "digits are conditioned on their labels: give classes = " + classes + " (each image's one-hot label)");
+  }
+  if (s.integer("classes") != images.classes) {
+    s.fail("classes", "must be " + classes + ", the number of classes of the digits in [data], got " +
+                          std::to_string(s.integer("classes")));
+  }
+  p.conditions = read_conditions(s, images.classes).train;
+  p.conditional_data = dataset_sampler(images.images, at::one_hot(images.labels, images.classes).to(at::kFloat));
+  p.data_note += ", conditioned on their labels (" + classes + " classes)";
+}
+
+// A Gaussian mixture; with [data] shift and [conditions] the conditional mixture p_0(x - M c) over the
+// training conditions (docs/equations.md, E98).
+void read_mixture_data(ConfigSection& root, PretrainPlan& p) {
+  Tensor shift;
+  std::shared_ptr<const GaussianMixture> mixture = read_data_mixture(root, &shift);
+  p.dim = mixture->dim();
+  if (!shift.defined()) {
+    if (root.has("conditions")) {
+      throw Error("[conditions] is given, but [data] does not depend on a condition: give [data] shift (the means move "
+                  "by M c) to pretrain a conditional model");
+    }
+    p.data = [mixture](int64_t n, Generator& gen) { return mixture->sample(n, gen); };
+    return;
+  }
+  if (!root.has("conditions")) {
+    root.section("data").fail("shift", "makes the data conditional: pretraining needs [conditions] (train, classes or "
+                                       "file) to draw each sample's condition from");
+  }
+  p.conditions = read_conditions(root.section("conditions"), shift.size(1)).train;
+  p.conditional_data = conditional_mixture_sampler(mixture, shift, p.conditions);
+  p.data_note = "a Gaussian mixture moved by M c, c drawn from " + std::to_string(p.conditions->size()) +
+                " training conditions";
+}
+
+}  // namespace
+
 PretrainPlan read_pretrain(ConfigSection& root) {
   PretrainPlan p;
   p.schedule = read_schedule(root.section("schedule", /*optional=*/true));
   ConfigSection data = root.section("data");
   if (data.has("type") && data.string("type") == "digits") {
-    const ImageDataset images = *read_image_data(root);
-    p.dim = images.dim();
-    p.data = dataset_sampler(images.images);
-    p.data_note = std::to_string(images.size()) + " digit images of " + std::to_string(images.height) + " x " +
-                  std::to_string(images.width) + " pixels";
+    read_digits(root, p);
   } else if (data.has("type") && data.string("type") == "csv") {
+    if (root.has("conditions")) {
+      throw Error("[conditions] for pretraining needs data with conditions: [data] with shift, or type = \"digits\" "
+                  "(a \"csv\" data file has none)");
+    }
     const std::string path = data.string("path");
     data.finish();
     const Tensor x = read_samples_csv(path);
@@ -40,12 +94,18 @@ PretrainPlan read_pretrain(ConfigSection& root) {
     p.data = dataset_sampler(x);
     p.data_note = std::to_string(x.size(0)) + " samples of dimension " + std::to_string(p.dim) + " from " + path;
   } else {
-    auto mixture = read_mixture(data);
-    p.dim = mixture->dim();
-    p.data = [mixture](int64_t n, Generator& gen) { return mixture->sample(n, gen); };
+    read_mixture_data(root, p);
   }
   ConfigSection section = root.section("pretrain");
   p.mlp = read_mlp(section, p.dim, {256, 256, 256});
+  if (p.conditions) {
+    p.mlp.condition_dim = p.conditions->dim();
+    p.flow_matching.condition_dropout = section.number("condition_dropout", p.flow_matching.condition_dropout);
+    const double q = p.flow_matching.condition_dropout;
+    if (!(q >= 0.0 && q < 1.0)) section.fail("condition_dropout", "must be in [0, 1) (the probability of the null condition)");
+  } else if (section.has("condition_dropout")) {
+    section.fail("condition_dropout", "is for a conditional model, which needs [conditions] (docs/conditions.md)");
+  }
   p.flow_matching.batch_size = read_integer_in(section, "batch_size", 256, 1, limits::kBatch);
   p.trainer = read_trainer(section, cosine_defaults(5000));
   if (p.trainer.shards > p.flow_matching.batch_size) {
@@ -53,6 +113,11 @@ PretrainPlan read_pretrain(ConfigSection& root) {
   }
   section.finish();
   return p;
+}
+
+std::unique_ptr<FlowMatching> make_flow_matching(const PretrainPlan& plan, VelocityFieldPtr model) {
+  if (plan.conditions) return std::make_unique<FlowMatching>(std::move(model), plan.conditional_data, plan.flow_matching);
+  return std::make_unique<FlowMatching>(std::move(model), plan.data, plan.flow_matching);
 }
 
 ClassifierPlan read_classifier(ConfigSection& root) {

@@ -7,22 +7,72 @@
 
 namespace tilt {
 
-DataSampler dataset_sampler(Tensor data) {
+namespace {
+
+void check_data_set(const Tensor& data) {
   if (!data.defined() || data.dim() != 2 || data.size(0) < 1) {
     throw Error("data set must be [N, d] with N >= 1, got " + shape_string(data));
   }
-  return [data](int64_t n, Generator& gen) {
-    const Tensor idx = at::randint(data.size(0), {n}, gen, at::TensorOptions().dtype(at::kLong));
-    return data.index_select(0, idx);
+}
+
+Tensor draw_rows(int64_t available, int64_t n, Generator& gen) {
+  return at::randint(available, {n}, gen, at::TensorOptions().dtype(at::kLong));
+}
+
+}  // namespace
+
+DataSampler dataset_sampler(Tensor data) {
+  check_data_set(data);
+  return [data](int64_t n, Generator& gen) { return data.index_select(0, draw_rows(data.size(0), n, gen)); };
+}
+
+ConditionalDataSampler dataset_sampler(Tensor data, Tensor conditions) {
+  check_data_set(data);
+  if (!conditions.defined() || conditions.dim() != 2 || conditions.size(0) != data.size(0) || conditions.size(1) < 1) {
+    throw Error("data set conditions must be [" + std::to_string(data.size(0)) + ", dc] with dc >= 1 (one per row), got " +
+                shape_string(conditions));
+  }
+  return [data, conditions](int64_t n, Generator& gen) {
+    const Tensor idx = draw_rows(data.size(0), n, gen);
+    return DataBatch{data.index_select(0, idx), conditions.index_select(0, idx)};
   };
 }
 
-FlowMatching::FlowMatching(std::shared_ptr<MlpVelocity> model, DataSampler data,
-                           const FlowMatchingOptions& options)
+ConditionalDataSampler conditional_mixture_sampler(std::shared_ptr<const GaussianMixture> mixture, Tensor shift,
+                                                   ConditionSetPtr conditions) {
+  if (!mixture || !conditions) throw Error("conditional mixture data: needs a mixture and a set of conditions");
+  if (!shift.defined() || shift.dim() != 2 || shift.size(0) != mixture->dim() || shift.size(1) != conditions->dim()) {
+    throw Error("conditional mixture data: the shift M must be [" + std::to_string(mixture->dim()) + ", " +
+                std::to_string(conditions->dim()) + "] (data dimension, condition size), got " + shape_string(shift));
+  }
+  const Tensor M_t = shift.to(at::kFloat).t().contiguous();  // [dc, d]
+  return [mixture, M_t, conditions](int64_t n, Generator& gen) {
+    const Tensor c = conditions->draw(n, gen);  // first the conditions, then p_0's samples (E98)
+    const Tensor y = mixture->sample(n, gen);
+    return DataBatch{y + at::matmul(c, M_t), c};
+  };
+}
+
+FlowMatching::FlowMatching(VelocityFieldPtr model, DataSampler data, const FlowMatchingOptions& options)
     : model_(std::move(model)), data_(std::move(data)), options_(options) {
   if (!model_) throw Error("flow matching: no model");
   if (!data_) throw Error("flow matching: no data");
-  if (options_.batch_size < 1) throw Error("flow matching: batch_size must be >= 1");
+  if (model_->condition_dim() > 0) {
+    throw Error("flow matching: the model is conditional (a condition of size " + std::to_string(model_->condition_dim()) +
+                "), but the data carry no conditions");
+  }
+  set_batch_size(options_.batch_size);
+}
+
+FlowMatching::FlowMatching(VelocityFieldPtr model, ConditionalDataSampler data, const FlowMatchingOptions& options)
+    : model_(std::move(model)), conditional_data_(std::move(data)), options_(options) {
+  if (!model_) throw Error("flow matching: no model");
+  if (!conditional_data_) throw Error("flow matching: no data");
+  if (model_->condition_dim() == 0) throw Error("flow matching: data with conditions need a conditional model");
+  if (!(options_.condition_dropout >= 0.0 && options_.condition_dropout < 1.0)) {
+    throw Error("flow matching: condition_dropout must be in [0, 1), got " + std::to_string(options_.condition_dropout));
+  }
+  set_batch_size(options_.batch_size);
 }
 
 void FlowMatching::set_batch_size(int64_t n) {
@@ -32,7 +82,15 @@ void FlowMatching::set_batch_size(int64_t n) {
 
 LossOutput FlowMatching::compute(Generator& gen) {
   const int64_t B = options_.batch_size;
-  const Tensor x1 = data_(B, gen).to(at::kFloat);
+  Tensor x1, c;
+  if (data_) {
+    x1 = data_(B, gen).to(at::kFloat);
+  } else {
+    DataBatch batch = conditional_data_(B, gen);
+    x1 = batch.x.to(at::kFloat);
+    if (!batch.c.defined()) throw Error("flow matching: the data sampler gave no conditions");
+    c = condition_rows(batch.c, B, model_->condition_dim(), "flow matching data").to(at::kFloat);
+  }
   check_batch(x1, model_->dim(), "data batch");
   const Tensor x0 = at::randn(x1.sizes(), gen, x1.options());
   const Tensor t = at::rand({B}, gen, x1.options());
@@ -41,7 +99,23 @@ LossOutput FlowMatching::compute(Generator& gen) {
   const Tensor xt = col(s.alpha) * x1 + col(s.beta) * x0;
   const Tensor target = col(s.d_alpha) * x1 + col(s.d_beta) * x0;
   LossOutput out;
-  out.loss = (model_->velocity(xt, t) - target).pow(2).sum(1).mean();
+  if (!c.defined()) {
+    out.loss = (model_->velocity(xt, t) - target).pow(2).sum(1).mean();
+    return out;
+  }
+  // E100: the rows whose uniform falls below p regress the null condition's field, the others v(. | c).
+  // The two subsets go through the field separately (a field takes the null condition for a whole batch).
+  const double p = options_.condition_dropout;
+  const Tensor dropped = p > 0.0 ? at::rand({B}, gen, x1.options()) < p : at::zeros({B}, x1.options().dtype(at::kBool));
+  const Tensor keep = at::nonzero(at::logical_not(dropped)).squeeze(1), drop = at::nonzero(dropped).squeeze(1);
+  const auto squared = [&](const Tensor& rows, const Tensor& cond) {
+    if (rows.numel() == 0) return at::zeros({}, x1.options());
+    const Tensor v = model_->conditional_velocity(xt.index_select(0, rows), t.index_select(0, rows),
+                                                  cond.defined() ? cond.index_select(0, rows) : Tensor());
+    return (v - target.index_select(0, rows)).pow(2).sum();
+  };
+  out.loss = (squared(keep, c) + squared(drop, Tensor())) / static_cast<double>(B);
+  out.metrics.push_back({"dropped", static_cast<double>(drop.numel()) / static_cast<double>(B)});
   return out;
 }
 

@@ -6,7 +6,8 @@
 #     at most 2x the noise floor with both samplers, where the base is far off (the full claim, on random
 #     problems, is scripts/conditions_study.sh);
 #  2. every fine-tuning method takes the conditions from the config, and the model file records them;
-#  3. what is refused, naming the flag, key or file.
+#  3. what is refused, naming the flag, key or file;
+#  4. conditional pretraining with condition dropout (the mixture and the digits), guidance on its model.
 # Usage: conditions_test.sh path/to/tilt path/to/configs   (~3-4 min on 2 cores)
 set -uo pipefail
 source "$(dirname "$(realpath "$0")")/lib.sh"
@@ -117,5 +118,45 @@ sys.exit(0 if abs(r["z_score"]) < 4 and r["ess_fraction"] > 0.9 else 1)
 PY
 expect_error "logz of a conditional config needs --condition" "give --condition" "$tilt" logz -c tiny.toml -n 100 -q
 expect_absent "refusals write nothing" bad1 bad2 bad3 bad4 bad5 bad.csv
+
+# 4. Conditional pretraining with condition dropout: tilt pretrain on the conditional mixture gives a model
+#    with a null condition, so guidance works on it and on a fine-tune of it; the digits with their labels.
+{ cat tiny.toml; printf '[pretrain]\nhidden = [8]\nbatch_size = 16\niterations = 3\ncheckpoint_every = 3\n'; } > pre.toml
+if "$tilt" pretrain -c pre.toml -o pre -q > /dev/null 2> pre.err &&
+   "$tilt" sample -m pre/model.pt -n 5 -o pre.csv > /dev/null 2>&1 &&
+   [ "$(head -1 pre.csv)" = "x0,x1,c0" ] && [ "$(tail -n +2 pre.csv | wc -l)" -eq 10 ] &&
+   "$tilt" sample -m pre/model.pt --condition 1 --guidance 2 -n 5 -o pre_g.csv > /dev/null 2>&1 &&
+   [ "$(tail -n +2 pre_g.csv | wc -l)" -eq 5 ]; then
+  pass "pretrain with [conditions]: the file records the 2 conditions, and --guidance 2 has a null condition"
+else
+  fail "conditional pretrain: $(head -c 400 pre.err)"
+fi
+sed -e 's/^type = "exact"$/type = "model"\npath = "pre\/model.pt"/' tiny.toml > from_pre.toml
+if "$tilt" finetune -c from_pre.toml -o ft_pre -q > /dev/null 2> ft_pre.err &&
+   "$tilt" sample -m ft_pre/model.pt --condition -1 --guidance 1 -n 5 -o ft_pre.csv > /dev/null 2>&1; then
+  pass "fine-tuning a pretrained conditional model keeps its null condition (guidance after fine-tuning)"
+else
+  fail "fine-tune of a conditional pretrain: $(head -c 400 ft_pre.err)"
+fi
+expect_error "condition_dropout out of range" "pretrain.condition_dropout" \
+  "$tilt" pretrain -c pre.toml -o bad6 -q --set pretrain.condition_dropout=1.0
+grep -v '^train = \|^\[conditions\]' pre.toml > pre_no_conditions.toml
+sed 's/^shift = .*$//' pre_no_conditions.toml > pre_plain.toml
+expect_error "condition_dropout without [conditions]" "pretrain.condition_dropout" \
+  "$tilt" pretrain -c pre_plain.toml -o bad7 -q --set pretrain.condition_dropout=0.2
+expect_error "a moving [data] without [conditions] to pretrain on" "data.shift" "$tilt" pretrain -c pre_no_conditions.toml -o bad8 -q
+digits_data="$(dirname "$configs")/data/digits/digits.csv.gz"
+printf 'seed = 1\nthreads = 1\n[data]\ntype = "digits"\npath = "%s"\n[conditions]\nclasses = 10\n[pretrain]\nhidden = [16]\nbatch_size = 16\niterations = 2\ncheckpoint_every = 2\n' \
+  "$digits_data" > digits.toml
+if "$tilt" pretrain -c digits.toml -o dpre -q > /dev/null 2> dpre.err &&
+   "$tilt" sample -m dpre/model.pt --condition 0,0,0,1,0,0,0,0,0,0 --guidance 4 --steps 4 -n 2 -o dpre.csv > /dev/null 2>&1 &&
+   [ "$(head -1 dpre.csv | tr ',' '\n' | grep -c '^c')" -eq 10 ]; then
+  pass "digits pretrain conditioned on their labels (classes = 10), sampled with guidance"
+else
+  fail "conditional digits pretrain: $(head -c 400 dpre.err)"
+fi
+expect_error "digits with classes that are not theirs" "conditions.classes" \
+  "$tilt" pretrain -c digits.toml -o bad9 -q --set conditions.classes=5
+expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9
 
 finish

@@ -257,11 +257,18 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     }
   } else if (type == "classifier") {
     const std::string path = s.string("path");
-    const int64_t c = s.integer("class");
+    // class = "condition": r(x, c) = log p(c | x) of each sample's own class, for a class-conditional model.
+    const bool conditional = s.has("class") && s.value("class").is_string();
+    if (conditional && s.string("class") != "condition") s.fail("class", "must be a class number or \"condition\"");
+    const int64_t c = conditional ? -1 : s.integer("class");
     const LoadedClassifier loaded = load_classifier(path);
     if (loaded.classifier->options().dim != dim) {
       s.fail("path", "'" + path + "' classifies inputs of dimension " + std::to_string(loaded.classifier->options().dim) +
                          ", the data has dimension " + std::to_string(dim));
+    }
+    if (conditional) {
+      s.finish();
+      return std::make_shared<ConditionalClassifierReward>(loaded.classifier);
     }
     if (c < 0 || c >= loaded.classifier->options().classes) {
       s.fail("class", "must be in 0.." + std::to_string(loaded.classifier->options().classes - 1));

@@ -321,7 +321,7 @@ void check_soc_benchmark(const SocBenchmarkOptions& o) {
 
 SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   check_soc_benchmark(o);
-  Context c{o, make_soc_benchmark_problem(o), nullptr};
+  Context c{o, make_soc_benchmark_problem(o), nullptr, true, 1, 0, {}};
   for (const auto& name : o.losses) {
     soc::check_soc_loss_name(name);
     // Fails here, before any file is written, where a loss cannot take the problem (a stopping time).

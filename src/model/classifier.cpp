@@ -1,4 +1,5 @@
 #include "tilt/model/classifier.h"
+#include "tilt/model/condition.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
@@ -111,6 +112,19 @@ Tensor ClassifierReward::grad(const Tensor& x) const {
   const Tensor xd = x.detach().requires_grad_(true);
   const Tensor r = value(xd).sum();
   return torch::autograd::grad({r}, {xd})[0].detach();
+}
+
+ConditionalClassifierReward::ConditionalClassifierReward(ClassifierPtr classifier) : classifier_(std::move(classifier)) {
+  if (!classifier_) throw Error("classifier reward: no classifier");
+}
+
+Tensor ConditionalClassifierReward::value(const Tensor& x) const { return conditional_value(x, Tensor()); }
+
+Tensor ConditionalClassifierReward::conditional_value(const Tensor& x, const Tensor& c) const {
+  const Tensor rows = condition_rows(c, x.size(0), condition_dim(), "classifier reward");
+  if (!rows.defined()) throw Error("classifier reward: r(x, c) = log p(c | x) needs a condition (the class's one-hot row)");
+  const Tensor log_p = classifier_->log_probs(x);
+  return (rows.to(log_p.scalar_type()) * log_p).sum(1);
 }
 
 }  // namespace tilt

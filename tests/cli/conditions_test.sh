@@ -155,8 +155,22 @@ if "$tilt" pretrain -c digits.toml -o dpre -q > /dev/null 2> dpre.err &&
 else
   fail "conditional digits pretrain: $(head -c 400 dpre.err)"
 fi
+# r(x, c) = log p(c | x) of each sample's own class: fine-tune the class-conditional digits model over all ten.
+{ cat digits.toml; printf '[classifier]\nhidden = [16]\niterations = 2\nbatch_size = 16\n'
+  printf '[base]\ntype = "model"\npath = "dpre/model.pt"\n[reward]\ntype = "classifier"\npath = "cls/classifier.pt"\nclass = "condition"\n'
+  printf '[finetune]\nhidden = [8]\nnum_steps = 6\nbatch_size = 8\niterations = 2\n[finetune.adjoint_matching]\nloss_early_steps = 2\nloss_late_steps = 2\n'
+} > digits_ft.toml
+if "$tilt" classifier -c digits_ft.toml -o cls -q > /dev/null 2> cls.err &&
+   "$tilt" finetune -c digits_ft.toml -o dft -q > /dev/null 2>> cls.err &&
+   "$tilt" sample -m dft/model.pt --condition 0,0,0,0,0,0,0,1,0,0 --steps 4 -n 2 -o dft.csv > /dev/null 2>&1; then
+  pass "digits fine-tuned over all ten classes with r(x, c) = log p(c | x) (class = \"condition\")"
+else
+  fail "conditional classifier reward: $(head -c 400 cls.err)"
+fi
+expect_error "class = a word other than condition" "reward.class" \
+  "$tilt" finetune -c digits_ft.toml -o bad10 -q --set reward.class=\"all\"
 expect_error "digits with classes that are not theirs" "conditions.classes" \
   "$tilt" pretrain -c digits.toml -o bad9 -q --set conditions.classes=5
-expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9
+expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9 bad10
 
 finish

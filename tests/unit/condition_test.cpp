@@ -2,6 +2,7 @@
 // mixture and finite differences, the conditional tilt against importance sampling, binding and guidance,
 // the conditional MLP, and Adjoint Matching over a set of training conditions.
 #include "tilt/core/error.h"
+#include "tilt/model/classifier.h"
 #include "tilt/model/condition.h"
 #include "tilt/model/conditional_gmm.h"
 #include "tilt/model/finetuned.h"
@@ -139,6 +140,28 @@ TEST(ConditionalRewards, GradientsMatchFiniteDifferencesAndTheFixedConditionRewa
                   r->conditional_value(x.narrow(0, b, 1), c.narrow(0, b, 1)).item<double>(), 1e-12);
     }
   }
+}
+
+// r(x, c) = c . log p(. | x): at a class's one-hot row, the fixed-class reward log p(k | x), value and gradient.
+TEST(ConditionalRewards, ClassifierRewardOfEachRowsOwnClass) {
+  ClassifierOptions o;
+  o.dim = 6;
+  o.hidden = {12};
+  o.classes = 4;
+  const auto classifier = std::make_shared<const MlpClassifier>(o, 3);
+  const ConditionalClassifierReward reward(classifier);
+  EXPECT_EQ(reward.condition_dim(), 4);
+  Generator gen = make_generator(2);
+  const at::Tensor x = at::randn({8, 6}, gen);
+  const at::Tensor labels = at::arange(8, at::kLong).remainder(4);
+  const at::Tensor c = at::one_hot(labels, 4).to(at::kFloat);
+  const at::Tensor r = reward.conditional_value(x, c), g = reward.conditional_grad(x, c);
+  for (int64_t b = 0; b < 8; ++b) {
+    const ClassifierReward fixed(classifier, labels[b].item<int64_t>());
+    EXPECT_NEAR(r[b].item<float>(), fixed.value(x.narrow(0, b, 1))[0].item<float>(), 1e-6);
+    EXPECT_LT((g[b] - fixed.grad(x.narrow(0, b, 1))[0]).abs().max().item<float>(), 1e-6);
+  }
+  EXPECT_THROW(reward.value(x), Error);
 }
 
 TEST(Conditions, BindingAndGuidance) {

@@ -65,4 +65,21 @@ class ClassifierReward : public Reward {
   int64_t class_;
 };
 
+/// r(x, c) = c . log p(. | x): for a class's one-hot c, log p(c | x), the prompt adherence of a
+/// class-conditional model (docs/conditions.md; the analogue of CLIPScore). condition_dim() is the number of
+/// classes; there is no null condition (value(x) throws).
+class ConditionalClassifierReward : public Reward {
+ public:
+  explicit ConditionalClassifierReward(ClassifierPtr classifier);
+  std::string kind() const override { return "classifier"; }
+  int64_t dim() const override { return classifier_->options().dim; }
+  int64_t condition_dim() const override { return classifier_->options().classes; }
+  Tensor value(const Tensor& x) const override;
+  Tensor conditional_value(const Tensor& x, const Tensor& c) const override;
+  const MlpClassifier& classifier() const { return *classifier_; }
+
+ private:
+  ClassifierPtr classifier_;
+};
+
 }  // namespace tilt

@@ -55,7 +55,10 @@ int finish_velocity_run(const VelocityField& model, const RunDirectory& run, con
                         const std::vector<std::string>& curves, const std::string& title, const ProcessGroupPtr& group,
                         const ConditionSetPtr& conditions = nullptr) {
   if (!is_writer(group)) return 0;
-  save_velocity(model, run.path("model.pt"), model_info, conditions ? conditions->values() : Tensor());
+  Json meta = model_info;
+  // A box's file records its corners [lo; hi], which are not conditions to draw at (tilt sample asks for one).
+  if (conditions && conditions->is_box()) meta["conditions_law"] = "uniform";
+  save_velocity(model, run.path("model.pt"), meta, conditions ? conditions->values() : Tensor());
   plot_training_curves(run.path("metrics.jsonl"), curves, run.path("training.png"), title);
   info("wrote " + run.path("model.pt"));
   report({{"model", run.path("model.pt")}, {"iterations", model_info["iterations"]}});

@@ -314,11 +314,8 @@ std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr bas
 }
 
 Json FinetunePlan::model_info() const {
-  Json info{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
-            {"num_steps", num_steps}};
-  // The file's conditions table is then the box's corners [lo; hi], not conditions to draw at.
-  if (conditions && conditions->is_box()) info["conditions_law"] = "uniform";
-  return info;
+  return Json{{"method", method}, {"noise", noise}, {"lambda", lambda}, {"reward", reward ? reward->kind() : ""},
+              {"num_steps", num_steps}};
 }
 
 }  // namespace tilt

@@ -7,7 +7,8 @@
 // outside it), with the memoryless SDE and with the ODE; the base model is scored alike.
 //
 // Usage: tilt_conditions_study [--dim D] [--cdim DC] [--seed S] [--problems P] [--iterations N]
-//        [--batch B] [--steps K] [--samples N] [--threads T] [--json FILE] [--png FILE] [--quiet]
+//        [--batch B] [--steps K] [--samples N] [--train N] [--threads T] [--json FILE] [--png FILE] [--quiet]
+// --train: the number of training conditions (8; with 1, the fine-tune is the unconditional problem at one condition).
 // --png (dc = 1): the ratio against c of the first problem, every set, for the base and AM (SDE, ODE);
 // with --plot-from REPORT.json, only that figure, redrawn from an earlier run's --json report.
 #include "tilt/core/error.h"
@@ -33,6 +34,7 @@ namespace {
 
 struct Settings {
   int64_t dim = 2, cdim = 1, problems = 1, iterations = 2400, batch = 256, steps = 60, samples = 2000, threads = 0;
+  int64_t train = 8;  ///< training conditions (1: the unconditional problem at one condition, for comparison)
   uint64_t seed = 0;
   std::string json, png, plot_from;
   bool quiet = false;
@@ -70,6 +72,7 @@ Settings parse(int argc, char** argv) {
     else if (a == "--steps") s.steps = n;
     else if (a == "--samples") s.samples = n;
     else if (a == "--threads") s.threads = n;
+    else if (a == "--train") s.train = n;
     else throw tilt::Error("unknown option '" + a + "'");
   }
   return s;
@@ -178,7 +181,7 @@ int main(int argc, char** argv) {
     for (int64_t i = 0; i < s.problems; ++i) {
       const uint64_t seed = s.seed + static_cast<uint64_t>(i);
       const tilt::ConditionalProblem p =
-          tilt::random_conditional_problem(s.dim, s.cdim, seed, tilt::make_linear_schedule());
+          tilt::random_conditional_problem(s.dim, s.cdim, seed, tilt::make_linear_schedule(), s.train);
       const auto start = std::chrono::steady_clock::now();
       const auto model = finetune(p, s, seed);
       const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -59,39 +59,65 @@ std::vector<double> median_bandwidths(const Tensor& reference) {
   return {m / 4, m / 2, m, 2 * m};
 }
 
-SampleDistances sample_distances(const Tensor& x_in, const Tensor& y_in, const std::vector<double>& bandwidths) {
-  check_pair(x_in, y_in, "sample distances");
+namespace {
+
+void check_bandwidths(const std::vector<double>& bandwidths) {
   for (double s : bandwidths) {
     if (!(s > 0)) throw Error("MMD: bandwidths must be positive");
+  }
+}
+
+// The sums over all pairs (a_i, b_j) of |a_i - b_j| and of each kernel, in blocks of rows.
+struct PairSums {
+  double dist = 0;
+  std::vector<double> kernel;
+};
+PairSums pair_sums(const Tensor& a, const Tensor& b, const std::vector<double>& bandwidths) {
+  PairSums out;
+  out.kernel.assign(bandwidths.size(), 0.0);
+  const int64_t block = pair_block_rows(b.size(0));
+  for (int64_t i = 0; i < a.size(0); i += block) {
+    const Tensor d = at::cdist(a.slice(0, i, std::min(i + block, a.size(0))), b);
+    out.dist += d.sum().item<double>();
+    const Tensor d2 = d.pow(2);
+    for (size_t k = 0; k < bandwidths.size(); ++k) {
+      out.kernel[k] += at::exp(d2 / (-2.0 * bandwidths[k] * bandwidths[k])).sum().item<double>();
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+SampleSelfTerms sample_self_terms(const Tensor& x_in, const std::vector<double>& bandwidths) {
+  check_pair(x_in, x_in, "sample distances");
+  check_bandwidths(bandwidths);
+  at::NoGradGuard no_grad;
+  const Tensor x = x_in.to(at::kDouble);
+  const PairSums xx = pair_sums(x, x, bandwidths);
+  return {x.size(0), bandwidths, xx.dist, xx.kernel};
+}
+
+SampleDistances sample_distances(const Tensor& x_in, const Tensor& y_in, const SampleSelfTerms& xx) {
+  check_pair(x_in, y_in, "sample distances");
+  if (xx.n != x_in.size(0) || xx.kernel.size() != xx.bandwidths.size()) {
+    throw Error("sample distances: the self terms are of " + std::to_string(xx.n) + " samples, x has " +
+                std::to_string(x_in.size(0)));
   }
   at::NoGradGuard no_grad;
   const Tensor x = x_in.to(at::kDouble), y = y_in.to(at::kDouble);
   const double n = static_cast<double>(x.size(0)), m = static_cast<double>(y.size(0));
   // Each block of pairwise distances serves the energy distance and every kernel.
-  struct Sums {
-    double dist = 0;
-    std::vector<double> kernel;
-  };
-  const auto sums = [&](const Tensor& a, const Tensor& b) {
-    Sums out;
-    out.kernel.assign(bandwidths.size(), 0.0);
-    const int64_t block = pair_block_rows(b.size(0));
-    for (int64_t i = 0; i < a.size(0); i += block) {
-      const Tensor d = at::cdist(a.slice(0, i, std::min(i + block, a.size(0))), b);
-      out.dist += d.sum().item<double>();
-      const Tensor d2 = d.pow(2);
-      for (size_t k = 0; k < bandwidths.size(); ++k) {
-        out.kernel[k] += at::exp(d2 / (-2.0 * bandwidths[k] * bandwidths[k])).sum().item<double>();
-      }
-    }
-    return out;
-  };
-  const Sums xy = sums(x, y), xx = sums(x, x), yy = sums(y, y);
+  const PairSums xy = pair_sums(x, y, xx.bandwidths), yy = pair_sums(y, y, xx.bandwidths);
   SampleDistances r{2.0 * xy.dist / (n * m) - xx.dist / (n * n) - yy.dist / (m * m), 0.0};
-  for (size_t k = 0; k < bandwidths.size(); ++k) {
+  for (size_t k = 0; k < xx.bandwidths.size(); ++k) {
     r.mmd += xx.kernel[k] / (n * n) + yy.kernel[k] / (m * m) - 2.0 * xy.kernel[k] / (n * m);
   }
   return r;
+}
+
+SampleDistances sample_distances(const Tensor& x, const Tensor& y, const std::vector<double>& bandwidths) {
+  return sample_distances(x, y, sample_self_terms(x, bandwidths));
 }
 
 double mmd(const Tensor& x, const Tensor& y, std::vector<double> bandwidths) {

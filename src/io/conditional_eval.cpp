@@ -37,8 +37,9 @@ std::string set_of(const Tensor& c, const ConditionsPlan& plan) {
 Json score_group(const ExactProblem& exact, const Tensor& x, int64_t replicates, Generator& gen) {
   const int64_t n = x.size(0);
   double energy = 0, floor = 0;
+  const SampleSelfTerms x_self = sample_self_terms(x, {});  // the group's own pairs, once for every replicate
   for (int64_t r = 0; r < replicates; ++r) {
-    energy += energy_distance(x, exact.target->sample(n, gen)) / static_cast<double>(replicates);
+    energy += sample_distances(x, exact.target->sample(n, gen), x_self).energy / static_cast<double>(replicates);
     for (int k = 0; k < 2; ++k) {
       floor += energy_distance(exact.target->sample(n, gen), exact.target->sample(n, gen)) / (2.0 * replicates);
     }

@@ -264,8 +264,9 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
     floors[n] = {ed, mm};
   }
   double ed = 0, mm = 0;
+  const SampleSelfTerms x_self = sample_self_terms(x, bandwidths);  // the file's own pairs, once for every replicate
   for (int64_t r = 0; r < o.replicates; ++r) {
-    const SampleDistances d = sample_distances(x, target_sample(t, n, gen), bandwidths);
+    const SampleDistances d = sample_distances(x, target_sample(t, n, gen), x_self);
     ed += d.energy / R;
     mm += d.mmd / R;
     bar.update(++done, "distances");

@@ -86,6 +86,15 @@ TEST(Metrics, BlockedDistancesEqualTheWholeMatrix) {
   EXPECT_NEAR(d.energy, energy, 1e-12 * std::abs(energy) + 1e-14);
   EXPECT_NEAR(d.mmd, mmd, 1e-12 * std::abs(mmd) + 1e-14);
   EXPECT_GT(energy, 0.1);  // the two laws differ: not a vacuous comparison of zeros
+  // x's own terms computed once (tilt eval's replicates) give the same numbers, bit for bit, against fresh sets.
+  const SampleSelfTerms x_self = sample_self_terms(x, bw);
+  for (int r = 0; r < 2; ++r) {
+    const Tensor y_r = 0.5 + 1.3 * at::randn({4000, 3}, gen, at::kDouble);
+    const SampleDistances once = sample_distances(x, y_r, bw), reused = sample_distances(x, y_r, x_self);
+    EXPECT_EQ(once.energy, reused.energy);
+    EXPECT_EQ(once.mmd, reused.mmd);
+  }
+  EXPECT_THROW(sample_distances(x.slice(0, 0, 200), y, x_self), Error);
 }
 
 TEST(Sampler, OdeSolversHaveTheirOrders) {

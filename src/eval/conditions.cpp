@@ -47,9 +47,13 @@ std::vector<ConditionScore> score_conditions(const GenerativeSDE& sde, const Ten
 }
 
 ScoreSummary summarise(const std::vector<ConditionScore>& scores) {
-  if (scores.empty()) throw Error("summarise: no scores");
   std::vector<double> r;
   for (const auto& s : scores) r.push_back(s.ratio);
+  return summarise_ratios(std::move(r));
+}
+
+ScoreSummary summarise_ratios(std::vector<double> r) {
+  if (r.empty()) throw Error("summarise: no scores");
   std::sort(r.begin(), r.end());
   const size_t n = r.size();
   ScoreSummary out;

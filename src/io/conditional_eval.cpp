@@ -6,6 +6,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/eval/conditions.h"
 #include "tilt/eval/metrics.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/run.h"
@@ -25,11 +26,8 @@ namespace {
 // float64 numbers, so equality is to float32's precision; inside a uniform training box is "train".
 std::string set_of(const Tensor& c, const ConditionsPlan& plan) {
   if (plan.train && plan.train->contains(c)) return "train";
-  const std::vector<std::pair<std::string, Tensor>> sets{{"held_out", plan.held_out}, {"outside", plan.outside}};
-  for (const auto& [name, values] : sets) {
-    if (!values.defined()) continue;
-    const Tensor close = ((values - c.unsqueeze(0)).abs() <= 1e-6 * (1.0 + c.abs().unsqueeze(0))).all(1);
-    if (close.any().item<bool>()) return name;
+  for (const auto& [name, values] : {std::pair{"held_out", plan.held_out}, std::pair{"outside", plan.outside}}) {
+    if (values.defined() && ConditionSet(values).contains(c)) return name;
   }
   return "";
 }
@@ -54,10 +52,9 @@ Json summarise_sets(const Json& rows) {
   for (const Json& row : rows) ratios[row["set"].get<std::string>()].push_back(row["energy_distance_ratio"].get<double>());
   Json out = Json::object();
   for (auto& [set, r] : ratios) {
-    std::sort(r.begin(), r.end());
     const size_t m = r.size();
-    out[set.empty() ? "other" : set] = {{"conditions", m}, {"median_ratio", m % 2 ? r[m / 2] : 0.5 * (r[m / 2 - 1] + r[m / 2])},
-                                        {"worst_ratio", r.back()}};
+    const ScoreSummary s = summarise_ratios(std::move(r));
+    out[set.empty() ? "other" : set] = {{"conditions", m}, {"median_ratio", s.median}, {"worst_ratio", s.worst}};
   }
   return out;
 }

@@ -222,10 +222,7 @@ std::optional<ExactProblem> ConditionalExactProblem::at(const Tensor& condition,
                   std::to_string(dc));
     }
     const Tensor c = condition.to(at::kDouble).reshape({1, dc});
-    if (shift.defined()) {  // p_base(. | c) = p_0(. - M c) (E98)
-      p.base = std::make_shared<GaussianMixture>(mixture->weights(), mixture->means() + at::matmul(c, shift.t()),
-                                                 mixture->covariances());
-    }
+    if (shift.defined()) p.base = std::make_shared<GaussianMixture>(moved_mixture(*mixture, shift, c));  // E98
     if (const auto* moving = dynamic_cast<const ConditionalMixtureTilt*>(reward.get())) p.reward = moving->at(c);
     else if (reward->condition_dim() > 0) p.reward = bind_condition(reward, c);
   }

@@ -92,11 +92,12 @@ Tensor ConditionalGmmVelocity::conditional_vjp(const Tensor& x, double t, const 
   return g;
 }
 
-GaussianMixture ConditionalGmmVelocity::mixture_at(const Tensor& c) const {
-  const Tensor row = one_condition(c, condition_dim(), "conditional mixture");
-  return GaussianMixture(mixture_->weights(), mixture_->means() + at::matmul(row, shift_.t()),
-                         mixture_->covariances());
+GaussianMixture moved_mixture(const GaussianMixture& p0, const Tensor& shift, const Tensor& c) {
+  const Tensor row = one_condition(c, shift.size(1), "conditional mixture");
+  return GaussianMixture(p0.weights(), p0.means() + at::matmul(row, shift.to(at::kDouble).t()), p0.covariances());
 }
+
+GaussianMixture ConditionalGmmVelocity::mixture_at(const Tensor& c) const { return moved_mixture(*mixture_, shift_, c); }
 
 GaussianMixture ConditionalGmmVelocity::marginal(const ConditionSet& conditions) const {
   if (conditions.dim() != condition_dim()) {

@@ -7,10 +7,14 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <functional>
+
 namespace tilt {
 
-Tensor Reward::grad(const Tensor& x) const {
-  check_batch(x, dim(), "x");
+namespace {
+
+// grad_x of r(x) = value(x) ([B]) by autograd, with gradients enabled even under a NoGradGuard.
+Tensor autograd_gradient(const Tensor& x, const std::function<Tensor(const Tensor&)>& value) {
   at::AutoGradMode enable_grad(true);
   const Tensor xg = x.detach().requires_grad_(true);
   const Tensor r = value(xg);
@@ -19,6 +23,13 @@ Tensor Reward::grad(const Tensor& x) const {
   Tensor g = torch::autograd::grad({r.sum()}, {xg}, /*grad_outputs=*/{}, /*retain_graph=*/false,
                                    /*create_graph=*/false, /*allow_unused=*/true)[0];
   return g.defined() ? g : at::zeros_like(x);
+}
+
+}  // namespace
+
+Tensor Reward::grad(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  return autograd_gradient(x, [this](const Tensor& xg) { return value(xg); });
 }
 
 Tensor Reward::conditional_value(const Tensor& x, const Tensor& c) const {
@@ -31,13 +42,8 @@ Tensor Reward::conditional_value(const Tensor& x, const Tensor& c) const {
 Tensor Reward::conditional_grad(const Tensor& x, const Tensor& c) const {
   if (!c.defined()) return grad(x);
   check_batch(x, dim(), "x");
-  at::AutoGradMode enable_grad(true);
-  const Tensor xg = x.detach().requires_grad_(true);
-  const Tensor r = conditional_value(xg, c.detach());
-  if (!r.requires_grad()) return at::zeros_like(x);
-  Tensor g = torch::autograd::grad({r.sum()}, {xg}, /*grad_outputs=*/{}, /*retain_graph=*/false,
-                                   /*create_graph=*/false, /*allow_unused=*/true)[0];
-  return g.defined() ? g : at::zeros_like(x);
+  const Tensor cd = c.detach();
+  return autograd_gradient(x, [this, &cd](const Tensor& xg) { return conditional_value(xg, cd); });
 }
 
 FunctionReward::FunctionReward(int64_t dim, Function r, std::string kind)

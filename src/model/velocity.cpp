@@ -9,20 +9,33 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <functional>
+
 namespace tilt {
 
 Tensor VelocityField::velocity(const Tensor& x, double t) const {
   return velocity(x, at::scalar_tensor(t, x.options()));
 }
 
-Tensor VelocityField::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
-  check_batch(a, dim(), "adjoint");
+namespace {
+
+// (dv/dx)^T a by one reverse pass of autograd through v = velocity(x) (gradients enabled even under a
+// NoGradGuard); v in *v_out if given.
+Tensor autograd_vjp(const Tensor& x, const Tensor& a, const std::function<Tensor(const Tensor&)>& velocity,
+                    Tensor* v_out) {
   at::AutoGradMode enable_grad(true);
   const Tensor xg = x.detach().requires_grad_(true);
-  const Tensor v = velocity(xg, t);
+  const Tensor v = velocity(xg);
   Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
   if (v_out) *v_out = v.detach();
   return g;
+}
+
+}  // namespace
+
+Tensor VelocityField::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
+  check_batch(a, dim(), "adjoint");
+  return autograd_vjp(x, a, [this, t](const Tensor& xg) { return velocity(xg, t); }, v_out);
 }
 
 Tensor VelocityField::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
@@ -37,12 +50,8 @@ Tensor VelocityField::conditional_vjp(const Tensor& x, double t, const Tensor& c
                                       Tensor* v_out) const {
   if (!c.defined()) return vjp(x, t, a, v_out);
   check_batch(a, dim(), "adjoint");
-  at::AutoGradMode enable_grad(true);
-  const Tensor xg = x.detach().requires_grad_(true);
-  const Tensor v = conditional_velocity(xg, at::scalar_tensor(t, x.options()), c.detach());
-  Tensor g = torch::autograd::grad({v}, {xg}, {a}, /*retain_graph=*/false, /*create_graph=*/false)[0];
-  if (v_out) *v_out = v.detach();
-  return g;
+  const Tensor ts = at::scalar_tensor(t, x.options()), cd = c.detach();
+  return autograd_vjp(x, a, [&](const Tensor& xg) { return conditional_velocity(xg, ts, cd); }, v_out);
 }
 
 std::vector<Tensor> VelocityField::parameters() const {

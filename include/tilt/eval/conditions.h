@@ -39,5 +39,7 @@ struct ScoreSummary {
 };
 /// The median and the largest ratio (throws tilt::Error for no scores).
 ScoreSummary summarise(const std::vector<ConditionScore>& scores);
+/// The same of plain ratios.
+ScoreSummary summarise_ratios(std::vector<double> ratios);
 
 }  // namespace tilt

@@ -53,6 +53,10 @@ class ConditionalGmmVelocity : public VelocityField {
   Tensor shift_;
 };
 
+/// p_0(. - M c) for one condition c ([dc] or [1, dc]): p_0's means moved by M c (E98). Throws tilt::Error
+/// for a c that does not fit M [d, dc].
+GaussianMixture moved_mixture(const GaussianMixture& p0, const Tensor& shift, const Tensor& c);
+
 /// A reward whose closed-form tilt holds at every fixed condition: at(c) is r(., c) as a reward with the
 /// MixtureTilt capability (tilt/model/gmm.h).
 class ConditionalMixtureTilt {

@@ -345,6 +345,14 @@ void read_adjoint_matching_keys(ConfigSection& s, AdjointMatchingOptions& o) {
   o.loss_weighting = s.choice("loss_weighting", {"control", "velocity"}, o.loss_weighting);
   o.final_noiseless_step = s.boolean("final_noiseless_step", o.final_noiseless_step);
   o.tape_activations = s.boolean("tape_activations", o.tape_activations);
+  o.guidance = s.number("guidance", o.guidance);
+  if (!(std::abs(o.guidance) <= limits::kMagnitude)) s.fail("guidance", "must be finite, of magnitude at most " + number_string(limits::kMagnitude) + " (0: no guidance in training)");
+  o.guidance_adjoint = s.boolean("guidance_adjoint", o.guidance_adjoint);
+  o.guidance_control = s.boolean("guidance_control", o.guidance_control);
+  if (o.guidance == 0.0) {
+    if (o.guidance_adjoint) s.fail("guidance_adjoint", "needs guidance != 0 (the weight of the guided base)");
+    if (o.guidance_control) s.fail("guidance_control", "needs guidance != 0 (the weight of the guided difference)");
+  }
 }
 
 AdjointMatchingOptions read_adjoint_matching(ConfigSection& s) {

@@ -17,7 +17,8 @@ namespace {
 // The keys of [finetune.adjoint_matching]; old files have them in [finetune], where the other
 // methods ignore them (with a note).
 const std::vector<std::string> kAdjointMatchingKeys{"loss_early_steps", "loss_late_steps",      "clip_factor",
-                                                    "loss_weighting",   "final_noiseless_step", "tape_activations"};
+                                                    "loss_weighting",   "final_noiseless_step", "tape_activations",
+                                                    "guidance",         "guidance_adjoint",     "guidance_control"};
 const std::vector<std::string> kPolicyKeys{"log_prob", "clip_range", "adv_clip_max", "scale_advantages", "inner_epochs"};
 const std::vector<std::string> kGroupKeys{"group_size", "window", "window_strategy", "window_iters", "window_shift"};
 

@@ -94,6 +94,7 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
   if (options_.batch_size < 1) throw Error("adjoint matching: batch_size must be >= 1");
   check_conditions(options_.conditions, model_->condition_dim(), "adjoint matching");
   check_reward_condition(*reward_, model_->condition_dim(), "adjoint matching");
+  check_guidance();
   if (options_.loss_early_steps < 0 || options_.loss_late_steps < 0 ||
       options_.loss_early_steps + options_.loss_late_steps < 1) {
     throw Error("adjoint matching: need loss_early_steps, loss_late_steps >= 0 with a positive sum, got " +
@@ -156,7 +157,7 @@ Trajectory AdjointMatching::rollout(Generator& gen, const Tensor& c) const {
   SampleOptions opts;
   opts.record = true;
   if (!c.defined()) return simulate(finetuned_sde_, x0, TimeGrid(times), gen, opts);
-  const GenerativeSDE bound(bind_condition(model_, c), finetuned_sde_.noise_ptr());
+  const GenerativeSDE bound(bind_condition(model_, c, options_.guidance), finetuned_sde_.noise_ptr());
   return simulate(bound, x0, TimeGrid(times), gen, opts);
 }
 
@@ -175,6 +176,45 @@ std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
   return steps;
 }
 
+void AdjointMatching::check_guidance() const {
+  const double w = options_.guidance;
+  if (!std::isfinite(w)) throw Error("adjoint matching: guidance must be finite, got " + number_string(w));
+  if (w == 0.0) {
+    if (options_.guidance_adjoint || options_.guidance_control) {
+      throw Error("adjoint matching: guidance_adjoint and guidance_control need guidance != 0 (the weight w of the "
+                  "guided field they use)");
+    }
+    return;
+  }
+  if (!options_.conditions) {
+    throw Error("adjoint matching: guidance = " + number_string(w) + " needs a conditional model and its training "
+                "conditions (guidance is (1 + w) v(x, t | c) - w v(x, t | null))");
+  }
+  try {  // the base's null condition, at one point
+    at::NoGradGuard no_grad;
+    model_->base()->conditional_velocity(at::zeros({1, model_->dim()}), at::full({1}, 0.5), Tensor());
+  } catch (const Error& e) {
+    throw Error("adjoint matching: guidance = " + number_string(w) + " needs a base with a null condition (a model "
+                "pretrained with condition dropout), but the base has none: " + e.what());
+  }
+}
+
+// The regressed difference at the chosen states: (v_theta - v_base)(x, t | c), or with guidance_control its
+// guided form (1 + w) (v_theta - v_base)(c) - w (v_theta - v_base)(null). v_base_c is v_base(x, t | c) when the
+// caller has it (undefined: computed here, only where the copy mode needs it).
+Tensor AdjointMatching::regressed_difference(const Tensor& x, const Tensor& t, const Tensor& v_base_c,
+                                             const Tensor& c) const {
+  const bool residual = model_->mode() == FineTuneMode::residual;
+  auto base_at = [&](const Tensor& cond) {
+    at::NoGradGuard no_grad;
+    return residual ? Tensor() : model_->base()->conditional_velocity(x, t, cond);
+  };
+  const Tensor delta_c = model_->delta(x, t, v_base_c.defined() || residual ? v_base_c : base_at(c), c);
+  if (!options_.guidance_control) return delta_c;
+  const double w = options_.guidance;
+  return (1.0 + w) * delta_c - w * model_->delta(x, t, base_at(Tensor()), Tensor());
+}
+
 bool AdjointMatching::taped() const {
   return options_.tape_activations && !options_.conditions && model_->trainable()->taped_network() != nullptr;
 }
@@ -190,9 +230,10 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   const Trajectory traj = rollout(gen, c);
   clock.lap(&times.rollout_s);
   const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
+  const double w_adjoint = options_.guidance_adjoint ? options_.guidance : 0.0;
   const LeanAdjoint adj =
-      c.defined() ? lean_adjoint(GenerativeSDE(bind_condition(model_->base(), c), base_sde_.noise_ptr()), traj.x, grid_,
-                                 *reward, options_.lambda, options_.final_noiseless_step)
+      c.defined() ? lean_adjoint(GenerativeSDE(bind_condition(model_->base(), c, w_adjoint), base_sde_.noise_ptr()),
+                                 traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step)
                   : lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step);
   clock.lap(&times.adjoint_s);
   const std::vector<int64_t> steps = loss_steps(gen);
@@ -209,7 +250,8 @@ LossOutput AdjointMatching::compute(Generator& gen) {
     scale.push_back(at::full({B, 1}, scale_[k], opts));
   }
   const Tensor x = at::cat(xs), t = at::cat(ts);
-  const Tensor delta = model_->delta(x, t, at::cat(vb), c.defined() ? at::cat(cs) : Tensor());
+  // adj.v_base is v_base(. | c) unless the adjoint ran through the guided base.
+  const Tensor delta = regressed_difference(x, t, w_adjoint == 0.0 ? at::cat(vb) : Tensor(), c.defined() ? at::cat(cs) : Tensor());
   // (c_v / sigma)(v_theta - v_base + rho a); = u + sigma a when h = 0.
   const Tensor residual = at::cat(scale) * (delta + at::cat(target));
   Tensor terms = residual.pow(2).sum(1);  // [S * B]

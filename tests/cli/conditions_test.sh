@@ -138,6 +138,21 @@ if "$tilt" finetune -c from_pre.toml -o ft_pre -q > /dev/null 2> ft_pre.err &&
 else
   fail "fine-tune of a conditional pretrain: $(head -c 400 ft_pre.err)"
 fi
+# Guidance during fine-tuning (the three modes): full guidance trains from a base with a null condition;
+# the flags need a weight, and a base without a null condition is refused with the key's name.
+if "$tilt" finetune -c from_pre.toml -o ft_full -q --set finetune.adjoint_matching.guidance=2 \
+     --set finetune.adjoint_matching.guidance_adjoint=true --set finetune.adjoint_matching.guidance_control=true \
+     > /dev/null 2> ft_full.err && grep -q '"guidance_control": true' ft_full/config.resolved.json; then
+  pass "fine-tuning with full guidance (trajectories, adjoint, control) records its keys"
+else
+  fail "fine-tune with full guidance: $(head -c 400 ft_full.err)"
+fi
+expect_error "guidance_adjoint without a weight" "'finetune.adjoint_matching.guidance_adjoint' needs guidance != 0" \
+  "$tilt" finetune -c from_pre.toml -o bad_g1 -q --set finetune.adjoint_matching.guidance_adjoint=true
+expect_error "guidance = 1e7" "'finetune.adjoint_matching.guidance' must be finite, of magnitude at most 1e+06" \
+  "$tilt" finetune -c from_pre.toml -o bad_g2 -q --set finetune.adjoint_matching.guidance=1e7
+expect_error "guidance on a base without a null condition" "needs a base with a null condition" \
+  "$tilt" finetune -c tiny.toml -o bad_g3 -q --set finetune.adjoint_matching.guidance=1
 expect_error "condition_dropout out of range" "pretrain.condition_dropout" \
   "$tilt" pretrain -c pre.toml -o bad6 -q --set pretrain.condition_dropout=1.0
 grep -v '^train = \|^\[conditions\]' pre.toml > pre_no_conditions.toml

@@ -56,6 +56,17 @@ struct AdjointMatchingOptions {
   /// base, the fine-tuned model and the reward are evaluated at it. Null for an unconditional model.
   /// Conditional iterations take the autograd path (tape_activations applies to unconditional ones).
   ConditionSetPtr conditions;
+  /// Classifier-free guidance DURING fine-tuning, the three modes of the Adjoint Matching authors' Stable
+  /// Diffusion code (docs/conditions.md, E101-E103). guidance = w != 0 rolls out the guided fine-tuned model
+  /// (1 + w) v_theta(x, t | c) - w v_theta(x, t | null); guidance_adjoint also runs the lean adjoint through the
+  /// guided base; guidance_control regresses the guided difference (1 + w) (v_theta - v_base)(c) - w (v_theta -
+  /// v_base)(null) instead of (v_theta - v_base)(c). Both flags: the SOC problem of the guided base, whose
+  /// optimum samples the guided base's law tilted by exp(lambda r) (E102); trajectories only: not a tilt (E103).
+  /// w = 0 (the default): no guidance in training, guidance after it (the AM paper's setting). Needs conditions
+  /// and a base with a null condition.
+  double guidance = 0.0;
+  bool guidance_adjoint = false;
+  bool guidance_control = false;
 };
 
 /// Wall time spent in each phase of compute(), summed over calls (for benchmarks: AdjointMatching::set_timer).
@@ -94,7 +105,7 @@ class AdjointMatching : public Loss {
   void set_batch_size(int64_t n) override;
 
   /// Trajectory of the current fine-tuned model from X0 ~ N(0, I), without gradients, at conditions c
-  /// ([B, dc], one per trajectory; undefined for an unconditional model).
+  /// ([B, dc], one per trajectory; undefined for an unconditional model), guided by options().guidance.
   Trajectory rollout(Generator& gen, const Tensor& c = Tensor()) const;
   /// The time indices that enter the loss: loss_early_steps random early ones + the last ones.
   std::vector<int64_t> loss_steps(Generator& gen) const;
@@ -119,6 +130,8 @@ class AdjointMatching : public Loss {
   const AdjointMatchingOptions& options() const { return options_; }
 
  private:
+  void check_guidance() const;
+  Tensor regressed_difference(const Tensor& x, const Tensor& t, const Tensor& v_base_c, const Tensor& c) const;
   LossOutput compute_taped(Generator& gen);
   // compute_taped's three phases, on the blocks of tapes_.
   void taped_rollout(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise);

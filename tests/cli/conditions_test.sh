@@ -195,6 +195,11 @@ then
 else
   fail "eval-images by condition: $(head -c 600 dall.err)"
 fi
+if "$tilt" plot --images 8x8 --by-condition 3 dall.csv:ft dpre.csv:pre -o dgrid.png > /dev/null 2>&1 && [ -s dgrid.png ]; then
+  pass "plot --images --by-condition: one row per class"
+else
+  fail "plot --by-condition"
+fi
 cut -d, -f1-64 dall.csv > dplain.csv
 awk -F, -v OFS=, 'NR == 3 { $65 = 0.5 } { print }' dall.csv > dhalf.csv
 cut -d, -f1-66 dall.csv > dtwo.csv
@@ -209,6 +214,8 @@ expect_error "eval-images: one sample of a class" "'done.csv' has 1 sample of cl
   "$tilt" eval-images -c digits_ft.toml -s done.csv
 expect_error "eval-images: a missing unseen classifier" "nope.pt" \
   "$tilt" eval-images -c digits_ft.toml -s dall.csv --unseen nope.pt
+expect_error "plot --by-condition of a file without condition columns" "'dplain.csv' has no condition columns" \
+  "$tilt" plot --images 8x8 --by-condition 3 dall.csv dplain.csv -o dbad.png
 expect_error "class = a word other than condition" "reward.class" \
   "$tilt" finetune -c digits_ft.toml -o bad10 -q --set reward.class=\"all\"
 expect_error "digits with classes that are not theirs" "conditions.classes" \

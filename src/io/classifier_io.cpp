@@ -24,20 +24,26 @@
 namespace tilt {
 namespace {
 constexpr const char* kFormat = "tilt-classifier";
-constexpr int kVersion = 1;
+// Version 2 records the activation; a SiLU classifier is still written as version 1 (which has none), so that
+// files an older tilt reads stay readable there, and one it would misread (another activation) is refused.
+constexpr int kVersion = 2;
 }  // namespace
 
 void save_classifier(const MlpClassifier& classifier, const std::string& path, const Json& info) {
   const ClassifierOptions& o = classifier.options();
-  Json meta{{"format", kFormat}, {"version", kVersion}, {"dim", o.dim}, {"hidden", o.hidden}, {"classes", o.classes},
+  Json meta{{"format", kFormat}, {"version", 1}, {"dim", o.dim}, {"hidden", o.hidden}, {"classes", o.classes},
             {"info", info}};
+  if (o.activation != "silu") {
+    meta["version"] = kVersion;
+    meta["activation"] = o.activation;
+  }
   archive::TensorMap tensors;
   for (const auto& [name, value] : classifier.named_parameters()) tensors[name] = value;
   archive::write(path, meta, tensors);
 }
 
 LoadedClassifier load_classifier(const std::string& path) {
-  const archive::Contents c = archive::read(path, "classifier file", kFormat, kVersion);
+  const archive::Contents c = archive::read(path, "classifier file", kFormat, kVersion, 1);
   try {
     // Errors thrown here get "classifier file '<path>': " in front (below).
     const auto whole = [](const Json& value, const std::string& key) {
@@ -50,6 +56,13 @@ LoadedClassifier load_classifier(const std::string& path) {
     if (!c.meta.at("hidden").is_array()) throw Error("'hidden' must be a list of widths");
     for (const Json& w : c.meta.at("hidden")) o.hidden.push_back(whole(w, "hidden"));
     o.classes = whole(c.meta.at("classes"), "classes");
+    if (c.meta.at("version") == 2) {
+      if (!c.meta.at("activation").is_string()) throw Error("'activation' must be a string");
+      o.activation = c.meta.at("activation").get<std::string>();
+      if (o.activation != "silu" && o.activation != "relu" && o.activation != "tanh") {
+        throw Error("unknown activation \"" + o.activation + "\" (silu, relu, tanh)");
+      }
+    }
     if (o.dim < 1) throw Error("classifier: dim must be >= 1, got " + std::to_string(o.dim));
     if (o.classes < 2) throw Error("classifier: needs at least 2 classes, got " + std::to_string(o.classes));
     if (o.hidden.empty()) throw Error("classifier: needs at least one hidden layer ('hidden' is empty)");
@@ -57,7 +70,7 @@ LoadedClassifier load_classifier(const std::string& path) {
       if (w < 1) throw Error("classifier: hidden widths must be >= 1, got " + std::to_string(w));
     }
     // The tensors' shapes follow from the metadata (src/model/classifier.cpp: body.<2i> = Linear,
-    // SiLU between, then head); checked before the network is built, so that a width of 10^12 in
+    // the activation between, then head); checked before the network is built, so that a width of 10^12 in
     // the metadata allocates nothing. Every floating tensor must be finite.
     std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
     int64_t in = o.dim;

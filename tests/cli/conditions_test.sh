@@ -169,8 +169,9 @@ else
   fail "conditional classifier reward: $(head -c 400 cls.err)"
 fi
 # tilt eval-images by condition: a row per class, the summary over classes, the target per class, an unseen
-# classifier of another width, depth and seed; a fixed class with condition columns is by condition too.
-"$tilt" classifier -c digits_ft.toml -o cls2 -q --set seed=5 --set 'classifier.hidden=[12, 8]' > /dev/null 2>> cls.err
+# classifier of another width, depth, activation and seed; a fixed class with condition columns is by condition too.
+"$tilt" classifier -c digits_ft.toml -o cls2 -q --set seed=5 --set 'classifier.hidden=[12, 8]' \
+  --set classifier.activation=\"relu\" > /dev/null 2>> cls.err
 if "$tilt" sample -m dft/model.pt --steps 4 -n 3 -o dall.csv > /dev/null 2>&1 &&
    "$tilt" eval-images -c digits_ft.toml -s dall.csv --base dall.csv --unseen cls2/classifier.pt --json > dall.json 2> dall.err &&
    "$tilt" eval-images -c digits_ft.toml -s dall.csv --unseen cls2/classifier.pt > dall.txt 2>> dall.err &&
@@ -214,12 +215,14 @@ expect_error "eval-images: one sample of a class" "'done.csv' has 1 sample of cl
   "$tilt" eval-images -c digits_ft.toml -s done.csv
 expect_error "eval-images: a missing unseen classifier" "nope.pt" \
   "$tilt" eval-images -c digits_ft.toml -s dall.csv --unseen nope.pt
+expect_error "classifier: an activation it does not know" "classifier.activation" \
+  "$tilt" classifier -c digits_ft.toml -o bad11 -q --set classifier.activation=\"gelu\"
 expect_error "plot --by-condition of a file without condition columns" "'dplain.csv' has no condition columns" \
   "$tilt" plot --images 8x8 --by-condition 3 dall.csv dplain.csv -o dbad.png
 expect_error "class = a word other than condition" "reward.class" \
   "$tilt" finetune -c digits_ft.toml -o bad10 -q --set reward.class=\"all\"
 expect_error "digits with classes that are not theirs" "conditions.classes" \
   "$tilt" pretrain -c digits.toml -o bad9 -q --set conditions.classes=5
-expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9 bad10
+expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9 bad10 bad11
 
 finish

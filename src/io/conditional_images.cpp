@@ -27,8 +27,9 @@ Json unseen_json(const ClassSampleMetrics& m) {
 Tensor condition_classes(const ImageSamples& s, int64_t classes) {
   const std::string name = s.what + " '" + s.path + "'";
   if (!s.conditions.defined()) {
-    throw Error(name + " has no condition columns (c0, c1, ...): [reward] class = \"condition\" scores each sample at its "
-                "own class; sample a conditional model (tilt sample -m MODEL writes x0,...,c0,... for each of its classes)");
+    throw Error(name + " has no condition columns (c0, c1, ...): each sample is scored at its own class, as [reward] "
+                "class = \"condition\" or another samples file with condition columns asks; sample a conditional model "
+                "(tilt sample -m MODEL writes x0,...,c0,... for each of its classes)");
   }
   if (s.conditions.size(1) != classes) {
     throw Error(name + " has conditions of " + std::to_string(s.conditions.size(1)) + " numbers; the data has " +

@@ -48,7 +48,7 @@ int run_eval_images(const EvalImagesArgs& args) {
   read_run_settings(root);
   const ImageEvaluation setup = read_image_evaluation(root);
   finish_root(root);
-  const Json out = evaluate_images(setup, args.samples, args.base);
+  const Json out = evaluate_images(setup, args.samples, args.base, args.unseen);
   if (common_options().json) {
     report(out);
   } else {
@@ -61,7 +61,10 @@ namespace {
 const bool registered_classifier = add_command({"classifier", "Train an image classifier on [data] (for [reward] type = \"classifier\")",
                                                 30, train_setup(run_classifier)});
 const bool registered_eval_images = add_command(
-    {"eval-images", "Measure generated images against the classifier of [reward]: class share, diversity, Frechet distance", 70,
+    {"eval-images",
+     "Measure generated images against the classifier of [reward]: class share, diversity, Frechet distance (per class "
+     "for a class-conditional model's samples)",
+     70,
      [](CLI::App& app) {
        auto args = std::make_shared<EvalImagesArgs>();
        add_config(app, args->config, true);
@@ -69,6 +72,9 @@ const bool registered_eval_images = add_command(
        app.add_option("-s,--samples", args->samples, "Samples file(s) to evaluate (repeatable)")->required();
        app.add_option("--base", args->base,
                       "Samples of the base model: also estimate the target p* ∝ p_base exp(lambda r) by reweighting them");
+       app.add_option("--unseen", args->unseen,
+                      "A second classifier file (tilt classifier), never used in training: also report each file's class "
+                      "share and mean log p(c|x) under it");
        return [args] { return run_eval_images(*args); };
      }});
 }  // namespace

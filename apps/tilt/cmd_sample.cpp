@@ -76,6 +76,10 @@ const bool registered_plot = add_command(
        app.add_option("--size", o->size, "Panel size in pixels")->capture_default_str();
        app.add_option("--images", o->images, "Draw each sample as an image of HxW pixels (e.g. 8x8) instead of a point");
        app.add_option("--max-images", o->max_images, "Images per panel with --images")->capture_default_str();
+       app.add_option("--by-condition", o->by_condition,
+                      "K: with --images, one row per condition (the c0, c1, ... columns of a conditional model's samples, "
+                      "e.g. one row per digit), K images each, the conditions in the order they first appear "
+                      "(not automatic: without it the images are drawn in file order)");
        return [o] {
          plot_sample_files(*o);
          info("wrote " + o->out);

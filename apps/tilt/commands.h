@@ -42,6 +42,7 @@ struct EvalImagesArgs {
   ConfigArgs config;
   std::vector<std::string> samples;
   std::string base;  ///< base-model samples: the tilted target's metrics by importance weighting
+  std::string unseen;  ///< a second classifier file, never used in training: its share and log p(c|x) too
 };
 int run_eval_images(const EvalImagesArgs& args);
 

@@ -46,7 +46,8 @@ void write(const std::string& path, const Json& meta, const TensorMap& tensors) 
   atomic_write(path, std::string(bytes.begin(), bytes.end()));
 }
 
-Contents read(const std::string& path, const std::string& what, const std::string& format, int version) {
+Contents read(const std::string& path, const std::string& what, const std::string& format, int version,
+              int oldest_version) {
   if (!file_exists(path)) throw Error("cannot read " + what + " '" + path + "': no such file");
   const std::string bytes = read_file(path, what);
   const std::string damage = zip_damage(bytes);
@@ -100,9 +101,11 @@ Contents read(const std::string& path, const std::string& what, const std::strin
   if (found != format) {
     throw Error("'" + path + "' is not a " + what + (found.empty() ? "" : " (it is a " + found + " file)"));
   }
-  if (out.meta.value("version", 0) != version) {
-    throw Error(what + " '" + path + "' has format version " + std::to_string(out.meta.value("version", 0)) +
-                "; this tilt reads version " + std::to_string(version));
+  const int found_version = out.meta.value("version", 0), oldest = oldest_version > 0 ? oldest_version : version;
+  if (found_version < oldest || found_version > version) {
+    throw Error(what + " '" + path + "' has format version " + std::to_string(found_version) + "; this tilt reads version" +
+                (oldest == version ? " " + std::to_string(version)
+                                   : "s " + std::to_string(oldest) + " to " + std::to_string(version)));
   }
   return out;
 }

@@ -24,8 +24,10 @@ struct Contents {
 /// Reads a file written by write() and checks its format and version. `what` names the kind of
 /// file in messages ("classifier file"). Throws tilt::Error for a missing, foreign or corrupt file,
 /// or one whose checksum does not match (files written before checksums, or edited in Python with
-/// the "__tilt_checksum__" entry dropped, have none, and are read).
-Contents read(const std::string& path, const std::string& what, const std::string& format, int version);
+/// the "__tilt_checksum__" entry dropped, have none, and are read). Versions oldest_version..version
+/// are read (oldest_version 0: version alone).
+Contents read(const std::string& path, const std::string& what, const std::string& format, int version,
+              int oldest_version = 0);
 
 /// The named tensor, or an error naming the file.
 Tensor take(const Contents& c, const std::string& path, const std::string& name);

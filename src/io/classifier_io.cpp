@@ -1,6 +1,7 @@
 #include "tilt/io/classifier_io.h"
 
 #include "archive.h"
+#include "conditional_images.h"
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/eval/image_metrics.h"
@@ -14,6 +15,8 @@
 
 #include <cmath>
 #include <cstdio>
+#include <memory>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -21,20 +24,26 @@
 namespace tilt {
 namespace {
 constexpr const char* kFormat = "tilt-classifier";
-constexpr int kVersion = 1;
+// Version 2 records the activation; a SiLU classifier is still written as version 1 (which has none), so that
+// files an older tilt reads stay readable there, and one it would misread (another activation) is refused.
+constexpr int kVersion = 2;
 }  // namespace
 
 void save_classifier(const MlpClassifier& classifier, const std::string& path, const Json& info) {
   const ClassifierOptions& o = classifier.options();
-  Json meta{{"format", kFormat}, {"version", kVersion}, {"dim", o.dim}, {"hidden", o.hidden}, {"classes", o.classes},
+  Json meta{{"format", kFormat}, {"version", 1}, {"dim", o.dim}, {"hidden", o.hidden}, {"classes", o.classes},
             {"info", info}};
+  if (o.activation != "silu") {
+    meta["version"] = kVersion;
+    meta["activation"] = o.activation;
+  }
   archive::TensorMap tensors;
   for (const auto& [name, value] : classifier.named_parameters()) tensors[name] = value;
   archive::write(path, meta, tensors);
 }
 
 LoadedClassifier load_classifier(const std::string& path) {
-  const archive::Contents c = archive::read(path, "classifier file", kFormat, kVersion);
+  const archive::Contents c = archive::read(path, "classifier file", kFormat, kVersion, 1);
   try {
     // Errors thrown here get "classifier file '<path>': " in front (below).
     const auto whole = [](const Json& value, const std::string& key) {
@@ -47,6 +56,13 @@ LoadedClassifier load_classifier(const std::string& path) {
     if (!c.meta.at("hidden").is_array()) throw Error("'hidden' must be a list of widths");
     for (const Json& w : c.meta.at("hidden")) o.hidden.push_back(whole(w, "hidden"));
     o.classes = whole(c.meta.at("classes"), "classes");
+    if (c.meta.at("version") == 2) {
+      if (!c.meta.at("activation").is_string()) throw Error("'activation' must be a string");
+      o.activation = c.meta.at("activation").get<std::string>();
+      if (o.activation != "silu" && o.activation != "relu" && o.activation != "tanh") {
+        throw Error("unknown activation \"" + o.activation + "\" (silu, relu, tanh)");
+      }
+    }
     if (o.dim < 1) throw Error("classifier: dim must be >= 1, got " + std::to_string(o.dim));
     if (o.classes < 2) throw Error("classifier: needs at least 2 classes, got " + std::to_string(o.classes));
     if (o.hidden.empty()) throw Error("classifier: needs at least one hidden layer ('hidden' is empty)");
@@ -54,7 +70,7 @@ LoadedClassifier load_classifier(const std::string& path) {
       if (w < 1) throw Error("classifier: hidden widths must be >= 1, got " + std::to_string(w));
     }
     // The tensors' shapes follow from the metadata (src/model/classifier.cpp: body.<2i> = Linear,
-    // SiLU between, then head); checked before the network is built, so that a width of 10^12 in
+    // the activation between, then head); checked before the network is built, so that a width of 10^12 in
     // the metadata allocates nothing. Every floating tensor must be finite.
     std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
     int64_t in = o.dim;
@@ -116,7 +132,11 @@ ImageEvaluation read_image_evaluation(ConfigSection& root) {
     throw Error("tilt eval-images needs 'reward.type' = \"classifier\" (path, class)");
   }
   e.classifier_path = reward.string("path");
-  e.target_class = reward.integer("class");
+  e.by_condition = reward.has("class") && reward.value("class").is_string();
+  if (e.by_condition && reward.string("class") != "condition") {
+    reward.fail("class", "must be a class number or \"condition\" (each sample's own class, from its condition columns)");
+  }
+  e.target_class = e.by_condition ? 0 : reward.integer("class");
   if (e.target_class < 0 || e.target_class >= e.data.classes) {
     reward.fail("class", "must be in 0.." + std::to_string(e.data.classes - 1) + " (the data set's classes)");
   }
@@ -130,68 +150,101 @@ ImageEvaluation read_image_evaluation(ConfigSection& root) {
 
 namespace {
 
-Json metrics_json(const ClassSampleMetrics& m) {
-  return Json{{"n", m.n},           {"mean_reward", m.mean_reward}, {"mean_reward_se", m.reward_se},
-              {"class_share", m.class_share}, {"in_class", m.in_class}, {"diversity", m.diversity},
-              {"frechet", m.frechet}};
-}
-
-Tensor read_images(const std::string& file, const std::string& what, int64_t dim) {
-  const Tensor x = read_samples_csv(file);
-  if (x.size(1) != dim) {
-    throw Error(what + " '" + file + "' has dimension " + std::to_string(x.size(1)) + ", the images have " +
+ImageSamples read_images(const std::string& file, const std::string& what, int64_t dim) {
+  ImageSamples s{file, what, Tensor(), Tensor()};
+  s.x = read_samples_csv(file, &s.conditions);
+  if (s.x.size(1) != dim) {
+    throw Error(what + " '" + file + "' has dimension " + std::to_string(s.x.size(1)) + ", the images have " +
                 std::to_string(dim) + " pixels");
   }
-  return x;
+  return s;
 }
 
+// The unseen classifier: one of the same images and classes as the data.
+std::shared_ptr<MlpClassifier> load_unseen(const std::string& path, const ImageDataset& data) {
+  if (path.empty()) return nullptr;
+  const LoadedClassifier loaded = load_classifier(path);
+  const ClassifierOptions& o = loaded.classifier->options();
+  if (o.dim != data.dim() || o.classes != data.classes) {
+    throw Error("--unseen classifier file '" + path + "' takes " + std::to_string(o.dim) + " pixels and " +
+                std::to_string(o.classes) + " classes; the data has " + std::to_string(data.dim()) + " and " +
+                std::to_string(data.classes));
+  }
+  return loaded.classifier;
+}
+
+
 std::string metrics_row(const std::string& name, const Json& s) {
-  char line[256];
-  std::snprintf(line, sizeof line, "%-44s %6lld %8.3f±%-7.3f %8.1f%% %10.3f %9.3f\n", name.c_str(),
-                static_cast<long long>(s["n"].get<int64_t>()), s["mean_reward"].get<double>(),
-                s["mean_reward_se"].get<double>(), 100.0 * s["class_share"].get<double>(), s["diversity"].get<double>(),
-                s["frechet"].get<double>());
-  return line;
+  char line[320];
+  int n = std::snprintf(line, sizeof line, "%-44s %6lld %8.3f±%-7.3f %8.1f%% %10.3f %9.3f", name.c_str(),
+                        static_cast<long long>(s["n"].get<int64_t>()), s["mean_reward"].get<double>(),
+                        s["mean_reward_se"].get<double>(), 100.0 * s["class_share"].get<double>(),
+                        s["diversity"].get<double>(), s["frechet"].get<double>());
+  if (s.contains("unseen") && n > 0 && n < static_cast<int>(sizeof line)) {
+    std::snprintf(line + n, sizeof line - n, " %8.1f%% %12.3f", 100.0 * s["unseen"]["class_share"].get<double>(),
+                  s["unseen"]["mean_reward"].get<double>());
+  }
+  return std::string(line) + "\n";
 }
 
 }  // namespace
 
 Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string>& sample_files,
-                     const std::string& base_samples_file) {
+                     const std::string& base_samples_file, const std::string& unseen_classifier) {
   if (sample_files.empty()) throw Error("give at least one --samples FILE");
   const LoadedClassifier loaded = load_classifier(setup.classifier_path);
+  const std::shared_ptr<MlpClassifier> unseen = load_unseen(unseen_classifier, setup.data);
+  std::optional<ImageSamples> base;
+  if (!base_samples_file.empty()) base = read_images(base_samples_file, "--base file", setup.data.dim());
+  std::vector<ImageSamples> files;
+  bool by_condition = setup.by_condition;
+  for (const std::string& file : sample_files) {
+    files.push_back(read_images(file, "samples file", setup.data.dim()));
+    by_condition = by_condition || files.back().conditions.defined();
+  }
+  if (by_condition) {
+    Json out = evaluate_images_by_condition(setup.data, files, base ? &*base : nullptr, setup.lambda, *loaded.classifier,
+                                            unseen.get());
+    out["classifier"] = setup.classifier_path;
+    if (unseen) out["unseen_classifier"] = unseen_classifier;
+    return out;
+  }
   const Tensor real = select_class(setup.data, setup.target_class).images;
   Json out;
   out["class"] = setup.target_class;
   out["classifier"] = setup.classifier_path;
+  if (unseen) out["unseen_classifier"] = unseen_classifier;
   out["real"] = metrics_json(class_sample_metrics(real, *loaded.classifier, setup.target_class, real));
-  if (!base_samples_file.empty()) {
-    const Tensor xb = read_images(base_samples_file, "--base file", setup.data.dim());
-    out["target"] = metrics_json(tilted_target_metrics(xb, *loaded.classifier, setup.target_class, setup.lambda, real));
+  if (base) {
+    out["target"] = metrics_json(tilted_target_metrics(base->x, *loaded.classifier, setup.target_class, setup.lambda, real));
     out["target"]["lambda"] = setup.lambda;
     out["target"]["from"] = base_samples_file;
   }
-  for (const std::string& file : sample_files) {
-    const Tensor x = read_images(file, "samples file", setup.data.dim());
-    out["samples"][file] = metrics_json(class_sample_metrics(x, *loaded.classifier, setup.target_class, real));
+  for (const ImageSamples& file : files) {
+    Json& row = out["samples"][file.path] = metrics_json(class_sample_metrics(file.x, *loaded.classifier, setup.target_class, real));
+    if (unseen) row["unseen"] = unseen_json(class_sample_metrics(file.x, *unseen, setup.target_class, real));
   }
   return out;
 }
 
 std::string image_evaluation_text(const Json& out, const std::vector<std::string>& sample_files) {
-  char head[512];
+  if (out.value("by_condition", false)) return image_evaluation_by_condition_text(out, sample_files);
+  const bool unseen = out.contains("unseen_classifier");
+  char head[1024];
   std::snprintf(head, sizeof head,
-                "target class %lld (classifier %s); real images of the class: n = %lld, diversity %.3f\n"
-                "%-44s %6s %16s %9s %10s %9s\n",
+                "target class %lld (classifier %s%s%s); real images of the class: n = %lld, diversity %.3f\n"
+                "%-44s %6s %16s %9s %10s %9s%s\n",
                 static_cast<long long>(out["class"].get<int64_t>()), out["classifier"].get<std::string>().c_str(),
+                unseen ? "; unseen classifier " : "", unseen ? out["unseen_classifier"].get<std::string>().c_str() : "",
                 static_cast<long long>(out["real"]["n"].get<int64_t>()), out["real"]["diversity"].get<double>(),
-                "samples", "n", "log p(c|x)", "class %", "diversity", "Frechet");
+                "samples", "n", "log p(c|x)", "class %", "diversity", "Frechet", unseen ? "  unseen %  unseen log p" : "");
   std::string text = head;
   for (const std::string& file : sample_files) text += metrics_row(file, out["samples"][file]);
   if (out.contains("target")) text += metrics_row("target p* (reweighted base samples)", out["target"]);
   text += std::string("(class %: samples the classifier assigns to the class; diversity: mean pairwise distance among "
                       "those; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer") +
           (out.contains("target") ? "; target p*: base samples weighted by p(c | x)^lambda, n = effective sample size" : "") +
+          (unseen ? "; unseen: the class share and log p(c|x) under the second classifier, never used in training" : "") +
           ")\n";
   return text;
 }

@@ -358,7 +358,50 @@ namespace {
 struct Panel {
   std::string path, title;
   Tensor x;
+  Tensor conditions;  ///< [n, dc] float64, or undefined
 };
+
+// --by-condition K: each panel's images as one row per condition, the conditions in the order they first
+// appear over all panels (so that the rows of every panel are the same conditions), the first K samples
+// of each; a condition with fewer than K in a panel is padded with blank images (lo, drawn white).
+std::vector<std::vector<float>> by_condition(const std::vector<Panel>& inputs, int k, float blank) {
+  std::map<std::vector<double>, int64_t> order;  // condition -> its row
+  for (const Panel& in : inputs) {
+    if (!in.conditions.defined()) {
+      throw Error("--by-condition: '" + in.path + "' has no condition columns (c0, c1, ...): give samples of a "
+                  "conditional model (tilt sample -m MODEL)");
+    }
+  }
+  std::vector<std::vector<std::vector<int64_t>>> rows(inputs.size());  // per panel, per row: the samples drawn
+  for (size_t p = 0; p < inputs.size(); ++p) {
+    const Tensor c = inputs[p].conditions.to(at::kDouble).contiguous();
+    const double* v = c.data_ptr<double>();
+    for (int64_t i = 0; i < c.size(0); ++i) {
+      const std::vector<double> key(v + i * c.size(1), v + (i + 1) * c.size(1));
+      const int64_t row = order.emplace(key, static_cast<int64_t>(order.size())).first->second;
+      if (static_cast<int64_t>(rows[p].size()) <= row) rows[p].resize(row + 1);
+      if (static_cast<int64_t>(rows[p][row].size()) < k) rows[p][row].push_back(i);
+    }
+  }
+  if (static_cast<double>(order.size()) * k > 100000) {
+    throw Error("--by-condition: " + std::to_string(order.size()) + " conditions x " + std::to_string(k) +
+                " images is too many to draw (at most 100000)");
+  }
+  std::vector<std::vector<float>> pixels;
+  for (size_t p = 0; p < inputs.size(); ++p) {
+    const Tensor x = inputs[p].x.to(at::kFloat).contiguous();
+    const int64_t d = x.size(1);
+    std::vector<float> out(order.size() * k * d, blank);
+    for (size_t row = 0; row < rows[p].size(); ++row) {
+      for (size_t j = 0; j < rows[p][row].size(); ++j) {
+        const float* src = x.data_ptr<float>() + rows[p][row][j] * d;
+        std::copy(src, src + d, out.begin() + static_cast<int64_t>(row * k + j) * d);
+      }
+    }
+    pixels.push_back(std::move(out));
+  }
+  return pixels;
+}
 
 // Each sample as an image of h x w pixels, one grid per file.
 void plot_images(const PlotOptions& o, const std::vector<Panel>& inputs) {
@@ -367,22 +410,31 @@ void plot_images(const PlotOptions& o, const std::vector<Panel>& inputs) {
   if (std::sscanf(o.images.c_str(), "%dx%d%c", &h, &w, &extra) != 2 || h < 1 || w < 1) {
     throw Error("--images must be HxW, e.g. 8x8; got '" + o.images + "'");
   }
-  std::vector<plot::ImagePanel> grids;
   for (const Panel& in : inputs) {
-    const Tensor x = in.x.to(at::kFloat).contiguous();
-    if (x.size(1) != static_cast<int64_t>(h) * w) {
-      throw Error("'" + in.path + "' has dimension " + std::to_string(x.size(1)) + ", not " + o.images + " = " +
+    if (in.x.size(1) != static_cast<int64_t>(h) * w) {
+      throw Error("'" + in.path + "' has dimension " + std::to_string(in.x.size(1)) + ", not " + o.images + " = " +
                   std::to_string(h * w) + " pixels");
     }
-    const float* p = x.data_ptr<float>();
-    grids.push_back({in.title, std::vector<float>(p, p + x.numel())});
   }
   plot::ImageGridOptions g;
+  std::vector<plot::ImagePanel> grids;
+  if (o.by_condition > 0) {
+    std::vector<std::vector<float>> pixels = by_condition(inputs, o.by_condition, g.lo);
+    for (size_t p = 0; p < inputs.size(); ++p) grids.push_back({inputs[p].title, std::move(pixels[p])});
+    g.columns = o.by_condition;
+    g.max_images = static_cast<int>(grids[0].pixels.size() / (static_cast<size_t>(h) * w));
+  } else {
+    for (const Panel& in : inputs) {
+      const Tensor x = in.x.to(at::kFloat).contiguous();
+      const float* p = x.data_ptr<float>();
+      grids.push_back({in.title, std::vector<float>(p, p + x.numel())});
+    }
+    g.max_images = o.max_images;
+  }
   g.height = h;
   g.width = w;
   g.title = o.title;
   g.panel_columns = o.columns;
-  g.max_images = o.max_images;
   plot::write_image_grid_png(o.out, grids, g);
 }
 
@@ -394,6 +446,8 @@ void plot_sample_files(const PlotOptions& o) {
   check_in_range("--size", o.size, 64, 4096);
   check_in_range("--columns", o.columns, 0, 1000);
   check_in_range("--max-images", o.max_images, 1, 100000);
+  check_in_range("--by-condition", o.by_condition, 0, 1000);
+  if (o.by_condition > 0 && o.images.empty()) throw Error("--by-condition lays out images: give --images HxW too");
   for (const std::string& spec : o.panels) {
     refuse_output_over_input("--out", o.out, {{"the samples file", spec.substr(0, spec.find(':'))}});
   }
@@ -401,7 +455,9 @@ void plot_sample_files(const PlotOptions& o) {
   for (const std::string& spec : o.panels) {
     const auto colon = spec.find(':');
     const std::string path = spec.substr(0, colon);
-    inputs.push_back({path, colon == std::string::npos ? path : spec.substr(colon + 1), read_samples_csv(path)});
+    Panel in{path, colon == std::string::npos ? path : spec.substr(colon + 1), Tensor(), Tensor()};
+    in.x = read_samples_csv(path, o.by_condition > 0 ? &in.conditions : nullptr);
+    inputs.push_back(std::move(in));
   }
   if (!o.images.empty()) return plot_images(o, inputs);
   std::vector<plot::Panel> panels;

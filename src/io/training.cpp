@@ -129,6 +129,12 @@ ClassifierPlan read_classifier(ConfigSection& root) {
   p.classifier.dim = p.data.dim();
   p.classifier.classes = p.data.classes;
   p.classifier.hidden = read_widths(section, "hidden", p.classifier.hidden);
+  if (section.has("activation")) {
+    p.classifier.activation = section.string("activation");
+    if (p.classifier.activation != "silu" && p.classifier.activation != "relu" && p.classifier.activation != "tanh") {
+      section.fail("activation", "must be \"silu\", \"relu\" or \"tanh\", got \"" + p.classifier.activation + "\"");
+    }
+  }
   p.training.batch_size = read_integer_in(section, "batch_size", p.training.batch_size, 1, limits::kBatch);
   p.training.input_noise = read_number_in(section, "input_noise", p.training.input_noise, 0, limits::kMagnitude);
   p.trainer = read_trainer(section, cosine_defaults(3000));

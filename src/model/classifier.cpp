@@ -29,6 +29,10 @@ MlpClassifier::MlpClassifier(const ClassifierOptions& options, uint64_t seed)
   for (int64_t w : options_.hidden) {
     if (w < 1) throw Error("classifier: hidden widths must be >= 1, got " + std::to_string(w));
   }
+  const std::string& act = options_.activation;
+  if (act != "silu" && act != "relu" && act != "tanh") {
+    throw Error("classifier: activation must be \"silu\", \"relu\" or \"tanh\", got \"" + act + "\"");
+  }
   Generator gen = make_generator(seed);
   at::NoGradGuard no_grad;
   auto init = [&](torch::nn::Linear& layer, int64_t in) {
@@ -41,7 +45,10 @@ MlpClassifier::MlpClassifier(const ClassifierOptions& options, uint64_t seed)
     torch::nn::Linear layer(in, w);
     init(layer, in);
     impl_->body->push_back(layer);
-    impl_->body->push_back(torch::nn::SiLU());
+    // Parameter-free modules: the parameter names (body.<2i>.weight) are the same for every activation.
+    if (act == "relu") impl_->body->push_back(torch::nn::ReLU());
+    else if (act == "tanh") impl_->body->push_back(torch::nn::Tanh());
+    else impl_->body->push_back(torch::nn::SiLU());
     in = w;
   }
   impl_->head = torch::nn::Linear(in, options_.classes);

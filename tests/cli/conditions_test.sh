@@ -7,7 +7,8 @@
 #     problems, is scripts/conditions_study.sh);
 #  2. every fine-tuning method takes the conditions from the config, and the model file records them;
 #  3. what is refused, naming the flag, key or file;
-#  4. conditional pretraining with condition dropout (the mixture and the digits), guidance on its model.
+#  4. conditional pretraining with condition dropout (the mixture and the digits), guidance on its model;
+#     tilt eval-images of the class-conditional digits, per class.
 # Usage: conditions_test.sh path/to/tilt path/to/configs   (~3-4 min on 2 cores)
 set -uo pipefail
 source "$(dirname "$(realpath "$0")")/lib.sh"
@@ -182,10 +183,61 @@ if "$tilt" classifier -c digits_ft.toml -o cls -q > /dev/null 2> cls.err &&
 else
   fail "conditional classifier reward: $(head -c 400 cls.err)"
 fi
+# tilt eval-images by condition: a row per class, the summary over classes, the target per class, an unseen
+# classifier of another width, depth, activation and seed; a fixed class with condition columns is by condition too.
+"$tilt" classifier -c digits_ft.toml -o cls2 -q --set seed=5 --set 'classifier.hidden=[12, 8]' \
+  --set classifier.activation=\"relu\" > /dev/null 2>> cls.err
+if "$tilt" sample -m dft/model.pt --steps 4 -n 3 -o dall.csv > /dev/null 2>&1 &&
+   "$tilt" eval-images -c digits_ft.toml -s dall.csv --base dall.csv --unseen cls2/classifier.pt --json > dall.json 2> dall.err &&
+   "$tilt" eval-images -c digits_ft.toml -s dall.csv --unseen cls2/classifier.pt > dall.txt 2>> dall.err &&
+   [ "$(grep -c '^ *[0-9] *3 ' dall.txt)" -eq 10 ] &&
+   "$tilt" eval-images -c digits_ft.toml --set reward.class=3 -s dall.csv --json > dall3.json 2>> dall.err &&
+   python3 - dall.json dall3.json <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+s = r["samples"]["dall.csv"]
+rows = s["classes"]
+assert r["by_condition"] and [row["class"] for row in rows] == list(range(10)), s
+assert all(row["n"] == 3 and 0 <= row["class_share"] <= 1 and row["frechet"] >= 0 and "unseen" in row for row in rows), s
+m = s["summary"]
+assert m["classes"] == 10 and m["n"] == 30 and abs(m["class_share"] - sum(row["class_share"] for row in rows) / 10) < 1e-12, m
+assert abs(m["frechet"] - sum(row["frechet"] for row in rows) / 10) < 1e-9, m
+assert m["worst_class_share"] == min(row["class_share"] for row in rows) and "unseen" in m, m
+assert len(r["real"]["classes"]) == 10 and len(r["target"]["classes"]) == 10 and r["unseen_classifier"] == "cls2/classifier.pt"
+assert json.load(open(sys.argv[2]))["samples"]["dall.csv"]["summary"]["classes"] == 10
+PY
+then
+  pass "eval-images by condition: a row per class, the summary, the target and the unseen classifier"
+else
+  fail "eval-images by condition: $(head -c 600 dall.err)"
+fi
+if "$tilt" plot --images 8x8 --by-condition 3 dall.csv:ft dpre.csv:pre -o dgrid.png > /dev/null 2>&1 && [ -s dgrid.png ]; then
+  pass "plot --images --by-condition: one row per class"
+else
+  fail "plot --by-condition"
+fi
+cut -d, -f1-64 dall.csv > dplain.csv
+awk -F, -v OFS=, 'NR == 3 { $65 = 0.5 } { print }' dall.csv > dhalf.csv
+cut -d, -f1-66 dall.csv > dtwo.csv
+"$tilt" sample -m dft/model.pt --steps 4 -n 1 -o done.csv > /dev/null 2>&1
+expect_error "eval-images: class = \"condition\" needs condition columns" "'dplain.csv' has no condition columns" \
+  "$tilt" eval-images -c digits_ft.toml -s dall.csv dplain.csv
+expect_error "eval-images: a condition that is no class's one-hot row" "'dhalf.csv': the condition of sample 2 is not the one-hot" \
+  "$tilt" eval-images -c digits_ft.toml -s dhalf.csv
+expect_error "eval-images: conditions of the wrong size" "'dtwo.csv' has conditions of 2 numbers" \
+  "$tilt" eval-images -c digits_ft.toml -s dtwo.csv
+expect_error "eval-images: one sample of a class" "'done.csv' has 1 sample of class 0" \
+  "$tilt" eval-images -c digits_ft.toml -s done.csv
+expect_error "eval-images: a missing unseen classifier" "nope.pt" \
+  "$tilt" eval-images -c digits_ft.toml -s dall.csv --unseen nope.pt
+expect_error "classifier: an activation it does not know" "classifier.activation" \
+  "$tilt" classifier -c digits_ft.toml -o bad11 -q --set classifier.activation=\"gelu\"
+expect_error "plot --by-condition of a file without condition columns" "'dplain.csv' has no condition columns" \
+  "$tilt" plot --images 8x8 --by-condition 3 dall.csv dplain.csv -o dbad.png
 expect_error "class = a word other than condition" "reward.class" \
   "$tilt" finetune -c digits_ft.toml -o bad10 -q --set reward.class=\"all\"
 expect_error "digits with classes that are not theirs" "conditions.classes" \
   "$tilt" pretrain -c digits.toml -o bad9 -q --set conditions.classes=5
-expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9 bad10
+expect_absent "pretraining refusals write nothing" bad6 bad7 bad8 bad9 bad10 bad11
 
 finish

@@ -29,6 +29,7 @@
 #include <cmath>
 #include <filesystem>
 #include <limits>
+#include <map>
 #include <string>
 
 namespace tilt {
@@ -354,6 +355,55 @@ TEST(ClassifierFiles, BadValuesAreRefusedNamingTheFile) {
   archive::TensorMap huge = deep_copy(t);
   for (auto& [name, value] : huge) value.fill_(1e38);
   expect_refused(classifier_meta(o), huge, "produces non-finite logits");
+}
+
+// [classifier] activation: another architecture with the same parameter names. A SiLU classifier is still
+// written as version 1 (what an older tilt reads); any other activation as version 2, which records it, so that
+// an older tilt refuses the file instead of running it with SiLU.
+TEST(ClassifierFiles, TheActivationRoundTripsAndChangesTheNetwork) {
+  TempDir dir;
+  ClassifierOptions o;
+  o.dim = 4;
+  o.hidden = {6, 5};
+  o.classes = 3;
+  const Tensor x = at::randn({7, 4}, make_generator(3));
+  const MlpClassifier silu(o, 2);
+  std::map<std::string, Tensor> logits;
+  for (const std::string act : {"silu", "relu", "tanh"}) {
+    o.activation = act;
+    MlpClassifier c(o, 2);  // the same seed: the same weights
+    const std::string path = dir.file(act + ".pt");
+    save_classifier(c, path);
+    const archive::Contents contents = archive::read(path, "classifier file", "tilt-classifier", 2, 1);
+    EXPECT_EQ(contents.meta["version"], act == "silu" ? 1 : 2) << act;
+    EXPECT_EQ(contents.meta.contains("activation"), act != "silu") << act;
+    const LoadedClassifier loaded = load_classifier(path);
+    EXPECT_EQ(loaded.classifier->options().activation, act);
+    EXPECT_TRUE(at::equal(loaded.classifier->logits(x), c.logits(x))) << act;
+    logits[act] = c.logits(x);
+  }
+  EXPECT_TRUE(at::equal(logits["silu"], silu.logits(x)));
+  EXPECT_FALSE(at::allclose(logits["relu"], logits["silu"], 1e-3, 1e-3));
+  EXPECT_FALSE(at::allclose(logits["tanh"], logits["silu"], 1e-3, 1e-3));
+  o.activation = "gelu";
+  expect_contains(error_of([&] { MlpClassifier bad(o, 0); }), "activation must be");
+  // A version 2 file with an activation this tilt does not know, or none, is refused naming the file.
+  o.activation = "relu";
+  MlpClassifier relu(o, 2);
+  archive::TensorMap t;
+  for (const auto& [name, value] : relu.named_parameters()) t[name] = value.detach().clone();
+  Json meta = classifier_meta(o);
+  meta["version"] = 2;
+  meta["activation"] = "gelu";
+  const std::string path = dir.file("bad.pt");
+  archive::write(path, meta, t);
+  expect_contains(error_of([&] { load_classifier(path); }), "classifier file '" + path + "': unknown activation \"gelu\"");
+  meta.erase("activation");
+  archive::write(path, meta, t);
+  expect_contains(error_of([&] { load_classifier(path); }), "classifier file '" + path + "'");
+  meta["version"] = 3;
+  archive::write(path, meta, t);
+  expect_contains(error_of([&] { load_classifier(path); }), "this tilt reads versions 1 to 2");
 }
 
 // ---------------------------------------------------------------------------------------------

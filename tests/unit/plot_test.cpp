@@ -2,6 +2,10 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/plot.h"
+#include "tilt/io/sample_sets.h"
+#include "tilt/io/samples.h"
+
+#include <ATen/ATen.h>
 
 #include <gtest/gtest.h>
 #include <unistd.h>
@@ -213,6 +217,53 @@ TEST(Plot, WritingOverAnExistingFileReplacesIt) {
   EXPECT_EQ(im.width, 640);
   EXPECT_EQ(im.height, 400);
   EXPECT_EQ(dir.entries(), 1u);  // no temporary file left behind
+}
+
+// tilt plot --images --by-condition K: one row per condition in the order the conditions first appear over
+// all files, the first K samples of each, blank (white) where a file has fewer: the rows of every panel
+// are the same conditions.
+TEST(Plot, ImagesByConditionLayOutOneRowPerCondition) {
+  TempDir dir;
+  // 2 x 2 images: condition A = (1, 0) all ink (+1, black), B = (0, 1) half ink (0, grey).
+  const Tensor a = at::tensor({1.0, 0.0}, at::kDouble), b = at::tensor({0.0, 1.0}, at::kDouble);
+  const auto file = [&](const std::string& name, const std::vector<Tensor>& conditions) {
+    std::vector<Tensor> x;
+    for (const Tensor& c : conditions) x.push_back(at::full({4}, c[0].item<double>() > 0 ? 1.0f : 0.0f));
+    write_samples_csv(dir.file(name), at::stack(x), at::stack(conditions));
+    return dir.file(name);
+  };
+  PlotOptions o;
+  o.panels = {file("ab.csv", {a, b, a, a, a, b, a}) + ":ab", file("b.csv", {b, b, b, b}) + ":b"};
+  o.out = dir.file("grid.png");
+  o.images = "2x2";
+  o.by_condition = 3;
+  plot_sample_files(o);
+  const Image im = load(o.out);
+  ASSERT_NE(im.data.get(), nullptr);
+  // Each panel: 3 images of 2 x 2 pixels at scale 4 with 1-pixel gaps (28 wide), margins of 16; 2 rows (19 high)
+  // under a title band of 36 and above a margin of 16.
+  EXPECT_EQ(im.width, 2 * (3 * 9 + 1 + 32));
+  EXPECT_EQ(im.height, 2 * 9 + 1 + 36 + 16);
+  const auto centre = [&](int panel, int row, int column) {
+    return im.brightness(panel * 60 + 16 + 1 + column * 9 + 4, 36 + 1 + row * 9 + 4) / 3;
+  };
+  for (int column = 0; column < 3; ++column) {
+    EXPECT_EQ(centre(0, 0, column), 0) << column;                      // A: its first three
+    EXPECT_EQ(centre(0, 1, column), column < 2 ? 128 : 255) << column;  // B: two, then a blank
+    EXPECT_EQ(centre(1, 0, column), 255) << column;                    // no A in the second file
+    EXPECT_EQ(centre(1, 1, column), 128) << column;
+  }
+  o.panels.push_back(dir.file("plain.csv"));
+  write_samples_csv(o.panels.back(), at::zeros({2, 4}));
+  try {
+    plot_sample_files(o);
+    ADD_FAILURE() << "a file without condition columns did not throw";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("'" + o.panels.back() + "' has no condition columns"), std::string::npos) << e.what();
+  }
+  o.panels.pop_back();
+  o.images.clear();
+  EXPECT_THROW(plot_sample_files(o), Error);  // --by-condition without --images
 }
 
 }  // namespace

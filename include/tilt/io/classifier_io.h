@@ -24,10 +24,13 @@ LoadedClassifier load_classifier(const std::string& path);
 
 /// What `tilt eval-images` measures generated images against: the real images of the target class of
 /// a classifier reward ([data] type "digits"; [reward] type "classifier": path, class, lambda).
+/// class = "condition" (by_condition): each sample is scored at its own class, the one-hot condition of
+/// its row (the columns c0, c1, ... of a conditional model's samples; docs/conditions.md).
 struct ImageEvaluation {
   ImageDataset data;
   std::string classifier_path;
-  int64_t target_class = 0;
+  int64_t target_class = 0;   ///< unused when by_condition
+  bool by_condition = false;  ///< class = "condition"
   double lambda = 1.0;
 };
 /// [data] and [reward], each finished.
@@ -36,10 +39,21 @@ ImageEvaluation read_image_evaluation(ConfigSection& root);
 /// The metrics of the real images of the class ("real"), of each samples file ("samples": {file: ...}),
 /// and, given samples of the base model, of the tilted target p* by reweighting them ("target"); the
 /// keys of each are those of ClassSampleMetrics (n, mean_reward, mean_reward_se, class_share, in_class,
-/// diversity, frechet). Throws tilt::Error naming a file whose samples are not images of the data set.
+/// diversity, frechet). With `unseen_classifier` (a second classifier file, never used in training),
+/// each samples file also gets "unseen": {class_share, mean_reward, mean_reward_se} under it.
+///
+/// By condition (setup.by_condition, or samples files with condition columns; then every file needs
+/// them, each row the one-hot row of one of the data's classes), the rows of a file are grouped by their
+/// class and "real", each file and "target" (base samples with condition columns) are
+/// {"classes": [one object per class present: class, the metrics, unseen], "summary": {classes, n, the
+/// mean over the classes of mean_reward, class_share, diversity, frechet (and of the unseen ones),
+/// worst_class_share, worst_class}}; the result has "by_condition": true.
+/// Throws tilt::Error naming a file whose samples are not images of the data set, or whose conditions
+/// are missing or not one-hot rows of its classes.
 Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string>& sample_files,
-                     const std::string& base_samples_file = "");
-/// evaluate_images's result as a table, one row per samples file (in the order given).
+                     const std::string& base_samples_file = "", const std::string& unseen_classifier = "");
+/// evaluate_images's result as a table, one row per samples file (in the order given); by condition,
+/// a summary row per file (the means over classes) and then a table per file, one row per class.
 std::string image_evaluation_text(const Json& result, const std::vector<std::string>& sample_files);
 
 }  // namespace tilt

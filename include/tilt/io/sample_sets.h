@@ -76,6 +76,10 @@ struct PlotOptions {
   int size = 300;    ///< panel size in pixels
   std::string images;  ///< "HxW": draw each sample as an image of H x W pixels instead of a point
   int max_images = 100;
+  /// K > 0 (with images): one row per condition (the columns c0, c1, ... of a conditional model's samples),
+  /// the conditions in the order they first appear over all files, the first K samples of each, blank
+  /// where a file has fewer; max_images is then unused. 0: the samples in file order.
+  int by_condition = 0;
 };
 /// Draws the samples files side by side (first two coordinates, or images) to options.out.
 void plot_sample_files(const PlotOptions& options);

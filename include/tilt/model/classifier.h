@@ -1,4 +1,4 @@
-// An image classifier p(c | x) (a multilayer perceptron with SiLU activations), and the reward
+// An image classifier p(c | x) (a multilayer perceptron, SiLU activations by default), and the reward
 // built from it: r(x) = log p(c | x) for a chosen class c. With lambda = 1 the tilted target
 // p_base(x) p(c | x)^lambda / Z is then the base model's class-conditional law p_base(x | c): reward
 // fine-tuning as conditional sampling (issue 4; Adjoint Matching, Sec. 6 uses classifier-free
@@ -9,14 +9,18 @@
 #include "tilt/model/velocity.h"
 
 #include <memory>
+#include <string>
 #include <vector>
 
 namespace tilt {
 
 struct ClassifierOptions {
   int64_t dim = 64;                       ///< input dimension
-  std::vector<int64_t> hidden{256, 256};  ///< hidden widths (SiLU between)
+  std::vector<int64_t> hidden{256, 256};  ///< hidden widths
   int64_t classes = 10;
+  /// After each hidden layer: "silu", "relu" or "tanh" (another architecture, e.g. for an unseen
+  /// reward that scores samples without having shaped them).
+  std::string activation = "silu";
 };
 
 class MlpClassifier {

@@ -2,7 +2,7 @@
 # Classifier-free guidance DURING fine-tuning on the class-conditional digits (docs/conditions.md, "Guidance
 # during fine-tuning"): the three modes of the Adjoint Matching authors' Stable Diffusion code.
 #   1. the lean adjoint's norm along guided trajectories of the base, through the unguided and the guided base,
-#      at w = 0, 1, 4, 8 (tilt_guidance_study): does guidance in the adjoint blow it up, as reported there?
+#      at w = 0, 1, 4, 8, 16 (tilt_guidance_study): does guidance in the adjoint blow it up, as reported there?
 #   2. Adjoint Matching over all ten classes in each mode: no guidance (w = 0, the AM paper's), guided
 #      trajectories only (w = W, the SD code's default), full guidance (trajectories, adjoint and control);
 #      each model sampled with the ODE at w = 0 and w = W and scored by tilt eval-images; the adjoint's norm
@@ -30,10 +30,11 @@ start=$(date +%s)
 [ -f "$OUT/base/model.pt" ] || $tilt pretrain -c $config --set "threads=$THREADS" -o "$OUT/base" -q
 [ -f "$OUT/classifier/classifier.pt" ] || $tilt classifier -c $config --set "threads=$THREADS" -o "$OUT/classifier" -q
 
+mkdir -p "$OUT/guidance_samples"
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 mkdir -p docs/images
-$study -c $config "${common[@]}" --threads "$THREADS" --w 0,1,4,8 --png docs/images/guidance_adjoint_norm.png > "$tmp/init.md"
+$study -c $config "${common[@]}" --threads "$THREADS" --w 0,1,4,8,16 --png docs/images/guidance_adjoint_norm.png > "$tmp/init.md"
 
 # name | [finetune.adjoint_matching] settings
 modes=(
@@ -54,15 +55,17 @@ for spec in "${modes[@]}"; do
     echo "$name: $(( $(date +%s) - t0 )) s" >> "$OUT/guidance_times.txt"
   fi
   for w in 0 "$W"; do
-    $tilt sample -m "$run/model.pt" --noise ode -n "$N" --guidance "$w" --threads "$THREADS" -o "$run/samples_w$w.csv"
-    samples+=(--samples "$run/samples_w$w.csv")
+    f="$OUT/guidance_samples/${name}_w$w.csv"
+    [ -f "$f" ] || $tilt sample -m "$run/model.pt" --noise ode -n "$N" --guidance "$w" --threads "$THREADS" -o "$f"
+    samples+=(--samples "$f")
   done
   $study -c $config "${common[@]}" --threads "$THREADS" --model "$run/model.pt" --w "$W" | tail -n +3 |
     sed "s/^|/| $name |/" >> "$tmp/trained.md"
 done
 for w in 0 "$W"; do
-  $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --guidance "$w" --threads "$THREADS" -o "$OUT/base/guidance_w$w.csv"
-  samples+=(--samples "$OUT/base/guidance_w$w.csv")
+  f="$OUT/guidance_samples/base_w$w.csv"
+  [ -f "$f" ] || $tilt sample -m "$OUT/base/model.pt" --noise ode -n "$N" --guidance "$w" --threads "$THREADS" -o "$f"
+  samples+=(--samples "$f")
 done
 $tilt eval-images -c $config "${common[@]}" "${samples[@]}" > "$tmp/eval.txt"
 minutes=$(( ($(date +%s) - start + 59) / 60 ))

@@ -183,6 +183,24 @@ if "$tilt" classifier -c digits_ft.toml -o cls -q > /dev/null 2> cls.err &&
 else
   fail "conditional classifier reward: $(head -c 400 cls.err)"
 fi
+# tilt_guidance_study (built with the benchmarks): the lean adjoint's norm along guided trajectories of the
+# digits model, a row per w and adjoint (the unguided one only at w = 0), and its JSON.
+study="$(dirname "$tilt")/../bench/tilt_guidance_study"
+if [ -x "$study" ]; then
+  if "$study" -c digits_ft.toml --w 0,2 --batch 4 --steps 6 --threads 1 --json gstudy.json > gstudy.md 2> gstudy.err &&
+     [ "$(grep -c '^| [02] |' gstudy.md)" -eq 3 ] &&
+     python3 -c "import json; r = json.load(open('gstudy.json'))['runs']; assert len(r) == 3 and all(len(x['norm']) == 7 for x in r)"; then
+    pass "tilt_guidance_study: the adjoint's norm per w, unguided and guided"
+  else
+    fail "tilt_guidance_study: $(head -c 400 gstudy.err)"
+  fi
+  out=$("$study" -c tiny.toml --w 1 --steps 4 --batch 2 2>&1); rc=$?
+  if [ $rc -eq 1 ] && grep -qF "null condition" <<<"$out"; then
+    pass "tilt_guidance_study refuses guidance on a base without a null condition"
+  else
+    fail "tilt_guidance_study on a base without a null condition (rc=$rc): ${out:0:300}"
+  fi
+fi
 # tilt eval-images by condition: a row per class, the summary over classes, the target per class, an unseen
 # classifier of another width, depth, activation and seed; a fixed class with condition columns is by condition too.
 "$tilt" classifier -c digits_ft.toml -o cls2 -q --set seed=5 --set 'classifier.hidden=[12, 8]' \

@@ -25,7 +25,9 @@
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 namespace tilt {
 namespace {
@@ -141,6 +143,43 @@ TEST(GuidanceModes, FullGuidanceWithAQuadraticRewardTiltsTheGuidedBase) {
   const Tensor expected = at::matmul(S, at::matmul(P, g.mu_w(c, w)) + at::matmul(A, m));
   expect_means(train_and_sample_means(g, reward, {"full", w, true, true}, c, w), expected,
                "full guidance, quadratic reward, sampled at w = 1.5");
+}
+
+// E103: with equal-covariance Gaussians the guided base's Jacobian is the unguided one, so the lean adjoint
+// through the guided base is the same; with a mixture base (whose conditional and null Jacobians differ) it is not.
+// A linear reward, whose gradient is the same at every point: with another reward the guided base's noiseless
+// last step would also move the point X^_1 where the gradient is taken.
+TEST(GuidanceModes, GuidedAdjointIsTheUnguidedOneOnlyForEqualCovarianceGaussians) {
+  const GuidedGaussian g;
+  const auto two = std::make_shared<GaussianMixture>(at::full({2}, 0.5, kDouble),
+                                                     at::tensor({-1.0, 0.0, 1.0, 0.5}, kDouble).reshape({2, 2}),
+                                                     at::stack({0.3 * at::eye(2, kDouble), g.Sigma}));
+  const auto mixture = std::make_shared<ConditionalGmmVelocity>(two, g.M, make_linear_schedule(), g.p0);
+  const RewardPtr reward = std::make_shared<LinearReward>(at::tensor({1.0, -1.0}, kDouble));
+  const auto noise = make_memoryless_noise(1.0 / 20);
+  const TimeGrid grid = TimeGrid::uniform(20);
+  std::vector<double> times = grid.times();
+  times.pop_back();
+  const Tensor c = at::tensor({1.0, -1.0, 0.5, 0.0}, kDouble).reshape({4, 1});
+  const double w = 3.0;
+  std::vector<double> gaps;
+  for (const VelocityFieldPtr base : {VelocityFieldPtr(g.base), VelocityFieldPtr(mixture)}) {
+    Generator gen = make_generator(2);
+    SampleOptions so;
+    so.record = true;
+    const Trajectory traj = simulate(GenerativeSDE(bind_condition(base, c, w), noise),
+                                     at::randn({4, 2}, gen, kDouble), TimeGrid(times), gen, so);
+    const LeanAdjoint plain = lean_adjoint(GenerativeSDE(bind_condition(base, c), noise), traj.x, grid, *reward, 1.0, true);
+    const LeanAdjoint guided =
+        lean_adjoint(GenerativeSDE(bind_condition(base, c, w), noise), traj.x, grid, *reward, 1.0, true);
+    double gap = 0;
+    for (size_t k = 0; k < plain.a.size(); ++k) {
+      gap = std::max(gap, ((guided.a[k] - plain.a[k]).norm() / plain.a.back().norm()).item<double>());
+    }
+    gaps.push_back(gap);
+  }
+  EXPECT_LT(gaps[0], 1e-9) << "equal-covariance Gaussians: the guided adjoint must be the unguided one";
+  EXPECT_GT(gaps[1], 0.05) << "a mixture base: guidance must change the adjoint";
 }
 
 TEST(GuidanceModes, RefusedWithoutConditionsANullOrAWeight) {

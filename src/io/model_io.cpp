@@ -66,13 +66,18 @@ VelocityFieldPtr load_gmm(const Json&, const ModelReader& in) {
   return std::make_shared<GmmVelocity>(mixture, in.schedule());
 }
 
-// A mixture whose means move with the condition (docs/equations.md, E98): p_0 and M.
+// A mixture whose means move with the condition (docs/equations.md, E98): p_0 and M, and the null condition's
+// mixture if it has one (tensors null.weights, null.means, null.covariances).
 Json save_conditional_gmm(const VelocityField& field, ModelWriter& out) {
   const auto& conditional = as<ConditionalGmmVelocity>(field);
-  if (conditional.has_null()) throw Error("cannot save a conditional mixture with a null-condition law (not supported yet)");
   save_gmm(GmmVelocity(std::make_shared<GaussianMixture>(conditional.mixture()), conditional.schedule()), out);
   out.put("shift", conditional.shift());
-  return Json::object();
+  if (!conditional.has_null()) return Json::object();
+  const GaussianMixture& null = conditional.null_mixture();
+  out.put("null.weights", null.weights());
+  out.put("null.means", null.means());
+  out.put("null.covariances", null.covariances());
+  return Json{{"null", true}};
 }
 
 VelocityFieldPtr load_conditional_gmm(const Json& meta, const ModelReader& in) {
@@ -82,8 +87,16 @@ VelocityFieldPtr load_conditional_gmm(const Json& meta, const ModelReader& in) {
     throw Error("model file '" + in.path() + "': tensor '" + in.full_name("shift") + "' must be [" +
                 std::to_string(plain->dim()) + ", dc], got " + shape_string(shift));
   }
+  std::shared_ptr<GaussianMixture> null;
+  if (meta.is_object() && meta.value("null", false)) {
+    null = std::make_shared<GaussianMixture>(in.take("null.weights"), in.take("null.means"), in.take("null.covariances"));
+    if (null->dim() != plain->dim()) {
+      throw Error("model file '" + in.path() + "': the null condition's mixture has dimension " +
+                  std::to_string(null->dim()) + ", the mixture " + std::to_string(plain->dim()));
+    }
+  }
   return std::make_shared<ConditionalGmmVelocity>(std::make_shared<GaussianMixture>(plain->mixture()), shift,
-                                                  in.schedule());
+                                                  in.schedule(), null);
 }
 
 Json save_mlp(const VelocityField& field, ModelWriter& out) {

@@ -166,13 +166,25 @@ VelocityFieldPtr read_base(ConfigSection& root) {
     }
     return loaded.field;
   }
+  // The exact base's null condition (for guidance): none, or the average of p_base(. | c) over the training
+  // conditions, what a network pretrained with condition dropout learns (docs/equations.md, E98, E100).
+  const std::string null = base.choice("null", {"none", "average"}, "none");
   base.finish();
   const SchedulePtr schedule = read_schedule(root.section("schedule", /*optional=*/true));
   Tensor shift;
   auto mixture = read_data_mixture(root, &shift);
   if (!mixture) throw Error("[base] type = \"exact\" needs [data] to be a Gaussian mixture (type gmm or ring)");
-  if (shift.defined()) return std::make_shared<ConditionalGmmVelocity>(mixture, shift, schedule);
-  return std::make_shared<GmmVelocity>(mixture, schedule);
+  if (!shift.defined()) {
+    if (null != "none") base.fail("null", "needs a conditional base ([data] shift): an unconditional one has no condition");
+    return std::make_shared<GmmVelocity>(mixture, schedule);
+  }
+  const auto field = std::make_shared<ConditionalGmmVelocity>(mixture, shift, schedule);
+  if (null == "none") return field;
+  if (!root.has("conditions")) base.fail("null", "= \"average\" needs [conditions] (the training conditions to average over)");
+  const ConditionSetPtr train = read_conditions(root.section("conditions"), shift.size(1)).train;
+  if (train->is_box()) base.fail("null", "= \"average\" needs a finite set of training conditions, not a uniform box");
+  return std::make_shared<ConditionalGmmVelocity>(mixture, shift, schedule,
+                                                  std::make_shared<GaussianMixture>(field->marginal(*train)));
 }
 
 ConditionSetPtr read_training_conditions(ConfigSection& root, const VelocityField& base) {

@@ -99,10 +99,18 @@ GaussianMixture moved_mixture(const GaussianMixture& p0, const Tensor& shift, co
 
 GaussianMixture ConditionalGmmVelocity::mixture_at(const Tensor& c) const { return moved_mixture(*mixture_, shift_, c); }
 
+const GaussianMixture& ConditionalGmmVelocity::null_mixture() const {
+  if (!null_) throw Error("conditional mixture: there is no null condition (no unconditional law was given)");
+  return *null_;
+}
+
 GaussianMixture ConditionalGmmVelocity::marginal(const ConditionSet& conditions) const {
   if (conditions.dim() != condition_dim()) {
     throw Error("conditional mixture: the conditions have size " + std::to_string(conditions.dim()) +
                 " but the mixture takes " + std::to_string(condition_dim()));
+  }
+  if (conditions.is_box()) {
+    throw Error("conditional mixture: the average over a box of conditions is not a finite mixture (give a finite set)");
   }
   const int64_t N = conditions.size(), K = mixture_->components(), d = dim();
   // Component (j, k): mean mu_k + M c_j, weight w_k / N.

@@ -139,6 +139,20 @@ if "$tilt" finetune -c from_pre.toml -o ft_pre -q > /dev/null 2> ft_pre.err &&
 else
   fail "fine-tune of a conditional pretrain: $(head -c 400 ft_pre.err)"
 fi
+# The exact conditional base with a null condition, the average over the training conditions ([base] null):
+# guidance in training and after it, through the model file; refused without [data] shift or for a box.
+if "$tilt" finetune -c tiny.toml -o ft_null -q --set 'base.null="average"' --set finetune.adjoint_matching.guidance=1 \
+     > /dev/null 2> ft_null.err &&
+   "$tilt" sample -m ft_null/model.pt --condition 1 --guidance 2 -n 5 -o ft_null.csv > /dev/null 2>> ft_null.err; then
+  pass "[base] null = \"average\": the exact base guides, in training and from its model file"
+else
+  fail "[base] null = average: $(head -c 400 ft_null.err)"
+fi
+expect_error "base.null on a box of conditions" "'base.null' = \"average\" needs a finite set" \
+  "$tilt" finetune -c box.toml -o bad_null -q --set 'base.null="average"'
+grep -v '^train = \|^\[conditions\]\|^shift = ' tiny.toml > plain_exact.toml
+expect_error "base.null of an unconditional base" "'base.null' needs a conditional base" \
+  "$tilt" finetune -c plain_exact.toml -o bad_null2 -q --set 'base.null="average"'
 # Guidance during fine-tuning (the three modes): full guidance trains from a base with a null condition;
 # the flags need a weight, and a base without a null condition is refused with the key's name.
 if "$tilt" finetune -c from_pre.toml -o ft_full -q --set finetune.adjoint_matching.guidance=2 \

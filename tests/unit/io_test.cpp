@@ -5,6 +5,8 @@
 #include "tilt/io/config.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/samples.h"
+#include "tilt/model/condition.h"
+#include "tilt/model/conditional_gmm.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 
@@ -136,6 +138,32 @@ TEST(ModelIo, RoundTripsEveryKind) {
     at::NoGradGuard g;
     EXPECT_TRUE(at::allclose(loaded.field->velocity(x, t), field->velocity(x, t), 1e-6, 1e-6)) << field->kind();
   }
+}
+
+// A conditional mixture with a null condition (the average over training conditions, E98) keeps it through a
+// model file, inside a fine-tuned model too, so that guidance works on what was saved; one without stays without.
+TEST(ModelIo, ConditionalMixtureKeepsItsNullCondition) {
+  TempDir dir;
+  const auto p0 = test::random_mixture(2, 2, 3);
+  const at::Tensor M = at::tensor({1.0, -0.5}, at::kDouble).reshape({2, 1});
+  const ConditionalGmmVelocity plain(p0, M, make_linear_schedule());
+  const ConditionSet train(at::tensor({-1.0, 0.0, 1.0}, at::kDouble).reshape({3, 1}));
+  const auto with_null = std::make_shared<ConditionalGmmVelocity>(
+      p0, M, make_linear_schedule(), std::make_shared<GaussianMixture>(plain.marginal(train)));
+  const auto ft = make_finetuned(with_null, FineTuneMode::residual, {8}, 4, 2);
+  Generator gen = make_generator(4);
+  const at::Tensor x = at::randn({6, 2}, gen), t = at::rand({6}, gen), c = at::full({1, 1}, 0.5);
+  save_velocity(*ft, dir.file("ft.pt"));
+  const VelocityFieldPtr back = load_velocity(dir.file("ft.pt")).field;
+  at::NoGradGuard g;
+  for (const double w : {0.0, 2.0}) {
+    EXPECT_TRUE(at::allclose(bind_condition(back, c, w)->velocity(x, t), bind_condition(ft, c, w)->velocity(x, t), 1e-6,
+                             1e-6)) << "guidance " << w;
+  }
+  save_velocity(plain, dir.file("plain.pt"));
+  expect_contains(error_of([&] { bind_condition(load_velocity(dir.file("plain.pt")).field, c, 1.0)->velocity(x, t); }),
+                  "no null condition");
+  EXPECT_THROW(plain.marginal(ConditionSet::uniform(at::full({1}, -1.0), at::full({1}, 1.0))), Error);
 }
 
 TEST(ModelIo, MissingCorruptAndForeignFilesAreErrors) {

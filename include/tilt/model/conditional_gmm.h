@@ -47,6 +47,8 @@ class ConditionalGmmVelocity : public VelocityField {
   const GaussianMixture& mixture() const { return *mixture_; }
   const Tensor& shift() const { return shift_; }  // M, float64
   bool has_null() const { return null_ != nullptr; }
+  /// The null condition's law (throws tilt::Error if there is none).
+  const GaussianMixture& null_mixture() const;
 
  private:
   std::shared_ptr<const GaussianMixture> mixture_, null_;

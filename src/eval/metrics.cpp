@@ -72,17 +72,57 @@ struct PairSums {
   double dist = 0;
   std::vector<double> kernel;
 };
-PairSums pair_sums(const Tensor& a, const Tensor& b, const std::vector<double>& bandwidths) {
+
+// How the kernels exp(-d^2 / (2 s^2)) are evaluated: when the bandwidths form a ladder s, s/2, s/4, ... (in any
+// order; median_bandwidths' four do), one exp for the widest and two squarings per rung down, since
+// exp(-d^2 / (2 (s/2)^2)) = exp(-d^2 / (2 s^2))^4; otherwise one exp each.
+struct KernelLadder {
+  std::vector<size_t> order;  // bandwidth indices, widest first
+  bool ladder = false;
+  explicit KernelLadder(const std::vector<double>& bw) : order(bw.size()) {
+    for (size_t k = 0; k < bw.size(); ++k) order[k] = k;
+    std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return bw[a] > bw[b]; });
+    ladder = bw.size() > 1;
+    for (size_t i = 1; i < order.size(); ++i) ladder = ladder && bw[order[i - 1]] == 2.0 * bw[order[i]];
+  }
+  // Adds weight * sum of each kernel over the distances squared d2 to sums.
+  void add(const Tensor& d2, const std::vector<double>& bw, double weight, std::vector<double>& sums) const {
+    if (!ladder) {
+      for (size_t k = 0; k < bw.size(); ++k) sums[k] += weight * at::exp(d2 / (-2.0 * bw[k] * bw[k])).sum().item<double>();
+      return;
+    }
+    Tensor u = at::exp(d2 / (-2.0 * bw[order[0]] * bw[order[0]]));
+    sums[order[0]] += weight * u.sum().item<double>();
+    for (size_t i = 1; i < order.size(); ++i) {
+      u = u * u;
+      u.mul_(u);
+      sums[order[i]] += weight * u.sum().item<double>();
+    }
+  }
+};
+
+// With b the same set as a (symmetric: the self terms), each block of rows meets only the columns from its own
+// first row on: the block on the diagonal once (it holds both orders of its pairs), the columns after it twice.
+PairSums pair_sums(const Tensor& a, const Tensor& b, const std::vector<double>& bandwidths, bool symmetric = false) {
   PairSums out;
   out.kernel.assign(bandwidths.size(), 0.0);
+  const KernelLadder kernels(bandwidths);
   const int64_t block = pair_block_rows(b.size(0));
+  const auto add = [&](const Tensor& rows, const Tensor& columns, double weight) {
+    if (columns.size(0) == 0) return;
+    const Tensor d = at::cdist(rows, columns);
+    out.dist += weight * d.sum().item<double>();
+    kernels.add(d.pow(2), bandwidths, weight, out.kernel);
+  };
   for (int64_t i = 0; i < a.size(0); i += block) {
-    const Tensor d = at::cdist(a.slice(0, i, std::min(i + block, a.size(0))), b);
-    out.dist += d.sum().item<double>();
-    const Tensor d2 = d.pow(2);
-    for (size_t k = 0; k < bandwidths.size(); ++k) {
-      out.kernel[k] += at::exp(d2 / (-2.0 * bandwidths[k] * bandwidths[k])).sum().item<double>();
+    const int64_t end = std::min(i + block, a.size(0));
+    const Tensor rows = a.slice(0, i, end);
+    if (!symmetric) {
+      add(rows, b, 1.0);
+      continue;
     }
+    add(rows, b.slice(0, i, end), 1.0);
+    add(rows, b.slice(0, end, b.size(0)), 2.0);
   }
   return out;
 }
@@ -94,7 +134,7 @@ SampleSelfTerms sample_self_terms(const Tensor& x_in, const std::vector<double>&
   check_bandwidths(bandwidths);
   at::NoGradGuard no_grad;
   const Tensor x = x_in.to(at::kDouble);
-  const PairSums xx = pair_sums(x, x, bandwidths);
+  const PairSums xx = pair_sums(x, x, bandwidths, /*symmetric=*/true);
   return {x.size(0), bandwidths, xx.dist, xx.kernel};
 }
 
@@ -108,7 +148,7 @@ SampleDistances sample_distances(const Tensor& x_in, const Tensor& y_in, const S
   const Tensor x = x_in.to(at::kDouble), y = y_in.to(at::kDouble);
   const double n = static_cast<double>(x.size(0)), m = static_cast<double>(y.size(0));
   // Each block of pairwise distances serves the energy distance and every kernel.
-  const PairSums xy = pair_sums(x, y, xx.bandwidths), yy = pair_sums(y, y, xx.bandwidths);
+  const PairSums xy = pair_sums(x, y, xx.bandwidths), yy = pair_sums(y, y, xx.bandwidths, /*symmetric=*/true);
   SampleDistances r{2.0 * xy.dist / (n * m) - xx.dist / (n * n) - yy.dist / (m * m), 0.0};
   for (size_t k = 0; k < xx.bandwidths.size(); ++k) {
     r.mmd += xx.kernel[k] / (n * n) + yy.kernel[k] / (m * m) - 2.0 * xy.kernel[k] / (n * m);

@@ -75,16 +75,26 @@ TEST(Metrics, BlockedDistancesEqualTheWholeMatrix) {
   const double n = 300, m = 4000;
   const double energy = 2 * xy.sum().item<double>() / (n * m) - xx.sum().item<double>() / (n * n) -
                         yy.sum().item<double>() / (m * m);
+  const auto whole_mmd = [&](const std::vector<double>& bw) {
+    double mmd = 0;
+    for (double s : bw) {
+      const auto k = [&](const Tensor& d) { return at::exp(d.pow(2) / (-2 * s * s)).sum().item<double>(); };
+      mmd += k(xx) / (n * n) + k(yy) / (m * m) - 2 * k(xy) / (n * m);
+    }
+    return mmd;
+  };
   const std::vector<double> bw{0.5, 2.0};
-  double mmd = 0;
-  for (double s : bw) {
-    const auto k = [&](const Tensor& d) { return at::exp(d.pow(2) / (-2 * s * s)).sum().item<double>(); };
-    mmd += k(xx) / (n * n) + k(yy) / (m * m) - 2 * k(xy) / (n * m);
-  }
+  const double mmd = whole_mmd(bw);
   EXPECT_NEAR(energy_distance(x, y), energy, 1e-12 * std::abs(energy) + 1e-14);
   const SampleDistances d = sample_distances(x, y, bw);
+  // (the self terms take half the matrix, doubled, and the diagonal blocks whole)
   EXPECT_NEAR(d.energy, energy, 1e-12 * std::abs(energy) + 1e-14);
   EXPECT_NEAR(d.mmd, mmd, 1e-12 * std::abs(mmd) + 1e-14);
+  // Bandwidths in a ladder s, s/2, s/4, s/8 (given in any order) take one exp and squarings: the same sums.
+  const std::vector<double> ladder{0.3, 2.4, 0.6, 1.2};
+  const double mmd_ladder = whole_mmd(ladder);
+  EXPECT_NEAR(sample_distances(x, y, ladder).mmd, mmd_ladder, 1e-11 * std::abs(mmd_ladder) + 1e-14);
+  EXPECT_GT(mmd_ladder, 1e-3);
   EXPECT_GT(energy, 0.1);  // the two laws differ: not a vacuous comparison of zeros
   // x's own terms computed once (tilt eval's replicates) give the same numbers, bit for bit, against fresh sets.
   const SampleSelfTerms x_self = sample_self_terms(x, bw);

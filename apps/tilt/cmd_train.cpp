@@ -111,8 +111,9 @@ int run_finetune(const TrainArgs& args) {
   Json model_info = plan.model_info();
   model_info["trained_by"] = "tilt finetune";
   model_info["iterations"] = iterations;
-  return finish_velocity_run(*model, run, model_info, {"loss", plan.method == "refl" ? "reward_prediction" : "reward"},
-                             plan.method == "adjoint_matching" ? "adjoint matching" : plan.method, group, plan.conditions);
+  std::vector<std::string> curves{"loss", plan.method == "refl" ? "reward_prediction" : "reward"};
+  curves.insert(curves.end(), plan.curves.begin(), plan.curves.end());
+  return finish_velocity_run(*model, run, model_info, curves, plan.method == "adjoint_matching" ? "adjoint matching" : plan.method, group, plan.conditions);
 }
 
 CommandSetup train_setup(int (*run)(const TrainArgs&)) {

@@ -60,6 +60,11 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
   read_adjoint_matching_keys(table, am);
   plan.monitor = clip_monitor(am.clip_factor, plan.lambda);
+  // The label-free convergence signals (docs/method.md): the loss's median over the last 50 iterations, and the
+  // rollout's ESS (not reported with guidance: E104).
+  plan.trainer.loss_window = 50;
+  plan.curves = {"loss_median"};
+  if (am.guidance == 0.0) plan.curves.push_back("ess");
   plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
     return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);
   };
@@ -251,6 +256,7 @@ void read_common(ConfigSection& s, const VelocityField& base, FinetunePlan& plan
 void read_trainer_keys(ConfigSection& s, const VelocityField& base, FinetunePlan& plan) {
   TrainerOptions defaults;  // the paper's Adam settings (App. G)
   defaults.checkpoint_every = 100;
+  defaults.loss_window = plan.trainer.loss_window;  // the method's choice
   plan.trainer = read_trainer(s, defaults);
   if (plan.trainer.shards > plan.batch_size) {
     s.fail("shards", "must be at most batch_size = " + std::to_string(plan.batch_size));

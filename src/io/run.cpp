@@ -448,7 +448,7 @@ void plot_training_curves(const std::string& metrics_path, const std::vector<std
     o.title = title + ": " + keys[i];
     o.x_label = "iteration";
     o.y_label = keys[i];
-    o.log_y = keys[i] == "loss";
+    o.log_y = keys[i] == "loss" || keys[i] == "loss_median";
     const std::string path = keys.size() == 1 ? out : out.substr(0, out.size() - 4) + "_" + keys[i] + ".png";
     plot::write_line_png(path, {series[i]}, o);
   }

@@ -50,6 +50,29 @@ std::vector<StepKernel> adjoint_kernels(const GenerativeSDE& base_sde, const Tim
   return kernels;
 }
 
+// log dP_base / dQ_model of a rollout of the fine-tuned SDE (docs/equations.md, E93, E104): on each noisy step k
+// the two Euler-Maruyama kernels have the same std and means that differ by c_v,k (v_model - v_base)(X_k), given
+// by `difference(k)`; xi[k] is the step's draw. Steps without a draw (the noiseless final step, the same for both
+// chains) add nothing. [n] in double.
+Tensor control_log_path(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& xi, int64_t n,
+                        const std::function<Tensor(int64_t)>& difference) {
+  PathWeight weight(n);
+  for (size_t k = 0; k < xi.size(); ++k) {
+    if (xi[k].defined()) weight.add_step(kernels[k].c_v * difference(static_cast<int64_t>(k)), xi[k], kernels[k].std);
+  }
+  return weight.log_weight();
+}
+
+// The label-free convergence signals of the rollout's log weights log w = lambda r(X^_1) + log dP_base/dQ_model
+// (E104): ess = (sum w)^2 / (B sum w^2) in (0, 1] and log_z = log mean w, the estimate of log Z.
+void add_weight_metrics(LossOutput& out, const Tensor& log_w) {
+  const double n = static_cast<double>(log_w.size(0));
+  const double lse = at::logsumexp(log_w, 0).item<double>();
+  const double lse2 = at::logsumexp(2.0 * log_w, 0).item<double>();
+  out.metrics.emplace_back("ess", std::exp(2.0 * lse - lse2) / n);
+  out.metrics.emplace_back("log_z", lse - std::log(n));
+}
+
 }  // namespace
 
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
@@ -143,22 +166,38 @@ void AdjointMatching::set_batch_size(int64_t n) {
 }
 
 Trajectory AdjointMatching::rollout(Generator& gen, const Tensor& c) const {
+  Trajectory out;
+  Rollout r = recorded_rollout(gen, c, false);
+  out.t = grid_.times();
+  if (options_.final_noiseless_step) out.t.pop_back();
+  out.x = std::move(r.x);
+  return out;
+}
+
+// The rollout of simulate() (the same kernels and draws: X_0, then one N(0, I) per noisy step), recording
+// the states and, with `weights`, each step's draw xi_k and the fine-tuned velocity for the path weight.
+Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool weights) const {
   at::NoGradGuard no_grad;
   const Tensor x0 = at::randn({options_.batch_size, model_->dim()}, gen);
   // With the noiseless final step, X_K is never used: stop at t_{K-1}.
   std::vector<double> times = grid_.times();
   if (options_.final_noiseless_step) times.pop_back();
   if (times.size() < 2) {
-    Trajectory only_x0;
-    only_x0.t = times;
+    Rollout only_x0;
     only_x0.x = {x0};
     return only_x0;
   }
-  SampleOptions opts;
-  opts.record = true;
-  if (!c.defined()) return simulate(finetuned_sde_, x0, TimeGrid(times), gen, opts);
-  const GenerativeSDE bound(bind_condition(model_, c, options_.guidance), finetuned_sde_.noise_ptr());
-  return simulate(bound, x0, TimeGrid(times), gen, opts);
+  RolloutRecord record;
+  record.states = true;
+  record.noise = record.velocities = weights;
+  const TimeGrid grid(times);
+  auto run = [&](const GenerativeSDE& sde) {
+    const VelocityField& v = sde.velocity();
+    return tilt::rollout(step_kernels(sde, grid, Integrator::euler),
+                         [&](int64_t k, const Tensor& x) { return v.velocity(x, grid[k]); }, x0, gen, record);
+  };
+  if (!c.defined()) return run(finetuned_sde_);
+  return run(GenerativeSDE(bind_condition(model_, c, options_.guidance), finetuned_sde_.noise_ptr()));
 }
 
 std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
@@ -227,7 +266,8 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   const int64_t B = options_.batch_size;
   // Each trajectory's condition, drawn first (an unconditional run draws nothing: its numbers stay).
   const Tensor c = options_.conditions ? options_.conditions->draw(B, gen) : Tensor();
-  const Trajectory traj = rollout(gen, c);
+  const bool weights = path_weights();
+  const Rollout traj = recorded_rollout(gen, c, weights);
   clock.lap(&times.rollout_s);
   const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
   const double w_adjoint = options_.guidance_adjoint ? options_.guidance : 0.0;
@@ -266,10 +306,18 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   // Sum over the chosen times, mean over the batch (App. G.3).
   out.loss = terms.sum() / static_cast<double>(B);
   at::NoGradGuard no_grad;
-  out.metrics.emplace_back("reward", reward->value(adj.x1).mean().item<double>());
+  const Tensor r = reward->value(adj.x1);
+  out.metrics.emplace_back("reward", r.mean().item<double>());
   out.metrics.emplace_back("loss_unclipped", raw.sum().item<double>() / static_cast<double>(B));
   out.metrics.emplace_back("clipped_fraction", clipped_fraction);
   out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());
+  if (weights) {
+    // The rollout's velocities are v_theta(. | c) (no guidance) and adj.v_base is v_base(. | c).
+    last_log_w_ = options_.lambda * r.to(at::kDouble) +
+                  control_log_path(step_kernels(finetuned_sde_, grid_, Integrator::euler), traj.xi, B,
+                                   [&](int64_t k) { return traj.v[k] - adj.v_base[k]; });
+    add_weight_metrics(out, last_log_w_);
+  }
   clock.lap(&times.regression_s);
   return out;
 }
@@ -387,10 +435,16 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     tapes_->prepare(split ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16)) : 1, K, x0,
                     trainable, base_taped);
     taped_rollout(kernels, noise);
+    // Taken before the adjoint and the regression pass back through the tapes.
+    const Tensor log_path = path_weights() ? taped_log_path(kernels, noise) : Tensor();
     clock.lap(&times.rollout_s);
     const Tensor x1 = taped_adjoint();
     clock.lap(&times.adjoint_s);
     out = taped_regression(loss_steps(gen), x1, grads);
+    if (log_path.defined()) {
+      last_log_w_ = options_.lambda * last_reward_.to(at::kDouble) + log_path;
+      add_weight_metrics(out, last_log_w_);
+    }
   }
   out.loss = loss_with_gradient(out.loss, model_->trainable()->parameters(), grads);
   clock.lap(&times.regression_s);
@@ -477,12 +531,25 @@ LossOutput AdjointMatching::taped_regression(const std::vector<int64_t>& loss_k,
     clipped_fraction = (terms > lct).to(at::kDouble).mean().item<double>();
     out.loss = at::clamp_max(terms, lct).sum() / static_cast<double>(B);
   }
-  out.metrics.emplace_back("reward", reward_->value(x1).mean().item<double>());
+  last_reward_ = reward_->value(x1);
+  out.metrics.emplace_back("reward", last_reward_.mean().item<double>());
   out.metrics.emplace_back("loss_unclipped", terms.sum().item<double>() / static_cast<double>(B));
   out.metrics.emplace_back("clipped_fraction", clipped_fraction);
   out.metrics.emplace_back("adjoint_norm_t0",
                            tapes_->join([](const Tapes::Block& b) { return b.a[0]; }).norm(2, {1}).mean().item<double>());
   return out;
+}
+
+// log dP_base/dQ_model of the taped rollout (E104), from the noise drawn up front and the velocities of the tapes.
+Tensor AdjointMatching::taped_log_path(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise) const {
+  const bool residual_mode = model_->mode() == FineTuneMode::residual;
+  return tapes_->join([&](const Tapes::Block& b) {
+    std::vector<Tensor> xi;
+    for (const Tensor& n : noise) xi.push_back(n.defined() ? n.narrow(0, b.r0, b.n) : Tensor());
+    return control_log_path(kernels, xi, b.n, [&](int64_t k) {
+      return residual_mode ? b.net_out[k] : b.net_out[k] - b.v_base[k];
+    });
+  });
 }
 
 }  // namespace tilt

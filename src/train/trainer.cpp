@@ -20,6 +20,7 @@
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <sstream>
 
 #include <fcntl.h>
@@ -331,10 +332,64 @@ StepResult Trainer::step() {
   return r;
 }
 
+double quantile(std::vector<double> values, double q) {
+  if (values.empty()) throw Error("quantile: no values");
+  if (!(q >= 0.0 && q <= 1.0)) throw Error("quantile: q must be in [0, 1], got " + std::to_string(q));
+  std::sort(values.begin(), values.end());
+  const double pos = q * static_cast<double>(values.size() - 1);
+  const size_t lo = static_cast<size_t>(std::floor(pos));
+  const size_t hi = std::min(lo + 1, values.size() - 1);
+  return values[lo] + (pos - static_cast<double>(lo)) * (values[hi] - values[lo]);
+}
+
+namespace {
+
+// The loss over the last `size` iterations (TrainerOptions::loss_window).
+class LossWindow {
+ public:
+  explicit LossWindow(int64_t size) : size_(static_cast<size_t>(std::max<int64_t>(size, 0))) {}
+  bool on() const { return size_ > 0; }
+  void add(double loss) {
+    if (!on()) return;
+    values_.push_back(loss);
+    if (values_.size() > size_) values_.pop_front();
+  }
+  // metrics.jsonl's loss_median, loss_q10, loss_q90.
+  void write(nlohmann::json& j) const {
+    const std::vector<double> v(values_.begin(), values_.end());
+    j["loss_median"] = quantile(v, 0.5);
+    j["loss_q10"] = quantile(v, 0.1);
+    j["loss_q90"] = quantile(v, 0.9);
+  }
+  double median() const { return quantile(std::vector<double>(values_.begin(), values_.end()), 0.5); }
+
+ private:
+  size_t size_;
+  std::deque<double> values_;
+};
+
+// The progress bar's status: the loss (and with a window its median), the reward and the ESS when reported.
+std::string progress_status(const StepResult& r, const LossWindow& window) {
+  std::string status = "loss " + sci(r.loss);
+  if (window.on()) status += " (median " + sci(window.median()) + ")";
+  for (const auto& [key, value] : r.output.metrics) {
+    if (key == "reward") status += "  reward " + sci(value);
+  }
+  if (window.on()) {
+    for (const auto& [key, value] : r.output.metrics) {
+      if (key == "ess") status += "  ess " + sci(value);
+    }
+  }
+  return status;
+}
+
+}  // namespace
+
 void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
   Impl& m = *impl_;
   const bool writer = m.rank() == 0;  // in a group, only rank 0 writes files and shows progress
   std::unique_ptr<MetricsFile> metrics;
+  LossWindow window(m.options.loss_window);
   if (writer && !m.options.metrics_path.empty()) {
     // Keep the lines up to the current iteration (a resumed run rewrites what came after).
     std::ostringstream kept;
@@ -346,6 +401,7 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
         if (j.is_object() && j.contains("iteration") && j["iteration"].is_number_integer() &&
             j["iteration"].get<int64_t>() <= m.iteration) {
           kept << line << '\n';
+          if (j.contains("loss") && j["loss"].is_number()) window.add(j["loss"].get<double>());
         }
       }
     }
@@ -355,6 +411,7 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
   ProgressBar bar(m.options.label, m.options.iterations, m.iteration, writer && m.options.progress);
   while (m.iteration < m.options.iterations) {
     const StepResult r = step();
+    window.add(r.loss);
     if (metrics) {
       nlohmann::json j;
       j["iteration"] = r.iteration;
@@ -363,13 +420,10 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
       j["lr"] = r.lr;
       j["seconds"] = r.seconds;
       for (const auto& [key, value] : r.output.metrics) j[key] = value;
+      if (window.on()) window.write(j);
       metrics->append(j.dump() + '\n');
     }
-    std::string status = "loss " + sci(r.loss);
-    for (const auto& [key, value] : r.output.metrics) {
-      if (key == "reward") status += "  reward " + sci(value);
-    }
-    bar.update(m.iteration, status);
+    bar.update(m.iteration, progress_status(r, window));
     if (on_step) on_step(r);
     const bool last = m.iteration == m.options.iterations;
     if (writer && !m.options.checkpoint_path.empty() &&

@@ -44,6 +44,20 @@ else
   fail "finetune run: $(cat log.txt)"
 fi
 
+# Adjoint Matching's label-free convergence signals: the rollout's ess and log_z, the loss's window quantiles, plotted.
+if python3 - run/metrics.jsonl <<'PY' && [ -f run/training_ess.png ] && [ -f run/training_loss_median.png ]
+import json, sys
+for line in open(sys.argv[1]):
+    j = json.loads(line)
+    assert 0 < j["ess"] <= 1 and "log_z" in j, j
+    assert j["loss_q10"] <= j["loss_median"] <= j["loss_q90"], j
+PY
+then
+  pass "finetune writes ess, log_z and the loss's median and quantiles, and plots ess and loss_median"
+else
+  fail "finetune: no ess, log_z or loss window in run/metrics.jsonl, or no training_ess.png"
+fi
+
 # A TILT_GEMM that cannot be honoured stops the run before anything is written; aten gives a run.
 expect_error "TILT_GEMM=bogus is an error naming it" "TILT_GEMM must be 'auto', 'onednn' or 'aten', got 'bogus'" \
   env TILT_GEMM=bogus "$tilt" finetune -q -c tiny.toml -o run_gemm

@@ -242,7 +242,8 @@ TEST_F(TwoProcesses, FinetuneMatchesOneProcessWithTwoShardsAlsoAfterResume) {
   for (const auto& e : fs::directory_iterator(g_work / "two")) files.push_back(e.path().filename().string());
   std::sort(files.begin(), files.end());
   EXPECT_EQ(files, (std::vector<std::string>{"checkpoint.pt", "config.resolved.json", "metrics.jsonl", "model.pt",
-                                             "run.lock", "training_loss.png", "training_reward.png"}));
+                                             "run.lock", "training_ess.png", "training_loss.png",
+                                             "training_loss_median.png", "training_reward.png"}));
   EXPECT_EQ(Json::parse(slurp(g_work / "two/config.resolved.json"))["finetune"]["shards"], 2);
 
   const auto one = parameters_of(g_work / "one/model.pt");

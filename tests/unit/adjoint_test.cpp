@@ -4,6 +4,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
+#include "tilt/sde/importance.h"
 #include "tilt/train/adjoint_matching.h"
 
 #include "../support/helpers.h"
@@ -17,6 +18,7 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
+#include <iostream>
 #include <string>
 
 namespace tilt {
@@ -380,6 +382,141 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
     }
   }
   at::set_num_threads(threads_before);
+}
+
+// ---- The rollout's path weights (docs/equations.md, E104): the metrics ess and log_z. ----
+
+double metric(const LossOutput& out, const std::string& name) {
+  for (const auto& [key, value] : out.metrics) {
+    if (key == name) return value;
+  }
+  ADD_FAILURE() << "no metric " << name;
+  return NAN;
+}
+
+// A fine-tuned MLP moved away from the base: the ring mixture's exact field (residual mode) or an MLP (copy mode).
+std::shared_ptr<FineTunedVelocity> moved_model(FineTuneMode mode) {
+  VelocityFieldPtr base = random_mlp(2, {24, 24}, 4, 3);
+  if (mode == FineTuneMode::residual) base = std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule());
+  auto model = make_finetuned(base, mode, {20, 20}, 4, 9);
+  at::NoGradGuard no_grad;
+  Generator g = make_generator(4);
+  for (auto& p : model->parameters()) p.add_(0.2 * at::randn(p.sizes(), g, p.options()));
+  return model;
+}
+
+AdjointMatchingOptions weight_options(bool taped, bool final_noiseless_step) {
+  AdjointMatchingOptions o;
+  o.num_steps = 12;
+  o.batch_size = 300;
+  o.lambda = 1.3;
+  o.loss_early_steps = 3;
+  o.loss_late_steps = 3;
+  o.final_noiseless_step = final_noiseless_step;
+  o.tape_activations = taped;
+  return o;
+}
+
+// With a noisy last step the iteration's rollout is the chain `tilt logz --method girsanov` simulates: drawn from
+// the same seed, both see the same paths, and the per-path log weights, the ESS and log Z must agree.
+TEST(PathWeights, EqualTheGirsanovWeightsOfTiltLogzOnTheSamePaths) {
+  for (const FineTuneMode mode : {FineTuneMode::residual, FineTuneMode::copy})
+  for (const bool taped : {true, false}) {
+    const auto model = moved_model(mode);
+    const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+    const AdjointMatchingOptions o = weight_options(taped, false);
+    AdjointMatching am(model, reward, make_memoryless_noise(1.0 / o.num_steps), o);
+    ASSERT_EQ(am.taped(), taped);
+    Generator g1 = make_generator(21), g2 = make_generator(21);
+    const LossOutput out = am.compute(g1);
+    ImportanceOptions io;
+    io.batch = o.batch_size;
+    const WeightedPaths w = girsanov_weights(am.base_sde(), *model, *reward, o.lambda, o.batch_size, am.grid(), g2, io);
+    const WeightSummary s = summarize_log_weights(w.log_w);
+    const std::string name = std::string(taped ? "taped" : "autograd") + (mode == FineTuneMode::copy ? ", copy" : ", residual");
+    ASSERT_TRUE(am.last_log_weights().defined());
+    EXPECT_LT((am.last_log_weights() - w.log_w).abs().max().item<double>(), 1e-4) << name;
+    EXPECT_GT(w.log_path.abs().mean().item<double>(), 0.05) << name << ": the control must be far from zero";
+    EXPECT_LT(s.ess_fraction, 0.99) << name;
+    EXPECT_NEAR(metric(out, "ess"), s.ess_fraction, 1e-5) << name;
+    EXPECT_NEAR(metric(out, "log_z"), s.log_z, 1e-5) << name;
+  }
+}
+
+// With the noiseless last step, against the ratio of the two chains' Gaussian densities of the recorded states
+// (computed here, not by PathWeight): the last step is the base's for both and adds nothing.
+TEST(PathWeights, EqualTheDensityRatioOfTheRecordedStates) {
+  for (const bool taped : {true, false}) {
+    const auto model = moved_model(FineTuneMode::residual);
+    const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+    const AdjointMatchingOptions o = weight_options(taped, true);
+    AdjointMatching am(model, reward, make_memoryless_noise(1.0 / o.num_steps), o);
+    Generator g1 = make_generator(5), g2 = make_generator(5);
+    const LossOutput out = am.compute(g1);
+    const Trajectory traj = am.rollout(g2);  // the same draws: X_0, then xi_0..xi_{K-2}
+    const int64_t K = o.num_steps;
+    ASSERT_EQ(static_cast<int64_t>(traj.x.size()), K);
+    at::NoGradGuard no_grad;
+    at::Tensor log_ratio = at::zeros({o.batch_size}, kDouble);
+    for (int64_t k = 0; k + 1 < K; ++k) {
+      const StepKernel q = euler_kernel(am.finetuned_sde(), am.grid()[k], am.grid()[k + 1]);
+      const at::Tensor x = traj.x[k], next = traj.x[k + 1].to(at::kDouble);
+      const at::Tensor m_q = q.mean(x, model->velocity(x, am.grid()[k])).to(at::kDouble);
+      const at::Tensor m_p = q.mean(x, model->base()->velocity(x, am.grid()[k])).to(at::kDouble);
+      log_ratio += ((next - m_q).pow(2).sum(1) - (next - m_p).pow(2).sum(1)) / (2 * q.std * q.std);
+    }
+    const at::Tensor x1 = traj.x[K - 1] + am.grid().step(K - 1) * model->base()->velocity(traj.x[K - 1], am.grid()[K - 1]);
+    const at::Tensor log_w = o.lambda * reward->value(x1).to(at::kDouble) + log_ratio;
+    EXPECT_LT((am.last_log_weights() - log_w).abs().max().item<double>(), 1e-3 * (1 + log_w.abs().max().item<double>()))
+        << (taped ? "taped" : "autograd");
+    const WeightSummary s = summarize_log_weights(log_w);
+    EXPECT_NEAR(metric(out, "ess"), s.ess_fraction, 1e-4);
+    EXPECT_NEAR(metric(out, "log_z"), s.log_z, 1e-4);
+  }
+}
+
+// At the exact optimal control (the residual is the exact tilt's, E96) every path's weight is Z up to the
+// discretisation: ess ~ 1 and log_z ~ log Z. For the base itself (zero residual) log_z is the plain
+// log mean exp(lambda r(X^_1)) and ess its weights' ESS.
+TEST(PathWeights, OptimalControlGivesEssOneAndTheExactLogZ) {
+  const double lambda = 1.0;
+  const auto mixture = test::ring_mixture_2d();
+  const auto schedule = make_linear_schedule();
+  auto base = std::make_shared<GmmVelocity>(mixture, schedule);
+  const auto reward = quadratic_reward({2.0, 1.0}, 1.0);
+  double log_z = 0;
+  auto optimum = std::make_shared<GmmVelocity>(std::make_shared<GaussianMixture>(*reward->tilt(*mixture, lambda, &log_z)), schedule);
+  auto residual = std::make_shared<ScaledDifference>(optimum, base);
+  auto model = std::make_shared<FineTunedVelocity>(base, residual, FineTuneMode::residual);
+  AdjointMatchingOptions o;
+  o.num_steps = 100;
+  o.batch_size = 4000;
+  o.lambda = lambda;
+  AdjointMatching am(model, reward, make_memoryless_noise(1.0 / o.num_steps), o);
+  Generator gen = make_generator(3);
+  const LossOutput opt = am.compute(gen);
+  const double se = std::sqrt((1.0 / metric(opt, "ess") - 1.0) / (o.batch_size - 1.0));
+  std::cout << "optimal control: ess " << metric(opt, "ess") << ", log_z " << metric(opt, "log_z") << " (exact " << log_z
+            << ", standard error " << se << ")\n";
+  EXPECT_GT(metric(opt, "ess"), 0.95);
+  EXPECT_NEAR(metric(opt, "log_z"), log_z, 0.01);
+
+  {
+    at::NoGradGuard no_grad;
+    residual->theta_.fill_(0.0);
+  }
+  Generator g1 = make_generator(8), g2 = make_generator(8);
+  const LossOutput plain = am.compute(g1);
+  const Trajectory traj = am.rollout(g2);
+  const int64_t K = o.num_steps;
+  at::NoGradGuard no_grad;
+  const at::Tensor x1 = traj.x[K - 1] + am.grid().step(K - 1) * base->velocity(traj.x[K - 1], am.grid()[K - 1]);
+  const at::Tensor lr = lambda * reward->value(x1).to(at::kDouble);
+  EXPECT_LT((am.last_log_weights() - lr).abs().max().item<double>(), 1e-4);
+  EXPECT_NEAR(metric(plain, "log_z"), std::log(lr.exp().mean().item<double>()), 1e-6);
+  EXPECT_NEAR(metric(plain, "ess"), std::pow(lr.exp().sum().item<double>(), 2) / (o.batch_size * (2 * lr).exp().sum().item<double>()), 1e-6);
+  EXPECT_LT(metric(plain, "ess"), metric(opt, "ess"));
+  EXPECT_NEAR(metric(plain, "log_z"), log_z, 6 * std::sqrt((1.0 / metric(plain, "ess") - 1.0) / (o.batch_size - 1.0)) + 0.03);
 }
 
 }  // namespace

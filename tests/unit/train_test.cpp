@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>  // at::NoGradGuard; not pulled in by ATen.h since LibTorch 2.0
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <filesystem>
 #include <fstream>
@@ -160,6 +161,60 @@ TEST(Trainer, CosineScheduleEndpoints) {
   EXPECT_DOUBLE_EQ(trainer.learning_rate(0), 1e-3);
   EXPECT_NEAR(trainer.learning_rate(50), 0.5 * (1e-3 + 1e-5), 1e-12);
   EXPECT_NEAR(trainer.learning_rate(100), 1e-5, 1e-15);
+}
+
+TEST(Trainer, QuantileInterpolatesBetweenOrderStatistics) {
+  EXPECT_DOUBLE_EQ(quantile({5, 1, 3}, 0.5), 3);
+  EXPECT_DOUBLE_EQ(quantile({4, 1, 3, 2}, 0.5), 2.5);
+  EXPECT_DOUBLE_EQ(quantile({10, 0}, 0.1), 1);
+  EXPECT_DOUBLE_EQ(quantile({7}, 0.9), 7);
+  EXPECT_THROW(quantile({}, 0.5), Error);
+  EXPECT_THROW(quantile({1}, 1.5), Error);
+}
+
+std::vector<nlohmann::json> metric_lines(const std::string& path) {
+  std::ifstream in(path);
+  std::vector<nlohmann::json> out;
+  for (std::string line; std::getline(in, line);) out.push_back(nlohmann::json::parse(line));
+  return out;
+}
+
+// loss_window: each line's loss_median / loss_q10 / loss_q90 are those of the last (up to) 4 losses, also after
+// a resume (which counts the kept lines); without it the lines have none. Adjoint Matching reports ess and log_z.
+TEST(Trainer, LossWindowSummarisesTheTrailingLosses) {
+  const std::string ckpt = temp_file("window.pt"), metrics = temp_file("window.jsonl");
+  Rig first;
+  TrainerOptions o = options(5, ckpt);
+  o.metrics_path = metrics;
+  o.loss_window = 4;
+  Trainer(*first.loss, o).run();
+  Rig second;
+  TrainerOptions more = o;
+  more.iterations = 9;
+  Trainer resumed(*second.loss, more);
+  resumed.load_checkpoint(ckpt);
+  resumed.run();
+  const auto lines = metric_lines(metrics);
+  ASSERT_EQ(lines.size(), 9u);
+  std::vector<double> losses;
+  for (const auto& j : lines) {
+    losses.push_back(j["loss"].get<double>());
+    const std::vector<double> last(losses.end() - std::min<size_t>(losses.size(), 4), losses.end());
+    EXPECT_DOUBLE_EQ(j["loss_median"].get<double>(), quantile(last, 0.5)) << j.dump();
+    EXPECT_DOUBLE_EQ(j["loss_q10"].get<double>(), quantile(last, 0.1)) << j.dump();
+    EXPECT_DOUBLE_EQ(j["loss_q90"].get<double>(), quantile(last, 0.9)) << j.dump();
+    EXPECT_GT(j["ess"].get<double>(), 0.0);
+    EXPECT_LE(j["ess"].get<double>(), 1.0 + 1e-12);
+    EXPECT_TRUE(j.contains("log_z"));
+  }
+  EXPECT_NE(lines[8]["loss_median"].get<double>(), lines[8]["loss"].get<double>());
+
+  const std::string plain = temp_file("plain.jsonl");
+  Rig third;
+  TrainerOptions p = options(2);
+  p.metrics_path = plain;
+  Trainer(*third.loss, p).run();
+  for (const auto& j : metric_lines(plain)) EXPECT_FALSE(j.contains("loss_median")) << j.dump();
 }
 
 TEST(FlowMatching, LearnsTheExactVelocityOfAGaussian) {

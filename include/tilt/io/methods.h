@@ -42,6 +42,8 @@ struct FinetunePlan {
   std::function<std::unique_ptr<Loss>(std::shared_ptr<FineTunedVelocity>)> make_loss;
   /// Optional: called with each step's loss output; a non-empty return is a warning to show (once).
   std::function<std::string(const LossOutput&)> monitor;
+  /// Metrics that training.png plots besides the loss and the reward (adjoint_matching: loss_median and ess).
+  std::vector<std::string> curves;
 
   /// The model to fine-tune: the base plus a new trainable network (mode, mlp), seeded.
   std::shared_ptr<FineTunedVelocity> make_model(VelocityFieldPtr base, uint64_t seed) const;

@@ -122,7 +122,7 @@ void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSetti
 /// then writes the resolved config that prepare_run_directory held back.
 void resume_if_asked(Trainer& trainer, const TrainerOptions& topt, const RunDirectory& run, bool resume);
 
-/// Training curves from a run's metrics.jsonl, one PNG per key (the loss on a log scale): `out`
+/// Training curves from a run's metrics.jsonl, one PNG per key (loss and loss_median on a log scale): `out`
 /// itself for one key, `out` with "_<key>" before ".png" for several.
 void plot_training_curves(const std::string& metrics_path, const std::vector<std::string>& keys, const std::string& out,
                           const std::string& title);

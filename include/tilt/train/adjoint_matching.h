@@ -115,6 +115,12 @@ class AdjointMatching : public Loss {
   /// The blocks of rows the last taped iteration ran, one per thread (1 when it ran none, on one
   /// thread, on a GPU, or with a base whose VJP needs autograd).
   int64_t taped_blocks() const;
+  /// Whether compute() reports the rollout's path weights as the metrics `ess` and `log_z` (docs/equations.md,
+  /// E104): always but with guidance, whose rollout is not a tilt of the base (E103).
+  bool path_weights() const { return options_.guidance == 0.0; }
+  /// The last iteration's per-path log weights log w = lambda r(X^_1) + log dP_base/dQ_model, [B] double
+  /// (undefined before the first compute() or without path_weights()).
+  const Tensor& last_log_weights() const { return last_log_w_; }
   /// Accumulate the wall time of compute()'s phases into `times` (null: stop).
   void set_timer(AdjointMatchingTimes* times) { times_ = times; }
 
@@ -132,7 +138,9 @@ class AdjointMatching : public Loss {
  private:
   void check_guidance() const;
   Tensor regressed_difference(const Tensor& x, const Tensor& t, const Tensor& v_base_c, const Tensor& c) const;
+  Rollout recorded_rollout(Generator& gen, const Tensor& c, bool weights) const;
   LossOutput compute_taped(Generator& gen);
+  Tensor taped_log_path(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise) const;
   // compute_taped's three phases, on the blocks of tapes_.
   void taped_rollout(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise);
   Tensor taped_adjoint();
@@ -147,6 +155,7 @@ class AdjointMatching : public Loss {
   std::vector<double> scale_, rho_;
   std::vector<int64_t> candidates_;  // steps with a finite target, in increasing order
   AdjointMatchingTimes* times_ = nullptr;
+  Tensor last_log_w_, last_reward_;
   // The taped path's activations, kept from one iteration to the next so that their memory is reused.
   struct Tapes;
   std::unique_ptr<Tapes> tapes_;

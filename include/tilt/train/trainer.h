@@ -56,7 +56,16 @@ struct TrainerOptions {
   /// parameters (rank 0's, broadcast at the first step). Only rank 0 writes the metrics file,
   /// checkpoints and progress. Null: this process alone.
   std::shared_ptr<ProcessGroup> group;
+  /// > 0: a robust summary of the loss, which single iterations can spike by orders of magnitude: metrics.jsonl
+  /// gets loss_median, loss_q10 and loss_q90, the median and the 10% / 90% quantiles of the loss over the last
+  /// loss_window iterations (fewer at the start; a resumed run counts the kept lines of the metrics file), and the
+  /// progress line the median and the metric `ess` when the loss reports one. 0: neither.
+  int64_t loss_window = 0;
 };
+
+/// The q-quantile (0 <= q <= 1) of `values` by linear interpolation between order statistics (q = 0.5: the
+/// median). Throws tilt::Error if `values` is empty.
+double quantile(std::vector<double> values, double q);
 
 struct StepResult {
   int64_t iteration;   ///< 1-based number of the iteration just done

@@ -350,18 +350,21 @@ class LossWindow {
   explicit LossWindow(int64_t size) : size_(static_cast<size_t>(std::max<int64_t>(size, 0))) {}
   bool on() const { return size_ > 0; }
   void add(double loss) {
-    if (!on()) return;
+    if (!on() || !std::isfinite(loss)) return;  // a NaN stops the run; it must not reach the sort
     values_.push_back(loss);
     if (values_.size() > size_) values_.pop_front();
   }
   // metrics.jsonl's loss_median, loss_q10, loss_q90.
   void write(nlohmann::json& j) const {
+    if (values_.empty()) return;
     const std::vector<double> v(values_.begin(), values_.end());
     j["loss_median"] = quantile(v, 0.5);
     j["loss_q10"] = quantile(v, 0.1);
     j["loss_q90"] = quantile(v, 0.9);
   }
-  double median() const { return quantile(std::vector<double>(values_.begin(), values_.end()), 0.5); }
+  double median() const {
+    return values_.empty() ? NAN : quantile(std::vector<double>(values_.begin(), values_.end()), 0.5);
+  }
 
  private:
   size_t size_;

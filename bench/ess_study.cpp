@@ -8,6 +8,8 @@
 //   tilt_ess_study CONFIG [--iterations N] [--every N] [--samples N] [--out PREFIX]
 //
 // One thread. scripts/ess_study.sh runs it on configs/demo_2d.toml (docs/images/ess_vs_distance.png, docs/method.md).
+#include "exact_scores.h"
+
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/eval/metrics.h"
@@ -60,27 +62,11 @@ Study read_study(const std::string& path) {
   return s;
 }
 
-double noise_floor(const Study& s) {
-  double sum = 0;
-  for (int i = 0; i < 5; ++i) {
-    Generator a = make_generator(100 + i), b = make_generator(200 + i);
-    sum += energy_distance(s.target->sample(s.samples, a, at::kDouble), s.target->sample(s.samples, b, at::kDouble));
-  }
-  return sum / 5;
-}
+double noise_floor(const Study& s) { return tilt_bench::exact_noise_floor(*s.target, s.samples); }
 
 // Energy distances of the model's memoryless-SDE and ODE samples to exact p*, over the floor.
 std::pair<double, double> score(const Study& s, const VelocityFieldPtr& v, double floor) {
-  const int64_t K = s.plan.num_steps;
-  const TimeGrid grid = TimeGrid::uniform(K);
-  Generator g1 = make_generator(11), g2 = make_generator(12), g3 = make_generator(13);
-  const Tensor exact = s.target->sample(s.samples, g3, at::kDouble);
-  const Tensor sde = sample(GenerativeSDE(v, make_memoryless_noise(1.0 / static_cast<double>(K))), s.samples, grid, g1,
-                            SampleOptions(), at::kFloat);
-  SampleOptions heun;
-  heun.integrator = Integrator::heun;
-  const Tensor ode = sample(GenerativeSDE(v, make_zero_noise()), s.samples, grid, g2, heun, at::kFloat);
-  return {energy_distance(sde.to(at::kDouble), exact) / floor, energy_distance(ode.to(at::kDouble), exact) / floor};
+  return tilt_bench::sde_ode_ratios(*s.target, v, s.samples, s.plan.num_steps, floor);
 }
 
 double metric(const StepResult& r, const std::string& name) {

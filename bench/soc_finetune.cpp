@@ -8,6 +8,8 @@
 //   tilt_soc_finetune CONFIG [--iterations N] [--samples N] [--losses a,b,...] [--markdown FILE]
 //
 // scripts/soc_finetune_study.sh runs it on configs/demo_2d.toml and writes docs/soc_finetune.md.
+#include "exact_scores.h"
+
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/eval/metrics.h"
@@ -29,6 +31,7 @@
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 using namespace tilt;
@@ -87,28 +90,11 @@ struct Score {
 // Energy distance of `n` samples of v (memoryless SDE, and the ODE) to exact p*, over the noise floor.
 Score score(const Study& s, const VelocityFieldPtr& v, double floor) {
   Score out;
-  const TimeGrid grid = TimeGrid::uniform(s.steps);
-  Generator g1 = make_generator(11), g2 = make_generator(12), g3 = make_generator(13);
-  const Tensor exact = s.target->sample(s.samples, g3, at::kDouble);
-  SampleOptions euler;
-  const Tensor sde = sample(GenerativeSDE(v, make_memoryless_noise(1.0 / static_cast<double>(s.steps))), s.samples,
-                            grid, g1, euler, at::kFloat);
-  SampleOptions heun;
-  heun.integrator = Integrator::heun;
-  const Tensor ode = sample(GenerativeSDE(v, make_zero_noise()), s.samples, grid, g2, heun, at::kFloat);
-  out.sde = energy_distance(sde.to(at::kDouble), exact) / floor;
-  out.ode = energy_distance(ode.to(at::kDouble), exact) / floor;
+  std::tie(out.sde, out.ode) = tilt_bench::sde_ode_ratios(*s.target, v, s.samples, s.steps, floor);
   return out;
 }
 
-double noise_floor(const Study& s) {
-  double sum = 0;
-  for (int i = 0; i < 5; ++i) {
-    Generator a = make_generator(100 + i), b = make_generator(200 + i);
-    sum += energy_distance(s.target->sample(s.samples, a, at::kDouble), s.target->sample(s.samples, b, at::kDouble));
-  }
-  return sum / 5;
-}
+double noise_floor(const Study& s) { return tilt_bench::exact_noise_floor(*s.target, s.samples); }
 
 double train(Loss& loss, const TrainerOptions& options) {
   const auto start = std::chrono::steady_clock::now();

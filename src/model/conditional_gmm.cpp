@@ -57,16 +57,16 @@ VelocityFieldPtr ConditionalGmmVelocity::clone() const {
 }
 
 Tensor ConditionalGmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
-  if (!null_) throw Error("conditional mixture: there is no null condition (no unconditional law was given)");
+  const GaussianMixture& null = null_mixture();
   check_batch(x, dim(), "x");
   check_time(t, x.size(0), "t");
-  return null_->velocity(x, schedule()->at(t.to(x.scalar_type())));
+  return null.velocity(x, schedule()->at(t.to(x.scalar_type())));
 }
 
 Tensor ConditionalGmmVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
-  if (!null_) throw Error("conditional mixture: there is no null condition (no unconditional law was given)");
+  const GaussianMixture& null = null_mixture();
   check_batch(x, dim(), "x");
-  return null_->velocity_vjp(x, schedule()->at(at::scalar_tensor(t, x.options())), a, v_out);
+  return null.velocity_vjp(x, schedule()->at(at::scalar_tensor(t, x.options())), a, v_out);
 }
 
 // v(x, t | c) = v_0(x - alpha_t M c, t) + alpha'_t M c.

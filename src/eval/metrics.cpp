@@ -26,28 +26,7 @@ void check_pair(const Tensor& x, const Tensor& y, const char* what) {
 // the products efficient.
 int64_t pair_block_rows(int64_t columns) { return std::max<int64_t>(16, (int64_t{1} << 19) / std::max<int64_t>(columns, 1)); }
 
-// Sum over all pairs of f(|a_i - b_j|), in row blocks to bound memory.
-template <class F>
-double pair_sum(const Tensor& a, const Tensor& b, F f) {
-  const int64_t block = pair_block_rows(b.size(0));
-  double total = 0.0;
-  for (int64_t i = 0; i < a.size(0); i += block) {
-    const Tensor d = at::cdist(a.slice(0, i, std::min(i + block, a.size(0))), b);
-    total += f(d).sum().template item<double>();
-  }
-  return total;
-}
-
 }  // namespace
-
-double energy_distance(const Tensor& x_in, const Tensor& y_in) {
-  check_pair(x_in, y_in, "energy distance");
-  at::NoGradGuard no_grad;
-  const Tensor x = x_in.to(at::kDouble), y = y_in.to(at::kDouble);
-  const double n = static_cast<double>(x.size(0)), m = static_cast<double>(y.size(0));
-  const auto id = [](const Tensor& d) { return d; };
-  return 2.0 * pair_sum(x, y, id) / (n * m) - pair_sum(x, x, id) / (n * n) - pair_sum(y, y, id) / (m * m);
-}
 
 std::vector<double> median_bandwidths(const Tensor& reference) {
   at::NoGradGuard no_grad;
@@ -112,7 +91,7 @@ PairSums pair_sums(const Tensor& a, const Tensor& b, const std::vector<double>& 
     if (columns.size(0) == 0) return;
     const Tensor d = at::cdist(rows, columns);
     out.dist += weight * d.sum().item<double>();
-    kernels.add(d.pow(2), bandwidths, weight, out.kernel);
+    if (!bandwidths.empty()) kernels.add(d.pow(2), bandwidths, weight, out.kernel);
   };
   for (int64_t i = 0; i < a.size(0); i += block) {
     const int64_t end = std::min(i + block, a.size(0));
@@ -128,6 +107,15 @@ PairSums pair_sums(const Tensor& a, const Tensor& b, const std::vector<double>& 
 }
 
 }  // namespace
+
+double energy_distance(const Tensor& x_in, const Tensor& y_in) {
+  check_pair(x_in, y_in, "energy distance");
+  at::NoGradGuard no_grad;
+  const Tensor x = x_in.to(at::kDouble), y = y_in.to(at::kDouble);
+  const double n = static_cast<double>(x.size(0)), m = static_cast<double>(y.size(0));
+  return 2.0 * pair_sums(x, y, {}).dist / (n * m) - pair_sums(x, x, {}, true).dist / (n * n) -
+         pair_sums(y, y, {}, true).dist / (m * m);
+}
 
 SampleSelfTerms sample_self_terms(const Tensor& x_in, const std::vector<double>& bandwidths) {
   check_pair(x_in, x_in, "sample distances");

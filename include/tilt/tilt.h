@@ -19,6 +19,7 @@
 #include "tilt/model/classifier.h"
 #include "tilt/model/condition.h"
 #include "tilt/model/conditional_gmm.h"
+#include "tilt/model/random_problem.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"

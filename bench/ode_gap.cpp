@@ -1,0 +1,181 @@
+// Where is the fine-tuned field wrong, and why does the ODE see it when the memoryless SDE does not?
+// Fine-tunes the model `tilt finetune` builds from a config ([finetune]; the problem from [data] and [reward], or a
+// random one with --random SEED --dim D: random_tilt_problem), then measures against the exact tilt p*:
+//   - the energy distance of memoryless-SDE and ODE samples to exact p*, over the noise floor;
+//   - per time t, the fine-tuned velocity's squared error against the exact tilted velocity v* (the flow of p*:
+//     docs/equations.md, E105) on x_t ~ p*_t, relative to the size of the tilt |v* - v_base|^2;
+//   - hybrid fields, exact before t0 and fine-tuned after (and the reverse), sampled with the SDE and the ODE:
+//     which times' errors each sampler pays for.
+// One JSON line per run on stdout and in PREFIX.json.
+//
+//   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--out PREFIX] [--set KEY=VALUE]...
+#include "exact_scores.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/builders.h"
+#include "tilt/io/config.h"
+#include "tilt/io/methods.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/random_problem.h"
+#include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/sampler.h"
+#include "tilt/train/trainer.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <chrono>
+#include <cmath>
+#include <iostream>
+#include <string>
+#include <vector>
+
+using namespace tilt;
+
+namespace {
+
+struct Study {
+  SchedulePtr schedule;
+  std::shared_ptr<GaussianMixture> base_mixture, target;
+  VelocityFieldPtr base, exact;  // v_base, v* (the flow of p*)
+  FinetunePlan plan;
+  int64_t iterations = 0, samples = 2000, score_steps = 0;  // 0: the fine-tuning grid's K
+  Json problem;
+};
+
+Study read_study(const std::string& path, const std::vector<std::string>& sets, int64_t seed, int64_t dim) {
+  Config config(path, sets);
+  ConfigSection root = config.root();
+  root.allow({"seed", "threads", "base", "pretrain", "sample", "eval", "data", "reward"});
+  Study s;
+  s.schedule = read_schedule(root.section("schedule"));
+  RewardPtr reward;
+  double lambda = 1.0;
+  if (seed >= 0) {
+    RandomTiltProblem p = random_tilt_problem(dim, static_cast<uint64_t>(seed));
+    s.base_mixture = p.base, reward = p.reward, lambda = p.lambda;
+    s.problem = {{"random_seed", seed}, {"dim", dim}, {"reward", reward->kind()}};
+  } else {
+    s.base_mixture = read_mixture(root.section("data"));
+    reward = read_reward(root.section("reward"), s.base_mixture->dim(), &lambda);
+    s.problem = {{"config", path}, {"dim", s.base_mixture->dim()}};
+  }
+  const auto target = exact_tilt(*reward, *s.base_mixture, lambda);
+  if (!target) throw Error(path + ": the reward has no closed-form tilt of the mixture; the study needs the exact p*");
+  s.target = std::make_shared<GaussianMixture>(*target);
+  s.base = std::make_shared<GmmVelocity>(s.base_mixture, s.schedule);
+  s.exact = std::make_shared<GmmVelocity>(s.target, s.schedule);
+  ConfigSection ft = root.section("finetune");
+  s.plan = read_finetune(ft, *s.base, reward, lambda);
+  s.iterations = s.plan.trainer.iterations;
+  return s;
+}
+
+// v_early before t0, v_late from t0 on (the sampler's t is one time per step).
+class SwitchedField : public VelocityField {
+ public:
+  SwitchedField(VelocityFieldPtr early, VelocityFieldPtr late, double t0)
+      : VelocityField(late->schedule()), early_(std::move(early)), late_(std::move(late)), t0_(t0) {}
+  std::string kind() const override { return "switched"; }
+  int64_t dim() const override { return late_->dim(); }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor& t) const override {
+    const Tensor early = (t < t0_).to(x.scalar_type());
+    return early * early_->velocity(x, t) + (1 - early) * late_->velocity(x, t);
+  }
+
+ private:
+  VelocityFieldPtr early_, late_;
+  double t0_;
+};
+
+// Mean over x_t ~ p*_t of |v(x_t) - v*(x_t)|^2 and of |v*(x_t) - v_base(x_t)|^2 (the tilt's own size).
+std::pair<double, double> velocity_error(const Study& s, const VelocityField& v, double t) {
+  Generator g1 = make_generator(31), g0 = make_generator(32);
+  const int64_t n = 4000;
+  const Tensor x1 = s.target->sample(n, g1, at::kFloat);
+  const Tensor x0 = at::randn({n, x1.size(1)}, g0, at::kFloat);
+  const ScheduleValues ab = s.schedule->at(t);
+  const Tensor xt = ab.alpha * x1 + ab.beta * x0;
+  const Tensor tt = at::full({n}, t, at::kFloat);
+  const Tensor vs = s.exact->velocity(xt, tt);
+  at::NoGradGuard no_grad;
+  const double err = (v.velocity(xt, tt) - vs).pow(2).sum(1).mean().item<double>();
+  const double size = (vs - s.base->velocity(xt, tt)).pow(2).sum(1).mean().item<double>();
+  return {err, size};
+}
+
+Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
+  Json out;
+  const int64_t K = s.score_steps > 0 ? s.score_steps : s.plan.num_steps;
+  const auto [sde, ode] = tilt_bench::sde_ode_ratios(*s.target, model, s.samples, K, floor);
+  out["distance_sde"] = sde, out["distance_ode"] = ode;
+  const auto [exact_sde, exact_ode] = tilt_bench::sde_ode_ratios(*s.target, s.exact, s.samples, K, floor);
+  out["exact_field_sde"] = exact_sde, out["exact_field_ode"] = exact_ode;  // the samplers' own error
+  Json errors = Json::array();
+  for (double t : {0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98}) {
+    const auto [err, size] = velocity_error(s, *model, t);
+    errors.push_back({{"t", t}, {"error", err}, {"tilt_size", size}, {"relative", err / size}});
+  }
+  out["velocity_error"] = errors;
+  Json hybrids = Json::array();
+  for (double t0 : {0.1, 0.25, 0.5, 0.75, 0.9}) {
+    const auto exact_first = std::make_shared<SwitchedField>(s.exact, model, t0);
+    const auto model_first = std::make_shared<SwitchedField>(model, s.exact, t0);
+    const auto [a_sde, a_ode] = tilt_bench::sde_ode_ratios(*s.target, exact_first, s.samples, K, floor);
+    const auto [b_sde, b_ode] = tilt_bench::sde_ode_ratios(*s.target, model_first, s.samples, K, floor);
+    hybrids.push_back({{"t0", t0}, {"exact_then_model_sde", a_sde}, {"exact_then_model_ode", a_ode},
+                       {"model_then_exact_sde", b_sde}, {"model_then_exact_ode", b_ode}});
+  }
+  out["hybrids"] = hybrids;
+  return out;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) try {
+  if (argc < 2) {
+    throw Error("usage: tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--out PREFIX] "
+                "[--set KEY=VALUE]...");
+  }
+  at::set_num_threads(1);
+  std::vector<std::string> sets;
+  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, score_steps = 0;
+  std::string out = "ode_gap";
+  for (int i = 2; i + 1 < argc; i += 2) {
+    const std::string flag = argv[i], value = argv[i + 1];
+    if (flag == "--random") seed = std::stoll(value);
+    else if (flag == "--dim") dim = std::stoll(value);
+    else if (flag == "--iterations") iterations = std::stoll(value);
+    else if (flag == "--samples") samples = std::stoll(value);
+    else if (flag == "--score-steps") score_steps = std::stoll(value);
+    else if (flag == "--out") out = value;
+    else if (flag == "--set") sets.push_back(value);
+    else throw Error("unknown option '" + flag + "'");
+  }
+  Study s = read_study(argv[1], sets, seed, dim);
+  if (iterations >= 0) s.iterations = iterations;
+  s.samples = samples;
+  s.score_steps = score_steps;
+  const double floor = tilt_bench::exact_noise_floor(*s.target, s.samples);
+  auto model = s.plan.make_model(s.base, 1);
+  const std::unique_ptr<Loss> loss = s.plan.make_loss(model);
+  TrainerOptions t = s.plan.trainer;
+  t.iterations = s.iterations;
+  t.seed = 7;
+  t.progress = false;
+  t.checkpoint_path.clear();
+  t.metrics_path.clear();
+  const auto start = std::chrono::steady_clock::now();
+  if (s.iterations > 0) Trainer(*loss, t).run();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  Json j = measure(s, model, floor);
+  j["problem"] = s.problem, j["iterations"] = s.iterations, j["train_seconds"] = seconds, j["sets"] = sets;
+  std::cout << j.dump() << std::endl;
+  atomic_write(out + ".json", j.dump(1) + "\n");
+  return 0;
+} catch (const std::exception& e) {
+  std::cerr << "tilt_ode_gap: error: " << e.what() << "\n";
+  return 1;
+}

@@ -442,9 +442,9 @@ class EarlyStop {
   void replay(const nlohmann::json& j) {
     if (on_ && j.contains(metric_) && j[metric_].is_number()) detector_.add(j[metric_].get<double>());
   }
-  // After step r: the reason to stop, or "".
-  std::string after(const StepResult& r, const std::string& loss_name) {
-    if (!on_) return "";
+  // Step r's value of the metric.
+  void add(const StepResult& r, const std::string& loss_name) {
+    if (!on_) return;
     const auto it = std::find_if(r.output.metrics.begin(), r.output.metrics.end(),
                                  [&](const auto& kv) { return kv.first == metric_; });
     if (it == r.output.metrics.end()) {
@@ -452,7 +452,6 @@ class EarlyStop {
                   metric_ + "'");
     }
     detector_.add(it->second);
-    return reason(r.iteration);
   }
   // Why a run at `iteration` stops (the detector's plateau), or "".
   std::string reason(int64_t iteration) const {
@@ -532,7 +531,9 @@ void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
     const StepResult r = step();
     window.add(r.loss);
     const std::string warning = m.options.monitor ? m.options.monitor(r) : "";
-    m.stop_reason = m.agree(early.after(r, m.loss.name()));
+    early.add(r, m.loss.name());
+    // The last iteration ends the run anyway: not an early stop.
+    if (m.iteration < m.options.iterations) m.stop_reason = m.agree(early.reason(m.iteration));
     if (metrics) metrics->append(metrics_line(r, window, warning, m.stop_reason).dump() + '\n');
     if (writer && !warning.empty()) tilt::warning(warning);
     bar.update(m.iteration, progress_status(r, window));

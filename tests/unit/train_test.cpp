@@ -318,6 +318,26 @@ TEST(Trainer, EarlyStopEndsTheRunLikeItsLastIteration) {
   EXPECT_TRUE(on.early_stop_reason().empty());
   EXPECT_EQ(metric_lines(metrics).size(), 20u);
 
+  // A plateau found at the last iteration is the run's ordinary end, not an early stop; resumed with more
+  // iterations (the early stop still on) the run stops at once, its ESS being on that plateau.
+  const std::string ended = temp_file("ended.jsonl");
+  Rig fifth;
+  TrainerOptions four = o;
+  four.iterations = 4;
+  four.metrics_path = ended;
+  Trainer natural(*fifth.loss, four);
+  natural.run();
+  EXPECT_EQ(natural.iteration(), 4);
+  EXPECT_TRUE(natural.early_stop_reason().empty()) << natural.early_stop_reason();
+  for (const auto& j : metric_lines(ended)) EXPECT_FALSE(j.contains("early_stop")) << j.dump();
+  Rig sixth;
+  four.iterations = 20;
+  Trainer extended(*sixth.loss, four);
+  extended.load_checkpoint(ckpt);
+  extended.run();
+  EXPECT_EQ(extended.iteration(), 4);
+  EXPECT_FALSE(extended.early_stop_reason().empty());
+
   Rig fourth;
   TrainerOptions absent = options(5);
   absent.early_stop.metric = "no_such_metric";

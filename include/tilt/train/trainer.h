@@ -107,8 +107,9 @@ struct TrainerOptions {
   /// Optional early stop (metric empty: off). When the PlateauDetector of the loss's metric fires, the run stops
   /// after that iteration as if it were the last: the checkpoint is written, the iteration's metrics line gets
   /// "early_stop" (the reason) and a note says why. The loss must report the metric (tilt::Error at the first step
-  /// otherwise). A resumed run replays the metric from the kept lines of the metrics file, so resuming a run that
-  /// stopped early stops again at once (turn the early stop off, or loosen it, to train on).
+  /// otherwise). A plateau at the last iteration is the ordinary end, not an early stop. A resumed run replays the
+  /// metric from the kept lines of the metrics file, so resuming a run that stopped early (or one that ended on a
+  /// plateau, with more iterations) stops again at once (turn the early stop off, or loosen it, to train on).
   EarlyStopOptions early_stop;
   /// Optional: called with each step's result; a non-empty return is a warning, printed (tilt::warning) and
   /// written to that iteration's metrics line as "warning". Rate limiting is the monitor's business.

@@ -104,10 +104,8 @@ int run_finetune(const TrainArgs& args) {
   for (const auto& w : plan.warnings) warn(w);
   auto model = plan.make_model(base, mix_seed(settings.seed, 1));
   std::unique_ptr<Loss> loss = plan.make_loss(model);
-  const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "finetune", group, [&](const StepResult& r) {
-    if (!plan.monitor) return;
-    if (const std::string w = plan.monitor(r.output); !w.empty()) warn(w);
-  });
+  // plan.trainer.monitor prints the method's warnings and writes them to metrics.jsonl.
+  const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "finetune", group);
   Json model_info = plan.model_info();
   model_info["trained_by"] = "tilt finetune";
   model_info["iterations"] = iterations;

@@ -340,7 +340,8 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   if (before.is_discarded() || !before.is_object()) throw Error("--resume: '" + config_path + "' is corrupt");
   static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
                                    "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
-                                   "shards"};
+                                   "shards", "early_stop", "early_stop_window", "early_stop_tolerance",
+                                   "early_stop_min_iterations"};
   Json a = with_method_table(before), b = with_method_table(resolved);
   std::string changed;
   // The threads of this process (--threads, or the config's) are the machine's business, not the run's.

@@ -73,6 +73,16 @@ void add_weight_metrics(LossOutput& out, const Tensor& log_w) {
   out.metrics.emplace_back("log_z", lse - std::log(n));
 }
 
+// The share of the loss carried by its largest terms, the top 1% (at least one; `terms` after clipping, [n]): 1% when
+// the terms are alike, near 1 when a few (X_k, t_k) rows carry the loss and so set its gradient.
+double top_share(const Tensor& terms) {
+  const Tensor t = terms.detach().reshape({-1}).to(at::kDouble);
+  const double total = t.sum().item<double>();
+  if (!(total > 0)) return 0.0;
+  const int64_t k = std::max<int64_t>(1, (t.numel() + 99) / 100);
+  return std::get<0>(at::topk(t, k)).sum().item<double>() / total;
+}
+
 }  // namespace
 
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
@@ -311,6 +321,7 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   out.metrics.emplace_back("loss_unclipped", raw.sum().item<double>() / static_cast<double>(B));
   out.metrics.emplace_back("clipped_fraction", clipped_fraction);
   out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());
+  out.metrics.emplace_back("loss_top_share", top_share(terms));
   if (weights) {
     // The rollout's velocities are v_theta(. | c) (no guidance) and adj.v_base is v_base(. | c).
     last_log_w_ = options_.lambda * r.to(at::kDouble) +
@@ -537,6 +548,7 @@ LossOutput AdjointMatching::taped_regression(const std::vector<int64_t>& loss_k,
   out.metrics.emplace_back("clipped_fraction", clipped_fraction);
   out.metrics.emplace_back("adjoint_norm_t0",
                            tapes_->join([](const Tapes::Block& b) { return b.a[0]; }).norm(2, {1}).mean().item<double>());
+  out.metrics.emplace_back("loss_top_share", top_share(clip ? at::clamp_max(terms, lct) : terms));
   return out;
 }
 

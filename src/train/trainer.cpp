@@ -2,6 +2,7 @@
 
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/core/log.h"
 #include "tilt/core/progress.h"
 #include "tilt/train/distributed.h"
 
@@ -99,6 +100,7 @@ struct Trainer::Impl {
   std::vector<int64_t> shard_batch;   // samples in each shard
   std::vector<int64_t> my_shards;     // the shards this process computes
   bool synchronised = false;          // parameters broadcast from rank 0 (distributed)
+  std::string stop_reason;            // why run() stopped early (TrainerOptions::early_stop)
 
   int rank() const { return options.group ? options.group->rank() : 0; }
   int world() const { return options.group ? options.group->world_size() : 1; }
@@ -223,6 +225,8 @@ struct Trainer::Impl {
     }
   }
 
+  std::string agree(const std::string& stop);
+
   // The first step of a distributed run starts every rank from rank 0's parameters.
   void synchronise() {
     if (synchronised || world() == 1) return;
@@ -342,6 +346,49 @@ double quantile(std::vector<double> values, double q) {
   return values[lo] + (pos - static_cast<double>(lo)) * (values[hi] - values[lo]);
 }
 
+PlateauDetector::PlateauDetector(const EarlyStopOptions& options) : options_(options) {
+  if (options_.window < 1) throw Error("early stop: the window must be >= 1, got " + std::to_string(options_.window));
+  if (!(options_.tolerance >= 0) || !std::isfinite(options_.tolerance)) {
+    throw Error("early stop: the tolerance must be finite and >= 0, got " + sci(options_.tolerance));
+  }
+  if (options_.min_iterations < 0) throw Error("early stop: min_iterations must be >= 0");
+}
+
+void PlateauDetector::add(double value) {
+  if (!std::isfinite(value)) return;
+  values_.push_back(value);
+  if (static_cast<int64_t>(values_.size()) > 2 * options_.window) values_.pop_front();
+  ++count_;
+}
+
+double PlateauDetector::previous_median() const {
+  const size_t W = static_cast<size_t>(options_.window);
+  if (values_.size() < 2 * W) return NAN;
+  return quantile(std::vector<double>(values_.begin(), values_.begin() + static_cast<std::ptrdiff_t>(W)), 0.5);
+}
+
+double PlateauDetector::recent_median() const {
+  const size_t W = static_cast<size_t>(options_.window);
+  if (values_.size() < 2 * W) return NAN;
+  return quantile(std::vector<double>(values_.end() - static_cast<std::ptrdiff_t>(W), values_.end()), 0.5);
+}
+
+bool PlateauDetector::plateau() const {
+  if (static_cast<int64_t>(values_.size()) < 2 * options_.window || count_ < options_.min_iterations) return false;
+  const double before = previous_median();
+  return recent_median() - before <= options_.tolerance * std::abs(before);
+}
+
+std::string PlateauDetector::describe() const {
+  const double before = previous_median(), now = recent_median();
+  const std::string W = std::to_string(options_.window);
+  char change[64];
+  std::snprintf(change, sizeof change, "%+.3g%%, tolerance %.3g%%", 100.0 * (now - before) / std::abs(before),
+                100.0 * options_.tolerance);
+  return "median " + (options_.metric.empty() ? std::string("value") : options_.metric) + " " + sci(now) +
+         " over the last " + W + " iterations against " + sci(before) + " over the " + W + " before (" + change + ")";
+}
+
 namespace {
 
 // The loss over the last `size` iterations (TrainerOptions::loss_window).
@@ -386,56 +433,122 @@ std::string progress_status(const StepResult& r, const LossWindow& window) {
   return status;
 }
 
+// TrainerOptions::early_stop over the run: the detector, and the metric's value in a step's output.
+class EarlyStop {
+ public:
+  explicit EarlyStop(const EarlyStopOptions& o) : on_(!o.metric.empty()), detector_(o), metric_(o.metric) {}
+  bool on() const { return on_; }
+  // A kept line of the metrics file (resume).
+  void replay(const nlohmann::json& j) {
+    if (on_ && j.contains(metric_) && j[metric_].is_number()) detector_.add(j[metric_].get<double>());
+  }
+  // Step r's value of the metric.
+  void add(const StepResult& r, const std::string& loss_name) {
+    if (!on_) return;
+    const auto it = std::find_if(r.output.metrics.begin(), r.output.metrics.end(),
+                                 [&](const auto& kv) { return kv.first == metric_; });
+    if (it == r.output.metrics.end()) {
+      throw Error("trainer: early_stop = \"" + metric_ + "\", but the " + loss_name + " loss reports no metric '" +
+                  metric_ + "'");
+    }
+    detector_.add(it->second);
+  }
+  // Why a run at `iteration` stops (the detector's plateau), or "".
+  std::string reason(int64_t iteration) const {
+    if (!on_ || !detector_.plateau()) return "";
+    return "stopped early at iteration " + std::to_string(iteration) + ": the " + metric_ + " has plateaued, " +
+           detector_.describe();
+  }
+
+ private:
+  bool on_;
+  PlateauDetector detector_;
+  std::string metric_;
+};
+
+// Keeps the lines of the metrics file up to `iteration` (a resumed run rewrites what came after), replaying them
+// into the loss window and the early stop; then opens it for appending.
+std::unique_ptr<MetricsFile> open_metrics(const std::string& path, int64_t iteration, LossWindow& window,
+                                          EarlyStop& stop) {
+  std::ostringstream kept;
+  if (iteration > 0 && file_exists(path)) {
+    std::istringstream in(read_file(path, "metrics file"));
+    std::string line;
+    while (std::getline(in, line)) {
+      const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+      if (j.is_object() && j.contains("iteration") && j["iteration"].is_number_integer() &&
+          j["iteration"].get<int64_t>() <= iteration) {
+        kept << line << '\n';
+        if (j.contains("loss") && j["loss"].is_number()) window.add(j["loss"].get<double>());
+        stop.replay(j);
+      }
+    }
+  }
+  atomic_write(path, kept.str());
+  return std::make_unique<MetricsFile>(path);
+}
+
+nlohmann::json metrics_line(const StepResult& r, const LossWindow& window, const std::string& warning,
+                            const std::string& stop) {
+  nlohmann::json j;
+  j["iteration"] = r.iteration;
+  j["loss"] = r.loss;
+  j["grad_norm"] = r.grad_norm;
+  j["lr"] = r.lr;
+  j["seconds"] = r.seconds;
+  for (const auto& [key, value] : r.output.metrics) j[key] = value;
+  if (window.on()) window.write(j);
+  if (!warning.empty()) j["warning"] = warning;
+  if (!stop.empty()) j["early_stop"] = stop;
+  return j;
+}
+
 }  // namespace
+
+// In a group every rank must stop at the same iteration: rank 0's decision (it alone replays the metrics file).
+std::string Trainer::Impl::agree(const std::string& stop) {
+  if (world() == 1 || options.early_stop.metric.empty()) return stop;
+  return options.group->broadcast_bytes(stop, "agreeing on an early stop");
+}
 
 void Trainer::run(const std::function<void(const StepResult&)>& on_step) {
   Impl& m = *impl_;
   const bool writer = m.rank() == 0;  // in a group, only rank 0 writes files and shows progress
   std::unique_ptr<MetricsFile> metrics;
   LossWindow window(m.options.loss_window);
+  EarlyStop early(m.options.early_stop);
   if (writer && !m.options.metrics_path.empty()) {
-    // Keep the lines up to the current iteration (a resumed run rewrites what came after).
-    std::ostringstream kept;
-    if (m.iteration > 0 && file_exists(m.options.metrics_path)) {
-      std::istringstream in(read_file(m.options.metrics_path, "metrics file"));
-      std::string line;
-      while (std::getline(in, line)) {
-        const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
-        if (j.is_object() && j.contains("iteration") && j["iteration"].is_number_integer() &&
-            j["iteration"].get<int64_t>() <= m.iteration) {
-          kept << line << '\n';
-          if (j.contains("loss") && j["loss"].is_number()) window.add(j["loss"].get<double>());
-        }
-      }
-    }
-    atomic_write(m.options.metrics_path, kept.str());
-    metrics = std::make_unique<MetricsFile>(m.options.metrics_path);
+    metrics = open_metrics(m.options.metrics_path, m.iteration, window, early);
   }
+  // A resumed run that had stopped early (its metric still on a plateau) stops again before stepping.
+  m.stop_reason = m.iteration < m.options.iterations ? m.agree(early.reason(m.iteration)) : "";
+  if (!m.stop_reason.empty() && writer) {
+    note("the run " + m.stop_reason + "; nothing to resume (set early_stop = \"off\", or loosen it, to train on)");
+  }
+  const int64_t first = m.iteration;
   ProgressBar bar(m.options.label, m.options.iterations, m.iteration, writer && m.options.progress);
-  while (m.iteration < m.options.iterations) {
+  while (m.stop_reason.empty() && m.iteration < m.options.iterations) {
     const StepResult r = step();
     window.add(r.loss);
-    if (metrics) {
-      nlohmann::json j;
-      j["iteration"] = r.iteration;
-      j["loss"] = r.loss;
-      j["grad_norm"] = r.grad_norm;
-      j["lr"] = r.lr;
-      j["seconds"] = r.seconds;
-      for (const auto& [key, value] : r.output.metrics) j[key] = value;
-      if (window.on()) window.write(j);
-      metrics->append(j.dump() + '\n');
-    }
+    const std::string warning = m.options.monitor ? m.options.monitor(r) : "";
+    early.add(r, m.loss.name());
+    // The last iteration ends the run anyway: not an early stop.
+    if (m.iteration < m.options.iterations) m.stop_reason = m.agree(early.reason(m.iteration));
+    if (metrics) metrics->append(metrics_line(r, window, warning, m.stop_reason).dump() + '\n');
+    if (writer && !warning.empty()) tilt::warning(warning);
     bar.update(m.iteration, progress_status(r, window));
     if (on_step) on_step(r);
-    const bool last = m.iteration == m.options.iterations;
+    const bool last = m.iteration == m.options.iterations || !m.stop_reason.empty();
     if (writer && !m.options.checkpoint_path.empty() &&
         (last || (m.options.checkpoint_every > 0 && m.iteration % m.options.checkpoint_every == 0))) {
       save_checkpoint(m.options.checkpoint_path);
     }
   }
   bar.finish();
+  if (writer && !m.stop_reason.empty() && m.iteration > first) note(m.stop_reason);
 }
+
+const std::string& Trainer::early_stop_reason() const { return impl_->stop_reason; }
 
 void Trainer::save_checkpoint(const std::string& path) const {
   const Impl& m = *impl_;

@@ -77,6 +77,54 @@ else
   fail "resume: $(cat log.txt)"
 fi
 
+# Early stop on an ESS plateau (early_stop = "ess"): with windows of 2 and a tolerance of 100% the first check that
+# finds the last 2 ESS values' median at most twice the 2 before's stops the run, N < 20. It ends as a last iteration
+# would: the checkpoint at N, a model that samples, N metrics lines, the last saying why. A resume stops again at
+# once; with early_stop = "off" it trains on to 20.
+early=(--set finetune.early_stop=ess --set finetune.early_stop_window=2 --set finetune.early_stop_tolerance=1)
+if "$tilt" finetune -q -c tiny.toml "${early[@]}" -o early > log.txt 2>&1 && [ -f early/model.pt ] &&
+   n=$(python3 - early/metrics.jsonl <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1])]
+n = len(lines)
+assert 4 <= n < 20, n
+assert lines[-1]["early_stop"].startswith("stopped early at iteration %d: the ess has plateaued" % n), lines[-1]
+assert not any("early_stop" in j for j in lines[:-1])
+print(n)
+PY
+) && grep -q "stopped early at iteration $n" log.txt &&
+   "$tilt" sample -m early/model.pt -n 50 --steps 20 -o early.csv > /dev/null 2>&1 &&
+   "$tilt" finetune -q -c tiny.toml "${early[@]}" -o early --resume > log2.txt 2>&1 &&
+   grep -q "nothing to resume" log2.txt && [ "$(wc -l < early/metrics.jsonl)" -eq "$n" ] &&
+   "$tilt" finetune -q -c tiny.toml --set finetune.early_stop=off -o early --resume > log3.txt 2>&1 &&
+   [ "$(wc -l < early/metrics.jsonl)" -eq 20 ]; then
+  pass "early_stop = \"ess\" stops at iteration $n with its checkpoint, a model and the reason; resume stops again, or trains on with it off"
+else
+  fail "early stop: $(cat log.txt log2.txt log3.txt 2>/dev/null)"
+fi
+expect_error "early_stop needs a method that reports the ESS" \
+  "'finetune.early_stop' is \"ess\", but method = \"draft\" reports no ESS" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.method=draft --set finetune.early_stop=ess -o early_draft
+expect_error "early_stop_window is checked" "'finetune.early_stop_window' must be in 1..1000000, got 0" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.early_stop=ess --set finetune.early_stop_window=0 -o early_bad
+
+# Regression warnings: a tiny clip_factor clips every term, and after 20 such iterations finetune warns (on stderr and
+# in that iteration's metrics line); the demo's settings (60 iterations of them) warn of nothing.
+if "$tilt" finetune -q -c tiny.toml --set finetune.clip_factor=1e-9 --set finetune.iterations=25 -o clipped > log.txt 2>&1 &&
+   grep -q "warning: over half of the loss terms are clipped in each of the last 20 iterations" log.txt &&
+   [ "$(grep -c '"warning":"over half of the loss terms are clipped' clipped/metrics.jsonl)" -eq 1 ] &&
+   grep -q '"loss_top_share"' clipped/metrics.jsonl; then
+  pass "a tiny clip_factor warns once that most terms are clipped, on stderr and in metrics.jsonl"
+else
+  fail "clip warning: $(cat log.txt)"
+fi
+if "$tilt" finetune -q -c "$configs/demo_2d.toml" --set threads=1 --set finetune.iterations=60 -o demo60 > log.txt 2>&1 &&
+   ! grep -q "warning" log.txt && ! grep -q '"warning"' demo60/metrics.jsonl; then
+  pass "the demo's settings warn of nothing (no clipping, no domination by a few rows)"
+else
+  fail "demo warnings: $(cat log.txt)"
+fi
+
 # 3. Sampling, exact target samples, eval --json.
 "$tilt" sample -m run/model.pt -n 500 --steps 50 -o s.csv --png s.png > /dev/null 2>&1 &&
   "$tilt" sample -m run/model.pt -n 500 --noise ode --steps 50 -o ode.csv > /dev/null 2>&1 &&

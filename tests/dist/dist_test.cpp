@@ -272,6 +272,36 @@ TEST_F(TwoProcesses, FinetuneMatchesOneProcessWithTwoShardsAlsoAfterResume) {
   expect_same_metrics(g_work / "resumed/metrics.jsonl", g_work / "one/metrics.jsonl", 1e-6, 12);
 }
 
+// An early stop on 2 processes: both stop at the same iteration (rank 0's decision), and a --resume stops both again
+// at once, although only rank 0 replays the metrics file; with the early stop off both train on to 12.
+TEST_F(TwoProcesses, AnEarlyStopStopsEveryRankAlsoOnResume) {
+  const std::vector<std::string> early{"finetune", "-q", "-c", "tiny.toml", "--set", "finetune.early_stop=ess",
+                                       "--set", "finetune.early_stop_window=2", "--set",
+                                       "finetune.early_stop_tolerance=1", "-o", "early"};
+  std::string log0, log1;
+  auto [c0, c1] = run_two(early, "early", &log0, &log1);
+  ASSERT_EQ(c0, 0) << log0;
+  ASSERT_EQ(c1, 0) << log1;
+  const auto lines = json_lines(g_work / "early/metrics.jsonl");
+  ASSERT_GE(lines.size(), 4u);
+  ASSERT_LT(lines.size(), 12u);
+  EXPECT_TRUE(lines.back().contains("early_stop")) << lines.back().dump();
+  EXPECT_NE(log0.find("stopped early at iteration " + std::to_string(lines.size())), std::string::npos) << log0;
+
+  std::vector<std::string> again = early;
+  again.push_back("--resume");
+  std::tie(c0, c1) = run_two(again, "early_again", &log0, &log1);
+  ASSERT_EQ(c0, 0) << log0;
+  ASSERT_EQ(c1, 0) << log1;
+  EXPECT_NE(log0.find("nothing to resume"), std::string::npos) << log0;
+  EXPECT_EQ(json_lines(g_work / "early/metrics.jsonl").size(), lines.size());
+
+  std::tie(c0, c1) = run_two({"finetune", "-q", "-c", "tiny.toml", "-o", "early", "--resume"}, "early_off", &log0, &log1);
+  ASSERT_EQ(c0, 0) << log0;
+  ASSERT_EQ(c1, 0) << log1;
+  EXPECT_EQ(json_lines(g_work / "early/metrics.jsonl").size(), 12u);
+}
+
 // tilt soc with a loss that has a second parameter group (moment's y0) and one with self-normalised
 // weights, in double precision: the same per-iteration losses and evaluations as 1 process x 2 shards.
 TEST_F(TwoProcesses, SocMatchesOneProcessWithTwoShards) {

@@ -145,5 +145,75 @@ TEST(Methods, UsersRegisterTheirOwn) {
             std::string::npos);
 }
 
+// [finetune] early_stop = "ess" and its keys reach the trainer; bad values and methods without an ESS are refused,
+// naming the key; the default is off.
+TEST(Methods, EarlyStopKeys) {
+  Base2d s;
+  const Json small{{"num_steps", 20}, {"batch_size", 4}};
+  EXPECT_TRUE(make_finetune_plan(small, *s.base, s.reward, 1.0).trainer.early_stop.metric.empty());
+  Json on = small;
+  on["early_stop"] = "ess";
+  on["early_stop_window"] = 30;
+  on["early_stop_tolerance"] = 0.02;
+  on["early_stop_min_iterations"] = 200;
+  const FinetunePlan plan = make_finetune_plan(on, *s.base, s.reward, 1.0);
+  EXPECT_TRUE(plan.reports_ess);
+  EXPECT_EQ(plan.trainer.early_stop.metric, "ess");
+  EXPECT_EQ(plan.trainer.early_stop.window, 30);
+  EXPECT_DOUBLE_EQ(plan.trainer.early_stop.tolerance, 0.02);
+  EXPECT_EQ(plan.trainer.early_stop.min_iterations, 200);
+  EXPECT_FALSE(mentions(plan.warnings, "cannot stop this run"));
+  Json never = on;
+  never["iterations"] = 50;
+  EXPECT_TRUE(mentions(make_finetune_plan(never, *s.base, s.reward, 1.0).warnings, "early_stop = \"ess\" cannot stop this run"));
+
+  const auto refused = [&](const std::string& key, const Json& value, const std::string& text) {
+    Json t = on;
+    t[key] = value;
+    const std::string e = error_of(t);
+    EXPECT_NE(e.find("'finetune." + key + "'"), std::string::npos) << key << ": " << e;
+    EXPECT_NE(e.find(text), std::string::npos) << key << ": " << e;
+  };
+  refused("early_stop", "loss", "is 'loss', which is not one of: off, ess");
+  refused("early_stop_window", 0, "must be in 1..1000000");
+  refused("early_stop_tolerance", -0.1, "must be in [0, 1]");
+  refused("early_stop_min_iterations", -1, "must be >= 0");
+  Json draft = on;
+  draft["method"] = "draft";
+  const std::string e = error_of(draft);
+  EXPECT_NE(e.find("'finetune.early_stop'"), std::string::npos) << e;
+  EXPECT_NE(e.find("method = \"draft\" reports no ESS"), std::string::npos) << e;
+}
+
+LossOutput signals(double clipped, double top) {
+  LossOutput out;
+  out.metrics = {{"clipped_fraction", clipped}, {"loss_top_share", top}};
+  return out;
+}
+
+// Adjoint Matching's monitor (handed to the trainer): a warning once over half of the terms have been clipped in each
+// of the last 20 iterations (not if one of them clipped less), and once the largest 1% of the terms carried over 0.9
+// of the loss in most of them; each at most once.
+TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
+  Base2d s;
+  const FinetunePlan plan = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
+  ASSERT_TRUE(plan.trainer.monitor);
+  auto monitor = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  for (int i = 0; i < 19; ++i) EXPECT_EQ(monitor(signals(i == 5 ? 0.4 : 0.9, 0.02)), "") << i;
+  for (int i = 0; i < 6; ++i) EXPECT_EQ(monitor(signals(0.9, 0.02)), "") << i;  // the 0.4 is still in the window
+  std::string w = monitor(signals(0.9, 0.02));
+  EXPECT_NE(w.find("over half of the loss terms are clipped in each of the last 20 iterations"), std::string::npos) << w;
+  for (int i = 0; i < 30; ++i) EXPECT_EQ(monitor(signals(0.9, 0.02)), "") << "warned twice";
+
+  auto top = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(top(signals(0.0, i % 2 ? 0.95 : 0.3)), "") << i;  // median 0.625
+  w = top(signals(0.0, 0.95));  // 11 of the last 20 above 0.9: so is the median
+  EXPECT_NE(w.find("the loss is dominated by a few rows"), std::string::npos) << w;
+  EXPECT_EQ(top(signals(0.0, 0.95)), "");
+
+  auto calm = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  for (int i = 0; i < 100; ++i) EXPECT_EQ(calm(signals(i % 2 ? 0.9 : 0.1, i % 3 ? 0.7 : 0.99)), "") << i;
+}
+
 }  // namespace
 }  // namespace tilt

@@ -15,6 +15,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 
@@ -215,6 +216,152 @@ TEST(Trainer, LossWindowSummarisesTheTrailingLosses) {
   p.metrics_path = plain;
   Trainer(*third.loss, p).run();
   for (const auto& j : metric_lines(plain)) EXPECT_FALSE(j.contains("loss_median")) << j.dump();
+}
+
+// The first count at which a PlateauDetector (W = 50, tolerance 0.5%) fires on `values`; 0 if it never does.
+int64_t first_plateau(const std::vector<double>& values, int64_t min_iterations = 0) {
+  EarlyStopOptions o;
+  o.metric = "ess";
+  o.window = 50;
+  o.tolerance = 0.005;
+  o.min_iterations = min_iterations;
+  PlateauDetector d(o);
+  for (double v : values) {
+    d.add(v);
+    if (d.plateau()) return d.count();
+  }
+  return 0;
+}
+
+// The early stop's plateau test on synthetic ESS sequences. It compares the medians of two consecutive windows of 50,
+// so it fires on a flat sequence as soon as it has 100 values (or min_iterations), on a noisy flat one as soon too,
+// never while the sequence rises (even with noise and wild single values: a single-value comparison would fire at
+// each of the outliers), and on a rise that levels off at the first count where the window medians differ by at
+// most 0.5%: 374 here (the older window's median is then 0.897 against 0.9; at 373 it is 0.895).
+TEST(Trainer, PlateauDetectorFiresExactlyOnAPlateau) {
+  std::vector<double> rising, flat(300, 0.9), noisy_flat, noisy_rising, rise_then_flat;
+  for (int i = 0; i < 600; ++i) {
+    const double noise = 0.05 * std::sin(i * 2.399);
+    rising.push_back(0.2 + 0.0015 * i);
+    noisy_flat.push_back(0.9 + noise);
+    noisy_rising.push_back(i % 37 == 36 ? 0.0 : 0.2 + 0.0015 * i + noise);
+    rise_then_flat.push_back(i < 300 ? 0.3 + 0.002 * i : 0.9);
+  }
+  EXPECT_EQ(first_plateau(rising), 0);
+  EXPECT_EQ(first_plateau(flat), 100);
+  EXPECT_EQ(first_plateau(flat, 150), 150);
+  EXPECT_EQ(first_plateau(noisy_flat), 100);
+  EXPECT_EQ(first_plateau(noisy_rising), 0);
+  EXPECT_EQ(first_plateau(rise_then_flat), 374);
+  // A fall is no improvement either.
+  std::vector<double> falling;
+  for (int i = 0; i < 100; ++i) falling.push_back(0.9 - 0.001 * i);
+  EXPECT_EQ(first_plateau(falling), 100);
+
+  EarlyStopOptions o;
+  o.window = 3;
+  PlateauDetector d(o);
+  for (double v : std::vector<double>{0.1, 0.2, NAN, 0.3, 0.3, 0.3}) d.add(v);
+  EXPECT_EQ(d.count(), 5);  // the NaN is skipped
+  EXPECT_FALSE(d.plateau());
+  d.add(0.3);
+  EXPECT_DOUBLE_EQ(d.previous_median(), 0.2);
+  EXPECT_DOUBLE_EQ(d.recent_median(), 0.3);
+  EXPECT_NE(d.describe().find("0.3 over the last 3 iterations against 0.2 over the 3 before"), std::string::npos)
+      << d.describe();
+  o.window = 0;
+  EXPECT_THROW(PlateauDetector{o}, Error);
+  o.window = 3;
+  o.tolerance = -0.1;
+  EXPECT_THROW(PlateauDetector{o}, Error);
+}
+
+// An early stop ends the run after the iteration that found the plateau, as a last iteration would: its checkpoint
+// is written, its metrics line says why. Resuming it stops again at once; with the early stop off it trains on.
+// A loss that does not report the metric is refused at the first step, naming early_stop.
+TEST(Trainer, EarlyStopEndsTheRunLikeItsLastIteration) {
+  const std::string ckpt = temp_file("early.pt"), metrics = temp_file("early.jsonl");
+  Rig first;
+  TrainerOptions o = options(20, ckpt);
+  o.checkpoint_every = 0;  // only at the end (here: the early stop)
+  o.metrics_path = metrics;
+  o.early_stop.metric = "ess";
+  o.early_stop.window = 2;
+  o.early_stop.tolerance = 1e9;  // any pair of windows is a plateau: the first check (iteration 4) stops
+  o.early_stop.min_iterations = 3;
+  Trainer trainer(*first.loss, o);
+  trainer.run();
+  EXPECT_EQ(trainer.iteration(), 4);
+  EXPECT_NE(trainer.early_stop_reason().find("stopped early at iteration 4: the ess has plateaued, median ess "), std::string::npos)
+      << trainer.early_stop_reason();
+  auto lines = metric_lines(metrics);
+  ASSERT_EQ(lines.size(), 4u);
+  EXPECT_EQ(lines[3]["early_stop"].get<std::string>(), trainer.early_stop_reason());
+  for (size_t i = 0; i < 3; ++i) EXPECT_FALSE(lines[i].contains("early_stop")) << lines[i].dump();
+
+  Rig second;
+  Trainer again(*second.loss, o);
+  again.load_checkpoint(ckpt);
+  EXPECT_EQ(again.iteration(), 4);
+  again.run();
+  EXPECT_EQ(again.iteration(), 4);
+  EXPECT_FALSE(again.early_stop_reason().empty());
+  EXPECT_EQ(metric_lines(metrics).size(), 4u);
+
+  Rig third;
+  TrainerOptions off = o;
+  off.early_stop.metric.clear();
+  Trainer on(*third.loss, off);
+  on.load_checkpoint(ckpt);
+  on.run();
+  EXPECT_EQ(on.iteration(), 20);
+  EXPECT_TRUE(on.early_stop_reason().empty());
+  EXPECT_EQ(metric_lines(metrics).size(), 20u);
+
+  // A plateau found at the last iteration is the run's ordinary end, not an early stop; resumed with more
+  // iterations (the early stop still on) the run stops at once, its ESS being on that plateau.
+  const std::string ended = temp_file("ended.jsonl");
+  Rig fifth;
+  TrainerOptions four = o;
+  four.iterations = 4;
+  four.metrics_path = ended;
+  Trainer natural(*fifth.loss, four);
+  natural.run();
+  EXPECT_EQ(natural.iteration(), 4);
+  EXPECT_TRUE(natural.early_stop_reason().empty()) << natural.early_stop_reason();
+  for (const auto& j : metric_lines(ended)) EXPECT_FALSE(j.contains("early_stop")) << j.dump();
+  Rig sixth;
+  four.iterations = 20;
+  Trainer extended(*sixth.loss, four);
+  extended.load_checkpoint(ckpt);
+  extended.run();
+  EXPECT_EQ(extended.iteration(), 4);
+  EXPECT_FALSE(extended.early_stop_reason().empty());
+
+  Rig fourth;
+  TrainerOptions absent = options(5);
+  absent.early_stop.metric = "no_such_metric";
+  try {
+    Trainer(*fourth.loss, absent).run();
+    FAIL() << "a metric the loss does not report was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("early_stop = \"no_such_metric\""), std::string::npos) << e.what();
+  }
+}
+
+// TrainerOptions::monitor: a warning it returns is written to that iteration's metrics line.
+TEST(Trainer, MonitorWarningsReachTheMetricsFile) {
+  const std::string metrics = temp_file("monitor.jsonl");
+  Rig s;
+  TrainerOptions o = options(3);
+  o.metrics_path = metrics;
+  o.monitor = [](const StepResult& r) { return r.iteration == 2 ? std::string("watch out") : std::string(); };
+  Trainer(*s.loss, o).run();
+  const auto lines = metric_lines(metrics);
+  ASSERT_EQ(lines.size(), 3u);
+  EXPECT_FALSE(lines[0].contains("warning"));
+  EXPECT_EQ(lines[1]["warning"].get<std::string>(), "watch out");
+  EXPECT_FALSE(lines[2].contains("warning"));
 }
 
 TEST(FlowMatching, LearnsTheExactVelocityOfAGaussian) {

@@ -40,8 +40,11 @@ struct FinetunePlan {
   std::vector<std::string> warnings;
   /// The method's loss for the model being trained (make_model's).
   std::function<std::unique_ptr<Loss>(std::shared_ptr<FineTunedVelocity>)> make_loss;
-  /// Optional: called with each step's loss output; a non-empty return is a warning to show (once).
+  /// Optional: called with each step's loss output; a non-empty return is a warning to show (the monitor limits how
+  /// often). read_finetune hands it to trainer.monitor, which prints it and writes it to metrics.jsonl.
   std::function<std::string(const LossOutput&)> monitor;
+  /// The loss reports the metric `ess` (adjoint_matching without guidance), which [finetune] early_stop = "ess" needs.
+  bool reports_ess = false;
   /// Metrics that training.png plots besides the loss and the reward (adjoint_matching: loss_median and ess).
   std::vector<std::string> curves;
 

@@ -11,6 +11,7 @@
 
 #include "tilt/soc/loss.h"
 
+#include <deque>
 #include <functional>
 #include <memory>
 #include <string>
@@ -31,6 +32,48 @@ struct AdamOptions {
 /// Learning rate against the iteration: constant, or a cosine decay from lr to lr * lr_final_factor.
 enum class LrSchedule { constant, cosine };
 LrSchedule parse_lr_schedule(const std::string& name);  // "constant" | "cosine"
+
+/// Stopping a run once a noisy per-iteration metric (Adjoint Matching's `ess`, E104) has stopped improving: the
+/// median of its last `window` values against the median of the `window` values before them (PlateauDetector).
+struct EarlyStopOptions {
+  std::string metric;          ///< the loss's metric to watch (e.g. "ess"); empty: no early stop
+  int64_t window = 200;        ///< W >= 1: values per window; the first check is after 2W of them
+  double tolerance = 0.005;    ///< stop when the newer median exceeds the older by at most tolerance * |older|
+  int64_t min_iterations = 0;  ///< never before this many values (iterations)
+};
+
+/// The plateau test of EarlyStopOptions over a stream of values, one per iteration. With m_old the median of the
+/// values 2W..W+1 back and m_new that of the last W, plateau() is true once at least max(2W, min_iterations)
+/// values have come and m_new - m_old <= tolerance * |m_old|: the last window improved on the one before by no
+/// more than the tolerance (or got worse). Medians of whole windows, not single values, so that one noisy value
+/// cannot decide it. Non-finite values are skipped (not counted).
+class PlateauDetector {
+ public:
+  explicit PlateauDetector(const EarlyStopOptions& options);  // throws tilt::Error on window < 1, tolerance < 0
+  void add(double value);
+  bool plateau() const;
+  int64_t count() const { return count_; }  ///< finite values added so far
+  /// The medians of the older and the newer window (NaN until 2W values have come).
+  double previous_median() const;
+  double recent_median() const;
+  /// For the log: "median ess 0.912 over the last 100 iterations against 0.910 over the 100 before (+0.22%,
+  /// tolerance 0.5%)".
+  std::string describe() const;
+
+ private:
+  EarlyStopOptions options_;
+  std::deque<double> values_;  // the last 2W
+  int64_t count_ = 0;
+};
+
+struct StepResult {
+  int64_t iteration;   ///< 1-based number of the iteration just done
+  double loss;
+  double lr;
+  double grad_norm;    ///< before clipping
+  double seconds;
+  LossOutput output;
+};
 
 struct TrainerOptions {
   int64_t iterations = 1000;
@@ -61,20 +104,21 @@ struct TrainerOptions {
   /// loss_window iterations (fewer at the start; a resumed run counts the kept lines of the metrics file), and the
   /// progress line the median and the metric `ess` when the loss reports one. 0: neither.
   int64_t loss_window = 0;
+  /// Optional early stop (metric empty: off). When the PlateauDetector of the loss's metric fires, the run stops
+  /// after that iteration as if it were the last: the checkpoint is written, the iteration's metrics line gets
+  /// "early_stop" (the reason) and a note says why. The loss must report the metric (tilt::Error at the first step
+  /// otherwise). A plateau at the last iteration is the ordinary end, not an early stop. A resumed run replays the
+  /// metric from the kept lines of the metrics file, so resuming a run that stopped early (or one that ended on a
+  /// plateau, with more iterations) stops again at once (turn the early stop off, or loosen it, to train on).
+  EarlyStopOptions early_stop;
+  /// Optional: called with each step's result; a non-empty return is a warning, printed (tilt::warning) and
+  /// written to that iteration's metrics line as "warning". Rate limiting is the monitor's business.
+  std::function<std::string(const StepResult&)> monitor;
 };
 
 /// The q-quantile (0 <= q <= 1) of `values` by linear interpolation between order statistics (q = 0.5: the
 /// median). Throws tilt::Error if `values` is empty.
 double quantile(std::vector<double> values, double q);
-
-struct StepResult {
-  int64_t iteration;   ///< 1-based number of the iteration just done
-  double loss;
-  double lr;
-  double grad_norm;    ///< before clipping
-  double seconds;
-  LossOutput output;
-};
 
 class Trainer {
  public:
@@ -90,8 +134,10 @@ class Trainer {
   /// before any parameter is changed.
   StepResult step();
 
-  /// Steps until options.iterations, writing metrics, checkpoints and progress.
+  /// Steps until options.iterations (or an early stop), writing metrics, checkpoints and progress.
   void run(const std::function<void(const StepResult&)>& on_step = {});
+  /// Why run() stopped before options.iterations (TrainerOptions::early_stop); empty if it did not.
+  const std::string& early_stop_reason() const;
 
   /// Writes parameters, optimiser state and the iteration counter, atomically.
   void save_checkpoint(const std::string& path) const;

@@ -279,6 +279,7 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
     throw Error("samples file '" + path + "' has dimension " + std::to_string(x.size(1)) + ", the target has " +
                 std::to_string(dim));
   }
+  if (n < 2) throw Error("samples file '" + path + "' has 1 sample: the noise floor needs at least 2 of the same size");
   if (!t.exact && 2 * n > t.reference.size(0)) {
     throw Error("--reference needs at least 2n = " + std::to_string(2 * n) + " samples to estimate the noise floor");
   }
@@ -316,7 +317,7 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
 void check_eval_options(const EvalOptions& o) {
   if (o.samples.empty()) throw Error("give at least one --samples FILE");
   check_in_range("--replicates", o.replicates, 1, 1000);
-  if (o.max_n) check_in_range("--max-n", *o.max_n, 1, limits::kSamples);
+  if (o.max_n) check_in_range("--max-n", *o.max_n, 2, limits::kSamples);
 }
 
 Json evaluate_sample_files(Config& config, const EvalOptions& o) {

@@ -110,9 +110,13 @@ assert 1.1 < f300 / f400 < 1.5, (f300, f400)
 PY
    grep -qF -- "--max-n 400: files of more rows are scored on 400 of them" maxn.txt
 then pass "eval --max-n scores 400 of 500 rows and says so"; else fail "eval --max-n: $(cat log.txt maxn.json maxn.txt)"; fi
-expect_error "eval --max-n 0" "--max-n must be in 1..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n 0
-expect_error "eval --max-n -5" "--max-n must be in 1..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n -5
+expect_error "eval --max-n 0" "--max-n must be in 2..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n 0
+expect_error "eval --max-n -5" "--max-n must be in 2..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n -5
 expect_error "eval --max-n abc" "--max-n" "$tilt" eval -c tiny.toml -s s.csv --max-n abc
+expect_error "eval --max-n 1" "--max-n must be in 2..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n 1
+head -n 2 s.csv > one.csv
+expect_error "eval of a file of 1 sample" "samples file 'one.csv' has 1 sample: the noise floor needs at least 2" \
+  "$tilt" eval -c tiny.toml -s one.csv
 
 # 4. Errors that name the problem.
 cp tiny.toml typo.toml && sed -i 's/^lr = 1e-3/lrr = 1e-3/' typo.toml

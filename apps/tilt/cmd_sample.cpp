@@ -53,6 +53,8 @@ const bool registered_eval = add_command(
        app.add_option("-s,--samples", o.samples, "Samples file(s) to evaluate (repeatable)")->required();
        app.add_option("--reference", o.reference, "Reference samples, when the config has no exact target");
        app.add_option("--replicates", o.replicates, "Fresh target sets per distance")->capture_default_str();
+       app.add_option("--max-n", o.max_n,
+                      "Score each file on at most N of its rows, drawn at random (seeded); the noise floor is then for N");
        app.add_option("--condition", o.condition, "A conditional config: the condition of files without columns c0, ...");
        add_seed_threads(app, config);
        return [args] {

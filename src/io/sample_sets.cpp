@@ -232,49 +232,78 @@ Tensor target_sample(const Target& t, int64_t n, Generator& gen) {
   return t.reference.index_select(0, idx);
 }
 
-// The distances of one samples file, each averaged over `replicates` fresh target sets (distances between
-// finite samples of a multimodal law are heavy-tailed); the noise floor (docs/equations.md, E78) depends
-// only on n and is estimated once per sample size, over 2 x replicates pairs.
-Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& o, const std::vector<double>& bandwidths,
-                   std::map<int64_t, std::pair<double, double>>& floors, Generator& gen) {
+// The target sets of one sample size n, shared by every file of that size: `replicates` fresh sets with their
+// own terms, and the noise floor (docs/equations.md, E78 and E108) from those terms.
+struct TargetSets {
+  std::vector<Tensor> y;
+  std::vector<SampleSelfTerms> self;
+  SampleDistances floor{0, 0};
+};
+
+TargetSets draw_target_sets(const Target& t, int64_t n, const EvalOptions& o, const std::vector<double>& bandwidths,
+                            Generator& gen, ProgressBar& bar, int64_t& done) {
+  TargetSets s;
+  const double R = static_cast<double>(o.replicates);
+  for (int64_t r = 0; r < o.replicates; ++r) {
+    s.y.push_back(target_sample(t, n, gen));
+    s.self.push_back(sample_self_terms(s.y.back(), bandwidths));
+    const SampleDistances f = noise_floor(s.self.back(), n);
+    s.floor.energy += f.energy / R;
+    s.floor.mmd += f.mmd / R;
+    bar.update(++done, "target sets");
+  }
+  return s;
+}
+
+// Each file's rows, or --max-n of them, drawn without replacement from a generator of its own (the same rows
+// whatever the other files).
+Tensor read_eval_samples(const std::string& path, const EvalOptions& o, uint64_t seed, int64_t& file_rows) {
   const Tensor x = read_samples_csv(path);
+  file_rows = x.size(0);
+  if (!o.max_n || x.size(0) <= *o.max_n) return x;
+  Generator gen = make_generator(mix_seed(seed, 31));
+  const Tensor idx = at::randperm(x.size(0), gen, at::TensorOptions().dtype(at::kLong)).slice(0, 0, *o.max_n);
+  return x.index_select(0, idx);
+}
+
+// The distances of one samples file, each averaged over `replicates` target sets of its size; those sets, their
+// own terms and the floor are drawn and computed once per size, for every file of that size, and the file's own
+// terms once for all of them. Unbiased as before: each set is independent of the file.
+Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& o, const std::vector<double>& bandwidths,
+                   std::map<int64_t, TargetSets>& targets, Generator& gen) {
+  int64_t file_rows = 0;
+  const Tensor x = read_eval_samples(path, o, t.seed, file_rows);
   const int64_t n = x.size(0);
   const int64_t dim = t.exact ? t.exact->target->dim() : t.reference.size(1);
   if (x.size(1) != dim) {
     throw Error("samples file '" + path + "' has dimension " + std::to_string(x.size(1)) + ", the target has " +
                 std::to_string(dim));
   }
+  if (n < 2) throw Error("samples file '" + path + "' has 1 sample: the noise floor needs at least 2 of the same size");
   if (!t.exact && 2 * n > t.reference.size(0)) {
     throw Error("--reference needs at least 2n = " + std::to_string(2 * n) + " samples to estimate the noise floor");
   }
   const double R = static_cast<double>(o.replicates);
-  // Each distance is O(n^2): from a few thousand samples on, one takes seconds, so the work shows its progress.
-  const bool new_floor = !floors.count(n);
-  ProgressBar bar("eval " + path, (new_floor ? 3 : 1) * o.replicates, 0, n >= kProgressSamples);
+  // Each distance is O(n^2): from a few thousand samples on, one takes a second or more, so the work shows
+  // its progress.
+  const bool new_size = !targets.count(n);
+  ProgressBar bar("eval " + path, (new_size ? 2 : 1) * o.replicates + 1, 0, n >= kProgressSamples);
   int64_t done = 0;
-  if (new_floor) {
-    double ed = 0, mm = 0;
-    for (int64_t r = 0; r < 2 * o.replicates; ++r) {
-      // (in one call, as before: the order in which the two sets are drawn is the compiler's)
-      const SampleDistances d = sample_distances(target_sample(t, n, gen), target_sample(t, n, gen), bandwidths);
-      ed += d.energy / (2 * R);
-      mm += d.mmd / (2 * R);
-      bar.update(++done, "noise floor");
-    }
-    floors[n] = {ed, mm};
-  }
+  if (new_size) targets[n] = draw_target_sets(t, n, o, bandwidths, gen, bar, done);
+  const TargetSets& ys = targets.at(n);
+  const SampleSelfTerms x_self = sample_self_terms(x, bandwidths);  // the file's own pairs, once for every set
+  bar.update(++done, "own pairs");
   double ed = 0, mm = 0;
-  const SampleSelfTerms x_self = sample_self_terms(x, bandwidths);  // the file's own pairs, once for every replicate
   for (int64_t r = 0; r < o.replicates; ++r) {
-    const SampleDistances d = sample_distances(x, target_sample(t, n, gen), x_self);
+    const SampleDistances d = sample_distances(x, ys.y[r], x_self, ys.self[r]);
     ed += d.energy / R;
     mm += d.mmd / R;
     bar.update(++done, "distances");
   }
   bar.finish();
-  Json s{{"n", n}, {"energy_distance", ed}, {"energy_distance_noise_floor", floors[n].first},
-         {"energy_distance_ratio", ed / floors[n].first}, {"mmd", mm}, {"mmd_noise_floor", floors[n].second},
-         {"mmd_ratio", mm / floors[n].second}};
+  Json s{{"n", n}, {"file_rows", file_rows}, {"energy_distance", ed}, {"energy_distance_noise_floor", ys.floor.energy},
+         {"energy_distance_ratio", ed / ys.floor.energy}, {"mmd", mm}, {"mmd_noise_floor", ys.floor.mmd},
+         {"mmd_ratio", mm / ys.floor.mmd}};
   if (t.reward) {
     const RewardStats rs = reward_stats(*t.reward, x);
     s["mean_reward"] = rs.mean;
@@ -288,6 +317,7 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
 void check_eval_options(const EvalOptions& o) {
   if (o.samples.empty()) throw Error("give at least one --samples FILE");
   check_in_range("--replicates", o.replicates, 1, 1000);
+  if (o.max_n) check_in_range("--max-n", *o.max_n, 2, limits::kSamples);
 }
 
 Json evaluate_sample_files(Config& config, const EvalOptions& o) {
@@ -297,6 +327,7 @@ Json evaluate_sample_files(Config& config, const EvalOptions& o) {
   }
   if (config_is_conditional(config)) {
     if (!o.reference.empty()) throw Error("--reference: the config's problem is conditional and has an exact target at every condition");
+    if (o.max_n) throw Error("--max-n: not for a conditional config (each condition's group of samples is scored whole)");
     return evaluate_conditional_sample_files(config, o.samples, o.replicates,
                                              o.condition.empty() ? Tensor() : parse_condition(o.condition, "--condition"));
   }
@@ -315,8 +346,9 @@ Json evaluate_sample_files(Config& config, const EvalOptions& o) {
   // Kernel bandwidths fixed once, from the target, so that every MMD below is comparable.
   const std::vector<double> bandwidths = median_bandwidths(target_sample(t, 2000, gen));
   out["mmd_bandwidths"] = bandwidths;
-  std::map<int64_t, std::pair<double, double>> floors;
-  for (const std::string& path : o.samples) out["samples"][path] = evaluate_file(t, path, o, bandwidths, floors, gen);
+  if (o.max_n) out["max_n"] = *o.max_n;
+  std::map<int64_t, TargetSets> targets;
+  for (const std::string& path : o.samples) out["samples"][path] = evaluate_file(t, path, o, bandwidths, targets, gen);
   return out;
 }
 
@@ -347,8 +379,16 @@ std::string evaluation_text(const Json& r, const EvalOptions& o) {
   }
   add(std::snprintf(line, sizeof line,
                     "(energy distance and MMD averaged over %lld fresh target sets of the same size; the noise floor is "
-                    "the mean distance between two independent target sets, over twice as many pairs)\n",
+                    "the expected distance between two independent target sets of that size, from the same sets' own "
+                    "pairs)\n",
                     static_cast<long long>(o.replicates)));
+  if (o.max_n) {
+    add(std::snprintf(line, sizeof line,
+                      "(--max-n %lld: files of more rows are scored on %lld of them drawn at random (seeded), and the "
+                      "noise floor is then that of %lld samples)\n",
+                      static_cast<long long>(*o.max_n), static_cast<long long>(*o.max_n),
+                      static_cast<long long>(*o.max_n)));
+  }
   return out;
 }
 

@@ -142,6 +142,29 @@ assert r["samples"]["target.csv"]["energy_distance_ratio"] < 3.0
 PY
 then pass "eval --json prints one JSON object with the distances"; else fail "eval --json: $(cat log.txt eval.json)"; fi
 "$tilt" plot -o fig.png s.csv:model target.csv:target > /dev/null 2>&1 && [ -f fig.png ] && pass "plot" || fail "plot"
+# --max-n: a file of more rows is scored on that many (the JSON says how many of how many); a smaller one whole.
+head -n 301 s.csv > s300.csv
+if "$tilt" eval -c tiny.toml -s s.csv -s s300.csv --json --replicates 2 --max-n 400 > maxn.json 2> log.txt &&
+   "$tilt" eval -c tiny.toml -s s.csv --replicates 2 --max-n 400 > maxn.txt 2>> log.txt &&
+   python3 - maxn.json <<'PY'
+import json, sys
+r = json.load(open(sys.argv[1]))
+assert r["max_n"] == 400, r
+assert (r["samples"]["s.csv"]["n"], r["samples"]["s.csv"]["file_rows"]) == (400, 500), r
+assert (r["samples"]["s300.csv"]["n"], r["samples"]["s300.csv"]["file_rows"]) == (300, 300), r
+# the floor is that of the rows scored: (2/n) E|X - X'|
+f400, f300 = (r["samples"][p]["energy_distance_noise_floor"] for p in ("s.csv", "s300.csv"))
+assert 1.1 < f300 / f400 < 1.5, (f300, f400)
+PY
+   grep -qF -- "--max-n 400: files of more rows are scored on 400 of them" maxn.txt
+then pass "eval --max-n scores 400 of 500 rows and says so"; else fail "eval --max-n: $(cat log.txt maxn.json maxn.txt)"; fi
+expect_error "eval --max-n 0" "--max-n must be in 2..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n 0
+expect_error "eval --max-n -5" "--max-n must be in 2..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n -5
+expect_error "eval --max-n abc" "--max-n" "$tilt" eval -c tiny.toml -s s.csv --max-n abc
+expect_error "eval --max-n 1" "--max-n must be in 2..10000000" "$tilt" eval -c tiny.toml -s s.csv --max-n 1
+head -n 2 s.csv > one.csv
+expect_error "eval of a file of 1 sample" "samples file 'one.csv' has 1 sample: the noise floor needs at least 2" \
+  "$tilt" eval -c tiny.toml -s one.csv
 
 # 4. Errors that name the problem.
 cp tiny.toml typo.toml && sed -i 's/^lr = 1e-3/lrr = 1e-3/' typo.toml

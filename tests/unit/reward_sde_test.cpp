@@ -8,6 +8,7 @@
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -71,7 +72,10 @@ TEST(Metrics, BlockedDistancesEqualTheWholeMatrix) {
   Generator gen = make_generator(41);
   const Tensor x = at::randn({300, 3}, gen, at::kDouble);
   const Tensor y = 0.5 + 1.3 * at::randn({4000, 3}, gen, at::kDouble);
-  const Tensor xy = at::cdist(x, y), xx = at::cdist(x, x), yy = at::cdist(y, y);
+  // cdist's mode 2 takes the coordinate differences: its default, |a|^2 + |b|^2 - 2 a.b for sets this large, is
+  // off by 3e-11 relative in the energy distance below, which the sums of differences do not reach.
+  const auto cdist = [](const Tensor& a, const Tensor& b) { return at::cdist(a, b, 2.0, 2); };
+  const Tensor xy = cdist(x, y), xx = cdist(x, x), yy = cdist(y, y);
   const double n = 300, m = 4000;
   const double energy = 2 * xy.sum().item<double>() / (n * m) - xx.sum().item<double>() / (n * n) -
                         yy.sum().item<double>() / (m * m);
@@ -105,6 +109,111 @@ TEST(Metrics, BlockedDistancesEqualTheWholeMatrix) {
     EXPECT_EQ(once.mmd, reused.mmd);
   }
   EXPECT_THROW(sample_distances(x.slice(0, 0, 200), y, x_self), Error);
+}
+
+// The plain whole-matrix sums the fused pair kernel must reproduce: every pairwise squared distance by its
+// coordinate differences, in float64, then sqrt and one exp per bandwidth.
+struct WholeMatrix {
+  double energy = 0, mmd = 0;
+};
+WholeMatrix whole_matrix(const Tensor& x, const Tensor& y, const std::vector<double>& bw) {
+  const auto d2 = [](const Tensor& a, const Tensor& b) { return (a.unsqueeze(1) - b.unsqueeze(0)).pow(2).sum(-1); };
+  const Tensor xy = d2(x, y), xx = d2(x, x), yy = d2(y, y);
+  const auto mean = [](const Tensor& t) { return t.sum().item<double>() / static_cast<double>(t.numel()); };
+  WholeMatrix r;
+  r.energy = 2 * mean(xy.sqrt()) - mean(xx.sqrt()) - mean(yy.sqrt());
+  for (double s : bw) {
+    const auto k = [&](const Tensor& t) { return mean(at::exp(t / (-2 * s * s))); };
+    r.mmd += k(xx) + k(yy) - 2 * k(xy);
+  }
+  return r;
+}
+
+TEST(Metrics, FusedPairKernelEqualsThePlainWholeMatrix) {
+  // Sizes that divide neither the kernel's blocks of rows (32), its tiles of columns (512) nor its 8 lanes;
+  // dimensions 1, 3 and 7; a ladder of bandwidths (one exp, then squarings), a set that is no ladder (one exp
+  // each), a mixed one, and none.
+  Generator gen = make_generator(43);
+  const std::vector<std::vector<double>> bandwidth_sets{{0.3, 2.4, 0.6, 1.2}, {0.7, 1.9, 0.33}, {0.5, 1.0, 3.0}, {}};
+  for (int64_t d : {1, 3, 7}) {
+    const Tensor x = at::randn({97, d}, gen, at::kDouble);
+    const Tensor y = 0.4 + 1.2 * at::randn({1031, d}, gen, at::kDouble);
+    for (const auto& bw : bandwidth_sets) {
+      const WholeMatrix w = whole_matrix(x, y, bw);
+      const SampleDistances f = sample_distances(x, y, bw);
+      EXPECT_NEAR(f.energy, w.energy, 1e-12 * std::abs(w.energy)) << "d = " << d;
+      EXPECT_NEAR(f.mmd, w.mmd, 1e-12 * std::abs(w.mmd) + 1e-15) << "d = " << d << ", " << bw.size() << " bandwidths";
+      if (!bw.empty()) EXPECT_GT(w.mmd, 1e-4);
+      // y against x: the other shape of the non-symmetric sums.
+      const SampleDistances g = sample_distances(y, x, bw);
+      EXPECT_NEAR(g.energy, w.energy, 1e-12 * std::abs(w.energy));
+      EXPECT_NEAR(g.mmd, w.mmd, 1e-12 * std::abs(w.mmd) + 1e-15);
+    }
+    EXPECT_NEAR(energy_distance(x, y), whole_matrix(x, y, {}).energy, 1e-12 * whole_matrix(x, y, {}).energy);
+    // The symmetric sums (a set with itself, from the pairs i < j doubled, and the diagonal) alone.
+    const std::vector<double> bw{0.25, 0.5, 1.0, 2.0};
+    const SampleSelfTerms self = sample_self_terms(y, bw);
+    const Tensor yy = (y.unsqueeze(1) - y.unsqueeze(0)).pow(2).sum(-1);
+    EXPECT_NEAR(self.dist, yy.sqrt().sum().item<double>(), 1e-12 * self.dist);
+    for (size_t k = 0; k < bw.size(); ++k) {
+      const double whole = at::exp(yy / (-2 * bw[k] * bw[k])).sum().item<double>();
+      EXPECT_NEAR(self.kernel[k], whole, 1e-12 * whole) << "bandwidth " << bw[k];
+    }
+  }
+  // One sample against one; float32 input is summed in float64.
+  const Tensor a = at::tensor({1.0, 2.0}, kDouble).reshape({1, 2}), b = at::tensor({4.0, 6.0}, kDouble).reshape({1, 2});
+  EXPECT_NEAR(sample_distances(a, b, std::vector<double>{5.0}).energy, 10.0, 1e-14);
+  EXPECT_NEAR(sample_distances(a, b, std::vector<double>{5.0}).mmd, 2.0 - 2.0 * std::exp(-0.5), 1e-15);
+  const Tensor xf = at::randn({50, 3}, gen, at::kDouble), yf = at::randn({61, 3}, gen, at::kDouble);
+  EXPECT_NEAR(energy_distance(xf.to(at::kFloat), yf.to(at::kFloat)),
+              whole_matrix(xf.to(at::kFloat).to(at::kDouble), yf.to(at::kFloat).to(at::kDouble), {}).energy, 1e-12);
+}
+
+TEST(Metrics, PairSumsAreTheSameForAnyNumberOfThreads) {
+  // The blocks' sums are added in a fixed order: 1 and 2 threads give the same bits.
+  Generator gen = make_generator(44);
+  const Tensor x = at::randn({1500, 3}, gen, at::kDouble), y = 0.3 + at::randn({1700, 3}, gen, at::kDouble);
+  const std::vector<double> bw{0.25, 0.5, 1.0, 2.0};
+  const int threads_before = at::get_num_threads();
+  at::set_num_threads(1);
+  const SampleDistances one = sample_distances(x, y, bw);
+  at::set_num_threads(2);
+  const SampleDistances two = sample_distances(x, y, bw);
+  at::set_num_threads(threads_before);
+  EXPECT_EQ(one.energy, two.energy);
+  EXPECT_EQ(one.mmd, two.mmd);
+}
+
+TEST(Metrics, NoiseFloorFromOneSetsOwnPairs) {
+  // X ~ N(0, 1) in 1-D: E|X - X'| = 2 / sqrt(pi), and X - X' ~ N(0, 2), so E exp(-(X - X')^2 / (2 s^2)) =
+  // (1 + 2 / s^2)^(-1/2). The floor for sets of n is (2/n) of the first, and (2/n) sum_s (1 - the second).
+  const std::vector<double> bw{0.5, 1.0, 2.0};
+  const int64_t n = 40;
+  double exact_mmd = 0;
+  for (double s : bw) exact_mmd += 2.0 / n * (1.0 - 1.0 / std::sqrt(1.0 + 2.0 / (s * s)));
+  const double exact_energy = 2.0 / n * 2.0 / std::sqrt(M_PI);
+  Generator gen = make_generator(45);
+  // From the own pairs of one large set: within four times its sampling error (2 sd(E[|x - X'|]) / sqrt(m),
+  // about 0.5% here).
+  const SampleDistances f = noise_floor(sample_self_terms(at::randn({20000, 1}, gen, at::kDouble), bw), n);
+  EXPECT_NEAR(f.energy, exact_energy, 0.02 * exact_energy);
+  EXPECT_NEAR(f.mmd, exact_mmd, 0.02 * exact_mmd);
+  // And what it estimates: the mean distance between two fresh sets of n (E78, E108), over 3000 pairs.
+  double energy = 0, mmd = 0;
+  const int pairs = 3000;
+  for (int p = 0; p < pairs; ++p) {
+    const SampleDistances d = sample_distances(at::randn({n, 1}, gen, at::kDouble), at::randn({n, 1}, gen, at::kDouble), bw);
+    energy += d.energy / pairs;
+    mmd += d.mmd / pairs;
+  }
+  EXPECT_NEAR(energy, exact_energy, 0.04 * exact_energy);
+  EXPECT_NEAR(mmd, exact_mmd, 0.04 * exact_mmd);
+  // The unbiased mean over the m (m - 1) pairs i != j, exactly.
+  const Tensor y = at::randn({9, 2}, gen, at::kDouble);
+  const double off = (y.unsqueeze(1) - y.unsqueeze(0)).pow(2).sum(-1).sqrt().sum().item<double>() / (9 * 8);
+  EXPECT_NEAR(noise_floor(sample_self_terms(y, {}), 5).energy, 2.0 / 5 * off, 1e-14);
+  EXPECT_THROW(noise_floor(sample_self_terms(y.slice(0, 0, 1), {}), 5), Error);
+  EXPECT_THROW(noise_floor(sample_self_terms(y, {}), 0), Error);
 }
 
 TEST(Sampler, OdeSolversHaveTheirOrders) {

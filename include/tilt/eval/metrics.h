@@ -41,6 +41,17 @@ SampleSelfTerms sample_self_terms(const Tensor& x, const std::vector<double>& ba
 /// sample_distances(x, y, bandwidths) with x's own terms given (the same numbers); throws tilt::Error if
 /// x_self was computed for another size or other bandwidths.
 SampleDistances sample_distances(const Tensor& x, const Tensor& y, const SampleSelfTerms& x_self);
+/// The same with y's own terms given too (a target set met by several files): only the pairs (x_i, y_j) are
+/// summed. Throws tilt::Error if either was computed for another size, or they have other bandwidths.
+SampleDistances sample_distances(const Tensor& x, const Tensor& y, const SampleSelfTerms& x_self,
+                                 const SampleSelfTerms& y_self);
+
+/// The noise floor (docs/equations.md, E78 and E108): the expected energy distance, (2/n) E|X - X'|, and
+/// MMD, (2/n) sum_s (1 - E k_s(X, X')), between two independent sets of n samples of one law, estimated
+/// without bias from the self terms of one set of that law (of any size m >= 2: the means over its m (m - 1)
+/// pairs i != j). Much less noisy than the distance between two fresh sets, and free once the set's own
+/// terms are known.
+SampleDistances noise_floor(const SampleSelfTerms& y_self, int64_t n);
 
 /// Mean and standard error of r(x).
 struct RewardStats {

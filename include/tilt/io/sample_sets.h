@@ -51,6 +51,9 @@ struct EvalOptions {
   std::vector<std::string> samples;  ///< CSV files to evaluate
   std::string reference;  ///< compare with these samples when the config has no exact target
   int64_t replicates = 8;  ///< fresh target sets per distance
+  /// Given: a file of more rows is scored on max_n of them, drawn without replacement (generator
+  /// mix_seed(seed, 31), the same for every file), and its noise floor is that of max_n samples.
+  std::optional<int64_t> max_n;
   /// A conditional config: the condition of every sample of files without condition columns (comma-separated
   /// numbers); files with columns c0, c1, ... carry their own.
   std::string condition;
@@ -58,11 +61,12 @@ struct EvalOptions {
 /// Throws tilt::Error naming the flag of an option out of bounds (checked first by evaluate_sample_files).
 void check_eval_options(const EvalOptions& options);
 /// Energy distance and MMD of each samples file to the config's exact target p* (else to `reference`),
-/// each averaged over `replicates` fresh target sets, with the noise floor (the distance between two
-/// target sets of the same size) and the mean reward; generator mix_seed(seed, 29) from the config's
-/// top-level seed. Returns target.{kind, log_z, lambda, mean_reward | path}, base.mean_reward,
-/// mmd_bandwidths and samples.<path>.{n, energy_distance(_noise_floor, _ratio), mmd(...),
-/// mean_reward, mean_reward_se}.
+/// each averaged over `replicates` fresh target sets (drawn once per sample size and shared by the files of
+/// that size), with the noise floor (the expected distance between two target sets of the same size,
+/// estimated from those sets' own pairs: docs/equations.md, E78 and E108) and the mean reward; generator
+/// mix_seed(seed, 29) from the config's top-level seed. Returns target.{kind, log_z, lambda, mean_reward |
+/// path}, base.mean_reward, mmd_bandwidths, max_n (if given) and samples.<path>.{n (the rows scored),
+/// file_rows, energy_distance(_noise_floor, _ratio), mmd(...), mean_reward, mean_reward_se}.
 Json evaluate_sample_files(Config& config, const EvalOptions& options);
 /// The result as tilt eval prints it: one line per samples file.
 std::string evaluation_text(const Json& result, const EvalOptions& options);

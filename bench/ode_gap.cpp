@@ -1,14 +1,16 @@
 // Where is the fine-tuned field wrong, and why does the ODE see it when the memoryless SDE does not?
 // Fine-tunes the model `tilt finetune` builds from a config ([finetune]; the problem from [data] and [reward], or a
 // random one with --random SEED --dim D: random_tilt_problem), then measures against the exact tilt p*:
-//   - the energy distance of memoryless-SDE and ODE samples to exact p*, over the noise floor;
+//   - the energy distance of memoryless-SDE and ODE samples to exact p*, over the noise floor, averaged over
+//     --replicates independent sets (one set's ratio is too noisy: exact_scores.h);
 //   - per time t, the fine-tuned velocity's squared error against the exact tilted velocity v* (the flow of p*:
 //     docs/equations.md, E105) on x_t ~ p*_t, relative to the size of the tilt |v* - v_base|^2;
 //   - hybrid fields, exact before t0 and fine-tuned after (and the reverse), sampled with the SDE and the ODE:
 //     which times' errors each sampler pays for.
 // One JSON line per run on stdout and in PREFIX.json.
 //
-//   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--out PREFIX] [--set KEY=VALUE]...
+//   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--replicates R]
+//                [--score-steps K] [--hybrids 0|1] [--out PREFIX] [--set KEY=VALUE]...
 #include "exact_scores.h"
 
 #include "tilt/core/error.h"
@@ -40,7 +42,8 @@ struct Study {
   std::shared_ptr<GaussianMixture> base_mixture, target;
   VelocityFieldPtr base, exact;  // v_base, v* (the flow of p*)
   FinetunePlan plan;
-  int64_t iterations = 0, samples = 2000, score_steps = 0;  // 0: the fine-tuning grid's K
+  int64_t iterations = 0, samples = 2000, replicates = 10, score_steps = 0;  // 0: the fine-tuning grid's K
+  bool hybrids = true;
   Json problem;
 };
 
@@ -106,13 +109,20 @@ std::pair<double, double> velocity_error(const Study& s, const VelocityField& v,
   return {err, size};
 }
 
+Json ratio_json(const tilt_bench::ReplicatedRatio& r) { return {r.mean, r.standard_error}; }
+
+// SDE and ODE ratios of a field as {"sde": [mean, se], "ode": [mean, se]}.
+Json scores(const Study& s, const VelocityFieldPtr& v, double floor, at::ScalarType dtype = at::kFloat) {
+  const int64_t K = s.score_steps > 0 ? s.score_steps : s.plan.num_steps;
+  const auto [sde, ode] = tilt_bench::replicated_ratios(*s.target, v, s.samples, K, floor, s.replicates, dtype);
+  return {{"sde", ratio_json(sde)}, {"ode", ratio_json(ode)}};
+}
+
 Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
   Json out;
-  const int64_t K = s.score_steps > 0 ? s.score_steps : s.plan.num_steps;
-  const auto [sde, ode] = tilt_bench::sde_ode_ratios(*s.target, model, s.samples, K, floor);
-  out["distance_sde"] = sde, out["distance_ode"] = ode;
-  const auto [exact_sde, exact_ode] = tilt_bench::sde_ode_ratios(*s.target, s.exact, s.samples, K, floor);
-  out["exact_field_sde"] = exact_sde, out["exact_field_ode"] = exact_ode;  // the samplers' own error
+  out["model"] = scores(s, model, floor);
+  out["exact_field"] = scores(s, s.exact, floor);  // the samplers' own error (float32)
+  out["exact_field_double"] = scores(s, s.exact, floor, at::kDouble);
   Json errors = Json::array();
   for (double t : {0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98}) {
     const auto [err, size] = velocity_error(s, *model, t);
@@ -120,13 +130,11 @@ Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
   }
   out["velocity_error"] = errors;
   Json hybrids = Json::array();
+  if (s.hybrids)
   for (double t0 : {0.1, 0.25, 0.5, 0.75, 0.9}) {
-    const auto exact_first = std::make_shared<SwitchedField>(s.exact, model, t0);
-    const auto model_first = std::make_shared<SwitchedField>(model, s.exact, t0);
-    const auto [a_sde, a_ode] = tilt_bench::sde_ode_ratios(*s.target, exact_first, s.samples, K, floor);
-    const auto [b_sde, b_ode] = tilt_bench::sde_ode_ratios(*s.target, model_first, s.samples, K, floor);
-    hybrids.push_back({{"t0", t0}, {"exact_then_model_sde", a_sde}, {"exact_then_model_ode", a_ode},
-                       {"model_then_exact_sde", b_sde}, {"model_then_exact_ode", b_ode}});
+    hybrids.push_back({{"t0", t0},
+                       {"exact_then_model", scores(s, std::make_shared<SwitchedField>(s.exact, model, t0), floor)},
+                       {"model_then_exact", scores(s, std::make_shared<SwitchedField>(model, s.exact, t0), floor)}});
   }
   out["hybrids"] = hybrids;
   return out;
@@ -137,11 +145,12 @@ Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
 int main(int argc, char** argv) try {
   if (argc < 2) {
     throw Error("usage: tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--out PREFIX] "
-                "[--set KEY=VALUE]...");
+                "[--replicates R] [--score-steps K] [--hybrids 0|1] [--set KEY=VALUE]...");
   }
   at::set_num_threads(1);
   std::vector<std::string> sets;
-  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, score_steps = 0;
+  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, replicates = 10, score_steps = 0;
+  bool hybrids = true;
   std::string out = "ode_gap";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
@@ -149,16 +158,18 @@ int main(int argc, char** argv) try {
     else if (flag == "--dim") dim = std::stoll(value);
     else if (flag == "--iterations") iterations = std::stoll(value);
     else if (flag == "--samples") samples = std::stoll(value);
+    else if (flag == "--replicates") replicates = std::stoll(value);
     else if (flag == "--score-steps") score_steps = std::stoll(value);
+    else if (flag == "--hybrids") hybrids = value != "0";
     else if (flag == "--out") out = value;
     else if (flag == "--set") sets.push_back(value);
     else throw Error("unknown option '" + flag + "'");
   }
   Study s = read_study(argv[1], sets, seed, dim);
   if (iterations >= 0) s.iterations = iterations;
-  s.samples = samples;
-  s.score_steps = score_steps;
-  const double floor = tilt_bench::exact_noise_floor(*s.target, s.samples);
+  s.samples = samples, s.replicates = replicates, s.score_steps = score_steps, s.hybrids = hybrids;
+  if (samples < 2 || replicates < 2 || score_steps < 0) throw Error("--samples and --replicates must be >= 2, --score-steps >= 0");
+  const double floor = tilt_bench::precise_noise_floor(*s.target, s.samples);
   auto model = s.plan.make_model(s.base, 1);
   const std::unique_ptr<Loss> loss = s.plan.make_loss(model);
   TrainerOptions t = s.plan.trainer;
@@ -172,6 +183,7 @@ int main(int argc, char** argv) try {
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   Json j = measure(s, model, floor);
   j["problem"] = s.problem, j["iterations"] = s.iterations, j["train_seconds"] = seconds, j["sets"] = sets;
+  j["replicates"] = s.replicates, j["samples"] = s.samples;
   std::cout << j.dump() << std::endl;
   atomic_write(out + ".json", j.dump(1) + "\n");
   return 0;

@@ -37,7 +37,8 @@ std::string no_kl_warning(const std::string& method) {
 constexpr size_t kSignalWindow = 20;
 constexpr double kDominatedShare = 0.9;
 
-std::function<std::string(const LossOutput&)> regression_monitor(double clip_factor, double lambda) {
+std::function<std::string(const LossOutput&)> regression_monitor(double clip_factor, double lambda,
+                                                               const std::string& weighting) {
   struct State {
     std::deque<double> clipped, top;
     bool warned_clipped = false, warned_top = false;
@@ -66,8 +67,9 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
              number_string(kDominatedShare) + " of it in most of the "
              "last " + std::to_string(kSignalWindow) + " iterations (median loss_top_share " +
              number_string(quantile(std::vector<double>(st.top.begin(), st.top.end()), 0.5)) +
-             "), so a few (X_k, t_k) set the gradient. A larger batch_size, loss_weighting = \"velocity\" or a "
-             "clip_factor that clips only the outliers spreads it (docs/method.md)";
+             "), so a few (X_k, t_k) set the gradient. A larger batch_size" +
+             (weighting == "velocity" ? std::string(", ") : std::string(", loss_weighting = \"velocity\" ")) +
+             "or a clip_factor that clips only the outliers spreads it (docs/method.md)";
     }
     return "";
   };
@@ -88,7 +90,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
   read_adjoint_matching_keys(table, am);
-  plan.monitor = regression_monitor(am.clip_factor, plan.lambda);
+  plan.monitor = regression_monitor(am.clip_factor, plan.lambda, am.loss_weighting);
   // The label-free convergence signals (docs/method.md): the loss's median over the last 50 iterations, and the
   // rollout's ESS (not reported with guidance: E104).
   plan.trainer.loss_window = 50;

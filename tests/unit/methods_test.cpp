@@ -209,7 +209,15 @@ TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   for (int i = 0; i < 20; ++i) EXPECT_EQ(top(signals(0.0, i % 2 ? 0.95 : 0.3)), "") << i;  // median 0.625
   w = top(signals(0.0, 0.95));  // 11 of the last 20 above 0.9: so is the median
   EXPECT_NE(w.find("the loss is dominated by a few rows"), std::string::npos) << w;
+  EXPECT_NE(w.find("loss_weighting = \"velocity\""), std::string::npos) << w;  // the default weighting is "control"
   EXPECT_EQ(top(signals(0.0, 0.95)), "");
+  // A run that already weights by velocity is not told to.
+  auto velocity = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4},
+                                      {"adjoint_matching", {{"loss_weighting", "velocity"}}}}, *s.base, s.reward, 1.0).monitor;
+  for (int i = 0; i < 19; ++i) EXPECT_EQ(velocity(signals(0.0, 0.95)), "") << i;
+  w = velocity(signals(0.0, 0.95));  // the 20th: the window is full
+  EXPECT_NE(w.find("the loss is dominated by a few rows"), std::string::npos) << w;
+  EXPECT_EQ(w.find("loss_weighting"), std::string::npos) << w;
 
   auto calm = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 100; ++i) EXPECT_EQ(calm(signals(i % 2 ? 0.9 : 0.1, i % 3 ? 0.7 : 0.99)), "") << i;

@@ -114,12 +114,7 @@ int main(int argc, char** argv) try {
   const double floor = noise_floor(s);
   auto model = s.plan.make_model(s.base, 1);
   const std::unique_ptr<Loss> loss = s.plan.make_loss(model);
-  TrainerOptions t = s.plan.trainer;
-  t.iterations = s.iterations;
-  t.seed = 7;
-  t.progress = false;
-  t.checkpoint_path.clear();
-  t.metrics_path.clear();
+  const TrainerOptions t = tilt_bench::study_trainer(s.plan, s.iterations);
   Json lines = Json::array();
   auto add = [&](int64_t iteration, double ess, double log_z, double seconds) {
     const auto [d_sde, d_ode] = score(s, model, floor);

@@ -1,12 +1,15 @@
 // Scores against an exact target shared by the studies that fine-tune on a mixture problem with a closed-form
-// p* (tilt_soc_finetune, tilt_ess_study): the energy distance's noise floor, and the distance of a model's
-// memoryless-SDE and ODE samples to p* over it. Fixed seeds, so that every model is scored alike.
+// p* (tilt_soc_finetune, tilt_ess_study, tilt_ode_gap): the energy distance's noise floor, and the distance of a
+// model's memoryless-SDE and ODE samples to p* over it (one set, or the mean over independent sets); and the
+// trainer options they fine-tune with. Fixed seeds, so that every model is scored alike.
 #pragma once
 
 #include "tilt/eval/metrics.h"
+#include "tilt/io/methods.h"
 #include "tilt/model/gmm.h"
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/sde/sampler.h"
+#include "tilt/train/trainer.h"
 
 #include <ATen/ATen.h>
 
@@ -15,6 +18,18 @@
 #include <vector>
 
 namespace tilt_bench {
+
+/// The plan's trainer for a study: `iterations` of them, training seed 7, no progress bar, checkpoints or metrics
+/// file (the study records what it needs from each step).
+inline tilt::TrainerOptions study_trainer(const tilt::FinetunePlan& plan, int64_t iterations) {
+  tilt::TrainerOptions t = plan.trainer;
+  t.iterations = iterations;
+  t.seed = 7;
+  t.progress = false;
+  t.checkpoint_path.clear();
+  t.metrics_path.clear();
+  return t;
+}
 
 /// Mean energy distance between two independent sets of n exact samples, over 5 pairs.
 inline double exact_noise_floor(const tilt::GaussianMixture& target, int64_t n) {

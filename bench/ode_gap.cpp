@@ -172,12 +172,7 @@ int main(int argc, char** argv) try {
   const double floor = tilt_bench::precise_noise_floor(*s.target, s.samples);
   auto model = s.plan.make_model(s.base, 1);
   const std::unique_ptr<Loss> loss = s.plan.make_loss(model);
-  TrainerOptions t = s.plan.trainer;
-  t.iterations = s.iterations;
-  t.seed = 7;
-  t.progress = false;
-  t.checkpoint_path.clear();
-  t.metrics_path.clear();
+  const TrainerOptions t = tilt_bench::study_trainer(s.plan, s.iterations);
   const auto start = std::chrono::steady_clock::now();
   if (s.iterations > 0) Trainer(*loss, t).run();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -1,6 +1,7 @@
 // Compiled with -fno-math-errno -fno-trapping-math (src/CMakeLists.txt): without them GCC keeps sqrt as a
 // library call (it may set errno) and the clamp in exp_nonpositive as a branch, and vectorises nothing.
 #include "pair_kernel.h"
+#include "../core/simd_clones.h"
 
 #include "tilt/core/error.h"
 
@@ -13,12 +14,6 @@
 #include <cstdint>
 #include <numeric>
 
-// One copy of the loops per instruction set, chosen once at load time (GCC's ifunc resolver).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TILT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TILT_SIMD_CLONES
-#endif
 
 namespace tilt::detail {
 namespace {

@@ -1,6 +1,7 @@
 // Compiled with -fno-trapping-math (src/CMakeLists.txt): without it GCC keeps the clamps below as
 // branches and vectorises nothing. NaN still propagates: every comparison with a NaN is false.
 #include "silu_kernel.h"
+#include "../core/simd_clones.h"
 
 #include "tilt/core/error.h"
 
@@ -10,12 +11,6 @@
 #include <algorithm>
 #include <cstdint>
 
-// One copy of each loop per instruction set, chosen once at load time (GCC's ifunc resolver).
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define TILT_SIMD_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define TILT_SIMD_CLONES
-#endif
 
 namespace tilt::detail {
 namespace {

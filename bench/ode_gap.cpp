@@ -95,6 +95,7 @@ class SwitchedField : public VelocityField {
 
 // Mean over x_t ~ p*_t of |v(x_t) - v*(x_t)|^2 and of |v*(x_t) - v_base(x_t)|^2 (the tilt's own size).
 std::pair<double, double> velocity_error(const Study& s, const VelocityField& v, double t) {
+  at::NoGradGuard no_grad;
   Generator g1 = make_generator(31), g0 = make_generator(32);
   const int64_t n = 4000;
   const Tensor x1 = s.target->sample(n, g1, at::kFloat);
@@ -103,7 +104,6 @@ std::pair<double, double> velocity_error(const Study& s, const VelocityField& v,
   const Tensor xt = ab.alpha * x1 + ab.beta * x0;
   const Tensor tt = at::full({n}, t, at::kFloat);
   const Tensor vs = s.exact->velocity(xt, tt);
-  at::NoGradGuard no_grad;
   const double err = (v.velocity(xt, tt) - vs).pow(2).sum(1).mean().item<double>();
   const double size = (vs - s.base->velocity(xt, tt)).pow(2).sum(1).mean().item<double>();
   return {err, size};

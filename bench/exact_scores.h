@@ -41,18 +41,28 @@ inline double exact_noise_floor(const tilt::GaussianMixture& target, int64_t n) 
   return sum / 5;
 }
 
+/// n samples of v by {the memoryless SDE (Euler), the ODE (Heun)} on `steps` uniform steps, from the generators
+/// seeded sde_seed and ode_seed, in `dtype`.
+inline std::pair<tilt::Tensor, tilt::Tensor> sde_ode_samples(const tilt::VelocityFieldPtr& v, int64_t n, int64_t steps,
+                                                             uint64_t sde_seed, uint64_t ode_seed,
+                                                             at::ScalarType dtype = at::kFloat) {
+  const tilt::TimeGrid grid = tilt::TimeGrid::uniform(steps);
+  tilt::Generator g1 = tilt::make_generator(sde_seed), g2 = tilt::make_generator(ode_seed);
+  const tilt::Tensor sde = tilt::sample(tilt::GenerativeSDE(v, tilt::make_memoryless_noise(1.0 / static_cast<double>(steps))),
+                                        n, grid, g1, tilt::SampleOptions(), dtype);
+  tilt::SampleOptions heun;
+  heun.integrator = tilt::Integrator::heun;
+  const tilt::Tensor ode = tilt::sample(tilt::GenerativeSDE(v, tilt::make_zero_noise()), n, grid, g2, heun, dtype);
+  return {sde, ode};
+}
+
 /// Energy distance of n samples of v to n exact samples, over `floor`: {memoryless SDE (Euler), ODE (Heun)} on
 /// `steps` uniform steps.
 inline std::pair<double, double> sde_ode_ratios(const tilt::GaussianMixture& target, const tilt::VelocityFieldPtr& v,
                                                 int64_t n, int64_t steps, double floor) {
-  const tilt::TimeGrid grid = tilt::TimeGrid::uniform(steps);
-  tilt::Generator g1 = tilt::make_generator(11), g2 = tilt::make_generator(12), g3 = tilt::make_generator(13);
+  tilt::Generator g3 = tilt::make_generator(13);
   const tilt::Tensor exact = target.sample(n, g3, at::kDouble);
-  const tilt::Tensor sde = tilt::sample(tilt::GenerativeSDE(v, tilt::make_memoryless_noise(1.0 / static_cast<double>(steps))),
-                                        n, grid, g1, tilt::SampleOptions(), at::kFloat);
-  tilt::SampleOptions heun;
-  heun.integrator = tilt::Integrator::heun;
-  const tilt::Tensor ode = tilt::sample(tilt::GenerativeSDE(v, tilt::make_zero_noise()), n, grid, g2, heun, at::kFloat);
+  const auto [sde, ode] = sde_ode_samples(v, n, steps, 11, 12);
   return {tilt::energy_distance(sde.to(at::kDouble), exact) / floor,
           tilt::energy_distance(ode.to(at::kDouble), exact) / floor};
 }
@@ -77,18 +87,13 @@ inline std::pair<ReplicatedRatio, ReplicatedRatio> replicated_ratios(const tilt:
                                                                      const tilt::VelocityFieldPtr& v, int64_t n,
                                                                      int64_t steps, double floor, int64_t replicates,
                                                                      at::ScalarType dtype = at::kFloat) {
-  const tilt::TimeGrid grid = tilt::TimeGrid::uniform(steps);
-  const tilt::GenerativeSDE sde(v, tilt::make_memoryless_noise(1.0 / static_cast<double>(steps)));
-  const tilt::GenerativeSDE ode(v, tilt::make_zero_noise());
-  tilt::SampleOptions heun;
-  heun.integrator = tilt::Integrator::heun;
   std::vector<double> a, b;
   for (int64_t r = 0; r < replicates; ++r) {
-    tilt::Generator g1 = tilt::make_generator(1000 + r), g2 = tilt::make_generator(2000 + r),
-                    g3 = tilt::make_generator(3000 + r);
+    tilt::Generator g3 = tilt::make_generator(3000 + r);
     const tilt::Tensor exact = target.sample(n, g3, at::kDouble);
-    a.push_back(tilt::energy_distance(tilt::sample(sde, n, grid, g1, tilt::SampleOptions(), dtype).to(at::kDouble), exact) / floor);
-    b.push_back(tilt::energy_distance(tilt::sample(ode, n, grid, g2, heun, dtype).to(at::kDouble), exact) / floor);
+    const auto [sde, ode] = sde_ode_samples(v, n, steps, 1000 + r, 2000 + r, dtype);
+    a.push_back(tilt::energy_distance(sde.to(at::kDouble), exact) / floor);
+    b.push_back(tilt::energy_distance(ode.to(at::kDouble), exact) / floor);
   }
   auto summary = [](const std::vector<double>& x) {
     double mean = 0, sq = 0;

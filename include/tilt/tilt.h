@@ -56,6 +56,7 @@
 #include "tilt/train/regulariser.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
+#include "tilt/train/unified_losses.h"
 
 // sampling
 #include "tilt/sampling/adjoint_sampling.h"

@@ -8,6 +8,7 @@
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
 #include "tilt/train/reward_baselines.h"
+#include "tilt/train/unified_losses.h"
 
 #include <algorithm>
 #include <deque>
@@ -189,6 +190,44 @@ void read_ode_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) 
   };
 }
 
+// The loss family of the unified view of tilting (docs/equations.md, E110-E117): the times of the regression.
+UnifiedLossOptions read_unified_keys(ConfigSection& table, const FinetunePlan& plan) {
+  UnifiedLossOptions o;
+  o.num_steps = plan.num_steps;
+  o.batch_size = plan.batch_size;
+  o.lambda = plan.lambda;
+  o.t_min = table.number("t_min", o.t_min);
+  o.t_max = table.number("t_max", o.t_max);
+  if (!(o.t_min > 0.0 && o.t_min < 1.0)) table.fail("t_min", "must be in (0, 1)");
+  if (!(o.t_max > o.t_min && o.t_max <= 1.0)) table.fail("t_max", "must be in (t_min, 1]");
+  return o;
+}
+
+void read_unified_method(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  if (plan.conditions) ctx.finetune.fail("method", "\"" + plan.method + "\" fine-tunes an unconditional base only");
+  const std::string method = plan.method;
+  UnifiedLossOptions o;
+  o.num_steps = plan.num_steps;
+  o.batch_size = plan.batch_size;
+  o.lambda = plan.lambda;
+  if (method != "cmcd_kl" && method != "cmcd_logvar") o = read_unified_keys(table, plan);
+  if (method == "cmcd_logvar" && o.batch_size < 2) ctx.finetune.fail("batch_size", "must be >= 2 for cmcd_logvar");
+  if (method == "tsm" || method == "dsm" || method == "nsm" || method == "cmcd_kl" || method == "cmcd_logvar") {
+    plan.reports_ess = true;
+    plan.curves = {"ess"};
+  }
+  if (method == "nets") plan.curves = {"log_z"};
+  plan.make_loss = [o, method, reward = plan.reward,
+                    noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) -> std::unique_ptr<Loss> {
+    if (method == "tsm") return std::make_unique<TiltScoreMatching>(ScoreTarget::target, model, reward, noise, o);
+    if (method == "dsm") return std::make_unique<TiltScoreMatching>(ScoreTarget::denoising, model, reward, noise, o);
+    if (method == "nsm") return std::make_unique<TiltScoreMatching>(ScoreTarget::novel, model, reward, noise, o);
+    if (method == "nets") return std::make_unique<TiltNets>(model, reward, o);
+    return std::make_unique<TiltCmcd>(model, reward, noise, o, method == "cmcd_logvar");
+  };
+}
+
 std::vector<std::string> concat(std::vector<std::string> a, const std::vector<std::string>& b) {
   a.insert(a.end(), b.begin(), b.end());
   return a;
@@ -213,6 +252,18 @@ std::vector<FinetuneMethod>& registry() {
        {"adjoint_steps", "truncated_control", "loss_steps", "regulariser", "reg_weight", "reg_weight_start", "reg_clip",
         "reg_power"},
        false, false, read_ode_adjoint_matching_method},
+      {"tsm", "target score matching on the model's path-weighted samples (targets p*; needs a mixture base)",
+       {"t_min", "t_max"}, true, false, read_unified_method},
+      {"dsm", "denoising score matching on the model's path-weighted samples (targets p*)", {"t_min", "t_max"}, true,
+       false, read_unified_method},
+      {"nsm", "tilted novel score matching (targets p*; a Gaussian base only)", {"t_min", "t_max"}, true, false,
+       read_unified_method},
+      {"cmcd_kl", "CMCD, KL form: the path weight against the base chain, through the rollout (targets p*)", {}, true,
+       false, read_unified_method},
+      {"cmcd_logvar", "CMCD, log-variance form: the batch variance of the log path weight (targets p*)", {}, true, false,
+       read_unified_method},
+      {"nets", "tilted NETS: the PINN residual of the escorted weight rate; samples with the ODE (targets p*)",
+       {"t_min", "t_max"}, false, false, read_unified_method},
   };
   return methods;
 }

@@ -1,0 +1,435 @@
+// The loss family of the unified view of tilting (docs/equations.md, E110-E117): each optimum is a stationary
+// point of its expected loss (and a perturbed model is not), the NETS residual vanishes for the exact b_hat of a
+// Gaussian tilt, the discrete Crooks identity E_q[w] = Z holds for a random control and w is constant for the
+// exact one, and short TSM / CMCD log-variance runs reach the exact tilt of a Gaussian.
+#include "tilt/core/error.h"
+#include "tilt/model/gmm.h"
+#include "tilt/model/mlp.h"
+#include "tilt/model/reward.h"
+#include "tilt/sde/engine.h"
+#include "tilt/sde/sampler.h"
+#include "tilt/sde/sde.h"
+#include "tilt/train/trainer.h"
+#include "tilt/train/unified_losses.h"
+
+#include "../support/helpers.h"
+
+#include <ATen/ATen.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cmath>
+#include <functional>
+
+namespace tilt {
+namespace {
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+// v_theta - v_base = D(x, t) + eps P(x, t): the exact difference D plus a fixed nonlinear direction P, scaled by
+// one parameter eps (0 at the optimum).
+class Perturbed : public VelocityField {
+ public:
+  using Fn = std::function<at::Tensor(const at::Tensor& x, const at::Tensor& t)>;
+  Perturbed(SchedulePtr schedule, int64_t d, Fn exact, double eps)
+      : VelocityField(std::move(schedule)), d_(d), exact_(std::move(exact)),
+        eps_(at::full({}, eps, at::TensorOptions().dtype(at::kFloat)).requires_grad_(true)) {}
+  std::string kind() const override { return "perturbed"; }
+  int64_t dim() const override { return d_; }
+  using VelocityField::velocity;
+  at::Tensor velocity(const at::Tensor& x, const at::Tensor& t) const override {
+    const at::Tensor tt = t.dim() == 0 ? t.expand({x.size(0)}) : t;
+    const at::Tensor direction = at::sin(x + 0.5) + tt.reshape({-1, 1}) * at::cos(x);
+    return exact_(x, tt).to(x.scalar_type()) + eps_ * direction;
+  }
+  std::vector<at::Tensor> parameters() const override { return {eps_}; }
+
+ private:
+  int64_t d_;
+  Fn exact_;
+
+ public:
+  at::Tensor eps_;
+};
+
+// Mean and standard error of d loss / d eps over n independent compute() calls.
+std::pair<double, double> gradient_stats(Loss& loss, const at::Tensor& eps, int n, uint64_t seed) {
+  double s = 0, s2 = 0;
+  for (int i = 0; i < n; ++i) {
+    Generator gen = make_generator(mix_seed(seed, static_cast<uint64_t>(i)));
+    const LossOutput out = loss.compute(gen);
+    const double g = torch::autograd::grad({out.loss}, {eps})[0].item<double>();
+    s += g;
+    s2 += g * g;
+  }
+  const double mean = s / n;
+  return {mean, std::sqrt(std::max(s2 / n - mean * mean, 0.0) / (n - 1))};
+}
+
+struct TiltCase {
+  std::shared_ptr<GaussianMixture> base_law;
+  std::shared_ptr<GmmVelocity> base;
+  RewardPtr reward;
+  std::shared_ptr<GaussianMixture> tilted;
+  std::shared_ptr<GmmVelocity> optimum;
+  double log_z = 0;
+};
+
+TiltCase make_setup(std::shared_ptr<GaussianMixture> law, RewardPtr reward, double lambda) {
+  TiltCase s;
+  s.base_law = std::move(law);
+  s.base = std::make_shared<GmmVelocity>(s.base_law, make_linear_schedule());
+  s.reward = std::move(reward);
+  s.tilted = std::make_shared<GaussianMixture>(*exact_tilt(*s.reward, *s.base_law, lambda, &s.log_z));
+  s.optimum = std::make_shared<GmmVelocity>(s.tilted, make_linear_schedule());
+  return s;
+}
+
+std::shared_ptr<GaussianMixture> two_modes() {
+  return std::make_shared<GaussianMixture>(at::tensor({0.3, 0.7}, kDouble), at::tensor({-1.5, 0.0, 1.0, 0.5}, kDouble).reshape({2, 2}),
+                                           at::stack({0.3 * at::eye(2, kDouble), 0.5 * at::eye(2, kDouble)}));
+}
+
+RewardPtr quadratic(std::vector<double> c, double precision) {
+  return std::make_shared<QuadraticReward>(at::tensor(c, kDouble), precision * at::eye(2, kDouble));
+}
+
+RewardPtr linear(std::vector<double> a) { return std::make_shared<LinearReward>(at::tensor(a, kDouble)); }
+
+// A model whose residual is the exact v* - v_base plus eps P.
+std::pair<std::shared_ptr<FineTunedVelocity>, std::shared_ptr<Perturbed>> exact_model(const TiltCase& s, double eps) {
+  auto optimum = s.optimum;
+  auto base = s.base;
+  auto residual = std::make_shared<Perturbed>(
+      s.base->schedule(), 2,
+      [optimum, base](const at::Tensor& x, const at::Tensor& t) {
+        at::NoGradGuard no_grad;
+        return optimum->velocity(x, t) - base->velocity(x, t);
+      },
+      eps);
+  return {std::make_shared<FineTunedVelocity>(s.base, residual, FineTuneMode::residual), residual};
+}
+
+// The optimum is a stationary point of the expected loss; a perturbed model is not.
+void expect_stationary(const std::function<std::unique_ptr<Loss>(std::shared_ptr<FineTunedVelocity>)>& make,
+                       const std::function<std::pair<std::shared_ptr<FineTunedVelocity>, std::shared_ptr<Perturbed>>(double)>& model,
+                       int n, const std::string& what) {
+  {
+    auto [m, r] = model(0.0);
+    auto loss = make(m);
+    const auto [mean, se] = gradient_stats(*loss, r->eps_, n, 1);
+    EXPECT_LT(std::abs(mean), 4 * se + 1e-6) << what << " at the optimum: " << mean << " +- " << se;
+  }
+  {
+    auto [m, r] = model(0.3);
+    auto loss = make(m);
+    const auto [mean, se] = gradient_stats(*loss, r->eps_, n, 2);
+    EXPECT_GT(mean, 8 * se) << what << " perturbed: " << mean << " +- " << se;
+  }
+}
+
+UnifiedLossOptions exact_sample_options(const TiltCase& s, double lambda, int64_t batch, double t_min) {
+  UnifiedLossOptions o;
+  o.batch_size = batch;
+  o.lambda = lambda;
+  o.t_min = t_min;
+  auto tilted = s.tilted;
+  o.target_samples = [tilted](int64_t n, Generator& gen) { return tilted->sample(n, gen); };
+  return o;
+}
+
+TEST(UnifiedLosses, ScoreMatchingOptimaAreStationary) {
+  const double lambda = 1.0;
+  // A two-mode mixture base with a quadratic reward (TSM, DSM), a Gaussian base with a quadratic reward (NSM).
+  const TiltCase mix = make_setup(two_modes(), quadratic({1.0, -0.5}, 0.8), lambda);
+  const TiltCase gauss = make_setup(test::isotropic_gaussian({0.5, -0.3}, 0.8), quadratic({1.0, 1.0}, 0.7), lambda);
+  const auto noise = make_memoryless_noise(1.0 / 20);
+  struct Case {
+    ScoreTarget target;
+    const TiltCase* setup;
+    double t_min;
+    const char* what;
+  };
+  // TSM's target grows like 1/alpha_t^2 near t = 0 (its infinite variance, E111): t_min = 0.2 keeps the test short.
+  for (const Case& c : {Case{ScoreTarget::target, &mix, 0.2, "tsm"}, Case{ScoreTarget::denoising, &mix, 0.02, "dsm"},
+                        Case{ScoreTarget::novel, &gauss, 0.02, "nsm"}}) {
+    const TiltCase& s = *c.setup;
+    const UnifiedLossOptions o = exact_sample_options(s, lambda, 4096, c.t_min);
+    expect_stationary(
+        [&](std::shared_ptr<FineTunedVelocity> m) {
+          return std::make_unique<TiltScoreMatching>(c.target, m, s.reward, noise, o);
+        },
+        [&](double eps) { return exact_model(s, eps); }, 30, c.what);
+  }
+}
+
+TEST(UnifiedLosses, NsmRefusesANonGaussianBase) {
+  const TiltCase mix = make_setup(two_modes(), quadratic({1.0, -0.5}, 0.8), 1.0);
+  auto model = exact_model(mix, 0.0).first;
+  try {
+    TiltScoreMatching nsm(ScoreTarget::novel, model, mix.reward, make_memoryless_noise(0.05), UnifiedLossOptions{});
+    FAIL() << "nsm accepted a two-component base";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("Gaussian base"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("2 components"), std::string::npos) << e.what();
+  }
+}
+
+TEST(UnifiedLosses, NsmTargetCoefficientIsThePosteriorMap) {
+  // c_t against E[X_1 | X_t = x] of E73's mixture machinery, by finite differences of the posterior mean
+  // x1_hat = (x - beta_t x0_hat) / alpha_t with v = alpha' x1_hat + beta' x0_hat (E8).
+  const auto law = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), at::tensor({0.4, -0.2}, kDouble).reshape({1, 2}),
+                                                     at::tensor({0.7, 0.2, 0.2, 0.4}, kDouble).reshape({1, 2, 2}));
+  const auto schedule = make_linear_schedule();
+  for (double t : {0.1, 0.5, 0.9}) {
+    const ScheduleTensors s = schedule->at(at::full({1}, t, kDouble));
+    const at::Tensor c = gaussian_posterior_coefficient(law->covariances()[0], s)[0];
+    auto posterior_mean = [&](const at::Tensor& x) {
+      const ScheduleTensors sx = schedule->at(at::full({x.size(0)}, t, kDouble));
+      const at::Tensor v = law->velocity(x, sx);
+      // Linear schedule: x = t x1 + (1 - t) x0 and v = x1 - x0, so x1 = x + (1 - t) v.
+      return x + (1 - t) * v;
+    };
+    const at::Tensor J = test::fd_jacobian(posterior_mean, at::tensor({0.3, 0.1}, kDouble).reshape({1, 2}), 1e-6)[0];
+    EXPECT_LT((J - c).abs().max().item<double>(), 1e-6) << "t=" << t << "\n" << J << "\n" << c;
+  }
+}
+
+// ---- CMCD and the discrete Crooks identity (E114): the base chain and the exact discrete control. ----
+
+// The control that turns the base chain into the base chain tilted by exp(lambda a.X_K) (linear reward, affine
+// base velocity): log h_k(x) = g_k . x + const with g_K = lambda a, g_k = c_x,k g_{k+1} + c_v,k (dv/dx)^T g_{k+1},
+// and the tilted kernel is the base kernel with its mean moved by std_k^2 g_{k+1}, i.e. v_theta - v_base =
+// std_k^2 g_{k+1} / c_v,k at t_k.
+std::pair<std::shared_ptr<FineTunedVelocity>, std::shared_ptr<Perturbed>> exact_discrete_model(
+    const TiltCase& s, const at::Tensor& a, double lambda, const NoiseSchedulePtr& noise, int64_t K, double eps) {
+  const auto kernels = step_kernels(GenerativeSDE(s.base, noise), TimeGrid::uniform(K), Integrator::euler);
+  std::vector<at::Tensor> shift(static_cast<size_t>(K));
+  at::Tensor g = lambda * a.reshape({1, 2}).to(at::kDouble);
+  const at::Tensor x = at::zeros({1, 2}, kDouble);
+  for (int64_t k = K - 1; k >= 0; --k) {
+    const StepKernel& ker = kernels[static_cast<size_t>(k)];
+    shift[static_cast<size_t>(k)] = (ker.std * ker.std / ker.c_v) * g;
+    g = ker.c_x * g + ker.c_v * s.base->vjp(x, static_cast<double>(k) / K, g);
+  }
+  const at::Tensor table = at::cat(shift, 0);  // [K, 2]
+  auto residual = std::make_shared<Perturbed>(
+      s.base->schedule(), 2,
+      [table, K](const at::Tensor& xx, const at::Tensor& t) {
+        const at::Tensor k = at::round(t.to(at::kDouble) * K).to(at::kLong).clamp(0, K - 1);
+        return table.index_select(0, k).expand({xx.size(0), 2});
+      },
+      eps);
+  return {std::make_shared<FineTunedVelocity>(s.base, residual, FineTuneMode::residual), residual};
+}
+
+// log Z of the base CHAIN: X_K ~ N(m_K, V_K) (E91's Euler chain, affine velocity), tilted by exp(lambda r).
+double chain_log_z(const TiltCase& s, const Reward& reward, double lambda, int64_t K) {
+  const auto [m, V] = test::chain_law(*s.base, 1.0, K, false);
+  const GaussianMixture law(at::ones({1}, kDouble), m.reshape({1, 2}), V.unsqueeze(0));
+  double log_z = 0;
+  const auto tilted = exact_tilt(reward, law, lambda, &log_z);
+  EXPECT_TRUE(tilted.has_value());
+  return log_z;
+}
+
+TEST(UnifiedLosses, CmcdExactControlHasConstantWeightsAndIsStationary) {
+  const double lambda = 1.5;
+  const int64_t K = 20;
+  const at::Tensor a = at::tensor({0.8, -0.6}, kDouble);
+  const TiltCase s = make_setup(test::isotropic_gaussian({0.5, -0.3}, 0.8), linear({0.8, -0.6}), lambda);
+  const auto noise = make_memoryless_noise(1.0 / K);
+  UnifiedLossOptions o;
+  o.lambda = lambda;
+  o.num_steps = K;
+  o.batch_size = 512;
+  // w is the same on every path, and equals Z of the base chain (E114, E93).
+  {
+    auto model = exact_discrete_model(s, a, lambda, noise, K, 0.0).first;
+    TiltCmcd cmcd(model, s.reward, noise, o, false);
+    Generator gen = make_generator(3);
+    const at::Tensor lw = cmcd.log_weights(gen);
+    const double log_z = chain_log_z(s, *s.reward, lambda, K);
+    EXPECT_LT(lw.std().item<double>(), 1e-4) << "log w should be constant";
+    EXPECT_NEAR(lw.mean().item<double>(), log_z, 1e-4);
+    EXPECT_GT(std::abs(log_z - s.log_z), 1e-3) << "the chain's Z differs from the continuous one: a real check";
+  }
+  for (bool log_variance : {false, true}) {
+    expect_stationary(
+        [&](std::shared_ptr<FineTunedVelocity> m) { return std::make_unique<TiltCmcd>(m, s.reward, noise, o, log_variance); },
+        [&](double eps) { return exact_discrete_model(s, a, lambda, noise, K, eps); }, 20,
+        log_variance ? "cmcd_logvar" : "cmcd_kl");
+  }
+}
+
+TEST(UnifiedLosses, DiscreteCrooksIdentityHoldsForARandomControl) {
+  // E_q[w] = Z of the base chain for any control q of equal step covariance (E114): a random MLP residual, a
+  // quadratic reward, Z in closed form from the chain's Gaussian law.
+  const double lambda = 1.0;
+  const int64_t K = 16;
+  const TiltCase s = make_setup(test::isotropic_gaussian({0.5, -0.3}, 0.8), quadratic({1.0, 0.5}, 0.6), lambda);
+  const auto noise = make_memoryless_noise(1.0 / K);
+  MlpOptions mo;
+  mo.dim = 2;
+  mo.hidden = {16};
+  mo.time_features = 4;
+  auto net = std::make_shared<MlpVelocity>(mo, make_linear_schedule(), 11);
+  auto model = std::make_shared<FineTunedVelocity>(s.base, net, FineTuneMode::residual);
+  UnifiedLossOptions o;
+  o.lambda = lambda;
+  o.num_steps = K;
+  o.batch_size = 40000;
+  TiltCmcd cmcd(model, s.reward, noise, o, false);
+  Generator gen = make_generator(5);
+  const at::Tensor w = at::exp(cmcd.log_weights(gen));
+  const double mean = w.mean().item<double>(), se = w.std().item<double>() / std::sqrt(40000.0);
+  const double z = std::exp(chain_log_z(s, *s.reward, lambda, K));
+  EXPECT_LT(std::abs(mean - z), 4 * se) << mean << " +- " << se << " vs Z = " << z;
+  const double ess = std::pow(w.sum().item<double>(), 2) / (40000.0 * (w * w).sum().item<double>());
+  EXPECT_LT(ess, 0.95) << "the random control should be far from the tilt";
+  EXPECT_LT(se, 0.02 * z);
+}
+
+// ---- NETS (E116): the exact b_hat and F_t of a Gaussian-to-Gaussian tilt (linear reward, linear schedule). ----
+
+// Base N(mu, diag(sigma2)); rho_t ∝ p_t exp(t lambda a.x) is N(alpha mu + t lambda C_t a, C_t), C_t = alpha^2 Sigma +
+// beta^2 I, transported by v + b_hat with b_hat = lambda C_t (I + t M_t) a, M_t = (alpha' alpha Sigma + beta' beta I)
+// C_t^{-1} (constant in x), and log Z_t = t lambda a.(alpha mu) + (t lambda)^2 a^T C_t a / 2.
+struct NetsExact {
+  std::vector<double> mu, sigma2, a;
+  double lambda;
+  at::Tensor b_hat(const at::Tensor& t) const {
+    const at::Tensor tt = t.reshape({-1, 1});
+    const at::Tensor s2 = at::tensor(sigma2, tt.options()), av = at::tensor(a, tt.options());
+    const at::Tensor C = tt * tt * s2 + (1 - tt) * (1 - tt);
+    const at::Tensor M = (tt * s2 - (1 - tt)) / C;
+    return lambda * C * (1 + tt * M) * av;
+  }
+  at::Tensor log_z(const at::Tensor& t) const {
+    const at::Tensor tt = t.reshape({-1, 1});
+    const at::Tensor s2 = at::tensor(sigma2, tt.options()), av = at::tensor(a, tt.options());
+    const at::Tensor m = at::tensor(mu, tt.options());
+    const at::Tensor C = tt * tt * s2 + (1 - tt) * (1 - tt);
+    return (tt * lambda * tt * (av * m)).sum(1) + 0.5 * (tt * lambda).pow(2).reshape({-1}) * (C * av * av).sum(1);
+  }
+};
+
+class FreeEnergyField : public VelocityField {
+ public:
+  FreeEnergyField(NetsExact e, double offset_rate)
+      : VelocityField(make_linear_schedule()), e_(std::move(e)), offset_rate_(offset_rate) {}
+  std::string kind() const override { return "free_energy"; }
+  int64_t dim() const override { return 1; }
+  using VelocityField::velocity;
+  at::Tensor velocity(const at::Tensor& x, const at::Tensor& t) const override {
+    const at::Tensor tt = t.dim() == 0 ? t.expand({x.size(0)}) : t;
+    return (e_.log_z(tt) + offset_rate_ * tt).reshape({-1, 1});
+  }
+
+ private:
+  NetsExact e_;
+  double offset_rate_;
+};
+
+TEST(UnifiedLosses, NetsResidualVanishesForTheExactDriftOfAGaussianTilt) {
+  const NetsExact e{{0.5, -0.3}, {0.6, 1.5}, {0.8, -0.6}, 1.2};
+  const auto law = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), at::tensor(e.mu, kDouble).reshape({1, 2}),
+                                                     at::diag(at::tensor(e.sigma2, kDouble)).unsqueeze(0));
+  const TiltCase s = make_setup(law, linear(e.a), e.lambda);
+  auto make_model = [&](double eps) {
+    auto residual = std::make_shared<Perturbed>(
+        s.base->schedule(), 2, [e](const at::Tensor& x, const at::Tensor& t) { return e.b_hat(t).expand({x.size(0), 2}); },
+        eps);
+    return std::make_pair(std::make_shared<FineTunedVelocity>(s.base, residual, FineTuneMode::residual), residual);
+  };
+  UnifiedLossOptions o;
+  o.lambda = e.lambda;
+  o.batch_size = 1024;
+  Generator gen = make_generator(8);
+  {
+    auto [model, r] = make_model(0.0);
+    TiltNets nets(model, s.reward, o, std::make_shared<FreeEnergyField>(e, 0.0));
+    const at::Tensor t = o.t_min + (1 - o.t_min) * at::rand({1024}, gen);
+    const at::Tensor x = 2.0 * at::randn({1024, 2}, gen);
+    const at::Tensor R = nets.residual(x, t, gen);
+    EXPECT_LT(R.abs().max().item<double>(), 2e-5) << "the exact b_hat and F leave a residual";
+    EXPECT_NEAR(nets.log_z(), s.log_z, 1e-5);
+    // A wrong free-energy rate leaves exactly that rate as the residual.
+    TiltNets off(model, s.reward, o, std::make_shared<FreeEnergyField>(e, 0.1));
+    EXPECT_NEAR(off.residual(x, t, gen).mean().item<double>(), -0.1, 1e-5);
+  }
+  expect_stationary(
+      [&](std::shared_ptr<FineTunedVelocity> m) {
+        return std::make_unique<TiltNets>(m, s.reward, o, std::make_shared<FreeEnergyField>(e, 0.0));
+      },
+      make_model, 10, "nets");
+}
+
+// ---- Short training runs on a Gaussian base with a linear reward: p* = N(mu + lambda Sigma a, Sigma). ----
+
+struct Moments {
+  at::Tensor mean, cov;
+};
+Moments moments(const at::Tensor& x) {
+  const at::Tensor xd = x.to(at::kDouble);
+  const at::Tensor m = xd.mean(0);
+  const at::Tensor c = xd - m;
+  return {m, at::matmul(c.t(), c) / (x.size(0) - 1)};
+}
+
+double train_and_measure(Loss& loss, std::shared_ptr<FineTunedVelocity> model, int64_t iterations, double lr,
+                         const GaussianMixture& exact, Moments* got) {
+  TrainerOptions to;
+  to.iterations = iterations;
+  to.adam.lr = lr;
+  to.adam.weight_decay = 0;
+  to.progress = false;
+  to.seed = 4;
+  Trainer trainer(loss, to);
+  trainer.run();
+  Generator gen = make_generator(77);
+  const GenerativeSDE sde(model, make_memoryless_noise(1.0 / 50));
+  const at::Tensor x = sample(sde, 20000, TimeGrid::uniform(50), gen);
+  *got = moments(x);
+  return (got->mean - exact.mean()).norm().item<double>();
+}
+
+TEST(UnifiedLosses, ShortTsmAndCmcdLogVarianceRunsReachTheGaussianTilt) {
+  const double lambda = 1.0;
+  const TiltCase s = make_setup(test::isotropic_gaussian({0.0, 0.0}, 1.0), linear({1.0, -0.5}), lambda);
+  const at::Tensor exact_mean = s.tilted->mean(), exact_cov = s.tilted->covariance();
+  const double base_error = (s.base_law->mean() - exact_mean).norm().item<double>();  // 1.118
+  struct Run {
+    std::string name;
+    int64_t iterations;
+    double lr;
+  };
+  for (const Run& run : {Run{"tsm", 300, 3e-3}, Run{"cmcd_logvar", 300, 3e-3}}) {
+    auto model = make_finetuned(s.base, FineTuneMode::residual, {32, 32}, 8, 3);
+    const auto noise = make_memoryless_noise(1.0 / 20);
+    UnifiedLossOptions o;
+    o.lambda = lambda;
+    o.num_steps = 20;
+    std::unique_ptr<Loss> loss;
+    if (run.name == "tsm") {
+      o.batch_size = 256;
+      o.t_min = 0.05;
+      auto tilted = s.tilted;
+      o.target_samples = [tilted](int64_t n, Generator& gen) { return tilted->sample(n, gen); };
+      loss = std::make_unique<TiltScoreMatching>(ScoreTarget::target, model, s.reward, noise, o);
+    } else {
+      o.batch_size = 128;
+      loss = std::make_unique<TiltCmcd>(model, s.reward, noise, o, true);
+    }
+    Moments got;
+    const double err = train_and_measure(*loss, model, run.iterations, run.lr, *s.tilted, &got);
+    const double cov_err = (got.cov - exact_cov).abs().max().item<double>();
+    std::printf("%s: |mean - mean*| = %.4f (base %.4f), max |cov - cov*| = %.4f\n", run.name.c_str(), err, base_error,
+                cov_err);
+    EXPECT_LT(err, 0.1) << run.name << ": mean " << got.mean;
+    EXPECT_LT(cov_err, 0.1) << run.name << ": cov " << got.cov;
+  }
+}
+
+}  // namespace
+}  // namespace tilt

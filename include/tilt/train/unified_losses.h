@@ -111,7 +111,8 @@ TiltRollout tilt_rollout(const std::shared_ptr<FineTunedVelocity>& model, const 
 /// v_base)(X_k) / std_k, the Radon-Nikodym derivative of the tilted base chain against the model's chain.
 ///   KL:           loss = -mean_b log w_b, with the gradient through the rollout (reparametrised), = KL(Q || P*) - log Z;
 ///   log-variance: loss = Var_b(log w_b) on detached paths of the current model, log w re-evaluated in theta.
-/// Both vanish in gradient at the control whose chain is the tilted base chain, where log w = log Z on every path.
+/// Both vanish in expected gradient at the control whose transitions are those of the tilted base chain, where
+/// w = h_0(X_0) (constant when the base's X_0 is independent of X_K, as in the continuous memoryless case).
 class TiltCmcd : public Loss {
  public:
   TiltCmcd(std::shared_ptr<FineTunedVelocity> model, RewardPtr reward, NoiseSchedulePtr noise,

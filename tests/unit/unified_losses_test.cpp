@@ -118,12 +118,14 @@ void expect_stationary(const std::function<std::unique_ptr<Loss>(std::shared_ptr
     auto [m, r] = model(0.0);
     auto loss = make(m);
     const auto [mean, se] = gradient_stats(*loss, r->eps_, n, 1);
+    std::printf("%s: d loss / d eps at the optimum %.3g +- %.3g\n", what.c_str(), mean, se);
     EXPECT_LT(std::abs(mean), 4 * se + 1e-6) << what << " at the optimum: " << mean << " +- " << se;
   }
   {
     auto [m, r] = model(0.3);
     auto loss = make(m);
     const auto [mean, se] = gradient_stats(*loss, r->eps_, n, 2);
+    std::printf("%s: d loss / d eps at eps = 0.3   %.3g +- %.3g\n", what.c_str(), mean, se);
     EXPECT_GT(mean, 8 * se) << what << " perturbed: " << mean << " +- " << se;
   }
 }
@@ -257,7 +259,9 @@ TEST(UnifiedLosses, CmcdExactControlHasConstantWeightsAndIsStationary) {
     const TiltRollout r = tilt_rollout(model, noise, *s.reward, lambda, K, 512, gen);
     const at::Tensor c = r.log_w - (r.x[0].to(at::kDouble) * g0).sum(1);
     const double log_z = chain_log_z(s, *s.reward, lambda, K);
-    EXPECT_GT(r.log_w.std().item<double>(), 1e-2) << "the initial state's factor is visible";
+    EXPECT_GT(r.log_w.std().item<double>(), 10 * c.std().item<double>()) << "the initial state's factor is visible";
+    std::printf("|g_0| = %.4g, std log w = %.3g, std (log w - g_0 . X_0) = %.3g\n", (g0 * g0).sum().sqrt().item<double>(),
+                r.log_w.std().item<double>(), c.std().item<double>());
     EXPECT_LT(c.std().item<double>(), 1e-4) << "log w - g_0 . X_0 should be constant";
     EXPECT_NEAR(c.mean().item<double>() + 0.5 * (g0 * g0).sum().item<double>(), log_z, 1e-4);
     EXPECT_GT(std::abs(log_z - s.log_z), 1e-3) << "the chain's Z differs from the continuous one: a real check";
@@ -385,57 +389,67 @@ Moments moments(const at::Tensor& x) {
   return {m, at::matmul(c.t(), c) / (x.size(0) - 1)};
 }
 
-double train_and_measure(Loss& loss, std::shared_ptr<FineTunedVelocity> model, int64_t iterations, double lr,
-                         const GaussianMixture& exact, Moments* got) {
+// Trains, then samples the model's memoryless SDE on `steps` uniform steps and returns the moments of 20000 samples.
+Moments train_and_sample(Loss& loss, std::shared_ptr<FineTunedVelocity> model, int64_t iterations, double lr,
+                         int64_t steps) {
   TrainerOptions to;
   to.iterations = iterations;
   to.adam.lr = lr;
   to.adam.weight_decay = 0;
+  to.lr_schedule = LrSchedule::cosine;
   to.progress = false;
   to.seed = 4;
   Trainer trainer(loss, to);
   trainer.run();
   Generator gen = make_generator(77);
-  const GenerativeSDE sde(model, make_memoryless_noise(1.0 / 50));
-  const at::Tensor x = sample(sde, 20000, TimeGrid::uniform(50), gen);
-  *got = moments(x);
-  return (got->mean - exact.mean()).norm().item<double>();
+  const GenerativeSDE sde(model, make_memoryless_noise(1.0 / static_cast<double>(steps)));
+  return moments(sample(sde, 20000, TimeGrid::uniform(steps), gen));
 }
 
+void expect_moments(const Moments& got, const at::Tensor& mean, const at::Tensor& cov, const at::Tensor& base_mean,
+                    double tolerance, const std::string& what) {
+  const double err = (got.mean - mean).norm().item<double>();
+  const double cov_err = (got.cov - cov).abs().max().item<double>();
+  std::printf("%s: |mean - mean*| = %.4f (base %.4f), max |cov - cov*| = %.4f\n", what.c_str(), err,
+              (base_mean - mean).norm().item<double>(), cov_err);
+  EXPECT_LT(err, tolerance) << what << ": mean " << got.mean;
+  EXPECT_LT(cov_err, tolerance) << what << ": cov " << got.cov;
+}
+
+// p* = N(lambda a, I) for the base N(0, I) and r = a . x. TSM targets the continuous tilt (sampled on a fine grid);
+// CMCD the tilt of the base's K-step chain (E114), sampled on that chain: N(m_K + lambda V_K a, V_K). Tolerance: the
+// mean within 0.1 (the base is 1.12 away) and every covariance entry within 0.1. TSM trains on t in [0.2, 1] (its
+// target's variance grows like 1/t^4 in velocity space below that, E111); the memoryless SDE forgets the early error.
 TEST(UnifiedLosses, ShortTsmAndCmcdLogVarianceRunsReachTheGaussianTilt) {
   const double lambda = 1.0;
   const TiltCase s = make_setup(test::isotropic_gaussian({0.0, 0.0}, 1.0), linear({1.0, -0.5}), lambda);
-  const at::Tensor exact_mean = s.tilted->mean(), exact_cov = s.tilted->covariance();
-  const double base_error = (s.base_law->mean() - exact_mean).norm().item<double>();  // 1.118
-  struct Run {
-    std::string name;
-    int64_t iterations;
-    double lr;
-  };
-  for (const Run& run : {Run{"tsm", 300, 3e-3}, Run{"cmcd_logvar", 300, 3e-3}}) {
+  const at::Tensor base_mean = s.base_law->mean();
+  const int64_t K = 20;
+  const auto noise = make_memoryless_noise(1.0 / K);
+  {
     auto model = make_finetuned(s.base, FineTuneMode::residual, {32, 32}, 8, 3);
-    const auto noise = make_memoryless_noise(1.0 / 20);
     UnifiedLossOptions o;
     o.lambda = lambda;
-    o.num_steps = 20;
-    std::unique_ptr<Loss> loss;
-    if (run.name == "tsm") {
-      o.batch_size = 256;
-      o.t_min = 0.05;
-      auto tilted = s.tilted;
-      o.target_samples = [tilted](int64_t n, Generator& gen) { return tilted->sample(n, gen); };
-      loss = std::make_unique<TiltScoreMatching>(ScoreTarget::target, model, s.reward, noise, o);
-    } else {
-      o.batch_size = 128;
-      loss = std::make_unique<TiltCmcd>(model, s.reward, noise, o, true);
-    }
-    Moments got;
-    const double err = train_and_measure(*loss, model, run.iterations, run.lr, *s.tilted, &got);
-    const double cov_err = (got.cov - exact_cov).abs().max().item<double>();
-    std::printf("%s: |mean - mean*| = %.4f (base %.4f), max |cov - cov*| = %.4f\n", run.name.c_str(), err, base_error,
-                cov_err);
-    EXPECT_LT(err, 0.1) << run.name << ": mean " << got.mean;
-    EXPECT_LT(cov_err, 0.1) << run.name << ": cov " << got.cov;
+    o.num_steps = K;
+    o.batch_size = 512;
+    o.t_min = 0.2;
+    auto tilted = s.tilted;
+    o.target_samples = [tilted](int64_t n, Generator& gen) { return tilted->sample(n, gen); };
+    TiltScoreMatching tsm(ScoreTarget::target, model, s.reward, noise, o);
+    const Moments got = train_and_sample(tsm, model, 400, 1e-2, 100);
+    expect_moments(got, s.tilted->mean(), s.tilted->covariance(), base_mean, 0.1, "tsm");
+  }
+  {
+    auto model = make_finetuned(s.base, FineTuneMode::residual, {32, 32}, 8, 3);
+    UnifiedLossOptions o;
+    o.lambda = lambda;
+    o.num_steps = K;
+    o.batch_size = 128;
+    TiltCmcd cmcd(model, s.reward, noise, o, true);
+    const Moments got = train_and_sample(cmcd, model, 200, 1e-2, K);
+    const auto [m, V] = test::chain_law(*s.base, 1.0, K, false);
+    const at::Tensor a = at::tensor({1.0, -0.5}, kDouble);
+    expect_moments(got, m + lambda * at::matmul(V, a), V, base_mean, 0.1, "cmcd_logvar");
   }
 }
 

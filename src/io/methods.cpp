@@ -3,6 +3,7 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/io/builders.h"
+#include "tilt/model/gmm.h"
 #include "tilt/sde/gddim.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
@@ -212,6 +213,19 @@ void read_unified_method(ConfigSection& table, MethodContext& ctx) {
   o.batch_size = plan.batch_size;
   o.lambda = plan.lambda;
   if (method != "cmcd_kl" && method != "cmcd_logvar") o = read_unified_keys(table, plan);
+  // Refused here, naming the key, rather than when the loss is built: TSM needs the base score at the data end,
+  // NSM a linear-Gaussian posterior (docs/equations.md, E111, E113).
+  const auto* gmm = dynamic_cast<const GmmVelocity*>(&ctx.base);
+  if (method == "tsm" && !gmm) {
+    ctx.finetune.fail("method", "\"tsm\" needs the base's score at the data end, which tilt has for a 'gmm' base only "
+                                "(the base is '" + ctx.base.kind() + "')");
+  }
+  if (method == "nsm" && (!gmm || gmm->mixture().components() != 1)) {
+    ctx.finetune.fail("method", "\"nsm\" needs a Gaussian base (a 'gmm' base with one component), whose posterior mean "
+                                "is linear in x_t (the base is '" + ctx.base.kind() + "'" +
+                                (gmm ? " with " + std::to_string(gmm->mixture().components()) + " components" : std::string()) +
+                                ")");
+  }
   if (method == "cmcd_logvar" && o.batch_size < 2) ctx.finetune.fail("batch_size", "must be >= 2 for cmcd_logvar");
   if (method == "tsm" || method == "dsm" || method == "nsm" || method == "cmcd_kl" || method == "cmcd_logvar") {
     plan.reports_ess = true;

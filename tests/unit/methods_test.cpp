@@ -53,13 +53,16 @@ TEST(Methods, EveryMethodBuildsALoss) {
     Json table{{"method", name}, {"num_steps", 6}, {"batch_size", 4}, {"hidden", {8}}};
     table["adjoint_matching"] = {{"loss_early_steps", 2}, {"loss_late_steps", 2}};  // a note for the others
     if (name == "grpo") table["grpo"] = {{"group_size", 2}};
-    const FinetunePlan plan = make_finetune_plan(table, *s.base, s.reward, 1.0);
+    // nsm needs a Gaussian base (docs/equations.md, E113).
+    const std::shared_ptr<GmmVelocity> base =
+        name == "nsm" ? std::make_shared<GmmVelocity>(test::isotropic_gaussian({0.5, 0.0}, 1.0), make_linear_schedule()) : s.base;
+    const FinetunePlan plan = make_finetune_plan(table, *base, s.reward, 1.0);
     ASSERT_TRUE(plan.make_loss) << name;
-    auto loss = plan.make_loss(plan.make_model(s.base, 1));
+    auto loss = plan.make_loss(plan.make_model(base, 1));
     Generator gen = make_generator(3);
     const LossOutput out = loss->compute(gen);
     EXPECT_TRUE(std::isfinite(out.loss.item<double>())) << name;
-    const bool ode = name == "draft" || name == "refl" || name == "ode_adjoint_matching";
+    const bool ode = name == "draft" || name == "refl" || name == "ode_adjoint_matching" || name == "nets";
     EXPECT_EQ(plan.model_info()["noise"], ode ? "ode" : "memoryless") << name;
   }
 }
@@ -76,6 +79,13 @@ TEST(Methods, ListedKeysAreRead) {
       EXPECT_NE(e.find("'finetune." + m.name + "." + key + "'"), std::string::npos) << m.name << "." << key << ": " << e;
     }
   }
+}
+
+// The unified losses that need a particular base refuse others when the plan is read, naming the key.
+TEST(Methods, NsmRefusesAMixtureBase) {
+  const std::string e = error_of({{"method", "nsm"}});
+  EXPECT_NE(e.find("'finetune.method'"), std::string::npos) << e;
+  EXPECT_NE(e.find("Gaussian base"), std::string::npos) << e;
 }
 
 TEST(Methods, UnknownKeysInMethodTablesNameKeyAndTable) {

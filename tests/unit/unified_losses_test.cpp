@@ -302,6 +302,37 @@ TEST(UnifiedLosses, DiscreteCrooksIdentityHoldsForARandomControl) {
   EXPECT_LT(se, 0.02 * z);
 }
 
+// E115: without exact samples, the score-matching losses draw X_1 from the model's rollouts weighted by their path
+// weights; the weighted law is the tilt of the base chain's X_K law whatever the model (here the base itself, whose
+// rollout is far from p*): N(m_K + lambda V_K a) for a linear reward.
+TEST(UnifiedLosses, WeightedRolloutsDrawTheTiltOfTheChain) {
+  const double lambda = 1.0;
+  const int64_t K = 20;
+  const at::Tensor a = at::tensor({0.7, -0.4}, kDouble);
+  const TiltCase s = make_setup(test::isotropic_gaussian({0.5, -0.3}, 0.8), linear({0.7, -0.4}), lambda);
+  auto model = make_finetuned(s.base, FineTuneMode::residual, {8}, 4, 1);  // zero residual: the base
+  UnifiedLossOptions o;
+  o.lambda = lambda;
+  o.num_steps = K;
+  TiltScoreMatching dsm(ScoreTarget::denoising, model, s.reward, make_memoryless_noise(1.0 / K), o);
+  Generator gen = make_generator(21);
+  const auto [x1, w] = dsm.terminal_samples(40000, gen);
+  const at::Tensor xd = x1.to(at::kDouble), wd = w.to(at::kDouble);
+  EXPECT_NEAR(wd.sum().item<double>(), 1.0, 1e-5);
+  const at::Tensor mean = (wd.unsqueeze(1) * xd).sum(0);
+  // The self-normalised estimator's standard error, sqrt(sum w^2 (x - mean)^2).
+  const at::Tensor se = (wd.pow(2).unsqueeze(1) * (xd - mean).pow(2)).sum(0).sqrt();
+  const auto [m, V] = test::chain_law(*s.base, 1.0, K, false);
+  const at::Tensor exact = m + lambda * at::matmul(V, a);
+  const at::Tensor unweighted = xd.mean(0);
+  for (int64_t i = 0; i < 2; ++i) {
+    EXPECT_LT(std::abs(mean[i].item<double>() - exact[i].item<double>()), 4 * se[i].item<double>())
+        << "coordinate " << i << ": " << mean[i].item<double>() << " vs " << exact[i].item<double>();
+    EXPECT_GT(std::abs(unweighted[i].item<double>() - exact[i].item<double>()), 20 * se[i].item<double>())
+        << "the unweighted rollout should be far from the tilt";
+  }
+}
+
 // ---- NETS (E116): the exact b_hat and F_t of a Gaussian-to-Gaussian tilt (linear reward, linear schedule). ----
 
 // Base N(mu, diag(sigma2)); rho_t ∝ p_t exp(t lambda a.x) is N(alpha mu + t lambda C_t a, C_t), C_t = alpha^2 Sigma +

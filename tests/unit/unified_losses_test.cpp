@@ -296,6 +296,7 @@ TEST(UnifiedLosses, DiscreteCrooksIdentityHoldsForARandomControl) {
   const at::Tensor w = at::exp(cmcd.log_weights(gen));
   const double mean = w.mean().item<double>(), se = w.std().item<double>() / std::sqrt(40000.0);
   const double z = std::exp(chain_log_z(s, *s.reward, lambda, K));
+  std::printf("Crooks: mean w = %.5f +- %.5f, Z = %.5f\n", mean, se, z);
   EXPECT_LT(std::abs(mean - z), 4 * se) << mean << " +- " << se << " vs Z = " << z;
   const double ess = std::pow(w.sum().item<double>(), 2) / (40000.0 * (w * w).sum().item<double>());
   EXPECT_LT(ess, 0.95) << "the random control should be far from the tilt";

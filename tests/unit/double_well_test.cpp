@@ -123,5 +123,49 @@ TEST(DriftCurriculum, ScalesTheDriftAndItsVjpAndRampsLinearly) {
   EXPECT_THROW(curriculum_scale(0.5, 1.5, 1, 100), Error);
 }
 
+
+// E121 on the double well, by hand: at u = 0 the damped loss is (1/K) sum_k w_k m_k with w_k = min(1, mean m / m_k),
+// m_k the batch's mean |a_k|^2; and the diagnosis of docs/double_well.md: the targets' mean square is largest at
+// the early times (paths start at the barrier top, where (grad b)^T a grows backwards), which are the damped
+// ones, while the second half of [0, T] (where u* lives) keeps weight 1.
+TEST(DoubleWellStudy, DampedTimesAreTheEarlyNoisyOnes) {
+  const ProblemPtr p = double_well(10);
+  const int64_t B = 256, K = 200;
+  auto control = std::make_shared<SeparableControl>(10, 1.0, std::vector<int64_t>{4}, 1);  // u = 0
+  SocLossOptions so;
+  so.batch_size = B;
+  so.damp_noisy_times = true;
+  AdjointMatchingSoc damped(p, control, so);
+  so.damp_noisy_times = false;
+  AdjointMatchingSoc plain(p, control, so);
+  Generator g1 = make_generator(9), g2 = make_generator(9), g3 = make_generator(9);
+  const double loss_damped = damped.compute(g1).loss.item<double>();
+  const double loss_plain = plain.compute(g2).loss.item<double>();
+  at::NoGradGuard no_grad;
+  const ControlledPaths paths = simulate(*p, control->as_control(), B, K, g3);
+  const std::vector<Tensor> a = lean_adjoint(*p, paths.x, 1.0);
+  std::vector<double> m(K);
+  double mean = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    m[k] = a[k].pow(2).sum(1).mean().item<double>();
+    mean += m[k] / K;
+  }
+  double by_hand = 0, late_min = 1, early_max = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double w = std::min(1.0, mean / m[k]);
+    by_hand += w * m[k] / K;
+    if (k >= K / 2) late_min = std::min(late_min, w);
+    if (k < K / 10) early_max = std::max(early_max, w);
+  }
+  std::printf("[ double well ] mean |a_k|^2: t = 0 %.3g, t = 0.5 %.3g, t = 0.95 %.3g, average %.3g; weights: first tenth <= %.3g, "
+              "second half >= %.3g\n", m[0], m[K / 2], m[190], mean, early_max, late_min);
+  EXPECT_NEAR(loss_plain, mean, 1e-9 * mean);
+  EXPECT_NEAR(loss_damped, by_hand, 1e-9 * by_hand);
+  EXPECT_GT(m[0], 5 * mean);      // the early targets are the noisy ones
+  EXPECT_LT(early_max, 0.5);      // ... and are damped
+  EXPECT_EQ(late_min, 1.0);       // the second half keeps the paper's weights
+  EXPECT_LT(loss_damped, 0.6 * loss_plain);
+}
+
 }  // namespace
 }  // namespace tilt::soc

@@ -1,5 +1,7 @@
 // The separable control, the drift curriculum and what they do on the double well (docs/double_well.md).
 #include "tilt/core/error.h"
+#include "tilt/core/fs.h"
+#include "tilt/io/soc_benchmark.h"
 #include "tilt/soc/losses.h"
 #include "tilt/soc/problems.h"
 #include "tilt/soc/separable_control.h"
@@ -9,6 +11,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
+
+#include "../support/checks.h"
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
@@ -165,6 +169,47 @@ TEST(DoubleWellStudy, DampedTimesAreTheEarlyNoisyOnes) {
   EXPECT_LT(early_max, 0.5);      // ... and are damped
   EXPECT_EQ(late_min, 1.0);       // the second half keeps the paper's weights
   EXPECT_LT(loss_damped, 0.6 * loss_plain);
+}
+
+
+// tilt soc's keys for the study: read from [soc], run (a separable control, a curriculum, damped times and a
+// cosine schedule on a 2-D double well), written to soc.resolved.json; bad values name the key.
+TEST(DoubleWellStudy, SocBenchmarkReadsAndRunsTheStudyKeys) {
+  test::TempDir dir;
+  const auto options_of = [](const Json& soc) {
+    Config config(Json{{"soc", soc}}, "'soc.toml'");
+    ConfigSection root = config.root();
+    SocBenchmarkOptions o;
+    read_soc_benchmark(root, o, [](const std::string&) { return false; });
+    return o;
+  };
+  Json soc{{"problem", "double_well"}, {"losses", {"adjoint_matching"}}, {"iterations", 4}, {"batch", 8},
+           {"steps", 20}, {"eval_batch", 16}, {"eval_every", 2}, {"hidden", {4}}, {"control", "separable"},
+           {"curriculum_start", 0.25}, {"curriculum_fraction", 0.5}, {"time_weights", "damped"},
+           {"lr_schedule", "cosine"}, {"double_well", {{"dim", 2}}}};
+  SocBenchmarkOptions o = options_of(soc);
+  EXPECT_EQ(o.control, "separable");
+  EXPECT_EQ(o.curriculum_start, 0.25);
+  EXPECT_EQ(o.time_weights, "damped");
+  EXPECT_EQ(o.lr_schedule, "cosine");
+  o.quiet = true;
+  o.threads = 2;
+  o.out = dir.file("soc");
+  const SocBenchmarkResult r = run_soc_benchmark(o);
+  EXPECT_TRUE(std::isfinite(r.summary["losses"]["adjoint_matching"]["control_l2_error"].get<double>()));
+  const Json resolved = Json::parse(read_file(o.out + "/soc.resolved.json"));
+  EXPECT_EQ(resolved["control"], "separable");
+  EXPECT_EQ(resolved["curriculum_start"], 0.25);
+  EXPECT_EQ(resolved["time_weights"], "damped");
+  const auto message = [&](const char* key, const Json& value) {
+    Json bad = soc;
+    bad[key] = value;
+    return test::error_of([&] { check_soc_benchmark(options_of(bad)); });
+  };
+  EXPECT_NE(message("control", "sep").find("'soc.control'"), std::string::npos);
+  EXPECT_NE(message("time_weights", "x").find("'soc.time_weights'"), std::string::npos);
+  EXPECT_NE(message("curriculum_start", 0.0).find("'soc.curriculum_start' must be in (0, 1]"), std::string::npos);
+  EXPECT_NE(message("curriculum_fraction", 1.5).find("'soc.curriculum_fraction' must be in (0, 1]"), std::string::npos);
 }
 
 }  // namespace

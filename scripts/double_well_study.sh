@@ -24,7 +24,8 @@ mlp_curriculum|1000|--control mlp --hidden 128,128 --lr 1e-3 --curriculum-start 
 separable_lr3e-3|1000|--control separable --hidden 32,32 --lr 3e-3
 separable_damped|1000|--control separable --hidden 32,32 --lr 3e-3 --time-weights damped
 separable_curriculum|1000|--control separable --hidden 32,32 --lr 3e-3 --curriculum-start 0.2 --curriculum-fraction 0.5
-separable_2500_cosine|2500|--control separable --hidden 32,32 --lr 3e-3 --lr-schedule cosine'
+separable_2500_cosine|2500|--control separable --hidden 32,32 --lr 3e-3 --lr-schedule cosine
+separable_damped_1500_cosine|1500|--control separable --hidden 32,32 --lr 3e-3 --lr-schedule cosine --time-weights damped'
 selected=${VARIANTS:-$(echo "$all_variants" | sed '/^$/d' | cut -d'|' -f1)}
 scale=${SCALE:-1}
 

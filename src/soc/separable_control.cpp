@@ -72,12 +72,7 @@ Tensor SeparableControl::evaluate(const Tensor& x, const Tensor& t) const {
                                .view({B, dim_, h1})
                                .permute({1, 0, 2});  // [d, B, h]
   Tensor z = time_part + x.to(at::kFloat).t().unsqueeze(2) * W1.narrow(1, 0, 1) + biases_[0];
-  for (size_t l = 1; l <= weights_.size(); ++l) {
-    if (l < weights_.size()) {
-      z = at::silu(z);
-      z = at::baddbmm(biases_[l], z, weights_[l]);
-    }
-  }
+  for (size_t l = 1; l < weights_.size(); ++l) z = at::baddbmm(biases_[l], at::silu(z), weights_[l]);
   return z.squeeze(2).t().to(at::kDouble);
 }
 

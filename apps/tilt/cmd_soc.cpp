@@ -25,8 +25,22 @@ const bool registered = add_command(
        app.add_option("--iterations", o.iterations, "Training iterations per loss")->capture_default_str();
        app.add_option("--batch", o.batch, "Paths per iteration")->capture_default_str();
        app.add_option("--steps", o.steps, "Euler-Maruyama steps (0: the problem's default)")->capture_default_str();
-       app.add_option("--lr", o.lr, "Adam learning rate (constant)")->capture_default_str();
+       app.add_option("--lr", o.lr, "Adam learning rate")->capture_default_str();
+       app.add_option("--lr-schedule", o.lr_schedule,
+                      "constant, or cosine (from --lr to --lr / 100 over the run)")->capture_default_str();
        app.add_option("--hidden", o.hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
+       app.add_option("--control", o.control,
+                      "The control's parametrisation: mlp (one MLP of (x, t)) or separable (one MLP of (x_i, t) per "
+                      "coordinate, each of the --hidden widths)")->capture_default_str();
+       app.add_option("--time-weights", o.time_weights,
+                      "adjoint_matching's weights over time: uniform (the paper's) or damped (times whose targets are "
+                      "far noisier than average count less: w_k = min(1, mean_j m_j / m_k), m_k the mean |target_k|^2)")
+           ->capture_default_str();
+       app.add_option("--curriculum-start", o.curriculum_start,
+                      "Drift curriculum: train on the drift scaled by c, from this value at the first iteration to 1 "
+                      "(1: none; the double well's barriers scale with it)")->capture_default_str();
+       app.add_option("--curriculum-fraction", o.curriculum_fraction,
+                      "The fraction of the iterations over which the curriculum's scale rises to 1")->capture_default_str();
        add_seed_threads(app, config, "also draws the problem's x0 / matrices");
        app.add_option("--shards", o.shards,
                       "Draw each batch in this many shards, each with its own seed (0: one per process); the result "

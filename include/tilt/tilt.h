@@ -43,6 +43,7 @@
 #include "tilt/soc/losses.h"
 #include "tilt/soc/problem.h"
 #include "tilt/soc/problems.h"
+#include "tilt/soc/separable_control.h"
 #include "tilt/soc/simulate.h"
 
 // train

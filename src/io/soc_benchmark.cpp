@@ -8,6 +8,7 @@
 #include "tilt/io/run.h"
 #include "tilt/soc/losses.h"
 #include "tilt/soc/problems.h"
+#include "tilt/soc/separable_control.h"
 #include "tilt/train/distributed.h"
 #include "tilt/train/trainer.h"
 
@@ -120,6 +121,24 @@ std::unique_ptr<DirectoryLock> open_directory(const std::string& out, const Json
   return lock;
 }
 
+const std::vector<std::string>& time_weight_names() {
+  static const std::vector<std::string> names{"uniform", "damped"};
+  return names;
+}
+
+const std::vector<std::string>& control_names() {
+  static const std::vector<std::string> names{"mlp", "separable"};
+  return names;
+}
+
+// The control network of --control, u = 0 at the start.
+soc::ParametricControlPtr make_control(const SocBenchmarkOptions& o, const soc::Problem& problem, uint64_t seed) {
+  if (o.control == "separable") {
+    return std::make_shared<soc::SeparableControl>(problem.dim(), problem.horizon(), o.hidden, seed);
+  }
+  return std::make_shared<soc::ControlNetwork>(problem.dim(), problem.horizon(), o.hidden, seed);
+}
+
 struct Context {
   const SocBenchmarkOptions& o;
   soc::ProblemPtr problem;
@@ -134,15 +153,25 @@ struct Context {
 Json train_loss(const Context& c, const std::string& name, std::vector<plot::Series>& curves) {
   const SocBenchmarkOptions& o = c.o;
   const auto seed = static_cast<uint64_t>(o.seed);
-  auto control = std::make_shared<soc::ControlNetwork>(c.problem->dim(), c.problem->horizon(), o.hidden, mix_seed(seed, 1));
+  const soc::ParametricControlPtr control = make_control(o, *c.problem, mix_seed(seed, 1));
   soc::SocLossOptions so;
   so.batch_size = o.batch;
   so.num_steps = c.steps;
   so.seed = mix_seed(seed, 4);  // SOCM's M network
-  auto loss = soc::make_soc_loss(name, c.problem, control, so);
+  so.damp_noisy_times = o.time_weights == "damped";
+  // The curriculum trains on the drift scaled by c (E120); the evaluations use the problem itself.
+  const bool curriculum = o.curriculum_start < 1.0;
+  const auto scale_at = [&](int64_t iteration) {
+    return soc::curriculum_scale(o.curriculum_start, o.curriculum_fraction, iteration, o.iterations);
+  };
+  std::shared_ptr<soc::DriftScaledProblem> scaled;
+  if (curriculum) scaled = std::make_shared<soc::DriftScaledProblem>(c.problem, scale_at(1));
+  auto loss = soc::make_soc_loss(name, curriculum ? soc::ProblemPtr(scaled) : c.problem, control, so);
   TrainerOptions topt;
   topt.iterations = o.iterations;
   topt.adam = {o.lr, 0.9, 0.999, 1e-8, 0.0};
+  topt.lr_schedule = parse_lr_schedule(o.lr_schedule);
+  topt.lr_final_factor = 0.01;
   topt.grad_clip = 0;
   topt.seed = mix_seed(seed, 2);
   topt.metrics_path = o.out + "/" + name + ".jsonl";
@@ -158,6 +187,7 @@ Json train_loss(const Context& c, const std::string& name, std::vector<plot::Ser
   double train_seconds = 0;
   trainer.run([&](const StepResult& r) {
     train_seconds += r.seconds;
+    if (scaled) scaled->set_scale(scale_at(r.iteration + 1));
     if (c.writer && (r.iteration % o.eval_every == 0 || r.iteration == o.iterations)) {
       evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, r.iteration, c.metric));
     }
@@ -284,6 +314,12 @@ void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& a,
   take(s, "steps", "--steps", [&] { a.steps = s.integer("steps"); });
   take(s, "lr", "--lr", [&] { a.lr = s.number("lr"); });
   take(s, "hidden", "--hidden", [&] { a.hidden = s.integers("hidden"); });
+  take(s, "control", "--control", [&] { a.control = s.choice("control", control_names()); });
+  take(s, "lr_schedule", "--lr-schedule", [&] { a.lr_schedule = s.choice("lr_schedule", {"constant", "cosine"}); });
+  take(s, "time_weights", "--time-weights", [&] { a.time_weights = s.choice("time_weights", time_weight_names()); });
+  take(s, "curriculum_start", "--curriculum-start", [&] { a.curriculum_start = s.number("curriculum_start"); });
+  take(s, "curriculum_fraction", "--curriculum-fraction",
+       [&] { a.curriculum_fraction = s.number("curriculum_fraction"); });
   take(s, "shards", "--shards", [&] { a.shards = s.integer("shards"); });
   take(s, "eval_every", "--eval-every", [&] { a.eval_every = s.integer("eval_every"); });
   take(s, "eval_batch", "--eval-batch", [&] { a.eval_batch = s.integer("eval_batch"); });
@@ -317,6 +353,15 @@ void check_soc_benchmark(const SocBenchmarkOptions& o) {
   };
   one_of("--instance", o.instance, soc::instance_names());
   one_of("--l2-error", o.l2_error, l2_error_names());
+  one_of("--control", o.control, control_names());
+  one_of("--time-weights", o.time_weights, time_weight_names());
+  one_of("--lr-schedule", o.lr_schedule, {"constant", "cosine"});
+  if (!(o.curriculum_start > 0 && o.curriculum_start <= 1)) {
+    throw Error(n("--curriculum-start") + " must be in (0, 1] (1: no curriculum), got " + format_number(o.curriculum_start));
+  }
+  if (!(o.curriculum_fraction > 0 && o.curriculum_fraction <= 1)) {
+    throw Error(n("--curriculum-fraction") + " must be in (0, 1], got " + format_number(o.curriculum_fraction));
+  }
 }
 
 SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
@@ -339,7 +384,10 @@ SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
                       {"batch", o.batch},     {"steps", o.steps},      {"lr", o.lr},
                       {"hidden", o.hidden},   {"seed", o.seed},        {"eval_every", o.eval_every},
                       {"eval_batch", o.eval_batch}, {"shards", c.shards}, {"instance", o.instance},
-                      {"l2_error", o.l2_error}, {"problem_params", params_json(o.problem_params)}};
+                      {"l2_error", o.l2_error}, {"problem_params", params_json(o.problem_params)},
+                      {"control", o.control}, {"curriculum_start", o.curriculum_start},
+                      {"curriculum_fraction", o.curriculum_fraction}, {"time_weights", o.time_weights},
+                      {"lr_schedule", o.lr_schedule}};
   if (c.group) c.group->check_same(resolved.dump(), "command line");
   std::unique_ptr<DirectoryLock> lock;  // rank 0 writes the directory; a second writer is refused
   run_on_rank0(c.group.get(), [&] { lock = open_directory(o.out, resolved); });

@@ -140,7 +140,17 @@ LossOutput AdjointMatchingSoc::compute(Generator& gen) {
   }
   const Tensor residual = control_->evaluate(at::cat(xs), at::cat(ts)) - at::cat(targets);
   LossOutput out;
-  out.loss = residual.pow(2).sum(1).mean();  // = (1/K) sum_k mean_b |u + sigma^T a|^2
+  Tensor weights;
+  if (options_.damp_noisy_times) {
+    // E121: w_k = min(1, mean_j m_j / m_k), m_k = mean_b |target_k|^2; every time's regression keeps its
+    // minimiser E[-sigma^T a_k | X_k], so u* stays the fixed point.
+    at::NoGradGuard no_grad;
+    const Tensor m = at::stack(targets).pow(2).sum(2).mean(1);  // [K]
+    weights = at::clamp_max(m.mean() / at::clamp_min(m, 1e-300), 1.0);
+  }
+  const Tensor sq = residual.pow(2).sum(1).view({K, B});
+  out.loss = options_.damp_noisy_times ? (sq * weights.unsqueeze(1)).mean()
+                                       : sq.mean();  // = (1/K) sum_k mean_b |u + sigma^T a|^2
   at::NoGradGuard no_grad;
   out.metrics.emplace_back("control_objective", control_objective(paths));
   return out;

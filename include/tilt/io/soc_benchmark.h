@@ -28,8 +28,20 @@ struct SocBenchmarkOptions {
   int64_t iterations = 1000;
   int64_t batch = 128;    ///< paths per iteration
   int64_t steps = 0;      ///< Euler-Maruyama steps; 0: the problem's default
-  double lr = 1e-3;       ///< Adam, constant
+  double lr = 1e-3;       ///< Adam
+  std::string lr_schedule = "constant";  ///< "constant" or "cosine" (from lr to lr / 100 over the run)
   std::vector<int64_t> hidden{128, 128};
+  /// The control's parametrisation: "mlp" (soc::ControlNetwork, an MLP of (x, t / T)) or "separable"
+  /// (soc::SeparableControl, one MLP of (x_i, t / T) per coordinate, each of widths `hidden`).
+  std::string control = "mlp";
+  /// Drift curriculum (docs/equations.md, E120): training sees the drift scaled by c, rising linearly from
+  /// curriculum_start at the first iteration to 1 at a curriculum_fraction of the run (1: no curriculum).
+  /// Evaluations always score against the problem itself.
+  double curriculum_start = 1.0;
+  double curriculum_fraction = 0.5;
+  /// adjoint_matching's weights over time: "uniform" (the paper's) or "damped" (soc::SocLossOptions::
+  /// damp_noisy_times: a time whose targets' mean square exceeds the average counts less; E121).
+  std::string time_weights = "uniform";
   int64_t seed = 0;       ///< also draws the problem's x0 / matrices
   int threads = 0;        ///< 0: all cores
   int64_t shards = 0;     ///< 0: one per process

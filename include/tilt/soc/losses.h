@@ -28,6 +28,10 @@ struct SocLossOptions {
   double M_lr = 1e-3;     ///< socm: the learning rate of M's network and gamma (SOCM's); 0: the control's
   double socm_gamma = 2;  ///< socm: gamma's initial value (SOCM: 2, 6 for the double well)
   uint64_t seed = 0;      ///< socm: initialises M's network
+  /// adjoint_matching: weight time k's squared error by w_k = min(1, mean_j m_j / m_k), m_k the batch's mean
+  /// |target_k|^2 (detached): the times whose regression targets are far noisier than average count less
+  /// (docs/equations.md, E121). false: every time alike, the paper's loss.
+  bool damp_noisy_times = false;
 };
 
 /// The lean adjoint a_k, k = 0..K, along recorded states x_0..x_K on a uniform grid of [0, T].

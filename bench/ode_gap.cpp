@@ -7,10 +7,16 @@
 //     docs/equations.md, E105) on x_t ~ p*_t, relative to the size of the tilt |v* - v_base|^2;
 //   - hybrid fields, exact before t0 and fine-tuned after (and the reverse), sampled with the SDE and the ODE:
 //     which times' errors each sampler pays for.
-// One JSON line per run on stdout and in PREFIX.json.
+// One JSON line per run on stdout and in PREFIX.json. Diagnostics of the training target:
+//   --metrics PATH       the trainer's metrics.jsonl (loss_top_share, ess, ...);
+//   --target exact       regress onto the exact v* at the rollouts' states instead of the method's target: what
+//                        the network and the optimiser reach without the target's noise;
+//   --adjoint-stats N    train nothing; the statistics of Adjoint Matching's target at the optimum over N
+//                        continuations of 16 states per time: bias, variance, tail (docs/equations.md, E106).
 //
 //   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--replicates R]
-//                [--score-steps K] [--hybrids 0|1] [--out PREFIX] [--set KEY=VALUE]...
+//                [--score-steps K] [--hybrids 0|1] [--metrics PATH] [--target am|exact] [--adjoint-stats N]
+//                [--out PREFIX] [--set KEY=VALUE]...
 #include "exact_scores.h"
 
 #include "tilt/core/error.h"
@@ -22,14 +28,19 @@
 #include "tilt/model/random_problem.h"
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/sde/sampler.h"
+#include "tilt/sde/sde.h"
+#include "tilt/sde/time_grid.h"
+#include "tilt/train/adjoint_matching.h"
 #include "tilt/train/trainer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <iostream>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -93,6 +104,110 @@ class SwitchedField : public VelocityField {
   double t0_;
 };
 
+// A diagnostic loss: regresses the fine-tuned velocity onto the EXACT tilted velocity v* (E105) at the states of
+// the current model's memoryless rollouts (the steps AM's loss would use: `steps` of the K drawn at random). It
+// separates the two reasons AM can be slow: noisy regression targets (this loss has none) and the optimisation or the
+// network (this loss has them too).
+class ExactTargetLoss : public Loss {
+ public:
+  ExactTargetLoss(std::shared_ptr<FineTunedVelocity> model, VelocityFieldPtr exact, int64_t batch, int64_t K,
+                  int64_t steps)
+      : model_(std::move(model)), exact_(std::move(exact)), batch_(batch), K_(K), steps_(steps) {}
+  std::string name() const override { return "exact_target"; }
+  std::vector<Tensor> parameters() const override { return model_->parameters(); }
+  LossOutput compute(Generator& gen) override {
+    const TimeGrid grid = TimeGrid::uniform(K_);
+    std::vector<Tensor> xs;
+    {
+      at::NoGradGuard no_grad;
+      const Tensor x0 = at::randn({batch_, model_->dim()}, gen, at::kFloat);
+      SampleOptions record;
+      record.record = true;
+      xs = simulate(GenerativeSDE(model_, make_memoryless_noise(1.0 / static_cast<double>(K_))), x0, grid, gen, record).x;
+    }
+    const Tensor perm = at::randperm(K_, gen, at::TensorOptions().dtype(at::kLong));
+    Tensor loss = at::zeros({}, at::kFloat);
+    for (int64_t i = 0; i < steps_; ++i) {
+      const int64_t k = perm[i].item<int64_t>();
+      const Tensor t = at::full({batch_}, grid[k], at::kFloat);
+      Tensor target;
+      {
+        at::NoGradGuard no_grad;
+        target = exact_->velocity(xs[k], t);
+      }
+      loss = loss + (model_->velocity(xs[k], t) - target).pow(2).sum(1).mean();
+    }
+    return {loss / static_cast<double>(steps_), {}};
+  }
+
+ private:
+  std::shared_ptr<FineTunedVelocity> model_;
+  VelocityFieldPtr exact_;
+  int64_t batch_, K_, steps_;
+};
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+// The statistics of Adjoint Matching's regression target at the optimum. States X_k of the exact tilted chain
+// (memoryless SDE of v*), and from each, `paths` continuations to t = 1 under v*; on each, the lean adjoint a~_k
+// through the base's Jacobians, and the velocity-space target D = -rho_k a~_k (rho_k = eta_{t_k}: the model's
+// residual v_theta - v_base is regressed onto D). At the optimum E[D | X_k] = v* - v_base (the lean adjoint's
+// identity, docs/equations.md), so per state: the bias |mean D - (v* - v_base)|^2 (Monte Carlo error included:
+// compare with variance / paths), the variance E|D - mean D|^2, both over |v* - v_base|^2, and the share of
+// sum |D - (v* - v_base)|^2 carried by its largest 1% of terms (0.01 for equal terms) and Hill's tail index (the
+// median over the states; null where the target is deterministic).
+Json adjoint_target_stats(const Study& s, int64_t states, int64_t paths, uint64_t seed) {
+  at::NoGradGuard no_grad;
+  const int64_t K = s.plan.num_steps, d = s.base_mixture->dim();
+  const TimeGrid grid = TimeGrid::uniform(K);
+  const NoiseSchedulePtr noise = make_memoryless_noise(1.0 / static_cast<double>(K));
+  const NoiseSchedulePtr exact_noise = noise->with_offset(0.0);
+  const GenerativeSDE tilted(s.exact, noise), base_sde(s.base, noise);
+  Generator gen = make_generator(seed);
+  SampleOptions record;
+  record.record = true;
+  const std::vector<Tensor> xs = simulate(tilted, at::randn({states, d}, gen, at::kFloat), grid, gen, record).x;
+  Json rows = Json::array();
+  for (const double t_want : {0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9}) {
+    const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::lround(t_want * static_cast<double>(K))));
+    const double t = grid[k];
+    const double eta = std::pow(exact_noise->sigma(*s.schedule, t), 2) / exact_noise->drift(*s.schedule, t).c_v;
+    std::vector<double> times;
+    for (int64_t j = k; j <= K; ++j) times.push_back(grid[j]);
+    const TimeGrid rest(times);
+    double bias = 0, variance = 0, size = 0, top = 0;
+    std::vector<double> hill;  // per state
+    for (int64_t i = 0; i < states; ++i) {
+      const Tensor x = xs[static_cast<size_t>(k)].narrow(0, i, 1).expand({paths, d}).contiguous();
+      const Tensor tt = at::full({1}, t, at::kFloat);
+      const Tensor want = (s.exact->velocity(x.narrow(0, 0, 1), tt) - s.base->velocity(x.narrow(0, 0, 1), tt)).squeeze(0);
+      const std::vector<Tensor> path = simulate(tilted, x, rest, gen, record).x;
+      const Tensor D = -eta * lean_adjoint(base_sde, path, rest, *s.plan.reward, s.plan.lambda, false).a[0];
+      const Tensor mean = D.mean(0);
+      const Tensor err = (D - want).pow(2).sum(1).to(at::kDouble);
+      const int64_t n_top = std::max<int64_t>(1, paths / 100);
+      bias += (mean - want).pow(2).sum().item<double>();
+      variance += (D - mean).pow(2).sum(1).mean().item<double>();
+      size += want.pow(2).sum().item<double>();
+      top += std::get<0>(err.topk(n_top)).sum().item<double>() / std::max(err.sum().item<double>(), 1e-300);
+      // Hill's estimate of the tail index of |D - (v* - v_base)| from its largest 1% (and one more): the law's
+      // variance is infinite below 2 and its mean below 1.
+      const Tensor largest = std::get<0>(err.sqrt().topk(n_top + 1));
+      const double h = 1.0 / (largest.narrow(0, 0, n_top) / largest[n_top]).log().mean().item<double>();
+      if (std::isfinite(h)) hill.push_back(h);
+    }
+    rows.push_back({{"t", t}, {"bias", bias / size}, {"variance", variance / size},
+                    {"mc_error", variance / size / static_cast<double>(paths)}, {"top_share", top / states},
+                    {"tail_index", hill.empty() ? Json() : Json(median(hill))},
+                    {"tilt_size", size / states}});
+  }
+  return rows;
+}
+
 // Mean over x_t ~ p*_t of |v(x_t) - v*(x_t)|^2 and of |v*(x_t) - v_base(x_t)|^2 (the tilt's own size).
 std::pair<double, double> velocity_error(const Study& s, const VelocityField& v, double t) {
   at::NoGradGuard no_grad;
@@ -145,13 +260,14 @@ Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
 int main(int argc, char** argv) try {
   if (argc < 2) {
     throw Error("usage: tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--out PREFIX] "
-                "[--replicates R] [--score-steps K] [--hybrids 0|1] [--set KEY=VALUE]...");
+                "[--replicates R] [--score-steps K] [--hybrids 0|1] [--metrics PATH] [--target am|exact] "
+                "[--adjoint-stats PATHS] [--set KEY=VALUE]...");
   }
   at::set_num_threads(1);
   std::vector<std::string> sets;
-  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, replicates = 10, score_steps = 0;
+  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, replicates = 10, score_steps = 0, stats = 0;
   bool hybrids = true;
-  std::string out = "ode_gap";
+  std::string out = "ode_gap", metrics, target = "am";
   for (int i = 2; i + 1 < argc; i += 2) {
     const std::string flag = argv[i], value = argv[i + 1];
     if (flag == "--random") seed = std::stoll(value);
@@ -163,6 +279,9 @@ int main(int argc, char** argv) try {
     else if (flag == "--hybrids") hybrids = value != "0";
     else if (flag == "--out") out = value;
     else if (flag == "--set") sets.push_back(value);
+    else if (flag == "--metrics") metrics = value;
+    else if (flag == "--target") target = value;
+    else if (flag == "--adjoint-stats") stats = std::stoll(value);
     else throw Error("unknown option '" + flag + "'");
   }
   Study s = read_study(argv[1], sets, seed, dim);
@@ -171,14 +290,24 @@ int main(int argc, char** argv) try {
   if (samples < 2 || replicates < 2 || score_steps < 0) throw Error("--samples and --replicates must be >= 2, --score-steps >= 0");
   const double floor = tilt_bench::precise_noise_floor(*s.target, s.samples);
   auto model = s.plan.make_model(s.base, 1);
-  const std::unique_ptr<Loss> loss = s.plan.make_loss(model);
-  const TrainerOptions t = tilt_bench::study_trainer(s.plan, s.iterations);
+  if (stats > 0) {
+    const Json j = {{"problem", s.problem}, {"paths", stats}, {"adjoint_target", adjoint_target_stats(s, 16, stats, 1)}};
+    std::cout << j.dump() << std::endl;
+    atomic_write(out + ".json", j.dump(1) + "\n");
+    return 0;
+  }
+  if (target != "am" && target != "exact") throw Error("--target must be am or exact, got '" + target + "'");
+  const std::unique_ptr<Loss> loss =
+      target == "exact" ? std::make_unique<ExactTargetLoss>(model, s.exact, s.plan.batch_size, s.plan.num_steps, 30)
+                        : s.plan.make_loss(model);
+  TrainerOptions t = tilt_bench::study_trainer(s.plan, s.iterations);
+  t.metrics_path = metrics;
   const auto start = std::chrono::steady_clock::now();
   if (s.iterations > 0) Trainer(*loss, t).run();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   Json j = measure(s, model, floor);
   j["problem"] = s.problem, j["iterations"] = s.iterations, j["train_seconds"] = seconds, j["sets"] = sets;
-  j["replicates"] = s.replicates, j["samples"] = s.samples;
+  j["replicates"] = s.replicates, j["samples"] = s.samples, j["target"] = target;
   std::cout << j.dump() << std::endl;
   atomic_write(out + ".json", j.dump(1) + "\n");
   return 0;

@@ -21,7 +21,8 @@ namespace {
 // methods ignore them (with a note).
 const std::vector<std::string> kAdjointMatchingKeys{"loss_early_steps", "loss_late_steps",      "clip_factor",
                                                     "loss_weighting",   "final_noiseless_step", "tape_activations",
-                                                    "guidance",         "guidance_adjoint",     "guidance_control"};
+                                                    "guidance",         "guidance_adjoint",     "guidance_control",
+                                                    "dsm_until"};
 const std::vector<std::string> kPolicyKeys{"log_prob", "clip_range", "adv_clip_max", "scale_advantages", "inner_epochs"};
 const std::vector<std::string> kGroupKeys{"group_size", "window", "window_strategy", "window_iters", "window_shift"};
 
@@ -71,7 +72,9 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
              number_string(quantile(std::vector<double>(st.top.begin(), st.top.end()), 0.5)) +
              "), so a few (X_k, t_k) set the gradient. A larger batch_size" +
              (weighting == "velocity" ? std::string(", ") : std::string(", loss_weighting = \"velocity\" ")) +
-             "or a clip_factor that clips only the outliers spreads it (docs/method.md)";
+             "or a clip_factor that clips only the outliers spreads it; when the early times carry it (the lean "
+             "adjoint's heavy tail), finetune.adjoint_matching.dsm_until = 0.5 gives them a light-tailed target "
+             "(docs/method.md)";
     }
     return "";
   };
@@ -99,8 +102,44 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   plan.curves = {"loss_median"};
   plan.reports_ess = am.guidance == 0.0;
   if (plan.reports_ess) plan.curves.push_back("ess");
-  plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
-    return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);
+  // dsm_until = tau > 0: the times t < tau regress onto the denoising score on the rollouts' path-weighted samples
+  // instead of the lean adjoint, whose pathwise estimate of grad V is heavy-tailed there (docs/equations.md, E106).
+  const double tau = table.number("dsm_until", 0.0);
+  if (tau == 0.0) {
+    plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
+      return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);
+    };
+    return;
+  }
+  UnifiedLossOptions dsm;
+  dsm.num_steps = plan.num_steps, dsm.batch_size = plan.batch_size, dsm.lambda = plan.lambda;
+  if (!(tau > dsm.t_min && tau < 1.0)) {
+    table.fail("dsm_until", "must be 0 (off) or in (" + number_string(dsm.t_min) + ", 1), got " + number_string(tau));
+  }
+  if (plan.conditions) table.fail("dsm_until", "needs an unconditional base (the weighted samples are of one p*)");
+  if (am.guidance != 0.0) table.fail("dsm_until", "cannot be combined with guidance in training");
+  if (am.loss_weighting != "velocity") {
+    table.fail("dsm_until", "needs loss_weighting = \"velocity\" (both regressions are of v_theta - v_base)");
+  }
+  int64_t left = 0;  // the grid's steps t_k = k / K >= tau with a finite target (k >= 1)
+  for (int64_t k = 1; k < plan.num_steps; ++k) left += static_cast<double>(k) / static_cast<double>(plan.num_steps) >= tau - 1e-9;
+  if (am.loss_early_steps + am.loss_late_steps > left) {
+    table.fail("dsm_until", "= " + number_string(tau) + " leaves " + std::to_string(left) + " of the " +
+                                std::to_string(plan.num_steps) + " steps to Adjoint Matching (t_k >= loss_t_min = " +
+                                number_string(tau) + "), fewer than loss_early_steps + loss_late_steps = " +
+                                std::to_string(am.loss_early_steps + am.loss_late_steps));
+  }
+  am.loss_t_min = tau;
+  dsm.t_max = tau;
+  // Equal weight per unit of time: AM sums its S = loss_early_steps + loss_late_steps steps over [tau, 1]; DSM
+  // averages over t ~ U[t_min, tau].
+  const double weight = static_cast<double>(am.loss_early_steps + am.loss_late_steps) * (tau - dsm.t_min) / (1.0 - tau);
+  plan.make_loss = [am, dsm, weight, reward = plan.reward,
+                    noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) -> std::unique_ptr<Loss> {
+    std::vector<LossSum::Term> terms;
+    terms.push_back({std::make_unique<AdjointMatching>(model, reward, noise, am), 1.0});
+    terms.push_back({std::make_unique<TiltScoreMatching>(ScoreTarget::denoising, model, reward, noise, dsm), weight});
+    return std::make_unique<LossSum>("adjoint_matching", std::move(terms));
   };
 }
 

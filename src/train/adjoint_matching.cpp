@@ -134,6 +134,9 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
                 std::to_string(options_.loss_early_steps) + " + " + std::to_string(options_.loss_late_steps));
   }
   if (!std::isfinite(options_.lambda)) throw Error("adjoint matching: lambda must be finite");
+  if (!(options_.loss_t_min >= 0.0 && options_.loss_t_min < 1.0)) {
+    throw Error("adjoint matching: loss_t_min must be in [0, 1), got " + number_string(options_.loss_t_min));
+  }
   if (options_.loss_weighting != "control" && options_.loss_weighting != "velocity") {
     throw Error("adjoint matching: loss_weighting must be 'control' or 'velocity', got '" + options_.loss_weighting + "'");
   }
@@ -159,14 +162,15 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
     const double sigma0 = exact->sigma(*model_->schedule(), t);
     const double rho = sigma0 * sigma0 / exact->drift(*model_->schedule(), t).c_v;
     rho_.push_back(std::isfinite(rho) ? rho : INFINITY);
-    if (std::isfinite(rho)) candidates_.push_back(k);
+    if (std::isfinite(rho) && t >= options_.loss_t_min - 1e-9) candidates_.push_back(k);  // a grid point at loss_t_min is in
   }
   const int64_t available = static_cast<int64_t>(candidates_.size());
   if (options_.loss_early_steps + options_.loss_late_steps > available) {
     throw Error("adjoint matching: loss_early_steps + loss_late_steps = " +
                 std::to_string(options_.loss_early_steps + options_.loss_late_steps) + " but only " +
                 std::to_string(available) + " of the " + std::to_string(options_.num_steps) +
-                " steps have a finite regression target");
+                " steps have a finite regression target" +
+                (options_.loss_t_min > 0 ? " at t >= loss_t_min = " + number_string(options_.loss_t_min) : std::string()));
   }
 }
 

@@ -4,6 +4,8 @@
 #include "tilt/io/methods.h"
 #include "tilt/model/gmm.h"
 #include "tilt/schedule/schedule.h"
+#include "tilt/soc/loss.h"
+#include "tilt/train/adjoint_matching.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -199,6 +201,45 @@ LossOutput signals(double clipped, double top) {
   LossOutput out;
   out.metrics = {{"clipped_fraction", clipped}, {"loss_top_share", top}};
   return out;
+}
+
+// dsm_until = tau: Adjoint Matching regresses the steps t_k >= tau only, and denoising score matching on the
+// rollouts' path-weighted samples takes the times below (docs/equations.md, E106); one loss, both reported.
+TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
+  Base2d s;
+  const Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"loss_weighting", "velocity"}, {"dsm_until", 0.5}};
+  const FinetunePlan plan = make_finetune_plan({{"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", am}},
+                                               *s.base, s.reward, 1.0);
+  auto loss = plan.make_loss(plan.make_model(s.base, 1));
+  const auto* sum = dynamic_cast<const LossSum*>(loss.get());
+  ASSERT_NE(sum, nullptr);
+  const auto& adjoint = dynamic_cast<const AdjointMatching&>(sum->term(0));
+  EXPECT_EQ(sum->term(1).name(), "dsm");
+  Generator gen = make_generator(5);
+  for (int i = 0; i < 20; ++i) {
+    const std::vector<int64_t> steps = adjoint.loss_steps(gen);
+    ASSERT_EQ(steps.size(), 6u);
+    for (int64_t k : steps) EXPECT_GE(adjoint.grid()[k], 0.5) << "step " << k;
+  }
+  const LossOutput out = loss->compute(gen);
+  EXPECT_TRUE(std::isfinite(out.loss.item<double>()));
+  std::vector<std::string> keys;
+  for (const auto& m : out.metrics) keys.push_back(m.first);
+  EXPECT_TRUE(mentions(keys, "dsm_ess")) << "the second term's metrics are prefixed";
+  EXPECT_TRUE(mentions(keys, "loss_top_share"));
+
+  const auto with = [](const Json& extra) {
+    Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"loss_weighting", "velocity"}};
+    for (const auto& [k, v] : extra.items()) am[k] = v;
+    return error_of({{"num_steps", 20}, {"batch_size", 8}, {"adjoint_matching", am}});
+  };
+  const std::string key = "'finetune.adjoint_matching.dsm_until'";
+  for (double bad : {-0.1, 0.01, 1.0, 2.0}) EXPECT_NE(with({{"dsm_until", bad}}).find(key), std::string::npos) << bad;
+  EXPECT_NE(with({{"dsm_until", 0.5}, {"loss_weighting", "control"}}).find(key), std::string::npos);
+  EXPECT_EQ(with({{"dsm_until", 0.0}}), "");
+  // Too few steps left above tau for the loss steps: the error says why.
+  const std::string few = with({{"dsm_until", 0.9}, {"loss_early_steps", 4}, {"loss_late_steps", 2}});
+  EXPECT_NE(few.find("loss_t_min = 0.9"), std::string::npos) << few;
 }
 
 // Adjoint Matching's monitor (handed to the trainer): a warning once over half of the terms have been clipped in each

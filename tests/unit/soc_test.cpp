@@ -5,6 +5,7 @@
 //    constant, which a wrong u* cannot do;
 //  * the problems' hand-written gradients against autograd and finite differences.
 #include "tilt/core/error.h"
+#include "tilt/soc/loss.h"
 #include "tilt/soc/losses.h"
 #include "tilt/soc/problems.h"
 #include "tilt/train/trainer.h"
@@ -809,6 +810,77 @@ TEST(FineTuningProblem, SocLossesTrainItsControl) {
   for (double t : {0.1, 0.5, 0.9}) {
     EXPECT_LT((v->velocity(x, t) - c.optimum->velocity(x, t)).abs().max().item<double>(), 1e-10) << t;
   }
+}
+
+// A weighted sum of losses: the weighted sum of the terms' values on one generator's draws in order, the first
+// term's metrics as they are and the others' prefixed, each term's state kept apart, bad terms refused.
+class CountingLoss : public Loss {
+ public:
+  CountingLoss(std::string name, at::Tensor p, double c) : name_(std::move(name)), p_(std::move(p)), c_(c) {}
+  std::string name() const override { return name_; }
+  std::vector<at::Tensor> parameters() const override { return {p_}; }
+  LossOutput compute(Generator& gen) override {
+    ++calls_;
+    const at::Tensor noise = at::randn({}, gen, at::kDouble);
+    return {c_ * p_.pow(2).sum() + noise, {{"calls", static_cast<double>(calls_)}}};
+  }
+  int64_t batch_size() const override { return batch_; }
+  void set_batch_size(int64_t n) override { batch_ = n; }
+  std::vector<std::pair<std::string, at::Tensor>> state() const override {
+    return {{"calls", at::full({}, static_cast<double>(calls_), kDouble)}};
+  }
+  void load_state(const std::vector<std::pair<std::string, at::Tensor>>& state) override {
+    ASSERT_EQ(state.size(), 1u);
+    ASSERT_EQ(state[0].first, "calls");
+    calls_ = static_cast<int64_t>(state[0].second.item<double>());
+  }
+  int64_t calls_ = 0, batch_ = 7;
+
+ private:
+  std::string name_;
+  at::Tensor p_;
+  double c_;
+};
+
+TEST(LossSum, WeighsTheTermsAndKeepsTheirMetricsAndStateApart) {
+  const at::Tensor p = at::tensor({0.5, -1.0}, kDouble).requires_grad_(true);
+  std::vector<LossSum::Term> terms;
+  terms.push_back({std::make_unique<CountingLoss>("a", p, 1.0), 1.0});
+  terms.push_back({std::make_unique<CountingLoss>("b", p, 2.0), 3.0});
+  LossSum sum("both", std::move(terms));
+  EXPECT_EQ(sum.name(), "both");
+  ASSERT_EQ(sum.parameters().size(), 1u);
+  Generator gen = make_generator(4), same = make_generator(4);
+  const LossOutput out = sum.compute(gen);
+  const double na = at::randn({}, same, at::kDouble).item<double>(), nb = at::randn({}, same, at::kDouble).item<double>();
+  const double p2 = 0.25 + 1.0;
+  EXPECT_NEAR(out.loss.item<double>(), (p2 + na) + 3.0 * (2.0 * p2 + nb), 1e-12);
+  ASSERT_EQ(out.metrics.size(), 2u);
+  EXPECT_EQ(out.metrics[0].first, "calls");
+  EXPECT_EQ(out.metrics[1].first, "b_calls");
+  sum.set_batch_size(3);
+  EXPECT_EQ(sum.batch_size(), 3);
+  EXPECT_EQ(dynamic_cast<const CountingLoss&>(sum.term(1)).batch_, 3);
+
+  sum.compute(gen);  // a: 2 calls, b: 2 calls
+  auto state = sum.state();
+  ASSERT_EQ(state.size(), 2u);
+  EXPECT_EQ(state[0].first, "0/calls");
+  EXPECT_EQ(state[1].first, "1/calls");
+  state[1].second = at::full({}, 9.0, kDouble);
+  sum.load_state(state);
+  EXPECT_EQ(dynamic_cast<const CountingLoss&>(sum.term(0)).calls_, 2);
+  EXPECT_EQ(dynamic_cast<const CountingLoss&>(sum.term(1)).calls_, 9);
+  EXPECT_THROW(sum.load_state({{"2/calls", at::zeros({})}}), Error);
+  EXPECT_THROW(sum.load_state({{"calls", at::zeros({})}}), Error);
+
+  EXPECT_THROW(LossSum("none", {}), Error);
+  std::vector<LossSum::Term> negative;
+  negative.push_back({std::make_unique<CountingLoss>("a", p, 1.0), -1.0});
+  EXPECT_THROW(LossSum("negative", std::move(negative)), Error);
+  std::vector<LossSum::Term> null;
+  null.push_back({nullptr, 1.0});
+  EXPECT_THROW(LossSum("null", std::move(null)), Error);
 }
 
 }  // namespace

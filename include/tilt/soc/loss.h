@@ -5,6 +5,7 @@
 
 #include "tilt/core/tensor.h"
 
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -50,6 +51,33 @@ class Loss {
   /// it back to load_state() on resume.
   virtual std::vector<std::pair<std::string, Tensor>> state() const { return {}; }
   virtual void load_state(const std::vector<std::pair<std::string, Tensor>>& /*state*/) {}
+};
+
+/// A weighted sum of losses over the same parameters, sum_i w_i L_i, each drawing its own batch (the parameters
+/// and their groups are the first loss's; each term must train a subset of them). Metrics: the first loss's under
+/// their names, the others' prefixed with "<name>_". batch_size() is the first's; set_batch_size() sets every term's.
+class LossSum : public Loss {
+ public:
+  struct Term {
+    std::unique_ptr<Loss> loss;
+    double weight = 1.0;
+  };
+  /// Throws tilt::Error without terms, with a null loss, or with a weight that is not finite and >= 0.
+  LossSum(std::string name, std::vector<Term> terms);
+  std::string name() const override { return name_; }
+  std::vector<Tensor> parameters() const override { return terms_.front().loss->parameters(); }
+  std::vector<ParameterGroup> parameter_groups() const override { return terms_.front().loss->parameter_groups(); }
+  LossOutput compute(Generator& gen) override;
+  void begin_iteration(int64_t iteration) override;
+  int64_t batch_size() const override { return terms_.front().loss->batch_size(); }
+  void set_batch_size(int64_t n) override;
+  std::vector<std::pair<std::string, Tensor>> state() const override;
+  void load_state(const std::vector<std::pair<std::string, Tensor>>& state) override;
+  const Loss& term(size_t i) const { return *terms_.at(i).loss; }
+
+ private:
+  std::string name_;
+  std::vector<Term> terms_;
 };
 
 }  // namespace tilt

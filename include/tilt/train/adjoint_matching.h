@@ -40,6 +40,9 @@ struct AdjointMatchingOptions {
   int64_t loss_early_steps = 10; ///< drawn without replacement from the steps before the last ones
   int64_t loss_late_steps = 10;  ///< the last steps, always in the loss
   double clip_factor = 1.6;      ///< per-term clip LCT = clip_factor lambda^2; <= 0 disables
+  /// Only the steps with t_k >= loss_t_min enter the regression (0: all; in [0, 1)). The early times are then left
+  /// to another loss: `dsm_until` of tilt finetune regresses them onto the denoising score (docs/equations.md, E106).
+  double loss_t_min = 0.0;
   /// Weight of each step's squared residual: "control" = (c_v / sigma)^2, the paper's |u + sigma a|^2;
   /// "velocity" = 1, the plain regression of v_theta - v_base. Both have the same minimiser (the
   /// conditional mean at each step); "velocity" does not let late steps (sigma -> 0) dominate.

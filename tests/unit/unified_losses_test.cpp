@@ -422,8 +422,8 @@ Moments moments(const at::Tensor& x) {
 }
 
 // Trains, then samples the model's memoryless SDE on `steps` uniform steps and returns the moments of 20000 samples.
-Moments train_and_sample(Loss& loss, std::shared_ptr<FineTunedVelocity> model, int64_t iterations, double lr,
-                         int64_t steps) {
+// The short runs' trainer: Adam at lr without weight decay, a cosine decay, seed 4.
+void train_briefly(Loss& loss, int64_t iterations, double lr) {
   TrainerOptions to;
   to.iterations = iterations;
   to.adam.lr = lr;
@@ -431,8 +431,12 @@ Moments train_and_sample(Loss& loss, std::shared_ptr<FineTunedVelocity> model, i
   to.lr_schedule = LrSchedule::cosine;
   to.progress = false;
   to.seed = 4;
-  Trainer trainer(loss, to);
-  trainer.run();
+  Trainer(loss, to).run();
+}
+
+Moments train_and_sample(Loss& loss, std::shared_ptr<FineTunedVelocity> model, int64_t iterations, double lr,
+                         int64_t steps) {
+  train_briefly(loss, iterations, lr);
   Generator gen = make_generator(77);
   const GenerativeSDE sde(model, make_memoryless_noise(1.0 / static_cast<double>(steps)));
   return moments(sample(sde, 20000, TimeGrid::uniform(steps), gen));
@@ -495,15 +499,7 @@ TEST(UnifiedLosses, ShortNetsRunLearnsTheDriftAndLogZ) {
   o.lambda = lambda;
   o.batch_size = 256;
   TiltNets nets(model, s.reward, o);
-  TrainerOptions to;
-  to.iterations = 400;
-  to.adam.lr = 1e-2;
-  to.adam.weight_decay = 0;
-  to.lr_schedule = LrSchedule::cosine;
-  to.progress = false;
-  to.seed = 4;
-  Trainer trainer(nets, to);
-  trainer.run();
+  train_briefly(nets, 400, 1e-2);
   Generator gen = make_generator(78);
   SampleOptions so;
   so.integrator = Integrator::heun;

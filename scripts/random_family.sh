@@ -6,9 +6,11 @@
 # the noise floor, mean of REPLICATES sets of 2000) and measures the fine-tuned velocity's error per time against
 # the exact tilted velocity. Resumable: a seed whose result exists is skipped. One thread per problem; JOBS
 # problems at a time. Writes $OUT/seed<S>_d<D>.json and $OUT/summary.md (UPDATE_DOCS=1 copies it to
-# docs/random_family.md).
+# $DOC, by default docs/random_family.md).
 # Options (environment): OUT=runs/random_family  SEEDS="0 1 ... 9"  ITERATIONS=<config's>  REPLICATES=20  JOBS=1
-#                        SETS="key=value ..." (extra --set overrides of the configuration)
+#                        SETS="key=value ..." (extra --set overrides of the configuration)  DOC=docs/random_family.md
+# The dsm_until table: OUT=runs/random_family_dsm SETS="finetune.adjoint_matching.dsm_until=0.5"
+#                      DOC=docs/random_family_dsm.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null
@@ -37,4 +39,4 @@ done
 wait
 python3 scripts/random_family_table.py "$out" > "$out/summary.md"
 cat "$out/summary.md"
-if [ "${UPDATE_DOCS:-0}" = 1 ]; then cp "$out/summary.md" docs/random_family.md; fi
+if [ "${UPDATE_DOCS:-0}" = 1 ]; then cp "$out/summary.md" "${DOC:-docs/random_family.md}"; fi

@@ -22,6 +22,9 @@ def main(folder):
           "mean +- standard error over %s independent sets; \"exact field\" samples the exact tilted velocity "
           "with the same sampler (its own discretisation error). Relative error: E|v_theta - v*|^2 / "
           "E|v* - v_base|^2 on x ~ p*_t (docs/equations.md, E105).\n" % reps)
+    sets = rows[0].get("sets", []) if rows else []
+    if sets:
+        print("Overrides of configs/random_family.toml (`SETS`, `--set`): %s.\n" % ", ".join("`%s`" % x for x in sets))
     print("| seed | d | reward | SDE / floor | ODE / floor | exact field SDE | exact field ODE | train s | "
           + " | ".join("rel. err. t=%g" % t for t in times) + " |")
     print("|" + "---|" * (8 + len(times)))

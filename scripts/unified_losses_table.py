@@ -1,0 +1,44 @@
+#!/usr/bin/env python3
+"""Table of scripts/unified_losses_study.sh's results: per problem, each method's SDE and ODE distance ratios (mean
++- standard error over the replicates), its training time and its field's error relative to the tilt's size at a
+few times; the exact field's ratios (the samplers' own error) once per problem."""
+import glob, json, os, re, sys
+
+METHODS = ["adjoint_matching", "am_dsm", "dsm", "tsm", "cmcd_kl", "cmcd_logvar", "nets"]
+LABELS = {"am_dsm": "adjoint_matching, dsm_until = 0.5"}
+TIMES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
+
+def main(folder):
+    runs = {}
+    for f in glob.glob(os.path.join(folder, "seed*_d*_*.json")):
+        m = re.match(r"seed(\d+)_d(\d+)_(.+)\.json$", os.path.basename(f))
+        try:
+            runs[(int(m.group(1)), int(m.group(2)), m.group(3))] = json.load(open(f))
+        except (OSError, ValueError, AttributeError):
+            continue
+    reps = next(iter(runs.values())).get("replicates", "R") if runs else "R"
+    print("# The unified view's losses beside Adjoint Matching\n")
+    print("Made by `scripts/unified_losses_study.sh` (configs/random_family.toml, `tilt_ode_gap --random SEED --dim D "
+          "--set finetune.method=M`; do not edit by hand). Each method trains the same residual network with the "
+          "same budget (2400 iterations of 256, lr 4e-3 cosine, K = 60) and its own defaults (docs/config.md). "
+          "Distances: energy distance of 2000 samples to 2000 exact samples of p*, over the noise floor, mean +- "
+          "standard error over %s independent sets, with the memoryless SDE and with the ODE (Heun), 60 steps "
+          "each; `nets` learns the ODE's drift (its SDE column samples the same field with noise). Relative "
+          "error: E|v_theta - v*|^2 / E|v* - v_base|^2 on x ~ p*_t (docs/equations.md, E105). Seconds: "
+          "training only, one thread, on a shared 2-core machine.\n" % reps)
+    fmt = lambda r: "%.2f ± %.2f" % (r[0], r[1])
+    for seed, dim in sorted({(s, d) for s, d, _ in runs}):
+        rows = [(m, runs[(seed, dim, m)]) for m in METHODS if (seed, dim, m) in runs]
+        j0 = rows[0][1]
+        print("## Seed %d, d = %d, %s reward\n" % (seed, dim, j0["problem"]["reward"]))
+        print("Exact field: SDE %s, ODE %s.\n" % (fmt(j0["exact_field"]["sde"]), fmt(j0["exact_field"]["ode"])))
+        print("| method | SDE / floor | ODE / floor | train s | " + " | ".join("rel. err. t=%g" % t for t in TIMES) + " |")
+        print("|" + "---|" * (4 + len(TIMES)))
+        for m, j in rows:
+            err = {round(v["t"], 2): v["relative"] for v in j["velocity_error"]}
+            print("| %s | %s | %s | %.0f | %s |" % (LABELS.get(m, m), fmt(j["model"]["sde"]), fmt(j["model"]["ode"]),
+                  j["train_seconds"], " | ".join("%.3f" % err[t] for t in TIMES)))
+        print()
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/unified_losses")

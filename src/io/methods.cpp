@@ -41,7 +41,7 @@ constexpr size_t kSignalWindow = 20;
 constexpr double kDominatedShare = 0.9;
 
 std::function<std::string(const LossOutput&)> regression_monitor(double clip_factor, double lambda,
-                                                               const std::string& weighting) {
+                                                               const std::string& weighting, double dsm_until) {
   struct State {
     std::deque<double> clipped, top;
     bool warned_clipped = false, warned_top = false;
@@ -73,8 +73,11 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
              "), so a few (X_k, t_k) set the gradient. A larger batch_size" +
              (weighting == "velocity" ? std::string(", ") : std::string(", loss_weighting = \"velocity\" ")) +
              "or a clip_factor that clips only the outliers spreads it; when the early times carry it (the lean "
-             "adjoint's heavy tail), finetune.adjoint_matching.dsm_until = 0.5 gives them a light-tailed target "
-             "(docs/method.md)";
+             "adjoint's heavy tail), " +
+             (dsm_until > 0 ? "a larger finetune.adjoint_matching.dsm_until (now " + number_string(dsm_until) +
+                                  ") gives more of them a light-tailed target"
+                            : std::string("finetune.adjoint_matching.dsm_until = 0.5 gives them a light-tailed target")) +
+             " (docs/method.md)";
     }
     return "";
   };
@@ -95,7 +98,6 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
   read_adjoint_matching_keys(table, am);
-  plan.monitor = regression_monitor(am.clip_factor, plan.lambda, am.loss_weighting);
   // The label-free convergence signals (docs/method.md): the loss's median over the last 50 iterations, and the
   // rollout's ESS (not reported with guidance: E104).
   plan.trainer.loss_window = 50;
@@ -105,6 +107,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   // dsm_until = tau > 0: the times t < tau regress onto the denoising score on the rollouts' path-weighted samples
   // instead of the lean adjoint, whose pathwise estimate of grad V is heavy-tailed there (docs/equations.md, E106).
   const double tau = table.number("dsm_until", 0.0);
+  plan.monitor = regression_monitor(am.clip_factor, plan.lambda, am.loss_weighting, tau);
   if (tau == 0.0) {
     plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
       return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);

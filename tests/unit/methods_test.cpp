@@ -269,6 +269,15 @@ TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   w = velocity(signals(0.0, 0.95));  // the 20th: the window is full
   EXPECT_NE(w.find("the loss is dominated by a few rows"), std::string::npos) << w;
   EXPECT_EQ(w.find("loss_weighting"), std::string::npos) << w;
+  EXPECT_NE(w.find("dsm_until = 0.5"), std::string::npos) << w;
+  // A run that already splits the times is told to move the split.
+  auto split = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4},
+                                   {"adjoint_matching", {{"loss_weighting", "velocity"}, {"dsm_until", 0.3},
+                                                         {"loss_early_steps", 4}, {"loss_late_steps", 4}}}},
+                                  *s.base, s.reward, 1.0).monitor;
+  for (int i = 0; i < 19; ++i) EXPECT_EQ(split(signals(0.0, 0.95)), "") << i;
+  w = split(signals(0.0, 0.95));
+  EXPECT_NE(w.find("a larger finetune.adjoint_matching.dsm_until (now 0.3)"), std::string::npos) << w;
 
   auto calm = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 100; ++i) EXPECT_EQ(calm(signals(i % 2 ? 0.9 : 0.1, i % 3 ? 0.7 : 0.99)), "") << i;

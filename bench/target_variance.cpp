@@ -279,7 +279,8 @@ int main(int argc, char** argv) try {
   atomic_write(out + ".json", j.dump(1) + "\n");
   if (!plot_path.empty()) {
     plot::LineOptions o;
-    o.title = "E Var[D | x_t] / E|v* - v_base|^2 of each regression target";
+    o.width = 800;
+    o.title = "E Var[D | x_t] / E|v* - v_base|^2 per regression target";
     o.x_label = "t";
     o.y_label = "relative conditional variance";
     o.log_y = true;

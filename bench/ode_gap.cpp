@@ -17,6 +17,7 @@
 //   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--replicates R]
 //                [--score-steps K] [--hybrids 0|1] [--metrics PATH] [--target am|exact] [--adjoint-stats N]
 //                [--out PREFIX] [--set KEY=VALUE]...
+#include "adjoint_target.h"
 #include "exact_scores.h"
 
 #include "tilt/core/error.h"
@@ -164,9 +165,7 @@ Json adjoint_target_stats(const Study& s, int64_t states, int64_t paths, uint64_
   at::NoGradGuard no_grad;
   const int64_t K = s.plan.num_steps, d = s.base_mixture->dim();
   const TimeGrid grid = TimeGrid::uniform(K);
-  const NoiseSchedulePtr noise = make_memoryless_noise(1.0 / static_cast<double>(K));
-  const NoiseSchedulePtr exact_noise = noise->with_offset(0.0);
-  const GenerativeSDE tilted(s.exact, noise), base_sde(s.base, noise);
+  const GenerativeSDE tilted(s.exact, make_memoryless_noise(1.0 / static_cast<double>(K)));
   Generator gen = make_generator(seed);
   SampleOptions record;
   record.record = true;
@@ -175,18 +174,13 @@ Json adjoint_target_stats(const Study& s, int64_t states, int64_t paths, uint64_
   for (const double t_want : {0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9}) {
     const int64_t k = std::max<int64_t>(1, static_cast<int64_t>(std::lround(t_want * static_cast<double>(K))));
     const double t = grid[k];
-    const double eta = std::pow(exact_noise->sigma(*s.schedule, t), 2) / exact_noise->drift(*s.schedule, t).c_v;
-    std::vector<double> times;
-    for (int64_t j = k; j <= K; ++j) times.push_back(grid[j]);
-    const TimeGrid rest(times);
     double bias = 0, variance = 0, size = 0, top = 0;
     std::vector<double> hill;  // per state
     for (int64_t i = 0; i < states; ++i) {
       const Tensor x = xs[static_cast<size_t>(k)].narrow(0, i, 1).expand({paths, d}).contiguous();
       const Tensor tt = at::full({1}, t, at::kFloat);
       const Tensor want = (s.exact->velocity(x.narrow(0, 0, 1), tt) - s.base->velocity(x.narrow(0, 0, 1), tt)).squeeze(0);
-      const std::vector<Tensor> path = simulate(tilted, x, rest, gen, record).x;
-      const Tensor D = -eta * lean_adjoint(base_sde, path, rest, *s.plan.reward, s.plan.lambda, false).a[0];
+      const Tensor D = tilt_bench::adjoint_targets(s.exact, s.base, *s.schedule, *s.plan.reward, s.plan.lambda, K, k, x, gen);
       const Tensor mean = D.mean(0);
       const Tensor err = (D - want).pow(2).sum(1).to(at::kDouble);
       const int64_t n_top = std::max<int64_t>(1, paths / 100);

@@ -95,6 +95,80 @@ TEST(LeanAdjoint, LinearGaussianClosedForm) {
   }
 }
 
+// Rectified flow (linear schedule) on N(0, I) data: v_base = (2t - 1) x / D_t with D_t = t^2 + (1 - t)^2, and the
+// memoryless drift 2 v_base - x / t has gradient 2 (2t - 1) / D_t - 1 / t = D'_t / D_t - 1 / t, so the continuous
+// lean adjoint (E22) is a(t) = a(1) t / D_t (E119). The discretised one
+// (E23) converges to it at first order in 1/K (one-step offset h = 1/K included).
+TEST(LeanAdjoint, RectifiedFlowOnAStandardGaussianMatchesItsClosedForm) {
+  auto base = std::make_shared<GmmVelocity>(test::isotropic_gaussian({0.0, 0.0}, 1.0), make_linear_schedule());
+  const RewardPtr reward = std::make_shared<LinearReward>(at::tensor({0.7, -1.2}, kDouble));
+  std::vector<double> errors;
+  for (const int64_t K : {250, 500, 1000}) {
+    const TimeGrid grid = TimeGrid::uniform(K);
+    GenerativeSDE sde(base, make_memoryless_noise(1.0 / static_cast<double>(K)));
+    std::vector<at::Tensor> x(static_cast<size_t>(K + 1), at::ones({1, 2}, kDouble));  // the VJP is constant in x
+    const LeanAdjoint adj = lean_adjoint(sde, x, grid, *reward, 1.0, false);
+    double worst = 0;
+    for (const double t : {0.1, 0.3, 0.5, 0.7, 0.9}) {
+      const auto k = static_cast<int64_t>(std::lround(t * static_cast<double>(K)));
+      const double closed = t / (t * t + (1 - t) * (1 - t));
+      worst = std::max(worst, (adj.a[k] / adj.a[K] - closed).abs().max().item<double>() / closed);
+    }
+    std::printf("K = %lld: largest relative error of a(t) / a(1) at t = 0.1..0.9: %.3g\n", static_cast<long long>(K), worst);
+    errors.push_back(worst);
+  }
+  EXPECT_LT(errors.back(), 5e-3);
+  for (size_t i = 1; i < errors.size(); ++i) {
+    const double order = std::log2(errors[i - 1] / errors[i]);
+    EXPECT_GT(order, 0.8) << "K doubled " << i << " times";
+    EXPECT_LT(order, 1.2) << "K doubled " << i << " times";
+  }
+}
+
+// The lean adjoint's norm bound under strong log-concavity (E119; Domingo-Enrich, Du, Albergo 2026, Prop. 3.1): the
+// memoryless drift is b = kappa_t x + 2 eta_t s_t (E7), grad b is symmetric, and a mu-strongly log-concave base makes
+// p_t m_t-strongly log-concave with 1/m_t = alpha_t^2/mu + beta_t^2, so
+//   |a(t)| <= |a(1)| exp( int_t^1 (kappa_s - 2 eta_s m_s) ds ).
+// On random Gaussian bases N(m, Sigma) (mu = 1/lambda_max(Sigma)) the discretised adjoint (K = 1000) stays under it
+// to the discretisation's 1%; along the top eigenvector of an isotropic base it attains it (the bound is tight).
+TEST(LeanAdjoint, StrongLogConcavityBoundHoldsOnRandomGaussians) {
+  const int64_t K = 1000, d = 3;
+  const TimeGrid grid = TimeGrid::uniform(K);
+  // int_t^1 (1/s - 2 (1 - s)/s m_s) ds for the linear schedule (kappa = 1/s, eta = (1 - s)/s), by the midpoint rule.
+  const auto log_bound = [](double t, double mu) {
+    const int n = 20000;
+    double sum = 0;
+    for (int i = 0; i < n; ++i) {
+      const double s = t + (1 - t) * (i + 0.5) / n;
+      const double m = 1.0 / (s * s / mu + (1 - s) * (1 - s));
+      sum += (1 / s - 2 * (1 - s) / s * m) * (1 - t) / n;
+    }
+    return sum;
+  };
+  Generator gen = make_generator(21);
+  for (int trial = 0; trial < 6; ++trial) {
+    const bool isotropic = trial == 0;
+    const at::Tensor q = std::get<0>(at::linalg_qr(at::randn({d, d}, gen, kDouble)));
+    const at::Tensor eig = isotropic ? at::full({d}, 0.6, kDouble) : 0.3 + 1.7 * at::rand({d}, gen, kDouble);
+    const at::Tensor sigma = at::matmul(q * eig, q.t());
+    const double mu = 1.0 / eig.max().item<double>();
+    auto law = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), at::randn({1, d}, gen, kDouble), sigma.unsqueeze(0));
+    auto base = std::make_shared<GmmVelocity>(law, make_linear_schedule());
+    GenerativeSDE sde(base, make_memoryless_noise(1.0 / static_cast<double>(K)));
+    const at::Tensor g = isotropic ? q.select(1, 0) : at::randn({d}, gen, kDouble);
+    const RewardPtr reward = std::make_shared<LinearReward>(g);
+    std::vector<at::Tensor> x(static_cast<size_t>(K + 1), at::zeros({1, d}, kDouble));  // the VJP is constant in x
+    const LeanAdjoint adj = lean_adjoint(sde, x, grid, *reward, 1.0, false);
+    const double a1 = adj.a[K].norm().item<double>();
+    for (const double t : {0.05, 0.2, 0.5, 0.8, 0.95}) {
+      const auto k = static_cast<int64_t>(std::lround(t * static_cast<double>(K)));
+      const double ratio = adj.a[k].norm().item<double>() / (a1 * std::exp(log_bound(t, mu)));
+      EXPECT_LT(ratio, 1.01) << "trial " << trial << ", t = " << t;
+      if (isotropic) EXPECT_GT(ratio, 0.99) << "the isotropic case attains the bound; t = " << t;
+    }
+  }
+}
+
 // v_theta - v_base = theta (v* - v_base): a one-parameter family through the exact optimum v*.
 class ScaledDifference : public VelocityField {
  public:

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Issue 21 (item 4): the loss family of the unified view of tilting (docs/equations.md, E110-E117) beside Adjoint
-# Matching, on random problems with exact p* (random_tilt_problem) and ONE configuration (configs/random_family.toml:
+# Matching, on the 2-D demo and random problems with exact p* (random_tilt_problem), with ONE configuration (configs/random_family.toml:
 # K = 60, batch 256, 2400 iterations, lr 4e-3 cosine), each method with its defaults. tilt_ode_gap scores memoryless-SDE
 # and ODE samples against exact p* (energy distance over the noise floor, mean of REPLICATES sets of 2000) and the
 # field's error per time against the exact tilted velocity. Resumable: a result that exists is skipped. One thread
 # per run, JOBS runs at a time. Writes $OUT/<problem>_<method>.json and $OUT/summary.md (UPDATE_DOCS=1 copies it to
 # docs/unified_losses.md).
-# Options (environment): OUT=runs/unified_losses  PROBLEMS="2:4 5:7" (seed:dimension)  REPLICATES=10  JOBS=1
+# Options (environment): OUT=runs/unified_losses  PROBLEMS="demo 8:10" (demo: configs/demo_2d.toml; seed:dimension:
+#                        random_tilt_problem, 8:10 a 10-D mixture)  REPLICATES=10  JOBS=1
 #                        METHODS="adjoint_matching am_dsm dsm tsm cmcd_kl cmcd_logvar nets"
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,17 +16,18 @@ out=${OUT:-runs/unified_losses}
 mkdir -p "$out"
 run_one() {
   local seed=${1%%:*} dim=${1##*:} method=$2
-  local f="$out/seed${seed}_d${dim}_${method}"
+  local f="$out/seed${seed}_d${dim}_${method}" problem=(configs/random_family.toml --random "$seed" --dim "$dim")
+  # "demo": configs/demo_2d.toml's own problem (8-Gaussian ring, quadratic reward) with the same settings.
+  [ "$1" = demo ] && f="$out/demo_${method}" && problem=(configs/demo_2d.toml)
   [ -f "$f.json" ] && return 0
   local sets=(--set "finetune.method=$method")
   # am_dsm: Adjoint Matching with dsm_until = 0.5 (E106).
   [ "$method" = am_dsm ] && sets=(--set finetune.method=adjoint_matching --set finetune.adjoint_matching.dsm_until=0.5)
-  build/bench/tilt_ode_gap configs/random_family.toml --random "$seed" --dim "$dim" --replicates "${REPLICATES:-10}" \
-    --hybrids 0 "${sets[@]}" --out "$f" > /dev/null
-  echo "seed $seed (d = $dim) $method done" >&2
+  build/bench/tilt_ode_gap "${problem[@]}" --replicates "${REPLICATES:-10}" --hybrids 0 "${sets[@]}" --out "$f" > /dev/null
+  echo "$1 $method done" >&2
 }
 pids=()
-for p in ${PROBLEMS:-2:4 5:7}; do
+for p in ${PROBLEMS:-demo 8:10}; do
   for m in ${METHODS:-adjoint_matching am_dsm dsm tsm cmcd_kl cmcd_logvar nets}; do
     run_one "$p" "$m" &
     pids+=($!)

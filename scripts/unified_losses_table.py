@@ -9,17 +9,18 @@ LABELS = {"am_dsm": "adjoint_matching, dsm_until = 0.5"}
 TIMES = (0.0, 0.1, 0.3, 0.5, 0.7, 0.9)
 
 def main(folder):
-    runs = {}
-    for f in glob.glob(os.path.join(folder, "seed*_d*_*.json")):
-        m = re.match(r"seed(\d+)_d(\d+)_(.+)\.json$", os.path.basename(f))
+    runs = {}  # (seed, d, method); the demo is seed -1
+    for f in glob.glob(os.path.join(folder, "*.json")):
+        m = re.match(r"(?:seed(\d+)_d(\d+)|demo)_(.+)\.json$", os.path.basename(f))
         try:
-            runs[(int(m.group(1)), int(m.group(2)), m.group(3))] = json.load(open(f))
+            key = (int(m.group(1)), int(m.group(2))) if m.group(1) else (-1, 2)
+            runs[key + (m.group(3),)] = json.load(open(f))
         except (OSError, ValueError, AttributeError):
             continue
     reps = next(iter(runs.values())).get("replicates", "R") if runs else "R"
     print("# The unified view's losses beside Adjoint Matching\n")
-    print("Made by `scripts/unified_losses_study.sh` (configs/random_family.toml, `tilt_ode_gap --random SEED --dim D "
-          "--set finetune.method=M`; do not edit by hand). Each method trains the same residual network with the "
+    print("Made by `scripts/unified_losses_study.sh` (`tilt_ode_gap configs/demo_2d.toml` and `tilt_ode_gap "
+          "configs/random_family.toml --random SEED --dim D`, with `--set finetune.method=M`; do not edit by hand). Each method trains the same residual network with the "
           "same budget (2400 iterations of 256, lr 4e-3 cosine, K = 60) and its own defaults (docs/config.md). "
           "Distances: energy distance of 2000 samples to 2000 exact samples of p*, over the noise floor, mean +- "
           "standard error over %s independent sets, with the memoryless SDE and with the ODE (Heun), 60 steps "
@@ -30,7 +31,10 @@ def main(folder):
     for seed, dim in sorted({(s, d) for s, d, _ in runs}):
         rows = [(m, runs[(seed, dim, m)]) for m in METHODS if (seed, dim, m) in runs]
         j0 = rows[0][1]
-        print("## Seed %d, d = %d, %s reward\n" % (seed, dim, j0["problem"]["reward"]))
+        if seed < 0:
+            print("## The 2-D demo (configs/demo_2d.toml: 8 Gaussians on a ring, quadratic reward)\n")
+        else:
+            print("## Seed %d, d = %d, %s reward\n" % (seed, dim, j0["problem"]["reward"]))
         print("Exact field: SDE %s, ODE %s.\n" % (fmt(j0["exact_field"]["sde"]), fmt(j0["exact_field"]["ode"])))
         print("| method | SDE / floor | ODE / floor | train s | " + " | ".join("rel. err. t=%g" % t for t in TIMES) + " |")
         print("|" + "---|" * (4 + len(TIMES)))

@@ -19,6 +19,7 @@
 //                [--out PREFIX] [--set KEY=VALUE]...
 #include "adjoint_target.h"
 #include "exact_scores.h"
+#include "tilted_mixture.h"
 
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
@@ -49,14 +50,10 @@ using namespace tilt;
 
 namespace {
 
-struct Study {
-  SchedulePtr schedule;
-  std::shared_ptr<GaussianMixture> base_mixture, target;
-  VelocityFieldPtr base, exact;  // v_base, v* (the flow of p*)
+struct Study : tilt_bench::TiltedMixture {
   FinetunePlan plan;
   int64_t iterations = 0, samples = 2000, replicates = 10, score_steps = 0;  // 0: the fine-tuning grid's K
   bool hybrids = true;
-  Json problem;
 };
 
 Study read_study(const std::string& path, const std::vector<std::string>& sets, int64_t seed, int64_t dim) {
@@ -64,25 +61,9 @@ Study read_study(const std::string& path, const std::vector<std::string>& sets, 
   ConfigSection root = config.root();
   root.allow({"seed", "threads", "base", "pretrain", "sample", "eval", "data", "reward"});
   Study s;
-  s.schedule = read_schedule(root.section("schedule"));
-  RewardPtr reward;
-  double lambda = 1.0;
-  if (seed >= 0) {
-    RandomTiltProblem p = random_tilt_problem(dim, static_cast<uint64_t>(seed));
-    s.base_mixture = p.base, reward = p.reward, lambda = p.lambda;
-    s.problem = {{"random_seed", seed}, {"dim", dim}, {"reward", reward->kind()}};
-  } else {
-    s.base_mixture = read_mixture(root.section("data"));
-    reward = read_reward(root.section("reward"), s.base_mixture->dim(), &lambda);
-    s.problem = {{"config", path}, {"dim", s.base_mixture->dim()}};
-  }
-  const auto target = exact_tilt(*reward, *s.base_mixture, lambda);
-  if (!target) throw Error(path + ": the reward has no closed-form tilt of the mixture; the study needs the exact p*");
-  s.target = std::make_shared<GaussianMixture>(*target);
-  s.base = std::make_shared<GmmVelocity>(s.base_mixture, s.schedule);
-  s.exact = std::make_shared<GmmVelocity>(s.target, s.schedule);
+  static_cast<tilt_bench::TiltedMixture&>(s) = tilt_bench::read_tilted_mixture(root, path, seed, dim);
   ConfigSection ft = root.section("finetune");
-  s.plan = read_finetune(ft, *s.base, reward, lambda);
+  s.plan = read_finetune(ft, *s.base, s.reward, s.lambda);
   s.iterations = s.plan.trainer.iterations;
   return s;
 }
@@ -147,12 +128,6 @@ class ExactTargetLoss : public Loss {
   int64_t batch_, K_, steps_;
 };
 
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  const size_t n = v.size();
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
 // The statistics of Adjoint Matching's regression target at the optimum. States X_k of the exact tilted chain
 // (memoryless SDE of v*), and from each, `paths` continuations to t = 1 under v*; on each, the lean adjoint a~_k
 // through the base's Jacobians, and the velocity-space target D = -rho_k a~_k (rho_k = eta_{t_k}: the model's
@@ -180,7 +155,7 @@ Json adjoint_target_stats(const Study& s, int64_t states, int64_t paths, uint64_
       const Tensor x = xs[static_cast<size_t>(k)].narrow(0, i, 1).expand({paths, d}).contiguous();
       const Tensor tt = at::full({1}, t, at::kFloat);
       const Tensor want = (s.exact->velocity(x.narrow(0, 0, 1), tt) - s.base->velocity(x.narrow(0, 0, 1), tt)).squeeze(0);
-      const Tensor D = tilt_bench::adjoint_targets(s.exact, s.base, *s.schedule, *s.plan.reward, s.plan.lambda, K, k, x, gen);
+      const Tensor D = tilt_bench::adjoint_targets(s.exact, s.base, *s.schedule, *s.reward, s.lambda, K, k, x, gen);
       const Tensor mean = D.mean(0);
       const Tensor err = (D - want).pow(2).sum(1).to(at::kDouble);
       const int64_t n_top = std::max<int64_t>(1, paths / 100);
@@ -196,7 +171,7 @@ Json adjoint_target_stats(const Study& s, int64_t states, int64_t paths, uint64_
     }
     rows.push_back({{"t", t}, {"bias", bias / size}, {"variance", variance / size},
                     {"mc_error", variance / size / static_cast<double>(paths)}, {"top_share", top / states},
-                    {"tail_index", hill.empty() ? Json() : Json(median(hill))},
+                    {"tail_index", hill.empty() ? Json() : Json(quantile(hill, 0.5))},
                     {"tilt_size", size / states}});
   }
   return rows;

@@ -12,6 +12,7 @@
 //   tilt_target_variance CONFIG [--random SEED --dim D] [--states N] [--draws M] [--steps K] [--seed S]
 //                        [--check 0|1] [--out PREFIX] [--plot PATH] [--set KEY=VALUE]...
 #include "adjoint_target.h"
+#include "tilted_mixture.h"
 
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
@@ -38,14 +39,8 @@ using namespace tilt;
 
 namespace {
 
-struct Problem {
-  SchedulePtr schedule;
-  std::shared_ptr<GaussianMixture> base_mixture, target;
-  VelocityFieldPtr base, exact;
-  RewardPtr reward;
-  double lambda = 1.0;
+struct Problem : tilt_bench::TiltedMixture {
   std::shared_ptr<FineTunedVelocity> model;  // only carries v_base and the schedule into TiltScoreMatching
-  Json description;
 };
 
 Problem read_problem(const std::string& path, const std::vector<std::string>& sets, int64_t seed, int64_t dim) {
@@ -53,22 +48,9 @@ Problem read_problem(const std::string& path, const std::vector<std::string>& se
   ConfigSection root = config.root();
   root.allow({"seed", "threads", "base", "pretrain", "sample", "eval", "data", "reward", "finetune"});
   Problem p;
-  p.schedule = read_schedule(root.section("schedule"));
-  if (seed >= 0) {
-    RandomTiltProblem r = random_tilt_problem(dim, static_cast<uint64_t>(seed));
-    p.base_mixture = r.base, p.reward = r.reward, p.lambda = r.lambda;
-    p.description = {{"random_seed", seed}, {"dim", dim}, {"reward", p.reward->kind()}};
-  } else {
-    p.base_mixture = read_mixture(root.section("data"));
-    p.reward = read_reward(root.section("reward"), p.base_mixture->dim(), &p.lambda);
-    p.description = {{"config", path}, {"dim", p.base_mixture->dim()}, {"reward", p.reward->kind()}, {"sets", sets}};
-  }
-  p.description["base_components"] = p.base_mixture->components();
-  const auto target = exact_tilt(*p.reward, *p.base_mixture, p.lambda);
-  if (!target) throw Error(path + ": the reward has no closed-form tilt of the mixture; the study needs the exact p*");
-  p.target = std::make_shared<GaussianMixture>(*target);
-  p.base = std::make_shared<GmmVelocity>(p.base_mixture, p.schedule);
-  p.exact = std::make_shared<GmmVelocity>(p.target, p.schedule);
+  static_cast<tilt_bench::TiltedMixture&>(p) = tilt_bench::read_tilted_mixture(root, path, seed, dim);
+  if (seed < 0) p.problem["reward"] = p.reward->kind(), p.problem["sets"] = sets;
+  p.problem["base_components"] = p.base_mixture->components();
   ConfigSection ft = root.section("finetune");
   p.model = read_finetune(ft, *p.base, p.reward, p.lambda).make_model(p.base, 1);
   return p;
@@ -214,7 +196,7 @@ int main(int argc, char** argv) try {
   if (states < 2 || draws < 2) throw Error("--states and --draws must be >= 2");
   if (steps < 2) throw Error("--steps must be >= 2");
   const Problem p = read_problem(argv[1], sets, seed, dim);
-  Json j = {{"problem", p.description}, {"states", states}, {"draws", draws}, {"steps", steps}};
+  Json j = {{"problem", p.problem}, {"states", states}, {"draws", draws}, {"steps", steps}};
   bool ok = true;
   if (check) {
     Json rows;

@@ -83,13 +83,20 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
   };
 }
 
-// A method's options with the plan's grid, batch, lambda and training conditions (what every method shares).
+// A method's options with the plan's grid, batch and lambda (what every method shares).
 template <class Options>
-Options plan_options(const FinetunePlan& plan) {
+Options plan_grid(const FinetunePlan& plan) {
   Options o;
   o.num_steps = plan.num_steps;
   o.batch_size = plan.batch_size;
   o.lambda = plan.lambda;
+  return o;
+}
+
+// ... and the training conditions, for the methods that take them.
+template <class Options>
+Options plan_options(const FinetunePlan& plan) {
+  Options o = plan_grid<Options>(plan);
   o.conditions = plan.conditions;
   return o;
 }
@@ -114,8 +121,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
     };
     return;
   }
-  UnifiedLossOptions dsm;
-  dsm.num_steps = plan.num_steps, dsm.batch_size = plan.batch_size, dsm.lambda = plan.lambda;
+  UnifiedLossOptions dsm = plan_grid<UnifiedLossOptions>(plan);
   if (!(tau > dsm.t_min && tau < 1.0)) {
     table.fail("dsm_until", "must be 0 (off) or in (" + number_string(dsm.t_min) + ", 1), got " + number_string(tau));
   }
@@ -235,10 +241,7 @@ void read_ode_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) 
 
 // The loss family of the unified view of tilting (docs/equations.md, E110-E117): the times of the regression.
 UnifiedLossOptions read_unified_keys(ConfigSection& table, const FinetunePlan& plan) {
-  UnifiedLossOptions o;
-  o.num_steps = plan.num_steps;
-  o.batch_size = plan.batch_size;
-  o.lambda = plan.lambda;
+  UnifiedLossOptions o = plan_grid<UnifiedLossOptions>(plan);
   // TSM's target grows like 1/alpha_t^2 as t -> 0 (E111): on configs/demo_2d.toml its loss is ~7e4 with t_min = 0.02
   // and it does not move in 300 iterations; 0.2 by default.
   o.t_min = table.number("t_min", plan.method == "tsm" ? 0.2 : o.t_min);
@@ -252,11 +255,8 @@ void read_unified_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   if (plan.conditions) ctx.finetune.fail("method", "\"" + plan.method + "\" fine-tunes an unconditional base only");
   const std::string method = plan.method;
-  UnifiedLossOptions o;
-  o.num_steps = plan.num_steps;
-  o.batch_size = plan.batch_size;
-  o.lambda = plan.lambda;
-  if (method != "cmcd_kl" && method != "cmcd_logvar") o = read_unified_keys(table, plan);
+  const UnifiedLossOptions o = method == "cmcd_kl" || method == "cmcd_logvar" ? plan_grid<UnifiedLossOptions>(plan)
+                                                                              : read_unified_keys(table, plan);
   // Refused here, naming the key, rather than when the loss is built: TSM needs the base score at the data end,
   // NSM a linear-Gaussian posterior (docs/equations.md, E111, E113).
   const auto* gmm = dynamic_cast<const GmmVelocity*>(&ctx.base);

@@ -1,4 +1,5 @@
 #include "tilt/train/adjoint_matching.h"
+#include "weight_metrics.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
@@ -61,16 +62,6 @@ Tensor control_log_path(const std::vector<StepKernel>& kernels, const std::vecto
     if (xi[k].defined()) weight.add_step(kernels[k].c_v * difference(static_cast<int64_t>(k)), xi[k], kernels[k].std);
   }
   return weight.log_weight();
-}
-
-// The label-free convergence signals of the rollout's log weights log w = lambda r(X^_1) + log dP_base/dQ_model
-// (E104): ess = (sum w)^2 / (B sum w^2) in (0, 1] and log_z = log mean w, the estimate of log Z.
-void add_weight_metrics(LossOutput& out, const Tensor& log_w) {
-  const double n = static_cast<double>(log_w.size(0));
-  const double lse = at::logsumexp(log_w, 0).item<double>();
-  const double lse2 = at::logsumexp(2.0 * log_w, 0).item<double>();
-  out.metrics.emplace_back("ess", std::exp(2.0 * lse - lse2) / n);
-  out.metrics.emplace_back("log_z", lse - std::log(n));
 }
 
 // The share of the loss carried by its largest terms, the top 1% (at least one; `terms` after clipping, [n]): 1% when
@@ -331,7 +322,7 @@ LossOutput AdjointMatching::compute(Generator& gen) {
     last_log_w_ = options_.lambda * r.to(at::kDouble) +
                   control_log_path(step_kernels(finetuned_sde_, grid_, Integrator::euler), traj.xi, B,
                                    [&](int64_t k) { return traj.v[k] - adj.v_base[k]; });
-    add_weight_metrics(out, last_log_w_);
+    detail::add_weight_metrics(out, last_log_w_);
   }
   clock.lap(&times.regression_s);
   return out;
@@ -458,7 +449,7 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     out = taped_regression(loss_steps(gen), x1, grads);
     if (log_path.defined()) {
       last_log_w_ = options_.lambda * last_reward_.to(at::kDouble) + log_path;
-      add_weight_metrics(out, last_log_w_);
+      detail::add_weight_metrics(out, last_log_w_);
     }
   }
   out.loss = loss_with_gradient(out.loss, model_->trainable()->parameters(), grads);

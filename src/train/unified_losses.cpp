@@ -1,6 +1,7 @@
 // The loss family of the unified view of tilting (docs/equations.md, E110-E117; Domingo-Enrich, Du, Albergo 2026,
 // arXiv 2605.00229). See tilt/train/unified_losses.h.
 #include "tilt/train/unified_losses.h"
+#include "weight_metrics.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
@@ -59,16 +60,6 @@ void check_common(const std::string& label, const std::shared_ptr<FineTunedVeloc
 // t ~ U[t_min, t_max], [B], in the dtype of `like`.
 Tensor draw_times(int64_t B, const UnifiedLossOptions& o, Generator& gen, const Tensor& like) {
   return o.t_min + (o.t_max - o.t_min) * at::rand({B}, gen, like.options());
-}
-
-// ess = (sum w)^2 / (B sum w^2) and log_z = log mean w of log weights [B] (E104).
-void add_weight_metrics(LossOutput& out, const Tensor& log_w) {
-  const Tensor lw = log_w.detach().to(at::kDouble);
-  const double n = static_cast<double>(lw.size(0));
-  const double lse = at::logsumexp(lw, 0).item<double>();
-  const double lse2 = at::logsumexp(2.0 * lw, 0).item<double>();
-  out.metrics.emplace_back("ess", std::exp(2.0 * lse - lse2) / n);
-  out.metrics.emplace_back("log_z", lse - std::log(n));
 }
 
 std::vector<StepKernel> model_kernels(const std::shared_ptr<FineTunedVelocity>& model, const NoiseSchedulePtr& noise,
@@ -262,7 +253,7 @@ LossOutput TiltCmcd::compute(Generator& gen) {
     const TiltRollout r = tilt_rollout(model_, noise_, *reward_, options_.lambda, options_.num_steps,
                                        options_.batch_size, gen);
     out.loss = -r.log_w.mean().to(at::kFloat);
-    add_weight_metrics(out, r.log_w);
+    detail::add_weight_metrics(out, r.log_w);
     return out;
   }
   // Log-variance on detached paths of the current model u_s: with e_k = xi_k + d_s,k the step's residual against
@@ -289,7 +280,7 @@ LossOutput TiltCmcd::compute(Generator& gen) {
     y = y - (d * e).sum(1) + 0.5 * (d * d).sum(1);
   }
   out.loss = (y - y.mean()).pow(2).mean().to(at::kFloat);
-  add_weight_metrics(out, r.log_w);
+  detail::add_weight_metrics(out, r.log_w);
   return out;
 }
 

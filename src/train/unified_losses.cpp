@@ -105,6 +105,7 @@ TiltRollout tilt_rollout(const std::shared_ptr<FineTunedVelocity>& model, const 
     r.x.push_back(x);
     r.xi.push_back(xi);
     r.delta.push_back(delta);
+    r.v_base.push_back(vb);
   }
   weight.add(lambda * reward.value(x));
   r.log_w = weight.log_weight();
@@ -271,12 +272,7 @@ LossOutput TiltCmcd::compute(Generator& gen) {
     const Tensor& x = r.x[static_cast<size_t>(k)];
     const Tensor t = at::scalar_tensor(grid[k], x.options());
     const Tensor e = (r.xi[k] + K.c_v * r.delta[k] / K.std).to(at::kDouble);
-    Tensor vb;
-    {
-      at::NoGradGuard no_grad;
-      vb = model_->base()->velocity(x, t);
-    }
-    const Tensor d = (K.c_v / K.std) * model_->delta(x, t, vb).to(at::kDouble);
+    const Tensor d = (K.c_v / K.std) * model_->delta(x, t, r.v_base[k]).to(at::kDouble);  // the rollout's v_base
     y = y - (d * e).sum(1) + 0.5 * (d * d).sum(1);
   }
   out.loss = (y - y.mean()).pow(2).mean().to(at::kFloat);

@@ -98,6 +98,7 @@ struct TiltRollout {
   std::vector<Tensor> x;      ///< X_0..X_K
   std::vector<Tensor> xi;     ///< the noise of each step
   std::vector<Tensor> delta;  ///< (v_theta - v_base)(X_k, t_k)
+  std::vector<Tensor> v_base; ///< v_base(X_k, t_k)
   Tensor log_w;               ///< lambda r(X_K) + log dP_base/dQ_model, [B] double (E114)
 };
 

@@ -23,6 +23,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
+#include "tilt/model/unet.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/taped.h"
 #include "tilt/model/torchscript.h"

@@ -389,8 +389,20 @@ void check_other_tables(ConfigSection& s, const FinetuneMethod& chosen, Finetune
 }
 
 void read_common(ConfigSection& s, const VelocityField& base, FinetunePlan& plan) {
-  plan.mode = parse_finetune_mode(s.choice("model", {"residual", "copy"}, "residual"));
+  plan.mode = parse_finetune_mode(s.choice("model", {"residual", "copy", "lora"}, "residual"));
   plan.mlp = read_mlp(s, base.dim(), {128, 128, 128});
+  if (plan.mode == FineTuneMode::lora) {
+    if (base.kind() != "unet") {
+      s.fail("model", "is \"lora\", which needs a U-Net base (a model file of kind 'unet'), but [base] is of kind '" +
+                          base.kind() + "' (use \"residual\" or \"copy\")");
+    }
+    plan.lora.rank = read_integer_in(s, "lora_rank", plan.lora.rank, 1, 4096);
+    plan.lora.alpha = read_number_in(s, "lora_alpha", plan.lora.alpha, 1e-6, 1e6);
+  } else {
+    for (const char* key : {"lora_rank", "lora_alpha"}) {
+      if (s.has(key)) s.fail(key, "is for model = \"lora\"");
+    }
+  }
   read_steps_and_batch(s, plan.num_steps, plan.batch_size);
 }
 
@@ -487,7 +499,7 @@ FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base,
 }
 
 std::shared_ptr<FineTunedVelocity> FinetunePlan::make_model(VelocityFieldPtr base, uint64_t seed) const {
-  return make_finetuned(std::move(base), mode, mlp.hidden, mlp.time_features, seed);
+  return make_finetuned(std::move(base), mode, mlp.hidden, mlp.time_features, seed, lora);
 }
 
 Json FinetunePlan::model_info() const {

@@ -13,6 +13,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/torchscript.h"
+#include "tilt/model/unet.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/Dict.h>
@@ -108,6 +109,27 @@ Json save_mlp(const VelocityField& field, ModelWriter& out) {
   return node;
 }
 
+using Shapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+
+// The tensors under the reader's prefix are exactly `shapes`, each of its shape; `why` ends a mismatch's message.
+void check_shapes(const ModelReader& in, const Shapes& shapes, const std::string& why) {
+  std::vector<std::string> expected;
+  for (const auto& [name, shape] : shapes) {
+    const Tensor t = in.take(name);
+    if (!t.sizes().equals(shape)) {
+      std::string want;
+      for (int64_t n : shape) want += (want.empty() ? "" : ", ") + std::to_string(n);
+      throw in.fail("tensor '" + in.full_name(name) + "' must be [" + want + "], got " + shape_string(t) + " (" + why + ")");
+    }
+    expected.push_back(name);
+  }
+  for (const std::string& name : in.names()) {
+    if (std::find(expected.begin(), expected.end(), name) == expected.end()) {
+      throw in.fail("unexpected tensor '" + in.full_name(name) + "' (" + why + ")");
+    }
+  }
+}
+
 // The network's tensors must have the shapes its metadata implies, checked before the network is
 // built: a width of 10^12 in the metadata must not allocate 10^12 weights first. The layers are
 // those of src/model/mlp.cpp: Linear (in -> width) at even positions of the Sequential, SiLU
@@ -126,30 +148,15 @@ void check_mlp(const MlpOptions& o, const ModelReader& in) {
   std::vector<int64_t> widths = o.hidden;
   widths.push_back(o.dim);
   int64_t fan_in = o.dim + 1 + o.time_features + (o.condition_dim > 0 ? o.condition_dim + 1 : 0);
-  std::vector<std::string> expected;
+  Shapes shapes;
   for (size_t i = 0; i < widths.size(); ++i) {
     const std::string layer = std::to_string(2 * i) + ".";
-    const std::vector<std::pair<std::string, std::vector<int64_t>>> shapes{{layer + "weight", {widths[i], fan_in}},
-                                                                          {layer + "bias", {widths[i]}}};
-    for (const auto& [name, shape] : shapes) {
-      const Tensor t = in.take(name);
-      if (!t.sizes().equals(shape)) {
-        std::string want;
-        for (int64_t n : shape) want += (want.empty() ? "" : ", ") + std::to_string(n);
-        throw in.fail("tensor '" + in.full_name(name) + "' must be [" + want + "], got " + shape_string(t) +
-                      " (the network's metadata says dim " + std::to_string(o.dim) +
-                      ", hidden widths, time_features and condition_dim that do not fit its tensors)");
-      }
-      expected.push_back(name);
-    }
+    shapes.push_back({layer + "weight", {widths[i], fan_in}});
+    shapes.push_back({layer + "bias", {widths[i]}});
     fan_in = widths[i];
   }
-  for (const std::string& name : in.names()) {
-    if (std::find(expected.begin(), expected.end(), name) == expected.end()) {
-      throw in.fail("unexpected tensor '" + in.full_name(name) + "': the network's metadata has " +
-                    std::to_string(o.hidden.size()) + " hidden layers");
-    }
-  }
+  check_shapes(in, shapes, "the network's metadata says dim " + std::to_string(o.dim) +
+                               ", hidden widths, time_features and condition_dim that do not fit its tensors");
 }
 
 VelocityFieldPtr load_mlp(const Json& node, const ModelReader& in) {
@@ -166,6 +173,71 @@ VelocityFieldPtr load_mlp(const Json& node, const ModelReader& in) {
   for (const auto& [name, value] : mlp->named_parameters()) values.emplace_back(name, in.take(name));
   mlp->load_parameters(values);
   return mlp;
+}
+
+// A U-Net (E124) and its adapters if it has them (E125): the options in the metadata, checked against the
+// tensors before anything is allocated.
+Json save_unet(const VelocityField& field, ModelWriter& out) {
+  const UNetVelocity& unet = as<UNetVelocity>(field);
+  for (const auto& [name, value] : unet.named_parameters()) out.put(name, value);
+  const UNetOptions& o = unet.options();
+  Json node = {{"channels", o.channels},       {"height", o.height},           {"width", o.width},
+               {"base_channels", o.base_channels}, {"channel_mult", o.channel_mult}, {"blocks", o.blocks},
+               {"groups", o.groups},           {"attention", o.attention},     {"time_features", o.time_features},
+               {"condition_dim", o.condition_dim}};
+  if (unet.has_lora()) node["lora"] = {{"rank", unet.lora().rank}, {"alpha", unet.lora().alpha}};
+  return node;
+}
+
+VelocityFieldPtr load_unet(const Json& node, const ModelReader& in) {
+  UNetOptions o;
+  auto whole = [&](const char* key) { return in.whole(node.at(key), key); };
+  o.channels = whole("channels");
+  o.height = whole("height");
+  o.width = whole("width");
+  o.base_channels = whole("base_channels");
+  o.blocks = whole("blocks");
+  o.groups = whole("groups");
+  o.time_features = whole("time_features");
+  o.condition_dim = whole("condition_dim");
+  if (!node.at("attention").is_boolean()) throw in.fail("'attention' must be true or false");
+  o.attention = node.at("attention").get<bool>();
+  if (!node.at("channel_mult").is_array()) throw in.fail("'channel_mult' must be a list of whole numbers");
+  o.channel_mult.clear();
+  for (const Json& m : node.at("channel_mult")) o.channel_mult.push_back(in.whole(m, "channel_mult"));
+  Shapes shapes;
+  try {
+    shapes = UNetVelocity::parameter_shapes(o);
+  } catch (const Error& e) {
+    throw in.fail(e.what());
+  }
+  std::optional<LoraOptions> lora;
+  if (node.contains("lora")) {
+    const Json& l = node.at("lora");
+    lora = LoraOptions{in.whole(l.at("rank"), "lora.rank"), l.at("alpha").is_number() ? l.at("alpha").get<double>() : -1.0};
+    try {
+      lora->validate();
+    } catch (const Error& e) {
+      throw in.fail(e.what());
+    }
+    const size_t n = shapes.size();
+    for (size_t i = 0; i < n; ++i) {
+      const auto& [name, shape] = shapes[i];
+      if (shape.size() < 2 || name.size() < 7 || name.substr(name.size() - 7) != ".weight") continue;  // norms, biases
+      int64_t fan_in = 1;
+      for (size_t k = 1; k < shape.size(); ++k) fan_in *= shape[k];
+      const std::string layer = name.substr(0, name.size() - 7);
+      shapes.push_back({layer + ".lora_a", {lora->rank, fan_in}});
+      shapes.push_back({layer + ".lora_b", {shape[0], lora->rank}});
+    }
+  }
+  check_shapes(in, shapes, "the U-Net's metadata does not fit its tensors");
+  auto unet = std::make_shared<UNetVelocity>(o, in.schedule(), 0);
+  if (lora) unet = unet->with_lora(*lora, 0);
+  NamedTensors values;
+  for (const auto& [name, value] : unet->named_parameters()) values.emplace_back(name, in.take(name));
+  unet->load_parameters(values);
+  return unet;
 }
 
 Json save_torchscript(const VelocityField& field, ModelWriter& out) {
@@ -222,7 +294,8 @@ VelocityFieldPtr load_control(const Json&, const ModelReader& in) {
 }
 
 bool is_builtin(const std::string& kind) {
-  return kind == "gmm" || kind == "conditional_gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned" ||
+  return kind == "gmm" || kind == "conditional_gmm" || kind == "mlp" || kind == "unet" || kind == "torchscript" ||
+         kind == "finetuned" ||
          kind == sampling::kAdjointSamplingControlKind;
 }
 
@@ -231,6 +304,7 @@ struct Registry {
   std::map<std::string, ModelSerialiser> kinds{{"gmm", {save_gmm, load_gmm}},
                                               {"conditional_gmm", {save_conditional_gmm, load_conditional_gmm}},
                                               {"mlp", {save_mlp, load_mlp}},
+                                              {"unet", {save_unet, load_unet}},
                                               {"torchscript", {save_torchscript, load_torchscript}},
                                               {"finetuned", {save_finetuned, load_finetuned}},
                                               {sampling::kAdjointSamplingControlKind, {save_control, load_control}}};
@@ -277,22 +351,13 @@ VelocityFieldPtr build(const Json& node, const ModelReader& in) {
 // Generic loading for register_model_kind: the created field's named parameters, copied from the file.
 void copy_parameters(const VelocityField& field, const ModelReader& in) {
   const NamedTensors params = field.named_parameters();
-  std::vector<std::string> expected;
+  Shapes shapes;
+  for (const auto& [name, param] : params) shapes.push_back({name, param.sizes().vec()});
+  check_shapes(in, shapes, "the metadata of the model of kind '" + field.kind() + "' does not fit its tensors");
   at::NoGradGuard no_grad;
   for (const auto& [name, param] : params) {
-    const Tensor value = in.take(name);
-    if (!value.sizes().equals(param.sizes())) {
-      throw in.fail("tensor '" + in.full_name(name) + "' must be " + shape_string(param) + ", got " +
-                    shape_string(value) + " (the model's metadata does not fit its tensors)");
-    }
     Tensor target = param;
-    target.copy_(value);
-    expected.push_back(name);
-  }
-  for (const std::string& name : in.names()) {
-    if (std::find(expected.begin(), expected.end(), name) == expected.end()) {
-      throw in.fail("unexpected tensor '" + in.full_name(name) + "' for a model of kind '" + field.kind() + "'");
-    }
+    target.copy_(in.take(name));
   }
 }
 

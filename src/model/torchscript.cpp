@@ -661,7 +661,7 @@ class Exporter {
 
   torch::jit::Module finetuned_module(const VelocityField& field) {
     const FineTunedVelocity& ft = as<FineTunedVelocity>(field);
-    if (ft.mode() == FineTuneMode::copy) return module_of(*ft.trainable());
+    if (ft.mode() != FineTuneMode::residual) return module_of(*ft.trainable());
     torch::jit::Module m = make("FineTunedVelocity");
     m.register_module("base", module_of(*ft.base()));
     m.register_module("residual", module_of(*ft.trainable()));
@@ -832,7 +832,7 @@ void check_export(torch::jit::Module& loaded, const VelocityField& field, const 
 bool has_null_condition(const VelocityField& field) {
   if (const auto* ts = dynamic_cast<const TorchScriptVelocity*>(&field)) return ts->has_null_condition();
   if (const auto* ft = dynamic_cast<const FineTunedVelocity*>(&field)) {
-    return has_null_condition(*ft->trainable()) && (ft->mode() == FineTuneMode::copy || has_null_condition(*ft->base()));
+    return has_null_condition(*ft->trainable()) && (ft->mode() != FineTuneMode::residual || has_null_condition(*ft->base()));
   }
   return true;
 }

@@ -73,10 +73,18 @@ VelocityFieldPtr VelocityField::clone() const {
 FineTuneMode parse_finetune_mode(const std::string& name) {
   if (name == "residual") return FineTuneMode::residual;
   if (name == "copy") return FineTuneMode::copy;
-  throw Error("unknown fine-tuning model '" + name + "' (valid: residual, copy)");
+  if (name == "lora") return FineTuneMode::lora;
+  throw Error("unknown fine-tuning model '" + name + "' (valid: residual, copy, lora)");
 }
 
-std::string to_string(FineTuneMode mode) { return mode == FineTuneMode::residual ? "residual" : "copy"; }
+std::string to_string(FineTuneMode mode) {
+  switch (mode) {
+    case FineTuneMode::residual: return "residual";
+    case FineTuneMode::copy: return "copy";
+    case FineTuneMode::lora: return "lora";
+  }
+  return "?";
+}
 
 FineTunedVelocity::FineTunedVelocity(VelocityFieldPtr base, VelocityFieldPtr trainable,
                                      FineTuneMode mode)
@@ -103,13 +111,13 @@ FineTunedVelocity::FineTunedVelocity(VelocityFieldPtr base, VelocityFieldPtr tra
 }
 
 Tensor FineTunedVelocity::velocity(const Tensor& x, const Tensor& t) const {
-  if (mode_ == FineTuneMode::copy) return trainable_->velocity(x, t);
+  if (mode_ != FineTuneMode::residual) return trainable_->velocity(x, t);
   return base_->velocity(x, t) + trainable_->velocity(x, t);
 }
 
 Tensor FineTunedVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
   if (!c.defined()) return velocity(x, t);
-  if (mode_ == FineTuneMode::copy) return trainable_->conditional_velocity(x, t, c);
+  if (mode_ != FineTuneMode::residual) return trainable_->conditional_velocity(x, t, c);
   return base_->conditional_velocity(x, t, c) + trainable_->conditional_velocity(x, t, c);
 }
 
@@ -125,8 +133,16 @@ Tensor FineTunedVelocity::delta(const Tensor& x, const Tensor& t, const Tensor& 
 
 std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
                                                   const std::vector<int64_t>& hidden,
-                                                  int64_t time_features, uint64_t seed) {
+                                                  int64_t time_features, uint64_t seed, const LoraOptions& lora) {
   if (!base) throw Error("fine-tuned model: no base model");
+  const auto* unet = dynamic_cast<const UNetVelocity*>(base.get());
+  if (mode == FineTuneMode::lora) {
+    if (!unet) {
+      throw Error("fine-tuning model 'lora' needs a U-Net base (kind 'unet'), but the base is '" + base->kind() +
+                  "' (use model = \"residual\" or \"copy\")");
+    }
+    return std::make_shared<FineTunedVelocity>(base, unet->with_lora(lora, seed), mode);
+  }
   if (mode == FineTuneMode::copy) {
     VelocityFieldPtr copy = base->clone();
     copy->set_trainable(true);
@@ -135,6 +151,12 @@ std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTun
                   "' (use model = \"residual\")");
     }
     return std::make_shared<FineTunedVelocity>(base, copy, mode);
+  }
+  if (unet) {
+    UNetOptions options = unet->options();
+    options.zero_output = true;
+    return std::make_shared<FineTunedVelocity>(base, std::make_shared<UNetVelocity>(options, base->schedule(), seed),
+                                               mode);
   }
   MlpOptions options;
   options.dim = base->dim();

@@ -14,6 +14,7 @@
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/torchscript.h"
+#include "tilt/model/unet.h"
 
 #include "io/archive.h"  // writes model files with chosen metadata and tensors
 
@@ -231,6 +232,59 @@ TEST(ModelFiles, NonFiniteTensorsAreRefusedNamingTheFileAndTheTensor) {
                   {"means", at::full({1, 2}, std::nan(""), kDouble)},
                   {"covariances", mixture->covariances()}});
   expect_contains(error_of([&] { load_velocity(gmm); }), "model file '" + gmm + "': tensor 'means'");
+}
+
+// A U-Net's metadata is checked against its tensors before the network is built (a channel count of 10^12 must not
+// allocate first), and its adapters' too.
+TEST(ModelFiles, UNetMetadataThatDoesNotFitItsTensorsIsRefusedNamingTheFile) {
+  TempDir dir;
+  UNetOptions o;
+  o.channels = 1;
+  o.height = o.width = 4;
+  o.base_channels = 4;
+  o.channel_mult = {1, 2};
+  o.blocks = 1;
+  o.groups = 2;
+  o.time_features = 4;
+  const UNetVelocity unet(o, make_linear_schedule(), 1);
+  const auto lora = unet.with_lora(LoraOptions{2, 2.0}, 1);
+  const std::string path = dir.file("unet.pt");
+  save_velocity(*lora, path);
+  EXPECT_TRUE(load_velocity(path).field->parameters().size() > 0);
+  archive::TensorMap t;
+  for (const auto& [name, value] : lora->named_parameters()) t[name] = value.detach().clone();
+  const Json good = {{"kind", "unet"}, {"channels", 1}, {"height", 4}, {"width", 4}, {"base_channels", 4},
+                     {"channel_mult", {1, 2}}, {"blocks", 1}, {"groups", 2}, {"attention", false},
+                     {"time_features", 4}, {"condition_dim", 0}, {"lora", {{"rank", 2}, {"alpha", 2.0}}}};
+  const auto expect_refused = [&](const Json& model, const archive::TensorMap& tensors, const std::string& why) {
+    archive::write(path, model_meta(model), tensors);
+    const std::string msg = error_of([&] { load_velocity(path); });
+    expect_contains(msg, "model file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  archive::write(path, model_meta(good), t);
+  EXPECT_EQ(load_velocity(path).field->dim(), 16);
+  Json node = good;
+  node["base_channels"] = 4000000000000LL;
+  expect_refused(node, t, "base_channels must be in 1..4096");
+  node = good;
+  node["base_channels"] = 8;  // the tensors are those of 4 channels
+  expect_refused(node, t, "tensor 'time.0.weight' must be [32, 4], got [16, 4]");
+  node = good;
+  node["groups"] = 3;
+  expect_refused(node, t, "groups = 3 must divide");
+  node = good;
+  node["attention"] = 1;
+  expect_refused(node, t, "'attention' must be true or false");
+  node = good;
+  node["lora"]["rank"] = 3;
+  expect_refused(node, t, "lora_a' must be [3,");
+  node = good;
+  node.erase("lora");  // adapters in the file that the metadata does not announce
+  expect_refused(node, t, "unexpected tensor");
+  archive::TensorMap missing = t;
+  missing.erase("output.conv.lora_b");
+  expect_refused(good, missing, "missing tensor 'output.conv.lora_b'");
 }
 
 TEST(ModelFiles, StructurallyBadValuesAreRefusedNamingTheFile) {

@@ -33,6 +33,7 @@ struct FinetunePlan {
   ConditionSetPtr conditions;
   FineTuneMode mode = FineTuneMode::residual;
   MlpOptions mlp;          ///< the trainable network (hidden, time_features)
+  LoraOptions lora;        ///< the adapters of model = "lora" (lora_rank, lora_alpha)
   TrainerOptions trainer;  ///< Adam and the run's length (the Adjoint Matching paper's settings by default)
   /// About the configuration, known once it is read: old flat keys, keys the method ignores.
   std::vector<std::string> notes;

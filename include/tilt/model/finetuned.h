@@ -3,6 +3,7 @@
 #pragma once
 
 #include "tilt/model/mlp.h"
+#include "tilt/model/unet.h"
 #include "tilt/model/velocity.h"
 
 #include <memory>
@@ -13,15 +14,16 @@ namespace tilt {
 enum class FineTuneMode {
   residual,  ///< v_theta = v_base + r_theta, r_theta an MLP whose last layer starts at zero
   copy,      ///< v_theta = a trainable copy of the base network (an MLP or TorchScript base)
+  lora,      ///< v_theta = the frozen base network with trainable low-rank adapters (a U-Net base; E125)
 };
 
-FineTuneMode parse_finetune_mode(const std::string& name);  // "residual" | "copy"
+FineTuneMode parse_finetune_mode(const std::string& name);  // "residual" | "copy" | "lora"
 std::string to_string(FineTuneMode mode);
 
 class FineTunedVelocity : public VelocityField {
  public:
   /// The base is frozen here (its parameters stop requiring gradients). `trainable` is the residual
-  /// r_theta (residual mode) or the full network v_theta (copy mode).
+  /// r_theta (residual mode) or the full network v_theta (copy and lora modes).
   FineTunedVelocity(VelocityFieldPtr base, VelocityFieldPtr trainable, FineTuneMode mode);
 
   std::string kind() const override { return "finetuned"; }
@@ -50,11 +52,14 @@ class FineTunedVelocity : public VelocityField {
   FineTuneMode mode_;
 };
 
-/// Builds the fine-tuned field from a base: in residual mode a new residual MLP with the given
-/// hidden widths (zero last layer) seeded by `seed`, taking the base's condition; in copy mode base->clone(), made trainable (a
-/// network with parameters: an MLP, a TorchScript module or a user's field that implements clone()).
+/// Builds the fine-tuned field from a base: in residual mode a new residual network seeded by `seed`
+/// that starts at zero and takes the base's condition (for a U-Net base a U-Net of the base's options,
+/// otherwise an MLP with the given hidden widths and time features); in copy mode base->clone(), made
+/// trainable (a network with parameters: an MLP, a U-Net, a TorchScript module or a user's field that
+/// implements clone()); in lora mode the base U-Net with adapters `lora` (throws tilt::Error for any other base).
 std::shared_ptr<FineTunedVelocity> make_finetuned(VelocityFieldPtr base, FineTuneMode mode,
                                                   const std::vector<int64_t>& hidden,
-                                                  int64_t time_features, uint64_t seed);
+                                                  int64_t time_features, uint64_t seed,
+                                                  const LoraOptions& lora = {});
 
 }  // namespace tilt

@@ -1,0 +1,465 @@
+#include "tilt/model/unet.h"
+#include "tilt/model/condition.h"
+
+#include "tilt/core/check.h"
+#include "tilt/core/error.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+
+#include <cmath>
+#include <map>
+#include <optional>
+
+namespace tilt {
+
+// The architecture (E124) as a list of layers named as in model files, computed from the options alone:
+// the constructor allocates from it, the forward pass walks it, and a model file is checked against it.
+namespace {
+
+struct Conv {
+  std::string name;
+  int64_t in = 0, out = 0, kernel = 3, stride = 1;
+};
+struct Linear {
+  std::string name;
+  int64_t in = 0, out = 0;
+};
+struct Norm {
+  std::string name;
+  int64_t channels = 0;
+};
+// GroupNorm, SiLU, conv; plus the embedding's shift; GroupNorm, SiLU, conv; plus the input (through a
+// 1x1 convolution when the channels change).
+struct ResBlock {
+  Norm norm1;
+  Conv conv1;
+  Linear emb;
+  Norm norm2;
+  Conv conv2;
+  std::optional<Conv> skip;
+};
+struct Attention {
+  Norm norm;
+  Conv qkv, proj;
+};
+struct Level {
+  std::vector<ResBlock> down, up;
+  std::optional<Conv> downsample, upsample;
+};
+struct Architecture {
+  Linear time1, time2;
+  std::optional<Linear> condition;
+  Conv input;
+  std::vector<Level> levels;
+  ResBlock mid1, mid2;
+  std::optional<Attention> attention;
+  Norm out_norm;
+  Conv output;
+};
+
+ResBlock res_block(const std::string& name, int64_t in, int64_t out, int64_t emb) {
+  ResBlock b{{name + ".norm1", in}, {name + ".conv1", in, out}, {name + ".emb", emb, out},
+             {name + ".norm2", out}, {name + ".conv2", out, out}, std::nullopt};
+  if (in != out) b.skip = Conv{name + ".skip", in, out, 1, 1};
+  return b;
+}
+
+int64_t embedding_width(const UNetOptions& o) { return 4 * o.base_channels; }
+
+Architecture architecture(const UNetOptions& o) {
+  Architecture a;
+  const int64_t E = embedding_width(o);
+  a.time1 = {"time.0", o.time_features, E};
+  a.time2 = {"time.1", E, E};
+  if (o.condition_dim > 0) a.condition = Linear{"condition", o.condition_dim + 1, E};
+  a.input = {"input", o.channels, o.base_channels};
+  std::vector<int64_t> skips;  // the channels of each skip connection, in the order they are made
+  int64_t ch = o.base_channels;
+  const size_t L = o.channel_mult.size();
+  a.levels.resize(L);
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t out = o.base_channels * o.channel_mult[l];
+    for (int64_t b = 0; b < o.blocks; ++b) {
+      a.levels[l].down.push_back(res_block("down." + std::to_string(l) + "." + std::to_string(b), ch, out, E));
+      ch = out;
+      skips.push_back(ch);
+    }
+    if (l + 1 < L) a.levels[l].downsample = Conv{"down." + std::to_string(l) + ".downsample", ch, ch, 3, 2};
+  }
+  a.mid1 = res_block("mid.0", ch, ch, E);
+  if (o.attention) {
+    a.attention = Attention{{"mid.attention.norm", ch}, {"mid.attention.qkv", ch, 3 * ch, 1, 1},
+                            {"mid.attention.proj", ch, ch, 1, 1}};
+  }
+  a.mid2 = res_block("mid.1", ch, ch, E);
+  for (size_t l = L; l-- > 0;) {
+    const int64_t out = o.base_channels * o.channel_mult[l];
+    for (int64_t b = 0; b < o.blocks; ++b) {
+      const int64_t skip = skips.back();
+      skips.pop_back();
+      a.levels[l].up.push_back(res_block("up." + std::to_string(l) + "." + std::to_string(b), ch + skip, out, E));
+      ch = out;
+    }
+    if (l > 0) a.levels[l].upsample = Conv{"up." + std::to_string(l) + ".upsample", ch, ch, 3, 1};
+  }
+  a.out_norm = {"output.norm", ch};
+  a.output = {"output.conv", ch, o.channels};
+  return a;
+}
+
+using Shapes = std::vector<std::pair<std::string, std::vector<int64_t>>>;
+
+// Calls f(layer) for every layer in named_parameters()'s order.
+template <class F>
+void for_each_layer(const Architecture& a, F&& f) {
+  auto block = [&](const ResBlock& b) {
+    f(b.norm1);
+    f(b.conv1);
+    f(b.emb);
+    f(b.norm2);
+    f(b.conv2);
+    if (b.skip) f(*b.skip);
+  };
+  f(a.time1);
+  f(a.time2);
+  if (a.condition) f(*a.condition);
+  f(a.input);
+  for (const Level& l : a.levels) {
+    for (const ResBlock& b : l.down) block(b);
+    if (l.downsample) f(*l.downsample);
+  }
+  block(a.mid1);
+  if (a.attention) {
+    f(a.attention->norm);
+    f(a.attention->qkv);
+    f(a.attention->proj);
+  }
+  block(a.mid2);
+  for (size_t l = a.levels.size(); l-- > 0;) {
+    for (const ResBlock& b : a.levels[l].up) block(b);
+    if (a.levels[l].upsample) f(*a.levels[l].upsample);
+  }
+  f(a.out_norm);
+  f(a.output);
+}
+
+std::vector<int64_t> weight_shape(const Conv& c) { return {c.out, c.in, c.kernel, c.kernel}; }
+std::vector<int64_t> weight_shape(const Linear& l) { return {l.out, l.in}; }
+std::vector<int64_t> weight_shape(const Norm& n) { return {n.channels}; }
+int64_t bias_size(const Conv& c) { return c.out; }
+int64_t bias_size(const Linear& l) { return l.out; }
+int64_t bias_size(const Norm& n) { return n.channels; }
+int64_t fan_in(const Conv& c) { return c.in * c.kernel * c.kernel; }
+int64_t fan_in(const Linear& l) { return l.in; }
+
+constexpr int64_t kMaxChannels = 4096;
+constexpr int64_t kMaxPixels = 1 << 20;
+
+}  // namespace
+
+void UNetOptions::validate() const {
+  auto fail = [](const std::string& what) { throw Error("unet: " + what); };
+  if (channels < 1 || channels > 64) fail("channels must be in 1..64, got " + std::to_string(channels));
+  if (height < 1 || width < 1 || height * width > kMaxPixels) {
+    fail("height and width must be >= 1 with height * width <= " + std::to_string(kMaxPixels) + ", got " +
+         std::to_string(height) + " x " + std::to_string(width));
+  }
+  if (base_channels < 1 || base_channels > kMaxChannels) {
+    fail("base_channels must be in 1.." + std::to_string(kMaxChannels) + ", got " + std::to_string(base_channels));
+  }
+  if (channel_mult.empty() || channel_mult.size() > 8) fail("channel_mult needs 1..8 levels");
+  for (int64_t m : channel_mult) {
+    if (m < 1 || base_channels * m > kMaxChannels) {
+      fail("channel_mult entries must be >= 1 with base_channels * mult <= " + std::to_string(kMaxChannels) + ", got " +
+           std::to_string(m));
+    }
+  }
+  if (blocks < 1 || blocks > 8) fail("blocks must be in 1..8, got " + std::to_string(blocks));
+  if (groups < 1) fail("groups must be >= 1, got " + std::to_string(groups));
+  for (int64_t m : channel_mult) {
+    if ((base_channels * m) % groups != 0) {
+      fail("groups = " + std::to_string(groups) + " must divide every level's channels (base_channels * mult = " +
+           std::to_string(base_channels * m) + ")");
+    }
+  }
+  const int64_t factor = int64_t{1} << (channel_mult.size() - 1);
+  if (height % factor != 0 || width % factor != 0) {
+    fail("height and width (" + std::to_string(height) + " x " + std::to_string(width) + ") must be divisible by " +
+         std::to_string(factor) + " = 2^(levels - 1), for " + std::to_string(channel_mult.size()) + " levels");
+  }
+  if (time_features < 2 || time_features % 2 != 0 || time_features > 4096) {
+    fail("time_features must be an even number in 2..4096, got " + std::to_string(time_features));
+  }
+  if (condition_dim < 0) fail("condition_dim must be >= 0, got " + std::to_string(condition_dim));
+}
+
+void LoraOptions::validate() const {
+  if (rank < 1 || rank > 4096) throw Error("lora: rank must be in 1..4096, got " + std::to_string(rank));
+  if (!(std::isfinite(alpha) && alpha > 0)) throw Error("lora: alpha must be a positive number, got " + std::to_string(alpha));
+}
+
+struct UNetVelocity::Impl {
+  Architecture arch;
+  std::map<std::string, Tensor> weights;  // "<layer>.weight", "<layer>.bias"
+  std::vector<std::string> order;         // named_parameters()'s order of the network's tensors
+  std::map<std::string, std::pair<Tensor, Tensor>> adapters;  // layer -> (A, B), empty without LoRA
+  std::vector<std::string> adapter_order;
+  double lora_scale = 0.0;
+
+  const Tensor& at(const std::string& name) const { return weights.at(name); }
+
+  // The weight a layer computes with: W, or W + (alpha / r) B A reshaped to W's shape (E125).
+  template <class Layer>
+  Tensor weight(const Layer& layer) const {
+    const Tensor& w = at(layer.name + ".weight");
+    const auto it = adapters.find(layer.name);
+    if (it == adapters.end()) return w;
+    return w + (lora_scale * at::matmul(it->second.second, it->second.first)).view(w.sizes());
+  }
+  Tensor conv(const Conv& c, const Tensor& x) const {
+    return at::conv2d(x, weight(c), at(c.name + ".bias"), {c.stride, c.stride}, {c.kernel / 2, c.kernel / 2});
+  }
+  Tensor linear(const Linear& l, const Tensor& x) const { return at::linear(x, weight(l), at(l.name + ".bias")); }
+  Tensor norm(const Norm& n, const Tensor& x, int64_t groups) const {
+    return at::group_norm(x, groups, at(n.name + ".weight"), at(n.name + ".bias"), 1e-5);
+  }
+  Tensor block(const ResBlock& b, const Tensor& x, const Tensor& emb, int64_t groups) const {
+    Tensor h = conv(b.conv1, at::silu(norm(b.norm1, x, groups)));
+    h = h + linear(b.emb, emb).unsqueeze(-1).unsqueeze(-1);
+    h = conv(b.conv2, at::silu(norm(b.norm2, h, groups)));
+    return h + (b.skip ? conv(*b.skip, x) : x);
+  }
+  // Single-head self-attention over the H W positions, with a residual connection.
+  Tensor attention(const Attention& a, const Tensor& x, int64_t groups) const {
+    const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+    const Tensor qkv = conv(a.qkv, norm(a.norm, x, groups)).view({B, 3, C, H * W});
+    const Tensor q = qkv.select(1, 0), k = qkv.select(1, 1), v = qkv.select(1, 2);
+    const Tensor scores = at::softmax(at::matmul(q.transpose(1, 2), k) / std::sqrt(static_cast<double>(C)), -1);
+    const Tensor out = at::matmul(v, scores.transpose(1, 2)).view({B, C, H, W});  // out_i = sum_j p_ij v_j
+    return x + conv(a.proj, out);
+  }
+};
+
+namespace {
+
+// sin and cos of t w_k, with frequencies w_k = 1000^(1 - k / (n/2)) for k = 0..n/2-1, from 1000 down to
+// ~1 per unit of t (E124): [B, n].
+Tensor embed_time(const Tensor& t, int64_t batch, int64_t n, const at::TensorOptions& opts) {
+  const int64_t half = n / 2;
+  const Tensor k = at::arange(half, opts);
+  const Tensor freq = at::exp(std::log(1000.0) * (1.0 - k / static_cast<double>(half)));
+  const Tensor arg = t.to(opts.dtype()).reshape({-1, 1}).expand({batch, 1}) * freq.unsqueeze(0);
+  return at::cat({at::sin(arg), at::cos(arg)}, 1);
+}
+
+}  // namespace
+
+std::vector<std::pair<std::string, std::vector<int64_t>>> UNetVelocity::parameter_shapes(const UNetOptions& o) {
+  o.validate();
+  Shapes shapes;
+  for_each_layer(architecture(o), [&](const auto& layer) {
+    shapes.push_back({layer.name + ".weight", weight_shape(layer)});
+    shapes.push_back({layer.name + ".bias", {bias_size(layer)}});
+  });
+  return shapes;
+}
+
+UNetVelocity::UNetVelocity(const UNetOptions& options, SchedulePtr schedule, uint64_t seed)
+    : VelocityField(std::move(schedule)), options_(options), impl_(std::make_unique<Impl>()) {
+  options_.validate();
+  impl_->arch = architecture(options_);
+  Generator gen = make_generator(seed);
+  at::NoGradGuard no_grad;
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto add = [&](const std::string& name, Tensor value) {
+    impl_->weights[name] = value;
+    impl_->order.push_back(name);
+  };
+  auto dense = [&](const auto& layer) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in(layer)));
+    const bool zero = options_.zero_output && layer.name == impl_->arch.output.name;
+    Tensor w = at::empty(weight_shape(layer), opts), b = at::empty({bias_size(layer)}, opts);
+    if (zero) {
+      w.zero_();
+      b.zero_();
+    } else {
+      w.uniform_(-bound, bound, gen);
+      b.uniform_(-bound, bound, gen);
+    }
+    add(layer.name + ".weight", w);
+    add(layer.name + ".bias", b);
+  };
+  for_each_layer(impl_->arch, [&](const auto& layer) {
+    using L = std::decay_t<decltype(layer)>;
+    if constexpr (std::is_same_v<L, Norm>) {
+      add(layer.name + ".weight", at::ones({layer.channels}, opts));
+      add(layer.name + ".bias", at::zeros({layer.channels}, opts));
+    } else {
+      dense(layer);
+    }
+  });
+  set_trainable(true);
+}
+
+// The adapters go on every convolution and linear layer; the network's tensors are shared, frozen.
+UNetVelocity::UNetVelocity(const UNetVelocity& other, const LoraOptions& lora, uint64_t seed)
+    : VelocityField(other.schedule()), options_(other.options_), lora_(lora), impl_(std::make_unique<Impl>()) {
+  lora_.validate();
+  if (other.has_lora()) throw Error("unet: the network already has LoRA adapters");
+  impl_->arch = other.impl_->arch;
+  impl_->weights = other.impl_->weights;
+  impl_->order = other.impl_->order;
+  impl_->lora_scale = lora_.alpha / static_cast<double>(lora_.rank);
+  Generator gen = make_generator(seed);
+  at::NoGradGuard no_grad;
+  const auto opts = impl_->weights.begin()->second.options();
+  for_each_layer(impl_->arch, [&](const auto& layer) {
+    using L = std::decay_t<decltype(layer)>;
+    if constexpr (!std::is_same_v<L, Norm>) {
+      const int64_t in = fan_in(layer);
+      // A as a dense layer's default initialisation, B = 0: W + s B A = W at the start.
+      const double bound = 1.0 / std::sqrt(static_cast<double>(in));
+      Tensor a = at::empty({lora_.rank, in}, opts).uniform_(-bound, bound, gen);
+      Tensor b = at::zeros({weight_shape(layer)[0], lora_.rank}, opts);
+      impl_->adapters[layer.name] = {a, b};
+      impl_->adapter_order.push_back(layer.name);
+    }
+  });
+  for (auto& [name, w] : impl_->weights) w.set_requires_grad(false);
+  set_trainable(true);
+}
+
+UNetVelocity::~UNetVelocity() = default;
+
+bool UNetVelocity::has_lora() const { return !impl_->adapters.empty(); }
+
+std::shared_ptr<UNetVelocity> UNetVelocity::with_lora(const LoraOptions& lora, uint64_t seed) const {
+  return std::shared_ptr<UNetVelocity>(new UNetVelocity(*this, lora, seed));
+}
+
+Tensor UNetVelocity::velocity(const Tensor& x, const Tensor& t) const { return conditional_velocity(x, t, Tensor()); }
+
+Tensor UNetVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
+  check_batch(x, dim(), "x");
+  const int64_t B = x.size(0);
+  check_time(t, B, "t");
+  const UNetOptions& o = options_;
+  const Impl& n = *impl_;
+  const Architecture& a = n.arch;
+  const int64_t g = o.groups;
+  // The weights' dtype and device decide: a float64 network runs float64 (the finite-difference tests).
+  const Tensor& w0 = n.at(a.input.name + ".weight");
+  const auto opts = x.options().dtype(w0.scalar_type()).device(w0.device());
+  Tensor emb = n.linear(a.time2, at::silu(n.linear(a.time1, embed_time(t, B, o.time_features, opts))));
+  if (a.condition) {
+    const Tensor rows = condition_rows(c, B, o.condition_dim, "unet");
+    const Tensor cond = rows.defined() ? rows.to(opts) : at::zeros({B, o.condition_dim}, opts);
+    const Tensor flag = at::full({B, 1}, rows.defined() ? 1.0 : 0.0, opts);
+    emb = emb + n.linear(*a.condition, at::cat({cond, flag}, 1));
+  } else if (c.defined()) {
+    return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind
+  }
+  emb = at::silu(emb);
+  Tensor h = n.conv(a.input, x.to(opts).reshape({B, o.channels, o.height, o.width}));
+  std::vector<Tensor> skips;
+  for (const Level& level : a.levels) {
+    for (const ResBlock& b : level.down) {
+      h = n.block(b, h, emb, g);
+      skips.push_back(h);
+    }
+    if (level.downsample) h = n.conv(*level.downsample, h);
+  }
+  h = n.block(a.mid1, h, emb, g);
+  if (a.attention) h = n.attention(*a.attention, h, g);
+  h = n.block(a.mid2, h, emb, g);
+  for (size_t l = a.levels.size(); l-- > 0;) {
+    for (const ResBlock& b : a.levels[l].up) {
+      h = n.block(b, at::cat({h, skips.back()}, 1), emb, g);
+      skips.pop_back();
+    }
+    if (a.levels[l].upsample) h = n.conv(*a.levels[l].upsample, at::upsample_nearest2d(h, {h.size(2) * 2, h.size(3) * 2}));
+  }
+  h = n.conv(a.output, at::silu(n.norm(a.out_norm, h, g)));
+  return h.reshape({B, dim()}).to(x.scalar_type());
+}
+
+std::vector<Tensor> UNetVelocity::parameters() const {
+  std::vector<Tensor> out;
+  if (has_lora()) {
+    for (const auto& name : impl_->adapter_order) {
+      out.push_back(impl_->adapters.at(name).first);
+      out.push_back(impl_->adapters.at(name).second);
+    }
+    return out;
+  }
+  for (const auto& name : impl_->order) out.push_back(impl_->weights.at(name));
+  return out;
+}
+
+NamedTensors UNetVelocity::named_parameters() const {
+  NamedTensors out;
+  for (const auto& name : impl_->order) out.emplace_back(name, impl_->weights.at(name));
+  for (const auto& name : impl_->adapter_order) {
+    out.emplace_back(name + ".lora_a", impl_->adapters.at(name).first);
+    out.emplace_back(name + ".lora_b", impl_->adapters.at(name).second);
+  }
+  return out;
+}
+
+void UNetVelocity::load_parameters(const NamedTensors& values) {
+  std::map<std::string, Tensor> given;
+  for (const auto& [name, value] : values) {
+    if (!given.emplace(name, value).second) throw Error("unet: tensor '" + name + "' is given twice");
+  }
+  const NamedTensors mine = named_parameters();
+  for (const auto& [name, value] : mine) {
+    const auto it = given.find(name);
+    if (it == given.end()) throw Error("unet: tensor '" + name + "' is missing");
+    if (!it->second.sizes().equals(value.sizes())) {
+      throw Error("unet: tensor '" + name + "' has shape " + shape_string(it->second) + ", expected " +
+                  shape_string(value));
+    }
+  }
+  if (given.size() != mine.size()) {
+    for (const auto& [name, value] : given) {
+      const bool known = std::any_of(mine.begin(), mine.end(), [&](const auto& m) { return m.first == name; });
+      if (!known) throw Error("unet: unexpected tensor '" + name + "'");
+    }
+  }
+  at::NoGradGuard no_grad;
+  for (const auto& [name, value] : mine) const_cast<Tensor&>(value).copy_(given.at(name));
+}
+
+void UNetVelocity::set_trainable(bool trainable) {
+  for (const Tensor& p : parameters()) const_cast<Tensor&>(p).set_requires_grad(trainable);
+}
+
+VelocityFieldPtr UNetVelocity::clone() const {
+  std::shared_ptr<UNetVelocity> copy =
+      has_lora() ? std::make_shared<UNetVelocity>(options_, schedule(), 0)->with_lora(lora_, 0)
+                 : std::make_shared<UNetVelocity>(options_, schedule(), 0);
+  const Tensor& w0 = impl_->weights.begin()->second;
+  copy->to(w0.options());
+  copy->load_parameters(named_parameters());
+  // Trainable where this one is.
+  const std::vector<Tensor> mine = parameters();
+  const bool trainable = !mine.empty() && mine.front().requires_grad();
+  copy->set_trainable(trainable);
+  return copy;
+}
+
+void UNetVelocity::to(const at::TensorOptions& options) {
+  at::NoGradGuard no_grad;
+  auto move = [&](Tensor& t) {
+    const bool grad = t.requires_grad();
+    t = t.to(options).detach().set_requires_grad(grad);
+  };
+  for (auto& [name, w] : impl_->weights) move(w);
+  for (auto& [name, ab] : impl_->adapters) {
+    move(ab.first);
+    move(ab.second);
+  }
+}
+
+}  // namespace tilt

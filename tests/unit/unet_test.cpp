@@ -1,0 +1,283 @@
+// The U-Net velocity field and its LoRA adapters (docs/equations.md, E124, E125): shapes, conditions, the
+// input VJP against central finite differences in float64, model files, and adapters that start as the
+// base, train alone and compute exactly the merged weights W + (alpha / r) B A.
+#include "tilt/core/error.h"
+#include "tilt/io/model_io.h"
+#include "tilt/model/finetuned.h"
+#include "tilt/model/unet.h"
+#include "tilt/schedule/schedule.h"
+
+#include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
+
+#include <cstdio>
+
+namespace tilt {
+namespace {
+
+const auto kDouble = at::TensorOptions().dtype(at::kDouble);
+
+// Small enough for float64 finite differences in a second: 8x8, two levels, attention and a condition.
+UNetOptions tiny(int64_t condition_dim = 3) {
+  UNetOptions o;
+  o.channels = 2;
+  o.height = 8;
+  o.width = 4;
+  o.base_channels = 8;
+  o.channel_mult = {1, 2};
+  o.blocks = 1;
+  o.groups = 4;
+  o.attention = true;
+  o.time_features = 8;
+  o.condition_dim = condition_dim;
+  return o;
+}
+
+std::string temp_path(const std::string& name) { return ::testing::TempDir() + "/tilt_unet_" + name; }
+
+int64_t count(const std::vector<Tensor>& tensors) {
+  int64_t n = 0;
+  for (const Tensor& t : tensors) n += t.numel();
+  return n;
+}
+
+TEST(UNet, ShapesAndTheDefaultSizeForTwentyEightPixelImages) {
+  UNetOptions o;  // 1 x 28 x 28, 32 channels x {1, 2, 2}, 2 blocks per level
+  UNetVelocity net(o, make_linear_schedule(), 0);
+  EXPECT_EQ(net.dim(), 784);
+  const int64_t n = count(net.parameters());
+  EXPECT_GE(n, 1000000);  // the issue's 1-3M parameters
+  EXPECT_LE(n, 3000000);
+  // parameter_shapes is named_parameters without allocating, in the same order.
+  const auto shapes = UNetVelocity::parameter_shapes(o);
+  const NamedTensors named = net.named_parameters();
+  ASSERT_EQ(shapes.size(), named.size());
+  for (size_t i = 0; i < shapes.size(); ++i) {
+    EXPECT_EQ(shapes[i].first, named[i].first);
+    EXPECT_EQ(at::IntArrayRef(shapes[i].second), named[i].second.sizes()) << shapes[i].first;
+  }
+  at::NoGradGuard no_grad;
+  const Tensor x = at::randn({3, 784});
+  const Tensor v = net.velocity(x, at::tensor({0.1, 0.5, 0.9}));
+  EXPECT_EQ(v.sizes(), x.sizes());
+  EXPECT_TRUE(at::isfinite(v).all().item<bool>());
+}
+
+TEST(UNet, TheTimeAndTheConditionChangeTheOutputAndOneConditionRowServesTheBatch) {
+  UNetVelocity net(tiny(), make_linear_schedule(), 1);
+  at::NoGradGuard no_grad;
+  const Tensor x = at::randn({4, net.dim()});
+  const Tensor c = at::tensor({0.0, 1.0, 0.0}).reshape({1, 3});
+  const Tensor v_c = net.conditional_velocity(x, at::scalar_tensor(0.3), c);
+  EXPECT_TRUE(at::allclose(v_c, net.conditional_velocity(x, at::scalar_tensor(0.3), c.expand({4, 3})), 0, 0));
+  EXPECT_GT((v_c - net.velocity(x, 0.3)).abs().max().item<double>(), 1e-4);  // null != given condition
+  EXPECT_GT((net.velocity(x, 0.3) - net.velocity(x, 0.7)).abs().max().item<double>(), 1e-4);
+  // A per-row time equals one time for the batch, row by row.
+  const Tensor t = at::tensor({0.1, 0.2, 0.3, 0.4});
+  const Tensor rows = net.velocity(x, t);
+  for (int64_t i = 0; i < 4; ++i) {
+    EXPECT_TRUE(at::allclose(rows[i], net.velocity(x.slice(0, i, i + 1), t[i].item<double>())[0], 1e-5, 1e-6)) << i;
+  }
+  // Bad conditions and bad inputs are errors that name the kind.
+  EXPECT_THROW(net.conditional_velocity(x, at::scalar_tensor(0.3), at::zeros({4, 2})), Error);
+  EXPECT_THROW(net.velocity(at::zeros({4, 5}), 0.3), Error);
+  UNetVelocity plain(tiny(0), make_linear_schedule(), 1);
+  EXPECT_THROW(plain.conditional_velocity(x, at::scalar_tensor(0.3), c), Error);
+}
+
+// (dv/dx)^T a by autograd against central differences of a . v in float64, at random x, a and every
+// kind of layer (conv, GroupNorm, attention, up- and downsampling, the embedding): issue 20's VJP test.
+TEST(UNet, InputVjpMatchesFiniteDifferencesInFloat64) {
+  for (const int64_t dc : {int64_t{0}, int64_t{3}}) {
+    UNetVelocity net(tiny(dc), make_linear_schedule(), 7);
+    net.to(kDouble);
+    Generator gen = make_generator(11);
+    const Tensor x = at::randn({2, net.dim()}, gen, kDouble);
+    const Tensor a = at::randn({2, net.dim()}, gen, kDouble);
+    const Tensor c = dc > 0 ? at::eye(dc, kDouble).slice(0, 0, 2) : Tensor();
+    const double t = 0.37;
+    const Tensor vjp = dc > 0 ? net.conditional_vjp(x, t, c, a) : net.vjp(x, t, a);
+    ASSERT_EQ(vjp.scalar_type(), at::kDouble);
+    at::NoGradGuard no_grad;
+    auto f = [&](const Tensor& y) { return (a * net.conditional_velocity(y, at::scalar_tensor(t, kDouble), c)).sum().item<double>(); };
+    // Directional derivatives along random directions and along a few coordinates.
+    std::vector<Tensor> directions;
+    for (int k = 0; k < 4; ++k) directions.push_back(at::randn({2, net.dim()}, gen, kDouble));
+    for (int64_t i : {int64_t{0}, int64_t{17}, net.dim() + 5}) {
+      Tensor e = at::zeros({2 * net.dim()}, kDouble);
+      e[i] = 1.0;
+      directions.push_back(e.reshape({2, net.dim()}));
+    }
+    const double h = 1e-6;
+    for (const Tensor& u : directions) {
+      const double fd = (f(x + h * u) - f(x - h * u)) / (2 * h);
+      const double ad = (vjp * u).sum().item<double>();
+      EXPECT_NEAR(ad, fd, 1e-6 * (1.0 + std::abs(fd))) << "condition_dim " << dc;
+    }
+  }
+}
+
+// The parameter gradient that training uses, on a few entries of different layers.
+TEST(UNet, ParameterGradientsMatchFiniteDifferencesInFloat64) {
+  UNetVelocity net(tiny(), make_linear_schedule(), 3);
+  net.to(kDouble);
+  Generator gen = make_generator(5);
+  const Tensor x = at::randn({2, net.dim()}, gen, kDouble);
+  const Tensor c = at::eye(3, kDouble).slice(0, 1, 3);
+  auto loss = [&] { return net.conditional_velocity(x, at::tensor({0.2, 0.8}, kDouble), c).pow(2).sum(); };
+  const NamedTensors params = net.named_parameters();
+  std::vector<Tensor> tensors;
+  for (const auto& p : params) tensors.push_back(p.second);
+  const auto grads = torch::autograd::grad({loss()}, tensors);
+  at::NoGradGuard no_grad;
+  for (const std::string& name : {"time.0.weight", "condition.weight", "down.0.0.conv1.weight", "mid.attention.qkv.weight",
+                                  "mid.0.norm1.weight", "up.1.upsample.weight", "output.conv.bias"}) {
+    size_t k = 0;
+    while (k < params.size() && params[k].first != name) ++k;
+    ASSERT_LT(k, params.size()) << name;
+    Tensor p = params[k].second.view(-1);
+    for (int64_t i : {int64_t{0}, p.numel() / 2, p.numel() - 1}) {
+      const double keep = p[i].item<double>(), h = 1e-6;
+      p[i] = keep + h;
+      const double up = loss().item<double>();
+      p[i] = keep - h;
+      const double down = loss().item<double>();
+      p[i] = keep;
+      const double fd = (up - down) / (2 * h);
+      EXPECT_NEAR(grads[k].view(-1)[i].item<double>(), fd, 1e-6 * (1.0 + std::abs(fd))) << name << "[" << i << "]";
+    }
+  }
+}
+
+TEST(UNet, BadOptionsAreErrorsThatNameTheOption) {
+  auto message = [](UNetOptions o) {
+    try {
+      UNetVelocity(o, make_linear_schedule(), 0);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  UNetOptions o = tiny();
+  o.groups = 3;  // does not divide 8
+  EXPECT_NE(message(o).find("groups"), std::string::npos);
+  o = tiny();
+  o.height = 6;
+  o.channel_mult = {1, 2, 2};  // 6 is not divisible by 4
+  EXPECT_NE(message(o).find("divisible by 4"), std::string::npos);
+  o = tiny();
+  o.time_features = 3;
+  EXPECT_NE(message(o).find("time_features"), std::string::npos);
+  o = tiny();
+  o.channel_mult = {};
+  EXPECT_NE(message(o).find("channel_mult"), std::string::npos);
+}
+
+TEST(UNet, ModelFilesRoundTripAndRefuseTensorsThatDoNotFit) {
+  auto net = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 4);
+  const std::string path = temp_path("model.pt");
+  save_velocity(*net, path);
+  const LoadedModel loaded = load_velocity(path);
+  ASSERT_EQ(loaded.field->kind(), "unet");
+  at::NoGradGuard no_grad;
+  const Tensor x = at::randn({3, net->dim()});
+  EXPECT_TRUE(at::equal(net->velocity(x, 0.4), loaded.field->velocity(x, 0.4)));
+  // A clone is the same field with its own tensors.
+  const VelocityFieldPtr copy = net->clone();
+  EXPECT_TRUE(at::equal(net->velocity(x, 0.4), copy->velocity(x, 0.4)));
+  EXPECT_NE(copy->parameters()[0].data_ptr(), net->parameters()[0].data_ptr());
+  std::remove(path.c_str());
+}
+
+// E125: zero adapters reproduce the base bit for bit; only the adapters get gradients; with nonzero B the
+// field equals a plain U-Net whose weights are W + (alpha / r) B A (the slow reference of the merged weight).
+TEST(UNetLora, StartsAsTheBaseTrainsOnlyTheAdaptersAndEqualsTheMergedWeights) {
+  auto base = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 8);
+  auto lora = base->with_lora(LoraOptions{2, 6.0}, 9);
+  ASSERT_TRUE(lora->has_lora());
+  Generator gen = make_generator(3);
+  const Tensor x = at::randn({3, base->dim()}, gen);
+  const Tensor c = at::eye(3).slice(0, 0, 3);
+  {
+    at::NoGradGuard no_grad;
+    EXPECT_TRUE(at::equal(base->conditional_velocity(x, at::scalar_tensor(0.6), c), lora->conditional_velocity(x, at::scalar_tensor(0.6), c)));
+  }
+  // Gradients: on the adapters only (A's is zero while B = 0: d/dA of B A is B^T (.)).
+  const std::vector<Tensor> trainable = lora->parameters();
+  size_t dense_layers = 0;  // every convolution and linear layer has an adapter: its weight has >= 2 dimensions
+  for (const auto& [name, shape] : UNetVelocity::parameter_shapes(tiny())) dense_layers += shape.size() >= 2;
+  EXPECT_EQ(trainable.size(), 2 * dense_layers);
+  for (const auto& [name, w] : base->named_parameters()) EXPECT_FALSE(w.requires_grad()) << name;
+  const Tensor loss = lora->conditional_velocity(x, at::scalar_tensor(0.6), c).pow(2).sum();
+  const auto grads = torch::autograd::grad({loss}, trainable);
+  double b_norm = 0, a_norm = 0;
+  for (size_t i = 0; i < grads.size(); ++i) (i % 2 ? b_norm : a_norm) += grads[i].pow(2).sum().item<double>();
+  EXPECT_GT(b_norm, 0.0);
+  EXPECT_EQ(a_norm, 0.0);
+  EXPECT_LT(count(trainable), count(base->parameters()) / 2);
+  // Random B: the field with adapters equals the plain network with merged weights.
+  at::NoGradGuard no_grad;
+  for (size_t i = 1; i < trainable.size(); i += 2) const_cast<Tensor&>(trainable[i]).normal_(0.0, 0.05, gen);
+  UNetVelocity merged(tiny(), make_linear_schedule(), 0);
+  NamedTensors values;
+  const NamedTensors all = lora->named_parameters();
+  auto find = [&](const std::string& name) -> Tensor {
+    for (const auto& [n, t] : all) {
+      if (n == name) return t;
+    }
+    return Tensor();
+  };
+  for (const auto& [name, w] : base->named_parameters()) {
+    const std::string layer = name.substr(0, name.rfind('.'));
+    const Tensor a = find(layer + ".lora_a");
+    if (name.substr(name.rfind('.')) == ".weight" && a.defined()) {
+      values.emplace_back(name, w + (6.0 / 2) * at::matmul(find(layer + ".lora_b"), a).view(w.sizes()));
+    } else {
+      values.emplace_back(name, w);
+    }
+  }
+  merged.load_parameters(values);
+  const Tensor v_lora = lora->conditional_velocity(x, at::scalar_tensor(0.6), c);
+  EXPECT_GT((v_lora - base->conditional_velocity(x, at::scalar_tensor(0.6), c)).abs().max().item<double>(), 1e-3);
+  EXPECT_TRUE(at::allclose(v_lora, merged.conditional_velocity(x, at::scalar_tensor(0.6), c), 1e-4, 1e-5));
+}
+
+TEST(UNetLora, IsAFineTuningModeThatSavesAndLoadsAndIsRefusedForOtherBases) {
+  auto base = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 8);
+  auto model = make_finetuned(base, FineTuneMode::lora, {}, 0, 12, LoraOptions{3, 3.0});
+  EXPECT_EQ(model->mode(), FineTuneMode::lora);
+  {
+    at::NoGradGuard no_grad;
+    for (const Tensor& p : model->parameters()) const_cast<Tensor&>(p).normal_(0.0, 0.05);
+  }
+  const std::string path = temp_path("lora.pt");
+  save_velocity(*model, path);
+  const LoadedModel loaded = load_velocity(path);
+  at::NoGradGuard no_grad;
+  const Tensor x = at::randn({2, base->dim()});
+  EXPECT_TRUE(at::equal(model->velocity(x, 0.5), loaded.field->velocity(x, 0.5)));
+  std::remove(path.c_str());
+  // Residual mode on a U-Net base trains a U-Net that starts at zero.
+  auto residual = make_finetuned(base, FineTuneMode::residual, {16}, 4, 13);
+  EXPECT_EQ(residual->trainable()->kind(), "unet");
+  EXPECT_TRUE(at::equal(residual->velocity(x, 0.5), base->velocity(x, 0.5)));
+  EXPECT_NO_THROW(make_finetuned(base, FineTuneMode::copy, {}, 0, 1));
+  // LoRA needs a U-Net, and a network with adapters takes no second set.
+  MlpOptions mlp;
+  mlp.dim = base->dim();
+  mlp.hidden = {8};
+  auto mlp_base = std::make_shared<MlpVelocity>(mlp, make_linear_schedule(), 1);
+  try {
+    make_finetuned(mlp_base, FineTuneMode::lora, {}, 0, 1);
+    ADD_FAILURE() << "lora on an mlp base was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("U-Net"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(base->with_lora({}, 0)->with_lora({}, 0), Error);
+  EXPECT_THROW(base->with_lora(LoraOptions{0, 1.0}, 0), Error);
+}
+
+}  // namespace
+}  // namespace tilt

@@ -77,7 +77,7 @@ int run_pretrain(const TrainArgs& args) {
 
   ProcessGroupPtr group;
   const RunDirectory run = start_run(config, "pretrain", plan.trainer.shards, args, group);
-  auto model = std::make_shared<MlpVelocity>(plan.mlp, plan.schedule, mix_seed(settings.seed, 1));
+  auto model = plan.make_model(mix_seed(settings.seed, 1));
   std::unique_ptr<FlowMatching> loss = make_flow_matching(plan, model);
   const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "pretrain", group);
   Json model_info{{"trained_by", "tilt pretrain"}, {"iterations", iterations}};

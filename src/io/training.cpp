@@ -29,6 +29,8 @@ namespace {
 void read_digits(ConfigSection& root, PretrainPlan& p) {
   const ImageDataset images = *read_image_data(root);
   p.dim = images.dim();
+  p.image_height = images.height;
+  p.image_width = images.width;
   p.data_note = std::to_string(images.size()) + " digit images of " + std::to_string(images.height) + " x " +
                 std::to_string(images.width) + " pixels";
   if (!root.has("conditions")) {
@@ -97,9 +99,22 @@ PretrainPlan read_pretrain(ConfigSection& root) {
     read_mixture_data(root, p);
   }
   ConfigSection section = root.section("pretrain");
-  p.mlp = read_mlp(section, p.dim, {256, 256, 256});
+  p.network = section.choice("network", {"mlp", "unet"}, "mlp");
+  if (p.network == "unet") {
+    if (p.image_height == 0) section.fail("network", "is \"unet\", which needs images: [data] type = \"digits\"");
+    for (const char* key : {"hidden"}) {
+      if (section.has(key)) section.fail(key, "is for network = \"mlp\"");
+    }
+    p.unet = read_unet(section, p.image_height, p.image_width);
+  } else {
+    for (const char* key : {"channels", "channel_mult", "blocks", "groups", "attention"}) {
+      if (section.has(key)) section.fail(key, "is for network = \"unet\"");
+    }
+    p.mlp = read_mlp(section, p.dim, {256, 256, 256});
+  }
   if (p.conditions) {
     p.mlp.condition_dim = p.conditions->dim();
+    p.unet.condition_dim = p.conditions->dim();
     p.flow_matching.condition_dropout = section.number("condition_dropout", p.flow_matching.condition_dropout);
     const double q = p.flow_matching.condition_dropout;
     if (!(q >= 0.0 && q < 1.0)) section.fail("condition_dropout", "must be in [0, 1) (the probability of the null condition)");
@@ -113,6 +128,11 @@ PretrainPlan read_pretrain(ConfigSection& root) {
   }
   section.finish();
   return p;
+}
+
+std::shared_ptr<VelocityField> PretrainPlan::make_model(uint64_t seed) const {
+  if (network == "unet") return std::make_shared<UNetVelocity>(unet, schedule, seed);
+  return std::make_shared<MlpVelocity>(mlp, schedule, seed);
 }
 
 std::unique_ptr<FlowMatching> make_flow_matching(const PretrainPlan& plan, VelocityFieldPtr model) {

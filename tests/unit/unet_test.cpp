@@ -2,10 +2,15 @@
 // input VJP against central finite differences in float64, model files, and adapters that start as the
 // base, train alone and compute exactly the merged weights W + (alpha / r) B A.
 #include "tilt/core/error.h"
+#include "tilt/io/config.h"
 #include "tilt/io/model_io.h"
+#include "tilt/io/training.h"
 #include "tilt/model/finetuned.h"
+#include "tilt/model/gmm.h"
 #include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
+#include "tilt/train/flow_matching.h"
+#include "tilt/train/trainer.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -277,6 +282,91 @@ TEST(UNetLora, IsAFineTuningModeThatSavesAndLoadsAndIsRefusedForOtherBases) {
   }
   EXPECT_THROW(base->with_lora({}, 0)->with_lora({}, 0), Error);
   EXPECT_THROW(base->with_lora(LoraOptions{0, 1.0}, 0), Error);
+}
+
+// Flow matching trains the U-Net towards the exact velocity of a Gaussian law on 1 x 4 x 4 images with a
+// spatial pattern in its mean and its pixel scales (closed form, E5): the whole pretraining path on an image
+// network, against ground truth.
+TEST(UNet, FlowMatchingLearnsTheExactFieldOfAGaussianImageLaw) {
+  Generator gen = make_generator(21);
+  const int64_t d = 16;
+  const Tensor mean = at::linspace(-1.0, 1.0, d, kDouble).reshape({1, d}) * at::randn({1, d}, gen, kDouble).sign();
+  const Tensor scale = 0.2 + 0.3 * at::rand({d}, gen, kDouble);
+  auto law = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), mean, at::diag(scale.pow(2)).unsqueeze(0));
+  const GmmVelocity exact(law, make_linear_schedule());
+  UNetOptions o = tiny(0);
+  o.channels = 1;
+  o.height = o.width = 4;
+  o.attention = false;
+  auto net = std::make_shared<UNetVelocity>(o, make_linear_schedule(), 2);
+  auto relative_error = [&] {
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(5);
+    const Tensor x1 = law->sample(2000, g), x0 = at::randn({2000, d}, g, kDouble);
+    const Tensor t = 0.05 + 0.9 * at::rand({2000}, g, kDouble);
+    const Tensor xt = t.unsqueeze(1) * x1 + (1 - t.unsqueeze(1)) * x0;
+    const Tensor v = exact.velocity(xt, t);
+    return (net->velocity(xt.to(at::kFloat), t.to(at::kFloat)).to(at::kDouble) - v).pow(2).sum(1).mean().item<double>() /
+           v.pow(2).sum(1).mean().item<double>();
+  };
+  const double before = relative_error();
+  FlowMatchingOptions fo;
+  fo.batch_size = 128;
+  FlowMatching loss(net, [&](int64_t n, Generator& g) { return law->sample(n, g).to(at::kFloat); }, fo);
+  TrainerOptions to;
+  to.iterations = 400;
+  to.adam.lr = 3e-3;
+  to.lr_schedule = LrSchedule::cosine;
+  to.seed = 3;
+  to.progress = false;
+  Trainer(loss, to).run();
+  const double after = relative_error();
+  std::printf("U-Net flow matching on a Gaussian image law: relative error %.3f -> %.4f\n", before, after);
+  EXPECT_GT(before, 0.5);
+  EXPECT_LT(after, 0.08);  // 0.043 here; 800 iterations reach 0.037
+}
+
+// [pretrain] network = "unet": the images' size and the conditions reach the network; keys of the other network
+// and sizes the images cannot halve into are refused naming the key.
+TEST(UNet, PretrainPlansFromTheConfigAndRefusesWhatDoesNotFit) {
+  const std::string path = std::string(TILT_SOURCE_DIR) + "/data/digits/digits.csv.gz";
+  const Json data = {{"type", "digits"}, {"path", path}};
+  auto plan = [&](const Json& pretrain, bool conditional) {
+    Json j = {{"data", data}, {"pretrain", pretrain}};
+    if (conditional) j["conditions"] = {{"classes", 10}};
+    Config config(j, "test");
+    ConfigSection root = config.root();
+    return read_pretrain(root);
+  };
+  const PretrainPlan p = plan({{"network", "unet"}, {"channels", 8}, {"channel_mult", {1, 2, 2}}, {"groups", 4}}, true);
+  EXPECT_EQ(p.unet.height, 8);
+  EXPECT_EQ(p.unet.width, 8);
+  EXPECT_EQ(p.unet.condition_dim, 10);
+  const auto model = p.make_model(1);
+  EXPECT_EQ(model->kind(), "unet");
+  EXPECT_EQ(model->condition_dim(), 10);
+  EXPECT_EQ(plan({{"hidden", {8}}}, false).make_model(1)->kind(), "mlp");
+  auto refused = [&](const Json& pretrain, const std::string& key) {
+    try {
+      plan(pretrain, false);
+      ADD_FAILURE() << "accepted " << pretrain.dump();
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(key), std::string::npos) << e.what();
+    }
+  };
+  refused({{"network", "unet"}, {"groups", 3}}, "pretrain.groups");
+  refused({{"network", "unet"}, {"channel_mult", {1, 1, 1, 1, 1}}}, "pretrain.channel_mult");  // 8 = 2^3 < 2^4
+  refused({{"network", "unet"}, {"hidden", {8}}}, "pretrain.hidden");
+  refused({{"channels", 8}}, "pretrain.channels");
+  refused({{"network", "transformer"}}, "pretrain.network");
+  Config mixture(Json{{"data", {{"type", "ring"}, {"components", 4}}}, {"pretrain", {{"network", "unet"}}}}, "test");
+  ConfigSection root = mixture.root();
+  try {
+    read_pretrain(root);
+    ADD_FAILURE() << "a U-Net on a mixture was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pretrain.network"), std::string::npos) << e.what();
+  }
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "tilt/model/condition.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
+#include "tilt/model/unet.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/schedule.h"
 #include "tilt/train/adjoint_matching.h"
@@ -68,6 +69,9 @@ double read_number_in(ConfigSection& section, const std::string& key, double def
 
 /// Layer widths (at least one, each in 1..limits::kWidth) under `key`.
 std::vector<int64_t> read_widths(ConfigSection& section, const std::string& key, std::vector<int64_t> default_widths);
+/// A U-Net for images of height x width (one channel): channels (the first level's), channel_mult, blocks, groups,
+/// attention, time_features (docs/config.md, [pretrain]). Throws tilt::Error naming the key that is out of range.
+UNetOptions read_unet(ConfigSection& section, int64_t height, int64_t width);
 
 /// A network: hidden (widths), time_features.
 MlpOptions read_mlp(ConfigSection& section, int64_t dim, std::vector<int64_t> default_hidden);

@@ -7,6 +7,7 @@
 #include "tilt/io/config.h"
 #include "tilt/model/classifier.h"
 #include "tilt/model/mlp.h"
+#include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
 #include "tilt/train/classification.h"
 #include "tilt/train/dataset.h"
@@ -29,6 +30,11 @@ struct PretrainPlan {
   ConditionSetPtr conditions;   ///< the training conditions; null: unconditional
   std::string data_note;        ///< what the data is ("1797 digit images of 8 x 8 pixels"); empty for a mixture
   MlpOptions mlp;               ///< [pretrain] hidden, time_features (default 3 x 256)
+  std::string network = "mlp";  ///< [pretrain] network: "mlp" or "unet" (image data only)
+  UNetOptions unet;             ///< network = "unet": [pretrain] channels, channel_mult, blocks, groups, attention
+  int64_t image_height = 0, image_width = 0;  ///< the images' size (image data); 0 otherwise
+  /// The network to pretrain, initialised from `seed`.
+  std::shared_ptr<VelocityField> make_model(uint64_t seed) const;
   FlowMatchingOptions flow_matching;
   TrainerOptions trainer;       ///< 5000 iterations, lr 1e-3, cosine decay by default
 };

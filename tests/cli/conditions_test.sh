@@ -197,6 +197,22 @@ if "$tilt" classifier -c digits_ft.toml -o cls -q > /dev/null 2> cls.err &&
 else
   fail "conditional classifier reward: $(head -c 400 cls.err)"
 fi
+# The same with a class-conditional U-Net (network = "unet") fine-tuned by LoRA adapters (model = "lora"); LoRA on the
+# MLP base is refused naming the key.
+sed 's/^hidden = \[16\]$/network = "unet"\nchannels = 4\nchannel_mult = [1, 2]\nblocks = 1\ngroups = 2\ntime_features = 4/' \
+  digits.toml > unet.toml
+{ cat unet.toml; printf '[base]\ntype = "model"\npath = "upre/model.pt"\n[reward]\ntype = "classifier"\npath = "cls/classifier.pt"\nclass = "condition"\n'
+  printf '[finetune]\nmodel = "lora"\nlora_rank = 2\nnum_steps = 6\nbatch_size = 8\niterations = 2\n[finetune.adjoint_matching]\nloss_early_steps = 2\nloss_late_steps = 2\n'
+} > unet_ft.toml
+if "$tilt" pretrain -c unet.toml -o upre -q > /dev/null 2> upre.err &&
+   "$tilt" finetune -c unet_ft.toml -o uft -q > /dev/null 2>> upre.err &&
+   "$tilt" sample -m uft/model.pt --condition 0,0,0,0,0,0,0,1,0,0 --guidance 2 --steps 4 -n 2 -o uft.csv > /dev/null 2>> upre.err &&
+   [ "$(wc -l < uft.csv)" -eq 3 ]; then
+  pass "a class-conditional U-Net pretrained on the digits, fine-tuned with LoRA, sampled with guidance"
+else
+  fail "U-Net and LoRA: $(head -c 400 upre.err)"
+fi
+expect_error "LoRA on an MLP base" "finetune.model" "$tilt" finetune -c digits_ft.toml -o bad_lora -q --set finetune.model=lora
 # tilt_guidance_study (built with the benchmarks): the lean adjoint's norm along guided trajectories of the
 # digits model, a row per w and adjoint (the unguided one only at w = 0), and its JSON.
 study="$(dirname "$tilt")/../bench/tilt_guidance_study"

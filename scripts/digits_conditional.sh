@@ -13,29 +13,43 @@
 #                                                # docs/images/digits_conditional_w{0,1,4}.png
 # Environment: OUT (runs/digits_cond), THREADS (0: all cores), PRETRAIN_ITERATIONS (30000), ITERATIONS (1000),
 # N (1000 samples per class and guidance weight).
+#   STUDY=unet scripts/digits_conditional.sh    the same with a class-conditional U-Net (configs/digits_unet.toml,
+#       docs/equations.md E124) fine-tuned by Adjoint Matching three ways at one budget: LoRA adapters (E125), a full
+#       copy and a residual U-Net (batch 32, K = 20; PRETRAIN_ITERATIONS 6000, ITERATIONS 400 by default), into
+#       runs/digits_unet; UPDATE_DOCS=1 writes docs/digits_unet_eval.txt and docs/images/digits_unet_w{0,1}.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh -DTILT_BUILD_APPS=ON
 
-OUT=${OUT:-runs/digits_cond}
+STUDY=${STUDY:-methods}
+case "$STUDY" in
+  methods) name_=digits_conditional; config=configs/digits_conditional.toml; guidance=(0 1 4); pretrain_default=30000
+           iterations_default=1000; out_default=runs/digits_cond ;;
+  unet) name_=digits_unet; config=configs/digits_unet.toml; guidance=(0 1); pretrain_default=6000
+        iterations_default=400; out_default=runs/digits_unet ;;
+  *) echo "digits_conditional: STUDY must be methods or unet, got '$STUDY'" >&2; exit 2 ;;
+esac
+OUT=${OUT:-$out_default}
 THREADS=${THREADS:-0}
-PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-30000}
-ITERATIONS=${ITERATIONS:-1000}
+PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-$pretrain_default}
+ITERATIONS=${ITERATIONS:-$iterations_default}
 N=${N:-1000}
-guidance=(0 1 4)
 tilt=build/bin/tilt
-config=configs/digits_conditional.toml
 common=(--set "threads=$THREADS" --set "base.path=$OUT/base/model.pt"
         --set "reward.path=$OUT/classifier/classifier.pt")
 
-# timed DIR COMMAND...: runs it and writes its wall-clock seconds to DIR/seconds.txt.
+# timed DIR COMMAND...: runs it and writes its wall-clock seconds to DIR/seconds.txt, and its peak resident memory (kB)
+# to DIR/max_rss_kb.txt where /usr/bin/time exists.
 timed() {
-  local dir=$1 start
+  local dir=$1 start rss
   shift
   start=$(date +%s)
-  "$@"
+  rss=$(mktemp)
+  if [ -x /usr/bin/time ]; then /usr/bin/time -o "$rss" -f %M "$@"; else "$@"; fi
   echo $(($(date +%s) - start)) > "$dir/seconds.txt"
+  if [ -s "$rss" ]; then tail -1 "$rss" > "$dir/max_rss_kb.txt"; fi
+  rm -f "$rss"
 }
 
 [ -f "$OUT/base/model.pt" ] || timed "$OUT/base" $tilt pretrain -c $config --set "threads=$THREADS" \
@@ -51,15 +65,27 @@ timed() {
     ${TILT_QUIET:+-q}
 
 # name | settings (the rest is configs/digits_conditional.toml's [finetune]); the baselines as in digits.sh.
-runs=(
-  "am|finetune.method=\"adjoint_matching\""
-  "discrete_adjoint|finetune.method=\"discrete_adjoint\""
-  "draft1|finetune.method=\"draft\" finetune.draft.draft_k=1"
-  "ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0"
-  # DRaFT has no KL term: at Adjoint Matching's lr it hacks the reward (Frechet 20x the base's at w = 0);
-  # one lower lr, as digits.sh's *_lr rows. Not in the grids.
-  "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft.draft_k=1 finetune.lr=1e-4"
-)
+if [ "$STUDY" = unet ]; then
+  # One budget (iterations, batch 32, K = 20) for the three ways of training a U-Net; each mode's own learning rate
+  # (a full copy moves every weight: 2e-4; the adapters and the zero-started residual: 1e-3).
+  unet_budget="finetune.batch_size=32 finetune.num_steps=20 finetune.adjoint_matching.loss_early_steps=5"
+  unet_budget+=" finetune.adjoint_matching.loss_late_steps=5"
+  runs=(
+    "am_lora|finetune.model=\"lora\" $unet_budget"
+    "am_copy|finetune.model=\"copy\" finetune.lr=2e-4 $unet_budget"
+    "am_residual|finetune.model=\"residual\" $unet_budget"
+  )
+else
+  runs=(
+    "am|finetune.method=\"adjoint_matching\""
+    "discrete_adjoint|finetune.method=\"discrete_adjoint\""
+    "draft1|finetune.method=\"draft\" finetune.draft.draft_k=1"
+    "ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0"
+    # DRaFT has no KL term: at Adjoint Matching's lr it hacks the reward (Frechet 20x the base's at w = 0);
+    # one lower lr, as digits.sh's *_lr rows. Not in the grids.
+    "draft1_lr1e-4|finetune.method=\"draft\" finetune.draft.draft_k=1 finetune.lr=1e-4"
+  )
+fi
 models=(base)
 for spec in "${runs[@]}"; do
   name=${spec%%|*}
@@ -90,17 +116,20 @@ done
 $tilt eval-images -c $config "${common[@]}" "${args[@]}" --base "$OUT/base/samples_w0.csv" \
   --unseen "$OUT/unseen/classifier.pt" > "$OUT/eval.txt"
 {
-  echo "# scripts/digits_conditional.sh: the class-conditional digits (docs/conditions.md), $N samples per class,"
+  echo "# STUDY=$STUDY scripts/digits_conditional.sh ($config): the class-conditional digits (docs/conditions.md), $N samples per class,"
   echo "# the flow ODE (100 steps), guidance w = ${guidance[*]}; fine-tuning $ITERATIONS iterations, pretraining"
   echo "# $PRETRAIN_ITERATIONS. Wall-clock seconds (THREADS=$THREADS):"
   for name in base classifier unseen "${models[@]:1}"; do
-    if [ -f "$OUT/$name/seconds.txt" ]; then echo "#   $name: $(cat "$OUT/$name/seconds.txt") s"; fi
+    if [ -f "$OUT/$name/seconds.txt" ]; then
+      echo "#   $name: $(cat "$OUT/$name/seconds.txt") s$([ -f "$OUT/$name/max_rss_kb.txt" ] &&
+        echo ", peak resident memory $(($(cat "$OUT/$name/max_rss_kb.txt") / 1024)) MB")"
+    fi
   done
   echo
   cat "$OUT/eval.txt"
 } > "$OUT/eval_report.txt"
 cat "$OUT/eval_report.txt"
 if [ "${UPDATE_DOCS:-0}" = 1 ]; then
-  cp "$OUT/eval_report.txt" docs/digits_conditional_eval.txt
-  for w in "${guidance[@]}"; do cp "$OUT/grid_w$w.png" "docs/images/digits_conditional_w$w.png"; done
+  cp "$OUT/eval_report.txt" "docs/${name_}_eval.txt"
+  for w in "${guidance[@]}"; do cp "$OUT/grid_w$w.png" "docs/images/${name_}_w$w.png"; done
 fi

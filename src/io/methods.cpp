@@ -390,6 +390,11 @@ void check_other_tables(ConfigSection& s, const FinetuneMethod& chosen, Finetune
 
 void read_common(ConfigSection& s, const VelocityField& base, FinetunePlan& plan) {
   plan.mode = parse_finetune_mode(s.choice("model", {"residual", "copy", "lora"}, "residual"));
+  if (base.kind() == "unet") {
+    for (const char* key : {"hidden", "time_features"}) {
+      if (s.has(key)) s.fail(key, "is for an MLP; with a U-Net base the residual network is a U-Net of the base's architecture");
+    }
+  }
   plan.mlp = read_mlp(s, base.dim(), {128, 128, 128});
   if (plan.mode == FineTuneMode::lora) {
     if (base.kind() != "unet") {
@@ -400,7 +405,9 @@ void read_common(ConfigSection& s, const VelocityField& base, FinetunePlan& plan
     plan.lora.alpha = read_number_in(s, "lora_alpha", plan.lora.alpha, 1e-6, 1e6);
   } else {
     for (const char* key : {"lora_rank", "lora_alpha"}) {
-      if (s.has(key)) s.fail(key, "is for model = \"lora\"");
+      if (!s.has(key)) continue;
+      s.allow({key});
+      plan.notes.push_back("[" + s.where(key) + "] is ignored: it is for model = \"lora\"");
     }
   }
   read_steps_and_batch(s, plan.num_steps, plan.batch_size);

@@ -3,10 +3,12 @@
 // base, train alone and compute exactly the merged weights W + (alpha / r) B A.
 #include "tilt/core/error.h"
 #include "tilt/io/config.h"
+#include "tilt/io/methods.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/training.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
+#include "tilt/model/reward.h"
 #include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
 #include "tilt/train/flow_matching.h"
@@ -367,6 +369,30 @@ TEST(UNet, PretrainPlansFromTheConfigAndRefusesWhatDoesNotFit) {
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("pretrain.network"), std::string::npos) << e.what();
   }
+}
+
+// [finetune] with a U-Net base: model = "lora" reads its adapters' keys; an MLP residual's keys are refused (the
+// residual is a U-Net); the adapters' keys under another model are a note.
+TEST(UNetLora, FinetunePlansFromTheConfig) {
+  auto base = std::make_shared<UNetVelocity>(tiny(0), make_linear_schedule(), 8);
+  auto reward = std::make_shared<LinearReward>(at::ones({base->dim()}, kDouble));
+  const FinetunePlan lora = make_finetune_plan({{"model", "lora"}, {"lora_rank", 3}, {"lora_alpha", 1.5}}, *base, reward, 1.0);
+  EXPECT_EQ(lora.mode, FineTuneMode::lora);
+  EXPECT_EQ(lora.lora.rank, 3);
+  EXPECT_EQ(lora.lora.alpha, 1.5);
+  const auto model = lora.make_model(base, 1);
+  EXPECT_TRUE(std::dynamic_pointer_cast<UNetVelocity>(model->trainable())->has_lora());
+  EXPECT_EQ(std::dynamic_pointer_cast<UNetVelocity>(model->trainable())->lora().rank, 3);
+  const FinetunePlan copy = make_finetune_plan({{"model", "copy"}, {"lora_rank", 3}}, *base, reward, 1.0);
+  ASSERT_EQ(copy.notes.size(), 1u);
+  EXPECT_NE(copy.notes[0].find("lora_rank"), std::string::npos);
+  try {
+    make_finetune_plan({{"hidden", {8}}}, *base, reward, 1.0);
+    ADD_FAILURE() << "hidden with a U-Net base was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("finetune.hidden"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(make_finetune_plan({{"model", "lora"}, {"lora_rank", 0}}, *base, reward, 1.0), Error);
 }
 
 }  // namespace

@@ -7,7 +7,8 @@ packages=(
   libtorch-dev            # LibTorch 1.13 (CPU)
   libopenblas0-openmp     # without it matrix work is ~20x slower; the OpenMP build follows torch's thread count
   libcli11-dev nlohmann-json3-dev libtomlplusplus-dev libstb-dev
-  zlib1g-dev              # reads data/digits/digits.csv.gz
+  zlib1g-dev              # reads data/digits/digits.csv.gz and the Fashion-MNIST idx files
+  dataset-fashion-mnist   # Fashion-MNIST in /usr/share/datasets/fashion-mnist ([data] type = "fashion_mnist")
   libgtest-dev libbenchmark-dev
   libgloo-dev             # headers of torch's c10d Gloo backend (distributed training; libtorch has the code)
   python3                 # the CLI tests parse `tilt eval --json`

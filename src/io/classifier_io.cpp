@@ -26,7 +26,9 @@ namespace {
 constexpr const char* kFormat = "tilt-classifier";
 // Version 2 records the activation; a SiLU classifier is still written as version 1 (which has none), so that
 // files an older tilt reads stay readable there, and one it would misread (another activation) is refused.
-constexpr int kVersion = 2;
+// Version 3 records the architecture ("cnn": also height, width, channels); an MLP is still written as
+// version 1 or 2.
+constexpr int kVersion = 3;
 }  // namespace
 
 void save_classifier(const MlpClassifier& classifier, const std::string& path, const Json& info) {
@@ -34,8 +36,16 @@ void save_classifier(const MlpClassifier& classifier, const std::string& path, c
   Json meta{{"format", kFormat}, {"version", 1}, {"dim", o.dim}, {"hidden", o.hidden}, {"classes", o.classes},
             {"info", info}};
   if (o.activation != "silu") {
+    meta["version"] = 2;
+    meta["activation"] = o.activation;
+  }
+  if (o.architecture != "mlp") {
     meta["version"] = kVersion;
     meta["activation"] = o.activation;
+    meta["architecture"] = o.architecture;
+    meta["height"] = o.height;
+    meta["width"] = o.width;
+    meta["channels"] = o.channels;
   }
   archive::TensorMap tensors;
   for (const auto& [name, value] : classifier.named_parameters()) tensors[name] = value;
@@ -56,38 +66,38 @@ LoadedClassifier load_classifier(const std::string& path) {
     if (!c.meta.at("hidden").is_array()) throw Error("'hidden' must be a list of widths");
     for (const Json& w : c.meta.at("hidden")) o.hidden.push_back(whole(w, "hidden"));
     o.classes = whole(c.meta.at("classes"), "classes");
-    if (c.meta.at("version") == 2) {
+    const int version = c.meta.at("version").get<int>();
+    if (version >= 2) {
       if (!c.meta.at("activation").is_string()) throw Error("'activation' must be a string");
       o.activation = c.meta.at("activation").get<std::string>();
       if (o.activation != "silu" && o.activation != "relu" && o.activation != "tanh") {
         throw Error("unknown activation \"" + o.activation + "\" (silu, relu, tanh)");
       }
     }
-    if (o.dim < 1) throw Error("classifier: dim must be >= 1, got " + std::to_string(o.dim));
-    if (o.classes < 2) throw Error("classifier: needs at least 2 classes, got " + std::to_string(o.classes));
-    if (o.hidden.empty()) throw Error("classifier: needs at least one hidden layer ('hidden' is empty)");
-    for (int64_t w : o.hidden) {
-      if (w < 1) throw Error("classifier: hidden widths must be >= 1, got " + std::to_string(w));
+    if (version >= 3) {
+      if (!c.meta.at("architecture").is_string()) throw Error("'architecture' must be a string");
+      o.architecture = c.meta.at("architecture").get<std::string>();
+      if (o.architecture != "mlp" && o.architecture != "cnn") {
+        throw Error("unknown architecture \"" + o.architecture + "\" (mlp, cnn)");
+      }
+      if (o.architecture == "cnn") {
+        o.height = whole(c.meta.at("height"), "height");
+        o.width = whole(c.meta.at("width"), "width");
+        o.channels.clear();
+        if (!c.meta.at("channels").is_array()) throw Error("'channels' must be a list of channel counts");
+        for (const Json& w : c.meta.at("channels")) o.channels.push_back(whole(w, "channels"));
+      }
     }
-    // The tensors' shapes follow from the metadata (src/model/classifier.cpp: body.<2i> = Linear,
-    // the activation between, then head); checked before the network is built, so that a width of 10^12 in
-    // the metadata allocates nothing. Every floating tensor must be finite.
-    std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
-    int64_t in = o.dim;
-    for (size_t i = 0; i < o.hidden.size(); ++i) {
-      shapes.push_back({"body." + std::to_string(2 * i) + ".weight", {o.hidden[i], in}});
-      shapes.push_back({"body." + std::to_string(2 * i) + ".bias", {o.hidden[i]}});
-      in = o.hidden[i];
-    }
-    shapes.push_back({"head.weight", {o.classes, in}});
-    shapes.push_back({"head.bias", {o.classes}});
-    for (const auto& [name, shape] : shapes) {
+    // The tensors' shapes follow from the metadata (classifier_parameter_shapes, which also checks it);
+    // checked before the network is built, so that a width of 10^12 in the metadata allocates nothing.
+    // Every floating tensor must be finite.
+    for (const auto& [name, shape] : classifier_parameter_shapes(o)) {
       const Tensor t = archive::take(c, path, name);
       if (!t.sizes().equals(shape)) {
         std::string want;
         for (int64_t n : shape) want += (want.empty() ? "" : ", ") + std::to_string(n);
         throw Error("tensor '" + name + "' must be [" + want + "], got " + shape_string(t) +
-                    " (the metadata's dim, hidden widths and classes do not fit the tensors)");
+                    " (the metadata's architecture, dim, hidden widths and classes do not fit the tensors)");
       }
     }
     auto classifier = std::make_shared<MlpClassifier>(o, 0);

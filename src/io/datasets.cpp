@@ -6,6 +6,9 @@
 #include <ATen/ATen.h>
 #include <zlib.h>
 
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -121,6 +124,102 @@ ImageDataset load_digits(const std::string& path) {
   d.labels = at::from_blob(labels.data(), {n}, at::kLong).clone();
   d.height = d.width = kSide;
   d.classes = kClasses;
+  return d;
+}
+
+namespace {
+
+uint32_t big_endian_u32(const std::string& bytes, size_t at) {
+  uint32_t v = 0;
+  for (size_t i = 0; i < 4; ++i) v = (v << 8) | static_cast<unsigned char>(bytes[at + i]);
+  return v;
+}
+
+// The header of an idx file (magic, then one count per dimension) and its payload's size checked
+// against it; returns the dimensions.
+std::vector<int64_t> read_idx_header(const std::string& bytes, const std::string& path, uint32_t magic,
+                                     const std::string& what) {
+  const size_t dims = magic & 0xff;
+  const size_t header = 4 * (1 + dims);
+  const auto fail = [&](const std::string& why) { return Error("data file '" + path + "' (" + what + "): " + why); };
+  if (bytes.size() < 4) throw fail("too short for an idx header (" + std::to_string(bytes.size()) + " bytes)");
+  const uint32_t got = big_endian_u32(bytes, 0);
+  if (got != magic) {
+    char buf[96];
+    std::snprintf(buf, sizeof buf, "bad magic number 0x%08x, expected 0x%08x", got, magic);
+    throw fail(std::string(buf) + " (not an idx " + what + " file)");
+  }
+  if (bytes.size() < header) throw fail("truncated: the header needs " + std::to_string(header) + " bytes");
+  std::vector<int64_t> shape;
+  uint64_t payload = 1;
+  for (size_t i = 0; i < dims; ++i) {
+    const uint32_t n = big_endian_u32(bytes, 4 * (1 + i));
+    if (n == 0 || n > (1u << 28)) throw fail("dimension " + std::to_string(i) + " is " + std::to_string(n));
+    shape.push_back(n);
+    payload *= n;
+  }
+  if (bytes.size() - header < payload) {
+    throw fail("truncated: the header announces " + std::to_string(payload) + " bytes of data, the file holds " +
+               std::to_string(bytes.size() - header));
+  }
+  if (bytes.size() - header > payload) {
+    throw fail(std::to_string(bytes.size() - header - payload) + " bytes follow the " + std::to_string(payload) +
+               " bytes of data its header announces");
+  }
+  return shape;
+}
+
+}  // namespace
+
+ImageDataset load_idx(const std::string& images_path, const std::string& labels_path, int64_t classes, int64_t limit) {
+  if (classes < 2) throw Error("load_idx: classes must be >= 2");
+  if (limit < 0) throw Error("load_idx: limit must be >= 0");
+  const std::string img = read_maybe_gzip(images_path);
+  const std::string lab = read_maybe_gzip(labels_path);
+  const std::vector<int64_t> shape = read_idx_header(img, images_path, 0x803, "images");
+  const std::vector<int64_t> count = read_idx_header(lab, labels_path, 0x801, "labels");
+  if (count[0] != shape[0]) {
+    throw Error("data file '" + labels_path + "' holds " + std::to_string(count[0]) + " labels, but '" + images_path +
+                "' holds " + std::to_string(shape[0]) + " images");
+  }
+  const int64_t n = limit > 0 ? std::min(limit, shape[0]) : shape[0];
+  const int64_t pixels = shape[1] * shape[2];
+  std::vector<int64_t> labels(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) {
+    labels[i] = static_cast<unsigned char>(lab[8 + i]);
+    if (labels[i] >= classes) {
+      throw Error("data file '" + labels_path + "': label " + std::to_string(i) + " is " + std::to_string(labels[i]) +
+                  ", outside 0.." + std::to_string(classes - 1));
+    }
+  }
+  // Each byte's value, p / 127.5 - 1 rounded once to float32.
+  float scaled[256];
+  for (int v = 0; v < 256; ++v) scaled[v] = static_cast<float>(v / 127.5 - 1.0);
+  ImageDataset d;
+  d.images = at::empty({n, pixels}, at::kFloat);
+  float* out = d.images.data_ptr<float>();
+  const auto* in = reinterpret_cast<const unsigned char*>(img.data() + 16);
+  for (int64_t i = 0; i < n * pixels; ++i) out[i] = scaled[in[i]];
+  d.labels = at::from_blob(labels.data(), {n}, at::kLong).clone();
+  d.height = shape[1];
+  d.width = shape[2];
+  d.classes = classes;
+  return d;
+}
+
+ImageDataset load_fashion_mnist(const std::string& dir, const std::string& split, int64_t limit) {
+  if (split != "train" && split != "t10k") throw Error("Fashion-MNIST: split must be \"train\" or \"t10k\", got \"" + split + "\"");
+  if (!file_exists(dir)) {
+    throw Error("Fashion-MNIST directory '" + dir + "' does not exist: run scripts/setup.sh (or install the Debian "
+                "package dataset-fashion-mnist), or give [data] path");
+  }
+  const std::string images = dir + "/" + split + "-images-idx3-ubyte.gz";
+  const std::string labels = dir + "/" + split + "-labels-idx1-ubyte.gz";
+  ImageDataset d = load_idx(images, labels, 10, limit);
+  if (d.height != 28 || d.width != 28) {
+    throw Error("data file '" + images + "' holds " + std::to_string(d.height) + " x " + std::to_string(d.width) +
+                " images; Fashion-MNIST's are 28 x 28");
+  }
   return d;
 }
 

@@ -95,8 +95,8 @@ RunSettings read_run_settings(ConfigSection& root) {
 
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root, Tensor* shift) {
   ConfigSection data = root.section("data");
-  if (data.has("type") && (data.string("type") == "csv" || data.string("type") == "digits")) {
-    data.allow({"path", "holdout"});
+  if (data.has("type") && (data.string("type") == "csv" || is_image_data_type(data.string("type")))) {
+    data.allow({"path", "holdout", "limit"});
     return nullptr;
   }
   Tensor M;
@@ -112,17 +112,27 @@ std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root, Tensor* 
   return mixture;
 }
 
+bool is_image_data_type(const std::string& type) { return type == "digits" || type == "fashion_mnist"; }
+
 std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout) {
   if (!root.has("data")) return std::nullopt;
   ConfigSection data = root.section("data");
-  if (!data.has("type") || data.string("type") != "digits") return std::nullopt;
-  const std::string path = data.string("path", "data/digits/digits.csv.gz");
-  if (path.empty()) data.fail("path", "must name a data file");
-  const double h = data.number("holdout", 0.2);
+  if (!data.has("type") || !is_image_data_type(data.string("type"))) return std::nullopt;
+  const bool fashion = data.string("type") == "fashion_mnist";
+  const std::string path = data.string("path", fashion ? kFashionMnistDir : "data/digits/digits.csv.gz");
+  if (path.empty()) data.fail("path", fashion ? "must name the Fashion-MNIST directory" : "must name a data file");
+  const double h = data.number("holdout", fashion ? 0.1 : 0.2);
   if (!(h > 0.0 && h < 1.0)) data.fail("holdout", "must be in (0, 1)");
   if (holdout) *holdout = h;
+  const int64_t limit = data.integer("limit", 0);
+  if (limit < 0) data.fail("limit", "must be >= 0 (0: every image; n: the first n)");
   data.finish();
-  return load_digits(path);
+  ImageDataset d = fashion ? load_fashion_mnist(path, "train", limit) : load_digits(path);
+  if (!fashion && limit > 0 && limit < d.size()) {
+    d.images = d.images.narrow(0, 0, limit).clone();
+    d.labels = d.labels.narrow(0, 0, limit).clone();
+  }
+  return d;
 }
 
 VelocityFieldPtr read_base(ConfigSection& root) {

@@ -24,14 +24,15 @@ TrainerOptions cosine_defaults(int64_t iterations) {
 
 namespace {
 
-// [data] type = "digits"; with [conditions] (classes = the data's number of classes) each image's
+// [data] type = "digits" or "fashion_mnist"; with [conditions] (classes = the data's number of classes) each image's
 // condition is the one-hot row of its label.
-void read_digits(ConfigSection& root, PretrainPlan& p) {
+void read_images(ConfigSection& root, PretrainPlan& p) {
+  const std::string type = root.section("data").string("type");
   const ImageDataset images = *read_image_data(root);
   p.dim = images.dim();
   p.image_height = images.height;
   p.image_width = images.width;
-  p.data_note = std::to_string(images.size()) + " digit images of " + std::to_string(images.height) + " x " +
+  p.data_note = std::to_string(images.size()) + (type == "digits" ? " digit" : " Fashion-MNIST") + " images of " + std::to_string(images.height) + " x " +
                 std::to_string(images.width) + " pixels";
   if (!root.has("conditions")) {
     p.data = dataset_sampler(images.images);
@@ -41,10 +42,10 @@ void read_digits(ConfigSection& root, PretrainPlan& p) {
   const std::string classes = std::to_string(images.classes);
   if (!s.has("classes")) {
     s.fail(s.has("train") ? "train" : s.has("file") ? "file" : "classes",
-           "digits are conditioned on their labels: give classes = " + classes + " (each image's one-hot label)");
+           type + " images are conditioned on their labels: give classes = " + classes + " (each image's one-hot label)");
   }
   if (s.integer("classes") != images.classes) {
-    s.fail("classes", "must be " + classes + ", the number of classes of the digits in [data], got " +
+    s.fail("classes", "must be " + classes + ", the number of classes of the images in [data], got " +
                           std::to_string(s.integer("classes")));
   }
   p.conditions = read_conditions(s, images.classes).train;
@@ -82,11 +83,11 @@ PretrainPlan read_pretrain(ConfigSection& root) {
   PretrainPlan p;
   p.schedule = read_schedule(root.section("schedule", /*optional=*/true));
   ConfigSection data = root.section("data");
-  if (data.has("type") && data.string("type") == "digits") {
-    read_digits(root, p);
+  if (data.has("type") && is_image_data_type(data.string("type"))) {
+    read_images(root, p);
   } else if (data.has("type") && data.string("type") == "csv") {
     if (root.has("conditions")) {
-      throw Error("[conditions] for pretraining needs data with conditions: [data] with shift, or type = \"digits\" "
+      throw Error("[conditions] for pretraining needs data with conditions: [data] with shift, or type = \"digits\" or \"fashion_mnist\" "
                   "(a \"csv\" data file has none)");
     }
     const std::string path = data.string("path");
@@ -101,7 +102,7 @@ PretrainPlan read_pretrain(ConfigSection& root) {
   ConfigSection section = root.section("pretrain");
   p.network = section.choice("network", {"mlp", "unet"}, "mlp");
   if (p.network == "unet") {
-    if (p.image_height == 0) section.fail("network", "is \"unet\", which needs images: [data] type = \"digits\"");
+    if (p.image_height == 0) section.fail("network", "is \"unet\", which needs images: [data] type = \"digits\" or \"fashion_mnist\"");
     for (const char* key : {"hidden"}) {
       if (section.has(key)) section.fail(key, "is for network = \"mlp\"");
     }
@@ -143,11 +144,20 @@ std::unique_ptr<FlowMatching> make_flow_matching(const PretrainPlan& plan, Veloc
 ClassifierPlan read_classifier(ConfigSection& root) {
   ClassifierPlan p;
   auto data = read_image_data(root, &p.holdout);
-  if (!data) throw Error("tilt classifier needs labelled images: 'data.type' must be \"digits\"");
+  if (!data) throw Error("tilt classifier needs labelled images: 'data.type' must be \"digits\" or \"fashion_mnist\"");
   p.data = std::move(*data);
   ConfigSection section = root.section("classifier");
   p.classifier.dim = p.data.dim();
   p.classifier.classes = p.data.classes;
+  p.classifier.architecture = section.choice("architecture", {"mlp", "cnn"}, "mlp");
+  if (p.classifier.architecture == "cnn") {
+    p.classifier.height = p.data.height;
+    p.classifier.width = p.data.width;
+    p.classifier.channels = read_widths(section, "channels", p.classifier.channels);
+    p.classifier.hidden = {128};
+  } else if (section.has("channels")) {
+    section.fail("channels", "is for architecture = \"cnn\" (the convolutions' output channels)");
+  }
   p.classifier.hidden = read_widths(section, "hidden", p.classifier.hidden);
   if (section.has("activation")) {
     p.classifier.activation = section.string("activation");
@@ -159,6 +169,11 @@ ClassifierPlan read_classifier(ConfigSection& root) {
   p.training.input_noise = read_number_in(section, "input_noise", p.training.input_noise, 0, limits::kMagnitude);
   p.trainer = read_trainer(section, cosine_defaults(3000));
   section.finish();
+  try {
+    classifier_parameter_shapes(p.classifier);
+  } catch (const Error& e) {
+    section.fail(p.classifier.architecture == "cnn" ? "channels" : "hidden", e.what());
+  }
   return p;
 }
 

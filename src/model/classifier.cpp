@@ -5,6 +5,8 @@
 #include "tilt/core/error.h"
 
 #include <torch/nn/modules/activation.h>
+#include <torch/nn/modules/conv.h>
+#include <torch/nn/modules/pooling.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
 #include <ATen/ATen.h>
@@ -16,57 +18,131 @@
 
 namespace tilt {
 
-struct MlpClassifier::Impl {
-  torch::nn::Sequential body;  // input -> last hidden activations
-  torch::nn::Linear head{nullptr};
-};
-
-MlpClassifier::MlpClassifier(const ClassifierOptions& options, uint64_t seed)
-    : options_(options), impl_(std::make_unique<Impl>()) {
-  if (options_.dim < 1) throw Error("classifier: dim must be >= 1");
-  if (options_.classes < 2) throw Error("classifier: needs at least 2 classes");
-  if (options_.hidden.empty()) throw Error("classifier: needs at least one hidden layer");
-  for (int64_t w : options_.hidden) {
+std::vector<std::pair<std::string, std::vector<int64_t>>> classifier_parameter_shapes(const ClassifierOptions& o) {
+  if (o.architecture != "mlp" && o.architecture != "cnn") {
+    throw Error("classifier: architecture must be \"mlp\" or \"cnn\", got \"" + o.architecture + "\"");
+  }
+  if (o.dim < 1) throw Error("classifier: dim must be >= 1, got " + std::to_string(o.dim));
+  if (o.classes < 2) throw Error("classifier: needs at least 2 classes, got " + std::to_string(o.classes));
+  if (o.hidden.empty()) throw Error("classifier: needs at least one hidden layer ('hidden' is empty)");
+  for (int64_t w : o.hidden) {
     if (w < 1) throw Error("classifier: hidden widths must be >= 1, got " + std::to_string(w));
   }
-  const std::string& act = options_.activation;
+  const std::string& act = o.activation;
   if (act != "silu" && act != "relu" && act != "tanh") {
     throw Error("classifier: activation must be \"silu\", \"relu\" or \"tanh\", got \"" + act + "\"");
   }
+  std::vector<std::pair<std::string, std::vector<int64_t>>> shapes;
+  int64_t in = o.dim;
+  if (o.architecture == "cnn") {
+    if (o.height < 1 || o.width < 1 || o.height * o.width != o.dim) {
+      throw Error("classifier: a cnn needs height * width = dim (" + std::to_string(o.dim) + "), got height " +
+                  std::to_string(o.height) + " and width " + std::to_string(o.width));
+    }
+    if (o.channels.empty()) throw Error("classifier: a cnn needs at least one convolution ('channels' is empty)");
+    int64_t c = 1, h = o.height, w = o.width;
+    for (size_t i = 0; i < o.channels.size(); ++i) {
+      if (o.channels[i] < 1) throw Error("classifier: channels must be >= 1, got " + std::to_string(o.channels[i]));
+      if (h < 2 || w < 2) {
+        throw Error("classifier: " + std::to_string(o.channels.size()) + " convolution blocks halve the " +
+                    std::to_string(o.height) + " x " + std::to_string(o.width) + " image below 1 pixel");
+      }
+      shapes.push_back({"conv." + std::to_string(3 * i) + ".weight", {o.channels[i], c, 3, 3}});
+      shapes.push_back({"conv." + std::to_string(3 * i) + ".bias", {o.channels[i]}});
+      c = o.channels[i];
+      h /= 2;
+      w /= 2;
+    }
+    in = c * h * w;
+  }
+  for (size_t i = 0; i < o.hidden.size(); ++i) {
+    shapes.push_back({"body." + std::to_string(2 * i) + ".weight", {o.hidden[i], in}});
+    shapes.push_back({"body." + std::to_string(2 * i) + ".bias", {o.hidden[i]}});
+    in = o.hidden[i];
+  }
+  shapes.push_back({"head.weight", {o.classes, in}});
+  shapes.push_back({"head.bias", {o.classes}});
+  return shapes;
+}
+
+struct Classifier::Impl {
+  torch::nn::Sequential conv;  // "cnn": [B, 1, H, W] -> the last block's pooled maps
+  torch::nn::Sequential body;  // flat input -> last hidden activations
+  torch::nn::Linear head{nullptr};
+};
+
+namespace {
+
+torch::nn::AnyModule activation_module(const std::string& act) {
+  // Parameter-free modules: the parameter names are the same for every activation.
+  if (act == "relu") return torch::nn::AnyModule(torch::nn::ReLU());
+  if (act == "tanh") return torch::nn::AnyModule(torch::nn::Tanh());
+  return torch::nn::AnyModule(torch::nn::SiLU());
+}
+
+}  // namespace
+
+Classifier::Classifier(const ClassifierOptions& options, uint64_t seed)
+    : options_(options), impl_(std::make_unique<Impl>()) {
+  if (options_.architecture == "mlp") {  // the image shape and channels mean nothing to an MLP
+    options_.height = options_.width = 0;
+    options_.channels.clear();
+  }
+  classifier_parameter_shapes(options_);  // checks the options
+  const std::string& act = options_.activation;
   Generator gen = make_generator(seed);
   at::NoGradGuard no_grad;
-  auto init = [&](torch::nn::Linear& layer, int64_t in) {
-    const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-    layer->weight.uniform_(-bound, bound, gen);
-    layer->bias.uniform_(-bound, bound, gen);
+  auto init = [&](Tensor& weight, Tensor& bias, int64_t fan_in) {
+    const double bound = 1.0 / std::sqrt(static_cast<double>(fan_in));
+    weight.uniform_(-bound, bound, gen);
+    bias.uniform_(-bound, bound, gen);
   };
   int64_t in = options_.dim;
+  if (options_.architecture == "cnn") {
+    int64_t c = 1, h = options_.height, w = options_.width;
+    for (int64_t out : options_.channels) {
+      torch::nn::Conv2d conv(torch::nn::Conv2dOptions(c, out, 3).padding(1));
+      init(conv->weight, conv->bias, c * 9);
+      impl_->conv->push_back(conv);
+      impl_->conv->push_back(activation_module(act));
+      impl_->conv->push_back(torch::nn::AvgPool2d(torch::nn::AvgPool2dOptions(2)));
+      c = out;
+      h /= 2;
+      w /= 2;
+    }
+    in = c * h * w;
+  }
   for (int64_t w : options_.hidden) {
     torch::nn::Linear layer(in, w);
-    init(layer, in);
+    init(layer->weight, layer->bias, in);
     impl_->body->push_back(layer);
-    // Parameter-free modules: the parameter names (body.<2i>.weight) are the same for every activation.
-    if (act == "relu") impl_->body->push_back(torch::nn::ReLU());
-    else if (act == "tanh") impl_->body->push_back(torch::nn::Tanh());
-    else impl_->body->push_back(torch::nn::SiLU());
+    impl_->body->push_back(activation_module(act));
     in = w;
   }
   impl_->head = torch::nn::Linear(in, options_.classes);
-  init(impl_->head, in);
+  init(impl_->head->weight, impl_->head->bias, in);
 }
 
-MlpClassifier::~MlpClassifier() = default;
+Classifier::~Classifier() = default;
 
-Tensor MlpClassifier::features(const Tensor& x) const {
+Tensor Classifier::features(const Tensor& x) const {
   check_batch(x, options_.dim, "x");
-  return impl_->body->forward(x);
+  if (options_.architecture != "cnn") return impl_->body->forward(x);
+  const Tensor maps = impl_->conv->forward(x.reshape({x.size(0), 1, options_.height, options_.width}));
+  return impl_->body->forward(maps.flatten(1));
 }
 
-Tensor MlpClassifier::logits(const Tensor& x) const { return impl_->head->forward(features(x)); }
+void Classifier::to_float64() {
+  impl_->conv->to(at::kDouble);
+  impl_->body->to(at::kDouble);
+  impl_->head->to(at::kDouble);
+}
 
-Tensor MlpClassifier::log_probs(const Tensor& x) const { return at::log_softmax(logits(x), 1); }
+Tensor Classifier::logits(const Tensor& x) const { return impl_->head->forward(features(x)); }
 
-std::vector<Tensor> MlpClassifier::parameters() const {
+Tensor Classifier::log_probs(const Tensor& x) const { return at::log_softmax(logits(x), 1); }
+
+std::vector<Tensor> Classifier::parameters() const {
   std::vector<Tensor> out;
   for (const auto& [name, p] : named_parameters()) {
     if (p.requires_grad()) out.push_back(p);
@@ -74,14 +150,15 @@ std::vector<Tensor> MlpClassifier::parameters() const {
   return out;
 }
 
-NamedTensors MlpClassifier::named_parameters() const {
+NamedTensors Classifier::named_parameters() const {
   NamedTensors out;
+  for (const auto& item : impl_->conv->named_parameters()) out.emplace_back("conv." + item.key(), item.value());
   for (const auto& item : impl_->body->named_parameters()) out.emplace_back("body." + item.key(), item.value());
   for (const auto& item : impl_->head->named_parameters()) out.emplace_back("head." + item.key(), item.value());
   return out;
 }
 
-void MlpClassifier::load_parameters(const NamedTensors& values) {
+void Classifier::load_parameters(const NamedTensors& values) {
   std::map<std::string, Tensor> given(values.begin(), values.end());
   at::NoGradGuard no_grad;
   for (auto& [name, p] : named_parameters()) {
@@ -97,7 +174,7 @@ void MlpClassifier::load_parameters(const NamedTensors& values) {
   if (!given.empty()) throw Error("classifier: unexpected parameter '" + given.begin()->first + "'");
 }
 
-void MlpClassifier::set_trainable(bool trainable) {
+void Classifier::set_trainable(bool trainable) {
   for (auto& [name, p] : named_parameters()) p.set_requires_grad(trainable);
 }
 

@@ -7,9 +7,11 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
 #include <map>
 #include <optional>
+#include <type_traits>
 
 namespace tilt {
 

@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
+
 namespace tilt {
 
 ClassifierTraining::ClassifierTraining(std::shared_ptr<MlpClassifier> classifier, ImageDataset train,
@@ -45,7 +47,14 @@ LossOutput ClassifierTraining::compute(Generator& gen) {
 double classifier_accuracy(const MlpClassifier& classifier, const Tensor& images, const Tensor& labels) {
   at::NoGradGuard no_grad;
   if (images.size(0) == 0) return 0.0;
-  return (classifier.logits(images).argmax(1) == labels).to(at::kDouble).mean().item<double>();
+  // In chunks: a cnn's first feature maps of 54000 Fashion-MNIST images at once would take 5 GB.
+  constexpr int64_t kChunk = 1000;
+  int64_t correct = 0;
+  for (int64_t at = 0; at < images.size(0); at += kChunk) {
+    const int64_t n = std::min(kChunk, images.size(0) - at);
+    correct += (classifier.logits(images.narrow(0, at, n)).argmax(1) == labels.narrow(0, at, n)).sum().item<int64_t>();
+  }
+  return static_cast<double>(correct) / static_cast<double>(images.size(0));
 }
 
 }  // namespace tilt

@@ -1,4 +1,5 @@
-// Damaged files and files holding bad values: truncated or corrupt gzip data, CSV values outside
+// Damaged files and files holding bad values: truncated or corrupt gzip data, idx image files
+// (Fashion-MNIST) with bad headers or data, CSV values outside
 // float32's range, model and classifier files with non-finite, overflowing or mis-shaped tensors,
 // TorchScript modules whose forward raises, and TorchScript rewards without a gradient. Each must be a
 // tilt::Error that names the file (include/tilt/core/error.h), never a NaN result with success.
@@ -16,6 +17,10 @@
 #include "tilt/model/torchscript.h"
 #include "tilt/model/unet.h"
 
+#include "tilt/io/config.h"
+#include "tilt/io/run.h"
+#include "tilt/io/training.h"
+
 #include "io/archive.h"  // writes model files with chosen metadata and tensors
 
 #include "../support/checks.h"
@@ -28,10 +33,12 @@
 #include <zlib.h>
 
 #include <cmath>
+#include <cstdint>
 #include <filesystem>
 #include <limits>
 #include <map>
 #include <string>
+#include <vector>
 
 namespace tilt {
 namespace {
@@ -369,6 +376,130 @@ TEST(ModelFiles, WeightsThatOverflowFloat32AreRefusedByAProbe) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// idx files (Fashion-MNIST)
+
+uint32_t be(uint32_t v) { return ((v >> 24) & 0xff) | ((v >> 8) & 0xff00) | ((v << 8) & 0xff0000) | (v << 24); }
+
+// An idx file: the magic number, the dimensions (big-endian), then `data`, gzip-compressed.
+void write_idx(const std::string& path, uint32_t magic, const std::vector<uint32_t>& dims, const std::string& data) {
+  std::string bytes;
+  std::vector<uint32_t> header{magic};
+  header.insert(header.end(), dims.begin(), dims.end());
+  for (uint32_t v : header) {
+    const uint32_t big = be(v);
+    bytes.append(reinterpret_cast<const char*>(&big), 4);
+  }
+  bytes += data;
+  gzFile f = gzopen(path.c_str(), "wb");
+  ASSERT_NE(f, nullptr);
+  ASSERT_EQ(gzwrite(f, bytes.data(), static_cast<unsigned>(bytes.size())), static_cast<int>(bytes.size()));
+  ASSERT_EQ(gzclose(f), Z_OK);
+}
+
+std::string bytes_of(const std::vector<int>& values) {
+  std::string s;
+  for (int v : values) s.push_back(static_cast<char>(v));
+  return s;
+}
+
+// Three 2x3 images and their labels, read back exactly (p / 127.5 - 1, row-major); `limit` keeps the first.
+TEST(IdxData, TinyFilesReadBackExactly) {
+  TempDir dir;
+  const std::vector<int> pixels{0, 255, 1, 2, 3, 4, 10, 20, 30, 40, 50, 60, 128, 127, 200, 100, 99, 254};
+  const std::string images = dir.file("images.gz"), labels = dir.file("labels.gz");
+  write_idx(images, 0x803, {3, 2, 3}, bytes_of(pixels));
+  write_idx(labels, 0x801, {3}, bytes_of({0, 9, 4}));
+  const ImageDataset d = load_idx(images, labels, 10);
+  EXPECT_EQ(d.size(), 3);
+  EXPECT_EQ(d.height, 2);
+  EXPECT_EQ(d.width, 3);
+  EXPECT_EQ(d.classes, 10);
+  ASSERT_EQ(d.images.sizes(), (std::vector<int64_t>{3, 6}));
+  EXPECT_EQ(d.images.scalar_type(), at::kFloat);
+  for (int64_t i = 0; i < 18; ++i) {
+    EXPECT_EQ(d.images.view(-1)[i].item<float>(), static_cast<float>(pixels[i] / 127.5 - 1.0)) << i;
+  }
+  EXPECT_EQ(d.images.min().item<float>(), -1.0f);
+  EXPECT_EQ(d.images.max().item<float>(), 1.0f);
+  EXPECT_EQ(d.labels.scalar_type(), at::kLong);
+  EXPECT_EQ(d.labels[0].item<int64_t>(), 0);
+  EXPECT_EQ(d.labels[1].item<int64_t>(), 9);
+  EXPECT_EQ(d.labels[2].item<int64_t>(), 4);
+  const ImageDataset first = load_idx(images, labels, 10, 2);
+  EXPECT_EQ(first.size(), 2);
+  EXPECT_TRUE(at::equal(first.images, d.images.narrow(0, 0, 2)));
+  EXPECT_TRUE(at::equal(load_idx(images, labels, 10, 7).images, d.images));  // a limit beyond the count keeps all
+}
+
+TEST(IdxData, DamagedFilesAreErrorsNamingTheFile) {
+  TempDir dir;
+  const std::string images = dir.file("images.gz"), labels = dir.file("labels.gz");
+  const std::string good_pixels(3 * 4 * 4, '\x10');
+  write_idx(labels, 0x801, {3}, bytes_of({1, 2, 3}));
+  const auto expect_image_error = [&](uint32_t magic, const std::vector<uint32_t>& dims, const std::string& data,
+                                      const std::string& why) {
+    write_idx(images, magic, dims, data);
+    const std::string msg = error_of([&] { load_idx(images, labels, 10); });
+    expect_contains(msg, "data file '" + images + "'");
+    expect_contains(msg, why);
+  };
+  expect_image_error(0x801, {3, 4, 4}, good_pixels, "bad magic number 0x00000801, expected 0x00000803");
+  expect_image_error(0x803, {3, 0, 4}, "", "dimension 1 is 0");
+  expect_image_error(0x803, {3, 4, 4}, good_pixels.substr(1), "truncated");
+  expect_image_error(0x803, {3, 4}, "", "truncated: the header needs 16 bytes");
+  expect_image_error(0x803, {3, 4, 4}, good_pixels + "x", "1 bytes follow");
+  write_idx(images, 0x803, {3, 4, 4}, good_pixels);
+  EXPECT_EQ(load_idx(images, labels, 10).size(), 3);
+  // The labels: a count that differs from the images', a label out of range, a truncated file, a missing one.
+  write_idx(labels, 0x801, {2}, bytes_of({1, 2}));
+  expect_contains(error_of([&] { load_idx(images, labels, 10); }),
+                  "data file '" + labels + "' holds 2 labels, but '" + images + "' holds 3 images");
+  write_idx(labels, 0x801, {3}, bytes_of({1, 10, 3}));
+  expect_contains(error_of([&] { load_idx(images, labels, 10); }), "data file '" + labels + "': label 1 is 10, outside 0..9");
+  write_idx(labels, 0x801, {3}, bytes_of({1, 2}));
+  expect_contains(error_of([&] { load_idx(images, labels, 10); }), "data file '" + labels + "' (labels): truncated");
+  expect_contains(error_of([&] { load_idx(images, dir.file("none.gz"), 10); }),
+                  "cannot read data file '" + dir.file("none.gz") + "': no such file");
+  // A directory of 4x4 images is not Fashion-MNIST; a missing directory says how to install it.
+  write_idx(labels, 0x801, {3}, bytes_of({1, 2, 3}));
+  std::filesystem::rename(images, dir.file("train-images-idx3-ubyte.gz"));
+  std::filesystem::rename(labels, dir.file("train-labels-idx1-ubyte.gz"));
+  expect_contains(error_of([&] { load_fashion_mnist(dir.file("")); }), "holds 4 x 4 images; Fashion-MNIST's are 28 x 28");
+  expect_contains(error_of([&] { load_fashion_mnist(dir.file("missing")); }), "run scripts/setup.sh");
+  Config config(Json{{"data", {{"type", "fashion_mnist"}, {"path", dir.file("missing")}}}}, "test");
+  ConfigSection root = config.root();
+  expect_contains(error_of([&] { read_image_data(root); }), "install the Debian package dataset-fashion-mnist");
+}
+
+// The real files (scripts/setup.sh installs them): 60000 training images, 6000 of each class, pixels in [-1, 1];
+// [data] type = "fashion_mnist" reads them (limit: the first n) and [classifier] architecture = "cnn" takes
+// their 28 x 28 shape.
+TEST(IdxData, TheRealFashionMnistTrainingSet) {
+  if (!file_exists(kFashionMnistDir)) GTEST_SKIP() << kFashionMnistDir << " is missing: run scripts/setup.sh";
+  const ImageDataset d = load_fashion_mnist();
+  EXPECT_EQ(d.size(), 60000);
+  EXPECT_EQ(d.dim(), 784);
+  EXPECT_EQ(d.classes, 10);
+  const Tensor counts = at::bincount(d.labels, {}, 10);
+  for (int64_t k = 0; k < 10; ++k) EXPECT_EQ(counts[k].item<int64_t>(), 6000) << "class " << k;
+  EXPECT_EQ(d.images.min().item<float>(), -1.0f);
+  EXPECT_EQ(d.images.max().item<float>(), 1.0f);
+  EXPECT_EQ(load_fashion_mnist(kFashionMnistDir, "t10k").size(), 10000);
+  Config config(Json{{"data", {{"type", "fashion_mnist"}, {"limit", 500}}},
+                     {"classifier", {{"architecture", "cnn"}, {"channels", {8, 16}}}}}, "test");
+  ConfigSection root = config.root();
+  const ClassifierPlan plan = read_classifier(root);
+  EXPECT_EQ(plan.data.size(), 500);
+  EXPECT_TRUE(at::equal(plan.data.images, d.images.narrow(0, 0, 500)));
+  EXPECT_EQ(plan.holdout, 0.1);
+  EXPECT_EQ(plan.classifier.architecture, "cnn");
+  EXPECT_EQ(plan.classifier.height, 28);
+  EXPECT_EQ(plan.classifier.width, 28);
+  EXPECT_EQ(plan.classifier.channels, (std::vector<int64_t>{8, 16}));
+  EXPECT_EQ(plan.classifier.hidden, (std::vector<int64_t>{128}));
+}
+
+// ---------------------------------------------------------------------------------------------
 // Classifier files
 
 Json classifier_meta(const ClassifierOptions& o) {
@@ -455,9 +586,9 @@ TEST(ClassifierFiles, TheActivationRoundTripsAndChangesTheNetwork) {
   meta.erase("activation");
   archive::write(path, meta, t);
   expect_contains(error_of([&] { load_classifier(path); }), "classifier file '" + path + "'");
-  meta["version"] = 3;
+  meta["version"] = 4;
   archive::write(path, meta, t);
-  expect_contains(error_of([&] { load_classifier(path); }), "this tilt reads versions 1 to 2");
+  expect_contains(error_of([&] { load_classifier(path); }), "this tilt reads versions 1 to 3");
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -468,6 +599,83 @@ torch::jit::Module make_module(const std::string& source, int64_t dim = 0) {
   if (dim > 0) m.register_attribute("dim", c10::IntType::get(), dim);
   m.define(source);
   return m;
+}
+
+// A cnn classifier is written as version 3 (the architecture, image shape and channels) and loads with the
+// same logits; version 1 files (an MLP, no architecture) still load; metadata that does not fit is refused.
+TEST(ClassifierFiles, ACnnRoundTripsAndMismatchesAreRefused) {
+  TempDir dir;
+  ClassifierOptions o;
+  o.architecture = "cnn";
+  o.dim = 48;
+  o.height = 8;
+  o.width = 6;
+  o.channels = {3, 4};
+  o.hidden = {5};
+  o.classes = 3;
+  const MlpClassifier c(o, 4);
+  const std::string path = dir.file("cnn.pt");
+  save_classifier(c, path);
+  const archive::Contents contents = archive::read(path, "classifier file", "tilt-classifier", 3, 1);
+  EXPECT_EQ(contents.meta["version"], 3);
+  EXPECT_EQ(contents.meta["architecture"], "cnn");
+  EXPECT_EQ(contents.meta["channels"], Json({3, 4}));
+  const LoadedClassifier loaded = load_classifier(path);
+  EXPECT_EQ(loaded.classifier->options().architecture, "cnn");
+  EXPECT_EQ(loaded.classifier->options().height, 8);
+  const Tensor x = at::rand({5, 48}, make_generator(1)) * 2 - 1;
+  EXPECT_TRUE(at::equal(loaded.classifier->logits(x), c.logits(x)));
+  EXPECT_TRUE(at::equal(loaded.classifier->features(x), c.features(x)));
+  EXPECT_EQ(c.features(x).size(1), 5);
+  archive::TensorMap t;
+  for (const auto& [name, value] : c.named_parameters()) t[name] = value.detach().clone();
+  EXPECT_EQ(t.at("conv.0.weight").sizes(), (std::vector<int64_t>{3, 1, 3, 3}));
+  EXPECT_EQ(t.at("body.0.weight").sizes(), (std::vector<int64_t>{5, 4 * 2 * 1}));
+  const auto expect_refused = [&](const Json& meta, const std::string& why) {
+    archive::write(path, meta, t);
+    const std::string msg = error_of([&] { load_classifier(path); });
+    expect_contains(msg, "classifier file '" + path + "'");
+    expect_contains(msg, why);
+  };
+  Json meta = contents.meta;
+  meta["channels"] = {3, 7};
+  expect_refused(meta, "tensor 'conv.3.weight' must be [7, 3, 3, 3], got [4, 3, 3, 3]");
+  meta = contents.meta;
+  meta["height"] = 12;  // 12 x 4 pools to 3 x 1, 8 x 6 to 2 x 1
+  meta["width"] = 4;
+  expect_refused(meta, "tensor 'body.0.weight' must be [5, 12], got [5, 8]");
+  meta = contents.meta;
+  meta["height"] = 7;
+  expect_refused(meta, "a cnn needs height * width = dim (48), got height 7 and width 6");
+  meta = contents.meta;
+  meta["architecture"] = "resnet";
+  expect_refused(meta, "unknown architecture \"resnet\"");
+  meta = contents.meta;
+  meta.erase("channels");
+  expect_refused(meta, "malformed metadata");
+  // The same tensors as an old MLP file: refused by the shapes, never run as an MLP.
+  expect_refused(classifier_meta(o), "tensor 'body.0.weight' must be [5, 48]");
+  // A version 1 file (written before architectures) is an MLP.
+  ClassifierOptions m;
+  m.dim = 4;
+  m.hidden = {6};
+  m.classes = 3;
+  const MlpClassifier mlp(m, 2);
+  archive::TensorMap mt;
+  for (const auto& [name, value] : mlp.named_parameters()) mt[name] = value.detach().clone();
+  archive::write(path, classifier_meta(m), mt);
+  const LoadedClassifier old = load_classifier(path);
+  EXPECT_EQ(old.classifier->options().architecture, "mlp");
+  const Tensor y = at::randn({3, 4}, make_generator(2));
+  EXPECT_TRUE(at::equal(old.classifier->logits(y), mlp.logits(y)));
+  // Options that do not fit are refused when the network is built.
+  o.height = 7;
+  expect_contains(error_of([&] { MlpClassifier bad(o, 0); }), "height * width = dim");
+  o.height = 8;
+  o.channels = {3, 4, 5, 6};
+  expect_contains(error_of([&] { MlpClassifier bad(o, 0); }), "below 1 pixel");
+  o.architecture = "vit";
+  expect_contains(error_of([&] { MlpClassifier bad(o, 0); }), "architecture must be \"mlp\" or \"cnn\"");
 }
 
 TEST(TorchScriptFiles, AForwardThatRaisesKeepsTheModulesMessageAndNamesTheFile) {

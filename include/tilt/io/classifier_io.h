@@ -23,7 +23,7 @@ struct LoadedClassifier {
 LoadedClassifier load_classifier(const std::string& path);
 
 /// What `tilt eval-images` measures generated images against: the real images of the target class of
-/// a classifier reward ([data] type "digits"; [reward] type "classifier": path, class, lambda).
+/// a classifier reward ([data] type "digits" or "fashion_mnist"; [reward] type "classifier": path, class, lambda).
 /// class = "condition" (by_condition): each sample is scored at its own class, the one-hot condition of
 /// its row (the columns c0, c1, ... of a conditional model's samples; docs/conditions.md).
 struct ImageEvaluation {

@@ -57,9 +57,15 @@ int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group);
 /// *shift; with shift null such a [data] is refused, naming the key.
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root, Tensor* shift = nullptr);
 
-/// The labelled images of [data] when it is an image data set (type = "digits"; path, default
-/// data/digits/digits.csv.gz); nullopt for mixtures and CSV samples.
-/// *holdout receives the share of each class that `tilt classifier` holds out for testing.
+/// Whether [data] type names a labelled image data set: "digits" or "fashion_mnist".
+bool is_image_data_type(const std::string& type);
+
+/// The labelled images of [data] when it is an image data set (type = "digits": path, default
+/// data/digits/digits.csv.gz; type = "fashion_mnist": path, the directory, default
+/// /usr/share/datasets/fashion-mnist, its training set), limit > 0 keeping the first `limit` images;
+/// nullopt for mixtures and CSV samples.
+/// *holdout receives the share of each class that `tilt classifier` holds out for testing (default 0.2
+/// for digits, 0.1 for Fashion-MNIST).
 std::optional<ImageDataset> read_image_data(ConfigSection& root, double* holdout = nullptr);
 
 /// The base model of [base]: "exact" (the Gaussian-mixture velocity of [data], conditional when [data]

@@ -38,7 +38,7 @@ struct PretrainPlan {
   FlowMatchingOptions flow_matching;
   TrainerOptions trainer;       ///< 5000 iterations, lr 1e-3, cosine decay by default
 };
-/// [schedule], [data] (a mixture, "csv" samples or "digits" images), [conditions] if given (a mixture
+/// [schedule], [data] (a mixture, "csv" samples, or "digits" or "fashion_mnist" images), [conditions] if given (a mixture
 /// with shift and conditions train/file, or the digits with classes = their number of classes) and
 /// [pretrain] (condition_dropout only with [conditions]), each finished.
 PretrainPlan read_pretrain(ConfigSection& root);
@@ -54,7 +54,7 @@ struct ClassifierPlan {
   ClassifierTrainingOptions training;
   TrainerOptions trainer;  ///< 3000 iterations, lr 1e-3, cosine decay by default
 };
-/// [data] (type "digits") and [classifier], each finished.
+/// [data] (type "digits" or "fashion_mnist") and [classifier], each finished.
 ClassifierPlan read_classifier(ConfigSection& root);
 
 }  // namespace tilt

@@ -1,4 +1,5 @@
-// An image classifier p(c | x) (a multilayer perceptron, SiLU activations by default), and the reward
+// An image classifier p(c | x) (a multilayer perceptron, or a small convolutional network; SiLU
+// activations by default), and the reward
 // built from it: r(x) = log p(c | x) for a chosen class c. With lambda = 1 the tilted target
 // p_base(x) p(c | x)^lambda / Z is then the base model's class-conditional law p_base(x | c): reward
 // fine-tuning as conditional sampling (issue 4; Adjoint Matching, Sec. 6 uses classifier-free
@@ -10,24 +11,38 @@
 
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace tilt {
 
 struct ClassifierOptions {
-  int64_t dim = 64;                       ///< input dimension
-  std::vector<int64_t> hidden{256, 256};  ///< hidden widths
+  /// "mlp": fully connected layers of widths `hidden` on the flat input. "cnn": the input, a
+  /// height x width single-channel image, goes through one block per entry of `channels` (a 3x3
+  /// convolution with that many output channels, padding 1, the activation, a 2x2 average pool),
+  /// then is flattened into the fully connected layers of widths `hidden`.
+  std::string architecture = "mlp";
+  int64_t dim = 64;                       ///< input dimension (height * width for "cnn")
+  std::vector<int64_t> hidden{256, 256};  ///< widths of the fully connected hidden layers
   int64_t classes = 10;
-  /// After each hidden layer: "silu", "relu" or "tanh" (another architecture, e.g. for an unseen
-  /// reward that scores samples without having shaped them).
+  /// After each hidden layer and convolution: "silu", "relu" or "tanh" (another architecture, e.g.
+  /// for an unseen reward that scores samples without having shaped them).
   std::string activation = "silu";
+  int64_t height = 0, width = 0;          ///< "cnn": the image's shape (row-major pixels in x)
+  std::vector<int64_t> channels{32, 64};  ///< "cnn": output channels of the convolution blocks
 };
 
-class MlpClassifier {
+/// The parameters' names and shapes for `options` (conv.<3i> = the convolutions of "cnn",
+/// body.<2i> = the hidden layers, head), computed without building the network; throws tilt::Error
+/// naming the bad option when the options are inconsistent.
+std::vector<std::pair<std::string, std::vector<int64_t>>> classifier_parameter_shapes(const ClassifierOptions& options);
+
+class Classifier {
  public:
   /// Initialises the weights from `seed` (PyTorch's default uniform(+-1/sqrt(fan_in)) law).
-  MlpClassifier(const ClassifierOptions& options, uint64_t seed);
-  ~MlpClassifier();
+  /// Throws tilt::Error for inconsistent options (e.g. a "cnn" whose height * width is not dim).
+  Classifier(const ClassifierOptions& options, uint64_t seed);
+  ~Classifier();
 
   /// Logits [B, classes] for x [B, dim]; differentiable in x and the parameters.
   Tensor logits(const Tensor& x) const;
@@ -36,6 +51,8 @@ class MlpClassifier {
   /// The last hidden layer's activations, [B, hidden.back()]: the feature space of the Frechet
   /// distance (eval/image_metrics.h).
   Tensor features(const Tensor& x) const;
+  /// Casts the parameters to float64 (inputs must then be float64): for finite-difference checks.
+  void to_float64();
 
   std::vector<Tensor> parameters() const;
   NamedTensors named_parameters() const;
@@ -50,7 +67,10 @@ class MlpClassifier {
   std::unique_ptr<Impl> impl_;
 };
 
-using ClassifierPtr = std::shared_ptr<const MlpClassifier>;
+/// The name the classifier had when it was only a multilayer perceptron.
+using MlpClassifier = Classifier;
+
+using ClassifierPtr = std::shared_ptr<const Classifier>;
 
 /// r(x) = log p(c | x) (the classifier is frozen). No closed-form tilt.
 class ClassifierReward : public Reward {

@@ -3,7 +3,8 @@
 +- standard error over the replicates), its training time and its field's error relative to the tilt's size at a
 few times; the exact field's ratios (the samplers' own error) once per problem. With `tilt_ode_gap --grad-variance M`
 (GRAD_VARIANCE=M in the study), also the variance of each method's minibatch gradient at the final parameters: the
-trace of the covariance over M minibatches and its ratio to the squared norm of their mean. A second folder (argument
+trace of the covariance over M minibatches, and |mean|^2 / (trace / M): about 1 when the mean of the M gradients is
+pure noise (the run sits at a stationary point, within the noise), >> 1 when a systematic gradient remains. A second folder (argument
 2) supplies that column from other runs of the same training (same seed and budget) where the first lacks it."""
 import glob, json, os, re, sys
 
@@ -41,8 +42,9 @@ def main(folder, grad_folder=None):
           "training only, one thread, on a shared 2-core machine.%s\n" % (reps, (
           " Gradient variance: tr Cov of the method's minibatch gradient (batch 256) over M independent minibatches "
           "at the final parameters (raw, in the loss's own units, so comparable only within a method), and "
-          "noise/signal = that trace over |mean gradient|^2 (`tilt_ode_gap --grad-variance M`; - where not "
-          "measured).") if has_grad else ""))
+          "|mean|^2 / (tr Cov / M): about 1 when the mean of the M gradients is only their noise (a stationary "
+          "point within the noise), >> 1 when a systematic gradient remains (`tilt_ode_gap --grad-variance M`; - "
+          "where not measured).") if has_grad else ""))
     fmt = lambda r: "%.2f ± %.2f" % (r[0], r[1])
     for seed, dim in sorted({(s, d) for s, d, _ in runs}):
         rows = [(m, runs[(seed, dim, m)]) for m in METHODS if (seed, dim, m) in runs]
@@ -52,13 +54,13 @@ def main(folder, grad_folder=None):
         else:
             print("## Seed %d, d = %d, %s reward\n" % (seed, dim, j0["problem"]["reward"]))
         print("Exact field: SDE %s, ODE %s.\n" % (fmt(j0["exact_field"]["sde"]), fmt(j0["exact_field"]["ode"])))
-        grad_head = " grad tr Cov | noise/signal |" if has_grad else ""
+        grad_head = " grad tr Cov | mean^2 / (tr Cov / M) |" if has_grad else ""
         print("| method | SDE / floor | ODE / floor | train s | " + " | ".join("rel. err. t=%g" % t for t in TIMES) + " |" + grad_head)
         print("|" + "---|" * (4 + len(TIMES) + (2 if has_grad else 0)))
         for m, j in rows:
             err = {round(v["t"], 2): v["relative"] for v in j["velocity_error"]}
             g = j.get("gradient_variance")
-            grad = (" %.3g | %.3g |" % (g["trace_covariance"], g["noise_to_signal"]) if g else " - | - |") if has_grad else ""
+            grad = (" %.3g | %.2f |" % (g["trace_covariance"], g["minibatches"] / g["noise_to_signal"]) if g else " - | - |") if has_grad else ""
             print("| %s | %s | %s | %.0f | %s |%s" % (LABELS.get(m, m), fmt(j["model"]["sde"]), fmt(j["model"]["ode"]),
                   j["train_seconds"], " | ".join("%.3f" % err[t] for t in TIMES), grad))
         print()

@@ -299,6 +299,7 @@ int main(int argc, char** argv) try {
     atomic_write(out + ".json", j.dump(1) + "\n");
     return 0;
   }
+  if (grad_var == 1 || grad_var < 0) throw Error("--grad-variance must be 0 or >= 2, got " + std::to_string(grad_var));
   if (target != "am" && target != "exact") throw Error("--target must be am or exact, got '" + target + "'");
   const std::unique_ptr<Loss> loss =
       target == "exact" ? std::make_unique<ExactTargetLoss>(model, s.exact, s.plan.batch_size, s.plan.num_steps, 30)
@@ -308,7 +309,6 @@ int main(int argc, char** argv) try {
   const auto start = std::chrono::steady_clock::now();
   if (s.iterations > 0) Trainer(*loss, t).run();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  if (grad_var == 1 || grad_var < 0) throw Error("--grad-variance must be 0 or >= 2, got " + std::to_string(grad_var));
   // Before measure(), which does not touch the loss: the gradients at the final parameters.
   const Json gv = grad_var > 0 ? gradient_variance(*loss, s.iterations, grad_var, mix_seed(t.seed, 0x67726164)) : Json();
   Json j = measure(s, model, floor);

@@ -12,11 +12,13 @@
 //   --target exact       regress onto the exact v* at the rollouts' states instead of the method's target: what
 //                        the network and the optimiser reach without the target's noise;
 //   --adjoint-stats N    train nothing; the statistics of Adjoint Matching's target at the optimum over N
-//                        continuations of 16 states per time: bias, variance, tail (docs/equations.md, E106).
+//                        continuations of 16 states per time: bias, variance, tail (docs/equations.md, E106);
+//   --grad-variance M    after training, M independent minibatch gradients of the method's loss at the final
+//                        parameters: the trace of their covariance, the squared norm of their mean and the ratio.
 //
 //   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--replicates R]
 //                [--score-steps K] [--hybrids 0|1] [--metrics PATH] [--target am|exact] [--adjoint-stats N]
-//                [--out PREFIX] [--set KEY=VALUE]...
+//                [--grad-variance M] [--out PREFIX] [--set KEY=VALUE]...
 #include "adjoint_target.h"
 #include "exact_scores.h"
 #include "tilted_mixture.h"
@@ -224,17 +226,48 @@ Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
   return out;
 }
 
+// The variance of the method's minibatch gradient at the final parameters: M gradients of loss.compute() (the
+// trainer's batch, the iteration after the last), each from its own generator, flattened over parameters(). Returns
+// the trace of their covariance (unbiased over the M), the squared norm of their mean, and the ratio of the two (the
+// noise-to-signal ratio: > 1 means a minibatch gradient is mostly noise).
+Json gradient_variance(Loss& loss, int64_t iteration, int64_t M, uint64_t seed) {
+  std::vector<Tensor> grads;
+  const std::vector<Tensor> params = loss.parameters();
+  loss.begin_iteration(iteration);
+  for (int64_t m = 0; m < M; ++m) {
+    for (const Tensor& p : params) {
+      if (p.grad().defined()) p.mutable_grad().zero_();
+    }
+    Generator gen = make_generator(mix_seed(seed, static_cast<uint64_t>(m)));
+    loss.compute(gen).loss.backward();
+    std::vector<Tensor> flat;
+    for (const Tensor& p : params) {
+      flat.push_back(p.grad().defined() ? p.grad().detach().to(at::kDouble).flatten() : at::zeros({p.numel()}, at::kDouble));
+    }
+    grads.push_back(at::cat(flat));
+  }
+  for (const Tensor& p : params) {
+    if (p.grad().defined()) p.mutable_grad().zero_();
+  }
+  const Tensor G = at::stack(grads);  // [M, P]
+  const Tensor mean = G.mean(0);
+  const double trace = (G - mean).pow(2).sum().item<double>() / static_cast<double>(M - 1);
+  const double mean2 = mean.pow(2).sum().item<double>();
+  return {{"minibatches", M}, {"trace_covariance", trace}, {"mean_gradient_norm2", mean2},
+          {"noise_to_signal", trace / mean2}};
+}
+
 }  // namespace
 
 int main(int argc, char** argv) try {
   if (argc < 2) {
     throw Error("usage: tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--out PREFIX] "
                 "[--replicates R] [--score-steps K] [--hybrids 0|1] [--metrics PATH] [--target am|exact] "
-                "[--adjoint-stats PATHS] [--set KEY=VALUE]...");
+                "[--adjoint-stats PATHS] [--grad-variance M] [--set KEY=VALUE]...");
   }
   at::set_num_threads(1);
   std::vector<std::string> sets;
-  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, replicates = 10, score_steps = 0, stats = 0;
+  int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, replicates = 10, score_steps = 0, stats = 0, grad_var = 0;
   bool hybrids = true;
   std::string out = "ode_gap", metrics, target = "am";
   for (int i = 2; i + 1 < argc; i += 2) {
@@ -251,6 +284,7 @@ int main(int argc, char** argv) try {
     else if (flag == "--metrics") metrics = value;
     else if (flag == "--target") target = value;
     else if (flag == "--adjoint-stats") stats = std::stoll(value);
+    else if (flag == "--grad-variance") grad_var = std::stoll(value);
     else throw Error("unknown option '" + flag + "'");
   }
   Study s = read_study(argv[1], sets, seed, dim);
@@ -265,6 +299,7 @@ int main(int argc, char** argv) try {
     atomic_write(out + ".json", j.dump(1) + "\n");
     return 0;
   }
+  if (grad_var == 1 || grad_var < 0) throw Error("--grad-variance must be 0 or >= 2, got " + std::to_string(grad_var));
   if (target != "am" && target != "exact") throw Error("--target must be am or exact, got '" + target + "'");
   const std::unique_ptr<Loss> loss =
       target == "exact" ? std::make_unique<ExactTargetLoss>(model, s.exact, s.plan.batch_size, s.plan.num_steps, 30)
@@ -274,7 +309,10 @@ int main(int argc, char** argv) try {
   const auto start = std::chrono::steady_clock::now();
   if (s.iterations > 0) Trainer(*loss, t).run();
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  // Before measure(), which does not touch the loss: the gradients at the final parameters.
+  const Json gv = grad_var > 0 ? gradient_variance(*loss, s.iterations, grad_var, mix_seed(t.seed, 0x67726164)) : Json();
   Json j = measure(s, model, floor);
+  if (grad_var > 0) j["gradient_variance"] = gv;
   j["problem"] = s.problem, j["iterations"] = s.iterations, j["train_seconds"] = seconds, j["sets"] = sets;
   j["replicates"] = s.replicates, j["samples"] = s.samples, j["target"] = target;
   std::cout << j.dump() << std::endl;

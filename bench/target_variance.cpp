@@ -5,9 +5,11 @@
 //   relative variance(t) = E_{x_t ~ p*_t} Var[D | x_t] / E_{x_t ~ p*_t} |v* - v_base|^2(x_t).
 // TSM, DSM, NSM: D = D(X_1, X_0, t) with X_1 ~ p*(X_1 | X_t = x_t) (a Gaussian mixture in closed form) and
 // X_0 = (x_t - alpha_t X_1) / beta_t. AM: D = -eta_t a~_t over continuations of the exact tilted SDE from x_t.
+// Beside it, the trace of the covariance of each loss's per-sample stochastic gradient at the optimum (E122), for the
+// parametrisation v = v* + W phi(x_t), phi = (1, x_t), at W = 0: 4 E[|phi(x_t)|^2 tr Var[D | x_t]], over the same draws.
 // The fitted rates: slopes of log variance against log t over the three earliest times and against log(1 - t) over
-// the three latest. --check: the Monte Carlo DSM variance against its closed form for a Gaussian base and a linear
-// reward (exit 1 when they differ by more than 4 standard errors).
+// the three latest. --check: the Monte Carlo DSM variance and gradient variance against their closed forms for a
+// Gaussian base and a linear reward (exit 1 when either differs by more than 4 standard errors).
 //
 //   tilt_target_variance CONFIG [--random SEED --dim D] [--states N] [--draws M] [--steps K] [--seed S]
 //                        [--check 0|1] [--out PREFIX] [--plot PATH] [--set KEY=VALUE]...
@@ -86,14 +88,19 @@ Tensor posterior_draws(const GaussianMixture& q, const Tensor& x, double alpha, 
 
 struct Estimate {
   double variance = 0, standard_error = 0;  // E Var[D | x_t] and its Monte Carlo standard error over the states
+  double gradient = 0, gradient_error = 0;  // E122: tr Cov of the per-sample gradient and its standard error
 };
 
 // Per state the unbiased sample variance of its M targets D [n, M, d] (summed over coordinates), then the mean and
-// standard error over the n states.
-Estimate conditional_variance(const Tensor& D) {
+// standard error over the n states. With the states x [n, d], also E122's trace of the per-sample gradient covariance
+// at the optimum of the parametrisation v = v* + W phi(x), phi(x) = (1, x): 4 E[|phi(x_t)|^2 tr Var[D | x_t]].
+Estimate conditional_variance(const Tensor& D, const Tensor& x) {
   const int64_t n = D.size(0), M = D.size(1);
   const Tensor v = (D - D.mean(1, true)).pow(2).sum({1, 2}).to(at::kDouble) / static_cast<double>(M - 1);  // [n]
-  return {v.mean().item<double>(), v.std().item<double>() / std::sqrt(static_cast<double>(n))};
+  const Tensor g = 4.0 * (1.0 + x.to(at::kDouble).pow(2).sum(1)) * v;                                        // [n]
+  const double root_n = std::sqrt(static_cast<double>(n));
+  return {v.mean().item<double>(), v.std().item<double>() / root_n, g.mean().item<double>(),
+          g.std().item<double>() / root_n};
 }
 
 // States x_t ~ p*_t: alpha X_1 + beta X_0, X_1 ~ p*.
@@ -131,8 +138,8 @@ Json slope(const std::vector<double>& x, const std::vector<double>& y) {
 // E118's check: a Gaussian base N(mu, Sigma) tilted by a linear reward a.x is N(mu + lambda Sigma a, Sigma), so
 // X_1 | X_t = x has the covariance Sigma_post = (Sigma^{-1} + (alpha/beta)^2 I)^{-1}, and DSM's target
 // D = alpha' X_1 + beta' X_0 - v_base with X_0 = (x - alpha X_1)/beta has Var[D | x] = (alpha' - beta' alpha/beta)^2
-// tr Sigma_post. Returns false when a Monte Carlo estimate (256 states, 1024 draws each) misses it by more than 4
-// standard errors.
+// tr Sigma_post, and E122's gradient variance is that times 4 E|phi(x_t)|^2. Returns false when a Monte Carlo estimate
+// (256 states, 1024 draws each) misses either by more than 4 standard errors.
 bool check_dsm(const SchedulePtr& schedule, Json* out) {
   const int64_t states = 256, draws = 1024;  // se ~0.2% of the variance: a 2% error fails
   Problem p;
@@ -154,14 +161,23 @@ bool check_dsm(const SchedulePtr& schedule, Json* out) {
     const double c = ab.d_alpha - ab.d_beta * ab.alpha / ab.beta;
     const Tensor post = at::linalg_inv(at::linalg_inv(Sigma) + std::pow(ab.alpha / ab.beta, 2) * at::eye(2, at::kDouble));
     const double exact = c * c * post.trace().item<double>();
-    const Estimate e = conditional_variance(score_targets(p, ScoreTarget::denoising, tilted_states(p, t, states, gen), t, draws, gen));
+    // E122: x_t ~ N(alpha mu*, alpha^2 Sigma + beta^2 I), so E|phi(x_t)|^2 = 1 + alpha^2 (|mu*|^2 + tr Sigma) + beta^2 d
+    // and the gradient's trace is 4 E|phi|^2 times the (constant) conditional variance.
+    const double mu2 = p.target->means().pow(2).sum().item<double>();
+    const double phi2 = 1 + ab.alpha * ab.alpha * (mu2 + Sigma.trace().item<double>()) + 2 * ab.beta * ab.beta;  // d = 2
+    const double exact_gradient = 4 * phi2 * exact;
+    const Tensor x = tilted_states(p, t, states, gen);
+    const Estimate e = conditional_variance(score_targets(p, ScoreTarget::denoising, x, t, draws, gen), x);
     // Var[D | x] does not depend on x here, so the per-state estimates are independent draws of one number and
     // their spread over the states is the estimate's standard error.
     const double se = e.standard_error;
     const bool pass = std::abs(e.variance - exact) <= 4 * se;
-    ok = ok && pass;
-    rows.push_back({{"t", t}, {"monte_carlo", e.variance}, {"standard_error", se},
-                    {"closed_form", exact}, {"pass", pass}});
+    // The gradient's per-state values vary with |x_t|^2, so their spread is its standard error.
+    const bool gradient_pass = std::abs(e.gradient - exact_gradient) <= 4 * e.gradient_error;
+    ok = ok && pass && gradient_pass;
+    rows.push_back({{"t", t}, {"monte_carlo", e.variance}, {"standard_error", se}, {"closed_form", exact},
+                    {"gradient_monte_carlo", e.gradient}, {"gradient_standard_error", e.gradient_error},
+                    {"gradient_closed_form", exact_gradient}, {"pass", pass && gradient_pass}});
   }
   *out = rows;
   return ok;
@@ -210,7 +226,7 @@ int main(int argc, char** argv) try {
   std::vector<std::string> names = {"am"};
   for (const auto& [name, kind] : score_kinds) names.push_back(name);
   std::vector<double> ts;
-  std::vector<std::vector<double>> rel(names.size());
+  std::vector<std::vector<double>> rel(names.size()), grad(names.size());
   Json rows = Json::array();
   Generator gen = make_generator(static_cast<uint64_t>(rng));
   for (const double t_want : {0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98}) {
@@ -231,14 +247,18 @@ int main(int argc, char** argv) try {
     {
       const Tensor xs = x.to(at::kFloat).unsqueeze(1).expand({states, draws, d}).reshape({states * draws, d});
       const Tensor D = tilt_bench::adjoint_targets(p.exact, p.base, *p.schedule, *p.reward, p.lambda, steps, k, xs, gen);
-      const Estimate e = conditional_variance(D.reshape({states, draws, d}));
-      row["am"] = {{"relative_variance", e.variance / size}, {"standard_error", e.standard_error / size}};
+      const Estimate e = conditional_variance(D.reshape({states, draws, d}), x);
+      row["am"] = {{"relative_variance", e.variance / size}, {"standard_error", e.standard_error / size},
+                   {"gradient_variance", e.gradient}, {"gradient_standard_error", e.gradient_error}};
       rel[0].push_back(e.variance / size);
+      grad[0].push_back(e.gradient / size);
     }
     for (size_t i = 0; i < score_kinds.size(); ++i) {
-      const Estimate e = conditional_variance(score_targets(p, score_kinds[i].second, x, t, draws, gen));
-      row[score_kinds[i].first] = {{"relative_variance", e.variance / size}, {"standard_error", e.standard_error / size}};
+      const Estimate e = conditional_variance(score_targets(p, score_kinds[i].second, x, t, draws, gen), x);
+      row[score_kinds[i].first] = {{"relative_variance", e.variance / size}, {"standard_error", e.standard_error / size},
+                                   {"gradient_variance", e.gradient}, {"gradient_standard_error", e.gradient_error}};
       rel[i + 1].push_back(e.variance / size);
+      grad[i + 1].push_back(e.gradient / size);
     }
     rows.push_back(row);
     std::cerr << row.dump() << "\n";
@@ -253,10 +273,15 @@ int main(int argc, char** argv) try {
   for (size_t i = 0; i < names.size(); ++i) {
     const Json a = slope(early, std::vector<double>(rel[i].begin(), rel[i].begin() + 3));
     const Json b = slope(late, std::vector<double>(rel[i].end() - 3, rel[i].end()));
-    rates[names[i]] = {{"slope_log_t", a}, {"slope_log_1_minus_t", b}};
+    // E122: the gradient's rates (its trace over the tilt's size, so that it shares the plot's scale).
+    const Json ga = slope(early, std::vector<double>(grad[i].begin(), grad[i].begin() + 3));
+    const Json gb = slope(late, std::vector<double>(grad[i].end() - 3, grad[i].end()));
+    rates[names[i]] = {{"slope_log_t", a}, {"slope_log_1_minus_t", b},
+                       {"gradient_slope_log_t", ga}, {"gradient_slope_log_1_minus_t", gb}};
     std::cout << names[i] << ": d log var / d log t near 0 = " << a.dump() << ", d log var / d log(1 - t) near 1 = "
-              << b.dump() << "\n";
+              << b.dump() << "; gradient: " << ga.dump() << ", " << gb.dump() << "\n";
     series.push_back({names[i], ts, rel[i]});
+    series.push_back({names[i] + " grad", ts, grad[i]});
   }
   j["rates"] = rates;
   j["dsm_check_pass"] = ok;
@@ -264,9 +289,9 @@ int main(int argc, char** argv) try {
   if (!plot_path.empty()) {
     plot::LineOptions o;
     o.width = 800;
-    o.title = "E Var[D | x_t] / E|v* - v_base|^2 per regression target";
+    o.title = "E Var[D | x_t] and tr Cov[grad] (E122), over E|v* - v_base|^2";
     o.x_label = "t";
-    o.y_label = "relative conditional variance";
+    o.y_label = "relative variance";
     o.log_y = true;
     plot::write_line_png(plot_path, series, o);
   }

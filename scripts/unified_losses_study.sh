@@ -9,6 +9,9 @@
 # Options (environment): OUT=runs/unified_losses  PROBLEMS="demo 8:10" (demo: configs/demo_2d.toml; seed:dimension:
 #                        random_tilt_problem, 8:10 a 10-D mixture)  REPLICATES=10  JOBS=1
 #                        METHODS="adjoint_matching am_dsm dsm tsm cmcd_kl cmcd_logvar nets"
+#                        GRAD_VARIANCE=32 (M minibatch gradients at the final parameters, the table's gradient
+#                        columns; 0: none)  GRAD_FROM= (a folder of runs of the same trainings that have the gradient
+#                        columns, for a table whose own runs lack them)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null
@@ -23,7 +26,8 @@ run_one() {
   local sets=(--set "finetune.method=$method")
   # am_dsm: Adjoint Matching with dsm_until = 0.5 (E106).
   [ "$method" = am_dsm ] && sets=(--set finetune.method=adjoint_matching --set finetune.adjoint_matching.dsm_until=0.5)
-  build/bench/tilt_ode_gap "${problem[@]}" --replicates "${REPLICATES:-10}" --hybrids 0 "${sets[@]}" --out "$f" > /dev/null
+  build/bench/tilt_ode_gap "${problem[@]}" --replicates "${REPLICATES:-10}" --hybrids 0 \
+    --grad-variance "${GRAD_VARIANCE:-32}" "${sets[@]}" --out "$f" > /dev/null
   echo "$1 $method done" >&2
 }
 pids=()
@@ -35,6 +39,6 @@ for p in ${PROBLEMS:-demo 8:10}; do
   done
 done
 wait
-python3 scripts/unified_losses_table.py "$out" > "$out/summary.md"
+python3 scripts/unified_losses_table.py "$out" ${GRAD_FROM:+"$GRAD_FROM"} > "$out/summary.md"
 cat "$out/summary.md"
 if [ "${UPDATE_DOCS:-0}" = 1 ]; then cp "$out/summary.md" docs/unified_losses.md; fi

@@ -16,7 +16,7 @@
 #   STUDY=unet scripts/digits_conditional.sh    the same with a class-conditional U-Net (configs/digits_unet.toml,
 #       docs/equations.md E124) fine-tuned by Adjoint Matching three ways at one budget: LoRA adapters (E125), a full
 #       copy and a residual U-Net (batch 32, K = 20; PRETRAIN_ITERATIONS 6000, ITERATIONS 400 by default), into
-#       runs/digits_unet; UPDATE_DOCS=1 writes docs/digits_unet_eval.txt and docs/images/digits_unet_w{0,1}.png.
+#       runs/digits_unet; UPDATE_DOCS=1 writes docs/digits_unet_eval.txt and docs/images/digits_unet_w0.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -26,7 +26,7 @@ STUDY=${STUDY:-methods}
 case "$STUDY" in
   methods) name_=digits_conditional; config=configs/digits_conditional.toml; guidance=(0 1 4); pretrain_default=30000
            iterations_default=1000; out_default=runs/digits_cond ;;
-  unet) name_=digits_unet; config=configs/digits_unet.toml; guidance=(0 1); pretrain_default=6000
+  unet) name_=digits_unet; config=configs/digits_unet.toml; guidance=(0); pretrain_default=6000
         iterations_default=400; out_default=runs/digits_unet ;;
   *) echo "digits_conditional: STUDY must be methods or unet, got '$STUDY'" >&2; exit 2 ;;
 esac

@@ -325,30 +325,23 @@ UNetOptions read_unet(ConfigSection& s, int64_t height, int64_t width) {
   UNetOptions o;
   o.height = height;
   o.width = width;
-  o.base_channels = read_integer_in(s, "channels", o.base_channels, 1, 4096);
+  o.base_channels = s.integer("channels", o.base_channels);
   o.channel_mult = s.integers("channel_mult", o.channel_mult);
-  o.blocks = read_integer_in(s, "blocks", o.blocks, 1, 8);
-  o.groups = read_integer_in(s, "groups", o.groups, 1, 4096);
+  o.blocks = s.integer("blocks", o.blocks);
+  o.groups = s.integer("groups", o.groups);
   o.attention = s.boolean("attention", o.attention);
   o.time_features = s.integer("time_features", o.time_features);
-  if (o.channel_mult.empty() || o.channel_mult.size() > 8) s.fail("channel_mult", "must list 1..8 levels");
-  for (int64_t m : o.channel_mult) {
-    if (m < 1 || o.base_channels * m > 4096) s.fail("channel_mult", "entries must be >= 1 with channels x entry <= 4096");
-    if ((o.base_channels * m) % o.groups != 0) {
-      s.fail("groups", "must divide every level's channels (channels x channel_mult: " +
-                           std::to_string(o.base_channels * m) + "), got " + std::to_string(o.groups));
+  if (const auto problem = o.problem()) {
+    // The key of the option at fault: base_channels is `channels`; the image's size is the data's, so a size the
+    // levels cannot halve is channel_mult's to change.
+    std::string key = problem->first, message = problem->second;
+    if (key == "base_channels") {
+      key = "channels";
+      message = "channels" + message.substr(key.size() + 5);  // the message names the option, "base_channels ..."
     }
+    if (key == "height") key = "channel_mult";
+    s.fail(key, message);
   }
-  const int64_t factor = int64_t{1} << (o.channel_mult.size() - 1);
-  if (height % factor != 0 || width % factor != 0) {
-    s.fail("channel_mult", "has " + std::to_string(o.channel_mult.size()) + " levels, which halve the image " +
-                               std::to_string(o.channel_mult.size() - 1) + " times, but the images are " +
-                               std::to_string(height) + " x " + std::to_string(width));
-  }
-  if (o.time_features < 2 || o.time_features > 4096 || o.time_features % 2) {
-    s.fail("time_features", "must be an even number in 2..4096 for a U-Net");
-  }
-  o.validate();
   return o;
 }
 

@@ -205,31 +205,16 @@ VelocityFieldPtr load_unet(const Json& node, const ModelReader& in) {
   if (!node.at("channel_mult").is_array()) throw in.fail("'channel_mult' must be a list of whole numbers");
   o.channel_mult.clear();
   for (const Json& m : node.at("channel_mult")) o.channel_mult.push_back(in.whole(m, "channel_mult"));
-  Shapes shapes;
-  try {
-    shapes = UNetVelocity::parameter_shapes(o);
-  } catch (const Error& e) {
-    throw in.fail(e.what());
-  }
   std::optional<LoraOptions> lora;
   if (node.contains("lora")) {
     const Json& l = node.at("lora");
     lora = LoraOptions{in.whole(l.at("rank"), "lora.rank"), l.at("alpha").is_number() ? l.at("alpha").get<double>() : -1.0};
-    try {
-      lora->validate();
-    } catch (const Error& e) {
-      throw in.fail(e.what());
-    }
-    const size_t n = shapes.size();
-    for (size_t i = 0; i < n; ++i) {
-      const auto& [name, shape] = shapes[i];
-      if (shape.size() < 2 || name.size() < 7 || name.substr(name.size() - 7) != ".weight") continue;  // norms, biases
-      int64_t fan_in = 1;
-      for (size_t k = 1; k < shape.size(); ++k) fan_in *= shape[k];
-      const std::string layer = name.substr(0, name.size() - 7);
-      shapes.push_back({layer + ".lora_a", {lora->rank, fan_in}});
-      shapes.push_back({layer + ".lora_b", {shape[0], lora->rank}});
-    }
+  }
+  Shapes shapes;
+  try {
+    shapes = UNetVelocity::parameter_shapes(o, lora);
+  } catch (const Error& e) {
+    throw in.fail(e.what());
   }
   check_shapes(in, shapes, "the U-Net's metadata does not fit its tensors");
   auto unet = std::make_shared<UNetVelocity>(o, in.schedule(), 0);

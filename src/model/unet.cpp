@@ -160,40 +160,48 @@ constexpr int64_t kMaxPixels = 1 << 20;
 
 }  // namespace
 
-void UNetOptions::validate() const {
-  auto fail = [](const std::string& what) { throw Error("unet: " + what); };
-  if (channels < 1 || channels > 64) fail("channels must be in 1..64, got " + std::to_string(channels));
+std::optional<std::pair<std::string, std::string>> UNetOptions::problem() const {
+  using Problem = std::optional<std::pair<std::string, std::string>>;
+  if (channels < 1 || channels > 64) return Problem({"channels", "channels must be in 1..64, got " + std::to_string(channels)});
   if (height < 1 || width < 1 || height * width > kMaxPixels) {
-    fail("height and width must be >= 1 with height * width <= " + std::to_string(kMaxPixels) + ", got " +
-         std::to_string(height) + " x " + std::to_string(width));
+    return Problem({"height", "height and width must be >= 1 with height * width <= " + std::to_string(kMaxPixels) +
+                                  ", got " + std::to_string(height) + " x " + std::to_string(width)});
   }
   if (base_channels < 1 || base_channels > kMaxChannels) {
-    fail("base_channels must be in 1.." + std::to_string(kMaxChannels) + ", got " + std::to_string(base_channels));
+    return Problem({"base_channels", "base_channels must be in 1.." + std::to_string(kMaxChannels) + ", got " +
+                                         std::to_string(base_channels)});
   }
-  if (channel_mult.empty() || channel_mult.size() > 8) fail("channel_mult needs 1..8 levels");
+  if (channel_mult.empty() || channel_mult.size() > 8) return Problem({"channel_mult", "channel_mult needs 1..8 levels"});
   for (int64_t m : channel_mult) {
     if (m < 1 || base_channels * m > kMaxChannels) {
-      fail("channel_mult entries must be >= 1 with base_channels * mult <= " + std::to_string(kMaxChannels) + ", got " +
-           std::to_string(m));
+      return Problem({"channel_mult", "channel_mult entries must be >= 1 with base_channels * mult <= " +
+                                          std::to_string(kMaxChannels) + ", got " + std::to_string(m)});
     }
   }
-  if (blocks < 1 || blocks > 8) fail("blocks must be in 1..8, got " + std::to_string(blocks));
-  if (groups < 1) fail("groups must be >= 1, got " + std::to_string(groups));
+  if (blocks < 1 || blocks > 8) return Problem({"blocks", "blocks must be in 1..8, got " + std::to_string(blocks)});
+  if (groups < 1) return Problem({"groups", "groups must be >= 1, got " + std::to_string(groups)});
   for (int64_t m : channel_mult) {
     if ((base_channels * m) % groups != 0) {
-      fail("groups = " + std::to_string(groups) + " must divide every level's channels (base_channels * mult = " +
-           std::to_string(base_channels * m) + ")");
+      return Problem({"groups", "groups = " + std::to_string(groups) +
+                                    " must divide every level's channels (base_channels * mult = " +
+                                    std::to_string(base_channels * m) + ")"});
     }
   }
   const int64_t factor = int64_t{1} << (channel_mult.size() - 1);
   if (height % factor != 0 || width % factor != 0) {
-    fail("height and width (" + std::to_string(height) + " x " + std::to_string(width) + ") must be divisible by " +
-         std::to_string(factor) + " = 2^(levels - 1), for " + std::to_string(channel_mult.size()) + " levels");
+    return Problem({"height", "height and width (" + std::to_string(height) + " x " + std::to_string(width) +
+                                  ") must be divisible by " + std::to_string(factor) + " = 2^(levels - 1), for " +
+                                  std::to_string(channel_mult.size()) + " levels"});
   }
   if (time_features < 2 || time_features % 2 != 0 || time_features > 4096) {
-    fail("time_features must be an even number in 2..4096, got " + std::to_string(time_features));
+    return Problem({"time_features", "time_features must be an even number in 2..4096, got " + std::to_string(time_features)});
   }
-  if (condition_dim < 0) fail("condition_dim must be >= 0, got " + std::to_string(condition_dim));
+  if (condition_dim < 0) return Problem({"condition_dim", "condition_dim must be >= 0, got " + std::to_string(condition_dim)});
+  return std::nullopt;
+}
+
+void UNetOptions::validate() const {
+  if (const auto p = problem()) throw Error("unet: " + p->second);
 }
 
 void LoraOptions::validate() const {
@@ -257,13 +265,23 @@ Tensor embed_time(const Tensor& t, int64_t batch, int64_t n, const at::TensorOpt
 
 }  // namespace
 
-std::vector<std::pair<std::string, std::vector<int64_t>>> UNetVelocity::parameter_shapes(const UNetOptions& o) {
+std::vector<std::pair<std::string, std::vector<int64_t>>> UNetVelocity::parameter_shapes(
+    const UNetOptions& o, const std::optional<LoraOptions>& lora) {
   o.validate();
-  Shapes shapes;
+  if (lora) lora->validate();
+  Shapes shapes, adapters;
   for_each_layer(architecture(o), [&](const auto& layer) {
     shapes.push_back({layer.name + ".weight", weight_shape(layer)});
     shapes.push_back({layer.name + ".bias", {bias_size(layer)}});
+    using L = std::decay_t<decltype(layer)>;
+    if constexpr (!std::is_same_v<L, Norm>) {
+      if (lora) {
+        adapters.push_back({layer.name + ".lora_a", {lora->rank, fan_in(layer)}});
+        adapters.push_back({layer.name + ".lora_b", {weight_shape(layer)[0], lora->rank}});
+      }
+    }
   });
+  shapes.insert(shapes.end(), adapters.begin(), adapters.end());
   return shapes;
 }
 

@@ -9,6 +9,7 @@
 #include "tilt/model/velocity.h"
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -30,7 +31,9 @@ struct UNetOptions {
   bool zero_output = false;                ///< initialise the last convolution to 0 (residual networks)
 
   int64_t dim() const { return channels * height * width; }
-  /// Throws tilt::Error naming the option that is out of range.
+  /// The first option out of range: its name (as in this struct) and what is wrong; nullopt if none is.
+  std::optional<std::pair<std::string, std::string>> problem() const;
+  /// Throws tilt::Error "unet: <what is wrong>" for problem().
   void validate() const;
 };
 
@@ -77,9 +80,11 @@ class UNetVelocity : public VelocityField {
   void to(const at::TensorOptions& options);
 
   const UNetOptions& options() const { return options_; }
-  /// The names and shapes of the network's tensors for these options (no adapters), in
+  /// The names and shapes of the network's tensors for these options, and of the adapters `lora` adds, in
   /// named_parameters()'s order, computed without allocating any: what a model file is checked against.
-  static std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(const UNetOptions& options);
+  /// Throws tilt::Error for options out of range.
+  static std::vector<std::pair<std::string, std::vector<int64_t>>> parameter_shapes(
+      const UNetOptions& options, const std::optional<LoraOptions>& lora = std::nullopt);
 
  private:
   struct Impl;

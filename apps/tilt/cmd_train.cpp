@@ -23,6 +23,10 @@ RunDirectory start_run(const Config& config, const std::string& section, int64_t
                        ProcessGroupPtr& group) {
   check_flag_number("--dist-timeout", args.dist_timeout, 1e-3, 86400);  // seconds; at most a day
   group = join_group(args.dist_timeout);
+  if (group && !run_device().is_cpu()) {
+    throw Error("several processes train on the CPU only (Gloo); on CUDA devices they would need NCCL, which tilt "
+                "does not use yet: run one process with --device " + run_device().str());
+  }
   Json resolved = config.resolved();
   resolved[section]["shards"] = effective_shards(shards, group);
   if (group) group->check_same(resolved.dump(), "configuration (config file and --set)");
@@ -78,6 +82,7 @@ int run_pretrain(const TrainArgs& args) {
   ProcessGroupPtr group;
   const RunDirectory run = start_run(config, "pretrain", plan.trainer.shards, args, group);
   auto model = plan.make_model(mix_seed(settings.seed, 1));
+  model->to(settings.device);  // before the loss and its optimiser take the parameters
   std::unique_ptr<FlowMatching> loss = make_flow_matching(plan, model);
   const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "pretrain", group);
   Json model_info{{"trained_by", "tilt pretrain"}, {"iterations", iterations}};
@@ -90,8 +95,10 @@ int run_finetune(const TrainArgs& args) {
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);
   const VelocityFieldPtr base = read_base(root);
+  base->to(settings.device);
   double lambda = 1.0;
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
+  reward->to(settings.device);
   const ConditionSetPtr conditions = read_training_conditions(root, *base);
   ConfigSection section = root.section("finetune");
   FinetunePlan plan = read_finetune(section, *base, reward, lambda, conditions);
@@ -103,6 +110,7 @@ int run_finetune(const TrainArgs& args) {
   for (const auto& note : plan.notes) warn(note);
   for (const auto& w : plan.warnings) warn(w);
   auto model = plan.make_model(base, mix_seed(settings.seed, 1));
+  model->to(settings.device);  // a residual network is made on the CPU
   std::unique_ptr<Loss> loss = plan.make_loss(model);
   // plan.trainer.monitor prints the method's warnings and writes them to metrics.jsonl.
   const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "finetune", group);

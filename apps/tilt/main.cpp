@@ -3,6 +3,8 @@
 #include "registry.h"
 
 #include "tilt/core/error.h"
+#include "tilt/core/log.h"
+#include "tilt/io/run.h"
 
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
@@ -21,7 +23,8 @@ int main(int argc, char** argv) {
     CLI::App* sub = app.add_subcommand(command.name, command.help);
     runs.emplace_back(sub, command.setup(*sub));
     sub->add_flag("--json", common.json, "Print the result as one line of JSON on stdout");
-    sub->add_option("--device", common.device, "Device: cpu (the only one for now)")->capture_default_str();
+    sub->add_option("--device", common.device,
+                    "Device: cpu, cuda or cuda:N; overrides the config's device (default cpu; docs/devices.md)");
   }
   try {
     app.parse(argc, argv);
@@ -36,11 +39,15 @@ int main(int argc, char** argv) {
     return 1;
   }
   try {
-    if (common.device != "cpu") {
-      throw tilt::Error("--device '" + common.device + "' is not supported yet: tilt runs on the cpu only (--device cpu)");
-    }
+    if (!common.device.empty()) tilt::set_run_device(tilt::parse_device(common.device, "--device"), true);
     for (auto& [sub, run] : runs) {
-      if (sub->parsed()) return run();
+      if (!sub->parsed()) continue;
+      const std::string name = sub->get_name();
+      if (!tilt::run_device().is_cpu() && name != "pretrain" && name != "finetune" && name != "sample") {
+        tilt::warning("--device " + common.device + ": tilt " + name +
+                      " runs on the CPU (pretrain, finetune and sample take a device; docs/devices.md)");
+      }
+      return run();
     }
   } catch (const tilt::Error& e) {
     std::fprintf(stderr, "tilt: error: %s\n", e.what());

@@ -37,7 +37,7 @@ std::vector<Command> commands();
 /// The options every subcommand takes, set by main before the command runs.
 struct CommonOptions {
   bool json = false;
-  std::string device = "cpu";
+  std::string device;  ///< --device; empty: the config's device, else the CPU
 };
 const CommonOptions& common_options();
 CommonOptions& mutable_common_options();

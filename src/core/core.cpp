@@ -2,7 +2,9 @@
 #include "tilt/core/log.h"
 #include "tilt/core/tensor.h"
 
+#include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <torch/cuda.h>
 
 #include <cmath>
 #include <cstdio>
@@ -18,6 +20,59 @@ uint64_t mix_seed(uint64_t seed, uint64_t stream) {
   z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
   z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
   return z ^ (z >> 31);
+}
+
+namespace {
+
+// Draws on the CPU with `gen` (CPU generators cannot fill a GPU tensor), then moves the result.
+template <typename Draw>
+Tensor drawn(at::IntArrayRef sizes, const at::TensorOptions& options, Draw draw) {
+  const at::Device device = options.device();
+  if (device.is_cpu()) return draw(options);
+  return draw(options.device(at::kCPU)).to(device);
+}
+
+}  // namespace
+
+Tensor normal_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOptions& options) {
+  return drawn(sizes, options, [&](const at::TensorOptions& o) { return at::randn(sizes, gen, o); });
+}
+
+Tensor uniform_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOptions& options) {
+  return drawn(sizes, options, [&](const at::TensorOptions& o) { return at::rand(sizes, gen, o); });
+}
+
+void move_tensors(const std::vector<Tensor>& tensors, const at::Device& device) {
+  for (Tensor t : tensors) {
+    if (!t.defined() || t.device() == device) continue;
+    t.mutable_grad() = Tensor();
+    t.set_data(t.data().to(device));
+  }
+}
+
+at::Device parse_device(const std::string& name, const std::string& what) {
+  if (name == "cpu") return at::Device(at::kCPU);
+  const std::string usage = what + " must be cpu, cuda or cuda:N, got '" + name + "'";
+  int64_t index = 0;
+  if (name.rfind("cuda:", 0) == 0) {
+    const std::string digits = name.substr(5);
+    if (digits.empty() || digits.size() > 3 || digits.find_first_not_of("0123456789") != std::string::npos) {
+      throw Error(usage);
+    }
+    index = std::stoll(digits);
+  } else if (name != "cuda") {
+    throw Error(usage);
+  }
+  if (!torch::cuda::is_available()) {
+    throw Error(what + " = " + name + ": no CUDA device is available (this LibTorch " +
+                (at::hasCUDA() ? "has CUDA, but no GPU was found" : "was built without CUDA") + "); use cpu");
+  }
+  const auto count = static_cast<int64_t>(torch::cuda::device_count());
+  if (index >= count) {
+    throw Error(what + " = " + name + ": this machine has " + std::to_string(count) + " CUDA device(s), cuda:0.." +
+                "cuda:" + std::to_string(count - 1));
+  }
+  return at::Device(at::kCUDA, static_cast<at::DeviceIndex>(index));
 }
 
 std::string format_number(double x, const char* spec) {

@@ -40,7 +40,7 @@ void write(const std::string& path, const Json& meta, const TensorMap& tensors) 
   const std::string text = meta.dump();
   c10::Dict<std::string, Tensor> dict;
   dict.insert(kMetaKey, at::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, at::kByte).clone());
-  for (const auto& [name, value] : tensors) dict.insert(name, value.detach().contiguous());
+  for (const auto& [name, value] : tensors) dict.insert(name, value.detach().contiguous().cpu());  // readable without a GPU
   dict.insert(kChecksumKey, at::scalar_tensor(static_cast<int64_t>(checksum(text, tensors)), at::kLong));
   const std::vector<char> bytes = torch::jit::pickle_save(c10::IValue(dict));
   atomic_write(path, std::string(bytes.begin(), bytes.end()));

@@ -57,7 +57,7 @@ void check_number_in_range(const std::string& name, double value, double lo, dou
 }
 
 void finish_config_root(ConfigSection& root) {
-  root.allow({"seed", "threads", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc", "conditions"});
+  root.allow({"seed", "threads", "device", "schedule", "data", "base", "reward", "pretrain", "finetune", "classifier", "soc", "conditions"});
   root.finish();
 }
 
@@ -78,6 +78,12 @@ int64_t effective_shards(int64_t shards, const ProcessGroupPtr& group) {
   return shards > 0 ? shards : (group ? group->world_size() : 1);
 }
 
+namespace {
+// The process's device (--device, or the config's device): like the threads, the machine's business.
+at::Device g_device(at::kCPU);
+bool g_device_from_flag = false;
+}  // namespace
+
 RunSettings read_run_settings(ConfigSection& root) {
   RunSettings s;
   const int64_t seed = root.integer("seed", 0);
@@ -90,8 +96,27 @@ RunSettings read_run_settings(ConfigSection& root) {
   }
   s.threads = static_cast<int>(threads);
   set_threads(s.threads);
+  if (root.has("device")) {
+    const std::string name = root.string("device");
+    if (!g_device_from_flag) {
+      try {
+        g_device = parse_device(name, "device");
+      } catch (const Error& e) {
+        const std::string message = e.what();  // "device ...": fail() names the key itself
+        root.fail("device", message.rfind("device ", 0) == 0 ? message.substr(7) : message);
+      }
+    }
+  }
+  s.device = g_device;
   return s;
 }
+
+void set_run_device(const at::Device& device, bool from_flag) {
+  g_device = device;
+  g_device_from_flag = g_device_from_flag || from_flag;
+}
+
+at::Device run_device() { return g_device; }
 
 std::shared_ptr<GaussianMixture> read_data_mixture(ConfigSection& root, Tensor* shift) {
   ConfigSection data = root.section("data");
@@ -360,6 +385,9 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   }
   a.erase("threads");
   b.erase("threads");
+  // So is the device: a run started on a GPU may resume on the CPU, and the other way.
+  a.erase("device");
+  b.erase("device");
   for (const std::string& table : mutable_tables(b)) {
     const Json::json_pointer at("/" + table);
     if (!a.contains(at) || !a[at].is_object()) continue;

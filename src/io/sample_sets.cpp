@@ -120,6 +120,7 @@ NoiseSchedulePtr model_noise(const DrawOptions& o, const LoadedModel& m, int64_t
 DrawnSamples draw_from_model(const DrawOptions& o) {
   set_threads(o.threads);
   const LoadedModel m = load_velocity(o.model);
+  m.field->to(run_device());  // --device (docs/devices.md); the samples come back to the CPU
   if (m.info.value("trained_by", std::string()) == "tilt adjoint-sampling") {
     throw Error("model file '" + o.model + "' is an Adjoint Sampling control, not a velocity field: its samples "
                 "come from tilt adjoint-sampling (samples.csv of its run)");
@@ -157,8 +158,8 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
                 std::to_string(m.field->condition_dim()));
   }
   DrawnSamples d = draw_per_condition(conditions, o.n, mix_seed(static_cast<uint64_t>(o.seed), 17), [&](const Tensor& c, Generator& gen) {
-    const VelocityFieldPtr field = bind_condition(m.field, c.defined() ? c.to(at::kFloat) : c, o.guidance);
-    return sample(GenerativeSDE(field, noise), o.n, TimeGrid::uniform(steps), gen, opts);
+    const VelocityFieldPtr field = bind_condition(m.field, c.defined() ? c.to(run_device(), at::kFloat) : c, o.guidance);
+    return sample(GenerativeSDE(field, noise), o.n, TimeGrid::uniform(steps), gen, opts).cpu();
   });
   d.what = "samples of " + o.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps" +
            (o.guidance != 0.0 ? ", guidance w = " + number_string(o.guidance) : std::string());

@@ -138,6 +138,14 @@ void Classifier::to_float64() {
   impl_->head->to(at::kDouble);
 }
 
+void Classifier::to(const at::Device& device) const {
+  std::vector<Tensor> all;
+  for (const auto& named : named_parameters()) all.push_back(named.second);
+  move_tensors(all, device);
+}
+
+at::Device Classifier::device() const { return named_parameters().front().second.device(); }
+
 Tensor Classifier::logits(const Tensor& x) const { return impl_->head->forward(features(x)); }
 
 Tensor Classifier::log_probs(const Tensor& x) const { return at::log_softmax(logits(x), 1); }

@@ -48,6 +48,11 @@ class BoundVelocity : public VelocityField {
   void set_trainable(bool trainable) override { field_->set_trainable(trainable); }
   NamedTensors named_parameters() const override { return field_->named_parameters(); }
   VelocityFieldPtr clone() const override { return std::make_shared<BoundVelocity>(field_->clone(), c_, w_); }
+  void to(const at::Device& device) override {
+    field_->to(device);
+    if (c_.defined()) c_ = c_.to(device);
+  }
+  at::Device device() const override { return field_->device(); }
 
  private:
   VelocityFieldPtr field_;

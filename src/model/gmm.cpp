@@ -206,14 +206,30 @@ Tensor GaussianMixture::sample(int64_t n, Generator& gen, at::ScalarType dtype) 
   return x.to(dtype);
 }
 
-Tensor GaussianMixture::log_prob(const Tensor& x) const {
-  const auto one = at::ones({}, x.options());
-  return evaluate(x, one, one * 0.0).log_p;
+namespace {
+
+// The mixture's tensors stay on the CPU (a closed-form reference, small and in float64): an input on
+// another device is evaluated there and the result moved back, differentiably (docs/devices.md).
+template <typename F>
+Tensor on_cpu(const Tensor& x, F f) {
+  if (x.device().is_cpu()) return f(x);
+  return f(x.cpu()).to(x.device());
 }
 
-Tensor GaussianMixture::score(const Tensor& x) const {
-  const auto one = at::ones({}, x.options());
-  return marginal_score(x, {one, one * 0.0, one * 0.0, one * 0.0});
+}  // namespace
+
+Tensor GaussianMixture::log_prob(const Tensor& x_in) const {
+  return on_cpu(x_in, [&](const Tensor& x) {
+    const auto one = at::ones({}, x.options());
+    return evaluate(x, one, one * 0.0).log_p;
+  });
+}
+
+Tensor GaussianMixture::score(const Tensor& x_in) const {
+  return on_cpu(x_in, [&](const Tensor& x) {
+    const auto one = at::ones({}, x.options());
+    return marginal_score(x, {one, one * 0.0, one * 0.0, one * 0.0});
+  });
 }
 
 Tensor GaussianMixture::mean() const { return (weights_.unsqueeze(1) * means_).sum(0); }
@@ -365,11 +381,16 @@ VelocityFieldPtr GmmVelocity::clone() const { return std::make_shared<GmmVelocit
 Tensor GmmVelocity::velocity(const Tensor& x, const Tensor& t) const {
   check_batch(x, dim(), "x");
   check_time(t, x.size(0), "t");
-  return mixture_->velocity(x, schedule()->at(t.to(x.scalar_type())));
+  return on_cpu(x, [&](const Tensor& xc) { return mixture_->velocity(xc, schedule()->at(t.to(at::kCPU, x.scalar_type()))); });
 }
 
 Tensor GmmVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const {
   check_batch(x, dim(), "x");
+  if (!x.device().is_cpu()) {
+    const Tensor g = vjp(x.cpu(), t, a.cpu(), v_out);
+    if (v_out) *v_out = v_out->to(x.device());
+    return g.to(x.device());
+  }
   return mixture_->velocity_vjp(x, schedule()->at(at::scalar_tensor(t, x.options())), a, v_out);
 }
 

@@ -70,12 +70,12 @@ LinearReward::LinearReward(Tensor a) : a_(a.defined() ? a.to(at::kDouble).contig
 
 Tensor LinearReward::value(const Tensor& x) const {
   check_batch(x, dim(), "x");
-  return at::matmul(x, a_.to(x.scalar_type()));
+  return at::matmul(x, a_.to(x.device(), x.scalar_type()));
 }
 
 Tensor LinearReward::grad(const Tensor& x) const {
   check_batch(x, dim(), "x");
-  return a_.to(x.scalar_type()).unsqueeze(0).expand_as(x).clone();
+  return a_.to(x.device(), x.scalar_type()).unsqueeze(0).expand_as(x).clone();
 }
 
 std::optional<GaussianMixture> LinearReward::tilt(const GaussianMixture& base, double lambda,
@@ -104,13 +104,13 @@ QuadraticReward::QuadraticReward(Tensor center, Tensor A) {
 
 Tensor QuadraticReward::value(const Tensor& x) const {
   check_batch(x, dim(), "x");
-  const Tensor r = x - c_.to(x.scalar_type());
-  return -0.5 * (r * at::matmul(r, A_.to(x.scalar_type()))).sum(1);
+  const Tensor r = x - c_.to(x.device(), x.scalar_type());
+  return -0.5 * (r * at::matmul(r, A_.to(x.device(), x.scalar_type()))).sum(1);
 }
 
 Tensor QuadraticReward::grad(const Tensor& x) const {
   check_batch(x, dim(), "x");
-  return -at::matmul(x - c_.to(x.scalar_type()), A_.to(x.scalar_type()));
+  return -at::matmul(x - c_.to(x.device(), x.scalar_type()), A_.to(x.device(), x.scalar_type()));
 }
 
 std::optional<GaussianMixture> QuadraticReward::tilt(const GaussianMixture& base, double lambda,

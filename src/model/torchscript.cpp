@@ -417,6 +417,14 @@ std::string TorchScriptVelocity::archive() const {
 // ---------------------------------------------------------------------------------------------
 // Rewards
 
+void TorchScriptVelocity::to(const at::Device& device) { impl_->module.to(device); }
+
+at::Device TorchScriptVelocity::device() const {
+  for (const auto& p : impl_->module.parameters()) return p.device();
+  for (const auto& b : impl_->module.buffers()) return b.device();
+  return at::Device(at::kCPU);
+}
+
 struct TorchScriptReward::Impl {
   torch::jit::Module module;
   at::ScalarType dtype = at::kFloat;
@@ -713,17 +721,17 @@ class Exporter {
     src += "    tt = t.to(x.dtype).reshape(-1, 1).expand(x.size(0), 1)\n";
     std::string inputs = "x, tt";
     if (n > 0) {
-      src += "    f = torch.arange(1, " + std::to_string(n / 2 + 1) + ", dtype=x.dtype) * " + num(kPi) + "\n" +
+      src += "    f = torch.arange(1, " + std::to_string(n / 2 + 1) + ", dtype=x.dtype, device=x.device) * " + num(kPi) + "\n" +
              "    arg = tt * f.unsqueeze(0)\n";
       inputs += ", torch.sin(arg), torch.cos(arg)";
     }
     if (dc > 0) {
       src += "    if c is None:\n"
-             "        cc = torch.zeros(x.size(0), " + std::to_string(dc) + ", dtype=x.dtype)\n"
-             "        flag = torch.zeros(x.size(0), 1, dtype=x.dtype)\n"
+             "        cc = torch.zeros(x.size(0), " + std::to_string(dc) + ", dtype=x.dtype, device=x.device)\n"
+             "        flag = torch.zeros(x.size(0), 1, dtype=x.dtype, device=x.device)\n"
              "    else:\n"
              "        cc = c.to(x.dtype).expand(x.size(0), " + std::to_string(dc) + ")\n"
-             "        flag = torch.ones(x.size(0), 1, dtype=x.dtype)\n";
+             "        flag = torch.ones(x.size(0), 1, dtype=x.dtype, device=x.device)\n";
       inputs += ", cc, flag";
     }
     src += "    h = torch.cat([" + inputs + "], 1)\n";
@@ -863,5 +871,7 @@ std::string export_torchscript(const VelocityField& field) {
   }
   return bytes;
 }
+
+void TorchScriptReward::to(const at::Device& device) const { impl_->module.to(device); }
 
 }  // namespace tilt

@@ -340,7 +340,8 @@ UNetVelocity::UNetVelocity(const UNetVelocity& other, const LoraOptions& lora, u
       const int64_t in = fan_in(layer);
       // A as a dense layer's default initialisation, B = 0: W + s B A = W at the start.
       const double bound = 1.0 / std::sqrt(static_cast<double>(in));
-      Tensor a = at::empty({lora_.rank, in}, opts).uniform_(-bound, bound, gen);
+      // Drawn on the CPU (the generator's device) and moved: the same adapters on every device.
+      Tensor a = at::empty({lora_.rank, in}, opts.device(at::kCPU)).uniform_(-bound, bound, gen).to(opts.device());
       Tensor b = at::zeros({weight_shape(layer)[0], lora_.rank}, opts);
       impl_->adapters[layer.name] = {a, b};
       impl_->adapter_order.push_back(layer.name);
@@ -460,7 +461,7 @@ VelocityFieldPtr UNetVelocity::clone() const {
       has_lora() ? std::make_shared<UNetVelocity>(options_, schedule(), 0)->with_lora(lora_, 0)
                  : std::make_shared<UNetVelocity>(options_, schedule(), 0);
   const Tensor& w0 = impl_->weights.begin()->second;
-  copy->to(w0.options());
+  copy->cast(w0.options());
   copy->load_parameters(named_parameters());
   // Trainable where this one is.
   const std::vector<Tensor> mine = parameters();
@@ -469,11 +470,13 @@ VelocityFieldPtr UNetVelocity::clone() const {
   return copy;
 }
 
-void UNetVelocity::to(const at::TensorOptions& options) {
+void UNetVelocity::cast(const at::TensorOptions& options) {
   at::NoGradGuard no_grad;
   auto move = [&](Tensor& t) {
-    const bool grad = t.requires_grad();
-    t = t.to(options).detach().set_requires_grad(grad);
+    const at::TensorOptions want = t.options().merge_in(options);
+    if (t.device() == want.device() && t.scalar_type() == at::typeMetaToScalarType(want.dtype())) return;
+    t.mutable_grad() = Tensor();
+    t.set_data(t.data().to(want));
   };
   for (auto& [name, w] : impl_->weights) move(w);
   for (auto& [name, ab] : impl_->adapters) {

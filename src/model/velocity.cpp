@@ -64,6 +64,17 @@ void VelocityField::set_trainable(bool trainable) {
   for (Tensor p : parameters()) p.set_requires_grad(trainable);
 }
 
+void VelocityField::to(const at::Device& device) {
+  std::vector<Tensor> all;
+  for (const auto& named : named_parameters()) all.push_back(named.second);
+  move_tensors(all, device);
+}
+
+at::Device VelocityField::device() const {
+  const NamedTensors named = named_parameters();
+  return named.empty() ? at::Device(at::kCPU) : named.front().second.device();
+}
+
 VelocityFieldPtr VelocityField::clone() const {
   throw Error("the velocity field of kind '" + kind() +
               "' cannot be copied: it does not implement VelocityField::clone() (fine-tuning in copy mode "
@@ -124,6 +135,11 @@ Tensor FineTunedVelocity::conditional_velocity(const Tensor& x, const Tensor& t,
 VelocityFieldPtr FineTunedVelocity::clone() const {
   auto copy = std::make_shared<FineTunedVelocity>(base_->clone(), trainable_->clone(), mode_);
   return copy;
+}
+
+void FineTunedVelocity::to(const at::Device& device) {
+  base_->to(device);
+  trainable_->to(device);
 }
 
 Tensor FineTunedVelocity::delta(const Tensor& x, const Tensor& t, const Tensor& v_base, const Tensor& c) const {

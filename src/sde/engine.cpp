@@ -59,7 +59,7 @@ Rollout rollout(const std::vector<StepKernel>& kernels, const StepVelocity& velo
     const StepKernel& q = kernels[k];
     const Tensor v = velocity(static_cast<int64_t>(k), x);
     Tensor xi;
-    if (!q.deterministic()) xi = at::randn(x.sizes(), gen, x.options());
+    if (!q.deterministic()) xi = normal_draws(x.sizes(), gen, x.options());
     x = q.next(x, v, xi);
     if (record.noise) out.xi[k] = xi;
     if (record.velocities) out.v[k] = v;
@@ -87,9 +87,10 @@ PathWeight::PathWeight(int64_t batch) : log_w_(at::zeros({batch}, at::kDouble)) 
 void PathWeight::add_step(const Tensor& shift, const Tensor& xi, double std) {
   if (!(std > 0.0)) throw Error("path weight: a step without noise has no density ratio");
   const Tensor d = shift.to(at::kDouble) / std;
-  log_w_ = log_w_ - (d * xi.to(at::kDouble)).sum(1) - 0.5 * (d * d).sum(1);
+  // The sum follows its terms' device (a run on a GPU adds GPU tensors).
+  log_w_ = log_w_.to(d.device()) - (d * xi.to(at::kDouble)).sum(1) - 0.5 * (d * d).sum(1);
 }
 
-void PathWeight::add(const Tensor& log_ratio) { log_w_ = log_w_ + log_ratio.to(at::kDouble); }
+void PathWeight::add(const Tensor& log_ratio) { log_w_ = log_w_.to(log_ratio.device()) + log_ratio.to(at::kDouble); }
 
 }  // namespace tilt

@@ -96,11 +96,11 @@ WeightedPaths girsanov_weights(const GenerativeSDE& base, const VelocityField& p
     }
   }
   at::NoGradGuard no_grad;
-  const auto opts = at::TensorOptions().dtype(options.dtype);
+  const auto opts = at::TensorOptions().dtype(options.dtype).device(base.velocity().device());
   std::vector<Tensor> xs, log_paths;
   for (int64_t done = 0; done < n;) {
     const int64_t B = std::min(options.batch, n - done);
-    Tensor x = at::randn({B, base.dim()}, gen, opts);
+    Tensor x = normal_draws({B, base.dim()}, gen, opts);
     PathWeight weight(B);
     for (int64_t k = 0; k < K; ++k) {
       const StepKernel& q = kernels[static_cast<size_t>(k)];
@@ -111,7 +111,7 @@ WeightedPaths girsanov_weights(const GenerativeSDE& base, const VelocityField& p
       }
       // Q's step is P's kernel applied to the proposal's velocity: the means differ by c_v (v_q - v_p).
       const Tensor v_q = proposal.velocity(x, grid[k]);
-      const Tensor xi = at::randn({B, base.dim()}, gen, opts);
+      const Tensor xi = normal_draws({B, base.dim()}, gen, opts);
       x = q.next(x, v_q, xi);
       weight.add_step(q.c_v * (v_q - v_p), xi, q.std);
     }
@@ -167,16 +167,16 @@ WeightedPaths noising_weights(const GenerativeSDE& proposal, const LogDensityFn&
     }
   }
   at::NoGradGuard no_grad;
-  const auto opts = at::TensorOptions().dtype(options.dtype);
+  const auto opts = at::TensorOptions().dtype(options.dtype).device(proposal.velocity().device());
   std::vector<Tensor> xs, log_paths;
   for (int64_t done = 0; done < n;) {
     const int64_t B = std::min(options.batch, n - done);
-    Tensor x = at::randn({B, proposal.dim()}, gen, opts);
+    Tensor x = normal_draws({B, proposal.dim()}, gen, opts);
     Tensor log_path = -gaussian_log_density(x, at::zeros_like(x), 1.0);  // - log N(X_0; 0, I)
     for (int64_t k = 0; k < K; ++k) {
       const StepKernel& q = kernels[static_cast<size_t>(k)];
       const Tensor m = q.mean(x, proposal.velocity().velocity(x, grid[k]));
-      const Tensor x_next = m + q.std * at::randn({B, proposal.dim()}, gen, opts);
+      const Tensor x_next = m + q.std * normal_draws({B, proposal.dim()}, gen, opts);
       log_path = log_path - gaussian_log_density(x_next, m, q.std) +
                  gaussian_log_density(x, back_mean[static_cast<size_t>(k)] * x_next.to(at::kDouble), back_std[static_cast<size_t>(k)]);
       x = x_next;
@@ -203,12 +203,12 @@ WeightedPaths jarzynski_weights(const GenerativeSDE& base, const Reward& reward,
                 "or ode), not " + base.noise().describe());
   }
   at::NoGradGuard no_grad;
-  const auto opts = at::TensorOptions().dtype(options.dtype);
+  const auto opts = at::TensorOptions().dtype(options.dtype).device(base.velocity().device());
   std::vector<Tensor> xs, works;
   for (int64_t done = 0; done < n;) {
     const int64_t B = std::min(options.batch, n - done);
-    Tensor x = at::randn({B, base.dim()}, gen, opts);
-    Tensor work = at::zeros({B}, at::kDouble);
+    Tensor x = normal_draws({B, base.dim()}, gen, opts);
+    Tensor work = at::zeros({B}, opts.dtype(at::kDouble));
     for (int64_t k = 0; k < grid.steps(); ++k) {
       // r_t = tau(t) lambda r with tau(t) = t: d_t r_t = lambda r, grad r_t = t lambda grad r.
       const double t = grid[k], h = grid.step(k), sigma = base.sigma(t);
@@ -218,7 +218,7 @@ WeightedPaths jarzynski_weights(const GenerativeSDE& base, const Reward& reward,
       work = work + h * lambda * (reward.value(xd) + t * (v.to(at::kDouble) * grad_r).sum(1));
       const Tensor escort = (0.5 * sigma * sigma * t * lambda) * grad_r.to(options.dtype);
       const StepKernel q = euler_kernel(base, t, grid[k + 1]);
-      x = q.next(x, v, q.deterministic() ? Tensor() : at::randn({B, base.dim()}, gen, opts)) + h * escort;
+      x = q.next(x, v, q.deterministic() ? Tensor() : normal_draws({B, base.dim()}, gen, opts)) + h * escort;
     }
     xs.push_back(x);
     works.push_back(work);

@@ -90,7 +90,7 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
 Tensor sample(const GenerativeSDE& sde, int64_t n, const TimeGrid& grid, Generator& gen,
               const SampleOptions& options, at::ScalarType dtype) {
   at::NoGradGuard no_grad;
-  const Tensor x0 = at::randn({n, sde.dim()}, gen, at::TensorOptions().dtype(dtype));
+  const Tensor x0 = normal_draws({n, sde.dim()}, gen, at::TensorOptions().dtype(dtype).device(sde.velocity().device()));
   SampleOptions opts = options;
   opts.record = false;
   return simulate(sde, x0, grid, gen, opts).final();

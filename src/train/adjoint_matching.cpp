@@ -183,7 +183,7 @@ Trajectory AdjointMatching::rollout(Generator& gen, const Tensor& c) const {
 // the states and, with `weights`, each step's draw xi_k and the fine-tuned velocity for the path weight.
 Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool weights) const {
   at::NoGradGuard no_grad;
-  const Tensor x0 = at::randn({options_.batch_size, model_->dim()}, gen);
+  const Tensor x0 = normal_draws({options_.batch_size, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
   // With the noiseless final step, X_K is never used: stop at t_{K-1}.
   std::vector<double> times = grid_.times();
   if (options_.final_noiseless_step) times.pop_back();
@@ -236,7 +236,8 @@ void AdjointMatching::check_guidance() const {
   }
   try {  // the base's null condition, at one point
     at::NoGradGuard no_grad;
-    model_->base()->conditional_velocity(at::zeros({1, model_->dim()}), at::full({1}, 0.5), Tensor());
+    const at::TensorOptions on = at::TensorOptions().device(model_->base()->device());
+    model_->base()->conditional_velocity(at::zeros({1, model_->dim()}, on), at::full({1}, 0.5, on), Tensor());
   } catch (const Error& e) {
     throw Error("adjoint matching: guidance = " + number_string(w) + " needs a base with a null condition (a model "
                 "pretrained with condition dropout), but the base has none: " + e.what());
@@ -270,7 +271,7 @@ LossOutput AdjointMatching::compute(Generator& gen) {
   AdjointMatchingTimes& times = times_ ? *times_ : unused;
   const int64_t B = options_.batch_size;
   // Each trajectory's condition, drawn first (an unconditional run draws nothing: its numbers stay).
-  const Tensor c = options_.conditions ? options_.conditions->draw(B, gen) : Tensor();
+  const Tensor c = options_.conditions ? options_.conditions->draw(B, gen).to(model_->device()) : Tensor();
   const bool weights = path_weights();
   const Rollout traj = recorded_rollout(gen, c, weights);
   clock.lap(&times.rollout_s);
@@ -428,11 +429,11 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
   {
     at::NoGradGuard no_grad;
     // The random draws of simulate(): X_0, then one N(0, I) per noisy step.
-    const Tensor x0 = at::randn({B, model_->dim()}, gen);
+    const Tensor x0 = normal_draws({B, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
     const std::vector<StepKernel> kernels = step_kernels(finetuned_sde_, grid_, Integrator::euler);
     std::vector<Tensor> noise(static_cast<size_t>(options_.final_noiseless_step ? K - 1 : K));
     for (size_t k = 0; k < noise.size(); ++k) {
-      if (!kernels[k].deterministic()) noise[k] = at::randn(x0.sizes(), gen, x0.options());
+      if (!kernels[k].deterministic()) noise[k] = normal_draws(x0.sizes(), gen, x0.options());
     }
     // Blocks of rows: one per thread on the CPU, when the base's VJP needs no autograd (a taped network
     // or an exact mixture: VelocityField::vjp_needs_autograd); at least 16 rows each.

@@ -84,16 +84,16 @@ LossOutput FlowMatching::compute(Generator& gen) {
   const int64_t B = options_.batch_size;
   Tensor x1, c;
   if (data_) {
-    x1 = data_(B, gen).to(at::kFloat);
+    x1 = data_(B, gen).to(model_->device(), at::kFloat);
   } else {
     DataBatch batch = conditional_data_(B, gen);
-    x1 = batch.x.to(at::kFloat);
+    x1 = batch.x.to(model_->device(), at::kFloat);
     if (!batch.c.defined()) throw Error("flow matching: the data sampler gave no conditions");
-    c = condition_rows(batch.c, B, model_->condition_dim(), "flow matching data").to(at::kFloat);
+    c = condition_rows(batch.c, B, model_->condition_dim(), "flow matching data").to(model_->device(), at::kFloat);
   }
   check_batch(x1, model_->dim(), "data batch");
-  const Tensor x0 = at::randn(x1.sizes(), gen, x1.options());
-  const Tensor t = at::rand({B}, gen, x1.options());
+  const Tensor x0 = normal_draws(x1.sizes(), gen, x1.options());
+  const Tensor t = uniform_draws({B}, gen, x1.options());
   const ScheduleTensors s = model_->schedule()->at(t);
   const auto col = [](const Tensor& v) { return v.unsqueeze(1); };
   const Tensor xt = col(s.alpha) * x1 + col(s.beta) * x0;
@@ -106,7 +106,7 @@ LossOutput FlowMatching::compute(Generator& gen) {
   // E100: the rows whose uniform falls below p regress the null condition's field, the others v(. | c).
   // The two subsets go through the field separately (a field takes the null condition for a whole batch).
   const double p = options_.condition_dropout;
-  const Tensor dropped = p > 0.0 ? at::rand({B}, gen, x1.options()) < p : at::zeros({B}, x1.options().dtype(at::kBool));
+  const Tensor dropped = p > 0.0 ? uniform_draws({B}, gen, x1.options()) < p : at::zeros({B}, x1.options().dtype(at::kBool));
   const Tensor keep = at::nonzero(at::logical_not(dropped)).squeeze(1), drop = at::nonzero(dropped).squeeze(1);
   const auto squared = [&](const Tensor& rows, const Tensor& cond) {
     if (rows.numel() == 0) return at::zeros({}, x1.options());

@@ -187,12 +187,12 @@ OdeRegressionBatch OdeAdjointMatching::regression_batch(Generator& gen) const {
   const auto dtype = params.empty() ? at::typeMetaToScalarType(at::get_default_dtype()) : params.front().scalar_type();
   OdeRegressionBatch out;
   // Each trajectory's condition, first (an unconditional run draws nothing); the base is bound to them.
-  if (options_.conditions) out.conditions = options_.conditions->draw(B, gen, dtype);
+  if (options_.conditions) out.conditions = options_.conditions->draw(B, gen, dtype).to(model_->device());
   const Tensor& c = out.conditions;
   const VelocityFieldPtr base_at_c = bind_condition(model_->base(), c);
   const VelocityField& base = *base_at_c;
   // X_0 ~ N(0, I) in the trainable network's dtype (float for tilt's MLPs).
-  Tensor x = at::randn({B, model_->dim()}, gen, at::TensorOptions().dtype(dtype));
+  Tensor x = normal_draws({B, model_->dim()}, gen, at::TensorOptions().dtype(dtype).device(model_->device()));
 
   // The trained steps: the window [k0, K), or every step when the prefix is regressed to zero.
   const int64_t first_trained = options_.truncated_control == "zero" ? 0 : k0;

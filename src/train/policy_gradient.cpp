@@ -173,7 +173,7 @@ PolicyBatch PolicyGradient::sample(const Tensor& x0, const std::vector<int64_t>&
     }
     if (!(e.std > 0.0)) throw Error(name() + ": step " + std::to_string(k) + " has no noise; it cannot be a policy step");
     ++next_sde;
-    const Tensor x_next = mean + e.std * at::randn(x.sizes(), gen).to(x.scalar_type());
+    const Tensor x_next = mean + e.std * normal_draws(x.sizes(), gen, x.options());
     states.push_back(x);
     next_states.push_back(x_next);
     log_probs.push_back(gaussian_log_prob(x_next, mean, e.std, options_.reduction));
@@ -227,13 +227,15 @@ LossOutput PolicyGradient::compute(Generator& gen) {
     if (o.conditions) {
       c = grouped_ ? o.conditions->draw(B / o.group_size, gen).repeat_interleave(o.group_size, 0)
                    : o.conditions->draw(B, gen);
+      c = c.to(model_->device());
     }
+    const at::TensorOptions on = at::TensorOptions().device(model_->device());
     Tensor x0;
     if (grouped_) {
       // G generations share each initial noise (MixGRPO's init_same_noise).
-      x0 = at::randn({B / o.group_size, d}, gen).repeat_interleave(o.group_size, 0);
+      x0 = normal_draws({B / o.group_size, d}, gen, on).repeat_interleave(o.group_size, 0);
     } else {
-      x0 = at::randn({B, d}, gen);
+      x0 = normal_draws({B, d}, gen, on);
     }
     batch_ = sample(x0, sde_steps(iteration_, gen), gen, c);
     at::NoGradGuard no_grad;

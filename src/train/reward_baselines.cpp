@@ -32,7 +32,7 @@ void RewardBaseline::set_batch_size(int64_t n) {
 }
 
 Tensor RewardBaseline::draw_conditions(Generator& gen) const {
-  return options_.conditions ? options_.conditions->draw(options_.batch_size, gen) : Tensor();
+  return options_.conditions ? options_.conditions->draw(options_.batch_size, gen).to(model_->device()) : Tensor();
 }
 
 Tensor RewardBaseline::ode_steps(const VelocityField& v, Tensor x, int64_t from, int64_t to) const {
@@ -65,7 +65,7 @@ LossOutput DraftK::compute(Generator& gen) {
   const Tensor c = draw_conditions(gen);  // first: an unconditional run draws nothing
   const VelocityFieldPtr v = bind_condition(model_, c);
   const RewardPtr reward = reward_at(c);
-  Tensor x = at::randn({options_.batch_size, model_->dim()}, gen);
+  Tensor x = normal_draws({options_.batch_size, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
   {
     at::NoGradGuard no_grad;
     x = ode_steps(*v, x, 0, K - options_.draft_k);
@@ -102,7 +102,7 @@ LossOutput Refl::compute(Generator& gen) {
   const Tensor c = draw_conditions(gen);  // first: an unconditional run draws nothing
   const VelocityFieldPtr v = bind_condition(model_, c);
   const RewardPtr reward = reward_at(c);
-  Tensor x = at::randn({options_.batch_size, model_->dim()}, gen);
+  Tensor x = normal_draws({options_.batch_size, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
   const auto n = static_cast<int64_t>(candidates_.size());
   const int64_t k = candidates_[at::randint(n, {1}, gen, at::TensorOptions().dtype(at::kLong)).item<int64_t>()];
   {
@@ -140,7 +140,7 @@ LossOutput DiscreteAdjoint::compute(Generator& gen) {
   const Tensor c = draw_conditions(gen);  // first: an unconditional run draws nothing
   const VelocityFieldPtr base = bind_condition(model_->base(), c);
   const RewardPtr reward = reward_at(c);
-  Tensor x = at::randn({B, model_->dim()}, gen);
+  Tensor x = normal_draws({B, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
   Tensor control_cost = at::zeros({B}, x.options());
   // Controlled memoryless SDE, Euler-Maruyama, with the whole graph kept:
   //   X_{k+1} = X_k + h (c_v v_theta - c_x X_k) + sqrt(h) sigma eps,  u_k = (c_v / sigma)(v_theta - v_base)
@@ -153,7 +153,7 @@ LossOutput DiscreteAdjoint::compute(Generator& gen) {
     const Tensor delta = model_->delta(x, at::full({B}, t, x.options()), v_base, c);
     const Tensor u = (finetuned_sde_.coefficients(t).c_v / sigma) * delta;
     control_cost = control_cost + 0.5 * h * u.pow(2).sum(1);
-    const Tensor eps = at::randn(x.sizes(), gen);
+    const Tensor eps = normal_draws(x.sizes(), gen, x.options());
     x = euler_kernel(finetuned_sde_, t, grid_[k + 1]).next(x, v_base + delta, eps);
   }
   const Tensor x1 = StepKernel{1.0, grid_.step(K - 1), 0.0}.mean(x, base->velocity(x, grid_[K - 1]));

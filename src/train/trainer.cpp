@@ -562,7 +562,7 @@ void Trainer::save_checkpoint(const std::string& path) const {
     archive.write("iteration", at::scalar_tensor(m.iteration, at::kLong));
     archive.write("num_params", at::scalar_tensor(static_cast<int64_t>(m.params.size()), at::kLong));
     for (size_t i = 0; i < m.params.size(); ++i) {
-      archive.write("param_" + std::to_string(i), m.params[i].detach());
+      archive.write("param_" + std::to_string(i), m.params[i].detach().cpu());
     }
     torch::serialize::OutputArchive opt_archive;
     m.optimizer->save(opt_archive);
@@ -632,7 +632,10 @@ void Trainer::load_checkpoint(const std::string& path) {
   const size_t length = bytes.size() - start;
   torch::serialize::InputArchive archive;
   try {
-    archive.load_from(bytes.data() + start, length);
+    // Onto the parameters' device: a checkpoint written on a GPU resumes on the CPU, and the other way.
+    const c10::optional<at::Device> device =
+        m.params.empty() ? c10::optional<at::Device>() : c10::optional<at::Device>(m.params.front().device());
+    archive.load_from(bytes.data() + start, length, device);
   } catch (const c10::Error& e) {
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" +
                 std::string(e.what_without_backtrace()) + ")");

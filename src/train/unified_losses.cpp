@@ -59,7 +59,7 @@ void check_common(const std::string& label, const std::shared_ptr<FineTunedVeloc
 
 // t ~ U[t_min, t_max], [B], in the dtype of `like`.
 Tensor draw_times(int64_t B, const UnifiedLossOptions& o, Generator& gen, const Tensor& like) {
-  return o.t_min + (o.t_max - o.t_min) * at::rand({B}, gen, like.options());
+  return o.t_min + (o.t_max - o.t_min) * uniform_draws({B}, gen, like.options());
 }
 
 std::vector<StepKernel> model_kernels(const std::shared_ptr<FineTunedVelocity>& model, const NoiseSchedulePtr& noise,
@@ -86,9 +86,9 @@ TiltRollout tilt_rollout(const std::shared_ptr<FineTunedVelocity>& model, const 
   const TimeGrid grid = TimeGrid::uniform(steps);
   const std::vector<StepKernel> kernels = model_kernels(model, noise, steps);
   const VelocityField& base = *model->base();
-  const at::TensorOptions opts = at::TensorOptions().dtype(at::kFloat);
+  const at::TensorOptions opts = at::TensorOptions().dtype(at::kFloat).device(model->device());
   TiltRollout r;
-  Tensor x = at::randn({batch, model->dim()}, gen, opts);
+  Tensor x = normal_draws({batch, model->dim()}, gen, opts);
   r.x.push_back(x);
   PathWeight weight(batch);
   for (int64_t k = 0; k < steps; ++k) {
@@ -98,7 +98,7 @@ TiltRollout tilt_rollout(const std::shared_ptr<FineTunedVelocity>& model, const 
     const StepKernel& K = kernels[static_cast<size_t>(k)];
     Tensor xi;
     if (!K.deterministic()) {
-      xi = at::randn(x.sizes(), gen, x.options());
+      xi = normal_draws(x.sizes(), gen, x.options());
       weight.add_step(K.c_v * delta, xi, K.std);  // E93: shift m_Q - m_P = c_v (v_theta - v_base)
     }
     x = K.next(x, vb + delta, xi);
@@ -201,7 +201,7 @@ LossOutput TiltScoreMatching::compute(Generator& gen) {
   const auto [x1, w] = terminal_samples(options_.batch_size, gen);
   const int64_t B = x1.size(0);
   const Tensor t = draw_times(B, options_, gen, x1);
-  const Tensor x0 = at::randn(x1.sizes(), gen, x1.options());
+  const Tensor x0 = normal_draws(x1.sizes(), gen, x1.options());
   const Tensor target = target_difference(x1, x0, t);
   const Coefficients c = coefficients(*model_->schedule(), t);
   const Tensor xt = (c.alpha * x1 + c.beta * x0).detach();
@@ -360,13 +360,13 @@ LossOutput TiltNets::compute(Generator& gen) {
     const VelocityField& vb = *model_->base();
     x1 = rollout(step_kernels(base_sde, grid, Integrator::euler),
                  [&](int64_t k, const Tensor& x) { return vb.velocity(x, grid[k]); },
-                 at::randn({B, model_->dim()}, gen), gen)
+                 normal_draws({B, model_->dim()}, gen, at::TensorOptions().device(model_->device())), gen)
              .final();
   }
   check_batch(x1, model_->dim(), "nets: base_samples");
   const Tensor t = draw_times(x1.size(0), options_, gen, x1);
   const Coefficients c = coefficients(*model_->schedule(), t);
-  const Tensor xt = c.alpha * x1 + c.beta * at::randn(x1.sizes(), gen, x1.options());
+  const Tensor xt = c.alpha * x1 + c.beta * normal_draws(x1.sizes(), gen, x1.options());
   LossOutput out;
   out.loss = residual(xt, t, gen).pow(2).mean();
   out.metrics.emplace_back("log_z", log_z());

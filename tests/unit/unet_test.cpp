@@ -99,7 +99,7 @@ TEST(UNet, TheTimeAndTheConditionChangeTheOutputAndOneConditionRowServesTheBatch
 TEST(UNet, InputVjpMatchesFiniteDifferencesInFloat64) {
   for (const int64_t dc : {int64_t{0}, int64_t{3}}) {
     UNetVelocity net(tiny(dc), make_linear_schedule(), 7);
-    net.to(kDouble);
+    net.cast(kDouble);
     Generator gen = make_generator(11);
     const Tensor x = at::randn({2, net.dim()}, gen, kDouble);
     const Tensor a = at::randn({2, net.dim()}, gen, kDouble);
@@ -129,7 +129,7 @@ TEST(UNet, InputVjpMatchesFiniteDifferencesInFloat64) {
 // The parameter gradient that training uses, on a few entries of different layers.
 TEST(UNet, ParameterGradientsMatchFiniteDifferencesInFloat64) {
   UNetVelocity net(tiny(), make_linear_schedule(), 3);
-  net.to(kDouble);
+  net.cast(kDouble);
   Generator gen = make_generator(5);
   const Tensor x = at::randn({2, net.dim()}, gen, kDouble);
   const Tensor c = at::eye(3, kDouble).slice(0, 1, 3);

@@ -21,12 +21,18 @@
 
 namespace tilt {
 
-/// seed and threads from the top level of the config; sets LibTorch's thread count.
+/// seed, threads and device from the top level of the config; sets LibTorch's thread count and the
+/// process's device (unless --device fixed it: set_run_device).
 struct RunSettings {
   uint64_t seed = 0;
   int threads = 0;
+  at::Device device{at::kCPU};  ///< where the run's models and tensors live (docs/devices.md)
 };
 RunSettings read_run_settings(ConfigSection& root);
+/// The device of this process's runs: the CPU until set. `from_flag` (--device) makes it win over a
+/// config's device key, which read_run_settings then only checks to be a string.
+void set_run_device(const at::Device& device, bool from_flag);
+at::Device run_device();
 /// The most threads a config or --threads may ask for (docs/config.md, Limits): a fixed bound, so
 /// that a config valid on one machine is valid on every other. 100000 blocked in futex_wait.
 constexpr int kMaxThreads = 1024;

@@ -53,6 +53,10 @@ class Classifier {
   Tensor features(const Tensor& x) const;
   /// Casts the parameters to float64 (inputs must then be float64): for finite-difference checks.
   void to_float64();
+  /// Moves the parameters to `device` in place (docs/devices.md): what the classifier holds is not
+  /// changed in value, so a shared const classifier may be moved.
+  void to(const at::Device& device) const;
+  at::Device device() const;
 
   std::vector<Tensor> parameters() const;
   NamedTensors named_parameters() const;
@@ -83,6 +87,7 @@ class ClassifierReward : public Reward {
   Tensor grad(const Tensor& x) const override;
   const MlpClassifier& classifier() const { return *classifier_; }
   int64_t target_class() const { return class_; }
+  void to(const at::Device& device) const override { classifier_->to(device); }
 
  private:
   ClassifierPtr classifier_;
@@ -101,6 +106,7 @@ class ConditionalClassifierReward : public Reward {
   Tensor value(const Tensor& x) const override;
   Tensor conditional_value(const Tensor& x, const Tensor& c) const override;
   const MlpClassifier& classifier() const { return *classifier_; }
+  void to(const at::Device& device) const override { classifier_->to(device); }
 
  private:
   ClassifierPtr classifier_;

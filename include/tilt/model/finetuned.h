@@ -37,6 +37,9 @@ class FineTunedVelocity : public VelocityField {
   void set_trainable(bool trainable) override { trainable_->set_trainable(trainable); }
   /// Clones of the base (frozen) and of the trainable network.
   VelocityFieldPtr clone() const override;
+  /// Moves the base and the trainable network.
+  void to(const at::Device& device) override;
+  at::Device device() const override { return trainable_->device(); }
 
   /// v_theta(x, t | c) - v_base(x, t | c), given v_base(x, t | c) already computed (the residual mode
   /// does not need it: the difference is the residual network itself). c undefined: unconditional.

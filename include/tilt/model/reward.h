@@ -32,6 +32,10 @@ class Reward {
   virtual Tensor conditional_value(const Tensor& x, const Tensor& c) const;
   /// grad_x r(x, c); by default grad(x) for an undefined c, else autograd of conditional_value().
   virtual Tensor conditional_grad(const Tensor& x, const Tensor& c) const;
+  /// Moves the reward's network to `device` (docs/devices.md); closed-form rewards need nothing (they
+  /// compute on their input's device), the default. Const: a move changes no value, and rewards are
+  /// shared as RewardPtr (const).
+  virtual void to(const at::Device& device) const { (void)device; }
 };
 
 using RewardPtr = std::shared_ptr<const Reward>;

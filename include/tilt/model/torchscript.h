@@ -82,6 +82,9 @@ class TorchScriptVelocity : public VelocityField {
 
   /// A deep copy (its own parameters), for fine-tuning the whole module ("copy" mode).
   VelocityFieldPtr clone() const override;
+  /// Moves the module (its parameters and buffers) to `device`.
+  void to(const at::Device& device) override;
+  at::Device device() const override;
   /// The module, with its current parameters, as TorchScript archive bytes.
   std::string archive() const;
   const TorchScriptOptions& options() const { return options_; }
@@ -116,6 +119,7 @@ class TorchScriptReward : public Reward {
   int64_t condition_dim() const override { return condition_dim_; }
   Tensor conditional_value(const Tensor& x, const Tensor& c) const override;
   Tensor conditional_grad(const Tensor& x, const Tensor& c) const override;
+  void to(const at::Device& device) const override;
 
  private:
   void probe() const;

@@ -76,8 +76,10 @@ class UNetVelocity : public VelocityField {
   bool has_lora() const;
   const LoraOptions& lora() const { return lora_; }
 
-  /// Moves or converts every tensor (device, dtype), keeping which ones train.
-  void to(const at::TensorOptions& options);
+  /// Moves or converts every tensor (device, dtype) in place, keeping which ones train: a LoRA network
+  /// and the base whose weights it shares move together.
+  void cast(const at::TensorOptions& options);
+  void to(const at::Device& device) override { cast(at::TensorOptions().device(device)); }
 
   const UNetOptions& options() const { return options_; }
   /// The names and shapes of the network's tensors for these options, and of the adapters `lora` adds, in

@@ -78,6 +78,14 @@ class VelocityField {
   /// by hand returns false: then the fast path may call it from several threads at once.
   virtual bool vjp_needs_autograd() const { return true; }
 
+  /// Moves the field's tensors to `device` (docs/devices.md). By default each of named_parameters() in
+  /// place (its data replaced, so the tensors that parameters() returned, and optimisers holding them,
+  /// follow). Closed-form fields need nothing: they compute on the device of their input.
+  virtual void to(const at::Device& device);
+  /// Where the field's parameters live: by default the device of the first of named_parameters(), the
+  /// CPU for a field without any. Trainers and samplers draw their states there.
+  virtual at::Device device() const;
+
   /// The reference flow this field belongs to: a velocity is only meaningful with its schedule.
   const SchedulePtr& schedule() const { return schedule_; }
 

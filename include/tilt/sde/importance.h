@@ -59,6 +59,7 @@ class ControlledVelocity : public VelocityField {
   using VelocityField::velocity;
   /// t must be one time for the batch (0-dim).
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  at::Device device() const override { return base_->device(); }
 
  private:
   VelocityFieldPtr base_;
@@ -80,6 +81,7 @@ class ScaledControlVelocity : public VelocityField {
   int64_t dim() const override { return base_->dim(); }
   using VelocityField::velocity;
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
+  at::Device device() const override { return v_q_->device(); }
 
  private:
   VelocityFieldPtr base_, v_q_;

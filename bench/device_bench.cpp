@@ -5,7 +5,8 @@
 // timed Trainer steps (Adam, clipping: what `tilt finetune` runs) after one warm-up, on each device in
 // turn; a step ends with the loss read back (.item()), which waits for the GPU. Needs no Google Benchmark.
 //
-//   tilt_device_bench [--device cuda] [--threads N] [--repeats R] [--quick] [--out FILE.jsonl]
+//   tilt_device_bench [--device cuda] [--threads N] [--repeats R] [--quick] [--only TEXT] [--out FILE.jsonl]
+// (--only: the cases whose name contains TEXT.)
 //
 // One JSON line per case and device: {"case", "device", "seconds_per_iteration" (the median), "min", "max"}.
 #include "tilt/core/error.h"
@@ -88,7 +89,7 @@ double median(std::vector<double> v) {
 }
 
 int run(int argc, char** argv) {
-  std::string device_name = "cuda", out_path;
+  std::string device_name = "cuda", out_path, only;
   int threads = 0, repeats = 5;
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
@@ -102,7 +103,8 @@ int run(int argc, char** argv) {
     else if (a == "--repeats") repeats = std::atoi(value().c_str());
     else if (a == "--out") out_path = value();
     else if (a == "--quick") quick = true;
-    else throw Error("unknown argument '" + a + "' (--device D, --threads N, --repeats R, --quick, --out FILE)");
+    else if (a == "--only") only = value();
+    else throw Error("unknown argument '" + a + "' (--device D, --threads N, --repeats R, --quick, --only TEXT, --out FILE)");
   }
   if (repeats < 1) throw Error("--repeats must be >= 1");
   const at::Device device = parse_device(device_name, "--device");
@@ -128,6 +130,7 @@ int run(int argc, char** argv) {
   std::vector<at::Device> devices{at::Device(at::kCPU)};
   if (!device.is_cpu()) devices.push_back(device);
   for (const Case& c : cases) {
+    if (c.name.find(only) == std::string::npos) continue;
     for (const at::Device& d : devices) {
       std::unique_ptr<Loss> loss = c.make(d);
       TrainerOptions to;

@@ -94,6 +94,20 @@ MlpVelocity::~MlpVelocity() = default;
 Tensor MlpVelocity::velocity(const Tensor& x, const Tensor& t) const { return conditional_velocity(x, t, Tensor()); }
 
 Tensor MlpVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
+  return conditioned(x, t, c, Tensor());
+}
+
+Tensor MlpVelocity::conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const {
+  if (options_.condition_dim == 0 || !c.defined()) return VelocityField::conditional_velocity_masked(x, t, c, keep);
+  if (!keep.defined() || keep.dim() != 1 || keep.size(0) != x.size(0) || keep.scalar_type() != at::kBool) {
+    return VelocityField::conditional_velocity_masked(x, t, c, keep);  // its error
+  }
+  return conditioned(x, t, c, keep);
+}
+
+// The network on [x, time embedding, c, flag]; with `keep`, the rows where it is false get the null
+// condition's c = 0 and flag 0.
+Tensor MlpVelocity::conditioned(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const {
   check_batch(x, options_.dim, "x");
   check_time(t, x.size(0), "t");
   std::vector<Tensor> inputs{x, embed_time(t, x.size(0), options_.time_features, x.options())};
@@ -101,8 +115,14 @@ Tensor MlpVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const
   if (dc > 0) {
     const int64_t B = x.size(0);
     const Tensor rows = condition_rows(c, B, dc, "mlp");
-    inputs.push_back(rows.defined() ? rows.to(x.options()) : at::zeros({B, dc}, x.options()));
-    inputs.push_back(at::full({B, 1}, rows.defined() ? 1.0 : 0.0, x.options()));
+    if (keep.defined()) {
+      const Tensor flag = keep.to(x.options()).unsqueeze(1);
+      inputs.push_back(rows.to(x.options()) * flag);
+      inputs.push_back(flag);
+    } else {
+      inputs.push_back(rows.defined() ? rows.to(x.options()) : at::zeros({B, dc}, x.options()));
+      inputs.push_back(at::full({B, 1}, rows.defined() ? 1.0 : 0.0, x.options()));
+    }
   } else if (c.defined()) {
     return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind
   }

@@ -362,6 +362,20 @@ std::shared_ptr<UNetVelocity> UNetVelocity::with_lora(const LoraOptions& lora, u
 Tensor UNetVelocity::velocity(const Tensor& x, const Tensor& t) const { return conditional_velocity(x, t, Tensor()); }
 
 Tensor UNetVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const {
+  return conditioned(x, t, c, Tensor());
+}
+
+Tensor UNetVelocity::conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c,
+                                                 const Tensor& keep) const {
+  if (options_.condition_dim == 0 || !c.defined() || !keep.defined() || keep.dim() != 1 || keep.size(0) != x.size(0) ||
+      keep.scalar_type() != at::kBool) {
+    return VelocityField::conditional_velocity_masked(x, t, c, keep);  // or its error
+  }
+  return conditioned(x, t, c, keep);
+}
+
+// With `keep`, the rows where it is false get the null condition's c = 0 and flag 0.
+Tensor UNetVelocity::conditioned(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const {
   check_batch(x, dim(), "x");
   const int64_t B = x.size(0);
   check_time(t, B, "t");
@@ -375,8 +389,8 @@ Tensor UNetVelocity::conditional_velocity(const Tensor& x, const Tensor& t, cons
   Tensor emb = n.linear(a.time2, at::silu(n.linear(a.time1, embed_time(t, B, o.time_features, opts))));
   if (a.condition) {
     const Tensor rows = condition_rows(c, B, o.condition_dim, "unet");
-    const Tensor cond = rows.defined() ? rows.to(opts) : at::zeros({B, o.condition_dim}, opts);
-    const Tensor flag = at::full({B, 1}, rows.defined() ? 1.0 : 0.0, opts);
+    const Tensor flag = keep.defined() ? keep.to(opts).unsqueeze(1) : at::full({B, 1}, rows.defined() ? 1.0 : 0.0, opts);
+    const Tensor cond = rows.defined() ? (keep.defined() ? rows.to(opts) * flag : rows.to(opts)) : at::zeros({B, o.condition_dim}, opts);
     emb = emb + n.linear(*a.condition, at::cat({cond, flag}, 1));
   } else if (c.defined()) {
     return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind

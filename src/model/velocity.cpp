@@ -46,6 +46,29 @@ Tensor VelocityField::conditional_velocity(const Tensor& x, const Tensor& t, con
   return velocity(x, t);
 }
 
+Tensor VelocityField::conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c,
+                                                 const Tensor& keep) const {
+  const int64_t B = x.size(0);
+  if (!keep.defined() || keep.dim() != 1 || keep.size(0) != B || keep.scalar_type() != at::kBool) {
+    throw Error("conditional_velocity_masked: keep must be a [" + std::to_string(B) + "] bool tensor, got " +
+                shape_string(keep));
+  }
+  const Tensor kept = at::nonzero(keep).squeeze(1), dropped = at::nonzero(at::logical_not(keep)).squeeze(1);
+  auto rows_of = [&](const Tensor& rows, const Tensor& cond) {
+    const Tensor tr = t.dim() == 0 ? t : t.index_select(0, rows);
+    return conditional_velocity(x.index_select(0, rows), tr, cond.defined() ? cond.index_select(0, rows) : Tensor());
+  };
+  // Each set's rows are put back in place (index_copy is differentiable in what it copies).
+  Tensor v;
+  for (const auto& [rows, cond] : {std::make_pair(kept, c), std::make_pair(dropped, Tensor())}) {
+    if (rows.numel() == 0) continue;
+    const Tensor part = rows_of(rows, cond);
+    if (!v.defined()) v = at::zeros({B, part.size(1)}, part.options());
+    v = v.index_copy(0, rows, part);
+  }
+  return v;
+}
+
 Tensor VelocityField::conditional_vjp(const Tensor& x, double t, const Tensor& c, const Tensor& a,
                                       Tensor* v_out) const {
   if (!c.defined()) return vjp(x, t, a, v_out);

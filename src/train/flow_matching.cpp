@@ -103,19 +103,13 @@ LossOutput FlowMatching::compute(Generator& gen) {
     out.loss = (model_->velocity(xt, t) - target).pow(2).sum(1).mean();
     return out;
   }
-  // E100: the rows whose uniform falls below p regress the null condition's field, the others v(. | c).
-  // The two subsets go through the field separately (a field takes the null condition for a whole batch).
+  // E100: the rows whose uniform falls below p regress the null condition's field, the others v(. | c), in one
+  // call (VelocityField::conditional_velocity_masked: one pass of fixed shape for tilt's networks).
   const double p = options_.condition_dropout;
   const Tensor dropped = p > 0.0 ? uniform_draws({B}, gen, x1.options()) < p : at::zeros({B}, x1.options().dtype(at::kBool));
-  const Tensor keep = at::nonzero(at::logical_not(dropped)).squeeze(1), drop = at::nonzero(dropped).squeeze(1);
-  const auto squared = [&](const Tensor& rows, const Tensor& cond) {
-    if (rows.numel() == 0) return at::zeros({}, x1.options());
-    const Tensor v = model_->conditional_velocity(xt.index_select(0, rows), t.index_select(0, rows),
-                                                  cond.defined() ? cond.index_select(0, rows) : Tensor());
-    return (v - target.index_select(0, rows)).pow(2).sum();
-  };
-  out.loss = (squared(keep, c) + squared(drop, Tensor())) / static_cast<double>(B);
-  out.metrics.push_back({"dropped", static_cast<double>(drop.numel()) / static_cast<double>(B)});
+  const Tensor v = model_->conditional_velocity_masked(xt, t, c, at::logical_not(dropped));
+  out.loss = (v - target).pow(2).sum() / static_cast<double>(B);
+  out.metrics.push_back({"dropped", dropped.sum().item<double>() / static_cast<double>(B)});
   return out;
 }
 

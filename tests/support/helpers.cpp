@@ -117,4 +117,19 @@ double energy_noise_floor(const GaussianMixture& p, int64_t n, int pairs, uint64
   return total / pairs;
 }
 
+UNetOptions tiny_unet(int64_t channels, int64_t height, int64_t width, int64_t condition_dim) {
+  UNetOptions o;
+  o.channels = channels;
+  o.height = height;
+  o.width = width;
+  o.base_channels = 8;
+  o.channel_mult = {1, 2};
+  o.blocks = 1;
+  o.groups = 4;
+  o.attention = true;
+  o.time_features = 8;
+  o.condition_dim = condition_dim;
+  return o;
+}
+
 }  // namespace tilt::test

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "tilt/model/gmm.h"
+#include "tilt/model/unet.h"
 #include "tilt/model/velocity.h"
 
 #include <ATen/ATen.h>
@@ -19,6 +20,10 @@ std::shared_ptr<GaussianMixture> ring_mixture_2d();
 std::shared_ptr<GaussianMixture> random_mixture(int64_t d, int64_t components, uint64_t seed);
 /// One isotropic Gaussian N(mu, s^2 I).
 std::shared_ptr<GaussianMixture> isotropic_gaussian(const std::vector<double>& mu, double s);
+
+/// A U-Net small enough for float64 finite differences in a second: channels x height x width images, 8 base
+/// channels x {1, 2}, one block per level, 4 groups, attention, 8 time features.
+UNetOptions tiny_unet(int64_t channels, int64_t height, int64_t width, int64_t condition_dim);
 
 /// Jacobian of f: R^d -> R^d at each row of x ([B, d] -> [B, d, d]) by central differences.
 at::Tensor fd_jacobian(const std::function<at::Tensor(const at::Tensor&)>& f, const at::Tensor& x,

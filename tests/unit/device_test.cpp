@@ -59,18 +59,14 @@ std::shared_ptr<QuadraticReward> quadratic(int64_t d, double precision) {
   return std::make_shared<QuadraticReward>(0.5 * at::ones({d}, kDouble), precision * at::eye(d, kDouble));
 }
 
-UNetOptions small_unet(int64_t condition_dim) {
-  UNetOptions o;
-  o.channels = 1;
-  o.height = 8;
-  o.width = 8;
-  o.base_channels = 8;
-  o.channel_mult = {1, 2};
-  o.blocks = 1;
-  o.groups = 4;
-  o.attention = true;
-  o.time_features = 8;
-  o.condition_dim = condition_dim;
+UNetOptions small_unet(int64_t condition_dim) { return test::tiny_unet(1, 8, 8, condition_dim); }
+
+AdjointMatchingOptions am_options(int64_t K, int64_t B, int64_t early_and_late) {
+  AdjointMatchingOptions o;
+  o.num_steps = K;
+  o.batch_size = B;
+  o.loss_early_steps = early_and_late;
+  o.loss_late_steps = early_and_late;
   return o;
 }
 
@@ -208,11 +204,7 @@ TEST(Device, AdjointMatchingIterationOfATapedMlpMatchesTheCpu) {
   TILT_NEED_DEVICE(dev);
   const auto schedule = make_linear_schedule();
   auto base = std::make_shared<MlpVelocity>(MlpOptions{4, {32, 32}, 8, false, 0}, schedule, 1);
-  AdjointMatchingOptions o;
-  o.num_steps = 20;
-  o.batch_size = 64;
-  o.loss_early_steps = 6;
-  o.loss_late_steps = 6;
+  AdjointMatchingOptions o = am_options(20, 64, 6);
   for (const bool taped : {true, false}) {
     o.tape_activations = taped;
     for (const auto mode : {FineTuneMode::residual, FineTuneMode::copy}) {
@@ -225,11 +217,7 @@ TEST(Device, AdjointMatchingIterationOfATapedMlpMatchesTheCpu) {
 TEST(Device, AdjointMatchingIterationOfAConditionalUNetWithLoraMatchesTheCpu) {
   TILT_NEED_DEVICE(dev);
   auto base = std::make_shared<UNetVelocity>(small_unet(3), make_linear_schedule(), 1);
-  AdjointMatchingOptions o;
-  o.num_steps = 10;
-  o.batch_size = 12;
-  o.loss_early_steps = 3;
-  o.loss_late_steps = 3;
+  AdjointMatchingOptions o = am_options(10, 12, 3);
   o.conditions = std::make_shared<ConditionSet>(ConditionSet::classes(3));
   for (const double w : {0.0, 1.5}) {
     o.guidance = w;
@@ -296,11 +284,7 @@ TEST(Device, CheckpointsAndModelFilesMoveBetweenDevices) {
   TILT_NEED_DEVICE(dev);
   const auto schedule = make_linear_schedule();
   auto base = std::make_shared<MlpVelocity>(MlpOptions{3, {16, 16}, 4, false, 0}, schedule, 1);
-  AdjointMatchingOptions o;
-  o.num_steps = 10;
-  o.batch_size = 32;
-  o.loss_early_steps = 3;
-  o.loss_late_steps = 3;
+  const AdjointMatchingOptions o = am_options(10, 32, 3);
   const std::string ckpt = ::testing::TempDir() + "/tilt_device_checkpoint.pt";
   const std::string file = ::testing::TempDir() + "/tilt_device_model.pt";
   auto on_dev = make_finetuned(base->clone(), FineTuneMode::residual, {16}, 4, 2);

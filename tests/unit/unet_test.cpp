@@ -8,11 +8,14 @@
 #include "tilt/io/training.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
+#include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
 #include "tilt/train/flow_matching.h"
 #include "tilt/train/trainer.h"
+
+#include "../support/helpers.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -27,20 +30,7 @@ namespace {
 const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
 // Small enough for float64 finite differences in a second: 8x8, two levels, attention and a condition.
-UNetOptions tiny(int64_t condition_dim = 3) {
-  UNetOptions o;
-  o.channels = 2;
-  o.height = 8;
-  o.width = 4;
-  o.base_channels = 8;
-  o.channel_mult = {1, 2};
-  o.blocks = 1;
-  o.groups = 4;
-  o.attention = true;
-  o.time_features = 8;
-  o.condition_dim = condition_dim;
-  return o;
-}
+UNetOptions tiny(int64_t condition_dim = 3) { return test::tiny_unet(2, 8, 4, condition_dim); }
 
 std::string temp_path(const std::string& name) { return ::testing::TempDir() + "/tilt_unet_" + name; }
 
@@ -155,6 +145,43 @@ TEST(UNet, ParameterGradientsMatchFiniteDifferencesInFloat64) {
       const double fd = (up - down) / (2 * h);
       EXPECT_NEAR(grads[k].view(-1)[i].item<double>(), fd, 1e-6 * (1.0 + std::abs(fd))) << name << "[" << i << "]";
     }
+  }
+}
+
+// Flow matching's condition dropout in one pass (E100): the networks' masked pass against the reference of two
+// separate sets of rows (VelocityField's default), values and the gradients of every parameter, in float64.
+TEST(UNet, MaskedConditionsInOnePassEqualTheTwoSetsOfRows) {
+  const auto schedule = make_linear_schedule();
+  auto unet = std::make_shared<UNetVelocity>(tiny(3), schedule, 5);
+  unet->cast(kDouble);
+  auto mlp = std::make_shared<MlpVelocity>(MlpOptions{64, {16, 16}, 4, false, 3}, schedule, 6);
+  for (Tensor p : mlp->parameters()) p.set_data(p.data().to(at::kDouble));
+  Generator gen = make_generator(2);
+  const int64_t B = 7;
+  const Tensor x = at::randn({B, 64}, gen, kDouble), t = at::rand({B}, gen, kDouble);
+  const Tensor c = at::randn({B, 3}, gen, kDouble);
+  for (const VelocityFieldPtr& net : std::vector<VelocityFieldPtr>{unet, mlp}) {
+    SCOPED_TRACE(net->kind());
+    for (const std::vector<bool>& pattern : {std::vector<bool>{1, 0, 1, 1, 0, 0, 1}, std::vector<bool>(B, true),
+                                             std::vector<bool>(B, false)}) {
+      Tensor keep = at::zeros({B}, at::TensorOptions().dtype(at::kBool));
+      for (int64_t i = 0; i < B; ++i) keep[i] = static_cast<bool>(pattern[static_cast<size_t>(i)]);
+      const Tensor w = at::randn({B, 64}, gen, kDouble);
+      auto grads = [&](const Tensor& v) {
+        return torch::autograd::grad({(v * w).sum()}, net->parameters(), {}, /*retain_graph=*/false, /*create_graph=*/false,
+                                     /*allow_unused=*/true);
+      };
+      const Tensor fast = net->conditional_velocity_masked(x, t, c, keep);
+      const Tensor slow = net->VelocityField::conditional_velocity_masked(x, t, c, keep);
+      EXPECT_LT((fast - slow).abs().max().item<double>(), 1e-12);
+      const auto gf = grads(fast), gs = grads(net->VelocityField::conditional_velocity_masked(x, t, c, keep));
+      for (size_t i = 0; i < gf.size(); ++i) {
+        if (!gs[i].defined()) continue;  // the condition layer's weights are unused when every row is dropped
+        ASSERT_TRUE(gf[i].defined());
+        EXPECT_LT((gf[i] - gs[i]).abs().max().item<double>(), 1e-10) << "parameter " << i;
+      }
+    }
+    EXPECT_THROW(net->conditional_velocity_masked(x, t, c, at::ones({B}, kDouble)), Error);
   }
 }
 

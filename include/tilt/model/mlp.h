@@ -34,6 +34,8 @@ class MlpVelocity : public VelocityField, public TapedNetwork {
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
   int64_t condition_dim() const override { return options_.condition_dim; }
   Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override;
+  /// One pass: the dropped rows get the null condition's inputs (c = 0, flag 0).
+  Tensor conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const override;
   std::vector<Tensor> parameters() const override;
 
   /// The input VJP (dv/dx)^T a by hand: one taped forward pass and the transposed chain of layers,
@@ -60,6 +62,7 @@ class MlpVelocity : public VelocityField, public TapedNetwork {
   VelocityFieldPtr clone() const override;
 
  private:
+  Tensor conditioned(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const;
   struct Impl;
   MlpOptions options_;
   std::unique_ptr<Impl> impl_;

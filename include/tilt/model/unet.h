@@ -58,6 +58,8 @@ class UNetVelocity : public VelocityField {
   Tensor velocity(const Tensor& x, const Tensor& t) const override;
   int64_t condition_dim() const override { return options_.condition_dim; }
   Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override;
+  /// One pass: the dropped rows get the null condition's inputs (c = 0, flag 0).
+  Tensor conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const override;
 
   /// The trainable tensors: all of them, or with adapters only the adapters (the base stays frozen).
   std::vector<Tensor> parameters() const override;
@@ -89,6 +91,7 @@ class UNetVelocity : public VelocityField {
       const UNetOptions& options, const std::optional<LoraOptions>& lora = std::nullopt);
 
  private:
+  Tensor conditioned(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const;
   struct Impl;
   UNetVelocity(const UNetVelocity& other, const LoraOptions& lora, uint64_t seed);
   UNetOptions options_;

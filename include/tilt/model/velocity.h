@@ -47,6 +47,11 @@ class VelocityField {
   /// subtracts. For a conditional field velocity(x, t) is the null condition. The default accepts only
   /// an undefined c (an unconditional field) and throws tilt::Error naming the kind otherwise.
   virtual Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const;
+  /// v(x, t | c_i) in the rows where keep ([B] bool) is true and v(x, t | null) in the others: flow
+  /// matching's condition dropout (docs/equations.md, E100). By default the two sets of rows go through
+  /// conditional_velocity separately; tilt's networks, whose null condition is an input flag, override it
+  /// with one pass of fixed shape (a GPU then reuses its kernels' plans from one batch to the next).
+  virtual Tensor conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const;
   /// (dv/dx)^T a at one time given c (as conditional_velocity); by default by autograd, or vjp() for an
   /// undefined c.
   virtual Tensor conditional_vjp(const Tensor& x, double t, const Tensor& c, const Tensor& a,

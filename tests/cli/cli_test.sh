@@ -433,7 +433,17 @@ expect_error "export --check-file (the new name of its --reference) is checked l
   "$tilt" export -m run/model.pt -o m.ts --check-file run/model.pt
 expect_error "export: --check-file and its old spelling at once" "not both" \
   "$tilt" export -m run/model.pt -o m.ts --check-file a.pt --reference b.pt
-expect_error "--device other than cpu" "--device 'cuda' is not supported yet" "$tilt" eval -c tiny.toml -s x.csv --device cuda
+expect_error "--device that is no device" "--device must be cpu, cuda or cuda:N, got 'gpu'" "$tilt" eval -c tiny.toml -s x.csv --device gpu
+# On a machine without a GPU (CI), cuda is refused before anything runs; a config's device is named as its key.
+if ! "$tilt" finetune -q -c tiny.toml --set finetune.iterations=1 -o dev_probe --device cuda > /dev/null 2>&1; then
+  expect_error "--device cuda without a GPU" "--device = cuda: no CUDA device is available" \
+    "$tilt" finetune -q -c tiny.toml -o dev_cuda --device cuda
+  expect_error "device = \"cuda:3\" in a config without a GPU" "'device' = cuda:3: no CUDA device" \
+    "$tilt" finetune -q -c tiny.toml --set 'device="cuda:3"' -o dev_cuda
+  if [ -e dev_cuda ]; then fail "a refused device left a run directory"; else pass "a refused device writes nothing"; fi
+fi
+"$tilt" finetune -q -c tiny.toml --set finetune.iterations=2 --set 'device="cuda"' --device cpu -o dev_cpu > dev_cpu.log 2>&1 &&
+  [ -f dev_cpu/model.pt ] && pass "--device cpu wins over a config's device" || fail "--device over the config: $(cat dev_cpu.log)"
 cat > soc.toml <<'TOML'
 seed = 2
 [soc]

@@ -119,6 +119,17 @@ std::string zip_damage(const std::string& b) {
     if (method == 8 && !inflated_crc_matches(b.data() + data, size, little_endian(b, p + 24, 4), crc)) {
       return "a compressed record whose checksum does not match";
     }
+    // The data descriptor after the record (flag bit 3; "PK\7\8" optional) repeats its CRC-32 and sizes, in 4 or
+    // 8 bytes each; the readers ignore it, but a damaged one is a damaged file.
+    if (descriptor) {
+      size_t d = data + size;
+      if (d + 4 <= b.size() && b.compare(d, 4, "PK\x07\x08") == 0) d += 4;
+      if (d + 12 > b.size() || little_endian(b, d, 4) != crc) return "a damaged data descriptor";
+      const uint64_t c32 = little_endian(b, p + 20, 4), u32 = little_endian(b, p + 24, 4);
+      const bool narrow = little_endian(b, d + 4, 4) == c32 && little_endian(b, d + 8, 4) == u32;
+      const bool wide = d + 20 <= b.size() && little_endian(b, d + 4, 8) == c32 && little_endian(b, d + 12, 8) == u32;
+      if (c32 != kMax32 && u32 != kMax32 && !narrow && !wide) return "a damaged data descriptor";
+    }
     p += 46 + name + extra + comment;
   }
   return "";

@@ -35,6 +35,8 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <string>
@@ -710,6 +712,35 @@ TEST(TorchScriptFiles, AForwardThatRaisesKeepsTheModulesMessageAndNamesTheFile) 
   const std::string rmsg = error_of([&] { TorchScriptReward(reward, 2); });
   expect_contains(rmsg, "TorchScript reward '" + reward + "'");
   expect_contains(rmsg, "reward undefined away from 0");
+}
+
+// LibTorch's zip records are followed by data descriptors (CRC-32 and sizes again) that its reader ignores; a byte
+// flipped in one is still a damaged file, refused naming it (it was accepted while the record itself checked).
+TEST(TorchScriptFiles, ADamagedDataDescriptorIsAnErrorNamingTheFile) {
+  TempDir dir;
+  torch::jit::Module m("__torch__.TestModule");
+  m.register_attribute("dim", c10::IntType::get(), int64_t{2});
+  m.register_parameter("w", at::ones({2}), false);
+  m.define("def forward(self, x, t):\n    return x * self.w\n");
+  const std::string good = dir.file("good.ts");
+  m.save(good);
+  std::ifstream in(good, std::ios::binary);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NO_THROW(TorchScriptVelocity::load(good, make_linear_schedule()));
+  int descriptors = 0;
+  for (size_t at = bytes.find("PK\x07\x08"); at != std::string::npos; at = bytes.find("PK\x07\x08", at + 4)) {
+    for (const size_t field : {at + 4, at + 8, at + 12}) {  // its CRC-32, compressed and uncompressed sizes
+      std::string bad = bytes;
+      bad[field] = static_cast<char>(bad[field] ^ 0x01);
+      const std::string path = dir.file("bad.ts");
+      std::ofstream(path, std::ios::binary) << bad;
+      const std::string msg = error_of([&] { TorchScriptVelocity::load(path, make_linear_schedule()); });
+      expect_contains(msg, "'" + path + "'");
+      expect_contains(msg, "data descriptor");
+    }
+    ++descriptors;
+  }
+  EXPECT_GT(descriptors, 0) << "LibTorch wrote no data descriptors: this test checks nothing";
 }
 
 TEST(TorchScriptFiles, ARewardWithoutAGradientIsAnErrorNamingTheFile) {

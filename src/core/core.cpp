@@ -26,7 +26,7 @@ namespace {
 
 // Draws on the CPU with `gen` (CPU generators cannot fill a GPU tensor), then moves the result.
 template <typename Draw>
-Tensor drawn(at::IntArrayRef sizes, const at::TensorOptions& options, Draw draw) {
+Tensor drawn(const at::TensorOptions& options, Draw draw) {
   const at::Device device = options.device();
   if (device.is_cpu()) return draw(options);
   return draw(options.device(at::kCPU)).to(device);
@@ -35,18 +35,20 @@ Tensor drawn(at::IntArrayRef sizes, const at::TensorOptions& options, Draw draw)
 }  // namespace
 
 Tensor normal_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOptions& options) {
-  return drawn(sizes, options, [&](const at::TensorOptions& o) { return at::randn(sizes, gen, o); });
+  return drawn(options, [&](const at::TensorOptions& o) { return at::randn(sizes, gen, o); });
 }
 
 Tensor uniform_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOptions& options) {
-  return drawn(sizes, options, [&](const at::TensorOptions& o) { return at::rand(sizes, gen, o); });
+  return drawn(options, [&](const at::TensorOptions& o) { return at::rand(sizes, gen, o); });
 }
 
-void move_tensors(const std::vector<Tensor>& tensors, const at::Device& device) {
+void move_tensors(const std::vector<Tensor>& tensors, const at::TensorOptions& options) {
   for (Tensor t : tensors) {
-    if (!t.defined() || t.device() == device) continue;
+    if (!t.defined()) continue;
+    const at::TensorOptions want = t.options().merge_in(options);
+    if (t.device() == want.device() && t.scalar_type() == at::typeMetaToScalarType(want.dtype())) continue;
     t.mutable_grad() = Tensor();
-    t.set_data(t.data().to(device));
+    t.set_data(t.data().to(want));
   }
 }
 

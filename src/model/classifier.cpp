@@ -138,11 +138,7 @@ void Classifier::to_float64() {
   impl_->head->to(at::kDouble);
 }
 
-void Classifier::to(const at::Device& device) const {
-  std::vector<Tensor> all;
-  for (const auto& named : named_parameters()) all.push_back(named.second);
-  move_tensors(all, device);
-}
+void Classifier::to(const at::Device& device) const { move_tensors(tensors_of(named_parameters()), device); }
 
 at::Device Classifier::device() const { return named_parameters().front().second.device(); }
 

@@ -99,9 +99,7 @@ Tensor MlpVelocity::conditional_velocity(const Tensor& x, const Tensor& t, const
 
 Tensor MlpVelocity::conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const {
   if (options_.condition_dim == 0 || !c.defined()) return VelocityField::conditional_velocity_masked(x, t, c, keep);
-  if (!keep.defined() || keep.dim() != 1 || keep.size(0) != x.size(0) || keep.scalar_type() != at::kBool) {
-    return VelocityField::conditional_velocity_masked(x, t, c, keep);  // its error
-  }
+  check_keep(keep, x.size(0));
   return conditioned(x, t, c, keep);
 }
 

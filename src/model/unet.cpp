@@ -367,10 +367,8 @@ Tensor UNetVelocity::conditional_velocity(const Tensor& x, const Tensor& t, cons
 
 Tensor UNetVelocity::conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c,
                                                  const Tensor& keep) const {
-  if (options_.condition_dim == 0 || !c.defined() || !keep.defined() || keep.dim() != 1 || keep.size(0) != x.size(0) ||
-      keep.scalar_type() != at::kBool) {
-    return VelocityField::conditional_velocity_masked(x, t, c, keep);  // or its error
-  }
+  if (options_.condition_dim == 0 || !c.defined()) return VelocityField::conditional_velocity_masked(x, t, c, keep);
+  check_keep(keep, x.size(0));
   return conditioned(x, t, c, keep);
 }
 
@@ -485,18 +483,10 @@ VelocityFieldPtr UNetVelocity::clone() const {
 }
 
 void UNetVelocity::cast(const at::TensorOptions& options) {
-  at::NoGradGuard no_grad;
-  auto move = [&](Tensor& t) {
-    const at::TensorOptions want = t.options().merge_in(options);
-    if (t.device() == want.device() && t.scalar_type() == at::typeMetaToScalarType(want.dtype())) return;
-    t.mutable_grad() = Tensor();
-    t.set_data(t.data().to(want));
-  };
-  for (auto& [name, w] : impl_->weights) move(w);
-  for (auto& [name, ab] : impl_->adapters) {
-    move(ab.first);
-    move(ab.second);
-  }
+  std::vector<Tensor> all;
+  for (const auto& [name, w] : impl_->weights) all.push_back(w);
+  for (const auto& [name, ab] : impl_->adapters) all.insert(all.end(), {ab.first, ab.second});
+  move_tensors(all, options);
 }
 
 }  // namespace tilt

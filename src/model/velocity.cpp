@@ -46,13 +46,24 @@ Tensor VelocityField::conditional_velocity(const Tensor& x, const Tensor& t, con
   return velocity(x, t);
 }
 
+std::vector<Tensor> tensors_of(const NamedTensors& named) {
+  std::vector<Tensor> out;
+  out.reserve(named.size());
+  for (const auto& item : named) out.push_back(item.second);
+  return out;
+}
+
+void check_keep(const Tensor& keep, int64_t batch) {
+  if (!keep.defined() || keep.dim() != 1 || keep.size(0) != batch || keep.scalar_type() != at::kBool) {
+    throw Error("conditional_velocity_masked: keep must be a [" + std::to_string(batch) + "] bool tensor, got " +
+                shape_string(keep));
+  }
+}
+
 Tensor VelocityField::conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c,
                                                  const Tensor& keep) const {
   const int64_t B = x.size(0);
-  if (!keep.defined() || keep.dim() != 1 || keep.size(0) != B || keep.scalar_type() != at::kBool) {
-    throw Error("conditional_velocity_masked: keep must be a [" + std::to_string(B) + "] bool tensor, got " +
-                shape_string(keep));
-  }
+  check_keep(keep, B);
   const Tensor kept = at::nonzero(keep).squeeze(1), dropped = at::nonzero(at::logical_not(keep)).squeeze(1);
   auto rows_of = [&](const Tensor& rows, const Tensor& cond) {
     const Tensor tr = t.dim() == 0 ? t : t.index_select(0, rows);
@@ -77,21 +88,13 @@ Tensor VelocityField::conditional_vjp(const Tensor& x, double t, const Tensor& c
   return autograd_vjp(x, a, [&](const Tensor& xg) { return conditional_velocity(xg, ts, cd); }, v_out);
 }
 
-std::vector<Tensor> VelocityField::parameters() const {
-  std::vector<Tensor> out;
-  for (const auto& named : named_parameters()) out.push_back(named.second);
-  return out;
-}
+std::vector<Tensor> VelocityField::parameters() const { return tensors_of(named_parameters()); }
 
 void VelocityField::set_trainable(bool trainable) {
   for (Tensor p : parameters()) p.set_requires_grad(trainable);
 }
 
-void VelocityField::to(const at::Device& device) {
-  std::vector<Tensor> all;
-  for (const auto& named : named_parameters()) all.push_back(named.second);
-  move_tensors(all, device);
-}
+void VelocityField::to(const at::Device& device) { move_tensors(tensors_of(named_parameters()), device); }
 
 at::Device VelocityField::device() const {
   const NamedTensors named = named_parameters();

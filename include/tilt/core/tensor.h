@@ -30,10 +30,11 @@ uint64_t mix_seed(uint64_t seed, uint64_t stream);
 Tensor normal_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOptions& options = {});
 Tensor uniform_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOptions& options = {});
 
-/// Moves each tensor to `device` in place: its data is replaced, so every handle to it (a model's
-/// member, an optimiser's parameter list, a second model sharing frozen weights) sees the move.
-/// Gradients are dropped; requires_grad is kept.
-void move_tensors(const std::vector<Tensor>& tensors, const at::Device& device);
+/// Moves or converts each tensor to `options` (a device, a dtype, or both; a Device converts) in place: its
+/// data is replaced, so every handle to it (a model's member, an optimiser's parameter list, a second model
+/// sharing frozen weights) sees the move. Gradients are dropped; requires_grad is kept. Tensors already
+/// there are left alone.
+void move_tensors(const std::vector<Tensor>& tensors, const at::TensorOptions& options);
 
 /// The device that `name` names: "cpu", "cuda" (the first GPU) or "cuda:N". Throws tilt::Error that
 /// names `what` (a flag or config key) for another name, or for a GPU that this LibTorch or machine

@@ -18,6 +18,10 @@ using VelocityFieldPtr = std::shared_ptr<VelocityField>;
 
 /// Named tensors, in a fixed order (state dicts, checkpoints).
 using NamedTensors = std::vector<std::pair<std::string, Tensor>>;
+/// The tensors of `named`, in its order (the same tensors, not copies).
+std::vector<Tensor> tensors_of(const NamedTensors& named);
+/// Throws tilt::Error unless `keep` is a [batch] bool tensor (VelocityField::conditional_velocity_masked).
+void check_keep(const Tensor& keep, int64_t batch);
 
 /// A velocity field. A user's own field implements kind(), dim() and velocity() (differentiable in x
 /// and its parameters) and, as it needs them: parameters() and set_trainable() to be fine-tuned,

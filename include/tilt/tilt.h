@@ -49,6 +49,7 @@
 
 // train
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/classification.h"
 #include "tilt/train/dataset.h"
 #include "tilt/train/distributed.h"

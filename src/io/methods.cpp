@@ -6,6 +6,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/sde/gddim.h"
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
 #include "tilt/train/reward_baselines.h"
@@ -22,7 +23,8 @@ namespace {
 const std::vector<std::string> kAdjointMatchingKeys{"loss_early_steps", "loss_late_steps",      "clip_factor",
                                                     "loss_weighting",   "final_noiseless_step", "tape_activations",
                                                     "guidance",         "guidance_adjoint",     "guidance_control",
-                                                    "dsm_until"};
+                                                    "dsm_until",        "buffer_size",          "buffer_passes",
+                                                    "buffer_weights"};
 const std::vector<std::string> kPolicyKeys{"log_prob", "clip_range", "adv_clip_max", "scale_advantages", "inner_epochs"};
 const std::vector<std::string> kGroupKeys{"group_size", "window", "window_strategy", "window_iters", "window_shift"};
 
@@ -115,6 +117,32 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   // instead of the lean adjoint, whose pathwise estimate of grad V is heavy-tailed there (docs/equations.md, E106).
   const double tau = table.number("dsm_until", 0.0);
   plan.monitor = regression_monitor(am.clip_factor, plan.lambda, am.loss_weighting, tau);
+  // buffer_size = N > 0: N trajectories and their lean adjoints serve N * buffer_passes / batch_size iterations
+  // (docs/equations.md, E126).
+  BufferOptions buffer;
+  buffer.size = table.integer("buffer_size", 0);
+  buffer.passes = table.integer("buffer_passes", buffer.passes);
+  buffer.weights = table.choice("buffer_weights", {"future", "none"}, buffer.weights);
+  if (buffer.size < 0 || (buffer.size > 0 && buffer.size % plan.batch_size != 0) || buffer.size > limits::kBatch) {
+    table.fail("buffer_size", "must be 0 (no buffer) or a positive multiple of batch_size = " +
+                                  std::to_string(plan.batch_size) + " up to " + std::to_string(limits::kBatch) +
+                                  ", got " + std::to_string(buffer.size));
+  }
+  if (buffer.size * plan.num_steps > limits::kStepsTimesBatch) {
+    table.fail("buffer_size", "x num_steps = " + std::to_string(buffer.size * plan.num_steps) + " states to keep; at most " +
+                                  std::to_string(limits::kStepsTimesBatch));
+  }
+  constexpr int64_t kMaxPasses = 100000;
+  if (buffer.passes < 1 || buffer.passes > kMaxPasses) {
+    table.fail("buffer_passes", "must be in 1.." + std::to_string(kMaxPasses) + ", got " + std::to_string(buffer.passes));
+  }
+  if (buffer.size > 0) {
+    if (tau != 0.0) table.fail("buffer_size", "cannot be combined with dsm_until");
+    plan.make_loss = [am, buffer, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
+      return std::make_unique<BufferedAdjointMatching>(std::move(model), reward, noise, am, buffer);
+    };
+    return;
+  }
   if (tau == 0.0) {
     plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
       return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);

@@ -74,6 +74,17 @@ double top_share(const Tensor& terms) {
   return std::get<0>(at::topk(t, k)).sum().item<double>() / total;
 }
 
+// The metrics of a regression on `batch`: the mean reward of its paths, the loss before clipping, the clipped share of
+// the terms and the top share of the kept ones (`terms`, weighted as in the loss), and |a_0|.
+void add_regression_metrics(LossOutput& out, const AdjointBatch& batch, double loss_unclipped, double clipped_fraction,
+                            const Tensor& terms) {
+  out.metrics.emplace_back("reward", batch.reward.mean().item<double>());
+  out.metrics.emplace_back("loss_unclipped", loss_unclipped);
+  out.metrics.emplace_back("clipped_fraction", clipped_fraction);
+  out.metrics.emplace_back("adjoint_norm_t0", batch.adjoint.a[0].norm(2, {1}).mean().item<double>());
+  out.metrics.emplace_back("loss_top_share", top_share(terms));
+}
+
 }  // namespace
 
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
@@ -264,68 +275,122 @@ bool AdjointMatching::taped() const {
   return options_.tape_activations && !options_.conditions && model_->trainable()->taped_network() != nullptr;
 }
 
-LossOutput AdjointMatching::compute(Generator& gen) {
-  if (taped()) return compute_taped(gen);
+AdjointBatch AdjointBatch::rows(const Tensor& index) const {
+  auto pick = [&](const Tensor& t) { return t.defined() ? t.index_select(0, index.to(t.device())) : Tensor(); };
+  auto pick_all = [&](const std::vector<Tensor>& v) {
+    std::vector<Tensor> out;
+    out.reserve(v.size());
+    for (const Tensor& t : v) out.push_back(pick(t));
+    return out;
+  };
+  AdjointBatch out;
+  out.x = pick_all(x);
+  out.adjoint.a = pick_all(adjoint.a);
+  out.adjoint.v_base = pick_all(adjoint.v_base);
+  out.adjoint.x1 = pick(adjoint.x1);
+  out.c = pick(c);
+  out.xi = pick_all(xi);
+  out.v = pick_all(v);
+  out.reward = pick(reward);
+  out.log_w = pick(log_w);
+  return out;
+}
+
+AdjointBatch AdjointMatching::simulate(Generator& gen, bool record_policy) const {
   PhaseClock clock(times_ != nullptr);
   AdjointMatchingTimes unused;
   AdjointMatchingTimes& times = times_ ? *times_ : unused;
   const int64_t B = options_.batch_size;
+  AdjointBatch batch;
   // Each trajectory's condition, drawn first (an unconditional run draws nothing: its numbers stay).
-  const Tensor c = options_.conditions ? options_.conditions->draw(B, gen).to(model_->device()) : Tensor();
+  batch.c = options_.conditions ? options_.conditions->draw(B, gen).to(model_->device()) : Tensor();
   const bool weights = path_weights();
-  const Rollout traj = recorded_rollout(gen, c, weights);
+  Rollout traj = recorded_rollout(gen, batch.c, weights || record_policy);
   clock.lap(&times.rollout_s);
-  const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? c : Tensor());
+  const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? batch.c : Tensor());
   const double w_adjoint = options_.guidance_adjoint ? options_.guidance : 0.0;
-  const LeanAdjoint adj =
-      c.defined() ? lean_adjoint(GenerativeSDE(bind_condition(model_->base(), c, w_adjoint), base_sde_.noise_ptr()),
-                                 traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step)
-                  : lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step);
+  batch.adjoint = batch.c.defined()
+                      ? lean_adjoint(GenerativeSDE(bind_condition(model_->base(), batch.c, w_adjoint), base_sde_.noise_ptr()),
+                                     traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step)
+                      : lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step);
   clock.lap(&times.adjoint_s);
-  const std::vector<int64_t> steps = loss_steps(gen);
+  at::NoGradGuard no_grad;
+  batch.reward = reward->value(batch.adjoint.x1);
+  if (weights) {
+    // The rollout's velocities are v_theta(. | c) (no guidance) and the adjoint's v_base is v_base(. | c).
+    batch.log_w = options_.lambda * batch.reward.to(at::kDouble) +
+                  control_log_path(step_kernels(finetuned_sde_, grid_, Integrator::euler), traj.xi, B,
+                                   [&](int64_t k) { return traj.v[k] - batch.adjoint.v_base[k]; });
+  }
+  batch.x = std::move(traj.x);
+  if (record_policy) {
+    batch.xi = std::move(traj.xi);
+    batch.v = std::move(traj.v);
+  }
+  return batch;
+}
 
+Tensor AdjointMatching::policy_velocity(const Tensor& x, int64_t k, const Tensor& c) const {
+  at::NoGradGuard no_grad;
+  if (!c.defined()) return model_->velocity(x, grid_[k]);
+  return bind_condition(model_, c, options_.guidance)->velocity(x, grid_[k]);
+}
+
+LossOutput AdjointMatching::regression(const AdjointBatch& batch, const std::vector<int64_t>& steps,
+                                       const std::vector<Tensor>& weights) const {
+  if (taped() && !batch.c.defined()) return taped_regression(batch, steps, weights);
+  PhaseClock clock(times_ != nullptr);
+  AdjointMatchingTimes unused;
+  AdjointMatchingTimes& times = times_ ? *times_ : unused;
+  const int64_t B = batch.rows();
+  const Tensor& c = batch.c;
+  const LeanAdjoint& adj = batch.adjoint;
+  const bool weighted = !weights.empty();
   // All chosen (k, sample) pairs in one batch through the trainable network.
-  std::vector<Tensor> xs, ts, vb, target, scale, cs;
+  std::vector<Tensor> xs, ts, vb, target, scale, cs, ws;
   for (int64_t k : steps) {
-    const auto opts = traj.x[k].options();
-    xs.push_back(traj.x[k]);
+    const auto opts = batch.x[k].options();
+    xs.push_back(batch.x[k]);
     if (c.defined()) cs.push_back(c.to(opts));
     ts.push_back(at::full({B}, grid_[k], opts));
     vb.push_back(adj.v_base[k]);
     target.push_back(rho_[k] * adj.a[k]);
     scale.push_back(at::full({B, 1}, scale_[k], opts));
+    if (weighted) ws.push_back(weights.at(static_cast<size_t>(k)).to(opts));
   }
   const Tensor x = at::cat(xs), t = at::cat(ts);
   // adj.v_base is v_base(. | c) unless the adjoint ran through the guided base.
-  const Tensor delta = regressed_difference(x, t, w_adjoint == 0.0 ? at::cat(vb) : Tensor(), c.defined() ? at::cat(cs) : Tensor());
+  const bool guided_adjoint = options_.guidance_adjoint && options_.guidance != 0.0;
+  const Tensor delta = regressed_difference(x, t, guided_adjoint ? Tensor() : at::cat(vb), c.defined() ? at::cat(cs) : Tensor());
   // (c_v / sigma)(v_theta - v_base + rho a); = u + sigma a when h = 0.
   const Tensor residual = at::cat(scale) * (delta + at::cat(target));
   Tensor terms = residual.pow(2).sum(1);  // [S * B]
-  const Tensor raw = terms.detach();
+  const Tensor w = weighted ? at::cat(ws) : Tensor();
+  const Tensor raw = weighted ? terms.detach() * w : terms.detach();
   double clipped_fraction = 0.0;
   if (options_.clip_factor > 0) {
     const double lct = options_.clip_factor * options_.lambda * options_.lambda;
-    clipped_fraction = (raw > lct).to(at::kDouble).mean().item<double>();
+    clipped_fraction = (terms.detach() > lct).to(at::kDouble).mean().item<double>();
     terms = at::clamp_max(terms, lct);
   }
+  if (weighted) terms = terms * w;
   LossOutput out;
   // Sum over the chosen times, mean over the batch (App. G.3).
   out.loss = terms.sum() / static_cast<double>(B);
   at::NoGradGuard no_grad;
-  const Tensor r = reward->value(adj.x1);
-  out.metrics.emplace_back("reward", r.mean().item<double>());
-  out.metrics.emplace_back("loss_unclipped", raw.sum().item<double>() / static_cast<double>(B));
-  out.metrics.emplace_back("clipped_fraction", clipped_fraction);
-  out.metrics.emplace_back("adjoint_norm_t0", adj.a[0].norm(2, {1}).mean().item<double>());
-  out.metrics.emplace_back("loss_top_share", top_share(terms));
-  if (weights) {
-    // The rollout's velocities are v_theta(. | c) (no guidance) and adj.v_base is v_base(. | c).
-    last_log_w_ = options_.lambda * r.to(at::kDouble) +
-                  control_log_path(step_kernels(finetuned_sde_, grid_, Integrator::euler), traj.xi, B,
-                                   [&](int64_t k) { return traj.v[k] - adj.v_base[k]; });
+  add_regression_metrics(out, batch, raw.sum().item<double>() / static_cast<double>(B), clipped_fraction, terms);
+  clock.lap(&times.regression_s);
+  return out;
+}
+
+LossOutput AdjointMatching::compute(Generator& gen) {
+  if (taped()) return compute_taped(gen);
+  const AdjointBatch batch = simulate(gen, false);
+  LossOutput out = regression(batch, loss_steps(gen));
+  if (batch.log_w.defined()) {
+    last_log_w_ = batch.log_w;
     detail::add_weight_metrics(out, last_log_w_);
   }
-  clock.lap(&times.regression_s);
   return out;
 }
 
@@ -545,6 +610,70 @@ LossOutput AdjointMatching::taped_regression(const std::vector<int64_t>& loss_k,
   out.metrics.emplace_back("adjoint_norm_t0",
                            tapes_->join([](const Tapes::Block& b) { return b.a[0]; }).norm(2, {1}).mean().item<double>());
   out.metrics.emplace_back("loss_top_share", top_share(clip ? at::clamp_max(terms, lct) : terms));
+  return out;
+}
+
+// regression() through the trainable network's tapes (taped(), unconditional): one taped forward per loss step and the
+// parameter gradients by hand, the same loss, gradients and metrics as the autograd path (a buffer's minibatch has no
+// rollout tapes to reuse).
+LossOutput AdjointMatching::taped_regression(const AdjointBatch& batch, const std::vector<int64_t>& steps,
+                                             const std::vector<Tensor>& weights) const {
+  PhaseClock clock(times_ != nullptr);
+  AdjointMatchingTimes unused;
+  AdjointMatchingTimes& times = times_ ? *times_ : unused;
+  const TapedNetwork& trainable = *model_->trainable()->taped_network();
+  const bool residual_mode = model_->mode() == FineTuneMode::residual;
+  const int64_t B = batch.rows();
+  const bool clip = options_.clip_factor > 0;
+  const double lct = options_.clip_factor * options_.lambda * options_.lambda;
+  // Blocks of rows, one per thread on the CPU (at least 16 rows each), as compute_taped splits its batch.
+  const int64_t blocks = batch.x.front().device().is_cpu() ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B / 16)) : 1;
+  struct Part {
+    std::vector<Tensor> terms, w, grads;  // per loss step: |residual|^2 and the weights, [n]; dL/dtheta of the block
+  };
+  std::vector<Part> parts(static_cast<size_t>(blocks));
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    at::NoGradGuard no_grad;  // grad mode is per thread
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = B * i / blocks, n = B * (i + 1) / blocks - r0;
+      Part& part = parts[static_cast<size_t>(i)];
+      std::vector<std::unique_ptr<Tape>> tapes;
+      std::vector<const Tape*> used;
+      std::vector<Tensor> g_out;
+      for (int64_t k : steps) {
+        tapes.push_back(trainable.new_tape());
+        const Tensor out_k = trainable.forward_taped(batch.x[k].narrow(0, r0, n), grid_[k], tapes.back().get(), true);
+        const Tensor delta = residual_mode ? out_k : out_k - batch.adjoint.v_base[k].narrow(0, r0, n);
+        const Tensor residual = scale_[k] * at::add(delta, batch.adjoint.a[k].narrow(0, r0, n), rho_[k]);
+        const Tensor terms = residual.pow(2).sum(1);
+        const Tensor w = weights.empty() ? at::ones_like(terms)
+                                         : weights.at(static_cast<size_t>(k)).narrow(0, r0, n).to(terms.options());
+        Tensor g = (2.0 * scale_[k] / static_cast<double>(B)) * residual * w.unsqueeze(1);
+        if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
+        part.terms.push_back(terms);
+        part.w.push_back(w);
+        g_out.push_back(g);
+        used.push_back(tapes.back().get());
+      }
+      part.grads = trainable.parameter_grads(used, g_out);
+    }
+  });
+  std::vector<Tensor> grads = parts.front().grads, all_terms, all_w;
+  for (size_t i = 1; i < parts.size(); ++i) {
+    for (size_t j = 0; j < grads.size(); ++j) grads[j].add_(parts[i].grads[j]);
+  }
+  for (const Part& part : parts) {
+    all_terms.push_back(at::cat(part.terms));
+    all_w.push_back(at::cat(part.w));
+  }
+  const Tensor raw = at::cat(all_terms), w = at::cat(all_w);
+  const Tensor kept = (clip ? at::clamp_max(raw, lct) : raw) * w;  // the loss's terms
+  LossOutput out;
+  out.loss = loss_with_gradient(kept.sum() / static_cast<double>(B), model_->trainable()->parameters(), grads);
+  at::NoGradGuard no_grad;
+  const double clipped_fraction = clip ? (raw > lct).to(at::kDouble).mean().item<double>() : 0.0;
+  add_regression_metrics(out, batch, (raw * w).sum().item<double>() / static_cast<double>(B), clipped_fraction, kept);
+  clock.lap(&times.regression_s);
   return out;
 }
 

@@ -64,6 +64,24 @@ else
   fail "resume after kill -9: $(cat log.txt; ls long)"
 fi
 
+# 2b. Buffered Adjoint Matching keeps its trajectories in the checkpoint: killed (-9) in the middle of a buffer's
+# passes and resumed, it ends where an uninterrupted run of the same length ends, loss for loss.
+buf=(--set finetune.adjoint_matching.buffer_size=64 --set finetune.adjoint_matching.buffer_passes=3
+     --set finetune.checkpoint_every=1)
+"$tilt" finetune -q -c tiny.toml "${buf[@]}" --set finetune.iterations=100000 -o buf_killed > buf.log 2>&1 &
+pid=$!
+for _ in $(seq 200); do [ -f buf_killed/metrics.jsonl ] && [ "$(wc -l < buf_killed/metrics.jsonl)" -ge 5 ] && break; sleep 0.05; done
+kill -9 $pid; wait $pid 2>/dev/null
+total=$(( $(wc -l < buf_killed/metrics.jsonl) + 7 ))
+last_loss() { tail -1 "$1/metrics.jsonl" | python3 -c 'import json, sys; j = json.load(sys.stdin); print(j["iteration"], j["loss"], j["buffer_age"])'; }
+if "$tilt" finetune -q -c tiny.toml "${buf[@]}" --set finetune.iterations=$total -o buf_killed --resume > log.txt 2>&1 &&
+   "$tilt" finetune -q -c tiny.toml "${buf[@]}" --set finetune.iterations=$total -o buf_straight > log2.txt 2>&1 &&
+   [ "$(last_loss buf_killed)" = "$(last_loss buf_straight)" ]; then
+  pass "buffered adjoint matching resumes after kill -9 exactly ($(last_loss buf_killed))"
+else
+  fail "buffered resume after kill -9: $(cat log.txt log2.txt; last_loss buf_killed; last_loss buf_straight)"
+fi
+
 # 3. A failed resume changes nothing; a run that stopped before its first checkpoint can be rerun.
 cp -r run damaged
 printf 'x' | dd of=damaged/checkpoint.pt bs=1 seek=2000 conv=notrunc 2>/dev/null

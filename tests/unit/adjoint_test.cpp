@@ -6,6 +6,7 @@
 #include "tilt/model/reward.h"
 #include "tilt/sde/importance.h"
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 
 #include "../support/helpers.h"
 #include "model/gemm.h"  // internal headers: the kernels of the hand-written passes
@@ -591,6 +592,203 @@ TEST(PathWeights, OptimalControlGivesEssOneAndTheExactLogZ) {
   EXPECT_NEAR(metric(plain, "ess"), std::pow(lr.exp().sum().item<double>(), 2) / (o.batch_size * (2 * lr).exp().sum().item<double>()), 1e-6);
   EXPECT_LT(metric(plain, "ess"), metric(opt, "ess"));
   EXPECT_NEAR(metric(plain, "log_z"), log_z, 6 * std::sqrt((1.0 / metric(plain, "ess") - 1.0) / (o.batch_size - 1.0)) + 0.03);
+}
+
+// ---- Buffered Adjoint Matching (E126, E127): one rollout and its lean adjoint serve several regressions. ----
+
+namespace buffered {
+
+// The regression's critical point theta^ = -ab / aa in the family v_theta - v_base = theta (v* - v_base) on given
+// rows, weighted per step (empty: unweighted), over every step with a finite target, as fit_theta computes it.
+double critical_theta(const AdjointMatching& am, const GmmVelocity& optimum, const AdjointBatch& rows,
+                      const std::vector<at::Tensor>& weights) {
+  double aa = 0, ab = 0;
+  for (int64_t k = 1; k < am.grid().steps(); ++k) {
+    const double t = am.grid()[k], s2 = std::pow(am.residual_scale(k), 2);
+    const at::Tensor d = optimum.velocity(rows.x[k], t) - rows.adjoint.v_base[k];
+    const at::Tensor w = weights.empty() ? at::ones({rows.rows()}, kDouble) : weights[k];
+    aa += s2 * (w * (d * d).sum(1)).mean().item<double>();
+    ab += s2 * (w * (d * (am.target_coefficient(k) * rows.adjoint.a[k])).sum(1)).mean().item<double>();
+  }
+  return -ab / aa;
+}
+
+struct Setup {
+  std::shared_ptr<GaussianMixture> mixture = test::ring_mixture_2d();
+  std::shared_ptr<GmmVelocity> base, optimum;
+  std::shared_ptr<ScaledDifference> residual;
+  std::shared_ptr<FineTunedVelocity> model;
+  std::shared_ptr<QuadraticReward> reward = quadratic_reward({2.0, 1.0}, 1.0);
+  AdjointMatchingOptions options;
+  Setup(int64_t K, int64_t batch) {
+    const auto schedule = make_linear_schedule();
+    base = std::make_shared<GmmVelocity>(mixture, schedule);
+    optimum = std::make_shared<GmmVelocity>(std::make_shared<GaussianMixture>(*reward->tilt(*mixture, 1.0)), schedule);
+    residual = std::make_shared<ScaledDifference>(optimum, base);
+    model = std::make_shared<FineTunedVelocity>(base, residual, FineTuneMode::residual);
+    options.num_steps = K;
+    options.batch_size = batch;
+    options.lambda = 1.0;
+    options.loss_late_steps = 10;
+    options.loss_early_steps = K - 1 - 10;
+    options.clip_factor = 0;
+  }
+  void set_theta(double theta) {
+    at::NoGradGuard no_grad;
+    residual->theta_.fill_(theta);
+  }
+};
+
+}  // namespace buffered
+
+// Right after a refill the model is the one that drew the buffer: every weight is 1, and the iteration is Adjoint
+// Matching's on the same trajectories (the rows permuted), loss and gradient alike.
+TEST(BufferedAdjointMatching, AFreshBufferIsAdjointMatchingOnTheSameTrajectories) {
+  const auto model = moved_model(FineTuneMode::residual);
+  const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+  AdjointMatchingOptions o = weight_options(false, true);
+  o.loss_early_steps = 0;  // no random choice of steps: both draw the same numbers up to the permutation
+  o.loss_late_steps = 8;
+  const auto noise = make_memoryless_noise(1.0 / o.num_steps);
+  AdjointMatching am(model, reward, noise, o);
+  for (const std::string weights : {"future", "none"}) {
+    BufferedAdjointMatching bam(model, reward, noise, o, {o.batch_size, 2, weights});
+    EXPECT_EQ(bam.iterations_per_refill(), 2);
+    Generator g1 = make_generator(7), g2 = make_generator(7);
+    const LossOutput ref = am.compute(g1);
+    const LossOutput out = bam.compute(g2);
+    EXPECT_NEAR(out.loss.item<double>(), ref.loss.item<double>(), 1e-5 * ref.loss.item<double>()) << weights;
+    const auto params = model->parameters();
+    const auto g_ref = torch::autograd::grad({ref.loss}, params), g_out = torch::autograd::grad({out.loss}, params);
+    for (size_t i = 0; i < params.size(); ++i) {
+      EXPECT_LT(relative_error(g_out[i], g_ref[i]), 1e-4) << weights << ", parameter " << i;
+    }
+    EXPECT_NEAR(metric(out, "ess"), metric(ref, "ess"), 1e-6);
+    EXPECT_NEAR(metric(out, "reward"), metric(ref, "reward"), 1e-6);
+    if (weights == "future") {
+      for (int64_t k = 1; k < o.num_steps; ++k) {
+        if (!bam.last_weights()[k].defined()) continue;
+        // float32: the current model's velocity at the gathered rows against the rollout's at the same states.
+        EXPECT_LT((bam.last_weights()[k] - 1).abs().max().item<double>(), 2e-5) << "k = " << k;
+      }
+      EXPECT_NEAR(metric(out, "weight_ess"), 1.0, 1e-8);
+    } else {
+      EXPECT_TRUE(bam.last_weights().empty());
+    }
+  }
+}
+
+// The buffer's regression through the MLP's tapes (tape_activations, what a buffered run of an MLP uses) against the
+// autograd path on the same rows, steps and weights: loss, gradients and metrics; with clipping and in both modes.
+TEST(BufferedAdjointMatching, TapedRegressionEqualsTheAutogradRegression) {
+  for (const FineTuneMode mode : {FineTuneMode::residual, FineTuneMode::copy}) {
+    const auto model = moved_model(mode);
+    const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+    AdjointMatchingOptions o = weight_options(true, true);
+    o.clip_factor = 2.0;
+    const auto noise = make_memoryless_noise(1.0 / o.num_steps);
+    AdjointMatching taped(model, reward, noise, o);
+    o.tape_activations = false;
+    AdjointMatching autograd(model, reward, noise, o);
+    ASSERT_TRUE(taped.taped());
+    ASSERT_FALSE(autograd.taped());
+    Generator gen = make_generator(3);
+    const AdjointBatch batch = autograd.simulate(gen);
+    const std::vector<int64_t> steps = autograd.loss_steps(gen);
+    std::vector<at::Tensor> weights(static_cast<size_t>(o.num_steps));
+    for (auto& w : weights) w = at::rand({o.batch_size}, gen, at::kFloat) * 2;
+    for (const bool weighted : {false, true}) {
+      const std::vector<at::Tensor> w = weighted ? weights : std::vector<at::Tensor>{};
+      const LossOutput a = autograd.regression(batch, steps, w), t = taped.regression(batch, steps, w);
+      const std::string name = std::string(mode == FineTuneMode::copy ? "copy" : "residual") + (weighted ? ", weighted" : "");
+      EXPECT_NEAR(t.loss.item<double>(), a.loss.item<double>(), 1e-5 * a.loss.item<double>()) << name;
+      EXPECT_GT(metric(a, "clipped_fraction"), 0.0) << name << ": the clip must bite";
+      for (const char* key : {"loss_unclipped", "clipped_fraction", "loss_top_share", "reward"}) {
+        EXPECT_NEAR(metric(t, key), metric(a, key), 1e-5 * (1 + std::abs(metric(a, key)))) << name << ", " << key;
+      }
+      const auto params = model->parameters();
+      const auto ga = torch::autograd::grad({a.loss}, params), gt = torch::autograd::grad({t.loss}, params);
+      for (size_t i = 0; i < params.size(); ++i) EXPECT_LT(relative_error(gt[i], ga[i]), 1e-4) << name << ", parameter " << i;
+    }
+  }
+}
+
+// After the model has moved, the weights of step k are the ratio of the two Euler chains' Gaussian densities of the
+// recorded states from step k on (computed here from the densities, not by PathWeight), self-normalised.
+TEST(BufferedAdjointMatching, FutureWeightsAreTheDensityRatioOfTheRecordedStepsAfterT_k) {
+  const auto model = moved_model(FineTuneMode::residual);
+  const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+  const AdjointMatchingOptions o = weight_options(false, true);
+  BufferedAdjointMatching bam(model, reward, make_memoryless_noise(1.0 / o.num_steps), o, {2 * o.batch_size, 3, "future"});
+  EXPECT_EQ(bam.iterations_per_refill(), 6);
+  Generator g0 = make_generator(1);
+  bam.compute(g0);
+  {
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(6);
+    for (auto& p : model->parameters()) p.add_(0.3 * at::randn(p.sizes(), g, p.options()));
+  }
+  bam.begin_iteration(4);  // the third minibatch of the second pass
+  Generator g1 = make_generator(2);
+  const LossOutput out = bam.compute(g1);
+  EXPECT_EQ(metric(out, "buffer_age"), 4.0);
+  const AdjointBatch rows = bam.buffer().rows(bam.last_rows());
+  const AdjointMatching& am = bam.adjoint_matching();
+  const int64_t K = o.num_steps, B = o.batch_size;
+  at::NoGradGuard no_grad;
+  at::Tensor log_ratio = at::zeros({B}, kDouble);
+  int64_t checked = 0;
+  double spread = 0;
+  for (int64_t k = K - 2; k >= 1; --k) {
+    const StepKernel q = euler_kernel(am.finetuned_sde(), am.grid()[k], am.grid()[k + 1]);
+    const at::Tensor x = rows.x[k], next = rows.x[k + 1].to(at::kDouble);
+    const at::Tensor m_new = q.mean(x, model->velocity(x, am.grid()[k])).to(at::kDouble);
+    const at::Tensor m_old = q.mean(x, rows.v[k]).to(at::kDouble);
+    log_ratio += ((next - m_old).pow(2).sum(1) - (next - m_new).pow(2).sum(1)) / (2 * q.std * q.std);
+    if (!bam.last_weights()[k].defined()) continue;
+    const at::Tensor expected = B * at::softmax(log_ratio, 0);
+    EXPECT_LT(relative_error(bam.last_weights()[k].to(at::kDouble), expected), 1e-3) << "k = " << k;
+    spread = std::max(spread, expected.std().item<double>());
+    ++checked;
+  }
+  EXPECT_GT(checked, 2);
+  EXPECT_GT(spread, 0.05) << "the model must have moved";
+  EXPECT_LT(metric(out, "weight_ess"), 0.999);
+}
+
+// The regression's critical point on a stale buffer, in the one-parameter family through the exact optimum
+// (fit_theta's). The current model is the optimum (theta = 1); the buffer was drawn by theta_old = 0.5. With the
+// future weights the critical point is the on-policy one (E126); without them it is the critical point of the
+// old model's conditional means (E127), a different number; a buffer drawn by the optimum itself needs no weights.
+TEST(BufferedAdjointMatching, FutureWeightsMakeAStaleBufferTargetTheCurrentModelsRegression) {
+  const int64_t K = 20, B = 20000;
+  buffered::Setup s(K, B);
+  const auto noise = make_memoryless_noise(1.0 / K);
+  AdjointMatching am(s.model, s.reward, noise, s.options);
+  Generator g = make_generator(31);
+  const double on_policy = buffered::critical_theta(am, *s.optimum, am.simulate(g), {});
+
+  auto stale_theta = [&](double theta_old, const std::string& weights) {
+    s.set_theta(theta_old);
+    BufferedAdjointMatching bam(s.model, s.reward, noise, s.options, {B, 2, weights});
+    Generator fill = make_generator(32);
+    bam.compute(fill);
+    s.set_theta(1.0);
+    bam.begin_iteration(1);
+    Generator next = make_generator(33);
+    const LossOutput out = bam.compute(next);
+    const double theta = buffered::critical_theta(am, *s.optimum, bam.buffer().rows(bam.last_rows()), bam.last_weights());
+    std::cout << "buffer drawn at theta = " << theta_old << ", weights " << weights << ": critical theta " << theta
+              << (weights == "future" ? ", weight ess " + std::to_string(metric(out, "weight_ess")) : std::string())
+              << " (on-policy " << on_policy << ")\n";
+    return theta;
+  };
+  const double weighted = stale_theta(0.5, "future");
+  const double unweighted = stale_theta(0.5, "none");
+  const double fresh = stale_theta(1.0, "none");
+  EXPECT_NEAR(weighted, on_policy, 0.06);
+  EXPECT_NEAR(fresh, on_policy, 0.06);  // independent trajectories: Monte Carlo error only
+  EXPECT_GT(std::abs(unweighted - on_policy), 4 * std::abs(weighted - on_policy) + 0.05);
 }
 
 }  // namespace

@@ -6,6 +6,7 @@
 #include "tilt/schedule/schedule.h"
 #include "tilt/soc/loss.h"
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -240,6 +241,41 @@ TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
   // Too few steps left above tau for the loss steps: the error says why.
   const std::string few = with({{"dsm_until", 0.9}, {"loss_early_steps", 4}, {"loss_late_steps", 2}});
   EXPECT_NE(few.find("loss_t_min = 0.9"), std::string::npos) << few;
+}
+
+// buffer_size = N > 0 turns Adjoint Matching into its buffered form (E126): N trajectories for N * passes / batch
+// iterations; bad values are refused naming the key.
+TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
+  Base2d s;
+  const Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"buffer_size", 24}, {"buffer_passes", 5}};
+  const FinetunePlan plan = make_finetune_plan({{"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", am}},
+                                               *s.base, s.reward, 1.0);
+  EXPECT_TRUE(plan.reports_ess);
+  auto loss = plan.make_loss(plan.make_model(s.base, 1));
+  const auto* buffered = dynamic_cast<const BufferedAdjointMatching*>(loss.get());
+  ASSERT_NE(buffered, nullptr);
+  EXPECT_EQ(buffered->iterations_per_refill(), 15);
+  Generator gen = make_generator(5);
+  const LossOutput out = loss->compute(gen);
+  EXPECT_TRUE(std::isfinite(out.loss.item<double>()));
+  std::vector<std::string> keys;
+  for (const auto& m : out.metrics) keys.push_back(m.first);
+  for (const char* key : {"ess", "weight_ess", "buffer_age", "reward"}) EXPECT_TRUE(mentions(keys, key)) << key;
+
+  const auto with = [](const Json& extra) {
+    Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}};
+    for (const auto& [k, v] : extra.items()) am[k] = v;
+    return error_of({{"num_steps", 20}, {"batch_size", 8}, {"adjoint_matching", am}});
+  };
+  for (int64_t bad : {-8, 12, 4}) {
+    EXPECT_NE(with({{"buffer_size", bad}}).find("'finetune.adjoint_matching.buffer_size'"), std::string::npos) << bad;
+  }
+  EXPECT_NE(with({{"buffer_size", 16}, {"buffer_passes", 0}}).find("'finetune.adjoint_matching.buffer_passes'"), std::string::npos);
+  EXPECT_NE(with({{"buffer_size", 16}, {"buffer_weights", "path"}}).find("'finetune.adjoint_matching.buffer_weights'"),
+            std::string::npos);
+  EXPECT_NE(with({{"buffer_size", 16}, {"dsm_until", 0.5}, {"loss_weighting", "velocity"}}).find("buffer_size"),
+            std::string::npos);
+  EXPECT_EQ(with({{"buffer_size", 16}, {"buffer_weights", "none"}}), "");
 }
 
 // Adjoint Matching's monitor (handed to the trainer): a warning once over half of the terms have been clipped in each

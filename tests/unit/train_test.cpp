@@ -5,6 +5,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/reward.h"
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
 #include "tilt/train/trainer.h"
 
@@ -103,6 +104,50 @@ TEST(Trainer, ResumingFromACheckpointIsExact) {
   int lines = 0;
   while (std::getline(in, line)) ++lines;
   EXPECT_EQ(lines, 6);
+}
+
+// Buffered Adjoint Matching keeps its trajectories in the checkpoint: a run killed in the middle of a buffer's
+// passes resumes on the same buffer, bit for bit; without the loss's state it refuses to go on.
+TEST(Trainer, ResumingBufferedAdjointMatchingMidBufferIsExact) {
+  auto make = [](Rig& rig) {
+    AdjointMatchingOptions o = rig.loss->options();
+    return std::make_unique<BufferedAdjointMatching>(rig.model, rig.reward, make_memoryless_noise(), o,
+                                                     BufferOptions{2 * o.batch_size, 2, "future"});
+  };
+  Rig straight_rig;
+  auto straight = make(straight_rig);
+  ASSERT_EQ(straight->iterations_per_refill(), 4);
+  Trainer(*straight, options(7)).run();
+
+  const std::string ckpt = temp_file("buffered.pt");
+  Rig first_rig;
+  auto first = make(first_rig);
+  struct Killed {};
+  try {
+    Trainer(*first, options(7, ckpt)).run([](const StepResult& r) {
+      if (r.iteration == 7) throw Killed{};  // checkpoint after 6: two iterations into the second buffer
+    });
+  } catch (const Killed&) {
+  }
+  Rig second_rig;
+  auto second = make(second_rig);
+  Trainer resumed(*second, options(7, ckpt));
+  resumed.load_checkpoint(ckpt);
+  EXPECT_EQ(resumed.iteration(), 6);
+  resumed.run();
+  const auto a = straight_rig.model->parameters(), b = second_rig.model->parameters();
+  for (size_t i = 0; i < a.size(); ++i) EXPECT_TRUE(at::equal(a[i], b[i])) << "parameter " << i;
+
+  Rig third_rig;  // the same iteration without the buffer
+  auto third = make(third_rig);
+  third->begin_iteration(6);
+  Generator gen = make_generator(1);
+  try {
+    third->compute(gen);
+    ADD_FAILURE() << "continued a buffer it does not have";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("filled at iteration 4"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Trainer, NanStopsTrainingAndKeepsTheLastCheckpoint) {

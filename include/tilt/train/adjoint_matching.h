@@ -93,6 +93,22 @@ struct LeanAdjoint {
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
                          const Reward& reward, double lambda, bool final_noiseless_step);
 
+/// One batch of trajectories of the fine-tuned model with their lean adjoints: everything the regression needs
+/// (AdjointMatching::simulate). Buffered Adjoint Matching keeps one and regresses on its rows several times.
+struct AdjointBatch {
+  std::vector<Tensor> x;       ///< X_k, k = 0..K-1 (and X_K without the noiseless final step), [B, d]
+  LeanAdjoint adjoint;         ///< a_k, v_base(X_k | c) and X^_1
+  Tensor c;                    ///< the trajectories' conditions [B, dc]; undefined for an unconditional model
+  /// With record_policy: each noisy step's draw xi_k (undefined on the noiseless final step) and the velocity
+  /// v(X_k, t_k) of the model that drew the trajectory (guided when it was), for path weights to another model.
+  std::vector<Tensor> xi, v;
+  Tensor reward;               ///< r(X^_1 | c), [B]
+  Tensor log_w;                ///< the path weights of AdjointMatching::last_log_weights (undefined with guidance)
+  int64_t rows() const { return x.front().size(0); }
+  /// The rows `index` ([n] long) of every tensor.
+  AdjointBatch rows(const Tensor& index) const;
+};
+
 class AdjointMatching : public Loss {
  public:
   /// Throws tilt::Error if sigma(t) = 0 somewhere on the grid (the control would be infinite),
@@ -110,6 +126,17 @@ class AdjointMatching : public Loss {
   /// Trajectory of the current fine-tuned model from X0 ~ N(0, I), without gradients, at conditions c
   /// ([B, dc], one per trajectory; undefined for an unconditional model), guided by options().guidance.
   Trajectory rollout(Generator& gen, const Tensor& c = Tensor()) const;
+  /// The first half of compute()'s autograd path: batch_size() trajectories of the current model (conditions drawn
+  /// first), the lean adjoint along them, the reward at X^_1 and, without guidance, the path weights. With
+  /// record_policy the draws and the model's velocities too (AdjointBatch::xi, v). No gradients.
+  AdjointBatch simulate(Generator& gen, bool record_policy = false) const;
+  /// The second half: the regression loss of v_theta - v_base onto -rho_k a_k on `batch` at `steps`, and its metrics
+  /// (reward, loss_unclipped, clipped_fraction, adjoint_norm_t0, loss_top_share). weights: empty, or one [B] tensor
+  /// per step of the grid (those in `steps` are used) multiplying each row's term after clipping.
+  LossOutput regression(const AdjointBatch& batch, const std::vector<int64_t>& steps,
+                        const std::vector<Tensor>& weights = {}) const;
+  /// The velocity the rollout follows at step k: v_theta(x, t_k | c), guided by options().guidance. No gradients.
+  Tensor policy_velocity(const Tensor& x, int64_t k, const Tensor& c = Tensor()) const;
   /// The time indices that enter the loss: loss_early_steps random early ones + the last ones.
   std::vector<int64_t> loss_steps(Generator& gen) const;
   /// Whether compute() takes the taped path (tape_activations, no conditions, and a trainable network
@@ -132,6 +159,7 @@ class AdjointMatching : public Loss {
   double residual_scale(int64_t k) const { return scale_[k]; }
   double target_coefficient(int64_t k) const { return rho_[k]; }
 
+  const FineTunedVelocity& model() const { return *model_; }
   const GenerativeSDE& finetuned_sde() const { return finetuned_sde_; }
   const GenerativeSDE& base_sde() const { return base_sde_; }
   const RewardPtr& reward() const { return reward_; }
@@ -148,6 +176,8 @@ class AdjointMatching : public Loss {
   void taped_rollout(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise);
   Tensor taped_adjoint();
   LossOutput taped_regression(const std::vector<int64_t>& loss_steps, const Tensor& x1, std::vector<Tensor>& grads);
+  LossOutput taped_regression(const AdjointBatch& batch, const std::vector<int64_t>& steps,
+                              const std::vector<Tensor>& weights) const;
 
   std::shared_ptr<FineTunedVelocity> model_;
   RewardPtr reward_;

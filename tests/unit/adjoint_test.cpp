@@ -791,5 +791,84 @@ TEST(BufferedAdjointMatching, FutureWeightsMakeAStaleBufferTargetTheCurrentModel
   EXPECT_GT(std::abs(unweighted - on_policy), 4 * std::abs(weighted - on_policy) + 0.05);
 }
 
+// E127: a buffer of the BASE's trajectories, never refilled and unweighted, fits v_base - rho_k E_base[a_k | X_k]
+// = v_base + rho_k lambda grad_x E_base[r(X_1) | X_t = x], a first-order tilt, not the exact one. In closed form on a
+// mixture (X_t = t X_1 + (1 - t) X_0 given the component: Gaussian posteriors), the regression's critical point in the
+// two-parameter family v_theta - v_base = c1 D_first + c2 (v* - v_base) is (1, 0) up to the grid's O(h); with the
+// future weights towards the optimum (the current model v*, the buffer still the base's) the same trajectories fit
+// v* instead: (0, 1).
+TEST(BufferedAdjointMatching, AnUnweightedBufferOfTheBaseFitsTheFirstOrderTilt) {
+  const int64_t K = 40, B = 20000, d = 2;
+  const double lambda = 3.0, s = 0.8, precision = 0.8;
+  const std::vector<double> center{1.5, 1.0};
+  const auto mixture = std::make_shared<GaussianMixture>(at::full({2}, 0.5, kDouble),
+                                                         at::tensor({-1.0, 0.0, 1.0, 0.0}, kDouble).reshape({2, d}),
+                                                         (s * s * at::eye(d, kDouble)).unsqueeze(0).repeat({2, 1, 1}));
+  buffered::Setup setup(K, B);
+  setup.mixture = mixture;
+  setup.reward = quadratic_reward(center, precision);
+  const auto schedule = make_linear_schedule();
+  setup.base = std::make_shared<GmmVelocity>(mixture, schedule);
+  setup.optimum = std::make_shared<GmmVelocity>(std::make_shared<GaussianMixture>(*setup.reward->tilt(*mixture, lambda)), schedule);
+  setup.residual = std::make_shared<ScaledDifference>(setup.optimum, setup.base);
+  setup.model = std::make_shared<FineTunedVelocity>(setup.base, setup.residual, FineTuneMode::residual);
+  setup.options.lambda = lambda;
+  const auto noise = make_memoryless_noise(1.0 / K);
+  // grad_x E_base[r(X_1) | X_t = x]: per component j, X_1 | X_t = x ~ N(mu_j, v_j I) with
+  // mu_j = m_j + t s^2 (x - t m_j) / q, v_j = s^2 - t^2 s^4 / q, q = t^2 s^2 + (1 - t)^2; weights pi_j N(x; t m_j, q I).
+  auto grad_expected_reward = [&](const at::Tensor& x_in, double t) {
+    const at::Tensor x = x_in.detach().to(at::kDouble).requires_grad_(true);
+    const double q = t * t * s * s + (1 - t) * (1 - t), v = s * s - t * t * s * s * s * s / q;
+    const at::Tensor m = mixture->means();                            // [J, d]
+    const at::Tensor diff = x.unsqueeze(1) - t * m.unsqueeze(0);      // [B, J, d]
+    const at::Tensor log_w = at::log(mixture->weights()).unsqueeze(0) - diff.pow(2).sum(2) / (2 * q);
+    const at::Tensor w = at::softmax(log_w, 1);                       // [B, J]
+    const at::Tensor mu = m.unsqueeze(0) + (t * s * s / q) * diff;    // [B, J, d]
+    const at::Tensor c = at::tensor(center, kDouble);
+    const at::Tensor r_j = -0.5 * precision * ((mu - c).pow(2).sum(2) + static_cast<double>(d) * v);
+    const at::Tensor er = (w * r_j).sum();
+    return torch::autograd::grad({er}, {x})[0];
+  };
+  setup.set_theta(0.0);  // the buffer: the base's own trajectories
+  AdjointMatching am(setup.model, setup.reward, noise, setup.options);
+  Generator gen = make_generator(41);
+  const AdjointBatch rows = am.simulate(gen);
+  auto fit = [&](const AdjointBatch& rows, const std::vector<at::Tensor>& weights) {
+    double m11 = 0, m12 = 0, m22 = 0, b1 = 0, b2 = 0;  // normal equations of the two directions
+    for (int64_t k = 1; k < K; ++k) {
+      const double t = am.grid()[k], s2 = std::pow(am.residual_scale(k), 2), rho = am.target_coefficient(k);
+      const at::Tensor first = rho * lambda * grad_expected_reward(rows.x[k], t);
+      const at::Tensor exact = setup.optimum->velocity(rows.x[k], t) - rows.adjoint.v_base[k];
+      const at::Tensor target = -rho * rows.adjoint.a[k];
+      const at::Tensor w = weights.empty() ? at::ones({B}, kDouble) : weights[k].to(at::kDouble);
+      auto dot = [&](const at::Tensor& a, const at::Tensor& b) { return s2 * (w * (a * b).sum(1)).mean().item<double>(); };
+      m11 += dot(first, first), m12 += dot(first, exact), m22 += dot(exact, exact);
+      b1 += dot(first, target), b2 += dot(exact, target);
+    }
+    const double det = m11 * m22 - m12 * m12;
+    EXPECT_LT(m12 / std::sqrt(m11 * m22), 0.95) << "the two directions must be told apart";
+    return std::make_pair((b1 * m22 - b2 * m12) / det, (b2 * m11 - b1 * m12) / det);
+  };
+  const auto [c1, c2] = fit(rows, {});
+  std::cout << "base buffer, unweighted: " << c1 << " D_first + " << c2 << " (v* - v_base)\n";
+  // (0.94, 0.07) at K = 40 and (0.98, 0.03) at K = 80: the grid's O(h).
+  EXPECT_NEAR(c1, 1.0, 0.1);
+  EXPECT_NEAR(c2, 0.0, 0.1);
+  // The same trajectories weighted towards the optimum (future weights of theta = 1 against the base).
+  BufferedAdjointMatching bam(setup.model, setup.reward, noise, setup.options, {B, 2, "future"});
+  Generator fill = make_generator(41);
+  bam.compute(fill);  // fills with the same draws: the base's trajectories above
+  setup.set_theta(1.0);
+  bam.begin_iteration(1);
+  Generator next = make_generator(42);
+  bam.compute(next);
+  ASSERT_TRUE(at::equal(bam.buffer().x[5], rows.x[5])) << "the buffer holds the same trajectories";
+  const auto [w1, w2] = fit(bam.buffer().rows(bam.last_rows()), bam.last_weights());
+  std::cout << "base buffer, weighted towards v*: " << w1 << " D_first + " << w2 << " (v* - v_base), weight ess "
+            << bam.last_weights()[1].sum().pow(2).item<double>() / (B * bam.last_weights()[1].pow(2).sum().item<double>()) << "\n";
+  EXPECT_NEAR(w1, 0.0, 0.1);
+  EXPECT_NEAR(w2, 1.0, 0.1);
+}
+
 }  // namespace
 }  // namespace tilt

@@ -29,6 +29,7 @@
 #include "tilt/schedule/schedule.h"
 #include "tilt/sde/sampler.h"
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/trainer.h"
 #include "model/gemm.h"  // internal: tilt's matrix products
 
@@ -39,6 +40,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <chrono>
 #include <atomic>
 #include <cmath>
 #include <cstdio>
@@ -334,11 +336,8 @@ void BM_Scaling(benchmark::State& state) {
 // untrained: only the cost matters), fine-tuned in mode M (0 residual U-Net, 1 full copy, 2 LoRA rank 4) with batch B
 // and K steps, towards a quadratic reward (negligible cost); the autograd path (a U-Net has no taped passes). The
 // loss steps are K/4 early and K/4 late.
-void BM_UNetIteration(benchmark::State& state) {
-  set_threads();
+Setup unet_setup(FineTuneMode mode, int64_t B, int64_t K) {
   const auto schedule = make_linear_schedule();
-  const auto mode = static_cast<FineTuneMode>(state.range(0));
-  const int64_t B = state.range(1), K = state.range(2);
   auto base = std::make_shared<UNetVelocity>(UNetOptions{}, schedule, 1);
   const int64_t d = base->dim();
   auto reward = std::make_shared<QuadraticReward>(at::zeros({d}, kDouble), 0.1 * at::eye(d, kDouble));
@@ -348,10 +347,49 @@ void BM_UNetIteration(benchmark::State& state) {
                                              bench_options(B, K, K / 4, K / 4, false));
   s.batch = B;
   s.label = "U-Net 28x28 " + to_string(mode) + ", B=" + std::to_string(B) + " K=" + std::to_string(K);
+  return s;
+}
+
+void BM_UNetIteration(benchmark::State& state) {
+  set_threads();
+  Setup s = unet_setup(static_cast<FineTuneMode>(state.range(0)), state.range(1), state.range(2));
   int64_t trainable = 0;
   for (const Tensor& p : s.model->parameters()) trainable += p.numel();
   state.counters["trainable_params"] = static_cast<double>(trainable);
   run_iteration(state, s);
+}
+
+// Buffered Adjoint Matching (docs/equations.md, E126) on problem P (0-2 as above; 3: the U-Net with LoRA rank 4 of
+// BM_UNetIteration at B = 8, K = 10): a refill of 4 batches serves 16 iterations
+// (buffer_passes = 4), weights W = 1 "future" (K forward passes of the model per minibatch) or W = 0 "none". One
+// benchmark iteration is a whole refill cycle; the counter ms_per_iteration is its time over 16, to set beside
+// BM_Iteration/P/1 (the taped AM iteration; the buffer's regression runs under autograd) or BM_UNetIteration/2/8/10.
+void BM_BufferedIteration(benchmark::State& state) {
+  set_threads();
+  const int problem = static_cast<int>(state.range(0));
+  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem, false);
+  const bool weighted = state.range(1) != 0;
+  BufferedAdjointMatching loss(s.model, s.loss->reward(), s.loss->finetuned_sde().noise_ptr(), s.loss->options(),
+                               {4 * s.batch, 4, weighted ? "future" : "none"});
+  const int64_t cycle = loss.iterations_per_refill();
+  TrainerOptions to;
+  to.iterations = 1 << 30;
+  to.progress = false;
+  to.grad_clip = 0;
+  const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
+  Trainer trainer(loss, to);
+  for (int64_t i = 0; i < cycle; ++i) trainer.step();  // warm-up: one whole cycle
+  double peak_bytes = 0, seconds = 0;
+  for (auto _ : state) {
+    if (counting_allocator) counting_allocator->reset_peak();
+    const auto start = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < cycle; ++i) benchmark::DoNotOptimize(trainer.step().loss);
+    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (counting_allocator) peak_bytes = std::max(peak_bytes, static_cast<double>(counting_allocator->peak() - before));
+  }
+  state.counters["ms_per_iteration"] = 1e3 * seconds / static_cast<double>(state.iterations() * cycle);
+  state.counters["peak_MB"] = peak_bytes / 1e6;
+  state.SetLabel(s.label + ", buffer 4 batches x 4 passes, weights " + (weighted ? "future" : "none"));
 }
 
 // The machine's float32 matrix-multiply peak: a 2048^3 product, and the iteration's typical shape, with
@@ -414,6 +452,8 @@ BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond)
 BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStepByHand)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Iteration)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BufferedIteration)->ArgsProduct({{0, 2}, {0, 1}})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_BufferedIteration)->ArgsProduct({{3}, {0, 1}})->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Scaling)
     ->Args({64, 64, 40, 0})->Args({64, 64, 40, 1})->Args({64, 1024, 40, 0})->Args({64, 1024, 40, 1})
     ->Args({16, 256, 40, 0})->Args({16, 256, 40, 1})->Args({256, 256, 40, 0})->Args({256, 256, 40, 1})

@@ -18,7 +18,7 @@
 //
 //   tilt_ode_gap CONFIG [--random SEED --dim D] [--iterations N] [--samples N] [--replicates R]
 //                [--score-steps K] [--hybrids 0|1] [--metrics PATH] [--target am|exact] [--adjoint-stats N]
-//                [--grad-variance M] [--out PREFIX] [--set KEY=VALUE]...
+//                [--grad-variance M] [--train-seed S] [--out PREFIX] [--set KEY=VALUE]...
 #include "adjoint_target.h"
 #include "exact_scores.h"
 #include "tilted_mixture.h"
@@ -268,6 +268,7 @@ int main(int argc, char** argv) try {
   at::set_num_threads(1);
   std::vector<std::string> sets;
   int64_t seed = -1, dim = 3, iterations = -1, samples = 2000, replicates = 10, score_steps = 0, stats = 0, grad_var = 0;
+  int64_t train_seed = 0;
   bool hybrids = true;
   std::string out = "ode_gap", metrics, target = "am";
   for (int i = 2; i + 1 < argc; i += 2) {
@@ -285,6 +286,7 @@ int main(int argc, char** argv) try {
     else if (flag == "--target") target = value;
     else if (flag == "--adjoint-stats") stats = std::stoll(value);
     else if (flag == "--grad-variance") grad_var = std::stoll(value);
+    else if (flag == "--train-seed") train_seed = std::stoll(value);
     else throw Error("unknown option '" + flag + "'");
   }
   Study s = read_study(argv[1], sets, seed, dim);
@@ -292,7 +294,8 @@ int main(int argc, char** argv) try {
   s.samples = samples, s.replicates = replicates, s.score_steps = score_steps, s.hybrids = hybrids;
   if (samples < 2 || replicates < 2 || score_steps < 0) throw Error("--samples and --replicates must be >= 2, --score-steps >= 0");
   const double floor = tilt_bench::precise_noise_floor(*s.target, s.samples);
-  auto model = s.plan.make_model(s.base, 1);
+  // --train-seed S > 0: another network initialisation and another stream of training draws (0: the studies' own).
+  auto model = s.plan.make_model(s.base, train_seed == 0 ? 1 : mix_seed(1, static_cast<uint64_t>(train_seed)));
   if (stats > 0) {
     const Json j = {{"problem", s.problem}, {"paths", stats}, {"adjoint_target", adjoint_target_stats(s, 16, stats, 1)}};
     std::cout << j.dump() << std::endl;
@@ -305,6 +308,7 @@ int main(int argc, char** argv) try {
       target == "exact" ? std::make_unique<ExactTargetLoss>(model, s.exact, s.plan.batch_size, s.plan.num_steps, 30)
                         : s.plan.make_loss(model);
   TrainerOptions t = tilt_bench::study_trainer(s.plan, s.iterations);
+  if (train_seed != 0) t.seed = mix_seed(t.seed, static_cast<uint64_t>(train_seed));
   t.metrics_path = metrics;
   const auto start = std::chrono::steady_clock::now();
   if (s.iterations > 0) Trainer(*loss, t).run();
@@ -314,7 +318,7 @@ int main(int argc, char** argv) try {
   Json j = measure(s, model, floor);
   if (grad_var > 0) j["gradient_variance"] = gv;
   j["problem"] = s.problem, j["iterations"] = s.iterations, j["train_seconds"] = seconds, j["sets"] = sets;
-  j["replicates"] = s.replicates, j["samples"] = s.samples, j["target"] = target;
+  j["replicates"] = s.replicates, j["samples"] = s.samples, j["target"] = target, j["train_seed"] = train_seed;
   std::cout << j.dump() << std::endl;
   atomic_write(out + ".json", j.dump(1) + "\n");
   return 0;

@@ -12,7 +12,9 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/engine.h"
 #include "tilt/train/adjoint_matching.h"
+#include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
 #include "tilt/train/reward_baselines.h"
@@ -191,6 +193,55 @@ TEST(ConditionalMethods, AdjointMatchingEqualsTheBoundProblemAtEachCondition) {
   }
   EXPECT_GT(max_grad_difference(per_condition[0], per_condition[1]), 1e-3 * max_grad(per_condition[0]))
       << "two conditions gave the same gradient: the condition is ignored";
+}
+
+// Buffered Adjoint Matching over conditions: a fresh buffer is Adjoint Matching's iteration at the same conditions,
+// and after the model moves each trajectory's weights are the density ratio of the model bound to its own c against
+// the velocities that drew it (the conditions travel with the rows).
+TEST(ConditionalMethods, BufferedAdjointMatchingKeepsEachTrajectorysCondition) {
+  Problem s = make_problem();
+  AdjointMatchingOptions o;
+  o.num_steps = 8;
+  o.batch_size = 12;
+  o.loss_early_steps = 0;
+  o.loss_late_steps = 6;
+  o.clip_factor = 0;
+  o.conditions = s.conditions;
+  const auto noise = make_memoryless_noise(1.0 / o.num_steps);
+  AdjointMatching am(s.model, s.problem.reward, noise, o);
+  BufferedAdjointMatching bam(s.model, s.problem.reward, noise, o, {o.batch_size, 2, "future"});
+  Generator g1 = make_generator(5), g2 = make_generator(5);
+  const Result ref = run(am, g1), got = run(bam, g2);
+  EXPECT_NEAR(got.loss, ref.loss, 1e-5 * (1 + std::abs(ref.loss)));
+  EXPECT_LT(max_grad_difference(got, ref), 1e-5 * (1 + max_grad(ref)));
+  {
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(9);
+    for (auto& p : s.model->parameters()) p.add_(0.3 * at::randn(p.sizes(), g, p.options()));
+  }
+  bam.begin_iteration(1);
+  Generator g3 = make_generator(6);
+  bam.compute(g3);
+  const AdjointBatch rows = bam.buffer().rows(bam.last_rows());
+  ASSERT_TRUE(rows.c.defined());
+  EXPECT_GT(std::get<0>(at::_unique(rows.c.select(1, 0))).numel(), 1) << "several conditions in the batch";
+  const VelocityFieldPtr bound = bind_condition(VelocityFieldPtr(s.model), rows.c);
+  const TimeGrid& grid = bam.adjoint_matching().grid();
+  at::NoGradGuard no_grad;
+  Tensor log_ratio = at::zeros({o.batch_size}, kDouble);
+  double spread = 0;
+  for (int64_t k = o.num_steps - 2; k >= 0; --k) {
+    const StepKernel q = euler_kernel(bam.adjoint_matching().finetuned_sde(), grid[k], grid[k + 1]);
+    const Tensor x = rows.x[k], next = rows.x[k + 1].to(at::kDouble);
+    const Tensor m_new = q.mean(x, bound->velocity(x, grid[k])).to(at::kDouble);
+    const Tensor m_old = q.mean(x, rows.v[k]).to(at::kDouble);
+    log_ratio += ((next - m_old).pow(2).sum(1) - (next - m_new).pow(2).sum(1)) / (2 * q.std * q.std);
+    if (!bam.last_weights()[k].defined()) continue;
+    const Tensor expected = static_cast<double>(o.batch_size) * at::softmax(log_ratio, 0);
+    EXPECT_LT((bam.last_weights()[k].to(at::kDouble) - expected).abs().max().item<double>(), 1e-4) << "k = " << k;
+    spread = std::max(spread, expected.std().item<double>());
+  }
+  EXPECT_GT(spread, 0.01) << "the model must have moved";
 }
 
 TEST(ConditionalMethods, OdeAdjointMatchingEqualsTheBoundProblemRowByRow) {

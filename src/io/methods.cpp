@@ -138,6 +138,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   }
   if (buffer.size > 0) {
     if (tau != 0.0) table.fail("buffer_size", "cannot be combined with dsm_until");
+    plan.shardable = false;
     plan.make_loss = [am, buffer, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
       return std::make_unique<BufferedAdjointMatching>(std::move(model), reward, noise, am, buffer);
     };
@@ -474,6 +475,10 @@ void read_trainer_keys(ConfigSection& s, const VelocityField& base, FinetunePlan
   read_early_stop(s, plan);
   if (plan.trainer.shards > plan.batch_size) {
     s.fail("shards", "must be at most batch_size = " + std::to_string(plan.batch_size));
+  }
+  if (!plan.shardable && plan.trainer.shards > 1) {
+    s.fail("shards", "must be 0 or 1 with finetune.adjoint_matching.buffer_size > 0: the buffer is the batch, it is not "
+                     "split (nor spread over several processes)");
   }
   if (plan.mode == FineTuneMode::copy && base.kind() == "gmm") {
     s.fail("model", "is \"copy\", which needs a network base, but [base] is the exact mixture (use \"residual\")");

@@ -276,6 +276,9 @@ TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
   EXPECT_NE(with({{"buffer_size", 16}, {"dsm_until", 0.5}, {"loss_weighting", "velocity"}}).find("buffer_size"),
             std::string::npos);
   EXPECT_EQ(with({{"buffer_size", 16}, {"buffer_weights", "none"}}), "");
+  const std::string sharded = error_of({{"num_steps", 20}, {"batch_size", 8}, {"shards", 2},
+                                        {"adjoint_matching", {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"buffer_size", 16}}}});
+  EXPECT_NE(sharded.find("'finetune.shards'"), std::string::npos) << sharded;
 }
 
 // Adjoint Matching's monitor (handed to the trainer): a warning once over half of the terms have been clipped in each

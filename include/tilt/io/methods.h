@@ -46,6 +46,9 @@ struct FinetunePlan {
   std::function<std::string(const LossOutput&)> monitor;
   /// The loss reports the metric `ess` (adjoint_matching without guidance), which [finetune] early_stop = "ess" needs.
   bool reports_ess = false;
+  /// Whether the trainer may split the method's batch into shards (`shards`, several processes); false for a
+  /// buffered Adjoint Matching, whose buffer is the batch.
+  bool shardable = true;
   /// Metrics that training.png plots besides the loss and the reward (adjoint_matching: loss_median and ess).
   std::vector<std::string> curves;
 

@@ -126,13 +126,9 @@ LossOutput BufferedAdjointMatching::compute(Generator& gen) {
   return out;
 }
 
+// Before the first refill every entry is empty (the buffer's vectors are, its tensors and order_ undefined), so that a
+// checkpoint always has the same keys.
 std::vector<std::pair<std::string, Tensor>> BufferedAdjointMatching::state() const {
-  if (!filled_) {
-    const Tensor none = at::empty({0});
-    return {{"buffer_x", none},     {"buffer_a", none},      {"buffer_v_base", none}, {"buffer_x1", none},
-            {"buffer_c", none},     {"buffer_xi", none},     {"buffer_v", none},      {"buffer_reward", none},
-            {"buffer_log_w", none}, {"buffer_order", none}};
-  }
   const AdjointBatch& b = buffer_;
   return {{"buffer_x", stack_cpu(b.x)},
           {"buffer_a", stack_cpu(b.adjoint.a)},
@@ -143,7 +139,7 @@ std::vector<std::pair<std::string, Tensor>> BufferedAdjointMatching::state() con
           {"buffer_v", stack_cpu(b.v)},
           {"buffer_reward", cpu_or_empty(b.reward)},
           {"buffer_log_w", cpu_or_empty(b.log_w)},
-          {"buffer_order", order_.cpu()}};
+          {"buffer_order", cpu_or_empty(order_)}};
 }
 
 void BufferedAdjointMatching::load_state(const std::vector<std::pair<std::string, Tensor>>& state) {

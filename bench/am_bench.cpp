@@ -285,11 +285,17 @@ void BM_AdjointStepByHand(benchmark::State& state) {
 }
 
 // A whole training iteration: rollout, lean adjoint, loss, backward, Adam; range(1) = 1 for the taped path.
-void run_iteration(benchmark::State& state, Setup& s) {
+// The trainer of a benchmark: as many steps as asked for, no progress bar, no clipping.
+TrainerOptions bench_trainer() {
   TrainerOptions to;
   to.iterations = 1 << 30;
   to.progress = false;
   to.grad_clip = 0;
+  return to;
+}
+
+void run_iteration(benchmark::State& state, Setup& s) {
+  const TrainerOptions to = bench_trainer();
   // Peak memory is counted from before the first iteration: the taped path keeps its tapes (and Adam
   // its moments) from one iteration to the next.
   const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
@@ -363,21 +369,18 @@ void BM_UNetIteration(benchmark::State& state) {
 // BM_UNetIteration at B = 8, K = 10): a refill of 4 batches serves 16 iterations
 // (buffer_passes = 4), weights W = 1 "future" (K forward passes of the model per minibatch) or W = 0 "none". One
 // benchmark iteration is a whole refill cycle; the counter ms_per_iteration is its time over 16, to set beside
-// BM_Iteration/P/1 (the taped AM iteration; the buffer's regression runs under autograd) or BM_UNetIteration/2/8/10.
+// BM_Iteration/P/1 (the taped AM iteration; the buffer's regression on an MLP takes the tapes too, its refill the
+// autograd rollout) or BM_UNetIteration/2/8/10.
 void BM_BufferedIteration(benchmark::State& state) {
   set_threads();
   const int problem = static_cast<int>(state.range(0));
-  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem, false);
+  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
   const bool weighted = state.range(1) != 0;
   BufferedAdjointMatching loss(s.model, s.loss->reward(), s.loss->finetuned_sde().noise_ptr(), s.loss->options(),
                                {4 * s.batch, 4, weighted ? "future" : "none"});
   const int64_t cycle = loss.iterations_per_refill();
-  TrainerOptions to;
-  to.iterations = 1 << 30;
-  to.progress = false;
-  to.grad_clip = 0;
   const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
-  Trainer trainer(loss, to);
+  Trainer trainer(loss, bench_trainer());
   for (int64_t i = 0; i < cycle; ++i) trainer.step();  // warm-up: one whole cycle
   double peak_bytes = 0, seconds = 0;
   for (auto _ : state) {

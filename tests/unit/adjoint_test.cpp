@@ -189,6 +189,22 @@ class ScaledDifference : public VelocityField {
   VelocityFieldPtr target_, base_;
 };
 
+// The moments of the regression in the family v_theta - v_base = theta D*, D* = v* - v_base, over every step with a
+// finite target: aa = sum_k E w |s_k D*_k|^2 and ab = sum_k E w <s_k D*_k, s_k rho_k a_k>, rows weighted per step
+// (empty: unweighted). The loss is aa theta^2 + 2 ab theta + const, minimised at theta^ = -ab / aa.
+std::pair<double, double> regression_moments(const AdjointMatching& am, const GmmVelocity& optimum,
+                                             const AdjointBatch& rows, const std::vector<at::Tensor>& weights) {
+  double aa = 0, ab = 0;
+  for (int64_t k = 1; k < am.grid().steps(); ++k) {
+    const double t = am.grid()[k], s2 = std::pow(am.residual_scale(k), 2);
+    const at::Tensor d = optimum.velocity(rows.x[k], t) - rows.adjoint.v_base[k];
+    const at::Tensor w = weights.empty() ? at::ones({rows.rows()}, kDouble) : weights[k];
+    aa += s2 * (w * (d * d).sum(1)).mean().item<double>();
+    ab += s2 * (w * (d * (am.target_coefficient(k) * rows.adjoint.a[k])).sum(1)).mean().item<double>();
+  }
+  return {aa, ab};
+}
+
 // Fits theta^ = argmin_theta E sum_k |(c_v/sigma)(theta D*_k + rho_k a_k)|^2 on trajectories of the
 // optimal model (theta = 1), D* = v* - v_base, over every step with a finite target. The loss's
 // only critical point is u* (Adjoint Matching, Prop. 7), so theta^ -> 1 as the grid is refined.
@@ -218,14 +234,10 @@ Fit fit_theta(int64_t K, const NoiseSchedulePtr& noise) {
 
   Generator gen = make_generator(12);
   const Trajectory traj = am.rollout(gen);
-  const LeanAdjoint adj = lean_adjoint(am.base_sde(), traj.x, am.grid(), *reward, lambda, true);
-  double aa = 0, ab = 0;
-  for (int64_t k = 1; k < K; ++k) {
-    const double t = am.grid()[k], w = std::pow(am.residual_scale(k), 2);
-    const at::Tensor d = optimum->velocity(traj.x[k], t) - adj.v_base[k];
-    aa += w * (d * d).sum(1).mean().item<double>();
-    ab += w * (d * (am.target_coefficient(k) * adj.a[k])).sum(1).mean().item<double>();
-  }
+  AdjointBatch rows;
+  rows.x = traj.x;
+  rows.adjoint = lean_adjoint(am.base_sde(), traj.x, am.grid(), *reward, lambda, true);
+  const auto [aa, ab] = regression_moments(am, *optimum, rows, {});
   // The loss that the trainer differentiates gives d/dtheta = 2 (aa + ab) at theta = 1.
   Generator same = make_generator(12);
   const LossOutput out = am.compute(same);
@@ -599,17 +611,10 @@ TEST(PathWeights, OptimalControlGivesEssOneAndTheExactLogZ) {
 namespace buffered {
 
 // The regression's critical point theta^ = -ab / aa in the family v_theta - v_base = theta (v* - v_base) on given
-// rows, weighted per step (empty: unweighted), over every step with a finite target, as fit_theta computes it.
+// rows, weighted per step (empty: unweighted), as fit_theta computes it.
 double critical_theta(const AdjointMatching& am, const GmmVelocity& optimum, const AdjointBatch& rows,
                       const std::vector<at::Tensor>& weights) {
-  double aa = 0, ab = 0;
-  for (int64_t k = 1; k < am.grid().steps(); ++k) {
-    const double t = am.grid()[k], s2 = std::pow(am.residual_scale(k), 2);
-    const at::Tensor d = optimum.velocity(rows.x[k], t) - rows.adjoint.v_base[k];
-    const at::Tensor w = weights.empty() ? at::ones({rows.rows()}, kDouble) : weights[k];
-    aa += s2 * (w * (d * d).sum(1)).mean().item<double>();
-    ab += s2 * (w * (d * (am.target_coefficient(k) * rows.adjoint.a[k])).sum(1)).mean().item<double>();
-  }
+  const auto [aa, ab] = regression_moments(am, optimum, rows, weights);
   return -ab / aa;
 }
 

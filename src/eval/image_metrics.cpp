@@ -104,9 +104,13 @@ ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& cl
 }
 
 ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
-                                         int64_t target_class, double lambda, const Tensor& real_of_class) {
+                                         int64_t target_class, double lambda, const Tensor& real_of_class,
+                                         ClassifierForm form) {
   at::NoGradGuard no_grad;
-  const Tensor log_w = lambda * classifier.log_probs(base_samples.to(at::kFloat)).select(1, target_class).to(at::kDouble);
+  const Tensor log_p = classifier.log_probs(base_samples.to(at::kFloat));
+  const Tensor r = form == ClassifierForm::indicator ? log_p.argmax(1).eq(target_class).to(at::kDouble)
+                                                     : log_p.select(1, target_class).to(at::kDouble);
+  const Tensor log_w = lambda * r;
   return class_sample_metrics(base_samples, classifier, target_class, real_of_class, at::softmax(log_w, 0));
 }
 

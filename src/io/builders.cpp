@@ -261,6 +261,8 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     const bool conditional = s.has("class") && s.value("class").is_string();
     if (conditional && s.string("class") != "condition") s.fail("class", "must be a class number or \"condition\"");
     const int64_t c = conditional ? -1 : s.integer("class");
+    // form = "indicator": r = 1 if the classifier's argmax is the class, else 0; no gradient (docs/ram.md).
+    const ClassifierForm form = parse_classifier_form(s.choice("form", {"log_prob", "indicator"}, "log_prob"));
     const LoadedClassifier loaded = load_classifier(path);
     if (loaded.classifier->options().dim != dim) {
       s.fail("path", "'" + path + "' classifies inputs of dimension " + std::to_string(loaded.classifier->options().dim) +
@@ -268,15 +270,22 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     }
     if (conditional) {
       s.finish();
-      return std::make_shared<ConditionalClassifierReward>(loaded.classifier);
+      return std::make_shared<ConditionalClassifierReward>(loaded.classifier, form);
     }
     if (c < 0 || c >= loaded.classifier->options().classes) {
       s.fail("class", "must be in 0.." + std::to_string(loaded.classifier->options().classes - 1));
     }
-    reward = std::make_shared<ClassifierReward>(loaded.classifier, c);
+    reward = std::make_shared<ClassifierReward>(loaded.classifier, c, form);
   } else if (type == "ink") {
-    // r(x) = mean_i x_i: for images, how much ink (pixels in [-1, 1], ink = 1).
-    reward = std::make_shared<LinearReward>(at::full({dim}, 1.0 / static_cast<double>(dim), kDouble));
+    // r(x) = mean_i x_i: for images, how much ink (pixels in [-1, 1], ink = 1); with a threshold, the share of pixels
+    // above it: a count, without a gradient (docs/ram.md).
+    if (s.has("threshold")) {
+      const double threshold = s.number("threshold");
+      if (!std::isfinite(threshold) || std::abs(threshold) > 1e6) s.fail("threshold", "must be a finite number in [-1e6, 1e6]");
+      reward = std::make_shared<InkCountReward>(dim, threshold);
+    } else {
+      reward = std::make_shared<LinearReward>(at::full({dim}, 1.0 / static_cast<double>(dim), kDouble));
+    }
   } else if (type == "torchscript") {
     reward = std::make_shared<TorchScriptReward>(s.string("path"), dim);  // a module from PyTorch
   } else {

@@ -154,6 +154,10 @@ ImageEvaluation read_image_evaluation(ConfigSection& root) {
   if (!(std::abs(e.lambda) <= limits::kLambda)) {
     reward.fail("lambda", "must be in [" + number_string(-limits::kLambda) + ", " + number_string(limits::kLambda) + "]");
   }
+  e.form = parse_classifier_form(reward.choice("form", {"log_prob", "indicator"}, "log_prob"));
+  if (e.by_condition && e.form == ClassifierForm::indicator) {
+    reward.fail("form", "\"indicator\" is evaluated for one class only (not class = \"condition\")");
+  }
   reward.finish();
   return e;
 }
@@ -226,8 +230,10 @@ Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string
   if (unseen) out["unseen_classifier"] = unseen_classifier;
   out["real"] = metrics_json(class_sample_metrics(real, *loaded.classifier, setup.target_class, real));
   if (base) {
-    out["target"] = metrics_json(tilted_target_metrics(base->x, *loaded.classifier, setup.target_class, setup.lambda, real));
+    out["target"] = metrics_json(
+        tilted_target_metrics(base->x, *loaded.classifier, setup.target_class, setup.lambda, real, setup.form));
     out["target"]["lambda"] = setup.lambda;
+    out["target"]["form"] = setup.form == ClassifierForm::indicator ? "indicator" : "log_prob";
     out["target"]["from"] = base_samples_file;
   }
   for (const ImageSamples& file : files) {
@@ -253,7 +259,10 @@ std::string image_evaluation_text(const Json& out, const std::vector<std::string
   if (out.contains("target")) text += metrics_row("target p* (reweighted base samples)", out["target"]);
   text += std::string("(class %: samples the classifier assigns to the class; diversity: mean pairwise distance among "
                       "those; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer") +
-          (out.contains("target") ? "; target p*: base samples weighted by p(c | x)^lambda, n = effective sample size" : "") +
+          (!out.contains("target") ? ""
+           : out["target"].value("form", "log_prob") == "indicator"
+               ? "; target p*: base samples weighted by exp(lambda) where the classifier's argmax is the class, n = effective sample size"
+               : "; target p*: base samples weighted by p(c | x)^lambda, n = effective sample size") +
           (unseen ? "; unseen: the class share and log p(c|x) under the second classifier, never used in training" : "") +
           ")\n";
   return text;

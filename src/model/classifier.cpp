@@ -182,8 +182,28 @@ void Classifier::set_trainable(bool trainable) {
   for (auto& [name, p] : named_parameters()) p.set_requires_grad(trainable);
 }
 
-ClassifierReward::ClassifierReward(ClassifierPtr classifier, int64_t target_class)
-    : classifier_(std::move(classifier)), class_(target_class) {
+ClassifierForm parse_classifier_form(const std::string& name) {
+  if (name == "log_prob") return ClassifierForm::log_prob;
+  if (name == "indicator") return ClassifierForm::indicator;
+  throw Error("unknown classifier reward form '" + name + "' (valid: log_prob, indicator)");
+}
+
+namespace {
+
+// 1 where row i's argmax is class[i] (a [B] long tensor), else 0, in log_p's dtype.
+Tensor argmax_indicator(const Tensor& log_p, const Tensor& cls) {
+  return log_p.argmax(1).eq(cls).to(log_p.scalar_type());
+}
+
+[[noreturn]] void no_gradient() {
+  throw Error("the classifier reward with form = \"indicator\" has no gradient: fine-tune with a method that needs "
+              "reward values only (ram, ddpo, grpo)");
+}
+
+}  // namespace
+
+ClassifierReward::ClassifierReward(ClassifierPtr classifier, int64_t target_class, ClassifierForm form)
+    : classifier_(std::move(classifier)), class_(target_class), form_(form) {
   if (!classifier_) throw Error("classifier reward: no classifier");
   if (class_ < 0 || class_ >= classifier_->options().classes) {
     throw Error("classifier reward: class " + std::to_string(class_) + " does not exist (the classifier has classes 0.." +
@@ -192,17 +212,23 @@ ClassifierReward::ClassifierReward(ClassifierPtr classifier, int64_t target_clas
 }
 
 Tensor ClassifierReward::value(const Tensor& x) const {
-  return classifier_->log_probs(x).select(1, class_);
+  const Tensor log_p = classifier_->log_probs(x);
+  if (form_ == ClassifierForm::indicator) {
+    return argmax_indicator(log_p, at::full({x.size(0)}, class_, log_p.options().dtype(at::kLong)));
+  }
+  return log_p.select(1, class_);
 }
 
 Tensor ClassifierReward::grad(const Tensor& x) const {
+  if (form_ == ClassifierForm::indicator) no_gradient();
   at::AutoGradMode enable(true);
   const Tensor xd = x.detach().requires_grad_(true);
   const Tensor r = value(xd).sum();
   return torch::autograd::grad({r}, {xd})[0].detach();
 }
 
-ConditionalClassifierReward::ConditionalClassifierReward(ClassifierPtr classifier) : classifier_(std::move(classifier)) {
+ConditionalClassifierReward::ConditionalClassifierReward(ClassifierPtr classifier, ClassifierForm form)
+    : classifier_(std::move(classifier)), form_(form) {
   if (!classifier_) throw Error("classifier reward: no classifier");
 }
 
@@ -212,7 +238,13 @@ Tensor ConditionalClassifierReward::conditional_value(const Tensor& x, const Ten
   const Tensor rows = condition_rows(c, x.size(0), condition_dim(), "classifier reward");
   if (!rows.defined()) throw Error("classifier reward: r(x, c) = log p(c | x) needs a condition (the class's one-hot row)");
   const Tensor log_p = classifier_->log_probs(x);
+  if (form_ == ClassifierForm::indicator) return argmax_indicator(log_p, rows.argmax(1));
   return (rows.to(log_p.scalar_type()) * log_p).sum(1);
+}
+
+Tensor ConditionalClassifierReward::conditional_grad(const Tensor& x, const Tensor& c) const {
+  if (form_ == ClassifierForm::indicator) no_gradient();
+  return Reward::conditional_grad(x, c);
 }
 
 }  // namespace tilt

@@ -7,6 +7,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/autograd.h>
 
+#include <cmath>
 #include <functional>
 
 namespace tilt {
@@ -60,6 +61,21 @@ Tensor FunctionReward::value(const Tensor& x) const {
                 std::to_string(x.size(0)) + "], got " + shape_string(r));
   }
   return r;
+}
+
+InkCountReward::InkCountReward(int64_t dim, double threshold) : dim_(dim), threshold_(threshold) {
+  if (dim_ < 1) throw Error("ink count reward: dim must be >= 1, got " + std::to_string(dim_));
+  if (!std::isfinite(threshold_)) throw Error("ink count reward: the threshold must be finite");
+}
+
+Tensor InkCountReward::value(const Tensor& x) const {
+  check_batch(x, dim(), "x");
+  return x.gt(threshold_).to(x.scalar_type()).mean(1);
+}
+
+Tensor InkCountReward::grad(const Tensor&) const {
+  throw Error("the reward 'ink_count' (the share of pixels above a threshold) has no gradient: fine-tune with a method "
+              "that needs reward values only (ram, ddpo, grpo)");
 }
 
 LinearReward::LinearReward(Tensor a) : a_(a.defined() ? a.to(at::kDouble).contiguous() : a) {

@@ -162,6 +162,11 @@ TEST(ConditionalRewards, ClassifierRewardOfEachRowsOwnClass) {
     EXPECT_LT((g[b] - fixed.grad(x.narrow(0, b, 1))[0]).abs().max().item<float>(), 1e-6);
   }
   EXPECT_THROW(reward.value(x), Error);
+  // The indicator of each row's own class.
+  const ConditionalClassifierReward indicator(classifier, ClassifierForm::indicator);
+  const at::Tensor hit = indicator.conditional_value(x, c);
+  EXPECT_TRUE(hit.eq(classifier->log_probs(x).argmax(1).eq(labels).to(at::kFloat)).all().item<bool>());
+  EXPECT_THROW(indicator.conditional_grad(x, c), Error);
 }
 
 TEST(Conditions, BindingAndGuidance) {

@@ -107,6 +107,41 @@ TEST(Classifier, RewardGradientMatchesFiniteDifferences) {
   EXPECT_THROW(ClassifierReward(classifier, 3), Error);
 }
 
+// form = indicator: r = 1 exactly where the class is the classifier's argmax, 0 elsewhere, and no gradient (a clear
+// error naming the methods that take such a reward).
+TEST(Classifier, IndicatorRewardIsTheArgmaxAndHasNoGradient) {
+  ClassifierOptions o;
+  o.dim = 5;
+  o.hidden = {12};
+  o.classes = 3;
+  auto classifier = std::make_shared<MlpClassifier>(o, 4);
+  Generator gen = make_generator(6);
+  const Tensor x = at::randn({200, 5}, gen) * 3;
+  const Tensor argmax = classifier->log_probs(x).argmax(1);
+  int64_t seen = 0;
+  for (int64_t k = 0; k < 3; ++k) {
+    const ClassifierReward reward(classifier, k, ClassifierForm::indicator);
+    EXPECT_FALSE(reward.differentiable());
+    EXPECT_EQ(reward.kind(), "classifier_indicator");
+    const Tensor r = reward.value(x);
+    EXPECT_TRUE(r.eq(argmax.eq(k).to(at::kFloat)).all().item<bool>()) << "class " << k;
+    seen += r.sum().item<float>() > 0;
+    try {
+      reward.grad(x);
+      ADD_FAILURE() << "the indicator has no gradient";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("ram, ddpo, grpo"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_GE(seen, 2) << "the draws should reach several classes";
+  // The indicator's tilted target is closed form in the base's share s0: s0 e^lambda / (s0 e^lambda + 1 - s0).
+  const double s0 = argmax.eq(1).to(at::kDouble).mean().item<double>(), lambda = 2.0;
+  const ClassSampleMetrics target = tilted_target_metrics(x, *classifier, 1, lambda, x.narrow(0, 0, 20), ClassifierForm::indicator);
+  EXPECT_NEAR(target.class_share, s0 * std::exp(lambda) / (s0 * std::exp(lambda) + 1 - s0), 1e-9);
+  EXPECT_TRUE(ClassifierReward(classifier, 0).differentiable());
+  EXPECT_THROW(parse_classifier_form("argmax"), Error);
+}
+
 // The cnn's reward gradient (what fine-tuning uses) against central differences in float64, at every
 // pixel of a non-square image (a wrong reshape or pooling in the backward pass would show).
 TEST(Classifier, CnnRewardGradientMatchesFiniteDifferencesInFloat64) {

@@ -36,11 +36,12 @@ struct ClassSampleMetrics {
 ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
                                         const Tensor& real_of_class, const Tensor& weights = Tensor());
 
-/// The metrics of the tilted target p* ∝ p_base exp(lambda r), r = log p(c | x), estimated from
-/// samples of the base model by self-normalised importance weights w_i ∝ p(c | x_i)^lambda: a
-/// ground truth for what fine-tuning should reach (consistent as the number of base samples grows;
-/// its reliability is the effective sample size, ClassSampleMetrics::n).
+/// The metrics of the tilted target p* ∝ p_base exp(lambda r), r = log p(c | x) (or, with the indicator form, 1 if c
+/// is the classifier's argmax), estimated from samples of the base model by self-normalised importance weights
+/// w_i ∝ exp(lambda r(x_i)): a ground truth for what fine-tuning should reach (consistent as the number of base
+/// samples grows; its reliability is the effective sample size, ClassSampleMetrics::n).
 ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
-                                         int64_t target_class, double lambda, const Tensor& real_of_class);
+                                         int64_t target_class, double lambda, const Tensor& real_of_class,
+                                         ClassifierForm form = ClassifierForm::log_prob);
 
 }  // namespace tilt

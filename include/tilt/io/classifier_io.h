@@ -32,6 +32,7 @@ struct ImageEvaluation {
   int64_t target_class = 0;   ///< unused when by_condition
   bool by_condition = false;  ///< class = "condition"
   double lambda = 1.0;
+  ClassifierForm form = ClassifierForm::log_prob;  ///< [reward] form: the target p*'s reward (log p, or the indicator)
 };
 /// [data] and [reward], each finished.
 ImageEvaluation read_image_evaluation(ConfigSection& root);

@@ -76,15 +76,25 @@ using MlpClassifier = Classifier;
 
 using ClassifierPtr = std::shared_ptr<const Classifier>;
 
-/// r(x) = log p(c | x) (the classifier is frozen). No closed-form tilt.
+/// What a classifier reward returns of p(. | x).
+enum class ClassifierForm {
+  log_prob,   ///< log p(c | x): differentiable
+  indicator,  ///< 1 if argmax_k p(k | x) = c, else 0: no gradient (docs/ram.md)
+};
+ClassifierForm parse_classifier_form(const std::string& name);  // "log_prob" | "indicator"
+
+/// r(x) = log p(c | x), or the indicator that c is the classifier's argmax (the classifier is frozen). No
+/// closed-form tilt.
 class ClassifierReward : public Reward {
  public:
   /// Throws tilt::Error if the class does not exist.
-  ClassifierReward(ClassifierPtr classifier, int64_t target_class);
-  std::string kind() const override { return "classifier"; }
+  ClassifierReward(ClassifierPtr classifier, int64_t target_class, ClassifierForm form = ClassifierForm::log_prob);
+  std::string kind() const override { return form_ == ClassifierForm::indicator ? "classifier_indicator" : "classifier"; }
   int64_t dim() const override { return classifier_->options().dim; }
   Tensor value(const Tensor& x) const override;
+  /// Throws tilt::Error for the indicator.
   Tensor grad(const Tensor& x) const override;
+  bool differentiable() const override { return form_ == ClassifierForm::log_prob; }
   const MlpClassifier& classifier() const { return *classifier_; }
   int64_t target_class() const { return class_; }
   void to(const at::Device& device) const override { classifier_->to(device); }
@@ -92,6 +102,7 @@ class ClassifierReward : public Reward {
  private:
   ClassifierPtr classifier_;
   int64_t class_;
+  ClassifierForm form_;
 };
 
 /// r(x, c) = c . log p(. | x): for a class's one-hot c, log p(c | x), the prompt adherence of a
@@ -99,8 +110,11 @@ class ClassifierReward : public Reward {
 /// classes; there is no null condition (value(x) throws).
 class ConditionalClassifierReward : public Reward {
  public:
-  explicit ConditionalClassifierReward(ClassifierPtr classifier);
-  std::string kind() const override { return "classifier"; }
+  explicit ConditionalClassifierReward(ClassifierPtr classifier, ClassifierForm form = ClassifierForm::log_prob);
+  std::string kind() const override { return form_ == ClassifierForm::indicator ? "classifier_indicator" : "classifier"; }
+  bool differentiable() const override { return form_ == ClassifierForm::log_prob; }
+  /// Throws tilt::Error for the indicator (the default autograd path otherwise).
+  Tensor conditional_grad(const Tensor& x, const Tensor& c) const override;
   int64_t dim() const override { return classifier_->options().dim; }
   int64_t condition_dim() const override { return classifier_->options().classes; }
   Tensor value(const Tensor& x) const override;
@@ -110,6 +124,7 @@ class ConditionalClassifierReward : public Reward {
 
  private:
   ClassifierPtr classifier_;
+  ClassifierForm form_;
 };
 
 }  // namespace tilt

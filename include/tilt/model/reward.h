@@ -24,6 +24,9 @@ class Reward {
   /// grad_x r(x), shape [B, d]. The default differentiates value() by autograd (with gradients
   /// enabled even under a NoGradGuard); rewards with a closed-form gradient override it.
   virtual Tensor grad(const Tensor& x) const;
+  /// False for a reward with no gradient (a class indicator): only the methods that need reward values alone
+  /// (ram, ddpo, grpo) take it, and grad() throws tilt::Error.
+  virtual bool differentiable() const { return true; }
 
   /// The size of the condition c of r(x, c) (docs/conditions.md); 0 for an unconditional reward.
   virtual int64_t condition_dim() const { return 0; }
@@ -89,6 +92,24 @@ class QuadraticReward : public Reward, public MixtureTilt {
 
  private:
   Tensor c_, A_;
+};
+
+/// r(x) = the share of x's coordinates above a threshold: for images, the share of inked pixels. A count, so it has
+/// no gradient (grad throws; only the methods that need reward values alone take it: docs/ram.md).
+class InkCountReward : public Reward {
+ public:
+  /// Throws tilt::Error if dim < 1 or the threshold is not finite.
+  InkCountReward(int64_t dim, double threshold);
+  std::string kind() const override { return "ink_count"; }
+  int64_t dim() const override { return dim_; }
+  Tensor value(const Tensor& x) const override;
+  Tensor grad(const Tensor& x) const override;
+  bool differentiable() const override { return false; }
+  double threshold() const { return threshold_; }
+
+ private:
+  int64_t dim_;
+  double threshold_;
 };
 
 /// r(x) = log q(x) for a Gaussian mixture q; p* is closed form for lambda = 1 (a product).

@@ -9,6 +9,7 @@
 #include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
+#include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/unified_losses.h"
 
@@ -254,6 +255,38 @@ void read_policy_gradient(ConfigSection& table, MethodContext& ctx, bool grouped
   };
 }
 
+// Reinforce Adjoint Matching (docs/ram.md; E128-E130): flow-matching regressions on the model's ODE samples.
+void read_ram(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  ReinforceAdjointMatchingOptions o = plan_options<ReinforceAdjointMatchingOptions>(plan);
+  o.noise_draws = table.integer("noise_draws", o.noise_draws);
+  if (o.noise_draws < 1 || o.noise_draws > 1024) table.fail("noise_draws", "must be in 1..1024");
+  o.t_min = table.number("t_min", o.t_min);
+  o.t_max = table.number("t_max", o.t_max);
+  if (!(o.t_min >= 0.0 && o.t_min < 1.0)) table.fail("t_min", "must be in [0, 1)");
+  if (!(o.t_max > o.t_min && o.t_max <= 1.0)) table.fail("t_max", "must be in (t_min, 1]");
+  o.group_size = table.integer("group_size", plan.conditions ? 8 : 0);
+  if (o.group_size == 1 || o.group_size < 0) table.fail("group_size", "must be 0 (the whole batch) or >= 2");
+  if (o.group_size == 0 && plan.conditions) {
+    table.fail("group_size", "must be >= 2 for a conditional model (the endpoints of one condition share a baseline)");
+  }
+  if (o.group_size > 0 && o.batch_size % o.group_size != 0) {
+    table.fail("group_size", "must divide batch_size = " + std::to_string(o.batch_size));
+  }
+  if (o.group_size == 0 && o.batch_size < 2) ctx.finetune.fail("batch_size", "must be >= 2 for ram");
+  // The critic of the baseline (docs/ram.md); [] turns it off (the group's mean alone, which can diverge).
+  if (table.has("critic_hidden") && table.value("critic_hidden") == Json::array()) {
+    o.critic_hidden.clear();
+  } else {
+    o.critic_hidden = read_widths(table, "critic_hidden", o.critic_hidden);
+  }
+  plan.warnings.push_back("method = \"ram\" reaches p* only to first order in lambda: it drops the gradient of the "
+                          "expected future control cost (exact for a linear reward on a Gaussian base; docs/ram.md)");
+  plan.make_loss = [o, reward = plan.reward](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<ReinforceAdjointMatching>(std::move(model), reward, o);
+  };
+}
+
 void read_ode_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
@@ -331,10 +364,10 @@ std::vector<FinetuneMethod>& registry() {
       {"discrete_adjoint", "the discrete adjoint of the memoryless SDE (targets p*)", {}, true, false,
        read_discrete_adjoint},
       {"ddpo", "DDPO: clipped policy gradient of the gDDIM policy (no KL term)", kPolicyKeys, true, true,
-       [](ConfigSection& t, MethodContext& c) { read_policy_gradient(t, c, false); }},
+       [](ConfigSection& t, MethodContext& c) { read_policy_gradient(t, c, false); }, true},
       {"grpo", "GRPO: group-relative policy gradient, with a MixGRPO window (no KL term)",
        concat(kPolicyKeys, kGroupKeys), true, true,
-       [](ConfigSection& t, MethodContext& c) { read_policy_gradient(t, c, true); }},
+       [](ConfigSection& t, MethodContext& c) { read_policy_gradient(t, c, true); }, true},
       {"ode_adjoint_matching", "ODE Adjoint Matching: a deterministic control problem (not p*)",
        {"adjoint_steps", "truncated_control", "loss_steps", "regulariser", "reg_weight", "reg_weight_start", "reg_clip",
         "reg_power"},
@@ -349,6 +382,8 @@ std::vector<FinetuneMethod>& registry() {
        false, read_unified_method},
       {"cmcd_logvar", "CMCD, log-variance form: the batch variance of the log path weight (targets p*)", {}, true, false,
        read_unified_method},
+      {"ram", "Reinforce Adjoint Matching: regression on the model's ODE samples, reward values only (p* to first order)",
+       {"noise_draws", "t_min", "t_max", "group_size", "critic_hidden"}, false, false, read_ram, true},
       {"nets", "tilted NETS: the PINN residual of the escorted weight rate; samples with the ODE (targets p*)",
        {"t_min", "t_max"}, false, false, read_unified_method},
   };
@@ -513,6 +548,14 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
   plan.method = s.choice("method", finetune_method_names(), "adjoint_matching");
 
   const FinetuneMethod& method = find_method(plan.method);
+  if (plan.reward && !plan.reward->differentiable() && !method.values_only) {
+    std::string which;
+    for (const auto& m : registry()) {
+      if (m.values_only) which += (which.empty() ? "" : ", ") + m.name;
+    }
+    s.fail("method", "\"" + plan.method + "\" needs the reward's gradient, and the reward '" + plan.reward->kind() +
+                         "' has none: use one of " + which);
+  }
   check_other_tables(s, method, plan);
   read_common(s, base, plan);
   read_noise(s, method, plan);

@@ -1,7 +1,7 @@
 // Every fine-tuning method over training conditions (docs/conditions.md): DRaFT, ReFL, the discrete
 // adjoint, DDPO/GRPO and ODE Adjoint Matching. Each conditional loss and gradient is checked against the
 // same method run on the bound, unconditional problem (the base, the residual and the reward bound to
-// the conditions the method drew, with the same generator), with several different conditions in the
+// the conditions the method drew, with the same generator; RAM too), with several different conditions in the
 // batch so that a dropped or misaligned c changes the numbers; GRPO's groups are one prompt each; what
 // is refused; and a short discrete-adjoint run that moves p(. | c) towards the exact p*(. | c).
 #include "tilt/core/error.h"
@@ -17,6 +17,7 @@
 #include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
+#include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
 
@@ -346,6 +347,48 @@ TEST(ConditionalMethods, PolicyGradientsEqualTheBoundProblem) {
   PolicyBatch rolled = got;
   rolled.conditions = C.roll(1, 0);
   EXPECT_GT((conditional.log_prob(rolled) - lp).abs().max().item<double>(), 1e-3);
+}
+
+// RAM (E128): one condition per group of endpoints, drawn first; the endpoints' ODE, the reward, the baseline (the
+// group's other members) and the regression at each row's own c: the bound problem's RAM with the same groups.
+TEST(ConditionalMethods, RamEqualsTheBoundProblemWithOneConditionPerGroup) {
+  const Problem s = make_problem();
+  ReinforceAdjointMatchingOptions o;
+  o.num_steps = 6;
+  o.batch_size = 12;
+  o.group_size = 4;
+  o.noise_draws = 1;  // the bound model's conditions are one per endpoint
+  o.critic_hidden = {};  // a conditional critic has an input the bound problem's does not: the group's mean alone
+  expect_bound_equivalence(
+      s,
+      [&](ConditionSetPtr conditions) {
+        ReinforceAdjointMatchingOptions oc = o;
+        oc.conditions = conditions;
+        return std::make_unique<ReinforceAdjointMatching>(s.model, s.problem.reward, oc);
+      },
+      [&](std::shared_ptr<FineTunedVelocity> model, RewardPtr reward) {
+        return std::make_unique<ReinforceAdjointMatching>(model, reward, o);
+      },
+      [&](Generator& gen) { return s.conditions->draw(3, gen).repeat_interleave(4, 0); }, "RAM");
+  ReinforceAdjointMatchingOptions whole = o;
+  whole.group_size = 0;
+  whole.conditions = s.conditions;
+  EXPECT_THROW(ReinforceAdjointMatching(s.model, s.problem.reward, whole), Error);  // one baseline per condition
+  // With its critic, which reads each row's condition: a step runs and the critic's output depends on c.
+  ReinforceAdjointMatchingOptions oc = o;
+  oc.critic_hidden = {8};
+  oc.conditions = s.conditions;
+  ReinforceAdjointMatching with_critic(s.model, s.problem.reward, oc);
+  {
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(2);
+    for (auto& p : with_critic.parameters()) p.add_(0.1 * at::randn(p.sizes(), g));
+  }
+  Generator gen = make_generator(5);
+  EXPECT_TRUE(std::isfinite(with_critic.compute(gen).loss.item<double>()));
+  const Tensor x = at::randn({4, 2}, gen), t = at::full({4}, 0.5);
+  const Tensor C = s.conditions->draw(4, gen);
+  EXPECT_GT((with_critic.critic(x, t, C) - with_critic.critic(x, t, C.roll(1, 0))).abs().max().item<double>(), 1e-6);
 }
 
 TEST(ConditionalMethods, GrpoGroupsAreOnePromptAndInnerEpochsKeepTheirConditions) {

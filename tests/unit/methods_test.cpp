@@ -7,12 +7,14 @@
 #include "tilt/soc/loss.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/buffered_adjoint_matching.h"
+#include "tilt/train/reinforce_adjoint_matching.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
+#include <cmath>
 
 namespace tilt {
 namespace {
@@ -65,7 +67,7 @@ TEST(Methods, EveryMethodBuildsALoss) {
     Generator gen = make_generator(3);
     const LossOutput out = loss->compute(gen);
     EXPECT_TRUE(std::isfinite(out.loss.item<double>())) << name;
-    const bool ode = name == "draft" || name == "refl" || name == "ode_adjoint_matching" || name == "nets";
+    const bool ode = name == "draft" || name == "refl" || name == "ode_adjoint_matching" || name == "nets" || name == "ram";
     EXPECT_EQ(plan.model_info()["noise"], ode ? "ode" : "memoryless") << name;
   }
 }
@@ -279,6 +281,73 @@ TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
   const std::string sharded = error_of({{"num_steps", 20}, {"batch_size", 8}, {"shards", 2},
                                         {"adjoint_matching", {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"buffer_size", 16}}}});
   EXPECT_NE(sharded.find("'finetune.shards'"), std::string::npos) << sharded;
+}
+
+// method = "ram" (E128): its keys with their checks, the warning that it reaches p* to first order only.
+TEST(Methods, RamKeys) {
+  Base2d s;
+  const FinetunePlan plan = make_finetune_plan({{"method", "ram"}, {"num_steps", 10}, {"batch_size", 8}, {"hidden", {8}},
+                                                {"ram", {{"noise_draws", 3}, {"t_max", 0.9}}}},
+                                               *s.base, s.reward, 1.0);
+  EXPECT_TRUE(mentions(plan.warnings, "first order in lambda"));
+  auto loss = plan.make_loss(plan.make_model(s.base, 1));
+  const auto* ram = dynamic_cast<const ReinforceAdjointMatching*>(loss.get());
+  ASSERT_NE(ram, nullptr);
+  EXPECT_EQ(ram->options().noise_draws, 3);
+  EXPECT_EQ(ram->options().num_steps, 10);
+  EXPECT_DOUBLE_EQ(ram->options().t_max, 0.9);
+  EXPECT_EQ(ram->options().critic_hidden, (std::vector<int64_t>{64, 64}));
+  EXPECT_EQ(ram->group_size(), 8);
+  const auto with = [](const Json& ram) { return error_of({{"method", "ram"}, {"batch_size", 8}, {"ram", ram}}); };
+  EXPECT_NE(with({{"noise_draws", 0}}).find("'finetune.ram.noise_draws'"), std::string::npos);
+  EXPECT_NE(with({{"group_size", -1}}).find("'finetune.ram.group_size'"), std::string::npos);
+  EXPECT_NE(with({{"group_size", 1}}).find("'finetune.ram.group_size'"), std::string::npos);
+  EXPECT_NE(with({{"critic_hidden", {16, 0}}}).find("'finetune.ram.critic_hidden'"), std::string::npos);
+  EXPECT_EQ(with({{"critic_hidden", Json::array()}}), "");
+  EXPECT_NE(with({{"group_size", 3}}).find("must divide batch_size = 8"), std::string::npos);
+  EXPECT_NE(with({{"t_min", 0.5}, {"t_max", 0.5}}).find("'finetune.ram.t_max'"), std::string::npos);
+  EXPECT_NE(with({{"t_min", -0.1}}).find("'finetune.ram.t_min'"), std::string::npos);
+  EXPECT_EQ(with({{"group_size", 4}}), "");
+}
+
+// A reward without a gradient (a step function here; a classifier's indicator in the CLI) is refused by every method
+// that needs grad r, naming [finetune] method and the ones that take it; ram, ddpo and grpo fine-tune with it.
+TEST(Methods, RewardsWithoutAGradientOnlyGoToValueMethods) {
+  class Step : public Reward {
+   public:
+    std::string kind() const override { return "step"; }
+    int64_t dim() const override { return 2; }
+    Tensor value(const Tensor& x) const override { return x.select(1, 0).gt(0).to(x.scalar_type()); }
+    Tensor grad(const Tensor&) const override { throw Error("step: no gradient"); }
+    bool differentiable() const override { return false; }
+  };
+  Base2d s;
+  const RewardPtr step = std::make_shared<Step>();
+  // The library's own count: the share of coordinates above a threshold, by hand, and no gradient.
+  const InkCountReward count(3, 0.25);
+  EXPECT_FALSE(count.differentiable());
+  const Tensor r = count.value(at::tensor({0.3, 0.2, 1.0, -1.0, 0.25, 0.26}).reshape({2, 3}));
+  EXPECT_TRUE(at::allclose(r, at::tensor({2.0 / 3.0, 1.0 / 3.0}))) << r;
+  EXPECT_THROW(count.grad(at::zeros({1, 3})), Error);
+  EXPECT_THROW(InkCountReward(3, std::nan("")), Error);
+  for (const auto& name : finetune_method_names()) {
+    if (name.rfind("test_", 0) == 0) continue;
+    Json table{{"method", name}, {"num_steps", 6}, {"batch_size", 4}, {"hidden", {8}}};
+    if (name == "grpo") table["grpo"] = {{"group_size", 2}};
+    const bool values_only = name == "ram" || name == "ddpo" || name == "grpo";
+    try {
+      const FinetunePlan plan = make_finetune_plan(table, *s.base, step, 1.0);
+      EXPECT_TRUE(values_only) << name << " took a reward without a gradient";
+      auto loss = plan.make_loss(plan.make_model(s.base, 1));
+      Generator gen = make_generator(3);
+      EXPECT_TRUE(std::isfinite(loss->compute(gen).loss.item<double>())) << name;
+    } catch (const Error& e) {
+      const std::string what = e.what();
+      EXPECT_FALSE(values_only) << name << ": " << what;
+      EXPECT_NE(what.find("'finetune.method'"), std::string::npos) << what;
+      EXPECT_NE(what.find("ddpo, grpo, ram"), std::string::npos) << what;
+    }
+  }
 }
 
 // Adjoint Matching's monitor (handed to the trainer): a warning once over half of the terms have been clipped in each

@@ -1,7 +1,10 @@
 // The loss family of the unified view of tilting (docs/equations.md, E110-E117): each optimum is a stationary
 // point of its expected loss (and a perturbed model is not), the NETS residual vanishes for the exact b_hat of a
 // Gaussian tilt, the discrete Crooks identity E_q[w] = Z holds for a random control and w is constant for the
-// exact one, and short TSM / CMCD log-variance runs reach the exact tilt of a Gaussian.
+// exact one, and short TSM / CMCD log-variance runs reach the exact tilt of a Gaussian. Reinforce Adjoint Matching
+// (E128-E130): stationary at the exact tilt of a Gaussian with a linear reward, its expected gradient at the exact
+// tilt of a mixture equal to the closed form (and not zero: p* is not its fixed point there), its first-order error
+// O(lambda^2), and a short run that reaches the Gaussian tilt from its own ODE samples.
 #include "tilt/core/error.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -9,6 +12,7 @@
 #include "tilt/sde/engine.h"
 #include "tilt/sde/sampler.h"
 #include "tilt/sde/sde.h"
+#include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/trainer.h"
 #include "tilt/train/unified_losses.h"
 
@@ -508,6 +512,215 @@ TEST(UnifiedLosses, ShortNetsRunLearnsTheDriftAndLogZ) {
   std::printf("nets: log Z %.4f (exact %.4f)\n", nets.log_z(), s.log_z);
   expect_moments(got, s.tilted->mean(), s.tilted->covariance(), s.base_law->mean(), 0.1, "nets");
   EXPECT_NEAR(nets.log_z(), s.log_z, 0.05);
+}
+
+// ---- Reinforce Adjoint Matching (E128-E130). ----
+
+// E[X_1 | X_t = x] and Cov(X_1 | X_t = x) under the mixture q, x = t X_1 + (1 - t) X_0 (the linear schedule), per
+// row: x [N, d], t [N] -> [N, d] and [N, d, d] (double). Each component's posterior is Gaussian (precision
+// S^-1 + (t / (1 - t))^2 I), weighted by its evidence N(x; t m, t^2 S + (1 - t)^2 I).
+struct Posterior {
+  at::Tensor mean, cov;
+};
+Posterior mixture_posterior(const GaussianMixture& q, const at::Tensor& x, const at::Tensor& t) {
+  const at::Tensor xd = x.to(at::kDouble), a = t.to(at::kDouble).reshape({-1, 1, 1}), b = 1.0 - a;
+  const int64_t N = xd.size(0), d = xd.size(1), K = q.weights().size(0);
+  const at::Tensor I = at::eye(d, kDouble).expand({N, d, d});
+  std::vector<at::Tensor> logw, mu, cov;
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor S = q.covariances()[k].expand({N, d, d}), m = q.means()[k];
+    const at::Tensor C = a * a * S + b * b * I;
+    const at::Tensor G = at::linalg_solve(C, a * S);  // alpha C^-1 S (the gain; C and S commute)
+    const at::Tensor r = (xd - a.reshape({-1, 1}) * m).unsqueeze(-1);  // x - alpha m
+    mu.push_back(m.unsqueeze(-1) + at::matmul(G.transpose(1, 2), r));
+    cov.push_back(S - a * at::matmul(G.transpose(1, 2), S));
+    const at::Tensor quad = at::matmul(r.transpose(1, 2), at::linalg_solve(C, r)).reshape({-1});
+    logw.push_back(std::log(q.weights()[k].item<double>()) - 0.5 * quad - 0.5 * std::get<1>(at::linalg_slogdet(C)));
+  }
+  const at::Tensor g = at::softmax(at::stack(logw, 1), 1);  // [N, K]
+  at::Tensor second = at::zeros({N, d, d}, kDouble), first = at::zeros({N, d, 1}, kDouble);
+  for (int64_t k = 0; k < K; ++k) {
+    const at::Tensor w = g.select(1, k).reshape({-1, 1, 1});
+    second = second + w * (cov[k] + at::matmul(mu[k], mu[k].transpose(1, 2)));
+    first = first + w * mu[k];
+  }
+  return {first.squeeze(-1), second - at::matmul(first, first.transpose(1, 2))};
+}
+
+// The minimiser of RAM's regression on the samples of p* (E129) against v* - v_base, per row: for r = a . x and the
+// linear schedule, lambda Cov(r, u | x_t) = lambda Cov(X_1 | x_t) a / (1 - t) (u = (X_1 - x_t) / (1 - t)).
+struct RamGap {
+  at::Tensor x, t, gap;  // gap = v* - v_base - lambda Cov(r, u | x_t), [N, d]
+};
+RamGap ram_gap(const TiltCase& s, const std::vector<double>& a, double lambda, double t_max, int64_t N, uint64_t seed) {
+  Generator gen = make_generator(seed);
+  RamGap g;
+  const at::Tensor x1 = s.tilted->sample(N, gen, at::kDouble);
+  g.t = t_max * uniform_draws({N}, gen, kDouble);
+  g.x = g.t.reshape({-1, 1}) * x1 + (1.0 - g.t).reshape({-1, 1}) * normal_draws({N, 2}, gen, kDouble);
+  const at::Tensor cov = mixture_posterior(*s.tilted, g.x, g.t).cov;
+  const at::Tensor ram = lambda * at::matmul(cov, at::tensor(a, kDouble).reshape({2, 1})).reshape({N, 2}) /
+                         (1.0 - g.t).reshape({-1, 1});
+  at::NoGradGuard no_grad;
+  const at::Tensor xf = g.x.to(at::kFloat), tf = g.t.to(at::kFloat);
+  g.gap = (s.optimum->velocity(xf, tf) - s.base->velocity(xf, tf)).to(at::kDouble) - ram;
+  return g;
+}
+
+// RAM on exact samples of p* with the exact baseline E_p*[r | x_t] = a . E_p*[X_1 | x_t] of a linear reward.
+ReinforceAdjointMatchingOptions ram_exact_options(const TiltCase& s, const std::vector<double>& a, double lambda,
+                                                  double t_max) {
+  ReinforceAdjointMatchingOptions o;
+  o.batch_size = 256;
+  o.noise_draws = 4;
+  o.lambda = lambda;
+  o.t_max = t_max;
+  auto tilted = s.tilted;
+  o.endpoints = [tilted](int64_t n, Generator& gen) { return tilted->sample(n, gen); };
+  const at::Tensor av = at::tensor(a, kDouble);
+  o.exact_value = [tilted, av](const at::Tensor& xt, const at::Tensor& t) {
+    return at::matmul(mixture_posterior(*tilted, xt, t).mean, av);
+  };
+  return o;
+}
+
+// The baseline's first part is the mean of the group's other rewards; the target is lambda c (u - v_base) with
+// u = X_1 - X_0 for the linear schedule; compute()'s loss is mean |delta - lambda (r - b) (u - v_base)|^2 with b = that
+// mean + V(x_t),
+// plus the critic's mean (r - mean - V)^2, on the draws it makes (E128): loss and gradient (model and critic) by hand.
+TEST(Ram, BaselineTargetAndLossByHand) {
+  const TiltCase s = make_setup(test::isotropic_gaussian({0.0, 0.0}, 1.0), linear({1.0, 0.0}), 1.0);
+  auto model = make_finetuned(s.base, FineTuneMode::residual, {8}, 4, 1);
+  ReinforceAdjointMatchingOptions o;
+  o.batch_size = 6;
+  o.group_size = 3;
+  o.lambda = 0.5;
+  const ReinforceAdjointMatching ram(model, s.reward, o);
+  const at::Tensor m = ram.leave_one_out_mean(at::tensor({1.0, 2.0, 3.0, 10.0, 20.0, 60.0}, kDouble));
+  EXPECT_TRUE(at::allclose(m, at::tensor({2.5, 2.0, 1.5, 40.0, 35.0, 15.0}, kDouble))) << m;
+  const at::Tensor x1 = at::tensor({1.0, 2.0, -1.0, 0.5}).reshape({2, 2}), x0 = at::tensor({0.5, -1.0, 2.0, 0.0}).reshape({2, 2});
+  const at::Tensor vb = at::tensor({0.1, 0.2, 0.3, 0.4}).reshape({2, 2});
+  const at::Tensor D = ram.target(x1, x0, at::tensor({0.3f, 0.8f}), at::tensor({2.0f, -1.0f}), vb);
+  const at::Tensor expected = at::tensor({0.5 * 2.0 * (0.5 - 0.1), 0.5 * 2.0 * (3.0 - 0.2), 0.5 * -1.0 * (-3.0 - 0.3),
+                                          0.5 * -1.0 * (0.5 - 0.4)}).reshape({2, 2});
+  EXPECT_TRUE(at::allclose(D, expected, 1e-6, 1e-6)) << D;
+
+  auto trained = make_finetuned(s.base, FineTuneMode::residual, {8}, 4, 2);
+  ReinforceAdjointMatchingOptions oo;
+  oo.batch_size = 8;
+  oo.noise_draws = 2;
+  oo.num_steps = 5;
+  oo.lambda = 0.7;
+  oo.critic_hidden = {6};
+  ReinforceAdjointMatching loss(trained, s.reward, oo);
+  {  // every parameter off its start (the residual's and the critic's zero last layers would hide terms)
+    at::NoGradGuard no_grad;
+    Generator g = make_generator(3);
+    for (auto& p : loss.parameters()) p.add_(0.3 * at::randn(p.sizes(), g));
+  }
+  Generator gen = make_generator(11);
+  const LossOutput out = loss.compute(gen);
+  const std::vector<at::Tensor> params = loss.parameters();
+  ASSERT_GT(params.size(), trained->parameters().size()) << "the critic's parameters are the loss's too";
+  const auto got = torch::autograd::grad({out.loss}, params);
+  // The same draws by hand: endpoints from the ODE, then t and X_0.
+  Generator ref = make_generator(11);
+  at::Tensor x = normal_draws({8, 2}, ref, at::TensorOptions().dtype(at::kFloat));
+  {
+    at::NoGradGuard no_grad;
+    for (int64_t k = 0; k < 5; ++k) x = x + 0.2 * trained->velocity(x, at::scalar_tensor(0.2 * k));
+  }
+  const at::Tensor r = s.reward->value(x).to(at::kFloat);
+  const at::Tensor rr = r.repeat_interleave(2, 0), mr = loss.leave_one_out_mean(r).repeat_interleave(2, 0);
+  const at::Tensor t = uniform_draws({16}, ref, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor z = normal_draws({16, 2}, ref, at::TensorOptions().dtype(at::kFloat));
+  const at::Tensor xr = x.repeat_interleave(2, 0), tt = t.reshape({-1, 1});
+  const at::Tensor xt = tt * xr + (1 - tt) * z, u = xr - z;
+  const at::Tensor V = loss.critic(xt, t, at::Tensor());
+  const at::Tensor c = (rr - mr - V.detach()).reshape({-1, 1});
+  const at::Tensor v_base = s.base->velocity(xt, t).detach();
+  const at::Tensor vt = trained->velocity(xt, t);
+  const at::Tensor by_hand =
+      ((vt - v_base) - 0.7 * c * (u - v_base)).pow(2).sum(1).mean() + (rr - mr - V).pow(2).mean();
+  EXPECT_NEAR(out.loss.item<double>(), by_hand.item<double>(), 1e-5 * (1 + std::abs(by_hand.item<double>())));
+  const auto expected_grad = torch::autograd::grad({by_hand}, params);
+  for (size_t i = 0; i < params.size(); ++i) {
+    EXPECT_TRUE(at::allclose(got[i], expected_grad[i], 1e-4, 1e-5)) << "parameter " << i;
+  }
+  o.group_size = 4;
+  EXPECT_THROW(ReinforceAdjointMatching(model, s.reward, o), Error);  // 6 endpoints are not groups of 4
+  o.group_size = 1;
+  EXPECT_THROW(ReinforceAdjointMatching(model, s.reward, o), Error);
+}
+
+// A linear reward on a Gaussian base: u* is constant in x, RAM drops nothing (E130), and the exact tilt is a
+// stationary point of its expected loss on exact samples of p* with the exact baseline E[r | x_t] (what the critic
+// learns); the perturbed model is not.
+TEST(Ram, ExactTiltOfAGaussianWithALinearRewardIsStationary) {
+  const double lambda = 1.5;
+  auto law = std::make_shared<GaussianMixture>(at::ones({1}, kDouble), at::tensor({0.5, -0.3}, kDouble).reshape({1, 2}),
+                                               at::tensor({0.6, 0.25, 0.25, 1.1}, kDouble).reshape({1, 2, 2}));
+  const TiltCase s = make_setup(law, linear({0.8, -0.6}), lambda);
+  const RamGap g = ram_gap(s, {0.8, -0.6}, lambda, 0.98, 4000, 5);
+  std::printf("ram, Gaussian: rms |v* - v_base - lambda Cov(r, u | x)| = %.2e\n", g.gap.pow(2).sum(1).mean().sqrt().item<double>());
+  EXPECT_LT(g.gap.abs().max().item<double>(), 1e-4) << "E129 on a Gaussian";
+  const auto o = ram_exact_options(s, {0.8, -0.6}, lambda, 0.98);
+  expect_stationary([&](std::shared_ptr<FineTunedVelocity> m) { return std::make_unique<ReinforceAdjointMatching>(m, s.reward, o); },
+                    [&](double eps) { return exact_model(s, eps); }, 200, "ram");
+}
+
+// On a mixture the exact tilt is not RAM's fixed point: at v*, with the exact baseline, its expected gradient in the
+// direction P is 2 E[(v* - v_base - lambda Cov(r, u | x_t)) . P] (E129), computed here in closed form (the mixture's posterior
+// covariance) and matched by the loss's Monte Carlo gradient; and the gap is second order in lambda (E130): halving
+// lambda divides its rms by about 4.
+TEST(Ram, GradientAtTheTiltOfAMixtureIsTheClosedForm) {
+  const std::vector<double> a{1.0, -0.5};
+  const double lambda = 2.0, t_max = 0.98;
+  const TiltCase s = make_setup(two_modes(), linear(a), lambda);
+  const RamGap g = ram_gap(s, a, lambda, t_max, 200000, 6);
+  const auto [m, residual] = exact_model(s, 0.0);
+  at::Tensor P;  // the direction of eps: the residual at eps = 1 minus the exact one
+  {
+    const auto [m1, residual1] = exact_model(s, 1.0);
+    at::NoGradGuard no_grad;
+    const at::Tensor xf = g.x.to(at::kFloat), tf = g.t.to(at::kFloat);
+    P = (residual1->velocity(xf, tf) - (s.optimum->velocity(xf, tf) - s.base->velocity(xf, tf))).to(at::kDouble);
+  }
+  const at::Tensor terms = 2.0 * (g.gap * P).sum(1);
+  const double predicted = terms.mean().item<double>();
+  const double predicted_se = terms.std().item<double>() / std::sqrt(static_cast<double>(terms.size(0)));
+  auto loss = std::make_unique<ReinforceAdjointMatching>(m, s.reward, ram_exact_options(s, a, lambda, t_max));
+  const auto [mean, se] = gradient_stats(*loss, residual->eps_, 400, 9);
+  std::printf("ram, mixture: d loss / d eps at v* %.4f +- %.4f, closed form %.4f +- %.4f\n", mean, se, predicted,
+              predicted_se);
+  EXPECT_GT(std::abs(predicted), 10 * (se + predicted_se)) << "p* would be stationary";
+  EXPECT_LT(std::abs(mean - predicted), 4 * (se + predicted_se));
+  // The order of the gap (E130): rms over the same kind of draws at lambda and lambda / 2.
+  std::vector<double> rms;
+  for (double l : {0.4, 0.2, 0.1}) {
+    const RamGap h = ram_gap(make_setup(two_modes(), linear(a), l), a, l, t_max, 100000, 7);
+    rms.push_back(h.gap.pow(2).sum(1).mean().sqrt().item<double>());
+  }
+  std::printf("ram, mixture: rms gap at lambda 0.4 / 0.2 / 0.1: %.3e / %.3e / %.3e (ratios %.2f, %.2f)\n", rms[0], rms[1],
+              rms[2], rms[0] / rms[1], rms[1] / rms[2]);
+  EXPECT_GT(rms[1] / rms[2], 3.5);
+  EXPECT_LT(rms[1] / rms[2], 4.5);
+}
+
+// From its own ODE samples (no exact endpoints), a short RAM run reaches p* = N(lambda a, I) of a linear reward on
+// N(0, I) (E130: exact there).
+TEST(Ram, ShortRunReachesTheGaussianTilt) {
+  const double lambda = 1.0;
+  const TiltCase s = make_setup(test::isotropic_gaussian({0.0, 0.0}, 1.0), linear({1.0, -0.5}), lambda);
+  auto model = make_finetuned(s.base, FineTuneMode::residual, {32, 32}, 8, 3);
+  ReinforceAdjointMatchingOptions o;
+  o.lambda = lambda;
+  o.num_steps = 20;
+  o.batch_size = 128;
+  o.noise_draws = 4;
+  ReinforceAdjointMatching ram(model, s.reward, o);
+  const Moments got = train_and_sample(ram, model, 400, 1e-2, 50);
+  expect_moments(got, s.tilted->mean(), s.tilted->covariance(), s.base_law->mean(), 0.1, "ram");
 }
 
 }  // namespace

@@ -77,6 +77,8 @@ struct FinetuneMethod {
   /// Reads [finetune.<name>] (old files: [finetune], through ConfigSection::accept_moved_keys) and
   /// sets plan.make_loss (and plan.monitor, warnings) on ctx.plan.
   std::function<void(ConfigSection& table, MethodContext& ctx)> read;
+  /// Needs only the reward's values (ram, ddpo, grpo): the only methods a reward without a gradient may use.
+  bool values_only = false;
 };
 
 /// Adds a method; throws tilt::Error if the name is taken. The built-in ones are registered first.

@@ -109,7 +109,7 @@ row("target p* (reweighted base samples)", base, [math.exp(lam * r) for r in bas
 PY
 } | tee "$OUT/eval_indicator.txt"
 $tilt plot --images 8x8 --max-images 50 --columns 5 "${panels[@]}" -o "$OUT/grid_indicator.png" \
-  --title "digits: towards class 3 with and without the reward's gradient (ODE samples)"
+  --title "digits: towards class 3 (log p, indicator) and more ink (count), ODE samples"
 if [ "${UPDATE_DOCS:-0}" = 1 ]; then
   cp "$OUT/eval_indicator.txt" docs/indicator_eval.txt
   cp "$OUT/grid_indicator.png" docs/images/indicator.png

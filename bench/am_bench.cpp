@@ -30,6 +30,7 @@
 #include "tilt/sde/sampler.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/buffered_adjoint_matching.h"
+#include "tilt/train/efficient_adjoint_matching.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/trainer.h"
 #include "model/gemm.h"  // internal: tilt's matrix products
@@ -399,15 +400,8 @@ void BM_BufferedIteration(benchmark::State& state) {
 // Reinforce Adjoint Matching (docs/equations.md, E128) on problem P (0-2 as above; 3: the U-Net with LoRA rank 4 at
 // B = 8, K = 10): B endpoints from the model's K-step ODE and the regression on 4 B noisings, with Adam; to set beside
 // BM_Iteration/P/1 and BM_UNetIteration/2/8/10 (the same model, batch and K).
-void BM_RamIteration(benchmark::State& state) {
-  set_threads();
-  const int problem = static_cast<int>(state.range(0));
-  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
-  ReinforceAdjointMatchingOptions o;
-  o.batch_size = s.batch;
-  o.num_steps = s.loss->options().num_steps;
-  o.lambda = s.loss->options().lambda;
-  ReinforceAdjointMatching loss(s.model, s.loss->reward(), o);
+// One Trainer step of `loss` per benchmark iteration, with its peak memory.
+void run_iterations(benchmark::State& state, Loss& loss, const std::string& label) {
   const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
   Trainer trainer(loss, bench_trainer());
   for (int i = 0; i < 2; ++i) trainer.step();  // warm-up
@@ -418,7 +412,35 @@ void BM_RamIteration(benchmark::State& state) {
     if (counting_allocator) peak_bytes = std::max(peak_bytes, static_cast<double>(counting_allocator->peak() - before));
   }
   state.counters["peak_MB"] = peak_bytes / 1e6;
-  state.SetLabel(s.label + ", RAM with 4 noisings per endpoint");
+  state.SetLabel(label);
+}
+
+void BM_RamIteration(benchmark::State& state) {
+  set_threads();
+  const int problem = static_cast<int>(state.range(0));
+  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
+  ReinforceAdjointMatchingOptions o;
+  o.batch_size = s.batch;
+  o.num_steps = s.loss->options().num_steps;
+  o.lambda = s.loss->options().lambda;
+  ReinforceAdjointMatching loss(s.model, s.loss->reward(), o);
+  run_iterations(state, loss, s.label + ", RAM with 4 noisings per endpoint");
+}
+
+// Efficient Adjoint Matching (docs/equations.md, E132) on problem P as above: B endpoints from the model's K-step ODE
+// (W = 0) or its memoryless SDE with path weights (W = 1: K base evaluations more), B reward gradients and base
+// scores, the regression on 4 B noisings, with Adam.
+void BM_EamIteration(benchmark::State& state) {
+  set_threads();
+  const int problem = static_cast<int>(state.range(0));
+  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
+  EfficientAdjointMatchingOptions o;
+  o.batch_size = s.batch;
+  o.num_steps = s.loss->options().num_steps;
+  o.lambda = s.loss->options().lambda;
+  o.path_weights = state.range(1) != 0;
+  EfficientAdjointMatching loss(s.model, s.loss->reward(), o);
+  run_iterations(state, loss, s.label + (o.path_weights ? ", EAM, weighted SDE endpoints" : ", EAM, ODE endpoints"));
 }
 
 // The machine's float32 matrix-multiply peak: a 2048^3 product, and the iteration's typical shape, with
@@ -485,6 +507,8 @@ BENCHMARK(BM_BufferedIteration)->ArgsProduct({{0, 2}, {0, 1}})->UseRealTime()->U
 BENCHMARK(BM_BufferedIteration)->ArgsProduct({{3}, {0, 1}})->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RamIteration)->Arg(0)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_RamIteration)->Arg(3)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EamIteration)->ArgsProduct({{0, 2}, {0, 1}})->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_EamIteration)->Args({3, 0})->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Scaling)
     ->Args({64, 64, 40, 0})->Args({64, 64, 40, 1})->Args({64, 1024, 40, 0})->Args({64, 1024, 40, 1})
     ->Args({16, 256, 40, 0})->Args({16, 256, 40, 1})->Args({256, 256, 40, 0})->Args({256, 256, 40, 1})

@@ -7,6 +7,7 @@
 #include "tilt/sde/gddim.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/buffered_adjoint_matching.h"
+#include "tilt/train/efficient_adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
@@ -255,16 +256,22 @@ void read_policy_gradient(ConfigSection& table, MethodContext& ctx, bool grouped
   };
 }
 
-// Reinforce Adjoint Matching (docs/ram.md; E128-E130): flow-matching regressions on the model's ODE samples.
-void read_ram(ConfigSection& table, MethodContext& ctx) {
-  FinetunePlan& plan = ctx.plan;
-  ReinforceAdjointMatchingOptions o = plan_options<ReinforceAdjointMatchingOptions>(plan);
+// noise_draws, t_min and t_max: the noisings of clean endpoints that ram and eam regress on (E128, E132).
+template <class Options>
+void read_noisings(ConfigSection& table, Options& o) {
   o.noise_draws = table.integer("noise_draws", o.noise_draws);
   if (o.noise_draws < 1 || o.noise_draws > 1024) table.fail("noise_draws", "must be in 1..1024");
   o.t_min = table.number("t_min", o.t_min);
   o.t_max = table.number("t_max", o.t_max);
   if (!(o.t_min >= 0.0 && o.t_min < 1.0)) table.fail("t_min", "must be in [0, 1)");
   if (!(o.t_max > o.t_min && o.t_max <= 1.0)) table.fail("t_max", "must be in (t_min, 1]");
+}
+
+// Reinforce Adjoint Matching (docs/ram.md; E128-E130): flow-matching regressions on the model's ODE samples.
+void read_ram(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  ReinforceAdjointMatchingOptions o = plan_options<ReinforceAdjointMatchingOptions>(plan);
+  read_noisings(table, o);
   o.group_size = table.integer("group_size", plan.conditions ? 8 : 0);
   if (o.group_size == 1 || o.group_size < 0) table.fail("group_size", "must be 0 (the whole batch) or >= 2");
   if (o.group_size == 0 && plan.conditions) {
@@ -284,6 +291,34 @@ void read_ram(ConfigSection& table, MethodContext& ctx) {
                           "expected future control cost (exact for a linear reward on a Gaussian base; docs/ram.md)");
   plan.make_loss = [o, reward = plan.reward](std::shared_ptr<FineTunedVelocity> model) {
     return std::make_unique<ReinforceAdjointMatching>(std::move(model), reward, o);
+  };
+}
+
+// Efficient Adjoint Matching (docs/eam.md; E131-E133): Adjoint Matching against a linear reference drift, its lean
+// adjoint in closed form, on noisings of the model's ODE samples.
+void read_eam(ConfigSection& table, MethodContext& ctx) {
+  FinetunePlan& plan = ctx.plan;
+  EfficientAdjointMatchingOptions o = plan_options<EfficientAdjointMatchingOptions>(plan);
+  read_noisings(table, o);
+  o.path_weights = table.boolean("path_weights", o.path_weights);
+  if (o.path_weights && plan.conditions) table.fail("path_weights", "is for an unconditional model");
+  o.weights_until = table.number("weights_until", o.weights_until);
+  if (!(o.weights_until > 0.0 && o.weights_until <= 1.0)) table.fail("weights_until", "must be in (0, 1]");
+  // score_time: unset, a mixture base's exact score (else kDefaultScoreTime); set, the velocity's at that time.
+  const bool exact = dynamic_cast<const GmmVelocity*>(&ctx.base) != nullptr && !plan.conditions;
+  if (table.has("score_time")) {
+    o.score_time = table.number("score_time", kDefaultScoreTime);
+    if (!(o.score_time > 0.0 && o.score_time < 1.0)) table.fail("score_time", "must be in (0, 1)");
+  }
+  if (!exact || o.score_time > 0.0) {
+    const double tau = o.score_time > 0.0 ? o.score_time : kDefaultScoreTime;
+    const ScheduleValues at_tau = ctx.base.schedule()->at(tau);
+    plan.notes.push_back("method = \"eam\" reads the base's score at the data end off its velocity at score_time = " +
+                         number_string(tau) + ": it targets the tilt of the base blurred by N(0, s^2 I), s = " +
+                         number_string(at_tau.beta / at_tau.alpha) + " (docs/eam.md)");
+  }
+  plan.make_loss = [o, reward = plan.reward](std::shared_ptr<FineTunedVelocity> model) {
+    return std::make_unique<EfficientAdjointMatching>(std::move(model), reward, o);
   };
 }
 
@@ -384,6 +419,9 @@ std::vector<FinetuneMethod>& registry() {
        read_unified_method},
       {"ram", "Reinforce Adjoint Matching: regression on the model's ODE samples, reward values only (p* to first order)",
        {"noise_draws", "t_min", "t_max", "group_size", "critic_hidden"}, false, false, read_ram, true},
+      {"eam", "Efficient Adjoint Matching: a linear reference drift, its adjoint in closed form, on the model's ODE samples "
+       "(targets p*; needs the base's score at the data end)",
+       {"noise_draws", "t_min", "t_max", "score_time", "path_weights", "weights_until"}, false, false, read_eam},
       {"nets", "tilted NETS: the PINN residual of the escorted weight rate; samples with the ODE (targets p*)",
        {"t_min", "t_max"}, false, false, read_unified_method},
   };

@@ -46,6 +46,11 @@ std::vector<StepKernel> step_kernels(const GenerativeSDE& sde, const TimeGrid& g
   return kernels;
 }
 
+Tensor flow_ode_steps(const VelocityField& v, Tensor x, const TimeGrid& grid, int64_t from, int64_t to) {
+  for (int64_t k = from; k < to; ++k) x = StepKernel{1.0, grid.step(k), 0.0}.mean(x, v.velocity(x, grid[k]));
+  return x;
+}
+
 Rollout rollout(const std::vector<StepKernel>& kernels, const StepVelocity& velocity, const Tensor& x0, Generator& gen,
                 const RolloutRecord& record) {
   const size_t K = kernels.size();

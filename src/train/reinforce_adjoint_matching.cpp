@@ -1,6 +1,8 @@
 // Reinforce Adjoint Matching (docs/equations.md, E128-E130). See tilt/train/reinforce_adjoint_matching.h.
 #include "tilt/train/reinforce_adjoint_matching.h"
 
+#include "noised_endpoints.h"
+
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/model/mlp.h"
@@ -19,23 +21,7 @@ ReinforceAdjointMatching::ReinforceAdjointMatching(std::shared_ptr<FineTunedVelo
                                                    const ReinforceAdjointMatchingOptions& options)
     : model_(std::move(model)), reward_(std::move(reward)), options_(options) {
   const std::string n = "ram";
-  if (!model_) throw Error(n + ": no model");
-  if (!reward_) throw Error(n + ": no reward");
-  if (reward_->dim() != model_->dim()) {
-    throw Error(n + ": the reward has dimension " + std::to_string(reward_->dim()) + " but the model has dimension " +
-                std::to_string(model_->dim()));
-  }
-  check_conditions(options_.conditions, model_->condition_dim(), n);
-  check_reward_condition(*reward_, model_->condition_dim(), n);
-  if (options_.num_steps < 1) throw Error(n + ": num_steps must be >= 1, got " + std::to_string(options_.num_steps));
-  if (options_.noise_draws < 1) {
-    throw Error(n + ": noise_draws must be >= 1, got " + std::to_string(options_.noise_draws));
-  }
-  if (!std::isfinite(options_.lambda)) throw Error(n + ": lambda must be finite");
-  if (!(options_.t_min >= 0.0 && options_.t_min < options_.t_max && options_.t_max <= 1.0)) {
-    throw Error(n + ": need 0 <= t_min < t_max <= 1, got t_min = " + number_string(options_.t_min) +
-                ", t_max = " + number_string(options_.t_max));
-  }
+  detail::check_noised_endpoints(n, model_.get(), reward_.get(), options_);
   if (options_.group_size == 0 && options_.conditions) {
     throw Error(n + ": a conditional model needs group_size >= 2 (the endpoints of one condition share a baseline)");
   }
@@ -113,13 +99,8 @@ LossOutput ReinforceAdjointMatching::compute(Generator& gen) {
     if (options_.endpoints) {
       x1 = options_.endpoints(B, gen).to(opts);
     } else {
-      const VelocityFieldPtr v = bind_condition(model_, cond);
-      const TimeGrid grid = TimeGrid::uniform(options_.num_steps);
-      x1 = normal_draws({B, d}, gen, opts);
-      // Euler's step of the flow ODE dX = v dt: the kernel {1, h, 0}.
-      for (int64_t k = 0; k < options_.num_steps; ++k) {
-        x1 = StepKernel{1.0, grid.step(k), 0.0}.mean(x1, v->velocity(x1, at::scalar_tensor(grid[k], opts)));
-      }
+      x1 = flow_ode_steps(*bind_condition(model_, cond), normal_draws({B, d}, gen, opts),
+                          TimeGrid::uniform(options_.num_steps), 0, options_.num_steps);
     }
     r = bind_condition(reward_, reward_->condition_dim() > 0 ? cond : Tensor())->value(x1).to(at::kFloat);
   }
@@ -130,10 +111,7 @@ LossOutput ReinforceAdjointMatching::compute(Generator& gen) {
   // 2. M noisings per endpoint, endpoint-major rows.
   const Tensor x1r = x1.repeat_interleave(M, 0), rr = r.repeat_interleave(M, 0), mr = mean_r.repeat_interleave(M, 0);
   const Tensor condr = cond.defined() ? cond.repeat_interleave(M, 0) : Tensor();
-  const Tensor t = options_.t_min + (options_.t_max - options_.t_min) * uniform_draws({B * M}, gen, opts);
-  const Tensor x0 = normal_draws({B * M, d}, gen, opts);
-  const ScheduleTensors s = model_->schedule()->at(t);
-  const Tensor xt = s.alpha.reshape({-1, 1}) * x1r + s.beta.reshape({-1, 1}) * x0;
+  const auto [t, x0, xt] = detail::draw_noisings(*model_->schedule(), x1r, options_.t_min, options_.t_max, gen);
   // 3. The baseline b = mean + V(x_t, t), its critic trained onto r - mean; the regression of the residual (E128).
   const Tensor V = critic(xt, t, condr);
   Tensor b = V.defined() ? mr + V.detach() : mr;

@@ -36,9 +36,7 @@ Tensor RewardBaseline::draw_conditions(Generator& gen) const {
 }
 
 Tensor RewardBaseline::ode_steps(const VelocityField& v, Tensor x, int64_t from, int64_t to) const {
-  // Euler's step of the ODE dX = v dt: the kernel {1, h, 0}.
-  for (int64_t k = from; k < to; ++k) x = StepKernel{1.0, grid_.step(k), 0.0}.mean(x, v.velocity(x, grid_[k]));
-  return x;
+  return flow_ode_steps(v, std::move(x), grid_, from, to);
 }
 
 RewardPtr RewardBaseline::reward_at(const Tensor& c) const {

@@ -17,6 +17,7 @@
 #include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
+#include "tilt/train/efficient_adjoint_matching.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/reward_baselines.h"
 #include "tilt/train/trainer.h"
@@ -389,6 +390,32 @@ TEST(ConditionalMethods, RamEqualsTheBoundProblemWithOneConditionPerGroup) {
   const Tensor x = at::randn({4, 2}, gen), t = at::full({4}, 0.5);
   const Tensor C = s.conditions->draw(4, gen);
   EXPECT_GT((with_critic.critic(x, t, C) - with_critic.critic(x, t, C.roll(1, 0))).abs().max().item<double>(), 1e-6);
+}
+
+// EAM (E132): one condition per endpoint, drawn first; the endpoints' ODE, the reward's gradient and the base's score
+// (read off its velocity at score_time) at each endpoint's own c, and the regression at each row's c: the bound
+// problem's EAM. Path weights are for an unconditional model.
+TEST(ConditionalMethods, EamEqualsTheBoundProblemWithOneConditionPerEndpoint) {
+  const Problem s = make_problem();
+  EfficientAdjointMatchingOptions o;
+  o.num_steps = 6;
+  o.batch_size = 12;
+  o.noise_draws = 1;  // the bound model's conditions are one per endpoint
+  expect_bound_equivalence(
+      s,
+      [&](ConditionSetPtr conditions) {
+        EfficientAdjointMatchingOptions oc = o;
+        oc.conditions = conditions;
+        return std::make_unique<EfficientAdjointMatching>(s.model, s.problem.reward, oc);
+      },
+      [&](std::shared_ptr<FineTunedVelocity> model, RewardPtr reward) {
+        return std::make_unique<EfficientAdjointMatching>(model, reward, o);
+      },
+      [&](Generator& gen) { return s.conditions->draw(12, gen); }, "EAM");
+  EfficientAdjointMatchingOptions weighted = o;
+  weighted.conditions = s.conditions;
+  weighted.path_weights = true;
+  EXPECT_THROW(EfficientAdjointMatching(s.model, s.problem.reward, weighted), Error);
 }
 
 TEST(ConditionalMethods, GrpoGroupsAreOnePromptAndInnerEpochsKeepTheirConditions) {

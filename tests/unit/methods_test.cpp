@@ -7,6 +7,7 @@
 #include "tilt/soc/loss.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/buffered_adjoint_matching.h"
+#include "tilt/train/efficient_adjoint_matching.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
 #include "../support/helpers.h"
 
@@ -67,7 +68,7 @@ TEST(Methods, EveryMethodBuildsALoss) {
     Generator gen = make_generator(3);
     const LossOutput out = loss->compute(gen);
     EXPECT_TRUE(std::isfinite(out.loss.item<double>())) << name;
-    const bool ode = name == "draft" || name == "refl" || name == "ode_adjoint_matching" || name == "nets" || name == "ram";
+    const bool ode = name == "draft" || name == "refl" || name == "ode_adjoint_matching" || name == "nets" || name == "ram" || name == "eam";
     EXPECT_EQ(plan.model_info()["noise"], ode ? "ode" : "memoryless") << name;
   }
 }
@@ -308,6 +309,31 @@ TEST(Methods, RamKeys) {
   EXPECT_NE(with({{"t_min", 0.5}, {"t_max", 0.5}}).find("'finetune.ram.t_max'"), std::string::npos);
   EXPECT_NE(with({{"t_min", -0.1}}).find("'finetune.ram.t_min'"), std::string::npos);
   EXPECT_EQ(with({{"group_size", 4}}), "");
+}
+
+// [finetune.eam]: its keys reach the loss; on a mixture base the score is exact unless score_time is set (then a note
+// says which blurred base it targets), and out-of-range values fail naming the key.
+TEST(Methods, EamKeys) {
+  Base2d s;
+  const FinetunePlan plan = make_finetune_plan({{"method", "eam"}, {"num_steps", 10}, {"batch_size", 8}, {"hidden", {8}},
+                                                {"eam", {{"noise_draws", 3}, {"t_min", 0.1}, {"score_time", 0.9}}}},
+                                               *s.base, s.reward, 1.0);
+  EXPECT_TRUE(mentions(plan.notes, "blurred by N(0, s^2 I), s = 0.111")) << "score_time set: the velocity's score";
+  EXPECT_FALSE(mentions(make_finetune_plan({{"method", "eam"}, {"batch_size", 8}}, *s.base, s.reward, 1.0).notes, "blurred"));
+  auto loss = plan.make_loss(plan.make_model(s.base, 1));
+  const auto* eam = dynamic_cast<const EfficientAdjointMatching*>(loss.get());
+  ASSERT_NE(eam, nullptr);
+  EXPECT_EQ(eam->options().noise_draws, 3);
+  EXPECT_EQ(eam->options().num_steps, 10);
+  EXPECT_DOUBLE_EQ(eam->options().t_min, 0.1);
+  Generator gen = make_generator(2);
+  EXPECT_TRUE(std::isfinite(loss->compute(gen).loss.item<double>()));
+  const auto with = [](const Json& eam) { return error_of({{"method", "eam"}, {"batch_size", 8}, {"eam", eam}}); };
+  EXPECT_NE(with({{"noise_draws", 0}}).find("'finetune.eam.noise_draws'"), std::string::npos);
+  EXPECT_NE(with({{"score_time", 1.0}}).find("'finetune.eam.score_time'"), std::string::npos);
+  EXPECT_NE(with({{"score_time", 0.0}}).find("'finetune.eam.score_time'"), std::string::npos);
+  EXPECT_NE(with({{"t_min", 0.5}, {"t_max", 0.4}}).find("'finetune.eam.t_max'"), std::string::npos);
+  EXPECT_NE(with({{"critic_hidden", {8}}}).find("critic_hidden"), std::string::npos);
 }
 
 // A reward without a gradient (a step function here; a classifier's indicator in the CLI) is refused by every method

@@ -43,6 +43,10 @@ StepKernel step_kernel(const GenerativeSDE& sde, Integrator integrator, double t
 /// The kernels of every step of the grid, k = 0..K-1.
 std::vector<StepKernel> step_kernels(const GenerativeSDE& sde, const TimeGrid& grid, Integrator integrator);
 
+/// The flow ODE dX = v dt by Euler's steps k = from, ..., to - 1 of the grid (the kernel {1, h, 0}): what DRaFT, ReFL,
+/// RAM and EAM draw their endpoints with. Gradients flow through the states unless the caller disables them.
+Tensor flow_ode_steps(const VelocityField& v, Tensor x, const TimeGrid& grid, int64_t from, int64_t to);
+
 /// v(X_k, t_k) at step k: how a rollout evaluates its velocity (a network, a base plus a control...).
 using StepVelocity = std::function<Tensor(int64_t k, const Tensor& x)>;
 

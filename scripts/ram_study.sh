@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Issue 23 (Reinforce Adjoint Matching, docs/equations.md, E128-E130): time to quality against Adjoint Matching. On the
+# Issue 23 (Reinforce and Efficient Adjoint Matching, docs/equations.md, E128-E134): time to quality against Adjoint
+# Matching. On the
 # 2-D demo and a random 10-D mixture with exact p* (random_tilt_problem), ONE configuration (configs/random_family.toml:
 # K = 60, batch 256, lr 4e-3 cosine over the run), each method trained for several budgets of iterations (a run per
 # budget, its cosine schedule over its own length: what a user who stops at that budget gets), scored by tilt_ode_gap
@@ -8,6 +9,8 @@
 #   am      Adjoint Matching (each iteration: a rollout of 256 paths, their lean adjoint, the regression on 30 steps)
 #   am_dsm  the same with dsm_until = 0.5 (E106: the fix that lets Adjoint Matching reach p* on the 10-D problems)
 #   ram  RAM: 256 endpoints from the model's 60-step ODE, noise_draws = 4 noisings each, no reward gradient
+#   eam    Efficient Adjoint Matching (E131-E134): the same endpoints and noisings, the closed-form adjoint's target
+#   eam_w  EAM with path_weights = true: endpoints from the model's memoryless SDE, weighted below weights_until = 0.5
 # Resumable: a result that exists is skipped. JOBS runs at a time, interleaved (method inner, budget outer), so that
 # the machine's load falls alike on both. Writes $OUT/<problem>_<method>_i<iterations>_s<seed>.json (and the trainer's
 # metrics.jsonl beside it), $OUT/summary.md and the figures $OUT/ram_<problem>.png (UPDATE_DOCS=1 copies them to
@@ -15,6 +18,7 @@
 # Options (environment): OUT=runs/ram  PROBLEMS="demo 8:10"  BUDGETS="300 600 1200 2400"  REPLICATES=10  JOBS=2
 #                        METHODS="am am_dsm ram"  SEEDS="0 1 2" (training seeds: tilt_ode_gap --train-seed)
 #                        LAMBDAS="0.25 0.5 1" (the demo's lambda sweep of RAM's first-order error, E130)
+#                        TAUS="0.3 0.5 0.7 1" (eam_w's weights_until on both problems, E134; only when METHODS has eam_w)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null
@@ -30,6 +34,8 @@ run_one() {
     am) ;;
     am_dsm) sets=(--set finetune.adjoint_matching.dsm_until=0.5) ;;
     ram) sets=(--set finetune.method=ram) ;;
+    eam) sets=(--set finetune.method=eam) ;;
+    eam_w) sets=(--set finetune.method=eam --set finetune.eam.path_weights=true) ;;
     *) echo "unknown method $method" >&2; return 1 ;;
   esac
   build/bench/tilt_ode_gap "${problem[@]}" --iterations "$n" --replicates "${REPLICATES:-10}" --hybrids 0 \
@@ -58,12 +64,31 @@ for l in ${LAMBDAS:-0.25 0.5 1}; do
     sets=(--set "reward.lambda=$l")
     [ "$m" = am_dsm ] && sets+=(--set finetune.adjoint_matching.dsm_until=0.5)
     [ "$m" = ram ] && sets+=(--set finetune.method=ram)
+    [ "$m" = eam ] && sets+=(--set finetune.method=eam)
+    [ "$m" = eam_w ] && sets+=(--set finetune.method=eam --set finetune.eam.path_weights=true)
     build/bench/tilt_ode_gap configs/demo_2d.toml --iterations 1200 --replicates "${REPLICATES:-10}" --hybrids 0 \
       "${sets[@]}" --out "$f" > /dev/null &
     pids+=($!)
     if [ "${#pids[@]}" -ge "${JOBS:-2}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
   done
 done
+wait
+# E134 on both problems: eam_w against weights_until (seed 0, 1200 iterations), when METHODS has eam_w.
+pids=()
+if [[ " ${METHODS:-am am_dsm ram} " == *" eam_w "* ]]; then
+  for tau in ${TAUS:-0.3 0.5 0.7 1}; do
+    for p in ${PROBLEMS:-demo 8:10}; do
+      f="$out/tau${tau}_${p/:/_d}" problem=(configs/random_family.toml --random "${p%%:*}" --dim "${p##*:}")
+      [ "$p" = demo ] && problem=(configs/demo_2d.toml)
+      [ -f "$f.json" ] && continue
+      build/bench/tilt_ode_gap "${problem[@]}" --iterations 1200 --replicates "${REPLICATES:-10}" --hybrids 0 \
+        --set finetune.method=eam --set finetune.eam.path_weights=true --set "finetune.eam.weights_until=$tau" \
+        --out "$f" > /dev/null &
+      pids+=($!)
+      if [ "${#pids[@]}" -ge "${JOBS:-2}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
+    done
+  done
+fi
 wait
 python3 - "$out" > "$out/summary.md" <<'PY'
 import collections, json, pathlib, re, statistics, subprocess, sys
@@ -72,13 +97,15 @@ runs = collections.defaultdict(list)
 for f in sorted(out.glob("*_i*_s*.json")):
     if f.name.startswith("lambda"):
         continue
-    m = re.match(r"(.+)_(am|am_dsm|ram)_i(\d+)_s(\d+)$", f.stem)
+    m = re.match(r"(.+)_(am|am_dsm|ram|eam|eam_w)_i(\d+)_s(\d+)$", f.stem)
     runs[(m.group(1), m.group(2), int(m.group(3)))].append(json.loads(f.read_text()))
-print("# Reinforce Adjoint Matching beside Adjoint Matching: time to quality\n")
+print("# Reinforce and Efficient Adjoint Matching beside Adjoint Matching: time to quality\n")
 print("Made by `scripts/ram_study.sh` (`tilt_ode_gap` on configs/demo_2d.toml and on configs/random_family.toml "
       "--random 8 --dim 10, `--train-seed` 0, 1, 2; do not edit by hand). One configuration: K = 60, batch 256, lr 4e-3 "
       "with a cosine decay over each run's own iterations; a separate run per budget. `am`: Adjoint Matching. `am_dsm`: with `dsm_until = 0.5` (E106). `ram`: "
-      "Reinforce Adjoint Matching (256 endpoints from the model's 60-step ODE, 4 noisings each). Distances: energy "
+      "Reinforce Adjoint Matching (256 endpoints from the model's 60-step ODE, 4 noisings each). `eam`: Efficient "
+      "Adjoint Matching on the same endpoints and noisings (E131-E133). `eam_w`: EAM with `path_weights = true` (256 "
+      "memoryless-SDE endpoints weighted towards p* below `weights_until = 0.5`, E134). Distances: energy "
       "distance of 2000 samples to 2000 exact samples of p*, over the noise floor, each run's mean over 10 sets; the "
       "table gives the median over the training seeds and each seed's value. Seconds: training only (median), two "
       "runs at a time on a 2-core machine, one thread each.\n")
@@ -95,7 +122,7 @@ for (problem, method, its), js in sorted(runs.items(), key=lambda kv: (kv[0][0],
         series[(problem, method, sampler)].append({"seconds": secs, "iterations": its, "ratio": med(sampler)})
 sweep = sorted(out.glob("lambda*_demo_*.json"))
 if sweep:
-    print("\n## RAM's distance to p* against lambda (E130)\n")
+    print("\n## The distance to p* against lambda (RAM's first-order error, E130)\n")
     print("The demo at lambda = 0.25, 0.5, 1 (its own), 1200 iterations, training seed 0; the noise floor is that of "
           "each lambda's p*.\n")
     print("| lambda | method | SDE / floor | ODE / floor |")
@@ -104,6 +131,17 @@ if sweep:
         m = re.match(r"lambda([0-9.]+)_demo_(.+)$", f.stem)
         j = json.loads(f.read_text())
         print(f"| {m.group(1)} | {m.group(2)} | {j['model']['sde'][0]:.2f} | {j['model']['ode'][0]:.2f} |")
+taus = sorted(out.glob("tau*.json"))
+if taus:
+    print("\n## EAM with path weights against weights_until (E134)\n")
+    print("`eam_w` with the weights on the rows with t < weights_until only (1: every row), 1200 iterations, training "
+          "seed 0.\n")
+    print("| problem | weights_until | SDE / floor | ODE / floor | train s |")
+    print("|---|---|---|---|---|")
+    for f in sorted(taus, key=lambda f: (re.match(r"tau[0-9.]+_(.+)$", f.stem).group(1), float(re.match(r"tau([0-9.]+)_", f.name).group(1)))):
+        m = re.match(r"tau([0-9.]+)_(.+)$", f.stem)
+        j = json.loads(f.read_text())
+        print(f"| {m.group(2)} | {m.group(1)} | {j['model']['sde'][0]:.2f} | {j['model']['ode'][0]:.2f} | {j['train_seconds']:.0f} |")
 for problem in sorted({k[0] for k in series}):
     files = []
     for (p, method, sampler), rows in sorted(series.items()):

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Issue 23, item 4: a reward without a gradient. On the 8x8 digits of scripts/digits.sh, r(x) = 1 if the classifier's
 # argmax is class 3, else 0 ([reward] form = "indicator"), which only the methods that need reward values alone can
-# use: RAM (docs/equations.md, E128), DDPO and GRPO. Beside them, Adjoint Matching and RAM on the differentiable
-# log p(3 | x) (lambda = 2, configs/digits.toml). A second reward without a gradient: the share of inked pixels
+# use: RAM (docs/equations.md, E128), DDPO and GRPO. Beside them, Adjoint Matching, RAM and EAM with path weights
+# (E132-E134; the learnt base's score read off its velocity at t = 0.95) on the differentiable log p(3 | x)
+# (lambda = 2, configs/digits.toml). A second reward without a gradient: the share of inked pixels
 # ([reward] type = "ink", threshold = 0; lambda INK_LAMBDA), with RAM and DDPO, scored by the mean share against the
 # target's (the base's samples reweighted by exp(lambda r)). Everything under the digits budget (1000 iterations, batch 64, K = 40, lr 1e-3), sampled with the flow
 # ODE and evaluated by `tilt eval-images` (class share under the training classifier and the unseen one, diversity,
@@ -32,6 +33,7 @@ indicator="reward.form=\"indicator\" reward.lambda=$LAMBDA"
 runs=(
   "ind_am_logp|finetune.method=\"adjoint_matching\""
   "ind_ram_logp|finetune.method=\"ram\""
+  "ind_eam_logp|finetune.method=\"eam\" finetune.eam.path_weights=true"
   "ind_ram|finetune.method=\"ram\" $indicator"
   "ind_ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0 $indicator"
   "ind_grpo|finetune.method=\"grpo\" finetune.grad_clip=1.0 $indicator"

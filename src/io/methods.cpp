@@ -302,6 +302,18 @@ void read_eam(ConfigSection& table, MethodContext& ctx) {
   read_noisings(table, o);
   o.path_weights = table.boolean("path_weights", o.path_weights);
   if (o.path_weights && plan.conditions) table.fail("path_weights", "is for an unconditional model");
+  if (o.path_weights) {
+    // The weighted endpoints are rollouts of [finetune] noise (any schedule with noise on every step: E115), so the
+    // note that eam ignores it does not hold.
+    if (plan.noise_schedule->is_zero()) {
+      ctx.finetune.fail("noise", "must put noise on every step for [finetune.eam] path_weights = true (the path weight "
+                                 "of an ODE step is undefined); the default memoryless schedule does");
+    }
+    o.noise = plan.noise_schedule;
+    plan.notes.erase(std::remove_if(plan.notes.begin(), plan.notes.end(),
+                                    [](const std::string& n) { return n.find("noise is ignored by method = \"eam\"") != std::string::npos; }),
+                     plan.notes.end());
+  }
   o.weights_until = table.number("weights_until", o.weights_until);
   if (!(o.weights_until > 0.0 && o.weights_until <= 1.0)) table.fail("weights_until", "must be in (0, 1]");
   // score_time: unset, a mixture base's exact score (else kDefaultScoreTime); set, the velocity's at that time.

@@ -334,6 +334,15 @@ TEST(Methods, EamKeys) {
   EXPECT_NE(with({{"score_time", 0.0}}).find("'finetune.eam.score_time'"), std::string::npos);
   EXPECT_NE(with({{"t_min", 0.5}, {"t_max", 0.4}}).find("'finetune.eam.t_max'"), std::string::npos);
   EXPECT_NE(with({{"critic_hidden", {8}}}).find("critic_hidden"), std::string::npos);
+  // path_weights rolls out [finetune] noise, so it is used (no "ignored" note) and must be stochastic.
+  const FinetunePlan weighted = make_finetune_plan(
+      {{"method", "eam"}, {"batch_size", 8}, {"noise", "scaled_memoryless:0.5"}, {"eam", {{"path_weights", true}}}}, *s.base,
+      s.reward, 1.0);
+  EXPECT_FALSE(mentions(weighted.notes, "noise is ignored")) << "path weights roll out [finetune] noise";
+  EXPECT_TRUE(mentions(make_finetune_plan({{"method", "eam"}, {"batch_size", 8}, {"noise", "memoryless"}}, *s.base, s.reward, 1.0).notes,
+                       "noise is ignored"));
+  EXPECT_NE(error_of({{"method", "eam"}, {"noise", "ode"}, {"eam", {{"path_weights", true}}}}).find("'finetune.noise'"),
+            std::string::npos);
 }
 
 // A reward without a gradient (a step function here; a classifier's indicator in the CLI) is refused by every method

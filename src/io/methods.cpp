@@ -294,8 +294,8 @@ void read_ram(ConfigSection& table, MethodContext& ctx) {
   };
 }
 
-// Efficient Adjoint Matching (docs/eam.md; E131-E133): Adjoint Matching against a linear reference drift, its lean
-// adjoint in closed form, on noisings of the model's ODE samples.
+// Efficient Adjoint Matching (docs/eam.md; E131-E134): Adjoint Matching against a linear reference drift, its lean
+// adjoint in closed form, on noisings of the model's ODE samples or of its path-weighted SDE samples.
 void read_eam(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   EfficientAdjointMatchingOptions o = plan_options<EfficientAdjointMatchingOptions>(plan);

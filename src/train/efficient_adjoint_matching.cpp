@@ -1,4 +1,4 @@
-// Efficient Adjoint Matching (docs/equations.md, E131-E133). See tilt/train/efficient_adjoint_matching.h.
+// Efficient Adjoint Matching (docs/equations.md, E131-E134). See tilt/train/efficient_adjoint_matching.h.
 #include "tilt/train/efficient_adjoint_matching.h"
 
 #include "noised_endpoints.h"

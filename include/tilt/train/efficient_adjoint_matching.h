@@ -1,4 +1,4 @@
-// Efficient Adjoint Matching (EAM; arXiv 2605.11480), as tilt derives it (docs/equations.md, E131-E133): Adjoint
+// Efficient Adjoint Matching (EAM; arXiv 2605.11480), as tilt derives it (docs/equations.md, E131-E134): Adjoint
 // Matching against a LINEAR reference drift, with the difference between the base and the reference folded into
 // the terminal cost. The lean adjoint is then in closed form (no backward sweep, no VJP through the base) and the
 // on-policy states come from noising the model's clean endpoints as in pretraining (no SDE rollout).
@@ -13,7 +13,7 @@
 //   a~(t) = (alpha_t / D_t) a~(1),   a~(1) = grad g~(X_1) = -(lambda grad r + grad log p_base + X_1)(X_1)   (E132),
 // and Adjoint Matching's regression becomes, in velocity space (memoryless: v_theta - v_ref = -eta_t a~(t)),
 //   loss = mean_rows | v_theta(x_t, t) - v_ref(x_t, t) - (beta_t W_t / D_t) (G + X_1) |^2,   G = lambda grad r + grad log p_base,
-// on x_t = alpha_t X_1 + beta_t X_0, X_1 from the model's flow ODE: under the optimal path law (X_t, X_1) is p*(x_1)
+// on x_t = alpha_t X_1 + beta_t X_0, X_1 from the current model: under the optimal path law (X_t, X_1) is p*(x_1)
 // times the pretraining kernel, so these are on-policy pairs at the optimum. The target is a convex mix of target
 // score matching's and denoising score matching's (weights alpha^2 / D and beta^2 / D), each unbiased for the score
 // of p*_t, so p* is a fixed point; on a standard Gaussian G + X_1 = 0 and the target has no variance at all (E132).
@@ -23,8 +23,12 @@
 // of the base blurred by N(0, (beta_tau / alpha_tau)^2 I): the fixed point is then the tilt of that blurred base
 // (E133, tested on a mixture).
 //
-// One iteration: B endpoints from the model's flow ODE (num_steps Euler steps, no gradients), B reward gradients
-// and base scores, M = noise_draws noisings each, one forward-backward on B M rows. This is our reading of the paper's
+// Which endpoints (E132, E134): on the model's own ODE samples the regression only sees grad log(p* / q) at them, ~0
+// inside well-separated modes, so it cannot reweight modes; path_weights draws them from the model's SDE instead and
+// weights the early rows by their path weights towards P*, which can.
+//
+// One iteration: B endpoints from the model's flow ODE (num_steps Euler steps, no gradients) or its weighted SDE, B
+// reward gradients and base scores, M = noise_draws noisings each, one forward-backward on B M rows. This is our reading of the paper's
 // abstract; the authors' code is not public, so their reference drift and weighting may differ.
 #pragma once
 
@@ -72,7 +76,7 @@ struct EfficientAdjointMatchingOptions {
   ConditionSetPtr conditions;
   /// Where X_1 comes from. false: the model's flow ODE, unweighted (the fixed point is p*, but the regression only
   /// sees grad log(p* / q) at the endpoints, ~0 inside well-separated modes, so it barely moves mass between them:
-  /// E133). true: the model's memoryless SDE (num_steps Euler-Maruyama steps of `noise`), each endpoint weighted by
+  /// E132). true: the model's memoryless SDE (num_steps Euler-Maruyama steps of `noise`), each endpoint weighted by
   /// its path weight towards P* (E104), self-normalised over the batch: the weighted law is p* whatever the model
   /// (E115), at the price of K base evaluations and the weights' variance. Unconditional models only.
   bool path_weights = false;
@@ -99,9 +103,9 @@ class EfficientAdjointMatching : public Loss {
   int64_t batch_size() const override { return options_.batch_size; }
   void set_batch_size(int64_t n) override;
   /// Draws, in this order: the conditions (one per endpoint), the endpoints (X_0 of the ODE, or the SDE's X_0 and
-  /// noise), then t and X_0 of the noisings. Metrics: reward (mean r of the endpoints), reward_std, score_gap (mean |G + X_1|^2: how far the tilted
-  /// score is from the reference's, 0 when p* is N(0, I) and the target is deterministic); with path_weights, ess (the
-  /// weights' effective sample size over B).
+  /// noise), then t and X_0 of the noisings. Metrics: reward (mean r of the endpoints), reward_std,
+  /// score_gap (mean |G + X_1|^2: how far the tilted score is from the reference's, 0 when p* is N(0, I) and the
+  /// target is deterministic); with path_weights, ess (the weights' effective sample size over B).
   LossOutput compute(Generator& gen) override;
 
   /// G = lambda grad r(x1 | c) + grad log p_base(x1 | c), [B, d] (no gradients): the tilted score at the data end.

@@ -432,7 +432,7 @@ std::vector<FinetuneMethod>& registry() {
       {"ram", "Reinforce Adjoint Matching: regression on the model's ODE samples, reward values only (p* to first order)",
        {"noise_draws", "t_min", "t_max", "group_size", "critic_hidden"}, false, false, read_ram, true},
       {"eam", "Efficient Adjoint Matching: a linear reference drift, its adjoint in closed form, on the model's ODE samples "
-       "(targets p*; needs the base's score at the data end)",
+       "or path-weighted SDE samples (targets p*; needs the base's score at the data end)",
        {"noise_draws", "t_min", "t_max", "score_time", "path_weights", "weights_until"}, false, false, read_eam},
       {"nets", "tilted NETS: the PINN residual of the escorted weight rate; samples with the ODE (targets p*)",
        {"t_min", "t_max"}, false, false, read_unified_method},

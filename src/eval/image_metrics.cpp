@@ -107,10 +107,8 @@ ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpCl
                                          int64_t target_class, double lambda, const Tensor& real_of_class,
                                          ClassifierForm form) {
   at::NoGradGuard no_grad;
-  const Tensor log_p = classifier.log_probs(base_samples.to(at::kFloat));
-  const Tensor r = form == ClassifierForm::indicator ? log_p.argmax(1).eq(target_class).to(at::kDouble)
-                                                     : log_p.select(1, target_class).to(at::kDouble);
-  const Tensor log_w = lambda * r;
+  const Tensor r = classifier_reward_values(classifier.log_probs(base_samples.to(at::kFloat)), target_class, form);
+  const Tensor log_w = lambda * r.to(at::kDouble);
   return class_sample_metrics(base_samples, classifier, target_class, real_of_class, at::softmax(log_w, 0));
 }
 

@@ -211,12 +211,15 @@ ClassifierReward::ClassifierReward(ClassifierPtr classifier, int64_t target_clas
   }
 }
 
-Tensor ClassifierReward::value(const Tensor& x) const {
-  const Tensor log_p = classifier_->log_probs(x);
-  if (form_ == ClassifierForm::indicator) {
-    return argmax_indicator(log_p, at::full({x.size(0)}, class_, log_p.options().dtype(at::kLong)));
+Tensor classifier_reward_values(const Tensor& log_p, int64_t target_class, ClassifierForm form) {
+  if (form == ClassifierForm::indicator) {
+    return argmax_indicator(log_p, at::full({log_p.size(0)}, target_class, log_p.options().dtype(at::kLong)));
   }
-  return log_p.select(1, class_);
+  return log_p.select(1, target_class);
+}
+
+Tensor ClassifierReward::value(const Tensor& x) const {
+  return classifier_reward_values(classifier_->log_probs(x), class_, form_);
 }
 
 Tensor ClassifierReward::grad(const Tensor& x) const {

@@ -83,6 +83,10 @@ enum class ClassifierForm {
 };
 ClassifierForm parse_classifier_form(const std::string& name);  // "log_prob" | "indicator"
 
+/// r of each row for class c from the classifier's log p(. | x) [B, K]: log p(c | x), or 1 where c is the argmax and
+/// 0 elsewhere (form); [B] in log_p's dtype. What ClassifierReward returns, and what eval-images weights the base by.
+Tensor classifier_reward_values(const Tensor& log_p, int64_t target_class, ClassifierForm form);
+
 /// r(x) = log p(c | x), or the indicator that c is the classifier's argmax (the classifier is frozen). No
 /// closed-form tilt.
 class ClassifierReward : public Reward {

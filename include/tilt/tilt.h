@@ -57,6 +57,7 @@
 #include "tilt/train/ode_adjoint_matching.h"
 #include "tilt/train/policy_gradient.h"
 #include "tilt/train/efficient_adjoint_matching.h"
+#include "tilt/train/noised_endpoint_options.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/regulariser.h"
 #include "tilt/train/reward_baselines.h"

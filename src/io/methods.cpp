@@ -257,8 +257,7 @@ void read_policy_gradient(ConfigSection& table, MethodContext& ctx, bool grouped
 }
 
 // noise_draws, t_min and t_max: the noisings of clean endpoints that ram and eam regress on (E128, E132).
-template <class Options>
-void read_noisings(ConfigSection& table, Options& o) {
+void read_noisings(ConfigSection& table, NoisedEndpointOptions& o) {
   o.noise_draws = table.integer("noise_draws", o.noise_draws);
   if (o.noise_draws < 1 || o.noise_draws > 1024) table.fail("noise_draws", "must be in 1..1024");
   o.t_min = table.number("t_min", o.t_min);
@@ -303,16 +302,13 @@ void read_eam(ConfigSection& table, MethodContext& ctx) {
   o.path_weights = table.boolean("path_weights", o.path_weights);
   if (o.path_weights && plan.conditions) table.fail("path_weights", "is for an unconditional model");
   if (o.path_weights) {
-    // The weighted endpoints are rollouts of [finetune] noise (any schedule with noise on every step: E115), so the
-    // note that eam ignores it does not hold.
+    // The weighted endpoints are rollouts of [finetune] noise (any schedule with noise on every step: E115).
     if (plan.noise_schedule->is_zero()) {
       ctx.finetune.fail("noise", "must put noise on every step for [finetune.eam] path_weights = true (the path weight "
                                  "of an ODE step is undefined); the default memoryless schedule does");
     }
     o.noise = plan.noise_schedule;
-    plan.notes.erase(std::remove_if(plan.notes.begin(), plan.notes.end(),
-                                    [](const std::string& n) { return n.find("noise is ignored by method = \"eam\"") != std::string::npos; }),
-                     plan.notes.end());
+    ctx.uses_noise = true;
   }
   o.weights_until = table.number("weights_until", o.weights_until);
   if (!(o.weights_until > 0.0 && o.weights_until <= 1.0)) table.fail("weights_until", "must be in (0, 1]");
@@ -450,10 +446,6 @@ const FinetuneMethod& find_method(const std::string& name) {
 // The noise schedule: the paper's offset is one step, h = 1/K, for memoryless (on a uniform grid
 // the memoryless drift's -x/t part is then integrated exactly; docs/method.md, choice 1).
 void read_noise(ConfigSection& s, const FinetuneMethod& method, FinetunePlan& plan) {
-  if (!method.uses_noise && s.has("noise")) {
-    plan.notes.push_back(s.where("noise") + " is ignored by method = \"" + method.name +
-                         "\" (it samples with the flow ODE)");
-  }
   plan.noise = s.string("noise", "memoryless");
   try {
     plan.noise_schedule = plan.noise == "memoryless" ? make_memoryless_noise(1.0 / static_cast<double>(plan.num_steps))
@@ -611,9 +603,13 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
   read_noise(s, method, plan);
   ConfigSection table = s.section(method.name, /*optional=*/true);
   table.accept_moved_keys(s, [&plan](const std::string& note) { plan.notes.push_back(note); });
-  MethodContext ctx{plan, s, base};
+  MethodContext ctx{plan, s, base, method.uses_noise};
   method.read(table, ctx);
   table.finish();
+  if (!ctx.uses_noise && s.has("noise")) {
+    plan.notes.push_back(s.where("noise") + " is ignored by method = \"" + method.name +
+                         "\" (it samples with the flow ODE)");
+  }
   read_trainer_keys(s, base, plan);
   s.finish();
   if (plan.monitor) {  // the trainer calls it, so that its warnings reach metrics.jsonl too

@@ -8,6 +8,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/schedule.h"
+#include "tilt/train/noised_endpoint_options.h"
 
 #include <ATen/ATen.h>
 
@@ -19,9 +20,8 @@ namespace detail {
 
 /// Throws tilt::Error naming `who` for a missing model or reward, mismatched dimensions or conditions, or
 /// num_steps, noise_draws, lambda, t_min, t_max out of range.
-template <class Options>
-void check_noised_endpoints(const std::string& who, const FineTunedVelocity* model, const Reward* reward,
-                            const Options& o) {
+inline void check_noised_endpoints(const std::string& who, const FineTunedVelocity* model, const Reward* reward,
+                                   const NoisedEndpointOptions& o) {
   if (!model) throw Error(who + ": no model");
   if (!reward) throw Error(who + ": no reward");
   if (reward->dim() != model->dim()) {

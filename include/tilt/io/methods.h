@@ -65,6 +65,9 @@ struct MethodContext {
   FinetunePlan& plan;
   ConfigSection& finetune;
   const VelocityField& base;
+  /// Whether the run simulates with [finetune] noise: FinetuneMethod::uses_noise, unless the reader says otherwise
+  /// (eam's path_weights rolls the noise out though eam samples with the ODE). false with a noise key: a note.
+  bool uses_noise = false;
 };
 
 /// One fine-tuning method.

@@ -37,6 +37,7 @@
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
 #include "tilt/soc/loss.h"
+#include "tilt/train/noised_endpoint_options.h"
 
 #include <functional>
 #include <memory>
@@ -62,18 +63,12 @@ Tensor blurred_data_end_score(const VelocityField& base, const Tensor& x, const 
 /// The closed-form lean adjoint of the linear reference (E132): a~(t) / a~(1) = alpha_t / (alpha_t^2 + beta_t^2), per t.
 Tensor reference_adjoint_factor(const Schedule& schedule, const Tensor& t);
 
-struct EfficientAdjointMatchingOptions {
-  int64_t batch_size = 64;  ///< B clean endpoints per iteration
-  int64_t num_steps = 40;   ///< Euler steps of the model's flow ODE that draws them
-  double lambda = 1.0;      ///< p* ∝ p_base exp(lambda r)
-  int64_t noise_draws = 4;  ///< M noisings (t, X_0) per endpoint: B M regression rows
-  double t_min = 0.0;       ///< t ~ U[t_min, t_max]
-  double t_max = 1.0;
+/// The shared options (batch_size, num_steps, lambda, noise_draws, t_min, t_max, endpoints; conditions: one c per
+/// endpoint), and EAM's own.
+struct EfficientAdjointMatchingOptions : NoisedEndpointOptions {
   /// tau in (0, 1): the base's score at the data end is blurred_data_end_score at tau. 0: the mixture's exact score
   /// for an unconditional Gaussian-mixture base, else tau = kDefaultScoreTime.
   double score_time = 0.0;
-  /// The training prompts (docs/conditions.md): one c per endpoint. Null for an unconditional model.
-  ConditionSetPtr conditions;
   /// Where X_1 comes from. false: the model's flow ODE, unweighted (the fixed point is p*, but the regression only
   /// sees grad log(p* / q) at the endpoints, ~0 inside well-separated modes, so it barely moves mass between them:
   /// E132). true: the model's memoryless SDE (num_steps Euler-Maruyama steps of `noise`), each endpoint weighted by
@@ -88,8 +83,6 @@ struct EfficientAdjointMatchingOptions {
   NoiseSchedulePtr noise;
   /// grad log p_base at the data end; null: as score_time says.
   DataEndScore base_score;
-  /// Tests: exact draws of the current model's law, n -> [n, d], instead of its ODE (unconditional only).
-  std::function<Tensor(int64_t n, Generator& gen)> endpoints;
 };
 
 class EfficientAdjointMatching : public Loss {

@@ -44,6 +44,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/soc/loss.h"
+#include "tilt/train/noised_endpoint_options.h"
 
 #include <functional>
 #include <memory>
@@ -52,13 +53,9 @@
 
 namespace tilt {
 
-struct ReinforceAdjointMatchingOptions {
-  int64_t batch_size = 64;   ///< B clean endpoints per iteration
-  int64_t num_steps = 40;    ///< Euler steps of the model's flow ODE that draws them
-  double lambda = 1.0;       ///< p* ∝ p_base exp(lambda r)
-  int64_t noise_draws = 4;   ///< M noisings (t, X_0) per endpoint: B M regression rows
-  double t_min = 0.0;        ///< t ~ U[t_min, t_max]
-  double t_max = 1.0;
+/// The shared options (batch_size, num_steps, lambda, noise_draws, t_min, t_max, endpoints; conditions: one c per
+/// group), and RAM's own.
+struct ReinforceAdjointMatchingOptions : NoisedEndpointOptions {
   /// G endpoints share one condition and the first part of the baseline (the mean reward of the other G - 1). 0: the
   /// whole batch (unconditional models only). G >= 2 and divides batch_size.
   int64_t group_size = 0;
@@ -66,11 +63,6 @@ struct ReinforceAdjointMatchingOptions {
   /// leave-one-out mean alone (can diverge, see the class comment).
   std::vector<int64_t> critic_hidden{64, 64};
   uint64_t critic_seed = 7;
-  /// The training prompts (docs/conditions.md): one c per group. Null for an unconditional model, required for a
-  /// conditional one.
-  ConditionSetPtr conditions;
-  /// Tests: exact draws of the current model's law, n -> [n, d], instead of its ODE (unconditional only).
-  std::function<Tensor(int64_t n, Generator& gen)> endpoints;
   /// Tests: the exact E[r | x_t] per row, (x_t [N, d], t [N]) -> [N], as the baseline instead of the mean and the
   /// critic (unconditional only).
   std::function<Tensor(const Tensor& xt, const Tensor& t)> exact_value;

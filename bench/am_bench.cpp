@@ -16,8 +16,9 @@
 // through ATen (L = 0: OpenBLAS with Debian's LibTorch, as PyTorch) and through tilt's own products
 // (L = 1: oneDNN where it loads; TILT_GEMM=aten makes them ATen's; the context line "tilt_gemm" says which).
 // Threads: 2, or TILT_THREADS. Run: build/bench/tilt_bench (see scripts/bench.sh).
-// tilt_bench --tilt_trace=P,N[,LR] runs no benchmark: it prints the metrics of N Trainer steps of problem P
-// (BM_Iteration's iteration, Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
+// tilt_bench --tilt_trace=P,N[,LR[,METHOD]] runs no benchmark: it prints the metrics of N Trainer steps of problem P
+// (BM_Iteration's iteration, or with METHOD ram, eam, eam_w, buf or buf_w BM_RamIteration's, BM_EamIteration's and
+// BM_BufferedIteration's; Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
 // (bench/reference/am_reference.py --check) can be compared with it number by number.
 #include "tilt/core/error.h"
 #include "tilt/model/classifier.h"
@@ -373,13 +374,19 @@ void BM_UNetIteration(benchmark::State& state) {
 // benchmark iteration is a whole refill cycle; the counter ms_per_iteration is its time over 16, to set beside
 // BM_Iteration/P/1 (the taped AM iteration; the buffer's regression on an MLP takes the tapes too, its refill the
 // autograd rollout) or BM_UNetIteration/2/8/10.
+std::unique_ptr<BufferedAdjointMatching> make_buffered(const Setup& s, bool weighted) {
+  return std::make_unique<BufferedAdjointMatching>(s.model, s.loss->reward(), s.loss->finetuned_sde().noise_ptr(),
+                                                   s.loss->options(),
+                                                   BufferOptions{4 * s.batch, 4, weighted ? "future" : "none"});
+}
+
 void BM_BufferedIteration(benchmark::State& state) {
   set_threads();
   const int problem = static_cast<int>(state.range(0));
   Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
   const bool weighted = state.range(1) != 0;
-  BufferedAdjointMatching loss(s.model, s.loss->reward(), s.loss->finetuned_sde().noise_ptr(), s.loss->options(),
-                               {4 * s.batch, 4, weighted ? "future" : "none"});
+  const std::unique_ptr<BufferedAdjointMatching> buffered = make_buffered(s, weighted);
+  BufferedAdjointMatching& loss = *buffered;
   const int64_t cycle = loss.iterations_per_refill();
   const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
   Trainer trainer(loss, bench_trainer());
@@ -415,16 +422,30 @@ void run_iterations(benchmark::State& state, Loss& loss, const std::string& labe
   state.SetLabel(label);
 }
 
-void BM_RamIteration(benchmark::State& state) {
-  set_threads();
-  const int problem = static_cast<int>(state.range(0));
-  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
+// RAM and EAM on setup s as BM_RamIteration and BM_EamIteration (and --tilt_trace) run them: the Adjoint Matching
+// setup's model, reward, batch, K and lambda, every other option at its default.
+std::unique_ptr<ReinforceAdjointMatching> make_ram(const Setup& s) {
   ReinforceAdjointMatchingOptions o;
   o.batch_size = s.batch;
   o.num_steps = s.loss->options().num_steps;
   o.lambda = s.loss->options().lambda;
-  ReinforceAdjointMatching loss(s.model, s.loss->reward(), o);
-  run_iterations(state, loss, s.label + ", RAM with 4 noisings per endpoint");
+  return std::make_unique<ReinforceAdjointMatching>(s.model, s.loss->reward(), o);
+}
+
+std::unique_ptr<EfficientAdjointMatching> make_eam(const Setup& s, bool path_weights) {
+  EfficientAdjointMatchingOptions o;
+  o.batch_size = s.batch;
+  o.num_steps = s.loss->options().num_steps;
+  o.lambda = s.loss->options().lambda;
+  o.path_weights = path_weights;
+  return std::make_unique<EfficientAdjointMatching>(s.model, s.loss->reward(), o);
+}
+
+void BM_RamIteration(benchmark::State& state) {
+  set_threads();
+  const int problem = static_cast<int>(state.range(0));
+  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
+  run_iterations(state, *make_ram(s), s.label + ", RAM with 4 noisings per endpoint");
 }
 
 // Efficient Adjoint Matching (docs/equations.md, E132) on problem P as above: B endpoints from the model's K-step ODE
@@ -434,13 +455,9 @@ void BM_EamIteration(benchmark::State& state) {
   set_threads();
   const int problem = static_cast<int>(state.range(0));
   Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
-  EfficientAdjointMatchingOptions o;
-  o.batch_size = s.batch;
-  o.num_steps = s.loss->options().num_steps;
-  o.lambda = s.loss->options().lambda;
-  o.path_weights = state.range(1) != 0;
-  EfficientAdjointMatching loss(s.model, s.loss->reward(), o);
-  run_iterations(state, loss, s.label + (o.path_weights ? ", EAM, weighted SDE endpoints" : ", EAM, ODE endpoints"));
+  const bool weighted = state.range(1) != 0;
+  run_iterations(state, *make_eam(s, weighted),
+                 s.label + (weighted ? ", EAM, weighted SDE endpoints" : ", EAM, ODE endpoints"));
 }
 
 // The machine's float32 matrix-multiply peak: a 2048^3 product, and the iteration's typical shape, with
@@ -464,24 +481,35 @@ void BM_PeakGemm(benchmark::State& state) {
   state.counters["GFLOP/s"] = benchmark::Counter(2.0 * m * k * k / 1e9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
-// --tilt_trace=P,N[,LR]: see the file comment.
+// --tilt_trace=P,N[,LR[,METHOD]]: see the file comment.
 int trace(const char* spec) {
   int problem = -1;
   long iterations = 0;
   double lr = 2e-5;
-  if (std::sscanf(spec, "%d,%ld,%lf", &problem, &iterations, &lr) < 2 || problem < 0 || problem > 2 ||
+  char method[16] = "am";
+  if (std::sscanf(spec, "%d,%ld,%lf,%15s", &problem, &iterations, &lr, method) < 2 || problem < 0 || problem > 2 ||
       iterations < 1 || !(lr > 0)) {
-    std::fprintf(stderr, "--tilt_trace=P,N[,LR]: problem P 0, 1 or 2, N >= 1 iterations, lr > 0; got '%s'\n", spec);
+    std::fprintf(stderr, "--tilt_trace=P,N[,LR[,METHOD]]: problem P 0, 1 or 2, N >= 1 iterations, lr > 0; got '%s'\n",
+                 spec);
+    return 2;
+  }
+  const std::string m = method;
+  if (m != "am" && m != "ram" && m != "eam" && m != "eam_w" && m != "buf" && m != "buf_w") {
+    std::fprintf(stderr, "--tilt_trace: METHOD must be am, ram, eam, eam_w, buf or buf_w, got '%s'\n", method);
     return 2;
   }
   set_threads();
   Setup s = make_setup(problem);
+  std::unique_ptr<Loss> other;
+  if (m == "ram") other = make_ram(s);
+  if (m == "eam" || m == "eam_w") other = make_eam(s, m == "eam_w");
+  if (m == "buf" || m == "buf_w") other = make_buffered(s, m == "buf_w");
   TrainerOptions to;
   to.iterations = iterations;
   to.progress = false;
   to.grad_clip = 0;
   to.adam.lr = lr;
-  Trainer trainer(*s.loss, to);
+  Trainer trainer(other ? *other : *s.loss, to);
   for (long i = 0; i < iterations; ++i) {
     const StepResult r = trainer.step();
     std::printf("{\"iteration\": %ld, \"loss\": %.17g, \"grad_norm\": %.17g", static_cast<long>(r.iteration),

@@ -84,6 +84,20 @@ for p in 0 1 2; do
   echo "bench_compare: $name, PyTorch $torch_version ($threads threads)" >&2
   "$python" "$reference" --problem "$name" --threads "$threads" --min-time "$py_time" > "$out/pytorch_$name.json"
 done
+# The iterations that avoid or share Adjoint Matching's rollout and backward sweep (issue 23): RAM, EAM and the
+# buffers, on the 2-D demo and the digits model (the same model, reward, batch and K as above).
+for p in 0 2; do
+  name=$(echo "2d 64d digits" | cut -d' ' -f$((p + 1)))
+  echo "bench_compare: $name, RAM, EAM and buffers, C++ ($threads threads)" >&2
+  TILT_THREADS=$threads "$bench" --benchmark_filter="^BM_(Ram|Eam|Buffered)Iteration/$p(/|\$)" \
+    --benchmark_min_time="$min_time" --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false \
+    --benchmark_format=json > "$out/cpp_noised_$name.json"
+  for m in ram eam eam_w buf buf_w; do
+    echo "bench_compare: $name, $m, PyTorch $torch_version ($threads threads)" >&2
+    "$python" "$reference" --problem "$name" --method "$m" --threads "$threads" --min-time "$py_time" \
+      > "$out/pytorch_${m}_$name.json"
+  done
+done
 
 "$python" - "$out" "$threads" "$reps" "$min_time" <<'EOF'
 import json, os, sys
@@ -174,6 +188,30 @@ for name, (taped, auto, py) in rows.items():
         gflops = b["GFLOP/s"]
         print(f"| {name} | {path} | {b['GFLOP']:.2f} | {gflops:.0f} | {100 * gflops / peak_big:.0f}% |"
               f" {b['peak_MB']:.0f} |")
+print("\nThe iterations of issue 23 (tilt's docs/equations.md): RAM (E128) and EAM (E132) draw B endpoints from the"
+      " model's K-step ODE (EAM weighted: its memoryless SDE, with path weights) and regress on 4 B noisings of them,"
+      " with no lean adjoint; a buffer (E126-E127) simulates 4 B trajectories and their lean adjoints once per 16"
+      " iterations (4 passes) and regresses on B of them per iteration, with or without the weights of the paths"
+      " after t_k (time per iteration: over whole cycles). The same model, reward, batch and K as the rows above"
+      " (tilt: BM_RamIteration, BM_EamIteration, BM_BufferedIteration; the reference: am_reference.py --method, the"
+      " same iterations, checked against tilt's Trainer number by number with --check). Last column: the"
+      " iteration's time over tilt's Adjoint Matching iteration (taped).\n")
+print("| problem | method | tilt ms/iter | PyTorch ms/iter | ratio (PyTorch / tilt) | tilt peak memory (MB) |"
+      " tilt, time over its AM iteration |")
+print("|---|---|---|---|---|---|---|")
+labels = {"ram": ("RAM (critic 2x64)", "BM_RamIteration/{p}/real_time"),
+          "eam": ("EAM, ODE endpoints", "BM_EamIteration/{p}/0/real_time"),
+          "eam_w": ("EAM, weighted SDE endpoints", "BM_EamIteration/{p}/1/real_time"),
+          "buf": ("buffer, unweighted", "BM_BufferedIteration/{p}/0/real_time"),
+          "buf_w": ("buffer, weighted (future)", "BM_BufferedIteration/{p}/1/real_time")}
+for name, p in (("2d", 0), ("digits", 2)):
+    cpp = load(os.path.join(out, f"cpp_noised_{name}.json"))
+    for method, (label, key) in labels.items():
+        b = cpp[key.format(p=p)]
+        py = json.load(open(os.path.join(out, f"pytorch_{method}_{name}.json")))
+        t, q = b.get("ms_per_iteration", ms(b)), py["iteration_ms"]
+        print(f"| {name} | {label} | {t:.1f} | {q:.1f} | **{q / t:.2f}x** | {b['peak_MB']:.0f} |"
+              f" {t / ms(rows[name][0]):.2f} |")
 print(f"\nC++: Google Benchmark, the repetition of median time of {reps} of at least {min_time} s each, wall time. "
       f"PyTorch: median wall time per iteration over at least {reps} x {min_time} s after 5 warm-up iterations.")
 EOF

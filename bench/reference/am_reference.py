@@ -1,5 +1,8 @@
 #!/usr/bin/python3
-"""PyTorch reference of one tilt Adjoint Matching iteration: the comparison baseline of issue 5.
+"""PyTorch reference of one tilt Adjoint Matching iteration: the comparison baseline of issue 5; and (--method) of
+one iteration of Reinforce Adjoint Matching (BM_RamIteration), of Efficient Adjoint Matching on ODE or weighted SDE
+endpoints (BM_EamIteration) and of buffered Adjoint Matching with or without weights (BM_BufferedIteration), written
+the same way and checked against the C++ Trainer number by number.
 
 The same iteration as bench/am_bench.cpp's BM_Iteration (the C++ Trainer::step on AdjointMatching; its
 autograd path computes it the same way, its default taped path with the networks run once),
@@ -28,7 +31,9 @@ Only a baseline for scripts/bench_compare.sh; not part of tilt or of its tests.
 Needs Debian's python3-torch (PyTorch 1.13) and runs with /usr/bin/python3.
 
   am_reference.py --problem 2d --threads 2          # timing: JSON with median ms per iteration
+  am_reference.py --problem digits --method eam     # the same for EAM (am, ram, eam, eam_w, buf, buf_w)
   am_reference.py --check [--cpp-bench build/bench/tilt_bench]   # correctness checks, exit 1 on failure
+  am_reference.py --check-methods --cpp-bench build/bench/tilt_bench   # only every method's first iterations
   am_reference.py --trace 20 --problem 2d            # loss / reward / grad norm per iteration (JSON lines)
 """
 
@@ -178,6 +183,12 @@ class GmmVelocity:
         """log p_t(x); only for the checks."""
         return self._parts(x, t)[3]
 
+    def score(self, x):
+        """grad log p_1(x), the mixture's own score (t = 1): sum_k gamma_k (-Sigma_k^{-1} (x - mu_k))."""
+        y, var, log_post, _ = self._parts(x, 1.0)
+        s = torch.exp(log_post).unsqueeze(-1) * (-y / var)
+        return s.sum(0) if self.diagonal else torch.bmm(s, self.Ut).sum(0)
+
     def velocity(self, x, t):
         al, be, dal, dbe = schedule(t)
         y, var, log_post, _ = self._parts(x, t)
@@ -276,7 +287,11 @@ def make_problem(name, batch=None, dtype=torch.float32):
     if name == "2d":
         angles = [2 * math.pi * k / 8 for k in range(8)]
         means = torch.tensor([[3.0 * math.cos(a), 3.0 * math.sin(a)] for a in angles], dtype=d2)
-        base = GmmVelocity(torch.ones(8, dtype=d2), means, 0.25 * torch.eye(2, dtype=d2).expand(8, 2, 2).clone(), dtype)
+        covariances = 0.25 * torch.eye(2, dtype=d2).expand(8, 2, 2).clone()
+        base = GmmVelocity(torch.ones(8, dtype=d2), means, covariances, dtype)
+        # EAM's grad log p_base at the data end: exact for a mixture, in float64 as GaussianMixture::score.
+        exact = GmmVelocity(torch.ones(8, dtype=d2), means, covariances, d2)
+        base_score = lambda x: exact.score(x.to(d2)).to(x.dtype)  # noqa: E731
         reward = QuadraticReward(torch.tensor([2.5, 0.0], dtype=d2), 0.25 * torch.eye(2, dtype=d2), dtype)
         K, early, late, hidden = 60, 20, 10, [128, 128, 128]
         dim = 2
@@ -292,9 +307,33 @@ def make_problem(name, batch=None, dtype=torch.float32):
         K, early, late, hidden = 40, 10, 10, [256, 256]
     else:
         raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits)")
+    if name != "2d":
+        base_score = lambda x: blurred_data_end_score(base, x, DEFAULT_SCORE_TIME)  # noqa: E731
     net = MlpVelocity(dim, hidden, 16, zero_output=True, seed=2).to(dtype)
     model = Residual(base, net)
-    return AdjointMatching(model, reward, MemorylessNoise(1.0 / K), K, batch, early, late, dtype=dtype)
+    am = AdjointMatching(model, reward, MemorylessNoise(1.0 / K), K, batch, early, late, dtype=dtype)
+    am.base_score = base_score
+    return am
+
+
+METHODS = ("am", "ram", "eam", "eam_w", "buf", "buf_w")
+
+
+def make_method(name, method, batch=None, dtype=torch.float32):
+    """Problem `name`'s iteration of `method`: Adjoint Matching as BM_Iteration, RAM as BM_RamIteration, EAM on ODE
+    endpoints (eam) or weighted SDE endpoints (eam_w) as BM_EamIteration: the same model, reward, batch, K and
+    lambda, every other option at its C++ default."""
+    am = make_problem(name, batch, dtype)
+    if method == "am":
+        return am
+    if method == "ram":
+        return ReinforceAdjointMatching(am.model, am.reward, am.K, am.batch, am.lam, dtype=dtype)
+    if method in ("eam", "eam_w"):
+        return EfficientAdjointMatching(am.model, am.reward, am.base_score, am.K, am.batch, am.lam,
+                                        path_weights=method == "eam_w", dtype=dtype)
+    if method in ("buf", "buf_w"):
+        return BufferedAdjointMatching(am, weights="future" if method == "buf_w" else "none")
+    raise SystemExit(f"unknown method '{method}' (valid: {', '.join(METHODS)})")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -323,16 +362,21 @@ class AdjointMatching:
         return list(self.model.net.parameters())
 
     @torch.no_grad()
-    def rollout(self, gen):
-        """X_0..X_{K-1} of the fine-tuned SDE (X_K is not needed with the noiseless final step)."""
+    def rollout(self, gen, record=None):
+        """X_0..X_{K-1} of the fine-tuned SDE (X_K is not needed with the noiseless final step); with a dict
+        `record`, its "xi" and "v" get each step's draw and v_theta(X_k, t_k)."""
         x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
         xs = [x]
         for k in range(self.K - 1):
             c_v, c_x = self.coef[k]
-            b = c_v * self.model.velocity(x, self.t[k]) - c_x * x
-            x = x + self.h[k] * b
-            x = x + (math.sqrt(self.h[k]) * self.sigma[k]) * torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            v = self.model.velocity(x, self.t[k])
+            x = x + self.h[k] * (c_v * v - c_x * x)
+            xi = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            x = x + (math.sqrt(self.h[k]) * self.sigma[k]) * xi
             xs.append(x)
+            if record is not None:
+                record.setdefault("xi", []).append(xi)
+                record.setdefault("v", []).append(v)
         return xs
 
     @torch.no_grad()
@@ -367,16 +411,18 @@ class AdjointMatching:
             steps += [self.candidates[i] for i in perm[:min(self.early, first_late)]]
         return sorted(steps)
 
-    def regression(self, xs, a, x1, gen):
-        """Loss sum over the chosen steps of |v_theta - v_base + rho_k a_k|^2, batch mean, all
-        (step, sample) pairs in one forward pass of the residual network."""
-        steps = self.loss_steps(gen)
-        B = self.batch
+    def regression(self, xs, a, x1, gen, steps=None, weights=None):
+        """Loss sum over the chosen steps of |v_theta - v_base + rho_k a_k|^2 (times weights[k] per row when
+        given), batch mean, all (step, sample) pairs in one forward pass of the residual network."""
+        steps = self.loss_steps(gen) if steps is None else steps
+        B = xs[0].shape[0]
         x = torch.cat([xs[k] for k in steps])
         t = torch.tensor([self.t[k] for k in steps], dtype=self.dtype).repeat_interleave(B).unsqueeze(1)
         target = torch.cat([self.rho[k] * a[k] for k in steps])
         residual = self.model.net(x, t) + target
         terms = residual.pow(2).sum(1)
+        if weights is not None:
+            terms = terms * torch.cat([weights[k] for k in steps])
         loss = terms.sum() / B
         with torch.no_grad():
             metrics = {
@@ -385,6 +431,206 @@ class AdjointMatching:
                 "clipped_fraction": 0.0,
                 "adjoint_norm_t0": a[0].norm(dim=1).mean().item(),
             }
+        return loss, metrics
+
+class BufferedAdjointMatching:
+    """src/train/buffered_adjoint_matching.cpp (tilt's docs/equations.md, E126-E127) as BM_BufferedIteration sets it
+    up: a refill simulates size = 4 B trajectories and their lean adjoints at once (Adjoint Matching's rollout and
+    adjoint with batch 4 B) and draws `passes` = 4 permutations of them; each iteration regresses on the next B rows,
+    the terms at step k weighted ("future") by B softmax(log dQ_theta/dQ_old of the path after t_k), or not ("none")."""
+
+    def __init__(self, am, passes=4, weights="future", size=None):
+        self.am, self.passes, self.weights = am, passes, weights
+        self.B, self.K = am.batch, am.K
+        self.size = size or 4 * am.batch
+        self.refill_every = self.size // self.B * passes
+        self.iteration = 0
+
+    @property
+    def batch(self):
+        return self.B
+
+    def parameters(self):
+        return self.am.parameters()
+
+    def refill(self, gen):
+        am = self.am
+        am.batch = self.size
+        record = {}
+        try:
+            xs = am.rollout(gen, record if self.weights == "future" else None)
+            a, v_base, x1 = am.lean_adjoint(xs)
+        finally:
+            am.batch = self.B
+        self.buffer = {"x": xs, "a": a, "v_base": v_base, "x1": x1, **record}
+        self.order = torch.cat([torch.randperm(self.size, generator=gen) for _ in range(self.passes)])
+
+    @torch.no_grad()
+    def future_weights(self, rows, first_step):
+        """weights[k] for k >= first_step: B softmax over the rows of the accumulated log dQ_theta/dQ_old of steps
+        k..K-2 (the steps with noise), d_j = h c_v (v_old - v_theta) / std_j."""
+        am, B = self.am, self.B
+        weights = [None] * len(rows["x"])
+        log_w = torch.zeros(B, dtype=torch.float64)
+        for k in range(len(rows["x"]) - 1, first_step - 1, -1):
+            if k < len(rows["xi"]):
+                c_v, _ = am.coef[k]
+                current = rows["v_base"][k] + am.model.net(rows["x"][k], am.t[k])
+                d = (am.h[k] * c_v * (rows["v"][k] - current)).double() / (math.sqrt(am.h[k]) * am.sigma[k])
+                log_w = log_w - (d * rows["xi"][k].double()).sum(1) - 0.5 * (d * d).sum(1)
+            weights[k] = (B * torch.softmax(log_w, 0)).to(am.dtype)
+        return weights
+
+    def compute(self, gen, phases):
+        t0 = time.perf_counter()
+        j = self.iteration % self.refill_every
+        if j == 0:
+            self.refill(gen)
+        index = self.order[j * self.B:(j + 1) * self.B]
+        rows = {key: [v.index_select(0, index) for v in value] if isinstance(value, list) else value.index_select(0, index)
+                for key, value in self.buffer.items()}
+        steps = self.am.loss_steps(gen)
+        weights = self.future_weights(rows, steps[0]) if self.weights == "future" else None
+        phases["endpoints"] = time.perf_counter() - t0
+        self.iteration += 1
+        return self.am.regression(rows["x"], rows["a"], rows["x1"], gen, steps, weights)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reinforce and Efficient Adjoint Matching (src/train/reinforce_adjoint_matching.cpp,
+# src/train/efficient_adjoint_matching.cpp; tilt's docs/equations.md, E128 and E132), with the options
+# BM_RamIteration and BM_EamIteration set: B endpoints, M = 4 noisings each, t ~ U[0, 1], residual fine-tuning.
+
+DEFAULT_SCORE_TIME = 0.95  # tilt::kDefaultScoreTime
+
+
+def blurred_data_end_score(base, x, tau):
+    """EAM's grad log p_base at the data end for a base that is not a mixture (E133): the score of the base blurred
+    by beta/alpha, read off the velocity at time tau from v = kappa x + eta s (linear schedule, W = 1)."""
+    al, be, dal, dbe = schedule(tau)
+    wronskian = dal * be - al * dbe
+    v = base.velocity(al * x, tau)
+    return (al * al / (be * wronskian)) * (v - dal * x)
+
+
+class NoisedEndpoints:
+    """What RAM and EAM share: B endpoints from the model's K-step Euler flow ODE, and M noisings of each drawn as
+    in pretraining (t ~ U[0, 1] [N], then X_0 ~ N(0, I) [N, d]; x_t = alpha_t x_1 + beta_t X_0), endpoint-major."""
+
+    def __init__(self, model, reward, K, batch, lam, noise_draws=4, dtype=torch.float32):
+        self.model, self.reward, self.K, self.batch, self.lam = model, reward, K, batch, lam
+        self.M, self.dtype = noise_draws, dtype
+
+    def ode_endpoints(self, gen):
+        x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
+        h = 1.0 / self.K
+        for k in range(self.K):
+            x = x + h * self.model.velocity(x, k / self.K)
+        return x
+
+    def noisings(self, x1, gen):
+        t = torch.rand(x1.shape[0], generator=gen, dtype=self.dtype)
+        x0 = torch.randn(x1.shape, generator=gen, dtype=self.dtype)
+        al, be, _, _ = schedule(t.unsqueeze(1))
+        return t.unsqueeze(1), x0, al * x1 + be * x0
+
+
+class ReinforceAdjointMatching(NoisedEndpoints):
+    """RAM (E128): regression of the residual r_theta(x_t, t) onto lambda (r - b) (u - v_base(x_t, t)), u = alpha' x_1 +
+    beta' X_0, with b the leave-one-out mean of the batch's rewards plus a critic V(x_t, t) (an MLP 2x64, 8 time
+    features, zero output, seed 7) trained on the same rows onto r - mean."""
+
+    def __init__(self, model, reward, K, batch, lam, noise_draws=4, critic_hidden=(64, 64), critic_seed=7,
+                 dtype=torch.float32):
+        super().__init__(model, reward, K, batch, lam, noise_draws, dtype)
+        self.critic = MlpVelocity(model.net.dim, critic_hidden, 8, zero_output=True, seed=critic_seed).to(dtype)
+
+    def parameters(self):
+        return list(self.model.net.parameters()) + list(self.critic.parameters())
+
+    def compute(self, gen, phases):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            x1 = self.ode_endpoints(gen)
+            r = self.reward.value(x1)
+        phases["endpoints"] = time.perf_counter() - t0
+        B, M = self.batch, self.M
+        mean_r = (r.sum() - r) / (B - 1)
+        x1r, rr, mr = x1.repeat_interleave(M, 0), r.repeat_interleave(M, 0), mean_r.repeat_interleave(M, 0)
+        t, x0, xt = self.noisings(x1r, gen)
+        V = self.critic(xt, t).mean(1)
+        c = rr - (mr + V.detach())
+        with torch.no_grad():
+            vb = self.model.base.velocity(xt, t)
+        _, _, dal, dbe = schedule(t)
+        target = self.lam * c.unsqueeze(1) * (dal * x1r + dbe * x0 - vb)
+        critic_loss = (rr - mr - V).pow(2).mean()
+        loss = (self.model.net(xt, t) - target).pow(2).sum(1).mean() + critic_loss
+        return loss, {"reward": r.double().mean().item(), "reward_std": r.double().std(unbiased=False).item(),
+                      "critic_loss": critic_loss.item()}
+
+
+class EfficientAdjointMatching(NoisedEndpoints):
+    """EAM (E131-E134): the closed-form adjoint of the linear reference; the regression of v_theta(x_t, t) onto
+    v_ref(x_t) + (beta_t W_t / D_t) (G + x_1), D = alpha^2 + beta^2, G = lambda grad r(x_1) + grad log p_base(x_1).
+    Endpoints from the model's ODE, or (path_weights) from its memoryless SDE with self-normalised path weights w,
+    the rows with t < weights_until weighted B w_b."""
+
+    def __init__(self, model, reward, base_score, K, batch, lam, noise_draws=4, path_weights=False,
+                 weights_until=0.5, dtype=torch.float32):
+        super().__init__(model, reward, K, batch, lam, noise_draws, dtype)
+        self.base_score, self.path_weights, self.weights_until = base_score, path_weights, weights_until
+        self.noise = MemorylessNoise(1.0 / K)
+
+    def parameters(self):
+        return list(self.model.net.parameters())
+
+    def weighted_endpoints(self, gen):
+        """tilt_rollout (src/train/unified_losses.cpp): K Euler-Maruyama steps of the model's memoryless SDE and
+        log dP*/dQ = lambda r(X_1) - sum_k [d_k . xi_k + |d_k|^2 / 2], d_k = h c_v (v_theta - v_base) / std_k."""
+        x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
+        log_w = torch.zeros(self.batch, dtype=torch.float64)
+        h = 1.0 / self.K
+        for k in range(self.K):
+            t = k / self.K
+            vb = self.model.base.velocity(x, t)
+            delta = self.model.net(x, t)
+            c_v, c_x = self.noise.coefficients(t)
+            std = math.sqrt(h) * self.noise.sigma(t)
+            xi = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            d = (h * c_v * delta).double() / std
+            log_w = log_w - (d * xi.double()).sum(1) - 0.5 * (d * d).sum(1)
+            x = (1.0 - h * c_x) * x + (h * c_v) * (vb + delta) + std * xi
+        return x, log_w + self.lam * self.reward.value(x).double()
+
+    def compute(self, gen, phases):
+        t0 = time.perf_counter()
+        w = None
+        with torch.no_grad():
+            if self.path_weights:
+                x1, log_w = self.weighted_endpoints(gen)
+                w = torch.softmax(log_w, 0).to(self.dtype)
+            else:
+                x1 = self.ode_endpoints(gen)
+            r = self.reward.value(x1)
+            G = self.lam * self.reward.grad(x1) + self.base_score(x1)
+        phases["endpoints"] = time.perf_counter() - t0
+        B, M = self.batch, self.M
+        x1r, Gr = x1.repeat_interleave(M, 0), G.repeat_interleave(M, 0)
+        t, x0, xt = self.noisings(x1r, gen)
+        al, be, dal, dbe = schedule(t)
+        D = al * al + be * be
+        target = ((al * dal + be * dbe) / D) * xt + (be * (dal * be - al * dbe) / D) * (Gr + x1r)
+        rows = (self.model.velocity(xt, t) - target).pow(2).sum(1)
+        metrics = {}
+        if w is not None:
+            early = (t.squeeze(1) < self.weights_until).to(rows.dtype)
+            loss = ((early * (B * w.repeat_interleave(M, 0)) + (1.0 - early)) * rows).mean()
+            metrics["ess"] = 1.0 / (B * (w.double() ** 2).sum().item())
+        else:
+            loss = rows.mean()
+        metrics.update({"reward": r.double().mean().item(), "reward_std": r.double().std(unbiased=False).item(),
+                        "score_gap": (G + x1).pow(2).sum(1).mean().item()})
         return loss, metrics
 
 
@@ -400,13 +646,20 @@ class Trainer:
         self.iteration = 0
 
     def step(self, times=None):
+        """One iteration; appends its phases' seconds (a dict) to `times`."""
         t0 = time.perf_counter()
         gen = make_generator(mix_seed(self.seed, self.iteration))
-        xs = self.am.rollout(gen)
-        t1 = time.perf_counter()
-        a, _, x1 = self.am.lean_adjoint(xs)
-        t2 = time.perf_counter()
-        loss, metrics = self.am.regression(xs, a, x1, gen)
+        phases = {}
+        if isinstance(self.am, AdjointMatching):
+            xs = self.am.rollout(gen)
+            t1 = time.perf_counter()
+            a, _, x1 = self.am.lean_adjoint(xs)
+            t2 = time.perf_counter()
+            phases.update(rollout=t1 - t0, lean_adjoint=t2 - t1)
+            loss, metrics = self.am.regression(xs, a, x1, gen)
+        else:
+            loss, metrics = self.am.compute(gen, phases)
+            t2 = t0 + phases["endpoints"]
         value = loss.item()
         if not math.isfinite(value):
             raise FloatingPointError(f"iteration {self.iteration + 1}: loss is {value}")
@@ -419,43 +672,55 @@ class Trainer:
         self.iteration += 1
         t3 = time.perf_counter()
         if times is not None:
-            times.append((t1 - t0, t2 - t1, t3 - t2, t3 - t0))
+            phases.update(regression=t3 - t2, iteration=t3 - t0)
+            times.append(phases)
         return {"iteration": self.iteration, "loss": value, "grad_norm": grad_norm, **metrics}
 
 
 # ---------------------------------------------------------------------------------------------------
 
 def bench(args):
-    am = make_problem(args.problem, args.batch)
+    am = make_method(args.problem, args.method, args.batch)
     trainer = Trainer(am)
     for _ in range(args.warmup):
         trainer.step()
+    buffered = isinstance(am, BufferedAdjointMatching)
+    if buffered:  # warm up a whole cycle: the refill is the first iteration of each
+        for _ in range(am.refill_every - args.warmup % am.refill_every):
+            trainer.step()
     times = []
     start = time.perf_counter()
-    while len(times) < args.min_iters or time.perf_counter() - start < args.min_time:
+    while (len(times) < args.min_iters or time.perf_counter() - start < args.min_time
+           or (buffered and len(times) % am.refill_every)):
         trainer.step(times)
-    ms = lambda i: 1e3 * statistics.median(t[i] for t in times)  # noqa: E731
+    # A buffer's refill makes one iteration of each cycle long: its time per iteration is the mean over whole cycles.
+    average = statistics.mean if buffered else statistics.median
+    ms = lambda key: 1e3 * average(t[key] for t in times)  # noqa: E731
     out = {
         "problem": args.problem,
+        "method": args.method,
         "label": LABELS[args.problem],
         "implementation": "pytorch",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "batch": am.batch,
         "K": am.K,
-        "loss_steps": am.early + am.late,
         "iterations_timed": len(times),
-        "iteration_ms": ms(3),
-        "iteration_ms_mean": 1e3 * statistics.mean(t[3] for t in times),
-        "rollout_ms": ms(0),
-        "lean_adjoint_ms": ms(1),
-        "regression_ms": ms(2),
+        "iteration_ms": ms("iteration"),
+        "iteration_ms_mean": 1e3 * statistics.mean(t["iteration"] for t in times),
+        "regression_ms": ms("regression"),
     }
+    if args.method == "am":
+        out.update(loss_steps=am.early + am.late, rollout_ms=ms("rollout"), lean_adjoint_ms=ms("lean_adjoint"))
+    elif buffered:
+        out.update(buffer_size=am.size, passes=am.passes, weights=am.weights, refill_and_weights_ms=ms("endpoints"))
+    else:
+        out.update(noise_draws=am.M, endpoints_ms=ms("endpoints"))
     print(json.dumps(out))
 
 
 def trace(args, lr, out=sys.stdout):
-    am = make_problem(args.problem, args.batch)
+    am = make_method(args.problem, args.method, args.batch)
     trainer = Trainer(am, lr=lr)
     rows = []
     for _ in range(args.trace):
@@ -548,9 +813,9 @@ def check_adjoint(c, problem):
              f"; |a_0| = {a[0].norm().item():.3g}, |a_K| = {a[am.K].norm().item():.3g}")
 
 
-def run_cpp_trace(binary, problem, iterations, lr):
+def run_cpp_trace(binary, problem, iterations, lr, method="am"):
     p = {"2d": "0", "64d": "1", "digits": "2"}[problem]
-    out = subprocess.run([binary, f"--tilt_trace={p},{iterations},{lr}"], check=True,
+    out = subprocess.run([binary, f"--tilt_trace={p},{iterations},{lr},{method}"], check=True,
                          capture_output=True, text=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
 
@@ -576,7 +841,7 @@ def check_training(c, args):
     close most of the gap from the base's E[r] to p*'s; and, given the C++ bench binary, the same run of
     the C++ Trainer (same seeds) must give the same numbers."""
     lr, n = 4e-3, args.check_iterations
-    ns = argparse.Namespace(problem="2d", batch=256, trace=n)
+    ns = argparse.Namespace(problem="2d", method="am", batch=256, trace=n)
     t0 = time.perf_counter()
     py = trace(ns, lr, out=None)
     print(f"  (PyTorch: {n} iterations on the 2-D demo in {time.perf_counter() - t0:.1f} s)", flush=True)
@@ -601,18 +866,47 @@ def check_training(c, args):
     clast = statistics.mean(r["reward"] for r in cpp[-w:])
     print(f"  C++ mean reward: first {w} iterations {cfirst:.3f}, last {w} {clast:.3f}", flush=True)
     c.report("2d vs C++ Trainer: |difference| of the last tenth's mean reward", abs(clast - last), 0.1)
-    # The 64-D and digits problems: same initial weights (same generator draws), same first iterations.
+    check_methods(c, args.cpp_bench)
+
+
+def check_methods(c, binary):
+    """The first iterations of every method against the C++ Trainer (tilt_bench --tilt_trace), number by number: the
+    same initial weights (the same generator draws), endpoints, noisings, critic, path weights and buffers."""
+    # Adjoint Matching on the 64-D and digits problems (the 2-D one: check_training's long run).
     for problem in ("64d", "digits"):
-        ns = argparse.Namespace(problem=problem, batch=None, trace=3)
+        ns = argparse.Namespace(problem=problem, method="am", batch=None, trace=3)
         py = trace(ns, 2e-5, out=None)
-        cpp = run_cpp_trace(args.cpp_bench, problem, 3, 2e-5)
+        cpp = run_cpp_trace(binary, problem, 3, 2e-5)
         for key in ("loss", "reward", "grad_norm", "adjoint_norm_t0"):
             e = max(abs(cpp[i][key] - py[i][key]) / abs(cpp[i][key]) for i in range(3))
             c.report(f"{problem} vs C++ Trainer, {key}: max rel. difference over 3 iterations", e, 1e-3)
+    # RAM, EAM and the buffers, with a learning rate of 1e-3 so that the model (and RAM's critic) has moved by
+    # iteration 3; the buffers for 18 iterations, so that the second refill (iteration 17) is compared too.
+    keys = {"ram": ("loss", "reward", "grad_norm", "critic_loss"), "eam": ("loss", "reward", "grad_norm", "score_gap"),
+            "eam_w": ("loss", "reward", "grad_norm", "score_gap", "ess"), "buf": ("loss", "grad_norm"),
+            "buf_w": ("loss", "grad_norm")}
+    for problem in ("2d", "digits"):
+        for method, names in keys.items():
+            n = 18 if method.startswith("buf") else 3
+            ns = argparse.Namespace(problem=problem, method=method, batch=None, trace=n)
+            py = trace(ns, 1e-3, out=None)
+            cpp = run_cpp_trace(binary, problem, n, 1e-3, method)
+            if len(cpp) != n:
+                c.report(f"{problem} {method}: C++ trace rows (expected {n})", float(abs(len(cpp) - n)), 0)
+                continue
+            for key in names:
+                e = max(abs(cpp[i][key] - py[i][key]) / max(abs(cpp[i][key]), 1e-12) for i in range(n))
+                c.report(f"{problem} {method} vs C++ Trainer, {key}: max rel. difference over {n} iterations", e, 1e-3)
 
 
 def check(args):
     c = Checks()
+    if args.check_methods:
+        if not args.cpp_bench:
+            raise SystemExit("--check-methods needs --cpp-bench")
+        check_methods(c, args.cpp_bench)
+        print("all checks passed" if c.failed == 0 else f"{c.failed} check(s) FAILED")
+        return 1 if c.failed else 0
     check_gmm(c)
     check_adjoint(c, "2d")
     check_adjoint(c, "64d")
@@ -625,6 +919,9 @@ def check(args):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--problem", choices=["2d", "64d", "digits"], default="2d")
+    ap.add_argument("--method", choices=METHODS, default="am",
+                    help="am (Adjoint Matching), ram, eam (ODE endpoints), eam_w (weighted SDE endpoints), buf "
+                         "(a buffer of 4 batches x 4 passes, unweighted) or buf_w (weighted)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     ap.add_argument("--batch", type=int, default=None, help="default: the problem's (256; digits 64)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
@@ -632,12 +929,14 @@ def main():
     ap.add_argument("--min-iters", type=int, default=10, help="and at least this many iterations (default 10)")
     ap.add_argument("--check", action="store_true", help="run the correctness checks instead of timing")
     ap.add_argument("--check-iterations", type=int, default=300)
+    ap.add_argument("--check-methods", action="store_true",
+                    help="only the first iterations of every method against --cpp-bench (~1 min; a ctest)")
     ap.add_argument("--cpp-bench", help="with --check: tilt_bench binary to compare the Trainer's numbers with")
     ap.add_argument("--trace", type=int, default=0, help="print N iterations' metrics as JSON lines")
     ap.add_argument("--lr", type=float, default=2e-5, help="with --trace: Adam's learning rate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.check:
+    if args.check or args.check_methods:
         sys.exit(check(args))
     if args.trace:
         trace(args, args.lr)

@@ -138,17 +138,17 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   if (buffer.passes < 1 || buffer.passes > kMaxPasses) {
     table.fail("buffer_passes", "must be in 1.." + std::to_string(kMaxPasses) + ", got " + std::to_string(buffer.passes));
   }
-  if (buffer.size > 0) {
-    if (tau != 0.0) table.fail("buffer_size", "cannot be combined with dsm_until");
-    plan.shardable = false;
-    plan.make_loss = [am, buffer, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
-      return std::make_unique<BufferedAdjointMatching>(std::move(model), reward, noise, am, buffer);
-    };
-    return;
-  }
+  if (buffer.size > 0) plan.shardable = false;
+  // Adjoint Matching's regression on the times it keeps: on fresh trajectories, or on the buffer's.
+  const auto adjoint_matching = [buffer, reward = plan.reward, noise = plan.noise_schedule](
+                                    std::shared_ptr<FineTunedVelocity> model,
+                                    const AdjointMatchingOptions& o) -> std::unique_ptr<Loss> {
+    if (buffer.size > 0) return std::make_unique<BufferedAdjointMatching>(std::move(model), reward, noise, o, buffer);
+    return std::make_unique<AdjointMatching>(std::move(model), reward, noise, o);
+  };
   if (tau == 0.0) {
-    plan.make_loss = [am, reward = plan.reward, noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) {
-      return std::make_unique<AdjointMatching>(std::move(model), reward, noise, am);
+    plan.make_loss = [am, adjoint_matching](std::shared_ptr<FineTunedVelocity> model) {
+      return adjoint_matching(std::move(model), am);
     };
     return;
   }
@@ -174,10 +174,12 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   // Equal weight per unit of time: AM sums its S = loss_early_steps + loss_late_steps steps over [tau, 1]; DSM
   // averages over t ~ U[t_min, tau].
   const double weight = static_cast<double>(am.loss_early_steps + am.loss_late_steps) * (tau - dsm.t_min) / (1.0 - tau);
-  plan.make_loss = [am, dsm, weight, reward = plan.reward,
+  // With a buffer, its trajectories serve the times t >= tau; the DSM term draws its own weighted samples each
+  // iteration (the buffer is the sum's first term's state in checkpoints).
+  plan.make_loss = [am, dsm, weight, adjoint_matching, reward = plan.reward,
                     noise = plan.noise_schedule](std::shared_ptr<FineTunedVelocity> model) -> std::unique_ptr<Loss> {
     std::vector<LossSum::Term> terms;
-    terms.push_back({std::make_unique<AdjointMatching>(model, reward, noise, am), 1.0});
+    terms.push_back({adjoint_matching(model, am), 1.0});
     terms.push_back({std::make_unique<TiltScoreMatching>(ScoreTarget::denoising, model, reward, noise, dsm), weight});
     return std::make_unique<LossSum>("adjoint_matching", std::move(terms));
   };

@@ -9,6 +9,7 @@
 #include "tilt/train/buffered_adjoint_matching.h"
 #include "tilt/train/efficient_adjoint_matching.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
+#include "tilt/train/trainer.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -16,6 +17,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <filesystem>
+
+#include <unistd.h>
 
 namespace tilt {
 namespace {
@@ -276,12 +280,75 @@ TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
   EXPECT_NE(with({{"buffer_size", 16}, {"buffer_passes", 0}}).find("'finetune.adjoint_matching.buffer_passes'"), std::string::npos);
   EXPECT_NE(with({{"buffer_size", 16}, {"buffer_weights", "path"}}).find("'finetune.adjoint_matching.buffer_weights'"),
             std::string::npos);
-  EXPECT_NE(with({{"buffer_size", 16}, {"dsm_until", 0.5}, {"loss_weighting", "velocity"}}).find("buffer_size"),
-            std::string::npos);
   EXPECT_EQ(with({{"buffer_size", 16}, {"buffer_weights", "none"}}), "");
   const std::string sharded = error_of({{"num_steps", 20}, {"batch_size", 8}, {"shards", 2},
                                         {"adjoint_matching", {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"buffer_size", 16}}}});
   EXPECT_NE(sharded.find("'finetune.shards'"), std::string::npos) << sharded;
+}
+
+// buffer_size with dsm_until (E106, E126): the buffer's regression keeps the times t >= dsm_until, a DSM term on the
+// model's weighted rollouts takes the earlier ones; a run killed in the middle of a buffer resumes bit for bit (the
+// buffer is the sum's first term's state in the checkpoint).
+TEST(Methods, BufferWithDsmUntilKeepsTheLateTimesAndResumesExactly) {
+  Base2d s;
+  const Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"loss_weighting", "velocity"}, {"dsm_until", 0.5},
+                   {"buffer_size", 16}, {"buffer_passes", 2}};
+  const FinetunePlan plan = make_finetune_plan({{"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", am}},
+                                               *s.base, s.reward, 1.0);
+  EXPECT_FALSE(plan.shardable);
+  auto loss = plan.make_loss(plan.make_model(s.base, 1));
+  const auto* sum = dynamic_cast<const LossSum*>(loss.get());
+  ASSERT_NE(sum, nullptr);
+  const auto* buffered = dynamic_cast<const BufferedAdjointMatching*>(&sum->term(0));
+  ASSERT_NE(buffered, nullptr);
+  EXPECT_EQ(buffered->iterations_per_refill(), 4);
+  EXPECT_EQ(sum->term(1).name(), "dsm");
+  Generator gen = make_generator(5);
+  for (int i = 0; i < 20; ++i) {
+    for (int64_t k : buffered->adjoint_matching().loss_steps(gen)) EXPECT_GE(buffered->adjoint_matching().grid()[k], 0.5);
+  }
+  const LossOutput out = loss->compute(gen);
+  EXPECT_TRUE(std::isfinite(out.loss.item<double>()));
+  std::vector<std::string> keys;
+  for (const auto& m : out.metrics) keys.push_back(m.first);
+  for (const char* key : {"buffer_age", "weight_ess", "dsm_ess"}) EXPECT_TRUE(mentions(keys, key)) << key;
+
+  // 7 iterations straight, against killed at 7 (checkpoint after 6: two iterations into the second buffer) and resumed.
+  const std::string ckpt = (std::filesystem::temp_directory_path() /
+                            ("tilt_methods_buffer_dsm_" + std::to_string(::getpid()) + ".pt")).string();
+  std::filesystem::remove(ckpt);
+  auto train = [&](bool kill, bool resume) {
+    auto model = plan.make_model(s.base, 1);
+    auto l = plan.make_loss(model);
+    TrainerOptions o;
+    o.iterations = 7;
+    o.adam.lr = 1e-2;
+    o.seed = 11;
+    o.progress = false;
+    if (kill || resume) {
+      o.checkpoint_path = ckpt;
+      o.checkpoint_every = 1;
+    }
+    Trainer trainer(*l, o);
+    if (resume) {
+      trainer.load_checkpoint(ckpt);
+      EXPECT_EQ(trainer.iteration(), 6);
+    }
+    struct Killed {};
+    try {
+      trainer.run([&](const StepResult& r) {
+        if (kill && r.iteration == 7) throw Killed{};
+      });
+    } catch (const Killed&) {
+    }
+    return model->parameters();
+  };
+  const std::vector<Tensor> straight = train(false, false);
+  train(true, false);
+  const std::vector<Tensor> resumed = train(false, true);
+  ASSERT_EQ(straight.size(), resumed.size());
+  for (size_t i = 0; i < straight.size(); ++i) EXPECT_TRUE(at::equal(straight[i], resumed[i])) << "parameter " << i;
+  std::filesystem::remove(ckpt);
 }
 
 // method = "ram" (E128): its keys with their checks, the warning that it reaches p* to first order only.

@@ -11,6 +11,10 @@
 #   ram  RAM: 256 endpoints from the model's 60-step ODE, noise_draws = 4 noisings each, no reward gradient
 #   eam    Efficient Adjoint Matching (E131-E134): the same endpoints and noisings, the closed-form adjoint's target
 #   eam_w  EAM with path_weights = true: endpoints from the model's memoryless SDE, weighted below weights_until = 0.5
+#   buf_w  buffered Adjoint Matching (E126): a refill of buffer_size = 1024 paths and their lean adjoints serves
+#          1024 x buffer_passes (4) / 256 = 16 iterations, the stale terms weighted by dQ_theta/dQ_old after t_k ("future")
+#   buf    the same buffer unweighted ("none", the Stable Diffusion code's buffer, E127)
+#   buf_dsm, buf_w_dsm  the buffers with dsm_until = 0.5 (the buffer keeps t >= 0.5; E106's DSM term the rest)
 # Resumable: a result that exists is skipped. JOBS runs at a time, interleaved (method inner, budget outer), so that
 # the machine's load falls alike on both. Writes $OUT/<problem>_<method>_i<iterations>_s<seed>.json (and the trainer's
 # metrics.jsonl beside it), $OUT/summary.md and the figures $OUT/ram_<problem>.png (UPDATE_DOCS=1 copies them to
@@ -24,20 +28,31 @@ cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null
 out=${OUT:-runs/ram}
 mkdir -p "$out"
+# The --set options of method $1, into the caller's array `sets`.
+method_sets() {
+  case $1 in
+    am) ;;
+    am_dsm) sets+=(--set finetune.adjoint_matching.dsm_until=0.5) ;;
+    ram) sets+=(--set finetune.method=ram) ;;
+    eam) sets+=(--set finetune.method=eam) ;;
+    eam_w) sets+=(--set finetune.method=eam --set finetune.eam.path_weights=true) ;;
+    buf|buf_w|buf_dsm|buf_w_dsm)
+      local w=none
+      [[ $1 == buf_w* ]] && w=future
+      sets+=(--set finetune.adjoint_matching.buffer_size=1024 --set finetune.adjoint_matching.buffer_passes=4
+             --set "finetune.adjoint_matching.buffer_weights=$w")
+      [[ $1 == *_dsm ]] && sets+=(--set finetune.adjoint_matching.dsm_until=0.5)
+      return 0 ;;
+    *) echo "unknown method $1" >&2; return 1 ;;
+  esac
+}
 run_one() {
   local seed=${1%%:*} dim=${1##*:} method=$2 n=$3 train_seed=$4
   local f="$out/seed${seed}_d${dim}_${method}_i${n}_s${train_seed}" problem=(configs/random_family.toml --random "$seed" --dim "$dim")
   [ "$1" = demo ] && f="$out/demo_${method}_i${n}_s${train_seed}" && problem=(configs/demo_2d.toml)
   [ -f "$f.json" ] && return 0
   local sets=()
-  case $method in
-    am) ;;
-    am_dsm) sets=(--set finetune.adjoint_matching.dsm_until=0.5) ;;
-    ram) sets=(--set finetune.method=ram) ;;
-    eam) sets=(--set finetune.method=eam) ;;
-    eam_w) sets=(--set finetune.method=eam --set finetune.eam.path_weights=true) ;;
-    *) echo "unknown method $method" >&2; return 1 ;;
-  esac
+  method_sets "$method" || return 1
   build/bench/tilt_ode_gap "${problem[@]}" --iterations "$n" --replicates "${REPLICATES:-10}" --hybrids 0 \
     --train-seed "$train_seed" ${sets[@]+"${sets[@]}"} --metrics "$f.metrics.jsonl" --out "$f" > /dev/null
   echo "$1 $method $n seed $train_seed done" >&2
@@ -62,10 +77,7 @@ for l in ${LAMBDAS:-0.25 0.5 1}; do
     f="$out/lambda${l}_demo_${m}"
     [ -f "$f.json" ] && continue
     sets=(--set "reward.lambda=$l")
-    [ "$m" = am_dsm ] && sets+=(--set finetune.adjoint_matching.dsm_until=0.5)
-    [ "$m" = ram ] && sets+=(--set finetune.method=ram)
-    [ "$m" = eam ] && sets+=(--set finetune.method=eam)
-    [ "$m" = eam_w ] && sets+=(--set finetune.method=eam --set finetune.eam.path_weights=true)
+    method_sets "$m"
     build/bench/tilt_ode_gap configs/demo_2d.toml --iterations 1200 --replicates "${REPLICATES:-10}" --hybrids 0 \
       "${sets[@]}" --out "$f" > /dev/null &
     pids+=($!)
@@ -97,7 +109,7 @@ runs = collections.defaultdict(list)
 for f in sorted(out.glob("*_i*_s*.json")):
     if f.name.startswith("lambda"):
         continue
-    m = re.match(r"(.+)_(am|am_dsm|ram|eam|eam_w)_i(\d+)_s(\d+)$", f.stem)
+    m = re.match(r"(.+)_(am|am_dsm|ram|eam|eam_w|buf|buf_w|buf_dsm|buf_w_dsm)_i(\d+)_s(\d+)$", f.stem)
     runs[(m.group(1), m.group(2), int(m.group(3)))].append(json.loads(f.read_text()))
 print("# Reinforce and Efficient Adjoint Matching beside Adjoint Matching: time to quality\n")
 print("Made by `scripts/ram_study.sh` (`tilt_ode_gap` on configs/demo_2d.toml and on configs/random_family.toml "
@@ -105,7 +117,9 @@ print("Made by `scripts/ram_study.sh` (`tilt_ode_gap` on configs/demo_2d.toml an
       "with a cosine decay over each run's own iterations; a separate run per budget. `am`: Adjoint Matching. `am_dsm`: with `dsm_until = 0.5` (E106). `ram`: "
       "Reinforce Adjoint Matching (256 endpoints from the model's 60-step ODE, 4 noisings each). `eam`: Efficient "
       "Adjoint Matching on the same endpoints and noisings (E131-E133). `eam_w`: EAM with `path_weights = true` (256 "
-      "memoryless-SDE endpoints weighted towards p* below `weights_until = 0.5`, E134). Distances: energy "
+      "memoryless-SDE endpoints weighted towards p* below `weights_until = 0.5`, E134). `buf_w` and `buf`: buffered "
+      "Adjoint Matching (a refill of 1024 paths and their lean adjoints serves 16 iterations; the stale terms weighted "
+      "by dQ_theta/dQ_old after t_k, E126, or not, E127); `buf_dsm`, `buf_w_dsm`: the same with `dsm_until = 0.5`. Distances: energy "
       "distance of 2000 samples to 2000 exact samples of p*, over the noise floor, each run's mean over 10 sets; the "
       "table gives the median over the training seeds and each seed's value. Seconds: training only (median), two "
       "runs at a time on a 2-core machine, one thread each.\n")
@@ -149,11 +163,13 @@ for problem in sorted({k[0] for k in series}):
             continue
         path = out / f"curve_{problem}_{method}_{sampler}.jsonl"
         path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        files.append(f"{method} {sampler.upper()}={path}")
-    subprocess.run(["build/bench/tilt_soc_curves", "-o", str(out / f"ram_{problem}.png"), "--title",
-                    f"{problem}: time to quality (median of 3 seeds)", "--x", "seconds", "--y", "ratio",
-                    "--x-label", "training seconds (1 thread)", "--y-label", "energy distance / floor", "--log-y", "1"]
-                   + files, check=True, stdout=subprocess.DEVNULL)
+        if sampler == "sde":  # nine methods: the figures show the SDE's distance, the table both
+            files.append(f"{method}={path}")
+    for x, suffix, label in (("seconds", "", "training seconds (1 thread)"), ("iterations", "_iterations", "iterations")):
+        subprocess.run(["build/bench/tilt_soc_curves", "-o", str(out / f"ram_{problem}{suffix}.png"), "--title",
+                        f"{problem}: time to quality (SDE samples, median of 3 seeds)", "--x", x, "--y", "ratio",
+                        "--x-label", label, "--y-label", "energy distance / floor", "--log-y", "1"]
+                       + files, check=True, stdout=subprocess.DEVNULL)
 PY
 cat "$out/summary.md"
 if [ "${UPDATE_DOCS:-0}" = 1 ]; then

@@ -17,7 +17,7 @@
 // (L = 1: oneDNN where it loads; TILT_GEMM=aten makes them ATen's; the context line "tilt_gemm" says which).
 // Threads: 2, or TILT_THREADS. Run: build/bench/tilt_bench (see scripts/bench.sh).
 // tilt_bench --tilt_trace=P,N[,LR[,METHOD]] runs no benchmark: it prints the metrics of N Trainer steps of problem P
-// (BM_Iteration's iteration, or with METHOD ram, eam, eam_w, buf or buf_w BM_RamIteration's, BM_EamIteration's and
+// (0-2 as above, 3 the U-Net with LoRA of BM_UNetIteration/2/8/10; BM_Iteration's iteration, or with METHOD ram, eam, eam_w, buf or buf_w BM_RamIteration's, BM_EamIteration's and
 // BM_BufferedIteration's; Adam lr LR, default 2e-5) as JSON lines, so that the PyTorch reference
 // (bench/reference/am_reference.py --check) can be compared with it number by number.
 #include "tilt/core/error.h"
@@ -487,10 +487,9 @@ int trace(const char* spec) {
   long iterations = 0;
   double lr = 2e-5;
   char method[16] = "am";
-  if (std::sscanf(spec, "%d,%ld,%lf,%15s", &problem, &iterations, &lr, method) < 2 || problem < 0 || problem > 2 ||
+  if (std::sscanf(spec, "%d,%ld,%lf,%15s", &problem, &iterations, &lr, method) < 2 || problem < 0 || problem > 3 ||
       iterations < 1 || !(lr > 0)) {
-    std::fprintf(stderr, "--tilt_trace=P,N[,LR[,METHOD]]: problem P 0, 1 or 2, N >= 1 iterations, lr > 0; got '%s'\n",
-                 spec);
+    std::fprintf(stderr, "--tilt_trace=P,N[,LR[,METHOD]]: problem P 0-3, N >= 1 iterations, lr > 0; got '%s'\n", spec);
     return 2;
   }
   const std::string m = method;
@@ -499,7 +498,7 @@ int trace(const char* spec) {
     return 2;
   }
   set_threads();
-  Setup s = make_setup(problem);
+  Setup s = problem == 3 ? unet_setup(FineTuneMode::lora, 8, 10) : make_setup(problem);
   std::unique_ptr<Loss> other;
   if (m == "ram") other = make_ram(s);
   if (m == "eam" || m == "eam_w") other = make_eam(s, m == "eam_w");

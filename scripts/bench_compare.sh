@@ -99,6 +99,16 @@ for p in 0 2; do
   done
 done
 
+# The 28x28 U-Net with LoRA (rank 4; B = 8, K = 10; issue 20): Adjoint Matching, RAM and EAM on the autograd path.
+echo "bench_compare: U-Net, C++ ($threads threads)" >&2
+TILT_THREADS=$threads "$bench" --benchmark_filter='^BM_UNetIteration/2/8/10|^BM_(Ram|Eam)Iteration/3(/0)?/' \
+  --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false --benchmark_format=json > "$out/cpp_unet.json"
+for m in am ram eam; do
+  echo "bench_compare: U-Net, $m, PyTorch $torch_version ($threads threads)" >&2
+  "$python" "$reference" --problem unet --method "$m" --threads "$threads" --min-time "$py_time" --warmup 2 \
+    --min-iters 3 > "$out/pytorch_${m}_unet.json"
+done
+
 "$python" - "$out" "$threads" "$reps" "$min_time" <<'EOF'
 import json, os, sys
 
@@ -212,6 +222,21 @@ for name, p in (("2d", 0), ("digits", 2)):
         t, q = b.get("ms_per_iteration", ms(b)), py["iteration_ms"]
         print(f"| {name} | {label} | {t:.1f} | {q:.1f} | **{q / t:.2f}x** | {b['peak_MB']:.0f} |"
               f" {t / ms(rows[name][0]):.2f} |")
+print("\nThe 28x28 U-Net (E124: 32 x (1, 2, 2) channels, 2 blocks per level, untrained) with LoRA adapters of rank 4,"
+      " B = 8, K = 10, a quadratic reward; both sides on autograd (a U-Net has no taped path), 3 iterations per C++"
+      " repetition. The reference's U-Net draws the same weights and adapters and is checked against tilt's Trainer"
+      " number by number (--check).\n")
+print("| iteration | tilt ms/iter | PyTorch ms/iter | ratio (PyTorch / tilt) | tilt peak memory (MB) |")
+print("|---|---|---|---|---|")
+cpp = load(os.path.join(out, "cpp_unet.json"))
+for method, label, key in (("am", "Adjoint Matching", "BM_UNetIteration/2/8/10/iterations:3/real_time"),
+                           ("ram", "RAM", "BM_RamIteration/3/iterations:3/real_time"),
+                           ("eam", "EAM, ODE endpoints", "BM_EamIteration/3/0/iterations:3/real_time")):
+    b = cpp[key]
+    py = json.load(open(os.path.join(out, f"pytorch_{method}_unet.json")))
+    t, q = ms(b), py["iteration_ms"]
+    print(f"| {label} | {t:.0f} | {q:.0f} | **{q / t:.2f}x** | {b['peak_MB']:.0f} |")
 print(f"\nC++: Google Benchmark, the repetition of median time of {reps} of at least {min_time} s each, wall time. "
-      f"PyTorch: median wall time per iteration over at least {reps} x {min_time} s after 5 warm-up iterations.")
+      f"PyTorch: median wall time per iteration over at least {reps} x {min_time} s after 5 warm-up iterations (the"
+      f" U-Net: 2; the buffers: the mean over whole refill cycles).")
 EOF

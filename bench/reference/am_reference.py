@@ -215,6 +215,184 @@ class GmmVelocity:
         return g, v
 
 
+class UNetVelocity(nn.Module):
+    """src/model/unet.cpp (tilt's docs/equations.md, E124) with UNetOptions' defaults: 1 x 28 x 28 images, 32 base
+    channels x (1, 2, 2), 2 residual blocks per level, GroupNorm(8), 32 time features, unconditional, no attention.
+    Weights in the C++ layer order: convolutions and linear layers uniform(+-1/sqrt(fan_in)) from a generator seeded
+    with `seed` (weight, then bias), GroupNorm scale 1 and shift 0. With `lora` = (rank, alpha, seed): adapters
+    W + (alpha / rank) B A on every convolution and linear layer (E125), A drawn the same way in the same order, B = 0;
+    the network's own weights frozen."""
+
+    def __init__(self, seed, channels=1, height=28, width=28, base=32, mult=(1, 2, 2), blocks=2, groups=8,
+                 time_features=32, dtype=torch.float32):
+        super().__init__()
+        self.c, self.h, self.w, self.groups, self.time_features = channels, height, width, groups, time_features
+        self.dim = channels * height * width
+        self.layers = []  # (name, kind, shape info) in the C++ order
+        E = 4 * base
+        self._linear("time.0", time_features, E)
+        self._linear("time.1", E, E)
+        self._conv("input", channels, base, 3, 1)
+        skips, ch = [], base
+        self.down = []
+        for l, m in enumerate(mult):
+            out = base * m
+            level = []
+            for b in range(blocks):
+                level.append(self._block(f"down.{l}.{b}", ch, out, E))
+                ch = out
+                skips.append(ch)
+            self.down.append((level, self._conv(f"down.{l}.downsample", ch, ch, 3, 2) if l + 1 < len(mult) else None))
+        self.mid = [self._block("mid.0", ch, ch, E), self._block("mid.1", ch, ch, E)]
+        self.up = []
+        for l in reversed(range(len(mult))):
+            out = base * mult[l]
+            level = []
+            for b in range(blocks):
+                level.append(self._block(f"up.{l}.{b}", ch + skips.pop(), out, E))
+                ch = out
+            self.up.append((level, self._conv(f"up.{l}.upsample", ch, ch, 3, 1) if l > 0 else None))
+        self.out_norm = self._norm("output.norm", ch)
+        self.out_conv = self._conv("output.conv", ch, channels, 3, 1)
+        gen = make_generator(seed)
+        self.weights = {}
+        with torch.no_grad():
+            for name, kind, shape, fan_in in self.layers:
+                if kind == "norm":
+                    w, b = torch.ones(shape[0], dtype=dtype), torch.zeros(shape[0], dtype=dtype)
+                else:
+                    bound = 1.0 / math.sqrt(fan_in)
+                    w = torch.empty(shape, dtype=dtype).uniform_(-bound, bound, generator=gen)
+                    b = torch.empty(shape[0], dtype=dtype).uniform_(-bound, bound, generator=gen)
+                self.weights[name] = (nn.Parameter(w), nn.Parameter(b))
+        for i, (name, _, _, _) in enumerate(self.layers):
+            self.register_parameter(f"w{i}", self.weights[name][0])
+            self.register_parameter(f"b{i}", self.weights[name][1])
+        self.adapters, self.scale = {}, 0.0
+
+    def _linear(self, name, fan_in, out):
+        self.layers.append((name, "linear", (out, fan_in), fan_in))
+        return name
+
+    def _conv(self, name, fan_in, out, kernel, stride):
+        self.layers.append((name, f"conv{stride}", (out, fan_in, kernel, kernel), fan_in * kernel * kernel))
+        return name
+
+    def _norm(self, name, ch):
+        self.layers.append((name, "norm", (ch,), 0))
+        return name
+
+    def _block(self, name, cin, cout, E):
+        names = (self._norm(name + ".norm1", cin), self._conv(name + ".conv1", cin, cout, 3, 1),
+                 self._linear(name + ".emb", E, cout), self._norm(name + ".norm2", cout),
+                 self._conv(name + ".conv2", cout, cout, 3, 1))
+        return names + ((self._conv(name + ".skip", cin, cout, 1, 1),) if cin != cout else (None,))
+
+    def add_lora(self, rank, alpha, seed):
+        """Freezes the network and adds zero-initialised adapters; the adapters are the parameters() after it."""
+        gen = make_generator(seed)
+        self.scale = alpha / rank
+        with torch.no_grad():
+            for p in list(self.parameters()):
+                p.requires_grad_(False)
+            for i, (name, kind, shape, fan_in) in enumerate(self.layers):
+                if kind == "norm":
+                    continue
+                bound = 1.0 / math.sqrt(fan_in)
+                a = nn.Parameter(torch.empty(rank, fan_in).uniform_(-bound, bound, generator=gen))
+                b = nn.Parameter(torch.zeros(shape[0], rank))
+                self.adapters[name] = (a, b)
+                self.register_parameter(f"a{i}", a)
+                self.register_parameter(f"bb{i}", b)
+
+    def trainable(self):
+        if self.adapters:
+            return [p for ab in self.adapters.values() for p in ab]
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def _weight(self, name):
+        w = self.weights[name][0]
+        if name in self.adapters:
+            a, b = self.adapters[name]
+            w = w + (self.scale * (b @ a)).view(w.shape)
+        return w
+
+    def _apply(self, name, x):
+        kind = next(k for n, k, _, _ in self.layers if n == name)
+        w, b = self._weight(name), self.weights[name][1]
+        if kind == "linear":
+            return torch.nn.functional.linear(x, w, b)
+        if kind == "norm":
+            return torch.nn.functional.group_norm(x, self.groups, w, b, 1e-5)
+        k, stride = w.shape[-1], int(kind[4:])
+        return torch.nn.functional.conv2d(x, w, b, stride, k // 2)
+
+    def _res(self, names, x, emb):
+        n1, c1, e, n2, c2, skip = names
+        silu = torch.nn.functional.silu
+        h = self._apply(c1, silu(self._apply(n1, x)))
+        h = h + self._apply(e, emb).unsqueeze(-1).unsqueeze(-1)
+        h = self._apply(c2, silu(self._apply(n2, h)))
+        return h + (self._apply(skip, x) if skip else x)
+
+    def forward(self, x, t):
+        B = x.shape[0]
+        if not torch.is_tensor(t):
+            t = torch.full((B, 1), t, dtype=x.dtype)
+        half = self.time_features // 2
+        freq = torch.exp(math.log(1000.0) * (1.0 - torch.arange(half, dtype=x.dtype) / half))
+        arg = t.reshape(-1, 1).expand(B, 1) * freq.unsqueeze(0)
+        silu = torch.nn.functional.silu
+        emb = self._apply("time.1", silu(self._apply("time.0", torch.cat([torch.sin(arg), torch.cos(arg)], 1))))
+        emb = silu(emb)
+        h = self._apply("input", x.reshape(B, self.c, self.h, self.w))
+        skips = []
+        for level, down in self.down:
+            for names in level:
+                h = self._res(names, h, emb)
+                skips.append(h)
+            if down:
+                h = self._apply(down, h)
+        for names in self.mid:
+            h = self._res(names, h, emb)
+        for level, up in self.up:
+            for names in level:
+                h = self._res(names, torch.cat([h, skips.pop()], 1), emb)
+            if up:
+                h = self._apply(up, torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest"))
+        h = self._apply("output.conv", silu(self._apply("output.norm", h)))
+        return h.reshape(B, self.dim)
+
+    velocity = forward
+
+    def vjp(self, x, t, a):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = self(xg, t)
+            (g,) = torch.autograd.grad(v, xg, a)
+        return g, v.detach()
+
+
+class Lora:
+    """FineTunedVelocity in mode "lora" (src/model/velocity.cpp): the adapted U-Net is the model; its difference
+    from the frozen base is v_lora - v_base."""
+
+    def __init__(self, base_seed, lora_seed, rank=4, alpha=4.0, dtype=torch.float32):
+        self.base = UNetVelocity(base_seed, dtype=dtype).requires_grad_(False)
+        self.adapted = UNetVelocity(base_seed, dtype=dtype)
+        self.adapted.add_lora(rank, alpha, lora_seed)
+        self.dim = self.base.dim
+
+    def velocity(self, x, t):
+        return self.adapted(x, t)
+
+    def delta(self, x, t, v_base):
+        return self.adapted(x, t) - v_base
+
+    def trainable(self):
+        return self.adapted.trainable()
+
+
 class Residual(nn.Module):
     """v_theta = v_base + r_theta (src/model/velocity.cpp, residual mode); the base is frozen."""
 
@@ -225,8 +403,19 @@ class Residual(nn.Module):
         if isinstance(base, nn.Module):
             base.requires_grad_(False)
 
+    @property
+    def dim(self):
+        return self.net.dim
+
     def velocity(self, x, t):
         return self.base.velocity(x, t) + self.net(x, t)
+
+    def delta(self, x, t, v_base=None):
+        """v_theta - v_base: the residual network's output (v_base is not needed)."""
+        return self.net(x, t)
+
+    def trainable(self):
+        return list(self.net.parameters())
 
 
 class QuadraticReward:
@@ -276,8 +465,9 @@ class ClassifierReward:
 # ---------------------------------------------------------------------------------------------------
 # The three problems of bench/am_bench.cpp (make_setup).
 
-DEFAULT_BATCH = {"2d": 256, "64d": 256, "digits": 64}
-LABELS = {"2d": "2-D demo, K=60", "64d": "64-D MLP, K=40", "digits": "digits model, K=40"}
+DEFAULT_BATCH = {"2d": 256, "64d": 256, "digits": 64, "unet": 8}
+LABELS = {"2d": "2-D demo, K=60", "64d": "64-D MLP, K=40", "digits": "digits model, K=40",
+          "unet": "U-Net 28x28 LoRA rank 4, B=8 K=10"}
 
 
 def make_problem(name, batch=None, dtype=torch.float32):
@@ -305,8 +495,16 @@ def make_problem(name, batch=None, dtype=torch.float32):
         base = MlpVelocity(dim, [256, 256, 256], 16, zero_output=False, seed=1).to(dtype)
         reward = ClassifierReward(dim, [256, 64], 10, 3, seed=3, dtype=dtype)
         K, early, late, hidden = 40, 10, 10, [256, 256]
+    elif name == "unet":
+        # bench/am_bench.cpp's unet_setup(lora, 8, 10): an untrained U-Net base (seed 1), LoRA rank 4, alpha 4
+        # (seed 2), a quadratic reward, K = 10, loss steps K/4 + K/4.
+        model = Lora(1, 2, dtype=dtype)
+        reward = QuadraticReward(torch.zeros(model.dim, dtype=d2), 0.1 * torch.eye(model.dim, dtype=d2), dtype)
+        am = AdjointMatching(model, reward, MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype)
+        am.base_score = lambda x: blurred_data_end_score(model.base, x, DEFAULT_SCORE_TIME)  # noqa: E731
+        return am
     else:
-        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits)")
+        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits, unet)")
     if name != "2d":
         base_score = lambda x: blurred_data_end_score(base, x, DEFAULT_SCORE_TIME)  # noqa: E731
     net = MlpVelocity(dim, hidden, 16, zero_output=True, seed=2).to(dtype)
@@ -359,13 +557,13 @@ class AdjointMatching:
         assert weighting == "velocity", "only the weighting am_bench uses (every term weighted 1)"
 
     def parameters(self):
-        return list(self.model.net.parameters())
+        return self.model.trainable()
 
     @torch.no_grad()
     def rollout(self, gen, record=None):
         """X_0..X_{K-1} of the fine-tuned SDE (X_K is not needed with the noiseless final step); with a dict
         `record`, its "xi" and "v" get each step's draw and v_theta(X_k, t_k)."""
-        x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
+        x = torch.randn(self.batch, self.model.dim, generator=gen, dtype=self.dtype)
         xs = [x]
         for k in range(self.K - 1):
             c_v, c_x = self.coef[k]
@@ -411,7 +609,7 @@ class AdjointMatching:
             steps += [self.candidates[i] for i in perm[:min(self.early, first_late)]]
         return sorted(steps)
 
-    def regression(self, xs, a, x1, gen, steps=None, weights=None):
+    def regression(self, xs, a, x1, gen, steps=None, weights=None, v_base=None):
         """Loss sum over the chosen steps of |v_theta - v_base + rho_k a_k|^2 (times weights[k] per row when
         given), batch mean, all (step, sample) pairs in one forward pass of the residual network."""
         steps = self.loss_steps(gen) if steps is None else steps
@@ -419,7 +617,8 @@ class AdjointMatching:
         x = torch.cat([xs[k] for k in steps])
         t = torch.tensor([self.t[k] for k in steps], dtype=self.dtype).repeat_interleave(B).unsqueeze(1)
         target = torch.cat([self.rho[k] * a[k] for k in steps])
-        residual = self.model.net(x, t) + target
+        vb = None if isinstance(self.model, Residual) else torch.cat([v_base[k] for k in steps])
+        residual = self.model.delta(x, t, vb) + target
         terms = residual.pow(2).sum(1)
         if weights is not None:
             terms = terms * torch.cat([weights[k] for k in steps])
@@ -475,7 +674,7 @@ class BufferedAdjointMatching:
         for k in range(len(rows["x"]) - 1, first_step - 1, -1):
             if k < len(rows["xi"]):
                 c_v, _ = am.coef[k]
-                current = rows["v_base"][k] + am.model.net(rows["x"][k], am.t[k])
+                current = rows["v_base"][k] + am.model.delta(rows["x"][k], am.t[k], rows["v_base"][k])
                 d = (am.h[k] * c_v * (rows["v"][k] - current)).double() / (math.sqrt(am.h[k]) * am.sigma[k])
                 log_w = log_w - (d * rows["xi"][k].double()).sum(1) - 0.5 * (d * d).sum(1)
             weights[k] = (B * torch.softmax(log_w, 0)).to(am.dtype)
@@ -493,7 +692,7 @@ class BufferedAdjointMatching:
         weights = self.future_weights(rows, steps[0]) if self.weights == "future" else None
         phases["endpoints"] = time.perf_counter() - t0
         self.iteration += 1
-        return self.am.regression(rows["x"], rows["a"], rows["x1"], gen, steps, weights)
+        return self.am.regression(rows["x"], rows["a"], rows["x1"], gen, steps, weights, rows["v_base"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -522,7 +721,7 @@ class NoisedEndpoints:
         self.M, self.dtype = noise_draws, dtype
 
     def ode_endpoints(self, gen):
-        x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
+        x = torch.randn(self.batch, self.model.dim, generator=gen, dtype=self.dtype)
         h = 1.0 / self.K
         for k in range(self.K):
             x = x + h * self.model.velocity(x, k / self.K)
@@ -543,10 +742,10 @@ class ReinforceAdjointMatching(NoisedEndpoints):
     def __init__(self, model, reward, K, batch, lam, noise_draws=4, critic_hidden=(64, 64), critic_seed=7,
                  dtype=torch.float32):
         super().__init__(model, reward, K, batch, lam, noise_draws, dtype)
-        self.critic = MlpVelocity(model.net.dim, critic_hidden, 8, zero_output=True, seed=critic_seed).to(dtype)
+        self.critic = MlpVelocity(model.dim, critic_hidden, 8, zero_output=True, seed=critic_seed).to(dtype)
 
     def parameters(self):
-        return list(self.model.net.parameters()) + list(self.critic.parameters())
+        return self.model.trainable() + list(self.critic.parameters())
 
     def compute(self, gen, phases):
         t0 = time.perf_counter()
@@ -565,7 +764,7 @@ class ReinforceAdjointMatching(NoisedEndpoints):
         _, _, dal, dbe = schedule(t)
         target = self.lam * c.unsqueeze(1) * (dal * x1r + dbe * x0 - vb)
         critic_loss = (rr - mr - V).pow(2).mean()
-        loss = (self.model.net(xt, t) - target).pow(2).sum(1).mean() + critic_loss
+        loss = (self.model.delta(xt, t, vb) - target).pow(2).sum(1).mean() + critic_loss
         return loss, {"reward": r.double().mean().item(), "reward_std": r.double().std(unbiased=False).item(),
                       "critic_loss": critic_loss.item()}
 
@@ -583,18 +782,18 @@ class EfficientAdjointMatching(NoisedEndpoints):
         self.noise = MemorylessNoise(1.0 / K)
 
     def parameters(self):
-        return list(self.model.net.parameters())
+        return self.model.trainable()
 
     def weighted_endpoints(self, gen):
         """tilt_rollout (src/train/unified_losses.cpp): K Euler-Maruyama steps of the model's memoryless SDE and
         log dP*/dQ = lambda r(X_1) - sum_k [d_k . xi_k + |d_k|^2 / 2], d_k = h c_v (v_theta - v_base) / std_k."""
-        x = torch.randn(self.batch, self.model.net.dim, generator=gen, dtype=self.dtype)
+        x = torch.randn(self.batch, self.model.dim, generator=gen, dtype=self.dtype)
         log_w = torch.zeros(self.batch, dtype=torch.float64)
         h = 1.0 / self.K
         for k in range(self.K):
             t = k / self.K
             vb = self.model.base.velocity(x, t)
-            delta = self.model.net(x, t)
+            delta = self.model.delta(x, t, vb)
             c_v, c_x = self.noise.coefficients(t)
             std = math.sqrt(h) * self.noise.sigma(t)
             xi = torch.randn(x.shape, generator=gen, dtype=x.dtype)
@@ -653,10 +852,10 @@ class Trainer:
         if isinstance(self.am, AdjointMatching):
             xs = self.am.rollout(gen)
             t1 = time.perf_counter()
-            a, _, x1 = self.am.lean_adjoint(xs)
+            a, v_base, x1 = self.am.lean_adjoint(xs)
             t2 = time.perf_counter()
             phases.update(rollout=t1 - t0, lean_adjoint=t2 - t1)
-            loss, metrics = self.am.regression(xs, a, x1, gen)
+            loss, metrics = self.am.regression(xs, a, x1, gen, v_base=v_base)
         else:
             loss, metrics = self.am.compute(gen, phases)
             t2 = t0 + phases["endpoints"]
@@ -814,7 +1013,7 @@ def check_adjoint(c, problem):
 
 
 def run_cpp_trace(binary, problem, iterations, lr, method="am"):
-    p = {"2d": "0", "64d": "1", "digits": "2"}[problem]
+    p = {"2d": "0", "64d": "1", "digits": "2", "unet": "3"}[problem]
     out = subprocess.run([binary, f"--tilt_trace={p},{iterations},{lr},{method}"], check=True,
                          capture_output=True, text=True).stdout
     return [json.loads(line) for line in out.splitlines() if line.startswith("{")]
@@ -897,6 +1096,14 @@ def check_methods(c, binary):
             for key in names:
                 e = max(abs(cpp[i][key] - py[i][key]) / max(abs(cpp[i][key]), 1e-12) for i in range(n))
                 c.report(f"{problem} {method} vs C++ Trainer, {key}: max rel. difference over {n} iterations", e, 1e-3)
+    # The U-Net with LoRA: the same weights and adapters; iteration 2 after the adapters' B has moved off 0.
+    for method, names in (("am", ("loss", "reward", "grad_norm", "adjoint_norm_t0")), ("eam", keys["eam"])):
+        ns = argparse.Namespace(problem="unet", method=method, batch=None, trace=2)
+        py = trace(ns, 1e-3, out=None)
+        cpp = run_cpp_trace(binary, "unet", 2, 1e-3, method)
+        for key in names:
+            e = max(abs(cpp[i][key] - py[i][key]) / max(abs(cpp[i][key]), 1e-12) for i in range(2))
+            c.report(f"unet {method} vs C++ Trainer, {key}: max rel. difference over 2 iterations", e, 1e-3)
 
 
 def check(args):
@@ -918,7 +1125,7 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problem", choices=["2d", "64d", "digits"], default="2d")
+    ap.add_argument("--problem", choices=["2d", "64d", "digits", "unet"], default="2d")
     ap.add_argument("--method", choices=METHODS, default="am",
                     help="am (Adjoint Matching), ram, eam (ODE endpoints), eam_w (weighted SDE endpoints), buf "
                          "(a buffer of 4 batches x 4 passes, unweighted) or buf_w (weighted)")
@@ -930,7 +1137,7 @@ def main():
     ap.add_argument("--check", action="store_true", help="run the correctness checks instead of timing")
     ap.add_argument("--check-iterations", type=int, default=300)
     ap.add_argument("--check-methods", action="store_true",
-                    help="only the first iterations of every method against --cpp-bench (~1 min; a ctest)")
+                    help="only the first iterations of every method (and of the U-Net) against --cpp-bench (a ctest)")
     ap.add_argument("--cpp-bench", help="with --check: tilt_bench binary to compare the Trainer's numbers with")
     ap.add_argument("--trace", type=int, default=0, help="print N iterations' metrics as JSON lines")
     ap.add_argument("--lr", type=float, default=2e-5, help="with --trace: Adam's learning rate")

@@ -17,17 +17,20 @@
 #   buf_dsm, buf_w_dsm  the buffers with dsm_until = 0.5 (the buffer keeps t >= 0.5; E106's DSM term the rest)
 # Resumable: a result that exists is skipped. JOBS runs at a time, interleaved (method inner, budget outer), so that
 # the machine's load falls alike on both. Writes $OUT/<problem>_<method>_i<iterations>_s<seed>.json (and the trainer's
-# metrics.jsonl beside it), $OUT/summary.md and the figures $OUT/ram_<problem>.png (UPDATE_DOCS=1 copies them to
-# docs/ram_study.md and docs/images/).
+# metrics.jsonl beside it), $OUT/summary.md and the figures $OUT/ram_<problem>.png (against training seconds) and
+# $OUT/ram_<problem>_iterations.png (UPDATE_DOCS=1 copies them to docs/ram_study.md and docs/images/).
 # Options (environment): OUT=runs/ram  PROBLEMS="demo 8:10"  BUDGETS="300 600 1200 2400"  REPLICATES=10  JOBS=2
-#                        METHODS="am am_dsm ram"  SEEDS="0 1 2" (training seeds: tilt_ode_gap --train-seed)
-#                        LAMBDAS="0.25 0.5 1" (the demo's lambda sweep of RAM's first-order error, E130)
+#                        METHODS (default: all nine above, about 2.5 hours on 2 cores; "am_dsm ram" about 40 min)
+#                        SEEDS="0 1 2" (training seeds: tilt_ode_gap --train-seed)
+#                        LAMBDAS="0.25 0.5 1" (the demo's lambda sweep of RAM's first-order error, E130, for
+#                        LAMBDA_METHODS="am_dsm ram eam eam_w"; LAMBDAS=" " skips it)
 #                        TAUS="0.3 0.5 0.7 1" (eam_w's weights_until on both problems, E134; only when METHODS has eam_w)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null
 out=${OUT:-runs/ram}
 mkdir -p "$out"
+all_methods="am am_dsm ram eam eam_w buf buf_w buf_dsm buf_w_dsm"
 # The --set options of method $1, into the caller's array `sets`.
 method_sets() {
   case $1 in
@@ -61,7 +64,7 @@ pids=()
 for s in ${SEEDS:-0 1 2}; do
   for n in ${BUDGETS:-300 600 1200 2400}; do
     for p in ${PROBLEMS:-demo 8:10}; do
-      for m in ${METHODS:-am am_dsm ram}; do
+      for m in ${METHODS:-$all_methods}; do
         run_one "$p" "$m" "$n" "$s" &
         pids+=($!)
         if [ "${#pids[@]}" -ge "${JOBS:-2}" ]; then wait "${pids[0]}"; pids=("${pids[@]:1}"); fi
@@ -73,7 +76,7 @@ wait
 # E130 on the demo: RAM's distance to p* against lambda (seed 0, 1200 iterations), beside Adjoint Matching's.
 pids=()
 for l in ${LAMBDAS:-0.25 0.5 1}; do
-  for m in ${METHODS:-am am_dsm ram}; do
+  for m in ${LAMBDA_METHODS:-am_dsm ram eam eam_w}; do
     f="$out/lambda${l}_demo_${m}"
     [ -f "$f.json" ] && continue
     sets=(--set "reward.lambda=$l")
@@ -87,7 +90,7 @@ done
 wait
 # E134 on both problems: eam_w against weights_until (seed 0, 1200 iterations), when METHODS has eam_w.
 pids=()
-if [[ " ${METHODS:-am am_dsm ram} " == *" eam_w "* ]]; then
+if [[ " ${METHODS:-$all_methods} " == *" eam_w "* ]]; then
   for tau in ${TAUS:-0.3 0.5 0.7 1}; do
     for p in ${PROBLEMS:-demo 8:10}; do
       f="$out/tau${tau}_${p/:/_d}" problem=(configs/random_family.toml --random "${p%%:*}" --dim "${p##*:}")

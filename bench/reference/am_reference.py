@@ -25,9 +25,10 @@ Where it still differs from the C++ iteration (none changes the result beyond fl
 - Timing: rollout and lean adjoint are timed inside each iteration; am_bench times them as separate
   benchmarks (BM_Rollout, BM_LeanAdjoint).
 Only what am_bench uses is implemented: linear schedule, memoryless noise with offset h = 1/K, residual
-fine-tuning, lambda = 1, no loss clipping, no gradient clipping, constant lr.
+fine-tuning (LoRA on the U-Net), lambda = 1, no loss clipping, no gradient clipping, constant lr.
 
-Only a baseline for scripts/bench_compare.sh; not part of tilt or of its tests.
+A baseline for scripts/bench_compare.sh, not part of tilt; ctest reference_methods (check_methods.sh) runs
+--check-methods against tilt_bench so that the two cannot drift apart.
 Needs Debian's python3-torch (PyTorch 1.13) and runs with /usr/bin/python3.
 
   am_reference.py --problem 2d --threads 2          # timing: JSON with median ms per iteration
@@ -463,7 +464,7 @@ class ClassifierReward:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The three problems of bench/am_bench.cpp (make_setup).
+# The problems of bench/am_bench.cpp: make_setup's three, and unet_setup's U-Net with LoRA.
 
 DEFAULT_BATCH = {"2d": 256, "64d": 256, "digits": 64, "unet": 8}
 LABELS = {"2d": "2-D demo, K=60", "64d": "64-D MLP, K=40", "digits": "digits model, K=40",
@@ -519,8 +520,8 @@ METHODS = ("am", "ram", "eam", "eam_w", "buf", "buf_w")
 
 def make_method(name, method, batch=None, dtype=torch.float32):
     """Problem `name`'s iteration of `method`: Adjoint Matching as BM_Iteration, RAM as BM_RamIteration, EAM on ODE
-    endpoints (eam) or weighted SDE endpoints (eam_w) as BM_EamIteration: the same model, reward, batch, K and
-    lambda, every other option at its C++ default."""
+    endpoints (eam) or weighted SDE endpoints (eam_w) as BM_EamIteration, the buffers (buf, buf_w) as
+    BM_BufferedIteration: the same model, reward, batch, K and lambda, every other option at its C++ default."""
     am = make_problem(name, batch, dtype)
     if method == "am":
         return am
@@ -611,7 +612,7 @@ class AdjointMatching:
 
     def regression(self, xs, a, x1, gen, steps=None, weights=None, v_base=None):
         """Loss sum over the chosen steps of |v_theta - v_base + rho_k a_k|^2 (times weights[k] per row when
-        given), batch mean, all (step, sample) pairs in one forward pass of the residual network."""
+        given), batch mean, all (step, sample) pairs in one forward pass of the trainable network."""
         steps = self.loss_steps(gen) if steps is None else steps
         B = xs[0].shape[0]
         x = torch.cat([xs[k] for k in steps])
@@ -631,6 +632,7 @@ class AdjointMatching:
                 "adjoint_norm_t0": a[0].norm(dim=1).mean().item(),
             }
         return loss, metrics
+
 
 class BufferedAdjointMatching:
     """src/train/buffered_adjoint_matching.cpp (tilt's docs/equations.md, E126-E127) as BM_BufferedIteration sets it

@@ -12,7 +12,7 @@ packages=(
   libgtest-dev libbenchmark-dev
   libgloo-dev             # headers of torch's c10d Gloo backend (distributed training; libtorch has the code)
   python3                 # the CLI tests parse `tilt eval --json`
-  python3-torch           # PyTorch 1.13 for /usr/bin/python3: the TorchScript round-trip test (~17 s to install)
+  python3-torch           # PyTorch 1.13 for /usr/bin/python3: the TorchScript round trip, ctest reference_methods (~17 s)
 )
 
 missing=()

@@ -104,7 +104,18 @@ class MemorylessNoise:
 # Velocity fields. velocity(x, t) with t a Python float (one time for the whole batch) or a [N, 1]
 # tensor (one time per row); vjp(x, t, a) returns ((dv/dx)^T a, v).
 
-class MlpVelocity(nn.Module):
+class AutogradVjp(nn.Module):
+    """A network velocity field whose VJP is autograd's: vjp(x, t, a) = ((dv/dx)^T a, v)."""
+
+    def vjp(self, x, t, a):
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            v = self(xg, t)
+            (g,) = torch.autograd.grad(v, xg, a)
+        return g, v.detach()
+
+
+class MlpVelocity(AutogradVjp):
     """src/model/mlp.cpp: input [x, t, sin(pi f t), cos(pi f t) for f = 1..n/2], Linear + SiLU layers,
     weights uniform(+-1/sqrt(fan_in)) drawn from a generator seeded with `seed` (weight, then bias, per
     layer); the last layer zero for a residual network."""
@@ -141,13 +152,6 @@ class MlpVelocity(nn.Module):
         return self.net(torch.cat([x, t, torch.sin(arg), torch.cos(arg)], 1))
 
     velocity = forward
-
-    def vjp(self, x, t, a):
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            v = self(xg, t)
-            (g,) = torch.autograd.grad(v, xg, a)
-        return g, v.detach()
 
 
 class GmmVelocity:
@@ -216,7 +220,7 @@ class GmmVelocity:
         return g, v
 
 
-class UNetVelocity(nn.Module):
+class UNetVelocity(AutogradVjp):
     """src/model/unet.cpp (tilt's docs/equations.md, E124) with UNetOptions' defaults: 1 x 28 x 28 images, 32 base
     channels x (1, 2, 2), 2 residual blocks per level, GroupNorm(8), 32 time features, unconditional, no attention.
     Weights in the C++ layer order: convolutions and linear layers uniform(+-1/sqrt(fan_in)) from a generator seeded
@@ -257,6 +261,7 @@ class UNetVelocity(nn.Module):
         self.out_conv = self._conv("output.conv", ch, channels, 3, 1)
         gen = make_generator(seed)
         self.weights = {}
+        self.kinds = {name: kind for name, kind, _, _ in self.layers}
         with torch.no_grad():
             for name, kind, shape, fan_in in self.layers:
                 if kind == "norm":
@@ -319,7 +324,7 @@ class UNetVelocity(nn.Module):
         return w
 
     def _apply(self, name, x):
-        kind = next(k for n, k, _, _ in self.layers if n == name)
+        kind = self.kinds[name]
         w, b = self._weight(name), self.weights[name][1]
         if kind == "linear":
             return torch.nn.functional.linear(x, w, b)
@@ -365,13 +370,6 @@ class UNetVelocity(nn.Module):
         return h.reshape(B, self.dim)
 
     velocity = forward
-
-    def vjp(self, x, t, a):
-        with torch.enable_grad():
-            xg = x.detach().requires_grad_(True)
-            v = self(xg, t)
-            (g,) = torch.autograd.grad(v, xg, a)
-        return g, v.detach()
 
 
 class Lora:
@@ -1070,17 +1068,26 @@ def check_training(c, args):
     check_methods(c, args.cpp_bench)
 
 
+def compare_trace(c, binary, problem, method, n, lr, keys):
+    """n iterations of `method` on `problem` here and in the C++ Trainer: each of `keys` within 1e-3 relative."""
+    ns = argparse.Namespace(problem=problem, method=method, batch=None, trace=n)
+    py = trace(ns, lr, out=None)
+    cpp = run_cpp_trace(binary, problem, n, lr, method)
+    if len(cpp) != n:
+        c.report(f"{problem} {method}: C++ trace rows (expected {n})", float(abs(len(cpp) - n)), 0)
+        return
+    for key in keys:
+        e = max(abs(cpp[i][key] - py[i][key]) / max(abs(cpp[i][key]), 1e-12) for i in range(n))
+        c.report(f"{problem} {method} vs C++ Trainer, {key}: max rel. difference over {n} iterations", e, 1e-3)
+
+
 def check_methods(c, binary):
     """The first iterations of every method against the C++ Trainer (tilt_bench --tilt_trace), number by number: the
     same initial weights (the same generator draws), endpoints, noisings, critic, path weights and buffers."""
+    am_keys = ("loss", "reward", "grad_norm", "adjoint_norm_t0")
     # Adjoint Matching on the 64-D and digits problems (the 2-D one: check_training's long run).
     for problem in ("64d", "digits"):
-        ns = argparse.Namespace(problem=problem, method="am", batch=None, trace=3)
-        py = trace(ns, 2e-5, out=None)
-        cpp = run_cpp_trace(binary, problem, 3, 2e-5)
-        for key in ("loss", "reward", "grad_norm", "adjoint_norm_t0"):
-            e = max(abs(cpp[i][key] - py[i][key]) / abs(cpp[i][key]) for i in range(3))
-            c.report(f"{problem} vs C++ Trainer, {key}: max rel. difference over 3 iterations", e, 1e-3)
+        compare_trace(c, binary, problem, "am", 3, 2e-5, am_keys)
     # RAM, EAM and the buffers, with a learning rate of 1e-3 so that the model (and RAM's critic) has moved by
     # iteration 3; the buffers for 18 iterations, so that the second refill (iteration 17) is compared too.
     keys = {"ram": ("loss", "reward", "grad_norm", "critic_loss"), "eam": ("loss", "reward", "grad_norm", "score_gap"),
@@ -1088,24 +1095,10 @@ def check_methods(c, binary):
             "buf_w": ("loss", "grad_norm")}
     for problem in ("2d", "digits"):
         for method, names in keys.items():
-            n = 18 if method.startswith("buf") else 3
-            ns = argparse.Namespace(problem=problem, method=method, batch=None, trace=n)
-            py = trace(ns, 1e-3, out=None)
-            cpp = run_cpp_trace(binary, problem, n, 1e-3, method)
-            if len(cpp) != n:
-                c.report(f"{problem} {method}: C++ trace rows (expected {n})", float(abs(len(cpp) - n)), 0)
-                continue
-            for key in names:
-                e = max(abs(cpp[i][key] - py[i][key]) / max(abs(cpp[i][key]), 1e-12) for i in range(n))
-                c.report(f"{problem} {method} vs C++ Trainer, {key}: max rel. difference over {n} iterations", e, 1e-3)
+            compare_trace(c, binary, problem, method, 18 if method.startswith("buf") else 3, 1e-3, names)
     # The U-Net with LoRA: the same weights and adapters; iteration 2 after the adapters' B has moved off 0.
-    for method, names in (("am", ("loss", "reward", "grad_norm", "adjoint_norm_t0")), ("eam", keys["eam"])):
-        ns = argparse.Namespace(problem="unet", method=method, batch=None, trace=2)
-        py = trace(ns, 1e-3, out=None)
-        cpp = run_cpp_trace(binary, "unet", 2, 1e-3, method)
-        for key in names:
-            e = max(abs(cpp[i][key] - py[i][key]) / max(abs(cpp[i][key]), 1e-12) for i in range(2))
-            c.report(f"unet {method} vs C++ Trainer, {key}: max rel. difference over 2 iterations", e, 1e-3)
+    for method, names in (("am", am_keys), ("eam", keys["eam"])):
+        compare_trace(c, binary, "unet", method, 2, 1e-3, names)
 
 
 def check(args):

@@ -5,7 +5,10 @@
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <vector>
 
 namespace tilt {
 namespace {
@@ -19,6 +22,26 @@ Tensor psd_sqrt(const Tensor& S) {
 Tensor covariance(const Tensor& f) {
   const Tensor c = f - f.mean(0, true);
   return c.t().matmul(c) / static_cast<double>(f.size(0) - 1);
+}
+
+constexpr int64_t kChunk = 1024;
+
+struct Classified {
+  Tensor log_probs;  // [n, classes]
+  Tensor features;   // [n, hidden.back()]
+};
+
+// The classifier's log p(. | x) and last hidden layer for x [n, d], kChunk rows at a time: the activations of a CNN
+// over the 6000 real images of a Fashion-MNIST class would otherwise take about 600 MB at once.
+Classified classify(const MlpClassifier& classifier, const Tensor& x) {
+  std::vector<Tensor> lp, f;
+  for (int64_t i = 0; i < x.size(0); i += kChunk) {
+    const Tensor xi = x.narrow(0, i, std::min(kChunk, x.size(0) - i));
+    lp.push_back(classifier.log_probs(xi));
+    f.push_back(classifier.features(xi));
+  }
+  if (lp.empty()) throw Error("image metrics: no samples");
+  return {at::cat(lp), at::cat(f)};
 }
 
 }  // namespace
@@ -49,16 +72,34 @@ double frechet_distance(const Tensor& f1, const Tensor& f2) {
   return frechet_distance_gaussians(a.mean(0), covariance(a), b.mean(0), covariance(b));
 }
 
-double mean_pairwise_distance(const Tensor& x) {
+double mean_pairwise_distance(const Tensor& x, const Tensor& weights) {
   const int64_t n = x.size(0);
   if (n < 2) return 0.0;
-  const Tensor xd = x.to(at::kDouble);
-  const double total = at::cdist(xd, xd).sum().item<double>();  // the diagonal is 0
-  return total / static_cast<double>(n * (n - 1));
+  const Tensor xd = x.to(at::kDouble).reshape({n, -1});
+  const Tensor w = weights.defined() ? weights.to(at::kDouble).reshape({-1}) : at::ones({n}, at::kDouble);
+  if (w.size(0) != n) throw Error("mean pairwise distance: " + std::to_string(w.size(0)) + " weights for " + std::to_string(n) + " rows");
+  double total = 0.0;  // sum_{i, j} w_i w_j d_ij; the diagonal has d = 0
+  for (int64_t i = 0; i < n; i += kChunk) {
+    const int64_t m = std::min(kChunk, n - i);
+    total += (w.narrow(0, i, m).unsqueeze(1) * at::cdist(xd.narrow(0, i, m), xd)).matmul(w).sum().item<double>();
+  }
+  const double pair_weight = w.sum().item<double>() * w.sum().item<double>() - w.pow(2).sum().item<double>();
+  return pair_weight > 0 ? total / pair_weight : 0.0;
+}
+
+RealClassStats real_class_stats(const MlpClassifier& classifier, const Tensor& real_of_class) {
+  at::NoGradGuard no_grad;
+  if (real_of_class.size(0) < 2) throw Error("image metrics: needs at least 2 real images of the class");
+  const Tensor f = classify(classifier, real_of_class.to(at::kFloat)).features.to(at::kDouble);
+  RealClassStats s;
+  s.mean = f.mean(0);
+  s.covariance = covariance(f);
+  s.n = f.size(0);
+  return s;
 }
 
 ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
-                                        const Tensor& real_of_class, const Tensor& weights) {
+                                        const RealClassStats& real, const Tensor& weights) {
   at::NoGradGuard no_grad;
   if (x.dim() != 2 || x.size(1) != classifier.options().dim) {
     throw Error("image metrics: samples must be [n, " + std::to_string(classifier.options().dim) + "]");
@@ -76,40 +117,41 @@ ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& cl
   ClassSampleMetrics m;
   m.n = weights.defined() ? static_cast<int64_t>(1.0 / w.pow(2).sum().item<double>() + 1e-9) : n;
   const Tensor xf = x.to(at::kFloat);
-  const Tensor log_p = classifier.log_probs(xf);
-  const Tensor r = log_p.select(1, target_class).to(at::kDouble);
+  const Classified out = classify(classifier, xf);
+  const Tensor r = out.log_probs.select(1, target_class).to(at::kDouble);
   m.mean_reward = (w * r).sum().item<double>();
   const double var = (w * (r - m.mean_reward).pow(2)).sum().item<double>();
   m.reward_se = m.n > 1 ? std::sqrt(var / static_cast<double>(m.n)) : 0.0;
-  const Tensor in_class = log_p.argmax(1) == target_class;
+  const Tensor in_class = out.log_probs.argmax(1) == target_class;
   m.in_class = in_class.sum().item<int64_t>();
   m.class_share = (w * in_class.to(at::kDouble)).sum().item<double>();
-  // Diversity: the (weighted) mean distance over pairs i != j of samples assigned to c.
+  // Diversity: the (weighted) mean distance over pairs i != j of samples assigned to c, in pixels and in features.
+  const Tensor f = out.features.to(at::kDouble);
   const Tensor idx = at::nonzero(in_class).squeeze(1);
   if (idx.size(0) >= 2) {
-    const Tensor xc = xf.index_select(0, idx).to(at::kDouble), wc = w.index_select(0, idx);
-    const Tensor ww = wc.unsqueeze(1) * wc.unsqueeze(0);
-    const double pair_weight = ww.sum().item<double>() - wc.pow(2).sum().item<double>();  // the diagonal has d = 0
-    if (pair_weight > 0) m.diversity = (ww * at::cdist(xc, xc)).sum().item<double>() / pair_weight;
+    const Tensor wc = w.index_select(0, idx);
+    m.diversity = mean_pairwise_distance(xf.index_select(0, idx), wc);
+    m.feature_diversity = mean_pairwise_distance(f.index_select(0, idx), wc);
+  }
+  if (!real.mean.defined()) {
+    m.frechet = std::numeric_limits<double>::quiet_NaN();
+    return m;
   }
   // Frechet distance with the weighted feature mean and covariance (unbiased for equal weights).
-  const Tensor f = classifier.features(xf).to(at::kDouble), fr = classifier.features(real_of_class.to(at::kFloat)).to(at::kDouble);
-  if (fr.size(0) < 2) throw Error("image metrics: needs at least 2 real images of the class");
   const Tensor mu = (w.unsqueeze(1) * f).sum(0);
   const Tensor c = f - mu;
   const Tensor S = (w.unsqueeze(1) * c).t().matmul(c) / (1.0 - w.pow(2).sum());
-  const Tensor cr = fr - fr.mean(0, true);
-  m.frechet = frechet_distance_gaussians(mu, S, fr.mean(0), cr.t().matmul(cr) / static_cast<double>(fr.size(0) - 1));
+  m.frechet = frechet_distance_gaussians(mu, S, real.mean, real.covariance);
   return m;
 }
 
 ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
-                                         int64_t target_class, double lambda, const Tensor& real_of_class,
+                                         int64_t target_class, double lambda, const RealClassStats& real,
                                          ClassifierForm form) {
   at::NoGradGuard no_grad;
-  const Tensor r = classifier_reward_values(classifier.log_probs(base_samples.to(at::kFloat)), target_class, form);
+  const Tensor r = classifier_reward_values(classify(classifier, base_samples.to(at::kFloat)).log_probs, target_class, form);
   const Tensor log_w = lambda * r.to(at::kDouble);
-  return class_sample_metrics(base_samples, classifier, target_class, real_of_class, at::softmax(log_w, 0));
+  return class_sample_metrics(base_samples, classifier, target_class, real, at::softmax(log_w, 0));
 }
 
 }  // namespace tilt

@@ -190,10 +190,10 @@ std::shared_ptr<MlpClassifier> load_unseen(const std::string& path, const ImageD
 
 std::string metrics_row(const std::string& name, const Json& s) {
   char line[320];
-  int n = std::snprintf(line, sizeof line, "%-44s %6lld %8.3f±%-7.3f %8.1f%% %10.3f %9.3f", name.c_str(),
+  int n = std::snprintf(line, sizeof line, "%-44s %6lld %8.3f±%-7.3f %8.1f%% %10.3f %10.3f %9.3f", name.c_str(),
                         static_cast<long long>(s["n"].get<int64_t>()), s["mean_reward"].get<double>(),
                         s["mean_reward_se"].get<double>(), 100.0 * s["class_share"].get<double>(),
-                        s["diversity"].get<double>(), s["frechet"].get<double>());
+                        s["diversity"].get<double>(), s.value("feature_diversity", 0.0), s["frechet"].get<double>());
   if (s.contains("unseen") && n > 0 && n < static_cast<int>(sizeof line)) {
     std::snprintf(line + n, sizeof line - n, " %8.1f%% %12.3f", 100.0 * s["unseen"]["class_share"].get<double>(),
                   s["unseen"]["mean_reward"].get<double>());
@@ -223,12 +223,13 @@ Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string
     if (unseen) out["unseen_classifier"] = unseen_classifier;
     return out;
   }
-  const Tensor real = select_class(setup.data, setup.target_class).images;
+  const Tensor real_images = select_class(setup.data, setup.target_class).images;
+  const RealClassStats real = real_class_stats(*loaded.classifier, real_images);
   Json out;
   out["class"] = setup.target_class;
   out["classifier"] = setup.classifier_path;
   if (unseen) out["unseen_classifier"] = unseen_classifier;
-  out["real"] = metrics_json(class_sample_metrics(real, *loaded.classifier, setup.target_class, real));
+  out["real"] = metrics_json(class_sample_metrics(real_images, *loaded.classifier, setup.target_class, real));
   if (base) {
     out["target"] = metrics_json(
         tilted_target_metrics(base->x, *loaded.classifier, setup.target_class, setup.lambda, real, setup.form));
@@ -238,7 +239,7 @@ Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string
   }
   for (const ImageSamples& file : files) {
     Json& row = out["samples"][file.path] = metrics_json(class_sample_metrics(file.x, *loaded.classifier, setup.target_class, real));
-    if (unseen) row["unseen"] = unseen_json(class_sample_metrics(file.x, *unseen, setup.target_class, real));
+    if (unseen) row["unseen"] = unseen_json(class_sample_metrics(file.x, *unseen, setup.target_class, RealClassStats{}));
   }
   return out;
 }
@@ -249,16 +250,17 @@ std::string image_evaluation_text(const Json& out, const std::vector<std::string
   char head[1024];
   std::snprintf(head, sizeof head,
                 "target class %lld (classifier %s%s%s); real images of the class: n = %lld, diversity %.3f\n"
-                "%-44s %6s %16s %9s %10s %9s%s\n",
+                "%-44s %6s %16s %9s %10s %10s %9s%s\n",
                 static_cast<long long>(out["class"].get<int64_t>()), out["classifier"].get<std::string>().c_str(),
                 unseen ? "; unseen classifier " : "", unseen ? out["unseen_classifier"].get<std::string>().c_str() : "",
                 static_cast<long long>(out["real"]["n"].get<int64_t>()), out["real"]["diversity"].get<double>(),
-                "samples", "n", "log p(c|x)", "class %", "diversity", "Frechet", unseen ? "  unseen %  unseen log p" : "");
+                "samples", "n", "log p(c|x)", "class %", "diversity", "feat. div.", "Frechet",
+                unseen ? "  unseen %  unseen log p" : "");
   std::string text = head;
   for (const std::string& file : sample_files) text += metrics_row(file, out["samples"][file]);
   if (out.contains("target")) text += metrics_row("target p* (reweighted base samples)", out["target"]);
   text += std::string("(class %: samples the classifier assigns to the class; diversity: mean pairwise distance among "
-                      "those; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer") +
+                      "those, feat. div.: the same in the classifier's last hidden layer; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer") +
           (!out.contains("target") ? ""
            : out["target"].value("form", "log_prob") == "indicator"
                ? "; target p*: base samples weighted by exp(lambda) where the classifier's argmax is the class, n = effective sample size"

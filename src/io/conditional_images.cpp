@@ -17,7 +17,7 @@ namespace tilt {
 Json metrics_json(const ClassSampleMetrics& m) {
   return Json{{"n", m.n},           {"mean_reward", m.mean_reward}, {"mean_reward_se", m.reward_se},
               {"class_share", m.class_share}, {"in_class", m.in_class}, {"diversity", m.diversity},
-              {"frechet", m.frechet}};
+              {"feature_diversity", m.feature_diversity}, {"frechet", m.frechet}};
 }
 
 Json unseen_json(const ClassSampleMetrics& m) {
@@ -58,7 +58,9 @@ Json summarise(const Json& rows) {
   int64_t n = 0;
   for (const Json& row : rows) n += row["n"].get<int64_t>();
   s["n"] = n;
-  for (const char* key : {"mean_reward", "class_share", "diversity", "frechet"}) s[key] = mean(nullptr, key);
+  for (const char* key : {"mean_reward", "class_share", "diversity", "feature_diversity", "frechet"}) {
+    s[key] = mean(nullptr, key);
+  }
   const auto worst = std::min_element(rows.begin(), rows.end(), [](const Json& a, const Json& b) {
     return a["class_share"].get<double>() < b["class_share"].get<double>();
   });
@@ -72,7 +74,7 @@ Json summarise(const Json& rows) {
 
 // One object per class present among the labels, and their summary. With lambda, x are base samples
 // and each class's metrics are those of the tilted target (tilted_target_metrics).
-Json class_rows(const ImageSamples& s, const Tensor& labels, const std::vector<Tensor>& real,
+Json class_rows(const ImageSamples& s, const Tensor& labels, const std::vector<RealClassStats>& real,
                 const MlpClassifier& classifier, const MlpClassifier* unseen, const double* lambda) {
   Json rows = Json::array();
   for (int64_t k = 0; k < static_cast<int64_t>(real.size()); ++k) {
@@ -86,7 +88,7 @@ Json class_rows(const ImageSamples& s, const Tensor& labels, const std::vector<T
     Json row = metrics_json(lambda ? tilted_target_metrics(xk, classifier, k, *lambda, real[k])
                                    : class_sample_metrics(xk, classifier, k, real[k]));
     row["class"] = k;
-    if (unseen && !lambda) row["unseen"] = unseen_json(class_sample_metrics(xk, *unseen, k, real[k]));
+    if (unseen && !lambda) row["unseen"] = unseen_json(class_sample_metrics(xk, *unseen, k, RealClassStats{}));
     rows.push_back(std::move(row));
   }
   return Json{{"classes", rows}, {"summary", summarise(rows)}};
@@ -98,8 +100,8 @@ Json evaluate_images_by_condition(const ImageDataset& data, const std::vector<Im
                                   const ImageSamples* base, double lambda, const MlpClassifier& classifier,
                                   const MlpClassifier* unseen) {
   at::NoGradGuard no_grad;
-  std::vector<Tensor> real;
-  for (int64_t k = 0; k < data.classes; ++k) real.push_back(select_class(data, k).images);
+  std::vector<RealClassStats> real;  // each class's real features, computed once for every file
+  for (int64_t k = 0; k < data.classes; ++k) real.push_back(real_class_stats(classifier, select_class(data, k).images));
   std::vector<Tensor> labels;
   for (const ImageSamples& f : files) labels.push_back(condition_classes(f, data.classes));  // every file checked first
   Json out{{"by_condition", true}};
@@ -119,12 +121,12 @@ namespace {
 
 std::string summary_row(const std::string& name, int width, const Json& s) {
   char line[512];
-  int n = std::snprintf(line, sizeof line, "%-*s %7lld %7lld %10.3f %8.1f%% %8.1f%% (%lld) %9.3f %9.3f", width,
+  int n = std::snprintf(line, sizeof line, "%-*s %7lld %7lld %10.3f %8.1f%% %8.1f%% (%lld) %9.3f %10.3f %9.3f", width,
                         name.c_str(), static_cast<long long>(s["classes"].get<int64_t>()),
                         static_cast<long long>(s["n"].get<int64_t>()), s["mean_reward"].get<double>(),
                         100.0 * s["class_share"].get<double>(), 100.0 * s["worst_class_share"].get<double>(),
                         static_cast<long long>(s["worst_class"].get<int64_t>()), s["diversity"].get<double>(),
-                        s["frechet"].get<double>());
+                        s.value("feature_diversity", 0.0), s["frechet"].get<double>());
   if (s.contains("unseen") && n > 0 && n < static_cast<int>(sizeof line)) {
     std::snprintf(line + n, sizeof line - n, " %8.1f%% %12.3f", 100.0 * s["unseen"]["class_share"].get<double>(),
                   s["unseen"]["mean_reward"].get<double>());
@@ -135,14 +137,15 @@ std::string summary_row(const std::string& name, int width, const Json& s) {
 std::string class_table(const std::string& name, const Json& rows, bool unseen) {
   std::string text = "\n" + name + ", per class:\n";
   char line[512];
-  std::snprintf(line, sizeof line, "%5s %7s %16s %9s %10s %9s%s\n", "class", "n", "log p(c|x)", "class %", "diversity",
-                "Frechet", unseen ? "  unseen %  unseen log p" : "");
+  std::snprintf(line, sizeof line, "%5s %7s %16s %9s %10s %10s %9s%s\n", "class", "n", "log p(c|x)", "class %",
+                "diversity", "feat. div.", "Frechet", unseen ? "  unseen %  unseen log p" : "");
   text += line;
   for (const Json& r : rows) {
-    int n = std::snprintf(line, sizeof line, "%5lld %7lld %8.3f±%-7.3f %8.1f%% %10.3f %9.3f",
+    int n = std::snprintf(line, sizeof line, "%5lld %7lld %8.3f±%-7.3f %8.1f%% %10.3f %10.3f %9.3f",
                           static_cast<long long>(r["class"].get<int64_t>()), static_cast<long long>(r["n"].get<int64_t>()),
                           r["mean_reward"].get<double>(), r["mean_reward_se"].get<double>(),
-                          100.0 * r["class_share"].get<double>(), r["diversity"].get<double>(), r["frechet"].get<double>());
+                          100.0 * r["class_share"].get<double>(), r["diversity"].get<double>(),
+                          r.value("feature_diversity", 0.0), r["frechet"].get<double>());
     if (r.contains("unseen") && n > 0 && n < static_cast<int>(sizeof line)) {
       std::snprintf(line + n, sizeof line - n, " %8.1f%% %12.3f", 100.0 * r["unseen"]["class_share"].get<double>(),
                     r["unseen"]["mean_reward"].get<double>());
@@ -164,14 +167,15 @@ std::string image_evaluation_by_condition_text(const Json& out, const std::vecto
                      (unseen ? "; unseen classifier " + out["unseen_classifier"].get<std::string>() : "") +
                      "); the mean over the classes:\n";
   char line[512];
-  std::snprintf(line, sizeof line, "%-*s %7s %7s %10s %9s %15s %9s %9s%s\n", width, "samples", "classes", "n",
-                "log p(c|x)", "class %", "worst class %", "diversity", "Frechet", unseen ? "  unseen %  unseen log p" : "");
+  std::snprintf(line, sizeof line, "%-*s %7s %7s %10s %9s %15s %9s %10s %9s%s\n", width, "samples", "classes", "n",
+                "log p(c|x)", "class %", "worst class %", "diversity", "feat. div.", "Frechet",
+                unseen ? "  unseen %  unseen log p" : "");
   text += line;
   for (const std::string& f : sample_files) text += summary_row(f, width, out["samples"][f]["summary"]);
   text += summary_row("real images of the classes", width, out["real"]["summary"]);
   if (out.contains("target")) text += summary_row(target_name, width, out["target"]["summary"]);
   text += "(class %: samples the classifier assigns to their own class, worst: the lowest class's (which); diversity: "
-          "mean pairwise distance among those, per class; Frechet: each class's samples vs its real images, in the "
+          "mean pairwise distance among those, per class, feat. div.: the same in the classifier's last hidden layer; Frechet: each class's samples vs its real images, in the "
           "classifier's last hidden layer; real images: all of the data, the classifier's training images among them";
   if (out.contains("target")) text += "; target p*: base samples weighted by p(c | x)^lambda within each class, n = effective sample size";
   if (unseen) text += "; unseen: the share and log p(c|x) under the second classifier, never used in training";

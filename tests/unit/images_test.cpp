@@ -136,7 +136,9 @@ TEST(Classifier, IndicatorRewardIsTheArgmaxAndHasNoGradient) {
   EXPECT_GE(seen, 2) << "the draws should reach several classes";
   // The indicator's tilted target is closed form in the base's share s0: s0 e^lambda / (s0 e^lambda + 1 - s0).
   const double s0 = argmax.eq(1).to(at::kDouble).mean().item<double>(), lambda = 2.0;
-  const ClassSampleMetrics target = tilted_target_metrics(x, *classifier, 1, lambda, x.narrow(0, 0, 20), ClassifierForm::indicator);
+  const ClassSampleMetrics target = tilted_target_metrics(x, *classifier, 1, lambda,
+                                                          real_class_stats(*classifier, x.narrow(0, 0, 20)),
+                                                          ClassifierForm::indicator);
   EXPECT_NEAR(target.class_share, s0 * std::exp(lambda) / (s0 * std::exp(lambda) + 1 - s0), 1e-9);
   EXPECT_TRUE(ClassifierReward(classifier, 0).differentiable());
   EXPECT_THROW(parse_classifier_form("argmax"), Error);
@@ -250,7 +252,7 @@ TEST(ImageMetrics, MeanPairwiseDistanceAndClassMetrics) {
   auto classifier = std::make_shared<MlpClassifier>(o, 0);
   Generator gen = make_generator(5);
   const Tensor samples = at::randn({50, 2}, gen);
-  const Tensor real = at::randn({40, 2}, gen);
+  const RealClassStats real = real_class_stats(*classifier, at::randn({40, 2}, gen));
   const Tensor pred = classifier->logits(samples).argmax(1);
   const int64_t c = (pred == 1).sum().item<int64_t>() >= 25 ? 1 : 0;  // the more frequent class
   const ClassSampleMetrics m = class_sample_metrics(samples, *classifier, c, real);
@@ -269,12 +271,53 @@ TEST(ImageMetrics, MeanPairwiseDistanceAndClassMetrics) {
   EXPECT_NEAR(a.mean_reward, b.mean_reward, 1e-6);
   EXPECT_NEAR(a.class_share, b.class_share, 1e-12);
   EXPECT_NEAR(a.diversity, b.diversity, 1e-9);
+  ASSERT_GT(b.feature_diversity, 0.0);
+  EXPECT_NEAR(a.feature_diversity, b.feature_diversity, 1e-9);
   EXPECT_NEAR(a.frechet, b.frechet, 1e-6 * (1 + b.frechet));
   // The tilted target with lambda = 0 is the base itself.
   const ClassSampleMetrics t0 = tilted_target_metrics(samples, *classifier, c, 0.0, real);
   EXPECT_NEAR(t0.class_share, m.class_share, 1e-12);
   EXPECT_NEAR(t0.frechet, m.frechet, 1e-6 * (1 + m.frechet));
   EXPECT_THROW(class_sample_metrics(samples, *classifier, c, real, -w), Error);
+  EXPECT_THROW(real_class_stats(*classifier, at::randn({1, 2}, gen)), Error);
+}
+
+// More rows than one block of the classifier (1024) and of the pairwise sums: every metric equals its one-piece
+// formula, computed here from the whole feature matrix and distance matrix at once.
+TEST(ImageMetrics, BlockedMetricsEqualTheOnePieceFormulas) {
+  ClassifierOptions o;
+  o.dim = 6;
+  o.hidden = {16, 5};
+  o.classes = 3;
+  auto classifier = std::make_shared<MlpClassifier>(o, 1);
+  Generator gen = make_generator(8);
+  const Tensor x = at::randn({2500, 6}, gen), real = at::randn({1300, 6}, gen) + 0.3;
+  const Tensor w = at::rand({2500}, gen, kDouble);
+  // Weighted pairwise distances: sum_{i != j} w_i w_j d_ij / sum_{i != j} w_i w_j over all pairs at once.
+  const Tensor d = at::cdist(x.to(kDouble), x.to(kDouble));
+  const Tensor ww = w.unsqueeze(1) * w.unsqueeze(0);
+  const double pair_weight = ww.sum().item<double>() - w.pow(2).sum().item<double>();
+  EXPECT_NEAR(mean_pairwise_distance(x, w), (ww * d).sum().item<double>() / pair_weight, 1e-9);
+  EXPECT_NEAR(mean_pairwise_distance(x), d.sum().item<double>() / (2500.0 * 2499.0), 1e-9);
+  EXPECT_EQ(mean_pairwise_distance(x, at::zeros({2500}, kDouble)), 0.0);
+
+  const Tensor lp = classifier->log_probs(x);
+  const int64_t c = std::get<0>(lp.argmax(1).mode()).item<int64_t>();  // the most frequent class
+  const RealClassStats stats = real_class_stats(*classifier, real);
+  EXPECT_EQ(stats.n, 1300);
+  const ClassSampleMetrics m = class_sample_metrics(x, *classifier, c, stats);
+  const Tensor f = classifier->features(x).to(kDouble);
+  EXPECT_NEAR(m.frechet, frechet_distance(f, classifier->features(real).to(kDouble)), 1e-6 * (1 + m.frechet));
+  EXPECT_NEAR(m.mean_reward, lp.select(1, c).mean().item<double>(), 1e-6);
+  const Tensor idx = at::nonzero(lp.argmax(1) == c).squeeze(1);
+  ASSERT_GT(idx.size(0), 1024);
+  const Tensor fc = f.index_select(0, idx);
+  const double n_c = static_cast<double>(idx.size(0));
+  EXPECT_NEAR(m.feature_diversity, at::cdist(fc, fc).sum().item<double>() / (n_c * (n_c - 1)), 1e-9);
+  // Without real statistics (the unseen classifier's scores) there is no Frechet distance, and nothing else changes.
+  const ClassSampleMetrics u = class_sample_metrics(x, *classifier, c, RealClassStats{});
+  EXPECT_TRUE(std::isnan(u.frechet));
+  EXPECT_EQ(u.class_share, m.class_share);
 }
 
 TEST(ImageGrid, WritesAPngOfTheExpectedSize) {

@@ -16,8 +16,10 @@ double frechet_distance_gaussians(const Tensor& mu1, const Tensor& S1, const Ten
 /// The same between the Gaussians fitted (mean, unbiased covariance) to two sets of features [n, f].
 double frechet_distance(const Tensor& features1, const Tensor& features2);
 
-/// Mean Euclidean distance between two different rows of x [n, d]; 0 for n < 2.
-double mean_pairwise_distance(const Tensor& x);
+/// Mean Euclidean distance between two different rows of x [n, d]; 0 for n < 2. With `weights` w [n] (non-negative),
+/// the weighted mean sum_{i != j} w_i w_j |x_i - x_j| / sum_{i != j} w_i w_j (0 when no pair has weight). Summed by
+/// blocks of 1024 rows in float64: memory O(1024 n), not O(n^2).
+double mean_pairwise_distance(const Tensor& x, const Tensor& weights = Tensor());
 
 struct ClassSampleMetrics {
   int64_t n = 0;                ///< samples
@@ -25,23 +27,36 @@ struct ClassSampleMetrics {
   double reward_se = 0;         ///< its standard error
   double class_share = 0;       ///< share of samples the classifier assigns to c (argmax)
   int64_t in_class = 0;         ///< how many that is
-  double diversity = 0;         ///< mean pairwise distance among the samples assigned to c
+  double diversity = 0;         ///< mean pairwise (pixel) distance among the samples assigned to c
+  double feature_diversity = 0; ///< the same in the classifier's features (the DreamSim-diversity analogue)
   double frechet = 0;           ///< Frechet distance in classifier features, all samples vs real images of c
+                                ///< (NaN when no real statistics are given)
 };
 
-/// Metrics of samples x [n, d] for the target class c; `real_of_class` are real images of c.
+/// The Gaussian fitted to the classifier features of the real images of one class (mean, unbiased
+/// covariance): computed once per class and classifier, then shared by every samples file scored against it.
+struct RealClassStats {
+  Tensor mean;        ///< [f], float64; undefined: no real images (class_sample_metrics leaves frechet NaN)
+  Tensor covariance;  ///< [f, f], float64
+  int64_t n = 0;      ///< real images
+};
+/// The features of `real_of_class` [n, d], n >= 2, computed 1024 rows at a time.
+RealClassStats real_class_stats(const MlpClassifier& classifier, const Tensor& real_of_class);
+
+/// Metrics of samples x [n, d] for the target class c against `real` (real_class_stats of the images of c).
 /// With `weights` ([n], non-negative, not all zero) every statistic is the weighted one (weighted
 /// means, weighted pairs, weighted feature mean and covariance), and n is the effective sample size
-/// (sum w)^2 / sum w^2 rounded down.
+/// (sum w)^2 / sum w^2 rounded down. The classifier sees 1024 rows at a time, and the pairwise distances are
+/// summed by blocks of rows, so that memory stays bounded for tens of thousands of images.
 ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
-                                        const Tensor& real_of_class, const Tensor& weights = Tensor());
+                                        const RealClassStats& real, const Tensor& weights = Tensor());
 
 /// The metrics of the tilted target p* ∝ p_base exp(lambda r), r = log p(c | x) (or, with the indicator form, 1 if c
 /// is the classifier's argmax), estimated from samples of the base model by self-normalised importance weights
 /// w_i ∝ exp(lambda r(x_i)): a ground truth for what fine-tuning should reach (consistent as the number of base
 /// samples grows; its reliability is the effective sample size, ClassSampleMetrics::n).
 ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
-                                         int64_t target_class, double lambda, const Tensor& real_of_class,
+                                         int64_t target_class, double lambda, const RealClassStats& real,
                                          ClassifierForm form = ClassifierForm::log_prob);
 
 }  // namespace tilt

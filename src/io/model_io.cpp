@@ -251,15 +251,83 @@ VelocityFieldPtr load_torchscript(const Json& node, const ModelReader& in) {
       "in model file '" + in.path() + "' (" + in.full_name("archive") + ")", in.schedule(), o);
 }
 
+// Whether `trainable` is `base` plus LoRA adapters: a U-Net with adapters whose network tensors are the base's
+// (shared, as make_finetuned builds it, or equal in value).
+bool is_base_plus_adapters(const VelocityField& base, const VelocityField& trainable) {
+  const auto* b = dynamic_cast<const UNetVelocity*>(&base);
+  const auto* t = dynamic_cast<const UNetVelocity*>(&trainable);
+  if (!b || !t || b->has_lora() || !t->has_lora()) return false;
+  const NamedTensors bw = b->named_parameters(), tw = t->named_parameters();
+  if (tw.size() < bw.size()) return false;
+  at::NoGradGuard no_grad;
+  for (size_t i = 0; i < bw.size(); ++i) {
+    if (tw[i].first != bw[i].first) return false;
+    if (!tw[i].second.is_same(bw[i].second) &&
+        !(tw[i].second.sizes().equals(bw[i].second.sizes()) && at::equal(tw[i].second, bw[i].second))) {
+      return false;
+    }
+  }
+  return true;
+}
+
+// A LoRA model stores its base once: the trainable node holds only the adapters ("adapters_of_base", E125).
 Json save_finetuned(const VelocityField& field, ModelWriter& out) {
   const FineTunedVelocity& ft = as<FineTunedVelocity>(field);
-  return {{"mode", to_string(ft.mode())}, {"base", out.nested("base", *ft.base())},
-          {"trainable", out.nested("trainable", *ft.trainable())}};
+  Json node = {{"mode", to_string(ft.mode())}, {"base", out.nested("base", *ft.base())}};
+  if (ft.mode() == FineTuneMode::lora && is_base_plus_adapters(*ft.base(), *ft.trainable())) {
+    const auto& unet = static_cast<const UNetVelocity&>(*ft.trainable());
+    const size_t network = ft.base()->named_parameters().size();
+    const NamedTensors all = unet.named_parameters();
+    for (size_t i = network; i < all.size(); ++i) out.put("trainable." + all[i].first, all[i].second);
+    node["trainable"] = {{"kind", "unet"}, {"adapters_of_base", true},
+                         {"lora", {{"rank", unet.lora().rank}, {"alpha", unet.lora().alpha}}}};
+  } else {
+    node["trainable"] = out.nested("trainable", *ft.trainable());
+  }
+  return node;
+}
+
+// The trainable node of a LoRA model written with its adapters only: the base with adapters, sharing its
+// tensors, the adapters read and checked against the shapes the base's options give.
+VelocityFieldPtr load_adapters(const Json& node, const VelocityFieldPtr& base, const ModelReader& in) {
+  const auto unet = std::dynamic_pointer_cast<UNetVelocity>(base);
+  if (!unet || unet->has_lora()) throw in.fail("'trainable' holds LoRA adapters, but the base is not a U-Net without them");
+  if (!node.contains("lora") || !node.at("lora").is_object()) throw in.fail("'trainable' has no 'lora' rank and alpha");
+  const Json& l = node.at("lora");
+  const LoraOptions lora{in.whole(l.at("rank"), "lora.rank"), l.at("alpha").is_number() ? l.at("alpha").get<double>() : -1.0};
+  std::shared_ptr<UNetVelocity> adapted;
+  try {
+    adapted = unet->with_lora(lora, 0);
+  } catch (const Error& e) {
+    throw in.fail(e.what());
+  }
+  const size_t network = unet->named_parameters().size();
+  NamedTensors values = adapted->named_parameters();
+  std::vector<std::string> expected;
+  for (size_t i = network; i < values.size(); ++i) {
+    const std::string name = "trainable." + values[i].first;
+    const Tensor t = in.take(name);
+    if (!t.sizes().equals(values[i].second.sizes())) {
+      throw in.fail("tensor '" + in.full_name(name) + "' must be " + shape_string(values[i].second) + ", got " +
+                    shape_string(t) + " (the adapters do not fit the base)");
+    }
+    values[i].second = t;
+    expected.push_back(name);
+  }
+  for (const std::string& name : in.names()) {
+    if (name.rfind("trainable.", 0) == 0 && std::find(expected.begin(), expected.end(), name) == expected.end()) {
+      throw in.fail("unexpected tensor '" + in.full_name(name) + "' (a LoRA model's trainable part holds adapters only)");
+    }
+  }
+  adapted->load_parameters(values);  // the network's own tensors are the base's, copied onto themselves
+  return adapted;
 }
 
 VelocityFieldPtr load_finetuned(const Json& node, const ModelReader& in) {
   auto base = in.nested(node.at("base"), "base");
-  auto trainable = in.nested(node.at("trainable"), "trainable");
+  const Json& tnode = node.at("trainable");
+  auto trainable = tnode.is_object() && tnode.value("adapters_of_base", false) ? load_adapters(tnode, base, in)
+                                                                                : in.nested(tnode, "trainable");
   trainable->set_trainable(true);  // a TorchScript module is loaded frozen
   return std::make_shared<FineTunedVelocity>(base, trainable, parse_finetune_mode(node.at("mode").get<std::string>()));
 }

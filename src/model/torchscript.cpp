@@ -10,6 +10,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
+#include "tilt/model/unet.h"
 
 #include <ATen/ATen.h>
 #include <ATen/core/grad_mode.h>
@@ -603,7 +604,7 @@ UserExporters& user_exporters() {
 }
 
 bool is_builtin_kind(const std::string& kind) {
-  return kind == "gmm" || kind == "mlp" || kind == "torchscript" || kind == "finetuned";
+  return kind == "gmm" || kind == "mlp" || kind == "unet" || kind == "torchscript" || kind == "finetuned";
 }
 
 // The field as its kind's own class: a field that calls itself "mlp" must be tilt's MlpVelocity.
@@ -621,6 +622,7 @@ class Exporter {
   torch::jit::Module module_of(const VelocityField& field) {
     using Method = torch::jit::Module (Exporter::*)(const VelocityField&);
     static const std::map<std::string, Method> builtin{{"mlp", &Exporter::mlp_module},
+                                                       {"unet", &Exporter::unet_module},
                                                        {"torchscript", &Exporter::torchscript_module},
                                                        {"finetuned", &Exporter::finetuned_module},
                                                        {"gmm", &Exporter::gmm_module}};
@@ -745,6 +747,15 @@ class Exporter {
     }
     src += "    return h\n";
     m.define(src);
+    return m;
+  }
+
+  // src/model/unet.cpp's forward pass as TorchScript (UNetVelocity::script_form), LoRA adapters merged in.
+  torch::jit::Module unet_module(const VelocityField& field) {
+    const UNetVelocity::ScriptForm form = as<UNetVelocity>(field).script_form();
+    torch::jit::Module m = make("UNet");
+    for (const auto& [name, value] : form.tensors) m.register_parameter(name, value.requires_grad_(true), false);
+    m.define(form.source);
     return m;
   }
 

@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <map>
 #include <optional>
 #include <type_traits>
@@ -480,6 +481,134 @@ VelocityFieldPtr UNetVelocity::clone() const {
   const bool trainable = !mine.empty() && mine.front().requires_grad();
   copy->set_trainable(trainable);
   return copy;
+}
+
+namespace {
+
+// A number as TorchScript source, to the last bit of the double.
+std::string number(double v) {
+  char buf[64];
+  std::snprintf(buf, sizeof buf, "%.17g", v);
+  return buf;
+}
+
+// TorchScript source of the forward pass (E124), line by line, mirroring UNetVelocity::Impl; `weights` are the
+// tensors the layers compute with ("<layer>.weight" with any adapters merged in, "<layer>.bias").
+class ScriptWriter {
+ public:
+  ScriptWriter(const std::map<std::string, Tensor>& weights, int64_t groups) : weights_(weights), groups_(groups) {}
+
+  std::string conv(const Conv& c, const std::string& x) {
+    const std::string s = std::to_string(c.stride), p = std::to_string(c.kernel / 2);
+    return "torch.conv2d(" + x + ", " + weight(c) + ", " + tensor(c.name + ".bias") + ", [" + s + ", " + s + "], [" +
+           p + ", " + p + "])";
+  }
+  std::string linear(const Linear& l, const std::string& x) {
+    return "torch.linear(" + x + ", " + weight(l) + ", " + tensor(l.name + ".bias") + ")";
+  }
+  std::string norm(const Norm& m, const std::string& x) {
+    return "torch.group_norm(" + x + ", " + std::to_string(groups_) + ", " + tensor(m.name + ".weight") + ", " +
+           tensor(m.name + ".bias") + ", 1e-05)";
+  }
+  // h = block(x): GroupNorm, SiLU, conv; plus the embedding; GroupNorm, SiLU, conv; plus x (or its 1x1 conv).
+  void block(const ResBlock& b, const std::string& x) {
+    line("r = " + conv(b.conv1, "torch.silu(" + norm(b.norm1, x) + ")"));
+    line("r = r + " + linear(b.emb, "emb") + ".unsqueeze(-1).unsqueeze(-1)");
+    line("r = " + conv(b.conv2, "torch.silu(" + norm(b.norm2, "r") + ")"));
+    line("h = r + " + (b.skip ? conv(*b.skip, x) : x));
+  }
+  void attention(const Attention& a, int64_t channels) {
+    const std::string C = std::to_string(channels);
+    line("hw = h.size(2) * h.size(3)");
+    line("qkv = " + conv(a.qkv, norm(a.norm, "h")) + ".reshape(h.size(0), 3, " + C + ", hw)");
+    line("q = qkv.select(1, 0)");
+    line("k = qkv.select(1, 1)");
+    line("v = qkv.select(1, 2)");
+    line("p = torch.softmax(torch.matmul(q.transpose(1, 2), k) / " + number(std::sqrt(static_cast<double>(channels))) +
+         ", -1)");
+    line("o = torch.matmul(v, p.transpose(1, 2)).reshape(h.size(0), " + C + ", h.size(2), h.size(3))");
+    line("h = h + " + conv(a.proj, "o"));
+  }
+  void line(const std::string& text) { source += "    " + text + "\n"; }
+
+  std::string source;
+  NamedTensors tensors;
+
+ private:
+  // self.<name> for a tensor of the network (each layer is used once, so each tensor is registered once).
+  std::string tensor(const std::string& name) {
+    std::string attr = name;
+    std::replace(attr.begin(), attr.end(), '.', '_');
+    tensors.emplace_back(attr, weights_.at(name).detach().clone());
+    return "self." + attr;
+  }
+  template <class Layer>
+  std::string weight(const Layer& layer) { return tensor(layer.name + ".weight"); }
+  const std::map<std::string, Tensor>& weights_;
+  int64_t groups_;
+};
+
+}  // namespace
+
+UNetVelocity::ScriptForm UNetVelocity::script_form() const {
+  const UNetOptions& o = options_;
+  const Architecture& a = impl_->arch;
+  std::map<std::string, Tensor> merged;
+  {
+    at::NoGradGuard no_grad;
+    for_each_layer(a, [&](const auto& layer) {
+      merged[layer.name + ".weight"] = impl_->weight(layer);
+      merged[layer.name + ".bias"] = impl_->at(layer.name + ".bias");
+    });
+  }
+  ScriptWriter w(merged, o.groups);
+  const int64_t dc = o.condition_dim, half = o.time_features / 2;
+  w.source = dc > 0 ? "def forward(self, x, t, c: Optional[Tensor]):\n" : "def forward(self, x, t):\n";
+  w.line("B = x.size(0)");
+  w.line("dt = self.input_weight.dtype");
+  // E124's time features: sin and cos of t w_k, w_k = 1000^(1 - k / (n/2)).
+  w.line("kk = torch.arange(" + std::to_string(half) + ", dtype=dt, device=x.device)");
+  w.line("freq = torch.exp((1.0 - kk / " + number(static_cast<double>(half)) + ") * " + number(std::log(1000.0)) + ")");
+  w.line("arg = t.to(dt).reshape(-1, 1).expand(B, 1) * freq.unsqueeze(0)");
+  w.line("emb = torch.cat([torch.sin(arg), torch.cos(arg)], 1)");
+  // The input conv's weight is registered first, so that `dt` above names an existing attribute.
+  const std::string input = w.conv(a.input, "x.to(dt).reshape(B, " + std::to_string(o.channels) + ", " +
+                                                std::to_string(o.height) + ", " + std::to_string(o.width) + ")");
+  w.line("emb = " + w.linear(a.time2, "torch.silu(" + w.linear(a.time1, "emb") + ")"));
+  if (a.condition) {
+    w.line("if c is None:");
+    w.line("    cc = torch.zeros(B, " + std::to_string(dc) + ", dtype=dt, device=x.device)");
+    w.line("    flag = torch.zeros(B, 1, dtype=dt, device=x.device)");
+    w.line("else:");
+    w.line("    cc = c.to(dt).expand(B, " + std::to_string(dc) + ")");
+    w.line("    flag = torch.ones(B, 1, dtype=dt, device=x.device)");
+    w.line("emb = emb + " + w.linear(*a.condition, "torch.cat([cc, flag], 1)"));
+  }
+  w.line("emb = torch.silu(emb)");
+  w.line("h = " + input);
+  int skips = 0;
+  for (const Level& level : a.levels) {
+    for (const ResBlock& b : level.down) {
+      w.block(b, "h");
+      w.line("s" + std::to_string(skips++) + " = h");
+    }
+    if (level.downsample) w.line("h = " + w.conv(*level.downsample, "h"));
+  }
+  w.block(a.mid1, "h");
+  if (a.attention) w.attention(*a.attention, a.attention->norm.channels);
+  w.block(a.mid2, "h");
+  for (size_t l = a.levels.size(); l-- > 0;) {
+    for (const ResBlock& b : a.levels[l].up) {
+      w.line("h = torch.cat([h, s" + std::to_string(--skips) + "], 1)");
+      w.block(b, "h");
+    }
+    if (a.levels[l].upsample) {
+      w.line("h = " + w.conv(*a.levels[l].upsample, "torch.upsample_nearest2d(h, [h.size(2) * 2, h.size(3) * 2])"));
+    }
+  }
+  w.line("h = " + w.conv(a.output, "torch.silu(" + w.norm(a.out_norm, "h") + ")"));
+  w.line("return h.reshape(B, " + std::to_string(o.dim()) + ").to(x.dtype)");
+  return {w.source, w.tensors};
 }
 
 void UNetVelocity::cast(const at::TensorOptions& options) {

@@ -212,6 +212,14 @@ if "$tilt" pretrain -c unet.toml -o upre -q > /dev/null 2> upre.err &&
 else
   fail "U-Net and LoRA: $(head -c 400 upre.err)"
 fi
+# The LoRA model file holds the base once (base + adapters, not base + base + adapters), and exports to TorchScript
+# (tilt export checks the module against tilt's velocity at conditions and at the null condition before writing).
+if [ -f uft/model.pt ] && [ "$(stat -c %s uft/model.pt)" -lt "$(($(stat -c %s upre/model.pt) * 3 / 2))" ] &&
+   "$tilt" export -m uft/model.pt -o uft.ts > /dev/null 2> uexp.err && [ -s uft.ts ]; then
+  pass "a LoRA model file stores its base once; tilt export writes the U-Net with LoRA as TorchScript"
+else
+  fail "LoRA file size $(stat -c %s uft/model.pt 2>/dev/null) vs base $(stat -c %s upre/model.pt 2>/dev/null), or export: $(head -c 400 uexp.err 2>/dev/null)"
+fi
 expect_error "LoRA on an MLP base" "finetune.model" "$tilt" finetune -c digits_ft.toml -o bad_lora -q --set finetune.model=lora
 # tilt_guidance_study (built with the benchmarks): the lean adjoint's norm along guided trajectories of the
 # digits model, a row per w and adjoint (the unguided one only at w = 0), and its JSON.

@@ -10,6 +10,7 @@
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
+#include "tilt/model/torchscript.h"
 #include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
 #include "tilt/train/flow_matching.h"
@@ -21,8 +22,12 @@
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/jit/api/module.h>
+#include <torch/csrc/jit/serialization/import.h>
 
 #include <cstdio>
+#include <filesystem>
+#include <sstream>
 
 namespace tilt {
 namespace {
@@ -286,13 +291,32 @@ TEST(UNetLora, IsAFineTuningModeThatSavesAndLoadsAndIsRefusedForOtherBases) {
     at::NoGradGuard no_grad;
     for (const Tensor& p : model->parameters()) const_cast<Tensor&>(p).normal_(0.0, 0.05);
   }
-  const std::string path = temp_path("lora.pt");
+  const std::string path = temp_path("lora.pt"), base_path = temp_path("lora_base.pt");
   save_velocity(*model, path);
+  save_velocity(*base, base_path);
   const LoadedModel loaded = load_velocity(path);
   at::NoGradGuard no_grad;
   const Tensor x = at::randn({2, base->dim()});
   EXPECT_TRUE(at::equal(model->velocity(x, 0.5), loaded.field->velocity(x, 0.5)));
+  // The base is stored once: the file is the base's plus the adapters (under 1.5x the base alone here), and the
+  // loaded adapted network computes with the loaded base's tensors, not a copy of them.
+  EXPECT_LT(std::filesystem::file_size(path), 3 * std::filesystem::file_size(base_path) / 2);
+  const auto lft = std::dynamic_pointer_cast<FineTunedVelocity>(loaded.field);
+  ASSERT_TRUE(lft);
+  const NamedTensors lb = lft->base()->named_parameters(), lt = lft->trainable()->named_parameters();
+  ASSERT_GT(lt.size(), lb.size());
+  for (size_t i = 0; i < lb.size(); ++i) EXPECT_TRUE(lt[i].second.is_same(lb[i].second)) << lt[i].first;
+  EXPECT_EQ(lft->parameters().size(), model->parameters().size());  // the adapters train, the base does not
+  for (const auto& [name, w] : lb) EXPECT_FALSE(w.requires_grad()) << name;
+  // Adapters on a network other than the file's base (not made by make_finetuned) are stored whole, and load so.
+  auto other = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 9);
+  const auto odd = std::make_shared<FineTunedVelocity>(other, model->trainable(), FineTuneMode::lora);
+  save_velocity(*odd, path);
+  EXPECT_GT(std::filesystem::file_size(path), 3 * std::filesystem::file_size(base_path) / 2);
+  const LoadedModel odd_loaded = load_velocity(path);
+  EXPECT_TRUE(at::equal(odd->velocity(x, 0.5), odd_loaded.field->velocity(x, 0.5)));
   std::remove(path.c_str());
+  std::remove(base_path.c_str());
   // Residual mode on a U-Net base trains a U-Net that starts at zero.
   auto residual = make_finetuned(base, FineTuneMode::residual, {16}, 4, 13);
   EXPECT_EQ(residual->trainable()->kind(), "unet");
@@ -311,6 +335,50 @@ TEST(UNetLora, IsAFineTuningModeThatSavesAndLoadsAndIsRefusedForOtherBases) {
   }
   EXPECT_THROW(base->with_lora({}, 0)->with_lora({}, 0), Error);
   EXPECT_THROW(base->with_lora(LoraOptions{0, 1.0}, 0), Error);
+}
+
+// tilt export of a U-Net, run by LibTorch's TorchScript interpreter (what torch.jit.load does in PyTorch): the
+// plain network (with attention and a condition, and without), a LoRA model with trained adapters (merged into
+// the exported weights) and a residual U-Net on a U-Net base, at conditions, at the null condition and at
+// every time, against tilt's own velocity.
+TEST(UNet, ExportsToTorchScriptThatReproducesTheFieldWithAndWithoutAdapters) {
+  Generator gen = make_generator(31);
+  auto plain = std::make_shared<UNetVelocity>(tiny(0), make_linear_schedule(), 5);
+  auto base = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 6);
+  auto lora = make_finetuned(base, FineTuneMode::lora, {}, 0, 7, LoraOptions{2, 3.0});
+  auto residual = make_finetuned(base, FineTuneMode::residual, {16}, 4, 8);
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& model : {lora, residual}) {
+      for (const Tensor& p : model->parameters()) const_cast<Tensor&>(p).normal_(0.0, 0.05, gen);
+    }
+  }
+  const Tensor x = at::randn({5, base->dim()}, gen), t = at::rand({5}, gen);
+  const Tensor c = at::randn({5, 3}, gen);
+  const std::vector<std::pair<std::string, VelocityFieldPtr>> fields{
+      {"plain", plain}, {"base", base}, {"lora", lora}, {"residual", residual}};
+  for (const auto& [name, field] : fields) {
+    SCOPED_TRACE(name);
+    std::istringstream in(export_torchscript(*field));
+    torch::jit::Module m = torch::jit::load(in);
+    at::NoGradGuard no_grad;
+    if (field->condition_dim() == 0) {
+      const Tensor v = field->velocity(x, t);
+      EXPECT_LT((m.forward({x, t}).toTensor() - v).abs().max().item<double>(), 1e-5 * (1 + v.abs().max().item<double>()));
+      continue;
+    }
+    const Tensor v = field->conditional_velocity(x, t, c), v0 = field->velocity(x, t);
+    EXPECT_LT((m.forward({x, t, c}).toTensor() - v).abs().max().item<double>(), 1e-5 * (1 + v.abs().max().item<double>()));
+    EXPECT_LT((m.forward({x, t, c10::IValue()}).toTensor() - v0).abs().max().item<double>(),
+              1e-5 * (1 + v0.abs().max().item<double>()));
+    // A 0-dim time and one condition row for the whole batch.
+    const Tensor v1 = field->conditional_velocity(x, at::scalar_tensor(0.3), c.narrow(0, 0, 1));
+    EXPECT_LT((m.forward({x, at::scalar_tensor(0.3), c.narrow(0, 0, 1)}).toTensor() - v1).abs().max().item<double>(),
+              1e-5 * (1 + v1.abs().max().item<double>()));
+  }
+  // The adapters matter: the LoRA export is not the base's.
+  at::NoGradGuard no_grad;
+  EXPECT_GT((lora->conditional_velocity(x, t, c) - base->conditional_velocity(x, t, c)).abs().max().item<double>(), 1e-3);
 }
 
 // Flow matching trains the U-Net towards the exact velocity of a Gaussian law on 1 x 4 x 4 images with a

@@ -84,6 +84,17 @@ class UNetVelocity : public VelocityField {
   void to(const at::Device& device) override { cast(at::TensorOptions().device(device)); }
 
   const UNetOptions& options() const { return options_; }
+
+  /// The network as TorchScript source, for tilt/model/torchscript.h's exporter: `source` defines
+  /// forward(self, x, t) (a conditional network: forward(self, x, t, c: Optional[Tensor]), c [B, dc] or None for
+  /// the null condition) on flat x [B, d] and t [B], computing in the weights' dtype as velocity() does, and reads
+  /// every tensor as self.<name> from `tensors`: the network's (dots in names become underscores), each adapted
+  /// weight with its adapters merged in, W + (alpha / rank) B A (E125).
+  struct ScriptForm {
+    std::string source;
+    NamedTensors tensors;
+  };
+  ScriptForm script_form() const;
   /// The names and shapes of the network's tensors for these options, and of the adapters `lora` adds, in
   /// named_parameters()'s order, computed without allocating any: what a model file is checked against.
   /// Throws tilt::Error for options out of range.

@@ -1,0 +1,148 @@
+#!/usr/bin/env bash
+# The Adjoint Matching paper's table in miniature on Fashion-MNIST (issue 20; the paper's Table 2 setting with a
+# class-conditional U-Net for the text-conditional image model and the ten classes for the prompts):
+#   - pretrains the class-conditional U-Net of configs/fashion_unet.toml (1.25M parameters, flow matching with
+#     condition dropout), the reward's CNN classifier and an unseen MLP classifier (another architecture, seed and
+#     input noise; only the evaluation reads it);
+#   - fine-tunes LoRA adapters over all ten classes at once towards r(x, c) = log p(c | x), at lambda = 1 and 5, with
+#     Adjoint Matching (memoryless), Adjoint Matching with sigma = 1 (a biased schedule), the discrete adjoint, DRaFT-1,
+#     ReFL and DDPO, all at one budget (iterations, batch, K); at lambda = 1 also a full copy instead of LoRA (the
+#     equal-budget comparison) and Adjoint Matching towards a reward of another kind (brightness: the mean pixel);
+#   - samples each model with the flow ODE at every class, scores each class at its own class (log p(c | x), share,
+#     pixel and feature diversity, Frechet distance in the classifier's features) and under the unseen classifier,
+#     and writes the table (scripts/fashion_table.py) and one grid per lambda, a row per class.
+# DRaFT, ReFL and DDPO have no KL term; the lambda only scales their reward (DDPO standardises it away, Adam nearly
+# so for DRaFT and ReFL), so they run once and appear under both lambdas.
+#   scripts/fashion.sh                 # hours on 2 cores (the pretraining ~1.5 h); skips finished runs and samples
+#   UPDATE_DOCS=1 scripts/fashion.sh   # also writes docs/fashion.md and docs/images/fashion_lambda{1,5}.png
+#   TINY=1 OUT=/tmp/f scripts/fashion.sh   # the same code on a tiny U-Net and 2000 images in ~40 s (ctest fashion)
+# Environment: OUT (runs/fashion), THREADS (0: all cores), PRETRAIN_ITERATIONS (6000), ITERATIONS (200), N (100
+# samples per class), LAMBDAS ("1 5"), NO_BUILD=1 (use the tilt binary as it is), TILT (build/bin/tilt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ "${NO_BUILD:-0}" != 1 ]; then
+  scripts/setup.sh
+  scripts/build.sh -DTILT_BUILD_APPS=ON
+fi
+
+config=configs/fashion_unet.toml
+OUT=${OUT:-runs/fashion}
+THREADS=${THREADS:-0}
+TINY=${TINY:-0}
+if [ "$TINY" = 1 ]; then
+  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-3}; ITERATIONS=${ITERATIONS:-2}; N=${N:-3}
+  # A U-Net of 4 and 8 channels, 2000 images, a few iterations of everything: what CI can afford of this study.
+  tiny=(--set data.limit=2000 --set pretrain.channels=4 --set "pretrain.channel_mult=[1, 2]" --set pretrain.blocks=1
+        --set pretrain.groups=2 --set pretrain.batch_size=8 --set classifier.iterations=20 --set finetune.batch_size=2
+        --set finetune.num_steps=4 --set finetune.adjoint_matching.loss_early_steps=1
+        --set finetune.adjoint_matching.loss_late_steps=1 --set finetune.checkpoint_every=0)
+  steps=4
+else
+  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-6000}; ITERATIONS=${ITERATIONS:-200}; N=${N:-100}
+  tiny=()
+  steps=100
+fi
+LAMBDAS=${LAMBDAS:-1 5}
+tilt=${TILT:-build/bin/tilt}
+mkdir -p "$OUT"
+common=(--set "threads=$THREADS" --set "base.path=$OUT/base/model.pt" "${tiny[@]}")
+classifier=(--set "reward.path=$OUT/classifier/classifier.pt")
+# without SECTION KEY...: configs/fashion_unet.toml without these keys of [SECTION], on stdout.
+without() {
+  local section=$1 key script=""
+  shift
+  for key in "$@"; do script+="/^$key *=/d;"; done
+  sed -e "/^\\[$section\\]/,/^\\[/{$script}" "$config"
+}
+bright_config=$OUT/fashion_bright.toml   # the brightness reward takes no classifier file and no class
+without reward path class > "$bright_config"
+unseen_config=$OUT/fashion_unseen.toml   # an MLP classifier has no convolution channels
+without classifier channels > "$unseen_config"
+quiet=${TILT_QUIET:+-q}
+
+# timed DIR COMMAND...: runs it, then writes its wall-clock seconds to DIR/seconds.txt and its peak resident memory
+# (kB, where /usr/bin/time exists) to DIR/max_rss_kb.txt.
+timed() {
+  local dir=$1 start rss
+  shift
+  start=$(date +%s)
+  rss=$(mktemp)
+  if [ -x /usr/bin/time ]; then /usr/bin/time -o "$rss" -f %M "$@"; else "$@"; fi
+  mkdir -p "$dir"
+  echo $(($(date +%s) - start)) > "$dir/seconds.txt"
+  if [ -s "$rss" ]; then tail -1 "$rss" > "$dir/max_rss_kb.txt"; fi
+  rm -f "$rss"
+}
+
+[ -f "$OUT/base/model.pt" ] || timed "$OUT/base" $tilt pretrain -c $config "${common[@]}" \
+  --set "pretrain.iterations=$PRETRAIN_ITERATIONS" -o "$OUT/base" $quiet
+[ -f "$OUT/classifier/classifier.pt" ] ||
+  timed "$OUT/classifier" $tilt classifier -c $config "${common[@]}" -o "$OUT/classifier" $quiet
+# The unseen classifier: an MLP (one hidden layer of 512, ReLU) where the reward's is a CNN, another seed (another
+# held-out split and initialisation), less input noise, a larger learning rate.
+[ -f "$OUT/unseen/classifier.pt" ] ||
+  timed "$OUT/unseen" $tilt classifier -c "$unseen_config" "${common[@]}" --set seed=1 --set 'classifier.architecture="mlp"' \
+    --set "classifier.hidden=[512]" --set 'classifier.activation="relu"' --set classifier.input_noise=0.1 \
+    --set classifier.lr=2e-3 -o "$OUT/unseen" $quiet
+
+# name | settings beyond configs/fashion_unet.toml's [finetune] (LoRA, batch 16, K = 10, lr 1e-3).
+runs=()
+for l in $LAMBDAS; do
+  runs+=("am_l$l|reward.lambda=$l"
+         "am_sigma1_l$l|reward.lambda=$l finetune.noise=\"constant:1\""
+         "discrete_adjoint_l$l|reward.lambda=$l finetune.method=\"discrete_adjoint\"")
+done
+runs+=("draft1|finetune.method=\"draft\" finetune.draft.draft_k=1"
+       "refl|finetune.method=\"refl\""
+       "ddpo|finetune.method=\"ddpo\" finetune.grad_clip=1.0"
+       # Equal budget, every weight trained: a full copy moves every weight, so a smaller lr (as the digits U-Net's).
+       "am_copy_l1|reward.lambda=1 finetune.model=\"copy\" finetune.lr=2e-4"
+       # A reward of another kind: the mean pixel (brightness in [-1, 1]); it varies by about 0.3 between classes.
+       "am_bright|reward.type=\"ink\" reward.lambda=10")
+models=(base)
+for spec in "${runs[@]}"; do
+  name=${spec%%|*}
+  sets=()
+  for s in ${spec#*|}; do sets+=(--set "$s"); done
+  # The ink reward has no classifier file and takes no class.
+  if [ "$name" = am_bright ]; then run_config=(-c "$bright_config"); else run_config=(-c $config "${classifier[@]}"); fi
+  [ -f "$OUT/$name/model.pt" ] || timed "$OUT/$name" $tilt finetune "${run_config[@]}" "${common[@]}" \
+    --set "finetune.iterations=$ITERATIONS" "${sets[@]}" -o "$OUT/$name" $quiet
+  models+=("$name")
+done
+
+# N samples at each of the ten classes with the flow ODE, the same seed for every model.
+for name in "${models[@]}"; do
+  file="$OUT/$name/samples.csv"
+  [ -f "$file" ] || $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --steps $steps --seed 1 \
+    --threads "$THREADS" -o "$file"
+done
+
+# Per lambda: the table's rows scored together, with the target p* (base samples reweighted by p(c | x)^lambda).
+evals=()
+for l in $LAMBDAS; do
+  args=(--samples "$OUT/base/samples.csv")
+  panels=("$OUT/base/samples.csv:base")
+  for name in am_l$l am_sigma1_l$l discrete_adjoint_l$l draft1 refl ddpo; do
+    args+=(--samples "$OUT/$name/samples.csv")
+    panels+=("$OUT/$name/samples.csv:$name")
+  done
+  if [ "$l" = 1 ]; then
+    for name in am_copy_l1 am_bright; do args+=(--samples "$OUT/$name/samples.csv"); done
+  fi
+  $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$l" "${args[@]}" --base "$OUT/base/samples.csv" \
+    --unseen "$OUT/unseen/classifier.pt" --json > "$OUT/eval_l$l.json"
+  $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$l" "${args[@]}" --base "$OUT/base/samples.csv" \
+    --unseen "$OUT/unseen/classifier.pt" > "$OUT/eval_l$l.txt"
+  $tilt plot --images 28x28 --by-condition 6 --columns 4 "${panels[@]}" -o "$OUT/grid_l$l.png" \
+    --title "Fashion-MNIST, one row per class: lambda = $l, sampled with the ODE"
+  evals+=("$l=$OUT/eval_l$l.json")
+done
+python3 scripts/fashion_table.py --out "$OUT" --iterations "$ITERATIONS" --n "$N" --threads "$THREADS" "${evals[@]}" \
+  > "$OUT/fashion.md"
+cat "$OUT/fashion.md"
+if [ "${UPDATE_DOCS:-0}" = 1 ]; then
+  cp "$OUT/fashion.md" docs/fashion.md
+  for l in $LAMBDAS; do cp "$OUT/grid_l$l.png" "docs/images/fashion_lambda$l.png"; done
+  for l in $LAMBDAS; do cp "$OUT/eval_l$l.txt" "docs/fashion_eval_l$l.txt"; done
+fi

@@ -130,10 +130,9 @@ for l in $LAMBDAS; do
   if [ "$l" = 1 ]; then
     for name in am_copy_l1 am_bright; do args+=(--samples "$OUT/$name/samples.csv"); done
   fi
-  $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$l" "${args[@]}" --base "$OUT/base/samples.csv" \
-    --unseen "$OUT/unseen/classifier.pt" --json > "$OUT/eval_l$l.json"
-  $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$l" "${args[@]}" --base "$OUT/base/samples.csv" \
-    --unseen "$OUT/unseen/classifier.pt" > "$OUT/eval_l$l.txt"
+  $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$l" "${args[@]}" \
+    --base "$OUT/base/samples.csv" --unseen "$OUT/unseen/classifier.pt" --json-file "$OUT/eval_l$l.json" \
+    > "$OUT/eval_l$l.txt"
   $tilt plot --images 28x28 --by-condition 6 --columns 4 "${panels[@]}" -o "$OUT/grid_l$l.png" \
     --title "Fashion-MNIST, one row per class: lambda = $l, sampled with the ODE"
   evals+=("$l=$OUT/eval_l$l.json")

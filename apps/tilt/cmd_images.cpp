@@ -3,6 +3,7 @@
 #include "commands.h"
 
 #include "tilt/core/error.h"
+#include "tilt/core/fs.h"
 #include "tilt/io/classifier_io.h"
 #include "tilt/io/training.h"
 #include "tilt/train/classification.h"
@@ -49,6 +50,7 @@ int run_eval_images(const EvalImagesArgs& args) {
   const ImageEvaluation setup = read_image_evaluation(root);
   finish_root(root);
   const Json out = evaluate_images(setup, args.samples, args.base, args.unseen);
+  if (!args.json_file.empty()) atomic_write(args.json_file, out.dump() + "\n");
   if (common_options().json) {
     report(out);
   } else {
@@ -75,6 +77,8 @@ const bool registered_eval_images = add_command(
        app.add_option("--unseen", args->unseen,
                       "A second classifier file (tilt classifier), never used in training: also report each file's class "
                       "share and mean log p(c|x) under it");
+       app.add_option("--json-file", args->json_file,
+                      "Also write the result as JSON (what --json prints) to this file, atomically, beside the table");
        return [args] { return run_eval_images(*args); };
      }});
 }  // namespace

@@ -43,6 +43,7 @@ struct EvalImagesArgs {
   std::vector<std::string> samples;
   std::string base;  ///< base-model samples: the tilted target's metrics by importance weighting
   std::string unseen;  ///< a second classifier file, never used in training: its share and log p(c|x) too
+  std::string json_file;  ///< also write the result as JSON here (atomically)
 };
 int run_eval_images(const EvalImagesArgs& args);
 

@@ -39,18 +39,7 @@ tilt=build/bin/tilt
 common=(--set "threads=$THREADS" --set "base.path=$OUT/base/model.pt"
         --set "reward.path=$OUT/classifier/classifier.pt")
 
-# timed DIR COMMAND...: runs it and writes its wall-clock seconds to DIR/seconds.txt, and its peak resident memory (kB)
-# to DIR/max_rss_kb.txt where /usr/bin/time exists.
-timed() {
-  local dir=$1 start rss
-  shift
-  start=$(date +%s)
-  rss=$(mktemp)
-  if [ -x /usr/bin/time ]; then /usr/bin/time -o "$rss" -f %M "$@"; else "$@"; fi
-  echo $(($(date +%s) - start)) > "$dir/seconds.txt"
-  if [ -s "$rss" ]; then tail -1 "$rss" > "$dir/max_rss_kb.txt"; fi
-  rm -f "$rss"
-}
+. scripts/timed.sh   # timed DIR COMMAND...: its seconds and peak memory into DIR
 
 [ -f "$OUT/base/model.pt" ] || timed "$OUT/base" $tilt pretrain -c $config --set "threads=$THREADS" \
   --set "pretrain.iterations=$PRETRAIN_ITERATIONS" -o "$OUT/base" ${TILT_QUIET:+-q}

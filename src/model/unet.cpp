@@ -571,9 +571,6 @@ UNetVelocity::ScriptForm UNetVelocity::script_form() const {
   w.line("freq = torch.exp((1.0 - kk / " + number(static_cast<double>(half)) + ") * " + number(std::log(1000.0)) + ")");
   w.line("arg = t.to(dt).reshape(-1, 1).expand(B, 1) * freq.unsqueeze(0)");
   w.line("emb = torch.cat([torch.sin(arg), torch.cos(arg)], 1)");
-  // The input conv's weight is registered first, so that `dt` above names an existing attribute.
-  const std::string input = w.conv(a.input, "x.to(dt).reshape(B, " + std::to_string(o.channels) + ", " +
-                                                std::to_string(o.height) + ", " + std::to_string(o.width) + ")");
   w.line("emb = " + w.linear(a.time2, "torch.silu(" + w.linear(a.time1, "emb") + ")"));
   if (a.condition) {
     w.line("if c is None:");
@@ -585,7 +582,8 @@ UNetVelocity::ScriptForm UNetVelocity::script_form() const {
     w.line("emb = emb + " + w.linear(*a.condition, "torch.cat([cc, flag], 1)"));
   }
   w.line("emb = torch.silu(emb)");
-  w.line("h = " + input);
+  w.line("h = " + w.conv(a.input, "x.to(dt).reshape(B, " + std::to_string(o.channels) + ", " +
+                                       std::to_string(o.height) + ", " + std::to_string(o.width) + ")"));
   int skips = 0;
   for (const Level& level : a.levels) {
     for (const ResBlock& b : level.down) {

@@ -13,7 +13,8 @@
 #     and writes the table (scripts/fashion_table.py) and one grid per lambda, a row per class.
 # DRaFT, ReFL and DDPO have no KL term; the lambda only scales their reward (DDPO standardises it away, Adam nearly
 # so for DRaFT and ReFL), so they run once and appear under both lambdas.
-#   scripts/fashion.sh                 # hours on 2 cores (the pretraining ~1.5 h); skips finished runs and samples
+#   scripts/fashion.sh                 # hours on 2 cores (the pretraining ~1.5 h); skips finished runs and samples,
+#                                      # and a run killed mid-way resumes from its last checkpoint
 #   UPDATE_DOCS=1 scripts/fashion.sh   # also writes docs/fashion.md and docs/images/fashion_lambda{1,5}.png
 #   TINY=1 OUT=/tmp/f scripts/fashion.sh   # the same code on a tiny U-Net and 2000 images in ~40 s (ctest fashion)
 # Environment: OUT (runs/fashion), THREADS (0: all cores), PRETRAIN_ITERATIONS (6000), ITERATIONS (200), N (100
@@ -62,16 +63,30 @@ quiet=${TILT_QUIET:+-q}
 
 . scripts/timed.sh   # timed DIR COMMAND...: its seconds and peak memory into DIR
 
-[ -f "$OUT/base/model.pt" ] || timed "$OUT/base" $tilt pretrain -c $config "${common[@]}" \
-  --set "pretrain.iterations=$PRETRAIN_ITERATIONS" -o "$OUT/base" $quiet
-[ -f "$OUT/classifier/classifier.pt" ] ||
-  timed "$OUT/classifier" $tilt classifier -c $config "${common[@]}" -o "$OUT/classifier" $quiet
+# resume_or_clear DIR: a run killed after a checkpoint continues from it (resume=(--resume)); one killed before its
+# first checkpoint has nothing worth keeping and starts again.
+resume_or_clear() {
+  resume=()
+  if [ -f "$1/checkpoint.pt" ]; then resume=(--resume); else rm -rf "$1"; fi
+}
+
+if [ ! -f "$OUT/base/model.pt" ]; then
+  resume_or_clear "$OUT/base"
+  timed "$OUT/base" $tilt pretrain -c $config "${common[@]}" --set "pretrain.iterations=$PRETRAIN_ITERATIONS" \
+    -o "$OUT/base" "${resume[@]}" $quiet
+fi
+if [ ! -f "$OUT/classifier/classifier.pt" ]; then
+  resume_or_clear "$OUT/classifier"
+  timed "$OUT/classifier" $tilt classifier -c $config "${common[@]}" -o "$OUT/classifier" "${resume[@]}" $quiet
+fi
 # The unseen classifier: an MLP (one hidden layer of 512, ReLU) where the reward's is a CNN, another seed (another
 # held-out split and initialisation), less input noise, a larger learning rate.
-[ -f "$OUT/unseen/classifier.pt" ] ||
-  timed "$OUT/unseen" $tilt classifier -c "$unseen_config" "${common[@]}" --set seed=1 --set 'classifier.architecture="mlp"' \
-    --set "classifier.hidden=[512]" --set 'classifier.activation="relu"' --set classifier.input_noise=0.1 \
-    --set classifier.lr=2e-3 -o "$OUT/unseen" $quiet
+if [ ! -f "$OUT/unseen/classifier.pt" ]; then
+  resume_or_clear "$OUT/unseen"
+  timed "$OUT/unseen" $tilt classifier -c "$unseen_config" "${common[@]}" --set seed=1 \
+    --set 'classifier.architecture="mlp"' --set "classifier.hidden=[512]" --set 'classifier.activation="relu"' \
+    --set classifier.input_noise=0.1 --set classifier.lr=2e-3 -o "$OUT/unseen" "${resume[@]}" $quiet
+fi
 
 # name | settings beyond configs/fashion_unet.toml's [finetune] (LoRA, batch 16, K = 10, lr 1e-3).
 runs=()
@@ -94,8 +109,11 @@ for spec in "${runs[@]}"; do
   for s in ${spec#*|}; do sets+=(--set "$s"); done
   # The ink reward has no classifier file and takes no class.
   if [ "$name" = am_bright ]; then run_config=(-c "$bright_config"); else run_config=(-c $config "${classifier[@]}"); fi
-  [ -f "$OUT/$name/model.pt" ] || timed "$OUT/$name" $tilt finetune "${run_config[@]}" "${common[@]}" \
-    --set "finetune.iterations=$ITERATIONS" "${sets[@]}" -o "$OUT/$name" $quiet
+  if [ ! -f "$OUT/$name/model.pt" ]; then
+    resume_or_clear "$OUT/$name"
+    timed "$OUT/$name" $tilt finetune "${run_config[@]}" "${common[@]}" --set "finetune.iterations=$ITERATIONS" \
+      "${sets[@]}" -o "$OUT/$name" "${resume[@]}" $quiet
+  fi
   models+=("$name")
 done
 

@@ -65,5 +65,17 @@ grep -q "^| full copy (lr 2e-4)" "$table" && grep -q "^| Adjoint Matching, brigh
 [ -z "$bad" ] && pass "the table has every row at both lambdas" || fail "table rows missing or repeated:$bad"
 [ -f "$out/grid_l1.png" ] && [ -f "$out/grid_l5.png" ] && pass "one grid per lambda" || fail "grids missing"
 
+# Killed runs: one after its last checkpoint (no model.pt yet) resumes from it; one killed before any checkpoint
+# (a run directory without checkpoint.pt) is started again instead of stopping the study with "already holds a run".
+rm "$out/am_l1/model.pt" "$out/am_l1/samples.csv"
+rm "$out/ddpo/model.pt" "$out/ddpo/checkpoint.pt" "$out/ddpo/samples.csv"
+if TINY=1 NO_BUILD=1 TILT="$tilt" OUT="$out" THREADS=2 TILT_QUIET=1 "$src/scripts/fashion.sh" > "$out/log2" 2>&1 &&
+   [ -f "$out/am_l1/model.pt" ] && [ -f "$out/ddpo/model.pt" ] && [ -f "$out/ddpo/checkpoint.pt" ] &&
+   grep -q "resumed $out/am_l1" "$out/log2"; then
+  pass "a rerun resumes a run killed after its checkpoint and restarts one killed before any"
+else
+  fail "rerun after killed runs: $(grep -E 'error|resumed' "$out/log2" | head -3)"
+fi
+
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -17,8 +17,9 @@
 #                                      # and a run killed mid-way resumes from its last checkpoint
 #   UPDATE_DOCS=1 scripts/fashion.sh   # also writes docs/fashion.md and docs/images/fashion_lambda{1,5}.png
 #   TINY=1 OUT=/tmp/f scripts/fashion.sh   # the same code on a tiny U-Net and 2000 images in ~40 s (ctest fashion)
-# Environment: OUT (runs/fashion), THREADS (0: all cores), PRETRAIN_ITERATIONS (6000), ITERATIONS (200), N (100
-# samples per class), LAMBDAS ("1 5"), NO_BUILD=1 (use the tilt binary as it is), TILT (build/bin/tilt).
+# Environment: OUT (runs/fashion), THREADS (0: all cores), PRETRAIN_ITERATIONS (6000), ITERATIONS (200), N (50
+# samples per class), STEPS (25) and INTEGRATOR (heun) of the ODE sampler, LAMBDAS ("1 5"), NO_BUILD=1 (use the tilt
+# binary as it is), TILT (build/bin/tilt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${NO_BUILD:-0}" != 1 ]; then
@@ -37,11 +38,13 @@ if [ "$TINY" = 1 ]; then
         --set pretrain.groups=2 --set pretrain.batch_size=8 --set classifier.iterations=20 --set finetune.batch_size=2
         --set finetune.num_steps=4 --set finetune.adjoint_matching.loss_early_steps=1
         --set finetune.adjoint_matching.loss_late_steps=1 --set finetune.checkpoint_every=0)
-  steps=4
+  STEPS=${STEPS:-2}; INTEGRATOR=${INTEGRATOR:-heun}
 else
-  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-6000}; ITERATIONS=${ITERATIONS:-200}; N=${N:-100}
+  # 50 samples per class and 25 Heun steps (50 evaluations): 1000 x 100 Euler steps took ~12 min per model on
+  # 2 idle cores, 12 models ~2.4 h; this is ~3 min per model.
+  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-6000}; ITERATIONS=${ITERATIONS:-200}; N=${N:-50}
+  STEPS=${STEPS:-25}; INTEGRATOR=${INTEGRATOR:-heun}
   tiny=()
-  steps=100
 fi
 LAMBDAS=${LAMBDAS:-1 5}
 tilt=${TILT:-build/bin/tilt}
@@ -118,33 +121,37 @@ for spec in "${runs[@]}"; do
   models+=("$name")
 done
 
-# N samples at each of the ten classes with the flow ODE, the same seed for every model.
+# N samples at each of the ten classes with the flow ODE, the same seed for every model; the file's name records the
+# sampler, so changing N, STEPS or INTEGRATOR samples again.
+samples=samples_n${N}_$INTEGRATOR$STEPS.csv
 for name in "${models[@]}"; do
-  file="$OUT/$name/samples.csv"
-  [ -f "$file" ] || $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --steps $steps --seed 1 \
+  file="$OUT/$name/$samples"
+  [ -f "$file" ] || $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --steps "$STEPS" \
+    --integrator "$INTEGRATOR" --seed 1 \
     --threads "$THREADS" -o "$file"
 done
 
 # Per lambda: the table's rows scored together, with the target p* (base samples reweighted by p(c | x)^lambda).
 evals=()
 for l in $LAMBDAS; do
-  args=(--samples "$OUT/base/samples.csv")
-  panels=("$OUT/base/samples.csv:base")
+  args=(--samples "$OUT/base/$samples")
+  panels=("$OUT/base/$samples:base")
   for name in am_l$l am_sigma1_l$l discrete_adjoint_l$l draft1 refl ddpo; do
-    args+=(--samples "$OUT/$name/samples.csv")
-    panels+=("$OUT/$name/samples.csv:$name")
+    args+=(--samples "$OUT/$name/$samples")
+    panels+=("$OUT/$name/$samples:$name")
   done
   if [ "$l" = 1 ]; then
-    for name in am_copy_l1 am_bright; do args+=(--samples "$OUT/$name/samples.csv"); done
+    for name in am_copy_l1 am_bright; do args+=(--samples "$OUT/$name/$samples"); done
   fi
   $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$l" "${args[@]}" \
-    --base "$OUT/base/samples.csv" --unseen "$OUT/unseen/classifier.pt" --json-file "$OUT/eval_l$l.json" \
+    --base "$OUT/base/$samples" --unseen "$OUT/unseen/classifier.pt" --json-file "$OUT/eval_l$l.json" \
     > "$OUT/eval_l$l.txt"
   $tilt plot --images 28x28 --by-condition 6 --columns 4 "${panels[@]}" -o "$OUT/grid_l$l.png" \
     --title "Fashion-MNIST, one row per class: lambda = $l, sampled with the ODE"
   evals+=("$l=$OUT/eval_l$l.json")
 done
-python3 scripts/fashion_table.py --out "$OUT" --iterations "$ITERATIONS" --n "$N" --threads "$THREADS" "${evals[@]}" \
+python3 scripts/fashion_table.py --out "$OUT" --iterations "$ITERATIONS" --n "$N" --samples "$samples" --steps "$STEPS" \
+  --integrator "$INTEGRATOR" --threads "$THREADS" "${evals[@]}" \
   > "$OUT/fashion.md"
 cat "$OUT/fashion.md"
 if [ "${UPDATE_DOCS:-0}" = 1 ]; then

@@ -3,7 +3,7 @@
 `tilt eval-images --json` (the mean over the ten classes of each metric), the seconds per iteration from each run's
 metrics.jsonl, the peak resident memory from max_rss_kb.txt; then LoRA against a full copy, and the brightness run.
 
-  python3 scripts/fashion_table.py --out runs/fashion --iterations 200 --n 100 --threads 0 1=runs/fashion/eval_l1.json ...
+  python3 scripts/fashion_table.py --out runs/fashion --iterations 200 --n 50 --samples samples_n50_heun25.csv --steps 25 --integrator heun --threads 0 1=runs/fashion/eval_l1.json ...
 """
 import argparse, csv, json, os, statistics, sys
 
@@ -81,6 +81,9 @@ def main():
     p.add_argument("--out", required=True)
     p.add_argument("--iterations", required=True)
     p.add_argument("--n", required=True)
+    p.add_argument("--samples", required=True, help="the samples file's name in each run's folder")
+    p.add_argument("--steps", required=True)
+    p.add_argument("--integrator", required=True)
     p.add_argument("--threads", required=True)
     p.add_argument("evals", nargs="+", help="LAMBDA=eval.json")
     a = p.parse_args()
@@ -95,7 +98,7 @@ def main():
     out.write("Written by `scripts/fashion.sh` (`UPDATE_DOCS=1`); do not edit by hand. A class-conditional U-Net "
               "(configs/fashion_unet.toml, 1.25M parameters) fine-tuned over all ten classes towards "
               "r(x, c) = log p(c | x) of a CNN classifier, with rank-4 LoRA adapters, for %s iterations of batch 16 "
-              "and K = 10 steps per method; %s ODE samples per class (100 steps, guidance 0); THREADS=%s. Each "
+              "and K = 10 steps per method; %s ODE samples per class (%s %s steps, guidance 0); THREADS=%s. Each "
               "metric is the mean over the ten classes of the class's own score. Columns: log p(c|x), the training "
               "reward; unseen, a second classifier (an MLP, another seed) never used in training; own class, the "
               "share of samples the classifier assigns to their condition; feature and pixel diversity, the mean "
@@ -103,7 +106,7 @@ def main():
               "samples against its real images in the classifier's features; s/it, the median seconds per "
               "iteration; memory, the run's peak resident memory. DRaFT-1, ReFL and DDPO have no KL term and "
               "their lambda only scales the reward, so one run of each appears under both lambdas.\n\n"
-              % (a.iterations, a.n, a.threads))
+              % (a.iterations, a.n, a.steps, a.integrator.capitalize(), a.threads))
     head = ("| method | log p(c\\|x) | unseen log p | own class | unseen own class | feature diversity | "
             "pixel diversity | Frechet | s/it | memory (MB) |\n|---|---|---|---|---|---|---|---|---|---|\n")
     for lam, e in evals:
@@ -111,7 +114,7 @@ def main():
         out.write(head)
         for run, label in METHODS:
             name = run.format(l=lam)
-            path = os.path.join(a.out, name, "samples.csv")
+            path = os.path.join(a.out, name, a.samples)
             if path not in e["samples"]:
                 continue
             cells = summary_cells(e["samples"][path]["summary"]) + (cost_cells(os.path.join(a.out, name))
@@ -129,15 +132,15 @@ def main():
     if lam1 is not None:
         rows = [("LoRA, rank 4 (lr 1e-3)", "am_l1"), ("full copy (lr 2e-4)", "am_copy_l1")]
         present = [(label, name) for label, name in rows
-                   if os.path.join(a.out, name, "samples.csv") in lam1["samples"]]
+                   if os.path.join(a.out, name, a.samples) in lam1["samples"]]
         if present:
             out.write("## LoRA against full fine-tuning at equal budget (lambda = 1)\n\n")
             out.write(head.replace("| method |", "| Adjoint Matching, trained |"))
             for label, name in present:
-                s = lam1["samples"][os.path.join(a.out, name, "samples.csv")]["summary"]
+                s = lam1["samples"][os.path.join(a.out, name, a.samples)]["summary"]
                 out.write("| %s | %s |\n" % (label, " | ".join(summary_cells(s) + cost_cells(os.path.join(a.out, name)))))
             out.write("\n")
-        bright = os.path.join(a.out, "am_bright", "samples.csv")
+        bright = os.path.join(a.out, "am_bright", a.samples)
         if bright in lam1["samples"]:
             out.write("## A reward of another kind: brightness\n\n")
             out.write("Adjoint Matching towards r(x) = the mean pixel (`[reward] type = \"ink\"`, lambda = 10), scored "
@@ -145,7 +148,7 @@ def main():
             out.write("| samples | mean pixel | log p(c\\|x) | own class | feature diversity | Frechet | s/it |\n"
                       "|---|---|---|---|---|---|---|\n")
             for label, name in [("base", "base"), ("Adjoint Matching, brightness", "am_bright")]:
-                f = os.path.join(a.out, name, "samples.csv")
+                f = os.path.join(a.out, name, a.samples)
                 s = lam1["samples"][f]["summary"]
                 out.write("| %s | %.3f | %.3f | %.1f%% | %s | %.1f | %s |\n"
                           % (label, mean_pixel(f), s["mean_reward"], 100 * s["class_share"],

@@ -27,7 +27,7 @@ done
 # Each samples file: 3 samples at each of the 10 classes, 784 pixels and 10 condition columns.
 bad=""
 for r in base $runs; do
-  f="$out/$r/samples.csv"
+  f="$out/$r/samples_n3_heun2.csv"
   rows=$(($(wc -l < "$f") - 1))
   cols=$(head -1 "$f" | tr ',' '\n' | wc -l)
   [ "$rows" = 30 ] && [ "$cols" = 794 ] || bad+=" $r($rows x $cols)"
@@ -67,8 +67,8 @@ grep -q "^| full copy (lr 2e-4)" "$table" && grep -q "^| Adjoint Matching, brigh
 
 # Killed runs: one after its last checkpoint (no model.pt yet) resumes from it; one killed before any checkpoint
 # (a run directory without checkpoint.pt) is started again instead of stopping the study with "already holds a run".
-rm "$out/am_l1/model.pt" "$out/am_l1/samples.csv"
-rm "$out/ddpo/model.pt" "$out/ddpo/checkpoint.pt" "$out/ddpo/samples.csv"
+rm "$out/am_l1/model.pt" "$out/am_l1/samples_n3_heun2.csv"
+rm "$out/ddpo/model.pt" "$out/ddpo/checkpoint.pt" "$out/ddpo/samples_n3_heun2.csv"
 if TINY=1 NO_BUILD=1 TILT="$tilt" OUT="$out" THREADS=2 TILT_QUIET=1 "$src/scripts/fashion.sh" > "$out/log2" 2>&1 &&
    [ -f "$out/am_l1/model.pt" ] && [ -f "$out/ddpo/model.pt" ] && [ -f "$out/ddpo/checkpoint.pt" ] &&
    grep -q "resumed $out/am_l1" "$out/log2"; then

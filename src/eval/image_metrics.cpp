@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <vector>
 
 namespace tilt {
@@ -37,8 +36,8 @@ Classified classify(const MlpClassifier& classifier, const Tensor& x) {
   std::vector<Tensor> lp, f;
   for (int64_t i = 0; i < x.size(0); i += kChunk) {
     const Tensor xi = x.narrow(0, i, std::min(kChunk, x.size(0) - i));
-    lp.push_back(classifier.log_probs(xi));
     f.push_back(classifier.features(xi));
+    lp.push_back(classifier.log_probs_of_features(f.back()));
   }
   if (lp.empty()) throw Error("image metrics: no samples");
   return {at::cat(lp), at::cat(f)};
@@ -98,9 +97,10 @@ RealClassStats real_class_stats(const MlpClassifier& classifier, const Tensor& r
   return s;
 }
 
-ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
-                                        const RealClassStats& real, const Tensor& weights) {
-  at::NoGradGuard no_grad;
+namespace {
+
+// The checks shared by class_scores and class_sample_metrics; the weights normalised to sum 1 (uniform when undefined).
+Tensor checked_weights(const Tensor& x, const MlpClassifier& classifier, int64_t target_class, const Tensor& weights) {
   if (x.dim() != 2 || x.size(1) != classifier.options().dim) {
     throw Error("image metrics: samples must be [n, " + std::to_string(classifier.options().dim) + "]");
   }
@@ -108,23 +108,49 @@ ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& cl
     throw Error("image metrics: class " + std::to_string(target_class) + " does not exist");
   }
   const int64_t n = x.size(0);
-  Tensor w = weights.defined() ? weights.to(at::kDouble).reshape({-1}) : at::ones({n}, at::kDouble);
+  const Tensor w = weights.defined() ? weights.to(at::kDouble).reshape({-1}) : at::ones({n}, at::kDouble);
   if (w.size(0) != n) throw Error("image metrics: " + std::to_string(w.size(0)) + " weights for " + std::to_string(n) + " samples");
   if (!(w.min().item<double>() >= 0.0) || !(w.sum().item<double>() > 0.0)) {
     throw Error("image metrics: weights must be non-negative and not all zero");
   }
-  w = w / w.sum();
-  ClassSampleMetrics m;
-  m.n = weights.defined() ? static_cast<int64_t>(1.0 / w.pow(2).sum().item<double>() + 1e-9) : n;
-  const Tensor xf = x.to(at::kFloat);
-  const Classified out = classify(classifier, xf);
-  const Tensor r = out.log_probs.select(1, target_class).to(at::kDouble);
+  return w / w.sum();
+}
+
+// The scores from the classifier's log p(. | x) [n, classes] and the normalised weights w.
+ClassScores scores_of(const Tensor& log_probs, int64_t target_class, const Tensor& w, bool weighted) {
+  ClassScores m;
+  m.n = weighted ? static_cast<int64_t>(1.0 / w.pow(2).sum().item<double>() + 1e-9) : w.size(0);
+  const Tensor r = log_probs.select(1, target_class).to(at::kDouble);
   m.mean_reward = (w * r).sum().item<double>();
   const double var = (w * (r - m.mean_reward).pow(2)).sum().item<double>();
   m.reward_se = m.n > 1 ? std::sqrt(var / static_cast<double>(m.n)) : 0.0;
-  const Tensor in_class = out.log_probs.argmax(1) == target_class;
+  const Tensor in_class = log_probs.argmax(1) == target_class;
   m.in_class = in_class.sum().item<int64_t>();
   m.class_share = (w * in_class.to(at::kDouble)).sum().item<double>();
+  return m;
+}
+
+}  // namespace
+
+ClassScores class_scores(const Tensor& x, const MlpClassifier& classifier, int64_t target_class, const Tensor& weights) {
+  at::NoGradGuard no_grad;
+  const Tensor w = checked_weights(x, classifier, target_class, weights);
+  return scores_of(classify(classifier, x.to(at::kFloat)).log_probs, target_class, w, weights.defined());
+}
+
+ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
+                                        const RealClassStats& real, const Tensor& weights) {
+  at::NoGradGuard no_grad;
+  if (!real.mean.defined() || !real.covariance.defined()) {
+    throw Error("image metrics: no statistics of real images (real_class_stats) to measure the Frechet distance "
+                "against; class_scores scores without them");
+  }
+  const Tensor w = checked_weights(x, classifier, target_class, weights);
+  const Tensor xf = x.to(at::kFloat);
+  const Classified out = classify(classifier, xf);
+  ClassSampleMetrics m;
+  static_cast<ClassScores&>(m) = scores_of(out.log_probs, target_class, w, weights.defined());
+  const Tensor in_class = out.log_probs.argmax(1) == target_class;
   // Diversity: the (weighted) mean distance over pairs i != j of samples assigned to c, in pixels and in features.
   const Tensor f = out.features.to(at::kDouble);
   const Tensor idx = at::nonzero(in_class).squeeze(1);
@@ -132,10 +158,6 @@ ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& cl
     const Tensor wc = w.index_select(0, idx);
     m.diversity = mean_pairwise_distance(xf.index_select(0, idx), wc);
     m.feature_diversity = mean_pairwise_distance(f.index_select(0, idx), wc);
-  }
-  if (!real.mean.defined()) {
-    m.frechet = std::numeric_limits<double>::quiet_NaN();
-    return m;
   }
   // Frechet distance with the weighted feature mean and covariance (unbiased for equal weights).
   const Tensor mu = (w.unsqueeze(1) * f).sum(0);

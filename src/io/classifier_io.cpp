@@ -239,7 +239,7 @@ Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string
   }
   for (const ImageSamples& file : files) {
     Json& row = out["samples"][file.path] = metrics_json(class_sample_metrics(file.x, *loaded.classifier, setup.target_class, real));
-    if (unseen) row["unseen"] = unseen_json(class_sample_metrics(file.x, *unseen, setup.target_class, RealClassStats{}));
+    if (unseen) row["unseen"] = unseen_json(class_scores(file.x, *unseen, setup.target_class));
   }
   return out;
 }

@@ -20,7 +20,7 @@ Json metrics_json(const ClassSampleMetrics& m) {
               {"feature_diversity", m.feature_diversity}, {"frechet", m.frechet}};
 }
 
-Json unseen_json(const ClassSampleMetrics& m) {
+Json unseen_json(const ClassScores& m) {
   return Json{{"class_share", m.class_share}, {"mean_reward", m.mean_reward}, {"mean_reward_se", m.reward_se}};
 }
 
@@ -88,7 +88,7 @@ Json class_rows(const ImageSamples& s, const Tensor& labels, const std::vector<R
     Json row = metrics_json(lambda ? tilted_target_metrics(xk, classifier, k, *lambda, real[k])
                                    : class_sample_metrics(xk, classifier, k, real[k]));
     row["class"] = k;
-    if (unseen && !lambda) row["unseen"] = unseen_json(class_sample_metrics(xk, *unseen, k, RealClassStats{}));
+    if (unseen && !lambda) row["unseen"] = unseen_json(class_scores(xk, *unseen, k));
     rows.push_back(std::move(row));
   }
   return Json{{"classes", rows}, {"summary", summarise(rows)}};

@@ -24,7 +24,7 @@ struct ImageSamples {
 /// ClassSampleMetrics as JSON: n, mean_reward, mean_reward_se, class_share, in_class, diversity, frechet.
 Json metrics_json(const ClassSampleMetrics& m);
 /// The unseen classifier's part of them: class_share, mean_reward, mean_reward_se.
-Json unseen_json(const ClassSampleMetrics& m);
+Json unseen_json(const ClassScores& m);
 
 /// The class of each row, [n] int64: its condition must be the one-hot row of one of data.classes
 /// classes. Throws tilt::Error naming the file otherwise, or if it has no condition columns.

@@ -144,7 +144,11 @@ at::Device Classifier::device() const { return named_parameters().front().second
 
 Tensor Classifier::logits(const Tensor& x) const { return impl_->head->forward(features(x)); }
 
-Tensor Classifier::log_probs(const Tensor& x) const { return at::log_softmax(logits(x), 1); }
+Tensor Classifier::log_probs(const Tensor& x) const { return log_probs_of_features(features(x)); }
+
+Tensor Classifier::log_probs_of_features(const Tensor& features) const {
+  return at::log_softmax(impl_->head->forward(features), 1);
+}
 
 std::vector<Tensor> Classifier::parameters() const {
   std::vector<Tensor> out;

@@ -314,10 +314,18 @@ TEST(ImageMetrics, BlockedMetricsEqualTheOnePieceFormulas) {
   const Tensor fc = f.index_select(0, idx);
   const double n_c = static_cast<double>(idx.size(0));
   EXPECT_NEAR(m.feature_diversity, at::cdist(fc, fc).sum().item<double>() / (n_c * (n_c - 1)), 1e-9);
-  // Without real statistics (the unseen classifier's scores) there is no Frechet distance, and nothing else changes.
-  const ClassSampleMetrics u = class_sample_metrics(x, *classifier, c, RealClassStats{});
-  EXPECT_TRUE(std::isnan(u.frechet));
-  EXPECT_EQ(u.class_share, m.class_share);
+  // The scores alone (an unseen classifier's, which has no real statistics) are those of the full metrics, with and
+  // without weights; the full metrics refuse to run without real statistics.
+  for (const Tensor& weights : {Tensor(), w}) {
+    const ClassSampleMetrics full = class_sample_metrics(x, *classifier, c, stats, weights);
+    const ClassScores u = class_scores(x, *classifier, c, weights);
+    EXPECT_EQ(u.n, full.n);
+    EXPECT_EQ(u.in_class, full.in_class);
+    EXPECT_NEAR(u.class_share, full.class_share, 1e-12);
+    EXPECT_NEAR(u.mean_reward, full.mean_reward, 1e-9);
+    EXPECT_NEAR(u.reward_se, full.reward_se, 1e-9);
+  }
+  EXPECT_THROW(class_sample_metrics(x, *classifier, c, RealClassStats{}), Error);
 }
 
 TEST(ImageGrid, WritesAPngOfTheExpectedSize) {

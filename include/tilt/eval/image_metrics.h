@@ -21,29 +21,38 @@ double frechet_distance(const Tensor& features1, const Tensor& features2);
 /// blocks of 1024 rows in float64: memory O(1024 n), not O(n^2).
 double mean_pairwise_distance(const Tensor& x, const Tensor& weights = Tensor());
 
-struct ClassSampleMetrics {
-  int64_t n = 0;                ///< samples
+/// What a classifier alone says of samples for a class c.
+struct ClassScores {
+  int64_t n = 0;                ///< samples (with weights: the effective sample size)
   double mean_reward = 0;       ///< mean log p(c | x)
   double reward_se = 0;         ///< its standard error
   double class_share = 0;       ///< share of samples the classifier assigns to c (argmax)
   int64_t in_class = 0;         ///< how many that is
+};
+
+/// The scores of samples x [n, d] for class c (weights as in class_sample_metrics): what an unseen classifier,
+/// which has no real images' statistics, reports. Equal to class_sample_metrics's fields of the same name.
+ClassScores class_scores(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
+                         const Tensor& weights = Tensor());
+
+struct ClassSampleMetrics : ClassScores {
   double diversity = 0;         ///< mean pairwise (pixel) distance among the samples assigned to c
   double feature_diversity = 0; ///< the same in the classifier's features (the DreamSim-diversity analogue)
   double frechet = 0;           ///< Frechet distance in classifier features, all samples vs real images of c
-                                ///< (NaN when no real statistics are given)
 };
 
 /// The Gaussian fitted to the classifier features of the real images of one class (mean, unbiased
 /// covariance): computed once per class and classifier, then shared by every samples file scored against it.
 struct RealClassStats {
-  Tensor mean;        ///< [f], float64; undefined: no real images (class_sample_metrics leaves frechet NaN)
+  Tensor mean;        ///< [f], float64
   Tensor covariance;  ///< [f, f], float64
   int64_t n = 0;      ///< real images
 };
 /// The features of `real_of_class` [n, d], n >= 2, computed 1024 rows at a time.
 RealClassStats real_class_stats(const MlpClassifier& classifier, const Tensor& real_of_class);
 
-/// Metrics of samples x [n, d] for the target class c against `real` (real_class_stats of the images of c).
+/// Metrics of samples x [n, d] for the target class c against `real` (real_class_stats of the images of c; throws
+/// tilt::Error without them).
 /// With `weights` ([n], non-negative, not all zero) every statistic is the weighted one (weighted
 /// means, weighted pairs, weighted feature mean and covariance), and n is the effective sample size
 /// (sum w)^2 / sum w^2 rounded down. The classifier sees 1024 rows at a time, and the pairwise distances are

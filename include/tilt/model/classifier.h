@@ -48,6 +48,9 @@ class Classifier {
   Tensor logits(const Tensor& x) const;
   /// log p(c | x) for every class, [B, classes].
   Tensor log_probs(const Tensor& x) const;
+  /// log p(c | x) from features(x) [B, hidden.back()] (the head and the softmax): log_probs without running the body
+  /// twice when the features are needed too.
+  Tensor log_probs_of_features(const Tensor& features) const;
   /// The last hidden layer's activations, [B, hidden.back()]: the feature space of the Frechet
   /// distance (eval/image_metrics.h).
   Tensor features(const Tensor& x) const;

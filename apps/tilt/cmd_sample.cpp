@@ -31,6 +31,10 @@ const bool registered_sample = add_command(
        add_seed_threads(app, config);
        app.add_option("-o,--out", o.out, "File: the samples (CSV; a conditional model's with columns c0, c1, ...)")->required();
        app.add_option("--png", o.png, "Also draw the samples (first two coordinates) to this PNG");
+       app.add_option("--batch", o.batch,
+                      "Draw a model's samples this many at a time (0: all at once): bounds the memory; the samples then "
+                      "depend on it as on the seed")->capture_default_str();
+       app.add_flag_function("-q,--quiet", [args](int64_t) { args->second.progress = false; }, "No progress bar");
        return [args] {
          auto& [config, o] = *args;
          o.config = config.config;

@@ -38,6 +38,7 @@ void ProgressBar::update(int64_t done, const std::string& status) {
   if (!enabled_) return;
   const auto now = std::chrono::steady_clock::now();
   const double since = std::chrono::duration<double>(now - last_draw_).count();
+  if (!drawn_ && std::chrono::duration<double>(now - t0_).count() < delay_) return;
   if (tty_) {
     if (since < 0.1 && done_ < total_) return;
   } else {
@@ -70,12 +71,13 @@ void ProgressBar::draw(bool final) {
                status_.empty() ? "" : "  ", status_.c_str(), tty_ ? "" : "\n");
   std::fflush(out_);
   last_printed_done_ = done_;
+  drawn_ = true;
 }
 
 void ProgressBar::finish() {
   if (finished_) return;
   finished_ = true;
-  if (!enabled_) return;
+  if (!enabled_ || (delay_ > 0 && !drawn_)) return;
   draw(true);
   if (tty_) std::fputc('\n', out_);
   std::fflush(out_);

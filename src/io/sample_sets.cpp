@@ -157,10 +157,21 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
                 std::to_string(conditions.size(1)) + " numbers, but model file '" + o.model + "' takes " +
                 std::to_string(m.field->condition_dim()));
   }
+  const int64_t batch = o.batch > 0 ? std::min(o.batch, o.n) : o.n, batches = (o.n + batch - 1) / batch;
+  ProgressBar bar("sample", (conditions.defined() ? conditions.size(0) : 1) * batches * steps, 0, o.progress);
+  bar.set_delay(2.0);
+  int64_t steps_done = 0;
+  opts.on_step = [&](int64_t) { bar.update(++steps_done); };
   DrawnSamples d = draw_per_condition(conditions, o.n, mix_seed(static_cast<uint64_t>(o.seed), 17), [&](const Tensor& c, Generator& gen) {
     const VelocityFieldPtr field = bind_condition(m.field, c.defined() ? c.to(run_device(), at::kFloat) : c, o.guidance);
-    return sample(GenerativeSDE(field, noise), o.n, TimeGrid::uniform(steps), gen, opts).cpu();
+    const GenerativeSDE sde(field, noise);
+    std::vector<Tensor> parts;
+    for (int64_t i = 0; i < o.n; i += batch) {
+      parts.push_back(sample(sde, std::min(batch, o.n - i), TimeGrid::uniform(steps), gen, opts).cpu());
+    }
+    return at::cat(parts);
   });
+  bar.finish();
   d.what = "samples of " + o.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps" +
            (o.guidance != 0.0 ? ", guidance w = " + number_string(o.guidance) : std::string());
   return d;
@@ -172,6 +183,7 @@ DrawnSamples draw_samples(const DrawOptions& o) {
   check_in_range("--n", o.n, 1, limits::kSamples);
   if (o.steps) check_in_range("--steps", *o.steps, 1, limits::kSteps);  // -7 silently meant 100
   if (o.seed < 0) throw Error("--seed must be >= 0");
+  check_in_range("--batch", o.batch, 0, limits::kSamples);
   if (o.model.empty() == o.exact.empty()) throw Error("give either --model FILE, or --exact base|target with --config");
   return o.exact.empty() ? draw_from_model(o) : draw_exact(o);
 }

@@ -67,7 +67,12 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
     RolloutRecord record;
     record.states = options.record;
     out.x = rollout(step_kernels(sde, grid, options.integrator),
-                    [&](int64_t k, const Tensor& x) { return v.velocity(x, grid[k]); }, x0, gen, record)
+                    [&](int64_t k, const Tensor& x) {
+                      Tensor vk = v.velocity(x, grid[k]);
+                      if (options.on_step) options.on_step(k + 1);
+                      return vk;
+                    },
+                    x0, gen, record)
                 .x;
     return out;
   }
@@ -83,6 +88,7 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
     const Tensor x_pred = x + h * b;
     x = x + (0.5 * h) * (b + sde.drift(x_pred, grid[k + 1]));
     if (options.record || k + 1 == grid.steps()) out.x.push_back(x);
+    if (options.on_step) options.on_step(k + 1);
   }
   return out;
 }

@@ -130,6 +130,12 @@ fi
   "$tilt" sample -m run/model.pt -n 500 --noise ode --steps 50 -o ode.csv > /dev/null 2>&1 &&
   "$tilt" sample --exact target -c tiny.toml -n 500 -o target.csv > /dev/null 2>&1 &&
   [ -f s.png ] && pass "sample (SDE, ODE, exact target) and --png" || fail "sample"
+# --batch: the ODE's samples drawn 7 at a time are 500 rows, and a batch of n or more is the one draw of all n.
+"$tilt" sample -m run/model.pt -n 500 --noise ode --steps 50 --batch 7 -o ode7.csv > /dev/null 2>&1 &&
+  "$tilt" sample -m run/model.pt -n 500 --noise ode --steps 50 --batch 500 -q -o ode500.csv > /dev/null 2>&1 &&
+  [ "$(wc -l < ode7.csv)" = 501 ] && cmp -s ode500.csv ode.csv && ! cmp -s ode7.csv ode.csv &&
+  pass "sample --batch" || fail "sample --batch"
+expect_error "sample --batch -1" "--batch must be in 0..10000000" "$tilt" sample -m run/model.pt --batch -1 -o x.csv
 if "$tilt" eval -c tiny.toml -s s.csv -s target.csv --json --replicates 2 > eval.json 2> log.txt &&
    python3 - eval.json <<'PY'
 import json, sys

@@ -186,8 +186,15 @@ TEST(NetworkEvaluations, OnePerStepForEveryGaussianIntegratorTwoForHeun) {
     Generator gen = make_generator(7);
     SampleOptions opts;
     opts.integrator = c.integrator;
+    // The progress callback hears of each step once, in order, after its evaluations.
+    std::vector<int64_t> heard;
+    opts.on_step = [&](int64_t done) {
+      heard.push_back(done);
+      EXPECT_EQ(counting->velocities.load(), c.per_step * done);
+    };
     sample(GenerativeSDE(counting, c.noise), 16, grid, gen, opts);
     EXPECT_EQ(counting->velocities.load(), c.per_step * 10) << c.noise->describe() << " " << static_cast<int>(c.integrator);
+    EXPECT_EQ(heard, (std::vector<int64_t>{1, 2, 3, 4, 5, 6, 7, 8, 9, 10}));
   }
 }
 

@@ -2,6 +2,7 @@
 // or an output path that names an input never lose or silently change what is already on disk.
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/core/progress.h"
 #include "tilt/io/model_io.h"
 #include "tilt/model/mlp.h"
 #include "tilt/train/flow_matching.h"
@@ -19,6 +20,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -280,3 +283,26 @@ TEST(Files, AFlippedBitInACheckpointIsRefused) {
 
 }  // namespace
 }  // namespace tilt
+
+// A progress bar into a file (not a terminal) prints the first update, a line per tenth and a final one; with a delay that the work
+// does not outlast, it prints nothing at all (tilt sample's bar for quick draws).
+TEST(ProgressBar, PrintsTenthsAndTheEndAndNothingForQuickWorkWithADelay) {
+  const auto printed = [](double delay) {
+    std::FILE* f = std::tmpfile();
+    {
+      tilt::ProgressBar bar("work", 20, 0, true, f);
+      bar.set_delay(delay);
+      for (int64_t i = 1; i <= 20; ++i) bar.update(i);
+    }
+    std::rewind(f);
+    std::string text;
+    for (int ch; (ch = std::fgetc(f)) != EOF;) text.push_back(static_cast<char>(ch));
+    std::fclose(f);
+    return text;
+  };
+  const std::string all = printed(0.0);
+  EXPECT_EQ(std::count(all.begin(), all.end(), '\n'), 12) << all;  // 1/20, then 2/20, 4/20, ..., 20/20, then the end
+  EXPECT_NE(all.find("work [########################] 20/20 100%"), std::string::npos) << all;
+  EXPECT_NE(all.find("elapsed"), std::string::npos) << all;
+  EXPECT_EQ(printed(60.0), "");
+}

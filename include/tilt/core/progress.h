@@ -17,6 +17,9 @@ class ProgressBar {
               std::FILE* out = stderr);
   ~ProgressBar();
   void update(int64_t done, const std::string& status = "");
+  /// Draws nothing until `seconds` have passed (and, if the work ends before, nothing at all): for work that is
+  /// usually quick but can be long.
+  void set_delay(double seconds) { delay_ = seconds; }
   /// Prints the final state and a newline (also done by the destructor).
   void finish();
 
@@ -31,6 +34,8 @@ class ProgressBar {
   std::string status_;
   std::chrono::steady_clock::time_point t0_, last_draw_;
   int64_t last_printed_done_ = -1;
+  double delay_ = 0;
+  bool drawn_ = false;
 };
 
 }  // namespace tilt

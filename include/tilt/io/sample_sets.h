@@ -32,6 +32,12 @@ struct DrawOptions {
   /// file of conditions (one per line); n samples are drawn at each, condition i from mix_seed(stream, i).
   std::string condition, conditions;
   double guidance = 0.0;  ///< classifier-free guidance weight w (docs/equations.md, E97); 0: none
+  /// A model's samples are drawn `batch` at a time (0: all n at once), each batch's from the generator where the
+  /// last left off: a smaller batch bounds the memory (the field's activations for batch rows) and changes which
+  /// random numbers each sample gets.
+  int64_t batch = 0;
+  /// A progress bar (stderr) for a model's samples that take over two seconds.
+  bool progress = true;
 };
 struct DrawnSamples {
   Tensor x;          ///< [n, d] (n per condition), every value finite

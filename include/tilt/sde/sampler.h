@@ -5,6 +5,7 @@
 #include "tilt/sde/sde.h"
 #include "tilt/sde/time_grid.h"
 
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,8 @@ struct SampleOptions {
   Integrator integrator = Integrator::euler;
   /// Keep every state X_{t_k} (needed by the adjoint); otherwise only X_0 and X_K.
   bool record = false;
+  /// Called after each step with the number of steps done (progress bars); optional.
+  std::function<void(int64_t)> on_step;
 };
 
 /// States on the grid: x[k] is X_{t[k]} (all of them if recorded, else the first and last).

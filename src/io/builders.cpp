@@ -369,9 +369,20 @@ void read_adjoint_matching_keys(ConfigSection& s, AdjointMatchingOptions& o) {
   o.loss_late_steps = s.integer("loss_late_steps", o.loss_late_steps);
   if (o.loss_early_steps < 0) s.fail("loss_early_steps", "must be >= 0");
   if (o.loss_late_steps < 0) s.fail("loss_late_steps", "must be >= 0");
-  if (o.loss_early_steps > o.num_steps) s.fail("loss_early_steps", "must be at most num_steps = " + std::to_string(o.num_steps));
-  if (o.loss_late_steps > o.num_steps - o.loss_early_steps) {
-    s.fail("loss_late_steps", "must be at most num_steps - loss_early_steps = " + std::to_string(o.num_steps - o.loss_early_steps));
+  // The step at t = 0 has no finite regression target (eta_t is infinite there for every schedule, alpha_0 = 0), so
+  // the loss has num_steps - 1 steps to choose from; checked here, before a run directory exists.
+  const int64_t trainable = o.num_steps - 1;
+  if (o.loss_early_steps > trainable) {
+    s.fail("loss_early_steps", "must be at most num_steps - 1 = " + std::to_string(trainable) +
+                                   " (the step at t = 0 has no finite regression target)");
+  }
+  if (o.loss_late_steps > trainable - o.loss_early_steps) {
+    s.fail("loss_late_steps", "must be at most num_steps - 1 - loss_early_steps = " +
+                                  std::to_string(trainable - o.loss_early_steps) +
+                                  " (the step at t = 0 has no finite regression target)");
+  }
+  if (o.loss_early_steps + o.loss_late_steps < 1) {
+    s.fail("loss_late_steps", "loss_early_steps + loss_late_steps must be at least 1 (the steps the loss regresses on)");
   }
   o.clip_factor = s.number("clip_factor", o.clip_factor);
   if (!(o.clip_factor >= 0)) s.fail("clip_factor", "must be >= 0 (0: no clipping)");

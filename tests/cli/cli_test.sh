@@ -189,7 +189,12 @@ expect_error "corrupt model file" "cannot read model file 'corrupt.pt': not a ti
   "$tilt" sample -m corrupt.pt -o x.csv
 expect_error "dimension mismatch in reward" "'reward.center' must have 2 entries" \
   "$tilt" finetune -c tiny.toml --set 'reward.center=[1,2,3]' -o dims
-[ ! -e typo ] && [ ! -e wrongtype ] && [ ! -e dims ] && pass "failed configs create no run directory" || fail "stray run directory"
+# tiny.toml's 5 + 5 loss steps on 10 steps: the step at t = 0 has no target, so only 9 can be (before any run folder).
+expect_error "loss steps beyond the trainable ones" "loss_late_steps' must be at most num_steps - 1 - loss_early_steps = 4" \
+  "$tilt" finetune -c tiny.toml --set finetune.num_steps=10 -o allsteps
+expect_error "no loss steps" "loss_early_steps + loss_late_steps must be at least 1" \
+  "$tilt" finetune -c tiny.toml --set finetune.loss_early_steps=0 --set finetune.loss_late_steps=0 -o nosteps
+[ ! -e typo ] && [ ! -e wrongtype ] && [ ! -e dims ] && [ ! -e allsteps ] && [ ! -e nosteps ] && pass "failed configs create no run directory" || fail "stray run directory"
 
 # 5. A finished run is never overwritten.
 before=$(md5sum run/model.pt run/checkpoint.pt)

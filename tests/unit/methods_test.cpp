@@ -46,7 +46,7 @@ bool mentions(const std::vector<std::string>& lines, const std::string& text) {
 // The library's memoryless offset is one step, h = 1/K, whatever K is (the CLI's rule, now the library's).
 TEST(Methods, MemorylessOffsetIsOneStep) {
   Base2d s;
-  for (int64_t K : {20, 25, 40, 64}) {  // the default loss steps, 10 + 10, need K >= 20
+  for (int64_t K : {21, 25, 40, 64}) {  // the default loss steps, 10 + 10, need K >= 21 (t = 0 has no target)
     const FinetunePlan plan = make_finetune_plan({{"num_steps", K}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
     ASSERT_TRUE(plan.noise_schedule->is_memoryless());
     EXPECT_DOUBLE_EQ(plan.noise_schedule->h(), 1.0 / static_cast<double>(K)) << "K = " << K;
@@ -169,7 +169,7 @@ TEST(Methods, UsersRegisterTheirOwn) {
 // naming the key; the default is off.
 TEST(Methods, EarlyStopKeys) {
   Base2d s;
-  const Json small{{"num_steps", 20}, {"batch_size", 4}};
+  const Json small{{"num_steps", 21}, {"batch_size", 4}};
   EXPECT_TRUE(make_finetune_plan(small, *s.base, s.reward, 1.0).trainer.early_stop.metric.empty());
   Json on = small;
   on["early_stop"] = "ess";
@@ -457,23 +457,23 @@ TEST(Methods, RewardsWithoutAGradientOnlyGoToValueMethods) {
 // of the loss in most of them; each at most once.
 TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   Base2d s;
-  const FinetunePlan plan = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
+  const FinetunePlan plan = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
   ASSERT_TRUE(plan.trainer.monitor);
-  auto monitor = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  auto monitor = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 19; ++i) EXPECT_EQ(monitor(signals(i == 5 ? 0.4 : 0.9, 0.02)), "") << i;
   for (int i = 0; i < 6; ++i) EXPECT_EQ(monitor(signals(0.9, 0.02)), "") << i;  // the 0.4 is still in the window
   std::string w = monitor(signals(0.9, 0.02));
   EXPECT_NE(w.find("over half of the loss terms are clipped in each of the last 20 iterations"), std::string::npos) << w;
   for (int i = 0; i < 30; ++i) EXPECT_EQ(monitor(signals(0.9, 0.02)), "") << "warned twice";
 
-  auto top = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  auto top = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 20; ++i) EXPECT_EQ(top(signals(0.0, i % 2 ? 0.95 : 0.3)), "") << i;  // median 0.625
   w = top(signals(0.0, 0.95));  // 11 of the last 20 above 0.9: so is the median
   EXPECT_NE(w.find("the loss is dominated by a few rows"), std::string::npos) << w;
   EXPECT_NE(w.find("loss_weighting = \"velocity\""), std::string::npos) << w;  // the default weighting is "control"
   EXPECT_EQ(top(signals(0.0, 0.95)), "");
   // A run that already weights by velocity is not told to.
-  auto velocity = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4},
+  auto velocity = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4},
                                       {"adjoint_matching", {{"loss_weighting", "velocity"}}}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 19; ++i) EXPECT_EQ(velocity(signals(0.0, 0.95)), "") << i;
   w = velocity(signals(0.0, 0.95));  // the 20th: the window is full
@@ -489,7 +489,7 @@ TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   w = split(signals(0.0, 0.95));
   EXPECT_NE(w.find("a larger finetune.adjoint_matching.dsm_until (now 0.3)"), std::string::npos) << w;
 
-  auto calm = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  auto calm = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 100; ++i) EXPECT_EQ(calm(signals(i % 2 ? 0.9 : 0.1, i % 3 ? 0.7 : 0.99)), "") << i;
 }
 

@@ -160,7 +160,8 @@ void TiltScoreMatching::set_batch_size(int64_t n) {
   options_.batch_size = n;
 }
 
-Tensor TiltScoreMatching::target_difference(const Tensor& x1, const Tensor& x0, const Tensor& t) const {
+Tensor TiltScoreMatching::target_difference(const Tensor& x1, const Tensor& x0, const Tensor& t,
+                                            const Tensor& v_base) const {
   at::NoGradGuard no_grad;
   const Coefficients c = coefficients(*model_->schedule(), t);
   const Tensor xt = c.alpha * x1 + c.beta * x0;
@@ -173,7 +174,7 @@ Tensor TiltScoreMatching::target_difference(const Tensor& x1, const Tensor& x0, 
     return (eta * at::matmul(ct, g).squeeze(2)).to(x1.scalar_type());
   }
   // E110: eta_t (Y - s_base(x_t)) = eta_t Y - v_base(x_t) + kappa_t x_t (E7).
-  const Tensor vb = model_->base()->velocity(xt, t);
+  const Tensor vb = v_base.defined() ? v_base : model_->base()->velocity(xt, t);
   Tensor eta_y;
   if (target_ == ScoreTarget::target) {
     // E111: Y = (1/alpha_t)(grad log p_base + lambda grad r)(X_1); eta_t / alpha_t = W_t beta_t / alpha_t^2.
@@ -202,7 +203,6 @@ LossOutput TiltScoreMatching::compute(Generator& gen) {
   const int64_t B = x1.size(0);
   const Tensor t = draw_times(B, options_, gen, x1);
   const Tensor x0 = normal_draws(x1.sizes(), gen, x1.options());
-  const Tensor target = target_difference(x1, x0, t);
   const Coefficients c = coefficients(*model_->schedule(), t);
   const Tensor xt = (c.alpha * x1 + c.beta * x0).detach();
   Tensor vb;
@@ -210,6 +210,8 @@ LossOutput TiltScoreMatching::compute(Generator& gen) {
     at::NoGradGuard no_grad;
     vb = model_->base()->velocity(xt, t);
   }
+  // One base evaluation serves the target (E110) and the model's residual.
+  const Tensor target = target_difference(x1, x0, t, target_ == ScoreTarget::novel ? Tensor() : vb);
   const Tensor residual = model_->delta(xt, t, vb) - target;
   LossOutput out;
   out.loss = (w * residual.pow(2).sum(1)).sum();

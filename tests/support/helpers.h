@@ -7,6 +7,7 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <functional>
 #include <memory>
 #include <utility>
@@ -35,6 +36,27 @@ at::Tensor autograd_jacobian(const std::function<at::Tensor(const at::Tensor&)>&
 /// velocity), on K uniform steps with sigma = gamma sqrt(2 eta): the exact gDDIM step (exact = true)
 /// or Euler-Maruyama with offset h = 1/K. m_K: [d], V_K: [d, d].
 std::pair<at::Tensor, at::Tensor> chain_law(const GmmVelocity& field, double gamma, int64_t K, bool exact);
+
+/// Counts the calls of a velocity field (velocity and vjp separately).
+class CountingVelocity : public VelocityField {
+ public:
+  explicit CountingVelocity(VelocityFieldPtr inner) : VelocityField(inner->schedule()), inner_(std::move(inner)) {}
+  std::string kind() const override { return "counting"; }
+  int64_t dim() const override { return inner_->dim(); }
+  using VelocityField::velocity;
+  at::Tensor velocity(const at::Tensor& x, const at::Tensor& t) const override {
+    ++velocities;
+    return inner_->velocity(x, t);
+  }
+  at::Tensor vjp(const at::Tensor& x, double t, const at::Tensor& a, at::Tensor* v_out) const override {
+    ++vjps;
+    return inner_->vjp(x, t, a, v_out);
+  }
+  mutable std::atomic<int64_t> velocities{0}, vjps{0};
+
+ private:
+  VelocityFieldPtr inner_;
+};
 
 /// Least-squares slope of log(err) against log(h).
 double fitted_order(const std::vector<double>& h, const std::vector<double>& err);

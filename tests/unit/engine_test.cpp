@@ -149,26 +149,7 @@ TEST(Engine, PathWeightIsTheRatioOfTheStepDensities) {
 
 // ---- Network evaluations per step ----
 
-// Counts the calls of a velocity field (velocity and vjp separately).
-class CountingVelocity : public VelocityField {
- public:
-  explicit CountingVelocity(VelocityFieldPtr inner) : VelocityField(inner->schedule()), inner_(std::move(inner)) {}
-  std::string kind() const override { return "counting"; }
-  int64_t dim() const override { return inner_->dim(); }
-  using VelocityField::velocity;
-  at::Tensor velocity(const at::Tensor& x, const at::Tensor& t) const override {
-    ++velocities;
-    return inner_->velocity(x, t);
-  }
-  at::Tensor vjp(const at::Tensor& x, double t, const at::Tensor& a, at::Tensor* v_out) const override {
-    ++vjps;
-    return inner_->vjp(x, t, a, v_out);
-  }
-  mutable std::atomic<int64_t> velocities{0}, vjps{0};
-
- private:
-  VelocityFieldPtr inner_;
-};
+using test::CountingVelocity;
 
 TEST(NetworkEvaluations, OnePerStepForEveryGaussianIntegratorTwoForHeun) {
   auto counting = std::make_shared<CountingVelocity>(

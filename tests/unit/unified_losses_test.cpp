@@ -170,6 +170,29 @@ TEST(UnifiedLosses, ScoreMatchingOptimaAreStationary) {
   }
 }
 
+// Score matching on exact samples evaluates the base once per iteration, and the target it regresses onto is the one
+// target_difference computes on its own.
+TEST(UnifiedLosses, ScoreMatchingEvaluatesTheBaseOnce) {
+  const TiltCase s = make_setup(two_modes(), quadratic({1.0, -0.5}, 0.8), 1.0);
+  auto counting = std::make_shared<test::CountingVelocity>(s.base);
+  auto model = make_finetuned(counting, FineTuneMode::residual, {8}, 4, 1);
+  UnifiedLossOptions o = exact_sample_options(s, 1.0, 64, 0.1);
+  o.base_score = [law = s.base_law](const Tensor& x) { return law->score(x).to(x.scalar_type()); };  // not counted
+  for (ScoreTarget target : {ScoreTarget::target, ScoreTarget::denoising}) {
+    TiltScoreMatching loss(target, model, s.reward, make_memoryless_noise(0.05), o);
+    Generator gen = make_generator(4);
+    counting->velocities = 0;
+    const LossOutput out = loss.compute(gen);
+    EXPECT_TRUE(std::isfinite(out.loss.item<double>()));
+    EXPECT_EQ(counting->velocities.load(), 1) << static_cast<int>(target);
+    Generator g2 = make_generator(5);
+    const Tensor x1 = s.tilted->sample(16, g2).to(at::kFloat), x0 = at::randn({16, 2}, g2);
+    const Tensor t = at::rand({16}, g2) * 0.8 + 0.1;
+    const Tensor vb = s.base->velocity((1 - t).unsqueeze(1) * x0 + t.unsqueeze(1) * x1, t);
+    EXPECT_LT((loss.target_difference(x1, x0, t, vb) - loss.target_difference(x1, x0, t)).abs().max().item<double>(), 1e-5);
+  }
+}
+
 TEST(UnifiedLosses, NsmRefusesANonGaussianBase) {
   const TiltCase mix = make_setup(two_modes(), quadratic({1.0, -0.5}, 0.8), 1.0);
   auto model = exact_model(mix, 0.0).first;

@@ -78,8 +78,9 @@ class TiltScoreMatching : public Loss {
   int64_t batch_size() const override { return options_.batch_size; }
   void set_batch_size(int64_t n) override;
 
-  /// The regression target D of v_theta - v_base at x_t = alpha_t x1 + beta_t x0, t [B] (see the class comment).
-  Tensor target_difference(const Tensor& x1, const Tensor& x0, const Tensor& t) const;
+  /// The regression target D of v_theta - v_base at x_t = alpha_t x1 + beta_t x0, t [B] (see the class comment);
+  /// v_base: the base's velocity there when the caller has it (else evaluated here).
+  Tensor target_difference(const Tensor& x1, const Tensor& x0, const Tensor& t, const Tensor& v_base = Tensor()) const;
   /// B samples X_1 and their normalised weights wbar [B] (summing to 1): exact samples, or weighted rollouts.
   std::pair<Tensor, Tensor> terminal_samples(int64_t B, Generator& gen) const;
 

@@ -341,9 +341,10 @@ Json save_control(const VelocityField& field, ModelWriter&) {
 VelocityFieldPtr load_control(const Json&, const ModelReader& in) {
   const std::string dir = std::filesystem::path(in.path()).parent_path().string();
   throw in.fail("it is an Adjoint Sampling control u(x, t) of a Brownian base (made by tilt adjoint-sampling), "
-                "not a velocity field: it cannot be sampled, exported, evaluated or fine-tuned as one. Its samples "
-                "are in " + (dir.empty() ? std::string(".") : dir) + "/samples.csv; for more, load it with "
-                "sampling::load_adjoint_sampling_control (tilt/io/sampling_run.h) and call sampling::simulate");
+                "not a velocity field: it cannot be exported, evaluated or fine-tuned as one. Its samples "
+                "are in " + (dir.empty() ? std::string(".") : dir) + "/samples.csv; for more, `tilt sample -m " +
+                in.path() + "`, or in C++ sampling::load_adjoint_sampling_control (tilt/io/sampling_run.h) and "
+                "sampling::simulate");
 }
 
 bool is_builtin(const std::string& kind) {

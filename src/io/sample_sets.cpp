@@ -12,6 +12,7 @@
 #include "tilt/io/model_io.h"
 #include "tilt/io/plot.h"
 #include "tilt/io/run.h"
+#include "tilt/io/sampling_run.h"
 #include "tilt/io/samples.h"
 #include "tilt/model/condition.h"
 #include "tilt/sde/sampler.h"
@@ -117,11 +118,44 @@ NoiseSchedulePtr model_noise(const DrawOptions& o, const LoadedModel& m, int64_t
   return noise;
 }
 
+// An Adjoint Sampling control (tilt adjoint-sampling's model.pt): its Brownian base with the learned drift
+// g(t)^2 u(x, t), on the nu grid (the run's evaluation default), batch paths at a time.
+DrawnSamples draw_from_adjoint_sampler(const DrawOptions& o) {
+  const std::string name = "model file '" + o.model + "' (an Adjoint Sampling control)";
+  if (!o.noise.empty() && o.noise != "brownian") {
+    throw Error("--noise: " + name + " is sampled with the Brownian base it was trained with; no --noise");
+  }
+  if (o.integrator != "auto" && o.integrator != "euler") {
+    throw Error("--integrator " + o.integrator + ": " + name + " is sampled by the Euler-Maruyama steps it was trained with");
+  }
+  if (!o.condition.empty() || !o.conditions.empty() || o.guidance != 0.0) {
+    throw Error(name + " is unconditional: it takes no --condition, --conditions or --guidance");
+  }
+  if (!run_device().is_cpu()) throw Error(name + " samples on the CPU only; drop --device");
+  const sampling::LoadedAdjointSampler loaded = sampling::load_adjoint_sampling_control(o.model);
+  const int64_t steps = o.steps.value_or(100);
+  const int64_t batch = o.batch > 0 ? o.batch : o.n;
+  ProgressBar bar("sample", o.n, 0, o.progress);
+  bar.set_delay(2.0);
+  Generator gen = make_generator(mix_seed(static_cast<uint64_t>(o.seed), 17));
+  at::NoGradGuard no_grad;
+  const sampling::SamplerPaths paths = sampling::simulate(*loaded.sampler.base, loaded.sampler.control.get(), o.n, steps, gen,
+                                                          sampling::SamplerGrid::nu, batch,
+                                                          [&](int64_t done, int64_t) { bar.update(done); });
+  bar.finish();
+  DrawnSamples d;
+  d.x = paths.x1;
+  d.what = "samples of " + o.model + " (Adjoint Sampling control of energy '" + loaded.energy + "'), " +
+           std::to_string(steps) + " steps";
+  return d;
+}
+
 DrawnSamples draw_from_model(const DrawOptions& o) {
   set_threads(o.threads);
+  if (sampling::is_adjoint_sampling_control(o.model)) return draw_from_adjoint_sampler(o);
   const LoadedModel m = load_velocity(o.model);
   m.field->to(run_device());  // --device (docs/devices.md); the samples come back to the CPU
-  if (m.info.value("trained_by", std::string()) == "tilt adjoint-sampling") {
+  if (m.info.value("trained_by", std::string()) == "tilt adjoint-sampling") {  // a velocity-kind file from a run
     throw Error("model file '" + o.model + "' is an Adjoint Sampling control, not a velocity field: its samples "
                 "come from tilt adjoint-sampling (samples.csv of its run)");
   }

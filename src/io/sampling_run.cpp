@@ -306,6 +306,11 @@ void save_adjoint_sampling_control(const AdjointSampler& sampler, const Energy& 
   archive::write(path, meta, tensors);
 }
 
+bool is_adjoint_sampling_control(const std::string& path) {
+  const archive::Contents contents = archive::read(path, "model file", model_file::kFormat, model_file::kVersion);
+  return contents.meta.contains("model") && contents.meta["model"].value("kind", "") == kAdjointSamplingControlKind;
+}
+
 LoadedAdjointSampler load_adjoint_sampling_control(const std::string& path) {
   archive::Contents contents = archive::read(path, "model file", model_file::kFormat, model_file::kVersion);
   const Json& meta = contents.meta;

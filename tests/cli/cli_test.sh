@@ -382,9 +382,25 @@ PY
 then pass "adjoint-sampling --json: DW-4 trained and evaluated against the MCMC reference"; else fail "adjoint-sampling: $(cat as.log as.json)"; fi
 expect_error "adjoint-sampling refuses to overwrite a run" "already" \
   "$tilt" adjoint-sampling -c "$configs/as_dw4.toml" "${as_small[@]}" -o as_run -q
-# Its model.pt is a control u(x, t) of the Brownian base, not a velocity: sample and export refuse it (issue 18).
-expect_error "sample refuses an Adjoint Sampling control" "Its samples are in as_run/samples.csv" \
-  "$tilt" sample -m as_run/model.pt -n 10 -o as_control.csv
+# Its model.pt is a control u(x, t) of the Brownian base, not a velocity: sample draws from the controlled Brownian
+# chain (the samples of the run's own evaluation have its energy's scale), export refuses it (issue 18).
+if "$tilt" sample -m as_run/model.pt -n 300 --seed 3 -o as_control.csv > as_sample.log 2>&1 &&
+   grep -q "Adjoint Sampling control of energy" as_sample.log && python3 - as_control.csv as_run/samples.csv <<'PY'
+import csv, sys, statistics
+def rows(path):
+    with open(path) as f:
+        r = csv.reader(f); next(r)
+        return [[float(v) for v in row] for row in r]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+assert len(a) == 300 and len(a[0]) == len(b[0]), (len(a), len(a[0]), len(b[0]))
+# The same sampler as the run's evaluation: per coordinate, the spreads agree within sampling error.
+for j in range(len(a[0])):
+    sa, sb = statistics.pstdev(r[j] for r in a), statistics.pstdev(r[j] for r in b)
+    assert 0.7 < sa / sb < 1.4, (j, sa, sb)
+PY
+then pass "sample draws from an Adjoint Sampling control"; else fail "sample of an Adjoint Sampling control: $(tail -3 as_sample.log)"; fi
+expect_error "sample of an Adjoint Sampling control takes no --noise" "is sampled with the Brownian base it was trained with" \
+  "$tilt" sample -m as_run/model.pt -n 10 --noise ode -o as_x.csv
 expect_error "export refuses an Adjoint Sampling control" "model file 'as_run/model.pt': it is an Adjoint Sampling control" \
   "$tilt" export -m as_run/model.pt -o as_control.ts
 expect_error "adjoint-sampling: an unknown [adjoint_sampling] key" "adjoint_sampling.buffer" \

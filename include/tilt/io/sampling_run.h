@@ -100,6 +100,9 @@ struct LoadedAdjointSampler {
   double tau = 1.0;
   Json info;
 };
+/// Whether the model file at `path` holds an Adjoint Sampling control (throws tilt::Error naming a missing or corrupt
+/// file).
+bool is_adjoint_sampling_control(const std::string& path);
 /// Reads what save_adjoint_sampling_control wrote; throws tilt::Error naming the file otherwise (a
 /// velocity's model file included).
 LoadedAdjointSampler load_adjoint_sampling_control(const std::string& path);

@@ -41,7 +41,7 @@ if [ "$TINY" = 1 ]; then
   STEPS=${STEPS:-2}; INTEGRATOR=${INTEGRATOR:-heun}
 else
   # 50 samples per class and 25 Heun steps (50 evaluations): 1000 x 100 Euler steps took ~12 min per model on
-  # 2 idle cores, 12 models ~2.4 h; this is ~3 min per model.
+  # 2 idle cores, 12 models ~2.4 h; this took 1.6 min per model.
   PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-6000}; ITERATIONS=${ITERATIONS:-200}; N=${N:-50}
   STEPS=${STEPS:-25}; INTEGRATOR=${INTEGRATOR:-heun}
   tiny=()

@@ -24,7 +24,8 @@ struct SampleOptions {
   Integrator integrator = Integrator::euler;
   /// Keep every state X_{t_k} (needed by the adjoint); otherwise only X_0 and X_K.
   bool record = false;
-  /// Called after each step with the number of steps done (progress bars); optional.
+  /// Called once per step, after its network evaluations, with the number of steps evaluated (progress bars);
+  /// optional.
   std::function<void(int64_t)> on_step;
 };
 

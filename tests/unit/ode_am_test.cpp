@@ -46,24 +46,6 @@ class LinearField : public VelocityField {
   Tensor A_;
 };
 
-// Forwards to another field and counts the vector-Jacobian products asked of it.
-class CountingField : public VelocityField {
- public:
-  explicit CountingField(VelocityFieldPtr inner) : VelocityField(inner->schedule()), inner_(std::move(inner)) {}
-  std::string kind() const override { return "counting"; }
-  int64_t dim() const override { return inner_->dim(); }
-  using VelocityField::velocity;
-  Tensor velocity(const Tensor& x, const Tensor& t) const override { return inner_->velocity(x, t); }
-  Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const override {
-    ++vjps;
-    return inner_->vjp(x, t, a, v_out);
-  }
-  mutable int64_t vjps = 0;
-
- private:
-  VelocityFieldPtr inner_;
-};
-
 // u(x, t_k) = gain_k * x + offset_k per coordinate, one (gain, offset) per grid step: it represents the
 // linear-quadratic optimum exactly.
 class TabularLinearControl : public VelocityField {
@@ -204,7 +186,7 @@ TEST(OdeAmLeanAdjoint, IsTheProductOfBaseJacobiansAlongAControlledTrajectory) {
 
 TEST(OdeAmTruncation, WindowEqualsTheFullAdjointAndCostsKadjMinusOneVjps) {
   const int64_t K = 12;
-  auto counting = std::make_shared<CountingField>(std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule()));
+  auto counting = std::make_shared<test::CountingVelocity>(std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule()));
   auto model = make_finetuned(counting, FineTuneMode::residual, {16}, 2, 4);
   {
     at::NoGradGuard no_grad;
@@ -219,7 +201,7 @@ TEST(OdeAmTruncation, WindowEqualsTheFullAdjointAndCostsKadjMinusOneVjps) {
   Generator g1 = make_generator(9);
   counting->vjps = 0;
   const OdeRegressionBatch f = full.regression_batch(g1);
-  EXPECT_EQ(counting->vjps, K - 1);
+  EXPECT_EQ(counting->vjps.load(), K - 1);
   EXPECT_EQ(f.steps.size(), static_cast<size_t>(K));
   for (int64_t K_adj : {K, int64_t{4}, int64_t{1}}) {
     for (std::string mode : {"keep", "zero"}) {
@@ -229,7 +211,7 @@ TEST(OdeAmTruncation, WindowEqualsTheFullAdjointAndCostsKadjMinusOneVjps) {
       Generator g2 = make_generator(9);
       counting->vjps = 0;
       const OdeRegressionBatch b = trunc.regression_batch(g2);
-      EXPECT_EQ(counting->vjps, K_adj - 1);
+      EXPECT_EQ(counting->vjps.load(), K_adj - 1);
       EXPECT_EQ(trunc.window_start(), K - K_adj);
       EXPECT_TRUE(at::equal(b.x1, f.x1));
       EXPECT_TRUE(at::equal(b.control_cost, f.control_cost));

@@ -138,16 +138,16 @@ ClassScores class_scores(const Tensor& x, const MlpClassifier& classifier, int64
   return scores_of(classify(classifier, x.to(at::kFloat)).log_probs, target_class, w, weights.defined());
 }
 
-ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
-                                        const RealClassStats& real, const Tensor& weights) {
-  at::NoGradGuard no_grad;
+namespace {
+
+// class_sample_metrics of xf (float) once the classifier has seen it (out).
+ClassSampleMetrics metrics_of(const Tensor& xf, const Classified& out, const MlpClassifier& classifier,
+                              int64_t target_class, const RealClassStats& real, const Tensor& weights) {
   if (!real.mean.defined() || !real.covariance.defined()) {
     throw Error("image metrics: no statistics of real images (real_class_stats) to measure the Frechet distance "
                 "against; class_scores scores without them");
   }
-  const Tensor w = checked_weights(x, classifier, target_class, weights);
-  const Tensor xf = x.to(at::kFloat);
-  const Classified out = classify(classifier, xf);
+  const Tensor w = checked_weights(xf, classifier, target_class, weights);
   ClassSampleMetrics m;
   static_cast<ClassScores&>(m) = scores_of(out.log_probs, target_class, w, weights.defined());
   const Tensor in_class = out.log_probs.argmax(1) == target_class;
@@ -167,13 +167,26 @@ ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& cl
   return m;
 }
 
+}  // namespace
+
+ClassSampleMetrics class_sample_metrics(const Tensor& x, const MlpClassifier& classifier, int64_t target_class,
+                                        const RealClassStats& real, const Tensor& weights) {
+  at::NoGradGuard no_grad;
+  checked_weights(x, classifier, target_class, weights);  // the shape checks before the classifier runs
+  const Tensor xf = x.to(at::kFloat);
+  return metrics_of(xf, classify(classifier, xf), classifier, target_class, real, weights);
+}
+
 ClassSampleMetrics tilted_target_metrics(const Tensor& base_samples, const MlpClassifier& classifier,
                                          int64_t target_class, double lambda, const RealClassStats& real,
                                          ClassifierForm form) {
   at::NoGradGuard no_grad;
-  const Tensor r = classifier_reward_values(classify(classifier, base_samples.to(at::kFloat)).log_probs, target_class, form);
-  const Tensor log_w = lambda * r.to(at::kDouble);
-  return class_sample_metrics(base_samples, classifier, target_class, real, at::softmax(log_w, 0));
+  checked_weights(base_samples, classifier, target_class, Tensor());
+  // One pass of the classifier gives the weights and the metrics.
+  const Tensor xf = base_samples.to(at::kFloat);
+  const Classified out = classify(classifier, xf);
+  const Tensor log_w = lambda * classifier_reward_values(out.log_probs, target_class, form).to(at::kDouble);
+  return metrics_of(xf, out, classifier, target_class, real, at::softmax(log_w, 0));
 }
 
 }  // namespace tilt

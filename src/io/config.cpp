@@ -242,7 +242,14 @@ const Json* ConfigSection::find(const std::string& key) const {
     }
     return old_->find(key);
   }
-  return it == node_.end() ? nullptr : &*it;
+  if (it != node_.end()) return &*it;
+  auto preset = defaults_.find(key);
+  return preset == defaults_.end() ? nullptr : &*preset;
+}
+
+void ConfigSection::set_defaults(Json defaults) {
+  if (!defaults.is_object()) throw Error("ConfigSection::set_defaults: the defaults must be a table");
+  defaults_ = std::move(defaults);
 }
 
 void ConfigSection::accept_moved_keys(ConfigSection& old, std::function<void(const std::string&)> note) {

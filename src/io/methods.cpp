@@ -87,6 +87,38 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
   };
 }
 
+// preset = "small" (docs/config.md): the settings with which the random problem family (d = 2..10) reached p*
+// (configs/random_family.toml with dsm_until = 0.5; README, "Problems nobody tuned for"). Keys given win.
+Json small_preset_finetune() {
+  return Json{{"num_steps", 60}, {"batch_size", 256},   {"iterations", 2400}, {"lr", 4e-3},
+              {"beta1", 0.9},     {"weight_decay", 0.0}, {"grad_clip", 0.0},    {"lr_schedule", "cosine"}};
+}
+
+// ... and of [finetune.adjoint_matching] at K = num_steps: a third of the steps drawn and the last sixth always
+// (20 and 10 at K = 60), the velocity weighting, no clipping. dsm_until: small_preset_dsm_until.
+Json small_preset_adjoint_matching(int64_t num_steps) {
+  return Json{{"loss_early_steps", num_steps / 3},
+              {"loss_late_steps", std::max<int64_t>(1, num_steps / 6)},
+              {"loss_weighting", "velocity"},
+              {"clip_factor", 0.0}};
+}
+
+// The grid's steps t_k = k / K >= tau with a finite target (k >= 1): those Adjoint Matching keeps with dsm_until.
+int64_t steps_from(double tau, int64_t num_steps) {
+  int64_t left = 0;
+  for (int64_t k = 1; k < num_steps; ++k) left += static_cast<double>(k) / static_cast<double>(num_steps) >= tau - 1e-9;
+  return left;
+}
+
+// preset = "small" regresses t < 0.5 onto DSM (E106) where dsm_until can: an unconditional base, no guidance, the
+// velocity weighting, and enough steps at t >= 0.5 for the loss's. Elsewhere the paper's loss (0).
+constexpr double kSmallPresetDsmUntil = 0.5;
+double small_preset_dsm_until(const FinetunePlan& plan, const AdjointMatchingOptions& am) {
+  const bool applies = !plan.conditions && am.guidance == 0.0 && am.loss_weighting == "velocity" &&
+                       am.loss_early_steps + am.loss_late_steps <= steps_from(kSmallPresetDsmUntil, plan.num_steps);
+  return applies ? kSmallPresetDsmUntil : 0.0;
+}
+
 // A method's options with the plan's grid, batch and lambda (what every method shares).
 template <class Options>
 Options plan_grid(const FinetunePlan& plan) {
@@ -117,7 +149,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   if (plan.reports_ess) plan.curves.push_back("ess");
   // dsm_until = tau > 0: the times t < tau regress onto the denoising score on the rollouts' path-weighted samples
   // instead of the lean adjoint, whose pathwise estimate of grad V is heavy-tailed there (docs/equations.md, E106).
-  const double tau = table.number("dsm_until", 0.0);
+  const double tau = table.number("dsm_until", plan.preset == "small" ? small_preset_dsm_until(plan, am) : 0.0);
   plan.monitor = regression_monitor(am.clip_factor, plan.lambda, am.loss_weighting, tau);
   // buffer_size = N > 0: N trajectories and their lean adjoints serve N * buffer_passes / batch_size iterations
   // (docs/equations.md, E126).
@@ -161,8 +193,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   if (am.loss_weighting != "velocity") {
     table.fail("dsm_until", "needs loss_weighting = \"velocity\" (both regressions are of v_theta - v_base)");
   }
-  int64_t left = 0;  // the grid's steps t_k = k / K >= tau with a finite target (k >= 1)
-  for (int64_t k = 1; k < plan.num_steps; ++k) left += static_cast<double>(k) / static_cast<double>(plan.num_steps) >= tau - 1e-9;
+  const int64_t left = steps_from(tau, plan.num_steps);
   if (am.loss_early_steps + am.loss_late_steps > left) {
     table.fail("dsm_until", "= " + number_string(tau) + " leaves " + std::to_string(left) + " of the " +
                                 std::to_string(plan.num_steps) + " steps to Adjoint Matching (t_k >= loss_t_min = " +
@@ -601,10 +632,22 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
                          "' has none: use one of " + which);
   }
   check_other_tables(s, method, plan);
+  // The preset replaces the defaults of the keys not given (docs/config.md, `preset`).
+  const bool preset_given = s.has("preset");
+  plan.preset = s.choice("preset", {"paper", "small"}, "paper");
+  if (plan.preset == "small") s.set_defaults(small_preset_finetune());
+  if (!preset_given && !s.has("lr") && (base.kind() == "mlp" || base.kind() == "gmm" || base.kind() == "conditional_gmm")) {
+    plan.notes.push_back(s.where("lr") + " and the other [finetune] defaults are the Adjoint Matching paper's, for image "
+                         "models (lr = 2e-5, clip_factor = 1.6); for a problem of a few to tens of dimensions, " +
+                         s.where("preset") + " = \"small\" (docs/config.md)");
+  }
   read_common(s, base, plan);
   read_noise(s, method, plan);
   ConfigSection table = s.section(method.name, /*optional=*/true);
   table.accept_moved_keys(s, [&plan](const std::string& note) { plan.notes.push_back(note); });
+  if (plan.preset == "small" && method.name == "adjoint_matching") {
+    table.set_defaults(small_preset_adjoint_matching(plan.num_steps));
+  }
   MethodContext ctx{plan, s, base, method.uses_noise};
   method.read(table, ctx);
   table.finish();

@@ -1,7 +1,9 @@
 // The fine-tuning method registry (tilt/io/methods.h): one reader per method, the same defaults for
 // the CLI and C++ callers, per-method tables with the old flat keys still read.
 #include "tilt/core/error.h"
+#include "tilt/io/config.h"
 #include "tilt/io/methods.h"
+#include "tilt/model/conditional_gmm.h"
 #include "tilt/model/gmm.h"
 #include "tilt/schedule/schedule.h"
 #include "tilt/soc/loss.h"
@@ -248,6 +250,84 @@ TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
   // Too few steps left above tau for the loss steps: the error says why.
   const std::string few = with({{"dsm_until", 0.9}, {"loss_early_steps", 4}, {"loss_late_steps", 2}});
   EXPECT_NE(few.find("loss_t_min = 0.9"), std::string::npos) << few;
+}
+
+// The [finetune] table as read (defaults filled in) from `finetune` given, and the plan.
+std::pair<Json, FinetunePlan> resolved_finetune(const Json& finetune, const VelocityField& base, RewardPtr reward,
+                                                ConditionSetPtr conditions = nullptr) {
+  Config config(Json{{"finetune", finetune}}, "test");
+  ConfigSection root = config.root();
+  ConfigSection s = root.section("finetune");
+  FinetunePlan plan = read_finetune(s, base, std::move(reward), 1.0, std::move(conditions));
+  return {config.resolved().at("finetune"), std::move(plan)};
+}
+
+// preset = "small" is the configuration the random problem family passed (README, "Problems nobody tuned for"):
+// configs/random_family.toml with dsm_until = 0.5, key for key. Keys given win over the preset; where dsm_until
+// cannot apply (a conditional base, guidance, the control weighting, too few late steps) it stays off, and the
+// defaults of the other methods' tables are theirs.
+TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
+  Base2d s;
+  Json family = load_config_file(std::string(TILT_SOURCE_DIR) + "/configs/random_family.toml").at("finetune");
+  family["adjoint_matching"]["dsm_until"] = 0.5;
+  Json by_preset = resolved_finetune({{"preset", "small"}}, *s.base, s.reward).first;
+  EXPECT_EQ(by_preset.at("preset"), "small");
+  by_preset.erase("preset");
+  Json by_hand = resolved_finetune(family, *s.base, s.reward).first;
+  EXPECT_EQ(by_hand.at("preset"), "paper");
+  by_hand.erase("preset");
+  EXPECT_EQ(by_preset, by_hand) << "preset:\n" << by_preset.dump(1) << "\nconfigs/random_family.toml:\n" << by_hand.dump(1);
+
+  // The preset's plan: a sum of the AM and DSM regressions, the demo's Adam settings.
+  const FinetunePlan plan = resolved_finetune({{"preset", "small"}, {"hidden", {8}}}, *s.base, s.reward).second;
+  EXPECT_EQ(plan.num_steps, 60);
+  EXPECT_EQ(plan.batch_size, 256);
+  EXPECT_DOUBLE_EQ(plan.trainer.adam.lr, 4e-3);
+  EXPECT_NE(dynamic_cast<const LossSum*>(plan.make_loss(plan.make_model(s.base, 1)).get()), nullptr);
+
+  // Given keys win, in [finetune] and in the method's table; the loss steps follow K (a third drawn, a sixth last).
+  const auto [given, given_plan] = resolved_finetune(
+      {{"preset", "small"}, {"lr", 1e-3}, {"num_steps", 12}, {"adjoint_matching", {{"clip_factor", 2.0}}}}, *s.base, s.reward);
+  EXPECT_DOUBLE_EQ(given_plan.trainer.adam.lr, 1e-3);
+  EXPECT_EQ(given.at("adjoint_matching").at("clip_factor"), 2.0);
+  EXPECT_EQ(given.at("adjoint_matching").at("loss_early_steps"), 4);
+  EXPECT_EQ(given.at("adjoint_matching").at("loss_late_steps"), 2);
+  EXPECT_EQ(given.at("adjoint_matching").at("dsm_until"), 0.5);
+  EXPECT_EQ(given.at("batch_size"), 256);
+  // Any K from 2 up gives a valid plan; dsm_until only where the steps at t >= 0.5 hold the loss's.
+  for (int64_t K = 2; K <= 13; ++K) {
+    const Json am = resolved_finetune({{"preset", "small"}, {"num_steps", K}, {"hidden", {8}}}, *s.base, s.reward)
+                        .first.at("adjoint_matching");
+    const int64_t early = am.at("loss_early_steps"), late = am.at("loss_late_steps");
+    EXPECT_GE(early + late, 1) << K;
+    EXPECT_LE(early + late, K - 1) << K;
+    EXPECT_EQ(am.at("dsm_until") == 0.5, early + late <= K - (K + 1) / 2) << K;
+  }
+  // dsm_until stays off with the control weighting or guidance, and a given dsm_until wins.
+  const auto am_of = [&](const Json& am) {
+    return resolved_finetune({{"preset", "small"}, {"adjoint_matching", am}}, *s.base, s.reward).first.at("adjoint_matching");
+  };
+  EXPECT_EQ(am_of({{"loss_weighting", "control"}}).at("dsm_until"), 0.0);
+  EXPECT_EQ(am_of({{"dsm_until", 0.3}}).at("dsm_until"), 0.3);
+  EXPECT_EQ(am_of({{"dsm_until", 0.0}}).at("dsm_until"), 0.0);
+  const ConditionalProblem c = random_conditional_problem(2, 2, 3, make_linear_schedule(), 4);
+  const Json conditional = resolved_finetune({{"preset", "small"}, {"hidden", {8}}}, *c.base, c.reward,
+                                             std::make_shared<const ConditionSet>(c.train)).first;
+  EXPECT_EQ(conditional.at("adjoint_matching").at("dsm_until"), 0.0);
+  EXPECT_EQ(conditional.at("lr"), 4e-3);
+  EXPECT_EQ(am_of({{"guidance", 1.0}}).at("dsm_until"), 0.0);
+  // Another method takes the preset's [finetune] keys and its own table's defaults.
+  const Json draft = resolved_finetune({{"preset", "small"}, {"method", "draft"}}, *s.base, s.reward).first;
+  EXPECT_EQ(draft.at("lr"), 4e-3);
+  EXPECT_EQ(draft.at("draft"), resolved_finetune({{"method", "draft"}}, *s.base, s.reward).first.at("draft"));
+  // An unknown preset is refused, naming the key and the choices.
+  const std::string bad = error_of({{"preset", "large"}});
+  EXPECT_NE(bad.find("'finetune.preset'"), std::string::npos) << bad;
+  EXPECT_NE(bad.find("small"), std::string::npos) << bad;
+  // The paper's defaults on a small problem come with a note that names the preset; a given lr or preset silences it.
+  EXPECT_TRUE(mentions(resolved_finetune(Json::object(), *s.base, s.reward).second.notes, "preset = \"small\""));
+  EXPECT_FALSE(mentions(resolved_finetune({{"lr", 1e-3}}, *s.base, s.reward).second.notes, "preset"));
+  EXPECT_FALSE(mentions(resolved_finetune({{"preset", "paper"}}, *s.base, s.reward).second.notes, "preset"));
 }
 
 // buffer_size = N > 0 turns Adjoint Matching into its buffered form (E126): N trajectories for N * passes / batch

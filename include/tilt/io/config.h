@@ -58,6 +58,11 @@ class ConfigSection {
   /// error. `old` must outlive this section.
   void accept_moved_keys(ConfigSection& old, std::function<void(const std::string& message)> note);
 
+  /// Fallbacks that take the place of the readers' own for the keys this table (and the table of
+  /// accept_moved_keys) does not give: a preset. A key found here is read, checked and recorded as if
+  /// given, but has() stays false for it.
+  void set_defaults(Json defaults);
+
   /// "finetune.lr" for key "lr" of section "finetune".
   std::string where(const std::string& key) const;
   const std::string& origin() const { return origin_; }
@@ -73,6 +78,7 @@ class ConfigSection {
   ConfigSection* old_ = nullptr;  ///< accept_moved_keys
   std::function<void(const std::string&)> note_;
   mutable std::set<std::string> from_old_;
+  Json defaults_ = Json::object();  ///< set_defaults
 };
 
 /// The whole configuration: the file, the overrides, and the resolved record.

@@ -14,7 +14,7 @@ const bool registered_sample = add_command(
        auto args = std::make_shared<std::pair<ConfigArgs, DrawOptions>>();
        auto& [config, o] = *args;
        app.add_option("-m,--model", o.model, "Model file (model.pt of a run)");
-       app.add_option("--exact", o.exact, "Exact samples instead: 'base' or 'target' (needs --config)");
+       app.add_option("--exact", o.exact, "Exact samples instead: 'base' or 'target' (needs --config; takes no sampler options)");
        add_config(app, config, false);
        app.add_option("-n,--n", o.n, "Number of samples")->capture_default_str();
        app.add_option("--noise", o.noise,

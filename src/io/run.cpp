@@ -378,6 +378,12 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
                                    "shards", "early_stop", "early_stop_window", "early_stop_tolerance",
                                    "early_stop_min_iterations"};
   Json a = with_method_table(before), b = with_method_table(resolved);
+  // Keys that came later, with the value that reads as a run started before them did: such a run resumes.
+  static const std::pair<const char*, const char*> kAddedLater[] = {{"/finetune/preset", "\"paper\""}};
+  for (const auto& [key, then] : kAddedLater) {
+    const Json::json_pointer at(key);
+    if (!a.contains(at) && b.contains(at) && b[at] == Json::parse(then)) b[at.parent_pointer()].erase(at.back());
+  }
   std::string changed;
   // The threads of this process (--threads, or the config's) are the machine's business, not the run's.
   if (a.contains("threads") && b.contains("threads") && a["threads"] != b["threads"]) {

@@ -80,6 +80,12 @@ DrawnSamples draw_exact(const DrawOptions& o) {
   if (o.exact != "base" && o.exact != "target") throw Error("--exact must be 'base' or 'target'");
   if (o.config.empty()) throw Error("--exact needs --config (-c): the config whose base and target to sample");
   if (o.guidance != 0.0) throw Error("--guidance applies to a model's samples, not to exact ones");
+  // The sampler's options have nothing to act on: exact samples come from the closed form, all at once.
+  const std::pair<bool, const char*> sampler_options[] = {{!o.noise.empty(), "--noise"}, {o.steps.has_value(), "--steps"},
+                                                          {o.integrator != "auto", "--integrator"}, {o.batch != 0, "--batch"}};
+  for (const auto& [given, flag] : sampler_options) {
+    if (given) throw Error(std::string(flag) + " applies to a model's samples; exact ones are drawn from the closed form");
+  }
   Config config(o.config, o.set);
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);

@@ -225,6 +225,20 @@ else
   fail "NaN handling (rc=$rc): $out"
 fi
 
+# A run started before [finetune] preset existed (its config.resolved.json has none) resumes: it was run with the
+# paper's defaults; asking for another preset on resume is a change of problem, refused naming the key.
+python3 -c "
+import json
+p = 'nan/config.resolved.json'; j = json.load(open(p)); del j['finetune']['preset']; json.dump(j, open(p, 'w'))"
+expect_error "resume with another preset" "finetune.preset" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.preset=small --set finetune.iterations=7 -o nan --resume
+if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=7 --set finetune.grad_clip=0.0 -o nan --resume \
+     > log.txt 2>&1 && grep -q "resumed nan at iteration 6" log.txt; then
+  pass "a run from before finetune.preset resumes"
+else
+  fail "resume of a run without finetune.preset: $(cat log.txt)"
+fi
+
 # tilt soc: a short comparison of two losses on an SOC benchmark problem.
 if "$tilt" soc -q --problem linear_ou -l adjoint_matching -l cross_entropy --iterations 10 --eval-every 5 \
      --eval-batch 64 --batch 32 --hidden 16 --threads 2 --json -o soc > soc.json 2> soc.log &&
@@ -349,6 +363,8 @@ expect_error "ddpo: the ODE is no policy" "gamma > 0" \
   [ "$(wc -l < g2.csv)" -ge 200 ] && pass "sample --integrator exact at gamma = 2" || fail "sample --integrator exact"
 expect_error "sample: the exact step refuses a schedule outside sigma = gamma sqrt(2 eta)" "sigma = gamma sqrt(2 eta)" \
   "$tilt" sample -m run/model.pt -n 10 --noise constant:0.5 --integrator exact -o x.csv
+expect_error "sample --exact refuses a sampler's options instead of ignoring them" "--batch applies to a model's samples" \
+  "$tilt" sample --exact target -c tiny.toml -n 10 --batch 5 -o x.csv
 if "$tilt" logz -c tiny.toml --control optimal --method noising -n 2000 --steps 30 --json -q > logz.json 2> logz.log &&
    python3 - logz.json <<'PY'
 import json, sys

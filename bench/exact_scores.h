@@ -41,15 +41,18 @@ inline double exact_noise_floor(const tilt::GaussianMixture& target, int64_t n) 
   return sum / 5;
 }
 
-/// n samples of v by {the memoryless SDE (Euler), the ODE (Heun)} on `steps` uniform steps, from the generators
-/// seeded sde_seed and ode_seed, in `dtype`.
+/// n samples of v by {the memoryless SDE (Euler, or the exact gDDIM step), the ODE (Heun)} on `steps` uniform steps,
+/// from the generators seeded sde_seed and ode_seed, in `dtype`.
 inline std::pair<tilt::Tensor, tilt::Tensor> sde_ode_samples(const tilt::VelocityFieldPtr& v, int64_t n, int64_t steps,
                                                              uint64_t sde_seed, uint64_t ode_seed,
-                                                             at::ScalarType dtype = at::kFloat) {
+                                                             at::ScalarType dtype = at::kFloat,
+                                                             tilt::Integrator sde_integrator = tilt::Integrator::euler) {
   const tilt::TimeGrid grid = tilt::TimeGrid::uniform(steps);
   tilt::Generator g1 = tilt::make_generator(sde_seed), g2 = tilt::make_generator(ode_seed);
+  tilt::SampleOptions sde_options;
+  sde_options.integrator = sde_integrator;
   const tilt::Tensor sde = tilt::sample(tilt::GenerativeSDE(v, tilt::make_memoryless_noise(1.0 / static_cast<double>(steps))),
-                                        n, grid, g1, tilt::SampleOptions(), dtype);
+                                        n, grid, g1, sde_options, dtype);
   tilt::SampleOptions heun;
   heun.integrator = tilt::Integrator::heun;
   const tilt::Tensor ode = tilt::sample(tilt::GenerativeSDE(v, tilt::make_zero_noise()), n, grid, g2, heun, dtype);
@@ -86,12 +89,13 @@ inline double precise_noise_floor(const tilt::GaussianMixture& target, int64_t n
 inline std::pair<ReplicatedRatio, ReplicatedRatio> replicated_ratios(const tilt::GaussianMixture& target,
                                                                      const tilt::VelocityFieldPtr& v, int64_t n,
                                                                      int64_t steps, double floor, int64_t replicates,
-                                                                     at::ScalarType dtype = at::kFloat) {
+                                                                     at::ScalarType dtype = at::kFloat,
+                                                                     tilt::Integrator sde_integrator = tilt::Integrator::euler) {
   std::vector<double> a, b;
   for (int64_t r = 0; r < replicates; ++r) {
     tilt::Generator g3 = tilt::make_generator(3000 + r);
     const tilt::Tensor exact = target.sample(n, g3, at::kDouble);
-    const auto [sde, ode] = sde_ode_samples(v, n, steps, 1000 + r, 2000 + r, dtype);
+    const auto [sde, ode] = sde_ode_samples(v, n, steps, 1000 + r, 2000 + r, dtype, sde_integrator);
     a.push_back(tilt::energy_distance(sde.to(at::kDouble), exact) / floor);
     b.push_back(tilt::energy_distance(ode.to(at::kDouble), exact) / floor);
   }

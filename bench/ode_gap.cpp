@@ -197,10 +197,12 @@ std::pair<double, double> velocity_error(const Study& s, const VelocityField& v,
 
 Json ratio_json(const tilt_bench::ReplicatedRatio& r) { return {r.mean, r.standard_error}; }
 
-// SDE and ODE ratios of a field as {"sde": [mean, se], "ode": [mean, se]}.
-Json scores(const Study& s, const VelocityFieldPtr& v, double floor, at::ScalarType dtype = at::kFloat) {
+// SDE and ODE ratios of a field as {"sde": [mean, se], "ode": [mean, se]}; the SDE by Euler-Maruyama unless told.
+Json scores(const Study& s, const VelocityFieldPtr& v, double floor, at::ScalarType dtype = at::kFloat,
+            Integrator sde_integrator = Integrator::euler) {
   const int64_t K = s.score_steps > 0 ? s.score_steps : s.plan.num_steps;
-  const auto [sde, ode] = tilt_bench::replicated_ratios(*s.target, v, s.samples, K, floor, s.replicates, dtype);
+  const auto [sde, ode] =
+      tilt_bench::replicated_ratios(*s.target, v, s.samples, K, floor, s.replicates, dtype, sde_integrator);
   return {{"sde", ratio_json(sde)}, {"ode", ratio_json(ode)}};
 }
 
@@ -209,6 +211,9 @@ Json measure(const Study& s, const VelocityFieldPtr& model, double floor) {
   out["model"] = scores(s, model, floor);
   out["exact_field"] = scores(s, s.exact, floor);  // the samplers' own error (float32)
   out["exact_field_double"] = scores(s, s.exact, floor, at::kDouble);
+  // The memoryless SDE by the exact gDDIM step instead of Euler: does the sampler or the field miss p*?
+  out["model_exact_step_sde"] = scores(s, model, floor, at::kFloat, Integrator::exact)["sde"];
+  out["exact_field_exact_step_sde"] = scores(s, s.exact, floor, at::kFloat, Integrator::exact)["sde"];
   Json errors = Json::array();
   for (double t : {0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98}) {
     const auto [err, size] = velocity_error(s, *model, t);

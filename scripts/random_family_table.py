@@ -25,23 +25,37 @@ def main(folder):
     sets = rows[0].get("sets", []) if rows else []
     if sets:
         print("Overrides of configs/random_family.toml (`SETS`, `--set`): %s.\n" % ", ".join("`%s`" % x for x in sets))
-    print("| seed | d | reward | SDE / floor | ODE / floor | exact field SDE | exact field ODE | train s | "
-          + " | ".join("rel. err. t=%g" % t for t in times) + " |")
-    print("|" + "---|" * (8 + len(times)))
+    # Results that also scored the memoryless SDE with the exact gDDIM step (tilt_ode_gap since issue 22's
+    # sampler check): two more columns, the model's and the exact field's.
+    exact_step = bool(rows) and all("model_exact_step_sde" in j for j in rows)
+    if exact_step:
+        print("SDE, exact step: the same memoryless SDE sampled with the exact gDDIM step (v frozen over each step) "
+              "instead of Euler-Maruyama, on the same grid.\n")
+    extra = ["SDE, exact step", "exact field SDE, exact step"] if exact_step else []
+    print("| seed | d | reward | SDE / floor | ODE / floor | exact field SDE | exact field ODE | "
+          + "".join(c + " | " for c in extra) + "train s | " + " | ".join("rel. err. t=%g" % t for t in times) + " |")
+    print("|" + "---|" * (8 + len(extra) + len(times)))
     fmt = lambda r: "%.2f ± %.2f" % (r[0], r[1])
     for j in rows:
         p, m, e = j["problem"], j["model"], j["exact_field"]
         err = {round(v["t"], 2): v["relative"] for v in j["velocity_error"]}
-        print("| %d | %d | %s | %s | %s | %s | %s | %.0f | %s |" % (
+        cells = [fmt(j["model_exact_step_sde"]), fmt(j["exact_field_exact_step_sde"])] if exact_step else []
+        print("| %d | %d | %s | %s | %s | %s | %s | %s%.0f | %s |" % (
             p["random_seed"], p["dim"], p["reward"], fmt(m["sde"]), fmt(m["ode"]), fmt(e["sde"]), fmt(e["ode"]),
-            j["train_seconds"], " | ".join("%.3f" % err[t] for t in times)))
+            "".join(c + " | " for c in cells), j["train_seconds"], " | ".join("%.3f" % err[t] for t in times)))
     if not rows:
         return
     print()
-    for key in ("sde", "ode"):
-        v = sorted(j["model"][key][0] for j in rows)
-        print("- %s: median %.2f, worst %.2f, best %.2f over %d problems (goal: median <= 1.5, worst <= 2)" % (
-            key.upper(), statistics.median(v), v[-1], v[0], len(v)))
+    goal = " (goal: median <= 1.5, worst <= 2)"
+    columns = [("SDE", lambda j: j["model"]["sde"][0], goal), ("ODE", lambda j: j["model"]["ode"][0], goal)]
+    if exact_step:
+        columns += [("SDE, exact step", lambda j: j["model_exact_step_sde"][0], goal),
+                    ("the exact field's SDE, exact step", lambda j: j["exact_field_exact_step_sde"][0],
+                     " (the sampler's own error)")]
+    for name, value, note in columns:
+        v = sorted(value(j) for j in rows)
+        print("- %s: median %.2f, worst %.2f, best %.2f over %d problems%s" % (
+            name, statistics.median(v), v[-1], v[0], len(v), note))
 
 if __name__ == "__main__":
     main(sys.argv[1] if len(sys.argv) > 1 else "runs/random_family")

@@ -11,6 +11,9 @@
 #                        SETS="key=value ..." (extra --set overrides of the configuration)  DOC=docs/random_family.md
 # The dsm_until table: OUT=runs/random_family_dsm SETS="finetune.adjoint_matching.dsm_until=0.5"
 #                      DOC=docs/random_family_dsm.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
+# ... with the exact-step rollouts (what preset = "small" sets): OUT=runs/random_family_dsm_exact
+#   SETS="finetune.adjoint_matching.dsm_until=0.5 finetune.adjoint_matching.dsm_rollout=exact"
+#   DOC=docs/random_family_dsm_exact.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null

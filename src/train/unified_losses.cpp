@@ -63,8 +63,8 @@ Tensor draw_times(int64_t B, const UnifiedLossOptions& o, Generator& gen, const 
 }
 
 std::vector<StepKernel> model_kernels(const std::shared_ptr<FineTunedVelocity>& model, const NoiseSchedulePtr& noise,
-                                      int64_t steps) {
-  return step_kernels(GenerativeSDE(model, noise), TimeGrid::uniform(steps), Integrator::euler);
+                                      int64_t steps, Integrator integrator = Integrator::euler) {
+  return step_kernels(GenerativeSDE(model, noise), TimeGrid::uniform(steps), integrator);
 }
 
 }  // namespace
@@ -82,9 +82,10 @@ Tensor gaussian_posterior_coefficient(const Tensor& Sigma, const ScheduleTensors
 // The rollout and its path weight (E93, E114).
 
 TiltRollout tilt_rollout(const std::shared_ptr<FineTunedVelocity>& model, const NoiseSchedulePtr& noise,
-                         const Reward& reward, double lambda, int64_t steps, int64_t batch, Generator& gen) {
+                         const Reward& reward, double lambda, int64_t steps, int64_t batch, Generator& gen,
+                         Integrator integrator) {
   const TimeGrid grid = TimeGrid::uniform(steps);
-  const std::vector<StepKernel> kernels = model_kernels(model, noise, steps);
+  const std::vector<StepKernel> kernels = model_kernels(model, noise, steps, integrator);
   const VelocityField& base = *model->base();
   const at::TensorOptions opts = at::TensorOptions().dtype(at::kFloat).device(model->device());
   TiltRollout r;
@@ -121,6 +122,9 @@ TiltScoreMatching::TiltScoreMatching(ScoreTarget target, std::shared_ptr<FineTun
   const std::string label = name();
   check_common(label, model_, reward_, options_);
   if (!options_.target_samples && !noise_) throw Error(label + ": no noise schedule for the weighted rollouts");
+  if (options_.rollout_integrator == Integrator::heun) throw Error(label + ": the weighted rollouts need a Gaussian step (euler or exact)");
+  // The exact step's schedule family (sigma = gamma sqrt(2 eta)) is checked now, not at the first rollout.
+  if (!options_.target_samples && noise_) model_kernels(model_, noise_, options_.num_steps, options_.rollout_integrator);
   const GmmVelocity* gmm = mixture_base(*model_);
   if (target_ == ScoreTarget::target) {
     base_score_ = options_.base_score;
@@ -194,7 +198,8 @@ std::pair<Tensor, Tensor> TiltScoreMatching::terminal_samples(int64_t B, Generat
   }
   // E115: the model's rollouts, weighted by w ∝ dP*/dQ (E104), so that the weighted law is p* whatever the model.
   at::NoGradGuard no_grad;
-  const TiltRollout r = tilt_rollout(model_, noise_, *reward_, options_.lambda, options_.num_steps, B, gen);
+  const TiltRollout r =
+      tilt_rollout(model_, noise_, *reward_, options_.lambda, options_.num_steps, B, gen, options_.rollout_integrator);
   return {r.x.back(), at::softmax(r.log_w, 0).to(at::kFloat)};
 }
 

@@ -263,13 +263,14 @@ std::pair<Json, FinetunePlan> resolved_finetune(const Json& finetune, const Velo
 }
 
 // preset = "small" is the configuration the random problem family passed (README, "Problems nobody tuned for"):
-// configs/random_family.toml with dsm_until = 0.5, key for key. Keys given win over the preset; where dsm_until
-// cannot apply (a conditional base, guidance, the control weighting, too few late steps) it stays off, and the
-// defaults of the other methods' tables are theirs.
+// configs/random_family.toml with dsm_until = 0.5 and dsm_rollout = "exact", key for key. Keys given win over the
+// preset; where dsm_until cannot apply (a conditional base, guidance, the control weighting, too few late steps) it
+// stays off, and the defaults of the other methods' tables are theirs.
 TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   Base2d s;
   Json family = load_config_file(std::string(TILT_SOURCE_DIR) + "/configs/random_family.toml").at("finetune");
   family["adjoint_matching"]["dsm_until"] = 0.5;
+  family["adjoint_matching"]["dsm_rollout"] = "exact";
   Json by_preset = resolved_finetune({{"preset", "small"}}, *s.base, s.reward).first;
   EXPECT_EQ(by_preset.at("preset"), "small");
   by_preset.erase("preset");
@@ -310,6 +311,9 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   EXPECT_EQ(am_of({{"loss_weighting", "control"}}).at("dsm_until"), 0.0);
   EXPECT_EQ(am_of({{"dsm_until", 0.3}}).at("dsm_until"), 0.3);
   EXPECT_EQ(am_of({{"dsm_until", 0.0}}).at("dsm_until"), 0.0);
+  EXPECT_EQ(am_of({{"dsm_rollout", "euler"}}).at("dsm_rollout"), "euler");
+  EXPECT_EQ(resolved_finetune(Json::object(), *s.base, s.reward).first.at("adjoint_matching").at("dsm_rollout"), "euler")
+      << "without the preset, the Euler rollout of the measured dsm_until tables";
   const ConditionalProblem c = random_conditional_problem(2, 2, 3, make_linear_schedule(), 4);
   const Json conditional = resolved_finetune({{"preset", "small"}, {"hidden", {8}}}, *c.base, c.reward,
                                              std::make_shared<const ConditionSet>(c.train)).first;

@@ -340,26 +340,43 @@ TEST(UnifiedLosses, WeightedRolloutsDrawTheTiltOfTheChain) {
   const at::Tensor a = at::tensor({0.7, -0.4}, kDouble);
   const TiltCase s = make_setup(test::isotropic_gaussian({0.5, -0.3}, 0.8), linear({0.7, -0.4}), lambda);
   auto model = make_finetuned(s.base, FineTuneMode::residual, {8}, 4, 1);  // zero residual: the base
-  UnifiedLossOptions o;
-  o.lambda = lambda;
-  o.num_steps = K;
-  TiltScoreMatching dsm(ScoreTarget::denoising, model, s.reward, make_memoryless_noise(1.0 / K), o);
-  Generator gen = make_generator(21);
-  const auto [x1, w] = dsm.terminal_samples(40000, gen);
-  const at::Tensor xd = x1.to(at::kDouble), wd = w.to(at::kDouble);
-  EXPECT_NEAR(wd.sum().item<double>(), 1.0, 1e-5);
-  const at::Tensor mean = (wd.unsqueeze(1) * xd).sum(0);
-  // The self-normalised estimator's standard error, sqrt(sum w^2 (x - mean)^2).
-  const at::Tensor se = (wd.pow(2).unsqueeze(1) * (xd - mean).pow(2)).sum(0).sqrt();
-  const auto [m, V] = test::chain_law(*s.base, 1.0, K, false);
-  const at::Tensor exact = m + lambda * at::matmul(V, a);
-  const at::Tensor unweighted = xd.mean(0);
-  for (int64_t i = 0; i < 2; ++i) {
-    EXPECT_LT(std::abs(mean[i].item<double>() - exact[i].item<double>()), 4 * se[i].item<double>())
-        << "coordinate " << i << ": " << mean[i].item<double>() << " vs " << exact[i].item<double>();
-    EXPECT_GT(std::abs(unweighted[i].item<double>() - exact[i].item<double>()), 20 * se[i].item<double>())
-        << "the unweighted rollout should be far from the tilt";
+  // Euler-Maruyama's chain and the exact gDDIM step's (rollout_integrator): each weighted law is the tilt of its own
+  // chain's X_K law, and the two chains differ.
+  for (bool exact_step : {false, true}) {
+    UnifiedLossOptions o;
+    o.lambda = lambda;
+    o.num_steps = K;
+    o.rollout_integrator = exact_step ? Integrator::exact : Integrator::euler;
+    TiltScoreMatching dsm(ScoreTarget::denoising, model, s.reward, make_memoryless_noise(1.0 / K), o);
+    Generator gen = make_generator(21);
+    const auto [x1, w] = dsm.terminal_samples(40000, gen);
+    const at::Tensor xd = x1.to(at::kDouble), wd = w.to(at::kDouble);
+    EXPECT_NEAR(wd.sum().item<double>(), 1.0, 1e-5);
+    const at::Tensor mean = (wd.unsqueeze(1) * xd).sum(0);
+    // The self-normalised estimator's standard error, sqrt(sum w^2 (x - mean)^2).
+    const at::Tensor se = (wd.pow(2).unsqueeze(1) * (xd - mean).pow(2)).sum(0).sqrt();
+    const auto [m, V] = test::chain_law(*s.base, 1.0, K, exact_step);
+    const auto [m_other, V_other] = test::chain_law(*s.base, 1.0, K, !exact_step);
+    const at::Tensor exact = m + lambda * at::matmul(V, a), other = m_other + lambda * at::matmul(V_other, a);
+    const at::Tensor unweighted = xd.mean(0);
+    const char* which = exact_step ? "exact step" : "Euler";
+    for (int64_t i = 0; i < 2; ++i) {
+      EXPECT_LT(std::abs(mean[i].item<double>() - exact[i].item<double>()), 4 * se[i].item<double>())
+          << which << ", coordinate " << i << ": " << mean[i].item<double>() << " vs " << exact[i].item<double>();
+      EXPECT_GT(std::abs(unweighted[i].item<double>() - exact[i].item<double>()), 20 * se[i].item<double>())
+          << which << ": the unweighted rollout should be far from the tilt";
+    }
+    // The other chain's tilt is not what these weights draw (the check can tell the two integrators apart).
+    EXPECT_GT((mean - other).abs().max().item<double>(), 6 * se.max().item<double>())
+        << which << ": " << mean << " vs the other chain's " << other;
   }
+  UnifiedLossOptions heun;
+  heun.rollout_integrator = Integrator::heun;
+  EXPECT_THROW(TiltScoreMatching(ScoreTarget::denoising, model, s.reward, make_memoryless_noise(0.05), heun), Error);
+  UnifiedLossOptions exact_constant;
+  exact_constant.rollout_integrator = Integrator::exact;
+  EXPECT_THROW(TiltScoreMatching(ScoreTarget::denoising, model, s.reward, make_constant_noise(1.0), exact_constant), Error)
+      << "the exact step is for sigma = gamma sqrt(2 eta)";
 }
 
 // ---- NETS (E116): the exact b_hat and F_t of a Gaussian-to-Gaussian tilt (linear reward, linear schedule). ----

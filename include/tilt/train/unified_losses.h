@@ -20,6 +20,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/reward.h"
 #include "tilt/schedule/noise_schedule.h"
+#include "tilt/sde/sampler.h"
 #include "tilt/soc/loss.h"
 
 #include <functional>
@@ -43,6 +44,11 @@ struct UnifiedLossOptions {
   /// TSM, DSM, NSM: exact samples of p*. Null: the current model's rollouts, self-normalised-weighted by their
   /// path weights (E104, E115), whose fixed point is p*.
   LawSampler target_samples;
+  /// TSM, DSM, NSM with weighted rollouts: the rollout's steps, Euler-Maruyama or the exact gDDIM step of the
+  /// memoryless schedule (tilt/sde/gddim.h). The weighted law is the tilt of the base CHAIN's terminal law (E115), so
+  /// the chain's own error becomes the target's: on narrow modes the exact step's chain is much nearer p_base at the
+  /// same K (docs/method.md, "The ODE gap").
+  Integrator rollout_integrator = Integrator::euler;
   /// TSM: grad log p_base at the data end, x [B, d] -> [B, d]. Null: the mixture's for a Gaussian-mixture base.
   std::function<Tensor(const Tensor&)> base_score;
   /// NETS: samples of the base, from which x_t = alpha_t X_1 + beta_t X_0 is drawn (the residual may be taken
@@ -94,7 +100,7 @@ class TiltScoreMatching : public Loss {
   Tensor sigma_, mu_;  // NSM: the Gaussian base
 };
 
-/// A rollout of the fine-tuned model's Euler-Maruyama chain with what the path weight needs (E114).
+/// A rollout of the fine-tuned model's chain with what the path weight needs (E114).
 struct TiltRollout {
   std::vector<Tensor> x;      ///< X_0..X_K
   std::vector<Tensor> xi;     ///< the noise of each step
@@ -103,11 +109,13 @@ struct TiltRollout {
   Tensor log_w;               ///< lambda r(X_K) + log dP_base/dQ_model, [B] double (E114)
 };
 
-/// Rolls the model out from X_0 ~ N(0, I) with K Euler-Maruyama steps of the noise schedule and accumulates the
-/// discrete path weight against the base's chain of equal step covariance (E93, E114). Gradients flow through
-/// the states and the log weight unless the caller disables them.
+/// Rolls the model out from X_0 ~ N(0, I) with K steps of the noise schedule (Euler-Maruyama, or the exact gDDIM
+/// step of a memoryless or scaled-memoryless schedule) and accumulates the discrete path weight against the base's
+/// chain of the same kernels (E93, E114). Gradients flow through the states and the log weight unless the caller
+/// disables them.
 TiltRollout tilt_rollout(const std::shared_ptr<FineTunedVelocity>& model, const NoiseSchedulePtr& noise,
-                         const Reward& reward, double lambda, int64_t steps, int64_t batch, Generator& gen);
+                         const Reward& reward, double lambda, int64_t steps, int64_t batch, Generator& gen,
+                         Integrator integrator = Integrator::euler);
 
 /// CMCD for tilting (E114): log w = lambda r(X_K) + sum_k (-d_k . xi_k - |d_k|^2 / 2), d_k = c_v,k (v_theta -
 /// v_base)(X_k) / std_k, the Radon-Nikodym derivative of the tilted base chain against the model's chain.

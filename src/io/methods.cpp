@@ -25,8 +25,8 @@ namespace {
 const std::vector<std::string> kAdjointMatchingKeys{"loss_early_steps", "loss_late_steps",      "clip_factor",
                                                     "loss_weighting",   "final_noiseless_step", "tape_activations",
                                                     "guidance",         "guidance_adjoint",     "guidance_control",
-                                                    "dsm_until",        "dsm_rollout",          "buffer_size",
-                                                    "buffer_passes",    "buffer_weights"};
+                                                    "dsm_until",        "dsm_rollout",          "dsm_rollout_steps",
+                                                    "buffer_size",      "buffer_passes",        "buffer_weights"};
 const std::vector<std::string> kPolicyKeys{"log_prob", "clip_range", "adv_clip_max", "scale_advantages", "inner_epochs"};
 const std::vector<std::string> kGroupKeys{"group_size", "window", "window_strategy", "window_iters", "window_shift"};
 
@@ -180,10 +180,24 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
     return std::make_unique<AdjointMatching>(std::move(model), reward, noise, o);
   };
   // dsm_rollout: the steps of the rollouts whose weighted endpoints DSM regresses on (UnifiedLossOptions).
-  const bool rollout_given = table.has("dsm_rollout");
+  // dsm_rollout_steps: their number of steps (0: num_steps); the weighted law is the tilt of that chain's (E115).
+  const bool rollout_given = table.has("dsm_rollout"), rollout_steps_given = table.has("dsm_rollout_steps");
   const std::string rollout = table.choice("dsm_rollout", {"euler", "exact"}, plan.preset == "small" ? "exact" : "euler");
+  const int64_t rollout_steps = table.integer("dsm_rollout_steps", 0);
+  if (rollout_steps != 0 && (rollout_steps < 2 || rollout_steps > limits::kSteps)) {
+    table.fail("dsm_rollout_steps", "must be 0 (num_steps) or in 2.." + std::to_string(limits::kSteps) + ", got " +
+                                        std::to_string(rollout_steps));
+  }
+  if (rollout_steps * plan.batch_size > limits::kStepsTimesBatch) {
+    table.fail("dsm_rollout_steps", "with batch_size = " + std::to_string(plan.batch_size) + ": " +
+                                        std::to_string(rollout_steps * plan.batch_size) +
+                                        " states per rollout, over the limit of " + std::to_string(limits::kStepsTimesBatch));
+  }
   if (tau == 0.0) {
-    if (rollout_given) plan.notes.push_back(table.where("dsm_rollout") + " is ignored: it is for dsm_until > 0");
+    for (const auto& [given, key] : {std::pair<bool, const char*>{rollout_given, "dsm_rollout"},
+                                     std::pair<bool, const char*>{rollout_steps_given, "dsm_rollout_steps"}}) {
+      if (given) plan.notes.push_back(table.where(key) + " is ignored: it is for dsm_until > 0");
+    }
     plan.make_loss = [am, adjoint_matching](std::shared_ptr<FineTunedVelocity> model) {
       return adjoint_matching(std::move(model), am);
     };
@@ -208,6 +222,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   am.loss_t_min = tau;
   dsm.t_max = tau;
   dsm.rollout_integrator = parse_integrator(rollout);
+  if (rollout_steps > 0) dsm.num_steps = rollout_steps;
   // Equal weight per unit of time: AM sums its S = loss_early_steps + loss_late_steps steps over [tau, 1]; DSM
   // averages over t ~ U[t_min, tau].
   const double weight = static_cast<double>(am.loss_early_steps + am.loss_late_steps) * (tau - dsm.t_min) / (1.0 - tau);

@@ -12,6 +12,7 @@
 #include "tilt/train/efficient_adjoint_matching.h"
 #include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/trainer.h"
+#include "tilt/train/unified_losses.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -250,6 +251,25 @@ TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
   // Too few steps left above tau for the loss steps: the error says why.
   const std::string few = with({{"dsm_until", 0.9}, {"loss_early_steps", 4}, {"loss_late_steps", 2}});
   EXPECT_NE(few.find("loss_t_min = 0.9"), std::string::npos) << few;
+
+  // The weighted samples' rollouts: their integrator and number of steps reach the DSM term (E115).
+  const auto dsm_options = [&](const Json& extra) {
+    Json table = am;
+    for (const auto& [k, v] : extra.items()) table[k] = v;
+    const FinetunePlan p = make_finetune_plan({{"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", table}},
+                                              *s.base, s.reward, 1.0);
+    auto l = p.make_loss(p.make_model(s.base, 1));
+    return dynamic_cast<const TiltScoreMatching&>(dynamic_cast<const LossSum&>(*l).term(1)).options();
+  };
+  EXPECT_EQ(dsm_options(Json::object()).num_steps, 20);
+  EXPECT_EQ(dsm_options(Json::object()).rollout_integrator, Integrator::euler);
+  EXPECT_EQ(dsm_options({{"dsm_rollout_steps", 40}, {"dsm_rollout", "exact"}}).num_steps, 40);
+  EXPECT_EQ(dsm_options({{"dsm_rollout", "exact"}}).rollout_integrator, Integrator::exact);
+  const std::string steps_key = "'finetune.adjoint_matching.dsm_rollout_steps'";
+  for (int64_t bad : {-1, 1, 1000001}) EXPECT_NE(with({{"dsm_until", 0.5}, {"dsm_rollout_steps", bad}}).find(steps_key), std::string::npos) << bad;
+  EXPECT_NE(with({{"dsm_until", 0.5}, {"dsm_rollout", "rk4"}}).find("'finetune.adjoint_matching.dsm_rollout'"), std::string::npos);
+  EXPECT_TRUE(mentions(make_finetune_plan({{"num_steps", 21}, {"adjoint_matching", {{"dsm_rollout_steps", 40}}}}, *s.base, s.reward, 1.0).notes,
+                       "dsm_rollout_steps is ignored"));
 }
 
 // The [finetune] table as read (defaults filled in) from `finetune` given, and the plan.

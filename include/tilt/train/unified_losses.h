@@ -81,6 +81,8 @@ class TiltScoreMatching : public Loss {
   std::string name() const override;
   std::vector<Tensor> parameters() const override { return model_->parameters(); }
   LossOutput compute(Generator& gen) override;
+  /// The options it was built with (the rollouts' steps and integrator among them).
+  const UnifiedLossOptions& options() const { return options_; }
   int64_t batch_size() const override { return options_.batch_size; }
   void set_batch_size(int64_t n) override;
 

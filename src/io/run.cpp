@@ -379,7 +379,10 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
                                    "early_stop_min_iterations"};
   Json a = with_method_table(before), b = with_method_table(resolved);
   // Keys that came later, with the value that reads as a run started before them did: such a run resumes.
-  static const std::pair<const char*, const char*> kAddedLater[] = {{"/finetune/preset", "\"paper\""}};
+  static const std::pair<const char*, const char*> kAddedLater[] = {
+      {"/finetune/preset", "\"paper\""},
+      {"/finetune/adjoint_matching/dsm_rollout", "\"euler\""},
+      {"/finetune/adjoint_matching/dsm_rollout_steps", "0"}};
   for (const auto& [key, then] : kAddedLater) {
     const Json::json_pointer at(key);
     if (!a.contains(at) && b.contains(at) && b[at] == Json::parse(then)) b[at.parent_pointer()].erase(at.back());

@@ -381,8 +381,12 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   // Keys that came later, with the value that reads as a run started before them did: such a run resumes.
   static const std::pair<const char*, const char*> kAddedLater[] = {
       {"/finetune/preset", "\"paper\""},
+      {"/finetune/adjoint_matching/dsm_until", "0.0"},
       {"/finetune/adjoint_matching/dsm_rollout", "\"euler\""},
-      {"/finetune/adjoint_matching/dsm_rollout_steps", "0"}};
+      {"/finetune/adjoint_matching/dsm_rollout_steps", "0"},
+      {"/finetune/adjoint_matching/buffer_size", "0"},
+      {"/finetune/adjoint_matching/buffer_passes", "10"},
+      {"/finetune/adjoint_matching/buffer_weights", "\"future\""}};
   for (const auto& [key, then] : kAddedLater) {
     const Json::json_pointer at(key);
     if (!a.contains(at) && b.contains(at) && b[at] == Json::parse(then)) b[at.parent_pointer()].erase(at.back());

@@ -225,21 +225,22 @@ else
   fail "NaN handling (rc=$rc): $out"
 fi
 
-# A run started before [finetune] preset and dsm_rollout(_steps) existed (its config.resolved.json has none of them)
-# resumes: it was run with what their defaults do; asking for another preset on resume is a change of problem,
-# refused naming the key.
+# A run started before [finetune] preset, dsm_until, dsm_rollout(_steps) and buffer_* existed (its
+# config.resolved.json has none of them) resumes: it was run with what their defaults do; asking for another preset
+# on resume is a change of problem, refused naming the key.
 python3 -c "
 import json
 p = 'nan/config.resolved.json'; j = json.load(open(p)); f = j['finetune']
 del f['preset']
 am = f.get('adjoint_matching', f)
-del am['dsm_rollout'], am['dsm_rollout_steps']
+for key in ('dsm_until', 'dsm_rollout', 'dsm_rollout_steps', 'buffer_size', 'buffer_passes', 'buffer_weights'):
+    del am[key]
 json.dump(j, open(p, 'w'))"
 expect_error "resume with another preset" "finetune.preset" \
   "$tilt" finetune -q -c tiny.toml --set finetune.preset=small --set finetune.iterations=7 -o nan --resume
 if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=7 --set finetune.grad_clip=0.0 -o nan --resume \
      > log.txt 2>&1 && grep -q "resumed nan at iteration 6" log.txt; then
-  pass "a run from before finetune.preset and dsm_rollout resumes"
+  pass "a run from before finetune.preset, dsm_until, dsm_rollout and buffer_* resumes"
 else
   fail "resume of a run without finetune.preset or dsm_rollout: $(cat log.txt)"
 fi

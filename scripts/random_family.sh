@@ -14,6 +14,8 @@
 # ... with the exact-step rollouts (what preset = "small" sets): OUT=runs/random_family_dsm_exact
 #   SETS="finetune.adjoint_matching.dsm_until=0.5 finetune.adjoint_matching.dsm_rollout=exact"
 #   DOC=docs/random_family_dsm_exact.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
+# ... and on a chain twice as fine (preset = "small" exactly): OUT=runs/random_family_dsm_exact_k120, SETS as above plus
+#   finetune.adjoint_matching.dsm_rollout_steps=120, DOC=docs/random_family_dsm_exact_k120.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null

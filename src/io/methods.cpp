@@ -88,7 +88,8 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
 }
 
 // preset = "small" (docs/config.md): the settings with which the random problem family (d = 2..10) reached p*
-// (configs/random_family.toml with dsm_until = 0.5 and dsm_rollout = "exact"; README, "Problems nobody tuned for").
+// (configs/random_family.toml with dsm_until = 0.5, dsm_rollout = "exact" and dsm_rollout_steps = 2 num_steps;
+// README, "Problems nobody tuned for").
 // Keys given win.
 Json small_preset_finetune() {
   return Json{{"num_steps", 60}, {"batch_size", 256},   {"iterations", 2400}, {"lr", 4e-3},
@@ -183,7 +184,9 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   // dsm_rollout_steps: their number of steps (0: num_steps); the weighted law is the tilt of that chain's (E115).
   const bool rollout_given = table.has("dsm_rollout"), rollout_steps_given = table.has("dsm_rollout_steps");
   const std::string rollout = table.choice("dsm_rollout", {"euler", "exact"}, plan.preset == "small" ? "exact" : "euler");
-  const int64_t rollout_steps = table.integer("dsm_rollout_steps", 0);
+  // preset = "small": a chain twice as fine as the grid (E115: its error is the DSM target's).
+  const int64_t rollout_steps =
+      table.integer("dsm_rollout_steps", plan.preset == "small" ? std::min<int64_t>(2 * plan.num_steps, limits::kSteps) : 0);
   if (rollout_steps != 0 && (rollout_steps < 2 || rollout_steps > limits::kSteps)) {
     table.fail("dsm_rollout_steps", "must be 0 (num_steps) or in 2.." + std::to_string(limits::kSteps) + ", got " +
                                         std::to_string(rollout_steps));

@@ -283,14 +283,15 @@ std::pair<Json, FinetunePlan> resolved_finetune(const Json& finetune, const Velo
 }
 
 // preset = "small" is the configuration the random problem family passed (README, "Problems nobody tuned for"):
-// configs/random_family.toml with dsm_until = 0.5 and dsm_rollout = "exact", key for key. Keys given win over the
-// preset; where dsm_until cannot apply (a conditional base, guidance, the control weighting, too few late steps) it
-// stays off, and the defaults of the other methods' tables are theirs.
+// configs/random_family.toml with dsm_until = 0.5, dsm_rollout = "exact" and dsm_rollout_steps = 120, key for key.
+// Keys given win over the preset; where dsm_until cannot apply (a conditional base, guidance, the control
+// weighting, too few late steps) it stays off, and the defaults of the other methods' tables are theirs.
 TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   Base2d s;
   Json family = load_config_file(std::string(TILT_SOURCE_DIR) + "/configs/random_family.toml").at("finetune");
   family["adjoint_matching"]["dsm_until"] = 0.5;
   family["adjoint_matching"]["dsm_rollout"] = "exact";
+  family["adjoint_matching"]["dsm_rollout_steps"] = 120;
   Json by_preset = resolved_finetune({{"preset", "small"}}, *s.base, s.reward).first;
   EXPECT_EQ(by_preset.at("preset"), "small");
   by_preset.erase("preset");
@@ -314,6 +315,7 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   EXPECT_EQ(given.at("adjoint_matching").at("loss_early_steps"), 4);
   EXPECT_EQ(given.at("adjoint_matching").at("loss_late_steps"), 2);
   EXPECT_EQ(given.at("adjoint_matching").at("dsm_until"), 0.5);
+  EXPECT_EQ(given.at("adjoint_matching").at("dsm_rollout_steps"), 24) << "twice num_steps";
   EXPECT_EQ(given.at("batch_size"), 256);
   // Any K from 2 up gives a valid plan; dsm_until only where the steps at t >= 0.5 hold the loss's.
   for (int64_t K = 2; K <= 13; ++K) {

@@ -184,9 +184,10 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   // dsm_rollout_steps: their number of steps (0: num_steps); the weighted law is the tilt of that chain's (E115).
   const bool rollout_given = table.has("dsm_rollout"), rollout_steps_given = table.has("dsm_rollout_steps");
   const std::string rollout = table.choice("dsm_rollout", {"euler", "exact"}, plan.preset == "small" ? "exact" : "euler");
-  // preset = "small": a chain twice as fine as the grid (E115: its error is the DSM target's).
-  const int64_t rollout_steps =
-      table.integer("dsm_rollout_steps", plan.preset == "small" ? std::min<int64_t>(2 * plan.num_steps, limits::kSteps) : 0);
+  // preset = "small": a chain twice as fine as the grid (E115: its error is the DSM target's), within the limits.
+  const int64_t preset_steps =
+      std::min<int64_t>({2 * plan.num_steps, limits::kSteps, limits::kStepsTimesBatch / plan.batch_size});
+  const int64_t rollout_steps = table.integer("dsm_rollout_steps", plan.preset == "small" ? preset_steps : 0);
   if (rollout_steps != 0 && (rollout_steps < 2 || rollout_steps > limits::kSteps)) {
     table.fail("dsm_rollout_steps", "must be 0 (num_steps) or in 2.." + std::to_string(limits::kSteps) + ", got " +
                                         std::to_string(rollout_steps));

@@ -105,20 +105,28 @@ Json small_preset_adjoint_matching(int64_t num_steps) {
               {"clip_factor", 0.0}};
 }
 
-// The grid's steps t_k = k / K >= tau with a finite target (k >= 1): those Adjoint Matching keeps with dsm_until.
-int64_t steps_from(double tau, int64_t num_steps) {
-  int64_t left = 0;
-  for (int64_t k = 1; k < num_steps; ++k) left += static_cast<double>(k) / static_cast<double>(num_steps) >= tau - 1e-9;
-  return left;
+// Why dsm_until = tau (in range) cannot serve this plan, as the message of an error on the key; empty if it can:
+// it needs an unconditional base, no guidance, the velocity weighting, and enough steps at t >= tau for the loss's.
+std::string dsm_until_conflict(const FinetunePlan& plan, const AdjointMatchingOptions& am, double tau) {
+  if (plan.conditions) return "needs an unconditional base (the weighted samples are of one p*)";
+  if (am.guidance != 0.0) return "cannot be combined with guidance in training";
+  if (am.loss_weighting != "velocity") return "needs loss_weighting = \"velocity\" (both regressions are of v_theta - v_base)";
+  int64_t left = 0;  // the grid's steps t_k = k / K >= tau with a finite target (k >= 1)
+  for (int64_t k = 1; k < plan.num_steps; ++k) left += static_cast<double>(k) / static_cast<double>(plan.num_steps) >= tau - 1e-9;
+  if (am.loss_early_steps + am.loss_late_steps > left) {
+    return "= " + number_string(tau) + " leaves " + std::to_string(left) + " of the " + std::to_string(plan.num_steps) +
+           " steps to Adjoint Matching (t_k >= loss_t_min = " + number_string(tau) +
+           "), fewer than loss_early_steps + loss_late_steps = " +
+           std::to_string(am.loss_early_steps + am.loss_late_steps);
+  }
+  return "";
 }
 
-// preset = "small" regresses t < 0.5 onto DSM (E106) where dsm_until can: an unconditional base, no guidance, the
-// velocity weighting, and enough steps at t >= 0.5 for the loss's. Elsewhere the paper's loss (0).
+// preset = "small" regresses t < 0.5 onto DSM (E106) where dsm_until can serve the plan; elsewhere the paper's loss
+// (0).
 constexpr double kSmallPresetDsmUntil = 0.5;
 double small_preset_dsm_until(const FinetunePlan& plan, const AdjointMatchingOptions& am) {
-  const bool applies = !plan.conditions && am.guidance == 0.0 && am.loss_weighting == "velocity" &&
-                       am.loss_early_steps + am.loss_late_steps <= steps_from(kSmallPresetDsmUntil, plan.num_steps);
-  return applies ? kSmallPresetDsmUntil : 0.0;
+  return dsm_until_conflict(plan, am, kSmallPresetDsmUntil).empty() ? kSmallPresetDsmUntil : 0.0;
 }
 
 // A method's options with the plan's grid, batch and lambda (what every method shares).
@@ -211,18 +219,7 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   if (!(tau > dsm.t_min && tau < 1.0)) {
     table.fail("dsm_until", "must be 0 (off) or in (" + number_string(dsm.t_min) + ", 1), got " + number_string(tau));
   }
-  if (plan.conditions) table.fail("dsm_until", "needs an unconditional base (the weighted samples are of one p*)");
-  if (am.guidance != 0.0) table.fail("dsm_until", "cannot be combined with guidance in training");
-  if (am.loss_weighting != "velocity") {
-    table.fail("dsm_until", "needs loss_weighting = \"velocity\" (both regressions are of v_theta - v_base)");
-  }
-  const int64_t left = steps_from(tau, plan.num_steps);
-  if (am.loss_early_steps + am.loss_late_steps > left) {
-    table.fail("dsm_until", "= " + number_string(tau) + " leaves " + std::to_string(left) + " of the " +
-                                std::to_string(plan.num_steps) + " steps to Adjoint Matching (t_k >= loss_t_min = " +
-                                number_string(tau) + "), fewer than loss_early_steps + loss_late_steps = " +
-                                std::to_string(am.loss_early_steps + am.loss_late_steps));
-  }
+  if (const std::string why = dsm_until_conflict(plan, am, tau); !why.empty()) table.fail("dsm_until", why);
   am.loss_t_min = tau;
   dsm.t_max = tau;
   dsm.rollout_integrator = parse_integrator(rollout);

@@ -15,21 +15,27 @@
 # evaluates the current control on fixed fresh paths every EVAL_EVERY iterations where SOCM records its
 # training batches' error.
 #
-# Each (problem, loss) is one `tilt soc` run in $OUT/<problem>/<loss>/; a finished one (summary.json) is
-# skipped, an unfinished one is started again, so the script resumes where it was stopped. Its wall clock
-# goes to wall_seconds beside it. At the end: $OUT/<problem>.png (every loss's curve, tilt's plot code)
-# and $OUT/summary.md (final and best errors, wall clock per curve).
+# Each (problem, loss) is one `tilt soc` run in $OUT/<problem>/<loss>/, checkpointed every CHECKPOINT_EVERY
+# iterations: a finished one (summary.json) is skipped, an unfinished one continues from its checkpoint
+# (`tilt soc --resume`, exactly as if never stopped), so the script may be stopped (even kill -9) and started
+# again, in a later session, and goes on where it was. At the end: $OUT/<problem>.png (every loss's curve) and
+# $OUT/summary.md (final and best errors, training time per curve: the sum of the iterations' seconds from
+# <loss>.jsonl, evaluations excluded, whatever the number of invocations).
 #
 # Options (environment): OUT=runs/socm_curves  ITERATIONS=<the paper's>  EVAL_EVERY=500  EVAL_BATCH=1024
 #   PROBLEMS="quadratic_ou_easy linear_ou"  DOUBLE_WELL=0  LOSSES="adjoint_matching socm cross_entropy log_variance"
-#   SEED=0  THREADS=0 (all cores)  HIDDEN=256,128,64,128,256  NO_BUILD=0  BACKGROUND=0 (1: run detached, log in $OUT/log)
-# The full run takes many hours on 2 cores: BACKGROUND=1 scripts/socm_curves.sh, then look at $OUT/log.
+#   SEED=0  THREADS=0 (all cores)  HIDDEN=256,128,64,128,256  CHECKPOINT_EVERY=1000  NO_BUILD=0
+#   BACKGROUND=0 (1: run detached at the lowest priority, log in $OUT/log)
+# The full run takes many hours on 2 cores: BACKGROUND=1 scripts/socm_curves.sh, then look at $OUT/log. On 2
+# cores, two single-threaded instances (one per problem) finish sooner than one with two threads:
+#   PROBLEMS=quadratic_ou_easy THREADS=1 BACKGROUND=1 scripts/socm_curves.sh
+#   PROBLEMS=linear_ou THREADS=1 NO_BUILD=1 BACKGROUND=1 scripts/socm_curves.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-runs/socm_curves}
 mkdir -p "$out"
 if [ "${BACKGROUND:-0}" = 1 ]; then
-  BACKGROUND=0 nohup "$0" >> "$out/log" 2>&1 &
+  BACKGROUND=0 nohup nice -n 19 "$0" >> "$out/log" 2>&1 &
   echo "running in the background (pid $!): $out/log"
   exit 0
 fi
@@ -56,23 +62,24 @@ for p in $problems; do
   for l in $losses; do
     dir=$out/$p/$l
     if [ -f "$dir/summary.json" ]; then echo "done already: $p / $l"; continue; fi
-    rm -rf "$dir"
+    resume=() what=start
+    if [ -f "$dir/soc.resolved.json" ]; then resume=(--resume) what=resume; else rm -rf "$dir"; fi
     mkdir -p "$(dirname "$dir")"
-    echo "$(date -u +%FT%TZ) start $p / $l: $iterations iterations, batch $batch, $steps steps"
+    echo "$(date -u +%FT%TZ) $what $p / $l: $iterations iterations, batch $batch, $steps steps"
     start=$(date +%s)
     "$tilt" soc -q -p "$p" -l "$l" --instance socm --l2-error socm --seed "${SEED:-0}" --threads "${THREADS:-0}" \
       --iterations "$iterations" --batch "$batch" --steps "$steps" --lr 1e-4 --hidden "${HIDDEN:-256,128,64,128,256}" \
-      --eval-every "${EVAL_EVERY:-500}" --eval-batch "${EVAL_BATCH:-1024}" -o "$dir" > "$dir.log" 2>&1 \
-      || { echo "failed: $p / $l (see $dir.log)"; cat "$dir.log"; exit 1; }
-    echo $(( $(date +%s) - start )) > "$dir/wall_seconds"
-    echo "$(date -u +%FT%TZ) done $p / $l in $(cat "$dir/wall_seconds") s"
+      --eval-every "${EVAL_EVERY:-500}" --eval-batch "${EVAL_BATCH:-1024}" \
+      --checkpoint-every "${CHECKPOINT_EVERY:-1000}" "${resume[@]}" -o "$dir" >> "$dir.log" 2>&1 \
+      || { echo "failed: $p / $l (see $dir.log)"; tail -5 "$dir.log"; exit 1; }
+    echo "$(date -u +%FT%TZ) done $p / $l ($(( $(date +%s) - start )) s in this invocation)"
   done
 done
 
 # The figures and the table, from whatever has finished.
 table=$out/summary.md
 {
-  echo "| problem | loss | iterations | final control L2 error (SOCM's) | best | wall clock (s, $(nproc) cores) | s / iteration |"
+  echo "| problem | loss | iterations | final control L2 error (SOCM's) | best | training time (s) | ms / iteration |"
   echo "|---|---|---|---|---|---|---|"
 } > "$table"
 for p in $problems; do
@@ -87,9 +94,9 @@ d, p, l = sys.argv[1:4]
 s = json.load(open(f"{d}/summary.json"))
 evals = [json.loads(x) for x in open(f"{d}/{l}.eval.jsonl") if x.strip()]
 best = min(e["control_l2_error"] for e in evals)
-wall = int(open(f"{d}/wall_seconds").read())
 it = s["iterations"]
-print(f"| {p} | {l} | {it} | {s['losses'][l]['control_l2_error']:.4g} | {best:.4g} | {wall} | {wall / it:.3f} |")
+ms = s["losses"][l]["ms_per_iteration"]
+print(f"| {p} | {l} | {it} | {s['losses'][l]['control_l2_error']:.4g} | {best:.4g} | {ms * it / 1e3:.0f} | {ms:.1f} |")
 PY
   done
   [ ${#args[@]} -gt 0 ] && "$curves" -o "$out/$p.png" --title "$p (SOCM instance, seed ${SEED:-0})" "${args[@]}"

@@ -54,7 +54,13 @@ const bool registered = add_command(
                       "Control L2 error: tilt (self-normalised weights, K times) or socm (SOC-matching's published "
                       "definition: K + 1 times, weights over a normaliser E[w]; docs/soc.md, Metrics)")
            ->capture_default_str();
+       app.add_option("--checkpoint-every", o.checkpoint_every,
+                      "Write each loss's checkpoint (<loss>.checkpoint.pt) every this many iterations and at its end "
+                      "(0: only at the end)")->capture_default_str();
        app.add_option("-o,--out", o.out, "Directory: the curves, metrics and summary")->required();
+       app.add_flag("--resume", o.resume,
+                    "Continue the run in --out: each loss from its checkpoint, exactly as if never stopped; only "
+                    "--iterations, --checkpoint-every and --eval-every may change");
        app.add_flag("-q,--quiet", o.quiet, "No progress bar");
        return [args, &app] {
          auto& [config, o] = *args;

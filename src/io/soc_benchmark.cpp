@@ -3,6 +3,7 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/core/log.h"
 #include "tilt/io/builders.h"
 #include "tilt/io/plot.h"
 #include "tilt/io/run.h"
@@ -102,23 +103,126 @@ std::string markdown_of(const SocBenchmarkOptions& o, const soc::Problem& proble
   return md.str();
 }
 
-// Rank 0 refuses a directory that holds a run, locks it and writes soc.resolved.json.
-std::unique_ptr<DirectoryLock> open_directory(const std::string& out, const Json& resolved) {
-  const auto check = [&] {
-    if (file_exists(out + "/summary.json") || file_exists(out + "/soc.resolved.json")) {
-      throw Error("'" + out + "' already holds an SOC run; choose another --out");
+// The settings a resumed run may change: how long it trains and how often it saves and evaluates.
+constexpr const char* kResumeMutable[] = {"iterations", "checkpoint_every", "eval_every"};
+
+// A resumed run must be the run it continues: the same soc.resolved.json but for kResumeMutable. Returns
+// what changed of those ("iterations 1000 -> 2000"), for a note once the resume is known to go ahead.
+std::string check_same_run(const std::string& config_path, const Json& resolved) {
+  Json before = Json::parse(read_file(config_path, "resolved SOC settings"), nullptr, false);
+  if (before.is_discarded() || !before.is_object()) throw Error("--resume: '" + config_path + "' is corrupt");
+  Json now = resolved;
+  std::string changed;
+  for (const char* key : kResumeMutable) {
+    if (before.contains(key) && now.contains(key) && before[key] != now[key]) {
+      changed += (changed.empty() ? "" : ", ") + std::string(key) + " " + before[key].dump() + " -> " + now[key].dump();
     }
+    before.erase(key);
+    now.erase(key);
+  }
+  if (before != now) {
+    std::string keys;
+    for (const Json* side : {&before, &now}) {
+      for (auto it = side->begin(); it != side->end(); ++it) {
+        const Json* other = side == &before ? &now : &before;
+        if ((!other->contains(it.key()) || (*other)[it.key()] != it.value()) &&
+            keys.find("'" + it.key() + "'") == std::string::npos) {
+          keys += (keys.empty() ? "'" : ", '") + it.key() + "'";
+        }
+      }
+    }
+    throw Error("--resume: the settings differ from those '" + config_path + "' was started with (in: " + keys +
+                "); only iterations, checkpoint_every and eval_every may change");
+  }
+  return changed;
+}
+
+// Rank 0 opens the directory: a new run refuses one that holds a run, a resumed one needs the run it
+// continues (check_same_run). Locks it and writes soc.resolved.json.
+std::unique_ptr<DirectoryLock> open_directory(const std::string& out, const Json& resolved, bool resume) {
+  const std::string config_path = out + "/soc.resolved.json";
+  const auto check = [&] {
     if (file_exists(out + "/config.resolved.json") || file_exists(out + "/checkpoint.pt") ||
         file_exists(out + "/model.pt")) {
       throw Error("'" + out + "' holds a training run; choose another --out");
+    }
+    if (resume && !file_exists(config_path)) {
+      throw Error("--resume: '" + out + "' holds no SOC run to resume (no soc.resolved.json)");
+    }
+    if (!resume && (file_exists(out + "/summary.json") || file_exists(config_path))) {
+      throw Error("'" + out + "' already holds an SOC run; use --resume to continue it, or choose another --out");
     }
   };
   check();
   auto lock = std::make_unique<DirectoryLock>(out);
   check();  // again under the lock, so that two processes cannot both pass
   remove_stale_temporaries_in(out);
-  atomic_write(out + "/soc.resolved.json", resolved.dump(2) + "\n");
+  if (resume) {
+    const std::string changed = check_same_run(config_path, resolved);
+    // A loss that has trained past --iterations cannot be resumed to them: refused before anything is written.
+    const int64_t iterations = resolved["iterations"].get<int64_t>();
+    for (const auto& name : resolved["losses"].get<std::vector<std::string>>()) {
+      const std::string checkpoint = out + "/" + name + ".checkpoint.pt";
+      const int64_t at = file_exists(checkpoint) ? checkpoint_iteration(checkpoint) : 0;
+      if (at > iterations) {
+        throw Error("--resume: " + name + "'s checkpoint is at iteration " + std::to_string(at) +
+                    ", past --iterations " + std::to_string(iterations) + " (a resumed run may train longer, not shorter)");
+      }
+    }
+    if (!changed.empty()) note("resuming with changed settings: " + changed);
+  }
+  atomic_write(config_path, resolved.dump(2) + "\n");
   return lock;
+}
+
+// <loss>.eval.jsonl of a resumed run: its evaluations up to `iteration` (the checkpoint's; later ones are
+// made again, identically). A missing file is no evaluation; a corrupt line is an error naming the file.
+std::vector<Evaluation> read_evaluations(const std::string& path, int64_t iteration) {
+  std::vector<Evaluation> evals;
+  if (!file_exists(path)) return evals;
+  std::istringstream lines(read_file(path, "evaluations"));
+  std::string line;
+  for (int64_t n = 1; std::getline(lines, line); ++n) {
+    const Json j = Json::parse(line, nullptr, false);
+    const auto number = [&](const char* key) {
+      if (!j.contains(key)) return std::nan("");
+      if (!j[key].is_number()) throw Error("--resume: '" + path + "' line " + std::to_string(n) + ": '" + key + "' is not a number");
+      return j[key].get<double>();
+    };
+    if (j.is_discarded() || !j.is_object() || !j.contains("iteration") || !j["iteration"].is_number_integer()) {
+      throw Error("--resume: '" + path + "' line " + std::to_string(n) + " is not an evaluation");
+    }
+    Evaluation e;
+    e.iteration = j["iteration"].get<int64_t>();
+    e.objective = number("control_objective");
+    e.weight_std = number("normalised_weight_std");
+    e.l2_error = number("control_l2_error");
+    if (e.iteration <= iteration) evals.push_back(e);
+  }
+  return evals;
+}
+
+void write_evaluations(const std::string& path, const std::vector<Evaluation>& evals) {
+  std::ostringstream lines;
+  for (const auto& e : evals) lines << to_json(e).dump() << '\n';
+  atomic_write(path, lines.str());
+}
+
+// The mean training time per iteration from <loss>.jsonl (its "seconds", without the evaluations), which
+// holds every iteration of the run, those before a resume included.
+double ms_per_iteration(const std::string& metrics_path) {
+  std::istringstream lines(read_file(metrics_path, "metrics"));
+  std::string line;
+  double seconds = 0;
+  int64_t n = 0;
+  while (std::getline(lines, line)) {
+    const Json j = Json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("seconds") && j["seconds"].is_number()) {
+      seconds += j["seconds"].get<double>();
+      ++n;
+    }
+  }
+  return n > 0 ? 1e3 * seconds / static_cast<double>(n) : NAN;
 }
 
 const std::vector<std::string>& time_weight_names() {
@@ -175,37 +279,50 @@ Json train_loss(const Context& c, const std::string& name, std::vector<plot::Ser
   topt.grad_clip = 0;
   topt.seed = mix_seed(seed, 2);
   topt.metrics_path = o.out + "/" + name + ".jsonl";
+  topt.checkpoint_path = o.out + "/" + name + ".checkpoint.pt";
+  topt.checkpoint_every = o.checkpoint_every;
   topt.progress = !o.quiet;
   topt.label = name;
   topt.shards = c.shards;
   topt.group = c.group;
   Trainer trainer(*loss, topt);
+  if (o.resume && trainer.resume(topt.checkpoint_path) && c.writer) {
+    note("resumed " + name + " at iteration " + std::to_string(trainer.iteration()));
+  }
+  if (scaled) scaled->set_scale(scale_at(trainer.iteration() + 1));
   // Rank 0 evaluates (every rank holds the same control); the others go on to the next step's all-reduce.
+  // Each evaluation is written at once, before the checkpoint of its iteration: a resumed run finds those
+  // up to its checkpoint.
   const uint64_t eval_seed = mix_seed(seed, 3);
+  const std::string eval_path = o.out + "/" + name + ".eval.jsonl";
+  const auto due = [&](int64_t i) { return i % o.eval_every == 0 || i == o.iterations; };
   std::vector<Evaluation> evals;
-  if (c.writer) evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, 0, c.metric));
-  double train_seconds = 0;
+  if (c.writer) {
+    const int64_t at = trainer.iteration();
+    if (o.resume) evals = read_evaluations(eval_path, at);
+    if (evals.empty() || (evals.back().iteration < at && due(at))) {
+      evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, at, c.metric));
+    }
+    write_evaluations(eval_path, evals);
+  }
   trainer.run([&](const StepResult& r) {
-    train_seconds += r.seconds;
     if (scaled) scaled->set_scale(scale_at(r.iteration + 1));
-    if (c.writer && (r.iteration % o.eval_every == 0 || r.iteration == o.iterations)) {
+    if (c.writer && due(r.iteration)) {
       evals.push_back(evaluate(*c.problem, *control, o.eval_batch, c.steps, eval_seed, r.iteration, c.metric));
+      write_evaluations(eval_path, evals);
     }
   });
   if (!c.writer) return Json();
-  std::ostringstream lines;
   plot::Series curve{name, {}, {}};
   for (const auto& e : evals) {
-    lines << to_json(e).dump() << '\n';
     curve.x.push_back(static_cast<double>(e.iteration));
     curve.y.push_back(c.problem->has_ground_truth() ? e.l2_error : e.objective);
   }
-  atomic_write(o.out + "/" + name + ".eval.jsonl", lines.str());
   curves.push_back(curve);
   Json row = to_json(evals.back());
   row.erase("iteration");
   row["initial_control_l2_error"] = std::isfinite(evals.front().l2_error) ? Json(evals.front().l2_error) : Json();
-  row["ms_per_iteration"] = 1e3 * train_seconds / static_cast<double>(o.iterations);
+  row["ms_per_iteration"] = ms_per_iteration(topt.metrics_path);
   return row;
 }
 
@@ -323,6 +440,7 @@ void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& a,
   take(s, "shards", "--shards", [&] { a.shards = s.integer("shards"); });
   take(s, "eval_every", "--eval-every", [&] { a.eval_every = s.integer("eval_every"); });
   take(s, "eval_batch", "--eval-batch", [&] { a.eval_batch = s.integer("eval_batch"); });
+  take(s, "checkpoint_every", "--checkpoint-every", [&] { a.checkpoint_every = s.integer("checkpoint_every"); });
   s.finish();
   root.allow({"energy", "brownian", "adjoint_sampling", "evaluation", "mcmc", "soc"});
   finish_config_root(root);
@@ -337,6 +455,7 @@ void check_soc_benchmark(const SocBenchmarkOptions& o) {
   check_in_range(n("--batch"), o.batch, 1, limits::kBatch);
   check_in_range(n("--steps"), o.steps, 0, limits::kSteps);
   if (o.eval_every < 1) throw Error(n("--eval-every") + " must be >= 1");
+  if (o.checkpoint_every < 0) throw Error(n("--checkpoint-every") + " must be >= 0 (0: only at the end of each loss)");
   check_in_range(n("--eval-batch"), o.eval_batch, 2, limits::kBatch);
   check_number_in_range(n("--lr"), o.lr, limits::kLrMin, limits::kLrMax);
   if (o.hidden.empty()) throw Error(n("--hidden") + " must list at least one layer width");
@@ -387,10 +506,10 @@ SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
                       {"l2_error", o.l2_error}, {"problem_params", params_json(o.problem_params)},
                       {"control", o.control}, {"curriculum_start", o.curriculum_start},
                       {"curriculum_fraction", o.curriculum_fraction}, {"time_weights", o.time_weights},
-                      {"lr_schedule", o.lr_schedule}};
+                      {"lr_schedule", o.lr_schedule}, {"checkpoint_every", o.checkpoint_every}};
   if (c.group) c.group->check_same(resolved.dump(), "command line");
   std::unique_ptr<DirectoryLock> lock;  // rank 0 writes the directory; a second writer is refused
-  run_on_rank0(c.group.get(), [&] { lock = open_directory(o.out, resolved); });
+  run_on_rank0(c.group.get(), [&] { lock = open_directory(o.out, resolved, o.resume); });
 
   SocBenchmarkResult result;
   result.writer = c.writer;

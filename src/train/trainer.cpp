@@ -618,6 +618,20 @@ size_t archive_start(const std::string& bytes, const std::string& path) {
 }
 }  // namespace
 
+int64_t checkpoint_iteration(const std::string& path) {
+  const std::string bytes = read_checkpoint_bytes(path);
+  const size_t start = archive_start(bytes, path);
+  torch::serialize::InputArchive archive;
+  Tensor iteration;
+  try {
+    archive.load_from(bytes.data() + start, bytes.size() - start, at::Device(at::kCPU));
+    archive.read("iteration", iteration);
+  } catch (const std::exception& e) {
+    throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint or corrupt (" + first_line(e.what()) + ")");
+  }
+  return iteration.item<int64_t>();
+}
+
 void Trainer::load_checkpoint(const std::string& path) {
   Impl& m = *impl_;
   std::string bytes;

@@ -281,7 +281,27 @@ expect_error "soc: unknown problem lists the valid ones" "unknown SOC problem 't
   "$tilt" soc -p triple_well -l moment -o soc2
 expect_error "soc: a loss that cannot handle the stopping time says so" "has a stopping time" \
   "$tilt" soc -p molecular_dynamics -l adjoint_matching -o soc3
-expect_error "soc: refuses to overwrite a run" "already holds an SOC run" "$tilt" soc -q -l moment --iterations 1 -o soc
+expect_error "soc: refuses to overwrite a run" "already holds an SOC run; use --resume" "$tilt" soc -q -l moment --iterations 1 -o soc
+# --resume continues each loss from its checkpoint: 10 iterations, then --resume to 14, equals 14 straight.
+soc_args=(soc -q --problem linear_ou -l adjoint_matching -l cross_entropy --eval-every 5 --eval-batch 64 --batch 32
+          --hidden 16 --threads 2 --checkpoint-every 5)
+if "$tilt" "${soc_args[@]}" --iterations 14 -o soc_more > /dev/null 2> soc_more.log &&
+   "$tilt" "${soc_args[@]}" --iterations 14 -o soc --resume > /dev/null 2> soc_resume.log &&
+   grep -q "resuming with changed settings: iterations 10 -> 14" soc_resume.log &&
+   grep -q "resumed cross_entropy at iteration 10" soc_resume.log &&
+   cmp -s soc/adjoint_matching.eval.jsonl soc_more/adjoint_matching.eval.jsonl &&
+   cmp -s soc/cross_entropy.eval.jsonl soc_more/cross_entropy.eval.jsonl &&
+   [ "$(wc -l < soc/cross_entropy.jsonl)" -eq 14 ]; then
+  pass "soc --resume continues to more iterations, as a straight run of them"
+else
+  fail "soc --resume: $(cat soc_more.log soc_resume.log)"
+fi
+expect_error "soc --resume: another setting is refused, naming it" "the settings differ from those 'soc/soc.resolved.json' was started with (in: 'steps')" \
+  "$tilt" "${soc_args[@]}" --iterations 14 --steps 7 -o soc --resume
+expect_error "soc --resume: fewer iterations than a checkpoint's" "adjoint_matching's checkpoint is at iteration 14, past --iterations 12" \
+  "$tilt" "${soc_args[@]}" --iterations 12 -o soc --resume
+expect_error "soc --resume: a directory without a run" "holds no SOC run to resume (no soc.resolved.json)" \
+  "$tilt" "${soc_args[@]}" -o soc_none --resume
 
 # Images: the digits pipeline in miniature (pretrain, classifier, every fine-tuning method,
 # eval-images, image grids) and its errors.

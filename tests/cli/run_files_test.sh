@@ -82,6 +82,27 @@ else
   fail "buffered resume after kill -9: $(cat log.txt log2.txt; last_loss buf_killed; last_loss buf_straight)"
 fi
 
+# 2c. tilt soc, killed (-9) in its first loss and resumed with --resume (the first loss from its checkpoint, the
+# second from the start), ends where an uninterrupted run ends: the same evaluations (curves) and the same last
+# loss, for both losses.
+soc=(soc -q -p linear_ou -l adjoint_matching -l log_variance --eval-every 3 --eval-batch 32 --batch 16 --hidden 8
+     --threads 1 --checkpoint-every 2)
+"$tilt" "${soc[@]}" --iterations 100000 -o soc_killed > soc.log 2>&1 &
+pid=$!
+for _ in $(seq 400); do [ -f soc_killed/adjoint_matching.jsonl ] && [ "$(wc -l < soc_killed/adjoint_matching.jsonl)" -ge 5 ] && break; sleep 0.05; done
+kill -9 $pid; wait $pid 2>/dev/null
+total=$(( $(wc -l < soc_killed/adjoint_matching.jsonl) + 7 ))
+soc_state() { for l in log_variance adjoint_matching; do
+  python3 -c 'import json, sys; print([json.loads(x)["control_l2_error"] for x in open(sys.argv[1])], json.loads(open(sys.argv[2]).read().splitlines()[-1])["loss"])' \
+    "$1/$l.eval.jsonl" "$1/$l.jsonl"; done; }
+if "$tilt" "${soc[@]}" --iterations $total -o soc_killed --resume > log.txt 2>&1 && grep -q "resumed adjoint_matching at iteration" log.txt &&
+   "$tilt" "${soc[@]}" --iterations $total -o soc_straight > log2.txt 2>&1 &&
+   [ "$(soc_state soc_killed)" = "$(soc_state soc_straight)" ] && [ -z "$(ls soc_killed | grep '\.tmp\.')" ]; then
+  pass "tilt soc resumes after kill -9 exactly (curves and last losses of both losses)"
+else
+  fail "soc resume after kill -9: $(cat log.txt log2.txt; soc_state soc_killed; soc_state soc_straight)"
+fi
+
 # 3. A failed resume changes nothing; a run that stopped before its first checkpoint can be rerun.
 cp -r run damaged
 printf 'x' | dd of=damaged/checkpoint.pt bs=1 seek=2000 conv=notrunc 2>/dev/null

@@ -48,6 +48,13 @@ struct SocBenchmarkOptions {
   double dist_timeout = 300;  ///< several processes: the longest wait for the others, seconds
   int64_t eval_every = 50;
   int64_t eval_batch = 1024;
+  /// Each loss's control, Adam state and iteration go to <out>/<loss>.checkpoint.pt every this many
+  /// iterations and at its end (0: only at the end), so that a stopped run resumes exactly (`resume`).
+  int64_t checkpoint_every = 1000;
+  /// Continue the run in `out` (which must hold soc.resolved.json): each loss from its checkpoint (a loss
+  /// without one starts afresh), its evaluations up to the checkpoint kept. Only iterations, checkpoint_every
+  /// and eval_every may differ from the run's start; anything else is refused, naming the keys.
+  bool resume = false;
   std::string out;        ///< the run's directory
   bool quiet = false;     ///< no progress bars
   std::map<std::string, std::string> names;  ///< flag -> its name in messages (e.g. "in 'a.toml': 'soc.batch'")

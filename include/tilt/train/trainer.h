@@ -116,6 +116,10 @@ struct TrainerOptions {
   std::function<std::string(const StepResult&)> monitor;
 };
 
+/// The iteration a checkpoint written by Trainer::save_checkpoint was taken at. Throws tilt::Error naming the
+/// file if it is missing, damaged or not a checkpoint.
+int64_t checkpoint_iteration(const std::string& path);
+
 /// The q-quantile (0 <= q <= 1) of `values` by linear interpolation between order statistics (q = 0.5: the
 /// median). Throws tilt::Error if `values` is empty.
 double quantile(std::vector<double> values, double q);

@@ -137,44 +137,6 @@ std::string check_same_run(const std::string& config_path, const Json& resolved)
   return changed;
 }
 
-// Rank 0 opens the directory: a new run refuses one that holds a run, a resumed one needs the run it
-// continues (check_same_run). Locks it and writes soc.resolved.json.
-std::unique_ptr<DirectoryLock> open_directory(const std::string& out, const Json& resolved, bool resume) {
-  const std::string config_path = out + "/soc.resolved.json";
-  const auto check = [&] {
-    if (file_exists(out + "/config.resolved.json") || file_exists(out + "/checkpoint.pt") ||
-        file_exists(out + "/model.pt")) {
-      throw Error("'" + out + "' holds a training run; choose another --out");
-    }
-    if (resume && !file_exists(config_path)) {
-      throw Error("--resume: '" + out + "' holds no SOC run to resume (no soc.resolved.json)");
-    }
-    if (!resume && (file_exists(out + "/summary.json") || file_exists(config_path))) {
-      throw Error("'" + out + "' already holds an SOC run; use --resume to continue it, or choose another --out");
-    }
-  };
-  check();
-  auto lock = std::make_unique<DirectoryLock>(out);
-  check();  // again under the lock, so that two processes cannot both pass
-  remove_stale_temporaries_in(out);
-  if (resume) {
-    const std::string changed = check_same_run(config_path, resolved);
-    // A loss that has trained past --iterations cannot be resumed to them: refused before anything is written.
-    const int64_t iterations = resolved["iterations"].get<int64_t>();
-    for (const auto& name : resolved["losses"].get<std::vector<std::string>>()) {
-      const std::string checkpoint = out + "/" + name + ".checkpoint.pt";
-      const int64_t at = file_exists(checkpoint) ? checkpoint_iteration(checkpoint) : 0;
-      if (at > iterations) {
-        throw Error("--resume: " + name + "'s checkpoint is at iteration " + std::to_string(at) +
-                    ", past --iterations " + std::to_string(iterations) + " (a resumed run may train longer, not shorter)");
-      }
-    }
-    if (!changed.empty()) note("resuming with changed settings: " + changed);
-  }
-  atomic_write(config_path, resolved.dump(2) + "\n");
-  return lock;
-}
-
 // <loss>.eval.jsonl of a resumed run: its evaluations up to `iteration` (the checkpoint's; later ones are
 // made again, identically). A missing file is no evaluation; a corrupt line is an error naming the file.
 std::vector<Evaluation> read_evaluations(const std::string& path, int64_t iteration) {
@@ -200,6 +162,46 @@ std::vector<Evaluation> read_evaluations(const std::string& path, int64_t iterat
     if (e.iteration <= iteration) evals.push_back(e);
   }
   return evals;
+}
+
+// Rank 0 opens the directory: a new run refuses one that holds a run, a resumed one needs the run it
+// continues (check_same_run). Locks it and writes soc.resolved.json.
+std::unique_ptr<DirectoryLock> open_directory(const std::string& out, const Json& resolved, bool resume) {
+  const std::string config_path = out + "/soc.resolved.json";
+  const auto check = [&] {
+    if (file_exists(out + "/config.resolved.json") || file_exists(out + "/checkpoint.pt") ||
+        file_exists(out + "/model.pt")) {
+      throw Error("'" + out + "' holds a training run; choose another --out");
+    }
+    if (resume && !file_exists(config_path)) {
+      throw Error("--resume: '" + out + "' holds no SOC run to resume (no soc.resolved.json)");
+    }
+    if (!resume && (file_exists(out + "/summary.json") || file_exists(config_path))) {
+      throw Error("'" + out + "' already holds an SOC run; use --resume to continue it, or choose another --out");
+    }
+  };
+  check();
+  auto lock = std::make_unique<DirectoryLock>(out);
+  check();  // again under the lock, so that two processes cannot both pass
+  remove_stale_temporaries_in(out);
+  if (resume) {
+    const std::string changed = check_same_run(config_path, resolved);
+    // A loss that has trained past --iterations cannot be resumed to them, and damaged files cannot be read:
+    // refused before anything is written.
+    const int64_t iterations = resolved["iterations"].get<int64_t>();
+    for (const auto& name : resolved["losses"].get<std::vector<std::string>>()) {
+      const std::string checkpoint = out + "/" + name + ".checkpoint.pt";
+      read_evaluations(out + "/" + name + ".eval.jsonl", 0);  // a damaged one fails here, not after training
+      const int64_t at = file_exists(checkpoint) ? checkpoint_iteration(checkpoint) : 0;
+      if (at > iterations) {
+        throw Error("--resume: " + name + "'s checkpoint is at iteration " + std::to_string(at) +
+                    ", past --iterations " + std::to_string(iterations) + " (a resumed run may train longer, not shorter)");
+      }
+    }
+    if (!changed.empty()) note("resuming with changed settings: " + changed);
+  }
+  atomic_write(config_path, resolved.dump(2) + "\n");
+  return lock;
 }
 
 void write_evaluations(const std::string& path, const std::vector<Evaluation>& evals) {

@@ -302,6 +302,12 @@ expect_error "soc --resume: fewer iterations than a checkpoint's" "adjoint_match
   "$tilt" "${soc_args[@]}" --iterations 12 -o soc --resume
 expect_error "soc --resume: a directory without a run" "holds no SOC run to resume (no soc.resolved.json)" \
   "$tilt" "${soc_args[@]}" -o soc_none --resume
+cp -r soc soc_damaged && echo "not json" >> soc_damaged/cross_entropy.eval.jsonl
+before=$(md5sum < soc_damaged/soc.resolved.json)
+expect_error "soc --resume: a damaged evaluations file is named" "'soc_damaged/cross_entropy.eval.jsonl' line 5 is not an evaluation" \
+  "$tilt" "${soc_args[@]}" --iterations 20 -o soc_damaged --resume
+[ "$before" = "$(md5sum < soc_damaged/soc.resolved.json)" ] && [ "$(wc -l < soc_damaged/adjoint_matching.jsonl)" -eq 14 ] &&
+  pass "soc: the refused resume changed nothing" || fail "soc: the refused resume changed soc.resolved.json or trained"
 
 # Images: the digits pipeline in miniature (pretrain, classifier, every fine-tuning method,
 # eval-images, image grids) and its errors.

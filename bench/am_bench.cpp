@@ -297,8 +297,9 @@ TrainerOptions bench_trainer() {
   return to;
 }
 
-void run_iteration(benchmark::State& state, Setup& s) {
-  const TrainerOptions to = bench_trainer();
+void run_iteration(benchmark::State& state, Setup& s, Precision precision = Precision::float32) {
+  TrainerOptions to = bench_trainer();
+  to.precision = precision;
   // Peak memory is counted from before the first iteration: the taped path keeps its tapes (and Adam
   // its moments) from one iteration to the next.
   const int64_t before = counting_allocator ? counting_allocator->reset_peak() : 0;
@@ -366,6 +367,15 @@ void BM_UNetIteration(benchmark::State& state) {
   for (const Tensor& p : s.model->parameters()) trainable += p.numel();
   state.counters["trainable_params"] = static_cast<double>(trainable);
   run_iteration(state, s);
+}
+
+// BM_UNetIteration's LoRA iteration at B = 8, K = 10 in float32 (0) and under bfloat16 autocast (1; TrainerOptions::
+// precision): what the bfloat16 option costs or saves on this machine's CPU (on a GPU: bench/device_bench.cpp).
+void BM_UNetPrecision(benchmark::State& state) {
+  set_threads();
+  Setup s = unet_setup(FineTuneMode::lora, 8, 10);
+  s.label += state.range(0) ? ", bfloat16 autocast" : ", float32";
+  run_iteration(state, s, state.range(0) ? Precision::bfloat16 : Precision::float32);
 }
 
 // Buffered Adjoint Matching (docs/equations.md, E126) on problem P (0-2 as above; 3: the U-Net with LoRA rank 4 of
@@ -526,6 +536,7 @@ BENCHMARK(BM_UNetIteration)
     ->Iterations(3)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_UNetPrecision)->Arg(0)->Arg(1)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStepByHand)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);

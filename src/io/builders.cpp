@@ -467,6 +467,8 @@ TrainerOptions read_trainer(ConfigSection& s, const TrainerOptions& defaults) {
   if (!(o.lr_final_factor > 0 && o.lr_final_factor <= 1)) s.fail("lr_final_factor", "must be in (0, 1]");
   o.checkpoint_every = s.integer("checkpoint_every", o.checkpoint_every);
   if (o.checkpoint_every < 0) s.fail("checkpoint_every", "must be >= 0");
+  o.precision = parse_precision(s.choice("precision", {"float32", "bfloat16"},
+                                         o.precision == Precision::bfloat16 ? "bfloat16" : "float32"));
   // 0: one shard per process (so one process draws its batch whole, as before shards existed).
   o.shards = s.integer("shards", 0);
   if (o.shards < 0) s.fail("shards", "must be >= 0 (0: one per process)");

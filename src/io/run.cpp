@@ -376,7 +376,7 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   static const char* kMutable[] = {"iterations", "lr", "beta1", "beta2", "eps", "weight_decay", "grad_clip",
                                    "lr_schedule", "lr_final_factor", "checkpoint_every", "clip_factor",
                                    "shards", "early_stop", "early_stop_window", "early_stop_tolerance",
-                                   "early_stop_min_iterations"};
+                                   "early_stop_min_iterations", "precision"};
   Json a = with_method_table(before), b = with_method_table(resolved);
   // Keys that came later, with the value that reads as a run started before them did: such a run resumes.
   static const std::pair<const char*, const char*> kAddedLater[] = {

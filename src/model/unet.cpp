@@ -232,8 +232,11 @@ struct UNetVelocity::Impl {
     return at::conv2d(x, weight(c), at(c.name + ".bias"), {c.stride, c.stride}, {c.kernel / 2, c.kernel / 2});
   }
   Tensor linear(const Linear& l, const Tensor& x) const { return at::linear(x, weight(l), at(l.name + ".bias")); }
+  // In the weights' dtype: under bfloat16 autocast (TrainerOptions::precision) a convolution's output is bfloat16,
+  // and GroupNorm runs in float32, as CUDA's autocast casts it (LibTorch 1.13's CPU kernel takes no mixed dtypes).
   Tensor norm(const Norm& n, const Tensor& x, int64_t groups) const {
-    return at::group_norm(x, groups, at(n.name + ".weight"), at(n.name + ".bias"), 1e-5);
+    const Tensor& w = at(n.name + ".weight");
+    return at::group_norm(x.to(w.scalar_type()), groups, w, at(n.name + ".bias"), 1e-5);
   }
   Tensor block(const ResBlock& b, const Tensor& x, const Tensor& emb, int64_t groups) const {
     Tensor h = conv(b.conv1, at::silu(norm(b.norm1, x, groups)));

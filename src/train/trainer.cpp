@@ -1,5 +1,7 @@
 #include "tilt/train/trainer.h"
 
+#include "autocast.h"
+
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/core/log.h"
@@ -112,6 +114,15 @@ struct Trainer::Impl {
       params.insert(params.end(), g.params.begin(), g.params.end());
     }
     if (params.empty()) throw Error("trainer: the " + loss.name() + " loss has no trainable parameters");
+    if (options.precision == Precision::bfloat16) {
+      for (const Tensor& p : params) {
+        if (p.scalar_type() != at::kFloat) {
+          throw Error("trainer: precision = \"bfloat16\" autocasts float32 models; the " + loss.name() +
+                      " loss's parameters are " + std::string(c10::toString(p.scalar_type())));
+        }
+      }
+      AutocastScope check(params.front().device(), true);  // refuses a device type autocast does not serve
+    }
     const AdamOptions& a = options.adam;
     if (!(a.lr > 0) || !(a.beta1 >= 0 && a.beta1 < 1) || !(a.beta2 >= 0 && a.beta2 < 1) || !(a.eps > 0) ||
         !(a.weight_decay >= 0)) {
@@ -164,7 +175,13 @@ struct Trainer::Impl {
   }
 
   // Draws shard s of the batch with its own generator; the loss's batch is restored afterwards.
+  // The loss of shard s under the precision's autocast (the backward pass is the caller's, outside it).
   LossOutput compute_shard(uint64_t stream, int64_t s) {
+    AutocastScope autocast(params.front().device(), options.precision == Precision::bfloat16);
+    return compute_shard_as_is(stream, s);
+  }
+
+  LossOutput compute_shard_as_is(uint64_t stream, int64_t s) {
     if (options.shards == 1) {
       Generator gen = make_generator(stream);
       return loss.compute(gen);
@@ -242,6 +259,12 @@ Trainer::Trainer(Loss& loss, const TrainerOptions& options) : impl_(std::make_un
 Trainer::~Trainer() = default;
 
 int64_t Trainer::iteration() const { return impl_->iteration; }
+
+Precision parse_precision(const std::string& name) {
+  if (name == "float32") return Precision::float32;
+  if (name == "bfloat16") return Precision::bfloat16;
+  throw Error("unknown precision '" + name + "' (valid: float32, bfloat16)");
+}
 
 LrSchedule parse_lr_schedule(const std::string& name) {
   if (name == "constant") return LrSchedule::constant;

@@ -220,6 +220,18 @@ if [ -f uft/model.pt ] && [ "$(stat -c %s uft/model.pt)" -lt "$(($(stat -c %s up
 else
   fail "LoRA file size $(stat -c %s uft/model.pt 2>/dev/null) vs base $(stat -c %s upre/model.pt 2>/dev/null), or export: $(head -c 400 uexp.err 2>/dev/null)"
 fi
+# precision = "bfloat16": the same fine-tuning under bfloat16 autocast, recorded in config.resolved.json; resumed in
+# float32 (precision may change on resume); an unknown precision names the key.
+if "$tilt" finetune -c unet_ft.toml --set finetune.precision=bfloat16 -o uft16 -q > /dev/null 2> u16.err &&
+   grep -q '"precision": "bfloat16"' uft16/config.resolved.json &&
+   "$tilt" finetune -c unet_ft.toml --set finetune.iterations=3 -o uft16 -q --resume > /dev/null 2>> u16.err &&
+   [ "$(wc -l < uft16/metrics.jsonl)" -eq 3 ]; then
+  pass "the U-Net with LoRA fine-tuned under bfloat16 autocast, then resumed in float32"
+else
+  fail "precision = bfloat16: $(head -c 400 u16.err)"
+fi
+expect_error "an unknown precision names the key" "finetune.precision" \
+  "$tilt" finetune -c unet_ft.toml --set finetune.precision=fp16 -o bad_precision -q
 expect_error "LoRA on an MLP base" "finetune.model" "$tilt" finetune -c digits_ft.toml -o bad_lora -q --set finetune.model=lora
 # tilt_guidance_study (built with the benchmarks): the lean adjoint's norm along guided trajectories of the
 # digits model, a row per w and adjoint (the unguided one only at w = 0), and its JSON.

@@ -66,6 +66,13 @@ class PlateauDetector {
   int64_t count_ = 0;
 };
 
+/// The arithmetic of the loss's forward computations: float32 as the model is, or bfloat16 autocast
+/// (convolutions, linear layers and matrix products in bfloat16, the rest and the parameters in float32; the
+/// backward pass follows the forward's dtypes). bfloat16 halves the memory traffic of those ops and uses the
+/// tensor cores on a recent GPU; on a CPU without bfloat16 instructions it is slower (docs/devices.md).
+enum class Precision { float32, bfloat16 };
+Precision parse_precision(const std::string& name);  // "float32" | "bfloat16"
+
 struct StepResult {
   int64_t iteration;   ///< 1-based number of the iteration just done
   double loss;
@@ -111,6 +118,9 @@ struct TrainerOptions {
   /// metric from the kept lines of the metrics file, so resuming a run that stopped early (or one that ended on a
   /// plateau, with more iterations) stops again at once (turn the early stop off, or loosen it, to train on).
   EarlyStopOptions early_stop;
+  /// bfloat16: each step's loss is computed under autocast on the parameters' device (CPU or CUDA); the
+  /// parameters must be float32. The optimiser and the gradient's norm stay in float32.
+  Precision precision = Precision::float32;
   /// Optional: called with each step's result; a non-empty return is a warning, printed (tilt::warning) and
   /// written to that iteration's metrics line as "warning". Rate limiting is the monitor's business.
   std::function<std::string(const StepResult&)> monitor;

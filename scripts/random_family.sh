@@ -16,6 +16,8 @@
 #   DOC=docs/random_family_dsm_exact.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
 # ... and on a chain twice as fine (preset = "small" exactly): OUT=runs/random_family_dsm_exact_k120, SETS as above plus
 #   finetune.adjoint_matching.dsm_rollout_steps=120, DOC=docs/random_family_dsm_exact_k120.md
+# ... and on ten problems drawn after that configuration was fixed: OUT=runs/random_family_heldout
+#   SEEDS="10 11 12 13 14 15 16 17 18 19", SETS as for k120, DOC=docs/random_family_heldout.md
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null

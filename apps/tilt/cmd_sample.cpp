@@ -24,6 +24,9 @@ const bool registered_sample = add_command(
        app.add_option("--integrator", o.integrator,
                       "euler, heun (ODE only), exact (the gDDIM step; noise memoryless, scaled_memoryless:<gamma> or ode), "
                       "or auto")->capture_default_str();
+       app.add_option("--precision", o.precision,
+                      "float32, or bfloat16: the model's evaluations under bfloat16 autocast (faster where the device has "
+                      "bfloat16 units; docs/devices.md)")->capture_default_str();
        app.add_option("--condition", o.condition, "A conditional model or config: the condition, comma-separated numbers");
        app.add_option("--conditions", o.conditions, "... or a CSV file of conditions, one per line (-n samples at each)");
        app.add_option("--guidance", o.guidance, "Classifier-free guidance weight w: (1 + w) v(x, t | c) - w v(x, t | null)")

@@ -1,6 +1,7 @@
 #include "tilt/io/sample_sets.h"
 
 #include "conditional_eval.h"
+#include "../train/autocast.h"
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
@@ -16,6 +17,7 @@
 #include "tilt/io/samples.h"
 #include "tilt/model/condition.h"
 #include "tilt/sde/sampler.h"
+#include "tilt/train/trainer.h"  // parse_precision
 
 #include <ATen/ATen.h>
 
@@ -82,7 +84,8 @@ DrawnSamples draw_exact(const DrawOptions& o) {
   if (o.guidance != 0.0) throw Error("--guidance applies to a model's samples, not to exact ones");
   // The sampler's options have nothing to act on: exact samples come from the closed form, all at once.
   const std::pair<bool, const char*> sampler_options[] = {{!o.noise.empty(), "--noise"}, {o.steps.has_value(), "--steps"},
-                                                          {o.integrator != "auto", "--integrator"}, {o.batch != 0, "--batch"}};
+                                                          {o.integrator != "auto", "--integrator"}, {o.batch != 0, "--batch"},
+                                                          {o.precision != "float32", "--precision"}};
   for (const auto& [given, flag] : sampler_options) {
     if (given) throw Error(std::string(flag) + " applies to a model's samples; exact ones are drawn from the closed form");
   }
@@ -177,6 +180,12 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
   if (opts.integrator == Integrator::heun && !noise->is_zero()) {
     throw Error("--integrator heun is for the ODE only (--noise ode); the noise schedule is " + noise->describe());
   }
+  bool bfloat16 = false;
+  try {
+    bfloat16 = parse_precision(o.precision) == Precision::bfloat16;
+  } catch (const Error& e) {
+    throw Error(std::string("--precision: ") + e.what());
+  }
   Tensor conditions = read_draw_conditions(o);
   if (m.field->condition_dim() > 0 && !conditions.defined()) {
     if (!m.conditions.defined() || m.info.value("conditions_law", std::string()) == "uniform") {
@@ -205,6 +214,7 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
   DrawnSamples d = draw_per_condition(conditions, o.n, mix_seed(static_cast<uint64_t>(o.seed), 17), [&](const Tensor& c, Generator& gen) {
     const VelocityFieldPtr field = bind_condition(m.field, c.defined() ? c.to(run_device(), at::kFloat) : c, o.guidance);
     const GenerativeSDE sde(field, noise);
+    const AutocastScope autocast(run_device(), bfloat16);
     std::vector<Tensor> parts;
     for (int64_t i = 0; i < o.n; i += batch) {
       parts.push_back(sample(sde, std::min(batch, o.n - i), TimeGrid::uniform(steps), gen, opts).cpu());
@@ -213,7 +223,8 @@ DrawnSamples draw_from_model(const DrawOptions& o) {
   });
   bar.finish();
   d.what = "samples of " + o.model + " with " + noise->describe() + ", " + std::to_string(steps) + " steps" +
-           (o.guidance != 0.0 ? ", guidance w = " + number_string(o.guidance) : std::string());
+           (o.guidance != 0.0 ? ", guidance w = " + number_string(o.guidance) : std::string()) +
+           (bfloat16 ? ", bfloat16 autocast" : "");
   return d;
 }
 

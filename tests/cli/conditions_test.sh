@@ -230,6 +230,24 @@ if "$tilt" finetune -c unet_ft.toml --set finetune.precision=bfloat16 -o uft16 -
 else
   fail "precision = bfloat16: $(head -c 400 u16.err)"
 fi
+# tilt sample --precision bfloat16: the same draws through bfloat16 convolutions; the samples stay near the float32
+# ones (relative to their spread) but not equal (autocast acted).
+if "$tilt" sample -m uft/model.pt --condition 0,0,0,0,0,0,0,1,0,0 --steps 4 -n 64 -o s32.csv > /dev/null 2> s16.err &&
+   "$tilt" sample -m uft/model.pt --condition 0,0,0,0,0,0,0,1,0,0 --steps 4 -n 64 --precision bfloat16 -o s16.csv > /dev/null 2>> s16.err &&
+   python3 -c "
+import csv
+rows = lambda f: [[float(v) for v in r] for r in list(csv.reader(open(f)))[1:]]
+a, b = rows('s32.csv'), rows('s16.csv')
+d = max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))
+spread = max(abs(x) for r in a for x in r)
+assert 0 < d < 0.05 * spread, (d, spread)
+"; then
+  pass "tilt sample --precision bfloat16 draws near the float32 samples, not equal to them"
+else
+  fail "sample --precision: $(head -c 400 s16.err)"
+fi
+expect_error "sample: an unknown --precision" "--precision: unknown precision 'half'" \
+  "$tilt" sample -m uft/model.pt --condition 0,0,0,0,0,0,0,1,0,0 -n 2 --precision half -o bad.csv
 expect_error "an unknown precision names the key" "finetune.precision" \
   "$tilt" finetune -c unet_ft.toml --set finetune.precision=fp16 -o bad_precision -q
 expect_error "LoRA on an MLP base" "finetune.model" "$tilt" finetune -c digits_ft.toml -o bad_lora -q --set finetune.model=lora

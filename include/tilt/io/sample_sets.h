@@ -24,6 +24,9 @@ struct DrawOptions {
   std::string noise;   ///< noise schedule spec; empty: the one the model was fine-tuned with
   std::optional<int64_t> steps;  ///< not given: 100
   std::string integrator = "auto";  ///< auto: heun for the ODE, else euler
+  /// A model's velocity evaluations in "float32" or under "bfloat16" autocast on the run's device (the sampler's
+  /// state stays float32; TrainerOptions::precision, docs/devices.md).
+  std::string precision = "float32";
   int64_t seed = 0;    ///< for a model file (--exact takes the config's top-level seed)
   int threads = 0;     ///< for a model file (--exact takes the config's); 0: all cores
   std::string out;     ///< write_samples: the CSV file

@@ -41,6 +41,7 @@ struct Case {
   std::string name;
   // Builds the loss on `device` (its model moved there before the trainer takes the parameters).
   std::function<std::unique_ptr<Loss>(const at::Device&)> make;
+  Precision precision = Precision::float32;  // TrainerOptions::precision
 };
 
 std::unique_ptr<Loss> unet_am(const at::Device& device, FineTuneMode mode, int64_t B, int64_t K) {
@@ -116,6 +117,11 @@ int run(int argc, char** argv) {
   }
   if (!quick) {
     cases.push_back({"U-Net 28x28 AM lora, B=64 K=20", [](const at::Device& d) { return unet_am(d, FineTuneMode::lora, 64, 20); }});
+    // precision = "bfloat16" (docs/devices.md): the same iterations under bfloat16 autocast.
+    cases.push_back({"U-Net 28x28 AM lora, B=8 K=10, bfloat16",
+                     [](const at::Device& d) { return unet_am(d, FineTuneMode::lora, 8, 10); }, Precision::bfloat16});
+    cases.push_back({"U-Net 28x28 AM lora, B=64 K=20, bfloat16",
+                     [](const at::Device& d) { return unet_am(d, FineTuneMode::lora, 64, 20); }, Precision::bfloat16});
     // Condition dropout splits each batch in two of random sizes (E100): new shapes every iteration.
     cases.push_back({"U-Net 28x28 flow matching, B=128, dropout 0.1",
                      [](const at::Device& d) { return unet_pretrain(d, 128, 0.1); }});
@@ -136,6 +142,7 @@ int run(int argc, char** argv) {
       TrainerOptions to;
       to.iterations = repeats + 1;
       to.progress = false;
+      to.precision = c.precision;
       Trainer trainer(*loss, to);
       trainer.step();  // warm-up: allocations, kernels chosen
       if (!d.is_cpu()) torch::cuda::synchronize();

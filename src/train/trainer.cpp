@@ -174,13 +174,13 @@ struct Trainer::Impl {
     loss.set_batch_size(batch);
   }
 
-  // Draws shard s of the batch with its own generator; the loss's batch is restored afterwards.
   // The loss of shard s under the precision's autocast (the backward pass is the caller's, outside it).
   LossOutput compute_shard(uint64_t stream, int64_t s) {
     AutocastScope autocast(params.front().device(), options.precision == Precision::bfloat16);
     return compute_shard_as_is(stream, s);
   }
 
+  // Draws shard s of the batch with its own generator; the loss's batch is restored afterwards.
   LossOutput compute_shard_as_is(uint64_t stream, int64_t s) {
     if (options.shards == 1) {
       Generator gen = make_generator(stream);

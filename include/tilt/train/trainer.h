@@ -68,8 +68,9 @@ class PlateauDetector {
 
 /// The arithmetic of the loss's forward computations: float32 as the model is, or bfloat16 autocast
 /// (convolutions, linear layers and matrix products in bfloat16, the rest and the parameters in float32; the
-/// backward pass follows the forward's dtypes). bfloat16 halves the memory traffic of those ops and uses the
-/// tensor cores on a recent GPU; on a CPU without bfloat16 instructions it is slower (docs/devices.md).
+/// backward pass follows the forward's dtypes). bfloat16 halves the memory traffic of those ops and can use a
+/// device's bfloat16 units (0.73-0.75x the time of a U-Net iteration on a CPU with AVX512-BF16); without such units
+/// no gain is expected (docs/devices.md).
 enum class Precision { float32, bfloat16 };
 Precision parse_precision(const std::string& name);  // "float32" | "bfloat16"
 

@@ -24,7 +24,7 @@
 #
 # Options (environment): OUT=runs/socm_curves  ITERATIONS=<the paper's>  EVAL_EVERY=500  EVAL_BATCH=1024
 #   PROBLEMS="quadratic_ou_easy linear_ou"  DOUBLE_WELL=0  LOSSES="adjoint_matching socm cross_entropy log_variance"
-#   TILT=build/bin/tilt  SEED=0  THREADS=0 (all cores)  HIDDEN=256,128,64,128,256  CHECKPOINT_EVERY=1000  NO_BUILD=0
+#   TILT=build/bin/tilt (copied at the start)  SEED=0  THREADS=0 (all cores)  HIDDEN=256,128,64,128,256  CHECKPOINT_EVERY=1000  NO_BUILD=0
 #   BACKGROUND=0 (1: run detached at the lowest priority, log in $OUT/log)
 # The full run takes many hours on 2 cores: BACKGROUND=1 scripts/socm_curves.sh, then look at $OUT/log. On 2
 # cores, two single-threaded instances (one per problem) finish sooner than one with two threads:
@@ -40,7 +40,11 @@ if [ "${BACKGROUND:-0}" = 1 ]; then
   exit 0
 fi
 [ "${NO_BUILD:-0}" = 1 ] || JOBS=${JOBS:-2} scripts/build.sh -DTILT_BUILD_APPS=ON -DTILT_BUILD_BENCH=ON >/dev/null
-tilt=${TILT:-build/bin/tilt}  # TILT=path: another build (e.g. a copy, so that rebuilding does not touch a long run)
+# The runs use a private copy of the binary (TILT, default build/bin/tilt), so that rebuilding meanwhile does not
+# touch them; it is removed when the script ends.
+tilt=$out/.tilt.$$
+cp "${TILT:-build/bin/tilt}" "$tilt"
+trap 'rm -f "$tilt"' EXIT
 curves=build/bench/tilt_soc_curves
 problems=${PROBLEMS:-quadratic_ou_easy linear_ou}
 [ "${DOUBLE_WELL:-0}" = 1 ] && problems="$problems double_well"

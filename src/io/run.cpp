@@ -317,19 +317,18 @@ bool holds_trained_run(const RunDirectory& run) {
   return file_exists(run.path("checkpoint.pt")) || file_exists(run.path("model.pt"));
 }
 
-// The dotted keys whose values differ between two configurations (e.g. "finetune.hidden").
-void differing_keys(const Json& a, const Json& b, const std::string& prefix, std::string& out) {
+void add_differing_keys(const Json& a, const Json& b, const std::string& prefix, std::vector<std::string>& out) {
   if (!a.is_object() || !b.is_object()) {
-    if (a != b) out += (out.empty() ? "" : ", ") + (prefix.empty() ? std::string("<root>") : prefix);
+    if (a != b) out.push_back(prefix.empty() ? std::string("<root>") : prefix);
     return;
   }
   for (auto it = b.begin(); it != b.end(); ++it) {
     const std::string key = prefix.empty() ? it.key() : prefix + "." + it.key();
-    if (!a.contains(it.key())) out += (out.empty() ? "" : ", ") + key;
-    else differing_keys(a[it.key()], it.value(), key, out);
+    if (!a.contains(it.key())) out.push_back(key);
+    else add_differing_keys(a[it.key()], it.value(), key, out);
   }
   for (auto it = a.begin(); it != a.end(); ++it) {
-    if (!b.contains(it.key())) out += (out.empty() ? "" : ", ") + (prefix.empty() ? it.key() : prefix + "." + it.key());
+    if (!b.contains(it.key())) out.push_back(prefix.empty() ? it.key() : prefix + "." + it.key());
   }
 }
 
@@ -417,7 +416,7 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   }
   if (a != b) {
     std::string keys;
-    differing_keys(a, b, "", keys);
+    for (const std::string& key : differing_keys(a, b)) keys += (keys.empty() ? "" : ", ") + key;
     throw Error("--resume: the configuration differs from the one '" + run.dir + "' was started with (in: " + keys +
                 "); only optimisation settings may change. Compare with " + config_path);
   }
@@ -425,6 +424,12 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
 }
 
 }  // namespace
+
+std::vector<std::string> differing_keys(const Json& a, const Json& b) {
+  std::vector<std::string> out;
+  add_differing_keys(a, b, "", out);
+  return out;
+}
 
 RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume) {
   if (dir.empty()) throw Error("--out is required: the directory for this run's files");

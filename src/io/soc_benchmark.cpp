@@ -122,15 +122,7 @@ std::string check_same_run(const std::string& config_path, const Json& resolved)
   }
   if (before != now) {
     std::string keys;
-    for (const Json* side : {&before, &now}) {
-      for (auto it = side->begin(); it != side->end(); ++it) {
-        const Json* other = side == &before ? &now : &before;
-        if ((!other->contains(it.key()) || (*other)[it.key()] != it.value()) &&
-            keys.find("'" + it.key() + "'") == std::string::npos) {
-          keys += (keys.empty() ? "'" : ", '") + it.key() + "'";
-        }
-      }
-    }
+    for (const std::string& key : differing_keys(before, now)) keys += (keys.empty() ? "'" : ", '") + key + "'";
     throw Error("--resume: the settings differ from those '" + config_path + "' was started with (in: " + keys +
                 "); only iterations, checkpoint_every and eval_every may change");
   }

@@ -126,6 +126,10 @@ struct RunDirectory {
 };
 RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume);
 
+/// The dotted keys whose values differ between two resolved configurations (e.g. "finetune.hidden"; a key in only
+/// one of them counts), in b's order, then a's keys missing from b: what a refused --resume names.
+std::vector<std::string> differing_keys(const Json& a, const Json& b);
+
 /// Points a training run at its directory (checkpoint.pt, metrics.jsonl), seeds it from the config's seed,
 /// and labels its progress bar (none if quiet).
 void attach_to_run(TrainerOptions& topt, const RunDirectory& run, const RunSettings& settings, bool quiet,

@@ -101,6 +101,7 @@ int run_finetune(const TrainArgs& args) {
   reward->to(settings.device);
   const ConditionSetPtr conditions = read_training_conditions(root, *base);
   ConfigSection section = root.section("finetune");
+  if (args.resume) keep_preset_of_run(section, args.out);
   FinetunePlan plan = read_finetune(section, *base, reward, lambda, conditions);
   finish_root(root);
 

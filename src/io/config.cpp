@@ -249,7 +249,12 @@ const Json* ConfigSection::find(const std::string& key) const {
 
 void ConfigSection::set_defaults(Json defaults) {
   if (!defaults.is_object()) throw Error("ConfigSection::set_defaults: the defaults must be a table");
-  defaults_ = std::move(defaults);
+  defaults_.update(defaults);
+}
+
+void ConfigSection::resolve(const std::string& key, const Json& value) {
+  if (!used_.count(key)) throw Error("ConfigSection::resolve: '" + where(key) + "' has not been read");
+  record(key, value);
 }
 
 void ConfigSection::accept_moved_keys(ConfigSection& old, std::function<void(const std::string&)> note) {

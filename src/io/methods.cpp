@@ -2,6 +2,7 @@
 
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
 #include "tilt/model/gmm.h"
 #include "tilt/sde/gddim.h"
@@ -94,6 +95,18 @@ std::function<std::string(const LossOutput&)> regression_monitor(double clip_fac
 Json small_preset_finetune() {
   return Json{{"num_steps", 60}, {"batch_size", 256},   {"iterations", 2400}, {"lr", 4e-3},
               {"beta1", 0.9},     {"weight_decay", 0.0}, {"grad_clip", 0.0},    {"lr_schedule", "cosine"}};
+}
+
+// preset = "auto": "small" for Adjoint Matching on a vector base (a tilt MLP, a mixture, a TorchScript module) of at
+// most kSmallPresetMaxDim dimensions, the problems on which "small" was validated (the random family, d = 2..10, and
+// the 2-D demos); "paper" elsewhere (image models, other methods).
+constexpr int64_t kSmallPresetMaxDim = 10;
+bool vector_base(const VelocityField& base) {
+  const std::string kind = base.kind();
+  return kind == "mlp" || kind == "gmm" || kind == "conditional_gmm" || kind == "torchscript";
+}
+std::string auto_preset(const std::string& method, const VelocityField& base) {
+  return method == "adjoint_matching" && vector_base(base) && base.dim() <= kSmallPresetMaxDim ? "small" : "paper";
 }
 
 // ... and of [finetune.adjoint_matching] at K = num_steps: a third of the steps drawn and the last sixth always
@@ -654,15 +667,20 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
                          "' has none: use one of " + which);
   }
   check_other_tables(s, method, plan);
-  // The preset replaces the defaults of the keys not given (docs/config.md, `preset`).
-  const bool preset_given = s.has("preset");
-  plan.preset = s.choice("preset", {"paper", "small"}, "paper");
-  if (plan.preset == "small") s.set_defaults(small_preset_finetune());
-  if (!preset_given && !s.has("lr") && (base.kind() == "mlp" || base.kind() == "gmm" || base.kind() == "conditional_gmm")) {
-    plan.notes.push_back(s.where("lr") + " and the other [finetune] defaults are the Adjoint Matching paper's, for image "
-                         "models (lr = 2e-5, clip_factor = 1.6); for a problem of a few to tens of dimensions, " +
-                         s.where("preset") + " = \"small\" (docs/config.md)");
+  // The preset replaces the defaults of the keys not given (docs/config.md, `preset`); "auto" is "small" where that
+  // was validated and "paper" elsewhere, and the resolved config records which.
+  plan.preset = s.choice("preset", {"auto", "paper", "small"}, "auto");
+  if (plan.preset == "auto") {
+    plan.preset = auto_preset(plan.method, base);
+    s.resolve("preset", plan.preset);
+    if (plan.preset == "paper" && vector_base(base) && !s.has("lr")) {
+      plan.notes.push_back(s.where("preset") + " = \"auto\" keeps the Adjoint Matching paper's defaults, for image models "
+                           "(lr = 2e-5, clip_factor = 1.6): \"small\" was validated for adjoint_matching on bases of at "
+                           "most " + std::to_string(kSmallPresetMaxDim) + " dimensions; for a problem of a few to tens of "
+                           "dimensions, " + s.where("preset") + " = \"small\" (docs/config.md)");
+    }
   }
+  if (plan.preset == "small") s.set_defaults(small_preset_finetune());
   read_common(s, base, plan);
   read_noise(s, method, plan);
   ConfigSection table = s.section(method.name, /*optional=*/true);
@@ -684,6 +702,19 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
   }
   if (!method.uses_noise) plan.noise = "ode";
   return plan;
+}
+
+void keep_preset_of_run(ConfigSection& s, const std::string& run_dir) {
+  const std::string path = run_dir + "/config.resolved.json";
+  if (s.has("preset") || !file_exists(path)) return;
+  const Json j = Json::parse(read_file(path, "resolved config"), nullptr, false);
+  if (j.is_discarded() || !j.is_object() || !j.contains("finetune") || !j["finetune"].is_object()) return;
+  const Json& f = j["finetune"];
+  if (!f.contains("preset")) {  // started before the key existed: with the paper's defaults
+    s.set_defaults({{"preset", "paper"}});
+  } else if (f["preset"] == "paper" || f["preset"] == "small") {
+    s.set_defaults({{"preset", f["preset"]}});
+  }
 }
 
 FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda,

@@ -21,9 +21,11 @@ expect_error() {
   if [ $rc -ne 0 ] && grep -qF -- "$text" <<<"$out"; then pass "$name"; else fail "$name (rc=$rc): $out"; fi
 }
 
-# A small, fast version of the demo.
+# A small, fast version of the demo, with the paper's defaults for the keys it does not give (the tests of the
+# run's machinery below assume them: a constant lr, the control weighting); tiny_auto.toml leaves the default preset.
 { tiny_config 1 2; cat <<'TOML'
 [finetune]
+preset = "paper"
 hidden = [32, 32]
 num_steps = 20
 batch_size = 32
@@ -35,6 +37,7 @@ lr = 1e-3
 checkpoint_every = 5
 TOML
 } > tiny.toml
+grep -v '^preset' tiny.toml > tiny_auto.toml
 
 # 1. A run end to end.
 if "$tilt" finetune -q -c tiny.toml -o run > log.txt 2>&1 && [ -f run/model.pt ] && [ -f run/checkpoint.pt ] &&
@@ -226,8 +229,9 @@ else
 fi
 
 # A run started before [finetune] preset, dsm_until, dsm_rollout(_steps) and buffer_* existed (its
-# config.resolved.json has none of them) resumes: it was run with what their defaults do; asking for another preset
-# on resume is a change of problem, refused naming the key.
+# config.resolved.json has none of them) resumes: it was run with what their defaults did, and a config that gives
+# no preset (tiny_auto.toml) keeps the paper's for it; asking for another preset on resume is a change of problem,
+# refused naming the key.
 python3 -c "
 import json
 p = 'nan/config.resolved.json'; j = json.load(open(p)); f = j['finetune']
@@ -238,11 +242,29 @@ for key in ('dsm_until', 'dsm_rollout', 'dsm_rollout_steps', 'buffer_size', 'buf
 json.dump(j, open(p, 'w'))"
 expect_error "resume with another preset" "finetune.preset" \
   "$tilt" finetune -q -c tiny.toml --set finetune.preset=small --set finetune.iterations=7 -o nan --resume
-if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=7 --set finetune.grad_clip=0.0 -o nan --resume \
+if "$tilt" finetune -q -c tiny_auto.toml --set finetune.iterations=7 --set finetune.grad_clip=0.0 -o nan --resume \
      > log.txt 2>&1 && grep -q "resumed nan at iteration 6" log.txt; then
   pass "a run from before finetune.preset, dsm_until, dsm_rollout and buffer_* resumes"
 else
   fail "resume of a run without finetune.preset or dsm_rollout: $(cat log.txt)"
+fi
+
+# preset = "auto", the default: on this 2-D mixture "small", recorded as such; the keys the config gives win, the
+# others take the preset's values; a resume whose config gives no preset keeps the run's.
+if "$tilt" finetune -q -c tiny_auto.toml --set finetune.iterations=2 -o auto > log.txt 2>&1 &&
+   python3 - auto/config.resolved.json <<'PY' &&
+import json, sys
+f = json.load(open(sys.argv[1]))["finetune"]
+am = f["adjoint_matching"]
+assert f["preset"] == "small" and f["lr"] == 1e-3 and f["lr_schedule"] == "cosine" and f["num_steps"] == 20, f
+assert am["dsm_until"] == 0.5 and am["loss_weighting"] == "velocity", am
+assert f.get("loss_early_steps", am.get("loss_early_steps")) == 5, f  # given (flat), not the preset's 20 / 3
+PY
+   "$tilt" finetune -q -c tiny_auto.toml --set finetune.iterations=3 -o auto --resume > log.txt 2>&1 &&
+   grep -q "resumed auto at iteration 2" log.txt; then
+  pass "preset = \"auto\" is \"small\" on a 2-D mixture, recorded, and kept on resume"
+else
+  fail "preset = \"auto\": $(cat log.txt; cat auto/config.resolved.json)"
 fi
 
 # tilt soc: a short comparison of two losses on an SOC benchmark problem.

@@ -17,6 +17,7 @@ hashes() { find "$@" -type f ! -name run.lock -print0 | sort -z | xargs -0 md5su
 
 { tiny_config 1 1; cat <<'TOML'
 [finetune]
+preset = "paper"  # the tests of the machinery assume the paper's defaults: a constant lr, the control weighting
 hidden = [32, 32]
 num_steps = 10
 batch_size = 16

@@ -192,6 +192,7 @@ type = "quadratic"
 center = [2.0, 0.0]
 precision = 0.5
 [finetune]
+preset = "paper"
 hidden = [32, 32]
 num_steps = 20
 batch_size = 32

@@ -206,7 +206,7 @@ TEST(AdjointMatchingEndToEnd, DsmUntilFixesTheEarlyTimesOfAHeavyTailedTarget) {
   const auto run = [&](double dsm_until) {
     Json am = {{"loss_early_steps", 20}, {"loss_late_steps", 10}, {"loss_weighting", "velocity"}, {"clip_factor", 0.0}};
     if (dsm_until > 0) am["dsm_until"] = dsm_until;
-    const Json finetune = {{"model", "residual"}, {"hidden", {128, 128, 128}}, {"num_steps", 60}, {"batch_size", 128},
+    const Json finetune = {{"preset", "paper"}, {"model", "residual"}, {"hidden", {128, 128, 128}}, {"num_steps", 60}, {"batch_size", 128},
                            {"iterations", 300}, {"lr", 4e-3}, {"lr_schedule", "cosine"}, {"grad_clip", 0.0},
                            {"adjoint_matching", am}};
     const FinetunePlan plan = make_finetune_plan(finetune, *base, p.reward, p.lambda);

@@ -1,6 +1,7 @@
 // The fine-tuning method registry (tilt/io/methods.h): one reader per method, the same defaults for
 // the CLI and C++ callers, per-method tables with the old flat keys still read.
 #include "tilt/core/error.h"
+#include "tilt/core/fs.h"
 #include "tilt/io/config.h"
 #include "tilt/io/methods.h"
 #include "tilt/model/conditional_gmm.h"
@@ -13,6 +14,7 @@
 #include "tilt/train/reinforce_adjoint_matching.h"
 #include "tilt/train/trainer.h"
 #include "tilt/train/unified_losses.h"
+#include "../support/checks.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -138,7 +140,7 @@ TEST(Methods, FlatAndTableKeysAgree) {
     Generator gen = make_generator(5);
     return loss->compute(gen).loss.item<double>();
   };
-  const Json common{{"num_steps", 8}, {"batch_size", 4}, {"hidden", {8}}, {"method", "adjoint_matching"}};
+  const Json common{{"num_steps", 8}, {"batch_size", 4}, {"hidden", {8}}, {"method", "adjoint_matching"}, {"preset", "paper"}};
   Json flat = common, table = common, other = common;
   flat["loss_early_steps"] = 2, flat["loss_late_steps"] = 1, flat["loss_weighting"] = "velocity";
   table["adjoint_matching"] = {{"loss_early_steps", 2}, {"loss_late_steps", 1}, {"loss_weighting", "velocity"}};
@@ -242,7 +244,7 @@ TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
   const auto with = [](const Json& extra) {
     Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"loss_weighting", "velocity"}};
     for (const auto& [k, v] : extra.items()) am[k] = v;
-    return error_of({{"num_steps", 20}, {"batch_size", 8}, {"adjoint_matching", am}});
+    return error_of({{"preset", "paper"}, {"num_steps", 20}, {"batch_size", 8}, {"adjoint_matching", am}});
   };
   const std::string key = "'finetune.adjoint_matching.dsm_until'";
   for (double bad : {-0.1, 0.01, 1.0, 2.0}) EXPECT_NE(with({{"dsm_until", bad}}).find(key), std::string::npos) << bad;
@@ -256,7 +258,7 @@ TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
   const auto dsm_options = [&](const Json& extra) {
     Json table = am;
     for (const auto& [k, v] : extra.items()) table[k] = v;
-    const FinetunePlan p = make_finetune_plan({{"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", table}},
+    const FinetunePlan p = make_finetune_plan({{"preset", "paper"}, {"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", table}},
                                               *s.base, s.reward, 1.0);
     auto l = p.make_loss(p.make_model(s.base, 1));
     return dynamic_cast<const TiltScoreMatching&>(dynamic_cast<const LossSum&>(*l).term(1)).options();
@@ -268,7 +270,7 @@ TEST(Methods, DsmUntilSplitsTheTimesBetweenTwoRegressions) {
   const std::string steps_key = "'finetune.adjoint_matching.dsm_rollout_steps'";
   for (int64_t bad : {-1, 1, 1000001}) EXPECT_NE(with({{"dsm_until", 0.5}, {"dsm_rollout_steps", bad}}).find(steps_key), std::string::npos) << bad;
   EXPECT_NE(with({{"dsm_until", 0.5}, {"dsm_rollout", "rk4"}}).find("'finetune.adjoint_matching.dsm_rollout'"), std::string::npos);
-  EXPECT_TRUE(mentions(make_finetune_plan({{"num_steps", 21}, {"adjoint_matching", {{"dsm_rollout_steps", 40}}}}, *s.base, s.reward, 1.0).notes,
+  EXPECT_TRUE(mentions(make_finetune_plan({{"preset", "paper"}, {"num_steps", 21}, {"adjoint_matching", {{"dsm_rollout_steps", 40}}}}, *s.base, s.reward, 1.0).notes,
                        "dsm_rollout_steps is ignored"));
 }
 
@@ -334,7 +336,7 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   EXPECT_EQ(am_of({{"dsm_until", 0.3}}).at("dsm_until"), 0.3);
   EXPECT_EQ(am_of({{"dsm_until", 0.0}}).at("dsm_until"), 0.0);
   EXPECT_EQ(am_of({{"dsm_rollout", "euler"}}).at("dsm_rollout"), "euler");
-  EXPECT_EQ(resolved_finetune(Json::object(), *s.base, s.reward).first.at("adjoint_matching").at("dsm_rollout"), "euler")
+  EXPECT_EQ(resolved_finetune({{"preset", "paper"}}, *s.base, s.reward).first.at("adjoint_matching").at("dsm_rollout"), "euler")
       << "without the preset, the Euler rollout of the measured dsm_until tables";
   const ConditionalProblem c = random_conditional_problem(2, 2, 3, make_linear_schedule(), 4);
   const Json conditional = resolved_finetune({{"preset", "small"}, {"hidden", {8}}}, *c.base, c.reward,
@@ -350,10 +352,66 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   const std::string bad = error_of({{"preset", "large"}});
   EXPECT_NE(bad.find("'finetune.preset'"), std::string::npos) << bad;
   EXPECT_NE(bad.find("small"), std::string::npos) << bad;
-  // The paper's defaults on a small problem come with a note that names the preset; a given lr or preset silences it.
-  EXPECT_TRUE(mentions(resolved_finetune(Json::object(), *s.base, s.reward).second.notes, "preset = \"small\""));
-  EXPECT_FALSE(mentions(resolved_finetune({{"lr", 1e-3}}, *s.base, s.reward).second.notes, "preset"));
+  // A given preset = "paper" comes without a note (AutoPresetIsSmallWhereItWasValidated has the note).
   EXPECT_FALSE(mentions(resolved_finetune({{"preset", "paper"}}, *s.base, s.reward).second.notes, "preset"));
+}
+
+// preset = "auto", the default, is "small" for Adjoint Matching on a vector base of at most 10 dimensions (where
+// "small" was validated) and "paper" elsewhere; the resolved config records which, and the paper's defaults on a
+// vector base come with a note naming "small".
+TEST(Methods, AutoPresetIsSmallWhereItWasValidated) {
+  Base2d s;
+  const auto [by_default, default_plan] = resolved_finetune(Json::object(), *s.base, s.reward);
+  EXPECT_EQ(by_default, resolved_finetune({{"preset", "small"}}, *s.base, s.reward).first);
+  EXPECT_EQ(resolved_finetune({{"preset", "auto"}}, *s.base, s.reward).first.at("preset"), "small");
+  EXPECT_EQ(default_plan.preset, "small");
+  EXPECT_FALSE(mentions(default_plan.notes, "preset"));
+  // Another method: the paper's defaults, with the note.
+  const auto [draft, draft_plan] = resolved_finetune({{"method", "draft"}}, *s.base, s.reward);
+  EXPECT_EQ(draft.at("preset"), "paper");
+  EXPECT_DOUBLE_EQ(draft_plan.trainer.adam.lr, 2e-5);
+  EXPECT_TRUE(mentions(draft_plan.notes, "preset = \"small\""));
+  EXPECT_FALSE(mentions(resolved_finetune({{"method", "draft"}, {"lr", 1e-3}}, *s.base, s.reward).second.notes, "preset"));
+  // Dimensions 10 and 11: the edge of what was validated.
+  for (int64_t d : {10, 11}) {
+    auto base = std::make_shared<GmmVelocity>(test::isotropic_gaussian(std::vector<double>(d, 0.0), 1.0), make_linear_schedule());
+    RewardPtr reward = std::make_shared<LinearReward>(at::ones({d}, at::kDouble));
+    const auto [table, plan] = resolved_finetune({{"hidden", {8}}}, *base, reward);
+    EXPECT_EQ(table.at("preset"), d <= 10 ? "small" : "paper") << d;
+    EXPECT_EQ(mentions(plan.notes, "preset = \"small\""), d > 10) << d;
+  }
+  // A conditional mixture base is a vector base too (dsm_until stays off: the preset's rule).
+  const ConditionalProblem c = random_conditional_problem(2, 2, 3, make_linear_schedule(), 4);
+  const Json conditional = resolved_finetune({{"hidden", {8}}}, *c.base, c.reward, std::make_shared<const ConditionSet>(c.train)).first;
+  EXPECT_EQ(conditional.at("preset"), "small");
+  EXPECT_EQ(conditional.at("lr"), 4e-3);
+}
+
+// A resumed run keeps the preset it was started with when [finetune] gives none: its record's, "paper" for a run
+// older than the key; a given preset, or a directory without a readable record, leaves the default alone.
+TEST(Methods, ResumedRunKeepsItsPreset) {
+  Base2d s;
+  test::TempDir dir;
+  const auto preset_on_resume = [&](const Json& finetune) {
+    Config config(Json{{"finetune", finetune}}, "test");
+    ConfigSection root = config.root();
+    ConfigSection section = root.section("finetune");
+    keep_preset_of_run(section, dir.file(""));
+    return read_finetune(section, *s.base, s.reward, 1.0).preset;
+  };
+  const auto record = [&](const std::string& text) { atomic_write(dir.file("config.resolved.json"), text); };
+  EXPECT_EQ(preset_on_resume(Json::object()), "small") << "no record";
+  record(R"({"finetune": {"lr": 2e-5}})");
+  EXPECT_EQ(preset_on_resume(Json::object()), "paper") << "a run started before the key";
+  EXPECT_EQ(preset_on_resume({{"preset", "small"}}), "small") << "given";
+  record(R"({"finetune": {"preset": "small"}})");
+  EXPECT_EQ(preset_on_resume({{"method", "draft"}}), "small");
+  record(R"({"finetune": {"preset": "paper"}})");
+  EXPECT_EQ(preset_on_resume(Json::object()), "paper");
+  for (const char* damaged : {"{\"finetune\": {\"preset\": 7}}", "{\"finetune\": 3}", "not json"}) {
+    record(damaged);
+    EXPECT_EQ(preset_on_resume(Json::object()), "small") << damaged;
+  }
 }
 
 // buffer_size = N > 0 turns Adjoint Matching into its buffered form (E126): N trajectories for N * passes / batch
@@ -361,7 +419,7 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
 TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
   Base2d s;
   const Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"buffer_size", 24}, {"buffer_passes", 5}};
-  const FinetunePlan plan = make_finetune_plan({{"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", am}},
+  const FinetunePlan plan = make_finetune_plan({{"preset", "paper"}, {"num_steps", 20}, {"batch_size", 8}, {"hidden", {8}}, {"adjoint_matching", am}},
                                                *s.base, s.reward, 1.0);
   EXPECT_TRUE(plan.reports_ess);
   auto loss = plan.make_loss(plan.make_model(s.base, 1));
@@ -378,7 +436,7 @@ TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
   const auto with = [](const Json& extra) {
     Json am = {{"loss_early_steps", 4}, {"loss_late_steps", 2}};
     for (const auto& [k, v] : extra.items()) am[k] = v;
-    return error_of({{"num_steps", 20}, {"batch_size", 8}, {"adjoint_matching", am}});
+    return error_of({{"preset", "paper"}, {"num_steps", 20}, {"batch_size", 8}, {"adjoint_matching", am}});
   };
   for (int64_t bad : {-8, 12, 4}) {
     EXPECT_NE(with({{"buffer_size", bad}}).find("'finetune.adjoint_matching.buffer_size'"), std::string::npos) << bad;
@@ -563,23 +621,23 @@ TEST(Methods, RewardsWithoutAGradientOnlyGoToValueMethods) {
 // of the loss in most of them; each at most once.
 TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   Base2d s;
-  const FinetunePlan plan = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
+  const FinetunePlan plan = make_finetune_plan({{"preset", "paper"}, {"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0);
   ASSERT_TRUE(plan.trainer.monitor);
-  auto monitor = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  auto monitor = make_finetune_plan({{"preset", "paper"}, {"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 19; ++i) EXPECT_EQ(monitor(signals(i == 5 ? 0.4 : 0.9, 0.02)), "") << i;
   for (int i = 0; i < 6; ++i) EXPECT_EQ(monitor(signals(0.9, 0.02)), "") << i;  // the 0.4 is still in the window
   std::string w = monitor(signals(0.9, 0.02));
   EXPECT_NE(w.find("over half of the loss terms are clipped in each of the last 20 iterations"), std::string::npos) << w;
   for (int i = 0; i < 30; ++i) EXPECT_EQ(monitor(signals(0.9, 0.02)), "") << "warned twice";
 
-  auto top = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  auto top = make_finetune_plan({{"preset", "paper"}, {"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 20; ++i) EXPECT_EQ(top(signals(0.0, i % 2 ? 0.95 : 0.3)), "") << i;  // median 0.625
   w = top(signals(0.0, 0.95));  // 11 of the last 20 above 0.9: so is the median
   EXPECT_NE(w.find("the loss is dominated by a few rows"), std::string::npos) << w;
   EXPECT_NE(w.find("loss_weighting = \"velocity\""), std::string::npos) << w;  // the default weighting is "control"
   EXPECT_EQ(top(signals(0.0, 0.95)), "");
   // A run that already weights by velocity is not told to.
-  auto velocity = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4},
+  auto velocity = make_finetune_plan({{"preset", "paper"}, {"num_steps", 21}, {"batch_size", 4},
                                       {"adjoint_matching", {{"loss_weighting", "velocity"}}}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 19; ++i) EXPECT_EQ(velocity(signals(0.0, 0.95)), "") << i;
   w = velocity(signals(0.0, 0.95));  // the 20th: the window is full
@@ -587,7 +645,7 @@ TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   EXPECT_EQ(w.find("loss_weighting"), std::string::npos) << w;
   EXPECT_NE(w.find("dsm_until = 0.5"), std::string::npos) << w;
   // A run that already splits the times is told to move the split.
-  auto split = make_finetune_plan({{"num_steps", 20}, {"batch_size", 4},
+  auto split = make_finetune_plan({{"preset", "paper"}, {"num_steps", 20}, {"batch_size", 4},
                                    {"adjoint_matching", {{"loss_weighting", "velocity"}, {"dsm_until", 0.3},
                                                          {"loss_early_steps", 4}, {"loss_late_steps", 4}}}},
                                   *s.base, s.reward, 1.0).monitor;
@@ -595,7 +653,7 @@ TEST(Methods, MonitorWarnsOnSustainedClippingAndDomination) {
   w = split(signals(0.0, 0.95));
   EXPECT_NE(w.find("a larger finetune.adjoint_matching.dsm_until (now 0.3)"), std::string::npos) << w;
 
-  auto calm = make_finetune_plan({{"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
+  auto calm = make_finetune_plan({{"preset", "paper"}, {"num_steps", 21}, {"batch_size", 4}}, *s.base, s.reward, 1.0).monitor;
   for (int i = 0; i < 100; ++i) EXPECT_EQ(calm(signals(i % 2 ? 0.9 : 0.1, i % 3 ? 0.7 : 0.99)), "") << i;
 }
 

@@ -60,8 +60,12 @@ class ConfigSection {
 
   /// Fallbacks that take the place of the readers' own for the keys this table (and the table of
   /// accept_moved_keys) does not give: a preset. A key found here is read, checked and recorded as if
-  /// given, but has() stays false for it.
+  /// given, but has() stays false for it. A later call adds to them (a key in both takes the later value).
   void set_defaults(Json defaults);
+
+  /// Records `value` for a key already read, in place of what was read: the setting a choice such as "auto"
+  /// resolved to, so that the resolved config says what was used.
+  void resolve(const std::string& key, const Json& value);
 
   /// "finetune.lr" for key "lr" of section "finetune".
   std::string where(const std::string& key) const;

@@ -101,6 +101,12 @@ std::vector<std::string> finetune_method_names();
 FinetunePlan read_finetune(ConfigSection& finetune, const VelocityField& base, RewardPtr reward, double lambda,
                            ConditionSetPtr conditions = nullptr);
 
+/// Before read_finetune of a resumed run: when [finetune] gives no preset, the default becomes the one the run in
+/// `run_dir` was started with (its config.resolved.json; "paper" for a run older than the key), so that a run
+/// resumes with its own defaults whatever the default is now. Does nothing where the directory holds no readable
+/// record: the resume then refuses it, naming the file.
+void keep_preset_of_run(ConfigSection& finetune, const std::string& run_dir);
+
 /// For C++ callers: the same from a JSON table shaped like [finetune], e.g.
 /// {{"method", "draft"}, {"num_steps", 20}, {"draft", {{"draft_k", 2}}}}.
 FinetunePlan make_finetune_plan(const Json& finetune, const VelocityField& base, RewardPtr reward, double lambda,

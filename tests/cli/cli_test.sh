@@ -266,6 +266,13 @@ PY
 else
   fail "preset = \"auto\": $(cat log.txt; cat auto/config.resolved.json)"
 fi
+# configs/untuned_4d.toml (README, "A new user's problem, with the defaults"): an empty [finetune] is "small" there.
+if "$tilt" finetune -q -c "$configs/untuned_4d.toml" --set threads=1 --set finetune.iterations=1 -o untuned > log.txt 2>&1 &&
+   grep -q '"preset": "small"' untuned/config.resolved.json && ! grep -q "warning" log.txt; then
+  pass "configs/untuned_4d.toml: the defaults are preset = \"small\"'s, without a warning"
+else
+  fail "configs/untuned_4d.toml: $(cat log.txt)"
+fi
 
 # tilt soc: a short comparison of two losses on an SOC benchmark problem.
 if "$tilt" soc -q --problem linear_ou -l adjoint_matching -l cross_entropy --iterations 10 --eval-every 5 \

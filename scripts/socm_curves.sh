@@ -6,7 +6,7 @@
 # configs/soc.yaml defaults:
 #   quadratic_ou_easy  60 000 iterations, batch 128, 50 steps
 #   linear_ou          60 000 iterations, batch 64, 100 steps
-#   double_well        80 000 iterations, batch 128, 200 steps (DOUBLE_WELL=1; SOCM's gamma there is 6,
+#   double_well        60 000 iterations, batch 128, 200 steps (DOUBLE_WELL=1; SOCM's gamma there is 6,
 #                      tilt's socm loss starts it at 2)
 # and, for all: control learning rate 1e-4 (its nabla_V_lr), M's learning rate 1e-3 and initial gamma 2
 # (tilt's socm defaults, as SOCM's), the control network's widths 256-128-64-128-256 (SOCM's
@@ -146,7 +146,7 @@ settings() {
   case $1 in
     quadratic_ou_easy) echo "60000 128 50" ;;
     linear_ou) echo "60000 64 100" ;;
-    double_well) echo "80000 128 200" ;;
+    double_well) echo "60000 128 200" ;;
     *) echo "unknown problem '$1'" >&2; exit 1 ;;
   esac
 }

@@ -25,8 +25,9 @@ namespace tilt {
 struct FinetunePlan {
   std::string method;
   std::string noise = "memoryless";  ///< [finetune] noise as given; "ode" when the method samples with the flow ODE
-  /// [finetune] preset: "paper" (the defaults are the Adjoint Matching paper's, for image models) or "small" (the
-  /// settings the random problem family passed; docs/config.md).
+  /// [finetune] preset as resolved: "paper" (the defaults are the Adjoint Matching paper's, for image models) or
+  /// "small" (the settings the random problem family passed); the default, "auto", resolves to "small" for Adjoint
+  /// Matching on a vector base of at most 10 dimensions and to "paper" elsewhere (docs/config.md).
   std::string preset = "paper";
   NoiseSchedulePtr noise_schedule;   ///< memoryless: offset h = 1/num_steps (the paper's one step)
   int64_t num_steps = 40, batch_size = 40;

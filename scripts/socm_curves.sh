@@ -58,6 +58,10 @@ report() {
   python3 - "$root" "$problems" "$losses" > "$root/summary.md" <<'PY'
 import json, os, sys
 root, problems, losses = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
+print("# The SOCM paper's control-L2-error curves, as far as they have run\n")
+print("Made by `scripts/socm_curves.sh` (docs/soc.md, \"The SOCM paper's curves\"); do not edit by hand. SOCM's")
+print("published error on 1024 fixed fresh paths every 500 iterations; \"under way\": the last evaluation so far.")
+print("Training time: the mean of the iterations' own seconds (evaluations excluded) times the iterations.\n")
 print("| problem | loss | iterations | final control L2 error (SOCM's) | best | training time (s) | ms / iteration |")
 print("|---|---|---|---|---|---|---|")
 for p in problems:
@@ -87,7 +91,10 @@ PY
       [ -s "$root/$p/$l/$l.eval.jsonl" ] || continue
       if [ -f "$root/$p/$l/summary.json" ]; then args+=("$l=$root/$p/$l/$l.eval.jsonl"); else args+=("$l (under way)=$root/$p/$l/$l.eval.jsonl"); fi
     done
-    [ ${#args[@]} -gt 0 ] && "$curves" -o "$root/$p.png" --title "$p (SOCM instance, seed ${SEED:-0})" "${args[@]}"
+    if [ ${#args[@]} -gt 0 ]; then
+      "$curves" -o "$root/$p.png" --title "$p (SOCM instance, seed ${SEED:-0})" "${args[@]}"
+      printf '\n![%s: control L2 error (SOCM'"'"'s) against iteration](%s.png)\n' "$p" "$p" >> "$root/summary.md"
+    fi
   done
   echo "wrote $root/summary.md and $root/<problem>.png"
   cat "$root/summary.md"

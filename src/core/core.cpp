@@ -4,11 +4,19 @@
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/cuda.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <sstream>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 namespace tilt {
 
@@ -75,6 +83,50 @@ at::Device parse_device(const std::string& name, const std::string& what) {
                 "cuda:" + std::to_string(count - 1));
   }
   return at::Device(at::kCUDA, static_cast<at::DeviceIndex>(index));
+}
+
+bool keep_cpu_memory() {
+  static std::once_flag once;
+  static bool in_force = false;
+  std::call_once(once, [] {
+    const char* choice = std::getenv("TILT_MALLOC");
+    if (choice && std::strcmp(choice, "system") == 0) return;
+#if defined(__GLIBC__)
+    // 32 MiB is the largest threshold glibc accepts on a 64-bit machine; setting either one also stops glibc's own
+    // adaptive threshold, which would trim the heap back after every large free.
+    in_force = mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1 && mallopt(M_TRIM_THRESHOLD, -1) == 1;
+#endif
+  });
+  return in_force;
+}
+
+std::vector<Tensor> by_row_blocks(int64_t rows, bool parallel, int64_t min_rows,
+                                  const std::function<std::vector<Tensor>(int64_t r0, int64_t n)>& out) {
+  const int64_t blocks = parallel && !at::in_parallel_region()
+                             ? std::min<int64_t>(at::get_num_threads(), rows / std::max<int64_t>(1, min_rows))
+                             : 1;
+  if (blocks <= 1) return out(0, rows);
+  std::vector<std::vector<Tensor>> parts(static_cast<size_t>(blocks));
+  const at::ThreadLocalState state;  // the caller's grad mode and autocast, for the threads that run the blocks
+  // at::parallel_for rethrows the first exception of a block here.
+  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard guard(state);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t r0 = rows * i / blocks;
+      parts[static_cast<size_t>(i)] = out(r0, rows * (i + 1) / blocks - r0);
+    }
+  });
+  std::vector<Tensor> joined(parts.front().size());
+  for (size_t j = 0; j < joined.size(); ++j) {
+    std::vector<Tensor> column;
+    for (const auto& part : parts) {
+      if (part.size() != joined.size()) throw Error("by_row_blocks: the blocks returned different numbers of outputs");
+      if (part[j].defined()) column.push_back(part[j]);
+    }
+    if (column.size() == parts.size()) joined[j] = at::cat(column);
+    else if (!column.empty()) throw Error("by_row_blocks: an output is defined in some blocks only");
+  }
+  return joined;
 }
 
 std::string format_number(double x, const char* spec) {

@@ -41,6 +41,7 @@ void set_threads(int threads) {
     }
   }
   at::set_num_threads(n);
+  keep_cpu_memory();
   matrix_library();  // a TILT_GEMM that cannot be honoured stops here, before anything is written
 }
 

@@ -8,6 +8,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -40,5 +41,24 @@ void move_tensors(const std::vector<Tensor>& tensors, const at::TensorOptions& o
 /// names `what` (a flag or config key) for another name, or for a GPU that this LibTorch or machine
 /// does not have.
 at::Device parse_device(const std::string& name, const std::string& what);
+
+/// Lets the process reuse the CPU memory of freed tensors instead of handing it back to the system after each
+/// one. With glibc's malloc, blocks under 32 MiB come from its heap (M_MMAP_THRESHOLD) and the heap is never
+/// trimmed (M_TRIM_THRESHOLD). Without this, every tensor above the default threshold is a fresh mapping whose
+/// pages fault in on first touch; on a virtual machine that can cost more than the convolution that fills it
+/// (README, "Image networks": the U-Net iteration). The price: freed memory stays with the process, whose
+/// resident size stays at its peak. set_threads() calls it. TILT_MALLOC=system (in the environment) leaves
+/// malloc as it is. Returns whether the setting is in force (false without glibc or with TILT_MALLOC=system).
+bool keep_cpu_memory();
+
+/// The outputs of out(r0, n) on row blocks [r0, r0 + n) covering a batch of `rows` rows, joined along dimension
+/// 0 in row order (an output a block leaves undefined stays undefined). The blocks run at once, one per thread,
+/// when `parallel` is true, more than one thread is set (at::get_num_threads) and each block gets at least
+/// `min_rows` rows; otherwise out(0, rows) runs once. Each block runs with the caller's thread-local state (grad
+/// mode, autocast), and the tensor operations inside it run on its own thread alone. `out` must compute each row
+/// from that row alone and be safe to call from several threads at once. For networks whose rows cost more
+/// than the threads' synchronisation inside each of their many small operations (the U-Net at small batches).
+std::vector<Tensor> by_row_blocks(int64_t rows, bool parallel, int64_t min_rows,
+                                  const std::function<std::vector<Tensor>(int64_t r0, int64_t n)>& out);
 
 }  // namespace tilt

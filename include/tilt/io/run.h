@@ -37,7 +37,8 @@ at::Device run_device();
 /// that a config valid on one machine is valid on every other. 100000 blocked in futex_wait.
 constexpr int kMaxThreads = 1024;
 /// 0: all cores, shared among the processes of a group on this machine (LOCAL_WORLD_SIZE, as torchrun sets it).
-/// Throws tilt::Error naming --threads outside 0..kMaxThreads.
+/// Throws tilt::Error naming --threads outside 0..kMaxThreads. Also keeps freed CPU memory for reuse
+/// (keep_cpu_memory in tilt/core/tensor.h; TILT_MALLOC=system: not).
 void set_threads(int threads);
 
 /// Bounds of a flag or option (docs/config.md, Limits): tilt::Error("<name> must be in lo..hi, got value"),

@@ -44,6 +44,8 @@ class BoundVelocity : public VelocityField {
     return (1.0 + w_) * g_c - w_ * g_null;
   }
   bool vjp_needs_autograd() const override { return c_.defined() || field_->vjp_needs_autograd(); }
+  // One condition per row would have to be split with the rows: velocity_by_rows binds each block's own.
+  bool parallel_rows() const override { return field_->parallel_rows() && (!c_.defined() || c_.size(0) == 1); }
   std::vector<Tensor> parameters() const override { return field_->parameters(); }
   void set_trainable(bool trainable) override { field_->set_trainable(trainable); }
   NamedTensors named_parameters() const override { return field_->named_parameters(); }
@@ -94,6 +96,44 @@ VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidanc
   }
   if (!c.defined() && guidance == 0.0 && field->condition_dim() == 0) return field;
   return std::make_shared<BoundVelocity>(std::move(field), std::move(c), guidance);
+}
+
+namespace {
+
+// Rows [r0, r0 + n) of a per-row tensor of a batch of `rows` rows; a tensor for the whole batch ([1, ...]) or an
+// undefined one as it is.
+Tensor rows_of(const Tensor& t, int64_t rows, int64_t r0, int64_t n) {
+  return t.defined() && t.size(0) == rows && n != rows ? t.narrow(0, r0, n) : t;
+}
+
+// The blocks of a batch of x.size(0) rows that by_row_blocks computes at once: at least 2 rows each.
+bool split_rows(const VelocityFieldPtr& field, const Tensor& x) {
+  if (!field) throw Error("velocity_by_rows: no velocity field");
+  return field->parallel_rows() && x.device().is_cpu();
+}
+
+constexpr int64_t kMinBlockRows = 2;
+
+}  // namespace
+
+Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t) {
+  const int64_t B = x.size(0);
+  return by_row_blocks(B, split_rows(field, x), kMinBlockRows, [&](int64_t r0, int64_t n) {
+    return std::vector<Tensor>{bind_condition(field, rows_of(c, B, r0, n), guidance)->velocity(rows_of(x, B, r0, n), t)};
+  })[0];
+}
+
+Tensor vjp_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
+                   const Tensor& a, Tensor* v_out) {
+  const int64_t B = x.size(0);
+  std::vector<Tensor> out = by_row_blocks(B, split_rows(field, x), kMinBlockRows, [&](int64_t r0, int64_t n) {
+    Tensor v;
+    Tensor g = bind_condition(field, rows_of(c, B, r0, n), guidance)
+                   ->vjp(rows_of(x, B, r0, n), t, rows_of(a, B, r0, n), v_out ? &v : nullptr);
+    return std::vector<Tensor>{g, v};
+  });
+  if (v_out) *v_out = out[1];
+  return out[0];
 }
 
 RewardPtr bind_condition(RewardPtr reward, Tensor c) {

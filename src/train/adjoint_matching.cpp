@@ -88,7 +88,8 @@ void add_regression_metrics(LossOutput& out, const AdjointBatch& batch, double l
 }  // namespace
 
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
-                         const Reward& reward, double lambda, bool final_noiseless_step) {
+                         const Reward& reward, double lambda, bool final_noiseless_step, const Tensor& c,
+                         double guidance) {
   const int64_t K = grid.steps();
   const size_t needed = static_cast<size_t>(final_noiseless_step ? K : K + 1);
   if (x.size() < needed) {
@@ -96,20 +97,22 @@ LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor
                 std::to_string(x.size()));
   }
   at::NoGradGuard no_grad;
-  const VelocityField& base = base_sde.velocity();
+  const VelocityFieldPtr& base = base_sde.velocity_ptr();
   LeanAdjoint out;
   out.a.resize(static_cast<size_t>(K) + 1);
   out.v_base.resize(static_cast<size_t>(K));
   if (final_noiseless_step) {
     // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), the noiseless last step (App. G.1).
-    out.v_base[K - 1] = base.velocity(x[K - 1], grid[K - 1]);
+    out.v_base[K - 1] = velocity_by_rows(base, c, guidance, x[K - 1], grid[K - 1]);
     out.x1 = StepKernel{1.0, grid.step(K - 1), 0.0}.mean(x[K - 1], out.v_base[K - 1]);
   } else {
     out.x1 = x[K];
   }
   out.a[K] = -lambda * reward.grad(out.x1);
   lean_adjoint_recursion(out.a, adjoint_kernels(base_sde, grid, final_noiseless_step),
-                         [&](int64_t k, const Tensor& a) { return base.vjp(x[k], grid[k], a, &out.v_base[k]); });
+                         [&](int64_t k, const Tensor& a) {
+                           return vjp_by_rows(base, c, guidance, x[k], grid[k], a, &out.v_base[k]);
+                         });
   return out;
 }
 
@@ -207,13 +210,11 @@ Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool 
   record.states = true;
   record.noise = record.velocities = weights;
   const TimeGrid grid(times);
-  auto run = [&](const GenerativeSDE& sde) {
-    const VelocityField& v = sde.velocity();
-    return tilt::rollout(step_kernels(sde, grid, Integrator::euler),
-                         [&](int64_t k, const Tensor& x) { return v.velocity(x, grid[k]); }, x0, gen, record);
-  };
-  if (!c.defined()) return run(finetuned_sde_);
-  return run(GenerativeSDE(bind_condition(model_, c, options_.guidance), finetuned_sde_.noise_ptr()));
+  const VelocityFieldPtr model = model_;
+  const double w = c.defined() ? options_.guidance : 0.0;
+  return tilt::rollout(step_kernels(finetuned_sde_, grid, Integrator::euler),
+                       [&](int64_t k, const Tensor& x) { return velocity_by_rows(model, c, w, x, grid[k]); }, x0, gen,
+                       record);
 }
 
 std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
@@ -310,8 +311,8 @@ AdjointBatch AdjointMatching::simulate(Generator& gen, bool record_policy) const
   const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? batch.c : Tensor());
   const double w_adjoint = options_.guidance_adjoint ? options_.guidance : 0.0;
   batch.adjoint = batch.c.defined()
-                      ? lean_adjoint(GenerativeSDE(bind_condition(model_->base(), batch.c, w_adjoint), base_sde_.noise_ptr()),
-                                     traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step)
+                      ? lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step,
+                                     batch.c, w_adjoint)
                       : lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step);
   clock.lap(&times.adjoint_s);
   at::NoGradGuard no_grad;

@@ -6,6 +6,7 @@
 #include "tilt/io/methods.h"
 #include "tilt/io/model_io.h"
 #include "tilt/io/training.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -19,15 +20,22 @@
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 #include <gtest/gtest.h>
 #include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/serialization/import.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <mutex>
+#include <set>
 #include <sstream>
+#include <thread>
+
+#include <sys/resource.h>
 
 namespace tilt {
 namespace {
@@ -488,6 +496,149 @@ TEST(UNetLora, FinetunePlansFromTheConfig) {
     EXPECT_NE(std::string(e.what()).find("finetune.hidden"), std::string::npos) << e.what();
   }
   EXPECT_THROW(make_finetune_plan({{"model", "lora"}, {"lora_rank", 0}}, *base, reward, 1.0), Error);
+}
+
+// A U-Net that records the rows and the thread of every call (and fails on demand), to see how velocity_by_rows
+// splits a batch.
+class RecordingField : public VelocityField {
+ public:
+  explicit RecordingField(std::shared_ptr<UNetVelocity> net, bool parallel)
+      : VelocityField(net->schedule()), net_(std::move(net)), parallel_(parallel) {}
+  std::string kind() const override { return "recording"; }
+  int64_t dim() const override { return net_->dim(); }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor& t) const override { return conditional_velocity(x, t, Tensor()); }
+  int64_t condition_dim() const override { return net_->condition_dim(); }
+  Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      rows_.push_back(x.size(0));
+      threads_.insert(std::this_thread::get_id());
+    }
+    if (fail_) throw Error("recording field: asked to fail");
+    return net_->conditional_velocity(x, t, c);
+  }
+  std::vector<Tensor> parameters() const override { return net_->parameters(); }
+  bool parallel_rows() const override { return parallel_; }
+  void reset() {
+    rows_.clear();
+    threads_.clear();
+  }
+  std::vector<int64_t> rows() const {
+    std::vector<int64_t> r = rows_;
+    std::sort(r.begin(), r.end());
+    return r;
+  }
+  size_t threads() const { return threads_.size(); }
+  bool fail_ = false;
+
+ private:
+  std::shared_ptr<UNetVelocity> net_;
+  bool parallel_;
+  mutable std::mutex mutex_;
+  mutable std::vector<int64_t> rows_;
+  mutable std::set<std::thread::id> threads_;
+};
+
+// Restores the number of threads when a test ends.
+struct ThreadsForTest {
+  explicit ThreadsForTest(int n) : before(at::get_num_threads()) { at::set_num_threads(n); }
+  ~ThreadsForTest() { at::set_num_threads(before); }
+  int before;
+};
+
+// velocity_by_rows / vjp_by_rows: a batch split into one block per thread, run on several threads at once, gives
+// what one call gives (float64: the same to rounding), conditions per row split with the rows, the caller's grad
+// mode reaches the blocks (parameter gradients through a graph built on other threads equal one call's), and an
+// error in a block reaches the caller. One thread, or a field that does not allow it, makes one call.
+TEST(UNet, RowBlocksOnSeveralThreadsGiveWhatOneCallGives) {
+  ThreadsForTest threads(3);
+  auto net = std::make_shared<UNetVelocity>(tiny(3), make_linear_schedule(), 5);
+  net->cast(kDouble);
+  auto field = std::make_shared<RecordingField>(net, true);
+  Generator gen = make_generator(3);
+  const Tensor x = at::randn({7, net->dim()}, gen, kDouble);
+  const Tensor a = at::randn({7, net->dim()}, gen, kDouble);
+  const Tensor c = at::eye(3, kDouble).index_select(0, at::tensor({0, 2, 1, 1, 0, 2, 2}, at::kLong));
+  for (const double w : {0.0, 1.5}) {
+    for (const Tensor& cond : {c, Tensor(c.narrow(0, 1, 1))}) {  // one per row, or one for the batch
+      const VelocityFieldPtr bound = bind_condition(field, cond, w);
+      at::NoGradGuard no_grad;
+      field->reset();
+      const Tensor v = velocity_by_rows(field, cond, w, x, 0.4);
+      EXPECT_EQ(field->rows(), (w == 0.0 ? std::vector<int64_t>{2, 2, 3} : std::vector<int64_t>{2, 2, 2, 2, 3, 3}));
+      EXPECT_GT(field->threads(), 1u);
+      EXPECT_FALSE(v.requires_grad());
+      EXPECT_LT((v - bound->velocity(x, 0.4)).abs().max().item<double>(), 1e-12) << w;
+      Tensor v_rows, v_one;
+      const Tensor g = vjp_by_rows(field, cond, w, x, 0.4, a, &v_rows);
+      const Tensor g_one = bound->vjp(x, 0.4, a, &v_one);
+      EXPECT_LT((g - g_one).abs().max().item<double>(), 1e-12) << w;
+      EXPECT_LT((v_rows - v_one).abs().max().item<double>(), 1e-12) << w;
+      EXPECT_LT((vjp_by_rows(field, cond, w, x, 0.4, a) - g_one).abs().max().item<double>(), 1e-12) << w;
+    }
+  }
+  // The graph of the blocks (built on their threads) gives one call's parameter gradients.
+  const std::vector<Tensor> params = net->parameters();
+  auto grads_of = [&](const Tensor& v) {
+    return torch::autograd::grad({(v * a).sum()}, params, {}, /*retain_graph=*/false, /*create_graph=*/false, true);
+  };
+  const std::vector<Tensor> split = grads_of(velocity_by_rows(field, c, 0.0, x, 0.4));
+  const std::vector<Tensor> one = grads_of(bind_condition(field, c, 0.0)->velocity(x, 0.4));
+  ASSERT_EQ(split.size(), one.size());
+  for (size_t i = 0; i < one.size(); ++i) {
+    ASSERT_EQ(split[i].defined(), one[i].defined()) << i;
+    if (one[i].defined()) EXPECT_LT((split[i] - one[i]).abs().max().item<double>(), 1e-11) << i;
+  }
+  // A failing block is the caller's error.
+  field->fail_ = true;
+  EXPECT_THROW(velocity_by_rows(field, c, 0.0, x, 0.4), Error);
+  field->fail_ = false;
+  // One call: a field that does not allow it, one thread, or too few rows for two blocks of two.
+  at::NoGradGuard no_grad;
+  auto serial = std::make_shared<RecordingField>(net, false);
+  velocity_by_rows(serial, c, 0.0, x, 0.4);
+  EXPECT_EQ(serial->rows(), std::vector<int64_t>{7});
+  field->reset();
+  velocity_by_rows(field, c.narrow(0, 0, 3), 0.0, x.narrow(0, 0, 3), 0.4);
+  EXPECT_EQ(field->rows(), std::vector<int64_t>{3});
+  at::set_num_threads(1);
+  field->reset();
+  velocity_by_rows(field, c, 0.0, x, 0.4);
+  EXPECT_EQ(field->rows(), std::vector<int64_t>{7});
+  // The fine-tuned field allows it where its networks do.
+  EXPECT_TRUE(make_finetuned(net, FineTuneMode::lora, {}, 0, 1, LoraOptions{2, 2.0})->parallel_rows());
+  EXPECT_FALSE(std::make_shared<FineTunedVelocity>(field, serial, FineTuneMode::copy)->parallel_rows());
+}
+
+// keep_cpu_memory: a convolution's input gradient, as the U-Net's lean adjoint takes it (8 x 96 x 28 x 28 out, 2.4
+// MB), computed again and again, reuses freed memory instead of faulting fresh pages in each time (glibc; elsewhere
+// it reports that it is not in force). Without it each call faulted ~1300 pages in on the 2-core VM and took 8x longer.
+TEST(CpuMemory, FreedTensorsAreReusedWithoutFaultingPagesAgain) {
+#if defined(__GLIBC__)
+  const char* choice = std::getenv("TILT_MALLOC");
+  if (choice && std::string(choice) == "system") GTEST_SKIP() << "TILT_MALLOC=system";
+  ASSERT_TRUE(keep_cpu_memory());
+  EXPECT_TRUE(keep_cpu_memory());  // once per process, the same answer
+  auto faults = [] {
+    rusage usage{};
+    getrusage(RUSAGE_SELF, &usage);
+    return usage.ru_minflt;
+  };
+  const Tensor g = at::randn({8, 32, 28, 28}), x = at::randn({8, 96, 28, 28}), w = at::randn({32, 96, 3, 3});
+  auto input_grad = [&] {
+    return std::get<0>(at::convolution_backward(g, x, w, c10::nullopt, {1, 1}, {1, 1}, {1, 1}, false, {0, 0}, 1,
+                                                {true, false, false}));
+  };
+  for (int i = 0; i < 3; ++i) input_grad();
+  const long before = faults();
+  const int calls = 10;
+  for (int i = 0; i < calls; ++i) ASSERT_EQ(input_grad().size(1), 96);
+  const long pages = 8 * 96 * 28 * 28 * 4 / 4096;  // of one output
+  EXPECT_LT(faults() - before, calls * pages / 4) << "the calls faulted their memory in again";
+#else
+  EXPECT_FALSE(keep_cpu_memory());
+#endif
 }
 
 }  // namespace

@@ -28,6 +28,14 @@ Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::st
 /// null c.
 VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidance = 0.0);
 
+/// bind_condition(field, c, guidance)->velocity(x, t), computed on blocks of the batch's rows, one per thread at
+/// once, where the field allows it (VelocityField::parallel_rows) and x is on the CPU; a condition per row is split
+/// with the rows (by_row_blocks in tilt/core/tensor.h).
+Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t);
+/// bind_condition(field, c, guidance)->vjp(x, t, a, v_out), by row blocks as velocity_by_rows.
+Tensor vjp_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
+                   const Tensor& a, Tensor* v_out = nullptr);
+
 /// The reward at fixed conditions c: r(x) = r(x, c). Throws tilt::Error as bind_condition above.
 RewardPtr bind_condition(RewardPtr reward, Tensor c);
 

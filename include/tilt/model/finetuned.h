@@ -40,6 +40,7 @@ class FineTunedVelocity : public VelocityField {
   /// Moves the base and the trainable network.
   void to(const at::Device& device) override;
   at::Device device() const override { return trainable_->device(); }
+  bool parallel_rows() const override { return base_->parallel_rows() && trainable_->parallel_rows(); }
 
   /// v_theta(x, t | c) - v_base(x, t | c), given v_base(x, t | c) already computed (the residual mode
   /// does not need it: the difference is the residual network itself). c undefined: unconditional.

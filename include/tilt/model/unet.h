@@ -60,6 +60,8 @@ class UNetVelocity : public VelocityField {
   Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override;
   /// One pass: the dropped rows get the null condition's inputs (c = 0, flag 0).
   Tensor conditional_velocity_masked(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const override;
+  /// Rows are independent (GroupNorm normalises each image alone) and each costs a whole network.
+  bool parallel_rows() const override { return true; }
 
   /// The trainable tensors: all of them, or with adapters only the adapters (the base stays frozen).
   std::vector<Tensor> parameters() const override;

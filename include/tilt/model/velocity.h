@@ -86,6 +86,10 @@ class VelocityField {
   /// Whether vjp() runs an autograd graph (true by default). A field whose vjp() is closed form or
   /// by hand returns false: then the fast path may call it from several threads at once.
   virtual bool vjp_needs_autograd() const { return true; }
+  /// Whether a batch's velocity() and vjp() may be computed on blocks of its rows, one per thread at once
+  /// (by_row_blocks, velocity_by_rows), and gain by it: each row's value depends on that row alone, calls share no
+  /// mutable state, and a row costs enough work (the U-Net). False by default.
+  virtual bool parallel_rows() const { return false; }
 
   /// Moves the field's tensors to `device` (docs/devices.md). By default each of named_parameters() in
   /// place (its data replaced, so the tensors that parameters() returned, and optimisers holding them,

@@ -89,9 +89,12 @@ struct LeanAdjoint {
 /// Lean adjoint along states x[0..K-1] (x[K] too unless final_noiseless_step) on `grid`, for the
 /// terminal cost g = -lambda r. With final_noiseless_step the last backward step uses the Jacobian
 /// of the noiseless step actually taken, I + h dv_base/dx, so that a[k] is exactly the gradient of
-/// g(X^_1) with respect to X_k through the discretised base dynamics.
+/// g(X^_1) with respect to X_k through the discretised base dynamics. With conditions c ([B, dc]; undefined:
+/// none) the base runs bound to them with guidance weight `guidance` (bind_condition). The VJPs run on blocks of
+/// rows at once where the base allows it (velocity_by_rows).
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
-                         const Reward& reward, double lambda, bool final_noiseless_step);
+                         const Reward& reward, double lambda, bool final_noiseless_step, const Tensor& c = Tensor(),
+                         double guidance = 0.0);
 
 /// One batch of trajectories of the fine-tuned model with their lean adjoints: everything the regression needs
 /// (AdjointMatching::simulate). Buffered Adjoint Matching keeps one and regresses on its rows several times.

@@ -344,9 +344,10 @@ void BM_Scaling(benchmark::State& state) {
 
 // A U-Net base on 1 x 28 x 28 images (docs/equations.md, E124: the default 32 x {1, 2, 2} channels, 2 blocks per level,
 // untrained: only the cost matters), fine-tuned in mode M (0 residual U-Net, 1 full copy, 2 LoRA rank 4) with batch B
-// and K steps, towards a quadratic reward (negligible cost); the autograd path (a U-Net has no taped passes). The
-// loss steps are K/4 early and K/4 late.
-Setup unet_setup(FineTuneMode mode, int64_t B, int64_t K) {
+// and K steps, towards a quadratic reward (negligible cost); autograd (a U-Net has no taped passes), but with
+// tape_activations as by default: the residual mode keeps the base's forward graphs of the rollout for the lean adjoint
+// (`keep_base` false: runs the base again, BM_UNetKeptBase/0). The loss steps are K/4 early and K/4 late.
+Setup unet_setup(FineTuneMode mode, int64_t B, int64_t K, bool keep_base = true) {
   const auto schedule = make_linear_schedule();
   auto base = std::make_shared<UNetVelocity>(UNetOptions{}, schedule, 1);
   const int64_t d = base->dim();
@@ -354,9 +355,10 @@ Setup unet_setup(FineTuneMode mode, int64_t B, int64_t K) {
   Setup s;
   s.model = make_finetuned(base, mode, {}, 0, 2, LoraOptions{4, 4.0});
   s.loss = std::make_unique<AdjointMatching>(s.model, reward, make_memoryless_noise(1.0 / K),
-                                             bench_options(B, K, K / 4, K / 4, false));
+                                             bench_options(B, K, K / 4, K / 4, keep_base));
   s.batch = B;
   s.label = "U-Net 28x28 " + to_string(mode) + ", B=" + std::to_string(B) + " K=" + std::to_string(K);
+  if (s.loss->keeps_base_forward()) s.label += ", base graphs kept";
   return s;
 }
 
@@ -366,6 +368,14 @@ void BM_UNetIteration(benchmark::State& state) {
   int64_t trainable = 0;
   for (const Tensor& p : s.model->parameters()) trainable += p.numel();
   state.counters["trainable_params"] = static_cast<double>(trainable);
+  run_iteration(state, s);
+}
+
+// BM_UNetIteration's residual iteration at B = 8, K = 10 running the base again in the lean adjoint (0) or keeping
+// its forward graphs from the rollout (1, the default): time and memory of the trade.
+void BM_UNetKeptBase(benchmark::State& state) {
+  set_threads();
+  Setup s = unet_setup(FineTuneMode::residual, 8, 10, state.range(0) != 0);
   run_iteration(state, s);
 }
 
@@ -536,6 +546,7 @@ BENCHMARK(BM_UNetIteration)
     ->Iterations(3)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_UNetKeptBase)->Arg(0)->Arg(1)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_UNetPrecision)->Arg(0)->Arg(1)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);

@@ -107,13 +107,16 @@ fi
 
 # The 28x28 U-Net with LoRA (rank 4; B = 8, K = 10; issue 20): Adjoint Matching, RAM and EAM on the autograd path.
 echo "bench_compare: U-Net, C++ ($threads threads)" >&2
-TILT_THREADS=$threads "$bench" --benchmark_filter='^BM_UNetIteration/2/8/10|^BM_(Ram|Eam)Iteration/3(/0)?/' \
+TILT_THREADS=$threads "$bench" --benchmark_filter='^BM_UNetIteration/(0|2)/8/10|^BM_(Ram|Eam)Iteration/3(/0)?/' \
   --benchmark_repetitions="$reps" --benchmark_report_aggregates_only=false --benchmark_format=json > "$out/cpp_unet.json"
 for m in am ram eam; do
   echo "bench_compare: U-Net, $m, PyTorch $torch_version ($threads threads)" >&2
   "$python" "$reference" --problem unet --method "$m" --threads "$threads" --min-time "$py_time" --warmup 2 \
     --min-iters 3 > "$out/pytorch_${m}_unet.json"
 done
+echo "bench_compare: U-Net, residual mode, am, PyTorch $torch_version ($threads threads)" >&2
+"$python" "$reference" --problem unet_residual --method am --threads "$threads" --min-time "$py_time" --warmup 2 \
+  --min-iters 3 > "$out/pytorch_am_unet_residual.json"
 # Adjoint Matching's U-Net iteration again with the memory setting swapped: tilt with glibc's malloc as the system
 # sets it (TILT_MALLOC=system), PyTorch with tilt's setting (keep_cpu_memory) through glibc's environment variables.
 echo "bench_compare: U-Net, Adjoint Matching, the malloc settings swapped" >&2
@@ -255,6 +258,10 @@ for method, label, key in (("am", "Adjoint Matching", "BM_UNetIteration/2/8/10/i
     py = json.load(open(os.path.join(out, f"pytorch_{method}_unet.json")))
     t, q = ms(b), py["iteration_ms"]
     print(f"| {label} | {t:.0f} | {q:.0f} | **{q / t:.2f}x** | {b['peak_MB']:.0f} |")
+b = cpp["BM_UNetIteration/0/8/10/iterations:3/real_time"]
+q = json.load(open(os.path.join(out, "pytorch_am_unet_residual.json")))["iteration_ms"]
+print(f"| Adjoint Matching, residual U-Net (timing only; tilt keeps the base's graphs) | {ms(b):.0f} | {q:.0f} |"
+      f" **{q / ms(b):.2f}x** | {b['peak_MB']:.0f} |")
 key = "BM_UNetIteration/2/8/10/iterations:3/real_time"
 t_kept, t_system = ms(cpp[key]), ms(load(os.path.join(out, "cpp_unet_system_malloc.json"))[key])
 q_system = json.load(open(os.path.join(out, "pytorch_am_unet.json")))["iteration_ms"]

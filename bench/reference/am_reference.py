@@ -464,9 +464,9 @@ class ClassifierReward:
 # ---------------------------------------------------------------------------------------------------
 # The problems of bench/am_bench.cpp: make_setup's three, and unet_setup's U-Net with LoRA.
 
-DEFAULT_BATCH = {"2d": 256, "64d": 256, "digits": 64, "unet": 8}
+DEFAULT_BATCH = {"2d": 256, "64d": 256, "digits": 64, "unet": 8, "unet_residual": 8}
 LABELS = {"2d": "2-D demo, K=60", "64d": "64-D MLP, K=40", "digits": "digits model, K=40",
-          "unet": "U-Net 28x28 LoRA rank 4, B=8 K=10"}
+          "unet": "U-Net 28x28 LoRA rank 4, B=8 K=10", "unet_residual": "U-Net 28x28 residual U-Net, B=8 K=10"}
 
 
 def make_problem(name, batch=None, dtype=torch.float32):
@@ -502,8 +502,20 @@ def make_problem(name, batch=None, dtype=torch.float32):
         am = AdjointMatching(model, reward, MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype)
         am.base_score = lambda x: blurred_data_end_score(model.base, x, DEFAULT_SCORE_TIME)  # noqa: E731
         return am
+    elif name == "unet_residual":
+        # bench/am_bench.cpp's unet_setup(residual, 8, 10), for timing: the U-Net base (seed 1) plus a second U-Net
+        # (seed 2) whose output convolution starts at zero, as make_finetuned builds it; the same reward, K and loss
+        # steps. The rollout runs both networks and the lean adjoint runs the base again (forward and backward) at
+        # every step, as a PyTorch user writes it.
+        net = UNetVelocity(2, dtype=dtype)
+        with torch.no_grad():
+            for p in net.weights["output.conv"]:
+                p.zero_()
+        model = Residual(UNetVelocity(1, dtype=dtype), net)
+        reward = QuadraticReward(torch.zeros(model.dim, dtype=d2), 0.1 * torch.eye(model.dim, dtype=d2), dtype)
+        return AdjointMatching(model, reward, MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype)
     else:
-        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits, unet)")
+        raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits, unet, unet_residual)")
     if name != "2d":
         base_score = lambda x: blurred_data_end_score(base, x, DEFAULT_SCORE_TIME)  # noqa: E731
     net = MlpVelocity(dim, hidden, 16, zero_output=True, seed=2).to(dtype)
@@ -1120,7 +1132,7 @@ def check(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--problem", choices=["2d", "64d", "digits", "unet"], default="2d")
+    ap.add_argument("--problem", choices=["2d", "64d", "digits", "unet", "unet_residual"], default="2d")
     ap.add_argument("--method", choices=METHODS, default="am",
                     help="am (Adjoint Matching), ram, eam (ODE endpoints), eam_w (weighted SDE endpoints), buf "
                          "(a buffer of 4 batches x 4 passes, unweighted) or buf_w (weighted)")

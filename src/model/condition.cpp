@@ -4,8 +4,11 @@
 #include "tilt/core/error.h"
 
 #include <ATen/ATen.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
+#include <mutex>
 
 namespace tilt {
 
@@ -116,22 +119,41 @@ constexpr int64_t kMinBlockRows = 2;
 
 }  // namespace
 
-Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t) {
+Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
+                        KeptForwards* kept) {
   const int64_t B = x.size(0);
+  std::mutex kept_mutex;
   return by_row_blocks(B, split_rows(field, x), kMinBlockRows, [&](int64_t r0, int64_t n) {
-    return std::vector<Tensor>{bind_condition(field, rows_of(c, B, r0, n), guidance)->velocity(rows_of(x, B, r0, n), t)};
+    const VelocityFieldPtr bound = bind_condition(field, rows_of(c, B, r0, n), guidance);
+    if (!kept) return std::vector<Tensor>{bound->velocity(rows_of(x, B, r0, n), t)};
+    at::AutoGradMode enable_grad(true);
+    KeptForward piece{r0, rows_of(x, B, r0, n).detach().requires_grad_(true), Tensor()};
+    piece.v = bound->velocity(piece.x, t);
+    const Tensor v = piece.v.detach();
+    std::lock_guard<std::mutex> lock(kept_mutex);
+    kept->push_back(std::move(piece));
+    return std::vector<Tensor>{v};
   })[0];
 }
 
 Tensor vjp_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
-                   const Tensor& a, Tensor* v_out) {
+                   const Tensor& a, Tensor* v_out, KeptForwards* kept) {
   const int64_t B = x.size(0);
   std::vector<Tensor> out = by_row_blocks(B, split_rows(field, x), kMinBlockRows, [&](int64_t r0, int64_t n) {
+    const Tensor a_rows = rows_of(a, B, r0, n);
+    if (kept) {  // the blocks only read *kept here; its graphs are freed by the backward passes and it is emptied after
+      for (const KeptForward& piece : *kept) {
+        if (piece.r0 != r0 || !piece.v.defined() || piece.x.size(0) != n) continue;
+        const Tensor g = torch::autograd::grad({piece.v}, {piece.x}, {a_rows}, /*retain_graph=*/false)[0];
+        return std::vector<Tensor>{g, v_out ? piece.v.detach() : Tensor()};
+      }
+    }
     Tensor v;
     Tensor g = bind_condition(field, rows_of(c, B, r0, n), guidance)
-                   ->vjp(rows_of(x, B, r0, n), t, rows_of(a, B, r0, n), v_out ? &v : nullptr);
+                   ->vjp(rows_of(x, B, r0, n), t, a_rows, v_out ? &v : nullptr);
     return std::vector<Tensor>{g, v};
   });
+  if (kept) kept->clear();
   if (v_out) *v_out = out[1];
   return out[0];
 }

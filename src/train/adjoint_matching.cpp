@@ -89,7 +89,7 @@ void add_regression_metrics(LossOutput& out, const AdjointBatch& batch, double l
 
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
                          const Reward& reward, double lambda, bool final_noiseless_step, const Tensor& c,
-                         double guidance) {
+                         double guidance, std::vector<KeptForwards>* kept_base) {
   const int64_t K = grid.steps();
   const size_t needed = static_cast<size_t>(final_noiseless_step ? K : K + 1);
   if (x.size() < needed) {
@@ -111,7 +111,10 @@ LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor
   out.a[K] = -lambda * reward.grad(out.x1);
   lean_adjoint_recursion(out.a, adjoint_kernels(base_sde, grid, final_noiseless_step),
                          [&](int64_t k, const Tensor& a) {
-                           return vjp_by_rows(base, c, guidance, x[k], grid[k], a, &out.v_base[k]);
+                           KeptForwards* kept = kept_base && k < static_cast<int64_t>(kept_base->size())
+                                                    ? &(*kept_base)[static_cast<size_t>(k)]
+                                                    : nullptr;
+                           return vjp_by_rows(base, c, guidance, x[k], grid[k], a, &out.v_base[k], kept);
                          });
   return out;
 }
@@ -195,7 +198,8 @@ Trajectory AdjointMatching::rollout(Generator& gen, const Tensor& c) const {
 
 // The rollout of simulate() (the same kernels and draws: X_0, then one N(0, I) per noisy step), recording
 // the states and, with `weights`, each step's draw xi_k and the fine-tuned velocity for the path weight.
-Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool weights) const {
+Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool weights,
+                                          std::vector<KeptForwards>* kept_base) const {
   at::NoGradGuard no_grad;
   const Tensor x0 = normal_draws({options_.batch_size, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
   // With the noiseless final step, X_K is never used: stop at t_{K-1}.
@@ -212,9 +216,16 @@ Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool 
   const TimeGrid grid(times);
   const VelocityFieldPtr model = model_;
   const double w = c.defined() ? options_.guidance : 0.0;
+  if (kept_base) kept_base->assign(static_cast<size_t>(grid_.steps()), KeptForwards());
   return tilt::rollout(step_kernels(finetuned_sde_, grid, Integrator::euler),
-                       [&](int64_t k, const Tensor& x) { return velocity_by_rows(model, c, w, x, grid[k]); }, x0, gen,
-                       record);
+                       [&](int64_t k, const Tensor& x) {
+                         if (!kept_base) return velocity_by_rows(model, c, w, x, grid[k]);
+                         // Residual mode, unguided: v_base + r_theta (FineTunedVelocity), the base's graph kept.
+                         const Tensor v_base = velocity_by_rows(model_->base(), c, 0.0, x, grid[k],
+                                                                &(*kept_base)[static_cast<size_t>(k)]);
+                         return v_base + velocity_by_rows(model_->trainable(), c, 0.0, x, grid[k]);
+                       },
+                       x0, gen, record);
 }
 
 std::vector<int64_t> AdjointMatching::loss_steps(Generator& gen) const {
@@ -272,6 +283,11 @@ Tensor AdjointMatching::regressed_difference(const Tensor& x, const Tensor& t, c
   return (1.0 + w) * delta_c - w * model_->delta(x, t, base_at(Tensor()), Tensor());
 }
 
+bool AdjointMatching::keeps_base_forward() const {
+  return options_.tape_activations && model_->mode() == FineTuneMode::residual && options_.guidance == 0.0 &&
+         model_->base()->vjp_needs_autograd();
+}
+
 bool AdjointMatching::taped() const {
   return options_.tape_activations && !options_.conditions && model_->trainable()->taped_network() != nullptr;
 }
@@ -306,14 +322,14 @@ AdjointBatch AdjointMatching::simulate(Generator& gen, bool record_policy) const
   // Each trajectory's condition, drawn first (an unconditional run draws nothing: its numbers stay).
   batch.c = options_.conditions ? options_.conditions->draw(B, gen).to(model_->device()) : Tensor();
   const bool weights = path_weights();
-  Rollout traj = recorded_rollout(gen, batch.c, weights || record_policy);
+  std::vector<KeptForwards> kept_base;  // the base's forward graphs, step by step, when kept
+  Rollout traj = recorded_rollout(gen, batch.c, weights || record_policy, keeps_base_forward() ? &kept_base : nullptr);
   clock.lap(&times.rollout_s);
   const RewardPtr reward = bind_condition(reward_, reward_->condition_dim() > 0 ? batch.c : Tensor());
+  // guidance != 0 needs conditions (check_guidance), and kept graphs need guidance == 0.
   const double w_adjoint = options_.guidance_adjoint ? options_.guidance : 0.0;
-  batch.adjoint = batch.c.defined()
-                      ? lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step,
-                                     batch.c, w_adjoint)
-                      : lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step);
+  batch.adjoint = lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step,
+                               batch.c, w_adjoint, kept_base.empty() ? nullptr : &kept_base);
   clock.lap(&times.adjoint_s);
   at::NoGradGuard no_grad;
   batch.reward = reward->value(batch.adjoint.x1);

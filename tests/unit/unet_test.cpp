@@ -14,6 +14,7 @@
 #include "tilt/model/torchscript.h"
 #include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
+#include "tilt/train/adjoint_matching.h"
 #include "tilt/train/flow_matching.h"
 #include "tilt/train/trainer.h"
 
@@ -609,6 +610,65 @@ TEST(UNet, RowBlocksOnSeveralThreadsGiveWhatOneCallGives) {
   // The fine-tuned field allows it where its networks do.
   EXPECT_TRUE(make_finetuned(net, FineTuneMode::lora, {}, 0, 1, LoraOptions{2, 2.0})->parallel_rows());
   EXPECT_FALSE(std::make_shared<FineTunedVelocity>(field, serial, FineTuneMode::copy)->parallel_rows());
+}
+
+// Residual mode over a U-Net: the rollout keeps the base's forward graphs and the lean adjoint's VJPs are backward
+// passes through them (tape_activations); the iteration is the one that runs the base again (tape_activations =
+// false): the same loss, metrics and gradients in float64, with and without conditions, on several threads.
+TEST(UNet, ResidualIterationKeepingTheBaseGraphsIsTheOneRunningItAgain) {
+  ThreadsForTest threads(3);
+  for (const int64_t dc : {int64_t{0}, int64_t{3}}) {
+    auto base = std::make_shared<UNetVelocity>(tiny(dc), make_linear_schedule(), 9);
+    base->cast(kDouble);
+    const auto model = make_finetuned(base, FineTuneMode::residual, {}, 0, 4);
+    {  // a residual that is not zero, so that every part of the iteration counts
+      at::NoGradGuard no_grad;
+      Generator g = make_generator(5);
+      for (const Tensor& p : model->parameters()) p.add_(0.05 * at::randn(p.sizes(), g, kDouble));
+    }
+    const int64_t d = base->dim();
+    auto reward = std::make_shared<QuadraticReward>(0.3 * at::ones({d}, kDouble), 0.2 * at::eye(d, kDouble));
+    const int64_t K = 4;
+    auto run = [&](bool keep, std::vector<Tensor>* grads, bool* kept) {
+      AdjointMatchingOptions o;
+      o.num_steps = K;
+      o.batch_size = 6;
+      o.loss_early_steps = 1;
+      o.loss_late_steps = 2;
+      o.tape_activations = keep;
+      o.clip_factor = 0.0;  // no clipped terms: every one has a gradient
+      if (dc > 0) o.conditions = std::make_shared<ConditionSet>(ConditionSet::classes(dc));
+      AdjointMatching am(model, reward, make_memoryless_noise(1.0 / K), o);
+      *kept = am.keeps_base_forward();
+      Generator gen = make_generator(21);
+      LossOutput out = am.compute(gen);
+      for (const Tensor& p : model->parameters()) p.mutable_grad() = Tensor();
+      out.loss.backward();
+      for (const Tensor& p : model->parameters()) grads->push_back(p.grad().clone());
+      return out;
+    };
+    std::vector<Tensor> g_keep, g_again;
+    bool kept = false, kept_again = true;
+    const LossOutput keep = run(true, &g_keep, &kept), again = run(false, &g_again, &kept_again);
+    EXPECT_TRUE(kept) << dc;
+    EXPECT_FALSE(kept_again) << dc;
+    EXPECT_NEAR(keep.loss.item<double>(), again.loss.item<double>(), 1e-10 * std::abs(again.loss.item<double>())) << dc;
+    EXPECT_GT(again.loss.item<double>(), 0.0);
+    ASSERT_EQ(keep.metrics.size(), again.metrics.size());
+    for (size_t i = 0; i < keep.metrics.size(); ++i) {
+      EXPECT_EQ(keep.metrics[i].first, again.metrics[i].first);
+      EXPECT_NEAR(keep.metrics[i].second, again.metrics[i].second, 1e-9 * (1.0 + std::abs(again.metrics[i].second)))
+          << keep.metrics[i].first << " dc " << dc;
+    }
+    ASSERT_EQ(g_keep.size(), g_again.size());
+    double largest = 0.0;
+    for (size_t i = 0; i < g_keep.size(); ++i) {
+      largest = std::max(largest, g_again[i].abs().max().item<double>());
+      EXPECT_LT((g_keep[i] - g_again[i]).abs().max().item<double>(), 1e-10 * (1.0 + g_again[i].abs().max().item<double>()))
+          << i << " dc " << dc;
+    }
+    EXPECT_GT(largest, 0.0);
+  }
 }
 
 // keep_cpu_memory: a convolution's input gradient, as the U-Net's lean adjoint takes it (8 x 96 x 28 x 28 out, 2.4

@@ -28,13 +28,25 @@ Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::st
 /// null c.
 VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidance = 0.0);
 
+/// One block of rows' forward pass kept with its autograd graph by velocity_by_rows: rows [r0, r0 + x.size(0)) of
+/// the batch, x requiring grad, v the bound field at x.
+struct KeptForward {
+  int64_t r0 = 0;
+  Tensor x, v;
+};
+using KeptForwards = std::vector<KeptForward>;
+
 /// bind_condition(field, c, guidance)->velocity(x, t), computed on blocks of the batch's rows, one per thread at
 /// once, where the field allows it (VelocityField::parallel_rows) and x is on the CPU; a condition per row is split
-/// with the rows (by_row_blocks in tilt/core/tensor.h).
-Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t);
-/// bind_condition(field, c, guidance)->vjp(x, t, a, v_out), by row blocks as velocity_by_rows.
+/// with the rows (by_row_blocks in tilt/core/tensor.h). With `kept`, each block runs under autograd with its x
+/// requiring grad and adds its graph to *kept, for vjp_by_rows at the same x (the returned velocity has no graph).
+Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
+                        KeptForwards* kept = nullptr);
+/// bind_condition(field, c, guidance)->vjp(x, t, a, v_out), by row blocks as velocity_by_rows. With `kept` (from
+/// velocity_by_rows at the same x, field, c and guidance), a block whose forward pass was kept takes its VJP from
+/// that graph, one backward pass instead of a forward and a backward; *kept is emptied (its graphs freed).
 Tensor vjp_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
-                   const Tensor& a, Tensor* v_out = nullptr);
+                   const Tensor& a, Tensor* v_out = nullptr, KeptForwards* kept = nullptr);
 
 /// The reward at fixed conditions c: r(x) = r(x, c). Throws tilt::Error as bind_condition above.
 RewardPtr bind_condition(RewardPtr reward, Tensor c);

@@ -53,6 +53,8 @@ struct AdjointMatchingOptions {
   /// Trade memory for time: when the trainable network is a TapedNetwork (tilt's MLP), record its
   /// activations (and the base's, if the base is one too) during the rollout and compute the lean adjoint's VJPs and the
   /// regression's gradients from them by hand, instead of running the networks again under autograd.
+  /// In residual mode over a base whose VJP needs autograd (a U-Net), without guidance: keep the base's forward
+  /// passes of the rollout with their autograd graphs, so that each VJP of the lean adjoint is a backward pass only.
   /// The same loss and gradients up to float rounding; memory grows by the activations of K steps.
   bool tape_activations = true;
   /// The training conditions (docs/conditions.md): each trajectory draws its own c from them, and the
@@ -91,10 +93,11 @@ struct LeanAdjoint {
 /// of the noiseless step actually taken, I + h dv_base/dx, so that a[k] is exactly the gradient of
 /// g(X^_1) with respect to X_k through the discretised base dynamics. With conditions c ([B, dc]; undefined:
 /// none) the base runs bound to them with guidance weight `guidance` (bind_condition). The VJPs run on blocks of
-/// rows at once where the base allows it (velocity_by_rows).
+/// rows at once where the base allows it (velocity_by_rows). With `kept_base` ((*kept_base)[k]: the base's forward
+/// pass at x[k] kept by velocity_by_rows, the same c and guidance), step k's VJP is one backward pass through it.
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
                          const Reward& reward, double lambda, bool final_noiseless_step, const Tensor& c = Tensor(),
-                         double guidance = 0.0);
+                         double guidance = 0.0, std::vector<KeptForwards>* kept_base = nullptr);
 
 /// One batch of trajectories of the fine-tuned model with their lean adjoints: everything the regression needs
 /// (AdjointMatching::simulate). Buffered Adjoint Matching keeps one and regresses on its rows several times.
@@ -145,6 +148,9 @@ class AdjointMatching : public Loss {
   /// Whether compute() takes the taped path (tape_activations, no conditions, and a trainable network
   /// with VelocityField::taped_network()).
   bool taped() const;
+  /// Whether simulate() keeps the base's forward passes of the rollout for the lean adjoint's VJPs
+  /// (tape_activations, residual mode, no guidance, a base whose VJP needs autograd).
+  bool keeps_base_forward() const;
   /// The blocks of rows the last taped iteration ran, one per thread (1 when it ran none, on one
   /// thread, on a GPU, or with a base whose VJP needs autograd).
   int64_t taped_blocks() const;
@@ -172,7 +178,8 @@ class AdjointMatching : public Loss {
  private:
   void check_guidance() const;
   Tensor regressed_difference(const Tensor& x, const Tensor& t, const Tensor& v_base_c, const Tensor& c) const;
-  Rollout recorded_rollout(Generator& gen, const Tensor& c, bool weights) const;
+  Rollout recorded_rollout(Generator& gen, const Tensor& c, bool weights,
+                           std::vector<KeptForwards>* kept_base = nullptr) const;
   LossOutput compute_taped(Generator& gen);
   Tensor taped_log_path(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise) const;
   // compute_taped's three phases, on the blocks of tapes_.

@@ -86,10 +86,13 @@ at::Device parse_device(const std::string& name, const std::string& what) {
 }
 
 bool keep_cpu_memory() {
+  const char* choice = std::getenv("TILT_MALLOC");
+  if (choice && *choice && std::strcmp(choice, "system") != 0) {
+    throw Error("TILT_MALLOC must be unset or 'system', got '" + std::string(choice) + "'");
+  }
   static std::once_flag once;
   static bool in_force = false;
-  std::call_once(once, [] {
-    const char* choice = std::getenv("TILT_MALLOC");
+  std::call_once(once, [choice] {
     if (choice && std::strcmp(choice, "system") == 0) return;
 #if defined(__GLIBC__)
     // 32 MiB is the largest threshold glibc accepts on a 64-bit machine; setting either one also stops glibc's own

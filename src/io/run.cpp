@@ -41,8 +41,8 @@ void set_threads(int threads) {
     }
   }
   at::set_num_threads(n);
-  keep_cpu_memory();
-  matrix_library();  // a TILT_GEMM that cannot be honoured stops here, before anything is written
+  keep_cpu_memory();  // a TILT_MALLOC that is neither unset nor "system" stops here, before anything is written
+  matrix_library();  // and so does a TILT_GEMM that cannot be honoured
 }
 
 void check_in_range(const std::string& name, int64_t value, int64_t lo, int64_t hi) {

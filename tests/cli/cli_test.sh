@@ -65,6 +65,9 @@ fi
 expect_error "TILT_GEMM=bogus is an error naming it" "TILT_GEMM must be 'auto', 'onednn' or 'aten', got 'bogus'" \
   env TILT_GEMM=bogus "$tilt" finetune -q -c tiny.toml -o run_gemm
 [ ! -e run_gemm ] && pass "TILT_GEMM=bogus writes nothing" || fail "TILT_GEMM=bogus left run_gemm behind"
+expect_error "TILT_MALLOC=bogus is an error naming it" "TILT_MALLOC must be unset or 'system', got 'bogus'" \
+  env TILT_MALLOC=bogus "$tilt" finetune -q -c tiny.toml -o run_malloc
+[ ! -e run_malloc ] && pass "TILT_MALLOC=bogus writes nothing" || fail "TILT_MALLOC=bogus left run_malloc behind"
 if env TILT_GEMM=aten "$tilt" finetune -q -c tiny.toml --set finetune.iterations=3 -o run_aten > log.txt 2>&1 &&
    [ -f run_aten/model.pt ]; then
   pass "TILT_GEMM=aten trains"

@@ -680,6 +680,15 @@ TEST(CpuMemory, FreedTensorsAreReusedWithoutFaultingPagesAgain) {
   if (choice && std::string(choice) == "system") GTEST_SKIP() << "TILT_MALLOC=system";
   ASSERT_TRUE(keep_cpu_memory());
   EXPECT_TRUE(keep_cpu_memory());  // once per process, the same answer
+  setenv("TILT_MALLOC", "bogus", 1);  // a value it does not know is an error that names it
+  try {
+    keep_cpu_memory();
+    ADD_FAILURE() << "TILT_MALLOC=bogus was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("TILT_MALLOC must be unset or 'system', got 'bogus'"), std::string::npos)
+        << e.what();
+  }
+  unsetenv("TILT_MALLOC");
   auto faults = [] {
     rusage usage{};
     getrusage(RUSAGE_SELF, &usage);

@@ -48,7 +48,8 @@ at::Device parse_device(const std::string& name, const std::string& what);
 /// pages fault in on first touch; on a virtual machine that can cost more than the convolution that fills it
 /// (README, "Image networks": the U-Net iteration). The price: freed memory stays with the process, whose
 /// resident size stays at its peak. set_threads() calls it. TILT_MALLOC=system (in the environment) leaves
-/// malloc as it is. Returns whether the setting is in force (false without glibc or with TILT_MALLOC=system).
+/// malloc as it is; any other value is a tilt::Error that names it. Returns whether the setting is in force
+/// (false without glibc or with TILT_MALLOC=system).
 bool keep_cpu_memory();
 
 /// The outputs of out(r0, n) on row blocks [r0, r0 + n) covering a batch of `rows` rows, joined along dimension

@@ -574,11 +574,11 @@ int main(int argc, char** argv) {
   for (int i = 1; i < argc; ++i) {
     if (std::strncmp(argv[i], "--tilt_trace=", 13) == 0) return tilt::trace(argv[i] + 13);
   }
-  tilt::keep_cpu_memory();  // as the CLI does (set_threads); TILT_MALLOC=system measures without it
   static tilt::CountingAllocator counting(c10::GetCPUAllocator());
   c10::SetCPUAllocator(&counting, /*priority=*/1);
   tilt::counting_allocator = &counting;
   try {
+    tilt::keep_cpu_memory();  // as the CLI does (set_threads); TILT_MALLOC=system measures without it
     benchmark::AddCustomContext("tilt_gemm", tilt::matrix_library());
   } catch (const tilt::Error& e) {
     std::fprintf(stderr, "tilt_bench: %s\n", e.what());

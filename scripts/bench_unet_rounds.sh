@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Adjoint Matching's U-Net iteration (B = 8, K = 10; MODE=lora, the default: LoRA rank 4; MODE=residual: a residual
-# U-Net, whose base graphs tilt keeps from the rollout) against its PyTorch reference in interleaved rounds, each with the malloc setting as each side has it and swapped: tilt (keep_cpu_memory), tilt with
-# TILT_MALLOC=system, PyTorch, PyTorch with tilt's setting (glibc's environment variables). On a machine whose
+# U-Net, whose base graphs tilt keeps from the rollout) against its PyTorch reference in interleaved rounds, each
+# with the malloc setting as each side has it and swapped: tilt (keep_cpu_memory), tilt with TILT_MALLOC=system,
+# PyTorch, PyTorch with tilt's setting (glibc's environment variables). On a machine whose
 # timings drift from one minute to the next, rounds side by side compare better than whole runs one after another
 # (README, "Image networks"). Prints one line of ms per iteration per round, then the medians, the best, and the
 # ratios taken within each round.

@@ -19,12 +19,12 @@
 # iterations: a finished one (summary.json) is skipped, an unfinished one continues from its checkpoint
 # (`tilt soc --resume`, exactly as if never stopped), so the script may be stopped (even kill -9) and started
 # again and goes on where it was. At the end: $OUT/<problem>.png (every loss's curve) and $OUT/summary.md (final
-# and best errors, training time per curve: from the iterations' seconds in <loss>.jsonl, evaluations excluded,
+# and best errors, training time per curve: from the median of the iterations' seconds in <loss>.jsonl, evaluations excluded,
 # whatever the number of invocations).
 #
 # The full run outlives a machine: `SAVE=1 scripts/socm_curves.sh` (while the runs go on, or after) copies what
 # a run needs to continue into SAVED (default docs/socm_curves, committed): per run soc.resolved.json, the
-# evaluations, every 10th line of the metrics (their mean time per iteration is what the table reports), the
+# evaluations, every 10th line of the metrics (their median time per iteration is what the table reports), the
 # checkpoint while unfinished and summary.json once finished; and the figures and table of what there is so far.
 # A run missing from $OUT is restored from SAVED before it starts, so on a new machine the same command goes on
 # from the last save.
@@ -56,13 +56,14 @@ curves=build/bench/tilt_soc_curves
 report() {
   local root=$1 p l args
   python3 - "$root" "$problems" "$losses" > "$root/summary.md" <<'PY'
-import json, os, sys
+import json, os, statistics, sys
 root, problems, losses = sys.argv[1], sys.argv[2].split(), sys.argv[3].split()
 print("# The SOCM paper's control-L2-error curves, as far as they have run\n")
 print("Made by `scripts/socm_curves.sh` (docs/soc.md, \"The SOCM paper's curves\"); do not edit by hand. SOCM's")
 print("published error on 1024 fixed fresh paths every 500 iterations; \"under way\": the last evaluation so far.")
-print("Training time: the mean of the iterations' own seconds (evaluations excluded) times the iterations.\n")
-print("| problem | loss | iterations | final control L2 error (SOCM's) | best | training time (s) | ms / iteration |")
+print("Training time: the median of the iterations' own seconds (evaluations excluded; the median, so that the few")
+print("iterations a stopped or busy machine made long do not count) times the iterations.\n")
+print("| problem | loss | iterations | final control L2 error (SOCM's) | best | training time (s) | ms / iteration (median) |")
 print("|---|---|---|---|---|---|---|")
 for p in problems:
     for l in losses:
@@ -73,14 +74,20 @@ for p in problems:
         if not evals:
             continue
         best = min(e["control_l2_error"] for e in evals)
+        secs = []
+        for x in open(f"{d}/{l}.jsonl"):
+            try:
+                j = json.loads(x)
+            except ValueError:
+                continue
+            if isinstance(j, dict) and isinstance(j.get("seconds"), (int, float)):
+                secs.append(j["seconds"])
+        ms = 1e3 * statistics.median(secs) if secs else float("nan")
         if os.path.exists(f"{d}/summary.json"):
             s = json.load(open(f"{d}/summary.json"))
-            it, ms = s["iterations"], s["losses"][l]["ms_per_iteration"]
+            it = s["iterations"]
             print(f"| {p} | {l} | {it} | {s['losses'][l]['control_l2_error']:.4g} | {best:.4g} | {ms * it / 1e3:.0f} | {ms:.1f} |")
         else:
-            secs = [json.loads(x).get("seconds") for x in open(f"{d}/{l}.jsonl") if x.strip()]
-            secs = [x for x in secs if isinstance(x, (int, float))]
-            ms = 1e3 * sum(secs) / len(secs) if secs else float("nan")
             total = json.load(open(f"{d}/soc.resolved.json"))["iterations"]
             it = evals[-1]["iteration"]
             print(f"| {p} | {l} | under way: {it} of {total} | {evals[-1]['control_l2_error']:.4g} (at {it}) | {best:.4g} | {ms * it / 1e3:.0f} so far | {ms:.1f} |")

@@ -202,23 +202,6 @@ void write_evaluations(const std::string& path, const std::vector<Evaluation>& e
   atomic_write(path, lines.str());
 }
 
-// The mean training time per iteration from <loss>.jsonl (its "seconds", without the evaluations), which
-// holds every iteration of the run, those before a resume included.
-double ms_per_iteration(const std::string& metrics_path) {
-  std::istringstream lines(read_file(metrics_path, "metrics"));
-  std::string line;
-  double seconds = 0;
-  int64_t n = 0;
-  while (std::getline(lines, line)) {
-    const Json j = Json::parse(line, nullptr, false);
-    if (j.is_object() && j.contains("seconds") && j["seconds"].is_number()) {
-      seconds += j["seconds"].get<double>();
-      ++n;
-    }
-  }
-  return n > 0 ? 1e3 * seconds / static_cast<double>(n) : NAN;
-}
-
 const std::vector<std::string>& time_weight_names() {
   static const std::vector<std::string> names{"uniform", "damped"};
   return names;
@@ -377,6 +360,26 @@ void read_problem_params(ConfigSection& s, SocBenchmarkOptions& a) {
 }
 
 }  // namespace
+
+// ms_per_iteration: the median training time per iteration from <loss>.jsonl (its "seconds", without the evaluations), which
+// holds every iteration of the run, those before a resume included. The median, not the mean: a run stopped
+// meanwhile (SIGSTOP, a suspended machine) or sharing its cores for a while has a few very long iterations,
+// which the mean would count as the method's cost.
+double ms_per_iteration(const std::string& metrics_path) {
+  std::istringstream lines(read_file(metrics_path, "metrics"));
+  std::string line;
+  std::vector<double> seconds;
+  while (std::getline(lines, line)) {
+    const Json j = Json::parse(line, nullptr, false);
+    if (j.is_object() && j.contains("seconds") && j["seconds"].is_number()) seconds.push_back(j["seconds"].get<double>());
+  }
+  if (seconds.empty()) return NAN;
+  const size_t half = seconds.size() / 2;
+  std::nth_element(seconds.begin(), seconds.begin() + half, seconds.end());
+  double median = seconds[half];
+  if (seconds.size() % 2 == 0) median = 0.5 * (median + *std::max_element(seconds.begin(), seconds.begin() + half));
+  return 1e3 * median;
+}
 
 soc::ProblemPtr make_soc_benchmark_problem(const SocBenchmarkOptions& o) {
   soc::ProblemSpec spec;

@@ -78,6 +78,12 @@ struct SocBenchmarkResult {
   Json summary;          ///< summary.json: problem, dim, iterations, optimal_value, losses.<name>.{...}
   std::string markdown;  ///< summary.md
 };
+/// The median of the "seconds" of a metrics file's lines (<loss>.jsonl: each iteration's training time,
+/// evaluations excluded), in milliseconds; NAN when no line has them. The median, so that iterations a
+/// stopped or busy machine made long do not count as the method's cost. Lines that are not JSON objects
+/// with numeric "seconds" are skipped; a missing file is an Error naming it.
+double ms_per_iteration(const std::string& metrics_path);
+
 /// Checks the options, then trains every loss in turn and writes the run's files (rank 0 of a group
 /// of processes writes; all train together). Refuses a directory that holds a run.
 SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& options);

@@ -361,7 +361,7 @@ void read_problem_params(ConfigSection& s, SocBenchmarkOptions& a) {
 
 }  // namespace
 
-// ms_per_iteration: the median training time per iteration from <loss>.jsonl (its "seconds", without the evaluations), which
+// The median training time per iteration from <loss>.jsonl (its "seconds", without the evaluations), which
 // holds every iteration of the run, those before a resume included. The median, not the mean: a run stopped
 // meanwhile (SIGSTOP, a suspended machine) or sharing its cores for a while has a few very long iterations,
 // which the mean would count as the method's cost.

@@ -123,12 +123,12 @@ TEST(CommandsApi, SocBenchmarkWritesItsFilesAndNamesTheConfigKeyOfABadValue) {
 TEST(CommandsApi, MsPerIterationIsTheMedianSoAPausedIterationDoesNotCount) {
   TempDir dir;
   const std::string path = dir.file("adjoint_matching.jsonl");
-  // Four iterations of 0.1, 0.3, 0.2 and 0.25 s, one of them stopped for 100 s more; lines without numeric
+  // Four iterations of 0.1, 0.3, 0.2 and 0.25 s, the second stopped for 100 s more; lines without numeric
   // seconds (an evaluation, a cut-off write) are skipped. The mean would be 25.2 s.
   atomic_write(path,
-             "{\"iteration\":0,\"seconds\":0.1}\n{\"iteration\":1,\"seconds\":100.3}\n"
-             "{\"iteration\":1,\"control_l2_error\":0.5}\n{\"iteration\":2,\"seconds\":0.2}\n"
-             "{\"iteration\":3,\"seconds\":\"0.4\"}\n{\"iteration\":3,\"seconds\":0.25}\n{\"itera");
+               "{\"iteration\":0,\"seconds\":0.1}\n{\"iteration\":1,\"seconds\":100.3}\n"
+               "{\"iteration\":1,\"control_l2_error\":0.5}\n{\"iteration\":2,\"seconds\":0.2}\n"
+               "{\"iteration\":3,\"seconds\":\"0.4\"}\n{\"iteration\":3,\"seconds\":0.25}\n{\"itera");
   EXPECT_NEAR(ms_per_iteration(path), 225.0, 1e-9);  // (0.2 + 0.25) / 2 s
   atomic_write(path, "{\"iteration\":0,\"seconds\":0.1}\n{\"iteration\":1,\"seconds\":7}\n{\"iteration\":2,\"seconds\":0.3}\n");
   EXPECT_NEAR(ms_per_iteration(path), 300.0, 1e-9);

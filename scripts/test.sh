@@ -9,8 +9,10 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh -DTILT_BUILD_TESTS=ON -DTILT_BUILD_APPS=ON -DTILT_BUILD_BENCH=ON
 cd build
+# As many tests at once as there are cores (TILT_TEST_JOBS to change it); cmake/tests.cmake says which run alone.
+jobs=(-j "${TILT_TEST_JOBS:-$(nproc)}")
 if [ "${TILT_QUICK:-0}" = 1 ]; then
-  ctest --output-on-failure -LE e2e "$@"
+  ctest --output-on-failure "${jobs[@]}" -LE e2e "$@"
 else
-  ctest --output-on-failure "$@"
+  ctest --output-on-failure "${jobs[@]}" "$@"
 fi

@@ -1,5 +1,5 @@
 // The subcommands of the tilt tool. Each cmd_*.cpp registers its own: a name, a one-line help, its
-// options and the function that runs it; main.cpp only builds the parser from this list and dispatches.
+// options and the function that runs it; cli.cpp only builds the parser from this list and dispatches.
 //
 // Flags that mean the same everywhere: -o/--out (a run directory for the commands that train, a file
 // for the others: each command's help says which), --json (one line of JSON on stdout, the
@@ -34,7 +34,7 @@ bool add_command(Command command);
 /// Every subcommand, by order.
 std::vector<Command> commands();
 
-/// The options every subcommand takes, set by main before the command runs.
+/// The options every subcommand takes, set by run_command_line before the command runs.
 struct CommonOptions {
   bool json = false;
   std::string device;  ///< --device; empty: the config's device, else the CPU
@@ -53,6 +53,8 @@ void add_config(CLI::App& app, ConfigArgs& args, bool required);
 /// args.seed.value_or(0) and args.threads.value_or(0) (0: all cores). Bad values fail the parse, naming the flag.
 /// `seed_use`, if given, ends --seed's help: what else the seed draws.
 void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use = "");
+/// The whole tool: parses `argv` (argv[0] the program) and runs the subcommand it names; returns the exit code.
+int run_command_line(int argc, char** argv);
 /// Names joined by ", " (help texts list what the registries hold).
 std::string joined(const std::vector<std::string>& names);
 

@@ -4,8 +4,11 @@
 # line "tilt: error: ..." naming the key or the file, and change nothing in the existing run
 # directories (nor, for a config error, create the fresh output).
 #
-# Usage: fuzz_test.sh path/to/tilt path/to/repo
-# Environment: FUZZ_ONLY=REGEX runs the cases whose names match (the fixtures are always made);
+# Usage: fuzz_test.sh path/to/tilt path/to/repo [path/to/tilt_fork_server path/to/tilt_fork_client]
+# With the fork server and its client (fork_server.cpp), each case's tilt is a fork of one process that
+# started LibTorch once (~0.65 s of CPU saved per case); the fixtures are made by the real binary.
+# Environment: FUZZ_FORK=0 runs every case as a fresh process even so;
+# FUZZ_ONLY=REGEX runs the cases whose names match (the fixtures are always made);
 # FUZZ_JOBS=N cases at once (default: the number of cores + 1); FUZZ_TIMEOUT=30 seconds per case;
 # FUZZ_MEM_KB=2097152 address-space limit per case (ulimit -v), so that a case that allocates
 # without bound fails instead of taking the machine's memory; FUZZ_KEEP=1 keeps the work directory.
@@ -18,7 +21,13 @@ only=${FUZZ_ONLY:-}
 case_timeout=${FUZZ_TIMEOUT:-30}
 mem_kb=${FUZZ_MEM_KB:-2097152}
 work=$(mktemp -d "${TMPDIR:-/tmp}/tilt-fuzz.XXXXXX")
-if [ "${FUZZ_KEEP:-0}" = 1 ]; then echo "fuzz: work directory $work"; else trap 'rm -rf "$work"' EXIT; fi
+server_pid=""
+finish() {
+  [ -n "$server_pid" ] && kill "$server_pid" 2> /dev/null
+  [ "${FUZZ_KEEP:-0}" = 1 ] || rm -rf "$work"
+}
+trap finish EXIT
+[ "${FUZZ_KEEP:-0}" = 1 ] && echo "fuzz: work directory $work"
 start=$SECONDS
 
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +79,22 @@ fixture "plot" "$tilt" plot fx/samples.csv -o mk/plot.png
 rm -rf mk
 cd "$work" || exit 1
 fixture_seconds=$((SECONDS - start))
+
+# The cases' tilt: the fork server's client, once the server listens (or the real binary).
+how="fresh processes"
+if [ $# -ge 4 ] && [ "${FUZZ_FORK:-1}" != 0 ]; then
+  "$(realpath "$3")" "$work/fork.sock" "$tilt" < /dev/null > "$work/server.log" 2>&1 &
+  server_pid=$!
+  for _ in $(seq 100); do [ -S "$work/fork.sock" ] && break; kill -0 "$server_pid" 2> /dev/null || break; sleep 0.05; done
+  if [ ! -S "$work/fork.sock" ]; then
+    echo "FAIL fork server did not start: $(head -c 300 "$work/server.log")"
+    echo "0 passed, 1 failed"
+    exit 1
+  fi
+  export TILT_FORK_SERVER=$work/fork.sock
+  tilt=$(realpath "$4")
+  how="a fork server"
+fi
 
 # Every file and directory under runs/ and fx/ of a case, with the files' hashes. A run's lock file
 # (run.lock) holds the PID of the last process that locked the run, so only its presence counts.
@@ -208,6 +233,6 @@ wait
 cat results/* 2> /dev/null
 passed=$(cat results/* 2> /dev/null | grep -c '^ok ')
 failed=$(cat results/* 2> /dev/null | grep -c '^FAIL ')
-echo "fuzz: $count cases in $((SECONDS - start)) s (fixtures ${fixture_seconds} s), $jobs at a time"
+echo "fuzz: $count cases in $((SECONDS - start)) s (fixtures ${fixture_seconds} s), $jobs at a time, tilt from $how"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ] && [ "$count" -gt 0 ]

@@ -1,0 +1,64 @@
+// tilt: reward fine-tuning of flow and diffusion models by Adjoint Matching (command-line tool).
+// The subcommands register themselves (registry.h); this file builds the parser and dispatches. main.cpp
+// calls it; so does the fuzz corpus's fork server (tests/fuzz/fork_server.cpp), once per case.
+#include "registry.h"
+
+#include "tilt/core/error.h"
+#include "tilt/core/log.h"
+#include "tilt/io/run.h"
+
+#include <CLI/CLI.hpp>
+#include <c10/util/Exception.h>
+
+#include <cstdio>
+#include <utility>
+
+int tilt::cli::run_command_line(int argc, char** argv) {
+  CLI::App app{"tilt: fine-tune flow and diffusion models towards a reward with Adjoint Matching.\n"
+               "Samples p*(x) ∝ p_base(x) exp(lambda r(x)) by memoryless stochastic optimal control."};
+  app.set_version_flag("--version", "tilt 0.1.0");
+  app.require_subcommand(1);
+  tilt::cli::CommonOptions& common = tilt::cli::mutable_common_options();
+  std::vector<std::pair<CLI::App*, std::function<int()>>> runs;
+  for (const auto& command : tilt::cli::commands()) {
+    CLI::App* sub = app.add_subcommand(command.name, command.help);
+    runs.emplace_back(sub, command.setup(*sub));
+    sub->add_flag("--json", common.json, "Print the result as one line of JSON on stdout");
+    sub->add_option("--device", common.device,
+                    "Device: cpu, cuda or cuda:N; overrides the config's device (default cpu; docs/devices.md)");
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForAllHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::CallForVersion& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {  // a bad flag: one line, exit 1, like every other error
+    std::fprintf(stderr, "tilt: error: %s (see --help)\n", e.what());
+    return 1;
+  }
+  try {
+    if (!common.device.empty()) tilt::set_run_device(tilt::parse_device(common.device, "--device"), true);
+    for (auto& [sub, run] : runs) {
+      if (!sub->parsed()) continue;
+      const std::string name = sub->get_name();
+      if (!tilt::run_device().is_cpu() && name != "pretrain" && name != "finetune" && name != "sample") {
+        tilt::warning("--device " + common.device + ": tilt " + name +
+                      " runs on the CPU (pretrain, finetune and sample take a device; docs/devices.md)");
+      }
+      return run();
+    }
+  } catch (const tilt::Error& e) {
+    std::fprintf(stderr, "tilt: error: %s\n", e.what());
+    return 1;
+  } catch (const c10::Error& e) {
+    std::fprintf(stderr, "tilt: error (LibTorch): %s\n", e.what_without_backtrace());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "tilt: error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

@@ -15,6 +15,8 @@
 set -uo pipefail
 tilt=$(realpath "$1")
 repo=$(realpath "$2")
+server=${3:+$(realpath "$3")}
+client=${4:+$(realpath "$4")}
 fuzz=$repo/tests/fuzz
 jobs=${FUZZ_JOBS:-$(($(nproc) + 1))}  # one more than the cores: a hung case waits, it does not compute
 only=${FUZZ_ONLY:-}
@@ -80,20 +82,48 @@ rm -rf mk
 cd "$work" || exit 1
 fixture_seconds=$((SECONDS - start))
 
+# A hung case through the fork server, under `timeout` (its SIGTERM forwarded to tilt) or `timeout -s KILL`
+# (the stand-in dies; the server kills tilt): the exit code a fresh tilt would give, and nothing left running
+# (the worker that ran it, a child of the server, ends once its tilt is dead).
+hang_check() {  # hang_check EXPECTED_EXIT_CODE TIMEOUT_OPTIONS...
+  local expected=$1 rc left
+  shift
+  timeout "$@" 1 "$client" soc -q -l moment --iterations 1000000 --batch 8 --eval-batch 8 --hidden 4 \
+    -o "$work/canary$expected" > /dev/null 2>&1
+  rc=$?
+  for _ in $(seq 20); do
+    left=$(awk -v server="$server_pid" '$4 == server' /proc/[0-9]*/stat 2> /dev/null)
+    [ -z "$left" ] && break
+    sleep 0.1
+  done
+  [ "$rc" -eq "$expected" ] && [ -z "$left" ]
+}
+
 # The cases' tilt: the fork server's client, once the server listens (or the real binary).
 how="fresh processes"
-if [ $# -ge 4 ] && [ "${FUZZ_FORK:-1}" != 0 ]; then
-  "$(realpath "$3")" "$work/fork.sock" "$tilt" < /dev/null > "$work/server.log" 2>&1 &
+if [ -n "$server" ] && [ -n "$client" ] && [ "${FUZZ_FORK:-1}" != 0 ]; then
+  "$server" "$work/fork.sock" "$tilt" < /dev/null > "$work/server.log" 2>&1 &
   server_pid=$!
   for _ in $(seq 100); do [ -S "$work/fork.sock" ] && break; kill -0 "$server_pid" 2> /dev/null || break; sleep 0.05; done
-  if [ ! -S "$work/fork.sock" ]; then
-    echo "FAIL fork server did not start: $(head -c 300 "$work/server.log")"
-    echo "0 passed, 1 failed"
-    exit 1
+  if [ -S "$work/fork.sock" ]; then
+    export TILT_FORK_SERVER=$work/fork.sock
+    # The stand-in runs tilt, and a case that hangs is still killed by `timeout`, the forked tilt with it.
+    canary=$("$client" --version 2>&1)
+    if [ "$canary" != "$("$tilt" --version 2>&1)" ]; then
+      echo "FAIL fork server: --version through it gave: $(head -c 300 <<< "$canary")"
+      exit 1
+    fi
+    if ! hang_check 124 -k 2 2> /dev/null || ! hang_check 137 -s KILL 2> /dev/null; then
+      echo "FAIL fork server: a case killed by timeout did not end as a fresh tilt would, or its tilt lives on"
+      exit 1
+    fi
+    tilt=$client
+    how="a fork server"
+  else  # (it refuses to fork a LibTorch that started threads): the slow way, said so
+    echo "fuzz: the fork server did not start ($(head -c 300 "$work/server.log")); every case runs a fresh tilt"
+    kill "$server_pid" 2> /dev/null
+    server_pid=""
   fi
-  export TILT_FORK_SERVER=$work/fork.sock
-  tilt=$(realpath "$4")
-  how="a fork server"
 fi
 
 # Every file and directory under runs/ and fx/ of a case, with the files' hashes. A run's lock file
@@ -229,7 +259,9 @@ while IFS=$'\t' read -r name setup checks expect command; do
   running=$((running + 1))
   count=$((count + 1))
 done < "$fuzz/cases.tsv"
-wait
+for pid in $(jobs -p); do  # the cases still running (not the fork server)
+  [ "$pid" = "$server_pid" ] || wait "$pid"
+done
 cat results/* 2> /dev/null
 passed=$(cat results/* 2> /dev/null | grep -c '^ok ')
 failed=$(cat results/* 2> /dev/null | grep -c '^FAIL ')

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: unit (the layering check included), CLI, the installed package,
-# benchmark smoke run, and the end-to-end fine-tuning claims (ctest label "e2e"); ~22 min on 2 cores
-# after the build (7 of them the fuzz corpus: 600 processes, each paying LibTorch's ~0.65 s start-up).
-# TILT_QUICK=1 leaves out the end-to-end claims (~19 min). Extra arguments go to ctest,
+# benchmark smoke run, and the end-to-end fine-tuning claims (ctest label "e2e"); ~16 min on 2 cores
+# after the build (~10 min cold), tests two at a time where they share the cores (cmake/tests.cmake).
+# TILT_QUICK=1 leaves out the end-to-end claims (~12 min). Extra arguments go to ctest,
 # e.g. scripts/test.sh -R unit.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,8 +10,29 @@
 #include <CLI/CLI.hpp>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cstdio>
+#include <new>
+#include <string>
 #include <utility>
+
+namespace {
+
+// A LibTorch allocation failure ("[enforce fail at alloc_cpu.cpp:75] err == 0. DefaultCPUAllocator: can't
+// allocate memory: ...", "CUDA out of memory. ...") or std::bad_alloc, said as what it is and what to change;
+// empty for any other error.
+std::string out_of_memory(const std::string& what) {
+  size_t start = std::string::npos;
+  for (const char* marker : {"DefaultCPUAllocator", "CUDA out of memory", "std::bad_alloc"}) {
+    start = std::min(start, what.find(marker));
+  }
+  if (start == std::string::npos) return "";
+  const std::string detail = what.substr(start, what.find('\n', start) - start);
+  return "out of memory (" + detail +
+         "); a smaller batch size, evaluation batch, model or image size, or fewer steps, needs less";
+}
+
+}  // namespace
 
 int tilt::cli::run_command_line(int argc, char** argv) {
   CLI::App app{"tilt: fine-tune flow and diffusion models towards a reward with Adjoint Matching.\n"
@@ -54,7 +75,15 @@ int tilt::cli::run_command_line(int argc, char** argv) {
     std::fprintf(stderr, "tilt: error: %s\n", e.what());
     return 1;
   } catch (const c10::Error& e) {
-    std::fprintf(stderr, "tilt: error (LibTorch): %s\n", e.what_without_backtrace());
+    const std::string what = e.what_without_backtrace();
+    if (const std::string memory = out_of_memory(what); !memory.empty()) {
+      std::fprintf(stderr, "tilt: error: %s\n", memory.c_str());
+    } else {
+      std::fprintf(stderr, "tilt: error (LibTorch): %s\n", what.c_str());
+    }
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "tilt: error: %s\n", out_of_memory("std::bad_alloc").c_str());
     return 1;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "tilt: error: %s\n", e.what());

@@ -191,7 +191,7 @@ run_case() {
     elif [[ -n $text && $text != "tilt: "* && -z $stray ]]; then
       stray=$text
     fi
-  done < stderr.txt 2> /dev/null  # (bash drops NUL bytes; a line with them is stray all the same)
+  done < stderr.txt 2> /dev/null  # (NUL bytes are dropped, the rest of their line read as text)
   if [ $rc -ne 0 ] && [ "$errors" -eq 0 ]; then
     problems+=("message: no 'tilt: error:' line; stderr ends: $(tail -c 300 stderr.txt | tr '\n' ' ')")
   elif [ "$errors" -gt 1 ]; then

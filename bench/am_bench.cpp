@@ -22,6 +22,7 @@
 // (bench/reference/am_reference.py --check) can be compared with it number by number.
 #include "tilt/core/error.h"
 #include "tilt/model/classifier.h"
+#include "tilt/model/condition.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
@@ -371,6 +372,48 @@ void BM_UNetIteration(benchmark::State& state) {
   run_iteration(state, s);
 }
 
+// The U-Net computed in one call per batch (parallel_rows false): how every sampler ran it before a bound field
+// split its rows.
+class OneCall : public VelocityField {
+ public:
+  explicit OneCall(VelocityFieldPtr field) : VelocityField(field->schedule()), field_(std::move(field)) {}
+  std::string kind() const override { return field_->kind(); }
+  int64_t dim() const override { return field_->dim(); }
+  int64_t condition_dim() const override { return field_->condition_dim(); }
+  using VelocityField::velocity;
+  Tensor velocity(const Tensor& x, const Tensor& t) const override { return field_->velocity(x, t); }
+  Tensor conditional_velocity(const Tensor& x, const Tensor& t, const Tensor& c) const override {
+    return field_->conditional_velocity(x, t, c);
+  }
+
+ private:
+  VelocityFieldPtr field_;
+};
+
+// Sampling the class-conditional U-Net (BM_UNetIteration's, with 10 classes: Fashion-MNIST's) by K = 10
+// Euler-Maruyama steps of the memoryless SDE, batch B, a class per row, guidance weight W: in one call per step
+// (S = 0) or on one block of rows per thread (S = 1, what bind_condition gives: `tilt sample`, the evaluations, and
+// the DRaFT, ReFL, DDPO, EAM and RAM rollouts and regressions).
+void BM_UNetSampling(benchmark::State& state) {
+  set_threads();
+  UNetOptions o;
+  o.condition_dim = 10;
+  const auto schedule = make_linear_schedule();
+  VelocityFieldPtr net = std::make_shared<UNetVelocity>(o, schedule, 1);
+  if (state.range(0) == 0) net = std::make_shared<OneCall>(net);
+  const int64_t B = state.range(1), K = 10;
+  const double w = static_cast<double>(state.range(2));
+  Generator gen = make_generator(2);
+  const Tensor c = at::eye(10).index_select(0, at::arange(B, at::kLong).remainder(10));
+  const GenerativeSDE sde(bind_condition(net, c, w), make_memoryless_noise(1.0 / K));
+  const Tensor x0 = at::randn({B, net->dim()}, gen);
+  const TimeGrid grid = TimeGrid::uniform(K);
+  at::NoGradGuard no_grad;  // as tilt sample and the evaluations run it
+  for (auto _ : state) benchmark::DoNotOptimize(simulate(sde, x0, grid, gen).x.back());
+  state.SetLabel(std::string("U-Net 28x28, 10 classes, B=") + std::to_string(B) + " K=10 w=" +
+                 std::to_string(state.range(2)) + (state.range(0) ? ", row blocks" : ", one call"));
+}
+
 // BM_UNetIteration's residual iteration at B = 8, K = 10 running the base again in the lean adjoint (0) or keeping
 // its forward graphs from the rollout (1, the default): time and memory of the trade.
 void BM_UNetKeptBase(benchmark::State& state) {
@@ -548,6 +591,13 @@ BENCHMARK(BM_UNetIteration)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_UNetKeptBase)->Arg(0)->Arg(1)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_UNetPrecision)->Arg(0)->Arg(1)->Iterations(3)->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_UNetSampling)
+    ->ArgsProduct({{0, 1}, {8, 64}, {0}})
+    ->Args({0, 64, 2})
+    ->Args({1, 64, 2})
+    ->Iterations(3)
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStepByHand)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);

@@ -24,7 +24,30 @@ Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::st
 
 namespace {
 
+// Rows [r0, r0 + n) of a per-row tensor of a batch of `rows` rows; a tensor for the whole batch ([1, ...] or a
+// scalar) or an undefined one as it is.
+Tensor rows_of(const Tensor& t, int64_t rows, int64_t r0, int64_t n) {
+  return t.defined() && t.dim() > 0 && t.size(0) == rows && n != rows ? t.narrow(0, r0, n) : t;
+}
+
+// Whether a batch x of `field` is computed on blocks of its rows at once (by_row_blocks, at least 2 rows each).
+bool split_rows(const VelocityFieldPtr& field, const Tensor& x) {
+  if (!field) throw Error("velocity_by_rows: no velocity field");
+  return field->parallel_rows() && x.device().is_cpu();
+}
+
+constexpr int64_t kMinBlockRows = 2;
+
 // v(x, t) = (1 + w) v(x, t | c) - w v(x, t | null), or v(x, t | c) for w = 0.
+//
+// Where the field allows it (parallel_rows) the bound field computes a batch on blocks of its rows, one per thread
+// at once, with the conditions (and per-row times) split with the rows: a caller that steps it as an ordinary
+// field (the samplers, the evaluations, the rollouts of DDPO, EAM and RAM) gains what velocity_by_rows gives Adjoint
+// Matching's rollout. Its velocity does so without gradients only: a graph built on blocks is backpropagated as
+// small blocks one after the other, which cost more than they saved (EAM's U-Net iteration, whose regression runs
+// the bound field under autograd, took 1.5x as long; bench/am_bench.cpp, BM_EamIteration/3/0). Its vjp, a forward
+// and a backward pass per block on the block's thread, always does. Inside a block, or called from a block of
+// velocity_by_rows, it runs the block as one call (by_row_blocks does not nest).
 class BoundVelocity : public VelocityField {
  public:
   BoundVelocity(VelocityFieldPtr field, Tensor c, double w)
@@ -34,17 +57,22 @@ class BoundVelocity : public VelocityField {
   int64_t dim() const override { return field_->dim(); }
   using VelocityField::velocity;
   Tensor velocity(const Tensor& x, const Tensor& t) const override {
-    const Tensor v = field_->conditional_velocity(x, t, c_);
-    if (w_ == 0.0) return v;
-    return (1.0 + w_) * v - w_ * field_->conditional_velocity(x, t, Tensor());
+    const int64_t B = x.size(0);
+    const bool split = split_rows(field_, x) && !at::GradMode::is_enabled();
+    return by_row_blocks(B, split, kMinBlockRows, [&](int64_t r0, int64_t n) {
+      return std::vector<Tensor>{guided(rows_of(x, B, r0, n), rows_of(t, B, r0, n), rows_of(c_, B, r0, n))};
+    })[0];
   }
   Tensor vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_out) const override {
-    if (w_ == 0.0) return field_->conditional_vjp(x, t, c_, a, v_out);
-    Tensor v_c, v_null;
-    const Tensor g_c = field_->conditional_vjp(x, t, c_, a, v_out ? &v_c : nullptr);
-    const Tensor g_null = field_->conditional_vjp(x, t, Tensor(), a, v_out ? &v_null : nullptr);
-    if (v_out) *v_out = (1.0 + w_) * v_c - w_ * v_null;
-    return (1.0 + w_) * g_c - w_ * g_null;
+    const int64_t B = x.size(0);
+    const std::vector<Tensor> out = by_row_blocks(B, split_rows(field_, x), kMinBlockRows, [&](int64_t r0, int64_t n) {
+      Tensor v;
+      const Tensor g = guided_vjp(rows_of(x, B, r0, n), t, rows_of(c_, B, r0, n), rows_of(a, B, r0, n),
+                                  v_out ? &v : nullptr);
+      return std::vector<Tensor>{g, v};
+    });
+    if (v_out) *v_out = out[1];
+    return out[0];
   }
   bool vjp_needs_autograd() const override { return c_.defined() || field_->vjp_needs_autograd(); }
   // One condition per row would have to be split with the rows: velocity_by_rows binds each block's own.
@@ -60,6 +88,20 @@ class BoundVelocity : public VelocityField {
   at::Device device() const override { return field_->device(); }
 
  private:
+  Tensor guided(const Tensor& x, const Tensor& t, const Tensor& c) const {
+    const Tensor v = field_->conditional_velocity(x, t, c);
+    if (w_ == 0.0) return v;
+    return (1.0 + w_) * v - w_ * field_->conditional_velocity(x, t, Tensor());
+  }
+  Tensor guided_vjp(const Tensor& x, double t, const Tensor& c, const Tensor& a, Tensor* v_out) const {
+    if (w_ == 0.0) return field_->conditional_vjp(x, t, c, a, v_out);
+    Tensor v_c, v_null;
+    const Tensor g_c = field_->conditional_vjp(x, t, c, a, v_out ? &v_c : nullptr);
+    const Tensor g_null = field_->conditional_vjp(x, t, Tensor(), a, v_out ? &v_null : nullptr);
+    if (v_out) *v_out = (1.0 + w_) * v_c - w_ * v_null;
+    return (1.0 + w_) * g_c - w_ * g_null;
+  }
+
   VelocityFieldPtr field_;
   Tensor c_;
   double w_;
@@ -97,27 +139,10 @@ VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidanc
     throw Error("guidance needs a condition: " + what + " was given the null condition and w = " +
                 format_number(guidance));
   }
-  if (!c.defined() && guidance == 0.0 && field->condition_dim() == 0) return field;
+  // A field that allows row blocks is wrapped even when there is nothing to bind, for the blocks.
+  if (!c.defined() && guidance == 0.0 && field->condition_dim() == 0 && !field->parallel_rows()) return field;
   return std::make_shared<BoundVelocity>(std::move(field), std::move(c), guidance);
 }
-
-namespace {
-
-// Rows [r0, r0 + n) of a per-row tensor of a batch of `rows` rows; a tensor for the whole batch ([1, ...]) or an
-// undefined one as it is.
-Tensor rows_of(const Tensor& t, int64_t rows, int64_t r0, int64_t n) {
-  return t.defined() && t.size(0) == rows && n != rows ? t.narrow(0, r0, n) : t;
-}
-
-// The blocks of a batch of x.size(0) rows that by_row_blocks computes at once: at least 2 rows each.
-bool split_rows(const VelocityFieldPtr& field, const Tensor& x) {
-  if (!field) throw Error("velocity_by_rows: no velocity field");
-  return field->parallel_rows() && x.device().is_cpu();
-}
-
-constexpr int64_t kMinBlockRows = 2;
-
-}  // namespace
 
 Tensor velocity_by_rows(const VelocityFieldPtr& field, const Tensor& c, double guidance, const Tensor& x, double t,
                         KeptForwards* kept) {

@@ -561,9 +561,10 @@ TEST(UNet, RowBlocksOnSeveralThreadsGiveWhatOneCallGives) {
   const Tensor x = at::randn({7, net->dim()}, gen, kDouble);
   const Tensor a = at::randn({7, net->dim()}, gen, kDouble);
   const Tensor c = at::eye(3, kDouble).index_select(0, at::tensor({0, 2, 1, 1, 0, 2, 2}, at::kLong));
+  auto serial = std::make_shared<RecordingField>(net, false);  // the same network, computed in one call
   for (const double w : {0.0, 1.5}) {
     for (const Tensor& cond : {c, Tensor(c.narrow(0, 1, 1))}) {  // one per row, or one for the batch
-      const VelocityFieldPtr bound = bind_condition(field, cond, w);
+      const VelocityFieldPtr bound = bind_condition(serial, cond, w);
       at::NoGradGuard no_grad;
       field->reset();
       const Tensor v = velocity_by_rows(field, cond, w, x, 0.4);
@@ -585,7 +586,7 @@ TEST(UNet, RowBlocksOnSeveralThreadsGiveWhatOneCallGives) {
     return torch::autograd::grad({(v * a).sum()}, params, {}, /*retain_graph=*/false, /*create_graph=*/false, true);
   };
   const std::vector<Tensor> split = grads_of(velocity_by_rows(field, c, 0.0, x, 0.4));
-  const std::vector<Tensor> one = grads_of(bind_condition(field, c, 0.0)->velocity(x, 0.4));
+  const std::vector<Tensor> one = grads_of(bind_condition(serial, c, 0.0)->velocity(x, 0.4));
   ASSERT_EQ(split.size(), one.size());
   for (size_t i = 0; i < one.size(); ++i) {
     ASSERT_EQ(split[i].defined(), one[i].defined()) << i;
@@ -597,7 +598,7 @@ TEST(UNet, RowBlocksOnSeveralThreadsGiveWhatOneCallGives) {
   field->fail_ = false;
   // One call: a field that does not allow it, one thread, or too few rows for two blocks of two.
   at::NoGradGuard no_grad;
-  auto serial = std::make_shared<RecordingField>(net, false);
+  serial->reset();
   velocity_by_rows(serial, c, 0.0, x, 0.4);
   EXPECT_EQ(serial->rows(), std::vector<int64_t>{7});
   field->reset();
@@ -610,6 +611,68 @@ TEST(UNet, RowBlocksOnSeveralThreadsGiveWhatOneCallGives) {
   // The fine-tuned field allows it where its networks do.
   EXPECT_TRUE(make_finetuned(net, FineTuneMode::lora, {}, 0, 1, LoraOptions{2, 2.0})->parallel_rows());
   EXPECT_FALSE(std::make_shared<FineTunedVelocity>(field, serial, FineTuneMode::copy)->parallel_rows());
+}
+
+// A field bound to its conditions splits its own rows where the field allows it, as velocity_by_rows does, with the
+// conditions and a time per row split with the rows: what a sampler steps as an ordinary field. The same values and
+// VJPs as one call (float64); under autograd its velocity is one call (the same parameter gradients); no blocks
+// within blocks when velocity_by_rows runs the bound field.
+TEST(UNet, BoundFieldSplitsItsRowsWithTheirConditionsAndTimes) {
+  ThreadsForTest threads(3);
+  auto net = std::make_shared<UNetVelocity>(tiny(3), make_linear_schedule(), 6);
+  net->cast(kDouble);
+  auto field = std::make_shared<RecordingField>(net, true);
+  auto serial = std::make_shared<RecordingField>(net, false);
+  Generator gen = make_generator(4);
+  const int64_t B = 12;
+  const Tensor x = at::randn({B, net->dim()}, gen, kDouble);
+  const Tensor a = at::randn({B, net->dim()}, gen, kDouble);
+  const Tensor t = at::rand({B}, gen, kDouble);
+  const Tensor c = at::eye(3, kDouble).index_select(0, at::randint(3, {B}, gen, at::kLong));
+  for (const double w : {0.0, 2.0}) {
+    const VelocityFieldPtr bound = bind_condition(field, c, w), one = bind_condition(serial, c, w);
+    EXPECT_FALSE(bound->parallel_rows());  // a caller cannot split the conditions it does not see
+    at::NoGradGuard no_grad;
+    field->reset();
+    const Tensor v = bound->velocity(x, t);  // a time per row (EAM's regression)
+    EXPECT_EQ(field->rows(), std::vector<int64_t>(w == 0.0 ? 3 : 6, 4)) << w;
+    EXPECT_GT(field->threads(), 1u);
+    EXPECT_LT((v - one->velocity(x, t)).abs().max().item<double>(), 1e-12) << w;
+    EXPECT_LT((bound->velocity(x, 0.3) - one->velocity(x, 0.3)).abs().max().item<double>(), 1e-12) << w;
+    Tensor v_split, v_one;
+    const Tensor g = bound->vjp(x, 0.3, a, &v_split);
+    EXPECT_LT((g - one->vjp(x, 0.3, a, &v_one)).abs().max().item<double>(), 1e-12) << w;
+    EXPECT_LT((v_split - v_one).abs().max().item<double>(), 1e-12) << w;
+  }
+  // Under autograd: one call, the same parameter gradients.
+  const std::vector<Tensor> params = net->parameters();
+  auto grads_of = [&](const Tensor& v) {
+    return torch::autograd::grad({(v * a).sum()}, params, {}, /*retain_graph=*/false, /*create_graph=*/false, true);
+  };
+  field->reset();
+  const std::vector<Tensor> split = grads_of(bind_condition(field, c, 1.0)->velocity(x, t));
+  EXPECT_EQ(field->rows(), std::vector<int64_t>(2, B));
+  const std::vector<Tensor> whole = grads_of(bind_condition(serial, c, 1.0)->velocity(x, t));
+  for (size_t i = 0; i < whole.size(); ++i) {
+    ASSERT_EQ(split[i].defined(), whole[i].defined()) << i;
+    if (whole[i].defined()) EXPECT_LT((split[i] - whole[i]).abs().max().item<double>(), 1e-11) << i;
+  }
+  // velocity_by_rows over a field bound to one condition: its blocks, not blocks within them.
+  at::NoGradGuard no_grad;
+  field->reset();
+  velocity_by_rows(bind_condition(field, c.narrow(0, 0, 1)), Tensor(), 0.0, x, 0.3);
+  EXPECT_EQ(field->rows(), std::vector<int64_t>(3, 4));
+  field->fail_ = true;
+  EXPECT_THROW(bind_condition(field, c)->velocity(x, 0.3), Error);
+  // An unconditional field that allows blocks is wrapped for them; one that does not is returned as it is.
+  auto net0 = std::make_shared<UNetVelocity>(tiny(0), make_linear_schedule(), 7);
+  net0->cast(kDouble);
+  auto field0 = std::make_shared<RecordingField>(net0, true), serial0 = std::make_shared<RecordingField>(net0, false);
+  EXPECT_EQ(bind_condition(serial0, Tensor()), serial0);
+  const Tensor x0 = at::randn({B, net0->dim()}, gen, kDouble);
+  const Tensor v0 = bind_condition(field0, Tensor())->velocity(x0, t);
+  EXPECT_EQ(field0->rows(), std::vector<int64_t>(3, 4));
+  EXPECT_LT((v0 - serial0->velocity(x0, t)).abs().max().item<double>(), 1e-12);
 }
 
 // Residual mode over a U-Net: the rollout keeps the base's forward graphs and the lean adjoint's VJPs are backward

@@ -24,8 +24,10 @@ Tensor condition_rows(const Tensor& c, int64_t batch, int64_t dim, const std::st
 /// the null condition), an unconditional field, with classifier-free guidance of weight w:
 ///   v(x, t) = (1 + w) v(x, t | c) - w v(x, t | null)   (Adjoint Matching, Sec. 7; docs/equations.md, E97).
 /// Its parameters are the field's own (training the bound field trains the field). w = 0 is plain
-/// conditioning. Throws tilt::Error if the field takes no condition but c is given, or if w != 0 for a
-/// null c.
+/// conditioning. Where the field allows it (VelocityField::parallel_rows) and x is on the CPU, the bound field
+/// computes a batch on blocks of its rows, one per thread at once, its conditions (and a time per row) split with
+/// the rows, as velocity_by_rows below: its vjp always, its velocity when gradients are off (a sampler's steps).
+/// Throws tilt::Error if the field takes no condition but c is given, or if w != 0 for a null c.
 VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidance = 0.0);
 
 /// One block of rows' forward pass kept with its autograd graph by velocity_by_rows: rows [r0, r0 + x.size(0)) of

@@ -392,8 +392,8 @@ class OneCall : public VelocityField {
 
 // Sampling the class-conditional U-Net (BM_UNetIteration's, with 10 classes: Fashion-MNIST's) by K = 10
 // Euler-Maruyama steps of the memoryless SDE, batch B, a class per row, guidance weight W: in one call per step
-// (S = 0) or on one block of rows per thread (S = 1, what bind_condition gives: `tilt sample`, the evaluations, and
-// the DRaFT, ReFL, DDPO, EAM and RAM rollouts and regressions).
+// (S = 0) or on one block of rows per thread (S = 1, what bind_condition gives without gradients: `tilt sample`, the
+// evaluations, and the rollouts that run without gradients; under autograd the bound field's velocity is one call).
 void BM_UNetSampling(benchmark::State& state) {
   set_threads();
   UNetOptions o;

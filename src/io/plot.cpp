@@ -381,9 +381,18 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
   const std::vector<Tick> yt = o.log_y ? log_ticks(y0, y1, std::max(2, (bottom - top) / 60)) : linear_ticks(y0, y1, std::max(2, (bottom - top) / 60));
   int label_w = 0;
   for (const Tick& t : yt) label_w = std::max(label_w, Canvas::text_width(t.label, 2));
-  const int left = 8 + (o.y_label.empty() ? 0 : 24) + label_w + 10, right = o.width - 20;
+  const int left = 8 + (o.y_label.empty() ? 0 : 24) + label_w + 10;
+  int right = o.width - 20;
+  std::vector<Tick> xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
+  // Each x tick label is centred on its tick, and the last tick may be the plot's right edge: room for half a label
+  // (a run of 60000 iterations lost the last digit of its "60000").
+  int half_label = 0;
+  for (const Tick& t : xt) half_label = std::max(half_label, Canvas::text_width(t.label, 2) / 2 + 4);
+  if (o.width - right < half_label) {
+    right = o.width - half_label;
+    xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
+  }
   if (right - left < 80 || bottom - top < 60) throw Error("plot: line plot too small for its labels");
-  const std::vector<Tick> xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
   auto X = [&](double x) { return float(left + (x - x0) / (x1 - x0) * (right - left)); };
   auto Y = [&](double y) { return float(bottom - (y - y0) / (y1 - y0) * (bottom - top)); };
 

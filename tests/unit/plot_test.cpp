@@ -173,6 +173,29 @@ TEST(Plot, LinePlotHasRequestedSizeAndDrawsTheSeries) {
   EXPECT_GE(coloured, 2);  // both lines cross the middle column
 }
 
+// The last x tick label is centred on the plot's right edge when the data end on a round number (60000 iterations):
+// it stays inside the image, whose right-most columns are white.
+TEST(Plot, LinePlotKeepsTheLastTickLabelInsideTheImage) {
+  TempDir dir;
+  const std::string path = dir.file("long_run.png");
+  for (const double end : {1000.0, 60000.0, 1e7}) {
+    plot::Series curve{"error", {}, {}};
+    for (int i = 0; i <= 120; ++i) curve.x.push_back(end * i / 120), curve.y.push_back(1.0 / (1 + i));
+    plot::LineOptions options;
+    options.width = 800, options.height = 480;
+    options.log_y = true;
+    options.x_label = "iteration";
+    plot::write_line_png(path, {curve}, options);
+    Image im = load(path);
+    ASSERT_NE(im.data.get(), nullptr);
+    int dark = 0;
+    for (int y = 0; y < im.height; ++y) {
+      for (int x = im.width - 3; x < im.width; ++x) dark += !im.white(x, y);
+    }
+    EXPECT_EQ(dark, 0) << "x up to " << end;
+  }
+}
+
 TEST(Plot, BadInputThrowsAndWritesNothing) {
   TempDir dir;
   const std::string path = dir.file("bad.png");

@@ -7,9 +7,39 @@
 #include "tilt/soc/problems.h"
 
 #include <cstdio>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
 
 namespace tilt::cli {
 namespace {
+
+// --hidden's comma-separated widths, every one an integer: "64,,64" or "64,x" is an error, where CLI11's own
+// splitting dropped the empty width and trained a 64,64 network.
+std::vector<int64_t> parse_widths(const std::string& flag, const std::string& text) {
+  std::vector<int64_t> widths;
+  size_t start = 0;
+  while (true) {
+    const size_t comma = text.find(',', start);
+    std::string part = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+    part.erase(0, part.find_first_not_of(' '));
+    part.erase(part.find_last_not_of(' ') + 1);
+    size_t used = 0;
+    long long w = 0;
+    try {
+      w = std::stoll(part, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (part.empty() || used != part.size()) {
+      throw Error(flag + " must be comma-separated layer widths such as 256,128,64, got '" + text + "'");
+    }
+    widths.push_back(w);
+    if (comma == std::string::npos) return widths;
+    start = comma + 1;
+  }
+}
 
 const bool registered = add_command(
     {"soc", "Solve an SOC benchmark problem with one or several losses and compare them", 100, [](CLI::App& app) {
@@ -28,7 +58,12 @@ const bool registered = add_command(
        app.add_option("--lr", o.lr, "Adam learning rate")->capture_default_str();
        app.add_option("--lr-schedule", o.lr_schedule,
                       "constant, or cosine (from --lr to --lr / 100 over the run)")->capture_default_str();
-       app.add_option("--hidden", o.hidden, "Hidden widths of the control network")->delimiter(',')->capture_default_str();
+       auto hidden = std::make_shared<std::vector<std::string>>();  // each --hidden given, widths 256,128 or one
+       {
+         std::string widths;
+         for (int64_t w : o.hidden) widths += (widths.empty() ? "" : ",") + std::to_string(w);
+         app.add_option("--hidden", *hidden, "Hidden widths of the control network, comma-separated")->default_str(widths);
+       }
        app.add_option("--control", o.control,
                       "The control's parametrisation: mlp (one MLP of (x, t)) or separable (one MLP of (x_i, t) per "
                       "coordinate, each of the --hidden widths)")->capture_default_str();
@@ -62,8 +97,14 @@ const bool registered = add_command(
                     "Continue the run in --out: each loss from its checkpoint, exactly as if never stopped; only "
                     "--iterations, --checkpoint-every and --eval-every may change");
        app.add_flag("-q,--quiet", o.quiet, "No progress bar");
-       return [args, &app] {
+       return [args, hidden, &app] {
          auto& [config, o] = *args;
+         if (!hidden->empty()) {  // --hidden 64,32 or --hidden 64 --hidden 32
+           o.hidden.clear();
+           for (const std::string& text : *hidden) {
+             for (int64_t w : parse_widths("--hidden", text)) o.hidden.push_back(w);
+           }
+         }
          o.seed = config.seed.value_or(0);
          o.threads = static_cast<int>(config.threads.value_or(0));
          // A config's top-level seed and threads and its [soc] table; the flags given win.

@@ -446,6 +446,7 @@ void read_soc_benchmark(ConfigSection& root, SocBenchmarkOptions& a,
 void check_soc_benchmark(const SocBenchmarkOptions& o) {
   auto n = [&](const std::string& flag) { return name_of(o, flag); };
   set_threads(o.threads);
+  soc::problem_param_names(o.problem);  // throws for an unknown problem: named before a missing --loss
   if (o.losses.empty()) throw Error("give at least one --loss (or [soc] losses in a config)");
   // Bounds of docs/config.md, Limits: --steps -3 silently meant the default, --lr 1e300 reached LibTorch.
   if (o.iterations < 1) throw Error(n("--iterations") + " must be >= 1");

@@ -311,6 +311,10 @@ expect_error "soc: unknown loss lists the valid ones" "unknown SOC loss 'adjoint
   "$tilt" soc -l adjoint -o soc2
 expect_error "soc: unknown problem lists the valid ones" "unknown SOC problem 'triple_well' (valid:" \
   "$tilt" soc -p triple_well -l moment -o soc2
+expect_error "soc: an empty --hidden width is an error, not dropped" "--hidden must be comma-separated layer widths" \
+  "$tilt" soc -q -l moment --iterations 1 --hidden 64,,64 -o soc2
+expect_error "soc: an unknown problem is named before a missing --loss" "unknown SOC problem 'triple_well' (valid:" \
+  "$tilt" soc -p triple_well -o soc2
 expect_error "soc: a loss that cannot handle the stopping time says so" "has a stopping time" \
   "$tilt" soc -p molecular_dynamics -l adjoint_matching -o soc3
 expect_error "soc: refuses to overwrite a run" "already holds an SOC run; use --resume" "$tilt" soc -q -l moment --iterations 1 -o soc

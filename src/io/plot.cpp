@@ -337,21 +337,32 @@ void write_scatter_png(const std::string& path, const std::vector<Panel>& panels
 }
 
 namespace {
-// The legend of the labelled series, in the top-right corner of the plot area (right, top).
-void draw_legend(Canvas& cv, const std::vector<Series>& series, int right, int top) {
+// The legend of the labelled series, in the corner of the plot area (left..right, top..bottom) that covers the fewest
+// of the lines' points (`drawn`: pixels along every segment); of equals, the first of top right, top left, bottom
+// right, bottom left.
+void draw_legend(Canvas& cv, const std::vector<Series>& series, int left, int top, int right, int bottom,
+                 const std::vector<std::pair<float, float>>& drawn) {
   std::vector<size_t> listed;
   int legend_w = 0;
   for (size_t k = 0; k < series.size(); ++k)
     if (!series[k].label.empty()) listed.push_back(k), legend_w = std::max(legend_w, Canvas::text_width(series[k].label, 2));
-  if (!listed.empty()) {
-    const int bw = legend_w + 52, bh = int(listed.size()) * 22 + 10, lx = right - 8 - bw, ly = top + 8;
-    cv.fill_rect(lx, ly, lx + bw, ly + bh, kWhite);
-    cv.frame(lx, ly, lx + bw, ly + bh, kFrame);
-    for (size_t e = 0; e < listed.size(); ++e) {
-      const int cy = ly + 16 + int(e) * 22;
-      cv.polyline({{float(lx + 8), float(cy)}, {float(lx + 36), float(cy)}}, kPalette[listed[e] % 10], 3.0f);
-      cv.text(lx + 44, cy - kFontHeight, series[listed[e]].label, 2, kBlack);
-    }
+  if (listed.empty()) return;
+  const int bw = legend_w + 52, bh = int(listed.size()) * 22 + 10;
+  const int corners[4][2] = {{right - 8 - bw, top + 8}, {left + 8, top + 8}, {right - 8 - bw, bottom - 8 - bh},
+                             {left + 8, bottom - 8 - bh}};
+  int lx = corners[0][0], ly = corners[0][1];
+  size_t fewest = SIZE_MAX;
+  for (const auto& corner : corners) {
+    size_t covered = 0;
+    for (const auto& [x, y] : drawn) covered += x >= corner[0] && x <= corner[0] + bw && y >= corner[1] && y <= corner[1] + bh;
+    if (covered < fewest) fewest = covered, lx = corner[0], ly = corner[1];
+  }
+  cv.fill_rect(lx, ly, lx + bw, ly + bh, kWhite);
+  cv.frame(lx, ly, lx + bw, ly + bh, kFrame);
+  for (size_t e = 0; e < listed.size(); ++e) {
+    const int cy = ly + 16 + int(e) * 22;
+    cv.polyline({{float(lx + 8), float(cy)}, {float(lx + 36), float(cy)}}, kPalette[listed[e] % 10], 3.0f);
+    cv.text(lx + 44, cy - kFontHeight, series[listed[e]].label, 2, kBlack);
   }
 }
 }  // namespace
@@ -408,6 +419,7 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
     cv.text_aligned(left - 8, y - kFontHeight, t.label, 2, kBlack, Align::Right);
   }
   cv.clip(left + 1, top + 1, right, bottom);
+  std::vector<std::pair<float, float>> drawn;  // points along the lines, every few pixels, for the legend's place
   for (size_t k = 0; k < series.size(); ++k) {
     const Series& s = series[k];
     std::vector<std::pair<float, float>> run;
@@ -416,6 +428,13 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
         run.emplace_back(X(s.x[i]), Y(fy(s.y[i])));
       } else {
         cv.polyline(run, kPalette[k % 10], run.size() == 1 ? 5.0f : 2.5f);
+        for (size_t j = 0; j < run.size(); ++j) {
+          drawn.push_back(run[j]);
+          if (j + 1 == run.size()) break;
+          const float dx = run[j + 1].first - run[j].first, dy = run[j + 1].second - run[j].second;
+          const int pieces = std::min(1000, int(std::hypot(dx, dy) / 4.0f));
+          for (int p = 1; p < pieces; ++p) drawn.emplace_back(run[j].first + dx * p / pieces, run[j].second + dy * p / pieces);
+        }
         run.clear();
       }
     }
@@ -423,7 +442,7 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
   cv.reset_clip();
   cv.frame(left, top, right, bottom, kFrame);
 
-  draw_legend(cv, series, right, top);
+  draw_legend(cv, series, left, top, right, bottom, drawn);
   if (!o.title.empty()) {
     const auto [text, scale] = fit_text(o.title, o.width - 16, 3);
     cv.text_aligned(o.width / 2, (top - kFontHeight * scale) / 2, text, scale, kBlack, Align::Center);

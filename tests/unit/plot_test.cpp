@@ -196,6 +196,31 @@ TEST(Plot, LinePlotKeepsTheLastTickLabelInsideTheImage) {
   }
 }
 
+// The legend goes to a corner the lines leave free: top right for a falling line, top left for a rising one (which
+// passes through the top right). Its text is the only near-black inside the plot area.
+TEST(Plot, LinePlotPutsTheLegendWhereTheLinesAreNot) {
+  TempDir dir;
+  const std::string path = dir.file("legend.png");
+  for (const bool rising : {false, true}) {
+    plot::Series line{rising ? "rising" : "falling", {}, {}};
+    for (int i = 0; i <= 100; ++i) line.x.push_back(i), line.y.push_back(rising ? i : 100 - i);
+    plot::LineOptions options;
+    options.width = 600, options.height = 400;
+    plot::write_line_png(path, {line}, options);
+    Image im = load(path);
+    ASSERT_NE(im.data.get(), nullptr);
+    auto text_in = [&](int x0, int x1) {  // near-black pixels in columns [x0, x1) of the upper half
+      int n = 0;
+      for (int y = 0; y < im.height / 2; ++y)
+        for (int x = x0; x < x1; ++x) n += im.brightness(x, y) < 3 * 60;
+      return n;
+    };
+    const int left_side = text_in(im.width / 5, im.width / 2), right_side = text_in(im.width / 2, im.width - 4);
+    EXPECT_EQ(left_side > 0, rising) << line.label;
+    EXPECT_EQ(right_side > 0, !rising) << line.label;
+  }
+}
+
 TEST(Plot, BadInputThrowsAndWritesNothing) {
   TempDir dir;
   const std::string path = dir.file("bad.png");

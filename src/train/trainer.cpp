@@ -735,6 +735,11 @@ bool Trainer::resume(const std::string& path) {
     present = !m.options.group->broadcast_bytes(present ? "1" : "", "asking rank 0 for a checkpoint").empty();
   }
   if (present) load_checkpoint(path);
+  if (present && m.iteration > m.options.iterations) {
+    throw Error("checkpoint '" + path + "' is at iteration " + std::to_string(m.iteration) + ", past the " +
+                std::to_string(m.options.iterations) + " iterations asked for: resume with at least " +
+                std::to_string(m.iteration) + " iterations, or start a new run");
+  }
   return present;
 }
 

@@ -58,12 +58,28 @@ expect_error "a second writer is refused, naming the first" "is in use by anothe
 kill -9 $pid; wait $pid 2>/dev/null
 echo "half a checkpoint" > "long/checkpoint.pt.tmp.$pid"
 echo "half a model" > "long/model.pt.tmp.$pid"
-if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=3 -o long --resume > log.txt 2>&1 &&
+# Resumed past the killed run's last iteration (its metrics line comes before its checkpoint), a few more.
+done_so_far=$(python3 -c 'import json, sys
+n = 0
+for line in open(sys.argv[1]):
+    try:
+        n = max(n, json.loads(line)["iteration"])
+    except (ValueError, KeyError, TypeError):
+        pass
+print(n)' long/metrics.jsonl)
+if "$tilt" finetune -q -c tiny.toml --set finetune.iterations=$((done_so_far + 2)) -o long --resume > log.txt 2>&1 &&
    [ -z "$(ls long | grep '\.tmp\.')" ]; then
   pass "after kill -9 the run resumes and its stale temporary files are gone"
 else
   fail "resume after kill -9: $(cat log.txt; ls long)"
 fi
+# Resumed with fewer iterations than its checkpoint holds, the run is refused (it would have been written as the
+# shorter run's model) and left as it was.
+before=$(hashes long)
+expect_error "a resume with fewer iterations than the checkpoint's is refused" \
+  "is at iteration $((done_so_far + 2)), past the 1 iterations asked for" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.iterations=1 -o long --resume
+[ "$before" = "$(hashes long)" ] && pass "the refused resume changed nothing" || fail "the refused resume changed 'long'"
 
 # 2b. Buffered Adjoint Matching keeps its trajectories in the checkpoint: killed (-9) in the middle of a buffer's
 # passes and resumed, it ends where an uninterrupted run of the same length ends, loss for loss.

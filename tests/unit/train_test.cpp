@@ -106,6 +106,29 @@ TEST(Trainer, ResumingFromACheckpointIsExact) {
   EXPECT_EQ(lines, 6);
 }
 
+// A checkpoint past the iterations asked for is refused: resumed, the run would train nothing and end as a longer run
+// than asked for (`tilt finetune --resume` with fewer iterations wrote the longer run's model as the shorter one's).
+TEST(Trainer, ResumingPastTheIterationsAskedForIsRefused) {
+  const std::string ckpt = temp_file("past.pt");
+  Rig first;
+  Trainer(*first.loss, options(4, ckpt)).run();
+  Rig second;
+  Trainer shorter(*second.loss, options(3, ckpt));
+  std::string message;
+  try {
+    shorter.resume(ckpt);
+  } catch (const Error& e) {
+    message = e.what();
+  }
+  EXPECT_NE(message.find("checkpoint '" + ckpt + "' is at iteration 4, past the 3 iterations asked for"),
+            std::string::npos)
+      << message;
+  Rig third;  // as many iterations as the checkpoint holds, or more: resumed
+  Trainer same(*third.loss, options(4, ckpt));
+  EXPECT_TRUE(same.resume(ckpt));
+  EXPECT_EQ(same.iteration(), 4);
+}
+
 // Buffered Adjoint Matching keeps its trajectories in the checkpoint: a run killed in the middle of a buffer's
 // passes resumes on the same buffer, bit for bit; without the loss's state it refuses to go on.
 TEST(Trainer, ResumingBufferedAdjointMatchingMidBufferIsExact) {

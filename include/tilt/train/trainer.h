@@ -160,7 +160,9 @@ class Trainer {
   /// tilt::Error naming the file if it is missing, corrupt or does not match the model. With a
   /// group, rank 0 reads the file and sends it to the others (only rank 0 needs it).
   void load_checkpoint(const std::string& path);
-  /// load_checkpoint(path) if the file exists (on rank 0); returns whether it did.
+  /// load_checkpoint(path) if the file exists (on rank 0); returns whether it did. Throws tilt::Error if the
+  /// checkpoint is past options.iterations: run() would train nothing and the result would be a longer run than
+  /// asked for.
   bool resume(const std::string& path);
 
  private:

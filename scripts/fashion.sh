@@ -17,6 +17,7 @@
 #                                      # and a run killed mid-way resumes from its last checkpoint
 #   UPDATE_DOCS=1 scripts/fashion.sh   # also writes docs/fashion.md and docs/images/fashion_lambda{1,5}.png
 #   TINY=1 OUT=/tmp/f scripts/fashion.sh   # the same code on a tiny U-Net and 2000 images in ~40 s (ctest fashion)
+#   PRETRAIN_ONLY=1 scripts/fashion.sh     # only the base and the two classifiers (scripts/fashion_long.sh uses them)
 # Environment: OUT (runs/fashion), THREADS (0: all cores), PRETRAIN_ITERATIONS (6000), ITERATIONS (200), N (50
 # samples per class), STEPS (25) and INTEGRATOR (heun) of the ODE sampler, LAMBDAS ("1 5"), NO_BUILD=1 (use the tilt
 # binary as it is), TILT (build/bin/tilt).
@@ -27,27 +28,14 @@ if [ "${NO_BUILD:-0}" != 1 ]; then
   scripts/build.sh -DTILT_BUILD_APPS=ON
 fi
 
-config=configs/fashion_unet.toml
 OUT=${OUT:-runs/fashion}
-THREADS=${THREADS:-0}
-TINY=${TINY:-0}
+. scripts/fashion_settings.sh
 if [ "$TINY" = 1 ]; then
-  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-3}; ITERATIONS=${ITERATIONS:-2}; N=${N:-3}
-  # A U-Net of 4 and 8 channels, 2000 images, a few iterations of everything: what CI can afford of this study.
-  tiny=(--set data.limit=2000 --set pretrain.channels=4 --set "pretrain.channel_mult=[1, 2]" --set pretrain.blocks=1
-        --set pretrain.groups=2 --set pretrain.batch_size=8 --set classifier.iterations=20 --set finetune.batch_size=2
-        --set finetune.num_steps=4 --set finetune.adjoint_matching.loss_early_steps=1
-        --set finetune.adjoint_matching.loss_late_steps=1 --set finetune.checkpoint_every=0)
-  STEPS=${STEPS:-2}; INTEGRATOR=${INTEGRATOR:-heun}
+  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-3}; ITERATIONS=${ITERATIONS:-2}
 else
-  # 50 samples per class and 25 Heun steps (50 evaluations): 1000 x 100 Euler steps took ~12 min per model on
-  # 2 idle cores, 12 models ~2.4 h; this took 1.6 min per model.
-  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-6000}; ITERATIONS=${ITERATIONS:-200}; N=${N:-50}
-  STEPS=${STEPS:-25}; INTEGRATOR=${INTEGRATOR:-heun}
-  tiny=()
+  PRETRAIN_ITERATIONS=${PRETRAIN_ITERATIONS:-6000}; ITERATIONS=${ITERATIONS:-200}
 fi
 LAMBDAS=${LAMBDAS:-1 5}
-tilt=${TILT:-build/bin/tilt}
 mkdir -p "$OUT"
 common=(--set "threads=$THREADS" --set "base.path=$OUT/base/model.pt" "${tiny[@]}")
 classifier=(--set "reward.path=$OUT/classifier/classifier.pt")
@@ -62,17 +50,6 @@ bright_config=$OUT/fashion_bright.toml   # the brightness reward takes no classi
 without reward path class > "$bright_config"
 unseen_config=$OUT/fashion_unseen.toml   # an MLP classifier has no convolution channels
 without classifier channels > "$unseen_config"
-quiet=${TILT_QUIET:+-q}
-
-. scripts/timed.sh   # timed DIR COMMAND...: its seconds and peak memory into DIR
-
-# resume_or_clear DIR: a run killed after a checkpoint continues from it (resume=(--resume)); one killed before its
-# first checkpoint has nothing worth keeping and starts again.
-resume_or_clear() {
-  resume=()
-  if [ -f "$1/checkpoint.pt" ]; then resume=(--resume); else rm -rf "$1"; fi
-}
-
 if [ ! -f "$OUT/base/model.pt" ]; then
   resume_or_clear "$OUT/base"
   timed "$OUT/base" $tilt pretrain -c $config "${common[@]}" --set "pretrain.iterations=$PRETRAIN_ITERATIONS" \
@@ -89,6 +66,10 @@ if [ ! -f "$OUT/unseen/classifier.pt" ]; then
   timed "$OUT/unseen" $tilt classifier -c "$unseen_config" "${common[@]}" --set seed=1 \
     --set 'classifier.architecture="mlp"' --set "classifier.hidden=[512]" --set 'classifier.activation="relu"' \
     --set classifier.input_noise=0.1 --set classifier.lr=2e-3 -o "$OUT/unseen" "${resume[@]}" $quiet
+fi
+if [ "${PRETRAIN_ONLY:-0}" = 1 ]; then
+  echo "$OUT/base/model.pt, $OUT/classifier/classifier.pt and $OUT/unseen/classifier.pt are ready"
+  exit 0
 fi
 
 # name | settings beyond configs/fashion_unet.toml's [finetune] (LoRA, batch 16, K = 10, lr 1e-3).
@@ -121,9 +102,7 @@ for spec in "${runs[@]}"; do
   models+=("$name")
 done
 
-# N samples at each of the ten classes with the flow ODE, the same seed for every model; the file's name records the
-# sampler, so changing N, STEPS or INTEGRATOR samples again.
-samples=samples_n${N}_$INTEGRATOR$STEPS.csv
+# N samples at each of the ten classes with the flow ODE, the same seed for every model.
 for name in "${models[@]}"; do
   file="$OUT/$name/$samples"
   [ -f "$file" ] || $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --steps "$STEPS" \

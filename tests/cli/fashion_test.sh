@@ -2,7 +2,8 @@
 # scripts/fashion.sh (the paper's table in miniature on Fashion-MNIST) on a tiny U-Net and 2000 images: the same
 # code path as the study, from the Debian dataset to the table. Checks what the study's claims rest on: every run of
 # the table was trained, every model sampled at all ten classes, every samples file scored per class, and the table
-# has every row. Needs the dataset (scripts/setup.sh installs dataset-fashion-mnist); ~40 s on 2 cores.
+# has every row; then scripts/fashion_long.sh's stages. Needs the dataset (scripts/setup.sh installs
+# dataset-fashion-mnist); ~75 s on 2 cores.
 # Usage: fashion_test.sh TILT_BINARY SOURCE_DIR
 tilt=$1
 src=$2
@@ -76,6 +77,41 @@ if TINY=1 NO_BUILD=1 TILT="$tilt" OUT="$out" THREADS=2 TILT_QUIET=1 "$src/script
 else
   fail "rerun after killed runs: $(grep -E 'error|resumed' "$out/log2" | head -3)"
 fi
+
+# scripts/fashion_long.sh on the same base and classifiers: Adjoint Matching trained on in stages (2, then 4
+# iterations), each stage kept, sampled and scored.
+long=$out/long
+if TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$long" THREADS=2 TILT_QUIET=1 "$src/scripts/fashion_long.sh" \
+     > "$out/log3" 2>&1; then
+  pass "scripts/fashion_long.sh TINY=1 ran"
+else
+  fail "scripts/fashion_long.sh TINY=1: $(tail -5 "$out/log3")"
+fi
+bad=""
+for r in am am_sigma1; do
+  for b in 2 4; do
+    f="$long/$r/${b}_samples_n3_heun2.csv"
+    [ -f "$long/$r/model_$b.pt" ] && [ -f "$f" ] && [ "$(($(wc -l < "$f") - 1))" = 30 ] || bad+=" $r@$b"
+  done
+done
+[ -z "$bad" ] && pass "every stage of every run kept and sampled" || fail "stages missing:$bad"
+rows=$(grep -c -E "^\| Adjoint Matching \(memoryless\) \| [24] \||^\| Adjoint Matching, sigma = 1 \| [24] \|" \
+         "$long/fashion_long.md")
+[ "$rows" = 4 ] && grep -q "^| base model | 0 |" "$long/fashion_long.md" && grep -q "^| target p" \
+  "$long/fashion_long.md" \
+  && pass "the long table has a row per stage, the base and the target" || fail "long table: $rows stage rows"
+# A stage is the model a run of its length gives: 4 iterations straight, byte for byte the stage resumed from 2.
+(cd "$src" && TINY=1 . scripts/fashion_settings.sh && "$tilt" finetune -c "$config" --set threads=2 \
+   --set "base.path=$out/base/model.pt" "${tiny[@]}" --set "reward.path=$out/classifier/classifier.pt" \
+   --set reward.lambda=5 --set 'finetune.lr_schedule="constant"' --set finetune.iterations=4 -q -o "$out/straight") \
+   > "$out/log4" 2>&1
+cmp -s "$out/straight/model.pt" "$long/am/model_4.pt" && pass "a stage resumed from the last is the run of its length" \
+  || fail "the 4-iteration stage differs from 4 iterations straight: $(tail -2 "$out/log4")"
+for bad_env in "RUNS=nope" "BUDGETS=4 2"; do
+  msg=$(env "$bad_env" TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$out/bad" "$src/scripts/fashion_long.sh" 2>&1)
+  [ $? != 0 ] && [[ $msg == "${bad_env%%=*}: "* ]] && [ ! -e "$out/bad" ] && pass "$bad_env is refused, naming it" \
+    || fail "$bad_env: $msg"
+done
 
 echo "$passed passed, $failed failed"
 [ "$failed" = 0 ]

@@ -1,0 +1,113 @@
+#!/usr/bin/env bash
+# Fashion-MNIST at longer budgets (issue 20): scripts/fashion.sh fine-tunes every method for 200 iterations, where
+# Adjoint Matching covers a fifth of the way to p*. This script trains Adjoint Matching's runs on, in stages, and
+# scores each stage's model, to show how far along the way each run gets and whether the biased sigma = 1 schedule
+# parts from the memoryless one:
+#   - reuses scripts/fashion.sh's base U-Net and classifiers in FASHION (made there first when missing:
+#     PRETRAIN_ONLY=1 scripts/fashion.sh, ~1.5 h on 2 cores);
+#   - per run of RUNS, at lambda = LAMBDA, one `tilt finetune` run trained to each budget of BUDGETS in turn, each
+#     stage resuming the last (`--resume` with more iterations) at a constant learning rate, so that the model of a
+#     stage is exactly the model a run of that length would give (the test checks this byte for byte); each stage's
+#     model is kept as <run>/model_<iterations>.pt and sampled with the flow ODE at every class;
+#   - scores every stage, the base and the target p* (base samples reweighted by p(c | x)^lambda) together with
+#     `tilt eval-images`, writes the table ($OUT/fashion_long.md; the share of the way from the base's log p(c | x)
+#     to the target's is its own column) and a grid of the base and each run's last stage ($OUT/grid.png).
+# Runs: am (memoryless, LoRA rank 4, lr 1e-3), am_sigma1 (sigma = 1, a biased schedule), am_copy (a full copy,
+# lr 2e-4), discrete_adjoint. A run killed mid-stage resumes from its last checkpoint when the script is started
+# again; finished stages are skipped. Two cores: one instance per run on one thread each finishes sooner, e.g.
+#   RUNS=am THREADS=1 scripts/fashion_long.sh & RUNS=am_sigma1 THREADS=1 NO_BUILD=1 scripts/fashion_long.sh &
+# (each scores whatever stages exist when it ends: run the script once more at the end for the whole table).
+#   UPDATE_DOCS=1 scripts/fashion_long.sh   # also writes docs/fashion_long.md and docs/images/fashion_long.png
+#   TINY=1 OUT=/tmp/l scripts/fashion_long.sh   # a tiny U-Net and 2000 images, budgets 2 4 (ctest fashion)
+# Environment: FASHION (runs/fashion; TINY: $OUT/fashion), OUT (runs/fashion_long), RUNS ("am am_sigma1"), LAMBDA (5),
+# BUDGETS ("200 500 1000 2000"), THREADS (0: all cores), N, STEPS, INTEGRATOR (the sampler, as scripts/fashion.sh),
+# NO_BUILD=1, TILT (build/bin/tilt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/fashion_long}
+. scripts/fashion_settings.sh
+if [ "$TINY" = 1 ]; then
+  FASHION=${FASHION:-$OUT/fashion}; BUDGETS=${BUDGETS:-2 4}
+else
+  BUDGETS=${BUDGETS:-200 500 1000 2000}
+fi
+FASHION=${FASHION:-runs/fashion}
+RUNS=${RUNS:-am am_sigma1}
+LAMBDA=${LAMBDA:-5}
+
+# The settings of a run beyond configs/fashion_unet.toml's [finetune] (LoRA rank 4, batch 16, K = 10, lr 1e-3).
+run_settings() {
+  case $1 in
+    am) echo "" ;;
+    am_sigma1) echo 'finetune.noise="constant:1"' ;;
+    am_copy) echo 'finetune.model="copy" finetune.lr=2e-4' ;;
+    discrete_adjoint) echo 'finetune.method="discrete_adjoint"' ;;
+    *) echo "RUNS: unknown run '$1' (known: am am_sigma1 am_copy discrete_adjoint)" >&2; return 1 ;;
+  esac
+}
+for name in $RUNS; do run_settings "$name" > /dev/null; done
+previous=0
+for b in $BUDGETS; do
+  if ! [[ $b =~ ^[0-9]+$ ]] || [ "$b" -le "$previous" ]; then
+    echo "BUDGETS: '$BUDGETS' must be increasing positive iteration counts" >&2
+    exit 1
+  fi
+  previous=$b
+done
+
+# The base and the two classifiers, made by scripts/fashion.sh where missing (it also builds, unless NO_BUILD=1).
+OUT=$FASHION PRETRAIN_ONLY=1 scripts/fashion.sh
+common=(--set "threads=$THREADS" --set "base.path=$FASHION/base/model.pt" "${tiny[@]}")
+classifier=(--set "reward.path=$FASHION/classifier/classifier.pt")
+mkdir -p "$OUT/base"
+
+# sample MODEL FILE: N samples at each of the ten classes with the flow ODE, the same seed for every model.
+sample() {
+  [ -f "$2" ] || $tilt sample -m "$1" --noise ode -n "$N" --steps "$STEPS" --integrator "$INTEGRATOR" --seed 1 \
+    --threads "$THREADS" -o "$2"
+}
+sample "$FASHION/base/model.pt" "$OUT/base/$samples"
+
+for name in $RUNS; do
+  dir=$OUT/$name
+  sets=(--set "reward.lambda=$LAMBDA" --set 'finetune.lr_schedule="constant"')
+  for s in $(run_settings "$name"); do sets+=(--set "$s"); done
+  for b in $BUDGETS; do
+    if [ ! -f "$dir/model_$b.pt" ]; then
+      if [ ! -f "$dir/checkpoint.pt" ] && compgen -G "$dir/model_*.pt" > /dev/null; then
+        echo "$dir has stages but no checkpoint.pt to go on from; move it away to start $name again" >&2
+        exit 1
+      fi
+      resume_or_clear "$dir"
+      echo "$(date -u +%FT%TZ) $name: training to $b iterations"
+      timed "$dir" $tilt finetune -c $config "${common[@]}" "${classifier[@]}" "${sets[@]}" \
+        --set "finetune.iterations=$b" -o "$dir" "${resume[@]}" $quiet
+      cp "$dir/model.pt" "$dir/model_$b.pt.tmp" && mv "$dir/model_$b.pt.tmp" "$dir/model_$b.pt"
+    fi
+    sample "$dir/model_$b.pt" "$dir/${b}_$samples"
+  done
+done
+
+# Every stage sampled so far, of every run (also those another instance trains), scored together.
+args=(--samples "$OUT/base/$samples")
+panels=("$OUT/base/$samples:base")
+for name in am am_sigma1 am_copy discrete_adjoint; do
+  last=""
+  for f in "$OUT/$name"/*_"$samples"; do
+    [ -f "$f" ] || continue
+    args+=(--samples "$f")
+    last=$f
+  done
+  [ -z "$last" ] || panels+=("$last:$name, $(basename "$last" "_$samples") iterations")
+done
+$tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$LAMBDA" "${args[@]}" \
+  --base "$OUT/base/$samples" --unseen "$FASHION/unseen/classifier.pt" --json-file "$OUT/eval.json" > "$OUT/eval.txt"
+$tilt plot --images 28x28 --by-condition 6 --columns ${#panels[@]} "${panels[@]}" -o "$OUT/grid.png" \
+  --title "Fashion-MNIST at lambda = $LAMBDA: the base and each run's last stage, sampled with the ODE"
+python3 scripts/fashion_long_table.py "$OUT" "$samples" "$LAMBDA" "$N" "$STEPS" "$INTEGRATOR" "$THREADS" \
+  > "$OUT/fashion_long.md"
+cat "$OUT/fashion_long.md"
+if [ "${UPDATE_DOCS:-0}" = 1 ]; then
+  cp "$OUT/fashion_long.md" docs/fashion_long.md
+  cp "$OUT/grid.png" docs/images/fashion_long.png
+fi

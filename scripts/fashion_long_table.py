@@ -1,0 +1,57 @@
+#!/usr/bin/env python3
+"""Writes scripts/fashion_long.sh's table (markdown, on stdout) from its OUT folder: one row per stage of each run,
+scored by `tilt eval-images --json` (OUT/eval.json) together with the base and the target p*.
+
+  python3 scripts/fashion_long_table.py OUT SAMPLES LAMBDA N STEPS INTEGRATOR THREADS
+"""
+import json, os, re, sys
+
+from fashion_table import fmt, seconds_per_iteration
+
+RUNS = [("am", "Adjoint Matching (memoryless)"), ("am_sigma1", "Adjoint Matching, sigma = 1"),
+        ("am_copy", "Adjoint Matching, full copy (lr 2e-4)"), ("discrete_adjoint", "discrete adjoint")]
+
+
+def main():
+    if len(sys.argv) != 8:
+        sys.exit(__doc__)
+    out, samples, lam, n, steps, integrator, threads = sys.argv[1:]
+    e = json.load(open(os.path.join(out, "eval.json")))
+    base_file = os.path.join(out, "base", samples)
+    base = e["samples"][base_file]["summary"]["mean_reward"]
+    target = e["target"]["summary"]["mean_reward"]
+
+    def cells(s, way):
+        u = s.get("unseen", {})
+        share = fmt(100 * (s["mean_reward"] - base) / (target - base), ".0f") + "%" if way and target != base else ""
+        return [fmt(s["mean_reward"], ".3f"), share, fmt(u.get("mean_reward"), ".3f", ""),
+                fmt(100 * s["class_share"], ".1f") + "%", fmt(s.get("feature_diversity"), ".2f"),
+                fmt(s["diversity"], ".2f"), fmt(s["frechet"], ".1f")]
+
+    w = sys.stdout.write
+    w("# Fashion-MNIST: Adjoint Matching at longer budgets (lambda = %s)\n\n" % lam)
+    w("Written by `scripts/fashion_long.sh` (`UPDATE_DOCS=1`); do not edit by hand. scripts/fashion.sh's base U-Net "
+      "(configs/fashion_unet.toml), fine-tuned over all ten classes towards r(x, c) = log p(c | x) at lambda = %s "
+      "(batch 16, K = 10, a constant learning rate), each run trained on in stages and scored at each: %s ODE "
+      "samples per class (%s %s steps), THREADS=%s. Each metric is the mean over the ten classes of the class's own. "
+      "\"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). s/it: the median seconds per "
+      "iteration over the run's stages. Other columns as in docs/fashion.md.\n\n"
+      % (lam, n, integrator.capitalize(), steps, threads))
+    w("| model | iterations | log p(c\\|x) | of the way to p\\* | unseen log p | own class | feature diversity | "
+      "pixel diversity | Frechet | s/it |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    w("| base model | 0 | %s | |\n" % " | ".join(cells(e["samples"][base_file]["summary"], False)))
+    for name, label in RUNS:
+        pattern = re.escape(os.path.join(out, name)) + r"/(\d+)_" + re.escape(samples)
+        stages = sorted((int(m.group(1)), path) for path in e["samples"]
+                        for m in [re.fullmatch(pattern, path)] if m)
+        for iterations, path in stages:
+            w("| %s | %d | %s | %s |\n" % (label, iterations, " | ".join(cells(e["samples"][path]["summary"], True)),
+                                          fmt(seconds_per_iteration(os.path.join(out, name)), ".2f")))
+    t = e["target"]["summary"]
+    w("| target p\\* (base samples reweighted by p(c\\|x)^lambda) | | %s | 100%% | | %s%% | %s | %s | %s | |\n"
+      % (fmt(t["mean_reward"], ".3f"), fmt(100 * t["class_share"], ".1f"), fmt(t.get("feature_diversity"), ".2f"),
+         fmt(t["diversity"], ".2f"), fmt(t["frechet"], ".1f")))
+
+
+if __name__ == "__main__":
+    main()

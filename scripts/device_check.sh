@@ -7,7 +7,8 @@
 #     CPU (its base, classifier and unseen classifier carried in $DEPS/digits_unet), samples it on the GPU and scores
 #     it beside the CPU run's samples;
 #  4. times training iterations on the CPU and the GPU, interleaved (tilt_device_bench);
-#  5. the 2-D demo fine-tuned with --device cuda and scored against exact p*.
+#  5. times the same U-Net iterations in PyTorch on the GPU (bench/reference/am_reference.py), eager and compiled;
+#  6. the 2-D demo fine-tuned with --device cuda and scored against exact p*.
 # Every stage writes its log to $OUT and stops at the time budget (BUDGET seconds from the start), so a slow stage
 # leaves the earlier results intact. Usage (on the GPU machine, from the repository root):
 #   OUT=/some/dir DEPS=.devdeps BUDGET=540 scripts/device_check.sh
@@ -95,6 +96,18 @@ fi
 
 stage "seconds per iteration, CPU and GPU interleaved"
 within build-cuda/bench/tilt_device_bench --device cuda --repeats 3 --out "$out/device_bench.jsonl" 2> "$out/device_bench.log"
+
+stage "U-Net iteration in PyTorch on the GPU, eager and under torch.compile (tilt's: the bench above)"
+# bench/reference/am_reference.py's U-Net problems are tilt_device_bench's "U-Net 28x28 AM lora/residual, B=8 K=10"
+# (the same networks, weights, reward, K and loss steps); one JSON line per run, with its median ms per iteration.
+for problem in unet unet_residual; do
+  for compiled in "" --compile; do
+    within python3 bench/reference/am_reference.py --problem "$problem" --device cuda $compiled --warmup 5 \
+      >> "$out/reference_unet.jsonl" 2>> "$out/reference_unet.log" ||
+      echo "reference $problem $compiled failed: $(tail -2 "$out/reference_unet.log")"
+  done
+done
+cat "$out/reference_unet.jsonl" 2>/dev/null
 
 stage "2-D demo with --device cuda, against exact p*"
 s0=$(date +%s)

@@ -36,6 +36,8 @@ Needs Debian's python3-torch (PyTorch 1.13) and runs with /usr/bin/python3.
   am_reference.py --check [--cpp-bench build/bench/tilt_bench]   # correctness checks, exit 1 on failure
   am_reference.py --check-methods --cpp-bench build/bench/tilt_bench   # only every method's first iterations
   am_reference.py --trace 20 --problem 2d            # loss / reward / grad norm per iteration (JSON lines)
+  am_reference.py --problem unet --device cuda [--compile]   # the U-Net iteration on a GPU, eager or compiled
+                                                            # (PyTorch 2.x there; scripts/device_check.sh runs it)
 """
 
 import argparse
@@ -311,6 +313,13 @@ class UNetVelocity(AutogradVjp):
                 self.register_parameter(f"a{i}", a)
                 self.register_parameter(f"bb{i}", b)
 
+    def to_device(self, device):
+        """Every parameter (adapters included) onto `device`, each the same Parameter object as before."""
+        with torch.no_grad():
+            for p in self.parameters():
+                p.data = p.data.to(device)
+        return self
+
     def trainable(self):
         if self.adapters:
             return [p for ab in self.adapters.values() for p in ab]
@@ -323,7 +332,7 @@ class UNetVelocity(AutogradVjp):
             w = w + (self.scale * (b @ a)).view(w.shape)
         return w
 
-    def _apply(self, name, x):
+    def _layer(self, name, x):
         kind = self.kinds[name]
         w, b = self._weight(name), self.weights[name][1]
         if kind == "linear":
@@ -336,37 +345,46 @@ class UNetVelocity(AutogradVjp):
     def _res(self, names, x, emb):
         n1, c1, e, n2, c2, skip = names
         silu = torch.nn.functional.silu
-        h = self._apply(c1, silu(self._apply(n1, x)))
-        h = h + self._apply(e, emb).unsqueeze(-1).unsqueeze(-1)
-        h = self._apply(c2, silu(self._apply(n2, h)))
-        return h + (self._apply(skip, x) if skip else x)
+        h = self._layer(c1, silu(self._layer(n1, x)))
+        h = h + self._layer(e, emb).unsqueeze(-1).unsqueeze(-1)
+        h = self._layer(c2, silu(self._layer(n2, h)))
+        return h + (self._layer(skip, x) if skip else x)
 
     def forward(self, x, t):
-        B = x.shape[0]
         if not torch.is_tensor(t):
-            t = torch.full((B, 1), t, dtype=x.dtype)
+            t = torch.full((x.shape[0], 1), t, dtype=x.dtype, device=x.device)
+        return self.network(x, t)
+
+    def compile(self):
+        """The network under torch.compile (PyTorch 2.x), times passed as tensors so that each step's time is not
+        compiled as a constant."""
+        self.network = torch.compile(self.network)
+        return self
+
+    def network(self, x, t):
+        B = x.shape[0]
         half = self.time_features // 2
-        freq = torch.exp(math.log(1000.0) * (1.0 - torch.arange(half, dtype=x.dtype) / half))
+        freq = torch.exp(math.log(1000.0) * (1.0 - torch.arange(half, dtype=x.dtype, device=x.device) / half))
         arg = t.reshape(-1, 1).expand(B, 1) * freq.unsqueeze(0)
         silu = torch.nn.functional.silu
-        emb = self._apply("time.1", silu(self._apply("time.0", torch.cat([torch.sin(arg), torch.cos(arg)], 1))))
+        emb = self._layer("time.1", silu(self._layer("time.0", torch.cat([torch.sin(arg), torch.cos(arg)], 1))))
         emb = silu(emb)
-        h = self._apply("input", x.reshape(B, self.c, self.h, self.w))
+        h = self._layer("input", x.reshape(B, self.c, self.h, self.w))
         skips = []
         for level, down in self.down:
             for names in level:
                 h = self._res(names, h, emb)
                 skips.append(h)
             if down:
-                h = self._apply(down, h)
+                h = self._layer(down, h)
         for names in self.mid:
             h = self._res(names, h, emb)
         for level, up in self.up:
             for names in level:
                 h = self._res(names, torch.cat([h, skips.pop()], 1), emb)
             if up:
-                h = self._apply(up, torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest"))
-        h = self._apply("output.conv", silu(self._apply("output.norm", h)))
+                h = self._layer(up, torch.nn.functional.interpolate(h, scale_factor=2, mode="nearest"))
+        h = self._layer("output.conv", silu(self._layer("output.norm", h)))
         return h.reshape(B, self.dim)
 
     velocity = forward
@@ -381,6 +399,16 @@ class Lora:
         self.adapted = UNetVelocity(base_seed, dtype=dtype)
         self.adapted.add_lora(rank, alpha, lora_seed)
         self.dim = self.base.dim
+
+    def to_device(self, device):
+        self.base.to_device(device)
+        self.adapted.to_device(device)
+        return self
+
+    def compile(self):
+        self.base.compile()
+        self.adapted.compile()
+        return self
 
     def velocity(self, x, t):
         return self.adapted(x, t)
@@ -406,6 +434,16 @@ class Residual(nn.Module):
     def dim(self):
         return self.net.dim
 
+    def to_device(self, device):
+        self.base.to_device(device)
+        self.net.to_device(device)
+        return self
+
+    def compile(self):
+        self.base.compile()
+        self.net.compile()
+        return self
+
     def velocity(self, x, t):
         return self.base.velocity(x, t) + self.net(x, t)
 
@@ -423,6 +461,10 @@ class QuadraticReward:
     def __init__(self, center, A, dtype=torch.float32):
         self.c = center.to(dtype)
         self.A = A.to(dtype)
+
+    def to_device(self, device):
+        self.c, self.A = self.c.to(device), self.A.to(device)
+        return self
 
     def value(self, x):
         r = x - self.c
@@ -469,8 +511,12 @@ LABELS = {"2d": "2-D demo, K=60", "64d": "64-D MLP, K=40", "digits": "digits mod
           "unet": "U-Net 28x28 LoRA rank 4, B=8 K=10", "unet_residual": "U-Net 28x28 residual U-Net, B=8 K=10"}
 
 
-def make_problem(name, batch=None, dtype=torch.float32):
+def make_problem(name, batch=None, dtype=torch.float32, device="cpu", compile=False):
     batch = batch or DEFAULT_BATCH.get(name, 256)
+    if (device != "cpu" or compile) and name not in ("unet", "unet_residual"):
+        raise SystemExit(f"--device and --compile are for the U-Net problems (unet, unet_residual), not '{name}'")
+    if compile and not hasattr(torch, "compile"):
+        raise SystemExit(f"--compile needs PyTorch 2.x (torch.compile); this is PyTorch {torch.__version__}")
     d2 = torch.float64
     residual_hidden = None
     if name == "2d":
@@ -497,9 +543,12 @@ def make_problem(name, batch=None, dtype=torch.float32):
     elif name == "unet":
         # bench/am_bench.cpp's unet_setup(lora, 8, 10): an untrained U-Net base (seed 1), LoRA rank 4, alpha 4
         # (seed 2), a quadratic reward, K = 10, loss steps K/4 + K/4.
-        model = Lora(1, 2, dtype=dtype)
+        model = Lora(1, 2, dtype=dtype).to_device(device)
         reward = QuadraticReward(torch.zeros(model.dim, dtype=d2), 0.1 * torch.eye(model.dim, dtype=d2), dtype)
-        am = AdjointMatching(model, reward, MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype)
+        if compile:
+            model.compile()
+        am = AdjointMatching(model, reward.to_device(device), MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype,
+                             device=device)
         am.base_score = lambda x: blurred_data_end_score(model.base, x, DEFAULT_SCORE_TIME)  # noqa: E731
         return am
     elif name == "unet_residual":
@@ -511,9 +560,12 @@ def make_problem(name, batch=None, dtype=torch.float32):
         with torch.no_grad():
             for p in net.weights["output.conv"]:
                 p.zero_()
-        model = Residual(UNetVelocity(1, dtype=dtype), net)
+        model = Residual(UNetVelocity(1, dtype=dtype), net).to_device(device)
         reward = QuadraticReward(torch.zeros(model.dim, dtype=d2), 0.1 * torch.eye(model.dim, dtype=d2), dtype)
-        return AdjointMatching(model, reward, MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype)
+        if compile:
+            model.compile()
+        return AdjointMatching(model, reward.to_device(device), MemorylessNoise(0.1), 10, batch, 2, 2, dtype=dtype,
+                               device=device)
     else:
         raise SystemExit(f"unknown problem '{name}' (valid: 2d, 64d, digits, unet, unet_residual)")
     if name != "2d":
@@ -528,13 +580,15 @@ def make_problem(name, batch=None, dtype=torch.float32):
 METHODS = ("am", "ram", "eam", "eam_w", "buf", "buf_w")
 
 
-def make_method(name, method, batch=None, dtype=torch.float32):
+def make_method(name, method, batch=None, dtype=torch.float32, device="cpu", compile=False):
     """Problem `name`'s iteration of `method`: Adjoint Matching as BM_Iteration, RAM as BM_RamIteration, EAM on ODE
     endpoints (eam) or weighted SDE endpoints (eam_w) as BM_EamIteration, the buffers (buf, buf_w) as
     BM_BufferedIteration: the same model, reward, batch, K and lambda, every other option at its C++ default."""
-    am = make_problem(name, batch, dtype)
+    am = make_problem(name, batch, dtype, device, compile)
     if method == "am":
         return am
+    if device != "cpu" or compile:
+        raise SystemExit("--device and --compile time Adjoint Matching (--method am) only")
     if method == "ram":
         return ReinforceAdjointMatching(am.model, am.reward, am.K, am.batch, am.lam, dtype=dtype)
     if method in ("eam", "eam_w"):
@@ -551,8 +605,9 @@ def make_method(name, method, batch=None, dtype=torch.float32):
 
 class AdjointMatching:
     def __init__(self, model, reward, noise, K, batch, early, late, lam=1.0, weighting="velocity",
-                 dtype=torch.float32):
+                 dtype=torch.float32, device="cpu"):
         self.model, self.reward, self.noise = model, reward, noise
+        self.device = torch.device(device)  # the random draws stay on the CPU generator, as tilt's
         self.K, self.batch, self.early, self.late, self.lam = K, batch, early, late, lam
         self.dtype = dtype
         self.t = [k / K for k in range(K)] + [1.0]
@@ -574,13 +629,13 @@ class AdjointMatching:
     def rollout(self, gen, record=None):
         """X_0..X_{K-1} of the fine-tuned SDE (X_K is not needed with the noiseless final step); with a dict
         `record`, its "xi" and "v" get each step's draw and v_theta(X_k, t_k)."""
-        x = torch.randn(self.batch, self.model.dim, generator=gen, dtype=self.dtype)
+        x = torch.randn(self.batch, self.model.dim, generator=gen, dtype=self.dtype).to(self.device)
         xs = [x]
         for k in range(self.K - 1):
             c_v, c_x = self.coef[k]
             v = self.model.velocity(x, self.t[k])
             x = x + self.h[k] * (c_v * v - c_x * x)
-            xi = torch.randn(x.shape, generator=gen, dtype=x.dtype)
+            xi = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
             x = x + (math.sqrt(self.h[k]) * self.sigma[k]) * xi
             xs.append(x)
             if record is not None:
@@ -626,7 +681,8 @@ class AdjointMatching:
         steps = self.loss_steps(gen) if steps is None else steps
         B = xs[0].shape[0]
         x = torch.cat([xs[k] for k in steps])
-        t = torch.tensor([self.t[k] for k in steps], dtype=self.dtype).repeat_interleave(B).unsqueeze(1)
+        t = torch.tensor([self.t[k] for k in steps], dtype=self.dtype, device=x.device)
+        t = t.repeat_interleave(B).unsqueeze(1)
         target = torch.cat([self.rho[k] * a[k] for k in steps])
         vb = None if isinstance(self.model, Residual) else torch.cat([v_base[k] for k in steps])
         residual = self.model.delta(x, t, vb) + target
@@ -855,6 +911,9 @@ class Trainer:
         self.opt = torch.optim.Adam(self.params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
         self.seed = seed
         self.iteration = 0
+        device = getattr(am, "device", torch.device("cpu"))
+        # On a GPU the phases' clocks wait for the kernels queued before them.
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step(self, times=None):
         """One iteration; appends its phases' seconds (a dict) to `times`."""
@@ -863,8 +922,10 @@ class Trainer:
         phases = {}
         if isinstance(self.am, AdjointMatching):
             xs = self.am.rollout(gen)
+            self.sync()
             t1 = time.perf_counter()
             a, v_base, x1 = self.am.lean_adjoint(xs)
+            self.sync()
             t2 = time.perf_counter()
             phases.update(rollout=t1 - t0, lean_adjoint=t2 - t1)
             loss, metrics = self.am.regression(xs, a, x1, gen, v_base=v_base)
@@ -881,6 +942,7 @@ class Trainer:
             raise FloatingPointError(f"iteration {self.iteration + 1}: gradient is not finite")
         self.opt.step()
         self.iteration += 1
+        self.sync()
         t3 = time.perf_counter()
         if times is not None:
             phases.update(regression=t3 - t2, iteration=t3 - t0)
@@ -891,7 +953,7 @@ class Trainer:
 # ---------------------------------------------------------------------------------------------------
 
 def bench(args):
-    am = make_method(args.problem, args.method, args.batch)
+    am = make_method(args.problem, args.method, args.batch, device=args.device, compile=args.compile)
     trainer = Trainer(am)
     for _ in range(args.warmup):
         trainer.step()
@@ -913,6 +975,8 @@ def bench(args):
         "label": LABELS[args.problem],
         "implementation": "pytorch",
         "torch": torch.__version__,
+        "device": args.device,
+        "compiled": args.compile,
         "threads": torch.get_num_threads(),
         "batch": am.batch,
         "K": am.K,
@@ -1137,6 +1201,11 @@ def main():
                     help="am (Adjoint Matching), ram, eam (ODE endpoints), eam_w (weighted SDE endpoints), buf "
                          "(a buffer of 4 batches x 4 passes, unweighted) or buf_w (weighted)")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    ap.add_argument("--device", default="cpu",
+                    help="timing of the U-Net problems only: cpu (default), cuda or cuda:N (random draws stay on the "
+                         "CPU generator, as tilt's)")
+    ap.add_argument("--compile", action="store_true",
+                    help="timing of the U-Net problems only: the networks under torch.compile (PyTorch 2.x)")
     ap.add_argument("--batch", type=int, default=None, help="default: the problem's (256; digits 64)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
     ap.add_argument("--min-time", type=float, default=3.0, help="time at least this many seconds (default 3)")

@@ -14,8 +14,10 @@
 #     to the target's is its own column) and a grid of the base and each run's last stage ($OUT/grid.png).
 # Runs: am (memoryless, LoRA rank 4, lr 1e-3), am_sigma1 (sigma = 1, a biased schedule), am_copy (a full copy,
 # lr 2e-4), discrete_adjoint. A run killed mid-stage resumes from its last checkpoint when the script is started
-# again; finished stages are skipped. Two cores: one instance per run on one thread each finishes sooner, e.g.
-#   RUNS=am THREADS=1 scripts/fashion_long.sh & RUNS=am_sigma1 THREADS=1 NO_BUILD=1 scripts/fashion_long.sh &
+# again; finished stages are skipped. Two cores: one instance per run on one thread each finishes sooner, once the
+# base and classifiers exist (two instances would both start the pretraining, and the second stop), e.g.
+#   PRETRAIN_ONLY=1 scripts/fashion.sh
+#   RUNS=am THREADS=1 NO_BUILD=1 scripts/fashion_long.sh & RUNS=am_sigma1 THREADS=1 NO_BUILD=1 scripts/fashion_long.sh &
 # (each scores whatever stages exist when it ends: run the script once more at the end for the whole table).
 #   UPDATE_DOCS=1 scripts/fashion_long.sh   # also writes docs/fashion_long.md and docs/images/fashion_long.png
 #   TINY=1 OUT=/tmp/l scripts/fashion_long.sh   # a tiny U-Net and 2000 images, budgets 2 4 (ctest fashion)

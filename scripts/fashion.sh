@@ -102,13 +102,8 @@ for spec in "${runs[@]}"; do
   models+=("$name")
 done
 
-# N samples at each of the ten classes with the flow ODE, the same seed for every model.
-for name in "${models[@]}"; do
-  file="$OUT/$name/$samples"
-  [ -f "$file" ] || $tilt sample -m "$OUT/$name/model.pt" --noise ode -n "$N" --steps "$STEPS" \
-    --integrator "$INTEGRATOR" --seed 1 \
-    --threads "$THREADS" -o "$file"
-done
+# Every model sampled with the same sampler and seed (sample, in scripts/fashion_settings.sh).
+for name in "${models[@]}"; do sample "$OUT/$name/model.pt" "$OUT/$name/$samples"; done
 
 # Per lambda: the table's rows scored together, with the target p* (base samples reweighted by p(c | x)^lambda).
 evals=()

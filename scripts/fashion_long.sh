@@ -63,11 +63,6 @@ common=(--set "threads=$THREADS" --set "base.path=$FASHION/base/model.pt" "${tin
 classifier=(--set "reward.path=$FASHION/classifier/classifier.pt")
 mkdir -p "$OUT/base"
 
-# sample MODEL FILE: N samples at each of the ten classes with the flow ODE, the same seed for every model.
-sample() {
-  [ -f "$2" ] || $tilt sample -m "$1" --noise ode -n "$N" --steps "$STEPS" --integrator "$INTEGRATOR" --seed 1 \
-    --threads "$THREADS" -o "$2"
-}
 sample "$FASHION/base/model.pt" "$OUT/base/$samples"
 
 for name in $RUNS; do

@@ -24,6 +24,13 @@ quiet=${TILT_QUIET:+-q}
 
 . scripts/timed.sh   # timed DIR COMMAND...: its seconds and peak memory into DIR
 
+# sample MODEL FILE: N samples at each of the ten classes with the flow ODE (the sampler above), the same seed for
+# every model; a file already there is kept.
+sample() {
+  [ -f "$2" ] || $tilt sample -m "$1" --noise ode -n "$N" --steps "$STEPS" --integrator "$INTEGRATOR" --seed 1 \
+    --threads "$THREADS" -o "$2"
+}
+
 # resume_or_clear DIR: a run killed after a checkpoint continues from it (resume=(--resume)); one killed before its
 # first checkpoint has nothing worth keeping and starts again.
 resume_or_clear() {

@@ -20,7 +20,7 @@
 #   RUNS=am THREADS=1 NO_BUILD=1 scripts/fashion_long.sh & RUNS=am_sigma1 THREADS=1 NO_BUILD=1 scripts/fashion_long.sh &
 # (each scores whatever stages exist when it ends: run the script once more at the end for the whole table).
 #   UPDATE_DOCS=1 scripts/fashion_long.sh   # also writes docs/fashion_long.md and docs/images/fashion_long.png
-#   TINY=1 OUT=/tmp/l scripts/fashion_long.sh   # a tiny U-Net and 2000 images, budgets 2 4 (ctest fashion)
+#   TINY=1 OUT=/tmp/l scripts/fashion_long.sh   # a tiny U-Net and 2000 images, budgets 2 10 (ctest fashion)
 # Environment: FASHION (runs/fashion; TINY: $OUT/fashion), OUT (runs/fashion_long), RUNS ("am am_sigma1"), LAMBDA (5),
 # BUDGETS ("200 500 1000 2000"), THREADS (0: all cores), N, STEPS, INTEGRATOR (the sampler, as scripts/fashion.sh),
 # NO_BUILD=1, TILT (build/bin/tilt).
@@ -29,7 +29,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fashion_long}
 . scripts/fashion_settings.sh
 if [ "$TINY" = 1 ]; then
-  FASHION=${FASHION:-$OUT/fashion}; BUDGETS=${BUDGETS:-2 4}
+  FASHION=${FASHION:-$OUT/fashion}; BUDGETS=${BUDGETS:-2 10}
 else
   BUDGETS=${BUDGETS:-200 500 1000 2000}
 fi
@@ -89,14 +89,17 @@ done
 args=(--samples "$OUT/base/$samples")
 panels=("$OUT/base/$samples:base")
 for name in am am_sigma1 am_copy discrete_adjoint; do
-  last=""
+  last=""; most=0
   for f in "$OUT/$name"/*_"$samples"; do
-    [ -f "$f" ] || continue
+    b=$(basename "$f" "_$samples")
+    [ -f "$f" ] && [[ $b =~ ^[0-9]+$ ]] || continue
     args+=(--samples "$f")
-    last=$f
+    # The glob sorts 1000 before 200: the grid shows the stage of most iterations, compared as numbers.
+    if [ "$b" -gt "$most" ]; then last=$f; most=$b; fi
   done
-  [ -z "$last" ] || panels+=("$last:$name, $(basename "$last" "_$samples") iterations")
+  [ -z "$last" ] || panels+=("$last:$name, $most iterations")
 done
+printf 'grid panels: %s\n' "$(IFS=';'; echo "${panels[*]##*:}")"
 $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$LAMBDA" "${args[@]}" \
   --base "$OUT/base/$samples" --unseen "$FASHION/unseen/classifier.pt" --json-file "$OUT/eval.json" > "$OUT/eval.txt"
 $tilt plot --images 28x28 --by-condition 6 --columns ${#panels[@]} "${panels[@]}" -o "$OUT/grid.png" \

@@ -78,8 +78,8 @@ else
   fail "rerun after killed runs: $(grep -E 'error|resumed' "$out/log2" | head -3)"
 fi
 
-# scripts/fashion_long.sh on the same base and classifiers: Adjoint Matching trained on in stages (2, then 4
-# iterations), each stage kept, sampled and scored.
+# scripts/fashion_long.sh on the same base and classifiers: Adjoint Matching trained on in stages (2, then 10
+# iterations: 10 sorts before 2 as text), each stage kept, sampled and scored.
 long=$out/long
 if TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$long" THREADS=2 TILT_QUIET=1 "$src/scripts/fashion_long.sh" \
      > "$out/log3" 2>&1; then
@@ -89,24 +89,26 @@ else
 fi
 bad=""
 for r in am am_sigma1; do
-  for b in 2 4; do
+  for b in 2 10; do
     f="$long/$r/${b}_samples_n3_heun2.csv"
     [ -f "$long/$r/model_$b.pt" ] && [ -f "$f" ] && [ "$(($(wc -l < "$f") - 1))" = 30 ] || bad+=" $r@$b"
   done
 done
 [ -z "$bad" ] && pass "every stage of every run kept and sampled" || fail "stages missing:$bad"
-rows=$(grep -c -E "^\| Adjoint Matching \(memoryless\) \| [24] \||^\| Adjoint Matching, sigma = 1 \| [24] \|" \
+rows=$(grep -c -E "^\| Adjoint Matching \(memoryless\) \| (2|10) \||^\| Adjoint Matching, sigma = 1 \| (2|10) \|" \
          "$long/fashion_long.md")
 [ "$rows" = 4 ] && grep -q "^| base model | 0 |" "$long/fashion_long.md" && grep -q "^| target p" \
   "$long/fashion_long.md" \
   && pass "the long table has a row per stage, the base and the target" || fail "long table: $rows stage rows"
-# A stage is the model a run of its length gives: 4 iterations straight, byte for byte the stage resumed from 2.
+grep -q "^grid panels: base;am, 10 iterations;am_sigma1, 10 iterations$" "$out/log3" \
+  && pass "the grid shows each run's stage of most iterations" || fail "grid: $(grep '^grid panels' "$out/log3")"
+# A stage is the model a run of its length gives: 10 iterations straight, byte for byte the stage resumed from 2.
 (cd "$src" && TINY=1 . scripts/fashion_settings.sh && "$tilt" finetune -c "$config" --set threads=2 \
    --set "base.path=$out/base/model.pt" "${tiny[@]}" --set "reward.path=$out/classifier/classifier.pt" \
-   --set reward.lambda=5 --set 'finetune.lr_schedule="constant"' --set finetune.iterations=4 -q -o "$out/straight") \
+   --set reward.lambda=5 --set 'finetune.lr_schedule="constant"' --set finetune.iterations=10 -q -o "$out/straight") \
    > "$out/log4" 2>&1
-cmp -s "$out/straight/model.pt" "$long/am/model_4.pt" && pass "a stage resumed from the last is the run of its length" \
-  || fail "the 4-iteration stage differs from 4 iterations straight: $(tail -2 "$out/log4")"
+cmp -s "$out/straight/model.pt" "$long/am/model_10.pt" && pass "a stage resumed from the last is the run of its length" \
+  || fail "the 10-iteration stage differs from 10 iterations straight: $(tail -2 "$out/log4")"
 for bad_env in "RUNS=nope" "BUDGETS=4 2"; do
   msg=$(env "$bad_env" TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$out/bad" "$src/scripts/fashion_long.sh" 2>&1)
   [ $? != 0 ] && [[ $msg == "${bad_env%%=*}: "* ]] && [ ! -e "$out/bad" ] && pass "$bad_env is refused, naming it" \

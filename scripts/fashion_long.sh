@@ -89,15 +89,15 @@ done
 args=(--samples "$OUT/base/$samples")
 panels=("$OUT/base/$samples:base")
 for name in am am_sigma1 am_copy discrete_adjoint; do
-  last=""; most=0
+  most=0
   for f in "$OUT/$name"/*_"$samples"; do
     b=$(basename "$f" "_$samples")
     [ -f "$f" ] && [[ $b =~ ^[0-9]+$ ]] || continue
     args+=(--samples "$f")
     # The glob sorts 1000 before 200: the grid shows the stage of most iterations, compared as numbers.
-    if [ "$b" -gt "$most" ]; then last=$f; most=$b; fi
+    [ "$b" -le "$most" ] || most=$b
   done
-  [ -z "$last" ] || panels+=("$last:$name, $most iterations")
+  [ "$most" = 0 ] || panels+=("$OUT/$name/${most}_$samples:$name, $most iterations")
 done
 printf 'grid panels: %s\n' "$(IFS=';'; echo "${panels[*]##*:}")"
 $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$LAMBDA" "${args[@]}" \

@@ -35,7 +35,8 @@ def main():
       "(batch 16, K = 10, a constant learning rate), each run trained on in stages and scored at each: %s ODE "
       "samples per class (%s %s steps), THREADS=%s. Each metric is the mean over the ten classes of the class's own. "
       "\"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). s/it: the median seconds per "
-      "iteration over the run's stages. Other columns as in docs/fashion.md.\n\n"
+      "iteration over the run's stages, with THREADS threads per run (runs started side by side, one script per run, "
+      "share the machine's cores). Other columns as in docs/fashion.md.\n\n"
       % (lam, n, integrator.capitalize(), steps, threads))
     w("| model | iterations | log p(c\\|x) | of the way to p\\* | unseen log p | own class | feature diversity | "
       "pixel diversity | Frechet | s/it |\n|---|---|---|---|---|---|---|---|---|---|\n")

@@ -162,8 +162,8 @@ int main(int argc, char** argv) {
     if (!s.json.empty()) tilt::atomic_write(s.json, report.dump(2) + "\n");
     if (!s.png.empty()) {
       tilt::plot::LineOptions o;
-      o.width = 720;
-      o.height = 420;
+      o.width = 1000;  // the nine curves' legend beside the plot
+      o.height = 460;
       o.title = "lean adjoint norm along guided trajectories";
       o.x_label = "t";
       o.y_label = "mean |a(t)| / |a(1)|";

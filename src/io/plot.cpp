@@ -6,6 +6,7 @@
 #include "tilt/core/fs.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -337,32 +338,46 @@ void write_scatter_png(const std::string& path, const std::vector<Panel>& panels
 }
 
 namespace {
-// The legend of the labelled series, in the corner of the plot area (left..right, top..bottom) that covers the fewest
-// of the lines' points (`drawn`: pixels along every segment); of equals, the first of top right, top left, bottom
-// right, bottom left.
-void draw_legend(Canvas& cv, const std::vector<Series>& series, int left, int top, int right, int bottom,
-                 const std::vector<std::pair<float, float>>& drawn) {
+using Points = std::vector<std::pair<float, float>>;
+
+// The legend's box: the labelled series and its size in pixels.
+struct LegendBox {
   std::vector<size_t> listed;
-  int legend_w = 0;
+  int w = 0, h = 0;
+};
+
+LegendBox legend_box(const std::vector<Series>& series) {
+  LegendBox b;
+  int text_w = 0;
   for (size_t k = 0; k < series.size(); ++k)
-    if (!series[k].label.empty()) listed.push_back(k), legend_w = std::max(legend_w, Canvas::text_width(series[k].label, 2));
-  if (listed.empty()) return;
-  const int bw = legend_w + 52, bh = int(listed.size()) * 22 + 10;
-  const int corners[4][2] = {{right - 8 - bw, top + 8}, {left + 8, top + 8}, {right - 8 - bw, bottom - 8 - bh},
-                             {left + 8, bottom - 8 - bh}};
-  int lx = corners[0][0], ly = corners[0][1];
-  size_t fewest = SIZE_MAX;
+    if (!series[k].label.empty()) b.listed.push_back(k), text_w = std::max(text_w, Canvas::text_width(series[k].label, 2));
+  if (!b.listed.empty()) b.w = text_w + 52, b.h = int(b.listed.size()) * 22 + 10;
+  return b;
+}
+
+// The corner of the plot area (left..right, top..bottom) where the legend covers the fewest of the lines' points
+// (`drawn`: pixels along every segment); of equals, the first of top right, top left, bottom right, bottom left.
+// Returns {points covered, x, y of the box's top left}.
+std::array<size_t, 3> best_corner(const LegendBox& b, int left, int top, int right, int bottom, const Points& drawn) {
+  const int corners[4][2] = {{right - 8 - b.w, top + 8}, {left + 8, top + 8}, {right - 8 - b.w, bottom - 8 - b.h},
+                             {left + 8, bottom - 8 - b.h}};
+  std::array<size_t, 3> best = {SIZE_MAX, 0, 0};
   for (const auto& corner : corners) {
     size_t covered = 0;
-    for (const auto& [x, y] : drawn) covered += x >= corner[0] && x <= corner[0] + bw && y >= corner[1] && y <= corner[1] + bh;
-    if (covered < fewest) fewest = covered, lx = corner[0], ly = corner[1];
+    for (const auto& [x, y] : drawn)
+      covered += x >= corner[0] && x <= corner[0] + b.w && y >= corner[1] && y <= corner[1] + b.h;
+    if (covered < best[0]) best = {covered, size_t(corner[0]), size_t(corner[1])};
   }
-  cv.fill_rect(lx, ly, lx + bw, ly + bh, kWhite);
-  cv.frame(lx, ly, lx + bw, ly + bh, kFrame);
-  for (size_t e = 0; e < listed.size(); ++e) {
+  return best;
+}
+
+void draw_legend(Canvas& cv, const std::vector<Series>& series, const LegendBox& b, int lx, int ly) {
+  cv.fill_rect(lx, ly, lx + b.w, ly + b.h, kWhite);
+  cv.frame(lx, ly, lx + b.w, ly + b.h, kFrame);
+  for (size_t e = 0; e < b.listed.size(); ++e) {
     const int cy = ly + 16 + int(e) * 22;
-    cv.polyline({{float(lx + 8), float(cy)}, {float(lx + 36), float(cy)}}, kPalette[listed[e] % 10], 3.0f);
-    cv.text(lx + 44, cy - kFontHeight, series[listed[e]].label, 2, kBlack);
+    cv.polyline({{float(lx + 8), float(cy)}, {float(lx + 36), float(cy)}}, kPalette[b.listed[e] % 10], 3.0f);
+    cv.text(lx + 44, cy - kFontHeight, series[b.listed[e]].label, 2, kBlack);
   }
 }
 }  // namespace
@@ -393,15 +408,62 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
   int label_w = 0;
   for (const Tick& t : yt) label_w = std::max(label_w, Canvas::text_width(t.label, 2));
   const int left = 8 + (o.y_label.empty() ? 0 : 24) + label_w + 10;
-  int right = o.width - 20;
-  std::vector<Tick> xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
-  // Each x tick label is centred on its tick, and the last tick may be the plot's right edge: room for half a label
-  // (a run of 60000 iterations lost the last digit of its "60000").
-  int half_label = 0;
-  for (const Tick& t : xt) half_label = std::max(half_label, Canvas::text_width(t.label, 2) / 2 + 4);
-  if (o.width - right < half_label) {
-    right = o.width - half_label;
+  // The plot's right end and x ticks when the image's free space ends at column `edge`. Each x tick label is centred
+  // on its tick, and the last tick may be the plot's right edge: room for half a label (a run of 60000 iterations
+  // lost the last digit of its "60000").
+  auto fit_x = [&](int edge, int& right, std::vector<Tick>& xt) {
+    right = edge - 20;
     xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
+    int half_label = 0;
+    for (const Tick& t : xt) half_label = std::max(half_label, Canvas::text_width(t.label, 2) / 2 + 4);
+    if (edge - right < half_label) {
+      right = edge - half_label;
+      xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
+    }
+  };
+  // Each series' unbroken runs in pixels for a plot ending at `right`, and points every few pixels along them (where
+  // the legend must not go).
+  auto trace = [&](int right, std::vector<std::vector<Points>>& runs, Points& drawn) {
+    auto X = [&](double x) { return float(left + (x - x0) / (x1 - x0) * (right - left)); };
+    auto Y = [&](double y) { return float(bottom - (y - y0) / (y1 - y0) * (bottom - top)); };
+    runs.assign(series.size(), {});
+    drawn.clear();
+    for (size_t k = 0; k < series.size(); ++k) {
+      const Series& s = series[k];
+      Points run;
+      for (size_t i = 0; i <= s.x.size(); ++i) {
+        if (i < s.x.size() && usable(s.x[i], s.y[i])) {
+          run.emplace_back(X(s.x[i]), Y(fy(s.y[i])));
+          continue;
+        }
+        for (size_t j = 0; j < run.size(); ++j) {
+          drawn.push_back(run[j]);
+          if (j + 1 == run.size()) break;
+          const float dx = run[j + 1].first - run[j].first, dy = run[j + 1].second - run[j].second;
+          const int pieces = std::min(1000, int(std::hypot(dx, dy) / 4.0f));
+          for (int p = 1; p < pieces; ++p) drawn.emplace_back(run[j].first + dx * p / pieces, run[j].second + dy * p / pieces);
+        }
+        if (!run.empty()) runs[k].push_back(std::move(run)), run.clear();
+      }
+    }
+  };
+
+  int right;
+  std::vector<Tick> xt;
+  std::vector<std::vector<Points>> runs;
+  Points drawn;
+  fit_x(o.width, right, xt);
+  trace(right, runs, drawn);
+  // The legend goes in the corner that hides the fewest points of the lines; when every corner hides some, beside
+  // the plot on the right if the plot keeps at least half the image's width there (the SOC comparison's ten curves
+  // lost five behind a corner legend).
+  const LegendBox legend = legend_box(series);
+  auto [covered, lx, ly] = best_corner(legend, left, top, right, bottom, drawn);
+  const int beside_edge = o.width - legend.w - 16;
+  if (!legend.listed.empty() && covered > 0 && legend.h <= bottom - top && beside_edge - 20 - left >= o.width / 2) {
+    fit_x(beside_edge, right, xt);
+    trace(right, runs, drawn);
+    lx = size_t(o.width - 8 - legend.w), ly = size_t(top);
   }
   if (right - left < 80 || bottom - top < 60) throw Error("plot: line plot too small for its labels");
   auto X = [&](double x) { return float(left + (x - x0) / (x1 - x0) * (right - left)); };
@@ -419,30 +481,12 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
     cv.text_aligned(left - 8, y - kFontHeight, t.label, 2, kBlack, Align::Right);
   }
   cv.clip(left + 1, top + 1, right, bottom);
-  std::vector<std::pair<float, float>> drawn;  // points along the lines, every few pixels, for the legend's place
-  for (size_t k = 0; k < series.size(); ++k) {
-    const Series& s = series[k];
-    std::vector<std::pair<float, float>> run;
-    for (size_t i = 0; i <= s.x.size(); ++i) {
-      if (i < s.x.size() && usable(s.x[i], s.y[i])) {
-        run.emplace_back(X(s.x[i]), Y(fy(s.y[i])));
-      } else {
-        cv.polyline(run, kPalette[k % 10], run.size() == 1 ? 5.0f : 2.5f);
-        for (size_t j = 0; j < run.size(); ++j) {
-          drawn.push_back(run[j]);
-          if (j + 1 == run.size()) break;
-          const float dx = run[j + 1].first - run[j].first, dy = run[j + 1].second - run[j].second;
-          const int pieces = std::min(1000, int(std::hypot(dx, dy) / 4.0f));
-          for (int p = 1; p < pieces; ++p) drawn.emplace_back(run[j].first + dx * p / pieces, run[j].second + dy * p / pieces);
-        }
-        run.clear();
-      }
-    }
-  }
+  for (size_t k = 0; k < series.size(); ++k)
+    for (const Points& run : runs[k]) cv.polyline(run, kPalette[k % 10], run.size() == 1 ? 5.0f : 2.5f);
   cv.reset_clip();
   cv.frame(left, top, right, bottom, kFrame);
 
-  draw_legend(cv, series, left, top, right, bottom, drawn);
+  if (!legend.listed.empty()) draw_legend(cv, series, legend, int(lx), int(ly));
   if (!o.title.empty()) {
     const auto [text, scale] = fit_text(o.title, o.width - 16, 3);
     cv.text_aligned(o.width / 2, (top - kFontHeight * scale) / 2, text, scale, kBlack, Align::Center);

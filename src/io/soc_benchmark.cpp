@@ -305,6 +305,7 @@ Json train_loss(const Context& c, const std::string& name, std::vector<plot::Ser
 
 void write_curves(const SocBenchmarkOptions& o, const soc::Problem& problem, const std::vector<plot::Series>& curves) {
   plot::LineOptions po;
+  po.width = 900, po.height = 460;  // room for the legend of ten losses beside the plot
   po.title = problem.name() + " (d = " + std::to_string(problem.dim()) + ")";
   po.x_label = "iteration";
   po.y_label = problem.has_ground_truth() ? "control L2 error" : "control objective";

@@ -221,6 +221,31 @@ TEST(Plot, LinePlotPutsTheLegendWhereTheLinesAreNot) {
   }
 }
 
+// When every corner would hide part of a line (an X with a line along the top and the bottom), the legend goes beside
+// the plot on the right: below the legend, the right-most columns then hold no line. An image too narrow to keep
+// half its width for the plot keeps the legend in a corner, and the lines reach those columns.
+TEST(Plot, LinePlotPutsTheLegendBesideThePlotWhenEveryCornerHidesALine) {
+  TempDir dir;
+  const std::string path = dir.file("beside.png");
+  std::vector<plot::Series> lines = {{"rising", {}, {}}, {"falling", {}, {}}, {"top", {}, {}}, {"bottom", {}, {}}};
+  for (int i = 0; i <= 100; ++i) {
+    const double y[4] = {double(i), 100.0 - i, 100.0, 0.0};
+    for (int k = 0; k < 4; ++k) lines[k].x.push_back(i), lines[k].y.push_back(y[k]);
+  }
+  for (const int width : {800, 300}) {
+    plot::LineOptions options;
+    options.width = width, options.height = 400;
+    plot::write_line_png(path, lines, options);
+    Image im = load(path);
+    ASSERT_NE(im.data.get(), nullptr);
+    EXPECT_EQ(im.width, width);
+    int coloured = 0;  // in the lower half, in the columns of a legend beside the plot
+    for (int y = im.height / 2; y < im.height; ++y)
+      for (int x = im.width - 80; x < im.width; ++x) coloured += im.coloured(x, y);
+    EXPECT_EQ(coloured == 0, width == 800) << width << " px wide: " << coloured << " coloured pixels";
+  }
+}
+
 TEST(Plot, BadInputThrowsAndWritesNothing) {
   TempDir dir;
   const std::string path = dir.file("bad.png");

@@ -61,7 +61,9 @@ struct LineOptions {
 
 /// Line plot of several series (distinct colours) with a legend, axes, grid and tick labels
 /// (decades if log_y). Non-finite values, and non-positive y values when log_y, are skipped: the
-/// line is broken there. The image is exactly width x height pixels.
+/// line is broken there. The image is exactly width x height pixels. The legend goes in the corner of the plot
+/// that hides the fewest points of the lines, or, when every corner hides some, beside the plot on the right if
+/// the plot keeps at least half the width there.
 void write_line_png(const std::string& path, const std::vector<Series>& series, const LineOptions& options = {});
 
 struct ImagePanel {

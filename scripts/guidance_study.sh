@@ -10,7 +10,8 @@
 # Writes docs/guidance_study.md and docs/images/guidance_adjoint_norm.png; the README quotes them.
 #
 # Usage: scripts/guidance_study.sh   (environment: OUT (runs/digits_cond, shared with scripts/digits_conditional.sh:
-#   the base and classifier are made once), THREADS (0: all cores), ITERATIONS (1000), W (4), N (100 per class))
+#   the base and classifier are made once), THREADS (0: all cores), ITERATIONS (1000), W (4), N (100 per class),
+#   PRETRAIN_ITERATIONS (30000, as scripts/digits_conditional.sh))
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -27,7 +28,10 @@ config=configs/digits_conditional.toml
 common=(--set "threads=$THREADS" --set "base.path=$OUT/base/model.pt" --set "reward.path=$OUT/classifier/classifier.pt")
 start=$(date +%s)
 
-[ -f "$OUT/base/model.pt" ] || $tilt pretrain -c $config --set "threads=$THREADS" -o "$OUT/base" -q
+# The base is scripts/digits_conditional.sh's (its 30000 pretraining iterations, not the config's 8000): whichever
+# script runs first makes the one both use, and the tables in docs/guidance_study.md were made on it.
+[ -f "$OUT/base/model.pt" ] || $tilt pretrain -c $config --set "threads=$THREADS" \
+  --set "pretrain.iterations=${PRETRAIN_ITERATIONS:-30000}" -o "$OUT/base" -q
 [ -f "$OUT/classifier/classifier.pt" ] || $tilt classifier -c $config --set "threads=$THREADS" -o "$OUT/classifier" -q
 
 mkdir -p "$OUT/guidance_samples"

@@ -6,7 +6,6 @@
 #include "tilt/core/fs.h"
 
 #include <algorithm>
-#include <array>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -357,16 +356,20 @@ LegendBox legend_box(const std::vector<Series>& series) {
 
 // The corner of the plot area (left..right, top..bottom) where the legend covers the fewest of the lines' points
 // (`drawn`: pixels along every segment); of equals, the first of top right, top left, bottom right, bottom left.
-// Returns {points covered, x, y of the box's top left}.
-std::array<size_t, 3> best_corner(const LegendBox& b, int left, int top, int right, int bottom, const Points& drawn) {
+struct LegendPlace {
+  size_t covered = SIZE_MAX;  // points of the lines under the box
+  int x = 0, y = 0;           // the box's top left
+};
+
+LegendPlace best_corner(const LegendBox& b, int left, int top, int right, int bottom, const Points& drawn) {
   const int corners[4][2] = {{right - 8 - b.w, top + 8}, {left + 8, top + 8}, {right - 8 - b.w, bottom - 8 - b.h},
                              {left + 8, bottom - 8 - b.h}};
-  std::array<size_t, 3> best = {SIZE_MAX, 0, 0};
+  LegendPlace best;
   for (const auto& corner : corners) {
     size_t covered = 0;
     for (const auto& [x, y] : drawn)
       covered += x >= corner[0] && x <= corner[0] + b.w && y >= corner[1] && y <= corner[1] + b.h;
-    if (covered < best[0]) best = {covered, size_t(corner[0]), size_t(corner[1])};
+    if (covered < best.covered) best = {covered, corner[0], corner[1]};
   }
   return best;
 }
@@ -421,11 +424,12 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
       xt = linear_ticks(x0, x1, std::max(2, (right - left) / 90));
     }
   };
+  // Pixel coordinates: x depends on where the plot ends on the right, which the legend may move.
+  auto X = [&](double x, int right) { return float(left + (x - x0) / (x1 - x0) * (right - left)); };
+  auto Y = [&](double y) { return float(bottom - (y - y0) / (y1 - y0) * (bottom - top)); };
   // Each series' unbroken runs in pixels for a plot ending at `right`, and points every few pixels along them (where
   // the legend must not go).
   auto trace = [&](int right, std::vector<std::vector<Points>>& runs, Points& drawn) {
-    auto X = [&](double x) { return float(left + (x - x0) / (x1 - x0) * (right - left)); };
-    auto Y = [&](double y) { return float(bottom - (y - y0) / (y1 - y0) * (bottom - top)); };
     runs.assign(series.size(), {});
     drawn.clear();
     for (size_t k = 0; k < series.size(); ++k) {
@@ -433,7 +437,7 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
       Points run;
       for (size_t i = 0; i <= s.x.size(); ++i) {
         if (i < s.x.size() && usable(s.x[i], s.y[i])) {
-          run.emplace_back(X(s.x[i]), Y(fy(s.y[i])));
+          run.emplace_back(X(s.x[i], right), Y(fy(s.y[i])));
           continue;
         }
         for (size_t j = 0; j < run.size(); ++j) {
@@ -458,20 +462,18 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
   // the plot on the right if the plot keeps at least half the image's width there (the SOC comparison's ten curves
   // lost five behind a corner legend).
   const LegendBox legend = legend_box(series);
-  auto [covered, lx, ly] = best_corner(legend, left, top, right, bottom, drawn);
+  LegendPlace place = best_corner(legend, left, top, right, bottom, drawn);
   const int beside_edge = o.width - legend.w - 16;
-  if (!legend.listed.empty() && covered > 0 && legend.h <= bottom - top && beside_edge - 20 - left >= o.width / 2) {
+  if (!legend.listed.empty() && place.covered > 0 && legend.h <= bottom - top && beside_edge - 20 - left >= o.width / 2) {
     fit_x(beside_edge, right, xt);
     trace(right, runs, drawn);
-    lx = size_t(o.width - 8 - legend.w), ly = size_t(top);
+    place.x = o.width - 8 - legend.w, place.y = top;
   }
   if (right - left < 80 || bottom - top < 60) throw Error("plot: line plot too small for its labels");
-  auto X = [&](double x) { return float(left + (x - x0) / (x1 - x0) * (right - left)); };
-  auto Y = [&](double y) { return float(bottom - (y - y0) / (y1 - y0) * (bottom - top)); };
 
   Canvas cv(o.width, o.height);
   for (const Tick& t : xt) {
-    const int x = int(std::lround(X(t.pos)));
+    const int x = int(std::lround(X(t.pos, right)));
     cv.fill_rect(x, top + 1, x + 1, bottom, kGrid), cv.fill_rect(x, bottom + 1, x + 1, bottom + 5, kFrame);
     cv.text_aligned(x + 1, bottom + 10, t.label, 2, kBlack, Align::Center);
   }
@@ -486,7 +488,7 @@ void write_line_png(const std::string& path, const std::vector<Series>& series, 
   cv.reset_clip();
   cv.frame(left, top, right, bottom, kFrame);
 
-  if (!legend.listed.empty()) draw_legend(cv, series, legend, int(lx), int(ly));
+  if (!legend.listed.empty()) draw_legend(cv, series, legend, place.x, place.y);
   if (!o.title.empty()) {
     const auto [text, scale] = fit_text(o.title, o.width - 16, 3);
     cv.text_aligned(o.width / 2, (top - kFontHeight * scale) / 2, text, scale, kBlack, Align::Center);

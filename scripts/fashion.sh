@@ -13,7 +13,7 @@
 #     and writes the table (scripts/fashion_table.py) and one grid per lambda, a row per class.
 # DRaFT, ReFL and DDPO have no KL term; the lambda only scales their reward (DDPO standardises it away, Adam nearly
 # so for DRaFT and ReFL), so they run once and appear under both lambdas.
-#   scripts/fashion.sh                 # hours on 2 cores (the pretraining ~1.5 h); skips finished runs and samples,
+#   scripts/fashion.sh                 # hours on 2 cores (the pretraining 50-90 min); skips finished runs and samples,
 #                                      # and a run killed mid-way resumes from its last checkpoint
 #   UPDATE_DOCS=1 scripts/fashion.sh   # also writes docs/fashion.md and docs/images/fashion_lambda{1,5}.png
 #   TINY=1 OUT=/tmp/f scripts/fashion.sh   # the same code on a tiny U-Net and 2000 images in ~40 s (ctest fashion)

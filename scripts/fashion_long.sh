@@ -4,7 +4,7 @@
 # scores each stage's model, to show how far along the way each run gets and whether the biased sigma = 1 schedule
 # parts from the memoryless one:
 #   - reuses scripts/fashion.sh's base U-Net and classifiers in FASHION (made there first when missing:
-#     PRETRAIN_ONLY=1 scripts/fashion.sh, ~1.5 h on 2 cores);
+#     PRETRAIN_ONLY=1 scripts/fashion.sh, 50-90 min on 2 cores);
 #   - per run of RUNS, at lambda = LAMBDA, one `tilt finetune` run trained to each budget of BUDGETS in turn, each
 #     stage resuming the last (`--resume` with more iterations) at a constant learning rate, so that the model of a
 #     stage is exactly the model a run of that length would give (the test checks this byte for byte); each stage's

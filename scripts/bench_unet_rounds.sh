@@ -8,20 +8,26 @@
 # ratios taken within each round.
 # Needs build/bench/tilt_bench (scripts/build.sh -DTILT_BUILD_BENCH=ON) and Debian's PyTorch for /usr/bin/python3.
 #
-#   [MODE=lora|residual] scripts/bench_unet_rounds.sh [ROUNDS (default 6)] [THREADS (default 2)]
+#   [MODE=lora|residual] [LORA_FORM=merged|adapter] scripts/bench_unet_rounds.sh [ROUNDS (default 6)] [THREADS (default 2)]
+# LORA_FORM: how the PyTorch reference's LoRA layers compute (am_reference.py --lora-form): with the merged weight
+# (default) or as W x + (alpha/r) B (A x) in every pass, as peft's LoRA layers do.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds=${1:-6}
 threads=${2:-2}
 python=${PYTHON:-/usr/bin/python3}
+case "${LORA_FORM:-merged}" in
+  merged|adapter) ;;
+  *) echo "bench_unet_rounds: LORA_FORM must be merged or adapter, got '$LORA_FORM'" >&2; exit 2 ;;
+esac
 case "${MODE:-lora}" in
-  lora) arg=2; problem=unet ;;
-  residual) arg=0; problem=unet_residual ;;
+  lora) arg=2; problem=(--problem unet --lora-form "${LORA_FORM:-merged}") ;;
+  residual) arg=0; problem=(--problem unet_residual) ;;
   *) echo "bench_unet_rounds: MODE must be lora or residual, got '$MODE'" >&2; exit 2 ;;
 esac
 [ -x build/bench/tilt_bench ] || { echo "bench_unet_rounds: build/bench/tilt_bench is missing" >&2; exit 2; }
 py() {
-  "$python" bench/reference/am_reference.py --problem "$problem" --method am --threads "$threads" --min-time 4 --warmup 2 \
+  "$python" bench/reference/am_reference.py "${problem[@]}" --method am --threads "$threads" --min-time 4 --warmup 2 \
     --min-iters 4 | "$python" -c 'import json, sys; print("%.0f" % json.load(sys.stdin)["iteration_ms"])'
 }
 cpp() {

@@ -300,6 +300,7 @@ class UNetVelocity(AutogradVjp):
         """Freezes the network and adds zero-initialised adapters; the adapters are the parameters() after it."""
         gen = make_generator(seed)
         self.scale = alpha / rank
+        dtype = self.weights["input"][0].dtype
         with torch.no_grad():
             for p in list(self.parameters()):
                 p.requires_grad_(False)
@@ -307,8 +308,8 @@ class UNetVelocity(AutogradVjp):
                 if kind == "norm":
                     continue
                 bound = 1.0 / math.sqrt(fan_in)
-                a = nn.Parameter(torch.empty(rank, fan_in).uniform_(-bound, bound, generator=gen))
-                b = nn.Parameter(torch.zeros(shape[0], rank))
+                a = nn.Parameter(torch.empty(rank, fan_in).uniform_(-bound, bound, generator=gen).to(dtype))
+                b = nn.Parameter(torch.zeros(shape[0], rank, dtype=dtype))
                 self.adapters[name] = (a, b)
                 self.register_parameter(f"a{i}", a)
                 self.register_parameter(f"bb{i}", b)
@@ -332,15 +333,30 @@ class UNetVelocity(AutogradVjp):
             w = w + (self.scale * (b @ a)).view(w.shape)
         return w
 
+    # How a layer with adapters computes: "merged" (the weight W + (alpha / r) B A, one product) or "adapter"
+    # (W x + (alpha / r) B (A x), three products: what peft's LoRA layers do unless merged). The same function.
+    lora_form = "merged"
+
     def _layer(self, name, x):
         kind = self.kinds[name]
-        w, b = self._weight(name), self.weights[name][1]
-        if kind == "linear":
-            return torch.nn.functional.linear(x, w, b)
         if kind == "norm":
+            w, b = self.weights[name]
             return torch.nn.functional.group_norm(x, self.groups, w, b, 1e-5)
+        adapter = self.lora_form == "adapter" and name in self.adapters
+        w, b = self.weights[name][0] if adapter else self._weight(name), self.weights[name][1]
+        if kind == "linear":
+            out = torch.nn.functional.linear(x, w, b)
+            if adapter:
+                a, bb = self.adapters[name]
+                out = out + torch.nn.functional.linear(torch.nn.functional.linear(x, a) * self.scale, bb)
+            return out
         k, stride = w.shape[-1], int(kind[4:])
-        return torch.nn.functional.conv2d(x, w, b, stride, k // 2)
+        out = torch.nn.functional.conv2d(x, w, b, stride, k // 2)
+        if adapter:
+            a, bb = self.adapters[name]
+            low = torch.nn.functional.conv2d(x, a.view(a.shape[0], *w.shape[1:]), None, stride, k // 2)
+            out = out + torch.nn.functional.conv2d(low * self.scale, bb.view(w.shape[0], a.shape[0], 1, 1))
+        return out
 
     def _res(self, names, x, emb):
         n1, c1, e, n2, c2, skip = names
@@ -1175,6 +1191,31 @@ def check_methods(c, binary):
     # The U-Net with LoRA: the same weights and adapters; iteration 2 after the adapters' B has moved off 0.
     for method, names in (("am", am_keys), ("eam", keys["eam"])):
         compare_trace(c, binary, "unet", method, 2, 1e-3, names)
+    check_lora_forms(c)
+
+
+def check_lora_forms(c):
+    """--lora-form adapter (peft's W x + (alpha/r) B (A x)) against the merged weight: the velocity and the adapters'
+    gradients of the U-Net with random B, in float64."""
+    model = Lora(1, 2, dtype=torch.float64)
+    g = make_generator(11)
+    with torch.no_grad():
+        for _, b in model.adapted.adapters.values():
+            b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float64))
+    x = torch.randn(2, model.dim, generator=g, dtype=torch.float64)
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    out = {}
+    try:
+        for form in ("merged", "adapter"):
+            UNetVelocity.lora_form = form
+            v = model.velocity(x, t)
+            out[form] = (v.detach(), torch.autograd.grad(v.pow(2).sum(), model.trainable()))
+    finally:
+        UNetVelocity.lora_form = "merged"
+    (v0, g0), (v1, g1) = out["merged"], out["adapter"]
+    c.report("U-Net LoRA, peft's form against the merged weight: velocity", rel_err(v1, v0), 1e-12)
+    c.report("U-Net LoRA, peft's form against the merged weight: adapter gradients",
+             max(rel_err(a, b) for a, b in zip(g1, g0)), 1e-12)
 
 
 def check(args):
@@ -1206,6 +1247,9 @@ def main():
                          "CPU generator, as tilt's)")
     ap.add_argument("--compile", action="store_true",
                     help="timing of the U-Net problems only: the networks under torch.compile (PyTorch 2.x)")
+    ap.add_argument("--lora-form", choices=["merged", "adapter"], default="merged",
+                    help="--problem unet: each adapted layer computes with its merged weight W + (alpha/r) B A "
+                         "(default) or as W x + (alpha/r) B (A x) everywhere, as peft's LoRA layers do")
     ap.add_argument("--batch", type=int, default=None, help="default: the problem's (256; digits 64)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed iterations first (default 5)")
     ap.add_argument("--min-time", type=float, default=3.0, help="time at least this many seconds (default 3)")
@@ -1219,6 +1263,7 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-5, help="with --trace: Adam's learning rate")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    UNetVelocity.lora_form = args.lora_form
     if args.check or args.check_methods:
         sys.exit(check(args))
     if args.trace:

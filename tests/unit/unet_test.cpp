@@ -292,6 +292,63 @@ TEST(UNetLora, StartsAsTheBaseTrainsOnlyTheAdaptersAndEqualsTheMergedWeights) {
   EXPECT_TRUE(at::allclose(v_lora, merged.conditional_velocity(x, at::scalar_tensor(0.6), c), 1e-4, 1e-5));
 }
 
+// E125's gradients: the adapters' gradients (through the merged weight W + (alpha / r) B A) against central
+// differences of the loss in float64, in convolutions, linear layers and the attention's, with B random so that A's
+// gradients are not zero.
+TEST(UNetLora, AdapterGradientsMatchFiniteDifferencesInFloat64) {
+  auto base = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 8);
+  base->cast(kDouble);
+  auto lora = base->with_lora(LoraOptions{3, 5.0}, 9);
+  Generator gen = make_generator(4);
+  NamedTensors adapters;
+  for (const auto& [name, t] : lora->named_parameters()) {
+    if (name.find(".lora_") != std::string::npos) adapters.emplace_back(name, t);
+  }
+  ASSERT_EQ(adapters.size(), lora->parameters().size());
+  {
+    at::NoGradGuard no_grad;
+    for (const auto& [name, t] : adapters) {
+      ASSERT_EQ(t.scalar_type(), at::kDouble) << name;
+      if (name.find("lora_b") != std::string::npos) const_cast<Tensor&>(t).normal_(0.0, 0.1, gen);
+    }
+  }
+  const Tensor x = at::randn({2, lora->dim()}, gen, kDouble);
+  const Tensor t = at::tensor({0.3, 0.7}, kDouble);
+  const Tensor c = at::eye(3, kDouble).slice(0, 0, 2);
+  const Tensor w = at::randn({2, lora->dim()}, gen, kDouble);
+  auto loss = [&] {
+    const Tensor v = lora->conditional_velocity(x, t, c);
+    return (w * v).sum() + v.pow(2).sum() / 4;
+  };
+  const Tensor value = loss();
+  ASSERT_TRUE(value.requires_grad());
+  std::vector<Tensor> tensors;
+  for (const auto& p : adapters) tensors.push_back(p.second);
+  const auto grads = torch::autograd::grad({value}, tensors);
+  at::NoGradGuard no_grad;
+  int checked = 0;
+  for (const std::string layer : {"down.0.0.conv1", "mid.attention.qkv", "time.0", "condition", "output.conv"}) {
+    for (const std::string part : {".lora_a", ".lora_b"}) {
+      size_t k = 0;
+      while (k < adapters.size() && adapters[k].first != layer + part) ++k;
+      ASSERT_LT(k, adapters.size()) << layer + part;
+      Tensor p = adapters[k].second.view(-1);
+      for (int64_t i : {int64_t{0}, p.numel() / 2, p.numel() - 1}) {
+        const double keep = p[i].item<double>(), h = 1e-6;
+        p[i] = keep + h;
+        const double up = loss().item<double>();
+        p[i] = keep - h;
+        const double down = loss().item<double>();
+        p[i] = keep;
+        const double fd = (up - down) / (2 * h);
+        EXPECT_NEAR(grads[k].view(-1)[i].item<double>(), fd, 1e-6 * (1.0 + std::abs(fd))) << layer + part << "[" << i << "]";
+        checked += std::abs(fd) > 1e-8;
+      }
+    }
+  }
+  EXPECT_GT(checked, 20);  // the entries are not all zero: A's gradients too, with B random
+}
+
 TEST(UNetLora, IsAFineTuningModeThatSavesAndLoadsAndIsRefusedForOtherBases) {
   auto base = std::make_shared<UNetVelocity>(tiny(), make_linear_schedule(), 8);
   auto model = make_finetuned(base, FineTuneMode::lora, {}, 0, 12, LoraOptions{3, 3.0});

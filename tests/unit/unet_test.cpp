@@ -31,6 +31,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <filesystem>
+#include <functional>
 #include <mutex>
 #include <set>
 #include <sstream>
@@ -52,6 +53,33 @@ int64_t count(const std::vector<Tensor>& tensors) {
   int64_t n = 0;
   for (const Tensor& t : tensors) n += t.numel();
   return n;
+}
+
+// The autograd gradient of the tensor `name` of `tensors` (grads in their order) against central differences of
+// loss() in float64, at its first, middle and last entries; the caller turns gradients off. Returns how many of the
+// differences are not ~0.
+int expect_gradient_matches_differences(const std::function<Tensor()>& loss, const NamedTensors& tensors,
+                                        const std::vector<Tensor>& grads, const std::string& name) {
+  size_t k = 0;
+  while (k < tensors.size() && tensors[k].first != name) ++k;
+  if (k == tensors.size()) {
+    ADD_FAILURE() << "no tensor " << name;
+    return 0;
+  }
+  Tensor p = tensors[k].second.view(-1);
+  int nonzero = 0;
+  for (int64_t i : {int64_t{0}, p.numel() / 2, p.numel() - 1}) {
+    const double keep = p[i].item<double>(), h = 1e-6;
+    p[i] = keep + h;
+    const double up = loss().item<double>();
+    p[i] = keep - h;
+    const double down = loss().item<double>();
+    p[i] = keep;
+    const double fd = (up - down) / (2 * h);
+    EXPECT_NEAR(grads[k].view(-1)[i].item<double>(), fd, 1e-6 * (1.0 + std::abs(fd))) << name << "[" << i << "]";
+    nonzero += std::abs(fd) > 1e-8;
+  }
+  return nonzero;
 }
 
 TEST(UNet, ShapesAndTheDefaultSizeForTwentyEightPixelImages) {
@@ -145,20 +173,7 @@ TEST(UNet, ParameterGradientsMatchFiniteDifferencesInFloat64) {
   at::NoGradGuard no_grad;
   for (const std::string& name : {"time.0.weight", "condition.weight", "down.0.0.conv1.weight", "mid.attention.qkv.weight",
                                   "mid.0.norm1.weight", "up.1.upsample.weight", "output.conv.bias"}) {
-    size_t k = 0;
-    while (k < params.size() && params[k].first != name) ++k;
-    ASSERT_LT(k, params.size()) << name;
-    Tensor p = params[k].second.view(-1);
-    for (int64_t i : {int64_t{0}, p.numel() / 2, p.numel() - 1}) {
-      const double keep = p[i].item<double>(), h = 1e-6;
-      p[i] = keep + h;
-      const double up = loss().item<double>();
-      p[i] = keep - h;
-      const double down = loss().item<double>();
-      p[i] = keep;
-      const double fd = (up - down) / (2 * h);
-      EXPECT_NEAR(grads[k].view(-1)[i].item<double>(), fd, 1e-6 * (1.0 + std::abs(fd))) << name << "[" << i << "]";
-    }
+    expect_gradient_matches_differences(loss, params, grads, name);
   }
 }
 
@@ -326,24 +341,10 @@ TEST(UNetLora, AdapterGradientsMatchFiniteDifferencesInFloat64) {
   for (const auto& p : adapters) tensors.push_back(p.second);
   const auto grads = torch::autograd::grad({value}, tensors);
   at::NoGradGuard no_grad;
-  int checked = 0;
+  int checked = 0;  // differences not ~0
   for (const std::string layer : {"down.0.0.conv1", "mid.attention.qkv", "time.0", "condition", "output.conv"}) {
     for (const std::string part : {".lora_a", ".lora_b"}) {
-      size_t k = 0;
-      while (k < adapters.size() && adapters[k].first != layer + part) ++k;
-      ASSERT_LT(k, adapters.size()) << layer + part;
-      Tensor p = adapters[k].second.view(-1);
-      for (int64_t i : {int64_t{0}, p.numel() / 2, p.numel() - 1}) {
-        const double keep = p[i].item<double>(), h = 1e-6;
-        p[i] = keep + h;
-        const double up = loss().item<double>();
-        p[i] = keep - h;
-        const double down = loss().item<double>();
-        p[i] = keep;
-        const double fd = (up - down) / (2 * h);
-        EXPECT_NEAR(grads[k].view(-1)[i].item<double>(), fd, 1e-6 * (1.0 + std::abs(fd))) << layer + part << "[" << i << "]";
-        checked += std::abs(fd) > 1e-8;
-      }
+      checked += expect_gradient_matches_differences(loss, adapters, grads, layer + part);
     }
   }
   EXPECT_GT(checked, 20);  // the entries are not all zero: A's gradients too, with B random

@@ -11,8 +11,8 @@
 #                                                # skips finished runs and existing sample files
 #   UPDATE_DOCS=1 scripts/digits_conditional.sh  # also refreshes docs/digits_conditional_eval.txt and
 #                                                # docs/images/digits_conditional_w{0,1,4}.png
-# Environment: OUT (runs/digits_cond), THREADS (0: all cores), PRETRAIN_ITERATIONS (30000), ITERATIONS (1000),
-# N (1000 samples per class and guidance weight).
+# Environment: OUT (runs/digits_cond), THREADS (0: all cores), PRETRAIN_ITERATIONS (30000:
+# scripts/digits_cond_settings.sh), ITERATIONS (1000), N (1000 samples per class and guidance weight).
 #   STUDY=unet scripts/digits_conditional.sh    the same with a class-conditional U-Net (configs/digits_unet.toml,
 #       docs/equations.md E124) fine-tuned by Adjoint Matching three ways at one budget: LoRA adapters (E125), a full
 #       copy and a residual U-Net (batch 32, K = 20; PRETRAIN_ITERATIONS 6000, ITERATIONS 400 by default), into
@@ -23,8 +23,10 @@ scripts/setup.sh
 scripts/build.sh -DTILT_BUILD_APPS=ON
 
 STUDY=${STUDY:-methods}
+. scripts/digits_cond_settings.sh
 case "$STUDY" in
-  methods) name_=digits_conditional; config=configs/digits_conditional.toml; guidance=(0 1 4); pretrain_default=30000
+  methods) name_=digits_conditional; config=configs/digits_conditional.toml; guidance=(0 1 4)
+           pretrain_default=$digits_cond_pretrain_iterations
            iterations_default=1000; out_default=runs/digits_cond ;;
   unet) name_=digits_unet; config=configs/digits_unet.toml; guidance=(0); pretrain_default=6000
         iterations_default=400; out_default=runs/digits_unet ;;

@@ -11,7 +11,7 @@
 #
 # Usage: scripts/guidance_study.sh   (environment: OUT (runs/digits_cond, shared with scripts/digits_conditional.sh:
 #   the base and classifier are made once), THREADS (0: all cores), ITERATIONS (1000), W (4), N (100 per class),
-#   PRETRAIN_ITERATIONS (30000, as scripts/digits_conditional.sh))
+#   PRETRAIN_ITERATIONS (scripts/digits_cond_settings.sh's, as scripts/digits_conditional.sh))
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
@@ -28,10 +28,11 @@ config=configs/digits_conditional.toml
 common=(--set "threads=$THREADS" --set "base.path=$OUT/base/model.pt" --set "reward.path=$OUT/classifier/classifier.pt")
 start=$(date +%s)
 
-# The base is scripts/digits_conditional.sh's (its 30000 pretraining iterations, not the config's 8000): whichever
-# script runs first makes the one both use, and the tables in docs/guidance_study.md were made on it.
+# The base is scripts/digits_conditional.sh's (scripts/digits_cond_settings.sh): whichever script runs first makes
+# the one both use, and the tables in docs/guidance_study.md were made on it.
+. scripts/digits_cond_settings.sh
 [ -f "$OUT/base/model.pt" ] || $tilt pretrain -c $config --set "threads=$THREADS" \
-  --set "pretrain.iterations=${PRETRAIN_ITERATIONS:-30000}" -o "$OUT/base" -q
+  --set "pretrain.iterations=${PRETRAIN_ITERATIONS:-$digits_cond_pretrain_iterations}" -o "$OUT/base" -q
 [ -f "$OUT/classifier/classifier.pt" ] || $tilt classifier -c $config --set "threads=$THREADS" -o "$OUT/classifier" -q
 
 mkdir -p "$OUT/guidance_samples"

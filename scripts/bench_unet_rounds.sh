@@ -34,12 +34,13 @@ cpp() {
   TILT_THREADS=$threads build/bench/tilt_bench --benchmark_filter="^BM_UNetIteration/$arg/8/10/" \
     --benchmark_repetitions=2 --benchmark_report_aggregates_only=true | awk '/_median/ { print $2 }'
 }
-echo "tilt tilt_TILT_MALLOC=system pytorch pytorch_kept_memory" | tee build/bench_unet_rounds_${MODE:-lora}.txt
+log=build/bench_unet_rounds_${MODE:-lora}${LORA_FORM:+_$LORA_FORM}.txt
+echo "tilt tilt_TILT_MALLOC=system pytorch pytorch_kept_memory" | tee "$log"
 for _ in $(seq "$rounds"); do
   echo "$(cpp) $(TILT_MALLOC=system cpp) $(py) $(MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=-1 py)" \
-    | tee -a build/bench_unet_rounds_${MODE:-lora}.txt
+    | tee -a "$log"
 done
-"$python" - build/bench_unet_rounds_${MODE:-lora}.txt <<'PY'
+"$python" - "$log" <<'PY'
 import statistics, sys
 rows = [list(map(float, l.split())) for l in open(sys.argv[1]).read().split("\n")[1:] if l.strip()]
 cols = list(zip(*rows))

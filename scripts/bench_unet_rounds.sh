@@ -8,7 +8,8 @@
 # ratios taken within each round.
 # Needs build/bench/tilt_bench (scripts/build.sh -DTILT_BUILD_BENCH=ON) and Debian's PyTorch for /usr/bin/python3.
 #
-#   [MODE=lora|residual] [LORA_FORM=merged|adapter] scripts/bench_unet_rounds.sh [ROUNDS (default 6)] [THREADS (default 2)]
+#   [MODE=lora|residual] [LORA_FORM=merged|adapter] scripts/bench_unet_rounds.sh [ROUNDS (default 6)]
+#       [THREADS (default 2)]
 # LORA_FORM: how the PyTorch reference's LoRA layers compute (am_reference.py --lora-form): with the merged weight
 # (default) or as W x + (alpha/r) B (A x) in every pass, as peft's LoRA layers do.
 set -euo pipefail

@@ -343,7 +343,8 @@ class UNetVelocity(AutogradVjp):
             w, b = self.weights[name]
             return torch.nn.functional.group_norm(x, self.groups, w, b, 1e-5)
         adapter = self.lora_form == "adapter" and name in self.adapters
-        w, b = self.weights[name][0] if adapter else self._weight(name), self.weights[name][1]
+        w = self.weights[name][0] if adapter else self._weight(name)  # W alone: the adapter runs beside it
+        b = self.weights[name][1]
         if kind == "linear":
             out = torch.nn.functional.linear(x, w, b)
             if adapter:

@@ -13,7 +13,8 @@
 #     `tilt eval-images`, writes the table ($OUT/fashion_long.md; the share of the way from the base's log p(c | x)
 #     to the target's is its own column) and a grid of the base and each run's last stage ($OUT/grid.png).
 # Runs: am (memoryless, LoRA rank 4, lr 1e-3), am_sigma1 (sigma = 1, a biased schedule), am_copy (a full copy,
-# lr 2e-4), discrete_adjoint. A run killed mid-stage resumes from its last checkpoint when the script is started
+# lr 2e-4), am_cosine (am with the lr decayed from 1e-3 to 1e-5 along a cosine: one budget only, as its stages would
+# not be runs of their own length), am_batch32 (am with 32 samples per iteration), discrete_adjoint. A run killed mid-stage resumes from its last checkpoint when the script is started
 # again; finished stages are skipped. Two cores: one instance per run on one thread each finishes sooner, once the
 # base and classifiers exist (two instances would both start the pretraining, and the second stop), e.g.
 #   PRETRAIN_ONLY=1 scripts/fashion.sh
@@ -37,14 +38,18 @@ FASHION=${FASHION:-runs/fashion}
 RUNS=${RUNS:-am am_sigma1}
 LAMBDA=${LAMBDA:-5}
 
-# The settings of a run beyond configs/fashion_unet.toml's [finetune] (LoRA rank 4, batch 16, K = 10, lr 1e-3).
+# The settings of a run beyond configs/fashion_unet.toml's [finetune] (LoRA rank 4, batch 16, K = 10, lr 1e-3), after
+# a constant learning rate.
+known_runs="am am_sigma1 am_copy am_cosine am_batch32 discrete_adjoint"
 run_settings() {
   case $1 in
     am) echo "" ;;
     am_sigma1) echo 'finetune.noise="constant:1"' ;;
     am_copy) echo 'finetune.model="copy" finetune.lr=2e-4' ;;
+    am_cosine) echo 'finetune.lr_schedule="cosine"' ;;
+    am_batch32) echo 'finetune.batch_size=32' ;;
     discrete_adjoint) echo 'finetune.method="discrete_adjoint"' ;;
-    *) echo "RUNS: unknown run '$1' (known: am am_sigma1 am_copy discrete_adjoint)" >&2; return 1 ;;
+    *) echo "RUNS: unknown run '$1' (known: $known_runs)" >&2; return 1 ;;
   esac
 }
 for name in $RUNS; do run_settings "$name" > /dev/null; done
@@ -55,6 +60,15 @@ for b in $BUDGETS; do
     exit 1
   fi
   previous=$b
+done
+# A decaying lr depends on the run's length: a stage resumed with more iterations would follow another curve than a
+# run of that length, so such a run trains to one budget.
+for name in $RUNS; do
+  if [[ $(run_settings "$name") == *lr_schedule* ]] && [ "$(echo $BUDGETS | wc -w)" != 1 ]; then
+    echo "RUNS: $name decays its learning rate over the whole run, so it takes one budget (e.g. BUDGETS=1000)," \
+      "not '$BUDGETS'" >&2
+    exit 1
+  fi
 done
 
 # The base and the two classifiers, made by scripts/fashion.sh where missing (it also builds, unless NO_BUILD=1).
@@ -88,7 +102,7 @@ done
 # Every stage sampled so far, of every run (also those another instance trains), scored together.
 args=(--samples "$OUT/base/$samples")
 panels=("$OUT/base/$samples:base")
-for name in am am_sigma1 am_copy discrete_adjoint; do
+for name in $known_runs; do
   most=0
   for f in "$OUT/$name"/*_"$samples"; do
     b=$(basename "$f" "_$samples")

@@ -9,7 +9,9 @@ import json, os, re, sys
 from fashion_table import fmt, seconds_per_iteration
 
 RUNS = [("am", "Adjoint Matching (memoryless)"), ("am_sigma1", "Adjoint Matching, sigma = 1"),
-        ("am_copy", "Adjoint Matching, full copy (lr 2e-4)"), ("discrete_adjoint", "discrete adjoint")]
+        ("am_copy", "Adjoint Matching, full copy (lr 2e-4)"),
+        ("am_cosine", "Adjoint Matching, lr decayed along a cosine to 1e-5"),
+        ("am_batch32", "Adjoint Matching, batch 32"), ("discrete_adjoint", "discrete adjoint")]
 
 
 def main():
@@ -32,7 +34,8 @@ def main():
     w("# Fashion-MNIST: Adjoint Matching at longer budgets (lambda = %s)\n\n" % lam)
     w("Written by `scripts/fashion_long.sh` (`UPDATE_DOCS=1`); do not edit by hand. scripts/fashion.sh's base U-Net "
       "(configs/fashion_unet.toml), fine-tuned over all ten classes towards r(x, c) = log p(c | x) at lambda = %s "
-      "(batch 16, K = 10, a constant learning rate), each run trained on in stages and scored at each: %s ODE "
+      "(batch 16, K = 10, a constant learning rate, where the row does not say otherwise), each run trained on in stages "
+      "(a run whose learning rate decays: in one) and scored at each: %s ODE "
       "samples per class (%s %s steps), THREADS=%s. Each metric is the mean over the ten classes of the class's own. "
       "\"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). s/it: the median seconds per "
       "iteration over the run's stages, with THREADS threads per run (runs started side by side, one script per run, "

@@ -14,6 +14,20 @@ RUNS = [("am", "Adjoint Matching (memoryless)"), ("am_sigma1", "Adjoint Matching
         ("am_batch32", "Adjoint Matching, batch 32"), ("discrete_adjoint", "discrete adjoint")]
 
 
+def speed(run):
+    """The run's median seconds per iteration and, in brackets, the threads it trained with."""
+    seconds = seconds_per_iteration(run)
+    if seconds is None:
+        return ""
+    try:
+        threads = json.load(open(os.path.join(run, "config.resolved.json"))).get("threads")
+    except (OSError, ValueError):
+        threads = None
+    if threads is None:
+        return fmt(seconds, ".2f")
+    return fmt(seconds, ".2f") + " (%s)" % (threads if threads else "all cores")
+
+
 def main():
     if len(sys.argv) != 8:
         sys.exit(__doc__)
@@ -36,10 +50,10 @@ def main():
       "(configs/fashion_unet.toml), fine-tuned over all ten classes towards r(x, c) = log p(c | x) at lambda = %s "
       "(batch 16, K = 10, a constant learning rate, where the row does not say otherwise), each run trained on in stages "
       "(a run whose learning rate decays: in one) and scored at each: %s ODE "
-      "samples per class (%s %s steps), THREADS=%s. Each metric is the mean over the ten classes of the class's own. "
+      "samples per class (%s %s steps, sampled with THREADS=%s). Each metric is the mean over the ten classes of the class's own. "
       "\"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). s/it: the median seconds per "
-      "iteration over the run's stages, with THREADS threads per run (runs started side by side, one script per run, "
-      "share the machine's cores). Other columns as in docs/fashion.md.\n\n"
+      "iteration over the run's stages, with the run's threads in brackets (runs started side by side, one script "
+      "per run, share the machine's cores). Other columns as in docs/fashion.md.\n\n"
       % (lam, n, integrator.capitalize(), steps, threads))
     w("| model | iterations | log p(c\\|x) | of the way to p\\* | unseen log p | own class | feature diversity | "
       "pixel diversity | Frechet | s/it |\n|---|---|---|---|---|---|---|---|---|---|\n")
@@ -50,7 +64,7 @@ def main():
                         for m in [re.fullmatch(pattern, path)] if m)
         for iterations, path in stages:
             w("| %s | %d | %s | %s |\n" % (label, iterations, " | ".join(cells(e["samples"][path]["summary"], True)),
-                                          fmt(seconds_per_iteration(os.path.join(out, name)), ".2f")))
+                                          speed(os.path.join(out, name))))
     t = e["target"]["summary"]
     w("| target p\\* (base samples reweighted by p(c\\|x)^lambda) | | %s | 100%% | | %s%% | %s | %s | %s | |\n"
       % (fmt(t["mean_reward"], ".3f"), fmt(100 * t["class_share"], ".1f"), fmt(t.get("feature_diversity"), ".2f"),

@@ -59,7 +59,8 @@ double frechet_distance_gaussians(const Tensor& mu1, const Tensor& S1, const Ten
   const Tensor ev = at::linalg_eigvalsh(0.5 * (M + M.t()));
   const double cross = at::sqrt(at::clamp_min(ev, 0.0)).sum().item<double>();
   const double mean_term = (m1 - m2).pow(2).sum().item<double>();
-  return mean_term + A.trace().item<double>() + B.trace().item<double>() - 2.0 * cross;
+  // A distance: rounding in the eigenvalues takes two equal sets a hair below 0 (printed -0.000), so it stops at 0.
+  return std::max(0.0, mean_term + A.trace().item<double>() + B.trace().item<double>() - 2.0 * cross);
 }
 
 double frechet_distance(const Tensor& f1, const Tensor& f2) {

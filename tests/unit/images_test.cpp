@@ -237,6 +237,13 @@ TEST(ImageMetrics, FrechetDistanceOfGaussiansIsClosedForm) {
   EXPECT_LT(frechet_distance(f1, f2), 0.01);
   // Each coordinate's mean difference has sd sqrt(2 / 20000) = 0.01, so the sum of squares about 0.035.
   EXPECT_NEAR(frechet_distance(f1, f2 + 1.0), 3.0, 0.12);
+  // A set against itself is at distance 0, not a rounding below it (the real images' own row printed -0.000).
+  for (int64_t features : {16, 64, 128}) {
+    const Tensor f = at::randn({300, features}, gen, kDouble);
+    const double self = frechet_distance(f, f);
+    EXPECT_GE(self, 0.0) << features << " features";
+    EXPECT_LT(self, 1e-8) << features << " features";
+  }
 }
 
 TEST(ImageMetrics, MeanPairwiseDistanceAndClassMetrics) {

@@ -14,9 +14,11 @@
 #     to the target's is its own column) and a grid of the base and each run's last stage ($OUT/grid.png).
 # Runs: am (memoryless, LoRA rank 4, lr 1e-3), am_sigma1 (sigma = 1, a biased schedule), am_copy (a full copy,
 # lr 2e-4), am_cosine (am with the lr decayed from 1e-3 to 1e-5 along a cosine: one budget only, as its stages would
-# not be runs of their own length), am_batch32 (am with 32 samples per iteration), discrete_adjoint. A run killed mid-stage resumes from its last checkpoint when the script is started
-# again; finished stages are skipped. Two cores: one instance per run on one thread each finishes sooner, once the
-# base and classifiers exist (two instances would both start the pretraining, and the second stop), e.g.
+# not be runs of their own length), am_batch32 (am with 32 samples per iteration), am_k20 (am on 20 time steps with
+# 6 + 6 loss steps, the same share of the steps: twice the work of an iteration), discrete_adjoint. A run killed
+# mid-stage resumes from its last checkpoint when the script is started again; finished stages are skipped. Two
+# cores: one instance per run on one thread each finishes sooner, once the base and classifiers exist (two instances
+# would both start the pretraining, and the second stop), e.g.
 #   PRETRAIN_ONLY=1 scripts/fashion.sh
 #   RUNS=am THREADS=1 NO_BUILD=1 scripts/fashion_long.sh & RUNS=am_sigma1 THREADS=1 NO_BUILD=1 scripts/fashion_long.sh &
 # (each scores whatever stages exist when it ends: run the script once more at the end for the whole table).
@@ -40,7 +42,7 @@ LAMBDA=${LAMBDA:-5}
 
 # The settings of a run beyond configs/fashion_unet.toml's [finetune] (LoRA rank 4, batch 16, K = 10, lr 1e-3), after
 # a constant learning rate.
-known_runs="am am_sigma1 am_copy am_cosine am_batch32 discrete_adjoint"
+known_runs="am am_sigma1 am_copy am_cosine am_batch32 am_k20 discrete_adjoint"
 run_settings() {
   case $1 in
     am) echo "" ;;
@@ -48,6 +50,8 @@ run_settings() {
     am_copy) echo 'finetune.model="copy" finetune.lr=2e-4' ;;
     am_cosine) echo 'finetune.lr_schedule="cosine"' ;;
     am_batch32) echo 'finetune.batch_size=32' ;;
+    am_k20) echo 'finetune.num_steps=20 finetune.adjoint_matching.loss_early_steps=6' \
+      'finetune.adjoint_matching.loss_late_steps=6' ;;
     discrete_adjoint) echo 'finetune.method="discrete_adjoint"' ;;
     *) echo "RUNS: unknown run '$1' (known: $known_runs)" >&2; return 1 ;;
   esac

@@ -11,7 +11,8 @@ from fashion_table import fmt, seconds_per_iteration
 RUNS = [("am", "Adjoint Matching (memoryless)"), ("am_sigma1", "Adjoint Matching, sigma = 1"),
         ("am_copy", "Adjoint Matching, full copy (lr 2e-4)"),
         ("am_cosine", "Adjoint Matching, lr decayed along a cosine to 1e-5"),
-        ("am_batch32", "Adjoint Matching, batch 32"), ("discrete_adjoint", "discrete adjoint")]
+        ("am_batch32", "Adjoint Matching, batch 32"), ("am_k20", "Adjoint Matching, K = 20 steps (6 + 6 in the loss)"),
+        ("discrete_adjoint", "discrete adjoint")]
 
 
 def speed(run):
@@ -48,9 +49,9 @@ def main():
     w("# Fashion-MNIST: Adjoint Matching at longer budgets (lambda = %s)\n\n" % lam)
     w("Written by `scripts/fashion_long.sh` (`UPDATE_DOCS=1`); do not edit by hand. scripts/fashion.sh's base U-Net "
       "(configs/fashion_unet.toml), fine-tuned over all ten classes towards r(x, c) = log p(c | x) at lambda = %s "
-      "(batch 16, K = 10, a constant learning rate, where the row does not say otherwise), each run trained on in stages "
-      "(a run whose learning rate decays: in one) and scored at each: %s ODE "
-      "samples per class (%s %s steps, sampled with THREADS=%s). Each metric is the mean over the ten classes of the class's own. "
+      "(batch 16, K = 10 time steps, a constant learning rate, where the row does not say otherwise), each run "
+      "trained on in stages (a run whose learning rate decays: in one) and scored at each: %s ODE samples per class "
+      "(%s %s steps, sampled with THREADS=%s). Each metric is the mean over the ten classes of the class's own. "
       "\"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). s/it: the median seconds per "
       "iteration over the run's stages, with the run's threads in brackets (runs started side by side, one script "
       "per run, share the machine's cores). Other columns as in docs/fashion.md.\n\n"

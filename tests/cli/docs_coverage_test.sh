@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The configuration reference covers what the code reads: every key that src/ and apps/ read from a config
+# The docs cover what ships.
+# 1. The configuration reference covers what the code reads: every key that src/ and apps/ read from a config
 # table by name (ConfigSection's number, integer, boolean, string, choice, numbers and integers, with a literal
 # key) is documented, written as code (`key`, `table.key`, `[table] key` or `key = value`), in docs/config.md
 # or in the configuration table of docs/adjoint_sampling.md (the sampling commands' keys); every table they
 # open (section("name")) is named there too. Fails naming the key and the file that reads it, so a new key
 # does not reach users undocumented.
-# Usage: config_docs_test.sh SOURCE_ROOT   (no build needed; ~1 s)
+# 2. The README names every script in scripts/ and every config in configs/ (its scripts and configs lists).
+# Usage: docs_coverage_test.sh SOURCE_ROOT   (no build needed; ~1 s)
 set -u
-root=${1:?usage: config_docs_test.sh SOURCE_ROOT}
+root=${1:?usage: docs_coverage_test.sh SOURCE_ROOT}
 cd "$root" || exit 1
 source tests/cli/lib.sh
 
@@ -58,6 +60,13 @@ missing=$(echo "$report" | grep '^MISSING')
 [ -z "$missing" ] && pass "every key and table the code reads is in the configuration reference" || fail \
   "not in docs/config.md (nor docs/adjoint_sampling.md's configuration table):
 $missing"
+
+unnamed=""
+for f in scripts/* configs/*; do
+  [ -f "$f" ] || continue
+  grep -qF "$(basename "$f")" README.md || unnamed+=" $f"
+done
+[ -z "$unnamed" ] && pass "README names every script and config" || fail "README does not name:$unnamed"
 
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

@@ -241,6 +241,11 @@ Json evaluate_images(const ImageEvaluation& setup, const std::vector<std::string
     Json& row = out["samples"][file.path] = metrics_json(class_sample_metrics(file.x, *loaded.classifier, setup.target_class, real));
     if (unseen) row["unseen"] = unseen_json(class_scores(file.x, *unseen, setup.target_class));
   }
+  // The floor: the class's real images at the first file's n, scored as samples are.
+  const Tensor floor_images = evenly_spaced_rows(real_images, files[0].x.size(0));
+  out["floor"] = metrics_json(class_sample_metrics(floor_images, *loaded.classifier, setup.target_class, real));
+  if (unseen) out["floor"]["unseen"] = unseen_json(class_scores(floor_images, *unseen, setup.target_class));
+  out["floor"]["counts_of"] = files[0].path;
   return out;
 }
 
@@ -258,9 +263,11 @@ std::string image_evaluation_text(const Json& out, const std::vector<std::string
                 unseen ? "  unseen %  unseen log p" : "");
   std::string text = head;
   for (const std::string& file : sample_files) text += metrics_row(file, out["samples"][file]);
+  if (out.contains("floor")) text += metrics_row("floor: real images, the first file's n", out["floor"]);
   if (out.contains("target")) text += metrics_row("target p* (reweighted base samples)", out["target"]);
   text += std::string("(class %: samples the classifier assigns to the class; diversity: mean pairwise distance among "
-                      "those, feat. div.: the same in the classifier's last hidden layer; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer") +
+                      "those, feat. div.: the same in the classifier's last hidden layer; Frechet: all samples vs the real images of the class, in the classifier's last hidden layer; "
+                      "floor: as many real images of the class as the first file has, spread through the data: what samples of the data's own law score at that n") +
           (!out.contains("target") ? ""
            : out["target"].value("form", "log_prob") == "indicator"
                ? "; target p*: base samples weighted by exp(lambda) where the classifier's argmax is the class, n = effective sample size"

@@ -24,6 +24,14 @@ Json unseen_json(const ClassScores& m) {
   return Json{{"class_share", m.class_share}, {"mean_reward", m.mean_reward}, {"mean_reward_se", m.reward_se}};
 }
 
+Tensor evenly_spaced_rows(const Tensor& x, int64_t n) {
+  const int64_t N = x.size(0);
+  if (n >= N) return x;
+  // Row floor(i N / n) for i < n: distinct, in order, and spread over the whole of x.
+  const Tensor idx = at::floor(at::arange(n, at::kDouble) * (static_cast<double>(N) / static_cast<double>(n)));
+  return x.index_select(0, idx.to(at::kLong).to(x.device()));
+}
+
 Tensor condition_classes(const ImageSamples& s, int64_t classes) {
   const std::string name = s.what + " '" + s.path + "'";
   if (!s.conditions.defined()) {
@@ -114,6 +122,18 @@ Json evaluate_images_by_condition(const ImageDataset& data, const std::vector<Im
   for (size_t i = 0; i < files.size(); ++i) {
     out["samples"][files[i].path] = class_rows(files[i], labels[i], real, classifier, unseen, nullptr);
   }
+  if (!files.empty()) {  // the floor: each class's real images at the first file's count of the class
+    std::vector<Tensor> xs, ks;
+    for (int64_t k = 0; k < data.classes; ++k) {
+      const int64_t n = (labels[0] == k).sum().item<int64_t>();
+      if (n == 0) continue;
+      xs.push_back(evenly_spaced_rows(select_class(data, k).images, n));
+      ks.push_back(at::full({xs.back().size(0)}, k, at::kLong));
+    }
+    out["floor"] = class_rows({"real images", "data", at::cat(xs), Tensor()}, at::cat(ks), real, classifier, unseen,
+                              nullptr);
+    out["floor"]["counts_of"] = files[0].path;
+  }
   return out;
 }
 
@@ -160,7 +180,8 @@ std::string class_table(const std::string& name, const Json& rows, bool unseen) 
 std::string image_evaluation_by_condition_text(const Json& out, const std::vector<std::string>& sample_files) {
   const bool unseen = out.contains("unseen_classifier");
   const std::string target_name = "target p* (reweighted base samples)";
-  int width = static_cast<int>(target_name.size());
+  const std::string floor_name = "floor: real images, the first file's n";
+  int width = static_cast<int>(std::max(target_name.size(), floor_name.size()));
   for (const std::string& f : sample_files) width = std::max(width, static_cast<int>(f.size()));
   std::string text = "each sample scored at its own class, its condition (classifier " +
                      out["classifier"].get<std::string>() +
@@ -173,10 +194,13 @@ std::string image_evaluation_by_condition_text(const Json& out, const std::vecto
   text += line;
   for (const std::string& f : sample_files) text += summary_row(f, width, out["samples"][f]["summary"]);
   text += summary_row("real images of the classes", width, out["real"]["summary"]);
+  if (out.contains("floor")) text += summary_row(floor_name, width, out["floor"]["summary"]);
   if (out.contains("target")) text += summary_row(target_name, width, out["target"]["summary"]);
   text += "(class %: samples the classifier assigns to their own class, worst: the lowest class's (which); diversity: "
           "mean pairwise distance among those, per class, feat. div.: the same in the classifier's last hidden layer; Frechet: each class's samples vs its real images, in the "
-          "classifier's last hidden layer; real images: all of the data, the classifier's training images among them";
+          "classifier's last hidden layer; real images: all of the data, the classifier's training images among them; "
+          "floor: as many real images of each class as the first file has, spread through the data: what samples of "
+          "the data's own law score at that n (the Frechet distance of a few samples lies above 0)";
   if (out.contains("target")) text += "; target p*: base samples weighted by p(c | x)^lambda within each class, n = effective sample size";
   if (unseen) text += "; unseen: the share and log p(c|x) under the second classifier, never used in training";
   text += ")\n";

@@ -30,8 +30,14 @@ Json unseen_json(const ClassScores& m);
 /// classes. Throws tilt::Error naming the file otherwise, or if it has no condition columns.
 Tensor condition_classes(const ImageSamples& samples, int64_t classes);
 
+/// n rows of x [N, ...] evenly spaced through it (rows 0, N/n, 2N/n, ...; all of x when n >= N): the real images
+/// of a class at the samples' own n, for the floor row of eval-images.
+Tensor evenly_spaced_rows(const Tensor& x, int64_t n);
+
 /// evaluate_images by condition (tilt/io/classifier_io.h): "by_condition", "real", "samples", "target"
-/// (with base: samples of the base model with condition columns, reweighted by p(c | x)^lambda per class).
+/// (with base: samples of the base model with condition columns, reweighted by p(c | x)^lambda per class),
+/// "floor" (each class's real images at the first file's count of that class, scored as samples are: what
+/// samples of the data's own law score at that n; the Frechet distance of a few samples is biased upwards).
 /// unseen may be null.
 Json evaluate_images_by_condition(const ImageDataset& data, const std::vector<ImageSamples>& files,
                                   const ImageSamples* base, double lambda, const MlpClassifier& classifier,

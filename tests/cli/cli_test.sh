@@ -397,8 +397,11 @@ fi
 if "$tilt" sample -m d_refl/model.pt -n 40 --steps 8 -o d.csv > dlog.txt 2>&1 && grep -q "zero (ODE)" dlog.txt &&
    "$tilt" eval-images -c digits.toml -s d.csv --json > d.json 2>> dlog.txt && python3 -c "
 import json
-s = json.load(open('d.json'))['samples']['d.csv']
+r = json.load(open('d.json'))
+s = r['samples']['d.csv']
 assert s['n'] == 40 and 0 <= s['class_share'] <= 1 and s['frechet'] >= 0 and s['diversity'] >= 0, s
+f = r['floor']  # 40 real images of the class, scored as samples: above the whole class's own 0
+assert f['n'] == 40 and f['counts_of'] == 'd.csv' and f['frechet'] > r['real']['frechet'] + 1e-6, (f, r['real'])
 " && "$tilt" plot --images 8x8 d.csv:refl -o d.png >> dlog.txt 2>&1 && [ -s d.png ]; then
   pass "digits: baselines sample with the ODE; eval-images --json; plot --images"
 else

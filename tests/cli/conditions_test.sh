@@ -291,6 +291,10 @@ assert abs(m["frechet"] - sum(row["frechet"] for row in rows) / 10) < 1e-9, m
 assert m["worst_class_share"] == min(row["class_share"] for row in rows) and "unseen" in m, m
 assert len(r["real"]["classes"]) == 10 and len(r["target"]["classes"]) == 10 and r["unseen_classifier"] == "cls2/classifier.pt"
 assert json.load(open(sys.argv[2]))["samples"]["dall.csv"]["summary"]["classes"] == 10
+# The floor: 3 real images of each class (the first file's counts), scored as samples are.
+f = r["floor"]
+assert f["counts_of"] == "dall.csv" and [row["n"] for row in f["classes"]] == [3] * 10 and f["summary"]["n"] == 30, f
+assert f["summary"]["frechet"] > r["real"]["summary"]["frechet"] + 1e-6 and "unseen" in f["summary"], f
 PY
 then
   pass "eval-images by condition: a row per class, the summary, the target and the unseen classifier"

@@ -66,6 +66,10 @@ def main():
         for iterations, path in stages:
             w("| %s | %d | %s | %s |\n" % (label, iterations, " | ".join(cells(e["samples"][path]["summary"], True)),
                                           speed(os.path.join(out, name))))
+    if "floor" in e:  # the real images at the samples' n: where the Frechet distance of a perfect sampler sits
+        f = e["floor"]["summary"]
+        w("| floor: real images, %d per class (what the data scores at this n) | | %s | |\n"
+          % (f["n"] // f["classes"], " | ".join(cells(f, False))))
     t = e["target"]["summary"]
     w("| target p\\* (base samples reweighted by p(c\\|x)^lambda) | | %s | 100%% | | %s%% | %s | %s | %s | |\n"
       % (fmt(t["mean_reward"], ".3f"), fmt(100 * t["class_share"], ".1f"), fmt(t.get("feature_diversity"), ".2f"),

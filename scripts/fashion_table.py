@@ -126,7 +126,12 @@ def main():
                       % (fmt(t["mean_reward"], ".3f"), fmt(100 * t["class_share"], ".1f") + "%",
                          fmt(t.get("feature_diversity"), ".2f"), fmt(t["diversity"], ".2f"), fmt(t["frechet"], ".1f")))
         r = e["real"]["summary"]
-        out.write("| real images | %s | %s | %s | %s | %s | %s | %s | | |\n\n" % tuple(summary_cells(r)))
+        out.write("| real images | %s | %s | %s | %s | %s | %s | %s | | |\n" % tuple(summary_cells(r)))
+        if "floor" in e:  # the real images at the samples' n: where the Frechet distance of a perfect sampler sits
+            f = e["floor"]["summary"]
+            out.write("| floor: real images, %d per class (what the data scores at this n) | %s | | |\n"
+                      % (f["n"] // f["classes"], " | ".join(summary_cells(f))))
+        out.write("\n")
 
     lam1 = dict(evals).get("1")
     if lam1 is not None:

@@ -49,6 +49,7 @@ for lam, files in (("1", 9), ("5", 7)):
             assert key in s["summary"], (path, key)
         assert "unseen" in s["summary"], path
     assert e["real"]["summary"]["n"] == 2000, e["real"]["summary"]["n"]
+    assert e["floor"]["summary"]["n"] == 30 and len(e["floor"]["classes"]) == 10, e["floor"]["summary"]
     assert 1 <= e["target"]["summary"]["n"] <= 30, e["target"]["summary"]["n"]
     assert e["target"]["lambda"] == float(lam)
 print("ok")
@@ -59,7 +60,7 @@ PY
 table="$out/fashion.md"
 bad=""
 for row in "base model" "Adjoint Matching (memoryless)" "Adjoint Matching, sigma = 1" "discrete adjoint" "DRaFT-1" "ReFL" "DDPO" \
-           "target p" "real images"; do
+           "target p" "real images" "floor: real images"; do
   [ "$(grep -c "^| $row" "$table")" = 2 ] || bad+=" '$row'"
 done
 grep -q "^| full copy (lr 2e-4)" "$table" && grep -q "^| Adjoint Matching, brightness" "$table" || bad+=" copy/brightness"
@@ -98,8 +99,9 @@ done
 rows=$(grep -c -E "^\| Adjoint Matching \(memoryless\) \| (2|10) \||^\| Adjoint Matching, sigma = 1 \| (2|10) \|" \
          "$long/fashion_long.md")
 [ "$rows" = 4 ] && grep -q "^| base model | 0 |" "$long/fashion_long.md" && grep -q "^| target p" \
-  "$long/fashion_long.md" \
-  && pass "the long table has a row per stage, the base and the target" || fail "long table: $rows stage rows"
+  "$long/fashion_long.md" && grep -q "^| floor: real images, 3 per class" "$long/fashion_long.md" \
+  && pass "the long table has a row per stage, the base, the floor and the target" \
+  || fail "long table: $rows stage rows"
 grep -q "^grid panels: base;am, 10 iterations;am_sigma1, 10 iterations$" "$out/log3" \
   && pass "the grid shows each run's stage of most iterations" || fail "grid: $(grep '^grid panels' "$out/log3")"
 # A stage is the model a run of its length gives: 10 iterations straight, byte for byte the stage resumed from 2.

@@ -15,7 +15,8 @@
 # Runs: am (memoryless, LoRA rank 4, lr 1e-3), am_sigma1 (sigma = 1, a biased schedule), am_copy (a full copy,
 # lr 2e-4), am_cosine (am with the lr decayed from 1e-3 to 1e-5 along a cosine: one budget only, as its stages would
 # not be runs of their own length), am_batch32 (am with 32 samples per iteration), am_k20 (am on 20 time steps with
-# 6 + 6 loss steps, the same share of the steps: twice the work of an iteration), discrete_adjoint. A run killed
+# 6 + 6 loss steps, the same share of the steps: twice the work of an iteration), am_k40 (40 steps, 12 + 12 in the
+# loss: four times the work), discrete_adjoint; and each of them as <run>_seed<N>, trained from seed N. A run killed
 # mid-stage resumes from its last checkpoint when the script is started again; finished stages are skipped. Two
 # cores: one instance per run on one thread each finishes sooner, once the base and classifiers exist (two instances
 # would both start the pretraining, and the second stop), e.g.
@@ -42,9 +43,16 @@ LAMBDA=${LAMBDA:-5}
 
 # The settings of a run beyond configs/fashion_unet.toml's [finetune] (LoRA rank 4, batch 16, K = 10, lr 1e-3), after
 # a constant learning rate.
-known_runs="am am_sigma1 am_copy am_cosine am_batch32 am_k20 discrete_adjoint"
+# A run name may end in _seedN (am_seed1, am_k20_seed2): the run with the top-level seed N (the network's
+# initialisation and every iteration's draws; sampling keeps its own seed), to see how much a row owes to training
+# noise.
+known_runs="am am_sigma1 am_copy am_cosine am_batch32 am_k20 am_k40 discrete_adjoint"
 run_settings() {
-  case $1 in
+  local name=$1 seed=""
+  if [[ $name =~ ^(.+)_seed([0-9]+)$ ]]; then
+    name=${BASH_REMATCH[1]}; seed=${BASH_REMATCH[2]}
+  fi
+  case $name in
     am) echo "" ;;
     am_sigma1) echo 'finetune.noise="constant:1"' ;;
     am_copy) echo 'finetune.model="copy" finetune.lr=2e-4' ;;
@@ -52,9 +60,12 @@ run_settings() {
     am_batch32) echo 'finetune.batch_size=32' ;;
     am_k20) echo 'finetune.num_steps=20 finetune.adjoint_matching.loss_early_steps=6' \
       'finetune.adjoint_matching.loss_late_steps=6' ;;
+    am_k40) echo 'finetune.num_steps=40 finetune.adjoint_matching.loss_early_steps=12' \
+      'finetune.adjoint_matching.loss_late_steps=12' ;;
     discrete_adjoint) echo 'finetune.method="discrete_adjoint"' ;;
-    *) echo "RUNS: unknown run '$1' (known: $known_runs)" >&2; return 1 ;;
+    *) echo "RUNS: unknown run '$1' (known: $known_runs, each also as <run>_seed<N>)" >&2; return 1 ;;
   esac
+  [ -z "$seed" ] || echo "seed=$seed"
 }
 for name in $RUNS; do run_settings "$name" > /dev/null; done
 previous=0
@@ -103,10 +114,18 @@ for name in $RUNS; do
   done
 done
 
-# Every stage sampled so far, of every run (also those another instance trains), scored together.
+# Every stage sampled so far, of every run (also those another instance trains, and every seed), scored together;
+# the grid shows the runs of seed 0.
 args=(--samples "$OUT/base/$samples")
 panels=("$OUT/base/$samples:base")
+scored=""
 for name in $known_runs; do
+  scored+=" $name"
+  for d in "$OUT/${name}"_seed*; do
+    [[ -d $d && $(basename "$d") =~ ^${name}_seed[0-9]+$ ]] && scored+=" $(basename "$d")"
+  done
+done
+for name in $scored; do
   most=0
   for f in "$OUT/$name"/*_"$samples"; do
     b=$(basename "$f" "_$samples")
@@ -115,7 +134,7 @@ for name in $known_runs; do
     # The glob sorts 1000 before 200: the grid shows the stage of most iterations, compared as numbers.
     [ "$b" -le "$most" ] || most=$b
   done
-  [ "$most" = 0 ] || panels+=("$OUT/$name/${most}_$samples:$name, $most iterations")
+  [ "$most" = 0 ] || [[ $name == *_seed* ]] || panels+=("$OUT/$name/${most}_$samples:$name, $most iterations")
 done
 printf 'grid panels: %s\n' "$(IFS=';'; echo "${panels[*]##*:}")"
 $tilt eval-images -c $config "${common[@]}" "${classifier[@]}" --set "reward.lambda=$LAMBDA" "${args[@]}" \

@@ -12,7 +12,14 @@ RUNS = [("am", "Adjoint Matching (memoryless)"), ("am_sigma1", "Adjoint Matching
         ("am_copy", "Adjoint Matching, full copy (lr 2e-4)"),
         ("am_cosine", "Adjoint Matching, lr decayed along a cosine to 1e-5"),
         ("am_batch32", "Adjoint Matching, batch 32"), ("am_k20", "Adjoint Matching, K = 20 steps (6 + 6 in the loss)"),
-        ("discrete_adjoint", "discrete adjoint")]
+        ("am_k40", "Adjoint Matching, K = 40 steps (12 + 12 in the loss)"), ("discrete_adjoint", "discrete adjoint")]
+
+
+def with_seeds(out, name, label):
+    """The run of seed 0 and its other seeds (OUT/<name>_seed<N>, by N), as (folder name, row label) pairs."""
+    seeds = sorted((int(m.group(1)), d) for d in (os.listdir(out) if os.path.isdir(out) else [])
+                   for m in [re.fullmatch(re.escape(name) + r"_seed(\d+)", d)] if m)
+    return [(name, label)] + [(d, "%s, seed %d" % (label, k)) for k, d in seeds]
 
 
 def speed(run):
@@ -49,17 +56,17 @@ def main():
     w("# Fashion-MNIST: Adjoint Matching at longer budgets (lambda = %s)\n\n" % lam)
     w("Written by `scripts/fashion_long.sh` (`UPDATE_DOCS=1`); do not edit by hand. scripts/fashion.sh's base U-Net "
       "(configs/fashion_unet.toml), fine-tuned over all ten classes towards r(x, c) = log p(c | x) at lambda = %s "
-      "(batch 16, K = 10 time steps, a constant learning rate, where the row does not say otherwise), each run "
-      "trained on in stages (a run whose learning rate decays: in one) and scored at each: %s ODE samples per class "
-      "(%s %s steps, sampled with THREADS=%s). Each metric is the mean over the ten classes of the class's own. "
-      "\"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). s/it: the median seconds per "
-      "iteration over the run's stages, with the run's threads in brackets (runs started side by side, one script "
-      "per run, share the machine's cores). Other columns as in docs/fashion.md.\n\n"
+      "(batch 16, K = 10 time steps, a constant learning rate, training seed 0, where the row does not say "
+      "otherwise), each run trained on in stages (a run whose learning rate decays: in one) and scored at each: "
+      "%s ODE samples per class (%s %s steps, sampled with THREADS=%s). Each metric is the mean over the ten "
+      "classes of the class's own. \"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). "
+      "s/it: the median seconds per iteration over the run's stages, with the run's threads in brackets (runs "
+      "started side by side, one script per run, share the machine's cores). Other columns as in docs/fashion.md.\n\n"
       % (lam, n, integrator.capitalize(), steps, threads))
     w("| model | iterations | log p(c\\|x) | of the way to p\\* | unseen log p | own class | feature diversity | "
       "pixel diversity | Frechet | s/it |\n|---|---|---|---|---|---|---|---|---|---|\n")
     w("| base model | 0 | %s | |\n" % " | ".join(cells(e["samples"][base_file]["summary"], False)))
-    for name, label in RUNS:
+    for name, label in (run for name, label in RUNS for run in with_seeds(out, name, label)):
         pattern = re.escape(os.path.join(out, name)) + r"/(\d+)_" + re.escape(samples)
         stages = sorted((int(m.group(1)), path) for path in e["samples"]
                         for m in [re.fullmatch(pattern, path)] if m)

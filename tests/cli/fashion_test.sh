@@ -111,7 +111,18 @@ grep -q "^grid panels: base;am, 10 iterations;am_sigma1, 10 iterations$" "$out/l
    > "$out/log4" 2>&1
 cmp -s "$out/straight/model.pt" "$long/am/model_10.pt" && pass "a stage resumed from the last is the run of its length" \
   || fail "the 10-iteration stage differs from 10 iterations straight: $(tail -2 "$out/log4")"
-for bad_env in "RUNS=nope" "BUDGETS=4 2"; do
+# Another seed of a run: its own folder and row, trained from that seed, scored with the rest, not in the grid.
+if RUNS=am_seed3 BUDGETS=2 TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$long" THREADS=2 TILT_QUIET=1 \
+     "$src/scripts/fashion_long.sh" > "$out/log5" 2>&1 \
+   && grep -q '"seed": 3' "$long/am_seed3/config.resolved.json" && [ -f "$long/am_seed3/2_samples_n3_heun2.csv" ] \
+   && ! cmp -s "$long/am_seed3/model_2.pt" "$long/am/model_2.pt" \
+   && grep -q "^| Adjoint Matching (memoryless), seed 3 | 2 |" "$long/fashion_long.md" \
+   && grep -q "^grid panels: base;am, 10 iterations;am_sigma1, 10 iterations$" "$out/log5"; then
+  pass "RUNS=am_seed3 trains am from seed 3 into a row of its own"
+else
+  fail "am_seed3: $(tail -3 "$out/log5"; grep 'seed' "$long/fashion_long.md")"
+fi
+for bad_env in "RUNS=nope" "RUNS=nope_seed1" "BUDGETS=4 2"; do
   msg=$(env "$bad_env" TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$out/bad" "$src/scripts/fashion_long.sh" 2>&1)
   [ $? != 0 ] && [[ $msg == "${bad_env%%=*}: "* ]] && [ ! -e "$out/bad" ] && pass "$bad_env is refused, naming it" \
     || fail "$bad_env: $msg"

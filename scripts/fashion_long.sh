@@ -9,9 +9,12 @@
 #     stage resuming the last (`--resume` with more iterations) at a constant learning rate, so that the model of a
 #     stage is exactly the model a run of that length would give (the test checks this byte for byte); each stage's
 #     model is kept as <run>/model_<iterations>.pt and sampled with the flow ODE at every class;
-#   - scores every stage, the base and the target p* (base samples reweighted by p(c | x)^lambda) together with
-#     `tilt eval-images`, writes the table ($OUT/fashion_long.md; the share of the way from the base's log p(c | x)
-#     to the target's is its own column) and a grid of the base and each run's last stage ($OUT/grid.png).
+#   - samples the base also with the memoryless chains the runs train on (CHAINS: Euler-Maruyama or the exact step,
+#     K steps), to show how far a K-step chain's terminal law is from the base's;
+#   - scores every stage, the base (and its chains) and the target p* (base samples reweighted by
+#     p(c | x)^lambda) together with `tilt eval-images`, writes the table ($OUT/fashion_long.md; the share of the
+#     way from the base's log p(c | x) to the target's is its own column) and a grid of the base and each run's
+#     last stage ($OUT/grid.png).
 # Runs: am (memoryless, LoRA rank 4, lr 1e-3), am_sigma1 (sigma = 1, a biased schedule), am_copy (a full copy,
 # lr 2e-4), am_cosine (am with the lr decayed from 1e-3 to 1e-5 along a cosine: one budget only, as its stages would
 # not be runs of their own length), am_batch32 (am with 32 samples per iteration), am_k20 (am on 20 time steps with
@@ -26,16 +29,16 @@
 #   UPDATE_DOCS=1 scripts/fashion_long.sh   # also writes docs/fashion_long.md and docs/images/fashion_long.png
 #   TINY=1 OUT=/tmp/l scripts/fashion_long.sh   # a tiny U-Net and 2000 images, budgets 2 10 (ctest fashion)
 # Environment: FASHION (runs/fashion; TINY: $OUT/fashion), OUT (runs/fashion_long), RUNS ("am am_sigma1"), LAMBDA (5),
-# BUDGETS ("200 500 1000 2000"), THREADS (0: all cores), N, STEPS, INTEGRATOR (the sampler, as scripts/fashion.sh),
-# NO_BUILD=1, TILT (build/bin/tilt).
+# BUDGETS ("200 500 1000 2000"), CHAINS (the base's chain rows: "euler10 euler20 euler40 exact10"; TINY: euler4),
+# THREADS (0: all cores), N, STEPS, INTEGRATOR (the sampler, as scripts/fashion.sh), NO_BUILD=1, TILT (build/bin/tilt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/fashion_long}
 . scripts/fashion_settings.sh
 if [ "$TINY" = 1 ]; then
-  FASHION=${FASHION:-$OUT/fashion}; BUDGETS=${BUDGETS:-2 10}
+  FASHION=${FASHION:-$OUT/fashion}; BUDGETS=${BUDGETS:-2 10}; CHAINS=${CHAINS:-euler4}
 else
-  BUDGETS=${BUDGETS:-200 500 1000 2000}
+  BUDGETS=${BUDGETS:-200 500 1000 2000}; CHAINS=${CHAINS:-euler10 euler20 euler40 exact10}
 fi
 FASHION=${FASHION:-runs/fashion}
 RUNS=${RUNS:-am am_sigma1}
@@ -76,6 +79,12 @@ for b in $BUDGETS; do
   fi
   previous=$b
 done
+for chain in $CHAINS; do
+  if ! [[ $chain =~ ^(euler|exact)([1-9][0-9]*)$ ]]; then
+    echo "CHAINS: '$chain' is not euler<K> or exact<K> (the memoryless chain's step and its number of steps)" >&2
+    exit 1
+  fi
+done
 # A decaying lr depends on the run's length: a stage resumed with more iterations would follow another curve than a
 # run of that length, so such a run trains to one budget.
 for name in $RUNS; do
@@ -93,6 +102,15 @@ classifier=(--set "reward.path=$FASHION/classifier/classifier.pt")
 mkdir -p "$OUT/base"
 
 sample "$FASHION/base/model.pt" "$OUT/base/$samples"
+# The base sampled with the chains the runs train on: the memoryless SDE in K steps of Euler-Maruyama (a run's
+# rollouts, finetune.num_steps = K) or of the exact step, N per class, scored beside the ODE's samples: how far a
+# training chain's own terminal law lies from the base's.
+for chain in $CHAINS; do
+  [[ $chain =~ ^(euler|exact)([0-9]+)$ ]]
+  f=$OUT/base/chain_${chain}_n$N.csv
+  [ -f "$f" ] || $tilt sample -m "$FASHION/base/model.pt" --noise memoryless -n "$N" --steps "${BASH_REMATCH[2]}" \
+    --integrator "${BASH_REMATCH[1]}" --seed 1 --threads "$THREADS" -o "$f" $quiet
+done
 
 for name in $RUNS; do
   dir=$OUT/$name
@@ -117,6 +135,7 @@ done
 # Every stage sampled so far, of every run (also those another instance trains, and every seed), scored together;
 # the grid shows the runs of seed 0.
 args=(--samples "$OUT/base/$samples")
+for chain in $CHAINS; do args+=(--samples "$OUT/base/chain_${chain}_n$N.csv"); done
 panels=("$OUT/base/$samples:base")
 scored=""
 for name in $known_runs; do

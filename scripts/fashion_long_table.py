@@ -57,7 +57,8 @@ def main():
     w("Written by `scripts/fashion_long.sh` (`UPDATE_DOCS=1`); do not edit by hand. scripts/fashion.sh's base U-Net "
       "(configs/fashion_unet.toml), fine-tuned over all ten classes towards r(x, c) = log p(c | x) at lambda = %s "
       "(batch 16, K = 10 time steps, a constant learning rate, training seed 0, where the row does not say "
-      "otherwise), each run trained on in stages (a run whose learning rate decays: in one) and scored at each: "
+      "otherwise; the base's other rows: the base sampled with the memoryless SDE in K steps, the chain a run of K "
+      "steps trains on), each run trained on in stages (a run whose learning rate decays: in one) and scored at each: "
       "%s ODE samples per class (%s %s steps, sampled with THREADS=%s). Each metric is the mean over the ten "
       "classes of the class's own. \"Of the way to p*\": (log p(c|x) - the base's) / (the target's - the base's). "
       "s/it: the median seconds per iteration over the run's stages, with the run's threads in brackets (runs "
@@ -66,6 +67,14 @@ def main():
     w("| model | iterations | log p(c\\|x) | of the way to p\\* | unseen log p | own class | feature diversity | "
       "pixel diversity | Frechet | s/it |\n|---|---|---|---|---|---|---|---|---|---|\n")
     w("| base model | 0 | %s | |\n" % " | ".join(cells(e["samples"][base_file]["summary"], False)))
+    # The base sampled with a training chain (the memoryless SDE in K steps) instead of the ODE.
+    chain = re.escape(os.path.join(out, "base")) + r"/chain_(euler|exact)(\d+)_n" + re.escape(n) + r"\.csv"
+    chains = sorted((m.group(1) != "euler", int(m.group(2)), path) for path in e["samples"]
+                    for m in [re.fullmatch(chain, path)] if m)
+    for exact, k, path in chains:
+        w("| base model, sampled with the memoryless chain: %s, K = %d | 0 | %s | |\n"
+          % ("the exact step" if exact else "Euler-Maruyama (as the runs train)", k,
+             " | ".join(cells(e["samples"][path]["summary"], False))))
     for name, label in (run for name, label in RUNS for run in with_seeds(out, name, label)):
         pattern = re.escape(os.path.join(out, name)) + r"/(\d+)_" + re.escape(samples)
         stages = sorted((int(m.group(1)), path) for path in e["samples"]

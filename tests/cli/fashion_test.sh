@@ -99,8 +99,10 @@ done
 rows=$(grep -c -E "^\| Adjoint Matching \(memoryless\) \| (2|10) \||^\| Adjoint Matching, sigma = 1 \| (2|10) \|" \
          "$long/fashion_long.md")
 [ "$rows" = 4 ] && grep -q "^| base model | 0 |" "$long/fashion_long.md" && grep -q "^| target p" \
+  "$long/fashion_long.md" \
+  && grep -q "^| base model, sampled with the memoryless chain: Euler-Maruyama (as the runs train), K = 4 | 0 |" \
   "$long/fashion_long.md" && grep -q "^| floor: real images, 3 per class" "$long/fashion_long.md" \
-  && pass "the long table has a row per stage, the base, the floor and the target" \
+  && pass "the long table has a row per stage, the base, its training chain, the floor and the target" \
   || fail "long table: $rows stage rows"
 grep -q "^grid panels: base;am, 10 iterations;am_sigma1, 10 iterations$" "$out/log3" \
   && pass "the grid shows each run's stage of most iterations" || fail "grid: $(grep '^grid panels' "$out/log3")"
@@ -122,7 +124,7 @@ if RUNS=am_seed3 BUDGETS=2 TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$l
 else
   fail "am_seed3: $(tail -3 "$out/log5"; grep 'seed' "$long/fashion_long.md")"
 fi
-for bad_env in "RUNS=nope" "RUNS=nope_seed1" "BUDGETS=4 2"; do
+for bad_env in "RUNS=nope" "RUNS=nope_seed1" "BUDGETS=4 2" "CHAINS=heun10"; do
   msg=$(env "$bad_env" TINY=1 NO_BUILD=1 TILT="$tilt" FASHION="$out" OUT="$out/bad" "$src/scripts/fashion_long.sh" 2>&1)
   [ $? != 0 ] && [[ $msg == "${bad_env%%=*}: "* ]] && [ ! -e "$out/bad" ] && pass "$bad_env is refused, naming it" \
     || fail "$bad_env: $msg"

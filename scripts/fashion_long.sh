@@ -79,8 +79,9 @@ for b in $BUDGETS; do
   fi
   previous=$b
 done
+chain_form='^(euler|exact)([1-9][0-9]*)$'   # a chain of CHAINS: its step and its number of steps
 for chain in $CHAINS; do
-  if ! [[ $chain =~ ^(euler|exact)([1-9][0-9]*)$ ]]; then
+  if ! [[ $chain =~ $chain_form ]]; then
     echo "CHAINS: '$chain' is not euler<K> or exact<K> (the memoryless chain's step and its number of steps)" >&2
     exit 1
   fi
@@ -105,9 +106,11 @@ sample "$FASHION/base/model.pt" "$OUT/base/$samples"
 # The base sampled with the chains the runs train on: the memoryless SDE in K steps of Euler-Maruyama (a run's
 # rollouts, finetune.num_steps = K) or of the exact step, N per class, scored beside the ODE's samples: how far a
 # training chain's own terminal law lies from the base's.
+chain_files=()
 for chain in $CHAINS; do
-  [[ $chain =~ ^(euler|exact)([0-9]+)$ ]]
+  [[ $chain =~ $chain_form ]]
   f=$OUT/base/chain_${chain}_n$N.csv
+  chain_files+=(--samples "$f")
   [ -f "$f" ] || $tilt sample -m "$FASHION/base/model.pt" --noise memoryless -n "$N" --steps "${BASH_REMATCH[2]}" \
     --integrator "${BASH_REMATCH[1]}" --seed 1 --threads "$THREADS" -o "$f" $quiet
 done
@@ -135,7 +138,7 @@ done
 # Every stage sampled so far, of every run (also those another instance trains, and every seed), scored together;
 # the grid shows the runs of seed 0.
 args=(--samples "$OUT/base/$samples")
-for chain in $CHAINS; do args+=(--samples "$OUT/base/chain_${chain}_n$N.csv"); done
+args+=("${chain_files[@]}")
 panels=("$OUT/base/$samples:base")
 scored=""
 for name in $known_runs; do

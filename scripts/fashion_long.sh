@@ -19,7 +19,8 @@
 # lr 2e-4), am_cosine (am with the lr decayed from 1e-3 to 1e-5 along a cosine: one budget only, as its stages would
 # not be runs of their own length), am_batch32 (am with 32 samples per iteration), am_k20 (am on 20 time steps with
 # 6 + 6 loss steps, the same share of the steps: twice the work of an iteration), am_k40 (40 steps, 12 + 12 in the
-# loss: four times the work), discrete_adjoint; and each of them as <run>_seed<N>, trained from seed N. A run killed
+# loss: four times the work), am_exact (am trained on the exact gDDIM step's chain, its rollout and lean adjoint, with
+# the paper's target), discrete_adjoint; and each of them as <run>_seed<N>, trained from seed N. A run killed
 # mid-stage resumes from its last checkpoint when the script is started again; finished stages are skipped. Two
 # cores: one instance per run on one thread each finishes sooner, once the base and classifiers exist (two instances
 # would both start the pretraining, and the second stop), e.g.
@@ -49,7 +50,7 @@ LAMBDA=${LAMBDA:-5}
 # A run name may end in _seedN (am_seed1, am_k20_seed2): the run with the top-level seed N (the network's
 # initialisation and every iteration's draws; sampling keeps its own seed), to see how much a row owes to training
 # noise.
-known_runs="am am_sigma1 am_copy am_cosine am_batch32 am_k20 am_k40 discrete_adjoint"
+known_runs="am am_sigma1 am_copy am_cosine am_batch32 am_k20 am_k40 am_exact discrete_adjoint"
 run_settings() {
   local name=$1 seed=""
   if [[ $name =~ ^(.+)_seed([0-9]+)$ ]]; then
@@ -65,6 +66,7 @@ run_settings() {
       'finetune.adjoint_matching.loss_late_steps=6' ;;
     am_k40) echo 'finetune.num_steps=40 finetune.adjoint_matching.loss_early_steps=12' \
       'finetune.adjoint_matching.loss_late_steps=12' ;;
+    am_exact) echo 'finetune.adjoint_matching.integrator="exact"' ;;
     discrete_adjoint) echo 'finetune.method="discrete_adjoint"' ;;
     *) echo "RUNS: unknown run '$1' (known: $known_runs, each also as <run>_seed<N>)" >&2; return 1 ;;
   esac

@@ -12,7 +12,8 @@ RUNS = [("am", "Adjoint Matching (memoryless)"), ("am_sigma1", "Adjoint Matching
         ("am_copy", "Adjoint Matching, full copy (lr 2e-4)"),
         ("am_cosine", "Adjoint Matching, lr decayed along a cosine to 1e-5"),
         ("am_batch32", "Adjoint Matching, batch 32"), ("am_k20", "Adjoint Matching, K = 20 steps (6 + 6 in the loss)"),
-        ("am_k40", "Adjoint Matching, K = 40 steps (12 + 12 in the loss)"), ("discrete_adjoint", "discrete adjoint")]
+        ("am_k40", "Adjoint Matching, K = 40 steps (12 + 12 in the loss)"),
+        ("am_exact", "Adjoint Matching on the exact step's chain (K = 10)"), ("discrete_adjoint", "discrete adjoint")]
 
 
 def with_seeds(out, name, label):

@@ -27,7 +27,8 @@ const std::vector<std::string> kAdjointMatchingKeys{"loss_early_steps", "loss_la
                                                     "loss_weighting",   "final_noiseless_step", "tape_activations",
                                                     "guidance",         "guidance_adjoint",     "guidance_control",
                                                     "dsm_until",        "dsm_rollout",          "dsm_rollout_steps",
-                                                    "buffer_size",      "buffer_passes",        "buffer_weights"};
+                                                    "buffer_size",      "buffer_passes",        "buffer_weights",
+                                                    "integrator",       "target"};
 const std::vector<std::string> kPolicyKeys{"log_prob", "clip_range", "adv_clip_max", "scale_advantages", "inner_epochs"};
 const std::vector<std::string> kGroupKeys{"group_size", "window", "window_strategy", "window_iters", "window_shift"};
 
@@ -164,6 +165,22 @@ void read_adjoint_matching_method(ConfigSection& table, MethodContext& ctx) {
   FinetunePlan& plan = ctx.plan;
   AdjointMatchingOptions am = plan_options<AdjointMatchingOptions>(plan);
   read_adjoint_matching_keys(table, am);
+  // integrator: the training chain's step, the paper's Euler-Maruyama or the exact gDDIM step (E135); it steps the
+  // rollout and the lean adjoint.
+  am.integrator = parse_integrator(table.choice("integrator", {"euler", "exact"}, "euler"));
+  // target: the paper's continuous-time target, or the training chain's own (its tilt; E135).
+  am.target = table.choice("target", {"continuous", "chain"}, "continuous");
+  if (am.integrator == Integrator::exact) {
+    if (!am.final_noiseless_step) {
+      table.fail("integrator", "= \"exact\" needs final_noiseless_step = true (the exact step to t = 1 has no noise)");
+    }
+    try {
+      stochasticity_of(*plan.noise_schedule);
+    } catch (const Error& e) {
+      table.fail("integrator", "= \"exact\" steps the schedules sigma = gamma sqrt(2 eta) (finetune.noise = "
+                               "\"memoryless\" or \"scaled_memoryless:<gamma>\"), not " + plan.noise_schedule->describe());
+    }
+  }
   // The label-free convergence signals (docs/method.md): the loss's median over the last 50 iterations, and the
   // rollout's ESS (not reported with guidance: E104).
   plan.trainer.loss_window = 50;

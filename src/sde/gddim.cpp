@@ -23,7 +23,9 @@ ExponentialStep exponential_step(const Schedule& schedule, double t, double s, d
   if (!(gamma >= 0.0) || !std::isfinite(gamma)) {
     throw Error("exact gDDIM step: stochasticity gamma must be finite and >= 0, got " + number_string(gamma));
   }
-  const ScheduleValues a = schedule.at(t), b = schedule.at(s);
+  const ScheduleValues a = schedule.at(t);
+  ScheduleValues b = schedule.at(s);
+  if (s == 1.0) b.beta = 0.0;  // the data end, exactly (the cosine schedule's cos(pi / 2) is 6e-17, not 0)
   const double W = wronskian(a);
   if (!(W > 0.0) || !std::isfinite(W)) {
     throw Error("exact gDDIM step: the " + schedule.name() + " schedule has no finite, positive alpha' beta - alpha beta' at t = " + number_string(t));

@@ -6,6 +6,7 @@
 #include "tilt/core/log.h"
 #include "tilt/model/taped.h"
 #include "tilt/sde/engine.h"
+#include "tilt/sde/gddim.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -44,15 +45,17 @@ class PhaseClock {
 // docs/equations.md, E23): the Euler steps of the
 // frozen base drift, a_k = (1 - h c_x) a_{k+1} + h c_v (dv_base/dx)^T a_{k+1}. With the noiseless final
 // step, the last kernel is the step actually taken, X^_1 = X_{K-1} + h v_base(X_{K-1}), so that a_k is
-// exactly the gradient of g(X^_1) with respect to X_k through the discretised base dynamics.
-std::vector<StepKernel> adjoint_kernels(const GenerativeSDE& base_sde, const TimeGrid& grid, bool final_noiseless_step) {
-  std::vector<StepKernel> kernels = step_kernels(base_sde, grid, Integrator::euler);
-  if (final_noiseless_step) kernels.back() = {1.0, grid.step(grid.steps() - 1), 0.0};
+// exactly the gradient of g(X^_1) with respect to X_k through the discretised base dynamics. With the exact
+// step (E135) they are the base's exact gDDIM steps, whose last one, to t = 1, is noiseless already.
+std::vector<StepKernel> adjoint_kernels(const GenerativeSDE& base_sde, const TimeGrid& grid, bool final_noiseless_step,
+                                        Integrator integrator) {
+  std::vector<StepKernel> kernels = step_kernels(base_sde, grid, integrator);
+  if (final_noiseless_step && integrator == Integrator::euler) kernels.back() = {1.0, grid.step(grid.steps() - 1), 0.0};
   return kernels;
 }
 
 // log dP_base / dQ_model of a rollout of the fine-tuned SDE (docs/equations.md, E93, E104): on each noisy step k
-// the two Euler-Maruyama kernels have the same std and means that differ by c_v,k (v_model - v_base)(X_k), given
+// the two kernels (Euler-Maruyama or exact) have the same std and means that differ by c_v,k (v_model - v_base)(X_k), given
 // by `difference(k)`; xi[k] is the step's draw. Steps without a draw (the noiseless final step, the same for both
 // chains) add nothing. [n] in double.
 Tensor control_log_path(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& xi, int64_t n,
@@ -89,8 +92,12 @@ void add_regression_metrics(LossOutput& out, const AdjointBatch& batch, double l
 
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
                          const Reward& reward, double lambda, bool final_noiseless_step, const Tensor& c,
-                         double guidance, std::vector<KeptForwards>* kept_base) {
+                         double guidance, std::vector<KeptForwards>* kept_base, Integrator integrator) {
   const int64_t K = grid.steps();
+  if (integrator == Integrator::exact && !final_noiseless_step) {
+    throw Error("lean adjoint: the exact step needs the noiseless final step (its step to t = 1 has no noise)");
+  }
+  const std::vector<StepKernel> kernels = adjoint_kernels(base_sde, grid, final_noiseless_step, integrator);
   const size_t needed = static_cast<size_t>(final_noiseless_step ? K : K + 1);
   if (x.size() < needed) {
     throw Error("lean adjoint: needs " + std::to_string(needed) + " recorded states, got " +
@@ -102,14 +109,14 @@ LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor
   out.a.resize(static_cast<size_t>(K) + 1);
   out.v_base.resize(static_cast<size_t>(K));
   if (final_noiseless_step) {
-    // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), the noiseless last step (App. G.1).
+    // X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), the noiseless last step (App. G.1); the exact step's own.
     out.v_base[K - 1] = velocity_by_rows(base, c, guidance, x[K - 1], grid[K - 1]);
-    out.x1 = StepKernel{1.0, grid.step(K - 1), 0.0}.mean(x[K - 1], out.v_base[K - 1]);
+    out.x1 = kernels.back().mean(x[K - 1], out.v_base[K - 1]);
   } else {
     out.x1 = x[K];
   }
   out.a[K] = -lambda * reward.grad(out.x1);
-  lean_adjoint_recursion(out.a, adjoint_kernels(base_sde, grid, final_noiseless_step),
+  lean_adjoint_recursion(out.a, kernels,
                          [&](int64_t k, const Tensor& a) {
                            KeptForwards* kept = kept_base && k < static_cast<int64_t>(kept_base->size())
                                                     ? &(*kept_base)[static_cast<size_t>(k)]
@@ -151,11 +158,33 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
   // The paper's offset is one step of the grid, h = 1/K (as tilt finetune and make_finetune_plan set it);
   // the library's default, 1/40, is that only for K = 40. Not an error: any h > 0 is a valid schedule.
   const double one_step = 1.0 / static_cast<double>(options_.num_steps);
-  if (noise->is_memoryless() && std::abs(noise->h() - one_step) > 1e-9 * one_step) {
+  if (noise->is_memoryless() && options_.integrator != Integrator::exact && std::abs(noise->h() - one_step) > 1e-9 * one_step) {
     warning("adjoint matching: the memoryless offset h = " + number_string(noise->h()) + " is not one step 1/K = " +
             number_string(one_step) + " of its K = " + std::to_string(options_.num_steps) +
             " steps (the paper's and tilt finetune's choice); pass make_memoryless_noise(1.0 / K) to match them");
   }
+  const bool exact_step = options_.integrator == Integrator::exact;
+  if (options_.integrator == Integrator::heun) {
+    throw Error("adjoint matching: integrator must be euler or exact (heun's step is not Gaussian), got heun");
+  }
+  if (exact_step) {
+    if (!options_.final_noiseless_step) {
+      throw Error("adjoint matching: integrator = exact needs final_noiseless_step = true (the exact step to t = 1 has "
+                  "no noise: the reward is taken at the base's X^_1)");
+    }
+    try {
+      stochasticity_of(*noise);
+    } catch (const Error& e) {
+      throw Error("adjoint matching: integrator = exact steps the schedules sigma = gamma sqrt(2 eta) (memoryless, "
+                  "scaled_memoryless): " + std::string(e.what()));
+    }
+  }
+  if (options_.target != "continuous" && options_.target != "chain") {
+    throw Error("adjoint matching: target must be 'continuous' or 'chain', got '" + options_.target + "'");
+  }
+  const bool chain_target = options_.target == "chain";
+  if (chain_target) target_shift_ = 1;
+  const std::vector<StepKernel> kernels = chain_target ? chain_kernels() : std::vector<StepKernel>();
   const NoiseSchedulePtr exact = noise->with_offset(0.0);
   for (int64_t k = 0; k < grid_.steps(); ++k) {
     const double t = grid_[k];
@@ -166,9 +195,15 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
                   std::to_string(sigma) + "; fine-tune with the memoryless schedule");
     }
     scale_.push_back(options_.loss_weighting == "velocity" ? 1.0 : finetuned_sde_.coefficients(t).c_v / sigma);
-    // rho = sigma^2 / c_v with h = 0; the memoryless schedule gives eta_t (infinite at t = 0).
+    // rho = sigma^2 / c_v with h = 0; the memoryless schedule gives eta_t (infinite at t = 0). The chain target:
+    // the tilt of a Gaussian step shifts its mean by -std^2 a_{k+1}, so rho = std_k^2 / c_v,k (E135), finite at
+    // t = 0; the noiseless last step (final_noiseless_step, or the exact step to t = 1) has no noise to tilt and so
+    // no target.
     const double sigma0 = exact->sigma(*model_->schedule(), t);
-    const double rho = sigma0 * sigma0 / exact->drift(*model_->schedule(), t).c_v;
+    const StepKernel* q = chain_target ? &kernels[static_cast<size_t>(k)] : nullptr;
+    const bool noiseless = q && (q->deterministic() || (options_.final_noiseless_step && k == grid_.steps() - 1));
+    const double rho = q ? (noiseless ? INFINITY : q->std * q->std / q->c_v)
+                         : sigma0 * sigma0 / exact->drift(*model_->schedule(), t).c_v;
     rho_.push_back(std::isfinite(rho) ? rho : INFINITY);
     if (std::isfinite(rho) && t >= options_.loss_t_min - 1e-9) candidates_.push_back(k);  // a grid point at loss_t_min is in
   }
@@ -217,7 +252,7 @@ Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool 
   const VelocityFieldPtr model = model_;
   const double w = c.defined() ? options_.guidance : 0.0;
   if (kept_base) kept_base->assign(static_cast<size_t>(grid_.steps()), KeptForwards());
-  return tilt::rollout(step_kernels(finetuned_sde_, grid, Integrator::euler),
+  return tilt::rollout(step_kernels(finetuned_sde_, grid, options_.integrator),
                        [&](int64_t k, const Tensor& x) {
                          if (!kept_base) return velocity_by_rows(model, c, w, x, grid[k]);
                          // Residual mode, unguided: v_base + r_theta (FineTunedVelocity), the base's graph kept.
@@ -329,14 +364,14 @@ AdjointBatch AdjointMatching::simulate(Generator& gen, bool record_policy) const
   // guidance != 0 needs conditions (check_guidance), and kept graphs need guidance == 0.
   const double w_adjoint = options_.guidance_adjoint ? options_.guidance : 0.0;
   batch.adjoint = lean_adjoint(base_sde_, traj.x, grid_, *reward, options_.lambda, options_.final_noiseless_step,
-                               batch.c, w_adjoint, kept_base.empty() ? nullptr : &kept_base);
+                               batch.c, w_adjoint, kept_base.empty() ? nullptr : &kept_base, options_.integrator);
   clock.lap(&times.adjoint_s);
   at::NoGradGuard no_grad;
   batch.reward = reward->value(batch.adjoint.x1);
   if (weights) {
     // The rollout's velocities are v_theta(. | c) (no guidance) and the adjoint's v_base is v_base(. | c).
     batch.log_w = options_.lambda * batch.reward.to(at::kDouble) +
-                  control_log_path(step_kernels(finetuned_sde_, grid_, Integrator::euler), traj.xi, B,
+                  control_log_path(chain_kernels(), traj.xi, B,
                                    [&](int64_t k) { return traj.v[k] - batch.adjoint.v_base[k]; });
   }
   batch.x = std::move(traj.x);
@@ -351,6 +386,14 @@ Tensor AdjointMatching::policy_velocity(const Tensor& x, int64_t k, const Tensor
   at::NoGradGuard no_grad;
   if (!c.defined()) return model_->velocity(x, grid_[k]);
   return bind_condition(model_, c, options_.guidance)->velocity(x, grid_[k]);
+}
+
+Tensor AdjointMatching::regression_target(const std::vector<Tensor>& a, int64_t k) const {
+  return -rho_.at(static_cast<size_t>(k)) * a.at(static_cast<size_t>(target_adjoint_step(k)));
+}
+
+std::vector<StepKernel> AdjointMatching::chain_kernels() const {
+  return step_kernels(finetuned_sde_, grid_, options_.integrator);
 }
 
 LossOutput AdjointMatching::regression(const AdjointBatch& batch, const std::vector<int64_t>& steps,
@@ -371,7 +414,7 @@ LossOutput AdjointMatching::regression(const AdjointBatch& batch, const std::vec
     if (c.defined()) cs.push_back(c.to(opts));
     ts.push_back(at::full({B}, grid_[k], opts));
     vb.push_back(adj.v_base[k]);
-    target.push_back(rho_[k] * adj.a[k]);
+    target.push_back(rho_[k] * adj.a[static_cast<size_t>(target_adjoint_step(k))]);
     scale.push_back(at::full({B, 1}, scale_[k], opts));
     if (weighted) ws.push_back(weights.at(static_cast<size_t>(k)).to(opts));
   }
@@ -512,7 +555,7 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
     at::NoGradGuard no_grad;
     // The random draws of simulate(): X_0, then one N(0, I) per noisy step.
     const Tensor x0 = normal_draws({B, model_->dim()}, gen, at::TensorOptions().device(model_->device()));
-    const std::vector<StepKernel> kernels = step_kernels(finetuned_sde_, grid_, Integrator::euler);
+    const std::vector<StepKernel> kernels = chain_kernels();
     std::vector<Tensor> noise(static_cast<size_t>(options_.final_noiseless_step ? K - 1 : K));
     for (size_t k = 0; k < noise.size(); ++k) {
       if (!kernels[k].deterministic()) noise[k] = normal_draws(x0.sizes(), gen, x0.options());
@@ -540,7 +583,7 @@ LossOutput AdjointMatching::compute_taped(Generator& gen) {
   return out;
 }
 
-// Rollout: the Euler-Maruyama kernels of simulate(), recording the activations.
+// Rollout: the kernels of simulate(), recording the activations.
 void AdjointMatching::taped_rollout(const std::vector<StepKernel>& kernels, const std::vector<Tensor>& noise) {
   const TapedNetwork& trainable = *model_->trainable()->taped_network();
   const TapedNetwork* base_taped = model_->base()->taped_network();
@@ -568,7 +611,7 @@ Tensor AdjointMatching::taped_adjoint() {
   const VelocityField& base = *model_->base();
   const int64_t K = grid_.steps();
   const bool final_noiseless = options_.final_noiseless_step;
-  const std::vector<StepKernel> back = adjoint_kernels(base_sde_, grid_, final_noiseless);
+  const std::vector<StepKernel> back = adjoint_kernels(base_sde_, grid_, final_noiseless, options_.integrator);
   const Tensor x1 = tapes_->join([&](const Tapes::Block& b) {
     return final_noiseless ? back[K - 1].mean(b.x[K - 1], b.v_base[K - 1]) : b.x[K];
   });
@@ -598,7 +641,7 @@ LossOutput AdjointMatching::taped_regression(const std::vector<int64_t>& loss_k,
     for (int64_t k : loss_k) {
       if (!b.net_out[k].defined()) b.net_out[k] = trainable.forward_taped(b.x[k], grid_[k], b.trainable[k].get(), true);
       const Tensor delta = residual_mode ? b.net_out[k] : b.net_out[k] - b.v_base[k];
-      const Tensor residual = scale_[k] * at::add(delta, b.a[k], rho_[k]);
+      const Tensor residual = scale_[k] * at::add(delta, b.a[target_adjoint_step(k)], rho_[k]);
       const Tensor terms = residual.pow(2).sum(1);
       Tensor g = (2.0 * scale_[k] / static_cast<double>(B)) * residual;
       if (clip) g.mul_((terms <= lct).unsqueeze(1).to(g.scalar_type()));
@@ -661,7 +704,8 @@ LossOutput AdjointMatching::taped_regression(const AdjointBatch& batch, const st
         tapes.push_back(trainable.new_tape());
         const Tensor out_k = trainable.forward_taped(batch.x[k].narrow(0, r0, n), grid_[k], tapes.back().get(), true);
         const Tensor delta = residual_mode ? out_k : out_k - batch.adjoint.v_base[k].narrow(0, r0, n);
-        const Tensor residual = scale_[k] * at::add(delta, batch.adjoint.a[k].narrow(0, r0, n), rho_[k]);
+        const Tensor residual =
+            scale_[k] * at::add(delta, batch.adjoint.a[target_adjoint_step(k)].narrow(0, r0, n), rho_[k]);
         const Tensor terms = residual.pow(2).sum(1);
         const Tensor w = weights.empty() ? at::ones_like(terms)
                                          : weights.at(static_cast<size_t>(k)).narrow(0, r0, n).to(terms.options());

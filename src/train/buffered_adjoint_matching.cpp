@@ -85,7 +85,7 @@ Tensor BufferedAdjointMatching::current_velocity(const AdjointBatch& rows, int64
 std::vector<Tensor> BufferedAdjointMatching::future_weights(const AdjointBatch& rows, int64_t first_step, double* ess) {
   at::NoGradGuard no_grad;
   const int64_t B = rows.rows();
-  const std::vector<StepKernel> kernels = step_kernels(am_.finetuned_sde(), am_.grid(), Integrator::euler);
+  const std::vector<StepKernel> kernels = am_.chain_kernels();
   std::vector<Tensor> weights(rows.x.size());
   PathWeight future(B);  // accumulated from the last noisy step back to step k
   for (int64_t k = static_cast<int64_t>(rows.x.size()) - 1; k >= first_step; --k) {

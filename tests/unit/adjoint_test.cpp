@@ -195,12 +195,13 @@ class ScaledDifference : public VelocityField {
 std::pair<double, double> regression_moments(const AdjointMatching& am, const GmmVelocity& optimum,
                                              const AdjointBatch& rows, const std::vector<at::Tensor>& weights) {
   double aa = 0, ab = 0;
-  for (int64_t k = 1; k < am.grid().steps(); ++k) {
+  for (int64_t k = 0; k < am.grid().steps(); ++k) {
+    if (!std::isfinite(am.target_coefficient(k))) continue;
     const double t = am.grid()[k], s2 = std::pow(am.residual_scale(k), 2);
     const at::Tensor d = optimum.velocity(rows.x[k], t) - rows.adjoint.v_base[k];
     const at::Tensor w = weights.empty() ? at::ones({rows.rows()}, kDouble) : weights[k];
     aa += s2 * (w * (d * d).sum(1)).mean().item<double>();
-    ab += s2 * (w * (d * (am.target_coefficient(k) * rows.adjoint.a[k])).sum(1)).mean().item<double>();
+    ab -= s2 * (w * (d * am.regression_target(rows.adjoint.a, k)).sum(1)).mean().item<double>();
   }
   return {aa, ab};
 }
@@ -212,7 +213,8 @@ struct Fit {
   double theta;            // theta^
   double grad_check_error; // |d loss / d theta from AdjointMatching::compute - the same by hand|, relative
 };
-Fit fit_theta(int64_t K, const NoiseSchedulePtr& noise) {
+Fit fit_theta(int64_t K, const NoiseSchedulePtr& noise, Integrator integrator = Integrator::euler,
+              const std::string& target = "continuous", int64_t batch = 10000) {
   const double lambda = 1.0;
   const auto mixture = test::ring_mixture_2d();
   const auto schedule = make_linear_schedule();
@@ -224,19 +226,25 @@ Fit fit_theta(int64_t K, const NoiseSchedulePtr& noise) {
   auto model = std::make_shared<FineTunedVelocity>(base, residual, FineTuneMode::residual);
   AdjointMatchingOptions opts;
   opts.num_steps = K;
-  opts.batch_size = 10000;
+  opts.batch_size = batch;
   opts.lambda = lambda;
   opts.loss_late_steps = 10;
-  opts.loss_early_steps = K - 1 - 10;  // every step but t = 0, whose target is infinite
+  // Every step with a target: all but t = 0 with the continuous target, all but the noiseless last one with the chain's.
+  const bool chain = target == "chain";
+  opts.loss_early_steps = K - 1 - 10;
   opts.clip_factor = 0;
+  opts.integrator = integrator;
+  opts.target = target;
   AdjointMatching am(model, reward, noise, opts);
-  EXPECT_FALSE(std::isfinite(am.target_coefficient(0)));
+  EXPECT_EQ(std::isfinite(am.target_coefficient(0)), chain);
+  EXPECT_EQ(std::isfinite(am.target_coefficient(K - 1)), !chain);
 
   Generator gen = make_generator(12);
   const Trajectory traj = am.rollout(gen);
   AdjointBatch rows;
   rows.x = traj.x;
-  rows.adjoint = lean_adjoint(am.base_sde(), traj.x, am.grid(), *reward, lambda, true);
+  rows.adjoint = lean_adjoint(am.base_sde(), traj.x, am.grid(), *reward, lambda, true, at::Tensor(), 0.0, nullptr,
+                              integrator);
   const auto [aa, ab] = regression_moments(am, *optimum, rows, {});
   // The loss that the trainer differentiates gives d/dtheta = 2 (aa + ab) at theta = 1.
   Generator same = make_generator(12);
@@ -255,6 +263,180 @@ TEST(AdjointMatching, CriticalPointConvergesToTheTiltedVelocity) {
   EXPECT_NEAR(fine.theta, 1.0, 0.03) << "K=160: " << fine.theta;
   EXPECT_LT(std::abs(fine.theta - 1.0), 0.5 * std::abs(coarse.theta - 1.0))
       << "K=40: " << coarse.theta << ", K=160: " << fine.theta;
+}
+
+// The exact step's chain (integrator = exact, E135) with the paper's target: on the ring mixture at K = 20 its critical
+// point lies nearer u* than Euler's (theta^ 0.84 against 0.79 from 10000 paths; 0.97 at K = 80; the estimate moves by a
+// few hundredths with the paths: 0.78 against 0.72 from 3000), and the loss's gradient is the hand-computed one. The
+// chain target's critical point is the exact chain's own tilt, whose velocity sits well below v* where 1 - t is a few
+// steps (0.63; printed, not a claim).
+TEST(AdjointMatching, ExactStepCriticalPointIsNearerTheTiltedVelocityThanEulers) {
+  const Fit exact = fit_theta(20, make_memoryless_noise(1.0 / 20), Integrator::exact);
+  const Fit euler = fit_theta(20, make_memoryless_noise(1.0 / 20));
+  const Fit chain = fit_theta(20, make_memoryless_noise(1.0 / 20), Integrator::exact, "chain", 3000);
+  std::cout << "theta^ at K = 20: exact step " << exact.theta << ", Euler " << euler.theta
+            << "; exact step with the chain target " << chain.theta << "\n";
+  EXPECT_LT(exact.grad_check_error, 1e-6);
+  EXPECT_LT(chain.grad_check_error, 1e-6);
+  EXPECT_LT(std::abs(exact.theta - 1.0), std::abs(euler.theta - 1.0) - 0.02);
+  EXPECT_GT(exact.theta, 0.8);
+}
+
+// On a Gaussian base with a linear reward every V_k is linear, the lean adjoint a_k is its gradient exactly (the same
+// on every path), and tilting a Gaussian step by exp(-V_{k+1}) shifts its mean by -std_k^2 grad V_{k+1} and nothing
+// else. So the chain driven by v_base + the chain target, -(std_k^2 / c_v,k) a_{k+1}, IS the exact step's base chain tilted
+// by exp(lambda r): its terminal law is N(m + lambda Sigma w, Sigma) for the base chain's N(m, Sigma), to rounding
+// (the exact step's first kernel forgets X_0 altogether: memoryless at any K; Euler's first step keeps a little of X_0,
+// which no control tilts). The paper's target, -eta_t a_k, gives the chain's tilt only as K grows: at K = 8 it misses
+// by 70-80% of the shift.
+TEST(AdjointMatching, ExactStepTargetTiltsTheLinearGaussianChainExactly) {
+  const int64_t K = 8, d = 2;
+  const double lambda = 1.7;
+  const at::Tensor w = at::tensor({0.9, -0.6}, kDouble);
+  const RewardPtr reward = std::make_shared<LinearReward>(w);
+  for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule()}) {
+    double error[3] = {0, 0, 0};  // exact step + chain target, exact step + continuous target, Euler + chain target
+    for (int variant = 0; variant < 3; ++variant) {
+      const Integrator integrator = variant < 2 ? Integrator::exact : Integrator::euler;
+      auto base = std::make_shared<GmmVelocity>(test::isotropic_gaussian({0.4, -0.8}, 0.6), schedule);
+      auto model = make_finetuned(base, FineTuneMode::residual, {8}, 4, 1);  // r_theta = 0: the base's own paths
+      AdjointMatchingOptions o;
+      o.num_steps = K;
+      o.batch_size = 3;
+      o.lambda = lambda;
+      o.loss_early_steps = 1;
+      o.loss_late_steps = 1;
+      o.integrator = integrator;
+      o.target = variant == 1 ? "continuous" : "chain";
+      AdjointMatching am(model, reward, make_memoryless_noise(1.0 / K), o);
+      // The lean adjoint in double along any states (its VJPs do not depend on x).
+      const std::vector<at::Tensor> states(static_cast<size_t>(K + 1), at::randn({3, d}, kDouble));
+      const LeanAdjoint adjoint = lean_adjoint(am.base_sde(), states, am.grid(), *reward, lambda, true, at::Tensor(), 0.0,
+                                               nullptr, integrator);
+      const std::vector<StepKernel> q = am.chain_kernels();
+      ASSERT_EQ(static_cast<int64_t>(q.size()), K);
+      // The base chain's terminal mean and covariance, step by step through its affine maps, and the mean of the chain
+      // driven by the targets (the last step, to X^_1, is the base's own noiseless one in both).
+      at::Tensor m = at::zeros({1, d}, kDouble), m_tilted = m, cov = at::eye(d, kDouble);
+      for (int64_t k = 0; k < K; ++k) {
+        const double t = am.grid()[k];
+        const StepKernel kernel = k == K - 1 && integrator == Integrator::euler
+                                      ? StepKernel{1.0, am.grid().step(k), 0.0}
+                                      : q[static_cast<size_t>(k)];
+        at::Tensor jac = at::empty({d, d}, kDouble);  // dv_base/dx, the same everywhere (the field is affine)
+        for (int64_t i = 0; i < d; ++i) jac[i] = base->vjp(m, t, at::eye(d, kDouble)[i].unsqueeze(0))[0];
+        jac = jac.t();
+        const at::Tensor step = kernel.c_x * at::eye(d, kDouble) + kernel.c_v * jac;
+        cov = at::matmul(at::matmul(step, cov), step.t()) + kernel.std * kernel.std * at::eye(d, kDouble);
+        at::Tensor target = at::zeros({1, d}, kDouble);
+        if (std::isfinite(am.target_coefficient(k))) target = am.regression_target(adjoint.a, k).narrow(0, 0, 1);
+        m_tilted = kernel.mean(m_tilted, base->velocity(m_tilted, t) + target);
+        m = kernel.mean(m, base->velocity(m, t));
+      }
+      const at::Tensor expected = m + lambda * at::matmul(w.unsqueeze(0), cov);
+      error[variant] = (m_tilted - expected).abs().max().item<double>() / (expected - m).abs().max().item<double>();
+      EXPECT_LT((adjoint.a[3] - adjoint.a[3][0]).abs().max().item<double>(), 1e-12);  // the same on every path
+    }
+    std::cout << "relative miss of the tilted chain's mean: exact step, chain target " << error[0]
+              << "; continuous target " << error[1] << "; Euler, chain target " << error[2] << "\n";
+    EXPECT_LT(error[0], 1e-10);
+    EXPECT_GT(error[1], 1e-3);  // the paper's target is the chain's tilt only as K grows
+    EXPECT_LT(error[2], 1e-3);  // Euler's chain too, up to the little of X_0 its first step keeps (no control tilts it)
+  }
+}
+
+// The exact step's rollout is tilt::rollout through the exact gDDIM kernels with the model's velocity, on the same
+// draws (X_0, then one per noisy step), and its lean adjoint is autograd's gradient of g(X^_1) through the base's exact
+// steps (X^_1 the last one's mean).
+TEST(AdjointMatching, ExactStepRolloutAndAdjointAreTheExactChains) {
+  const int64_t K = 6;
+  auto base = std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_cosine_schedule());
+  const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+  // A model away from the base (the exact tilt's field), in double, so that the rollout's velocity is the model's.
+  auto tilted = std::make_shared<GmmVelocity>(
+      std::make_shared<GaussianMixture>(*reward->tilt(*test::ring_mixture_2d(), 1.3)), make_cosine_schedule());
+  auto model = std::make_shared<FineTunedVelocity>(base, std::make_shared<ScaledDifference>(tilted, base),
+                                                   FineTuneMode::residual);
+  AdjointMatchingOptions o;
+  o.num_steps = K;
+  o.batch_size = 5;
+  o.lambda = 1.3;
+  o.loss_early_steps = 1;
+  o.loss_late_steps = 1;
+  o.integrator = Integrator::exact;
+  o.target = "chain";
+  const auto noise = make_memoryless_noise(1.0 / K);
+  AdjointMatching am(model, reward, noise, o);
+  Generator g1 = make_generator(7), g2 = make_generator(7);
+  const AdjointBatch batch = am.simulate(g1);
+  GenerativeSDE model_sde(model, noise);
+  const std::vector<StepKernel> q = step_kernels(model_sde, TimeGrid::uniform(K), Integrator::exact);
+  const at::Tensor x0 = normal_draws({o.batch_size, 2}, g2, batch.x[0].options());
+  std::vector<StepKernel> first(q.begin(), q.end() - 1);  // the rollout stops at t_{K-1}
+  RolloutRecord record;
+  record.states = true;
+  const Rollout r = rollout(first, [&](int64_t k, const at::Tensor& x) { return model->velocity(x, am.grid()[k]); },
+                            x0, g2, record);
+  ASSERT_EQ(batch.x.size(), r.x.size());
+  const double tol = batch.x[0].scalar_type() == at::kDouble ? 1e-10 : 1e-4;  // the rollout's draws are in the default dtype
+  for (size_t k = 0; k < r.x.size(); ++k) EXPECT_LT((batch.x[k] - r.x[k]).abs().max().item<double>(), tol) << k;
+  // The adjoint against autograd through the base's exact steps from each X_k along the recorded path: step j maps
+  // x to its base mean plus what the path added to it (the control and the draw), held fixed (the lean adjoint).
+  std::vector<at::Tensor> path;
+  for (const at::Tensor& x : batch.x) path.push_back(x.to(at::kDouble));
+  for (int64_t k = 0; k < K; ++k) {
+    at::Tensor xk = path[static_cast<size_t>(k)].clone().requires_grad_(true);
+    at::Tensor x = xk;
+    for (int64_t j = k; j < K; ++j) {
+      const StepKernel& step = q[static_cast<size_t>(j)];
+      const double t = am.grid()[j];
+      at::Tensor added = at::zeros_like(path[0]);
+      if (j + 1 < K) {
+        at::NoGradGuard no_grad;
+        added = path[j + 1] - step.mean(path[j], base->velocity(path[j], t));
+      }
+      x = step.mean(x, base->velocity(x, t)) + added;
+    }
+    const at::Tensor g = torch::autograd::grad({(-o.lambda * reward->value(x)).sum()}, {xk})[0];
+    EXPECT_LT((batch.adjoint.a[k] - g).abs().max().item<double>(), tol * (1 + g.abs().max().item<double>())) << k;
+  }
+  EXPECT_EQ(q.back().std, 0.0);  // the exact step to t = 1 is noiseless, and has no target
+  EXPECT_FALSE(std::isfinite(am.target_coefficient(K - 1)));
+  EXPECT_TRUE(std::isfinite(am.target_coefficient(0)));
+  EXPECT_EQ(am.target_adjoint_step(2), 3);
+}
+
+void expect_error_containing(const std::function<void()>& f, const std::string& part) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one containing '" << part << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(part), std::string::npos) << e.what();
+  }
+}
+
+TEST(AdjointMatching, ExactStepRefusesWhatItCannotStep) {
+  auto base = std::make_shared<GmmVelocity>(test::ring_mixture_2d(), make_linear_schedule());
+  auto model = make_finetuned(base, FineTuneMode::residual, {8}, 4, 1);
+  const auto reward = quadratic_reward({1.0, -0.5}, 0.5);
+  AdjointMatchingOptions o;
+  o.num_steps = 6;
+  o.loss_early_steps = 1;
+  o.loss_late_steps = 1;
+  o.integrator = Integrator::exact;
+  expect_error_containing([&] { AdjointMatching(model, reward, make_constant_noise(1.0), o); },
+                                "integrator = exact");
+  o.final_noiseless_step = false;
+  expect_error_containing([&] { AdjointMatching(model, reward, make_memoryless_noise(1.0 / 6), o); },
+                                "final_noiseless_step");
+  o.final_noiseless_step = true;
+  o.integrator = Integrator::heun;
+  expect_error_containing([&] { AdjointMatching(model, reward, make_memoryless_noise(1.0 / 6), o); },
+                                "heun");
+  o.integrator = Integrator::exact;
+  o.target = "chains";
+  expect_error_containing([&] { AdjointMatching(model, reward, make_memoryless_noise(1.0 / 6), o); },
+                                "target must be");
 }
 
 
@@ -401,6 +583,8 @@ struct TapedCase {
   FineTuneMode mode;
   bool final_noiseless_step;
   double clip_factor;
+  Integrator integrator = Integrator::euler;
+  std::string target = "continuous";
 };
 
 TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
@@ -410,6 +594,8 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
       {"MLP base, residual", true, FineTuneMode::residual, true, 0.3},
       {"MLP base, copy", true, FineTuneMode::copy, true, 0},
       {"MLP base, copy, noisy X_K", true, FineTuneMode::copy, false, 1.0},
+      {"mixture base, residual, exact step", false, FineTuneMode::residual, true, 0.3, Integrator::exact},
+      {"MLP base, copy, exact step, chain target", true, FineTuneMode::copy, true, 0, Integrator::exact, "chain"},
   };
   // With 3 threads the taped path cuts the batch of 50 into blocks of 16, 17 and 17 rows, one per thread.
   const int threads_before = at::get_num_threads();
@@ -438,6 +624,8 @@ TEST(AdjointMatching, TapedPathEqualsAutogradPath) {
     o.loss_late_steps = 3;
     o.clip_factor = c.clip_factor;
     o.final_noiseless_step = c.final_noiseless_step;
+    o.integrator = c.integrator;
+    o.target = c.target;
     auto reward = quadratic_reward({1.0, -0.5}, 0.5);
     AdjointMatchingOptions slow_o = o;
     slow_o.tape_activations = false;

@@ -50,6 +50,17 @@ struct AdjointMatchingOptions {
   /// Evaluate the reward at X^_1 = X_{K-1} + h v_base(X_{K-1}, t_{K-1}), a noiseless last step with
   /// the base velocity, instead of the noisy X_K (App. G.1).
   bool final_noiseless_step = true;
+  /// The training chain's step (docs/equations.md, E135): Integrator::euler, the paper's Euler-Maruyama rollout and
+  /// lean adjoint; or Integrator::exact, the exact gDDIM step of the noise schedule (sigma = gamma sqrt(2 eta),
+  /// tilt/sde/gddim.h) for the rollout and the lean adjoint through the base's exact steps, a chain nearer p_base
+  /// than Euler's at the same K on narrow modes. Needs final_noiseless_step (the reward is taken at the base's X^_1).
+  Integrator integrator = Integrator::euler;
+  /// What v_theta - v_base at X_k is regressed onto (E135): "continuous", the paper's -rho_k a_k with rho = sigma^2 /
+  /// c_v of the exact schedule (eta_t for memoryless), whose critical point tends to u* as K grows, for any sampler;
+  /// or "chain", -(std_k^2 / c_v,k) a_{k+1} with the chain's own step (none on its noiseless last one), whose fixed
+  /// point is the TRAINING CHAIN's law tilted: exactly so for a linear-Gaussian chain. For sampling with that K-step
+  /// chain; off v* by O(1) where 1 - t is a few steps (a fine sampler then sees less tilt).
+  std::string target = "continuous";
   /// Trade memory for time: when the trainable network is a TapedNetwork (tilt's MLP), record its
   /// activations (and the base's, if the base is one too) during the rollout and compute the lean adjoint's VJPs and the
   /// regression's gradients from them by hand, instead of running the networks again under autograd.
@@ -95,9 +106,12 @@ struct LeanAdjoint {
 /// none) the base runs bound to them with guidance weight `guidance` (bind_condition). The VJPs run on blocks of
 /// rows at once where the base allows it (velocity_by_rows). With `kept_base` ((*kept_base)[k]: the base's forward
 /// pass at x[k] kept by velocity_by_rows, the same c and guidance), step k's VJP is one backward pass through it.
+/// With integrator = exact the backward steps are the adjoints of the base's exact gDDIM steps (the last one, to t = 1,
+/// noiseless: X^_1 is its mean); final_noiseless_step must then be true.
 LeanAdjoint lean_adjoint(const GenerativeSDE& base_sde, const std::vector<Tensor>& x, const TimeGrid& grid,
                          const Reward& reward, double lambda, bool final_noiseless_step, const Tensor& c = Tensor(),
-                         double guidance = 0.0, std::vector<KeptForwards>* kept_base = nullptr);
+                         double guidance = 0.0, std::vector<KeptForwards>* kept_base = nullptr,
+                         Integrator integrator = Integrator::euler);
 
 /// One batch of trajectories of the fine-tuned model with their lean adjoints: everything the regression needs
 /// (AdjointMatching::simulate). Buffered Adjoint Matching keeps one and regresses on its rows several times.
@@ -164,9 +178,16 @@ class AdjointMatching : public Loss {
   void set_timer(AdjointMatchingTimes* times) { times_ = times; }
 
   /// Per step k: the weight c_v / sigma of the residual and the target coefficient rho_k
-  /// (v_theta - v_base is regressed onto -rho_k a_k); rho_k is infinite where no target exists.
+  /// (v_theta - v_base is regressed onto -rho_k a_j, j = target_adjoint_step(k)); rho_k is infinite where no target
+  /// exists.
   double residual_scale(int64_t k) const { return scale_[k]; }
   double target_coefficient(int64_t k) const { return rho_[k]; }
+  /// The adjoint a step's target takes: k with the continuous target (the paper's a_k), k + 1 with the chain target.
+  int64_t target_adjoint_step(int64_t k) const { return k + target_shift_; }
+  /// -rho_k a_{target_adjoint_step(k)}: what v_theta - v_base at X_k is regressed onto, [B, d].
+  Tensor regression_target(const std::vector<Tensor>& a, int64_t k) const;
+  /// The kernels of the fine-tuned chain's K steps (options().integrator's), as the rollout takes them.
+  std::vector<StepKernel> chain_kernels() const;
 
   const FineTunedVelocity& model() const { return *model_; }
   const GenerativeSDE& finetuned_sde() const { return finetuned_sde_; }
@@ -196,6 +217,7 @@ class AdjointMatching : public Loss {
   GenerativeSDE base_sde_;
   TimeGrid grid_;
   std::vector<double> scale_, rho_;
+  int64_t target_shift_ = 0;         // 1 with the chain target: it takes a_{k+1}
   std::vector<int64_t> candidates_;  // steps with a finite target, in increasing order
   AdjointMatchingTimes* times_ = nullptr;
   Tensor last_log_w_, last_reward_;

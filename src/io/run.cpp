@@ -386,7 +386,9 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
       {"/finetune/adjoint_matching/dsm_rollout_steps", "0"},
       {"/finetune/adjoint_matching/buffer_size", "0"},
       {"/finetune/adjoint_matching/buffer_passes", "10"},
-      {"/finetune/adjoint_matching/buffer_weights", "\"future\""}};
+      {"/finetune/adjoint_matching/buffer_weights", "\"future\""},
+      {"/finetune/adjoint_matching/integrator", "\"euler\""},
+      {"/finetune/adjoint_matching/target", "\"continuous\""}};
   for (const auto& [key, then] : kAddedLater) {
     const Json::json_pointer at(key);
     if (!a.contains(at) && b.contains(at) && b[at] == Json::parse(then)) b[at.parent_pointer()].erase(at.back());

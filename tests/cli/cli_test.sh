@@ -231,7 +231,7 @@ else
   fail "NaN handling (rc=$rc): $out"
 fi
 
-# A run started before [finetune] preset, dsm_until, dsm_rollout(_steps) and buffer_* existed (its
+# A run started before [finetune] preset, dsm_until, dsm_rollout(_steps), buffer_*, integrator and target existed (its
 # config.resolved.json has none of them) resumes: it was run with what their defaults did, and a config that gives
 # no preset (tiny_auto.toml) keeps the paper's for it; asking for another preset on resume is a change of problem,
 # refused naming the key.
@@ -240,7 +240,8 @@ import json
 p = 'nan/config.resolved.json'; j = json.load(open(p)); f = j['finetune']
 del f['preset']
 am = f.get('adjoint_matching', f)
-for key in ('dsm_until', 'dsm_rollout', 'dsm_rollout_steps', 'buffer_size', 'buffer_passes', 'buffer_weights'):
+for key in ('dsm_until', 'dsm_rollout', 'dsm_rollout_steps', 'buffer_size', 'buffer_passes', 'buffer_weights',
+            'integrator', 'target'):
     del am[key]
 json.dump(j, open(p, 'w'))"
 expect_error "resume with another preset" "finetune.preset" \

@@ -445,6 +445,17 @@ TEST(Methods, BufferSizeMakesBufferedAdjointMatching) {
   EXPECT_NE(with({{"buffer_size", 16}, {"buffer_weights", "path"}}).find("'finetune.adjoint_matching.buffer_weights'"),
             std::string::npos);
   EXPECT_EQ(with({{"buffer_size", 16}, {"buffer_weights", "none"}}), "");
+  // The training chain's step and target (E135): named in their errors; the exact step needs a gamma-family schedule
+  // and the noiseless final step.
+  EXPECT_NE(with({{"integrator", "heun"}}).find("'finetune.adjoint_matching.integrator'"), std::string::npos);
+  EXPECT_NE(with({{"target", "exact"}}).find("'finetune.adjoint_matching.target'"), std::string::npos);
+  EXPECT_NE(with({{"integrator", "exact"}, {"final_noiseless_step", false}}).find("'finetune.adjoint_matching.integrator'"),
+            std::string::npos);
+  const std::string constant = error_of({{"preset", "paper"}, {"num_steps", 20}, {"batch_size", 8}, {"noise", "constant:1"},
+                                         {"adjoint_matching", {{"loss_early_steps", 4}, {"loss_late_steps", 2},
+                                                               {"integrator", "exact"}}}});
+  EXPECT_NE(constant.find("'finetune.adjoint_matching.integrator'"), std::string::npos) << constant;
+  EXPECT_EQ(with({{"integrator", "exact"}, {"target", "chain"}}), "");
   const std::string sharded = error_of({{"num_steps", 20}, {"batch_size", 8}, {"shards", 2},
                                         {"adjoint_matching", {{"loss_early_steps", 4}, {"loss_late_steps", 2}, {"buffer_size", 16}}}});
   EXPECT_NE(sharded.find("'finetune.shards'"), std::string::npos) << sharded;

@@ -252,7 +252,9 @@ Rollout AdjointMatching::recorded_rollout(Generator& gen, const Tensor& c, bool 
   const VelocityFieldPtr model = model_;
   const double w = c.defined() ? options_.guidance : 0.0;
   if (kept_base) kept_base->assign(static_cast<size_t>(grid_.steps()), KeptForwards());
-  return tilt::rollout(step_kernels(finetuned_sde_, grid, options_.integrator),
+  std::vector<StepKernel> kernels = chain_kernels();  // the chain's, to the last of `times`
+  kernels.resize(static_cast<size_t>(grid.steps()));
+  return tilt::rollout(kernels,
                        [&](int64_t k, const Tensor& x) {
                          if (!kept_base) return velocity_by_rows(model, c, w, x, grid[k]);
                          // Residual mode, unguided: v_base + r_theta (FineTunedVelocity), the base's graph kept.

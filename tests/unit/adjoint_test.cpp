@@ -493,6 +493,34 @@ TEST(MlpTape, ForwardVjpAndParameterGradientsEqualAutograd) {
   }
 }
 
+// Without gradients, an unconditional MLP at one time steps its fused pass (forward_taped, no tape); with gradients,
+// or per-row times, the module's layers. Both are the same function: the fast path against the module's, on batches
+// of one and of many rows, a 0-D and a [1] time, with and without time features.
+TEST(MlpTape, VelocityWithoutGradientsEqualsTheModulesLayers) {
+  for (int64_t time_features : {0, 6}) {
+    auto net = random_mlp(4, {32, 24, 16}, time_features, 11);
+    Generator gen = make_generator(3);
+    for (int64_t B : {1, 9, 64}) {
+      const at::Tensor x = at::randn({B, 4}, gen);
+      for (const at::Tensor& t : {at::scalar_tensor(0.63), at::full({1}, 0.21)}) {
+        if (t.dim() == 1 && B != 1) continue;  // a [1] time is a per-row time of a batch of one
+        const at::Tensor reference = net->velocity(x, t).detach();  // gradients on: the module's layers
+        ASSERT_TRUE(at::GradMode::is_enabled());
+        at::NoGradGuard no_grad;
+        const at::Tensor fast = net->velocity(x, t);
+        EXPECT_FALSE(fast.requires_grad());
+        EXPECT_LT(relative_error(fast, reference), 1e-6) << "B " << B << ", time_features " << time_features;
+        EXPECT_LT(relative_error(net->velocity(x, t.item<double>()), reference), 1e-6);
+      }
+      // Per-row times (B > 1) take the module's layers with or without gradients.
+      const at::Tensor t_rows = at::rand({B}, gen);
+      const at::Tensor reference = net->velocity(x, t_rows).detach();
+      at::NoGradGuard no_grad;
+      EXPECT_LT(relative_error(net->velocity(x, t_rows), reference), 1e-6) << "B " << B;
+    }
+  }
+}
+
 // tilt's matrix product (oneDNN where it loads, else ATen) against a double-precision product, for every
 // transposition, operands with a row stride larger than their width (column slices, as of W_1x), beta 0
 // over a C full of NaN (ignored) and beta 1 (accumulated); double operands take the ATen fallback.

@@ -324,6 +324,7 @@ int main(int argc, char** argv) try {
   if (grad_var > 0) j["gradient_variance"] = gv;
   j["problem"] = s.problem, j["iterations"] = s.iterations, j["train_seconds"] = seconds, j["sets"] = sets;
   j["replicates"] = s.replicates, j["samples"] = s.samples, j["target"] = target, j["train_seed"] = train_seed;
+  j["score_steps"] = s.score_steps > 0 ? s.score_steps : s.plan.num_steps;  // the samplers' steps
   std::cout << j.dump() << std::endl;
   atomic_write(out + ".json", j.dump(1) + "\n");
   return 0;

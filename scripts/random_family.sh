@@ -9,6 +9,7 @@
 # $DOC, by default docs/random_family.md).
 # Options (environment): OUT=runs/random_family  SEEDS="0 1 ... 9"  ITERATIONS=<config's>  REPLICATES=20  JOBS=1
 #                        SETS="key=value ..." (extra --set overrides of the configuration)  DOC=docs/random_family.md
+#                        SCORE_STEPS=K (the samplers' steps; default the configuration's num_steps)
 # The dsm_until table: OUT=runs/random_family_dsm SETS="finetune.adjoint_matching.dsm_until=0.5"
 #                      DOC=docs/random_family_dsm.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
 # ... with the exact-step rollouts (what preset = "small" sets): OUT=runs/random_family_dsm_exact
@@ -32,6 +33,7 @@ run_one() {
   [ -f "$f.json" ] && return 0
   local args=(configs/random_family.toml --random "$s" --dim "$d" --replicates "${REPLICATES:-20}" --hybrids 0 --out "$f")
   [ -n "${ITERATIONS:-}" ] && args+=(--iterations "$ITERATIONS")
+  [ -n "${SCORE_STEPS:-}" ] && args+=(--score-steps "$SCORE_STEPS")
   for kv in ${SETS:-}; do args+=(--set "$kv"); done
   build/bench/tilt_ode_gap "${args[@]}" > /dev/null
   echo "seed $s (d = $d) done" >&2

@@ -25,6 +25,9 @@ def main(folder):
     sets = rows[0].get("sets", []) if rows else []
     if sets:
         print("Overrides of configs/random_family.toml (`SETS`, `--set`): %s.\n" % ", ".join("`%s`" % x for x in sets))
+    steps = sorted({j["score_steps"] for j in rows if "score_steps" in j})
+    if steps:
+        print("Samplers (SDE and ODE, model and exact field): %s steps.\n" % ", ".join(str(k) for k in steps))
     # Results that also scored the memoryless SDE with the exact gDDIM step (tilt_ode_gap since issue 22's
     # sampler check): two more columns, the model's and the exact field's.
     exact_step = bool(rows) and all("model_exact_step_sde" in j for j in rows)

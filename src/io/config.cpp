@@ -247,6 +247,15 @@ const Json* ConfigSection::find(const std::string& key) const {
   return preset == defaults_.end() ? nullptr : &*preset;
 }
 
+const Json* ConfigSection::peek(const std::string& key) const {
+  if (const auto it = node_.find(key); it != node_.end()) return &*it;
+  if (old_) {
+    if (const auto it = old_->node_.find(key); it != old_->node_.end()) return &*it;
+  }
+  const auto preset = defaults_.find(key);
+  return preset == defaults_.end() ? nullptr : &*preset;
+}
+
 void ConfigSection::set_defaults(Json defaults) {
   if (!defaults.is_object()) throw Error("ConfigSection::set_defaults: the defaults must be a table");
   defaults_.update(defaults);
@@ -363,10 +372,15 @@ Json ConfigSection::value(const std::string& key) {
 }
 
 ConfigSection ConfigSection::section(const std::string& key, bool optional) {
+  const bool given = has(key);
   const Json* v = find(key);
   if (!v && !optional) fail(key, "is required but missing (a table [" + where(key) + "])");
   if (v && !v->is_object()) fail(key, std::string("must be a table, got ") + type_name(*v));
-  return ConfigSection(v ? *v : Json::object(), where(key), origin_, resolved_);
+  // A table of defaults is the nested table's defaults, not a given table.
+  ConfigSection nested(given ? *v : Json::object(), where(key), origin_, resolved_);
+  const auto preset = defaults_.find(key);
+  if (preset != defaults_.end() && preset->is_object()) nested.defaults_ = *preset;
+  return nested;
 }
 
 void ConfigSection::allow(const std::vector<std::string>& keys) const {

@@ -215,5 +215,31 @@ TEST(ConfigValidation, NoiseScheduleParametersAreBounded) {
   expect_contains(error_of([&] { parse_noise_schedule("scaled_memoryless:-1"); }), "scale");
 }
 
+// Defaults (a preset, a resumed run's): read as if given but not has(); a table of them is the defaults of its
+// section, below the keys the file gives; peek sees what a reader would, without marking the key used or recording it.
+TEST(ConfigValidation, DefaultsAndPeek) {
+  Config config(Json{{"t", {{"a", 1}, {"inner", {{"x", 5}}}}}}, "test");
+  ConfigSection root = config.root();
+  ConfigSection t = root.section("t");
+  t.set_defaults({{"b", 2}, {"inner", {{"x", 7}, {"y", 8}}}, {"other", {{"z", 9}}}});
+  EXPECT_EQ(t.peek("a")->get<int>(), 1);
+  EXPECT_EQ(t.peek("b")->get<int>(), 2);
+  EXPECT_EQ(t.peek("c"), nullptr);
+  EXPECT_FALSE(t.has("b"));
+  EXPECT_FALSE(config.resolved().contains("t")) << "peek records nothing";
+  ConfigSection inner = t.section("inner");
+  EXPECT_EQ(inner.integer("x"), 5) << "the file's value wins";
+  EXPECT_EQ(inner.integer("y"), 8);
+  EXPECT_FALSE(inner.has("y"));
+  ConfigSection other = t.section("other", /*optional=*/true);
+  EXPECT_FALSE(other.has("z"));
+  EXPECT_EQ(other.integer("z"), 9);
+  EXPECT_EQ(t.integer("a"), 1);
+  EXPECT_EQ(t.integer("b"), 2);
+  EXPECT_EQ(config.resolved().at("t").at("b"), 2);
+  EXPECT_EQ(config.resolved().at("t").at("other").at("z"), 9);
+  t.finish();
+}
+
 }  // namespace
 }  // namespace tilt

@@ -285,12 +285,17 @@ std::pair<Json, FinetunePlan> resolved_finetune(const Json& finetune, const Velo
 }
 
 // preset = "small" is the configuration the random problem family passed (README, "Problems nobody tuned for"):
-// configs/random_family.toml with dsm_until = 0.5, dsm_rollout = "exact" and dsm_rollout_steps = 120, key for key.
-// Keys given win over the preset; where dsm_until cannot apply (a conditional base, guidance, the control
-// weighting, too few late steps) it stays off, and the defaults of the other methods' tables are theirs.
+// configs/random_family.toml with num_steps = 20, loss steps 6 + 3, integrator = "exact", dsm_until = 0.5,
+// dsm_rollout = "exact" and dsm_rollout_steps = 120, key for key. Keys given win over the preset; where dsm_until
+// cannot apply (a conditional base, guidance, the control weighting, too few late steps) it stays off, and the
+// defaults of the other methods' tables are theirs.
 TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   Base2d s;
   Json family = load_config_file(std::string(TILT_SOURCE_DIR) + "/configs/random_family.toml").at("finetune");
+  family["num_steps"] = 20;
+  family["adjoint_matching"]["loss_early_steps"] = 6;
+  family["adjoint_matching"]["loss_late_steps"] = 3;
+  family["adjoint_matching"]["integrator"] = "exact";
   family["adjoint_matching"]["dsm_until"] = 0.5;
   family["adjoint_matching"]["dsm_rollout"] = "exact";
   family["adjoint_matching"]["dsm_rollout_steps"] = 120;
@@ -304,7 +309,7 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
 
   // The preset's plan: a sum of the AM and DSM regressions, the demo's Adam settings.
   const FinetunePlan plan = resolved_finetune({{"preset", "small"}, {"hidden", {8}}}, *s.base, s.reward).second;
-  EXPECT_EQ(plan.num_steps, 60);
+  EXPECT_EQ(plan.num_steps, 20);
   EXPECT_EQ(plan.batch_size, 256);
   EXPECT_DOUBLE_EQ(plan.trainer.adam.lr, 4e-3);
   EXPECT_NE(dynamic_cast<const LossSum*>(plan.make_loss(plan.make_model(s.base, 1)).get()), nullptr);
@@ -317,8 +322,38 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   EXPECT_EQ(given.at("adjoint_matching").at("loss_early_steps"), 4);
   EXPECT_EQ(given.at("adjoint_matching").at("loss_late_steps"), 2);
   EXPECT_EQ(given.at("adjoint_matching").at("dsm_until"), 0.5);
-  EXPECT_EQ(given.at("adjoint_matching").at("dsm_rollout_steps"), 24) << "twice num_steps";
+  EXPECT_EQ(given.at("adjoint_matching").at("dsm_rollout_steps"), 120) << "120 steps, or 2 num_steps if more";
+  EXPECT_EQ(given.at("adjoint_matching").at("integrator"), "exact") << "a given num_steps keeps the exact step";
   EXPECT_EQ(given.at("batch_size"), 256);
+  EXPECT_EQ(resolved_finetune({{"preset", "small"}, {"num_steps", 100}}, *s.base, s.reward)
+                .first.at("adjoint_matching").at("dsm_rollout_steps"), 200);
+  // Where the exact step or the DSM term cannot serve the plan, the K = 60 Euler chain (E135: the exact step
+  // integrates the memoryless family to a noiseless last step; K = 20 without DSM misses the family's hard problems).
+  const auto chain_of = [&](const Json& finetune) {
+    const Json f = resolved_finetune(finetune, *s.base, s.reward).first;
+    return std::to_string(f.at("num_steps").get<int64_t>()) + " " + f.at("adjoint_matching").at("integrator").get<std::string>();
+  };
+  const Json small{{"preset", "small"}};
+  const auto with = [&](const Json& extra) {
+    Json f = small;
+    f.update(extra);
+    return f;
+  };
+  EXPECT_EQ(chain_of(small), "20 exact");
+  EXPECT_EQ(chain_of(with({{"noise", "scaled_memoryless:0.5"}})), "20 exact");
+  EXPECT_EQ(chain_of(with({{"noise", "memoryless:0.02"}})), "20 exact");
+  EXPECT_EQ(chain_of(with({{"noise", "constant:0.5"}})), "60 euler");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"integrator", "euler"}}}})), "60 euler");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"final_noiseless_step", false}}}})), "60 euler");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"dsm_until", 0.0}}}})), "60 euler");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"dsm_until", 0.3}}}})), "20 exact");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"guidance", 1.0}}}})), "60 euler");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"loss_weighting", "control"}}}})), "60 euler");
+  EXPECT_EQ(chain_of(with({{"adjoint_matching", {{"buffer_size", 512}}}})), "20 exact");
+  EXPECT_NE(dynamic_cast<const LossSum*>(
+                resolved_finetune(with({{"hidden", {8}}, {"adjoint_matching", {{"buffer_size", 512}}}}), *s.base, s.reward)
+                    .second.make_loss(plan.make_model(s.base, 1)).get()),
+            nullptr);
   // Any K from 2 up gives a valid plan; dsm_until only where the steps at t >= 0.5 hold the loss's.
   for (int64_t K = 2; K <= 13; ++K) {
     const Json am = resolved_finetune({{"preset", "small"}, {"num_steps", K}, {"hidden", {8}}}, *s.base, s.reward)
@@ -343,10 +378,13 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
                                              std::make_shared<const ConditionSet>(c.train)).first;
   EXPECT_EQ(conditional.at("adjoint_matching").at("dsm_until"), 0.0);
   EXPECT_EQ(conditional.at("lr"), 4e-3);
+  EXPECT_EQ(conditional.at("num_steps"), 60);
+  EXPECT_EQ(conditional.at("adjoint_matching").at("integrator"), "euler");
   EXPECT_EQ(am_of({{"guidance", 1.0}}).at("dsm_until"), 0.0);
   // Another method takes the preset's [finetune] keys and its own table's defaults.
   const Json draft = resolved_finetune({{"preset", "small"}, {"method", "draft"}}, *s.base, s.reward).first;
   EXPECT_EQ(draft.at("lr"), 4e-3);
+  EXPECT_EQ(draft.at("num_steps"), 60);
   EXPECT_EQ(draft.at("draft"), resolved_finetune({{"method", "draft"}}, *s.base, s.reward).first.at("draft"));
   // An unknown preset is refused, naming the key and the choices.
   const std::string bad = error_of({{"preset", "large"}});
@@ -408,6 +446,30 @@ TEST(Methods, ResumedRunKeepsItsPreset) {
   EXPECT_EQ(preset_on_resume({{"method", "draft"}}), "small");
   record(R"({"finetune": {"preset": "paper"}})");
   EXPECT_EQ(preset_on_resume(Json::object()), "paper");
+  // "small" before its exact chain: K = 60 Euler steps, kept on resume (the record says "euler", or nothing); a run
+  // on the exact chain keeps it; a given preset other than the record's is left to the resume's check.
+  const auto chain_on_resume = [&](const Json& finetune) {
+    Config config(Json{{"finetune", finetune}}, "test");
+    ConfigSection root = config.root();
+    ConfigSection section = root.section("finetune");
+    keep_preset_of_run(section, dir.file(""));
+    const FinetunePlan plan = read_finetune(section, *s.base, s.reward, 1.0);
+    const Json f = config.resolved().at("finetune");
+    return plan.preset + " " + std::to_string(plan.num_steps) + " " + f.at("adjoint_matching").at("integrator").get<std::string>();
+  };
+  record(R"({"finetune": {"preset": "small", "method": "adjoint_matching", "num_steps": 60,
+             "adjoint_matching": {"integrator": "euler"}}})");
+  EXPECT_EQ(chain_on_resume(Json::object()), "small 60 euler");
+  EXPECT_EQ(chain_on_resume({{"preset", "small"}}), "small 60 euler");
+  EXPECT_EQ(chain_on_resume({{"preset", "auto"}}), "small 60 euler");
+  EXPECT_EQ(chain_on_resume({{"preset", "small"}, {"adjoint_matching", {{"integrator", "exact"}}}}), "small 20 exact");
+  EXPECT_EQ(chain_on_resume({{"preset", "paper"}, {"num_steps", 20}, {"adjoint_matching", {{"loss_early_steps", 4}}}}),
+            "paper 20 euler");
+  record(R"({"finetune": {"preset": "small", "method": "adjoint_matching", "adjoint_matching": {}}})");
+  EXPECT_EQ(chain_on_resume(Json::object()), "small 60 euler") << "older than the integrator key";
+  record(R"({"finetune": {"preset": "small", "method": "adjoint_matching", "num_steps": 20,
+             "adjoint_matching": {"integrator": "exact"}}})");
+  EXPECT_EQ(chain_on_resume(Json::object()), "small 20 exact");
   for (const char* damaged : {"{\"finetune\": {\"preset\": 7}}", "{\"finetune\": 3}", "not json"}) {
     record(damaged);
     EXPECT_EQ(preset_on_resume(Json::object()), "small") << damaged;

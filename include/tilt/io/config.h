@@ -61,7 +61,12 @@ class ConfigSection {
   /// Fallbacks that take the place of the readers' own for the keys this table (and the table of
   /// accept_moved_keys) does not give: a preset. A key found here is read, checked and recorded as if
   /// given, but has() stays false for it. A later call adds to them (a key in both takes the later value).
+  /// A table among them is the defaults of section(key).
   void set_defaults(Json defaults);
+
+  /// The value a reader of `key` would see (given, moved, or a default), or nullptr, without reading it: neither
+  /// marked used nor recorded. For a default that depends on other keys, before they are read.
+  const Json* peek(const std::string& key) const;
 
   /// Records `value` for a key already read, in place of what was read: the setting a choice such as "auto"
   /// resolved to, so that the resolved config says what was used.

@@ -104,8 +104,9 @@ FinetunePlan read_finetune(ConfigSection& finetune, const VelocityField& base, R
 
 /// Before read_finetune of a resumed run: when [finetune] gives no preset, the default becomes the one the run in
 /// `run_dir` was started with (its config.resolved.json; "paper" for a run older than the key), so that a run
-/// resumes with its own defaults whatever the default is now. Does nothing where the directory holds no readable
-/// record: the resume then refuses it, naming the file.
+/// resumes with its own defaults whatever the default is now; for "small" (given or kept), also the training chain it
+/// chose then (K = 60 Euler steps before the exact chain). Does nothing where the directory holds no readable record:
+/// the resume then refuses it, naming the file.
 void keep_preset_of_run(ConfigSection& finetune, const std::string& run_dir);
 
 /// For C++ callers: the same from a JSON table shaped like [finetune], e.g.

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # What an iteration of preset = "small" costs, and where (README, "Fewer steps"): tilt_ode_gap's fine-tuning of random
-# problems (configs/random_family.toml, whose keys plus the DSM ones are preset "small"'s) for ITERATIONS iterations,
-# one variant at a time on one thread, the variants interleaved in ROUNDS rounds; the training seconds only (the
-# scoring is cut to a token one). Variants: preset "small" (K = 60, Euler-Maruyama, dsm_until = 0.5 on 120 exact
-# steps); the same on 20 exact steps (integrator = "exact", loss steps 6 + 3) with the DSM chain of 120 or 40 steps;
-# and each grid without the DSM term. Prints a line per run, then the median seconds per variant and problem.
+# problems (configs/random_family.toml plus the DSM keys: preset "small"'s K = 60 Euler chain) for ITERATIONS
+# iterations, one variant at a time on one thread, the variants interleaved in ROUNDS rounds; the training seconds only
+# (the scoring is cut to a token one). Variants ("small" names the K = 60 chain, the preset's until 2026-12-07): K = 60,
+# Euler-Maruyama, dsm_until = 0.5 on 120 exact steps; the same on 20 exact steps (integrator = "exact", loss steps
+# 6 + 3; the preset's exact chain) with the DSM chain of 120 or 40 steps; and each grid without the DSM term. Prints a line per run, then the median seconds per variant and problem.
 # Options (environment): ITERATIONS=300 ROUNDS=2 SEEDS="0 8" (dimension: scripts/random_family.sh's table)
 #                        OUT=runs/preset_cost  BIN=build/bench/tilt_ode_gap (another build's, to compare builds)
 set -euo pipefail

@@ -12,13 +12,14 @@
 #                        SCORE_STEPS=K (the samplers' steps; default the configuration's num_steps)
 # The dsm_until table: OUT=runs/random_family_dsm SETS="finetune.adjoint_matching.dsm_until=0.5"
 #                      DOC=docs/random_family_dsm.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
-# ... with the exact-step rollouts (what preset = "small" sets): OUT=runs/random_family_dsm_exact
+# ... with the exact-step rollouts: OUT=runs/random_family_dsm_exact
 #   SETS="finetune.adjoint_matching.dsm_until=0.5 finetune.adjoint_matching.dsm_rollout=exact"
 #   DOC=docs/random_family_dsm_exact.md UPDATE_DOCS=1 JOBS=2 scripts/random_family.sh
-# ... and on a chain twice as fine (preset = "small" exactly): OUT=runs/random_family_dsm_exact_k120, SETS as above plus
-#   finetune.adjoint_matching.dsm_rollout_steps=120, DOC=docs/random_family_dsm_exact_k120.md
+# ... and on a chain twice as fine (preset = "small" on its K = 60 Euler chain): OUT=runs/random_family_dsm_exact_k120,
+#   SETS as above plus finetune.adjoint_matching.dsm_rollout_steps=120, DOC=docs/random_family_dsm_exact_k120.md
 # ... and on ten problems drawn after that configuration was fixed: OUT=runs/random_family_heldout
 #   SEEDS="10 11 12 13 14 15 16 17 18 19", SETS as for k120, DOC=docs/random_family_heldout.md
+# preset = "small" on its exact chain (K = 20): the command in docs/random_family_small_k20_exact.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/build.sh -DTILT_BUILD_BENCH=ON >/dev/null

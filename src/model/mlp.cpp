@@ -109,30 +109,25 @@ Tensor MlpVelocity::conditioned(const Tensor& x, const Tensor& t, const Tensor& 
   check_batch(x, options_.dim, "x");
   check_time(t, x.size(0), "t");
   const int64_t dc = options_.condition_dim;
-  // Without gradients, at one time for the whole batch, unconditional, on the CPU: the network's own fused pass
-  // (forward_taped without a tape: tilt's products and the fused bias-SiLU, as Adjoint Matching's rollout steps it)
-  // instead of the module's layers one by one. The same function to float rounding (the demo's 60-step samples
-  // within 1e-5); the samplers, the evaluations and the other losses' rollouts (dsm_until's weighted ones) step it:
-  // 20000 samples of the demo 2.5-3.2 s -> 1.2 s, preset "small"'s iteration 1.7x faster (scripts/preset_cost.sh).
-  if (dc == 0 && !c.defined() && !keep.defined() && t.numel() == 1 && x.device().is_cpu() &&
-      !at::GradMode::is_enabled()) {
-    return forward_taped(x, t.item<double>(), nullptr);
+  if (dc == 0 && c.defined()) return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind
+  // The condition's columns of the first layer's input: [c, 1] (with `keep`, [c keep, keep]); none for the null
+  // condition (c = 0, flag 0), which adds nothing.
+  Tensor condition;
+  if (dc > 0 && c.defined()) {
+    const Tensor rows = condition_rows(c, x.size(0), dc, "mlp").to(x.options());
+    const Tensor flag = keep.defined() ? keep.to(x.options()).unsqueeze(1) : at::ones({x.size(0), 1}, x.options());
+    condition = at::cat({rows * flag, flag}, 1);
+  }
+  // Without gradients, at one time for the whole batch, on the CPU: the network's own fused pass (forward_taped's,
+  // without a tape: tilt's products and the fused bias-SiLU, as Adjoint Matching's rollout steps it) instead of the
+  // module's layers one by one. The same function to float rounding (the demo's 60-step samples within 1e-5); the
+  // samplers, the evaluations and the other losses' rollouts (dsm_until's weighted ones) step it: 20000 samples of
+  // the demo 2.5-3.2 s -> 1.2 s, preset "small"'s iteration 1.7x faster (scripts/preset_cost.sh).
+  if (t.numel() == 1 && x.device().is_cpu() && !at::GradMode::is_enabled()) {
+    return fused_forward(x, t.item<double>(), condition, nullptr, false);
   }
   std::vector<Tensor> inputs{x, embed_time(t, x.size(0), options_.time_features, x.options())};
-  if (dc > 0) {
-    const int64_t B = x.size(0);
-    const Tensor rows = condition_rows(c, B, dc, "mlp");
-    if (keep.defined()) {
-      const Tensor flag = keep.to(x.options()).unsqueeze(1);
-      inputs.push_back(rows.to(x.options()) * flag);
-      inputs.push_back(flag);
-    } else {
-      inputs.push_back(rows.defined() ? rows.to(x.options()) : at::zeros({B, dc}, x.options()));
-      inputs.push_back(at::full({B, 1}, rows.defined() ? 1.0 : 0.0, x.options()));
-    }
-  } else if (c.defined()) {
-    return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind
-  }
+  if (dc > 0) inputs.push_back(condition.defined() ? condition : at::zeros({x.size(0), dc + 1}, x.options()));
   return impl_->net->forward(at::cat(inputs, 1));
 }
 
@@ -170,6 +165,13 @@ std::unique_ptr<Tape> MlpVelocity::new_tape() const { return std::make_unique<Ml
 // fused pass (detail::bias_silu) that adds the bias, applies SiLU and, for a tape, leaves silu'(z_l) in
 // the product's buffer. The tape's tensors are overwritten in place when they can be (see reuse()).
 Tensor MlpVelocity::forward_taped(const Tensor& x, double t, Tape* any_tape, bool keep_activations) const {
+  return fused_forward(x, t, Tensor(), any_tape, keep_activations);
+}
+
+// ... and with a condition's columns [B, dc + 1] of the first layer's input, z_1 += [c, flag] W_1c^T (one more
+// product; the tape's backward passes treat them as constants, and parameter_grads gives W_1c no gradient).
+Tensor MlpVelocity::fused_forward(const Tensor& x, double t, const Tensor& condition, Tape* any_tape,
+                                  bool keep_activations) const {
   check_batch(x, options_.dim, "x");
   MlpTape* tape = any_tape ? &mlp_tape(*any_tape) : nullptr;
   at::NoGradGuard no_grad;
@@ -192,6 +194,9 @@ Tensor MlpVelocity::forward_taped(const Tensor& x, double t, Tape* any_tape, boo
   };
   Tensor z = product_buffer(0);
   detail::gemm(z, x, false, W1.narrow(1, 0, d), true, 0.0);
+  if (condition.defined()) {
+    detail::gemm(z, condition.contiguous(), false, W1.narrow(1, d + e.size(1), condition.size(1)), true, 1.0);
+  }
   for (size_t l = 1; l < L.size(); ++l) {
     Tensor h = keep_activations && tape ? reuse(&tape->h[l - 1], z.sizes(), z.options())
                                               : reuse(&scratch_h, z.sizes(), z.options());

@@ -19,8 +19,11 @@
 #include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
+#include <functional>
 #include <iostream>
 #include <string>
+#include <utility>
+#include <vector>
 
 namespace tilt {
 namespace {
@@ -518,6 +521,37 @@ TEST(MlpTape, VelocityWithoutGradientsEqualsTheModulesLayers) {
       at::NoGradGuard no_grad;
       EXPECT_LT(relative_error(net->velocity(x, t_rows), reference), 1e-6) << "B " << B;
     }
+  }
+}
+
+// ... and a conditional network: at a condition per row, one for the whole batch, the null condition and masked
+// (keep), the fused pass adds the condition's columns of the first layer as one more product.
+TEST(MlpTape, ConditionalVelocityWithoutGradientsEqualsTheModulesLayers) {
+  MlpOptions o;
+  o.dim = 3;
+  o.hidden = {32, 16};
+  o.time_features = 4;
+  o.condition_dim = 2;
+  const MlpVelocity net(o, make_linear_schedule(), 9);
+  Generator gen = make_generator(12);
+  for (int64_t B : {1, 7, 64}) {
+    const at::Tensor x = at::randn({B, 3}, gen), c = at::randn({B, 2}, gen), keep = at::rand({B}, gen) > 0.5;
+    const at::Tensor t = at::scalar_tensor(0.4);
+    const std::vector<std::pair<const char*, std::function<at::Tensor()>>> calls{
+        {"per row", [&] { return net.conditional_velocity(x, t, c); }},
+        {"one row", [&] { return net.conditional_velocity(x, t, c.narrow(0, 0, 1)); }},
+        {"null", [&] { return net.velocity(x, t); }},
+        {"masked", [&] { return net.conditional_velocity_masked(x, t, c, keep); }}};
+    std::vector<at::Tensor> fast_ones;
+    for (const auto& [name, call] : calls) {
+      const at::Tensor reference = call().detach();  // gradients on: the module's layers
+      at::NoGradGuard no_grad;
+      const at::Tensor fast = call();
+      EXPECT_FALSE(fast.requires_grad());
+      EXPECT_LT(relative_error(fast, reference), 1e-6) << name << ", B " << B;
+      fast_ones.push_back(fast);
+    }
+    EXPECT_GT(relative_error(fast_ones[0], fast_ones[2]), 1e-3) << "the condition must matter";
   }
 }
 

@@ -63,6 +63,7 @@ class MlpVelocity : public VelocityField, public TapedNetwork {
 
  private:
   Tensor conditioned(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const;
+  Tensor fused_forward(const Tensor& x, double t, const Tensor& condition, Tape* tape, bool keep_activations) const;
   struct Impl;
   MlpOptions options_;
   std::unique_ptr<Impl> impl_;

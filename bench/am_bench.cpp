@@ -26,6 +26,7 @@
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
+#include "tilt/model/random_problem.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/unet.h"
 #include "tilt/schedule/schedule.h"
@@ -262,6 +263,26 @@ void BM_SamplerStep(benchmark::State& state) {
   const TimeGrid one_step({0.5, 0.5 + 1.0 / s.loss->options().num_steps});
   for (auto _ : state) benchmark::DoNotOptimize(simulate(s.loss->finetuned_sde(), x0, one_step, gen).x.back());
   label(state, s);
+}
+
+// The Gaussian mixture's velocity and VJP at one time (a rollout's and a lean adjoint's step through a mixture base),
+// on the random family's anisotropic mixtures (random_tilt_problem, seed 3) in d = range(0) dimensions, 256 rows in
+// float32: range(1) = 1 the fused loop over the rows, 0 the tensor expressions (taken when x wants a graph), to
+// choose where the fused loop's O(K d^2) rotations stop paying (kFusedRotationMaxDim in src/model/gmm.cpp).
+void BM_MixtureVjp(benchmark::State& state) {
+  set_threads();
+  const int64_t d = state.range(0);
+  const bool fused = state.range(1) == 1;
+  const GmmVelocity field(random_tilt_problem(d, 3).base, make_linear_schedule());
+  Generator gen = make_generator(1);
+  Tensor x = at::randn({256, d}, gen);
+  const Tensor a = at::randn({256, d}, gen);
+  if (!fused) x.requires_grad_(true);
+  for (auto _ : state) {
+    Tensor v;
+    benchmark::DoNotOptimize(field.vjp(x, 0.5, a, &v));
+  }
+  state.SetLabel(fused ? "fused loop" : "tensor expressions");
 }
 
 // One step of the lean adjoint: a vector-Jacobian product through the frozen base drift (autograd for an
@@ -600,6 +621,7 @@ BENCHMARK(BM_UNetSampling)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_SamplerStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStep)->Arg(0)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
+BENCHMARK(BM_MixtureVjp)->ArgsProduct({{2, 10, 12, 16}, {0, 1}})->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_AdjointStepByHand)->Arg(1)->Arg(2)->Unit(benchmark::kMicrosecond);
 BENCHMARK(BM_Iteration)->ArgsProduct({{0, 1, 2}, {0, 1}})->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_BufferedIteration)->ArgsProduct({{0, 2}, {0, 1}})->UseRealTime()->Unit(benchmark::kMillisecond);

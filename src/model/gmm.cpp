@@ -29,20 +29,21 @@ Tensor symmetrise(const Tensor& m) { return 0.5 * (m + m.transpose(-1, -2)); }
 
 }  // namespace
 
-// The velocity and its VJP for diagonal covariances at one time, as one loop over the rows instead of
-// some thirty tensor operations on [K, B, d] (which, for a small mixture, cost more in dispatch than in
-// arithmetic). The same formulas as GaussianMixture::velocity and velocity_vjp below, accumulated in
-// double per row. a may be undefined (velocity only); v or g may be null.
+// The velocity and its VJP at one time, as one loop over the rows instead of some thirty tensor operations on
+// [K, B, d] (which, for a small mixture, cost more in dispatch than in arithmetic). The same formulas as
+// GaussianMixture::velocity and velocity_vjp below, accumulated in double per row: in each component's eigenbasis
+// y_k = U_k^T (x - alpha mu_k), with U (eigenvectors, [K, d, d], contiguous double) undefined for diagonal
+// covariances (the standard basis). a may be undefined (velocity only); v or g may be null.
 template <typename scalar_t>
-void diagonal_rows(const Tensor& x_in, const Tensor& a_in, const Tensor& means, const Tensor& lambdas,
-                   const Tensor& log_weights, double al, double be, double dal, double dbe, Tensor* v_out,
-                   Tensor* g_out) {
+void fused_rows(const Tensor& x_in, const Tensor& a_in, const Tensor& means, const Tensor& lambdas, const Tensor& U_in,
+                const Tensor& log_weights, double al, double be, double dal, double dbe, Tensor* v_out, Tensor* g_out) {
   const Tensor x = x_in.contiguous();
   const Tensor a = a_in.defined() ? a_in.to(x.scalar_type()).contiguous() : a_in;
   const int64_t B = x.size(0), d = x.size(1), K = means.size(0);
   const double* mu = means.data_ptr<double>();
   const double* lam = lambdas.data_ptr<double>();
   const double* logw = log_weights.data_ptr<double>();
+  const double* U = U_in.defined() ? U_in.data_ptr<double>() : nullptr;  // U[(k d + i) d + m]: U_k's row i, column m
   // Per component and coordinate: var = alpha^2 lambda + beta^2, coef = (alpha' alpha lambda + beta' beta) / var.
   std::vector<double> var(static_cast<size_t>(K * d)), coef(var.size()), log_norm(static_cast<size_t>(K));
   for (int64_t k = 0; k < K; ++k) {
@@ -62,60 +63,101 @@ void diagonal_rows(const Tensor& x_in, const Tensor& a_in, const Tensor& means, 
   scalar_t* vp = v_out ? v_out->template data_ptr<scalar_t>() : nullptr;
   scalar_t* gp = g_out ? g_out->template data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
-    std::vector<double> logp(static_cast<size_t>(K)), avk(static_cast<size_t>(K)), y(static_cast<size_t>(K * d));
+    std::vector<double> gamma(static_cast<size_t>(K)), avk(static_cast<size_t>(K)), y(static_cast<size_t>(K * d)),
+        in(static_cast<size_t>(K * d)), diff(static_cast<size_t>(d)), out(static_cast<size_t>(d));
+    // out = sum_k U_k in_k (in the standard basis: sum_k in_k).
+    const auto rotate_back = [&](double* result) {
+      for (int64_t i = 0; i < d; ++i) {
+        double r = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const double* in_k = in.data() + k * d;
+          if (!U) {
+            r += in_k[i];
+            continue;
+          }
+          const double* row = U + (k * d + i) * d;
+          for (int64_t m = 0; m < d; ++m) r += row[m] * in_k[m];
+        }
+        result[i] = r;
+      }
+    };
     for (int64_t b = begin; b < end; ++b) {
       const scalar_t* xb = xp + b * d;
       double top = -INFINITY;
       for (int64_t k = 0; k < K; ++k) {
-        double q = 0;
-        for (int64_t j = 0; j < d; ++j) {
-          const int64_t i = k * d + j;
-          y[i] = static_cast<double>(xb[j]) - al * mu[i];
-          q += y[i] * y[i] / var[i];
+        double* yk = y.data() + k * d;
+        for (int64_t i = 0; i < d; ++i) diff[i] = static_cast<double>(xb[i]) - al * mu[k * d + i];
+        if (U) {
+          for (int64_t m = 0; m < d; ++m) yk[m] = 0;
+          for (int64_t i = 0; i < d; ++i) {
+            const double* row = U + (k * d + i) * d;
+            for (int64_t m = 0; m < d; ++m) yk[m] += diff[i] * row[m];
+          }
+        } else {
+          for (int64_t i = 0; i < d; ++i) yk[i] = diff[i];
         }
-        logp[k] = log_norm[k] - 0.5 * q;
-        top = std::max(top, logp[k]);
+        double q = 0;
+        for (int64_t j = 0; j < d; ++j) q += yk[j] * yk[j] / var[k * d + j];
+        gamma[k] = log_norm[k] - 0.5 * q;
+        top = std::max(top, gamma[k]);
       }
       double total = 0;
-      for (int64_t k = 0; k < K; ++k) total += (logp[k] = std::exp(logp[k] - top));  // unnormalised gamma_k
-      for (int64_t k = 0; k < K; ++k) logp[k] /= total;                               // gamma_k
+      for (int64_t k = 0; k < K; ++k) total += (gamma[k] = std::exp(gamma[k] - top));  // unnormalised gamma_k
+      for (int64_t k = 0; k < K; ++k) gamma[k] /= total;
       if (vp) {
+        // v = sum_k gamma_k (alpha' mu_k + U_k (coef_k y_k)).
+        for (int64_t i = 0; i < K * d; ++i) in[i] = gamma[i / d] * coef[i] * y[i];
+        rotate_back(out.data());
         for (int64_t j = 0; j < d; ++j) {
-          double v = 0;
-          for (int64_t k = 0; k < K; ++k) v += logp[k] * (dal * mu[k * d + j] + coef[k * d + j] * y[k * d + j]);
+          double v = out[j];
+          for (int64_t k = 0; k < K; ++k) v += gamma[k] * dal * mu[k * d + j];
           vp[b * d + j] = static_cast<scalar_t>(v);
         }
       }
       if (gp) {
-        // (dv/dx)^T a = sum_k gamma_k [coef_k a - (a.v_k - a.v) y_k / var_k].
+        // (dv/dx)^T a = sum_k gamma_k U_k [coef_k a_k - (a.v_k - a.v) y_k / var_k], a_k = U_k^T a, and
+        // a.v_k = alpha' a.mu_k + a_k.(coef_k y_k).
         const scalar_t* abp = ap + b * d;
         double a_v = 0;
         for (int64_t k = 0; k < K; ++k) {
+          double* a_k = in.data() + k * d;  // a_k first, then overwritten by the bracket
+          if (U) {
+            for (int64_t m = 0; m < d; ++m) a_k[m] = 0;
+            for (int64_t i = 0; i < d; ++i) {
+              const double* row = U + (k * d + i) * d;
+              for (int64_t m = 0; m < d; ++m) a_k[m] += static_cast<double>(abp[i]) * row[m];
+            }
+          } else {
+            for (int64_t i = 0; i < d; ++i) a_k[i] = static_cast<double>(abp[i]);
+          }
           double s = 0;
           for (int64_t j = 0; j < d; ++j) {
             const int64_t i = k * d + j;
-            s += static_cast<double>(abp[j]) * (dal * mu[i] + coef[i] * y[i]);
+            s += static_cast<double>(abp[j]) * dal * mu[i] + a_k[j] * coef[i] * y[i];
           }
           avk[k] = s;
-          a_v += logp[k] * s;
+          a_v += gamma[k] * s;
         }
-        for (int64_t j = 0; j < d; ++j) {
-          double g = 0;
-          for (int64_t k = 0; k < K; ++k) {
+        for (int64_t k = 0; k < K; ++k) {
+          for (int64_t j = 0; j < d; ++j) {
             const int64_t i = k * d + j;
-            g += logp[k] * (coef[i] * static_cast<double>(abp[j]) - (avk[k] - a_v) * y[i] / var[i]);
+            in[i] = gamma[k] * (coef[i] * in[i] - (avk[k] - a_v) * y[i] / var[i]);
           }
-          gp[b * d + j] = static_cast<scalar_t>(g);
         }
+        rotate_back(out.data());
+        for (int64_t j = 0; j < d; ++j) gp[b * d + j] = static_cast<scalar_t>(out[j]);
       }
     }
   });
 }
 
-// Whether the fused loop may replace the tensor expressions: diagonal covariances, one time for the
-// batch, a floating x, and no autograd graph wanted through the result.
+// Whether the fused loop may replace the tensor expressions: one time for the batch, a floating x, no autograd
+// graph wanted through the result, and diagonal covariances or few dimensions (the rotations are O(K d^2) scalar
+// work per row; beyond kFusedRotationMaxDim the batched products win: bench/am_bench.cpp, BM_MixtureVjp).
+constexpr int64_t kFusedRotationMaxDim = 12;
 bool fused_applies(bool diagonal, const Tensor& x, const ScheduleTensors& s, const Tensor& a) {
-  if (!diagonal || s.alpha.dim() != 0 || x.dim() != 2) return false;
+  if (s.alpha.dim() != 0 || x.dim() != 2) return false;
+  if (!diagonal && x.size(1) > kFusedRotationMaxDim) return false;
   if (x.scalar_type() != at::kFloat && x.scalar_type() != at::kDouble) return false;
   if (at::GradMode::is_enabled() && (x.requires_grad() || (a.defined() && a.requires_grad()))) return false;
   return true;
@@ -160,8 +202,8 @@ GaussianMixture::GaussianMixture(Tensor weights, Tensor means, Tensor covariance
   }
   weights_ = weights_ / weights_.sum();
   auto eig = at::linalg_eigh(covariances_);
-  eigenvalues_ = std::get<0>(eig);
-  eigenvectors_ = std::get<1>(eig);
+  eigenvalues_ = std::get<0>(eig).contiguous();
+  eigenvectors_ = std::get<1>(eig).contiguous();  // row-major, as fused_rows reads it
   if (!(eigenvalues_ > 0).all().item<bool>()) {
     throw Error("Gaussian mixture: covariances must be positive definite (smallest eigenvalue " +
                 std::to_string(eigenvalues_.min().item<double>()) + ")");
@@ -246,8 +288,9 @@ Tensor GaussianMixture::velocity(const Tensor& x, const ScheduleTensors& s) cons
     check_batch(x, dim(), "x");
     Tensor v;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gmm_velocity", [&] {
-      diagonal_rows<scalar_t>(x, Tensor(), means_, eigenvalues_, log_weights_, s.alpha.item<double>(),
-                              s.beta.item<double>(), s.d_alpha.item<double>(), s.d_beta.item<double>(), &v, nullptr);
+      fused_rows<scalar_t>(x, Tensor(), means_, eigenvalues_, diagonal_ ? Tensor() : eigenvectors_, log_weights_,
+                           s.alpha.item<double>(), s.beta.item<double>(), s.d_alpha.item<double>(),
+                           s.d_beta.item<double>(), &v, nullptr);
     });
     return v;
   }
@@ -275,8 +318,9 @@ Tensor GaussianMixture::velocity_vjp(const Tensor& x, const ScheduleTensors& s, 
     check_batch(x, dim(), "x");
     Tensor g, v;
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gmm_velocity_vjp", [&] {
-      diagonal_rows<scalar_t>(x, a, means_, eigenvalues_, log_weights_, s.alpha.item<double>(), s.beta.item<double>(),
-                              s.d_alpha.item<double>(), s.d_beta.item<double>(), v_out ? &v : nullptr, &g);
+      fused_rows<scalar_t>(x, a, means_, eigenvalues_, diagonal_ ? Tensor() : eigenvectors_, log_weights_,
+                           s.alpha.item<double>(), s.beta.item<double>(), s.d_alpha.item<double>(),
+                           s.d_beta.item<double>(), v_out ? &v : nullptr, &g);
     });
     if (v_out) *v_out = v;
     return g;

@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 #include <gtest/gtest.h>
+#include <torch/csrc/autograd/autograd.h>
 
 #include <cmath>
 #include <vector>
@@ -62,19 +63,38 @@ TEST(GaussianMixture, ClosedFormVjpMatchesAutogradAndFiniteDifferences) {
   }
 }
 
-TEST(GaussianMixture, FusedDiagonalVelocityEqualsTheTensorExpressions) {
-  // Diagonal covariances at one time take a fused loop over the rows unless a graph is wanted through
-  // the result: both ways must agree, in double and float32, including t = 0 and t = 1.
+TEST(GaussianMixture, FusedVelocityEqualsTheTensorExpressions) {
+  // At one time the velocity takes a fused loop over the rows (diagonal covariances, and rotated ones in up to 12
+  // dimensions) unless a graph is wanted through the result: both ways must agree, in double and float32,
+  // including t = 0 and t = 1; so must the VJP (its autograd reference: ClosedFormVjpMatchesAutogradAndFiniteDifferences).
   for (const auto& schedule : {make_linear_schedule(), make_cosine_schedule()}) {
-    GmmVelocity field(test::ring_mixture_2d(), schedule);
-    Generator gen = make_generator(5);
-    for (auto dtype : {at::kDouble, at::kFloat}) {
-      const at::Tensor x = 3.0 * at::randn({33, 2}, gen, at::TensorOptions().dtype(dtype));
-      for (double t : {0.0, 0.3, 0.8, 1.0}) {
-        const at::Tensor fused = field.velocity(x, t);
-        const at::Tensor tensors = field.velocity(x.clone().requires_grad_(true), t).detach();
-        const double tol = (dtype == at::kDouble ? 1e-12 : 1e-5) * (1 + tensors.abs().max().item<double>());
-        EXPECT_LT((fused - tensors).abs().max().item<double>(), tol) << schedule->name() << " t=" << t;
+    for (auto mixture : {test::ring_mixture_2d(), test::random_mixture(5, 3, 7), test::random_mixture(9, 4, 2),
+                         test::random_mixture(12, 3, 5), test::random_mixture(40, 2, 3)}) {
+      GmmVelocity field(mixture, schedule);
+      Generator gen = make_generator(5);
+      for (auto dtype : {at::kDouble, at::kFloat}) {
+        // float32 beyond 12 dimensions takes the tensor expressions in float, less accurate than this test's bound
+        if (dtype == at::kFloat && mixture->dim() > 12) continue;
+        const at::Tensor x = 3.0 * at::randn({33, mixture->dim()}, gen, at::TensorOptions().dtype(dtype));
+        const at::Tensor a = at::randn({33, mixture->dim()}, gen, at::TensorOptions().dtype(dtype));
+        for (double t : {0.0, 0.3, 0.8, 1.0}) {
+          const at::Tensor fused = field.velocity(x, t);
+          EXPECT_EQ(fused.scalar_type(), dtype);
+          // The reference in double (the fused loop accumulates in double; float32's error is its schedule's
+          // coefficients, computed in float).
+          const at::Tensor xg = x.to(at::kDouble).requires_grad_(true);
+          const at::Tensor tensors = field.velocity(xg, t);
+          const double tol = (dtype == at::kDouble ? 1e-12 : 1e-5) * (1 + tensors.abs().max().item<double>());
+          EXPECT_LT((fused.to(at::kDouble) - tensors.detach()).abs().max().item<double>(), tol)
+              << schedule->name() << " d=" << mixture->dim() << " t=" << t;
+          at::Tensor v;
+          const at::Tensor g = field.vjp(x, t, a, &v);
+          const at::Tensor g_ref = torch::autograd::grad({tensors}, {xg}, {a.to(at::kDouble)})[0];
+          const double gtol = (dtype == at::kDouble ? 1e-10 : 1e-5) * (1 + g_ref.abs().max().item<double>());
+          EXPECT_LT((g.to(at::kDouble) - g_ref).abs().max().item<double>(), gtol)
+              << schedule->name() << " d=" << mixture->dim() << " t=" << t;
+          EXPECT_LT((v - fused).abs().max().item<double>(), tol);
+        }
       }
     }
   }

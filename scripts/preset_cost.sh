@@ -46,7 +46,7 @@ for line in open(sys.argv[1]):
     if m: runs[(m[1], int(m[2]), int(m[3]))].append(float(m[4]))
 problems = sorted({(s, d) for _, s, d in runs})
 names = list(dict.fromkeys(n for n, _, _ in runs))
-print("\n| variant | " + " | ".join("seed %d (d = %d): s" % p for p in problems) + " | / preset small |")
+print("\n| variant | " + " | ".join("seed %d (d = %d): s" % p for p in problems) + " | / small (K = 60) |")
 print("|---|" + "---|" * (len(problems) + 1))
 for n in names:
     med = [statistics.median(runs[(n, s, d)]) for s, d in problems]

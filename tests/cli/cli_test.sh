@@ -270,6 +270,23 @@ PY
 else
   fail "preset = \"auto\": $(cat log.txt; cat auto/config.resolved.json)"
 fi
+# "small" trains on 20 exact steps now; a run started when it meant 60 Euler steps (its record says integrator =
+# "euler") resumes on its own chain, with the preset kept or given (a record edited to read as such a run).
+python3 - auto/config.resolved.json <<'PY'
+import json, sys
+p = sys.argv[1]; j = json.load(open(p)); am = j["finetune"]["adjoint_matching"]
+assert am["integrator"] == "exact" and am["dsm_rollout_steps"] == 120, am
+am["integrator"] = "euler"
+json.dump(j, open(p, "w"))
+PY
+if "$tilt" finetune -q -c tiny_auto.toml --set finetune.iterations=4 -o auto --resume > log.txt 2>&1 &&
+   grep -q "resumed auto at iteration 3" log.txt &&
+   "$tilt" finetune -q -c tiny_auto.toml --set finetune.preset=small --set finetune.iterations=5 -o auto --resume \
+     > log.txt 2>&1 && grep -q "resumed auto at iteration 4" log.txt; then
+  pass "a run of preset = \"small\" from before its exact chain resumes on its Euler chain"
+else
+  fail "resume of a K = 60-era preset small run: $(cat log.txt)"
+fi
 # configs/untuned_4d.toml (README, "A new user's problem, with the defaults"): an empty [finetune] is "small" there.
 if "$tilt" finetune -q -c "$configs/untuned_4d.toml" --set threads=1 --set finetune.iterations=1 -o untuned > log.txt 2>&1 &&
    grep -q '"preset": "small"' untuned/config.resolved.json && ! grep -q "warning" log.txt; then

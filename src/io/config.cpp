@@ -231,20 +231,17 @@ bool ConfigSection::has(const std::string& key) const { return node_.contains(ke
 
 const Json* ConfigSection::find(const std::string& key) const {
   used_.insert(key);
-  auto it = node_.find(key);
   if (old_ && old_->node_.contains(key)) {
-    if (it != node_.end()) {
+    if (node_.contains(key)) {
       throw Error("in " + origin_ + ": '" + old_->where(key) + "' and '" + where(key) + "' are both given; keep '" +
                   where(key) + "'");
     }
     if (from_old_.insert(key).second && note_) {
       note_("'" + old_->where(key) + "' belongs in [" + path_ + "] now (as " + key + "); the old place still works");
     }
-    return old_->find(key);
+    return old_->find(key);  // marks it used there
   }
-  if (it != node_.end()) return &*it;
-  auto preset = defaults_.find(key);
-  return preset == defaults_.end() ? nullptr : &*preset;
+  return peek(key);
 }
 
 const Json* ConfigSection::peek(const std::string& key) const {

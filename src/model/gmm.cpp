@@ -64,7 +64,20 @@ void fused_rows(const Tensor& x_in, const Tensor& a_in, const Tensor& means, con
   scalar_t* gp = g_out ? g_out->template data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, B, 64, [&](int64_t begin, int64_t end) {
     std::vector<double> gamma(static_cast<size_t>(K)), avk(static_cast<size_t>(K)), y(static_cast<size_t>(K * d)),
-        in(static_cast<size_t>(K * d)), diff(static_cast<size_t>(d)), out(static_cast<size_t>(d));
+        in(static_cast<size_t>(K * d)), diff(static_cast<size_t>(d)), a_row(static_cast<size_t>(d)),
+        out(static_cast<size_t>(d));
+    // dst = U_k^T src (in the standard basis: src).
+    const auto to_eigenbasis = [&](int64_t k, const double* src, double* dst) {
+      if (!U) {
+        for (int64_t i = 0; i < d; ++i) dst[i] = src[i];
+        return;
+      }
+      for (int64_t m = 0; m < d; ++m) dst[m] = 0;
+      for (int64_t i = 0; i < d; ++i) {
+        const double* row = U + (k * d + i) * d;
+        for (int64_t m = 0; m < d; ++m) dst[m] += src[i] * row[m];
+      }
+    };
     // out = sum_k U_k in_k (in the standard basis: sum_k in_k).
     const auto rotate_back = [&](double* result) {
       for (int64_t i = 0; i < d; ++i) {
@@ -87,15 +100,7 @@ void fused_rows(const Tensor& x_in, const Tensor& a_in, const Tensor& means, con
       for (int64_t k = 0; k < K; ++k) {
         double* yk = y.data() + k * d;
         for (int64_t i = 0; i < d; ++i) diff[i] = static_cast<double>(xb[i]) - al * mu[k * d + i];
-        if (U) {
-          for (int64_t m = 0; m < d; ++m) yk[m] = 0;
-          for (int64_t i = 0; i < d; ++i) {
-            const double* row = U + (k * d + i) * d;
-            for (int64_t m = 0; m < d; ++m) yk[m] += diff[i] * row[m];
-          }
-        } else {
-          for (int64_t i = 0; i < d; ++i) yk[i] = diff[i];
-        }
+        to_eigenbasis(k, diff.data(), yk);
         double q = 0;
         for (int64_t j = 0; j < d; ++j) q += yk[j] * yk[j] / var[k * d + j];
         gamma[k] = log_norm[k] - 0.5 * q;
@@ -117,23 +122,15 @@ void fused_rows(const Tensor& x_in, const Tensor& a_in, const Tensor& means, con
       if (gp) {
         // (dv/dx)^T a = sum_k gamma_k U_k [coef_k a_k - (a.v_k - a.v) y_k / var_k], a_k = U_k^T a, and
         // a.v_k = alpha' a.mu_k + a_k.(coef_k y_k).
-        const scalar_t* abp = ap + b * d;
+        for (int64_t j = 0; j < d; ++j) a_row[j] = static_cast<double>(ap[b * d + j]);
         double a_v = 0;
         for (int64_t k = 0; k < K; ++k) {
           double* a_k = in.data() + k * d;  // a_k first, then overwritten by the bracket
-          if (U) {
-            for (int64_t m = 0; m < d; ++m) a_k[m] = 0;
-            for (int64_t i = 0; i < d; ++i) {
-              const double* row = U + (k * d + i) * d;
-              for (int64_t m = 0; m < d; ++m) a_k[m] += static_cast<double>(abp[i]) * row[m];
-            }
-          } else {
-            for (int64_t i = 0; i < d; ++i) a_k[i] = static_cast<double>(abp[i]);
-          }
+          to_eigenbasis(k, a_row.data(), a_k);
           double s = 0;
           for (int64_t j = 0; j < d; ++j) {
             const int64_t i = k * d + j;
-            s += static_cast<double>(abp[j]) * dal * mu[i] + a_k[j] * coef[i] * y[i];
+            s += a_row[j] * dal * mu[i] + a_k[j] * coef[i] * y[i];
           }
           avk[k] = s;
           a_v += gamma[k] * s;

@@ -11,7 +11,9 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstdlib>
 #include <new>
 #include <string>
 #include <utility>
@@ -32,6 +34,23 @@ std::string out_of_memory(const std::string& what) {
          "); a smaller batch size, evaluation batch, model or image size, or fewer steps, needs less";
 }
 
+// The validator of integer flags: optional sign, decimal digits, within int64.
+CLI::Validator decimal_integer() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const size_t digits = !text.empty() && (text[0] == '-' || text[0] == '+') ? 1 : 0;
+        if (text.size() == digits || text.find_first_not_of("0123456789", digits) != std::string::npos) {
+          return "must be a whole number in decimal digits, got '" + text + "'";
+        }
+        errno = 0;
+        const long long value = std::strtoll(text.c_str(), nullptr, 10);
+        if (errno == ERANGE) return "'" + text + "' is out of range (a 64-bit integer)";
+        text = std::to_string(value);  // "010" is ten, not octal 8
+        return std::string();
+      },
+      "");
+}
+
 }  // namespace
 
 int tilt::cli::run_command_line(int argc, char** argv) {
@@ -41,12 +60,18 @@ int tilt::cli::run_command_line(int argc, char** argv) {
   app.require_subcommand(1);
   tilt::cli::CommonOptions& common = tilt::cli::mutable_common_options();
   std::vector<std::pair<CLI::App*, std::function<int()>>> runs;
+  std::vector<CLI::Option*> devices;  // each subcommand's --device
   for (const auto& command : tilt::cli::commands()) {
     CLI::App* sub = app.add_subcommand(command.name, command.help);
     runs.emplace_back(sub, command.setup(*sub));
     sub->add_flag("--json", common.json, "Print the result as one line of JSON on stdout");
-    sub->add_option("--device", common.device,
-                    "Device: cpu, cuda or cuda:N; overrides the config's device (default cpu; docs/devices.md)");
+    devices.push_back(sub->add_option("--device", common.device,
+                                      "Device: cpu, cuda or cuda:N; overrides the config's device (default cpu; docs/devices.md)"));
+    // CLI11 reads an integer with strtoll in base 0: a value past 64 bits became the largest one (two --seed
+    // values, one run), "010" octal 8 and "0x10" 16. An integer flag takes decimal digits that fit.
+    for (CLI::Option* opt : sub->get_options()) {
+      if (opt->get_type_name() == "INT" || opt->get_type_name() == "UINT") opt->transform(decimal_integer());
+    }
   }
   try {
     app.parse(argc, argv);
@@ -61,7 +86,8 @@ int tilt::cli::run_command_line(int argc, char** argv) {
     return 1;
   }
   try {
-    if (!common.device.empty()) tilt::set_run_device(tilt::parse_device(common.device, "--device"), true);
+    const bool device_given = std::any_of(devices.begin(), devices.end(), [](CLI::Option* o) { return o->count() > 0; });
+    if (device_given) tilt::set_run_device(tilt::parse_device(common.device, "--device"), true);
     for (auto& [sub, run] : runs) {
       if (!sub->parsed()) continue;
       const std::string name = sub->get_name();

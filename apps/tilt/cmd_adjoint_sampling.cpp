@@ -4,7 +4,9 @@
 // docs/adjoint_sampling.md.)
 #include "commands.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
+#include "tilt/core/log.h"
 #include "tilt/core/fs.h"
 #include "tilt/core/progress.h"
 #include "tilt/io/samples.h"
@@ -24,7 +26,7 @@ int run_adjoint_sampling(const AdjointSamplingArgs& args) {
   ConfigSection root = config.root();
   AdjointSamplingRunOptions run = read_adjoint_sampling_run(root);
   if (!args.reference.empty()) run.evaluation.reference = args.reference;
-  check_reference_input(run.evaluation.reference, args.config.config, args.out);
+  check_reference_input(run.evaluation.reference, *run.energy, args.config.config, args.out);
   if (args.out.empty()) throw Error("--out is required: the directory for this run's files");
   const RunDirectory dir = prepare_run_directory(args.out, config.resolved(), args.resume);
   const AdjointSampler sampler = make_adjoint_sampler(run);
@@ -67,6 +69,23 @@ int run_mcmc(const McmcArgs& args) {
     r = run_mala(*energy, tau, mala, gen, [&](int64_t done, int64_t) { bar.update(done); });
   }
   const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  // Chains that never moved, or temperatures that never swapped, give samples of their starting points, not of
+  // exp(-E / tau): written (the diagnostics say how), but said.
+  for (size_t i = 0; i < r.acceptance.size(); ++i) {
+    if (r.acceptance[i] < 0.01) {
+      warning("mcmc: the chains at temperature " + number_string(mala.temperatures[i]) + " accepted " +
+              number_string(r.acceptance[i]) + " of their moves (step size " + number_string(r.step_sizes[i]) +
+              "): they barely moved, and their samples are not of exp(-E / tau); check [energy] (its scale, the "
+              "temperature) and [mcmc] init_std and step_size");
+    }
+  }
+  for (size_t i = 0; i < r.swap_rates.size(); ++i) {
+    if (r.swap_rates[i] < 0.01) {
+      warning("mcmc: temperatures " + number_string(mala.temperatures[i]) + " and " +
+              number_string(mala.temperatures[i + 1]) + " swapped in " + number_string(r.swap_rates[i]) +
+              " of their attempts: the ladder does not carry the chains between modes; put temperatures between them");
+    }
+  }
   write_samples_csv(args.out, r.samples);
   const Json j = mcmc_report(*energy, tau, mala, r, seed, seconds);
   atomic_write(args.out + ".json", j.dump(2) + "\n");

@@ -49,6 +49,13 @@ int run_eval_images(const EvalImagesArgs& args) {
   read_run_settings(root);
   const ImageEvaluation setup = read_image_evaluation(root);
   finish_root(root);
+  if (!args.json_file.empty()) {  // refused before the evaluation, which can take minutes
+    std::vector<std::pair<std::string, std::string>> inputs{
+        {"--config", args.config.config}, {"--base", args.base}, {"--unseen", args.unseen}};
+    for (const std::string& s : args.samples) inputs.emplace_back("--samples", s);
+    for (const auto& [key, path] : config_files(config.resolved())) inputs.emplace_back("'" + key + "'", path);
+    refuse_output_over_input("--json-file", args.json_file, inputs);
+  }
   const Json out = evaluate_images(setup, args.samples, args.base, args.unseen);
   if (!args.json_file.empty()) atomic_write(args.json_file, out.dump() + "\n");
   if (common_options().json) {

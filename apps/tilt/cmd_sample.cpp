@@ -27,8 +27,10 @@ const bool registered_sample = add_command(
        app.add_option("--precision", o.precision,
                       "float32, or bfloat16: the model's evaluations under bfloat16 autocast (faster where the device has "
                       "bfloat16 units; docs/devices.md)")->capture_default_str();
-       app.add_option("--condition", o.condition, "A conditional model or config: the condition, comma-separated numbers");
-       app.add_option("--conditions", o.conditions, "... or a CSV file of conditions, one per line (-n samples at each)");
+       CLI::Option* condition =
+           app.add_option("--condition", o.condition, "A conditional model or config: the condition, comma-separated numbers");
+       CLI::Option* conditions =
+           app.add_option("--conditions", o.conditions, "... or a CSV file of conditions, one per line (-n samples at each)");
        app.add_option("--guidance", o.guidance, "Classifier-free guidance weight w: (1 + w) v(x, t | c) - w v(x, t | null)")
            ->capture_default_str();
        add_seed_threads(app, config);
@@ -38,8 +40,11 @@ const bool registered_sample = add_command(
                       "Draw a model's samples this many at a time (0: all at once): bounds the memory; the samples then "
                       "depend on it as on the seed")->capture_default_str();
        app.add_flag_function("-q,--quiet", [args](int64_t) { args->second.progress = false; }, "No progress bar");
-       return [args] {
+       return [args, condition, conditions] {
          auto& [config, o] = *args;
+         // Given empty (a shell variable that was not set), they would read as not given: every training condition.
+         if (condition->count() > 0 && o.condition.empty()) throw Error("--condition is empty: give its numbers, e.g. 1,0");
+         if (conditions->count() > 0 && o.conditions.empty()) throw Error("--conditions is empty: give a CSV file");
          o.config = config.config;
          o.set = config.set;
          o.seed = config.seed.value_or(0);

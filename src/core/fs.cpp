@@ -88,20 +88,46 @@ void remove_stale_temporaries_in(const std::string& dir) {
   }
 }
 
+namespace {
+
+// The file that writing `path` replaces: path itself, or the end of the chain of symbolic links it names (a link
+// is written through, not replaced by a file of its own). Something other than a regular file there (a device such
+// as /dev/full, a pipe, a socket) is refused: tilt writes whole files by renaming, which would replace it.
+fs::path write_target(const std::string& path) {
+  if (!path.empty() && path.back() == '/') throw Error("cannot write '" + path + "': it names a directory; give a file path");
+  fs::path at(path);
+  std::error_code ec;
+  for (int hops = 0; fs::is_symlink(fs::symlink_status(at, ec)); ++hops) {
+    if (hops == 40) throw Error("cannot write '" + path + "': too many levels of symbolic links");
+    const fs::path next = fs::read_symlink(at, ec);
+    if (ec) throw Error("cannot write '" + path + "': " + ec.message());
+    at = next.is_absolute() ? next : at.parent_path() / next;
+  }
+  const fs::file_status st = fs::status(at, ec);
+  if (fs::is_directory(st)) throw Error("cannot write '" + path + "': it is a directory");
+  if (fs::exists(st) && !fs::is_regular_file(st)) {
+    throw Error("cannot write '" + path + "': it is not a regular file (a device, pipe or socket); tilt writes " +
+                "its outputs as whole files, which would replace it. Give a file path");
+  }
+  return at;
+}
+
+}  // namespace
+
 void atomic_write_with(const std::string& path, const std::function<void(const std::string&)>& write_to) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) throw Error("cannot write '" + path + "': it is a directory");
-  const fs::path parent = fs::path(path).parent_path();
+  const fs::path target = write_target(path);
+  const fs::path parent = target.parent_path();
   if (!parent.empty()) make_directories(parent.string());
-  remove_stale_temporaries(path);
-  const std::string tmp = temporary_path(path);
+  remove_stale_temporaries(target.string());
+  const std::string tmp = temporary_path(target.string());
   try {
     write_to(tmp);
   } catch (...) {
     fs::remove(tmp, ec);
     throw;
   }
-  fs::rename(tmp, path, ec);
+  fs::rename(tmp, target, ec);
   if (ec) {
     std::error_code ignored;
     fs::remove(tmp, ignored);
@@ -172,8 +198,9 @@ void refuse_output_over_input(const std::string& flag, const std::string& out,
   // A file of a run directory (one a DirectoryLock marks) is the run's: a command writing one file
   // never replaces it. New files beside them are allowed.
   std::error_code ec;
-  const fs::path parent = fs::path(out).parent_path().empty() ? fs::path(".") : fs::path(out).parent_path();
-  if (fs::is_regular_file(out, ec) && fs::exists(parent / "run.lock", ec)) {
+  const fs::path target = write_target(out);
+  const fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
+  if (fs::is_regular_file(target, ec) && fs::exists(parent / "run.lock", ec)) {
     throw Error(flag + " '" + out + "' is a file of the run in '" + parent.string() +
                 "': writing it would replace the run's own file; choose another " + flag);
   }

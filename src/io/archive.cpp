@@ -50,6 +50,10 @@ Contents read(const std::string& path, const std::string& what, const std::strin
               int oldest_version) {
   if (!file_exists(path)) throw Error("cannot read " + what + " '" + path + "': no such file");
   const std::string bytes = read_file(path, what);
+  if (bytes.rfind("tilt-checkpoint", 0) == 0) {  // the header Trainer::save_checkpoint writes
+    throw Error("cannot read " + what + " '" + path + "': it is a training checkpoint (checkpoint.pt), which resumes a " +
+                "run; the run's " + what + " is beside it (model.pt, or classifier.pt)");
+  }
   const std::string damage = zip_damage(bytes);
   if (!damage.empty()) throw Error("cannot read " + what + " '" + path + "': not a tilt " + what + ", or corrupt (" + damage + ")");
   c10::IValue value;

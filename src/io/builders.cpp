@@ -165,6 +165,7 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
     K = in_range(s, "components", s.integer("components"), int64_t{1}, limits::kComponents);
     const double radius = s.number("radius", 3.0);
     entry(s, "radius", Json(radius));
+    if (!(radius > 0)) s.fail("radius", "must be > 0 (the components' distance from the origin), got " + number_string(radius));
     d = 2;
     std::vector<double> mu;
     for (int64_t k = 0; k < K; ++k) {

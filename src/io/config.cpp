@@ -318,6 +318,9 @@ static std::optional<int64_t> as_int64(const Json& v) {
 }
 
 int64_t ConfigSection::integer(const std::string& key, std::optional<int64_t> fallback) {
+  if (const Json* w = find(key); w && w->is_number_unsigned() && !as_int64(*w)) {
+    fail(key, "must be an integer of at most 64 bits (up to 9223372036854775807), got " + show(*w));
+  }
   TILT_CONFIG_GET(as_int64(*v).has_value(), "an integer", *as_int64(*v))
 }
 

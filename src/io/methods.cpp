@@ -4,7 +4,9 @@
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
 #include "tilt/io/builders.h"
+#include "tilt/io/run.h"
 #include "tilt/model/gmm.h"
+#include "tilt/model/unet.h"
 #include "tilt/sde/gddim.h"
 #include "tilt/train/adjoint_matching.h"
 #include "tilt/train/buffered_adjoint_matching.h"
@@ -637,6 +639,12 @@ void read_common(ConfigSection& s, const VelocityField& base, FinetunePlan& plan
     }
     plan.lora.rank = read_integer_in(s, "lora_rank", plan.lora.rank, 1, 4096);
     plan.lora.alpha = read_number_in(s, "lora_alpha", plan.lora.alpha, 1e-6, 1e6);
+    if (const auto* unet = dynamic_cast<const UNetVelocity*>(&base); unet && plan.lora.rank > unet->largest_lora_rank()) {
+      plan.warnings.push_back(s.where("lora_rank") + " = " + std::to_string(plan.lora.rank) + " is above every adapted " +
+                              "layer's min(fan in, fan out) (at most " + std::to_string(unet->largest_lora_rank()) +
+                              " in this U-Net): no adapter is low-rank, and they hold more numbers than the network; "
+                              "model = \"copy\" fine-tunes the whole network with fewer");
+    }
   } else {
     for (const char* key : {"lora_rank", "lora_alpha"}) {
       if (!s.has(key)) continue;
@@ -714,6 +722,10 @@ FinetunePlan read_finetune(ConfigSection& s, const VelocityField& base, RewardPt
   plan.reward = std::move(reward);
   plan.lambda = lambda;
   check_conditions(conditions, base.condition_dim(), "fine-tuning");
+  // A mixture base knows its target: one that cannot be formed (an improper p*) is refused before training.
+  if (const auto* gmm = dynamic_cast<const GmmVelocity*>(&base); gmm && plan.reward) {
+    exact_target(*plan.reward, gmm->mixture(), lambda);
+  }
   plan.conditions = std::move(conditions);
   plan.method = s.choice("method", finetune_method_names(), "adjoint_matching");
 

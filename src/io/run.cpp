@@ -249,6 +249,16 @@ std::optional<ConditionalExactProblem> read_conditional_exact_problem(ConfigSect
   return p;
 }
 
+std::optional<GaussianMixture> exact_target(const Reward& reward, const GaussianMixture& base, double lambda,
+                                            double* log_z) {
+  try {
+    return exact_tilt(reward, base, lambda, log_z);
+  } catch (const Error& e) {
+    throw Error("[reward] (" + reward.kind() + ", lambda = " + number_string(lambda) + "): the target p* of p_base " +
+                "exp(lambda r) cannot be formed: " + e.what());
+  }
+}
+
 int64_t ConditionalExactProblem::condition_dim() const {
   return shift.defined() ? shift.size(1) : reward->condition_dim();
 }
@@ -274,7 +284,7 @@ std::optional<ExactProblem> ConditionalExactProblem::at(const Tensor& condition,
     if (const auto* moving = dynamic_cast<const ConditionalMixtureTilt*>(reward.get())) p.reward = moving->at(c);
     else if (reward->condition_dim() > 0) p.reward = bind_condition(reward, c);
   }
-  auto tilted = exact_tilt(*p.reward, *p.base, p.lambda, &p.log_z);
+  auto tilted = exact_target(*p.reward, *p.base, p.lambda, &p.log_z);
   if (!tilted) {
     if (why) *why = "the " + p.reward->kind() + " reward with lambda = " + std::to_string(p.lambda) + " has no closed-form tilt";
     return std::nullopt;
@@ -295,17 +305,23 @@ namespace {
 const char* const kRunOutputs[] = {"config.resolved.json", "checkpoint.pt", "model.pt", "metrics.jsonl",
                                    "samples.csv", "eval.json", "eval.txt"};
 
-// A file the configuration reads (a base model, a reward module, a data set) must not be one the
-// run will overwrite: `-o` pointed at the directory of its own base would destroy the base.
-void refuse_inputs_among_outputs(const RunDirectory& run, const Json& node, const std::string& key) {
+void add_config_files(const Json& node, const std::string& key, std::vector<std::pair<std::string, std::string>>& out) {
   if (node.is_object()) {
     for (auto it = node.begin(); it != node.end(); ++it) {
-      refuse_inputs_among_outputs(run, it.value(), key.empty() ? it.key() : key + "." + it.key());
+      add_config_files(it.value(), key.empty() ? it.key() : key + "." + it.key(), out);
     }
   } else if (node.is_string() && file_exists(node.get<std::string>())) {
+    out.emplace_back(key, node.get<std::string>());
+  }
+}
+
+// A file the configuration reads (a base model, a reward module, a data set) must not be one the
+// run will overwrite: `-o` pointed at the directory of its own base would destroy the base.
+void refuse_inputs_among_outputs(const RunDirectory& run, const Json& resolved) {
+  for (const auto& [key, path] : config_files(resolved)) {
     for (const char* name : kRunOutputs) {
-      if (same_file(node.get<std::string>(), run.path(name))) {
-        throw Error("'" + key + "' = '" + node.get<std::string>() + "' is a file this run writes in '" + run.dir +
+      if (same_file(path, run.path(name))) {
+        throw Error("'" + key + "' = '" + path + "' is a file this run writes in '" + run.dir +
                     "': it would be overwritten; copy it elsewhere or choose another --out");
       }
     }
@@ -428,6 +444,12 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
 
 }  // namespace
 
+std::vector<std::pair<std::string, std::string>> config_files(const Json& resolved) {
+  std::vector<std::pair<std::string, std::string>> out;
+  add_config_files(resolved, "", out);
+  return out;
+}
+
 std::vector<std::string> differing_keys(const Json& a, const Json& b) {
   std::vector<std::string> out;
   add_differing_keys(a, b, "", out);
@@ -441,12 +463,18 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
   if (file_exists(dir) && !std::filesystem::is_directory(dir)) {
     throw Error("--out '" + dir + "' is a file, not a directory");
   }
-  refuse_inputs_among_outputs(run, resolved, "");
+  refuse_inputs_among_outputs(run, resolved);
   // Checked once before anything is written (so that a refused command creates nothing) and again
   // under the lock (so that two processes cannot both pass).
   const auto check = [&] {
     if (resume && !file_exists(config_path)) {
       throw Error("--resume: '" + dir + "' holds no run to resume (no config.resolved.json)");
+    }
+    // A run writes checkpoint.pt before model.pt, so a model without its checkpoint was finished and its
+    // checkpoint removed since: training it again from iteration 0 would replace the finished model.
+    if (resume && file_exists(run.path("model.pt")) && !file_exists(run.path("checkpoint.pt"))) {
+      throw Error("--resume: '" + dir + "' holds model.pt but no checkpoint.pt to continue from; rerunning it " +
+                  "from the start would replace that model. Choose another --out, or remove model.pt to retrain");
     }
     if (!resume && holds_trained_run(run)) {
       throw Error("'" + dir + "' already holds a run; use --resume to continue it, or choose another --out");

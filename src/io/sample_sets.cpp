@@ -47,7 +47,7 @@ std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
 // The conditions of --condition / --conditions ([N, dc] float64), undefined when neither is given.
 Tensor read_draw_conditions(const DrawOptions& o) {
   if (!o.condition.empty() && !o.conditions.empty()) throw Error("give --condition or --conditions, not both");
-  if (!o.conditions.empty()) return read_samples_csv(o.conditions).to(at::kDouble);
+  if (!o.conditions.empty()) return read_samples_csv(o.conditions, nullptr, "conditions file").to(at::kDouble);
   if (o.condition.empty()) return Tensor();
   return parse_condition(o.condition, "--condition").reshape({1, -1});
 }
@@ -112,7 +112,13 @@ DrawnSamples draw_exact(const DrawOptions& o) {
 NoiseSchedulePtr model_noise(const DrawOptions& o, const LoadedModel& m, int64_t steps) {
   std::string spec = o.noise.empty() ? m.info.value("noise", std::string("memoryless")) : o.noise;
   // The paper's offset h = 1/K goes with the number of steps.
-  if (spec == "memoryless") spec += ":" + std::to_string(1.0 / static_cast<double>(steps));
+  if (spec == "memoryless") {
+    if (steps < 2) {
+      throw Error("--steps " + std::to_string(steps) + ": the memoryless schedule's offset h = 1 / steps must be below 1; " +
+                  "give --steps 2 or more, or --noise memoryless:<h> with h in (0, 1)");
+    }
+    spec += ":" + std::to_string(1.0 / static_cast<double>(steps));
+  }
   NoiseSchedulePtr noise;
   try {
     noise = parse_noise_schedule(spec);
@@ -235,6 +241,7 @@ DrawnSamples draw_samples(const DrawOptions& o) {
   if (o.steps) check_in_range("--steps", *o.steps, 1, limits::kSteps);  // -7 silently meant 100
   if (o.seed < 0) throw Error("--seed must be >= 0");
   check_in_range("--batch", o.batch, 0, limits::kSamples);
+  if (!std::isfinite(o.guidance)) throw Error("--guidance must be a finite number, got " + number_string(o.guidance));
   if (o.model.empty() == o.exact.empty()) throw Error("give either --model FILE, or --exact base|target with --config");
   return o.exact.empty() ? draw_from_model(o) : draw_exact(o);
 }
@@ -284,7 +291,10 @@ Target read_target(Config& config, const EvalOptions& o) {
   finish_config_root(root);
   if (!t.exact) {
     if (o.reference.empty()) throw Error("no exact target for this config (" + why + "); give --reference FILE");
-    t.reference = read_samples_csv(o.reference);
+    t.reference = read_samples_csv(o.reference, nullptr, "reference samples file");
+  } else if (!o.reference.empty()) {
+    throw Error("--reference '" + o.reference + "': the config has an exact target, which eval measures against; " +
+                "drop --reference, or give a config without one");
   }
   return t;
 }
@@ -322,7 +332,12 @@ TargetSets draw_target_sets(const Target& t, int64_t n, const EvalOptions& o, co
 // Each file's rows, or --max-n of them, drawn without replacement from a generator of its own (the same rows
 // whatever the other files).
 Tensor read_eval_samples(const std::string& path, const EvalOptions& o, uint64_t seed, int64_t& file_rows) {
-  const Tensor x = read_samples_csv(path);
+  Tensor conditions;
+  const Tensor x = read_samples_csv(path, &conditions);
+  if (conditions.defined()) {  // pooled, they would be measured against one unconditional target
+    throw Error("samples file '" + path + "' holds conditions (its columns c0, ...), but the config's problem is " +
+                "unconditional: give the conditional config its model was trained on");
+  }
   file_rows = x.size(0);
   if (!o.max_n || x.size(0) <= *o.max_n) return x;
   Generator gen = make_generator(mix_seed(seed, 31));

@@ -6,6 +6,7 @@
 
 #include <ATen/ATen.h>
 
+#include <cctype>
 #include <cmath>
 #include <cstdlib>
 #include <limits>
@@ -54,10 +55,25 @@ int64_t condition_columns(const std::string& header) {
   return count;
 }
 
+// What strtod left of a field: nothing, or spaces ("1.5 " as a hand-written CSV may have it).
+bool only_spaces_after(const char* end) {
+  while (*end == ' ' || *end == '\t') ++end;
+  return *end == '\0';
+}
+
+// A field for a message: quoted, at most 40 characters, anything unprintable (a binary file read as CSV) as '?'.
+std::string shown(const std::string& field) {
+  std::string out = field.substr(0, 40);
+  for (char& ch : out) {
+    if (!std::isprint(static_cast<unsigned char>(ch))) ch = '?';
+  }
+  return "'" + out + (field.size() > 40 ? "...'" : "'");
+}
+
 }  // namespace
 
-Tensor read_samples_csv(const std::string& path, Tensor* conditions) {
-  std::istringstream in(read_file(path, "samples file"));
+Tensor read_samples_csv(const std::string& path, Tensor* conditions, const std::string& what) {
+  std::istringstream in(read_file(path, what));
   std::string line;
   std::vector<float> values;
   int64_t d = -1, n = 0, line_no = 0, dc = 0;
@@ -70,10 +86,10 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions) {
       continue;
     }
     if (line.find('\0') != std::string::npos) {
-      throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": holds NUL bytes (a damaged file?)");
+      throw Error(what + " '" + path + "', line " + std::to_string(line_no) + ": holds NUL bytes (a damaged file?)");
     }
     if (line.back() == ',') {
-      throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": ends with a comma (an empty value)");
+      throw Error(what + " '" + path + "', line " + std::to_string(line_no) + ": ends with a comma (an empty value)");
     }
     std::istringstream fields(line);
     std::string field;
@@ -82,25 +98,27 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions) {
       char* end = nullptr;
       const double v = std::strtod(field.c_str(), &end);
       const std::string where =
-          "samples file '" + path + "', line " + std::to_string(line_no) + ", column " + std::to_string(count + 1);
-      if (field.empty() || *end != '\0' || !std::isfinite(v)) {
-        throw Error(where + ": '" + field + "' is not a finite number");
+          what + " '" + path + "', line " + std::to_string(line_no) + ", column " + std::to_string(count + 1);
+      // strtod also reads hexadecimal ("0x10" is 16): not a number a CSV of samples holds.
+      if (field.empty() || end == field.c_str() || !only_spaces_after(end) ||
+          field.find_first_of("xX") != std::string::npos || !std::isfinite(v)) {
+        throw Error(where + ": " + shown(field) + " is not a finite number");
       }
       // Samples are float32 tensors: a larger double would become inf there (and NaN downstream).
       if (std::abs(v) > static_cast<double>(std::numeric_limits<float>::max())) {
-        throw Error(where + ": '" + field + "' is outside the range of float32 (largest magnitude 3.4028235e38)");
+        throw Error(where + ": " + shown(field) + " is outside the range of float32 (largest magnitude 3.4028235e38)");
       }
       values.push_back(static_cast<float>(v));
       ++count;
     }
     if (d < 0) d = count;
     if (count != d) {
-      throw Error("samples file '" + path + "', line " + std::to_string(line_no) + ": " + std::to_string(count) +
+      throw Error(what + " '" + path + "', line " + std::to_string(line_no) + ": " + std::to_string(count) +
                   " values, but the first row has " + std::to_string(d));
     }
     ++n;
   }
-  if (n == 0) throw Error("samples file '" + path + "' holds no samples");
+  if (n == 0) throw Error(what + " '" + path + "' holds no samples");
   if (dc >= d) dc = 0;  // every column named c0, c1, ...: a table of conditions itself (tilt sample --conditions)
   const Tensor all = at::from_blob(values.data(), {n, d}, at::kFloat);
   if (conditions) *conditions = dc > 0 ? all.narrow(1, d - dc, dc).to(at::kDouble) : Tensor();

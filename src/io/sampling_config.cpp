@@ -49,6 +49,8 @@ EnergyPtr read_energy(ConfigSection s, double* tau) {
       o.b = s.number("b", o.b);
       o.offset = s.number("offset", o.offset);
       if (o.particles < 2) s.fail("particles", "must be >= 2");
+      // a (d - offset)^4 bounds the energy below only for a > 0: else exp(-E) has no finite integral.
+      if (!(o.a > 0)) s.fail("a", "must be > 0 (with a <= 0 the energy has no lower bound)");
       if (o.spatial_dim < 1) s.fail("spatial_dim", "must be >= 1");
       s.finish();
       e = std::make_shared<MultiDoubleWellEnergy>(o);
@@ -124,6 +126,10 @@ MalaOptions read_mala(ConfigSection s) {
   if (o.steps < 1) s.fail("steps", "must be >= 1");
   if (o.burn_in < 0) s.fail("burn_in", "must be >= 0");
   if (o.thin < 1) s.fail("thin", "must be >= 1");
+  if (o.thin > o.steps) {
+    s.fail("thin", "must be at most steps = " + std::to_string(o.steps) + " (each chain keeps every thin-th of its steps: " +
+                       std::to_string(o.thin) + " keeps none)");
+  }
   // The samples kept, chains x (steps / thin), are held in memory (docs/config.md, Limits).
   if (o.steps / o.thin > limits::kSamples / o.chains) {
     s.fail("steps", "with chains = " + std::to_string(o.chains) + " and thin = " + std::to_string(o.thin) +

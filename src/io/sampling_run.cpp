@@ -105,12 +105,7 @@ Json compare_with_exact(const Energy& energy, double tau, const Tensor& x, uint6
 
 // Against reference samples (e.g. MCMC chains); the floor: the chains' second half against the whole.
 Json compare_with_reference(const Energy& energy, const Tensor& x, const std::string& reference, const Tensor& exact) {
-  const Tensor ref = read_samples_csv(reference).to(at::kDouble);
-  if (ref.size(1) != energy.dim()) {
-    throw Error("the reference samples '" + reference + "' have dimension " + std::to_string(ref.size(1)) +
-                ", the energy " + std::to_string(energy.dim()));
-  }
-  if (ref.size(0) < 4) throw Error("the reference samples '" + reference + "' hold fewer than 4 samples");
+  const Tensor ref = read_reference_samples(energy, reference);
   const int64_t h = ref.size(0) / 2;
   Json m = compare(energy, x, ref, ref.narrow(0, h, ref.size(0) - h));
   m["floor_note"] = "second half of the reference against the whole";
@@ -172,7 +167,18 @@ AdjointSamplingRunOptions read_adjoint_sampling_run(ConfigSection& root) {
   return run;
 }
 
-void check_reference_input(const std::string& reference, const std::string& config_path, const std::string& out) {
+Tensor read_reference_samples(const Energy& energy, const std::string& reference) {
+  const Tensor ref = read_samples_csv(reference).to(at::kDouble);
+  if (ref.size(1) != energy.dim()) {
+    throw Error("the reference samples '" + reference + "' have dimension " + std::to_string(ref.size(1)) +
+                ", the energy " + std::to_string(energy.dim()));
+  }
+  if (ref.size(0) < 4) throw Error("the reference samples '" + reference + "' hold fewer than 4 samples");
+  return ref;
+}
+
+void check_reference_input(const std::string& reference, const Energy& energy, const std::string& config_path,
+                           const std::string& out) {
   if (reference.empty()) return;
   if (!file_exists(reference)) {
     throw Error("the reference samples '" + reference + "' do not exist (make them with `tilt mcmc -c " + config_path +
@@ -184,6 +190,7 @@ void check_reference_input(const std::string& reference, const std::string& conf
                   "', which this run writes; copy it elsewhere first");
     }
   }
+  read_reference_samples(energy, reference);  // read now: a bad file fails before training, not after it
 }
 
 AdjointSampler make_adjoint_sampler(const AdjointSamplingRunOptions& run) {

@@ -229,40 +229,63 @@ struct Context {
   L2Metric metric;
 };
 
-// Trains one loss from the common initial network; on the writer, its evaluations go to
-// <loss>.eval.jsonl and its curve and summary row are returned.
-Json train_loss(const Context& c, const std::string& name, std::vector<plot::Series>& curves) {
+// One loss of the run, made as it trains: its control, the curriculum's problem (null without one), the loss and
+// the trainer's options (file paths only when `with_files`).
+struct LossSetup {
+  soc::ParametricControlPtr control;
+  std::shared_ptr<soc::DriftScaledProblem> scaled;
+  std::unique_ptr<Loss> loss;
+  TrainerOptions topt;
+};
+
+LossSetup make_loss_setup(const Context& c, const std::string& name, bool with_files) {
   const SocBenchmarkOptions& o = c.o;
   const auto seed = static_cast<uint64_t>(o.seed);
-  const soc::ParametricControlPtr control = make_control(o, *c.problem, mix_seed(seed, 1));
+  LossSetup l;
+  l.control = make_control(o, *c.problem, mix_seed(seed, 1));
   soc::SocLossOptions so;
   so.batch_size = o.batch;
   so.num_steps = c.steps;
   so.seed = mix_seed(seed, 4);  // SOCM's M network
   so.damp_noisy_times = o.time_weights == "damped";
   // The curriculum trains on the drift scaled by c (E120); the evaluations use the problem itself.
-  const bool curriculum = o.curriculum_start < 1.0;
-  const auto scale_at = [&](int64_t iteration) {
-    return soc::curriculum_scale(o.curriculum_start, o.curriculum_fraction, iteration, o.iterations);
-  };
-  std::shared_ptr<soc::DriftScaledProblem> scaled;
-  if (curriculum) scaled = std::make_shared<soc::DriftScaledProblem>(c.problem, scale_at(1));
-  auto loss = soc::make_soc_loss(name, curriculum ? soc::ProblemPtr(scaled) : c.problem, control, so);
-  TrainerOptions topt;
+  if (o.curriculum_start < 1.0) {
+    l.scaled = std::make_shared<soc::DriftScaledProblem>(
+        c.problem, soc::curriculum_scale(o.curriculum_start, o.curriculum_fraction, 1, o.iterations));
+  }
+  l.loss = soc::make_soc_loss(name, l.scaled ? soc::ProblemPtr(l.scaled) : c.problem, l.control, so);
+  TrainerOptions& topt = l.topt;
   topt.iterations = o.iterations;
   topt.adam = {o.lr, 0.9, 0.999, 1e-8, 0.0};
   topt.lr_schedule = parse_lr_schedule(o.lr_schedule);
   topt.lr_final_factor = 0.01;
   topt.grad_clip = 0;
   topt.seed = mix_seed(seed, 2);
-  topt.metrics_path = o.out + "/" + name + ".jsonl";
-  topt.checkpoint_path = o.out + "/" + name + ".checkpoint.pt";
+  if (with_files) {
+    topt.metrics_path = o.out + "/" + name + ".jsonl";
+    topt.checkpoint_path = o.out + "/" + name + ".checkpoint.pt";
+  }
   topt.checkpoint_every = o.checkpoint_every;
   topt.progress = !o.quiet;
   topt.label = name;
   topt.shards = c.shards;
   topt.group = c.group;
-  Trainer trainer(*loss, topt);
+  return l;
+}
+
+// Trains one loss from the common initial network; on the writer, its evaluations go to
+// <loss>.eval.jsonl and its curve and summary row are returned.
+Json train_loss(const Context& c, const std::string& name, std::vector<plot::Series>& curves) {
+  const SocBenchmarkOptions& o = c.o;
+  const auto seed = static_cast<uint64_t>(o.seed);
+  LossSetup setup = make_loss_setup(c, name, true);
+  const soc::ParametricControlPtr& control = setup.control;
+  const std::shared_ptr<soc::DriftScaledProblem>& scaled = setup.scaled;
+  const TrainerOptions& topt = setup.topt;
+  const auto scale_at = [&](int64_t iteration) {
+    return soc::curriculum_scale(o.curriculum_start, o.curriculum_fraction, iteration, o.iterations);
+  };
+  Trainer trainer(*setup.loss, topt);
   if (o.resume && trainer.resume(topt.checkpoint_path) && c.writer) {
     note("resumed " + name + " at iteration " + std::to_string(trainer.iteration()));
   }
@@ -475,22 +498,22 @@ void check_soc_benchmark(const SocBenchmarkOptions& o) {
   one_of("--time-weights", o.time_weights, time_weight_names());
   one_of("--lr-schedule", o.lr_schedule, {"constant", "cosine"});
   if (!(o.curriculum_start > 0 && o.curriculum_start <= 1)) {
-    throw Error(n("--curriculum-start") + " must be in (0, 1] (1: no curriculum), got " + format_number(o.curriculum_start));
+    throw Error(n("--curriculum-start") + " must be in (0, 1] (1: no curriculum), got " + number_string(o.curriculum_start));
   }
   if (!(o.curriculum_fraction > 0 && o.curriculum_fraction <= 1)) {
-    throw Error(n("--curriculum-fraction") + " must be in (0, 1], got " + format_number(o.curriculum_fraction));
+    throw Error(n("--curriculum-fraction") + " must be in (0, 1], got " + number_string(o.curriculum_fraction));
   }
 }
 
 SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   check_soc_benchmark(o);
   Context c{o, make_soc_benchmark_problem(o), nullptr, true, 1, 0, {}};
-  for (const auto& name : o.losses) {
-    soc::check_soc_loss_name(name);
-    // Fails here, before any file is written, where a loss cannot take the problem (a stopping time).
-    soc::make_soc_loss(name, c.problem, std::make_shared<soc::ControlNetwork>(c.problem->dim(), c.problem->horizon(),
-                                                                              std::vector<int64_t>{1}, 0),
-                       soc::SocLossOptions{});
+  for (size_t i = 0; i < o.losses.size(); ++i) {
+    soc::check_soc_loss_name(o.losses[i]);
+    if (std::find(o.losses.begin(), o.losses.begin() + static_cast<std::ptrdiff_t>(i), o.losses[i]) !=
+        o.losses.begin() + static_cast<std::ptrdiff_t>(i)) {
+      throw Error(name_of(o, "--loss") + " names " + o.losses[i] + " twice: each loss trains once, into its own files");
+    }
   }
   if (o.out.empty()) throw Error("--out is required: the directory for this run's files");
   // Several processes: rank 0 writes every file; all train together.
@@ -498,6 +521,12 @@ SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   c.writer = is_writer(c.group);
   c.shards = effective_shards(o.shards, c.group);
   c.steps = o.steps > 0 ? o.steps : c.problem->default_steps();
+  // Each loss and its trainer made once before any file is written: a loss that cannot take the problem (a
+  // stopping time), a batch too small for a variance or for the shards fails here, for every loss.
+  for (const auto& name : o.losses) {
+    LossSetup setup = make_loss_setup(c, name, false);
+    Trainer check(*setup.loss, setup.topt);
+  }
   const Json resolved{{"problem", o.problem}, {"losses", o.losses},    {"iterations", o.iterations},
                       {"batch", o.batch},     {"steps", o.steps},      {"lr", o.lr},
                       {"hidden", o.hidden},   {"seed", o.seed},        {"eval_every", o.eval_every},

@@ -134,7 +134,7 @@ VelocityFieldPtr bind_condition(VelocityFieldPtr field, Tensor c, double guidanc
   if (!field) throw Error("bind_condition: no velocity field");
   const std::string what = "the velocity field of kind '" + field->kind() + "'";
   check_bindable(field->condition_dim(), c, what);
-  if (!std::isfinite(guidance)) throw Error("guidance weight must be finite, got " + format_number(guidance));
+  if (!std::isfinite(guidance)) throw Error("guidance weight must be finite, got " + number_string(guidance));
   if (guidance != 0.0 && !c.defined()) {
     throw Error("guidance needs a condition: " + what + " was given the null condition and w = " +
                 format_number(guidance));

@@ -27,6 +27,16 @@ Tensor bcast(const Tensor& s) { return s.dim() == 0 ? s : s.reshape({1, -1, 1});
 
 Tensor symmetrise(const Tensor& m) { return 0.5 * (m + m.transpose(-1, -2)); }
 
+// The mixture of weights softmax(log_w). A component whose weight underflows to 0 next to the others (a strong tilt
+// makes exp(log_w_k - max) smaller than the smallest double) is left out: it holds no representable mass, and
+// a mixture's weights must be positive.
+GaussianMixture from_log_weights(const Tensor& log_w, const Tensor& means, const Tensor& covariances) {
+  const Tensor w = at::softmax(log_w, 0);
+  const Tensor kept = at::nonzero(w > 0).reshape({-1});
+  if (kept.numel() == w.numel()) return GaussianMixture(w, means, covariances);
+  return GaussianMixture(w.index_select(0, kept), means.index_select(0, kept), covariances.index_select(0, kept));
+}
+
 }  // namespace
 
 // The velocity and its VJP at one time, as one loop over the rows instead of some thirty tensor operations on
@@ -358,7 +368,7 @@ GaussianMixture GaussianMixture::tilt_linear(const Tensor& a_in, double* log_z) 
   const Tensor log_c = at::matmul(means_, a) + 0.5 * (Sa * a).sum(-1);         // [K]
   const Tensor log_w = at::log(weights_) + log_c;
   if (log_z) *log_z = at::logsumexp(log_w, {0}).item<double>();
-  return GaussianMixture(at::softmax(log_w, 0), means_ + Sa, covariances_);
+  return from_log_weights(log_w, means_ + Sa, covariances_);
 }
 
 GaussianMixture GaussianMixture::tilt_quadratic(const Tensor& c_in, const Tensor& A_in,
@@ -373,6 +383,17 @@ GaussianMixture GaussianMixture::tilt_quadratic(const Tensor& c_in, const Tensor
     throw Error("quadratic tilt: matrix must be [" + std::to_string(d) + ", " + std::to_string(d) +
                 "], got " + shape_string(A));
   }
+  // p_k(x) exp(-(x - c)^T A (x - c) / 2) has a finite integral only where the precision Sigma_k^{-1} + A is
+  // positive definite (A may be indefinite: a negative lambda pushes mass away from c).
+  const Tensor precision = at::cholesky_inverse(cholesky_) + A.unsqueeze(0);  // [K, d, d]
+  const Tensor lowest = std::get<0>(at::linalg_eigh(symmetrise(precision))).select(-1, 0);  // [K]
+  const int64_t worst = lowest.argmin().item<int64_t>();
+  if (!(lowest[worst].item<double>() > 0)) {
+    throw Error("quadratic tilt: p(x) exp(-(x - c)^T A (x - c) / 2) has no finite integral: Sigma_k^{-1} + A is not "
+                "positive definite for component " + std::to_string(worst) + " (smallest eigenvalue " +
+                std::to_string(lowest[worst].item<double>()) + "); A's smallest eigenvalue must exceed -1 / (that "
+                "component's largest variance)");
+  }
   const Tensor eye = at::eye(d, at::kDouble);
   const Tensor M = eye.unsqueeze(0) + at::matmul(covariances_, A);             // I + Sigma A, [K, d, d]
   const Tensor cov = symmetrise(at::linalg_solve(M, covariances_));
@@ -384,7 +405,7 @@ GaussianMixture GaussianMixture::tilt_quadratic(const Tensor& c_in, const Tensor
   const Tensor log_c = -0.5 * std::get<1>(at::linalg_slogdet(M)) - 0.5 * quad;
   const Tensor log_w = at::log(weights_) + log_c;
   if (log_z) *log_z = at::logsumexp(log_w, {0}).item<double>();
-  return GaussianMixture(at::softmax(log_w, 0), mean, cov);
+  return from_log_weights(log_w, mean, cov);
 }
 
 GaussianMixture GaussianMixture::product(const GaussianMixture& q, double* log_z) const {
@@ -409,7 +430,7 @@ GaussianMixture GaussianMixture::product(const GaussianMixture& q, double* log_z
                        0.5 * static_cast<double>(d) * kLog2Pi;               // log N(mu1; mu2, S)
   const Tensor log_w = (at::log(weights_).unsqueeze(1) + at::log(q.weights_).unsqueeze(0) + log_n).reshape({-1});
   if (log_z) *log_z = at::logsumexp(log_w, {0}).item<double>();
-  return GaussianMixture(at::softmax(log_w, 0), mean.reshape({K1 * K2, d}), cov.reshape({K1 * K2, d, d}));
+  return from_log_weights(log_w, mean.reshape({K1 * K2, d}), cov.reshape({K1 * K2, d, d}));
 }
 
 GmmVelocity::GmmVelocity(std::shared_ptr<const GaussianMixture> mixture, SchedulePtr schedule)

@@ -359,6 +359,16 @@ UNetVelocity::~UNetVelocity() = default;
 
 bool UNetVelocity::has_lora() const { return !impl_->adapters.empty(); }
 
+int64_t UNetVelocity::largest_lora_rank() const {
+  int64_t largest = 0;
+  for_each_layer(impl_->arch, [&](const auto& layer) {
+    if constexpr (!std::is_same_v<std::decay_t<decltype(layer)>, Norm>) {
+      largest = std::max(largest, std::min(fan_in(layer), weight_shape(layer)[0]));
+    }
+  });
+  return largest;
+}
+
 std::shared_ptr<UNetVelocity> UNetVelocity::with_lora(const LoraOptions& lora, uint64_t seed) const {
   return std::shared_ptr<UNetVelocity>(new UNetVelocity(*this, lora, seed));
 }

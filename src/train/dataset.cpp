@@ -36,7 +36,9 @@ DatasetSplit split_dataset(const ImageDataset& data, double test_fraction, uint6
     const int64_t n = idx.size(0);
     if (n == 0) continue;
     const Tensor perm = idx.index_select(0, at::randperm(n, gen, at::TensorOptions().dtype(at::kLong)));
-    const auto n_test = std::max<int64_t>(1, static_cast<int64_t>(test_fraction * static_cast<double>(n) + 0.5));
+    // At least one held out and one kept of each class: a class of one image trains (the classifier must know it).
+    const auto n_test = std::min<int64_t>(
+        n - 1, std::max<int64_t>(1, static_cast<int64_t>(test_fraction * static_cast<double>(n) + 0.5)));
     test_idx.push_back(perm.slice(0, 0, n_test));
     train_idx.push_back(perm.slice(0, n_test));
   }

@@ -428,6 +428,16 @@ fi
 expect_error "plot: --images must match the dimension" "not 4x4 = 16 pixels" "$tilt" plot --images 4x4 d.csv -o e.png
 expect_error "eval-images needs a classifier reward" "needs 'reward.type' = \"classifier\"" \
   "$tilt" eval-images -c digits.toml --set reward.type=\"ink\" -s d.csv
+# --json-file never replaces what the evaluation reads: the samples, the config, the reward's classifier.
+before=$(md5sum d.csv digits.toml dcls/classifier.pt)
+expect_error "eval-images --json-file over its samples" "--json-file 'd.csv' is also --samples 'd.csv'" \
+  "$tilt" eval-images -c digits.toml -s d.csv --json-file d.csv
+expect_error "eval-images --json-file over the config" "is also --config" \
+  "$tilt" eval-images -c digits.toml -s d.csv --json-file digits.toml
+expect_error "eval-images --json-file over the reward's classifier" "is also 'reward.path'" \
+  "$tilt" eval-images -c digits.toml -s d.csv --json-file dcls/classifier.pt
+[ "$before" = "$(md5sum d.csv digits.toml dcls/classifier.pt)" ] && pass "eval-images: its inputs are intact" ||
+  fail "eval-images --json-file replaced an input"
 expect_error "a missing classifier file is named" "cannot read classifier file 'nope.pt'" \
   "$tilt" finetune -c digits.toml --set reward.path=\"nope.pt\" -o d_x
 expect_error "a class the classifier lacks" "reward.class" "$tilt" finetune -c digits.toml --set reward.class=10 -o d_y

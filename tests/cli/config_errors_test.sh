@@ -137,4 +137,71 @@ expect_error "adjoint-sampling: evaluation.samples = 10^12" "'evaluation.samples
   "$tilt" adjoint-sampling -c "$configs/as_gmm.toml" --set evaluation.samples=1000000000000 -o as_bad -q
 expect_nothing_written "adjoint-sampling with nonsense" as_bad
 
+# Integer flags: decimal digits that fit 64 bits (CLI11 clamped 2^64 to 2^63 - 1, and read 010 as octal 8).
+expect_error "--seed 2^64 is out of range, not the largest seed" "--seed: '18446744073709551616' is out of range" \
+  "$tilt" sample --exact base -c tiny.toml -n 10 -o s.csv --seed 18446744073709551616
+expect_error "--seed in hexadecimal" "must be a whole number in decimal digits, got '0x10'" \
+  "$tilt" sample --exact base -c tiny.toml -n 10 -o s.csv --seed 0x10
+"$tilt" sample --exact base -c tiny.toml -n 10 -o s8.csv --seed 8 -q 2>/dev/null && "$tilt" sample --exact base -c tiny.toml -n 10 \
+  -o s010.csv --seed 010 -q 2>/dev/null && "$tilt" sample --exact base -c tiny.toml -n 10 -o s10.csv --seed 10 -q 2>/dev/null
+if cmp -s s010.csv s10.csv && ! cmp -s s010.csv s8.csv; then pass "--seed 010 is ten"; else fail "--seed 010 is not ten"; fi
+expect_error "a config integer past 64 bits says so" "must be an integer of at most 64 bits" \
+  "$tilt" sample --exact base -c tiny.toml -n 10 -o s.csv --set seed=18446744073709551615
+expect_error "--guidance nan names the flag and the value" "--guidance must be a finite number, got nan" \
+  "$tilt" sample -m run/model.pt -n 10 -o s.csv --guidance nan
+expect_error "--device given empty is not the CPU by default" "--device must be cpu, cuda or cuda:N, got ''" \
+  "$tilt" sample --exact base -c tiny.toml -n 10 -o s.csv --device ''
+expect_error "--condition given empty is not every training condition" "--condition is empty" \
+  "$tilt" sample -m run/model.pt -n 10 -o s.csv --condition ''
+expect_error "sample --steps 1 with the memoryless default says why" "--steps 1: the memoryless schedule's offset" \
+  "$tilt" sample -m run/model.pt -n 10 -o s.csv --steps 1
+
+# tilt soc makes every loss and its trainer before it writes: a batch too small for a variance, more shards than
+# samples, a loss named twice are refused with nothing written.
+expect_error "soc: log_variance on a batch of 1" "batch_size must be >= 2" \
+  "$tilt" soc -q -l adjoint_matching -l log_variance --batch 1 --iterations 1 -o soc_bad
+expect_error "soc: more shards than samples" "100 shards of a batch of 16" \
+  "$tilt" soc -q -l adjoint_matching --batch 16 --shards 100 --iterations 1 -o soc_bad
+expect_error "soc: a loss named twice" "--loss names adjoint_matching twice" \
+  "$tilt" soc -q -l adjoint_matching -l adjoint_matching --iterations 1 -o soc_bad
+expect_nothing_written "soc refused before training" soc_bad
+
+# Targets: an improper one is refused before training, naming [reward] and lambda; a strong tilt whose other
+# components' weights underflow keeps the one that holds the mass.
+expect_error "a quadratic reward whose negative lambda makes p* improper" "[reward] (quadratic, lambda = -2)" \
+  "$tilt" finetune -c tiny.toml --set reward.lambda=-2 --set reward.precision=8 -o run_improper
+expect_nothing_written "the improper target" run_improper
+cat > strong.toml <<'TOML'
+[data]
+type = "gmm"
+means = [[0.0, 0.0], [3.0, 0.0]]
+std = [0.5, 2.0]
+[reward]
+type = "linear"
+a = [1.0, 0.0]
+lambda = 20.0
+TOML
+if "$tilt" sample --exact target -c strong.toml -n 4000 -o strong.csv -q 2>/dev/null && python3 - strong.csv <<'PY'
+import sys
+rows = [list(map(float, l.split(","))) for l in open(sys.argv[1]).read().split()[1:]]
+m = sum(r[0] for r in rows) / len(rows)
+# log weights 50 and 860: only the second component, N(3 + 4 * 20, 4), is left; its mean is 83.
+assert abs(m - 83.0) < 0.2, m
+PY
+then pass "a linear tilt at lambda = 20 keeps the component that holds the mass"; else fail "the strong linear tilt"; fi
+expect_error "eval --reference beside an exact target" "--reference 'strong.csv': the config has an exact target" \
+  "$tilt" eval -c strong.toml -s strong.csv --reference strong.csv
+python3 -c "
+print('x0,x1,c0')
+for i in range(50): print(f'{i * 0.1},0.5,{i % 2}')" > conditional.csv
+expect_error "eval of conditional samples against an unconditional config" "holds conditions" \
+  "$tilt" eval -c strong.toml -s conditional.csv
+expect_error "a ring of negative radius" "'data.radius' must be > 0" \
+  "$tilt" sample --exact base -c tiny.toml --set data.radius=-3 -n 10 -o s.csv
+expect_error "mcmc: thin above steps keeps no sample" "'mcmc.thin' must be at most steps" \
+  "$tilt" mcmc -c "$configs/as_double_well.toml" --set mcmc.thin=100000 --set mcmc.steps=10 -o mc.csv -q
+expect_error "dw4 with a <= 0 has no lower bound" "'energy.a' must be > 0" \
+  "$tilt" mcmc -c "$configs/as_dw4.toml" --set energy.a=-1 -o mc.csv -q
+expect_nothing_written "refused mcmc" mc.csv
+
 finish

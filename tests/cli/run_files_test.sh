@@ -158,6 +158,33 @@ expect_error "a changed method key is refused on resume" "finetune.adjoint_match
   "$tilt" finetune -q -c tiny.toml --set finetune.iterations=9 --set finetune.adjoint_matching.loss_weighting=velocity \
   -o flat --resume
 
+# 3b. A finished run whose checkpoint was removed is not resumed from iteration 0 over its model.
+cp -r run finished && rm finished/checkpoint.pt
+before=$(hashes finished)
+expect_error "--resume without checkpoint.pt beside model.pt is refused" "holds model.pt but no checkpoint.pt" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.iterations=8 -o finished --resume
+[ "$before" = "$(hashes finished)" ] && pass "the finished model is kept" || fail "the refused resume changed the run"
+
+# 3c. Paths that are not plain files: a symbolic link is written through (the link stays), a pipe or a device is
+# refused (renaming over it would replace it), a path ending in / names a directory.
+ln -s target.csv link.csv
+if "$tilt" sample -m run/model.pt -n 10 -o link.csv > /dev/null 2>&1 && [ -L link.csv ] && [ -f target.csv ] &&
+   [ "$(wc -l < target.csv)" -eq 11 ]; then
+  pass "sample -o a symbolic link writes the file it names"
+else
+  fail "sample -o through a link: $(ls -l link.csv target.csv 2>&1)"
+fi
+mkfifo pipe
+expect_error "sample -o a named pipe" "cannot write 'pipe': it is not a regular file" \
+  "$tilt" sample -m run/model.pt -n 10 -o pipe
+[ -p pipe ] && pass "the pipe is still a pipe" || fail "the pipe was replaced"
+expect_error "export -o a path ending in /" "it names a directory" "$tilt" export -m run/model.pt -o newdir/
+expect_absent "no directory made for it" newdir
+mkdir adir
+expect_error "sample --png a directory" "cannot write 'adir': it is a directory" \
+  "$tilt" sample -m run/model.pt -n 10 -o fresh.csv --png adir
+expect_absent "nor the samples before it" fresh.csv
+
 # 4. A full disk (needs root for a small tmpfs).
 if [ "$(id -u)" -ne 0 ] || ! { mkdir -p "$disk" && mount -t tmpfs -o size=1m tmpfs "$disk"; } 2>/dev/null; then
   echo "skip full-disk tests: they need root to mount a small tmpfs"

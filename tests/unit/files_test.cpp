@@ -17,6 +17,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 #include <sys/mount.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -191,6 +192,27 @@ TEST(Files, ADirectoryIsNotAFileToWrite) {
   TempDir dir;
   make_directories(dir.file("d"));
   expect_contains(error_of([&] { atomic_write(dir.file("d"), "x"); }), "cannot write '" + dir.file("d") + "': it is a directory");
+}
+
+// A link is written through (a chain of them, relative and absolute), not replaced; a pipe is refused whole, since a
+// rename over it would replace it, and so is a path ending in '/'.
+TEST(Files, LinksAreWrittenThroughAndPipesAreRefused) {
+  TempDir dir;
+  make_directories(dir.file("sub"));
+  fs::create_symlink("sub/target.txt", dir.file("first"));
+  fs::create_symlink(dir.file("first"), dir.file("second"));
+  atomic_write(dir.file("second"), "through");
+  EXPECT_TRUE(fs::is_symlink(dir.file("second")));
+  EXPECT_TRUE(fs::is_symlink(dir.file("first")));
+  EXPECT_EQ(read_file(dir.file("sub/target.txt")), "through");
+  fs::create_symlink("loop", dir.file("loop"));
+  expect_contains(error_of([&] { atomic_write(dir.file("loop"), "x"); }), "too many levels of symbolic links");
+  ASSERT_EQ(mkfifo(dir.file("pipe").c_str(), 0644), 0);
+  expect_contains(error_of([&] { atomic_write(dir.file("pipe"), "x"); }), "it is not a regular file");
+  EXPECT_TRUE(fs::is_fifo(dir.file("pipe")));
+  expect_contains(error_of([&] { refuse_output_over_input("--out", dir.file("pipe"), {}); }), "not a regular file");
+  expect_contains(error_of([&] { atomic_write(dir.file("new") + "/", "x"); }), "it names a directory");
+  EXPECT_FALSE(file_exists(dir.file("new")));
 }
 
 TEST(Files, ASecondWriterOfADirectoryIsRefusedNamingTheFirst) {

@@ -4,6 +4,7 @@
 #include "tilt/model/random_problem.h"
 #include "tilt/model/reward.h"
 
+#include "../support/checks.h"
 #include "../support/helpers.h"
 
 #include <ATen/ATen.h>
@@ -209,6 +210,35 @@ TEST(GaussianMixture, QuadraticTiltWithSingularMatrix) {
   double log_z = 0;
   const GaussianMixture tilted = *reward.tilt(*base, 2.0, &log_z);
   expect_matches(tilted, log_z, importance(*base, reward, 2.0, 1000000, 23), 0.03);
+}
+
+// A strong linear tilt: the log weights log w_k + lambda a.mu_k + lambda^2 a.Sigma_k a / 2 are 50 and 860, and the first
+// component's weight underflows. The tilt is the second component alone, N(mu_2 + lambda Sigma_2 a, Sigma_2), and
+// log Z its log weight (E75); at lambda = 0.3 both stay, and agree with importance sampling.
+TEST(GaussianMixture, StrongTiltLeavesOutComponentsWithoutMass) {
+  const GaussianMixture base(at::tensor({0.5, 0.5}, kDouble), at::tensor({0.0, 0.0, 3.0, 0.0}, kDouble).reshape({2, 2}),
+                             at::stack({0.25 * at::eye(2, kDouble), 4.0 * at::eye(2, kDouble)}));
+  LinearReward reward(at::tensor({1.0, 0.0}, kDouble));
+  double log_z = 0;
+  const GaussianMixture strong = *reward.tilt(base, 20.0, &log_z);
+  ASSERT_EQ(strong.components(), 1);
+  EXPECT_NEAR(strong.means()[0][0].item<double>(), 83.0, 1e-12);
+  EXPECT_NEAR(strong.means()[0][1].item<double>(), 0.0, 1e-12);
+  EXPECT_TRUE(at::allclose(strong.covariances()[0], 4.0 * at::eye(2, kDouble)));
+  EXPECT_NEAR(log_z, std::log(0.5) + 860.0, 1e-9);
+  const GaussianMixture mild = *reward.tilt(base, 0.3, &log_z);
+  EXPECT_EQ(mild.components(), 2);
+  expect_matches(mild, log_z, importance(base, reward, 0.3, 1000000, 25), 0.05);
+}
+
+// exp(lambda r) with lambda < 0 grows away from the centre: p* exists only where Sigma_k^{-1} + lambda P is positive
+// definite for every component. Just inside the bound the tilt is formed; past it the error says why.
+TEST(GaussianMixture, QuadraticTiltWithoutAFiniteIntegralIsRefused) {
+  const auto base = test::ring_mixture_2d();
+  const double var = at::linalg_eigvalsh(base->covariances()).max().item<double>();  // the largest variance
+  QuadraticReward reward(at::tensor({0.5, 0.0}, kDouble), at::eye(2, kDouble));
+  EXPECT_TRUE(reward.tilt(*base, -0.9 / var).has_value());
+  test::expect_contains(test::error_of([&] { reward.tilt(*base, -1.1 / var); }), "has no finite integral");
 }
 
 TEST(GaussianMixture, ProductMatchesImportanceSampling) {

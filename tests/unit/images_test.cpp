@@ -85,6 +85,28 @@ TEST(Digits, SplitHoldsOutEveryClassDisjointlyAndReproducibly) {
   EXPECT_GT(dist.min().item<float>(), 0.0f);
 }
 
+// Tiny classes: one image of a class is kept for training (the classifier must see it), two split one and one, and a
+// share that rounds to the whole class still keeps one.
+TEST(Digits, SplitKeepsATrainingImageOfEveryClass) {
+  const ImageDataset d = load_digits(kDigits);
+  std::vector<Tensor> rows;
+  const int64_t per_class[] = {1, 2, 3, 10};
+  for (int64_t k = 0; k < 4; ++k) rows.push_back(at::nonzero(d.labels == k).squeeze(1).slice(0, 0, per_class[k]));
+  ImageDataset tiny = d;
+  const Tensor idx = at::cat(rows);
+  tiny.images = d.images.index_select(0, idx);
+  tiny.labels = d.labels.index_select(0, idx);
+  for (const double share : {0.1, 0.9}) {
+    const DatasetSplit s = split_dataset(tiny, share, 3);
+    for (int64_t k = 0; k < 4; ++k) {
+      const int64_t n = per_class[k], test = select_class(s.test, k).size();
+      EXPECT_EQ(select_class(s.train, k).size() + test, n);
+      EXPECT_GE(select_class(s.train, k).size(), 1) << "class " << k << ", share " << share;
+      EXPECT_EQ(test, n == 1 ? 0 : std::min<int64_t>(n - 1, std::max<int64_t>(1, std::llround(share * n))));
+    }
+  }
+}
+
 TEST(Classifier, RewardGradientMatchesFiniteDifferences) {
   ClassifierOptions o;
   o.dim = 5;

@@ -189,6 +189,16 @@ TEST(Samples, CsvRoundTripAndErrors) {
   expect_contains(error_of([&] { read_samples_csv(dir.file("ragged.csv")); }), "line 3: 1 values, but the first row has 2");
   atomic_write(dir.file("nan.csv"), "1,2\n3,nan\n");
   expect_contains(error_of([&] { read_samples_csv(dir.file("nan.csv")); }), "'nan' is not a finite number");
+  // Spaces around a number are read on either side, as a hand-written "1.5, 2" has them; hexadecimal is no sample
+  // value (strtod read 0x10 as 16); a binary field is shown printable, and a conditions file named as one.
+  atomic_write(dir.file("spaces.csv"), "x0,x1\n 1.5 ,2\t\n3, 4\n");
+  EXPECT_TRUE(at::equal(read_samples_csv(dir.file("spaces.csv")), at::tensor({1.5f, 2.0f, 3.0f, 4.0f}).reshape({2, 2})));
+  atomic_write(dir.file("hex.csv"), "1,0x10\n");
+  expect_contains(error_of([&] { read_samples_csv(dir.file("hex.csv")); }), "column 2: '0x10' is not a finite number");
+  atomic_write(dir.file("binary.csv"), std::string("1,\x01\x02zz\x7f\n"));
+  expect_contains(error_of([&] { read_samples_csv(dir.file("binary.csv")); }), "'??zz?' is not a finite number");
+  expect_contains(error_of([&] { read_samples_csv(dir.file("hex.csv"), nullptr, "conditions file"); }),
+                  "conditions file '" + dir.file("hex.csv") + "', line 1");
 }
 
 }  // namespace

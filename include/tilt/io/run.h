@@ -105,6 +105,11 @@ struct ConditionalExactProblem {
   /// r(., c), p*(. | c) (E96-E99). nullopt, with the reason in *why, when there is no closed form.
   std::optional<ExactProblem> at(const Tensor& condition, std::string* why = nullptr) const;
 };
+/// p* of a Gaussian-mixture base and [reward] in closed form (exact_tilt), nullopt for a reward without one. A target
+/// that cannot be formed (a quadratic reward whose lambda * precision is below minus a component's precision: p_base
+/// exp(lambda r) has no finite integral) throws tilt::Error naming [reward] and lambda.
+std::optional<GaussianMixture> exact_target(const Reward& reward, const GaussianMixture& base, double lambda,
+                                            double* log_z = nullptr);
 /// nullopt (with the reason in *why) if [data] is not a Gaussian mixture.
 std::optional<ConditionalExactProblem> read_conditional_exact_problem(ConfigSection& root, std::string* why = nullptr);
 
@@ -126,6 +131,10 @@ struct RunDirectory {
   std::string path(const std::string& name) const { return dir + "/" + name; }
 };
 RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved, bool resume);
+
+/// The files a resolved configuration names (a base model, a reward's classifier, a data set): (dotted key, path) for
+/// each string value that names an existing file. What an output must not replace.
+std::vector<std::pair<std::string, std::string>> config_files(const Json& resolved);
 
 /// The dotted keys whose values differ between two resolved configurations (e.g. "finetune.hidden"; a key in only
 /// one of them counts), in b's order, then a's keys missing from b: what a refused --resume names.

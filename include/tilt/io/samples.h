@@ -13,8 +13,9 @@ namespace tilt {
 void write_samples_csv(const std::string& path, const Tensor& x, const Tensor& conditions = Tensor());
 /// [n, d] float32. Throws tilt::Error with the file and line for ragged rows or non-numbers. The
 /// condition columns (those the header names c0, c1, ...) go to *conditions ([n, dc] float64; undefined
-/// when the file has none); without a pointer they are left out.
-Tensor read_samples_csv(const std::string& path, Tensor* conditions = nullptr);
+/// when the file has none); without a pointer they are left out. `what` names the file in messages ("conditions
+/// file" for tilt sample --conditions). Fields are decimal numbers (spaces around them allowed).
+Tensor read_samples_csv(const std::string& path, Tensor* conditions = nullptr, const std::string& what = "samples file");
 
 /// One condition given as comma-separated numbers ("0.5" or "1,0,0"), [dc] float64. Throws tilt::Error
 /// naming `flag` for anything else.

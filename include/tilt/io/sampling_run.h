@@ -49,9 +49,12 @@ struct AdjointSamplingRunOptions {
 /// reference). Errors name the key; docs/config.md lists the keys and their defaults.
 AdjointSamplingRunOptions read_adjoint_sampling_run(ConfigSection& root);
 
-/// Refuses reference samples that do not exist (naming `tilt mcmc -c <config>`) or that are one of
-/// the files the run in `out` writes.
-void check_reference_input(const std::string& reference, const std::string& config_path, const std::string& out);
+/// Refuses reference samples that do not exist (naming `tilt mcmc -c <config>`), that are one of the files the run in
+/// `out` writes, or that read_reference_samples refuses: checked before training.
+void check_reference_input(const std::string& reference, const Energy& energy, const std::string& config_path,
+                           const std::string& out);
+/// Reference samples of `energy` from a CSV file (tilt mcmc's): finite, of the energy's dimension, at least 4 rows.
+Tensor read_reference_samples(const Energy& energy, const std::string& reference);
 
 /// What a run trains: the control u(x, t) of the Brownian base (drift g(t)^2 u).
 struct AdjointSampler {

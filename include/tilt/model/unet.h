@@ -79,6 +79,9 @@ class UNetVelocity : public VelocityField {
   std::shared_ptr<UNetVelocity> with_lora(const LoraOptions& lora, uint64_t seed) const;
   bool has_lora() const;
   const LoraOptions& lora() const { return lora_; }
+  /// The largest min(fan in, fan out) of the layers adapters go on: from a rank above it no adapter is low-rank any
+  /// more (B A can be any update of every layer), and the adapters hold more numbers than the weights they adapt.
+  int64_t largest_lora_rank() const;
 
   /// Moves or converts every tensor (device, dtype) in place, keeping which ones train: a LoRA network
   /// and the base whose weights it shares move together.

@@ -23,8 +23,8 @@ struct ImageDataset {
 /// The images of one class.
 ImageDataset select_class(const ImageDataset& data, int64_t label);
 
-/// A split that holds out `test_fraction` of every class, the held-out images chosen by `seed`:
-/// the same seed always gives the same split.
+/// A split that holds out `test_fraction` of every class (rounded, at least one image and never the last: a class of
+/// one image is kept for training), the held-out images chosen by `seed`: the same seed always gives the same split.
 struct DatasetSplit {
   ImageDataset train, test;
 };

@@ -197,7 +197,7 @@ std::shared_ptr<GaussianMixture> read_mixture(ConfigSection s) {
     for (const auto& m : c) mats.push_back(matrix_from(s, "covariances", m, d, d));
     covs = at::stack(mats);
   } else {
-    const Json sd = s.has("std") ? s.value("std") : Json(1.0);
+    const Json sd = s.has("std") ? s.value("std") : Json(s.number("std", 1.0));  // the default recorded too
     std::vector<double> stds;
     if (sd.is_number()) {
       stds.assign(static_cast<size_t>(K), entry(s, "std", sd));

@@ -158,6 +158,23 @@ expect_error "a changed method key is refused on resume" "finetune.adjoint_match
   "$tilt" finetune -q -c tiny.toml --set finetune.iterations=9 --set finetune.adjoint_matching.loss_weighting=velocity \
   -o flat --resume
 
+# A mixture's default std is recorded now; a run that did not record it resumes.
+sed 's/^std = 0.5$//' tiny.toml > nostd.toml
+"$tilt" finetune -q -c nostd.toml -o nostd > log.txt 2>&1 || fail "the run without std: $(cat log.txt)"
+python3 - nostd/config.resolved.json <<'PY'
+import json, sys
+path = sys.argv[1]
+j = json.load(open(path))
+assert j["data"]["std"] == 1.0, j["data"]
+del j["data"]["std"]
+json.dump(j, open(path, "w"), indent=2)
+PY
+if "$tilt" finetune -q -c nostd.toml --set finetune.iterations=8 -o nostd --resume > log.txt 2>&1; then
+  pass "data.std's default is recorded, and a run from before it resumes"
+else
+  fail "resume of a run without data.std: $(cat log.txt)"
+fi
+
 # 3b. A finished run whose checkpoint was removed is not resumed from iteration 0 over its model.
 cp -r run finished && rm finished/checkpoint.pt
 before=$(hashes finished)

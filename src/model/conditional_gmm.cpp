@@ -100,7 +100,10 @@ GaussianMixture moved_mixture(const GaussianMixture& p0, const Tensor& shift, co
 GaussianMixture ConditionalGmmVelocity::mixture_at(const Tensor& c) const { return moved_mixture(*mixture_, shift_, c); }
 
 const GaussianMixture& ConditionalGmmVelocity::null_mixture() const {
-  if (!null_) throw Error("conditional mixture: there is no null condition (no unconditional law was given)");
+  if (!null_) {
+    throw Error("conditional mixture: there is no null condition for guidance (no unconditional law was given: "
+                "[base] null = \"none\"; null = \"average\" gives the average over the training conditions)");
+  }
   return *null_;
 }
 

@@ -57,6 +57,21 @@ lr = 2e-3
 weight_decay = 0.0
 TOML
 
+# log Z of a TorchScript base and reward: the config needs no [data]; girsanov and jarzynski agree (4 standard errors).
+if "$tilt" logz -c ts.toml -n 2000 --steps 50 --threads 1 -q --json > lz_g.json 2> log.txt &&
+   "$tilt" logz -c ts.toml --method jarzynski -n 2000 --steps 50 --threads 1 -q --json > lz_j.json 2>> log.txt &&
+   python3 - lz_g.json lz_j.json <<'PY'
+import json, sys
+g, j = (json.load(open(f)) for f in sys.argv[1:])
+se = (g["log_z_standard_error"] ** 2 + j["log_z_standard_error"] ** 2) ** 0.5
+assert abs(g["log_z"] - j["log_z"]) < 4 * se + 0.02, (g, j)  # + girsanov's O(1/steps) bias
+PY
+then
+  pass "logz of a TorchScript base and reward without [data]"
+else
+  fail "logz without [data]: $(cat log.txt lz_g.json lz_j.json)"
+fi
+
 # 2. Fine-tune (residual and copy), export, compare in Python; the model file loads back in tilt sample.
 ok=1
 for mode in residual copy; do

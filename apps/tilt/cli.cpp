@@ -12,6 +12,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <new>
@@ -54,6 +55,9 @@ CLI::Validator decimal_integer() {
 }  // namespace
 
 int tilt::cli::run_command_line(int argc, char** argv) {
+  // A write to a socket or pipe whose reader is gone (a rank of a group that stopped, `tilt ... | head`) fails with
+  // EPIPE, which the writer reports, instead of killing the process without a word (exit 141).
+  std::signal(SIGPIPE, SIG_IGN);
   CLI::App app{"tilt: fine-tune flow and diffusion models towards a reward with Adjoint Matching.\n"
                "Samples p*(x) ∝ p_base(x) exp(lambda r(x)) by memoryless stochastic optimal control."};
   app.set_version_flag("--version", "tilt 0.1.0");

@@ -10,10 +10,16 @@
 #include "tilt/train/trainer.h"
 
 #include <cstdio>
+#include <cstdlib>
 
 namespace tilt::cli {
 
 int run_classifier(const TrainArgs& args) {
+  // Not data-parallel: under WORLD_SIZE > 1 each process would train alone, and race for the run directory.
+  if (const char* world = std::getenv("WORLD_SIZE"); world && *world && std::string(world) != "1") {
+    throw Error("tilt classifier trains in one process, but WORLD_SIZE = " + std::string(world) +
+                " asks for several (pretrain and finetune train in a group); run it once, without WORLD_SIZE");
+  }
   Config config(args.config.config, args.config.set);
   ConfigSection root = config.root();
   const RunSettings settings = read_run_settings(root);

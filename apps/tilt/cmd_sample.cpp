@@ -68,6 +68,7 @@ const bool registered_eval = add_command(
        app.add_option("--max-n", o.max_n,
                       "Score each file on at most N of its rows, drawn at random (seeded); the noise floor is then for N");
        app.add_option("--condition", o.condition, "A conditional config: the condition of files without columns c0, ...");
+       app.add_flag_function("-q,--quiet", [args](int64_t) { args->second.progress = false; }, "No progress bar");
        add_seed_threads(app, config);
        return [args] {
          auto& [config, o] = *args;

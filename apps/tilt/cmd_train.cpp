@@ -100,7 +100,7 @@ int run_finetune(const TrainArgs& args) {
   const RewardPtr reward = read_reward(root.section("reward"), base->dim(), &lambda);
   reward->to(settings.device);
   const ConditionSetPtr conditions = read_training_conditions(root, *base);
-  ConfigSection section = root.section("finetune");
+  ConfigSection section = root.section("finetune", /*optional=*/true);  // every key has a default
   if (args.resume) keep_preset_of_run(section, args.out);
   FinetunePlan plan = read_finetune(section, *base, reward, lambda, conditions);
   finish_root(root);

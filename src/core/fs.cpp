@@ -102,6 +102,12 @@ fs::path write_target(const std::string& path) {
     const fs::path next = fs::read_symlink(at, ec);
     if (ec) throw Error("cannot write '" + path + "': " + ec.message());
     at = next.is_absolute() ? next : at.parent_path() / next;
+    // /dev/stdout -> /proc/self/fd/1 -> the shell's pipe or file: a descriptor of this process, not a path that
+    // renaming could write.
+    if (at.string().rfind("/proc/", 0) == 0) {
+      throw Error("cannot write '" + path + "': it names one of the process's open files (" + at.string() +
+                  "), not a file path; tilt writes its outputs as whole files. Give a file path");
+    }
   }
   const fs::file_status st = fs::status(at, ec);
   if (fs::is_directory(st)) throw Error("cannot write '" + path + "': it is a directory");

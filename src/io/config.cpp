@@ -410,7 +410,7 @@ Config::Config(const std::string& path, const std::vector<std::string>& override
       resolved_(std::make_shared<Json>(Json::object())) {
   if (!root_.is_object()) throw Error("config file '" + path + "' must hold a table at the top level");
   for (const auto& o : overrides) apply_override(root_, o);
-  if (!overrides.empty()) origin_ += " (with --set overrides)";
+  if (!overrides.empty()) origin_ += " (with the command line's --set, --seed or --threads)";
 }
 
 Config::Config(Json root, std::string origin)

@@ -586,10 +586,14 @@ void read_noise(ConfigSection& s, const FinetuneMethod& method, FinetunePlan& pl
   if (!method.uses_noise) return;
   const NoiseSchedule& noise = *plan.noise_schedule;
   if (noise.is_memoryless() && noise.h() > kLargeMemorylessOffset) {
-    plan.warnings.push_back(s.where("noise") + " = \"" + plan.noise + "\": an offset h above " +
-                            number_string(kLargeMemorylessOffset) +
-                            " is far from memoryless near t = 0, and the run will miss p* by more (the default is one "
-                            "step, h = 1/num_steps)");
+    plan.warnings.push_back(
+        plan.noise == "memoryless"
+            ? s.where("num_steps") + " = " + std::to_string(plan.num_steps) + " makes the memoryless offset h = 1/num_steps " +
+                  "above " + number_string(kLargeMemorylessOffset) + ": far from memoryless near t = 0, the run will " +
+                  "miss p* by more; 10 steps or more keep it small"
+            : s.where("noise") + " = \"" + plan.noise + "\": an offset h above " + number_string(kLargeMemorylessOffset) +
+                  " is far from memoryless near t = 0, and the run will miss p* by more (the default is one step, h = "
+                  "1/num_steps)");
   }
   if (!method.policy && !noise.is_memoryless()) {
     plan.warnings.push_back("fine-tuning with the " + noise.describe() +

@@ -397,6 +397,7 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
   // Keys that came later, with the value that reads as a run started before them did: such a run resumes.
   static const std::pair<const char*, const char*> kAddedLater[] = {
       {"/data/std", "1.0"}, {"/energy/std", "1.0"}, {"/reward/std", "1.0"},  // a mixture's default std
+      {"/classifier/activation", "\"silu\""},
       {"/finetune/preset", "\"paper\""},
       {"/finetune/adjoint_matching/dsm_until", "0.0"},
       {"/finetune/adjoint_matching/dsm_rollout", "\"euler\""},

@@ -366,7 +366,7 @@ Json evaluate_file(const Target& t, const std::string& path, const EvalOptions& 
   // Each distance is O(n^2): from a few thousand samples on, one takes a second or more, so the work shows
   // its progress.
   const bool new_size = !targets.count(n);
-  ProgressBar bar("eval " + path, (new_size ? 2 : 1) * o.replicates + 1, 0, n >= kProgressSamples);
+  ProgressBar bar("eval " + path, (new_size ? 2 : 1) * o.replicates + 1, 0, o.progress && n >= kProgressSamples);
   int64_t done = 0;
   if (new_size) targets[n] = draw_target_sets(t, n, o, bandwidths, gen, bar, done);
   const TargetSets& ys = targets.at(n);

@@ -118,7 +118,7 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions, const std::
     }
     ++n;
   }
-  if (n == 0) throw Error(what + " '" + path + "' holds no samples");
+  if (n == 0) throw Error(what + " '" + path + "' holds no rows of numbers");
   if (dc >= d) dc = 0;  // every column named c0, c1, ...: a table of conditions itself (tilt sample --conditions)
   const Tensor all = at::from_blob(values.data(), {n, d}, at::kFloat);
   if (conditions) *conditions = dc > 0 ? all.narrow(1, d - dc, dc).to(at::kDouble) : Tensor();

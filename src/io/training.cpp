@@ -99,7 +99,7 @@ PretrainPlan read_pretrain(ConfigSection& root) {
   } else {
     read_mixture_data(root, p);
   }
-  ConfigSection section = root.section("pretrain");
+  ConfigSection section = root.section("pretrain", /*optional=*/true);  // every key has a default
   p.network = section.choice("network", {"mlp", "unet"}, "mlp");
   if (p.network == "unet") {
     if (p.image_height == 0) section.fail("network", "is \"unet\", which needs images: [data] type = \"digits\" or \"fashion_mnist\"");
@@ -146,7 +146,7 @@ ClassifierPlan read_classifier(ConfigSection& root) {
   auto data = read_image_data(root, &p.holdout);
   if (!data) throw Error("tilt classifier needs labelled images: 'data.type' must be \"digits\" or \"fashion_mnist\"");
   p.data = std::move(*data);
-  ConfigSection section = root.section("classifier");
+  ConfigSection section = root.section("classifier", /*optional=*/true);
   p.classifier.dim = p.data.dim();
   p.classifier.classes = p.data.classes;
   p.classifier.architecture = section.choice("architecture", {"mlp", "cnn"}, "mlp");
@@ -159,12 +159,7 @@ ClassifierPlan read_classifier(ConfigSection& root) {
     section.fail("channels", "is for architecture = \"cnn\" (the convolutions' output channels)");
   }
   p.classifier.hidden = read_widths(section, "hidden", p.classifier.hidden);
-  if (section.has("activation")) {
-    p.classifier.activation = section.string("activation");
-    if (p.classifier.activation != "silu" && p.classifier.activation != "relu" && p.classifier.activation != "tanh") {
-      section.fail("activation", "must be \"silu\", \"relu\" or \"tanh\", got \"" + p.classifier.activation + "\"");
-    }
-  }
+  p.classifier.activation = section.choice("activation", {"silu", "relu", "tanh"}, "silu");
   p.training.batch_size = read_integer_in(section, "batch_size", p.training.batch_size, 1, limits::kBatch);
   p.training.input_noise = read_number_in(section, "input_noise", p.training.input_noise, 0, limits::kMagnitude);
   p.trainer = read_trainer(section, cosine_defaults(3000));

@@ -161,7 +161,8 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
   if (noise->is_memoryless() && options_.integrator != Integrator::exact && std::abs(noise->h() - one_step) > 1e-9 * one_step) {
     warning("adjoint matching: the memoryless offset h = " + number_string(noise->h()) + " is not one step 1/K = " +
             number_string(one_step) + " of its K = " + std::to_string(options_.num_steps) +
-            " steps (the paper's and tilt finetune's choice); pass make_memoryless_noise(1.0 / K) to match them");
+            " steps (the paper's choice: noise = \"memoryless\" without an offset in a config, "
+            "make_memoryless_noise(1.0 / K) in C++)");
   }
   const bool exact_step = options_.integrator == Integrator::exact;
   if (options_.integrator == Integrator::heun) {

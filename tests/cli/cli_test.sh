@@ -428,6 +428,9 @@ fi
 expect_error "plot: --images must match the dimension" "not 4x4 = 16 pixels" "$tilt" plot --images 4x4 d.csv -o e.png
 expect_error "eval-images needs a classifier reward" "needs 'reward.type' = \"classifier\"" \
   "$tilt" eval-images -c digits.toml --set reward.type=\"ink\" -s d.csv
+expect_error "classifier refuses WORLD_SIZE > 1 (it is not data-parallel)" "tilt classifier trains in one process" \
+  env WORLD_SIZE=2 RANK=0 "$tilt" classifier -q -c digits.toml -o dcls_world
+expect_absent "nor writes a run" dcls_world
 # --json-file never replaces what the evaluation reads: the samples, the config, the reward's classifier.
 before=$(md5sum d.csv digits.toml dcls/classifier.pt)
 expect_error "eval-images --json-file over its samples" "--json-file 'd.csv' is also --samples 'd.csv'" \

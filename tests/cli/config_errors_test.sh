@@ -216,6 +216,14 @@ if "$tilt" logz -c tiny.toml --method noising --noise constant:1 -n 500 -q --jso
 else
   fail "no ESS warning: $(cat lz.err lz_c.json)"
 fi
+# Every [finetune] key has a default: a config without the table starts a run (stopped after 10 s).
+tiny_config 1 1 > no_table.toml
+timeout 10 "$tilt" finetune -q -c no_table.toml -o no_table > /dev/null 2>&1
+if python3 -c "import json; assert json.load(open('no_table/config.resolved.json'))['finetune']['preset'] == 'small'"; then
+  pass "finetune without a [finetune] table takes the defaults"
+else
+  fail "finetune without [finetune]: $(ls no_table 2>&1)"
+fi
 expect_error "a ring of negative radius" "'data.radius' must be > 0" \
   "$tilt" sample --exact base -c tiny.toml --set data.radius=-3 -n 10 -o s.csv
 expect_error "mcmc: thin above steps keeps no sample" "'mcmc.thin' must be at most steps" \

@@ -195,6 +195,10 @@ mkfifo pipe
 expect_error "sample -o a named pipe" "cannot write 'pipe': it is not a regular file" \
   "$tilt" sample -m run/model.pt -n 10 -o pipe
 [ -p pipe ] && pass "the pipe is still a pipe" || fail "the pipe was replaced"
+expect_error "sample -o /dev/stdout into a pipe" "names one of the process's open files" \
+  bash -c "set -o pipefail; \"$tilt\" sample -m run/model.pt -n 10 -o /dev/stdout | cat"
+expect_error "sample -o /dev/stdout into a file" "names one of the process's open files" \
+  bash -c "\"$tilt\" sample -m run/model.pt -n 10 -o /dev/stdout > redirected.txt"
 expect_error "export -o a path ending in /" "it names a directory" "$tilt" export -m run/model.pt -o newdir/
 expect_absent "no directory made for it" newdir
 mkdir adir

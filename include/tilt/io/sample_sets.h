@@ -66,6 +66,7 @@ struct EvalOptions {
   /// A conditional config: the condition of every sample of files without condition columns (comma-separated
   /// numbers); files with columns c0, c1, ... carry their own.
   std::string condition;
+  bool progress = true;  ///< a progress bar for files of many samples (tilt eval -q: none)
 };
 /// Throws tilt::Error naming the flag of an option out of bounds (checked first by evaluate_sample_files).
 void check_eval_options(const EvalOptions& options);

@@ -307,6 +307,15 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
 int64_t read_integer_in(ConfigSection& s, const std::string& key, int64_t default_value, int64_t lo, int64_t hi) {
   return in_range(s, key, s.integer(key, default_value), lo, hi);
 }
+std::string with_step_offset(const std::string& spec, int64_t steps, const std::string& steps_flag) {
+  if (spec != "memoryless") return spec;
+  if (steps < 2) {
+    throw Error(steps_flag + " " + std::to_string(steps) + ": the memoryless schedule's offset h = 1 / steps must be below "
+                "1; give " + steps_flag + " 2 or more, or --noise memoryless:<h> with h in (0, 1)");
+  }
+  return spec + ":" + std::to_string(1.0 / static_cast<double>(steps));
+}
+
 double read_number_in(ConfigSection& s, const std::string& key, double default_value, double lo, double hi) {
   return in_range(s, key, s.number(key, default_value), lo, hi);
 }

@@ -51,21 +51,19 @@ Problem read_problem(Config& config, const Tensor& condition) {
   if (root.has("data")) problem = read_conditional_exact_problem(root, &p.why);
   else p.why = "the config has no [data]";
   if (problem) p.exact = problem->at(condition, &p.why);
-  if (p.exact) {
-    p.reward = p.exact->reward;
-    p.lambda = p.exact->lambda;
-    p.density = p.exact->base;
-  } else if (problem) {  // a mixture base whose reward has no closed-form tilt: noising still has the base's density
-    p.reward = problem->reward;
-    p.lambda = problem->lambda;
-    if (p.reward->condition_dim() > 0) p.reward = bind_condition(p.reward, condition.reshape({1, -1}));
-    p.density = problem->mixture;
-    if (problem->shift.defined() && condition.defined()) {
-      p.density = std::make_shared<GaussianMixture>(
-          moved_mixture(*problem->mixture, problem->shift, condition.to(at::kDouble).reshape({1, -1})));
-    }
+  // Without a closed-form target (a reward with none), the problem bound at c still has p_base's density for noising.
+  const std::optional<ExactProblem> bound = p.exact ? p.exact : problem ? problem->bound_at(condition) : std::nullopt;
+  if (bound) {
+    p.reward = bound->reward;
+    p.lambda = bound->lambda;
+    p.density = bound->base;
   } else {
     p.reward = read_reward(root.section("reward"), p.base->dim(), &p.lambda);
+    if (p.reward->condition_dim() > 0 && !condition.defined()) {
+      throw Error("[reward] takes a condition of " + std::to_string(p.reward->condition_dim()) +
+                  " numbers and none was given: log Z is estimated at one condition (--condition, with a conditional "
+                  "[base])");
+    }
     if (p.reward->condition_dim() > 0) p.reward = bind_condition(p.reward, condition.reshape({1, -1}));
   }
   if (condition.defined()) {
@@ -119,9 +117,8 @@ VelocityFieldPtr read_proposal(const LogzOptions& o, const Problem& p, std::stri
 }
 
 NoiseSchedulePtr read_noise(const LogzOptions& o) {
-  std::string spec = o.noise;
-  if (spec.empty()) spec = o.method == "jarzynski" ? "constant:1" : "memoryless";
-  if (spec == "memoryless") spec += ":" + std::to_string(1.0 / static_cast<double>(o.steps));
+  const std::string spec =
+      with_step_offset(o.noise.empty() ? (o.method == "jarzynski" ? "constant:1" : "memoryless") : o.noise, o.steps, "--steps");
   NoiseSchedulePtr noise;
   try {
     noise = parse_noise_schedule(spec);
@@ -218,12 +215,13 @@ Json estimate_log_z(Config& config, const LogzOptions& o) {
     paths = jarzynski_weights(base, *p.reward, p.lambda, o.n, grid, gen, opts);
   }
   bar.finish();
-  Json out = summary_json(o, proposal_name, *noise, p, summarize_weights(paths));
+  const WeightSummary summary = summarize_weights(paths);
+  Json out = summary_json(o, proposal_name, *noise, p, summary);
   // With a few paths holding the weight, the mean of w is itself a rare event: the estimate is low and its delta-method
   // standard error small and meaningless (noising with a proposal's noise far from its kernels, the memoryless ones,
   // gave ESS 2 of 3000 and log Z 110 standard errors off).
-  if (out["ess_fraction"].get<double>() < 0.01) {
-    out["warning"] = "ESS is " + format_number(100.0 * out["ess_fraction"].get<double>(), "%.2g") + "% of n: a few paths hold " +
+  if (summary.ess_fraction < 0.01) {
+    out["warning"] = "ESS is " + format_number(100.0 * summary.ess_fraction, "%.2g") + "% of n: a few paths hold " +
                      "the weight, so log Z is biased low and its standard error is not to be trusted; use a proposal " +
                      "closer to p* (a fine-tuned model, --control optimal)" +
                      (o.method == "noising" && !noise->is_memoryless()

@@ -263,7 +263,7 @@ int64_t ConditionalExactProblem::condition_dim() const {
   return shift.defined() ? shift.size(1) : reward->condition_dim();
 }
 
-std::optional<ExactProblem> ConditionalExactProblem::at(const Tensor& condition, std::string* why) const {
+std::optional<ExactProblem> ConditionalExactProblem::bound_at(const Tensor& condition, std::string* why) const {
   ExactProblem p;
   p.base = mixture;
   p.reward = reward;
@@ -284,6 +284,13 @@ std::optional<ExactProblem> ConditionalExactProblem::at(const Tensor& condition,
     if (const auto* moving = dynamic_cast<const ConditionalMixtureTilt*>(reward.get())) p.reward = moving->at(c);
     else if (reward->condition_dim() > 0) p.reward = bind_condition(reward, c);
   }
+  return p;
+}
+
+std::optional<ExactProblem> ConditionalExactProblem::at(const Tensor& condition, std::string* why) const {
+  std::optional<ExactProblem> bound = bound_at(condition, why);
+  if (!bound) return std::nullopt;
+  ExactProblem& p = *bound;
   auto tilted = exact_target(*p.reward, *p.base, p.lambda, &p.log_z);
   if (!tilted) {
     if (why) *why = "the " + p.reward->kind() + " reward with lambda = " + std::to_string(p.lambda) + " has no closed-form tilt";

@@ -110,15 +110,9 @@ DrawnSamples draw_exact(const DrawOptions& o) {
 }
 
 NoiseSchedulePtr model_noise(const DrawOptions& o, const LoadedModel& m, int64_t steps) {
-  std::string spec = o.noise.empty() ? m.info.value("noise", std::string("memoryless")) : o.noise;
   // The paper's offset h = 1/K goes with the number of steps.
-  if (spec == "memoryless") {
-    if (steps < 2) {
-      throw Error("--steps " + std::to_string(steps) + ": the memoryless schedule's offset h = 1 / steps must be below 1; " +
-                  "give --steps 2 or more, or --noise memoryless:<h> with h in (0, 1)");
-    }
-    spec += ":" + std::to_string(1.0 / static_cast<double>(steps));
-  }
+  const std::string spec =
+      with_step_offset(o.noise.empty() ? m.info.value("noise", std::string("memoryless")) : o.noise, steps, "--steps");
   NoiseSchedulePtr noise;
   try {
     noise = parse_noise_schedule(spec);

@@ -155,6 +155,10 @@ expect_error "--condition given empty is not every training condition" "--condit
   "$tilt" sample -m run/model.pt -n 10 -o s.csv --condition ''
 expect_error "sample --steps 1 with the memoryless default says why" "--steps 1: the memoryless schedule's offset" \
   "$tilt" sample -m run/model.pt -n 10 -o s.csv --steps 1
+expect_error "logz --steps 1 with the memoryless default says why" "--steps 1: the memoryless schedule's offset" \
+  "$tilt" logz -c tiny.toml -n 10 -q --steps 1
+expect_error "logz of a conditional reward without a condition" "[reward] takes a condition of 1 numbers" \
+  "$tilt" logz -c tiny.toml -n 10 -q --set reward.center_shift=[[1.0],[0.0]]
 
 # tilt soc makes every loss and its trainer before it writes: a batch too small for a variance, more shards than
 # samples, a loss named twice are refused with nothing written.

@@ -67,6 +67,11 @@ ConditionsPlan read_conditions(ConfigSection section, int64_t dim);
 int64_t read_integer_in(ConfigSection& section, const std::string& key, int64_t default_value, int64_t lo, int64_t hi);
 double read_number_in(ConfigSection& section, const std::string& key, double default_value, double lo, double hi);
 
+/// A noise spec with the memoryless offset filled in: "memoryless" without one becomes "memoryless:<1/steps>", one
+/// step of the grid (the paper's choice); any other spec is returned as given. Throws tilt::Error naming `steps_flag`
+/// for fewer than 2 steps, where h = 1 is no offset in (0, 1).
+std::string with_step_offset(const std::string& spec, int64_t steps, const std::string& steps_flag);
+
 /// Layer widths (at least one, each in 1..limits::kWidth) under `key`.
 std::vector<int64_t> read_widths(ConfigSection& section, const std::string& key, std::vector<int64_t> default_widths);
 /// A U-Net for images of height x width (one channel): channels (the first level's), channel_mult, blocks, groups,

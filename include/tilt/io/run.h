@@ -104,6 +104,9 @@ struct ConditionalExactProblem {
   /// The exact problem at one condition ([dc]; undefined for an unconditional problem): p_base(. | c),
   /// r(., c), p*(. | c) (E96-E99). nullopt, with the reason in *why, when there is no closed form.
   std::optional<ExactProblem> at(const Tensor& condition, std::string* why = nullptr) const;
+  /// What `at` tilts: p_base(. | c), r(., c) and lambda, without the target (left null; log_z 0). There whether or
+  /// not the reward has a closed-form tilt; nullopt, with the reason in *why, for a conditional problem without c.
+  std::optional<ExactProblem> bound_at(const Tensor& condition, std::string* why = nullptr) const;
 };
 /// p* of a Gaussian-mixture base and [reward] in closed form (exact_tilt), nullopt for a reward without one. A target
 /// that cannot be formed (a quadratic reward whose lambda * precision is below minus a component's precision: p_base

@@ -87,7 +87,7 @@ int run_mcmc(const McmcArgs& args) {
     }
   }
   write_samples_csv(args.out, r.samples);
-  const Json j = mcmc_report(*energy, tau, mala, r, seed, seconds);
+  const Json j = mcmc_report(*energy, tau, mala, r, settings.seed, seconds);  // the seed that reproduces the run
   atomic_write(args.out + ".json", j.dump(2) + "\n");
   std::printf("%s\n", j.dump().c_str());  // with or without --json: the diagnostics are its result
   info("wrote " + args.out + " (" + std::to_string(r.samples.size(0)) + " samples) and " + args.out + ".json");

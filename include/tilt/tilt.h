@@ -83,6 +83,7 @@
 #include "tilt/io/classifier_io.h"
 #include "tilt/io/config.h"
 #include "tilt/io/datasets.h"
+#include "tilt/io/limits.h"
 #include "tilt/io/logz.h"
 #include "tilt/io/methods.h"
 #include "tilt/io/model_io.h"

@@ -97,7 +97,7 @@ ConditionsPlan read_conditions(ConfigSection s, int64_t dim) {
   } else if (s.has("file")) {
     const std::string path = s.string("file");
     try {
-      train = read_samples_csv(path).to(at::kDouble);
+      train = check_conditions(read_samples_csv(path).to(at::kDouble), "the file '" + path + "'");
     } catch (const Error& e) {
       s.fail("file", std::string("cannot be read as conditions (one per line, comma-separated): ") + e.what());
     }

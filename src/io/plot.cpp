@@ -18,6 +18,74 @@
 #include <stb/stb_easy_font.h>  // header-only, all functions static
 
 namespace tilt::plot {
+
+namespace {
+
+// ASCII spellings of the symbols a plot title most often holds (lambda = 5, sigma(t), 2 x 10^3).
+const char* ascii_spelling(uint32_t cp) {
+  static const char* const greek[] = {"alpha", "beta",  "gamma",   "delta", "epsilon", "zeta", "eta",   "theta",
+                                      "iota",  "kappa", "lambda",  "mu",    "nu",      "xi",   "omicron", "pi",
+                                      "rho",   "sigma", "sigma",   "tau",   "upsilon", "phi",  "chi",   "psi", "omega"};
+  if (cp >= 0x3B1 && cp <= 0x3C9) return greek[cp - 0x3B1];
+  if (cp >= 0x391 && cp <= 0x3A9 && cp != 0x3A2) {
+    static const char* const upper[] = {"Alpha", "Beta", "Gamma", "Delta", "Epsilon", "Zeta", "Eta", "Theta", "Iota",
+                                        "Kappa", "Lambda", "Mu", "Nu", "Xi", "Omicron", "Pi", "Rho", "?", "Sigma",
+                                        "Tau", "Upsilon", "Phi", "Chi", "Psi", "Omega"};
+    return upper[cp - 0x391];
+  }
+  switch (cp) {
+    case 0xB5: return "mu";
+    case 0xD7: return "x";
+    case 0xB7: case 0x22C5: return ".";
+    case 0xB1: return "+/-";
+    case 0xB2: return "^2";
+    case 0xB3: return "^3";
+    case 0x2212: case 0x2013: case 0x2014: return "-";
+    case 0x2018: case 0x2019: return "'";
+    case 0x201C: case 0x201D: return "\"";
+    case 0x2264: return "<=";
+    case 0x2265: return ">=";
+    case 0x2248: return "~";
+    case 0x2192: return "->";
+    case 0x221E: return "inf";
+    case 0x221A: return "sqrt";
+    case 0xA0: return " ";
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+std::string printable(const std::string& s) {
+  std::string out;
+  for (size_t i = 0; i < s.size();) {
+    const auto b = static_cast<unsigned char>(s[i]);
+    if (b < 0x80) {
+      out += (b >= 32 && b <= 126) ? static_cast<char>(b) : '?';
+      ++i;
+      continue;
+    }
+    // One UTF-8 sequence: its length from the lead byte, then continuation bytes 10xxxxxx.
+    const int len = b >= 0xF8 ? 0 : b >= 0xF0 ? 4 : b >= 0xE0 ? 3 : b >= 0xC2 ? 2 : 0;
+    uint32_t cp = len == 4 ? b & 0x07u : len == 3 ? b & 0x0Fu : b & 0x1Fu;
+    bool ok = len > 0 && i + len <= s.size();
+    for (int k = 1; ok && k < len; ++k) {
+      const auto c = static_cast<unsigned char>(s[i + k]);
+      ok = (c & 0xC0) == 0x80;
+      cp = (cp << 6) | (c & 0x3Fu);
+    }
+    if (!ok) {  // not UTF-8 (a Latin-1 byte, a cut sequence): one '?' for the byte
+      out += '?';
+      ++i;
+      continue;
+    }
+    const char* spelled = ascii_spelling(cp);
+    out += spelled ? spelled : "?";
+    i += static_cast<size_t>(len);
+  }
+  return out;
+}
+
 namespace {
 
 struct Rgb {
@@ -91,11 +159,6 @@ class Canvas {
       for (int x = bx0; x < bx1; ++x) blend(x, y, c, cover[size_t(y - by0) * bw + (x - bx0)]);
   }
 
-  static std::string printable(const std::string& s) {
-    std::string out = s;
-    for (char& ch : out) if (ch < 32 || ch > 126) ch = '?';  // stb_easy_font covers 32..126 only
-    return out;
-  }
   static int text_width(const std::string& s, int scale) {
     std::string t = printable(s);
     return t.empty() ? 0 : stb_easy_font_width(t.data()) * scale;

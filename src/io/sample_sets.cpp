@@ -47,7 +47,10 @@ std::vector<plot::Point> first_two_coordinates(const Tensor& x) {
 // The conditions of --condition / --conditions ([N, dc] float64), undefined when neither is given.
 Tensor read_draw_conditions(const DrawOptions& o) {
   if (!o.condition.empty() && !o.conditions.empty()) throw Error("give --condition or --conditions, not both");
-  if (!o.conditions.empty()) return read_samples_csv(o.conditions, nullptr, "conditions file").to(at::kDouble);
+  if (!o.conditions.empty()) {
+    return check_conditions(read_samples_csv(o.conditions, nullptr, "conditions file").to(at::kDouble),
+                            "--conditions '" + o.conditions + "'");
+  }
   if (o.condition.empty()) return Tensor();
   return parse_condition(o.condition, "--condition").reshape({1, -1});
 }

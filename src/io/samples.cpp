@@ -3,6 +3,7 @@
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/core/fs.h"
+#include "tilt/io/limits.h"
 
 #include <ATen/ATen.h>
 
@@ -138,7 +139,20 @@ Tensor parse_condition(const std::string& text, const std::string& flag) {
     c.push_back(v);
   }
   if (c.empty() || text.back() == ',') throw Error(flag + " must be comma-separated finite numbers, got '" + text + "'");
-  return at::tensor(c, at::TensorOptions().dtype(at::kDouble));
+  return check_conditions(at::tensor(c, at::TensorOptions().dtype(at::kDouble)), flag);
+}
+
+Tensor check_conditions(const Tensor& c, const std::string& what) {
+  // The bound of the config's [conditions] tables (docs/config.md, "Limits"): a condition of 1e300 reached
+  // the network as Inf and was reported as damaged weights.
+  if (!c.defined() || c.numel() == 0) return c;
+  const Tensor bad = ~(at::isfinite(c) & (c.abs() <= limits::kMagnitude));
+  if (bad.any().item<bool>()) {
+    const double x = at::masked_select(c, bad)[0].item<double>();
+    throw Error(what + " must hold finite numbers of magnitude at most " + number_string(limits::kMagnitude) +
+                " (as [conditions] does), got " + number_string(x));
+  }
+  return c;
 }
 
 }  // namespace tilt

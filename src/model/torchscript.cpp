@@ -226,6 +226,33 @@ Tensor probe_points(int64_t dim, at::ScalarType dtype) {
   return at::linspace(-1.0, 1.0, 2 * dim, at::TensorOptions().dtype(dtype)).reshape({2, dim});
 }
 
+// tilt treats a model or reward as a function of each row alone (a sampler's batch is a choice of speed): row 0
+// of forward on the probe batch must be forward on row 0 alone. A module mixing rows (x - x.mean(0), batch
+// statistics) gives samples that depend on the batch size; it was accepted and its results were wrong.
+void check_rows_independent(const Tensor& batched, const Tensor& single, const std::string& head,
+                            const std::string& call) {
+  const double eps = batched.scalar_type() == at::kDouble ? 1e-10 : 1e-4;
+  const double scale = 1.0 + batched.abs().max().item<double>();
+  const double gap = (batched.narrow(0, 0, 1) - single.reshape_as(batched.narrow(0, 0, 1))).abs().max().item<double>();
+  if (!(gap <= eps * scale)) {
+    throw Error(head + ": row 0 of " + call + " differs from the same call on row 0 alone (by " + number_string(gap) +
+                "): its output depends on the other rows of the batch (a mean over the batch, batch statistics?); "
+                "tilt needs a function of each row alone");
+  }
+}
+
+// A failed probe call with conditions most often means a condition of the wrong size: say which was given.
+Tensor call_with_condition_hint(torch::jit::Module& module, const std::vector<c10::IValue>& inputs, int64_t dc,
+                                const std::string& origin, const std::string& what) {
+  try {
+    return call_tensor(module, inputs, origin, what);
+  } catch (const Error& e) {
+    if (dc < 1) throw;
+    throw Error(std::string(e.what()) + " (called with c of " + std::to_string(dc) + " numbers a row: is condition_dim = " +
+                std::to_string(dc) + " right?)");
+  }
+}
+
 }  // namespace
 
 // ---------------------------------------------------------------------------------------------
@@ -282,11 +309,12 @@ void probe_velocity(torch::jit::Module& module, const TorchScriptOptions& o, at:
   for (const auto& [c, label] : conditions) {
     std::vector<c10::IValue> inputs{x, t};
     if (o.condition_dim > 0) inputs.push_back(c);
+    const bool null = label == ", c = None";
     Tensor y;
     try {
-      y = call_tensor(module, inputs, origin, "model");
+      y = call_with_condition_hint(module, inputs, null ? 0 : o.condition_dim, origin, "model");
     } catch (const Error& e) {
-      if (label != ", c = None") throw;
+      if (!null) throw;
       throw Error(std::string(e.what()) + " (called with c = None, the null condition, since its c is Optional)");
     }
     const std::string call = "forward(x [2, " + d + "], t [2]" + label + ")";
@@ -298,6 +326,9 @@ void probe_velocity(torch::jit::Module& module, const TorchScriptOptions& o, at:
       throw Error("TorchScript model " + origin + " produces non-finite values (NaN or Inf) on a probe forward(x [2, " +
                   d + "], t = [0.25, 0.75]" + label + "): its weights are damaged, or too large");
     }
+    std::vector<c10::IValue> first{x.narrow(0, 0, 1), t.narrow(0, 0, 1)};
+    if (o.condition_dim > 0) first.push_back(null ? c10::IValue() : c10::IValue(c.toTensor().narrow(0, 0, 1)));
+    check_rows_independent(y, call_tensor(module, first, origin, "model"), "TorchScript model " + origin, call);
   }
 }
 
@@ -474,7 +505,7 @@ void TorchScriptReward::probe() const {
     at::NoGradGuard no_grad;
     std::vector<c10::IValue> inputs{x};
     if (condition_dim_ > 0) inputs.push_back(c.defined() ? c10::IValue(c) : c10::IValue());
-    const Tensor r = call_tensor(impl_->module, inputs, impl_->origin, "reward");
+    const Tensor r = call_with_condition_hint(impl_->module, inputs, c.defined() ? condition_dim_ : 0, impl_->origin, "reward");
     const std::string call = "forward(x [2, " + std::to_string(dim_) + "]" + label + ")";
     if (!r.sizes().equals({2})) {
       throw Error("TorchScript reward " + impl_->origin + ": " + call + " must return r of shape [2], got " +
@@ -484,6 +515,10 @@ void TorchScriptReward::probe() const {
       throw Error("TorchScript reward " + impl_->origin + " produces non-finite values (NaN or Inf) on a probe " +
                   call + ": its weights are damaged, or too large");
     }
+    std::vector<c10::IValue> first{x.narrow(0, 0, 1)};
+    if (condition_dim_ > 0) first.push_back(c.defined() ? c10::IValue(c.narrow(0, 0, 1)) : c10::IValue());
+    check_rows_independent(r, call_tensor(impl_->module, first, impl_->origin, "reward"), "TorchScript reward " + impl_->origin,
+                           call);
     // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
     // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail
     // later inside autograd.

@@ -96,6 +96,14 @@ expect_error "--condition for an unconditional model" "is unconditional" "$tilt"
 expect_error "--guidance for an unconditional model" "is unconditional" "$tilt" sample -m plain/model.pt --guidance 1 -o bad.csv
 expect_error "--condition of the wrong size" "takes 1" "$tilt" sample -m m_adjoint_matching/model.pt --condition 1,2 -o bad.csv
 expect_error "--condition that is not a number" "--condition must be" "$tilt" sample -m m_adjoint_matching/model.pt --condition x -o bad.csv
+# Conditions from a flag or a file are bounded as [conditions] is (1e300 was reported as damaged weights).
+expect_error "--condition 1e300" "--condition must hold finite numbers of magnitude at most 1e+06" \
+  "$tilt" sample -m m_adjoint_matching/model.pt --condition 1e300 -o bad.csv
+printf '0.5\n-2e6\n' > huge_conditions.csv
+expect_error "a conditions file with -2e6" "--conditions 'huge_conditions.csv' must hold finite numbers of magnitude" \
+  "$tilt" sample -m m_adjoint_matching/model.pt --conditions huge_conditions.csv -o bad.csv
+expect_error "[conditions] file with -2e6" "conditions.file" "$tilt" finetune -c no_conditions.toml -o bad5 \
+  --set conditions.file=huge_conditions.csv
 expect_error "--guidance without a null condition" "no null condition" "$tilt" sample -m m_adjoint_matching/model.pt --condition 1 --guidance 2 -o bad.csv
 expect_error "exact samples of a conditional config need a condition" "--condition" "$tilt" sample --exact target -c tiny.toml -o bad.csv
 "$tilt" sample -m plain/model.pt -n 20 -o plain.csv > /dev/null 2>&1

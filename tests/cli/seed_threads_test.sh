@@ -98,6 +98,16 @@ same "soc: --seed 3 is seed = 3" soc_flag/adjoint_matching.eval.jsonl soc_file/a
 same "export: the same --seed, the same check points" a.pt b.pt
 if [ -s c.pt ] && ! cmp -s a.pt c.pt; then pass "export: without a config the seed is 0, not 5"; else fail "export --seed"; fi
 
+# mcmc's diagnostics give the seed that reproduces its samples (they gave the derived stream's seed, above
+# int64, which --seed refuses).
+mcmc_args=(-c "$(dirname "$(realpath "$0")")/../../configs/as_double_well.toml" --set mcmc.steps=20 --set mcmc.burn_in=5
+           --set mcmc.chains=4 -q)
+"$tilt" mcmc "${mcmc_args[@]}" --seed 11 -o mc_a.csv > /dev/null 2>&1
+seed=$(python3 -c "import json; print(json.load(open('mc_a.csv.json'))['seed'])" 2> /dev/null)
+"$tilt" mcmc "${mcmc_args[@]}" --seed "${seed:-x}" -o mc_b.csv > /dev/null 2>&1
+if [ "$seed" = 11 ]; then pass "mcmc: its diagnostics record --seed 11"; else fail "mcmc: diagnostics' seed is '$seed'"; fi
+same "mcmc: the recorded seed fed back gives the same samples" mc_a.csv mc_b.csv
+
 # 3. Bad values are refused up front, naming the flag, with a config or without.
 expect_error "sample --seed -1" "--seed must be >= 0" "$tilt" sample -m ft_flag/model.pt --seed -1 -o x.csv
 expect_error "finetune --seed -1" "--seed must be >= 0" "$tilt" finetune -c tiny.toml --seed -1 -o bad

@@ -160,6 +160,31 @@ expect_error "a base module given as the reward" "must have forward(x) taking te
   "$tilt" finetune -c ts.toml --set base.path=epsilon_linear.ts --set reward.path=epsilon_linear.ts -o e5
 expect_error "unknown prediction" "'base.prediction' is 'noise', which is not one of: velocity, epsilon, score" \
   "$tilt" finetune -c ts.toml --set base.prediction=noise -o e6
+# A base mixing the rows of its batch, and a conditional reward whose forward takes another condition size
+# than its condition_dim says: refused on load, each with the reason.
+cat > faulty.py <<'PY'
+import torch
+class BatchMean(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dim = 2
+    def forward(self, x, t):
+        return x - x.mean(0, keepdim=True)
+class WrongCondition(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.condition_dim = 1
+        self.w = torch.nn.Parameter(torch.ones(3, 2))
+    def forward(self, x, c):
+        return (x * (c @ self.w)).sum(1)
+torch.jit.save(torch.jit.script(BatchMean()), "batch_mean.ts")
+torch.jit.save(torch.jit.script(WrongCondition()), "wrong_condition.ts")
+PY
+"$py" faulty.py > log.txt 2>&1 || fail "making the faulty modules: $(cat log.txt)"  # scripting reads the source file
+expect_error "a base whose rows depend on each other" "differs from the same call on row 0 alone" \
+  "$tilt" finetune -c ts.toml --set base.path=batch_mean.ts -o e7
+expect_error "a conditional reward of another condition size" "(called with c of 1 numbers a row: is condition_dim = 1 right?)" \
+  "$tilt" finetune -c ts.toml --set base.path=epsilon_linear.ts --set reward.path=wrong_condition.ts -o e8
 if [ "$(compgen -G 'e[0-9]')" = "" ]; then pass "failed configs create no run directory"; else fail "stray run directory"; fi
 
 if [ $failures -ne 0 ]; then echo "$failures TorchScript test(s) failed"; exit 1; fi

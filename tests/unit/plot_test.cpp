@@ -246,6 +246,16 @@ TEST(Plot, LinePlotPutsTheLegendBesideThePlotWhenEveryCornerHidesALine) {
   }
 }
 
+// The font has printable ASCII only: a UTF-8 title was drawn with one '?' per byte ("λ = 5" as "?? = 5").
+TEST(Plot, TitlesAreSpelledInAsciiOneCharacterAtATime) {
+  EXPECT_EQ(plot::printable("\xCE\xBB = 5, \xCF\x83(t), 2 \xC3\x97 10\xC2\xB3"), "lambda = 5, sigma(t), 2 x 10^3");
+  EXPECT_EQ(plot::printable("\xCE\x94t \xE2\x89\xA4 0.1 \xE2\x86\x92 \xE2\x88\x9E"), "Deltat <= 0.1 -> inf");
+  EXPECT_EQ(plot::printable("caf\xC3\xA9 \xE4\xB8\xAD \xF0\x9F\x98\x80!"), "caf? ? ?!");  // one '?' a character
+  EXPECT_EQ(plot::printable("a\tb\xFF\xC3"), "a?b??");  // a control, a byte that is not UTF-8, a cut sequence
+  EXPECT_EQ(plot::printable("\xE2\x82"), "??");
+  EXPECT_EQ(plot::printable("plain ASCII ~"), "plain ASCII ~");
+}
+
 TEST(Plot, BadInputThrowsAndWritesNothing) {
   TempDir dir;
   const std::string path = dir.file("bad.png");

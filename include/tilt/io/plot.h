@@ -83,4 +83,9 @@ struct ImageGridOptions {
 /// with their titles. Values outside [lo, hi] are clamped; non-finite pixels are drawn red.
 void write_image_grid_png(const std::string& path, const std::vector<ImagePanel>& panels, const ImageGridOptions& options = {});
 
+/// The text as the plots draw it: their font has the printable ASCII characters only, so a UTF-8 title is
+/// spelled in ASCII where it can be (Greek letters by name, so "λ = 5" is drawn "lambda = 5"; x for the
+/// multiplication sign, ^2, <=, ->), and any other character, or a byte that is not UTF-8, becomes one '?'.
+std::string printable(const std::string& text);
+
 }  // namespace tilt::plot

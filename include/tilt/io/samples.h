@@ -21,4 +21,8 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions = nullptr, c
 /// naming `flag` for anything else.
 Tensor parse_condition(const std::string& text, const std::string& flag);
 
+/// Conditions given by a user (a flag or a file), returned as they are when every entry is finite and of
+/// magnitude at most limits::kMagnitude, the bound of the config's [conditions]; else tilt::Error naming `what`.
+Tensor check_conditions(const Tensor& c, const std::string& what);
+
 }  // namespace tilt

@@ -241,6 +241,17 @@ void check_rows_independent(const Tensor& batched, const Tensor& single, const s
   }
 }
 
+// The single-row call of that probe, its failure said as one (torch.mm(x, x) works on 2 rows of 2 numbers only).
+Tensor call_on_row_0(torch::jit::Module& module, const std::vector<c10::IValue>& inputs, const std::string& origin,
+                     const std::string& what) {
+  try {
+    return call_tensor(module, inputs, origin, what);
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + " (forward failed on row 0 alone after working on 2 rows: it mixes the rows "
+                "of its batch or needs a batch of 2; tilt needs a function of each row alone)");
+  }
+}
+
 // A failed probe call with conditions most often means a condition of the wrong size: say which was given.
 Tensor call_with_condition_hint(torch::jit::Module& module, const std::vector<c10::IValue>& inputs, int64_t dc,
                                 const std::string& origin, const std::string& what) {
@@ -328,7 +339,7 @@ void probe_velocity(torch::jit::Module& module, const TorchScriptOptions& o, at:
     }
     std::vector<c10::IValue> first{x.narrow(0, 0, 1), t.narrow(0, 0, 1)};
     if (o.condition_dim > 0) first.push_back(null ? c10::IValue() : c10::IValue(c.toTensor().narrow(0, 0, 1)));
-    check_rows_independent(y, call_tensor(module, first, origin, "model"), "TorchScript model " + origin, call);
+    check_rows_independent(y, call_on_row_0(module, first, origin, "model"), "TorchScript model " + origin, call);
   }
 }
 
@@ -517,7 +528,7 @@ void TorchScriptReward::probe() const {
     }
     std::vector<c10::IValue> first{x.narrow(0, 0, 1)};
     if (condition_dim_ > 0) first.push_back(c.defined() ? c10::IValue(c.narrow(0, 0, 1)) : c10::IValue());
-    check_rows_independent(r, call_tensor(impl_->module, first, impl_->origin, "reward"), "TorchScript reward " + impl_->origin,
+    check_rows_independent(r, call_on_row_0(impl_->module, first, impl_->origin, "reward"), "TorchScript reward " + impl_->origin,
                            call);
     // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
     // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail

@@ -133,11 +133,16 @@ TEST(TorchScript, LoadErrorsNameTheFileAndTheProblem) {
                   "'" + dir.file("wrong.ts") + "': forward(x [2, 2], t [2]) must return [2, 2] (the velocity), got [2, 1]");
   auto tuple = make_module("def forward(self, x, t):\n    return (x, t)\n", 2);
   expect_contains(load(save(tuple, dir.file("tuple.ts"))), "forward must return a tensor, got Tuple");
-  // x @ x works for [2, 2] but fails for [2, 3]: the probe forward names the failure.
+  // x @ x works for [2, 2] but fails for [2, 3]: the probe forward names the failure. With d = 2 the probe
+  // works on 2 rows and fails on row 0 alone ([1, 2] x [1, 2]): a module that mixes rows, refused as one.
   auto mm = make_module("def forward(self, x, t):\n    return torch.mm(x, x)\n");
   save(mm, dir.file("mm.ts"));
-  EXPECT_EQ(TorchScriptVelocity::load(dir.file("mm.ts"), make_linear_schedule(), {Prediction::velocity, 2})->dim(), 2);
   expect_contains(load(dir.file("mm.ts"), 3), "'" + dir.file("mm.ts") + "': forward failed");
+  expect_contains(load(dir.file("mm.ts"), 2), "forward failed on row 0 alone after working on 2 rows");
+  // One that runs on any batch but mixes rows (a mean over the batch) is refused by the same probe.
+  auto centred = make_module("def forward(self, x, t):\n    return x - x.mean(0, keepdim=True)\n", 2);
+  expect_contains(load(save(centred, dir.file("centred.ts"))),
+                  "row 0 of forward(x [2, 2], t [2]) differs from the same call on row 0 alone");
 }
 
 TEST(TorchScript, EpsilonAndScoreConvertToTheExactMixtureVelocity) {
@@ -448,7 +453,7 @@ TEST(TorchScript, ConditionalBaseWithoutANullConditionAndLoadErrors) {
                   "Tensor x, Tensor t, int c) -> Tensor (a conditional model's is forward(x, t, c), c a Tensor or "
                   "Optional[Tensor])");
   // A module whose Optional c fails on None is caught on load.
-  auto none_fails = make_module("def forward(self, x, t, c: Optional[Tensor]):\n    assert c is not None\n    return x + c.sum()\n", 3);
+  auto none_fails = make_module("def forward(self, x, t, c: Optional[Tensor]):\n    assert c is not None\n    return x + c.sum(1, keepdim=True)\n", 3);
   none_fails.register_attribute("condition_dim", c10::IntType::get(), 2);
   expect_contains(error_of([&] { TorchScriptVelocity::load(save(none_fails, dir.file("n.ts")), make_linear_schedule()); }),
                   "(called with c = None, the null condition, since its c is Optional)");

@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <sstream>
 
 #if defined(__GLIBC__)
@@ -159,6 +160,11 @@ void check_batch(const Tensor& x, int64_t dim, const std::string& what) {
     throw Error(what + " must be [B, dim] = [*, " + std::to_string(dim) + "], got " +
                 shape_string(x));
   }
+  // An integer x went through the mixture's formulas in integer arithmetic and came back NaN.
+  if (!at::isFloatingType(x.scalar_type())) {
+    throw Error(what + " must hold floating-point numbers (float32 or float64), got " +
+                std::string(c10::toString(x.scalar_type())));
+  }
 }
 
 void check_time(const Tensor& t, int64_t batch, const std::string& what) {
@@ -174,12 +180,24 @@ void check_time(const Tensor& t, int64_t batch, const std::string& what) {
 namespace tilt {
 namespace {
 bool g_messages_silent = false;  // a rank other than 0: its messages would repeat rank 0's
-}  // namespace
-void note(const std::string& message) {
-  if (!g_messages_silent) std::fprintf(stderr, "tilt: %s\n", message.c_str());
+std::mutex g_handler_mutex;
+MessageHandler g_handler;  // empty: stderr
+
+void emit(bool is_warning, const std::string& message) {
+  if (g_messages_silent) return;
+  std::lock_guard<std::mutex> lock(g_handler_mutex);
+  if (g_handler) {
+    g_handler(is_warning, message);
+  } else {
+    std::fprintf(stderr, is_warning ? "tilt: warning: %s\n" : "tilt: %s\n", message.c_str());
+  }
 }
-void warning(const std::string& message) {
-  if (!g_messages_silent) std::fprintf(stderr, "tilt: warning: %s\n", message.c_str());
+}  // namespace
+void note(const std::string& message) { emit(false, message); }
+void warning(const std::string& message) { emit(true, message); }
+void set_message_handler(MessageHandler handler) {
+  std::lock_guard<std::mutex> lock(g_handler_mutex);
+  g_handler = std::move(handler);
 }
 void set_messages_silent(bool silent) { g_messages_silent = silent; }
 bool messages_silent() { return g_messages_silent; }

@@ -36,7 +36,14 @@ uint32_t checksum(const std::string& meta_text, const TensorMap& tensors) {
 }
 }  // namespace
 
-void write(const std::string& path, const Json& meta, const TensorMap& tensors) {
+void write(const std::string& path, const Json& meta, const TensorMap& tensors, bool refuse_non_finite) {
+  // read() refuses a non-finite tensor in any file: writing one made a file that could not be read back.
+  for (const auto& [name, t] : tensors) {
+    if (refuse_non_finite && at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) {
+      throw Error("cannot write '" + path + "': tensor '" + name + "' holds non-finite values (NaN or Inf), which no "
+                  "reader accepts (a model that diverged?); nothing was written");
+    }
+  }
   const std::string text = meta.dump();
   c10::Dict<std::string, Tensor> dict;
   dict.insert(kMetaKey, at::from_blob(const_cast<char*>(text.data()), {static_cast<int64_t>(text.size())}, at::kByte).clone());

@@ -14,8 +14,10 @@ namespace tilt::archive {
 
 using TensorMap = std::map<std::string, Tensor>;
 
-/// Writes atomically; meta must hold "format" and "version".
-void write(const std::string& path, const Json& meta, const TensorMap& tensors);
+/// Writes atomically; meta must hold "format" and "version". Throws tilt::Error, writing nothing, for a
+/// floating tensor holding NaN or Inf (read() refuses one), unless refuse_non_finite is false (tests of
+/// the readers, writing damaged files on purpose).
+void write(const std::string& path, const Json& meta, const TensorMap& tensors, bool refuse_non_finite = true);
 
 struct Contents {
   Json meta;

@@ -347,10 +347,23 @@ VelocityFieldPtr load_control(const Json&, const ModelReader& in) {
                 "sampling::simulate");
 }
 
+const std::vector<std::string>& builtin_kinds() {
+  static const std::vector<std::string> kinds{"gmm",       "conditional_gmm", "mlp", "unet", "torchscript",
+                                              "finetuned", sampling::kAdjointSamplingControlKind};
+  return kinds;
+}
+
 bool is_builtin(const std::string& kind) {
-  return kind == "gmm" || kind == "conditional_gmm" || kind == "mlp" || kind == "unet" || kind == "torchscript" ||
-         kind == "finetuned" ||
-         kind == sampling::kAdjointSamplingControlKind;
+  const auto& kinds = builtin_kinds();
+  return std::find(kinds.begin(), kinds.end(), kind) != kinds.end();
+}
+
+// The registering call named in the message (register_model_kind reported register_model_serialiser's name).
+void refuse_builtin(const std::string& function, const std::string& kind) {
+  if (!is_builtin(kind)) return;
+  std::string list;
+  for (const auto& k : builtin_kinds()) list += (list.empty() ? "" : ", ") + k;
+  throw Error(function + ": '" + kind + "' is one of tilt's own model kinds (" + list + "); give yours another name");
 }
 
 struct Registry {
@@ -466,7 +479,7 @@ void register_model_serialiser(const std::string& kind, ModelSerialiser serialis
   if (!serialiser.save || !serialiser.load) {
     throw Error("register_model_serialiser: kind '" + kind + "' needs both a save and a load function");
   }
-  if (is_builtin(kind)) throw Error("register_model_serialiser: '" + kind + "' is one of tilt's own model kinds");
+  refuse_builtin("register_model_serialiser", kind);
   Registry& r = registry();
   std::lock_guard<std::mutex> lock(r.mutex);
   r.kinds[kind] = std::move(serialiser);
@@ -474,6 +487,8 @@ void register_model_serialiser(const std::string& kind, ModelSerialiser serialis
 
 void register_model_kind(const std::string& kind, std::function<Json(const VelocityField&)> describe_field,
                          std::function<VelocityFieldPtr(const Json&, SchedulePtr)> create) {
+  if (kind.empty()) throw Error("register_model_kind: the kind must not be empty");
+  refuse_builtin("register_model_kind", kind);
   if (!describe_field || !create) throw Error("register_model_kind: kind '" + kind + "' needs describe and create");
   ModelSerialiser serialiser;
   serialiser.save = [describe_field](const VelocityField& field, ModelWriter& out) {

@@ -249,6 +249,10 @@ GaussianMixture::Parts GaussianMixture::evaluate(const Tensor& x, const Tensor& 
 }
 
 Tensor GaussianMixture::sample(int64_t n, Generator& gen, at::ScalarType dtype) const {
+  // As tilt::sample: n = 0 is an empty batch (LibTorch's multinomial refuses it), a negative n an error.
+  if (n < 0) throw Error("Gaussian mixture: cannot draw " + std::to_string(n) + " samples");
+  if (!at::isFloatingType(dtype)) throw Error("Gaussian mixture: samples must be of a floating-point dtype");
+  if (n == 0) return at::empty({0, dim()}, at::TensorOptions().dtype(dtype));
   const Tensor idx = at::multinomial(weights_, n, /*replacement=*/true, gen);
   const Tensor z = at::randn({n, dim(), 1}, gen, at::TensorOptions().dtype(at::kDouble));
   const Tensor x = means_.index_select(0, idx) + at::matmul(cholesky_.index_select(0, idx), z).squeeze(-1);
@@ -458,6 +462,7 @@ Tensor GmmVelocity::vjp(const Tensor& x, double t, const Tensor& a, Tensor* v_ou
 
 std::optional<GaussianMixture> exact_tilt(const Reward& reward, const GaussianMixture& base, double lambda,
                                           double* log_z) {
+  if (!std::isfinite(lambda)) throw Error("exact tilt: lambda must be finite, got " + number_string(lambda));
   const auto* closed_form = dynamic_cast<const MixtureTilt*>(&reward);
   if (!closed_form) return std::nullopt;
   return closed_form->tilt(base, lambda, log_z);

@@ -13,6 +13,11 @@
 
 namespace tilt {
 
+VelocityField::VelocityField(SchedulePtr schedule) : schedule_(std::move(schedule)) {
+  // A null schedule failed later, as a segmentation fault in the first velocity().
+  if (!schedule_) throw Error("a velocity field needs its schedule (the reference flow it belongs to); got none");
+}
+
 Tensor VelocityField::velocity(const Tensor& x, double t) const {
   return velocity(x, at::scalar_tensor(t, x.options()));
 }

@@ -1,5 +1,6 @@
 #include "tilt/sde/engine.h"
 
+#include "tilt/core/check.h"
 #include "tilt/core/error.h"
 #include "tilt/sde/gddim.h"
 
@@ -39,6 +40,18 @@ StepKernel step_kernel(const GenerativeSDE& sde, Integrator integrator, double t
   return euler_kernel(sde, t, s);
 }
 
+void check_finite_steps(const std::vector<StepKernel>& kernels, const GenerativeSDE& sde, const TimeGrid& grid) {
+  for (size_t k = 0; k < kernels.size(); ++k) {
+    const StepKernel& q = kernels[k];
+    if (!std::isfinite(q.c_x) || !std::isfinite(q.c_v) || !std::isfinite(q.std)) {
+      throw Error("the step from t = " + number_string(grid[static_cast<int64_t>(k)]) + " to " +
+                  number_string(grid[static_cast<int64_t>(k) + 1]) + " is not finite under the noise schedule " +
+                  sde.noise().describe() + " (a memoryless schedule is infinite at t = 0 without an offset: give it "
+                  "one, h = 1/K for K steps)");
+    }
+  }
+}
+
 std::vector<StepKernel> step_kernels(const GenerativeSDE& sde, const TimeGrid& grid, Integrator integrator) {
   std::vector<StepKernel> kernels;
   kernels.reserve(static_cast<size_t>(grid.steps()));
@@ -54,6 +67,15 @@ Tensor flow_ode_steps(const VelocityField& v, Tensor x, const TimeGrid& grid, in
 Rollout rollout(const std::vector<StepKernel>& kernels, const StepVelocity& velocity, const Tensor& x0, Generator& gen,
                 const RolloutRecord& record) {
   const size_t K = kernels.size();
+  // A kernel that is not finite (the memoryless schedule without offset at t = 0) gave NaN states.
+  for (size_t k = 0; k < K; ++k) {
+    const StepKernel& q = kernels[k];
+    if (!std::isfinite(q.c_x) || !std::isfinite(q.c_v) || !std::isfinite(q.std)) {
+      throw Error("rollout: step " + std::to_string(k) + " is not finite (x' = " + number_string(q.c_x) + " x + " +
+                  number_string(q.c_v) + " v + " + number_string(q.std) + " xi): its noise schedule is infinite there " +
+                  "(a memoryless schedule without an offset at t = 0?)");
+    }
+  }
   Rollout out;
   out.x.reserve(record.states ? K + 1 : 2);
   out.x.push_back(x0);

@@ -22,6 +22,10 @@ TimeGrid TimeGrid::uniform(int64_t steps, double t0, double t1) {
 
 TimeGrid::TimeGrid(std::vector<double> times) : t_(std::move(times)) {
   if (t_.size() < 2) throw Error("time grid: needs at least two times");
+  // The generative flow's time runs from 0 (noise) to 1 (data): the schedules are not defined outside.
+  if (!(t_.front() >= 0.0) || !(t_.back() <= 1.0)) {
+    throw Error("time grid: times must lie in [0, 1], got " + number_string(t_.front()) + " .. " + number_string(t_.back()));
+  }
   for (size_t k = 0; k + 1 < t_.size(); ++k) {
     if (!(t_[k + 1] > t_[k])) throw Error("time grid: times must be strictly increasing");
   }
@@ -66,7 +70,9 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
     const VelocityField& v = sde.velocity();
     RolloutRecord record;
     record.states = options.record;
-    out.x = rollout(step_kernels(sde, grid, options.integrator),
+    const std::vector<StepKernel> kernels = step_kernels(sde, grid, options.integrator);
+    check_finite_steps(kernels, sde, grid);
+    out.x = rollout(kernels,
                     [&](int64_t k, const Tensor& x) {
                       Tensor vk = v.velocity(x, grid[k]);
                       if (options.on_step) options.on_step(k + 1);
@@ -95,6 +101,8 @@ Trajectory simulate(const GenerativeSDE& sde, const Tensor& x0, const TimeGrid& 
 
 Tensor sample(const GenerativeSDE& sde, int64_t n, const TimeGrid& grid, Generator& gen,
               const SampleOptions& options, at::ScalarType dtype) {
+  if (n < 0) throw Error("sample: cannot draw " + std::to_string(n) + " samples");
+  if (!at::isFloatingType(dtype)) throw Error("sample: samples must be of a floating-point dtype");
   at::NoGradGuard no_grad;
   const Tensor x0 = normal_draws({n, sde.dim()}, gen, at::TensorOptions().dtype(dtype).device(sde.velocity().device()));
   SampleOptions opts = options;

@@ -52,12 +52,14 @@ Control zero_control(int64_t dim) {
 }
 
 Control optimal_control_of(ProblemPtr problem) {
+  if (!problem) throw Error("optimal_control_of: no problem given");
   if (!problem->has_ground_truth()) throw Error("SOC problem '" + problem->name() + "' has no known optimal control");
   return [problem](const Tensor& x, double t) { return problem->optimal_control(x, t); };
 }
 
 ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch, int64_t steps, Generator& gen) {
   if (batch < 1) throw Error("SOC simulation: batch must be >= 1, got " + std::to_string(batch));
+  if (!u) throw Error("SOC simulation: no control given (an empty Control; zero_control(dim) is u = 0)");
   if (steps <= 0) steps = problem.default_steps();
   at::NoGradGuard no_grad;
   const int64_t d = problem.dim();

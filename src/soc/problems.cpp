@@ -172,7 +172,15 @@ Tensor LinearOU::value(const Tensor& x, double t) const {
 // ---------------------------------------------------------------------------------------------
 // SOCM's settings
 
+namespace {
+// At the constructors' entry: at::eye(-3) reached LibTorch's own error, and d = 0 made a problem with J = 0.
+void check_dimension(const std::string& name, int64_t d) {
+  if (d < 1) throw Error("SOC problem '" + name + "': the dimension must be >= 1, got " + std::to_string(d));
+}
+}  // namespace
+
 std::shared_ptr<QuadraticOU> quadratic_ou_easy(int64_t d, uint64_t seed) {
+  check_dimension("quadratic_ou_easy", d);
   Generator gen = make_generator(seed);
   const Tensor I = at::eye(d, kDouble);
   return std::make_shared<QuadraticOU>("quadratic_ou_easy", 0.2 * I, 0.2 * I, 0.1 * I, I,
@@ -180,6 +188,7 @@ std::shared_ptr<QuadraticOU> quadratic_ou_easy(int64_t d, uint64_t seed) {
 }
 
 std::shared_ptr<QuadraticOU> quadratic_ou_hard(int64_t d, uint64_t seed) {
+  check_dimension("quadratic_ou_hard", d);
   Generator gen = make_generator(seed);
   const Tensor I = at::eye(d, kDouble);
   return std::make_shared<QuadraticOU>("quadratic_ou_hard", I, I, 0.5 * I, I, 0.5 * at::randn({d}, gen, kDouble),
@@ -187,6 +196,7 @@ std::shared_ptr<QuadraticOU> quadratic_ou_hard(int64_t d, uint64_t seed) {
 }
 
 std::shared_ptr<LinearOU> linear_ou(int64_t d, uint64_t seed) {
+  check_dimension("linear_ou", d);
   Generator gen = make_generator(seed);
   const Tensor I = at::eye(d, kDouble);
   const Tensor xi = 0.1 * at::randn({d, d}, gen, kDouble);

@@ -214,7 +214,9 @@ AdjointMatching::AdjointMatching(std::shared_ptr<FineTunedVelocity> model, Rewar
                 std::to_string(options_.loss_early_steps + options_.loss_late_steps) + " but only " +
                 std::to_string(available) + " of the " + std::to_string(options_.num_steps) +
                 " steps have a finite regression target" +
-                (options_.loss_t_min > 0 ? " at t >= loss_t_min = " + number_string(options_.loss_t_min) : std::string()));
+                (options_.loss_t_min > 0 ? " at t >= loss_t_min = " + number_string(options_.loss_t_min) : std::string()) +
+                " (the noiseless last step has none); lower loss_early_steps or loss_late_steps so that they sum to at most " +
+                std::to_string(available));
   }
 }
 

@@ -306,7 +306,10 @@ for name, row in s['losses'].items():
     assert row['control_l2_error'] > 0 and row['initial_control_l2_error'] > 0, row
     assert len(open('soc/' + name + '.eval.jsonl').read().splitlines()) == 3
 assert 'optimal_value' in s
-" && [ -s soc/curves.png ] && [ -s soc/summary.md ]; then
+# u*'s own Euler objective on the evaluation's paths, what the losses' objectives are to be compared with (the same
+# noise): -2.90 against V = -3.12 on these 64 paths (-3.13 on 8192), where the trained controls are still near 0.1.
+assert abs(s['optimal_objective_on_grid'] - s['optimal_value']) < 0.1 * abs(s['optimal_value']), s
+" && [ -s soc/curves.png ] && grep -q "the optimal control's own objective" soc/summary.md; then
   pass "soc: two losses, JSON summary, eval curves and PNG"
 else
   fail "soc run: $(cat soc.log soc.json)"

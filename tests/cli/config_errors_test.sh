@@ -220,6 +220,16 @@ if "$tilt" logz -c tiny.toml --method noising --noise constant:1 -n 500 -q --jso
 else
   fail "no ESS warning: $(cat lz.err lz_c.json)"
 fi
+# Escorted Jarzynski runs on the ODE (the README's sigma = 0 row; --noise ode was refused for every method), and its
+# O(1/steps) bias is said in --json as girsanov's is; girsanov and noising still need a path density.
+if "$tilt" logz -c tiny.toml --method jarzynski --noise ode -n 500 --steps 20 -q --json > lz_o.json 2> lz.err &&
+   python3 -c "import json, sys; r = json.load(open('lz_o.json')); sys.exit(0 if 'O(1/steps)' in r['bias'] else 1)"; then
+  pass "logz jarzynski on the ODE, its bias said"
+else
+  fail "logz jarzynski --noise ode: $(cat lz.err lz_o.json)"
+fi
+expect_error "logz girsanov on the ODE" "girsanov weights need a stochastic schedule (--method jarzynski takes the ODE)" \
+  "$tilt" logz -c tiny.toml --noise ode -n 100 -q
 # Every [finetune] key has a default: a config without the table starts a run (stopped after 10 s).
 tiny_config 1 1 > no_table.toml
 timeout 10 "$tilt" finetune -q -c no_table.toml -o no_table > /dev/null 2>&1

@@ -49,6 +49,11 @@ using test::TempDir;
 using test::error_of;
 using test::expect_contains;
 
+// These tests write damaged files on purpose, NaN weights among them, which archive::write refuses by default.
+void write_damaged(const std::string& path, const Json& meta, const archive::TensorMap& tensors) {
+  archive::write(path, meta, tensors, /*refuse_non_finite=*/false);
+}
+
 const auto kDouble = at::TensorOptions().dtype(at::kDouble);
 
 std::string digits_path() { return std::string(TILT_SOURCE_DIR) + "/data/digits/digits.csv.gz"; }
@@ -217,7 +222,7 @@ TEST(ModelFiles, NonFiniteTensorsAreRefusedNamingTheFileAndTheTensor) {
     archive::TensorMap t = mlp_tensors(mlp);
     t["2.weight"][3][1] = bad;
     const std::string path = dir.file("bad.pt");
-    archive::write(path, model_meta(mlp_node(small_mlp())), t);
+    write_damaged(path, model_meta(mlp_node(small_mlp())), t);
     const std::string msg = error_of([&] { load_velocity(path); });
     expect_contains(msg, "model file '" + path + "'");
     expect_contains(msg, "tensor '2.weight'");
@@ -231,12 +236,12 @@ TEST(ModelFiles, NonFiniteTensorsAreRefusedNamingTheFileAndTheTensor) {
   t["base.means"] = mixture->means();
   t["base.covariances"] = mixture->covariances();
   const std::string ft = dir.file("ft.pt");
-  archive::write(ft, model_meta({{"kind", "finetuned"}, {"mode", "residual"}, {"base", {{"kind", "gmm"}}},
+  write_damaged(ft, model_meta({{"kind", "finetuned"}, {"mode", "residual"}, {"base", {{"kind", "gmm"}}},
                                  {"trainable", mlp_node(small_mlp())}}),
                  t);
   expect_contains(error_of([&] { load_velocity(ft); }), "model file '" + ft + "': tensor 'trainable.0.bias'");
   const std::string gmm = dir.file("gmm.pt");
-  archive::write(gmm, model_meta({{"kind", "gmm"}}),
+  write_damaged(gmm, model_meta({{"kind", "gmm"}}),
                  {{"weights", mixture->weights()},
                   {"means", at::full({1, 2}, std::nan(""), kDouble)},
                   {"covariances", mixture->covariances()}});
@@ -266,12 +271,12 @@ TEST(ModelFiles, UNetMetadataThatDoesNotFitItsTensorsIsRefusedNamingTheFile) {
                      {"channel_mult", {1, 2}}, {"blocks", 1}, {"groups", 2}, {"attention", false},
                      {"time_features", 4}, {"condition_dim", 0}, {"lora", {{"rank", 2}, {"alpha", 2.0}}}};
   const auto expect_refused = [&](const Json& model, const archive::TensorMap& tensors, const std::string& why) {
-    archive::write(path, model_meta(model), tensors);
+    write_damaged(path, model_meta(model), tensors);
     const std::string msg = error_of([&] { load_velocity(path); });
     expect_contains(msg, "model file '" + path + "'");
     expect_contains(msg, why);
   };
-  archive::write(path, model_meta(good), t);
+  write_damaged(path, model_meta(good), t);
   EXPECT_EQ(load_velocity(path).field->dim(), 16);
   Json node = good;
   node["base_channels"] = 4000000000000LL;
@@ -301,7 +306,7 @@ TEST(ModelFiles, StructurallyBadValuesAreRefusedNamingTheFile) {
   const MlpVelocity mlp(small_mlp(), make_linear_schedule(), 1);
   const std::string path = dir.file("m.pt");
   const auto expect_refused = [&](const Json& model, const archive::TensorMap& tensors, const std::string& why) {
-    archive::write(path, model_meta(model), tensors);
+    write_damaged(path, model_meta(model), tensors);
     const std::string msg = error_of([&] { load_velocity(path); });
     expect_contains(msg, "model file '" + path + "'");
     expect_contains(msg, why);
@@ -335,7 +340,7 @@ TEST(ModelFiles, StructurallyBadValuesAreRefusedNamingTheFile) {
   expect_refused(mlp_node(o), extra, "unexpected tensor '6.weight'");
   archive::TensorMap reserved = t;  // names starting with "__" are the archive's own, not weights
   reserved["__extra__"] = at::zeros({4}, at::kByte);
-  archive::write(path, model_meta(mlp_node(o)), reserved);
+  write_damaged(path, model_meta(mlp_node(o)), reserved);
   EXPECT_EQ(load_velocity(path).field->dim(), 2);
   archive::TensorMap missing = t;
   missing.erase("2.bias");
@@ -519,10 +524,10 @@ TEST(ClassifierFiles, BadValuesAreRefusedNamingTheFile) {
   archive::TensorMap t;
   for (const auto& [name, value] : c.named_parameters()) t[name] = value.detach().clone();
   const std::string path = dir.file("c.pt");
-  archive::write(path, classifier_meta(o), t);
+  write_damaged(path, classifier_meta(o), t);
   EXPECT_EQ(load_classifier(path).classifier->options().classes, 3);
   const auto expect_refused = [&](const Json& meta, const archive::TensorMap& tensors, const std::string& why) {
-    archive::write(path, meta, tensors);
+    write_damaged(path, meta, tensors);
     const std::string msg = error_of([&] { load_classifier(path); });
     expect_contains(msg, "classifier file '" + path + "'");
     expect_contains(msg, why);
@@ -583,13 +588,13 @@ TEST(ClassifierFiles, TheActivationRoundTripsAndChangesTheNetwork) {
   meta["version"] = 2;
   meta["activation"] = "gelu";
   const std::string path = dir.file("bad.pt");
-  archive::write(path, meta, t);
+  write_damaged(path, meta, t);
   expect_contains(error_of([&] { load_classifier(path); }), "classifier file '" + path + "': unknown activation \"gelu\"");
   meta.erase("activation");
-  archive::write(path, meta, t);
+  write_damaged(path, meta, t);
   expect_contains(error_of([&] { load_classifier(path); }), "classifier file '" + path + "'");
   meta["version"] = 4;
-  archive::write(path, meta, t);
+  write_damaged(path, meta, t);
   expect_contains(error_of([&] { load_classifier(path); }), "this tilt reads versions 1 to 3");
 }
 
@@ -634,7 +639,7 @@ TEST(ClassifierFiles, ACnnRoundTripsAndMismatchesAreRefused) {
   EXPECT_EQ(t.at("conv.0.weight").sizes(), (std::vector<int64_t>{3, 1, 3, 3}));
   EXPECT_EQ(t.at("body.0.weight").sizes(), (std::vector<int64_t>{5, 4 * 2 * 1}));
   const auto expect_refused = [&](const Json& meta, const std::string& why) {
-    archive::write(path, meta, t);
+    write_damaged(path, meta, t);
     const std::string msg = error_of([&] { load_classifier(path); });
     expect_contains(msg, "classifier file '" + path + "'");
     expect_contains(msg, why);
@@ -665,7 +670,7 @@ TEST(ClassifierFiles, ACnnRoundTripsAndMismatchesAreRefused) {
   const MlpClassifier mlp(m, 2);
   archive::TensorMap mt;
   for (const auto& [name, value] : mlp.named_parameters()) mt[name] = value.detach().clone();
-  archive::write(path, classifier_meta(m), mt);
+  write_damaged(path, classifier_meta(m), mt);
   const LoadedClassifier old = load_classifier(path);
   EXPECT_EQ(old.classifier->options().architecture, "mlp");
   const Tensor y = at::randn({3, 4}, make_generator(2));
@@ -852,7 +857,7 @@ TEST(ModelFiles, MismatchedConditionsAreRefusedNamingTheFile) {
   Json node = mlp_node(o);
   node["condition_dim"] = 3;
   const auto expect_refused = [&](const Json& meta, const archive::TensorMap& tensors, const std::string& why) {
-    archive::write(path, meta, tensors);
+    write_damaged(path, meta, tensors);
     const std::string msg = error_of([&] { load_velocity(path); });
     expect_contains(msg, "model file '" + path + "'");
     expect_contains(msg, why);
@@ -860,7 +865,7 @@ TEST(ModelFiles, MismatchedConditionsAreRefusedNamingTheFile) {
   const archive::TensorMap t = mlp_tensors(mlp);
   Json meta = model_meta(node);
   meta["condition_dim"] = 3;
-  archive::write(path, meta, t);
+  write_damaged(path, meta, t);
   EXPECT_EQ(load_velocity(path).field->condition_dim(), 3);
   // The network's metadata without its condition: its first layer is wider than it says.
   expect_refused(model_meta(mlp_node(o)), t, "tensor '0.weight' must be [8, 7], got [8, 11]");
@@ -882,7 +887,7 @@ TEST(ModelFiles, MismatchedConditionsAreRefusedNamingTheFile) {
   tc["__conditions__"] = at::zeros({4, 3}, at::kLong);
   expect_refused(with, tc, "must be [4, 3] floating-point numbers");
   tc["__conditions__"] = at::zeros({4, 3}, kDouble);
-  archive::write(path, with, tc);
+  write_damaged(path, with, tc);
   EXPECT_TRUE(load_velocity(path).conditions.equal(at::zeros({4, 3}, kDouble)));
   expect_refused(meta, tc, "holds conditions ('__conditions__') that its metadata does not record");
   with["conditions"] = 2.5;

@@ -1,12 +1,16 @@
 // Open model types: a user's own velocity field (clone, model files, TorchScript export, Adjoint
 // Matching without the taped fast path) and rewards from a value alone (autograd gradient).
 #include "tilt/core/error.h"
+#include "tilt/core/log.h"
 #include "tilt/io/model_io.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/reward.h"
 #include "tilt/model/torchscript.h"
+#include "tilt/sde/sampler.h"
+#include "tilt/soc/problems.h"
+#include "tilt/soc/simulate.h"
 #include "tilt/train/adjoint_matching.h"
 
 #include "../support/checks.h"
@@ -19,6 +23,9 @@
 #include <torch/nn/modules/activation.h>
 #include <torch/nn/modules/container/sequential.h>
 #include <torch/nn/modules/linear.h>
+
+#include <cmath>
+#include <filesystem>
 
 namespace tilt {
 namespace {
@@ -225,7 +232,24 @@ TEST(OpenModels, ModelFileErrorsNameTheKindAndTheTensor) {
   register_tiny();
   expect_contains(error_of([&] { register_model_kind("mlp", [](const VelocityField&) { return Json::object(); },
                                                      [](const Json&, SchedulePtr) { return VelocityFieldPtr(); }); }),
-                  "tilt's own");
+                  "register_model_kind: 'mlp' is one of tilt's own model kinds");
+  // A built-in name is said to be one before missing functions are (it reported the missing ones).
+  expect_contains(error_of([&] { register_model_kind("unet", nullptr, nullptr); }), "'unet' is one of tilt's own");
+  // A field needs its schedule (a null one was a segmentation fault in the first velocity()).
+  const auto mixture = std::make_shared<const GaussianMixture>(at::ones({1}, at::kDouble), at::zeros({1, 2}, at::kDouble),
+                                                                at::eye(2, at::kDouble).unsqueeze(0));
+  expect_contains(error_of([&] { GmmVelocity(mixture, nullptr); }), "needs its schedule");
+  // An integer batch is refused (the mixture's formulas gave NaN in integer arithmetic).
+  const GmmVelocity g(mixture, make_linear_schedule());
+  expect_contains(error_of([&] { g.velocity(at::ones({2, 2}, at::kLong), 0.3); }), "x must hold floating-point numbers");
+  // A diverged model is refused by save as well as by load (it was written, then could not be read back).
+  auto diverged = tiny();
+  {
+    at::NoGradGuard no_grad;
+    diverged->parameters()[0].view({-1})[0] = std::nan("");
+  }
+  expect_contains(error_of([&] { save_velocity(*diverged, dir.file("nan.pt")); }), "holds non-finite values");
+  EXPECT_FALSE(std::filesystem::exists(dir.file("nan.pt")));
 }
 
 // A user's kind that wraps a tilt MLP, exported through the MLP's own export.
@@ -312,6 +336,45 @@ TEST(OpenModels, AdjointMatchingWithAUserBase) {
   AdjointMatching user_trainable(make_finetuned(tiny(), FineTuneMode::copy, {}, 0, 0), reward,
                                  make_memoryless_noise(0.1), o);
   EXPECT_FALSE(user_trainable.taped());
+}
+
+// The library called as a C++ user might, wrongly: each misuse is a tilt::Error naming it (they were
+// segmentation faults, LibTorch's own errors or NaN results).
+TEST(LibraryUse, MisusesAreErrorsNamingThem) {
+  const auto mixture = std::make_shared<const GaussianMixture>(at::ones({1}, at::kDouble), at::zeros({1, 2}, at::kDouble),
+                                                                at::eye(2, at::kDouble).unsqueeze(0));
+  Generator gen = make_generator(0);
+  EXPECT_EQ(mixture->sample(0, gen).size(0), 0);
+  expect_contains(error_of([&] { mixture->sample(-1, gen); }), "cannot draw -1 samples");
+  const GenerativeSDE ode(std::make_shared<GmmVelocity>(mixture, make_linear_schedule()), make_zero_noise());
+  expect_contains(error_of([&] { sample(ode, -5, TimeGrid::uniform(4), gen); }), "sample: cannot draw -5 samples");
+  expect_contains(error_of([&] { sample(ode, 3, TimeGrid::uniform(4), gen, {}, at::kLong); }), "floating-point");
+  expect_contains(error_of([] { TimeGrid({0.0, 0.5, 2.0}); }), "times must lie in [0, 1]");
+  // The memoryless schedule without an offset is infinite at t = 0: its first step is refused, not NaN.
+  const GenerativeSDE unregularised(ode.velocity_ptr(), make_memoryless_noise(0.0));
+  expect_contains(error_of([&] { sample(unregularised, 3, TimeGrid::uniform(4), gen); }), "is not finite under the noise");
+  EXPECT_TRUE(sample(GenerativeSDE(ode.velocity_ptr(), make_memoryless_noise(0.25)), 3, TimeGrid::uniform(4), gen)
+                  .isfinite().all().item<bool>());
+  expect_contains(error_of([] { soc::optimal_control_of(nullptr); }), "no problem given");
+  expect_contains(error_of([] { soc::quadratic_ou_easy(0); }), "the dimension must be >= 1, got 0");
+  const auto problem = soc::quadratic_ou_easy(2);
+  expect_contains(error_of([&] { soc::simulate(*problem, soc::Control(), 4, 4, gen); }), "no control given");
+  expect_contains(error_of([&] { exact_tilt(LinearReward(at::ones({2}, at::kDouble)), *mixture, std::nan("")); }),
+                  "lambda must be finite");
+}
+
+TEST(LibraryUse, MessagesGoToAHandlerWhenOneIsSet) {
+  std::vector<std::pair<bool, std::string>> seen;
+  set_message_handler([&](bool is_warning, const std::string& message) { seen.emplace_back(is_warning, message); });
+  warning("w1");
+  note("n1");
+  set_message_handler(nullptr);
+  warning("to stderr again");
+  ASSERT_EQ(seen.size(), 2u);
+  EXPECT_TRUE(seen[0].first);
+  EXPECT_EQ(seen[0].second, "w1");
+  EXPECT_FALSE(seen[1].first);
+  EXPECT_EQ(seen[1].second, "n1");
 }
 
 }  // namespace

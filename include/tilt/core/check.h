@@ -9,7 +9,7 @@
 namespace tilt {
 
 /// Throws tilt::Error("<what> must be [B, dim] = [*, <dim>], got [...]") unless x is a 2-D tensor
-/// whose second dimension is dim.
+/// whose second dimension is dim, of a floating-point dtype.
 void check_batch(const Tensor& x, int64_t dim, const std::string& what);
 
 /// Throws unless t is a 0-dim tensor or a 1-D tensor with `batch` entries.

@@ -22,12 +22,13 @@
 
 namespace tilt {
 
-/// Writes atomically. `extra` is stored in the metadata under "info" (e.g. how the
+/// Writes atomically, creating missing parent directories. `extra` is stored in the metadata under "info" (e.g. how the
 /// model was fine-tuned: lambda, noise schedule), for `tilt sample` and humans. A conditional field's
 /// file records its condition_dim, and `conditions` (if given: the training conditions [N, dc], e.g.
 /// ConditionSet::values()) as the float64 tensor "__conditions__". Throws tilt::Error for a field whose
-/// kind has no registered serialiser, or for conditions that are not [N >= 1, condition_dim()] and
-/// finite (or given for an unconditional field).
+/// kind has no registered serialiser, for conditions that are not [N >= 1, condition_dim()] and
+/// finite (or given for an unconditional field), and for parameters holding NaN or Inf (load_velocity
+/// refuses such a file), writing nothing.
 void save_velocity(const VelocityField& field, const std::string& path, const Json& extra = Json::object(),
                    const Tensor& conditions = Tensor());
 

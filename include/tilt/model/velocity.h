@@ -29,11 +29,12 @@ void check_keep(const Tensor& keep, int64_t batch);
 /// register_model_kind). docs/extending.md shows one.
 class VelocityField {
  public:
-  explicit VelocityField(SchedulePtr schedule) : schedule_(std::move(schedule)) {}
+  /// Throws tilt::Error for a null schedule: a velocity is only meaningful with its reference flow.
+  explicit VelocityField(SchedulePtr schedule);
   virtual ~VelocityField() = default;
 
-  /// What model files and TorchScript export know the field by: tilt's own are "gmm", "mlp",
-  /// "torchscript" and "finetuned".
+  /// What model files and TorchScript export know the field by: tilt's own are "gmm", "conditional_gmm",
+  /// "mlp", "unet", "torchscript" and "finetuned".
   virtual std::string kind() const = 0;
   virtual int64_t dim() const = 0;
 

@@ -40,8 +40,11 @@ StepKernel exact_kernel(const Schedule& schedule, double t, double s, double gam
 /// The kernel of `integrator` (euler or exact; heun is not a Gaussian step and throws) from t to s.
 /// The exact step integrates sigma = gamma sqrt(2 eta) with gamma = stochasticity_of(sde.noise()).
 StepKernel step_kernel(const GenerativeSDE& sde, Integrator integrator, double t, double s);
-/// The kernels of every step of the grid, k = 0..K-1.
+/// The kernels of every step of the grid, k = 0..K-1. A kernel may be infinite (the memoryless schedule without an
+/// offset at t = 0): the lean adjoint may run through it, a rollout refuses it (tilt::Error).
 std::vector<StepKernel> step_kernels(const GenerativeSDE& sde, const TimeGrid& grid, Integrator integrator);
+/// Throws tilt::Error naming the step's times and the noise schedule unless every kernel is finite.
+void check_finite_steps(const std::vector<StepKernel>& kernels, const GenerativeSDE& sde, const TimeGrid& grid);
 
 /// The flow ODE dX = v dt by Euler's steps k = from, ..., to - 1 of the grid (the kernel {1, h, 0}): what DRaFT, ReFL,
 /// RAM and EAM draw their endpoints with. Gradients flow through the states unless the caller disables them.

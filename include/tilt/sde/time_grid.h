@@ -1,6 +1,7 @@
 // Time grids t_0 < t_1 < ... < t_K on [0, 1].
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 
@@ -10,7 +11,7 @@ class TimeGrid {
  public:
   /// K uniform steps t_k = t0 + k (t1 - t0) / K.
   static TimeGrid uniform(int64_t steps, double t0 = 0.0, double t1 = 1.0);
-  /// Any strictly increasing sequence of at least two times.
+  /// Any strictly increasing sequence of at least two times in [0, 1]; tilt::Error otherwise.
   explicit TimeGrid(std::vector<double> times);
 
   int64_t steps() const { return static_cast<int64_t>(t_.size()) - 1; }

@@ -23,6 +23,9 @@ struct ParameterGroup {
   double lr = 0;  ///< 0: the trainer's learning rate; else this one, scaled by the trainer's lr schedule alike
 };
 
+/// A loss is one training state (its buffers, its step's scratch tensors): call compute() from one thread at a
+/// time. Two threads training at once each need a loss of their own (two compute() calls on one
+/// AdjointMatching at once failed inside LibTorch).
 class Loss {
  public:
   virtual ~Loss() = default;

@@ -137,6 +137,8 @@ double quantile(std::vector<double> values, double q);
 
 class Trainer {
  public:
+  /// Keeps a reference to `loss`, which must outlive the trainer (a trainer stepping after its loss was
+  /// destroyed crashed).
   Trainer(Loss& loss, const TrainerOptions& options);
   ~Trainer();
 

@@ -394,7 +394,7 @@ TEST(Methods, SmallPresetIsTheRandomFamilysConfiguration) {
   EXPECT_FALSE(mentions(resolved_finetune({{"preset", "paper"}}, *s.base, s.reward).second.notes, "preset"));
 }
 
-// preset = "auto", the default, is "small" for Adjoint Matching on a vector base of at most 10 dimensions (where
+// preset = "auto", the default, is "small" for Adjoint Matching on a vector base of at most 16 dimensions (where
 // "small" was validated) and "paper" elsewhere; the resolved config records which, and the paper's defaults on a
 // vector base come with a note naming "small".
 TEST(Methods, AutoPresetIsSmallWhereItWasValidated) {
@@ -410,13 +410,13 @@ TEST(Methods, AutoPresetIsSmallWhereItWasValidated) {
   EXPECT_DOUBLE_EQ(draft_plan.trainer.adam.lr, 2e-5);
   EXPECT_TRUE(mentions(draft_plan.notes, "preset = \"small\""));
   EXPECT_FALSE(mentions(resolved_finetune({{"method", "draft"}, {"lr", 1e-3}}, *s.base, s.reward).second.notes, "preset"));
-  // Dimensions 10 and 11: the edge of what was validated.
-  for (int64_t d : {10, 11}) {
+  // Dimensions 16 and 17: the edge of what was validated.
+  for (int64_t d : {16, 17}) {
     auto base = std::make_shared<GmmVelocity>(test::isotropic_gaussian(std::vector<double>(d, 0.0), 1.0), make_linear_schedule());
     RewardPtr reward = std::make_shared<LinearReward>(at::ones({d}, at::kDouble));
     const auto [table, plan] = resolved_finetune({{"hidden", {8}}}, *base, reward);
-    EXPECT_EQ(table.at("preset"), d <= 10 ? "small" : "paper") << d;
-    EXPECT_EQ(mentions(plan.notes, "preset = \"small\""), d > 10) << d;
+    EXPECT_EQ(table.at("preset"), d <= 16 ? "small" : "paper") << d;
+    EXPECT_EQ(mentions(plan.notes, "preset = \"small\""), d > 16) << d;
   }
   // A conditional mixture base is a vector base too (dsm_until stays off: the preset's rule).
   const ConditionalProblem c = random_conditional_problem(2, 2, 3, make_linear_schedule(), 4);

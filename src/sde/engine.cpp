@@ -9,6 +9,9 @@
 #include <cmath>
 
 namespace tilt {
+namespace {
+bool finite(const StepKernel& q) { return std::isfinite(q.c_x) && std::isfinite(q.c_v) && std::isfinite(q.std); }
+}  // namespace
 
 Tensor StepKernel::mean(const Tensor& x, const Tensor& v) const {
   return at::add(c_x == 1.0 ? x : x * c_x, v, c_v);
@@ -42,8 +45,7 @@ StepKernel step_kernel(const GenerativeSDE& sde, Integrator integrator, double t
 
 void check_finite_steps(const std::vector<StepKernel>& kernels, const GenerativeSDE& sde, const TimeGrid& grid) {
   for (size_t k = 0; k < kernels.size(); ++k) {
-    const StepKernel& q = kernels[k];
-    if (!std::isfinite(q.c_x) || !std::isfinite(q.c_v) || !std::isfinite(q.std)) {
+    if (!finite(kernels[k])) {
       throw Error("the step from t = " + number_string(grid[static_cast<int64_t>(k)]) + " to " +
                   number_string(grid[static_cast<int64_t>(k) + 1]) + " is not finite under the noise schedule " +
                   sde.noise().describe() + " (a memoryless schedule is infinite at t = 0 without an offset: give it "
@@ -70,7 +72,7 @@ Rollout rollout(const std::vector<StepKernel>& kernels, const StepVelocity& velo
   // A kernel that is not finite (the memoryless schedule without offset at t = 0) gave NaN states.
   for (size_t k = 0; k < K; ++k) {
     const StepKernel& q = kernels[k];
-    if (!std::isfinite(q.c_x) || !std::isfinite(q.c_v) || !std::isfinite(q.std)) {
+    if (!finite(q)) {
       throw Error("rollout: step " + std::to_string(k) + " is not finite (x' = " + number_string(q.c_x) + " x + " +
                   number_string(q.c_v) + " v + " + number_string(q.std) + " xi): its noise schedule is infinite there " +
                   "(a memoryless schedule without an offset at t = 0?)");

@@ -20,6 +20,10 @@ void check_pair(const Tensor& x, const Tensor& y, const char* what) {
     throw Error(std::string(what) + ": sample sets must be [n, d] and [m, d] with the same d, got " +
                 shape_string(x) + " and " + shape_string(y));
   }
+  // A NaN sample made the distance NaN with no word of where it came from.
+  if (!at::isfinite(x).all().item<bool>() || !at::isfinite(y).all().item<bool>()) {
+    throw Error(std::string(what) + ": the sample sets must be finite (a NaN or Inf sample: a diverged model?)");
+  }
 }
 
 }  // namespace
@@ -114,6 +118,7 @@ double mmd(const Tensor& x, const Tensor& y, std::vector<double> bandwidths) {
 }
 
 RewardStats reward_stats(const Reward& reward, const Tensor& x) {
+  if (!x.defined() || x.dim() < 1 || x.size(0) < 1) throw Error("reward statistics: needs at least one sample, got " + shape_string(x));
   at::NoGradGuard no_grad;
   const Tensor r = reward.value(x).to(at::kDouble);
   const double n = static_cast<double>(r.numel());

@@ -2,6 +2,7 @@
 // Matching without the taped fast path) and rewards from a value alone (autograd gradient).
 #include "tilt/core/error.h"
 #include "tilt/core/log.h"
+#include "tilt/eval/metrics.h"
 #include "tilt/io/model_io.h"
 #include "tilt/model/finetuned.h"
 #include "tilt/model/gmm.h"
@@ -361,6 +362,12 @@ TEST(LibraryUse, MisusesAreErrorsNamingThem) {
   expect_contains(error_of([&] { soc::simulate(*problem, soc::Control(), 4, 4, gen); }), "no control given");
   expect_contains(error_of([&] { exact_tilt(LinearReward(at::ones({2}, at::kDouble)), *mixture, std::nan("")); }),
                   "lambda must be finite");
+  // Metrics: a NaN sample or an empty batch gave NaN.
+  Tensor with_nan = at::zeros({4, 2}, at::kDouble);
+  with_nan[1][0] = std::nan("");
+  expect_contains(error_of([&] { energy_distance(with_nan, at::zeros({4, 2}, at::kDouble)); }), "must be finite");
+  expect_contains(error_of([&] { reward_stats(LinearReward(at::ones({2}, at::kDouble)), at::zeros({0, 2})); }),
+                  "needs at least one sample");
 }
 
 TEST(LibraryUse, MessagesGoToAHandlerWhenOneIsSet) {

@@ -34,15 +34,21 @@ uint32_t checksum(const std::string& meta_text, const TensorMap& tensors) {
   }
   return crc;
 }
+
+// The name of the first floating tensor holding NaN or Inf, or nullptr: what write() and read() both refuse.
+const std::string* first_non_finite(const TensorMap& tensors) {
+  for (const auto& [name, t] : tensors) {
+    if (at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) return &name;
+  }
+  return nullptr;
+}
 }  // namespace
 
 void write(const std::string& path, const Json& meta, const TensorMap& tensors, bool refuse_non_finite) {
   // read() refuses a non-finite tensor in any file: writing one made a file that could not be read back.
-  for (const auto& [name, t] : tensors) {
-    if (refuse_non_finite && at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) {
-      throw Error("cannot write '" + path + "': tensor '" + name + "' holds non-finite values (NaN or Inf), which no "
-                  "reader accepts (a model that diverged?); nothing was written");
-    }
+  if (const std::string* name = refuse_non_finite ? first_non_finite(tensors) : nullptr) {
+    throw Error("cannot write '" + path + "': tensor '" + *name + "' holds non-finite values (NaN or Inf), which no "
+                "reader accepts (a model that diverged?); nothing was written");
   }
   const std::string text = meta.dump();
   c10::Dict<std::string, Tensor> dict;
@@ -100,11 +106,9 @@ Contents read(const std::string& path, const std::string& what, const std::strin
     throw Error(what + " '" + path + "' is damaged: its checksum does not match its contents (a corrupt file; one edited on purpose, e.g. in Python, must drop its '__tilt_checksum__' entry)");
   }
   // A NaN weight samples NaN rows: every floating tensor must be finite, for every kind of file.
-  for (const auto& [name, t] : out.tensors) {
-    if (at::isFloatingType(t.scalar_type()) && !t.isfinite().all().item<bool>()) {
-      throw Error(what + " '" + path + "': tensor '" + name + "' holds non-finite values (NaN or Inf): the file is "
-                  "damaged, or was saved from a run that diverged");
-    }
+  if (const std::string* name = first_non_finite(out.tensors)) {
+    throw Error(what + " '" + path + "': tensor '" + *name + "' holds non-finite values (NaN or Inf): the file is "
+                "damaged, or was saved from a run that diverged");
   }
   out.meta = Json::parse(meta_text, nullptr, false);
   if (out.meta.is_discarded() || !out.meta.is_object()) throw Error(what + " '" + path + "' has unreadable metadata");

@@ -227,10 +227,19 @@ Tensor probe_points(int64_t dim, at::ScalarType dtype) {
 }
 
 // tilt treats a model or reward as a function of each row alone (a sampler's batch is a choice of speed): row 0
-// of forward on the probe batch must be forward on row 0 alone. A module mixing rows (x - x.mean(0), batch
-// statistics) gives samples that depend on the batch size; it was accepted and its results were wrong.
-void check_rows_independent(const Tensor& batched, const Tensor& single, const std::string& head,
-                            const std::string& call) {
+// of `batched`, forward on the probe batch, must be forward on row 0 alone (`first`, the inputs' first rows). A
+// module mixing rows (x - x.mean(0), batch statistics) gives samples that depend on the batch size; it was accepted
+// and its results were wrong. One that fails on a single row after working on two (torch.mm(x, x)) is said as one.
+void check_rows_independent(torch::jit::Module& module, const Tensor& batched, const std::vector<c10::IValue>& first,
+                            const std::string& origin, const std::string& what, const std::string& call) {
+  const std::string head = "TorchScript " + what + " " + origin;
+  Tensor single;
+  try {
+    single = call_tensor(module, first, origin, what);
+  } catch (const Error& e) {
+    throw Error(std::string(e.what()) + " (forward failed on row 0 alone after working on 2 rows: it mixes the rows "
+                "of its batch or needs a batch of 2; tilt needs a function of each row alone)");
+  }
   const at::ScalarType type = batched.scalar_type();
   const double eps = type == at::kDouble ? 1e-10 : type == at::kFloat ? 1e-4 : 1e-2;  // half, bfloat16: 1e-2
   const double scale = 1.0 + batched.abs().max().item<double>();
@@ -239,17 +248,6 @@ void check_rows_independent(const Tensor& batched, const Tensor& single, const s
     throw Error(head + ": row 0 of " + call + " differs from the same call on row 0 alone (by " + number_string(gap) +
                 "): its output depends on the other rows of the batch (a mean over the batch, batch statistics?); "
                 "tilt needs a function of each row alone");
-  }
-}
-
-// The single-row call of that probe, its failure said as one (torch.mm(x, x) works on 2 rows of 2 numbers only).
-Tensor call_on_row_0(torch::jit::Module& module, const std::vector<c10::IValue>& inputs, const std::string& origin,
-                     const std::string& what) {
-  try {
-    return call_tensor(module, inputs, origin, what);
-  } catch (const Error& e) {
-    throw Error(std::string(e.what()) + " (forward failed on row 0 alone after working on 2 rows: it mixes the rows "
-                "of its batch or needs a batch of 2; tilt needs a function of each row alone)");
   }
 }
 
@@ -340,7 +338,7 @@ void probe_velocity(torch::jit::Module& module, const TorchScriptOptions& o, at:
     }
     std::vector<c10::IValue> first{x.narrow(0, 0, 1), t.narrow(0, 0, 1)};
     if (o.condition_dim > 0) first.push_back(null ? c10::IValue() : c10::IValue(c.toTensor().narrow(0, 0, 1)));
-    check_rows_independent(y, call_on_row_0(module, first, origin, "model"), "TorchScript model " + origin, call);
+    check_rows_independent(module, y, first, origin, "model", call);
   }
 }
 
@@ -529,8 +527,7 @@ void TorchScriptReward::probe() const {
     }
     std::vector<c10::IValue> first{x.narrow(0, 0, 1)};
     if (condition_dim_ > 0) first.push_back(c.defined() ? c10::IValue(c.narrow(0, 0, 1)) : c10::IValue());
-    check_rows_independent(r, call_on_row_0(impl_->module, first, impl_->origin, "reward"), "TorchScript reward " + impl_->origin,
-                           call);
+    check_rows_independent(impl_->module, r, first, impl_->origin, "reward", call);
     // Fine-tuning follows grad_x r, taken by autograd through the module (README, "Using models from
     // PyTorch"): a reward that detaches x or returns a constant has none, and would otherwise fail
     // later inside autograd.

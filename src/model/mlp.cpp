@@ -108,6 +108,10 @@ Tensor MlpVelocity::conditional_velocity_masked(const Tensor& x, const Tensor& t
 Tensor MlpVelocity::conditioned(const Tensor& x, const Tensor& t, const Tensor& c, const Tensor& keep) const {
   check_batch(x, options_.dim, "x");
   check_time(t, x.size(0), "t");
+  const auto weights_dtype = impl_->layers.front()->weight.scalar_type();
+  if (x.scalar_type() != weights_dtype) {  // as the U-Net: the weights' dtype computes, x's comes back
+    return conditioned(x.to(weights_dtype), t, c, keep).to(x.scalar_type());
+  }
   const int64_t dc = options_.condition_dim;
   if (dc == 0 && c.defined()) return VelocityField::conditional_velocity(x, t, c);  // the error naming the kind
   // The condition's columns of the first layer's input: [c, 1] (with `keep`, [c keep, keep]); none for the null

@@ -60,6 +60,10 @@ Tensor FunctionReward::value(const Tensor& x) const {
     throw Error("reward '" + kind_ + "': the function must return one value per row, [" +
                 std::to_string(x.size(0)) + "], got " + shape_string(r));
   }
+  if (!at::isFloatingType(r.scalar_type())) {  // an integer reward has no gradient for the adjoint
+    throw Error("reward '" + kind_ + "': the function must return floating-point values, got " +
+                std::string(c10::toString(r.scalar_type())));
+  }
   return r;
 }
 

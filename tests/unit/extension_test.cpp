@@ -368,6 +368,35 @@ TEST(LibraryUse, MisusesAreErrorsNamingThem) {
   expect_contains(error_of([&] { energy_distance(with_nan, at::zeros({4, 2}, at::kDouble)); }), "must be finite");
   expect_contains(error_of([&] { reward_stats(LinearReward(at::ones({2}, at::kDouble)), at::zeros({0, 2})); }),
                   "needs at least one sample");
+  // A reward function returning integers has no gradient for the adjoint.
+  const FunctionReward counts(2, [](const Tensor& x) { return (x.select(1, 0) > 0).to(at::kLong); }, "count");
+  expect_contains(error_of([&] { counts.value(at::ones({3, 2})); }), "reward 'count': the function must return floating-point");
+}
+
+// An MLP computes in its weights' dtype whatever x's is, and answers in x's, as the U-Net does (a float64 x gave
+// LibTorch's own dtype error): with and without gradients, on a float32 and a float64 network.
+TEST(LibraryUse, AnMlpTakesAnyFloatingPointInput) {
+  MlpOptions o;
+  o.dim = 3;
+  o.hidden = {16, 16};
+  o.zero_output = false;
+  const auto net = std::make_shared<MlpVelocity>(o, make_linear_schedule(), 4);
+  const Tensor x = at::randn({5, 3}), t = at::full({5}, 0.3);
+  for (bool grad : {false, true}) {
+    at::AutoGradMode mode(grad);
+    const Tensor v = net->velocity(x, t);
+    const Tensor v64 = net->velocity(x.to(at::kDouble), t.to(at::kDouble));
+    EXPECT_EQ(v64.scalar_type(), at::kDouble);
+    EXPECT_TRUE(at::allclose(v64.to(at::kFloat), v, 1e-6, 1e-6)) << "grad " << grad;
+    const Tensor v16 = net->velocity(x.to(at::kBFloat16), t);
+    EXPECT_EQ(v16.scalar_type(), at::kBFloat16);
+    EXPECT_LT((v16.to(at::kFloat) - v).abs().max().item<double>(), 0.05 * (1.0 + v.abs().max().item<double>()));
+  }
+  for (auto& p : net->named_parameters()) p.second.set_data(p.second.to(at::kDouble));
+  const Tensor v = net->velocity(x.to(at::kDouble), t.to(at::kDouble));
+  const Tensor v32 = net->velocity(x, t);
+  EXPECT_EQ(v32.scalar_type(), at::kFloat);
+  EXPECT_TRUE(at::allclose(v32, v.to(at::kFloat), 1e-6, 1e-6));
 }
 
 TEST(LibraryUse, MessagesGoToAHandlerWhenOneIsSet) {

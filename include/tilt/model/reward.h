@@ -52,7 +52,7 @@ class FunctionReward : public Reward {
   FunctionReward(int64_t dim, Function r, std::string kind = "function");
   std::string kind() const override { return kind_; }
   int64_t dim() const override { return dim_; }
-  /// Throws tilt::Error naming the reward if r(x) is not of shape [B].
+  /// Throws tilt::Error naming the reward if r(x) is not a floating-point tensor of shape [B].
   Tensor value(const Tensor& x) const override;
 
  private:

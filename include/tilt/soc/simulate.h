@@ -31,6 +31,8 @@ struct ControlledPaths {
 /// Euler-Maruyama on `steps` uniform steps of [0, T] (steps <= 0: the problem's default), in double
 /// precision and without gradients. With a stopping time (Problem::has_stopping_time), a path whose
 /// state X_{k+1} is in the stopping set is frozen there: later steps add no drift, noise or cost.
+/// A control returning NaN or Inf gives non-finite costs and weights, not an error: an evaluation of a diverged
+/// control reports it so.
 ControlledPaths simulate(const Problem& problem, const Control& u, int64_t batch, int64_t steps, Generator& gen);
 
 /// log w = -[sum (f + 1/2 |u|^2) h + g] - sum u . dW, so that w ∝ dP^{u*}/dP^u along each path

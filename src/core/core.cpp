@@ -52,6 +52,7 @@ Tensor uniform_draws(at::IntArrayRef sizes, Generator& gen, const at::TensorOpti
 }
 
 void move_tensors(const std::vector<Tensor>& tensors, const at::TensorOptions& options) {
+  if (options.has_device()) require_device(options.device(), "moving a model to " + options.device().str());
   for (Tensor t : tensors) {
     if (!t.defined()) continue;
     const at::TensorOptions want = t.options().merge_in(options);
@@ -74,16 +75,23 @@ at::Device parse_device(const std::string& name, const std::string& what) {
   } else if (name != "cuda") {
     throw Error(usage);
   }
+  const at::Device device(at::kCUDA, static_cast<at::DeviceIndex>(index));
+  require_device(device, what + " = " + name);
+  return device;
+}
+
+void require_device(const at::Device& device, const std::string& what) {
+  if (device.is_cpu()) return;
+  if (!device.is_cuda()) throw Error(what + ": tilt runs on cpu or cuda, not on " + device.str());
   if (!torch::cuda::is_available()) {
-    throw Error(what + " = " + name + ": no CUDA device is available (this LibTorch " +
+    throw Error(what + ": no CUDA device is available (this LibTorch " +
                 (at::hasCUDA() ? "has CUDA, but no GPU was found" : "was built without CUDA") + "); use cpu");
   }
   const auto count = static_cast<int64_t>(torch::cuda::device_count());
-  if (index >= count) {
-    throw Error(what + " = " + name + ": this machine has " + std::to_string(count) + " CUDA device(s), cuda:0.." +
+  if (device.has_index() && device.index() >= count) {
+    throw Error(what + ": this machine has " + std::to_string(count) + " CUDA device(s), cuda:0.." +
                 "cuda:" + std::to_string(count - 1));
   }
-  return at::Device(at::kCUDA, static_cast<at::DeviceIndex>(index));
 }
 
 bool keep_cpu_memory() {

@@ -122,6 +122,17 @@ TEST(Device, ParseDeviceNamesTheFlagAndRefusesWhatIsNotThere) {
   } else {
     EXPECT_THROW(parse_device("cuda:" + std::to_string(torch::cuda::device_count()), "--device"), Error);
   }
+  // A C++ user's model->to(...) says the same, where LibTorch's own error came from deep in a copy.
+  auto model = make_finetuned(std::make_shared<UNetVelocity>(small_unet(3), make_linear_schedule(), 1),
+                              FineTuneMode::lora, {}, 0, 2, LoraOptions{2, 4.0});
+  const at::Device missing(at::kCUDA, static_cast<at::DeviceIndex>(torch::cuda::device_count()));
+  try {
+    model->to(missing);
+    ADD_FAILURE() << "moved to " << missing;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("moving a model to cuda:"), std::string::npos) << e.what();
+  }
+  EXPECT_TRUE(model->device().is_cpu());
 }
 
 TEST(Device, MovingToTheCpuKeepsTheValuesAndTheTensorsThemselves) {

@@ -41,6 +41,9 @@ void move_tensors(const std::vector<Tensor>& tensors, const at::TensorOptions& o
 /// names `what` (a flag or config key) for another name, or for a GPU that this LibTorch or machine
 /// does not have.
 at::Device parse_device(const std::string& name, const std::string& what);
+/// Throws tilt::Error beginning with `what` unless `device` is the CPU or a CUDA device this LibTorch and
+/// machine have. Models' to(device) call it, so that a CPU build refuses cuda in words.
+void require_device(const at::Device& device, const std::string& what);
 
 /// Lets the process reuse the CPU memory of freed tensors instead of handing it back to the system after each
 /// one. With glibc's malloc, blocks under 32 MiB come from its heap (M_MMAP_THRESHOLD) and the heap is never

@@ -13,6 +13,7 @@
 #include "tilt/io/plot.h"
 #include "tilt/model/mlp.h"
 #include "tilt/model/torchscript.h"
+#include "../core/checksum.h"
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -20,7 +21,9 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -309,8 +312,87 @@ std::optional<ExactProblem> read_exact_problem(ConfigSection& root, std::string*
 namespace {
 
 // The files a training run writes in its directory (plots aside).
-const char* const kRunOutputs[] = {"config.resolved.json", "checkpoint.pt", "model.pt", "metrics.jsonl",
+const char* const kRunOutputs[] = {"config.resolved.json", "inputs.json", "checkpoint.pt", "model.pt", "metrics.jsonl",
                                    "samples.csv", "eval.json", "eval.txt"};
+
+// What a file holds, cheaply told apart: its size and CRC-32 (read in 1 MiB pieces).
+Json file_fingerprint(const std::string& path) {
+  refuse_unreadable_kind(path, "input file");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read input file '" + path + "': " + std::strerror(errno));
+  std::vector<char> buffer(size_t{1} << 20);
+  uint32_t crc = 0;
+  int64_t bytes = 0;
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const std::streamsize n = in.gcount();
+    if (n <= 0) break;
+    crc = crc32_bytes(buffer.data(), static_cast<size_t>(n), crc);
+    bytes += n;
+  }
+  if (in.bad()) throw Error("cannot read input file '" + path + "': read error");
+  return Json{{"bytes", bytes}, {"crc32", crc}};
+}
+
+// The files a run's config names (the values of its `path` and `file` keys: a base model, a reward's module or
+// classifier, a data set's directory, a conditions file), each with its fingerprint; a directory's regular files
+// (not its subdirectories) by name. Written to inputs.json when the run starts, compared on --resume.
+Json input_fingerprints(const Json& resolved) {
+  Json out = Json::object();
+  for (const auto& [key, path] : config_files(resolved)) {
+    const std::string last = key.substr(key.rfind('.') + 1);
+    if (last != "path" && last != "file") continue;
+    std::error_code ec;
+    if (!std::filesystem::is_directory(path, ec)) {
+      out[key] = file_fingerprint(path);
+      continue;
+    }
+    Json files = Json::object();
+    for (const auto& entry : std::filesystem::directory_iterator(path, ec)) {
+      if (entry.is_regular_file(ec)) files[entry.path().filename().string()] = file_fingerprint(entry.path().string());
+    }
+    out[key] = Json{{"directory", files}};
+  }
+  return out;
+}
+
+// A resumed run must read what it began with: an input file replaced since (another base, classifier or data set
+// behind the same path) would continue the run on another problem, unnoticed by the config's text. A run started
+// before inputs.json existed is not checked.
+void check_same_inputs(const RunDirectory& run, const Json& resolved) {
+  const std::string path = run.path("inputs.json");
+  if (!file_exists(path)) return;
+  const Json before = Json::parse(read_file(path, "inputs record"), nullptr, false);
+  if (before.is_discarded() || !before.is_object()) throw Error("--resume: '" + path + "' is corrupt");
+  const Json now = input_fingerprints(resolved);
+  for (auto it = before.begin(); it != before.end(); ++it) {
+    const std::string& key = it.key();
+    if (now.contains(key) && now[key] == it.value()) continue;
+    const Json* value = &resolved;  // the path the config gives now, for the message
+    std::istringstream parts(key);
+    for (std::string part; value && std::getline(parts, part, '.');) {
+      value = value->is_object() && value->contains(part) ? &(*value)[part] : nullptr;
+    }
+    const std::string file = value ? value->dump() : std::string("(not given)");
+    std::string what = "is missing now";
+    if (now.contains(key)) {
+      what = "has changed since the run started";
+      if (it.value().contains("directory") && now[key].contains("directory")) {
+        const Json &a = it.value()["directory"], &b = now[key]["directory"];
+        for (auto f = a.begin(); f != a.end(); ++f) {
+          if (!b.contains(f.key()) || b[f.key()] != f.value()) {
+            what = "has changed since the run started: its file '" + f.key() + "' is " +
+                   (b.contains(f.key()) ? "different" : "gone");
+            break;
+          }
+        }
+      }
+    }
+    throw Error("--resume: the input '" + key + "' = " + file + " " + what +
+                " (inputs.json of '" + run.dir + "' records what the run began with); resuming would continue the run on "
+                "other inputs: restore it, or start a new run in another --out");
+  }
+}
 
 void add_config_files(const Json& node, const std::string& key, std::vector<std::pair<std::string, std::string>>& out) {
   if (node.is_object()) {
@@ -413,10 +495,16 @@ void check_same_problem(const RunDirectory& run, const Json& resolved) {
       {"/finetune/adjoint_matching/buffer_passes", "10"},
       {"/finetune/adjoint_matching/buffer_weights", "\"future\""},
       {"/finetune/adjoint_matching/integrator", "\"euler\""},
-      {"/finetune/adjoint_matching/target", "\"continuous\""}};
+      {"/finetune/adjoint_matching/target", "\"continuous\""},
+      {"/reward/mixture", "\"gmm\""}, {"/reward/radius", "3.0"}};  // a mixture reward's defaults, recorded since 2026-12-08
   for (const auto& [key, then] : kAddedLater) {
     const Json::json_pointer at(key);
     if (!a.contains(at) && b.contains(at) && b[at] == Json::parse(then)) b[at.parent_pointer()].erase(at.back());
+  }
+  const Json::json_pointer weights("/reward/weights");  // and its equal weights, one per component
+  if (!a.contains(weights) && b.contains(weights) && b[weights].is_array() &&
+      std::all_of(b[weights].begin(), b[weights].end(), [](const Json& w) { return w == Json(1.0); })) {
+    b["reward"].erase("weights");
   }
   std::string changed;
   // The threads of this process (--threads, or the config's) are the machine's business, not the run's.
@@ -496,6 +584,7 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
   const std::string text = resolved.dump(2) + "\n";
   if (resume && holds_trained_run(run)) {
     check_same_problem(run, resolved);
+    check_same_inputs(run, resolved);
     // Written once the checkpoint has been read (resume_if_asked): a failed resume changes nothing.
     run.pending_config = text;
     return run;
@@ -503,6 +592,10 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
   if (file_exists(config_path)) {
     note("'" + dir + "' holds a run that stopped before its first checkpoint; starting it afresh");
   }
+  const Json inputs = input_fingerprints(resolved);
+  std::error_code ec;
+  if (!inputs.empty()) atomic_write(run.path("inputs.json"), inputs.dump(2) + "\n");
+  else std::filesystem::remove(run.path("inputs.json"), ec);  // none: nothing to check (an earlier start's goes)
   atomic_write(config_path, text);
   return run;
 }

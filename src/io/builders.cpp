@@ -295,8 +295,10 @@ RewardPtr read_reward(ConfigSection s, int64_t dim, double* lambda) {
     for (const char* key : {"weights", "means", "std", "covariances", "components", "radius"}) {
       if (s.has(key)) copy[key] = s.value(key);
     }
-    copy["type"] = s.has("mixture") ? s.string("mixture") : std::string("gmm");
-    auto q = read_mixture(ConfigSection(copy, s.where("").substr(0, s.where("").size() - 1), s.origin(), nullptr));
+    copy["type"] = s.choice("mixture", {"gmm", "ring"}, std::string("gmm"));
+    // Read as [reward] itself, so that the resolved config records the mixture's defaults (radius, std, ...).
+    auto q = read_mixture(s.view_of(copy));
+    s.resolve("type", Json("gmm"));  // which the view recorded as the mixture's type
     if (q->dim() != dim) s.fail("means", "must have dimension " + std::to_string(dim));
     reward = std::make_shared<GmmLogDensityReward>(q);
   }

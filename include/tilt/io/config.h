@@ -72,6 +72,10 @@ class ConfigSection {
   /// resolved to, so that the resolved config says what was used.
   void resolve(const std::string& key, const Json& value);
 
+  /// A table read in this one's name: `node` (keys gathered from this table) read as if it were this table, its
+  /// messages naming this table's keys and its values recorded under it (defaults included).
+  ConfigSection view_of(const Json& node) const { return ConfigSection(node, path_, origin_, resolved_); }
+
   /// "finetune.lr" for key "lr" of section "finetune".
   std::string where(const std::string& key) const;
   const std::string& origin() const { return origin_; }

@@ -70,7 +70,8 @@ int tilt::cli::run_command_line(int argc, char** argv) {
     runs.emplace_back(sub, command.setup(*sub));
     sub->add_flag("--json", common.json, "Print the result as one line of JSON on stdout");
     devices.push_back(sub->add_option("--device", common.device,
-                                      "Device: cpu, cuda or cuda:N; overrides the config's device (default cpu; docs/devices.md)"));
+                                      "Device: cpu, cuda or cuda:N (default: the config's device, else cpu); pretrain, finetune and sample "
+                                      "run there, the other commands on the CPU (docs/devices.md)"));
     // CLI11 reads an integer with strtoll in base 0: a value past 64 bits became the largest one (two --seed
     // values, one run), "010" octal 8 and "0x10" 16. An integer flag takes decimal digits that fit.
     for (CLI::Option* opt : sub->get_options()) {

@@ -51,7 +51,7 @@ const bool registered = add_command(
                       "to check the module against in Python");
        app.add_option("--reference", args->old_reference, "Deprecated spelling of --check-file")->group("");
        app.add_option("--points", args->points, "Number of points in --check-file")->capture_default_str();
-       add_seed_threads(app, args->flags, "draws the points of --check-file");
+       add_seed_threads(app, args->flags, "draws the points of --check-file", false);
        return [args] {
          args->seed = args->flags.seed.value_or(0);
          args->threads = static_cast<int>(args->flags.threads.value_or(0));

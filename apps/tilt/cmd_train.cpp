@@ -16,17 +16,22 @@
 namespace tilt::cli {
 namespace {
 
-// Joins the process group of the environment (if any) and prepares the run directory on rank 0
-// (the other ranks write nothing). The resolved config records the shards actually used, and every
-// rank must have resolved the same config.
-RunDirectory start_run(const Config& config, const std::string& section, int64_t shards, const TrainArgs& args,
-                       ProcessGroupPtr& group) {
+// Joins the process group of the environment (if any; it silences every rank but the first).
+ProcessGroupPtr join_run_group(const TrainArgs& args) {
   check_flag_number("--dist-timeout", args.dist_timeout, 1e-3, 86400);  // seconds; at most a day
-  group = join_group(args.dist_timeout);
+  ProcessGroupPtr group = join_group(args.dist_timeout);
   if (group && !run_device().is_cpu()) {
     throw Error("several processes train on the CPU only (Gloo); on CUDA devices they would need NCCL, which tilt "
                 "does not use yet: run one process with --device " + run_device().str());
   }
+  return group;
+}
+
+// Prepares the run directory on rank 0 (the other ranks write nothing), once the model and its loss exist: a
+// setting that only the loss refuses (a noise schedule the method cannot use) writes nothing. The resolved config
+// records the shards actually used, and every rank must have resolved the same config.
+RunDirectory start_run(const Config& config, const std::string& section, int64_t shards, const TrainArgs& args,
+                       const ProcessGroupPtr& group) {
   Json resolved = config.resolved();
   resolved[section]["shards"] = effective_shards(shards, group);
   if (group) group->check_same(resolved.dump(), "configuration (config file and --set)");
@@ -63,8 +68,8 @@ int finish_velocity_run(const VelocityField& model, const RunDirectory& run, con
   // A box's file records its corners [lo; hi], which are not conditions to draw at (tilt sample asks for one).
   if (conditions && conditions->is_box()) meta["conditions_law"] = "uniform";
   save_velocity(model, run.path("model.pt"), meta, conditions ? conditions->values() : Tensor());
+  info("wrote " + run.path("model.pt"));  // before the curves: a full disk there leaves the model whole, and says so
   plot_training_curves(run.path("metrics.jsonl"), curves, run.path("training.png"), title);
-  info("wrote " + run.path("model.pt"));
   report({{"model", run.path("model.pt")}, {"iterations", model_info["iterations"]}});
   return 0;
 }
@@ -79,11 +84,11 @@ int run_pretrain(const TrainArgs& args) {
   if (!plan.data_note.empty()) info("data: " + plan.data_note);
   finish_root(root);
 
-  ProcessGroupPtr group;
-  const RunDirectory run = start_run(config, "pretrain", plan.trainer.shards, args, group);
+  const ProcessGroupPtr group = join_run_group(args);
   auto model = plan.make_model(mix_seed(settings.seed, 1));
   model->to(settings.device);  // before the loss and its optimiser take the parameters
   std::unique_ptr<FlowMatching> loss = make_flow_matching(plan, model);
+  const RunDirectory run = start_run(config, "pretrain", plan.trainer.shards, args, group);
   const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "pretrain", group);
   Json model_info{{"trained_by", "tilt pretrain"}, {"iterations", iterations}};
   if (plan.conditions) model_info["condition_dropout"] = plan.flow_matching.condition_dropout;
@@ -105,14 +110,19 @@ int run_finetune(const TrainArgs& args) {
   FinetunePlan plan = read_finetune(section, *base, reward, lambda, conditions);
   finish_root(root);
 
-  ProcessGroupPtr group;
-  const RunDirectory run = start_run(config, "finetune", plan.trainer.shards, args, group);
-  // After start_run, which silences every rank but the first.
+  const ProcessGroupPtr group = join_run_group(args);
+  // After joining, which silences every rank but the first.
   for (const auto& note : plan.notes) warn(note);
   for (const auto& w : plan.warnings) warn(w);
   auto model = plan.make_model(base, mix_seed(settings.seed, 1));
   model->to(settings.device);  // a residual network is made on the CPU
-  std::unique_ptr<Loss> loss = plan.make_loss(model);
+  std::unique_ptr<Loss> loss;
+  try {  // what only the method itself refuses (sigma = 0 where it divides by sigma), before anything is written
+    loss = plan.make_loss(model);
+  } catch (const Error& e) {
+    throw Error("in '" + args.config.config + "': [finetune] (method = " + plan.method + "): " + e.what());
+  }
+  const RunDirectory run = start_run(config, "finetune", plan.trainer.shards, args, group);
   // plan.trainer.monitor prints the method's warnings and writes them to metrics.jsonl.
   const int64_t iterations = train_in_run(*loss, plan.trainer, run, settings, args, "finetune", group);
   Json model_info = plan.model_info();
@@ -123,29 +133,32 @@ int run_finetune(const TrainArgs& args) {
   return finish_velocity_run(*model, run, model_info, curves, plan.method == "adjoint_matching" ? "adjoint matching" : plan.method, group, plan.conditions);
 }
 
-CommandSetup train_setup(int (*run)(const TrainArgs&)) {
-  return [run](CLI::App& app) {
+CommandSetup train_setup(int (*run)(const TrainArgs&), const std::string& out_files, bool distributed) {
+  return [run, out_files, distributed](CLI::App& app) {
     auto args = std::make_shared<TrainArgs>();
     add_config(app, args->config, true);
     add_seed_threads(app, args->config);
-    app.add_option("-o,--out", args->out, "Directory: the run's (model.pt, checkpoint.pt, metrics.jsonl, ...)")->required();
+    app.add_option("-o,--out", args->out, "Directory: the run's (" + out_files + ")")->required();
     app.add_flag("--resume", args->resume, "Continue the run in --out from its last checkpoint");
     app.add_flag("-q,--quiet", args->quiet, "No progress bar");
-    app.add_option("--dist-timeout", args->dist_timeout,
-                   "Several processes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, as by torchrun): the longest "
-                   "wait for the others, in seconds, before a clear error")->capture_default_str();
+    if (distributed) {
+      app.add_option("--dist-timeout", args->dist_timeout,
+                     "Several processes (WORLD_SIZE, RANK, MASTER_ADDR, MASTER_PORT set, as by torchrun): the longest "
+                     "wait for the others, in seconds, before a clear error")->capture_default_str();
+    }
     return [run, args] { return run(*args); };
   };
 }
 
 namespace {
+const char* const kVelocityRunFiles = "model.pt, checkpoint.pt, metrics.jsonl, config.resolved.json, training*.png, run.lock";
 const bool registered_pretrain = add_command({"pretrain", "Pretrain a velocity network by flow matching on [data]", 10,
-                                              train_setup(run_pretrain)});
+                                              train_setup(run_pretrain, kVelocityRunFiles, true)});
 const bool registered_finetune = add_command(
     {"finetune", "Fine-tune [base] towards [reward] with Adjoint Matching (or a baseline)", 20, [](CLI::App& app) {
        app.description("Fine-tune [base] towards [reward]: [finetune] method = " + joined(finetune_method_names()) +
                        " (each with its table [finetune.<method>])");
-       return train_setup(run_finetune)(app);
+       return train_setup(run_finetune, kVelocityRunFiles, true)(app);
      }});
 }  // namespace
 

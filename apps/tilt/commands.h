@@ -20,8 +20,9 @@ struct TrainArgs {
   double dist_timeout = 300;  ///< several processes: the longest wait for the others, seconds
 };
 int run_pretrain(const TrainArgs& args);
-/// The options of pretrain, finetune and classifier (a config, a run directory, --resume).
-CommandSetup train_setup(int (*run)(const TrainArgs&));
+/// The options of pretrain, finetune and classifier (a config, a run directory, --resume); `out_files` names
+/// what the run directory holds, and `distributed` adds --dist-timeout (classifier trains in one process).
+CommandSetup train_setup(int (*run)(const TrainArgs&), const std::string& out_files, bool distributed);
 int run_classifier(const TrainArgs& args);
 int run_finetune(const TrainArgs& args);
 

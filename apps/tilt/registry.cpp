@@ -43,10 +43,12 @@ void add_config(CLI::App& app, ConfigArgs& args, bool required) {
   app.add_option("--set", args.set, "Override a config key, e.g. --set finetune.lr=1e-3 (repeatable)");
 }
 
-void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use) {
+void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use, bool with_config) {
   app.add_option("--seed", args.seed,
-                 "Random seed, >= 0 (default: the config's seed, else 0)" + (seed_use.empty() ? "" : "; " + seed_use));
-  app.add_option("--threads", args.threads, "Threads, 0..1024 (0: all cores; default: the config's threads, else 0)");
+                 std::string("Random seed, >= 0 (default: ") + (with_config ? "the config's seed, else 0)" : "0)") +
+                     (seed_use.empty() ? "" : "; " + seed_use));
+  app.add_option("--threads", args.threads,
+                 std::string("Threads, 0..1024 (0: all cores; default: ") + (with_config ? "the config's threads, else 0)" : "0)"));
   app.final_callback([&args] {
     if (args.seed && *args.seed < 0) throw CLI::ValidationError("--seed must be >= 0, got " + std::to_string(*args.seed));
     if (args.threads && (*args.threads < 0 || *args.threads > kMaxThreads)) {

@@ -51,8 +51,9 @@ void add_config(CLI::App& app, ConfigArgs& args, bool required);
 /// they override its top-level seed and threads, as --set seed=N and --set threads=N would (they are
 /// appended to args.set once the command line is parsed); without one the command takes
 /// args.seed.value_or(0) and args.threads.value_or(0) (0: all cores). Bad values fail the parse, naming the flag.
-/// `seed_use`, if given, ends --seed's help: what else the seed draws.
-void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use = "");
+/// `seed_use`, if given, ends --seed's help: what else the seed draws. `with_config` false: the command reads
+/// no config, and the help says the defaults are 0.
+void add_seed_threads(CLI::App& app, ConfigArgs& args, const std::string& seed_use = "", bool with_config = true);
 /// The whole tool: parses `argv` (argv[0] the program) and runs the subcommand it names; returns the exit code.
 int run_command_line(int argc, char** argv);
 /// Names joined by ", " (help texts list what the registries hold).

@@ -135,7 +135,10 @@ namespace tilt {
 ImageEvaluation read_image_evaluation(ConfigSection& root) {
   ImageEvaluation e;
   auto data = read_image_data(root);
-  if (!data) throw Error("tilt eval-images needs 'data.type' = \"digits\" (the real images of the target class)");
+  if (!data) {
+    throw Error("tilt eval-images needs an image data set, 'data.type' = \"digits\" or \"fashion_mnist\" (the real images "
+                "of the target class)");
+  }
   e.data = std::move(*data);
   ConfigSection reward = root.section("reward");
   if (!reward.has("type") || reward.string("type") != "classifier") {

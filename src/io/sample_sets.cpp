@@ -240,13 +240,22 @@ DrawnSamples draw_samples(const DrawOptions& o) {
   check_in_range("--batch", o.batch, 0, limits::kSamples);
   if (!std::isfinite(o.guidance)) throw Error("--guidance must be a finite number, got " + number_string(o.guidance));
   if (o.model.empty() == o.exact.empty()) throw Error("give either --model FILE, or --exact base|target with --config");
+  // A model file carries what its samples need; a config given with it was read by nothing (its seed neither).
+  if (!o.model.empty() && (!o.config.empty() || !o.set.empty())) {
+    throw Error(std::string(o.config.empty() ? "--set" : "--config") +
+                " is read by --exact only: a model file's samples take their settings from the file and the flags "
+                "(--seed, --noise, --steps, ...)");
+  }
   return o.exact.empty() ? draw_from_model(o) : draw_exact(o);
 }
 
 DrawnSamples write_samples(const DrawOptions& o) {
   if (o.out.empty()) throw Error("--out is required: the CSV file for the samples");
-  refuse_output_over_input("--out", o.out, {{"--model", o.model}, {"--config", o.config}, {"--png", o.png}});
-  if (!o.png.empty()) refuse_output_over_input("--png", o.png, {{"--model", o.model}, {"--config", o.config}});
+  refuse_output_over_input("--out", o.out,
+                           {{"--model", o.model}, {"--config", o.config}, {"--png", o.png}, {"--conditions", o.conditions}});
+  if (!o.png.empty()) {
+    refuse_output_over_input("--png", o.png, {{"--model", o.model}, {"--config", o.config}, {"--conditions", o.conditions}});
+  }
   DrawnSamples d = draw_samples(o);
   // A NaN row is never written with success: a model whose velocity is finite at the points
   // load_velocity probes can still be non-finite elsewhere on the path.

@@ -516,7 +516,11 @@ SocBenchmarkResult run_soc_benchmark(const SocBenchmarkOptions& o) {
   check_soc_benchmark(o);
   Context c{o, make_soc_benchmark_problem(o), nullptr, true, 1, 0, {}};
   for (size_t i = 0; i < o.losses.size(); ++i) {
-    soc::check_soc_loss_name(o.losses[i]);
+    try {
+      soc::check_soc_loss_name(o.losses[i]);
+    } catch (const Error& e) {
+      throw Error(name_of(o, "--loss") + ": " + e.what());  // the flag, or the config's key and file
+    }
     if (std::find(o.losses.begin(), o.losses.begin() + static_cast<std::ptrdiff_t>(i), o.losses[i]) !=
         o.losses.begin() + static_cast<std::ptrdiff_t>(i)) {
       throw Error(name_of(o, "--loss") + " names " + o.losses[i] + " twice: each loss trains once, into its own files");

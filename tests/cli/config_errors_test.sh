@@ -245,5 +245,21 @@ expect_error "mcmc: thin above steps keeps no sample" "'mcmc.thin' must be at mo
 expect_error "dw4 with a <= 0 has no lower bound" "'energy.a' must be > 0" \
   "$tilt" mcmc -c "$configs/as_dw4.toml" --set energy.a=-1 -o mc.csv -q
 expect_nothing_written "refused mcmc" mc.csv
+# What only the method refuses (sigma = 0 where Adjoint Matching divides by it) is refused before the run directory is
+# made, naming the file and the table.
+expect_error "adjoint matching on sigma = 0" "in 'tiny.toml': [finetune] (method = adjoint_matching): adjoint matching needs sigma(t) > 0" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.noise=constant:0 -o sigma0
+expect_error "the discrete adjoint on the ODE" "[finetune] (method = discrete_adjoint): discrete_adjoint needs sigma(t) > 0" \
+  "$tilt" finetune -q -c tiny.toml --set finetune.method=discrete_adjoint --set finetune.noise=ode -o sigma0
+expect_absent "no run directory for a refused method" sigma0
+# A model file's samples read no config: -c or --set with -m was silently ignored (its seed too).
+"$tilt" finetune -q -c tiny.toml --set finetune.iterations=2 -o m2 > /dev/null 2>&1
+expect_error "sample -m with -c" "--config is read by --exact only" "$tilt" sample -m m2/model.pt -c tiny.toml -n 5 -o s.csv
+expect_error "sample -m with --set" "--set is read by --exact only" "$tilt" sample -m m2/model.pt --set seed=7 -n 5 -o s.csv
+expect_nothing_written "refused sample" s.csv
+# tilt soc names the key and the file of an unknown loss.
+printf '[soc]\nproblem = "quadratic_ou_easy"\nlosses = ["adjoint_matchin"]\n' > soc_typo.toml
+expect_error "an unknown SOC loss in a config" "in 'soc_typo.toml': 'soc.losses': unknown SOC loss 'adjoint_matchin'" \
+  "$tilt" soc -c soc_typo.toml -o soc_typo
 
 finish

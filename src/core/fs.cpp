@@ -159,9 +159,18 @@ void atomic_write(const std::string& path, const std::string& content) {
   });
 }
 
-std::string read_file(const std::string& path, const std::string& what) {
+void refuse_unreadable_kind(const std::string& path, const std::string& what) {
   std::error_code ec;
-  if (fs::is_directory(path, ec)) throw Error("cannot read " + what + " '" + path + "': it is a directory");
+  const fs::file_status status = fs::status(path, ec);  // through symbolic links
+  if (fs::is_directory(status)) throw Error("cannot read " + what + " '" + path + "': it is a directory");
+  // /dev/zero or /dev/urandom never end: read whole, they filled the memory. A pipe (a shell's <(...)) is read.
+  if (fs::is_character_file(status) || fs::is_block_file(status) || fs::is_socket(status)) {
+    throw Error("cannot read " + what + " '" + path + "': it is a device or a socket, not a file");
+  }
+}
+
+std::string read_file(const std::string& path, const std::string& what) {
+  refuse_unreadable_kind(path, what);
   std::ifstream in(path, std::ios::binary);
   if (!in) throw Error("cannot read " + what + " '" + path + "': " + std::strerror(errno));
   std::ostringstream ss;
@@ -196,16 +205,21 @@ bool same_file(const std::string& a, const std::string& b) {
 
 void refuse_output_over_input(const std::string& flag, const std::string& out,
                               const std::vector<std::pair<std::string, std::string>>& inputs) {
+  std::error_code ec;
+  const fs::path target = write_target(out);
+  const fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
   for (const auto& [what, in] : inputs) {
     if (same_file(out, in)) {
       throw Error(flag + " '" + out + "' is also " + what + " '" + in + "': writing it would destroy what this command reads; choose another " + flag);
     }
+    // An input directory (a data set's) is read file by file: none of its files is replaced. New files are allowed.
+    if (!in.empty() && fs::is_directory(in, ec) && fs::is_regular_file(target, ec) && same_file(parent.string(), in)) {
+      throw Error(flag + " '" + out + "' is a file of " + what + " '" + in +
+                  "', a directory this command reads: writing it could destroy its data; choose another " + flag);
+    }
   }
   // A file of a run directory (one a DirectoryLock marks) is the run's: a command writing one file
   // never replaces it. New files beside them are allowed.
-  std::error_code ec;
-  const fs::path target = write_target(out);
-  const fs::path parent = target.parent_path().empty() ? fs::path(".") : target.parent_path();
   if (fs::is_regular_file(target, ec) && fs::exists(parent / "run.lock", ec)) {
     throw Error(flag + " '" + out + "' is a file of the run in '" + parent.string() +
                 "': writing it would replace the run's own file; choose another " + flag);

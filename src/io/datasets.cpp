@@ -48,6 +48,7 @@ void check_nothing_after_gzip(const std::string& path) {
 // The whole file, decompressed if it is gzip (zlib reads plain files unchanged).
 std::string read_maybe_gzip(const std::string& path) {
   if (!file_exists(path)) throw Error("cannot read data file '" + path + "': no such file");
+  refuse_unreadable_kind(path, "data file");
   gzFile f = gzopen(path.c_str(), "rb");
   if (!f) throw Error("cannot open data file '" + path + "'");
   std::string out;

@@ -77,17 +77,18 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions, const std::
   std::istringstream in(read_file(path, what));
   std::string line;
   std::vector<float> values;
-  int64_t d = -1, n = 0, line_no = 0, dc = 0;
+  int64_t d = -1, n = 0, line_no = 0, dc = 0, header_columns = 0;
   while (std::getline(in, line)) {
     ++line_no;
     if (!line.empty() && line.back() == '\r') line.pop_back();
     if (line.empty() || line[0] == '#') continue;
-    if (line_no == 1 && (std::isalpha(static_cast<unsigned char>(line[0])) || line[0] == '"')) {  // header
-      dc = condition_columns(line);
-      continue;
-    }
     if (line.find('\0') != std::string::npos) {
       throw Error(what + " '" + path + "', line " + std::to_string(line_no) + ": holds NUL bytes (a damaged file?)");
+    }
+    if (line_no == 1 && (std::isalpha(static_cast<unsigned char>(line[0])) || line[0] == '"')) {  // header
+      dc = condition_columns(line);
+      header_columns = static_cast<int64_t>(std::count(line.begin(), line.end(), ',')) + 1;
+      continue;
     }
     if (line.back() == ',') {
       throw Error(what + " '" + path + "', line " + std::to_string(line_no) + ": ends with a comma (an empty value)");
@@ -120,6 +121,10 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions, const std::
     ++n;
   }
   if (n == 0) throw Error(what + " '" + path + "' holds no rows of numbers");
+  if (header_columns > 0 && header_columns != d) {  // a header from another file, or a damaged one
+    throw Error(what + " '" + path + "': the header names " + std::to_string(header_columns) + " columns, but the rows have " +
+                std::to_string(d) + " values");
+  }
   if (dc >= d) dc = 0;  // every column named c0, c1, ...: a table of conditions itself (tilt sample --conditions)
   const Tensor all = at::from_blob(values.data(), {n, d}, at::kFloat);
   if (conditions) *conditions = dc > 0 ? all.narrow(1, d - dc, dc).to(at::kDouble) : Tensor();

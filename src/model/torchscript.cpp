@@ -2,6 +2,7 @@
 // and the export of tilt's velocity fields as TorchScript modules.
 #include "tilt/model/torchscript.h"
 
+#include "tilt/core/fs.h"
 #include "tilt/core/check.h"
 #include "tilt/core/error.h"
 
@@ -292,6 +293,7 @@ TorchScriptVelocity::~TorchScriptVelocity() = default;
 
 std::shared_ptr<TorchScriptVelocity> TorchScriptVelocity::load(const std::string& path, SchedulePtr schedule,
                                                                const TorchScriptOptions& options) {
+  refuse_unreadable_kind(path, "TorchScript model");
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error("cannot read TorchScript model '" + path + "': no such file");
   std::string bytes;
@@ -459,7 +461,10 @@ std::string TorchScriptVelocity::archive() const {
 // ---------------------------------------------------------------------------------------------
 // Rewards
 
-void TorchScriptVelocity::to(const at::Device& device) { impl_->module.to(device); }
+void TorchScriptVelocity::to(const at::Device& device) {
+  require_device(device, "moving the TorchScript velocity to " + device.str());
+  impl_->module.to(device);
+}
 
 at::Device TorchScriptVelocity::device() const {
   for (const auto& p : impl_->module.parameters()) return p.device();
@@ -477,6 +482,7 @@ struct TorchScriptReward::Impl {
 TorchScriptReward::TorchScriptReward(const std::string& path, int64_t dim, int64_t condition_dim)
     : impl_(std::make_unique<Impl>()), dim_(dim) {
   impl_->origin = "'" + path + "'";
+  refuse_unreadable_kind(path, "TorchScript reward");
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error("cannot read TorchScript reward '" + path + "': no such file");
   std::string bytes;
@@ -927,6 +933,9 @@ std::string export_torchscript(const VelocityField& field) {
   return bytes;
 }
 
-void TorchScriptReward::to(const at::Device& device) const { impl_->module.to(device); }
+void TorchScriptReward::to(const at::Device& device) const {
+  require_device(device, "moving the TorchScript reward to " + device.str());
+  impl_->module.to(device);
+}
 
 }  // namespace tilt

@@ -636,6 +636,9 @@ size_t archive_start(const std::string& bytes, const std::string& path) {
     if (size != length || crc != crc32_bytes(bytes.data() + start, length)) throw Error(damaged);
   } else if (bytes.compare(0, 2, "PK") != 0) {
     throw Error("cannot read checkpoint '" + path + "': not a tilt checkpoint");
+  } else if (bytes.find("__tilt_meta__") != std::string::npos) {  // the key of a model file's record (io/archive.cpp)
+    throw Error("cannot read checkpoint '" + path + "': it is a model file (model.pt or classifier.pt), not a "
+                "checkpoint; --resume continues from the run's checkpoint.pt");
   }
   return start;
 }

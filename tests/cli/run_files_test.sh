@@ -175,6 +175,31 @@ else
   fail "resume of a run without data.std: $(cat log.txt)"
 fi
 
+# A mixture reward's defaults (mixture, radius, std, weights) are recorded now; a run that did not record them resumes.
+# A bad mixture is named as such (it was reported as 'reward.type').
+grep -v '^center\|^precision' tiny.toml > ringreward.toml
+ring=(--set reward.type=gmm --set reward.components=3)
+"$tilt" finetune -q -c ringreward.toml "${ring[@]}" --set reward.mixture=ring -o ringr > log.txt 2>&1 ||
+  fail "the run with a ring reward: $(cat log.txt)"
+python3 - ringr/config.resolved.json <<'PY'
+import json, sys
+path = sys.argv[1]
+j = json.load(open(path))
+r = j["reward"]
+assert r["radius"] == 3.0 and r["std"] == 1.0 and r["weights"] == [1.0, 1.0, 1.0] and r["type"] == "gmm", r
+for key in ("radius", "std", "weights"):
+    del r[key]
+json.dump(j, open(path, "w"), indent=2)
+PY
+if "$tilt" finetune -q -c ringreward.toml "${ring[@]}" --set reward.mixture=ring --set finetune.iterations=8 -o ringr \
+     --resume > log.txt 2>&1; then
+  pass "a mixture reward's defaults are recorded, and a run from before them resumes"
+else
+  fail "resume of a run without the reward's defaults: $(cat log.txt)"
+fi
+expect_error "a bad reward mixture is named" "'reward.mixture' is 'square', which is not one of: gmm, ring" \
+  "$tilt" finetune -q -c ringreward.toml "${ring[@]}" --set reward.mixture=square -o ringbad
+
 # 3b. A finished run whose checkpoint was removed is not resumed from iteration 0 over its model.
 cp -r run finished && rm finished/checkpoint.pt
 before=$(hashes finished)
@@ -205,6 +230,79 @@ mkdir adir
 expect_error "sample --png a directory" "cannot write 'adir': it is a directory" \
   "$tilt" sample -m run/model.pt -n 10 -o fresh.csv --png adir
 expect_absent "nor the samples before it" fresh.csv
+
+# 3d. Inputs that are devices are refused (/dev/zero never ends: read whole, it filled the memory); an output over a
+# --conditions file, or over a file of a directory the config reads, is refused.
+expect_error "a config that is a device" "it is a device or a socket, not a file" "$tilt" finetune -q -c /dev/zero -o zero
+expect_error "a model that is a device" "it is a device or a socket, not a file" "$tilt" sample -m /dev/zero -n 5 -o z.csv
+expect_error "samples that are a device" "it is a device or a socket, not a file" \
+  "$tilt" eval -q -c tiny.toml -s /dev/zero
+printf '1\n2\n' > conds.csv
+expect_error "sample -o over its --conditions" "--out 'conds.csv' is also --conditions 'conds.csv'" \
+  "$tilt" sample -m run/model.pt -n 2 --conditions conds.csv -o conds.csv
+expect_error "sample --png over its --conditions" "--png 'conds.csv' is also --conditions 'conds.csv'" \
+  "$tilt" sample -m run/model.pt -n 2 --conditions conds.csv -o c.csv --png conds.csv
+[ "$(cat conds.csv)" = "$(printf '1\n2')" ] && pass "the conditions file survives" || fail "conditions file overwritten"
+# A header naming more or fewer columns than the rows hold (a header from another file, or damaged).
+printf 'x0\n1,2\n3,4\n' > hdr.csv
+expect_error "a header of 1 column over rows of 2" "the header names 1 columns, but the rows have 2 values" \
+  "$tilt" eval -q -c tiny.toml -s hdr.csv
+
+# 3e. A resumed run reads what it began with: a base model replaced behind the same path is refused, naming the key;
+# restored, the run resumes. A data set's directory is fingerprinted file by file (inputs.json).
+mkdir -p inputs && cp run/model.pt inputs/base.pt
+"$tilt" finetune -q -c tiny.toml --set base.type=model --set base.path=inputs/base.pt --set finetune.iterations=4 \
+  -o on_base > log.txt 2>&1 || fail "the run on a base file: $(cat log.txt)"
+grep -q '"base.path"' on_base/inputs.json && pass "inputs.json records the base file" || fail "inputs.json: $(cat on_base/inputs.json)"
+cp long/model.pt inputs/base.pt 2>/dev/null || cp nostd/model.pt inputs/base.pt
+before=$(hashes on_base)
+expect_error "resume on a replaced base file" "the input 'base.path' = \"inputs/base.pt\" has changed since the run started" \
+  "$tilt" finetune -q -c tiny.toml --set base.type=model --set base.path=inputs/base.pt --set finetune.iterations=6 \
+  -o on_base --resume
+[ "$before" = "$(hashes on_base)" ] && pass "the refused resume changed nothing" || fail "the refused resume changed on_base"
+cp run/model.pt inputs/base.pt
+if "$tilt" finetune -q -c tiny.toml --set base.type=model --set base.path=inputs/base.pt --set finetune.iterations=6 \
+     -o on_base --resume > log.txt 2>&1; then
+  pass "with the base restored, the run resumes"
+else
+  fail "resume with the base restored: $(cat log.txt)"
+fi
+fashion=/usr/share/datasets/fashion-mnist
+if [ -f "$fashion/train-labels-idx1-ubyte.gz" ]; then
+  mkdir -p fm && cp "$fashion"/train-*-ubyte.gz fm/
+  cat > fm.toml <<'TOML'
+seed = 0
+threads = 1
+[schedule]
+type = "linear"
+[data]
+type = "fashion_mnist"
+path = "fm"
+limit = 200
+[conditions]
+classes = 10
+[pretrain]
+network = "unet"
+channels = 4
+channel_mult = [1, 2]
+blocks = 1
+groups = 2
+iterations = 2
+batch_size = 4
+checkpoint_every = 1
+TOML
+  "$tilt" pretrain -q -c fm.toml -o fmrun > log.txt 2>&1 || fail "the Fashion-MNIST pretrain: $(cat log.txt)"
+  # One label changed, the file's size kept: the data set the run began with is gone.
+  python3 -c "
+import gzip
+p = 'fm/train-labels-idx1-ubyte.gz'
+b = bytearray(gzip.open(p).read()); b[8] = (b[8] + 1) % 10
+gzip.open(p, 'wb').write(bytes(b))"
+  expect_error "resume on a changed data set" "its file 'train-labels-idx1-ubyte.gz' is different" \
+    "$tilt" pretrain -q -c fm.toml --set pretrain.iterations=3 -o fmrun --resume
+else
+  pass "(skipped: no $fashion; scripts/setup.sh installs dataset-fashion-mnist) a changed data set is refused"
+fi
 
 # 4. A full disk (needs root for a small tmpfs).
 if [ "$(id -u)" -ne 0 ] || ! { mkdir -p "$disk" && mount -t tmpfs -o size=1m tmpfs "$disk"; } 2>/dev/null; then

@@ -31,7 +31,11 @@ void remove_stale_temporaries(const std::string& path);
 /// The same for every file of a directory (not its subdirectories).
 void remove_stale_temporaries_in(const std::string& dir);
 
-/// Reads a whole file; throws tilt::Error("cannot read <what> '<path>': ...") if it is missing.
+/// Throws tilt::Error naming `what` and `path` if the path is a directory, a device (/dev/zero, which never ends)
+/// or a socket; a regular file, a pipe or a missing path passes (the reader reports a missing one).
+void refuse_unreadable_kind(const std::string& path, const std::string& what);
+/// Reads a whole file; throws tilt::Error("cannot read <what> '<path>': ...") if it is missing, or not a file
+/// (refuse_unreadable_kind).
 std::string read_file(const std::string& path, const std::string& what = "file");
 
 /// Creates a directory and its parents; throws tilt::Error on failure.
@@ -45,7 +49,8 @@ bool same_file(const std::string& a, const std::string& b);
 
 /// Throws tilt::Error("<flag> '<out>' is also <input description> ...") if an output path names
 /// one of the inputs, so that a command never destroys what it reads, or an existing file of a run
-/// directory (one holding a run.lock), so that it never replaces a run's file. inputs: (description, path).
+/// directory (one holding a run.lock), so that it never replaces a run's file, or an existing file inside an input
+/// that is a directory (a data set's). inputs: (description, path).
 void refuse_output_over_input(const std::string& flag, const std::string& out,
                               const std::vector<std::pair<std::string, std::string>>& inputs);
 

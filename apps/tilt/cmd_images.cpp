@@ -74,7 +74,7 @@ int run_eval_images(const EvalImagesArgs& args) {
 
 namespace {
 const bool registered_classifier = add_command({"classifier", "Train an image classifier on [data] (for [reward] type = \"classifier\")",
-                                                30, train_setup(run_classifier, "classifier.pt, checkpoint.pt, metrics.jsonl, config.resolved.json, run.lock", false)});
+                                                30, train_setup(run_classifier, "classifier.pt, checkpoint.pt, metrics.jsonl, config.resolved.json, inputs.json, run.lock", false)});
 const bool registered_eval_images = add_command(
     {"eval-images",
      "Measure generated images against the classifier of [reward]: class share, diversity, Frechet distance (per class "

@@ -120,7 +120,7 @@ int run_finetune(const TrainArgs& args) {
   try {  // what only the method itself refuses (sigma = 0 where it divides by sigma), before anything is written
     loss = plan.make_loss(model);
   } catch (const Error& e) {
-    throw Error("in '" + args.config.config + "': [finetune] (method = " + plan.method + "): " + e.what());
+    throw Error("in " + root.origin() + ": [finetune] (method = " + plan.method + "): " + e.what());
   }
   const RunDirectory run = start_run(config, "finetune", plan.trainer.shards, args, group);
   // plan.trainer.monitor prints the method's warnings and writes them to metrics.jsonl.
@@ -151,7 +151,7 @@ CommandSetup train_setup(int (*run)(const TrainArgs&), const std::string& out_fi
 }
 
 namespace {
-const char* const kVelocityRunFiles = "model.pt, checkpoint.pt, metrics.jsonl, config.resolved.json, training*.png, run.lock";
+const char* const kVelocityRunFiles = "model.pt, checkpoint.pt, metrics.jsonl, config.resolved.json, inputs.json, training*.png, run.lock";
 const bool registered_pretrain = add_command({"pretrain", "Pretrain a velocity network by flow matching on [data]", 10,
                                               train_setup(run_pretrain, kVelocityRunFiles, true)});
 const bool registered_finetune = add_command(

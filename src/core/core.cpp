@@ -12,6 +12,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <limits>
 #include <mutex>
 #include <sstream>
 
@@ -72,6 +73,8 @@ at::Device parse_device(const std::string& name, const std::string& what) {
       throw Error(usage);
     }
     index = std::stoll(digits);
+    // at::DeviceIndex is 8 bits: cuda:255 became -1 (the current device), cuda:200 a negative index.
+    if (index > std::numeric_limits<at::DeviceIndex>::max()) throw Error(what + " = " + name + ": no such CUDA device");
   } else if (name != "cuda") {
     throw Error(usage);
   }
@@ -88,7 +91,7 @@ void require_device(const at::Device& device, const std::string& what) {
                 (at::hasCUDA() ? "has CUDA, but no GPU was found" : "was built without CUDA") + "); use cpu");
   }
   const auto count = static_cast<int64_t>(torch::cuda::device_count());
-  if (device.has_index() && device.index() >= count) {
+  if (device.index() < -1 || (device.has_index() && device.index() >= count)) {
     throw Error(what + ": this machine has " + std::to_string(count) + " CUDA device(s), cuda:0.." +
                 "cuda:" + std::to_string(count - 1));
   }

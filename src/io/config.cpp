@@ -196,7 +196,12 @@ void apply_override(Json& config, const std::string& assignment) {
   }
   for (size_t i = 0; i < names.size(); ++i) {
     if (names[i].empty()) throw Error("override '" + assignment + "': empty key part");
-    if (!node->is_object()) throw Error("override '" + assignment + "': '" + names[i - 1] + "' is not a table");
+    if (!node->is_object()) {  // the file, or an earlier --set, gave it a value
+      std::string held = node->dump();
+      if (held.size() > 40) held = held.substr(0, 37) + "...";
+      throw Error("override '" + shown + "': '" + names[i - 1] + "' is not a table: the config file or an earlier --set " +
+                  "gives it the value " + held);
+    }
     if (i + 1 == names.size()) {
       (*node)[names[i]] = value;
     } else {

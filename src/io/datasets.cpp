@@ -208,14 +208,19 @@ ImageDataset load_idx(const std::string& images_path, const std::string& labels_
   return d;
 }
 
-ImageDataset load_fashion_mnist(const std::string& dir, const std::string& split, int64_t limit) {
+std::vector<std::string> fashion_mnist_files(const std::string& dir, const std::string& split) {
   if (split != "train" && split != "t10k") throw Error("Fashion-MNIST: split must be \"train\" or \"t10k\", got \"" + split + "\"");
+  return {dir + "/" + split + "-images-idx3-ubyte.gz", dir + "/" + split + "-labels-idx1-ubyte.gz"};
+}
+
+ImageDataset load_fashion_mnist(const std::string& dir, const std::string& split, int64_t limit) {
+  const std::vector<std::string> files = fashion_mnist_files(dir, split);
   if (!file_exists(dir)) {
     throw Error("Fashion-MNIST directory '" + dir + "' does not exist: run scripts/setup.sh (or install the Debian "
                 "package dataset-fashion-mnist), or give [data] path");
   }
-  const std::string images = dir + "/" + split + "-images-idx3-ubyte.gz";
-  const std::string labels = dir + "/" + split + "-labels-idx1-ubyte.gz";
+  const std::string& images = files[0];
+  const std::string& labels = files[1];
   ImageDataset d = load_idx(images, labels, 10, limit);
   if (d.height != 28 || d.width != 28) {
     throw Error("data file '" + images + "' holds " + std::to_string(d.height) + " x " + std::to_string(d.width) +

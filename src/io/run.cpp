@@ -335,36 +335,44 @@ Json file_fingerprint(const std::string& path) {
 }
 
 // The files a run's config names (the values of its `path` and `file` keys: a base model, a reward's module or
-// classifier, a data set's directory, a conditions file), each with its fingerprint; a directory's regular files
-// (not its subdirectories) by name. Written to inputs.json when the run starts, compared on --resume.
+// classifier, a data file, a conditions file), each with its fingerprint. A directory is fingerprinted by the files its
+// reader reads (Fashion-MNIST's training images and labels), not by whatever else lies in it; a pipe is not read twice.
+// Written to inputs.json when the run starts, compared on --resume.
 Json input_fingerprints(const Json& resolved) {
   Json out = Json::object();
   for (const auto& [key, path] : config_files(resolved)) {
     const std::string last = key.substr(key.rfind('.') + 1);
     if (last != "path" && last != "file") continue;
     std::error_code ec;
-    if (!std::filesystem::is_directory(path, ec)) {
+    const std::filesystem::file_status status = std::filesystem::status(path, ec);
+    if (std::filesystem::is_regular_file(status)) {
       out[key] = file_fingerprint(path);
-      continue;
+    } else if (std::filesystem::is_directory(status) && key == "data.path" &&
+               resolved["data"].value("type", std::string()) == "fashion_mnist") {
+      Json files = Json::object();
+      for (const std::string& file : fashion_mnist_files(path)) {
+        files[std::filesystem::path(file).filename().string()] = file_fingerprint(file);
+      }
+      out[key] = Json{{"directory", files}};
     }
-    Json files = Json::object();
-    for (const auto& entry : std::filesystem::directory_iterator(path, ec)) {
-      if (entry.is_regular_file(ec)) files[entry.path().filename().string()] = file_fingerprint(entry.path().string());
-    }
-    out[key] = Json{{"directory", files}};
   }
   return out;
 }
 
 // A resumed run must read what it began with: an input file replaced since (another base, classifier or data set
 // behind the same path) would continue the run on another problem, unnoticed by the config's text. A run started
-// before inputs.json existed is not checked.
-void check_same_inputs(const RunDirectory& run, const Json& resolved) {
+// before inputs.json existed is not checked. `now`: input_fingerprints of the config as resumed.
+void check_same_inputs(const RunDirectory& run, const Json& resolved, const Json& now) {
   const std::string path = run.path("inputs.json");
   if (!file_exists(path)) return;
   const Json before = Json::parse(read_file(path, "inputs record"), nullptr, false);
-  if (before.is_discarded() || !before.is_object()) throw Error("--resume: '" + path + "' is corrupt");
-  const Json now = input_fingerprints(resolved);
+  const auto well_formed = [](const Json& entry) {
+    return entry.is_object() && (!entry.contains("directory") || entry["directory"].is_object());
+  };
+  if (before.is_discarded() || !before.is_object() ||
+      !std::all_of(before.begin(), before.end(), well_formed)) {
+    throw Error("--resume: '" + path + "' is corrupt (remove it to resume without checking the inputs)");
+  }
   for (auto it = before.begin(); it != before.end(); ++it) {
     const std::string& key = it.key();
     if (now.contains(key) && now[key] == it.value()) continue;
@@ -390,7 +398,8 @@ void check_same_inputs(const RunDirectory& run, const Json& resolved) {
     }
     throw Error("--resume: the input '" + key + "' = " + file + " " + what +
                 " (inputs.json of '" + run.dir + "' records what the run began with); resuming would continue the run on "
-                "other inputs: restore it, or start a new run in another --out");
+                "other inputs: restore it, or start a new run in another --out (or, if the change does not matter, remove "
+                "inputs.json to resume unchecked)");
   }
 }
 
@@ -578,13 +587,14 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
     }
   };
   check();
+  const Json inputs = input_fingerprints(resolved);  // read before the lock: an unreadable input creates nothing
   run.lock = std::make_shared<DirectoryLock>(dir);  // a second writer is refused, naming this process
   check();
   remove_stale_temporaries_in(dir);  // left by a process killed while writing
   const std::string text = resolved.dump(2) + "\n";
   if (resume && holds_trained_run(run)) {
     check_same_problem(run, resolved);
-    check_same_inputs(run, resolved);
+    check_same_inputs(run, resolved, inputs);
     // Written once the checkpoint has been read (resume_if_asked): a failed resume changes nothing.
     run.pending_config = text;
     return run;
@@ -592,7 +602,6 @@ RunDirectory prepare_run_directory(const std::string& dir, const Json& resolved,
   if (file_exists(config_path)) {
     note("'" + dir + "' holds a run that stopped before its first checkpoint; starting it afresh");
   }
-  const Json inputs = input_fingerprints(resolved);
   std::error_code ec;
   if (!inputs.empty()) atomic_write(run.path("inputs.json"), inputs.dump(2) + "\n");
   else std::filesystem::remove(run.path("inputs.json"), ec);  // none: nothing to check (an earlier start's goes)

@@ -122,8 +122,8 @@ Tensor read_samples_csv(const std::string& path, Tensor* conditions, const std::
   }
   if (n == 0) throw Error(what + " '" + path + "' holds no rows of numbers");
   if (header_columns > 0 && header_columns != d) {  // a header from another file, or a damaged one
-    throw Error(what + " '" + path + "': the header names " + std::to_string(header_columns) + " columns, but the rows have " +
-                std::to_string(d) + " values");
+    throw Error(what + " '" + path + "': its header has " + std::to_string(header_columns) + " field(s), but its rows have " +
+                std::to_string(d) + " value(s)");
   }
   if (dc >= d) dc = 0;  // every column named c0, c1, ...: a table of conditions itself (tilt sample --conditions)
   const Tensor all = at::from_blob(values.data(), {n, d}, at::kFloat);

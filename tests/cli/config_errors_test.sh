@@ -247,7 +247,7 @@ expect_error "dw4 with a <= 0 has no lower bound" "'energy.a' must be > 0" \
 expect_nothing_written "refused mcmc" mc.csv
 # What only the method refuses (sigma = 0 where Adjoint Matching divides by it) is refused before the run directory is
 # made, naming the file and the table.
-expect_error "adjoint matching on sigma = 0" "in 'tiny.toml': [finetune] (method = adjoint_matching): adjoint matching needs sigma(t) > 0" \
+expect_error "adjoint matching on sigma = 0" "in 'tiny.toml' (with the command line's --set, --seed or --threads): [finetune] (method = adjoint_matching): adjoint matching needs sigma(t) > 0" \
   "$tilt" finetune -q -c tiny.toml --set finetune.noise=constant:0 -o sigma0
 expect_error "the discrete adjoint on the ODE" "[finetune] (method = discrete_adjoint): discrete_adjoint needs sigma(t) > 0" \
   "$tilt" finetune -q -c tiny.toml --set finetune.method=discrete_adjoint --set finetune.noise=ode -o sigma0

@@ -245,7 +245,7 @@ expect_error "sample --png over its --conditions" "--png 'conds.csv' is also --c
 [ "$(cat conds.csv)" = "$(printf '1\n2')" ] && pass "the conditions file survives" || fail "conditions file overwritten"
 # A header naming more or fewer columns than the rows hold (a header from another file, or damaged).
 printf 'x0\n1,2\n3,4\n' > hdr.csv
-expect_error "a header of 1 column over rows of 2" "the header names 1 columns, but the rows have 2 values" \
+expect_error "a header of 1 column over rows of 2" "its header has 1 field(s), but its rows have 2 value(s)" \
   "$tilt" eval -q -c tiny.toml -s hdr.csv
 
 # 3e. A resumed run reads what it began with: a base model replaced behind the same path is refused, naming the key;

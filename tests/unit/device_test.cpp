@@ -104,7 +104,7 @@ void expect_same_iteration(const std::shared_ptr<FineTunedVelocity>& cpu_model, 
 
 TEST(Device, ParseDeviceNamesTheFlagAndRefusesWhatIsNotThere) {
   EXPECT_EQ(parse_device("cpu", "--device"), at::Device(at::kCPU));
-  for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "CUDA", "cpu:0", ""}) {
+  for (const char* bad : {"gpu", "cuda:", "cuda:x", "cuda:-1", "CUDA", "cpu:0", "", "cuda:200", "cuda:999"}) {
     try {
       parse_device(bad, "--device");
       ADD_FAILURE() << "accepted '" << bad << "'";

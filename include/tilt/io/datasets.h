@@ -7,6 +7,7 @@
 #include "tilt/train/dataset.h"  // ImageDataset, select_class, split_dataset
 
 #include <string>
+#include <vector>
 
 namespace tilt {
 
@@ -29,6 +30,8 @@ ImageDataset load_idx(const std::string& images_path, const std::string& labels_
 
 /// Fashion-MNIST's training set (split "train", 60000 images) or test set ("t10k", 10000) from the
 /// directory `dir`: 28x28 images of 10 classes. A missing directory's error says how to install it.
+/// The files load_fashion_mnist(dir, split) reads: the images', then the labels'.
+std::vector<std::string> fashion_mnist_files(const std::string& dir, const std::string& split = "train");
 ImageDataset load_fashion_mnist(const std::string& dir = kFashionMnistDir, const std::string& split = "train",
                                 int64_t limit = 0);
 

@@ -648,7 +648,7 @@ void write_velocity_check_file(const VelocityField& field, const std::string& pa
                        : at::randn({points, field.condition_dim()}, gen, at::TensorOptions().dtype(at::kFloat));
   if (c.defined()) dict.insert("c", c);
   // 256 points per call, so that memory stays that of 256 (a U-Net's activations of 10^5 images took 10 GB); the rows
-  // are independent, so the values are those of one call.
+  // are independent, so the values are those of one call (up to the float rounding of differently blocked products).
   constexpr int64_t kRowsPerCall = 256;
   std::vector<Tensor> v;
   for (int64_t i = 0; i < points; i += kRowsPerCall) {

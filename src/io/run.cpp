@@ -21,9 +21,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <sstream>
 #include <thread>
 
@@ -315,23 +313,10 @@ namespace {
 const char* const kRunOutputs[] = {"config.resolved.json", "inputs.json", "checkpoint.pt", "model.pt", "metrics.jsonl",
                                    "samples.csv", "eval.json", "eval.txt"};
 
-// What a file holds, cheaply told apart: its size and CRC-32 (read in 1 MiB pieces).
+// What a file holds, cheaply told apart: its size and CRC-32.
 Json file_fingerprint(const std::string& path) {
-  refuse_unreadable_kind(path, "input file");
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot read input file '" + path + "': " + std::strerror(errno));
-  std::vector<char> buffer(size_t{1} << 20);
-  uint32_t crc = 0;
-  int64_t bytes = 0;
-  while (in) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    const std::streamsize n = in.gcount();
-    if (n <= 0) break;
-    crc = crc32_bytes(buffer.data(), static_cast<size_t>(n), crc);
-    bytes += n;
-  }
-  if (in.bad()) throw Error("cannot read input file '" + path + "': read error");
-  return Json{{"bytes", bytes}, {"crc32", crc}};
+  const std::string bytes = read_file(path, "input file");
+  return Json{{"bytes", bytes.size()}, {"crc32", crc32_bytes(bytes)}};
 }
 
 // The files a run's config names (the values of its `path` and `file` keys: a base model, a reward's module or
